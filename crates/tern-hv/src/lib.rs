@@ -1,0 +1,1 @@
+//! Hypervisor drivers behind one trait: `qemu` (QMP) and `sim` (in-process).

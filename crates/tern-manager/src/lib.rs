@@ -1,0 +1,1 @@
+//! The control plane: cluster state, REST API, placement, balancing loop.

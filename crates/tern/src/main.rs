@@ -1,0 +1,47 @@
+//! The `tern` binary: one command-line front end over the tern crates.
+//!
+//! Exit status: 0 on success, 2 when the input (a flag, file or spec) is wrong,
+//! 1 when something else failed.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tern", version, about = "A virtual cluster manager: balance hosts by live migration, simulate it at scale")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Compute a balancing plan for a cluster snapshot (e.g. a Ganeti htools text file).
+    Plan(cmd::plan::Args),
+    /// Run the discrete-event simulator (PlanetLab benchmark or a custom scenario).
+    #[command(subcommand)]
+    Sim(cmd::sim::Command),
+    /// Benchmarks that run tern beside a peer tool and report ratios.
+    #[command(subcommand)]
+    Bench(cmd::bench::Command),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("TERN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Plan(args) => cmd::plan::run(args),
+        Command::Sim(c) => cmd::sim::run(c),
+        Command::Bench(c) => cmd::bench::run(c),
+    };
+    if let Err(err) = result {
+        eprintln!("error: {err:#}");
+        std::process::exit(cmd::exit_code(&err));
+    }
+}
