@@ -2,3 +2,24 @@
 //! resources, load, placements, moves and plans, plus the Ganeti htools text format.
 //!
 //! Pure data and parsing: no I/O beyond reading and writing strings.
+//!
+//! # Layout
+//! - [`cluster`]: the snapshot type [`Cluster`] and its parts.
+//! - [`ids`]: index newtypes ([`NodeId`], [`InstId`], [`GroupId`]).
+//! - [`policy`]: instance policies, kept so Ganeti files round-trip.
+//! - [`plan`]: [`Move`] and [`Plan`], and applying a move to a cluster.
+
+pub mod cluster;
+pub mod error;
+pub mod ids;
+pub mod plan;
+pub mod policy;
+
+pub use cluster::{
+    AllocPolicy, Cluster, Demand, DiskTemplate, DynUtil, Group, Instance, InstanceStatus, Mobility,
+    Node, NodeInstances,
+};
+pub use error::Error;
+pub use ids::{GroupId, InstId, NodeId};
+pub use plan::{Move, Plan};
+pub use policy::{IPolicy, ISpec, MinMaxISpecs};
