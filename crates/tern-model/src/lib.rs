@@ -8,9 +8,11 @@
 //! - [`ids`]: index newtypes ([`NodeId`], [`InstId`], [`GroupId`]).
 //! - [`policy`]: instance policies, kept so Ganeti files round-trip.
 //! - [`plan`]: [`Move`] and [`Plan`], and applying a move to a cluster.
+//! - [`ganeti`]: the Ganeti htools text format, and the htools tag conventions.
 
 pub mod cluster;
 pub mod error;
+pub mod ganeti;
 pub mod ids;
 pub mod plan;
 pub mod policy;
