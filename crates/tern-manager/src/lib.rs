@@ -1,1 +1,15 @@
-//! The control plane: cluster state, REST API, placement, balancing loop.
+//! The control plane: cluster state, placement, the REST API, agents and the balance loop.
+//!
+//! # Layout
+//! - [`state`]: hosts, VMs, migrations, events and settings as values; [`state::Snapshot`].
+//! - [`store`]: the [`store::Store`] trait and its SQLite implementation (the only disk I/O).
+//! - [`error`]: the crate's one error type.
+//!
+//! Decisions are pure functions from a snapshot (and the time, as a value) to changes; the
+//! manager commits the changes to the store and then applies them to its snapshot.
+
+pub mod error;
+pub mod state;
+pub mod store;
+
+pub use error::{Error, Result};

@@ -1,0 +1,34 @@
+//! The one error type of the manager; the API maps each variant to an HTTP status in
+//! one place (`api::error`).
+
+/// What can go wrong in the manager. Each message says what was wrong and how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request itself is wrong (a field, a name, a value out of range).
+    #[error("{0}")]
+    BadInput(String),
+    #[error("no host named {0:?}; `GET /v1/hosts` lists the registered hosts")]
+    UnknownHost(String),
+    #[error("no VM named {0:?}; `GET /v1/vms` lists the VMs")]
+    UnknownVm(String),
+    /// The request clashes with the current state (a name taken, a VM mid-migration).
+    #[error("{0}")]
+    Conflict(String),
+    #[error("no host has room for VM {vm:?}: {reason}")]
+    NoRoom { vm: String, reason: String },
+    #[error("agent of host {host:?}: {message}")]
+    Agent { host: String, message: String },
+    #[error("state database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "state database holds a value it cannot read ({0}); was it written by another program?"
+    )]
+    Corrupt(String),
+    #[error(
+        "state database has schema version {found}, newer than this tern knows ({known}); \
+         run a newer tern or point --db at another file"
+    )]
+    SchemaTooNew { found: u32, known: u32 },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,492 @@
+//! The manager's view of the cluster as plain values: hosts, VMs, migrations, events and
+//! the balancer's settings. The store persists them; every decision reads a [`Snapshot`]
+//! and answers with [`Change`]s, which the store commits and the snapshot then applies.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// Milliseconds since the Unix epoch; decisions take the time as a value, never read a clock.
+pub type Millis = u64;
+
+/// Whether a host takes VMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    Active,
+    /// Drained by an operator: keeps no VMs, takes no new ones, still heartbeats.
+    Maintenance,
+    /// Missed heartbeats for longer than the limit; its VMs were restarted elsewhere.
+    Dead,
+}
+
+impl HostState {
+    pub const ALL: [HostState; 3] = [Self::Active, Self::Maintenance, Self::Dead];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Maintenance => "maintenance",
+            Self::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// What a host offers to VMs.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    /// Physical cores available to guests.
+    pub cpus: f64,
+    /// Memory available to guests, MiB; VMs never overcommit it.
+    pub memory_mib: u64,
+}
+
+/// A host as the manager knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Host {
+    pub name: String,
+    /// Where its agent answers (`http://ADDR:PORT`, or `sim:` for an in-process host).
+    pub address: String,
+    pub capacity: Capacity,
+    pub state: HostState,
+    pub last_heartbeat: Option<Millis>,
+    /// Cores in use at the last heartbeat.
+    pub cpu_used: Option<f64>,
+    /// Cores in use, smoothed (EWMA) so one noisy report does not trigger migrations.
+    pub cpu_smoothed: Option<f64>,
+}
+
+/// What an operator asks for when creating a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Pinned VMs stay where they are placed: the balancer never moves them.
+    #[serde(default)]
+    pub pinned: bool,
+    /// VMs sharing an affinity group are kept on one host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<String>,
+    /// VMs sharing an anti-affinity group are kept on different hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_affinity: Option<String>,
+}
+
+/// Largest VM the manager accepts; catches typos such as an extra zero.
+pub const MAX_VCPUS: u32 = 64;
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+impl VmSpec {
+    pub fn validate(&self) -> Result<(), Error> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(Error::BadInput(format!(
+                "vcpus must be between 1 and {MAX_VCPUS}, got {}",
+                self.vcpus
+            )));
+        }
+        if self.memory_mib == 0 || self.memory_mib > MAX_MEMORY_MIB {
+            return Err(Error::BadInput(format!(
+                "memory_mib must be between 1 and {MAX_MEMORY_MIB}, got {}",
+                self.memory_mib
+            )));
+        }
+        for (what, group) in [
+            ("affinity", &self.affinity),
+            ("anti_affinity", &self.anti_affinity),
+        ] {
+            if let Some(g) = group {
+                check_name(what, g)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Names of hosts, VMs and groups: 1-63 of `a-z 0-9 - _ .`, starting with a letter or digit,
+/// so they are safe in URLs, file names and metric labels.
+pub fn check_name(what: &str, name: &str) -> Result<(), Error> {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c);
+    let first_ok = name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    if name.is_empty() || name.len() > 63 || !first_ok || !name.chars().all(ok_char) {
+        return Err(Error::BadInput(format!(
+            "{what} name {name:?} is invalid: use 1-63 characters of a-z, 0-9, '-', '_', '.', \
+             starting with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+/// Where a VM is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Recorded with a desired host; not yet seen running there.
+    Pending,
+    Running,
+    /// A live migration to the desired host is under way.
+    Migrating,
+    /// Deleted by an operator; removed once its host confirms.
+    Deleting,
+    /// No host could take it (e.g. after its host died); waits for room.
+    Unplaced,
+}
+
+impl VmState {
+    pub const ALL: [VmState; 5] = [
+        Self::Pending,
+        Self::Running,
+        Self::Migrating,
+        Self::Deleting,
+        Self::Unplaced,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Migrating => "migrating",
+            Self::Deleting => "deleting",
+            Self::Unplaced => "unplaced",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// A VM: what was asked (spec, desired host) beside what agents report (observed host, load).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Vm {
+    pub name: String,
+    pub spec: VmSpec,
+    pub desired_host: Option<String>,
+    pub observed_host: Option<String>,
+    pub state: VmState,
+    /// Cores it used at its host's last report.
+    pub cpu_used: f64,
+    /// When it last moved; the balancer leaves it alone for the cooldown after that.
+    pub last_moved: Option<Millis>,
+}
+
+/// Why a migration was started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationReason {
+    Manual,
+    Balance,
+    Evacuate,
+}
+
+/// How a migration ended, or that it has not yet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum MigrationResult {
+    Running,
+    Succeeded { total_ms: u64, downtime_ms: u64 },
+    Failed { error: String },
+}
+
+/// One live migration, kept after it ends as a record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Migration {
+    pub id: u64,
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    /// The termination policy of the pre-copy rounds.
+    pub policy: String,
+    pub reason: MigrationReason,
+    pub started: Millis,
+    pub finished: Option<Millis>,
+    pub result: MigrationResult,
+}
+
+/// How aggressively the balancer acts, and its safety limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalancerSettings {
+    pub enabled: bool,
+    /// Record plans as events without migrating anything.
+    pub dry_run: bool,
+    /// 1 (only fix severe imbalance) to 5 (act on small gains), as in VMware DRS.
+    pub aggressiveness: u8,
+    /// Seconds between balancing rounds.
+    pub interval_s: u64,
+    /// A VM that moved is not moved again for this many seconds.
+    pub cooldown_s: u64,
+    /// Migrations at once touching one host (as source or destination).
+    pub max_per_host: u32,
+    /// Migrations at once in the whole cluster.
+    pub max_per_cluster: u32,
+    /// A host silent this long is declared dead and its VMs restarted elsewhere.
+    pub dead_after_s: u64,
+    /// Load reports the EWMA smooths over (its alpha is 2 / (window + 1)).
+    pub smoothing_window: u32,
+    /// Termination policy used when a migration names none.
+    pub default_policy: String,
+}
+
+impl Default for BalancerSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dry_run: false,
+            aggressiveness: 3,
+            interval_s: 30,
+            cooldown_s: 300,
+            max_per_host: 1,
+            max_per_cluster: 8,
+            dead_after_s: 30,
+            smoothing_window: 5,
+            default_policy: "default".into(),
+        }
+    }
+}
+
+impl BalancerSettings {
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: String| Err(Error::BadInput(m));
+        if !(1..=5).contains(&self.aggressiveness) {
+            return bad(format!(
+                "aggressiveness must be 1 (conservative) to 5 (aggressive), got {}",
+                self.aggressiveness
+            ));
+        }
+        if self.interval_s == 0 || self.dead_after_s == 0 {
+            return bad("interval_s and dead_after_s must be at least 1 second".into());
+        }
+        if self.max_per_host == 0 || self.max_per_cluster == 0 {
+            return bad("max_per_host and max_per_cluster must be at least 1".into());
+        }
+        if self.smoothing_window == 0 {
+            return bad("smoothing_window must be at least 1 report".into());
+        }
+        check_name("policy", &self.default_policy)
+    }
+
+    /// Weight of a new report in the EWMA.
+    pub fn ewma_alpha(&self) -> f64 {
+        2.0 / (f64::from(self.smoothing_window) + 1.0)
+    }
+}
+
+/// What happened, in the order it happened; the event log is append-only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    HostRegistered {
+        host: String,
+    },
+    HostStateChanged {
+        host: String,
+        from: HostState,
+        to: HostState,
+    },
+    VmCreated {
+        vm: String,
+        host: String,
+    },
+    VmRunning {
+        vm: String,
+        host: String,
+    },
+    VmDeleted {
+        vm: String,
+    },
+    VmRestarted {
+        vm: String,
+        from: String,
+        to: String,
+    },
+    VmUnplaced {
+        vm: String,
+        reason: String,
+    },
+    MigrationStarted {
+        id: u64,
+        vm: String,
+        from: String,
+        to: String,
+        policy: String,
+    },
+    MigrationFinished {
+        id: u64,
+        vm: String,
+        result: MigrationResult,
+    },
+    PlanRecorded {
+        moves: usize,
+        score_before: f64,
+        score_after: f64,
+    },
+    SettingsChanged,
+}
+
+/// A numbered event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub time: Millis,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// One step of a decision's outcome. A decision's changes are committed atomically.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    PutHost(Host),
+    PutVm(Vm),
+    RemoveVm(String),
+    PutMigration(Migration),
+    PutSettings(BalancerSettings),
+    Event(EventKind),
+}
+
+/// Everything decisions need, in memory.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub hosts: BTreeMap<String, Host>,
+    pub vms: BTreeMap<String, Vm>,
+    /// Migrations not yet finished.
+    pub running: BTreeMap<u64, Migration>,
+    pub settings: BalancerSettings,
+    /// Id the next migration gets.
+    pub next_migration: u64,
+    /// Sequence number of the last event (0: none yet).
+    pub last_event: u64,
+}
+
+impl Snapshot {
+    /// Applies committed changes; `events` are those the store numbered for them.
+    pub fn apply(&mut self, changes: &[Change], events: &[Event]) {
+        for c in changes {
+            match c {
+                Change::PutHost(h) => {
+                    self.hosts.insert(h.name.clone(), h.clone());
+                }
+                Change::PutVm(v) => {
+                    self.vms.insert(v.name.clone(), v.clone());
+                }
+                Change::RemoveVm(name) => {
+                    self.vms.remove(name);
+                }
+                Change::PutMigration(m) => {
+                    self.next_migration = self.next_migration.max(m.id + 1);
+                    if m.finished.is_some() {
+                        self.running.remove(&m.id);
+                    } else {
+                        self.running.insert(m.id, m.clone());
+                    }
+                }
+                Change::PutSettings(s) => self.settings = s.clone(),
+                Change::Event(_) => {}
+            }
+        }
+        if let Some(last) = events.last() {
+            self.last_event = last.seq;
+        }
+    }
+
+    /// VMs whose desired host is `host`, i.e. those that hold room there.
+    pub fn vms_on<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Vm> + 'a {
+        self.vms
+            .values()
+            .filter(move |v| v.desired_host.as_deref() == Some(host))
+    }
+
+    /// Memory promised to VMs on each host, MiB.
+    pub fn memory_used(&self) -> BTreeMap<&str, u64> {
+        let mut out: BTreeMap<&str, u64> = BTreeMap::new();
+        for v in self.vms.values() {
+            if let Some(h) = &v.desired_host {
+                *out.entry(h.as_str()).or_default() += v.spec.memory_mib;
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for ok in ["a", "web-1", "h0.rack2", "x_y"] {
+            assert!(check_name("vm", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "-a", "A", "a b", "a/b", &"x".repeat(64)] {
+            let err = check_name("vm", bad).unwrap_err().to_string();
+            assert!(err.contains("invalid"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn specs_and_settings_are_checked() {
+        let spec = VmSpec {
+            vcpus: 2,
+            memory_mib: 512,
+            pinned: false,
+            affinity: None,
+            anti_affinity: Some("db".into()),
+        };
+        assert!(spec.validate().is_ok());
+        assert!(VmSpec {
+            vcpus: 0,
+            ..spec.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(VmSpec {
+            memory_mib: 0,
+            ..spec.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(VmSpec {
+            anti_affinity: Some("DB!".into()),
+            ..spec
+        }
+        .validate()
+        .is_err());
+        let s = BalancerSettings::default();
+        assert!(s.validate().is_ok());
+        assert!(BalancerSettings {
+            aggressiveness: 6,
+            ..s.clone()
+        }
+        .validate()
+        .is_err());
+        assert!(BalancerSettings {
+            max_per_host: 0,
+            ..s
+        }
+        .validate()
+        .is_err());
+    }
+
+    #[test]
+    fn events_serialise_flat_with_a_type_tag() {
+        let e = Event {
+            seq: 7,
+            time: 1000,
+            kind: EventKind::VmDeleted { vm: "a".into() },
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["type"], "vm_deleted");
+        assert_eq!(v["seq"], 7);
+        assert_eq!(serde_json::from_value::<Event>(v).unwrap(), e);
+    }
+}

@@ -1,0 +1,27 @@
+//! The state store: the manager's only I/O besides the network. Decisions never see it;
+//! the manager loads a [`Snapshot`] once, then commits each decision's [`Change`]s here
+//! before applying them to the snapshot in memory.
+//!
+//! - [`sqlite`]: the default store, one SQLite file in WAL mode.
+//! - [`schema`]: the versioned schema and its migrations.
+
+pub mod schema;
+pub mod sqlite;
+
+use crate::error::Result;
+use crate::state::{Change, Event, Migration, Millis, Snapshot};
+
+pub use sqlite::SqliteStore;
+
+/// Durable cluster state.
+pub trait Store: Send {
+    /// Everything decisions need: hosts, VMs, running migrations, settings, counters.
+    fn load(&self) -> Result<Snapshot>;
+    /// Commits `changes` at `time` all at once or not at all; returns the events they
+    /// appended, numbered.
+    fn commit(&mut self, time: Millis, changes: &[Change]) -> Result<Vec<Event>>;
+    /// Events numbered above `since`, oldest first, at most `limit`.
+    fn events_since(&self, since: u64, limit: usize) -> Result<Vec<Event>>;
+    /// Migration records, newest first, at most `limit`.
+    fn migrations(&self, limit: usize) -> Result<Vec<Migration>>;
+}

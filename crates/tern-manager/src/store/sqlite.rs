@@ -1,0 +1,297 @@
+//! The SQLite store: one file, WAL journal (readers never block the writer), every commit
+//! one transaction. Enums are stored by name and nested values as JSON so the file stays
+//! readable with the `sqlite3` shell.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+use super::{schema, Store};
+use crate::error::{Error, Result};
+use crate::state::{
+    BalancerSettings, Capacity, Change, Event, EventKind, Host, HostState, Migration,
+    MigrationReason, MigrationResult, Millis, Snapshot, Vm, VmState,
+};
+
+pub struct SqliteStore {
+    conn: Connection,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut conn = Connection::open(path)?;
+        // WAL: API reads go on while the balancer commits. NORMAL sync is durable across
+        // process crashes, which is what a manager restart needs.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        schema::migrate(&mut conn)?;
+        Ok(Self { conn })
+    }
+
+    /// The schema version the file is at.
+    pub fn schema_version(&self) -> Result<u32> {
+        Ok(self
+            .conn
+            .query_row("SELECT version FROM schema_version", [], |r| r.get(0))?)
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("manager state types serialise to JSON")
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| Error::Corrupt(format!("{what} {s:?}: {e}")))
+}
+
+/// serde names of simple enums, e.g. `"balance"` for [`MigrationReason::Balance`].
+fn enum_name<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => unreachable!("unit enum variants serialise to strings"),
+    }
+}
+
+fn host_from(r: &Row) -> rusqlite::Result<(Host, String)> {
+    let state: String = r.get(4)?;
+    Ok((
+        Host {
+            name: r.get(0)?,
+            address: r.get(1)?,
+            capacity: Capacity {
+                cpus: r.get(2)?,
+                memory_mib: r.get(3)?,
+            },
+            state: HostState::Active,
+            last_heartbeat: r.get(5)?,
+            cpu_used: r.get(6)?,
+            cpu_smoothed: r.get(7)?,
+        },
+        state,
+    ))
+}
+
+struct VmRow {
+    vm: Vm,
+    spec: String,
+    state: String,
+}
+
+fn vm_from(r: &Row) -> rusqlite::Result<VmRow> {
+    Ok(VmRow {
+        vm: Vm {
+            name: r.get(0)?,
+            spec: crate::state::VmSpec {
+                vcpus: 0,
+                memory_mib: 0,
+                pinned: false,
+                affinity: None,
+                anti_affinity: None,
+            },
+            desired_host: r.get(2)?,
+            observed_host: r.get(3)?,
+            state: VmState::Pending,
+            cpu_used: r.get(5)?,
+            last_moved: r.get(6)?,
+        },
+        spec: r.get(1)?,
+        state: r.get(4)?,
+    })
+}
+
+struct MigrationRow {
+    m: Migration,
+    reason: String,
+    result: String,
+}
+
+fn migration_from(r: &Row) -> rusqlite::Result<MigrationRow> {
+    Ok(MigrationRow {
+        m: Migration {
+            id: r.get(0)?,
+            vm: r.get(1)?,
+            from: r.get(2)?,
+            to: r.get(3)?,
+            policy: r.get(4)?,
+            reason: MigrationReason::Manual,
+            started: r.get(6)?,
+            finished: r.get(7)?,
+            result: MigrationResult::Running,
+        },
+        reason: r.get(5)?,
+        result: r.get(8)?,
+    })
+}
+
+impl MigrationRow {
+    fn finish(mut self) -> Result<Migration> {
+        self.m.reason = from_json("migration reason", &to_json(&self.reason))?;
+        self.m.result = from_json("migration result", &self.result)?;
+        Ok(self.m)
+    }
+}
+
+const MIGRATION_COLUMNS: &str =
+    "id, vm, from_host, to_host, policy, reason, started, finished, result";
+
+impl Store for SqliteStore {
+    fn load(&self) -> Result<Snapshot> {
+        let mut snap = Snapshot::default();
+        let mut st = self.conn.prepare(
+            "SELECT name, address, cpus, memory_mib, state, last_heartbeat, cpu_used, \
+             cpu_smoothed FROM hosts",
+        )?;
+        for row in st.query_map([], host_from)? {
+            let (mut h, state) = row?;
+            h.state = HostState::parse(&state)
+                .ok_or_else(|| Error::Corrupt(format!("host state {state:?}")))?;
+            snap.hosts.insert(h.name.clone(), h);
+        }
+        let mut st = self.conn.prepare(
+            "SELECT name, spec, desired_host, observed_host, state, cpu_used, last_moved FROM vms",
+        )?;
+        for row in st.query_map([], vm_from)? {
+            let VmRow {
+                mut vm,
+                spec,
+                state,
+            } = row?;
+            vm.spec = from_json("VM spec", &spec)?;
+            vm.state = VmState::parse(&state)
+                .ok_or_else(|| Error::Corrupt(format!("VM state {state:?}")))?;
+            snap.vms.insert(vm.name.clone(), vm);
+        }
+        let mut st = self.conn.prepare(&format!(
+            "SELECT {MIGRATION_COLUMNS} FROM migrations WHERE finished IS NULL"
+        ))?;
+        for row in st.query_map([], migration_from)? {
+            let m = row?.finish()?;
+            snap.running.insert(m.id, m);
+        }
+        snap.next_migration =
+            self.conn
+                .query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM migrations", [], |r| {
+                    r.get(0)
+                })?;
+        snap.last_event =
+            self.conn
+                .query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))?;
+        let settings: Option<String> = self
+            .conn
+            .query_row("SELECT body FROM settings WHERE id = 1", [], |r| r.get(0))
+            .optional()?;
+        if let Some(body) = settings {
+            snap.settings = from_json::<BalancerSettings>("balancer settings", &body)?;
+        }
+        Ok(snap)
+    }
+
+    fn commit(&mut self, time: Millis, changes: &[Change]) -> Result<Vec<Event>> {
+        let tx = self.conn.transaction()?;
+        let mut events = Vec::new();
+        for c in changes {
+            match c {
+                Change::PutHost(h) => {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO hosts (name, address, cpus, memory_mib, state, \
+                         last_heartbeat, cpu_used, cpu_smoothed) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                    )?
+                    .execute(params![
+                        h.name,
+                        h.address,
+                        h.capacity.cpus,
+                        h.capacity.memory_mib,
+                        h.state.as_str(),
+                        h.last_heartbeat,
+                        h.cpu_used,
+                        h.cpu_smoothed
+                    ])?;
+                }
+                Change::PutVm(v) => {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO vms (name, spec, desired_host, observed_host, \
+                         state, cpu_used, last_moved) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+                    )?
+                    .execute(params![
+                        v.name,
+                        to_json(&v.spec),
+                        v.desired_host,
+                        v.observed_host,
+                        v.state.as_str(),
+                        v.cpu_used,
+                        v.last_moved
+                    ])?;
+                }
+                Change::RemoveVm(name) => {
+                    tx.prepare_cached("DELETE FROM vms WHERE name = ?1")?
+                        .execute([name])?;
+                }
+                Change::PutMigration(m) => {
+                    tx.prepare_cached(&format!(
+                        "INSERT OR REPLACE INTO migrations ({MIGRATION_COLUMNS}) \
+                         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9)"
+                    ))?
+                    .execute(params![
+                        m.id,
+                        m.vm,
+                        m.from,
+                        m.to,
+                        m.policy,
+                        enum_name(&m.reason),
+                        m.started,
+                        m.finished,
+                        to_json(&m.result)
+                    ])?;
+                }
+                Change::PutSettings(s) => {
+                    tx.prepare_cached("INSERT OR REPLACE INTO settings (id, body) VALUES (1, ?1)")?
+                        .execute([to_json(s)])?;
+                }
+                Change::Event(kind) => {
+                    tx.prepare_cached("INSERT INTO events (time, kind) VALUES (?1, ?2)")?
+                        .execute(params![time, to_json(kind)])?;
+                    events.push(Event {
+                        seq: tx.last_insert_rowid() as u64,
+                        time,
+                        kind: kind.clone(),
+                    });
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(events)
+    }
+
+    fn events_since(&self, since: u64, limit: usize) -> Result<Vec<Event>> {
+        let mut st = self.conn.prepare_cached(
+            "SELECT seq, time, kind FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![since, limit as i64], |r| {
+            Ok((
+                r.get::<_, u64>(0)?,
+                r.get::<_, u64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, time, kind) = row?;
+            out.push(Event {
+                seq,
+                time,
+                kind: from_json::<EventKind>("event", &kind)?,
+            });
+        }
+        Ok(out)
+    }
+
+    fn migrations(&self, limit: usize) -> Result<Vec<Migration>> {
+        let mut st = self.conn.prepare_cached(&format!(
+            "SELECT {MIGRATION_COLUMNS} FROM migrations ORDER BY id DESC LIMIT ?1"
+        ))?;
+        let rows = st.query_map([limit as i64], migration_from)?;
+        rows.map(|r| r?.finish()).collect()
+    }
+}

@@ -1,0 +1,177 @@
+//! The SQLite store against a real database file.
+
+use tern_manager::state::*;
+use tern_manager::store::{schema, SqliteStore, Store};
+
+fn host(name: &str) -> Host {
+    Host {
+        name: name.into(),
+        address: format!("http://198.18.0.1:7000/{name}"),
+        capacity: Capacity {
+            cpus: 8.0,
+            memory_mib: 16384,
+        },
+        state: HostState::Active,
+        last_heartbeat: Some(1234),
+        cpu_used: Some(1.5),
+        cpu_smoothed: None,
+    }
+}
+
+fn vm(name: &str, on: &str) -> Vm {
+    Vm {
+        name: name.into(),
+        spec: VmSpec {
+            vcpus: 2,
+            memory_mib: 1024,
+            pinned: true,
+            affinity: None,
+            anti_affinity: Some("db".into()),
+        },
+        desired_host: Some(on.into()),
+        observed_host: None,
+        state: VmState::Pending,
+        cpu_used: 0.25,
+        last_moved: None,
+    }
+}
+
+#[test]
+fn everything_committed_is_loaded_back_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.db");
+    let mig = Migration {
+        id: 1,
+        vm: "a".into(),
+        from: "h1".into(),
+        to: "h2".into(),
+        policy: "default".into(),
+        reason: MigrationReason::Balance,
+        started: 10,
+        finished: None,
+        result: MigrationResult::Running,
+    };
+    let settings = BalancerSettings {
+        aggressiveness: 5,
+        ..Default::default()
+    };
+    let changes = vec![
+        Change::PutHost(host("h1")),
+        Change::PutHost(Host {
+            state: HostState::Maintenance,
+            ..host("h2")
+        }),
+        Change::PutVm(vm("a", "h1")),
+        Change::PutVm(vm("b", "h2")),
+        Change::RemoveVm("b".into()),
+        Change::PutMigration(mig.clone()),
+        Change::PutSettings(settings.clone()),
+        Change::Event(EventKind::HostRegistered { host: "h1".into() }),
+        Change::Event(EventKind::VmDeleted { vm: "b".into() }),
+    ];
+    let mut expected = Snapshot::default();
+    {
+        let mut store = SqliteStore::open(&path).unwrap();
+        let events = store.commit(99, &changes).unwrap();
+        assert_eq!(events.iter().map(|e| e.seq).collect::<Vec<_>>(), [1, 2]);
+        expected.apply(&changes, &events);
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), schema::latest());
+    let loaded = store.load().unwrap();
+    assert_eq!(loaded, expected);
+    assert_eq!(loaded.next_migration, 2);
+    assert_eq!(loaded.settings, settings);
+    assert_eq!(loaded.vms.keys().collect::<Vec<_>>(), ["a"]);
+
+    // A finished migration leaves the running set but stays on record.
+    let mut store = store;
+    let done = Migration {
+        finished: Some(20),
+        result: MigrationResult::Succeeded {
+            total_ms: 900,
+            downtime_ms: 40,
+        },
+        ..mig
+    };
+    store
+        .commit(100, &[Change::PutMigration(done.clone())])
+        .unwrap();
+    assert!(store.load().unwrap().running.is_empty());
+    assert_eq!(store.migrations(10).unwrap(), [done]);
+}
+
+#[test]
+fn events_are_numbered_in_order_and_listed_since_a_number() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = SqliteStore::open(&dir.path().join("tern.db")).unwrap();
+    for i in 0..5u64 {
+        let e = store
+            .commit(
+                i,
+                &[Change::Event(EventKind::VmDeleted {
+                    vm: format!("v{i}"),
+                })],
+            )
+            .unwrap();
+        assert_eq!(e[0].seq, i + 1);
+    }
+    let since = store.events_since(2, 2).unwrap();
+    assert_eq!(since.iter().map(|e| e.seq).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(since[0].time, 2);
+    assert!(store.events_since(5, 10).unwrap().is_empty());
+}
+
+#[test]
+fn a_failed_commit_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.db");
+    let mut store = SqliteStore::open(&path).unwrap();
+    store.commit(1, &[Change::PutHost(host("h1"))]).unwrap();
+    // Make the second statement of the batch fail: a read-only connection cannot write,
+    // so break the table from the side instead.
+    let side = rusqlite::Connection::open(&path).unwrap();
+    side.execute_batch("DROP TABLE events").unwrap();
+    let err = store
+        .commit(
+            2,
+            &[
+                Change::PutHost(host("h2")),
+                Change::Event(EventKind::HostRegistered { host: "h2".into() }),
+            ],
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("events"), "{err}");
+    let names: Vec<String> = side
+        .prepare("SELECT name FROM hosts")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(names, ["h1"]);
+}
+
+#[test]
+fn a_database_from_a_newer_tern_is_refused_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.db");
+    drop(SqliteStore::open(&path).unwrap());
+    let side = rusqlite::Connection::open(&path).unwrap();
+    side.execute("UPDATE schema_version SET version = 999", [])
+        .unwrap();
+    let err = SqliteStore::open(&path).err().unwrap().to_string();
+    assert!(err.contains("schema version 999"), "{err}");
+}
+
+#[test]
+fn the_journal_is_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.db");
+    drop(SqliteStore::open(&path).unwrap());
+    let side = rusqlite::Connection::open(&path).unwrap();
+    let mode: String = side
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+}
