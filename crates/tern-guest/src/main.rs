@@ -1,3 +1,131 @@
-//! The agent that runs inside a tern guest: workloads, status and health over a
-//! serial channel to the host.
-fn main() {}
+//! `tern-guest`: the in-guest agent. Started by the guest's `/init`; serves the host
+//! over the virtio-serial port `org.tern.guest`, else `/dev/ttyS1`.
+//!
+//! `tern-guest --stdio` serves on stdin/stdout instead (for tests and for trying it
+//! on a host). `--verifier-mib N` starts the memory verifier at once (0: not at all).
+
+use std::fs::OpenOptions;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use tern_guest::channel::{find_virtio_port, FALLBACK_UART, PORT_NAME};
+use tern_guest::protocol::WorkloadSpec;
+use tern_guest::server::{serve, Agent, Ended};
+use tern_guest::workload::verifier::DEFAULT_PAGES_PER_SEC;
+
+const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]";
+
+struct Options {
+    stdio: bool,
+    device: Option<PathBuf>,
+    verifier_mib: u64,
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut opts = Options {
+        stdio: false,
+        device: None,
+        verifier_mib: 4,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--stdio" => opts.stdio = true,
+            "--device" => opts.device = Some(args.next().ok_or("--device needs a path")?.into()),
+            "--verifier-mib" => {
+                let v = args.next().ok_or("--verifier-mib needs a number")?;
+                opts.verifier_mib = v
+                    .parse()
+                    .map_err(|_| format!("--verifier-mib: {v:?} is not a number"))?;
+            }
+            "-h" | "--help" => return Err(USAGE.into()),
+            other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
+        }
+    }
+    Ok(opts)
+}
+
+fn main() -> ExitCode {
+    let opts = match parse_args() {
+        Ok(o) => o,
+        Err(msg) => {
+            eprintln!("tern-guest: {msg}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut agent = Agent::default();
+    if opts.verifier_mib > 0 {
+        let spec = WorkloadSpec::Verifier {
+            mib: opts.verifier_mib,
+            pages_per_sec: DEFAULT_PAGES_PER_SEC,
+        };
+        if let Err(e) = agent.workloads.start(spec) {
+            eprintln!("tern-guest: verifier: {e}");
+        }
+    }
+    if opts.stdio {
+        let stdin = std::io::stdin();
+        let ended = serve(&mut agent, &mut stdin.lock(), &mut std::io::stdout().lock());
+        return match ended {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tern-guest: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let device = opts.device.unwrap_or_else(wait_for_channel);
+    eprintln!("tern-guest: serving on {}", device.display());
+    serve_device(&mut agent, &device)
+}
+
+/// The virtio port if it shows up within a few seconds (its module may still be
+/// loading), else the UART.
+fn wait_for_channel() -> PathBuf {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        if let Some(p) = find_virtio_port(Path::new("/sys"), Path::new("/dev"), PORT_NAME) {
+            return p;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    PathBuf::from(FALLBACK_UART)
+}
+
+fn serve_device(agent: &mut Agent, device: &Path) -> ExitCode {
+    loop {
+        let port = match OpenOptions::new().read(true).write(true).open(device) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("tern-guest: cannot open {}: {e}", device.display());
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let mut input = match port.try_clone() {
+            Ok(p) => BufReader::new(p),
+            Err(e) => {
+                eprintln!("tern-guest: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut output = port;
+        match serve(agent, &mut input, &mut output) {
+            Ok(Ended::Poweroff) => {
+                // busybox's poweroff -f asks the kernel directly; QEMU exits with the guest.
+                let _ = std::process::Command::new("/bin/busybox")
+                    .args(["poweroff", "-f"])
+                    .status();
+                return ExitCode::SUCCESS;
+            }
+            // With no host connected the port reads as end-of-file: wait and read again.
+            Ok(Ended::Eof) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => {
+                eprintln!("tern-guest: channel: {e}");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+}

@@ -1,0 +1,498 @@
+//! The wire protocol between the host and `tern-guest`: one JSON object per line in
+//! each direction, over a virtio-serial port (or a second UART).
+//!
+//! ```text
+//!  host                                           guest (tern-guest)
+//!   │ {"id":1,"cmd":"ping"}                   ──►  │
+//!   │ ◄── {"id":1,"ok":true,"result":{"kind":"pong",...}}
+//!   │ {"id":2,"cmd":"start","workload":"memdirty --mib 128 --mbps 50"} ──►
+//!   │ ◄── {"id":2,"ok":true,"result":{"kind":"started","workload":"memdirty"}}
+//!   │ {"id":3,"cmd":"verify"}                 ──►  │
+//!   │ ◄── {"id":3,"ok":true,"result":{"kind":"verify","counter":..,"checksum":..,"expected":..,"ok":true}}
+//! ```
+//!
+//! Every request carries an `id` that the answer repeats, so a host that timed out
+//! on one request can skip its late answer. A workload may be given as an object
+//! (`{"kind":"memdirty","mib":128,"mbps":50}`) or as the command line a person would
+//! type (`"memdirty --mib 128 --mbps 50"`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::GuestError;
+
+/// One request from the host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Echoed in the response; lets the host match answers to questions.
+    #[serde(default)]
+    pub id: u64,
+    #[serde(flatten)]
+    pub command: Command,
+}
+
+/// What the host asks the guest to do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case")]
+pub enum Command {
+    /// Liveness check; answers with the agent version and uptime.
+    Ping,
+    /// Uptime, load, memory and the running workloads.
+    Status,
+    /// Starts a workload; a running workload of the same kind is replaced.
+    Start {
+        #[serde(with = "spec_text_or_object")]
+        workload: WorkloadSpec,
+    },
+    /// Stops the workload of the given kind (`memdirty`, `cpu`, `echo-server`, `verifier`).
+    Stop { workload: String },
+    /// The verifier's counter and its checksum against the expected content.
+    Verify,
+    /// Scans the kernel log for oopses, panics, BUGs and corruption reports.
+    Health,
+    /// Powers the guest off (QEMU exits when the guest does).
+    Poweroff,
+}
+
+/// A workload the agent can run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum WorkloadSpec {
+    /// Rewrites a working set of `mib` MiB at `mbps` MB/s (10^6 bytes) of pages.
+    Memdirty { mib: u64, mbps: f64 },
+    /// Keeps `threads` threads busy `percent` % of the time each.
+    Cpu {
+        percent: f64,
+        #[serde(default = "one")]
+        threads: u32,
+    },
+    /// A TCP echo server on `port` (all addresses).
+    EchoServer { port: u16 },
+    /// Writes counter-derived content into `mib` MiB at `pages_per_sec` pages/s.
+    Verifier {
+        mib: u64,
+        #[serde(default = "default_verifier_rate")]
+        pages_per_sec: f64,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_verifier_rate() -> f64 {
+    crate::workload::verifier::DEFAULT_PAGES_PER_SEC
+}
+
+impl WorkloadSpec {
+    /// The name under which the workload runs and is stopped.
+    pub fn name(&self) -> &'static str {
+        match self {
+            WorkloadSpec::Memdirty { .. } => "memdirty",
+            WorkloadSpec::Cpu { .. } => "cpu",
+            WorkloadSpec::EchoServer { .. } => "echo-server",
+            WorkloadSpec::Verifier { .. } => "verifier",
+        }
+    }
+
+    /// Rejects values a workload cannot run with (zero sizes, rates out of range).
+    pub fn validate(&self) -> Result<(), GuestError> {
+        let bad = |m: String| Err(GuestError::BadRequest(m));
+        match *self {
+            WorkloadSpec::Memdirty { mib, mbps } => {
+                if mib == 0 {
+                    return bad("memdirty: --mib must be at least 1".into());
+                }
+                if !(mbps.is_finite() && mbps >= 0.0) {
+                    return bad(format!("memdirty: --mbps must be a rate >= 0, got {mbps}"));
+                }
+            }
+            WorkloadSpec::Cpu { percent, threads } => {
+                if !(0.0..=100.0).contains(&percent) {
+                    return bad(format!(
+                        "cpu: --percent must be within 0..=100, got {percent}"
+                    ));
+                }
+                if threads == 0 {
+                    return bad("cpu: --threads must be at least 1".into());
+                }
+            }
+            WorkloadSpec::EchoServer { port } => {
+                if port == 0 {
+                    return bad("echo-server: --port must be 1..=65535".into());
+                }
+            }
+            WorkloadSpec::Verifier { mib, pages_per_sec } => {
+                if mib == 0 {
+                    return bad("verifier: --mib must be at least 1".into());
+                }
+                if !(pages_per_sec.is_finite() && pages_per_sec > 0.0) {
+                    return bad(format!(
+                        "verifier: --pages-per-sec must be > 0, got {pages_per_sec}"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Parses the command-line form, e.g. `memdirty --mib 128 --mbps 50`.
+    pub fn parse_args(text: &str) -> Result<WorkloadSpec, GuestError> {
+        let mut words = text.split_whitespace();
+        let kind = words
+            .next()
+            .ok_or_else(|| GuestError::BadRequest("empty workload".into()))?;
+        let mut flags: Vec<(String, String)> = Vec::new();
+        while let Some(flag) = words.next() {
+            let (name, value) = match flag.strip_prefix("--") {
+                Some(f) if f.contains('=') => {
+                    let (n, v) = f.split_once('=').unwrap_or((f, ""));
+                    (n.to_string(), v.to_string())
+                }
+                Some(f) => {
+                    let v = words.next().ok_or_else(|| {
+                        GuestError::BadRequest(format!("{kind}: --{f} needs a value"))
+                    })?;
+                    (f.to_string(), v.to_string())
+                }
+                None => {
+                    return Err(GuestError::BadRequest(format!(
+                        "{kind}: unexpected word {flag:?}; flags look like --name VALUE"
+                    )))
+                }
+            };
+            flags.push((name, value));
+        }
+        let spec = match kind {
+            "memdirty" => {
+                let mut f = Flags::new(kind, flags, &["mib", "mbps"])?;
+                WorkloadSpec::Memdirty {
+                    mib: f.required("mib")?,
+                    mbps: f.required("mbps")?,
+                }
+            }
+            "cpu" => {
+                let mut f = Flags::new(kind, flags, &["percent", "threads"])?;
+                WorkloadSpec::Cpu {
+                    percent: f.required("percent")?,
+                    threads: f.optional("threads")?.unwrap_or(1),
+                }
+            }
+            "echo-server" => {
+                let mut f = Flags::new(kind, flags, &["port"])?;
+                WorkloadSpec::EchoServer {
+                    port: f.required("port")?,
+                }
+            }
+            "verifier" => {
+                let mut f = Flags::new(kind, flags, &["mib", "pages-per-sec"])?;
+                WorkloadSpec::Verifier {
+                    mib: f.required("mib")?,
+                    pages_per_sec: f
+                        .optional("pages-per-sec")?
+                        .unwrap_or(crate::workload::verifier::DEFAULT_PAGES_PER_SEC),
+                }
+            }
+            other => {
+                return Err(GuestError::BadRequest(format!(
+                    "unknown workload {other:?}; known: memdirty, cpu, echo-server, verifier"
+                )))
+            }
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The command-line form, the inverse of [`WorkloadSpec::parse_args`].
+    pub fn to_args(&self) -> String {
+        match self {
+            WorkloadSpec::Memdirty { mib, mbps } => format!("memdirty --mib {mib} --mbps {mbps}"),
+            WorkloadSpec::Cpu { percent, threads } => {
+                format!("cpu --percent {percent} --threads {threads}")
+            }
+            WorkloadSpec::EchoServer { port } => format!("echo-server --port {port}"),
+            WorkloadSpec::Verifier { mib, pages_per_sec } => {
+                format!("verifier --mib {mib} --pages-per-sec {pages_per_sec}")
+            }
+        }
+    }
+}
+
+/// The flags of one workload, checked against the names it accepts.
+struct Flags {
+    kind: String,
+    flags: Vec<(String, String)>,
+}
+
+impl Flags {
+    fn new(kind: &str, flags: Vec<(String, String)>, known: &[&str]) -> Result<Flags, GuestError> {
+        if let Some((name, _)) = flags.iter().find(|(n, _)| !known.contains(&n.as_str())) {
+            let list: Vec<String> = known.iter().map(|k| format!("--{k}")).collect();
+            return Err(GuestError::BadRequest(format!(
+                "{kind}: unknown flag --{name}; it takes {}",
+                list.join(", ")
+            )));
+        }
+        Ok(Flags {
+            kind: kind.to_string(),
+            flags,
+        })
+    }
+
+    fn optional<T: std::str::FromStr>(&mut self, name: &str) -> Result<Option<T>, GuestError> {
+        let Some(pos) = self.flags.iter().position(|(n, _)| n == name) else {
+            return Ok(None);
+        };
+        let (_, value) = self.flags.remove(pos);
+        value.parse().map(Some).map_err(|_| {
+            GuestError::BadRequest(format!("{}: --{name} {value:?} is not a number", self.kind))
+        })
+    }
+
+    fn required<T: std::str::FromStr>(&mut self, name: &str) -> Result<T, GuestError> {
+        self.optional(name)?
+            .ok_or_else(|| GuestError::BadRequest(format!("{}: --{name} is required", self.kind)))
+    }
+}
+
+/// Accepts a workload as its command-line text or as a tagged object; writes the object.
+mod spec_text_or_object {
+    use super::WorkloadSpec;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        Text(String),
+        Object(WorkloadSpec),
+    }
+
+    pub fn serialize<S: Serializer>(spec: &WorkloadSpec, s: S) -> Result<S::Ok, S::Error> {
+        spec.serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<WorkloadSpec, D::Error> {
+        let spec = match Either::deserialize(d)? {
+            Either::Text(t) => WorkloadSpec::parse_args(&t).map_err(serde::de::Error::custom)?,
+            Either::Object(o) => o,
+        };
+        spec.validate().map_err(serde::de::Error::custom)?;
+        Ok(spec)
+    }
+}
+
+/// One answer from the guest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    pub id: u64,
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Reply>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Response {
+    pub fn success(id: u64, reply: Reply) -> Response {
+        Response {
+            id,
+            ok: true,
+            result: Some(reply),
+            error: None,
+        }
+    }
+
+    pub fn failure(id: u64, error: impl std::fmt::Display) -> Response {
+        Response {
+            id,
+            ok: false,
+            result: None,
+            error: Some(error.to_string()),
+        }
+    }
+}
+
+/// The payload of a successful answer, tagged by `kind`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Reply {
+    Pong { version: String, uptime_s: f64 },
+    Status(Status),
+    Started { workload: String },
+    Stopped { workload: String },
+    Verify(VerifyReport),
+    Health(HealthReport),
+    PoweringOff,
+}
+
+/// A snapshot of the guest for `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub uptime_s: f64,
+    /// 1, 5 and 15 minute load averages.
+    pub load: [f64; 3],
+    pub mem_total_kib: u64,
+    pub mem_available_kib: u64,
+    pub workloads: Vec<WorkloadStatus>,
+}
+
+/// One workload's progress, as counted by the workload itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkloadStatus {
+    pub name: String,
+    /// The command line it was started with.
+    pub spec: String,
+    pub running: bool,
+    pub seconds: f64,
+    /// Pages written (memdirty, verifier), busy milliseconds (cpu), bytes echoed (echo-server).
+    pub work: u64,
+    /// Work per second over the workload's life: MB/s for memdirty, percent for cpu, ...
+    pub rate: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The verifier's state: its counter and whether memory still holds what it wrote.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    /// Writes done so far; must keep growing across a migration.
+    pub counter: u64,
+    /// Checksum of the region as it is in memory now.
+    pub checksum: u64,
+    /// Checksum of the content the counter implies; differs from `checksum` if memory was lost.
+    pub expected: u64,
+    pub ok: bool,
+    pub mib: u64,
+    /// Pages whose content differs from what the counter implies (0 when `ok`).
+    pub bad_pages: u64,
+}
+
+/// What the kernel log says about the guest's health.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthReport {
+    pub ok: bool,
+    pub lines_scanned: u64,
+    /// Kernel log lines that report an oops, panic, BUG or corruption.
+    pub findings: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn parse(line: &str) -> Request {
+        serde_json::from_str(line).unwrap()
+    }
+
+    #[test]
+    fn simple_commands_parse() {
+        assert_eq!(parse(r#"{"id":7,"cmd":"ping"}"#).command, Command::Ping);
+        assert_eq!(parse(r#"{"id":7,"cmd":"ping"}"#).id, 7);
+        assert_eq!(parse(r#"{"cmd":"verify"}"#).id, 0);
+        assert_eq!(
+            parse(r#"{"id":1,"cmd":"stop","workload":"cpu"}"#).command,
+            Command::Stop {
+                workload: "cpu".into()
+            }
+        );
+    }
+
+    #[test]
+    fn workload_as_text_or_object() {
+        let want = Command::Start {
+            workload: WorkloadSpec::Memdirty {
+                mib: 128,
+                mbps: 50.0,
+            },
+        };
+        let text = parse(r#"{"id":2,"cmd":"start","workload":"memdirty --mib 128 --mbps 50"}"#);
+        let obj =
+            parse(r#"{"id":2,"cmd":"start","workload":{"kind":"memdirty","mib":128,"mbps":50}}"#);
+        assert_eq!(text.command, want);
+        assert_eq!(obj.command, want);
+    }
+
+    #[test]
+    fn bad_workloads_are_refused_with_a_reason() {
+        let err = |t: &str| WorkloadSpec::parse_args(t).unwrap_err().to_string();
+        assert!(err("memdirty --mib 0 --mbps 5").contains("--mib"));
+        assert!(err("memdirty --mib 4").contains("--mbps is required"));
+        assert!(err("memdirty --mib four --mbps 1").contains("not a number"));
+        assert!(err("cpu --percent 150").contains("0..=100"));
+        assert!(err("cpu --percent 10 --speed 3").contains("unknown flag --speed"));
+        assert!(err("fork-bomb").contains("unknown workload"));
+        assert!(err("echo-server --port").contains("needs a value"));
+        let line = r#"{"id":1,"cmd":"start","workload":{"kind":"memdirty","mib":0,"mbps":1}}"#;
+        assert!(serde_json::from_str::<Request>(line).is_err());
+    }
+
+    #[test]
+    fn equals_form_and_defaults() {
+        assert_eq!(
+            WorkloadSpec::parse_args("cpu --percent=40").unwrap(),
+            WorkloadSpec::Cpu {
+                percent: 40.0,
+                threads: 1
+            }
+        );
+    }
+
+    #[test]
+    fn responses_round_trip() {
+        let r = Response::success(
+            3,
+            Reply::Verify(VerifyReport {
+                counter: 10,
+                checksum: 5,
+                expected: 5,
+                ok: true,
+                mib: 4,
+                bad_pages: 0,
+            }),
+        );
+        let line = serde_json::to_string(&r).unwrap();
+        assert!(line.contains(r#""kind":"verify""#), "{line}");
+        assert_eq!(serde_json::from_str::<Response>(&line).unwrap(), r);
+        let f = Response::failure(4, "nope");
+        let back: Response = serde_json::from_str(&serde_json::to_string(&f).unwrap()).unwrap();
+        assert_eq!(back, f);
+    }
+
+    fn spec() -> impl Strategy<Value = WorkloadSpec> {
+        prop_oneof![
+            (1u64..4096, 0u32..100_000).prop_map(|(mib, r)| WorkloadSpec::Memdirty {
+                mib,
+                mbps: f64::from(r) / 100.0
+            }),
+            (0u32..=100, 1u32..8).prop_map(|(p, threads)| WorkloadSpec::Cpu {
+                percent: f64::from(p),
+                threads
+            }),
+            (1u16..=u16::MAX).prop_map(|port| WorkloadSpec::EchoServer { port }),
+            (1u64..64, 1u32..10_000).prop_map(|(mib, r)| WorkloadSpec::Verifier {
+                mib,
+                pages_per_sec: f64::from(r)
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn args_round_trip(s in spec()) {
+            prop_assert_eq!(WorkloadSpec::parse_args(&s.to_args()).unwrap(), s);
+        }
+
+        #[test]
+        fn request_json_round_trips(s in spec(), id in any::<u64>()) {
+            let req = Request { id, command: Command::Start { workload: s } };
+            let line = serde_json::to_string(&req).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Request>(&line).unwrap(), req);
+        }
+
+        #[test]
+        fn arbitrary_text_never_panics(t in ".{0,80}") {
+            let _ = WorkloadSpec::parse_args(&t);
+            let _ = serde_json::from_str::<Request>(&t);
+        }
+    }
+}

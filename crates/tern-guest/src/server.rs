@@ -1,0 +1,187 @@
+//! The agent's command loop: reads request lines, answers response lines.
+//!
+//! [`Agent::handle`] turns one request into one response and touches nothing but the
+//! workload table and `/proc`; [`serve`] moves lines over any reader and writer, so
+//! the same loop runs on the virtio-serial port, a UART, or stdin/stdout in tests.
+
+use std::io::{BufRead, Write};
+use std::time::Instant;
+
+use crate::health;
+use crate::protocol::{Command, HealthReport, Reply, Request, Response, Status};
+use crate::sysinfo;
+use crate::workload::Workloads;
+use crate::GuestError;
+
+/// The agent's state: its workloads and when it started.
+pub struct Agent {
+    pub workloads: Workloads,
+    started: Instant,
+    /// Set once the host asked for power-off; the caller acts on it after answering.
+    pub poweroff_requested: bool,
+}
+
+impl Default for Agent {
+    fn default() -> Self {
+        Agent {
+            workloads: Workloads::default(),
+            started: Instant::now(),
+            poweroff_requested: false,
+        }
+    }
+}
+
+impl Agent {
+    /// Answers one request line (a malformed line gets an error answer, not a crash).
+    pub fn handle_line(&mut self, line: &str) -> Response {
+        match serde_json::from_str::<Request>(line) {
+            Ok(req) => self.handle(req),
+            Err(e) => {
+                // Repeat the id if the line was JSON with one, so the host can match it.
+                let id = serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(serde_json::Value::as_u64))
+                    .unwrap_or(0);
+                Response::failure(id, format!("bad request: {e}"))
+            }
+        }
+    }
+
+    pub fn handle(&mut self, req: Request) -> Response {
+        let id = req.id;
+        match self.run(req.command) {
+            Ok(reply) => Response::success(id, reply),
+            Err(e) => Response::failure(id, e),
+        }
+    }
+
+    fn run(&mut self, cmd: Command) -> Result<Reply, GuestError> {
+        Ok(match cmd {
+            Command::Ping => Reply::Pong {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                uptime_s: self.uptime(),
+            },
+            Command::Status => {
+                let (mem_total_kib, mem_available_kib) = sysinfo::meminfo();
+                Reply::Status(Status {
+                    uptime_s: self.uptime(),
+                    load: sysinfo::loadavg(),
+                    mem_total_kib,
+                    mem_available_kib,
+                    workloads: self.workloads.status(),
+                })
+            }
+            Command::Start { workload } => Reply::Started {
+                workload: self.workloads.start(workload)?.to_string(),
+            },
+            Command::Stop { workload } => Reply::Stopped {
+                workload: self.workloads.stop(&workload)?.to_string(),
+            },
+            Command::Verify => Reply::Verify(self.workloads.verify()?),
+            Command::Health => {
+                let log = health::read_kernel_log().map_err(GuestError::Io)?;
+                let findings = health::scan(&log);
+                Reply::Health(HealthReport {
+                    ok: findings.is_empty(),
+                    lines_scanned: log.lines().count() as u64,
+                    findings,
+                })
+            }
+            Command::Poweroff => {
+                self.workloads.stop_all();
+                self.poweroff_requested = true;
+                Reply::PoweringOff
+            }
+        })
+    }
+
+    /// Seconds since boot where `/proc` says, else since the agent started.
+    fn uptime(&self) -> f64 {
+        match sysinfo::uptime() {
+            u if u > 0.0 => u,
+            _ => self.started.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// How a [`serve`] loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// The reader reached its end: on a virtio-serial port, the host disconnected.
+    Eof,
+    /// The host asked for power-off and has been answered.
+    Poweroff,
+}
+
+/// Answers requests from `input` on `output` until end of input or power-off.
+pub fn serve(
+    agent: &mut Agent,
+    input: &mut impl BufRead,
+    output: &mut impl Write,
+) -> Result<Ended, GuestError> {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if input.read_line(&mut line).map_err(GuestError::Io)? == 0 {
+            return Ok(Ended::Eof);
+        }
+        let text = line.trim();
+        if text.is_empty() {
+            continue;
+        }
+        let resp = agent.handle_line(text);
+        let mut out = serde_json::to_vec(&resp).map_err(GuestError::Json)?;
+        out.push(b'\n');
+        output.write_all(&out).map_err(GuestError::Io)?;
+        output.flush().map_err(GuestError::Io)?;
+        if agent.poweroff_requested {
+            return Ok(Ended::Poweroff);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::Reply;
+
+    fn run(lines: &str) -> (Vec<Response>, Ended) {
+        let mut agent = Agent::default();
+        let mut out = Vec::new();
+        let ended = serve(&mut agent, &mut lines.as_bytes(), &mut out).unwrap();
+        let resp = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        (resp, ended)
+    }
+
+    #[test]
+    fn answers_each_line_with_its_id() {
+        let (r, ended) = run("{\"id\":5,\"cmd\":\"ping\"}\n\n{\"id\":6,\"cmd\":\"status\"}\n");
+        assert_eq!(ended, Ended::Eof);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].id, r[1].id), (5, 6));
+        assert!(matches!(r[0].result, Some(Reply::Pong { .. })));
+        assert!(matches!(r[1].result, Some(Reply::Status(_))));
+    }
+
+    #[test]
+    fn bad_lines_get_errors_not_crashes() {
+        let (r, _) = run("{\"id\":9,\"cmd\":\"reboot\"}\nnot json\n{\"id\":10,\"cmd\":\"stop\",\"workload\":\"cpu\"}\n");
+        assert_eq!(r.len(), 3);
+        assert!(r.iter().all(|x| !x.ok));
+        assert_eq!(r[0].id, 9);
+        assert!(r[0].error.as_deref().unwrap().contains("unknown variant"));
+        assert!(r[2].error.as_deref().unwrap().contains("no workload"));
+    }
+
+    #[test]
+    fn poweroff_ends_the_loop_after_answering() {
+        let (r, ended) = run("{\"id\":1,\"cmd\":\"poweroff\"}\n{\"id\":2,\"cmd\":\"ping\"}\n");
+        assert_eq!(ended, Ended::Poweroff);
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].result, Some(Reply::PoweringOff));
+    }
+}
