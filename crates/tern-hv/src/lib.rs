@@ -1,1 +1,27 @@
 //! Hypervisor drivers behind one trait: `qemu` (QMP) and `sim` (in-process).
+//!
+//! # Layout
+//! - [`Hypervisor`] (in [`driver`]): the one async trait every driver implements, covering
+//!   the VM lifecycle, per-VM metrics and the QMP steps the migration engine needs.
+//! - [`spec`]: what a VM is made of ([`VmSpec`]) and its validation (pure).
+//! - [`state`]: the VM state machine shared by both drivers (pure).
+//! - [`accel`]: KVM or TCG, decided from a probed fact (pure decision, tiny probe).
+//! - [`procfs`]: parsers for `/proc` files (vCPU thread CPU time, memory).
+//! - [`qmp`]: a small async QMP client with timeouts.
+//! - [`qemu`]: the QEMU driver (guest RAM in a shared memory-backend file on tmpfs).
+//! - [`sim`]: the in-process driver for the simulator demo and tests.
+
+pub mod accel;
+pub mod driver;
+pub mod error;
+pub mod procfs;
+pub mod qemu;
+pub mod qmp;
+pub mod sim;
+pub mod spec;
+pub mod state;
+
+pub use driver::{Hypervisor, MigrationStatus, VcpuSample, VmInfo, VmMetrics};
+pub use error::{HvError, Result};
+pub use spec::{Nic, VmSpec};
+pub use state::{Action, VmState};

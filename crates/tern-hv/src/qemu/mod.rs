@@ -1,0 +1,609 @@
+//! The QEMU driver: one `qemu-system-x86_64` process per VM, driven over QMP.
+//!
+//! Guest RAM lives in a shared memory-backend file under the host's tmpfs directory
+//! (`mem_dir/ID.ram`); sockets, logs and the pid file under `run_dir/ID/`. A VM's process
+//! starts with `-S` (guest stopped) and `cont` runs it; `stop` quits QEMU and keeps the
+//! definition; `destroy` also removes its files and taps.
+
+pub mod args;
+pub mod net;
+
+use crate::accel::Accel;
+use crate::driver::{Hypervisor, MigrationStatus, VcpuSample, VmInfo, VmMetrics};
+use crate::error::{HvError, Result};
+use crate::procfs;
+use crate::qmp::Qmp;
+use crate::spec::{derived_mac, validate_id, VmSpec};
+use crate::state::{transition, Action, VmState};
+use args::{qemu_args, tap_name, LaunchPlan, NicArg, VmPaths};
+use async_trait::async_trait;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+use tokio::process::Child;
+use tokio::sync::Mutex;
+
+/// How the driver runs QEMU on this host.
+#[derive(Debug, Clone)]
+pub struct QemuConfig {
+    /// Per-VM sockets, logs and pid files go under `run_dir/ID/`.
+    pub run_dir: PathBuf,
+    /// Guest RAM files; should be on tmpfs so mapping them costs no disk I/O.
+    pub mem_dir: PathBuf,
+    /// The bridge guest NICs attach to; `None`: VMs with NICs are refused.
+    pub bridge: Option<String>,
+    pub binary: PathBuf,
+    pub accel: Accel,
+    /// Time QEMU gets to answer one QMP command.
+    pub qmp_timeout: Duration,
+    /// Time a new QEMU gets to open its QMP socket.
+    pub launch_timeout: Duration,
+}
+
+impl QemuConfig {
+    /// Defaults for this host: `qemu-system-x86_64` from `PATH`, accelerator probed.
+    pub fn new(run_dir: PathBuf, mem_dir: PathBuf, bridge: Option<String>) -> QemuConfig {
+        QemuConfig {
+            run_dir,
+            mem_dir,
+            bridge,
+            binary: "qemu-system-x86_64".into(),
+            accel: crate::accel::detect(),
+            qmp_timeout: crate::qmp::DEFAULT_TIMEOUT,
+            launch_timeout: Duration::from_secs(15),
+        }
+    }
+}
+
+struct Vm {
+    id: String,
+    spec: VmSpec,
+    macs: Vec<String>,
+    state: VmState,
+    paths: VmPaths,
+    child: Option<Child>,
+    qmp: Option<Qmp>,
+}
+
+impl Vm {
+    fn info(&self) -> VmInfo {
+        VmInfo {
+            id: self.id.clone(),
+            state: self.state,
+            spec: self.spec.clone(),
+            macs: self.macs.clone(),
+            memory_file: Some(self.paths.memory_file.clone()),
+            control_socket: Some(self.paths.control_socket.clone()),
+            console_log: Some(self.paths.console_log.clone()),
+            pid: self.child.as_ref().and_then(Child::id),
+        }
+    }
+
+    fn check(&self, action: Action) -> Result<VmState> {
+        transition(self.state, action).ok_or(HvError::Conflict {
+            id: self.id.clone(),
+            action: action.verb(),
+            state: self.state,
+        })
+    }
+
+    fn qmp(&mut self) -> Result<&mut Qmp> {
+        let id = &self.id;
+        self.qmp
+            .as_mut()
+            .ok_or_else(|| HvError::Qemu(format!("VM {id:?} has no running QEMU")))
+    }
+
+    fn taps(&self) -> Vec<String> {
+        (0..self.macs.len())
+            .map(|i| tap_name(&self.id, i))
+            .collect()
+    }
+}
+
+/// The QEMU driver.
+pub struct QemuDriver {
+    cfg: QemuConfig,
+    vms: StdMutex<HashMap<String, Arc<Mutex<Vm>>>>,
+}
+
+impl QemuDriver {
+    pub fn new(cfg: QemuConfig) -> QemuDriver {
+        QemuDriver {
+            cfg,
+            vms: StdMutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn config(&self) -> &QemuConfig {
+        &self.cfg
+    }
+
+    fn get(&self, id: &str) -> Result<Arc<Mutex<Vm>>> {
+        self.vms
+            .lock()
+            .expect("VM table lock")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| HvError::UnknownVm(id.to_string()))
+    }
+
+    /// Starts QEMU for `vm` (guest stopped) and connects QMP.
+    async fn launch(&self, vm: &mut Vm, incoming: bool) -> Result<()> {
+        vm.paths.check_socket_lengths().map_err(HvError::Qemu)?;
+        for d in [&vm.paths.run_dir, &self.cfg.mem_dir] {
+            tokio::fs::create_dir_all(d)
+                .await
+                .map_err(HvError::io(format!("creating {}", d.display())))?;
+        }
+        for p in [&vm.paths.qmp_socket, &vm.paths.control_socket] {
+            let _ = tokio::fs::remove_file(p).await;
+        }
+        let mut nics = Vec::new();
+        for (i, mac) in vm.macs.iter().enumerate() {
+            let bridge = self
+                .cfg
+                .bridge
+                .as_deref()
+                .ok_or_else(|| HvError::NoBridge(vm.id.clone()))?;
+            let tap = tap_name(&vm.id, i);
+            net::create_tap(&tap, bridge).await?;
+            nics.push(NicArg {
+                tap,
+                mac: mac.clone(),
+            });
+        }
+        let argv = qemu_args(&LaunchPlan {
+            id: &vm.id,
+            spec: &vm.spec,
+            paths: &vm.paths,
+            nics: &nics,
+            accel: self.cfg.accel,
+            incoming,
+        });
+        let log = std::fs::File::create(&vm.paths.qemu_log).map_err(HvError::io(format!(
+            "creating {}",
+            vm.paths.qemu_log.display()
+        )))?;
+        let log2 = log
+            .try_clone()
+            .map_err(HvError::io("duplicating the QEMU log handle"))?;
+        tracing::info!(vm = %vm.id, ?argv, "starting QEMU");
+        let spawned = tokio::process::Command::new(&self.cfg.binary)
+            .args(&argv)
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // A driver that goes away (agent shutdown, a test that panics) takes its guests
+            // with it rather than leaving orphans that hold tmpfs memory.
+            .kill_on_drop(true)
+            .spawn();
+        let mut child = match spawned {
+            Ok(c) => c,
+            Err(e) => {
+                remove_taps(&vm.taps()).await;
+                return Err(HvError::Qemu(format!(
+                    "cannot run {}: {e} (install qemu-system-x86)",
+                    self.cfg.binary.display()
+                )));
+            }
+        };
+        match self.connect_qmp(&mut child, &vm.paths).await {
+            Ok(q) => {
+                vm.qmp = Some(q);
+                vm.child = Some(child);
+                Ok(())
+            }
+            Err(e) => {
+                let _ = child.kill().await;
+                remove_taps(&vm.taps()).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn connect_qmp(&self, child: &mut Child, paths: &VmPaths) -> Result<Qmp> {
+        let deadline = tokio::time::Instant::now() + self.cfg.launch_timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let log = std::fs::read_to_string(&paths.qemu_log).unwrap_or_default();
+                return Err(HvError::Qemu(format!(
+                    "QEMU exited at start ({status}): {}",
+                    log.trim()
+                )));
+            }
+            if paths.qmp_socket.exists() {
+                if let Ok(q) = Qmp::connect(&paths.qmp_socket, self.cfg.qmp_timeout).await {
+                    return Ok(q);
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(HvError::Qemu(format!(
+                    "QEMU did not open {} within {:?}",
+                    paths.qmp_socket.display(),
+                    self.cfg.launch_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Ends the QEMU process: `quit` politely, then kill.
+    async fn shutdown_process(&self, vm: &mut Vm) {
+        if let Some(q) = vm.qmp.as_mut() {
+            let _ = q
+                .execute_timeout("quit", None, Duration::from_secs(2))
+                .await;
+        }
+        vm.qmp = None;
+        if let Some(mut child) = vm.child.take() {
+            let waited = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+            if waited.is_err() {
+                let _ = child.kill().await;
+            }
+        }
+        remove_taps(&vm.taps()).await;
+    }
+
+    /// Checks `action` against the state machine, then runs the QMP `command` that does it.
+    async fn act(&self, id: &str, action: Action, command: &str) -> Result<VmInfo> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        Self::reap(&mut vm).await;
+        let next = vm.check(action)?;
+        vm.qmp()?.execute(command, None).await?;
+        vm.state = next;
+        Ok(vm.info())
+    }
+
+    async fn qmp_cmd(&self, id: &str, cmd: &str, args: Option<Value>) -> Result<Value> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        vm.qmp()?.execute(cmd, args).await
+    }
+
+    /// Applies the process's fate: a QEMU that exited means the VM is stopped.
+    async fn reap(vm: &mut Vm) {
+        let exited = match vm.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
+            None => false,
+        };
+        if exited {
+            vm.child = None;
+            vm.qmp = None;
+            vm.state = VmState::Stopped;
+            remove_taps(&vm.taps()).await;
+        }
+    }
+}
+
+async fn remove_taps(taps: &[String]) {
+    for t in taps {
+        if let Err(e) = net::remove_tap(t).await {
+            tracing::warn!(tap = %t, error = %e, "could not remove tap");
+        }
+    }
+}
+
+/// The driver's state for a QEMU run state (pure). `current` decides the ambiguous ones.
+pub fn state_from_runstate(current: VmState, runstate: &str) -> VmState {
+    match runstate {
+        "running" => VmState::Running,
+        "inmigrate" => VmState::Incoming,
+        "prelaunch" => current,
+        // A destination with `-S` lands in `paused` when its migration completed.
+        _ => VmState::Paused,
+    }
+}
+
+#[async_trait]
+impl Hypervisor for QemuDriver {
+    fn kind(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn create(&self, id: &str, spec: VmSpec, incoming: bool) -> Result<VmInfo> {
+        validate_id(id)?;
+        spec.check_paths()?;
+        if !spec.nics.is_empty() && self.cfg.bridge.is_none() {
+            return Err(HvError::NoBridge(id.to_string()));
+        }
+        let macs = spec
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| n.mac.clone().unwrap_or_else(|| derived_mac(id, i)))
+            .collect();
+        let vm = Arc::new(Mutex::new(Vm {
+            id: id.to_string(),
+            paths: VmPaths::new(&self.cfg.run_dir, &self.cfg.mem_dir, id),
+            spec,
+            macs,
+            state: if incoming {
+                VmState::Incoming
+            } else {
+                VmState::Created
+            },
+            child: None,
+            qmp: None,
+        }));
+        // Claim the id before the slow launch so a concurrent create of the same id fails.
+        let mut guard = vm.clone().lock_owned().await;
+        {
+            let mut vms = self.vms.lock().expect("VM table lock");
+            if vms.contains_key(id) {
+                return Err(HvError::AlreadyExists(id.to_string()));
+            }
+            vms.insert(id.to_string(), vm);
+        }
+        if let Err(e) = self.launch(&mut guard, incoming).await {
+            self.vms.lock().expect("VM table lock").remove(id);
+            let _ = tokio::fs::remove_file(&guard.paths.memory_file).await;
+            let _ = tokio::fs::remove_dir_all(&guard.paths.run_dir).await;
+            return Err(e);
+        }
+        Ok(guard.info())
+    }
+
+    async fn start(&self, id: &str) -> Result<VmInfo> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        Self::reap(&mut vm).await;
+        let next = vm.check(Action::Start)?;
+        if vm.child.is_none() {
+            self.launch(&mut vm, false).await?;
+        }
+        vm.qmp()?.execute("cont", None).await?;
+        vm.state = next;
+        Ok(vm.info())
+    }
+
+    async fn pause(&self, id: &str) -> Result<VmInfo> {
+        self.act(id, Action::Pause, "stop").await
+    }
+
+    async fn resume(&self, id: &str) -> Result<VmInfo> {
+        self.act(id, Action::Resume, "cont").await
+    }
+
+    async fn stop(&self, id: &str) -> Result<VmInfo> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        Self::reap(&mut vm).await;
+        let next = vm.check(Action::Stop)?;
+        self.shutdown_process(&mut vm).await;
+        vm.state = next;
+        Ok(vm.info())
+    }
+
+    async fn destroy(&self, id: &str) -> Result<()> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        self.shutdown_process(&mut vm).await;
+        self.vms.lock().expect("VM table lock").remove(id);
+        let _ = tokio::fs::remove_file(&vm.paths.memory_file).await;
+        let _ = tokio::fs::remove_dir_all(&vm.paths.run_dir).await;
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<VmInfo>> {
+        let all: Vec<_> = self
+            .vms
+            .lock()
+            .expect("VM table lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut out = Vec::with_capacity(all.len());
+        for vm in all {
+            let mut vm = vm.lock().await;
+            Self::reap(&mut vm).await;
+            out.push(vm.info());
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    async fn info(&self, id: &str) -> Result<VmInfo> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        Self::reap(&mut vm).await;
+        Ok(vm.info())
+    }
+
+    async fn metrics(&self, id: &str) -> Result<VmMetrics> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        Self::reap(&mut vm).await;
+        let memory_bytes = vm.spec.memory_mib * 1024 * 1024;
+        let Some(pid) = vm.child.as_ref().and_then(Child::id) else {
+            return Ok(VmMetrics {
+                vcpus: vec![],
+                vcpu_cpu_ns: 0,
+                memory_bytes,
+                rss_bytes: 0,
+            });
+        };
+        let threads = query_vcpu_threads(vm.qmp()?).await?;
+        let mut vcpus = Vec::with_capacity(threads.len());
+        for (index, tid) in threads.into_iter().enumerate() {
+            vcpus.push(VcpuSample {
+                index: index as u32,
+                thread_id: tid,
+                cpu_ns: procfs::thread_cpu_ns(pid, tid)?,
+            });
+        }
+        Ok(VmMetrics {
+            vcpu_cpu_ns: vcpus.iter().map(|v| v.cpu_ns).sum(),
+            vcpus,
+            memory_bytes,
+            rss_bytes: procfs::process_rss_bytes(pid)?,
+        })
+    }
+
+    async fn vcpu_threads(&self, id: &str) -> Result<Vec<u32>> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        query_vcpu_threads(vm.qmp()?).await
+    }
+
+    async fn refresh(&self, id: &str) -> Result<VmInfo> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        Self::reap(&mut vm).await;
+        if vm.qmp.is_some() {
+            let st = vm.qmp()?.execute("query-status", None).await?;
+            let run = st.get("status").and_then(Value::as_str).unwrap_or("");
+            vm.state = state_from_runstate(vm.state, run);
+        }
+        Ok(vm.info())
+    }
+
+    async fn migrate_incoming(&self, id: &str, uri: &str) -> Result<()> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        if vm.state != VmState::Incoming {
+            return Err(HvError::Conflict {
+                id: id.to_string(),
+                action: "receive a migration into",
+                state: vm.state,
+            });
+        }
+        vm.qmp()?
+            .execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await
+            .map(drop)
+    }
+
+    async fn set_migration_capabilities(&self, id: &str, caps: &[(&str, bool)]) -> Result<()> {
+        let caps: Vec<Value> = caps
+            .iter()
+            .map(|(c, on)| json!({ "capability": c, "state": on }))
+            .collect();
+        self.qmp_cmd(
+            id,
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": caps })),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn migrate(&self, id: &str, uri: &str) -> Result<()> {
+        self.qmp_cmd(id, "migrate", Some(json!({ "uri": uri })))
+            .await
+            .map(drop)
+    }
+
+    async fn query_migrate(&self, id: &str) -> Result<MigrationStatus> {
+        let v = self.qmp_cmd(id, "query-migrate", None).await?;
+        Ok(parse_query_migrate(&v))
+    }
+
+    async fn migrate_cancel(&self, id: &str) -> Result<()> {
+        self.qmp_cmd(id, "migrate_cancel", None).await.map(drop)
+    }
+}
+
+async fn query_vcpu_threads(qmp: &mut Qmp) -> Result<Vec<u32>> {
+    let v = qmp.execute("query-cpus-fast", None).await?;
+    parse_cpus_fast(&v)
+}
+
+/// Thread ids in vCPU order from a `query-cpus-fast` reply (pure).
+pub fn parse_cpus_fast(v: &Value) -> Result<Vec<u32>> {
+    let arr = v
+        .as_array()
+        .ok_or_else(|| HvError::Protocol(format!("query-cpus-fast returned {v}")))?;
+    let mut cpus: Vec<(u64, u32)> = arr
+        .iter()
+        .map(|c| {
+            let idx = c.get("cpu-index").and_then(Value::as_u64);
+            let tid = c.get("thread-id").and_then(Value::as_u64);
+            match (idx, tid) {
+                (Some(i), Some(t)) => Ok((i, t as u32)),
+                _ => Err(HvError::Protocol(format!("bad query-cpus-fast entry {c}"))),
+            }
+        })
+        .collect::<Result<_>>()?;
+    cpus.sort_unstable();
+    Ok(cpus.into_iter().map(|(_, t)| t).collect())
+}
+
+/// The parts of a `query-migrate` reply the engine uses (pure).
+pub fn parse_query_migrate(v: &Value) -> MigrationStatus {
+    let u = |k: &str| v.get(k).and_then(Value::as_u64);
+    MigrationStatus {
+        status: v
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_string(),
+        transferred_bytes: v
+            .get("ram")
+            .and_then(|r| r.get("transferred"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
+        downtime_ms: u("downtime"),
+        total_time_ms: u("total-time"),
+        error: v
+            .get("error-desc")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runstates() {
+        assert_eq!(
+            state_from_runstate(VmState::Incoming, "inmigrate"),
+            VmState::Incoming
+        );
+        assert_eq!(
+            state_from_runstate(VmState::Incoming, "paused"),
+            VmState::Paused
+        );
+        assert_eq!(
+            state_from_runstate(VmState::Created, "prelaunch"),
+            VmState::Created
+        );
+        assert_eq!(
+            state_from_runstate(VmState::Running, "postmigrate"),
+            VmState::Paused
+        );
+        assert_eq!(
+            state_from_runstate(VmState::Paused, "running"),
+            VmState::Running
+        );
+    }
+
+    #[test]
+    fn cpus_fast_sorted_by_index() {
+        let v = json!([
+            {"cpu-index": 1, "thread-id": 200, "qom-path": "x"},
+            {"cpu-index": 0, "thread-id": 100}
+        ]);
+        assert_eq!(parse_cpus_fast(&v).unwrap(), vec![100, 200]);
+        assert!(parse_cpus_fast(&json!({})).is_err());
+        assert!(parse_cpus_fast(&json!([{"cpu-index": 0}])).is_err());
+    }
+
+    #[test]
+    fn query_migrate_fields() {
+        let v = json!({"status": "completed", "downtime": 12, "total-time": 150,
+                       "ram": {"transferred": 4096}});
+        let s = parse_query_migrate(&v);
+        assert_eq!(s.status, "completed");
+        assert_eq!(s.transferred_bytes, 4096);
+        assert_eq!(s.downtime_ms, Some(12));
+        let f = parse_query_migrate(&json!({"status": "failed", "error-desc": "boom"}));
+        assert_eq!(f.error.as_deref(), Some("boom"));
+        assert_eq!(parse_query_migrate(&json!({})).status, "none");
+    }
+}
