@@ -1,0 +1,200 @@
+//! tern's adaptive policy. Fragments re-dirtied densely in each of the last rounds are
+//! hot: re-sending them only to see them dirtied again wastes the link, so they wait
+//! for the stop-and-copy. Iteration stops as soon as the remainder fits the budget, or
+//! once a round no longer shrinks it; if it then still does not fit, the guest's vCPUs
+//! are throttled (hot fragments released, since a slowed guest can no longer re-dirty
+//! them at once) until it does, or until the throttle is at its maximum.
+//!
+//! ```text
+//!  remainder fits budget ───────────────────────────────► StopAndCopy
+//!  still shrinking ─────────────────────────────────────► Continue { hold_back: hot }
+//!  not shrinking, throttle can grow ────────────────────► Throttle { percent }
+//!  not shrinking, throttle at maximum ──────────────────► StopAndCopy (not converged)
+//! ```
+
+use super::throttle::throttle_for;
+use super::{Decision, Policy, PolicyInput, StopReason};
+use crate::fragment::FragmentId;
+
+/// Settings of the adaptive policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Adaptive {
+    /// Consecutive rounds a fragment must have been re-dirtied to be held back.
+    pub hot_streak: u32,
+    /// Share of its pages a fragment must have re-dirtied in the last round to be held
+    /// back: a fragment with one stray write is cheaper to re-send than to defer.
+    pub hot_density: f64,
+    /// A round "shrinks" the remainder only if it cuts it by at least this share.
+    pub min_shrink: f64,
+    /// Upper bound of the throttle, in percent of vCPU time taken away.
+    pub max_throttle_percent: u8,
+    /// Smallest increase when the throttle has to grow again.
+    pub throttle_step: u8,
+    /// Headroom for the throttle computation, see [`super::throttle_for`].
+    pub throttle_margin: f64,
+}
+
+impl Default for Adaptive {
+    fn default() -> Self {
+        Adaptive {
+            hot_streak: 2,
+            hot_density: 0.25,
+            min_shrink: 0.1,
+            max_throttle_percent: 95,
+            throttle_step: 10,
+            throttle_margin: 0.8,
+        }
+    }
+}
+
+impl Adaptive {
+    /// Fragments that count as hot in `input`'s tracker.
+    pub fn hot_fragments(&self, input: &PolicyInput<'_>) -> Vec<FragmentId> {
+        input
+            .fragments
+            .stats()
+            .filter(|f| f.streak >= self.hot_streak && f.density() >= self.hot_density)
+            .map(|f| f.id)
+            .collect()
+    }
+}
+
+impl Policy for Adaptive {
+    fn name(&self) -> &'static str {
+        "adaptive"
+    }
+
+    fn decide(&self, input: &PolicyInput<'_>) -> Decision {
+        let Some(last) = input.last() else {
+            return Decision::Continue { hold_back: vec![] };
+        };
+        if last.remaining_pages == 0 {
+            return Decision::StopAndCopy {
+                reason: StopReason::NothingDirty,
+            };
+        }
+        let limit = input.limits.downtime_limit_s;
+        let fits = last.predicted_downtime_s <= limit;
+        let shrinking = match input.history.len().checked_sub(2) {
+            Some(i) => {
+                let prev = input.history[i].remaining_pages as f64;
+                (last.remaining_pages as f64) < prev * (1.0 - self.min_shrink)
+            }
+            None => true,
+        };
+        if fits {
+            let reason = if shrinking {
+                StopReason::FitsDowntime
+            } else {
+                StopReason::NoLongerShrinking
+            };
+            return Decision::StopAndCopy { reason };
+        }
+        let current = input.current_throttle();
+        if shrinking {
+            // Under a throttle the hot set is re-sent: that is what the throttle buys.
+            let hold_back = if current > 0 {
+                vec![]
+            } else {
+                self.hot_fragments(input)
+            };
+            return Decision::Continue { hold_back };
+        }
+        if current >= self.max_throttle_percent {
+            return Decision::StopAndCopy {
+                reason: StopReason::ThrottleExhausted,
+            };
+        }
+        let wanted = throttle_for(
+            last.predicted_downtime_s,
+            limit,
+            last.bandwidth_bytes_per_s,
+            last.dirty_rate_bytes_per_s,
+            current,
+            self.throttle_margin,
+        );
+        let percent = wanted
+            .max(current.saturating_add(self.throttle_step))
+            .min(self.max_throttle_percent);
+        Decision::Throttle {
+            percent,
+            hold_back: vec![],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::round;
+    use super::super::Limits;
+    use super::*;
+    use crate::fragment::FragmentTracker;
+    use crate::RoundTelemetry;
+
+    fn decide(history: &[RoundTelemetry], tracker: &FragmentTracker) -> Decision {
+        let limits = Limits::new(tracker.total_pages(), 4096);
+        Adaptive::default().decide(&PolicyInput {
+            history,
+            fragments: tracker,
+            limits: &limits,
+        })
+    }
+
+    #[test]
+    fn holds_back_fragments_densely_dirtied_every_round() {
+        let mut t = FragmentTracker::new(4 * 512, 512);
+        // Fragment 0 fully rewritten twice, fragment 1 once, fragment 2 a stray page twice.
+        t.observe_counts(&[512, 0, 1, 0]);
+        t.observe_counts(&[512, 512, 1, 0]);
+        let h = [round(1, 4000, 5.0), round(2, 1200, 1.0)];
+        assert_eq!(decide(&h, &t), Decision::Continue { hold_back: vec![0] });
+    }
+
+    #[test]
+    fn stops_when_the_remainder_fits_or_stops_shrinking() {
+        let t = FragmentTracker::new(2048, 512);
+        assert_eq!(
+            decide(&[round(1, 2000, 2.0), round(2, 100, 0.1)], &t),
+            Decision::StopAndCopy {
+                reason: StopReason::FitsDowntime
+            }
+        );
+        assert_eq!(
+            decide(&[round(1, 100, 0.29), round(2, 99, 0.28)], &t),
+            Decision::StopAndCopy {
+                reason: StopReason::NoLongerShrinking
+            }
+        );
+    }
+
+    #[test]
+    fn throttles_when_stuck_above_the_budget_then_escalates_then_gives_up() {
+        let t = FragmentTracker::new(2048, 512);
+        let h = [round(1, 1000, 0.6), round(2, 990, 0.6)];
+        // round(): 100 MB/s dirtying, 125 MB/s link, P = 0.6 s, L = 0.3 s, margin 0.8:
+        // quota = 0.8 * 0.3 * 125 / 0.6 / 100 = 0.5 -> 50 %.
+        assert_eq!(
+            decide(&h, &t),
+            Decision::Throttle {
+                percent: 50,
+                hold_back: vec![]
+            }
+        );
+        let mut throttled = h.clone();
+        throttled[1].throttle_percent = 90;
+        assert_eq!(
+            decide(&throttled, &t),
+            Decision::Throttle {
+                percent: 95,
+                hold_back: vec![]
+            }
+        );
+        throttled[1].throttle_percent = 95;
+        assert_eq!(
+            decide(&throttled, &t),
+            Decision::StopAndCopy {
+                reason: StopReason::ThrottleExhausted
+            }
+        );
+    }
+}

@@ -1,0 +1,83 @@
+//! What one pre-copy round and one whole migration report. The engine fills these from
+//! measurements, the model from its equations; policies read only these values.
+
+use serde::{Deserialize, Serialize};
+
+use crate::policy::StopReason;
+
+/// Telemetry of one completed pre-copy round.
+///
+/// Times are seconds and rates bytes per second, as `f64`, because the simulator adds
+/// thousands of them and the engine measures them with sub-millisecond resolution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundTelemetry {
+    /// 1-based round number; round 1 is the first full pass over memory.
+    pub round: u32,
+    /// Pages put on the wire in this round.
+    pub pages_sent: u64,
+    /// Bytes put on the wire in this round (after compression and zero-page flags, for the
+    /// engine; pages times page size, for the model).
+    pub bytes_sent: u64,
+    /// Distinct pages whose content changed while this round ran, whether or not they
+    /// belong to a held-back fragment: the dirtying the guest did, not what will be sent.
+    pub pages_changed: u64,
+    /// `pages_changed` times page size over the round's duration: the guest's effective
+    /// dirty rate as seen through one round (a page rewritten twice counts once).
+    pub dirty_rate_bytes_per_s: f64,
+    /// Throughput the link gave this round; policies use it to predict the downtime of
+    /// a stop-and-copy and to size a throttle.
+    pub bandwidth_bytes_per_s: f64,
+    /// Pages that differ from the destination's copy at the end of the round, held-back
+    /// fragments included: what a stop-and-copy started now would send.
+    pub remaining_pages: u64,
+    /// Of `remaining_pages`, those in fragments the policy held back this round.
+    pub held_back_pages: u64,
+    /// `remaining_pages` over the bandwidth, plus the fixed cost of stopping (final scan,
+    /// device state): the downtime if the VM were paused now.
+    pub predicted_downtime_s: f64,
+    /// Wall time of this round.
+    pub duration_s: f64,
+    /// Time since the migration started, at the end of this round.
+    pub elapsed_s: f64,
+    /// Share of vCPU time taken away from the guest while this round ran (0 = none).
+    pub throttle_percent: u8,
+}
+
+/// Result of one migration, simulated or real.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationOutcome {
+    /// Name of the policy that decided when to stop.
+    pub policy: String,
+    /// From the start of round 1 to the VM running on the destination.
+    pub total_time_s: f64,
+    /// Time the VM was paused: the stop-and-copy plus the fixed stop cost.
+    pub downtime_s: f64,
+    /// Bytes sent in all rounds and in the stop-and-copy.
+    pub bytes_sent: u64,
+    /// Live pre-copy rounds before the stop-and-copy (0 for a pure stop-and-copy).
+    pub rounds: u32,
+    /// Whether the policy stopped because its goal was met, not because a cap forced it.
+    pub converged: bool,
+    /// Why iteration ended.
+    pub stop_reason: StopReason,
+    /// Highest throttle applied, 0 if the guest ran at full speed throughout.
+    pub max_throttle_percent: u8,
+    /// Per-round telemetry, in order.
+    pub telemetry: Vec<RoundTelemetry>,
+}
+
+impl MigrationOutcome {
+    /// Total time in whole milliseconds, as the engine's result reports it.
+    pub fn total_ms(&self) -> u64 {
+        secs_to_ms(self.total_time_s)
+    }
+
+    /// Downtime in whole milliseconds, as the engine's result reports it.
+    pub fn downtime_ms(&self) -> u64 {
+        secs_to_ms(self.downtime_s)
+    }
+}
+
+fn secs_to_ms(s: f64) -> u64 {
+    (s * 1000.0).round().max(0.0) as u64
+}
