@@ -1,1 +1,22 @@
 //! The host agent: runs VMs through `tern-hv`, reports load and serves migrations.
+//!
+//! # Layout
+//! - [`server`]: `serve(listener, state, shutdown)`; [`api`]: routes parsed into commands;
+//!   [`error`]: the agent's error type and its HTTP status mapping.
+//! - [`state`]: what handlers share; [`vms`]: VM operations (admission, records, driver);
+//!   [`host`]: capacity, load and the admission rule; [`guest`]: the guest agent channel.
+//! - [`client`]: a typed HTTP client for the API (CLI, lab, manager, migration source).
+//! - [`lab`]: a lab of hosts on one machine (network namespaces, bridge, shaped links).
+//! - [`migration`]: tern's live-migration engine.
+
+pub mod api;
+pub mod error;
+pub mod guest;
+pub mod host;
+pub mod migration;
+pub mod server;
+pub mod state;
+pub mod vms;
+
+pub use error::AgentError;
+pub use state::{AppState, HostConfig};

@@ -1,0 +1,325 @@
+//! Guest RAM as the engine sees it: the VM's shared memory file, mapped.
+//!
+//! The source maps its VM's file read-only and finds changed pages by content: a 64-bit
+//! xxh3 digest per 4 KiB page of what was last sent. The guest keeps writing while a
+//! page is copied, so the digest recorded is the digest of the bytes that went on the
+//! wire, never of what a scan saw earlier. The destination maps its own VM's file
+//! read-write and writes pages at their offsets.
+
+use std::fs::OpenOptions;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::{Mmap, MmapMut};
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::wire::PAGE_SIZE;
+
+/// Opening or mapping a memory file failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error("memory file {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("memory file {path} is {len} bytes, not a positive multiple of {PAGE_SIZE}")]
+    BadSize { path: String, len: u64 },
+    #[error("page {index} is outside guest memory of {pages} pages")]
+    OutOfRange { index: u64, pages: u64 },
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> MemoryError + '_ {
+    move |source| MemoryError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The digest a zero page has; also what the destination holds before anything arrives.
+pub fn zero_digest() -> u64 {
+    static ZERO: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *ZERO.get_or_init(|| xxh3_64(&[0u8; PAGE_SIZE]))
+}
+
+/// True when every byte of `page` is zero.
+pub fn is_zero(page: &[u8]) -> bool {
+    // OR-folding 64-byte blocks lets the compiler vectorise; the early exit per block
+    // keeps non-zero pages (the common case after boot) cheap.
+    let mut blocks = page.chunks_exact(64);
+    let blocks_zero = blocks.all(|b| b.iter().fold(0u8, |acc, &x| acc | x) == 0);
+    blocks_zero && page.chunks_exact(64).remainder().iter().all(|&b| b == 0)
+}
+
+/// The source's read-only view of guest RAM.
+pub struct SourceMemory {
+    map: Mmap,
+}
+
+impl SourceMemory {
+    pub fn open(path: &Path) -> Result<SourceMemory, MemoryError> {
+        let file = std::fs::File::open(path).map_err(io_err(path))?;
+        let len = file.metadata().map_err(io_err(path))?.len();
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(MemoryError::BadSize {
+                path: path.display().to_string(),
+                len,
+            });
+        }
+        // SAFETY: the mapping is shared with a running guest that keeps writing to it; we
+        // only ever copy bytes out (`read_page`), so a concurrent write yields a torn copy,
+        // which the next round's digest comparison detects and re-sends.
+        let map = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
+        Ok(SourceMemory { map })
+    }
+
+    pub fn pages(&self) -> u64 {
+        (self.map.len() / PAGE_SIZE) as u64
+    }
+
+    /// Copies page `index` into `out` (exactly one page long).
+    pub fn read_page(&self, index: u64, out: &mut [u8]) {
+        let start = index as usize * PAGE_SIZE;
+        let src = &self.map[start..start + PAGE_SIZE];
+        // SAFETY: `src` and `out` are valid for PAGE_SIZE bytes and do not overlap; the
+        // volatile-free copy of a concurrently written page is the documented race above.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out.as_mut_ptr(), PAGE_SIZE) }
+    }
+}
+
+/// What the destination was last sent, page by page, as digests. Shared by the sending
+/// streams, each of which owns a disjoint set of pages within a round.
+pub struct SentDigests {
+    digests: Vec<AtomicU64>,
+}
+
+impl SentDigests {
+    /// A fresh destination file is all zeros, so every page starts as "zero sent".
+    pub fn new(pages: u64) -> SentDigests {
+        let z = zero_digest();
+        SentDigests {
+            digests: (0..pages).map(|_| AtomicU64::new(z)).collect(),
+        }
+    }
+
+    pub fn get(&self, index: u64) -> u64 {
+        self.digests[index as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn set(&self, index: u64, digest: u64) {
+        self.digests[index as usize].store(digest, Ordering::Relaxed)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.digests.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.digests.is_empty()
+    }
+}
+
+/// The result of one pass over guest memory.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Scan {
+    /// Pages that differ from what was sent, ascending: what a round would send.
+    pub dirty: Vec<u64>,
+    /// Pages whose content changed since the previous scan, ascending: the guest's
+    /// dirtying during the last round, whether or not the page was sent.
+    pub changed: Vec<u64>,
+}
+
+/// Digests of every page as the previous scan saw them, to tell what the guest changed
+/// during a round from what was merely left unsent.
+pub struct SeenDigests(Vec<AtomicU64>);
+
+impl SeenDigests {
+    pub fn new(pages: u64) -> SeenDigests {
+        let z = zero_digest();
+        SeenDigests((0..pages).map(|_| AtomicU64::new(z)).collect())
+    }
+}
+
+/// One pass over guest memory, split over `threads` threads because this pass is the
+/// floor of the downtime.
+pub fn scan(mem: &SourceMemory, sent: &SentDigests, seen: &SeenDigests, threads: usize) -> Scan {
+    let pages = mem.pages();
+    let threads = threads.clamp(1, 16) as u64;
+    let chunk = pages.div_ceil(threads);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut buf = vec![0u8; PAGE_SIZE];
+                    let mut out = Scan::default();
+                    for index in t * chunk..((t + 1) * chunk).min(pages) {
+                        mem.read_page(index, &mut buf);
+                        let d = xxh3_64(&buf);
+                        if d != sent.get(index) {
+                            out.dirty.push(index);
+                        }
+                        if seen.0[index as usize].swap(d, Ordering::Relaxed) != d {
+                            out.changed.push(index);
+                        }
+                    }
+                    out
+                })
+            })
+            .collect();
+        let mut all = Scan::default();
+        for h in handles {
+            let part = h.join().expect("scan thread panicked");
+            all.dirty.extend(part.dirty);
+            all.changed.extend(part.changed);
+        }
+        all
+    })
+}
+
+/// The pages that differ from what was sent (a scan without change tracking).
+pub fn changed_pages(mem: &SourceMemory, sent: &SentDigests, threads: usize) -> Vec<u64> {
+    scan(mem, sent, &SeenDigests::new(mem.pages()), threads).dirty
+}
+
+/// The destination's writable view of its own VM's memory file.
+pub struct DestMemory {
+    map: std::sync::Mutex<MmapMut>,
+    pages: u64,
+}
+
+impl DestMemory {
+    /// Opens (or creates, sized, when absent) the destination memory file.
+    pub fn open(path: &Path, bytes: u64) -> Result<DestMemory, MemoryError> {
+        if bytes == 0 || !bytes.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(MemoryError::BadSize {
+                path: path.display().to_string(),
+                len: bytes,
+            });
+        }
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(io_err(path))?;
+        let len = file.metadata().map_err(io_err(path))?.len();
+        if len != bytes {
+            if len != 0 {
+                return Err(MemoryError::BadSize {
+                    path: path.display().to_string(),
+                    len,
+                });
+            }
+            file.set_len(bytes).map_err(io_err(path))?;
+        }
+        // SAFETY: the file is this host's own destination VM memory, which nothing but this
+        // engine writes until the destination VM is resumed after the last page arrived.
+        let map = unsafe { MmapMut::map_mut(&file) }.map_err(io_err(path))?;
+        Ok(DestMemory {
+            map: std::sync::Mutex::new(map),
+            pages: bytes / PAGE_SIZE as u64,
+        })
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Applies one received batch under a single lock.
+    pub fn apply(&self, entries: &[super::wire::Entry<'_>]) -> Result<(), MemoryError> {
+        let mut map = self.map.lock().expect("destination memory lock poisoned");
+        for entry in entries {
+            match *entry {
+                super::wire::Entry::Data { index, page } => {
+                    let index = u64::from(index);
+                    self.check(index, 1)?;
+                    let start = index as usize * PAGE_SIZE;
+                    map[start..start + PAGE_SIZE].copy_from_slice(page);
+                }
+                super::wire::Entry::ZeroRun { index, count } => {
+                    let index = u64::from(index);
+                    self.check(index, u64::from(count))?;
+                    for i in index..index + u64::from(count) {
+                        let start = i as usize * PAGE_SIZE;
+                        let page = &mut map[start..start + PAGE_SIZE];
+                        // Writing zeros over zeros would allocate tmpfs pages for nothing.
+                        if !is_zero(page) {
+                            page.fill(0);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self, index: u64, count: u64) -> Result<(), MemoryError> {
+        if index.checked_add(count).is_none_or(|end| end > self.pages) {
+            return Err(MemoryError::OutOfRange {
+                index,
+                pages: self.pages,
+            });
+        }
+        Ok(())
+    }
+
+    /// Digest of the whole file, to compare with the source's in tests and checks.
+    pub fn digest(&self) -> u64 {
+        xxh3_64(&self.map.lock().expect("destination memory lock poisoned"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_test_and_digest_agree() {
+        let mut page = vec![0u8; PAGE_SIZE];
+        assert!(is_zero(&page));
+        assert_eq!(xxh3_64(&page), zero_digest());
+        page[PAGE_SIZE - 1] = 1;
+        assert!(!is_zero(&page));
+    }
+
+    #[test]
+    fn scan_finds_exactly_the_pages_that_differ_from_what_was_sent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let mut content = vec![0u8; PAGE_SIZE * 64];
+        for page in [3usize, 17, 40] {
+            content[page * PAGE_SIZE + 5] = 9;
+        }
+        std::fs::write(&path, &content).unwrap();
+        let mem = SourceMemory::open(&path).unwrap();
+        let sent = SentDigests::new(mem.pages());
+        assert_eq!(changed_pages(&mem, &sent, 3), vec![3, 17, 40]);
+        let mut buf = vec![0u8; PAGE_SIZE];
+        mem.read_page(17, &mut buf);
+        sent.set(17, xxh3_64(&buf));
+        assert_eq!(changed_pages(&mem, &sent, 1), vec![3, 40]);
+    }
+
+    #[test]
+    fn destination_rejects_pages_outside_its_memory_and_mismatched_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let dest = DestMemory::open(&path, 8 * PAGE_SIZE as u64).unwrap();
+        let page = vec![1u8; PAGE_SIZE];
+        assert!(dest
+            .apply(&[super::super::wire::Entry::Data {
+                index: 8,
+                page: &page
+            }])
+            .is_err());
+        assert!(dest
+            .apply(&[super::super::wire::Entry::ZeroRun {
+                index: 4,
+                count: u32::MAX
+            }])
+            .is_err());
+        assert!(DestMemory::open(&path, 16 * PAGE_SIZE as u64).is_err());
+        assert!(DestMemory::open(&path, 100).is_err());
+    }
+}

@@ -1,0 +1,243 @@
+//! The source's memory streams: connect, send a round of pages, finish.
+//!
+//! A round's pages are split into contiguous slices, one per TCP stream, so zero pages
+//! stay in runs and each stream reads memory sequentially. Every stream ends the round
+//! with `RoundEnd` and waits for the destination's `Ack`: a round is on the destination
+//! once `send_round` returns.
+
+use std::io::{BufWriter, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::memory::{is_zero, zero_digest, SentDigests, SourceMemory};
+use super::pace::Pacer;
+use super::wire::{self, Batch, Hello, Kind, PAGE_SIZE};
+use super::MigrationError;
+
+/// How the memory is put on the wire.
+#[derive(Debug, Clone)]
+pub struct StreamOptions {
+    /// Parallel TCP streams; more than one helps when one core cannot fill the link.
+    pub streams: usize,
+    /// LZ4 per batch, kept only where it shrinks the batch.
+    pub lz4: bool,
+    /// Bandwidth cap over all streams, bytes per second.
+    pub rate_bytes_per_s: Option<u64>,
+    /// A socket that cannot move a byte for this long is a dead link.
+    pub io_timeout: Duration,
+    /// Pages per `Pages` frame.
+    pub batch_pages: usize,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions {
+            streams: 2,
+            lz4: false,
+            rate_bytes_per_s: None,
+            io_timeout: Duration::from_secs(5),
+            batch_pages: 64,
+        }
+    }
+}
+
+/// What one round put on the wire.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundTransfer {
+    pub data_pages: u64,
+    pub zero_pages: u64,
+    /// Bytes written to the sockets, frame headers included.
+    pub bytes: u64,
+}
+
+/// The connected memory streams of one outgoing migration.
+pub struct Outgoing {
+    streams: Vec<TcpStream>,
+    opts: StreamOptions,
+    pacer: Option<Pacer>,
+}
+
+impl Outgoing {
+    /// Opens `opts.streams` connections to the destination and shakes hands on each.
+    pub fn connect(
+        addr: SocketAddr,
+        migration: &str,
+        token: &str,
+        pages: u64,
+        opts: StreamOptions,
+    ) -> Result<Outgoing, MigrationError> {
+        let count = opts.streams.clamp(1, 16);
+        let mut streams = Vec::with_capacity(count);
+        for stream in 0..count {
+            let mut s = TcpStream::connect_timeout(&addr, opts.io_timeout)
+                .map_err(|e| MigrationError::Link(format!("connect {addr}: {e}")))?;
+            s.set_nodelay(true).map_err(wire::WireError::from)?;
+            s.set_read_timeout(Some(opts.io_timeout))
+                .map_err(wire::WireError::from)?;
+            s.set_write_timeout(Some(opts.io_timeout))
+                .map_err(wire::WireError::from)?;
+            let hello = Hello {
+                version: wire::VERSION,
+                stream: stream as u16,
+                streams: count as u16,
+                pages,
+                migration: migration.to_string(),
+                token: token.to_string(),
+            };
+            wire::write_frame(&mut s, Kind::Hello, 0, &hello.encode())?;
+            wire::expect(&mut s, Kind::Welcome)?;
+            streams.push(s);
+        }
+        let pacer = opts.rate_bytes_per_s.map(Pacer::new);
+        Ok(Outgoing {
+            streams,
+            opts,
+            pacer,
+        })
+    }
+
+    /// Sends `pages` (ascending indices) as round `round`; records the digest of every
+    /// page as sent. Returns once the destination acknowledged the round on all streams.
+    pub fn send_round(
+        &mut self,
+        round: u32,
+        mem: &SourceMemory,
+        sent: &SentDigests,
+        pages: &[u64],
+        cancel: &AtomicBool,
+    ) -> Result<RoundTransfer, MigrationError> {
+        let n = self.streams.len();
+        let data = AtomicU64::new(0);
+        let zeros = AtomicU64::new(0);
+        let bytes = AtomicU64::new(0);
+        let opts = &self.opts;
+        let pacer = self.pacer.as_ref();
+        let results: Vec<Result<(), MigrationError>> = std::thread::scope(|s| {
+            let handles: Vec<_> = self
+                .streams
+                .iter_mut()
+                .enumerate()
+                .map(|(i, stream)| {
+                    let slice = &pages[i * pages.len() / n..(i + 1) * pages.len() / n];
+                    let (data, zeros, bytes) = (&data, &zeros, &bytes);
+                    s.spawn(move || -> Result<(), MigrationError> {
+                        let t = send_slice(stream, round, mem, sent, slice, opts, pacer, cancel)?;
+                        data.fetch_add(t.data_pages, Ordering::Relaxed);
+                        zeros.fetch_add(t.zero_pages, Ordering::Relaxed);
+                        bytes.fetch_add(t.bytes, Ordering::Relaxed);
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("memory stream thread panicked"))
+                .collect()
+        });
+        results.into_iter().collect::<Result<(), _>>()?;
+        Ok(RoundTransfer {
+            data_pages: data.into_inner(),
+            zero_pages: zeros.into_inner(),
+            bytes: bytes.into_inner(),
+        })
+    }
+
+    /// Tells the destination no more pages come; waits for it to confirm every stream.
+    pub fn finish(mut self) -> Result<(), MigrationError> {
+        for s in &mut self.streams {
+            wire::write_frame(s, Kind::Done, 0, &[])?;
+        }
+        for s in &mut self.streams {
+            wire::expect(s, Kind::Ack)?;
+        }
+        Ok(())
+    }
+
+    /// Tells the destination this migration is abandoned; best effort, the link may be gone.
+    pub fn abort(mut self, reason: &str) {
+        for s in &mut self.streams {
+            let _ = wire::write_frame(s, Kind::Abort, 0, reason.as_bytes());
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn send_slice(
+    stream: &mut TcpStream,
+    round: u32,
+    mem: &SourceMemory,
+    sent: &SentDigests,
+    pages: &[u64],
+    opts: &StreamOptions,
+    pacer: Option<&Pacer>,
+    cancel: &AtomicBool,
+) -> Result<RoundTransfer, MigrationError> {
+    let mut out = BufWriter::with_capacity(1 << 20, &mut *stream);
+    let mut total = RoundTransfer::default();
+    let mut batch = Batch::with_capacity(opts.batch_pages);
+    let mut buf = vec![0u8; PAGE_SIZE];
+    // An open zero run: (first page, count).
+    let mut run: Option<(u64, u32)> = None;
+    let flush = |batch: &mut Batch,
+                 out: &mut BufWriter<&mut TcpStream>,
+                 total: &mut RoundTransfer|
+     -> Result<(), MigrationError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if cancel.load(Ordering::Relaxed) {
+            return Err(MigrationError::Cancelled);
+        }
+        let (flags, payload) = batch.seal(opts.lz4);
+        if let Some(p) = pacer {
+            p.wait(payload.len() as u64 + 8);
+        }
+        total.bytes += wire::write_frame(out, Kind::Pages, flags, &payload)? as u64;
+        total.data_pages += batch.data_pages as u64;
+        total.zero_pages += batch.zero_pages;
+        batch.clear();
+        Ok(())
+    };
+    for &index in pages {
+        mem.read_page(index, &mut buf);
+        if is_zero(&buf) {
+            sent.set(index, zero_digest());
+            run = match run {
+                Some((first, count)) if first + u64::from(count) == index && count < u32::MAX => {
+                    Some((first, count + 1))
+                }
+                other => {
+                    if let Some((first, count)) = other {
+                        batch.push_zero_run(first as u32, count);
+                    }
+                    Some((index, 1))
+                }
+            };
+            continue;
+        }
+        if let Some((first, count)) = run.take() {
+            batch.push_zero_run(first as u32, count);
+        }
+        sent.set(index, xxh3_64(&buf));
+        batch.push_data(index as u32, &buf);
+        if batch.data_pages >= opts.batch_pages {
+            flush(&mut batch, &mut out, &mut total)?;
+        }
+    }
+    if let Some((first, count)) = run.take() {
+        batch.push_zero_run(first as u32, count);
+    }
+    flush(&mut batch, &mut out, &mut total)?;
+    total.bytes +=
+        wire::write_frame(&mut out, Kind::RoundEnd, 0, &wire::u32_payload(round))? as u64;
+    out.flush().map_err(wire::WireError::from)?;
+    drop(out);
+    let ack = wire::expect(stream, Kind::Ack)?;
+    if wire::parse_u32(&ack.payload)? != round {
+        return Err(wire::WireError::Malformed("ack for another round").into());
+    }
+    Ok(total)
+}

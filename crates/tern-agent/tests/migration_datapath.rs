@@ -1,0 +1,282 @@
+//! The memory data path on one machine: two plain files, loopback TCP, a thread that
+//! keeps rewriting the source "guest" while rounds run.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use tern_agent::migration::incoming::{self, Expect, Progress, Received};
+use tern_agent::migration::memory::{changed_pages, DestMemory, SentDigests, SourceMemory};
+use tern_agent::migration::outgoing::{Outgoing, StreamOptions};
+use tern_agent::migration::wire::PAGE_SIZE;
+use tern_agent::migration::{wire, MigrationError};
+
+const PAGES: u64 = 4096; // 16 MiB
+
+/// A source file with a quarter of its pages non-zero, like a lightly used guest.
+fn source_file(dir: &std::path::Path, seed: u64) -> std::path::PathBuf {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut content = vec![0u8; PAGES as usize * PAGE_SIZE];
+    for page in content.chunks_mut(PAGE_SIZE) {
+        if rng.gen_ratio(1, 4) {
+            rng.fill(page);
+        }
+    }
+    let path = dir.join("source.mem");
+    std::fs::write(&path, &content).unwrap();
+    path
+}
+
+fn expect(token: &str) -> Expect {
+    Expect {
+        migration: "m1".into(),
+        token: token.into(),
+        accept_timeout: Duration::from_secs(5),
+        io_timeout: Duration::from_secs(5),
+    }
+}
+
+/// Rewrites pages of the source file through a shared mapping of its own, as a guest
+/// would, until told to stop. Writes non-zero random data into the first `hot` pages.
+fn mutator(
+    path: std::path::PathBuf,
+    hot: u64,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        // SAFETY: the test owns the file; the engine only reads it.
+        let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        let mut writes = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            let page = rng.gen_range(0..hot) as usize;
+            rng.fill(&mut map[page * PAGE_SIZE..page * PAGE_SIZE + 64]);
+            writes += 1;
+            if writes.is_multiple_of(64) {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        writes
+    })
+}
+
+/// A source file, a destination file and a destination listener on loopback.
+struct Pair {
+    _dir: tempfile::TempDir,
+    src_path: std::path::PathBuf,
+    mem: SourceMemory,
+    dest: DestMemory,
+    listener: TcpListener,
+    addr: std::net::SocketAddr,
+    cancel: AtomicBool,
+    progress: Progress,
+}
+
+impl Pair {
+    fn new(seed: u64) -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let src_path = source_file(dir.path(), seed);
+        let dest =
+            DestMemory::open(&dir.path().join("dest.mem"), PAGES * PAGE_SIZE as u64).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        Pair {
+            mem: SourceMemory::open(&src_path).unwrap(),
+            addr: listener.local_addr().unwrap(),
+            src_path,
+            dest,
+            listener,
+            cancel: AtomicBool::new(false),
+            progress: Progress::default(),
+            _dir: dir,
+        }
+    }
+
+    /// Runs `source` while the destination receives with `token`.
+    fn run<T: Send>(
+        &self,
+        token: &str,
+        source: impl FnOnce(&Pair) -> T + Send,
+    ) -> (T, Result<Received, MigrationError>) {
+        std::thread::scope(|s| {
+            let expect = expect(token);
+            let rx = s.spawn(move || {
+                incoming::receive(
+                    &self.listener,
+                    &self.dest,
+                    &expect,
+                    &self.progress,
+                    &self.cancel,
+                )
+            });
+            let t = source(self);
+            (t, rx.join().unwrap())
+        })
+    }
+
+    fn connect(&self, token: &str, opts: StreamOptions) -> Result<Outgoing, MigrationError> {
+        Outgoing::connect(self.addr, "m1", token, self.mem.pages(), opts)
+    }
+
+    /// Sends everything that differs as one round.
+    fn round(
+        &self,
+        out: &mut Outgoing,
+        round: u32,
+        sent: &SentDigests,
+    ) -> tern_agent::migration::outgoing::RoundTransfer {
+        let pages = changed_pages(&self.mem, sent, 2);
+        out.send_round(round, &self.mem, sent, &pages, &self.cancel)
+            .unwrap()
+    }
+
+    fn assert_identical(&self) {
+        let src_digest = xxhash_rust::xxh3::xxh3_64(&std::fs::read(&self.src_path).unwrap());
+        assert_eq!(
+            self.dest.digest(),
+            src_digest,
+            "destination memory differs from the source"
+        );
+    }
+}
+
+#[test]
+fn rounds_under_a_running_writer_end_with_identical_memory() {
+    let pair = Pair::new(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = mutator(pair.src_path.clone(), 256, stop.clone());
+    let ((), received) = pair.run("t0k", |p| {
+        let opts = StreamOptions {
+            streams: 3,
+            lz4: true,
+            ..StreamOptions::default()
+        };
+        let mut out = p.connect("t0k", opts).unwrap();
+        let sent = SentDigests::new(p.mem.pages());
+        let mut round_pages = Vec::new();
+        for round in 1..=4 {
+            round_pages.push(p.round(&mut out, round, &sent).data_pages);
+        }
+        // Round 1 carries the non-zero quarter; later rounds only the hot set.
+        assert!(round_pages[0] > 900, "{round_pages:?}");
+        assert!(
+            round_pages[1..].iter().all(|&n| n <= 256),
+            "{round_pages:?}"
+        );
+        // Stop-and-copy: the writer stops (the VM is paused), a final pass, done.
+        stop.store(true, Ordering::Relaxed);
+        assert!(writer.join().unwrap() > 0);
+        p.round(&mut out, 5, &sent);
+        assert!(changed_pages(&p.mem, &sent, 2).is_empty());
+        out.finish().unwrap();
+    });
+    assert_eq!(received.unwrap().rounds, 5);
+    pair.assert_identical();
+}
+
+#[test]
+fn a_page_that_became_zero_is_zeroed_on_the_destination() {
+    let pair = Pair::new(2);
+    let ((), received) = pair.run("t", |p| {
+        let sent = SentDigests::new(p.mem.pages());
+        let mut out = p.connect("t", StreamOptions::default()).unwrap();
+        p.round(&mut out, 1, &sent);
+        let mut content = std::fs::read(&p.src_path).unwrap();
+        content[..PAGE_SIZE * 64].fill(0);
+        std::fs::write(&p.src_path, &content).unwrap();
+        let pages = changed_pages(&p.mem, &sent, 1);
+        assert!(!pages.is_empty() && pages.iter().all(|&p| p < 64));
+        let t = p.round(&mut out, 2, &sent);
+        assert_eq!(t.data_pages, 0);
+        assert_eq!(t.zero_pages, pages.len() as u64);
+        out.finish().unwrap();
+    });
+    received.unwrap();
+    pair.assert_identical();
+}
+
+#[test]
+fn a_stream_with_a_bad_token_is_refused_and_the_real_source_still_gets_through() {
+    let pair = Pair::new(3);
+    let ((), received) = pair.run("right", |p| {
+        match p.connect("wrong", StreamOptions::default()) {
+            Err(MigrationError::Wire(e)) => assert!(e.to_string().contains("bad token"), "{e}"),
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("a wrong token was accepted"),
+        }
+        let sent = SentDigests::new(p.mem.pages());
+        let mut out = p.connect("right", StreamOptions::default()).unwrap();
+        p.round(&mut out, 1, &sent);
+        out.finish().unwrap();
+    });
+    received.unwrap();
+    pair.assert_identical();
+}
+
+#[test]
+fn a_destination_that_goes_away_fails_the_round_promptly() {
+    let pair = Pair::new(4);
+    // A destination that welcomes the streams and then dies.
+    let fake_dest = {
+        let listener = pair.listener.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut conns = Vec::new();
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().unwrap();
+                wire::read_frame(&mut s).unwrap();
+                wire::write_frame(&mut s, wire::Kind::Welcome, 0, &[1, 0, 0, 0]).unwrap();
+                conns.push(s);
+            }
+        })
+    };
+    let opts = StreamOptions {
+        io_timeout: Duration::from_secs(2),
+        ..StreamOptions::default()
+    };
+    let mut out = pair.connect("t", opts).unwrap();
+    fake_dest.join().unwrap();
+    let sent = SentDigests::new(pair.mem.pages());
+    let started = std::time::Instant::now();
+    let pages = changed_pages(&pair.mem, &sent, 1);
+    let err = out
+        .send_round(1, &pair.mem, &sent, &pages, &pair.cancel)
+        .unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(matches!(err, MigrationError::Wire(_)), "{err}");
+}
+
+#[test]
+fn the_bandwidth_cap_holds_over_a_round() {
+    let pair = Pair::new(5);
+    let rate = 20u64 << 20; // 20 MiB/s: the ~4 MiB of non-zero pages take ~200 ms
+    let ((), received) = pair.run("t", |p| {
+        let opts = StreamOptions {
+            rate_bytes_per_s: Some(rate),
+            ..StreamOptions::default()
+        };
+        let mut out = p.connect("t", opts).unwrap();
+        let sent = SentDigests::new(p.mem.pages());
+        let started = std::time::Instant::now();
+        let t = p.round(&mut out, 1, &sent);
+        let secs = started.elapsed().as_secs_f64();
+        let burst = (512u64 << 10) as f64;
+        let floor = (t.bytes as f64 - burst) / rate as f64;
+        assert!(
+            secs >= floor * 0.95,
+            "{} bytes in {secs:.3}s beats the cap (floor {floor:.3}s)",
+            t.bytes
+        );
+        out.finish().unwrap();
+    });
+    received.unwrap();
+}
