@@ -3,11 +3,13 @@
 //! # Layout
 //! - [`state`]: hosts, VMs, migrations, events and settings as values; [`state::Snapshot`].
 //! - [`store`]: the [`store::Store`] trait and its SQLite implementation (the only disk I/O).
+//! - [`decide`]: the pure decisions: commands, placement, health, reconciliation.
 //! - [`error`]: the crate's one error type.
 //!
 //! Decisions are pure functions from a snapshot (and the time, as a value) to changes; the
 //! manager commits the changes to the store and then applies them to its snapshot.
 
+pub mod decide;
 pub mod error;
 pub mod state;
 pub mod store;

@@ -1,0 +1,339 @@
+//! The periodic health step: declares silent hosts dead and restarts their VMs elsewhere,
+//! retries VMs that found no room, and evacuates hosts drained into maintenance.
+//!
+//! ```text
+//!  active ──drain──► maintenance ──undrain──► active
+//!    │                   │
+//!    └──silent > limit───┴──► dead ──heartbeat without stale VMs──► active
+//! ```
+//!
+//! A host is declared dead by the step that first sees it silent; the same step moves its
+//! VMs away, so later steps find a dead host with no VMs and each VM restarts exactly once.
+
+use std::collections::BTreeMap;
+
+use super::placement::Placer;
+use super::start_migration;
+use crate::state::{
+    Change, EventKind, Host, HostState, Migration, MigrationReason, MigrationResult, Millis,
+    Snapshot, Vm, VmState,
+};
+
+/// Migrations under way per host (as source or destination) and in all.
+pub fn in_flight(snap: &Snapshot) -> (BTreeMap<&str, u32>, u32) {
+    let mut per_host: BTreeMap<&str, u32> = BTreeMap::new();
+    for m in snap.running.values() {
+        *per_host.entry(m.from.as_str()).or_default() += 1;
+        *per_host.entry(m.to.as_str()).or_default() += 1;
+    }
+    (per_host, snap.running.len() as u32)
+}
+
+/// Hosts silent for longer than the settings allow, not yet dead.
+pub fn silent_hosts(snap: &Snapshot, now: Millis) -> Vec<&Host> {
+    let limit = snap.settings.dead_after_s.saturating_mul(1000);
+    snap.hosts
+        .values()
+        .filter(|h| h.state != HostState::Dead)
+        .filter(|h| now.saturating_sub(h.last_heartbeat.unwrap_or(0)) > limit)
+        .collect()
+}
+
+/// One health step.
+pub fn tick(snap: &Snapshot, now: Millis) -> Vec<Change> {
+    let mut changes = Vec::new();
+    let dead: Vec<&Host> = silent_hosts(snap, now);
+    let is_dead = |h: &str| {
+        dead.iter().any(|d| d.name == h)
+            || snap.hosts.get(h).is_none_or(|x| x.state == HostState::Dead)
+    };
+    let mut after = snap.clone();
+    for h in &dead {
+        let mut gone = (*h).clone();
+        gone.state = HostState::Dead;
+        after.hosts.insert(h.name.clone(), gone.clone());
+        changes.push(Change::PutHost(gone));
+        changes.push(Change::Event(EventKind::HostStateChanged {
+            host: h.name.clone(),
+            from: h.state,
+            to: HostState::Dead,
+        }));
+    }
+    // Migrations touching a dead host fail; the VM stays where it really runs.
+    for m in snap.running.values() {
+        if is_dead(&m.from) || is_dead(&m.to) {
+            let result = MigrationResult::Failed {
+                error: "a host of the migration died".into(),
+            };
+            changes.push(Change::PutMigration(Migration {
+                finished: Some(now),
+                result: result.clone(),
+                ..m.clone()
+            }));
+            changes.push(Change::Event(EventKind::MigrationFinished {
+                id: m.id,
+                vm: m.vm.clone(),
+                result,
+            }));
+            after.running.remove(&m.id);
+            if let Some(v) = after.vms.get_mut(&m.vm) {
+                v.desired_host = Some(m.from.clone());
+                v.state = VmState::Running;
+            }
+        }
+    }
+    // VMs whose host died, and those still waiting for room, are placed anew.
+    let homeless: Vec<Vm> = after
+        .vms
+        .values()
+        .filter(|v| match v.state {
+            VmState::Unplaced => true,
+            VmState::Deleting => false,
+            _ => v.desired_host.as_deref().is_some_and(is_dead),
+        })
+        .cloned()
+        .collect();
+    for v in &homeless {
+        if let Some(vm) = after.vms.get_mut(&v.name) {
+            vm.desired_host = None;
+        }
+    }
+    let mut placer = Placer::new(&after);
+    for v in homeless {
+        let from = v.observed_host.clone().or(v.desired_host.clone());
+        match placer.place(&v.name, &v.spec, None) {
+            Ok(to) => {
+                if let Some(from) = from {
+                    changes.push(Change::Event(EventKind::VmRestarted {
+                        vm: v.name.clone(),
+                        from,
+                        to: to.clone(),
+                    }));
+                } else {
+                    changes.push(Change::Event(EventKind::VmCreated {
+                        vm: v.name.clone(),
+                        host: to.clone(),
+                    }));
+                }
+                changes.push(Change::PutVm(Vm {
+                    desired_host: Some(to),
+                    observed_host: None,
+                    state: VmState::Pending,
+                    ..v
+                }));
+            }
+            Err(e) if v.state != VmState::Unplaced => {
+                changes.push(Change::Event(EventKind::VmUnplaced {
+                    vm: v.name.clone(),
+                    reason: e.to_string(),
+                }));
+                changes.push(Change::PutVm(Vm {
+                    desired_host: None,
+                    observed_host: None,
+                    state: VmState::Unplaced,
+                    ..v
+                }));
+            }
+            Err(_) => {}
+        }
+    }
+    // VMs on dead hosts that were being deleted are gone with their host.
+    for v in snap.vms.values() {
+        if v.state == VmState::Deleting && v.observed_host.as_deref().is_some_and(is_dead) {
+            changes.push(Change::RemoveVm(v.name.clone()));
+            changes.push(Change::Event(EventKind::VmDeleted { vm: v.name.clone() }));
+        }
+    }
+    changes.extend(evacuate(&after, now));
+    changes
+}
+
+/// Migrations that move running VMs off hosts in maintenance, within the limits.
+pub fn evacuate(snap: &Snapshot, now: Millis) -> Vec<Change> {
+    let s = &snap.settings;
+    let (mut per_host, mut total) = in_flight(snap);
+    let mut per_host: BTreeMap<String, u32> = per_host
+        .iter_mut()
+        .map(|(k, v)| ((*k).to_owned(), *v))
+        .collect();
+    let mut placer = Placer::new(snap);
+    let mut next = snap.clone();
+    let mut changes = Vec::new();
+    let draining = snap
+        .hosts
+        .values()
+        .filter(|h| h.state == HostState::Maintenance);
+    for h in draining {
+        for v in snap.vms_on(&h.name).filter(|v| v.state == VmState::Running) {
+            if total >= s.max_per_cluster {
+                return changes;
+            }
+            if per_host.get(&h.name).copied().unwrap_or(0) >= s.max_per_host {
+                break;
+            }
+            let Ok(to) = placer.choose(&v.name, &v.spec, Some(&h.name)) else {
+                continue;
+            };
+            if per_host.get(&to).copied().unwrap_or(0) >= s.max_per_host {
+                continue;
+            }
+            let Ok((c, m)) = start_migration(
+                &next,
+                now,
+                v,
+                &to,
+                &s.default_policy,
+                MigrationReason::Evacuate,
+            ) else {
+                continue;
+            };
+            placer.take(&v.spec, &to);
+            next.next_migration = m.id + 1;
+            next.running.insert(m.id, m);
+            *per_host.entry(h.name.clone()).or_default() += 1;
+            *per_host.entry(to).or_default() += 1;
+            total += 1;
+            changes.extend(c);
+        }
+    }
+    changes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::testing::*;
+    use crate::decide::{Command, LoadReport, VmLoad};
+
+    #[test]
+    fn a_silent_host_dies_once_and_its_vms_restart_once() {
+        let mut snap = cluster(&[4.0, 4.0, 4.0], 4096);
+        running(&mut snap, "a", "h0", spec(1, 1024));
+        running(&mut snap, "b", "h0", spec(1, 1024));
+        running(&mut snap, "c", "h1", spec(1, 1024));
+        snap.settings.dead_after_s = 10;
+        for h in ["h1", "h2"] {
+            snap.hosts.get_mut(h).unwrap().last_heartbeat = Some(15_000);
+        }
+        assert!(tick(&snap, 10_000).is_empty());
+        let changes = tick(&snap, 20_000);
+        apply(&mut snap, 20_000, &changes);
+        assert_eq!(snap.hosts["h0"].state, HostState::Dead);
+        let restarts = changes
+            .iter()
+            .filter(|c| matches!(c, Change::Event(EventKind::VmRestarted { .. })))
+            .count();
+        assert_eq!(restarts, 2);
+        for v in ["a", "b"] {
+            let vm = &snap.vms[v];
+            assert_eq!(vm.state, VmState::Pending);
+            assert_ne!(vm.desired_host.as_deref(), Some("h0"));
+        }
+        // The next step restarts nothing again.
+        assert!(tick(&snap, 21_000).is_empty());
+        // h0 comes back still running its old copy of "a": it is told to destroy it and
+        // stays dead until it has.
+        let report = LoadReport {
+            cpu_used: 1.0,
+            vms: vec![VmLoad {
+                name: "a".into(),
+                cpu_used: 1.0,
+            }],
+        };
+        let reply = run(
+            &mut snap,
+            22_000,
+            Command::Heartbeat {
+                host: "h0".into(),
+                report,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            reply,
+            crate::decide::Reply::Heartbeat(crate::decide::HeartbeatReply {
+                stale: vec!["a".into()]
+            })
+        );
+        assert_eq!(snap.hosts["h0"].state, HostState::Dead);
+        run(
+            &mut snap,
+            23_000,
+            Command::Heartbeat {
+                host: "h0".into(),
+                report: LoadReport::default(),
+            },
+        )
+        .unwrap();
+        assert_eq!(snap.hosts["h0"].state, HostState::Active);
+    }
+
+    #[test]
+    fn vms_without_room_wait_and_are_placed_when_room_appears() {
+        let mut snap = cluster(&[4.0, 4.0], 1024);
+        running(&mut snap, "a", "h0", spec(1, 1024));
+        running(&mut snap, "b", "h1", spec(1, 1024));
+        snap.settings.dead_after_s = 1;
+        snap.hosts.get_mut("h1").unwrap().last_heartbeat = Some(5_000);
+        let c = tick(&snap, 5_000);
+        apply(&mut snap, 5_000, &c);
+        assert_eq!(snap.vms["a"].state, VmState::Unplaced);
+        assert!(tick(&snap, 5_500).is_empty(), "no repeated unplaced events");
+        run(&mut snap, 6_000, Command::DeleteVm { name: "b".into() }).unwrap();
+        run(&mut snap, 6_000, Command::VmRemoved { vm: "b".into() }).unwrap();
+        snap.hosts.get_mut("h1").unwrap().last_heartbeat = Some(6_000);
+        let c = tick(&snap, 6_000);
+        apply(&mut snap, 6_000, &c);
+        assert_eq!(snap.vms["a"].desired_host.as_deref(), Some("h1"));
+        assert_eq!(snap.vms["a"].state, VmState::Pending);
+    }
+
+    #[test]
+    fn draining_evacuates_within_the_limits() {
+        let mut snap = cluster(&[8.0, 8.0, 8.0], 8192);
+        for i in 0..4 {
+            running(&mut snap, &format!("v{i}"), "h0", spec(1, 512));
+        }
+        snap.settings.max_per_host = 2;
+        run(
+            &mut snap,
+            0,
+            Command::SetMaintenance {
+                host: "h0".into(),
+                on: true,
+            },
+        )
+        .unwrap();
+        let c = tick(&snap, 0);
+        apply(&mut snap, 0, &c);
+        assert_eq!(snap.running.len(), 2);
+        assert!(snap
+            .running
+            .values()
+            .all(|m| m.from == "h0" && m.reason == MigrationReason::Evacuate));
+        // Nothing more starts until those finish.
+        assert!(evacuate(&snap, 0).is_empty());
+        for id in snap.running.keys().copied().collect::<Vec<_>>() {
+            run(
+                &mut snap,
+                1,
+                Command::MigrationDone {
+                    id,
+                    result: MigrationResult::Succeeded {
+                        total_ms: 1,
+                        downtime_ms: 1,
+                    },
+                },
+            )
+            .unwrap();
+        }
+        let c = tick(&snap, 2);
+        apply(&mut snap, 2, &c);
+        assert_eq!(snap.running.len(), 2);
+        assert_eq!(
+            snap.vms_on("h0").count(),
+            0,
+            "desired hosts all moved off h0"
+        );
+    }
+}

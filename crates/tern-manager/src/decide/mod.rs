@@ -1,0 +1,728 @@
+//! The manager's decisions, all pure: a [`Command`] and a snapshot (and the time) in,
+//! [`Change`]s and a [`Reply`] out. Nothing here touches the store, the network or a clock.
+//!
+//! - [`placement`]: which host takes a VM.
+//! - [`health`]: dead hosts, restarting their VMs once, evacuating drained hosts.
+//! - [`reconcile`]: what to ask the agents to do so observed state meets desired state.
+
+pub mod health;
+pub mod placement;
+pub mod reconcile;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::state::{
+    check_name, BalancerSettings, Capacity, Change, EventKind, Host, HostState, Migration,
+    MigrationReason, MigrationResult, Millis, Snapshot, Vm, VmSpec, VmState,
+};
+use placement::Placer;
+
+/// A host's load report, sent with each heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadReport {
+    /// Cores in use on the host.
+    pub cpu_used: f64,
+    /// The VMs running there and the cores each uses.
+    #[serde(default)]
+    pub vms: Vec<VmLoad>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmLoad {
+    pub name: String,
+    pub cpu_used: f64,
+}
+
+/// What the manager answers a heartbeat with.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// VMs the host reported that belong elsewhere (it came back after being declared
+    /// dead and they were restarted): the agent destroys these before taking new work.
+    pub stale: Vec<String>,
+}
+
+/// Everything that changes cluster state, from the API or from the agents' answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    RegisterHost {
+        name: String,
+        address: String,
+        capacity: Capacity,
+    },
+    Heartbeat {
+        host: String,
+        report: LoadReport,
+    },
+    /// Drain into maintenance (`true`) or bring back (`false`).
+    SetMaintenance {
+        host: String,
+        on: bool,
+    },
+    CreateVm {
+        name: String,
+        spec: VmSpec,
+        host: Option<String>,
+    },
+    DeleteVm {
+        name: String,
+    },
+    MigrateVm {
+        name: String,
+        to: Option<String>,
+        policy: Option<String>,
+    },
+    PutSettings(BalancerSettings),
+    /// An agent confirmed the VM runs on `host`.
+    VmStarted {
+        vm: String,
+        host: String,
+    },
+    /// An agent confirmed the VM is gone.
+    VmRemoved {
+        vm: String,
+    },
+    MigrationDone {
+        id: u64,
+        result: MigrationResult,
+    },
+}
+
+/// What a command answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Reply {
+    Host(Host),
+    Heartbeat(HeartbeatReply),
+    Vm(Vm),
+    Migration(Migration),
+    Settings(BalancerSettings),
+    Done,
+}
+
+/// The outcome of a command: changes to commit, then the reply.
+pub type Decision = (Vec<Change>, Reply);
+
+fn host<'a>(snap: &'a Snapshot, name: &str) -> Result<&'a Host> {
+    snap.hosts
+        .get(name)
+        .ok_or_else(|| Error::UnknownHost(name.to_owned()))
+}
+
+fn vm<'a>(snap: &'a Snapshot, name: &str) -> Result<&'a Vm> {
+    snap.vms
+        .get(name)
+        .ok_or_else(|| Error::UnknownVm(name.to_owned()))
+}
+
+/// Decides one command.
+pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
+    match cmd {
+        Command::RegisterHost {
+            name,
+            address,
+            capacity,
+        } => register(snap, now, name, address, capacity),
+        Command::Heartbeat { host, report } => heartbeat(snap, now, &host, &report),
+        Command::SetMaintenance { host: h, on } => {
+            let h = host(snap, &h)?;
+            let to = if on {
+                HostState::Maintenance
+            } else {
+                HostState::Active
+            };
+            if h.state == HostState::Dead && !on {
+                return Err(Error::Conflict(format!(
+                    "host {:?} is dead; it becomes active again by itself once its agent \
+                     heartbeats with no stale VMs",
+                    h.name
+                )));
+            }
+            let mut changes = Vec::new();
+            if h.state != to {
+                changes.push(Change::PutHost(Host {
+                    state: to,
+                    ..h.clone()
+                }));
+                changes.push(Change::Event(EventKind::HostStateChanged {
+                    host: h.name.clone(),
+                    from: h.state,
+                    to,
+                }));
+            }
+            Ok((
+                changes,
+                Reply::Host(Host {
+                    state: to,
+                    ..h.clone()
+                }),
+            ))
+        }
+        Command::CreateVm { name, spec, host } => create_vm(snap, name, spec, host),
+        Command::DeleteVm { name } => {
+            let v = vm(snap, &name)?;
+            if v.state == VmState::Migrating {
+                return Err(Error::Conflict(format!(
+                    "VM {name:?} is migrating; delete it once the migration ends"
+                )));
+            }
+            let deleting = Vm {
+                state: VmState::Deleting,
+                desired_host: None,
+                ..v.clone()
+            };
+            let changes = if v.observed_host.is_none() {
+                vec![
+                    Change::RemoveVm(name.clone()),
+                    Change::Event(EventKind::VmDeleted { vm: name }),
+                ]
+            } else {
+                vec![Change::PutVm(deleting.clone())]
+            };
+            Ok((changes, Reply::Vm(deleting)))
+        }
+        Command::MigrateVm { name, to, policy } => {
+            let policy = policy.unwrap_or_else(|| snap.settings.default_policy.clone());
+            check_name("policy", &policy)?;
+            let v = vm(snap, &name)?;
+            if v.spec.pinned {
+                return Err(Error::Conflict(format!(
+                    "VM {name:?} is pinned to its host; it does not migrate"
+                )));
+            }
+            let placer = Placer::new(snap);
+            let to = match to {
+                Some(t) => {
+                    host(snap, &t)?;
+                    if v.desired_host.as_deref() == Some(t.as_str()) {
+                        return Err(Error::BadInput(format!("VM {name:?} is already on {t:?}")));
+                    }
+                    placer.check(&name, &v.spec, &t)?;
+                    t
+                }
+                None => placer.choose(&name, &v.spec, v.desired_host.as_deref())?,
+            };
+            let (changes, m) =
+                start_migration(snap, now, v, &to, &policy, MigrationReason::Manual)?;
+            Ok((changes, Reply::Migration(m)))
+        }
+        Command::PutSettings(s) => {
+            s.validate()?;
+            let changes = if s == snap.settings {
+                Vec::new()
+            } else {
+                vec![
+                    Change::PutSettings(s.clone()),
+                    Change::Event(EventKind::SettingsChanged),
+                ]
+            };
+            Ok((changes, Reply::Settings(s)))
+        }
+        Command::VmStarted { vm: name, host } => {
+            let v = vm(snap, &name)?;
+            let mut changes = Vec::new();
+            if v.desired_host.as_deref() == Some(host.as_str()) && v.state == VmState::Pending {
+                changes.push(Change::PutVm(Vm {
+                    observed_host: Some(host.clone()),
+                    state: VmState::Running,
+                    ..v.clone()
+                }));
+                changes.push(Change::Event(EventKind::VmRunning { vm: name, host }));
+            }
+            Ok((changes, Reply::Done))
+        }
+        Command::VmRemoved { vm: name } => {
+            let v = vm(snap, &name)?;
+            let changes = if v.state == VmState::Deleting {
+                vec![
+                    Change::RemoveVm(name.clone()),
+                    Change::Event(EventKind::VmDeleted { vm: name }),
+                ]
+            } else {
+                Vec::new()
+            };
+            Ok((changes, Reply::Done))
+        }
+        Command::MigrationDone { id, result } => finish_migration(snap, now, id, result),
+    }
+}
+
+fn register(
+    snap: &Snapshot,
+    now: Millis,
+    name: String,
+    address: String,
+    capacity: Capacity,
+) -> Result<Decision> {
+    check_name("host", &name)?;
+    if address.is_empty() {
+        return Err(Error::BadInput(
+            "address is empty: give the agent's URL, e.g. http://198.18.0.2:7070".into(),
+        ));
+    }
+    if !(capacity.cpus > 0.0 && capacity.cpus.is_finite()) || capacity.memory_mib == 0 {
+        return Err(Error::BadInput(
+            "capacity needs cpus > 0 and memory_mib > 0".into(),
+        ));
+    }
+    if let Some(old) = snap.hosts.get(&name) {
+        if old.address != address || old.capacity != capacity {
+            return Err(Error::Conflict(format!(
+                "host {name:?} is already registered with another address or capacity"
+            )));
+        }
+        return Ok((Vec::new(), Reply::Host(old.clone())));
+    }
+    let h = Host {
+        name: name.clone(),
+        address,
+        capacity,
+        state: HostState::Active,
+        last_heartbeat: Some(now),
+        cpu_used: None,
+        cpu_smoothed: None,
+    };
+    Ok((
+        vec![
+            Change::PutHost(h.clone()),
+            Change::Event(EventKind::HostRegistered { host: name }),
+        ],
+        Reply::Host(h),
+    ))
+}
+
+fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> Result<Decision> {
+    let h = host(snap, name)?;
+    if !(report.cpu_used >= 0.0 && report.cpu_used.is_finite()) {
+        return Err(Error::BadInput("cpu_used must be a number >= 0".into()));
+    }
+    let alpha = snap.settings.ewma_alpha();
+    let smoothed = match h.cpu_smoothed {
+        Some(s) => alpha * report.cpu_used + (1.0 - alpha) * s,
+        None => report.cpu_used,
+    };
+    let stale: Vec<String> = report
+        .vms
+        .iter()
+        .filter(|l| {
+            snap.vms.get(&l.name).is_none_or(|v| {
+                v.desired_host.as_deref() != Some(name) && v.observed_host.as_deref() != Some(name)
+            })
+        })
+        .map(|l| l.name.clone())
+        .collect();
+    let mut state = h.state;
+    let mut changes = Vec::new();
+    // A dead host comes back only once it holds nothing that was restarted elsewhere.
+    if h.state == HostState::Dead && stale.is_empty() {
+        state = HostState::Active;
+        changes.push(Change::Event(EventKind::HostStateChanged {
+            host: name.to_owned(),
+            from: HostState::Dead,
+            to: HostState::Active,
+        }));
+    }
+    changes.push(Change::PutHost(Host {
+        state,
+        last_heartbeat: Some(now),
+        cpu_used: Some(report.cpu_used),
+        cpu_smoothed: Some(smoothed),
+        ..h.clone()
+    }));
+    for l in &report.vms {
+        if let Some(v) = snap.vms.get(&l.name) {
+            if stale.contains(&l.name) || v.cpu_used == l.cpu_used {
+                continue;
+            }
+            changes.push(Change::PutVm(Vm {
+                cpu_used: l.cpu_used,
+                ..v.clone()
+            }));
+        }
+    }
+    Ok((changes, Reply::Heartbeat(HeartbeatReply { stale })))
+}
+
+fn create_vm(
+    snap: &Snapshot,
+    name: String,
+    spec: VmSpec,
+    host: Option<String>,
+) -> Result<Decision> {
+    check_name("VM", &name)?;
+    spec.validate()?;
+    if snap.vms.contains_key(&name) {
+        return Err(Error::Conflict(format!(
+            "a VM named {name:?} already exists; pick another name or delete it first"
+        )));
+    }
+    let placer = Placer::new(snap);
+    let target = match host {
+        Some(h) => {
+            placer.check(&name, &spec, &h)?;
+            h
+        }
+        None => placer.choose(&name, &spec, None)?,
+    };
+    let v = Vm {
+        name: name.clone(),
+        spec,
+        desired_host: Some(target.clone()),
+        observed_host: None,
+        state: VmState::Pending,
+        cpu_used: 0.0,
+        last_moved: None,
+    };
+    Ok((
+        vec![
+            Change::PutVm(v.clone()),
+            Change::Event(EventKind::VmCreated {
+                vm: name,
+                host: target,
+            }),
+        ],
+        Reply::Vm(v),
+    ))
+}
+
+/// Records a migration of running VM `v` to `to`. Shared by the operator's command, the
+/// balancer and evacuation.
+pub fn start_migration(
+    snap: &Snapshot,
+    now: Millis,
+    v: &Vm,
+    to: &str,
+    policy: &str,
+    reason: MigrationReason,
+) -> Result<(Vec<Change>, Migration)> {
+    let from = match (v.state, &v.observed_host) {
+        (VmState::Running, Some(from)) => from.clone(),
+        _ => {
+            return Err(Error::Conflict(format!(
+                "VM {:?} is {}, not running on a host; only a running VM migrates",
+                v.name,
+                v.state.as_str()
+            )))
+        }
+    };
+    let m = Migration {
+        id: snap.next_migration,
+        vm: v.name.clone(),
+        from: from.clone(),
+        to: to.to_owned(),
+        policy: policy.to_owned(),
+        reason,
+        started: now,
+        finished: None,
+        result: MigrationResult::Running,
+    };
+    let changes = vec![
+        Change::PutVm(Vm {
+            desired_host: Some(to.to_owned()),
+            state: VmState::Migrating,
+            ..v.clone()
+        }),
+        Change::PutMigration(m.clone()),
+        Change::Event(EventKind::MigrationStarted {
+            id: m.id,
+            vm: v.name.clone(),
+            from,
+            to: to.to_owned(),
+            policy: policy.to_owned(),
+        }),
+    ];
+    Ok((changes, m))
+}
+
+fn finish_migration(
+    snap: &Snapshot,
+    now: Millis,
+    id: u64,
+    result: MigrationResult,
+) -> Result<Decision> {
+    let Some(m) = snap.running.get(&id) else {
+        return Err(Error::Conflict(format!("migration {id} is not running")));
+    };
+    let mut changes = Vec::new();
+    if let Some(v) = snap.vms.get(&m.vm) {
+        let ok = matches!(result, MigrationResult::Succeeded { .. });
+        let at = if ok { &m.to } else { &m.from };
+        changes.push(Change::PutVm(Vm {
+            desired_host: Some(at.clone()),
+            observed_host: Some(at.clone()),
+            state: VmState::Running,
+            last_moved: if ok { Some(now) } else { v.last_moved },
+            ..v.clone()
+        }));
+    }
+    let done = Migration {
+        finished: Some(now),
+        result: result.clone(),
+        ..m.clone()
+    };
+    changes.push(Change::PutMigration(done.clone()));
+    changes.push(Change::Event(EventKind::MigrationFinished {
+        id,
+        vm: m.vm.clone(),
+        result,
+    }));
+    Ok((changes, Reply::Migration(done)))
+}
+
+#[cfg(test)]
+pub(crate) mod testing {
+    //! Small snapshots for the decision tests.
+    use super::*;
+
+    pub fn spec(vcpus: u32, memory_mib: u64) -> VmSpec {
+        VmSpec {
+            vcpus,
+            memory_mib,
+            pinned: false,
+            affinity: None,
+            anti_affinity: None,
+        }
+    }
+
+    /// Hosts `h0..` with the given cores and the same memory, active, heard from at 0.
+    pub fn cluster(cpus: &[f64], memory_mib: u64) -> Snapshot {
+        let mut snap = Snapshot {
+            next_migration: 1,
+            ..Default::default()
+        };
+        for (i, c) in cpus.iter().enumerate() {
+            let name = format!("h{i}");
+            snap.hosts.insert(
+                name.clone(),
+                Host {
+                    name,
+                    address: "sim:".into(),
+                    capacity: Capacity {
+                        cpus: *c,
+                        memory_mib,
+                    },
+                    state: HostState::Active,
+                    last_heartbeat: Some(0),
+                    cpu_used: None,
+                    cpu_smoothed: None,
+                },
+            );
+        }
+        snap
+    }
+
+    /// Adds a running VM on `host`.
+    pub fn running(snap: &mut Snapshot, name: &str, host: &str, s: VmSpec) {
+        snap.vms.insert(
+            name.into(),
+            Vm {
+                name: name.into(),
+                spec: s,
+                desired_host: Some(host.into()),
+                observed_host: Some(host.into()),
+                state: VmState::Running,
+                cpu_used: 0.0,
+                last_moved: None,
+            },
+        );
+    }
+
+    /// Decides and applies, as the manager does (events get numbers in order).
+    pub fn run(snap: &mut Snapshot, now: Millis, cmd: Command) -> Result<Reply> {
+        let (changes, reply) = decide(snap, now, cmd)?;
+        apply(snap, now, &changes);
+        Ok(reply)
+    }
+
+    pub fn apply(snap: &mut Snapshot, now: Millis, changes: &[Change]) {
+        let mut seq = snap.last_event;
+        let events: Vec<_> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Event(k) => {
+                    seq += 1;
+                    Some(crate::state::Event {
+                        seq,
+                        time: now,
+                        kind: k.clone(),
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        snap.apply(changes, &events);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use super::*;
+
+    #[test]
+    fn a_vm_goes_from_pending_to_running_and_migrates_back_on_failure() {
+        let mut snap = cluster(&[4.0, 4.0], 4096);
+        let Reply::Vm(v) = run(
+            &mut snap,
+            1,
+            Command::CreateVm {
+                name: "a".into(),
+                spec: spec(1, 512),
+                host: Some("h0".into()),
+            },
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (v.state, v.desired_host.as_deref()),
+            (VmState::Pending, Some("h0"))
+        );
+        let err = decide(
+            &snap,
+            2,
+            Command::MigrateVm {
+                name: "a".into(),
+                to: None,
+                policy: None,
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("only a running VM migrates"),
+            "{err}"
+        );
+        run(
+            &mut snap,
+            2,
+            Command::VmStarted {
+                vm: "a".into(),
+                host: "h0".into(),
+            },
+        )
+        .unwrap();
+        assert_eq!(snap.vms["a"].state, VmState::Running);
+        let Reply::Migration(m) = run(
+            &mut snap,
+            3,
+            Command::MigrateVm {
+                name: "a".into(),
+                to: None,
+                policy: Some("fast".into()),
+            },
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            (m.from.as_str(), m.to.as_str(), m.policy.as_str()),
+            ("h0", "h1", "fast")
+        );
+        assert_eq!(snap.vms["a"].state, VmState::Migrating);
+        run(
+            &mut snap,
+            4,
+            Command::MigrationDone {
+                id: m.id,
+                result: MigrationResult::Failed { error: "x".into() },
+            },
+        )
+        .unwrap();
+        let a = &snap.vms["a"];
+        assert_eq!(
+            (a.state, a.desired_host.as_deref()),
+            (VmState::Running, Some("h0"))
+        );
+        assert!(snap.running.is_empty());
+    }
+
+    #[test]
+    fn bad_requests_change_nothing() {
+        let mut snap = cluster(&[4.0], 1024);
+        running(&mut snap, "a", "h0", spec(1, 512));
+        let cases = [
+            Command::CreateVm {
+                name: "Bad Name".into(),
+                spec: spec(1, 1),
+                host: None,
+            },
+            Command::CreateVm {
+                name: "b".into(),
+                spec: spec(0, 1),
+                host: None,
+            },
+            Command::CreateVm {
+                name: "b".into(),
+                spec: spec(1, 1),
+                host: Some("nope".into()),
+            },
+            Command::CreateVm {
+                name: "b".into(),
+                spec: spec(1, 4096),
+                host: None,
+            },
+            Command::CreateVm {
+                name: "a".into(),
+                spec: spec(1, 1),
+                host: None,
+            },
+            Command::MigrateVm {
+                name: "a".into(),
+                to: None,
+                policy: None,
+            },
+            Command::DeleteVm { name: "zz".into() },
+            Command::Heartbeat {
+                host: "h9".into(),
+                report: LoadReport::default(),
+            },
+            Command::PutSettings(BalancerSettings {
+                aggressiveness: 0,
+                ..Default::default()
+            }),
+        ];
+        for c in cases {
+            assert!(decide(&snap, 1, c.clone()).is_err(), "{c:?} was accepted");
+        }
+    }
+
+    #[test]
+    fn heartbeats_smooth_load_and_name_stale_vms() {
+        let mut snap = cluster(&[4.0, 4.0], 4096);
+        running(&mut snap, "a", "h1", spec(1, 512));
+        snap.settings.smoothing_window = 3; // alpha 0.5
+        let report = |cpu| LoadReport {
+            cpu_used: cpu,
+            vms: vec![VmLoad {
+                name: "a".into(),
+                cpu_used: 0.5,
+            }],
+        };
+        let Reply::Heartbeat(r) = run(
+            &mut snap,
+            5,
+            Command::Heartbeat {
+                host: "h0".into(),
+                report: report(2.0),
+            },
+        )
+        .unwrap() else {
+            panic!()
+        };
+        assert_eq!(r.stale, ["a"]);
+        run(
+            &mut snap,
+            6,
+            Command::Heartbeat {
+                host: "h0".into(),
+                report: report(4.0),
+            },
+        )
+        .unwrap();
+        assert_eq!(snap.hosts["h0"].cpu_smoothed, Some(3.0));
+        assert_eq!(snap.hosts["h0"].last_heartbeat, Some(6));
+        // The stale report did not change the VM's load.
+        assert_eq!(snap.vms["a"].cpu_used, 0.0);
+    }
+}
