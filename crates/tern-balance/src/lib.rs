@@ -1,3 +1,18 @@
 //! Scores and planners: the pure decision code that keeps hosts evenly loaded.
 //!
 //! Takes a cluster snapshot (`tern_model`) and options, returns plans. No I/O, no clock.
+//!
+//! # Layout
+//! - [`metric`]: scores with an incremental interface ([`metric::Metric`]).
+//! - [`state`]: the planner's working placement and running sums.
+//! - [`constraints`]: hard constraints and the [`Refusal`] reasons.
+//! - [`planner`]: hbal-style steepest descent, [`plan`] and its step [`best_move`].
+
+pub mod constraints;
+pub mod metric;
+pub mod planner;
+pub mod state;
+
+pub use constraints::{Refusal, Refusals};
+pub use planner::{best_move, plan, plan_spread, PlanOptions, Planned, Search};
+pub use state::State;

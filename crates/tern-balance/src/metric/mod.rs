@@ -1,0 +1,229 @@
+//! Cluster scores (lower is better) in a form the planner can update incrementally.
+//!
+//! A metric turns each node's [`NodeLoad`] into a short vector of component values;
+//! each component is aggregated across nodes by a population standard deviation or a
+//! sum and multiplied by its weight. Because both aggregates only need running Σx and
+//! Σx² per component, a candidate move that touches two nodes is scored in O(K)
+//! without looking at the rest of the cluster ([`Stats`]).
+//!
+//! Metrics: [`spread`] (CPU and memory utilisation, for the live balancer and the
+//! simulator) and [`hbal`] (the components of Ganeti's cluster score that live
+//! migration can change, so plans are comparable with `hbal`'s).
+
+pub mod ganeti;
+pub mod hbal;
+pub mod spread;
+
+use tern_model::{Cluster, DynUtil, NodeId};
+
+/// How one component's per-node values become one number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aggregate {
+    /// Population standard deviation over the nodes the component counts.
+    StdDev,
+    /// Plain sum.
+    Sum,
+}
+
+/// Which nodes a component counts: Ganeti scores most things over online nodes
+/// but penalises instances left on offline ones separately.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Over {
+    Online,
+    Offline,
+}
+
+/// One named, weighted term of a score.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Component {
+    pub name: &'static str,
+    pub weight: f64,
+    pub aggregate: Aggregate,
+    pub over: Over,
+}
+
+/// What sits on a node, as far as any metric cares: the running sums the planner
+/// keeps up to date while it moves instances. All fields change only through
+/// [`NodeLoad::add_primary`]/[`NodeLoad::remove_primary`] and the DRBD swap.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct NodeLoad {
+    /// Ganeti's free memory (MiB): the node's reported free memory, adjusted as
+    /// memory-holding primaries leave or arrive.
+    pub free_mem: f64,
+    /// Like `free_mem` but also counting forthcoming instances.
+    pub free_mem_forth: f64,
+    /// Virtual CPUs of online primaries.
+    pub vcpus: f64,
+    pub vcpus_forth: f64,
+    /// Summed dynamic utilisation of primaries.
+    pub util: DynUtil,
+    pub primaries: u32,
+    pub secondaries: u32,
+    /// Memory the node must hold back to take over its DRBD peers (Ganeti's rMem).
+    pub reserved_mem: f64,
+    /// Primaries sharing an exclusion tag with another primary (Ganeti's
+    /// conflicting primaries).
+    pub tag_conflicts: u32,
+    /// Measured CPU demand of primaries, cores (falls back to vCPUs, see `spread`).
+    pub cpu_demand: f64,
+    /// Measured memory in use of primaries, MiB (falls back to configured memory).
+    pub mem_demand: f64,
+}
+
+/// A cluster score the planner can update incrementally.
+///
+/// `node_values` must be a pure function of the node's static description and its
+/// load, so the score of any placement is fixed by the loads alone.
+pub trait Metric: Sync {
+    /// Short name used on the command line (`ganeti`, `spread`).
+    fn name(&self) -> &'static str;
+    /// The components, in the order `node_values` writes them.
+    fn components(&self) -> &[Component];
+    /// Writes node `node`'s component values into `out` (`out.len()` equals the
+    /// number of components). `cluster` gives the node's static fields.
+    fn node_values(&self, cluster: &Cluster, node: NodeId, load: &NodeLoad, out: &mut [f64]);
+}
+
+/// Running sums of one component over the nodes it counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Running {
+    pub n: f64,
+    pub sum: f64,
+    pub sum_sq: f64,
+}
+
+impl Running {
+    fn value(&self, aggregate: Aggregate) -> f64 {
+        match aggregate {
+            Aggregate::Sum => self.sum,
+            Aggregate::StdDev => {
+                if self.n == 0.0 {
+                    return 0.0;
+                }
+                let mean = self.sum / self.n;
+                (self.sum_sq / self.n - mean * mean).max(0.0).sqrt()
+            }
+        }
+    }
+}
+
+/// Per-component running sums for a whole cluster, and the score they give.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Stats {
+    comps: Vec<Component>,
+    running: Vec<Running>,
+}
+
+impl Stats {
+    /// Builds the sums from every node's values (`values[node]` has one entry per
+    /// component) and online flags.
+    pub fn new(comps: &[Component], values: &[Vec<f64>], online: &[bool]) -> Stats {
+        let mut running = vec![Running::default(); comps.len()];
+        for (vals, &on) in values.iter().zip(online) {
+            for (k, c) in comps.iter().enumerate() {
+                if counts(c.over, on) {
+                    let r = &mut running[k];
+                    r.n += 1.0;
+                    r.sum += vals[k];
+                    r.sum_sq += vals[k] * vals[k];
+                }
+            }
+        }
+        Stats {
+            comps: comps.to_vec(),
+            running,
+        }
+    }
+
+    pub fn score(&self) -> f64 {
+        self.comps
+            .iter()
+            .zip(&self.running)
+            .map(|(c, r)| c.weight * r.value(c.aggregate))
+            .sum()
+    }
+
+    /// Each component's name, weight and aggregated value (unweighted).
+    pub fn breakdown(&self) -> Vec<(&'static str, f64, f64)> {
+        self.comps
+            .iter()
+            .zip(&self.running)
+            .map(|(c, r)| (c.name, c.weight, r.value(c.aggregate)))
+            .collect()
+    }
+
+    /// The score if the given nodes' values changed from `old` to `new`.
+    /// `changes` holds `(online, old, new)` per touched node.
+    pub fn score_with(&self, changes: &[(bool, &[f64], &[f64])]) -> f64 {
+        let mut total = 0.0;
+        for (k, c) in self.comps.iter().enumerate() {
+            let mut r = self.running[k];
+            for &(on, old, new) in changes {
+                if counts(c.over, on) {
+                    r.sum += new[k] - old[k];
+                    r.sum_sq += new[k] * new[k] - old[k] * old[k];
+                }
+            }
+            total += c.weight * r.value(c.aggregate);
+        }
+        total
+    }
+
+    /// Commits a change that [`Stats::score_with`] evaluated.
+    pub fn apply(&mut self, changes: &[(bool, &[f64], &[f64])]) {
+        for (k, c) in self.comps.iter().enumerate() {
+            let r = &mut self.running[k];
+            for &(on, old, new) in changes {
+                if counts(c.over, on) {
+                    r.sum += new[k] - old[k];
+                    r.sum_sq += new[k] * new[k] - old[k] * old[k];
+                }
+            }
+        }
+    }
+}
+
+fn counts(over: Over, online: bool) -> bool {
+    match over {
+        Over::Online => online,
+        Over::Offline => !online,
+    }
+}
+
+/// Scores a cluster from scratch with `metric` (no incremental state kept).
+pub fn score<M: Metric + ?Sized>(cluster: &Cluster, metric: &M) -> f64 {
+    crate::state::State::new(cluster, metric).score()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SD: Component = Component {
+        name: "x",
+        weight: 2.0,
+        aggregate: Aggregate::StdDev,
+        over: Over::Online,
+    };
+
+    #[test]
+    fn stddev_is_population_and_weighted() {
+        let values = vec![vec![1.0], vec![3.0], vec![100.0]];
+        let s = Stats::new(&[SD], &values, &[true, true, false]);
+        assert!((s.score() - 2.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn incremental_matches_rebuild() {
+        let values = vec![vec![1.0], vec![3.0], vec![8.0]];
+        let mut s = Stats::new(&[SD], &values, &[true; 3]);
+        let (old, new) = ([8.0], [4.0]);
+        let (old1, new1) = ([1.0], [5.0]);
+        let changes = [(true, &old[..], &new[..]), (true, &old1[..], &new1[..])];
+        let predicted = s.score_with(&changes);
+        s.apply(&changes);
+        let rebuilt = Stats::new(&[SD], &[vec![5.0], vec![3.0], vec![4.0]], &[true; 3]);
+        assert!((predicted - rebuilt.score()).abs() < 1e-12);
+        assert!((s.score() - rebuilt.score()).abs() < 1e-12);
+    }
+}

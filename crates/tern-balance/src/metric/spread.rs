@@ -1,0 +1,60 @@
+//! `spread`: how unevenly CPU and memory utilisation are spread across hosts.
+//!
+//! Score = Σ weight × population std-dev of a utilisation over online hosts, with
+//! CPU utilisation = instances' CPU demand / host CPU capacity and memory
+//! utilisation = instances' memory in use / host memory. Demands are the measured
+//! ones (`Instance::demand`) where a live agent or the simulator filled them in,
+//! otherwise the configured vCPUs and memory, so a Ganeti file can be balanced too.
+//!
+//! The simulator and the live manager call it through [`crate::plan_spread`].
+
+use tern_model::{Cluster, NodeId};
+
+use super::{Aggregate, Component, Metric, NodeLoad, Over};
+
+/// The weights of the `spread` score, in one table.
+pub const WEIGHTS: [(&str, f64); 2] = [("cpu_util_cv", 1.0), ("mem_util_cv", 1.0)];
+
+const COMPONENTS: [Component; 2] = [
+    Component {
+        name: WEIGHTS[0].0,
+        weight: WEIGHTS[0].1,
+        aggregate: Aggregate::StdDev,
+        over: Over::Online,
+    },
+    Component {
+        name: WEIGHTS[1].0,
+        weight: WEIGHTS[1].1,
+        aggregate: Aggregate::StdDev,
+        over: Over::Online,
+    },
+];
+
+/// The `spread` metric (stateless; see the module doc).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Spread;
+
+impl Metric for Spread {
+    fn name(&self) -> &'static str {
+        "spread"
+    }
+
+    fn components(&self) -> &[Component] {
+        &COMPONENTS
+    }
+
+    fn node_values(&self, cluster: &Cluster, node: NodeId, load: &NodeLoad, out: &mut [f64]) {
+        let n = cluster.node(node);
+        let cpu_cap = n.effective_cpu_capacity();
+        out[0] = if cpu_cap > 0.0 {
+            load.cpu_demand / cpu_cap
+        } else {
+            0.0
+        };
+        out[1] = if n.total_mem > 0.0 {
+            load.mem_demand / n.total_mem
+        } else {
+            0.0
+        };
+    }
+}

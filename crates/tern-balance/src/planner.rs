@@ -1,0 +1,382 @@
+//! Steepest descent in the spirit of Ganeti's hbal, with live migrations as moves.
+//!
+//! Each step ([`best_move`], hbal's `tryBalance`) looks for the single move that
+//! lowers the score most and takes it if hbal would: the score must drop, and by at
+//! least `min_gain` once the score is at or below `min_gain_limit`. [`plan`] repeats
+//! steps until none qualifies, `max_moves` is reached or the score falls to
+//! `min_score`.
+//!
+//! Finding the best move exactly means scoring every (instance, target) pair:
+//! 20 million pairs per step at 1000 nodes × 20000 instances. [`Search::Pruned`]
+//! first ranks instances by what removing them from their node would gain, plus what
+//! moving them to the single most attractive target would give, and scores all
+//! targets only for the best-ranked few; when that finds nothing acceptable it falls
+//! back to the exhaustive search, so a plan stops exactly where hbal's rule says.
+//! Pairs are scored in parallel (rayon) by instance chunks.
+
+use rayon::prelude::*;
+use tern_model::{Cluster, InstId, Mobility, Move, NodeId, Plan};
+
+use crate::constraints::{self, Refusals};
+use crate::metric::spread::Spread;
+use crate::metric::Metric;
+use crate::state::State;
+
+/// How a step looks for the best move.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Search {
+    /// Score every (instance, target) pair, as hbal does.
+    Exhaustive,
+    /// Score all targets only for the `width` most promising instances by each of
+    /// two rankings; fall back to exhaustive when that finds no acceptable move.
+    Pruned { width: usize },
+}
+
+/// Tunables of a plan; defaults are hbal's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PlanOptions {
+    /// Below `min_gain_limit`, a move must gain at least this much.
+    pub min_gain: f64,
+    pub min_gain_limit: f64,
+    /// Stop after this many moves.
+    pub max_moves: Option<usize>,
+    /// Stop once the score is at or below this.
+    pub min_score: f64,
+    /// Refuse moves that make a node fail N+1 (Ganeti always checks this).
+    pub n_plus_one: bool,
+    /// Instances that must stay where they are.
+    pub pinned: Vec<InstId>,
+    pub search: Search,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions {
+            min_gain: 0.01,
+            min_gain_limit: 0.1,
+            max_moves: None,
+            min_score: 1e-9,
+            n_plus_one: true,
+            pinned: Vec::new(),
+            search: Search::Pruned { width: 24 },
+        }
+    }
+}
+
+/// A plan and what went into it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Planned {
+    pub plan: Plan,
+    /// Candidate moves refused, by reason (every step's candidates counted).
+    pub refusals: Refusals,
+    /// Candidate moves scored.
+    pub evaluations: u64,
+    /// Steps where the pruned search found nothing and the exhaustive one ran.
+    pub exhaustive_steps: u64,
+}
+
+/// The best move found in one step, with its score.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Step {
+    pub mv: Move,
+    pub score: f64,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Best {
+    score: f64,
+    inst: u32,
+    to: u32,
+}
+
+impl Best {
+    const NONE: Best = Best {
+        score: f64::INFINITY,
+        inst: u32::MAX,
+        to: u32::MAX,
+    };
+
+    /// Lower score wins; ties go to the earlier instance, then the earlier node,
+    /// which is the order hbal scans in.
+    fn better(self, other: Best) -> Best {
+        if (other.score, other.inst, other.to) < (self.score, self.inst, self.to) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tally {
+    refusals: Refusals,
+    evaluations: u64,
+}
+
+impl Tally {
+    fn merge(mut self, other: Tally) -> Tally {
+        self.refusals.merge(&other.refusals);
+        self.evaluations += other.evaluations;
+        self
+    }
+}
+
+/// Plans with the `spread` metric: the entry point for the simulator and the live
+/// manager.
+pub fn plan_spread(cluster: &Cluster, opts: &PlanOptions) -> Planned {
+    plan(cluster, &Spread, opts)
+}
+
+/// Plans moves for `cluster` under `metric` (see the module doc).
+pub fn plan<M: Metric + ?Sized>(cluster: &Cluster, metric: &M, opts: &PlanOptions) -> Planned {
+    let mut state = State::new(cluster, metric);
+    let initial_score = state.score();
+    let mut pinned = vec![false; cluster.instances.len()];
+    for p in &opts.pinned {
+        if let Some(x) = pinned.get_mut(p.index()) {
+            *x = true;
+        }
+    }
+    let mut refusals = Refusals::default();
+    let movable: Vec<InstId> = cluster
+        .instance_ids()
+        .filter(|&i| match constraints::check_instance(&state, i, &pinned) {
+            Ok(()) => true,
+            Err(r) => {
+                refusals.add(r);
+                false
+            }
+        })
+        .collect();
+    let targets: Vec<NodeId> = cluster
+        .node_ids()
+        .filter(|&n| !cluster.node(n).offline)
+        .collect();
+    let mut moves = Vec::new();
+    let mut evaluations = 0;
+    let mut exhaustive_steps = 0;
+    loop {
+        if opts.max_moves.is_some_and(|m| moves.len() >= m) || state.score() <= opts.min_score {
+            break;
+        }
+        let (step, tally, fell_back) = search(&state, opts, &movable, &targets);
+        refusals.merge(&tally.refusals);
+        evaluations += tally.evaluations;
+        exhaustive_steps += u64::from(fell_back);
+        let Some(step) = step else { break };
+        state.apply(step.mv);
+        moves.push(step.mv);
+        if moves.len() % 64 == 0 {
+            state.refresh();
+        }
+    }
+    state.refresh();
+    Planned {
+        plan: Plan {
+            moves,
+            initial_score,
+            final_score: state.score(),
+        },
+        refusals,
+        evaluations,
+        exhaustive_steps,
+    }
+}
+
+/// One planner step on its own: the best acceptable move from `state`, if any.
+pub fn best_move<M: Metric + ?Sized>(state: &State<'_, M>, opts: &PlanOptions) -> Option<Step> {
+    let movable: Vec<InstId> = state
+        .cluster
+        .instance_ids()
+        .filter(|&i| {
+            constraints::check_instance(state, i, &pinned_flags(state.cluster, &opts.pinned))
+                .is_ok()
+        })
+        .collect();
+    let targets: Vec<NodeId> = state
+        .cluster
+        .node_ids()
+        .filter(|&n| !state.cluster.node(n).offline)
+        .collect();
+    search(state, opts, &movable, &targets).0
+}
+
+fn pinned_flags(cluster: &Cluster, pinned: &[InstId]) -> Vec<bool> {
+    let mut flags = vec![false; cluster.instances.len()];
+    for p in pinned {
+        if let Some(x) = flags.get_mut(p.index()) {
+            *x = true;
+        }
+    }
+    flags
+}
+
+/// hbal's acceptance rule for a step from `ini` to `fin`.
+fn acceptable(ini: f64, fin: f64, opts: &PlanOptions) -> bool {
+    fin < ini && (ini > opts.min_gain_limit || ini - fin >= opts.min_gain)
+}
+
+fn search<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    opts: &PlanOptions,
+    movable: &[InstId],
+    targets: &[NodeId],
+) -> (Option<Step>, Tally, bool) {
+    let ini = state.score();
+    let to_step = |b: Best| {
+        (b.score.is_finite() && acceptable(ini, b.score, opts)).then(|| {
+            let inst = InstId(b.inst);
+            Step {
+                mv: Move {
+                    inst,
+                    from: state.primary_of(inst),
+                    to: NodeId(b.to),
+                },
+                score: b.score,
+            }
+        })
+    };
+    if let Search::Pruned { width } = opts.search {
+        if movable.len() > 2 * width {
+            let (cands, mut tally) = shortlist(state, opts, movable, targets, width);
+            let (best, t) = scan(state, opts, &cands, targets);
+            tally = tally.merge(t);
+            if let Some(step) = to_step(best) {
+                return (Some(step), tally, false);
+            }
+            let (best, t) = scan(state, opts, movable, targets);
+            return (to_step(best), tally.merge(t), true);
+        }
+    }
+    let (best, tally) = scan(state, opts, movable, targets);
+    (to_step(best), tally, false)
+}
+
+/// The instances worth scoring against every target: the best by removal gain, and
+/// the best by an exact move to the target that suits the top one most.
+fn shortlist<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    opts: &PlanOptions,
+    movable: &[InstId],
+    targets: &[NodeId],
+    width: usize,
+) -> (Vec<InstId>, Tally) {
+    let k = state.components_len();
+    let mut by_removal: Vec<(f64, InstId)> = movable
+        .par_iter()
+        .with_min_len(256)
+        .map_init(
+            || vec![0.0; k],
+            |scratch, &i| (state.removal_score(i, scratch), i),
+        )
+        .collect();
+    let cmp = |a: &(f64, InstId), b: &(f64, InstId)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
+    let width = width.min(by_removal.len());
+    by_removal.select_nth_unstable_by(width - 1, cmp);
+    by_removal[..width].sort_by(cmp);
+    let mut cands: Vec<InstId> = by_removal[..width].iter().map(|x| x.1).collect();
+    let mut tally = Tally {
+        evaluations: movable.len() as u64,
+        ..Tally::default()
+    };
+    // The target that the most promising instance likes best is usually a good
+    // target for many instances; rank every instance by an exact move there.
+    let (lead, t) = scan(state, opts, &cands[..1], targets);
+    tally = tally.merge(t);
+    if lead.to != u32::MAX {
+        let to = NodeId(lead.to);
+        let mut by_target: Vec<(f64, InstId)> = movable
+            .par_iter()
+            .with_min_len(256)
+            .filter(|&&i| {
+                state.primary_of(i) != to
+                    && state.mobility(i) == Mobility::AnyNode
+                    && state.check(i, to, opts.n_plus_one).is_ok()
+            })
+            .map(|&i| (state.evaluate(i, to).score, i))
+            .collect();
+        tally.evaluations += by_target.len() as u64;
+        if !by_target.is_empty() {
+            let w = width.min(by_target.len());
+            by_target.select_nth_unstable_by(w - 1, cmp);
+            cands.extend(by_target[..w].iter().map(|x| x.1));
+        }
+    }
+    cands.sort_unstable();
+    cands.dedup();
+    (cands, tally)
+}
+
+/// Scores every allowed target of every instance in `insts`; returns the best.
+fn scan<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    opts: &PlanOptions,
+    insts: &[InstId],
+    targets: &[NodeId],
+) -> (Best, Tally) {
+    let k = state.components_len();
+    insts
+        .par_iter()
+        .with_min_len(8)
+        .fold(
+            || (Best::NONE, Tally::default(), vec![0.0; 2 * k]),
+            |(mut best, mut tally, mut scratch), &i| {
+                let (src, dst) = scratch.split_at_mut(k);
+                match state.mobility(i) {
+                    Mobility::Immovable => {}
+                    Mobility::SecondaryOnly(s) => {
+                        best = best.better(try_target(state, opts, i, s, src, dst, &mut tally));
+                    }
+                    Mobility::AnyNode => {
+                        let from = state.primary_of(i);
+                        let from_load = state.source_after(i, from, src);
+                        for &to in targets {
+                            if to == from {
+                                continue;
+                            }
+                            if let Err(r) = state.check(i, to, opts.n_plus_one) {
+                                tally.refusals.add(r);
+                                continue;
+                            }
+                            tally.evaluations += 1;
+                            let e = state.evaluate_with_source(i, to, &from_load, src, dst);
+                            best = best.better(Best {
+                                score: e.score,
+                                inst: i.0,
+                                to: to.0,
+                            });
+                        }
+                    }
+                }
+                (best, tally, scratch)
+            },
+        )
+        .map(|(b, t, _)| (b, t))
+        .reduce(
+            || (Best::NONE, Tally::default()),
+            |a, b| (a.0.better(b.0), a.1.merge(b.1)),
+        )
+}
+
+fn try_target<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    opts: &PlanOptions,
+    i: InstId,
+    to: NodeId,
+    src: &mut [f64],
+    dst: &mut [f64],
+    tally: &mut Tally,
+) -> Best {
+    if let Err(r) = state.check(i, to, opts.n_plus_one) {
+        tally.refusals.add(r);
+        return Best::NONE;
+    }
+    tally.evaluations += 1;
+    let from_load = state.source_after(i, to, src);
+    let e = state.evaluate_with_source(i, to, &from_load, src, dst);
+    Best {
+        score: e.score,
+        inst: i.0,
+        to: to.0,
+    }
+}
