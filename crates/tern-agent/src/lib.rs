@@ -10,6 +10,7 @@
 //! - [`migration`]: tern's live-migration engine.
 
 pub mod api;
+pub mod client;
 pub mod error;
 pub mod guest;
 pub mod host;

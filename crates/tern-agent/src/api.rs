@@ -1,0 +1,225 @@
+//! The HTTP API. Each handler only parses its request into a [`Command`]; [`execute`]
+//! runs it; errors become responses in one place ([`crate::error`]). Every route sits
+//! behind the bearer-token check.
+//!
+//! ```text
+//! GET    /v1/host                      capacity and load
+//! GET    /v1/vms                       list
+//! POST   /v1/vms                       create (and start)      body: CreateVm
+//! GET    /v1/vms/{id}                  show
+//! DELETE /v1/vms/{id}                  destroy
+//! POST   /v1/vms/{id}/start|pause|resume|stop
+//! GET    /v1/vms/{id}/metrics          vCPU threads' CPU time, memory
+//! POST   /v1/vms/{id}/guest            one request to the guest agent, its answer back
+//! ```
+
+use crate::error::AgentError;
+use crate::host::{HostReport, Load};
+use crate::state::AppState;
+use crate::vms::CreateVm;
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::time::Duration;
+use tern_hv::Action;
+
+/// How long a guest request may take by default.
+pub const GUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One API request, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    Host,
+    ListVms,
+    ShowVm(String),
+    CreateVm(CreateVm),
+    DeleteVm(String),
+    Act(String, Action),
+    Metrics(String),
+    Guest(String, Value),
+}
+
+/// Runs a command and returns the status and JSON body of its answer.
+pub async fn execute(state: &AppState, cmd: Command) -> Result<(StatusCode, Value), AgentError> {
+    let ok = |v: Value| Ok((StatusCode::OK, v));
+    match cmd {
+        Command::Host => {
+            let vms = state.hv.list().await?;
+            let cores: f64 = {
+                let load = state.load.lock().expect("load table lock");
+                vms.iter().filter_map(|v| load.cores(&v.id)).sum()
+            };
+            ok(json(HostReport {
+                name: state.host.name.clone(),
+                hypervisor: state.hv.kind().to_string(),
+                capacity: state.host.capacity,
+                load: Load {
+                    vm_cpu_cores: cores,
+                    vm_memory_mib: vms.iter().map(|v| v.spec.memory_mib).sum(),
+                    vms: vms.len(),
+                },
+                version: env!("CARGO_PKG_VERSION").to_string(),
+            }))
+        }
+        Command::ListVms => {
+            let vms: Vec<_> = state
+                .hv
+                .list()
+                .await?
+                .into_iter()
+                .map(|i| state.view(i))
+                .collect();
+            ok(json(vms))
+        }
+        Command::ShowVm(id) => ok(json(state.view(state.hv.refresh(&id).await?))),
+        Command::CreateVm(c) => {
+            let info = state.create_vm(&c.id, c.spec, false, c.start).await?;
+            Ok((StatusCode::CREATED, json(state.view(info))))
+        }
+        Command::DeleteVm(id) => {
+            state.destroy_vm(&id).await?;
+            Ok((StatusCode::OK, serde_json::json!({ "deleted": id })))
+        }
+        Command::Act(id, action) => ok(json(state.view(state.act(&id, action).await?))),
+        Command::Metrics(id) => ok(json(state.hv.metrics(&id).await?)),
+        Command::Guest(id, req) => {
+            crate::guest::with_id(req.clone(), 0).map_err(AgentError::BadRequest)?;
+            let info = state.hv.info(&id).await?;
+            let socket = info.control_socket.ok_or_else(|| AgentError::Guest {
+                id: id.clone(),
+                reason: format!("the {} driver has no guest channel", state.hv.kind()),
+            })?;
+            ok(state
+                .guests
+                .request(&id, &socket, req, GUEST_TIMEOUT)
+                .await?)
+        }
+    }
+}
+
+fn json<T: serde::Serialize>(v: T) -> Value {
+    serde_json::to_value(v).expect("API values serialise")
+}
+
+/// The agent's router over `state`. The migration endpoints are merged in by
+/// [`crate::server::app`].
+pub fn router(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/v1/host", get(|s: State<AppState>| run(s, Command::Host)))
+        .route(
+            "/v1/vms",
+            get(|s: State<AppState>| run(s, Command::ListVms)).post(create),
+        )
+        .route(
+            "/v1/vms/:id",
+            get(|s: State<AppState>, Path(id): Path<String>| run(s, Command::ShowVm(id)))
+                .delete(|s: State<AppState>, Path(id): Path<String>| run(s, Command::DeleteVm(id))),
+        )
+        .route("/v1/vms/:id/start", act_route(Action::Start))
+        .route("/v1/vms/:id/pause", act_route(Action::Pause))
+        .route("/v1/vms/:id/resume", act_route(Action::Resume))
+        .route("/v1/vms/:id/stop", act_route(Action::Stop))
+        .route(
+            "/v1/vms/:id/metrics",
+            get(|s: State<AppState>, Path(id): Path<String>| run(s, Command::Metrics(id))),
+        )
+        .route("/v1/vms/:id/guest", post(guest))
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                Json(crate::error::ErrorBody {
+                    error: "no such route: see docs/agent-api.md".into(),
+                    kind: "not_found".into(),
+                }),
+            )
+        })
+        .layer(middleware::from_fn_with_state(state, auth))
+}
+
+fn act_route(action: Action) -> axum::routing::MethodRouter<AppState> {
+    post(move |s: State<AppState>, Path(id): Path<String>| run(s, Command::Act(id, action)))
+}
+
+async fn create(s: State<AppState>, body: Bytes) -> Response {
+    match parse::<CreateVm>(&body) {
+        Ok(c) => run(s, Command::CreateVm(c)).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn guest(s: State<AppState>, Path(id): Path<String>, body: Bytes) -> Response {
+    match parse::<Value>(&body) {
+        Ok(v) => run(s, Command::Guest(id, v)).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn run(State(state): State<AppState>, cmd: Command) -> Response {
+    match execute(&state, cmd).await {
+        Ok((status, body)) => (status, Json(body)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Parses a JSON body, reporting what is wrong as a 400.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AgentError> {
+    serde_json::from_slice(body).map_err(|e| AgentError::BadRequest(format!("request body: {e}")))
+}
+
+/// Compares in time independent of where the strings differ.
+fn same_token(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Checks `Authorization: Bearer TOKEN` (pure).
+pub fn check_auth(header: Option<&str>, token: &str) -> Result<(), AgentError> {
+    let Some(h) = header else {
+        return Err(AgentError::Unauthorized(
+            "missing bearer token: send 'Authorization: Bearer TOKEN'".into(),
+        ));
+    };
+    let given = h.strip_prefix("Bearer ").ok_or_else(|| {
+        AgentError::Unauthorized("the Authorization header must be 'Bearer TOKEN'".into())
+    })?;
+    if same_token(given.trim().as_bytes(), token.as_bytes()) {
+        Ok(())
+    } else {
+        Err(AgentError::Unauthorized("wrong bearer token".into()))
+    }
+}
+
+async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let h = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match check_auth(h, &state.host.token) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_header() {
+        assert!(check_auth(Some("Bearer s3cret"), "s3cret").is_ok());
+        for bad in [
+            None,
+            Some("s3cret"),
+            Some("Bearer nope"),
+            Some("Basic s3cret"),
+        ] {
+            let e = check_auth(bad, "s3cret").unwrap_err();
+            assert_eq!(e.status().as_u16(), 401, "{bad:?}");
+        }
+    }
+}

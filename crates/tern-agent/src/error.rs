@@ -1,0 +1,141 @@
+//! The agent's error type, and the one place that maps errors to HTTP status codes.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use tern_hv::HvError;
+
+/// Everything an agent request can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The request body or a parameter is wrong.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No or wrong bearer token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The host has not enough memory left for the VM.
+    #[error("no room on this host: {0}")]
+    NoRoom(String),
+    /// The guest agent did not answer or its channel is closed.
+    #[error("guest agent of VM {id:?}: {reason}")]
+    Guest { id: String, reason: String },
+    /// Another agent (client side) answered with an error.
+    #[error("agent at {url} answered {status}: {body}")]
+    Remote {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    /// Another agent (client side) could not be reached.
+    #[error("cannot reach the agent at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    /// A driver error; its kind decides the status.
+    #[error(transparent)]
+    Hv(#[from] HvError),
+    /// The agent's own files (state directory, token file).
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AgentError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> AgentError {
+        let context = context.into();
+        move |source| AgentError::Io { context, source }
+    }
+
+    /// The HTTP status for this error (pure; the only mapping in the agent).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AgentError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AgentError::NoRoom(_) => StatusCode::INSUFFICIENT_STORAGE,
+            AgentError::Guest { .. }
+            | AgentError::Remote { .. }
+            | AgentError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+            AgentError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            AgentError::Hv(e) => match e {
+                HvError::InvalidSpec(_) | HvError::MissingPath { .. } | HvError::NoBridge(_) => {
+                    StatusCode::BAD_REQUEST
+                }
+                HvError::UnknownVm(_) => StatusCode::NOT_FOUND,
+                HvError::AlreadyExists(_) | HvError::Conflict { .. } => StatusCode::CONFLICT,
+                HvError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+                HvError::Qmp { .. }
+                | HvError::Protocol(_)
+                | HvError::Qemu(_)
+                | HvError::Command { .. }
+                | HvError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        }
+    }
+
+    /// A short machine-readable kind, stable across message wording changes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AgentError::BadRequest(_) => "bad_request",
+            AgentError::Unauthorized(_) => "unauthorized",
+            AgentError::NoRoom(_) => "no_room",
+            AgentError::Guest { .. } => "guest",
+            AgentError::Remote { .. } | AgentError::Unreachable { .. } => "remote",
+            AgentError::Io { .. } => "internal",
+            AgentError::Hv(e) => match e {
+                HvError::InvalidSpec(_) | HvError::MissingPath { .. } | HvError::NoBridge(_) => {
+                    "bad_spec"
+                }
+                HvError::UnknownVm(_) => "not_found",
+                HvError::AlreadyExists(_) | HvError::Conflict { .. } => "conflict",
+                HvError::Timeout { .. } => "timeout",
+                _ => "hypervisor",
+            },
+        }
+    }
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub kind: String,
+}
+
+impl IntoResponse for AgentError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let body = ErrorBody {
+            error: self.to_string(),
+            kind: self.kind().to_string(),
+        };
+        let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses() {
+        let s = |e: AgentError| e.status().as_u16();
+        assert_eq!(s(HvError::UnknownVm("x".into()).into()), 404);
+        assert_eq!(s(HvError::InvalidSpec("x".into()).into()), 400);
+        assert_eq!(s(HvError::AlreadyExists("x".into()).into()), 409);
+        assert_eq!(s(AgentError::NoRoom("x".into())), 507);
+        assert_eq!(s(AgentError::Unauthorized("x".into())), 401);
+        assert_eq!(s(HvError::Qemu("x".into()).into()), 500);
+    }
+}

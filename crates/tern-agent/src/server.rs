@@ -1,0 +1,48 @@
+//! Serving the API: a bound listener and a shutdown future in, so tests bind port 0.
+
+use crate::error::AgentError;
+use crate::state::AppState;
+use axum::Router;
+use std::future::Future;
+use std::time::Duration;
+
+/// How often the load sampler measures the VMs.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
+
+/// The whole application: the VM API and the migration endpoints, behind the token check.
+pub fn app(state: AppState) -> Router {
+    crate::api::router(state.clone()).with_state(state)
+}
+
+/// Serves until `shutdown` resolves, sampling VM load meanwhile. On the way out the
+/// host's VMs are destroyed: their QEMUs are this agent's children and a host without
+/// its agent cannot be managed.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let sampler = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SAMPLE_EVERY);
+            loop {
+                tick.tick().await;
+                if let Err(e) = state.sample_load().await {
+                    tracing::warn!(error = %e, "load sample failed");
+                }
+            }
+        })
+    };
+    let served = axum::serve(listener, app(state.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(AgentError::io("serving HTTP"));
+    sampler.abort();
+    for vm in state.hv.list().await.unwrap_or_default() {
+        if let Err(e) = state.destroy_vm(&vm.id).await {
+            tracing::warn!(vm = %vm.id, error = %e, "could not destroy VM at shutdown");
+        }
+    }
+    served
+}

@@ -1,0 +1,111 @@
+//! The agent's shared state: the driver, the host's identity and capacity, the load
+//! samples and the guest channels. Cloned into every request handler.
+
+use crate::guest::GuestChannels;
+use crate::host::{cpu_cores, Capacity};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tern_hv::Hypervisor;
+
+/// Fixed facts about this host's agent.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Shown in reports; the lab names hosts `h1`, `h2`, ...
+    pub name: String,
+    pub capacity: Capacity,
+    /// The bearer token every request must carry.
+    pub token: String,
+    /// VM records live under `state_dir/vms/`.
+    pub state_dir: PathBuf,
+}
+
+/// The last CPU sample of one VM.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    cpu_ns: u64,
+    at_ns: u64,
+    cores: f64,
+}
+
+/// Per-VM CPU use, updated by the sampler and read by reports.
+#[derive(Debug, Default)]
+pub struct LoadTable {
+    samples: HashMap<String, Sample>,
+}
+
+impl LoadTable {
+    /// Records a cumulative CPU sample and returns the rate since the previous one.
+    pub fn record(&mut self, id: &str, cpu_ns: u64, at_ns: u64) -> f64 {
+        let cores = self
+            .samples
+            .get(id)
+            .map_or(0.0, |p| cpu_cores((p.cpu_ns, p.at_ns), (cpu_ns, at_ns)));
+        self.samples.insert(
+            id.to_string(),
+            Sample {
+                cpu_ns,
+                at_ns,
+                cores,
+            },
+        );
+        cores
+    }
+
+    /// The VM's CPU use at the last sample, in cores.
+    pub fn cores(&self, id: &str) -> Option<f64> {
+        self.samples.get(id).map(|s| s.cores)
+    }
+
+    /// Forgets VMs that are gone.
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.samples.retain(|k, _| keep(k));
+    }
+}
+
+/// Everything a request handler needs.
+#[derive(Clone)]
+pub struct AppState {
+    pub hv: Arc<dyn Hypervisor>,
+    pub host: Arc<HostConfig>,
+    pub load: Arc<Mutex<LoadTable>>,
+    pub guests: Arc<GuestChannels>,
+    /// Serialises VM admission so two concurrent creates cannot both take the last room.
+    pub admission: Arc<tokio::sync::Mutex<()>>,
+    /// The zero of the sampler's clock.
+    pub epoch: Instant,
+}
+
+impl AppState {
+    pub fn new(hv: Arc<dyn Hypervisor>, host: HostConfig) -> AppState {
+        AppState {
+            hv,
+            host: Arc::new(host),
+            load: Arc::default(),
+            guests: Arc::default(),
+            admission: Arc::default(),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Where the record of VM `id` is kept.
+    pub fn vm_record(&self, id: &str) -> PathBuf {
+        self.host.state_dir.join("vms").join(format!("{id}.json"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_table_rates() {
+        let mut t = LoadTable::default();
+        assert_eq!(t.record("a", 0, 0), 0.0, "first sample has no rate");
+        assert_eq!(t.record("a", 1_000, 2_000), 0.5);
+        assert_eq!(t.cores("a"), Some(0.5));
+        t.retain(|k| k != "a");
+        assert_eq!(t.cores("a"), None);
+    }
+}

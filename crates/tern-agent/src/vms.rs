@@ -1,0 +1,137 @@
+//! VM operations as the agent performs them: admission, records under the state
+//! directory, then the driver. HTTP handlers and the migration engine both call these.
+
+use crate::error::AgentError;
+use crate::host::admit;
+use crate::state::AppState;
+use serde::{Deserialize, Serialize};
+use tern_hv::{Action, VmInfo, VmSpec};
+
+/// `POST /v1/vms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub id: String,
+    pub spec: VmSpec,
+    /// Run the guest right away (default) or leave it created.
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A VM as the API shows it: the driver's view plus its measured CPU use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmView {
+    #[serde(flatten)]
+    pub info: VmInfo,
+    /// vCPU threads' CPU use over the last sampling interval, in cores.
+    pub cpu_cores: Option<f64>,
+}
+
+impl AppState {
+    /// The API view of a driver's VM.
+    pub fn view(&self, info: VmInfo) -> VmView {
+        let cpu_cores = self.load.lock().expect("load table lock").cores(&info.id);
+        VmView { info, cpu_cores }
+    }
+
+    /// Memory reserved by all defined VMs, in MiB.
+    pub async fn used_memory_mib(&self) -> Result<u64, AgentError> {
+        Ok(self
+            .hv
+            .list()
+            .await?
+            .iter()
+            .map(|v| v.spec.memory_mib)
+            .sum())
+    }
+
+    /// Checks the spec and the room, defines the VM (as a migration destination when
+    /// `incoming`), records it, and runs it when `start`. Nothing is left behind on error.
+    pub async fn create_vm(
+        &self,
+        id: &str,
+        spec: VmSpec,
+        incoming: bool,
+        start: bool,
+    ) -> Result<VmInfo, AgentError> {
+        tern_hv::spec::validate_id(id)?;
+        spec.check_paths()?;
+        let _admission = self.admission.lock().await;
+        admit(
+            self.host.capacity,
+            self.used_memory_mib().await?,
+            spec.memory_mib,
+        )?;
+        let mut info = self.hv.create(id, spec.clone(), incoming).await?;
+        let recorded = self.write_record(id, &spec);
+        let started = match (recorded, start && !incoming) {
+            (Err(e), _) => Err(e),
+            (Ok(()), true) => self.hv.start(id).await.map_err(AgentError::from),
+            (Ok(()), false) => Ok(info.clone()),
+        };
+        match started {
+            Ok(i) => info = i,
+            Err(e) => {
+                let _ = self.destroy_vm(id).await;
+                return Err(e);
+            }
+        }
+        Ok(info)
+    }
+
+    /// Ends the VM and removes its record and its guest channel.
+    pub async fn destroy_vm(&self, id: &str) -> Result<(), AgentError> {
+        self.guests.forget(id);
+        let r = self.hv.destroy(id).await;
+        let _ = std::fs::remove_file(self.vm_record(id));
+        self.load
+            .lock()
+            .expect("load table lock")
+            .retain(|k| k != id);
+        Ok(r?)
+    }
+
+    /// Runs a lifecycle action through the driver.
+    pub async fn act(&self, id: &str, action: Action) -> Result<VmInfo, AgentError> {
+        let hv = &self.hv;
+        Ok(match action {
+            Action::Start => hv.start(id).await?,
+            Action::Pause => hv.pause(id).await?,
+            Action::Resume => hv.resume(id).await?,
+            Action::Stop => hv.stop(id).await?,
+            Action::IncomingDone => hv.refresh(id).await?,
+        })
+    }
+
+    fn write_record(&self, id: &str, spec: &VmSpec) -> Result<(), AgentError> {
+        let path = self.vm_record(id);
+        let dir = path.parent().expect("record path has a parent");
+        std::fs::create_dir_all(dir)
+            .map_err(AgentError::io(format!("creating {}", dir.display())))?;
+        let text = serde_json::to_string_pretty(spec).expect("a spec serialises");
+        std::fs::write(&path, text).map_err(AgentError::io(format!("writing {}", path.display())))
+    }
+
+    /// One load sample of every VM; the sampler calls it periodically.
+    pub async fn sample_load(&self) -> Result<(), AgentError> {
+        let vms = self.hv.list().await?;
+        let at_ns = self.epoch.elapsed().as_nanos() as u64;
+        let mut samples = Vec::with_capacity(vms.len());
+        for v in &vms {
+            // A VM can vanish or stop between list and metrics; it just has no sample.
+            if let Ok(m) = self.hv.metrics(&v.id).await {
+                samples.push((v.id.clone(), m.vcpu_cpu_ns));
+            }
+        }
+        let mut load = self.load.lock().expect("load table lock");
+        for (id, ns) in samples {
+            load.record(&id, ns, at_ns);
+        }
+        load.retain(|k| vms.iter().any(|v| v.id == k));
+        Ok(())
+    }
+}

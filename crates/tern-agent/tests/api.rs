@@ -1,0 +1,182 @@
+//! The agent's HTTP API end to end over a real socket, with the in-process driver:
+//! lifecycle, host report, and every refusal (bad token, unknown VM, bad spec, no room).
+
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tern_agent::client::AgentClient;
+use tern_agent::host::Capacity;
+use tern_agent::vms::CreateVm;
+use tern_agent::{AgentError, AppState, HostConfig};
+use tern_hv::sim::SimDriver;
+use tern_hv::{Action, VmState};
+
+struct Agent {
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), AgentError>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_agent(memory_mib: u64) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let state = AppState::new(
+        Arc::new(SimDriver::new()),
+        HostConfig {
+            name: "h1".into(),
+            capacity: Capacity {
+                cpus: 4,
+                memory_mib,
+            },
+            token: "s3cret".into(),
+            state_dir: dir.path().to_path_buf(),
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(tern_agent::server::serve(listener, state, async {
+        let _ = rx.await;
+    }));
+    Agent {
+        url,
+        stop: Some(tx),
+        task,
+        _dir: dir,
+    }
+}
+
+fn client(a: &Agent, token: &str) -> AgentClient {
+    AgentClient::new(&a.url, token, Duration::from_secs(10)).unwrap()
+}
+
+fn create(id: &str, mib: u64) -> CreateVm {
+    serde_json::from_value(json!({"id": id, "spec": {"vcpus": 1, "memory_mib": mib}})).unwrap()
+}
+
+fn remote_status(e: AgentError) -> u16 {
+    match e {
+        AgentError::Remote { status, .. } => status,
+        e => panic!("expected an HTTP error, got {e}"),
+    }
+}
+
+#[tokio::test]
+async fn lifecycle_and_host_report() {
+    let mut a = start_agent(1024).await;
+    let c = client(&a, "s3cret");
+    let h = c.host().await.unwrap();
+    assert_eq!(h.name, "h1");
+    assert_eq!(h.hypervisor, "sim");
+    assert_eq!(h.capacity.memory_mib, 1024);
+    assert_eq!(h.load.vms, 0);
+
+    let v = c.create_vm(&create("web", 256)).await.unwrap();
+    assert_eq!(v.info.state, VmState::Running);
+    assert_eq!(c.list_vms().await.unwrap().len(), 1);
+    assert_eq!(
+        c.act("web", Action::Pause).await.unwrap().info.state,
+        VmState::Paused
+    );
+    assert_eq!(
+        c.act("web", Action::Resume).await.unwrap().info.state,
+        VmState::Running
+    );
+    assert_eq!(
+        c.act("web", Action::Stop).await.unwrap().info.state,
+        VmState::Stopped
+    );
+    assert_eq!(c.show_vm("web").await.unwrap().info.state, VmState::Stopped);
+    assert_eq!(c.metrics("web").await.unwrap().memory_bytes, 256 << 20);
+    let h = c.host().await.unwrap();
+    assert_eq!((h.load.vms, h.load.vm_memory_mib), (1, 256));
+    c.delete_vm("web").await.unwrap();
+    assert!(c.list_vms().await.unwrap().is_empty());
+
+    a.stop.take().unwrap().send(()).unwrap();
+    a.task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn refusals_change_nothing() {
+    let a = start_agent(512).await;
+    let c = client(&a, "s3cret");
+
+    // Bad or missing token: 401 with a JSON body, for every route.
+    let bad = client(&a, "wrong");
+    assert_eq!(remote_status(bad.host().await.unwrap_err()), 401);
+    assert_eq!(
+        remote_status(bad.create_vm(&create("x", 64)).await.unwrap_err()),
+        401
+    );
+    let raw = reqwest::get(format!("{}/v1/vms", a.url)).await.unwrap();
+    assert_eq!(raw.status().as_u16(), 401);
+    let body: serde_json::Value = raw.json().await.unwrap();
+    assert_eq!(body["kind"], "unauthorized");
+
+    // Unknown VM: 404.
+    assert_eq!(remote_status(c.show_vm("ghost").await.unwrap_err()), 404);
+    assert_eq!(remote_status(c.delete_vm("ghost").await.unwrap_err()), 404);
+    assert_eq!(
+        remote_status(c.act("ghost", Action::Pause).await.unwrap_err()),
+        404
+    );
+
+    // Spec without memory, a kernel that does not exist, junk JSON: 400 naming the problem.
+    let no_mem = json!({"id": "x", "spec": {"vcpus": 1}});
+    match c
+        .call::<serde_json::Value>(reqwest::Method::POST, "/v1/vms", Some(&no_mem))
+        .await
+        .unwrap_err()
+    {
+        AgentError::Remote { status, body, .. } => {
+            assert_eq!(status, 400);
+            assert!(body.contains("memory_mib"), "{body}");
+        }
+        e => panic!("{e}"),
+    }
+    let no_kernel = json!({"id": "x", "spec": {"memory_mib": 64, "kernel": "/no/such/vmlinuz"}});
+    let e = c
+        .call::<serde_json::Value>(reqwest::Method::POST, "/v1/vms", Some(&no_kernel))
+        .await
+        .unwrap_err();
+    assert_eq!(remote_status(e), 400);
+    let junk = reqwest::Client::new()
+        .post(format!("{}/v1/vms", a.url))
+        .bearer_auth("s3cret")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(junk.status().as_u16(), 400);
+
+    // No room: 507, and the VM that would not fit does not exist.
+    c.create_vm(&create("big", 400)).await.unwrap();
+    let e = c.create_vm(&create("more", 200)).await.unwrap_err();
+    assert_eq!(remote_status(e), 507);
+    // Same id twice: 409. Pausing a paused VM: 409.
+    assert_eq!(
+        remote_status(c.create_vm(&create("big", 1)).await.unwrap_err()),
+        409
+    );
+    c.act("big", Action::Pause).await.unwrap();
+    assert_eq!(
+        remote_status(c.act("big", Action::Pause).await.unwrap_err()),
+        409
+    );
+    let ids: Vec<String> = c
+        .list_vms()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|v| v.info.id)
+        .collect();
+    assert_eq!(ids, vec!["big".to_string()]);
+
+    // The sim driver has no guest channel: a clear 502, not a hang.
+    let e = c.guest("big", &json!({"cmd": "ping"})).await.unwrap_err();
+    assert_eq!(remote_status(e), 502);
+    // A malformed guest request is the caller's fault.
+    let e = c.guest("big", &json!(["ping"])).await.unwrap_err();
+    assert_eq!(remote_status(e), 400);
+}
