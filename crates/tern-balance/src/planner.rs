@@ -166,7 +166,7 @@ pub fn plan<M: Metric + ?Sized>(cluster: &Cluster, metric: &M, opts: &PlanOption
         let Some(step) = step else { break };
         state.apply(step.mv);
         moves.push(step.mv);
-        if moves.len() % 64 == 0 {
+        if moves.len().is_multiple_of(64) {
             state.refresh();
         }
     }

@@ -33,6 +33,8 @@ pub struct State<'a, M: Metric + ?Sized> {
     peers: Vec<Peers>,
     /// Virtual CPUs per physical CPU a node admits (its group's policy).
     pub(crate) vcpu_ratio: Vec<f64>,
+    /// Each node's free memory in the snapshot, to report it after moves.
+    start_free_mem: Vec<f64>,
 }
 
 /// A candidate move's effect: the touched nodes' new loads and the new score.
@@ -128,7 +130,9 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
                     .map_or(cluster.ipolicy.vcpu_ratio, |g| g.ipolicy.vcpu_ratio)
             })
             .collect();
+        let start_free_mem = loads.iter().map(|l| l.free_mem).collect();
         State {
+            start_free_mem,
             cluster,
             metric,
             primary: cluster.instances.iter().map(|i| i.primary).collect(),
@@ -359,9 +363,18 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
         self.stats = Stats::new(self.metric.components(), &per_node, &self.online);
     }
 
-    /// The cluster with every applied move carried out.
+    /// The cluster with every applied move carried out; nodes' reported free
+    /// memory changes by what the moves took or released.
     pub fn to_cluster(&self) -> Cluster {
         let mut c = self.cluster.clone();
+        for ((node, load), start) in c
+            .nodes
+            .iter_mut()
+            .zip(&self.loads)
+            .zip(&self.start_free_mem)
+        {
+            node.free_mem += (load.free_mem - start).round() as i64;
+        }
         for (inst, (p, s)) in c
             .instances
             .iter_mut()

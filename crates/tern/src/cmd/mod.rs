@@ -1,6 +1,7 @@
 //! One module per subcommand; each parses its flags into values and calls the library.
 
 pub mod bench;
+pub mod image;
 pub mod plan;
 pub mod sim;
 
@@ -21,4 +22,19 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
     } else {
         1
     }
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a
+/// rename, so a reader never sees a half-written file and a failure leaves none.
+pub fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
 }
