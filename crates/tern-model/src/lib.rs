@@ -9,10 +9,12 @@
 //! - [`policy`]: instance policies, kept so Ganeti files round-trip.
 //! - [`plan`]: [`Move`] and [`Plan`], and applying a move to a cluster.
 //! - [`ganeti`]: the Ganeti htools text format, and the htools tag conventions.
+//! - [`generate`]: reproducible synthetic clusters for tests and benchmarks.
 
 pub mod cluster;
 pub mod error;
 pub mod ganeti;
+pub mod generate;
 pub mod ids;
 pub mod plan;
 pub mod policy;

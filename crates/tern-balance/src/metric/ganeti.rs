@@ -1,0 +1,657 @@
+//! `ganeti`: Ganeti 3.0's cluster score, exactly as `hinfo -t FILE` prints it.
+//!
+//! Ganeti (`Cluster/Metrics.hs`) computes twenty values per node, aggregates
+//! each over the online nodes (population standard deviation or sum; two
+//! components sum over the offline nodes instead) and adds them up with the
+//! weights of [`COMPONENTS`]. All twenty are implemented, including those that
+//! are 0 for most files:
+//!
+//! - free memory/disk, vCPU ratio and spindle ratios, with and without
+//!   forthcoming instances (`*_forth`);
+//! - `n1_cnt`: instances on nodes that could not absorb a failed DRBD peer;
+//!   `reserved_mem_*`: memory held back for those failovers;
+//! - `offline_*_cnt`: instances left on offline nodes;
+//! - `cpu/mem/disk/net_load_cv`: dynamic utilisation. A text file has none, so
+//!   Ganeti counts 1 per instance (disk also for secondaries); tern's
+//!   [`DynUtil`](tern_model::DynUtil) fields carry measured values when known;
+//! - `pri_tags_score`: primaries sharing an exclusion tag (`htools:iextags:`);
+//! - `location_score`: DRBD instances with both nodes in one failure domain,
+//!   plus unmet desired locations (`htools:nlocation:`,
+//!   `htools:desiredlocation:`); `location_exclusion_score`: instances with the
+//!   same exclusion tag in the same failure domain.
+//!
+//! Ganeti keeps some node fields as reported at load (free memory, free disk)
+//! and adjusts them by the instances that move. [`Context`] records those
+//! baselines from the loaded snapshot, so [`node_values`] gives Ganeti's value
+//! both for the snapshot and for any placement a planner reaches from it. One
+//! rule differs between the two in Ganeti itself: a node's N+1 failure is
+//! `free_mem < reserved` as loaded but `unallocated <= reserved` once an
+//! instance has moved on or off it; [`NodeView::touched`] selects the second.
+//!
+//! For incremental scoring: [`Totals`] keeps per-component running sums
+//! (count, Σx, Σx² around a fixed shift, and exclusion-pair counts), so
+//! replacing the values of the two or three nodes a move touches updates the
+//! score in O(K). [`score`] and [`components`] compute from scratch with
+//! Ganeti's own two-pass standard deviation, and match `hinfo` to its 8 printed
+//! decimals.
+
+use std::collections::{BTreeMap, HashMap};
+
+use tern_model::ganeti::tags;
+use tern_model::{Cluster, DiskTemplate, InstId, Instance, InstanceStatus, NodeId};
+
+/// How one component's per-node values become one number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Aggregation {
+    /// Population standard deviation.
+    StdDev,
+    Sum,
+    /// Over all nodes' (failure domain, exclusion tag) counts: Σ(count − 1).
+    PairExcess,
+}
+
+/// Which nodes a component counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nodes {
+    Online,
+    Offline,
+}
+
+/// One named, weighted term of the score.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Component {
+    pub name: &'static str,
+    pub weight: f64,
+    pub aggregation: Aggregation,
+    pub nodes: Nodes,
+}
+
+/// Number of components.
+pub const K: usize = 20;
+
+const fn c(name: &'static str, weight: f64, aggregation: Aggregation, nodes: Nodes) -> Component {
+    Component {
+        name,
+        weight,
+        aggregation,
+        nodes,
+    }
+}
+
+use Aggregation::{PairExcess, StdDev, Sum};
+use Nodes::{Offline, Online};
+
+/// Ganeti 3.0's weights table (`detailedCVInfoExt`), in Ganeti's order.
+#[rustfmt::skip]
+pub const COMPONENTS: [Component; K] = [
+    c("free_mem_cv",              0.5,  StdDev,     Online),
+    c("free_disk_cv",             0.5,  StdDev,     Online),
+    c("n1_cnt",                   1.0,  Sum,        Online),
+    c("reserved_mem_cv",          1.0,  StdDev,     Online),
+    c("offline_all_cnt",          4.0,  Sum,        Offline),
+    c("offline_pri_cnt",          16.0, Sum,        Offline),
+    c("vcpu_ratio_cv",            0.5,  StdDev,     Online),
+    c("cpu_load_cv",              1.0,  StdDev,     Online),
+    c("mem_load_cv",              1.0,  StdDev,     Online),
+    c("disk_load_cv",             1.0,  StdDev,     Online),
+    c("net_load_cv",              1.0,  StdDev,     Online),
+    c("pri_tags_score",           2.0,  Sum,        Online),
+    c("spindles_cv",              0.5,  StdDev,     Online),
+    c("free_mem_cv_forth",        0.5,  StdDev,     Online),
+    c("free_disk_cv_forth",       0.5,  StdDev,     Online),
+    c("vcpu_ratio_cv_forth",      0.5,  StdDev,     Online),
+    c("spindles_cv_forth",        0.5,  StdDev,     Online),
+    c("location_score",           1.0,  Sum,        Online),
+    c("location_exclusion_score", 1.0,  PairExcess, Online),
+    c("reserved_mem_rtotal",      0.25, Sum,        Online),
+];
+
+/// A (failure domain, exclusion tag) pair, as indices into [`Context`]'s name table.
+pub type Pair = (u32, u32);
+
+/// What is fixed for the lifetime of a planning run: tag-derived sets and the
+/// load-time baselines of the fields Ganeti adjusts incrementally.
+#[derive(Clone, Debug)]
+pub struct Context {
+    /// Per node: failure domains, sorted name indices.
+    locations: Vec<Vec<u32>>,
+    /// Per instance: exclusion tags (with repeats, as Ganeti counts them).
+    exclusions: Vec<Vec<u32>>,
+    /// Per instance: desired failure domains, sorted, distinct.
+    desired: Vec<Vec<u32>>,
+    /// Per node: memory missing at load (Ganeti's `xMem`).
+    missing_mem: Vec<i64>,
+    /// Per node: free disk plus what the loaded real instances use locally.
+    disk_base: Vec<i64>,
+    /// Per node: free spindles plus what the loaded real instances use
+    /// (exclusive-storage nodes only).
+    spindle_base: Vec<i64>,
+    /// Per node: free memory plus memory of the loaded memory-using primaries.
+    mem_forth_base: Vec<i64>,
+    /// Per node: spindle limit from its group's policy.
+    hi_spindles: Vec<f64>,
+}
+
+/// A node and the instances on it, in instance order.
+#[derive(Clone, Copy, Debug)]
+pub struct NodeView<'a> {
+    pub node: NodeId,
+    pub primaries: &'a [InstId],
+    pub secondaries: &'a [InstId],
+    /// Whether an instance moved on or off this node since the snapshot the
+    /// [`Context`] was built from (selects Ganeti's post-move N+1 rule).
+    pub touched: bool,
+}
+
+/// One node's component values.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct NodeValues {
+    pub values: [f64; K],
+    /// `location_exclusion_score`'s input: pair counts, sorted by pair.
+    pub pairs: Vec<(Pair, u32)>,
+}
+
+/// Ganeti's `usesLocalStorage`: only these count against a node's disk.
+fn local_storage(i: &Instance) -> bool {
+    matches!(i.disk_template, DiskTemplate::Drbd | DiskTemplate::Plain)
+}
+
+/// Ganeti's `usesMemory`.
+fn uses_memory(i: &Instance) -> bool {
+    !i.forthcoming
+        && !matches!(
+            i.status,
+            InstanceStatus::AdminDown
+                | InstanceStatus::AdminOffline
+                | InstanceStatus::ErrorDown
+                | InstanceStatus::UserDown
+        )
+}
+
+/// Ganeti's `notOffline`: only administratively offline instances hold no vCPUs.
+fn not_offline(i: &Instance) -> bool {
+    i.status != InstanceStatus::AdminOffline
+}
+
+fn recorded_free_mem(c: &Cluster, node: NodeId, imem: i64) -> i64 {
+    let n = c.node(node);
+    n.total_mem.trunc() as i64 - n.node_mem - imem
+}
+
+fn ratio_or_one(free: f64, total: f64) -> f64 {
+    if total == 0.0 {
+        1.0
+    } else {
+        free / total
+    }
+}
+
+struct Names(HashMap<String, u32>);
+
+impl Names {
+    fn id(&mut self, s: &str) -> u32 {
+        let next = self.0.len() as u32;
+        *self.0.entry(s.to_owned()).or_insert(next)
+    }
+}
+
+impl Context {
+    /// Records everything [`node_values`] needs besides the placement, taking
+    /// `cluster`'s placement as the loaded one.
+    pub fn new(cluster: &Cluster) -> Context {
+        let mut names = Names(HashMap::new());
+        let locations = cluster
+            .node_ids()
+            .map(|n| {
+                let mut v: Vec<u32> = tags::node_locations(cluster, n)
+                    .iter()
+                    .map(|t| names.id(t))
+                    .collect();
+                v.sort_unstable();
+                v
+            })
+            .collect();
+        let exclusions = cluster
+            .instance_ids()
+            .map(|i| {
+                tags::exclusion_tags(cluster, i)
+                    .iter()
+                    .map(|t| names.id(t))
+                    .collect()
+            })
+            .collect();
+        let desired = cluster
+            .instance_ids()
+            .map(|i| {
+                let mut v: Vec<u32> = tags::desired_locations(cluster, i)
+                    .iter()
+                    .map(|t| names.id(t))
+                    .collect();
+                v.sort_unstable();
+                v
+            })
+            .collect();
+        let by_node = cluster.instances_by_node();
+        let mut ctx = Context {
+            locations,
+            exclusions,
+            desired,
+            missing_mem: Vec::new(),
+            disk_base: Vec::new(),
+            spindle_base: Vec::new(),
+            mem_forth_base: Vec::new(),
+            hi_spindles: Vec::new(),
+        };
+        for node in cluster.node_ids() {
+            let n = cluster.node(node);
+            let pri = &by_node.primaries[node.index()];
+            let sec = &by_node.secondaries[node.index()];
+            let imem = instance_mem(cluster, pri);
+            let real = || {
+                pri.iter()
+                    .chain(sec)
+                    .map(|&i| cluster.instance(i))
+                    .filter(|i| !i.forthcoming)
+            };
+            let local_disk: i64 = real().filter(|i| local_storage(i)).map(|i| i.disk).sum();
+            let spindles: i64 = real().filter_map(|i| i.spindles).sum();
+            ctx.missing_mem
+                .push(recorded_free_mem(cluster, node, imem) - n.free_mem);
+            ctx.disk_base.push(n.free_disk + local_disk);
+            ctx.spindle_base.push(n.free_spindles + spindles);
+            ctx.mem_forth_base.push(n.free_mem + imem);
+            let ratio = cluster.group(n.group).ipolicy.spindle_ratio;
+            ctx.hi_spindles.push(ratio * n.spindles as f64);
+        }
+        ctx
+    }
+}
+
+/// Memory of the memory-using primaries (Ganeti's `iMem`).
+fn instance_mem(c: &Cluster, primaries: &[InstId]) -> i64 {
+    primaries
+        .iter()
+        .map(|&i| c.instance(i))
+        .filter(|i| uses_memory(i))
+        .map(|i| i.mem)
+        .sum()
+}
+
+/// Size of the intersection of two sorted id lists.
+fn common(a: &[u32], b: &[u32]) -> usize {
+    a.iter().filter(|x| b.binary_search(x).is_ok()).count()
+}
+
+/// Ganeti's per-node statistics (`compDetailedCVNode`) for the node in `view`.
+pub fn node_values(ctx: &Context, c: &Cluster, view: NodeView<'_>) -> NodeValues {
+    let id = view.node;
+    let ni = id.index();
+    let n = c.node(id);
+    let inst = |i: &InstId| (*i, c.instance(*i));
+    let real_pri: Vec<_> = view
+        .primaries
+        .iter()
+        .map(inst)
+        .filter(|(_, i)| !i.forthcoming)
+        .collect();
+    let real_sec: Vec<_> = view
+        .secondaries
+        .iter()
+        .map(inst)
+        .filter(|(_, i)| !i.forthcoming)
+        .collect();
+    let t_mem = n.total_mem;
+
+    // Memory as of record, corrected by what was missing at load.
+    let unallocated =
+        recorded_free_mem(c, id, instance_mem(c, view.primaries)) - ctx.missing_mem[ni].max(0);
+    let p_mem = unallocated as f64 / t_mem;
+
+    // Disk: the load-time free value, adjusted for local-storage instances.
+    let used = |list: &[(InstId, &Instance)]| -> (i64, i64) {
+        list.iter().fold((0, 0), |(d, s), (_, i)| {
+            let d = d + if local_storage(i) { i.disk } else { 0 };
+            (d, s + i.spindles.unwrap_or(0))
+        })
+    };
+    let (pd, ps) = used(&real_pri);
+    let (sd, ss) = used(&real_sec);
+    let free_disk = ctx.disk_base[ni] - pd - sd;
+    let free_spindles = ctx.spindle_base[ni] - ps - ss;
+    let p_dsk = if n.exclusive_storage {
+        ratio_or_one(free_spindles as f64, n.spindles as f64)
+    } else {
+        ratio_or_one(free_disk as f64, n.total_disk)
+    };
+
+    // Forthcoming instances reserve disk and spindles on top.
+    let mut free_disk_forth = free_disk;
+    let mut free_spindles_forth = free_spindles;
+    let mut forth: Vec<InstId> = view
+        .primaries
+        .iter()
+        .chain(view.secondaries)
+        .copied()
+        .filter(|&i| c.instance(i).forthcoming)
+        .collect();
+    forth.sort_unstable();
+    for i in forth.iter().map(|&i| c.instance(i)) {
+        if local_storage(i) {
+            free_disk_forth -= i.disk;
+        }
+        // Ganeti marks spindles as exhausted when a forthcoming instance's are unknown.
+        free_spindles_forth = i.spindles.map_or(-1, |s| free_spindles_forth - s);
+    }
+    let p_dsk_forth = if n.exclusive_storage {
+        ratio_or_one(free_spindles_forth as f64, n.spindles as f64)
+    } else {
+        ratio_or_one(free_disk_forth as f64, n.total_disk)
+    };
+    let all_pri_mem: i64 = view.primaries.iter().map(|&i| c.instance(i).mem).sum();
+    let p_mem_forth = (ctx.mem_forth_base[ni] - all_pri_mem) as f64 / t_mem;
+
+    // N+1: the largest memory any one DRBD peer would fail over to this node.
+    let mut peers: BTreeMap<NodeId, i64> = BTreeMap::new();
+    for (_, i) in &real_sec {
+        let mem = if not_offline(i) && i.auto_balance {
+            i.mem
+        } else {
+            0
+        };
+        *peers.entry(i.primary).or_default() += mem;
+    }
+    let r_mem = peers.values().copied().max().unwrap_or(0);
+    let fail_n1 = if view.touched {
+        unallocated <= r_mem
+    } else {
+        n.free_mem < r_mem
+    };
+    let hosted = (real_pri.len() + real_sec.len()) as f64;
+    let p_rem = r_mem as f64 / t_mem;
+
+    let vcpus = |list: &mut dyn Iterator<Item = &Instance>| -> i64 {
+        list.filter(|i| not_offline(i)).map(|i| i.vcpus).sum()
+    };
+    let u_cpu = n.os_cpus + vcpus(&mut real_pri.iter().map(|(_, i)| *i));
+    let u_cpu_forth = n.os_cpus + vcpus(&mut view.primaries.iter().map(|&i| c.instance(i)));
+
+    let mut util = [0.0; 4];
+    for (_, i) in &real_pri {
+        util[0] += i.util.cpu;
+        util[1] += i.util.mem;
+        util[2] += i.util.disk;
+        util[3] += i.util.net;
+    }
+    for (_, i) in &real_sec {
+        util[2] += i.util.disk;
+    }
+
+    // Exclusion tags of all primaries, forthcoming included.
+    let mut tag_counts: HashMap<u32, u32> = HashMap::new();
+    for &i in view.primaries {
+        for &t in &ctx.exclusions[i.index()] {
+            *tag_counts.entry(t).or_default() += 1;
+        }
+    }
+    let conflicts: u32 = tag_counts.values().map(|v| v - 1).sum();
+
+    let spindle_use = |list: &mut dyn Iterator<Item = &Instance>| -> f64 {
+        if n.exclusive_storage {
+            return 0.0;
+        }
+        list.filter(|i| local_storage(i))
+            .map(|i| i.spindle_use as f64)
+            .sum()
+    };
+    let inst_spindles = spindle_use(&mut real_pri.iter().chain(&real_sec).map(|(_, i)| *i));
+    let inst_spindles_forth = spindle_use(
+        &mut view
+            .primaries
+            .iter()
+            .chain(view.secondaries)
+            .map(|&i| c.instance(i)),
+    );
+    let hi = ctx.hi_spindles[ni];
+
+    let here = &ctx.locations[ni];
+    let mut location = 0usize;
+    let mut pairs: BTreeMap<Pair, u32> = BTreeMap::new();
+    for (id, i) in &real_pri {
+        if let Some(s) = i.secondary {
+            location += common(here, &ctx.locations[s.index()]);
+        }
+        let want = &ctx.desired[id.index()];
+        location += want.len() - common(want, here);
+        for &loc in here {
+            for &t in &ctx.exclusions[id.index()] {
+                *pairs.entry((loc, t)).or_default() += 1;
+            }
+        }
+    }
+
+    let speed = n.cpu_speed;
+    let values = [
+        p_mem,
+        p_dsk,
+        if fail_n1 { hosted } else { 0.0 },
+        p_rem,
+        hosted,
+        real_pri.len() as f64,
+        u_cpu as f64 / n.pcpus / speed,
+        util[0],
+        util[1],
+        util[2],
+        util[3],
+        f64::from(conflicts),
+        inst_spindles / hi,
+        p_mem_forth,
+        p_dsk_forth,
+        u_cpu_forth as f64 / n.pcpus / speed,
+        inst_spindles_forth / hi,
+        location as f64,
+        0.0,
+        p_rem,
+    ];
+    NodeValues {
+        values,
+        pairs: pairs.into_iter().collect(),
+    }
+}
+
+/// Every node's values for the cluster as it stands (no node touched).
+pub fn all_node_values(ctx: &Context, c: &Cluster) -> Vec<NodeValues> {
+    let by_node = c.instances_by_node();
+    c.node_ids()
+        .map(|node| {
+            node_values(
+                ctx,
+                c,
+                NodeView {
+                    node,
+                    primaries: &by_node.primaries[node.index()],
+                    secondaries: &by_node.secondaries[node.index()],
+                    touched: false,
+                },
+            )
+        })
+        .collect()
+}
+
+fn counted(component: &Component, online: bool) -> bool {
+    (component.nodes == Online) == online
+}
+
+/// Each component's name, weight and (unweighted) value, as `hinfo` prints
+/// them. Empty when no node is online: Ganeti then has no statistics at all.
+pub fn components(c: &Cluster) -> Vec<(&'static str, f64, f64)> {
+    let ctx = Context::new(c);
+    let online: Vec<bool> = c.nodes.iter().map(|n| !n.offline).collect();
+    aggregate(&all_node_values(&ctx, c), &online)
+}
+
+/// Aggregates node values (with each node's online flag) the way Ganeti's
+/// `compClusterStatistics` does, from scratch.
+pub fn aggregate(values: &[NodeValues], online: &[bool]) -> Vec<(&'static str, f64, f64)> {
+    if !online.contains(&true) {
+        return Vec::new();
+    }
+    COMPONENTS
+        .iter()
+        .enumerate()
+        .map(|(k, comp)| {
+            let nodes = || {
+                values
+                    .iter()
+                    .zip(online)
+                    .filter(|(_, &on)| counted(comp, on))
+                    .map(|(v, _)| v)
+            };
+            let value = match comp.aggregation {
+                // Folds from +0.0 in node order, as Ganeti's `foldl'` does.
+                Sum => nodes().fold(0.0, |a, v| a + v.values[k]),
+                StdDev => {
+                    // Ganeti's two-pass form: mean first, then squared deviations.
+                    let xs: Vec<f64> = nodes().map(|v| v.values[k]).collect();
+                    let len = xs.len() as f64;
+                    let mean = xs.iter().fold(0.0, |a, x| a + x) / len;
+                    let nvar = xs.iter().fold(0.0, |a, x| a + (x - mean) * (x - mean));
+                    (nvar / len).sqrt()
+                }
+                PairExcess => {
+                    let mut all: HashMap<Pair, u32> = HashMap::new();
+                    for v in nodes() {
+                        for &(p, n) in &v.pairs {
+                            *all.entry(p).or_default() += n;
+                        }
+                    }
+                    all.values().fold(0.0, |a, &n| a + f64::from(n - 1))
+                }
+            };
+            (comp.name, comp.weight, value)
+        })
+        .collect()
+}
+
+/// Ganeti's cluster score (lower is better), as `hinfo` prints it.
+pub fn score(c: &Cluster) -> f64 {
+    components(c).iter().fold(0.0, |a, (_, w, v)| a + w * v)
+}
+
+/// Running sums of one standard-deviation or sum component.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct Running {
+    n: f64,
+    /// Values are summed relative to `shift` so that Σx² − (Σx)²/n does not
+    /// cancel catastrophically when all nodes are nearly equal.
+    shift: f64,
+    sum: f64,
+    sum_sq: f64,
+}
+
+impl Running {
+    fn add(&mut self, x: f64, sign: f64) {
+        let d = x - self.shift;
+        self.n += sign;
+        self.sum += sign * d;
+        self.sum_sq += sign * d * d;
+    }
+
+    fn value(&self, aggregation: Aggregation) -> f64 {
+        match aggregation {
+            Sum => self.sum + self.n * self.shift,
+            _ if self.n == 0.0 => f64::NAN,
+            _ => {
+                let mean = self.sum / self.n;
+                (self.sum_sq / self.n - mean * mean).max(0.0).sqrt()
+            }
+        }
+    }
+}
+
+/// The score's running totals over all nodes, updatable node by node.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Totals {
+    running: [Running; K],
+    pairs: HashMap<Pair, i64>,
+    online: usize,
+}
+
+impl Totals {
+    /// Totals of `values` (one per node, with the node's online flag).
+    pub fn new(values: &[NodeValues], online: &[bool]) -> Totals {
+        let mut t = Totals::default();
+        // Shift by the online mean so the running sums stay well conditioned.
+        let count = online.iter().filter(|&&o| o).count().max(1) as f64;
+        for (k, r) in t.running.iter_mut().enumerate() {
+            if COMPONENTS[k].aggregation == StdDev {
+                let s: f64 = values
+                    .iter()
+                    .zip(online)
+                    .filter(|(_, &o)| o)
+                    .map(|(v, _)| v.values[k])
+                    .sum();
+                r.shift = if (s / count).is_finite() {
+                    s / count
+                } else {
+                    0.0
+                };
+            }
+        }
+        for (v, &on) in values.iter().zip(online) {
+            t.add(v, on);
+        }
+        t
+    }
+
+    fn update(&mut self, v: &NodeValues, online: bool, sign: f64) {
+        if online {
+            self.online = (self.online as f64 + sign) as usize;
+        }
+        for (k, comp) in COMPONENTS.iter().enumerate() {
+            if counted(comp, online) && comp.aggregation != PairExcess {
+                self.running[k].add(v.values[k], sign);
+            }
+        }
+        if online {
+            for &(p, n) in &v.pairs {
+                let e = self.pairs.entry(p).or_default();
+                *e += sign as i64 * i64::from(n);
+                if *e == 0 {
+                    self.pairs.remove(&p);
+                }
+            }
+        }
+    }
+
+    /// Counts a node's values in.
+    pub fn add(&mut self, v: &NodeValues, online: bool) {
+        self.update(v, online, 1.0);
+    }
+
+    /// Takes a node's values out (they must have been added).
+    pub fn remove(&mut self, v: &NodeValues, online: bool) {
+        self.update(v, online, -1.0);
+    }
+
+    /// Each component's name, weight and value; empty without online nodes.
+    pub fn components(&self) -> Vec<(&'static str, f64, f64)> {
+        if self.online == 0 {
+            return Vec::new();
+        }
+        COMPONENTS
+            .iter()
+            .zip(&self.running)
+            .map(|(comp, r)| {
+                let value = match comp.aggregation {
+                    PairExcess => self.pairs.values().map(|&n| (n - 1) as f64).sum(),
+                    a => r.value(a),
+                };
+                (comp.name, comp.weight, value)
+            })
+            .collect()
+    }
+
+    pub fn score(&self) -> f64 {
+        self.components().iter().fold(0.0, |a, (_, w, v)| a + w * v)
+    }
+}
