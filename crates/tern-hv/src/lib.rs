@@ -14,6 +14,7 @@
 pub mod accel;
 pub mod driver;
 pub mod error;
+pub mod image;
 pub mod procfs;
 pub mod qemu;
 pub mod qmp;

@@ -24,6 +24,9 @@ enum Command {
     /// Benchmarks that run tern beside a peer tool and report ratios.
     #[command(subcommand)]
     Bench(cmd::bench::Command),
+    /// Build the guest image (kernel, initramfs, tern-guest) into the cache.
+    #[command(subcommand)]
+    Image(cmd::image::Command),
 }
 
 fn main() {
@@ -39,6 +42,7 @@ fn main() {
         Command::Plan(args) => cmd::plan::run(args),
         Command::Sim(c) => cmd::sim::run(c),
         Command::Bench(c) => cmd::bench::run(c),
+        Command::Image(c) => cmd::image::run(c),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod image;
+pub mod image;
 pub mod plan;
 pub mod sim;
 
