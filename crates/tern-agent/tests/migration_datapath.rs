@@ -6,12 +6,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use migration_support::writer;
 use rand::{Rng, SeedableRng};
 use tern_agent::migration::incoming::{self, Expect, Progress, Received};
 use tern_agent::migration::memory::{changed_pages, DestMemory, SentDigests, SourceMemory};
 use tern_agent::migration::outgoing::{Outgoing, StreamOptions};
 use tern_agent::migration::wire::PAGE_SIZE;
 use tern_agent::migration::{wire, MigrationError};
+
+mod migration_support;
 
 const PAGES: u64 = 4096; // 16 MiB
 
@@ -36,35 +39,6 @@ fn expect(token: &str) -> Expect {
         accept_timeout: Duration::from_secs(5),
         io_timeout: Duration::from_secs(5),
     }
-}
-
-/// Rewrites pages of the source file through a shared mapping of its own, as a guest
-/// would, until told to stop. Writes non-zero random data into the first `hot` pages.
-fn mutator(
-    path: std::path::PathBuf,
-    hot: u64,
-    stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<u64> {
-    std::thread::spawn(move || {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        // SAFETY: the test owns the file; the engine only reads it.
-        let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }.unwrap();
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
-        let mut writes = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            let page = rng.gen_range(0..hot) as usize;
-            rng.fill(&mut map[page * PAGE_SIZE..page * PAGE_SIZE + 64]);
-            writes += 1;
-            if writes.is_multiple_of(64) {
-                std::thread::sleep(Duration::from_micros(200));
-            }
-        }
-        writes
-    })
 }
 
 /// A source file, a destination file and a destination listener on loopback.
@@ -150,7 +124,13 @@ impl Pair {
 fn rounds_under_a_running_writer_end_with_identical_memory() {
     let pair = Pair::new(1);
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = mutator(pair.src_path.clone(), 256, stop.clone());
+    let writer = writer(
+        pair.src_path.clone(),
+        256,
+        20_000,
+        Arc::default(),
+        stop.clone(),
+    );
     let ((), received) = pair.run("t0k", |p| {
         let opts = StreamOptions {
             streams: 3,

@@ -12,6 +12,8 @@ pub mod incoming;
 pub mod memory;
 pub mod outgoing;
 pub mod pace;
+pub mod precopy;
+pub mod throttle;
 pub mod wire;
 
 /// Why a migration (or one of its steps) failed. Every variant leaves the VM on the source.
