@@ -6,12 +6,14 @@
 //! - [`metric`]: scores with an incremental interface ([`metric::Metric`]).
 //! - [`state`]: the planner's working placement and running sums.
 //! - [`constraints`]: hard constraints and the [`Refusal`] reasons.
+//! - [`synth`]: seeded unbalanced clusters for benchmarks and tests.
 //! - [`planner`]: hbal-style steepest descent, [`plan`] and its step [`best_move`].
 
 pub mod constraints;
 pub mod metric;
 pub mod planner;
 pub mod state;
+pub mod synth;
 
 pub use constraints::{Refusal, Refusals};
 pub use planner::{best_move, plan, plan_spread, PlanOptions, Planned, Search};
