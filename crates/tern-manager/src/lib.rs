@@ -3,15 +3,20 @@
 //! # Layout
 //! - [`state`]: hosts, VMs, migrations, events and settings as values; [`state::Snapshot`].
 //! - [`store`]: the [`store::Store`] trait and its SQLite implementation (the only disk I/O).
+//! - [`api`]: the REST API and `/metrics`.
 //! - [`decide`]: the pure decisions: commands, placement, health, reconciliation.
+//! - [`manager`]: the shell that commits decisions to the store and publishes events.
 //! - [`error`]: the crate's one error type.
 //!
 //! Decisions are pure functions from a snapshot (and the time, as a value) to changes; the
 //! manager commits the changes to the store and then applies them to its snapshot.
 
+pub mod api;
 pub mod decide;
 pub mod error;
+pub mod manager;
 pub mod state;
 pub mod store;
 
 pub use error::{Error, Result};
+pub use manager::Manager;

@@ -127,6 +127,20 @@ pub fn check_name(what: &str, name: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The migration termination policy named `name`, or a message listing the known ones.
+pub fn check_policy(name: &str) -> Result<tern_migrate::policy::PolicyKind, Error> {
+    name.parse().map_err(|_| {
+        let known: Vec<&str> = tern_migrate::policy::PolicyKind::ALL
+            .iter()
+            .map(|p| p.as_str())
+            .collect();
+        Error::BadInput(format!(
+            "unknown migration policy {name:?}; use one of: {}",
+            known.join(", ")
+        ))
+    })
+}
+
 /// Where a VM is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -174,7 +188,7 @@ pub struct Vm {
     pub desired_host: Option<String>,
     pub observed_host: Option<String>,
     pub state: VmState,
-    /// Cores it used at its host's last report.
+    /// Cores it uses, smoothed over its host's reports like the host's own load.
     pub cpu_used: f64,
     /// When it last moved; the balancer leaves it alone for the cooldown after that.
     pub last_moved: Option<Millis>,
@@ -250,7 +264,7 @@ impl Default for BalancerSettings {
             max_per_cluster: 8,
             dead_after_s: 30,
             smoothing_window: 5,
-            default_policy: "default".into(),
+            default_policy: "adaptive".into(),
         }
     }
 }
@@ -273,7 +287,7 @@ impl BalancerSettings {
         if self.smoothing_window == 0 {
             return bad("smoothing_window must be at least 1 report".into());
         }
-        check_name("policy", &self.default_policy)
+        check_policy(&self.default_policy).map(|_| ())
     }
 
     /// Weight of a new report in the EWMA.

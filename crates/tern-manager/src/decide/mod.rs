@@ -2,9 +2,11 @@
 //! [`Change`]s and a [`Reply`] out. Nothing here touches the store, the network or a clock.
 //!
 //! - [`placement`]: which host takes a VM.
+//! - [`balance`]: one balancing round: planner, cost/benefit, limits.
 //! - [`health`]: dead hosts, restarting their VMs once, evacuating drained hosts.
 //! - [`reconcile`]: what to ask the agents to do so observed state meets desired state.
 
+pub mod balance;
 pub mod health;
 pub mod placement;
 pub mod reconcile;
@@ -184,7 +186,7 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
         }
         Command::MigrateVm { name, to, policy } => {
             let policy = policy.unwrap_or_else(|| snap.settings.default_policy.clone());
-            check_name("policy", &policy)?;
+            crate::state::check_policy(&policy)?;
             let v = vm(snap, &name)?;
             if v.spec.pinned {
                 return Err(Error::Conflict(format!(
@@ -332,11 +334,19 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
     }));
     for l in &report.vms {
         if let Some(v) = snap.vms.get(&l.name) {
-            if stale.contains(&l.name) || v.cpu_used == l.cpu_used {
+            if stale.contains(&l.name) || !(l.cpu_used >= 0.0 && l.cpu_used.is_finite()) {
+                continue;
+            }
+            let cpu = if v.observed_host.is_some() {
+                alpha * l.cpu_used + (1.0 - alpha) * v.cpu_used
+            } else {
+                l.cpu_used
+            };
+            if cpu == v.cpu_used {
                 continue;
             }
             changes.push(Change::PutVm(Vm {
-                cpu_used: l.cpu_used,
+                cpu_used: cpu,
                 ..v.clone()
             }));
         }
@@ -609,7 +619,7 @@ mod tests {
             Command::MigrateVm {
                 name: "a".into(),
                 to: None,
-                policy: Some("fast".into()),
+                policy: Some("xen".into()),
             },
         )
         .unwrap() else {
@@ -617,7 +627,7 @@ mod tests {
         };
         assert_eq!(
             (m.from.as_str(), m.to.as_str(), m.policy.as_str()),
-            ("h0", "h1", "fast")
+            ("h0", "h1", "xen")
         );
         assert_eq!(snap.vms["a"].state, VmState::Migrating);
         run(

@@ -116,7 +116,7 @@ mod tests {
                     vm: "r".into(),
                     from: "h0".into(),
                     to: "h1".into(),
-                    policy: "default".into()
+                    policy: "adaptive".into()
                 },
             ]
         );

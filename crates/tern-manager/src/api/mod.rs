@@ -1,0 +1,413 @@
+//! The REST API (axum), described by `docs/openapi.json`, which is served at
+//! `/openapi.json` and tested against this router.
+//!
+//! Handlers only parse a request into a [`Command`] (or a read) and hand it to the
+//! [`Manager`]; [`error`] maps every failure to a status and a JSON message. Every route
+//! but `/openapi.json` needs `Authorization: Bearer TOKEN`.
+//!
+//! - [`error`]: errors as HTTP answers, the JSON body extractor.
+//! - [`metrics`]: the Prometheus text.
+
+pub mod error;
+pub mod metrics;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::sse::{self, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+
+use crate::decide::{Command, LoadReport, Reply};
+use crate::manager::Manager;
+use crate::state::{BalancerSettings, Capacity, Event, VmSpec};
+use error::{ApiError, ApiResult, Body};
+
+/// The OpenAPI document, checked in beside the docs.
+pub const OPENAPI: &str = include_str!("../../../../docs/openapi.json");
+
+/// Most events or migrations one list answer carries.
+const MAX_PAGE: usize = 10_000;
+
+struct App {
+    manager: Arc<Manager>,
+    tokens: Vec<String>,
+    /// Flips to true at shutdown so open event streams end and the server can stop.
+    stopping: watch::Receiver<bool>,
+}
+
+type AppState = State<Arc<App>>;
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    manager: Arc<Manager>,
+    tokens: Vec<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (stop_tx, stopping) = watch::channel(false);
+    let app = router(manager, tokens, stopping.clone());
+    let mut stopped = stopping;
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })
+        .await
+}
+
+fn router(manager: Arc<Manager>, tokens: Vec<String>, stopping: watch::Receiver<bool>) -> Router {
+    let app = Arc::new(App {
+        manager,
+        tokens,
+        stopping,
+    });
+    let secured = Router::new()
+        .route("/v1/hosts", get(list_hosts).post(register_host))
+        .route("/v1/hosts/:name", get(show_host))
+        .route("/v1/hosts/:name/heartbeat", post(heartbeat))
+        .route("/v1/hosts/:name/drain", post(drain))
+        .route("/v1/hosts/:name/activate", post(activate))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route("/v1/vms/:name", get(show_vm).delete(delete_vm))
+        .route("/v1/vms/:name/migrate", post(migrate_vm))
+        .route("/v1/migrations", get(list_migrations))
+        .route("/v1/plan", get(plan))
+        .route("/v1/balancer", get(get_settings).put(put_settings))
+        .route("/v1/events", get(list_events))
+        .route("/v1/events/stream", get(stream_events))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth));
+    Router::new()
+        .route("/openapi.json", get(openapi))
+        .merge(secured)
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "no such route; /openapi.json lists the API",
+            )
+        })
+        .with_state(app)
+}
+
+async fn auth(State(app): AppState, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let token = match given.and_then(|v| v.strip_prefix("Bearer ")) {
+        Some(t) => t,
+        None => {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing bearer token: send the header 'Authorization: Bearer TOKEN' with a \
+                 token the manager was started with",
+            )
+            .into_response()
+        }
+    };
+    if !app
+        .tokens
+        .iter()
+        .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
+    {
+        return ApiError::new(StatusCode::UNAUTHORIZED, "wrong bearer token").into_response();
+    }
+    next.run(req).await
+}
+
+/// Compares without stopping at the first differing byte, so timing does not reveal how
+/// much of a guessed token was right.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Runs a manager call off the async threads: it takes a lock and writes SQLite.
+async fn call<T: Send + 'static>(
+    app: &App,
+    f: impl FnOnce(&Manager) -> crate::Result<T> + Send + 'static,
+) -> ApiResult<T> {
+    let m = app.manager.clone();
+    tokio::task::spawn_blocking(move || f(&m))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+async fn execute(app: &App, cmd: Command) -> ApiResult<Reply> {
+    call(app, move |m| m.execute(cmd)).await
+}
+
+/// The JSON of a reply.
+fn reply(status: StatusCode, r: Reply) -> Response {
+    match r {
+        Reply::Host(h) => (status, Json(h)).into_response(),
+        Reply::Heartbeat(h) => (status, Json(h)).into_response(),
+        Reply::Vm(v) => (status, Json(v)).into_response(),
+        Reply::Migration(m) => (status, Json(m)).into_response(),
+        Reply::Settings(s) => (status, Json(s)).into_response(),
+        Reply::Done => status.into_response(),
+    }
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+async fn metrics(State(app): AppState) -> impl IntoResponse {
+    let text = app.manager.read(metrics::render);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterHost {
+    name: String,
+    address: String,
+    capacity: Capacity,
+}
+
+async fn register_host(State(app): AppState, Body(b): Body<RegisterHost>) -> ApiResult<Response> {
+    let cmd = Command::RegisterHost {
+        name: b.name,
+        address: b.address,
+        capacity: b.capacity,
+    };
+    Ok(reply(StatusCode::CREATED, execute(&app, cmd).await?))
+}
+
+async fn list_hosts(State(app): AppState) -> Response {
+    Json(
+        app.manager
+            .read(|s| s.hosts.values().cloned().collect::<Vec<_>>()),
+    )
+    .into_response()
+}
+
+async fn show_host(State(app): AppState, Path(name): Path<String>) -> ApiResult<Response> {
+    app.manager
+        .read(|s| s.hosts.get(&name).cloned())
+        .map(|h| Json(h).into_response())
+        .ok_or_else(|| crate::Error::UnknownHost(name).into())
+}
+
+async fn heartbeat(
+    State(app): AppState,
+    Path(host): Path<String>,
+    Body(report): Body<LoadReport>,
+) -> ApiResult<Response> {
+    Ok(reply(
+        StatusCode::OK,
+        execute(&app, Command::Heartbeat { host, report }).await?,
+    ))
+}
+
+async fn drain(State(app): AppState, Path(host): Path<String>) -> ApiResult<Response> {
+    let cmd = Command::SetMaintenance { host, on: true };
+    Ok(reply(StatusCode::OK, execute(&app, cmd).await?))
+}
+
+async fn activate(State(app): AppState, Path(host): Path<String>) -> ApiResult<Response> {
+    let cmd = Command::SetMaintenance { host, on: false };
+    Ok(reply(StatusCode::OK, execute(&app, cmd).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateVm {
+    name: String,
+    spec: VmSpec,
+    /// Absent: the manager places it.
+    #[serde(default)]
+    host: Option<String>,
+}
+
+async fn create_vm(State(app): AppState, Body(b): Body<CreateVm>) -> ApiResult<Response> {
+    let cmd = Command::CreateVm {
+        name: b.name,
+        spec: b.spec,
+        host: b.host,
+    };
+    Ok(reply(StatusCode::CREATED, execute(&app, cmd).await?))
+}
+
+async fn list_vms(State(app): AppState) -> Response {
+    Json(
+        app.manager
+            .read(|s| s.vms.values().cloned().collect::<Vec<_>>()),
+    )
+    .into_response()
+}
+
+async fn show_vm(State(app): AppState, Path(name): Path<String>) -> ApiResult<Response> {
+    app.manager
+        .read(|s| s.vms.get(&name).cloned())
+        .map(|v| Json(v).into_response())
+        .ok_or_else(|| crate::Error::UnknownVm(name).into())
+}
+
+async fn delete_vm(State(app): AppState, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(reply(
+        StatusCode::ACCEPTED,
+        execute(&app, Command::DeleteVm { name }).await?,
+    ))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MigrateVm {
+    /// Absent: the manager picks the best other host.
+    #[serde(default)]
+    to: Option<String>,
+    /// Absent: the balancer's default policy.
+    #[serde(default)]
+    policy: Option<String>,
+}
+
+async fn migrate_vm(
+    State(app): AppState,
+    Path(name): Path<String>,
+    Body(b): Body<MigrateVm>,
+) -> ApiResult<Response> {
+    let cmd = Command::MigrateVm {
+        name,
+        to: b.to,
+        policy: b.policy,
+    };
+    Ok(reply(StatusCode::ACCEPTED, execute(&app, cmd).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Page {
+    #[serde(default)]
+    since: u64,
+    #[serde(default = "default_limit")]
+    limit: usize,
+}
+
+fn default_limit() -> usize {
+    1000
+}
+
+impl Page {
+    fn limit(&self) -> ApiResult<usize> {
+        if self.limit == 0 || self.limit > MAX_PAGE {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be 1 to {MAX_PAGE}, got {}", self.limit),
+            ));
+        }
+        Ok(self.limit)
+    }
+}
+
+/// Query strings are parsed here so a bad one gets the same JSON error as a bad body.
+fn page(q: Result<Query<Page>, axum::extract::rejection::QueryRejection>) -> ApiResult<Page> {
+    q.map(|Query(p)| p).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{}; the query takes since=N and limit=N, whole numbers",
+                e.body_text()
+            ),
+        )
+    })
+}
+
+async fn list_migrations(
+    State(app): AppState,
+    q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let limit = page(q)?.limit()?;
+    Ok(Json(call(&app, move |m| m.migrations(limit)).await?).into_response())
+}
+
+/// What the balancer would do now; nothing is recorded.
+async fn plan(State(app): AppState) -> ApiResult<Response> {
+    let p = call(&app, |m| {
+        let now = m.now();
+        let started = std::time::Instant::now();
+        let mut p = m.read(|s| crate::decide::balance::plan(s, now));
+        p.planning_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+        Ok(p)
+    })
+    .await?;
+    Ok(Json(p).into_response())
+}
+
+async fn get_settings(State(app): AppState) -> Response {
+    Json(app.manager.read(|s| s.settings.clone())).into_response()
+}
+
+async fn put_settings(
+    State(app): AppState,
+    Body(s): Body<BalancerSettings>,
+) -> ApiResult<Response> {
+    Ok(reply(
+        StatusCode::OK,
+        execute(&app, Command::PutSettings(s)).await?,
+    ))
+}
+
+async fn list_events(
+    State(app): AppState,
+    q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let p = page(q)?;
+    let (since, limit) = (p.since, p.limit()?);
+    Ok(Json(call(&app, move |m| m.events_since(since, limit)).await?).into_response())
+}
+
+/// Server-sent events: the stored events after `since`, then each new one as it commits.
+async fn stream_events(
+    State(app): AppState,
+    q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let since = page(q)?.since;
+    // Subscribe before reading the backlog so nothing falls between the two.
+    let rx = app.manager.subscribe();
+    let backlog = call(&app, move |m| m.events_since(since, MAX_PAGE)).await?;
+    let last = backlog.last().map_or(since, |e| e.seq);
+    let live = futures_util::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(e) => return Some((e, rx)),
+                // A slow reader skips what it missed; it can fetch it with `since`.
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .filter(move |e| std::future::ready(e.seq > last));
+    let mut stopping = app.stopping.clone();
+    let stop = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    };
+    let stream = futures_util::stream::iter(backlog)
+        .chain(live)
+        .take_until(stop)
+        .map(|e: Event| {
+            Ok::<_, Infallible>(
+                sse::Event::default()
+                    .id(e.seq.to_string())
+                    .json_data(&e)
+                    .unwrap_or_default(),
+            )
+        });
+    Ok(Sse::new(stream)
+        .keep_alive(sse::KeepAlive::default())
+        .into_response())
+}
