@@ -1,7 +1,0 @@
-//! `tern sim`.
-#[derive(clap::Subcommand)]
-pub enum Command {}
-
-pub fn run(c: Command) -> anyhow::Result<()> {
-    match c {}
-}
