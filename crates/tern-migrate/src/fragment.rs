@@ -2,8 +2,10 @@
 //!
 //! Guest memory is cut into fragments (2 MiB by default). After each round the engine
 //! (or the page-level model) reports which pages changed while the round ran; the tracker
-//! keeps, per fragment, how many pages changed last round and for how many consecutive
-//! rounds it has changed. It is a plain value: no clock, no I/O, cheap to clone.
+//! keeps, per fragment, how many pages changed last round, for how many consecutive
+//! rounds it has changed, and the most pages it changed in one round of that streak
+//! (a hot fragment seen through a short round looks sparse; its peak does not). It is a
+//! plain value: no clock, no I/O, cheap to clone.
 //!
 //! The analytic model uses the same type with one "fragment" per class of memory (hot
 //! set, cold set, untouched), built with [`FragmentTracker::with_sizes`], so the policy
@@ -23,10 +25,15 @@ pub type FragmentId = u32;
 pub struct FragmentTracker {
     /// First page of each fragment, plus one past the last page at the end.
     starts: Vec<u64>,
+    /// Pages per fragment when all but the last have the same size: lets
+    /// [`Self::fragment_of`], called for every dirty page, divide instead of search.
+    uniform: Option<u64>,
     /// Pages that changed in the last observed round, per fragment.
     changed: Vec<u64>,
     /// Consecutive observed rounds, ending with the last, in which the fragment changed.
     streak: Vec<u32>,
+    /// Most pages changed in one round of the current streak.
+    peak: Vec<u64>,
     /// Rounds observed so far.
     rounds: u32,
 }
@@ -41,6 +48,8 @@ pub struct FragmentStat {
     pub changed: u64,
     /// Consecutive rounds, ending with the last, in which the fragment changed.
     pub streak: u32,
+    /// Most pages changed in one round of the current streak (0 without a streak).
+    pub peak_changed: u64,
 }
 
 impl FragmentStat {
@@ -50,6 +59,15 @@ impl FragmentStat {
             0.0
         } else {
             self.changed as f64 / self.pages as f64
+        }
+    }
+
+    /// Share of the fragment's pages changed in the busiest round of its current streak.
+    pub fn peak_density(&self) -> f64 {
+        if self.pages == 0 {
+            0.0
+        } else {
+            self.peak_changed as f64 / self.pages as f64
         }
     }
 }
@@ -62,7 +80,10 @@ impl FragmentTracker {
         let count = total_pages.div_ceil(per);
         let mut starts: Vec<u64> = (0..count).map(|i| i * per).collect();
         starts.push(total_pages);
-        Self::from_starts(starts)
+        FragmentTracker {
+            uniform: Some(per),
+            ..Self::from_starts(starts)
+        }
     }
 
     /// Tracker whose fragments have the given sizes in pages, in order.
@@ -81,8 +102,10 @@ impl FragmentTracker {
         let n = starts.len() - 1;
         FragmentTracker {
             starts,
+            uniform: None,
             changed: vec![0; n],
             streak: vec![0; n],
+            peak: vec![0; n],
             rounds: 0,
         }
     }
@@ -112,6 +135,9 @@ impl FragmentTracker {
         if page >= self.total_pages() {
             return None;
         }
+        if let Some(per) = self.uniform {
+            return Some((page / per) as FragmentId);
+        }
         // starts is sorted; the fragment is the last start <= page.
         let i = self.starts.partition_point(|&s| s <= page) - 1;
         Some(i as FragmentId)
@@ -131,6 +157,7 @@ impl FragmentTracker {
             pages: self.starts[i + 1] - self.starts[i],
             changed: self.changed[i],
             streak: self.streak[i],
+            peak_changed: self.peak[i],
         }
     }
 
@@ -159,7 +186,13 @@ impl FragmentTracker {
             let pages = self.starts[i + 1] - self.starts[i];
             let c = counts.get(i).copied().unwrap_or(0).min(pages);
             self.changed[i] = c;
-            self.streak[i] = if c > 0 { self.streak[i] + 1 } else { 0 };
+            if c > 0 {
+                self.streak[i] += 1;
+                self.peak[i] = self.peak[i].max(c);
+            } else {
+                self.streak[i] = 0;
+                self.peak[i] = 0;
+            }
         }
         self.rounds += 1;
     }
@@ -188,9 +221,12 @@ mod tests {
         t.observe_pages([2]);
         assert_eq!(t.stat(0).streak, 2);
         assert_eq!(t.stat(0).changed, 1);
+        assert_eq!(t.stat(0).peak_changed, 2);
+        assert_eq!(t.stat(0).peak_density(), 0.5);
         assert_eq!(t.stat(1).streak, 0);
         t.observe_pages([6]);
         assert_eq!(t.stat(0).streak, 0);
+        assert_eq!(t.stat(0).peak_changed, 0);
         assert_eq!(t.stat(1).streak, 1);
         assert_eq!(t.rounds(), 3);
     }

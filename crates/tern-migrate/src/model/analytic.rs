@@ -57,15 +57,19 @@ impl ModelGuest for AnalyticGuest {
         let mut changed_total = 0.0;
         for (c, pending) in self.classes.iter().zip(self.pending.iter_mut()) {
             let w = c.pages as f64;
-            // Share of the class left untouched by `r·t` uniform writes.
-            let untouched = if w > 0.0 {
-                (-c.rate_pages * rate_factor * seconds / w).exp()
+            let writes = c.rate_pages * rate_factor * seconds;
+            let changed = if c.sequential {
+                // The pages still differing form the window behind the writer's cursor;
+                // new writes extend that window.
+                *pending = (*pending + writes).min(w);
+                writes.min(w)
             } else {
-                1.0
+                // Share of the class left untouched by `writes` uniform writes.
+                let untouched = if w > 0.0 { (-writes / w).exp() } else { 1.0 };
+                // A page still differs unless it was clean and stayed untouched.
+                *pending = w - (w - *pending) * untouched;
+                w * (1.0 - untouched)
             };
-            let changed = w * (1.0 - untouched);
-            // A page still differs unless it was clean and stayed untouched.
-            *pending = w - (w - *pending) * untouched;
             changed_total += changed;
             counts.push(changed.round() as u64);
         }

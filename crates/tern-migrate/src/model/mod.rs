@@ -5,7 +5,8 @@
 //! - [`simulate`]: analytic, closed form per round and per class of memory (hot set,
 //!   cold set, untouched). Pages re-dirtied in a round are counted once: `W` pages
 //!   written at `r` pages per second for `t` seconds leave `W·(1 − e^(−r·t/W))`
-//!   distinct dirty pages. Microseconds per call, for the simulator.
+//!   distinct dirty pages; a sequential writer leaves `min(W, r·t)`. Microseconds per
+//!   call, for the simulator.
 //! - [`simulate_pages`]: page-level with a seeded RNG; every write hits a random page of
 //!   its working set, and the fragment tracker sees real 2 MiB fragments, as in the
 //!   engine.
@@ -27,19 +28,27 @@ use crate::fragment::DEFAULT_FRAGMENT_BYTES;
 use crate::policy::{Limits, Policy, DEFAULT_DOWNTIME_LIMIT_S, DEFAULT_MAX_ROUNDS};
 use crate::MigrateError;
 
-/// How the guest dirties its memory. Rates are bytes of page writes per second (each
-/// write dirties one page of its working set, chosen uniformly).
+/// How the guest dirties its memory. Rates are bytes of page writes per second. In a
+/// random working set each write hits a page chosen uniformly, so a page may be hit
+/// twice before it is sent and the distinct dirty pages grow slower than the writes; a
+/// sequential writer (tern-guest's `memdirty`) walks its working set in order, so every
+/// write hits a new page until it wraps around.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum DirtyModel {
     /// An idle guest.
     None,
-    /// One working set dirtied at one rate.
+    /// One working set written at random at one rate.
     Uniform {
         rate_bytes_per_s: f64,
         working_set_bytes: u64,
     },
-    /// A small hot set written fast and a larger cold set written slowly.
+    /// One working set rewritten in order, wrapping around at its end.
+    Sequential {
+        rate_bytes_per_s: f64,
+        working_set_bytes: u64,
+    },
+    /// A small hot set written fast and a larger cold set written slowly, both at random.
     HotCold {
         hot_bytes: u64,
         hot_rate_bytes_per_s: f64,
@@ -54,6 +63,8 @@ pub(crate) struct DirtyClass {
     pub pages: u64,
     /// Page writes per second.
     pub rate_pages: f64,
+    /// Written in order (each write a new page until wrap-around) rather than at random.
+    pub sequential: bool,
 }
 
 impl DirtyModel {
@@ -62,6 +73,9 @@ impl DirtyModel {
         match *self {
             DirtyModel::None => 0.0,
             DirtyModel::Uniform {
+                rate_bytes_per_s, ..
+            }
+            | DirtyModel::Sequential {
                 rate_bytes_per_s, ..
             } => rate_bytes_per_s,
             DirtyModel::HotCold {
@@ -72,22 +86,26 @@ impl DirtyModel {
         }
     }
 
-    /// (bytes, rate) of each dirtied region, in memory order.
-    fn regions(&self) -> Vec<(u64, f64)> {
+    /// (bytes, rate, sequential) of each dirtied region, in memory order.
+    fn regions(&self) -> Vec<(u64, f64, bool)> {
         match *self {
             DirtyModel::None => vec![],
             DirtyModel::Uniform {
                 rate_bytes_per_s,
                 working_set_bytes,
-            } => vec![(working_set_bytes, rate_bytes_per_s)],
+            } => vec![(working_set_bytes, rate_bytes_per_s, false)],
+            DirtyModel::Sequential {
+                rate_bytes_per_s,
+                working_set_bytes,
+            } => vec![(working_set_bytes, rate_bytes_per_s, true)],
             DirtyModel::HotCold {
                 hot_bytes,
                 hot_rate_bytes_per_s,
                 cold_bytes,
                 cold_rate_bytes_per_s,
             } => vec![
-                (hot_bytes, hot_rate_bytes_per_s),
-                (cold_bytes, cold_rate_bytes_per_s),
+                (hot_bytes, hot_rate_bytes_per_s, false),
+                (cold_bytes, cold_rate_bytes_per_s, false),
             ],
         }
     }
@@ -188,7 +206,7 @@ impl MigrationParams {
             return Err(MigrateError::invalid("max_rounds", "must be at least 1"));
         }
         let mut total = 0u64;
-        for (bytes, rate) in self.dirty.regions() {
+        for (bytes, rate, _) in self.dirty.regions() {
             non_negative("dirty rate", rate)?;
             total = total.saturating_add(bytes);
         }
@@ -211,15 +229,17 @@ impl MigrationParams {
             .dirty
             .regions()
             .into_iter()
-            .map(|(bytes, rate)| DirtyClass {
+            .map(|(bytes, rate, sequential)| DirtyClass {
                 pages: bytes.div_ceil(self.page_size),
                 rate_pages: if bytes == 0 { 0.0 } else { rate / ps },
+                sequential,
             })
             .collect();
         let used: u64 = classes.iter().map(|c| c.pages).sum();
         classes.push(DirtyClass {
             pages: self.memory_pages().saturating_sub(used),
             rate_pages: 0.0,
+            sequential: false,
         });
         classes
     }

@@ -3,8 +3,8 @@
 //! fragments, fed exactly as the engine feeds it. Classes are laid out contiguously in
 //! memory order (hot set first), as a program's buffers usually are.
 
+use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 use super::driver::{drive, ModelGuest};
 use super::{DirtyClass, MigrationParams};
@@ -37,13 +37,14 @@ pub fn simulate_pages(
             start += c.pages;
             r
         })
-        .collect();
+        .collect::<Vec<_>>();
     let mut guest = PageGuest {
+        cursors: vec![0; regions.len()],
         regions,
         pending: vec![true; pages as usize],
         pending_count: pages,
         tracker: FragmentTracker::new(pages, per_fragment),
-        rng: ChaCha8Rng::seed_from_u64(seed),
+        rng: SmallRng::seed_from_u64(seed),
         changed: Vec::new(),
         seen: vec![false; pages as usize],
     };
@@ -53,11 +54,13 @@ pub fn simulate_pages(
 struct PageGuest {
     /// First page and class of each region of memory.
     regions: Vec<(u64, DirtyClass)>,
+    /// Next page a sequential writer rewrites, per region (offset in the region).
+    cursors: Vec<u64>,
     /// Whether each page differs from the destination's copy.
     pending: Vec<bool>,
     pending_count: u64,
     tracker: FragmentTracker,
-    rng: ChaCha8Rng,
+    rng: SmallRng,
     /// Pages changed in the current round, each once (scratch, reused).
     changed: Vec<u64>,
     /// Membership of `changed` (scratch, all false between rounds).
@@ -127,9 +130,29 @@ impl ModelGuest for PageGuest {
                 continue;
             }
             let expected = class.rate_pages * rate_factor * seconds;
-            if expected >= SATURATION_WRITES_PER_PAGE * class.pages as f64 {
+            let saturated = if class.sequential {
+                expected >= class.pages as f64
+            } else {
+                expected >= SATURATION_WRITES_PER_PAGE * class.pages as f64
+            };
+            if saturated {
+                if class.sequential {
+                    self.cursors[k] = (self.cursors[k] + expected as u64) % class.pages;
+                }
                 for page in start..start + class.pages {
                     self.write(page);
+                }
+                continue;
+            }
+            if !class.sequential && expected > class.pages as f64 {
+                // More writes than pages: drawing each page's fate once (hit with
+                // probability 1 - e^(-writes/pages)) costs a draw per page instead of
+                // one per write, and has the same expected coverage.
+                let hit = 1.0 - (-expected / class.pages as f64).exp();
+                for page in start..start + class.pages {
+                    if self.rng.gen::<f64>() < hit {
+                        self.write(page);
+                    }
                 }
                 continue;
             }
@@ -138,8 +161,14 @@ impl ModelGuest for PageGuest {
             let whole = expected.floor();
             let writes = whole as u64 + u64::from(self.rng.gen::<f64>() < expected - whole);
             for _ in 0..writes {
-                let page = start + self.rng.gen_range(0..class.pages);
-                self.write(page);
+                let offset = if class.sequential {
+                    let c = self.cursors[k];
+                    self.cursors[k] = (c + 1) % class.pages;
+                    c
+                } else {
+                    self.rng.gen_range(0..class.pages)
+                };
+                self.write(start + offset);
             }
         }
         let changed = std::mem::take(&mut self.changed);

@@ -1,6 +1,6 @@
-//! tern's adaptive policy. Fragments re-dirtied densely in each of the last rounds are
-//! hot: re-sending them only to see them dirtied again wastes the link, so they wait
-//! for the stop-and-copy. Iteration stops as soon as the remainder fits the budget, or
+//! tern's adaptive policy. Fragments re-dirtied in each of the last rounds, and densely
+//! in at least one of them, are hot: re-sending them only to see them dirtied again
+//! wastes the link, so they wait for the stop-and-copy. Iteration stops as soon as the remainder fits the budget, or
 //! once a round no longer shrinks it; if it then still does not fit, the guest's vCPUs
 //! are throttled (hot fragments released, since a slowed guest can no longer re-dirty
 //! them at once) until it does, or until the throttle is at its maximum.
@@ -21,8 +21,10 @@ use crate::fragment::FragmentId;
 pub struct Adaptive {
     /// Consecutive rounds a fragment must have been re-dirtied to be held back.
     pub hot_streak: u32,
-    /// Share of its pages a fragment must have re-dirtied in the last round to be held
-    /// back: a fragment with one stray write is cheaper to re-send than to defer.
+    /// Share of its pages a fragment must have re-dirtied in one round of its streak to
+    /// be held back: a fragment with a few stray writes shrinks when re-sent, a hot one
+    /// is dirtied again at once. The peak, not the last round, because a short round
+    /// (only cold pages sent) makes even a hot fragment look sparse.
     pub hot_density: f64,
     /// A round "shrinks" the remainder only if it cuts it by at least this share.
     pub min_shrink: f64,
@@ -38,7 +40,7 @@ impl Default for Adaptive {
     fn default() -> Self {
         Adaptive {
             hot_streak: 2,
-            hot_density: 0.25,
+            hot_density: 0.5,
             min_shrink: 0.1,
             max_throttle_percent: 95,
             throttle_step: 10,
@@ -53,7 +55,7 @@ impl Adaptive {
         input
             .fragments
             .stats()
-            .filter(|f| f.streak >= self.hot_streak && f.density() >= self.hot_density)
+            .filter(|f| f.streak >= self.hot_streak && f.peak_density() >= self.hot_density)
             .map(|f| f.id)
             .collect()
     }
@@ -143,9 +145,10 @@ mod tests {
     #[test]
     fn holds_back_fragments_densely_dirtied_every_round() {
         let mut t = FragmentTracker::new(4 * 512, 512);
-        // Fragment 0 fully rewritten twice, fragment 1 once, fragment 2 a stray page twice.
+        // Fragment 0 fully rewritten, then a few pages (a short round); fragment 1 only
+        // in the last round; fragment 2 a stray page twice; fragment 3 never.
         t.observe_counts(&[512, 0, 1, 0]);
-        t.observe_counts(&[512, 512, 1, 0]);
+        t.observe_counts(&[20, 512, 1, 0]);
         let h = [round(1, 4000, 5.0), round(2, 1200, 1.0)];
         assert_eq!(decide(&h, &t), Decision::Continue { hold_back: vec![0] });
     }
