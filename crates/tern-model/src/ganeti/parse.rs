@@ -67,14 +67,24 @@ fn sections<'a>(lines: &[Line<'a>]) -> Vec<Vec<Line<'a>>> {
         .collect()
 }
 
-/// Whether `s` reads as a Haskell `Int`: optional leading spaces, optional `-`, digits.
+/// Whether `s` reads as a Haskell `Int`: optional leading spaces, optional
+/// `-`, then decimal digits or `0x`/`0o` followed by hex or octal digits.
 fn read_int(s: &str) -> Option<i64> {
     let t = s.trim_start();
-    let digits = t.strip_prefix('-').unwrap_or(t);
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    let (negative, body) = match t.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, t),
+    };
+    let (radix, digits) = match body.get(..2) {
+        Some("0x" | "0X") => (16, &body[2..]),
+        Some("0o" | "0O") => (8, &body[2..]),
+        _ => (10, body),
+    };
+    if digits.is_empty() || !digits.chars().all(|ch| ch.is_digit(radix)) {
         return None;
     }
-    t.parse().ok()
+    let magnitude = i64::from_str_radix(digits, radix).ok()?;
+    Some(if negative { -magnitude } else { magnitude })
 }
 
 /// Whether `s` reads as a Haskell `Double`: like `Int`, plus an optional
@@ -470,6 +480,9 @@ mod tests {
         assert_eq!(read_int("7 "), None);
         assert_eq!(read_int("1.0"), None);
         assert_eq!(read_int(""), None);
+        assert_eq!(read_int("0x10"), Some(16));
+        assert_eq!(read_int("-0o17"), Some(-15));
+        assert_eq!(read_int("0xg"), None);
         assert_eq!(read_double("1"), Some(1.0));
         assert_eq!(read_double("2.5e3"), Some(2500.0));
         assert_eq!(read_double(".5"), None);
