@@ -345,7 +345,8 @@ pub struct WorkloadStatus {
     pub seconds: f64,
     /// Pages written (memdirty, verifier), busy milliseconds (cpu), bytes echoed (echo-server).
     pub work: u64,
-    /// Work per second over the workload's life: MB/s for memdirty, percent for cpu, ...
+    /// Work per second since the paced phase began (memdirty: after its initial fill):
+    /// MB/s for memdirty, percent busy for cpu, pages/s for the verifier, bytes/s echoed.
     pub rate: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

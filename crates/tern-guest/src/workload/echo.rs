@@ -55,10 +55,11 @@ fn serve(mut stream: TcpStream, ctl: &Ctl) {
         match stream.read(&mut buf) {
             Ok(0) => return,
             Ok(n) => {
+                // Counted before echoing, so a client that has its echo sees the count.
+                ctl.stats.add(n as u64);
                 if stream.write_all(&buf[..n]).is_err() {
                     return;
                 }
-                ctl.stats.add(n as u64);
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
             Err(_) => return,

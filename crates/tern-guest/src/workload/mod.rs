@@ -22,11 +22,20 @@ pub struct Stats {
     pub work: AtomicU64,
     /// Set when a workload thread ended with an error.
     pub error: Mutex<Option<String>>,
+    /// When the paced phase began (after memdirty's initial fill), so the reported
+    /// rate is the steady one, not diluted by the warm-up.
+    pub paced_since: Mutex<Option<Instant>>,
 }
 
 impl Stats {
     pub fn add(&self, n: u64) {
         self.work.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn mark_paced(&self, at: Instant) {
+        if let Ok(mut p) = self.paced_since.lock() {
+            *p = Some(at);
+        }
     }
 
     fn fail(&self, msg: String) {
@@ -170,13 +179,17 @@ impl Workloads {
                     .unwrap_or_else(|| r.started.elapsed())
                     .as_secs_f64();
                 let work = r.ctl.stats.work.load(Ordering::Relaxed);
+                let paced_since = r.ctl.stats.paced_since.lock().ok().and_then(|p| *p);
+                let end = r.started + r.stopped_after.unwrap_or_else(|| r.started.elapsed());
+                let paced_s =
+                    paced_since.map_or(seconds, |p| end.saturating_duration_since(p).as_secs_f64());
                 WorkloadStatus {
                     name: name.to_string(),
                     spec: r.spec.to_args(),
                     running,
                     seconds,
                     work,
-                    rate: rate(&r.spec, work, seconds),
+                    rate: rate(&r.spec, work, paced_s),
                     error: r.ctl.stats.error.lock().ok().and_then(|e| e.clone()),
                 }
             })

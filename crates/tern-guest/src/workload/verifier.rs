@@ -112,6 +112,7 @@ pub fn spawn(
         .spawn(move || {
             let mut pacer = Pacer::with_slices(pages_per_sec);
             let start = Instant::now();
+            ctl.stats.mark_paced(start);
             while !ctl.stopped() {
                 let due = pacer.due(start.elapsed());
                 if due == 0 {

@@ -1,0 +1,222 @@
+//! The guest image end to end: build it (or find it cached), boot it under QEMU/TCG,
+//! talk to `tern-guest` over virtio-serial, run memdirty, watch the verifier's counter
+//! advance with its checksum intact, power off, and scan the console for oopses.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tern_guest::client::GuestClient;
+use tern_guest::protocol::{Reply, WorkloadSpec};
+use tern_hv::image::{
+    ensure_image, require_qemu as qemu_available, test_cache_dir as cache_dir, GuestImage,
+    ImageError,
+};
+
+fn image() -> GuestImage {
+    ensure_image(&cache_dir(), &mut |s| eprintln!("image: {s}")).expect("guest image builds")
+}
+
+/// Kills QEMU if the test fails half-way.
+struct Qemu(Child);
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn boot(img: &GuestImage, dir: &Path) -> Qemu {
+    let sock = dir.join("agent.sock");
+    let child = Command::new("qemu-system-x86_64")
+        .args(["-accel", "tcg", "-M", "pc", "-m", "512", "-smp", "1"])
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(&img.kernel)
+        .arg("-initrd")
+        .arg(&img.initramfs)
+        .arg("-append")
+        .arg(format!(
+            "{} tern.ip=198.18.1.10/15 tern.hostname=itest",
+            img.cmdline
+        ))
+        .arg("-serial")
+        .arg(format!("file:{}", dir.join("console.log").display()))
+        .args(["-device", "virtio-serial-pci", "-chardev"])
+        .arg(format!(
+            "socket,id=ch0,path={},server=on,wait=off",
+            sock.display()
+        ))
+        .args([
+            "-device",
+            &format!("virtserialport,chardev=ch0,name={}", img.control_port),
+        ])
+        .args([
+            "-netdev",
+            "user,id=n0,restrict=on",
+            "-device",
+            "virtio-net-pci,netdev=n0",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu starts");
+    Qemu(child)
+}
+
+#[test]
+fn boots_and_the_agent_runs_workloads() {
+    if !qemu_available() {
+        return;
+    }
+    let img = image();
+    assert!(img.modules.iter().any(|m| m == "virtio_console"));
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let mut qemu = boot(&img, dir.path());
+    let (mut agent, _) =
+        GuestClient::wait_ready(&dir.path().join("agent.sock"), Duration::from_secs(240))
+            .unwrap_or_else(|e| {
+                let console =
+                    std::fs::read_to_string(dir.path().join("console.log")).unwrap_or_default();
+                panic!("agent not up: {e}\nconsole:\n{console}")
+            });
+    let boot_to_agent = started.elapsed();
+    eprintln!(
+        "boot-to-agent: {:.1} s (QEMU start to first pong)",
+        boot_to_agent.as_secs_f64()
+    );
+
+    let Reply::Pong { uptime_s, .. } = agent.ping().unwrap() else {
+        panic!("ping did not pong")
+    };
+    assert!(uptime_s > 0.0);
+    agent
+        .start(WorkloadSpec::Memdirty {
+            mib: 32,
+            mbps: 10.0,
+        })
+        .unwrap();
+    let first = agent.verify().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let second = agent.verify().unwrap();
+    eprintln!("verify: {first:?} -> {second:?}");
+    assert!(first.ok && second.ok, "checksums match the counters");
+    assert!(second.counter > first.counter, "the verifier keeps writing");
+
+    let status = agent.status().unwrap();
+    let md = status
+        .workloads
+        .iter()
+        .find(|w| w.name == "memdirty")
+        .unwrap();
+    eprintln!("memdirty: {md:?}");
+    assert!(md.running && md.work > 0, "{md:?}");
+    assert!(status.mem_total_kib > 400_000, "{status:?}");
+    // A refused request is an answer, not a hang.
+    assert!(agent.stop("fork-bomb").is_err());
+    let health = agent.health().unwrap();
+    assert!(health.ok, "{:?}", health.findings);
+
+    agent.poweroff().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while qemu.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "QEMU still running after poweroff"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
+    assert!(
+        console.contains("tern-init: starting tern-guest"),
+        "{console}"
+    );
+    assert!(console.contains("eth0 198.18.1.10/15"), "{console}");
+    let findings = tern_guest::health::scan(&console);
+    assert!(findings.is_empty(), "{findings:?}");
+}
+
+#[test]
+fn a_cached_image_is_reused_and_a_changed_input_rebuilds() {
+    if !qemu_available() {
+        return;
+    }
+    let first = image();
+    let t = Instant::now();
+    let again = image();
+    let took = t.elapsed();
+    assert_eq!(first, again);
+    assert!(
+        took < Duration::from_secs(20),
+        "cached lookup took {took:?}"
+    );
+
+    // A different agent binary (still a static ELF: a trailing byte changes only its
+    // hash) must give a different image.
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/guest/x86_64-unknown-linux-gnu/release/tern-guest");
+    let mut bytes = std::fs::read(&bin).unwrap();
+    bytes.push(0);
+    let changed = dir.path().join("tern-guest");
+    std::fs::write(&changed, bytes).unwrap();
+    std::env::set_var(tern_hv::image::guest_bin::ENV_GUEST_BIN, &changed);
+    let cache = tempfile::tempdir().unwrap();
+    // Share the downloaded package so this needs no network.
+    std::fs::create_dir_all(cache.path().join("debs")).unwrap();
+    for e in std::fs::read_dir(cache_dir().join("debs"))
+        .unwrap()
+        .flatten()
+    {
+        std::fs::copy(e.path(), cache.path().join("debs").join(e.file_name())).unwrap();
+    }
+    let other = ensure_image(cache.path(), &mut |_| {}).unwrap();
+    assert_ne!(other.key, first.key);
+    assert_ne!(other.initramfs_sha256, first.initramfs_sha256);
+    assert_eq!(other.kernel_sha256, first.kernel_sha256);
+}
+
+#[test]
+fn a_dynamic_agent_binary_is_refused_by_name() {
+    // This test binary is dynamically linked: exactly what the guest cannot run.
+    std::env::set_var(
+        tern_hv::image::guest_bin::ENV_GUEST_BIN,
+        std::env::current_exe().unwrap(),
+    );
+    let cache = tempfile::tempdir().unwrap();
+    match ensure_image(cache.path(), &mut |_| {}) {
+        Err(e @ ImageError::GuestBinary(_)) => {
+            assert!(e.is_bad_input());
+            assert!(e.to_string().contains("dynamically linked"), "{e}");
+        }
+        // Without apt the builder stops earlier, naming the kernel package.
+        Err(e @ ImageError::MissingPackage { .. }) => {
+            assert!(std::env::var_os("CI").is_none(), "{e}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn without_apt_the_kernel_package_is_named() {
+    // An empty PATH hides apt-cache: the error must say which package and what to do.
+    let empty = tempfile::tempdir().unwrap();
+    std::env::set_var("PATH", empty.path());
+    let cache = tempfile::tempdir().unwrap();
+    let err = ensure_image(cache.path(), &mut |_| {}).unwrap_err();
+    assert!(err.is_bad_input(), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("linux-image-cloud-amd64") && msg.contains("apt"),
+        "{msg}"
+    );
+}
