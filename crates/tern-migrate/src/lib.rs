@@ -9,8 +9,8 @@
 //!   `adaptive`, `stop-copy`; plus the throttle arithmetic ([`throttle_for`], [`cpu_max`]).
 //! - [`fragment`]: [`FragmentTracker`], per-fragment re-dirtying history.
 //! - [`telemetry`]: [`RoundTelemetry`] and [`MigrationOutcome`].
-//! - [`model`]: [`simulate`] (analytic), [`simulate_pages`] (page-level, seeded) and
-//!   [`estimate_duration`].
+//! - [`model`]: [`simulate`] (analytic), [`simulate_pages`] (page-level, seeded), and
+//!   [`estimate`] / [`estimate_duration`] for a simulator's many migrations.
 //!
 //! # Example
 //!
@@ -41,7 +41,10 @@ pub mod telemetry;
 
 pub use error::MigrateError;
 pub use fragment::{FragmentId, FragmentStat, FragmentTracker, DEFAULT_FRAGMENT_BYTES};
-pub use model::{estimate_duration, simulate, simulate_pages, DirtyModel, MigrationParams};
+pub use model::{
+    estimate, estimate_duration, simulate, simulate_pages, DirtyModel, MigrationEstimate,
+    MigrationParams,
+};
 pub use policy::{
     cpu_max, cpu_quota_percent, decide, throttle_for, Adaptive, Decision, Limits, Policy,
     PolicyInput, PolicyKind, QemuRule, StopCopy, StopReason, Xen,

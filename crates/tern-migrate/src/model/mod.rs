@@ -256,22 +256,60 @@ fn non_negative(field: &'static str, v: f64) -> Result<(), MigrateError> {
     }
 }
 
-/// Total migration time in seconds for a guest of `memory_bytes` dirtying its whole
-/// memory at `dirty_rate_bytes_per_s` over `bandwidth_bytes_per_s`, under `policy` with
-/// default limits: the analytic model without telemetry, for callers that need only
-/// the duration (the simulator, thousands of times per run).
+/// The figures of one migration that a caller scheduling many of them needs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct MigrationEstimate {
+    pub total_time_s: f64,
+    pub downtime_s: f64,
+    pub bytes_sent: u64,
+    pub rounds: u32,
+    /// False when only a cap ended the iteration (the guest outruns the link).
+    pub converged: bool,
+}
+
+/// The analytic model for a guest of `memory_bytes` dirtying its whole memory at
+/// random at `dirty_rate_bytes_per_s` over `bandwidth_bytes_per_s`, under `policy`
+/// with default limits: what the simulator asks for each migration, thousands of
+/// times per run.
+pub fn estimate(
+    memory_bytes: u64,
+    dirty_rate_bytes_per_s: f64,
+    bandwidth_bytes_per_s: f64,
+    policy: &dyn Policy,
+) -> Result<MigrationEstimate, MigrateError> {
+    let dirty = if dirty_rate_bytes_per_s == 0.0 {
+        DirtyModel::None
+    } else {
+        DirtyModel::Uniform {
+            rate_bytes_per_s: dirty_rate_bytes_per_s,
+            working_set_bytes: memory_bytes,
+        }
+    };
+    let params = MigrationParams::new(memory_bytes, bandwidth_bytes_per_s).with_dirty(dirty);
+    let o = simulate(&params, policy)?;
+    Ok(MigrationEstimate {
+        total_time_s: o.total_time_s,
+        downtime_s: o.downtime_s,
+        bytes_sent: o.bytes_sent,
+        rounds: o.rounds,
+        converged: o.converged,
+    })
+}
+
+/// Total time in seconds of [`estimate`].
 pub fn estimate_duration(
     memory_bytes: u64,
     dirty_rate_bytes_per_s: f64,
     bandwidth_bytes_per_s: f64,
     policy: &dyn Policy,
 ) -> Result<f64, MigrateError> {
-    let params =
-        MigrationParams::new(memory_bytes, bandwidth_bytes_per_s).with_dirty(DirtyModel::Uniform {
-            rate_bytes_per_s: dirty_rate_bytes_per_s,
-            working_set_bytes: memory_bytes,
-        });
-    Ok(simulate(&params, policy)?.total_time_s)
+    estimate(
+        memory_bytes,
+        dirty_rate_bytes_per_s,
+        bandwidth_bytes_per_s,
+        policy,
+    )
+    .map(|e| e.total_time_s)
 }
 
 #[cfg(test)]
