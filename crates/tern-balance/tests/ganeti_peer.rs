@@ -383,3 +383,25 @@ fn replaying_hbal_plans_gives_hbals_score_after_every_step() {
     eprintln!("checked {checked} hbal steps");
     assert!(checked >= 20, "only {checked} steps checked");
 }
+
+#[test]
+fn odd_but_valid_files_score_as_in_hinfo() {
+    if !present(HINFO) {
+        return;
+    }
+    let g = "g|u|preferred||";
+    let a = "a|1024|0|1024|1000|1000|4|N|u|1";
+    let b = "b|2048|0|1000|1000|600|4|N|u|1";
+    let cases = [
+        ("duplicate node names", format!("{g}\n\n{a}\n{a}\n{b}\n\ni|128|10|1|running|Y|a||ext||1\n\n\n")),
+        ("plain with a secondary", format!("{g}\n\n{a}\n{b}\n\ni|128|10|1|running|Y|a|b|plain||1\n\n\n")),
+        ("unknown flag, negative memory", format!("{g}\n\na|-5|0|1024|1000|1000|4|X|u|1\n{b}\n\n\n\n")),
+        ("unknown resources", format!("{g}\n\na|?|0|1024|1000|1000|4|N|u|1\n{b}\n\ni|128|10|1|running|Y|a|b|drbd||1\n\n\n")),
+        ("zero disk and spindles", format!("{g}\n\na|1024|0|1024|0|0|4|N|u|0\n{b}\n\ni|128|10|1|running|Y|b|a|drbd||1\n\n\n")),
+    ];
+    for (label, text) in cases {
+        let cluster = text::parse(&text).unwrap_or_else(|e| panic!("{label}: {e}"));
+        let file = Scratch::write(&label.replace(' ', "-"), &text);
+        compare(label, &cluster, &run_hinfo(&file.0));
+    }
+}

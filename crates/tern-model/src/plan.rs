@@ -69,3 +69,99 @@ impl Cluster {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ganeti;
+
+    const TEXT: &str = "g|u|preferred||\n\n\
+        a|4096|0|4096|1000|1000|4|N|u\n\
+        b|4096|0|4096|1000|1000|4|N|u\n\
+        c|4096|0|4096|1000|1000|4|N|u\n\n\
+        shared|128|10|1|running|Y|a||rbd|\n\
+        mirrored|128|10|1|running|Y|a|b|drbd|\n\
+        local|128|10|1|running|Y|a||plain|\n\n\n";
+
+    fn ids(c: &Cluster, inst: &str) -> InstId {
+        c.find_instance(inst).unwrap()
+    }
+
+    #[test]
+    fn mobility_follows_the_disk_template() {
+        let c = ganeti::parse(TEXT).unwrap();
+        let (a, b, cn) = (NodeId(0), NodeId(1), NodeId(2));
+        assert_eq!(c.mobility(ids(&c, "shared")), Mobility::AnyNode);
+        assert_eq!(c.mobility(ids(&c, "mirrored")), Mobility::SecondaryOnly(b));
+        assert_eq!(c.mobility(ids(&c, "local")), Mobility::Immovable);
+        assert!(c.can_migrate_to(ids(&c, "shared"), cn));
+        assert!(!c.can_migrate_to(ids(&c, "shared"), a), "already there");
+        assert!(!c.can_migrate_to(ids(&c, "mirrored"), cn));
+        let by_node = c.instances_by_node();
+        assert_eq!(by_node.primaries[0].len(), 3);
+        assert_eq!(by_node.secondaries[1], vec![ids(&c, "mirrored")]);
+    }
+
+    #[test]
+    fn drbd_move_swaps_primary_and_secondary() {
+        let mut c = ganeti::parse(TEXT).unwrap();
+        let i = ids(&c, "mirrored");
+        c.apply_move(Move {
+            inst: i,
+            from: NodeId(0),
+            to: NodeId(1),
+        })
+        .unwrap();
+        assert_eq!(c.instance(i).primary, NodeId(1));
+        assert_eq!(c.instance(i).secondary, Some(NodeId(0)));
+    }
+
+    #[test]
+    fn refused_moves_name_the_reason_and_change_nothing() {
+        let mut c = ganeti::parse(TEXT).unwrap();
+        let before = c.clone();
+        let local = ids(&c, "local");
+        let err = c.apply_move(Move {
+            inst: local,
+            from: NodeId(0),
+            to: NodeId(1),
+        });
+        assert!(matches!(
+            err,
+            Err(Error::CannotMigrate {
+                template: "plain",
+                ..
+            })
+        ));
+        let shared = ids(&c, "shared");
+        let err = c.apply_move(Move {
+            inst: shared,
+            from: NodeId(1),
+            to: NodeId(2),
+        });
+        assert!(matches!(err, Err(Error::WrongSource { .. })));
+        let err = c.apply_move(Move {
+            inst: InstId(9),
+            from: NodeId(0),
+            to: NodeId(1),
+        });
+        assert!(matches!(err, Err(Error::NoSuchInstance { .. })));
+        assert_eq!(c, before);
+    }
+
+    #[test]
+    fn plans_serialize_as_plain_json_values() {
+        let plan = Plan {
+            moves: vec![Move {
+                inst: InstId(1),
+                from: NodeId(0),
+                to: NodeId(2),
+            }],
+            initial_score: 2.5,
+            final_score: 1.0,
+        };
+        let v = serde_json::to_value(&plan).unwrap();
+        assert_eq!(v["moves"][0]["to"], 2);
+        assert_eq!(serde_json::from_value::<Plan>(v).unwrap(), plan);
+    }
+}
