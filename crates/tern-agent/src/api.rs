@@ -53,7 +53,9 @@ pub async fn execute(state: &AppState, cmd: Command) -> Result<(StatusCode, Valu
             let vms = state.hv.list().await?;
             let cores: f64 = {
                 let load = state.load.lock().expect("load table lock");
-                vms.iter().filter_map(|v| load.cores(&v.id)).sum()
+                vms.iter()
+                    .filter_map(|v| load.cores(&v.id))
+                    .fold(0.0, |a, b| a + b)
             };
             ok(json(HostReport {
                 name: state.host.name.clone(),
@@ -194,7 +196,8 @@ pub fn check_auth(header: Option<&str>, token: &str) -> Result<(), AgentError> {
     }
 }
 
-async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// The bearer-token check as a middleware, for every route group of the agent.
+pub async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let h = req
         .headers()
         .get(header::AUTHORIZATION)

@@ -14,6 +14,7 @@ pub mod client;
 pub mod error;
 pub mod guest;
 pub mod host;
+pub mod lab;
 pub mod migration;
 pub mod server;
 pub mod state;

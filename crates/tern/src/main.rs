@@ -8,7 +8,11 @@ mod cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "tern", version, about = "A virtual cluster manager: balance hosts by live migration, simulate it at scale")]
+#[command(
+    name = "tern",
+    version,
+    about = "A virtual cluster manager: balance hosts by live migration, simulate it at scale"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -27,6 +31,13 @@ enum Command {
     /// Build the guest image (kernel, initramfs, tern-guest) into the cache.
     #[command(subcommand)]
     Image(cmd::image::Command),
+    /// Run the host agent (HTTP API over this host's VMs).
+    Agent(cmd::agent::Args),
+    /// A lab of hosts on this machine: network namespaces, shaped links, one agent each.
+    #[command(subcommand)]
+    Lab(cmd::lab::Command),
+    /// VMs on one host, straight against its agent.
+    Vm(cmd::vm::Args),
 }
 
 fn main() {
@@ -43,6 +54,9 @@ fn main() {
         Command::Sim(c) => cmd::sim::run(c),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Image(c) => cmd::image::run(c),
+        Command::Agent(a) => cmd::agent::run(a),
+        Command::Lab(c) => cmd::lab::run(c),
+        Command::Vm(a) => cmd::vm::run(a),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

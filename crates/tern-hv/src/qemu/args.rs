@@ -4,10 +4,9 @@ use crate::accel::Accel;
 use crate::spec::VmSpec;
 use std::path::{Path, PathBuf};
 
-/// The name of the virtio-serial port the guest agent (`tern-guest`) listens on; in the
-/// guest it appears as `/dev/virtio-ports/org.tern.guest.0` (or via
-/// `/sys/class/virtio-ports/*/name` where no udev creates the link).
-pub const GUEST_PORT_NAME: &str = "org.tern.guest.0";
+/// The name of the virtio-serial port the guest agent (`tern-guest`) listens on (see
+/// docs/guest-image.md); the guest finds it through `/sys/class/virtio-ports/*/name`.
+pub const GUEST_PORT_NAME: &str = "org.tern.guest";
 
 /// The host-side files of one VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +80,16 @@ pub fn qemu_args(p: &LaunchPlan) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
     push(&["-name", &format!("tern-{}", p.id)]);
-    push(&["-nodefaults", "-no-user-config", "-display", "none", "-S"]);
+    // `-no-reboot`: a guest that panics (the image boots with `panic=-1`) ends its QEMU,
+    // which the driver sees as the VM stopping, instead of rebooting unnoticed.
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-S",
+    ]);
     push(&["-accel", p.accel.qemu_arg(), "-cpu", p.accel.cpu_model()]);
     push(&["-machine", "pc,memory-backend=m0"]);
     push(&[

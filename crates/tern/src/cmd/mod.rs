@@ -1,10 +1,12 @@
 //! One module per subcommand; each parses its flags into values and calls the library.
 
+pub mod agent;
 pub mod bench;
 pub mod image;
-pub mod image;
+pub mod lab;
 pub mod plan;
 pub mod sim;
+pub mod vm;
 
 /// An error caused by what the user gave us (a flag, a file, a spec). Exits with status 2.
 #[derive(Debug, thiserror::Error)]

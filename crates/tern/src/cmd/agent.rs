@@ -1,0 +1,136 @@
+//! `tern agent`: the host daemon, serving the agent API until SIGINT or SIGTERM.
+
+use super::bad_input;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tern_agent::host::{detect_capacity, Capacity};
+use tern_agent::{AgentError, AppState, HostConfig};
+use tern_hv::qemu::{QemuConfig, QemuDriver};
+use tern_hv::sim::SimDriver;
+use tern_hv::Hypervisor;
+
+/// Which driver runs the VMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Driver {
+    /// Real guests under QEMU (KVM where the CPU virtualises, else TCG).
+    Qemu,
+    /// In-process simulated guests: no QEMU needed.
+    Sim,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Address and port to serve the API on, e.g. 198.18.0.1:7070 or 127.0.0.1:7070.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: String,
+    /// This host's state: VM records, QEMU sockets and logs.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: PathBuf,
+    /// File whose first line is the bearer token clients must send.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+    /// Directory for guest RAM files, on tmpfs [default: /dev/shm/tern/<hash of state dir>].
+    #[arg(long, value_name = "DIR")]
+    pub mem_dir: Option<PathBuf>,
+    /// Bridge that guests' tap devices join (needed for VMs with NICs).
+    #[arg(long)]
+    pub bridge: Option<String>,
+    /// Name the host reports [default: the machine's host name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// CPUs offered to guests [default: the machine's].
+    #[arg(long)]
+    pub cpus: Option<u32>,
+    /// Memory offered to guests in MiB [default: the machine's].
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    #[arg(long, value_enum, default_value = "qemu")]
+    pub hypervisor: Driver,
+}
+
+/// Maps an agent-library error for `main`: the user's mistakes (a bad flag or file, an
+/// agent's 4xx answer) exit with status 2.
+pub fn agent_error(e: AgentError) -> anyhow::Error {
+    let user_fault = match &e {
+        AgentError::BadRequest(_) => true,
+        AgentError::Remote { status, .. } => (400..500).contains(status) || *status == 507,
+        other => other.status().is_client_error(),
+    };
+    if user_fault {
+        bad_input(e)
+    } else {
+        anyhow::Error::new(e)
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let token = tern_agent::lab::read_token(&args.token_file).map_err(agent_error)?;
+    let addr: SocketAddr = args.listen.parse().map_err(|e| {
+        bad_input(format!(
+            "--listen {:?}: {e} (give ADDR:PORT, e.g. 127.0.0.1:7070)",
+            args.listen
+        ))
+    })?;
+    let detected = detect_capacity().map_err(agent_error)?;
+    let capacity = Capacity {
+        cpus: args.cpus.unwrap_or(detected.cpus),
+        memory_mib: args.memory_mib.unwrap_or(detected.memory_mib),
+    };
+    std::fs::create_dir_all(&args.state_dir).map_err(|e| {
+        bad_input(format!(
+            "--state-dir {}: cannot create it: {e}",
+            args.state_dir.display()
+        ))
+    })?;
+    let state_dir = args.state_dir.canonicalize()?;
+    let mem_dir = args.mem_dir.clone().unwrap_or_else(|| {
+        let h = tern_hv::spec::fnv1a(state_dir.as_os_str().as_encoded_bytes());
+        PathBuf::from(format!("/dev/shm/tern/{h:016x}"))
+    });
+    let name = args.name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "host".into())
+    });
+    let hv: Arc<dyn Hypervisor> = match args.hypervisor {
+        Driver::Qemu => Arc::new(QemuDriver::new(QemuConfig::new(
+            state_dir.join("run"),
+            mem_dir,
+            args.bridge.clone(),
+        ))),
+        Driver::Sim => Arc::new(SimDriver::new()),
+    };
+    let state = AppState::new(
+        hv,
+        HostConfig {
+            name: name.clone(),
+            capacity,
+            token,
+            state_dir,
+        },
+    );
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        eprintln!(
+            "tern agent {name}: serving on http://{addr} ({} CPUs, {} MiB for guests)",
+            capacity.cpus, capacity.memory_mib
+        );
+        tern_agent::server::serve(listener, state, shutdown_signal())
+            .await
+            .map_err(agent_error)
+    })
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("tern agent: shutting down, destroying this host's VMs");
+}

@@ -1,0 +1,134 @@
+//! `tern lab`: a lab of hosts on this machine (namespaces, bridge, shaped links, agents).
+
+use super::agent::agent_error;
+use super::bad_input;
+use std::path::PathBuf;
+use tern_agent::lab::{self, LabOptions};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Create N hosts as network namespaces and start one agent in each.
+    Up(UpArgs),
+    /// Show the hosts, their addresses and whether their agents answer.
+    Status(OutArgs),
+    /// Stop the agents and remove everything the lab made.
+    Down(OutArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct UpArgs {
+    /// Number of hosts (1-99).
+    #[arg(long)]
+    pub hosts: u32,
+    /// Shape each host's link to this many Mbit/s in each direction [default: unshaped].
+    #[arg(long, value_name = "MBIT")]
+    pub link_mbit: Option<u32>,
+    /// Memory each host offers guests, in MiB [default: this machine's memory / hosts].
+    #[arg(long)]
+    pub host_memory_mib: Option<u64>,
+    /// CPUs each host reports [default: this machine's].
+    #[arg(long)]
+    pub host_cpus: Option<u32>,
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct OutArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `$TERN_STATE/lab`, else `~/.local/state/tern/lab`.
+pub fn lab_dir() -> anyhow::Result<PathBuf> {
+    if let Some(s) = std::env::var_os("TERN_STATE") {
+        return Ok(PathBuf::from(s).join("lab"));
+    }
+    let home = std::env::var_os("HOME")
+        .ok_or_else(|| bad_input("neither TERN_STATE nor HOME is set: set TERN_STATE=DIR"))?;
+    Ok(PathBuf::from(home).join(".local/state/tern/lab"))
+}
+
+pub fn run(c: Command) -> anyhow::Result<()> {
+    let dir = lab_dir()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let progress = |s: &str| eprintln!("{s}");
+    match c {
+        Command::Up(a) => {
+            let opts = LabOptions {
+                hosts: a.hosts,
+                link_mbit: a.link_mbit,
+                dir,
+                tern_binary: std::env::current_exe()?,
+                host_memory_mib: a.host_memory_mib,
+                host_cpus: a.host_cpus,
+            };
+            let state = rt
+                .block_on(lab::up(&opts, &progress))
+                .map_err(agent_error)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&state)?);
+            } else {
+                println!(
+                    "lab up: {} hosts, token in {}",
+                    state.hosts.len(),
+                    state.token_file.display()
+                );
+                for h in &state.hosts {
+                    println!("  {:<4} {:<15} {}", h.name, h.addr, h.url);
+                }
+            }
+            Ok(())
+        }
+        Command::Status(a) => {
+            let state = lab::load(&dir).map_err(agent_error)?.ok_or_else(|| {
+                bad_input(format!("no lab is up (no state in {})", dir.display()))
+            })?;
+            let hosts = rt.block_on(lab::status(&state)).map_err(agent_error)?;
+            if a.json {
+                let v = serde_json::json!({ "lab": state, "hosts": hosts });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "lab 198.18.{}.0/24, links {}, token in {}",
+                    state.index,
+                    state
+                        .link_mbit
+                        .map_or("unshaped".into(), |m| format!("{m} Mbit/s")),
+                    state.token_file.display()
+                );
+                for h in &hosts {
+                    let health = match (&h.report, &h.error) {
+                        (Some(r), _) => format!(
+                            "ok, {} VMs, {} of {} MiB, {:.2} cores",
+                            r.load.vms,
+                            r.load.vm_memory_mib,
+                            r.capacity.memory_mib,
+                            r.load.vm_cpu_cores
+                        ),
+                        (None, Some(e)) => format!("NOT ANSWERING: {e}"),
+                        (None, None) => "unknown".into(),
+                    };
+                    println!("  {:<4} {:<15} {}", h.name, h.addr, health);
+                }
+            }
+            Ok(())
+        }
+        Command::Down(a) => {
+            let removed = rt
+                .block_on(lab::down(&dir, &progress))
+                .map_err(agent_error)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&removed)?);
+            } else {
+                println!("lab down: removed {} things", removed.len());
+                for r in removed {
+                    println!("  {r}");
+                }
+            }
+            Ok(())
+        }
+    }
+}

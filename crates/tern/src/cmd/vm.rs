@@ -1,0 +1,290 @@
+//! `tern vm`: VMs on one host, straight against its agent (`--agent URL --token T`).
+
+use super::agent::agent_error;
+use super::bad_input;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Duration;
+use tern_agent::client::AgentClient;
+use tern_agent::vms::{CreateVm, VmView};
+use tern_hv::{Action, Nic, VmSpec};
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The agent's URL, e.g. http://198.18.0.1:7070.
+    #[arg(long, env = "TERN_AGENT", global = true)]
+    pub agent: Option<String>,
+    /// The agent's bearer token.
+    #[arg(long, env = "TERN_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// A file whose first line is the token (e.g. the lab's token file).
+    #[arg(long, global = true)]
+    pub token_file: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Create a VM (and start it unless --no-start).
+    Create(CreateArgs),
+    /// List the host's VMs.
+    List,
+    /// Show one VM.
+    Show {
+        id: String,
+    },
+    /// Destroy a VM and remove its files.
+    Delete {
+        id: String,
+    },
+    Start {
+        id: String,
+    },
+    Pause {
+        id: String,
+    },
+    Resume {
+        id: String,
+    },
+    /// Power a VM off (it can be started again).
+    Stop {
+        id: String,
+    },
+    /// CPU time of the vCPU threads and memory.
+    Metrics {
+        id: String,
+    },
+    /// Send one request to the guest agent: a JSON object, or a command word followed by
+    /// a workload, e.g. `ping`, `verify`, `start memdirty --mib 128 --mbps 50`.
+    Guest {
+        id: String,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        request: Vec<String>,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CreateArgs {
+    pub id: String,
+    /// A JSON spec file (fields as in docs/agent-api.md); flags below override it.
+    #[arg(long, value_name = "FILE")]
+    pub spec: Option<PathBuf>,
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    #[arg(long)]
+    pub memory_mib: Option<u64>,
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    #[arg(long)]
+    pub initramfs: Option<PathBuf>,
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Add a NIC on the host's bridge; give a MAC or `auto`. Repeatable.
+    #[arg(long, value_name = "MAC|auto")]
+    pub nic: Vec<String>,
+    /// Define the VM without running it.
+    #[arg(long)]
+    pub no_start: bool,
+}
+
+/// The guest request from the words given on the command line (pure).
+pub fn guest_request(words: &[String]) -> Result<Value, String> {
+    let first = words.first().ok_or("give a request, e.g. `ping`")?;
+    if first.trim_start().starts_with('{') {
+        return serde_json::from_str(&words.join(" ")).map_err(|e| format!("request JSON: {e}"));
+    }
+    let mut req = json!({ "cmd": first });
+    if words.len() > 1 {
+        req["workload"] = Value::from(words[1..].join(" "));
+    }
+    Ok(req)
+}
+
+fn spec_from(a: &CreateArgs) -> anyhow::Result<VmSpec> {
+    let mut spec: VmSpec = match &a.spec {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| bad_input(format!("--spec {}: {e}", p.display())))?;
+            serde_json::from_str(&text)
+                .map_err(|e| bad_input(format!("--spec {}: {e}", p.display())))?
+        }
+        None => serde_json::from_str("{}").expect("an empty spec parses"),
+    };
+    if let Some(v) = a.vcpus {
+        spec.vcpus = v;
+    }
+    if let Some(m) = a.memory_mib {
+        spec.memory_mib = m;
+    }
+    if a.kernel.is_some() {
+        spec.kernel = a.kernel.clone();
+    }
+    if a.initramfs.is_some() {
+        spec.initramfs = a.initramfs.clone();
+    }
+    if let Some(c) = &a.cmdline {
+        spec.cmdline = c.clone();
+    }
+    spec.nics.extend(a.nic.iter().map(|m| Nic {
+        mac: (m != "auto").then(|| m.clone()),
+    }));
+    // Checked here too so a bad spec fails before any request is sent.
+    spec.validate().map_err(bad_input)?;
+    Ok(spec)
+}
+
+fn print_vm(v: &VmView) {
+    let cores = v.cpu_cores.map_or("-".into(), |c| format!("{c:.2}"));
+    println!(
+        "{:<20} {:<10} {:>3} vCPU {:>7} MiB  cpu {:>5}  {}",
+        v.info.id,
+        v.info.state.to_string(),
+        v.info.spec.vcpus,
+        v.info.spec.memory_mib,
+        cores,
+        v.info.macs.join(",")
+    );
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let agent = args
+        .agent
+        .clone()
+        .ok_or_else(|| bad_input("give the agent with --agent URL (or TERN_AGENT)"))?;
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => t.clone(),
+        (None, Some(f)) => tern_agent::lab::read_token(f).map_err(agent_error)?,
+        (None, None) => {
+            return Err(bad_input(
+                "give the agent's token with --token, --token-file or TERN_TOKEN",
+            ))
+        }
+    };
+    let client = AgentClient::new(&agent, &token, Duration::from_secs(60)).map_err(agent_error)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let out = |v: &dyn erased::Json| -> anyhow::Result<()> {
+        println!("{}", v.pretty()?);
+        Ok(())
+    };
+    let act = |id: &str, a: Action| -> anyhow::Result<()> {
+        let v = rt.block_on(client.act(id, a)).map_err(agent_error)?;
+        if args.json {
+            out(&v)
+        } else {
+            print_vm(&v);
+            Ok(())
+        }
+    };
+    match &args.command {
+        Command::Create(a) => {
+            let req = CreateVm {
+                id: a.id.clone(),
+                spec: spec_from(a)?,
+                start: !a.no_start,
+            };
+            let v = rt.block_on(client.create_vm(&req)).map_err(agent_error)?;
+            if args.json {
+                out(&v)?
+            } else {
+                print_vm(&v)
+            }
+        }
+        Command::List => {
+            let vms = rt.block_on(client.list_vms()).map_err(agent_error)?;
+            if args.json {
+                out(&vms)?
+            } else {
+                vms.iter().for_each(print_vm)
+            }
+        }
+        Command::Show { id } => {
+            let v = rt.block_on(client.show_vm(id)).map_err(agent_error)?;
+            if args.json {
+                out(&v)?
+            } else {
+                print_vm(&v);
+                for (k, p) in [
+                    ("memory file", &v.info.memory_file),
+                    ("guest socket", &v.info.control_socket),
+                    ("console", &v.info.console_log),
+                ] {
+                    if let Some(p) = p {
+                        println!("  {k}: {}", p.display());
+                    }
+                }
+            }
+        }
+        Command::Delete { id } => {
+            rt.block_on(client.delete_vm(id)).map_err(agent_error)?;
+            if args.json {
+                out(&json!({ "deleted": id }))?
+            } else {
+                println!("deleted {id}")
+            }
+        }
+        Command::Start { id } => act(id, Action::Start)?,
+        Command::Pause { id } => act(id, Action::Pause)?,
+        Command::Resume { id } => act(id, Action::Resume)?,
+        Command::Stop { id } => act(id, Action::Stop)?,
+        Command::Metrics { id } => {
+            let m = rt.block_on(client.metrics(id)).map_err(agent_error)?;
+            if args.json {
+                out(&m)?
+            } else {
+                println!(
+                    "{id}: vCPU time {:.3} s over {} threads, rss {} MiB of {} MiB",
+                    m.vcpu_cpu_ns as f64 / 1e9,
+                    m.vcpus.len(),
+                    m.rss_bytes >> 20,
+                    m.memory_bytes >> 20
+                );
+            }
+        }
+        Command::Guest { id, request } => {
+            let req = guest_request(request).map_err(bad_input)?;
+            let v = rt.block_on(client.guest(id, &req)).map_err(agent_error)?;
+            out(&v)?
+        }
+    }
+    Ok(())
+}
+
+/// Lets one closure print any serialisable value.
+mod erased {
+    pub trait Json {
+        fn pretty(&self) -> serde_json::Result<String>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn pretty(&self) -> serde_json::Result<String> {
+            serde_json::to_string_pretty(self)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(s: &str) -> Vec<String> {
+        s.split(' ').map(str::to_string).collect()
+    }
+
+    #[test]
+    fn guest_requests() {
+        assert_eq!(guest_request(&w("ping")).unwrap(), json!({"cmd": "ping"}));
+        assert_eq!(
+            guest_request(&w("start memdirty --mib 8 --mbps 5")).unwrap(),
+            json!({"cmd": "start", "workload": "memdirty --mib 8 --mbps 5"})
+        );
+        assert_eq!(
+            guest_request(&w(r#"{"cmd": "verify"}"#)).unwrap(),
+            json!({"cmd": "verify"})
+        );
+        assert!(guest_request(&w("{broken")).is_err());
+        assert!(guest_request(&[]).is_err());
+    }
+}

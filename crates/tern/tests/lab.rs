@@ -1,0 +1,195 @@
+//! `tern lab` end to end (needs root): up 2 hosts with shaped links, the hosts reach each
+//! other, status reports healthy agents, a VM with a NIC runs on a host through `tern vm`,
+//! bad input exits with status 2, and down leaves nothing of the lab behind.
+
+use serde_json::Value;
+use std::process::{Command, Output};
+
+fn tern(state: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .env("TERN_STATE", state)
+        .output()
+        .expect("tern runs")
+}
+
+fn json(o: &Output) -> Value {
+    assert!(
+        o.status.success(),
+        "tern failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("JSON on stdout")
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        .unwrap_or(false)
+}
+
+fn have(program: &str) -> bool {
+    Command::new(program).arg("-V").output().is_ok()
+}
+
+/// Root, iproute2, ping and QEMU are needed; without them the test says why and passes,
+/// except in CI, where scripts/setup installs them and the test must run.
+fn can_run() -> bool {
+    let missing: Vec<&str> = [
+        ("root", is_root()),
+        ("ip", have("ip")),
+        ("ping", have("ping")),
+        ("qemu-system-x86_64", have("qemu-system-x86_64")),
+    ]
+    .into_iter()
+    .filter_map(|(n, ok)| (!ok).then_some(n))
+    .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "lab test needs {missing:?}, which CI must provide"
+    );
+    eprintln!("SKIP: lab test needs {missing:?}");
+    false
+}
+
+fn lab_leftovers(index: u64) -> Vec<String> {
+    let ns = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    let links = String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["-o", "link"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned();
+    let prefix = format!("tern-{index}-");
+    ns.lines()
+        .chain(links.lines())
+        .filter(|l| l.contains(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn lab_up_status_vm_down() {
+    if !can_run() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let st = tmp.path();
+
+    let bad = tern(st, &["lab", "up", "--hosts", "0"]);
+    assert_eq!(
+        bad.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    assert_eq!(
+        tern(st, &["lab", "status"]).status.code(),
+        Some(2),
+        "no lab yet"
+    );
+
+    let up = json(&tern(
+        st,
+        &["lab", "up", "--hosts", "2", "--link-mbit", "1000", "--json"],
+    ));
+    let index = up["index"].as_u64().unwrap();
+    let hosts = up["hosts"].as_array().unwrap();
+    assert_eq!(hosts.len(), 2);
+    let h2_addr = hosts[1]["addr"].as_str().unwrap();
+    let h1_url = hosts[0]["url"].as_str().unwrap().to_string();
+    let token_file = up["token_file"].as_str().unwrap().to_string();
+
+    // A second lab in the same state directory is refused.
+    assert_eq!(
+        tern(st, &["lab", "up", "--hosts", "1"]).status.code(),
+        Some(2)
+    );
+
+    // The hosts reach each other through the switch (bounded: 3 probes, 2 s each).
+    let ping = Command::new("ip")
+        .args(["netns", "exec", hosts[0]["netns"].as_str().unwrap()])
+        .args(["ping", "-c", "3", "-i", "0.2", "-W", "2", h2_addr])
+        .output()
+        .unwrap();
+    assert!(
+        ping.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ping.stdout)
+    );
+
+    let status = json(&tern(st, &["lab", "status", "--json"]));
+    for h in status["hosts"].as_array().unwrap() {
+        assert_eq!(h["agent_running"], true, "{h}");
+        assert!(h["report"].is_object(), "{h}");
+    }
+
+    // A VM with a NIC on host 1: its tap joins the host's bridge; its RAM is on tmpfs.
+    let vm = |args: &[&str]| {
+        let mut a = vec![
+            "vm",
+            "--agent",
+            &h1_url,
+            "--token-file",
+            &token_file,
+            "--json",
+        ];
+        a.extend_from_slice(args);
+        tern(st, &a)
+    };
+    let created = json(&vm(&[
+        "create",
+        "box",
+        "--memory-mib",
+        "64",
+        "--nic",
+        "auto",
+    ]));
+    assert_eq!(created["state"], "running");
+    let ram = created["memory_file"].as_str().unwrap().to_string();
+    assert!(ram.starts_with("/dev/shm/"), "{ram}");
+    assert!(std::path::Path::new(&ram).exists());
+    assert_eq!(json(&vm(&["list"])).as_array().unwrap().len(), 1);
+    assert_eq!(vm(&["show", "ghost"]).status.code(), Some(2), "unknown VM");
+    assert_eq!(
+        vm(&["create", "nomem"]).status.code(),
+        Some(2),
+        "spec without memory"
+    );
+    let wrong = tern(st, &["vm", "--agent", &h1_url, "--token", "wrong", "list"]);
+    assert_eq!(wrong.status.code(), Some(2), "bad token");
+
+    let down = tern(st, &["lab", "down"]);
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    assert!(
+        lab_leftovers(index).is_empty(),
+        "{:?}",
+        lab_leftovers(index)
+    );
+    assert!(!std::path::Path::new(&ram).exists(), "guest RAM removed");
+    assert!(!st.join("lab").exists(), "lab directory removed");
+    assert_eq!(
+        tern(st, &["lab", "down"]).status.code(),
+        Some(2),
+        "nothing left to remove"
+    );
+}
