@@ -2,9 +2,11 @@
 //! file per policy; each reads the simulator state and returns moves, nothing else.
 
 mod none;
+mod spread;
 mod thr_mmt;
 
 pub use none::Static;
+pub use spread::Spread;
 pub use thr_mmt::ThrMmt;
 
 use crate::state::State;
@@ -26,13 +28,14 @@ pub trait Policy {
 }
 
 /// Policy names `by_name` accepts.
-pub const POLICY_NAMES: [&str; 2] = ["none", "thr-mmt"];
+pub const POLICY_NAMES: [&str; 3] = ["none", "thr-mmt", "spread"];
 
 /// Builds a policy from its command-line name; `threshold` is the overload threshold.
 pub fn by_name(name: &str, threshold: f64) -> Result<Box<dyn Policy>, SimError> {
     match name {
         "none" => Ok(Box::new(Static)),
         "thr-mmt" => Ok(Box::new(ThrMmt::new(threshold))),
+        "spread" => Ok(Box::new(Spread::new())),
         other => Err(SimError::UnknownPolicy(other.to_string())),
     }
 }
