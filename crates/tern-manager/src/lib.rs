@@ -4,6 +4,8 @@
 //! - [`state`]: hosts, VMs, migrations, events and settings as values; [`state::Snapshot`].
 //! - [`store`]: the [`store::Store`] trait and its SQLite implementation (the only disk I/O).
 //! - [`api`]: the REST API and `/metrics`.
+//! - [`client`]: agents behind [`client::HostClient`] (HTTP, or in process over `sim`).
+//! - [`control`]: the loop that pulls load reports and drives agents toward the plan.
 //! - [`decide`]: the pure decisions: commands, placement, health, reconciliation.
 //! - [`manager`]: the shell that commits decisions to the store and publishes events.
 //! - [`error`]: the crate's one error type.
@@ -12,6 +14,8 @@
 //! manager commits the changes to the store and then applies them to its snapshot.
 
 pub mod api;
+pub mod client;
+pub mod control;
 pub mod decide;
 pub mod error;
 pub mod manager;

@@ -73,6 +73,30 @@ impl Manager {
         Ok(reply)
     }
 
+    /// Decides the commands one after another, each seeing the ones before, and commits
+    /// all that succeeded in one transaction. A command that fails is left out with its
+    /// error; if the commit fails, nothing changes.
+    pub fn execute_many(&self, cmds: Vec<Command>) -> Result<Vec<Result<Reply>>> {
+        let now = self.now();
+        let mut inner = self.lock();
+        let backup = inner.snap.clone();
+        let mut all = Vec::new();
+        let mut out = Vec::with_capacity(cmds.len());
+        for cmd in cmds {
+            match decide::decide(&inner.snap, now, cmd) {
+                Ok((changes, reply)) => {
+                    inner.snap.apply(&changes, &[]);
+                    all.extend(changes);
+                    out.push(Ok(reply));
+                }
+                Err(e) => out.push(Err(e)),
+            }
+        }
+        inner.snap = backup;
+        Self::commit(&mut inner, &self.events, now, &all)?;
+        Ok(out)
+    }
+
     /// Runs a decision that needs no command (the health step, the balancer) and commits
     /// what it returns, with the value it computed beside the changes.
     pub fn step<T>(&self, f: impl FnOnce(&Snapshot, Millis) -> (Vec<Change>, T)) -> Result<T> {

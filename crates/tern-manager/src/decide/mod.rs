@@ -360,14 +360,62 @@ fn create_vm(
     spec: VmSpec,
     host: Option<String>,
 ) -> Result<Decision> {
+    let mut placer = Placer::new(snap);
+    let (changes, v) = create_one(snap, &mut placer, name, spec, host)?;
+    Ok((changes, Reply::Vm(v)))
+}
+
+/// A VM creation request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewVm {
+    pub name: String,
+    pub spec: VmSpec,
+    /// Absent: placed automatically.
+    pub host: Option<String>,
+}
+
+/// Creates many VMs with one placement pass (each sees the ones before it), so creating
+/// thousands stays linear. Requests that fail are answered with their error and left out.
+pub fn create_vms(snap: &Snapshot, reqs: Vec<NewVm>) -> (Vec<Change>, Vec<Result<Vm>>) {
+    let mut placer = Placer::new(snap);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut changes = Vec::new();
+    let mut out = Vec::with_capacity(reqs.len());
+    for r in reqs {
+        if !seen.insert(r.name.clone()) {
+            out.push(Err(Error::Conflict(format!(
+                "VM {:?} is named twice in one request",
+                r.name
+            ))));
+            continue;
+        }
+        match create_one(snap, &mut placer, r.name, r.spec, r.host) {
+            Ok((c, v)) => {
+                changes.extend(c);
+                out.push(Ok(v));
+            }
+            Err(e) => out.push(Err(e)),
+        }
+    }
+    (changes, out)
+}
+
+fn create_one(
+    snap: &Snapshot,
+    placer: &mut Placer,
+    name: String,
+    spec: VmSpec,
+    host: Option<String>,
+) -> Result<(Vec<Change>, Vm)> {
     check_name("VM", &name)?;
+    // Agents name the VM's files and devices after it, so their rule applies too.
+    tern_hv::spec::validate_id(&name).map_err(|e| Error::BadInput(e.to_string()))?;
     spec.validate()?;
     if snap.vms.contains_key(&name) {
         return Err(Error::Conflict(format!(
             "a VM named {name:?} already exists; pick another name or delete it first"
         )));
     }
-    let placer = Placer::new(snap);
     let target = match host {
         Some(h) => {
             placer.check(&name, &spec, &h)?;
@@ -375,6 +423,7 @@ fn create_vm(
         }
         None => placer.choose(&name, &spec, None)?,
     };
+    placer.take(&spec, &target);
     let v = Vm {
         name: name.clone(),
         spec,
@@ -384,16 +433,14 @@ fn create_vm(
         cpu_used: 0.0,
         last_moved: None,
     };
-    Ok((
-        vec![
-            Change::PutVm(v.clone()),
-            Change::Event(EventKind::VmCreated {
-                vm: name,
-                host: target,
-            }),
-        ],
-        Reply::Vm(v),
-    ))
+    let changes = vec![
+        Change::PutVm(v.clone()),
+        Change::Event(EventKind::VmCreated {
+            vm: name,
+            host: target,
+        }),
+    ];
+    Ok((changes, v))
 }
 
 /// Records a migration of running VM `v` to `to`. Shared by the operator's command, the

@@ -1,0 +1,42 @@
+//! Agents as the manager sees them: one small trait, [`HostClient`], with a real HTTP
+//! implementation ([`http`]) for `tern agent` and an in-process one ([`sim`]) over the
+//! `sim` hypervisor driver, for the demo and for tests at scale.
+//!
+//! A [`Connector`] finds the client of a host from its record, so the control loop does
+//! not care which kind it talks to.
+
+pub mod http;
+pub mod sim;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::decide::LoadReport;
+use crate::error::Result;
+use crate::state::{Host, MigrationResult, VmSpec};
+
+/// What the manager asks of a host's agent.
+#[async_trait]
+pub trait HostClient: Send + Sync {
+    /// Creates and starts `vm`.
+    async fn create_vm(&self, vm: &str, spec: &VmSpec) -> Result<()>;
+    /// Destroys `vm`; a VM the host does not have counts as destroyed.
+    async fn delete_vm(&self, vm: &str) -> Result<()>;
+    /// Live-migrates `vm` from this host to `to` with the termination policy `policy`;
+    /// on failure the VM keeps running here.
+    async fn migrate_vm(
+        &self,
+        vm: &str,
+        spec: &VmSpec,
+        to: &Host,
+        policy: &str,
+    ) -> Result<MigrationResult>;
+    /// The host's current load and the VMs it runs.
+    async fn load_report(&self) -> Result<LoadReport>;
+}
+
+/// Finds the client for a host.
+pub trait Connector: Send + Sync {
+    fn client(&self, host: &Host) -> Result<Arc<dyn HostClient>>;
+}

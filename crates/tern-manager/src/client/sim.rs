@@ -1,0 +1,272 @@
+//! [`HostClient`] in process, over the `sim` hypervisor driver: one [`SimDriver`] per
+//! host, so the manager, the balancer and the control loop run unchanged against a
+//! thousand hosts in one process.
+//!
+//! A migration walks the driver's migration steps as the agent does for QEMU (destination
+//! created incoming, source migrated and left paused, destination resumed, source
+//! destroyed); its duration and downtime come from `tern-migrate`'s analytic pre-copy
+//! model under the requested policy, since the sim driver moves no memory.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use async_trait::async_trait;
+use tern_hv::sim::SimDriver;
+use tern_hv::Hypervisor;
+use tern_migrate::{DirtyModel, MigrationParams};
+
+use super::{Connector, HostClient};
+use crate::decide::balance::{DIRTY_BYTES_PER_CORE_S, LINK_BYTES_PER_S};
+use crate::decide::{LoadReport, VmLoad};
+use crate::error::{Error, Result};
+use crate::state::{check_policy, Host, MigrationResult, VmSpec};
+
+/// One simulated host.
+pub struct SimHost {
+    name: String,
+    driver: SimDriver,
+    /// Each VM's CPU time at the last report, to turn cumulative time into cores.
+    samples: Mutex<BTreeMap<String, (u64, Instant)>>,
+    /// Each VM's configured busy fraction, which travels with it when it migrates.
+    utilisation: Mutex<BTreeMap<String, f64>>,
+    cluster: std::sync::Weak<SimCluster>,
+    /// A host switched off answers nothing, as if its agent died; its VMs stay defined,
+    /// as they would on a host cut off from the network.
+    down: std::sync::atomic::AtomicBool,
+}
+
+fn hv_err(host: &str, e: impl std::fmt::Display) -> Error {
+    Error::Agent {
+        host: host.to_owned(),
+        message: e.to_string(),
+    }
+}
+
+impl SimHost {
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn set_utilisation(&self, vm: &str, u: f64) -> Result<()> {
+        self.driver
+            .set_utilisation(vm, u)
+            .map_err(|e| hv_err(&self.name, e))?;
+        Self::lock(&self.utilisation).insert(vm.to_owned(), u);
+        Ok(())
+    }
+
+    /// Cuts the host off (`true`) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn reachable(&self) -> Result<()> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(hv_err(&self.name, "host is down"));
+        }
+        Ok(())
+    }
+
+    /// The VMs the driver holds, in any state.
+    pub async fn vm_names(&self) -> Vec<String> {
+        self.driver
+            .list()
+            .await
+            .map(|l| l.into_iter().map(|v| v.id).collect())
+            .unwrap_or_default()
+    }
+
+    async fn forget(&self, vm: &str) {
+        Self::lock(&self.samples).remove(vm);
+        Self::lock(&self.utilisation).remove(vm);
+    }
+}
+
+#[async_trait]
+impl HostClient for SimHost {
+    async fn create_vm(&self, vm: &str, spec: &VmSpec) -> Result<()> {
+        self.reachable()?;
+        let hv_spec = tern_hv::VmSpec {
+            vcpus: spec.vcpus,
+            memory_mib: spec.memory_mib,
+            kernel: None,
+            initramfs: None,
+            cmdline: String::new(),
+            nics: Vec::new(),
+        };
+        self.driver
+            .create(vm, hv_spec, false)
+            .await
+            .map_err(|e| hv_err(&self.name, e))?;
+        self.driver
+            .start(vm)
+            .await
+            .map_err(|e| hv_err(&self.name, e))?;
+        Self::lock(&self.samples).insert(vm.to_owned(), (0, Instant::now()));
+        Ok(())
+    }
+
+    async fn delete_vm(&self, vm: &str) -> Result<()> {
+        self.reachable()?;
+        // A VM the driver does not have is already what we want.
+        let _ = self.driver.destroy(vm).await;
+        self.forget(vm).await;
+        Ok(())
+    }
+
+    async fn migrate_vm(
+        &self,
+        vm: &str,
+        spec: &VmSpec,
+        to: &Host,
+        policy: &str,
+    ) -> Result<MigrationResult> {
+        self.reachable()?;
+        let policy = check_policy(policy)?;
+        let cluster = self
+            .cluster
+            .upgrade()
+            .ok_or_else(|| hv_err(&self.name, "the simulated cluster is gone"))?;
+        let dest = cluster.host(&to.name)?;
+        dest.reachable()?;
+        let util = Self::lock(&self.utilisation)
+            .get(vm)
+            .copied()
+            .unwrap_or(0.0);
+        let info = self
+            .driver
+            .info(vm)
+            .await
+            .map_err(|e| hv_err(&self.name, e))?;
+        dest.driver
+            .create(vm, info.spec.clone(), true)
+            .await
+            .map_err(|e| hv_err(&to.name, e))?;
+        let steps = async {
+            dest.driver
+                .migrate_incoming(vm, "sim:")
+                .await
+                .map_err(|e| hv_err(&to.name, e))?;
+            self.driver
+                .migrate(vm, "sim:")
+                .await
+                .map_err(|e| hv_err(&self.name, e))?;
+            dest.driver
+                .resume(vm)
+                .await
+                .map_err(|e| hv_err(&to.name, e))?;
+            Ok::<_, Error>(())
+        };
+        if let Err(e) = steps.await {
+            // The single way back: the destination copy goes, the source runs on.
+            let _ = dest.driver.destroy(vm).await;
+            let _ = self.driver.resume(vm).await;
+            return Ok(MigrationResult::Failed {
+                error: e.to_string(),
+            });
+        }
+        Self::lock(&dest.samples).insert(vm.to_owned(), (0, Instant::now()));
+        dest.set_utilisation(vm, util).await?;
+        let _ = self.driver.destroy(vm).await;
+        self.forget(vm).await;
+        let memory = spec.memory_mib * 1024 * 1024;
+        let dirty = util * f64::from(spec.vcpus) * DIRTY_BYTES_PER_CORE_S;
+        let params =
+            MigrationParams::new(memory, LINK_BYTES_PER_S).with_dirty(DirtyModel::Uniform {
+                rate_bytes_per_s: dirty,
+                working_set_bytes: memory,
+            });
+        let out = tern_migrate::simulate(&params, &policy).map_err(|e| hv_err(&self.name, e))?;
+        Ok(MigrationResult::Succeeded {
+            total_ms: out.total_ms(),
+            downtime_ms: out.downtime_ms(),
+        })
+    }
+
+    async fn load_report(&self) -> Result<LoadReport> {
+        self.reachable()?;
+        let vms = self
+            .driver
+            .list()
+            .await
+            .map_err(|e| hv_err(&self.name, e))?;
+        let mut report = LoadReport::default();
+        for v in vms {
+            let m = self
+                .driver
+                .metrics(&v.id)
+                .await
+                .map_err(|e| hv_err(&self.name, e))?;
+            let now = Instant::now();
+            let mut samples = Self::lock(&self.samples);
+            let (before, at) = samples.get(&v.id).copied().unwrap_or((0, now));
+            let secs = now.duration_since(at).as_secs_f64();
+            let cores = if secs > 0.0 {
+                m.vcpu_cpu_ns.saturating_sub(before) as f64 / 1e9 / secs
+            } else {
+                0.0
+            };
+            samples.insert(v.id.clone(), (m.vcpu_cpu_ns, now));
+            report.cpu_used += cores;
+            report.vms.push(VmLoad {
+                name: v.id,
+                cpu_used: cores,
+            });
+        }
+        Ok(report)
+    }
+}
+
+/// A set of simulated hosts, by name.
+pub struct SimCluster {
+    hosts: Mutex<BTreeMap<String, Arc<SimHost>>>,
+    me: std::sync::Weak<SimCluster>,
+}
+
+impl SimCluster {
+    pub fn new() -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            hosts: Mutex::new(BTreeMap::new()),
+            me: me.clone(),
+        })
+    }
+
+    /// Adds a host named `name` (its `Host::address` is `sim:`).
+    pub fn add_host(&self, name: &str) -> Arc<SimHost> {
+        let h = Arc::new(SimHost {
+            name: name.to_owned(),
+            driver: SimDriver::new(),
+            samples: Mutex::new(BTreeMap::new()),
+            utilisation: Mutex::new(BTreeMap::new()),
+            cluster: self.me.clone(),
+            down: std::sync::atomic::AtomicBool::new(false),
+        });
+        SimHost::lock(&self.hosts).insert(name.to_owned(), h.clone());
+        h
+    }
+
+    pub fn host(&self, name: &str) -> Result<Arc<SimHost>> {
+        SimHost::lock(&self.hosts)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| hv_err(name, "no such simulated host"))
+    }
+
+    /// Sets how busy `vm`'s vCPUs are (0..=1) on whichever host runs it.
+    pub async fn set_utilisation(&self, vm: &str, utilisation: f64) -> Result<()> {
+        let hosts: Vec<Arc<SimHost>> = SimHost::lock(&self.hosts).values().cloned().collect();
+        for h in hosts {
+            if h.driver.info(vm).await.is_ok() {
+                return h.set_utilisation(vm, utilisation).await;
+            }
+        }
+        Err(Error::UnknownVm(vm.to_owned()))
+    }
+}
+
+impl Connector for SimCluster {
+    fn client(&self, host: &Host) -> Result<Arc<dyn HostClient>> {
+        Ok(self.host(&host.name)?)
+    }
+}

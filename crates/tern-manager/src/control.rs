@@ -1,0 +1,318 @@
+//! The control loop: the imperative shell that moves the cluster toward what the
+//! decisions ask for. Each round:
+//!
+//! ```text
+//!  load reports ──► heartbeats (stale copies on returning hosts destroyed)
+//!       └─► health step (dead hosts, restarts, evacuation)
+//!             └─► balance round (dry run: a recorded plan)
+//!                   └─► dispatch: agent calls for pending creates, deletes, migrations
+//!                         └─► answers committed as commands
+//! ```
+//!
+//! Agent calls run concurrently (bounded); a VM has at most one call in flight.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use crate::client::Connector;
+use crate::decide::balance::{self, BalancePlan};
+use crate::decide::reconcile::{self, Action};
+use crate::decide::{health, Command, Reply};
+use crate::error::Result;
+use crate::manager::Manager;
+use crate::state::{Host, MigrationResult};
+
+/// Agent calls in flight at once.
+const CONCURRENCY: usize = 64;
+
+/// The loop's state: which VMs have a call in flight, and the answers not yet committed.
+pub struct Control {
+    manager: Arc<Manager>,
+    agents: Arc<dyn Connector>,
+    inflight: Mutex<BTreeSet<String>>,
+    done_tx: mpsc::UnboundedSender<(String, Option<Command>)>,
+    done_rx: Mutex<mpsc::UnboundedReceiver<(String, Option<Command>)>>,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// What one round did.
+#[derive(Clone, Debug, Default)]
+pub struct RoundReport {
+    pub reports: usize,
+    pub unreachable: usize,
+    pub stale_destroyed: usize,
+    pub plan: BalancePlan,
+    pub dispatched: usize,
+}
+
+impl Control {
+    pub fn new(manager: Arc<Manager>, agents: Arc<dyn Connector>) -> Arc<Self> {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Arc::new(Self {
+            manager,
+            agents,
+            inflight: Mutex::new(BTreeSet::new()),
+            done_tx,
+            done_rx: Mutex::new(done_rx),
+            slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENCY)),
+        })
+    }
+
+    fn inflight(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Pulls every host's load report and commits them as heartbeats; hosts reported
+    /// stale copies are told to destroy them.
+    pub async fn collect_reports(&self) -> Result<(usize, usize, usize)> {
+        let hosts: Vec<Host> = self.manager.read(|s| s.hosts.values().cloned().collect());
+        let agents = self.agents.clone();
+        let reports: Vec<_> = futures_util::stream::iter(hosts)
+            .map(|h| {
+                let agents = agents.clone();
+                async move {
+                    let r = match agents.client(&h) {
+                        Ok(c) => c.load_report().await,
+                        Err(e) => Err(e),
+                    };
+                    (h, r)
+                }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        let mut cmds = Vec::new();
+        let mut hosts = Vec::new();
+        let mut unreachable = 0;
+        for (h, r) in reports {
+            match r {
+                Ok(report) => {
+                    cmds.push(Command::Heartbeat {
+                        host: h.name.clone(),
+                        report,
+                    });
+                    hosts.push(h);
+                }
+                Err(e) => {
+                    tracing::warn!(host = %h.name, "no load report: {e}");
+                    unreachable += 1;
+                }
+            }
+        }
+        let n = cmds.len();
+        let replies = self.manager.execute_many(cmds)?;
+        let mut destroyed = 0;
+        for (h, r) in hosts.iter().zip(replies) {
+            if let Ok(Reply::Heartbeat(hb)) = r {
+                let client = self.agents.client(h)?;
+                for vm in hb.stale {
+                    match client.delete_vm(&vm).await {
+                        Ok(()) => destroyed += 1,
+                        Err(e) => {
+                            tracing::warn!(host = %h.name, vm, "stale copy not destroyed: {e}")
+                        }
+                    }
+                }
+            }
+        }
+        Ok((n, unreachable, destroyed))
+    }
+
+    /// The health step (see [`health::tick`]).
+    pub fn health(&self) -> Result<()> {
+        self.manager.step(|s, now| (health::tick(s, now), ()))
+    }
+
+    /// A balancing round (see [`balance::round`]), timed.
+    pub fn balance(&self) -> Result<BalancePlan> {
+        self.manager.step(|s, now| {
+            let started = Instant::now();
+            let (changes, mut plan) = balance::round(s, now);
+            plan.planning_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+            (changes, plan)
+        })
+    }
+
+    /// Starts agent calls for the actions not already under way; returns how many.
+    pub fn dispatch(self: &Arc<Self>) -> Result<usize> {
+        let (actions, hosts) = self
+            .manager
+            .read(|s| (reconcile::actions(s), Arc::new(s.hosts.clone())));
+        let mut started = 0;
+        for action in actions {
+            if !self.inflight().insert(action.vm().to_owned()) {
+                continue;
+            }
+            let me = self.clone();
+            let hosts = hosts.clone();
+            let spec = self
+                .manager
+                .read(|s| s.vms.get(action.vm()).map(|v| v.spec.clone()));
+            tokio::spawn(async move {
+                let _slot = me.slots.clone().acquire_owned().await;
+                let vm = action.vm().to_owned();
+                let cmd = match spec {
+                    Some(spec) => me.perform(&action, &spec, &hosts).await,
+                    None => None,
+                };
+                let _ = me.done_tx.send((vm, cmd));
+            });
+            started += 1;
+        }
+        Ok(started)
+    }
+
+    /// Carries out one action; the command that records its answer, if any.
+    async fn perform(
+        &self,
+        action: &Action,
+        spec: &crate::state::VmSpec,
+        hosts: &std::collections::BTreeMap<String, Host>,
+    ) -> Option<Command> {
+        let client = |name: &str| {
+            hosts
+                .get(name)
+                .ok_or_else(|| crate::Error::UnknownHost(name.to_owned()))
+                .and_then(|h| self.agents.client(h))
+        };
+        match action {
+            Action::Create { vm, host } => match client(host) {
+                Ok(c) => match c.create_vm(vm, spec).await {
+                    Ok(()) => Some(Command::VmStarted {
+                        vm: vm.clone(),
+                        host: host.clone(),
+                    }),
+                    Err(e) => {
+                        tracing::warn!(vm, host, "create failed: {e}");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(vm, host, "{e}");
+                    None
+                }
+            },
+            Action::Delete { vm, host } => match client(host) {
+                Ok(c) => match c.delete_vm(vm).await {
+                    Ok(()) => Some(Command::VmRemoved { vm: vm.clone() }),
+                    Err(e) => {
+                        tracing::warn!(vm, host, "delete failed: {e}");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(vm, host, "{e}");
+                    None
+                }
+            },
+            Action::Migrate {
+                id,
+                vm,
+                from,
+                to,
+                policy,
+            } => {
+                let result = match (client(from), hosts.get(to)) {
+                    (Ok(c), Some(dest)) => c
+                        .migrate_vm(vm, spec, dest, policy)
+                        .await
+                        .unwrap_or_else(|e| MigrationResult::Failed {
+                            error: e.to_string(),
+                        }),
+                    (Err(e), _) => MigrationResult::Failed {
+                        error: e.to_string(),
+                    },
+                    (_, None) => MigrationResult::Failed {
+                        error: format!("destination {to:?} is not registered"),
+                    },
+                };
+                Some(Command::MigrationDone { id: *id, result })
+            }
+        }
+    }
+
+    /// Commits the answers that came back; returns how many.
+    pub fn collect(&self) -> Result<usize> {
+        let mut done = Vec::new();
+        {
+            let mut rx = self.done_rx.lock().unwrap_or_else(|e| e.into_inner());
+            while let Ok(d) = rx.try_recv() {
+                done.push(d);
+            }
+        }
+        let n = done.len();
+        let cmds: Vec<Command> = done.iter().filter_map(|(_, c)| c.clone()).collect();
+        let results = self.manager.execute_many(cmds)?;
+        for r in results {
+            if let Err(e) = r {
+                tracing::warn!("agent answer not recorded: {e}");
+            }
+        }
+        let mut inflight = self.inflight();
+        for (vm, _) in done {
+            inflight.remove(&vm);
+        }
+        Ok(n)
+    }
+
+    /// Dispatches, then waits until every call has answered and is committed.
+    pub async fn settle(self: &Arc<Self>) -> Result<usize> {
+        let n = self.dispatch()?;
+        while !self.inflight().is_empty() {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            self.collect()?;
+        }
+        Ok(n)
+    }
+
+    /// One full round (see the module doc), waiting for the agents' answers.
+    pub async fn round(self: &Arc<Self>) -> Result<RoundReport> {
+        let (reports, unreachable, stale_destroyed) = self.collect_reports().await?;
+        self.health()?;
+        let plan = self.balance()?;
+        let dispatched = self.settle().await?;
+        Ok(RoundReport {
+            reports,
+            unreachable,
+            stale_destroyed,
+            plan,
+            dispatched,
+        })
+    }
+
+    /// Runs rounds every `interval_s` of the balancer's settings until `shutdown`; agent
+    /// answers are committed as they arrive, between rounds too.
+    pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        let mut next = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = tokio::time::sleep_until(next) => {}
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                    if let Err(e) = self.collect().and_then(|_| self.dispatch()) {
+                        tracing::error!("reconcile: {e}");
+                    }
+                    continue;
+                }
+            }
+            let interval = self.manager.read(|s| s.settings.interval_s);
+            next = tokio::time::Instant::now() + Duration::from_secs(interval);
+            let step = async {
+                self.collect_reports().await?;
+                self.health()?;
+                self.balance()?;
+                self.collect()?;
+                self.dispatch()
+            };
+            if let Err(e) = step.await {
+                tracing::error!("control round: {e}");
+            }
+        }
+    }
+}
