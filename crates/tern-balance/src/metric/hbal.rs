@@ -1,51 +1,16 @@
 //! `hbal`: Ganeti's cluster score, kept incrementally for live-migration planning.
 //!
-//! Same components, weights and aggregation as Ganeti 3.0's `Cluster/Metrics.hs`
-//! (the score `hinfo` prints), computed from each node's [`NodeLoad`] so the planner
-//! can re-score a move in O(K). Components that a live migration cannot change
+//! Same components, weights and aggregation as [`super::ganeti`] (Ganeti 3.0's
+//! `Cluster/Metrics.hs`, the score `hinfo` prints), computed from each node's
+//! [`NodeLoad`] so the planner can re-score a move in O(K). Components that a live migration cannot change
 //! (free disk, spindles) are taken once from the snapshot. Not modelled: the
 //! location and location-exclusion scores (they need node location tags, which
 //! tern's files do not use; both stay 0) and forthcoming instances' disk.
 
 use tern_model::{Cluster, NodeId};
 
-use super::{Aggregate, Component, Metric, NodeLoad, Over};
-
-use Aggregate::{StdDev, Sum};
-use Over::{Offline, Online};
-
-const fn c(name: &'static str, weight: f64, aggregate: Aggregate, over: Over) -> Component {
-    Component {
-        name,
-        weight,
-        aggregate,
-        over,
-    }
-}
-
-/// Ganeti's weights table, in Ganeti's order.
-pub const COMPONENTS: [Component; 20] = [
-    c("free_mem_cv", 0.5, StdDev, Online),
-    c("free_disk_cv", 0.5, StdDev, Online),
-    c("n1_cnt", 1.0, Sum, Online),
-    c("reserved_mem_cv", 1.0, StdDev, Online),
-    c("offline_all_cnt", 4.0, Sum, Offline),
-    c("offline_pri_cnt", 16.0, Sum, Offline),
-    c("vcpu_ratio_cv", 0.5, StdDev, Online),
-    c("cpu_load_cv", 1.0, StdDev, Online),
-    c("mem_load_cv", 1.0, StdDev, Online),
-    c("disk_load_cv", 1.0, StdDev, Online),
-    c("net_load_cv", 1.0, StdDev, Online),
-    c("pri_tags_score", 2.0, Sum, Online),
-    c("spindles_cv", 0.5, StdDev, Online),
-    c("free_mem_cv_forth", 0.5, StdDev, Online),
-    c("free_disk_cv_forth", 0.5, StdDev, Online),
-    c("vcpu_ratio_cv_forth", 0.5, StdDev, Online),
-    c("spindles_cv_forth", 0.5, StdDev, Online),
-    c("location_score", 1.0, Sum, Online),
-    c("location_exclusion_score", 1.0, Sum, Online),
-    c("reserved_mem_rtotal", 0.25, Sum, Online),
-];
+use super::ganeti::COMPONENTS;
+use super::{Component, Metric, NodeLoad};
 
 /// Per-node values that live migration leaves alone.
 #[derive(Clone, Copy, Debug, Default)]
