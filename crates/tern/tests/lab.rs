@@ -83,6 +83,15 @@ fn lab_leftovers(index: u64) -> Vec<String> {
         .collect()
 }
 
+/// The image cache the other image tests use, so it is built once per build tree.
+fn image_cache() -> std::path::PathBuf {
+    std::env::var_os("TERN_CACHE")
+        .map(Into::into)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tern-cache")
+        })
+}
+
 #[test]
 fn lab_up_status_vm_down() {
     if !can_run() {
@@ -173,6 +182,47 @@ fn lab_up_status_vm_down() {
     );
     let wrong = tern(st, &["vm", "--agent", &h1_url, "--token", "wrong", "list"]);
     assert_eq!(wrong.status.code(), Some(2), "bad token");
+
+    // A real guest on host 1 with an address on the lab's segment answers a ping from
+    // host 2: guests share one L2 network across hosts, so an address survives a move.
+    let img = tern_hv::image::ensure_image(&image_cache(), &mut |s| eprintln!("image: {s}"))
+        .expect("guest image builds");
+    let guest_ip = format!("198.18.{index}.100");
+    let cmdline = format!("{} tern.ip={guest_ip}/24 tern.hostname=g1", img.cmdline);
+    let kernel = img.kernel.to_string_lossy().into_owned();
+    let initrd = img.initramfs.to_string_lossy().into_owned();
+    let g = json(&vm(&[
+        "create",
+        "g1",
+        "--memory-mib",
+        "256",
+        "--nic",
+        "auto",
+        "--kernel",
+        &kernel,
+        "--initramfs",
+        &initrd,
+        "--cmdline",
+        &cmdline,
+    ]));
+    assert_eq!(g["state"], "running");
+    let t0 = std::time::Instant::now();
+    loop {
+        let p = Command::new("ip")
+            .args(["netns", "exec", hosts[1]["netns"].as_str().unwrap()])
+            .args(["ping", "-c", "1", "-W", "1", &guest_ip])
+            .output()
+            .unwrap();
+        if p.status.success() {
+            eprintln!("guest reachable from h2 after {:?}", t0.elapsed());
+            break;
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(90),
+            "guest {guest_ip} on h1 never answered h2"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 
     let down = tern(st, &["lab", "down"]);
     assert!(
