@@ -180,3 +180,40 @@ async fn refusals_change_nothing() {
     let e = c.guest("big", &json!(["ping"])).await.unwrap_err();
     assert_eq!(remote_status(e), 400);
 }
+
+/// Every route in docs/agent-api.md's table exists on the server (answers something other
+/// than the unknown-route fallback), so the document cannot drift from the code.
+#[tokio::test]
+async fn documented_routes_exist() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/agent-api.md"
+    ))
+    .unwrap();
+    let routes: Vec<(String, String)> = doc
+        .lines()
+        .filter_map(|l| {
+            let cell = l.strip_prefix("| `")?.split('`').next()?;
+            let (method, path) = cell.split_once(' ')?;
+            path.starts_with("/v1/")
+                .then(|| (method.to_string(), path.replace("{id}", "ghost")))
+        })
+        .collect();
+    assert!(routes.len() >= 11, "route table not found: {routes:?}");
+    let a = start_agent(512).await;
+    let http = reqwest::Client::new();
+    for (method, path) in routes {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let resp = http
+            .request(m, format!("{}{path}", a.url))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap();
+        let body = resp.text().await.unwrap();
+        assert!(
+            !body.contains("no such route"),
+            "{method} {path} is documented but not served"
+        );
+    }
+}
