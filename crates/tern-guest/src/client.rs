@@ -121,10 +121,12 @@ impl GuestClient {
                 Ok(_) if self.pending.ends_with(b"\n") => {
                     let line = std::mem::take(&mut self.pending);
                     let text = String::from_utf8_lossy(&line);
-                    if text.trim().is_empty() {
-                        continue;
+                    // A UART channel may carry noise: the tty's echo of requests sent
+                    // before the agent set it raw, or a stray \r. Only answers count.
+                    match serde_json::from_str::<Response>(text.trim()) {
+                        Ok(resp) => return Ok(resp),
+                        Err(_) => continue,
                     }
-                    return serde_json::from_str(text.trim()).map_err(GuestError::Json);
                 }
                 Ok(_) => continue,
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
@@ -215,6 +217,36 @@ mod tests {
         assert!(matches!(err, GuestError::Agent(_)), "{err}");
         c.poweroff().unwrap();
         assert_eq!(server.join().unwrap(), crate::server::Ended::Poweroff);
+    }
+
+    #[test]
+    fn noise_on_the_line_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("noisy.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let peer = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(s.try_clone().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            // Echo of the request, a bare CR, then the answer.
+            s.write_all(line.as_bytes()).unwrap();
+            s.write_all(b"\r\n").unwrap();
+            let id = serde_json::from_str::<Request>(&line).unwrap().id;
+            let pong = Response::success(
+                id,
+                Reply::Pong {
+                    version: "t".into(),
+                    uptime_s: 1.0,
+                },
+            );
+            s.write_all(format!("{}\n", serde_json::to_string(&pong).unwrap()).as_bytes())
+                .unwrap();
+        });
+        let mut c = GuestClient::connect(&path, Duration::from_secs(5)).unwrap();
+        assert!(matches!(c.ping().unwrap(), Reply::Pong { .. }));
+        peer.join().unwrap();
     }
 
     #[test]

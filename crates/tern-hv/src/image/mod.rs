@@ -226,13 +226,6 @@ pub fn ensure_image(
     ));
     let pkg = kernel::resolve()?;
     progress(&format!("kernel package {} {}", pkg.name, pkg.version));
-    let deb_path = debs.join(pkg.deb_file_name());
-    if !deb_path.is_file() {
-        progress(&format!("downloading {} with apt-get download", pkg.name));
-    }
-    let deb = kernel::download(&pkg, &debs)?;
-    let deb_bytes = std::fs::read(&deb).map_err(|e| ImageError::io(&deb, e))?;
-
     let busybox = std::fs::read(BUSYBOX).map_err(|_| ImageError::MissingTool {
         tool: BUSYBOX,
         package: "busybox-static",
@@ -245,6 +238,13 @@ pub fn ensure_image(
     }
     let (guest_path, guest) = guest_bin::find(progress)?;
     progress(&format!("tern-guest: {}", guest_path.display()));
+
+    let deb_path = debs.join(pkg.deb_file_name());
+    if !deb_path.is_file() {
+        progress(&format!("downloading {} with apt-get download", pkg.name));
+    }
+    let deb = kernel::download(&pkg, &debs)?;
+    let deb_bytes = std::fs::read(&deb).map_err(|e| ImageError::io(&deb, e))?;
 
     let inputs = Inputs {
         kernel_deb_sha256: sha256_hex(&deb_bytes),
