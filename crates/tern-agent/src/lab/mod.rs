@@ -185,16 +185,12 @@ pub async fn up(opts: &LabOptions, progress: &dyn Fn(&str)) -> Result<LabState, 
             state_file(&opts.dir).display()
         )));
     }
-    let ns = plan::parse_netns_list(&output("ip", &["netns", "list"]).await?);
-    let addrs = plan::parse_addrs(&output("ip", &["-4", "-o", "addr", "show"]).await?);
-    let index = plan::pick_index(&ns, &addrs)
-        .ok_or_else(|| AgentError::Lab("every lab index 0-255 is in use".into()))?;
-    let shape = LabShape { index, ..shape0 };
-
     std::fs::create_dir_all(&opts.dir)
         .map_err(AgentError::io(format!("creating {}", opts.dir.display())))?;
     let token_file = opts.dir.join("token");
     write_private(&token_file, &random_token()?)?;
+    let shape = claim_index(shape0).await?;
+    let index = shape.index;
     let mem_root = PathBuf::from(format!("/dev/shm/tern-lab-{index}"));
     let mut state = LabState {
         index,
@@ -217,14 +213,40 @@ pub async fn up(opts: &LabOptions, progress: &dyn Fn(&str)) -> Result<LabState, 
             })
             .collect(),
     };
-    // Recorded before anything is made, so `down` can undo a half-built lab.
-    save(&state)?;
+    // Recorded before anything else is made, so `down` can undo a half-built lab.
+    if let Err(e) = save(&state) {
+        let _ = run("ip", &["netns", "del", &shape.switch_ns()]).await;
+        return Err(e);
+    }
     match build(&mut state, &shape, opts, progress).await {
         Ok(()) => Ok(state),
         Err(e) => {
             progress("lab: failed, removing what was made");
             let _ = down(&opts.dir, progress).await;
             Err(e)
+        }
+    }
+}
+
+/// Picks a free lab index and claims it by creating its switch namespace; when another
+/// lab took the same index in the meantime, tries the next one.
+async fn claim_index(shape: LabShape) -> Result<LabShape, AgentError> {
+    let mut taken: Vec<String> = Vec::new();
+    loop {
+        let mut ns = plan::parse_netns_list(&output("ip", &["netns", "list"]).await?);
+        ns.extend(taken.iter().cloned());
+        let addrs = plan::parse_addrs(&output("ip", &["-4", "-o", "addr", "show"]).await?);
+        let index = plan::pick_index(&ns, &addrs)
+            .ok_or_else(|| AgentError::Lab("every lab index 0-255 is in use".into()))?;
+        let s = LabShape { index, ..shape };
+        let c = s.claim_command();
+        let args: Vec<&str> = c[1..].iter().map(String::as_str).collect();
+        match run(&c[0], &args).await {
+            Ok(()) => return Ok(s),
+            Err(tern_hv::HvError::Command { stderr, .. }) if stderr.contains("exists") => {
+                taken.push(s.switch_ns());
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }

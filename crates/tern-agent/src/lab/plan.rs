@@ -92,11 +92,17 @@ impl LabShape {
         v
     }
 
-    /// The commands that build the lab's network, in order.
+    /// Creates the switch namespace. It comes first and on its own: `ip netns add` fails
+    /// when the name exists, so it claims the lab index against a lab being built at the
+    /// same moment (two test runs, say).
+    pub fn claim_command(&self) -> Cmd {
+        cmd(&["ip", "netns", "add", &self.switch_ns()])
+    }
+
+    /// The commands that build the rest of the lab's network, in order, after the claim.
     pub fn up_commands(&self) -> Vec<Cmd> {
         let sw = self.switch_ns();
         let mut c = vec![
-            cmd(&["ip", "netns", "add", &sw]),
             cmd(&["ip", "-n", &sw, "link", "set", "lo", "up"]),
             cmd(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]),
             cmd(&["ip", "-n", &sw, "link", "set", "br0", "up"]),
@@ -147,7 +153,8 @@ impl LabShape {
         c
     }
 
-    /// The commands that remove exactly what [`up_commands`](Self::up_commands) made.
+    /// The commands that remove exactly what [`claim_command`](Self::claim_command) and
+    /// [`up_commands`](Self::up_commands) made.
     /// Deleting a namespace deletes the links inside it; the root link goes first.
     pub fn down_commands(&self) -> Vec<Cmd> {
         let mut c = vec![cmd(&["ip", "link", "del", &self.root_link()])];
@@ -293,7 +300,8 @@ mod tests {
         #[test]
         fn down_undoes_up(hosts in 1u32..=MAX_HOSTS, index in any::<u8>(), mbit in proptest::option::of(1u32..10_000)) {
             let s = LabShape { index, hosts, link_mbit: mbit };
-            let up = s.up_commands();
+            let mut up = vec![s.claim_command()];
+            up.extend(s.up_commands());
             let down = s.down_commands();
             let added_ns: Vec<&String> = up.iter().filter(|c| c[1] == "netns" && c[2] == "add").map(|c| &c[3]).collect();
             for ns in &added_ns {
