@@ -190,6 +190,10 @@ pub struct Vm {
     pub state: VmState,
     /// Cores it uses, smoothed over its host's reports like the host's own load.
     pub cpu_used: f64,
+    /// Whether `cpu_used` comes from a report yet; the first report is taken as it is
+    /// instead of being averaged with the 0 a new VM starts from.
+    #[serde(default)]
+    pub cpu_measured: bool,
     /// When it last moved; the balancer leaves it alone for the cooldown after that.
     pub last_moved: Option<Millis>,
 }

@@ -32,6 +32,7 @@ fn vm(name: &str, on: &str) -> Vm {
         observed_host: None,
         state: VmState::Pending,
         cpu_used: 0.25,
+        cpu_measured: true,
         last_moved: None,
     }
 }
@@ -174,4 +175,29 @@ fn the_journal_is_wal() {
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
     assert_eq!(mode, "wal");
+}
+
+#[test]
+fn a_version_1_database_is_migrated_forward_keeping_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(schema::MIGRATIONS[0].1).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL);
+             INSERT INTO schema_version VALUES (1);
+             INSERT INTO vms VALUES ('a', '{\"vcpus\":1,\"memory_mib\":512}', 'h1', 'h1',
+                                     'running', 0.5, NULL);",
+        )
+        .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), schema::latest());
+    assert!(schema::latest() >= 2);
+    let a = &store.load().unwrap().vms["a"];
+    assert_eq!(
+        (a.state, a.cpu_used, a.cpu_measured),
+        (VmState::Running, 0.5, false)
+    );
 }

@@ -38,6 +38,10 @@ enum Command {
     Lab(cmd::lab::Command),
     /// VMs on one host, straight against its agent.
     Vm(cmd::vm::Args),
+    /// Run the control plane: REST API, state in SQLite, balancing loop over the agents.
+    Manager(cmd::manager::Args),
+    /// Show the whole system: VMs created unevenly, balanced by live migration.
+    Demo(cmd::demo::Args),
 }
 
 fn main() {
@@ -57,6 +61,8 @@ fn main() {
         Command::Agent(a) => cmd::agent::run(a),
         Command::Lab(c) => cmd::lab::run(c),
         Command::Vm(a) => cmd::vm::run(a),
+        Command::Manager(a) => cmd::manager::run(a),
+        Command::Demo(a) => cmd::demo::run(a),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

@@ -48,10 +48,18 @@ impl SimHost {
         m.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn set_utilisation(&self, vm: &str, u: f64) -> Result<()> {
+    /// Sets how busy `vm`'s vCPUs are (0..=1); it keeps that load when it migrates.
+    pub async fn set_utilisation(&self, vm: &str, u: f64) -> Result<()> {
         self.driver
             .set_utilisation(vm, u)
             .map_err(|e| hv_err(&self.name, e))?;
+        // The next report measures from here, at the new load.
+        let m = self
+            .driver
+            .metrics(vm)
+            .await
+            .map_err(|e| hv_err(&self.name, e))?;
+        Self::lock(&self.samples).insert(vm.to_owned(), (m.vcpu_cpu_ns, Instant::now()));
         Self::lock(&self.utilisation).insert(vm.to_owned(), u);
         Ok(())
     }

@@ -29,13 +29,18 @@ use crate::state::{Change, EventKind, HostState, MigrationReason, Millis, Snapsh
 
 /// Aggressiveness 1-5 as the planner's thresholds, in the spirit of VMware DRS: level 1
 /// makes only mandatory moves (evacuation), higher levels act on ever smaller imbalance.
-/// `(stop when the spread score is at or below, least score drop per move)`.
+/// `(stop when the spread score is at or below, least score drop per move times the
+/// number of active hosts)`.
+///
+/// The second is scaled by the host count because the score is a standard deviation over
+/// hosts: one move changes it by about (moved utilisation × utilisation gap) / hosts, so a
+/// fixed threshold would stop a large cluster long before a small one.
 pub const AGGRESSIVENESS: [(f64, f64); 5] = [
     (f64::INFINITY, f64::INFINITY),
-    (0.20, 0.010),
-    (0.10, 0.004),
-    (0.05, 0.001),
-    (0.01, 0.0002),
+    (0.20, 0.05),
+    (0.10, 0.02),
+    (0.05, 0.005),
+    (0.01, 0.001),
 ];
 
 /// Cores a live migration keeps busy while it runs (copying and hashing pages on the
@@ -170,7 +175,7 @@ pub fn model(snap: &Snapshot, now: Millis) -> Model {
             demand: Demand {
                 // A VM seen running with no measured load counts as (almost) idle, not
                 // as its vCPU count, which the planner assumes for unmeasured VMs.
-                cpu_cores: if v.observed_host.is_some() {
+                cpu_cores: if v.cpu_measured {
                     v.cpu_used.max(1e-6)
                 } else {
                     0.0
@@ -220,7 +225,13 @@ pub fn migration_seconds(v: &Vm, policy: PolicyKind) -> f64 {
 /// Plans one round over `snap` at `now` (see the module doc).
 pub fn plan(snap: &Snapshot, now: Millis) -> BalancePlan {
     let s = &snap.settings;
-    let (min_score, min_gain) = AGGRESSIVENESS[usize::from(s.aggressiveness.clamp(1, 5)) - 1];
+    let (min_score, gain_per_host) = AGGRESSIVENESS[usize::from(s.aggressiveness.clamp(1, 5)) - 1];
+    let active = snap
+        .hosts
+        .values()
+        .filter(|h| h.state == HostState::Active)
+        .count();
+    let min_gain = gain_per_host / active.max(1) as f64;
     let (busy, total) = in_flight(snap);
     let budget = s.max_per_cluster.saturating_sub(total) as usize;
     let m = model(snap, now);

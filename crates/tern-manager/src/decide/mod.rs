@@ -337,16 +337,17 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
             if stale.contains(&l.name) || !(l.cpu_used >= 0.0 && l.cpu_used.is_finite()) {
                 continue;
             }
-            let cpu = if v.observed_host.is_some() {
+            let cpu = if v.cpu_measured {
                 alpha * l.cpu_used + (1.0 - alpha) * v.cpu_used
             } else {
                 l.cpu_used
             };
-            if cpu == v.cpu_used {
+            if cpu == v.cpu_used && v.cpu_measured {
                 continue;
             }
             changes.push(Change::PutVm(Vm {
                 cpu_used: cpu,
+                cpu_measured: true,
                 ..v.clone()
             }));
         }
@@ -431,6 +432,7 @@ fn create_one(
         observed_host: None,
         state: VmState::Pending,
         cpu_used: 0.0,
+        cpu_measured: false,
         last_moved: None,
     };
     let changes = vec![
@@ -580,6 +582,7 @@ pub(crate) mod testing {
                 observed_host: Some(host.into()),
                 state: VmState::Running,
                 cpu_used: 0.0,
+                cpu_measured: true,
                 last_moved: None,
             },
         );

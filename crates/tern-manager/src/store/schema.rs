@@ -7,9 +7,10 @@ use rusqlite::{Connection, OptionalExtension};
 use crate::error::{Error, Result};
 
 /// `(version, SQL)`, in order. Never edit a released entry; append a new one.
-pub const MIGRATIONS: &[(u32, &str)] = &[(
-    1,
-    "CREATE TABLE hosts (
+pub const MIGRATIONS: &[(u32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE hosts (
         name TEXT PRIMARY KEY,
         address TEXT NOT NULL,
         cpus REAL NOT NULL,
@@ -49,7 +50,12 @@ pub const MIGRATIONS: &[(u32, &str)] = &[(
         id INTEGER PRIMARY KEY CHECK (id = 1),
         body TEXT NOT NULL
     );",
-)];
+    ),
+    (
+        2,
+        "ALTER TABLE vms ADD COLUMN cpu_measured INTEGER NOT NULL DEFAULT 0;",
+    ),
+];
 
 /// The version this build writes.
 pub fn latest() -> u32 {

@@ -95,6 +95,7 @@ fn vm_from(r: &Row) -> rusqlite::Result<VmRow> {
             state: VmState::Pending,
             cpu_used: r.get(5)?,
             last_moved: r.get(6)?,
+            cpu_measured: r.get(7)?,
         },
         spec: r.get(1)?,
         state: r.get(4)?,
@@ -150,7 +151,8 @@ impl Store for SqliteStore {
             snap.hosts.insert(h.name.clone(), h);
         }
         let mut st = self.conn.prepare(
-            "SELECT name, spec, desired_host, observed_host, state, cpu_used, last_moved FROM vms",
+            "SELECT name, spec, desired_host, observed_host, state, cpu_used, last_moved, \
+             cpu_measured FROM vms",
         )?;
         for row in st.query_map([], vm_from)? {
             let VmRow {
@@ -212,7 +214,7 @@ impl Store for SqliteStore {
                 Change::PutVm(v) => {
                     tx.prepare_cached(
                         "INSERT OR REPLACE INTO vms (name, spec, desired_host, observed_host, \
-                         state, cpu_used, last_moved) VALUES (?1,?2,?3,?4,?5,?6,?7)",
+                         state, cpu_used, last_moved, cpu_measured) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
                     )?
                     .execute(params![
                         v.name,
@@ -221,7 +223,8 @@ impl Store for SqliteStore {
                         v.observed_host,
                         v.state.as_str(),
                         v.cpu_used,
-                        v.last_moved
+                        v.last_moved,
+                        v.cpu_measured
                     ])?;
                 }
                 Change::RemoveVm(name) => {

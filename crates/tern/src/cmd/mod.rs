@@ -2,8 +2,10 @@
 
 pub mod agent;
 pub mod bench;
+pub mod demo;
 pub mod image;
 pub mod lab;
+pub mod manager;
 pub mod plan;
 pub mod sim;
 pub mod vm;

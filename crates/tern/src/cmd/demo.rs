@@ -1,0 +1,361 @@
+//! `tern demo --sim`: a whole cluster in one process on the `sim` hypervisor driver. VMs
+//! are created unevenly, the manager's control loop balances them by live migration, and
+//! the per-host load before and after is printed with every migration.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tern_manager::client::sim::SimCluster;
+use tern_manager::control::Control;
+use tern_manager::decide::{self, Command, NewVm};
+use tern_manager::manager::system_clock;
+use tern_manager::state::{
+    BalancerSettings, Capacity, Migration, MigrationResult, Snapshot, VmSpec,
+};
+use tern_manager::store::SqliteStore;
+use tern_manager::Manager;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Run in one process on the sim driver (needs nothing installed).
+    #[arg(long)]
+    sim: bool,
+    #[arg(long, default_value_t = 1000)]
+    hosts: usize,
+    #[arg(long, default_value_t = 20000)]
+    vms: usize,
+    /// Balancing rounds at most (the demo stops earlier once a round plans nothing).
+    #[arg(long, default_value_t = 8)]
+    rounds: usize,
+    /// Balancer aggressiveness, 1 (conservative) to 5.
+    #[arg(long, default_value_t = 3)]
+    aggressiveness: u8,
+    /// Seed of the VM sizes, loads and the uneven placement.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Keep the state database here (default: a temporary file, removed at the end).
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Per-host CPU utilisation (cores in use / cores) as a summary.
+#[derive(Serialize)]
+struct LoadSummary {
+    min: f64,
+    p50: f64,
+    p90: f64,
+    max: f64,
+    stddev: f64,
+    over_80: usize,
+    over_100: usize,
+    spread_score: f64,
+}
+
+#[derive(Serialize)]
+struct RoundLine {
+    round: usize,
+    planned: usize,
+    decision_ms: f64,
+    score_before: f64,
+    score_after: f64,
+    skipped: BTreeMap<String, u64>,
+}
+
+#[derive(Serialize)]
+struct Report {
+    hosts: usize,
+    vms: usize,
+    before: LoadSummary,
+    after: LoadSummary,
+    rounds: Vec<RoundLine>,
+    migrations: Vec<Migration>,
+    wall_s: f64,
+}
+
+/// A small seeded generator (splitmix64): the demo is the same run after run.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[(self.next() % xs.len() as u64) as usize]
+    }
+}
+
+/// Cores in use per host, from the VMs' own (smoothed) loads, so a VM that just moved
+/// counts where it is now.
+fn summary(snap: &Snapshot) -> LoadSummary {
+    let mut used: BTreeMap<&str, f64> = snap.hosts.keys().map(|h| (h.as_str(), 0.0)).collect();
+    for v in snap.vms.values() {
+        if let Some(h) = &v.observed_host {
+            *used.entry(h.as_str()).or_default() += v.cpu_used;
+        }
+    }
+    let mut u: Vec<f64> = used
+        .iter()
+        .map(|(h, c)| c / snap.hosts[*h].capacity.cpus)
+        .collect();
+    u.sort_by(f64::total_cmp);
+    let n = u.len().max(1) as f64;
+    let mean = u.iter().sum::<f64>() / n;
+    let at = |q: f64| {
+        u.get(((u.len() as f64 - 1.0) * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    LoadSummary {
+        min: at(0.0),
+        p50: at(0.5),
+        p90: at(0.9),
+        max: at(1.0),
+        stddev: (u.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt(),
+        over_80: u.iter().filter(|x| **x > 0.8).count(),
+        over_100: u.iter().filter(|x| **x > 1.0).count(),
+        spread_score: tern_manager::decide::balance::plan(
+            &Snapshot {
+                settings: BalancerSettings {
+                    aggressiveness: 1,
+                    ..snap.settings.clone()
+                },
+                ..snap.clone()
+            },
+            0,
+        )
+        .score_before,
+    }
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    if !a.sim {
+        return Err(super::bad_input(
+            "only the simulated demo exists so far: run `tern demo --sim` (the QEMU lab demo \
+             needs the lab and migration engine wired into the manager)",
+        ));
+    }
+    if a.hosts == 0 || a.vms == 0 {
+        return Err(super::bad_input("--hosts and --vms must be at least 1"));
+    }
+    if !(1..=5).contains(&a.aggressiveness) {
+        return Err(super::bad_input("--aggressiveness must be 1 to 5"));
+    }
+    let (db, temporary) = match &a.db {
+        Some(p) => (p.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("tern-demo-{}.db", std::process::id())),
+            true,
+        ),
+    };
+    let rt = tokio::runtime::Runtime::new()?;
+    let result = rt.block_on(demo(&a, &db));
+    if temporary {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+        }
+    }
+    let report = result?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+async fn demo(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let store = SqliteStore::open(db)?;
+    let manager = Arc::new(Manager::open(Box::new(store), system_clock())?);
+    let sim = SimCluster::new();
+    let mut rng = Rng(a.seed);
+    let names: Vec<String> = (0..a.hosts).map(|i| format!("h{i:04}")).collect();
+    let mut cmds = Vec::new();
+    for name in &names {
+        sim.add_host(name);
+        cmds.push(Command::RegisterHost {
+            name: name.clone(),
+            address: "sim:".into(),
+            capacity: Capacity {
+                cpus: 32.0,
+                memory_mib: 256 * 1024,
+            },
+        });
+    }
+    cmds.push(Command::PutSettings(BalancerSettings {
+        aggressiveness: a.aggressiveness,
+        max_per_host: 4,
+        max_per_cluster: 2000,
+        cooldown_s: 3600,
+        smoothing_window: 2,
+        ..Default::default()
+    }));
+    for r in manager.execute_many(cmds)? {
+        r?;
+    }
+    eprintln!(
+        "demo: {} sim hosts registered; creating {} VMs unevenly",
+        a.hosts, a.vms
+    );
+    // A fifth of the hosts get half the VMs.
+    let hot = (a.hosts / 5).max(1);
+    let mut loads = Vec::with_capacity(a.vms);
+    let reqs: Vec<NewVm> = (0..a.vms)
+        .map(|i| {
+            let host = if rng.unit() < 0.5 {
+                rng.next() as usize % hot
+            } else {
+                rng.next() as usize % a.hosts
+            };
+            loads.push(0.2 + 0.7 * rng.unit());
+            NewVm {
+                name: format!("vm-{i:05}"),
+                spec: VmSpec {
+                    vcpus: rng.pick(&[1, 2, 2, 4]),
+                    memory_mib: rng.pick(&[1024, 2048, 4096]),
+                    pinned: false,
+                    affinity: None,
+                    anti_affinity: None,
+                },
+                host: Some(names[host].clone()),
+            }
+        })
+        .collect();
+    let mut refused = Vec::new();
+    let results = manager.step(|s, _| decide::create_vms(s, reqs.clone()))?;
+    for (r, req) in results.iter().zip(&reqs) {
+        if r.is_err() {
+            // A full host: let the manager place it.
+            refused.push(NewVm {
+                host: None,
+                ..req.clone()
+            });
+        }
+    }
+    for r in manager.step(|s, _| decide::create_vms(s, refused))? {
+        r?;
+    }
+    let control = Control::new(manager.clone(), sim.clone());
+    control.settle().await?;
+    let placed: Vec<(String, String)> = manager.read(|s| {
+        s.vms
+            .values()
+            .filter_map(|v| Some((v.name.clone(), v.observed_host.clone()?)))
+            .collect()
+    });
+    for ((vm, host), load) in placed.iter().zip(&loads) {
+        sim.host(host)?.set_utilisation(vm, *load).await?;
+    }
+    eprintln!("demo: {} VMs running; measuring load", placed.len());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    control.collect_reports().await?;
+    let before = summary(&manager.read(|s| s.clone()));
+    let mut rounds = Vec::new();
+    for round in 1..=a.rounds {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = control.round().await?;
+        let ms = r.plan.planning_ms.unwrap_or(0.0);
+        eprintln!(
+            "demo: round {round}: {} migrations planned in {ms:.0} ms, spread score {:.4} -> {:.4}, skipped {:?}",
+            r.plan.moves.len(),
+            r.plan.score_before,
+            r.plan.score_after,
+            r.plan.skipped
+        );
+        rounds.push(RoundLine {
+            round,
+            planned: r.plan.moves.len(),
+            decision_ms: ms,
+            score_before: r.plan.score_before,
+            score_after: r.plan.score_after,
+            skipped: r.plan.skipped.clone(),
+        });
+        if r.plan.moves.is_empty() {
+            break;
+        }
+    }
+    let after = summary(&manager.read(|s| s.clone()));
+    let mut migrations = manager.migrations(1_000_000)?;
+    migrations.reverse();
+    Ok(Report {
+        hosts: a.hosts,
+        vms: placed.len(),
+        before,
+        after,
+        rounds,
+        migrations,
+        wall_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn print_report(r: &Report) {
+    println!("{} hosts, {} VMs, sim driver\n", r.hosts, r.vms);
+    println!("per-host CPU utilisation   min    p50    p90    max  stddev  >80%  >100%  spread");
+    for (label, s) in [("before", &r.before), ("after", &r.after)] {
+        println!(
+            "  {label:<23} {:>5.0}% {:>5.0}% {:>5.0}% {:>5.0}% {:>6.3} {:>5} {:>6} {:>7.4}",
+            s.min * 100.0,
+            s.p50 * 100.0,
+            s.p90 * 100.0,
+            s.max * 100.0,
+            s.stddev,
+            s.over_80,
+            s.over_100,
+            s.spread_score
+        );
+    }
+    println!("\nround  planned  decision  score before -> after");
+    for l in &r.rounds {
+        println!(
+            "{:>5} {:>8} {:>7.0} ms  {:.4} -> {:.4}",
+            l.round, l.planned, l.decision_ms, l.score_before, l.score_after
+        );
+    }
+    let ok = r
+        .migrations
+        .iter()
+        .filter(|m| matches!(m.result, MigrationResult::Succeeded { .. }))
+        .count();
+    println!("\n{} migrations ({ok} succeeded):", r.migrations.len());
+    println!(
+        "  {:<9} {:<6} {:<6} {:<9} {:>9} {:>9}",
+        "vm", "from", "to", "policy", "total", "downtime"
+    );
+    const SHOWN: usize = 20;
+    for m in r.migrations.iter().take(SHOWN) {
+        let (total, down) = match &m.result {
+            MigrationResult::Succeeded {
+                total_ms,
+                downtime_ms,
+            } => (format!("{total_ms} ms"), format!("{downtime_ms} ms")),
+            MigrationResult::Failed { error } => ("failed".into(), error.clone()),
+            MigrationResult::Running => ("running".into(), String::new()),
+        };
+        println!(
+            "  {:<9} {:<6} {:<6} {:<9} {:>9} {:>9}",
+            m.vm, m.from, m.to, m.policy, total, down
+        );
+    }
+    if r.migrations.len() > SHOWN {
+        println!(
+            "  ... and {} more (--json lists all)",
+            r.migrations.len() - SHOWN
+        );
+    }
+    println!("\nwall time {:.1} s", r.wall_s);
+}
