@@ -11,7 +11,9 @@ pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
 /// The whole application: the VM API and the migration endpoints, behind the token check.
 pub fn app(state: AppState) -> Router {
-    crate::api::router(state.clone()).with_state(state)
+    crate::api::router(state.clone())
+        .merge(crate::migration::routes(state.clone()))
+        .with_state(state)
 }
 
 /// Serves until `shutdown` resolves, sampling VM load meanwhile. On the way out the

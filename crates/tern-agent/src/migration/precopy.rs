@@ -92,7 +92,10 @@ pub fn run(
     let mut throttle_percent = 0u8;
     let mut max_throttle = 0u8;
     let mut bytes = 0u64;
-    let mut dirty = scan(mem, sent, &seen, cfg.scan_threads).dirty;
+    // Round 1 covers every page, zero pages as runs: the destination file is not
+    // assumed to be zero-filled (its QEMU may have written to it at start-up).
+    scan(mem, sent, &seen, cfg.scan_threads);
+    let mut dirty: Vec<u64> = (0..pages).collect();
     for round in 1u32.. {
         let round_start = Instant::now();
         let to_send: Vec<u64> = dirty

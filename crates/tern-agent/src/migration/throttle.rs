@@ -54,6 +54,31 @@ pub fn choose(mountinfo: &str, v2_controllers: Option<&str>) -> Result<Hierarchy
         .ok_or_else(|| "no cgroup hierarchy with the cpu controller (cgroup2 at /sys/fs/cgroup without cpu, and no v1 cpu mount)".into())
 }
 
+/// Mounts the host's cgroup hierarchy with the cpu controller at `/sys/fs/cgroup`, when
+/// this process sees none there (a private mount namespace). The host's mounts are read
+/// from process 1's view.
+fn mount_like_host() -> Result<(), String> {
+    let host = std::fs::read_to_string("/proc/1/mountinfo")
+        .map_err(|e| format!("reading /proc/1/mountinfo: {e}"))?;
+    let controllers = std::fs::read_to_string("/proc/1/root/sys/fs/cgroup/cgroup.controllers").ok();
+    let args: &[&str] = match choose(&host, controllers.as_deref())? {
+        Hierarchy::V2(_) => &["-t", "cgroup2", "cgroup2", "/sys/fs/cgroup"],
+        Hierarchy::V1(_) => &["-t", "cgroup", "-o", "cpu", "cgroup", "/sys/fs/cgroup"],
+    };
+    let out = std::process::Command::new("mount")
+        .args(args)
+        .output()
+        .map_err(|e| format!("running mount: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "mount {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
 /// Splits a `cpu.max` line into v1's quota and period (`-1` quota for "max").
 pub fn v1_values(cpu_max: &str) -> (i64, u64) {
     let mut it = cpu_max.split_whitespace();
@@ -77,10 +102,20 @@ impl CgroupThrottle {
     /// A throttle for VM `vm` (process `pid`, vCPU threads `tids`); nothing is touched
     /// until the first [`Throttle::apply`] with a non-zero percent.
     pub fn new(vm: &str, pid: Option<u32>, tids: Vec<u32>) -> CgroupThrottle {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let controllers = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").ok();
+        let find = || {
+            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            let controllers = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers").ok();
+            choose(&mountinfo, controllers.as_deref())
+        };
+        let hierarchy = find().or_else(|first| {
+            // `ip netns exec` (how lab hosts run their agent) remounts /sys without the
+            // cgroup mounts; the host's hierarchy can be mounted again in that private
+            // mount namespace.
+            mount_like_host().map_err(|e| format!("{first}; mounting one: {e}"))?;
+            find()
+        });
         CgroupThrottle {
-            hierarchy: choose(&mountinfo, controllers.as_deref()),
+            hierarchy,
             name: format!("tern-{vm}"),
             pid,
             tids,

@@ -1,0 +1,256 @@
+//! The destination side: prepare a VM that waits for its state, receive memory into its
+//! own memory file, resume it when the source says so, and clean it up on any failure.
+//!
+//! ```text
+//!  prepare ─► Receiving ──all streams Done──► MemoryComplete ──resume──► Running
+//!                 │                                 │
+//!                 └── stream error, QEMU died, ─────┴──► Failed (VM destroyed)
+//!                     abort, no resume in time
+//! ```
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tern_hv::{HvError, VmState};
+
+use super::incoming::{self, Expect, Progress};
+use super::memory::DestMemory;
+use super::session::{
+    stream_token, Inbound, IncomingPhase, IncomingView, PrepareRequest, Registry, Ticket,
+};
+use crate::error::AgentError;
+use crate::state::AppState;
+
+/// How long the source has to connect its streams after prepare.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(20);
+/// A memory stream silent this long means the source or the link is gone.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// A complete copy that is not resumed within this long is abandoned.
+const RESUME_DEADLINE: Duration = Duration::from_secs(60);
+/// How long resume waits for QEMU to have loaded the device state.
+const DEVICE_STATE_WAIT: Duration = Duration::from_secs(15);
+
+fn not_found(id: &str) -> AgentError {
+    AgentError::Hv(HvError::UnknownVm(format!("incoming migration {id}")))
+}
+
+fn free_port() -> Result<u16, AgentError> {
+    let l = std::net::TcpListener::bind("0.0.0.0:0")
+        .map_err(AgentError::io("choosing a port for device state"))?;
+    Ok(l.local_addr()
+        .map_err(AgentError::io("choosing a port for device state"))?
+        .port())
+}
+
+/// Creates the waiting VM and starts receiving. Nothing is left behind on error.
+pub async fn prepare(
+    state: &AppState,
+    reg: &Arc<Registry>,
+    req: PrepareRequest,
+) -> Result<Ticket, AgentError> {
+    let info = state
+        .create_vm(&req.vm, req.spec.clone(), true, false)
+        .await?;
+    match listen(state, reg, &req, info).await {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            let _ = state.destroy_vm(&req.vm).await;
+            Err(e)
+        }
+    }
+}
+
+async fn listen(
+    state: &AppState,
+    reg: &Arc<Registry>,
+    req: &PrepareRequest,
+    info: tern_hv::VmInfo,
+) -> Result<Ticket, AgentError> {
+    let file = info.memory_file.ok_or_else(|| {
+        AgentError::BadRequest(format!(
+            "the {} driver keeps no guest memory file: it cannot receive a migration",
+            state.hv.kind()
+        ))
+    })?;
+    let mem = DestMemory::open(&file, req.spec.memory_mib << 20)
+        .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+    let listener = std::net::TcpListener::bind("0.0.0.0:0")
+        .map_err(AgentError::io("binding the memory listener"))?;
+    let memory_port = listener
+        .local_addr()
+        .map_err(AgentError::io("binding the memory listener"))?
+        .port();
+    let device_port = free_port()?;
+    state
+        .hv
+        .set_migration_capabilities(&req.vm, &[("x-ignore-shared", true)])
+        .await?;
+    state
+        .hv
+        .migrate_incoming(&req.vm, &format!("tcp:0.0.0.0:{device_port}"))
+        .await?;
+    let id = reg.new_id("in");
+    let ticket = Ticket {
+        migration: id.clone(),
+        stream_token: stream_token(),
+        memory_port,
+        device_port,
+    };
+    let inbound = Arc::new(Inbound {
+        vm: req.vm.clone(),
+        phase: Mutex::new((IncomingPhase::Receiving, None)),
+        progress: Progress::default(),
+        cancel: AtomicBool::new(false),
+        resumed: AtomicBool::new(false),
+        started_ns: AtomicU64::new(0),
+        gate: tokio::sync::Mutex::new(()),
+    });
+    reg.inbound
+        .lock()
+        .expect("registry lock")
+        .insert(id.clone(), inbound.clone());
+    let expect = Expect {
+        migration: id.clone(),
+        token: ticket.stream_token.clone(),
+        accept_timeout: ACCEPT_TIMEOUT,
+        io_timeout: STREAM_TIMEOUT,
+    };
+    let receiver = {
+        let inbound = inbound.clone();
+        tokio::task::spawn_blocking(move || {
+            incoming::receive(&listener, &mem, &expect, &inbound.progress, &inbound.cancel)
+        })
+    };
+    tokio::spawn(supervise(state.clone(), inbound, receiver));
+    tracing::info!(migration = %id, vm = %req.vm, memory_port, device_port, "prepared incoming migration");
+    Ok(ticket)
+}
+
+/// Watches one incoming migration until it runs or fails; on failure the VM is destroyed.
+async fn supervise(
+    state: AppState,
+    inbound: Arc<Inbound>,
+    receiver: tokio::task::JoinHandle<Result<incoming::Received, super::MigrationError>>,
+) {
+    let mut receiver = Some(receiver);
+    let mut complete_at: Option<Instant> = None;
+    let failure = loop {
+        if inbound.resumed.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(r) = receiver.as_mut().filter(|r| r.is_finished()) {
+            match r.await {
+                Ok(Ok(got)) => {
+                    tracing::info!(vm = %inbound.vm, bytes = got.bytes, rounds = got.rounds, "guest memory received");
+                    inbound.set(IncomingPhase::MemoryComplete, None);
+                    complete_at = Some(Instant::now());
+                    receiver = None;
+                }
+                Ok(Err(e)) => break e.to_string(),
+                Err(e) => break format!("receiver task: {e}"),
+            }
+        }
+        if inbound.cancel.load(Ordering::SeqCst) {
+            break "aborted".into();
+        }
+        if complete_at.is_some_and(|t| t.elapsed() > RESUME_DEADLINE) {
+            break format!("not resumed within {RESUME_DEADLINE:?} of the memory arriving");
+        }
+        match state.hv.refresh(&inbound.vm).await {
+            Ok(info) if info.state == VmState::Stopped || info.pid.is_none() => {
+                break "the destination QEMU exited".into()
+            }
+            Err(HvError::UnknownVm(_)) => break "the destination VM is gone".into(),
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let _gate = inbound.gate.lock().await;
+    if inbound.resumed.load(Ordering::SeqCst) {
+        return;
+    }
+    inbound.cancel.store(true, Ordering::SeqCst);
+    tracing::warn!(vm = %inbound.vm, reason = %failure, "incoming migration failed; destroying the destination VM");
+    inbound.set(IncomingPhase::Failed, Some(failure));
+    if let Err(e) = state.destroy_vm(&inbound.vm).await {
+        tracing::warn!(vm = %inbound.vm, error = %e, "could not destroy the destination VM");
+    }
+}
+
+fn get(reg: &Registry, id: &str) -> Result<Arc<Inbound>, AgentError> {
+    reg.inbound
+        .lock()
+        .expect("registry lock")
+        .get(id)
+        .cloned()
+        .ok_or_else(|| not_found(id))
+}
+
+pub fn show(reg: &Registry, id: &str) -> Result<IncomingView, AgentError> {
+    Ok(get(reg, id)?.view(id))
+}
+
+/// Runs the destination VM once its memory and device state are in.
+pub async fn resume(
+    state: &AppState,
+    reg: &Registry,
+    id: &str,
+) -> Result<IncomingView, AgentError> {
+    let inbound = get(reg, id)?;
+    let _gate = inbound.gate.lock().await;
+    let deadline = Instant::now() + DEVICE_STATE_WAIT;
+    loop {
+        let (phase, error) = inbound.phase.lock().expect("incoming phase lock").clone();
+        match phase {
+            IncomingPhase::Running => return Ok(inbound.view(id)),
+            IncomingPhase::Failed => {
+                return Err(AgentError::BadRequest(format!(
+                    "migration {id} failed: {}",
+                    error.unwrap_or_default()
+                )))
+            }
+            IncomingPhase::MemoryComplete => {
+                let info = state.hv.refresh(&inbound.vm).await?;
+                if info.state == VmState::Paused {
+                    break;
+                }
+            }
+            IncomingPhase::Receiving => {}
+        }
+        if Instant::now() > deadline {
+            return Err(AgentError::Hv(HvError::Timeout {
+                command: format!("waiting for the device state of migration {id}"),
+                ms: DEVICE_STATE_WAIT.as_millis() as u64,
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    state.hv.resume(&inbound.vm).await?;
+    inbound.resumed.store(true, Ordering::SeqCst);
+    inbound.set(IncomingPhase::Running, None);
+    Ok(inbound.view(id))
+}
+
+/// Abandons an incoming migration: the waiting VM is destroyed. Refused once the VM runs
+/// here, because then it is the only copy.
+pub async fn abort(state: &AppState, reg: &Registry, id: &str) -> Result<IncomingView, AgentError> {
+    let inbound = get(reg, id)?;
+    let _gate = inbound.gate.lock().await;
+    if inbound.resumed.load(Ordering::SeqCst) {
+        return Err(AgentError::Hv(HvError::Conflict {
+            id: inbound.vm.clone(),
+            action: "abort the migration of",
+            state: VmState::Running,
+        }));
+    }
+    inbound.cancel.store(true, Ordering::SeqCst);
+    if inbound.phase.lock().expect("incoming phase lock").0 != IncomingPhase::Failed {
+        inbound.set(IncomingPhase::Failed, Some("aborted by the source".into()));
+        match state.destroy_vm(&inbound.vm).await {
+            Ok(()) | Err(AgentError::Hv(HvError::UnknownVm(_))) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(inbound.view(id))
+}

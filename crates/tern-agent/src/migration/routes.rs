@@ -1,0 +1,247 @@
+//! The migration endpoints. Handlers parse into a [`MigrationCommand`]; [`execute`] runs
+//! it; errors become responses through the agent's one error mapping.
+//!
+//! ```text
+//! POST   /v1/migrations                 source: start sending a VM     body: SendRequest
+//! GET    /v1/migrations                 source: every migration, with telemetry
+//! GET    /v1/migrations/{id}            source: phase, rounds, result
+//! POST   /v1/migrations/{id}/cancel     source: stop; the VM stays here
+//! POST   /v1/incoming                   destination: prepare           body: PrepareRequest
+//! GET    /v1/incoming/{id}              destination: progress
+//! POST   /v1/incoming/{id}/resume       destination: run the VM here
+//! DELETE /v1/incoming/{id}              destination: abandon, destroy the waiting VM
+//! ```
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use serde_json::Value;
+use tern_hv::{HvError, VmState};
+use tern_migrate::PolicyKind;
+
+use super::session::{MigrationView, Outbound, Phase, PrepareRequest, Registry, SendRequest};
+use super::{dest, source};
+use crate::api::parse;
+use crate::error::AgentError;
+use crate::state::AppState;
+
+/// One migration request, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MigrationCommand {
+    Send(SendRequest, PolicyKind),
+    List,
+    Show(String),
+    Cancel(String),
+    Prepare(PrepareRequest),
+    ShowIncoming(String),
+    Resume(String),
+    Abort(String),
+}
+
+/// Checks a send request without touching anything (pure).
+pub fn parse_send(body: &[u8]) -> Result<MigrationCommand, AgentError> {
+    let req: SendRequest = parse(body)?;
+    let policy: PolicyKind = req
+        .policy
+        .parse()
+        .map_err(|e: tern_migrate::MigrateError| AgentError::BadRequest(e.to_string()))?;
+    req.options.validate().map_err(AgentError::BadRequest)?;
+    let url = reqwest::Url::parse(&req.destination)
+        .map_err(|e| AgentError::BadRequest(format!("destination {:?} is not a URL ({e}): give the destination agent's address, e.g. http://198.18.0.2:7070", req.destination)))?;
+    if url.host_str().is_none() || !matches!(url.scheme(), "http" | "https") {
+        return Err(AgentError::BadRequest(format!(
+            "destination {:?} must be an http(s) URL with a host",
+            req.destination
+        )));
+    }
+    Ok(MigrationCommand::Send(req, policy))
+}
+
+fn outbound(reg: &Registry, id: &str) -> Result<Arc<Outbound>, AgentError> {
+    let all = reg.outbound.lock().expect("registry lock");
+    all.get(id)
+        .cloned()
+        .ok_or_else(|| AgentError::Hv(HvError::UnknownVm(format!("migration {id}"))))
+}
+
+/// Runs a command; returns the status and JSON body of its answer.
+pub async fn execute(
+    state: &AppState,
+    reg: &Arc<Registry>,
+    cmd: MigrationCommand,
+) -> Result<(StatusCode, Value), AgentError> {
+    match cmd {
+        MigrationCommand::Send(req, policy) => {
+            let info = state.hv.info(&req.vm).await?;
+            if info.state != VmState::Running {
+                return Err(AgentError::Hv(HvError::Conflict {
+                    id: req.vm.clone(),
+                    action: "migrate",
+                    state: info.state,
+                }));
+            }
+            if reg.busy(&req.vm) {
+                return Err(AgentError::Hv(HvError::Conflict {
+                    id: req.vm.clone(),
+                    action: "start a second migration of",
+                    state: info.state,
+                }));
+            }
+            let id = reg.new_id("mig");
+            let job = Arc::new(Outbound {
+                view: Mutex::new(MigrationView {
+                    id: id.clone(),
+                    vm: req.vm.clone(),
+                    destination: req.destination.clone(),
+                    policy: policy.as_str().to_string(),
+                    phase: Phase::Preparing,
+                    error: None,
+                    rounds: Vec::new(),
+                    result: None,
+                }),
+                cancel: Default::default(),
+            });
+            reg.outbound
+                .lock()
+                .expect("registry lock")
+                .insert(id, job.clone());
+            tokio::spawn(source::run(state.clone(), job.clone(), req, policy));
+            Ok((StatusCode::ACCEPTED, json(&job.snapshot())))
+        }
+        MigrationCommand::List => {
+            let all: Vec<MigrationView> = reg
+                .outbound
+                .lock()
+                .expect("registry lock")
+                .values()
+                .map(|j| j.snapshot())
+                .collect();
+            Ok((StatusCode::OK, json(&all)))
+        }
+        MigrationCommand::Show(id) => Ok((StatusCode::OK, json(&outbound(reg, &id)?.snapshot()))),
+        MigrationCommand::Cancel(id) => {
+            let job = outbound(reg, &id)?;
+            job.cancel.store(true, Ordering::SeqCst);
+            Ok((StatusCode::ACCEPTED, json(&job.snapshot())))
+        }
+        MigrationCommand::Prepare(req) => Ok((
+            StatusCode::CREATED,
+            json(&dest::prepare(state, reg, req).await?),
+        )),
+        MigrationCommand::ShowIncoming(id) => Ok((StatusCode::OK, json(&dest::show(reg, &id)?))),
+        MigrationCommand::Resume(id) => {
+            Ok((StatusCode::OK, json(&dest::resume(state, reg, &id).await?)))
+        }
+        MigrationCommand::Abort(id) => {
+            Ok((StatusCode::OK, json(&dest::abort(state, reg, &id).await?)))
+        }
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Value {
+    serde_json::to_value(v).expect("API values serialise")
+}
+
+/// The migration routes, behind the same bearer token as the rest of the agent. The
+/// agent's router merges them.
+pub fn routes(state: AppState) -> Router<AppState> {
+    let reg = Arc::new(Registry::default());
+    Router::new()
+        .route(
+            "/v1/migrations",
+            get(|s, r| run(s, r, MigrationCommand::List)).post(send),
+        )
+        .route(
+            "/v1/migrations/:id",
+            get(|s, r, Path(id): Path<String>| run(s, r, MigrationCommand::Show(id))),
+        )
+        .route(
+            "/v1/migrations/:id/cancel",
+            post(|s, r, Path(id): Path<String>| run(s, r, MigrationCommand::Cancel(id))),
+        )
+        .route("/v1/incoming", post(prepare))
+        .route(
+            "/v1/incoming/:id",
+            get(|s, r, Path(id): Path<String>| run(s, r, MigrationCommand::ShowIncoming(id)))
+                .delete(|s, r, Path(id): Path<String>| run(s, r, MigrationCommand::Abort(id))),
+        )
+        .route(
+            "/v1/incoming/:id/resume",
+            post(|s, r, Path(id): Path<String>| run(s, r, MigrationCommand::Resume(id))),
+        )
+        .layer(Extension(reg))
+        .layer(middleware::from_fn_with_state(state, crate::api::auth))
+}
+
+async fn send(s: State<AppState>, r: Extension<Arc<Registry>>, body: Bytes) -> Response {
+    parsed(s, r, parse_send(&body)).await
+}
+
+async fn prepare(s: State<AppState>, r: Extension<Arc<Registry>>, body: Bytes) -> Response {
+    parsed(
+        s,
+        r,
+        parse::<PrepareRequest>(&body).map(MigrationCommand::Prepare),
+    )
+    .await
+}
+
+async fn parsed(
+    s: State<AppState>,
+    r: Extension<Arc<Registry>>,
+    cmd: Result<MigrationCommand, AgentError>,
+) -> Response {
+    match cmd {
+        Ok(cmd) => run(s, r, cmd).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn run(
+    State(state): State<AppState>,
+    Extension(reg): Extension<Arc<Registry>>,
+    cmd: MigrationCommand,
+) -> Response {
+    match execute(&state, &reg, cmd).await {
+        Ok((status, body)) => (status, Json(body)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_requests_are_checked_before_anything_happens() {
+        let ok =
+            br#"{"vm":"v1","destination":"http://198.18.0.2:7070","token":"t","policy":"xen"}"#;
+        assert!(matches!(
+            parse_send(ok),
+            Ok(MigrationCommand::Send(_, PolicyKind::Xen))
+        ));
+        let bad_policy = br#"{"vm":"v1","destination":"http://h:1","token":"t","policy":"fast"}"#;
+        assert!(parse_send(bad_policy)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown migration policy"));
+        let bad_url = br#"{"vm":"v1","destination":"198.18.0.2","token":"t"}"#;
+        assert!(parse_send(bad_url)
+            .unwrap_err()
+            .to_string()
+            .contains("http://"));
+        let bad_opts =
+            br#"{"vm":"v1","destination":"http://h:1","token":"t","options":{"streams":99}}"#;
+        assert_eq!(
+            parse_send(bad_opts).unwrap_err().status(),
+            StatusCode::BAD_REQUEST
+        );
+    }
+}

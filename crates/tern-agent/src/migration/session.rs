@@ -1,0 +1,339 @@
+//! The values of the migration API and the registry of migrations an agent runs.
+//!
+//! A source migration walks these phases, each entered once, in order:
+//!
+//! ```text
+//!  Preparing ─► Connecting ─► PreCopy ─► StopAndCopy ─► DeviceState ─► Resuming ─► Completed
+//!      │            │            │            │              │             │
+//!      └────────────┴────────────┴────┬───────┴──────────────┴─────────────┘
+//!                                     ▼  any error, timeout or cancel
+//!                               RolledBack (VM running on the source, destination cleaned)
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use tern_hv::VmSpec;
+use tern_migrate::RoundTelemetry;
+
+use super::incoming::Progress;
+
+/// Where a source migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Preparing,
+    Connecting,
+    PreCopy,
+    StopAndCopy,
+    DeviceState,
+    Resuming,
+    Completed,
+    RolledBack,
+}
+
+impl Phase {
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Completed | Phase::RolledBack)
+    }
+}
+
+/// `POST /v1/migrations`: move `vm` from this host to the agent at `destination`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    pub vm: String,
+    /// The destination agent's base URL, e.g. `http://198.18.0.2:7070`.
+    pub destination: String,
+    /// The destination agent's bearer token.
+    pub token: String,
+    /// `xen`, `qemu-rule` (alias `qemu`), `adaptive` or `stop-copy`.
+    #[serde(default = "adaptive")]
+    pub policy: String,
+    #[serde(default)]
+    pub options: SendOptions,
+}
+
+fn adaptive() -> String {
+    "adaptive".into()
+}
+
+/// Tuning of one migration; every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SendOptions {
+    /// Parallel memory streams.
+    pub streams: u16,
+    /// LZ4-compress page batches where that shrinks them.
+    pub compress: bool,
+    /// Bandwidth cap in Mbit/s; absent: as fast as the link allows.
+    pub max_mbit: Option<u64>,
+    /// The downtime the policy aims for.
+    pub downtime_limit_ms: u64,
+    /// Live rounds end (not converged) after this long.
+    pub max_precopy_s: f64,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            streams: 2,
+            compress: false,
+            max_mbit: None,
+            downtime_limit_ms: 300,
+            max_precopy_s: 60.0,
+        }
+    }
+}
+
+impl SendOptions {
+    /// Checks ranges; the message says what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=16).contains(&self.streams) {
+            return Err(format!(
+                "options.streams must be 1..=16, got {}",
+                self.streams
+            ));
+        }
+        if self.max_mbit == Some(0) {
+            return Err("options.max_mbit must be positive (omit it for no cap)".into());
+        }
+        if !(1..=60_000).contains(&self.downtime_limit_ms) {
+            return Err(format!(
+                "options.downtime_limit_ms must be 1..=60000, got {}",
+                self.downtime_limit_ms
+            ));
+        }
+        if !(self.max_precopy_s > 0.0 && self.max_precopy_s <= 3600.0) {
+            return Err(format!(
+                "options.max_precopy_s must be in (0, 3600], got {}",
+                self.max_precopy_s
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `POST /v1/migrations/incoming`: the destination prepares to receive `vm`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareRequest {
+    pub vm: String,
+    pub spec: VmSpec,
+}
+
+/// The destination's answer to a prepare: where to send memory and device state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ticket {
+    pub migration: String,
+    /// Secret the memory streams must present.
+    pub stream_token: String,
+    pub memory_port: u16,
+    /// QEMU's `migrate-incoming` port on the destination.
+    pub device_port: u16,
+}
+
+/// The result of a finished migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationResult {
+    pub total_ms: u64,
+    /// From pausing the source to the destination running.
+    pub downtime_ms: u64,
+    /// Bytes of memory streams, device state included.
+    pub bytes: u64,
+    /// Live rounds before the stop-and-copy.
+    pub rounds: u32,
+    pub converged: bool,
+    pub policy: String,
+    pub stop_reason: tern_migrate::StopReason,
+    pub max_throttle_percent: u8,
+    /// Filled in by whoever checks the guest afterwards (the benchmark, the tests): the
+    /// engine itself cannot see inside the guest.
+    pub guest_ok: Option<bool>,
+}
+
+/// What `GET /v1/migrations/{id}` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationView {
+    pub id: String,
+    pub vm: String,
+    pub destination: String,
+    pub policy: String,
+    pub phase: Phase,
+    /// Why the migration was rolled back.
+    pub error: Option<String>,
+    pub rounds: Vec<RoundTelemetry>,
+    pub result: Option<MigrationResult>,
+}
+
+/// One outgoing migration as the registry holds it.
+pub struct Outbound {
+    pub view: Mutex<MigrationView>,
+    pub cancel: AtomicBool,
+}
+
+impl Outbound {
+    pub fn set_phase(&self, phase: Phase) {
+        self.view.lock().expect("migration view lock").phase = phase;
+    }
+
+    pub fn snapshot(&self) -> MigrationView {
+        self.view.lock().expect("migration view lock").clone()
+    }
+}
+
+/// Where an incoming migration is, as the destination sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IncomingPhase {
+    Receiving,
+    MemoryComplete,
+    Running,
+    Failed,
+}
+
+/// `GET /v1/migrations/incoming/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncomingView {
+    pub migration: String,
+    pub vm: String,
+    pub phase: IncomingPhase,
+    pub bytes: u64,
+    pub rounds: u64,
+    pub error: Option<String>,
+}
+
+/// One incoming migration as the registry holds it.
+pub struct Inbound {
+    pub vm: String,
+    pub phase: Mutex<(IncomingPhase, Option<String>)>,
+    pub progress: Progress,
+    pub cancel: AtomicBool,
+    /// Set once the destination VM was resumed: from then on it is the VM, not a copy.
+    pub resumed: AtomicBool,
+    pub started_ns: AtomicU64,
+    /// Serialises resume, abort and the supervisor's clean-up, so a VM is never resumed
+    /// and destroyed at once.
+    pub gate: tokio::sync::Mutex<()>,
+}
+
+impl Inbound {
+    pub fn set(&self, phase: IncomingPhase, error: Option<String>) {
+        *self.phase.lock().expect("incoming phase lock") = (phase, error);
+    }
+
+    pub fn view(&self, id: &str) -> IncomingView {
+        let (phase, error) = self.phase.lock().expect("incoming phase lock").clone();
+        IncomingView {
+            migration: id.to_string(),
+            vm: self.vm.clone(),
+            phase,
+            bytes: self
+                .progress
+                .bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            rounds: self
+                .progress
+                .rounds
+                .load(std::sync::atomic::Ordering::Relaxed),
+            error,
+        }
+    }
+}
+
+/// Every migration this agent takes part in, as source or destination.
+#[derive(Default)]
+pub struct Registry {
+    pub outbound: Mutex<BTreeMap<String, Arc<Outbound>>>,
+    pub inbound: Mutex<BTreeMap<String, Arc<Inbound>>>,
+    next: AtomicU64,
+}
+
+impl Registry {
+    /// A fresh id, unique within this agent's life and unlikely to collide across hosts.
+    pub fn new_id(&self, prefix: &str) -> String {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        format!("{prefix}-{}-{n}-{nanos:08x}", std::process::id())
+    }
+
+    /// A VM may take part in one migration at a time.
+    pub fn busy(&self, vm: &str) -> bool {
+        let out = self.outbound.lock().expect("registry lock");
+        let inb = self.inbound.lock().expect("registry lock");
+        out.values().any(|o| {
+            let v = o.view.lock().expect("migration view lock");
+            v.vm == vm && !v.phase.is_final()
+        }) || inb.values().any(|i| {
+            i.vm == vm
+                && !matches!(
+                    i.phase.lock().expect("incoming phase lock").0,
+                    IncomingPhase::Failed | IncomingPhase::Running
+                )
+        })
+    }
+}
+
+/// A random secret for the memory streams (not cryptographic strength beyond what the
+/// lab needs: it keeps stray connections out, the API token guards the agent).
+pub fn stream_token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    let a = h.finish();
+    let b = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("{a:016x}{b:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_are_checked_with_a_message_naming_the_field() {
+        assert!(SendOptions::default().validate().is_ok());
+        let bad = SendOptions {
+            streams: 0,
+            ..SendOptions::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("options.streams"));
+        let bad = SendOptions {
+            max_mbit: Some(0),
+            ..SendOptions::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("max_mbit"));
+        let bad = SendOptions {
+            max_precopy_s: f64::NAN,
+            ..SendOptions::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("max_precopy_s"));
+    }
+
+    #[test]
+    fn send_request_defaults_to_adaptive_and_refuses_unknown_fields() {
+        let r: SendRequest =
+            serde_json::from_str(r#"{"vm":"v","destination":"http://h:1","token":"t"}"#).unwrap();
+        assert_eq!(r.policy, "adaptive");
+        assert_eq!(r.options, SendOptions::default());
+        assert!(serde_json::from_str::<SendRequest>(
+            r#"{"vm":"v","destination":"d","token":"t","polcy":"xen"}"#
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn ids_differ() {
+        let r = Registry::default();
+        assert_ne!(r.new_id("m"), r.new_id("m"));
+    }
+}

@@ -1,0 +1,327 @@
+//! The source side: one straight-line driver over the phases of [`Phase`], and one
+//! rollback path. Whatever fails, the VM ends running here, the destination is told to
+//! clean up, and the VM never runs on both hosts: the source resumes only while the
+//! destination is known not to run it.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::json;
+use tern_hv::{HvError, VmState};
+use tern_migrate::{Policy, PolicyKind};
+
+use super::memory::{changed_pages, SentDigests, SourceMemory};
+use super::outgoing::{Outgoing, StreamOptions};
+use super::precopy::{self, PrecopyConfig};
+use super::session::{MigrationResult, Outbound, Phase, PrepareRequest, SendRequest, Ticket};
+use super::throttle::CgroupThrottle;
+use super::MigrationError;
+use crate::client::AgentClient;
+use crate::state::AppState;
+
+/// How long QEMU may take to carry the device state.
+const DEVICE_STATE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// What rollback needs to know about how far the migration got.
+#[derive(Default)]
+struct Reached {
+    ticket: Option<Ticket>,
+    paused: bool,
+    device_state_started: bool,
+    /// The destination may have resumed the VM: it must be confirmed gone first.
+    resume_sent: bool,
+}
+
+/// Runs one migration to its end and records the outcome in `job`.
+pub async fn run(state: AppState, job: Arc<Outbound>, req: SendRequest, policy: PolicyKind) {
+    let mut reached = Reached::default();
+    let dest = match AgentClient::new(&req.destination, &req.token, Duration::from_secs(30)) {
+        Ok(d) => d,
+        Err(e) => return fail(&job, e.to_string()),
+    };
+    match drive(&state, &job, &req, policy, &dest, &mut reached).await {
+        Ok(result) => {
+            let mut v = job.view.lock().expect("migration view lock");
+            v.result = Some(result);
+            v.phase = Phase::Completed;
+        }
+        Err(e) => {
+            tracing::warn!(vm = %req.vm, error = %e, "migration failed; rolling back");
+            let rolled = rollback(&state, &req.vm, &dest, &reached).await;
+            let msg = match rolled {
+                Ok(()) => e.to_string(),
+                Err(r) => format!("{e}; rollback: {r}"),
+            };
+            fail(&job, msg);
+        }
+    }
+}
+
+fn fail(job: &Outbound, error: String) {
+    let mut v = job.view.lock().expect("migration view lock");
+    v.error = Some(error);
+    v.phase = Phase::RolledBack;
+}
+
+fn agent_err(e: crate::error::AgentError) -> MigrationError {
+    MigrationError::Peer(e.to_string())
+}
+
+fn hv_err(e: HvError) -> MigrationError {
+    MigrationError::Vm(e.to_string())
+}
+
+async fn drive(
+    state: &AppState,
+    job: &Arc<Outbound>,
+    req: &SendRequest,
+    policy: PolicyKind,
+    dest: &AgentClient,
+    reached: &mut Reached,
+) -> Result<MigrationResult, MigrationError> {
+    let vm = req.vm.as_str();
+    let started = Instant::now();
+    let info = state.hv.info(vm).await.map_err(hv_err)?;
+    let file = info
+        .memory_file
+        .clone()
+        .ok_or_else(|| MigrationError::Vm(format!("VM {vm} has no guest memory file")))?;
+    let mem = SourceMemory::open(&file)?;
+
+    job.set_phase(Phase::Preparing);
+    let prepare = PrepareRequest {
+        vm: vm.to_string(),
+        spec: info.spec.clone(),
+    };
+    let body = serde_json::to_value(&prepare).expect("prepare request serialises");
+    let ticket: Ticket = dest
+        .call(Method::POST, "/v1/incoming", Some(&body))
+        .await
+        .map_err(agent_err)?;
+    reached.ticket = Some(ticket.clone());
+    let host = reqwest::Url::parse(&req.destination)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .ok_or_else(|| MigrationError::Link(format!("no host in {}", req.destination)))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let memory_addr = tokio::net::lookup_host((host.as_str(), ticket.memory_port))
+        .await
+        .map_err(|e| MigrationError::Link(format!("resolving {host}: {e}")))?
+        .next()
+        .ok_or_else(|| MigrationError::Link(format!("{host} has no address")))?;
+
+    job.set_phase(Phase::Connecting);
+    let tids = state.hv.vcpu_threads(vm).await.unwrap_or_default();
+    let opts = StreamOptions {
+        streams: usize::from(req.options.streams),
+        lz4: req.options.compress,
+        rate_bytes_per_s: req.options.max_mbit.map(|m| m * 1_000_000 / 8),
+        ..StreamOptions::default()
+    };
+    let cfg = PrecopyConfig {
+        limits_downtime_s: req.options.downtime_limit_ms as f64 / 1000.0,
+        max_elapsed_s: req.options.max_precopy_s,
+        initial_bandwidth_bytes_per_s: opts.rate_bytes_per_s.map_or(
+            PrecopyConfig::default().initial_bandwidth_bytes_per_s,
+            |r| r as f64,
+        ),
+        ..PrecopyConfig::default()
+    };
+    let live = {
+        let job = job.clone();
+        let ticket = ticket.clone();
+        let vm = vm.to_string();
+        let pid = info.pid;
+        tokio::task::spawn_blocking(move || -> Result<_, MigrationError> {
+            let mut out = Outgoing::connect(
+                memory_addr,
+                &ticket.migration,
+                &ticket.stream_token,
+                mem.pages(),
+                opts,
+            )?;
+            job.set_phase(Phase::PreCopy);
+            let sent = SentDigests::new(mem.pages());
+            let mut throttle = CgroupThrottle::new(&vm, pid, tids);
+            let on_round = &mut |t: &tern_migrate::RoundTelemetry| {
+                job.view
+                    .lock()
+                    .expect("migration view lock")
+                    .rounds
+                    .push(t.clone())
+            };
+            let outcome = precopy::run(
+                &mut out,
+                &mem,
+                &sent,
+                &policy as &dyn Policy,
+                &cfg,
+                &mut throttle,
+                &job.cancel,
+                on_round,
+            );
+            match outcome {
+                Ok(o) => Ok((out, mem, sent, o, throttle)),
+                Err(e) => {
+                    out.abort(&e.to_string());
+                    Err(e)
+                }
+            }
+        })
+    };
+    let (out, mem, sent, outcome, throttle) = live
+        .await
+        .map_err(|e| MigrationError::Vm(format!("pre-copy task: {e}")))??;
+    check_cancel(job)?;
+
+    job.set_phase(Phase::StopAndCopy);
+    state.hv.pause(vm).await.map_err(hv_err)?;
+    reached.paused = true;
+    let paused_at = Instant::now();
+    // The guest is stopped: the throttle has nothing left to slow.
+    drop(throttle);
+    let final_round = outcome.history.len() as u32 + 1;
+    let cancel_job = job.clone();
+    let final_bytes = tokio::task::spawn_blocking(move || -> Result<u64, MigrationError> {
+        let mut out = out;
+        let pages = changed_pages(&mem, &sent, 2);
+        let t = out.send_round(final_round, &mem, &sent, &pages, &cancel_job.cancel)?;
+        out.finish()?;
+        Ok(t.bytes)
+    })
+    .await
+    .map_err(|e| MigrationError::Vm(format!("final pass task: {e}")))??;
+
+    job.set_phase(Phase::DeviceState);
+    state
+        .hv
+        .set_migration_capabilities(vm, &[("x-ignore-shared", true)])
+        .await
+        .map_err(hv_err)?;
+    reached.device_state_started = true;
+    state
+        .hv
+        .migrate(vm, &format!("tcp:{host}:{}", ticket.device_port))
+        .await
+        .map_err(hv_err)?;
+    let device_bytes = wait_device_state(state, vm).await?;
+
+    job.set_phase(Phase::Resuming);
+    reached.resume_sent = true;
+    let path = format!("/v1/incoming/{}/resume", ticket.migration);
+    let _: serde_json::Value = dest
+        .call(Method::POST, &path, Some(&json!({})))
+        .await
+        .map_err(agent_err)?;
+    let downtime = paused_at.elapsed();
+    let total = started.elapsed();
+    // The VM runs on the destination: this copy is now stale.
+    if let Err(e) = state.destroy_vm(vm).await {
+        tracing::warn!(vm, error = %e, "migrated, but the source VM could not be destroyed");
+    }
+    Ok(MigrationResult {
+        total_ms: total.as_millis() as u64,
+        downtime_ms: downtime.as_millis() as u64,
+        bytes: outcome.bytes + final_bytes + device_bytes,
+        rounds: outcome.history.len() as u32,
+        converged: outcome.stop_reason.converged(),
+        policy: policy.as_str().to_string(),
+        stop_reason: outcome.stop_reason,
+        max_throttle_percent: outcome.max_throttle_percent,
+        guest_ok: None,
+    })
+}
+
+fn check_cancel(job: &Outbound) -> Result<(), MigrationError> {
+    if job.cancel.load(Ordering::SeqCst) {
+        Err(MigrationError::Cancelled)
+    } else {
+        Ok(())
+    }
+}
+
+/// Polls QEMU until the device state is through; returns the bytes QEMU sent.
+async fn wait_device_state(state: &AppState, vm: &str) -> Result<u64, MigrationError> {
+    let deadline = Instant::now() + DEVICE_STATE_TIMEOUT;
+    loop {
+        let st = state.hv.query_migrate(vm).await.map_err(hv_err)?;
+        match st.status.as_str() {
+            "completed" => return Ok(st.transferred_bytes),
+            "failed" | "cancelled" => {
+                return Err(MigrationError::Vm(format!(
+                    "QEMU device-state migration {}: {}",
+                    st.status,
+                    st.error.unwrap_or_default()
+                )));
+            }
+            _ => {}
+        }
+        if Instant::now() > deadline {
+            return Err(MigrationError::Timeout(format!(
+                "device state not through after {DEVICE_STATE_TIMEOUT:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The one rollback path: destination cleaned up, source running.
+async fn rollback(
+    state: &AppState,
+    vm: &str,
+    dest: &AgentClient,
+    reached: &Reached,
+) -> Result<(), String> {
+    if reached.device_state_started {
+        let _ = state.hv.migrate_cancel(vm).await;
+    }
+    let mut dest_gone = !reached.resume_sent;
+    if let Some(ticket) = &reached.ticket {
+        let path = format!("/v1/incoming/{}", ticket.migration);
+        // A destination that may have resumed must confirm it is gone before the source
+        // runs again; a few tries cover a short link outage.
+        for attempt in 0..5 {
+            match dest
+                .call::<serde_json::Value>(Method::DELETE, &path, None)
+                .await
+            {
+                Ok(_) => {
+                    dest_gone = true;
+                    break;
+                }
+                Err(crate::error::AgentError::Remote { status: 404, .. }) => {
+                    dest_gone = true;
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(attempt, error = %e, "could not reach the destination to abort");
+                    if !reached.resume_sent {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+    if !dest_gone {
+        return Err("the destination may be running the VM and could not be reached: the source stays paused".into());
+    }
+    if reached.paused {
+        match state.hv.info(vm).await {
+            Ok(i) if i.state == VmState::Running => {}
+            _ => {
+                state
+                    .hv
+                    .resume(vm)
+                    .await
+                    .map_err(|e| format!("resuming the source: {e}"))?;
+            }
+        }
+    }
+    Ok(())
+}
