@@ -107,6 +107,27 @@ impl AppState {
         })
     }
 
+    /// Ids of the VMs recorded under the state directory (by this or an earlier agent).
+    pub fn recorded_vms(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(self.host.state_dir.join("vms")) else {
+            return Vec::new();
+        };
+        let mut ids: Vec<String> = rd
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_suffix(".json").map(str::to_string)
+            })
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Forgets the record of a VM that no longer exists.
+    pub fn remove_record(&self, id: &str) {
+        let _ = std::fs::remove_file(self.vm_record(id));
+    }
+
     fn write_record(&self, id: &str, spec: &VmSpec) -> Result<(), AgentError> {
         let path = self.vm_record(id);
         let dir = path.parent().expect("record path has a parent");

@@ -64,6 +64,14 @@ mod tests {
         assert_eq!(parse_stat_cpu_ns("garbage"), None);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn parsers_never_panic(text in ".{0,300}") {
+            let _ = parse_stat_cpu_ns(&text);
+            let _ = parse_kb_field(&text, "VmRSS");
+        }
+    }
+
     #[test]
     fn kb_fields() {
         let t = "Name:\tqemu\nVmRSS:\t  2048 kB\nMemTotal:  10 kB\n";

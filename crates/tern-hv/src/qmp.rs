@@ -233,6 +233,20 @@ mod tests {
         assert!(parse_message("{}").is_err());
     }
 
+    proptest::proptest! {
+        // Whatever QEMU (or a corrupted socket) sends, the parser answers, never panics.
+        #[test]
+        fn parser_never_panics(line in ".{0,200}") {
+            let _ = parse_message(&line);
+        }
+
+        #[test]
+        fn replies_keep_their_id(id in proptest::prelude::any::<u64>()) {
+            let line = json!({"return": {}, "id": id}).to_string();
+            proptest::prop_assert_eq!(parse_message(&line).unwrap(), Message::Return { id: Some(id), value: json!({}) });
+        }
+    }
+
     #[test]
     fn encodes_commands() {
         let l = encode_command(7, "migrate", Some(&json!({"uri": "tcp:1.2.3.4:5"})));

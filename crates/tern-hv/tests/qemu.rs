@@ -144,3 +144,42 @@ async fn device_state_migration_with_shared_ram() {
     src.destroy("vm").await.unwrap();
     dst.destroy("vm").await.unwrap();
 }
+
+#[tokio::test]
+async fn reclaim_removes_what_a_killed_driver_left() {
+    if !qemu_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let first = driver(dir.path());
+    let info = first.create("left", spec(32, 1), false).await.unwrap();
+    let pid = info.pid.unwrap();
+    // An agent killed with SIGKILL never drops its driver: its QEMU keeps running.
+    std::mem::forget(first);
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists());
+
+    let second = driver(dir.path());
+    assert!(
+        second.reclaim("left").await.unwrap(),
+        "the old QEMU was found"
+    );
+    for _ in 0..50 {
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        stat.is_empty() || stat.contains(") Z"),
+        "QEMU {pid} still runs"
+    );
+    assert!(!info.memory_file.unwrap().exists());
+    assert!(
+        !second.reclaim("left").await.unwrap(),
+        "nothing left the second time"
+    );
+    // The id is free again.
+    second.create("left", spec(32, 1), false).await.unwrap();
+    second.destroy("left").await.unwrap();
+}

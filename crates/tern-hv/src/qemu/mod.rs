@@ -121,6 +121,33 @@ impl QemuDriver {
         &self.cfg
     }
 
+    /// Removes what a previous driver left for VM `id` when it did not end cleanly (its
+    /// process was killed): the QEMU named by the pid file, the taps, the RAM file and the
+    /// run directory. Returns whether a QEMU was still running. A VM this driver knows is
+    /// left alone.
+    pub async fn reclaim(&self, id: &str) -> Result<bool> {
+        validate_id(id)?;
+        if self.vms.lock().expect("VM table lock").contains_key(id) {
+            return Err(HvError::AlreadyExists(id.to_string()));
+        }
+        let paths = VmPaths::new(&self.cfg.run_dir, &self.cfg.mem_dir, id);
+        let pid = std::fs::read_to_string(&paths.pid_file)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .filter(|&p| is_our_qemu(p, &paths.qmp_socket));
+        if let Some(p) = pid {
+            let _ = net::run("kill", &["-KILL", &p.to_string()]).await;
+        }
+        // Taps are named after the id; without the spec we try the first few indices.
+        let taps: Vec<String> = (0..8).map(|i| tap_name(id, i)).collect();
+        for t in &taps {
+            let _ = net::remove_tap(t).await;
+        }
+        let _ = tokio::fs::remove_file(&paths.memory_file).await;
+        let _ = tokio::fs::remove_dir_all(&paths.run_dir).await;
+        Ok(pid.is_some())
+    }
+
     fn get(&self, id: &str) -> Result<Arc<Mutex<Vm>>> {
         self.vms
             .lock()
@@ -277,6 +304,17 @@ impl QemuDriver {
             remove_taps(&vm.taps()).await;
         }
     }
+}
+
+/// True when `pid` is a QEMU serving `qmp_socket`: a pid file can outlive its process and
+/// the number be reused, so the command line must name this VM's socket.
+fn is_our_qemu(pid: u32, qmp_socket: &std::path::Path) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            let cmd = String::from_utf8_lossy(&b);
+            cmd.contains("qemu") && cmd.contains(&*qmp_socket.to_string_lossy())
+        })
+        .unwrap_or(false)
 }
 
 async fn remove_taps(taps: &[String]) {

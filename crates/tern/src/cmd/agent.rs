@@ -8,7 +8,6 @@ use tern_agent::host::{detect_capacity, Capacity};
 use tern_agent::{AgentError, AppState, HostConfig};
 use tern_hv::qemu::{QemuConfig, QemuDriver};
 use tern_hv::sim::SimDriver;
-use tern_hv::Hypervisor;
 
 /// Which driver runs the VMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -93,24 +92,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(|s| s.trim().to_string())
             .unwrap_or_else(|_| "host".into())
     });
-    let hv: Arc<dyn Hypervisor> = match args.hypervisor {
-        Driver::Qemu => Arc::new(QemuDriver::new(QemuConfig::new(
-            state_dir.join("run"),
-            mem_dir,
-            args.bridge.clone(),
-        ))),
-        Driver::Sim => Arc::new(SimDriver::new()),
-    };
-    let state = AppState::new(
-        hv,
-        HostConfig {
-            name: name.clone(),
-            capacity,
-            token,
-            state_dir,
-        },
-    );
     let rt = tokio::runtime::Runtime::new()?;
+    let host = HostConfig {
+        name: name.clone(),
+        capacity,
+        token,
+        state_dir,
+    };
+    let state = match args.hypervisor {
+        Driver::Qemu => {
+            let qemu = Arc::new(QemuDriver::new(QemuConfig::new(
+                host.state_dir.join("run"),
+                mem_dir,
+                args.bridge.clone(),
+            )));
+            let state = AppState::new(qemu.clone(), host);
+            rt.block_on(reclaim(&state, &qemu));
+            state
+        }
+        Driver::Sim => AppState::new(Arc::new(SimDriver::new()), host),
+    };
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -123,6 +124,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .await
             .map_err(agent_error)
     })
+}
+
+/// VMs recorded by an agent that did not end cleanly are gone with it (a host's VMs end
+/// with its agent): remove their leftover QEMUs, taps and files, and their records.
+async fn reclaim(state: &AppState, qemu: &QemuDriver) {
+    for id in state.recorded_vms() {
+        match qemu.reclaim(&id).await {
+            Ok(was_running) => {
+                let what = if was_running {
+                    "its QEMU killed"
+                } else {
+                    "files removed"
+                };
+                eprintln!("tern agent: VM {id} left by a previous agent reclaimed ({what})");
+            }
+            Err(e) => eprintln!("tern agent: could not reclaim VM {id}: {e}"),
+        }
+        state.remove_record(&id);
+    }
 }
 
 async fn shutdown_signal() {
