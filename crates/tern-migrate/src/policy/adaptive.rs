@@ -93,16 +93,25 @@ impl Policy for Adaptive {
             return Decision::StopAndCopy { reason };
         }
         let current = input.current_throttle();
-        if shrinking {
-            // Under a throttle the hot set is re-sent: that is what the throttle buys.
-            let hold_back = if current > 0 {
+        // Under a throttle the hot set is re-sent: that is what the throttle buys.
+        let hold_back = || {
+            if current > 0 {
                 vec![]
             } else {
                 self.hot_fragments(input)
+            }
+        };
+        if shrinking && current == 0 {
+            return Decision::Continue {
+                hold_back: hold_back(),
             };
-            return Decision::Continue { hold_back };
         }
         if current >= self.max_throttle_percent {
+            if shrinking {
+                return Decision::Continue {
+                    hold_back: hold_back(),
+                };
+            }
             return Decision::StopAndCopy {
                 reason: StopReason::ThrottleExhausted,
             };
@@ -111,10 +120,17 @@ impl Policy for Adaptive {
             last.predicted_downtime_s,
             limit,
             last.bandwidth_bytes_per_s,
-            last.dirty_rate_bytes_per_s,
+            self.dirty_rate(input),
             current,
             self.throttle_margin,
         );
+        if shrinking && wanted <= current {
+            // The throttle in place is working; let it.
+            return Decision::Continue {
+                hold_back: hold_back(),
+            };
+        }
+        // Stuck, or shrinking too slowly for the throttle in place: tighten it.
         let percent = wanted
             .max(current.saturating_add(self.throttle_step))
             .min(self.max_throttle_percent);
@@ -122,6 +138,23 @@ impl Policy for Adaptive {
             percent,
             hold_back: vec![],
         }
+    }
+}
+
+impl Adaptive {
+    /// The guest's dirty rate in the last round, in bytes per second: the larger of the
+    /// distinct-page rate and the write rate inferred from the fragments, because the
+    /// distinct rate of a saturated hot set says little about how fast it is written.
+    fn dirty_rate(&self, input: &PolicyInput<'_>) -> f64 {
+        let Some(last) = input.last() else {
+            return 0.0;
+        };
+        let inferred = if last.duration_s > 0.0 {
+            input.fragments.estimated_writes() * input.limits.page_size as f64 / last.duration_s
+        } else {
+            0.0
+        };
+        last.dirty_rate_bytes_per_s.max(inferred)
     }
 }
 
@@ -168,6 +201,24 @@ mod tests {
                 reason: StopReason::NoLongerShrinking
             }
         );
+    }
+
+    #[test]
+    fn under_a_throttle_tightens_only_if_it_is_not_enough() {
+        let t = FragmentTracker::new(2048, 512);
+        let mut h = [round(1, 1000, 0.6), round(2, 500, 0.31)];
+        h[1].throttle_percent = 50;
+        // 100 MB/s at 50 % means 200 MB/s unthrottled; 0.31 s left needs < 97 MB/s.
+        assert_eq!(
+            decide(&h, &t),
+            Decision::Throttle {
+                percent: 60,
+                hold_back: vec![]
+            }
+        );
+        // A guest already slow enough keeps its throttle and its hot set is re-sent.
+        h[1].dirty_rate_bytes_per_s = 2e7;
+        assert_eq!(decide(&h, &t), Decision::Continue { hold_back: vec![] });
     }
 
     #[test]
