@@ -405,3 +405,41 @@ fn odd_but_valid_files_score_as_in_hinfo() {
         compare(label, &cluster, &run_hinfo(&file.0));
     }
 }
+
+#[test]
+fn load_warnings_match_hinfos() {
+    if !present(HINFO) {
+        return;
+    }
+    let mut warned = 0;
+    for path in data_files() {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let Ok(cluster) = text::parse(&std::fs::read_to_string(&path).unwrap()) else {
+            continue;
+        };
+        let out = Command::new(HINFO)
+            .arg("-v")
+            .arg("-t")
+            .arg(&path)
+            .output()
+            .unwrap();
+        let mut theirs: Vec<String> = String::from_utf8_lossy(&out.stderr)
+            .lines()
+            .chain(String::from_utf8_lossy(&out.stdout).lines())
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix("- node ")
+                    .map(|r| format!("node {r}"))
+            })
+            .collect();
+        let mut ours = text::missing_resources(&cluster);
+        theirs.sort();
+        ours.sort();
+        assert_eq!(ours, theirs, "{name}");
+        warned += ours.len();
+    }
+    assert!(
+        warned > 0,
+        "no data file produced a warning; the test checks nothing"
+    );
+}

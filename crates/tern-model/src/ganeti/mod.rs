@@ -9,9 +9,11 @@
 //! resources. Where Ganeti rejects a file, so does tern, with the line number,
 //! the object and the field in the message. See `docs/ganeti-format.md`.
 
+mod check;
 mod parse;
 pub mod tags;
 mod write;
 
+pub use check::missing_resources;
 pub use parse::parse;
 pub use write::serialize;
