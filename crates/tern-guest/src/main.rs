@@ -112,19 +112,25 @@ fn serve_device(agent: &mut Agent, device: &Path) -> ExitCode {
             }
         };
         let mut output = port;
-        match serve(agent, &mut input, &mut output) {
-            Ok(Ended::Poweroff) => {
-                // busybox's poweroff -f asks the kernel directly; QEMU exits with the guest.
-                let _ = std::process::Command::new("/bin/busybox")
-                    .args(["poweroff", "-f"])
-                    .status();
-                return ExitCode::SUCCESS;
-            }
-            // With no host connected the port reads as end-of-file: wait and read again.
-            Ok(Ended::Eof) => std::thread::sleep(Duration::from_millis(100)),
-            Err(e) => {
-                eprintln!("tern-guest: channel: {e}");
-                std::thread::sleep(Duration::from_millis(200));
+        // The port stays open for the agent's life: closing and reopening it on every
+        // host disconnect would tell QEMU the guest side went away, and requests sent
+        // in that gap could go unanswered.
+        loop {
+            match serve(agent, &mut input, &mut output) {
+                Ok(Ended::Poweroff) => {
+                    // busybox's poweroff -f asks the kernel directly; QEMU exits with the guest.
+                    let _ = std::process::Command::new("/bin/busybox")
+                        .args(["poweroff", "-f"])
+                        .status();
+                    return ExitCode::SUCCESS;
+                }
+                // With no host connected the port reads as end-of-file: wait, read again.
+                Ok(Ended::Eof) => std::thread::sleep(Duration::from_millis(50)),
+                Err(e) => {
+                    eprintln!("tern-guest: channel: {e}; reopening");
+                    std::thread::sleep(Duration::from_millis(200));
+                    break;
+                }
             }
         }
     }

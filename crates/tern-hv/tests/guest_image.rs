@@ -139,6 +139,15 @@ fn boots_and_the_agent_runs_workloads() {
     let health = agent.health().unwrap();
     assert!(health.ok, "{:?}", health.findings);
 
+    // The host side reconnects (as it does after a migration, to the new QEMU's
+    // socket): the first request on each new connection is answered.
+    drop(agent);
+    let sock = dir.path().join("agent.sock");
+    for _ in 0..3 {
+        let mut again = GuestClient::connect(&sock, Duration::from_secs(10)).unwrap();
+        assert!(matches!(again.ping(), Ok(Reply::Pong { .. })));
+    }
+    let agent = GuestClient::connect(&sock, Duration::from_secs(10)).unwrap();
     power_off(agent, &mut qemu);
     let console = std::fs::read_to_string(dir.path().join("console.log")).unwrap();
     assert!(
