@@ -32,6 +32,9 @@
 //! ```
 //!
 //! Units: bytes, seconds and bytes per second throughout, as `u64`/`f64`.
+//!
+//! The equations, the policies' rules and a comparison table of `adaptive` against
+//! `qemu` and `xen` are in `docs/migration-model.md`.
 
 pub mod error;
 pub mod fragment;
