@@ -73,18 +73,27 @@ async fn listen(
             state.hv.kind()
         ))
     })?;
-    let mem = DestMemory::open(&file, req.spec.memory_mib << 20)
-        .map_err(|e| AgentError::BadRequest(e.to_string()))?;
-    let listener = std::net::TcpListener::bind("0.0.0.0:0")
-        .map_err(AgentError::io("binding the memory listener"))?;
-    let memory_port = listener
-        .local_addr()
-        .map_err(AgentError::io("binding the memory listener"))?
-        .port();
+    // Native: QEMU brings the memory itself; no tern streams.
+    let memory = if req.native {
+        None
+    } else {
+        let mem = DestMemory::open(&file, req.spec.memory_mib << 20)
+            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        let listener = std::net::TcpListener::bind("0.0.0.0:0")
+            .map_err(AgentError::io("binding the memory listener"))?;
+        Some((mem, listener))
+    };
+    let memory_port = match &memory {
+        Some((_, l)) => l
+            .local_addr()
+            .map_err(AgentError::io("binding the memory listener"))?
+            .port(),
+        None => 0,
+    };
     let device_port = free_port()?;
     state
         .hv
-        .set_migration_capabilities(&req.vm, &[("x-ignore-shared", true)])
+        .set_migration_capabilities(&req.vm, &[("x-ignore-shared", !req.native)])
         .await?;
     state
         .hv
@@ -116,11 +125,17 @@ async fn listen(
         accept_timeout: ACCEPT_TIMEOUT,
         io_timeout: STREAM_TIMEOUT,
     };
-    let receiver = {
-        let inbound = inbound.clone();
-        tokio::task::spawn_blocking(move || {
-            incoming::receive(&listener, &mem, &expect, &inbound.progress, &inbound.cancel)
-        })
+    let receiver = match memory {
+        Some((mem, listener)) => {
+            let inbound = inbound.clone();
+            Some(tokio::task::spawn_blocking(move || {
+                incoming::receive(&listener, &mem, &expect, &inbound.progress, &inbound.cancel)
+            }))
+        }
+        None => {
+            inbound.set(IncomingPhase::MemoryComplete, None);
+            None
+        }
     };
     tokio::spawn(supervise(state.clone(), inbound, receiver));
     tracing::info!(migration = %id, vm = %req.vm, memory_port, device_port, "prepared incoming migration");
@@ -131,9 +146,10 @@ async fn listen(
 async fn supervise(
     state: AppState,
     inbound: Arc<Inbound>,
-    receiver: tokio::task::JoinHandle<Result<incoming::Received, super::MigrationError>>,
+    mut receiver: Option<
+        tokio::task::JoinHandle<Result<incoming::Received, super::MigrationError>>,
+    >,
 ) {
-    let mut receiver = Some(receiver);
     let mut complete_at: Option<Instant> = None;
     let failure = loop {
         if inbound.resumed.load(Ordering::SeqCst) {

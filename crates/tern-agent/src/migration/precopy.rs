@@ -55,6 +55,8 @@ pub struct PrecopyOutcome {
     pub stop_reason: StopReason,
     pub bytes: u64,
     pub max_throttle_percent: u8,
+    /// Pages that were not zero when round 1 read them.
+    pub nonzero_pages: u64,
 }
 
 /// Applies a throttle and returns the percent actually in effect (0 when the host
@@ -92,6 +94,7 @@ pub fn run(
     let mut throttle_percent = 0u8;
     let mut max_throttle = 0u8;
     let mut bytes = 0u64;
+    let mut nonzero_pages = 0u64;
     // Round 1 covers every page, zero pages as runs: the destination file is not
     // assumed to be zero-filled (its QEMU may have written to it at start-up).
     scan(mem, sent, &seen, cfg.scan_threads);
@@ -106,6 +109,9 @@ pub fn run(
         let t = out.send_round(round, mem, sent, &to_send, cancel)?;
         let send_s = round_start.elapsed().as_secs_f64();
         bytes += t.bytes;
+        if round == 1 {
+            nonzero_pages = t.data_pages;
+        }
         // Small rounds are dominated by round trips; they say nothing about the link.
         if t.bytes >= 4 << 20 && send_s > 0.0 {
             bandwidth = t.bytes as f64 / send_s;
@@ -152,6 +158,7 @@ pub fn run(
                     stop_reason: reason,
                     bytes,
                     max_throttle_percent: max_throttle,
+                    nonzero_pages,
                 });
             }
             Decision::Continue { hold_back } => hold_back,
@@ -168,6 +175,7 @@ pub fn run(
                         stop_reason: StopReason::ThrottleExhausted,
                         bytes,
                         max_throttle_percent: max_throttle,
+                        nonzero_pages,
                     });
                 }
                 throttle_percent = applied;

@@ -24,9 +24,10 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use serde_json::Value;
 use tern_hv::{HvError, VmState};
-use tern_migrate::PolicyKind;
 
-use super::session::{MigrationView, Outbound, Phase, PrepareRequest, Registry, SendRequest};
+use super::session::{
+    Engine, MigrationView, Outbound, Phase, PrepareRequest, Registry, SendRequest,
+};
 use super::{dest, source};
 use crate::api::parse;
 use crate::error::AgentError;
@@ -35,7 +36,7 @@ use crate::state::AppState;
 /// One migration request, parsed.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MigrationCommand {
-    Send(SendRequest, PolicyKind),
+    Send(SendRequest, Engine),
     List,
     Show(String),
     Cancel(String),
@@ -48,10 +49,7 @@ pub enum MigrationCommand {
 /// Checks a send request without touching anything (pure).
 pub fn parse_send(body: &[u8]) -> Result<MigrationCommand, AgentError> {
     let req: SendRequest = parse(body)?;
-    let policy: PolicyKind = req
-        .policy
-        .parse()
-        .map_err(|e: tern_migrate::MigrateError| AgentError::BadRequest(e.to_string()))?;
+    let engine = Engine::parse(&req.policy, &req.options).map_err(AgentError::BadRequest)?;
     req.options.validate().map_err(AgentError::BadRequest)?;
     let url = reqwest::Url::parse(&req.destination)
         .map_err(|e| AgentError::BadRequest(format!("destination {:?} is not a URL ({e}): give the destination agent's address, e.g. http://198.18.0.2:7070", req.destination)))?;
@@ -61,7 +59,7 @@ pub fn parse_send(body: &[u8]) -> Result<MigrationCommand, AgentError> {
             req.destination
         )));
     }
-    Ok(MigrationCommand::Send(req, policy))
+    Ok(MigrationCommand::Send(req, engine))
 }
 
 fn outbound(reg: &Registry, id: &str) -> Result<Arc<Outbound>, AgentError> {
@@ -78,7 +76,7 @@ pub async fn execute(
     cmd: MigrationCommand,
 ) -> Result<(StatusCode, Value), AgentError> {
     match cmd {
-        MigrationCommand::Send(req, policy) => {
+        MigrationCommand::Send(req, engine) => {
             let info = state.hv.info(&req.vm).await?;
             if info.state != VmState::Running {
                 return Err(AgentError::Hv(HvError::Conflict {
@@ -100,7 +98,7 @@ pub async fn execute(
                     id: id.clone(),
                     vm: req.vm.clone(),
                     destination: req.destination.clone(),
-                    policy: policy.as_str().to_string(),
+                    policy: engine.name().to_string(),
                     phase: Phase::Preparing,
                     error: None,
                     rounds: Vec::new(),
@@ -112,7 +110,7 @@ pub async fn execute(
                 .lock()
                 .expect("registry lock")
                 .insert(id, job.clone());
-            tokio::spawn(source::run(state.clone(), job.clone(), req, policy));
+            tokio::spawn(source::run(state.clone(), job.clone(), req, engine));
             Ok((StatusCode::ACCEPTED, json(&job.snapshot())))
         }
         MigrationCommand::List => {
@@ -218,6 +216,7 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_migrate::PolicyKind;
 
     #[test]
     fn send_requests_are_checked_before_anything_happens() {
@@ -225,7 +224,7 @@ mod tests {
             br#"{"vm":"v1","destination":"http://198.18.0.2:7070","token":"t","policy":"xen"}"#;
         assert!(matches!(
             parse_send(ok),
-            Ok(MigrationCommand::Send(_, PolicyKind::Xen))
+            Ok(MigrationCommand::Send(_, Engine::Tern(PolicyKind::Xen)))
         ));
         let bad_policy = br#"{"vm":"v1","destination":"http://h:1","token":"t","policy":"fast"}"#;
         assert!(parse_send(bad_policy)

@@ -49,7 +49,8 @@ pub struct SendRequest {
     pub destination: String,
     /// The destination agent's bearer token.
     pub token: String,
-    /// `xen`, `qemu-rule` (alias `qemu`), `adaptive` or `stop-copy`.
+    /// `xen`, `qemu-rule` (alias `qemu`), `adaptive` or `stop-copy` for tern's engine;
+    /// `qemu-native` for QEMU's own migration of the whole VM (the benchmark's peer).
     #[serde(default = "adaptive")]
     pub policy: String,
     #[serde(default)]
@@ -72,8 +73,11 @@ pub struct SendOptions {
     pub max_mbit: Option<u64>,
     /// The downtime the policy aims for.
     pub downtime_limit_ms: u64,
-    /// Live rounds end (not converged) after this long.
+    /// Live rounds end (not converged) after this long; for `qemu-native`, the
+    /// migration is cancelled (VM stays here) after this long.
     pub max_precopy_s: f64,
+    /// `qemu-native` only: QEMU's `auto-converge` capability.
+    pub auto_converge: bool,
 }
 
 impl Default for SendOptions {
@@ -84,6 +88,7 @@ impl Default for SendOptions {
             max_mbit: None,
             downtime_limit_ms: 300,
             max_precopy_s: 60.0,
+            auto_converge: false,
         }
     }
 }
@@ -116,12 +121,55 @@ impl SendOptions {
     }
 }
 
+/// What moves the memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// tern's engine under a `tern-migrate` policy.
+    Tern(tern_migrate::PolicyKind),
+    /// QEMU's own migration of the whole VM, RAM included.
+    QemuNative { auto_converge: bool },
+}
+
+impl Engine {
+    /// Parses the `policy` field (pure); the error names the accepted values.
+    pub fn parse(policy: &str, options: &SendOptions) -> Result<Engine, String> {
+        if policy.trim().eq_ignore_ascii_case("qemu-native") {
+            return Ok(Engine::QemuNative {
+                auto_converge: options.auto_converge,
+            });
+        }
+        let kind = policy
+            .parse::<tern_migrate::PolicyKind>()
+            .map_err(|e| format!("{e}, or qemu-native"))?;
+        if options.auto_converge {
+            return Err("options.auto_converge applies to policy qemu-native only".into());
+        }
+        Ok(Engine::Tern(kind))
+    }
+
+    /// The name results carry.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Tern(p) => p.as_str(),
+            Engine::QemuNative {
+                auto_converge: false,
+            } => "qemu-native",
+            Engine::QemuNative {
+                auto_converge: true,
+            } => "qemu-native-auto-converge",
+        }
+    }
+}
+
 /// `POST /v1/migrations/incoming`: the destination prepares to receive `vm`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrepareRequest {
     pub vm: String,
     pub spec: VmSpec,
+    /// QEMU carries the memory itself (no tern memory streams, no `x-ignore-shared`).
+    #[serde(default)]
+    pub native: bool,
 }
 
 /// The destination's answer to a prepare: where to send memory and device state.
@@ -143,8 +191,12 @@ pub struct MigrationResult {
     pub downtime_ms: u64,
     /// Bytes of memory streams, device state included.
     pub bytes: u64,
-    /// Live rounds before the stop-and-copy.
+    /// Live rounds before the stop-and-copy (QEMU's dirty-sync count is not
+    /// reported for `qemu-native`: 0 there).
     pub rounds: u32,
+    /// Guest memory that is not zero pages when the migration started (M of the
+    /// lower bound M/B); unknown for `qemu-native`.
+    pub nonzero_bytes: Option<u64>,
     pub converged: bool,
     pub policy: String,
     pub stop_reason: tern_migrate::StopReason,
@@ -329,6 +381,29 @@ mod tests {
             r#"{"vm":"v","destination":"d","token":"t","polcy":"xen"}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn engines_parse_from_the_policy_field() {
+        let o = SendOptions::default();
+        assert_eq!(
+            Engine::parse("xen", &o),
+            Ok(Engine::Tern(tern_migrate::PolicyKind::Xen))
+        );
+        let ac = SendOptions {
+            auto_converge: true,
+            ..o.clone()
+        };
+        assert_eq!(
+            Engine::parse("qemu-native", &ac).map(Engine::name),
+            Ok("qemu-native-auto-converge")
+        );
+        assert!(Engine::parse("adaptive", &ac)
+            .unwrap_err()
+            .contains("qemu-native only"));
+        assert!(Engine::parse("fast", &o)
+            .unwrap_err()
+            .contains("qemu-native"));
     }
 
     #[test]

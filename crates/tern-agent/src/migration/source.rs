@@ -15,7 +15,9 @@ use tern_migrate::{Policy, PolicyKind};
 use super::memory::{changed_pages, SentDigests, SourceMemory};
 use super::outgoing::{Outgoing, StreamOptions};
 use super::precopy::{self, PrecopyConfig};
-use super::session::{MigrationResult, Outbound, Phase, PrepareRequest, SendRequest, Ticket};
+use super::session::{
+    Engine, MigrationResult, Outbound, Phase, PrepareRequest, SendRequest, Ticket,
+};
 use super::throttle::CgroupThrottle;
 use super::MigrationError;
 use crate::client::AgentClient;
@@ -35,13 +37,19 @@ struct Reached {
 }
 
 /// Runs one migration to its end and records the outcome in `job`.
-pub async fn run(state: AppState, job: Arc<Outbound>, req: SendRequest, policy: PolicyKind) {
+pub async fn run(state: AppState, job: Arc<Outbound>, req: SendRequest, engine: Engine) {
     let mut reached = Reached::default();
     let dest = match AgentClient::new(&req.destination, &req.token, Duration::from_secs(30)) {
         Ok(d) => d,
         Err(e) => return fail(&job, e.to_string()),
     };
-    match drive(&state, &job, &req, policy, &dest, &mut reached).await {
+    let driven = match engine {
+        Engine::Tern(policy) => drive(&state, &job, &req, policy, &dest, &mut reached).await,
+        Engine::QemuNative { auto_converge } => {
+            drive_native(&state, &job, &req, auto_converge, &dest, &mut reached).await
+        }
+    };
+    match driven {
         Ok(result) => {
             let mut v = job.view.lock().expect("migration view lock");
             v.result = Some(result);
@@ -91,24 +99,7 @@ async fn drive(
     let mem = SourceMemory::open(&file)?;
 
     job.set_phase(Phase::Preparing);
-    let prepare = PrepareRequest {
-        vm: vm.to_string(),
-        spec: info.spec.clone(),
-    };
-    let body = serde_json::to_value(&prepare).expect("prepare request serialises");
-    let ticket: Ticket = dest
-        .call(Method::POST, "/v1/incoming", Some(&body))
-        .await
-        .map_err(agent_err)?;
-    reached.ticket = Some(ticket.clone());
-    let host = reqwest::Url::parse(&req.destination)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_string))
-        .ok_or_else(|| MigrationError::Link(format!("no host in {}", req.destination)))?;
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
+    let (ticket, host) = prepare_destination(vm, &info, false, req, dest, reached).await?;
     let memory_addr = tokio::net::lookup_host((host.as_str(), ticket.memory_port))
         .await
         .map_err(|e| MigrationError::Link(format!("resolving {host}: {e}")))?
@@ -229,10 +220,125 @@ async fn drive(
         downtime_ms: downtime.as_millis() as u64,
         bytes: outcome.bytes + final_bytes + device_bytes,
         rounds: outcome.history.len() as u32,
+        nonzero_bytes: Some(outcome.nonzero_pages * super::wire::PAGE_SIZE as u64),
         converged: outcome.stop_reason.converged(),
         policy: policy.as_str().to_string(),
         stop_reason: outcome.stop_reason,
         max_throttle_percent: outcome.max_throttle_percent,
+        guest_ok: None,
+    })
+}
+
+/// Asks the destination to prepare; returns its ticket and its host name.
+async fn prepare_destination(
+    vm: &str,
+    info: &tern_hv::VmInfo,
+    native: bool,
+    req: &SendRequest,
+    dest: &AgentClient,
+    reached: &mut Reached,
+) -> Result<(Ticket, String), MigrationError> {
+    let prepare = PrepareRequest {
+        vm: vm.to_string(),
+        spec: info.spec.clone(),
+        native,
+    };
+    let body = serde_json::to_value(&prepare).expect("prepare request serialises");
+    let ticket: Ticket = dest
+        .call(Method::POST, "/v1/incoming", Some(&body))
+        .await
+        .map_err(agent_err)?;
+    reached.ticket = Some(ticket.clone());
+    let host = reqwest::Url::parse(&req.destination)
+        .ok()
+        .and_then(|u| u.host_str().map(str::to_string))
+        .ok_or_else(|| MigrationError::Link(format!("no host in {}", req.destination)))?;
+    Ok((
+        ticket,
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+    ))
+}
+
+/// QEMU's own migration of the whole VM, for comparison: QEMU decides everything; tern
+/// only starts it, bounds it in time and resumes the destination.
+async fn drive_native(
+    state: &AppState,
+    job: &Arc<Outbound>,
+    req: &SendRequest,
+    auto_converge: bool,
+    dest: &AgentClient,
+    reached: &mut Reached,
+) -> Result<MigrationResult, MigrationError> {
+    let vm = req.vm.as_str();
+    let started = Instant::now();
+    let info = state.hv.info(vm).await.map_err(hv_err)?;
+    job.set_phase(Phase::Preparing);
+    let (ticket, host) = prepare_destination(vm, &info, true, req, dest, reached).await?;
+    job.set_phase(Phase::PreCopy);
+    state
+        .hv
+        .set_migration_capabilities(
+            vm,
+            &[("x-ignore-shared", false), ("auto-converge", auto_converge)],
+        )
+        .await
+        .map_err(hv_err)?;
+    reached.device_state_started = true;
+    state
+        .hv
+        .migrate(vm, &format!("tcp:{host}:{}", ticket.device_port))
+        .await
+        .map_err(hv_err)?;
+    let limit = Duration::from_secs_f64(req.options.max_precopy_s);
+    let st = loop {
+        let st = state.hv.query_migrate(vm).await.map_err(hv_err)?;
+        match st.status.as_str() {
+            "completed" => break st,
+            "failed" | "cancelled" => {
+                return Err(MigrationError::Vm(format!(
+                    "QEMU migration {}: {}",
+                    st.status,
+                    st.error.unwrap_or_default()
+                )))
+            }
+            _ => {}
+        }
+        check_cancel(job)?;
+        if started.elapsed() > limit {
+            return Err(MigrationError::Timeout(format!(
+                "QEMU's migration did not converge within {limit:?} ({} bytes sent)",
+                st.transferred_bytes
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // QEMU paused the source to finish; from here the destination must run, or rollback.
+    reached.paused = true;
+    let pause_seen = Instant::now();
+    job.set_phase(Phase::Resuming);
+    reached.resume_sent = true;
+    let path = format!("/v1/incoming/{}/resume", ticket.migration);
+    let _: serde_json::Value = dest
+        .call(Method::POST, &path, Some(&json!({})))
+        .await
+        .map_err(agent_err)?;
+    let resume_ms = pause_seen.elapsed().as_millis() as u64;
+    if let Err(e) = state.destroy_vm(vm).await {
+        tracing::warn!(vm, error = %e, "migrated, but the source VM could not be destroyed");
+    }
+    Ok(MigrationResult {
+        total_ms: started.elapsed().as_millis() as u64,
+        // QEMU's own downtime ends when its destination could run; tern's resume adds to it.
+        downtime_ms: st.downtime_ms.unwrap_or(0) + resume_ms,
+        bytes: st.transferred_bytes,
+        rounds: 0,
+        nonzero_bytes: None,
+        converged: true,
+        policy: Engine::QemuNative { auto_converge }.name().to_string(),
+        stop_reason: tern_migrate::StopReason::FitsDowntime,
+        max_throttle_percent: 0,
         guest_ok: None,
     })
 }
