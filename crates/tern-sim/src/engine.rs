@@ -179,7 +179,16 @@ impl<'a> Simulation<'a> {
     }
 
     /// Runs to the end; `progress(done, total)` is called once per tick.
-    pub fn run(mut self, policy: &mut dyn Policy, progress: &mut dyn FnMut(u32, u32)) -> Report {
+    pub fn run(self, policy: &mut dyn Policy, progress: &mut dyn FnMut(u32, u32)) -> Report {
+        self.run_keeping_state(policy, progress).0
+    }
+
+    /// Like `run`, also returning the final state (for checks over where VMs ended up).
+    pub fn run_keeping_state(
+        mut self,
+        policy: &mut dyn Policy,
+        progress: &mut dyn FnMut(u32, u32),
+    ) -> (Report, State) {
         let wall = Instant::now();
         self.queue.push(0.0, Event::Tick(0));
         let end = f64::from(self.cfg.intervals) * self.cfg.interval_s;
@@ -371,7 +380,7 @@ impl<'a> Simulation<'a> {
         }
     }
 
-    fn report(mut self, policy: &str, end: f64, wall_seconds: f64) -> Report {
+    fn report(mut self, policy: &str, end: f64, wall_seconds: f64) -> (Report, State) {
         for h in 0..self.state.hosts() {
             self.state.settle(h, end);
         }
@@ -379,7 +388,7 @@ impl<'a> Simulation<'a> {
         let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         let slatah = ratio(t.violation_host_seconds, t.active_host_seconds);
         let pdm = ratio(t.migration_shortfall_mips_seconds, t.requested_mips_seconds);
-        Report {
+        let report = Report {
             policy: policy.to_string(),
             migration_model: self.timing.name().to_string(),
             hosts: self.state.hosts(),
@@ -398,7 +407,8 @@ impl<'a> Simulation<'a> {
             peak_active_hosts: self.peak_active,
             wall_seconds,
             series: self.series,
-        }
+        };
+        (report, self.state)
     }
 }
 

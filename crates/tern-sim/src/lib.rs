@@ -22,6 +22,7 @@ pub mod planetlab;
 pub mod policy;
 pub mod power;
 pub mod queue;
+pub mod scenario;
 pub mod state;
 pub mod trace;
 

@@ -3,6 +3,9 @@
 //! changes (another migration on the same link starts or ends) it asks again for the
 //! part that is left.
 
+use tern_migrate::model::{simulate, DirtyModel, MigrationParams};
+use tern_migrate::policy::PolicyKind;
+
 /// Duration of one migration at a constant bandwidth.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Estimate {
@@ -43,9 +46,77 @@ impl MigrationTiming for CloudSimTiming {
     }
 }
 
+/// tern's pre-copy model (`tern_migrate::simulate`, analytic): rounds until the
+/// termination policy stops, then a stop-and-copy. The guest dirties a working set
+/// (`working_set_fraction` of its memory) at random; concurrent migrations share links.
+pub struct PreCopyTiming {
+    pub policy: PolicyKind,
+    pub working_set_fraction: f64,
+}
+
+impl PreCopyTiming {
+    pub fn new(policy: PolicyKind) -> PreCopyTiming {
+        PreCopyTiming {
+            policy,
+            working_set_fraction: 0.25,
+        }
+    }
+}
+
+impl MigrationTiming for PreCopyTiming {
+    fn estimate(&self, ram_mb: f64, dirty_mb_s: f64, bandwidth_mb_s: f64) -> Option<Estimate> {
+        let memory_bytes = (ram_mb * 1e6) as u64;
+        let dirty = if dirty_mb_s > 0.0 {
+            DirtyModel::Uniform {
+                rate_bytes_per_s: dirty_mb_s * 1e6,
+                working_set_bytes: (memory_bytes as f64 * self.working_set_fraction) as u64,
+            }
+        } else {
+            DirtyModel::None
+        };
+        let params = MigrationParams::new(memory_bytes, bandwidth_mb_s * 1e6).with_dirty(dirty);
+        // The model refuses only impossible inputs (no memory, no bandwidth): such a
+        // migration never finishes.
+        let outcome = simulate(&params, &self.policy).ok()?;
+        Some(Estimate {
+            total_s: outcome.total_time_s,
+            downtime_s: outcome.downtime_s,
+        })
+    }
+
+    fn shares_links(&self) -> bool {
+        true
+    }
+
+    fn name(&self) -> &'static str {
+        self.policy.as_str()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn precopy_of_an_idle_guest_is_memory_over_bandwidth() {
+        for policy in PolicyKind::ALL {
+            let e = PreCopyTiming::new(policy)
+                .estimate(1000.0, 0.0, 100.0)
+                .unwrap();
+            assert!((e.total_s - 10.0).abs() < 0.05, "{policy}: {e:?}");
+        }
+    }
+
+    #[test]
+    fn dirtying_makes_precopy_slower_and_bandwidth_faster() {
+        let t = PreCopyTiming::new(PolicyKind::Qemu);
+        let idle = t.estimate(1740.0, 0.0, 62.5).unwrap();
+        let busy = t.estimate(1740.0, 20.0, 62.5).unwrap();
+        let wide = t.estimate(1740.0, 20.0, 125.0).unwrap();
+        assert!(busy.total_s > idle.total_s);
+        assert!(wide.total_s < busy.total_s);
+        assert!(t.estimate(0.0, 0.0, 62.5).is_none());
+    }
 
     #[test]
     fn cloudsim_delay_is_ram_over_half_a_gigabit() {

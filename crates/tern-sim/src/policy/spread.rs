@@ -10,8 +10,8 @@
 
 use tern_balance::{PlanOptions, Search};
 use tern_model::{
-    AllocPolicy, Cluster, Demand, DiskTemplate, DynUtil, Group, GroupId, IPolicy, InstId,
-    Instance, InstanceStatus, Node, NodeId,
+    AllocPolicy, Cluster, Demand, DiskTemplate, DynUtil, Group, GroupId, IPolicy, InstId, Instance,
+    InstanceStatus, Node, NodeId,
 };
 
 use super::{Move, Policy};
