@@ -248,7 +248,7 @@ fn without_virtio_serial_the_agent_answers_on_the_second_uart() {
 }
 
 #[test]
-fn a_cached_image_is_reused_and_a_changed_input_rebuilds() {
+fn a_cached_image_is_reused_and_a_changed_input_rebuilds_once() {
     if !qemu_available() {
         return;
     }
@@ -284,7 +284,14 @@ fn a_cached_image_is_reused_and_a_changed_input_rebuilds() {
     {
         std::fs::copy(e.path(), cache.path().join("debs").join(e.file_name())).unwrap();
     }
-    let other = ensure_image(cache.path(), &mut |_| {}).unwrap();
+    // Two builders at once on an empty cache: both succeed with the same image.
+    let (a, b) = std::thread::scope(|s| {
+        let one = s.spawn(|| ensure_image(cache.path(), &mut |_| {}));
+        let two = s.spawn(|| ensure_image(cache.path(), &mut |_| {}));
+        (one.join().unwrap(), two.join().unwrap())
+    });
+    let (other, twin) = (a.unwrap(), b.unwrap());
+    assert_eq!(other, twin);
     assert_ne!(other.key, first.key);
     assert_ne!(other.initramfs_sha256, first.initramfs_sha256);
     assert_eq!(other.kernel_sha256, first.kernel_sha256);

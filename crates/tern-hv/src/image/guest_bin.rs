@@ -28,7 +28,9 @@ fn source_tree() -> Option<PathBuf> {
 /// Builds `tern-guest` statically from `workspace`; returns the binary's path.
 fn build(workspace: &Path, progress: &mut dyn FnMut(&str)) -> Result<PathBuf, ImageError> {
     let target_dir = workspace.join("target/guest");
-    progress("building the static tern-guest (cargo, target/guest)");
+    progress(
+        "building the static tern-guest (cargo, target/guest; a minute or two the first time)",
+    );
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .current_dir(workspace)

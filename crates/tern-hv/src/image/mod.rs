@@ -322,18 +322,22 @@ pub fn ensure_image(
     })?;
     write("manifest.json", &json)?;
     let built = scratch.keep();
+    let usable = |m: &GuestImage| m.key == key && m.kernel.is_file() && m.initramfs.is_file();
     if dir.exists() {
-        // A stale or concurrent build: replace a stale one, keep a good one.
-        if read_manifest(&manifest_path)?
-            .is_some_and(|m| m.key == key && m.kernel.is_file() && m.initramfs.is_file())
-        {
+        // A stale or concurrent build: keep a good one, replace a stale one.
+        if let Some(done) = read_manifest(&manifest_path)?.filter(usable) {
             let _ = std::fs::remove_dir_all(&built);
-            return read_manifest(&manifest_path)?
-                .ok_or_else(|| ImageError::Kernel("manifest vanished".into()));
+            return Ok(done);
         }
         std::fs::remove_dir_all(&dir).map_err(|e| ImageError::io(&dir, e))?;
     }
-    std::fs::rename(&built, &dir).map_err(|e| ImageError::io(&dir, e))?;
+    if let Err(e) = std::fs::rename(&built, &dir) {
+        let _ = std::fs::remove_dir_all(&built);
+        // Another builder renamed its copy in first: identical content, use it.
+        return read_manifest(&manifest_path)?
+            .filter(usable)
+            .ok_or_else(|| ImageError::io(&dir, e));
+    }
     progress(&format!(
         "image {} built: kernel {} ({} MB), initramfs {} MB",
         &key[..16],
