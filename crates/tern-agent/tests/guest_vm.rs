@@ -3,7 +3,6 @@
 //! and the vCPU threads' CPU time shows in the metrics and the host's load.
 
 use serde_json::json;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tern_agent::client::AgentClient;
@@ -13,35 +12,15 @@ use tern_agent::{AppState, HostConfig};
 use tern_hv::qemu::{QemuConfig, QemuDriver};
 use tern_hv::VmState;
 
-fn qemu_available() -> bool {
-    let found = std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "qemu-system-x86_64 is missing but CI is set: scripts/setup installs it"
-        );
-        eprintln!("SKIP: qemu-system-x86_64 not installed");
-    }
-    found
-}
-
-/// The image cache the other image tests use, so it is built once per build tree.
-fn cache_dir() -> PathBuf {
-    std::env::var_os("TERN_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tern-cache"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_boots_and_answers_through_the_agent() {
-    if !qemu_available() {
+    if !tern_hv::image::require_qemu() {
         return;
     }
     let img = tokio::task::spawn_blocking(|| {
-        tern_hv::image::ensure_image(&cache_dir(), &mut |s| eprintln!("image: {s}"))
+        tern_hv::image::ensure_image(&tern_hv::image::test_cache_dir(), &mut |s| {
+            eprintln!("image: {s}")
+        })
     })
     .await
     .unwrap()

@@ -6,23 +6,6 @@ use std::time::Duration;
 use tern_hv::qemu::{QemuConfig, QemuDriver};
 use tern_hv::{HvError, Hypervisor, VmSpec, VmState};
 
-/// QEMU is needed; without it the test says why and passes, except in CI where it must run.
-fn qemu_available() -> bool {
-    let found = std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "qemu-system-x86_64 is missing but CI is set: scripts/setup installs it"
-        );
-        eprintln!("SKIP: qemu-system-x86_64 not installed");
-    }
-    found
-}
-
 fn driver(dir: &std::path::Path) -> QemuDriver {
     QemuDriver::new(QemuConfig::new(dir.join("run"), dir.join("mem"), None))
 }
@@ -33,7 +16,7 @@ fn spec(mib: u64, vcpus: u32) -> VmSpec {
 
 #[tokio::test]
 async fn lifecycle_metrics_and_ram_file() {
-    if !qemu_available() {
+    if !tern_hv::image::require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -71,7 +54,7 @@ async fn lifecycle_metrics_and_ram_file() {
 
 #[tokio::test]
 async fn missing_kernel_changes_nothing() {
-    if !qemu_available() {
+    if !tern_hv::image::require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -86,7 +69,7 @@ async fn missing_kernel_changes_nothing() {
 
 #[tokio::test]
 async fn device_state_migration_with_shared_ram() {
-    if !qemu_available() {
+    if !tern_hv::image::require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -147,7 +130,7 @@ async fn device_state_migration_with_shared_ram() {
 
 #[tokio::test]
 async fn reclaim_removes_what_a_killed_driver_left() {
-    if !qemu_available() {
+    if !tern_hv::image::require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

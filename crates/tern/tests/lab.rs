@@ -83,15 +83,6 @@ fn lab_leftovers(index: u64) -> Vec<String> {
         .collect()
 }
 
-/// The image cache the other image tests use, so it is built once per build tree.
-fn image_cache() -> std::path::PathBuf {
-    std::env::var_os("TERN_CACHE")
-        .map(Into::into)
-        .unwrap_or_else(|| {
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tern-cache")
-        })
-}
-
 #[test]
 fn lab_up_status_vm_down() {
     if !can_run() {
@@ -185,8 +176,10 @@ fn lab_up_status_vm_down() {
 
     // A real guest on host 1 with an address on the lab's segment answers a ping from
     // host 2: guests share one L2 network across hosts, so an address survives a move.
-    let img = tern_hv::image::ensure_image(&image_cache(), &mut |s| eprintln!("image: {s}"))
-        .expect("guest image builds");
+    let img = tern_hv::image::ensure_image(&tern_hv::image::test_cache_dir(), &mut |s| {
+        eprintln!("image: {s}")
+    })
+    .expect("guest image builds");
     let guest_ip = format!("198.18.{index}.100");
     let cmdline = format!("{} tern.ip={guest_ip}/24 tern.hostname=g1", img.cmdline);
     let kernel = img.kernel.to_string_lossy().into_owned();
