@@ -195,3 +195,21 @@ fn page_level_runs_are_reproducible_by_seed() {
     let b = simulate_pages(&params, &PolicyKind::Adaptive, 42).unwrap();
     assert_eq!(a, b);
 }
+
+#[test]
+fn adaptive_gives_up_when_the_stop_cost_alone_exceeds_the_budget() {
+    let mut params =
+        MigrationParams::new(512 * MIB, mbit_per_s(1000.0)).with_dirty(DirtyModel::HotCold {
+            hot_bytes: 64 * MIB,
+            hot_rate_bytes_per_s: 400e6,
+            cold_bytes: 384 * MIB,
+            cold_rate_bytes_per_s: 2e6,
+        });
+    params.stop_overhead_s = 0.35;
+    let o = simulate(&params, &PolicyKind::Adaptive).unwrap();
+    assert_eq!(o.stop_reason, StopReason::BudgetUnreachable);
+    assert!(!o.converged);
+    // It stops as soon as it is stuck instead of throttling for nothing.
+    assert_eq!(o.max_throttle_percent, 0);
+    assert!(o.rounds <= 3);
+}

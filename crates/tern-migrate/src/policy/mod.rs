@@ -132,6 +132,9 @@ pub enum StopReason {
     VolumeCap,
     /// Throttling reached its maximum and the remainder still does not fit.
     ThrottleExhausted,
+    /// The fixed cost of stopping (final scan, device state) alone exceeds the budget,
+    /// so no amount of iterating or throttling can meet it.
+    BudgetUnreachable,
     /// The safety cap [`Limits::max_rounds`] was reached.
     SafetyRounds,
     /// The safety cap [`Limits::max_elapsed_s`] was reached.
