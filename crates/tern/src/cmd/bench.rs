@@ -2,15 +2,19 @@
 //! One submodule per peer.
 
 mod hbal;
+mod migration;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Generated unbalanced clusters: Ganeti's `hbal -C` against `tern plan`.
     Hbal(hbal::Args),
+    /// Live migration on a 2-host lab: tern's engine under each policy beside QEMU's own.
+    Migration(migration::Args),
 }
 
 pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
         Command::Hbal(args) => hbal::run(args),
+        Command::Migration(args) => migration::run(args),
     }
 }

@@ -1,0 +1,413 @@
+//! `tern bench migration`: a 2-host lab with shaped links, a guest whose `memdirty`
+//! working set is rewritten at fractions of the link bandwidth, moved by tern's engine
+//! under each policy and by QEMU's own migration (default and auto-converge). Each run
+//! reports time, downtime, bytes, rounds, convergence, whether the guest is still
+//! healthy after the move, and the lower bound M/B.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use reqwest::Method;
+use serde::Serialize;
+use serde_json::{json, Value};
+use tern_agent::client::AgentClient;
+use tern_agent::lab::{self, LabOptions, LabState};
+use tern_agent::vms::CreateVm;
+
+use crate::cmd::bad_input;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Link bandwidth of each lab host, Mbit/s.
+    #[arg(long, default_value_t = 1000)]
+    pub link_mbit: u32,
+    /// Guest memory, MiB.
+    #[arg(long, default_value_t = 512)]
+    pub memory_mib: u64,
+    /// `memdirty` working set, MiB.
+    #[arg(long, default_value_t = 128)]
+    pub wss_mib: u64,
+    /// Dirty rates as percent of the link bandwidth, comma-separated.
+    #[arg(long, default_value = "0,25,75,150")]
+    pub rates: String,
+    /// Engines, comma-separated: xen, qemu-rule, adaptive, stop-copy, qemu-native,
+    /// qemu-native-ac (QEMU with auto-converge).
+    #[arg(
+        long,
+        default_value = "xen,qemu-rule,adaptive,qemu-native,qemu-native-ac"
+    )]
+    pub engines: String,
+    /// Longest a migration may iterate before it is stopped (tern) or cancelled (QEMU).
+    #[arg(long, default_value_t = 40.0)]
+    pub max_precopy_s: f64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One migration of the benchmark.
+#[derive(Clone, Debug, Serialize)]
+pub struct Run {
+    pub rate_percent: u32,
+    /// What the guest was asked to dirty, MB/s.
+    pub dirty_mb_s: u64,
+    pub engine: String,
+    pub total_ms: Option<u64>,
+    pub downtime_ms: Option<u64>,
+    pub bytes: Option<u64>,
+    /// Live rounds (tern); not reported by QEMU.
+    pub rounds: Option<u32>,
+    pub converged: bool,
+    /// Counter advanced, checksum matches, no oops/panic in the guest.
+    pub guest_ok: bool,
+    /// Non-zero guest memory over link bandwidth, ms (from tern's first round).
+    pub lower_bound_ms: Option<u64>,
+    /// Why the migration did not complete, or what was wrong with the guest.
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    link_mbit: u32,
+    memory_mib: u64,
+    wss_mib: u64,
+    runs: Vec<Run>,
+}
+
+fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> anyhow::Result<Vec<T>> {
+    s.split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<T>()
+                .map_err(|_| bad_input(format!("--{what}: {x:?} is not valid")))
+        })
+        .collect()
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let rates: Vec<u32> = parse_list(&args.rates, "rates")?;
+    let engines: Vec<String> = args
+        .engines
+        .split(',')
+        .map(|e| e.trim().to_string())
+        .collect();
+    for e in &engines {
+        if !matches!(e.as_str(), "qemu-native" | "qemu-native-ac")
+            && e.parse::<tern_migrate::PolicyKind>().is_err()
+        {
+            return Err(bad_input(format!("--engines: unknown engine {e:?}; use xen, qemu-rule, adaptive, stop-copy, qemu-native, qemu-native-ac")));
+        }
+    }
+    if args.memory_mib == 0 || args.wss_mib == 0 || args.wss_mib >= args.memory_mib {
+        return Err(bad_input(
+            "--wss-mib must be positive and below --memory-mib",
+        ));
+    }
+    if args.link_mbit == 0 {
+        return Err(bad_input("--link-mbit must be positive"));
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    let img = tern_hv::image::ensure_image(&tern_hv::image::default_cache_dir(), &mut |s| {
+        eprintln!("image: {s}")
+    })
+    .context("building the guest image")?;
+    let dir = tempfile::tempdir()?;
+    let opts = LabOptions {
+        hosts: 2,
+        link_mbit: Some(args.link_mbit),
+        dir: dir.path().join("lab"),
+        tern_binary: std::env::current_exe()?,
+        host_memory_mib: Some(args.memory_mib * 3),
+        host_cpus: None,
+    };
+    let progress = |s: &str| eprintln!("{s}");
+    let lab = rt.block_on(lab::up(&opts, &progress))?;
+    let result = rt.block_on(bench(&lab, &img, &args, &rates, &engines));
+    rt.block_on(lab::down(&opts.dir, &progress))?;
+    let runs = result?;
+    let report = Report {
+        link_mbit: args.link_mbit,
+        memory_mib: args.memory_mib,
+        wss_mib: args.wss_mib,
+        runs,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_table(&report);
+    }
+    Ok(())
+}
+
+fn print_table(r: &Report) {
+    println!(
+        "{} MiB guest, {} MiB working set, {} Mbit/s link",
+        r.memory_mib, r.wss_mib, r.link_mbit
+    );
+    println!(
+        "{:>5} {:>6}  {:<26} {:>8} {:>9} {:>11} {:>6} {:>9} {:>8} {:>7}",
+        "rate",
+        "MB/s",
+        "engine",
+        "total",
+        "downtime",
+        "bytes",
+        "rounds",
+        "converged",
+        "guest",
+        "M/B"
+    );
+    let ms = |v: Option<u64>| v.map_or("-".to_string(), |x| format!("{x} ms"));
+    for run in &r.runs {
+        println!(
+            "{:>4}% {:>6}  {:<26} {:>8} {:>9} {:>11} {:>6} {:>9} {:>8} {:>7}{}",
+            run.rate_percent,
+            run.dirty_mb_s,
+            run.engine,
+            ms(run.total_ms),
+            ms(run.downtime_ms),
+            run.bytes.map_or("-".into(), |b| b.to_string()),
+            run.rounds.map_or("-".into(), |b| b.to_string()),
+            run.converged,
+            if run.guest_ok { "ok" } else { "NOT OK" },
+            ms(run.lower_bound_ms),
+            run.note
+                .as_ref()
+                .map_or(String::new(), |n| format!("  ({n})")),
+        );
+    }
+}
+
+/// The lab and the guest currently under test.
+struct Bench<'a> {
+    lab: &'a LabState,
+    hosts: Vec<AgentClient>,
+    token: String,
+    vm: String,
+    at: usize,
+    counter: u64,
+    boots: u32,
+}
+
+async fn bench(
+    lab: &LabState,
+    img: &tern_hv::image::GuestImage,
+    args: &Args,
+    rates: &[u32],
+    engines: &[String],
+) -> anyhow::Result<Vec<Run>> {
+    let token = lab.token()?;
+    let hosts = lab
+        .hosts
+        .iter()
+        .map(|h| AgentClient::new(&h.url, &token, Duration::from_secs(60)))
+        .collect::<Result<_, _>>()?;
+    let mut b = Bench {
+        lab,
+        hosts,
+        token,
+        vm: String::new(),
+        at: 0,
+        counter: 0,
+        boots: 0,
+    };
+    let link_bytes_s = f64::from(args.link_mbit) * 1e6 / 8.0;
+    let mut runs = Vec::new();
+    for &rate in rates {
+        let dirty_mb_s = (link_bytes_s * f64::from(rate) / 100.0 / 1e6).round() as u64;
+        let mut nonzero: Option<u64> = None;
+        b.boot(img, args, dirty_mb_s).await?;
+        // tern's engines first: QEMU's own migration may leave a broken guest behind.
+        let (tern, native): (Vec<&String>, Vec<&String>) =
+            engines.iter().partition(|e| !e.starts_with("qemu-native"));
+        for engine in tern.into_iter().chain(native) {
+            eprintln!(
+                "bench: {rate}% ({dirty_mb_s} MB/s): {engine}, h{} -> h{}",
+                b.at + 1,
+                2 - b.at
+            );
+            let mut run = b.migrate(engine, args).await?;
+            run.rate_percent = rate;
+            run.dirty_mb_s = dirty_mb_s;
+            if let Some(m) = run.lower_bound_ms {
+                nonzero.get_or_insert(m);
+            }
+            run.lower_bound_ms = nonzero;
+            eprintln!("bench: {run:?}");
+            let healthy = run.guest_ok;
+            runs.push(run);
+            if !healthy {
+                b.destroy().await;
+                b.boot(img, args, dirty_mb_s).await?;
+            }
+        }
+        b.destroy().await;
+        // The lower bound is known once a tern run measured M; fill it in everywhere.
+        for r in runs.iter_mut().filter(|r| r.rate_percent == rate) {
+            r.lower_bound_ms = nonzero;
+        }
+    }
+    Ok(runs)
+}
+
+impl Bench<'_> {
+    async fn guest(&self, host: usize, req: Value, patience: Duration) -> anyhow::Result<Value> {
+        let t0 = Instant::now();
+        loop {
+            match self.hosts[host].guest(&self.vm, &req).await {
+                Ok(a) if a["ok"] == true => return Ok(a["result"].clone()),
+                Ok(a) => bail!("guest answered {a}"),
+                // The first request after a move can go unanswered while virtio-serial
+                // reconnects; a crashed guest never answers.
+                Err(e) if t0.elapsed() < patience => {
+                    tracing::debug!(error = %e, "guest not answering yet");
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+                Err(e) => bail!("guest does not answer: {e}"),
+            }
+        }
+    }
+
+    async fn boot(
+        &mut self,
+        img: &tern_hv::image::GuestImage,
+        args: &Args,
+        dirty_mb_s: u64,
+    ) -> anyhow::Result<()> {
+        self.boots += 1;
+        self.vm = format!("bench{}", self.boots);
+        self.at = 0;
+        let req: CreateVm = serde_json::from_value(json!({
+            "id": self.vm,
+            "spec": {
+                "vcpus": 1,
+                "memory_mib": args.memory_mib,
+                "kernel": img.kernel,
+                "initramfs": img.initramfs,
+                "cmdline": format!("{} tern.hostname={}", img.cmdline, self.vm),
+            }
+        }))?;
+        eprintln!("bench: booting {} on h1", self.vm);
+        self.hosts[0].create_vm(&req).await?;
+        self.guest(0, json!({"cmd": "ping"}), Duration::from_secs(180))
+            .await?;
+        if dirty_mb_s > 0 {
+            let w = format!("memdirty --mib {} --mbps {dirty_mb_s}", args.wss_mib);
+            self.guest(
+                0,
+                json!({"cmd": "start", "workload": w}),
+                Duration::from_secs(10),
+            )
+            .await?;
+        }
+        // Let the working set fill and the rate settle.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        self.counter = self
+            .verify(0)
+            .await
+            .map_err(|e| anyhow::anyhow!("fresh guest: {e}"))?;
+        Ok(())
+    }
+
+    async fn destroy(&mut self) {
+        for h in &self.hosts {
+            let _ = h.delete_vm(&self.vm).await;
+        }
+    }
+
+    /// Counter, checksum and health of the guest on `host`; the counter on success.
+    async fn verify(&self, host: usize) -> Result<u64, String> {
+        let v = self
+            .guest(host, json!({"cmd": "verify"}), Duration::from_secs(30))
+            .await
+            .map_err(|e| e.to_string())?;
+        if v["ok"] != true {
+            return Err(format!("checksum mismatch: {v}"));
+        }
+        let h = self
+            .guest(host, json!({"cmd": "health"}), Duration::from_secs(10))
+            .await
+            .map_err(|e| e.to_string())?;
+        if h["ok"] != true {
+            return Err(format!("guest reports trouble: {}", h["findings"]));
+        }
+        v["counter"]
+            .as_u64()
+            .ok_or_else(|| format!("no counter in {v}"))
+    }
+
+    async fn migrate(&mut self, engine: &str, args: &Args) -> anyhow::Result<Run> {
+        let to = 1 - self.at;
+        let (policy, ac) = match engine {
+            "qemu-native-ac" => ("qemu-native", true),
+            e => (e, false),
+        };
+        let body = json!({
+            "vm": self.vm,
+            "destination": self.lab.hosts[to].url,
+            "token": self.token,
+            "policy": policy,
+            "options": { "auto_converge": ac, "max_precopy_s": args.max_precopy_s, "downtime_limit_ms": 300 },
+        });
+        let started: Value = self.hosts[self.at]
+            .call(Method::POST, "/v1/migrations", Some(&body))
+            .await?;
+        let id = started["id"].as_str().context("migration id")?.to_string();
+        let t0 = Instant::now();
+        let s = loop {
+            let s: Value = self.hosts[self.at]
+                .call(Method::GET, &format!("/v1/migrations/{id}"), None)
+                .await?;
+            if matches!(s["phase"].as_str(), Some("completed" | "rolled_back")) {
+                break s;
+            }
+            if t0.elapsed() > Duration::from_secs_f64(args.max_precopy_s + 120.0) {
+                bail!("migration {id} did not finish: {s}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let mut run = Run {
+            rate_percent: 0,
+            dirty_mb_s: 0,
+            engine: engine.to_string(),
+            total_ms: None,
+            downtime_ms: None,
+            bytes: None,
+            rounds: None,
+            converged: false,
+            guest_ok: false,
+            lower_bound_ms: None,
+            note: None,
+        };
+        if s["phase"] == "completed" {
+            let r = &s["result"];
+            run.total_ms = r["total_ms"].as_u64();
+            run.downtime_ms = r["downtime_ms"].as_u64();
+            run.bytes = r["bytes"].as_u64();
+            run.rounds = r["rounds"]
+                .as_u64()
+                .map(|x| x as u32)
+                .filter(|_| policy != "qemu-native");
+            run.converged = r["converged"] == true;
+            let link_bytes_s = f64::from(args.link_mbit) * 1e6 / 8.0;
+            run.lower_bound_ms = r["nonzero_bytes"]
+                .as_u64()
+                .map(|m| (m as f64 / link_bytes_s * 1000.0).round() as u64);
+            self.at = to;
+        } else {
+            run.note = Some(format!(
+                "rolled back: {}",
+                s["error"].as_str().unwrap_or("?")
+            ));
+        }
+        match self.verify(self.at).await {
+            Ok(c) if c > self.counter => {
+                run.guest_ok = true;
+                self.counter = c;
+            }
+            Ok(c) => run.note = Some(format!("counter did not advance ({c} <= {})", self.counter)),
+            Err(e) => run.note = Some(e),
+        }
+        Ok(run)
+    }
+}
