@@ -32,10 +32,11 @@ fn run(mib: u64, mbps: f64, ctl: &Ctl) -> Result<(), GuestError> {
         GuestError::BadRequest(format!("memdirty: cannot allocate {mib} MiB in this guest"))
     })?;
     mem.resize(pages * PAGE_WORDS, 0);
+    let noise = noise();
     // Generation 0 fills the whole set once, so every page is resident and non-zero
     // before the paced phase starts.
     for (p, page) in mem.chunks_exact_mut(PAGE_WORDS).enumerate() {
-        fill_page(page, 0, p as u64);
+        fill_page(page, 0, p as u64, &noise);
         if p % 256 == 0 && ctl.stopped() {
             return Ok(());
         }
@@ -55,6 +56,7 @@ fn run(mib: u64, mbps: f64, ctl: &Ctl) -> Result<(), GuestError> {
                 &mut mem[next * PAGE_WORDS..(next + 1) * PAGE_WORDS],
                 generation,
                 next as u64,
+                &noise,
             );
             next += 1;
             if next == pages {
@@ -68,14 +70,30 @@ fn run(mib: u64, mbps: f64, ctl: &Ctl) -> Result<(), GuestError> {
     Ok(())
 }
 
-/// Content of `page` at `generation`: differs from every other generation, never zero.
-/// One multiply per page and one xor per word, so the writer, not the arithmetic,
-/// sets the pace even under TCG.
-pub fn fill_page(words: &mut [u64], generation: u64, page: u64) {
-    // The top bit is always set and the word index only touches the low bits: no zeros.
-    let base = ((generation << 32) ^ page).wrapping_mul(0x9E37_79B9_7F4A_7C15) | (1 << 63);
-    for (i, w) in words.iter_mut().enumerate() {
-        *w = base ^ i as u64;
+/// 4 KiB of pseudo-random words with the top bit set, the same for every page.
+pub fn noise() -> Vec<u64> {
+    let mut s = 0x7E27_6E55_u64;
+    (0..PAGE_WORDS)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            (z ^ (z >> 31)) | (1 << 63)
+        })
+        .collect()
+}
+
+/// Content of `page` at `generation`: the noise block xored with a word unique to
+/// (generation, page). It differs from every other generation and page, it does not
+/// compress (so a migration that compresses gains nothing over one that does not),
+/// no word is ever zero (noise has the top bit set, the key never), and it costs one
+/// load, xor and store per word, so the writer, not the arithmetic, sets the pace
+/// even under TCG.
+pub fn fill_page(words: &mut [u64], generation: u64, page: u64, noise: &[u64]) {
+    let key = ((generation << 32) ^ page).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 1;
+    for (w, n) in words.iter_mut().zip(noise) {
+        *w = n ^ key;
     }
 }
 
@@ -85,14 +103,25 @@ mod tests {
 
     #[test]
     fn pages_change_each_generation_and_are_never_zero() {
+        let n = noise();
         let mut a = vec![0u64; PAGE_WORDS];
         let mut b = vec![0u64; PAGE_WORDS];
-        fill_page(&mut a, 1, 7);
-        fill_page(&mut b, 2, 7);
+        fill_page(&mut a, 1, 7, &n);
+        fill_page(&mut b, 2, 7, &n);
         assert_ne!(a, b);
         assert!(a.iter().all(|&w| w != 0));
-        fill_page(&mut b, 1, 8);
+        fill_page(&mut b, 1, 8, &n);
         assert_ne!(a, b, "neighbouring pages differ too");
+    }
+
+    #[test]
+    fn pages_do_not_compress() {
+        // Few repeated bytes: a 4-byte window almost never recurs within a page.
+        let mut page = vec![0u64; PAGE_WORDS];
+        fill_page(&mut page, 3, 11, &noise());
+        let bytes: Vec<u8> = page.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let windows: std::collections::HashSet<&[u8]> = bytes.windows(4).collect();
+        assert!(windows.len() > bytes.len() * 99 / 100, "{}", windows.len());
     }
 
     #[test]
