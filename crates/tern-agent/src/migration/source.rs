@@ -203,18 +203,9 @@ async fn drive(
     let device_bytes = wait_device_state(state, vm).await?;
 
     job.set_phase(Phase::Resuming);
-    reached.resume_sent = true;
-    let path = format!("/v1/incoming/{}/resume", ticket.migration);
-    let _: serde_json::Value = dest
-        .call(Method::POST, &path, Some(&json!({})))
-        .await
-        .map_err(agent_err)?;
+    hand_over(state, vm, dest, &ticket, reached).await?;
     let downtime = paused_at.elapsed();
     let total = started.elapsed();
-    // The VM runs on the destination: this copy is now stale.
-    if let Err(e) = state.destroy_vm(vm).await {
-        tracing::warn!(vm, error = %e, "migrated, but the source VM could not be destroyed");
-    }
     Ok(MigrationResult {
         total_ms: total.as_millis() as u64,
         downtime_ms: downtime.as_millis() as u64,
@@ -318,16 +309,8 @@ async fn drive_native(
     reached.paused = true;
     let pause_seen = Instant::now();
     job.set_phase(Phase::Resuming);
-    reached.resume_sent = true;
-    let path = format!("/v1/incoming/{}/resume", ticket.migration);
-    let _: serde_json::Value = dest
-        .call(Method::POST, &path, Some(&json!({})))
-        .await
-        .map_err(agent_err)?;
+    hand_over(state, vm, dest, &ticket, reached).await?;
     let resume_ms = pause_seen.elapsed().as_millis() as u64;
-    if let Err(e) = state.destroy_vm(vm).await {
-        tracing::warn!(vm, error = %e, "migrated, but the source VM could not be destroyed");
-    }
     Ok(MigrationResult {
         total_ms: started.elapsed().as_millis() as u64,
         // QEMU's own downtime ends when its destination could run; tern's resume adds to it.
@@ -341,6 +324,26 @@ async fn drive_native(
         max_throttle_percent: 0,
         guest_ok: None,
     })
+}
+
+/// Runs the VM on the destination, then destroys the stale source copy.
+async fn hand_over(
+    state: &AppState,
+    vm: &str,
+    dest: &AgentClient,
+    ticket: &Ticket,
+    reached: &mut Reached,
+) -> Result<(), MigrationError> {
+    reached.resume_sent = true;
+    let path = format!("/v1/incoming/{}/resume", ticket.migration);
+    let _: serde_json::Value = dest
+        .call(Method::POST, &path, Some(&json!({})))
+        .await
+        .map_err(agent_err)?;
+    if let Err(e) = state.destroy_vm(vm).await {
+        tracing::warn!(vm, error = %e, "migrated, but the source VM could not be destroyed");
+    }
+    Ok(())
 }
 
 fn check_cancel(job: &Outbound) -> Result<(), MigrationError> {
