@@ -29,6 +29,11 @@ pub enum Error {
          run a newer tern or point --db at another file"
     )]
     SchemaTooNew { found: u32, known: u32 },
+    #[error("etcd: {0}")]
+    Etcd(String),
+    /// Only the leader of several managers changes the state.
+    #[error("not the leader; {}", match .0 { Some(url) => format!("the leader is at {url}"), None => "no leader is elected right now, retry in a few seconds".into() })]
+    NotLeader(Option<String>),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -9,6 +9,7 @@
 //! - [`decide`]: the pure decisions: commands, placement, health, reconciliation.
 //! - [`manager`]: the shell that commits decisions to the store and publishes events.
 //! - [`error`]: the crate's one error type.
+//! - [`ha`]: several managers over etcd, one leader elected through a lease.
 //!
 //! Decisions are pure functions from a snapshot (and the time, as a value) to changes; the
 //! manager commits the changes to the store and then applies them to its snapshot.
@@ -18,6 +19,7 @@ pub mod client;
 pub mod control;
 pub mod decide;
 pub mod error;
+pub mod ha;
 pub mod manager;
 pub mod state;
 pub mod store;

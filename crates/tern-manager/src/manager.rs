@@ -125,6 +125,14 @@ impl Manager {
         Ok(())
     }
 
+    /// Replaces the snapshot with the store's (a manager that has just been elected
+    /// leader catches up with what the previous leader committed).
+    pub fn reload(&self) -> Result<()> {
+        let mut inner = self.lock();
+        inner.snap = inner.store.load()?;
+        Ok(())
+    }
+
     /// Reads the snapshot under the lock.
     pub fn read<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
         f(&self.lock().snap)

@@ -68,7 +68,13 @@ pub async fn serve(
         .await
 }
 
-fn router(manager: Arc<Manager>, tokens: Vec<String>, stopping: watch::Receiver<bool>) -> Router {
+/// The API's routes; `stopping` ends open event streams. [`serve`] serves it alone,
+/// [`crate::ha::forward`] behind a layer that passes requests to the leader.
+pub fn router(
+    manager: Arc<Manager>,
+    tokens: Vec<String>,
+    stopping: watch::Receiver<bool>,
+) -> Router {
     let app = Arc::new(App {
         manager,
         tokens,

@@ -4,13 +4,16 @@
 //!
 //! - [`sqlite`]: the default store, one SQLite file in WAL mode.
 //! - [`schema`]: the versioned schema and its migrations.
+//! - [`etcd`]: the store several managers share, in etcd.
 
+pub mod etcd;
 pub mod schema;
 pub mod sqlite;
 
 use crate::error::Result;
 use crate::state::{Change, Event, Migration, Millis, Snapshot};
 
+pub use etcd::EtcdStore;
 pub use sqlite::SqliteStore;
 
 /// Durable cluster state.

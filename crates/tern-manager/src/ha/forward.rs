@@ -1,0 +1,173 @@
+//! One manager of several: the API in front, the election and the control loop behind.
+//!
+//! Every request but `/openapi.json` is routed by [`super::route`]: served here while this
+//! manager leads, else passed to the leader (reads too, since only the leader's view is
+//! current) and its answer relayed, streams included. A request that cannot reach a
+//! leader gets 503 and `{"error": "not the leader; ..."}` naming the leader if known.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use super::election::Election;
+use super::{Leadership, Route};
+use crate::api::error::ApiError;
+use crate::control::Control;
+use crate::manager::Manager;
+
+/// Marks a request one manager passed to another, so it is not passed on again.
+pub const FORWARDED: &str = "x-tern-forwarded-by";
+
+/// Largest request body passed on to the leader.
+const MAX_BODY: usize = 64 << 20;
+
+struct Forwarder {
+    leadership: Arc<Leadership>,
+    http: reqwest::Client,
+}
+
+/// Serves the API on `listener`, campaigns for leadership with `election` and runs
+/// `control` while leading, until `shutdown`.
+pub async fn run(
+    listener: TcpListener,
+    manager: Arc<Manager>,
+    control: Arc<Control>,
+    tokens: Vec<String>,
+    leadership: Arc<Leadership>,
+    election: Election,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (stop_tx, stopping) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let m = manager.clone();
+    let campaign = {
+        let leadership = leadership.clone();
+        let stop = stopped(stopping.clone());
+        tokio::spawn(async move {
+            let reload = move || {
+                let m = m.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || m.reload())
+                        .await
+                        .map_err(|e| crate::Error::Etcd(format!("reloading the state: {e}")))?
+                }
+            };
+            election.run(leadership, reload, stop).await;
+        })
+    };
+    let looping = tokio::spawn(lead_while_elected(
+        control,
+        leadership.clone(),
+        stopped(stopping.clone()),
+    ));
+    let forwarder = Arc::new(Forwarder {
+        leadership,
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(std::io::Error::other)?,
+    });
+    let app = crate::api::router(manager, tokens, stopping.clone())
+        .layer(middleware::from_fn_with_state(forwarder, forward));
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(stopped(stopping))
+        .await;
+    let _ = looping.await;
+    let _ = campaign.await;
+    served
+}
+
+/// Runs the control loop during each term this manager leads, stopping it the moment
+/// the term ends.
+async fn lead_while_elected(
+    control: Arc<Control>,
+    leadership: Arc<Leadership>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut leading = leadership.watch();
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            r = leading.wait_for(|l| *l) => if r.is_err() { return },
+        }
+        let mut lost = leadership.watch();
+        let ended = async move {
+            let _ = lost.wait_for(|l| !*l).await;
+        };
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = control.clone().run(ended) => {}
+        }
+    }
+}
+
+async fn forward(State(f): State<Arc<Forwarder>>, req: Request, next: Next) -> Response {
+    if req.uri().path() == "/openapi.json" {
+        return next.run(req).await;
+    }
+    let forwarded = req.headers().contains_key(FORWARDED);
+    match f.leadership.route(forwarded) {
+        Route::Local => next.run(req).await,
+        Route::Refuse(msg) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, msg).into_response(),
+        Route::Forward(leader) => match pass_on(&f, &leader, req).await {
+            Ok(r) => r,
+            Err(e) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not the leader; the leader is at {leader}, which did not answer: {e}"),
+            )
+            .into_response(),
+        },
+    }
+}
+
+/// Sends `req` to the leader at `leader` and relays its answer as it streams in.
+async fn pass_on(f: &Forwarder, leader: &str, req: Request) -> Result<Response, String> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let url = format!("{}{path}", leader.trim_end_matches('/'));
+    let body = axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|e| format!("reading the request body: {e}"))?;
+    let method =
+        reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).map_err(|e| e.to_string())?;
+    let mut out = f
+        .http
+        .request(method, &url)
+        .header(FORWARDED, f.leadership.me())
+        .body(body);
+    for name in [header::AUTHORIZATION, header::CONTENT_TYPE, header::ACCEPT] {
+        if let Some(v) = parts.headers.get(&name).and_then(|v| v.to_str().ok()) {
+            out = out.header(name.as_str(), v);
+        }
+    }
+    let resp = out.send().await.map_err(|e| e.to_string())?;
+    let status = StatusCode::from_u16(resp.status().as_u16()).map_err(|e| e.to_string())?;
+    let mut relayed = Response::builder().status(status);
+    for name in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
+        if let Some(v) = resp
+            .headers()
+            .get(name.as_str())
+            .and_then(|v| HeaderValue::from_bytes(v.as_bytes()).ok())
+        {
+            relayed = relayed.header(name, v);
+        }
+    }
+    relayed
+        .body(Body::from_stream(resp.bytes_stream()))
+        .map_err(|e| e.to_string())
+}
