@@ -171,6 +171,20 @@ impl CgroupThrottle {
         }
     }
 
+    /// How many scheduler periods the kernel has throttled the threads so far (the
+    /// `nr_throttled` of the cgroup's `cpu.stat`); `None` before a throttle was set up.
+    pub fn throttled_periods(&self) -> Option<u64> {
+        let dir = self.made.as_ref()?;
+        let stat = match &self.hierarchy {
+            Ok(Hierarchy::V2(_)) => dir.join("vcpus").join("cpu.stat"),
+            _ => dir.join("cpu.stat"),
+        };
+        let text = std::fs::read_to_string(stat).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix("nr_throttled "))
+            .and_then(|n| n.trim().parse().ok())
+    }
+
     /// Lifts the throttle and moves the threads back where cgroups started them.
     pub fn remove(&mut self) {
         let Some(dir) = self.made.take() else { return };
