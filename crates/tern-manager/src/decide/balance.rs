@@ -234,12 +234,25 @@ pub fn plan(snap: &Snapshot, now: Millis) -> BalancePlan {
     let min_gain = gain_per_host / active.max(1) as f64;
     let (busy, total) = in_flight(snap);
     let budget = s.max_per_cluster.saturating_sub(total) as usize;
+    // Each migration takes a slot on two hosts.
+    let host_slots = snap
+        .hosts
+        .values()
+        .filter(|h| h.state == HostState::Active)
+        .map(|h| {
+            s.max_per_host
+                .saturating_sub(busy.get(h.name.as_str()).copied().unwrap_or(0))
+                as usize
+        })
+        .sum::<usize>()
+        / 2;
     let m = model(snap, now);
     let opts = PlanOptions {
         min_gain,
         min_gain_limit: f64::INFINITY,
-        // More than the budget: some proposals fall to the per-host limit or the cost test.
-        max_moves: Some(budget.saturating_mul(4)),
+        // Twice what the limits let through: some proposals fall to the per-host limit or
+        // the cost test, and planning further would be wasted work.
+        max_moves: Some(budget.min(host_slots).saturating_mul(2)),
         min_score,
         n_plus_one: false,
         pinned: m.pinned.clone(),

@@ -8,6 +8,8 @@ mod migration;
 pub enum Command {
     /// Generated unbalanced clusters: Ganeti's `hbal -C` against `tern plan`.
     Hbal(hbal::Args),
+    /// One balancing decision of the manager over a generated uneven cluster.
+    Balance(super::demo::BenchArgs),
     /// Live migration on a 2-host lab: tern's engine under each policy beside QEMU's own.
     Migration(migration::Args),
 }
@@ -15,6 +17,7 @@ pub enum Command {
 pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
         Command::Hbal(args) => hbal::run(args),
+        Command::Balance(args) => super::demo::bench(args),
         Command::Migration(args) => migration::run(args),
     }
 }

@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long, default_value_t = 8)]
     rounds: usize,
     /// Balancer aggressiveness, 1 (conservative) to 5.
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 4)]
     aggressiveness: u8,
     /// Seed of the VM sizes, loads and the uneven placement.
     #[arg(long, default_value_t = 1)]
@@ -76,6 +76,16 @@ struct Report {
     rounds: Vec<RoundLine>,
     migrations: Vec<Migration>,
     wall_s: f64,
+}
+
+/// Every demo host: 32 cores, 256 GiB.
+const HOST: Capacity = Capacity {
+    cpus: 32.0,
+    memory_mib: 256 * 1024,
+};
+
+fn host_names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("h{i:04}")).collect()
 }
 
 /// A small seeded generator (splitmix64): the demo is the same run after run.
@@ -142,6 +152,35 @@ fn summary(snap: &Snapshot) -> LoadSummary {
     }
 }
 
+/// `vms` VM requests for `hosts`, a fifth of which get half the VMs, with each VM's busy
+/// fraction (0.2-0.9) beside it.
+fn uneven(hosts: &[String], vms: usize, rng: &mut Rng) -> (Vec<NewVm>, Vec<f64>) {
+    let hot = (hosts.len() / 5).max(1);
+    let mut loads = Vec::with_capacity(vms);
+    let reqs = (0..vms)
+        .map(|i| {
+            let host = if rng.unit() < 0.5 {
+                rng.next() as usize % hot
+            } else {
+                rng.next() as usize % hosts.len()
+            };
+            loads.push(0.2 + 0.7 * rng.unit());
+            NewVm {
+                name: format!("vm-{i:05}"),
+                spec: VmSpec {
+                    vcpus: rng.pick(&[1, 2, 2, 4]),
+                    memory_mib: rng.pick(&[1024, 2048, 4096]),
+                    pinned: false,
+                    affinity: None,
+                    anti_affinity: None,
+                },
+                host: Some(hosts[host].clone()),
+            }
+        })
+        .collect();
+    (reqs, loads)
+}
+
 pub fn run(a: Args) -> anyhow::Result<()> {
     if !a.sim {
         return Err(super::bad_input(
@@ -184,7 +223,7 @@ async fn demo(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
     let manager = Arc::new(Manager::open(Box::new(store), system_clock())?);
     let sim = SimCluster::new();
     let mut rng = Rng(a.seed);
-    let names: Vec<String> = (0..a.hosts).map(|i| format!("h{i:04}")).collect();
+    let names = host_names(a.hosts);
     let mut cmds = Vec::new();
     for name in &names {
         sim.add_host(name);
@@ -199,8 +238,9 @@ async fn demo(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
     }
     cmds.push(Command::PutSettings(BalancerSettings {
         aggressiveness: a.aggressiveness,
-        max_per_host: 4,
-        max_per_cluster: 2000,
+        // Sim migrations take no real time, so the demo allows many at once.
+        max_per_host: 16,
+        max_per_cluster: 4000,
         cooldown_s: 3600,
         smoothing_window: 2,
         ..Default::default()
@@ -212,30 +252,7 @@ async fn demo(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
         "demo: {} sim hosts registered; creating {} VMs unevenly",
         a.hosts, a.vms
     );
-    // A fifth of the hosts get half the VMs.
-    let hot = (a.hosts / 5).max(1);
-    let mut loads = Vec::with_capacity(a.vms);
-    let reqs: Vec<NewVm> = (0..a.vms)
-        .map(|i| {
-            let host = if rng.unit() < 0.5 {
-                rng.next() as usize % hot
-            } else {
-                rng.next() as usize % a.hosts
-            };
-            loads.push(0.2 + 0.7 * rng.unit());
-            NewVm {
-                name: format!("vm-{i:05}"),
-                spec: VmSpec {
-                    vcpus: rng.pick(&[1, 2, 2, 4]),
-                    memory_mib: rng.pick(&[1024, 2048, 4096]),
-                    pinned: false,
-                    affinity: None,
-                    anti_affinity: None,
-                },
-                host: Some(names[host].clone()),
-            }
-        })
-        .collect();
+    let (reqs, loads) = uneven(&names, a.vms, &mut rng);
     let mut refused = Vec::new();
     let results = manager.step(|s, _| decide::create_vms(s, reqs.clone()))?;
     for (r, req) in results.iter().zip(&reqs) {
@@ -358,4 +375,128 @@ fn print_report(r: &Report) {
         );
     }
     println!("\nwall time {:.1} s", r.wall_s);
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 1000)]
+    hosts: usize,
+    #[arg(long, default_value_t = 20000)]
+    vms: usize,
+    /// Timed repetitions of each measurement.
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct BenchReport {
+    hosts: usize,
+    vms: usize,
+    /// One balancing round at the default settings (up to 8 migrations at once).
+    round_ms: Vec<f64>,
+    round_moves: usize,
+    /// One planner step: the single best move.
+    step_ms: Vec<f64>,
+}
+
+/// `tern bench balance`: times one balancing decision of the manager over a generated
+/// uneven cluster, in memory (no store, no agents).
+pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
+    if a.hosts == 0 || a.vms == 0 || a.repeats == 0 {
+        return Err(super::bad_input(
+            "--hosts, --vms and --repeats must be at least 1",
+        ));
+    }
+    let names = host_names(a.hosts);
+    let mut snap = Snapshot::default();
+    for name in &names {
+        let h = tern_manager::state::Host {
+            name: name.clone(),
+            address: "sim:".into(),
+            capacity: HOST,
+            state: tern_manager::state::HostState::Active,
+            last_heartbeat: Some(0),
+            cpu_used: None,
+            cpu_smoothed: None,
+        };
+        snap.hosts.insert(name.clone(), h);
+    }
+    let mut rng = Rng(a.seed);
+    let (reqs, loads) = uneven(&names, a.vms, &mut rng);
+    let (changes, results) = decide::create_vms(&snap, reqs.clone());
+    snap.apply(&changes, &[]);
+    let refused: Vec<NewVm> = results
+        .iter()
+        .zip(&reqs)
+        .filter(|(r, _)| r.is_err())
+        .map(|(_, q)| NewVm {
+            host: None,
+            ..q.clone()
+        })
+        .collect();
+    let (changes, _) = decide::create_vms(&snap, refused);
+    snap.apply(&changes, &[]);
+    for (v, load) in snap.vms.values_mut().zip(loads) {
+        v.observed_host = v.desired_host.clone();
+        v.state = tern_manager::state::VmState::Running;
+        v.cpu_used = load * f64::from(v.spec.vcpus);
+        v.cpu_measured = true;
+    }
+    let time = |s: &Snapshot| {
+        let t = Instant::now();
+        let p = tern_manager::decide::balance::plan(s, 0);
+        (t.elapsed().as_secs_f64() * 1e3, p.moves.len())
+    };
+    let mut round_ms = Vec::new();
+    let mut round_moves = 0;
+    let mut step_ms = Vec::new();
+    let one = Snapshot {
+        settings: BalancerSettings {
+            max_per_cluster: 1,
+            ..snap.settings.clone()
+        },
+        ..snap.clone()
+    };
+    for i in 0..a.repeats {
+        eprintln!("bench balance: repetition {}/{}", i + 1, a.repeats);
+        let (ms, moves) = time(&snap);
+        round_ms.push(ms);
+        round_moves = moves;
+        step_ms.push(time(&one).0);
+    }
+    let report = BenchReport {
+        hosts: a.hosts,
+        vms: snap.vms.len(),
+        round_ms,
+        round_moves,
+        step_ms,
+    };
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        let med = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        println!(
+            "{} hosts x {} VMs: one balancing round ({} moves) median {:.1} ms (min {:.1}); \
+             one planner step median {:.1} ms",
+            report.hosts,
+            report.vms,
+            report.round_moves,
+            med(&report.round_ms),
+            report
+                .round_ms
+                .iter()
+                .copied()
+                .fold(f64::INFINITY, f64::min),
+            med(&report.step_ms)
+        );
+    }
+    Ok(())
 }
