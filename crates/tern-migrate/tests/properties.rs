@@ -2,8 +2,8 @@
 
 use proptest::prelude::*;
 use tern_migrate::{
-    simulate, throttle_for, DirtyModel, FragmentTracker, MigrationParams, PolicyKind, StopReason,
-    MIB,
+    decide, simulate, throttle_for, Decision, DirtyModel, FragmentTracker, Limits, MigrationParams,
+    PolicyInput, PolicyKind, RoundTelemetry, StopReason, MIB,
 };
 
 fn policy() -> impl Strategy<Value = PolicyKind> {
@@ -170,6 +170,95 @@ proptest! {
             prop_assert_eq!(f.peak_changed, peak);
             prop_assert_eq!(f.changed, *counts.last().unwrap());
             prop_assert!(f.changed <= f.pages);
+        }
+    }
+}
+
+/// A plausible history: remainders and predicted downtimes that move at random, with
+/// a tracker fed alongside.
+fn history() -> impl Strategy<Value = (Vec<RoundTelemetry>, FragmentTracker)> {
+    let round = (
+        0u64..50_000,
+        0.0f64..2.0,
+        0u8..100,
+        1e5f64..1e9,
+        1e6f64..2e9,
+        0.0f64..1.0,
+    );
+    (
+        prop::collection::vec(round, 0..40),
+        prop::collection::vec(prop::collection::vec(0u64..513, 8), 0..40),
+    )
+        .prop_map(|(rounds, counts)| {
+            let mut tracker = FragmentTracker::new(8 * 512, 512);
+            for c in &counts {
+                tracker.observe_counts(c);
+            }
+            let mut elapsed = 0.0;
+            let history = rounds
+                .into_iter()
+                .enumerate()
+                .map(
+                    |(i, (remaining, predicted, throttle, rate, bw, duration))| {
+                        elapsed += duration;
+                        RoundTelemetry {
+                            round: i as u32 + 1,
+                            pages_sent: remaining / 2 + 1,
+                            bytes_sent: (remaining / 2 + 1) * 4096,
+                            pages_changed: remaining,
+                            dirty_rate_bytes_per_s: rate,
+                            bandwidth_bytes_per_s: bw,
+                            remaining_pages: remaining,
+                            held_back_pages: 0,
+                            predicted_downtime_s: predicted,
+                            duration_s: duration,
+                            elapsed_s: elapsed,
+                            throttle_percent: throttle,
+                        }
+                    },
+                )
+                .collect();
+            (history, tracker)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn decisions_are_well_formed((history, tracker) in history(), policy in policy()) {
+        let limits = Limits::new(tracker.total_pages(), 4096);
+        let input = PolicyInput { history: &history, fragments: &tracker, limits: &limits };
+        let d = decide(&policy, &input);
+        prop_assert_eq!(&d, &decide(&policy, &input), "not deterministic");
+        match &d {
+            Decision::Continue { hold_back } | Decision::Throttle { hold_back, .. }
+                if policy != PolicyKind::Adaptive =>
+            {
+                prop_assert!(hold_back.is_empty());
+            }
+            _ => {}
+        }
+        match &d {
+            Decision::Continue { hold_back } => {
+                prop_assert!(hold_back.windows(2).all(|w| w[0] < w[1]));
+                prop_assert!(hold_back.iter().all(|&f| (f as usize) < tracker.len()));
+            }
+            Decision::Throttle { percent, hold_back } => {
+                prop_assert_eq!(policy, PolicyKind::Adaptive);
+                prop_assert!((1..=99).contains(percent));
+                prop_assert!(*percent > input.current_throttle());
+                prop_assert!(hold_back.is_empty());
+            }
+            Decision::StopAndCopy { .. } => {}
+        }
+        if policy == PolicyKind::Qemu {
+            if let Some(last) = history.last() {
+                let fits = last.remaining_pages == 0 || last.predicted_downtime_s <= 0.3;
+                let capped = last.round >= limits.max_rounds;
+                let stops = matches!(d, Decision::StopAndCopy { .. });
+                prop_assert_eq!(stops, fits || capped);
+            }
         }
     }
 }
