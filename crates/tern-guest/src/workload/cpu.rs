@@ -53,7 +53,8 @@ mod tests {
         ctl.stop.store(true, Ordering::Relaxed);
         hs.into_iter().for_each(|h| h.join().unwrap());
         let ms = ctl.stats.work.load(Ordering::Relaxed);
-        // 20 % of 100 ms periods over ~0.55 s: 5 or 6 periods of 20 ms.
-        assert!((80..=140).contains(&ms), "{ms} ms busy");
+        // 20 % of 100 ms periods over ~0.55 s: 5 or 6 periods of 20 ms (fewer if a
+        // loaded host wakes the thread late; never more).
+        assert!((40..=140).contains(&ms), "{ms} ms busy");
     }
 }

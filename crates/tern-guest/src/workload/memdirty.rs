@@ -135,8 +135,10 @@ mod tests {
         let w1 = ctl.stats.work.load(std::sync::atomic::Ordering::Relaxed);
         ctl.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         h.join().unwrap();
-        // 8.192 MB/s = 2000 pages/s.
+        // 8.192 MB/s = 2000 pages/s. Not ahead of the schedule (allowing for a late
+        // wake-up); the lower bound is loose because a loaded test host may starve
+        // the thread.
         let got = w1 - w0;
-        assert!((1700..=2300).contains(&got), "{got} pages in 1 s");
+        assert!((800..=2300).contains(&got), "{got} pages in 1 s");
     }
 }
