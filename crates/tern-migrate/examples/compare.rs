@@ -27,6 +27,31 @@ fn row(workload: &str, model: &str, label: &str, o: &MigrationOutcome) {
     );
 }
 
+/// Round-by-round telemetry of one migration, as a Markdown table.
+fn rounds_table(o: &MigrationOutcome) {
+    println!("| round | pages sent | pages changed | remaining | held back | predicted downtime ms | round ms | throttle % |");
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+    for r in &o.telemetry {
+        println!(
+            "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {} |",
+            r.round,
+            r.pages_sent,
+            r.pages_changed,
+            r.remaining_pages,
+            r.held_back_pages,
+            r.predicted_downtime_s * 1000.0,
+            r.duration_s * 1000.0,
+            r.throttle_percent
+        );
+    }
+    println!(
+        "\nstop: {:?}, downtime {:.0} ms, total {:.2} s\n",
+        o.stop_reason,
+        o.downtime_s * 1000.0,
+        o.total_time_s
+    );
+}
+
 fn main() {
     let no_throttle = Adaptive {
         max_throttle_percent: 0,
@@ -38,6 +63,7 @@ fn main() {
         ("adaptive", &PolicyKind::Adaptive),
         ("adaptive, no throttle", &no_throttle),
     ];
+    let mut trace = None;
     println!("| workload (512 MiB, 1 Gbit/s) | model | policy | total s | downtime ms | rounds | GiB sent | converged | max throttle % |");
     println!("| --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |");
     for (i, (hot, hot_rate, cold, cold_rate)) in WORKLOADS.into_iter().enumerate() {
@@ -53,6 +79,9 @@ fn main() {
                 cold_bytes: cold * MIB,
                 cold_rate_bytes_per_s: cold_rate,
             });
+        if i == 0 {
+            trace = Some(params.clone());
+        }
         for (label, policy) in policies {
             row(
                 &name,
@@ -66,5 +95,9 @@ fn main() {
                 row(&name, "pages", label, &o);
             }
         }
+    }
+    if let Some(params) = trace {
+        println!("\nadaptive, round by round, on the first workload (analytic model):\n");
+        rounds_table(&simulate(&params, &PolicyKind::Adaptive).expect("valid"));
     }
 }
