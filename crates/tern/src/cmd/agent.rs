@@ -154,3 +154,32 @@ async fn shutdown_signal() {
     }
     eprintln!("tern agent: shutting down, destroying this host's VMs");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(e: AgentError) -> i32 {
+        crate::cmd::exit_code(&agent_error(e))
+    }
+
+    #[test]
+    fn user_faults_exit_2() {
+        let remote = |status| AgentError::Remote {
+            url: "http://x".into(),
+            status,
+            body: "b".into(),
+        };
+        assert_eq!(code(AgentError::BadRequest("x".into())), 2);
+        assert_eq!(code(remote(404)), 2, "unknown VM");
+        assert_eq!(code(remote(401)), 2, "bad token");
+        assert_eq!(code(remote(507)), 2, "no room");
+        assert_eq!(code(remote(500)), 1);
+        assert_eq!(code(AgentError::Lab("x".into())), 1);
+        let unreachable = AgentError::Unreachable {
+            url: "http://x".into(),
+            reason: "refused".into(),
+        };
+        assert_eq!(code(unreachable), 1);
+    }
+}

@@ -114,6 +114,11 @@ pub fn run(c: Command) -> anyhow::Result<()> {
                     println!("  {:<4} {:<15} {}", h.name, h.addr, health);
                 }
             }
+            // Scripts can wait on `tern lab status` until every host answers.
+            let down = hosts.iter().filter(|h| h.report.is_none()).count();
+            if down > 0 {
+                anyhow::bail!("{down} of {} lab hosts do not answer", hosts.len());
+            }
             Ok(())
         }
         Command::Down(a) => {
