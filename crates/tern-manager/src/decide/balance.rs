@@ -516,3 +516,95 @@ mod tests {
             .all(|m| m.from != "h0" || p.moves.len() < 4));
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use crate::decide::testing::*;
+    use crate::state::VmSpec;
+    use proptest::prelude::*;
+
+    /// A random running cluster: per VM (host, vCPUs, memory GiB, load, pinned, anti group).
+    fn arb_cluster() -> impl Strategy<Value = Snapshot> {
+        (
+            2usize..8,
+            prop::collection::vec(
+                (
+                    0usize..8,
+                    1u32..4,
+                    1u64..4,
+                    0.0f64..1.0,
+                    any::<bool>(),
+                    0u8..6,
+                ),
+                1..60,
+            ),
+            1u32..4,
+            1u32..10,
+            1u8..=5,
+        )
+            .prop_map(|(hosts, vms, per_host, per_cluster, aggr)| {
+                let mut snap = cluster(&vec![8.0; hosts], 64 * 1024);
+                for (i, (h, vcpus, gib, load, pinned, anti)) in vms.into_iter().enumerate() {
+                    let name = format!("v{i}");
+                    let spec = VmSpec {
+                        pinned: pinned && i % 3 == 0,
+                        anti_affinity: (anti < 2).then(|| format!("g{anti}")),
+                        ..spec(vcpus, gib * 1024)
+                    };
+                    running(&mut snap, &name, &format!("h{}", h % hosts), spec);
+                    let v = snap.vms.get_mut(&name).unwrap();
+                    v.cpu_used = load * f64::from(vcpus);
+                    if i % 5 == 0 {
+                        v.last_moved = Some(900);
+                    }
+                }
+                snap.settings.max_per_host = per_host;
+                snap.settings.max_per_cluster = per_cluster;
+                snap.settings.aggressiveness = aggr;
+                snap.settings.cooldown_s = 600;
+                snap
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever the cluster, a round keeps every limit and rule.
+        #[test]
+        fn a_round_keeps_limits_and_rules(snap in arb_cluster()) {
+            let p = plan(&snap, 1_000);
+            let s = &snap.settings;
+            prop_assert!(p.moves.len() <= s.max_per_cluster as usize);
+            let mut per_host: BTreeMap<&str, u32> = BTreeMap::new();
+            let mut after = snap.clone();
+            for m in &p.moves {
+                *per_host.entry(&m.from).or_default() += 1;
+                *per_host.entry(&m.to).or_default() += 1;
+                let v = &snap.vms[&m.vm];
+                prop_assert!(!v.spec.pinned, "{} is pinned", m.vm);
+                prop_assert!(v.last_moved.is_none(), "{} is cooling down", m.vm);
+                prop_assert!(m.gain > m.cost);
+                prop_assert_eq!(v.observed_host.as_deref(), Some(m.from.as_str()));
+                after.vms.get_mut(&m.vm).unwrap().desired_host = Some(m.to.clone());
+            }
+            prop_assert!(per_host.values().all(|n| *n <= s.max_per_host), "{per_host:?}");
+            for (h, used) in after.memory_used() {
+                prop_assert!(used <= after.hosts[h].capacity.memory_mib);
+            }
+            let mut groups: BTreeMap<(String, String), usize> = BTreeMap::new();
+            let mut groups_before: BTreeMap<(String, String), usize> = BTreeMap::new();
+            for (snapshot, g) in [(&after, &mut groups), (&snap, &mut groups_before)] {
+                for v in snapshot.vms.values() {
+                    if let (Some(a), Some(h)) = (&v.spec.anti_affinity, &v.desired_host) {
+                        *g.entry((a.clone(), h.clone())).or_default() += 1;
+                    }
+                }
+            }
+            // No move puts a second member of an anti-affinity group on a host.
+            for (k, n) in &groups {
+                prop_assert!(*n <= 1 || groups_before.get(k) >= Some(n), "{k:?}: {n}");
+            }
+        }
+    }
+}
