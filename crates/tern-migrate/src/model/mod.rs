@@ -1,7 +1,8 @@
 //! The pre-copy model: how many rounds, how long, how many bytes and how much downtime a
 //! live migration takes for a given memory size, dirtying pattern, link and policy.
 //!
-//! Two guests share one driver ([`driver`]) and the very policy code the engine runs:
+//! Two models of guest memory share one round loop (`driver.rs`) and the very policy
+//! code the engine runs:
 //! - [`simulate`]: analytic, closed form per round and per class of memory (hot set,
 //!   cold set, untouched). Pages re-dirtied in a round are counted once: `W` pages
 //!   written at `r` pages per second for `t` seconds leave `W·(1 − e^(−r·t/W))`
