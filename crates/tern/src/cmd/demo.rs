@@ -500,3 +500,58 @@ pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(hosts: usize, vms: usize) -> Args {
+        Args {
+            sim: true,
+            hosts,
+            vms,
+            rounds: 8,
+            aggressiveness: 4,
+            seed: 7,
+            db: None,
+            json: false,
+        }
+    }
+
+    #[test]
+    fn the_sim_demo_evens_out_an_uneven_cluster() {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let r = rt
+            .block_on(demo(&args(30, 600), &dir.path().join("demo.db")))
+            .unwrap();
+        assert_eq!(r.vms, 600);
+        assert!(r.before.max > 1.5, "the start is uneven: {}", r.before.max);
+        assert!(
+            r.after.max < 1.0,
+            "no host is overloaded after: {}",
+            r.after.max
+        );
+        assert!(r.after.stddev < r.before.stddev / 4.0);
+        assert!(!r.migrations.is_empty());
+        assert!(r
+            .migrations
+            .iter()
+            .all(|m| matches!(m.result, MigrationResult::Succeeded { .. })));
+    }
+
+    #[test]
+    fn without_sim_or_with_zero_sizes_it_is_bad_input() {
+        for a in [
+            Args {
+                sim: false,
+                ..args(1, 1)
+            },
+            args(0, 10),
+            args(10, 0),
+        ] {
+            let err = run(a).unwrap_err();
+            assert_eq!(super::super::exit_code(&err), 2, "{err}");
+        }
+    }
+}
