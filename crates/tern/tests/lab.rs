@@ -22,42 +22,6 @@ fn json(o: &Output) -> Value {
     serde_json::from_slice(&o.stdout).expect("JSON on stdout")
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
-        .unwrap_or(false)
-}
-
-fn have(program: &str) -> bool {
-    Command::new(program).arg("-V").output().is_ok()
-}
-
-/// Root, iproute2, ping and QEMU are needed; without them the test says why and passes,
-/// except in CI, where scripts/setup installs them and the test must run.
-fn can_run() -> bool {
-    let missing: Vec<&str> = [
-        ("root", is_root()),
-        ("ip", have("ip")),
-        ("ping", have("ping")),
-        ("qemu-system-x86_64", have("qemu-system-x86_64")),
-    ]
-    .into_iter()
-    .filter_map(|(n, ok)| (!ok).then_some(n))
-    .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "lab test needs {missing:?}, which CI must provide"
-    );
-    eprintln!("SKIP: lab test needs {missing:?}");
-    false
-}
-
 fn lab_leftovers(index: u64) -> Vec<String> {
     let ns = String::from_utf8_lossy(
         &Command::new("ip")
@@ -85,7 +49,7 @@ fn lab_leftovers(index: u64) -> Vec<String> {
 
 #[test]
 fn lab_up_status_vm_down() {
-    if !can_run() {
+    if !tern_agent::lab::require_lab("the lab test", &[]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
