@@ -129,7 +129,14 @@ async fn listen(
         Some((mem, listener)) => {
             let inbound = inbound.clone();
             Some(tokio::task::spawn_blocking(move || {
-                incoming::receive(&listener, &mem, &expect, &inbound.progress, &inbound.cancel)
+                let got =
+                    incoming::receive(&listener, &mem, &expect, &inbound.progress, &inbound.cancel);
+                // Marked here, not by the supervisor's next poll: resume waits on it and
+                // every millisecond of that wait is downtime.
+                if got.is_ok() {
+                    inbound.set(IncomingPhase::MemoryComplete, None);
+                }
+                got
             }))
         }
         None => {

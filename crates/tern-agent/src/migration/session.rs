@@ -201,6 +201,9 @@ pub struct MigrationResult {
     pub policy: String,
     pub stop_reason: tern_migrate::StopReason,
     pub max_throttle_percent: u8,
+    /// Where the downtime went: final scan and send, QEMU's device state, resume on the
+    /// destination (tern's engine only).
+    pub downtime_parts_ms: Option<[u64; 3]>,
     /// Filled in by whoever checks the guest afterwards (the benchmark, the tests): the
     /// engine itself cannot see inside the guest.
     pub guest_ok: Option<bool>,

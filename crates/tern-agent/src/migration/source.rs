@@ -188,6 +188,7 @@ async fn drive(
     .await
     .map_err(|e| MigrationError::Vm(format!("final pass task: {e}")))??;
 
+    let final_pass_ms = paused_at.elapsed().as_millis() as u64;
     job.set_phase(Phase::DeviceState);
     state
         .hv
@@ -201,11 +202,13 @@ async fn drive(
         .await
         .map_err(hv_err)?;
     let device_bytes = wait_device_state(state, vm).await?;
+    let device_ms = paused_at.elapsed().as_millis() as u64 - final_pass_ms;
 
     job.set_phase(Phase::Resuming);
     hand_over(state, vm, dest, &ticket, reached).await?;
     let downtime = paused_at.elapsed();
     let total = started.elapsed();
+    let resume_ms = (downtime.as_millis() as u64).saturating_sub(final_pass_ms + device_ms);
     Ok(MigrationResult {
         total_ms: total.as_millis() as u64,
         downtime_ms: downtime.as_millis() as u64,
@@ -216,6 +219,7 @@ async fn drive(
         policy: policy.as_str().to_string(),
         stop_reason: outcome.stop_reason,
         max_throttle_percent: outcome.max_throttle_percent,
+        downtime_parts_ms: Some([final_pass_ms, device_ms, resume_ms]),
         guest_ok: None,
     })
 }
@@ -322,6 +326,7 @@ async fn drive_native(
         policy: Engine::QemuNative { auto_converge }.name().to_string(),
         stop_reason: tern_migrate::StopReason::FitsDowntime,
         max_throttle_percent: 0,
+        downtime_parts_ms: None,
         guest_ok: None,
     })
 }

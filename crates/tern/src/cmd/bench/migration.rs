@@ -62,6 +62,11 @@ pub struct Run {
     pub guest_ok: bool,
     /// Non-zero guest memory over link bandwidth, ms (from tern's first round).
     pub lower_bound_ms: Option<u64>,
+    /// Why tern's policy stopped iterating, and the highest vCPU throttle it applied.
+    pub stop_reason: Option<String>,
+    pub max_throttle_percent: Option<u8>,
+    /// tern only: downtime spent in the final pass, QEMU's device state, and resuming.
+    pub downtime_parts_ms: Option<Vec<u64>>,
     /// Why the migration did not complete, or what was wrong with the guest.
     pub note: Option<String>,
 }
@@ -171,7 +176,12 @@ fn print_table(r: &Report) {
             run.converged,
             if run.guest_ok { "ok" } else { "NOT OK" },
             ms(run.lower_bound_ms),
-            run.note
+            match (&run.stop_reason, run.max_throttle_percent) {
+                (Some(r), Some(t)) if t > 0 => format!("  {r}, throttle {t}%"),
+                (Some(r), _) => format!("  {r}"),
+                _ => String::new(),
+            } + &run
+                .note
                 .as_ref()
                 .map_or(String::new(), |n| format!("  ({n})")),
         );
@@ -220,7 +230,8 @@ async fn bench(
         // tern's engines first: QEMU's own migration may leave a broken guest behind.
         let (tern, native): (Vec<&String>, Vec<&String>) =
             engines.iter().partition(|e| !e.starts_with("qemu-native"));
-        for engine in tern.into_iter().chain(native) {
+        let order: Vec<&String> = tern.into_iter().chain(native).collect();
+        for (i, engine) in order.iter().enumerate() {
             eprintln!(
                 "bench: {rate}% ({dirty_mb_s} MB/s): {engine}, h{} -> h{}",
                 b.at + 1,
@@ -236,7 +247,7 @@ async fn bench(
             eprintln!("bench: {run:?}");
             let healthy = run.guest_ok;
             runs.push(run);
-            if !healthy {
+            if !healthy && i + 1 < order.len() {
                 b.destroy().await;
                 b.boot(img, args, dirty_mb_s).await?;
             }
@@ -377,6 +388,9 @@ impl Bench<'_> {
             converged: false,
             guest_ok: false,
             lower_bound_ms: None,
+            stop_reason: None,
+            max_throttle_percent: None,
+            downtime_parts_ms: None,
             note: None,
         };
         if s["phase"] == "completed" {
@@ -389,6 +403,11 @@ impl Bench<'_> {
                 .map(|x| x as u32)
                 .filter(|_| policy != "qemu-native");
             run.converged = r["converged"] == true;
+            if policy != "qemu-native" {
+                run.stop_reason = r["stop_reason"].as_str().map(str::to_string);
+                run.max_throttle_percent = r["max_throttle_percent"].as_u64().map(|p| p as u8);
+                run.downtime_parts_ms = serde_json::from_value(r["downtime_parts_ms"].clone()).ok();
+            }
             let link_bytes_s = f64::from(args.link_mbit) * 1e6 / 8.0;
             run.lower_bound_ms = r["nonzero_bytes"]
                 .as_u64()
