@@ -42,6 +42,12 @@ enum Command {
     Manager(cmd::manager::Args),
     /// Show the whole system: VMs created unevenly, balanced by live migration.
     Demo(cmd::demo::Args),
+    /// The manager's hosts: list, show, register, drain, activate.
+    Host(cmd::host::Args),
+    /// The balancer's settings on the manager, and its dry-run plan.
+    Policy(cmd::policy::Args),
+    /// The manager's event log (`--follow` for the live stream).
+    Events(cmd::events::Args),
 }
 
 fn main() {
@@ -63,6 +69,9 @@ fn main() {
         Command::Vm(a) => cmd::vm::run(a),
         Command::Manager(a) => cmd::manager::run(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Host(a) => cmd::host::run(a),
+        Command::Policy(a) => cmd::policy::run(a),
+        Command::Events(a) => cmd::events::run(a),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

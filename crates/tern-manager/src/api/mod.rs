@@ -5,9 +5,11 @@
 //! [`Manager`]; [`error`] maps every failure to a status and a JSON message. Every route
 //! but `/openapi.json` needs `Authorization: Bearer TOKEN`.
 //!
+//! - [`client`]: a client of this API for the command line.
 //! - [`error`]: errors as HTTP answers, the JSON body extractor.
 //! - [`metrics`]: the Prometheus text.
 
+pub mod client;
 pub mod error;
 pub mod metrics;
 

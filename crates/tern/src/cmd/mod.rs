@@ -3,10 +3,13 @@
 pub mod agent;
 pub mod bench;
 pub mod demo;
+pub mod events;
+pub mod host;
 pub mod image;
 pub mod lab;
 pub mod manager;
 pub mod plan;
+pub mod policy;
 pub mod sim;
 pub mod vm;
 

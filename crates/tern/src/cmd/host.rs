@@ -1,0 +1,158 @@
+//! `tern host`: the manager's hosts (list, show, register, drain, activate). Also the
+//! connection flags and call helper that `tern policy` and `tern events` share.
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use tern_manager::api::client::{ApiClient, CallError};
+
+/// Where the manager is and how to authenticate.
+#[derive(clap::Args, Clone)]
+pub struct Conn {
+    /// The manager's URL.
+    #[arg(
+        long,
+        env = "TERN_MANAGER",
+        default_value = "http://127.0.0.1:7080",
+        global = true
+    )]
+    pub manager: String,
+    /// API bearer token.
+    #[arg(
+        long,
+        env = "TERN_TOKEN",
+        default_value = "",
+        global = true,
+        hide_env_values = true
+    )]
+    pub token: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl Conn {
+    pub fn client(&self) -> anyhow::Result<ApiClient> {
+        if self.token.is_empty() {
+            return Err(super::bad_input(
+                "no token: give --token TOKEN or set TERN_TOKEN",
+            ));
+        }
+        ApiClient::new(&self.manager, &self.token).map_err(super::bad_input)
+    }
+}
+
+/// Runs one call; a refusal is bad input (exit 2) with the manager's message.
+pub fn call(conn: &Conn, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+    let client = conn.client()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(client.call(method, path, body.as_ref()))
+        .map_err(|e| match e {
+            CallError::Refused { .. } => super::bad_input(e),
+            CallError::Failed(m) => anyhow::anyhow!(m),
+        })
+}
+
+/// Prints `rows` under `header` in aligned columns.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.to_vec());
+    for r in rows {
+        line(r.iter().map(String::as_str).collect());
+    }
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Every host, with its state and load.
+    List,
+    /// One host.
+    Show { name: String },
+    /// Register a host by its agent's URL.
+    Register {
+        name: String,
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        cpus: f64,
+        #[arg(long)]
+        memory_mib: u64,
+    },
+    /// Put a host into maintenance; the manager moves its VMs away.
+    Drain { name: String },
+    /// Bring a host back from maintenance.
+    Activate { name: String },
+}
+
+fn host_row(h: &Value) -> Vec<String> {
+    let num = |v: &Value| v.as_f64().map_or("-".to_owned(), |x| format!("{x:.2}"));
+    vec![
+        h["name"].as_str().unwrap_or("").to_owned(),
+        h["state"].as_str().unwrap_or("").to_owned(),
+        num(&h["cpu_smoothed"]),
+        num(&h["capacity"]["cpus"]),
+        h["capacity"]["memory_mib"].to_string(),
+        h["address"].as_str().unwrap_or("").to_owned(),
+    ]
+}
+
+const HEADER: [&str; 6] = [
+    "NAME",
+    "STATE",
+    "CPU USED",
+    "CORES",
+    "MEMORY MiB",
+    "ADDRESS",
+];
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let c = &a.conn;
+    let v = match a.command {
+        Command::List => call(c, Method::GET, "/v1/hosts", None)?,
+        Command::Show { name } => call(c, Method::GET, &format!("/v1/hosts/{name}"), None)?,
+        Command::Register {
+            name,
+            address,
+            cpus,
+            memory_mib,
+        } => {
+            let body = json!({"name": name, "address": address,
+                              "capacity": {"cpus": cpus, "memory_mib": memory_mib}});
+            call(c, Method::POST, "/v1/hosts", Some(body))?
+        }
+        Command::Drain { name } => call(c, Method::POST, &format!("/v1/hosts/{name}/drain"), None)?,
+        Command::Activate { name } => {
+            call(c, Method::POST, &format!("/v1/hosts/{name}/activate"), None)?
+        }
+    };
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let rows: Vec<Vec<String>> = match &v {
+            Value::Array(hs) => hs.iter().map(host_row).collect(),
+            h => vec![host_row(h)],
+        };
+        table(&HEADER, &rows);
+    }
+    Ok(())
+}
