@@ -156,8 +156,9 @@ impl StopReason {
     }
 }
 
-/// A termination policy. Implementations are pure and cheap to call.
-pub trait Policy {
+/// A termination policy. Implementations are pure and cheap to call; `Send + Sync` so
+/// that one policy value can serve migrations evaluated in parallel.
+pub trait Policy: Send + Sync {
     /// Name as the CLI and outcomes spell it.
     fn name(&self) -> &'static str;
 
