@@ -44,15 +44,6 @@ impl KernelPackage {
     }
 }
 
-/// The concrete `linux-image-*` package in `apt-cache depends` output.
-pub fn parse_depends(output: &str) -> Option<String> {
-    output.lines().find_map(|l| {
-        let dep = l.trim().strip_prefix("Depends:")?.trim();
-        let dep = dep.trim_start_matches('<').trim_end_matches('>');
-        dep.starts_with("linux-image-").then(|| dep.to_string())
-    })
-}
-
 /// The first `Version:` in `apt-cache show` output.
 pub fn parse_version(output: &str) -> Option<String> {
     output
@@ -80,23 +71,46 @@ fn run(cmd: &mut Command, tool: &'static str, package: &'static str) -> Result<S
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Asks apt which kernel package the meta-package stands for, and its version.
+/// The kernel package a meta-package's `apt-cache show` pins, e.g. from
+/// `Depends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)`; the version is `None`
+/// when the dependency is not pinned.
+pub fn parse_meta_show(output: &str) -> Option<(String, Option<String>)> {
+    let deps = output.lines().find_map(|l| l.strip_prefix("Depends:"))?;
+    deps.split([',', '|']).find_map(|dep| {
+        let dep = dep.trim();
+        let (name, rest) = dep.split_once(' ').unwrap_or((dep, ""));
+        let version = rest
+            .trim()
+            .strip_prefix("(=")
+            .and_then(|v| v.strip_suffix(')'))
+            .map(|v| v.trim().to_string());
+        name.starts_with("linux-image-")
+            .then(|| (name.to_string(), version))
+    })
+}
+
+/// Asks apt which kernel package the meta-package stands for, and its version. One
+/// `apt-cache` call where the meta-package pins the version (Debian's does), because
+/// each call rebuilds apt's cache in memory on hosts that keep none (seconds).
 pub fn resolve() -> Result<KernelPackage, ImageError> {
     let missing = |detail: String| ImageError::MissingPackage {
         package: META_PACKAGE.to_string(),
         detail,
     };
-    let deps = run(
-        Command::new("apt-cache").args(["depends", META_PACKAGE]),
+    let meta = run(
+        Command::new("apt-cache").args(["show", "--no-all-versions", META_PACKAGE]),
         "apt-cache",
         "apt",
     )
     .map_err(|e| missing(e.to_string()))?;
-    let name = parse_depends(&deps).ok_or_else(|| {
+    let (name, pinned) = parse_meta_show(&meta).ok_or_else(|| {
         missing(format!(
-            "apt-cache lists no linux-image-* dependency:\n{deps}"
+            "apt-cache shows no linux-image-* dependency:\n{meta}"
         ))
     })?;
+    if let Some(version) = pinned {
+        return Ok(KernelPackage { name, version });
+    }
     let show = run(
         Command::new("apt-cache").args(["show", "--no-all-versions", &name]),
         "apt-cache",
@@ -148,6 +162,29 @@ pub fn download(pkg: &KernelPackage, dir: &Path) -> Result<PathBuf, ImageError> 
         })?;
     std::fs::rename(&got, &path).map_err(|e| ImageError::io(&path, e))?;
     Ok(path)
+}
+
+/// The package file's SHA-256, kept beside it in `NAME.deb.sha256`: the file name
+/// carries the version and the file is only ever renamed into place whole, so the
+/// hash is computed once instead of on every (cached) build.
+pub fn deb_sha256(deb: &Path) -> Result<String, ImageError> {
+    let mut side = deb.as_os_str().to_owned();
+    side.push(".sha256");
+    let side = PathBuf::from(side);
+    if let Ok(h) = std::fs::read_to_string(&side) {
+        let h = h.trim();
+        if h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(h.to_string());
+        }
+    }
+    let bytes = std::fs::read(deb).map_err(|e| ImageError::io(deb, e))?;
+    let h = super::sha256_hex(&bytes);
+    let dir = deb.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| ImageError::io(dir, e))?;
+    std::io::Write::write_all(&mut tmp, h.as_bytes()).map_err(|e| ImageError::io(&side, e))?;
+    tmp.persist(&side)
+        .map_err(|e| ImageError::io(&side, e.error))?;
+    Ok(h)
 }
 
 /// How a module file in the package is compressed.
@@ -380,16 +417,20 @@ mod tests {
 
     #[test]
     fn apt_output_parses() {
-        let deps = "linux-image-cloud-amd64\n  Depends: linux-image-6.1.0-56-cloud-amd64\n";
+        let meta = "Package: linux-image-cloud-amd64\nVersion: 6.1.192-2\nDepends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)\n";
         assert_eq!(
-            parse_depends(deps).as_deref(),
-            Some("linux-image-6.1.0-56-cloud-amd64")
+            parse_meta_show(meta),
+            Some((
+                "linux-image-6.1.0-56-cloud-amd64".into(),
+                Some("6.1.192-2".into())
+            ))
         );
         assert_eq!(
-            parse_depends("x\n  Depends: <linux-image-6.1.0-9-cloud-amd64>\n").as_deref(),
-            Some("linux-image-6.1.0-9-cloud-amd64")
+            parse_meta_show("Depends: initramfs-tools | linux-initramfs-tool, linux-image-6.1.0-9-cloud-amd64\n"),
+            Some(("linux-image-6.1.0-9-cloud-amd64".into(), None))
         );
-        assert_eq!(parse_depends("x\n  Depends: libc6\n"), None);
+        assert_eq!(parse_meta_show("Depends: libc6 (>= 2.36)\n"), None);
+        assert_eq!(parse_meta_show("Package: x\n"), None);
         assert_eq!(
             parse_version("Package: a\nVersion: 6.1.192-2\nVersion: 1\n").as_deref(),
             Some("6.1.192-2")
@@ -403,6 +444,22 @@ mod tests {
             k.deb_file_name(),
             "linux-image-6.1.0-56-cloud-amd64_1%3a6.1.192-2_amd64.deb"
         );
+    }
+
+    #[test]
+    fn deb_hash_is_computed_once_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let deb = dir.path().join("k_1_amd64.deb");
+        std::fs::write(&deb, b"abc").unwrap();
+        let want = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        assert_eq!(deb_sha256(&deb).unwrap(), want);
+        let side = dir.path().join("k_1_amd64.deb.sha256");
+        assert_eq!(std::fs::read_to_string(&side).unwrap(), want);
+        // The kept hash is what counts now; a broken one is recomputed.
+        std::fs::write(&side, "f".repeat(64)).unwrap();
+        assert_eq!(deb_sha256(&deb).unwrap(), "f".repeat(64));
+        std::fs::write(&side, "junk").unwrap();
+        assert_eq!(deb_sha256(&deb).unwrap(), want);
     }
 
     #[test]

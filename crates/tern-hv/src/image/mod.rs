@@ -129,7 +129,7 @@ pub struct Inputs {
     pub builder_version: u32,
 }
 
-fn sha256_hex(data: &[u8]) -> String {
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -244,10 +244,10 @@ pub fn ensure_image(
         progress(&format!("downloading {} with apt-get download", pkg.name));
     }
     let deb = kernel::download(&pkg, &debs)?;
-    let deb_bytes = std::fs::read(&deb).map_err(|e| ImageError::io(&deb, e))?;
+    let deb_sha256 = kernel::deb_sha256(&deb)?;
 
     let inputs = Inputs {
-        kernel_deb_sha256: sha256_hex(&deb_bytes),
+        kernel_deb_sha256: deb_sha256,
         busybox_sha256: sha256_hex(&busybox),
         tern_guest_sha256: sha256_hex(&guest),
         builder_version: BUILDER_VERSION,
@@ -269,7 +269,6 @@ pub fn ensure_image(
         "extracting vmlinuz and modules from {}",
         deb.display()
     ));
-    drop(deb_bytes);
     let files = kernel::read_deb(&deb, pkg.release())?;
     let modules = kernel::guest_modules(&files)?;
     progress(&format!(
