@@ -7,7 +7,7 @@ use std::fmt;
 
 use tern_model::{Cluster, InstId, Mobility, NodeId};
 
-use crate::metric::Metric;
+use crate::metric::{Metric, NodeLoad};
 use crate::state::State;
 
 /// Why a candidate move was refused. Counted per plan so a user can see what
@@ -140,6 +140,20 @@ pub fn check_target<M: Metric + ?Sized>(
     to: NodeId,
     n_plus_one: bool,
 ) -> Result<(), Refusal> {
+    let after = state.load_after_in(inst, to);
+    let src_after = state.load_after_out(inst, to);
+    check_target_with(state, inst, to, n_plus_one, &after, &src_after)
+}
+
+/// [`check_target`] with the target's and source's loads after the move given.
+pub fn check_target_with<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    inst: InstId,
+    to: NodeId,
+    n_plus_one: bool,
+    after: &NodeLoad,
+    src_after: &NodeLoad,
+) -> Result<(), Refusal> {
     let from = state.primary_of(inst);
     match state.mobility(inst) {
         Mobility::Immovable => return Err(Refusal::Immovable),
@@ -156,7 +170,6 @@ pub fn check_target<M: Metric + ?Sized>(
     }
     let i = cluster.instance(inst);
     let before = state.load(to);
-    let after = state.load_after_in(inst, to);
     if after.free_mem <= 0.0 {
         return Err(Refusal::NoMemory);
     }
@@ -167,7 +180,6 @@ pub fn check_target<M: Metric + ?Sized>(
         }
         if matches!(state.mobility(inst), Mobility::SecondaryOnly(_)) {
             let src_before = state.load(from);
-            let src_after = state.load_after_out(inst, to);
             if src_after.free_mem <= src_after.reserved_mem
                 && src_before.free_mem > src_before.reserved_mem
             {

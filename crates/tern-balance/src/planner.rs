@@ -8,10 +8,18 @@
 //!
 //! Finding the best move exactly means scoring every (instance, target) pair:
 //! 20 million pairs per step at 1000 nodes × 20000 instances. [`Search::Pruned`]
-//! first ranks instances by what removing them from their node would gain, plus what
-//! moving them to the single most attractive target would give, and scores all
-//! targets only for the best-ranked few; when that finds nothing acceptable it falls
-//! back to the exhaustive search, so a plan stops exactly where hbal's rule says.
+//! narrows that in three tiers, each tried only when the one before found no
+//! acceptable move:
+//!
+//! 1. *narrow*: rank nodes with a typical instance as a probe (how much would the
+//!    score drop if it left this node, or rise if it joined that one); take the
+//!    instances on the best [`NARROW_SOURCES`] sources and score them against the
+//!    best [`NARROW_TARGETS`] targets;
+//! 2. *medium*: rank every instance by the gain of removing it from its node and by
+//!    an exact move to the target the leading instance prefers; score all targets
+//!    for the `width` best of each ranking;
+//! 3. *exhaustive*: every pair, so a plan stops exactly where hbal's rule says.
+//!
 //! Pairs are scored in parallel (rayon) by instance chunks.
 
 use rayon::prelude::*;
@@ -148,10 +156,7 @@ pub fn plan<M: Metric + ?Sized>(cluster: &Cluster, metric: &M, opts: &PlanOption
             }
         })
         .collect();
-    let targets: Vec<NodeId> = cluster
-        .node_ids()
-        .filter(|&n| !cluster.node(n).offline)
-        .collect();
+    let mut ctx = Context::new(&state, movable);
     let mut moves = Vec::new();
     let mut evaluations = 0;
     let mut exhaustive_steps = 0;
@@ -159,12 +164,13 @@ pub fn plan<M: Metric + ?Sized>(cluster: &Cluster, metric: &M, opts: &PlanOption
         if opts.max_moves.is_some_and(|m| moves.len() >= m) || state.score() <= opts.min_score {
             break;
         }
-        let (step, tally, fell_back) = search(&state, opts, &movable, &targets);
+        let (step, tally, fell_back) = search(&state, opts, &ctx);
         refusals.merge(&tally.refusals);
         evaluations += tally.evaluations;
         exhaustive_steps += u64::from(fell_back);
         let Some(step) = step else { break };
         state.apply(step.mv);
+        ctx.moved(step.mv);
         moves.push(step.mv);
         if moves.len().is_multiple_of(64) {
             state.refresh();
@@ -185,20 +191,100 @@ pub fn plan<M: Metric + ?Sized>(cluster: &Cluster, metric: &M, opts: &PlanOption
 
 /// One planner step on its own: the best acceptable move from `state`, if any.
 pub fn best_move<M: Metric + ?Sized>(state: &State<'_, M>, opts: &PlanOptions) -> Option<Step> {
+    let pinned = pinned_flags(state.cluster, &opts.pinned);
     let movable: Vec<InstId> = state
         .cluster
         .instance_ids()
-        .filter(|&i| {
-            constraints::check_instance(state, i, &pinned_flags(state.cluster, &opts.pinned))
-                .is_ok()
-        })
+        .filter(|&i| constraints::check_instance(state, i, &pinned).is_ok())
         .collect();
-    let targets: Vec<NodeId> = state
-        .cluster
-        .node_ids()
-        .filter(|&n| !state.cluster.node(n).offline)
+    search(state, opts, &Context::new(state, movable)).0
+}
+
+/// Source nodes the narrow search takes instances from.
+pub const NARROW_SOURCES: usize = 32;
+/// Target nodes the narrow search scores them against.
+pub const NARROW_TARGETS: usize = 128;
+
+/// What a plan keeps between steps.
+struct Context {
+    movable: Vec<InstId>,
+    /// Online nodes, in order.
+    targets: Vec<NodeId>,
+    /// Movable instances per node, by current primary.
+    on_node: Vec<Vec<InstId>>,
+    /// A movable shared-storage instance of typical size, used to rank nodes as
+    /// sources and targets.
+    probe: Option<tern_model::Instance>,
+}
+
+impl Context {
+    fn new<M: Metric + ?Sized>(state: &State<'_, M>, movable: Vec<InstId>) -> Context {
+        let c = state.cluster;
+        let targets = c.node_ids().filter(|&n| !c.node(n).offline).collect();
+        let mut on_node = vec![Vec::new(); c.nodes.len()];
+        for &i in &movable {
+            on_node[state.primary_of(i).index()].push(i);
+        }
+        let shared: Vec<&tern_model::Instance> = movable
+            .iter()
+            .map(|&i| c.instance(i))
+            .filter(|i| i.disk_template.is_shared())
+            .collect();
+        let n = shared.len().max(1) as f64;
+        let mean_mem = shared.iter().map(|i| i.mem as f64).sum::<f64>() / n;
+        let mean_cpu = shared.iter().map(|i| i.vcpus as f64).sum::<f64>() / n;
+        let probe = shared
+            .iter()
+            .min_by(|a, b| {
+                let d = |i: &tern_model::Instance| {
+                    ((i.mem as f64 - mean_mem) / mean_mem.max(1.0)).abs()
+                        + ((i.vcpus as f64 - mean_cpu) / mean_cpu.max(1.0)).abs()
+                };
+                d(a).total_cmp(&d(b))
+            })
+            .map(|i| (*i).clone());
+        Context {
+            movable,
+            targets,
+            on_node,
+            probe,
+        }
+    }
+
+    fn moved(&mut self, mv: Move) {
+        let from = &mut self.on_node[mv.from.index()];
+        if let Some(pos) = from.iter().position(|&i| i == mv.inst) {
+            from.remove(pos);
+        }
+        self.on_node[mv.to.index()].push(mv.inst);
+    }
+}
+
+/// The `count` nodes whose score after the probe leaves (or joins) them is lowest.
+fn rank_nodes<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    nodes: &[NodeId],
+    probe: &tern_model::Instance,
+    adding: bool,
+    count: usize,
+) -> Vec<NodeId> {
+    let k = state.components_len();
+    let mut ranked: Vec<(f64, NodeId)> = nodes
+        .par_iter()
+        .with_min_len(64)
+        .map_init(
+            || vec![0.0; k],
+            |scratch, &n| (state.probe_score(n, probe, adding, scratch), n),
+        )
         .collect();
-    search(state, opts, &movable, &targets).0
+    let count = count.min(ranked.len());
+    if count == 0 {
+        return Vec::new();
+    }
+    ranked.select_nth_unstable_by(count - 1, |a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    let mut out: Vec<NodeId> = ranked[..count].iter().map(|x| x.1).collect();
+    out.sort_unstable();
+    out
 }
 
 fn pinned_flags(cluster: &Cluster, pinned: &[InstId]) -> Vec<bool> {
@@ -219,8 +305,7 @@ fn acceptable(ini: f64, fin: f64, opts: &PlanOptions) -> bool {
 fn search<M: Metric + ?Sized>(
     state: &State<'_, M>,
     opts: &PlanOptions,
-    movable: &[InstId],
-    targets: &[NodeId],
+    ctx: &Context,
 ) -> (Option<Step>, Tally, bool) {
     let ini = state.score();
     let to_step = |b: Best| {
@@ -236,9 +321,42 @@ fn search<M: Metric + ?Sized>(
             }
         })
     };
+    let (movable, targets) = (&ctx.movable[..], &ctx.targets[..]);
+    let mut tally = Tally::default();
     if let Search::Pruned { width } = opts.search {
+        // Narrow: instances on the few best source nodes, against the few best
+        // targets, both ranked with a typical instance.
+        if let Some(probe) = ctx
+            .probe
+            .as_ref()
+            .filter(|_| targets.len() > NARROW_TARGETS)
+        {
+            let busy: Vec<NodeId> = state
+                .cluster
+                .node_ids()
+                .filter(|n| !ctx.on_node[n.index()].is_empty())
+                .collect();
+            let sources = rank_nodes(state, &busy, probe, false, NARROW_SOURCES);
+            let near = rank_nodes(state, targets, probe, true, NARROW_TARGETS);
+            tally.evaluations += (busy.len() + targets.len()) as u64;
+            let insts: Vec<InstId> = sources
+                .iter()
+                .flat_map(|n| ctx.on_node[n.index()].iter().copied())
+                .collect();
+            if !insts.is_empty() {
+                let (cands, t) = shortlist(state, opts, &insts, &near, width);
+                tally = tally.merge(t);
+                let (best, t) = scan(state, opts, &cands, &near);
+                tally = tally.merge(t);
+                if let Some(step) = to_step(best) {
+                    return (Some(step), tally, false);
+                }
+            }
+        }
+        // Medium: every instance ranked, every target for the best-ranked.
         if movable.len() > 2 * width {
-            let (cands, mut tally) = shortlist(state, opts, movable, targets, width);
+            let (cands, t) = shortlist(state, opts, movable, targets, width);
+            tally = tally.merge(t);
             let (best, t) = scan(state, opts, &cands, targets);
             tally = tally.merge(t);
             if let Some(step) = to_step(best) {
@@ -248,8 +366,8 @@ fn search<M: Metric + ?Sized>(
             return (to_step(best), tally.merge(t), true);
         }
     }
-    let (best, tally) = scan(state, opts, movable, targets);
-    (to_step(best), tally, false)
+    let (best, t) = scan(state, opts, movable, targets);
+    (to_step(best), tally.merge(t), false)
 }
 
 /// The instances worth scoring against every target: the best by removal gain, and
@@ -288,12 +406,19 @@ fn shortlist<M: Metric + ?Sized>(
         let mut by_target: Vec<(f64, InstId)> = movable
             .par_iter()
             .with_min_len(256)
-            .filter(|&&i| {
-                state.primary_of(i) != to
-                    && state.mobility(i) == Mobility::AnyNode
-                    && state.check(i, to, opts.n_plus_one).is_ok()
-            })
-            .map(|&i| (state.evaluate(i, to).score, i))
+            .filter(|&&i| state.primary_of(i) != to && state.mobility(i) == Mobility::AnyNode)
+            .map_init(
+                || vec![0.0; 2 * k],
+                |scratch, &i| {
+                    let (src, dst) = scratch.split_at_mut(k);
+                    let from_load = state.source_after(i, to, src);
+                    let score = state
+                        .try_move(i, to, opts.n_plus_one, &from_load, src, dst)
+                        .unwrap_or(f64::INFINITY);
+                    (score, i)
+                },
+            )
+            .filter(|x| x.0.is_finite())
             .collect();
         tally.evaluations += by_target.len() as u64;
         if !by_target.is_empty() {
@@ -334,17 +459,17 @@ fn scan<M: Metric + ?Sized>(
                             if to == from {
                                 continue;
                             }
-                            if let Err(r) = state.check(i, to, opts.n_plus_one) {
-                                tally.refusals.add(r);
-                                continue;
+                            match state.try_move(i, to, opts.n_plus_one, &from_load, src, dst) {
+                                Err(r) => tally.refusals.add(r),
+                                Ok(score) => {
+                                    tally.evaluations += 1;
+                                    best = best.better(Best {
+                                        score,
+                                        inst: i.0,
+                                        to: to.0,
+                                    });
+                                }
                             }
-                            tally.evaluations += 1;
-                            let e = state.evaluate_with_source(i, to, &from_load, src, dst);
-                            best = best.better(Best {
-                                score: e.score,
-                                inst: i.0,
-                                to: to.0,
-                            });
                         }
                     }
                 }
@@ -367,16 +492,19 @@ fn try_target<M: Metric + ?Sized>(
     dst: &mut [f64],
     tally: &mut Tally,
 ) -> Best {
-    if let Err(r) = state.check(i, to, opts.n_plus_one) {
-        tally.refusals.add(r);
-        return Best::NONE;
-    }
-    tally.evaluations += 1;
     let from_load = state.source_after(i, to, src);
-    let e = state.evaluate_with_source(i, to, &from_load, src, dst);
-    Best {
-        score: e.score,
-        inst: i.0,
-        to: to.0,
+    match state.try_move(i, to, opts.n_plus_one, &from_load, src, dst) {
+        Err(r) => {
+            tally.refusals.add(r);
+            Best::NONE
+        }
+        Ok(score) => {
+            tally.evaluations += 1;
+            Best {
+                score,
+                inst: i.0,
+                to: to.0,
+            }
+        }
     }
 }

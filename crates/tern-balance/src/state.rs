@@ -307,6 +307,57 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
         )])
     }
 
+    /// The score if `probe`'s resources left (`adding` false) or joined `node`,
+    /// wherever `probe` really runs: ranks nodes as sources or targets for an
+    /// instance of that shape.
+    pub fn probe_score(
+        &self,
+        node: NodeId,
+        probe: &tern_model::Instance,
+        adding: bool,
+        scratch: &mut [f64],
+    ) -> f64 {
+        let mut l = self.loads[node.index()];
+        if adding {
+            add_primary(&mut l, probe);
+        } else {
+            remove_primary(&mut l, probe);
+        }
+        self.metric
+            .node_values(self.cluster, node, &l, &mut scratch[..self.k]);
+        self.stats.score_with(&[(
+            self.online[node.index()],
+            self.node_vals(node.index()),
+            &scratch[..self.k],
+        )])
+    }
+
+    /// Checks and scores moving `inst` to `to` in one pass, given the source's
+    /// state after the move from [`State::source_after`].
+    pub fn try_move(
+        &self,
+        inst: InstId,
+        to: NodeId,
+        n_plus_one: bool,
+        from_load: &NodeLoad,
+        from_vals: &[f64],
+        scratch: &mut [f64],
+    ) -> Result<f64, Refusal> {
+        let to_load = self.load_after_in(inst, to);
+        constraints::check_target_with(self, inst, to, n_plus_one, &to_load, from_load)?;
+        let a = self.primary[inst.index()].index();
+        self.metric
+            .node_values(self.cluster, to, &to_load, &mut scratch[..self.k]);
+        Ok(self.stats.score_with(&[
+            (self.online[a], self.node_vals(a), from_vals),
+            (
+                self.online[to.index()],
+                self.node_vals(to.index()),
+                &scratch[..self.k],
+            ),
+        ]))
+    }
+
     /// Number of components of the metric.
     pub fn components_len(&self) -> usize {
         self.k

@@ -108,10 +108,15 @@ impl Running {
 }
 
 /// Per-component running sums for a whole cluster, and the score they give.
+///
+/// Each component's weighted value is cached, so scoring a change recomputes only
+/// the components whose values the change touches.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stats {
     comps: Vec<Component>,
     running: Vec<Running>,
+    weighted: Vec<f64>,
+    total: f64,
 }
 
 impl Stats {
@@ -129,18 +134,25 @@ impl Stats {
                 }
             }
         }
-        Stats {
+        let mut s = Stats {
             comps: comps.to_vec(),
             running,
+            weighted: vec![0.0; comps.len()],
+            total: 0.0,
+        };
+        s.recache();
+        s
+    }
+
+    fn recache(&mut self) {
+        for (k, c) in self.comps.iter().enumerate() {
+            self.weighted[k] = c.weight * self.running[k].value(c.aggregate);
         }
+        self.total = self.weighted.iter().sum();
     }
 
     pub fn score(&self) -> f64 {
-        self.comps
-            .iter()
-            .zip(&self.running)
-            .map(|(c, r)| c.weight * r.value(c.aggregate))
-            .sum()
+        self.total
     }
 
     /// Each component's name, weight and aggregated value (unweighted).
@@ -155,16 +167,20 @@ impl Stats {
     /// The score if the given nodes' values changed from `old` to `new`.
     /// `changes` holds `(online, old, new)` per touched node.
     pub fn score_with(&self, changes: &[(bool, &[f64], &[f64])]) -> f64 {
-        let mut total = 0.0;
+        let mut total = self.total;
         for (k, c) in self.comps.iter().enumerate() {
             let mut r = self.running[k];
+            let mut moved = false;
             for &(on, old, new) in changes {
-                if counts(c.over, on) {
+                if counts(c.over, on) && new[k] != old[k] {
                     r.sum += new[k] - old[k];
                     r.sum_sq += new[k] * new[k] - old[k] * old[k];
+                    moved = true;
                 }
             }
-            total += c.weight * r.value(c.aggregate);
+            if moved {
+                total += c.weight * r.value(c.aggregate) - self.weighted[k];
+            }
         }
         total
     }
@@ -180,6 +196,7 @@ impl Stats {
                 }
             }
         }
+        self.recache();
     }
 }
 

@@ -83,6 +83,8 @@ struct Report<'a> {
     moves: Vec<MoveOut<'a>>,
     refusals: std::collections::BTreeMap<&'static str, u64>,
     evaluations: u64,
+    /// Steps where the pruned search found nothing and every pair was scored.
+    exhaustive_steps: u64,
     wall_seconds: f64,
 }
 
@@ -227,6 +229,7 @@ fn print_report<M: Metric>(
                 .map(|(r, c)| (r.as_str(), c))
                 .collect(),
             evaluations: planned.evaluations,
+            exhaustive_steps: planned.exhaustive_steps,
             wall_seconds: wall,
         };
         println!("{}", serde_json::to_string(&report)?);

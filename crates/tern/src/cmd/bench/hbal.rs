@@ -243,6 +243,9 @@ fn run_hbal(hbal: &Path, file: &Path, log: &Path, limit: Duration) -> anyhow::Re
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    if started.elapsed() >= Duration::from_secs(30) {
+        eprintln!();
+    }
     let wall = started.elapsed().as_secs_f64();
     let mut out = parse_hbal(&std::fs::read_to_string(log).unwrap_or_default());
     out.wall_seconds = wall;
@@ -281,7 +284,9 @@ fn fmt_score(s: Option<f64>) -> String {
 }
 
 fn row(r: &CaseResult) -> String {
-    let hbal_time = if r.hbal.timed_out {
+    let hbal_time = if r.hbal.timed_out && r.hbal.wall_seconds < 1.0 {
+        "not run".to_string()
+    } else if r.hbal.timed_out {
         format!("timeout {:.0}s", r.hbal.wall_seconds)
     } else {
         format!("{:.2}s", r.hbal.wall_seconds)
