@@ -123,6 +123,31 @@ impl Control {
         Ok((n, unreachable, destroyed))
     }
 
+    /// Settles what a previous run of the manager left open (see [`reconcile::recover`]):
+    /// asks every host what it runs and commits what that proves. Run once at start,
+    /// before the first dispatch.
+    pub async fn recover(&self) -> Result<usize> {
+        let hosts: Vec<Host> = self.manager.read(|s| s.hosts.values().cloned().collect());
+        let mut running = std::collections::BTreeMap::new();
+        for h in hosts {
+            match self.agents.client(&h) {
+                Ok(c) => match c.load_report().await {
+                    Ok(r) => {
+                        running.insert(h.name.clone(), r.vms.into_iter().map(|v| v.name).collect());
+                    }
+                    Err(e) => tracing::warn!(host = %h.name, "not heard at recovery: {e}"),
+                },
+                Err(e) => tracing::warn!(host = %h.name, "{e}"),
+            }
+        }
+        let cmds = self
+            .manager
+            .read(|s| reconcile::recover(s, self.manager.now(), &running));
+        let n = cmds.len();
+        self.manager.execute_many(cmds)?;
+        Ok(n)
+    }
+
     /// The health step (see [`health::tick`]).
     pub fn health(&self) -> Result<()> {
         self.manager.step(|s, now| (health::tick(s, now), ()))
@@ -289,6 +314,9 @@ impl Control {
     /// answers are committed as they arrive, between rounds too.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        if let Err(e) = self.recover().await {
+            tracing::error!("recovery: {e}");
+        }
         let mut next = tokio::time::Instant::now();
         loop {
             tokio::select! {

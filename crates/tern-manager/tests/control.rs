@@ -201,3 +201,89 @@ async fn a_dead_hosts_vms_restart_once_and_its_stale_copies_go_when_it_returns()
     assert_eq!(placement.len(), 6);
     assert!(placement.values().all(|h| h.len() == 1), "{placement:?}");
 }
+
+#[tokio::test]
+async fn a_restarted_manager_settles_migrations_left_open_without_losing_or_doubling_vms() {
+    let lab = Lab::new(
+        2,
+        BalancerSettings {
+            enabled: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let reqs = ["done-while-down", "never-started"]
+        .iter()
+        .map(|n| NewVm {
+            name: n.to_string(),
+            spec: spec(1),
+            host: Some("h0".into()),
+        })
+        .collect();
+    lab.manager
+        .step(|s, _| decide::create_vms(s, reqs))
+        .unwrap();
+    lab.control.settle().await.unwrap();
+    for vm in ["done-while-down", "never-started"] {
+        lab.manager
+            .execute(Command::MigrateVm {
+                name: vm.into(),
+                to: Some("h1".into()),
+                policy: None,
+            })
+            .unwrap();
+    }
+    // The first migration runs to its end on the hosts, but the manager dies before it
+    // records the answer; the second was never started.
+    let h1 = lab.manager.read(|s| s.hosts["h1"].clone());
+    use tern_manager::client::HostClient;
+    let r = lab
+        .sim
+        .host("h0")
+        .unwrap()
+        .migrate_vm("done-while-down", &spec(1), &h1, "adaptive")
+        .await
+        .unwrap();
+    assert!(matches!(
+        r,
+        tern_manager::state::MigrationResult::Succeeded { .. }
+    ));
+
+    let path = lab._dir.path().join("tern.db");
+    let c = lab.clock.clone();
+    let manager = Arc::new(
+        Manager::open(
+            Box::new(SqliteStore::open(&path).unwrap()),
+            Arc::new(move || c.load(Ordering::SeqCst)),
+        )
+        .unwrap(),
+    );
+    assert_eq!(
+        manager.read(|s| s.running.len()),
+        2,
+        "both migrations are open in the store"
+    );
+    let control = Control::new(manager.clone(), lab.sim.clone());
+    assert_eq!(control.recover().await.unwrap(), 1);
+    let snap = manager.read(|s| s.clone());
+    assert_eq!(snap.vms["done-while-down"].state, VmState::Running);
+    assert_eq!(
+        snap.vms["done-while-down"].observed_host.as_deref(),
+        Some("h1")
+    );
+    assert_eq!(snap.running.len(), 1);
+    // The other is dispatched as usual and completes.
+    assert_eq!(control.settle().await.unwrap(), 1);
+    let placement = lab.placement(2).await;
+    assert_eq!(placement.len(), 2);
+    for (vm, hosts) in placement {
+        assert_eq!(hosts, ["h1"], "{vm}");
+        assert_eq!(
+            manager
+                .read(|s| s.vms[&vm].observed_host.clone())
+                .as_deref(),
+            Some("h1")
+        );
+    }
+    assert!(manager.read(|s| s.running.is_empty()));
+}

@@ -122,3 +122,117 @@ mod tests {
         );
     }
 }
+
+/// After a manager restart, what the hosts report settles what the store left open:
+/// `running` maps each host that answered to the VMs it runs. A migration whose VM runs on
+/// its destination and not its source finished while the manager was down (the manager
+/// measured only its bounds: total is the time from its start to now, downtime unknown,
+/// recorded as 0); one whose VM is still only on its source is dispatched again as usual.
+/// A pending VM already running on its desired host is recorded as running, so it is not
+/// created twice.
+pub fn recover(
+    snap: &Snapshot,
+    now: crate::state::Millis,
+    running: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+) -> Vec<crate::decide::Command> {
+    use crate::decide::Command;
+    let on = |host: &str, vm: &str| running.get(host).map(|vms| vms.contains(vm));
+    let mut out = Vec::new();
+    for m in snap.running.values() {
+        if on(&m.to, &m.vm) == Some(true) && on(&m.from, &m.vm) == Some(false) {
+            out.push(Command::MigrationDone {
+                id: m.id,
+                result: crate::state::MigrationResult::Succeeded {
+                    total_ms: now.saturating_sub(m.started),
+                    downtime_ms: 0,
+                },
+            });
+        }
+    }
+    for v in snap.vms.values() {
+        if let (VmState::Pending, Some(h)) = (v.state, &v.desired_host) {
+            if on(h, &v.name) == Some(true) {
+                out.push(Command::VmStarted {
+                    vm: v.name.clone(),
+                    host: h.clone(),
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod recovery {
+    use super::*;
+    use crate::decide::testing::*;
+    use crate::decide::Command;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    fn hosts(list: &[(&str, &[&str])]) -> BTreeMap<String, BTreeSet<String>> {
+        list.iter()
+            .map(|(h, vms)| (h.to_string(), vms.iter().map(|v| v.to_string()).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn what_the_hosts_run_settles_open_migrations_and_creates() {
+        let mut snap = cluster(&[4.0, 4.0], 4096);
+        running(&mut snap, "moved", "h0", spec(1, 512));
+        running(&mut snap, "stayed", "h0", spec(1, 512));
+        for (vm, t) in [("moved", 10), ("stayed", 20)] {
+            run(
+                &mut snap,
+                t,
+                Command::MigrateVm {
+                    name: vm.into(),
+                    to: Some("h1".into()),
+                    policy: None,
+                },
+            )
+            .unwrap();
+        }
+        run(
+            &mut snap,
+            30,
+            Command::CreateVm {
+                name: "new".into(),
+                spec: spec(1, 512),
+                host: Some("h1".into()),
+            },
+        )
+        .unwrap();
+        run(
+            &mut snap,
+            30,
+            Command::CreateVm {
+                name: "unborn".into(),
+                spec: spec(1, 512),
+                host: Some("h1".into()),
+            },
+        )
+        .unwrap();
+        let report = hosts(&[("h0", &["stayed"]), ("h1", &["moved", "new"])]);
+        let cmds = recover(&snap, 1_010, &report);
+        assert_eq!(
+            cmds,
+            [
+                Command::MigrationDone {
+                    id: 1,
+                    result: crate::state::MigrationResult::Succeeded {
+                        total_ms: 1_000,
+                        downtime_ms: 0
+                    }
+                },
+                Command::VmStarted {
+                    vm: "new".into(),
+                    host: "h1".into()
+                },
+            ]
+        );
+        // A host that did not answer settles nothing.
+        assert!(recover(&snap, 1_010, &hosts(&[("h1", &["moved", "new"])]))
+            .iter()
+            .all(|c| !matches!(c, Command::MigrationDone { .. })));
+    }
+}
