@@ -128,13 +128,13 @@ impl Leadership {
     /// Starts or extends leading in `term` until `until`.
     pub fn lead(&self, term: i64, until: Instant) {
         *self.lock() = Role::Leader { term, until };
-        self.leading.send_replace(true);
+        self.set_leading(true);
     }
 
     /// Follows `leader` (stepping down if leading).
     pub fn follow(&self, leader: Option<String>) {
         *self.lock() = Role::Follower { leader };
-        self.leading.send_replace(false);
+        self.set_leading(false);
     }
 
     /// Steps down if still leading in `term`; a later term is left alone.
@@ -142,8 +142,14 @@ impl Leadership {
         let mut role = self.lock();
         if matches!(&*role, Role::Leader { term: t, .. } if *t == term) {
             *role = Role::Follower { leader: None };
-            self.leading.send_replace(false);
+            self.set_leading(false);
         }
+    }
+
+    /// Wakes watchers only when leading starts or stops, not at every renewal.
+    fn set_leading(&self, on: bool) {
+        self.leading
+            .send_if_modified(|l| std::mem::replace(l, on) != on);
     }
 
     /// Watches whether this manager leads.

@@ -28,6 +28,13 @@ pub struct Args {
     /// Seconds an agent call may take before it counts as failed.
     #[arg(long, default_value_t = 30)]
     agent_timeout_s: u64,
+    /// etcd client URLs (http://HOST:PORT, comma-separated): keep the state there instead
+    /// of --db, shared with other managers; one leads, the others pass requests to it.
+    #[arg(long, value_delimiter = ',')]
+    etcd: Vec<String>,
+    /// With --etcd: the URL other managers reach this one by (default: http://LISTEN).
+    #[arg(long)]
+    advertise: Option<String>,
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -44,6 +51,16 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             a.listen
         ))
     })?;
+    if !a.etcd.is_empty() {
+        return super::manager_etcd::run(super::manager_etcd::Options {
+            listen: addr,
+            agent_token: a.agent_token.unwrap_or_else(|| tokens[0].clone()),
+            tokens,
+            agent_timeout: Duration::from_secs(a.agent_timeout_s),
+            etcd: a.etcd,
+            advertise: a.advertise,
+        });
+    }
     let store = SqliteStore::open(&a.db).map_err(|e| match e {
         tern_manager::Error::SchemaTooNew { .. } => super::bad_input(e),
         e => anyhow::Error::new(e).context(format!("opening {}", a.db.display())),

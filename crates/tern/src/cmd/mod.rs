@@ -8,6 +8,7 @@ pub mod host;
 pub mod image;
 pub mod lab;
 pub mod manager;
+pub mod manager_etcd;
 pub mod plan;
 pub mod policy;
 pub mod sim;
