@@ -54,6 +54,12 @@ pub struct Args {
     /// Allow moves that leave a node unable to absorb a failed DRBD peer.
     #[arg(long)]
     pub no_n_plus_one: bool,
+    /// Treat this node as offline, so the plan evacuates it (repeatable; hbal's -O).
+    #[arg(long, value_name = "NODE")]
+    pub offline: Vec<String>,
+    /// Ignore dynamic utilisation (hbal's --ignore-dynu).
+    #[arg(long)]
+    pub ignore_dynu: bool,
     /// Keep this instance where it is (repeatable).
     #[arg(long, value_name = "INSTANCE")]
     pub pin: Vec<String>,
@@ -89,7 +95,21 @@ struct Report<'a> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let cluster = load(&args.ganeti)?;
+    let mut cluster = load(&args.ganeti)?;
+    for name in &args.offline {
+        let id = cluster.find_node(name).ok_or_else(|| {
+            bad_input(format!(
+                "--offline {name}: no such node in {}",
+                args.ganeti.display()
+            ))
+        })?;
+        cluster.nodes[id.index()].offline = true;
+    }
+    if args.ignore_dynu {
+        for inst in &mut cluster.instances {
+            inst.util = tern_model::DynUtil::ZERO;
+        }
+    }
     let opts = options(&args, &cluster)?;
     let started = Instant::now();
     match args.metric {
