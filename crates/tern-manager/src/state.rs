@@ -332,6 +332,11 @@ pub enum EventKind {
         vm: String,
         reason: String,
     },
+    /// Its host stopped reporting it; it is created again.
+    VmLost {
+        vm: String,
+        host: String,
+    },
     MigrationStarted {
         id: u64,
         vm: String,

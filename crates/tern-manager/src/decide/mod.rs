@@ -333,22 +333,50 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
         ..h.clone()
     }));
     for l in &report.vms {
-        if let Some(v) = snap.vms.get(&l.name) {
-            if stale.contains(&l.name) || !(l.cpu_used >= 0.0 && l.cpu_used.is_finite()) {
-                continue;
-            }
-            let cpu = if v.cpu_measured {
-                alpha * l.cpu_used + (1.0 - alpha) * v.cpu_used
-            } else {
-                l.cpu_used
-            };
-            if cpu == v.cpu_used && v.cpu_measured {
-                continue;
-            }
+        let Some(v) = snap.vms.get(&l.name) else {
+            continue;
+        };
+        if stale.contains(&l.name) || !(l.cpu_used >= 0.0 && l.cpu_used.is_finite()) {
+            continue;
+        }
+        let mut next = v.clone();
+        next.cpu_used = if v.cpu_measured {
+            alpha * l.cpu_used + (1.0 - alpha) * v.cpu_used
+        } else {
+            l.cpu_used
+        };
+        next.cpu_measured = true;
+        // Running where it should be, though its create was never answered (the answer
+        // was lost, or the manager restarted): it is running.
+        if v.state == VmState::Pending && v.desired_host.as_deref() == Some(name) {
+            next.state = VmState::Running;
+            next.observed_host = Some(name.to_owned());
+            changes.push(Change::Event(EventKind::VmRunning {
+                vm: v.name.clone(),
+                host: name.to_owned(),
+            }));
+        }
+        if next != *v {
+            changes.push(Change::PutVm(next));
+        }
+    }
+    // Running here by our record but not in the report: the VM is gone (crashed, or
+    // destroyed behind the manager's back), so it is created again where it belongs.
+    let reported: std::collections::BTreeSet<&str> =
+        report.vms.iter().map(|l| l.name.as_str()).collect();
+    for v in snap.vms.values() {
+        if v.state == VmState::Running
+            && v.observed_host.as_deref() == Some(name)
+            && !reported.contains(v.name.as_str())
+        {
             changes.push(Change::PutVm(Vm {
-                cpu_used: cpu,
-                cpu_measured: true,
+                state: VmState::Pending,
+                observed_host: None,
                 ..v.clone()
+            }));
+            changes.push(Change::Event(EventKind::VmLost {
+                vm: v.name.clone(),
+                host: name.to_owned(),
             }));
         }
     }
@@ -784,5 +812,55 @@ mod tests {
         assert_eq!(snap.hosts["h0"].last_heartbeat, Some(6));
         // The stale report did not change the VM's load.
         assert_eq!(snap.vms["a"].cpu_used, 0.0);
+    }
+
+    #[test]
+    fn a_vm_missing_from_its_hosts_report_is_created_again_and_a_found_one_runs() {
+        let mut snap = cluster(&[4.0], 4096);
+        running(&mut snap, "gone", "h0", spec(1, 512));
+        run(
+            &mut snap,
+            0,
+            Command::CreateVm {
+                name: "found".into(),
+                spec: spec(1, 512),
+                host: None,
+            },
+        )
+        .unwrap();
+        let report = LoadReport {
+            cpu_used: 0.5,
+            vms: vec![VmLoad {
+                name: "found".into(),
+                cpu_used: 0.5,
+            }],
+        };
+        run(
+            &mut snap,
+            1,
+            Command::Heartbeat {
+                host: "h0".into(),
+                report,
+            },
+        )
+        .unwrap();
+        let (gone, found) = (&snap.vms["gone"], &snap.vms["found"]);
+        assert_eq!(
+            (gone.state, gone.observed_host.as_deref()),
+            (VmState::Pending, None)
+        );
+        assert_eq!(gone.desired_host.as_deref(), Some("h0"));
+        assert_eq!(
+            (found.state, found.observed_host.as_deref()),
+            (VmState::Running, Some("h0"))
+        );
+        assert_eq!(found.cpu_used, 0.5);
+        assert_eq!(
+            crate::decide::reconcile::actions(&snap),
+            [crate::decide::reconcile::Action::Create {
+                vm: "gone".into(),
+                host: "h0".into()
+            }]
+        );
     }
 }
