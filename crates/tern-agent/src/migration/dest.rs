@@ -8,7 +8,7 @@
 //!                     abort, no resume in time
 //! ```
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -112,7 +112,6 @@ async fn listen(
         progress: Progress::default(),
         cancel: AtomicBool::new(false),
         resumed: AtomicBool::new(false),
-        started_ns: AtomicU64::new(0),
         gate: tokio::sync::Mutex::new(()),
     });
     reg.inbound

@@ -268,7 +268,6 @@ pub struct Inbound {
     pub cancel: AtomicBool,
     /// Set once the destination VM was resumed: from then on it is the VM, not a copy.
     pub resumed: AtomicBool,
-    pub started_ns: AtomicU64,
     /// Serialises resume, abort and the supervisor's clean-up, so a VM is never resumed
     /// and destroyed at once.
     pub gate: tokio::sync::Mutex<()>,
