@@ -398,6 +398,35 @@ async fn one_leader_forwards_survives_its_loss_and_keeps_every_accepted_write() 
         let lost: Vec<&String> = accepted.difference(&have).collect();
         assert!(lost.is_empty(), "accepted but lost: {lost:?}");
     }
+    // Only the new leader's control loop acts now; it starts every VM, those the old
+    // leader accepted included, on the (shared) simulated hosts.
+    let survivor = &replicas[followers[0]].url;
+    let started = Instant::now();
+    loop {
+        let (_, vms) = get(&http, survivor, "/v1/vms").await;
+        let pending = vms
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|v| v["state"] != "running")
+            .count();
+        if pending == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "{pending} VMs still not running after 15 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Each VM runs on exactly one host: no leader started a second copy.
+    let mut copies = Vec::new();
+    for h in ["h1", "h2", "h3"] {
+        copies.extend(sim.host(h).unwrap().vm_names().await);
+    }
+    let distinct: BTreeSet<&String> = copies.iter().collect();
+    assert_eq!(distinct.len(), copies.len(), "a VM runs twice");
+    assert!(accepted.iter().all(|v| distinct.contains(v)));
     // Stopped first, so nothing commits between the two reads below.
     for r in &mut replicas {
         r.stop();
