@@ -10,6 +10,7 @@
 //! - [`manager`]: the shell that commits decisions to the store and publishes events.
 //! - [`error`]: the crate's one error type.
 //! - [`ha`]: several managers over etcd, one leader elected through a lease.
+//! - [`web`]: the web page at `/` and the score history it draws.
 //!
 //! Decisions are pure functions from a snapshot (and the time, as a value) to changes; the
 //! manager commits the changes to the store and then applies them to its snapshot.
@@ -23,6 +24,7 @@ pub mod ha;
 pub mod manager;
 pub mod state;
 pub mod store;
+pub mod web;
 
 pub use error::{Error, Result};
 pub use manager::Manager;

@@ -97,10 +97,12 @@ pub fn router(
         .route("/v1/events", get(list_events))
         .route("/v1/events/stream", get(stream_events))
         .route("/metrics", get(metrics))
+        .merge(crate::web::api_routes(&app.manager, app.stopping.clone()))
         .route_layer(middleware::from_fn_with_state(app.clone(), auth));
     Router::new()
         .route("/openapi.json", get(openapi))
         .merge(secured)
+        .merge(crate::web::page_routes())
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,

@@ -1,0 +1,194 @@
+// The manager's page: polls the JSON API with the bearer token and redraws.
+"use strict";
+
+const REFRESH_MS = 1500;
+const MAX_VM_ROWS = 200;
+
+const $ = (id) => document.getElementById(id);
+
+// The token comes from ?token= (then leaves the address bar) or the login field, and
+// lives in this tab's sessionStorage only.
+function takeToken() {
+  const url = new URL(location.href);
+  const t = url.searchParams.get("token");
+  if (t) {
+    sessionStorage.setItem("tern-token", t);
+    url.searchParams.delete("token");
+    history.replaceState(null, "", url.pathname + url.search + url.hash);
+  }
+  return sessionStorage.getItem("tern-token");
+}
+
+function el(tag, attrs, ...kids) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+  for (const k of kids) e.append(k instanceof Node ? k : String(k));
+  return e;
+}
+
+function bar(used, total, label) {
+  const frac = total > 0 ? used / total : 0;
+  const cls = frac > 1 ? "bar over" : frac > 0.8 ? "bar hot" : "bar";
+  const fill = el("div", { style: `width:${Math.min(100, frac * 100).toFixed(1)}%` });
+  return el("div", { class: cls, title: label }, fill, el("span", {}, label));
+}
+
+const bytes = (b) => b == null ? "—" : b >= 1e9 ? (b / 1e9).toFixed(2) + " GB"
+  : b >= 1e6 ? (b / 1e6).toFixed(1) + " MB" : (b / 1e3).toFixed(0) + " kB";
+const ms = (m) => m == null ? "—" : m >= 1000 ? (m / 1000).toFixed(2) + " s" : m + " ms";
+
+function fill(tbodyParent, rows) {
+  const body = $(tbodyParent).tBodies[0];
+  body.replaceChildren(...rows.map((cells) =>
+    el("tr", {}, ...cells.map((c) => c instanceof Node ? el("td", {}, c) : el("td", {}, c ?? "—")))));
+}
+
+async function api(path, token) {
+  const r = await fetch(path, { headers: { Authorization: "Bearer " + token } });
+  if (!r.ok) {
+    let msg = r.status + " " + r.statusText;
+    try { msg = (await r.json()).error || msg; } catch (_) { /* not JSON */ }
+    const e = new Error(msg);
+    e.status = r.status;
+    throw e;
+  }
+  return r.json();
+}
+
+function drawHosts(hosts, vms) {
+  const mem = {}, count = {};
+  for (const v of vms) {
+    const h = v.desired_host;
+    if (!h) continue;
+    mem[h] = (mem[h] || 0) + v.spec.memory_mib;
+    count[h] = (count[h] || 0) + 1;
+  }
+  $("host-count").textContent = hosts.length;
+  fill("hosts", hosts.map((h) => {
+    const cpu = h.cpu_smoothed ?? h.cpu_used ?? 0;
+    const m = mem[h.name] || 0;
+    return [
+      h.name,
+      el("span", { class: "state-" + h.state }, h.state),
+      bar(cpu, h.capacity.cpus, `${cpu.toFixed(1)} / ${h.capacity.cpus} cores`),
+      bar(m, h.capacity.memory_mib, `${(m / 1024).toFixed(1)} / ${(h.capacity.memory_mib / 1024).toFixed(0)} GiB`),
+      count[h.name] || 0,
+    ];
+  }));
+}
+
+function drawVms(vms) {
+  $("vm-count").textContent = vms.length;
+  fill("vms", vms.slice(0, MAX_VM_ROWS).map((v) => [
+    v.name,
+    v.observed_host || v.desired_host,
+    el("span", { class: "state-" + v.state }, v.state),
+    v.spec.vcpus,
+    v.spec.memory_mib + " MiB",
+    v.cpu_used.toFixed(2),
+  ]));
+  $("vm-more").textContent = vms.length > MAX_VM_ROWS
+    ? `showing ${MAX_VM_ROWS} of ${vms.length}` : "";
+}
+
+// In-flight telemetry appears when the manager reports it (`progress` on a running
+// migration); until then those columns show a dash.
+function drawMigrations(migrations, now) {
+  const running = migrations.filter((m) => m.result.status === "running");
+  const done = migrations.filter((m) => m.result.status !== "running")
+    .sort((a, b) => b.id - a.id).slice(0, 20);
+  $("running-count").textContent = running.length;
+  fill("running", running.map((m) => {
+    const p = m.progress || {};
+    return [m.id, m.vm, m.from, m.to, m.policy, ms(Math.max(0, now - m.started)),
+      p.round, bytes(p.transferred_bytes), bytes(p.remaining_bytes),
+      p.dirty_rate_bytes_per_s == null ? "—" : bytes(p.dirty_rate_bytes_per_s) + "/s"];
+  }));
+  fill("recent", done.map((m) => [m.id, m.vm, m.from, m.to, m.policy, m.reason,
+    el("span", { class: "result-" + m.result.status }, m.result.status === "failed"
+      ? "failed: " + m.result.error : m.result.status),
+    ms(m.result.total_ms), ms(m.result.downtime_ms)]));
+}
+
+function drawScore(scores) {
+  const svg = $("score");
+  const W = 600, H = 140, pad = 14;
+  svg.replaceChildren();
+  if (scores.length === 0) return;
+  const t0 = scores[0].time, t1 = Math.max(scores[scores.length - 1].time, t0 + 1);
+  const top = Math.max(...scores.map((s) => s.score), 1e-6);
+  const pts = scores.map((s) => {
+    const x = pad + (s.time - t0) / (t1 - t0) * (W - 2 * pad);
+    const y = H - pad - s.score / top * (H - 2 * pad);
+    return x.toFixed(1) + "," + y.toFixed(1);
+  });
+  if (pts.length === 1) pts.push((W - pad) + "," + pts[0].split(",")[1]);
+  const ns = "http://www.w3.org/2000/svg";
+  const line = document.createElementNS(ns, "polyline");
+  line.setAttribute("points", pts.join(" "));
+  const label = document.createElementNS(ns, "text");
+  label.setAttribute("x", pad);
+  label.setAttribute("y", 10);
+  label.textContent = "max " + top.toFixed(3);
+  svg.append(line, label);
+  const last = scores[scores.length - 1];
+  $("score-now").textContent =
+    `now ${last.score.toFixed(4)} (spread; lower is more even), ${Math.round((t1 - t0) / 1000)} s shown`;
+}
+
+function describe(e) {
+  const { seq, time, type, ...rest } = e;
+  const what = Object.entries(rest).map(([k, v]) =>
+    `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(" ");
+  return `#${seq} ${new Date(time).toLocaleTimeString()} ${type} ${what}`;
+}
+
+function drawEvents(events) {
+  $("events").replaceChildren(...events.slice().reverse().map((e) => el("li", {}, describe(e))));
+}
+
+async function refresh(token) {
+  const [hosts, vms, migrations, hist] = await Promise.all([
+    api("/v1/hosts", token), api("/v1/vms", token),
+    api("/v1/migrations?limit=200", token), api("/v1/history?events=40", token),
+  ]);
+  drawHosts(hosts, vms);
+  drawVms(vms);
+  drawMigrations(migrations, Date.now());
+  drawScore(hist.scores);
+  drawEvents(hist.events);
+}
+
+function showLogin(message) {
+  $("status").textContent = message;
+  $("status").className = "error";
+  $("login").hidden = false;
+}
+
+async function loop() {
+  const token = takeToken();
+  if (!token) return showLogin("enter the manager's API token");
+  try {
+    await refresh(token);
+    $("status").textContent = "updated " + new Date().toLocaleTimeString();
+    $("status").className = "";
+    $("login").hidden = true;
+  } catch (e) {
+    if (e.status === 401) {
+      sessionStorage.removeItem("tern-token");
+      return showLogin(e.message);
+    }
+    $("status").textContent = "error: " + e.message;
+    $("status").className = "error";
+  }
+  setTimeout(loop, REFRESH_MS);
+}
+
+$("login").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  sessionStorage.setItem("tern-token", $("token").value);
+  $("login").hidden = true;
+  loop();
+});
+
+loop();

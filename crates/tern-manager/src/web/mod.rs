@@ -1,0 +1,208 @@
+//! The manager's web page: one HTML page at `/` with its script and style (embedded,
+//! served without a token because they hold no data), and `GET /v1/history`, the balance
+//! score over time and the recent events, behind the API's bearer token like the rest of
+//! `/v1`.
+//!
+//! The page takes the token from `?token=` (then drops it from the address bar) or from
+//! its login field, keeps it in the tab's `sessionStorage`, and sends it as
+//! `Authorization: Bearer` on every call to the JSON API, which it polls every 1.5 s.
+//!
+//! - [`history`]: the sampled score curve.
+
+pub mod history;
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use axum::extract::{Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::api::error::{ApiError, ApiResult};
+use crate::manager::Manager;
+use crate::state::Event;
+use history::{History, Sample};
+
+const INDEX_HTML: &str = include_str!("assets/index.html");
+const APP_JS: &str = include_str!("assets/app.js");
+const STYLE_CSS: &str = include_str!("assets/style.css");
+
+/// Time between score samples.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+
+/// Most recent events one history answer carries.
+const MAX_EVENTS: u64 = 500;
+
+struct Web {
+    manager: Weak<Manager>,
+    history: Mutex<History>,
+}
+
+/// The page and its assets; no token needed.
+pub fn page_routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    let asset = |ctype: &'static str, body: &'static str| {
+        get(move || async move {
+            (
+                [
+                    (header::CONTENT_TYPE, ctype),
+                    (header::CACHE_CONTROL, "no-cache"),
+                ],
+                body,
+            )
+        })
+    };
+    Router::new()
+        .route("/", asset("text/html; charset=utf-8", INDEX_HTML))
+        .route(
+            "/web/app.js",
+            asset("text/javascript; charset=utf-8", APP_JS),
+        )
+        .route(
+            "/web/style.css",
+            asset("text/css; charset=utf-8", STYLE_CSS),
+        )
+}
+
+/// `GET /v1/history`, to be put behind the API's token check. Starts the sampler, which
+/// runs until `stopping` turns true or the manager is dropped.
+pub fn api_routes<S: Clone + Send + Sync + 'static>(
+    manager: &Arc<Manager>,
+    stopping: watch::Receiver<bool>,
+) -> Router<S> {
+    let web = Arc::new(Web {
+        manager: Arc::downgrade(manager),
+        history: Mutex::new(History::default()),
+    });
+    // A router built outside a runtime (none is, today) serves history that is sampled
+    // on request only.
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(sampler(web.clone(), stopping));
+    }
+    Router::new()
+        .route("/v1/history", get(history))
+        .with_state(web)
+}
+
+impl Web {
+    /// Takes one sample now; false once the manager is gone.
+    async fn sample(self: &Arc<Self>) -> bool {
+        let Some(m) = self.manager.upgrade() else {
+            return false;
+        };
+        // Clone under the lock, score outside it: scoring a large cluster takes
+        // milliseconds that API calls should not wait for.
+        let web = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let now = m.now();
+            let snap = m.read(|s| s.clone());
+            let s = history::sample(&snap, now);
+            web.history
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(s);
+        })
+        .await;
+        true
+    }
+}
+
+async fn sampler(web: Arc<Web>, mut stopping: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(SAMPLE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = async move {
+        let _ = stopping.wait_for(|s| *s).await;
+    };
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tick.tick() => {
+                if !web.sample().await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryQuery {
+    /// How many of the latest events to include.
+    #[serde(default = "default_events")]
+    events: u64,
+}
+
+fn default_events() -> u64 {
+    50
+}
+
+#[derive(Serialize)]
+struct HistoryAnswer {
+    sample_every_ms: u64,
+    scores: Vec<Sample>,
+    /// Sequence number of the last event (0: none yet).
+    last_event: u64,
+    /// The latest events, oldest first.
+    events: Vec<Event>,
+}
+
+async fn history(
+    State(web): State<Arc<Web>>,
+    q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(q) = q.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{}; the query takes events=N, a whole number",
+                e.body_text()
+            ),
+        )
+    })?;
+    if q.events > MAX_EVENTS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("events must be 0 to {MAX_EVENTS}, got {}", q.events),
+        ));
+    }
+    let gone = || ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the manager is stopping");
+    let m = web.manager.upgrade().ok_or_else(gone)?;
+    let empty = web
+        .history
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .samples()
+        .is_empty();
+    // The first viewer after a start need not wait a whole interval for a point.
+    if empty {
+        web.sample().await;
+    }
+    let (last_event, events) = tokio::task::spawn_blocking(move || {
+        let last = m.read(|s| s.last_event);
+        let events = match q.events {
+            0 => Ok(Vec::new()),
+            n => m.events_since(last.saturating_sub(n), n as usize),
+        };
+        events.map(|e| (last, e))
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(ApiError::from)?;
+    let scores = web
+        .history
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .samples();
+    Ok(Json(HistoryAnswer {
+        sample_every_ms: SAMPLE_EVERY.as_millis() as u64,
+        scores,
+        last_event,
+        events,
+    })
+    .into_response())
+}

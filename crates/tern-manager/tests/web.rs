@@ -1,0 +1,252 @@
+//! The web page in Debian's headless Chromium against a manager on a port-0 listener with
+//! in-process sim hosts: the rendered DOM shows every host, the VM count, and a
+//! migration once one has run. Without chromium the test is skipped (with the reason
+//! printed) unless `CI` is set, in which case it fails.
+
+use std::path::Path;
+use std::process::Command as Process;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tern_manager::client::sim::SimCluster;
+use tern_manager::control::Control;
+use tern_manager::decide::Command;
+use tern_manager::manager::system_clock;
+use tern_manager::state::{BalancerSettings, Capacity, VmSpec};
+use tern_manager::store::SqliteStore;
+use tern_manager::Manager;
+
+const TOKEN: &str = "web-test-token";
+const CHROMIUM: &str = "/usr/bin/chromium";
+const HOSTS: [&str; 3] = ["rack1-h1", "rack1-h2", "rack2-h3"];
+const VMS: usize = 7;
+
+/// The chromium binary, or `None` (with the reason printed) when it is missing outside CI.
+fn chromium() -> Option<&'static Path> {
+    let p = Path::new(CHROMIUM);
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("{CHROMIUM} is missing; scripts/setup installs Debian's chromium");
+    }
+    eprintln!("skipped: {CHROMIUM} is missing (apt-get install chromium)");
+    None
+}
+
+/// The page as Chromium renders it after its scripts ran for a few seconds of virtual time.
+fn dump_dom(browser: &Path, url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let out = Process::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--virtual-time-budget=5000")
+        .arg("--dump-dom")
+        .arg(url)
+        .output()
+        .expect("chromium starts");
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success() && dom.contains("</html>"),
+        "chromium failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dom
+}
+
+/// The text of the element with `id`, tags stripped (the DOM dump is plain HTML).
+fn text_of(dom: &str, id: &str) -> String {
+    let start = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no element #{id} in the page:\n{dom}"));
+    let rest = &dom[start..];
+    let open = rest.find('>').unwrap() + 1;
+    let mut depth = 0usize;
+    let mut out = String::new();
+    let mut in_tag = false;
+    let mut tag = String::new();
+    for c in rest[open..].chars() {
+        match c {
+            '<' => {
+                in_tag = true;
+                tag.clear();
+            }
+            '>' if in_tag => {
+                in_tag = false;
+                let void = tag.ends_with('/') || tag.starts_with("!");
+                if tag.starts_with('/') {
+                    if depth == 0 {
+                        break;
+                    }
+                    depth -= 1;
+                } else if !void {
+                    depth += 1;
+                }
+                out.push(' ');
+            }
+            _ if in_tag => tag.push(c),
+            _ => out.push(c),
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
+    let Some(browser) = chromium() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("tern.db")).unwrap();
+    let manager = Arc::new(Manager::open(Box::new(store), system_clock()).unwrap());
+    let sim = SimCluster::new();
+    for h in HOSTS {
+        sim.add_host(h);
+        manager
+            .execute(Command::RegisterHost {
+                name: h.into(),
+                address: "sim:".into(),
+                capacity: Capacity {
+                    cpus: 8.0,
+                    memory_mib: 32768,
+                },
+            })
+            .unwrap();
+    }
+    // The balancer stays off so the only migration is the one this test asks for.
+    manager
+        .execute(Command::PutSettings(BalancerSettings {
+            enabled: false,
+            interval_s: 1,
+            ..BalancerSettings::default()
+        }))
+        .unwrap();
+    let control = Control::new(manager.clone(), sim.clone());
+    for i in 0..VMS {
+        manager
+            .execute(Command::CreateVm {
+                name: format!("web-vm-{i}"),
+                spec: VmSpec {
+                    vcpus: 1,
+                    memory_mib: 1024,
+                    pinned: false,
+                    affinity: None,
+                    anti_affinity: None,
+                },
+                host: Some(HOSTS[0].into()),
+            })
+            .unwrap();
+    }
+    control.settle().await.unwrap();
+    // Two busy VMs, measured over a short interval, give the first host a CPU load.
+    for vm in ["web-vm-0", "web-vm-1"] {
+        sim.set_utilisation(vm, 1.0).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    control.collect_reports().await.unwrap();
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(tern_manager::api::serve(
+        listener,
+        manager.clone(),
+        vec![TOKEN.into()],
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let url = format!("{base}/?token={TOKEN}");
+
+    let b = browser.to_owned();
+    let u = url.clone();
+    let dom = tokio::task::spawn_blocking(move || dump_dom(&b, &u))
+        .await
+        .unwrap();
+    let hosts = text_of(&dom, "hosts");
+    for h in HOSTS {
+        assert!(
+            hosts.contains(h),
+            "host {h} missing from the hosts table: {hosts}"
+        );
+    }
+    let first = format!("{} active ", HOSTS[0]);
+    let cpu = hosts
+        .split(&first)
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|c| c.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no CPU load for {}: {hosts}", HOSTS[0]));
+    assert!(
+        (1.5..=2.5).contains(&cpu),
+        "two busy vCPUs show as {cpu} cores: {hosts}"
+    );
+    assert!(
+        hosts.contains("7.0 / 32 GiB"),
+        "memory of 7 VMs of 1 GiB: {hosts}"
+    );
+    assert_eq!(text_of(&dom, "host-count"), HOSTS.len().to_string());
+    assert_eq!(text_of(&dom, "vm-count"), VMS.to_string());
+    assert!(text_of(&dom, "vms").contains("web-vm-6"), "{dom}");
+    assert!(
+        !text_of(&dom, "recent").contains("web-vm-"),
+        "no migration yet"
+    );
+    assert!(text_of(&dom, "events").contains("vm_created"), "{dom}");
+    assert!(
+        dom.contains("<polyline"),
+        "the score chart has a line: {dom}"
+    );
+
+    // A migration by hand, as an operator would ask through the API.
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/vms/web-vm-3/migrate"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({ "to": HOSTS[2] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::ACCEPTED);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while manager.read(|s| !s.running.is_empty()) {
+        assert!(Instant::now() < deadline, "the migration did not finish");
+        control.settle().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let b = browser.to_owned();
+    let dom = tokio::task::spawn_blocking(move || dump_dom(&b, &url))
+        .await
+        .unwrap();
+    let recent = text_of(&dom, "recent");
+    assert!(
+        recent.contains(&format!("web-vm-3 {} {}", HOSTS[0], HOSTS[2])),
+        "the migration is not listed: {recent}"
+    );
+    assert!(recent.contains("succeeded"), "{recent}");
+    assert!(
+        text_of(&dom, "events").contains("migration_finished"),
+        "{dom}"
+    );
+    assert_eq!(text_of(&dom, "vm-count"), VMS.to_string());
+
+    // Without a token the page asks for one instead of showing data.
+    let b = browser.to_owned();
+    let dom = tokio::task::spawn_blocking(move || dump_dom(&b, &base))
+        .await
+        .unwrap();
+    assert_eq!(text_of(&dom, "host-count"), "0");
+    assert!(text_of(&dom, "status").contains("token"), "{dom}");
+
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
