@@ -58,3 +58,28 @@ impl Metric for Spread {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metric::score;
+
+    #[test]
+    fn std_dev_of_cpu_and_memory_utilisation() {
+        let mut c = crate::synth::unbalanced(2, 2, 1);
+        for n in &mut c.nodes {
+            n.total_mem = 1000.0;
+            n.pcpus = 10.0;
+            n.free_mem = 900;
+        }
+        for (i, inst) in c.instances.iter_mut().enumerate() {
+            inst.primary = NodeId(0);
+            inst.mem = 100;
+            inst.vcpus = 1;
+            inst.demand.cpu_cores = if i == 0 { 2.0 } else { 0.0 };
+        }
+        // Node 0: CPU (2 + 1) / 10 = 0.3, memory 200 / 1000 = 0.2; node 1 idle.
+        let want = 0.15 * WEIGHTS[0].1 + 0.1 * WEIGHTS[1].1;
+        assert!((score(&c, &Spread) - want).abs() < 1e-12);
+    }
+}
