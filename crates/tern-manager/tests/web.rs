@@ -102,25 +102,65 @@ fn text_of(dom: &str, id: &str) -> String {
     out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
-    let Some(browser) = chromium() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("tern.db")).unwrap();
+/// The API and page on a port-0 listener.
+struct Served {
+    base: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Served {
+    async fn start(manager: &Arc<Manager>) -> Served {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(tern_manager::api::serve(
+            listener,
+            manager.clone(),
+            vec![TOKEN.into()],
+            async move {
+                let _ = stopped.await;
+            },
+        ));
+        Served { base, stop, task }
+    }
+
+    async fn stop(self) {
+        self.stop.send(()).unwrap();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// A manager over a fresh SQLite store with [`HOSTS`] registered as sim hosts.
+fn manager(dir: &Path, capacity: Capacity) -> Arc<Manager> {
+    let store = SqliteStore::open(&dir.join("tern.db")).unwrap();
     let manager = Arc::new(Manager::open(Box::new(store), system_clock()).unwrap());
-    let sim = SimCluster::new();
     for h in HOSTS {
-        sim.add_host(h);
         manager
             .execute(Command::RegisterHost {
                 name: h.into(),
                 address: "sim:".into(),
-                capacity: Capacity {
-                    cpus: 8.0,
-                    memory_mib: 32768,
-                },
+                capacity,
             })
             .unwrap();
+    }
+    manager
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
+    let Some(browser) = chromium() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let manager = manager(
+        dir.path(),
+        Capacity {
+            cpus: 8.0,
+            memory_mib: 32768,
+        },
+    );
+    let sim = SimCluster::new();
+    for h in HOSTS {
+        sim.add_host(h);
     }
     // The balancer stays off so the only migration is the one this test asks for.
     manager
@@ -154,17 +194,8 @@ async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     control.collect_reports().await.unwrap();
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(tern_manager::api::serve(
-        listener,
-        manager.clone(),
-        vec![TOKEN.into()],
-        async move {
-            let _ = stopped.await;
-        },
-    ));
+    let served = Served::start(&manager).await;
+    let base = served.base.clone();
     let url = format!("{base}/?token={TOKEN}");
 
     let b = browser.to_owned();
@@ -247,6 +278,65 @@ async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
     assert_eq!(text_of(&dom, "host-count"), "0");
     assert!(text_of(&dom, "status").contains("token"), "{dom}");
 
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    served.stop().await;
+}
+
+#[tokio::test]
+async fn history_answers_scores_and_the_latest_events_behind_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = manager(
+        dir.path(),
+        Capacity {
+            cpus: 4.0,
+            memory_mib: 8192,
+        },
+    );
+    let served = Served::start(&manager).await;
+    let base = served.base.clone();
+    let http = reqwest::Client::new();
+    let get = |q: &str, token: Option<&str>| {
+        let mut r = http.get(format!("{base}/v1/history{q}"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    let r = get("", None).await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
+    for bad in ["?events=501", "?events=x", "?nope=1"] {
+        let r = get(bad, Some(TOKEN)).await.unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::BAD_REQUEST, "{bad}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert!(
+            body["error"].as_str().unwrap().contains("events"),
+            "{bad}: {body}"
+        );
+    }
+    let r = get("?events=2", Some(TOKEN)).await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["last_event"], 3);
+    let seqs: Vec<u64> = body["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [2, 3], "the latest two, oldest first");
+    let scores = body["scores"].as_array().unwrap();
+    assert!(!scores.is_empty(), "the first request samples at once");
+    assert_eq!(scores[0]["hosts"], 3);
+    assert_eq!(scores[0]["score"], 0.0, "an empty cluster is even");
+    // The page and its assets need no token: they hold no data.
+    for (path, ctype) in [
+        ("/", "text/html"),
+        ("/web/app.js", "text/javascript"),
+        ("/web/style.css", "text/css"),
+    ] {
+        let r = http.get(format!("{base}{path}")).send().await.unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::OK, "{path}");
+        let t = r.headers()["content-type"].to_str().unwrap().to_owned();
+        assert!(t.starts_with(ctype), "{path}: {t}");
+    }
+    served.stop().await;
 }
