@@ -10,6 +10,8 @@ pub enum Command {
     Hbal(hbal::Args),
     /// One balancing decision of the manager over a generated uneven cluster.
     Balance(super::demo::BenchArgs),
+    /// The manager's API under concurrent clients on loopback: latency and errors.
+    Api(super::demo::ApiBenchArgs),
     /// Live migration on a 2-host lab: tern's engine under each policy beside QEMU's own.
     Migration(migration::Args),
 }
@@ -18,6 +20,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
         Command::Hbal(args) => hbal::run(args),
         Command::Balance(args) => super::demo::bench(args),
+        Command::Api(args) => super::demo::bench_api(args),
         Command::Migration(args) => migration::run(args),
     }
 }
