@@ -6,10 +6,11 @@
 //!                                                          └──► events ──► subscribers
 //! ```
 //!
-//! One lock covers the store and the snapshot, so decisions see every earlier commit and
-//! a failed commit leaves the snapshot as it was.
+//! Writers take the store's lock from decision to commit, so decisions see every earlier
+//! commit and a failed commit leaves the snapshot as it was; readers take only the
+//! snapshot's read lock and never wait for the disk.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use tokio::sync::broadcast;
 
@@ -30,14 +31,13 @@ pub fn system_clock() -> Clock {
     })
 }
 
-struct Inner {
-    store: Box<dyn Store>,
-    snap: Snapshot,
-}
-
 /// The cluster's state and the one door through which it changes.
 pub struct Manager {
-    inner: Mutex<Inner>,
+    /// Held by every writer from decision to commit, so decisions see every earlier
+    /// commit; readers never wait for it.
+    store: Mutex<Box<dyn Store>>,
+    /// Written only by a writer holding `store`, after its commit succeeded.
+    snap: RwLock<Snapshot>,
     events: broadcast::Sender<Event>,
     clock: Clock,
 }
@@ -48,16 +48,21 @@ impl Manager {
         let snap = store.load()?;
         let (events, _) = broadcast::channel(4096);
         Ok(Self {
-            inner: Mutex::new(Inner { store, snap }),
+            store: Mutex::new(store),
+            snap: RwLock::new(snap),
             events,
             clock,
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave the snapshot half-applied (apply
-        // does not panic), so a poisoned lock is still consistent.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    // A panic while holding a lock cannot leave the snapshot half-applied (apply does not
+    // panic), so a poisoned lock is still consistent.
+    fn store(&self) -> MutexGuard<'_, Box<dyn Store>> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn snap(&self) -> RwLockReadGuard<'_, Snapshot> {
+        self.snap.read().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn now(&self) -> Millis {
@@ -67,9 +72,9 @@ impl Manager {
     /// Decides `cmd`, commits and applies it.
     pub fn execute(&self, cmd: Command) -> Result<Reply> {
         let now = self.now();
-        let mut inner = self.lock();
-        let (changes, reply) = decide::decide(&inner.snap, now, cmd)?;
-        Self::commit(&mut inner, &self.events, now, &changes)?;
+        let mut store = self.store();
+        let (changes, reply) = decide::decide(&self.snap(), now, cmd)?;
+        self.commit(&mut store, now, &changes)?;
         Ok(reply)
     }
 
@@ -78,22 +83,21 @@ impl Manager {
     /// error; if the commit fails, nothing changes.
     pub fn execute_many(&self, cmds: Vec<Command>) -> Result<Vec<Result<Reply>>> {
         let now = self.now();
-        let mut inner = self.lock();
-        let backup = inner.snap.clone();
+        let mut store = self.store();
+        let mut work = self.snap().clone();
         let mut all = Vec::new();
         let mut out = Vec::with_capacity(cmds.len());
         for cmd in cmds {
-            match decide::decide(&inner.snap, now, cmd) {
+            match decide::decide(&work, now, cmd) {
                 Ok((changes, reply)) => {
-                    inner.snap.apply(&changes, &[]);
+                    work.apply(&changes, &[]);
                     all.extend(changes);
                     out.push(Ok(reply));
                 }
                 Err(e) => out.push(Err(e)),
             }
         }
-        inner.snap = backup;
-        Self::commit(&mut inner, &self.events, now, &all)?;
+        self.commit(&mut store, now, &all)?;
         Ok(out)
     }
 
@@ -101,26 +105,25 @@ impl Manager {
     /// what it returns, with the value it computed beside the changes.
     pub fn step<T>(&self, f: impl FnOnce(&Snapshot, Millis) -> (Vec<Change>, T)) -> Result<T> {
         let now = self.now();
-        let mut inner = self.lock();
-        let (changes, out) = f(&inner.snap, now);
-        Self::commit(&mut inner, &self.events, now, &changes)?;
+        let mut store = self.store();
+        let (changes, out) = f(&self.snap(), now);
+        self.commit(&mut store, now, &changes)?;
         Ok(out)
     }
 
-    fn commit(
-        inner: &mut Inner,
-        tx: &broadcast::Sender<Event>,
-        now: Millis,
-        changes: &[Change],
-    ) -> Result<()> {
+    /// Commits, then applies to the snapshot; the caller holds the store.
+    fn commit(&self, store: &mut Box<dyn Store>, now: Millis, changes: &[Change]) -> Result<()> {
         if changes.is_empty() {
             return Ok(());
         }
-        let events = inner.store.commit(now, changes)?;
-        inner.snap.apply(changes, &events);
+        let events = store.commit(now, changes)?;
+        self.snap
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .apply(changes, &events);
         for e in events {
             // No subscribers is fine: the log in the store is the record.
-            let _ = tx.send(e);
+            let _ = self.events.send(e);
         }
         Ok(())
     }
@@ -128,22 +131,24 @@ impl Manager {
     /// Replaces the snapshot with the store's (a manager that has just been elected
     /// leader catches up with what the previous leader committed).
     pub fn reload(&self) -> Result<()> {
-        let mut inner = self.lock();
-        inner.snap = inner.store.load()?;
+        let store = self.store();
+        let loaded = store.load()?;
+        *self.snap.write().unwrap_or_else(|e| e.into_inner()) = loaded;
         Ok(())
     }
 
-    /// Reads the snapshot under the lock.
+    /// Reads the snapshot; waits only while a commit is being applied, never for the
+    /// store.
     pub fn read<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
-        f(&self.lock().snap)
+        f(&self.snap())
     }
 
     pub fn events_since(&self, since: u64, limit: usize) -> Result<Vec<Event>> {
-        self.lock().store.events_since(since, limit)
+        self.store().events_since(since, limit)
     }
 
     pub fn migrations(&self, limit: usize) -> Result<Vec<Migration>> {
-        self.lock().store.migrations(limit)
+        self.store().migrations(limit)
     }
 
     /// Events committed from now on.
