@@ -246,7 +246,8 @@ pub async fn resume(
                 ms: DEVICE_STATE_WAIT.as_millis() as u64,
             }));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // The source sends resume together with the device state: this wait is downtime.
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     state.hv.resume(&inbound.vm).await?;
     inbound.resumed.store(true, Ordering::SeqCst);

@@ -77,6 +77,13 @@ impl SourceMemory {
         (self.map.len() / PAGE_SIZE) as u64
     }
 
+    /// Page `index` in place. The guest may be writing it: a digest over it is then of a
+    /// torn page, which matches nothing sent and is re-sent, as with a copy.
+    pub fn page(&self, index: u64) -> &[u8] {
+        let start = index as usize * PAGE_SIZE;
+        &self.map[start..start + PAGE_SIZE]
+    }
+
     /// Copies page `index` into `out` (exactly one page long).
     pub fn read_page(&self, index: u64, out: &mut [u8]) {
         let start = index as usize * PAGE_SIZE;
@@ -140,45 +147,61 @@ impl SeenDigests {
     }
 }
 
-/// One pass over guest memory, split over `threads` threads because this pass is the
-/// floor of the downtime.
-pub fn scan(mem: &SourceMemory, sent: &SentDigests, seen: &SeenDigests, threads: usize) -> Scan {
-    let pages = mem.pages();
+/// Runs `part` over `threads` contiguous page ranges at once, results in page order:
+/// a pass over guest memory is the floor of the downtime, so it uses every core.
+fn in_parallel<T: Send>(
+    pages: u64,
+    threads: usize,
+    part: impl Fn(std::ops::Range<u64>) -> T + Sync,
+) -> Vec<T> {
     let threads = threads.clamp(1, 16) as u64;
     let chunk = pages.div_ceil(threads);
+    let part = &part;
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
-            .map(|t| {
-                s.spawn(move || {
-                    let mut buf = vec![0u8; PAGE_SIZE];
-                    let mut out = Scan::default();
-                    for index in t * chunk..((t + 1) * chunk).min(pages) {
-                        mem.read_page(index, &mut buf);
-                        let d = xxh3_64(&buf);
-                        if d != sent.get(index) {
-                            out.dirty.push(index);
-                        }
-                        if seen.0[index as usize].swap(d, Ordering::Relaxed) != d {
-                            out.changed.push(index);
-                        }
-                    }
-                    out
-                })
-            })
+            .map(|t| s.spawn(move || part(t * chunk..((t + 1) * chunk).min(pages))))
             .collect();
-        let mut all = Scan::default();
-        for h in handles {
-            let part = h.join().expect("scan thread panicked");
-            all.dirty.extend(part.dirty);
-            all.changed.extend(part.changed);
-        }
-        all
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("scan thread panicked"))
+            .collect()
     })
 }
 
-/// The pages that differ from what was sent (a scan without change tracking).
+/// One pass over guest memory.
+pub fn scan(mem: &SourceMemory, sent: &SentDigests, seen: &SeenDigests, threads: usize) -> Scan {
+    let parts = in_parallel(mem.pages(), threads, |range| {
+        let mut out = Scan::default();
+        for index in range {
+            // Hashed in place: a copy first would double the memory traffic of the pass
+            // that bounds the downtime.
+            let d = xxh3_64(mem.page(index));
+            if d != sent.get(index) {
+                out.dirty.push(index);
+            }
+            if seen.0[index as usize].swap(d, Ordering::Relaxed) != d {
+                out.changed.push(index);
+            }
+        }
+        out
+    });
+    let mut all = Scan::default();
+    for part in parts {
+        all.dirty.extend(part.dirty);
+        all.changed.extend(part.changed);
+    }
+    all
+}
+
+/// The pages that differ from what was sent (a scan without change tracking): the
+/// final pass, with the guest paused, so only digests are compared.
 pub fn changed_pages(mem: &SourceMemory, sent: &SentDigests, threads: usize) -> Vec<u64> {
-    scan(mem, sent, &SeenDigests::new(mem.pages()), threads).dirty
+    in_parallel(mem.pages(), threads, |range| {
+        range
+            .filter(|&index| xxh3_64(mem.page(index)) != sent.get(index))
+            .collect::<Vec<u64>>()
+    })
+    .concat()
 }
 
 /// The destination's writable view of its own VM's memory file.

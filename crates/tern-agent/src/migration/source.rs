@@ -201,12 +201,28 @@ async fn drive(
         .migrate(vm, &format!("tcp:{host}:{}", ticket.device_port))
         .await
         .map_err(hv_err)?;
-    let device_bytes = wait_device_state(state, vm).await?;
-    let device_ms = paused_at.elapsed().as_millis() as u64 - final_pass_ms;
-
+    // The resume request goes out with the device state, not after it: the destination
+    // runs the guest the moment QEMU has loaded the state, which saves a round trip and
+    // a poll interval of downtime. Its answer alone says whether the VM runs there; a
+    // failed request goes through rollback, which confirms the destination is not
+    // running it before the source resumes.
     job.set_phase(Phase::Resuming);
-    hand_over(state, vm, dest, &ticket, reached).await?;
+    let device = async {
+        let got = wait_device_state(state, vm).await;
+        (got, paused_at.elapsed().as_millis() as u64)
+    };
+    let ((device, device_done_ms), resumed) =
+        tokio::join!(device, resume_destination(dest, &ticket, reached));
+    resumed?;
+    let device_bytes = device.unwrap_or_else(|e| {
+        tracing::warn!(vm, error = %e, "destination runs, but QEMU's device-state status is unknown");
+        0
+    });
+    let device_ms = device_done_ms.saturating_sub(final_pass_ms);
+    // The downtime ends when the destination runs; tearing down the stale source copy
+    // (QEMU exit, freeing its memory file) happens while the guest already runs there.
     let downtime = paused_at.elapsed();
+    destroy_source(state, vm).await;
     let total = started.elapsed();
     let resume_ms = (downtime.as_millis() as u64).saturating_sub(final_pass_ms + device_ms);
     Ok(MigrationResult {
@@ -313,8 +329,9 @@ async fn drive_native(
     reached.paused = true;
     let pause_seen = Instant::now();
     job.set_phase(Phase::Resuming);
-    hand_over(state, vm, dest, &ticket, reached).await?;
+    resume_destination(dest, &ticket, reached).await?;
     let resume_ms = pause_seen.elapsed().as_millis() as u64;
+    destroy_source(state, vm).await;
     Ok(MigrationResult {
         total_ms: started.elapsed().as_millis() as u64,
         // QEMU's own downtime ends when its destination could run; tern's resume adds to it.
@@ -331,10 +348,8 @@ async fn drive_native(
     })
 }
 
-/// Runs the VM on the destination, then destroys the stale source copy.
-async fn hand_over(
-    state: &AppState,
-    vm: &str,
+/// Runs the VM on the destination; from a successful return on, it runs there.
+async fn resume_destination(
     dest: &AgentClient,
     ticket: &Ticket,
     reached: &mut Reached,
@@ -345,10 +360,14 @@ async fn hand_over(
         .call(Method::POST, &path, Some(&json!({})))
         .await
         .map_err(agent_err)?;
+    Ok(())
+}
+
+/// Destroys the stale source copy once the destination runs the VM.
+async fn destroy_source(state: &AppState, vm: &str) {
     if let Err(e) = state.destroy_vm(vm).await {
         tracing::warn!(vm, error = %e, "migrated, but the source VM could not be destroyed");
     }
-    Ok(())
 }
 
 fn check_cancel(job: &Outbound) -> Result<(), MigrationError> {

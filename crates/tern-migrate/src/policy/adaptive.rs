@@ -7,8 +7,8 @@
 //!
 //! ```text
 //!  remainder fits budget ───────────────────────────────► StopAndCopy
-//!  still shrinking ─────────────────────────────────────► Continue { hold_back: hot }
-//!  not shrinking, throttle can grow ────────────────────► Throttle { percent }
+//!  still shrinking, guest slower than the link ─────────► Continue { hold_back: hot }
+//!  not shrinking or guest outruns the link, can grow ───► Throttle { percent }
 //!  not shrinking, throttle at maximum ──────────────────► StopAndCopy (not converged)
 //! ```
 
@@ -34,6 +34,10 @@ pub struct Adaptive {
     pub throttle_step: u8,
     /// Headroom for the throttle computation, see [`super::throttle_for`].
     pub throttle_margin: f64,
+    /// Throttle from the first round on when the guest dirties memory at this share of
+    /// the link's rate or more: at a share s each round leaves s of the previous one, so
+    /// above one half the rounds would take longer than the first copy.
+    pub throttle_early_share: f64,
 }
 
 impl Default for Adaptive {
@@ -45,6 +49,7 @@ impl Default for Adaptive {
             max_throttle_percent: 95,
             throttle_step: 10,
             throttle_margin: 0.8,
+            throttle_early_share: 0.5,
         }
     }
 }
@@ -101,7 +106,15 @@ impl Policy for Adaptive {
                 self.hot_fragments(input)
             }
         };
-        if shrinking && current == 0 {
+        // A guest that dirties a large share of what the link carries is caught, if at
+        // all, only after many rounds each cutting the remainder by little: throttling
+        // after the first round saves those rounds. Only the first round decides: it
+        // copies all memory, so its distinct-page rate is the guest's; a later, short
+        // round (hot set held back) would show the held pages as a huge rate.
+        let fast_guest = input.history.len() == 1
+            && last.dirty_rate_bytes_per_s
+                >= self.throttle_early_share * last.bandwidth_bytes_per_s;
+        if shrinking && current == 0 && !fast_guest {
             return Decision::Continue {
                 hold_back: hold_back(),
             };
@@ -204,6 +217,21 @@ mod tests {
         t.observe_counts(&[20, 512, 1, 0]);
         let h = [round(1, 4000, 5.0), round(2, 1200, 1.0)];
         assert_eq!(decide(&h, &t), Decision::Continue { hold_back: vec![0] });
+    }
+
+    #[test]
+    fn throttles_after_the_first_round_only_when_the_guest_is_fast_for_the_link() {
+        let t = FragmentTracker::new(32768, 512);
+        // 100 MB/s of distinct pages on a 125 MB/s link: the rounds would barely shrink.
+        let fast = [on_link(1, 30000)];
+        assert!(matches!(decide(&fast, &t), Decision::Throttle { percent, .. } if percent > 0));
+        // 30 MB/s: rounds shrink the remainder fast enough without slowing the guest.
+        let mut slow = on_link(1, 30000);
+        slow.dirty_rate_bytes_per_s = 3e7;
+        assert!(matches!(decide(&[slow], &t), Decision::Continue { .. }));
+        // After a short second round the rate says nothing about the guest.
+        let later = [on_link(1, 30000), on_link(2, 20000)];
+        assert!(matches!(decide(&later, &t), Decision::Continue { .. }));
     }
 
     #[test]
