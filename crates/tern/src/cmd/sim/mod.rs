@@ -5,10 +5,14 @@ mod plot;
 
 use std::path::{Path, PathBuf};
 
+use std::io::Write;
+
 use anyhow::Context;
-use tern_sim::migration::{CloudSimTiming, MigrationTiming};
+use tern_migrate::policy::PolicyKind;
+use tern_sim::migration::{CloudSimTiming, MigrationTiming, PreCopyTiming};
 use tern_sim::planetlab::{self, VmTypeOrder};
 use tern_sim::policy::{self, POLICY_NAMES};
+use tern_sim::scenario::Scenario;
 use tern_sim::{Report, SimConfig, SimError, Simulation};
 
 use crate::cmd::bad_input;
@@ -17,6 +21,33 @@ use crate::cmd::bad_input;
 pub enum Command {
     /// CloudSim's PlanetLab benchmark on one day of traces (one file per VM).
     Planetlab(PlanetlabArgs),
+    /// A custom cluster from a scenario file (format: docs/simulator.md).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// The scenario, e.g. examples/sim/small.toml.
+    pub scenario: PathBuf,
+    /// Override the scenario's policy (none, thr-mmt, spread).
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Override the scenario's migration model (cloudsim, qemu, xen, adaptive, stop-copy).
+    #[arg(long)]
+    pub migration: Option<String>,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// How results come out.
+#[derive(clap::Args)]
+pub struct OutputArgs {
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+    /// Draw utilisation spread, active hosts and migrations over time into this SVG.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -48,20 +79,23 @@ pub struct CommonArgs {
     /// CPU utilisation above which a host counts as overloaded.
     #[arg(long, default_value_t = 0.8)]
     pub threshold: f64,
-    /// Migration time model: `cloudsim` (RAM over half the link, no sharing).
-    #[arg(long, default_value = "cloudsim")]
+    /// Migration time model: a pre-copy termination policy of tern's migration model
+    /// (`qemu`, `xen`, `adaptive`, `stop-copy`), with concurrent migrations sharing each
+    /// host's link; or `cloudsim` (RAM over half the link, no dirtying, no sharing).
+    #[arg(long, default_value = "qemu")]
     pub migration: String,
-    /// Print the report as one JSON object.
-    #[arg(long)]
-    pub json: bool,
-    /// Draw utilisation spread, active hosts and migrations over time into this SVG.
-    #[arg(long)]
-    pub plot: Option<PathBuf>,
+    /// MB/s of memory a VM dirties at 100 % CPU (scaled by its load when it starts
+    /// migrating); pre-copy models only.
+    #[arg(long, default_value_t = 20.0)]
+    pub dirty_mb_s: f64,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
         Command::Planetlab(args) => run_planetlab(args),
+        Command::Run(args) => run_scenario(args),
     }
 }
 
@@ -79,42 +113,74 @@ fn run_planetlab(args: PlanetlabArgs) -> anyhow::Result<()> {
         return Err(bad_input("--hosts must be at least 1"));
     }
     let timing = timing(&args.common.migration)?;
-    let mut policy = policy(&args.common)?;
-    check_plot_path(args.common.plot.as_deref())?;
+    let mut policy = policy(&args.common.policy, args.common.threshold)?;
+    check_plot_path(args.common.output.plot.as_deref())?;
     let (spec, traces) = planetlab::load(&args.dir, args.hosts, order).map_err(input_error)?;
     let cfg = SimConfig {
         interval_s: planetlab::INTERVAL_S,
         intervals: planetlab::SAMPLES as u32,
         threshold: args.common.threshold,
-        record_series: args.common.plot.is_some(),
+        record_series: args.common.output.plot.is_some(),
         strict_memory: args.strict_memory,
+        dirty_mb_s_at_full_cpu: args.common.dirty_mb_s,
         ..SimConfig::default()
     };
     let sim = Simulation::new(spec, &traces, timing.as_ref(), cfg).map_err(input_error)?;
     let report = sim.run(policy.as_mut(), &mut progress_bar());
-    finish(&report, &args.common)
+    finish(&report, &args.common.output)
+}
+
+fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
+    let text = std::fs::read_to_string(&args.scenario).map_err(|e| {
+        bad_input(format!(
+            "cannot read scenario {}: {e}",
+            args.scenario.display()
+        ))
+    })?;
+    let sc = Scenario::parse(&text)
+        .map_err(|e| bad_input(format!("{}: {e}", args.scenario.display())))?;
+    let timing = timing(args.migration.as_deref().unwrap_or(&sc.migration))?;
+    let mut policy = policy(args.policy.as_deref().unwrap_or(&sc.policy), sc.threshold)?;
+    check_plot_path(args.output.plot.as_deref())?;
+    let base = args.scenario.parent().unwrap_or(Path::new("."));
+    let (spec, traces) = sc
+        .build(base)
+        .map_err(|e| bad_input(format!("{}: {e}", args.scenario.display())))?;
+    let cfg = SimConfig {
+        interval_s: sc.interval_s,
+        intervals: sc.intervals(),
+        threshold: sc.threshold,
+        record_series: args.output.plot.is_some(),
+        strict_memory: sc.strict_memory,
+        dirty_mb_s_at_full_cpu: sc.dirty_mb_s,
+        ..SimConfig::default()
+    };
+    let sim = Simulation::new(spec, &traces, timing.as_ref(), cfg).map_err(input_error)?;
+    let report = sim.run(policy.as_mut(), &mut progress_bar());
+    finish(&report, &args.output)
 }
 
 fn timing(name: &str) -> anyhow::Result<Box<dyn MigrationTiming>> {
-    match name {
-        "cloudsim" => Ok(Box::new(CloudSimTiming)),
-        other => Err(bad_input(format!(
-            "unknown --migration `{other}`; use cloudsim"
+    if name == "cloudsim" {
+        return Ok(Box::new(CloudSimTiming));
+    }
+    match name.parse::<PolicyKind>() {
+        Ok(policy) => Ok(Box::new(PreCopyTiming::new(policy))),
+        Err(_) => Err(bad_input(format!(
+            "unknown --migration `{name}`; use one of: cloudsim, qemu, xen, adaptive, stop-copy"
         ))),
     }
 }
 
-fn policy(common: &CommonArgs) -> anyhow::Result<Box<dyn policy::Policy>> {
-    if !(common.threshold > 0.0 && common.threshold <= 1.0) {
+fn policy(name: &str, threshold: f64) -> anyhow::Result<Box<dyn policy::Policy>> {
+    if !(threshold > 0.0 && threshold <= 1.0) {
         return Err(bad_input(format!(
-            "--threshold {} must be in (0, 1]",
-            common.threshold
+            "threshold {threshold} must be in (0, 1]"
         )));
     }
-    policy::by_name(&common.policy, common.threshold).map_err(|_| {
+    policy::by_name(name, threshold).map_err(|_| {
         bad_input(format!(
-            "unknown --policy `{}`; use one of: {}",
-            common.policy,
+            "unknown policy `{name}`; use one of: {}",
             POLICY_NAMES.join(", ")
         ))
     })
@@ -165,32 +231,49 @@ fn progress_bar() -> impl FnMut(u32, u32) {
     }
 }
 
-fn finish(report: &Report, common: &CommonArgs) -> anyhow::Result<()> {
-    if let Some(path) = &common.plot {
+fn finish(report: &Report, output: &OutputArgs) -> anyhow::Result<()> {
+    if let Some(path) = &output.plot {
         plot::draw(path, report).with_context(|| format!("drawing {}", path.display()))?;
     }
-    if common.json {
-        println!("{}", serde_json::to_string_pretty(report)?);
+    let text = if output.json {
+        serde_json::to_string_pretty(report)? + "\n"
     } else {
-        print_report(report);
+        report_text(report)
+    };
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        // A closed pipe (`| head`) is the reader's choice, not a failure.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
     }
-    Ok(())
 }
 
-fn print_report(r: &Report) {
-    println!(
-        "policy {} | migration model {} | {} hosts, {} VMs, {:.1} h simulated",
-        r.policy, r.migration_model, r.hosts, r.vms, r.simulated_hours
-    );
-    println!("energy_kwh     {:.2}", r.energy_kwh);
-    println!(
-        "migrations     {} ({} completed, {} abandoned, mean {:.1} s)",
-        r.migrations, r.migrations_completed, r.migrations_failed, r.mean_migration_s
-    );
-    println!("slatah         {:.4}", r.slatah);
-    println!("pdm            {:.6}", r.pdm);
-    println!("slav           {:.8}", r.slav);
-    println!("peak active    {} hosts", r.peak_active_hosts);
-    println!("events         {}", r.events);
-    println!("wall_seconds   {:.3}", r.wall_seconds);
+fn report_text(r: &Report) -> String {
+    format!(
+        "policy {} | migration model {} | {} hosts, {} VMs, {:.1} h simulated\n\
+         energy_kwh     {:.2}\n\
+         migrations     {} ({} completed, {} abandoned, mean {:.1} s)\n\
+         slatah         {:.4}\n\
+         pdm            {:.6}\n\
+         slav           {:.8}\n\
+         peak active    {} hosts\n\
+         events         {}\n\
+         wall_seconds   {:.3}\n",
+        r.policy,
+        r.migration_model,
+        r.hosts,
+        r.vms,
+        r.simulated_hours,
+        r.energy_kwh,
+        r.migrations,
+        r.migrations_completed,
+        r.migrations_failed,
+        r.mean_migration_s,
+        r.slatah,
+        r.pdm,
+        r.slav,
+        r.peak_active_hosts,
+        r.events,
+        r.wall_seconds
+    )
 }
