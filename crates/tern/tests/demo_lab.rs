@@ -103,9 +103,10 @@ fn an_interrupted_demo_tears_its_lab_down() {
     };
     std::thread::sleep(std::time::Duration::from_secs(3));
     let lab: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-INT", &pid])
+    // The shell's own `kill`: procps may be absent on a minimal machine.
+    let kill = format!("kill -INT {}", child.id());
+    assert!(Command::new("sh")
+        .args(["-c", &kill])
         .status()
         .unwrap()
         .success());
