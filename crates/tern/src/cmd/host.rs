@@ -1,5 +1,5 @@
 //! `tern host`: the manager's hosts (list, show, register, drain, activate). Also the
-//! connection flags and call helper that `tern policy` and `tern events` share.
+//! connection flags and the call function that `tern policy` and `tern events` share.
 
 use reqwest::Method;
 use serde_json::{json, Value};
