@@ -185,7 +185,7 @@ fn uneven(hosts: &[String], vms: usize, rng: &mut Rng) -> (Vec<NewVm>, Vec<f64>)
 
 pub fn run(a: Args) -> anyhow::Result<()> {
     if !a.sim {
-        return lab::run(a.aggressiveness, a.json);
+        return lab::run(&a);
     }
     if a.hosts == 0 || a.vms == 0 {
         return Err(super::bad_input("--hosts and --vms must be at least 1"));

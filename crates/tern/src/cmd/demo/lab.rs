@@ -103,17 +103,46 @@ pub struct Report {
     pub wall_s: f64,
 }
 
-/// Runs the demo; `aggressiveness` is the balancer's (1-5).
-pub fn run(aggressiveness: u8, json: bool) -> anyhow::Result<()> {
+/// The flags of `a` that only the sim demo reads and that differ from their defaults.
+fn sim_only_flags(a: &super::Args) -> Vec<&'static str> {
+    #[derive(clap::Parser)]
+    struct Defaults {
+        #[command(flatten)]
+        a: super::Args,
+    }
+    let d = <Defaults as clap::Parser>::parse_from(["demo"]).a;
+    [
+        ("--hosts", a.hosts != d.hosts),
+        ("--vms", a.vms != d.vms),
+        ("--rounds", a.rounds != d.rounds),
+        ("--seed", a.seed != d.seed),
+        ("--db", a.db.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(flag, given)| given.then_some(flag))
+    .collect()
+}
+
+/// Runs the demo with `a.aggressiveness` (1-5) and `a.json`; the other flags belong to
+/// `--sim` and are refused here.
+pub fn run(a: &super::Args) -> anyhow::Result<()> {
+    let (aggressiveness, json) = (a.aggressiveness, a.json);
+    let sim_only = sim_only_flags(a);
+    if !sim_only.is_empty() {
+        return Err(bad_input(format!(
+            "these flags only work with --sim: {}; the QEMU demo always runs {HOSTS} hosts and {VMS} VMs",
+            sim_only.join(", ")
+        )));
+    }
+    if !(1..=5).contains(&aggressiveness) {
+        return Err(bad_input("--aggressiveness must be 1 to 5"));
+    }
     lab::require_root().map_err(|_| {
         bad_input(
             "tern demo builds a lab of network namespaces and QEMU guests and needs root: \
              run it with sudo, or run `tern demo --sim` (needs nothing)",
         )
     })?;
-    if !(1..=5).contains(&aggressiveness) {
-        return Err(bad_input("--aggressiveness must be 1 to 5"));
-    }
     let started = Instant::now();
     let img = tern_hv::image::ensure_image(&tern_hv::image::default_cache_dir(), &mut |s| {
         eprintln!("image: {s}")
@@ -674,6 +703,31 @@ mod tests {
                        "state_dir": "/tmp/x/lab/hosts/h1", "mem_dir": "/dev/shm/tern-lab-3/h1"}]
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn flags_of_the_sim_demo_are_refused_before_anything_is_made() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: super::super::Args,
+        }
+        let parse = |args: &[&str]| {
+            <Cli as clap::Parser>::parse_from(std::iter::once("demo").chain(args.iter().copied())).a
+        };
+        assert!(sim_only_flags(&parse(&["--json", "--aggressiveness", "5"])).is_empty());
+        assert_eq!(
+            sim_only_flags(&parse(&["--hosts", "3", "--vms", "4", "--db", "x.db"])),
+            ["--hosts", "--vms", "--db"]
+        );
+        let err = run(&parse(&["--seed", "9"])).unwrap_err();
+        assert_eq!(crate::cmd::exit_code(&err), 2);
+        assert!(
+            err.to_string().contains("only work with --sim: --seed"),
+            "{err}"
+        );
+        let err = run(&parse(&["--aggressiveness", "0"])).unwrap_err();
+        assert_eq!(crate::cmd::exit_code(&err), 2, "{err}");
     }
 
     #[test]
