@@ -81,7 +81,7 @@ impl Election {
                 id
             }
         };
-        let sent = Instant::now();
+        let mut sent = Instant::now();
         let me = leadership.me().as_bytes();
         let r = self
             .gateway
@@ -91,22 +91,33 @@ impl Election {
                 vec![op::get(&self.key)],
             )
             .await?;
-        if !r.succeeded {
-            let leader = r
-                .range(0)
-                .first()
-                .map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
-            leadership.follow(leader);
-            // Our unused lease stays ours for the next attempt; keep it alive meanwhile.
-            if self.gateway.keep_alive(lease).await? == 0 {
-                *held = None;
+        let term = match r.range(0).first() {
+            _ if r.succeeded => r.header.revision,
+            // An earlier attempt won but its answer was lost: the key is on our lease.
+            Some(kv) if kv.lease == lease => {
+                sent = Instant::now();
+                if self.gateway.keep_alive(lease).await? == 0 {
+                    *held = None;
+                    return Ok(());
+                }
+                kv.create_revision
             }
-            return Ok(());
-        }
-        let term = r.header.revision;
+            other => {
+                leadership.follow(other.map(|kv| String::from_utf8_lossy(&kv.value).into_owned()));
+                // Our unused lease stays ours for the next attempt; keep it alive meanwhile.
+                if self.gateway.keep_alive(lease).await? == 0 {
+                    *held = None;
+                }
+                return Ok(());
+            }
+        };
         // Until the state is reloaded this manager must not act: others see the key, and
         // requests they forward here are refused until `lead`.
-        on_elected().await?;
+        if let Err(e) = on_elected().await {
+            // Give the key up, or nobody would lead while this manager keeps the lease.
+            self.resign(lease, held).await;
+            return Err(e);
+        }
         let until = renewed_until(sent, self.ttl_s).expect("a granted TTL is positive");
         if Instant::now() >= until {
             self.resign(lease, held).await;

@@ -43,6 +43,9 @@ pub struct Kv {
     pub create_revision: i64,
     #[serde(default, deserialize_with = "de_i64")]
     pub mod_revision: i64,
+    /// The lease the key is attached to (0: none).
+    #[serde(default, deserialize_with = "de_i64")]
+    pub lease: i64,
 }
 
 #[derive(Debug, Default, Deserialize)]
