@@ -1,0 +1,114 @@
+//! `tern sim` from the command line: reports, plots and bad input.
+
+use std::process::Command;
+
+const DAY: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../../shared/data/planetlab/20110303"
+);
+const SMALL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/sim/small.toml");
+
+fn tern(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn planetlab_json_has_the_benchmark_metrics_and_plot_is_svg() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("day.svg");
+    let out = tern(&[
+        "sim",
+        "planetlab",
+        DAY,
+        "--policy",
+        "thr-mmt",
+        "--migration",
+        "cloudsim",
+        "--json",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "energy_kwh",
+        "migrations",
+        "slatah",
+        "pdm",
+        "slav",
+        "wall_seconds",
+    ] {
+        assert!(v[key].is_number(), "{key} missing in {v}");
+    }
+    assert_eq!(v["vms"], 1052);
+    assert!(v["migrations"].as_u64().unwrap() > 1000);
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("<svg") && text.contains("active hosts"));
+}
+
+#[test]
+fn scenario_runs_with_every_policy() {
+    for policy in ["none", "thr-mmt", "spread"] {
+        let out = tern(&[
+            "sim",
+            "run",
+            SMALL,
+            "--policy",
+            policy,
+            "--migration",
+            "cloudsim",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{policy}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["policy"], policy);
+        assert_eq!(v["hosts"], 60);
+    }
+}
+
+#[test]
+fn bad_input_exits_2_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("x.svg");
+    let bad_toml = dir.path().join("bad.toml");
+    std::fs::write(&bad_toml, "hours = 24\n[[hosts]]\ncount = 1\n").unwrap();
+    let plot = svg.to_str().unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["sim", "planetlab", "/no/such/folder", "--plot", plot],
+        vec!["sim", "planetlab", DAY, "--policy", "magic", "--plot", plot],
+        vec![
+            "sim",
+            "planetlab",
+            DAY,
+            "--migration",
+            "teleport",
+            "--plot",
+            plot,
+        ],
+        vec!["sim", "run", bad_toml.to_str().unwrap(), "--plot", plot],
+        vec!["sim", "run", SMALL, "--plot", "out.png"],
+    ];
+    for args in cases {
+        let out = tern(&args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!String::from_utf8_lossy(&out.stderr).trim().is_empty());
+        assert!(out.stdout.is_empty());
+        assert!(!svg.exists(), "{args:?} wrote the plot");
+    }
+}
