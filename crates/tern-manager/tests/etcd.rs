@@ -308,7 +308,7 @@ async fn create_vms(
                 let msg = v["error"].as_str().unwrap_or_default();
                 assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{name} via {base}: {v}");
                 // Refused or failed before commit: never counted, so never "lost". An etcd
-                // request may time out on a loaded machine; the client retries those too.
+                // request may time out on a loaded machine; a client retries those.
                 assert!(
                     msg.starts_with("not the leader") || msg.starts_with("etcd:"),
                     "{name} via {base}: {msg}"
