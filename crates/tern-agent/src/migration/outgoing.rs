@@ -202,8 +202,12 @@ fn send_slice(
         Ok(())
     };
     for &index in pages {
-        mem.read_page(index, &mut buf);
-        if is_zero(&buf) {
+        // A hole is a zero page known without reading it (reading would allocate it).
+        let hole = !mem.has_data(index);
+        if !hole {
+            mem.read_page(index, &mut buf);
+        }
+        if hole || is_zero(&buf) {
             sent.set(index, zero_digest());
             run = match run {
                 Some((first, count)) if first + u64::from(count) == index && count < u32::MAX => {
