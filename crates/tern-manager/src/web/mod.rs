@@ -93,13 +93,13 @@ impl Web {
         let Some(m) = self.manager.upgrade() else {
             return false;
         };
-        // Clone under the lock, score outside it: scoring a large cluster takes
+        // Copy under the lock, score outside it: scoring a large cluster takes
         // milliseconds that API calls should not wait for.
         let web = self.clone();
         let _ = tokio::task::spawn_blocking(move || {
             let now = m.now();
-            let snap = m.read(|s| s.clone());
-            let s = history::sample(&snap, now);
+            let input = m.read(history::ScoreInput::of);
+            let s = input.sample(now);
             web.history
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
