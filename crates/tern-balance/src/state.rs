@@ -4,10 +4,13 @@
 //! Scoring a candidate move rebuilds only the two nodes it touches
 //! ([`State::evaluate`]); applying it updates them in place ([`State::apply`]).
 
+use std::collections::HashMap;
+
 use tern_model::{Cluster, DiskTemplate, InstId, Mobility, Move, NodeId};
 
 use crate::constraints::{self, Refusal};
-use crate::metric::{Metric, NodeLoad, Stats};
+use crate::metric::ganeti::{not_offline, uses_memory};
+use crate::metric::{Metric, NodeLoad, PairComponent, Stats};
 
 /// Exclusion-tag multiset of one node's primaries: `(tag index, count)`.
 type TagCounts = Vec<(u32, u32)>;
@@ -35,6 +38,70 @@ pub struct State<'a, M: Metric + ?Sized> {
     pub(crate) vcpu_ratio: Vec<f64>,
     /// Each node's free memory in the snapshot, to report it after moves.
     start_free_mem: Vec<f64>,
+    /// The metric's pair-counted component, if any, with its counts.
+    pairs: Option<Pairs<'a>>,
+}
+
+/// Running counts of a [`PairComponent`] over the primaries of online nodes.
+#[derive(Clone)]
+struct Pairs<'a> {
+    spec: PairComponent<'a>,
+    weight: f64,
+    counts: HashMap<(u32, u32), i64>,
+    /// Σ (count − 1) over the pairs held: the component's value.
+    excess: i64,
+}
+
+impl Pairs<'_> {
+    /// How the component's value changes if `inst` leaves `from` (when
+    /// `Some`) and joins `to` (when `Some`); online flags decide what counts.
+    fn delta(&self, inst: InstId, from: Option<usize>, to: Option<usize>) -> i64 {
+        let tags = &self.spec.inst_keys[inst.index()];
+        if tags.is_empty() {
+            return 0;
+        }
+        // Pending changes to counts, so repeated tags and shared domains add up.
+        let mut pending: Vec<((u32, u32), i64)> = Vec::new();
+        let mut d = 0;
+        let mut step = |key: (u32, u32), by: i64| {
+            let held = self.counts.get(&key).copied().unwrap_or(0);
+            let p = match pending.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, p)) => p,
+                None => {
+                    pending.push((key, 0));
+                    &mut pending.last_mut().unwrap().1
+                }
+            };
+            let before = held + *p;
+            *p += by;
+            d += (before + by - 1).max(0) - (before - 1).max(0);
+        };
+        for (node, by) in [(from, -1), (to, 1)] {
+            let Some(node) = node else { continue };
+            for &loc in &self.spec.node_keys[node] {
+                for &t in tags {
+                    step((loc, t), by);
+                }
+            }
+        }
+        d
+    }
+
+    fn apply(&mut self, inst: InstId, from: Option<usize>, to: Option<usize>) {
+        self.excess += self.delta(inst, from, to);
+        for (node, by) in [(from, -1), (to, 1)] {
+            let Some(node) = node else { continue };
+            for &loc in &self.spec.node_keys[node] {
+                for &t in &self.spec.inst_keys[inst.index()] {
+                    *self.counts.entry((loc, t)).or_default() += by;
+                }
+            }
+        }
+    }
+
+    fn value(&self) -> f64 {
+        self.weight * self.excess as f64
+    }
 }
 
 /// A candidate move's effect: the touched nodes' new loads and the new score.
@@ -77,18 +144,22 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
         for (i, inst) in cluster.instances.iter().enumerate() {
             let p = inst.primary.index();
             let l = &mut loads[p];
-            if inst.forthcoming {
-                forth_mem[p] += inst.mem as f64;
-                forth_vcpus[p] += online_vcpus(inst);
-                continue;
-            }
-            if inst.status.uses_memory() {
-                imem[p] += inst.mem as f64;
-            }
-            add_primary(l, inst);
+            // Ganeti counts forthcoming primaries' exclusion tags too.
             for &t in &excl_tags[i] {
                 l.tag_conflicts += bump(&mut tags[p], t, 1);
             }
+            if !uses_memory(inst) {
+                forth_mem[p] += inst.mem as f64;
+            }
+            if inst.forthcoming {
+                forth_vcpus[p] += online_vcpus(inst);
+                continue;
+            }
+            if uses_memory(inst) {
+                imem[p] += inst.mem as f64;
+            }
+            add_primary(l, inst);
+            l.location += metric.location(InstId::from_index(i), inst.primary, inst.secondary);
             if let Some(s) = inst.secondary {
                 loads[s.index()].secondaries += 1;
                 loads[s.index()].util.disk += inst.util.disk;
@@ -104,7 +175,8 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
             // reported, and keeps that gap fixed while instances move.
             let free = recorded.min(node.free_mem as f64);
             l.free_mem = free;
-            // Ganeti's forthcoming view starts from the reported figure instead.
+            // Ganeti's forthcoming view starts from the reported figure instead,
+            // less every primary the reported figure does not include.
             l.free_mem_forth = node.free_mem as f64 - forth_mem[id];
             l.vcpus += node.os_cpus as f64;
             l.vcpus_forth = l.vcpus + forth_vcpus[id];
@@ -131,7 +203,22 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
             })
             .collect();
         let start_free_mem = loads.iter().map(|l| l.free_mem).collect();
+        let pairs = metric.pair_component().map(|spec| {
+            let mut p = Pairs {
+                weight: metric.components()[spec.index].weight,
+                spec,
+                counts: HashMap::new(),
+                excess: 0,
+            };
+            for (i, inst) in cluster.instances.iter().enumerate() {
+                if !inst.forthcoming && online[inst.primary.index()] {
+                    p.apply(InstId::from_index(i), None, Some(inst.primary.index()));
+                }
+            }
+            p
+        });
         State {
+            pairs,
             start_free_mem,
             cluster,
             metric,
@@ -150,12 +237,27 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
     }
 
     pub fn score(&self) -> f64 {
-        self.stats.score()
+        self.stats.score() + self.pairs.as_ref().map_or(0.0, Pairs::value)
     }
 
     /// Each component's name, weight and value.
     pub fn breakdown(&self) -> Vec<(&'static str, f64, f64)> {
-        self.stats.breakdown()
+        let mut b = self.stats.breakdown();
+        if let Some(p) = &self.pairs {
+            b[p.spec.index].2 = p.excess as f64;
+        }
+        b
+    }
+
+    /// The pair-counted component's value and how moving `inst` to `to`
+    /// changes it (both weighted).
+    /// `to` None: as if `inst` vanished.
+    fn pair_score(&self, inst: InstId, to: Option<NodeId>) -> f64 {
+        let Some(p) = &self.pairs else { return 0.0 };
+        let from = self.primary[inst.index()].index();
+        let on = |n: usize| self.online[n].then_some(n);
+        let to = to.and_then(|t| on(t.index()));
+        p.value() + p.weight * p.delta(inst, on(from), to) as f64
     }
 
     pub fn node_count(&self) -> usize {
@@ -192,6 +294,8 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
         let a = self.primary[inst.index()];
         let mut l = self.loads[a.index()];
         remove_primary(&mut l, i);
+        l.touched = true;
+        l.location -= self.metric.location(inst, a, self.secondary[inst.index()]);
         l.tag_conflicts -= self.tag_delta(a.index(), inst, false);
         if self.is_swap(inst, to) {
             l.secondaries += 1;
@@ -209,6 +313,13 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
         let a = self.primary[inst.index()];
         let mut l = self.loads[to.index()];
         add_primary(&mut l, i);
+        l.touched = true;
+        let secondary = if self.is_swap(inst, to) {
+            Some(a)
+        } else {
+            self.secondary[inst.index()]
+        };
+        l.location += self.metric.location(inst, to, secondary);
         l.tag_conflicts += self.tag_delta(to.index(), inst, true);
         if self.is_swap(inst, to) {
             l.secondaries -= 1;
@@ -266,7 +377,7 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
                 self.node_vals(to.index()),
                 &scratch[..self.k],
             ),
-        ]);
+        ]) + self.pair_score(inst, Some(to));
         Evaluation {
             score,
             from_load: *from_load,
@@ -304,7 +415,7 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
             self.online[a.index()],
             self.node_vals(a.index()),
             &scratch[..self.k],
-        )])
+        )]) + self.pair_score(inst, None)
     }
 
     /// The score if `probe`'s resources left (`adding` false) or joined `node`,
@@ -329,7 +440,7 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
             self.online[node.index()],
             self.node_vals(node.index()),
             &scratch[..self.k],
-        )])
+        )]) + self.pairs.as_ref().map_or(0.0, Pairs::value)
     }
 
     /// Checks and scores moving `inst` to `to` in one pass, given the source's
@@ -355,7 +466,7 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
                 self.node_vals(to.index()),
                 &scratch[..self.k],
             ),
-        ]))
+        ]) + self.pair_score(inst, Some(to)))
     }
 
     /// Number of components of the metric.
@@ -375,6 +486,11 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
         let from_load = self.load_after_out(inst, mv.to);
         let to_load = self.load_after_in(inst, mv.to);
         let i = self.cluster.instance(inst);
+        let on = |n: usize| self.online[n].then_some(n);
+        let (on_a, on_b) = (on(a), on(b));
+        if let Some(p) = &mut self.pairs {
+            p.apply(inst, on_a, on_b);
+        }
         for &t in &self.excl_tags[inst.index()] {
             bump(&mut self.tags[a], t, -1);
             bump(&mut self.tags[b], t, 1);
@@ -439,16 +555,20 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
 }
 
 fn online_vcpus(inst: &tern_model::Instance) -> f64 {
-    if inst.status.uses_memory() {
+    if not_offline(inst) {
         inst.vcpus as f64
     } else {
         0.0
     }
 }
 
-/// Ganeti reserves failover memory only for DRBD instances that hold memory.
+/// Ganeti reserves failover memory only for real, auto-balanced DRBD instances
+/// that hold vCPUs (`notOffline`).
 fn uses_sec_mem(inst: &tern_model::Instance) -> bool {
-    inst.disk_template == DiskTemplate::Drbd && inst.status.uses_memory() && !inst.forthcoming
+    inst.disk_template == DiskTemplate::Drbd
+        && not_offline(inst)
+        && inst.auto_balance
+        && !inst.forthcoming
 }
 
 fn add_primary(l: &mut NodeLoad, inst: &tern_model::Instance) {
@@ -462,10 +582,11 @@ fn remove_primary(l: &mut NodeLoad, inst: &tern_model::Instance) {
 }
 
 fn shift_primary(l: &mut NodeLoad, inst: &tern_model::Instance, sign: f64) {
-    if inst.status.uses_memory() {
+    if uses_memory(inst) {
         l.free_mem -= sign * inst.mem as f64;
-        l.free_mem_forth -= sign * inst.mem as f64;
     }
+    // Ganeti's forthcoming view counts every primary's memory.
+    l.free_mem_forth -= sign * inst.mem as f64;
     let v = sign * online_vcpus(inst);
     l.vcpus += v;
     l.vcpus_forth += v;

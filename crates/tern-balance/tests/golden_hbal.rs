@@ -1,7 +1,7 @@
 //! Golden outcomes from Ganeti's own hbal shell tests (`shelltests/`) that involve
 //! only live migrations of shared-storage instances.
 
-use tern_balance::metric::hbal::Hbal;
+use tern_balance::metric::ganeti::Ganeti;
 use tern_balance::{plan, PlanOptions, State};
 use tern_model::DynUtil;
 
@@ -15,7 +15,7 @@ fn load(name: &str) -> tern_model::Cluster {
 
 /// Primaries per node after planning, in node order.
 fn pcnt(c: &tern_model::Cluster) -> Vec<(String, usize)> {
-    let m = Hbal::new(c);
+    let m = Ganeti::new(c);
     let planned = plan(c, &m, &PlanOptions::default());
     let mut s = State::new(c, &m);
     for mv in &planned.plan.moves {
@@ -55,6 +55,6 @@ fn shared_n1_failure_is_already_balanced() {
     for i in &mut c.instances {
         i.util = DynUtil::ZERO;
     }
-    let m = Hbal::new(&c);
+    let m = Ganeti::new(&c);
     assert!(plan(&c, &m, &PlanOptions::default()).plan.moves.is_empty());
 }

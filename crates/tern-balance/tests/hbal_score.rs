@@ -1,9 +1,10 @@
-//! The incremental `hbal` metric gives the same cluster score as Ganeti's `hinfo`.
+//! The incremental `ganeti` metric gives the same cluster score as Ganeti's `hinfo`
+//! on every file, location tags and forthcoming instances included.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tern_balance::metric::{hbal::Hbal, score};
+use tern_balance::metric::{ganeti::Ganeti, score};
 
 const HINFO: &str = "/usr/lib/ganeti/3.0/usr/bin/hinfo";
 
@@ -36,19 +37,6 @@ fn hinfo_available() -> bool {
     false
 }
 
-/// Files whose score includes parts the incremental view leaves out (see the
-/// `hbal` module doc): node location tags and forthcoming instances' disks.
-const NOT_MODELLED: [&str; 8] = [
-    "hbal-desiredlocation-1.data",
-    "hbal-desiredlocation-2.data",
-    "hbal-desiredlocation-3.data",
-    "hbal-desiredlocation-4.data",
-    "hbal-location-1.data",
-    "hbal-location-2.data",
-    "hbal-location-exclusion.data",
-    "hbal-forth.data",
-];
-
 #[test]
 fn matches_hinfo_on_shared_data() {
     if !hinfo_available() {
@@ -58,8 +46,7 @@ fn matches_hinfo_on_shared_data() {
     let mut wrong = Vec::new();
     for entry in std::fs::read_dir(data_dir()).unwrap() {
         let path = entry.unwrap().path();
-        let name = path.file_name().unwrap().to_string_lossy().into_owned();
-        if path.extension().is_none_or(|e| e != "data") || NOT_MODELLED.contains(&name.as_str()) {
+        if path.extension().is_none_or(|e| e != "data") {
             continue;
         }
         let Ok(cluster) = tern_model::ganeti::parse(&std::fs::read_to_string(&path).unwrap())
@@ -69,13 +56,13 @@ fn matches_hinfo_on_shared_data() {
         let Some(want) = hinfo_score(&path) else {
             continue;
         };
-        let got = score(&cluster, &Hbal::new(&cluster));
+        let got = score(&cluster, &Ganeti::new(&cluster));
         compared += 1;
         if (got - want).abs() > 1e-6 * want.abs().max(1.0) {
             wrong.push(format!("{}: tern {got:.8} hinfo {want:.8}", path.display()));
         }
     }
     eprintln!("compared {compared} files");
-    assert!(compared >= 40, "only {compared} files compared");
+    assert!(compared >= 49, "only {compared} files compared");
     assert!(wrong.is_empty(), "scores differ:\n{}", wrong.join("\n"));
 }

@@ -3,9 +3,10 @@
 //! a hard constraint.
 
 use proptest::prelude::*;
-use tern_balance::metric::{hbal::Hbal, score, spread::Spread, Metric};
+use tern_balance::metric::ganeti::{self, Ganeti};
+use tern_balance::metric::{score, spread::Spread, Metric};
 use tern_balance::{plan, PlanOptions, Refusal, Search, State};
-use tern_model::{Cluster, DiskTemplate, InstId, Mobility, NodeId};
+use tern_model::{generate, Cluster, DiskTemplate, InstId, Mobility, NodeId};
 
 /// A small cluster mixing every kind of instance: shared storage, DRBD, plain,
 /// pinned-by-flag, with exclusion tags and an offline node.
@@ -76,15 +77,42 @@ proptest! {
             pinned: vec![InstId(0)],
             ..PlanOptions::default()
         };
-        check_plan(&c, &Hbal::new(&c), &opts);
+        check_plan(&c, &Ganeti::new(&c), &opts);
         check_plan(&c, &Spread, &opts);
     }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// With location, desired-location and exclusion tags, the incremental score
+    /// after every move equals Ganeti's score computed from scratch.
+    #[test]
+    fn ganeti_score_stays_exact_with_location_tags(
+        seed in any::<u64>(), nodes in 3usize..12, instances in 4usize..60,
+    ) {
+        let shape = generate::Shape { groups: 1, nodes, instances, tagged: true };
+        let c = generate::cluster(seed, shape);
+        let m = Ganeti::new(&c);
+        let planned = plan(&c, &m, &PlanOptions::default());
+        let mut state = State::new(&c, &m);
+        prop_assert!(close(state.score(), ganeti::score(&c)));
+        for mv in &planned.plan.moves {
+            state.apply(*mv);
+            let exact = ganeti::score(&state.to_cluster());
+            prop_assert!(close(state.score(), exact), "{} vs {exact}", state.score());
+        }
+    }
+}
+
+fn close(a: f64, b: f64) -> bool {
+    (a - b).abs() <= 1e-9 * a.abs().max(1.0)
 }
 
 #[test]
 fn drbd_moves_swap_roles_and_plain_never_moves() {
     let c = mixed(3, 6, 60);
-    let m = Hbal::new(&c);
+    let m = Ganeti::new(&c);
     let planned = plan(&c, &m, &PlanOptions::default());
     assert!(!planned.plan.moves.is_empty());
     let mut state = State::new(&c, &m);
@@ -106,7 +134,7 @@ fn drbd_moves_swap_roles_and_plain_never_moves() {
 fn offline_target_and_tags_are_refused() {
     let mut c = mixed(5, 4, 20);
     c.nodes[3].offline = true;
-    let m = Hbal::new(&c);
+    let m = Ganeti::new(&c);
     let state = State::new(&c, &m);
     let shared = c
         .instance_ids()
@@ -129,7 +157,7 @@ fn offline_target_and_tags_are_refused() {
 #[test]
 fn max_moves_and_min_score_stop_the_plan() {
     let c = tern_balance::synth::unbalanced(8, 80, 2);
-    let m = Hbal::new(&c);
+    let m = Ganeti::new(&c);
     let capped = plan(
         &c,
         &m,
@@ -156,7 +184,7 @@ fn max_moves_and_min_score_stop_the_plan() {
 #[test]
 fn pruned_search_matches_exhaustive_quality() {
     let c = tern_balance::synth::unbalanced(16, 240, 4);
-    let m = Hbal::new(&c);
+    let m = Ganeti::new(&c);
     let exact = plan(
         &c,
         &m,
@@ -174,6 +202,6 @@ fn pruned_search_matches_exhaustive_quality() {
     for mv in &fast.plan.moves {
         state.apply(*mv);
     }
-    let rescored = tern_balance::metric::ganeti::score(&state.to_cluster());
+    let rescored = ganeti::score(&state.to_cluster());
     assert!((rescored - fast.plan.final_score).abs() < 1e-9 * rescored.max(1.0));
 }

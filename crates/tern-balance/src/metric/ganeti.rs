@@ -1,4 +1,5 @@
-//! `ganeti`: Ganeti 3.0's cluster score, exactly as `hinfo -t FILE` prints it.
+//! `ganeti`: Ganeti 3.0's cluster score, exactly as `hinfo -t FILE` prints it,
+//! from scratch and as the planner's incremental [`Ganeti`] metric.
 //!
 //! Ganeti (`Cluster/Metrics.hs`) computes twenty values per node, aggregates
 //! each over the online nodes (population standard deviation or sum; two
@@ -40,7 +41,7 @@ use std::collections::{BTreeMap, HashMap};
 use tern_model::ganeti::tags;
 use tern_model::{Cluster, DiskTemplate, InstId, Instance, InstanceStatus, NodeId};
 
-use super::{Aggregate, Component, Over};
+use super::{Aggregate, Component, Metric, NodeLoad, Over, PairComponent};
 
 /// Number of components.
 pub const K: usize = 20;
@@ -139,7 +140,7 @@ fn local_storage(i: &Instance) -> bool {
 }
 
 /// Ganeti's `usesMemory`.
-fn uses_memory(i: &Instance) -> bool {
+pub(crate) fn uses_memory(i: &Instance) -> bool {
     !i.forthcoming
         && !matches!(
             i.status,
@@ -151,7 +152,7 @@ fn uses_memory(i: &Instance) -> bool {
 }
 
 /// Ganeti's `notOffline`: only administratively offline instances hold no vCPUs.
-fn not_offline(i: &Instance) -> bool {
+pub(crate) fn not_offline(i: &Instance) -> bool {
     i.status != InstanceStatus::AdminOffline
 }
 
@@ -246,6 +247,17 @@ impl Context {
             ctx.hi_spindles.push(ratio * n.spindles as f64);
         }
         ctx
+    }
+}
+
+impl Context {
+    /// Ganeti's location score of `inst` as a primary in the failure domains
+    /// `here`: domains shared with its DRBD secondary, plus desired domains
+    /// `here` lacks.
+    fn location(&self, inst: InstId, here: &[u32], secondary: Option<NodeId>) -> usize {
+        let shared = secondary.map_or(0, |s| common(here, &self.locations[s.index()]));
+        let want = &self.desired[inst.index()];
+        shared + want.len() - common(want, here)
     }
 }
 
@@ -399,11 +411,7 @@ pub fn node_values(ctx: &Context, c: &Cluster, view: NodeView<'_>) -> NodeValues
     let mut location = 0usize;
     let mut pairs: BTreeMap<Pair, u32> = BTreeMap::new();
     for (id, i) in &real_pri {
-        if let Some(s) = i.secondary {
-            location += common(here, &ctx.locations[s.index()]);
-        }
-        let want = &ctx.desired[id.index()];
-        location += want.len() - common(want, here);
+        location += ctx.location(*id, here, i.secondary);
         for &loc in here {
             for &t in &ctx.exclusions[id.index()] {
                 *pairs.entry((loc, t)).or_default() += 1;
@@ -637,6 +645,92 @@ impl Totals {
 
     pub fn score(&self) -> f64 {
         self.components().iter().fold(0.0, |a, (_, w, v)| a + w * v)
+    }
+}
+
+/// Ganeti's score as a planner [`Metric`]: per-node values from each node's
+/// [`NodeLoad`], so a move is re-scored in O(K).
+///
+/// The components no live migration changes (free disk and spindles, with and
+/// without forthcoming instances) are taken once from [`node_values`]; the
+/// memory, CPU, N+1, utilisation and tag terms are recomputed from the load,
+/// the location score from [`NodeLoad::location`], and the location-exclusion
+/// score is the planner's pair count ([`Metric::pair_component`]). Tests check
+/// that this equals [`score`] on every data file and after every move.
+#[derive(Clone, Debug)]
+pub struct Ganeti {
+    ctx: Context,
+    /// Per node: the values of [`FIXED`] at load.
+    fixed: Vec<[f64; 4]>,
+}
+
+/// Components that depend only on local-storage and forthcoming instances,
+/// which live migration never moves.
+const FIXED: [usize; 4] = [1, 12, 14, 16];
+
+impl Ganeti {
+    pub fn new(cluster: &Cluster) -> Ganeti {
+        let ctx = Context::new(cluster);
+        let fixed = all_node_values(&ctx, cluster)
+            .iter()
+            .map(|v| FIXED.map(|k| v.values[k]))
+            .collect();
+        Ganeti { ctx, fixed }
+    }
+}
+
+impl Metric for Ganeti {
+    fn name(&self) -> &'static str {
+        "ganeti"
+    }
+
+    fn components(&self) -> &[Component] {
+        &COMPONENTS
+    }
+
+    fn node_values(&self, cluster: &Cluster, node: NodeId, l: &NodeLoad, out: &mut [f64]) {
+        let n = cluster.node(node);
+        let t_mem = n.total_mem;
+        let cpu = n.pcpus * n.cpu_speed;
+        let hosted = f64::from(l.primaries + l.secondaries);
+        let res = l.reserved_mem / t_mem;
+        out[0] = l.free_mem / t_mem;
+        let fail_n1 = if l.touched {
+            l.free_mem <= l.reserved_mem
+        } else {
+            (n.free_mem as f64) < l.reserved_mem
+        };
+        out[2] = if fail_n1 { hosted } else { 0.0 };
+        out[3] = res;
+        out[4] = hosted;
+        out[5] = f64::from(l.primaries);
+        out[6] = l.vcpus / cpu;
+        out[7] = l.util.cpu;
+        out[8] = l.util.mem;
+        out[9] = l.util.disk;
+        out[10] = l.util.net;
+        out[11] = f64::from(l.tag_conflicts);
+        out[13] = l.free_mem_forth / t_mem;
+        out[15] = l.vcpus_forth / cpu;
+        out[17] = l.location;
+        out[LOCATION_EXCLUSION] = 0.0;
+        out[19] = res;
+        for (&k, &v) in FIXED.iter().zip(&self.fixed[node.index()]) {
+            out[k] = v;
+        }
+    }
+
+    fn location(&self, inst: InstId, node: NodeId, secondary: Option<NodeId>) -> f64 {
+        self.ctx
+            .location(inst, &self.ctx.locations[node.index()], secondary) as f64
+    }
+
+    fn pair_component(&self) -> Option<PairComponent<'_>> {
+        Some(PairComponent {
+            index: LOCATION_EXCLUSION,
+            node_keys: &self.ctx.locations,
+            inst_keys: &self.ctx.exclusions,
+        })
     }
 }
 

@@ -7,14 +7,19 @@
 //! without looking at the rest of the cluster ([`Stats`]).
 //!
 //! Metrics: [`spread`] (CPU and memory utilisation, for the live balancer and the
-//! simulator) and [`hbal`] (the components of Ganeti's cluster score that live
-//! migration can change, so plans are comparable with `hbal`'s).
+//! simulator) and [`ganeti`] (Ganeti's cluster score, exactly as `hinfo` prints it,
+//! so plans are comparable with `hbal`'s).
+//!
+//! Two of Ganeti's terms are not functions of one node's load: the location score
+//! depends on where an instance's DRBD peer sits ([`Metric::location`], kept per
+//! node in [`NodeLoad::location`]) and the location-exclusion score counts
+//! (failure domain, tag) pairs across the cluster ([`Metric::pair_component`],
+//! counted by the planner's state).
 
 pub mod ganeti;
-pub mod hbal;
 pub mod spread;
 
-use tern_model::{Cluster, DynUtil, NodeId};
+use tern_model::{Cluster, DynUtil, InstId, NodeId};
 
 /// How one component's per-node values become one number.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +73,25 @@ pub struct NodeLoad {
     pub cpu_demand: f64,
     /// Measured memory in use of primaries, MiB (falls back to configured memory).
     pub mem_demand: f64,
+    /// Sum of [`Metric::location`] over the node's primaries.
+    pub location: f64,
+    /// Whether an instance has moved on or off the node: Ganeti judges N+1 by
+    /// the reported free memory until then, by its own count after.
+    pub touched: bool,
+}
+
+/// A component counted over (node key, instance key) pairs instead of per node:
+/// each pair held by the primaries of online nodes adds (count − 1). Ganeti's
+/// location-exclusion score, with failure domains as node keys and exclusion
+/// tags as instance keys.
+#[derive(Clone, Copy, Debug)]
+pub struct PairComponent<'a> {
+    /// Index of the component in [`Metric::components`]; its node values are 0.
+    pub index: usize,
+    /// Per node: its keys.
+    pub node_keys: &'a [Vec<u32>],
+    /// Per instance: its keys (repeats count).
+    pub inst_keys: &'a [Vec<u32>],
 }
 
 /// A cluster score the planner can update incrementally.
@@ -82,6 +106,15 @@ pub trait Metric: Sync {
     /// Writes node `node`'s component values into `out` (`out.len()` equals the
     /// number of components). `cluster` gives the node's static fields.
     fn node_values(&self, cluster: &Cluster, node: NodeId, load: &NodeLoad, out: &mut [f64]);
+    /// What `inst` adds to [`NodeLoad::location`] while it runs on `node` with
+    /// `secondary` as its DRBD peer (Ganeti's failure-domain penalties).
+    fn location(&self, _inst: InstId, _node: NodeId, _secondary: Option<NodeId>) -> f64 {
+        0.0
+    }
+    /// The component that is counted over pairs, if the metric has one.
+    fn pair_component(&self) -> Option<PairComponent<'_>> {
+        None
+    }
 }
 
 /// Running sums of one component over the nodes it counts.

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use serde::Serialize;
-use tern_balance::metric::{hbal::Hbal, spread::Spread, Metric};
+use tern_balance::metric::{ganeti::Ganeti, spread::Spread, Metric};
 use tern_balance::{PlanOptions, Planned, Search, State};
 use tern_model::{Cluster, InstId};
 
@@ -113,7 +113,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let opts = options(&args, &cluster)?;
     let started = Instant::now();
     match args.metric {
-        MetricName::Ganeti => finish(&args, &cluster, &Hbal::new(&cluster), &opts, started),
+        MetricName::Ganeti => finish(&args, &cluster, &Ganeti::new(&cluster), &opts, started),
         MetricName::Spread => finish(&args, &cluster, &Spread, &opts, started),
     }
 }
