@@ -226,6 +226,37 @@ pub struct Node {
 }
 
 impl Node {
+    /// A host known only by its cores and memory, as live agents and the simulator see it.
+    /// Disk and spindles are unbounded because live migration over shared storage never
+    /// moves disks, so they must never be what refuses a move.
+    pub fn live(
+        name: String,
+        cores: f64,
+        total_mem_mib: f64,
+        free_mem_mib: i64,
+        offline: bool,
+    ) -> Node {
+        Node {
+            name,
+            total_mem: total_mem_mib,
+            node_mem: 0,
+            free_mem: free_mem_mib,
+            total_disk: 1e12,
+            free_disk: 1 << 40,
+            pcpus: cores,
+            offline,
+            master: false,
+            group: GroupId(0),
+            spindles: 1 << 20,
+            tags: Vec::new(),
+            exclusive_storage: false,
+            free_spindles: 1 << 20,
+            os_cpus: 0,
+            cpu_speed: 1.0,
+            cpu_capacity: Some(cores),
+        }
+    }
+
     /// Cores instances may use: the measured capacity if known, else `pcpus`.
     pub fn effective_cpu_capacity(&self) -> f64 {
         self.cpu_capacity.unwrap_or(self.pcpus)

@@ -10,7 +10,7 @@
 
 use tern_balance::{PlanOptions, Search};
 use tern_model::{
-    AllocPolicy, Cluster, Demand, DiskTemplate, DynUtil, Group, GroupId, IPolicy, InstId, Instance,
+    AllocPolicy, Cluster, Demand, DiskTemplate, DynUtil, Group, IPolicy, InstId, Instance,
     InstanceStatus, Node, NodeId,
 };
 
@@ -80,25 +80,13 @@ pub fn snapshot(state: &State) -> (Cluster, Vec<InstId>) {
         .map(|h| {
             let ht = state.spec.host(h);
             let cores = ht.mips() / MIPS_PER_CORE;
-            Node {
-                name: format!("host-{h}"),
-                total_mem: ht.ram_mb,
-                node_mem: 0,
-                free_mem: (ht.ram_mb - state.host_ram_used[h]) as i64,
-                total_disk: 1e12,
-                free_disk: 1 << 40,
-                pcpus: cores,
-                offline: state.host_vms[h].is_empty(),
-                master: false,
-                group: GroupId(0),
-                spindles: 1 << 20,
-                tags: Vec::new(),
-                exclusive_storage: false,
-                free_spindles: 1 << 20,
-                os_cpus: 0,
-                cpu_speed: 1.0,
-                cpu_capacity: Some(cores),
-            }
+            Node::live(
+                format!("host-{h}"),
+                cores,
+                ht.ram_mb,
+                (ht.ram_mb - state.host_ram_used[h]) as i64,
+                state.host_vms[h].is_empty(),
+            )
         })
         .collect();
     let mut pinned = Vec::new();
