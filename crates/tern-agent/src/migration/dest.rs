@@ -24,8 +24,10 @@ use crate::state::AppState;
 
 /// How long the source has to connect its streams after prepare.
 const ACCEPT_TIMEOUT: Duration = Duration::from_secs(20);
-/// A memory stream silent this long means the source or the link is gone.
-const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// A memory stream silent this long means the source or the link is gone. Longer than
+/// the source's own timeout: between rounds the source is busy finding changed pages
+/// and sends nothing.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// A complete copy that is not resumed within this long is abandoned.
 const RESUME_DEADLINE: Duration = Duration::from_secs(60);
 /// How long resume waits for QEMU to have loaded the device state.

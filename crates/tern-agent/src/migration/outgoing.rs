@@ -38,7 +38,9 @@ impl Default for StreamOptions {
             streams: 2,
             lz4: false,
             rate_bytes_per_s: None,
-            io_timeout: Duration::from_secs(5),
+            // Generous: on a loaded host the peer's stream thread can go seconds without
+            // the CPU, and a false "link down" costs a whole migration.
+            io_timeout: Duration::from_secs(15),
             batch_pages: 64,
         }
     }

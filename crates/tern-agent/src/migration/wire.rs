@@ -47,9 +47,14 @@ const ENTRY_ZERO_RUN: u8 = 1;
 /// A protocol violation or an I/O failure on a memory stream.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    /// The socket failed (peer gone, link down, timeout).
+    /// The socket failed (peer gone, link down).
     #[error("memory stream: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+    /// The socket's timeout ran out with no byte moved: the peer stopped reading or
+    /// answering, or the link is down. (The OS reports this as EAGAIN, which alone
+    /// would read like a bug.)
+    #[error("memory stream: no byte moved within the stream timeout (peer stalled or link down)")]
+    Stalled,
     /// The peer sent bytes that are not a valid frame of this version.
     #[error("memory stream: malformed {0}")]
     Malformed(&'static str),
@@ -59,6 +64,15 @@ pub enum WireError {
     /// The peer gave up and said why.
     #[error("memory stream aborted by peer: {0}")]
     Aborted(String),
+}
+
+impl From<std::io::Error> for WireError {
+    fn from(e: std::io::Error) -> Self {
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => WireError::Stalled,
+            _ => WireError::Io(e),
+        }
+    }
 }
 
 /// The kinds of frame; the numbers are the wire encoding.
