@@ -9,9 +9,11 @@
 //!                         └─► answers committed as commands
 //! ```
 //!
-//! Agent calls run concurrently (bounded); a VM has at most one call in flight.
+//! Agent calls run concurrently (bounded); a VM has at most one call in flight. While a
+//! migration runs, its source's telemetry is kept in [`LiveMigrations`] (memory only:
+//! it is worthless once the migration ends) until its result is committed.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -19,7 +21,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
-use crate::client::Connector;
+use crate::client::{Connector, Progress};
 use crate::decide::balance::{self, BalancePlan};
 use crate::decide::reconcile::{self, Action};
 use crate::decide::{health, Command, Reply};
@@ -38,6 +40,34 @@ pub struct Control {
     done_tx: mpsc::UnboundedSender<(String, Option<Command>)>,
     done_rx: Mutex<mpsc::UnboundedReceiver<(String, Option<Command>)>>,
     slots: Arc<tokio::sync::Semaphore>,
+}
+
+/// The latest telemetry of each migration under way, by migration id.
+#[derive(Default)]
+pub struct LiveMigrations(Mutex<BTreeMap<u64, Progress>>);
+
+impl LiveMigrations {
+    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Progress>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The latest telemetry of migration `id`, if it runs and reported any.
+    pub fn get(&self, id: u64) -> Option<Progress> {
+        self.map().get(&id).cloned()
+    }
+
+    /// Every running migration's latest telemetry.
+    pub fn all(&self) -> BTreeMap<u64, Progress> {
+        self.map().clone()
+    }
+
+    fn set(&self, id: u64, p: Progress) {
+        self.map().insert(id, p);
+    }
+
+    fn end(&self, id: u64) {
+        self.map().remove(&id);
+    }
 }
 
 /// What one round did.
@@ -242,9 +272,11 @@ impl Control {
                 to,
                 policy,
             } => {
+                let live = self.manager.live();
+                let progress = |p: Progress| live.set(*id, p);
                 let result = match (client(from), hosts.get(to)) {
                     (Ok(c), Some(dest)) => c
-                        .migrate_vm(vm, spec, dest, policy)
+                        .migrate_vm(vm, spec, dest, policy, &progress)
                         .await
                         .unwrap_or_else(|e| MigrationResult::Failed {
                             error: e.to_string(),
@@ -276,6 +308,12 @@ impl Control {
         for r in results {
             if let Err(e) = r {
                 tracing::warn!("agent answer not recorded: {e}");
+            }
+        }
+        // Only now: until its result is committed a migration still reads as running.
+        for (_, cmd) in &done {
+            if let Some(Command::MigrationDone { id, .. }) = cmd {
+                self.manager.live().end(*id);
             }
         }
         let mut inflight = self.inflight();

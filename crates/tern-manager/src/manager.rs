@@ -40,6 +40,8 @@ pub struct Manager {
     snap: RwLock<Snapshot>,
     events: broadcast::Sender<Event>,
     clock: Clock,
+    /// Telemetry of the migrations under way; never stored.
+    live: crate::control::LiveMigrations,
 }
 
 impl Manager {
@@ -52,6 +54,7 @@ impl Manager {
             snap: RwLock::new(snap),
             events,
             clock,
+            live: Default::default(),
         })
     }
 
@@ -63,6 +66,11 @@ impl Manager {
 
     fn snap(&self) -> RwLockReadGuard<'_, Snapshot> {
         self.snap.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The running migrations' latest telemetry, which the control loop keeps.
+    pub fn live(&self) -> &crate::control::LiveMigrations {
+        &self.live
     }
 
     pub fn now(&self) -> Millis {

@@ -95,7 +95,8 @@ impl Server {
             .unwrap();
     }
 
-    /// Hosts h1, h2 and VM v1 running on h1: what the document's examples refer to.
+    /// Hosts h1, h2 and VM v1 running on h1 after two migrations: what the document's
+    /// examples refer to.
     async fn fixture(&self) {
         for (h, ip) in [("h1", 2), ("h2", 3)] {
             let (s, _) = self
@@ -124,6 +125,25 @@ impl Server {
                 host: "h1".into(),
             })
             .unwrap();
+        // Finished migrations for `GET /v1/migrations/1`: v1 to h2 and back.
+        for (id, to) in [(1, "h2"), (2, "h1")] {
+            self.manager
+                .execute(Command::MigrateVm {
+                    name: "v1".into(),
+                    to: Some(to.into()),
+                    policy: None,
+                })
+                .unwrap();
+            self.manager
+                .execute(Command::MigrationDone {
+                    id,
+                    result: tern_manager::state::MigrationResult::Succeeded {
+                        total_ms: 900,
+                        downtime_ms: 40,
+                    },
+                })
+                .unwrap();
+        }
     }
 }
 

@@ -89,10 +89,25 @@ async fn the_http_client_drives_a_real_agent() {
     assert_eq!(names(&report), ["web-1"]);
     assert!(report.cpu_used >= 0.0);
 
+    let seen = std::sync::Mutex::new(Vec::new());
     let result = ca
-        .migrate_vm("web-1", &spec(), &b.host, "adaptive")
+        .migrate_vm("web-1", &spec(), &b.host, "adaptive", &|p| {
+            seen.lock().unwrap().push(p)
+        })
         .await
         .unwrap();
+    // Whatever the polls caught is a phase under way, its rounds never going back.
+    let seen = seen.into_inner().unwrap();
+    for p in &seen {
+        assert!(
+            !matches!(p.phase.as_str(), "completed" | "rolled_back"),
+            "{p:?}"
+        );
+    }
+    assert!(
+        seen.windows(2).all(|w| w[0].round <= w[1].round),
+        "{seen:?}"
+    );
     let (on_a, on_b) = (
         ca.load_report().await.unwrap(),
         cb.load_report().await.unwrap(),

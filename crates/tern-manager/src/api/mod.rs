@@ -12,6 +12,7 @@
 pub mod client;
 pub mod error;
 pub mod metrics;
+pub mod migrations;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -91,7 +92,8 @@ pub fn router(
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/:name", get(show_vm).delete(delete_vm))
         .route("/v1/vms/:name/migrate", post(migrate_vm))
-        .route("/v1/migrations", get(list_migrations))
+        .route("/v1/migrations", get(migrations::list))
+        .route("/v1/migrations/:id", get(migrations::show))
         .route("/v1/plan", get(plan))
         .route("/v1/balancer", get(get_settings).put(put_settings))
         .route("/v1/events", get(list_events))
@@ -335,14 +337,6 @@ fn page(q: Result<Query<Page>, axum::extract::rejection::QueryRejection>) -> Api
             ),
         )
     })
-}
-
-async fn list_migrations(
-    State(app): AppState,
-    q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
-) -> ApiResult<Response> {
-    let limit = page(q)?.limit()?;
-    Ok(Json(call(&app, move |m| m.migrations(limit)).await?).into_response())
 }
 
 /// What the balancer would do now; nothing is recorded.

@@ -13,7 +13,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{Connector, HostClient};
+use super::{Connector, HostClient, Progress, ProgressFn};
 use crate::decide::{LoadReport, VmLoad};
 use crate::error::{Error, Result};
 use crate::state::{Host, MigrationResult, VmSpec};
@@ -137,13 +137,15 @@ impl HostClient for HttpHost {
     }
 
     /// `POST /v1/migrations` on the source agent, then polls `GET /v1/migrations/{id}`
-    /// until the migration completes or rolls back (the agent's phase machine).
+    /// until the migration completes or rolls back (the agent's phase machine); each
+    /// poll's phase and rounds go to `progress`.
     async fn migrate_vm(
         &self,
         vm: &str,
-        _spec: &VmSpec,
+        spec: &VmSpec,
         to: &Host,
         policy: &str,
+        progress: ProgressFn<'_>,
     ) -> Result<MigrationResult> {
         let body =
             json!({"vm": vm, "destination": to.address, "token": self.token, "policy": policy});
@@ -170,7 +172,17 @@ impl HostClient for HttpHost {
                         error: v["error"].as_str().unwrap_or("rolled back").to_owned(),
                     })
                 }
-                _ => tokio::time::sleep(MIGRATION_POLL).await,
+                phase => {
+                    // Rounds this side cannot read only leave the totals at zero.
+                    let rounds: Vec<tern_migrate::RoundTelemetry> =
+                        serde_json::from_value(v["rounds"].clone()).unwrap_or_default();
+                    progress(Progress::after_rounds(
+                        phase.unwrap_or("preparing"),
+                        spec.memory_mib << 20,
+                        &rounds,
+                    ));
+                    tokio::time::sleep(MIGRATION_POLL).await
+                }
             }
         }
     }

@@ -4,19 +4,21 @@
 //!
 //! A migration walks the driver's migration steps as the agent does for QEMU (destination
 //! created incoming, source migrated and left paused, destination resumed, source
-//! destroyed); its duration and downtime come from `tern-migrate`'s analytic pre-copy
-//! model under the requested policy, since the sim driver moves no memory.
+//! destroyed); its rounds, duration and downtime come from `tern-migrate`'s analytic
+//! pre-copy model under the requested policy, since the sim driver moves no memory. The
+//! model's rounds are reported as progress, in the model's time scaled by the cluster's
+//! pace ([`SimCluster::set_migration_pace`]): at the default 0 a migration ends at once.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tern_hv::sim::SimDriver;
 use tern_hv::Hypervisor;
 use tern_migrate::{DirtyModel, MigrationParams};
 
-use super::{Connector, HostClient};
+use super::{Connector, HostClient, Progress, ProgressFn};
 use crate::decide::balance::{DIRTY_BYTES_PER_CORE_S, LINK_BYTES_PER_S};
 use crate::decide::{LoadReport, VmLoad};
 use crate::error::{Error, Result};
@@ -129,6 +131,7 @@ impl HostClient for SimHost {
         spec: &VmSpec,
         to: &Host,
         policy: &str,
+        progress: ProgressFn<'_>,
     ) -> Result<MigrationResult> {
         self.reachable()?;
         let policy = check_policy(policy)?;
@@ -142,6 +145,41 @@ impl HostClient for SimHost {
             .get(vm)
             .copied()
             .unwrap_or(0.0);
+        let memory = spec.memory_mib * 1024 * 1024;
+        let dirty = util * f64::from(spec.vcpus) * DIRTY_BYTES_PER_CORE_S;
+        let params =
+            MigrationParams::new(memory, LINK_BYTES_PER_S).with_dirty(DirtyModel::Uniform {
+                rate_bytes_per_s: dirty,
+                working_set_bytes: memory,
+            });
+        let out = tern_migrate::simulate(&params, &policy).map_err(|e| hv_err(&self.name, e))?;
+        let pace = cluster.migration_pace();
+        let wait = |model_s: f64| async move {
+            if pace > 0.0 {
+                tokio::time::sleep(Duration::from_secs_f64(model_s * pace)).await;
+            }
+        };
+        // The VM runs here through the live rounds, as it would under the real engine.
+        progress(Progress::after_rounds("pre_copy", memory, &[]));
+        for (i, r) in out.telemetry.iter().enumerate() {
+            wait(r.duration_s).await;
+            progress(Progress::after_rounds(
+                "pre_copy",
+                memory,
+                &out.telemetry[..=i],
+            ));
+        }
+        if let Err(e) = dest.reachable() {
+            return Ok(MigrationResult::Failed {
+                error: e.to_string(),
+            });
+        }
+        progress(Progress::after_rounds(
+            "stop_and_copy",
+            memory,
+            &out.telemetry,
+        ));
+        wait(out.downtime_s).await;
         let info = self
             .driver
             .info(vm)
@@ -178,14 +216,6 @@ impl HostClient for SimHost {
         dest.set_utilisation(vm, util).await?;
         let _ = self.driver.destroy(vm).await;
         self.forget(vm).await;
-        let memory = spec.memory_mib * 1024 * 1024;
-        let dirty = util * f64::from(spec.vcpus) * DIRTY_BYTES_PER_CORE_S;
-        let params =
-            MigrationParams::new(memory, LINK_BYTES_PER_S).with_dirty(DirtyModel::Uniform {
-                rate_bytes_per_s: dirty,
-                working_set_bytes: memory,
-            });
-        let out = tern_migrate::simulate(&params, &policy).map_err(|e| hv_err(&self.name, e))?;
         Ok(MigrationResult::Succeeded {
             total_ms: out.total_ms(),
             downtime_ms: out.downtime_ms(),
@@ -230,6 +260,8 @@ impl HostClient for SimHost {
 pub struct SimCluster {
     hosts: Mutex<BTreeMap<String, Arc<SimHost>>>,
     me: std::sync::Weak<SimCluster>,
+    /// Real seconds per model second of a migration, as `f64` bits.
+    pace: std::sync::atomic::AtomicU64,
 }
 
 impl SimCluster {
@@ -237,7 +269,21 @@ impl SimCluster {
         Arc::new_cyclic(|me| Self {
             hosts: Mutex::new(BTreeMap::new()),
             me: me.clone(),
+            pace: std::sync::atomic::AtomicU64::new(0f64.to_bits()),
         })
+    }
+
+    /// Makes migrations take `pace` real seconds per second of the model's time: 0 (the
+    /// default) ends them at once, 1 lets them last as long as the model says, so their
+    /// progress can be watched.
+    pub fn set_migration_pace(&self, pace: f64) {
+        let pace = if pace.is_finite() { pace.max(0.0) } else { 0.0 };
+        self.pace
+            .store(pace.to_bits(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn migration_pace(&self) -> f64 {
+        f64::from_bits(self.pace.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Adds a host named `name` (its `Host::address` is `sim:`).

@@ -23,7 +23,7 @@ use tern_agent::lab::{self, LabOptions, LabState};
 use tern_agent::vms::CreateVm;
 use tern_hv::image::GuestImage;
 use tern_manager::client::http::HttpConnector;
-use tern_manager::client::{Connector, HostClient};
+use tern_manager::client::{Connector, HostClient, ProgressFn};
 use tern_manager::control::Control;
 use tern_manager::decide::balance::BalancePlan;
 use tern_manager::decide::{self, Command, LoadReport, NewVm};
@@ -357,12 +357,13 @@ impl HostClient for ImageHost {
         spec: &VmSpec,
         to: &Host,
         policy: &str,
+        progress: ProgressFn<'_>,
     ) -> tern_manager::error::Result<MigrationResult> {
         eprintln!(
             "demo: migrating {vm}: {} -> {} ({policy})",
             self.host, to.name
         );
-        self.inner.migrate_vm(vm, spec, to, policy).await
+        self.inner.migrate_vm(vm, spec, to, policy, progress).await
     }
 
     async fn load_report(&self) -> tern_manager::error::Result<LoadReport> {
