@@ -8,7 +8,7 @@
 //!   [`Decision`] and [`StopReason`] enums, and one file per policy: `qemu`, `xen`,
 //!   `adaptive`, `stop-copy`; plus the throttle arithmetic ([`throttle_for`], [`cpu_max`]).
 //! - [`fragment`]: [`FragmentTracker`], per-fragment re-dirtying history.
-//! - [`telemetry`]: [`RoundTelemetry`] and [`MigrationOutcome`].
+//! - [`telemetry`]: [`RoundTelemetry`], [`FirstRoundProbe`] and [`MigrationOutcome`].
 //! - [`model`]: [`simulate`] (analytic), [`simulate_pages`] (page-level, seeded), and
 //!   [`estimate`] / [`estimate_duration`] for a simulator's many migrations.
 //!
@@ -52,7 +52,7 @@ pub use policy::{
     cpu_max, cpu_quota_percent, decide, throttle_for, Adaptive, Decision, Limits, Policy,
     PolicyInput, PolicyKind, QemuRule, StopCopy, StopReason, Xen,
 };
-pub use telemetry::{MigrationOutcome, RoundTelemetry};
+pub use telemetry::{FirstRoundProbe, MigrationOutcome, RoundTelemetry};
 
 /// One mebibyte.
 pub const MIB: u64 = 1 << 20;

@@ -8,16 +8,21 @@
 //!             └──── Continue / Throttle (cgroup) ◄──────────────────────┤
 //!                                                   StopAndCopy ◄──────┘
 //! ```
+//!
+//! Round 1 is sent in two stretches: the first `probe_bytes` of non-zero memory, then
+//! the rest, while beside it a probe scan measures how fast the guest dirtied pages so
+//! far and the policy may throttle it at once ([`Policy::first_round_throttle`]). The
+//! scan runs beside the sending, so the link does not wait for it.
 
 use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use tern_migrate::fragment::{FragmentTracker, DEFAULT_FRAGMENT_BYTES};
 use tern_migrate::policy::{decide, Decision, Limits, Policy, PolicyInput, StopReason};
-use tern_migrate::telemetry::RoundTelemetry;
+use tern_migrate::telemetry::{FirstRoundProbe, RoundTelemetry};
 
 use super::memory::{scan, SeenDigests, SentDigests, SourceMemory};
-use super::outgoing::Outgoing;
+use super::outgoing::{Outgoing, RoundTransfer};
 use super::wire::PAGE_SIZE;
 use super::MigrationError;
 
@@ -33,6 +38,9 @@ pub struct PrecopyConfig {
     pub stop_cost_s: f64,
     /// Link rate to assume before one round was big enough to measure it.
     pub initial_bandwidth_bytes_per_s: f64,
+    /// Non-zero bytes round 1 sends before it probes the guest's dirty rate; round 1
+    /// is not split when less than twice this is to send. 0: no probe.
+    pub probe_bytes: u64,
 }
 
 impl Default for PrecopyConfig {
@@ -44,6 +52,9 @@ impl Default for PrecopyConfig {
             scan_threads: 2,
             stop_cost_s: 0.03,
             initial_bandwidth_bytes_per_s: 125e6,
+            // 0.2 s on a 1 Gbit/s link: long enough to see a fast guest's rate, early
+            // enough that most of round 1 still runs under the throttle it leads to.
+            probe_bytes: 24 << 20,
         }
     }
 }
@@ -60,8 +71,9 @@ pub struct PrecopyOutcome {
 }
 
 /// Applies a throttle and returns the percent actually in effect (0 when the host
-/// cannot throttle). The policy's next decision sees the applied value.
-pub trait Throttle {
+/// cannot throttle). The policy's next decision sees the applied value. `Send`: the
+/// round-1 probe applies it from its own thread.
+pub trait Throttle: Send {
     fn apply(&mut self, percent: u8) -> u8;
 }
 
@@ -78,6 +90,13 @@ pub fn run(
     cancel: &AtomicBool,
     on_round: &mut dyn FnMut(&RoundTelemetry),
 ) -> Result<PrecopyOutcome, MigrationError> {
+    let ctx = Live {
+        mem,
+        sent,
+        policy,
+        cfg,
+        cancel,
+    };
     let pages = mem.pages();
     let started = Instant::now();
     let seen = SeenDigests::new(pages);
@@ -98,6 +117,8 @@ pub fn run(
     // Round 1 covers every page, zero pages as runs: the destination file is not
     // assumed to be zero-filled (its QEMU may have written to it at start-up).
     scan(mem, sent, &seen, cfg.scan_threads);
+    // The guest's changes are counted from here: the rate is over the time since.
+    let mut last_scan = Instant::now();
     let mut dirty: Vec<u64> = (0..pages).collect();
     for round in 1u32.. {
         let round_start = Instant::now();
@@ -106,7 +127,30 @@ pub fn run(
             .copied()
             .filter(|&p| !tracker.fragment_of(p).is_some_and(|f| held[f as usize]))
             .collect();
-        let t = out.send_round(round, mem, sent, &to_send, cancel)?;
+        // Pages the round-1 probe saw change: the round's changes, with the scan after it.
+        let mut probed: Vec<u64> = Vec::new();
+        let split = if round == 1 {
+            probe_split(mem, &to_send, cfg.probe_bytes)
+        } else {
+            None
+        };
+        let t = match split {
+            Some(split) => {
+                let p =
+                    ctx.first_round(out, &seen, &to_send, split, &limits, last_scan, throttle)?;
+                if p.throttle > 0 {
+                    throttle_percent = p.throttle;
+                    max_throttle = max_throttle.max(p.throttle);
+                }
+                if let Some(b) = p.bandwidth {
+                    bandwidth = b;
+                }
+                probed = p.changed;
+                last_scan = p.scanned_at;
+                p.transfer
+            }
+            None => out.send_round(round, mem, sent, &to_send, cancel)?,
+        };
         let send_s = round_start.elapsed().as_secs_f64();
         bytes += t.bytes;
         if round == 1 {
@@ -119,7 +163,12 @@ pub fn run(
         let scan_start = Instant::now();
         let s = scan(mem, sent, &seen, cfg.scan_threads);
         let scan_s = scan_start.elapsed().as_secs_f64();
-        tracker.observe_pages(s.changed.iter().copied());
+        // Rated over the time since the previous scan: after a round-1 probe that is the
+        // time under the throttle it led to, the rate the policy must size against.
+        let rate_window_s = last_scan.elapsed().as_secs_f64();
+        last_scan = Instant::now();
+        let changed = union_sorted(&probed, &s.changed);
+        tracker.observe_pages(changed.iter().copied());
         let duration_s = round_start.elapsed().as_secs_f64();
         let held_back_pages = s
             .dirty
@@ -131,8 +180,8 @@ pub fn run(
             round,
             pages_sent: t.data_pages + t.zero_pages,
             bytes_sent: t.bytes,
-            pages_changed: s.changed.len() as u64,
-            dirty_rate_bytes_per_s: (s.changed.len() * PAGE_SIZE) as f64 / duration_s.max(1e-6),
+            pages_changed: changed.len() as u64,
+            dirty_rate_bytes_per_s: (s.changed.len() * PAGE_SIZE) as f64 / rate_window_s.max(1e-6),
             bandwidth_bytes_per_s: bandwidth,
             remaining_pages: remaining,
             held_back_pages,
@@ -191,4 +240,179 @@ pub fn run(
         }
     }
     unreachable!("the round counter does not run out before the policy's round cap")
+}
+
+/// What the live loop's helpers share.
+struct Live<'a> {
+    mem: &'a SourceMemory,
+    sent: &'a SentDigests,
+    policy: &'a dyn Policy,
+    cfg: &'a PrecopyConfig,
+    cancel: &'a AtomicBool,
+}
+
+/// Round 1 sent in two stretches with the probe between them.
+struct FirstRound {
+    transfer: RoundTransfer,
+    /// Pages the probe saw change, ascending.
+    changed: Vec<u64>,
+    /// When the probe's scan ended.
+    scanned_at: Instant,
+    /// Throttle applied for the rest of round 1 (0: none).
+    throttle: u8,
+    /// Link rate measured over the first stretch, when it was big enough.
+    bandwidth: Option<f64>,
+}
+
+impl Live<'_> {
+    /// Sends `pages[..split]`, then `pages[split..]` while a probe scans memory beside
+    /// it and applies the throttle the policy asks for.
+    #[allow(clippy::too_many_arguments)] // the loop's state the probe reads and sets
+    fn first_round(
+        &self,
+        out: &mut Outgoing,
+        seen: &SeenDigests,
+        pages: &[u64],
+        split: usize,
+        limits: &Limits,
+        since: Instant,
+        throttle: &mut dyn Throttle,
+    ) -> Result<FirstRound, MigrationError> {
+        let Live {
+            mem,
+            sent,
+            policy,
+            cfg,
+            cancel,
+        } = *self;
+        let start = Instant::now();
+        let first = out.send_round(1, mem, sent, &pages[..split], cancel)?;
+        let first_s = start.elapsed().as_secs_f64();
+        let bandwidth =
+            (first.bytes >= 4 << 20 && first_s > 0.0).then(|| first.bytes as f64 / first_s);
+        let rest = &pages[split..];
+        let bytes_left =
+            rest.iter().filter(|&&p| mem.has_data(p)).count() as u64 * PAGE_SIZE as u64;
+        let (second, probe) = std::thread::scope(|s| {
+            let probe = s.spawn(|| {
+                let scan_start = Instant::now();
+                let found = scan(mem, sent, seen, cfg.scan_threads);
+                let scanned_at = Instant::now();
+                let probe = FirstRoundProbe {
+                    pages_changed: found.changed.len() as u64,
+                    window_s: scanned_at.duration_since(since).as_secs_f64(),
+                    bandwidth_bytes_per_s: bandwidth.unwrap_or(cfg.initial_bandwidth_bytes_per_s),
+                    bytes_left,
+                    stop_cost_s: (scanned_at - scan_start).as_secs_f64() + cfg.stop_cost_s,
+                };
+                let wanted = policy.first_round_throttle(&probe, limits);
+                let applied = if wanted > 0 {
+                    throttle.apply(wanted)
+                } else {
+                    0
+                };
+                tracing::debug!(?probe, wanted, applied, "round 1 probe");
+                (found.changed, scanned_at, applied)
+            });
+            let second = out.send_round(1, mem, sent, rest, cancel);
+            (second, probe.join().expect("round 1 probe panicked"))
+        });
+        let second = second?;
+        let (changed, scanned_at, throttle) = probe;
+        Ok(FirstRound {
+            transfer: RoundTransfer {
+                data_pages: first.data_pages + second.data_pages,
+                zero_pages: first.zero_pages + second.zero_pages,
+                bytes: first.bytes + second.bytes,
+            },
+            changed,
+            scanned_at,
+            throttle,
+            bandwidth,
+        })
+    }
+}
+
+/// Where round 1's first stretch ends: after `probe_bytes` of pages with data, if at
+/// least as much again follows; `None` when the round is too small to be worth a probe.
+fn probe_split(mem: &SourceMemory, pages: &[u64], probe_bytes: u64) -> Option<usize> {
+    let want = probe_bytes / PAGE_SIZE as u64;
+    if want == 0 {
+        return None;
+    }
+    let mut seen = 0u64;
+    let mut split = None;
+    for (i, &p) in pages.iter().enumerate() {
+        if mem.has_data(p) {
+            seen += 1;
+            if seen == want {
+                split = Some(i + 1);
+            } else if seen == 2 * want {
+                return split;
+            }
+        }
+    }
+    None
+}
+
+/// The union of two ascending page lists, ascending, each page once.
+fn union_sorted(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => {
+                out.push(a[i]);
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                out.push(b[j]);
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                out.push(a[i]);
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    out.extend_from_slice(&a[i..]);
+    out.extend_from_slice(&b[j..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn union_keeps_each_page_once_in_order() {
+        assert_eq!(
+            union_sorted(&[1, 4, 9], &[2, 4, 10, 11]),
+            vec![1, 2, 4, 9, 10, 11]
+        );
+        assert_eq!(union_sorted(&[], &[3]), vec![3]);
+        assert_eq!(union_sorted(&[3], &[]), vec![3]);
+    }
+
+    #[test]
+    fn round_one_is_split_after_the_probe_bytes_only_when_as_much_again_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        std::fs::write(&path, vec![7u8; PAGE_SIZE * 100]).unwrap();
+        let mem = SourceMemory::open(&path).unwrap();
+        let all: Vec<u64> = (0..mem.pages()).collect();
+        let page = PAGE_SIZE as u64;
+        assert_eq!(probe_split(&mem, &all, 40 * page), Some(40));
+        assert_eq!(probe_split(&mem, &all, 50 * page), Some(50));
+        assert_eq!(
+            probe_split(&mem, &all, 60 * page),
+            None,
+            "40 pages follow, not 60"
+        );
+        assert_eq!(probe_split(&mem, &all, 0), None);
+        // The split counts pages with data, wherever they are in the list.
+        let odd: Vec<u64> = (0..100).filter(|p| p % 2 == 1).collect();
+        assert_eq!(probe_split(&mem, &odd, 10 * page), Some(10));
+    }
 }

@@ -13,8 +13,9 @@
 //! ```
 
 use super::throttle::throttle_for;
-use super::{Decision, Policy, PolicyInput, StopReason};
+use super::{Decision, Limits, Policy, PolicyInput, StopReason};
 use crate::fragment::FragmentId;
+use crate::telemetry::FirstRoundProbe;
 
 /// Settings of the adaptive policy.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -36,7 +37,9 @@ pub struct Adaptive {
     pub throttle_margin: f64,
     /// Throttle from the first round on when the guest dirties memory at this share of
     /// the link's rate or more: at a share s each round leaves s of the previous one, so
-    /// above one half the rounds would take longer than the first copy.
+    /// above one half the rounds would take longer than the first copy. Measured part way
+    /// into round 1 when the engine probes ([`Policy::first_round_throttle`]), else at
+    /// its end.
     pub throttle_early_share: f64,
 }
 
@@ -166,9 +169,34 @@ impl Policy for Adaptive {
             hold_back: vec![],
         }
     }
+
+    fn first_round_throttle(&self, probe: &FirstRoundProbe, limits: &Limits) -> u8 {
+        self.early_throttle(probe, limits)
+    }
 }
 
 impl Adaptive {
+    /// Throttle for the rest of round 1. Everything the guest rewrites behind the copy
+    /// while round 1 finishes is sent again in round 2; for a guest that dirties at least
+    /// [`Adaptive::throttle_early_share`] of the link's rate, that is most of its working
+    /// set, so it is throttled now, hard enough that what it dirties in the rest of round
+    /// 1 would fit the budget, instead of after round 1 has let it re-dirty everything.
+    fn early_throttle(&self, probe: &FirstRoundProbe, limits: &Limits) -> u8 {
+        let bw = probe.bandwidth_bytes_per_s;
+        let rate = probe.dirty_rate_bytes_per_s(limits.page_size);
+        if bw <= 0.0 || rate < self.throttle_early_share * bw {
+            return 0;
+        }
+        let rest_s = probe.bytes_left as f64 / bw;
+        let memory = (limits.memory_pages * limits.page_size) as f64;
+        let redirtied_s = (rate * rest_s).min(memory) / bw;
+        // When stopping alone costs the budget, no throttle makes the stop fit, but a
+        // slower guest still leaves round 2 less to send: the smallest budget then.
+        let budget = (limits.downtime_limit_s - probe.stop_cost_s).max(0.01);
+        throttle_for(redirtied_s, budget, bw, rate, 0, self.throttle_margin)
+            .min(self.max_throttle_percent)
+    }
+
     /// The guest's dirty rate in the last round, in bytes per second: the larger of the
     /// distinct-page rate and the write rate inferred from the fragments, because the
     /// distinct rate of a saturated hot set says little about how fast it is written.
@@ -188,7 +216,7 @@ impl Adaptive {
 #[cfg(test)]
 mod tests {
     use super::super::test_support::round;
-    use super::super::Limits;
+    use super::super::PolicyKind;
     use super::*;
     use crate::fragment::FragmentTracker;
     use crate::RoundTelemetry;
@@ -232,6 +260,45 @@ mod tests {
         // After a short second round the rate says nothing about the guest.
         let later = [on_link(1, 30000), on_link(2, 20000)];
         assert!(matches!(decide(&later, &t), Decision::Continue { .. }));
+    }
+
+    fn probe(pages_changed: u64, bytes_left: u64) -> FirstRoundProbe {
+        FirstRoundProbe {
+            pages_changed,
+            window_s: 0.2,
+            bandwidth_bytes_per_s: 1.25e8,
+            bytes_left,
+            stop_cost_s: 0.05,
+        }
+    }
+
+    #[test]
+    fn throttles_during_the_first_round_a_guest_that_outruns_the_link() {
+        let limits = Limits::new(131_072, 4096);
+        let a = Adaptive::default();
+        // 188 MB/s (150 % of the link) with 150 MB of round 1 to go: it would re-dirty
+        // its whole working set behind the copy: 0.8 * 0.25 s * 125 / 1.8 s / 188 MB/s
+        // leaves it 7 % of its vCPU time.
+        let fast = probe(9180, 150_000_000);
+        assert_eq!(a.first_round_throttle(&fast, &limits), 93);
+        // 94 MB/s (75 %): throttled, but less.
+        let p = a.first_round_throttle(&probe(4590, 150_000_000), &limits);
+        assert!((50..95).contains(&p), "{p}");
+        // 31 MB/s (25 %): later rounds catch it up; no throttle.
+        assert_eq!(
+            a.first_round_throttle(&probe(1514, 150_000_000), &limits),
+            0
+        );
+        // Fast, but round 1 is almost through: what it re-dirties meanwhile fits.
+        assert_eq!(a.first_round_throttle(&probe(9180, 4_000_000), &limits), 0);
+        // Other policies never throttle during round 1.
+        for k in [PolicyKind::Qemu, PolicyKind::Xen, PolicyKind::StopCopy] {
+            assert_eq!(k.first_round_throttle(&fast, &limits), 0);
+        }
+        assert_eq!(
+            PolicyKind::Adaptive.first_round_throttle(&fast, &limits),
+            93
+        );
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub use throttle::{cpu_max, cpu_quota_percent, throttle_for};
 pub use xen::Xen;
 
 use crate::fragment::{FragmentId, FragmentTracker};
-use crate::telemetry::RoundTelemetry;
+use crate::telemetry::{FirstRoundProbe, RoundTelemetry};
 use crate::MigrateError;
 
 /// Downtime budget QEMU uses by default (`downtime-limit`, 300 ms).
@@ -164,6 +164,12 @@ pub trait Policy: Send + Sync {
 
     /// The policy's own decision; callers use [`decide`], which applies safety caps first.
     fn decide(&self, input: &PolicyInput<'_>) -> Decision;
+
+    /// Throttle percent to apply for the rest of round 1, from what the engine saw
+    /// after sending its first stretch; 0 (the default) lets round 1 run unthrottled.
+    fn first_round_throttle(&self, _probe: &FirstRoundProbe, _limits: &Limits) -> u8 {
+        0
+    }
 }
 
 /// Next step for a migration: the safety caps of `input.limits`, then `policy`.
@@ -252,6 +258,13 @@ impl Policy for PolicyKind {
             PolicyKind::Xen => Xen::default().decide(input),
             PolicyKind::Adaptive => Adaptive::default().decide(input),
             PolicyKind::StopCopy => StopCopy.decide(input),
+        }
+    }
+
+    fn first_round_throttle(&self, probe: &FirstRoundProbe, limits: &Limits) -> u8 {
+        match self {
+            PolicyKind::Adaptive => Adaptive::default().first_round_throttle(probe, limits),
+            PolicyKind::Qemu | PolicyKind::Xen | PolicyKind::StopCopy => 0,
         }
     }
 }

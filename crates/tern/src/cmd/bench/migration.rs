@@ -393,6 +393,18 @@ impl Bench<'_> {
             downtime_parts_ms: None,
             note: None,
         };
+        // Per-round figures on stderr: where the time of a slow run went.
+        for t in s["rounds"].as_array().into_iter().flatten() {
+            eprintln!(
+                "bench:   round {}: {} pages in {:.0} ms, {:.0} MB/s dirtied, {} left, throttle {} %",
+                t["round"],
+                t["pages_sent"],
+                t["duration_s"].as_f64().unwrap_or(0.0) * 1000.0,
+                t["dirty_rate_bytes_per_s"].as_f64().unwrap_or(0.0) / 1e6,
+                t["remaining_pages"],
+                t["throttle_percent"],
+            );
+        }
         if s["phase"] == "completed" {
             let r = &s["result"];
             run.total_ms = r["total_ms"].as_u64();
