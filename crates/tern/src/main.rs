@@ -31,12 +31,13 @@ enum Command {
     /// Build the guest image (kernel, initramfs, tern-guest) into the cache.
     #[command(subcommand)]
     Image(cmd::image::Command),
-    /// Run the host agent (HTTP API over this host's VMs).
+    /// Run the host agent (HTTP API over this host's VMs); `tern agent vm` talks to one.
     Agent(cmd::agent::Args),
     /// A lab of hosts on this machine: network namespaces, shaped links, one agent each.
     #[command(subcommand)]
     Lab(cmd::lab::Command),
-    /// VMs on one host, straight against its agent.
+    /// The cluster's VMs through the manager: list, show, create, delete, and migrate with
+    /// a live progress bar (`tern agent vm` talks to one agent).
     Vm(cmd::vm::Args),
     /// Run the control plane: REST API, state in SQLite, balancing loop over the agents.
     Manager(cmd::manager::Args),

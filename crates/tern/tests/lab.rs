@@ -1,6 +1,7 @@
 //! `tern lab` end to end (needs root): up 2 hosts with shaped links, the hosts reach each
-//! other, status reports healthy agents, a VM with a NIC runs on a host through `tern vm`,
-//! bad input exits with status 2, and down leaves nothing of the lab behind.
+//! other, status reports healthy agents, a VM with a NIC runs on a host through
+//! `tern agent vm`, bad input exits with status 2, and down leaves nothing of the lab
+//! behind.
 
 use serde_json::Value;
 use std::process::{Command, Output};
@@ -106,6 +107,7 @@ fn lab_up_status_vm_down() {
     // A VM with a NIC on host 1: its tap joins the host's bridge; its RAM is on tmpfs.
     let vm = |args: &[&str]| {
         let mut a = vec![
+            "agent",
             "vm",
             "--agent",
             &h1_url,
@@ -135,7 +137,12 @@ fn lab_up_status_vm_down() {
         Some(2),
         "spec without memory"
     );
-    let wrong = tern(st, &["vm", "--agent", &h1_url, "--token", "wrong", "list"]);
+    let wrong = tern(
+        st,
+        &[
+            "agent", "vm", "--agent", &h1_url, "--token", "wrong", "list",
+        ],
+    );
     assert_eq!(wrong.status.code(), Some(2), "bad token");
 
     // A real guest on host 1 with an address on the lab's segment answers a ping from

@@ -18,8 +18,25 @@ pub enum Driver {
     Sim,
 }
 
+/// `tern agent [daemon flags]` runs the daemon; `tern agent vm ...` talks to one.
 #[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<AgentCommand>,
+    #[command(flatten)]
+    pub daemon: Option<Daemon>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum AgentCommand {
+    /// VMs on one host, straight against its agent (the cluster's VMs: `tern vm`).
+    Vm(Box<super::vm::agent::Args>),
+}
+
+/// The daemon's flags.
+#[derive(clap::Args, Debug)]
+pub struct Daemon {
     /// Address and port to serve the API on, e.g. 198.18.0.1:7070 or 127.0.0.1:7070.
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: String,
@@ -64,6 +81,17 @@ pub fn agent_error(e: AgentError) -> anyhow::Error {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    match (args.command, args.daemon) {
+        (Some(AgentCommand::Vm(a)), _) => super::vm::agent::run(*a),
+        (None, Some(d)) => serve(d),
+        (None, None) => Err(bad_input(
+            "give the daemon's --listen, --state-dir and --token-file, or a subcommand \
+             (`tern agent vm --help`)",
+        )),
+    }
+}
+
+fn serve(args: Daemon) -> anyhow::Result<()> {
     let token = tern_agent::lab::read_token(&args.token_file).map_err(agent_error)?;
     let addr: SocketAddr = args.listen.parse().map_err(|e| {
         bad_input(format!(

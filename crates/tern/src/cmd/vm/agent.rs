@@ -1,7 +1,9 @@
-//! `tern vm`: VMs on one host, straight against its agent (`--agent URL --token T`).
+//! `tern agent vm`: VMs on one host, straight against its agent (`--agent URL --token T`),
+//! with the host-level actions the manager does not offer (start, pause, resume, stop,
+//! metrics, guest requests).
 
-use super::agent::agent_error;
-use super::bad_input;
+use super::super::agent::agent_error;
+use super::super::bad_input;
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::Duration;

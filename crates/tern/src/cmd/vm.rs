@@ -1,0 +1,213 @@
+//! `tern vm`: the cluster's VMs through the manager (list, show, create placed by the
+//! manager or on `--host`, delete, migrate). `migrate` waits for the migration and shows a
+//! live progress bar (round, transferred, remaining, dirty rate) while it runs; when
+//! stdout is not a terminal, or with `--json`, the bar is hidden and the result printed as
+//! JSON. `tern agent vm` talks to one agent instead.
+
+pub mod agent;
+mod progress;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+
+use super::host::{call, table, Conn};
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Subcommand)]
+enum Command {
+    /// Every VM, with its state, host and load.
+    List,
+    /// One VM; while it migrates, its migration's telemetry.
+    Show { name: String },
+    /// Create a VM; the manager places it unless --host names a host.
+    Create(CreateArgs),
+    /// Delete a VM; its host destroys it.
+    Delete { name: String },
+    /// Live-migrate a VM and watch it: a progress bar while it runs, the result at the end.
+    Migrate {
+        name: String,
+        /// The destination host (default: the manager picks the best other host).
+        #[arg(long)]
+        to: Option<String>,
+        /// The pre-copy termination policy: adaptive, xen, qemu-rule (default: the
+        /// balancer's).
+        #[arg(long)]
+        policy: Option<String>,
+        /// Print the migration as started and return without waiting.
+        #[arg(long)]
+        no_wait: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct CreateArgs {
+    name: String,
+    #[arg(long, default_value_t = 1)]
+    vcpus: u32,
+    #[arg(long, default_value_t = 1024)]
+    memory_mib: u64,
+    /// Put it on this host instead of letting the manager choose.
+    #[arg(long)]
+    host: Option<String>,
+    /// The balancer never moves a pinned VM.
+    #[arg(long)]
+    pinned: bool,
+    /// VMs sharing an affinity group are kept on one host.
+    #[arg(long, value_name = "GROUP")]
+    affinity: Option<String>,
+    /// VMs sharing an anti-affinity group are kept on different hosts.
+    #[arg(long, value_name = "GROUP")]
+    anti_affinity: Option<String>,
+}
+
+const HEADER: [&str; 6] = ["NAME", "STATE", "HOST", "VCPUS", "MEMORY MiB", "CPU USED"];
+
+/// One table row of a VM record (pure). A migrating VM's host reads `from -> to`.
+fn vm_row(v: &Value) -> Vec<String> {
+    let s = |v: &Value| v.as_str().unwrap_or("-").to_owned();
+    let host = match (v["observed_host"].as_str(), v["desired_host"].as_str()) {
+        (Some(o), Some(d)) if o != d => format!("{o} -> {d}"),
+        (Some(o), _) => o.to_owned(),
+        (None, Some(d)) => d.to_owned(),
+        (None, None) => "-".to_owned(),
+    };
+    vec![
+        s(&v["name"]),
+        s(&v["state"]),
+        host,
+        v["spec"]["vcpus"].to_string(),
+        v["spec"]["memory_mib"].to_string(),
+        v["cpu_used"]
+            .as_f64()
+            .map_or("-".to_owned(), |c| format!("{c:.2}")),
+    ]
+}
+
+/// The path segment of a name given on the command line; names the manager would refuse
+/// anyway are refused here before they can change the path.
+fn segment(name: &str) -> anyhow::Result<&str> {
+    if name.is_empty() || name.contains(['/', '?', '#', '%']) || name.trim() != name {
+        return Err(super::bad_input(format!(
+            "{name:?} is not a VM or host name; `tern vm list` shows the VMs"
+        )));
+    }
+    Ok(name)
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let c = &a.conn;
+    let v = match a.command {
+        Command::List => call(c, Method::GET, "/v1/vms", None)?,
+        Command::Show { name } => return show(c, &name),
+        Command::Create(x) => {
+            let mut spec =
+                json!({"vcpus": x.vcpus, "memory_mib": x.memory_mib, "pinned": x.pinned});
+            if let Some(g) = x.affinity {
+                spec["affinity"] = g.into();
+            }
+            if let Some(g) = x.anti_affinity {
+                spec["anti_affinity"] = g.into();
+            }
+            let mut body = json!({"name": x.name, "spec": spec});
+            if let Some(h) = x.host {
+                body["host"] = h.into();
+            }
+            call(c, Method::POST, "/v1/vms", Some(body))?
+        }
+        Command::Delete { name } => call(
+            c,
+            Method::DELETE,
+            &format!("/v1/vms/{}", segment(&name)?),
+            None,
+        )?,
+        Command::Migrate {
+            name,
+            to,
+            policy,
+            no_wait,
+        } => return progress::migrate(c, segment(&name)?, to, policy, no_wait),
+    };
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        let rows: Vec<Vec<String>> = match &v {
+            Value::Array(vs) => vs.iter().map(vm_row).collect(),
+            one => vec![vm_row(one)],
+        };
+        table(&HEADER, &rows);
+    }
+    Ok(())
+}
+
+fn show(c: &Conn, name: &str) -> anyhow::Result<()> {
+    let mut v = call(c, Method::GET, &format!("/v1/vms/{}", segment(name)?), None)?;
+    let running = call(c, Method::GET, "/v1/migrations?running=true", None)?;
+    let migration = running
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["vm"] == name))
+        .cloned();
+    if c.json {
+        if let Some(m) = migration {
+            v["migration"] = m;
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    table(&HEADER, &[vm_row(&v)]);
+    let spec = &v["spec"];
+    for (k, key) in [("affinity", "affinity"), ("anti-affinity", "anti_affinity")] {
+        if let Some(g) = spec[key].as_str() {
+            println!("  {k}: {g}");
+        }
+    }
+    if spec["pinned"] == true {
+        println!("  pinned: the balancer never moves it");
+    }
+    if let Some(m) = migration {
+        let memory = spec["memory_mib"].as_u64().unwrap_or(0) << 20;
+        println!(
+            "  migration {}: {} -> {} ({}), {}",
+            m["id"],
+            m["from"].as_str().unwrap_or("?"),
+            m["to"].as_str().unwrap_or("?"),
+            m["policy"].as_str().unwrap_or("?"),
+            progress::describe(&m["progress"], memory)
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_show_a_moving_vm_as_from_to() {
+        let v = json!({"name": "web", "state": "migrating", "observed_host": "a",
+                       "desired_host": "b", "spec": {"vcpus": 2, "memory_mib": 512},
+                       "cpu_used": 0.5});
+        assert_eq!(
+            vm_row(&v),
+            ["web", "migrating", "a -> b", "2", "512", "0.50"]
+        );
+        let pending = json!({"name": "new", "state": "pending", "observed_host": null,
+                             "desired_host": "c", "spec": {"vcpus": 1, "memory_mib": 64},
+                             "cpu_used": 0.0});
+        assert_eq!(vm_row(&pending)[2], "c");
+    }
+
+    #[test]
+    fn names_that_would_change_the_path_are_refused() {
+        assert!(segment("web-1").is_ok());
+        for bad in ["", "a/b", "a?x", " a", "a%2F"] {
+            assert!(segment(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! `tern vm migrate`: starts a migration through the manager and follows it with
+//! `GET /v1/migrations/{id}`, drawing the telemetry the manager relays from the source
+//! as a progress bar whose fill is the share of memory already current on the destination.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use reqwest::Method;
+use serde_json::{json, Value};
+use tern_manager::api::client::{ApiClient, CallError};
+
+use super::super::host::Conn;
+
+/// Time between polls of the migration.
+const POLL: Duration = Duration::from_millis(200);
+
+/// Failed polls in a row (a manager restarting, a leader changing) before giving up.
+const MAX_FAILED_POLLS: u32 = 50;
+
+/// `1.5 GiB`, `120 MiB`, `512 B` (pure).
+fn bytes(n: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n.max(0.0);
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{v:.0} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+/// One line of telemetry (pure): round, transferred, remaining, dirty rate, predicted
+/// downtime and phase; `null` before the source's first report.
+pub fn describe(p: &Value, memory_bytes: u64) -> String {
+    if p.is_null() {
+        return format!("starting ({} to copy)", bytes(memory_bytes as f64));
+    }
+    let num = |k: &str| p[k].as_f64().unwrap_or(0.0);
+    format!(
+        "round {} | sent {} | remaining {} | dirty {}/s | downtime ~{:.0} ms | {}",
+        p["round"].as_u64().unwrap_or(0),
+        bytes(num("bytes_transferred")),
+        bytes(num("bytes_remaining")),
+        bytes(num("dirty_rate_bytes_per_s")),
+        num("predicted_downtime_ms"),
+        p["phase"].as_str().unwrap_or("?").replace('_', "-"),
+    )
+}
+
+/// How much of the guest's memory is current on the destination (pure): the bar's fill.
+fn current_bytes(p: &Value, memory_bytes: u64) -> u64 {
+    memory_bytes.saturating_sub(p["bytes_remaining"].as_u64().unwrap_or(memory_bytes))
+}
+
+fn refused(e: CallError) -> anyhow::Error {
+    match e {
+        CallError::Refused { .. } => super::super::bad_input(e),
+        CallError::Failed(m) => anyhow::anyhow!(m),
+    }
+}
+
+/// The migration's final record, with what was seen of it on the way (pure).
+fn summary(record: &Value, last: &Value, updates: u32) -> Value {
+    let mut out = record.clone();
+    out["last_progress"] = last.clone();
+    out["progress_updates"] = updates.into();
+    out
+}
+
+pub fn migrate(
+    c: &Conn,
+    name: &str,
+    to: Option<String>,
+    policy: Option<String>,
+    no_wait: bool,
+) -> anyhow::Result<()> {
+    let client = c.client()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(follow(&client, c.json, name, to, policy, no_wait))
+}
+
+async fn follow(
+    client: &ApiClient,
+    json_out: bool,
+    name: &str,
+    to: Option<String>,
+    policy: Option<String>,
+    no_wait: bool,
+) -> anyhow::Result<()> {
+    let vm = client
+        .call(Method::GET, &format!("/v1/vms/{name}"), None)
+        .await
+        .map_err(refused)?;
+    let memory = vm["spec"]["memory_mib"].as_u64().unwrap_or(0) << 20;
+    let mut body = json!({});
+    if let Some(t) = to {
+        body["to"] = t.into();
+    }
+    if let Some(p) = policy {
+        body["policy"] = p.into();
+    }
+    let started = client
+        .call(
+            Method::POST,
+            &format!("/v1/vms/{name}/migrate"),
+            Some(&body),
+        )
+        .await
+        .map_err(refused)?;
+    let id = started["id"]
+        .as_u64()
+        .ok_or_else(|| anyhow::anyhow!("the manager's answer has no migration id: {started}"))?;
+    let route = format!(
+        "{} -> {} ({})",
+        started["from"].as_str().unwrap_or("?"),
+        started["to"].as_str().unwrap_or("?"),
+        started["policy"].as_str().unwrap_or("?")
+    );
+    if no_wait {
+        if json_out {
+            println!("{}", serde_json::to_string_pretty(&started)?);
+        } else {
+            println!("migration {id} of {name} started: {route}; `tern vm show {name}` follows it");
+        }
+        return Ok(());
+    }
+    let drawn = !json_out && std::io::stdout().is_terminal();
+    let bar = ProgressBar::with_draw_target(
+        Some(memory),
+        if drawn {
+            ProgressDrawTarget::stdout()
+        } else {
+            ProgressDrawTarget::hidden()
+        },
+    );
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} [{bar:24}] {percent:>3}% {msg}")
+            .expect("the template is valid")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("{name} {route}"));
+    bar.set_message(describe(&Value::Null, memory));
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let (mut last, mut updates, mut failures) = (Value::Null, 0u32, 0u32);
+    let record = loop {
+        match client
+            .call(Method::GET, &format!("/v1/migrations/{id}"), None)
+            .await
+        {
+            Ok(m) if !m["finished"].is_null() => break m,
+            Ok(m) => {
+                failures = 0;
+                let p = &m["progress"];
+                if !p.is_null() && *p != last {
+                    updates += 1;
+                    bar.set_position(current_bytes(p, memory));
+                    bar.set_message(describe(p, memory));
+                    last = p.clone();
+                }
+            }
+            Err(e @ CallError::Refused { .. }) => return Err(refused(e)),
+            Err(e) => {
+                failures += 1;
+                if failures >= MAX_FAILED_POLLS {
+                    bar.abandon();
+                    return Err(anyhow::anyhow!(
+                        "lost the manager while migration {id} ran ({e}); \
+                         `tern vm show {name}` tells how it ended"
+                    ));
+                }
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    bar.finish_and_clear();
+    let result = &record["result"];
+    if drawn {
+        if result["status"] == "succeeded" {
+            println!(
+                "migrated {name} {route}: total {:.2} s, downtime {} ms",
+                result["total_ms"].as_f64().unwrap_or(0.0) / 1e3,
+                result["downtime_ms"],
+            );
+        }
+    } else {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&summary(&record, &last, updates))?
+        );
+    }
+    if result["status"] != "succeeded" {
+        return Err(anyhow::anyhow!(
+            "migration {id} of {name} ({route}) failed: {}; the VM keeps running on {}",
+            result["error"].as_str().unwrap_or("no reason given"),
+            record["from"].as_str().unwrap_or("its host")
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_in_binary_units() {
+        assert_eq!(bytes(512.0), "512 B");
+        assert_eq!(bytes(1536.0), "1.5 KiB");
+        assert_eq!(bytes(3.0 * 1024.0 * 1024.0 * 1024.0), "3.0 GiB");
+    }
+
+    #[test]
+    fn a_line_names_round_bytes_rate_and_phase() {
+        let p = json!({"phase": "pre_copy", "round": 3, "bytes_transferred": 3u64 << 30,
+                       "bytes_remaining": 128u64 << 20, "dirty_rate_bytes_per_s": 40.0 * 1048576.0,
+                       "predicted_downtime_ms": 251.4});
+        assert_eq!(
+            describe(&p, 2 << 30),
+            "round 3 | sent 3.0 GiB | remaining 128.0 MiB | dirty 40.0 MiB/s | downtime ~251 ms | pre-copy"
+        );
+        assert!(describe(&Value::Null, 2 << 30).contains("2.0 GiB to copy"));
+        assert_eq!(current_bytes(&p, 2 << 30), (2 << 30) - (128 << 20));
+        assert_eq!(current_bytes(&Value::Null, 1024), 0);
+    }
+
+    #[test]
+    fn the_summary_keeps_the_record_and_adds_what_was_seen() {
+        let r = json!({"id": 4, "result": {"status": "succeeded"}});
+        let s = summary(&r, &json!({"round": 2}), 5);
+        assert_eq!(s["id"], 4);
+        assert_eq!(s["last_progress"]["round"], 2);
+        assert_eq!(s["progress_updates"], 5);
+    }
+}

@@ -1,0 +1,221 @@
+//! `tern vm` against a real manager (SQLite state, HTTP API on loopback, control loop)
+//! whose hosts are in-process sim hosts with migrations paced to take real time: create
+//! placed and on a named host, list, show, a migration whose progress the CLI sees
+//! before it completes, delete, and bad input (unknown VM or host) exiting with 2.
+
+use std::process::Output;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tern_manager::client::sim::SimCluster;
+use tern_manager::control::Control;
+use tern_manager::decide::Command;
+use tern_manager::manager::system_clock;
+use tern_manager::state::{BalancerSettings, Capacity};
+use tern_manager::store::SqliteStore;
+use tern_manager::Manager;
+
+const TOKEN: &str = "vm-cli-token";
+
+struct Served {
+    base: String,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    sim: Arc<SimCluster>,
+    _dir: tempfile::TempDir,
+}
+
+async fn serve() -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("tern.db")).unwrap();
+    let manager = Arc::new(Manager::open(Box::new(store), system_clock()).unwrap());
+    let sim = SimCluster::new();
+    let mut cmds = vec![Command::PutSettings(BalancerSettings {
+        enabled: false,
+        interval_s: 1,
+        ..BalancerSettings::default()
+    })];
+    for h in ["alpha", "beta", "gamma"] {
+        sim.add_host(h);
+        cmds.push(Command::RegisterHost {
+            name: h.into(),
+            address: "sim:".into(),
+            capacity: Capacity {
+                cpus: 8.0,
+                memory_mib: 32768,
+            },
+        });
+    }
+    for r in manager.execute_many(cmds).unwrap() {
+        r.unwrap();
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, rx) = tokio::sync::watch::channel(false);
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let control = Control::new(manager.clone(), sim.clone());
+    let looping = tokio::spawn(control.run(wait(rx.clone())));
+    let api = tokio::spawn({
+        let stopped = wait(rx);
+        async move {
+            tern_manager::api::serve(listener, manager, vec![TOKEN.into()], stopped)
+                .await
+                .unwrap()
+        }
+    });
+    Served {
+        base,
+        stop,
+        tasks: vec![looping, api],
+        sim,
+        _dir: dir,
+    }
+}
+
+impl Served {
+    /// Runs `tern vm ARGS` off the async threads; stdout is a pipe, so no bar is drawn.
+    async fn tern(&self, args: &[&str]) -> Output {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tern"));
+        cmd.arg("vm")
+            .args(args)
+            .args(["--manager", &self.base, "--token", TOKEN])
+            .env_remove("TERN_TOKEN")
+            .env_remove("TERN_MANAGER");
+        tokio::task::spawn_blocking(move || cmd.output().unwrap())
+            .await
+            .unwrap()
+    }
+
+    async fn json(&self, args: &[&str]) -> Value {
+        let out = self.tern(args).await;
+        assert!(
+            out.status.success(),
+            "tern vm {args:?}: {}",
+            text(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("tern vm {args:?}: {e}: {}", text(&out.stdout)))
+    }
+
+    /// Waits until the VM runs (the control loop created it on its host).
+    async fn running(&self, vm: &str) -> Value {
+        for _ in 0..100 {
+            let v = self.json(&["show", vm, "--json"]).await;
+            if v["state"] == "running" {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{vm} never ran");
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vms_are_created_listed_migrated_with_progress_and_deleted() {
+    let srv = serve().await;
+    // A tenth of the model's time: a busy 2 GiB guest takes a few seconds to move.
+    srv.sim.set_migration_pace(0.1);
+
+    let placed = srv
+        .json(&[
+            "create",
+            "web",
+            "--vcpus",
+            "2",
+            "--memory-mib",
+            "2048",
+            "--json",
+        ])
+        .await;
+    assert!(placed["desired_host"].is_string(), "placed: {placed}");
+    let named = srv
+        .json(&["create", "db", "--host", "gamma", "--json"])
+        .await;
+    assert_eq!(named["desired_host"], "gamma");
+    let web = srv.running("web").await;
+    srv.running("db").await;
+    srv.sim.set_utilisation("web", 0.8).await.unwrap();
+
+    let list = srv.tern(&["list"]).await;
+    assert!(list.status.success());
+    let table = text(&list.stdout);
+    assert!(table.starts_with("NAME"), "{table}");
+    for needle in ["web", "db", "gamma", "running"] {
+        assert!(
+            table.contains(needle),
+            "{needle} not in the table:\n{table}"
+        );
+    }
+
+    let from = web["observed_host"].as_str().unwrap().to_owned();
+    let to = if from == "alpha" { "beta" } else { "alpha" };
+    let result = srv
+        .json(&[
+            "migrate", "web", "--to", to, "--policy", "adaptive", "--json",
+        ])
+        .await;
+    assert_eq!(result["result"]["status"], "succeeded", "{result}");
+    assert_eq!(
+        (result["from"].as_str(), result["to"].as_str()),
+        (Some(from.as_str()), Some(to))
+    );
+    assert!(
+        result["progress_updates"].as_u64().unwrap() >= 1,
+        "no progress seen before the migration completed: {result}"
+    );
+    let last = &result["last_progress"];
+    for key in [
+        "round",
+        "bytes_transferred",
+        "bytes_remaining",
+        "dirty_rate_bytes_per_s",
+    ] {
+        assert!(last[key].is_number(), "{key} missing in {last}");
+    }
+    let moved = srv.json(&["show", "web", "--json"]).await;
+    assert_eq!(moved["observed_host"], to);
+
+    // Bad input: a message naming the problem, exit status 2, nothing changed.
+    for (args, needle) in [
+        (vec!["migrate", "nosuch", "--to", "beta"], "nosuch"),
+        (vec!["migrate", "web", "--to", "nowhere"], "nowhere"),
+        (vec!["show", "nosuch"], "nosuch"),
+        (vec!["create", "x", "--host", "nowhere"], "nowhere"),
+        (vec!["delete", "nosuch"], "nosuch"),
+    ] {
+        let out = srv.tern(&args).await;
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        let err = text(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(
+            out.stdout.is_empty(),
+            "{args:?} printed {}",
+            text(&out.stdout)
+        );
+    }
+    let after = srv.json(&["show", "web", "--json"]).await;
+    assert_eq!(after["observed_host"], to);
+
+    let deleted = srv.json(&["delete", "db", "--json"]).await;
+    assert_eq!(deleted["state"], "deleting");
+    srv.stop().await;
+}
