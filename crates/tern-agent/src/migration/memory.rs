@@ -3,14 +3,14 @@
 //! The source maps its VM's file read-only and finds changed pages by content: a 64-bit
 //! xxh3 digest per 4 KiB page of what was last sent. The guest keeps writing while a
 //! page is copied, so the digest recorded is the digest of the bytes that went on the
-//! wire, never of what a scan saw earlier. The destination maps its own VM's file
-//! read-write and writes pages at their offsets.
+//! wire, never of what a scan saw earlier. The destination writes pages into its own
+//! VM's file at their offsets and punches holes for zero pages.
 
 use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use memmap2::{Mmap, MmapMut};
+use memmap2::Mmap;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::wire::PAGE_SIZE;
@@ -269,9 +269,14 @@ pub fn changed_pages(mem: &SourceMemory, sent: &SentDigests, threads: usize) -> 
     .concat()
 }
 
-/// The destination's writable view of its own VM's memory file.
+/// The destination's side of guest RAM: its own VM's memory file, written with
+/// positional writes. No mapping: writing through one faults every page in one at a
+/// time, and checking a zero page through one allocates it (a hole read through a
+/// shared mapping is a page tmpfs must allocate and clear). Positional writes need no
+/// lock, so the streams apply their batches in parallel.
 pub struct DestMemory {
-    map: std::sync::Mutex<MmapMut>,
+    file: std::fs::File,
+    path: String,
     pages: u64,
 }
 
@@ -301,11 +306,9 @@ impl DestMemory {
             }
             file.set_len(bytes).map_err(io_err(path))?;
         }
-        // SAFETY: the file is this host's own destination VM memory, which nothing but this
-        // engine writes until the destination VM is resumed after the last page arrived.
-        let map = unsafe { MmapMut::map_mut(&file) }.map_err(io_err(path))?;
         Ok(DestMemory {
-            map: std::sync::Mutex::new(map),
+            file,
+            path: path.display().to_string(),
             pages: bytes / PAGE_SIZE as u64,
         })
     }
@@ -314,32 +317,131 @@ impl DestMemory {
         self.pages
     }
 
-    /// Applies one received batch under a single lock.
+    /// Applies one received batch: each run of consecutive data pages with one
+    /// `pwritev`, each zero run by punching a hole (a no-op where the file has none).
     pub fn apply(&self, entries: &[super::wire::Entry<'_>]) -> Result<(), MemoryError> {
-        let mut map = self.map.lock().expect("destination memory lock poisoned");
+        use super::wire::Entry;
+        let mut run: Vec<&[u8]> = Vec::new();
+        let mut run_start = 0u64;
         for entry in entries {
             match *entry {
-                super::wire::Entry::Data { index, page } => {
+                Entry::Data { index, page } => {
                     let index = u64::from(index);
                     self.check(index, 1)?;
-                    let start = index as usize * PAGE_SIZE;
-                    map[start..start + PAGE_SIZE].copy_from_slice(page);
+                    if run.is_empty() || run_start + run.len() as u64 != index {
+                        self.write_run(run_start, &run)?;
+                        run.clear();
+                        run_start = index;
+                    }
+                    run.push(page);
                 }
-                super::wire::Entry::ZeroRun { index, count } => {
+                Entry::ZeroRun { index, count } => {
                     let index = u64::from(index);
                     self.check(index, u64::from(count))?;
-                    for i in index..index + u64::from(count) {
-                        let start = i as usize * PAGE_SIZE;
-                        let page = &mut map[start..start + PAGE_SIZE];
-                        // Writing zeros over zeros would allocate tmpfs pages for nothing.
-                        if !is_zero(page) {
-                            page.fill(0);
-                        }
+                    self.write_run(run_start, &run)?;
+                    run.clear();
+                    self.zero(index, u64::from(count))?;
+                }
+            }
+        }
+        self.write_run(run_start, &run)
+    }
+
+    /// Writes `pages` (each one page long) at page `first` onwards.
+    fn write_run(&self, first: u64, pages: &[&[u8]]) -> Result<(), MemoryError> {
+        use std::os::fd::AsRawFd;
+        // Linux takes at most IOV_MAX (1024) buffers per call.
+        for (k, chunk) in pages.chunks(1024).enumerate() {
+            let iov: Vec<libc::iovec> = chunk
+                .iter()
+                .map(|p| libc::iovec {
+                    iov_base: p.as_ptr() as *mut libc::c_void,
+                    iov_len: p.len(),
+                })
+                .collect();
+            let mut offset = (first + (k * 1024) as u64) * PAGE_SIZE as u64;
+            let mut want = chunk.len() * PAGE_SIZE;
+            let (mut iov_at, mut skip) = (0usize, 0usize);
+            while want > 0 {
+                let mut rest = iov[iov_at..].to_vec();
+                rest[0].iov_base = (rest[0].iov_base as usize + skip) as *mut libc::c_void;
+                rest[0].iov_len -= skip;
+                // SAFETY: every iovec points into a page borrowed for this call, and
+                // the file descriptor is owned by `self`.
+                let n = unsafe {
+                    libc::pwritev(
+                        self.file.as_raw_fd(),
+                        rest.as_ptr(),
+                        rest.len() as libc::c_int,
+                        offset as libc::off_t,
+                    )
+                };
+                if n < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(self.io(e));
+                }
+                if n == 0 {
+                    return Err(self.io(std::io::ErrorKind::WriteZero.into()));
+                }
+                // A short write: carry on from where it stopped.
+                let mut n = n as usize;
+                offset += n as u64;
+                want -= n;
+                while n > 0 && iov_at < iov.len() {
+                    let left = iov[iov_at].iov_len - skip;
+                    if n >= left {
+                        n -= left;
+                        iov_at += 1;
+                        skip = 0;
+                    } else {
+                        skip += n;
+                        n = 0;
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// Makes `count` pages from `first` read as zeros.
+    fn zero(&self, first: u64, count: u64) -> Result<(), MemoryError> {
+        use std::os::fd::AsRawFd;
+        let (offset, len) = (first * PAGE_SIZE as u64, count * PAGE_SIZE as u64);
+        // SAFETY: fallocate on a file descriptor owned by `self`; no memory is passed.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
+            return Err(self.io(e));
+        }
+        // A filesystem without holes: write the zeros.
+        use std::os::unix::fs::FileExt;
+        let zeros = [0u8; PAGE_SIZE];
+        for p in first..first + count {
+            self.file
+                .write_all_at(&zeros, p * PAGE_SIZE as u64)
+                .map_err(|e| self.io(e))?;
+        }
+        Ok(())
+    }
+
+    fn io(&self, source: std::io::Error) -> MemoryError {
+        MemoryError::Io {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     fn check(&self, index: u64, count: u64) -> Result<(), MemoryError> {
@@ -354,7 +456,13 @@ impl DestMemory {
 
     /// Digest of the whole file, to compare with the source's in tests and checks.
     pub fn digest(&self) -> u64 {
-        xxh3_64(&self.map.lock().expect("destination memory lock poisoned"))
+        use std::os::unix::fs::FileExt;
+        let mut all = vec![0u8; (self.pages * PAGE_SIZE as u64) as usize];
+        match self.file.read_exact_at(&mut all, 0) {
+            Ok(()) => xxh3_64(&all),
+            // Not a digest of any content the source could have.
+            Err(_) => 0,
+        }
     }
 }
 
@@ -409,6 +517,45 @@ mod tests {
         assert_eq!(changed_pages(&mem, &sent, 2), vec![100, 700]);
         // Reading through the hole map did not fill the holes.
         assert!(!mem.has_data(1000));
+    }
+
+    #[test]
+    fn destination_writes_runs_of_pages_and_zeroes_by_punching_holes() {
+        use super::super::wire::Entry;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let dest = DestMemory::open(&path, 2048 * PAGE_SIZE as u64).unwrap();
+        let pages: Vec<Vec<u8>> = (0..1500u32)
+            .map(|i| vec![(i % 251 + 1) as u8; PAGE_SIZE])
+            .collect();
+        // A run longer than one pwritev takes, a gap, a single page.
+        let mut entries: Vec<Entry<'_>> = (0..1200u32)
+            .map(|i| Entry::Data {
+                index: i,
+                page: &pages[i as usize],
+            })
+            .collect();
+        entries.push(Entry::Data {
+            index: 1300,
+            page: &pages[1300],
+        });
+        dest.apply(&entries).unwrap();
+        dest.apply(&[Entry::ZeroRun {
+            index: 100,
+            count: 50,
+        }])
+        .unwrap();
+        let got = std::fs::read(&path).unwrap();
+        for (i, page) in got.chunks(PAGE_SIZE).enumerate() {
+            let want = match i {
+                100..150 => 0,
+                1300 => (i % 251 + 1) as u8,
+                1200.. => 0,
+                _ => (i % 251 + 1) as u8,
+            };
+            assert!(page.iter().all(|&b| b == want), "page {i}");
+        }
+        assert_eq!(dest.digest(), xxh3_64(&got));
     }
 
     #[test]

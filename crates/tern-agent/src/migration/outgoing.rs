@@ -1,7 +1,9 @@
 //! The source's memory streams: connect, send a round of pages, finish.
 //!
 //! A round's pages are split into contiguous slices, one per TCP stream, so zero pages
-//! stay in runs and each stream reads memory sequentially. Every stream ends the round
+//! stay in runs and each stream reads memory sequentially. Slices hold equal numbers of
+//! pages with data, not equal numbers of pages: guest RAM is mostly empty at one end
+//! and full at the other, and a stream that finishes early leaves the link to one. Every stream ends the round
 //! with `RoundEnd` and waits for the destination's `Ack`: a round is on the destination
 //! once `send_round` returns.
 
@@ -117,13 +119,14 @@ impl Outgoing {
         let bytes = AtomicU64::new(0);
         let opts = &self.opts;
         let pacer = self.pacer.as_ref();
+        let bounds = balanced_slices(pages, n, |p| mem.has_data(p));
         let results: Vec<Result<(), MigrationError>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
                 .streams
                 .iter_mut()
                 .enumerate()
                 .map(|(i, stream)| {
-                    let slice = &pages[i * pages.len() / n..(i + 1) * pages.len() / n];
+                    let slice = &pages[bounds[i]..bounds[i + 1]];
                     let (data, zeros, bytes) = (&data, &zeros, &bytes);
                     s.spawn(move || -> Result<(), MigrationError> {
                         let t = send_slice(stream, round, mem, sent, slice, opts, pacer, cancel)?;
@@ -164,6 +167,35 @@ impl Outgoing {
             let _ = wire::write_frame(s, Kind::Abort, 0, reason.as_bytes());
         }
     }
+}
+
+/// Boundaries (`n + 1` indices into `pages`, first 0, last `pages.len()`) cutting it
+/// into `n` contiguous slices with about the same number of pages for which `heavy`
+/// holds; pages without data cost next to nothing to send.
+fn balanced_slices(pages: &[u64], n: usize, heavy: impl Fn(u64) -> bool) -> Vec<usize> {
+    let total = pages.iter().filter(|&&p| heavy(p)).count();
+    if total == 0 {
+        return (0..=n).map(|i| i * pages.len() / n).collect();
+    }
+    let mut bounds = Vec::with_capacity(n + 1);
+    bounds.push(0);
+    let mut seen = 0;
+    for (i, &p) in pages.iter().enumerate() {
+        if bounds.len() == n {
+            break;
+        }
+        if heavy(p) {
+            seen += 1;
+            if seen * n >= total * bounds.len() {
+                bounds.push(i + 1);
+            }
+        }
+    }
+    while bounds.len() < n {
+        bounds.push(pages.len());
+    }
+    bounds.push(pages.len());
+    bounds
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -246,4 +278,23 @@ fn send_slice(
         return Err(wire::WireError::Malformed("ack for another round").into());
     }
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::balanced_slices;
+
+    #[test]
+    fn slices_carry_equal_shares_of_pages_with_data() {
+        // Data in 60..100 only: two streams split it 20/20, not 50/50 by page count.
+        let pages: Vec<u64> = (0..100).collect();
+        let b = balanced_slices(&pages, 2, |p| p >= 60);
+        assert_eq!(b, vec![0, 80, 100]);
+        let b = balanced_slices(&pages, 4, |p| p >= 60);
+        assert_eq!(b, vec![0, 70, 80, 90, 100]);
+        // No data at all: split by count; more streams than pages: empty slices.
+        assert_eq!(balanced_slices(&pages, 2, |_| false), vec![0, 50, 100]);
+        assert_eq!(balanced_slices(&[5], 3, |_| true), vec![0, 1, 1, 1]);
+        assert_eq!(balanced_slices(&[], 2, |_| true), vec![0, 0, 0]);
+    }
 }
