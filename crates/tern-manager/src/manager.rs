@@ -47,7 +47,8 @@ pub struct Manager {
 impl Manager {
     /// Loads the snapshot from `store`.
     pub fn open(store: Box<dyn Store>, clock: Clock) -> Result<Self> {
-        let snap = store.load()?;
+        let mut snap = store.load()?;
+        snap.index();
         let (events, _) = broadcast::channel(4096);
         Ok(Self {
             store: Mutex::new(store),
@@ -140,7 +141,8 @@ impl Manager {
     /// leader catches up with what the previous leader committed).
     pub fn reload(&self) -> Result<()> {
         let store = self.store();
-        let loaded = store.load()?;
+        let mut loaded = store.load()?;
+        loaded.index();
         *self.snap.write().unwrap_or_else(|e| e.into_inner()) = loaded;
         Ok(())
     }

@@ -2,7 +2,7 @@
 //! the balancer's settings. The store persists them; every decision reads a [`Snapshot`]
 //! and answers with [`Change`]s, which the store commits and the snapshot then applies.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -389,6 +389,44 @@ pub struct Snapshot {
     pub next_migration: u64,
     /// Sequence number of the last event (0: none yet).
     pub last_event: u64,
+    /// VM names by observed host, so a heartbeat need not scan every VM. Built by
+    /// [`Snapshot::index`]; [`Snapshot::apply`] keeps it. A snapshot built by hand has
+    /// none and is scanned instead.
+    pub observed: ObservedIndex,
+}
+
+/// VM names by the host they were last seen on; derived from [`Snapshot::vms`], so it
+/// never makes two snapshots differ.
+#[derive(Clone, Debug, Default)]
+pub struct ObservedIndex(Option<BTreeMap<String, BTreeSet<String>>>);
+
+impl PartialEq for ObservedIndex {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl ObservedIndex {
+    fn put(&mut self, old: Option<&Vm>, new: Option<&Vm>) {
+        let Some(map) = &mut self.0 else { return };
+        let host = |v: Option<&Vm>| v.and_then(|v| v.observed_host.clone());
+        let (was, now) = (host(old), host(new));
+        if was == now {
+            return;
+        }
+        let name = old.or(new).map_or(String::new(), |v| v.name.clone());
+        if let Some(h) = was {
+            if let Some(set) = map.get_mut(&h) {
+                set.remove(&name);
+                if set.is_empty() {
+                    map.remove(&h);
+                }
+            }
+        }
+        if let Some(h) = now {
+            map.entry(h).or_default().insert(name);
+        }
+    }
 }
 
 impl Snapshot {
@@ -400,10 +438,12 @@ impl Snapshot {
                     self.hosts.insert(h.name.clone(), h.clone());
                 }
                 Change::PutVm(v) => {
-                    self.vms.insert(v.name.clone(), v.clone());
+                    let old = self.vms.insert(v.name.clone(), v.clone());
+                    self.observed.put(old.as_ref(), Some(v));
                 }
                 Change::RemoveVm(name) => {
-                    self.vms.remove(name);
+                    let old = self.vms.remove(name);
+                    self.observed.put(old.as_ref(), None);
                 }
                 Change::PutMigration(m) => {
                     self.next_migration = self.next_migration.max(m.id + 1);
@@ -420,6 +460,46 @@ impl Snapshot {
         if let Some(last) = events.last() {
             self.last_event = last.seq;
         }
+    }
+
+    /// Builds the index of VMs by observed host; [`Snapshot::apply`] keeps it from then on.
+    /// Whoever changes `vms` by hand afterwards must call this again.
+    pub fn index(&mut self) {
+        let mut map: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for v in self.vms.values() {
+            if let Some(h) = &v.observed_host {
+                map.entry(h.clone()).or_default().insert(v.name.clone());
+            }
+        }
+        self.observed = ObservedIndex(Some(map));
+    }
+
+    /// VMs last seen on `host`, by name: through the index when there is one (a lookup
+    /// instead of a scan of every VM), else by scanning.
+    pub fn vms_observed_on<'a>(&'a self, host: &'a str) -> Box<dyn Iterator<Item = &'a Vm> + 'a> {
+        let Some(map) = &self.observed.0 else {
+            return Box::new(
+                self.vms
+                    .values()
+                    .filter(move |v| v.observed_host.as_deref() == Some(host)),
+            );
+        };
+        // A stale index would hide lost VMs; tests catch code that edits `vms` by hand
+        // and forgets to re-index.
+        debug_assert_eq!(
+            map.get(host).map_or(0, BTreeSet::len),
+            self.vms
+                .values()
+                .filter(|v| v.observed_host.as_deref() == Some(host))
+                .count(),
+            "the observed-host index of host {host} is stale"
+        );
+        Box::new(
+            map.get(host)
+                .into_iter()
+                .flatten()
+                .filter_map(|n| self.vms.get(n)),
+        )
     }
 
     /// VMs whose desired host is `host`, i.e. those that hold room there.
@@ -498,6 +578,57 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    #[test]
+    fn the_observed_host_index_follows_applied_changes() {
+        let vm = |name: &str, host: Option<&str>| Vm {
+            name: name.into(),
+            spec: VmSpec {
+                vcpus: 1,
+                memory_mib: 1,
+                pinned: false,
+                affinity: None,
+                anti_affinity: None,
+            },
+            desired_host: host.map(Into::into),
+            observed_host: host.map(Into::into),
+            state: VmState::Running,
+            cpu_used: 0.0,
+            cpu_measured: false,
+            last_moved: None,
+        };
+        let mut snap = Snapshot::default();
+        snap.vms.insert("a".into(), vm("a", Some("h1")));
+        snap.index();
+        snap.apply(
+            &[
+                Change::PutVm(vm("b", Some("h1"))),
+                Change::PutVm(vm("c", None)),
+                Change::PutVm(vm("a", Some("h2"))),
+            ],
+            &[],
+        );
+        let on = |s: &Snapshot, h: &str| {
+            s.vms_observed_on(h)
+                .map(|v| v.name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(on(&snap, "h1"), ["b"]);
+        assert_eq!(on(&snap, "h2"), ["a"]);
+        snap.apply(
+            &[
+                Change::RemoveVm("b".into()),
+                Change::PutVm(vm("c", Some("h2"))),
+            ],
+            &[],
+        );
+        assert!(on(&snap, "h1").is_empty());
+        assert_eq!(on(&snap, "h2"), ["a", "c"]);
+        // Without an index the same answer comes from a scan.
+        let mut plain = snap.clone();
+        plain.observed = ObservedIndex::default();
+        assert_eq!(on(&plain, "h2"), on(&snap, "h2"));
     }
 
     #[test]

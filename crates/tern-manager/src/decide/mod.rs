@@ -364,7 +364,7 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
     // destroyed behind the manager's back), so it is created again where it belongs.
     let reported: std::collections::BTreeSet<&str> =
         report.vms.iter().map(|l| l.name.as_str()).collect();
-    for v in snap.vms.values() {
+    for v in snap.vms_observed_on(name) {
         if v.state == VmState::Running
             && v.observed_host.as_deref() == Some(name)
             && !reported.contains(v.name.as_str())

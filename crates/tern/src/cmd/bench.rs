@@ -1,6 +1,7 @@
 //! `tern bench`: benchmarks that run tern beside a peer tool and report ratios.
 //! One submodule per peer.
 
+mod api;
 mod hbal;
 mod migration;
 
@@ -11,7 +12,7 @@ pub enum Command {
     /// One balancing decision of the manager over a generated uneven cluster.
     Balance(super::demo::BenchArgs),
     /// The manager's API under concurrent clients on loopback: latency and errors.
-    Api(super::demo::ApiBenchArgs),
+    Api(api::Args),
     /// Live migration on a 2-host lab: tern's engine under each policy beside QEMU's own.
     Migration(migration::Args),
 }
@@ -20,7 +21,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
         Command::Hbal(args) => hbal::run(args),
         Command::Balance(args) => super::demo::bench(args),
-        Command::Api(args) => super::demo::bench_api(args),
+        Command::Api(args) => api::run(args),
         Command::Migration(args) => migration::run(args),
     }
 }

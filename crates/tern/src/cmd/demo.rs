@@ -81,20 +81,20 @@ struct Report {
 }
 
 /// Every demo host: 32 cores, 256 GiB.
-const HOST: Capacity = Capacity {
+pub(super) const HOST: Capacity = Capacity {
     cpus: 32.0,
     memory_mib: 256 * 1024,
 };
 
-fn host_names(n: usize) -> Vec<String> {
+pub(super) fn host_names(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("h{i:04}")).collect()
 }
 
 /// A small seeded generator (splitmix64): the demo is the same run after run.
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub(super) fn next(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -554,197 +554,4 @@ mod tests {
             assert_eq!(super::super::exit_code(&err), 2, "{err}");
         }
     }
-}
-
-#[derive(clap::Args)]
-pub struct ApiBenchArgs {
-    #[arg(long, default_value_t = 1000)]
-    hosts: usize,
-    /// VMs per host.
-    #[arg(long, default_value_t = 20)]
-    vms_per_host: usize,
-    /// Concurrent API clients.
-    #[arg(long, default_value_t = 100)]
-    clients: usize,
-    /// How long the clients run.
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Serialize)]
-struct ApiBenchReport {
-    hosts: usize,
-    vms: usize,
-    clients: usize,
-    requests: usize,
-    errors: usize,
-    requests_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-}
-
-/// `tern bench api`: a manager over sim hosts on loopback, hammered by concurrent clients
-/// with a mix of reads and heartbeats (writes); reports latency percentiles and errors.
-pub fn bench_api(a: ApiBenchArgs) -> anyhow::Result<()> {
-    if a.hosts == 0 || a.clients == 0 || a.seconds == 0 {
-        return Err(super::bad_input(
-            "--hosts, --clients and --seconds must be at least 1",
-        ));
-    }
-    let rt = tokio::runtime::Runtime::new()?;
-    let db = std::env::temp_dir().join(format!("tern-bench-api-{}.db", std::process::id()));
-    let report = rt.block_on(api_load(&a, &db));
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-    }
-    let r = report?;
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
-        println!(
-            "{} hosts, {} VMs, {} clients: {} requests ({:.0}/s), {} errors; \
-             latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            r.hosts,
-            r.vms,
-            r.clients,
-            r.requests,
-            r.requests_per_s,
-            r.errors,
-            r.p50_ms,
-            r.p99_ms,
-            r.max_ms
-        );
-    }
-    Ok(())
-}
-
-async fn api_load(a: &ApiBenchArgs, db: &std::path::Path) -> anyhow::Result<ApiBenchReport> {
-    const TOKEN: &str = "bench";
-    let manager = Arc::new(Manager::open(
-        Box::new(SqliteStore::open(db)?),
-        system_clock(),
-    )?);
-    let sim = SimCluster::new();
-    let names = host_names(a.hosts);
-    let mut cmds = Vec::new();
-    for n in &names {
-        sim.add_host(n);
-        cmds.push(Command::RegisterHost {
-            name: n.clone(),
-            address: "sim:".into(),
-            capacity: HOST,
-        });
-    }
-    manager.execute_many(cmds)?;
-    let reqs: Vec<NewVm> = (0..a.hosts * a.vms_per_host)
-        .map(|i| NewVm {
-            name: format!("vm-{i:06}"),
-            spec: VmSpec {
-                vcpus: 1,
-                memory_mib: 1024,
-                pinned: false,
-                affinity: None,
-                anti_affinity: None,
-            },
-            host: Some(names[i % a.hosts].clone()),
-        })
-        .collect();
-    for r in manager.step(|s, _| decide::create_vms(s, reqs))? {
-        r?;
-    }
-    let control = Control::new(manager.clone(), sim.clone());
-    control.settle().await?;
-    let on_host: Arc<BTreeMap<String, Vec<String>>> = Arc::new(manager.read(|s| {
-        let mut m: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for v in s.vms.values() {
-            if let Some(h) = &v.observed_host {
-                m.entry(h.clone()).or_default().push(v.name.clone());
-            }
-        }
-        m
-    }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(tern_manager::api::serve(
-        listener,
-        manager.clone(),
-        vec![TOKEN.into()],
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
-    eprintln!(
-        "bench api: {} clients for {} s against {base}",
-        a.clients, a.seconds
-    );
-    let until = Instant::now() + Duration::from_secs(a.seconds);
-    let http = reqwest::Client::new();
-    let tasks: Vec<_> = (0..a.clients)
-        .map(|c| {
-            let (http, base, on_host, names) = (http.clone(), base.clone(), on_host.clone(), names.clone());
-            tokio::spawn(async move {
-                let mut rng = Rng(c as u64 + 1);
-                let (mut lat, mut errors) = (Vec::new(), 0usize);
-                while Instant::now() < until {
-                    let host = &names[rng.next() as usize % names.len()];
-                    let vms = &on_host[host];
-                    let roll = rng.next() % 100;
-                    let req = if roll < 40 {
-                        http.get(format!("{base}/v1/vms/{}", vms[rng.next() as usize % vms.len()]))
-                    } else if roll < 70 {
-                        http.get(format!("{base}/v1/hosts/{host}"))
-                    } else if roll < 95 {
-                        let report = serde_json::json!({
-                            "cpu_used": 1.0,
-                            "vms": vms.iter().map(|v| serde_json::json!({"name": v, "cpu_used": 0.05})).collect::<Vec<_>>(),
-                        });
-                        http.post(format!("{base}/v1/hosts/{host}/heartbeat")).json(&report)
-                    } else {
-                        http.get(format!("{base}/v1/events?limit=100"))
-                    };
-                    let t = Instant::now();
-                    match req.bearer_auth(TOKEN).send().await {
-                        Ok(r) if r.status().is_success() => {
-                            let _ = r.bytes().await;
-                        }
-                        _ => errors += 1,
-                    }
-                    lat.push(t.elapsed().as_secs_f64() * 1e3);
-                }
-                (lat, errors)
-            })
-        })
-        .collect();
-    let started = Instant::now();
-    let mut lat = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (l, e) = t.await?;
-        lat.extend(l);
-        errors += e;
-    }
-    let wall = started.elapsed().as_secs_f64();
-    let _ = stop_tx.send(());
-    server.await??;
-    lat.sort_by(f64::total_cmp);
-    let q = |p: f64| {
-        lat.get(((lat.len() as f64 - 1.0) * p).round() as usize)
-            .copied()
-            .unwrap_or(0.0)
-    };
-    Ok(ApiBenchReport {
-        hosts: a.hosts,
-        vms: a.hosts * a.vms_per_host,
-        clients: a.clients,
-        requests: lat.len(),
-        errors,
-        requests_per_s: lat.len() as f64 / wall,
-        p50_ms: q(0.5),
-        p99_ms: q(0.99),
-        max_ms: q(1.0),
-    })
 }
