@@ -8,7 +8,9 @@
 //! - [`constraints`]: hard constraints and the [`Refusal`] reasons.
 //! - [`synth`]: seeded unbalanced clusters for benchmarks and tests.
 //! - [`planner`]: hbal-style steepest descent, [`plan`] and its step [`best_move`].
+//! - [`bound`]: the best score a move can reach, for the planner to stop early.
 
+pub mod bound;
 pub mod constraints;
 pub mod metric;
 pub mod planner;

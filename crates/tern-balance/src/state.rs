@@ -366,18 +366,10 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
         from_vals: &[f64],
         scratch: &mut [f64],
     ) -> Evaluation {
-        let a = self.primary[inst.index()].index();
         let to_load = self.load_after_in(inst, to);
         self.metric
             .node_values(self.cluster, to, &to_load, &mut scratch[..self.k]);
-        let score = self.stats.score_with(&[
-            (self.online[a], self.node_vals(a), from_vals),
-            (
-                self.online[to.index()],
-                self.node_vals(to.index()),
-                &scratch[..self.k],
-            ),
-        ]) + self.pair_score(inst, Some(to));
+        let score = self.score_values(inst, to, from_vals, &scratch[..self.k]);
         Evaluation {
             score,
             from_load: *from_load,
@@ -456,17 +448,30 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
     ) -> Result<f64, Refusal> {
         let to_load = self.load_after_in(inst, to);
         constraints::check_target_with(self, inst, to, n_plus_one, &to_load, from_load)?;
-        let a = self.primary[inst.index()].index();
         self.metric
             .node_values(self.cluster, to, &to_load, &mut scratch[..self.k]);
-        Ok(self.stats.score_with(&[
+        Ok(self.score_values(inst, to, from_vals, &scratch[..self.k]))
+    }
+
+    /// The score once `inst` has moved to `to`, given the values its source and
+    /// `to` would then have (constraints not checked).
+    pub(crate) fn score_values(
+        &self,
+        inst: InstId,
+        to: NodeId,
+        from_vals: &[f64],
+        to_vals: &[f64],
+    ) -> f64 {
+        let a = self.primary[inst.index()].index();
+        self.stats.score_with(&[
             (self.online[a], self.node_vals(a), from_vals),
-            (
-                self.online[to.index()],
-                self.node_vals(to.index()),
-                &scratch[..self.k],
-            ),
-        ]) + self.pair_score(inst, Some(to)))
+            (self.online[to.index()], self.node_vals(to.index()), to_vals),
+        ]) + self.pair_score(inst, Some(to))
+    }
+
+    /// Node `node`'s component values as the score counts them now.
+    pub(crate) fn values_of(&self, node: NodeId) -> &[f64] {
+        self.node_vals(node.index())
     }
 
     /// Number of components of the metric.

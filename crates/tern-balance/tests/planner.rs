@@ -1,11 +1,13 @@
 //! Properties of the planner on generated clusters: the incremental score agrees
-//! with a fresh computation, plans only ever improve the score, and no move breaks
-//! a hard constraint.
+//! with a fresh computation, plans only ever improve the score, no move breaks a
+//! hard constraint, and the `spread` bound never hides a move the exhaustive
+//! search would take.
 
 use proptest::prelude::*;
+use tern_balance::bound::Frontier;
 use tern_balance::metric::ganeti::{self, Ganeti};
 use tern_balance::metric::{score, spread::Spread, Metric};
-use tern_balance::{plan, PlanOptions, Refusal, Search, State};
+use tern_balance::{best_move, plan, PlanOptions, Refusal, Search, State};
 use tern_model::{generate, Cluster, DiskTemplate, InstId, Mobility, NodeId};
 
 /// A small cluster mixing every kind of instance: shared storage, DRBD, plain,
@@ -204,4 +206,118 @@ fn pruned_search_matches_exhaustive_quality() {
     }
     let rescored = ganeti::score(&state.to_cluster());
     assert!((rescored - fast.plan.final_score).abs() < 1e-9 * rescored.max(1.0));
+}
+
+/// A `mixed` cluster on nodes of two CPU sizes and one memory size (so `spread`
+/// sees two classes of nodes and bounds moves by fronts), with measured demands
+/// that vary per instance; `offline` nodes hold no instance.
+fn two_shapes(seed: u64, nodes: usize, per_node: usize, offline: usize) -> Cluster {
+    let mut c = mixed(seed, nodes, nodes * per_node);
+    let mut used = vec![0i64; nodes];
+    for (j, inst) in c.instances.iter_mut().enumerate() {
+        used[inst.primary.index()] += inst.mem;
+        let x = (seed as usize).wrapping_mul(31).wrapping_add(j * 17) % 23;
+        // Some instances report no CPU demand, so their vCPUs count.
+        inst.demand.cpu_cores = x as f64 / 5.0;
+        inst.demand.mem_used_mib = inst.mem as f64 * (0.2 + (x % 5) as f64 / 5.0);
+    }
+    for (k, n) in c.nodes.iter_mut().enumerate() {
+        n.total_mem = 262144.0;
+        n.free_mem = 262144 - 1024 - used[k];
+        n.cpu_capacity = Some(if k % 2 == 0 { 16.0 } else { 64.0 });
+    }
+    for k in 0..offline {
+        let empty = (0..nodes)
+            .rev()
+            .find(|&n| used[n] == 0 && !c.nodes[n].offline);
+        if let Some(n) = empty {
+            c.nodes[n].offline = k % 2 == 0;
+        }
+    }
+    c
+}
+
+/// The move an exhaustive scan would pick under `opts`: the lowest score over
+/// every allowed (instance, target) pair, ties to the earlier instance, then node.
+fn brute_force(
+    state: &State<'_, Spread>,
+    c: &Cluster,
+    opts: &PlanOptions,
+) -> Option<(f64, InstId, NodeId)> {
+    let mut best: Option<(f64, InstId, NodeId)> = None;
+    for i in c.instance_ids() {
+        if opts.pinned.contains(&i) || !c.instance(i).auto_balance {
+            continue;
+        }
+        for t in c.node_ids() {
+            if t == state.primary_of(i) || state.check(i, t, opts.n_plus_one).is_err() {
+                continue;
+            }
+            let s = state.evaluate(i, t).score;
+            if best.is_none_or(|b| (s, i, t) < b) {
+                best = Some((s, i, t));
+            }
+        }
+    }
+    best
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Each instance's bound is at most the exact score of every target it could
+    /// move to, and (constraints aside) no looser than rounding.
+    #[test]
+    fn spread_bound_is_below_every_move_and_tight(
+        seed in 0u64..10_000, nodes in 4usize..40, per_node in 1usize..8, offline in 0usize..3,
+    ) {
+        let c = two_shapes(seed, nodes, per_node, offline);
+        let state = State::new(&c, &Spread);
+        let targets: Vec<NodeId> = c.node_ids().filter(|&n| !c.node(n).offline).collect();
+        let f = Frontier::new(&state, &targets).unwrap();
+        let mut scratch = vec![0.0; 6];
+        for i in c.instance_ids() {
+            let (lb, _) = f.lower_bound(&state, i, &mut scratch);
+            let allowed: Vec<NodeId> = match state.mobility(i) {
+                Mobility::Immovable => continue,
+                Mobility::SecondaryOnly(s) => vec![s],
+                Mobility::AnyNode => targets.iter().copied().filter(|&t| t != state.primary_of(i)).collect(),
+            };
+            let best = allowed.iter().map(|&t| state.evaluate(i, t).score).fold(f64::INFINITY, f64::min);
+            prop_assert!(lb <= best, "{:?}: bound {} above {}", i, lb, best);
+            prop_assert!(best - lb < 1e-5 || allowed.is_empty(), "{:?}: bound {} far below {}", i, lb, best);
+        }
+    }
+
+    /// With the bound in use, a step finds exactly the move scoring every pair
+    /// finds when that move gains at least `min_gain`, and nothing otherwise; the
+    /// pruned search finds a move exactly when one exists.
+    #[test]
+    fn spread_stop_rule_never_skips_an_acceptable_move(
+        seed in 0u64..10_000, nodes in 24usize..48, per_node in 1usize..6,
+        offline in 0usize..3, factor in 0.98f64..1.02, n_plus_one in any::<bool>(),
+    ) {
+        let c = two_shapes(seed, nodes, per_node, offline);
+        let state = State::new(&c, &Spread);
+        let targets: Vec<NodeId> = c.node_ids().filter(|&n| !c.node(n).offline).collect();
+        // The planner only bounds when fronts are much smaller than the cluster.
+        prop_assume!(2 * Frontier::new(&state, &targets).unwrap().width() <= targets.len());
+        let mut opts = PlanOptions {
+            min_gain_limit: f64::INFINITY,
+            n_plus_one,
+            pinned: vec![InstId(0)],
+            search: Search::Exhaustive,
+            ..PlanOptions::default()
+        };
+        let truth = brute_force(&state, &c, &opts);
+        let gain = truth.map_or(0.0, |t| state.score() - t.0);
+        // Around the best gain, so both outcomes are tested.
+        opts.min_gain = gain * factor;
+        let wanted = truth.filter(|t| t.0 < state.score() && state.score() - t.0 >= opts.min_gain);
+        let step = best_move(&state, &opts);
+        prop_assert_eq!(step.map(|s| (s.mv.inst, s.mv.to)), wanted.map(|t| (t.1, t.2)));
+        opts.search = Search::Pruned { width: 2 };
+        prop_assert_eq!(best_move(&state, &opts).is_some(), wanted.is_some());
+        check_plan(&c, &Spread, &opts);
+    }
 }

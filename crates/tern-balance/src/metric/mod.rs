@@ -115,6 +115,15 @@ pub trait Metric: Sync {
     fn pair_component(&self) -> Option<PairComponent<'_>> {
         None
     }
+    /// For a metric whose every node value is a per-node factor times the sum, over
+    /// the node's primaries, of a nonnegative per-instance amount: writes node
+    /// `node`'s factors into `out` and returns true. The same instance then raises
+    /// two nodes with equal factors by the same amounts, which lets the planner
+    /// bound the best move without scoring every target ([`crate::bound`]).
+    /// Metrics without that shape keep the default, false.
+    fn scales(&self, _cluster: &Cluster, _node: NodeId, _out: &mut [f64]) -> bool {
+        false
+    }
 }
 
 /// Running sums of one component over the nodes it counts.

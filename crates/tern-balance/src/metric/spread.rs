@@ -57,6 +57,15 @@ impl Metric for Spread {
             0.0
         };
     }
+
+    /// Utilisation is demand over capacity, and demands only add up.
+    fn scales(&self, cluster: &Cluster, node: NodeId, out: &mut [f64]) -> bool {
+        let n = cluster.node(node);
+        let inverse = |cap: f64| if cap > 0.0 { 1.0 / cap } else { 0.0 };
+        out[0] = inverse(n.effective_cpu_capacity());
+        out[1] = inverse(n.total_mem);
+        true
+    }
 }
 
 #[cfg(test)]
