@@ -1,6 +1,6 @@
 //! The web page in Debian's headless Chromium against a manager on a port-0 listener with
-//! in-process sim hosts: the rendered DOM shows every host, the VM count, and a
-//! migration once one has run. Without chromium the test is skipped (with the reason
+//! in-process sim hosts: the rendered DOM shows every host, the VM count, a migration in
+//! progress with its telemetry, and the migration once it has run. Without chromium the test is skipped (with the reason
 //! printed) unless `CI` is set, in which case it fails.
 
 use std::path::Path;
@@ -247,6 +247,48 @@ async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
         .await
         .unwrap();
     assert_eq!(resp.status(), reqwest::StatusCode::ACCEPTED);
+    // Paced so that it runs while the browser looks: a busy guest's first round quickly,
+    // then all but frozen, so the page shows a round done and the next under way.
+    sim.set_utilisation("web-vm-3", 1.0).await.unwrap();
+    sim.set_migration_pace(0.2);
+    control.dispatch().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !manager.live().all().values().any(|p| p.round >= 1) {
+        assert!(Instant::now() < deadline, "no round reported");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    sim.set_migration_pace(1000.0);
+    let b = browser.to_owned();
+    let u = url.clone();
+    let dom = tokio::task::spawn_blocking(move || dump_dom(&b, &u))
+        .await
+        .unwrap();
+    let running = text_of(&dom, "running");
+    assert!(
+        running.contains(&format!(
+            "web-vm-3 {} {} adaptive pre-copy",
+            HOSTS[0], HOSTS[2]
+        )),
+        "the running migration is not shown: {running}"
+    );
+    // After the phase: elapsed (a number and a unit), then the round.
+    let after: Vec<&str> = running
+        .split(" pre-copy ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .collect();
+    let round: u32 = after[2]
+        .parse()
+        .unwrap_or_else(|_| panic!("round: {running}"));
+    assert!(round >= 1, "{running}");
+    assert!(running.contains("/s"), "a dirty rate: {running}");
+    assert!(
+        running.contains("GB") || running.contains("MB"),
+        "bytes: {running}"
+    );
+    assert_eq!(text_of(&dom, "running-count"), "1");
+    sim.set_migration_pace(0.0);
     let deadline = Instant::now() + Duration::from_secs(20);
     while manager.read(|s| !s.running.is_empty()) {
         assert!(Instant::now() < deadline, "the migration did not finish");

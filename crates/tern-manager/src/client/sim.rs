@@ -153,12 +153,7 @@ impl HostClient for SimHost {
                 working_set_bytes: memory,
             });
         let out = tern_migrate::simulate(&params, &policy).map_err(|e| hv_err(&self.name, e))?;
-        let pace = cluster.migration_pace();
-        let wait = |model_s: f64| async move {
-            if pace > 0.0 {
-                tokio::time::sleep(Duration::from_secs_f64(model_s * pace)).await;
-            }
-        };
+        let wait = |model_s: f64| cluster.model_time(model_s);
         // The VM runs here through the live rounds, as it would under the real engine.
         progress(Progress::after_rounds("pre_copy", memory, &[]));
         for (i, r) in out.telemetry.iter().enumerate() {
@@ -286,6 +281,25 @@ impl SimCluster {
         f64::from_bits(self.pace.load(std::sync::atomic::Ordering::Relaxed))
     }
 
+    /// Lets `model_s` seconds of model time pass at the current pace, in short slices so
+    /// a change of pace applies to a migration already under way.
+    async fn model_time(&self, mut model_s: f64) {
+        const SLICE: Duration = Duration::from_millis(50);
+        loop {
+            let pace = self.migration_pace();
+            if pace <= 0.0 || model_s <= 0.0 {
+                return;
+            }
+            let real = Duration::from_secs_f64(model_s * pace).min(SLICE);
+            // Rounding leaves crumbs of model time too short to sleep for.
+            if real < Duration::from_micros(100) {
+                return;
+            }
+            tokio::time::sleep(real).await;
+            model_s -= real.as_secs_f64() / pace;
+        }
+    }
+
     /// Adds a host named `name` (its `Host::address` is `sim:`).
     pub fn add_host(&self, name: &str) -> Arc<SimHost> {
         let h = Arc::new(SimHost {
@@ -322,5 +336,24 @@ impl SimCluster {
 impl Connector for SimCluster {
     fn client(&self, host: &Host) -> Result<Arc<dyn HostClient>> {
         Ok(self.host(&host.name)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn model_time_follows_the_pace() {
+        let c = SimCluster::new();
+        c.set_migration_pace(0.1);
+        let t = Instant::now();
+        c.model_time(2.0).await;
+        let took = t.elapsed().as_secs_f64();
+        assert!((0.19..1.0).contains(&took), "{took}");
+        c.set_migration_pace(0.0);
+        let t = Instant::now();
+        c.model_time(1e9).await;
+        assert!(t.elapsed() < Duration::from_millis(50));
     }
 }

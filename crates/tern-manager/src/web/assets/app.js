@@ -91,18 +91,25 @@ function drawVms(vms) {
     ? `showing ${MAX_VM_ROWS} of ${vms.length}` : "";
 }
 
-// In-flight telemetry appears when the manager reports it (`progress` on a running
-// migration); until then those columns show a dash.
-function drawMigrations(migrations, now) {
-  const running = migrations.filter((m) => m.result.status === "running");
+// A running migration's telemetry (`progress`, relayed from its source) appears once
+// the source reported; until then those columns show a dash. The remaining column's bar
+// fills as the destination's copy of the guest's memory becomes current.
+function drawMigrations(running, migrations, vms, now) {
+  const memory = {};
+  for (const v of vms) memory[v.name] = v.spec.memory_mib * 1048576;
   const done = migrations.filter((m) => m.result.status !== "running")
     .sort((a, b) => b.id - a.id).slice(0, 20);
   $("running-count").textContent = running.length;
   fill("running", running.map((m) => {
     const p = m.progress || {};
-    return [m.id, m.vm, m.from, m.to, m.policy, ms(Math.max(0, now - m.started)),
-      p.round, bytes(p.transferred_bytes), bytes(p.remaining_bytes),
-      p.dirty_rate_bytes_per_s == null ? "—" : bytes(p.dirty_rate_bytes_per_s) + "/s"];
+    const mem = memory[m.vm] || 0;
+    const left = p.bytes_remaining == null ? "—"
+      : bar(mem - p.bytes_remaining, mem, bytes(p.bytes_remaining));
+    return [m.id, m.vm, m.from, m.to, m.policy,
+      p.phase ? p.phase.replace(/_/g, "-") : "waiting", ms(Math.max(0, now - m.started)),
+      p.round, bytes(p.bytes_transferred), left,
+      p.dirty_rate_bytes_per_s == null ? "—" : bytes(p.dirty_rate_bytes_per_s) + "/s",
+      p.predicted_downtime_ms == null ? "—" : ms(Math.round(p.predicted_downtime_ms))];
   }));
   fill("recent", done.map((m) => [m.id, m.vm, m.from, m.to, m.policy, m.reason,
     el("span", { class: "result-" + m.result.status }, m.result.status === "failed"
@@ -148,13 +155,14 @@ function drawEvents(events) {
 }
 
 async function refresh(token) {
-  const [hosts, vms, migrations, hist] = await Promise.all([
+  const [hosts, vms, running, migrations, hist] = await Promise.all([
     api("/v1/hosts", token), api("/v1/vms", token),
+    api("/v1/migrations?running=true&limit=200", token),
     api("/v1/migrations?limit=200", token), api("/v1/history?events=40", token),
   ]);
   drawHosts(hosts, vms);
   drawVms(vms);
-  drawMigrations(migrations, Date.now());
+  drawMigrations(running, migrations, vms, Date.now());
   drawScore(hist.scores);
   drawEvents(hist.events);
 }
