@@ -36,7 +36,7 @@ enum Command {
         /// The destination host (default: the manager picks the best other host).
         #[arg(long)]
         to: Option<String>,
-        /// The pre-copy termination policy: adaptive, xen, qemu-rule (default: the
+        /// The pre-copy termination policy: adaptive, xen, qemu, stop-copy (default: the
         /// balancer's).
         #[arg(long)]
         policy: Option<String>,
