@@ -105,11 +105,13 @@ function drawMigrations(running, migrations, vms, now) {
     const mem = memory[m.vm] || 0;
     const left = p.bytes_remaining == null ? "—"
       : bar(mem - p.bytes_remaining, mem, bytes(p.bytes_remaining));
+    // Rates and the downtime estimate are measured per round: none before the first ends.
+    const measured = p.round > 0;
     return [m.id, m.vm, m.from, m.to, m.policy,
       p.phase ? p.phase.replace(/_/g, "-") : "waiting", ms(Math.max(0, now - m.started)),
       p.round, bytes(p.bytes_transferred), left,
-      p.dirty_rate_bytes_per_s == null ? "—" : bytes(p.dirty_rate_bytes_per_s) + "/s",
-      p.predicted_downtime_ms == null ? "—" : ms(Math.round(p.predicted_downtime_ms))];
+      measured ? bytes(p.dirty_rate_bytes_per_s) + "/s" : "—",
+      measured ? ms(Math.round(p.predicted_downtime_ms)) : "—"];
   }));
   fill("recent", done.map((m) => [m.id, m.vm, m.from, m.to, m.policy, m.reason,
     el("span", { class: "result-" + m.result.status }, m.result.status === "failed"

@@ -34,22 +34,34 @@ fn bytes(n: f64) -> String {
     }
 }
 
-/// One line of telemetry (pure): round, transferred, remaining, dirty rate, predicted
-/// downtime and phase; `null` before the source's first report.
+/// `250 ms`, `3.88 s` (pure).
+fn millis(ms: f64) -> String {
+    if ms >= 1000.0 {
+        format!("{:.2} s", ms / 1e3)
+    } else {
+        format!("{ms:.0} ms")
+    }
+}
+
+/// One line of telemetry (pure): rounds done, transferred, remaining, dirty rate,
+/// predicted downtime and phase; `null` before the source's first report. Rates and the
+/// downtime are measured per round, so they appear once the first round is done.
 pub fn describe(p: &Value, memory_bytes: u64) -> String {
     if p.is_null() {
         return format!("starting ({} to copy)", bytes(memory_bytes as f64));
     }
     let num = |k: &str| p[k].as_f64().unwrap_or(0.0);
-    format!(
-        "round {} | sent {} | remaining {} | dirty {}/s | downtime ~{:.0} ms | {}",
-        p["round"].as_u64().unwrap_or(0),
-        bytes(num("bytes_transferred")),
-        bytes(num("bytes_remaining")),
-        bytes(num("dirty_rate_bytes_per_s")),
-        num("predicted_downtime_ms"),
-        p["phase"].as_str().unwrap_or("?").replace('_', "-"),
-    )
+    let phase = p["phase"].as_str().unwrap_or("?").replace('_', "-");
+    let sent = bytes(num("bytes_transferred"));
+    let left = bytes(num("bytes_remaining"));
+    match p["round"].as_u64().unwrap_or(0) {
+        0 => format!("first round | sent {sent} | remaining {left} | {phase}"),
+        round => format!(
+            "round {round} | sent {sent} | remaining {left} | dirty {}/s | downtime ~{} | {phase}",
+            bytes(num("dirty_rate_bytes_per_s")),
+            millis(num("predicted_downtime_ms")),
+        ),
+    }
 }
 
 /// How much of the guest's memory is current on the destination (pure): the bar's fill.
@@ -224,6 +236,13 @@ mod tests {
             "round 3 | sent 3.0 GiB | remaining 128.0 MiB | dirty 40.0 MiB/s | downtime ~251 ms | pre-copy"
         );
         assert!(describe(&Value::Null, 2 << 30).contains("2.0 GiB to copy"));
+        let first = json!({"phase": "pre_copy", "round": 0, "bytes_transferred": 0,
+                           "bytes_remaining": 2u64 << 30});
+        assert_eq!(
+            describe(&first, 2 << 30),
+            "first round | sent 0 B | remaining 2.0 GiB | pre-copy"
+        );
+        assert_eq!(millis(3880.0), "3.88 s");
         assert_eq!(current_bytes(&p, 2 << 30), (2 << 30) - (128 << 20));
         assert_eq!(current_bytes(&Value::Null, 1024), 0);
     }
