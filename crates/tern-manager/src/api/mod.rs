@@ -8,6 +8,7 @@
 //! - [`client`]: a client of this API for the command line.
 //! - [`error`]: errors as HTTP answers, the JSON body extractor.
 //! - [`metrics`]: the Prometheus text.
+//! - [`migrations`]: migration records with a running one's live telemetry.
 
 pub mod client;
 pub mod error;
