@@ -42,7 +42,9 @@ use crate::state::State;
 /// How a step looks for the best move.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Search {
-    /// Score every (instance, target) pair, as hbal does.
+    /// Find the best (instance, target) pair exactly, as hbal does: every pair is
+    /// scored, except (for metrics with a [`Frontier`]) those of instances whose
+    /// bound shows they cannot make an acceptable move.
     Exhaustive,
     /// Score all targets only for the `width` most promising instances by each of
     /// two rankings; fall back to exhaustive when that finds no acceptable move.
