@@ -188,6 +188,15 @@ async fn vms_are_created_listed_migrated_with_progress_and_deleted() {
     }
     let moved = srv.json(&["show", "web", "--json"]).await;
     assert_eq!(moved["observed_host"], to);
+    // Without --to the manager picks the destination; stop-copy has no rounds to watch.
+    let picked = srv
+        .json(&["migrate", "web", "--policy", "stop-copy", "--json"])
+        .await;
+    assert_eq!(picked["result"]["status"], "succeeded", "{picked}");
+    assert_eq!(picked["from"], to);
+    let to = picked["to"].as_str().unwrap().to_owned();
+    assert_ne!(to, picked["from"].as_str().unwrap());
+    let to = to.as_str();
 
     // Bad input: a message naming the problem, exit status 2, nothing changed.
     for (args, needle) in [
