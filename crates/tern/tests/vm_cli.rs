@@ -1,7 +1,8 @@
 //! `tern vm` against a real manager (SQLite state, HTTP API on loopback, control loop)
 //! whose hosts are in-process sim hosts with migrations paced to take real time: create
 //! placed and on a named host, list, show, a migration whose progress the CLI sees
-//! before it completes, delete, and bad input (unknown VM or host) exiting with 2.
+//! before it completes, one to a host the manager picks, one started with `--no-wait`
+//! and followed with `show`, delete, and bad input (unknown VM or host) exiting with 2.
 
 use std::process::Output;
 use std::sync::Arc;
@@ -197,6 +198,29 @@ async fn vms_are_created_listed_migrated_with_progress_and_deleted() {
     let to = picked["to"].as_str().unwrap().to_owned();
     assert_ne!(to, picked["from"].as_str().unwrap());
     let to = to.as_str();
+    // --no-wait returns at once; `show` then tells how far the migration got.
+    let back = if to == "gamma" { "alpha" } else { "gamma" };
+    let started = srv
+        .json(&["migrate", "web", "--to", back, "--no-wait", "--json"])
+        .await;
+    assert_eq!(started["result"]["status"], "running", "{started}");
+    let mut seen = String::new();
+    for _ in 0..100 {
+        let out = srv.tern(&["show", "web"]).await;
+        let shown = text(&out.stdout);
+        if shown.contains("remaining") {
+            seen = shown;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        seen.contains(&format!("{to} -> {back} (adaptive)")),
+        "no telemetry in `tern vm show` while it migrated: {seen}"
+    );
+    let moved = srv.running("web").await;
+    assert_eq!(moved["observed_host"], back);
+    let to = back;
 
     // Bad input: a message naming the problem, exit status 2, nothing changed.
     for (args, needle) in [
