@@ -19,6 +19,7 @@ pub fn simulate(
     let sizes: Vec<u64> = classes.iter().map(|c| c.pages).collect();
     let mut guest = AnalyticGuest {
         pending: sizes.iter().map(|&p| p as f64).collect(),
+        round_writes: vec![0.0; sizes.len()],
         tracker: FragmentTracker::with_sizes(&sizes),
         classes,
     };
@@ -29,7 +30,22 @@ struct AnalyticGuest {
     classes: Vec<DirtyClass>,
     /// Expected pages differing from the destination, per class.
     pending: Vec<f64>,
+    /// Page writes per class so far in the current round.
+    round_writes: Vec<f64>,
     tracker: FragmentTracker,
+}
+
+/// Distinct pages of class `c` that `writes` page writes change.
+fn changed_by(c: &DirtyClass, writes: f64) -> f64 {
+    let w = c.pages as f64;
+    if c.sequential {
+        writes.min(w)
+    } else if w > 0.0 {
+        // Share of the class left untouched by `writes` uniform writes.
+        w * (1.0 - (-writes / w).exp())
+    } else {
+        0.0
+    }
 }
 
 impl ModelGuest for AnalyticGuest {
@@ -52,29 +68,43 @@ impl ModelGuest for AnalyticGuest {
         sent
     }
 
-    fn run(&mut self, seconds: f64, rate_factor: f64) -> f64 {
-        let mut counts = Vec::with_capacity(self.classes.len());
-        let mut changed_total = 0.0;
-        for (c, pending) in self.classes.iter().zip(self.pending.iter_mut()) {
-            let w = c.pages as f64;
+    fn run_part(&mut self, seconds: f64, rate_factor: f64) -> f64 {
+        let mut first_changed = 0.0;
+        for ((c, pending), round_writes) in self
+            .classes
+            .iter()
+            .zip(self.pending.iter_mut())
+            .zip(self.round_writes.iter_mut())
+        {
             let writes = c.rate_pages * rate_factor * seconds;
-            let changed = if c.sequential {
+            let before = changed_by(c, *round_writes);
+            *round_writes += writes;
+            first_changed += changed_by(c, *round_writes) - before;
+            let w = c.pages as f64;
+            *pending = if c.sequential {
                 // The pages still differing form the window behind the writer's cursor;
                 // new writes extend that window.
-                *pending = (*pending + writes).min(w);
-                writes.min(w)
+                (*pending + writes).min(w)
             } else {
-                // Share of the class left untouched by `writes` uniform writes.
-                let untouched = if w > 0.0 { (-writes / w).exp() } else { 1.0 };
                 // A page still differs unless it was clean and stayed untouched.
-                *pending = w - (w - *pending) * untouched;
-                w * (1.0 - untouched)
+                let untouched = if w > 0.0 { (-writes / w).exp() } else { 1.0 };
+                w - (w - *pending) * untouched
             };
-            changed_total += changed;
-            counts.push(changed.round() as u64);
         }
+        first_changed
+    }
+
+    fn end_round(&mut self) -> f64 {
+        let changed: Vec<f64> = self
+            .classes
+            .iter()
+            .zip(&self.round_writes)
+            .map(|(c, &w)| changed_by(c, w))
+            .collect();
+        let counts: Vec<u64> = changed.iter().map(|c| c.round() as u64).collect();
         self.tracker.observe_counts(&counts);
-        changed_total
+        self.round_writes.iter_mut().for_each(|w| *w = 0.0);
+        changed.iter().sum()
     }
 
     fn tracker(&self) -> &FragmentTracker {

@@ -134,6 +134,12 @@ pub struct MigrationParams {
     pub max_elapsed_s: Option<f64>,
     /// Fragment size of the page-level model's tracker.
     pub fragment_bytes: u64,
+    /// Page-level model only: after sending this many bytes of round 1, measure the
+    /// guest's dirty rate and let the policy throttle it for the rest of round 1
+    /// ([`Policy::first_round_throttle`](crate::Policy::first_round_throttle)), as the
+    /// engine does. 0 (the default): round 1 runs whole, the textbook model.
+    #[serde(default)]
+    pub probe_bytes: u64,
 }
 
 impl MigrationParams {
@@ -150,6 +156,7 @@ impl MigrationParams {
             max_rounds: DEFAULT_MAX_ROUNDS,
             max_elapsed_s: None,
             fragment_bytes: DEFAULT_FRAGMENT_BYTES,
+            probe_bytes: 0,
         }
     }
 

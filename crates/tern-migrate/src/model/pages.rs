@@ -123,7 +123,44 @@ impl ModelGuest for PageGuest {
         sent as f64
     }
 
-    fn run(&mut self, seconds: f64, rate_factor: f64) -> f64 {
+    fn send_prefix(&mut self, pages: u64) -> Option<(f64, u64)> {
+        let mut sent = 0u64;
+        let mut next = 0u64;
+        for (i, p) in self.pending.iter_mut().enumerate() {
+            if sent == pages {
+                break;
+            }
+            next = i as u64 + 1;
+            if *p {
+                *p = false;
+                sent += 1;
+            }
+        }
+        self.pending_count -= sent;
+        Some((sent as f64, next))
+    }
+
+    fn remaining_from(&self, first: u64) -> f64 {
+        self.pending[first as usize..]
+            .iter()
+            .filter(|&&p| p)
+            .count() as f64
+    }
+
+    fn send_from(&mut self, first: u64) -> f64 {
+        let mut sent = 0u64;
+        for p in &mut self.pending[first as usize..] {
+            if *p {
+                *p = false;
+                sent += 1;
+            }
+        }
+        self.pending_count -= sent;
+        sent as f64
+    }
+
+    fn run_part(&mut self, seconds: f64, rate_factor: f64) -> f64 {
+        let before = self.changed.len();
         for k in 0..self.regions.len() {
             let (start, class) = self.regions[k];
             if class.pages == 0 || class.rate_pages <= 0.0 {
@@ -171,6 +208,10 @@ impl ModelGuest for PageGuest {
                 self.write(start + offset);
             }
         }
+        (self.changed.len() - before) as f64
+    }
+
+    fn end_round(&mut self) -> f64 {
         let changed = std::mem::take(&mut self.changed);
         for &p in &changed {
             self.seen[p as usize] = false;

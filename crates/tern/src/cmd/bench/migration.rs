@@ -310,14 +310,39 @@ impl Bench<'_> {
                 Duration::from_secs(10),
             )
             .await?;
+            self.wait_paced().await?;
         }
-        // Let the working set fill and the rate settle.
+        // Let the rate settle.
         tokio::time::sleep(Duration::from_secs(3)).await;
         self.counter = self
             .verify(0)
             .await
             .map_err(|e| anyhow::anyhow!("fresh guest: {e}"))?;
         Ok(())
+    }
+
+    /// Waits until `memdirty` has filled its working set and writes at its pace: on a
+    /// busy host the fill can outlast any fixed wait, and a migration that starts
+    /// during it measures the fill, not the workload.
+    async fn wait_paced(&self) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        loop {
+            let st = self
+                .guest(0, json!({"cmd": "status"}), Duration::from_secs(10))
+                .await?;
+            let paced = st["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|w| w["name"] == "memdirty" && w["work"].as_u64().unwrap_or(0) > 0);
+            if paced {
+                return Ok(());
+            }
+            if t0.elapsed() > Duration::from_secs(120) {
+                bail!("memdirty did not start its paced phase within 120 s: {st}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     async fn destroy(&mut self) {
