@@ -101,12 +101,18 @@ pub(super) async fn show(State(app): AppState, Path(id): Path<String>) -> ApiRes
             format!("migration id {id:?} is not a whole number; /v1/migrations lists them"),
         )
     })?;
-    if let Some(r) = app.manager.read(|s| s.running.get(&id).cloned()) {
+    let (running, next) = app
+        .manager
+        .read(|s| (s.running.get(&id).cloned(), s.next_migration));
+    if let Some(r) = running {
         return Ok(Json(MigrationView::of(&app.manager, r)).into_response());
     }
-    // Finished records live in the store only; the latest page is searched.
+    // Finished records live in the store only. Ids are handed out one after another and
+    // the store answers newest first, so record `id` is within the latest `next - id`:
+    // the one a client just watched finish is read alone.
+    let depth = usize::try_from(next.saturating_sub(id)).map_or(MAX_PAGE, |d| d.clamp(1, MAX_PAGE));
     let found = call(&app, move |m| {
-        Ok(m.migrations(MAX_PAGE)?.into_iter().find(|r| r.id == id))
+        Ok(m.migrations(depth)?.into_iter().find(|r| r.id == id))
     })
     .await?;
     found
@@ -120,7 +126,7 @@ pub(super) async fn show(State(app): AppState, Path(id): Path<String>) -> ApiRes
         .ok_or_else(|| {
             ApiError::new(
                 StatusCode::NOT_FOUND,
-                format!("no migration {id} among the latest {MAX_PAGE}; /v1/migrations lists them"),
+                format!("no migration {id}; /v1/migrations lists the latest"),
             )
         })
 }
