@@ -8,8 +8,15 @@
 //!
 //! Writers take the store's lock from decision to commit, so decisions see every earlier
 //! commit and a failed commit leaves the snapshot as it was; readers take only the
-//! snapshot's read lock and never wait for the disk.
+//! snapshot's read lock and never wait for the disk. Reads of the event log and of
+//! migration records go to the store's reader where it has one, beside the commits.
+//!
+//! Heartbeats, the bulk of the writes, are committed in groups: each waits in a queue,
+//! and whoever holds the store's lock next decides every queued one and commits them in
+//! one transaction, answering each only after that commit.
 
+use std::collections::HashSet;
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use tokio::sync::broadcast;
@@ -17,7 +24,7 @@ use tokio::sync::broadcast;
 use crate::decide::{self, Command, Reply};
 use crate::error::Result;
 use crate::state::{Change, Event, Migration, Millis, Snapshot};
-use crate::store::Store;
+use crate::store::{Store, StoreRead};
 
 /// The time source; tests drive it by hand.
 pub type Clock = Arc<dyn Fn() -> Millis + Send + Sync>;
@@ -36,6 +43,10 @@ pub struct Manager {
     /// Held by every writer from decision to commit, so decisions see every earlier
     /// commit; readers never wait for it.
     store: Mutex<Box<dyn Store>>,
+    /// Reads the log and the records without waiting for `store`, when the store can.
+    reader: Option<Arc<dyn StoreRead>>,
+    /// Heartbeats waiting for whoever takes `store` next.
+    queued: Mutex<Vec<Queued>>,
     /// Written only by a writer holding `store`, after its commit succeeded.
     snap: RwLock<Snapshot>,
     events: broadcast::Sender<Event>,
@@ -50,7 +61,10 @@ impl Manager {
         let mut snap = store.load()?;
         snap.index();
         let (events, _) = broadcast::channel(4096);
+        let reader = store.reader()?;
         Ok(Self {
+            reader,
+            queued: Mutex::new(Vec::new()),
             store: Mutex::new(store),
             snap: RwLock::new(snap),
             events,
@@ -80,10 +94,88 @@ impl Manager {
 
     /// Decides `cmd`, commits and applies it.
     pub fn execute(&self, cmd: Command) -> Result<Reply> {
+        if matches!(cmd, Command::Heartbeat { .. }) {
+            return self.execute_grouped(cmd);
+        }
         let now = self.now();
         let mut store = self.store();
         let (changes, reply) = decide::decide(&self.snap(), now, cmd)?;
         self.commit(&mut store, now, &changes)?;
+        Ok(reply)
+    }
+
+    /// Queues `cmd` and waits until it is committed, by this thread or by the one that
+    /// held the store before it and took the whole queue.
+    fn execute_grouped(&self, cmd: Command) -> Result<Reply> {
+        let (done, answer) = mpsc::sync_channel(1);
+        lock(&self.queued).push(Queued { cmd, done });
+        let mut store = self.store();
+        // A holder of the store answers everything it took before letting go, so the
+        // answer is here already or the command is still queued.
+        if let Ok(r) = answer.try_recv() {
+            return r;
+        }
+        let mut todo = std::mem::take(&mut *lock(&self.queued));
+        while !todo.is_empty() {
+            todo = self.commit_group(&mut store, todo);
+        }
+        drop(store);
+        answer
+            .recv()
+            .expect("a taken command is answered before the store is let go")
+    }
+
+    /// Decides the queued commands against the snapshot and commits them together. One
+    /// that reads what an earlier one of the group writes is left for the next group, so
+    /// each decision sees what it would have seen alone, one after another; those are
+    /// returned. If the group's commit fails, each is committed on its own instead, so
+    /// one bad change fails only its own command.
+    fn commit_group(&self, store: &mut Box<dyn Store>, todo: Vec<Queued>) -> Vec<Queued> {
+        let now = self.now();
+        let mut later = Vec::new();
+        let mut group: Vec<(Queued, Reply)> = Vec::new();
+        let mut changes = Vec::new();
+        {
+            let snap = self.snap();
+            let mut written: HashSet<Key> = HashSet::new();
+            for q in todo {
+                if reads(&snap, &q.cmd).iter().any(|k| written.contains(k)) {
+                    later.push(q);
+                    continue;
+                }
+                match decide::decide(&snap, now, q.cmd.clone()) {
+                    Ok((c, reply)) => {
+                        written.extend(c.iter().filter_map(Key::written));
+                        changes.extend(c);
+                        group.push((q, reply));
+                    }
+                    // Nothing changed, so nothing waits for a commit.
+                    Err(e) => {
+                        let _ = q.done.send(Err(e));
+                    }
+                }
+            }
+        }
+        match self.commit(store, now, &changes) {
+            Ok(()) => {
+                for (q, reply) in group {
+                    let _ = q.done.send(Ok(reply));
+                }
+            }
+            Err(_) => {
+                for (q, _) in group {
+                    let r = self.execute_locked(store, q.cmd);
+                    let _ = q.done.send(r);
+                }
+            }
+        }
+        later
+    }
+
+    fn execute_locked(&self, store: &mut Box<dyn Store>, cmd: Command) -> Result<Reply> {
+        let now = self.now();
+        let (changes, reply) = decide::decide(&self.snap(), now, cmd)?;
+        self.commit(store, now, &changes)?;
         Ok(reply)
     }
 
@@ -154,15 +246,61 @@ impl Manager {
     }
 
     pub fn events_since(&self, since: u64, limit: usize) -> Result<Vec<Event>> {
-        self.store().events_since(since, limit)
+        match &self.reader {
+            Some(r) => r.events_since(since, limit),
+            None => self.store().events_since(since, limit),
+        }
     }
 
     pub fn migrations(&self, limit: usize) -> Result<Vec<Migration>> {
-        self.store().migrations(limit)
+        match &self.reader {
+            Some(r) => r.migrations(limit),
+            None => self.store().migrations(limit),
+        }
     }
 
     /// Events committed from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
+}
+
+/// A heartbeat waiting to be committed, and where its answer goes.
+struct Queued {
+    cmd: Command,
+    done: mpsc::SyncSender<Result<Reply>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What a grouped decision reads or writes.
+#[derive(PartialEq, Eq, Hash)]
+enum Key {
+    Host(String),
+    Vm(String),
+}
+
+impl Key {
+    fn written(c: &Change) -> Option<Key> {
+        match c {
+            Change::PutHost(h) => Some(Key::Host(h.name.clone())),
+            Change::PutVm(v) => Some(Key::Vm(v.name.clone())),
+            Change::RemoveVm(name) => Some(Key::Vm(name.clone())),
+            Change::PutMigration(_) | Change::PutSettings(_) | Change::Event(_) => None,
+        }
+    }
+}
+
+/// Everything a heartbeat's decision reads besides the settings (which no heartbeat
+/// writes): its host, the VMs it reports and the VMs last seen there.
+fn reads(snap: &Snapshot, cmd: &Command) -> Vec<Key> {
+    let Command::Heartbeat { host, report } = cmd else {
+        unreachable!("only heartbeats are grouped")
+    };
+    let mut keys = vec![Key::Host(host.clone())];
+    keys.extend(report.vms.iter().map(|l| Key::Vm(l.name.clone())));
+    keys.extend(snap.vms_observed_on(host).map(|v| Key::Vm(v.name.clone())));
+    keys
 }

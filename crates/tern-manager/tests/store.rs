@@ -201,3 +201,70 @@ fn a_version_1_database_is_migrated_forward_keeping_its_rows() {
         (VmState::Running, 0.5, false)
     );
 }
+
+#[test]
+fn the_reader_sees_each_commit_and_reads_while_a_write_is_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.db");
+    let mut store = SqliteStore::open(&path).unwrap();
+    let reader = store.reader().unwrap().expect("SQLite has a reader");
+    assert!(reader.events_since(0, 10).unwrap().is_empty());
+    store
+        .commit(
+            5,
+            &[
+                Change::PutHost(host("h1")),
+                Change::Event(EventKind::HostRegistered { host: "h1".into() }),
+            ],
+        )
+        .unwrap();
+    assert_eq!(reader.events_since(0, 10).unwrap()[0].time, 5);
+    // Another writer holding its write transaction open does not hold the reader up,
+    // and what it has not committed is not seen.
+    let other = rusqlite::Connection::open(&path).unwrap();
+    other
+        .execute_batch(
+            "BEGIN IMMEDIATE; INSERT INTO events (time, kind) VALUES (6, '{\"type\":\"settings_changed\"}');",
+        )
+        .unwrap();
+    assert_eq!(reader.events_since(0, 10).unwrap().len(), 1);
+    assert!(reader.migrations(10).unwrap().is_empty());
+    other.execute_batch("COMMIT").unwrap();
+    assert_eq!(reader.events_since(1, 10).unwrap()[0].time, 6);
+}
+
+#[test]
+fn rewriting_a_host_or_vm_keeps_one_row_with_the_new_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.db");
+    let mut store = SqliteStore::open(&path).unwrap();
+    store
+        .commit(
+            1,
+            &[Change::PutHost(host("h1")), Change::PutVm(vm("a", "h1"))],
+        )
+        .unwrap();
+    let moved = Vm {
+        observed_host: Some("h1".into()),
+        state: VmState::Running,
+        cpu_used: 0.75,
+        ..vm("a", "h2")
+    };
+    let busy = Host {
+        cpu_used: Some(7.0),
+        cpu_smoothed: Some(6.0),
+        state: HostState::Dead,
+        ..host("h1")
+    };
+    store
+        .commit(
+            2,
+            &[Change::PutHost(busy.clone()), Change::PutVm(moved.clone())],
+        )
+        .unwrap();
+    let snap = store.load().unwrap();
+    assert_eq!(snap.hosts.len(), 1);
+    assert_eq!(snap.hosts["h1"], busy);
+    assert_eq!(snap.vms.len(), 1);
+    assert_eq!(snap.vms["a"], moved);
+}

@@ -2,11 +2,12 @@
 //! one transaction. Enums are stored by name and nested values as JSON so the file stays
 //! readable with the `sqlite3` shell.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 
-use super::{schema, Store};
+use super::{schema, Store, StoreRead};
 use crate::error::{Error, Result};
 use crate::state::{
     BalancerSettings, Capacity, Change, Event, EventKind, Host, HostState, Migration,
@@ -15,7 +16,12 @@ use crate::state::{
 
 pub struct SqliteStore {
     conn: Connection,
+    path: PathBuf,
 }
+
+/// How long a connection waits for a lock another one holds (only a checkpoint that
+/// resets the WAL takes one a reader must wait for).
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path` and brings its schema up to date.
@@ -25,9 +31,12 @@ impl SqliteStore {
         // process crashes, which is what a manager restart needs.
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         schema::migrate(&mut conn)?;
-        Ok(Self { conn })
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+        })
     }
 
     /// The schema version the file is at.
@@ -197,8 +206,11 @@ impl Store for SqliteStore {
             match c {
                 Change::PutHost(h) => {
                     tx.prepare_cached(
-                        "INSERT OR REPLACE INTO hosts (name, address, cpus, memory_mib, state, \
-                         last_heartbeat, cpu_used, cpu_smoothed) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                        "INSERT INTO hosts (name, address, cpus, memory_mib, state, \
+                         last_heartbeat, cpu_used, cpu_smoothed) VALUES (?1,?2,?3,?4,?5,?6,?7,?8) \
+                         ON CONFLICT (name) DO UPDATE SET address = ?2, cpus = ?3, \
+                         memory_mib = ?4, state = ?5, last_heartbeat = ?6, cpu_used = ?7, \
+                         cpu_smoothed = ?8",
                     )?
                     .execute(params![
                         h.name,
@@ -213,8 +225,11 @@ impl Store for SqliteStore {
                 }
                 Change::PutVm(v) => {
                     tx.prepare_cached(
-                        "INSERT OR REPLACE INTO vms (name, spec, desired_host, observed_host, \
-                         state, cpu_used, last_moved, cpu_measured) VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                        "INSERT INTO vms (name, spec, desired_host, observed_host, state, \
+                         cpu_used, last_moved, cpu_measured) VALUES (?1,?2,?3,?4,?5,?6,?7,?8) \
+                         ON CONFLICT (name) DO UPDATE SET spec = ?2, desired_host = ?3, \
+                         observed_host = ?4, state = ?5, cpu_used = ?6, last_moved = ?7, \
+                         cpu_measured = ?8",
                     )?
                     .execute(params![
                         v.name,
@@ -268,33 +283,89 @@ impl Store for SqliteStore {
     }
 
     fn events_since(&self, since: u64, limit: usize) -> Result<Vec<Event>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT seq, time, kind FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?;
-        let rows = st.query_map(params![since, limit as i64], |r| {
-            Ok((
-                r.get::<_, u64>(0)?,
-                r.get::<_, u64>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (seq, time, kind) = row?;
-            out.push(Event {
-                seq,
-                time,
-                kind: from_json::<EventKind>("event", &kind)?,
-            });
-        }
-        Ok(out)
+        events_since(&self.conn, since, limit)
     }
 
     fn migrations(&self, limit: usize) -> Result<Vec<Migration>> {
-        let mut st = self.conn.prepare_cached(&format!(
-            "SELECT {MIGRATION_COLUMNS} FROM migrations ORDER BY id DESC LIMIT ?1"
-        ))?;
-        let rows = st.query_map([limit as i64], migration_from)?;
-        rows.map(|r| r?.finish()).collect()
+        migrations(&self.conn, limit)
+    }
+
+    fn reader(&self) -> Result<Option<Arc<dyn StoreRead>>> {
+        Ok(Some(Arc::new(SqliteReader {
+            path: self.path.clone(),
+            idle: Mutex::new(Vec::new()),
+        })))
+    }
+}
+
+fn events_since(conn: &Connection, since: u64, limit: usize) -> Result<Vec<Event>> {
+    let mut st = conn.prepare_cached(
+        "SELECT seq, time, kind FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+    )?;
+    let rows = st.query_map(params![since, limit as i64], |r| {
+        Ok((
+            r.get::<_, u64>(0)?,
+            r.get::<_, u64>(1)?,
+            r.get::<_, String>(2)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (seq, time, kind) = row?;
+        out.push(Event {
+            seq,
+            time,
+            kind: from_json::<EventKind>("event", &kind)?,
+        });
+    }
+    Ok(out)
+}
+
+fn migrations(conn: &Connection, limit: usize) -> Result<Vec<Migration>> {
+    let mut st = conn.prepare_cached(&format!(
+        "SELECT {MIGRATION_COLUMNS} FROM migrations ORDER BY id DESC LIMIT ?1"
+    ))?;
+    let rows = st.query_map([limit as i64], migration_from)?;
+    rows.map(|r| r?.finish()).collect()
+}
+
+/// Read-only connections to the store's file. In WAL mode a reader sees the last commit
+/// and neither waits for the writer nor holds it up; each read takes an idle connection
+/// (opening one when all are busy) and gives it back.
+struct SqliteReader {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl SqliteReader {
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+        let taken = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match taken {
+            Some(c) => c,
+            None => {
+                let c = Connection::open_with_flags(
+                    &self.path,
+                    OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                )?;
+                c.busy_timeout(BUSY_TIMEOUT)?;
+                c
+            }
+        };
+        let out = f(&conn);
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+        out
+    }
+}
+
+impl StoreRead for SqliteReader {
+    fn events_since(&self, since: u64, limit: usize) -> Result<Vec<Event>> {
+        self.with(|c| events_since(c, since, limit))
+    }
+
+    fn migrations(&self, limit: usize) -> Result<Vec<Migration>> {
+        self.with(|c| migrations(c, limit))
     }
 }

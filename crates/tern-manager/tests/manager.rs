@@ -1,0 +1,99 @@
+//! The manager's write path against a real SQLite file: heartbeats from many threads at
+//! once are committed in groups, yet each counts exactly as if they ran one by one.
+
+use std::sync::Arc;
+
+use tern_manager::decide::{Command, LoadReport, VmLoad};
+use tern_manager::manager::system_clock;
+use tern_manager::state::{Capacity, Snapshot, VmSpec, VmState};
+use tern_manager::store::{SqliteStore, Store};
+use tern_manager::Manager;
+
+const HOSTS: usize = 4;
+const VMS_PER_HOST: usize = 3;
+const THREADS: usize = 8;
+/// Heartbeats each thread sends to each host.
+const ROUNDS: usize = 5;
+
+fn report(host: usize, cpu: f64) -> Command {
+    Command::Heartbeat {
+        host: format!("h{host}"),
+        report: LoadReport {
+            cpu_used: cpu,
+            vms: (0..VMS_PER_HOST)
+                .map(|i| VmLoad {
+                    name: format!("v{host}-{i}"),
+                    cpu_used: cpu,
+                })
+                .collect(),
+        },
+    }
+}
+
+#[test]
+fn concurrent_heartbeats_each_count_once_and_are_all_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.db");
+    let manager = Arc::new(
+        Manager::open(Box::new(SqliteStore::open(&path).unwrap()), system_clock()).unwrap(),
+    );
+    for h in 0..HOSTS {
+        manager
+            .execute(Command::RegisterHost {
+                name: format!("h{h}"),
+                address: "sim:".into(),
+                capacity: Capacity {
+                    cpus: 8.0,
+                    memory_mib: 16384,
+                },
+            })
+            .unwrap();
+        for i in 0..VMS_PER_HOST {
+            manager
+                .execute(Command::CreateVm {
+                    name: format!("v{h}-{i}"),
+                    spec: VmSpec {
+                        vcpus: 1,
+                        memory_mib: 512,
+                        pinned: false,
+                        affinity: None,
+                        anti_affinity: None,
+                    },
+                    host: Some(format!("h{h}")),
+                })
+                .unwrap();
+        }
+        // The first report is taken as it is: everything starts at 0 cores.
+        manager.execute(report(h, 0.0)).unwrap();
+    }
+    std::thread::scope(|s| {
+        for _ in 0..THREADS {
+            let m = manager.clone();
+            s.spawn(move || {
+                for _ in 0..ROUNDS {
+                    for h in 0..HOSTS {
+                        m.execute(report(h, 1.0)).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    // Identical reports smooth to the same value in any order, but only if none of
+    // them was decided from a state that missed another.
+    let alpha = manager.read(|s| s.settings.ewma_alpha());
+    let mut expected = 0.0;
+    for _ in 0..THREADS * ROUNDS {
+        expected = alpha * 1.0 + (1.0 - alpha) * expected;
+    }
+    let snap: Snapshot = manager.read(Clone::clone);
+    for h in snap.hosts.values() {
+        assert_eq!(h.cpu_smoothed, Some(expected), "host {}", h.name);
+    }
+    for v in snap.vms.values() {
+        assert_eq!(v.state, VmState::Running, "{}", v.name);
+        assert_eq!(v.cpu_used, expected, "VM {}", v.name);
+    }
+    // Every answered heartbeat was committed before its answer.
+    drop(manager);
+    assert_eq!(SqliteStore::open(&path).unwrap().load().unwrap(), snap);
+}
