@@ -34,11 +34,14 @@ struct Run {
     stop_reason: StopReason,
     rounds: usize,
     max_throttle: u8,
+    /// Throttle in effect at the end of round 1 (set by the round-1 probe, if any).
+    first_round_throttle: u8,
 }
 
 /// Migrates a 32 MiB file with a hot set of `hot` pages written at `pages_per_s`, over a
-/// link capped at `rate`, under `policy`; checks the result is identical.
-fn migrate(policy: PolicyKind, hot: u64, pages_per_s: u64, rate: u64) -> Run {
+/// link capped at `rate`, under `policy`, probing round 1 after `probe_bytes` (0: the
+/// default); checks the result is identical.
+fn migrate(policy: PolicyKind, hot: u64, pages_per_s: u64, rate: u64, probe_bytes: u64) -> Run {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join("src.mem");
     let mut content = vec![0u8; PAGES as usize * PAGE_SIZE];
@@ -70,6 +73,11 @@ fn migrate(policy: PolicyKind, hot: u64, pages_per_s: u64, rate: u64) -> Run {
         let cfg = PrecopyConfig {
             max_elapsed_s: 10.0,
             initial_bandwidth_bytes_per_s: rate as f64,
+            probe_bytes: if probe_bytes > 0 {
+                probe_bytes
+            } else {
+                PrecopyConfig::default().probe_bytes
+            },
             ..PrecopyConfig::default()
         };
         let mut throttle = WriterThrottle(speed.clone());
@@ -103,6 +111,7 @@ fn migrate(policy: PolicyKind, hot: u64, pages_per_s: u64, rate: u64) -> Run {
             stop_reason: outcome.stop_reason,
             rounds: outcome.history.len(),
             max_throttle: outcome.max_throttle_percent,
+            first_round_throttle: outcome.history[0].throttle_percent,
         }
     });
     w.join().unwrap();
@@ -120,7 +129,7 @@ fn every_policy_ends_with_identical_memory_under_a_moderate_writer() {
     // 32 hot pages rewritten 2000 times a second over a 40 MB/s link: fewer than Xen's
     // 50 pages stay dirty, so every policy reaches its goal.
     for policy in [PolicyKind::Xen, PolicyKind::Qemu, PolicyKind::Adaptive] {
-        let run = migrate(policy, 32, 2000, 40 << 20);
+        let run = migrate(policy, 32, 2000, 40 << 20, 0);
         assert!(
             run.stop_reason.converged(),
             "{policy}: stopped for {:?}",
@@ -134,7 +143,9 @@ fn every_policy_ends_with_identical_memory_under_a_moderate_writer() {
 fn adaptive_throttles_a_writer_faster_than_the_link_and_converges() {
     // A 16 MiB hot set rewritten at ~12k pages/s (48 MB/s) over a 16 MB/s link: the
     // remainder cannot fit 300 ms without slowing the writer.
-    let run = migrate(PolicyKind::Adaptive, 4096, 12_000, 16 << 20);
+    let run = migrate(PolicyKind::Adaptive, 4096, 12_000, 16 << 20, 0);
+    // 16 MiB of data is below the default probe's 2 x 24 MiB: round 1 ran whole.
+    assert_eq!(run.first_round_throttle, 0);
     assert!(
         run.max_throttle > 0,
         "adaptive never throttled: {:?} after {} rounds",
@@ -146,4 +157,21 @@ fn adaptive_throttles_a_writer_faster_than_the_link_and_converges() {
         "{:?}",
         run.stop_reason
     );
+}
+
+#[test]
+fn adaptive_throttles_during_round_one_when_the_probe_sees_a_fast_writer() {
+    // As above, but round 1 probed after 2 MiB: the writer (3x the link) is throttled
+    // while round 1 still has 14 MiB to go, and the memory still ends identical.
+    let run = migrate(PolicyKind::Adaptive, 4096, 12_000, 16 << 20, 2 << 20);
+    assert!(
+        run.first_round_throttle > 0,
+        "no throttle during round 1: {:?} after {} rounds",
+        run.stop_reason,
+        run.rounds
+    );
+    // A slow writer (well under half the link) is left alone in round 1.
+    let run = migrate(PolicyKind::Adaptive, 32, 500, 16 << 20, 2 << 20);
+    assert_eq!(run.first_round_throttle, 0);
+    assert!(run.stop_reason.converged(), "{:?}", run.stop_reason);
 }
