@@ -19,7 +19,7 @@ use crate::migration::{Estimate, MigrationTiming};
 use crate::placement::initial_placement;
 use crate::policy::{Move, Policy};
 use crate::queue::{Event, EventQueue};
-use crate::state::State;
+use crate::state::{State, Totals};
 use crate::trace::Traces;
 use crate::SimError;
 
@@ -30,6 +30,10 @@ pub struct SimConfig {
     pub interval_s: f64,
     /// Number of intervals to simulate.
     pub intervals: u32,
+    /// Intervals at the start with no policy decisions and no metering. CloudSim's
+    /// PlanetLab runs take their first decision and first meter reading one interval
+    /// in (before that no host has a previous utilisation to integrate from).
+    pub warm_up_intervals: u32,
     /// Overload threshold used by initial placement and the policies.
     pub threshold: f64,
     /// Share of a host's link that migrations may use (CloudSim: half).
@@ -40,6 +44,10 @@ pub struct SimConfig {
     pub max_migration_s: f64,
     /// Running VMs keep needing their full RAM and bandwidth (see `State::strict_memory`).
     pub strict_memory: bool,
+    /// A VM whose load is zero at a tick and at the next sample has finished and leaves
+    /// the cluster for good. CloudSim does this: it interpolates a PlanetLab trace
+    /// between samples and destroys a VM whose workload asks for no CPU.
+    pub finish_idle_vms: bool,
     /// Keep one `SeriesPoint` per tick (for plots).
     pub record_series: bool,
 }
@@ -49,11 +57,13 @@ impl Default for SimConfig {
         SimConfig {
             interval_s: 300.0,
             intervals: 288,
+            warm_up_intervals: 0,
             threshold: 0.8,
             migration_link_share: 0.5,
             dirty_mb_s_at_full_cpu: 20.0,
             max_migration_s: 600.0,
             strict_memory: true,
+            finish_idle_vms: false,
             record_series: false,
         }
     }
@@ -78,6 +88,10 @@ pub struct Report {
     pub migration_model: String,
     pub hosts: usize,
     pub vms: usize,
+    /// VMs that fit on no host at the start and were left out.
+    pub dropped_vms: u64,
+    /// VMs that finished during the run (see `SimConfig::finish_idle_vms`).
+    pub vms_finished: u64,
     pub simulated_hours: f64,
     pub energy_kwh: f64,
     /// Migrations started.
@@ -127,6 +141,8 @@ pub struct Simulation<'a> {
     completed: u64,
     failed: u64,
     refused: u64,
+    dropped: u64,
+    finished: u64,
     migration_seconds: f64,
     events: u64,
     started_this_interval: u32,
@@ -135,8 +151,8 @@ pub struct Simulation<'a> {
 }
 
 impl<'a> Simulation<'a> {
-    /// Places the VMs (power-aware best fit, as CloudSim does at time 0). `traces` must
-    /// hold one row per VM.
+    /// Places the VMs (power-aware best fit, as CloudSim does at time 0; a VM that fits
+    /// nowhere is left out and counted). `traces` must hold one row per VM.
     pub fn new(
         spec: ClusterSpec,
         traces: &'a Traces,
@@ -152,7 +168,7 @@ impl<'a> Simulation<'a> {
         }
         let hosts = spec.hosts.len();
         let mut state = State::new(spec, cfg.strict_memory);
-        initial_placement(&mut state, cfg.threshold)?;
+        let dropped = initial_placement(&mut state, cfg.threshold).len() as u64;
         Ok(Simulation {
             state,
             traces,
@@ -166,6 +182,8 @@ impl<'a> Simulation<'a> {
             completed: 0,
             failed: 0,
             refused: 0,
+            dropped,
+            finished: 0,
             migration_seconds: 0.0,
             events: 0,
             started_this_interval: 0,
@@ -201,9 +219,11 @@ impl<'a> Simulation<'a> {
                     if k >= self.cfg.intervals {
                         break;
                     }
-                    let moves = policy.plan(&self.state, now);
-                    for m in moves {
-                        self.start(m, now);
+                    if k >= self.cfg.warm_up_intervals {
+                        let moves = policy.plan(&self.state, now);
+                        for m in moves {
+                            self.start(m, now);
+                        }
                     }
                     self.queue
                         .push(f64::from(k + 1) * self.cfg.interval_s, Event::Tick(k + 1));
@@ -225,7 +245,9 @@ impl<'a> Simulation<'a> {
         let sample = (now / self.traces.interval + 1e-9).floor() as usize;
         let st = &mut self.state;
         for v in 0..st.vms() {
-            st.vm_requested[v] = self.traces.utilisation(v, sample) * st.spec.vm(v).mips;
+            if st.is_running(v) {
+                st.vm_requested[v] = self.traces.utilisation(v, sample) * st.spec.vm(v).mips;
+            }
         }
         let mut active = 0u32;
         let (mut sum, mut sum_sq) = (0.0, 0.0);
@@ -236,6 +258,20 @@ impl<'a> Simulation<'a> {
                 let u = st.utilisation(h);
                 sum += u;
                 sum_sq += u * u;
+            }
+        }
+        if k == self.cfg.warm_up_intervals && k > 0 {
+            st.totals = Totals::default();
+        }
+        if self.cfg.finish_idle_vms && k >= self.cfg.warm_up_intervals {
+            for v in 0..st.vms() {
+                let idle = self.traces.utilisation(v, sample) == 0.0
+                    && self.traces.utilisation(v, sample + 1) == 0.0;
+                if idle && st.is_running(v) && !st.is_migrating(v) {
+                    st.finish(v, now);
+                    self.finished += 1;
+                    tracing::debug!(t = %clock(now), vm = v, "VM finished: no load");
+                }
             }
         }
         self.peak_active = self.peak_active.max(active);
@@ -259,6 +295,7 @@ impl<'a> Simulation<'a> {
         let st = &self.state;
         let ok = vm < st.vms()
             && dst < st.hosts()
+            && st.is_running(vm)
             && !st.is_migrating(vm)
             && st.vm_host[vm] as usize != dst
             && st.host_ram_used[dst] + st.running_needs(vm).0 <= st.spec.host(dst).ram_mb;
@@ -393,6 +430,8 @@ impl<'a> Simulation<'a> {
             migration_model: self.timing.name().to_string(),
             hosts: self.state.hosts(),
             vms: self.state.vms(),
+            dropped_vms: self.dropped,
+            vms_finished: self.finished,
             simulated_hours: end / 3600.0,
             energy_kwh: t.energy_joules / 3.6e6,
             migrations: self.started,

@@ -40,8 +40,6 @@ pub enum SimError {
     BadTrace(String),
     #[error("unknown policy `{0}`; use one of: none, thr-mmt, spread")]
     UnknownPolicy(String),
-    #[error("VM {vm} ({vm_type}) fits on no host; add hosts or make them larger")]
-    NoRoom { vm: usize, vm_type: String },
     #[error("bad scenario: {0}")]
     BadScenario(String),
 }

@@ -13,7 +13,6 @@
 use std::collections::BTreeSet;
 
 use crate::state::{State, MIGRATION_DEST_SHARE, NO_HOST};
-use crate::SimError;
 
 /// The cluster as one optimisation step sees and tentatively changes it.
 pub struct Scratch<'a> {
@@ -191,28 +190,36 @@ impl<'a> Scratch<'a> {
 
 /// Places every VM, in index order, with power-aware best fit, as CloudSim places the
 /// VMs it creates at time 0: each asks for its full MIPS while being instantiated.
-pub fn initial_placement(state: &mut State, threshold: f64) -> Result<(), SimError> {
+/// A VM that fits on no host is left out, as CloudSim's broker leaves out a VM whose
+/// creation failed; the VMs left out are returned.
+pub fn initial_placement(state: &mut State, threshold: f64) -> Vec<usize> {
     let n_hosts = state.hosts();
     let excluded = vec![false; n_hosts];
     let mut chosen = Vec::with_capacity(state.vms());
+    let mut dropped = Vec::new();
     {
         let mut scratch = Scratch::new(state, threshold);
         for v in 0..state.vms() {
             debug_assert_eq!(state.vm_host[v], NO_HOST);
             let mips = state.spec.vm(v).mips;
-            let h =
-                scratch
-                    .find_host(v, mips, &excluded, true)
-                    .ok_or_else(|| SimError::NoRoom {
-                        vm: v,
-                        vm_type: state.spec.vm(v).name.clone(),
-                    })?;
-            scratch.add(h, v, mips);
-            chosen.push(h);
+            match scratch.find_host(v, mips, &excluded, true) {
+                Some(h) => {
+                    scratch.add(h, v, mips);
+                    chosen.push((v, h));
+                }
+                None => {
+                    tracing::warn!(
+                        vm = v,
+                        vm_type = %state.spec.vm(v).name,
+                        "VM fits on no host at start; it is left out of the run"
+                    );
+                    dropped.push(v);
+                }
+            }
         }
     }
-    for (v, h) in chosen.into_iter().enumerate() {
+    for (v, h) in chosen {
         state.place(v, h, 0.0);
     }
-    Ok(())
+    dropped
 }

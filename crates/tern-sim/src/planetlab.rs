@@ -1,9 +1,11 @@
 //! CloudSim's standard PlanetLab benchmark: the cluster, the VM types and the workload.
 //!
 //! Hosts alternate HP ProLiant ML110 G4 (2 x 1860 MIPS) and G5 (2 x 2660 MIPS), 4 GB RAM
-//! and a 1 Gbit/s link each. One VM per trace file (files sorted by name), 1 vCPU, 100
-//! Mbit/s reserved; four VM types (MIPS, MB): (2500, 870), (2000, 1740), (1000, 1740),
-//! (500, 613). 288 five-minute samples, one scheduling tick per sample.
+//! and a 1 Gbit/s link each. One VM per trace file (files sorted by name; CloudSim
+//! takes them in the order the file system lists them), 1 vCPU, 100 Mbit/s reserved;
+//! four VM types (MIPS, MB): (2500, 870), (2000, 1740), (1000, 1740), (500, 613), in
+//! four consecutive blocks of files as CloudSim deals them. 288 five-minute samples,
+//! one scheduling tick per sample.
 
 use std::path::Path;
 
@@ -16,6 +18,12 @@ use crate::SimError;
 pub const SAMPLES: usize = 288;
 /// Seconds per sample.
 pub const INTERVAL_S: f64 = 300.0;
+/// Intervals simulated and metered, as CloudSim's PlanetLab runs do: scheduling ticks
+/// every 300 s, the first decision and meter reading at the first tick (300 s, before
+/// it no host has a previous utilisation), the last at 86,100 s.
+pub const INTERVALS: u32 = SAMPLES as u32 - 1;
+/// See `INTERVALS`.
+pub const WARM_UP_INTERVALS: u32 = 1;
 
 /// How VM types are dealt out over the trace files.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -49,6 +49,9 @@ pub struct State {
     pub vm_dest: Vec<u32>,
     /// MIPS each VM asks for now.
     pub vm_requested: Vec<f64>,
+    /// VMs that have finished (see `finish`): on no host's list any more, asking for
+    /// nothing; `vm_host` keeps the host they ended on.
+    pub vm_finished: Vec<bool>,
     /// VMs running on each host, migrating-out ones included.
     pub host_vms: Vec<Vec<u32>>,
     /// VMs migrating into each host.
@@ -83,6 +86,7 @@ impl State {
             vm_host: vec![NO_HOST; v],
             vm_dest: vec![NO_HOST; v],
             vm_requested: vec![0.0; v],
+            vm_finished: vec![false; v],
             host_vms: vec![Vec::new(); h],
             host_incoming: vec![Vec::new(); h],
             host_requested: vec![0.0; h],
@@ -144,6 +148,24 @@ impl State {
         self.settle(h, now);
     }
 
+    /// Whether a VM runs somewhere: placed and not finished.
+    pub fn is_running(&self, vm: usize) -> bool {
+        self.vm_host[vm] != NO_HOST && !self.vm_finished[vm]
+    }
+
+    /// Ends a running VM for good, as CloudSim destroys a VM whose workload asks for no
+    /// CPU: it leaves its host and frees what it held. A migrating VM cannot finish.
+    pub fn finish(&mut self, vm: usize, now: f64) {
+        debug_assert!(self.is_running(vm) && !self.is_migrating(vm));
+        let h = self.vm_host[vm] as usize;
+        remove(&mut self.host_vms[h], vm as u32);
+        self.vm_finished[vm] = true;
+        self.vm_requested[vm] = 0.0;
+        self.vm_ram_held[vm] = 0.0;
+        self.vm_bw_held[vm] = 0.0;
+        self.settle(h, now);
+    }
+
     /// Marks a VM as migrating to `dest`; the destination reserves its memory at once.
     pub fn begin_migration(&mut self, vm: usize, dest: usize, now: f64) {
         let src = self.vm_host[vm] as usize;
@@ -185,8 +207,14 @@ impl State {
             let t = &mut self.totals;
             // CloudSim's energy: linear interpolation between the utilisation at the start
             // and at the end of the interval, nothing for a host that was off at its start.
+            // A host that has just gone idle ends the interval at its idle power.
             if old.active {
-                t.energy_joules += dt * (old.watts + new.watts) / 2.0;
+                let end_watts = if new.active {
+                    new.watts
+                } else {
+                    self.spec.host(h).power.watts_at(0.0)
+                };
+                t.energy_joules += dt * (old.watts + end_watts) / 2.0;
                 t.active_host_seconds += dt;
                 if old.violating {
                     t.violation_host_seconds += dt;
@@ -274,9 +302,11 @@ impl State {
     }
 }
 
+/// Removes `x` keeping the order of the rest: a host's VM list is in arrival order, as
+/// CloudSim's is, and CloudSim's choices break ties by that order.
 fn remove(list: &mut Vec<u32>, x: u32) {
     if let Some(i) = list.iter().position(|&y| y == x) {
-        list.swap_remove(i);
+        list.remove(i);
     }
 }
 
@@ -339,6 +369,23 @@ mod tests {
         // that as time at 100 %.
         assert_eq!(t.violation_host_seconds, 10.0);
         assert_eq!(t.active_host_seconds, 20.0);
+    }
+
+    #[test]
+    fn a_finished_vm_leaves_its_host_and_frees_it() {
+        let mut s = two_hosts_one_vm();
+        s.vm_requested[0] = 1330.0;
+        s.place(0, 0, 0.0);
+        s.finish(0, 100.0);
+        assert!(!s.is_running(0));
+        assert!(s.host_vms[0].is_empty());
+        assert_eq!(s.host_ram_used[0], 0.0);
+        assert!(!s.is_active(0));
+        // Metered up to the finish, from 25 % (G5: 103 W) down to idle (93.7 W), as
+        // CloudSim interpolates; nothing after it.
+        s.settle(0, 200.0);
+        assert!((s.totals.energy_joules - 100.0 * (103.0 + 93.7) / 2.0).abs() < 1e-6);
+        assert_eq!(s.totals.active_host_seconds, 100.0);
     }
 
     #[test]

@@ -58,12 +58,14 @@ fn plan(state: &State, threshold: f64) -> Vec<Move> {
     }
     sort_by_demand(state, &mut to_move);
     let mut moves = Vec::new();
-    let mut destination = vec![false; n];
+    // Moves of step 2 by destination: step 3 may empty such a host again, and then
+    // the VMs on their way there go to the new place instead.
+    let mut arriving: Vec<Vec<usize>> = vec![Vec::new(); n];
     for &(v, _) in &to_move {
         let mips = state.vm_requested[v as usize];
         if let Some(d) = scratch.find_host(v as usize, mips, &overloaded, true) {
             scratch.add(d, v as usize, mips);
-            destination[d] = true;
+            arriving[d].push(moves.len());
             moves.push(Move {
                 vm: v,
                 to: d as u32,
@@ -73,7 +75,7 @@ fn plan(state: &State, threshold: f64) -> Vec<Move> {
 
     // Step 3: consolidation of underloaded hosts.
     let mut skip_source: Vec<bool> = (0..n)
-        .map(|h| overloaded[h] || destination[h] || !state.is_active(h))
+        .map(|h| overloaded[h] || !state.is_active(h))
         .collect();
     let mut skip_target: Vec<bool> = (0..n)
         .map(|h| overloaded[h] || !state.is_active(h))
@@ -94,7 +96,7 @@ fn plan(state: &State, threshold: f64) -> Vec<Move> {
             .total_cmp(&state.utilisation(b as usize))
             .then(a.cmp(&b))
     });
-    let mut tentative: Vec<(u32, usize)> = Vec::new();
+    let mut tentative: Vec<(u32, usize, usize)> = Vec::new();
     for h in candidates {
         let h = h as usize;
         if skip_source[h] {
@@ -102,26 +104,28 @@ fn plan(state: &State, threshold: f64) -> Vec<Move> {
         }
         skip_source[h] = true;
         skip_target[h] = true;
+        // (VM, index of its step-2 move or usize::MAX for a VM running here)
         let mut vms: Vec<(u32, usize)> = state.host_vms[h]
             .iter()
             .copied()
             .filter(|&v| !state.is_migrating(v as usize))
-            .map(|v| (v, h))
+            .map(|v| (v, usize::MAX))
+            .chain(arriving[h].iter().map(|&i| (moves[i].vm, i)))
             .collect();
         if vms.is_empty() {
             continue;
         }
         sort_by_demand(state, &mut vms);
         tentative.clear();
-        for &(v, _) in &vms {
+        for &(v, step2) in &vms {
             let mips = state.vm_requested[v as usize];
             match scratch.find_host(v as usize, mips, &skip_target, false) {
                 Some(d) => {
                     scratch.add(d, v as usize, mips);
-                    tentative.push((v, d));
+                    tentative.push((v, d, step2));
                 }
                 None => {
-                    for &(tv, td) in &tentative {
+                    for &(tv, td, _) in &tentative {
                         scratch.remove(td, tv as usize, state.vm_requested[tv as usize]);
                     }
                     tentative.clear();
@@ -129,12 +133,16 @@ fn plan(state: &State, threshold: f64) -> Vec<Move> {
                 }
             }
         }
-        for &(v, d) in &tentative {
+        for &(v, d, step2) in &tentative {
             skip_source[d] = true;
-            moves.push(Move {
-                vm: v,
-                to: d as u32,
-            });
+            if step2 == usize::MAX {
+                moves.push(Move {
+                    vm: v,
+                    to: d as u32,
+                });
+            } else {
+                moves[step2].to = d as u32;
+            }
         }
     }
     moves

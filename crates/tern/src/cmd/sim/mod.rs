@@ -59,10 +59,15 @@ pub struct PlanetlabArgs {
     pub hosts: usize,
     #[command(flatten)]
     pub common: CommonArgs,
-    /// How VM types are dealt to trace files: `cycle` (i mod 4) or `block` (CloudSim's
-    /// four consecutive blocks).
+    /// How VM types are dealt to trace files: `block` (CloudSim's four consecutive
+    /// blocks) or `cycle` (i mod 4). A VM that fits on no host at the start is left out
+    /// with a warning and counted in `dropped_vms`, as CloudSim does.
     #[arg(long, default_value = "block")]
     pub vm_types: String,
+    /// Keep VMs whose load drops to zero. By default such a VM finishes and leaves, as in
+    /// CloudSim, which destroys a VM whose workload asks for no CPU.
+    #[arg(long)]
+    pub keep_idle_vms: bool,
     /// Make running VMs keep needing their RAM and bandwidth. By default they behave as
     /// in CloudSim's PlanetLab setup, where a VM asks for them only while being created.
     #[arg(long)]
@@ -118,7 +123,9 @@ fn run_planetlab(args: PlanetlabArgs) -> anyhow::Result<()> {
     let (spec, traces) = planetlab::load(&args.dir, args.hosts, order).map_err(input_error)?;
     let cfg = SimConfig {
         interval_s: planetlab::INTERVAL_S,
-        intervals: planetlab::SAMPLES as u32,
+        intervals: planetlab::INTERVALS,
+        warm_up_intervals: planetlab::WARM_UP_INTERVALS,
+        finish_idle_vms: !args.keep_idle_vms,
         threshold: args.common.threshold,
         record_series: args.common.output.plot.is_some(),
         strict_memory: args.strict_memory,
@@ -127,6 +134,13 @@ fn run_planetlab(args: PlanetlabArgs) -> anyhow::Result<()> {
     };
     let sim = Simulation::new(spec, &traces, timing.as_ref(), cfg).map_err(input_error)?;
     let report = sim.run(policy.as_mut(), &mut progress_bar());
+    if report.dropped_vms > 0 {
+        tracing::warn!(
+            "{} of {} VMs fit on no host at the start and were left out (see --vm-types)",
+            report.dropped_vms,
+            report.vms
+        );
+    }
     finish(&report, &args.common.output)
 }
 
@@ -157,6 +171,13 @@ fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
     };
     let sim = Simulation::new(spec, &traces, timing.as_ref(), cfg).map_err(input_error)?;
     let report = sim.run(policy.as_mut(), &mut progress_bar());
+    if report.dropped_vms > 0 {
+        tracing::warn!(
+            "{} of {} VMs fit on no host at the start and were left out",
+            report.dropped_vms,
+            report.vms
+        );
+    }
     finish(&report, &args.output)
 }
 
@@ -211,7 +232,6 @@ fn input_error(e: SimError) -> anyhow::Error {
         SimError::Io { .. }
         | SimError::BadTrace(_)
         | SimError::BadScenario(_)
-        | SimError::NoRoom { .. }
         | SimError::UnknownPolicy(_) => bad_input(e),
     }
 }
@@ -251,6 +271,7 @@ fn finish(report: &Report, output: &OutputArgs) -> anyhow::Result<()> {
 fn report_text(r: &Report) -> String {
     format!(
         "policy {} | migration model {} | {} hosts, {} VMs, {:.1} h simulated\n\
+         VMs            {} left out at the start, {} finished during the run\n\
          energy_kwh     {:.2}\n\
          migrations     {} ({} completed, {} abandoned, mean {:.1} s)\n\
          slatah         {:.4}\n\
@@ -264,6 +285,8 @@ fn report_text(r: &Report) -> String {
         r.hosts,
         r.vms,
         r.simulated_hours,
+        r.dropped_vms,
+        r.vms_finished,
         r.energy_kwh,
         r.migrations,
         r.migrations_completed,
