@@ -6,11 +6,18 @@
 //! and full at the other, and a stream that finishes early leaves the link to one. Every stream ends the round
 //! with `RoundEnd` and waits for the destination's `Ack`: a round is on the destination
 //! once `send_round` returns.
+//!
+//! A [`RoundMeter`] shows the round being sent while it runs: the streams add each batch
+//! to shared counters, and the status endpoint reads them, so a round that carries
+//! gigabytes is seen moving rather than only once it ends.
 
 use std::io::{BufWriter, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -57,11 +64,78 @@ pub struct RoundTransfer {
     pub bytes: u64,
 }
 
+/// The round being sent, as `GET /v1/migrations/{id}` shows it (`current`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundProgress {
+    /// 1-based, as in the rounds' telemetry; the stop-and-copy pass is the round after
+    /// the last live one.
+    pub round: u32,
+    /// Pages this round sends, zero pages included.
+    pub pages_planned: u64,
+    /// Of those, pages on the wire so far.
+    pub pages_sent: u64,
+    /// Bytes on the wire so far this round, frame headers included.
+    pub bytes_sent: u64,
+    /// Since this round began.
+    pub duration_s: f64,
+    /// Since the live phase began (the clock of the rounds' `elapsed_s`).
+    pub elapsed_s: f64,
+}
+
+/// Live counters of the round being sent. The streams only add to atomics, once per
+/// batch; the lock is taken when a round begins or ends and when the counters are read,
+/// never per page.
+#[derive(Debug, Default)]
+pub struct RoundMeter {
+    /// The round under way: (round, pages planned, when it began, live-phase seconds then).
+    running: Mutex<Option<(u32, u64, Instant, f64)>>,
+    pages: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl RoundMeter {
+    /// Starts counting `round`, which sends `pages_planned` pages; `elapsed_s`: seconds
+    /// since the live phase began.
+    pub fn begin(&self, round: u32, pages_planned: u64, elapsed_s: f64) {
+        let mut running = self.running.lock().expect("round meter lock");
+        // Reset under the lock: a reader never sees the new round with the old counts.
+        self.pages.store(0, Ordering::Relaxed);
+        self.bytes.store(0, Ordering::Relaxed);
+        *running = Some((round, pages_planned, Instant::now(), elapsed_s));
+    }
+
+    /// No round is under way any more.
+    pub fn end(&self) {
+        *self.running.lock().expect("round meter lock") = None;
+    }
+
+    fn add(&self, pages: u64, bytes: u64) {
+        self.pages.fetch_add(pages, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The round under way, if any.
+    pub fn read(&self) -> Option<RoundProgress> {
+        let running = self.running.lock().expect("round meter lock");
+        let (round, pages_planned, began, at) = (*running)?;
+        let duration_s = began.elapsed().as_secs_f64();
+        Some(RoundProgress {
+            round,
+            pages_planned,
+            pages_sent: self.pages.load(Ordering::Relaxed).min(pages_planned),
+            bytes_sent: self.bytes.load(Ordering::Relaxed),
+            duration_s,
+            elapsed_s: at + duration_s,
+        })
+    }
+}
+
 /// The connected memory streams of one outgoing migration.
 pub struct Outgoing {
     streams: Vec<TcpStream>,
     opts: StreamOptions,
     pacer: Option<Pacer>,
+    meter: Arc<RoundMeter>,
 }
 
 impl Outgoing {
@@ -100,7 +174,19 @@ impl Outgoing {
             streams,
             opts,
             pacer,
+            meter: Arc::default(),
         })
+    }
+
+    /// Counts what the rounds send on `meter` (by default a meter nobody reads).
+    pub fn with_meter(mut self, meter: Arc<RoundMeter>) -> Self {
+        self.meter = meter;
+        self
+    }
+
+    /// The meter the rounds count on; whoever sends a round calls its `begin` first.
+    pub fn meter(&self) -> &Arc<RoundMeter> {
+        &self.meter
     }
 
     /// Sends `pages` (ascending indices) as round `round`; records the digest of every
@@ -119,6 +205,7 @@ impl Outgoing {
         let bytes = AtomicU64::new(0);
         let opts = &self.opts;
         let pacer = self.pacer.as_ref();
+        let meter = &*self.meter;
         let bounds = balanced_slices(pages, n, |p| mem.has_data(p));
         let results: Vec<Result<(), MigrationError>> = std::thread::scope(|s| {
             let handles: Vec<_> = self
@@ -129,7 +216,13 @@ impl Outgoing {
                     let slice = &pages[bounds[i]..bounds[i + 1]];
                     let (data, zeros, bytes) = (&data, &zeros, &bytes);
                     s.spawn(move || -> Result<(), MigrationError> {
-                        let t = send_slice(stream, round, mem, sent, slice, opts, pacer, cancel)?;
+                        let link = Link {
+                            opts,
+                            pacer,
+                            meter,
+                            cancel,
+                        };
+                        let t = send_slice(stream, round, mem, sent, slice, &link)?;
                         data.fetch_add(t.data_pages, Ordering::Relaxed);
                         zeros.fetch_add(t.zero_pages, Ordering::Relaxed);
                         bytes.fetch_add(t.bytes, Ordering::Relaxed);
@@ -198,17 +291,28 @@ fn balanced_slices(pages: &[u64], n: usize, heavy: impl Fn(u64) -> bool) -> Vec<
     bounds
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What every stream of a round shares.
+struct Link<'a> {
+    opts: &'a StreamOptions,
+    pacer: Option<&'a Pacer>,
+    meter: &'a RoundMeter,
+    cancel: &'a AtomicBool,
+}
+
 fn send_slice(
     stream: &mut TcpStream,
     round: u32,
     mem: &SourceMemory,
     sent: &SentDigests,
     pages: &[u64],
-    opts: &StreamOptions,
-    pacer: Option<&Pacer>,
-    cancel: &AtomicBool,
+    link: &Link,
 ) -> Result<RoundTransfer, MigrationError> {
+    let Link {
+        opts,
+        pacer,
+        meter,
+        cancel,
+    } = *link;
     let mut out = BufWriter::with_capacity(1 << 20, &mut *stream);
     let mut total = RoundTransfer::default();
     let mut batch = Batch::with_capacity(opts.batch_pages);
@@ -229,9 +333,11 @@ fn send_slice(
         if let Some(p) = pacer {
             p.wait(payload.len() as u64 + 8);
         }
-        total.bytes += wire::write_frame(out, Kind::Pages, flags, &payload)? as u64;
+        let bytes = wire::write_frame(out, Kind::Pages, flags, &payload)? as u64;
+        total.bytes += bytes;
         total.data_pages += batch.data_pages as u64;
         total.zero_pages += batch.zero_pages;
+        meter.add(batch.data_pages as u64 + batch.zero_pages, bytes);
         batch.clear();
         Ok(())
     };
@@ -269,8 +375,9 @@ fn send_slice(
         batch.push_zero_run(first as u32, count);
     }
     flush(&mut batch, &mut out, &mut total)?;
-    total.bytes +=
-        wire::write_frame(&mut out, Kind::RoundEnd, 0, &wire::u32_payload(round))? as u64;
+    let end = wire::write_frame(&mut out, Kind::RoundEnd, 0, &wire::u32_payload(round))? as u64;
+    total.bytes += end;
+    meter.add(0, end);
     out.flush().map_err(wire::WireError::from)?;
     drop(out);
     let ack = wire::expect(stream, Kind::Ack)?;

@@ -78,7 +78,8 @@ pub trait Throttle: Send {
 }
 
 /// Runs live rounds until the policy decides to stop and copy. `on_round` sees every
-/// round's telemetry as soon as it is known (the status endpoint reads it).
+/// round's telemetry as soon as it is known (the status endpoint reads it); the round
+/// under way is counted on `out`'s [`RoundMeter`](super::outgoing::RoundMeter).
 #[allow(clippy::too_many_arguments)] // each is a distinct collaborator of the loop
 pub fn run(
     out: &mut Outgoing,
@@ -127,6 +128,8 @@ pub fn run(
             .copied()
             .filter(|&p| !tracker.fragment_of(p).is_some_and(|f| held[f as usize]))
             .collect();
+        out.meter()
+            .begin(round, to_send.len() as u64, started.elapsed().as_secs_f64());
         // Pages the round-1 probe saw change: the round's changes, with the scan after it.
         let mut probed: Vec<u64> = Vec::new();
         let split = if round == 1 {

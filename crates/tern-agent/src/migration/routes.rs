@@ -4,7 +4,7 @@
 //! ```text
 //! POST   /v1/migrations                 source: start sending a VM     body: SendRequest
 //! GET    /v1/migrations                 source: every migration, with telemetry
-//! GET    /v1/migrations/{id}            source: phase, rounds, result
+//! GET    /v1/migrations/{id}            source: phase, rounds, the round under way, result
 //! POST   /v1/migrations/{id}/cancel     source: stop; the VM stays here
 //! POST   /v1/incoming                   destination: prepare           body: PrepareRequest
 //! GET    /v1/incoming/{id}              destination: progress
@@ -13,7 +13,7 @@
 //! ```
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -25,9 +25,7 @@ use axum::{Extension, Json, Router};
 use serde_json::Value;
 use tern_hv::{HvError, VmState};
 
-use super::session::{
-    Engine, MigrationView, Outbound, Phase, PrepareRequest, Registry, SendRequest,
-};
+use super::session::{Engine, MigrationView, Outbound, PrepareRequest, Registry, SendRequest};
 use super::{dest, source};
 use crate::api::parse;
 use crate::error::AgentError;
@@ -93,19 +91,12 @@ pub async fn execute(
                 }));
             }
             let id = reg.new_id("mig");
-            let job = Arc::new(Outbound {
-                view: Mutex::new(MigrationView {
-                    id: id.clone(),
-                    vm: req.vm.clone(),
-                    destination: req.destination.clone(),
-                    policy: engine.name().to_string(),
-                    phase: Phase::Preparing,
-                    error: None,
-                    rounds: Vec::new(),
-                    result: None,
-                }),
-                cancel: Default::default(),
-            });
+            let job = Arc::new(Outbound::new(MigrationView::new(
+                &id,
+                &req.vm,
+                &req.destination,
+                engine.name(),
+            )));
             reg.outbound
                 .lock()
                 .expect("registry lock")

@@ -19,6 +19,7 @@ use tern_hv::VmSpec;
 use tern_migrate::RoundTelemetry;
 
 use super::incoming::Progress;
+use super::outgoing::{RoundMeter, RoundProgress};
 
 /// Where a source migration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,24 +220,66 @@ pub struct MigrationView {
     pub phase: Phase,
     /// Why the migration was rolled back.
     pub error: Option<String>,
+    /// Completed rounds.
     pub rounds: Vec<RoundTelemetry>,
+    /// The round being sent, while one is (the stop-and-copy pass included): how far it
+    /// got. Absent between rounds, before the first and after the last.
+    #[serde(default)]
+    pub current: Option<RoundProgress>,
     pub result: Option<MigrationResult>,
+}
+
+impl MigrationView {
+    /// A migration about to start: nothing sent, nothing decided.
+    pub fn new(id: &str, vm: &str, destination: &str, policy: &str) -> Self {
+        MigrationView {
+            id: id.to_string(),
+            vm: vm.to_string(),
+            destination: destination.to_string(),
+            policy: policy.to_string(),
+            phase: Phase::Preparing,
+            error: None,
+            rounds: Vec::new(),
+            current: None,
+            result: None,
+        }
+    }
 }
 
 /// One outgoing migration as the registry holds it.
 pub struct Outbound {
     pub view: Mutex<MigrationView>,
     pub cancel: AtomicBool,
+    /// The memory streams count the round under way here.
+    pub meter: Arc<RoundMeter>,
 }
 
 impl Outbound {
+    pub fn new(view: MigrationView) -> Self {
+        Outbound {
+            view: Mutex::new(view),
+            cancel: AtomicBool::new(false),
+            meter: Arc::default(),
+        }
+    }
+
     pub fn set_phase(&self, phase: Phase) {
         self.view.lock().expect("migration view lock").phase = phase;
     }
 
     pub fn snapshot(&self) -> MigrationView {
-        self.view.lock().expect("migration view lock").clone()
+        let mut v = self.view.lock().expect("migration view lock").clone();
+        v.current = running_round(&v, self.meter.read());
+        v
     }
+}
+
+/// The meter's round, if it is still under way for `view` (pure): a round whose
+/// telemetry is already among the completed ones (the meter is read between the end of
+/// a round and the start of the next) or a finished migration has none.
+fn running_round(view: &MigrationView, meter: Option<RoundProgress>) -> Option<RoundProgress> {
+    let done = view.rounds.last().map_or(0, |r| r.round);
+    meter.filter(|c| c.round > done && !view.phase.is_final())
 }
 
 /// Where an incoming migration is, as the destination sees it.
@@ -406,6 +449,34 @@ mod tests {
         assert!(Engine::parse("fast", &o)
             .unwrap_err()
             .contains("qemu-native"));
+    }
+
+    #[test]
+    fn the_running_round_shows_only_while_it_is_not_among_the_completed() {
+        let round = |n: u32| RoundProgress {
+            round: n,
+            pages_planned: 100,
+            pages_sent: 40,
+            bytes_sent: 40 * 4096,
+            duration_s: 0.5,
+            elapsed_s: 1.5,
+        };
+        let mut view = MigrationView::new("m", "v", "http://h:1", "adaptive");
+        view.phase = Phase::PreCopy;
+        assert_eq!(running_round(&view, Some(round(1))), Some(round(1)));
+        assert_eq!(running_round(&view, None), None);
+        let done: RoundTelemetry = serde_json::from_value(serde_json::json!({
+            "round": 1, "pages_sent": 100, "bytes_sent": 409600, "pages_changed": 0,
+            "dirty_rate_bytes_per_s": 0.0, "bandwidth_bytes_per_s": 1e8,
+            "remaining_pages": 0, "held_back_pages": 0, "predicted_downtime_s": 0.03,
+            "duration_s": 1.0, "elapsed_s": 1.0, "throttle_percent": 0}))
+        .unwrap();
+        view.rounds.push(done);
+        // Round 1 ended and its telemetry is in: the meter has not begun round 2 yet.
+        assert_eq!(running_round(&view, Some(round(1))), None);
+        assert_eq!(running_round(&view, Some(round(2))), Some(round(2)));
+        view.phase = Phase::RolledBack;
+        assert_eq!(running_round(&view, Some(round(2))), None);
     }
 
     #[test]

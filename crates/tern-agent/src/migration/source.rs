@@ -129,13 +129,15 @@ async fn drive(
         let vm = vm.to_string();
         let pid = info.pid;
         tokio::task::spawn_blocking(move || -> Result<_, MigrationError> {
+            let live_started = Instant::now();
             let mut out = Outgoing::connect(
                 memory_addr,
                 &ticket.migration,
                 &ticket.stream_token,
                 mem.pages(),
                 opts,
-            )?;
+            )?
+            .with_meter(job.meter.clone());
             job.set_phase(Phase::PreCopy);
             let sent = SentDigests::new(mem.pages());
             let mut throttle = CgroupThrottle::new(&vm, pid, tids);
@@ -157,7 +159,7 @@ async fn drive(
                 on_round,
             );
             match outcome {
-                Ok(o) => Ok((out, mem, sent, o, throttle)),
+                Ok(o) => Ok((out, mem, sent, o, throttle, live_started)),
                 Err(e) => {
                     out.abort(&e.to_string());
                     Err(e)
@@ -165,7 +167,7 @@ async fn drive(
             }
         })
     };
-    let (out, mem, sent, outcome, throttle) = live
+    let (out, mem, sent, outcome, throttle, live_started) = live
         .await
         .map_err(|e| MigrationError::Vm(format!("pre-copy task: {e}")))??;
     check_cancel(job)?;
@@ -193,8 +195,14 @@ async fn drive(
         let bytes = if pages.is_empty() {
             0
         } else {
-            let t = out.send_round(final_round, &mem, &sent, &pages, &cancel_job.cancel)?;
-            t.bytes
+            out.meter().begin(
+                final_round,
+                pages.len() as u64,
+                live_started.elapsed().as_secs_f64(),
+            );
+            let t = out.send_round(final_round, &mem, &sent, &pages, &cancel_job.cancel);
+            out.meter().end();
+            t?.bytes
         };
         out.finish()?;
         Ok(bytes)
