@@ -115,6 +115,16 @@ async fn a_running_migration_reports_its_rounds_through_the_api() {
     assert!(!seen.is_empty(), "no progress observed while it ran");
     let rounds: Vec<u64> = seen.iter().map(|p| p["round"].as_u64().unwrap()).collect();
     assert!(rounds.windows(2).all(|w| w[0] <= w[1]), "{rounds:?}");
+    // Round 1 (all 2 GiB) is seen moving before it ends, not only once it is done.
+    let num = |p: &Value, k: &str| p[k].as_u64().unwrap();
+    assert!(
+        seen.iter().any(|p| num(p, "round") == 0
+            && num(p, "running_round") == 1
+            && (1..2048 << 20).contains(&num(p, "bytes_transferred"))),
+        "round 1 not seen under way: {seen:?}"
+    );
+    let sent: Vec<u64> = seen.iter().map(|p| num(p, "bytes_transferred")).collect();
+    assert!(sent.windows(2).all(|w| w[0] <= w[1]), "{sent:?}");
     let last = seen.last().unwrap();
     assert!(last["round"].as_u64().unwrap() >= 1, "{last}");
     assert!(

@@ -8,7 +8,8 @@
 //!   [`Decision`] and [`StopReason`] enums, and one file per policy: `qemu`, `xen`,
 //!   `adaptive`, `stop-copy`; plus the throttle arithmetic ([`throttle_for`], [`cpu_max`]).
 //! - [`fragment`]: [`FragmentTracker`], per-fragment re-dirtying history.
-//! - [`telemetry`]: [`RoundTelemetry`], [`FirstRoundProbe`] and [`MigrationOutcome`].
+//! - [`telemetry`]: [`RoundTelemetry`], [`RoundProgress`], [`FirstRoundProbe`] and
+//!   [`MigrationOutcome`].
 //! - [`model`]: [`simulate`] (analytic), [`simulate_pages`] (page-level, seeded), and
 //!   [`estimate`] / [`estimate_duration`] for a simulator's many migrations.
 //!
@@ -52,7 +53,7 @@ pub use policy::{
     cpu_max, cpu_quota_percent, decide, throttle_for, Adaptive, Decision, Limits, Policy,
     PolicyInput, PolicyKind, QemuRule, StopCopy, StopReason, Xen,
 };
-pub use telemetry::{FirstRoundProbe, MigrationOutcome, RoundTelemetry};
+pub use telemetry::{FirstRoundProbe, MigrationOutcome, RoundProgress, RoundTelemetry};
 
 /// One mebibyte.
 pub const MIB: u64 = 1 << 20;

@@ -43,6 +43,25 @@ pub struct RoundTelemetry {
     pub throttle_percent: u8,
 }
 
+/// A round part way through: how far the engine got sending it (or a point inside a
+/// model round), so a round that carries gigabytes is seen moving before it ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundProgress {
+    /// 1-based, as in [`RoundTelemetry::round`]; the stop-and-copy pass is the round
+    /// after the last live one.
+    pub round: u32,
+    /// Pages this round sends, zero pages included.
+    pub pages_planned: u64,
+    /// Of those, pages on the wire so far.
+    pub pages_sent: u64,
+    /// Bytes on the wire so far this round.
+    pub bytes_sent: u64,
+    /// Since this round began.
+    pub duration_s: f64,
+    /// Since the migration's live phase began, as [`RoundTelemetry::elapsed_s`].
+    pub elapsed_s: f64,
+}
+
 /// What the engine measured part way into round 1, after sending its first stretch of
 /// memory: enough to see how fast the guest dirties pages while most of round 1 is
 /// still to go, so a throttle can start before the guest has re-dirtied its whole

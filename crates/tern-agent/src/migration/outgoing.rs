@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
+use tern_migrate::RoundProgress;
 
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -62,24 +62,6 @@ pub struct RoundTransfer {
     pub zero_pages: u64,
     /// Bytes written to the sockets, frame headers included.
     pub bytes: u64,
-}
-
-/// The round being sent, as `GET /v1/migrations/{id}` shows it (`current`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RoundProgress {
-    /// 1-based, as in the rounds' telemetry; the stop-and-copy pass is the round after
-    /// the last live one.
-    pub round: u32,
-    /// Pages this round sends, zero pages included.
-    pub pages_planned: u64,
-    /// Of those, pages on the wire so far.
-    pub pages_sent: u64,
-    /// Bytes on the wire so far this round, frame headers included.
-    pub bytes_sent: u64,
-    /// Since this round began.
-    pub duration_s: f64,
-    /// Since the live phase began (the clock of the rounds' `elapsed_s`).
-    pub elapsed_s: f64,
 }
 
 /// Live counters of the round being sent. The streams only add to atomics, once per

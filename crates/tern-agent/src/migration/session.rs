@@ -16,10 +16,10 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use tern_hv::VmSpec;
-use tern_migrate::RoundTelemetry;
+use tern_migrate::{RoundProgress, RoundTelemetry};
 
 use super::incoming::Progress;
-use super::outgoing::{RoundMeter, RoundProgress};
+use super::outgoing::RoundMeter;
 
 /// Where a source migration is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -138,7 +138,7 @@ impl HostClient for HttpHost {
 
     /// `POST /v1/migrations` on the source agent, then polls `GET /v1/migrations/{id}`
     /// until the migration completes or rolls back (the agent's phase machine); each
-    /// poll's phase and rounds go to `progress`.
+    /// poll's phase, rounds and round under way go to `progress`.
     async fn migrate_vm(
         &self,
         vm: &str,
@@ -172,15 +172,8 @@ impl HostClient for HttpHost {
                         error: v["error"].as_str().unwrap_or("rolled back").to_owned(),
                     })
                 }
-                phase => {
-                    // Rounds this side cannot read only leave the totals at zero.
-                    let rounds: Vec<tern_migrate::RoundTelemetry> =
-                        serde_json::from_value(v["rounds"].clone()).unwrap_or_default();
-                    progress(Progress::after_rounds(
-                        phase.unwrap_or("preparing"),
-                        spec.memory_mib << 20,
-                        &rounds,
-                    ));
+                _ => {
+                    progress(progress_of(&v, spec.memory_mib << 20));
                     tokio::time::sleep(MIGRATION_POLL).await
                 }
             }
@@ -201,6 +194,22 @@ impl HostClient for HttpHost {
                 .collect(),
         })
     }
+}
+
+/// The telemetry in an agent's `GET /v1/migrations/{id}` answer (pure): its completed
+/// `rounds` and the round under way, `current`. Rounds or a current round this side
+/// cannot read only leave the totals where the rest puts them.
+fn progress_of(view: &Value, memory_bytes: u64) -> Progress {
+    let rounds: Vec<tern_migrate::RoundTelemetry> =
+        serde_json::from_value(view["rounds"].clone()).unwrap_or_default();
+    let current: Option<tern_migrate::RoundProgress> =
+        serde_json::from_value(view["current"].clone()).ok();
+    Progress::during(
+        view["phase"].as_str().unwrap_or("preparing"),
+        memory_bytes,
+        &rounds,
+        current.as_ref(),
+    )
 }
 
 /// Clients for agents reached over HTTP, one per address, all with the same token.
@@ -230,5 +239,42 @@ impl Connector for HttpConnector {
         let c = Arc::new(HttpHost::new(host, &self.token, self.timeout)?);
         cache.insert(key, c.clone());
         Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agents_view_maps_to_progress_with_the_round_under_way() {
+        // As `GET /v1/migrations/{id}` answers part way into round 1 of a 64 MiB guest.
+        let v = json!({
+            "id": "mig-1", "vm": "g", "destination": "http://h2:7070", "policy": "adaptive",
+            "phase": "pre_copy", "error": null, "rounds": [], "result": null,
+            "current": {"round": 1, "pages_planned": 16384, "pages_sent": 4096,
+                        "bytes_sent": 16 << 20, "duration_s": 0.5, "elapsed_s": 0.5}});
+        let p = progress_of(&v, 64 << 20);
+        assert_eq!(
+            (p.phase.as_str(), p.round, p.running_round),
+            ("pre_copy", 0, 1)
+        );
+        assert_eq!(p.bytes_transferred, 16 << 20);
+        assert_eq!(p.bytes_remaining, 48 << 20);
+        assert_eq!(p.elapsed_ms, 500);
+
+        // Between rounds (no current) and from an agent that has no `current` at all.
+        let mut between = v.clone();
+        between["current"] = Value::Null;
+        let p = progress_of(&between, 64 << 20);
+        assert_eq!((p.running_round, p.bytes_transferred), (0, 0));
+        assert_eq!(p.bytes_remaining, 64 << 20);
+        let mut older = v.clone();
+        older.as_object_mut().unwrap().remove("current");
+        assert_eq!(progress_of(&older, 64 << 20), p);
+        // A current round this side cannot read is left out, not an error.
+        let mut odd = v;
+        odd["current"] = json!({"round": "one"});
+        assert_eq!(progress_of(&odd, 64 << 20), p);
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use tern_migrate::RoundTelemetry;
+use tern_migrate::{RoundProgress, RoundTelemetry};
 
 use crate::decide::LoadReport;
 use crate::error::Result;
@@ -60,17 +60,23 @@ pub struct Progress {
     pub phase: String,
     /// Pre-copy rounds completed.
     pub round: u32,
-    /// Bytes put on the wire so far.
+    /// The round being sent right now (the stop-and-copy pass is the one after the last
+    /// live round); 0 between rounds, before the first and after the last.
+    #[serde(default)]
+    pub running_round: u32,
+    /// Bytes put on the wire so far, the running round's included.
     pub bytes_transferred: u64,
-    /// Bytes that differ from the destination's copy: what a stop now would send.
+    /// Bytes that differ from the destination's copy: what a stop now would send. While
+    /// a round runs, its pages not yet sent plus, from round 2 on, what the guest is
+    /// likely to have dirtied since it began (the last round's dirty rate).
     pub bytes_remaining: u64,
     /// How fast the guest dirtied memory in the last round.
     pub dirty_rate_bytes_per_s: f64,
-    /// The link's throughput in the last round.
+    /// The link's throughput in the last round (during round 1: so far in it).
     pub bandwidth_bytes_per_s: f64,
-    /// The downtime if the VM were paused now.
+    /// The downtime if the VM were paused at the last round's end.
     pub predicted_downtime_ms: f64,
-    /// Since the migration started, at the last round's end.
+    /// Since the migration started, at the last report.
     pub elapsed_ms: u64,
 }
 
@@ -78,17 +84,53 @@ impl Progress {
     /// The telemetry after `rounds` of a guest with `memory_bytes` (pure): totals over
     /// every round, rates from the last; before the first round all memory remains.
     pub fn after_rounds(phase: &str, memory_bytes: u64, rounds: &[RoundTelemetry]) -> Self {
+        Self::during(phase, memory_bytes, rounds, None)
+    }
+
+    /// The telemetry after `rounds` and part of the round `running` (the agent's `current`, or a point inside a model round; pure): its bytes
+    /// count as transferred, its unsent pages as remaining, so the figures move while a
+    /// long round (round 1 carries all non-zero memory) runs.
+    pub fn during(
+        phase: &str,
+        memory_bytes: u64,
+        rounds: &[RoundTelemetry],
+        running: Option<&RoundProgress>,
+    ) -> Self {
         let last = rounds.last();
-        Self {
+        // A round number at or below the last completed one is stale: that round is over.
+        let running = running.filter(|c| c.round > last.map_or(0, |r| r.round));
+        let completed: u64 = rounds.iter().map(|r| r.bytes_sent).sum();
+        let mut p = Self {
             phase: phase.to_owned(),
             round: last.map_or(0, |r| r.round),
-            bytes_transferred: rounds.iter().map(|r| r.bytes_sent).sum(),
+            running_round: 0,
+            bytes_transferred: completed,
             bytes_remaining: last.map_or(memory_bytes, |r| r.remaining_pages * PAGE_BYTES),
             dirty_rate_bytes_per_s: last.map_or(0.0, |r| r.dirty_rate_bytes_per_s),
             bandwidth_bytes_per_s: last.map_or(0.0, |r| r.bandwidth_bytes_per_s),
             predicted_downtime_ms: last.map_or(0.0, |r| r.predicted_downtime_s * 1e3),
             elapsed_ms: last.map_or(0, |r| (r.elapsed_s * 1e3).round() as u64),
+        };
+        let Some(c) = running else {
+            return p;
+        };
+        p.running_round = c.round;
+        p.bytes_transferred = completed + c.bytes_sent;
+        // What differed when the round began: the last round's remainder, held-back
+        // pages included (round 1: every page it plans).
+        let differing = last.map_or(c.pages_planned, |r| r.remaining_pages.max(c.pages_planned));
+        let unsent = differing.saturating_sub(c.pages_sent) * PAGE_BYTES;
+        // Only a running guest dirties more; the stop-and-copy pass runs paused.
+        let redirtied = match last {
+            Some(r) if phase == "pre_copy" => (r.dirty_rate_bytes_per_s * c.duration_s) as u64,
+            _ => 0,
+        };
+        p.bytes_remaining = (unsent + redirtied).min(memory_bytes.max(unsent));
+        if last.is_none() && c.duration_s > 0.0 {
+            p.bandwidth_bytes_per_s = c.bytes_sent as f64 / c.duration_s;
         }
+        p.elapsed_ms = (c.elapsed_s * 1e3).round() as u64;
+        p
     }
 }
 
@@ -130,5 +172,52 @@ mod tests {
         assert_eq!((none.round, none.bytes_transferred), (0, 0));
         assert_eq!(none.bytes_remaining, 1 << 20);
         assert_eq!(none.phase, "connecting");
+    }
+
+    fn running(round: u32, planned: u64, sent: u64, duration_s: f64) -> RoundProgress {
+        RoundProgress {
+            round,
+            pages_planned: planned,
+            pages_sent: sent,
+            bytes_sent: sent * PAGE_BYTES / 2,
+            duration_s,
+            elapsed_s: 10.0 + duration_s,
+        }
+    }
+
+    #[test]
+    fn a_running_round_moves_the_totals_before_it_ends() {
+        // Round 1 of a 1 MiB guest (256 pages), 100 sent.
+        let r1 = running(1, 256, 100, 0.5);
+        let p = Progress::during("pre_copy", 1 << 20, &[], Some(&r1));
+        assert_eq!((p.round, p.running_round), (0, 1));
+        assert_eq!(p.bytes_transferred, 100 * PAGE_BYTES / 2);
+        assert_eq!(p.bytes_remaining, 156 * PAGE_BYTES);
+        assert_eq!(p.bandwidth_bytes_per_s, (100 * PAGE_BYTES) as f64);
+        assert_eq!(p.elapsed_ms, 10_500);
+        assert_eq!(p.dirty_rate_bytes_per_s, 0.0, "no rate before a round ends");
+
+        // Round 3 after two (10 pages were left after round 2, 8 of them planned, 2 held
+        // back): the unsent pages, plus what round 2's dirty rate (2 MB/s) adds in 1 ms.
+        let done = [round(1, 8192, 40), round(2, 4096, 10)];
+        let r3 = running(3, 8, 5, 0.001);
+        let p = Progress::during("pre_copy", 1 << 20, &done, Some(&r3));
+        assert_eq!((p.round, p.running_round), (2, 3));
+        assert_eq!(p.bytes_transferred, 8192 + 4096 + 5 * PAGE_BYTES / 2);
+        assert_eq!(p.bytes_remaining, 5 * PAGE_BYTES + 2000);
+        assert_eq!(p.bandwidth_bytes_per_s, 1e8, "the last round's");
+        // Stopped: nothing more is dirtied.
+        let p = Progress::during("stop_and_copy", 1 << 20, &done, Some(&r3));
+        assert_eq!(p.bytes_remaining, 5 * PAGE_BYTES);
+        // Never more than the guest's memory.
+        let long = running(3, 8, 0, 1e6);
+        let p = Progress::during("pre_copy", 1 << 20, &done, Some(&long));
+        assert_eq!(p.bytes_remaining, 1 << 20);
+
+        // A round already among the completed ones is ignored.
+        let stale = running(2, 8, 8, 0.3);
+        let p = Progress::during("pre_copy", 1 << 20, &done, Some(&stale));
+        assert_eq!(p, Progress::after_rounds("pre_copy", 1 << 20, &done));
+        assert_eq!(p.running_round, 0);
     }
 }

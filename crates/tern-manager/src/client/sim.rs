@@ -8,6 +8,8 @@
 //! pre-copy model under the requested policy, since the sim driver moves no memory. The
 //! model's rounds are reported as progress, in the model's time scaled by the cluster's
 //! pace ([`SimCluster::set_migration_pace`]): at the default 0 a migration ends at once.
+//! A round that lasts in real time is also reported part way, every 200 ms, as an
+//! agent reports the round it sends.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -157,7 +159,15 @@ impl HostClient for SimHost {
         // The VM runs here through the live rounds, as it would under the real engine.
         progress(Progress::after_rounds("pre_copy", memory, &[]));
         for (i, r) in out.telemetry.iter().enumerate() {
-            wait(r.duration_s).await;
+            // A round is reported part way too, as an agent reports the round it sends.
+            let steps = cluster.report_steps(r.duration_s);
+            for step in 1..steps {
+                wait(r.duration_s / steps as f64).await;
+                let part = part_of_round(r, step as f64 / steps as f64);
+                let done = &out.telemetry[..i];
+                progress(Progress::during("pre_copy", memory, done, Some(&part)));
+            }
+            wait(r.duration_s / steps as f64).await;
             progress(Progress::after_rounds(
                 "pre_copy",
                 memory,
@@ -251,6 +261,24 @@ impl HostClient for SimHost {
     }
 }
 
+/// The model's round `r` when `share` (0..=1) of it has run (pure): pages and bytes in
+/// proportion, as the engine's even stream of batches would send them.
+fn part_of_round(r: &tern_migrate::RoundTelemetry, share: f64) -> tern_migrate::RoundProgress {
+    let duration_s = r.duration_s * share;
+    tern_migrate::RoundProgress {
+        round: r.round,
+        pages_planned: r.pages_sent,
+        pages_sent: (r.pages_sent as f64 * share) as u64,
+        bytes_sent: (r.bytes_sent as f64 * share) as u64,
+        duration_s,
+        elapsed_s: r.elapsed_s - r.duration_s + duration_s,
+    }
+}
+
+/// Real time between a sim migration's reports inside a round, as the manager polls an
+/// agent.
+const REPORT_EVERY: Duration = Duration::from_millis(200);
+
 /// A set of simulated hosts, by name.
 pub struct SimCluster {
     hosts: Mutex<BTreeMap<String, Arc<SimHost>>>,
@@ -300,6 +328,18 @@ impl SimCluster {
         }
     }
 
+    /// How many reports a model round of `model_s` gets at the current pace: one per
+    /// [`REPORT_EVERY`] of real time (at most 100), one at its end when it passes at once.
+    fn report_steps(&self, model_s: f64) -> u32 {
+        let real_s = model_s * self.migration_pace();
+        let steps = (real_s / REPORT_EVERY.as_secs_f64()).ceil();
+        if steps.is_finite() {
+            steps.clamp(1.0, 100.0) as u32
+        } else {
+            1
+        }
+    }
+
     /// Adds a host named `name` (its `Host::address` is `sim:`).
     pub fn add_host(&self, name: &str) -> Arc<SimHost> {
         let h = Arc::new(SimHost {
@@ -342,6 +382,35 @@ impl Connector for SimCluster {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_model_round_is_reported_part_way_in_proportion() {
+        let r = tern_migrate::RoundTelemetry {
+            round: 2,
+            pages_sent: 1000,
+            bytes_sent: 4_096_000,
+            pages_changed: 10,
+            dirty_rate_bytes_per_s: 1e6,
+            bandwidth_bytes_per_s: 1e8,
+            remaining_pages: 10,
+            held_back_pages: 0,
+            predicted_downtime_s: 0.1,
+            duration_s: 2.0,
+            elapsed_s: 5.0,
+            throttle_percent: 0,
+        };
+        let p = part_of_round(&r, 0.25);
+        assert_eq!((p.round, p.pages_planned, p.pages_sent), (2, 1000, 250));
+        assert_eq!(p.bytes_sent, 1_024_000);
+        assert_eq!((p.duration_s, p.elapsed_s), (0.5, 3.5));
+        let c = SimCluster::new();
+        assert_eq!(c.report_steps(2.0), 1, "pace 0: at once");
+        c.set_migration_pace(0.1);
+        assert_eq!(c.report_steps(2.0), 1, "0.2 s real: one report");
+        c.set_migration_pace(1.0);
+        assert_eq!(c.report_steps(2.0), 10);
+        assert_eq!(c.report_steps(1e9), 100);
+    }
 
     #[tokio::test]
     async fn model_time_follows_the_pace() {

@@ -93,7 +93,8 @@ function drawVms(vms) {
 
 // A running migration's telemetry (`progress`, relayed from its source) appears once
 // the source reported; until then those columns show a dash. The remaining column's bar
-// fills as the destination's copy of the guest's memory becomes current.
+// fills as the destination's copy of the guest's memory becomes current, inside a round
+// too: the round column names the round being sent, or the last done between rounds.
 function drawMigrations(running, migrations, vms, now) {
   const memory = {};
   for (const v of vms) memory[v.name] = v.spec.memory_mib * 1048576;
@@ -109,7 +110,7 @@ function drawMigrations(running, migrations, vms, now) {
     const measured = p.round > 0;
     return [m.id, m.vm, m.from, m.to, m.policy,
       p.phase ? p.phase.replace(/_/g, "-") : "waiting", ms(Math.max(0, now - m.started)),
-      p.round, bytes(p.bytes_transferred), left,
+      p.running_round || p.round, bytes(p.bytes_transferred), left,
       measured ? bytes(p.dirty_rate_bytes_per_s) + "/s" : "—",
       measured ? ms(Math.round(p.predicted_downtime_ms)) : "—"];
   }));

@@ -1,6 +1,7 @@
 //! `tern vm migrate`: starts a migration through the manager and follows it with
 //! `GET /v1/migrations/{id}`, drawing the telemetry the manager relays from the source
-//! as a progress bar whose fill is the share of memory already current on the destination.
+//! as a progress bar whose fill is the share of memory already current on the destination
+//! (it moves inside a round too: the source reports the round it sends as it goes).
 
 use std::io::IsTerminal;
 use std::time::Duration;
@@ -43,9 +44,11 @@ fn millis(ms: f64) -> String {
     }
 }
 
-/// One line of telemetry (pure): rounds done, transferred, remaining, dirty rate,
-/// predicted downtime and phase; `null` before the source's first report. Rates and the
-/// downtime are measured per round, so they appear once the first round is done.
+/// One line of telemetry (pure): the round being sent (or the last done, between
+/// rounds), transferred, remaining, dirty rate, predicted downtime and phase; `null`
+/// before the source's first report. The dirty rate and the downtime are measured per
+/// round, so they appear once the first round is done; during round 1 the link's rate
+/// so far stands in their place.
 pub fn describe(p: &Value, memory_bytes: u64) -> String {
     if p.is_null() {
         return format!("starting ({} to copy)", bytes(memory_bytes as f64));
@@ -54,10 +57,16 @@ pub fn describe(p: &Value, memory_bytes: u64) -> String {
     let phase = p["phase"].as_str().unwrap_or("?").replace('_', "-");
     let sent = bytes(num("bytes_transferred"));
     let left = bytes(num("bytes_remaining"));
-    match p["round"].as_u64().unwrap_or(0) {
-        0 => format!("first round | sent {sent} | remaining {left} | {phase}"),
-        round => format!(
-            "round {round} | sent {sent} | remaining {left} | dirty {}/s | downtime ~{} | {phase}",
+    let running = p["running_round"].as_u64().unwrap_or(0);
+    match (p["round"].as_u64().unwrap_or(0), running) {
+        (0, 0) => format!("first round | sent {sent} | remaining {left} | {phase}"),
+        (0, round) => format!(
+            "round {round} | sent {sent} | remaining {left} | link {}/s | {phase}",
+            bytes(num("bandwidth_bytes_per_s")),
+        ),
+        (done, running) => format!(
+            "round {} | sent {sent} | remaining {left} | dirty {}/s | downtime ~{} | {phase}",
+            running.max(done),
             bytes(num("dirty_rate_bytes_per_s")),
             millis(num("predicted_downtime_ms")),
         ),
@@ -242,6 +251,18 @@ mod tests {
             describe(&first, 2 << 30),
             "first round | sent 0 B | remaining 2.0 GiB | pre-copy"
         );
+        // Part way into round 1, and into round 4 after three.
+        let during = json!({"phase": "pre_copy", "round": 0, "running_round": 1,
+                            "bytes_transferred": 1u64 << 30, "bytes_remaining": 1u64 << 30,
+                            "bandwidth_bytes_per_s": 110.0 * 1048576.0});
+        assert_eq!(
+            describe(&during, 2 << 30),
+            "round 1 | sent 1.0 GiB | remaining 1.0 GiB | link 110.0 MiB/s | pre-copy"
+        );
+        assert_eq!(current_bytes(&during, 2 << 30), 1 << 30);
+        let mut later = p.clone();
+        later["running_round"] = 4.into();
+        assert!(describe(&later, 2 << 30).starts_with("round 4 | sent 3.0 GiB"));
         assert_eq!(millis(3880.0), "3.88 s");
         assert_eq!(current_bytes(&p, 2 << 30), (2 << 30) - (128 << 20));
         assert_eq!(current_bytes(&Value::Null, 1024), 0);
