@@ -34,7 +34,7 @@ pub struct SimConfig {
     /// PlanetLab runs take their first decision and first meter reading one interval
     /// in (before that no host has a previous utilisation to integrate from).
     pub warm_up_intervals: u32,
-    /// Overload threshold used by initial placement and the policies.
+    /// Overload threshold the policies use.
     pub threshold: f64,
     /// Share of a host's link that migrations may use (CloudSim: half).
     pub migration_link_share: f64,
@@ -168,7 +168,7 @@ impl<'a> Simulation<'a> {
         }
         let hosts = spec.hosts.len();
         let mut state = State::new(spec, cfg.strict_memory);
-        let dropped = initial_placement(&mut state, cfg.threshold).len() as u64;
+        let dropped = initial_placement(&mut state).len() as u64;
         Ok(Simulation {
             state,
             traces,

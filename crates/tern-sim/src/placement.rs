@@ -189,16 +189,18 @@ impl<'a> Scratch<'a> {
 }
 
 /// Places every VM, in index order, with power-aware best fit, as CloudSim places the
-/// VMs it creates at time 0: each asks for its full MIPS while being instantiated.
-/// A VM that fits on no host is left out, as CloudSim's broker leaves out a VM whose
-/// creation failed; the VMs left out are returned.
-pub fn initial_placement(state: &mut State, threshold: f64) -> Vec<usize> {
+/// VMs it creates at time 0: each takes its full MIPS while being instantiated. The
+/// overload threshold does not apply: CloudSim's test counts the VMs created before as
+/// asking for nothing (they have no workload yet), so only a host's capacity limits
+/// what it takes. A VM that fits on no host is left out, as CloudSim's broker leaves
+/// out a VM whose creation failed; the VMs left out are returned.
+pub fn initial_placement(state: &mut State) -> Vec<usize> {
     let n_hosts = state.hosts();
     let excluded = vec![false; n_hosts];
     let mut chosen = Vec::with_capacity(state.vms());
     let mut dropped = Vec::new();
     {
-        let mut scratch = Scratch::new(state, threshold);
+        let mut scratch = Scratch::new(state, 1.0);
         for v in 0..state.vms() {
             debug_assert_eq!(state.vm_host[v], NO_HOST);
             let mips = state.spec.vm(v).mips;
