@@ -86,82 +86,160 @@ fn fill_guest_memory(st: &std::path::Path, up: &Value, host: &str, vm: &str) {
     f.sync_data().unwrap();
 }
 
-#[test]
-fn a_vm_migrates_through_the_manager_with_relayed_progress() {
-    if !tern_agent::lab::require_lab("the vm lab test", &[]) {
-        return;
-    }
-    let tmp = tempfile::tempdir().unwrap();
-    let st = tmp.path();
-    let up = json(&tern(
-        st,
-        &["lab", "up", "--hosts", "2", "--link-mbit", "1000", "--json"],
-    ));
-    let mut down = Teardown {
-        state: st.to_path_buf(),
-        manager: None,
-    };
-    let token = std::fs::read_to_string(up["token_file"].as_str().unwrap()).unwrap();
-    let token = token.lines().next().unwrap().to_owned();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("http://127.0.0.1:{port}");
-    let db = st.join("manager.db");
-    down.manager = Some(
-        Command::new(env!("CARGO_BIN_EXE_tern"))
-            .args(["manager", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--db", db.to_str().unwrap(), "--token", &token])
-            .env_remove("TERN_TOKEN")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let cli = |args: &[&str]| {
-        let mut a = args.to_vec();
-        a.extend(["--manager", &url, "--token", &token]);
-        tern(st, &a)
-    };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !cli(&["host", "list"]).status.success() {
-        assert!(Instant::now() < deadline, "the manager did not answer");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for h in up["hosts"].as_array().unwrap() {
-        let name = h["name"].as_str().unwrap();
-        let address = h["url"].as_str().unwrap();
-        let reg = ["host", "register", name, "--address", address];
-        json(&cli(&[
-            &reg[..],
-            &["--cpus", "2", "--memory-mib", "4096", "--json"],
-        ]
-        .concat()));
+/// A 2-host lab, a `tern manager` process over it with both hosts registered, and VM
+/// `g` running on h1 with [`FILLED`] bytes of data in its memory.
+struct Lab {
+    // Dropped first: the lab is torn down while its state directory still exists.
+    down: Teardown,
+    tmp: tempfile::TempDir,
+    up: Value,
+    token: String,
+    port: u16,
+}
+
+impl Lab {
+    fn st(&self) -> &std::path::Path {
+        self.tmp.path()
     }
 
-    json(&cli(&[
-        "vm",
-        "create",
-        "g",
-        "--memory-mib",
-        "512",
-        "--host",
-        "h1",
-        "--json",
-    ]));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while json(&cli(&["vm", "show", "g", "--json"]))["state"] != "running" {
-        assert!(Instant::now() < deadline, "g never ran on h1");
-        std::thread::sleep(Duration::from_millis(200));
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
     }
-    fill_guest_memory(st, &up, "h1", "g");
+
+    fn cli(&self, args: &[&str]) -> Output {
+        let url = self.url();
+        let mut a = args.to_vec();
+        a.extend(["--manager", &url, "--token", &self.token]);
+        tern(self.st(), &a)
+    }
+
+    /// Starts the manager on the lab's database (again, after a kill) and waits for it.
+    fn start_manager(&mut self) {
+        let db = self.st().join("manager.db");
+        self.down.manager = Some(
+            Command::new(env!("CARGO_BIN_EXE_tern"))
+                .args(["manager", "--listen", &format!("127.0.0.1:{}", self.port)])
+                .args(["--db", db.to_str().unwrap(), "--token", &self.token])
+                .env_remove("TERN_TOKEN")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.cli(&["host", "list"]).status.success() {
+            assert!(Instant::now() < deadline, "the manager did not answer");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL: the manager gets no chance to finish what it was doing.
+    fn kill_manager(&mut self) {
+        let mut m = self.down.manager.take().expect("a manager runs");
+        m.kill().unwrap();
+        m.wait().unwrap();
+    }
+
+    /// The VM ids the agent of `host` runs, straight from the agent.
+    fn agent_vms(&self, host: &str) -> Vec<String> {
+        let h = self.up["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|h| h["name"] == host)
+            .unwrap();
+        let v = json(&tern(
+            self.st(),
+            &[
+                "agent",
+                "vm",
+                "list",
+                "--agent",
+                h["url"].as_str().unwrap(),
+                "--token-file",
+                self.up["token_file"].as_str().unwrap(),
+                "--json",
+            ],
+        ));
+        let list = v
+            .as_array()
+            .or_else(|| v["vms"].as_array())
+            .unwrap()
+            .clone();
+        list.iter()
+            .map(|vm| vm["id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    fn new() -> Option<Lab> {
+        if !tern_agent::lab::require_lab("the vm lab test", &[]) {
+            return None;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let st = tmp.path().to_path_buf();
+        let up = json(&tern(
+            &st,
+            &["lab", "up", "--hosts", "2", "--link-mbit", "1000", "--json"],
+        ));
+        let down = Teardown {
+            state: st.clone(),
+            manager: None,
+        };
+        let token = std::fs::read_to_string(up["token_file"].as_str().unwrap()).unwrap();
+        let token = token.lines().next().unwrap().to_owned();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut lab = Lab {
+            down,
+            tmp,
+            up,
+            token,
+            port,
+        };
+        lab.start_manager();
+        for h in lab.up["hosts"].as_array().unwrap().clone() {
+            let name = h["name"].as_str().unwrap();
+            let address = h["url"].as_str().unwrap();
+            let reg = ["host", "register", name, "--address", address];
+            json(
+                &lab.cli(&[&reg[..], &["--cpus", "2", "--memory-mib", "4096", "--json"]].concat()),
+            );
+        }
+        json(&lab.cli(&[
+            "vm",
+            "create",
+            "g",
+            "--memory-mib",
+            "512",
+            "--host",
+            "h1",
+            "--json",
+        ]));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while json(&lab.cli(&["vm", "show", "g", "--json"]))["state"] != "running" {
+            assert!(Instant::now() < deadline, "g never ran on h1");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        fill_guest_memory(&st, &lab.up, "h1", "g");
+        Some(lab)
+    }
+}
+
+#[test]
+fn a_vm_migrates_through_the_manager_with_relayed_progress() {
+    let Some(lab) = Lab::new() else {
+        return;
+    };
+    let (st, token, url) = (lab.st(), &lab.token, lab.url());
+    let cli = |args: &[&str]| lab.cli(args);
     for (from, to) in [("h1", "h2"), ("h2", "h1")] {
         // The CLI follows the migration; beside it, the VM's record is read as an
         // operator's `tern vm show` would, to see the progress while round 1 runs.
         let mut a = vec!["vm", "migrate", "g", "--to", to, "--json"];
-        a.extend(["--manager", &url, "--token", &token]);
+        a.extend(["--manager", &url, "--token", token]);
         let mut migrate = Command::new(env!("CARGO_BIN_EXE_tern"))
             .args(&a)
             .env("TERN_STATE", st)
@@ -232,5 +310,79 @@ fn a_vm_migrates_through_the_manager_with_relayed_progress() {
     let bad = cli(&["vm", "migrate", "g", "--to", "h9"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("h9"));
-    drop(down);
+}
+
+#[test]
+fn a_manager_killed_mid_migration_settles_it_when_restarted() {
+    let Some(mut lab) = Lab::new() else {
+        return;
+    };
+    let started = json(&lab.cli(&["vm", "migrate", "g", "--to", "h2", "--no-wait", "--json"]));
+    // Kill the manager once the agent is sending round 1, so the copy is under way.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = json(&lab.cli(&["vm", "show", "g", "--json"]));
+        if v["migration"]["progress"]["running_round"].as_u64() == Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "round 1 never seen running: {v}\n{started}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lab.kill_manager();
+    lab.start_manager();
+
+    // Settled: the record names one host, the VM runs there and only there, and no
+    // migration is left open.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (host, v) = loop {
+        let v = json(&lab.cli(&["vm", "show", "g", "--json"]));
+        let on: Vec<&str> = ["h1", "h2"]
+            .into_iter()
+            .filter(|h| lab.agent_vms(h).iter().any(|id| id == "g"))
+            .collect();
+        let open = v["migration"].is_object()
+            && !matches!(
+                v["migration"]["status"].as_str(),
+                Some("succeeded" | "failed")
+            );
+        if v["state"] == "running" && on.len() == 1 && v["observed_host"] == on[0] && !open {
+            break (on[0].to_owned(), v);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not settled after the restart: record {v}, running on {on:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    eprintln!("after the restart g runs on {host} only: {v}");
+    // Every migration the manager started it also finished (succeeded or failed), and
+    // the VM's record agrees with the last one.
+    let events = json(&lab.cli(&["events", "--limit", "1000", "--json"]));
+    let events = events
+        .as_array()
+        .or_else(|| events["events"].as_array())
+        .unwrap()
+        .clone();
+    let of = |t: &str| -> Vec<Value> {
+        events
+            .iter()
+            .filter(|e| e["type"] == t && e["vm"] == "g")
+            .cloned()
+            .collect()
+    };
+    let (started, finished) = (of("migration_started"), of("migration_finished"));
+    eprintln!("migration events for g: {started:?} {finished:?}");
+    assert!(!started.is_empty());
+    assert_eq!(started.len(), finished.len(), "{started:?} {finished:?}");
+    // And it stays settled over a few more control rounds.
+    std::thread::sleep(Duration::from_secs(3));
+    let again = json(&lab.cli(&["vm", "show", "g", "--json"]));
+    assert_eq!(again["observed_host"], host.as_str(), "{again}");
+    for h in ["h1", "h2"] {
+        let n = lab.agent_vms(h).iter().filter(|id| *id == "g").count();
+        assert_eq!(n, usize::from(h == host), "g on {h}: {n} copies");
+    }
 }
