@@ -377,6 +377,14 @@ fn a_manager_killed_mid_migration_settles_it_when_restarted() {
     eprintln!("migration events for g: {started:?} {finished:?}");
     assert!(!started.is_empty());
     assert_eq!(started.len(), finished.len(), "{started:?} {finished:?}");
+    // The restarted manager followed the copy the agent was making rather than
+    // starting another: the move went through.
+    assert_eq!(host, "h2", "{finished:?}");
+    assert_eq!(
+        finished.last().unwrap()["result"]["status"],
+        "succeeded",
+        "{finished:?}"
+    );
     // And it stays settled over a few more control rounds.
     std::thread::sleep(Duration::from_secs(3));
     let again = json(&lab.cli(&["vm", "show", "g", "--json"]));

@@ -149,13 +149,29 @@ impl HostClient for HttpHost {
     ) -> Result<MigrationResult> {
         let body =
             json!({"vm": vm, "destination": to.address, "token": self.token, "policy": policy});
-        let (_, started): (u16, Value) = self
-            .call(Method::POST, "/v1/migrations", Some(body))
-            .await?;
-        let id = started["id"]
-            .as_str()
-            .ok_or_else(|| self.fail("the agent's migration answer has no id"))?
-            .to_owned();
+        let id = match self
+            .call::<Value>(Method::POST, "/v1/migrations", Some(body))
+            .await
+        {
+            Ok((_, started)) => started["id"]
+                .as_str()
+                .ok_or_else(|| self.fail("the agent's migration answer has no id"))?
+                .to_owned(),
+            // A manager that restarted mid-migration asks again; the agent refuses a
+            // second migration of the VM, and the one it runs is the one to follow.
+            // Failing instead would let the manager treat the arriving copy as stale.
+            Err(refused) => {
+                let (_, running): (u16, Value) =
+                    self.call(Method::GET, "/v1/migrations", None).await?;
+                match running_migration(&running, vm, &to.address) {
+                    Some(id) => {
+                        tracing::info!(vm, host = %self.host, migration = %id, "following the migration the agent already runs");
+                        id
+                    }
+                    None => return Err(refused),
+                }
+            }
+        };
         loop {
             let (_, v): (u16, Value) = self
                 .call(Method::GET, &format!("/v1/migrations/{id}"), None)
@@ -194,6 +210,20 @@ impl HostClient for HttpHost {
                 .collect(),
         })
     }
+}
+
+/// The id of the migration of `vm` to `destination` still under way in an agent's
+/// `GET /v1/migrations` answer (pure).
+fn running_migration(list: &Value, vm: &str, destination: &str) -> Option<String> {
+    list.as_array()?
+        .iter()
+        .find(|m| {
+            m["vm"] == vm
+                && m["destination"] == destination
+                && !matches!(m["phase"].as_str(), Some("completed" | "rolled_back"))
+        })
+        .and_then(|m| m["id"].as_str())
+        .map(str::to_owned)
 }
 
 /// The telemetry in an agent's `GET /v1/migrations/{id}` answer (pure): its completed
@@ -245,6 +275,23 @@ impl Connector for HttpConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_migration_to_follow_is_the_vms_unfinished_one_to_that_destination() {
+        let list = json!([
+            {"id": "mig-1", "vm": "g", "destination": "http://h2:7070", "phase": "rolled_back"},
+            {"id": "mig-2", "vm": "g", "destination": "http://h3:7070", "phase": "pre_copy"},
+            {"id": "mig-3", "vm": "f", "destination": "http://h2:7070", "phase": "pre_copy"},
+            {"id": "mig-4", "vm": "g", "destination": "http://h2:7070", "phase": "pre_copy"},
+        ]);
+        assert_eq!(
+            running_migration(&list, "g", "http://h2:7070").as_deref(),
+            Some("mig-4")
+        );
+        assert_eq!(running_migration(&list, "f", "http://h3:7070"), None);
+        assert_eq!(running_migration(&list, "e", "http://h2:7070"), None);
+        assert_eq!(running_migration(&json!({"error": "x"}), "g", "h2"), None);
+    }
 
     #[test]
     fn an_agents_view_maps_to_progress_with_the_round_under_way() {
