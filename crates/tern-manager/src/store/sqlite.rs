@@ -329,6 +329,11 @@ fn migrations(conn: &Connection, limit: usize) -> Result<Vec<Migration>> {
     rows.map(|r| r?.finish()).collect()
 }
 
+/// Read connections kept open between reads. Readers run on the blocking pool, so how
+/// many are open at once is bounded by that pool; beyond this many, a connection is
+/// closed when its read ends.
+const MAX_IDLE_READERS: usize = 8;
+
 /// Read-only connections to the store's file. In WAL mode a reader sees the last commit
 /// and neither waits for the writer nor holds it up; each read takes an idle connection
 /// (opening one when all are busy) and gives it back.
@@ -352,10 +357,11 @@ impl SqliteReader {
             }
         };
         let out = f(&conn);
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(conn);
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // A burst of readers opens a connection each; only a few are kept for the next.
+        if idle.len() < MAX_IDLE_READERS {
+            idle.push(conn);
+        }
         out
     }
 }
