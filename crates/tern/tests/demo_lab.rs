@@ -8,7 +8,7 @@ use serde_json::Value;
 
 #[test]
 fn the_demo_balances_a_real_lab_and_leaves_nothing_behind() {
-    if !tern_agent::lab::require_lab("the demo test", &[]) {
+    if !tern_lab::require_lab("the demo test", &[]) {
         return;
     }
     let out = Command::new(env!("CARGO_BIN_EXE_tern"))
@@ -74,7 +74,7 @@ fn the_demo_balances_a_real_lab_and_leaves_nothing_behind() {
 
 #[test]
 fn an_interrupted_demo_tears_its_lab_down() {
-    if !tern_agent::lab::require_lab("the interrupted demo test", &[]) {
+    if !tern_lab::require_lab("the interrupted demo test", &[]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -50,7 +50,7 @@ fn lab_leftovers(index: u64) -> Vec<String> {
 
 #[test]
 fn lab_up_status_vm_down() {
-    if !tern_agent::lab::require_lab("the lab test", &[]) {
+    if !tern_lab::require_lab("the lab test", &[]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{json, Value};
 use tern_agent::client::AgentClient;
-use tern_agent::lab::{self, LabOptions, LabState};
 use tern_agent::vms::CreateVm;
+use tern_lab::{self as lab, LabOptions, LabState};
 
 const VM: &str = "mig1";
 

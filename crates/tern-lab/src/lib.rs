@@ -3,18 +3,25 @@
 //! made in a state file before making it, so `down` removes exactly that, even after an
 //! `up` that failed half-way, and nothing else.
 //!
-//! The plan (names, addresses, commands) is pure and lives in [`plan`]; this module runs it.
+//! `tern lab up|status|down`, `tern demo`, `tern bench migration` and the tests that move
+//! real guests between hosts build their hosts with it.
+//!
+//! # Layout
+//! - [`plan`]: the plan (names, addresses, the `ip`/`tc` commands), pure.
+//! - this file: runs the plan: [`up`], [`status`], [`down`], the state file ([`load`]).
+//! - [`error`]: the lab's error type, [`LabError`].
 
+pub mod error;
 pub mod plan;
 
-use crate::client::AgentClient;
-use crate::error::AgentError;
-use crate::host::HostReport;
+pub use error::LabError;
 use plan::{LabShape, AGENT_PORT, HOST_BRIDGE};
 use serde::{Deserialize, Serialize};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tern_agent::client::AgentClient;
+use tern_agent::host::HostReport;
 use tern_hv::qemu::net::run;
 
 /// What `tern lab up` was asked for.
@@ -69,8 +76,8 @@ impl LabState {
         }
     }
 
-    pub fn token(&self) -> Result<String, AgentError> {
-        read_token(&self.token_file)
+    pub fn token(&self) -> Result<String, LabError> {
+        Ok(tern_agent::state::read_token(&self.token_file)?)
     }
 }
 
@@ -91,28 +98,13 @@ pub fn state_file(dir: &Path) -> PathBuf {
     dir.join("lab.json")
 }
 
-/// Reads a token file: the first line, trimmed; empty is refused.
-pub fn read_token(path: &Path) -> Result<String, AgentError> {
-    let t = std::fs::read_to_string(path).map_err(|e| {
-        AgentError::BadRequest(format!("cannot read token file {}: {e}", path.display()))
-    })?;
-    let t = t.lines().next().unwrap_or("").trim().to_string();
-    if t.is_empty() {
-        return Err(AgentError::BadRequest(format!(
-            "token file {} is empty: put a secret on its first line",
-            path.display()
-        )));
-    }
-    Ok(t)
-}
-
 /// Refuses to go on without root, which namespaces and `tc` need.
-pub fn require_root() -> Result<(), AgentError> {
+pub fn require_root() -> Result<(), LabError> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     if effective_uid(&status) == Some(0) {
         Ok(())
     } else {
-        Err(AgentError::BadRequest(
+        Err(LabError::BadRequest(
             "tern lab needs root (it creates network namespaces and tc qdiscs): run it with sudo"
                 .into(),
         ))
@@ -155,67 +147,67 @@ pub fn require_lab(test: &str, extra: &[(&str, bool)]) -> bool {
 }
 
 /// Loads the state of the lab in `dir`, if one is up.
-pub fn load(dir: &Path) -> Result<Option<LabState>, AgentError> {
+pub fn load(dir: &Path) -> Result<Option<LabState>, LabError> {
     let path = state_file(dir);
     match std::fs::read_to_string(&path) {
         Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
-            AgentError::Lab(format!(
+            LabError::Lab(format!(
                 "lab state file {} is unreadable: {e}",
                 path.display()
             ))
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(AgentError::io(format!("reading {}", path.display()))(e)),
+        Err(e) => Err(LabError::io(format!("reading {}", path.display()))(e)),
     }
 }
 
-fn save(state: &LabState) -> Result<(), AgentError> {
+fn save(state: &LabState) -> Result<(), LabError> {
     let path = state_file(&state.dir);
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_string_pretty(state).expect("lab state serialises");
-    std::fs::write(&tmp, text).map_err(AgentError::io(format!("writing {}", tmp.display())))?;
-    std::fs::rename(&tmp, &path).map_err(AgentError::io(format!("writing {}", path.display())))
+    std::fs::write(&tmp, text).map_err(LabError::io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, &path).map_err(LabError::io(format!("writing {}", path.display())))
 }
 
-async fn output(program: &str, args: &[&str]) -> Result<String, AgentError> {
+async fn output(program: &str, args: &[&str]) -> Result<String, LabError> {
     let out = tokio::process::Command::new(program)
         .args(args)
         .output()
         .await
-        .map_err(AgentError::io(format!(
+        .map_err(LabError::io(format!(
             "running {program} (install iproute2)"
         )))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn random_token() -> Result<String, AgentError> {
+fn random_token() -> Result<String, LabError> {
     use std::io::Read;
     let mut b = [0u8; 24];
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))
-        .map_err(AgentError::io("reading /dev/urandom"))?;
+        .map_err(LabError::io("reading /dev/urandom"))?;
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// Builds the lab, starts its agents and waits until each answers. On any failure what
 /// was made is removed again. `progress` receives one line per step.
-pub async fn up(opts: &LabOptions, progress: &dyn Fn(&str)) -> Result<LabState, AgentError> {
+pub async fn up(opts: &LabOptions, progress: &dyn Fn(&str)) -> Result<LabState, LabError> {
     let shape0 = LabShape {
         index: 0,
         hosts: opts.hosts,
         link_mbit: opts.link_mbit,
     };
-    shape0.validate().map_err(AgentError::BadRequest)?;
+    shape0.validate().map_err(LabError::BadRequest)?;
     require_root()?;
     if let Some(s) = load(&opts.dir)? {
-        return Err(AgentError::BadRequest(format!(
+        return Err(LabError::BadRequest(format!(
             "a lab with {} hosts is already up (state in {}): run `tern lab down` first",
             s.hosts.len(),
             state_file(&opts.dir).display()
         )));
     }
     std::fs::create_dir_all(&opts.dir)
-        .map_err(AgentError::io(format!("creating {}", opts.dir.display())))?;
+        .map_err(LabError::io(format!("creating {}", opts.dir.display())))?;
     let token_file = opts.dir.join("token");
     write_private(&token_file, &random_token()?)?;
     let shape = claim_index(shape0).await?;
@@ -259,14 +251,14 @@ pub async fn up(opts: &LabOptions, progress: &dyn Fn(&str)) -> Result<LabState, 
 
 /// Picks a free lab index and claims it by creating its switch namespace; when another
 /// lab took the same index in the meantime, tries the next one.
-async fn claim_index(shape: LabShape) -> Result<LabShape, AgentError> {
+async fn claim_index(shape: LabShape) -> Result<LabShape, LabError> {
     let mut taken: Vec<String> = Vec::new();
     loop {
         let mut ns = plan::parse_netns_list(&output("ip", &["netns", "list"]).await?);
         ns.extend(taken.iter().cloned());
         let addrs = plan::parse_addrs(&output("ip", &["-4", "-o", "addr", "show"]).await?);
         let index = plan::pick_index(&ns, &addrs)
-            .ok_or_else(|| AgentError::Lab("every lab index 0-255 is in use".into()))?;
+            .ok_or_else(|| LabError::Lab("every lab index 0-255 is in use".into()))?;
         let s = LabShape { index, ..shape };
         let c = s.claim_command();
         let args: Vec<&str> = c[1..].iter().map(String::as_str).collect();
@@ -285,7 +277,7 @@ async fn build(
     shape: &LabShape,
     opts: &LabOptions,
     progress: &dyn Fn(&str),
-) -> Result<(), AgentError> {
+) -> Result<(), LabError> {
     progress(&format!(
         "lab: creating {} hosts in 198.18.{}.0/24 (links: {})",
         shape.hosts,
@@ -298,7 +290,7 @@ async fn build(
         let args: Vec<&str> = c[1..].iter().map(String::as_str).collect();
         run(&c[0], &args).await?;
     }
-    let capacity = crate::host::detect_capacity()?;
+    let capacity = tern_agent::host::detect_capacity()?;
     let memory = opts
         .host_memory_mib
         .unwrap_or(capacity.memory_mib / u64::from(shape.hosts));
@@ -308,11 +300,11 @@ async fn build(
         progress(&format!("lab: starting agent {} at {}", h.name, h.url));
         for d in [&h.state_dir, &h.mem_dir] {
             std::fs::create_dir_all(d)
-                .map_err(AgentError::io(format!("creating {}", d.display())))?;
+                .map_err(LabError::io(format!("creating {}", d.display())))?;
         }
         let log = std::fs::File::create(h.state_dir.join("agent.log"))
-            .map_err(AgentError::io("creating the agent log"))?;
-        let log2 = log.try_clone().map_err(AgentError::io("agent log"))?;
+            .map_err(LabError::io("creating the agent log"))?;
+        let log2 = log.try_clone().map_err(LabError::io("agent log"))?;
         let child = std::process::Command::new("ip")
             .args(["netns", "exec", &h.netns])
             .arg(&opts.tern_binary)
@@ -336,7 +328,7 @@ async fn build(
             // Its own process group: a Ctrl-C meant for the CLI does not reach the agents.
             .process_group(0)
             .spawn()
-            .map_err(AgentError::io("starting `ip netns exec ... tern agent`"))?;
+            .map_err(LabError::io("starting `ip netns exec ... tern agent`"))?;
         state.hosts[i].pid = Some(child.id());
         save(state)?;
     }
@@ -348,7 +340,7 @@ async fn build(
     Ok(())
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), AgentError> {
+fn write_private(path: &Path, text: &str) -> Result<(), LabError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::OpenOptions::new()
@@ -358,10 +350,10 @@ fn write_private(path: &Path, text: &str) -> Result<(), AgentError> {
         .mode(0o600)
         .open(path)
         .and_then(|mut f| writeln!(f, "{text}"))
-        .map_err(AgentError::io(format!("writing {}", path.display())))
+        .map_err(LabError::io(format!("writing {}", path.display())))
 }
 
-async fn wait_healthy(h: &LabHost, token: &str) -> Result<(), AgentError> {
+async fn wait_healthy(h: &LabHost, token: &str) -> Result<(), LabError> {
     let client = AgentClient::new(&h.url, token, Duration::from_secs(2))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -372,7 +364,7 @@ async fn wait_healthy(h: &LabHost, token: &str) -> Result<(), AgentError> {
         if !h.pid.is_some_and(alive) || tokio::time::Instant::now() > deadline {
             let log = std::fs::read_to_string(h.state_dir.join("agent.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
-            return Err(AgentError::Lab(format!(
+            return Err(LabError::Lab(format!(
                 "agent {} did not come up ({err}); its log ends: {}",
                 h.name,
                 tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
@@ -400,7 +392,7 @@ fn cmdline_has(pid: u32, word: &str) -> bool {
 }
 
 /// Asks every agent how it is.
-pub async fn status(state: &LabState) -> Result<Vec<HostStatus>, AgentError> {
+pub async fn status(state: &LabState) -> Result<Vec<HostStatus>, LabError> {
     let token = state.token()?;
     let mut out = Vec::new();
     for h in &state.hosts {
@@ -424,9 +416,9 @@ pub async fn status(state: &LabState) -> Result<Vec<HostStatus>, AgentError> {
 
 /// Stops the agents (and any QEMU they left), removes the namespaces, links, memory
 /// directories and the lab directory. Returns what it removed.
-pub async fn down(dir: &Path, progress: &dyn Fn(&str)) -> Result<Vec<String>, AgentError> {
+pub async fn down(dir: &Path, progress: &dyn Fn(&str)) -> Result<Vec<String>, LabError> {
     let state = load(dir)?.ok_or_else(|| {
-        AgentError::BadRequest(format!(
+        LabError::BadRequest(format!(
             "no lab is up: no state file at {}",
             state_file(dir).display()
         ))
@@ -464,7 +456,7 @@ pub async fn down(dir: &Path, progress: &dyn Fn(&str)) -> Result<Vec<String>, Ag
     for d in [&state.mem_root, &state.dir] {
         if d.exists() {
             std::fs::remove_dir_all(d)
-                .map_err(AgentError::io(format!("removing {}", d.display())))?;
+                .map_err(LabError::io(format!("removing {}", d.display())))?;
             removed.push(format!("directory {}", d.display()));
         }
     }
@@ -506,17 +498,6 @@ mod tests {
         assert_eq!(effective_uid(s), Some(0));
         assert_eq!(effective_uid("Uid:\t5\t7\t7\t7"), Some(7));
         assert_eq!(effective_uid(""), None);
-    }
-
-    #[test]
-    fn token_files() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("t");
-        std::fs::write(&p, "  abc \nignored\n").unwrap();
-        assert_eq!(read_token(&p).unwrap(), "abc");
-        std::fs::write(&p, "\n").unwrap();
-        assert_eq!(read_token(&p).unwrap_err().status().as_u16(), 400);
-        assert!(read_token(&d.path().join("none")).is_err());
     }
 
     #[test]
