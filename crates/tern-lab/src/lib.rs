@@ -117,35 +117,6 @@ pub fn effective_uid(status: &str) -> Option<u32> {
     line.split_whitespace().nth(2)?.parse().ok()
 }
 
-/// For tests that build a lab: whether this machine can (root, `ip`, `ping`, QEMU, and the
-/// caller's `extra` needs as `(what, present)`). When it cannot, prints what is missing
-/// and returns false, except under `CI`, where scripts/setup provides everything and a
-/// missing piece is a failure.
-pub fn require_lab(test: &str, extra: &[(&str, bool)]) -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let runs = |p: &str| std::process::Command::new(p).arg("-V").output().is_ok();
-    let mut needs = vec![
-        ("root", effective_uid(&status) == Some(0)),
-        ("ip (iproute2)", runs("ip")),
-        ("ping (iputils-ping)", runs("ping")),
-        ("qemu-system-x86_64", runs("qemu-system-x86_64")),
-    ];
-    needs.extend_from_slice(extra);
-    let missing: Vec<&str> = needs
-        .into_iter()
-        .filter_map(|(what, ok)| (!ok).then_some(what))
-        .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "{test} needs {missing:?}, which CI must provide (scripts/setup)"
-    );
-    eprintln!("SKIP: {test} needs {missing:?}");
-    false
-}
-
 /// Loads the state of the lab in `dir`, if one is up.
 pub fn load(dir: &Path) -> Result<Option<LabState>, LabError> {
     let path = state_file(dir);

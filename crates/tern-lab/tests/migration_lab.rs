@@ -42,7 +42,7 @@ fn can_run() -> bool {
         ),
         (
             "qemu-system-x86_64".to_string(),
-            tern_hv::image::require_qemu(),
+            tern_testkit::require_qemu(),
         ),
         (
             format!(
@@ -193,7 +193,7 @@ async fn guest_moves_under_each_policy_and_survives_failures() {
         return;
     }
     let img = tokio::task::spawn_blocking(|| {
-        tern_hv::image::ensure_image(&tern_hv::image::test_cache_dir(), &mut |s| {
+        tern_hv::image::ensure_image(&tern_testkit::test_cache_dir(), &mut |s| {
             eprintln!("image: {s}")
         })
     })
