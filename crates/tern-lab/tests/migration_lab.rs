@@ -29,41 +29,11 @@ fn tern_binary() -> PathBuf {
 }
 
 fn can_run() -> bool {
-    let root = std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Uid:"))
-        .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"));
-    let missing: Vec<String> = [
-        ("root".to_string(), root),
-        (
-            "ip (iproute2)".to_string(),
-            Command::new("ip").arg("-V").output().is_ok(),
-        ),
-        (
-            "qemu-system-x86_64".to_string(),
-            tern_testkit::require_qemu(),
-        ),
-        (
-            format!(
-                "the tern binary at {} (cargo build -p tern)",
-                tern_binary().display()
-            ),
-            tern_binary().exists(),
-        ),
-    ]
-    .into_iter()
-    .filter_map(|(n, ok)| (!ok).then_some(n))
-    .collect();
-    if missing.is_empty() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "migration lab test needs {missing:?}, which CI must provide"
+    let tern = format!(
+        "the tern binary at {} (cargo build -p tern)",
+        tern_binary().display()
     );
-    eprintln!("SKIP: migration lab test needs {missing:?}");
-    false
+    tern_testkit::require_lab("migration lab test", &[(&tern, tern_binary().exists())])
 }
 
 struct Lab {
