@@ -34,7 +34,7 @@ fn hinfo_available() -> bool {
 }
 
 #[test]
-fn matches_hinfo_on_shared_data() {
+fn matches_hinfo_on_every_ganeti_data_file() {
     if !hinfo_available() {
         return;
     }
