@@ -30,9 +30,6 @@ pub enum AgentError {
     /// Another agent (client side) could not be reached.
     #[error("cannot reach the agent at {url}: {reason}")]
     Unreachable { url: String, reason: String },
-    /// Building, checking or removing a lab failed.
-    #[error("lab: {0}")]
-    Lab(String),
     /// A driver error; its kind decides the status.
     #[error(transparent)]
     Hv(#[from] HvError),
@@ -60,7 +57,7 @@ impl AgentError {
             AgentError::Guest { .. }
             | AgentError::Remote { .. }
             | AgentError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
-            AgentError::Io { .. } | AgentError::Lab(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AgentError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             AgentError::Hv(e) => match e {
                 HvError::InvalidSpec(_) | HvError::MissingPath { .. } | HvError::NoBridge(_) => {
                     StatusCode::BAD_REQUEST
@@ -85,7 +82,7 @@ impl AgentError {
             AgentError::NoRoom(_) => "no_room",
             AgentError::Guest { .. } => "guest",
             AgentError::Remote { .. } | AgentError::Unreachable { .. } => "remote",
-            AgentError::Io { .. } | AgentError::Lab(_) => "internal",
+            AgentError::Io { .. } => "internal",
             AgentError::Hv(e) => match e {
                 HvError::InvalidSpec(_) | HvError::MissingPath { .. } | HvError::NoBridge(_) => {
                     "bad_spec"

@@ -3,10 +3,10 @@
 //! # Layout
 //! - [`server`]: `serve(listener, state, shutdown)`; [`api`]: routes parsed into commands;
 //!   [`error`]: the agent's error type and its HTTP status mapping.
-//! - [`state`]: what handlers share; [`vms`]: VM operations (admission, records, driver);
-//!   [`host`]: capacity, load and the admission rule; [`guest`]: the guest agent channel.
+//! - [`state`]: what handlers share, and the token file; [`vms`]: VM operations
+//!   (admission, records, driver); [`host`]: capacity, load and the admission rule;
+//!   [`guest`]: the guest agent channel.
 //! - [`client`]: a typed HTTP client for the API (CLI, lab, manager, migration source).
-//! - [`lab`]: a lab of hosts on one machine (network namespaces, bridge, shaped links).
 //! - [`migration`]: tern's live-migration engine.
 
 pub mod api;
@@ -14,7 +14,6 @@ pub mod client;
 pub mod error;
 pub mod guest;
 pub mod host;
-pub mod lab;
 pub mod migration;
 pub mod server;
 pub mod state;

@@ -1,10 +1,11 @@
 //! The agent's shared state: the driver, the host's identity and capacity, the load
 //! samples and the guest channels. Cloned into every request handler.
 
+use crate::error::AgentError;
 use crate::guest::GuestChannels;
 use crate::host::{cpu_cores, Capacity};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tern_hv::Hypervisor;
@@ -19,6 +20,21 @@ pub struct HostConfig {
     pub token: String,
     /// VM records live under `state_dir/vms/`.
     pub state_dir: PathBuf,
+}
+
+/// Reads a token file: the first line, trimmed; empty is refused.
+pub fn read_token(path: &Path) -> Result<String, AgentError> {
+    let t = std::fs::read_to_string(path).map_err(|e| {
+        AgentError::BadRequest(format!("cannot read token file {}: {e}", path.display()))
+    })?;
+    let t = t.lines().next().unwrap_or("").trim().to_string();
+    if t.is_empty() {
+        return Err(AgentError::BadRequest(format!(
+            "token file {} is empty: put a secret on its first line",
+            path.display()
+        )));
+    }
+    Ok(t)
 }
 
 /// The last CPU sample of one VM.
@@ -98,6 +114,17 @@ impl AppState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_files() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t");
+        std::fs::write(&p, "  abc \nignored\n").unwrap();
+        assert_eq!(read_token(&p).unwrap(), "abc");
+        std::fs::write(&p, "\n").unwrap();
+        assert_eq!(read_token(&p).unwrap_err().status().as_u16(), 400);
+        assert!(read_token(&d.path().join("none")).is_err());
+    }
 
     #[test]
     fn load_table_rates() {

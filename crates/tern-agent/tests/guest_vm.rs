@@ -14,11 +14,11 @@ use tern_hv::VmState;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_boots_and_answers_through_the_agent() {
-    if !tern_hv::image::require_qemu() {
+    if !tern_testkit::require_qemu() {
         return;
     }
     let img = tokio::task::spawn_blocking(|| {
-        tern_hv::image::ensure_image(&tern_hv::image::test_cache_dir(), &mut |s| {
+        tern_hv::image::ensure_image(&tern_testkit::test_cache_dir(), &mut |s| {
             eprintln!("image: {s}")
         })
     })

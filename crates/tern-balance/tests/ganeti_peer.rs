@@ -109,9 +109,9 @@ fn compare(label: &str, cluster: &Cluster, h: &Hinfo) -> (f64, f64) {
 }
 
 fn data_files() -> Vec<PathBuf> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data/ganeti");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/ganeti");
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .expect("../shared/data/ganeti exists")
+        .expect("data/ganeti exists")
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "data"))
         .collect();

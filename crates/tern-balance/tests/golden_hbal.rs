@@ -6,10 +6,7 @@ use tern_balance::{plan, PlanOptions, State};
 use tern_model::DynUtil;
 
 fn load(name: &str) -> tern_model::Cluster {
-    let path = format!(
-        "{}/../../../shared/data/ganeti/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
+    let path = format!("{}/../../data/ganeti/{name}", env!("CARGO_MANIFEST_DIR"));
     tern_model::ganeti::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 

@@ -9,11 +9,7 @@ use tern_balance::metric::{ganeti::Ganeti, score};
 const HINFO: &str = "/usr/lib/ganeti/3.0/usr/bin/hinfo";
 
 fn data_dir() -> PathBuf {
-    Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/data/ganeti"
-    ))
-    .to_path_buf()
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/ganeti")).to_path_buf()
 }
 
 /// `hinfo`'s "Cluster score", or None when hinfo rejects the file.
@@ -38,7 +34,7 @@ fn hinfo_available() -> bool {
 }
 
 #[test]
-fn matches_hinfo_on_shared_data() {
+fn matches_hinfo_on_every_ganeti_data_file() {
     if !hinfo_available() {
         return;
     }

@@ -9,10 +9,8 @@ use std::time::{Duration, Instant};
 
 use tern_guest::client::GuestClient;
 use tern_guest::protocol::{Reply, WorkloadSpec};
-use tern_hv::image::{
-    ensure_image, require_qemu as qemu_available, test_cache_dir as cache_dir, GuestImage,
-    ImageError,
-};
+use tern_hv::image::{ensure_image, GuestImage, ImageError};
+use tern_testkit::{require_qemu as qemu_available, test_cache_dir as cache_dir};
 
 fn image() -> GuestImage {
     ensure_image(&cache_dir(), &mut |s| eprintln!("image: {s}")).expect("guest image builds")

@@ -16,7 +16,7 @@ fn spec(mib: u64, vcpus: u32) -> VmSpec {
 
 #[tokio::test]
 async fn lifecycle_metrics_and_ram_file() {
-    if !tern_hv::image::require_qemu() {
+    if !tern_testkit::require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -54,7 +54,7 @@ async fn lifecycle_metrics_and_ram_file() {
 
 #[tokio::test]
 async fn missing_kernel_changes_nothing() {
-    if !tern_hv::image::require_qemu() {
+    if !tern_testkit::require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -69,7 +69,7 @@ async fn missing_kernel_changes_nothing() {
 
 #[tokio::test]
 async fn device_state_migration_with_shared_ram() {
-    if !tern_hv::image::require_qemu() {
+    if !tern_testkit::require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -130,7 +130,7 @@ async fn device_state_migration_with_shared_ram() {
 
 #[tokio::test]
 async fn reclaim_removes_what_a_killed_driver_left() {
-    if !tern_hv::image::require_qemu() {
+    if !tern_testkit::require_qemu() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

@@ -1,4 +1,4 @@
-//! Every Ganeti test file in the shared data folder loads, or is rejected
+//! Every Ganeti test file in data/ganeti loads, or is rejected
 //! exactly where Ganeti's own `hinfo -t FILE` rejects it; loaded files
 //! round-trip through tern's writer.
 
@@ -7,10 +7,7 @@ use std::path::PathBuf;
 use tern_model::ganeti;
 
 fn data_dir() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../../shared/data/ganeti"
-    ))
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/ganeti"))
 }
 
 /// Files `hinfo -t FILE` (Ganeti 3.0.2) refuses, with the start of tern's
@@ -24,7 +21,7 @@ const REJECTED: &[(&str, &str)] = &[(
 
 fn data_files() -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(data_dir())
-        .expect("shared data folder ../shared/data/ganeti exists")
+        .expect("data/ganeti exists")
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "data"))
         .collect();

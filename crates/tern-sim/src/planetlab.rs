@@ -99,7 +99,7 @@ pub fn load(
 ) -> Result<(ClusterSpec, Traces), SimError> {
     if !dir.is_dir() {
         return Err(SimError::BadTrace(format!(
-            "{} is not a folder; give a PlanetLab day folder such as ../shared/data/planetlab/20110303",
+            "{} is not a folder; give a PlanetLab day folder such as data/planetlab/20110303",
             dir.display()
         )));
     }

@@ -24,7 +24,7 @@
 //! ram_mb = 1024
 //! bw_mbps = 0
 //! load = { kind = "synthetic", mean = 0.3, daily_amplitude = 0.15 }
-//! # or load = { kind = "planetlab", dir = "../shared/data/planetlab/20110303" }
+//! # or load = { kind = "planetlab", dir = "../../data/planetlab/20110303" }
 //! ```
 //!
 //! Trace folders are relative to the scenario file. A `planetlab` group takes the first

@@ -2,9 +2,11 @@
 //! in one flat `u8` array (a PlanetLab day of 1052 VMs is 300 KB), so memory grows
 //! linearly with VMs x samples.
 //!
-//! Two sources: a PlanetLab folder (one file per VM, one integer percent per line) and a
-//! seeded synthetic generator (a daily wave plus autocorrelated noise around a per-VM mean).
+//! Two sources: a PlanetLab folder (one file per VM, one integer percent per line, plain
+//! or gzip-compressed) and a seeded synthetic generator (a daily wave plus autocorrelated
+//! noise around a per-VM mean).
 
+use std::io::Read;
 use std::path::Path;
 
 use rand::{Rng, SeedableRng};
@@ -64,41 +66,41 @@ impl Traces {
     }
 
     /// Reads a PlanetLab day: every regular file in `dir`, sorted by name, one VM each.
-    /// Files shorter than `samples` lines are rejected; longer ones are cut.
+    /// A file named `NAME.gz` is gzip-compressed and read as `NAME` (the repository
+    /// ships its days that way), so a compressed day and CloudSim's plain one give the
+    /// same VMs in the same order. Files shorter than `samples` lines are rejected;
+    /// longer ones are cut.
     pub fn load_planetlab(dir: &Path, samples: usize, interval: f64) -> Result<Traces, SimError> {
-        let read_dir = std::fs::read_dir(dir).map_err(|e| SimError::Io {
-            path: dir.display().to_string(),
-            source: e,
-        })?;
-        let mut paths = Vec::new();
-        for entry in read_dir {
-            let entry = entry.map_err(|e| SimError::Io {
-                path: dir.display().to_string(),
-                source: e,
-            })?;
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| SimError::Io { path, source }
+        };
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+            let entry = entry.map_err(io(dir))?;
             if entry.file_type().map(|t| t.is_file()).unwrap_or(false) {
-                paths.push(entry.path());
+                let file_name = entry.file_name().to_string_lossy().into_owned();
+                let (name, gzip) = match file_name.strip_suffix(".gz") {
+                    Some(stem) => (stem.to_owned(), true),
+                    None => (file_name, false),
+                };
+                files.push((name, gzip, entry.path()));
             }
         }
-        paths.sort();
-        if paths.is_empty() {
+        // By the name without `.gz`: the suffix would reorder names that are prefixes of
+        // others ("a-b.gz" sorts before "a.gz", "a" before "a-b").
+        files.sort();
+        if files.is_empty() {
             return Err(SimError::BadTrace(format!(
                 "{} holds no trace files (expected one file per VM, one CPU percent per line)",
                 dir.display()
             )));
         }
-        let mut rows = Vec::with_capacity(paths.len());
-        for path in paths {
-            let text = std::fs::read_to_string(&path).map_err(|e| SimError::Io {
-                path: path.display().to_string(),
-                source: e,
-            })?;
+        let mut rows = Vec::with_capacity(files.len());
+        for (name, gzip, path) in files {
+            let text = read_text(&path, gzip).map_err(io(&path))?;
             let row = parse_percent_lines(&text, samples)
                 .map_err(|msg| SimError::BadTrace(format!("{}: {msg}", path.display())))?;
-            let name = path
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default();
             rows.push((name, row));
         }
         Traces::from_rows(interval, rows)
@@ -186,6 +188,16 @@ impl Default for SyntheticLoad {
     }
 }
 
+/// A trace file's text, gunzipped when `gzip`.
+fn read_text(path: &Path, gzip: bool) -> std::io::Result<String> {
+    if !gzip {
+        return std::fs::read_to_string(path);
+    }
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(std::fs::File::open(path)?).read_to_string(&mut text)?;
+    Ok(text)
+}
+
 /// Parses one trace file: `samples` lines, each a whole percent 0..=100.
 pub fn parse_percent_lines(text: &str, samples: usize) -> Result<Vec<u8>, String> {
     let mut row = Vec::with_capacity(samples);
@@ -233,6 +245,25 @@ mod tests {
         assert!(parse_percent_lines("101\n", 1)
             .unwrap_err()
             .contains("outside"));
+    }
+
+    #[test]
+    fn gzip_files_read_as_their_plain_names_in_plain_order() {
+        use std::io::Write;
+        let dir = tempfile::tempdir().unwrap();
+        let lines = |v: u8| format!("{v}\n{v}\n");
+        // "a" sorts before "a-b", but "a.gz" after "a-b.gz": the order must be "a" first.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(lines(7).as_bytes()).unwrap();
+        std::fs::write(dir.path().join("a.gz"), gz.finish().unwrap()).unwrap();
+        std::fs::write(dir.path().join("a-b"), lines(9)).unwrap();
+        let t = Traces::load_planetlab(dir.path(), 2, 300.0).unwrap();
+        assert_eq!(t.names, vec!["a", "a-b"]);
+        assert_eq!(t.utilisation(0, 1), 0.07);
+        assert_eq!(t.utilisation(1, 0), 0.09);
+        std::fs::write(dir.path().join("c.gz"), lines(1)).unwrap();
+        let err = Traces::load_planetlab(dir.path(), 2, 300.0).unwrap_err();
+        assert!(err.to_string().contains("c.gz"), "{err}");
     }
 
     #[test]

@@ -7,10 +7,7 @@ use tern_sim::planetlab::{self, VmTypeOrder};
 use tern_sim::policy::by_name;
 use tern_sim::{Report, SimConfig, Simulation};
 
-const DAY: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/data/planetlab/20110303"
-);
+const DAY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/planetlab/20110303");
 
 fn run(policy: &str, timing: &dyn MigrationTiming, strict_memory: bool) -> Report {
     run_for(288, policy, timing, strict_memory)

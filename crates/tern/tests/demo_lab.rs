@@ -8,12 +8,12 @@ use serde_json::Value;
 
 #[test]
 fn the_demo_balances_a_real_lab_and_leaves_nothing_behind() {
-    if !tern_agent::lab::require_lab("the demo test", &[]) {
+    if !tern_testkit::require_lab("the demo test", &[]) {
         return;
     }
     let out = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["demo", "--json"])
-        .env("TERN_CACHE", tern_hv::image::test_cache_dir())
+        .env("TERN_CACHE", tern_testkit::test_cache_dir())
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -74,13 +74,13 @@ fn the_demo_balances_a_real_lab_and_leaves_nothing_behind() {
 
 #[test]
 fn an_interrupted_demo_tears_its_lab_down() {
-    if !tern_agent::lab::require_lab("the interrupted demo test", &[]) {
+    if !tern_testkit::require_lab("the interrupted demo test", &[]) {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(["demo", "--json"])
-        .env("TERN_CACHE", tern_hv::image::test_cache_dir())
+        .env("TERN_CACHE", tern_testkit::test_cache_dir())
         .env("TMPDIR", dir.path())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -36,7 +36,7 @@ fn builds_or_reuses_the_image_and_prints_its_manifest() {
         eprintln!("SKIP: apt-cache is not installed (not a Debian host)");
         return;
     }
-    let cache = tern_hv::image::test_cache_dir();
+    let cache = tern_testkit::test_cache_dir();
     let out = tern()
         .args(["image", "build", "--json", "--cache"])
         .arg(&cache)

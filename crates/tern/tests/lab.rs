@@ -50,7 +50,7 @@ fn lab_leftovers(index: u64) -> Vec<String> {
 
 #[test]
 fn lab_up_status_vm_down() {
-    if !tern_agent::lab::require_lab("the lab test", &[]) {
+    if !tern_testkit::require_lab("the lab test", &[]) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -147,7 +147,7 @@ fn lab_up_status_vm_down() {
 
     // A real guest on host 1 with an address on the lab's segment answers a ping from
     // host 2: guests share one L2 network across hosts, so an address survives a move.
-    let img = tern_hv::image::ensure_image(&tern_hv::image::test_cache_dir(), &mut |s| {
+    let img = tern_hv::image::ensure_image(&tern_testkit::test_cache_dir(), &mut |s| {
         eprintln!("image: {s}")
     })
     .expect("guest image builds");

@@ -12,10 +12,7 @@ fn tern() -> Command {
 }
 
 fn data(name: &str) -> String {
-    format!(
-        "{}/../../../shared/data/ganeti/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    )
+    format!("{}/../../data/ganeti/{name}", env!("CARGO_MANIFEST_DIR"))
 }
 
 fn ganeti_available() -> bool {

@@ -2,10 +2,7 @@
 
 use std::process::Command;
 
-const DAY: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/../../../shared/data/planetlab/20110303"
-);
+const DAY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data/planetlab/20110303");
 const SMALL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/sim/small.toml");
 
 fn tern(args: &[&str]) -> std::process::Output {

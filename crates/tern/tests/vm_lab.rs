@@ -172,7 +172,7 @@ impl Lab {
     }
 
     fn new() -> Option<Lab> {
-        if !tern_agent::lab::require_lab("the vm lab test", &[]) {
+        if !tern_testkit::require_lab("the vm lab test", &[]) {
             return None;
         }
         let tmp = tempfile::tempdir().unwrap();

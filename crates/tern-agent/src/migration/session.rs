@@ -162,7 +162,7 @@ impl Engine {
     }
 }
 
-/// `POST /v1/migrations/incoming`: the destination prepares to receive `vm`.
+/// `POST /v1/incoming`: the destination prepares to receive `vm`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrepareRequest {
@@ -292,7 +292,7 @@ pub enum IncomingPhase {
     Failed,
 }
 
-/// `GET /v1/migrations/incoming/{id}`.
+/// `GET /v1/incoming/{id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct IncomingView {
     pub migration: String,

@@ -148,33 +148,6 @@ pub fn default_cache_dir() -> PathBuf {
     PathBuf::from(home).join(".cache/tern")
 }
 
-/// For tests and benchmarks: `$TERN_CACHE`, else `target/tern-cache` in this build
-/// tree, so every test run shares one image and one kernel download.
-pub fn test_cache_dir() -> PathBuf {
-    match std::env::var_os("TERN_CACHE").filter(|d| !d.is_empty()) {
-        Some(d) => PathBuf::from(d),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tern-cache"),
-    }
-}
-
-/// For tests: whether `qemu-system-x86_64` runs here. When it does not, says so on
-/// stderr and returns false, except under `CI`, where a missing QEMU is a failure
-/// (CI installs it through scripts/setup, so nothing may skip there).
-pub fn require_qemu() -> bool {
-    let found = std::process::Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "qemu-system-x86_64 is missing but CI is set: scripts/setup installs it"
-        );
-        eprintln!("SKIP: qemu-system-x86_64 is not installed (Debian: qemu-system-x86)");
-    }
-    found
-}
-
 /// The content key of an image from the hashes of its inputs (pure).
 pub fn image_key(
     kernel_package: &str,

@@ -92,7 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn serve(args: Daemon) -> anyhow::Result<()> {
-    let token = tern_agent::lab::read_token(&args.token_file).map_err(agent_error)?;
+    let token = tern_agent::state::read_token(&args.token_file).map_err(agent_error)?;
     let addr: SocketAddr = args.listen.parse().map_err(|e| {
         bad_input(format!(
             "--listen {:?}: {e} (give ADDR:PORT, e.g. 127.0.0.1:7070)",
@@ -203,7 +203,7 @@ mod tests {
         assert_eq!(code(remote(401)), 2, "bad token");
         assert_eq!(code(remote(507)), 2, "no room");
         assert_eq!(code(remote(500)), 1);
-        assert_eq!(code(AgentError::Lab("x".into())), 1);
+        assert_eq!(code(AgentError::io("x")(std::io::Error::other("e"))), 1);
         let unreachable = AgentError::Unreachable {
             url: "http://x".into(),
             reason: "refused".into(),

@@ -3,7 +3,7 @@
 use super::agent::agent_error;
 use super::bad_input;
 use std::path::PathBuf;
-use tern_agent::lab::{self, LabOptions};
+use tern_lab::{self as lab, LabError, LabOptions};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
@@ -51,6 +51,16 @@ pub fn lab_dir() -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(home).join(".local/state/tern/lab"))
 }
 
+/// Exit code 2 for what the user can fix (a bad shape, no root, no lab up), as for the
+/// agent's own errors.
+fn lab_error(e: LabError) -> anyhow::Error {
+    match e {
+        LabError::BadRequest(m) => bad_input(m),
+        LabError::Agent(e) => agent_error(e),
+        other => other.into(),
+    }
+}
+
 pub fn run(c: Command) -> anyhow::Result<()> {
     let dir = lab_dir()?;
     let rt = tokio::runtime::Runtime::new()?;
@@ -65,9 +75,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
                 host_memory_mib: a.host_memory_mib,
                 host_cpus: a.host_cpus,
             };
-            let state = rt
-                .block_on(lab::up(&opts, &progress))
-                .map_err(agent_error)?;
+            let state = rt.block_on(lab::up(&opts, &progress)).map_err(lab_error)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&state)?);
             } else {
@@ -83,10 +91,10 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Status(a) => {
-            let state = lab::load(&dir).map_err(agent_error)?.ok_or_else(|| {
+            let state = lab::load(&dir).map_err(lab_error)?.ok_or_else(|| {
                 bad_input(format!("no lab is up (no state in {})", dir.display()))
             })?;
-            let hosts = rt.block_on(lab::status(&state)).map_err(agent_error)?;
+            let hosts = rt.block_on(lab::status(&state)).map_err(lab_error)?;
             if a.json {
                 let v = serde_json::json!({ "lab": state, "hosts": hosts });
                 println!("{}", serde_json::to_string_pretty(&v)?);
@@ -122,9 +130,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Down(a) => {
-            let removed = rt
-                .block_on(lab::down(&dir, &progress))
-                .map_err(agent_error)?;
+            let removed = rt.block_on(lab::down(&dir, &progress)).map_err(lab_error)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&removed)?);
             } else {

@@ -11,8 +11,8 @@ use reqwest::Method;
 use serde::Serialize;
 use serde_json::{json, Value};
 use tern_agent::client::AgentClient;
-use tern_agent::lab::{self, LabOptions, LabState};
 use tern_agent::vms::CreateVm;
+use tern_lab::{self as lab, LabOptions, LabState};
 
 use crate::cmd::bad_input;
 

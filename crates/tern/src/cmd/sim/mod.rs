@@ -52,7 +52,7 @@ pub struct OutputArgs {
 
 #[derive(clap::Args)]
 pub struct PlanetlabArgs {
-    /// A PlanetLab day folder, e.g. ../shared/data/planetlab/20110303.
+    /// A PlanetLab day folder, e.g. data/planetlab/20110303 (files may be gzip-compressed).
     pub dir: PathBuf,
     /// Number of hosts (half HP ML110 G4, half G5).
     #[arg(long, default_value_t = 800)]

@@ -159,7 +159,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .ok_or_else(|| bad_input("give the agent with --agent URL (or TERN_AGENT)"))?;
     let token = match (&args.token, &args.token_file) {
         (Some(t), _) => t.clone(),
-        (None, Some(f)) => tern_agent::lab::read_token(f).map_err(agent_error)?,
+        (None, Some(f)) => tern_agent::state::read_token(f).map_err(agent_error)?,
         (None, None) => {
             return Err(bad_input(
                 "give the agent's token with --token, --token-file or TERN_TOKEN",

@@ -1,0 +1,485 @@
+//! A lab of hosts on one machine: network namespaces joined by veth pairs and a bridge,
+//! each host's link shaped with `tc`, one `tern agent` per host. The lab records what it
+//! made in a state file before making it, so `down` removes exactly that, even after an
+//! `up` that failed half-way, and nothing else.
+//!
+//! `tern lab up|status|down`, `tern demo`, `tern bench migration` and the tests that move
+//! real guests between hosts build their hosts with it.
+//!
+//! # Layout
+//! - [`plan`]: the plan (names, addresses, the `ip`/`tc` commands), pure.
+//! - this file: runs the plan: [`up`], [`status`], [`down`], the state file ([`load`]).
+//! - [`error`]: the lab's error type, [`LabError`].
+
+pub mod error;
+pub mod plan;
+
+pub use error::LabError;
+use plan::{LabShape, AGENT_PORT, HOST_BRIDGE};
+use serde::{Deserialize, Serialize};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tern_agent::client::AgentClient;
+use tern_agent::host::HostReport;
+use tern_hv::qemu::net::run;
+
+/// What `tern lab up` was asked for.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    pub hosts: u32,
+    pub link_mbit: Option<u32>,
+    /// Where the state file, tokens, logs and the hosts' state directories go.
+    pub dir: PathBuf,
+    /// The `tern` binary the agents run.
+    pub tern_binary: PathBuf,
+    /// Memory each host offers guests; default: the machine's memory split evenly.
+    pub host_memory_mib: Option<u64>,
+    /// CPUs each host reports; default: the machine's.
+    pub host_cpus: Option<u32>,
+}
+
+/// One host of a running lab.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabHost {
+    pub name: String,
+    pub netns: String,
+    pub addr: String,
+    pub url: String,
+    /// The agent's process id, once started.
+    pub pid: Option<u32>,
+    pub state_dir: PathBuf,
+    pub mem_dir: PathBuf,
+}
+
+/// The lab state file: everything `down` needs to undo `up`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabState {
+    pub index: u8,
+    pub link_mbit: Option<u32>,
+    pub dir: PathBuf,
+    pub token_file: PathBuf,
+    /// Parent of the hosts' memory directories (on tmpfs).
+    pub mem_root: PathBuf,
+    pub switch_netns: String,
+    pub root_link: String,
+    pub root_addr: String,
+    pub hosts: Vec<LabHost>,
+}
+
+impl LabState {
+    pub fn shape(&self) -> LabShape {
+        LabShape {
+            index: self.index,
+            hosts: self.hosts.len() as u32,
+            link_mbit: self.link_mbit,
+        }
+    }
+
+    pub fn token(&self) -> Result<String, LabError> {
+        Ok(tern_agent::state::read_token(&self.token_file)?)
+    }
+}
+
+/// How one host is doing, for `tern lab status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub name: String,
+    pub addr: String,
+    pub url: String,
+    pub agent_running: bool,
+    /// The agent's own report, when it answered.
+    pub report: Option<HostReport>,
+    pub error: Option<String>,
+}
+
+/// The lab state file inside `dir`.
+pub fn state_file(dir: &Path) -> PathBuf {
+    dir.join("lab.json")
+}
+
+/// Refuses to go on without root, which namespaces and `tc` need.
+pub fn require_root() -> Result<(), LabError> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if effective_uid(&status) == Some(0) {
+        Ok(())
+    } else {
+        Err(LabError::BadRequest(
+            "tern lab needs root (it creates network namespaces and tc qdiscs): run it with sudo"
+                .into(),
+        ))
+    }
+}
+
+/// The effective uid from `/proc/self/status` text (pure).
+pub fn effective_uid(status: &str) -> Option<u32> {
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(2)?.parse().ok()
+}
+
+/// Loads the state of the lab in `dir`, if one is up.
+pub fn load(dir: &Path) -> Result<Option<LabState>, LabError> {
+    let path = state_file(dir);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+            LabError::Lab(format!(
+                "lab state file {} is unreadable: {e}",
+                path.display()
+            ))
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(LabError::io(format!("reading {}", path.display()))(e)),
+    }
+}
+
+fn save(state: &LabState) -> Result<(), LabError> {
+    let path = state_file(&state.dir);
+    let tmp = path.with_extension("json.tmp");
+    let text = serde_json::to_string_pretty(state).expect("lab state serialises");
+    std::fs::write(&tmp, text).map_err(LabError::io(format!("writing {}", tmp.display())))?;
+    std::fs::rename(&tmp, &path).map_err(LabError::io(format!("writing {}", path.display())))
+}
+
+async fn output(program: &str, args: &[&str]) -> Result<String, LabError> {
+    let out = tokio::process::Command::new(program)
+        .args(args)
+        .output()
+        .await
+        .map_err(LabError::io(format!(
+            "running {program} (install iproute2)"
+        )))?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn random_token() -> Result<String, LabError> {
+    use std::io::Read;
+    let mut b = [0u8; 24];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(LabError::io("reading /dev/urandom"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// Builds the lab, starts its agents and waits until each answers. On any failure what
+/// was made is removed again. `progress` receives one line per step.
+pub async fn up(opts: &LabOptions, progress: &dyn Fn(&str)) -> Result<LabState, LabError> {
+    let shape0 = LabShape {
+        index: 0,
+        hosts: opts.hosts,
+        link_mbit: opts.link_mbit,
+    };
+    shape0.validate().map_err(LabError::BadRequest)?;
+    require_root()?;
+    if let Some(s) = load(&opts.dir)? {
+        return Err(LabError::BadRequest(format!(
+            "a lab with {} hosts is already up (state in {}): run `tern lab down` first",
+            s.hosts.len(),
+            state_file(&opts.dir).display()
+        )));
+    }
+    std::fs::create_dir_all(&opts.dir)
+        .map_err(LabError::io(format!("creating {}", opts.dir.display())))?;
+    let token_file = opts.dir.join("token");
+    write_private(&token_file, &random_token()?)?;
+    let shape = claim_index(shape0).await?;
+    let index = shape.index;
+    let mem_root = PathBuf::from(format!("/dev/shm/tern-lab-{index}"));
+    let mut state = LabState {
+        index,
+        link_mbit: opts.link_mbit,
+        dir: opts.dir.clone(),
+        token_file,
+        mem_root: mem_root.clone(),
+        switch_netns: shape.switch_ns(),
+        root_link: shape.root_link(),
+        root_addr: shape.root_addr().to_string(),
+        hosts: (1..=shape.hosts)
+            .map(|i| LabHost {
+                name: shape.host_name(i),
+                netns: shape.host_ns(i),
+                addr: shape.host_addr(i).to_string(),
+                url: shape.agent_url(i),
+                pid: None,
+                state_dir: opts.dir.join("hosts").join(shape.host_name(i)),
+                mem_dir: mem_root.join(shape.host_name(i)),
+            })
+            .collect(),
+    };
+    // Recorded before anything else is made, so `down` can undo a half-built lab.
+    if let Err(e) = save(&state) {
+        let _ = run("ip", &["netns", "del", &shape.switch_ns()]).await;
+        return Err(e);
+    }
+    match build(&mut state, &shape, opts, progress).await {
+        Ok(()) => Ok(state),
+        Err(e) => {
+            progress("lab: failed, removing what was made");
+            let _ = down(&opts.dir, progress).await;
+            Err(e)
+        }
+    }
+}
+
+/// Picks a free lab index and claims it by creating its switch namespace; when another
+/// lab took the same index in the meantime, tries the next one.
+async fn claim_index(shape: LabShape) -> Result<LabShape, LabError> {
+    let mut taken: Vec<String> = Vec::new();
+    loop {
+        let mut ns = plan::parse_netns_list(&output("ip", &["netns", "list"]).await?);
+        ns.extend(taken.iter().cloned());
+        let addrs = plan::parse_addrs(&output("ip", &["-4", "-o", "addr", "show"]).await?);
+        let index = plan::pick_index(&ns, &addrs)
+            .ok_or_else(|| LabError::Lab("every lab index 0-255 is in use".into()))?;
+        let s = LabShape { index, ..shape };
+        let c = s.claim_command();
+        let args: Vec<&str> = c[1..].iter().map(String::as_str).collect();
+        match run(&c[0], &args).await {
+            Ok(()) => return Ok(s),
+            Err(tern_hv::HvError::Command { stderr, .. }) if stderr.contains("exists") => {
+                taken.push(s.switch_ns());
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn build(
+    state: &mut LabState,
+    shape: &LabShape,
+    opts: &LabOptions,
+    progress: &dyn Fn(&str),
+) -> Result<(), LabError> {
+    progress(&format!(
+        "lab: creating {} hosts in 198.18.{}.0/24 (links: {})",
+        shape.hosts,
+        shape.index,
+        shape
+            .link_mbit
+            .map_or("unshaped".to_string(), |m| format!("{m} Mbit/s"))
+    ));
+    for c in shape.up_commands() {
+        let args: Vec<&str> = c[1..].iter().map(String::as_str).collect();
+        run(&c[0], &args).await?;
+    }
+    let capacity = tern_agent::host::detect_capacity()?;
+    let memory = opts
+        .host_memory_mib
+        .unwrap_or(capacity.memory_mib / u64::from(shape.hosts));
+    let cpus = opts.host_cpus.unwrap_or(capacity.cpus);
+    for i in 0..state.hosts.len() {
+        let h = state.hosts[i].clone();
+        progress(&format!("lab: starting agent {} at {}", h.name, h.url));
+        for d in [&h.state_dir, &h.mem_dir] {
+            std::fs::create_dir_all(d)
+                .map_err(LabError::io(format!("creating {}", d.display())))?;
+        }
+        let log = std::fs::File::create(h.state_dir.join("agent.log"))
+            .map_err(LabError::io("creating the agent log"))?;
+        let log2 = log.try_clone().map_err(LabError::io("agent log"))?;
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &h.netns])
+            .arg(&opts.tern_binary)
+            .args(["agent", "--listen", &format!("{}:{AGENT_PORT}", h.addr)])
+            .arg("--state-dir")
+            .arg(&h.state_dir)
+            .arg("--token-file")
+            .arg(&state.token_file)
+            .arg("--mem-dir")
+            .arg(&h.mem_dir)
+            .args(["--bridge", HOST_BRIDGE, "--name", &h.name])
+            .args([
+                "--cpus",
+                &cpus.to_string(),
+                "--memory-mib",
+                &memory.to_string(),
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            // Its own process group: a Ctrl-C meant for the CLI does not reach the agents.
+            .process_group(0)
+            .spawn()
+            .map_err(LabError::io("starting `ip netns exec ... tern agent`"))?;
+        state.hosts[i].pid = Some(child.id());
+        save(state)?;
+    }
+    let token = state.token()?;
+    for h in &state.hosts {
+        wait_healthy(h, &token).await?;
+        progress(&format!("lab: {} is up", h.name));
+    }
+    Ok(())
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), LabError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| writeln!(f, "{text}"))
+        .map_err(LabError::io(format!("writing {}", path.display())))
+}
+
+async fn wait_healthy(h: &LabHost, token: &str) -> Result<(), LabError> {
+    let client = AgentClient::new(&h.url, token, Duration::from_secs(2))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let err = match client.host().await {
+            Ok(_) => return Ok(()),
+            Err(e) => e,
+        };
+        if !h.pid.is_some_and(alive) || tokio::time::Instant::now() > deadline {
+            let log = std::fs::read_to_string(h.state_dir.join("agent.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(5).collect();
+            return Err(LabError::Lab(format!(
+                "agent {} did not come up ({err}); its log ends: {}",
+                h.name,
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie has exited; only its parent has not collected it yet.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].split_whitespace().next())
+                .is_some_and(|st| st != "Z")
+        })
+        .unwrap_or(false)
+}
+
+fn cmdline_has(pid: u32, word: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).contains(word))
+        .unwrap_or(false)
+}
+
+/// Asks every agent how it is.
+pub async fn status(state: &LabState) -> Result<Vec<HostStatus>, LabError> {
+    let token = state.token()?;
+    let mut out = Vec::new();
+    for h in &state.hosts {
+        let running = h.pid.is_some_and(alive);
+        let client = AgentClient::new(&h.url, &token, Duration::from_secs(2))?;
+        let (report, error) = match client.host().await {
+            Ok(r) => (Some(r), None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        out.push(HostStatus {
+            name: h.name.clone(),
+            addr: h.addr.clone(),
+            url: h.url.clone(),
+            agent_running: running,
+            report,
+            error,
+        });
+    }
+    Ok(out)
+}
+
+/// Stops the agents (and any QEMU they left), removes the namespaces, links, memory
+/// directories and the lab directory. Returns what it removed.
+pub async fn down(dir: &Path, progress: &dyn Fn(&str)) -> Result<Vec<String>, LabError> {
+    let state = load(dir)?.ok_or_else(|| {
+        LabError::BadRequest(format!(
+            "no lab is up: no state file at {}",
+            state_file(dir).display()
+        ))
+    })?;
+    let mut removed = Vec::new();
+    let agents: Vec<u32> = state
+        .hosts
+        .iter()
+        .filter_map(|h| h.pid)
+        .filter(|&p| alive(p) && cmdline_has(p, "agent"))
+        .collect();
+    progress(&format!("lab: stopping {} agents", agents.len()));
+    signal(&agents, "TERM").await;
+    // Agents destroy their VMs on the way out; give them time, then insist.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while agents.iter().any(|&p| alive(p)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stubborn: Vec<u32> = agents.iter().copied().filter(|&p| alive(p)).collect();
+    signal(&stubborn, "KILL").await;
+    removed.extend(agents.iter().map(|p| format!("agent process {p}")));
+    let qemus = leftover_qemus(&state);
+    signal(&qemus, "KILL").await;
+    removed.extend(qemus.iter().map(|p| format!("QEMU process {p}")));
+
+    progress("lab: removing namespaces and links");
+    for c in state.shape().down_commands() {
+        let args: Vec<&str> = c[1..].iter().map(String::as_str).collect();
+        match run(&c[0], &args).await {
+            Ok(()) => removed.push(c.join(" ")),
+            // Never made (an `up` that failed early) or already gone.
+            Err(e) => tracing::debug!(error = %e, "lab teardown step skipped"),
+        }
+    }
+    for d in [&state.mem_root, &state.dir] {
+        if d.exists() {
+            std::fs::remove_dir_all(d)
+                .map_err(LabError::io(format!("removing {}", d.display())))?;
+            removed.push(format!("directory {}", d.display()));
+        }
+    }
+    Ok(removed)
+}
+
+/// QEMU processes whose pid files sit under the lab's host directories.
+fn leftover_qemus(state: &LabState) -> Vec<u32> {
+    let mut out = Vec::new();
+    for h in &state.hosts {
+        let Ok(rd) = std::fs::read_dir(h.state_dir.join("run")) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let pid = std::fs::read_to_string(e.path().join("qemu.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok());
+            if let Some(p) = pid.filter(|&p| alive(p) && cmdline_has(p, "qemu")) {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+async fn signal(pids: &[u32], sig: &str) {
+    for p in pids {
+        let _ = run("kill", &[&format!("-{sig}"), &p.to_string()]).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn euid_from_status() {
+        let s = "Name:\tx\nUid:\t1000\t0\t0\t0\nGid:\t0\n";
+        assert_eq!(effective_uid(s), Some(0));
+        assert_eq!(effective_uid("Uid:\t5\t7\t7\t7"), Some(7));
+        assert_eq!(effective_uid(""), None);
+    }
+
+    #[test]
+    fn no_lab_means_no_state() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(load(d.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn liveness() {
+        assert!(alive(std::process::id()));
+        assert!(cmdline_has(std::process::id(), "tern"));
+    }
+}

@@ -1,0 +1,90 @@
+//! Helpers for tern's tests: whether this machine can run a test that boots QEMU guests
+//! or builds a lab, and where tests share their guest image. Only ever a
+//! dev-dependency; no production code calls it.
+//!
+//! A test that cannot run here says what is missing on stderr and passes, except under
+//! `CI`, where `scripts/setup` installs everything and a missing piece is a failure.
+//!
+//! # Layout
+//! - [`test_cache_dir`]: the image and kernel cache all tests share.
+//! - [`require_qemu`], [`require_lab`]: skip, or fail under `CI`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// `$TERN_CACHE`, else `target/tern-cache` in this build tree, so every test run shares
+/// one image and one kernel download.
+pub fn test_cache_dir() -> PathBuf {
+    match std::env::var_os("TERN_CACHE").filter(|d| !d.is_empty()) {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/tern-cache"),
+    }
+}
+
+/// Whether `qemu-system-x86_64` runs here. When it does not, says so on stderr and
+/// returns false, except under `CI`, where a missing QEMU is a failure.
+pub fn require_qemu() -> bool {
+    let found = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "qemu-system-x86_64 is missing but CI is set: scripts/setup installs it"
+        );
+        eprintln!("SKIP: qemu-system-x86_64 is not installed (Debian: qemu-system-x86)");
+    }
+    found
+}
+
+/// For tests that build a lab: whether this machine can (root, `ip`, `ping`, QEMU, and
+/// the caller's `extra` needs as `(what, present)`). When it cannot, prints what is
+/// missing and returns false, except under `CI`, where a missing piece is a failure.
+pub fn require_lab(test: &str, extra: &[(&str, bool)]) -> bool {
+    let runs = |p: &str| Command::new(p).arg("-V").output().is_ok();
+    let mut needs = vec![
+        ("root", is_root()),
+        ("ip (iproute2)", runs("ip")),
+        ("ping (iputils-ping)", runs("ping")),
+        ("qemu-system-x86_64", runs("qemu-system-x86_64")),
+    ];
+    needs.extend_from_slice(extra);
+    let missing: Vec<&str> = needs
+        .into_iter()
+        .filter_map(|(what, ok)| (!ok).then_some(what))
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test} needs {missing:?}, which CI must provide (scripts/setup)"
+    );
+    eprintln!("SKIP: {test} needs {missing:?}");
+    false
+}
+
+/// Whether the effective uid (the third field of `Uid:` in `/proc/self/status`) is 0.
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        == Some("0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_dir_follows_tern_cache() {
+        // Only this test in this binary touches TERN_CACHE.
+        std::env::set_var("TERN_CACHE", "/tmp/tern-testkit-cache");
+        assert_eq!(test_cache_dir(), PathBuf::from("/tmp/tern-testkit-cache"));
+        std::env::set_var("TERN_CACHE", "");
+        assert!(test_cache_dir().ends_with("../../target/tern-cache"));
+    }
+}
