@@ -298,7 +298,7 @@ fn send_slice(
     let mut out = BufWriter::with_capacity(1 << 20, &mut *stream);
     let mut total = RoundTransfer::default();
     let mut batch = Batch::with_capacity(opts.batch_pages);
-    let mut buf = vec![0u8; PAGE_SIZE];
+    let mut buf = [0u8; PAGE_SIZE];
     // An open zero run: (first page, count).
     let mut run: Option<(u64, u32)> = None;
     let flush = |batch: &mut Batch,
