@@ -79,8 +79,7 @@ async fn listen(
     let memory = if req.native {
         None
     } else {
-        let mem = DestMemory::open(&file, req.spec.memory_mib << 20)
-            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
+        let mem = DestMemory::open(&file, req.spec.memory_mib << 20)?;
         let listener = std::net::TcpListener::bind("0.0.0.0:0")
             .map_err(AgentError::io("binding the memory listener"))?;
         Some((mem, listener))

@@ -133,7 +133,7 @@ impl Outgoing {
         let mut streams = Vec::with_capacity(count);
         for stream in 0..count {
             let mut s = TcpStream::connect_timeout(&addr, opts.io_timeout)
-                .map_err(|e| MigrationError::Link(format!("connect {addr}: {e}")))?;
+                .map_err(|source| MigrationError::Connect { addr, source })?;
             s.set_nodelay(true).map_err(wire::WireError::from)?;
             s.set_read_timeout(Some(opts.io_timeout))
                 .map_err(wire::WireError::from)?;
