@@ -10,7 +10,9 @@
 //! - [`precopy`]: the live rounds, decided by `tern-migrate`'s policies;
 //! - [`throttle`]: the cgroup that slows the vCPUs when the policy asks;
 //! - [`session`]: API values, phases and the registry of migrations;
-//! - [`source`] / [`dest`]: the two ends' drivers, with the one rollback path;
+//! - [`source`]: the source's phase machine (`run` walks the engine's phases, one method
+//!   per phase) with the one rollback path;
+//! - [`dest`]: the destination's driver, which cleans up its copy on any failure;
 //! - [`routes`]: the HTTP endpoints ([`routes::routes`] is merged into the agent).
 
 use std::time::Duration;
