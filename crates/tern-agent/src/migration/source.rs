@@ -685,3 +685,34 @@ async fn wait_device_state(state: &AppState, vm: &str) -> Result<u64, MigrationE
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engines_walk_their_phases_in_the_documented_order_sharing_prepare_and_resume() {
+        let tern = Engine::Tern(PolicyKind::Adaptive).phases();
+        assert_eq!(
+            tern,
+            [
+                Phase::Preparing,
+                Phase::Connecting,
+                Phase::PreCopy,
+                Phase::StopAndCopy,
+                Phase::DeviceState,
+                Phase::Resuming
+            ]
+        );
+        let native = Engine::QemuNative {
+            auto_converge: false,
+        }
+        .phases();
+        // QEMU's run is a subsequence of tern's: same first and last phase, same order.
+        assert_eq!(native.first(), tern.first());
+        assert_eq!(native.last(), tern.last());
+        let mut rest = tern.iter();
+        assert!(native.iter().all(|p| rest.any(|q| q == p)));
+        assert!(tern.iter().chain(native).all(|p| !p.is_final()));
+    }
+}
