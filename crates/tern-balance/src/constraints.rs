@@ -1,118 +1,14 @@
 //! Hard constraints on a live migration, and the reasons a candidate is refused.
 //!
 //! Mirrors the checks Ganeti's `addPriEx` makes when hbal tries a move (memory,
-//! N+1, vCPU ratio, exclusion tags), plus tern's own (pinning, offline target).
+//! N+1, vCPU ratio, exclusion tags), plus tern's own (pinning, offline target), and
+//! the planner state's checked moves ([`State::check`], [`State::try_move`]).
 
-use std::fmt;
-
-use tern_model::{Cluster, InstId, Mobility, NodeId};
+use tern_model::{InstId, Mobility, NodeId};
 
 use crate::metric::{Metric, NodeLoad};
+pub use crate::refusal::{Refusal, Refusals};
 use crate::state::State;
-
-/// Why a candidate move was refused. Counted per plan so a user can see what
-/// held the balancer back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Refusal {
-    /// `plain`/`file` disks, or DRBD without a secondary.
-    Immovable,
-    /// DRBD instances only move to their secondary.
-    NotSecondary,
-    /// Pinned by the caller.
-    Pinned,
-    /// The instance's `auto_balance` flag is off.
-    AutoBalanceOff,
-    /// Target is offline or drained.
-    TargetOffline,
-    /// Target lies in another node group.
-    OtherGroup,
-    /// Not enough free memory on the target.
-    NoMemory,
-    /// The target (or, for DRBD, the new secondary) would fail N+1.
-    NPlusOne,
-    /// Too many virtual CPUs per physical CPU on the target.
-    VcpuRatio,
-    /// The target already runs an instance with the same exclusion tag.
-    ExclusionTag,
-}
-
-impl Refusal {
-    pub const ALL: [Refusal; 10] = [
-        Refusal::Immovable,
-        Refusal::NotSecondary,
-        Refusal::Pinned,
-        Refusal::AutoBalanceOff,
-        Refusal::TargetOffline,
-        Refusal::OtherGroup,
-        Refusal::NoMemory,
-        Refusal::NPlusOne,
-        Refusal::VcpuRatio,
-        Refusal::ExclusionTag,
-    ];
-
-    /// Stable snake_case name, for JSON and tables.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::Immovable => "immovable",
-            Refusal::NotSecondary => "not_secondary",
-            Refusal::Pinned => "pinned",
-            Refusal::AutoBalanceOff => "auto_balance_off",
-            Refusal::TargetOffline => "target_offline",
-            Refusal::OtherGroup => "other_group",
-            Refusal::NoMemory => "no_memory",
-            Refusal::NPlusOne => "n_plus_one",
-            Refusal::VcpuRatio => "vcpu_ratio",
-            Refusal::ExclusionTag => "exclusion_tag",
-        }
-    }
-}
-
-impl fmt::Display for Refusal {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// How often each refusal occurred.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Refusals {
-    counts: [u64; Refusal::ALL.len()],
-}
-
-impl Refusals {
-    pub fn add(&mut self, r: Refusal) {
-        self.counts[r as usize] += 1;
-    }
-
-    pub fn get(&self, r: Refusal) -> u64 {
-        self.counts[r as usize]
-    }
-
-    pub fn merge(&mut self, other: &Refusals) {
-        for (a, b) in self.counts.iter_mut().zip(other.counts) {
-            *a += b;
-        }
-    }
-
-    /// Non-zero counts, in [`Refusal::ALL`] order.
-    pub fn iter(&self) -> impl Iterator<Item = (Refusal, u64)> + '_ {
-        Refusal::ALL
-            .iter()
-            .map(|&r| (r, self.get(r)))
-            .filter(|(_, c)| *c > 0)
-    }
-}
-
-/// Cluster tags `htools:iextags:PREFIX` declare which instance tags exclude each
-/// other (Ganeti's convention).
-pub fn exclusion_prefixes(cluster: &Cluster) -> Vec<String> {
-    cluster
-        .tags
-        .iter()
-        .filter_map(|t| t.strip_prefix("htools:iextags:"))
-        .map(str::to_owned)
-        .collect()
-}
 
 /// Whether `inst` may move at all (independent of the target).
 pub fn check_instance<M: Metric + ?Sized>(
@@ -195,4 +91,33 @@ pub fn check_target_with<M: Metric + ?Sized>(
         return Err(Refusal::ExclusionTag);
     }
     Ok(())
+}
+
+impl<M: Metric + ?Sized> State<'_, M> {
+    /// Checks every hard constraint for moving `inst` to `to`.
+    pub fn check(&self, inst: InstId, to: NodeId, n_plus_one: bool) -> Result<(), Refusal> {
+        check_target(self, inst, to, n_plus_one)
+    }
+
+    /// Checks and scores moving `inst` to `to` in one pass, given the source's
+    /// state after the move from [`State::source_after`].
+    pub fn try_move(
+        &self,
+        inst: InstId,
+        to: NodeId,
+        n_plus_one: bool,
+        from_load: &NodeLoad,
+        from_vals: &[f64],
+        scratch: &mut [f64],
+    ) -> Result<f64, Refusal> {
+        let to_load = self.load_after_in(inst, to);
+        check_target_with(self, inst, to, n_plus_one, &to_load, from_load)?;
+        self.metric.node_values(
+            self.cluster,
+            to,
+            &to_load,
+            &mut scratch[..self.components_len()],
+        );
+        Ok(self.score_values(inst, to, from_vals, &scratch[..self.components_len()]))
+    }
 }

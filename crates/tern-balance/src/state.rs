@@ -8,9 +8,13 @@ use std::collections::HashMap;
 
 use tern_model::{Cluster, DiskTemplate, InstId, Mobility, Move, NodeId};
 
-use crate::constraints::{self, Refusal};
 use crate::metric::ganeti::{not_offline, uses_memory};
 use crate::metric::{Metric, NodeLoad, PairComponent, Stats};
+
+/// Scores a cluster from scratch with `metric` (no incremental state kept).
+pub fn score<M: Metric + ?Sized>(cluster: &Cluster, metric: &M) -> f64 {
+    State::new(cluster, metric).score()
+}
 
 /// Exclusion-tag multiset of one node's primaries: `(tag index, count)`.
 type TagCounts = Vec<(u32, u32)>;
@@ -116,7 +120,7 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
     /// Loads `cluster` as it stands.
     pub fn new(cluster: &'a Cluster, metric: &'a M) -> Self {
         let n = cluster.nodes.len();
-        let prefixes = constraints::exclusion_prefixes(cluster);
+        let prefixes = exclusion_prefixes(cluster);
         let mut tag_table: Vec<String> = Vec::new();
         let excl_tags: Vec<Vec<u32>> = cluster
             .instances
@@ -435,24 +439,6 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
         )]) + self.pairs.as_ref().map_or(0.0, Pairs::value)
     }
 
-    /// Checks and scores moving `inst` to `to` in one pass, given the source's
-    /// state after the move from [`State::source_after`].
-    pub fn try_move(
-        &self,
-        inst: InstId,
-        to: NodeId,
-        n_plus_one: bool,
-        from_load: &NodeLoad,
-        from_vals: &[f64],
-        scratch: &mut [f64],
-    ) -> Result<f64, Refusal> {
-        let to_load = self.load_after_in(inst, to);
-        constraints::check_target_with(self, inst, to, n_plus_one, &to_load, from_load)?;
-        self.metric
-            .node_values(self.cluster, to, &to_load, &mut scratch[..self.k]);
-        Ok(self.score_values(inst, to, from_vals, &scratch[..self.k]))
-    }
-
     /// The score once `inst` has moved to `to`, given the values its source and
     /// `to` would then have (constraints not checked).
     pub(crate) fn score_values(
@@ -477,11 +463,6 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
     /// Number of components of the metric.
     pub fn components_len(&self) -> usize {
         self.k
-    }
-
-    /// Checks every hard constraint for moving `inst` to `to`.
-    pub fn check(&self, inst: InstId, to: NodeId, n_plus_one: bool) -> Result<(), Refusal> {
-        constraints::check_target(self, inst, to, n_plus_one)
     }
 
     /// Carries out a move (assumed checked) and updates all running sums.
@@ -652,4 +633,15 @@ fn max_peer_changed(peers: &Peers, node: u32, delta: f64) -> f64 {
         best = f64::max(best, v);
     }
     best
+}
+
+/// Cluster tags `htools:iextags:PREFIX` declare which instance tags exclude each
+/// other (Ganeti's convention).
+pub fn exclusion_prefixes(cluster: &Cluster) -> Vec<String> {
+    cluster
+        .tags
+        .iter()
+        .filter_map(|t| t.strip_prefix("htools:iextags:"))
+        .map(str::to_owned)
+        .collect()
 }

@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tern_balance::metric::{ganeti::Ganeti, score};
+use tern_balance::metric::ganeti::Ganeti;
+use tern_balance::score;
 
 const HINFO: &str = "/usr/lib/ganeti/3.0/usr/bin/hinfo";
 

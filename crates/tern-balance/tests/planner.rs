@@ -6,7 +6,8 @@
 use proptest::prelude::*;
 use tern_balance::bound::Frontier;
 use tern_balance::metric::ganeti::{self, Ganeti};
-use tern_balance::metric::{score, spread::Spread, Metric};
+use tern_balance::metric::{spread::Spread, Metric};
+use tern_balance::score;
 use tern_balance::{best_move, plan, PlanOptions, Refusal, Search, State};
 use tern_model::{generate, Cluster, DiskTemplate, InstId, Mobility, NodeId};
 

@@ -231,74 +231,9 @@ pub struct Migration {
     pub result: MigrationResult,
 }
 
-/// How aggressively the balancer acts, and its safety limits.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BalancerSettings {
-    pub enabled: bool,
-    /// Record plans as events without migrating anything.
-    pub dry_run: bool,
-    /// 1 (only fix severe imbalance) to 5 (act on small gains), as in VMware DRS.
-    pub aggressiveness: u8,
-    /// Seconds between balancing rounds.
-    pub interval_s: u64,
-    /// A VM that moved is not moved again for this many seconds.
-    pub cooldown_s: u64,
-    /// Migrations at once touching one host (as source or destination).
-    pub max_per_host: u32,
-    /// Migrations at once in the whole cluster.
-    pub max_per_cluster: u32,
-    /// A host silent this long is declared dead and its VMs restarted elsewhere.
-    pub dead_after_s: u64,
-    /// Load reports the EWMA smooths over (its alpha is 2 / (window + 1)).
-    pub smoothing_window: u32,
-    /// Termination policy used when a migration names none.
-    pub default_policy: String,
-}
-
-impl Default for BalancerSettings {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            dry_run: false,
-            aggressiveness: 3,
-            interval_s: 30,
-            cooldown_s: 300,
-            max_per_host: 1,
-            max_per_cluster: 8,
-            dead_after_s: 30,
-            smoothing_window: 5,
-            default_policy: "adaptive".into(),
-        }
-    }
-}
-
-impl BalancerSettings {
-    pub fn validate(&self) -> Result<(), Error> {
-        let bad = |m: String| Err(Error::BadInput(m));
-        if !(1..=5).contains(&self.aggressiveness) {
-            return bad(format!(
-                "aggressiveness must be 1 (conservative) to 5 (aggressive), got {}",
-                self.aggressiveness
-            ));
-        }
-        if self.interval_s == 0 || self.dead_after_s == 0 {
-            return bad("interval_s and dead_after_s must be at least 1 second".into());
-        }
-        if self.max_per_host == 0 || self.max_per_cluster == 0 {
-            return bad("max_per_host and max_per_cluster must be at least 1".into());
-        }
-        if self.smoothing_window == 0 {
-            return bad("smoothing_window must be at least 1 report".into());
-        }
-        check_policy(&self.default_policy).map(|_| ())
-    }
-
-    /// Weight of a new report in the EWMA.
-    pub fn ewma_alpha(&self) -> f64 {
-        2.0 / (f64::from(self.smoothing_window) + 1.0)
-    }
-}
+/// How aggressively the balancer acts, and its safety limits (defined with the round it
+/// steers, in `tern-balance`).
+pub use tern_balance::round::BalancerSettings;
 
 /// What happened, in the order it happened; the event log is append-only.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -5,8 +5,10 @@
 //! # Layout
 //!
 //! - [`policy`]: the [`Policy`] trait, [`decide`] (safety caps, then the policy), the
-//!   [`Decision`] and [`StopReason`] enums, and one file per policy: `qemu`, `xen`,
+//!   [`Decision`] enum, and one file per policy: `qemu`, `xen`,
 //!   `adaptive`, `stop-copy`; plus the throttle arithmetic ([`throttle_for`], [`cpu_max`]).
+//! - [`stop`]: [`StopReason`], why iteration ended (policies decide it, telemetry
+//!   records it).
 //! - [`fragment`]: [`FragmentTracker`], per-fragment re-dirtying history.
 //! - [`telemetry`]: [`RoundTelemetry`], [`RoundProgress`], [`FirstRoundProbe`] and
 //!   [`MigrationOutcome`].
@@ -41,6 +43,7 @@ pub mod error;
 pub mod fragment;
 pub mod model;
 pub mod policy;
+pub mod stop;
 pub mod telemetry;
 
 pub use error::MigrateError;

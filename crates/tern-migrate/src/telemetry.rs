@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::StopReason;
+use crate::stop::StopReason;
 
 /// Telemetry of one completed pre-copy round.
 ///

@@ -109,6 +109,10 @@ pub struct Report {
     pub slav: f64,
     pub events: u64,
     pub peak_active_hosts: u32,
+    /// Mean and maximum over the metered ticks of the balancer's `spread` score of the
+    /// placement (see `imbalance`): how evenly the load was spread over the run.
+    pub imbalance_mean: f64,
+    pub imbalance_max: f64,
     pub wall_seconds: f64,
     #[serde(skip)]
     pub series: Vec<SeriesPoint>,
@@ -147,6 +151,8 @@ pub struct Simulation<'a> {
     events: u64,
     started_this_interval: u32,
     peak_active: u32,
+    /// Sum, maximum and count of the imbalance samples.
+    imbalance: (f64, f64, u32),
     series: Vec<SeriesPoint>,
 }
 
@@ -188,6 +194,7 @@ impl<'a> Simulation<'a> {
             events: 0,
             started_this_interval: 0,
             peak_active: 0,
+            imbalance: (0.0, 0.0, 0),
             series: Vec::new(),
         })
     }
@@ -275,6 +282,13 @@ impl<'a> Simulation<'a> {
             }
         }
         self.peak_active = self.peak_active.max(active);
+        if k >= self.cfg.warm_up_intervals {
+            let score = crate::imbalance::spread_score(&self.state);
+            let (sum, max, n) = &mut self.imbalance;
+            *sum += score;
+            *max = max.max(score);
+            *n += 1;
+        }
         if self.cfg.record_series {
             let n = f64::from(active.max(1));
             let mean = sum / n;
@@ -444,6 +458,8 @@ impl<'a> Simulation<'a> {
             slav: slatah * pdm,
             events: self.events,
             peak_active_hosts: self.peak_active,
+            imbalance_mean: ratio(self.imbalance.0, f64::from(self.imbalance.2)),
+            imbalance_max: self.imbalance.1,
             wall_seconds,
             series: self.series,
         };

@@ -6,7 +6,8 @@
 //! - `state`: hosts, VMs, CPU sharing during migration, lazily integrated metrics
 //!   (energy, SLATAH, PDM).
 //! - `placement`: CloudSim's power-aware best fit; `policy`: one file per policy
-//!   (`none`, `thr-mmt`, `spread`).
+//!   (`none`, `thr-mmt`, `spread`, `balance`: the live manager's round).
+//! - `imbalance`: the `spread` score of the state, reported over time.
 //! - `migration`: how long a migration takes (`MigrationTiming`).
 //! - `trace`, `planetlab`, `scenario`: where load and clusters come from.
 //! - `power`: SPECpower tables.
@@ -16,6 +17,7 @@
 
 pub mod cluster;
 pub mod engine;
+pub mod imbalance;
 pub mod migration;
 pub mod placement;
 pub mod planetlab;
@@ -38,7 +40,7 @@ pub enum SimError {
     },
     #[error("bad trace: {0}")]
     BadTrace(String),
-    #[error("unknown policy `{0}`; use one of: none, thr-mmt, spread")]
+    #[error("unknown policy `{0}`; use one of: none, thr-mmt, spread, balance")]
     UnknownPolicy(String),
     #[error("bad scenario: {0}")]
     BadScenario(String),

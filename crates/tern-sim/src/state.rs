@@ -52,6 +52,8 @@ pub struct State {
     /// VMs that have finished (see `finish`): on no host's list any more, asking for
     /// nothing; `vm_host` keeps the host they ended on.
     pub vm_finished: Vec<bool>,
+    /// When each VM last finished a migration (seconds), for a balancer's cooldown.
+    pub vm_last_moved: Vec<Option<f64>>,
     /// VMs running on each host, migrating-out ones included.
     pub host_vms: Vec<Vec<u32>>,
     /// VMs migrating into each host.
@@ -87,6 +89,7 @@ impl State {
             vm_dest: vec![NO_HOST; v],
             vm_requested: vec![0.0; v],
             vm_finished: vec![false; v],
+            vm_last_moved: vec![None; v],
             host_vms: vec![Vec::new(); h],
             host_incoming: vec![Vec::new(); h],
             host_requested: vec![0.0; h],
@@ -185,6 +188,7 @@ impl State {
             remove(&mut self.host_vms[src], vm as u32);
             self.host_vms[dest].push(vm as u32);
             self.vm_host[vm] = dest as u32;
+            self.vm_last_moved[vm] = Some(now);
             (self.vm_ram_held[vm], self.vm_bw_held[vm]) = self.running_needs(vm);
         }
         self.settle(src, now);

@@ -4,7 +4,7 @@
 //! Ganeti (`Cluster/Metrics.hs`) computes twenty values per node, aggregates
 //! each over the online nodes (population standard deviation or sum; two
 //! components sum over the offline nodes instead) and adds them up with the
-//! weights of [`COMPONENTS`]. All twenty are implemented, including those that
+//! weights of [`TERMS`]. All twenty are implemented, including those that
 //! are 0 for most files:
 //!
 //! - free memory/disk, vCPU ratio and spindle ratios, with and without
@@ -29,6 +29,12 @@
 //! `free_mem < reserved` as loaded but `unallocated <= reserved` once an
 //! instance has moved on or off it; [`NodeView::touched`] selects the second.
 //!
+//! Each component is declared once, in [`TERMS`], as Ganeti's own
+//! `MetricsComponents` does: name, weight, statistic, whether a live migration can
+//! change it, and its per-node value from Ganeti's statistics ([`NodeStats`]) and
+//! from the planner's load ([`LoadView`]). Scoring from scratch, the incremental
+//! metric and the `hinfo`-style breakdown all read that table.
+//!
 //! For incremental scoring: [`Totals`] keeps per-component running sums
 //! (count, Σx, Σx² around a fixed shift, and exclusion-pair counts), so
 //! replacing the values of the two or three nodes a move touches updates the
@@ -46,48 +52,168 @@ use super::{Aggregate, Component, Metric, NodeLoad, Over, PairComponent};
 /// Number of components.
 pub const K: usize = 20;
 
-const fn c(name: &'static str, weight: f64, aggregate: Aggregate, over: Over) -> Component {
-    Component {
-        name,
-        weight,
-        aggregate,
-        over,
+/// How a component's per-node values become one number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Statistic {
+    /// Population standard deviation over the online nodes.
+    StdDev,
+    /// Sum over the online nodes.
+    Sum,
+    /// Sum over the offline nodes (instances left there).
+    SumOffline,
+    /// Σ(count − 1) over the (failure domain, exclusion tag) pairs held by the
+    /// primaries of online nodes ([`NodeValues::pairs`]); node values are 0.
+    Pairs,
+}
+
+/// One term of Ganeti's score, declared once: its name and weight as `hinfo`
+/// prints them, its statistic, whether a live migration can change it, and its
+/// per-node value both from Ganeti's statistics ([`node_values`]) and from the
+/// planner's running [`NodeLoad`] ([`Ganeti`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Term {
+    pub name: &'static str,
+    pub weight: f64,
+    pub statistic: Statistic,
+    /// False for the terms that depend only on local storage and forthcoming
+    /// instances, which live migration never moves: the planner keeps their
+    /// values from load.
+    pub migration_changes: bool,
+    /// The node's value from its Ganeti statistics.
+    pub of_node: fn(&NodeStats) -> f64,
+    /// The node's value from the planner's load (only read for terms migration
+    /// changes).
+    pub of_load: fn(&LoadView<'_>) -> f64,
+}
+
+impl Term {
+    /// The term as a generic score component.
+    pub const fn component(&self) -> Component {
+        let (aggregate, over) = match self.statistic {
+            Statistic::StdDev => (Aggregate::StdDev, Over::Online),
+            Statistic::Sum | Statistic::Pairs => (Aggregate::Sum, Over::Online),
+            Statistic::SumOffline => (Aggregate::Sum, Over::Offline),
+        };
+        Component {
+            name: self.name,
+            weight: self.weight,
+            aggregate,
+            over,
+        }
+    }
+
+    fn counts(&self, online: bool) -> bool {
+        (self.statistic == SumOffline) != online
     }
 }
 
-use Aggregate::{StdDev, Sum};
-use Over::{Offline, Online};
+use Statistic::{Pairs, StdDev, Sum, SumOffline};
 
-/// Ganeti 3.0's weights table (`detailedCVInfoExt`), in Ganeti's order.
-/// `location_exclusion_score` is a sum over (failure domain, exclusion tag)
-/// pairs rather than over nodes; see [`LOCATION_EXCLUSION`].
+const fn t(
+    name: &'static str,
+    weight: f64,
+    statistic: Statistic,
+    migration_changes: bool,
+    of_node: fn(&NodeStats) -> f64,
+    of_load: fn(&LoadView<'_>) -> f64,
+) -> Term {
+    Term {
+        name,
+        weight,
+        statistic,
+        migration_changes,
+        of_node,
+        of_load,
+    }
+}
+
+/// Placeholder for the load-side value of a term migration cannot change.
+fn kept(_: &LoadView<'_>) -> f64 {
+    0.0
+}
+
+/// Ganeti 3.0's components (`detailedCVInfoExt`), in Ganeti's order, with its
+/// weights.
 #[rustfmt::skip]
-pub const COMPONENTS: [Component; K] = [
-    c("free_mem_cv",              0.5,  StdDev,     Online),
-    c("free_disk_cv",             0.5,  StdDev,     Online),
-    c("n1_cnt",                   1.0,  Sum,        Online),
-    c("reserved_mem_cv",          1.0,  StdDev,     Online),
-    c("offline_all_cnt",          4.0,  Sum,        Offline),
-    c("offline_pri_cnt",          16.0, Sum,        Offline),
-    c("vcpu_ratio_cv",            0.5,  StdDev,     Online),
-    c("cpu_load_cv",              1.0,  StdDev,     Online),
-    c("mem_load_cv",              1.0,  StdDev,     Online),
-    c("disk_load_cv",             1.0,  StdDev,     Online),
-    c("net_load_cv",              1.0,  StdDev,     Online),
-    c("pri_tags_score",           2.0,  Sum,        Online),
-    c("spindles_cv",              0.5,  StdDev,     Online),
-    c("free_mem_cv_forth",        0.5,  StdDev,     Online),
-    c("free_disk_cv_forth",       0.5,  StdDev,     Online),
-    c("vcpu_ratio_cv_forth",      0.5,  StdDev,     Online),
-    c("spindles_cv_forth",        0.5,  StdDev,     Online),
-    c("location_score",           1.0,  Sum,        Online),
-    c("location_exclusion_score", 1.0,  Sum,        Online),
-    c("reserved_mem_rtotal",      0.25, Sum,        Online),
+pub const TERMS: [Term; K] = [
+    t("free_mem_cv",              0.5,  StdDev,     true,  |s| s.p_mem,         |l| l.load.free_mem / l.t_mem),
+    t("free_disk_cv",             0.5,  StdDev,     false, |s| s.p_dsk,         kept),
+    t("n1_cnt",                   1.0,  Sum,        true,  |s| s.n1,            |l| if l.fail_n1 { l.hosted } else { 0.0 }),
+    t("reserved_mem_cv",          1.0,  StdDev,     true,  |s| s.p_rem,         |l| l.res),
+    t("offline_all_cnt",          4.0,  SumOffline, true,  |s| s.hosted,        |l| l.hosted),
+    t("offline_pri_cnt",          16.0, SumOffline, true,  |s| s.primaries,     |l| f64::from(l.load.primaries)),
+    t("vcpu_ratio_cv",            0.5,  StdDev,     true,  |s| s.vcpu_ratio,    |l| l.load.vcpus / l.cpu),
+    t("cpu_load_cv",              1.0,  StdDev,     true,  |s| s.util[0],       |l| l.load.util.cpu),
+    t("mem_load_cv",              1.0,  StdDev,     true,  |s| s.util[1],       |l| l.load.util.mem),
+    t("disk_load_cv",             1.0,  StdDev,     true,  |s| s.util[2],       |l| l.load.util.disk),
+    t("net_load_cv",              1.0,  StdDev,     true,  |s| s.util[3],       |l| l.load.util.net),
+    t("pri_tags_score",           2.0,  Sum,        true,  |s| s.tag_conflicts, |l| f64::from(l.load.tag_conflicts)),
+    t("spindles_cv",              0.5,  StdDev,     false, |s| s.spindles,      kept),
+    t("free_mem_cv_forth",        0.5,  StdDev,     true,  |s| s.p_mem_forth,   |l| l.load.free_mem_forth / l.t_mem),
+    t("free_disk_cv_forth",       0.5,  StdDev,     false, |s| s.p_dsk_forth,   kept),
+    t("vcpu_ratio_cv_forth",      0.5,  StdDev,     true,  |s| s.vcpu_ratio_forth, |l| l.load.vcpus_forth / l.cpu),
+    t("spindles_cv_forth",        0.5,  StdDev,     false, |s| s.spindles_forth, kept),
+    t("location_score",           1.0,  Sum,        true,  |s| s.location,      |l| l.load.location),
+    t("location_exclusion_score", 1.0,  Pairs,      true,  |_| 0.0,             |_| 0.0),
+    t("reserved_mem_rtotal",      0.25, Sum,        true,  |s| s.p_rem,         |l| l.res),
 ];
 
-/// Index of `location_exclusion_score`: Σ(count − 1) over the pair counts
-/// of all online nodes ([`NodeValues::pairs`]), not over node values.
-pub const LOCATION_EXCLUSION: usize = 18;
+/// [`TERMS`] as generic components, in the same order.
+pub const COMPONENTS: [Component; K] = {
+    let mut out = [TERMS[0].component(); K];
+    let mut k = 1;
+    while k < K {
+        out[k] = TERMS[k].component();
+        k += 1;
+    }
+    out
+};
+
+/// Index of the [`Statistic::Pairs`] term, `location_exclusion_score`.
+pub const LOCATION_EXCLUSION: usize = {
+    let mut k = 0;
+    while !matches!(TERMS[k].statistic, Pairs) {
+        k += 1;
+    }
+    k
+};
+
+/// Ganeti's per-node statistics (`compDetailedCVNode`), named; each term of
+/// [`TERMS`] picks its value from them.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct NodeStats {
+    pub p_mem: f64,
+    pub p_dsk: f64,
+    /// Instances hosted, if the node fails N+1; else 0.
+    pub n1: f64,
+    pub p_rem: f64,
+    /// Primaries and secondaries (forthcoming ones left out).
+    pub hosted: f64,
+    pub primaries: f64,
+    pub vcpu_ratio: f64,
+    /// CPU, memory, disk and network utilisation.
+    pub util: [f64; 4],
+    pub tag_conflicts: f64,
+    pub spindles: f64,
+    pub p_mem_forth: f64,
+    pub p_dsk_forth: f64,
+    pub vcpu_ratio_forth: f64,
+    pub spindles_forth: f64,
+    pub location: f64,
+}
+
+/// A node's planner load with the quantities several terms share.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadView<'a> {
+    pub load: &'a NodeLoad,
+    pub t_mem: f64,
+    /// Physical CPUs times their speed.
+    pub cpu: f64,
+    pub hosted: f64,
+    /// Reserved memory over total memory.
+    pub res: f64,
+    pub fail_n1: bool,
+}
 
 /// A (failure domain, exclusion tag) pair, as indices into [`Context`]'s name table.
 pub type Pair = (u32, u32);
@@ -420,30 +546,25 @@ pub fn node_values(ctx: &Context, c: &Cluster, view: NodeView<'_>) -> NodeValues
     }
 
     let speed = n.cpu_speed;
-    let values = [
+    let stats = NodeStats {
         p_mem,
         p_dsk,
-        if fail_n1 { hosted } else { 0.0 },
+        n1: if fail_n1 { hosted } else { 0.0 },
         p_rem,
         hosted,
-        real_pri.len() as f64,
-        u_cpu as f64 / n.pcpus / speed,
-        util[0],
-        util[1],
-        util[2],
-        util[3],
-        f64::from(conflicts),
-        inst_spindles / hi,
+        primaries: real_pri.len() as f64,
+        vcpu_ratio: u_cpu as f64 / n.pcpus / speed,
+        util,
+        tag_conflicts: f64::from(conflicts),
+        spindles: inst_spindles / hi,
         p_mem_forth,
         p_dsk_forth,
-        u_cpu_forth as f64 / n.pcpus / speed,
-        inst_spindles_forth / hi,
-        location as f64,
-        0.0,
-        p_rem,
-    ];
+        vcpu_ratio_forth: u_cpu_forth as f64 / n.pcpus / speed,
+        spindles_forth: inst_spindles_forth / hi,
+        location: location as f64,
+    };
     NodeValues {
-        values,
+        values: TERMS.map(|t| (t.of_node)(&stats)),
         pairs: pairs.into_iter().collect(),
     }
 }
@@ -467,10 +588,6 @@ pub fn all_node_values(ctx: &Context, c: &Cluster) -> Vec<NodeValues> {
         .collect()
 }
 
-fn counted(component: &Component, online: bool) -> bool {
-    (component.over == Online) == online
-}
-
 /// Each component's name, weight and (unweighted) value, as `hinfo` prints
 /// them. Empty when no node is online: Ganeti then has no statistics at all.
 pub fn components(c: &Cluster) -> Vec<(&'static str, f64, f64)> {
@@ -485,19 +602,19 @@ pub fn aggregate(values: &[NodeValues], online: &[bool]) -> Vec<(&'static str, f
     if !online.contains(&true) {
         return Vec::new();
     }
-    COMPONENTS
+    TERMS
         .iter()
         .enumerate()
-        .map(|(k, comp)| {
+        .map(|(k, term)| {
             let nodes = || {
                 values
                     .iter()
                     .zip(online)
-                    .filter(|(_, &on)| counted(comp, on))
+                    .filter(|(_, &on)| term.counts(on))
                     .map(|(v, _)| v)
             };
-            let value = match comp.aggregate {
-                _ if k == LOCATION_EXCLUSION => {
+            let value = match term.statistic {
+                Pairs => {
                     let mut all: HashMap<Pair, u32> = HashMap::new();
                     for v in nodes() {
                         for &(p, n) in &v.pairs {
@@ -507,7 +624,7 @@ pub fn aggregate(values: &[NodeValues], online: &[bool]) -> Vec<(&'static str, f
                     all.values().fold(0.0, |a, &n| a + f64::from(n - 1))
                 }
                 // Folds from +0.0 in node order, as Ganeti's `foldl'` does.
-                Sum => nodes().fold(0.0, |a, v| a + v.values[k]),
+                Sum | SumOffline => nodes().fold(0.0, |a, v| a + v.values[k]),
                 StdDev => {
                     // Ganeti's two-pass form: mean first, then squared deviations.
                     let xs: Vec<f64> = nodes().map(|v| v.values[k]).collect();
@@ -517,7 +634,7 @@ pub fn aggregate(values: &[NodeValues], online: &[bool]) -> Vec<(&'static str, f
                     (nvar / len).sqrt()
                 }
             };
-            (comp.name, comp.weight, value)
+            (term.name, term.weight, value)
         })
         .collect()
 }
@@ -546,9 +663,9 @@ impl Running {
         self.sum_sq += sign * d * d;
     }
 
-    fn value(&self, aggregate: Aggregate) -> f64 {
-        match aggregate {
-            Sum => self.sum + self.n * self.shift,
+    fn value(&self, statistic: Statistic) -> f64 {
+        match statistic {
+            Sum | SumOffline | Pairs => self.sum + self.n * self.shift,
             StdDev if self.n == 0.0 => f64::NAN,
             StdDev => {
                 let mean = self.sum / self.n;
@@ -573,7 +690,7 @@ impl Totals {
         // Shift by the online mean so the running sums stay well conditioned.
         let count = online.iter().filter(|&&o| o).count().max(1) as f64;
         for (k, r) in t.running.iter_mut().enumerate() {
-            if COMPONENTS[k].aggregate == StdDev {
+            if TERMS[k].statistic == StdDev {
                 let s: f64 = values
                     .iter()
                     .zip(online)
@@ -597,8 +714,8 @@ impl Totals {
         if online {
             self.online = (self.online as f64 + sign) as usize;
         }
-        for (k, comp) in COMPONENTS.iter().enumerate() {
-            if counted(comp, online) && k != LOCATION_EXCLUSION {
+        for (k, term) in TERMS.iter().enumerate() {
+            if term.counts(online) && term.statistic != Pairs {
                 self.running[k].add(v.values[k], sign);
             }
         }
@@ -628,17 +745,16 @@ impl Totals {
         if self.online == 0 {
             return Vec::new();
         }
-        COMPONENTS
+        TERMS
             .iter()
             .zip(&self.running)
-            .enumerate()
-            .map(|(k, (comp, r))| {
-                let value = if k == LOCATION_EXCLUSION {
+            .map(|(term, r)| {
+                let value = if term.statistic == Pairs {
                     self.pairs.values().fold(0.0, |a, &n| a + (n - 1) as f64)
                 } else {
-                    r.value(comp.aggregate)
+                    r.value(term.statistic)
                 };
-                (comp.name, comp.weight, value)
+                (term.name, term.weight, value)
             })
             .collect()
     }
@@ -651,31 +767,27 @@ impl Totals {
 /// Ganeti's score as a planner [`Metric`]: per-node values from each node's
 /// [`NodeLoad`], so a move is re-scored in O(K).
 ///
-/// The components no live migration changes (free disk and spindles, with and
-/// without forthcoming instances) are taken once from [`node_values`]; the
-/// memory, CPU, N+1, utilisation and tag terms are recomputed from the load,
-/// the location score from [`NodeLoad::location`], and the location-exclusion
-/// score is the planner's pair count ([`Metric::pair_component`]). Tests check
-/// that this equals [`score`] on every data file and after every move.
+/// Each term of [`TERMS`] gives its value from the load; the terms no live
+/// migration changes (free disk and spindles, with and without forthcoming
+/// instances) keep their values from [`node_values`] at load, and the
+/// location-exclusion score is the planner's pair count
+/// ([`Metric::pair_component`]). Tests check that this equals [`score`] on every
+/// data file and after every move.
 #[derive(Clone, Debug)]
 pub struct Ganeti {
     ctx: Context,
-    /// Per node: the values of [`FIXED`] at load.
-    fixed: Vec<[f64; 4]>,
+    /// Per node: every term's value at load.
+    loaded: Vec<[f64; K]>,
 }
-
-/// Components that depend only on local-storage and forthcoming instances,
-/// which live migration never moves.
-const FIXED: [usize; 4] = [1, 12, 14, 16];
 
 impl Ganeti {
     pub fn new(cluster: &Cluster) -> Ganeti {
         let ctx = Context::new(cluster);
-        let fixed = all_node_values(&ctx, cluster)
+        let loaded = all_node_values(&ctx, cluster)
             .iter()
-            .map(|v| FIXED.map(|k| v.values[k]))
+            .map(|v| v.values)
             .collect();
-        Ganeti { ctx, fixed }
+        Ganeti { ctx, loaded }
     }
 }
 
@@ -690,33 +802,25 @@ impl Metric for Ganeti {
 
     fn node_values(&self, cluster: &Cluster, node: NodeId, l: &NodeLoad, out: &mut [f64]) {
         let n = cluster.node(node);
-        let t_mem = n.total_mem;
-        let cpu = n.pcpus * n.cpu_speed;
-        let hosted = f64::from(l.primaries + l.secondaries);
-        let res = l.reserved_mem / t_mem;
-        out[0] = l.free_mem / t_mem;
-        let fail_n1 = if l.touched {
-            l.free_mem <= l.reserved_mem
-        } else {
-            (n.free_mem as f64) < l.reserved_mem
+        let view = LoadView {
+            load: l,
+            t_mem: n.total_mem,
+            cpu: n.pcpus * n.cpu_speed,
+            hosted: f64::from(l.primaries + l.secondaries),
+            res: l.reserved_mem / n.total_mem,
+            fail_n1: if l.touched {
+                l.free_mem <= l.reserved_mem
+            } else {
+                (n.free_mem as f64) < l.reserved_mem
+            },
         };
-        out[2] = if fail_n1 { hosted } else { 0.0 };
-        out[3] = res;
-        out[4] = hosted;
-        out[5] = f64::from(l.primaries);
-        out[6] = l.vcpus / cpu;
-        out[7] = l.util.cpu;
-        out[8] = l.util.mem;
-        out[9] = l.util.disk;
-        out[10] = l.util.net;
-        out[11] = f64::from(l.tag_conflicts);
-        out[13] = l.free_mem_forth / t_mem;
-        out[15] = l.vcpus_forth / cpu;
-        out[17] = l.location;
-        out[LOCATION_EXCLUSION] = 0.0;
-        out[19] = res;
-        for (&k, &v) in FIXED.iter().zip(&self.fixed[node.index()]) {
-            out[k] = v;
+        let loaded = &self.loaded[node.index()];
+        for (k, term) in TERMS.iter().enumerate() {
+            out[k] = if term.migration_changes {
+                (term.of_load)(&view)
+            } else {
+                loaded[k]
+            };
         }
     }
 

@@ -249,11 +249,6 @@ fn counts(over: Over, online: bool) -> bool {
     }
 }
 
-/// Scores a cluster from scratch with `metric` (no incremental state kept).
-pub fn score<M: Metric + ?Sized>(cluster: &Cluster, metric: &M) -> f64 {
-    crate::state::State::new(cluster, metric).score()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

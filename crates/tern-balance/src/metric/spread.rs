@@ -71,7 +71,7 @@ impl Metric for Spread {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metric::score;
+    use crate::state::score;
 
     #[test]
     fn std_dev_of_cpu_and_memory_utilisation() {

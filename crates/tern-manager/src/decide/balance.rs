@@ -1,349 +1,85 @@
-//! One balancing round, pure: the snapshot becomes a `tern_model::Cluster`, the planner of
-//! `tern-balance` proposes moves under the `spread` metric, and each move is then weighed
-//! and limited here before it becomes a migration.
-//!
-//! What the planner never sees: pinned VMs, VMs in an affinity group (moving one alone
-//! would split the group), VMs in their cooldown, VMs not running, and hosts that are not
-//! active (offline to it). Anti-affinity groups become Ganeti exclusion tags, which the
-//! planner honours.
-//!
-//! Each proposed move then passes, in order:
-//! 1. the cost/benefit test: the peak CPU utilisation of the two hosts it removes, held
-//!    for the cooldown, against the host time the migration itself burns (see
-//!    [`MIGRATION_CORES`]); a move that costs more than it removes is skipped;
-//! 2. the limits on concurrent migrations per host and in the cluster.
+//! One balancing round, pure: the snapshot becomes the balancer's view
+//! ([`tern_balance::round::Snapshot`], with the VMs' last moves as its history) and
+//! [`tern_balance::round::plan`] plans and filters the moves (cost/benefit, per-host and
+//! cluster limits, aggressiveness, cooldown); the simulator's `balance` policy calls the
+//! same function. Here the kept moves become migrations.
 
-use std::collections::BTreeMap;
+use tern_balance::round::{self, RecentMove};
 
-use serde::Serialize;
-use tern_balance::PlanOptions;
-use tern_migrate::policy::PolicyKind;
-use tern_model::{
-    AllocPolicy, Cluster, Demand, DiskTemplate, DynUtil, Group, IPolicy, InstId, Instance,
-    InstanceStatus, Node, NodeId,
+pub use tern_balance::round::{
+    BalancePlan, PlannedMove, AGGRESSIVENESS, DIRTY_BYTES_PER_CORE_S, LINK_BYTES_PER_S,
+    MIGRATION_CORES,
 };
 
-use super::health::in_flight;
 use super::start_migration;
-use crate::state::{Change, EventKind, HostState, MigrationReason, Millis, Snapshot, Vm, VmState};
+use crate::state::{Change, EventKind, HostState, MigrationReason, Millis, Snapshot, VmState};
 
-/// Aggressiveness 1-5 as the planner's thresholds, in the spirit of VMware DRS: level 1
-/// makes only mandatory moves (evacuation), higher levels act on ever smaller imbalance.
-/// `(stop when the spread score is at or below, least score drop per move times the
-/// number of active hosts)`.
-///
-/// The second is scaled by the host count because the score is a standard deviation over
-/// hosts: one move changes it by about (moved utilisation × utilisation gap) / hosts, so a
-/// fixed threshold would stop a large cluster long before a small one.
-pub const AGGRESSIVENESS: [(f64, f64); 5] = [
-    (f64::INFINITY, f64::INFINITY),
-    (0.20, 0.05),
-    (0.10, 0.02),
-    (0.05, 0.005),
-    (0.01, 0.001),
-];
-
-/// Cores a live migration keeps busy while it runs (copying and hashing pages on the
-/// source, receiving on the destination: about one core each, as measured for tern's
-/// engine).
-pub const MIGRATION_CORES: f64 = 2.0;
-
-/// Link bandwidth assumed between hosts when estimating a migration's duration
-/// (1 Gbit/s, the lab's shaped links).
-pub const LINK_BYTES_PER_S: f64 = 125e6;
-
-/// Memory a guest dirties per core it keeps busy; CPU-heavy guests dirty more.
-pub const DIRTY_BYTES_PER_CORE_S: f64 = 20e6;
-
-/// A move the round keeps.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct PlannedMove {
-    pub vm: String,
-    pub from: String,
-    pub to: String,
-    /// Peak CPU utilisation of the two hosts removed, times the cooldown (host-seconds).
-    pub gain: f64,
-    /// Estimated migration time times the share of the two hosts it keeps busy
-    /// (host-seconds).
-    pub cost: f64,
-}
-
-/// A round's plan and what was left out.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct BalancePlan {
-    pub score_before: f64,
-    pub score_after: f64,
-    pub moves: Vec<PlannedMove>,
-    /// Planner proposals dropped, by reason (`cost_exceeds_gain`, `host_limit`,
-    /// `cluster_limit`), and planner refusals by its own reasons.
-    pub skipped: BTreeMap<String, u64>,
-    /// Wall time of planning, filled in by the caller (decisions have no clock).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub planning_ms: Option<f64>,
-}
-
-/// Exclusion-tag prefix for anti-affinity groups.
-const ANTI_TAG: &str = "tern-anti:";
-
-/// The planner's view of the snapshot, and the names behind its indices.
-pub struct Model {
-    pub cluster: Cluster,
-    pub hosts: Vec<String>,
-    pub vms: Vec<String>,
-    /// VMs the planner must leave where they are.
-    pub pinned: Vec<InstId>,
-}
-
-/// Builds the planner's cluster from the snapshot (see the module doc for what is pinned).
-pub fn model(snap: &Snapshot, now: Millis) -> Model {
-    let hosts: Vec<String> = snap.hosts.keys().cloned().collect();
-    let index: BTreeMap<&str, NodeId> = hosts
-        .iter()
-        .enumerate()
-        .map(|(i, h)| (h.as_str(), NodeId::from_index(i)))
-        .collect();
-    let used = snap.memory_used();
-    let nodes = snap
+/// The balancer's view of `snap`: hosts and VMs in name order, the migrations under way,
+/// and, as the history, when each VM last moved.
+pub fn view(snap: &Snapshot) -> (round::Snapshot, Vec<RecentMove>) {
+    let hosts = snap
         .hosts
         .values()
-        .map(|h| {
-            let mem = h.capacity.memory_mib as i64;
-            let free = mem - used.get(h.name.as_str()).copied().unwrap_or(0) as i64;
-            Node::live(
-                h.name.clone(),
-                h.capacity.cpus,
-                mem as f64,
-                free,
-                h.state != HostState::Active,
-            )
+        .map(|h| round::Host {
+            name: h.name.clone(),
+            cpus: h.capacity.cpus,
+            memory_mib: h.capacity.memory_mib,
+            active: h.state == HostState::Active,
         })
         .collect();
-    let cooldown = snap.settings.cooldown_s.saturating_mul(1000);
-    let mut vms = Vec::new();
-    let mut instances = Vec::new();
-    let mut pinned = Vec::new();
-    for v in snap.vms.values() {
-        let Some(node) = v.desired_host.as_deref().and_then(|h| index.get(h)) else {
-            continue;
-        };
-        let id = InstId::from_index(instances.len());
-        let on_active = snap.hosts[&hosts[node.index()]].state == HostState::Active;
-        let cooling = v
-            .last_moved
-            .is_some_and(|t| now.saturating_sub(t) < cooldown);
-        if v.spec.pinned
-            || v.spec.affinity.is_some()
-            || cooling
-            || v.state != VmState::Running
-            || !on_active
-        {
-            pinned.push(id);
-        }
-        vms.push(v.name.clone());
-        instances.push(Instance {
+    let vms = snap
+        .vms
+        .values()
+        .map(|v| round::Vm {
             name: v.name.clone(),
-            mem: v.spec.memory_mib as i64,
-            disk: 0,
-            vcpus: i64::from(v.spec.vcpus),
-            status: InstanceStatus::Running,
-            auto_balance: true,
-            primary: *node,
-            secondary: None,
-            disk_template: DiskTemplate::Diskless,
-            tags: v
-                .spec
-                .anti_affinity
-                .iter()
-                .map(|g| format!("{ANTI_TAG}{g}"))
-                .collect(),
-            spindle_use: 0,
-            spindles: None,
-            forthcoming: false,
-            util: DynUtil::BASE,
-            demand: Demand {
-                // A VM seen running with no measured load counts as (almost) idle, not
-                // as its vCPU count, which the planner assumes for unmeasured VMs.
-                cpu_cores: if v.cpu_measured {
-                    v.cpu_used.max(1e-6)
-                } else {
-                    0.0
-                },
-                mem_used_mib: v.spec.memory_mib as f64,
-            },
-        });
-    }
-    let cluster = Cluster {
-        groups: vec![Group {
-            name: "default".into(),
-            uuid: "00000000-0000-0000-0000-000000000000".into(),
-            alloc_policy: AllocPolicy::Preferred,
-            tags: Vec::new(),
-            networks: Vec::new(),
-            ipolicy: IPolicy {
-                // Memory is the hard limit; CPU is what the balancer spreads.
-                vcpu_ratio: f64::MAX,
-                ..IPolicy::default()
-            },
-        }],
-        nodes,
-        instances,
-        tags: vec![format!("htools:iextags:{ANTI_TAG}")],
-        ipolicy: IPolicy {
-            vcpu_ratio: f64::MAX,
-            ..IPolicy::default()
-        },
-    };
-    Model {
-        cluster,
-        hosts,
-        vms,
-        pinned,
-    }
-}
-
-/// Estimated seconds to live-migrate `v` under `policy` over [`LINK_BYTES_PER_S`].
-pub fn migration_seconds(v: &Vm, policy: PolicyKind) -> f64 {
-    let bytes = v.spec.memory_mib * 1024 * 1024;
-    let dirty = v.cpu_used.max(0.0) * DIRTY_BYTES_PER_CORE_S;
-    tern_migrate::model::estimate_duration(bytes, dirty, LINK_BYTES_PER_S, &policy)
-        // The model refuses only impossible inputs; treat one as a move not worth making.
-        .unwrap_or(f64::INFINITY)
-}
-
-/// Plans one round over `snap` at `now` (see the module doc).
-pub fn plan(snap: &Snapshot, now: Millis) -> BalancePlan {
-    let s = &snap.settings;
-    let (min_score, gain_per_host) = AGGRESSIVENESS[usize::from(s.aggressiveness.clamp(1, 5)) - 1];
-    let active = snap
-        .hosts
-        .values()
-        .filter(|h| h.state == HostState::Active)
-        .count();
-    let min_gain = gain_per_host / active.max(1) as f64;
-    let (busy, total) = in_flight(snap);
-    let budget = s.max_per_cluster.saturating_sub(total) as usize;
-    // Each migration takes a slot on two hosts.
-    let host_slots = snap
-        .hosts
-        .values()
-        .filter(|h| h.state == HostState::Active)
-        .map(|h| {
-            s.max_per_host
-                .saturating_sub(busy.get(h.name.as_str()).copied().unwrap_or(0))
-                as usize
+            host: v.desired_host.clone(),
+            vcpus: v.spec.vcpus,
+            memory_mib: v.spec.memory_mib,
+            cpu_used: v.cpu_used,
+            cpu_measured: v.cpu_measured,
+            // Moving one VM of an affinity group alone would split the group.
+            movable: !v.spec.pinned && v.spec.affinity.is_none() && v.state == VmState::Running,
+            anti_affinity: v.spec.anti_affinity.clone(),
         })
-        .sum::<usize>()
-        / 2;
-    let m = model(snap, now);
-    let opts = PlanOptions {
-        min_gain,
-        min_gain_limit: f64::INFINITY,
-        // Twice what the limits let through: some proposals fall to the per-host limit or
-        // the cost test, and planning further would be wasted work.
-        max_moves: Some(budget.min(host_slots).saturating_mul(2)),
-        min_score,
-        n_plus_one: false,
-        pinned: m.pinned.clone(),
-        ..PlanOptions::default()
-    };
-    let mut out = BalancePlan::default();
-    let planned = if budget == 0 || min_score.is_infinite() {
-        let score = tern_balance::plan_spread(
-            &m.cluster,
-            &PlanOptions {
-                max_moves: Some(0),
-                ..opts
-            },
-        );
-        out.score_before = score.plan.initial_score;
-        out.score_after = score.plan.final_score;
-        if budget == 0 {
-            out.skipped.insert("cluster_limit".into(), 1);
-        }
-        return out;
-    } else {
-        tern_balance::plan_spread(&m.cluster, &opts)
-    };
-    out.score_before = planned.plan.initial_score;
-    out.score_after = planned.plan.final_score;
-    for (r, n) in planned.refusals.iter() {
-        out.skipped.insert(r.as_str().to_owned(), n);
-    }
-    let policy: PolicyKind = s.default_policy.parse().unwrap_or(PolicyKind::Adaptive);
-    // CPU load per host as the kept moves leave it.
-    let mut load: Vec<f64> = vec![0.0; m.hosts.len()];
-    for inst in &m.cluster.instances {
-        load[inst.primary.index()] += cpu_of(inst);
-    }
-    let cap: Vec<f64> = m.cluster.nodes.iter().map(|n| n.pcpus.max(1e-9)).collect();
-    // Free memory per host as the kept moves leave it: the planner checked room along its
-    // whole sequence, and a dropped move can be the one that made room for a later one.
-    let mut free_mem: Vec<i64> = m.cluster.nodes.iter().map(|n| n.free_mem).collect();
-    let mut per_host: BTreeMap<String, u32> =
-        busy.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    let skip =
-        |out: &mut BalancePlan, why: &str| *out.skipped.entry(why.to_owned()).or_default() += 1;
-    let mut moved = vec![false; m.vms.len()];
-    for mv in &planned.plan.moves {
-        let (a, b) = (mv.from.index(), mv.to.index());
-        let inst = &m.cluster.instances[mv.inst.index()];
-        // A later proposal for a VM already moved this round, or from where it no longer
-        // is, was planned on moves we dropped.
-        if moved[mv.inst.index()] || inst.primary != mv.from {
-            skip(&mut out, "superseded");
-            continue;
-        }
-        let c = cpu_of(inst);
-        let before = (load[a] / cap[a]).max(load[b] / cap[b]);
-        let after = ((load[a] - c) / cap[a]).max((load[b] + c) / cap[b]);
-        let vm = &snap.vms[&m.vms[mv.inst.index()]];
-        let gain = (before - after) * s.cooldown_s.max(1) as f64;
-        let cost =
-            migration_seconds(vm, policy) * MIGRATION_CORES / 2.0 * (1.0 / cap[a] + 1.0 / cap[b]);
-        if cost >= gain {
-            skip(&mut out, "cost_exceeds_gain");
-            continue;
-        }
-        if out.moves.len() >= budget {
-            skip(&mut out, "cluster_limit");
-            continue;
-        }
-        if free_mem[b] < inst.mem {
-            skip(&mut out, "no_memory");
-            continue;
-        }
-        let (from, to) = (&m.hosts[a], &m.hosts[b]);
-        if [from, to]
-            .iter()
-            .any(|h| per_host.get(*h).copied().unwrap_or(0) >= s.max_per_host)
-        {
-            skip(&mut out, "host_limit");
-            continue;
-        }
-        *per_host.entry(from.clone()).or_default() += 1;
-        *per_host.entry(to.clone()).or_default() += 1;
-        load[a] -= c;
-        load[b] += c;
-        free_mem[a] += inst.mem;
-        free_mem[b] -= inst.mem;
-        moved[mv.inst.index()] = true;
-        out.moves.push(PlannedMove {
-            vm: vm.name.clone(),
-            from: from.clone(),
-            to: to.clone(),
-            gain,
-            cost,
-        });
-    }
-    out
+        .collect();
+    let in_flight = snap
+        .running
+        .values()
+        .map(|m| round::InFlight {
+            from: m.from.clone(),
+            to: m.to.clone(),
+        })
+        .collect();
+    let history = snap
+        .vms
+        .values()
+        .filter_map(|v| {
+            v.last_moved.map(|at| RecentMove {
+                vm: v.name.clone(),
+                at,
+            })
+        })
+        .collect();
+    (
+        round::Snapshot {
+            hosts,
+            vms,
+            in_flight,
+        },
+        history,
+    )
 }
 
-fn cpu_of(inst: &Instance) -> f64 {
-    if inst.demand.cpu_cores > 0.0 {
-        inst.demand.cpu_cores
-    } else {
-        inst.vcpus as f64
-    }
+/// The planner's cluster for `snap` at `now` (see [`tern_balance::round::model`]).
+pub fn model(snap: &Snapshot, now: Millis) -> round::Model {
+    let (input, history) = view(snap);
+    round::model(&input, &snap.settings, &history, now)
+}
+
+/// Plans one round over `snap` at `now` (see [`tern_balance::round::plan`]).
+pub fn plan(snap: &Snapshot, now: Millis) -> BalancePlan {
+    let (input, history) = view(snap);
+    round::plan(&input, &snap.settings, &history, now)
 }
 
 /// One round as changes: in dry-run mode only an event recording the plan; otherwise a
@@ -516,6 +252,8 @@ mod tests {
 
 #[cfg(test)]
 mod properties {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::decide::testing::*;
     use crate::state::VmSpec;

@@ -210,7 +210,7 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
             Ok((changes, Reply::Migration(m)))
         }
         Command::PutSettings(s) => {
-            s.validate()?;
+            s.validate().map_err(|e| Error::BadInput(e.to_string()))?;
             let changes = if s == snap.settings {
                 Vec::new()
             } else {

@@ -38,7 +38,7 @@ pub fn sample(snap: &Snapshot, now: Millis) -> Sample {
     let m = balance::model(snap, now);
     Sample {
         time: now,
-        score: tern_balance::metric::score(&m.cluster, &Spread),
+        score: tern_balance::score(&m.cluster, &Spread),
         hosts: snap.hosts.len(),
         vms: snap.vms.len(),
     }

@@ -17,10 +17,8 @@ use tern_model::{
 };
 
 use super::{Move, Policy};
+use crate::imbalance::{cpu_cores, MIPS_PER_CORE};
 use crate::state::State;
-
-/// MIPS per "core" in the snapshot handed to the balancer.
-const MIPS_PER_CORE: f64 = 1000.0;
 
 pub struct Spread {
     /// Stop once the spread score is at or below this.
@@ -173,7 +171,7 @@ fn refresh(snap: &mut Snapshot, state: &State) -> Vec<InstId> {
             pinned.push(InstId::from_index(i));
         }
         inst.primary = NodeId::from_index(state.vm_host[v] as usize);
-        inst.demand.cpu_cores = (state.vm_requested[v] / MIPS_PER_CORE).max(1e-6);
+        inst.demand.cpu_cores = cpu_cores(state, v);
     }
     pinned
 }
@@ -220,5 +218,24 @@ mod tests {
         assert_eq!((&kept.cluster, &kept.vms), (&again.cluster, &again.vms));
         assert_eq!(kept.vms.len(), 8);
         assert!(kept.cluster.nodes[3].offline && !kept.cluster.nodes[4].offline);
+    }
+
+    /// The imbalance the engine reports is the planner's score of this snapshot.
+    #[test]
+    fn reported_imbalance_is_the_planners_spread_score() {
+        let spec = planetlab::cluster(6, 12, planetlab::VmTypeOrder::Cycle);
+        let mut state = State::new(spec, false);
+        for v in 0..12 {
+            state.place(v, v % 4, 0.0);
+            state.vm_requested[v] = 150.0 * v as f64;
+        }
+        state.begin_migration(5, 5, 1.0);
+        let planner = tern_balance::score(
+            &fresh(&state).cluster,
+            &tern_balance::metric::spread::Spread,
+        );
+        let reported = crate::imbalance::spread_score(&state);
+        assert!(planner > 0.1, "{planner}");
+        assert!((planner - reported).abs() < 1e-9, "{planner} vs {reported}");
     }
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::io::Write;
 
 use anyhow::Context;
+use tern_balance::round::BalancerSettings;
 use tern_migrate::policy::PolicyKind;
 use tern_sim::migration::{CloudSimTiming, MigrationTiming, PreCopyTiming};
 use tern_sim::planetlab::{self, VmTypeOrder};
@@ -29,9 +30,13 @@ pub enum Command {
 pub struct RunArgs {
     /// The scenario, e.g. examples/sim/small.toml.
     pub scenario: PathBuf,
-    /// Override the scenario's policy (none, thr-mmt, spread).
+    /// Override the scenario's policy (none, thr-mmt, spread, balance).
     #[arg(long)]
     pub policy: Option<String>,
+    /// Balancer settings for `--policy balance`: the JSON `GET /v1/balancer` returns
+    /// (default: the manager's defaults).
+    #[arg(long)]
+    pub settings: Option<PathBuf>,
     /// Override the scenario's migration model (cloudsim, qemu, xen, adaptive, stop-copy).
     #[arg(long)]
     pub migration: Option<String>,
@@ -78,9 +83,14 @@ pub struct PlanetlabArgs {
 #[derive(clap::Args)]
 pub struct CommonArgs {
     /// Policy: none (static placement), thr-mmt (CloudSim's static threshold with
-    /// minimum migration time), spread (tern's balancer).
+    /// minimum migration time), spread (tern's planner alone), balance (the manager's
+    /// balancing round: planner, cost/benefit, limits, cooldown).
     #[arg(long, default_value = "thr-mmt")]
     pub policy: String,
+    /// Balancer settings for `--policy balance`: the JSON `GET /v1/balancer` returns
+    /// (default: the manager's defaults).
+    #[arg(long)]
+    pub settings: Option<PathBuf>,
     /// CPU utilisation above which a host counts as overloaded.
     #[arg(long, default_value_t = 0.8)]
     pub threshold: f64,
@@ -118,7 +128,11 @@ fn run_planetlab(args: PlanetlabArgs) -> anyhow::Result<()> {
         return Err(bad_input("--hosts must be at least 1"));
     }
     let timing = timing(&args.common.migration)?;
-    let mut policy = policy(&args.common.policy, args.common.threshold)?;
+    let mut policy = policy(
+        &args.common.policy,
+        args.common.threshold,
+        args.common.settings.as_deref(),
+    )?;
     check_plot_path(args.common.output.plot.as_deref())?;
     let (spec, traces) = planetlab::load(&args.dir, args.hosts, order).map_err(input_error)?;
     let cfg = SimConfig {
@@ -154,7 +168,11 @@ fn run_scenario(args: RunArgs) -> anyhow::Result<()> {
     let sc = Scenario::parse(&text)
         .map_err(|e| bad_input(format!("{}: {e}", args.scenario.display())))?;
     let timing = timing(args.migration.as_deref().unwrap_or(&sc.migration))?;
-    let mut policy = policy(args.policy.as_deref().unwrap_or(&sc.policy), sc.threshold)?;
+    let mut policy = policy(
+        args.policy.as_deref().unwrap_or(&sc.policy),
+        sc.threshold,
+        args.settings.as_deref(),
+    )?;
     check_plot_path(args.output.plot.as_deref())?;
     let base = args.scenario.parent().unwrap_or(Path::new("."));
     let (spec, traces) = sc
@@ -193,11 +211,23 @@ fn timing(name: &str) -> anyhow::Result<Box<dyn MigrationTiming>> {
     }
 }
 
-fn policy(name: &str, threshold: f64) -> anyhow::Result<Box<dyn policy::Policy>> {
+fn policy(
+    name: &str,
+    threshold: f64,
+    settings: Option<&Path>,
+) -> anyhow::Result<Box<dyn policy::Policy>> {
     if !(threshold > 0.0 && threshold <= 1.0) {
         return Err(bad_input(format!(
             "threshold {threshold} must be in (0, 1]"
         )));
+    }
+    if let Some(path) = settings {
+        if name != "balance" {
+            return Err(bad_input(format!(
+                "--settings applies to --policy balance, not `{name}`"
+            )));
+        }
+        return Ok(Box::new(policy::Balance::new(balancer_settings(path)?)));
     }
     policy::by_name(name, threshold).map_err(|_| {
         bad_input(format!(
@@ -205,6 +235,19 @@ fn policy(name: &str, threshold: f64) -> anyhow::Result<Box<dyn policy::Policy>>
             POLICY_NAMES.join(", ")
         ))
     })
+}
+
+/// Reads balancer settings as `GET /v1/balancer` returns them, checked as the manager
+/// checks a `PUT`.
+fn balancer_settings(path: &Path) -> anyhow::Result<BalancerSettings> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad_input(format!("cannot read settings {}: {e}", path.display())))?;
+    let settings: BalancerSettings =
+        serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: {e}", path.display())))?;
+    settings
+        .validate()
+        .map_err(|e| bad_input(format!("{}: {e}", path.display())))?;
+    Ok(settings)
 }
 
 fn check_plot_path(plot: Option<&Path>) -> anyhow::Result<()> {
@@ -278,6 +321,7 @@ fn report_text(r: &Report) -> String {
          pdm            {:.6}\n\
          slav           {:.8}\n\
          peak active    {} hosts\n\
+         imbalance      mean {:.4}, max {:.4} (spread score)\n\
          events         {}\n\
          wall_seconds   {:.3}\n",
         r.policy,
@@ -296,6 +340,8 @@ fn report_text(r: &Report) -> String {
         r.pdm,
         r.slav,
         r.peak_active_hosts,
+        r.imbalance_mean,
+        r.imbalance_max,
         r.events,
         r.wall_seconds
     )
