@@ -1,0 +1,9 @@
+//! The contract between tern's processes: every value that crosses a process boundary,
+//! as plain serde types with no behaviour beyond checking and naming themselves.
+//!
+//! Responses accept fields they do not know, so an older reader can talk to a newer
+//! writer; request bodies refuse them, so a typo is an error rather than ignored.
+//!
+//! # Layout
+//! - [`guest`]: the JSON-lines protocol between the host and `tern-guest` in a VM.
+pub mod guest;
