@@ -5,5 +5,10 @@
 //! writer; request bodies refuse them, so a typo is an error rather than ignored.
 //!
 //! # Layout
+//! - [`agent`]: the agent's API: host report, VM spec and views, actions, error body.
+//! - [`migration`]: the agent's migration API: requests, ticket, phases, views, round
+//!   telemetry and why pre-copy stopped.
 //! - [`guest`]: the JSON-lines protocol between the host and `tern-guest` in a VM.
+pub mod agent;
 pub mod guest;
+pub mod migration;
