@@ -8,7 +8,9 @@
 //! - [`agent`]: the agent's API: host report, VM spec and views, actions, error body.
 //! - [`migration`]: the agent's migration API: requests, ticket, phases, views, round
 //!   telemetry and why pre-copy stopped.
+//! - [`manager`]: the manager's API: hosts, VMs, migrations, settings, plan, events.
 //! - [`guest`]: the JSON-lines protocol between the host and `tern-guest` in a VM.
 pub mod agent;
 pub mod guest;
+pub mod manager;
 pub mod migration;

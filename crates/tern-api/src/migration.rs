@@ -17,9 +17,10 @@ use serde::{Deserialize, Serialize};
 use crate::agent::VmSpec;
 
 /// Where a source migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
+    #[default]
     Preparing,
     Connecting,
     PreCopy,

@@ -27,13 +27,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
-use serde::Deserialize;
+use tern_api::manager::{CreateVm, MigrateVm, Page, RegisterHost};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 
 use crate::decide::{Command, LoadReport, Reply};
 use crate::manager::Manager;
-use crate::state::{BalancerSettings, Capacity, Event, VmSpec};
+use crate::state::{BalancerSettings, Event};
 use error::{ApiError, ApiResult, Body};
 
 /// The OpenAPI document, checked in beside the docs.
@@ -184,14 +184,6 @@ async fn metrics(State(app): AppState) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegisterHost {
-    name: String,
-    address: String,
-    capacity: Capacity,
-}
-
 async fn register_host(State(app): AppState, Body(b): Body<RegisterHost>) -> ApiResult<Response> {
     let cmd = Command::RegisterHost {
         name: b.name,
@@ -237,16 +229,6 @@ async fn activate(State(app): AppState, Path(host): Path<String>) -> ApiResult<R
     Ok(reply(StatusCode::OK, execute(&app, cmd).await?))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateVm {
-    name: String,
-    spec: VmSpec,
-    /// Absent: the manager places it.
-    #[serde(default)]
-    host: Option<String>,
-}
-
 async fn create_vm(State(app): AppState, Body(b): Body<CreateVm>) -> ApiResult<Response> {
     let cmd = Command::CreateVm {
         name: b.name,
@@ -278,17 +260,6 @@ async fn delete_vm(State(app): AppState, Path(name): Path<String>) -> ApiResult<
     ))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MigrateVm {
-    /// Absent: the manager picks the best other host.
-    #[serde(default)]
-    to: Option<String>,
-    /// Absent: the balancer's default policy.
-    #[serde(default)]
-    policy: Option<String>,
-}
-
 async fn migrate_vm(
     State(app): AppState,
     Path(name): Path<String>,
@@ -302,29 +273,15 @@ async fn migrate_vm(
     Ok(reply(StatusCode::ACCEPTED, execute(&app, cmd).await?))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Page {
-    #[serde(default)]
-    since: u64,
-    #[serde(default = "default_limit")]
-    limit: usize,
-}
-
-fn default_limit() -> usize {
-    1000
-}
-
-impl Page {
-    fn limit(&self) -> ApiResult<usize> {
-        if self.limit == 0 || self.limit > MAX_PAGE {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("limit must be 1 to {MAX_PAGE}, got {}", self.limit),
-            ));
-        }
-        Ok(self.limit)
+/// A list's `limit`, checked against [`MAX_PAGE`].
+fn limit(limit: usize) -> ApiResult<usize> {
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be 1 to {MAX_PAGE}, got {limit}"),
+        ));
     }
+    Ok(limit)
 }
 
 /// Query strings are parsed here so a bad one gets the same JSON error as a bad body.
@@ -372,7 +329,7 @@ async fn list_events(
     q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     let p = page(q)?;
-    let (since, limit) = (p.since, p.limit()?);
+    let (since, limit) = (p.since, limit(p.limit)?);
     Ok(Json(call(&app, move |m| m.events_since(since, limit)).await?).into_response())
 }
 

@@ -235,7 +235,7 @@ fn progress_of(view: &Value, memory_bytes: u64) -> Progress {
     let current: Option<tern_migrate::RoundProgress> =
         serde_json::from_value(view["current"].clone()).ok();
     Progress::during(
-        view["phase"].as_str().unwrap_or("preparing"),
+        serde_json::from_value(view["phase"].clone()).unwrap_or_default(),
         memory_bytes,
         &rounds,
         current.as_ref(),
@@ -303,8 +303,8 @@ mod tests {
                         "bytes_sent": 16 << 20, "duration_s": 0.5, "elapsed_s": 0.5}});
         let p = progress_of(&v, 64 << 20);
         assert_eq!(
-            (p.phase.as_str(), p.round, p.running_round),
-            ("pre_copy", 0, 1)
+            (p.phase, p.round, p.running_round),
+            (tern_api::migration::Phase::PreCopy, 0, 1)
         );
         assert_eq!(p.bytes_transferred, 16 << 20);
         assert_eq!(p.bytes_remaining, 48 << 20);

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+pub use tern_api::manager::{BalancePlan, NotMoved, PlannedMove};
 use tern_balance::PlanOptions;
 use tern_migrate::policy::PolicyKind;
 use tern_model::{
@@ -55,31 +55,21 @@ pub const LINK_BYTES_PER_S: f64 = 125e6;
 /// Memory a guest dirties per core it keeps busy; CPU-heavy guests dirty more.
 pub const DIRTY_BYTES_PER_CORE_S: f64 = 20e6;
 
-/// A move the round keeps.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct PlannedMove {
-    pub vm: String,
-    pub from: String,
-    pub to: String,
-    /// Peak CPU utilisation of the two hosts removed, times the cooldown (host-seconds).
-    pub gain: f64,
-    /// Estimated migration time times the share of the two hosts it keeps busy
-    /// (host-seconds).
-    pub cost: f64,
-}
-
-/// A round's plan and what was left out.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct BalancePlan {
-    pub score_before: f64,
-    pub score_after: f64,
-    pub moves: Vec<PlannedMove>,
-    /// Planner proposals dropped, by reason (`cost_exceeds_gain`, `host_limit`,
-    /// `cluster_limit`), and planner refusals by its own reasons.
-    pub skipped: BTreeMap<String, u64>,
-    /// Wall time of planning, filled in by the caller (decisions have no clock).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub planning_ms: Option<f64>,
+/// The planner's refusal as the API names it (pure).
+fn not_moved(r: tern_balance::Refusal) -> NotMoved {
+    use tern_balance::Refusal as R;
+    match r {
+        R::Immovable => NotMoved::Immovable,
+        R::NotSecondary => NotMoved::NotSecondary,
+        R::Pinned => NotMoved::Pinned,
+        R::AutoBalanceOff => NotMoved::AutoBalanceOff,
+        R::TargetOffline => NotMoved::TargetOffline,
+        R::OtherGroup => NotMoved::OtherGroup,
+        R::NoMemory => NotMoved::NoMemory,
+        R::NPlusOne => NotMoved::NPlusOne,
+        R::VcpuRatio => NotMoved::VcpuRatio,
+        R::ExclusionTag => NotMoved::ExclusionTag,
+    }
 }
 
 /// Exclusion-tag prefix for anti-affinity groups.
@@ -258,7 +248,7 @@ pub fn plan(snap: &Snapshot, now: Millis) -> BalancePlan {
         out.score_before = score.plan.initial_score;
         out.score_after = score.plan.final_score;
         if budget == 0 {
-            out.skipped.insert("cluster_limit".into(), 1);
+            out.skipped.insert(NotMoved::ClusterLimit, 1);
         }
         return out;
     } else {
@@ -267,7 +257,7 @@ pub fn plan(snap: &Snapshot, now: Millis) -> BalancePlan {
     out.score_before = planned.plan.initial_score;
     out.score_after = planned.plan.final_score;
     for (r, n) in planned.refusals.iter() {
-        out.skipped.insert(r.as_str().to_owned(), n);
+        out.skipped.insert(not_moved(r), n);
     }
     let policy: PolicyKind = s.default_policy.parse().unwrap_or(PolicyKind::Adaptive);
     // CPU load per host as the kept moves leave it.
@@ -281,8 +271,7 @@ pub fn plan(snap: &Snapshot, now: Millis) -> BalancePlan {
     let mut free_mem: Vec<i64> = m.cluster.nodes.iter().map(|n| n.free_mem).collect();
     let mut per_host: BTreeMap<String, u32> =
         busy.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    let skip =
-        |out: &mut BalancePlan, why: &str| *out.skipped.entry(why.to_owned()).or_default() += 1;
+    let skip = |out: &mut BalancePlan, why: NotMoved| *out.skipped.entry(why).or_default() += 1;
     let mut moved = vec![false; m.vms.len()];
     for mv in &planned.plan.moves {
         let (a, b) = (mv.from.index(), mv.to.index());
@@ -290,7 +279,7 @@ pub fn plan(snap: &Snapshot, now: Millis) -> BalancePlan {
         // A later proposal for a VM already moved this round, or from where it no longer
         // is, was planned on moves we dropped.
         if moved[mv.inst.index()] || inst.primary != mv.from {
-            skip(&mut out, "superseded");
+            skip(&mut out, NotMoved::Superseded);
             continue;
         }
         let c = cpu_of(inst);
@@ -301,15 +290,15 @@ pub fn plan(snap: &Snapshot, now: Millis) -> BalancePlan {
         let cost =
             migration_seconds(vm, policy) * MIGRATION_CORES / 2.0 * (1.0 / cap[a] + 1.0 / cap[b]);
         if cost >= gain {
-            skip(&mut out, "cost_exceeds_gain");
+            skip(&mut out, NotMoved::CostExceedsGain);
             continue;
         }
         if out.moves.len() >= budget {
-            skip(&mut out, "cluster_limit");
+            skip(&mut out, NotMoved::ClusterLimit);
             continue;
         }
         if free_mem[b] < inst.mem {
-            skip(&mut out, "no_memory");
+            skip(&mut out, NotMoved::NoMemory);
             continue;
         }
         let (from, to) = (&m.hosts[a], &m.hosts[b]);
@@ -317,7 +306,7 @@ pub fn plan(snap: &Snapshot, now: Millis) -> BalancePlan {
             .iter()
             .any(|h| per_host.get(*h).copied().unwrap_or(0) >= s.max_per_host)
         {
-            skip(&mut out, "host_limit");
+            skip(&mut out, NotMoved::HostLimit);
             continue;
         }
         *per_host.entry(from.clone()).or_default() += 1;
@@ -453,7 +442,11 @@ mod tests {
         let p = plan(&snap, 0);
         assert!(p.moves.iter().all(|m| m.vm != "big"), "{p:?}");
         assert!(
-            p.skipped.get("cost_exceeds_gain").copied().unwrap_or(0) >= 1,
+            p.skipped
+                .get(&NotMoved::CostExceedsGain)
+                .copied()
+                .unwrap_or(0)
+                >= 1,
             "{p:?}"
         );
     }
