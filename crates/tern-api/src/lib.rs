@@ -9,8 +9,11 @@
 //! - [`migration`]: the agent's migration API: requests, ticket, phases, views, round
 //!   telemetry and why pre-copy stopped.
 //! - [`manager`]: the manager's API: hosts, VMs, migrations, settings, plan, events.
+//! - `client` (feature `client`): one HTTP client for both servers, typed per route.
 //! - [`guest`]: the JSON-lines protocol between the host and `tern-guest` in a VM.
 pub mod agent;
+#[cfg(feature = "client")]
+pub mod client;
 pub mod guest;
 pub mod manager;
 pub mod migration;

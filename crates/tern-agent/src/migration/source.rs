@@ -7,8 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::Method;
-use serde_json::json;
 use tern_hv::{HvError, VmState};
 use tern_migrate::{Policy, PolicyKind};
 
@@ -73,7 +71,7 @@ fn fail(job: &Outbound, error: String) {
     v.phase = Phase::RolledBack;
 }
 
-fn agent_err(e: crate::error::AgentError) -> MigrationError {
+fn agent_err(e: crate::client::ClientError) -> MigrationError {
     MigrationError::Peer(e.to_string())
 }
 
@@ -271,11 +269,7 @@ async fn prepare_destination(
         spec: info.spec.clone(),
         native,
     };
-    let body = serde_json::to_value(&prepare).expect("prepare request serialises");
-    let ticket: Ticket = dest
-        .call(Method::POST, "/v1/incoming", Some(&body))
-        .await
-        .map_err(agent_err)?;
+    let ticket = dest.prepare_incoming(&prepare).await.map_err(agent_err)?;
     reached.ticket = Some(ticket.clone());
     let host = reqwest::Url::parse(&req.destination)
         .ok()
@@ -372,9 +366,7 @@ async fn resume_destination(
     reached: &mut Reached,
 ) -> Result<(), MigrationError> {
     reached.resume_sent = true;
-    let path = format!("/v1/incoming/{}/resume", ticket.migration);
-    let _: serde_json::Value = dest
-        .call(Method::POST, &path, Some(&json!({})))
+    dest.resume_incoming(&ticket.migration)
         .await
         .map_err(agent_err)?;
     Ok(())
@@ -432,19 +424,15 @@ async fn rollback(
     }
     let mut dest_gone = !reached.resume_sent;
     if let Some(ticket) = &reached.ticket {
-        let path = format!("/v1/incoming/{}", ticket.migration);
         // A destination that may have resumed must confirm it is gone before the source
         // runs again; a few tries cover a short link outage.
         for attempt in 0..5 {
-            match dest
-                .call::<serde_json::Value>(Method::DELETE, &path, None)
-                .await
-            {
+            match dest.abort_incoming(&ticket.migration).await {
                 Ok(_) => {
                     dest_gone = true;
                     break;
                 }
-                Err(crate::error::AgentError::Remote { status: 404, .. }) => {
+                Err(e) if e.is_not_found() => {
                     dest_gone = true;
                     break;
                 }

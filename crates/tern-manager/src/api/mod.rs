@@ -5,12 +5,10 @@
 //! [`Manager`]; [`error`] maps every failure to a status and a JSON message. Every route
 //! but `/openapi.json` needs `Authorization: Bearer TOKEN`.
 //!
-//! - [`client`]: a client of this API for the command line.
 //! - [`error`]: errors as HTTP answers, the JSON body extractor.
 //! - [`metrics`]: the Prometheus text.
 //! - [`migrations`]: migration records with a running one's live telemetry.
 
-pub mod client;
 pub mod error;
 pub mod metrics;
 pub mod migrations;
