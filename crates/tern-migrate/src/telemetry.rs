@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::policy::StopReason;
+use tern_api::migration::StopReason;
 pub use tern_api::migration::{RoundProgress, RoundTelemetry};
 
 /// What the engine measured part way into round 1, after sending its first stretch of

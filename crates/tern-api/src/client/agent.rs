@@ -15,24 +15,20 @@ pub struct AgentClient {
     http: Client,
 }
 
+impl From<Client> for AgentClient {
+    fn from(http: Client) -> Self {
+        AgentClient { http }
+    }
+}
+
 /// The answer of `DELETE /v1/vms/{id}`.
 #[derive(serde::Deserialize)]
 struct Deleted {}
 
 impl AgentClient {
-    /// Every call waits at most `timeout`; see [`Self::with_options`] for the rest.
+    /// Every call waits at most `timeout`; `From<Client>` takes other options.
     pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, ClientError> {
-        Self::with_options(base, token, ClientOptions::with_timeout(timeout))
-    }
-
-    pub fn with_options(
-        base: &str,
-        token: &str,
-        options: ClientOptions,
-    ) -> Result<Self, ClientError> {
-        Ok(AgentClient {
-            http: Client::new(base, token, options)?,
-        })
+        Client::new(base, token, ClientOptions::with_timeout(timeout)).map(Self::from)
     }
 
     pub fn base(&self) -> &str {

@@ -14,20 +14,16 @@ pub struct ManagerClient {
     http: Client,
 }
 
-impl ManagerClient {
-    /// Every call waits at most `timeout`; see [`Self::with_options`] for the rest.
-    pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, ClientError> {
-        Self::with_options(base, token, ClientOptions::with_timeout(timeout))
+impl From<Client> for ManagerClient {
+    fn from(http: Client) -> Self {
+        ManagerClient { http }
     }
+}
 
-    pub fn with_options(
-        base: &str,
-        token: &str,
-        options: ClientOptions,
-    ) -> Result<Self, ClientError> {
-        Ok(ManagerClient {
-            http: Client::new(base, token, options)?,
-        })
+impl ManagerClient {
+    /// Every call waits at most `timeout`; `From<Client>` takes other options.
+    pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, ClientError> {
+        Client::new(base, token, ClientOptions::with_timeout(timeout)).map(Self::from)
     }
 
     /// The one client underneath, for a route not typed here.
