@@ -5,7 +5,6 @@
 //! the end.
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tern_api::manager::{ListQuery, MigrationView};
@@ -36,13 +35,10 @@ pub(super) async fn list(
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(q) = q.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "{}; the query takes limit=N, a whole number, and running=true|false",
-                e.body_text()
-            ),
-        )
+        ApiError::BadRequest(format!(
+            "{}; the query takes limit=N, a whole number, and running=true|false",
+            e.body_text()
+        ))
     })?;
     limit(q.limit)?;
     if q.running {
@@ -63,10 +59,9 @@ pub(super) async fn list(
 
 pub(super) async fn show(State(app): AppState, Path(id): Path<String>) -> ApiResult<Response> {
     let id: u64 = id.parse().map_err(|_| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("migration id {id:?} is not a whole number; /v1/migrations lists them"),
-        )
+        ApiError::BadRequest(format!(
+            "migration id {id:?} is not a whole number; /v1/migrations lists them"
+        ))
     })?;
     let (running, next) = app
         .manager
@@ -91,9 +86,8 @@ pub(super) async fn show(State(app): AppState, Path(id): Path<String>) -> ApiRes
             .into_response()
         })
         .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no migration {id}; /v1/migrations lists the latest"),
-            )
+            ApiError::NotFound(format!(
+                "no migration {id}; /v1/migrations lists the latest"
+            ))
         })
 }

@@ -105,10 +105,7 @@ pub fn router(
         .merge(secured)
         .merge(crate::web::page_routes())
         .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "no such route; /openapi.json lists the API",
-            )
+            ApiError::NotFound("no such route; /openapi.json lists the API".into())
         })
         .with_state(app)
 }
@@ -121,8 +118,7 @@ async fn auth(State(app): AppState, req: Request, next: Next) -> Response {
     let token = match given.and_then(|v| v.strip_prefix("Bearer ")) {
         Some(t) => t,
         None => {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
+            return ApiError::Unauthorized(
                 "missing bearer token: send the header 'Authorization: Bearer TOKEN' with a \
                  token the manager was started with",
             )
@@ -134,7 +130,7 @@ async fn auth(State(app): AppState, req: Request, next: Next) -> Response {
         .iter()
         .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
     {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "wrong bearer token").into_response();
+        return ApiError::Unauthorized("wrong bearer token").into_response();
     }
     next.run(req).await
 }
@@ -153,7 +149,7 @@ async fn call<T: Send + 'static>(
     let m = app.manager.clone();
     tokio::task::spawn_blocking(move || f(&m))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(ApiError::from)
 }
 
@@ -274,10 +270,9 @@ async fn migrate_vm(
 /// A list's `limit`, checked against [`MAX_PAGE`].
 fn limit(limit: usize) -> ApiResult<usize> {
     if limit == 0 || limit > MAX_PAGE {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("limit must be 1 to {MAX_PAGE}, got {limit}"),
-        ));
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_PAGE}, got {limit}"
+        )));
     }
     Ok(limit)
 }
@@ -285,13 +280,10 @@ fn limit(limit: usize) -> ApiResult<usize> {
 /// Query strings are parsed here so a bad one gets the same JSON error as a bad body.
 fn page(q: Result<Query<Page>, axum::extract::rejection::QueryRejection>) -> ApiResult<Page> {
     q.map(|Query(p)| p).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "{}; the query takes since=N and limit=N, whole numbers",
-                e.body_text()
-            ),
-        )
+        ApiError::BadRequest(format!(
+            "{}; the query takes since=N and limit=N, whole numbers",
+            e.body_text()
+        ))
     })
 }
 
