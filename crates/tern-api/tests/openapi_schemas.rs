@@ -319,7 +319,7 @@ fn agent_schemas_match_the_types() {
         elapsed_s: 1.0,
         throttle_percent: 0,
     };
-    c.object("RoundTelemetry", keys(&[telemetry.clone()]));
+    c.object("RoundTelemetry", keys(std::slice::from_ref(&telemetry)));
     let progress = RoundProgress {
         round: 2,
         pages_planned: 1,
@@ -328,7 +328,7 @@ fn agent_schemas_match_the_types() {
         duration_s: 0.1,
         elapsed_s: 1.1,
     };
-    c.object("RoundProgress", keys(&[progress.clone()]));
+    c.object("RoundProgress", keys(std::slice::from_ref(&progress)));
     use Phase as P;
     c.enumeration(
         "MigrationPhase",
