@@ -2,7 +2,6 @@
 
 use reqwest::Method;
 use serde_json::Value;
-use tern_api::manager::BalancerSettings;
 
 use super::host::{call, table, Conn};
 
@@ -74,23 +73,24 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             smoothing_window,
             default_policy,
         } => {
-            let mut s: BalancerSettings =
-                serde_json::from_value(call::<()>(c, Method::GET, "/v1/balancer", None)?)?;
-            fn put<T>(field: &mut T, x: Option<T>) {
+            // The settings as the manager wrote them, so fields a newer manager has and
+            // this CLI does not know go back unchanged.
+            let mut s = call::<()>(c, Method::GET, "/v1/balancer", None)?;
+            let mut put = |k: &str, x: Option<Value>| {
                 if let Some(x) = x {
-                    *field = x;
+                    s[k] = x;
                 }
-            }
-            put(&mut s.enabled, enabled);
-            put(&mut s.dry_run, dry_run);
-            put(&mut s.aggressiveness, aggressiveness);
-            put(&mut s.interval_s, interval_s);
-            put(&mut s.cooldown_s, cooldown_s);
-            put(&mut s.max_per_host, max_per_host);
-            put(&mut s.max_per_cluster, max_per_cluster);
-            put(&mut s.dead_after_s, dead_after_s);
-            put(&mut s.smoothing_window, smoothing_window);
-            put(&mut s.default_policy, default_policy);
+            };
+            put("enabled", enabled.map(Value::from));
+            put("dry_run", dry_run.map(Value::from));
+            put("aggressiveness", aggressiveness.map(Value::from));
+            put("interval_s", interval_s.map(Value::from));
+            put("cooldown_s", cooldown_s.map(Value::from));
+            put("max_per_host", max_per_host.map(Value::from));
+            put("max_per_cluster", max_per_cluster.map(Value::from));
+            put("dead_after_s", dead_after_s.map(Value::from));
+            put("smoothing_window", smoothing_window.map(Value::from));
+            put("default_policy", default_policy.map(Value::from));
             call(c, Method::PUT, "/v1/balancer", Some(&s))?
         }
     };
