@@ -2,7 +2,7 @@
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+pub use tern_api::agent::ErrorBody;
 use tern_hv::HvError;
 
 use crate::migration::memory::MemoryError;
@@ -113,13 +113,6 @@ impl AgentError {
             },
         }
     }
-}
-
-/// The JSON body of every error response.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: String,
-    pub kind: String,
 }
 
 impl IntoResponse for AgentError {

@@ -2,35 +2,7 @@
 //! rate arithmetic are pure; [`detect_capacity`] reads `/proc`.
 
 use crate::error::AgentError;
-use serde::{Deserialize, Serialize};
-
-/// What the host offers to guests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Capacity {
-    pub cpus: u32,
-    pub memory_mib: u64,
-}
-
-/// What guests use now.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Load {
-    /// CPU the vCPU threads of all VMs used over the last sampling interval, in cores.
-    pub vm_cpu_cores: f64,
-    /// Memory reserved by defined VMs (whatever their state: a stopped VM may start again).
-    pub vm_memory_mib: u64,
-    pub vms: usize,
-}
-
-/// `GET /v1/host`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct HostReport {
-    pub name: String,
-    /// `qemu` or `sim`.
-    pub hypervisor: String,
-    pub capacity: Capacity,
-    pub load: Load,
-    pub version: String,
-}
+pub use tern_api::agent::{Capacity, HostReport, Load};
 
 /// The host's CPUs and memory as the kernel reports them.
 pub fn detect_capacity() -> Result<Capacity, AgentError> {

@@ -4,32 +4,8 @@
 use crate::error::AgentError;
 use crate::host::admit;
 use crate::state::AppState;
-use serde::{Deserialize, Serialize};
+pub use tern_api::agent::{CreateVm, VmView};
 use tern_hv::{Action, VmInfo, VmSpec};
-
-/// `POST /v1/vms`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateVm {
-    pub id: String,
-    pub spec: VmSpec,
-    /// Run the guest right away (default) or leave it created.
-    #[serde(default = "yes")]
-    pub start: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// A VM as the API shows it: the driver's view plus its measured CPU use.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VmView {
-    #[serde(flatten)]
-    pub info: VmInfo,
-    /// vCPU threads' CPU use over the last sampling interval, in cores.
-    pub cpu_cores: Option<f64>,
-}
 
 impl AppState {
     /// The API view of a driver's VM.
@@ -59,7 +35,7 @@ impl AppState {
         start: bool,
     ) -> Result<VmInfo, AgentError> {
         tern_hv::spec::validate_id(id)?;
-        spec.check_paths()?;
+        tern_hv::spec::check_paths(&spec)?;
         let _admission = self.admission.lock().await;
         admit(
             self.host.capacity,

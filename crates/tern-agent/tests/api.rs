@@ -5,6 +5,7 @@ use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
 use tern_agent::client::AgentClient;
+use tern_agent::client::ClientError;
 use tern_agent::host::Capacity;
 use tern_agent::vms::CreateVm;
 use tern_agent::{AgentError, AppState, HostConfig};
@@ -54,11 +55,9 @@ fn create(id: &str, mib: u64) -> CreateVm {
     serde_json::from_value(json!({"id": id, "spec": {"vcpus": 1, "memory_mib": mib}})).unwrap()
 }
 
-fn remote_status(e: AgentError) -> u16 {
-    match e {
-        AgentError::Remote { status, .. } => status,
-        e => panic!("expected an HTTP error, got {e}"),
-    }
+fn remote_status(e: ClientError) -> u16 {
+    e.status()
+        .unwrap_or_else(|| panic!("expected an HTTP error, got {e}"))
 }
 
 #[tokio::test]
@@ -125,11 +124,16 @@ async fn refusals_change_nothing() {
     // Spec without memory, a kernel that does not exist, junk JSON: 400 naming the problem.
     let no_mem = json!({"id": "x", "spec": {"vcpus": 1}});
     match c
-        .call::<serde_json::Value>(reqwest::Method::POST, "/v1/vms", Some(&no_mem))
+        .http()
+        .send::<_, serde_json::Value>(reqwest::Method::POST, "/v1/vms", Some(&no_mem))
         .await
         .unwrap_err()
     {
-        AgentError::Remote { status, body, .. } => {
+        ClientError::Remote {
+            status,
+            message: body,
+            ..
+        } => {
             assert_eq!(status, 400);
             assert!(body.contains("memory_mib"), "{body}");
         }
@@ -137,7 +141,8 @@ async fn refusals_change_nothing() {
     }
     let no_kernel = json!({"id": "x", "spec": {"memory_mib": 64, "kernel": "/no/such/vmlinuz"}});
     let e = c
-        .call::<serde_json::Value>(reqwest::Method::POST, "/v1/vms", Some(&no_kernel))
+        .http()
+        .send::<_, serde_json::Value>(reqwest::Method::POST, "/v1/vms", Some(&no_kernel))
         .await
         .unwrap_err();
     assert_eq!(remote_status(e), 400);

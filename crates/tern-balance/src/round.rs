@@ -18,7 +18,6 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
 use tern_migrate::policy::PolicyKind;
 use tern_model::{
     AllocPolicy, Cluster, Demand, DiskTemplate, DynUtil, Group, IPolicy, InstId, Instance,
@@ -58,48 +57,7 @@ pub const LINK_BYTES_PER_S: f64 = 125e6;
 /// Memory a guest dirties per core it keeps busy; CPU-heavy guests dirty more.
 pub const DIRTY_BYTES_PER_CORE_S: f64 = 20e6;
 
-/// How aggressively the balancer acts, and its safety limits: the manager's balancer
-/// settings, as `GET /v1/balancer` returns them.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BalancerSettings {
-    pub enabled: bool,
-    /// Record plans as events without migrating anything.
-    pub dry_run: bool,
-    /// 1 (only fix severe imbalance) to 5 (act on small gains), as in VMware DRS.
-    pub aggressiveness: u8,
-    /// Seconds between balancing rounds.
-    pub interval_s: u64,
-    /// A VM that moved is not moved again for this many seconds.
-    pub cooldown_s: u64,
-    /// Migrations at once touching one host (as source or destination).
-    pub max_per_host: u32,
-    /// Migrations at once in the whole cluster.
-    pub max_per_cluster: u32,
-    /// A host silent this long is declared dead and its VMs restarted elsewhere.
-    pub dead_after_s: u64,
-    /// Load reports the EWMA smooths over (its alpha is 2 / (window + 1)).
-    pub smoothing_window: u32,
-    /// Termination policy used when a migration names none.
-    pub default_policy: String,
-}
-
-impl Default for BalancerSettings {
-    fn default() -> Self {
-        Self {
-            enabled: true,
-            dry_run: false,
-            aggressiveness: 3,
-            interval_s: 30,
-            cooldown_s: 300,
-            max_per_host: 1,
-            max_per_cluster: 8,
-            dead_after_s: 30,
-            smoothing_window: 5,
-            default_policy: "adaptive".into(),
-        }
-    }
-}
+pub use tern_api::manager::{BalancePlan, BalancerSettings, NotMoved, PlannedMove};
 
 /// Why settings are refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -121,30 +79,25 @@ fn policy_names() -> String {
     known.join(", ")
 }
 
-impl BalancerSettings {
-    pub fn validate(&self) -> Result<(), SettingsError> {
-        if !(1..=5).contains(&self.aggressiveness) {
-            return Err(SettingsError::Aggressiveness(self.aggressiveness));
-        }
-        if self.interval_s == 0 || self.dead_after_s == 0 {
-            return Err(SettingsError::ZeroInterval);
-        }
-        if self.max_per_host == 0 || self.max_per_cluster == 0 {
-            return Err(SettingsError::ZeroLimit);
-        }
-        if self.smoothing_window == 0 {
-            return Err(SettingsError::ZeroWindow);
-        }
-        self.default_policy
-            .parse::<PolicyKind>()
-            .map(|_| ())
-            .map_err(|_| SettingsError::UnknownPolicy(self.default_policy.clone()))
+/// Checks settings before they steer a round: the manager's `PUT /v1/balancer` and the
+/// simulator's `--settings` refuse what this refuses.
+pub fn validate(s: &BalancerSettings) -> Result<(), SettingsError> {
+    if !(1..=5).contains(&s.aggressiveness) {
+        return Err(SettingsError::Aggressiveness(s.aggressiveness));
     }
-
-    /// Weight of a new report in the EWMA.
-    pub fn ewma_alpha(&self) -> f64 {
-        2.0 / (f64::from(self.smoothing_window) + 1.0)
+    if s.interval_s == 0 || s.dead_after_s == 0 {
+        return Err(SettingsError::ZeroInterval);
     }
+    if s.max_per_host == 0 || s.max_per_cluster == 0 {
+        return Err(SettingsError::ZeroLimit);
+    }
+    if s.smoothing_window == 0 {
+        return Err(SettingsError::ZeroWindow);
+    }
+    s.default_policy
+        .parse::<PolicyKind>()
+        .map(|_| ())
+        .map_err(|_| SettingsError::UnknownPolicy(s.default_policy.clone()))
 }
 
 /// A host as the balancer sees it.
@@ -196,33 +149,6 @@ pub struct Snapshot {
 pub struct RecentMove {
     pub vm: String,
     pub at: Millis,
-}
-
-/// A move the round keeps.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct PlannedMove {
-    pub vm: String,
-    pub from: String,
-    pub to: String,
-    /// Peak CPU utilisation of the two hosts removed, times the cooldown (host-seconds).
-    pub gain: f64,
-    /// Estimated migration time times the share of the two hosts it keeps busy
-    /// (host-seconds).
-    pub cost: f64,
-}
-
-/// A round's plan and what was left out.
-#[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct BalancePlan {
-    pub score_before: f64,
-    pub score_after: f64,
-    pub moves: Vec<PlannedMove>,
-    /// Planner proposals dropped, by reason (`cost_exceeds_gain`, `host_limit`,
-    /// `cluster_limit`), and planner refusals by its own reasons.
-    pub skipped: BTreeMap<String, u64>,
-    /// Wall time of planning, filled in by the caller (decisions have no clock).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub planning_ms: Option<f64>,
 }
 
 /// Exclusion-tag prefix for anti-affinity groups.
@@ -418,7 +344,7 @@ pub fn plan(
         out.score_before = score.plan.initial_score;
         out.score_after = score.plan.final_score;
         if budget == 0 {
-            out.skipped.insert("cluster_limit".into(), 1);
+            out.skipped.insert(NotMoved::ClusterLimit, 1);
         }
         return out;
     }
@@ -426,7 +352,7 @@ pub fn plan(
     out.score_before = planned.plan.initial_score;
     out.score_after = planned.plan.final_score;
     for (r, n) in planned.refusals.iter() {
-        out.skipped.insert(r.as_str().to_owned(), n);
+        out.skipped.insert(not_moved(r), n);
     }
     let policy: PolicyKind = s.default_policy.parse().unwrap_or(PolicyKind::Adaptive);
     // CPU load per host as the kept moves leave it.
@@ -440,8 +366,7 @@ pub fn plan(
     let mut free_mem: Vec<i64> = m.cluster.nodes.iter().map(|n| n.free_mem).collect();
     let mut per_host: BTreeMap<String, u32> =
         busy.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-    let skip =
-        |out: &mut BalancePlan, why: &str| *out.skipped.entry(why.to_owned()).or_default() += 1;
+    let skip = |out: &mut BalancePlan, why: NotMoved| *out.skipped.entry(why).or_default() += 1;
     let mut moved = vec![false; m.vms.len()];
     for mv in &planned.plan.moves {
         let (a, b) = (mv.from.index(), mv.to.index());
@@ -449,7 +374,7 @@ pub fn plan(
         // A later proposal for a VM already moved this round, or from where it no longer
         // is, was planned on moves we dropped.
         if moved[mv.inst.index()] || inst.primary != mv.from {
-            skip(&mut out, "superseded");
+            skip(&mut out, NotMoved::Superseded);
             continue;
         }
         let c = cpu_of(inst);
@@ -460,15 +385,15 @@ pub fn plan(
         let cost = migration_seconds(vm.memory_mib, vm.cpu_used, policy) * MIGRATION_CORES / 2.0
             * (1.0 / cap[a] + 1.0 / cap[b]);
         if cost >= gain {
-            skip(&mut out, "cost_exceeds_gain");
+            skip(&mut out, NotMoved::CostExceedsGain);
             continue;
         }
         if out.moves.len() >= budget {
-            skip(&mut out, "cluster_limit");
+            skip(&mut out, NotMoved::ClusterLimit);
             continue;
         }
         if free_mem[b] < inst.mem {
-            skip(&mut out, "no_memory");
+            skip(&mut out, NotMoved::NoMemory);
             continue;
         }
         let (from, to) = (&m.hosts[a], &m.hosts[b]);
@@ -476,7 +401,7 @@ pub fn plan(
             .iter()
             .any(|h| per_host.get(*h).copied().unwrap_or(0) >= s.max_per_host)
         {
-            skip(&mut out, "host_limit");
+            skip(&mut out, NotMoved::HostLimit);
             continue;
         }
         *per_host.entry(from.clone()).or_default() += 1;
@@ -495,6 +420,23 @@ pub fn plan(
         });
     }
     out
+}
+
+/// The planner's refusal as the API names it.
+fn not_moved(r: crate::Refusal) -> NotMoved {
+    use crate::Refusal as R;
+    match r {
+        R::Immovable => NotMoved::Immovable,
+        R::NotSecondary => NotMoved::NotSecondary,
+        R::Pinned => NotMoved::Pinned,
+        R::AutoBalanceOff => NotMoved::AutoBalanceOff,
+        R::TargetOffline => NotMoved::TargetOffline,
+        R::OtherGroup => NotMoved::OtherGroup,
+        R::NoMemory => NotMoved::NoMemory,
+        R::NPlusOne => NotMoved::NPlusOne,
+        R::VcpuRatio => NotMoved::VcpuRatio,
+        R::ExclusionTag => NotMoved::ExclusionTag,
+    }
 }
 
 fn cpu_of(inst: &Instance) -> f64 {
@@ -543,17 +485,17 @@ mod tests {
     #[test]
     fn settings_refuse_what_the_manager_refuses() {
         let s = BalancerSettings::default();
-        assert_eq!(s.validate(), Ok(()));
+        assert_eq!(validate(&s), Ok(()));
         let bad = BalancerSettings {
             aggressiveness: 6,
             ..s.clone()
         };
-        assert_eq!(bad.validate(), Err(SettingsError::Aggressiveness(6)));
+        assert_eq!(validate(&bad), Err(SettingsError::Aggressiveness(6)));
         let bad = BalancerSettings {
             default_policy: "fast".into(),
             ..s
         };
-        let msg = bad.validate().unwrap_err().to_string();
+        let msg = validate(&bad).unwrap_err().to_string();
         assert!(msg.starts_with("unknown migration policy \"fast\"; use one of: "));
         assert!(msg.contains("adaptive"), "{msg}");
     }

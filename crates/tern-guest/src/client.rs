@@ -11,10 +11,10 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::protocol::{
+use crate::GuestError;
+use tern_api::guest::{
     Command, HealthReport, Reply, Request, Response, Status, VerifyReport, WorkloadSpec,
 };
-use crate::GuestError;
 
 /// A connection to one guest's agent.
 pub struct GuestClient {

@@ -1,7 +1,7 @@
-//! The agent that runs inside a tern guest, and the host's client for it.
+//! The agent that runs inside a tern guest, and the host's client for it. The JSON-lines
+//! requests and answers they exchange are `tern_api::guest`.
 //!
 //! # Layout
-//! - [`protocol`]: the JSON-lines requests and answers (host ⇄ guest).
 //! - [`server`]: the agent's command loop over any reader/writer.
 //! - [`workload`]: `memdirty`, `cpu`, `echo-server` and the memory `verifier`.
 //! - [`pacing`]: pure rate control the workloads share.
@@ -17,7 +17,6 @@ pub mod channel;
 pub mod client;
 pub mod health;
 pub mod pacing;
-pub mod protocol;
 pub mod server;
 pub mod sysinfo;
 pub mod workload;
@@ -50,4 +49,10 @@ pub enum GuestError {
         #[source]
         last: Box<GuestError>,
     },
+}
+
+impl From<tern_api::guest::SpecError> for GuestError {
+    fn from(e: tern_api::guest::SpecError) -> Self {
+        GuestError::BadRequest(e.0)
+    }
 }

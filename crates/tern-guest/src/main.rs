@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use tern_api::guest::WorkloadSpec;
+use tern_api::guest::DEFAULT_VERIFIER_PAGES_PER_SEC;
 use tern_guest::channel::{find_virtio_port, FALLBACK_UART, PORT_NAME};
-use tern_guest::protocol::WorkloadSpec;
 use tern_guest::server::{serve, Agent, Ended};
-use tern_guest::workload::verifier::DEFAULT_PAGES_PER_SEC;
 
 const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]";
 
@@ -59,7 +59,7 @@ fn main() -> ExitCode {
     if opts.verifier_mib > 0 {
         let spec = WorkloadSpec::Verifier {
             mib: opts.verifier_mib,
-            pages_per_sec: DEFAULT_PAGES_PER_SEC,
+            pages_per_sec: DEFAULT_VERIFIER_PAGES_PER_SEC,
         };
         if let Err(e) = agent.workloads.start(spec) {
             eprintln!("tern-guest: verifier: {e}");

@@ -8,10 +8,10 @@ use std::io::{BufRead, Write};
 use std::time::Instant;
 
 use crate::health;
-use crate::protocol::{Command, HealthReport, Reply, Request, Response, Status};
 use crate::sysinfo;
 use crate::workload::Workloads;
 use crate::GuestError;
+use tern_api::guest::{Command, HealthReport, Reply, Request, Response, Status};
 
 /// The agent's state: its workloads and when it started.
 pub struct Agent {
@@ -143,7 +143,7 @@ pub fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::protocol::Reply;
+    use tern_api::guest::Reply;
 
     fn run(lines: &str) -> (Vec<Response>, Ended) {
         let mut agent = Agent::default();

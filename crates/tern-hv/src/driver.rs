@@ -2,48 +2,9 @@
 
 use crate::error::Result;
 use crate::spec::VmSpec;
-use crate::state::VmState;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
-
-/// A VM as a driver reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VmInfo {
-    pub id: String,
-    pub state: VmState,
-    pub spec: VmSpec,
-    /// The MAC of each NIC, in order (derived ones filled in).
-    pub macs: Vec<String>,
-    /// The guest's RAM: a file on tmpfs the agent can map (`None` for the sim driver).
-    pub memory_file: Option<PathBuf>,
-    /// The socket of the guest agent's channel (JSON lines).
-    pub control_socket: Option<PathBuf>,
-    /// Where the guest's serial console is written.
-    pub console_log: Option<PathBuf>,
-    /// The hypervisor process, while there is one.
-    pub pid: Option<u32>,
-}
-
-/// CPU time of one vCPU thread.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VcpuSample {
-    pub index: u32,
-    pub thread_id: u32,
-    pub cpu_ns: u64,
-}
-
-/// Per-VM measurements at one instant. CPU times are cumulative; a rate needs two samples.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VmMetrics {
-    pub vcpus: Vec<VcpuSample>,
-    /// Sum over the vCPU threads.
-    pub vcpu_cpu_ns: u64,
-    /// Configured guest RAM.
-    pub memory_bytes: u64,
-    /// Resident memory of the hypervisor process (guest RAM it touched plus its own).
-    pub rss_bytes: u64,
-}
+pub use tern_api::agent::{VcpuSample, VmInfo, VmMetrics};
 
 /// QEMU's migration state (its QAPI `MigrationStatus` word), parsed once so callers
 /// match on variants instead of comparing strings.

@@ -88,3 +88,9 @@ impl HvError {
         )
     }
 }
+
+impl From<tern_api::agent::InvalidSpec> for HvError {
+    fn from(e: tern_api::agent::InvalidSpec) -> Self {
+        HvError::InvalidSpec(e.0)
+    }
+}

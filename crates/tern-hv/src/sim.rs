@@ -112,7 +112,7 @@ impl Hypervisor for SimDriver {
 
     async fn create(&self, id: &str, spec: VmSpec, incoming: bool) -> Result<VmInfo> {
         validate_id(id)?;
-        spec.check_paths()?;
+        crate::spec::check_paths(&spec)?;
         let mut vms = self.vms.lock().expect("sim VM table lock");
         if vms.contains_key(id) {
             return Err(HvError::AlreadyExists(id.to_string()));

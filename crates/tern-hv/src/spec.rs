@@ -1,129 +1,24 @@
 //! What a VM is made of, as a caller asks for it, and the checks that run before anything
-//! is started. Validation is pure except [`VmSpec::check_paths`], which only stats files.
+//! is started. The spec itself is `tern_api::agent::VmSpec` (it crosses the agent's API);
+//! its pure checks live there, [`check_paths`] here only stats files.
 
 use crate::error::{HvError, Result};
-use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+pub use tern_api::agent::{parse_mac, Nic, VmSpec, MAX_MEMORY_MIB, MAX_VCPUS};
 
-/// Largest guest the drivers accept; a typo like `memory_mib: 5120000` should be refused
-/// with a message, not tried.
-pub const MAX_MEMORY_MIB: u64 = 1 << 20;
-/// Largest vCPU count accepted (QEMU's `pc` machine limit is far above what a host here has).
-pub const MAX_VCPUS: u32 = 64;
-
-/// A VM as the caller describes it. Host-side paths (memory file, sockets) are the
-/// driver's choice and are reported back in [`crate::VmInfo`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmSpec {
-    /// Number of virtual CPUs.
-    #[serde(default = "one")]
-    pub vcpus: u32,
-    /// Guest RAM in MiB; 0 (or absent) is refused.
-    #[serde(default)]
-    pub memory_mib: u64,
-    /// Kernel to boot directly. Absent: the guest runs only its firmware (useful to test
-    /// device-state migration without an image).
-    #[serde(default)]
-    pub kernel: Option<PathBuf>,
-    /// Initramfs for the kernel.
-    #[serde(default)]
-    pub initramfs: Option<PathBuf>,
-    /// Kernel command line.
-    #[serde(default)]
-    pub cmdline: String,
-    /// Network interfaces, each a tap on the host's bridge.
-    #[serde(default)]
-    pub nics: Vec<Nic>,
-}
-
-fn one() -> u32 {
-    1
-}
-
-/// One virtio NIC. The MAC travels with the VM so the guest keeps its address when it moves.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Nic {
-    /// `52:54:00:xx:xx:xx`; absent: derived from the VM id, so it is stable across moves.
-    #[serde(default)]
-    pub mac: Option<String>,
-}
-
-impl VmSpec {
-    /// Checks that do not touch the filesystem.
-    pub fn validate(&self) -> Result<()> {
-        if self.memory_mib == 0 {
-            return Err(HvError::InvalidSpec(
-                "memory_mib is missing or 0: give the guest's RAM in MiB, e.g. \"memory_mib\": 512"
-                    .into(),
-            ));
-        }
-        if self.memory_mib > MAX_MEMORY_MIB {
-            return Err(HvError::InvalidSpec(format!(
-                "memory_mib {} is above the limit of {MAX_MEMORY_MIB} MiB",
-                self.memory_mib
-            )));
-        }
-        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(HvError::InvalidSpec(format!(
-                "vcpus must be between 1 and {MAX_VCPUS}, got {}",
-                self.vcpus
-            )));
-        }
-        if self.initramfs.is_some() && self.kernel.is_none() {
-            return Err(HvError::InvalidSpec(
-                "initramfs given without a kernel: add \"kernel\"".into(),
-            ));
-        }
-        if !self.cmdline.is_empty() && self.kernel.is_none() {
-            return Err(HvError::InvalidSpec(
-                "cmdline given without a kernel: add \"kernel\"".into(),
-            ));
-        }
-        for (i, nic) in self.nics.iter().enumerate() {
-            if let Some(mac) = &nic.mac {
-                parse_mac(mac)
-                    .map_err(|why| HvError::InvalidSpec(format!("nics[{i}].mac {mac:?}: {why}")))?;
+/// [`VmSpec::validate`] plus: every named file exists.
+pub fn check_paths(spec: &VmSpec) -> Result<()> {
+    spec.validate()?;
+    for (field, path) in [("kernel", &spec.kernel), ("initramfs", &spec.initramfs)] {
+        if let Some(p) = path {
+            if !p.is_file() {
+                return Err(HvError::MissingPath {
+                    field,
+                    path: p.clone(),
+                });
             }
         }
-        Ok(())
     }
-
-    /// [`validate`](Self::validate) plus: every named file exists.
-    pub fn check_paths(&self) -> Result<()> {
-        self.validate()?;
-        for (field, path) in [("kernel", &self.kernel), ("initramfs", &self.initramfs)] {
-            if let Some(p) = path {
-                if !p.is_file() {
-                    return Err(HvError::MissingPath {
-                        field,
-                        path: p.clone(),
-                    });
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Parses `aa:bb:cc:dd:ee:ff`, refusing multicast addresses (a NIC cannot own one).
-pub fn parse_mac(s: &str) -> std::result::Result<[u8; 6], String> {
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return Err("a MAC has six hex bytes separated by ':'".into());
-    }
-    let mut mac = [0u8; 6];
-    for (b, p) in mac.iter_mut().zip(&parts) {
-        if p.len() != 2 {
-            return Err(format!("{p:?} is not two hex digits"));
-        }
-        *b = u8::from_str_radix(p, 16).map_err(|_| format!("{p:?} is not hex"))?;
-    }
-    if mac[0] & 1 == 1 {
-        return Err("multicast bit set in the first byte".into());
-    }
-    Ok(mac)
+    Ok(())
 }
 
 /// A stable MAC for NIC `index` of VM `id`, in QEMU's locally administered `52:54:00` range.
@@ -180,7 +75,7 @@ mod tests {
     #[test]
     fn memory_is_required() {
         let s: VmSpec = serde_json::from_str(r#"{"vcpus": 2}"#).unwrap();
-        let err = s.validate().unwrap_err();
+        let err = HvError::from(s.validate().unwrap_err());
         assert!(err.is_bad_input());
         assert!(err.to_string().contains("memory_mib"), "{err}");
     }
@@ -196,7 +91,7 @@ mod tests {
     fn missing_kernel_path_is_named() {
         let mut s = spec();
         s.kernel = Some("/nonexistent/vmlinuz".into());
-        match s.check_paths().unwrap_err() {
+        match check_paths(&s).unwrap_err() {
             HvError::MissingPath { field, .. } => assert_eq!(field, "kernel"),
             e => panic!("unexpected {e}"),
         }

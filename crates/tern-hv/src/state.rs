@@ -11,58 +11,7 @@
 //! ```
 //! `destroy` is allowed from every state and ends the VM.
 
-use serde::{Deserialize, Serialize};
-
-/// Where a VM is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VmState {
-    /// Defined and its process exists, but the guest has not run yet.
-    Created,
-    Running,
-    Paused,
-    /// Powered off: no process, definition kept.
-    Stopped,
-    /// Waiting for an incoming migration.
-    Incoming,
-}
-
-impl std::fmt::Display for VmState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = match self {
-            VmState::Created => "created",
-            VmState::Running => "running",
-            VmState::Paused => "paused",
-            VmState::Stopped => "stopped",
-            VmState::Incoming => "waiting for an incoming migration",
-        };
-        f.write_str(s)
-    }
-}
-
-/// What a caller asks of a VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    Start,
-    Pause,
-    Resume,
-    Stop,
-    IncomingDone,
-}
-
-impl Action {
-    /// The verb used in messages.
-    pub fn verb(self) -> &'static str {
-        match self {
-            Action::Start => "start",
-            Action::Pause => "pause",
-            Action::Resume => "resume",
-            Action::Stop => "stop",
-            Action::IncomingDone => "finish the incoming migration of",
-        }
-    }
-}
+pub use tern_api::agent::{Action, VmState};
 
 /// The state after `action`, or `None` when the action is not allowed in `state`.
 pub fn transition(state: VmState, action: Action) -> Option<VmState> {

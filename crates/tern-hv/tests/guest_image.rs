@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tern_api::guest::{Reply, WorkloadSpec};
 use tern_guest::client::GuestClient;
-use tern_guest::protocol::{Reply, WorkloadSpec};
 use tern_hv::image::{ensure_image, GuestImage, ImageError};
 use tern_testkit::{require_qemu as qemu_available, test_cache_dir as cache_dir};
 

@@ -20,6 +20,9 @@ pub enum LabError {
     /// Talking to an agent, or reading what the agent reads (capacity, token file).
     #[error(transparent)]
     Agent(#[from] AgentError),
+    /// An agent's API could not be asked (bad URL, refused, timed out).
+    #[error(transparent)]
+    Client(#[from] tern_agent::client::ClientError),
     /// The lab's own files (state file, token, logs, directories).
     #[error("{context}: {source}")]
     Io {

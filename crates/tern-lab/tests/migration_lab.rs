@@ -54,7 +54,8 @@ impl Lab {
     async fn send(&self, from: usize, to: usize, policy: &str, options: Value) -> String {
         let body = json!({ "vm": VM, "destination": self.url(to), "token": self.token(), "policy": policy, "options": options });
         let v: Value = self.hosts[from]
-            .call(Method::POST, "/v1/migrations", Some(&body))
+            .http()
+            .send(Method::POST, "/v1/migrations", Some(&body))
             .await
             .unwrap();
         v["id"].as_str().unwrap().to_string()
@@ -62,7 +63,8 @@ impl Lab {
 
     async fn status(&self, host: usize, id: &str) -> Value {
         self.hosts[host]
-            .call(Method::GET, &format!("/v1/migrations/{id}"), None)
+            .http()
+            .get(&format!("/v1/migrations/{id}"))
             .await
             .unwrap()
     }

@@ -4,88 +4,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::Error;
 
-/// Milliseconds since the Unix epoch; decisions take the time as a value, never read a clock.
-pub type Millis = u64;
+pub use tern_api::manager::{
+    BalancerSettings, Capacity, Event, EventKind, Host, HostState, Migration, MigrationReason,
+    MigrationResult, Millis, Vm, VmSpec, VmState, MAX_MEMORY_MIB, MAX_VCPUS,
+};
 
-/// Whether a host takes VMs.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum HostState {
-    Active,
-    /// Drained by an operator: keeps no VMs, takes no new ones, still heartbeats.
-    Maintenance,
-    /// Missed heartbeats for longer than the limit; its VMs were restarted elsewhere.
-    Dead,
+/// The manager's checks of a value that arrived through the API, before it is used.
+pub trait Validate {
+    fn validate(&self) -> Result<(), Error>;
 }
 
-impl HostState {
-    pub const ALL: [HostState; 3] = [Self::Active, Self::Maintenance, Self::Dead];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Active => "active",
-            Self::Maintenance => "maintenance",
-            Self::Dead => "dead",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|x| x.as_str() == s)
-    }
-}
-
-/// What a host offers to VMs.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Capacity {
-    /// Physical cores available to guests.
-    pub cpus: f64,
-    /// Memory available to guests, MiB; VMs never overcommit it.
-    pub memory_mib: u64,
-}
-
-/// A host as the manager knows it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Host {
-    pub name: String,
-    /// Where its agent answers (`http://ADDR:PORT`, or `sim:` for an in-process host).
-    pub address: String,
-    pub capacity: Capacity,
-    pub state: HostState,
-    pub last_heartbeat: Option<Millis>,
-    /// Cores in use at the last heartbeat.
-    pub cpu_used: Option<f64>,
-    /// Cores in use, smoothed (EWMA) so one noisy report does not trigger migrations.
-    pub cpu_smoothed: Option<f64>,
-}
-
-/// What an operator asks for when creating a VM.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmSpec {
-    pub vcpus: u32,
-    pub memory_mib: u64,
-    /// Pinned VMs stay where they are placed: the balancer never moves them.
-    #[serde(default)]
-    pub pinned: bool,
-    /// VMs sharing an affinity group are kept on one host.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub affinity: Option<String>,
-    /// VMs sharing an anti-affinity group are kept on different hosts.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub anti_affinity: Option<String>,
-}
-
-/// Largest VM the manager accepts; catches typos such as an extra zero.
-pub const MAX_VCPUS: u32 = 64;
-pub const MAX_MEMORY_MIB: u64 = 1 << 20;
-
-impl VmSpec {
-    pub fn validate(&self) -> Result<(), Error> {
+impl Validate for VmSpec {
+    fn validate(&self) -> Result<(), Error> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(Error::BadInput(format!(
                 "vcpus must be between 1 and {MAX_VCPUS}, got {}",
@@ -141,164 +73,10 @@ pub fn check_policy(name: &str) -> Result<tern_migrate::policy::PolicyKind, Erro
     })
 }
 
-/// Where a VM is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum VmState {
-    /// Recorded with a desired host; not yet seen running there.
-    Pending,
-    Running,
-    /// A live migration to the desired host is under way.
-    Migrating,
-    /// Deleted by an operator; removed once its host confirms.
-    Deleting,
-    /// No host could take it (e.g. after its host died); waits for room.
-    Unplaced,
-}
-
-impl VmState {
-    pub const ALL: [VmState; 5] = [
-        Self::Pending,
-        Self::Running,
-        Self::Migrating,
-        Self::Deleting,
-        Self::Unplaced,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Pending => "pending",
-            Self::Running => "running",
-            Self::Migrating => "migrating",
-            Self::Deleting => "deleting",
-            Self::Unplaced => "unplaced",
-        }
+impl Validate for BalancerSettings {
+    fn validate(&self) -> Result<(), Error> {
+        tern_balance::round::validate(self).map_err(|e| Error::BadInput(e.to_string()))
     }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|x| x.as_str() == s)
-    }
-}
-
-/// A VM: what was asked (spec, desired host) beside what agents report (observed host, load).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Vm {
-    pub name: String,
-    pub spec: VmSpec,
-    pub desired_host: Option<String>,
-    pub observed_host: Option<String>,
-    pub state: VmState,
-    /// Cores it uses, smoothed over its host's reports like the host's own load.
-    pub cpu_used: f64,
-    /// Whether `cpu_used` comes from a report yet; the first report is taken as it is
-    /// instead of being averaged with the 0 a new VM starts from.
-    #[serde(default)]
-    pub cpu_measured: bool,
-    /// When it last moved; the balancer leaves it alone for the cooldown after that.
-    pub last_moved: Option<Millis>,
-}
-
-/// Why a migration was started.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum MigrationReason {
-    Manual,
-    Balance,
-    Evacuate,
-}
-
-/// How a migration ended, or that it has not yet.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "status", rename_all = "snake_case")]
-pub enum MigrationResult {
-    Running,
-    Succeeded { total_ms: u64, downtime_ms: u64 },
-    Failed { error: String },
-}
-
-/// One live migration, kept after it ends as a record.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Migration {
-    pub id: u64,
-    pub vm: String,
-    pub from: String,
-    pub to: String,
-    /// The termination policy of the pre-copy rounds.
-    pub policy: String,
-    pub reason: MigrationReason,
-    pub started: Millis,
-    pub finished: Option<Millis>,
-    pub result: MigrationResult,
-}
-
-/// How aggressively the balancer acts, and its safety limits (defined with the round it
-/// steers, in `tern-balance`).
-pub use tern_balance::round::BalancerSettings;
-
-/// What happened, in the order it happened; the event log is append-only.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum EventKind {
-    HostRegistered {
-        host: String,
-    },
-    HostStateChanged {
-        host: String,
-        from: HostState,
-        to: HostState,
-    },
-    VmCreated {
-        vm: String,
-        host: String,
-    },
-    VmRunning {
-        vm: String,
-        host: String,
-    },
-    VmDeleted {
-        vm: String,
-    },
-    VmRestarted {
-        vm: String,
-        from: String,
-        to: String,
-    },
-    VmUnplaced {
-        vm: String,
-        reason: String,
-    },
-    /// Its host stopped reporting it; it is created again.
-    VmLost {
-        vm: String,
-        host: String,
-    },
-    MigrationStarted {
-        id: u64,
-        vm: String,
-        from: String,
-        to: String,
-        policy: String,
-    },
-    MigrationFinished {
-        id: u64,
-        vm: String,
-        result: MigrationResult,
-    },
-    PlanRecorded {
-        moves: usize,
-        score_before: f64,
-        score_after: f64,
-    },
-    SettingsChanged,
-}
-
-/// A numbered event.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    pub seq: u64,
-    pub time: Millis,
-    #[serde(flatten)]
-    pub kind: EventKind,
 }
 
 /// One step of a decision's outcome. A decision's changes are committed atomically.

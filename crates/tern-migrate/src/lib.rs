@@ -7,8 +7,8 @@
 //! - [`policy`]: the [`Policy`] trait, [`decide`] (safety caps, then the policy), the
 //!   [`Decision`] enum, and one file per policy: `qemu`, `xen`,
 //!   `adaptive`, `stop-copy`; plus the throttle arithmetic ([`throttle_for`], [`cpu_max`]).
-//! - [`stop`]: [`StopReason`], why iteration ended (policies decide it, telemetry
-//!   records it).
+//! - [`StopReason`] (why iteration ended), [`RoundTelemetry`] and [`RoundProgress`] are
+//!   the agent's wire types, defined in `tern-api` and re-exported here.
 //! - [`fragment`]: [`FragmentTracker`], per-fragment re-dirtying history.
 //! - [`telemetry`]: [`RoundTelemetry`], [`RoundProgress`], [`FirstRoundProbe`] and
 //!   [`MigrationOutcome`].
@@ -43,7 +43,6 @@ pub mod error;
 pub mod fragment;
 pub mod model;
 pub mod policy;
-pub mod stop;
 pub mod telemetry;
 
 pub use error::MigrateError;

@@ -3,64 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::stop::StopReason;
-
-/// Telemetry of one completed pre-copy round.
-///
-/// Times are seconds and rates bytes per second, as `f64`, because the simulator adds
-/// thousands of them and the engine measures them with sub-millisecond resolution.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RoundTelemetry {
-    /// 1-based round number; round 1 is the first full pass over memory.
-    pub round: u32,
-    /// Pages put on the wire in this round.
-    pub pages_sent: u64,
-    /// Bytes put on the wire in this round (after compression and zero-page flags, for the
-    /// engine; pages times page size, for the model).
-    pub bytes_sent: u64,
-    /// Distinct pages whose content changed while this round ran, whether or not they
-    /// belong to a held-back fragment: the dirtying the guest did, not what will be sent.
-    pub pages_changed: u64,
-    /// `pages_changed` times page size over the round's duration: the guest's effective
-    /// dirty rate as seen through one round (a page rewritten twice counts once).
-    pub dirty_rate_bytes_per_s: f64,
-    /// Throughput the link gave this round; policies use it to predict the downtime of
-    /// a stop-and-copy and to size a throttle.
-    pub bandwidth_bytes_per_s: f64,
-    /// Pages that differ from the destination's copy at the end of the round, held-back
-    /// fragments included: what a stop-and-copy started now would send.
-    pub remaining_pages: u64,
-    /// Of `remaining_pages`, those in fragments the policy held back this round.
-    pub held_back_pages: u64,
-    /// `remaining_pages` over the bandwidth, plus the fixed cost of stopping (final scan,
-    /// device state): the downtime if the VM were paused now.
-    pub predicted_downtime_s: f64,
-    /// Wall time of this round.
-    pub duration_s: f64,
-    /// Time since the migration started, at the end of this round.
-    pub elapsed_s: f64,
-    /// Share of vCPU time taken away from the guest while this round ran (0 = none).
-    pub throttle_percent: u8,
-}
-
-/// A round part way through: how far the engine got sending it (or a point inside a
-/// model round), so a round that carries gigabytes is seen moving before it ends.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RoundProgress {
-    /// 1-based, as in [`RoundTelemetry::round`]; the stop-and-copy pass is the round
-    /// after the last live one.
-    pub round: u32,
-    /// Pages this round sends, zero pages included.
-    pub pages_planned: u64,
-    /// Of those, pages on the wire so far.
-    pub pages_sent: u64,
-    /// Bytes on the wire so far this round.
-    pub bytes_sent: u64,
-    /// Since this round began.
-    pub duration_s: f64,
-    /// Since the migration's live phase began, as [`RoundTelemetry::elapsed_s`].
-    pub elapsed_s: f64,
-}
+use tern_api::migration::StopReason;
+pub use tern_api::migration::{RoundProgress, RoundTelemetry};
 
 /// What the engine measured part way into round 1, after sending its first stretch of
 /// memory: enough to see how fast the guest dirties pages while most of round 1 is

@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use tern_hv::{HvError, MigrationState};
 
-use crate::error::AgentError;
 pub use routes::routes;
 
 pub mod dest;
@@ -80,7 +79,7 @@ pub enum MigrationError {
     Peer {
         step: &'static str,
         #[source]
-        source: AgentError,
+        source: crate::client::ClientError,
     },
     /// The hypervisor on this host failed a step (pause, device state, ...).
     #[error("hypervisor: {step}: {source}")]

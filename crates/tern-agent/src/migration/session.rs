@@ -1,126 +1,19 @@
-//! The values of the migration API and the registry of migrations an agent runs.
-//!
-//! A source migration walks these phases, each entered once, in order:
-//!
-//! ```text
-//!  Preparing ─► Connecting ─► PreCopy ─► StopAndCopy ─► DeviceState ─► Resuming ─► Completed
-//!      │            │            │            │              │             │
-//!      └────────────┴────────────┴────┬───────┴──────────────┴─────────────┘
-//!                                     ▼  any error, timeout or cancel
-//!                               RolledBack (VM running on the source, destination cleaned)
-//! ```
+//! The registry of migrations an agent runs. The values of the migration API (phases,
+//! requests, views) are `tern_api::migration`; they are re-exported here.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
-use tern_hv::VmSpec;
-use tern_migrate::{RoundProgress, RoundTelemetry};
+use tern_migrate::RoundProgress;
+
+pub use tern_api::migration::{
+    IncomingPhase, IncomingView, MigrationResult, MigrationView, Phase, PrepareRequest,
+    SendOptions, SendRequest, Ticket,
+};
 
 use super::incoming::Progress;
 use super::outgoing::RoundMeter;
-
-/// Where a source migration is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Phase {
-    Preparing,
-    Connecting,
-    PreCopy,
-    StopAndCopy,
-    DeviceState,
-    Resuming,
-    Completed,
-    RolledBack,
-}
-
-impl Phase {
-    pub fn is_final(self) -> bool {
-        matches!(self, Phase::Completed | Phase::RolledBack)
-    }
-}
-
-/// `POST /v1/migrations`: move `vm` from this host to the agent at `destination`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SendRequest {
-    pub vm: String,
-    /// The destination agent's base URL, e.g. `http://198.18.0.2:7070`.
-    pub destination: String,
-    /// The destination agent's bearer token.
-    pub token: String,
-    /// `xen`, `qemu-rule` (alias `qemu`), `adaptive` or `stop-copy` for tern's engine;
-    /// `qemu-native` for QEMU's own migration of the whole VM (the benchmark's peer).
-    #[serde(default = "adaptive")]
-    pub policy: String,
-    #[serde(default)]
-    pub options: SendOptions,
-}
-
-fn adaptive() -> String {
-    "adaptive".into()
-}
-
-/// Tuning of one migration; every field has a default.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SendOptions {
-    /// Parallel memory streams.
-    pub streams: u16,
-    /// LZ4-compress page batches where that shrinks them.
-    pub compress: bool,
-    /// Bandwidth cap in Mbit/s; absent: as fast as the link allows.
-    pub max_mbit: Option<u64>,
-    /// The downtime the policy aims for.
-    pub downtime_limit_ms: u64,
-    /// Live rounds end (not converged) after this long; for `qemu-native`, the
-    /// migration is cancelled (VM stays here) after this long.
-    pub max_precopy_s: f64,
-    /// `qemu-native` only: QEMU's `auto-converge` capability.
-    pub auto_converge: bool,
-}
-
-impl Default for SendOptions {
-    fn default() -> Self {
-        SendOptions {
-            streams: 2,
-            compress: false,
-            max_mbit: None,
-            downtime_limit_ms: 300,
-            max_precopy_s: 60.0,
-            auto_converge: false,
-        }
-    }
-}
-
-impl SendOptions {
-    /// Checks ranges; the message says what to change.
-    pub fn validate(&self) -> Result<(), String> {
-        if !(1..=16).contains(&self.streams) {
-            return Err(format!(
-                "options.streams must be 1..=16, got {}",
-                self.streams
-            ));
-        }
-        if self.max_mbit == Some(0) {
-            return Err("options.max_mbit must be positive (omit it for no cap)".into());
-        }
-        if !(1..=60_000).contains(&self.downtime_limit_ms) {
-            return Err(format!(
-                "options.downtime_limit_ms must be 1..=60000, got {}",
-                self.downtime_limit_ms
-            ));
-        }
-        if !(self.max_precopy_s > 0.0 && self.max_precopy_s <= 3600.0) {
-            return Err(format!(
-                "options.max_precopy_s must be in (0, 3600], got {}",
-                self.max_precopy_s
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// What moves the memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,90 +55,6 @@ impl Engine {
     }
 }
 
-/// `POST /v1/incoming`: the destination prepares to receive `vm`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrepareRequest {
-    pub vm: String,
-    pub spec: VmSpec,
-    /// QEMU carries the memory itself (no tern memory streams, no `x-ignore-shared`).
-    #[serde(default)]
-    pub native: bool,
-}
-
-/// The destination's answer to a prepare: where to send memory and device state.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Ticket {
-    pub migration: String,
-    /// Secret the memory streams must present.
-    pub stream_token: String,
-    pub memory_port: u16,
-    /// QEMU's `migrate-incoming` port on the destination.
-    pub device_port: u16,
-}
-
-/// The result of a finished migration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MigrationResult {
-    pub total_ms: u64,
-    /// From pausing the source to the destination running.
-    pub downtime_ms: u64,
-    /// Bytes of memory streams, device state included.
-    pub bytes: u64,
-    /// Live rounds before the stop-and-copy (QEMU's dirty-sync count is not
-    /// reported for `qemu-native`: 0 there).
-    pub rounds: u32,
-    /// Guest memory that is not zero pages when the migration started (M of the
-    /// lower bound M/B); unknown for `qemu-native`.
-    pub nonzero_bytes: Option<u64>,
-    pub converged: bool,
-    pub policy: String,
-    pub stop_reason: tern_migrate::StopReason,
-    pub max_throttle_percent: u8,
-    /// Where the downtime went: final scan and send, QEMU's device state, resume on the
-    /// destination (tern's engine only).
-    pub downtime_parts_ms: Option<[u64; 3]>,
-    /// Filled in by whoever checks the guest afterwards (the benchmark, the tests): the
-    /// engine itself cannot see inside the guest.
-    pub guest_ok: Option<bool>,
-}
-
-/// What `GET /v1/migrations/{id}` shows.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MigrationView {
-    pub id: String,
-    pub vm: String,
-    pub destination: String,
-    pub policy: String,
-    pub phase: Phase,
-    /// Why the migration was rolled back.
-    pub error: Option<String>,
-    /// Completed rounds.
-    pub rounds: Vec<RoundTelemetry>,
-    /// The round being sent, while one is (the stop-and-copy pass included): how far it
-    /// got. Absent between rounds, before the first and after the last.
-    #[serde(default)]
-    pub current: Option<RoundProgress>,
-    pub result: Option<MigrationResult>,
-}
-
-impl MigrationView {
-    /// A migration about to start: nothing sent, nothing decided.
-    pub fn new(id: &str, vm: &str, destination: &str, policy: &str) -> Self {
-        MigrationView {
-            id: id.to_string(),
-            vm: vm.to_string(),
-            destination: destination.to_string(),
-            policy: policy.to_string(),
-            phase: Phase::Preparing,
-            error: None,
-            rounds: Vec::new(),
-            current: None,
-            result: None,
-        }
-    }
-}
-
 /// One outgoing migration as the registry holds it.
 pub struct Outbound {
     pub view: Mutex<MigrationView>,
@@ -280,27 +89,6 @@ impl Outbound {
 fn running_round(view: &MigrationView, meter: Option<RoundProgress>) -> Option<RoundProgress> {
     let done = view.rounds.last().map_or(0, |r| r.round);
     meter.filter(|c| c.round > done && !view.phase.is_final())
-}
-
-/// Where an incoming migration is, as the destination sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IncomingPhase {
-    Receiving,
-    MemoryComplete,
-    Running,
-    Failed,
-}
-
-/// `GET /v1/incoming/{id}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct IncomingView {
-    pub migration: String,
-    pub vm: String,
-    pub phase: IncomingPhase,
-    pub bytes: u64,
-    pub rounds: u64,
-    pub error: Option<String>,
 }
 
 /// One incoming migration as the registry holds it.
@@ -395,6 +183,7 @@ pub fn stream_token() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_migrate::RoundTelemetry;
 
     #[test]
     fn options_are_checked_with_a_message_naming_the_field() {

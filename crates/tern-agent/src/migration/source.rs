@@ -14,8 +14,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::Method;
-use serde_json::json;
 use tern_hv::{HvError, MigrationState, MigrationStatus, VmInfo, VmState};
 use tern_migrate::{Policy, PolicyKind, StopReason};
 
@@ -29,7 +27,7 @@ use super::throttle::CgroupThrottle;
 use super::wire::PAGE_SIZE;
 use super::MigrationError;
 use crate::client::AgentClient;
-use crate::error::AgentError;
+use crate::client::ClientError;
 use crate::state::AppState;
 
 /// How long QEMU may take to carry the device state.
@@ -45,7 +43,7 @@ pub enum RollbackError {
     )]
     DestinationUnconfirmed {
         #[source]
-        last: Option<AgentError>,
+        last: Option<ClientError>,
     },
     #[error("resuming the source: {0}")]
     ResumeSource(#[source] HvError),
@@ -243,10 +241,9 @@ impl<'a> SourceMigration<'a> {
             native,
         };
         self.info = Some(info);
-        let body = serde_json::to_value(&prepare).expect("prepare request serialises");
         let ticket: Ticket = self
             .dest
-            .call(Method::POST, "/v1/incoming", Some(&body))
+            .prepare_incoming(&prepare)
             .await
             .map_err(|source| MigrationError::Peer {
                 step: "prepare",
@@ -605,14 +602,11 @@ async fn abort_destination(
     ticket: &Ticket,
     resume_sent: bool,
 ) -> Result<(), RollbackError> {
-    let path = format!("/v1/incoming/{}", ticket.migration);
     let mut last = None;
     for attempt in 0..5 {
-        match dest
-            .call::<serde_json::Value>(Method::DELETE, &path, None)
-            .await
-        {
-            Ok(_) | Err(AgentError::Remote { status: 404, .. }) => return Ok(()),
+        match dest.abort_incoming(&ticket.migration).await {
+            Ok(_) => return Ok(()),
+            Err(e) if e.is_not_found() => return Ok(()),
             Err(e) => {
                 tracing::warn!(attempt, error = %e, "could not reach the destination to abort");
                 last = Some(e);
@@ -633,9 +627,7 @@ async fn resume_destination(
     reached: &mut Reached,
 ) -> Result<(), MigrationError> {
     reached.resume_sent = true;
-    let path = format!("/v1/incoming/{}/resume", ticket.migration);
-    let _: serde_json::Value = dest
-        .call(Method::POST, &path, Some(&json!({})))
+    dest.resume_incoming(&ticket.migration)
         .await
         .map_err(|source| MigrationError::Peer {
             step: "resume",

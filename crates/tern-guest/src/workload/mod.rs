@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::protocol::{VerifyReport, WorkloadSpec, WorkloadStatus};
 use crate::GuestError;
+use tern_api::guest::{VerifyReport, WorkloadSpec, WorkloadStatus};
 
 /// Progress of one workload, shared between its threads and the agent.
 #[derive(Debug, Default)]

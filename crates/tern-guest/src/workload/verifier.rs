@@ -13,12 +13,8 @@ use std::time::Instant;
 
 use super::Ctl;
 use crate::pacing::Pacer;
-use crate::protocol::VerifyReport;
 use crate::{GuestError, PAGE_SIZE, PAGE_WORDS};
-
-/// Writes per second when the host does not say: slow enough to cost nothing under
-/// TCG, fast enough that the counter visibly moves within a second.
-pub const DEFAULT_PAGES_PER_SEC: f64 = 200.0;
+use tern_api::guest::VerifyReport;
 
 /// The region and its counter, behind one lock so a report sees a consistent pair.
 pub struct Shared {

@@ -120,6 +120,21 @@ pub struct GuestImage {
     pub inputs: Inputs,
 }
 
+impl GuestImage {
+    /// A VM that boots this image with `vcpus` and `memory_mib`, its guest calling itself
+    /// `hostname`; no NICs.
+    pub fn vm_spec(&self, vcpus: u32, memory_mib: u64, hostname: &str) -> crate::VmSpec {
+        crate::VmSpec {
+            vcpus,
+            memory_mib,
+            kernel: Some(self.kernel.clone()),
+            initramfs: Some(self.initramfs.clone()),
+            cmdline: format!("{} tern.hostname={hostname}", self.cmdline),
+            nics: Vec::new(),
+        }
+    }
+}
+
 /// Hashes of what went into the image.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Inputs {

@@ -344,7 +344,7 @@ impl Hypervisor for QemuDriver {
 
     async fn create(&self, id: &str, spec: VmSpec, incoming: bool) -> Result<VmInfo> {
         validate_id(id)?;
-        spec.check_paths()?;
+        crate::spec::check_paths(&spec)?;
         if !spec.nics.is_empty() && self.cfg.bridge.is_none() {
             return Err(HvError::NoBridge(id.to_string()));
         }

@@ -9,43 +9,66 @@ use serde::de::DeserializeOwned;
 
 use crate::error::Error;
 
-/// An error answer.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
+/// An error answer: a manager error, or a failure of the HTTP layer itself. Its status
+/// is decided here and nowhere else ([`ApiError::status`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// What the manager refused or failed at; the variant decides the status.
+    #[error(transparent)]
+    Manager(#[from] Error),
+    /// A body, query or path parameter that does not parse or is out of range.
+    #[error("{0}")]
+    BadRequest(String),
+    /// No or a wrong bearer token.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// No such route, or no such record where the manager has no error of its own.
+    #[error("{0}")]
+    NotFound(String),
+    /// Not serving this now: stopping, or no leader that answers.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The server itself failed (a task that ran the request panicked).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
+    /// The HTTP status of this error (pure; the only mapping in the manager).
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Manager(e) => match e {
+                Error::BadInput(_) => StatusCode::BAD_REQUEST,
+                Error::UnknownHost(_) | Error::UnknownVm(_) => StatusCode::NOT_FOUND,
+                Error::Conflict(_) | Error::NoRoom { .. } => StatusCode::CONFLICT,
+                Error::Agent { .. } => StatusCode::BAD_GATEWAY,
+                Error::NotLeader(_) | Error::Etcd(_) => StatusCode::SERVICE_UNAVAILABLE,
+                Error::Sqlite(_) | Error::Corrupt(_) | Error::SchemaTooNew { .. } => {
+                    StatusCode::INTERNAL_SERVER_ERROR
+                }
+            },
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
-    }
-}
-
-impl From<Error> for ApiError {
-    fn from(e: Error) -> Self {
-        let status = match &e {
-            Error::BadInput(_) => StatusCode::BAD_REQUEST,
-            Error::UnknownHost(_) | Error::UnknownVm(_) => StatusCode::NOT_FOUND,
-            Error::Conflict(_) | Error::NoRoom { .. } => StatusCode::CONFLICT,
-            Error::Agent { .. } => StatusCode::BAD_GATEWAY,
-            Error::NotLeader(_) | Error::Etcd(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Sqlite(_) | Error::Corrupt(_) | Error::SchemaTooNew { .. } => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
-        };
-        Self::new(status, e.to_string())
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(serde_json::json!({ "error": self.message }));
-        (self.status, body).into_response()
+        let body = Json(ErrorBody {
+            error: self.to_string(),
+        });
+        (self.status(), body).into_response()
     }
+}
+
+/// The JSON of every error answer.
+#[derive(serde::Serialize)]
+struct ErrorBody {
+    error: String,
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
@@ -61,13 +84,34 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(Body(v)),
-            Err(rej) => Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!(
-                    "request body: {}; send JSON as described in /openapi.json",
-                    rej.body_text()
-                ),
-            )),
+            Err(rej) => Err(ApiError::BadRequest(format!(
+                "request body: {}; send JSON as described in /openapi.json",
+                rej.body_text()
+            ))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_error_has_its_status() {
+        let s = |e: ApiError| e.status().as_u16();
+        assert_eq!(s(Error::BadInput("x".into()).into()), 400);
+        assert_eq!(s(Error::UnknownVm("x".into()).into()), 404);
+        assert_eq!(s(Error::Conflict("x".into()).into()), 409);
+        let agent = Error::Agent {
+            host: "h".into(),
+            message: "x".into(),
+        };
+        assert_eq!(s(agent.into()), 502);
+        assert_eq!(s(Error::NotLeader(None).into()), 503);
+        assert_eq!(s(ApiError::BadRequest("x".into())), 400);
+        assert_eq!(s(ApiError::Unauthorized("x")), 401);
+        assert_eq!(s(ApiError::NotFound("x".into())), 404);
+        assert_eq!(s(ApiError::Unavailable("x".into())), 503);
+        assert_eq!(s(ApiError::Internal("x".into())), 500);
     }
 }

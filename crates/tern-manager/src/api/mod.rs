@@ -5,12 +5,10 @@
 //! [`Manager`]; [`error`] maps every failure to a status and a JSON message. Every route
 //! but `/openapi.json` needs `Authorization: Bearer TOKEN`.
 //!
-//! - [`client`]: a client of this API for the command line.
 //! - [`error`]: errors as HTTP answers, the JSON body extractor.
 //! - [`metrics`]: the Prometheus text.
 //! - [`migrations`]: migration records with a running one's live telemetry.
 
-pub mod client;
 pub mod error;
 pub mod metrics;
 pub mod migrations;
@@ -27,13 +25,13 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
-use serde::Deserialize;
+use tern_api::manager::{CreateVm, MigrateVm, Page, RegisterHost};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 
 use crate::decide::{Command, LoadReport, Reply};
 use crate::manager::Manager;
-use crate::state::{BalancerSettings, Capacity, Event, VmSpec};
+use crate::state::{BalancerSettings, Event};
 use error::{ApiError, ApiResult, Body};
 
 /// The OpenAPI document, checked in beside the docs.
@@ -107,10 +105,7 @@ pub fn router(
         .merge(secured)
         .merge(crate::web::page_routes())
         .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "no such route; /openapi.json lists the API",
-            )
+            ApiError::NotFound("no such route; /openapi.json lists the API".into())
         })
         .with_state(app)
 }
@@ -123,8 +118,7 @@ async fn auth(State(app): AppState, req: Request, next: Next) -> Response {
     let token = match given.and_then(|v| v.strip_prefix("Bearer ")) {
         Some(t) => t,
         None => {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
+            return ApiError::Unauthorized(
                 "missing bearer token: send the header 'Authorization: Bearer TOKEN' with a \
                  token the manager was started with",
             )
@@ -136,7 +130,7 @@ async fn auth(State(app): AppState, req: Request, next: Next) -> Response {
         .iter()
         .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
     {
-        return ApiError::new(StatusCode::UNAUTHORIZED, "wrong bearer token").into_response();
+        return ApiError::Unauthorized("wrong bearer token").into_response();
     }
     next.run(req).await
 }
@@ -155,7 +149,7 @@ async fn call<T: Send + 'static>(
     let m = app.manager.clone();
     tokio::task::spawn_blocking(move || f(&m))
         .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(ApiError::from)
 }
 
@@ -182,14 +176,6 @@ async fn openapi() -> impl IntoResponse {
 async fn metrics(State(app): AppState) -> impl IntoResponse {
     let text = app.manager.read(metrics::render);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RegisterHost {
-    name: String,
-    address: String,
-    capacity: Capacity,
 }
 
 async fn register_host(State(app): AppState, Body(b): Body<RegisterHost>) -> ApiResult<Response> {
@@ -237,16 +223,6 @@ async fn activate(State(app): AppState, Path(host): Path<String>) -> ApiResult<R
     Ok(reply(StatusCode::OK, execute(&app, cmd).await?))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateVm {
-    name: String,
-    spec: VmSpec,
-    /// Absent: the manager places it.
-    #[serde(default)]
-    host: Option<String>,
-}
-
 async fn create_vm(State(app): AppState, Body(b): Body<CreateVm>) -> ApiResult<Response> {
     let cmd = Command::CreateVm {
         name: b.name,
@@ -278,17 +254,6 @@ async fn delete_vm(State(app): AppState, Path(name): Path<String>) -> ApiResult<
     ))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MigrateVm {
-    /// Absent: the manager picks the best other host.
-    #[serde(default)]
-    to: Option<String>,
-    /// Absent: the balancer's default policy.
-    #[serde(default)]
-    policy: Option<String>,
-}
-
 async fn migrate_vm(
     State(app): AppState,
     Path(name): Path<String>,
@@ -302,41 +267,23 @@ async fn migrate_vm(
     Ok(reply(StatusCode::ACCEPTED, execute(&app, cmd).await?))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Page {
-    #[serde(default)]
-    since: u64,
-    #[serde(default = "default_limit")]
-    limit: usize,
-}
-
-fn default_limit() -> usize {
-    1000
-}
-
-impl Page {
-    fn limit(&self) -> ApiResult<usize> {
-        if self.limit == 0 || self.limit > MAX_PAGE {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("limit must be 1 to {MAX_PAGE}, got {}", self.limit),
-            ));
-        }
-        Ok(self.limit)
+/// A list's `limit`, checked against [`MAX_PAGE`].
+fn limit(limit: usize) -> ApiResult<usize> {
+    if limit == 0 || limit > MAX_PAGE {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be 1 to {MAX_PAGE}, got {limit}"
+        )));
     }
+    Ok(limit)
 }
 
 /// Query strings are parsed here so a bad one gets the same JSON error as a bad body.
 fn page(q: Result<Query<Page>, axum::extract::rejection::QueryRejection>) -> ApiResult<Page> {
     q.map(|Query(p)| p).map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "{}; the query takes since=N and limit=N, whole numbers",
-                e.body_text()
-            ),
-        )
+        ApiError::BadRequest(format!(
+            "{}; the query takes since=N and limit=N, whole numbers",
+            e.body_text()
+        ))
     })
 }
 
@@ -372,7 +319,7 @@ async fn list_events(
     q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     let p = page(q)?;
-    let (since, limit) = (p.since, p.limit()?);
+    let (since, limit) = (p.since, limit(p.limit)?);
     Ok(Json(call(&app, move |m| m.events_since(since, limit)).await?).into_response())
 }
 

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use tern_api::migration::Phase;
 use tern_hv::sim::SimDriver;
 use tern_hv::Hypervisor;
 use tern_migrate::{DirtyModel, MigrationParams};
@@ -157,7 +158,7 @@ impl HostClient for SimHost {
         let out = tern_migrate::simulate(&params, &policy).map_err(|e| hv_err(&self.name, e))?;
         let wait = |model_s: f64| cluster.model_time(model_s);
         // The VM runs here through the live rounds, as it would under the real engine.
-        progress(Progress::after_rounds("pre_copy", memory, &[]));
+        progress(Progress::after_rounds(Phase::PreCopy, memory, &[]));
         for (i, r) in out.telemetry.iter().enumerate() {
             // A round is reported part way too, as an agent reports the round it sends.
             let steps = cluster.report_steps(r.duration_s);
@@ -165,11 +166,11 @@ impl HostClient for SimHost {
                 wait(r.duration_s / steps as f64).await;
                 let part = part_of_round(r, step as f64 / steps as f64);
                 let done = &out.telemetry[..i];
-                progress(Progress::during("pre_copy", memory, done, Some(&part)));
+                progress(Progress::during(Phase::PreCopy, memory, done, Some(&part)));
             }
             wait(r.duration_s / steps as f64).await;
             progress(Progress::after_rounds(
-                "pre_copy",
+                Phase::PreCopy,
                 memory,
                 &out.telemetry[..=i],
             ));
@@ -180,7 +181,7 @@ impl HostClient for SimHost {
             });
         }
         progress(Progress::after_rounds(
-            "stop_and_copy",
+            Phase::StopAndCopy,
             memory,
             &out.telemetry,
         ));

@@ -189,7 +189,11 @@ mod tests {
         let p = plan(&snap, 0);
         assert!(p.moves.iter().all(|m| m.vm != "big"), "{p:?}");
         assert!(
-            p.skipped.get("cost_exceeds_gain").copied().unwrap_or(0) >= 1,
+            p.skipped
+                .get(&tern_api::manager::NotMoved::CostExceedsGain)
+                .copied()
+                .unwrap_or(0)
+                >= 1,
             "{p:?}"
         );
     }

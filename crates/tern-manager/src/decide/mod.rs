@@ -11,40 +11,14 @@ pub mod health;
 pub mod placement;
 pub mod reconcile;
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
+use crate::state::Validate;
 use crate::state::{
     check_name, BalancerSettings, Capacity, Change, EventKind, Host, HostState, Migration,
     MigrationReason, MigrationResult, Millis, Snapshot, Vm, VmSpec, VmState,
 };
 use placement::Placer;
-
-/// A host's load report, sent with each heartbeat.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LoadReport {
-    /// Cores in use on the host.
-    pub cpu_used: f64,
-    /// The VMs running there and the cores each uses.
-    #[serde(default)]
-    pub vms: Vec<VmLoad>,
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct VmLoad {
-    pub name: String,
-    pub cpu_used: f64,
-}
-
-/// What the manager answers a heartbeat with.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct HeartbeatReply {
-    /// VMs the host reported that belong elsewhere (it came back after being declared
-    /// dead and they were restarted): the agent destroys these before taking new work.
-    pub stale: Vec<String>,
-}
+pub use tern_api::manager::{HeartbeatReply, LoadReport, VmLoad};
 
 /// Everything that changes cluster state, from the API or from the agents' answers.
 #[derive(Clone, Debug, PartialEq)]

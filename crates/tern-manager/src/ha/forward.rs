@@ -123,13 +123,12 @@ async fn forward(State(f): State<Arc<Forwarder>>, req: Request, next: Next) -> R
     let forwarded = req.headers().contains_key(FORWARDED);
     match f.leadership.route(forwarded) {
         Route::Local => next.run(req).await,
-        Route::Refuse(msg) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, msg).into_response(),
+        Route::Refuse(msg) => ApiError::Unavailable(msg).into_response(),
         Route::Forward(leader) => match pass_on(&f, &leader, req).await {
             Ok(r) => r,
-            Err(e) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not the leader; the leader is at {leader}, which did not answer: {e}"),
-            )
+            Err(e) => ApiError::Unavailable(format!(
+                "not the leader; the leader is at {leader}, which did not answer: {e}"
+            ))
             .into_response(),
         },
     }

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use axum::extract::{Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -156,21 +156,18 @@ async fn history(
     q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> ApiResult<Response> {
     let Query(q) = q.map_err(|e| {
-        ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "{}; the query takes events=N, a whole number",
-                e.body_text()
-            ),
-        )
+        ApiError::BadRequest(format!(
+            "{}; the query takes events=N, a whole number",
+            e.body_text()
+        ))
     })?;
     if q.events > MAX_EVENTS {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("events must be 0 to {MAX_EVENTS}, got {}", q.events),
-        ));
+        return Err(ApiError::BadRequest(format!(
+            "events must be 0 to {MAX_EVENTS}, got {}",
+            q.events
+        )));
     }
-    let gone = || ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the manager is stopping");
+    let gone = || ApiError::Unavailable("the manager is stopping".into());
     let m = web.manager.upgrade().ok_or_else(gone)?;
     let empty = web
         .history
@@ -191,7 +188,7 @@ async fn history(
         events.map(|e| (last, e))
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError::Internal(e.to_string()))?
     .map_err(ApiError::from)?;
     let scores = web
         .history

@@ -31,11 +31,10 @@ pub use stop_copy::StopCopy;
 pub use throttle::{cpu_max, cpu_quota_percent, throttle_for};
 pub use xen::Xen;
 
-pub use crate::stop::StopReason;
-
 use crate::fragment::{FragmentId, FragmentTracker};
 use crate::telemetry::{FirstRoundProbe, RoundTelemetry};
 use crate::MigrateError;
+pub use tern_api::migration::StopReason;
 
 /// Downtime budget QEMU uses by default (`downtime-limit`, 300 ms).
 pub const DEFAULT_DOWNTIME_LIMIT_S: f64 = 0.3;

@@ -1,11 +1,11 @@
 //! `tern agent`: the host daemon, serving the agent API until SIGINT or SIGTERM.
 
-use super::bad_input;
+use super::{agent_error, bad_input};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tern_agent::host::{detect_capacity, Capacity};
-use tern_agent::{AgentError, AppState, HostConfig};
+use tern_agent::{AppState, HostConfig};
 use tern_hv::qemu::{QemuConfig, QemuDriver};
 use tern_hv::sim::SimDriver;
 
@@ -63,21 +63,6 @@ pub struct Daemon {
     pub memory_mib: Option<u64>,
     #[arg(long, value_enum, default_value = "qemu")]
     pub hypervisor: Driver,
-}
-
-/// Maps an agent-library error for `main`: the user's mistakes (a bad flag or file, an
-/// agent's 4xx answer) exit with status 2.
-pub fn agent_error(e: AgentError) -> anyhow::Error {
-    let user_fault = match &e {
-        AgentError::BadRequest(_) => true,
-        AgentError::Remote { status, .. } => (400..500).contains(status) || *status == 507,
-        other => other.status().is_client_error(),
-    };
-    if user_fault {
-        bad_input(e)
-    } else {
-        anyhow::Error::new(e)
-    }
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -186,6 +171,7 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_agent::AgentError;
 
     fn code(e: AgentError) -> i32 {
         crate::cmd::exit_code(&agent_error(e))

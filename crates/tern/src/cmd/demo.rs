@@ -66,7 +66,7 @@ struct RoundLine {
     decision_ms: f64,
     score_before: f64,
     score_after: f64,
-    skipped: BTreeMap<String, u64>,
+    skipped: BTreeMap<tern_api::manager::NotMoved, u64>,
 }
 
 #[derive(Serialize)]

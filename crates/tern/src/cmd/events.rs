@@ -2,9 +2,8 @@
 
 use reqwest::Method;
 use serde_json::Value;
-use tern_manager::api::client::CallError;
 
-use super::host::{call, Conn};
+use super::host::{call, refused, Conn};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -48,19 +47,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         let rt = tokio::runtime::Runtime::new()?;
         return rt
             .block_on(client.follow_events(a.since, |e| {
+                let e = serde_json::to_value(e).expect("an event serialises");
                 if json {
                     println!("{e}");
                 } else {
                     println!("{}", line(&e));
                 }
             }))
-            .map_err(|e| match e {
-                CallError::Refused { .. } => super::bad_input(e),
-                CallError::Failed(m) => anyhow::anyhow!(m),
-            });
+            .map_err(refused);
     }
     let path = format!("/v1/events?since={}&limit={}", a.since, a.limit);
-    let v = call(c, Method::GET, &path, None)?;
+    let v = call::<()>(c, Method::GET, &path, None)?;
     if c.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {

@@ -1,9 +1,13 @@
 //! `tern host`: the manager's hosts (list, show, register, drain, activate). Also the
 //! connection flags and the call function that `tern policy` and `tern events` share.
 
+use std::time::Duration;
+
 use reqwest::Method;
-use serde_json::{json, Value};
-use tern_manager::api::client::{ApiClient, CallError};
+use serde::Serialize;
+use serde_json::Value;
+use tern_api::client::{ClientError, ManagerClient};
+use tern_api::manager::{Capacity, RegisterHost};
 
 /// Where the manager is and how to authenticate.
 #[derive(clap::Args, Clone)]
@@ -31,25 +35,39 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn client(&self) -> anyhow::Result<ApiClient> {
+    pub fn client(&self) -> anyhow::Result<ManagerClient> {
         if self.token.is_empty() {
             return Err(super::bad_input(
                 "no token: give --token TOKEN or set TERN_TOKEN",
             ));
         }
-        ApiClient::new(&self.manager, &self.token).map_err(super::bad_input)
+        ManagerClient::new(&self.manager, &self.token, Duration::from_secs(30))
+            .map_err(super::bad_input)
     }
 }
 
-/// Runs one call; a refusal is bad input (exit 2) with the manager's message.
-pub fn call(conn: &Conn, method: Method, path: &str, body: Option<Value>) -> anyhow::Result<Value> {
+/// A refusal (4xx) is bad input (exit 2) with the manager's message; anything else is a
+/// failure.
+pub fn refused(e: ClientError) -> anyhow::Error {
+    match e {
+        ClientError::Remote {
+            status, message, ..
+        } if (400..500).contains(&status) => super::bad_input(format!("{message} (HTTP {status})")),
+        e => anyhow::Error::new(e),
+    }
+}
+
+/// Runs one call on a runtime of its own and returns the answer's JSON.
+pub fn call<B: Serialize + ?Sized>(
+    conn: &Conn,
+    method: Method,
+    path: &str,
+    body: Option<&B>,
+) -> anyhow::Result<Value> {
     let client = conn.client()?;
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(client.call(method, path, body.as_ref()))
-        .map_err(|e| match e {
-            CallError::Refused { .. } => super::bad_input(e),
-            CallError::Failed(m) => anyhow::anyhow!(m),
-        })
+    rt.block_on(client.http().send(method, path, body))
+        .map_err(refused)
 }
 
 /// Prints `rows` under `header` in aligned columns.
@@ -128,21 +146,26 @@ const HEADER: [&str; 6] = [
 pub fn run(a: Args) -> anyhow::Result<()> {
     let c = &a.conn;
     let v = match a.command {
-        Command::List => call(c, Method::GET, "/v1/hosts", None)?,
-        Command::Show { name } => call(c, Method::GET, &format!("/v1/hosts/{name}"), None)?,
+        Command::List => call::<()>(c, Method::GET, "/v1/hosts", None)?,
+        Command::Show { name } => call::<()>(c, Method::GET, &format!("/v1/hosts/{name}"), None)?,
         Command::Register {
             name,
             address,
             cpus,
             memory_mib,
         } => {
-            let body = json!({"name": name, "address": address,
-                              "capacity": {"cpus": cpus, "memory_mib": memory_mib}});
-            call(c, Method::POST, "/v1/hosts", Some(body))?
+            let body = RegisterHost {
+                name,
+                address,
+                capacity: Capacity { cpus, memory_mib },
+            };
+            call(c, Method::POST, "/v1/hosts", Some(&body))?
         }
-        Command::Drain { name } => call(c, Method::POST, &format!("/v1/hosts/{name}/drain"), None)?,
+        Command::Drain { name } => {
+            call::<()>(c, Method::POST, &format!("/v1/hosts/{name}/drain"), None)?
+        }
         Command::Activate { name } => {
-            call(c, Method::POST, &format!("/v1/hosts/{name}/activate"), None)?
+            call::<()>(c, Method::POST, &format!("/v1/hosts/{name}/activate"), None)?
         }
     };
     if c.json {

@@ -1,7 +1,6 @@
 //! `tern lab`: a lab of hosts on this machine (namespaces, bridge, shaped links, agents).
 
-use super::agent::agent_error;
-use super::bad_input;
+use super::{agent_error, bad_input};
 use std::path::PathBuf;
 use tern_lab::{self as lab, LabError, LabOptions};
 

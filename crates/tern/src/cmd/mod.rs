@@ -1,5 +1,7 @@
 //! One module per subcommand; each parses its flags into values and calls the library.
 
+use tern_agent::AgentError;
+
 pub mod agent;
 pub mod bench;
 pub mod demo;
@@ -30,6 +32,22 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         2
     } else {
         1
+    }
+}
+
+/// Maps an agent-library error for `main`: the user's mistakes (a bad flag or file, an
+/// agent's 4xx answer) exit with status 2. Takes the agent client's errors too.
+pub fn agent_error(e: impl Into<AgentError>) -> anyhow::Error {
+    let e = e.into();
+    let user_fault = match &e {
+        AgentError::BadRequest(_) => true,
+        AgentError::Remote { status, .. } => (400..500).contains(status) || *status == 507,
+        other => other.status().is_client_error(),
+    };
+    if user_fault {
+        bad_input(e)
+    } else {
+        anyhow::Error::new(e)
     }
 }
 

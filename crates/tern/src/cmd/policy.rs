@@ -59,8 +59,8 @@ fn settings_table(v: &Value) {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let c = &a.conn;
     let v = match a.command {
-        Command::Show => call(c, Method::GET, "/v1/balancer", None)?,
-        Command::Plan => call(c, Method::GET, "/v1/plan", None)?,
+        Command::Show => call::<()>(c, Method::GET, "/v1/balancer", None)?,
+        Command::Plan => call::<()>(c, Method::GET, "/v1/plan", None)?,
         Command::Set {
             enabled,
             dry_run,
@@ -73,7 +73,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             smoothing_window,
             default_policy,
         } => {
-            let mut s = call(c, Method::GET, "/v1/balancer", None)?;
+            // The settings as the manager wrote them, so fields a newer manager has and
+            // this CLI does not know go back unchanged.
+            let mut s = call::<()>(c, Method::GET, "/v1/balancer", None)?;
             let mut put = |k: &str, x: Option<Value>| {
                 if let Some(x) = x {
                     s[k] = x;
@@ -89,7 +91,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             put("dead_after_s", dead_after_s.map(Value::from));
             put("smoothing_window", smoothing_window.map(Value::from));
             put("default_policy", default_policy.map(Value::from));
-            call(c, Method::PUT, "/v1/balancer", Some(s))?
+            call(c, Method::PUT, "/v1/balancer", Some(&s))?
         }
     };
     if c.json {

@@ -8,7 +8,8 @@ pub mod agent;
 mod progress;
 
 use reqwest::Method;
-use serde_json::{json, Value};
+use serde_json::Value;
+use tern_api::manager::{CreateVm, VmSpec};
 
 use super::host::{call, table, Conn};
 
@@ -104,24 +105,23 @@ fn segment(name: &str) -> anyhow::Result<&str> {
 pub fn run(a: Args) -> anyhow::Result<()> {
     let c = &a.conn;
     let v = match a.command {
-        Command::List => call(c, Method::GET, "/v1/vms", None)?,
+        Command::List => call::<()>(c, Method::GET, "/v1/vms", None)?,
         Command::Show { name } => return show(c, &name),
         Command::Create(x) => {
-            let mut spec =
-                json!({"vcpus": x.vcpus, "memory_mib": x.memory_mib, "pinned": x.pinned});
-            if let Some(g) = x.affinity {
-                spec["affinity"] = g.into();
-            }
-            if let Some(g) = x.anti_affinity {
-                spec["anti_affinity"] = g.into();
-            }
-            let mut body = json!({"name": x.name, "spec": spec});
-            if let Some(h) = x.host {
-                body["host"] = h.into();
-            }
-            call(c, Method::POST, "/v1/vms", Some(body))?
+            let body = CreateVm {
+                name: x.name,
+                spec: VmSpec {
+                    vcpus: x.vcpus,
+                    memory_mib: x.memory_mib,
+                    pinned: x.pinned,
+                    affinity: x.affinity,
+                    anti_affinity: x.anti_affinity,
+                },
+                host: x.host,
+            };
+            call(c, Method::POST, "/v1/vms", Some(&body))?
         }
-        Command::Delete { name } => call(
+        Command::Delete { name } => call::<()>(
             c,
             Method::DELETE,
             &format!("/v1/vms/{}", segment(&name)?),
@@ -147,8 +147,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 fn show(c: &Conn, name: &str) -> anyhow::Result<()> {
-    let mut v = call(c, Method::GET, &format!("/v1/vms/{}", segment(name)?), None)?;
-    let running = call(c, Method::GET, "/v1/migrations?running=true", None)?;
+    let mut v = call::<()>(c, Method::GET, &format!("/v1/vms/{}", segment(name)?), None)?;
+    let running = call::<()>(c, Method::GET, "/v1/migrations?running=true", None)?;
     let migration = running
         .as_array()
         .and_then(|ms| ms.iter().find(|m| m["vm"] == name))
@@ -187,6 +187,7 @@ fn show(c: &Conn, name: &str) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn rows_show_a_moving_vm_as_from_to() {

@@ -7,11 +7,12 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use reqwest::Method;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tern_agent::client::AgentClient;
 use tern_agent::vms::CreateVm;
+use tern_api::guest::{Command as GuestCommand, WorkloadSpec};
+use tern_api::migration::{SendOptions, SendRequest};
 use tern_lab::{self as lab, LabOptions, LabState};
 
 use crate::cmd::bad_input;
@@ -264,7 +265,12 @@ async fn bench(
 }
 
 impl Bench<'_> {
-    async fn guest(&self, host: usize, req: Value, patience: Duration) -> anyhow::Result<Value> {
+    async fn guest(
+        &self,
+        host: usize,
+        req: GuestCommand,
+        patience: Duration,
+    ) -> anyhow::Result<Value> {
         let t0 = Instant::now();
         loop {
             match self.hosts[host].guest(&self.vm, &req).await {
@@ -290,28 +296,22 @@ impl Bench<'_> {
         self.boots += 1;
         self.vm = format!("bench{}", self.boots);
         self.at = 0;
-        let req: CreateVm = serde_json::from_value(json!({
-            "id": self.vm,
-            "spec": {
-                "vcpus": 1,
-                "memory_mib": args.memory_mib,
-                "kernel": img.kernel,
-                "initramfs": img.initramfs,
-                "cmdline": format!("{} tern.hostname={}", img.cmdline, self.vm),
-            }
-        }))?;
+        let req = CreateVm {
+            id: self.vm.clone(),
+            spec: img.vm_spec(1, args.memory_mib, &self.vm),
+            start: true,
+        };
         eprintln!("bench: booting {} on h1", self.vm);
         self.hosts[0].create_vm(&req).await?;
-        self.guest(0, json!({"cmd": "ping"}), Duration::from_secs(180))
+        self.guest(0, GuestCommand::Ping, Duration::from_secs(180))
             .await?;
         if dirty_mb_s > 0 {
-            let w = format!("memdirty --mib {} --mbps {dirty_mb_s}", args.wss_mib);
-            self.guest(
-                0,
-                json!({"cmd": "start", "workload": w}),
-                Duration::from_secs(10),
-            )
-            .await?;
+            let workload = WorkloadSpec::Memdirty {
+                mib: args.wss_mib,
+                mbps: dirty_mb_s as f64,
+            };
+            self.guest(0, GuestCommand::Start { workload }, Duration::from_secs(10))
+                .await?;
             self.wait_paced().await?;
         }
         // Let the rate settle.
@@ -330,7 +330,7 @@ impl Bench<'_> {
         let t0 = Instant::now();
         loop {
             let st = self
-                .guest(0, json!({"cmd": "status"}), Duration::from_secs(10))
+                .guest(0, GuestCommand::Status, Duration::from_secs(10))
                 .await?;
             let paced = st["workloads"]
                 .as_array()
@@ -356,14 +356,14 @@ impl Bench<'_> {
     /// Counter, checksum and health of the guest on `host`; the counter on success.
     async fn verify(&self, host: usize) -> Result<u64, String> {
         let v = self
-            .guest(host, json!({"cmd": "verify"}), Duration::from_secs(30))
+            .guest(host, GuestCommand::Verify, Duration::from_secs(30))
             .await
             .map_err(|e| e.to_string())?;
         if v["ok"] != true {
             return Err(format!("checksum mismatch: {v}"));
         }
         let h = self
-            .guest(host, json!({"cmd": "health"}), Duration::from_secs(10))
+            .guest(host, GuestCommand::Health, Duration::from_secs(10))
             .await
             .map_err(|e| e.to_string())?;
         if h["ok"] != true {
@@ -380,22 +380,24 @@ impl Bench<'_> {
             "qemu-native-ac" => ("qemu-native", true),
             e => (e, false),
         };
-        let body = json!({
-            "vm": self.vm,
-            "destination": self.lab.hosts[to].url,
-            "token": self.token,
-            "policy": policy,
-            "options": { "auto_converge": ac, "max_precopy_s": args.max_precopy_s, "downtime_limit_ms": 300 },
-        });
-        let started: Value = self.hosts[self.at]
-            .call(Method::POST, "/v1/migrations", Some(&body))
-            .await?;
+        let body = SendRequest {
+            vm: self.vm.clone(),
+            destination: self.lab.hosts[to].url.clone(),
+            token: self.token.clone(),
+            policy: policy.to_string(),
+            options: SendOptions {
+                auto_converge: ac,
+                max_precopy_s: args.max_precopy_s,
+                downtime_limit_ms: 300,
+                ..SendOptions::default()
+            },
+        };
+        let agent = self.hosts[self.at].http();
+        let started: Value = agent.post("/v1/migrations", &body).await?;
         let id = started["id"].as_str().context("migration id")?.to_string();
         let t0 = Instant::now();
         let s = loop {
-            let s: Value = self.hosts[self.at]
-                .call(Method::GET, &format!("/v1/migrations/{id}"), None)
-                .await?;
+            let s: Value = agent.get(&format!("/v1/migrations/{id}")).await?;
             if matches!(s["phase"].as_str(), Some("completed" | "rolled_back")) {
                 break s;
             }

@@ -17,9 +17,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use async_trait::async_trait;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tern_agent::client::AgentClient;
 use tern_agent::vms::CreateVm;
+use tern_api::guest::{Command as GuestCommand, WorkloadSpec};
 use tern_hv::image::GuestImage;
 use tern_lab::{self as lab, LabOptions, LabState};
 use tern_manager::client::http::HttpConnector;
@@ -328,18 +329,11 @@ fn agent_err(host: &str, e: impl std::fmt::Display) -> tern_manager::error::Erro
 #[async_trait]
 impl HostClient for ImageHost {
     async fn create_vm(&self, vm: &str, spec: &VmSpec) -> tern_manager::error::Result<()> {
-        let req: CreateVm = serde_json::from_value(json!({
-            "id": vm,
-            "start": true,
-            "spec": {
-                "vcpus": spec.vcpus,
-                "memory_mib": spec.memory_mib,
-                "kernel": self.img.kernel,
-                "initramfs": self.img.initramfs,
-                "cmdline": format!("{} tern.hostname={vm}", self.img.cmdline),
-            }
-        }))
-        .map_err(|e| agent_err(&self.host, e))?;
+        let req = CreateVm {
+            id: vm.to_owned(),
+            spec: self.img.vm_spec(spec.vcpus, spec.memory_mib, vm),
+            start: true,
+        };
         self.agent
             .create_vm(&req)
             .await
@@ -376,7 +370,7 @@ impl HostClient for ImageHost {
 async fn guest(
     agent: &AgentClient,
     vm: &str,
-    req: Value,
+    req: GuestCommand,
     patience: Duration,
 ) -> anyhow::Result<Value> {
     let t0 = Instant::now();
@@ -500,13 +494,16 @@ async fn demo(
     let work = format!("cpu --percent {CPU_PERCENT}");
     let started = futures_util::future::join_all(names.iter().map(|vm| {
         let agent = &agents[0];
-        let work = work.clone();
+        let workload = WorkloadSpec::Cpu {
+            percent: f64::from(CPU_PERCENT),
+            threads: 1,
+        };
         async move {
-            guest(agent, vm, json!({"cmd": "ping"}), BOOT_PATIENCE).await?;
+            guest(agent, vm, GuestCommand::Ping, BOOT_PATIENCE).await?;
             guest(
                 agent,
                 vm,
-                json!({"cmd": "start", "workload": work}),
+                GuestCommand::Start { workload },
                 Duration::from_secs(10),
             )
             .await
@@ -606,20 +603,20 @@ async fn check(m: &Migration, lab: &LabState, agents: &[AgentClient]) -> Migrati
 /// kernel trouble, and its `cpu` workload still runs.
 async fn guest_health(agent: &AgentClient, vm: &str) -> anyhow::Result<()> {
     let patience = Duration::from_secs(30);
-    let v1 = guest(agent, vm, json!({"cmd": "verify"}), patience).await?;
+    let v1 = guest(agent, vm, GuestCommand::Verify, patience).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let v2 = guest(agent, vm, json!({"cmd": "verify"}), patience).await?;
+    let v2 = guest(agent, vm, GuestCommand::Verify, patience).await?;
     if v1["ok"] != true || v2["ok"] != true {
         anyhow::bail!("memory checksum mismatch: {v2}");
     }
     if v2["counter"].as_u64() <= v1["counter"].as_u64() {
         anyhow::bail!("verifier stalled: {v1} then {v2}");
     }
-    let h = guest(agent, vm, json!({"cmd": "health"}), patience).await?;
+    let h = guest(agent, vm, GuestCommand::Health, patience).await?;
     if h["ok"] != true {
         anyhow::bail!("guest reports trouble: {}", h["findings"]);
     }
-    let s = guest(agent, vm, json!({"cmd": "status"}), patience).await?;
+    let s = guest(agent, vm, GuestCommand::Status, patience).await?;
     let cpu_runs = s["workloads"]
         .as_array()
         .is_some_and(|w| w.iter().any(|w| w["name"] == "cpu" && w["running"] == true));
@@ -693,6 +690,7 @@ fn print_report(r: &Report) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn made() -> LabState {
         serde_json::from_value(json!({

@@ -244,8 +244,7 @@ fn balancer_settings(path: &Path) -> anyhow::Result<BalancerSettings> {
         .map_err(|e| bad_input(format!("cannot read settings {}: {e}", path.display())))?;
     let settings: BalancerSettings =
         serde_json::from_str(&text).map_err(|e| bad_input(format!("{}: {e}", path.display())))?;
-    settings
-        .validate()
+    tern_balance::round::validate(&settings)
         .map_err(|e| bad_input(format!("{}: {e}", path.display())))?;
     Ok(settings)
 }

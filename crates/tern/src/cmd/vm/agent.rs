@@ -2,8 +2,7 @@
 //! with the host-level actions the manager does not offer (start, pause, resume, stop,
 //! metrics, guest requests).
 
-use super::super::agent::agent_error;
-use super::super::bad_input;
+use super::super::{agent_error, bad_input};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -99,11 +98,20 @@ pub fn guest_request(words: &[String]) -> Result<Value, String> {
     if first.trim_start().starts_with('{') {
         return serde_json::from_str(&words.join(" ")).map_err(|e| format!("request JSON: {e}"));
     }
-    let mut req = json!({ "cmd": first });
-    if words.len() > 1 {
-        req["workload"] = Value::from(words[1..].join(" "));
+    /// `cmd` and its one argument as the guest protocol spells them; the agent and the
+    /// guest check the rest.
+    #[derive(serde::Serialize)]
+    struct Words<'a> {
+        cmd: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        workload: Option<String>,
     }
-    Ok(req)
+    let workload = (words.len() > 1).then(|| words[1..].join(" "));
+    Ok(serde_json::to_value(Words {
+        cmd: first,
+        workload,
+    })
+    .expect("a request serialises"))
 }
 
 fn spec_from(a: &CreateArgs) -> anyhow::Result<VmSpec> {

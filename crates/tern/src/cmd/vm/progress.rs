@@ -7,11 +7,11 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use reqwest::Method;
-use serde_json::{json, Value};
-use tern_manager::api::client::{ApiClient, CallError};
+use serde_json::Value;
+use tern_api::client::{ClientError, ManagerClient};
+use tern_api::manager::MigrateVm;
 
-use super::super::host::Conn;
+use super::super::host::{refused, Conn};
 
 /// Time between polls of the migration.
 const POLL: Duration = Duration::from_millis(200);
@@ -78,13 +78,6 @@ fn current_bytes(p: &Value, memory_bytes: u64) -> u64 {
     memory_bytes.saturating_sub(p["bytes_remaining"].as_u64().unwrap_or(memory_bytes))
 }
 
-fn refused(e: CallError) -> anyhow::Error {
-    match e {
-        CallError::Refused { .. } => super::super::bad_input(e),
-        CallError::Failed(m) => anyhow::anyhow!(m),
-    }
-}
-
 /// The migration's final record, with what was seen of it on the way (pure).
 fn summary(record: &Value, last: &Value, updates: u32) -> Value {
     let mut out = record.clone();
@@ -106,31 +99,22 @@ pub fn migrate(
 }
 
 async fn follow(
-    client: &ApiClient,
+    client: &ManagerClient,
     json_out: bool,
     name: &str,
     to: Option<String>,
     policy: Option<String>,
     no_wait: bool,
 ) -> anyhow::Result<()> {
-    let vm = client
-        .call(Method::GET, &format!("/v1/vms/{name}"), None)
+    let http = client.http();
+    let vm: Value = http
+        .get(&format!("/v1/vms/{name}"))
         .await
         .map_err(refused)?;
     let memory = vm["spec"]["memory_mib"].as_u64().unwrap_or(0) << 20;
-    let mut body = json!({});
-    if let Some(t) = to {
-        body["to"] = t.into();
-    }
-    if let Some(p) = policy {
-        body["policy"] = p.into();
-    }
-    let started = client
-        .call(
-            Method::POST,
-            &format!("/v1/vms/{name}/migrate"),
-            Some(&body),
-        )
+    let body = MigrateVm { to, policy };
+    let started: Value = http
+        .post(&format!("/v1/vms/{name}/migrate"), &body)
         .await
         .map_err(refused)?;
     let id = started["id"]
@@ -169,10 +153,7 @@ async fn follow(
     bar.enable_steady_tick(Duration::from_millis(120));
     let (mut last, mut updates, mut failures) = (Value::Null, 0u32, 0u32);
     let record = loop {
-        match client
-            .call(Method::GET, &format!("/v1/migrations/{id}"), None)
-            .await
-        {
+        match http.get::<Value>(&format!("/v1/migrations/{id}")).await {
             Ok(m) if !m["finished"].is_null() => break m,
             Ok(m) => {
                 failures = 0;
@@ -184,7 +165,11 @@ async fn follow(
                     last = p.clone();
                 }
             }
-            Err(e @ CallError::Refused { .. }) => return Err(refused(e)),
+            Err(
+                e @ ClientError::Remote {
+                    status: 400..=499, ..
+                },
+            ) => return Err(refused(e)),
             Err(e) => {
                 failures += 1;
                 if failures >= MAX_FAILED_POLLS {
@@ -227,6 +212,7 @@ async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn sizes_read_in_binary_units() {

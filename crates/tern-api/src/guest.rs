@@ -18,7 +18,21 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::GuestError;
+/// The verifier's writes per second when the host does not say: slow enough to cost
+/// nothing under TCG, fast enough that the counter visibly moves within a second.
+pub const DEFAULT_VERIFIER_PAGES_PER_SEC: f64 = 200.0;
+
+/// A workload the guest cannot run as given; the message says what to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError(pub String);
+
+impl std::fmt::Display for SpecError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for SpecError {}
 
 /// One request from the host.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,7 +94,7 @@ fn one() -> u32 {
 }
 
 fn default_verifier_rate() -> f64 {
-    crate::workload::verifier::DEFAULT_PAGES_PER_SEC
+    DEFAULT_VERIFIER_PAGES_PER_SEC
 }
 
 impl WorkloadSpec {
@@ -95,8 +109,8 @@ impl WorkloadSpec {
     }
 
     /// Rejects values a workload cannot run with (zero sizes, rates out of range).
-    pub fn validate(&self) -> Result<(), GuestError> {
-        let bad = |m: String| Err(GuestError::BadRequest(m));
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let bad = |m: String| Err(SpecError(m));
         match *self {
             WorkloadSpec::Memdirty { mib, mbps } => {
                 if mib == 0 {
@@ -136,11 +150,11 @@ impl WorkloadSpec {
     }
 
     /// Parses the command-line form, e.g. `memdirty --mib 128 --mbps 50`.
-    pub fn parse_args(text: &str) -> Result<WorkloadSpec, GuestError> {
+    pub fn parse_args(text: &str) -> Result<WorkloadSpec, SpecError> {
         let mut words = text.split_whitespace();
         let kind = words
             .next()
-            .ok_or_else(|| GuestError::BadRequest("empty workload".into()))?;
+            .ok_or_else(|| SpecError("empty workload".into()))?;
         let mut flags: Vec<(String, String)> = Vec::new();
         while let Some(flag) = words.next() {
             let (name, value) = match flag.strip_prefix("--") {
@@ -149,13 +163,13 @@ impl WorkloadSpec {
                     (n.to_string(), v.to_string())
                 }
                 Some(f) => {
-                    let v = words.next().ok_or_else(|| {
-                        GuestError::BadRequest(format!("{kind}: --{f} needs a value"))
-                    })?;
+                    let v = words
+                        .next()
+                        .ok_or_else(|| SpecError(format!("{kind}: --{f} needs a value")))?;
                     (f.to_string(), v.to_string())
                 }
                 None => {
-                    return Err(GuestError::BadRequest(format!(
+                    return Err(SpecError(format!(
                         "{kind}: unexpected word {flag:?}; flags look like --name VALUE"
                     )))
                 }
@@ -189,11 +203,11 @@ impl WorkloadSpec {
                     mib: f.required("mib")?,
                     pages_per_sec: f
                         .optional("pages-per-sec")?
-                        .unwrap_or(crate::workload::verifier::DEFAULT_PAGES_PER_SEC),
+                        .unwrap_or(DEFAULT_VERIFIER_PAGES_PER_SEC),
                 }
             }
             other => {
-                return Err(GuestError::BadRequest(format!(
+                return Err(SpecError(format!(
                     "unknown workload {other:?}; known: memdirty, cpu, echo-server, verifier"
                 )))
             }
@@ -224,10 +238,10 @@ struct Flags {
 }
 
 impl Flags {
-    fn new(kind: &str, flags: Vec<(String, String)>, known: &[&str]) -> Result<Flags, GuestError> {
+    fn new(kind: &str, flags: Vec<(String, String)>, known: &[&str]) -> Result<Flags, SpecError> {
         if let Some((name, _)) = flags.iter().find(|(n, _)| !known.contains(&n.as_str())) {
             let list: Vec<String> = known.iter().map(|k| format!("--{k}")).collect();
-            return Err(GuestError::BadRequest(format!(
+            return Err(SpecError(format!(
                 "{kind}: unknown flag --{name}; it takes {}",
                 list.join(", ")
             )));
@@ -238,19 +252,20 @@ impl Flags {
         })
     }
 
-    fn optional<T: std::str::FromStr>(&mut self, name: &str) -> Result<Option<T>, GuestError> {
+    fn optional<T: std::str::FromStr>(&mut self, name: &str) -> Result<Option<T>, SpecError> {
         let Some(pos) = self.flags.iter().position(|(n, _)| n == name) else {
             return Ok(None);
         };
         let (_, value) = self.flags.remove(pos);
-        value.parse().map(Some).map_err(|_| {
-            GuestError::BadRequest(format!("{}: --{name} {value:?} is not a number", self.kind))
-        })
+        value
+            .parse()
+            .map(Some)
+            .map_err(|_| SpecError(format!("{}: --{name} {value:?} is not a number", self.kind)))
     }
 
-    fn required<T: std::str::FromStr>(&mut self, name: &str) -> Result<T, GuestError> {
+    fn required<T: std::str::FromStr>(&mut self, name: &str) -> Result<T, SpecError> {
         self.optional(name)?
-            .ok_or_else(|| GuestError::BadRequest(format!("{}: --{name} is required", self.kind)))
+            .ok_or_else(|| SpecError(format!("{}: --{name} is required", self.kind)))
     }
 }
 

@@ -1,0 +1,273 @@
+//! The agent's API (`tern agent`, see `docs/agent-api.md`): the host's report, VMs as
+//! the caller describes them and as the agent shows them, their lifecycle actions and
+//! measurements, and the error body every failed request answers with. The migration
+//! endpoints' values are in [`crate::migration`].
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// A VM spec the drivers refuse; the message says what to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidSpec(pub String);
+
+impl std::fmt::Display for InvalidSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for InvalidSpec {}
+
+/// Largest guest the drivers accept; a typo like `memory_mib: 5120000` should be refused
+/// with a message, not tried.
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+/// Largest vCPU count accepted (QEMU's `pc` machine limit is far above what a host here has).
+pub const MAX_VCPUS: u32 = 64;
+
+/// A VM as the caller describes it. Host-side paths (memory file, sockets) are the
+/// driver's choice and are reported back in [`VmInfo`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// Number of virtual CPUs.
+    #[serde(default = "one")]
+    pub vcpus: u32,
+    /// Guest RAM in MiB; 0 (or absent) is refused.
+    #[serde(default)]
+    pub memory_mib: u64,
+    /// Kernel to boot directly. Absent: the guest runs only its firmware (useful to test
+    /// device-state migration without an image).
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs for the kernel.
+    #[serde(default)]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Network interfaces, each a tap on the host's bridge.
+    #[serde(default)]
+    pub nics: Vec<Nic>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// One virtio NIC. The MAC travels with the VM so the guest keeps its address when it moves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    /// `52:54:00:xx:xx:xx`; absent: derived from the VM id, so it is stable across moves.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+impl VmSpec {
+    /// Checks that do not touch the filesystem.
+    pub fn validate(&self) -> Result<(), InvalidSpec> {
+        if self.memory_mib == 0 {
+            return Err(InvalidSpec(
+                "memory_mib is missing or 0: give the guest's RAM in MiB, e.g. \"memory_mib\": 512"
+                    .into(),
+            ));
+        }
+        if self.memory_mib > MAX_MEMORY_MIB {
+            return Err(InvalidSpec(format!(
+                "memory_mib {} is above the limit of {MAX_MEMORY_MIB} MiB",
+                self.memory_mib
+            )));
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(InvalidSpec(format!(
+                "vcpus must be between 1 and {MAX_VCPUS}, got {}",
+                self.vcpus
+            )));
+        }
+        if self.initramfs.is_some() && self.kernel.is_none() {
+            return Err(InvalidSpec(
+                "initramfs given without a kernel: add \"kernel\"".into(),
+            ));
+        }
+        if !self.cmdline.is_empty() && self.kernel.is_none() {
+            return Err(InvalidSpec(
+                "cmdline given without a kernel: add \"kernel\"".into(),
+            ));
+        }
+        for (i, nic) in self.nics.iter().enumerate() {
+            if let Some(mac) = &nic.mac {
+                parse_mac(mac)
+                    .map_err(|why| InvalidSpec(format!("nics[{i}].mac {mac:?}: {why}")))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`, refusing multicast addresses (a NIC cannot own one).
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err("a MAC has six hex bytes separated by ':'".into());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(&parts) {
+        if p.len() != 2 {
+            return Err(format!("{p:?} is not two hex digits"));
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| format!("{p:?} is not hex"))?;
+    }
+    if mac[0] & 1 == 1 {
+        return Err("multicast bit set in the first byte".into());
+    }
+    Ok(mac)
+}
+
+/// A VM as a driver reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    pub id: String,
+    pub state: VmState,
+    pub spec: VmSpec,
+    /// The MAC of each NIC, in order (derived ones filled in).
+    pub macs: Vec<String>,
+    /// The guest's RAM: a file on tmpfs the agent can map (`None` for the sim driver).
+    pub memory_file: Option<PathBuf>,
+    /// The socket of the guest agent's channel (JSON lines).
+    pub control_socket: Option<PathBuf>,
+    /// Where the guest's serial console is written.
+    pub console_log: Option<PathBuf>,
+    /// The hypervisor process, while there is one.
+    pub pid: Option<u32>,
+}
+
+/// CPU time of one vCPU thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuSample {
+    pub index: u32,
+    pub thread_id: u32,
+    pub cpu_ns: u64,
+}
+
+/// Per-VM measurements at one instant. CPU times are cumulative; a rate needs two samples.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmMetrics {
+    pub vcpus: Vec<VcpuSample>,
+    /// Sum over the vCPU threads.
+    pub vcpu_cpu_ns: u64,
+    /// Configured guest RAM.
+    pub memory_bytes: u64,
+    /// Resident memory of the hypervisor process (guest RAM it touched plus its own).
+    pub rss_bytes: u64,
+}
+
+/// Where a VM is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Defined and its process exists, but the guest has not run yet.
+    Created,
+    Running,
+    Paused,
+    /// Powered off: no process, definition kept.
+    Stopped,
+    /// Waiting for an incoming migration.
+    Incoming,
+}
+
+impl std::fmt::Display for VmState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            VmState::Created => "created",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Stopped => "stopped",
+            VmState::Incoming => "waiting for an incoming migration",
+        };
+        f.write_str(s)
+    }
+}
+
+/// What a caller asks of a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Start,
+    Pause,
+    Resume,
+    Stop,
+    IncomingDone,
+}
+
+impl Action {
+    /// The verb used in messages.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Stop => "stop",
+            Action::IncomingDone => "finish the incoming migration of",
+        }
+    }
+}
+
+/// What the host offers to guests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub cpus: u32,
+    pub memory_mib: u64,
+}
+
+/// What guests use now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Load {
+    /// CPU the vCPU threads of all VMs used over the last sampling interval, in cores.
+    pub vm_cpu_cores: f64,
+    /// Memory reserved by defined VMs (whatever their state: a stopped VM may start again).
+    pub vm_memory_mib: u64,
+    pub vms: usize,
+}
+
+/// `GET /v1/host`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HostReport {
+    pub name: String,
+    /// `qemu` or `sim`.
+    pub hypervisor: String,
+    pub capacity: Capacity,
+    pub load: Load,
+    pub version: String,
+}
+
+/// `POST /v1/vms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    pub id: String,
+    pub spec: VmSpec,
+    /// Run the guest right away (default) or leave it created.
+    #[serde(default = "yes")]
+    pub start: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A VM as the API shows it: the driver's view plus its measured CPU use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmView {
+    #[serde(flatten)]
+    pub info: VmInfo,
+    /// vCPU threads' CPU use over the last sampling interval, in cores.
+    pub cpu_cores: Option<f64>,
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub kind: String,
+}

@@ -1,0 +1,135 @@
+//! The agent's routes (`docs/agent-api.md`), typed.
+
+use serde::Serialize;
+
+use std::time::Duration;
+
+use super::{Client, ClientError, ClientOptions};
+use crate::agent::{Action, CreateVm, HostReport, VmMetrics, VmView};
+use crate::migration::{IncomingView, MigrationView, PrepareRequest, SendRequest, Ticket};
+
+/// A connection to one agent: the CLI's, the lab's, the manager's, and a migration
+/// source's to its destination.
+#[derive(Clone)]
+pub struct AgentClient {
+    http: Client,
+}
+
+impl From<Client> for AgentClient {
+    fn from(http: Client) -> Self {
+        AgentClient { http }
+    }
+}
+
+/// The answer of `DELETE /v1/vms/{id}`.
+#[derive(serde::Deserialize)]
+struct Deleted {}
+
+impl AgentClient {
+    /// Every call waits at most `timeout`; `From<Client>` takes other options.
+    pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, ClientError> {
+        Client::new(base, token, ClientOptions::with_timeout(timeout)).map(Self::from)
+    }
+
+    pub fn base(&self) -> &str {
+        self.http.base()
+    }
+
+    /// The one client underneath, for a route not typed here.
+    pub fn http(&self) -> &Client {
+        &self.http
+    }
+
+    pub async fn host(&self) -> Result<HostReport, ClientError> {
+        self.http.get("/v1/host").await
+    }
+
+    pub async fn list_vms(&self) -> Result<Vec<VmView>, ClientError> {
+        self.http.get("/v1/vms").await
+    }
+
+    pub async fn create_vm(&self, req: &CreateVm) -> Result<VmView, ClientError> {
+        self.http.post("/v1/vms", req).await
+    }
+
+    pub async fn show_vm(&self, id: &str) -> Result<VmView, ClientError> {
+        self.http.get(&format!("/v1/vms/{id}")).await
+    }
+
+    pub async fn delete_vm(&self, id: &str) -> Result<(), ClientError> {
+        self.http
+            .delete::<Deleted>(&format!("/v1/vms/{id}"))
+            .await
+            .map(drop)
+    }
+
+    /// A lifecycle action; [`Action::IncomingDone`] is the driver's own and has no route.
+    pub async fn act(&self, id: &str, action: Action) -> Result<VmView, ClientError> {
+        let verb = match action {
+            Action::Start => "start",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Stop => "stop",
+            Action::IncomingDone => {
+                return Err(ClientError::NoRoute {
+                    what: "incoming_done is not an API action".into(),
+                })
+            }
+        };
+        self.http.post_empty(&format!("/v1/vms/{id}/{verb}")).await
+    }
+
+    pub async fn metrics(&self, id: &str) -> Result<VmMetrics, ClientError> {
+        self.http.get(&format!("/v1/vms/{id}/metrics")).await
+    }
+
+    /// One request to the VM's guest agent (a `tern_api::guest::Command`, or its JSON);
+    /// the guest's answer.
+    pub async fn guest<R: Serialize + ?Sized>(
+        &self,
+        id: &str,
+        req: &R,
+    ) -> Result<serde_json::Value, ClientError> {
+        self.http.post(&format!("/v1/vms/{id}/guest"), req).await
+    }
+
+    /// Source: starts sending a VM.
+    pub async fn send_migration(&self, req: &SendRequest) -> Result<MigrationView, ClientError> {
+        self.http.post("/v1/migrations", req).await
+    }
+
+    pub async fn list_migrations(&self) -> Result<Vec<MigrationView>, ClientError> {
+        self.http.get("/v1/migrations").await
+    }
+
+    pub async fn show_migration(&self, id: &str) -> Result<MigrationView, ClientError> {
+        self.http.get(&format!("/v1/migrations/{id}")).await
+    }
+
+    pub async fn cancel_migration(&self, id: &str) -> Result<MigrationView, ClientError> {
+        self.http
+            .post_empty(&format!("/v1/migrations/{id}/cancel"))
+            .await
+    }
+
+    /// Destination: prepares to receive a VM.
+    pub async fn prepare_incoming(&self, req: &PrepareRequest) -> Result<Ticket, ClientError> {
+        self.http.post("/v1/incoming", req).await
+    }
+
+    pub async fn show_incoming(&self, id: &str) -> Result<IncomingView, ClientError> {
+        self.http.get(&format!("/v1/incoming/{id}")).await
+    }
+
+    /// Destination: runs the VM there.
+    pub async fn resume_incoming(&self, id: &str) -> Result<IncomingView, ClientError> {
+        self.http
+            .post_empty(&format!("/v1/incoming/{id}/resume"))
+            .await
+    }
+
+    /// Destination: abandons the migration and destroys the waiting VM.
+    pub async fn abort_incoming(&self, id: &str) -> Result<IncomingView, ClientError> {
+        self.http.delete(&format!("/v1/incoming/{id}")).await
+    }
+}

@@ -1,0 +1,339 @@
+//! One HTTP client for every tern API: bearer auth, a connect and a request timeout, a
+//! cap on the size of answers, and errors that say which of those failed. An error
+//! answer becomes [`ClientError::Remote`] with the server's own message, so callers
+//! decide on its status, never on its text.
+//!
+//! [`AgentClient`] and [`ManagerClient`] are the typed routes of the two servers on top
+//! of the one [`Client`].
+
+mod agent;
+mod manager;
+
+pub use agent::AgentClient;
+pub use manager::ManagerClient;
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// How long to wait and how much to read.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClientOptions {
+    /// To open the TCP connection.
+    pub connect_timeout: Duration,
+    /// For the whole request, answer included.
+    pub timeout: Duration,
+    /// Largest answer body read; a longer one is an error rather than memory spent.
+    pub max_body_bytes: usize,
+}
+
+impl ClientOptions {
+    /// A request timeout of `timeout` with the default connect timeout and size cap.
+    pub fn with_timeout(timeout: Duration) -> Self {
+        ClientOptions {
+            timeout,
+            ..ClientOptions::default()
+        }
+    }
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            connect_timeout: Duration::from_secs(5),
+            timeout: Duration::from_secs(30),
+            // The largest answers are lists of 10,000 migrations or events.
+            max_body_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What a call can end in besides success.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The base URL is not one this client can call.
+    #[error("{url:?} is not an http:// or https:// URL (e.g. http://198.18.0.1:7070)")]
+    BadUrl { url: String },
+    /// The request has no route on the server.
+    #[error("{what}")]
+    NoRoute { what: String },
+    /// The server answered with an error status; `message` is its `error` field (or
+    /// the body as text when it is not the JSON error body).
+    #[error("{method} {url} answered {status}: {message}")]
+    Remote {
+        method: Method,
+        url: String,
+        status: u16,
+        message: String,
+    },
+    /// No connection, or it broke.
+    #[error("{method} {url}: {source}")]
+    Transport {
+        method: Method,
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("{method} {url}: no answer within {after:?}")]
+    Timeout {
+        method: Method,
+        url: String,
+        after: Duration,
+    },
+    #[error("{method} {url}: the answer is larger than {limit} bytes")]
+    TooLarge {
+        method: Method,
+        url: String,
+        limit: usize,
+    },
+    /// A 2xx answer that is not the JSON the route returns.
+    #[error("{method} {url}: unreadable answer: {source}")]
+    Decode {
+        method: Method,
+        url: String,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl ClientError {
+    /// The status of an error answer; `None` when the server did not answer.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Remote { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+
+    /// Whether the server answered 404: the thing asked about does not exist there.
+    pub fn is_not_found(&self) -> bool {
+        self.status() == Some(StatusCode::NOT_FOUND.as_u16())
+    }
+}
+
+/// The body of every error answer, agent's and manager's alike; the agent adds `kind`.
+#[derive(Deserialize)]
+struct ErrorAnswer {
+    error: String,
+}
+
+/// A connection to one server.
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+    options: ClientOptions,
+}
+
+impl Client {
+    /// `base` like `http://198.18.0.1:7070`; `token` is sent as `Authorization: Bearer`.
+    pub fn new(base: &str, token: &str, options: ClientOptions) -> Result<Client, ClientError> {
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            return Err(ClientError::BadUrl {
+                url: base.to_string(),
+            });
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(options.connect_timeout)
+            .timeout(options.timeout)
+            .build()
+            .map_err(|source| ClientError::Transport {
+                method: Method::GET,
+                url: base.to_string(),
+                source,
+            })?;
+        Ok(Client {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.to_string(),
+            http,
+            options,
+        })
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Sends `body` (if any) as JSON and decodes the answer; an empty answer decodes as
+    /// JSON `null` (so as `()` or `Option`).
+    pub async fn send<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T, ClientError> {
+        let (url, bytes) = self.exchange(method.clone(), path, body).await?;
+        let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
+        serde_json::from_slice(bytes).map_err(|source| ClientError::Decode {
+            method,
+            url,
+            source,
+        })
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send::<(), T>(Method::GET, path, None).await
+    }
+
+    pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send(Method::POST, path, Some(body)).await
+    }
+
+    /// A POST without a body (the lifecycle actions).
+    pub async fn post_empty<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send::<(), T>(Method::POST, path, None).await
+    }
+
+    pub async fn put<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T, ClientError> {
+        self.send(Method::PUT, path, Some(body)).await
+    }
+
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send::<(), T>(Method::DELETE, path, None).await
+    }
+
+    /// Opens a long-lived answer (server-sent events): no request timeout, the status
+    /// checked, the body left to read with [`Self::read_chunk`].
+    pub async fn open_stream(&self, path: &str) -> Result<Stream, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.token)
+            // A stream lasts as long as the server keeps it open.
+            .timeout(Duration::from_secs(u64::from(u32::MAX)))
+            .send()
+            .await
+            .map_err(|e| self.failed(Method::GET, &url, e))?;
+        let resp = self.check(Method::GET, &url, resp).await?;
+        Ok(Stream {
+            method: Method::GET,
+            url,
+            resp,
+        })
+    }
+
+    async fn exchange<B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<(String, Vec<u8>), ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| self.failed(method.clone(), &url, e))?;
+        let resp = self.check(method.clone(), &url, resp).await?;
+        let bytes = self.read_capped(&method, &url, resp).await?;
+        Ok((url, bytes))
+    }
+
+    /// An error status becomes [`ClientError::Remote`] with the server's message.
+    async fn check(
+        &self,
+        method: Method,
+        url: &str,
+        resp: reqwest::Response,
+    ) -> Result<reqwest::Response, ClientError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let bytes = self.read_capped(&method, url, resp).await?;
+        let message = serde_json::from_slice::<ErrorAnswer>(&bytes)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+        Err(ClientError::Remote {
+            method,
+            url: url.to_string(),
+            status: status.as_u16(),
+            message,
+        })
+    }
+
+    /// Reads the body chunk by chunk, stopping as soon as it passes the cap.
+    async fn read_capped(
+        &self,
+        method: &Method,
+        url: &str,
+        mut resp: reqwest::Response,
+    ) -> Result<Vec<u8>, ClientError> {
+        let limit = self.options.max_body_bytes;
+        let too_large = || ClientError::TooLarge {
+            method: method.clone(),
+            url: url.to_string(),
+            limit,
+        };
+        if resp.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(too_large());
+        }
+        let mut out = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
+            .await
+            .map_err(|e| self.failed(method.clone(), url, e))?
+        {
+            if out.len() + chunk.len() > limit {
+                return Err(too_large());
+            }
+            out.extend_from_slice(&chunk);
+        }
+        Ok(out)
+    }
+
+    fn failed(&self, method: Method, url: &str, e: reqwest::Error) -> ClientError {
+        if e.is_timeout() {
+            ClientError::Timeout {
+                method,
+                url: url.to_string(),
+                after: self.options.timeout,
+            }
+        } else {
+            ClientError::Transport {
+                method,
+                url: url.to_string(),
+                source: e,
+            }
+        }
+    }
+}
+
+/// A long-lived answer being read.
+pub struct Stream {
+    method: Method,
+    url: String,
+    resp: reqwest::Response,
+}
+
+impl Stream {
+    /// The next piece of the body; `None` once the server closed it.
+    pub async fn read_chunk(&mut self) -> Result<Option<Vec<u8>>, ClientError> {
+        match self.resp.chunk().await {
+            Ok(c) => Ok(c.map(|b| b.to_vec())),
+            Err(source) => Err(ClientError::Transport {
+                method: self.method.clone(),
+                url: self.url.clone(),
+                source,
+            }),
+        }
+    }
+}

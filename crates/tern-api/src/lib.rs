@@ -1,0 +1,19 @@
+//! The contract between tern's processes: every value that crosses a process boundary,
+//! as plain serde types with no behaviour beyond checking and naming themselves.
+//!
+//! Responses accept fields they do not know, so an older reader can talk to a newer
+//! writer; request bodies refuse them, so a typo is an error rather than ignored.
+//!
+//! # Layout
+//! - [`agent`]: the agent's API: host report, VM spec and views, actions, error body.
+//! - [`migration`]: the agent's migration API: requests, ticket, phases, views, round
+//!   telemetry and why pre-copy stopped.
+//! - [`manager`]: the manager's API: hosts, VMs, migrations, settings, plan, events.
+//! - `client` (feature `client`): one HTTP client for both servers, typed per route.
+//! - [`guest`]: the JSON-lines protocol between the host and `tern-guest` in a VM.
+pub mod agent;
+#[cfg(feature = "client")]
+pub mod client;
+pub mod guest;
+pub mod manager;
+pub mod migration;

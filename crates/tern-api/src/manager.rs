@@ -1,0 +1,688 @@
+//! The manager's API (`docs/openapi.json`): hosts, VMs, migrations with their live
+//! telemetry, the balancer's settings and plan, events, and the heartbeat agents send.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::migration::{Phase, RoundProgress, RoundTelemetry};
+
+/// Milliseconds since the Unix epoch; decisions take the time as a value, never read a clock.
+pub type Millis = u64;
+
+/// Whether a host takes VMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostState {
+    Active,
+    /// Drained by an operator: keeps no VMs, takes no new ones, still heartbeats.
+    Maintenance,
+    /// Missed heartbeats for longer than the limit; its VMs were restarted elsewhere.
+    Dead,
+}
+
+impl HostState {
+    pub const ALL: [HostState; 3] = [Self::Active, Self::Maintenance, Self::Dead];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Maintenance => "maintenance",
+            Self::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// What a host offers to VMs.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Capacity {
+    /// Physical cores available to guests.
+    pub cpus: f64,
+    /// Memory available to guests, MiB; VMs never overcommit it.
+    pub memory_mib: u64,
+}
+
+/// A host as the manager knows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Host {
+    pub name: String,
+    /// Where its agent answers (`http://ADDR:PORT`, or `sim:` for an in-process host).
+    pub address: String,
+    pub capacity: Capacity,
+    pub state: HostState,
+    pub last_heartbeat: Option<Millis>,
+    /// Cores in use at the last heartbeat.
+    pub cpu_used: Option<f64>,
+    /// Cores in use, smoothed (EWMA) so one noisy report does not trigger migrations.
+    pub cpu_smoothed: Option<f64>,
+}
+
+/// What an operator asks for when creating a VM.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    /// Pinned VMs stay where they are placed: the balancer never moves them.
+    #[serde(default)]
+    pub pinned: bool,
+    /// VMs sharing an affinity group are kept on one host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<String>,
+    /// VMs sharing an anti-affinity group are kept on different hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anti_affinity: Option<String>,
+}
+
+/// Largest VM the manager accepts; catches typos such as an extra zero.
+pub const MAX_VCPUS: u32 = 64;
+
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+
+/// Where a VM is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Recorded with a desired host; not yet seen running there.
+    Pending,
+    Running,
+    /// A live migration to the desired host is under way.
+    Migrating,
+    /// Deleted by an operator; removed once its host confirms.
+    Deleting,
+    /// No host could take it (e.g. after its host died); waits for room.
+    Unplaced,
+}
+
+impl VmState {
+    pub const ALL: [VmState; 5] = [
+        Self::Pending,
+        Self::Running,
+        Self::Migrating,
+        Self::Deleting,
+        Self::Unplaced,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Migrating => "migrating",
+            Self::Deleting => "deleting",
+            Self::Unplaced => "unplaced",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// A VM: what was asked (spec, desired host) beside what agents report (observed host, load).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Vm {
+    pub name: String,
+    pub spec: VmSpec,
+    pub desired_host: Option<String>,
+    pub observed_host: Option<String>,
+    pub state: VmState,
+    /// Cores it uses, smoothed over its host's reports like the host's own load.
+    pub cpu_used: f64,
+    /// Whether `cpu_used` comes from a report yet; the first report is taken as it is
+    /// instead of being averaged with the 0 a new VM starts from.
+    #[serde(default)]
+    pub cpu_measured: bool,
+    /// When it last moved; the balancer leaves it alone for the cooldown after that.
+    pub last_moved: Option<Millis>,
+}
+
+/// Why a migration was started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationReason {
+    Manual,
+    Balance,
+    Evacuate,
+}
+
+/// How a migration ended, or that it has not yet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum MigrationResult {
+    Running,
+    Succeeded { total_ms: u64, downtime_ms: u64 },
+    Failed { error: String },
+}
+
+/// One live migration, kept after it ends as a record.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Migration {
+    pub id: u64,
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    /// The termination policy of the pre-copy rounds.
+    pub policy: String,
+    pub reason: MigrationReason,
+    pub started: Millis,
+    pub finished: Option<Millis>,
+    pub result: MigrationResult,
+}
+
+/// How aggressively the balancer acts, and its safety limits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalancerSettings {
+    pub enabled: bool,
+    /// Record plans as events without migrating anything.
+    pub dry_run: bool,
+    /// 1 (only fix severe imbalance) to 5 (act on small gains), as in VMware DRS.
+    pub aggressiveness: u8,
+    /// Seconds between balancing rounds.
+    pub interval_s: u64,
+    /// A VM that moved is not moved again for this many seconds.
+    pub cooldown_s: u64,
+    /// Migrations at once touching one host (as source or destination).
+    pub max_per_host: u32,
+    /// Migrations at once in the whole cluster.
+    pub max_per_cluster: u32,
+    /// A host silent this long is declared dead and its VMs restarted elsewhere.
+    pub dead_after_s: u64,
+    /// Load reports the EWMA smooths over (its alpha is 2 / (window + 1)).
+    pub smoothing_window: u32,
+    /// Termination policy used when a migration names none.
+    pub default_policy: String,
+}
+
+impl Default for BalancerSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dry_run: false,
+            aggressiveness: 3,
+            interval_s: 30,
+            cooldown_s: 300,
+            max_per_host: 1,
+            max_per_cluster: 8,
+            dead_after_s: 30,
+            smoothing_window: 5,
+            default_policy: "adaptive".into(),
+        }
+    }
+}
+
+impl BalancerSettings {
+    /// Weight of a new report in the EWMA.
+    pub fn ewma_alpha(&self) -> f64 {
+        2.0 / (f64::from(self.smoothing_window) + 1.0)
+    }
+}
+
+/// What happened, in the order it happened; the event log is append-only.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventKind {
+    HostRegistered {
+        host: String,
+    },
+    HostStateChanged {
+        host: String,
+        from: HostState,
+        to: HostState,
+    },
+    VmCreated {
+        vm: String,
+        host: String,
+    },
+    VmRunning {
+        vm: String,
+        host: String,
+    },
+    VmDeleted {
+        vm: String,
+    },
+    VmRestarted {
+        vm: String,
+        from: String,
+        to: String,
+    },
+    VmUnplaced {
+        vm: String,
+        reason: String,
+    },
+    /// Its host stopped reporting it; it is created again.
+    VmLost {
+        vm: String,
+        host: String,
+    },
+    MigrationStarted {
+        id: u64,
+        vm: String,
+        from: String,
+        to: String,
+        policy: String,
+    },
+    MigrationFinished {
+        id: u64,
+        vm: String,
+        result: MigrationResult,
+    },
+    PlanRecorded {
+        moves: usize,
+        score_before: f64,
+        score_after: f64,
+    },
+    SettingsChanged,
+}
+
+/// A numbered event.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub seq: u64,
+    pub time: Millis,
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// `POST /v1/hosts`.
+pub struct RegisterHost {
+    pub name: String,
+    pub address: String,
+    pub capacity: Capacity,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// `POST /v1/vms`.
+pub struct CreateVm {
+    pub name: String,
+    pub spec: VmSpec,
+    /// Absent: the manager places it.
+    #[serde(default)]
+    pub host: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// `POST /v1/vms/{name}/migrate`.
+pub struct MigrateVm {
+    /// Absent: the manager picks the best other host.
+    #[serde(default)]
+    pub to: Option<String>,
+    /// Absent: the balancer's default policy.
+    #[serde(default)]
+    pub policy: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+/// The query of `GET /v1/events` and `/v1/events/stream`.
+pub struct Page {
+    #[serde(default)]
+    pub since: u64,
+    #[serde(default = "default_limit")]
+    pub limit: usize,
+}
+
+/// Items a list answers with when the query gives no `limit`.
+pub const DEFAULT_LIMIT: usize = 1000;
+
+fn default_limit() -> usize {
+    DEFAULT_LIMIT
+}
+
+/// A migration record and, while it runs, its telemetry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationView {
+    #[serde(flatten)]
+    pub record: Migration,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// The query of `GET /v1/migrations`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    #[serde(default = "default_limit")]
+    pub limit: usize,
+    /// Only the migrations under way.
+    #[serde(default)]
+    pub running: bool,
+}
+
+/// A host's load report, sent with each heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadReport {
+    /// Cores in use on the host.
+    pub cpu_used: f64,
+    /// The VMs running there and the cores each uses.
+    #[serde(default)]
+    pub vms: Vec<VmLoad>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmLoad {
+    pub name: String,
+    pub cpu_used: f64,
+}
+
+/// What the manager answers a heartbeat with.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeartbeatReply {
+    /// VMs the host reported that belong elsewhere (it came back after being declared
+    /// dead and they were restarted): the agent destroys these before taking new work.
+    pub stale: Vec<String>,
+}
+
+/// A move the round keeps.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlannedMove {
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    /// Peak CPU utilisation of the two hosts removed, times the cooldown (host-seconds).
+    pub gain: f64,
+    /// Estimated migration time times the share of the two hosts it keeps busy
+    /// (host-seconds).
+    pub cost: f64,
+}
+
+/// A round's plan and what was left out.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BalancePlan {
+    pub score_before: f64,
+    pub score_after: f64,
+    pub moves: Vec<PlannedMove>,
+    /// Planner proposals dropped and planner refusals, counted by reason.
+    pub skipped: BTreeMap<NotMoved, u64>,
+    /// Wall time of planning, filled in by the caller (decisions have no clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planning_ms: Option<f64>,
+}
+
+/// Why the balancer did not move a VM it could have: the planner's refusals (as
+/// `tern-balance` names them) and the manager's own reasons for dropping a proposal.
+/// Declared in the order of their names, so maps keyed by them list them as before.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotMoved {
+    /// The instance's `auto_balance` flag is off.
+    AutoBalanceOff,
+    /// The cluster already has its share of concurrent migrations.
+    ClusterLimit,
+    /// The migration would cost more host time than the imbalance it removes.
+    CostExceedsGain,
+    /// The target already runs an instance with a shared exclusion tag.
+    ExclusionTag,
+    /// A host already has its share of concurrent migrations.
+    HostLimit,
+    /// `plain`/`file` disks, or DRBD without a secondary.
+    Immovable,
+    /// The target would fail N+1.
+    NPlusOne,
+    /// Not enough free memory on the target.
+    NoMemory,
+    /// DRBD instances only move to their secondary.
+    NotSecondary,
+    /// Target lies in another node group.
+    OtherGroup,
+    Pinned,
+    /// The proposal was planned on a move the manager dropped.
+    Superseded,
+    /// Target is offline or drained.
+    TargetOffline,
+    /// The target's vCPU ratio would exceed its limit.
+    VcpuRatio,
+}
+
+/// Printed as its quoted name, so a map of counts reads as the JSON does.
+impl std::fmt::Debug for NotMoved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
+}
+
+impl std::fmt::Display for NotMoved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl NotMoved {
+    pub const ALL: [NotMoved; 14] = [
+        NotMoved::AutoBalanceOff,
+        NotMoved::ClusterLimit,
+        NotMoved::CostExceedsGain,
+        NotMoved::ExclusionTag,
+        NotMoved::HostLimit,
+        NotMoved::Immovable,
+        NotMoved::NPlusOne,
+        NotMoved::NoMemory,
+        NotMoved::NotSecondary,
+        NotMoved::OtherGroup,
+        NotMoved::Pinned,
+        NotMoved::Superseded,
+        NotMoved::TargetOffline,
+        NotMoved::VcpuRatio,
+    ];
+
+    /// The name the API and the events use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NotMoved::CostExceedsGain => "cost_exceeds_gain",
+            NotMoved::HostLimit => "host_limit",
+            NotMoved::ClusterLimit => "cluster_limit",
+            NotMoved::Superseded => "superseded",
+            NotMoved::NoMemory => "no_memory",
+            NotMoved::Immovable => "immovable",
+            NotMoved::NotSecondary => "not_secondary",
+            NotMoved::Pinned => "pinned",
+            NotMoved::AutoBalanceOff => "auto_balance_off",
+            NotMoved::TargetOffline => "target_offline",
+            NotMoved::OtherGroup => "other_group",
+            NotMoved::NPlusOne => "n_plus_one",
+            NotMoved::VcpuRatio => "vcpu_ratio",
+            NotMoved::ExclusionTag => "exclusion_tag",
+        }
+    }
+}
+
+/// Bytes per guest page, in the agent's engine and in the model alike.
+const PAGE_BYTES: u64 = 4096;
+
+/// A running migration's latest telemetry, as its source reports it: the same shape
+/// whether it comes from a real agent's engine or from the pre-copy model.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// The source's phase: `preparing`, `connecting`, `pre_copy`, `stop_and_copy`,
+    /// `device_state` or `resuming`.
+    pub phase: Phase,
+    /// Pre-copy rounds completed.
+    pub round: u32,
+    /// The round being sent right now (the stop-and-copy pass is the one after the last
+    /// live round); 0 between rounds, before the first and after the last.
+    #[serde(default)]
+    pub running_round: u32,
+    /// Bytes put on the wire so far, the running round's included.
+    pub bytes_transferred: u64,
+    /// Bytes that differ from the destination's copy: what a stop now would send. While
+    /// a round runs, its pages not yet sent plus, from round 2 on, what the guest is
+    /// likely to have dirtied since it began (the last round's dirty rate).
+    pub bytes_remaining: u64,
+    /// How fast the guest dirtied memory in the last round.
+    pub dirty_rate_bytes_per_s: f64,
+    /// The link's throughput in the last round (during round 1: so far in it).
+    pub bandwidth_bytes_per_s: f64,
+    /// The downtime if the VM were paused at the last round's end.
+    pub predicted_downtime_ms: f64,
+    /// Since the migration started, at the last report.
+    pub elapsed_ms: u64,
+}
+
+impl Progress {
+    /// The telemetry after `rounds` of a guest with `memory_bytes` (pure): totals over
+    /// every round, rates from the last; before the first round all memory remains.
+    pub fn after_rounds(phase: Phase, memory_bytes: u64, rounds: &[RoundTelemetry]) -> Self {
+        Self::during(phase, memory_bytes, rounds, None)
+    }
+
+    /// The telemetry after `rounds` and part of the round `running` (the agent's `current`, or a point inside a model round; pure): its bytes
+    /// count as transferred, its unsent pages as remaining, so the figures move while a
+    /// long round (round 1 carries all non-zero memory) runs.
+    pub fn during(
+        phase: Phase,
+        memory_bytes: u64,
+        rounds: &[RoundTelemetry],
+        running: Option<&RoundProgress>,
+    ) -> Self {
+        let last = rounds.last();
+        // A round number at or below the last completed one is stale: that round is over.
+        let running = running.filter(|c| c.round > last.map_or(0, |r| r.round));
+        let completed: u64 = rounds.iter().map(|r| r.bytes_sent).sum();
+        let mut p = Self {
+            phase,
+            round: last.map_or(0, |r| r.round),
+            running_round: 0,
+            bytes_transferred: completed,
+            bytes_remaining: last.map_or(memory_bytes, |r| r.remaining_pages * PAGE_BYTES),
+            dirty_rate_bytes_per_s: last.map_or(0.0, |r| r.dirty_rate_bytes_per_s),
+            bandwidth_bytes_per_s: last.map_or(0.0, |r| r.bandwidth_bytes_per_s),
+            predicted_downtime_ms: last.map_or(0.0, |r| r.predicted_downtime_s * 1e3),
+            elapsed_ms: last.map_or(0, |r| (r.elapsed_s * 1e3).round() as u64),
+        };
+        let Some(c) = running else {
+            return p;
+        };
+        p.running_round = c.round;
+        p.bytes_transferred = completed + c.bytes_sent;
+        // What differed when the round began: the last round's remainder, held-back
+        // pages included (round 1: every page it plans).
+        let differing = last.map_or(c.pages_planned, |r| r.remaining_pages.max(c.pages_planned));
+        let unsent = differing.saturating_sub(c.pages_sent) * PAGE_BYTES;
+        // Only a running guest dirties more; the stop-and-copy pass runs paused.
+        let redirtied = match last {
+            Some(r) if phase == Phase::PreCopy => (r.dirty_rate_bytes_per_s * c.duration_s) as u64,
+            _ => 0,
+        };
+        p.bytes_remaining = (unsent + redirtied).min(memory_bytes.max(unsent));
+        if last.is_none() && c.duration_s > 0.0 {
+            p.bandwidth_bytes_per_s = c.bytes_sent as f64 / c.duration_s;
+        }
+        p.elapsed_ms = (c.elapsed_s * 1e3).round() as u64;
+        p
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn not_moved_reasons_are_named_and_ordered_as_their_strings() {
+        for w in NotMoved::ALL.windows(2) {
+            assert!(w[0] < w[1] && w[0].as_str() < w[1].as_str(), "{w:?}");
+        }
+        for r in NotMoved::ALL {
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(json, format!("\"{}\"", r.as_str()));
+        }
+        let counts: BTreeMap<NotMoved, u64> = [(NotMoved::HostLimit, 2)].into();
+        assert_eq!(
+            serde_json::to_string(&counts).unwrap(),
+            r#"{"host_limit":2}"#
+        );
+    }
+
+    fn round(n: u32, sent: u64, remaining_pages: u64) -> RoundTelemetry {
+        RoundTelemetry {
+            round: n,
+            pages_sent: sent / PAGE_BYTES,
+            bytes_sent: sent,
+            pages_changed: 0,
+            dirty_rate_bytes_per_s: f64::from(n) * 1e6,
+            bandwidth_bytes_per_s: 1e8,
+            remaining_pages,
+            held_back_pages: 0,
+            predicted_downtime_s: 0.25,
+            duration_s: 1.0,
+            elapsed_s: f64::from(n) * 1.5,
+            throttle_percent: 0,
+        }
+    }
+
+    #[test]
+    fn progress_sums_bytes_and_takes_rates_from_the_last_round() {
+        let p = Progress::after_rounds(
+            Phase::PreCopy,
+            1 << 20,
+            &[round(1, 8192, 10), round(2, 4096, 3)],
+        );
+        assert_eq!(p.round, 2);
+        assert_eq!(p.bytes_transferred, 12288);
+        assert_eq!(p.bytes_remaining, 3 * 4096);
+        assert_eq!(p.dirty_rate_bytes_per_s, 2e6);
+        assert_eq!(p.predicted_downtime_ms, 250.0);
+        assert_eq!(p.elapsed_ms, 3000);
+        let none = Progress::after_rounds(Phase::Connecting, 1 << 20, &[]);
+        assert_eq!((none.round, none.bytes_transferred), (0, 0));
+        assert_eq!(none.bytes_remaining, 1 << 20);
+        assert_eq!(none.phase, Phase::Connecting);
+    }
+
+    fn running(round: u32, planned: u64, sent: u64, duration_s: f64) -> RoundProgress {
+        RoundProgress {
+            round,
+            pages_planned: planned,
+            pages_sent: sent,
+            bytes_sent: sent * PAGE_BYTES / 2,
+            duration_s,
+            elapsed_s: 10.0 + duration_s,
+        }
+    }
+
+    #[test]
+    fn a_running_round_moves_the_totals_before_it_ends() {
+        // Round 1 of a 1 MiB guest (256 pages), 100 sent.
+        let r1 = running(1, 256, 100, 0.5);
+        let p = Progress::during(Phase::PreCopy, 1 << 20, &[], Some(&r1));
+        assert_eq!((p.round, p.running_round), (0, 1));
+        assert_eq!(p.bytes_transferred, 100 * PAGE_BYTES / 2);
+        assert_eq!(p.bytes_remaining, 156 * PAGE_BYTES);
+        assert_eq!(p.bandwidth_bytes_per_s, (100 * PAGE_BYTES) as f64);
+        assert_eq!(p.elapsed_ms, 10_500);
+        assert_eq!(p.dirty_rate_bytes_per_s, 0.0, "no rate before a round ends");
+
+        // Round 3 after two (10 pages were left after round 2, 8 of them planned, 2 held
+        // back): the unsent pages, plus what round 2's dirty rate (2 MB/s) adds in 1 ms.
+        let done = [round(1, 8192, 40), round(2, 4096, 10)];
+        let r3 = running(3, 8, 5, 0.001);
+        let p = Progress::during(Phase::PreCopy, 1 << 20, &done, Some(&r3));
+        assert_eq!((p.round, p.running_round), (2, 3));
+        assert_eq!(p.bytes_transferred, 8192 + 4096 + 5 * PAGE_BYTES / 2);
+        assert_eq!(p.bytes_remaining, 5 * PAGE_BYTES + 2000);
+        assert_eq!(p.bandwidth_bytes_per_s, 1e8, "the last round's");
+        // Stopped: nothing more is dirtied.
+        let p = Progress::during(Phase::StopAndCopy, 1 << 20, &done, Some(&r3));
+        assert_eq!(p.bytes_remaining, 5 * PAGE_BYTES);
+        // Never more than the guest's memory.
+        let long = running(3, 8, 0, 1e6);
+        let p = Progress::during(Phase::PreCopy, 1 << 20, &done, Some(&long));
+        assert_eq!(p.bytes_remaining, 1 << 20);
+
+        // A round already among the completed ones is ignored.
+        let stale = running(2, 8, 8, 0.3);
+        let p = Progress::during(Phase::PreCopy, 1 << 20, &done, Some(&stale));
+        assert_eq!(p, Progress::after_rounds(Phase::PreCopy, 1 << 20, &done));
+        assert_eq!(p.running_round, 0);
+    }
+}

@@ -1,0 +1,325 @@
+//! The agent's migration endpoints (`/v1/migrations`, `/v1/incoming`): what a source
+//! is asked and shows, what a destination prepares and reports, and the telemetry of
+//! each pre-copy round both the engine and the model produce.
+//!
+//! A source migration walks these phases, each entered once, in order:
+//!
+//! ```text
+//!  Preparing ─► Connecting ─► PreCopy ─► StopAndCopy ─► DeviceState ─► Resuming ─► Completed
+//!      │            │            │            │              │             │
+//!      └────────────┴────────────┴────┬───────┴──────────────┴─────────────┘
+//!                                     ▼  any error, timeout or cancel
+//!                               RolledBack (VM running on the source, destination cleaned)
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use crate::agent::VmSpec;
+
+/// Where a source migration is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    #[default]
+    Preparing,
+    Connecting,
+    PreCopy,
+    StopAndCopy,
+    DeviceState,
+    Resuming,
+    Completed,
+    RolledBack,
+}
+
+impl Phase {
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Completed | Phase::RolledBack)
+    }
+}
+
+/// `POST /v1/migrations`: move `vm` from this host to the agent at `destination`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    pub vm: String,
+    /// The destination agent's base URL, e.g. `http://198.18.0.2:7070`.
+    pub destination: String,
+    /// The destination agent's bearer token.
+    pub token: String,
+    /// `xen`, `qemu-rule` (alias `qemu`), `adaptive` or `stop-copy` for tern's engine;
+    /// `qemu-native` for QEMU's own migration of the whole VM (the benchmark's peer).
+    #[serde(default = "adaptive")]
+    pub policy: String,
+    #[serde(default)]
+    pub options: SendOptions,
+}
+
+fn adaptive() -> String {
+    "adaptive".into()
+}
+
+/// Tuning of one migration; every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SendOptions {
+    /// Parallel memory streams.
+    pub streams: u16,
+    /// LZ4-compress page batches where that shrinks them.
+    pub compress: bool,
+    /// Bandwidth cap in Mbit/s; absent: as fast as the link allows.
+    pub max_mbit: Option<u64>,
+    /// The downtime the policy aims for.
+    pub downtime_limit_ms: u64,
+    /// Live rounds end (not converged) after this long; for `qemu-native`, the
+    /// migration is cancelled (VM stays here) after this long.
+    pub max_precopy_s: f64,
+    /// `qemu-native` only: QEMU's `auto-converge` capability.
+    pub auto_converge: bool,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        SendOptions {
+            streams: 2,
+            compress: false,
+            max_mbit: None,
+            downtime_limit_ms: 300,
+            max_precopy_s: 60.0,
+            auto_converge: false,
+        }
+    }
+}
+
+impl SendOptions {
+    /// Checks ranges; the message says what to change.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(1..=16).contains(&self.streams) {
+            return Err(format!(
+                "options.streams must be 1..=16, got {}",
+                self.streams
+            ));
+        }
+        if self.max_mbit == Some(0) {
+            return Err("options.max_mbit must be positive (omit it for no cap)".into());
+        }
+        if !(1..=60_000).contains(&self.downtime_limit_ms) {
+            return Err(format!(
+                "options.downtime_limit_ms must be 1..=60000, got {}",
+                self.downtime_limit_ms
+            ));
+        }
+        if !(self.max_precopy_s > 0.0 && self.max_precopy_s <= 3600.0) {
+            return Err(format!(
+                "options.max_precopy_s must be in (0, 3600], got {}",
+                self.max_precopy_s
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `POST /v1/migrations/incoming`: the destination prepares to receive `vm`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrepareRequest {
+    pub vm: String,
+    pub spec: VmSpec,
+    /// QEMU carries the memory itself (no tern memory streams, no `x-ignore-shared`).
+    #[serde(default)]
+    pub native: bool,
+}
+
+/// The destination's answer to a prepare: where to send memory and device state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ticket {
+    pub migration: String,
+    /// Secret the memory streams must present.
+    pub stream_token: String,
+    pub memory_port: u16,
+    /// QEMU's `migrate-incoming` port on the destination.
+    pub device_port: u16,
+}
+
+/// The result of a finished migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationResult {
+    pub total_ms: u64,
+    /// From pausing the source to the destination running.
+    pub downtime_ms: u64,
+    /// Bytes of memory streams, device state included.
+    pub bytes: u64,
+    /// Live rounds before the stop-and-copy (QEMU's dirty-sync count is not
+    /// reported for `qemu-native`: 0 there).
+    pub rounds: u32,
+    /// Guest memory that is not zero pages when the migration started (M of the
+    /// lower bound M/B); unknown for `qemu-native`.
+    pub nonzero_bytes: Option<u64>,
+    pub converged: bool,
+    pub policy: String,
+    pub stop_reason: StopReason,
+    pub max_throttle_percent: u8,
+    /// Where the downtime went: final scan and send, QEMU's device state, resume on the
+    /// destination (tern's engine only).
+    pub downtime_parts_ms: Option<[u64; 3]>,
+    /// Filled in by whoever checks the guest afterwards (the benchmark, the tests): the
+    /// engine itself cannot see inside the guest.
+    pub guest_ok: Option<bool>,
+}
+
+/// What `GET /v1/migrations/{id}` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationView {
+    pub id: String,
+    pub vm: String,
+    pub destination: String,
+    pub policy: String,
+    pub phase: Phase,
+    /// Why the migration was rolled back.
+    pub error: Option<String>,
+    /// Completed rounds.
+    pub rounds: Vec<RoundTelemetry>,
+    /// The round being sent, while one is (the stop-and-copy pass included): how far it
+    /// got. Absent between rounds, before the first and after the last.
+    #[serde(default)]
+    pub current: Option<RoundProgress>,
+    pub result: Option<MigrationResult>,
+}
+
+impl MigrationView {
+    /// A migration about to start: nothing sent, nothing decided.
+    pub fn new(id: &str, vm: &str, destination: &str, policy: &str) -> Self {
+        MigrationView {
+            id: id.to_string(),
+            vm: vm.to_string(),
+            destination: destination.to_string(),
+            policy: policy.to_string(),
+            phase: Phase::Preparing,
+            error: None,
+            rounds: Vec::new(),
+            current: None,
+            result: None,
+        }
+    }
+}
+
+/// Where an incoming migration is, as the destination sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IncomingPhase {
+    Receiving,
+    MemoryComplete,
+    Running,
+    Failed,
+}
+
+/// `GET /v1/migrations/incoming/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncomingView {
+    pub migration: String,
+    pub vm: String,
+    pub phase: IncomingPhase,
+    pub bytes: u64,
+    pub rounds: u64,
+    pub error: Option<String>,
+}
+
+/// Telemetry of one completed pre-copy round.
+///
+/// Times are seconds and rates bytes per second, as `f64`, because the simulator adds
+/// thousands of them and the engine measures them with sub-millisecond resolution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundTelemetry {
+    /// 1-based round number; round 1 is the first full pass over memory.
+    pub round: u32,
+    /// Pages put on the wire in this round.
+    pub pages_sent: u64,
+    /// Bytes put on the wire in this round (after compression and zero-page flags, for the
+    /// engine; pages times page size, for the model).
+    pub bytes_sent: u64,
+    /// Distinct pages whose content changed while this round ran, whether or not they
+    /// belong to a held-back fragment: the dirtying the guest did, not what will be sent.
+    pub pages_changed: u64,
+    /// `pages_changed` times page size over the round's duration: the guest's effective
+    /// dirty rate as seen through one round (a page rewritten twice counts once).
+    pub dirty_rate_bytes_per_s: f64,
+    /// Throughput the link gave this round; policies use it to predict the downtime of
+    /// a stop-and-copy and to size a throttle.
+    pub bandwidth_bytes_per_s: f64,
+    /// Pages that differ from the destination's copy at the end of the round, held-back
+    /// fragments included: what a stop-and-copy started now would send.
+    pub remaining_pages: u64,
+    /// Of `remaining_pages`, those in fragments the policy held back this round.
+    pub held_back_pages: u64,
+    /// `remaining_pages` over the bandwidth, plus the fixed cost of stopping (final scan,
+    /// device state): the downtime if the VM were paused now.
+    pub predicted_downtime_s: f64,
+    /// Wall time of this round.
+    pub duration_s: f64,
+    /// Time since the migration started, at the end of this round.
+    pub elapsed_s: f64,
+    /// Share of vCPU time taken away from the guest while this round ran (0 = none).
+    pub throttle_percent: u8,
+}
+
+/// A round part way through: how far the engine got sending it (or a point inside a
+/// model round), so a round that carries gigabytes is seen moving before it ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundProgress {
+    /// 1-based, as in [`RoundTelemetry::round`]; the stop-and-copy pass is the round
+    /// after the last live one.
+    pub round: u32,
+    /// Pages this round sends, zero pages included.
+    pub pages_planned: u64,
+    /// Of those, pages on the wire so far.
+    pub pages_sent: u64,
+    /// Bytes on the wire so far this round.
+    pub bytes_sent: u64,
+    /// Since this round began.
+    pub duration_s: f64,
+    /// Since the migration's live phase began, as [`RoundTelemetry::elapsed_s`].
+    pub elapsed_s: f64,
+}
+
+/// Why iteration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The policy never iterates (plain stop-and-copy).
+    Immediate,
+    /// Nothing differs from the destination any more.
+    NothingDirty,
+    /// The predicted downtime fits the budget.
+    FitsDowntime,
+    /// Fewer dirty pages are left than the policy's threshold (Xen: 50).
+    FewDirtyPages,
+    /// A further round no longer shrinks what remains, and the remainder fits the budget.
+    NoLongerShrinking,
+    /// The policy's own round cap (Xen: 30).
+    RoundCap,
+    /// The policy's own volume cap (Xen: 3× memory sent).
+    VolumeCap,
+    /// Throttling reached its maximum and the remainder still does not fit.
+    ThrottleExhausted,
+    /// The fixed cost of stopping (final scan, device state) alone exceeds the budget,
+    /// so no amount of iterating or throttling can meet it.
+    BudgetUnreachable,
+    /// The safety cap (`Limits::max_rounds` in tern-migrate) was reached.
+    SafetyRounds,
+    /// The safety cap (`Limits::max_elapsed_s` in tern-migrate) was reached.
+    SafetyTime,
+}
+
+impl StopReason {
+    /// Whether stopping for this reason means the policy reached its goal rather than
+    /// being cut off by a cap.
+    pub fn converged(self) -> bool {
+        matches!(
+            self,
+            StopReason::Immediate
+                | StopReason::NothingDirty
+                | StopReason::FitsDowntime
+                | StopReason::FewDirtyPages
+                | StopReason::NoLongerShrinking
+        )
+    }
+}
