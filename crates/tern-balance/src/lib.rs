@@ -8,10 +8,12 @@
 //! - [`constraints`]: hard constraints and the [`Refusal`] reasons.
 //! - [`synth`]: seeded unbalanced clusters for benchmarks and tests.
 //! - [`planner`]: hbal-style steepest descent, [`plan`] and its step [`best_move`].
+//! - [`lazy`]: many moves per step from a lazily updated candidate heap (`spread`).
 //! - [`bound`]: the best score a move can reach, for the planner to stop early.
 
 pub mod bound;
 pub mod constraints;
+pub mod lazy;
 pub mod metric;
 pub mod planner;
 pub mod state;
