@@ -13,7 +13,7 @@
 //! migration runs, its source's telemetry is kept in [`LiveMigrations`] (memory only:
 //! it is worthless once the migration ends) until its result is committed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use crate::decide::balance::{self, BalancePlan};
 use crate::decide::reconcile::{self, Action};
 use crate::decide::{health, Command, Reply};
 use crate::error::Result;
+pub use crate::live::LiveMigrations;
 use crate::manager::Manager;
 use crate::state::{Host, MigrationResult};
 
@@ -40,34 +41,6 @@ pub struct Control {
     done_tx: mpsc::UnboundedSender<(String, Option<Command>)>,
     done_rx: Mutex<mpsc::UnboundedReceiver<(String, Option<Command>)>>,
     slots: Arc<tokio::sync::Semaphore>,
-}
-
-/// The latest telemetry of each migration under way, by migration id.
-#[derive(Default)]
-pub struct LiveMigrations(Mutex<BTreeMap<u64, Progress>>);
-
-impl LiveMigrations {
-    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Progress>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The latest telemetry of migration `id`, if it runs and reported any.
-    pub fn get(&self, id: u64) -> Option<Progress> {
-        self.map().get(&id).cloned()
-    }
-
-    /// Every running migration's latest telemetry.
-    pub fn all(&self) -> BTreeMap<u64, Progress> {
-        self.map().clone()
-    }
-
-    fn set(&self, id: u64, p: Progress) {
-        self.map().insert(id, p);
-    }
-
-    fn end(&self, id: u64) {
-        self.map().remove(&id);
-    }
 }
 
 /// What one round did.
