@@ -20,12 +20,16 @@
 //!
 //! A *step* takes several moves against fronts computed at its start, each from
 //! a different source: a source an earlier move of the step touched waits for
-//! the next step, when the fronts are computed again. A target may take several
-//! moves in a step, each scored exactly against the state it meets (keeping
-//! targets apart too cost about 2 % more moves for the same score: the coldest
-//! node is the best target for several moves in a row). A step ends when no
-//! source has an acceptable move left or the best gains less than
-//! [`STEP_GAIN_RATIO`] of the step's first.
+//! the next step. A target may take several moves in a step, each scored
+//! exactly against the state it meets (keeping targets apart too cost about 2 %
+//! more moves for the same score: the coldest node is the best target for
+//! several moves in a row). A step ends when no source has an acceptable move
+//! left or the best gains less than [`STEP_GAIN_RATIO`] of the step's first.
+//! Between steps every key is made current again: the gain of a recorded move
+//! whose nodes have not changed is rescored (the gain of one move grows as the
+//! score falls, so an old key would sink), and the [`REFRESHED_PER_STEP`] best
+//! sources are computed afresh (a source that gave up load may have joined the
+//! fronts, as a better target for others).
 //!
 //! Every move is checked and scored against the state as it is when applied, and
 //! taken only when the planner's acceptance rule says so: the score never rises.
@@ -46,6 +50,9 @@ use crate::state::State;
 /// A step ends once the best move left gains less than this share of the step's
 /// first move: such a move is one the single-move search would not make next.
 pub const STEP_GAIN_RATIO: f64 = 0.95;
+
+/// Entries at the top of the heap computed afresh at the start of each step.
+pub const REFRESHED_PER_STEP: usize = 32;
 
 /// Instances of a source, best by removal first, scored against every front node.
 pub const INSTANCES_PER_SOURCE: usize = 8;
@@ -79,6 +86,8 @@ struct Source {
     /// The node's version then; an entry with an older one is dropped, a newer
     /// entry stands in for it.
     version: u32,
+    /// The move the key is the gain of, with its target's version then.
+    best: Option<(Move, u32)>,
 }
 
 impl PartialEq for Source {
@@ -130,34 +139,7 @@ pub fn descend<M: Metric + ?Sized>(
     // The step in which a move last touched each node.
     let mut touched = vec![u64::MAX; n];
     let k = state.components_len();
-    let mut heap: BinaryHeap<Source> = {
-        let ini = state.score();
-        let found: Vec<(Option<Scored>, Tally)> = (0..n)
-            .into_par_iter()
-            .with_min_len(16)
-            .map_init(
-                || vec![0.0; 2 * k],
-                |scratch, a| {
-                    let mut t = Tally::default();
-                    let best = best_move(state, &on_node[a], &front, rule, scratch, &mut t);
-                    (best, t)
-                },
-            )
-            .collect();
-        found
-            .into_iter()
-            .enumerate()
-            .filter_map(|(a, (best, t))| {
-                tally.refusals.merge(&t.refusals);
-                tally.evaluations += t.evaluations;
-                Some(Source {
-                    key: ini - best?.score,
-                    node: NodeId::from_index(a),
-                    version: 0,
-                })
-            })
-            .collect()
-    };
+    let mut heap = fill(state, &on_node, &front, rule, &[], &mut tally);
     // Bumped by every move that touches the node.
     let mut version = vec![0u32; n];
     let mut scratch = vec![0.0; 2 * k];
@@ -175,7 +157,39 @@ pub fn descend<M: Metric + ?Sized>(
             step += 1;
             step_moves = 0;
             front = Frontier::new(state, targets)?.nodes();
-            heap.extend(deferred.drain(..));
+            deferred.extend(heap.drain());
+            heap = rekey(
+                state,
+                deferred.drain(..),
+                &version,
+                rule,
+                &mut scratch,
+                &mut tally,
+            );
+            // Sources give up load too and may join the fronts, so the best few
+            // entries are computed afresh against the new ones.
+            let ini = state.score();
+            let mut top = Vec::new();
+            while top.len() < REFRESHED_PER_STEP {
+                let Some(e) = heap.pop() else { break };
+                if e.version != version[e.node.index()] {
+                    continue;
+                }
+                let b = best_move(
+                    state,
+                    &on_node[e.node.index()],
+                    &front,
+                    rule,
+                    &mut scratch,
+                    &mut tally,
+                );
+                top.push(Source {
+                    key: b.map_or(f64::NEG_INFINITY, |b| ini - b.score),
+                    best: b.map(|b| (b.mv, version[b.mv.to.index()])),
+                    ..e
+                });
+            }
+            heap.extend(top);
             continue;
         };
         let a = src.node.index();
@@ -192,18 +206,23 @@ pub fn descend<M: Metric + ?Sized>(
             // No allowed move from here against this step's fronts.
             deferred.push(Source {
                 key: f64::NEG_INFINITY,
+                best: None,
                 ..src
             });
             continue;
         };
         let gain = ini - best.score;
+        let src = Source {
+            key: gain,
+            best: Some((best.mv, version[best.mv.to.index()])),
+            ..src
+        };
         // Keys only record what a source offered when last looked at: take this
         // one's move only if it still beats what the next one offered then.
         if heap.peek().is_some_and(|next| next.key > gain) {
-            heap.push(Source { key: gain, ..src });
+            heap.push(src);
             continue;
         }
-        let src = Source { key: gain, ..src };
         if !(rule.accept)(ini, best.score)
             || (step_moves > 0 && gain < STEP_GAIN_RATIO * first_gain)
         {
@@ -234,11 +253,13 @@ pub fn descend<M: Metric + ?Sized>(
             key: gain,
             node: mv.from,
             version: version[a],
+            best: None,
         });
         deferred.push(Source {
             key: f64::INFINITY,
             node: mv.to,
             version: version[mv.to.index()],
+            best: None,
         });
         if moves.len().is_multiple_of(64) {
             state.refresh();
@@ -247,6 +268,94 @@ pub fn descend<M: Metric + ?Sized>(
     tally.steps += u64::from(step_moves > 0);
     state.refresh();
     Some(tally)
+}
+
+/// The entries still current, each keyed again by the gain its recorded move
+/// gives now when neither of its nodes has changed: the gain of one move grows
+/// as the score falls, so a key recorded early would otherwise sink.
+fn rekey<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    entries: impl Iterator<Item = Source>,
+    version: &[u32],
+    rule: &Rule<'_>,
+    scratch: &mut [f64],
+    tally: &mut Tally,
+) -> BinaryHeap<Source> {
+    let ini = state.score();
+    entries
+        .filter(|e| e.version == version[e.node.index()])
+        .filter_map(|e| match e.best {
+            Some((mv, v)) if v == version[mv.to.index()] && state.primary_of(mv.inst) == e.node => {
+                let score = rescore(state, mv, rule, scratch, tally)?;
+                Some(Source {
+                    key: ini - score,
+                    ..e
+                })
+            }
+            _ => Some(e),
+        })
+        .collect()
+}
+
+/// The score after `mv`, checked against the current state; None when a
+/// constraint now refuses it.
+fn rescore<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    mv: Move,
+    rule: &Rule<'_>,
+    scratch: &mut [f64],
+    tally: &mut Tally,
+) -> Option<f64> {
+    let k = state.components_len();
+    let (src, dst) = scratch.split_at_mut(k);
+    let from_load = state.source_after(mv.inst, mv.to, src);
+    tally.evaluations += 1;
+    match state.try_move(mv.inst, mv.to, rule.n_plus_one, &from_load, src, dst) {
+        Ok(score) => Some(score),
+        Err(r) => {
+            tally.refusals.add(r);
+            None
+        }
+    }
+}
+
+/// Every node's entry, keyed by its best move now (in parallel).
+fn fill<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    on_node: &[Vec<InstId>],
+    front: &[NodeId],
+    rule: &Rule<'_>,
+    version: &[u32],
+    tally: &mut Tally,
+) -> BinaryHeap<Source> {
+    let k = state.components_len();
+    let ini = state.score();
+    let found: Vec<(Option<Scored>, Tally)> = on_node
+        .par_iter()
+        .with_min_len(16)
+        .map_init(
+            || vec![0.0; 2 * k],
+            |scratch, insts| {
+                let mut t = Tally::default();
+                let best = best_move(state, insts, front, rule, scratch, &mut t);
+                (best, t)
+            },
+        )
+        .collect();
+    found
+        .into_iter()
+        .enumerate()
+        .filter_map(|(a, (best, t))| {
+            tally.refusals.merge(&t.refusals);
+            tally.evaluations += t.evaluations;
+            Some(Source {
+                key: ini - best?.score,
+                node: NodeId::from_index(a),
+                version: version.get(a).copied().unwrap_or(0),
+                best: best.map(|b| (b.mv, version.get(b.mv.to.index()).copied().unwrap_or(0))),
+            })
+        })
+        .collect()
 }
 
 /// The best allowed move of one of `insts` (all on one node) to a front node
