@@ -4,7 +4,8 @@
 //! ```text
 //!  load reports ──► heartbeats (stale copies on returning hosts destroyed)
 //!       └─► health step (dead hosts, restarts, evacuation)
-//!             └─► balance round (dry run: a recorded plan)
+//!             └─► balance round: planned on a copy, outside the store's lock;
+//!                 the moves that still hold committed (dry run: a recorded plan)
 //!                   └─► dispatch: agent calls for pending creates, deletes, migrations
 //!                         └─► answers committed as commands
 //! ```
@@ -156,14 +157,21 @@ impl Control {
         self.manager.step(|s, now| (health::tick(s, now), ()))
     }
 
-    /// A balancing round (see [`balance::round`]), timed.
+    /// A balancing round (see [`balance::round`]), timed. It plans on a copy of the
+    /// snapshot without holding the store, so writes go on while it plans (thousands
+    /// of moves on a large uneven cluster), then commits under the store only the
+    /// moves that still hold ([`balance::commit`]).
     pub fn balance(&self) -> Result<BalancePlan> {
-        self.manager.step(|s, now| {
-            let started = Instant::now();
-            let (changes, mut plan) = balance::round(s, now);
-            plan.planning_ms = Some(started.elapsed().as_secs_f64() * 1e3);
-            (changes, plan)
-        })
+        let now = self.manager.now();
+        let snap = self.manager.read(|s| s.settings.enabled.then(|| s.clone()));
+        let Some(snap) = snap else {
+            return Ok(BalancePlan::default());
+        };
+        let started = Instant::now();
+        let mut plan = balance::plan(&snap, now);
+        drop(snap);
+        plan.planning_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+        self.manager.step(|s, now| balance::commit(s, now, plan))
     }
 
     /// Starts agent calls for the actions not already under way; returns how many.
