@@ -12,7 +12,8 @@
 //!
 //! So every node with movable instances goes into a max-heap by key once. A
 //! popped node's best move is computed afresh: its [`INSTANCES_PER_SOURCE`]
-//! best instances by removal ([`State::removal_score`]), each scored exactly
+//! best instances by removal ([`State::removal_score`]; ranked again only when
+//! a move touches the node), each scored exactly
 //! (constraints checked) against every front node; it is taken when it still
 //! gains at least the next node's recorded key (the usual lazy-greedy test),
 //! and otherwise the node goes back with its new key. A node a move touched gets
@@ -139,7 +140,7 @@ pub fn descend<M: Metric + ?Sized>(
     // The step in which a move last touched each node.
     let mut touched = vec![u64::MAX; n];
     let k = state.components_len();
-    let mut heap = fill(state, &on_node, &front, rule, &[], &mut tally);
+    let (mut heap, mut tops) = fill(state, &on_node, &front, rule, &mut tally);
     // Bumped by every move that touches the node.
     let mut version = vec![0u32; n];
     let mut scratch = vec![0.0; 2 * k];
@@ -169,27 +170,23 @@ pub fn descend<M: Metric + ?Sized>(
             // Sources give up load too and may join the fronts, so the best few
             // entries are computed afresh against the new ones.
             let ini = state.score();
-            let mut top = Vec::new();
-            while top.len() < REFRESHED_PER_STEP {
+            let mut fresh = Vec::new();
+            while fresh.len() < REFRESHED_PER_STEP {
                 let Some(e) = heap.pop() else { break };
                 if e.version != version[e.node.index()] {
                     continue;
                 }
-                let b = best_move(
-                    state,
-                    &on_node[e.node.index()],
-                    &front,
-                    rule,
-                    &mut scratch,
-                    &mut tally,
-                );
-                top.push(Source {
+                let top = tops[e.node.index()].get_or_insert_with(|| {
+                    ranked(state, &on_node[e.node.index()], &mut scratch, &mut tally)
+                });
+                let b = best_move(state, top, &front, rule, &mut scratch, &mut tally);
+                fresh.push(Source {
                     key: b.map_or(f64::NEG_INFINITY, |b| ini - b.score),
                     best: b.map(|b| (b.mv, version[b.mv.to.index()])),
                     ..e
                 });
             }
-            heap.extend(top);
+            heap.extend(fresh);
             continue;
         };
         let a = src.node.index();
@@ -201,8 +198,9 @@ pub fn descend<M: Metric + ?Sized>(
             continue;
         }
         let ini = state.score();
-        let Some(best) = best_move(state, &on_node[a], &front, rule, &mut scratch, &mut tally)
-        else {
+        let top =
+            tops[a].get_or_insert_with(|| ranked(state, &on_node[a], &mut scratch, &mut tally));
+        let Some(best) = best_move(state, top, &front, rule, &mut scratch, &mut tally) else {
             // No allowed move from here against this step's fronts.
             deferred.push(Source {
                 key: f64::NEG_INFINITY,
@@ -246,6 +244,7 @@ pub fn descend<M: Metric + ?Sized>(
         for node in [mv.from, mv.to] {
             touched[node.index()] = step;
             version[node.index()] += 1;
+            tops[node.index()] = None;
         }
         // The source offers less now, the target more (it may have had nothing
         // to offer): both are looked at again when popped.
@@ -319,51 +318,77 @@ fn rescore<M: Metric + ?Sized>(
     }
 }
 
-/// Every node's entry, keyed by its best move now (in parallel).
+/// Every node's entry, keyed by its best move now, and its best instances by
+/// removal (in parallel).
 fn fill<M: Metric + ?Sized>(
     state: &State<'_, M>,
     on_node: &[Vec<InstId>],
     front: &[NodeId],
     rule: &Rule<'_>,
-    version: &[u32],
     tally: &mut Tally,
-) -> BinaryHeap<Source> {
+) -> (BinaryHeap<Source>, Vec<Option<Vec<InstId>>>) {
     let k = state.components_len();
     let ini = state.score();
-    let found: Vec<(Option<Scored>, Tally)> = on_node
+    let found: Vec<(Option<Scored>, Vec<InstId>, Tally)> = on_node
         .par_iter()
         .with_min_len(16)
         .map_init(
             || vec![0.0; 2 * k],
             |scratch, insts| {
                 let mut t = Tally::default();
-                let best = best_move(state, insts, front, rule, scratch, &mut t);
-                (best, t)
+                let top = ranked(state, insts, scratch, &mut t);
+                let best = best_move(state, &top, front, rule, scratch, &mut t);
+                (best, top, t)
             },
         )
         .collect();
-    found
-        .into_iter()
-        .enumerate()
-        .filter_map(|(a, (best, t))| {
-            tally.refusals.merge(&t.refusals);
-            tally.evaluations += t.evaluations;
-            Some(Source {
-                key: ini - best?.score,
+    let mut tops = Vec::with_capacity(found.len());
+    let mut heap = BinaryHeap::new();
+    for (a, (best, top, t)) in found.into_iter().enumerate() {
+        tally.refusals.merge(&t.refusals);
+        tally.evaluations += t.evaluations;
+        tops.push(Some(top));
+        if let Some(b) = best {
+            heap.push(Source {
+                key: ini - b.score,
                 node: NodeId::from_index(a),
-                version: version.get(a).copied().unwrap_or(0),
-                best: best.map(|b| (b.mv, version.get(b.mv.to.index()).copied().unwrap_or(0))),
-            })
-        })
-        .collect()
+                version: 0,
+                best: Some((b.mv, 0)),
+            });
+        }
+    }
+    (heap, tops)
 }
 
-/// The best allowed move of one of `insts` (all on one node) to a front node
-/// (or, for DRBD, to its secondary): the best few instances by removal, each
-/// against every such node.
-fn best_move<M: Metric + ?Sized>(
+/// The [`INSTANCES_PER_SOURCE`] of `insts` (all on one node) whose removal lowers
+/// the score most, best first.
+fn ranked<M: Metric + ?Sized>(
     state: &State<'_, M>,
     insts: &[InstId],
+    scratch: &mut [f64],
+    tally: &mut Tally,
+) -> Vec<InstId> {
+    let k = state.components_len();
+    let mut ranked: Vec<(f64, InstId)> = insts
+        .iter()
+        .map(|&i| (state.removal_score(i, &mut scratch[..k]), i))
+        .collect();
+    tally.evaluations += ranked.len() as u64;
+    let cmp = |x: &(f64, InstId), y: &(f64, InstId)| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1));
+    let w = INSTANCES_PER_SOURCE.min(ranked.len());
+    if w == 0 {
+        return Vec::new();
+    }
+    ranked.select_nth_unstable_by(w - 1, cmp);
+    ranked[..w].sort_unstable_by(cmp);
+    ranked[..w].iter().map(|x| x.1).collect()
+}
+
+/// The best allowed move of one of `top` (instances of one node, from [`ranked`])
+/// to a front node (or, for DRBD, to its secondary).
+fn best_move<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    top: &[InstId],
     front: &[NodeId],
     rule: &Rule<'_>,
     scratch: &mut [f64],
@@ -371,20 +396,8 @@ fn best_move<M: Metric + ?Sized>(
 ) -> Option<Scored> {
     let k = state.components_len();
     let (src, dst) = scratch.split_at_mut(k);
-    let mut ranked: Vec<(f64, InstId)> = insts
-        .iter()
-        .map(|&i| (state.removal_score(i, src), i))
-        .collect();
-    tally.evaluations += ranked.len() as u64;
-    let cmp = |x: &(f64, InstId), y: &(f64, InstId)| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1));
-    let w = INSTANCES_PER_SOURCE.min(ranked.len());
-    if w == 0 {
-        return None;
-    }
-    ranked.select_nth_unstable_by(w - 1, cmp);
-    ranked[..w].sort_unstable_by(cmp);
     let mut best: Option<Scored> = None;
-    for &(_, inst) in &ranked[..w] {
+    for &inst in top {
         let from = state.primary_of(inst);
         let only;
         let targets: &[NodeId] = match state.mobility(inst) {
