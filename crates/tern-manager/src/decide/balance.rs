@@ -55,6 +55,9 @@ pub const LINK_BYTES_PER_S: f64 = 125e6;
 /// Memory a guest dirties per core it keeps busy; CPU-heavy guests dirty more.
 pub const DIRTY_BYTES_PER_CORE_S: f64 = 20e6;
 
+/// Rounds that may plan more moves than this use the lazy many-moves search.
+pub const LAZY_FROM_MOVES: usize = 64;
+
 /// A move the round keeps.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct PlannedMove {
@@ -235,17 +238,23 @@ pub fn plan(snap: &Snapshot, now: Millis) -> BalancePlan {
         .sum::<usize>()
         / 2;
     let m = model(snap, now);
+    // Twice what the limits let through: some proposals fall to the per-host limit or the
+    // cost test, and planning further would be wasted work.
+    let max_moves = budget.min(host_slots).saturating_mul(2);
     let opts = PlanOptions {
         min_gain,
         min_gain_limit: f64::INFINITY,
-        // Twice what the limits let through: some proposals fall to the per-host limit or
-        // the cost test, and planning further would be wasted work.
-        max_moves: Some(budget.min(host_slots).saturating_mul(2)),
+        max_moves: Some(max_moves),
         min_score,
         n_plus_one: false,
         pinned: m.pinned.clone(),
-        // Many moves per step: a hard first round plans thousands.
-        search: Search::Lazy { width: 24 },
+        // Many moves per step where a round may plan many (a hard first round plans
+        // thousands); a few moves cost less one at a time than the lazy search's set-up.
+        search: if max_moves > LAZY_FROM_MOVES {
+            Search::Lazy { width: 24 }
+        } else {
+            Search::Pruned { width: 24 }
+        },
     };
     let mut out = BalancePlan::default();
     let planned = if budget == 0 || min_score.is_infinite() {
