@@ -437,6 +437,9 @@ pub enum NotMoved {
     /// Target lies in another node group.
     OtherGroup,
     Pinned,
+    /// Planned on a snapshot the cluster has since left behind: the VM was deleted,
+    /// moved or started migrating, or the destination lost its room or went inactive.
+    Stale,
     /// The proposal was planned on a move the manager dropped.
     Superseded,
     /// Target is offline or drained.
@@ -459,7 +462,7 @@ impl std::fmt::Display for NotMoved {
 }
 
 impl NotMoved {
-    pub const ALL: [NotMoved; 14] = [
+    pub const ALL: [NotMoved; 15] = [
         NotMoved::AutoBalanceOff,
         NotMoved::ClusterLimit,
         NotMoved::CostExceedsGain,
@@ -471,6 +474,7 @@ impl NotMoved {
         NotMoved::NotSecondary,
         NotMoved::OtherGroup,
         NotMoved::Pinned,
+        NotMoved::Stale,
         NotMoved::Superseded,
         NotMoved::TargetOffline,
         NotMoved::VcpuRatio,
@@ -483,6 +487,7 @@ impl NotMoved {
             NotMoved::HostLimit => "host_limit",
             NotMoved::ClusterLimit => "cluster_limit",
             NotMoved::Superseded => "superseded",
+            NotMoved::Stale => "stale",
             NotMoved::NoMemory => "no_memory",
             NotMoved::Immovable => "immovable",
             NotMoved::NotSecondary => "not_secondary",

@@ -100,6 +100,18 @@ impl Frontier {
         Some(Frontier { classes, slack })
     }
 
+    /// Every node on a first or second front, in order: the only targets an
+    /// instance's best move can have, constraints aside.
+    pub fn nodes(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self
+            .classes
+            .iter()
+            .flat_map(|c| c.first.iter().chain(&c.second).copied())
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Targets scored per instance, at most: what a bound costs against the
     /// targets an exhaustive scan scores.
     pub fn width(&self) -> usize {

@@ -12,10 +12,12 @@
 //! - [`planner`]: hbal-style steepest descent, [`plan`] and its step [`best_move`].
 //! - [`round`]: one balancing round as the live manager runs it (and the simulator's
 //!   `balance` policy): [`round::plan`] with its [`round::BalancerSettings`].
+//! - [`lazy`]: many moves per step from a lazily updated candidate heap (`spread`).
 //! - [`bound`]: the best score a move can reach, for the planner to stop early.
 
 pub mod bound;
 pub mod constraints;
+pub mod lazy;
 pub mod metric;
 pub mod planner;
 pub mod refusal;

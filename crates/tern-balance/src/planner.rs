@@ -35,6 +35,7 @@ use tern_model::{Cluster, InstId, Mobility, Move, NodeId, Plan};
 
 use crate::bound::Frontier;
 use crate::constraints::{self, Refusals};
+use crate::lazy;
 use crate::metric::spread::Spread;
 use crate::metric::Metric;
 use crate::state::State;
@@ -49,6 +50,22 @@ pub enum Search {
     /// Score all targets only for the `width` most promising instances by each of
     /// two rankings; fall back to exhaustive when that finds no acceptable move.
     Pruned { width: usize },
+    /// For metrics with a [`Frontier`] (`spread`): several moves per step from a
+    /// lazily updated heap of each instance's best move ([`crate::lazy`]); when
+    /// that finds nothing acceptable, `Pruned` steps with this width take over,
+    /// so a plan stops where hbal's rule says. Metrics without a frontier get
+    /// `Pruned` alone.
+    Lazy { width: usize },
+}
+
+impl Search {
+    /// How many instances a pruned step scores against every target, if it prunes.
+    fn width(self) -> Option<usize> {
+        match self {
+            Search::Exhaustive => None,
+            Search::Pruned { width } | Search::Lazy { width } => Some(width),
+        }
+    }
 }
 
 /// Tunables of a plan; defaults are hbal's.
@@ -167,15 +184,43 @@ pub fn plan<M: Metric + ?Sized>(cluster: &Cluster, metric: &M, opts: &PlanOption
             }
         })
         .collect();
-    let mut ctx = Context::new(&state, movable);
     let mut moves = Vec::new();
     let mut evaluations = 0;
     let mut exhaustive_steps = 0;
+    let mut lazy = matches!(opts.search, Search::Lazy { .. });
+    let mut ctx = None;
+    let mut productive = lazy;
     loop {
         if opts.max_moves.is_some_and(|m| moves.len() >= m) || state.score() <= opts.min_score {
             break;
         }
-        let (step, tally, fell_back) = search(&state, opts, &ctx);
+        if lazy {
+            let before = moves.len();
+            let targets: Vec<NodeId> = cluster
+                .node_ids()
+                .filter(|&n| !cluster.node(n).offline)
+                .collect();
+            let rule = lazy::Rule {
+                accept: &|ini, fin| acceptable(ini, fin, opts),
+                max_moves: opts.max_moves.unwrap_or(usize::MAX),
+                min_score: opts.min_score,
+                n_plus_one: opts.n_plus_one,
+            };
+            if let Some(t) = lazy::descend(&mut state, &movable, &targets, &rule, &mut moves) {
+                refusals.merge(&t.refusals);
+                evaluations += t.evaluations;
+            }
+            // Lazy descent again only after a single step found what it missed, and
+            // only while it finds moves itself.
+            lazy = false;
+            productive = moves.len() > before;
+            if productive {
+                ctx = None;
+                continue;
+            }
+        }
+        let ctx = ctx.get_or_insert_with(|| Context::new(&state, movable.clone()));
+        let (step, tally, fell_back) = search(&state, opts, ctx);
         refusals.merge(&tally.refusals);
         evaluations += tally.evaluations;
         exhaustive_steps += u64::from(fell_back);
@@ -183,6 +228,7 @@ pub fn plan<M: Metric + ?Sized>(cluster: &Cluster, metric: &M, opts: &PlanOption
         state.apply(step.mv);
         ctx.moved(step.mv);
         moves.push(step.mv);
+        lazy = productive;
         if moves.len().is_multiple_of(64) {
             state.refresh();
         }
@@ -334,7 +380,7 @@ fn search<M: Metric + ?Sized>(
     };
     let (movable, targets) = (&ctx.movable[..], &ctx.targets[..]);
     let mut tally = Tally::default();
-    if let Search::Pruned { width } = opts.search {
+    if let Some(width) = opts.search.width() {
         // Narrow: instances on the few best source nodes, against the few best
         // targets, both ranked with a typical instance.
         if let Some(probe) = ctx
@@ -371,7 +417,7 @@ fn search<M: Metric + ?Sized>(
         Some(h) => Cow::Owned(h),
         None => Cow::Borrowed(movable),
     };
-    if let Search::Pruned { width } = opts.search {
+    if let Some(width) = opts.search.width() {
         // Medium: every instance ranked, every target for the best-ranked.
         if movable.len() > 2 * width {
             let (cands, t) = shortlist(state, opts, movable, targets, width);

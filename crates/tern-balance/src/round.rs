@@ -24,7 +24,7 @@ use tern_model::{
     InstanceStatus, Node, NodeId,
 };
 
-use crate::PlanOptions;
+use crate::{PlanOptions, Search};
 
 /// Milliseconds since the Unix epoch (or since the start of a simulation).
 pub type Millis = u64;
@@ -56,6 +56,9 @@ pub const LINK_BYTES_PER_S: f64 = 125e6;
 
 /// Memory a guest dirties per core it keeps busy; CPU-heavy guests dirty more.
 pub const DIRTY_BYTES_PER_CORE_S: f64 = 20e6;
+
+/// Rounds that may plan more moves than this use the lazy many-moves search.
+pub const LAZY_FROM_MOVES: usize = 64;
 
 pub use tern_api::manager::{BalancePlan, BalancerSettings, NotMoved, PlannedMove};
 
@@ -321,16 +324,23 @@ pub fn plan(
         .sum::<usize>()
         / 2;
     let m = model(snap, s, history, now);
+    // Twice what the limits let through: some proposals fall to the per-host limit or the
+    // cost test, and planning further would be wasted work.
+    let max_moves = budget.min(host_slots).saturating_mul(2);
     let opts = PlanOptions {
         min_gain,
         min_gain_limit: f64::INFINITY,
-        // Twice what the limits let through: some proposals fall to the per-host limit or
-        // the cost test, and planning further would be wasted work.
-        max_moves: Some(budget.min(host_slots).saturating_mul(2)),
+        max_moves: Some(max_moves),
         min_score,
         n_plus_one: false,
         pinned: m.pinned.clone(),
-        ..PlanOptions::default()
+        // Many moves per step where a round may plan many (a hard first round plans
+        // thousands); a few moves cost less one at a time than the lazy search's set-up.
+        search: if max_moves > LAZY_FROM_MOVES {
+            Search::Lazy { width: 24 }
+        } else {
+            Search::Pruned { width: 24 }
+        },
     };
     let mut out = BalancePlan::default();
     if budget == 0 || min_score.is_infinite() {

@@ -4,7 +4,8 @@
 //! ```text
 //!  load reports ──► heartbeats (stale copies on returning hosts destroyed)
 //!       └─► health step (dead hosts, restarts, evacuation)
-//!             └─► balance round (dry run: a recorded plan)
+//!             └─► balance round: planned on a copy, outside the store's lock;
+//!                 the moves that still hold committed (dry run: a recorded plan)
 //!                   └─► dispatch: agent calls for pending creates, deletes, migrations
 //!                         └─► answers committed as commands
 //! ```
@@ -13,7 +14,7 @@
 //! migration runs, its source's telemetry is kept in [`LiveMigrations`] (memory only:
 //! it is worthless once the migration ends) until its result is committed.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +27,7 @@ use crate::decide::balance::{self, BalancePlan};
 use crate::decide::reconcile::{self, Action};
 use crate::decide::{health, Command, Reply};
 use crate::error::Result;
+pub use crate::live::LiveMigrations;
 use crate::manager::Manager;
 use crate::state::{Host, MigrationResult};
 
@@ -40,34 +42,6 @@ pub struct Control {
     done_tx: mpsc::UnboundedSender<(String, Option<Command>)>,
     done_rx: Mutex<mpsc::UnboundedReceiver<(String, Option<Command>)>>,
     slots: Arc<tokio::sync::Semaphore>,
-}
-
-/// The latest telemetry of each migration under way, by migration id.
-#[derive(Default)]
-pub struct LiveMigrations(Mutex<BTreeMap<u64, Progress>>);
-
-impl LiveMigrations {
-    fn map(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Progress>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// The latest telemetry of migration `id`, if it runs and reported any.
-    pub fn get(&self, id: u64) -> Option<Progress> {
-        self.map().get(&id).cloned()
-    }
-
-    /// Every running migration's latest telemetry.
-    pub fn all(&self) -> BTreeMap<u64, Progress> {
-        self.map().clone()
-    }
-
-    fn set(&self, id: u64, p: Progress) {
-        self.map().insert(id, p);
-    }
-
-    fn end(&self, id: u64) {
-        self.map().remove(&id);
-    }
 }
 
 /// What one round did.
@@ -183,14 +157,21 @@ impl Control {
         self.manager.step(|s, now| (health::tick(s, now), ()))
     }
 
-    /// A balancing round (see [`balance::round`]), timed.
+    /// A balancing round (see [`balance::round`]), timed. It plans on a copy of the
+    /// snapshot without holding the store, so writes go on while it plans (thousands
+    /// of moves on a large uneven cluster), then commits under the store only the
+    /// moves that still hold ([`balance::commit`]).
     pub fn balance(&self) -> Result<BalancePlan> {
-        self.manager.step(|s, now| {
-            let started = Instant::now();
-            let (changes, mut plan) = balance::round(s, now);
-            plan.planning_ms = Some(started.elapsed().as_secs_f64() * 1e3);
-            (changes, plan)
-        })
+        let now = self.manager.now();
+        let snap = self.manager.read(|s| s.settings.enabled.then(|| s.clone()));
+        let Some(snap) = snap else {
+            return Ok(BalancePlan::default());
+        };
+        let started = Instant::now();
+        let mut plan = balance::plan(&snap, now);
+        drop(snap);
+        plan.planning_ms = Some(started.elapsed().as_secs_f64() * 1e3);
+        self.manager.step(|s, now| balance::commit(s, now, plan))
     }
 
     /// Starts agent calls for the actions not already under way; returns how many.

@@ -6,6 +6,7 @@
 //! - [`api`]: the REST API and `/metrics`.
 //! - [`client`]: agents behind [`client::HostClient`] (HTTP, or in process over `sim`).
 //! - [`control`]: the loop that pulls load reports and drives agents toward the plan.
+//! - [`live`]: the running migrations' latest telemetry (memory only).
 //! - [`decide`]: the pure decisions: commands, placement, health, reconciliation.
 //! - [`manager`]: the shell that commits decisions to the store and publishes events.
 //! - [`error`]: the crate's one error type.
@@ -21,6 +22,7 @@ pub mod control;
 pub mod decide;
 pub mod error;
 pub mod ha;
+pub mod live;
 pub mod manager;
 pub mod state;
 pub mod store;

@@ -52,7 +52,7 @@ pub struct Manager {
     events: broadcast::Sender<Event>,
     clock: Clock,
     /// Telemetry of the migrations under way; never stored.
-    live: crate::control::LiveMigrations,
+    live: crate::live::LiveMigrations,
 }
 
 impl Manager {
@@ -84,7 +84,7 @@ impl Manager {
     }
 
     /// The running migrations' latest telemetry, which the control loop keeps.
-    pub fn live(&self) -> &crate::control::LiveMigrations {
+    pub fn live(&self) -> &crate::live::LiveMigrations {
         &self.live
     }
 

@@ -7,8 +7,8 @@
 use tern_balance::round::{self, RecentMove};
 
 pub use tern_balance::round::{
-    BalancePlan, PlannedMove, AGGRESSIVENESS, DIRTY_BYTES_PER_CORE_S, LINK_BYTES_PER_S,
-    MIGRATION_CORES,
+    BalancePlan, NotMoved, PlannedMove, AGGRESSIVENESS, DIRTY_BYTES_PER_CORE_S, LAZY_FROM_MOVES,
+    LINK_BYTES_PER_S, MIGRATION_CORES,
 };
 
 use super::start_migration;
@@ -88,7 +88,59 @@ pub fn round(snap: &Snapshot, now: Millis) -> (Vec<Change>, BalancePlan) {
     if !snap.settings.enabled {
         return (Vec::new(), BalancePlan::default());
     }
-    let p = plan(snap, now);
+    commit(snap, now, plan(snap, now))
+}
+
+/// The changes that carry out `p`, planned on an earlier snapshot, against `snap` as it
+/// is now (see [`round`]). A planned move is kept only while it still holds: its VM is
+/// there, running on the host it was planned from and not migrating, and its
+/// destination is active with room for it (counting the moves kept before it). Moves
+/// dropped are counted under `stale`. Against the snapshot it was planned on, every
+/// move holds.
+pub fn commit(snap: &Snapshot, now: Millis, mut p: BalancePlan) -> (Vec<Change>, BalancePlan) {
+    if !snap.settings.enabled {
+        return (Vec::new(), BalancePlan::default());
+    }
+    let migrating: std::collections::BTreeSet<&str> =
+        snap.running.values().map(|m| m.vm.as_str()).collect();
+    let mut used: std::collections::BTreeMap<String, u64> = snap
+        .memory_used()
+        .into_iter()
+        .map(|(h, m)| (h.to_owned(), m))
+        .collect();
+    let planned = std::mem::take(&mut p.moves);
+    let mut stale = 0;
+    for mv in planned {
+        let here = |h: &Option<String>| h.as_deref() == Some(mv.from.as_str());
+        let vm = snap.vms.get(&mv.vm).filter(|v| {
+            v.state == VmState::Running
+                && here(&v.desired_host)
+                && here(&v.observed_host)
+                && !migrating.contains(v.name.as_str())
+        });
+        let dest = snap
+            .hosts
+            .get(&mv.to)
+            .filter(|h| h.state == HostState::Active);
+        let (Some(vm), Some(dest)) = (vm, dest) else {
+            stale += 1;
+            continue;
+        };
+        let mem = vm.spec.memory_mib;
+        let to_used = used.get(&mv.to).copied().unwrap_or(0);
+        if to_used + mem > dest.capacity.memory_mib {
+            stale += 1;
+            continue;
+        }
+        used.insert(mv.to.clone(), to_used + mem);
+        if let Some(u) = used.get_mut(&mv.from) {
+            *u = u.saturating_sub(mem);
+        }
+        p.moves.push(mv);
+    }
+    if stale > 0 {
+        *p.skipped.entry(NotMoved::Stale).or_default() += stale;
+    }
     let mut changes = Vec::new();
     if snap.settings.dry_run {
         if !p.moves.is_empty() {
@@ -226,6 +278,64 @@ mod tests {
         let p = plan(&snap, 0);
         assert!(!p.moves.is_empty());
         assert!(p.moves.iter().all(|m| m.vm != "db0"), "{p:?}");
+    }
+
+    #[test]
+    fn a_stale_plan_moves_no_vm_deleted_moved_or_migrating_since() {
+        let snap = uneven(&[8, 0, 0, 0]);
+        let p = plan(&snap, 0);
+        assert!(p.moves.len() >= 3, "{p:?}");
+        let (all, _) = commit(&snap, 0, p.clone());
+        assert_eq!(
+            all.iter()
+                .filter(|c| matches!(c, Change::PutMigration(_)))
+                .count(),
+            p.moves.len(),
+            "against its own snapshot every move holds"
+        );
+        // While the plan was computed: the first VM was deleted, the second moved
+        // elsewhere, the third started migrating, and the fourth's target went down.
+        let mut now = snap.clone();
+        now.vms.remove(&p.moves[0].vm);
+        let v = now.vms.get_mut(&p.moves[1].vm).unwrap();
+        v.desired_host = Some("h3".into());
+        v.observed_host = Some("h3".into());
+        let (c, _) = start_migration(
+            &now,
+            0,
+            &now.vms[&p.moves[2].vm].clone(),
+            "h3",
+            "adaptive",
+            MigrationReason::Manual,
+        )
+        .unwrap();
+        apply(&mut now, 0, &c);
+        let (changes, kept) = commit(&now, 0, p.clone());
+        let started: Vec<&str> = changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::PutMigration(m) => Some(m.vm.as_str()),
+                _ => None,
+            })
+            .collect();
+        for stale in &p.moves[..3] {
+            assert!(
+                !started.contains(&stale.vm.as_str()),
+                "{} moved: {started:?}",
+                stale.vm
+            );
+        }
+        assert_eq!(started.len(), p.moves.len() - 3);
+        assert_eq!(kept.skipped.get(&NotMoved::Stale), Some(&3));
+        // A destination that left the active hosts takes nothing.
+        let mut down = snap.clone();
+        for h in down.hosts.values_mut() {
+            if h.name != "h0" {
+                h.state = HostState::Maintenance;
+            }
+        }
+        let (changes, _) = commit(&down, 0, p);
+        assert!(changes.is_empty(), "{changes:?}");
     }
 
     #[test]

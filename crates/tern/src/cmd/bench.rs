@@ -2,6 +2,7 @@
 //! One submodule per peer.
 
 mod api;
+mod balance;
 mod hbal;
 mod migration;
 
@@ -9,8 +10,9 @@ mod migration;
 pub enum Command {
     /// Generated unbalanced clusters: Ganeti's `hbal -C` against `tern plan`.
     Hbal(hbal::Args),
-    /// One balancing decision of the manager over a generated uneven cluster.
-    Balance(super::demo::BenchArgs),
+    /// The manager's balancing round over a generated uneven cluster: an easy round, the
+    /// demo's hard first round, and API write latency while the hard round plans.
+    Balance(balance::Args),
     /// The manager's API under concurrent clients on loopback: latency and errors.
     Api(api::Args),
     /// Live migration on a 2-host lab: tern's engine under each policy beside QEMU's own.
@@ -20,7 +22,7 @@ pub enum Command {
 pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
         Command::Hbal(args) => hbal::run(args),
-        Command::Balance(args) => super::demo::bench(args),
+        Command::Balance(args) => balance::run(args),
         Command::Api(args) => api::run(args),
         Command::Migration(args) => migration::run(args),
     }

@@ -156,7 +156,7 @@ fn summary(snap: &Snapshot) -> LoadSummary {
 
 /// `vms` VM requests for `hosts`, a fifth of which get half the VMs, with each VM's busy
 /// fraction (0.2-0.9) beside it.
-fn uneven(hosts: &[String], vms: usize, rng: &mut Rng) -> (Vec<NewVm>, Vec<f64>) {
+pub(super) fn uneven(hosts: &[String], vms: usize, rng: &mut Rng) -> (Vec<NewVm>, Vec<f64>) {
     let hot = (hosts.len() / 5).max(1);
     let mut loads = Vec::with_capacity(vms);
     let reqs = (0..vms)
@@ -216,13 +216,34 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
-    let started = Instant::now();
+/// The demo's balancer settings at `aggressiveness`.
+pub(super) fn settings(aggressiveness: u8) -> BalancerSettings {
+    BalancerSettings {
+        aggressiveness,
+        // Sim migrations take no real time, so the demo allows many at once.
+        max_per_host: 16,
+        max_per_cluster: 4000,
+        cooldown_s: 3600,
+        smoothing_window: 2,
+        ..Default::default()
+    }
+}
+
+/// The demo's cluster, up to its first round: `hosts` sim hosts, `vms` VMs created
+/// unevenly and running with their loads measured, a manager over SQLite at `db`.
+/// Returns the manager, its control loop and how many VMs run.
+pub(super) async fn start(
+    hosts: usize,
+    vms: usize,
+    aggressiveness: u8,
+    seed: u64,
+    db: &std::path::Path,
+) -> anyhow::Result<(Arc<Manager>, Arc<Control>, usize)> {
     let store = SqliteStore::open(db)?;
     let manager = Arc::new(Manager::open(Box::new(store), system_clock())?);
     let sim = SimCluster::new();
-    let mut rng = Rng(a.seed);
-    let names = host_names(a.hosts);
+    let mut rng = Rng(seed);
+    let names = host_names(hosts);
     let mut cmds = Vec::new();
     for name in &names {
         sim.add_host(name);
@@ -235,23 +256,12 @@ async fn demo(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
             },
         });
     }
-    cmds.push(Command::PutSettings(BalancerSettings {
-        aggressiveness: a.aggressiveness,
-        // Sim migrations take no real time, so the demo allows many at once.
-        max_per_host: 16,
-        max_per_cluster: 4000,
-        cooldown_s: 3600,
-        smoothing_window: 2,
-        ..Default::default()
-    }));
+    cmds.push(Command::PutSettings(settings(aggressiveness)));
     for r in manager.execute_many(cmds)? {
         r?;
     }
-    eprintln!(
-        "demo: {} sim hosts registered; creating {} VMs unevenly",
-        a.hosts, a.vms
-    );
-    let (reqs, loads) = uneven(&names, a.vms, &mut rng);
+    eprintln!("demo: {hosts} sim hosts registered; creating {vms} VMs unevenly");
+    let (reqs, loads) = uneven(&names, vms, &mut rng);
     let mut refused = Vec::new();
     let results = manager.step(|s, _| decide::create_vms(s, reqs.clone()))?;
     for (r, req) in results.iter().zip(&reqs) {
@@ -280,6 +290,12 @@ async fn demo(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
     eprintln!("demo: {} VMs running; measuring load", placed.len());
     tokio::time::sleep(Duration::from_millis(300)).await;
     control.collect_reports().await?;
+    Ok((manager, control, placed.len()))
+}
+
+async fn demo(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
+    let started = Instant::now();
+    let (manager, control, placed) = start(a.hosts, a.vms, a.aggressiveness, a.seed, db).await?;
     let before = summary(&manager.read(|s| s.clone()));
     let mut rounds = Vec::new();
     for round in 1..=a.rounds {
@@ -310,7 +326,7 @@ async fn demo(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
     migrations.reverse();
     Ok(Report {
         hosts: a.hosts,
-        vms: placed.len(),
+        vms: placed,
         before,
         after,
         rounds,
@@ -374,130 +390,6 @@ fn print_report(r: &Report) {
         );
     }
     println!("\nwall time {:.1} s", r.wall_s);
-}
-
-#[derive(clap::Args)]
-pub struct BenchArgs {
-    #[arg(long, default_value_t = 1000)]
-    hosts: usize,
-    #[arg(long, default_value_t = 20000)]
-    vms: usize,
-    /// Timed repetitions of each measurement.
-    #[arg(long, default_value_t = 5)]
-    repeats: usize,
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    #[arg(long)]
-    json: bool,
-}
-
-#[derive(Serialize)]
-struct BenchReport {
-    hosts: usize,
-    vms: usize,
-    /// One balancing round at the default settings (up to 8 migrations at once).
-    round_ms: Vec<f64>,
-    round_moves: usize,
-    /// One planner step: the single best move.
-    step_ms: Vec<f64>,
-}
-
-/// `tern bench balance`: times one balancing decision of the manager over a generated
-/// uneven cluster, in memory (no store, no agents).
-pub fn bench(a: BenchArgs) -> anyhow::Result<()> {
-    if a.hosts == 0 || a.vms == 0 || a.repeats == 0 {
-        return Err(super::bad_input(
-            "--hosts, --vms and --repeats must be at least 1",
-        ));
-    }
-    let names = host_names(a.hosts);
-    let mut snap = Snapshot::default();
-    for name in &names {
-        let h = tern_manager::state::Host {
-            name: name.clone(),
-            address: "sim:".into(),
-            capacity: HOST,
-            state: tern_manager::state::HostState::Active,
-            last_heartbeat: Some(0),
-            cpu_used: None,
-            cpu_smoothed: None,
-        };
-        snap.hosts.insert(name.clone(), h);
-    }
-    let mut rng = Rng(a.seed);
-    let (reqs, loads) = uneven(&names, a.vms, &mut rng);
-    let (changes, results) = decide::create_vms(&snap, reqs.clone());
-    snap.apply(&changes, &[]);
-    let refused: Vec<NewVm> = results
-        .iter()
-        .zip(&reqs)
-        .filter(|(r, _)| r.is_err())
-        .map(|(_, q)| NewVm {
-            host: None,
-            ..q.clone()
-        })
-        .collect();
-    let (changes, _) = decide::create_vms(&snap, refused);
-    snap.apply(&changes, &[]);
-    for (v, load) in snap.vms.values_mut().zip(loads) {
-        v.observed_host = v.desired_host.clone();
-        v.state = tern_manager::state::VmState::Running;
-        v.cpu_used = load * f64::from(v.spec.vcpus);
-        v.cpu_measured = true;
-    }
-    let time = |s: &Snapshot| {
-        let t = Instant::now();
-        let p = tern_manager::decide::balance::plan(s, 0);
-        (t.elapsed().as_secs_f64() * 1e3, p.moves.len())
-    };
-    let mut round_ms = Vec::new();
-    let mut round_moves = 0;
-    let mut step_ms = Vec::new();
-    let one = Snapshot {
-        settings: BalancerSettings {
-            max_per_cluster: 1,
-            ..snap.settings.clone()
-        },
-        ..snap.clone()
-    };
-    for i in 0..a.repeats {
-        eprintln!("bench balance: repetition {}/{}", i + 1, a.repeats);
-        let (ms, moves) = time(&snap);
-        round_ms.push(ms);
-        round_moves = moves;
-        step_ms.push(time(&one).0);
-    }
-    let report = BenchReport {
-        hosts: a.hosts,
-        vms: snap.vms.len(),
-        round_ms,
-        round_moves,
-        step_ms,
-    };
-    if a.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        let med = |v: &[f64]| {
-            let mut v = v.to_vec();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
-        println!(
-            "{} hosts x {} VMs: one balancing round ({} moves) median {:.1} ms (min {:.1}); \
-             one planner step median {:.1} ms",
-            report.hosts,
-            report.vms,
-            report.round_moves,
-            med(&report.round_ms),
-            report
-                .round_ms
-                .iter()
-                .copied()
-                .fold(f64::INFINITY, f64::min),
-            med(&report.step_ms)
-        );
-    }
-    Ok(())
 }
 
 #[cfg(test)]
