@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tern_manager::client::sim::SimCluster;
 use tern_manager::control::Control;
 use tern_manager::decide::Command;
 use tern_manager::manager::system_clock;
 use tern_manager::state::{BalancerSettings, Capacity};
 use tern_manager::store::SqliteStore;
 use tern_manager::Manager;
+use tern_simhost::SimCluster;
 
 const TOKEN: &str = "vm-cli-token";
 
