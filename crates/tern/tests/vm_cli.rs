@@ -229,6 +229,11 @@ async fn vms_are_created_listed_migrated_with_progress_and_deleted() {
         (vec!["show", "nosuch"], "nosuch"),
         (vec!["create", "x", "--host", "nowhere"], "nowhere"),
         (vec!["delete", "nosuch"], "nosuch"),
+        (vec!["create", "Web_1"], "VM name \"Web_1\" is invalid"),
+        (
+            vec!["migrate", "web", "--to", "a/b"],
+            "host name \"a/b\" is invalid",
+        ),
     ] {
         let out = srv.tern(&args).await;
         assert_eq!(
