@@ -156,7 +156,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             memory_mib,
         } => {
             let body = RegisterHost {
-                name: name.into_string(),
+                name,
                 address,
                 capacity: Capacity { cpus, memory_mib },
             };

@@ -99,7 +99,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Command::Show { name } => return show(c, name.as_str()),
         Command::Create(x) => {
             let body = CreateVm {
-                name: x.name.into_string(),
+                name: x.name,
                 spec: VmSpec {
                     vcpus: x.vcpus,
                     memory_mib: x.memory_mib,
@@ -107,7 +107,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     affinity: x.affinity,
                     anti_affinity: x.anti_affinity,
                 },
-                host: x.host.map(String::from),
+                host: x.host,
             };
             call(c, Method::POST, "/v1/vms", Some(&body))?
         }
@@ -119,10 +119,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             to,
             policy,
             no_wait,
-        } => {
-            let to = to.map(String::from);
-            return progress::migrate(c, name.as_str(), to, policy, no_wait);
-        }
+        } => return progress::migrate(c, name.as_str(), to, policy, no_wait),
     };
     if c.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
