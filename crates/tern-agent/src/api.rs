@@ -81,7 +81,9 @@ pub async fn execute(state: &AppState, cmd: Command) -> Result<(StatusCode, Valu
         }
         Command::ShowVm(id) => ok(json(state.view(state.hv.refresh(&id).await?))),
         Command::CreateVm(c) => {
-            let info = state.create_vm(&c.id, c.spec, false, c.start).await?;
+            let info = state
+                .create_vm(c.id.as_str(), c.spec, false, c.start)
+                .await?;
             Ok((StatusCode::CREATED, json(state.view(info))))
         }
         Command::DeleteVm(id) => {

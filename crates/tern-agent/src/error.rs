@@ -75,9 +75,10 @@ impl AgentError {
             // A prepare whose VM spec gives a memory file the destination cannot use.
             AgentError::Memory(_) => StatusCode::BAD_REQUEST,
             AgentError::Hv(e) => match e {
-                HvError::InvalidSpec(_) | HvError::MissingPath { .. } | HvError::NoBridge(_) => {
-                    StatusCode::BAD_REQUEST
-                }
+                HvError::InvalidSpec(_)
+                | HvError::BadName(_)
+                | HvError::MissingPath { .. }
+                | HvError::NoBridge(_) => StatusCode::BAD_REQUEST,
                 HvError::UnknownVm(_) => StatusCode::NOT_FOUND,
                 HvError::AlreadyExists(_) | HvError::Conflict { .. } => StatusCode::CONFLICT,
                 HvError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -103,9 +104,10 @@ impl AgentError {
             AgentError::Io { .. } => "internal",
             AgentError::Memory(_) => "bad_request",
             AgentError::Hv(e) => match e {
-                HvError::InvalidSpec(_) | HvError::MissingPath { .. } | HvError::NoBridge(_) => {
-                    "bad_spec"
-                }
+                HvError::InvalidSpec(_)
+                | HvError::BadName(_)
+                | HvError::MissingPath { .. }
+                | HvError::NoBridge(_) => "bad_spec",
                 HvError::UnknownVm(_) => "not_found",
                 HvError::AlreadyExists(_) | HvError::Conflict { .. } => "conflict",
                 HvError::Timeout { .. } => "timeout",

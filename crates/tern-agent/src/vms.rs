@@ -5,7 +5,8 @@ use crate::error::AgentError;
 use crate::host::admit;
 use crate::state::AppState;
 pub use tern_api::agent::{CreateVm, VmView};
-use tern_hv::{Action, VmInfo, VmSpec};
+use tern_hv::{Action, HvError, VmInfo, VmSpec};
+use tern_model::VmName;
 
 impl AppState {
     /// The API view of a driver's VM.
@@ -34,7 +35,7 @@ impl AppState {
         incoming: bool,
         start: bool,
     ) -> Result<VmInfo, AgentError> {
-        tern_hv::spec::validate_id(id)?;
+        VmName::check(id).map_err(HvError::from)?;
         tern_hv::spec::check_paths(&spec)?;
         let _admission = self.admission.lock().await;
         admit(

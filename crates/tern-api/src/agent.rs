@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
+use tern_model::VmName;
 
 /// A VM spec the drivers refuse; the message says what to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -245,7 +246,7 @@ pub struct HostReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
-    pub id: String,
+    pub id: VmName,
     pub spec: VmSpec,
     /// Run the guest right away (default) or leave it created.
     #[serde(default = "yes")]

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::migration::{Phase, RoundProgress, RoundTelemetry};
+use tern_model::{HostName, VmName};
 
 /// Milliseconds since the Unix epoch; decisions take the time as a value, never read a clock.
 pub type Millis = u64;
@@ -293,7 +294,7 @@ pub struct Event {
 #[serde(deny_unknown_fields)]
 /// `POST /v1/hosts`.
 pub struct RegisterHost {
-    pub name: String,
+    pub name: HostName,
     pub address: String,
     pub capacity: Capacity,
 }
@@ -302,11 +303,11 @@ pub struct RegisterHost {
 #[serde(deny_unknown_fields)]
 /// `POST /v1/vms`.
 pub struct CreateVm {
-    pub name: String,
+    pub name: VmName,
     pub spec: VmSpec,
     /// Absent: the manager places it.
     #[serde(default)]
-    pub host: Option<String>,
+    pub host: Option<HostName>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -315,7 +316,7 @@ pub struct CreateVm {
 pub struct MigrateVm {
     /// Absent: the manager picks the best other host.
     #[serde(default)]
-    pub to: Option<String>,
+    pub to: Option<HostName>,
     /// Absent: the balancer's default policy.
     #[serde(default)]
     pub policy: Option<String>,
@@ -591,6 +592,28 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_with_a_bad_name_is_refused_when_it_is_read() {
+        let spec = r#""spec": {"vcpus": 1, "memory_mib": 512}"#;
+        let ok: CreateVm =
+            serde_json::from_str(&format!(r#"{{"name": "web-1", "host": "h1", {spec}}}"#)).unwrap();
+        assert_eq!(
+            (ok.name.as_str(), ok.host.as_ref().map(HostName::as_str)),
+            ("web-1", Some("h1"))
+        );
+        let e = serde_json::from_str::<CreateVm>(&format!(r#"{{"name": "Web 1", {spec}}}"#))
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("VM name \"Web 1\" is invalid"),
+            "{e}"
+        );
+        let e = serde_json::from_str::<MigrateVm>(r#"{"to": "h.1"}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("host name \"h.1\" is invalid"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn not_moved_reasons_are_named_and_ordered_as_their_strings() {

@@ -12,6 +12,14 @@ use tern_api::agent::{self, Capacity as AgentCapacity, ErrorBody, Load, Nic};
 use tern_api::manager::{self as m, BalancerSettings, HostState, Progress};
 use tern_api::migration::{self as mig, Phase, RoundProgress, RoundTelemetry, StopReason};
 
+/// A VM or host name written as a literal.
+fn name<T: std::str::FromStr>(s: &str) -> T
+where
+    T::Err: std::fmt::Debug,
+{
+    s.parse().expect("a valid name")
+}
+
 fn doc(name: &str) -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../docs")
@@ -142,7 +150,7 @@ fn manager_schemas_match_the_types() {
     c.object(
         "RegisterHost",
         keys(&[m::RegisterHost {
-            name: "h".into(),
+            name: name("h"),
             address: "http://h".into(),
             capacity,
         }]),
@@ -167,15 +175,15 @@ fn manager_schemas_match_the_types() {
     c.object(
         "CreateVm",
         keys(&[m::CreateVm {
-            name: "v".into(),
+            name: name("v"),
             spec: spec(),
-            host: Some("h".into()),
+            host: Some(name("h")),
         }]),
     );
     c.object(
         "MigrateVm",
         keys(&[m::MigrateVm {
-            to: Some("h".into()),
+            to: Some(name("h")),
             policy: Some("xen".into()),
         }]),
     );
@@ -246,7 +254,7 @@ fn agent_schemas_match_the_types() {
     c.object(
         "CreateVm",
         keys(&[agent::CreateVm {
-            id: "v".into(),
+            id: name("v"),
             spec: agent_spec(),
             start: true,
         }]),

@@ -12,6 +12,9 @@ pub enum HvError {
     /// The VM spec is wrong; the message says which field and how to fix it.
     #[error("invalid VM spec: {0}")]
     InvalidSpec(String),
+    /// The VM's name breaks the naming rule (it names the VM's files).
+    #[error(transparent)]
+    BadName(#[from] tern_model::NameError),
     /// A path named in the spec does not exist.
     #[error("invalid VM spec: {field} {path} does not exist")]
     MissingPath { field: &'static str, path: PathBuf },
@@ -84,7 +87,10 @@ impl HvError {
     pub fn is_bad_input(&self) -> bool {
         matches!(
             self,
-            HvError::InvalidSpec(_) | HvError::MissingPath { .. } | HvError::NoBridge(_)
+            HvError::InvalidSpec(_)
+                | HvError::BadName(_)
+                | HvError::MissingPath { .. }
+                | HvError::NoBridge(_)
         )
     }
 }

@@ -7,12 +7,13 @@
 
 use crate::driver::{Hypervisor, MigrationState, MigrationStatus, VcpuSample, VmInfo, VmMetrics};
 use crate::error::{HvError, Result};
-use crate::spec::{derived_mac, validate_id, VmSpec};
+use crate::spec::{derived_mac, VmSpec};
 use crate::state::{transition, Action, VmState};
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Instant;
+use tern_model::VmName;
 
 /// Simulated thread ids start here so they never look like a real small pid.
 const SIM_TID_BASE: u32 = 1_000_000;
@@ -111,7 +112,7 @@ impl Hypervisor for SimDriver {
     }
 
     async fn create(&self, id: &str, spec: VmSpec, incoming: bool) -> Result<VmInfo> {
-        validate_id(id)?;
+        VmName::check(id)?;
         crate::spec::check_paths(&spec)?;
         let mut vms = self.vms.lock().expect("sim VM table lock");
         if vms.contains_key(id) {
@@ -316,6 +317,14 @@ mod tests {
             .await
             .unwrap_err()
             .is_bad_input());
+        assert!(d.list().await.unwrap().is_empty(), "nothing created");
+    }
+
+    #[tokio::test]
+    async fn a_bad_name_is_refused_as_bad_input() {
+        let d = SimDriver::new();
+        let e = d.create("Web", spec(), false).await.unwrap_err();
+        assert!(matches!(e, HvError::BadName(_)) && e.is_bad_input(), "{e}");
         assert!(d.list().await.unwrap().is_empty(), "nothing created");
     }
 

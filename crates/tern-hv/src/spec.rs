@@ -32,23 +32,6 @@ pub fn derived_mac(id: &str, index: usize) -> String {
     )
 }
 
-/// Checks a VM id: it names files, sockets and tap devices, so keep it to `[a-z0-9-]`.
-pub fn validate_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 48
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !id.starts_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(HvError::InvalidSpec(format!(
-            "VM id {id:?} must be 1-48 characters of a-z, 0-9 and '-', not starting with '-'"
-        )))
-    }
-}
-
 /// 64-bit FNV-1a: a small, stable hash for names (not for security).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
@@ -115,14 +98,6 @@ mod tests {
         assert!(parse_mac("52:54:00:12:34:zz").is_err());
         assert_eq!(derived_mac("vm1", 0), derived_mac("vm1", 0));
         assert_ne!(derived_mac("vm1", 0), derived_mac("vm1", 1));
-    }
-
-    #[test]
-    fn ids() {
-        assert!(validate_id("web-1").is_ok());
-        for bad in ["", "-x", "Web", "a/b", "a b", &"x".repeat(49)] {
-            assert!(validate_id(bad).is_err(), "{bad:?}");
-        }
     }
 
     proptest! {

@@ -7,6 +7,9 @@ pub enum Error {
     /// The request itself is wrong (a field, a name, a value out of range).
     #[error("{0}")]
     BadInput(String),
+    /// A VM, host or group name that breaks the naming rule.
+    #[error(transparent)]
+    BadName(#[from] tern_model::NameError),
     #[error("no host named {0:?}; `GET /v1/hosts` lists the registered hosts")]
     UnknownHost(String),
     #[error("no VM named {0:?}; `GET /v1/vms` lists the VMs")]

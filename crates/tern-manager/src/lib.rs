@@ -4,7 +4,8 @@
 //! - [`state`]: hosts, VMs, migrations, events and settings as values; [`state::Snapshot`].
 //! - [`store`]: the [`store::Store`] trait and its SQLite implementation (the only disk I/O).
 //! - [`api`]: the REST API and `/metrics`.
-//! - [`client`]: agents behind [`client::HostClient`] (HTTP, or in process over `sim`).
+//! - [`client`]: agents behind [`client::HostClient`] (HTTP; `tern-simhost` runs them in
+//!   process over the `sim` driver).
 //! - [`control`]: the loop that pulls load reports and drives agents toward the plan.
 //! - [`live`]: the running migrations' latest telemetry (memory only).
 //! - [`decide`]: the pure decisions: commands, placement, health, reconciliation.

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::error::Error;
+use tern_model::NameKind;
 
 pub use tern_api::manager::{
     BalancerSettings, Capacity, Event, EventKind, Host, HostState, Migration, MigrationReason,
@@ -30,33 +31,12 @@ impl Validate for VmSpec {
                 self.memory_mib
             )));
         }
-        for (what, group) in [
-            ("affinity", &self.affinity),
-            ("anti_affinity", &self.anti_affinity),
-        ] {
-            if let Some(g) = group {
-                check_name(what, g)?;
-            }
+        // Groups follow the rule of VM and host names.
+        for g in [&self.affinity, &self.anti_affinity].into_iter().flatten() {
+            tern_model::names::check(NameKind::Group, g)?;
         }
         Ok(())
     }
-}
-
-/// Names of hosts, VMs and groups: 1-63 of `a-z 0-9 - _ .`, starting with a letter or digit,
-/// so they are safe in URLs, file names and metric labels.
-pub fn check_name(what: &str, name: &str) -> Result<(), Error> {
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c);
-    let first_ok = name
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    if name.is_empty() || name.len() > 63 || !first_ok || !name.chars().all(ok_char) {
-        return Err(Error::BadInput(format!(
-            "{what} name {name:?} is invalid: use 1-63 characters of a-z, 0-9, '-', '_', '.', \
-             starting with a letter or digit"
-        )));
-    }
-    Ok(())
 }
 
 /// The migration termination policy named `name`, or a message listing the known ones.
@@ -237,17 +217,6 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_are_checked() {
-        for ok in ["a", "web-1", "h0.rack2", "x_y"] {
-            assert!(check_name("vm", ok).is_ok(), "{ok}");
-        }
-        for bad in ["", "-a", "A", "a b", "a/b", &"x".repeat(64)] {
-            let err = check_name("vm", bad).unwrap_err().to_string();
-            assert!(err.contains("invalid"), "{bad}: {err}");
-        }
-    }
 
     #[test]
     fn specs_and_settings_are_checked() {

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tern_manager::client::sim::SimCluster;
 use tern_manager::control::Control;
 use tern_manager::decide::{self, Command, NewVm};
 use tern_manager::state::{BalancerSettings, Capacity, EventKind, HostState, VmSpec, VmState};
 use tern_manager::store::SqliteStore;
 use tern_manager::Manager;
+use tern_simhost::SimCluster;
 
 struct Lab {
     manager: Arc<Manager>,

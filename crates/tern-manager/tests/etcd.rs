@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use tern_manager::client::sim::SimCluster;
 use tern_manager::control::Control;
 use tern_manager::ha::election::Election;
 use tern_manager::ha::{forward, Leadership};
@@ -24,6 +23,7 @@ use tern_manager::store::etcd::gateway::Gateway;
 use tern_manager::store::etcd::{Keys, REQUEST_TIMEOUT};
 use tern_manager::store::{EtcdStore, Store};
 use tern_manager::{Error, Manager};
+use tern_simhost::SimCluster;
 
 const TOKEN: &str = "ha-test";
 const PREFIX: &str = "/tern/";

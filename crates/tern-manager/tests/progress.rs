@@ -6,13 +6,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tern_manager::client::sim::SimCluster;
 use tern_manager::control::Control;
 use tern_manager::decide::Command;
 use tern_manager::manager::system_clock;
 use tern_manager::state::{BalancerSettings, Capacity, VmSpec};
 use tern_manager::store::SqliteStore;
 use tern_manager::Manager;
+use tern_simhost::SimCluster;
 
 const TOKEN: &str = "progress-token";
 

@@ -8,13 +8,13 @@ use std::process::Command as Process;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tern_manager::client::sim::SimCluster;
 use tern_manager::control::Control;
 use tern_manager::decide::Command;
 use tern_manager::manager::system_clock;
 use tern_manager::state::{BalancerSettings, Capacity, VmSpec};
 use tern_manager::store::SqliteStore;
 use tern_manager::Manager;
+use tern_simhost::SimCluster;
 
 const TOKEN: &str = "web-test-token";
 const CHROMIUM: &str = "/usr/bin/chromium";

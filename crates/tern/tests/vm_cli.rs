@@ -9,13 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use tern_manager::client::sim::SimCluster;
 use tern_manager::control::Control;
 use tern_manager::decide::Command;
 use tern_manager::manager::system_clock;
 use tern_manager::state::{BalancerSettings, Capacity};
 use tern_manager::store::SqliteStore;
 use tern_manager::Manager;
+use tern_simhost::SimCluster;
 
 const TOKEN: &str = "vm-cli-token";
 
@@ -229,6 +229,11 @@ async fn vms_are_created_listed_migrated_with_progress_and_deleted() {
         (vec!["show", "nosuch"], "nosuch"),
         (vec!["create", "x", "--host", "nowhere"], "nowhere"),
         (vec!["delete", "nosuch"], "nosuch"),
+        (vec!["create", "Web_1"], "VM name \"Web_1\" is invalid"),
+        (
+            vec!["migrate", "web", "--to", "a/b"],
+            "host name \"a/b\" is invalid",
+        ),
     ] {
         let out = srv.tern(&args).await;
         assert_eq!(

@@ -13,7 +13,7 @@ use crate::driver::{Hypervisor, MigrationState, MigrationStatus, VcpuSample, VmI
 use crate::error::{HvError, Result};
 use crate::procfs;
 use crate::qmp::Qmp;
-use crate::spec::{derived_mac, validate_id, VmSpec};
+use crate::spec::{derived_mac, VmSpec};
 use crate::state::{transition, Action, VmState};
 use args::{qemu_args, tap_name, LaunchPlan, NicArg, VmPaths};
 use async_trait::async_trait;
@@ -22,6 +22,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
+use tern_model::VmName;
 use tokio::process::Child;
 use tokio::sync::Mutex;
 
@@ -126,7 +127,7 @@ impl QemuDriver {
     /// run directory. Returns whether a QEMU was still running. A VM this driver knows is
     /// left alone.
     pub async fn reclaim(&self, id: &str) -> Result<bool> {
-        validate_id(id)?;
+        VmName::check(id)?;
         if self.vms.lock().expect("VM table lock").contains_key(id) {
             return Err(HvError::AlreadyExists(id.to_string()));
         }
@@ -343,7 +344,7 @@ impl Hypervisor for QemuDriver {
     }
 
     async fn create(&self, id: &str, spec: VmSpec, incoming: bool) -> Result<VmInfo> {
-        validate_id(id)?;
+        VmName::check(id)?;
         crate::spec::check_paths(&spec)?;
         if !spec.nics.is_empty() && self.cfg.bridge.is_none() {
             return Err(HvError::NoBridge(id.to_string()));

@@ -38,7 +38,7 @@ impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Manager(e) => match e {
-                Error::BadInput(_) => StatusCode::BAD_REQUEST,
+                Error::BadInput(_) | Error::BadName(_) => StatusCode::BAD_REQUEST,
                 Error::UnknownHost(_) | Error::UnknownVm(_) => StatusCode::NOT_FOUND,
                 Error::Conflict(_) | Error::NoRoom { .. } => StatusCode::CONFLICT,
                 Error::Agent { .. } => StatusCode::BAD_GATEWAY,
@@ -100,6 +100,8 @@ mod tests {
     fn each_error_has_its_status() {
         let s = |e: ApiError| e.status().as_u16();
         assert_eq!(s(Error::BadInput("x".into()).into()), 400);
+        let name = tern_model::VmName::check("X").unwrap_err();
+        assert_eq!(s(Error::BadName(name).into()), 400);
         assert_eq!(s(Error::UnknownVm("x".into()).into()), 404);
         assert_eq!(s(Error::Conflict("x".into()).into()), 409);
         let agent = Error::Agent {

@@ -180,7 +180,7 @@ async fn metrics(State(app): AppState) -> impl IntoResponse {
 
 async fn register_host(State(app): AppState, Body(b): Body<RegisterHost>) -> ApiResult<Response> {
     let cmd = Command::RegisterHost {
-        name: b.name,
+        name: b.name.into_string(),
         address: b.address,
         capacity: b.capacity,
     };
@@ -225,9 +225,9 @@ async fn activate(State(app): AppState, Path(host): Path<String>) -> ApiResult<R
 
 async fn create_vm(State(app): AppState, Body(b): Body<CreateVm>) -> ApiResult<Response> {
     let cmd = Command::CreateVm {
-        name: b.name,
+        name: b.name.into_string(),
         spec: b.spec,
-        host: b.host,
+        host: b.host.map(String::from),
     };
     Ok(reply(StatusCode::CREATED, execute(&app, cmd).await?))
 }
@@ -261,7 +261,7 @@ async fn migrate_vm(
 ) -> ApiResult<Response> {
     let cmd = Command::MigrateVm {
         name,
-        to: b.to,
+        to: b.to.map(String::from),
         policy: b.policy,
     };
     Ok(reply(StatusCode::ACCEPTED, execute(&app, cmd).await?))

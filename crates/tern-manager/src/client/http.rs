@@ -59,7 +59,7 @@ impl HttpHost {
 impl HostClient for HttpHost {
     async fn create_vm(&self, vm: &str, spec: &VmSpec) -> Result<()> {
         let req = CreateVm {
-            id: vm.to_owned(),
+            id: vm.parse()?,
             spec: AgentVmSpec {
                 vcpus: spec.vcpus,
                 memory_mib: spec.memory_mib,

@@ -1,12 +1,11 @@
 //! Agents as the manager sees them: one small trait, [`HostClient`], with a real HTTP
-//! implementation ([`http`]) for `tern agent` and an in-process one ([`sim`]) over the
-//! `sim` hypervisor driver, for the demo and for tests at scale.
+//! implementation ([`http`]) for `tern agent`; the `tern-simhost` crate implements it in
+//! process over the `sim` hypervisor driver, for the demo and for tests at scale.
 //!
 //! A [`Connector`] finds the client of a host from its record, so the control loop does
 //! not care which kind it talks to.
 
 pub mod http;
-pub mod sim;
 
 use std::sync::Arc;
 

@@ -14,11 +14,12 @@ pub mod reconcile;
 use crate::error::{Error, Result};
 use crate::state::Validate;
 use crate::state::{
-    check_name, BalancerSettings, Capacity, Change, EventKind, Host, HostState, Migration,
-    MigrationReason, MigrationResult, Millis, Snapshot, Vm, VmSpec, VmState,
+    BalancerSettings, Capacity, Change, EventKind, Host, HostState, Migration, MigrationReason,
+    MigrationResult, Millis, Snapshot, Vm, VmSpec, VmState,
 };
 use placement::Placer;
 pub use tern_api::manager::{HeartbeatReply, LoadReport, VmLoad};
+use tern_model::{HostName, VmName};
 
 /// Everything that changes cluster state, from the API or from the agents' answers.
 #[derive(Clone, Debug, PartialEq)]
@@ -231,7 +232,7 @@ fn register(
     address: String,
     capacity: Capacity,
 ) -> Result<Decision> {
-    check_name("host", &name)?;
+    HostName::check(&name)?;
     if address.is_empty() {
         return Err(Error::BadInput(
             "address is empty: give the agent's URL, e.g. http://198.18.0.2:7070".into(),
@@ -410,9 +411,8 @@ fn create_one(
     spec: VmSpec,
     host: Option<String>,
 ) -> Result<(Vec<Change>, Vm)> {
-    check_name("VM", &name)?;
-    // Agents name the VM's files and devices after it, so their rule applies too.
-    tern_hv::spec::validate_id(&name).map_err(|e| Error::BadInput(e.to_string()))?;
+    // Refused here rather than by the agent, which names the VM's files after it.
+    VmName::check(&name)?;
     spec.validate()?;
     if snap.vms.contains_key(&name) {
         return Err(Error::Conflict(format!(

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tern_manager::client::sim::SimCluster;
 use tern_manager::control::Control;
 use tern_manager::decide::{self, Command, NewVm};
 use tern_manager::manager::system_clock;
@@ -17,6 +16,7 @@ use tern_manager::state::{
 };
 use tern_manager::store::SqliteStore;
 use tern_manager::Manager;
+use tern_simhost::SimCluster;
 
 mod lab;
 

@@ -8,6 +8,7 @@ use serde::Serialize;
 use serde_json::Value;
 use tern_api::client::{ClientError, ManagerClient};
 use tern_api::manager::{Capacity, RegisterHost};
+use tern_model::HostName;
 
 /// Where the manager is and how to authenticate.
 #[derive(clap::Args, Clone)]
@@ -105,10 +106,10 @@ enum Command {
     /// Every host, with its state and load.
     List,
     /// One host.
-    Show { name: String },
+    Show { name: HostName },
     /// Register a host by its agent's URL.
     Register {
-        name: String,
+        name: HostName,
         #[arg(long)]
         address: String,
         #[arg(long)]
@@ -117,9 +118,9 @@ enum Command {
         memory_mib: u64,
     },
     /// Put a host into maintenance; the manager moves its VMs away.
-    Drain { name: String },
+    Drain { name: HostName },
     /// Bring a host back from maintenance.
-    Activate { name: String },
+    Activate { name: HostName },
 }
 
 fn host_row(h: &Value) -> Vec<String> {

@@ -10,6 +10,7 @@ mod progress;
 use reqwest::Method;
 use serde_json::Value;
 use tern_api::manager::{CreateVm, VmSpec};
+use tern_model::{HostName, VmName};
 
 use super::host::{call, table, Conn};
 
@@ -26,17 +27,17 @@ enum Command {
     /// Every VM, with its state, host and load.
     List,
     /// One VM; while it migrates, its migration's telemetry.
-    Show { name: String },
+    Show { name: VmName },
     /// Create a VM; the manager places it unless --host names a host.
     Create(CreateArgs),
     /// Delete a VM; its host destroys it.
-    Delete { name: String },
+    Delete { name: VmName },
     /// Live-migrate a VM and watch it: a progress bar while it runs, the result at the end.
     Migrate {
-        name: String,
+        name: VmName,
         /// The destination host (default: the manager picks the best other host).
         #[arg(long)]
-        to: Option<String>,
+        to: Option<HostName>,
         /// The pre-copy termination policy: adaptive, xen, qemu, stop-copy (default: the
         /// balancer's).
         #[arg(long)]
@@ -49,14 +50,14 @@ enum Command {
 
 #[derive(clap::Args)]
 struct CreateArgs {
-    name: String,
+    name: VmName,
     #[arg(long, default_value_t = 1)]
     vcpus: u32,
     #[arg(long, default_value_t = 1024)]
     memory_mib: u64,
     /// Put it on this host instead of letting the manager choose.
     #[arg(long)]
-    host: Option<String>,
+    host: Option<HostName>,
     /// The balancer never moves a pinned VM.
     #[arg(long)]
     pinned: bool,
@@ -91,22 +92,11 @@ fn vm_row(v: &Value) -> Vec<String> {
     ]
 }
 
-/// The path segment of a name given on the command line; names the manager would refuse
-/// anyway are refused here before they can change the path.
-fn segment(name: &str) -> anyhow::Result<&str> {
-    if name.is_empty() || name.contains(['/', '?', '#', '%']) || name.trim() != name {
-        return Err(super::bad_input(format!(
-            "{name:?} is not a VM or host name; `tern vm list` shows the VMs"
-        )));
-    }
-    Ok(name)
-}
-
 pub fn run(a: Args) -> anyhow::Result<()> {
     let c = &a.conn;
     let v = match a.command {
         Command::List => call::<()>(c, Method::GET, "/v1/vms", None)?,
-        Command::Show { name } => return show(c, &name),
+        Command::Show { name } => return show(c, name.as_str()),
         Command::Create(x) => {
             let body = CreateVm {
                 name: x.name,
@@ -121,18 +111,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             };
             call(c, Method::POST, "/v1/vms", Some(&body))?
         }
-        Command::Delete { name } => call::<()>(
-            c,
-            Method::DELETE,
-            &format!("/v1/vms/{}", segment(&name)?),
-            None,
-        )?,
+        Command::Delete { name } => {
+            call::<()>(c, Method::DELETE, &format!("/v1/vms/{name}"), None)?
+        }
         Command::Migrate {
             name,
             to,
             policy,
             no_wait,
-        } => return progress::migrate(c, segment(&name)?, to, policy, no_wait),
+        } => return progress::migrate(c, name.as_str(), to, policy, no_wait),
     };
     if c.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -147,7 +134,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 }
 
 fn show(c: &Conn, name: &str) -> anyhow::Result<()> {
-    let mut v = call::<()>(c, Method::GET, &format!("/v1/vms/{}", segment(name)?), None)?;
+    let mut v = call::<()>(c, Method::GET, &format!("/v1/vms/{name}"), None)?;
     let running = call::<()>(c, Method::GET, "/v1/migrations?running=true", None)?;
     let migration = running
         .as_array()
@@ -204,11 +191,28 @@ mod tests {
         assert_eq!(vm_row(&pending)[2], "c");
     }
 
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: Args,
+    }
+
     #[test]
-    fn names_that_would_change_the_path_are_refused() {
-        assert!(segment("web-1").is_ok());
-        for bad in ["", "a/b", "a?x", " a", "a%2F"] {
-            assert!(segment(bad).is_err(), "{bad:?}");
+    fn names_that_break_the_rule_are_refused_before_any_request() {
+        use clap::Parser;
+        assert!(Cli::try_parse_from(["vm", "delete", "web-1"]).is_ok());
+        for bad in ["", "a/b", "a?x", " a", "a%2F", "Web"] {
+            for args in [
+                vec!["vm", "show", bad],
+                vec!["vm", "delete", bad],
+                vec!["vm", "create", bad],
+                vec!["vm", "migrate", "web-1", "--to", bad],
+            ] {
+                let e = Cli::try_parse_from(&args)
+                    .err()
+                    .unwrap_or_else(|| panic!("{args:?}"));
+                assert!(e.to_string().contains("is invalid"), "{args:?}: {e}");
+            }
         }
     }
 }

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tern_manager::client::sim::SimCluster;
 use tern_manager::control::Control;
 use tern_manager::decide::{self, Command, NewVm};
 use tern_manager::manager::system_clock;
 use tern_manager::state::VmSpec;
 use tern_manager::store::SqliteStore;
 use tern_manager::Manager;
+use tern_simhost::SimCluster;
 
 use crate::cmd::demo::{host_names, Rng, HOST};
 

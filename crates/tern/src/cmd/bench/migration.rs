@@ -297,7 +297,7 @@ impl Bench<'_> {
         self.vm = format!("bench{}", self.boots);
         self.at = 0;
         let req = CreateVm {
-            id: self.vm.clone(),
+            id: self.vm.parse()?,
             spec: img.vm_spec(1, args.memory_mib, &self.vm),
             start: true,
         };

@@ -330,7 +330,7 @@ fn agent_err(host: &str, e: impl std::fmt::Display) -> tern_manager::error::Erro
 impl HostClient for ImageHost {
     async fn create_vm(&self, vm: &str, spec: &VmSpec) -> tern_manager::error::Result<()> {
         let req = CreateVm {
-            id: vm.to_owned(),
+            id: vm.parse()?,
             spec: self.img.vm_spec(spec.vcpus, spec.memory_mib, vm),
             start: true,
         };

@@ -9,6 +9,7 @@ use std::time::Duration;
 use tern_agent::client::AgentClient;
 use tern_agent::vms::{CreateVm, VmView};
 use tern_hv::{Action, Nic, VmSpec};
+use tern_model::VmName;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -70,7 +71,7 @@ pub enum Command {
 
 #[derive(clap::Args, Debug)]
 pub struct CreateArgs {
-    pub id: String,
+    pub id: VmName,
     /// A JSON spec file (fields as in docs/agent-api.md); flags below override it.
     #[arg(long, value_name = "FILE")]
     pub spec: Option<PathBuf>,

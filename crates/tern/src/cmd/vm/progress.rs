@@ -10,6 +10,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::Value;
 use tern_api::client::{ClientError, ManagerClient};
 use tern_api::manager::MigrateVm;
+use tern_model::HostName;
 
 use super::super::host::{refused, Conn};
 
@@ -89,7 +90,7 @@ fn summary(record: &Value, last: &Value, updates: u32) -> Value {
 pub fn migrate(
     c: &Conn,
     name: &str,
-    to: Option<String>,
+    to: Option<HostName>,
     policy: Option<String>,
     no_wait: bool,
 ) -> anyhow::Result<()> {
@@ -102,7 +103,7 @@ async fn follow(
     client: &ManagerClient,
     json_out: bool,
     name: &str,
-    to: Option<String>,
+    to: Option<HostName>,
     policy: Option<String>,
     no_wait: bool,
 ) -> anyhow::Result<()> {

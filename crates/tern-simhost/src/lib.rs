@@ -1,6 +1,7 @@
-//! [`HostClient`] in process, over the `sim` hypervisor driver: one [`SimDriver`] per
-//! host, so the manager, the balancer and the control loop run unchanged against a
-//! thousand hosts in one process.
+//! Simulated hosts in process: the manager's [`HostClient`] over the `sim` hypervisor
+//! driver, one [`SimDriver`] per host, so the manager, the balancer and the control loop
+//! run unchanged against a thousand hosts in one process (`tern demo --sim`, `tern bench
+//! api|balance`, the manager's tests at scale).
 //!
 //! A migration walks the driver's migration steps as the agent does for QEMU (destination
 //! created incoming, source migrated and left paused, destination resumed, source
@@ -10,6 +11,14 @@
 //! pace ([`SimCluster::set_migration_pace`]): at the default 0 a migration ends at once.
 //! A round that lasts in real time is also reported part way, every 200 ms, as an
 //! agent reports the round it sends.
+//!
+//! It lives outside `tern-manager` so that the manager does not depend on a hypervisor.
+//!
+//! # Layout
+//! - [`SimHost`]: one host, its driver and the load it reports; implements [`HostClient`].
+//! - [`SimCluster`]: the hosts by name, the migration pace; implements [`Connector`].
+//! - feature `testing`: [`SimHost::set_down`] and [`SimHost::vm_names`], for tests that
+//!   cut a host off and look at what it holds.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -21,11 +30,11 @@ use tern_hv::sim::SimDriver;
 use tern_hv::Hypervisor;
 use tern_migrate::{DirtyModel, MigrationParams};
 
-use super::{Connector, HostClient, Progress, ProgressFn};
-use crate::decide::balance::{DIRTY_BYTES_PER_CORE_S, LINK_BYTES_PER_S};
-use crate::decide::{LoadReport, VmLoad};
-use crate::error::{Error, Result};
-use crate::state::{check_policy, Host, MigrationResult, VmSpec};
+use tern_manager::client::{Connector, HostClient, Progress, ProgressFn};
+use tern_manager::decide::balance::{DIRTY_BYTES_PER_CORE_S, LINK_BYTES_PER_S};
+use tern_manager::decide::{LoadReport, VmLoad};
+use tern_manager::error::{Error, Result};
+use tern_manager::state::{check_policy, Host, MigrationResult, VmSpec};
 
 /// One simulated host.
 pub struct SimHost {
@@ -70,6 +79,7 @@ impl SimHost {
     }
 
     /// Cuts the host off (`true`) or brings it back.
+    #[cfg(any(test, feature = "testing"))]
     pub fn set_down(&self, down: bool) {
         self.down.store(down, std::sync::atomic::Ordering::SeqCst);
     }
@@ -82,6 +92,7 @@ impl SimHost {
     }
 
     /// The VMs the driver holds, in any state.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn vm_names(&self) -> Vec<String> {
         self.driver
             .list()
