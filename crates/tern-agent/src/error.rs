@@ -5,6 +5,8 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use tern_hv::HvError;
 
+use crate::migration::memory::MemoryError;
+
 /// Everything an agent request can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -20,6 +22,14 @@ pub enum AgentError {
     /// The guest agent did not answer or its channel is closed.
     #[error("guest agent of VM {id:?}: {reason}")]
     Guest { id: String, reason: String },
+    /// The channel to the guest agent failed at `step`.
+    #[error("guest agent of VM {id:?}: {step}: {source}")]
+    GuestChannel {
+        id: String,
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// Another agent (client side) answered with an error.
     #[error("agent at {url} answered {status}: {body}")]
     Remote {
@@ -33,6 +43,9 @@ pub enum AgentError {
     /// A driver error; its kind decides the status.
     #[error(transparent)]
     Hv(#[from] HvError),
+    /// A destination could not set up the memory file a migration writes into.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
     /// The agent's own files (state directory, token file).
     #[error("{context}: {source}")]
     Io {
@@ -55,9 +68,12 @@ impl AgentError {
             AgentError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AgentError::NoRoom(_) => StatusCode::INSUFFICIENT_STORAGE,
             AgentError::Guest { .. }
+            | AgentError::GuestChannel { .. }
             | AgentError::Remote { .. }
             | AgentError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             AgentError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            // A prepare whose VM spec gives a memory file the destination cannot use.
+            AgentError::Memory(_) => StatusCode::BAD_REQUEST,
             AgentError::Hv(e) => match e {
                 HvError::InvalidSpec(_) | HvError::MissingPath { .. } | HvError::NoBridge(_) => {
                     StatusCode::BAD_REQUEST
@@ -67,6 +83,8 @@ impl AgentError {
                 HvError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
                 HvError::Qmp { .. }
                 | HvError::Protocol(_)
+                | HvError::BadJson { .. }
+                | HvError::Spawn { .. }
                 | HvError::Qemu(_)
                 | HvError::Command { .. }
                 | HvError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
@@ -80,9 +98,10 @@ impl AgentError {
             AgentError::BadRequest(_) => "bad_request",
             AgentError::Unauthorized(_) => "unauthorized",
             AgentError::NoRoom(_) => "no_room",
-            AgentError::Guest { .. } => "guest",
+            AgentError::Guest { .. } | AgentError::GuestChannel { .. } => "guest",
             AgentError::Remote { .. } | AgentError::Unreachable { .. } => "remote",
             AgentError::Io { .. } => "internal",
+            AgentError::Memory(_) => "bad_request",
             AgentError::Hv(e) => match e {
                 HvError::InvalidSpec(_) | HvError::MissingPath { .. } | HvError::NoBridge(_) => {
                     "bad_spec"
@@ -137,5 +156,17 @@ mod tests {
         assert_eq!(s(AgentError::NoRoom("x".into())), 507);
         assert_eq!(s(AgentError::Unauthorized("x".into())), 401);
         assert_eq!(s(HvError::Qemu("x".into()).into()), 500);
+        let bad_size = MemoryError::BadSize {
+            path: "m".into(),
+            len: 1,
+        };
+        assert_eq!(s(bad_size.into()), 400);
+        let io = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let channel = AgentError::GuestChannel {
+            id: "v".into(),
+            step: "reading",
+            source: io,
+        };
+        assert_eq!(s(channel), 502);
     }
 }

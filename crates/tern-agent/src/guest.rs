@@ -62,11 +62,18 @@ impl GuestChannels {
             id: vm.to_string(),
             reason,
         };
+        let io = |step: &'static str| {
+            move |source: std::io::Error| AgentError::GuestChannel {
+                id: vm.to_string(),
+                step,
+                source,
+            }
+        };
         let result = tokio::time::timeout(timeout, async {
             if conn.is_none() {
                 let s = UnixStream::connect(socket)
                     .await
-                    .map_err(|e| format!("cannot open {}: {e}", socket.display()))?;
+                    .map_err(io("opening its channel"))?;
                 let (r, w) = s.into_split();
                 *conn = Some(Conn {
                     reader: BufReader::new(r),
@@ -79,16 +86,12 @@ impl GuestChannels {
             c.writer
                 .write_all(line.as_bytes())
                 .await
-                .map_err(|e| format!("sending: {e}"))?;
+                .map_err(io("sending"))?;
             loop {
                 let mut buf = String::new();
-                let n = c
-                    .reader
-                    .read_line(&mut buf)
-                    .await
-                    .map_err(|e| format!("reading: {e}"))?;
+                let n = c.reader.read_line(&mut buf).await.map_err(io("reading"))?;
                 if n == 0 {
-                    return Err("the guest closed the channel".to_string());
+                    return Err(err("the guest closed the channel".to_string()));
                 }
                 // Lines that are not JSON (a guest console echo) or answer another id are skipped.
                 if let Ok(v) = serde_json::from_str::<Value>(buf.trim()) {
@@ -101,9 +104,9 @@ impl GuestChannels {
         .await;
         match result {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(reason)) => {
+            Ok(Err(e)) => {
                 *conn = None;
-                Err(err(reason))
+                Err(e)
             }
             Err(_) => Err(err(format!("no answer within {} ms", timeout.as_millis()))),
         }

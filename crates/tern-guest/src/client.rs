@@ -68,7 +68,7 @@ impl GuestClient {
             GuestError::Timeout(_) => GuestError::Timeout(total),
             e => GuestError::NotReady {
                 waited: total,
-                last: e.to_string(),
+                last: Box::new(e),
             },
         })
     }

@@ -45,5 +45,9 @@ pub enum GuestError {
     #[error("no answer from the guest agent within {0:?}")]
     Timeout(Duration),
     #[error("the guest agent was not reachable within {waited:?}: {last}")]
-    NotReady { waited: Duration, last: String },
+    NotReady {
+        waited: Duration,
+        #[source]
+        last: Box<GuestError>,
+    },
 }

@@ -45,17 +45,103 @@ pub struct VmMetrics {
     pub rss_bytes: u64,
 }
 
+/// QEMU's migration state (its QAPI `MigrationStatus` word), parsed once so callers
+/// match on variants instead of comparing strings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "String", into = "String")]
+pub enum MigrationState {
+    /// No migration has run on this VM.
+    None,
+    Setup,
+    Active,
+    /// The guest is stopped and QEMU sends what is left, device state last.
+    PreSwitchover,
+    Device,
+    Cancelling,
+    Cancelled,
+    Completed,
+    Failed,
+    /// A state tern does not act on (postcopy, COLO, a newer QEMU's addition): still
+    /// under way as far as tern is concerned.
+    Other(String),
+}
+
+impl MigrationState {
+    const NAMED: [(MigrationState, &'static str); 9] = [
+        (MigrationState::None, "none"),
+        (MigrationState::Setup, "setup"),
+        (MigrationState::Active, "active"),
+        (MigrationState::PreSwitchover, "pre-switchover"),
+        (MigrationState::Device, "device"),
+        (MigrationState::Cancelling, "cancelling"),
+        (MigrationState::Cancelled, "cancelled"),
+        (MigrationState::Completed, "completed"),
+        (MigrationState::Failed, "failed"),
+    ];
+
+    /// QEMU's word for the state.
+    pub fn as_str(&self) -> &str {
+        match self {
+            MigrationState::Other(word) => word,
+            named => {
+                Self::NAMED
+                    .iter()
+                    .find(|(s, _)| s == named)
+                    .expect("every named state is in the table")
+                    .1
+            }
+        }
+    }
+
+    /// The migration ended and will not change state again on its own.
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            MigrationState::Completed | MigrationState::Failed | MigrationState::Cancelled
+        )
+    }
+}
+
+impl From<&str> for MigrationState {
+    fn from(word: &str) -> Self {
+        MigrationState::NAMED
+            .iter()
+            .find(|(_, w)| *w == word)
+            .map_or_else(
+                || MigrationState::Other(word.to_string()),
+                |(s, _)| s.clone(),
+            )
+    }
+}
+
+impl From<String> for MigrationState {
+    fn from(word: String) -> Self {
+        MigrationState::from(word.as_str())
+    }
+}
+
+impl From<MigrationState> for String {
+    fn from(state: MigrationState) -> Self {
+        state.as_str().to_string()
+    }
+}
+
+impl std::fmt::Display for MigrationState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What `query-migrate` says, reduced to what the migration engine uses.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationStatus {
-    /// QEMU's status word: `none`, `setup`, `active`, `completed`, `failed`, `cancelled`, ...
-    pub status: String,
+    pub state: MigrationState,
     /// Bytes QEMU itself sent (device state only when `x-ignore-shared` is on).
     pub transferred_bytes: u64,
     /// QEMU's own downtime figure, when it has one.
     pub downtime_ms: Option<u64>,
     pub total_time_ms: Option<u64>,
-    /// QEMU's reason when `status` is `failed`.
+    /// QEMU's reason when `state` is `Failed`.
     pub error: Option<String>,
 }
 

@@ -41,10 +41,24 @@ pub enum HvError {
     /// QMP did not answer in time.
     #[error("QMP command {command} timed out after {ms} ms")]
     Timeout { command: String, ms: u64 },
-    /// The QMP conversation broke (socket closed, bad JSON).
+    /// The QMP conversation broke (socket closed, an unexpected message).
     #[error("QMP protocol error: {0}")]
     Protocol(String),
-    /// QEMU could not be started or died.
+    /// QEMU sent a line that is not JSON.
+    #[error("QMP protocol error: bad JSON from QEMU ({source}): {line}")]
+    BadJson {
+        line: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The QEMU binary could not be run.
+    #[error("QEMU failed: cannot run {}: {source} (install qemu-system-x86)", binary.display())]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU died or did not come up.
     #[error("QEMU failed: {0}")]
     Qemu(String),
     /// A host command (ip, tc) failed.

@@ -22,7 +22,7 @@ pub mod sim;
 pub mod spec;
 pub mod state;
 
-pub use driver::{Hypervisor, MigrationStatus, VcpuSample, VmInfo, VmMetrics};
+pub use driver::{Hypervisor, MigrationState, MigrationStatus, VcpuSample, VmInfo, VmMetrics};
 pub use error::{HvError, Result};
 pub use spec::{Nic, VmSpec};
 pub use state::{Action, VmState};

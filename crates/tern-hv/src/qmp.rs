@@ -42,8 +42,10 @@ pub enum Message {
 
 /// Classifies one JSON line from QEMU (pure).
 pub fn parse_message(line: &str) -> Result<Message> {
-    let v: Value = serde_json::from_str(line)
-        .map_err(|e| HvError::Protocol(format!("bad JSON from QEMU ({e}): {line}")))?;
+    let v: Value = serde_json::from_str(line).map_err(|source| HvError::BadJson {
+        line: line.to_string(),
+        source,
+    })?;
     let id = v.get("id").and_then(Value::as_u64);
     if let Some(r) = v.get("return") {
         return Ok(Message::Return {

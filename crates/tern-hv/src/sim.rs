@@ -5,7 +5,7 @@
 //! A simulated migration completes at once: `migrate` leaves the source paused
 //! (QEMU's `postmigrate`), and an incoming VM is complete as soon as it listens.
 
-use crate::driver::{Hypervisor, MigrationStatus, VcpuSample, VmInfo, VmMetrics};
+use crate::driver::{Hypervisor, MigrationState, MigrationStatus, VcpuSample, VmInfo, VmMetrics};
 use crate::error::{HvError, Result};
 use crate::spec::{derived_mac, validate_id, VmSpec};
 use crate::state::{transition, Action, VmState};
@@ -234,7 +234,7 @@ impl Hypervisor for SimDriver {
             }
             vm.set_state(VmState::Paused);
             vm.migration = Some(MigrationStatus {
-                status: "completed".into(),
+                state: MigrationState::Completed,
                 transferred_bytes: 0,
                 downtime_ms: Some(0),
                 total_time_ms: Some(0),
@@ -247,7 +247,7 @@ impl Hypervisor for SimDriver {
     async fn query_migrate(&self, id: &str) -> Result<MigrationStatus> {
         self.with(id, |vm| {
             Ok(vm.migration.clone().unwrap_or(MigrationStatus {
-                status: "none".into(),
+                state: MigrationState::None,
                 transferred_bytes: 0,
                 downtime_ms: None,
                 total_time_ms: None,
@@ -330,7 +330,10 @@ mod tests {
         ));
         d.start("src").await.unwrap();
         d.migrate("src", "tcp:x:1").await.unwrap();
-        assert_eq!(d.query_migrate("src").await.unwrap().status, "completed");
+        assert_eq!(
+            d.query_migrate("src").await.unwrap().state,
+            MigrationState::Completed
+        );
         assert_eq!(d.info("src").await.unwrap().state, VmState::Paused);
         d.migrate_incoming("dst", "tcp:x:1").await.unwrap();
         assert_eq!(d.resume("dst").await.unwrap().state, VmState::Running);

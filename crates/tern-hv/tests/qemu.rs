@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 use tern_hv::qemu::{QemuConfig, QemuDriver};
-use tern_hv::{HvError, Hypervisor, VmSpec, VmState};
+use tern_hv::{HvError, Hypervisor, MigrationState, VmSpec, VmState};
 
 fn driver(dir: &std::path::Path) -> QemuDriver {
     QemuDriver::new(QemuConfig::new(dir.join("run"), dir.join("mem"), None))
@@ -102,13 +102,13 @@ async fn device_state_migration_with_shared_ram() {
     src.migrate("vm", &uri).await.unwrap();
     let mut status = src.query_migrate("vm").await.unwrap();
     for _ in 0..200 {
-        if !matches!(status.status.as_str(), "setup" | "active" | "device") {
+        if status.state.is_final() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
         status = src.query_migrate("vm").await.unwrap();
     }
-    assert_eq!(status.status, "completed", "{status:?}");
+    assert_eq!(status.state, MigrationState::Completed, "{status:?}");
     assert!(
         status.transferred_bytes < 8 << 20,
         "RAM skipped: {} bytes",

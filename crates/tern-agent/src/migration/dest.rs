@@ -76,21 +76,11 @@ async fn listen(
         ))
     })?;
     // Native: QEMU brings the memory itself; no tern streams.
-    let memory = if req.native {
-        None
+    let (memory, memory_port) = if req.native {
+        (None, 0)
     } else {
-        let mem = DestMemory::open(&file, req.spec.memory_mib << 20)
-            .map_err(|e| AgentError::BadRequest(e.to_string()))?;
-        let listener = std::net::TcpListener::bind("0.0.0.0:0")
-            .map_err(AgentError::io("binding the memory listener"))?;
-        Some((mem, listener))
-    };
-    let memory_port = match &memory {
-        Some((_, l)) => l
-            .local_addr()
-            .map_err(AgentError::io("binding the memory listener"))?
-            .port(),
-        None => 0,
+        let (mem, listener, port) = open_memory(&file, req.spec.memory_mib << 20)?;
+        (Some((mem, listener)), port)
     };
     let device_port = free_port()?;
     state
@@ -126,38 +116,55 @@ async fn listen(
         accept_timeout: ACCEPT_TIMEOUT,
         io_timeout: STREAM_TIMEOUT,
     };
-    let receiver = match memory {
-        Some((mem, listener)) => {
-            let inbound = inbound.clone();
-            Some(tokio::task::spawn_blocking(move || {
-                let got =
-                    incoming::receive(&listener, &mem, &expect, &inbound.progress, &inbound.cancel);
-                // Marked here, not by the supervisor's next poll: resume waits on it and
-                // every millisecond of that wait is downtime.
-                if got.is_ok() {
-                    inbound.set(IncomingPhase::MemoryComplete, None);
-                }
-                got
-            }))
-        }
-        None => {
-            inbound.set(IncomingPhase::MemoryComplete, None);
-            None
-        }
-    };
+    let receiver = start_receiver(memory, expect, &inbound);
     tokio::spawn(supervise(state.clone(), inbound, receiver));
     tracing::info!(migration = %id, vm = %req.vm, memory_port, device_port, "prepared incoming migration");
     Ok(ticket)
 }
 
+/// The destination's memory file, and a listener for the source's memory streams on the
+/// port it returns.
+fn open_memory(
+    file: &std::path::Path,
+    bytes: u64,
+) -> Result<(DestMemory, std::net::TcpListener, u16), AgentError> {
+    let mem = DestMemory::open(file, bytes)?;
+    let listener = std::net::TcpListener::bind("0.0.0.0:0")
+        .map_err(AgentError::io("binding the memory listener"))?;
+    let port = listener
+        .local_addr()
+        .map_err(AgentError::io("binding the memory listener"))?
+        .port();
+    Ok((mem, listener, port))
+}
+
+type Receiver = tokio::task::JoinHandle<Result<incoming::Received, super::MigrationError>>;
+
+/// Receives the memory streams into `memory` on a blocking thread; without tern's
+/// streams (`qemu-native`) the memory counts as complete at once.
+fn start_receiver(
+    memory: Option<(DestMemory, std::net::TcpListener)>,
+    expect: Expect,
+    inbound: &Arc<Inbound>,
+) -> Option<Receiver> {
+    let Some((mem, listener)) = memory else {
+        inbound.set(IncomingPhase::MemoryComplete, None);
+        return None;
+    };
+    let inbound = inbound.clone();
+    Some(tokio::task::spawn_blocking(move || {
+        let got = incoming::receive(&listener, &mem, &expect, &inbound.progress, &inbound.cancel);
+        // Marked here, not by the supervisor's next poll: resume waits on it and every
+        // millisecond of that wait is downtime.
+        if got.is_ok() {
+            inbound.set(IncomingPhase::MemoryComplete, None);
+        }
+        got
+    }))
+}
+
 /// Watches one incoming migration until it runs or fails; on failure the VM is destroyed.
-async fn supervise(
-    state: AppState,
-    inbound: Arc<Inbound>,
-    mut receiver: Option<
-        tokio::task::JoinHandle<Result<incoming::Received, super::MigrationError>>,
-    >,
-) {
+async fn supervise(state: AppState, inbound: Arc<Inbound>, mut receiver: Option<Receiver>) {
     let mut complete_at: Option<Instant> = None;
     let failure = loop {
         if inbound.resumed.load(Ordering::SeqCst) {

@@ -62,12 +62,11 @@ pub fn receive(
             return Err(MigrationError::Cancelled);
         }
         if Instant::now() > deadline {
-            return Err(MigrationError::Timeout(format!(
-                "only {} of {} memory streams connected within {:?}",
-                streams.len(),
-                want.unwrap_or(1),
-                expect.accept_timeout
-            )));
+            return Err(MigrationError::StreamsMissing {
+                connected: streams.len(),
+                wanted: want.unwrap_or(1),
+                waited: expect.accept_timeout,
+            });
         }
         let mut s = match listener.accept() {
             Ok((s, _)) => s,

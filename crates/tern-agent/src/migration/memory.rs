@@ -5,12 +5,19 @@
 //! page is copied, so the digest recorded is the digest of the bytes that went on the
 //! wire, never of what a scan saw earlier. The destination writes pages into its own
 //! VM's file at their offsets and punches holes for zero pages.
+//!
+//! Memory the guest writes is never seen as `&[u8]`: the compiler may assume the bytes
+//! behind a shared reference do not change, which the guest breaks at will. [`GuestRam`]
+//! hands out only copies of whole pages, made through raw pointers into a buffer of the
+//! caller's (on the stack, in L1), which is then zero-tested or hashed at memory speed.
 
 use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use memmap2::Mmap;
+use memmap2::{MmapOptions, MmapRaw};
+use rustix::fs::SeekFrom;
+use rustix::io::Errno;
 use xxhash_rust::xxh3::xxh3_64;
 
 use super::wire::PAGE_SIZE;
@@ -51,9 +58,47 @@ pub fn is_zero(page: &[u8]) -> bool {
     blocks_zero && page.chunks_exact(64).remainder().iter().all(|&b| b == 0)
 }
 
+/// A read-only mapping of memory another process writes while we read it. It never
+/// forms a reference into the mapping; bytes leave it only as page copies. (The same
+/// contract as vm-memory's `VolatileSlice`, whose bulk copies are plain `memcpy`s through
+/// raw pointers too; that crate brings its own region and bitmap types for one function.)
+struct GuestRam {
+    map: MmapRaw,
+}
+
+impl GuestRam {
+    fn map(file: &std::fs::File) -> std::io::Result<GuestRam> {
+        Ok(GuestRam {
+            map: MmapOptions::new().map_raw_read_only(file)?,
+        })
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// Copies page `index` into `out`; panics when the page is outside the mapping.
+    fn copy_page(&self, index: u64, out: &mut [u8; PAGE_SIZE]) {
+        let start = usize::try_from(index)
+            .ok()
+            .and_then(|i| i.checked_mul(PAGE_SIZE))
+            .filter(|&s| s <= self.len().saturating_sub(PAGE_SIZE))
+            .expect("page index within guest memory");
+        // SAFETY: `start + PAGE_SIZE` is within the mapping (checked above), which lives as
+        // long as `self`; the file is never truncated while mapped (QEMU sized it at start
+        // and the agent only deletes it after the VM is gone). `out` is our own buffer, so
+        // the ranges do not overlap. The guest may write the page during the copy; the
+        // copy is then torn, which no digest sent matches, so the page is sent again, and
+        // no Rust reference to the changing bytes exists for the compiler to reason about.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(start), out.as_mut_ptr(), PAGE_SIZE)
+        }
+    }
+}
+
 /// The source's read-only view of guest RAM.
 pub struct SourceMemory {
-    map: Mmap,
+    map: GuestRam,
     file: std::fs::File,
     /// Per page: the file had storage there at the last [`SourceMemory::refresh_extents`].
     /// Guest RAM the guest never touched is a hole in the tmpfs file, and reading a hole
@@ -73,10 +118,7 @@ impl SourceMemory {
                 len,
             });
         }
-        // SAFETY: the mapping is shared with a running guest that keeps writing to it; we
-        // only ever copy bytes out (`read_page`), so a concurrent write yields a torn copy,
-        // which the next round's digest comparison detects and re-sends.
-        let map = unsafe { Mmap::map(&file) }.map_err(io_err(path))?;
+        let map = GuestRam::map(&file).map_err(io_err(path))?;
         let pages = len / PAGE_SIZE as u64;
         let mem = SourceMemory {
             map,
@@ -93,25 +135,23 @@ impl SourceMemory {
     /// still counts as a hole (zero) until the next refresh, so every scan refreshes
     /// first: the final pass, with the guest paused, is then exact.
     pub fn refresh_extents(&self) {
-        use std::os::fd::AsRawFd;
-        let fd = self.file.as_raw_fd();
-        let len = self.map.len() as i64;
+        let len = self.map.len() as u64;
         let mut has_data = vec![false; self.data.len()];
-        let mut pos: i64 = 0;
+        let mut pos: u64 = 0;
         while pos < len {
-            // SAFETY: lseek on a file descriptor this struct owns; no memory is passed.
-            let start = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
-            if start < 0 {
+            let start = match rustix::fs::seek(&self.file, SeekFrom::Data(pos)) {
+                Ok(start) => start,
                 // ENXIO: no data past `pos`. Anything else: assume data everywhere left,
                 // which is only slower, never wrong.
-                if std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO) {
-                    has_data[pos as usize / PAGE_SIZE..].fill(true);
+                Err(e) => {
+                    if e != Errno::NXIO {
+                        has_data[pos as usize / PAGE_SIZE..].fill(true);
+                    }
+                    break;
                 }
-                break;
-            }
-            // SAFETY: as above.
-            let end = unsafe { libc::lseek(fd, start, libc::SEEK_HOLE) };
-            let end = if end < 0 { len } else { end.min(len) };
+            };
+            let end =
+                rustix::fs::seek(&self.file, SeekFrom::Hole(start)).map_or(len, |e| e.min(len));
             let first = start as usize / PAGE_SIZE;
             let last = (end as usize).div_ceil(PAGE_SIZE).min(has_data.len());
             has_data[first..last].fill(true);
@@ -127,10 +167,12 @@ impl SourceMemory {
         self.data[index as usize].load(Ordering::Relaxed)
     }
 
-    /// The digest of page `index` as it is now, holes without reading them.
-    pub fn digest(&self, index: u64) -> u64 {
+    /// The digest of page `index` as it is now, holes without reading them; `buf` is
+    /// scratch space, reused across pages so the copy lands in cache-hot memory.
+    pub fn digest(&self, index: u64, buf: &mut [u8; PAGE_SIZE]) -> u64 {
         if self.has_data(index) {
-            xxh3_64(self.page(index))
+            self.map.copy_page(index, buf);
+            xxh3_64(buf)
         } else {
             zero_digest()
         }
@@ -140,20 +182,10 @@ impl SourceMemory {
         (self.map.len() / PAGE_SIZE) as u64
     }
 
-    /// Page `index` in place. The guest may be writing it: a digest over it is then of a
-    /// torn page, which matches nothing sent and is re-sent, as with a copy.
-    pub fn page(&self, index: u64) -> &[u8] {
-        let start = index as usize * PAGE_SIZE;
-        &self.map[start..start + PAGE_SIZE]
-    }
-
-    /// Copies page `index` into `out` (exactly one page long).
-    pub fn read_page(&self, index: u64, out: &mut [u8]) {
-        let start = index as usize * PAGE_SIZE;
-        let src = &self.map[start..start + PAGE_SIZE];
-        // SAFETY: `src` and `out` are valid for PAGE_SIZE bytes and do not overlap; the
-        // volatile-free copy of a concurrently written page is the documented race above.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), out.as_mut_ptr(), PAGE_SIZE) }
+    /// Copies page `index` into `out`. The guest may be writing it: the copy is then
+    /// torn, its digest matches nothing sent, and the page is sent again.
+    pub fn read_page(&self, index: u64, out: &mut [u8; PAGE_SIZE]) {
+        self.map.copy_page(index, out)
     }
 }
 
@@ -236,10 +268,11 @@ pub fn scan(mem: &SourceMemory, sent: &SentDigests, seen: &SeenDigests, threads:
     mem.refresh_extents();
     let parts = in_parallel(mem.pages(), threads, |range| {
         let mut out = Scan::default();
+        // Each page is copied to this buffer and hashed there: the copy stays in L1, so
+        // the pass reads guest memory once, as hashing in place would.
+        let mut buf = [0u8; PAGE_SIZE];
         for index in range {
-            // Hashed in place: a copy first would double the memory traffic of the pass
-            // that bounds the downtime.
-            let d = mem.digest(index);
+            let d = mem.digest(index, &mut buf);
             if d != sent.get(index) {
                 out.dirty.push(index);
             }
@@ -262,8 +295,9 @@ pub fn scan(mem: &SourceMemory, sent: &SentDigests, seen: &SeenDigests, threads:
 pub fn changed_pages(mem: &SourceMemory, sent: &SentDigests, threads: usize) -> Vec<u64> {
     mem.refresh_extents();
     in_parallel(mem.pages(), threads, |range| {
+        let mut buf = [0u8; PAGE_SIZE];
         range
-            .filter(|&index| mem.digest(index) != sent.get(index))
+            .filter(|&index| mem.digest(index, &mut buf) != sent.get(index))
             .collect::<Vec<u64>>()
     })
     .concat()
@@ -349,58 +383,22 @@ impl DestMemory {
 
     /// Writes `pages` (each one page long) at page `first` onwards.
     fn write_run(&self, first: u64, pages: &[&[u8]]) -> Result<(), MemoryError> {
-        use std::os::fd::AsRawFd;
+        use std::io::IoSlice;
         // Linux takes at most IOV_MAX (1024) buffers per call.
         for (k, chunk) in pages.chunks(1024).enumerate() {
-            let iov: Vec<libc::iovec> = chunk
-                .iter()
-                .map(|p| libc::iovec {
-                    iov_base: p.as_ptr() as *mut libc::c_void,
-                    iov_len: p.len(),
-                })
-                .collect();
+            let mut iov: Vec<IoSlice<'_>> = chunk.iter().map(|p| IoSlice::new(p)).collect();
+            let mut bufs = &mut iov[..];
             let mut offset = (first + (k * 1024) as u64) * PAGE_SIZE as u64;
-            let mut want = chunk.len() * PAGE_SIZE;
-            let (mut iov_at, mut skip) = (0usize, 0usize);
-            while want > 0 {
-                let mut rest = iov[iov_at..].to_vec();
-                rest[0].iov_base = (rest[0].iov_base as usize + skip) as *mut libc::c_void;
-                rest[0].iov_len -= skip;
-                // SAFETY: every iovec points into a page borrowed for this call, and
-                // the file descriptor is owned by `self`.
-                let n = unsafe {
-                    libc::pwritev(
-                        self.file.as_raw_fd(),
-                        rest.as_ptr(),
-                        rest.len() as libc::c_int,
-                        offset as libc::off_t,
-                    )
+            while !bufs.is_empty() {
+                let n = match rustix::io::pwritev(&self.file, bufs, offset) {
+                    Ok(0) => return Err(self.io(std::io::ErrorKind::WriteZero.into())),
+                    Ok(n) => n,
+                    Err(Errno::INTR) => continue,
+                    Err(e) => return Err(self.io(e.into())),
                 };
-                if n < 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() == std::io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(self.io(e));
-                }
-                if n == 0 {
-                    return Err(self.io(std::io::ErrorKind::WriteZero.into()));
-                }
                 // A short write: carry on from where it stopped.
-                let mut n = n as usize;
                 offset += n as u64;
-                want -= n;
-                while n > 0 && iov_at < iov.len() {
-                    let left = iov[iov_at].iov_len - skip;
-                    if n >= left {
-                        n -= left;
-                        iov_at += 1;
-                        skip = 0;
-                    } else {
-                        skip += n;
-                        n = 0;
-                    }
-                }
+                IoSlice::advance_slices(&mut bufs, n);
             }
         }
         Ok(())
@@ -408,23 +406,13 @@ impl DestMemory {
 
     /// Makes `count` pages from `first` read as zeros.
     fn zero(&self, first: u64, count: u64) -> Result<(), MemoryError> {
-        use std::os::fd::AsRawFd;
+        use rustix::fs::FallocateFlags;
         let (offset, len) = (first * PAGE_SIZE as u64, count * PAGE_SIZE as u64);
-        // SAFETY: fallocate on a file descriptor owned by `self`; no memory is passed.
-        let r = unsafe {
-            libc::fallocate(
-                self.file.as_raw_fd(),
-                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                offset as libc::off_t,
-                len as libc::off_t,
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EOPNOTSUPP) {
-            return Err(self.io(e));
+        let flags = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match rustix::fs::fallocate(&self.file, flags, offset, len) {
+            Ok(()) => return Ok(()),
+            Err(Errno::OPNOTSUPP) => {}
+            Err(e) => return Err(self.io(e.into())),
         }
         // A filesystem without holes: write the zeros.
         use std::os::unix::fs::FileExt;
@@ -491,7 +479,7 @@ mod tests {
         let mem = SourceMemory::open(&path).unwrap();
         let sent = SentDigests::new(mem.pages());
         assert_eq!(changed_pages(&mem, &sent, 3), vec![3, 17, 40]);
-        let mut buf = vec![0u8; PAGE_SIZE];
+        let mut buf = [0u8; PAGE_SIZE];
         mem.read_page(17, &mut buf);
         sent.set(17, xxh3_64(&buf));
         assert_eq!(changed_pages(&mem, &sent, 1), vec![3, 40]);

@@ -10,9 +10,16 @@
 //! - [`precopy`]: the live rounds, decided by `tern-migrate`'s policies;
 //! - [`throttle`]: the cgroup that slows the vCPUs when the policy asks;
 //! - [`session`]: API values, phases and the registry of migrations;
-//! - [`source`] / [`dest`]: the two ends' drivers, with the one rollback path;
+//! - [`source`]: the source's phase machine (`run` walks the engine's phases, one method
+//!   per phase) with the one rollback path;
+//! - [`dest`]: the destination's driver, which cleans up its copy on any failure;
 //! - [`routes`]: the HTTP endpoints ([`routes::routes`] is merged into the agent).
 
+use std::time::Duration;
+
+use tern_hv::{HvError, MigrationState};
+
+use crate::error::AgentError;
 pub use routes::routes;
 
 pub mod dest;
@@ -27,24 +34,72 @@ pub mod source;
 pub mod throttle;
 pub mod wire;
 
-/// Why a migration (or one of its steps) failed. Every variant leaves the VM on the source.
+/// Why a migration (or one of its steps) failed. Every variant leaves the VM on the
+/// source; each keeps the error that caused it as its source.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrationError {
     #[error(transparent)]
     Wire(#[from] wire::WireError),
     #[error(transparent)]
     Memory(#[from] memory::MemoryError),
-    /// The destination could not be reached or the link broke.
-    #[error("link to the destination: {0}")]
-    Link(String),
-    #[error("timed out: {0}")]
-    Timeout(String),
+    /// The destination URL names no host to send memory to.
+    #[error("link to the destination: no host in {url}")]
+    NoHost { url: String },
+    #[error("link to the destination: resolving {host}: {source}")]
+    Resolve {
+        host: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("link to the destination: {host} has no address")]
+    NoAddress { host: String },
+    /// A memory stream could not connect.
+    #[error("link to the destination: connect {addr}: {source}")]
+    Connect {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Fewer memory streams reached the destination than the source opens.
+    #[error("timed out: only {connected} of {wanted} memory streams connected within {waited:?}")]
+    StreamsMissing {
+        connected: usize,
+        wanted: u16,
+        waited: Duration,
+    },
+    /// QEMU's own migration (`qemu-native`) did not finish in the time allowed.
+    #[error("timed out: QEMU's migration did not converge within {limit:?} ({bytes} bytes sent)")]
+    NotConverged { limit: Duration, bytes: u64 },
+    /// QEMU did not carry the device state in time.
+    #[error("timed out: device state not through after {0:?}")]
+    DeviceStateTimeout(Duration),
     #[error("migration cancelled")]
     Cancelled,
-    /// The destination agent refused or failed a request.
-    #[error("destination agent: {0}")]
-    Peer(String),
+    /// The destination agent refused or failed a step (`prepare`, `resume`).
+    #[error("destination agent: {step}: {source}")]
+    Peer {
+        step: &'static str,
+        #[source]
+        source: AgentError,
+    },
     /// The hypervisor on this host failed a step (pause, device state, ...).
-    #[error("hypervisor: {0}")]
-    Vm(String),
+    #[error("hypervisor: {step}: {source}")]
+    Vm {
+        step: &'static str,
+        #[source]
+        source: HvError,
+    },
+    /// tern's engine reads guest RAM from the VM's memory file; this VM has none.
+    #[error("hypervisor: VM {vm} has no guest memory file")]
+    NoMemoryFile { vm: String },
+    /// QEMU's migration ended failed or cancelled; `desc` is QEMU's reason.
+    #[error("hypervisor: QEMU migration {state}: {desc}")]
+    Qemu { state: MigrationState, desc: String },
+    /// A blocking step of the migration (the memory streams) panicked.
+    #[error("hypervisor: {step} task: {source}")]
+    Task {
+        step: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
 }

@@ -133,7 +133,7 @@ impl Outgoing {
         let mut streams = Vec::with_capacity(count);
         for stream in 0..count {
             let mut s = TcpStream::connect_timeout(&addr, opts.io_timeout)
-                .map_err(|e| MigrationError::Link(format!("connect {addr}: {e}")))?;
+                .map_err(|source| MigrationError::Connect { addr, source })?;
             s.set_nodelay(true).map_err(wire::WireError::from)?;
             s.set_read_timeout(Some(opts.io_timeout))
                 .map_err(wire::WireError::from)?;
@@ -289,40 +289,15 @@ fn send_slice(
     pages: &[u64],
     link: &Link,
 ) -> Result<RoundTransfer, MigrationError> {
-    let Link {
-        opts,
-        pacer,
-        meter,
-        cancel,
-    } = *link;
-    let mut out = BufWriter::with_capacity(1 << 20, &mut *stream);
-    let mut total = RoundTransfer::default();
-    let mut batch = Batch::with_capacity(opts.batch_pages);
-    let mut buf = vec![0u8; PAGE_SIZE];
+    let mut batches = Batches {
+        out: BufWriter::with_capacity(1 << 20, &mut *stream),
+        batch: Batch::with_capacity(link.opts.batch_pages),
+        total: RoundTransfer::default(),
+        link,
+    };
+    let mut buf = [0u8; PAGE_SIZE];
     // An open zero run: (first page, count).
     let mut run: Option<(u64, u32)> = None;
-    let flush = |batch: &mut Batch,
-                 out: &mut BufWriter<&mut TcpStream>,
-                 total: &mut RoundTransfer|
-     -> Result<(), MigrationError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        if cancel.load(Ordering::Relaxed) {
-            return Err(MigrationError::Cancelled);
-        }
-        let (flags, payload) = batch.seal(opts.lz4);
-        if let Some(p) = pacer {
-            p.wait(payload.len() as u64 + 8);
-        }
-        let bytes = wire::write_frame(out, Kind::Pages, flags, &payload)? as u64;
-        total.bytes += bytes;
-        total.data_pages += batch.data_pages as u64;
-        total.zero_pages += batch.zero_pages;
-        meter.add(batch.data_pages as u64 + batch.zero_pages, bytes);
-        batch.clear();
-        Ok(())
-    };
     for &index in pages {
         // A hole is a zero page known without reading it (reading would allocate it).
         let hole = !mem.has_data(index);
@@ -337,7 +312,7 @@ fn send_slice(
                 }
                 other => {
                     if let Some((first, count)) = other {
-                        batch.push_zero_run(first as u32, count);
+                        batches.batch.push_zero_run(first as u32, count);
                     }
                     Some((index, 1))
                 }
@@ -345,28 +320,71 @@ fn send_slice(
             continue;
         }
         if let Some((first, count)) = run.take() {
-            batch.push_zero_run(first as u32, count);
+            batches.batch.push_zero_run(first as u32, count);
         }
         sent.set(index, xxh3_64(&buf));
-        batch.push_data(index as u32, &buf);
-        if batch.data_pages >= opts.batch_pages {
-            flush(&mut batch, &mut out, &mut total)?;
+        batches.batch.push_data(index as u32, &buf);
+        if batches.batch.data_pages >= link.opts.batch_pages {
+            batches.flush()?;
         }
     }
     if let Some((first, count)) = run.take() {
-        batch.push_zero_run(first as u32, count);
+        batches.batch.push_zero_run(first as u32, count);
     }
-    flush(&mut batch, &mut out, &mut total)?;
-    let end = wire::write_frame(&mut out, Kind::RoundEnd, 0, &wire::u32_payload(round))? as u64;
-    total.bytes += end;
-    meter.add(0, end);
-    out.flush().map_err(wire::WireError::from)?;
-    drop(out);
+    batches.flush()?;
+    let total = batches.end_round(round)?;
     let ack = wire::expect(stream, Kind::Ack)?;
     if wire::parse_u32(&ack.payload)? != round {
         return Err(wire::WireError::Malformed("ack for another round").into());
     }
     Ok(total)
+}
+
+/// One stream's batches of a round on their way to the socket.
+struct Batches<'s, 'l> {
+    out: BufWriter<&'s mut TcpStream>,
+    batch: Batch,
+    total: RoundTransfer,
+    link: &'l Link<'l>,
+}
+
+impl Batches<'_, '_> {
+    /// Seals the open batch and writes it as one `Pages` frame, paced and counted.
+    fn flush(&mut self) -> Result<(), MigrationError> {
+        let Link {
+            opts,
+            pacer,
+            meter,
+            cancel,
+        } = *self.link;
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        if cancel.load(Ordering::Relaxed) {
+            return Err(MigrationError::Cancelled);
+        }
+        let (flags, payload) = self.batch.seal(opts.lz4);
+        if let Some(p) = pacer {
+            p.wait(payload.len() as u64 + 8);
+        }
+        let bytes = wire::write_frame(&mut self.out, Kind::Pages, flags, &payload)? as u64;
+        self.total.bytes += bytes;
+        self.total.data_pages += self.batch.data_pages as u64;
+        self.total.zero_pages += self.batch.zero_pages;
+        meter.add(self.batch.data_pages as u64 + self.batch.zero_pages, bytes);
+        self.batch.clear();
+        Ok(())
+    }
+
+    /// Ends the round on this stream and pushes everything out; returns what it carried.
+    fn end_round(mut self, round: u32) -> Result<RoundTransfer, MigrationError> {
+        let end = wire::u32_payload(round);
+        let end = wire::write_frame(&mut self.out, Kind::RoundEnd, 0, &end)? as u64;
+        self.total.bytes += end;
+        self.link.meter.add(0, end);
+        self.out.flush().map_err(wire::WireError::from)?;
+        Ok(self.total)
+    }
 }
 
 #[cfg(test)]

@@ -98,121 +98,186 @@ pub fn run(
         cfg,
         cancel,
     };
-    let pages = mem.pages();
-    let started = Instant::now();
-    let seen = SeenDigests::new(pages);
-    let mut tracker = FragmentTracker::new(pages, DEFAULT_FRAGMENT_BYTES / PAGE_SIZE as u64);
-    let limits = Limits {
-        downtime_limit_s: cfg.limits_downtime_s,
-        max_rounds: cfg.max_rounds,
-        max_elapsed_s: Some(cfg.max_elapsed_s),
-        ..Limits::new(pages, PAGE_SIZE as u64)
-    };
-    let mut held = vec![false; tracker.len()];
-    let mut history: Vec<RoundTelemetry> = Vec::new();
-    let mut bandwidth = cfg.initial_bandwidth_bytes_per_s;
-    let mut throttle_percent = 0u8;
-    let mut max_throttle = 0u8;
-    let mut bytes = 0u64;
-    let mut nonzero_pages = 0u64;
-    // Round 1 covers every page, zero pages as runs: the destination file is not
-    // assumed to be zero-filled (its QEMU may have written to it at start-up).
-    scan(mem, sent, &seen, cfg.scan_threads);
-    // The guest's changes are counted from here: the rate is over the time since.
-    let mut last_scan = Instant::now();
-    let mut dirty: Vec<u64> = (0..pages).collect();
+    let mut rounds = Rounds::start(&ctx);
     for round in 1u32.. {
         let round_start = Instant::now();
-        let to_send: Vec<u64> = dirty
+        let probed = rounds.send(&ctx, out, round, throttle)?;
+        let telemetry = rounds.measure(&ctx, round, round_start, &probed);
+        on_round(&telemetry);
+        rounds.history.push(telemetry);
+        if let Some(reason) = rounds.decide(policy, throttle) {
+            return Ok(rounds.outcome(reason));
+        }
+    }
+    unreachable!("the round counter does not run out before the policy's round cap")
+}
+
+/// The live loop's state from one round to the next.
+struct Rounds {
+    started: Instant,
+    seen: SeenDigests,
+    tracker: FragmentTracker,
+    limits: Limits,
+    /// Per fragment: held back from the next round.
+    held: Vec<bool>,
+    history: Vec<RoundTelemetry>,
+    bandwidth: f64,
+    throttle_percent: u8,
+    max_throttle: u8,
+    bytes: u64,
+    nonzero_pages: u64,
+    /// When memory was last scanned: the guest's changes are rated over the time since.
+    last_scan: Instant,
+    /// Pages that differ from what was sent: the next round's candidates.
+    dirty: Vec<u64>,
+    /// The last round's transfer, and how long sending it took.
+    last: (RoundTransfer, f64),
+}
+
+impl Rounds {
+    /// The state before round 1, which covers every page, zero pages as runs: the
+    /// destination file is not assumed to be zero-filled (its QEMU may have written to
+    /// it at start-up).
+    fn start(ctx: &Live<'_>) -> Rounds {
+        let Live { mem, sent, cfg, .. } = *ctx;
+        let pages = mem.pages();
+        let started = Instant::now();
+        let seen = SeenDigests::new(pages);
+        let tracker = FragmentTracker::new(pages, DEFAULT_FRAGMENT_BYTES / PAGE_SIZE as u64);
+        let limits = Limits {
+            downtime_limit_s: cfg.limits_downtime_s,
+            max_rounds: cfg.max_rounds,
+            max_elapsed_s: Some(cfg.max_elapsed_s),
+            ..Limits::new(pages, PAGE_SIZE as u64)
+        };
+        scan(mem, sent, &seen, cfg.scan_threads);
+        Rounds {
+            started,
+            seen,
+            held: vec![false; tracker.len()],
+            tracker,
+            limits,
+            history: Vec::new(),
+            bandwidth: cfg.initial_bandwidth_bytes_per_s,
+            throttle_percent: 0,
+            max_throttle: 0,
+            bytes: 0,
+            nonzero_pages: 0,
+            // The guest's changes are counted from here: the rate is over the time since.
+            last_scan: Instant::now(),
+            dirty: (0..pages).collect(),
+            last: (RoundTransfer::default(), 0.0),
+        }
+    }
+
+    fn is_held(&self, page: u64) -> bool {
+        self.tracker
+            .fragment_of(page)
+            .is_some_and(|f| self.held[f as usize])
+    }
+
+    /// Sends round `round`: the dirty pages not held back. Returns the pages the round-1
+    /// probe saw change (the round's changes, with the scan after it).
+    fn send(
+        &mut self,
+        ctx: &Live<'_>,
+        out: &mut Outgoing,
+        round: u32,
+        throttle: &mut dyn Throttle,
+    ) -> Result<Vec<u64>, MigrationError> {
+        let round_start = Instant::now();
+        let to_send: Vec<u64> = self
+            .dirty
             .iter()
             .copied()
-            .filter(|&p| !tracker.fragment_of(p).is_some_and(|f| held[f as usize]))
+            .filter(|&p| !self.is_held(p))
             .collect();
-        out.meter()
-            .begin(round, to_send.len() as u64, started.elapsed().as_secs_f64());
-        // Pages the round-1 probe saw change: the round's changes, with the scan after it.
-        let mut probed: Vec<u64> = Vec::new();
-        let split = if round == 1 {
-            probe_split(mem, &to_send, cfg.probe_bytes)
-        } else {
-            None
-        };
+        let at = self.started.elapsed().as_secs_f64();
+        out.meter().begin(round, to_send.len() as u64, at);
+        let split = (round == 1)
+            .then(|| probe_split(ctx.mem, &to_send, ctx.cfg.probe_bytes))
+            .flatten();
+        let mut probed = Vec::new();
         let t = match split {
             Some(split) => {
+                let (limits, since) = (&self.limits, self.last_scan);
                 let p =
-                    ctx.first_round(out, &seen, &to_send, split, &limits, last_scan, throttle)?;
+                    ctx.first_round(out, &self.seen, &to_send, split, limits, since, throttle)?;
                 if p.throttle > 0 {
-                    throttle_percent = p.throttle;
-                    max_throttle = max_throttle.max(p.throttle);
+                    self.throttle_percent = p.throttle;
+                    self.max_throttle = self.max_throttle.max(p.throttle);
                 }
                 if let Some(b) = p.bandwidth {
-                    bandwidth = b;
+                    self.bandwidth = b;
                 }
                 probed = p.changed;
-                last_scan = p.scanned_at;
+                self.last_scan = p.scanned_at;
                 p.transfer
             }
-            None => out.send_round(round, mem, sent, &to_send, cancel)?,
+            None => out.send_round(round, ctx.mem, ctx.sent, &to_send, ctx.cancel)?,
         };
         let send_s = round_start.elapsed().as_secs_f64();
-        bytes += t.bytes;
+        self.bytes += t.bytes;
         if round == 1 {
-            nonzero_pages = t.data_pages;
+            self.nonzero_pages = t.data_pages;
         }
         // Small rounds are dominated by round trips; they say nothing about the link.
         if t.bytes >= 4 << 20 && send_s > 0.0 {
-            bandwidth = t.bytes as f64 / send_s;
+            self.bandwidth = t.bytes as f64 / send_s;
         }
+        self.last = (t, send_s);
+        Ok(probed)
+    }
+
+    /// Scans memory after a round and describes the round for the policy.
+    fn measure(
+        &mut self,
+        ctx: &Live<'_>,
+        round: u32,
+        round_start: Instant,
+        probed: &[u64],
+    ) -> RoundTelemetry {
         let scan_start = Instant::now();
-        let s = scan(mem, sent, &seen, cfg.scan_threads);
+        let s = scan(ctx.mem, ctx.sent, &self.seen, ctx.cfg.scan_threads);
         let scan_s = scan_start.elapsed().as_secs_f64();
         // Rated over the time since the previous scan: after a round-1 probe that is the
         // time under the throttle it led to, the rate the policy must size against.
-        let rate_window_s = last_scan.elapsed().as_secs_f64();
-        last_scan = Instant::now();
-        let changed = union_sorted(&probed, &s.changed);
-        tracker.observe_pages(changed.iter().copied());
+        let rate_window_s = self.last_scan.elapsed().as_secs_f64();
+        self.last_scan = Instant::now();
+        let changed = union_sorted(probed, &s.changed);
+        self.tracker.observe_pages(changed.iter().copied());
         let duration_s = round_start.elapsed().as_secs_f64();
-        let held_back_pages = s
-            .dirty
-            .iter()
-            .filter(|&&p| tracker.fragment_of(p).is_some_and(|f| held[f as usize]))
-            .count() as u64;
+        let held_back_pages = s.dirty.iter().filter(|&&p| self.is_held(p)).count() as u64;
         let remaining = s.dirty.len() as u64;
-        let telemetry = RoundTelemetry {
+        let t = self.last.0;
+        self.dirty = s.dirty;
+        RoundTelemetry {
             round,
             pages_sent: t.data_pages + t.zero_pages,
             bytes_sent: t.bytes,
             pages_changed: changed.len() as u64,
             dirty_rate_bytes_per_s: (s.changed.len() * PAGE_SIZE) as f64 / rate_window_s.max(1e-6),
-            bandwidth_bytes_per_s: bandwidth,
+            bandwidth_bytes_per_s: self.bandwidth,
             remaining_pages: remaining,
             held_back_pages,
-            predicted_downtime_s: (remaining * PAGE_SIZE as u64) as f64 / bandwidth
+            predicted_downtime_s: (remaining * PAGE_SIZE as u64) as f64 / self.bandwidth
                 + scan_s
-                + cfg.stop_cost_s,
+                + ctx.cfg.stop_cost_s,
             duration_s,
-            elapsed_s: started.elapsed().as_secs_f64(),
-            throttle_percent,
-        };
-        on_round(&telemetry);
-        history.push(telemetry);
-        dirty = s.dirty;
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            throttle_percent: self.throttle_percent,
+        }
+    }
+
+    /// Asks the policy what next; applies its throttle and hold-back, or says why to stop.
+    fn decide(&mut self, policy: &dyn Policy, throttle: &mut dyn Throttle) -> Option<StopReason> {
         let input = PolicyInput {
-            history: &history,
-            fragments: &tracker,
-            limits: &limits,
+            history: &self.history,
+            fragments: &self.tracker,
+            limits: &self.limits,
         };
         let hold_back = match decide(policy, &input) {
-            Decision::StopAndCopy { reason } => {
-                return Ok(PrecopyOutcome {
-                    history,
-                    stop_reason: reason,
-                    bytes,
-                    max_throttle_percent: max_throttle,
-                    nonzero_pages,
-                });
-            }
+            Decision::StopAndCopy { reason } => return Some(reason),
             Decision::Continue { hold_back } => hold_back,
             Decision::Throttle { percent, hold_back } => {
                 let applied = throttle.apply(percent);
@@ -222,27 +287,31 @@ pub fn run(
                         percent,
                         "throttle requested but unavailable on this host; stopping"
                     );
-                    return Ok(PrecopyOutcome {
-                        history,
-                        stop_reason: StopReason::ThrottleExhausted,
-                        bytes,
-                        max_throttle_percent: max_throttle,
-                        nonzero_pages,
-                    });
+                    return Some(StopReason::ThrottleExhausted);
                 }
-                throttle_percent = applied;
-                max_throttle = max_throttle.max(applied);
+                self.throttle_percent = applied;
+                self.max_throttle = self.max_throttle.max(applied);
                 hold_back
             }
         };
-        held.iter_mut().for_each(|h| *h = false);
+        self.held.iter_mut().for_each(|h| *h = false);
         for f in hold_back {
-            if let Some(h) = held.get_mut(f as usize) {
+            if let Some(h) = self.held.get_mut(f as usize) {
                 *h = true;
             }
         }
+        None
     }
-    unreachable!("the round counter does not run out before the policy's round cap")
+
+    fn outcome(self, stop_reason: StopReason) -> PrecopyOutcome {
+        PrecopyOutcome {
+            history: self.history,
+            stop_reason,
+            bytes: self.bytes,
+            max_throttle_percent: self.max_throttle,
+            nonzero_pages: self.nonzero_pages,
+        }
+    }
 }
 
 /// What the live loop's helpers share.

@@ -1,7 +1,14 @@
-//! The source side: one straight-line driver over the phases of [`Phase`], and one
-//! rollback path. Whatever fails, the VM ends running here, the destination is told to
-//! clean up, and the VM never runs on both hosts: the source resumes only while the
-//! destination is known not to run it.
+//! The source side as its phase machine: [`run`] walks the engine's [`Phase`]s in order,
+//! one method per phase, and on any error takes the one rollback path. Whatever fails,
+//! the VM ends running here, the destination is told to clean up, and the VM never runs
+//! on both hosts: the source resumes only while the destination is known not to run it.
+//!
+//! ```text
+//!  tern's engine:  Preparing ─► Connecting ─► PreCopy ─► StopAndCopy ─► DeviceState ─► Resuming
+//!  qemu-native:    Preparing ─────────────► PreCopy (QEMU moves everything) ──────────► Resuming
+//! ```
+//!
+//! Both engines share [`SourceMigration::prepare`] and [`SourceMigration::resume`].
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -9,22 +16,88 @@ use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::json;
-use tern_hv::{HvError, VmState};
-use tern_migrate::{Policy, PolicyKind};
+use tern_hv::{HvError, MigrationState, MigrationStatus, VmInfo, VmState};
+use tern_migrate::{Policy, PolicyKind, StopReason};
 
 use super::memory::{changed_pages, SentDigests, SourceMemory};
 use super::outgoing::{Outgoing, StreamOptions};
-use super::precopy::{self, PrecopyConfig};
+use super::precopy::{self, PrecopyConfig, PrecopyOutcome};
 use super::session::{
     Engine, MigrationResult, Outbound, Phase, PrepareRequest, SendRequest, Ticket,
 };
 use super::throttle::CgroupThrottle;
+use super::wire::PAGE_SIZE;
 use super::MigrationError;
 use crate::client::AgentClient;
+use crate::error::AgentError;
 use crate::state::AppState;
 
 /// How long QEMU may take to carry the device state.
 const DEVICE_STATE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Why the rollback could not leave the VM running on the source.
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackError {
+    /// The destination may run the VM and did not confirm it is gone, so the source
+    /// stays paused rather than risk running the VM twice.
+    #[error(
+        "the destination may be running the VM and could not be reached: the source stays paused"
+    )]
+    DestinationUnconfirmed {
+        #[source]
+        last: Option<AgentError>,
+    },
+    #[error("resuming the source: {0}")]
+    ResumeSource(#[source] HvError),
+}
+
+impl Engine {
+    /// The phases a source migration walks with this engine, in order.
+    pub fn phases(self) -> &'static [Phase] {
+        match self {
+            Engine::Tern(_) => &[
+                Phase::Preparing,
+                Phase::Connecting,
+                Phase::PreCopy,
+                Phase::StopAndCopy,
+                Phase::DeviceState,
+                Phase::Resuming,
+            ],
+            // QEMU's migration covers the live rounds, the stop and the device state.
+            Engine::QemuNative { .. } => &[Phase::Preparing, Phase::PreCopy, Phase::Resuming],
+        }
+    }
+}
+
+/// Runs one migration to its end and records the outcome in `job`.
+pub async fn run(state: AppState, job: Arc<Outbound>, req: SendRequest, engine: Engine) {
+    let dest = match AgentClient::new(&req.destination, &req.token, Duration::from_secs(30)) {
+        Ok(d) => d,
+        Err(e) => return fail(&job, &e.to_string()),
+    };
+    let mut migration = SourceMigration::new(&state, &job, &req, engine, dest);
+    match migration.walk().await {
+        Ok(result) => {
+            let mut v = job.view.lock().expect("migration view lock");
+            v.result = Some(result);
+            v.phase = Phase::Completed;
+        }
+        Err(e) => {
+            tracing::warn!(vm = %req.vm, error = %e, "migration failed; rolling back");
+            let msg = match migration.rollback().await {
+                Ok(()) => e.to_string(),
+                Err(r) => format!("{e}; rollback: {r}"),
+            };
+            fail(&job, &msg);
+        }
+    }
+}
+
+fn fail(job: &Outbound, error: &str) {
+    let mut v = job.view.lock().expect("migration view lock");
+    v.error = Some(error.to_string());
+    v.phase = Phase::RolledBack;
+}
 
 /// What rollback needs to know about how far the migration got.
 #[derive(Default)]
@@ -36,111 +109,234 @@ struct Reached {
     resume_sent: bool,
 }
 
-/// Runs one migration to its end and records the outcome in `job`.
-pub async fn run(state: AppState, job: Arc<Outbound>, req: SendRequest, engine: Engine) {
-    let mut reached = Reached::default();
-    let dest = match AgentClient::new(&req.destination, &req.token, Duration::from_secs(30)) {
-        Ok(d) => d,
-        Err(e) => return fail(&job, e.to_string()),
-    };
-    let driven = match engine {
-        Engine::Tern(policy) => drive(&state, &job, &req, policy, &dest, &mut reached).await,
-        Engine::QemuNative { auto_converge } => {
-            drive_native(&state, &job, &req, auto_converge, &dest, &mut reached).await
-        }
-    };
-    match driven {
-        Ok(result) => {
-            let mut v = job.view.lock().expect("migration view lock");
-            v.result = Some(result);
-            v.phase = Phase::Completed;
-        }
-        Err(e) => {
-            tracing::warn!(vm = %req.vm, error = %e, "migration failed; rolling back");
-            let rolled = rollback(&state, &req.vm, &dest, &reached).await;
-            let msg = match rolled {
-                Ok(()) => e.to_string(),
-                Err(r) => format!("{e}; rollback: {r}"),
-            };
-            fail(&job, msg);
+/// Where the destination takes the VM, from its answer to prepare.
+struct Target {
+    ticket: Ticket,
+    /// The destination's host, as the memory streams and QEMU connect to it.
+    host: String,
+}
+
+/// tern's memory streams and what they read, between the phases that use them.
+struct Live {
+    out: Outgoing,
+    mem: SourceMemory,
+    sent: SentDigests,
+    /// When the memory streams began to connect: the live phase's clock.
+    started: Instant,
+}
+
+/// What the phases measured, for the result.
+#[derive(Default)]
+struct Measured {
+    precopy: Option<PrecopyOutcome>,
+    /// Throttles the vCPUs during pre-copy; dropped once the guest is paused.
+    throttle: Option<CgroupThrottle>,
+    paused_at: Option<Instant>,
+    final_bytes: u64,
+    final_pass_ms: u64,
+    /// QEMU's device-state bytes and when it was through (ms after the pause).
+    device: Option<(u64, u64)>,
+    /// QEMU's own migration (`qemu-native`), as its last status showed it.
+    native: Option<MigrationStatus>,
+    /// From the pause (for `qemu-native`: the end of QEMU's migration) to the
+    /// destination running.
+    downtime: Duration,
+}
+
+/// One outgoing migration walking its phases. A phase leaves here what later ones use.
+struct SourceMigration<'a> {
+    state: &'a AppState,
+    job: &'a Arc<Outbound>,
+    req: &'a SendRequest,
+    engine: Engine,
+    dest: AgentClient,
+    started: Instant,
+    reached: Reached,
+    info: Option<VmInfo>,
+    memory: Option<SourceMemory>,
+    target: Option<Target>,
+    live: Option<Live>,
+    measured: Measured,
+}
+
+impl<'a> SourceMigration<'a> {
+    fn new(
+        state: &'a AppState,
+        job: &'a Arc<Outbound>,
+        req: &'a SendRequest,
+        engine: Engine,
+        dest: AgentClient,
+    ) -> Self {
+        SourceMigration {
+            state,
+            job,
+            req,
+            engine,
+            dest,
+            started: Instant::now(),
+            reached: Reached::default(),
+            info: None,
+            memory: None,
+            target: None,
+            live: None,
+            measured: Measured::default(),
         }
     }
-}
 
-fn fail(job: &Outbound, error: String) {
-    let mut v = job.view.lock().expect("migration view lock");
-    v.error = Some(error);
-    v.phase = Phase::RolledBack;
-}
+    fn vm(&self) -> &'a str {
+        self.req.vm.as_str()
+    }
 
-fn agent_err(e: crate::error::AgentError) -> MigrationError {
-    MigrationError::Peer(e.to_string())
-}
+    /// Every phase of the engine in order; the first error ends the walk.
+    async fn walk(&mut self) -> Result<MigrationResult, MigrationError> {
+        for &phase in self.engine.phases() {
+            self.job.set_phase(phase);
+            self.run_phase(phase).await?;
+        }
+        Ok(self.result())
+    }
 
-fn hv_err(e: HvError) -> MigrationError {
-    MigrationError::Vm(e.to_string())
-}
+    async fn run_phase(&mut self, phase: Phase) -> Result<(), MigrationError> {
+        match (phase, self.engine) {
+            (Phase::Preparing, _) => self.prepare().await,
+            (Phase::Connecting, Engine::Tern(_)) => self.connect().await,
+            (Phase::PreCopy, Engine::Tern(policy)) => self.precopy(policy).await,
+            (Phase::PreCopy, Engine::QemuNative { auto_converge }) => {
+                self.native_copy(auto_converge).await
+            }
+            (Phase::StopAndCopy, Engine::Tern(_)) => self.stop_and_copy().await,
+            (Phase::DeviceState, Engine::Tern(_)) => self.device_state().await,
+            (Phase::Resuming, _) => self.resume().await,
+            (phase, engine) => unreachable!("{phase:?} is not a phase of {}", engine.name()),
+        }
+    }
 
-async fn drive(
-    state: &AppState,
-    job: &Arc<Outbound>,
-    req: &SendRequest,
-    policy: PolicyKind,
-    dest: &AgentClient,
-    reached: &mut Reached,
-) -> Result<MigrationResult, MigrationError> {
-    let vm = req.vm.as_str();
-    let started = Instant::now();
-    let info = state.hv.info(vm).await.map_err(hv_err)?;
-    let file = info
-        .memory_file
-        .clone()
-        .ok_or_else(|| MigrationError::Vm(format!("VM {vm} has no guest memory file")))?;
-    let mem = SourceMemory::open(&file)?;
+    fn target(&self) -> &Target {
+        self.target.as_ref().expect("the destination was prepared")
+    }
 
-    job.set_phase(Phase::Preparing);
-    let (ticket, host) = prepare_destination(vm, &info, false, req, dest, reached).await?;
-    let memory_addr = tokio::net::lookup_host((host.as_str(), ticket.memory_port))
-        .await
-        .map_err(|e| MigrationError::Link(format!("resolving {host}: {e}")))?
-        .next()
-        .ok_or_else(|| MigrationError::Link(format!("{host} has no address")))?;
+    fn vm_err(step: &'static str) -> impl FnOnce(HvError) -> MigrationError {
+        move |source| MigrationError::Vm { step, source }
+    }
 
-    job.set_phase(Phase::Connecting);
-    let tids = state.hv.vcpu_threads(vm).await.unwrap_or_default();
-    let opts = StreamOptions {
-        streams: usize::from(req.options.streams),
-        lz4: req.options.compress,
-        rate_bytes_per_s: req.options.max_mbit.map(|m| m * 1_000_000 / 8),
-        ..StreamOptions::default()
-    };
-    let cfg = PrecopyConfig {
-        limits_downtime_s: req.options.downtime_limit_ms as f64 / 1000.0,
-        max_elapsed_s: req.options.max_precopy_s,
-        initial_bandwidth_bytes_per_s: opts.rate_bytes_per_s.map_or(
-            PrecopyConfig::default().initial_bandwidth_bytes_per_s,
-            |r| r as f64,
-        ),
-        ..PrecopyConfig::default()
-    };
-    let live = {
-        let job = job.clone();
-        let ticket = ticket.clone();
-        let vm = vm.to_string();
-        let pid = info.pid;
-        tokio::task::spawn_blocking(move || -> Result<_, MigrationError> {
-            let live_started = Instant::now();
-            let mut out = Outgoing::connect(
-                memory_addr,
-                &ticket.migration,
-                &ticket.stream_token,
-                mem.pages(),
-                opts,
-            )?
-            .with_meter(job.meter.clone());
-            job.set_phase(Phase::PreCopy);
+    /// Asks the destination to prepare a VM that waits for this one's state. tern's
+    /// engine first maps the guest memory it will send.
+    async fn prepare(&mut self) -> Result<(), MigrationError> {
+        let vm = self.vm();
+        let info = self
+            .state
+            .hv
+            .info(vm)
+            .await
+            .map_err(Self::vm_err("reading the VM"))?;
+        let native = matches!(self.engine, Engine::QemuNative { .. });
+        if !native {
+            let file = info
+                .memory_file
+                .as_deref()
+                .ok_or_else(|| MigrationError::NoMemoryFile { vm: vm.to_string() })?;
+            self.memory = Some(SourceMemory::open(file)?);
+        }
+        let prepare = PrepareRequest {
+            vm: vm.to_string(),
+            spec: info.spec.clone(),
+            native,
+        };
+        self.info = Some(info);
+        let body = serde_json::to_value(&prepare).expect("prepare request serialises");
+        let ticket: Ticket = self
+            .dest
+            .call(Method::POST, "/v1/incoming", Some(&body))
+            .await
+            .map_err(|source| MigrationError::Peer {
+                step: "prepare",
+                source,
+            })?;
+        self.reached.ticket = Some(ticket.clone());
+        let host = reqwest::Url::parse(&self.req.destination)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .ok_or_else(|| MigrationError::NoHost {
+                url: self.req.destination.clone(),
+            })?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        self.target = Some(Target {
+            ticket,
+            host: host.to_string(),
+        });
+        Ok(())
+    }
+
+    /// Opens tern's memory streams to the destination.
+    async fn connect(&mut self) -> Result<(), MigrationError> {
+        let Target { ticket, host } = self.target();
+        let (migration, token) = (ticket.migration.clone(), ticket.stream_token.clone());
+        let addr = tokio::net::lookup_host((host.as_str(), ticket.memory_port))
+            .await
+            .map_err(|source| MigrationError::Resolve {
+                host: host.clone(),
+                source,
+            })?
+            .next()
+            .ok_or_else(|| MigrationError::NoAddress { host: host.clone() })?;
+        let opts = self.stream_options();
+        let mem = self.memory.take().expect("memory was mapped in prepare");
+        let meter = self.job.meter.clone();
+        let live = tokio::task::spawn_blocking(move || -> Result<Live, MigrationError> {
+            let started = Instant::now();
+            let out =
+                Outgoing::connect(addr, &migration, &token, mem.pages(), opts)?.with_meter(meter);
             let sent = SentDigests::new(mem.pages());
-            let mut throttle = CgroupThrottle::new(&vm, pid, tids);
+            Ok(Live {
+                out,
+                mem,
+                sent,
+                started,
+            })
+        })
+        .await
+        .map_err(|source| MigrationError::Task {
+            step: "connecting the memory streams",
+            source,
+        })??;
+        self.live = Some(live);
+        Ok(())
+    }
+
+    fn stream_options(&self) -> StreamOptions {
+        let o = &self.req.options;
+        StreamOptions {
+            streams: usize::from(o.streams),
+            lz4: o.compress,
+            rate_bytes_per_s: o.max_mbit.map(|m| m * 1_000_000 / 8),
+            ..StreamOptions::default()
+        }
+    }
+
+    fn precopy_config(&self) -> PrecopyConfig {
+        let o = &self.req.options;
+        let default = PrecopyConfig::default();
+        PrecopyConfig {
+            limits_downtime_s: o.downtime_limit_ms as f64 / 1000.0,
+            max_elapsed_s: o.max_precopy_s,
+            initial_bandwidth_bytes_per_s: self
+                .stream_options()
+                .rate_bytes_per_s
+                .map_or(default.initial_bandwidth_bytes_per_s, |r| r as f64),
+            ..default
+        }
+    }
+
+    /// Live rounds while the guest runs, until the policy says stop.
+    async fn precopy(&mut self, policy: PolicyKind) -> Result<(), MigrationError> {
+        let vm = self.vm();
+        let tids = self.state.hv.vcpu_threads(vm).await.unwrap_or_default();
+        let pid = self.info.as_ref().and_then(|i| i.pid);
+        let cfg = self.precopy_config();
+        let mut live = self.live.take().expect("memory streams were connected");
+        let (job, name) = (self.job.clone(), vm.to_string());
+        let done = tokio::task::spawn_blocking(move || {
+            let mut throttle = CgroupThrottle::new(&name, pid, tids);
             let on_round = &mut |t: &tern_migrate::RoundTelemetry| {
                 job.view
                     .lock()
@@ -148,10 +344,11 @@ async fn drive(
                     .rounds
                     .push(t.clone())
             };
+            let Live { out, mem, sent, .. } = &mut live;
             let outcome = precopy::run(
-                &mut out,
-                &mem,
-                &sent,
+                out,
+                mem,
+                sent,
                 &policy as &dyn Policy,
                 &cfg,
                 &mut throttle,
@@ -159,210 +356,274 @@ async fn drive(
                 on_round,
             );
             match outcome {
-                Ok(o) => Ok((out, mem, sent, o, throttle, live_started)),
+                Ok(o) => Ok((live, o, throttle)),
                 Err(e) => {
-                    out.abort(&e.to_string());
+                    live.out.abort(&e.to_string());
                     Err(e)
                 }
             }
+        });
+        let (live, outcome, throttle) = done.await.map_err(|source| MigrationError::Task {
+            step: "pre-copy",
+            source,
+        })??;
+        self.live = Some(live);
+        self.measured.precopy = Some(outcome);
+        self.measured.throttle = Some(throttle);
+        check_cancel(self.job)?;
+        // Set while the guest still runs: one QMP round trip less in the downtime. It
+        // only shapes a migration that has not started; QEMU's own engine sets it back.
+        self.state
+            .hv
+            .set_migration_capabilities(vm, &[("x-ignore-shared", true)])
+            .await
+            .map_err(Self::vm_err("setting migration capabilities"))
+    }
+
+    /// Pauses the guest and sends the pages the live rounds left different.
+    async fn stop_and_copy(&mut self) -> Result<(), MigrationError> {
+        self.state
+            .hv
+            .pause(self.vm())
+            .await
+            .map_err(Self::vm_err("pausing the VM"))?;
+        self.reached.paused = true;
+        let paused_at = Instant::now();
+        self.measured.paused_at = Some(paused_at);
+        // The guest is stopped: the throttle has nothing left to slow.
+        self.measured.throttle = None;
+        let rounds = self
+            .measured
+            .precopy
+            .as_ref()
+            .map_or(0, |o| o.history.len());
+        let final_round = rounds as u32 + 1;
+        let Live {
+            mut out,
+            mem,
+            sent,
+            started,
+        } = self.live.take().expect("memory streams were connected");
+        let job = self.job.clone();
+        let final_bytes = tokio::task::spawn_blocking(move || -> Result<u64, MigrationError> {
+            let pages = changed_pages(&mem, &sent, 2);
+            // Nothing changed (an idle guest): the last round's acknowledgement already
+            // proved the destination has everything; only `Done` is left to say.
+            let bytes = if pages.is_empty() {
+                0
+            } else {
+                let at = started.elapsed().as_secs_f64();
+                out.meter().begin(final_round, pages.len() as u64, at);
+                let t = out.send_round(final_round, &mem, &sent, &pages, &job.cancel);
+                out.meter().end();
+                t?.bytes
+            };
+            out.finish()?;
+            Ok(bytes)
         })
-    };
-    let (out, mem, sent, outcome, throttle, live_started) = live
         .await
-        .map_err(|e| MigrationError::Vm(format!("pre-copy task: {e}")))??;
-    check_cancel(job)?;
+        .map_err(|source| MigrationError::Task {
+            step: "final pass",
+            source,
+        })??;
+        self.measured.final_bytes = final_bytes;
+        self.measured.final_pass_ms = paused_at.elapsed().as_millis() as u64;
+        Ok(())
+    }
 
-    // Set while the guest still runs: one QMP round trip less in the downtime. It only
-    // shapes a migration that has not started; QEMU's own engine sets it back.
-    state
-        .hv
-        .set_migration_capabilities(vm, &[("x-ignore-shared", true)])
-        .await
-        .map_err(hv_err)?;
-    job.set_phase(Phase::StopAndCopy);
-    state.hv.pause(vm).await.map_err(hv_err)?;
-    reached.paused = true;
-    let paused_at = Instant::now();
-    // The guest is stopped: the throttle has nothing left to slow.
-    drop(throttle);
-    let final_round = outcome.history.len() as u32 + 1;
-    let cancel_job = job.clone();
-    let final_bytes = tokio::task::spawn_blocking(move || -> Result<u64, MigrationError> {
-        let mut out = out;
-        let pages = changed_pages(&mem, &sent, 2);
-        // Nothing changed (an idle guest): the last round's acknowledgement already
-        // proved the destination has everything; only `Done` is left to say.
-        let bytes = if pages.is_empty() {
-            0
-        } else {
-            out.meter().begin(
-                final_round,
-                pages.len() as u64,
-                live_started.elapsed().as_secs_f64(),
-            );
-            let t = out.send_round(final_round, &mem, &sent, &pages, &cancel_job.cancel);
-            out.meter().end();
-            t?.bytes
-        };
-        out.finish()?;
-        Ok(bytes)
-    })
-    .await
-    .map_err(|e| MigrationError::Vm(format!("final pass task: {e}")))??;
+    /// Has QEMU send the CPU and device state (its RAM is the shared file tern moved).
+    async fn device_state(&mut self) -> Result<(), MigrationError> {
+        self.start_qemu_migration("sending the device state").await
+    }
 
-    let final_pass_ms = paused_at.elapsed().as_millis() as u64;
-    job.set_phase(Phase::DeviceState);
-    reached.device_state_started = true;
-    state
-        .hv
-        .migrate(vm, &format!("tcp:{host}:{}", ticket.device_port))
-        .await
-        .map_err(hv_err)?;
-    // The resume request goes out with the device state, not after it: the destination
-    // runs the guest the moment QEMU has loaded the state, which saves a round trip and
-    // a poll interval of downtime. Its answer alone says whether the VM runs there; a
-    // failed request goes through rollback, which confirms the destination is not
-    // running it before the source resumes.
-    job.set_phase(Phase::Resuming);
-    let device = async {
-        let got = wait_device_state(state, vm).await;
-        (got, paused_at.elapsed().as_millis() as u64)
-    };
-    let ((device, device_done_ms), resumed) =
-        tokio::join!(device, resume_destination(dest, &ticket, reached));
-    resumed?;
-    let device_bytes = device.unwrap_or_else(|e| {
-        tracing::warn!(vm, error = %e, "destination runs, but QEMU's device-state status is unknown");
-        0
-    });
-    let device_ms = device_done_ms.saturating_sub(final_pass_ms);
-    // The downtime ends when the destination runs; tearing down the stale source copy
-    // (QEMU exit, freeing its memory file) happens while the guest already runs there.
-    let downtime = paused_at.elapsed();
-    destroy_source(state, vm).await;
-    let total = started.elapsed();
-    let resume_ms = (downtime.as_millis() as u64).saturating_sub(final_pass_ms + device_ms);
-    Ok(MigrationResult {
-        total_ms: total.as_millis() as u64,
-        downtime_ms: downtime.as_millis() as u64,
-        bytes: outcome.bytes + final_bytes + device_bytes,
-        rounds: outcome.history.len() as u32,
-        nonzero_bytes: Some(outcome.nonzero_pages * super::wire::PAGE_SIZE as u64),
-        converged: outcome.stop_reason.converged(),
-        policy: policy.as_str().to_string(),
-        stop_reason: outcome.stop_reason,
-        max_throttle_percent: outcome.max_throttle_percent,
-        downtime_parts_ms: Some([final_pass_ms, device_ms, resume_ms]),
-        guest_ok: None,
-    })
-}
+    /// Starts QEMU's `migrate` to the destination's device-state port; from here a
+    /// rollback must cancel it.
+    async fn start_qemu_migration(&mut self, step: &'static str) -> Result<(), MigrationError> {
+        self.reached.device_state_started = true;
+        let Target { ticket, host } = self.target();
+        let uri = format!("tcp:{host}:{}", ticket.device_port);
+        self.state
+            .hv
+            .migrate(self.vm(), &uri)
+            .await
+            .map_err(Self::vm_err(step))
+    }
 
-/// Asks the destination to prepare; returns its ticket and its host name.
-async fn prepare_destination(
-    vm: &str,
-    info: &tern_hv::VmInfo,
-    native: bool,
-    req: &SendRequest,
-    dest: &AgentClient,
-    reached: &mut Reached,
-) -> Result<(Ticket, String), MigrationError> {
-    let prepare = PrepareRequest {
-        vm: vm.to_string(),
-        spec: info.spec.clone(),
-        native,
-    };
-    let body = serde_json::to_value(&prepare).expect("prepare request serialises");
-    let ticket: Ticket = dest
-        .call(Method::POST, "/v1/incoming", Some(&body))
-        .await
-        .map_err(agent_err)?;
-    reached.ticket = Some(ticket.clone());
-    let host = reqwest::Url::parse(&req.destination)
-        .ok()
-        .and_then(|u| u.host_str().map(str::to_string))
-        .ok_or_else(|| MigrationError::Link(format!("no host in {}", req.destination)))?;
-    Ok((
-        ticket,
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-    ))
-}
-
-/// QEMU's own migration of the whole VM, for comparison: QEMU decides everything; tern
-/// only starts it, bounds it in time and resumes the destination.
-async fn drive_native(
-    state: &AppState,
-    job: &Arc<Outbound>,
-    req: &SendRequest,
-    auto_converge: bool,
-    dest: &AgentClient,
-    reached: &mut Reached,
-) -> Result<MigrationResult, MigrationError> {
-    let vm = req.vm.as_str();
-    let started = Instant::now();
-    let info = state.hv.info(vm).await.map_err(hv_err)?;
-    job.set_phase(Phase::Preparing);
-    let (ticket, host) = prepare_destination(vm, &info, true, req, dest, reached).await?;
-    job.set_phase(Phase::PreCopy);
-    state
-        .hv
-        .set_migration_capabilities(
-            vm,
-            &[("x-ignore-shared", false), ("auto-converge", auto_converge)],
-        )
-        .await
-        .map_err(hv_err)?;
-    reached.device_state_started = true;
-    state
-        .hv
-        .migrate(vm, &format!("tcp:{host}:{}", ticket.device_port))
-        .await
-        .map_err(hv_err)?;
-    let limit = Duration::from_secs_f64(req.options.max_precopy_s);
-    let st = loop {
-        let st = state.hv.query_migrate(vm).await.map_err(hv_err)?;
-        match st.status.as_str() {
-            "completed" => break st,
-            "failed" | "cancelled" => {
-                return Err(MigrationError::Vm(format!(
-                    "QEMU migration {}: {}",
-                    st.status,
-                    st.error.unwrap_or_default()
-                )))
+    /// QEMU's own migration of the whole VM, for comparison: QEMU decides everything;
+    /// tern only starts it and bounds it in time.
+    async fn native_copy(&mut self, auto_converge: bool) -> Result<(), MigrationError> {
+        let vm = self.vm();
+        let caps = [("x-ignore-shared", false), ("auto-converge", auto_converge)];
+        self.state
+            .hv
+            .set_migration_capabilities(vm, &caps)
+            .await
+            .map_err(Self::vm_err("setting migration capabilities"))?;
+        self.start_qemu_migration("starting QEMU's migration")
+            .await?;
+        let limit = Duration::from_secs_f64(self.req.options.max_precopy_s);
+        let st = loop {
+            let st = query_migrate(self.state, vm).await?;
+            if st.state == MigrationState::Completed {
+                break st;
             }
-            _ => {}
+            check_cancel(self.job)?;
+            if self.started.elapsed() > limit {
+                return Err(MigrationError::NotConverged {
+                    limit,
+                    bytes: st.transferred_bytes,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // QEMU paused the source to finish; from here the destination must run, or rollback.
+        self.reached.paused = true;
+        self.measured.paused_at = Some(Instant::now());
+        self.measured.native = Some(st);
+        Ok(())
+    }
+
+    /// Runs the VM on the destination and destroys the stale copy here.
+    ///
+    /// With tern's engine the resume request goes out with the device state, not after
+    /// it: the destination runs the guest the moment QEMU has loaded the state, which
+    /// saves a round trip and a poll interval of downtime. Its answer alone says whether
+    /// the VM runs there; a failed request goes through rollback, which confirms the
+    /// destination is not running it before the source resumes.
+    async fn resume(&mut self) -> Result<(), MigrationError> {
+        let paused_at = self.measured.paused_at.expect("the source was paused");
+        let (state, vm) = (self.state, self.vm());
+        let native = matches!(self.engine, Engine::QemuNative { .. });
+        let device = async move {
+            if native {
+                return None;
+            }
+            let got = wait_device_state(state, vm).await;
+            Some((got, paused_at.elapsed().as_millis() as u64))
+        };
+        let ticket = &self
+            .target
+            .as_ref()
+            .expect("the destination was prepared")
+            .ticket;
+        let resumed = resume_destination(&self.dest, ticket, &mut self.reached);
+        let (device, resumed) = tokio::join!(device, resumed);
+        resumed?;
+        if let Some((got, done_ms)) = device {
+            let bytes = got.unwrap_or_else(|e| {
+                tracing::warn!(vm, error = %e, "destination runs, but QEMU's device-state status is unknown");
+                0
+            });
+            self.measured.device = Some((bytes, done_ms));
         }
-        check_cancel(job)?;
-        if started.elapsed() > limit {
-            return Err(MigrationError::Timeout(format!(
-                "QEMU's migration did not converge within {limit:?} ({} bytes sent)",
-                st.transferred_bytes
-            )));
+        // The downtime ends when the destination runs; tearing down the stale source copy
+        // (QEMU exit, freeing its memory file) happens while the guest already runs there.
+        self.measured.downtime = paused_at.elapsed();
+        if let Err(e) = self.state.destroy_vm(vm).await {
+            tracing::warn!(vm, error = %e, "migrated, but the source VM could not be destroyed");
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    // QEMU paused the source to finish; from here the destination must run, or rollback.
-    reached.paused = true;
-    let pause_seen = Instant::now();
-    job.set_phase(Phase::Resuming);
-    resume_destination(dest, &ticket, reached).await?;
-    let resume_ms = pause_seen.elapsed().as_millis() as u64;
-    destroy_source(state, vm).await;
-    Ok(MigrationResult {
-        total_ms: started.elapsed().as_millis() as u64,
-        // QEMU's own downtime ends when its destination could run; tern's resume adds to it.
-        downtime_ms: st.downtime_ms.unwrap_or(0) + resume_ms,
-        bytes: st.transferred_bytes,
-        rounds: 0,
-        nonzero_bytes: None,
-        converged: true,
-        policy: Engine::QemuNative { auto_converge }.name().to_string(),
-        stop_reason: tern_migrate::StopReason::FitsDowntime,
-        max_throttle_percent: 0,
-        downtime_parts_ms: None,
-        guest_ok: None,
-    })
+        Ok(())
+    }
+
+    /// The finished migration's figures (pure over what the phases measured).
+    fn result(&self) -> MigrationResult {
+        let m = &self.measured;
+        let total_ms = self.started.elapsed().as_millis() as u64;
+        match (self.engine, &m.precopy, &m.native) {
+            (Engine::Tern(policy), Some(o), _) => {
+                let (device_bytes, device_done_ms) = m.device.unwrap_or((0, m.final_pass_ms));
+                let device_ms = device_done_ms.saturating_sub(m.final_pass_ms);
+                let downtime_ms = m.downtime.as_millis() as u64;
+                let resume_ms = downtime_ms.saturating_sub(m.final_pass_ms + device_ms);
+                MigrationResult {
+                    total_ms,
+                    downtime_ms,
+                    bytes: o.bytes + m.final_bytes + device_bytes,
+                    rounds: o.history.len() as u32,
+                    nonzero_bytes: Some(o.nonzero_pages * PAGE_SIZE as u64),
+                    converged: o.stop_reason.converged(),
+                    policy: policy.as_str().to_string(),
+                    stop_reason: o.stop_reason,
+                    max_throttle_percent: o.max_throttle_percent,
+                    downtime_parts_ms: Some([m.final_pass_ms, device_ms, resume_ms]),
+                    guest_ok: None,
+                }
+            }
+            (engine, _, st) => {
+                let st = st.as_ref().expect("QEMU's migration completed");
+                MigrationResult {
+                    total_ms,
+                    // QEMU's own downtime ends when its destination could run; tern's
+                    // resume adds to it.
+                    downtime_ms: st.downtime_ms.unwrap_or(0) + m.downtime.as_millis() as u64,
+                    bytes: st.transferred_bytes,
+                    rounds: 0,
+                    nonzero_bytes: None,
+                    converged: true,
+                    policy: engine.name().to_string(),
+                    stop_reason: StopReason::FitsDowntime,
+                    max_throttle_percent: 0,
+                    downtime_parts_ms: None,
+                    guest_ok: None,
+                }
+            }
+        }
+    }
+
+    /// The one rollback path: destination cleaned up, source running.
+    async fn rollback(&mut self) -> Result<(), RollbackError> {
+        let (state, vm, reached) = (self.state, self.vm(), &self.reached);
+        // The streams are dropped before the destination is told: it stops waiting.
+        self.live = None;
+        if reached.device_state_started {
+            let _ = state.hv.migrate_cancel(vm).await;
+        }
+        if let Some(ticket) = &reached.ticket {
+            abort_destination(&self.dest, ticket, reached.resume_sent).await?;
+        }
+        if reached.paused {
+            match state.hv.info(vm).await {
+                Ok(i) if i.state == VmState::Running => {}
+                _ => {
+                    state
+                        .hv
+                        .resume(vm)
+                        .await
+                        .map_err(RollbackError::ResumeSource)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Tells the destination to drop the migration. A destination that may have resumed
+/// must confirm it is gone before the source runs again; a few tries cover a short
+/// link outage.
+async fn abort_destination(
+    dest: &AgentClient,
+    ticket: &Ticket,
+    resume_sent: bool,
+) -> Result<(), RollbackError> {
+    let path = format!("/v1/incoming/{}", ticket.migration);
+    let mut last = None;
+    for attempt in 0..5 {
+        match dest
+            .call::<serde_json::Value>(Method::DELETE, &path, None)
+            .await
+        {
+            Ok(_) | Err(AgentError::Remote { status: 404, .. }) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "could not reach the destination to abort");
+                last = Some(e);
+                if !resume_sent {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    Err(RollbackError::DestinationUnconfirmed { last })
 }
 
 /// Runs the VM on the destination; from a successful return on, it runs there.
@@ -376,15 +637,11 @@ async fn resume_destination(
     let _: serde_json::Value = dest
         .call(Method::POST, &path, Some(&json!({})))
         .await
-        .map_err(agent_err)?;
+        .map_err(|source| MigrationError::Peer {
+            step: "resume",
+            source,
+        })?;
     Ok(())
-}
-
-/// Destroys the stale source copy once the destination runs the VM.
-async fn destroy_source(state: &AppState, vm: &str) {
-    if let Err(e) = state.destroy_vm(vm).await {
-        tracing::warn!(vm, error = %e, "migrated, but the source VM could not be destroyed");
-    }
 }
 
 fn check_cancel(job: &Outbound) -> Result<(), MigrationError> {
@@ -395,83 +652,67 @@ fn check_cancel(job: &Outbound) -> Result<(), MigrationError> {
     }
 }
 
+/// QEMU's migration status; a failed or cancelled migration is an error.
+async fn query_migrate(state: &AppState, vm: &str) -> Result<MigrationStatus, MigrationError> {
+    let st = state
+        .hv
+        .query_migrate(vm)
+        .await
+        .map_err(|source| MigrationError::Vm {
+            step: "querying QEMU's migration",
+            source,
+        })?;
+    match st.state {
+        MigrationState::Failed | MigrationState::Cancelled => Err(MigrationError::Qemu {
+            state: st.state,
+            desc: st.error.unwrap_or_default(),
+        }),
+        _ => Ok(st),
+    }
+}
+
 /// Polls QEMU until the device state is through; returns the bytes QEMU sent.
 async fn wait_device_state(state: &AppState, vm: &str) -> Result<u64, MigrationError> {
     let deadline = Instant::now() + DEVICE_STATE_TIMEOUT;
     loop {
-        let st = state.hv.query_migrate(vm).await.map_err(hv_err)?;
-        match st.status.as_str() {
-            "completed" => return Ok(st.transferred_bytes),
-            "failed" | "cancelled" => {
-                return Err(MigrationError::Vm(format!(
-                    "QEMU device-state migration {}: {}",
-                    st.status,
-                    st.error.unwrap_or_default()
-                )));
-            }
-            _ => {}
+        let st = query_migrate(state, vm).await?;
+        if st.state == MigrationState::Completed {
+            return Ok(st.transferred_bytes);
         }
         if Instant::now() > deadline {
-            return Err(MigrationError::Timeout(format!(
-                "device state not through after {DEVICE_STATE_TIMEOUT:?}"
-            )));
+            return Err(MigrationError::DeviceStateTimeout(DEVICE_STATE_TIMEOUT));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
 
-/// The one rollback path: destination cleaned up, source running.
-async fn rollback(
-    state: &AppState,
-    vm: &str,
-    dest: &AgentClient,
-    reached: &Reached,
-) -> Result<(), String> {
-    if reached.device_state_started {
-        let _ = state.hv.migrate_cancel(vm).await;
-    }
-    let mut dest_gone = !reached.resume_sent;
-    if let Some(ticket) = &reached.ticket {
-        let path = format!("/v1/incoming/{}", ticket.migration);
-        // A destination that may have resumed must confirm it is gone before the source
-        // runs again; a few tries cover a short link outage.
-        for attempt in 0..5 {
-            match dest
-                .call::<serde_json::Value>(Method::DELETE, &path, None)
-                .await
-            {
-                Ok(_) => {
-                    dest_gone = true;
-                    break;
-                }
-                Err(crate::error::AgentError::Remote { status: 404, .. }) => {
-                    dest_gone = true;
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(attempt, error = %e, "could not reach the destination to abort");
-                    if !reached.resume_sent {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engines_walk_their_phases_in_the_documented_order_sharing_prepare_and_resume() {
+        let tern = Engine::Tern(PolicyKind::Adaptive).phases();
+        assert_eq!(
+            tern,
+            [
+                Phase::Preparing,
+                Phase::Connecting,
+                Phase::PreCopy,
+                Phase::StopAndCopy,
+                Phase::DeviceState,
+                Phase::Resuming
+            ]
+        );
+        let native = Engine::QemuNative {
+            auto_converge: false,
         }
+        .phases();
+        // QEMU's run is a subsequence of tern's: same first and last phase, same order.
+        assert_eq!(native.first(), tern.first());
+        assert_eq!(native.last(), tern.last());
+        let mut rest = tern.iter();
+        assert!(native.iter().all(|p| rest.any(|q| q == p)));
+        assert!(tern.iter().chain(native).all(|p| !p.is_final()));
     }
-    if !dest_gone {
-        return Err("the destination may be running the VM and could not be reached: the source stays paused".into());
-    }
-    if reached.paused {
-        match state.hv.info(vm).await {
-            Ok(i) if i.state == VmState::Running => {}
-            _ => {
-                state
-                    .hv
-                    .resume(vm)
-                    .await
-                    .map_err(|e| format!("resuming the source: {e}"))?;
-            }
-        }
-    }
-    Ok(())
 }

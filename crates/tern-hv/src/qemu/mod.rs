@@ -9,7 +9,7 @@ pub mod args;
 pub mod net;
 
 use crate::accel::Accel;
-use crate::driver::{Hypervisor, MigrationStatus, VcpuSample, VmInfo, VmMetrics};
+use crate::driver::{Hypervisor, MigrationState, MigrationStatus, VcpuSample, VmInfo, VmMetrics};
 use crate::error::{HvError, Result};
 use crate::procfs;
 use crate::qmp::Qmp;
@@ -209,12 +209,12 @@ impl QemuDriver {
             .spawn();
         let mut child = match spawned {
             Ok(c) => c,
-            Err(e) => {
+            Err(source) => {
                 remove_taps(&vm.taps()).await;
-                return Err(HvError::Qemu(format!(
-                    "cannot run {}: {e} (install qemu-system-x86)",
-                    self.cfg.binary.display()
-                )));
+                return Err(HvError::Spawn {
+                    binary: self.cfg.binary.clone(),
+                    source,
+                });
             }
         };
         match self.connect_qmp(&mut child, &vm.paths).await {
@@ -574,11 +574,10 @@ pub fn parse_cpus_fast(v: &Value) -> Result<Vec<u32>> {
 pub fn parse_query_migrate(v: &Value) -> MigrationStatus {
     let u = |k: &str| v.get(k).and_then(Value::as_u64);
     MigrationStatus {
-        status: v
+        state: v
             .get("status")
             .and_then(Value::as_str)
-            .unwrap_or("none")
-            .to_string(),
+            .map_or(MigrationState::None, MigrationState::from),
         transferred_bytes: v
             .get("ram")
             .and_then(|r| r.get("transferred"))
@@ -637,11 +636,16 @@ mod tests {
         let v = json!({"status": "completed", "downtime": 12, "total-time": 150,
                        "ram": {"transferred": 4096}});
         let s = parse_query_migrate(&v);
-        assert_eq!(s.status, "completed");
+        assert_eq!(s.state, MigrationState::Completed);
         assert_eq!(s.transferred_bytes, 4096);
         assert_eq!(s.downtime_ms, Some(12));
         let f = parse_query_migrate(&json!({"status": "failed", "error-desc": "boom"}));
         assert_eq!(f.error.as_deref(), Some("boom"));
-        assert_eq!(parse_query_migrate(&json!({})).status, "none");
+        assert_eq!(parse_query_migrate(&json!({})).state, MigrationState::None);
+        let d = parse_query_migrate(&json!({"status": "device"}));
+        assert_eq!(d.state, MigrationState::Device);
+        let p = parse_query_migrate(&json!({"status": "postcopy-active"}));
+        assert_eq!(p.state, MigrationState::Other("postcopy-active".into()));
+        assert!(!p.state.is_final() && MigrationState::Cancelled.is_final());
     }
 }
