@@ -15,7 +15,10 @@ pub fn simulate(
     policy: &dyn Policy,
 ) -> Result<MigrationOutcome, MigrateError> {
     params.validate()?;
-    let classes = params.classes();
+    let classes = split_at(
+        params.classes(),
+        params.probe_bytes / params.page_size.max(1),
+    );
     let sizes: Vec<u64> = classes.iter().map(|c| c.pages).collect();
     let mut guest = AnalyticGuest {
         pending: sizes.iter().map(|&p| p as f64).collect(),
@@ -24,6 +27,34 @@ pub fn simulate(
         classes,
     };
     Ok(drive(params, policy, &mut guest))
+}
+
+/// `classes` with the one that holds page `at` (in memory order) cut in two there, so
+/// that round 1 can be sent in two stretches, class by class. Each part keeps its
+/// share of the writes: the distinct pages changed in the two add up to the whole's.
+fn split_at(classes: Vec<DirtyClass>, at: u64) -> Vec<DirtyClass> {
+    let mut out = Vec::with_capacity(classes.len() + 1);
+    let mut start = 0;
+    for c in classes {
+        if at > start && at < start + c.pages {
+            let head = at - start;
+            let share = head as f64 / c.pages as f64;
+            out.push(DirtyClass {
+                pages: head,
+                rate_pages: c.rate_pages * share,
+                ..c
+            });
+            out.push(DirtyClass {
+                pages: c.pages - head,
+                rate_pages: c.rate_pages * (1.0 - share),
+                ..c
+            });
+        } else {
+            out.push(c);
+        }
+        start += c.pages;
+    }
+    out
 }
 
 struct AnalyticGuest {
@@ -64,6 +95,37 @@ impl ModelGuest for AnalyticGuest {
                 sent += *p;
                 *p = 0.0;
             }
+        }
+        sent
+    }
+
+    /// Whole classes only: `simulate` cut the classes at the probe's page, so the
+    /// prefix ends on a class boundary. The page returned is the next class's index.
+    fn send_prefix(&mut self, pages: u64) -> Option<(f64, u64)> {
+        let mut covered = 0;
+        let mut sent = 0.0;
+        let mut next = 0;
+        for (c, pending) in self.classes.iter().zip(self.pending.iter_mut()) {
+            if covered >= pages {
+                break;
+            }
+            covered += c.pages;
+            sent += *pending;
+            *pending = 0.0;
+            next += 1;
+        }
+        Some((sent, next))
+    }
+
+    fn remaining_from(&self, first: u64) -> f64 {
+        self.pending.iter().skip(first as usize).sum()
+    }
+
+    fn send_from(&mut self, first: u64) -> f64 {
+        let mut sent = 0.0;
+        for p in self.pending.iter_mut().skip(first as usize) {
+            sent += *p;
+            *p = 0.0;
         }
         sent
     }

@@ -18,11 +18,16 @@
 
 mod analytic;
 mod driver;
+mod engine;
 mod pages;
 
 use serde::{Deserialize, Serialize};
 
 pub use analytic::simulate;
+pub use engine::{
+    ENGINE_LINK_EFFICIENCY, ENGINE_MAX_ROUNDS, ENGINE_PROBE_BYTES, ENGINE_SCAN_S_PER_GIB,
+    ENGINE_SETUP_S, ENGINE_STOP_OVERHEAD_S,
+};
 pub use pages::simulate_pages;
 
 use crate::fragment::DEFAULT_FRAGMENT_BYTES;
@@ -124,9 +129,9 @@ pub struct MigrationParams {
     pub dirty: DirtyModel,
     /// Downtime budget handed to the policy.
     pub downtime_limit_s: f64,
-    /// Fixed cost of the stop-and-copy on top of sending the remainder: the final scan
-    /// over memory and the device state (about 50 ms per 512 MiB scanned plus 10 ms on
-    /// the machines tern was measured on). 0 gives the textbook closed forms.
+    /// Fixed cost of the stop-and-copy on top of sending the remainder and the final
+    /// scan: the device state and resuming on the destination. 0 gives the textbook
+    /// closed forms.
     pub stop_overhead_s: f64,
     /// Safety cap on live rounds for every policy.
     pub max_rounds: u32,
@@ -140,6 +145,30 @@ pub struct MigrationParams {
     /// engine does. 0 (the default): round 1 runs whole, the textbook model.
     #[serde(default)]
     pub probe_bytes: u64,
+    /// Bytes of memory that hold data. Zero pages cross the link as runs of a few bytes
+    /// and are never dirtied by an idle guest, so only these (working sets included)
+    /// cost transfer time. `None`: all of memory.
+    #[serde(default)]
+    pub nonzero_bytes: Option<u64>,
+    /// Share of `bandwidth_bytes_per_s` a transfer achieves (framing, TCP, the streams'
+    /// own pace). 1 gives the textbook closed forms.
+    #[serde(default = "one")]
+    pub link_efficiency: f64,
+    /// Seconds one pass over guest memory takes per GiB of non-zero memory. The engine
+    /// finds changed pages by hashing memory: once after every live round (the guest
+    /// runs on meanwhile, so the round lasts that much longer) and once more paused,
+    /// in the stop-and-copy. 0 gives the textbook closed forms.
+    #[serde(default)]
+    pub scan_s_per_gib: f64,
+    /// Fixed time before round 1 starts sending: preparing the destination, connecting
+    /// the streams, the first scan. Adds to the total only. 0 gives the textbook
+    /// closed forms.
+    #[serde(default)]
+    pub setup_s: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl MigrationParams {
@@ -157,6 +186,10 @@ impl MigrationParams {
             max_elapsed_s: None,
             fragment_bytes: DEFAULT_FRAGMENT_BYTES,
             probe_bytes: 0,
+            nonzero_bytes: None,
+            link_efficiency: 1.0,
+            scan_s_per_gib: 0.0,
+            setup_s: 0.0,
         }
     }
 
@@ -169,6 +202,24 @@ impl MigrationParams {
     /// Guest memory in pages (a partial last page counts as a page).
     pub fn memory_pages(&self) -> u64 {
         self.memory_bytes.div_ceil(self.page_size.max(1))
+    }
+
+    /// Pages holding data: those that cost transfer time and scan time.
+    pub fn nonzero_pages(&self) -> u64 {
+        let bytes = self
+            .nonzero_bytes
+            .map_or(self.memory_bytes, |n| n.min(self.memory_bytes));
+        bytes.div_ceil(self.page_size.max(1))
+    }
+
+    /// Bytes per second a transfer achieves.
+    pub fn effective_bandwidth(&self) -> f64 {
+        self.bandwidth_bytes_per_s * self.link_efficiency
+    }
+
+    /// Seconds of one pass over guest memory.
+    pub fn scan_s(&self) -> f64 {
+        self.scan_s_per_gib * (self.nonzero_pages() * self.page_size) as f64 / (1u64 << 30) as f64
     }
 
     /// The limits the policies see.
@@ -207,6 +258,17 @@ impl MigrationParams {
         }
         non_negative("downtime_limit_s", self.downtime_limit_s)?;
         non_negative("stop_overhead_s", self.stop_overhead_s)?;
+        non_negative("scan_s_per_gib", self.scan_s_per_gib)?;
+        non_negative("setup_s", self.setup_s)?;
+        if !(self.link_efficiency.is_finite()
+            && self.link_efficiency > 0.0
+            && self.link_efficiency <= 1.0)
+        {
+            return Err(MigrateError::invalid(
+                "link_efficiency",
+                format!("must be in (0, 1], got {}", self.link_efficiency),
+            ));
+        }
         if let Some(m) = self.max_elapsed_s {
             non_negative("max_elapsed_s", m)?;
         }
@@ -227,6 +289,12 @@ impl MigrationParams {
                 ),
             ));
         }
+        if let Some(n) = self.nonzero_bytes.filter(|&n| n < total) {
+            return Err(MigrateError::invalid(
+                "nonzero_bytes",
+                format!("{n} bytes, fewer than the working sets' {total} bytes they include"),
+            ));
+        }
         Ok(())
     }
 
@@ -245,7 +313,8 @@ impl MigrationParams {
             .collect();
         let used: u64 = classes.iter().map(|c| c.pages).sum();
         classes.push(DirtyClass {
-            pages: self.memory_pages().saturating_sub(used),
+            // Zero pages are left out: they cost neither transfer nor scan time.
+            pages: self.nonzero_pages().saturating_sub(used),
             rate_pages: 0.0,
             sequential: false,
         });

@@ -1,0 +1,49 @@
+//! The model with the costs of tern's own engine (`tern-agent`'s migration source), so
+//! that it predicts what `tern bench migration` measures and the simulator times
+//! migrations as the engine would run them. Each default is measured on the engine;
+//! docs/migration-model.md has the runs they were fitted to and the errors left.
+
+use super::MigrationParams;
+use crate::policy::DEFAULT_DOWNTIME_LIMIT_S;
+
+/// Share of the link's nominal rate that round 1 of an idle guest achieves over the
+/// engine's TCP streams.
+pub const ENGINE_LINK_EFFICIENCY: f64 = 0.944;
+
+/// One hashing pass over guest memory (two threads), per GiB of non-zero memory:
+/// the stop-and-copy's final pass of an idle guest, where nothing is left to send.
+pub const ENGINE_SCAN_S_PER_GIB: f64 = 0.25;
+
+/// From the migration request to round 1's first page: starting the destination's
+/// QEMU, connecting the streams, the first scan.
+pub const ENGINE_SETUP_S: f64 = 0.18;
+
+/// Device state and resume on the destination, after the final pass
+/// (`downtime_parts_ms` of the benchmark, second and third part).
+pub const ENGINE_STOP_OVERHEAD_S: f64 = 0.015;
+
+/// Non-zero bytes round 1 sends before it probes the guest's dirty rate (the engine's
+/// `PrecopyConfig::probe_bytes`).
+pub const ENGINE_PROBE_BYTES: u64 = 24 << 20;
+
+/// The engine's cap on live rounds (`PrecopyConfig::max_rounds`).
+pub const ENGINE_MAX_ROUNDS: u32 = 60;
+
+impl MigrationParams {
+    /// A migration as tern's engine runs it: a guest of `memory_bytes`, of which
+    /// `nonzero_bytes` hold data, over a link of `link_bytes_per_s` nominal, with the
+    /// engine's measured costs, round-1 probe and caps, and QEMU's 300 ms budget.
+    pub fn engine(memory_bytes: u64, nonzero_bytes: u64, link_bytes_per_s: f64) -> Self {
+        MigrationParams {
+            nonzero_bytes: Some(nonzero_bytes),
+            link_efficiency: ENGINE_LINK_EFFICIENCY,
+            scan_s_per_gib: ENGINE_SCAN_S_PER_GIB,
+            setup_s: ENGINE_SETUP_S,
+            stop_overhead_s: ENGINE_STOP_OVERHEAD_S,
+            probe_bytes: ENGINE_PROBE_BYTES,
+            max_rounds: ENGINE_MAX_ROUNDS,
+            downtime_limit_s: DEFAULT_DOWNTIME_LIMIT_S,
+            ..MigrationParams::new(memory_bytes, link_bytes_per_s)
+        }
+    }
+}
