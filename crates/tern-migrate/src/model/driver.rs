@@ -89,7 +89,7 @@ pub(super) fn drive(
                 };
             }
         };
-        let factor = |t: u8| 1.0 - f64::from(t) / 100.0;
+        let factor = |t: u8| params.throttle_factor(t);
         let probe_pages = params.probe_bytes / params.page_size.max(1);
         // As in the engine, a round 1 too small to leave as much again after the probe
         // runs whole.

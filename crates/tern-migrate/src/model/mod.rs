@@ -25,8 +25,8 @@ use serde::{Deserialize, Serialize};
 
 pub use analytic::simulate;
 pub use engine::{
-    ENGINE_LINK_EFFICIENCY, ENGINE_MAX_ROUNDS, ENGINE_PROBE_BYTES, ENGINE_SCAN_S_PER_GIB,
-    ENGINE_SETUP_S, ENGINE_STOP_OVERHEAD_S,
+    ENGINE_GUEST_FULL_SPEED_WRITE_BYTES_PER_S, ENGINE_LINK_EFFICIENCY, ENGINE_MAX_ROUNDS,
+    ENGINE_PROBE_BYTES, ENGINE_SCAN_S_PER_GIB, ENGINE_SETUP_S, ENGINE_STOP_OVERHEAD_S,
 };
 pub use pages::simulate_pages;
 
@@ -165,6 +165,12 @@ pub struct MigrationParams {
     /// closed forms.
     #[serde(default)]
     pub setup_s: f64,
+    /// How fast the guest can write pages with its vCPUs all to itself. A throttle
+    /// takes CPU time, not writes: a guest that needs only part of its CPU for its
+    /// writes keeps writing at `min(rate, (1 − p/100) × this)` under a throttle of
+    /// `p` %, not at `(1 − p/100) × rate`. `None`: every rate scales by the share kept.
+    #[serde(default)]
+    pub full_speed_write_bytes_per_s: Option<f64>,
 }
 
 fn one() -> f64 {
@@ -190,6 +196,7 @@ impl MigrationParams {
             link_efficiency: 1.0,
             scan_s_per_gib: 0.0,
             setup_s: 0.0,
+            full_speed_write_bytes_per_s: None,
         }
     }
 
@@ -215,6 +222,16 @@ impl MigrationParams {
     /// Bytes per second a transfer achieves.
     pub fn effective_bandwidth(&self) -> f64 {
         self.bandwidth_bytes_per_s * self.link_efficiency
+    }
+
+    /// What a throttle of `percent` leaves of the guest's write rates.
+    pub fn throttle_factor(&self, percent: u8) -> f64 {
+        let kept = 1.0 - f64::from(percent) / 100.0;
+        let total = self.dirty.total_rate();
+        match self.full_speed_write_bytes_per_s {
+            Some(full) if percent > 0 && total > 0.0 => (kept * full / total).clamp(kept, 1.0),
+            _ => kept,
+        }
     }
 
     /// Seconds of one pass over guest memory.
@@ -260,6 +277,9 @@ impl MigrationParams {
         non_negative("stop_overhead_s", self.stop_overhead_s)?;
         non_negative("scan_s_per_gib", self.scan_s_per_gib)?;
         non_negative("setup_s", self.setup_s)?;
+        if let Some(f) = self.full_speed_write_bytes_per_s {
+            non_negative("full_speed_write_bytes_per_s", f)?;
+        }
         if !(self.link_efficiency.is_finite()
             && self.link_efficiency > 0.0
             && self.link_efficiency <= 1.0)
