@@ -12,15 +12,15 @@ pub const ENGINE_LINK_EFFICIENCY: f64 = 0.944;
 
 /// One hashing pass over guest memory (two threads), per GiB of non-zero memory:
 /// the stop-and-copy's final pass of an idle guest, where nothing is left to send.
-pub const ENGINE_SCAN_S_PER_GIB: f64 = 0.25;
+pub const ENGINE_SCAN_S_PER_GIB: f64 = 0.2;
 
 /// From the migration request to round 1's first page: starting the destination's
 /// QEMU, connecting the streams, the first scan.
-pub const ENGINE_SETUP_S: f64 = 0.18;
+pub const ENGINE_SETUP_S: f64 = 0.12;
 
 /// Device state and resume on the destination, after the final pass
 /// (`downtime_parts_ms` of the benchmark, second and third part).
-pub const ENGINE_STOP_OVERHEAD_S: f64 = 0.015;
+pub const ENGINE_STOP_OVERHEAD_S: f64 = 0.013;
 
 /// Non-zero bytes round 1 sends before it probes the guest's dirty rate (the engine's
 /// `PrecopyConfig::probe_bytes`).
@@ -28,7 +28,11 @@ pub const ENGINE_PROBE_BYTES: u64 = 24 << 20;
 
 /// What `memdirty` writes with its vCPU to itself under TCG: the benchmark's guests keep
 /// dirtying about 35 MB/s under a 95 % throttle.
-pub const ENGINE_GUEST_FULL_SPEED_WRITE_BYTES_PER_S: f64 = 700e6;
+pub const ENGINE_GUEST_FULL_SPEED_WRITE_BYTES_PER_S: f64 = 323e6;
+
+/// What a throttled `memdirty` keeps writing on top of its share of
+/// [`ENGINE_GUEST_FULL_SPEED_WRITE_BYTES_PER_S`].
+pub const ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S: f64 = 17e6;
 
 /// The engine's cap on live rounds (`PrecopyConfig::max_rounds`).
 pub const ENGINE_MAX_ROUNDS: u32 = 60;
@@ -47,6 +51,8 @@ impl MigrationParams {
             probe_bytes: ENGINE_PROBE_BYTES,
             max_rounds: ENGINE_MAX_ROUNDS,
             full_speed_write_bytes_per_s: Some(ENGINE_GUEST_FULL_SPEED_WRITE_BYTES_PER_S),
+            throttle_floor_bytes_per_s: ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S,
+            sent_in_order: true,
             downtime_limit_s: DEFAULT_DOWNTIME_LIMIT_S,
             ..MigrationParams::new(memory_bytes, link_bytes_per_s)
         }

@@ -25,8 +25,9 @@ use serde::{Deserialize, Serialize};
 
 pub use analytic::simulate;
 pub use engine::{
-    ENGINE_GUEST_FULL_SPEED_WRITE_BYTES_PER_S, ENGINE_LINK_EFFICIENCY, ENGINE_MAX_ROUNDS,
-    ENGINE_PROBE_BYTES, ENGINE_SCAN_S_PER_GIB, ENGINE_SETUP_S, ENGINE_STOP_OVERHEAD_S,
+    ENGINE_GUEST_FULL_SPEED_WRITE_BYTES_PER_S, ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S,
+    ENGINE_LINK_EFFICIENCY, ENGINE_MAX_ROUNDS, ENGINE_PROBE_BYTES, ENGINE_SCAN_S_PER_GIB,
+    ENGINE_SETUP_S, ENGINE_STOP_OVERHEAD_S,
 };
 pub use pages::simulate_pages;
 
@@ -171,6 +172,18 @@ pub struct MigrationParams {
     /// `p` %, not at `(1 − p/100) × rate`. `None`: every rate scales by the share kept.
     #[serde(default)]
     pub full_speed_write_bytes_per_s: Option<f64>,
+    /// What the guest keeps writing under any throttle on top of its share of
+    /// `full_speed_write_bytes_per_s` (work the vCPU quota does not stop), bytes per
+    /// second. Only with `full_speed_write_bytes_per_s`.
+    #[serde(default)]
+    pub throttle_floor_bytes_per_s: f64,
+    /// Analytic model only: a round sends its pages in memory order over its duration,
+    /// as the engine does, so a page written before its turn goes out fresh; each
+    /// class of memory counts as sent at the middle of its stretch. False: every page
+    /// of a round counts as sent at its start (the textbook model, and the page-level
+    /// model's).
+    #[serde(default)]
+    pub sent_in_order: bool,
 }
 
 fn one() -> f64 {
@@ -197,6 +210,8 @@ impl MigrationParams {
             scan_s_per_gib: 0.0,
             setup_s: 0.0,
             full_speed_write_bytes_per_s: None,
+            throttle_floor_bytes_per_s: 0.0,
+            sent_in_order: false,
         }
     }
 
@@ -229,7 +244,9 @@ impl MigrationParams {
         let kept = 1.0 - f64::from(percent) / 100.0;
         let total = self.dirty.total_rate();
         match self.full_speed_write_bytes_per_s {
-            Some(full) if percent > 0 && total > 0.0 => (kept * full / total).clamp(kept, 1.0),
+            Some(full) if percent > 0 && total > 0.0 => {
+                ((kept * full + self.throttle_floor_bytes_per_s) / total).clamp(kept, 1.0)
+            }
             _ => kept,
         }
     }
@@ -280,6 +297,10 @@ impl MigrationParams {
         if let Some(f) = self.full_speed_write_bytes_per_s {
             non_negative("full_speed_write_bytes_per_s", f)?;
         }
+        non_negative(
+            "throttle_floor_bytes_per_s",
+            self.throttle_floor_bytes_per_s,
+        )?;
         if !(self.link_efficiency.is_finite()
             && self.link_efficiency > 0.0
             && self.link_efficiency <= 1.0)
