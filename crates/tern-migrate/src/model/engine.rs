@@ -26,13 +26,14 @@ pub const ENGINE_STOP_OVERHEAD_S: f64 = 0.013;
 /// `PrecopyConfig::probe_bytes`).
 pub const ENGINE_PROBE_BYTES: u64 = 24 << 20;
 
-/// What `memdirty` writes with its vCPU to itself under TCG: the benchmark's guests keep
-/// dirtying about 35 MB/s under a 95 % throttle.
-pub const ENGINE_GUEST_FULL_SPEED_WRITE_BYTES_PER_S: f64 = 323e6;
+/// Share of its vCPU a TCG guest running `memdirty` needs for its writes: under the
+/// benchmark's throttles it kept writing at about 14 MB/s plus
+/// `rate × (1 − p/100) / 0.31` (95 %: 40-46 MB/s at 188 MB/s, 26-37 MB/s at 94 MB/s;
+/// 82-85 %: 68-77 MB/s at 94 MB/s).
+pub const ENGINE_GUEST_WRITE_CPU_SHARE: f64 = 0.31;
 
-/// What a throttled `memdirty` keeps writing on top of its share of
-/// [`ENGINE_GUEST_FULL_SPEED_WRITE_BYTES_PER_S`].
-pub const ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S: f64 = 17e6;
+/// What a throttled `memdirty` keeps writing on top of what its CPU share allows.
+pub const ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S: f64 = 14e6;
 
 /// The engine's cap on live rounds (`PrecopyConfig::max_rounds`).
 pub const ENGINE_MAX_ROUNDS: u32 = 60;
@@ -50,7 +51,7 @@ impl MigrationParams {
             stop_overhead_s: ENGINE_STOP_OVERHEAD_S,
             probe_bytes: ENGINE_PROBE_BYTES,
             max_rounds: ENGINE_MAX_ROUNDS,
-            full_speed_write_bytes_per_s: Some(ENGINE_GUEST_FULL_SPEED_WRITE_BYTES_PER_S),
+            write_cpu_share: Some(ENGINE_GUEST_WRITE_CPU_SHARE),
             throttle_floor_bytes_per_s: ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S,
             sent_in_order: true,
             downtime_limit_s: DEFAULT_DOWNTIME_LIMIT_S,

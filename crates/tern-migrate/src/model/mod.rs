@@ -25,9 +25,9 @@ use serde::{Deserialize, Serialize};
 
 pub use analytic::simulate;
 pub use engine::{
-    ENGINE_GUEST_FULL_SPEED_WRITE_BYTES_PER_S, ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S,
-    ENGINE_LINK_EFFICIENCY, ENGINE_MAX_ROUNDS, ENGINE_PROBE_BYTES, ENGINE_SCAN_S_PER_GIB,
-    ENGINE_SETUP_S, ENGINE_STOP_OVERHEAD_S,
+    ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S, ENGINE_GUEST_WRITE_CPU_SHARE, ENGINE_LINK_EFFICIENCY,
+    ENGINE_MAX_ROUNDS, ENGINE_PROBE_BYTES, ENGINE_SCAN_S_PER_GIB, ENGINE_SETUP_S,
+    ENGINE_STOP_OVERHEAD_S,
 };
 pub use pages::simulate_pages;
 
@@ -166,15 +166,16 @@ pub struct MigrationParams {
     /// closed forms.
     #[serde(default)]
     pub setup_s: f64,
-    /// How fast the guest can write pages with its vCPUs all to itself. A throttle
-    /// takes CPU time, not writes: a guest that needs only part of its CPU for its
-    /// writes keeps writing at `min(rate, (1 − p/100) × this)` under a throttle of
-    /// `p` %, not at `(1 − p/100) × rate`. `None`: every rate scales by the share kept.
+    /// Share of its vCPU time the guest needs to write at its rates. A throttle takes
+    /// CPU time, not writes: under a throttle of `p` % the guest keeps `1 − p/100` of
+    /// its CPU and writes at `min(1, (1 − p/100) / this)` of its rates, plus
+    /// `throttle_floor_bytes_per_s`. `None`: every rate scales by the share kept, as
+    /// for a guest that needs all of its CPU.
     #[serde(default)]
-    pub full_speed_write_bytes_per_s: Option<f64>,
-    /// What the guest keeps writing under any throttle on top of its share of
-    /// `full_speed_write_bytes_per_s` (work the vCPU quota does not stop), bytes per
-    /// second. Only with `full_speed_write_bytes_per_s`.
+    pub write_cpu_share: Option<f64>,
+    /// What the guest keeps writing under any throttle on top of what its CPU share
+    /// allows (work the vCPU quota does not stop), bytes per second. Only with
+    /// `write_cpu_share`.
     #[serde(default)]
     pub throttle_floor_bytes_per_s: f64,
     /// Analytic model only: a round sends its pages in memory order over its duration,
@@ -209,7 +210,7 @@ impl MigrationParams {
             link_efficiency: 1.0,
             scan_s_per_gib: 0.0,
             setup_s: 0.0,
-            full_speed_write_bytes_per_s: None,
+            write_cpu_share: None,
             throttle_floor_bytes_per_s: 0.0,
             sent_in_order: false,
         }
@@ -243,9 +244,9 @@ impl MigrationParams {
     pub fn throttle_factor(&self, percent: u8) -> f64 {
         let kept = 1.0 - f64::from(percent) / 100.0;
         let total = self.dirty.total_rate();
-        match self.full_speed_write_bytes_per_s {
-            Some(full) if percent > 0 && total > 0.0 => {
-                ((kept * full + self.throttle_floor_bytes_per_s) / total).clamp(kept, 1.0)
+        match self.write_cpu_share {
+            Some(share) if percent > 0 && total > 0.0 && share > 0.0 => {
+                ((kept / share).min(1.0) + self.throttle_floor_bytes_per_s / total).clamp(kept, 1.0)
             }
             _ => kept,
         }
@@ -294,8 +295,13 @@ impl MigrationParams {
         non_negative("stop_overhead_s", self.stop_overhead_s)?;
         non_negative("scan_s_per_gib", self.scan_s_per_gib)?;
         non_negative("setup_s", self.setup_s)?;
-        if let Some(f) = self.full_speed_write_bytes_per_s {
-            non_negative("full_speed_write_bytes_per_s", f)?;
+        if let Some(f) = self.write_cpu_share {
+            if !(f.is_finite() && f > 0.0 && f <= 1.0) {
+                return Err(MigrateError::invalid(
+                    "write_cpu_share",
+                    format!("must be in (0, 1], got {f}"),
+                ));
+            }
         }
         non_negative(
             "throttle_floor_bytes_per_s",
