@@ -14,7 +14,11 @@
 //!
 //! Both treat sending as happening at the start of a round and the guest's writes as
 //! spread over the round's duration; a throttle of `p` % scales every dirty rate by
-//! `1 − p/100`.
+//! `1 − p/100`. The engine's parameters (`engine.rs`, [`MigrationParams::engine`]) add
+//! what tern's engine really does: zero pages cost nothing, the link gives a share of
+//! its rate, a scan of memory ends every round and starts the stop-and-copy, a setup
+//! precedes round 1, the guest needs only part of its CPU for its writes (so a throttle
+//! slows it less), and the analytic model sends a round's pages in memory order.
 
 mod analytic;
 mod driver;
