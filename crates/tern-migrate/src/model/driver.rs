@@ -1,8 +1,9 @@
 //! The round loop shared by the analytic and the page-level model: ask the policy, send,
 //! let the guest dirty for as long as sending took, record telemetry, repeat; then the
 //! stop-and-copy. Only the guest's memory differs between the two models. With
-//! `probe_bytes` set, a model that can split a round (the page-level one) runs round 1
-//! in two stretches with the policy's first-round throttle between them.
+//! `probe_bytes` set, both models run round 1 in two stretches with the policy's
+//! first-round throttle between them (the analytic one cuts its classes of memory at
+//! the probe's page for that).
 
 use super::MigrationParams;
 use crate::fragment::{FragmentId, FragmentTracker};

@@ -144,10 +144,11 @@ pub struct MigrationParams {
     pub max_elapsed_s: Option<f64>,
     /// Fragment size of the page-level model's tracker.
     pub fragment_bytes: u64,
-    /// Page-level model only: after sending this many bytes of round 1, measure the
-    /// guest's dirty rate and let the policy throttle it for the rest of round 1
+    /// After sending this many bytes of round 1, measure the guest's dirty rate and let
+    /// the policy throttle it for the rest of round 1
     /// ([`Policy::first_round_throttle`](crate::Policy::first_round_throttle)), as the
-    /// engine does. 0 (the default): round 1 runs whole, the textbook model.
+    /// engine does (both models). 0 (the default): round 1 runs whole, the textbook
+    /// model.
     #[serde(default)]
     pub probe_bytes: u64,
     /// Bytes of memory that hold data. Zero pages cross the link as runs of a few bytes
