@@ -13,7 +13,9 @@
 //! - [`telemetry`]: [`RoundTelemetry`], [`RoundProgress`], [`FirstRoundProbe`] and
 //!   [`MigrationOutcome`].
 //! - [`model`]: [`simulate`] (analytic), [`simulate_pages`] (page-level, seeded), and
-//!   [`estimate`] / [`estimate_duration`] for a simulator's many migrations.
+//!   [`estimate`] / [`estimate_duration`] for a simulator's many migrations;
+//!   [`MigrationParams::new`] is the textbook model, [`MigrationParams::engine`] the
+//!   model with the costs measured on tern's engine (`model/engine.rs`).
 //!
 //! # Example
 //!

@@ -46,9 +46,12 @@ impl MigrationTiming for CloudSimTiming {
     }
 }
 
-/// tern's pre-copy model (`tern_migrate::simulate`, analytic): rounds until the
-/// termination policy stops, then a stop-and-copy. The guest dirties a working set
-/// (`working_set_fraction` of its memory) at random; concurrent migrations share links.
+/// tern's pre-copy model (`tern_migrate::simulate`, analytic) with the costs of tern's
+/// engine (`MigrationParams::engine`: achieved share of the link, a scan of memory per
+/// round, setup, device state and resume, the round-1 probe), all of memory taken as
+/// holding data: rounds until the termination policy stops, then a stop-and-copy. The
+/// guest dirties a working set (`working_set_fraction` of its memory) at random;
+/// concurrent migrations share links.
 pub struct PreCopyTiming {
     pub policy: PolicyKind,
     pub working_set_fraction: f64,
@@ -74,7 +77,8 @@ impl MigrationTiming for PreCopyTiming {
         } else {
             DirtyModel::None
         };
-        let params = MigrationParams::new(memory_bytes, bandwidth_mb_s * 1e6).with_dirty(dirty);
+        let params = MigrationParams::engine(memory_bytes, memory_bytes, bandwidth_mb_s * 1e6)
+            .with_dirty(dirty);
         // The model refuses only impossible inputs (no memory, no bandwidth): such a
         // migration never finishes.
         let outcome = simulate(&params, &self.policy).ok()?;
@@ -98,12 +102,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn precopy_of_an_idle_guest_is_memory_over_bandwidth() {
+    fn precopy_of_an_idle_guest_is_memory_over_what_the_engine_gets_of_the_link() {
+        let p = MigrationParams::engine(1_000_000_000, 1_000_000_000, 100e6);
         for policy in PolicyKind::ALL {
             let e = PreCopyTiming::new(policy)
                 .estimate(1000.0, 0.0, 100.0)
                 .unwrap();
-            assert!((e.total_s - 10.0).abs() < 0.05, "{policy}: {e:?}");
+            // A scan ends round 1 and another starts the stop-and-copy; stop-copy runs
+            // no round.
+            let scans = if policy == PolicyKind::StopCopy {
+                1.0
+            } else {
+                2.0
+            };
+            let expected =
+                10.0 / p.link_efficiency + p.setup_s + scans * p.scan_s() + p.stop_overhead_s;
+            assert!((e.total_s - expected).abs() < 0.05, "{policy}: {e:?}");
         }
     }
 

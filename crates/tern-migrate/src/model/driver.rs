@@ -1,8 +1,9 @@
 //! The round loop shared by the analytic and the page-level model: ask the policy, send,
 //! let the guest dirty for as long as sending took, record telemetry, repeat; then the
 //! stop-and-copy. Only the guest's memory differs between the two models. With
-//! `probe_bytes` set, a model that can split a round (the page-level one) runs round 1
-//! in two stretches with the policy's first-round throttle between them.
+//! `probe_bytes` set, both models run round 1 in two stretches with the policy's
+//! first-round throttle between them (the analytic one cuts its classes of memory at
+//! the probe's page for that).
 
 use super::MigrationParams;
 use crate::fragment::{FragmentId, FragmentTracker};
@@ -50,11 +51,14 @@ pub(super) fn drive(
 ) -> MigrationOutcome {
     let limits = params.limits();
     let ps = params.page_size as f64;
-    let bw = params.bandwidth_bytes_per_s;
+    let bw = params.effective_bandwidth();
+    // The engine's pass over memory after every round and in the stop-and-copy.
+    let scan_s = params.scan_s();
+    let stop_cost_s = scan_s + params.stop_overhead_s;
     let mut history: Vec<RoundTelemetry> = Vec::new();
     let mut throttle = 0u8;
     let mut max_throttle = 0u8;
-    let mut elapsed = 0.0;
+    let mut elapsed = params.setup_s;
     let mut pages_total = 0.0;
     loop {
         let input = PolicyInput {
@@ -71,7 +75,7 @@ pub(super) fn drive(
             }
             Decision::StopAndCopy { reason } => {
                 let last_pages = guest.remaining();
-                let downtime = last_pages * ps / bw + params.stop_overhead_s;
+                let downtime = last_pages * ps / bw + stop_cost_s;
                 pages_total += last_pages;
                 return MigrationOutcome {
                     policy: policy.name().to_owned(),
@@ -86,9 +90,14 @@ pub(super) fn drive(
                 };
             }
         };
-        let factor = |t: u8| 1.0 - f64::from(t) / 100.0;
+        let factor = |t: u8| params.throttle_factor(t);
         let probe_pages = params.probe_bytes / params.page_size.max(1);
-        let split = if history.is_empty() && probe_pages > 0 {
+        // As in the engine, a round 1 too small to leave as much again after the probe
+        // runs whole.
+        let split = if history.is_empty()
+            && probe_pages > 0
+            && guest.remaining() >= 2.0 * probe_pages as f64
+        {
             guest.send_prefix(probe_pages)
         } else {
             None
@@ -104,7 +113,7 @@ pub(super) fn drive(
                     window_s: first_s,
                     bandwidth_bytes_per_s: bw,
                     bytes_left: (guest.remaining_from(next) * ps).round() as u64,
-                    stop_cost_s: params.stop_overhead_s,
+                    stop_cost_s,
                 };
                 let wanted = policy.first_round_throttle(&probe, &limits);
                 if wanted > 0 {
@@ -112,7 +121,8 @@ pub(super) fn drive(
                     max_throttle = max_throttle.max(throttle);
                 }
                 let rest = guest.send_from(next);
-                let rest_s = rest * ps / bw;
+                // The scan that ends the round runs on the guest's time too.
+                let rest_s = rest * ps / bw + scan_s;
                 let later = guest.run_part(rest_s, factor(throttle));
                 let changed = guest.end_round();
                 let rate = if rest_s > 0.0 {
@@ -124,7 +134,7 @@ pub(super) fn drive(
             }
             None => {
                 let sent = guest.send(&hold_back);
-                let duration = sent * ps / bw;
+                let duration = sent * ps / bw + scan_s;
                 let changed = guest.run(duration, factor(throttle));
                 let rate = if duration > 0.0 {
                     changed * ps / duration
@@ -146,7 +156,7 @@ pub(super) fn drive(
             bandwidth_bytes_per_s: bw,
             remaining_pages: remaining.round() as u64,
             held_back_pages: guest.remaining_in(&hold_back).round() as u64,
-            predicted_downtime_s: remaining * ps / bw + params.stop_overhead_s,
+            predicted_downtime_s: remaining * ps / bw + stop_cost_s,
             duration_s: duration,
             elapsed_s: elapsed,
             throttle_percent: throttle,

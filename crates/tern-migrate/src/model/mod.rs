@@ -14,15 +14,25 @@
 //!
 //! Both treat sending as happening at the start of a round and the guest's writes as
 //! spread over the round's duration; a throttle of `p` % scales every dirty rate by
-//! `1 − p/100`.
+//! `1 − p/100`. The engine's parameters (`engine.rs`, [`MigrationParams::engine`]) add
+//! what tern's engine really does: zero pages cost nothing, the link gives a share of
+//! its rate, a scan of memory ends every round and starts the stop-and-copy, a setup
+//! precedes round 1, the guest needs only part of its CPU for its writes (so a throttle
+//! slows it less), and the analytic model sends a round's pages in memory order.
 
 mod analytic;
 mod driver;
+mod engine;
 mod pages;
 
 use serde::{Deserialize, Serialize};
 
 pub use analytic::simulate;
+pub use engine::{
+    ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S, ENGINE_GUEST_WRITE_CPU_SHARE, ENGINE_LINK_EFFICIENCY,
+    ENGINE_MAX_ROUNDS, ENGINE_PROBE_BYTES, ENGINE_SCAN_S_PER_GIB, ENGINE_SETUP_S,
+    ENGINE_STOP_OVERHEAD_S,
+};
 pub use pages::simulate_pages;
 
 use crate::fragment::DEFAULT_FRAGMENT_BYTES;
@@ -124,9 +134,9 @@ pub struct MigrationParams {
     pub dirty: DirtyModel,
     /// Downtime budget handed to the policy.
     pub downtime_limit_s: f64,
-    /// Fixed cost of the stop-and-copy on top of sending the remainder: the final scan
-    /// over memory and the device state (about 50 ms per 512 MiB scanned plus 10 ms on
-    /// the machines tern was measured on). 0 gives the textbook closed forms.
+    /// Fixed cost of the stop-and-copy on top of sending the remainder and the final
+    /// scan: the device state and resuming on the destination. 0 gives the textbook
+    /// closed forms.
     pub stop_overhead_s: f64,
     /// Safety cap on live rounds for every policy.
     pub max_rounds: u32,
@@ -134,12 +144,56 @@ pub struct MigrationParams {
     pub max_elapsed_s: Option<f64>,
     /// Fragment size of the page-level model's tracker.
     pub fragment_bytes: u64,
-    /// Page-level model only: after sending this many bytes of round 1, measure the
-    /// guest's dirty rate and let the policy throttle it for the rest of round 1
+    /// After sending this many bytes of round 1, measure the guest's dirty rate and let
+    /// the policy throttle it for the rest of round 1
     /// ([`Policy::first_round_throttle`](crate::Policy::first_round_throttle)), as the
-    /// engine does. 0 (the default): round 1 runs whole, the textbook model.
+    /// engine does (both models). 0 (the default): round 1 runs whole, the textbook
+    /// model.
     #[serde(default)]
     pub probe_bytes: u64,
+    /// Bytes of memory that hold data. Zero pages cross the link as runs of a few bytes
+    /// and are never dirtied by an idle guest, so only these (working sets included)
+    /// cost transfer time. `None`: all of memory.
+    #[serde(default)]
+    pub nonzero_bytes: Option<u64>,
+    /// Share of `bandwidth_bytes_per_s` a transfer achieves (framing, TCP, the streams'
+    /// own pace). 1 gives the textbook closed forms.
+    #[serde(default = "one")]
+    pub link_efficiency: f64,
+    /// Seconds one pass over guest memory takes per GiB of non-zero memory. The engine
+    /// finds changed pages by hashing memory: once after every live round (the guest
+    /// runs on meanwhile, so the round lasts that much longer) and once more paused,
+    /// in the stop-and-copy. 0 gives the textbook closed forms.
+    #[serde(default)]
+    pub scan_s_per_gib: f64,
+    /// Fixed time before round 1 starts sending: preparing the destination, connecting
+    /// the streams, the first scan. Adds to the total only. 0 gives the textbook
+    /// closed forms.
+    #[serde(default)]
+    pub setup_s: f64,
+    /// Share of its vCPU time the guest needs to write at its rates. A throttle takes
+    /// CPU time, not writes: under a throttle of `p` % the guest keeps `1 − p/100` of
+    /// its CPU and writes at `min(1, (1 − p/100) / this)` of its rates, plus
+    /// `throttle_floor_bytes_per_s`. `None`: every rate scales by the share kept, as
+    /// for a guest that needs all of its CPU.
+    #[serde(default)]
+    pub write_cpu_share: Option<f64>,
+    /// What the guest keeps writing under any throttle on top of what its CPU share
+    /// allows (work the vCPU quota does not stop), bytes per second. Only with
+    /// `write_cpu_share`.
+    #[serde(default)]
+    pub throttle_floor_bytes_per_s: f64,
+    /// Analytic model only: a round sends its pages in memory order over its duration,
+    /// as the engine does, so a page written before its turn goes out fresh; each
+    /// class of memory counts as sent at the middle of its stretch. False: every page
+    /// of a round counts as sent at its start (the textbook model, and the page-level
+    /// model's).
+    #[serde(default)]
+    pub sent_in_order: bool,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 impl MigrationParams {
@@ -157,6 +211,13 @@ impl MigrationParams {
             max_elapsed_s: None,
             fragment_bytes: DEFAULT_FRAGMENT_BYTES,
             probe_bytes: 0,
+            nonzero_bytes: None,
+            link_efficiency: 1.0,
+            scan_s_per_gib: 0.0,
+            setup_s: 0.0,
+            write_cpu_share: None,
+            throttle_floor_bytes_per_s: 0.0,
+            sent_in_order: false,
         }
     }
 
@@ -169,6 +230,36 @@ impl MigrationParams {
     /// Guest memory in pages (a partial last page counts as a page).
     pub fn memory_pages(&self) -> u64 {
         self.memory_bytes.div_ceil(self.page_size.max(1))
+    }
+
+    /// Pages holding data: those that cost transfer time and scan time.
+    pub fn nonzero_pages(&self) -> u64 {
+        let bytes = self
+            .nonzero_bytes
+            .map_or(self.memory_bytes, |n| n.min(self.memory_bytes));
+        bytes.div_ceil(self.page_size.max(1))
+    }
+
+    /// Bytes per second a transfer achieves.
+    pub fn effective_bandwidth(&self) -> f64 {
+        self.bandwidth_bytes_per_s * self.link_efficiency
+    }
+
+    /// What a throttle of `percent` leaves of the guest's write rates.
+    pub fn throttle_factor(&self, percent: u8) -> f64 {
+        let kept = 1.0 - f64::from(percent) / 100.0;
+        let total = self.dirty.total_rate();
+        match self.write_cpu_share {
+            Some(share) if percent > 0 && total > 0.0 && share > 0.0 => {
+                ((kept / share).min(1.0) + self.throttle_floor_bytes_per_s / total).clamp(kept, 1.0)
+            }
+            _ => kept,
+        }
+    }
+
+    /// Seconds of one pass over guest memory.
+    pub fn scan_s(&self) -> f64 {
+        self.scan_s_per_gib * (self.nonzero_pages() * self.page_size) as f64 / (1u64 << 30) as f64
     }
 
     /// The limits the policies see.
@@ -207,6 +298,29 @@ impl MigrationParams {
         }
         non_negative("downtime_limit_s", self.downtime_limit_s)?;
         non_negative("stop_overhead_s", self.stop_overhead_s)?;
+        non_negative("scan_s_per_gib", self.scan_s_per_gib)?;
+        non_negative("setup_s", self.setup_s)?;
+        if let Some(f) = self.write_cpu_share {
+            if !(f.is_finite() && f > 0.0 && f <= 1.0) {
+                return Err(MigrateError::invalid(
+                    "write_cpu_share",
+                    format!("must be in (0, 1], got {f}"),
+                ));
+            }
+        }
+        non_negative(
+            "throttle_floor_bytes_per_s",
+            self.throttle_floor_bytes_per_s,
+        )?;
+        if !(self.link_efficiency.is_finite()
+            && self.link_efficiency > 0.0
+            && self.link_efficiency <= 1.0)
+        {
+            return Err(MigrateError::invalid(
+                "link_efficiency",
+                format!("must be in (0, 1], got {}", self.link_efficiency),
+            ));
+        }
         if let Some(m) = self.max_elapsed_s {
             non_negative("max_elapsed_s", m)?;
         }
@@ -227,6 +341,12 @@ impl MigrationParams {
                 ),
             ));
         }
+        if let Some(n) = self.nonzero_bytes.filter(|&n| n < total) {
+            return Err(MigrateError::invalid(
+                "nonzero_bytes",
+                format!("{n} bytes, fewer than the working sets' {total} bytes they include"),
+            ));
+        }
         Ok(())
     }
 
@@ -245,7 +365,8 @@ impl MigrationParams {
             .collect();
         let used: u64 = classes.iter().map(|c| c.pages).sum();
         classes.push(DirtyClass {
-            pages: self.memory_pages().saturating_sub(used),
+            // Zero pages are left out: they cost neither transfer nor scan time.
+            pages: self.nonzero_pages().saturating_sub(used),
             rate_pages: 0.0,
             sequential: false,
         });

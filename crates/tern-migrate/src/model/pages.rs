@@ -26,7 +26,7 @@ pub fn simulate_pages(
     seed: u64,
 ) -> Result<MigrationOutcome, MigrateError> {
     params.validate()?;
-    let pages = params.memory_pages();
+    let pages = params.nonzero_pages();
     let per_fragment = (params.fragment_bytes / params.page_size).max(1);
     let mut start = 0;
     let regions = params

@@ -2,7 +2,9 @@
 //! working set is rewritten at fractions of the link bandwidth, moved by tern's engine
 //! under each policy and by QEMU's own migration (default and auto-converge). Each run
 //! reports time, downtime, bytes, rounds, convergence, whether the guest is still
-//! healthy after the move, and the lower bound M/B.
+//! healthy after the move, and the lower bound M/B. Beside every tern run it prints what
+//! `tern-migrate`'s model, with the engine's costs, predicts for that run and how far
+//! off that is.
 
 use std::time::{Duration, Instant};
 
@@ -14,6 +16,7 @@ use tern_agent::vms::CreateVm;
 use tern_api::guest::{Command as GuestCommand, WorkloadSpec};
 use tern_api::migration::{SendOptions, SendRequest};
 use tern_lab::{self as lab, LabOptions, LabState};
+use tern_migrate::{mbit_per_s, simulate, DirtyModel, MigrationParams, PolicyKind, MIB};
 
 use crate::cmd::bad_input;
 
@@ -41,6 +44,9 @@ pub struct Args {
     /// Longest a migration may iterate before it is stopped (tern) or cancelled (QEMU).
     #[arg(long, default_value_t = 40.0)]
     pub max_precopy_s: f64,
+    /// Runs of each engine at each rate, on the same guest (every run is reported).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: u32,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -53,6 +59,10 @@ pub struct Run {
     /// What the guest was asked to dirty, MB/s.
     pub dirty_mb_s: u64,
     pub engine: String,
+    /// Which of the `--repeat` runs of this engine at this rate (from 1).
+    pub repetition: u32,
+    /// The guest's page-write rate just before the migration, MB/s.
+    pub measured_dirty_mb_s: Option<f64>,
     pub total_ms: Option<u64>,
     pub downtime_ms: Option<u64>,
     pub bytes: Option<u64>,
@@ -63,6 +73,15 @@ pub struct Run {
     pub guest_ok: bool,
     /// Non-zero guest memory over link bandwidth, ms (from tern's first round).
     pub lower_bound_ms: Option<u64>,
+    /// Guest memory holding data, as this run's round 1 found it (tern only).
+    pub nonzero_bytes: Option<u64>,
+    /// What `tern-migrate`'s analytic model with the engine's costs predicts for this
+    /// run, fed with its non-zero memory, measured dirty rate, working set and link
+    /// (tern only), and the error (predicted over measured, minus 1), percent.
+    pub predicted_total_ms: Option<u64>,
+    pub predicted_downtime_ms: Option<u64>,
+    pub total_error_percent: Option<f64>,
+    pub downtime_error_percent: Option<f64>,
     /// Why tern's policy stopped iterating, and the highest vCPU throttle it applied.
     pub stop_reason: Option<String>,
     pub max_throttle_percent: Option<u8>,
@@ -112,6 +131,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.link_mbit == 0 {
         return Err(bad_input("--link-mbit must be positive"));
     }
+    if args.repeat == 0 {
+        return Err(bad_input("--repeat must be at least 1"));
+    }
     let rt = tokio::runtime::Runtime::new()?;
     let img = tern_hv::image::ensure_image(&tern_hv::image::default_cache_dir(), &mut |s| {
         eprintln!("image: {s}")
@@ -145,18 +167,66 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fills in what `tern-migrate`'s analytic model, with the engine's costs, predicts
+/// for a completed tern run, fed with what the run measured.
+fn predict(run: &mut Run, args: &Args) {
+    let (Some(total), Some(downtime), Some(nonzero)) =
+        (run.total_ms, run.downtime_ms, run.nonzero_bytes)
+    else {
+        return;
+    };
+    let Ok(policy) = run.engine.parse::<PolicyKind>() else {
+        return;
+    };
+    let rate = run.measured_dirty_mb_s.unwrap_or(run.dirty_mb_s as f64) * 1e6;
+    let wss = args.wss_mib * MIB;
+    let mut params = MigrationParams::engine(
+        args.memory_mib * MIB,
+        nonzero,
+        mbit_per_s(f64::from(args.link_mbit)),
+    );
+    if rate > 0.0 {
+        // The working set holds data once memdirty has filled it.
+        params.nonzero_bytes = Some(nonzero.max(wss));
+        params.dirty = DirtyModel::Sequential {
+            rate_bytes_per_s: rate,
+            working_set_bytes: wss,
+        };
+    }
+    params.max_elapsed_s = Some(args.max_precopy_s);
+    let o = match simulate(&params, &policy) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::warn!(error = %e, "no prediction for this run");
+            return;
+        }
+    };
+    let ms = |s: f64| (s * 1000.0).round() as u64;
+    let error = |predicted: u64, measured: u64| {
+        (measured > 0).then(|| ((predicted as f64 / measured as f64 - 1.0) * 1000.0).round() / 10.0)
+    };
+    run.predicted_total_ms = Some(ms(o.total_time_s));
+    run.predicted_downtime_ms = Some(ms(o.downtime_s));
+    run.total_error_percent = error(ms(o.total_time_s), total);
+    run.downtime_error_percent = error(ms(o.downtime_s), downtime);
+}
+
 fn print_table(r: &Report) {
     println!(
-        "{} MiB guest, {} MiB working set, {} Mbit/s link",
+        "{} MiB guest, {} MiB working set, {} Mbit/s link; predicted: tern-migrate's model \
+         with the engine's costs, error = predicted / measured - 1",
         r.memory_mib, r.wss_mib, r.link_mbit
     );
     println!(
-        "{:>5} {:>6}  {:<26} {:>8} {:>9} {:>11} {:>6} {:>9} {:>8} {:>7}",
+        "{:>5} {:>6}  {:<16} {:>2} {:>8} {:>9} {:>17} {:>13} {:>11} {:>6} {:>9} {:>8} {:>7}",
         "rate",
         "MB/s",
         "engine",
+        "#",
         "total",
         "downtime",
+        "predicted",
+        "error",
         "bytes",
         "rounds",
         "converged",
@@ -164,14 +234,25 @@ fn print_table(r: &Report) {
         "M/B"
     );
     let ms = |v: Option<u64>| v.map_or("-".to_string(), |x| format!("{x} ms"));
+    let pct = |v: Option<f64>| v.map_or("-".to_string(), |x| format!("{x:+.0}%"));
     for run in &r.runs {
         println!(
-            "{:>4}% {:>6}  {:<26} {:>8} {:>9} {:>11} {:>6} {:>9} {:>8} {:>7}{}",
+            "{:>4}% {:>6}  {:<16} {:>2} {:>8} {:>9} {:>17} {:>13} {:>11} {:>6} {:>9} {:>8} {:>7}{}",
             run.rate_percent,
             run.dirty_mb_s,
             run.engine,
+            run.repetition,
             ms(run.total_ms),
             ms(run.downtime_ms),
+            match (run.predicted_total_ms, run.predicted_downtime_ms) {
+                (Some(t), Some(d)) => format!("{t} / {d} ms"),
+                _ => "-".into(),
+            },
+            format!(
+                "{} / {}",
+                pct(run.total_error_percent),
+                pct(run.downtime_error_percent)
+            ),
             run.bytes.map_or("-".into(), |b| b.to_string()),
             run.rounds.map_or("-".into(), |b| b.to_string()),
             run.converged,
@@ -186,6 +267,70 @@ fn print_table(r: &Report) {
                 .as_ref()
                 .map_or(String::new(), |n| format!("  ({n})")),
         );
+    }
+    print_medians(&r.runs);
+}
+
+/// Per rate and engine with more than one run: median and range of the measured times
+/// and of the model's errors.
+fn print_medians(runs: &[Run]) {
+    let mut cells: Vec<(u32, &str)> = runs
+        .iter()
+        .map(|r| (r.rate_percent, r.engine.as_str()))
+        .collect();
+    cells.dedup();
+    let spread = |v: Vec<f64>, unit: &str| -> String {
+        let mut v = v;
+        v.sort_by(f64::total_cmp);
+        match (v.first(), v.last()) {
+            (Some(lo), Some(hi)) => {
+                format!("{:.0}{unit} ({lo:.0}..{hi:.0})", median(&v))
+            }
+            _ => "-".into(),
+        }
+    };
+    let mut header = false;
+    for (rate, engine) in cells {
+        let cell: Vec<&Run> = runs
+            .iter()
+            .filter(|r| r.rate_percent == rate && r.engine == engine)
+            .collect();
+        if cell.len() < 2 {
+            continue;
+        }
+        if !header {
+            println!(
+                "\n{:>5}  {:<16} {:>4} {:>22} {:>20} {:>20} {:>20}",
+                "rate",
+                "engine",
+                "runs",
+                "total ms",
+                "downtime ms",
+                "total error %",
+                "downtime error %"
+            );
+            header = true;
+        }
+        let of = |f: fn(&Run) -> Option<f64>| cell.iter().filter_map(|r| f(r)).collect::<Vec<_>>();
+        println!(
+            "{:>4}%  {:<16} {:>4} {:>22} {:>20} {:>20} {:>20}",
+            rate,
+            engine,
+            cell.len(),
+            spread(of(|r| r.total_ms.map(|x| x as f64)), ""),
+            spread(of(|r| r.downtime_ms.map(|x| x as f64)), ""),
+            spread(of(|r| r.total_error_percent), "%"),
+            spread(of(|r| r.downtime_error_percent), "%"),
+        );
+    }
+}
+
+/// The median of sorted values (the mean of the middle two for an even count).
+fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
     }
 }
 
@@ -232,16 +377,28 @@ async fn bench(
         // tern's engines first: QEMU's own migration may leave a broken guest behind.
         let (tern, native): (Vec<&String>, Vec<&String>) =
             engines.iter().partition(|e| !e.starts_with("qemu-native"));
-        let order: Vec<&String> = tern.into_iter().chain(native).collect();
-        for (i, engine) in order.iter().enumerate() {
+        let order: Vec<(&String, u32)> = tern
+            .into_iter()
+            .chain(native)
+            .flat_map(|e| (1..=args.repeat).map(move |r| (e, r)))
+            .collect();
+        for (i, &(engine, repetition)) in order.iter().enumerate() {
             eprintln!(
-                "bench: {rate}% ({dirty_mb_s} MB/s): {engine}, h{} -> h{}",
+                "bench: {rate}% ({dirty_mb_s} MB/s): {engine} #{repetition}, h{} -> h{}",
                 b.at + 1,
                 2 - b.at
             );
+            let measured = if dirty_mb_s > 0 {
+                b.dirty_rate_mb_s().await?
+            } else {
+                0.0
+            };
             let mut run = b.migrate(engine, args).await?;
             run.rate_percent = rate;
             run.dirty_mb_s = dirty_mb_s;
+            run.repetition = repetition;
+            run.measured_dirty_mb_s = Some(measured);
+            predict(&mut run, args);
             if let Some(m) = run.lower_bound_ms {
                 nonzero.get_or_insert(m);
             }
@@ -347,6 +504,29 @@ impl Bench<'_> {
         }
     }
 
+    /// The guest's page-write rate over one second, MB/s, from `memdirty`'s count of
+    /// pages written: what the guest really dirties on this host, not what it was asked.
+    async fn dirty_rate_mb_s(&self) -> anyhow::Result<f64> {
+        let pages = |st: &Value| {
+            st["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|w| w["name"] == "memdirty")
+                .find_map(|w| w["work"].as_u64())
+        };
+        let status = || self.guest(self.at, json!({"cmd": "status"}), Duration::from_secs(10));
+        let (s0, t0) = (status().await?, Instant::now());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (s1, t1) = (status().await?, Instant::now());
+        match (pages(&s0), pages(&s1)) {
+            (Some(a), Some(b)) => {
+                Ok(b.saturating_sub(a) as f64 * 4096.0 / (t1 - t0).as_secs_f64() / 1e6)
+            }
+            _ => bail!("memdirty reports no page count: {s1}"),
+        }
+    }
+
     async fn destroy(&mut self) {
         for h in &self.hosts {
             let _ = h.delete_vm(&self.vm).await;
@@ -410,6 +590,8 @@ impl Bench<'_> {
             rate_percent: 0,
             dirty_mb_s: 0,
             engine: engine.to_string(),
+            repetition: 1,
+            measured_dirty_mb_s: None,
             total_ms: None,
             downtime_ms: None,
             bytes: None,
@@ -417,6 +599,11 @@ impl Bench<'_> {
             converged: false,
             guest_ok: false,
             lower_bound_ms: None,
+            nonzero_bytes: None,
+            predicted_total_ms: None,
+            predicted_downtime_ms: None,
+            total_error_percent: None,
+            downtime_error_percent: None,
             stop_reason: None,
             max_throttle_percent: None,
             downtime_parts_ms: None,
@@ -450,8 +637,9 @@ impl Bench<'_> {
                 run.downtime_parts_ms = serde_json::from_value(r["downtime_parts_ms"].clone()).ok();
             }
             let link_bytes_s = f64::from(args.link_mbit) * 1e6 / 8.0;
-            run.lower_bound_ms = r["nonzero_bytes"]
-                .as_u64()
+            run.nonzero_bytes = r["nonzero_bytes"].as_u64();
+            run.lower_bound_ms = run
+                .nonzero_bytes
                 .map(|m| (m as f64 / link_bytes_s * 1000.0).round() as u64);
             self.at = to;
         } else {

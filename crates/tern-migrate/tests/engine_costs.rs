@@ -1,0 +1,71 @@
+//! The engine's costs (`MigrationParams::engine`) in closed form: what each parameter
+//! adds to an idle guest's migration, how a throttle slows a guest that needs only part
+//! of its CPU, and what sending a round in memory order leaves behind.
+
+use tern_migrate::{mbit_per_s, simulate, DirtyModel, MigrationParams, PolicyKind, MIB};
+
+fn near(a: f64, b: f64, rel: f64) -> bool {
+    (a - b).abs() <= rel * b.abs()
+}
+
+#[test]
+fn an_idle_guest_costs_its_data_over_the_achieved_rate_plus_setup_scans_and_stop() {
+    let p = MigrationParams::engine(1024 * MIB, 112 * MIB, mbit_per_s(1000.0));
+    let o = simulate(&p, &PolicyKind::Adaptive).unwrap();
+    let transfer = (112 * MIB) as f64 / (p.bandwidth_bytes_per_s * p.link_efficiency);
+    // One scan ends round 1, another is the stop-and-copy's final pass.
+    let downtime = p.scan_s() + p.stop_overhead_s;
+    assert!(near(o.downtime_s, downtime, 1e-9), "{o:?}");
+    assert!(
+        near(
+            o.total_time_s,
+            p.setup_s + transfer + p.scan_s() + downtime,
+            1e-9
+        ),
+        "{o:?}"
+    );
+    assert_eq!(o.bytes_sent, 112 * MIB);
+    // Zero pages cost nothing: a guest twice the size with the same data takes as long.
+    let bigger = MigrationParams::engine(2048 * MIB, 112 * MIB, mbit_per_s(1000.0));
+    let b = simulate(&bigger, &PolicyKind::Adaptive).unwrap();
+    assert!(near(b.total_time_s, o.total_time_s, 1e-9));
+}
+
+#[test]
+fn a_throttle_slows_a_guest_by_the_cpu_share_its_writes_need() {
+    let mut p = MigrationParams::new(512 * MIB, 125e6).with_dirty(DirtyModel::Sequential {
+        rate_bytes_per_s: 188e6,
+        working_set_bytes: 128 * MIB,
+    });
+    assert!(near(p.throttle_factor(95), 0.05, 1e-12));
+    p.write_cpu_share = Some(0.31);
+    p.throttle_floor_bytes_per_s = 14e6;
+    assert_eq!(p.throttle_factor(0), 1.0);
+    // 95 %: 5 % of the CPU over the 31 % it needs, plus the floor.
+    let kept = p.throttle_factor(95) * 188e6;
+    assert!(near(kept, 188e6 * 0.05 / 0.31 + 14e6, 1e-9), "{kept}");
+    // A throttle that leaves more CPU than the writes need does not slow them.
+    assert_eq!(p.throttle_factor(60), 1.0);
+}
+
+#[test]
+fn sending_in_memory_order_counts_only_writes_after_the_working_set_went_out() {
+    // Working set first in memory, 96 MiB after it; no probe, no scan: round 1 sends
+    // all of memory in T, the working set in its first W/B, so it counts as sent at
+    // W/(2B) and the writes after that are what round 1 leaves.
+    let (w, m, r, bw) = (128 * MIB, 224 * MIB, 31e6, 125e6);
+    let mut p = MigrationParams::new(m, bw).with_dirty(DirtyModel::Sequential {
+        rate_bytes_per_s: r,
+        working_set_bytes: w,
+    });
+    let at_start = simulate(&p, &PolicyKind::Qemu).unwrap().telemetry[0].remaining_pages;
+    p.sent_in_order = true;
+    let in_order = simulate(&p, &PolicyKind::Qemu).unwrap().telemetry[0].remaining_pages;
+    let t = m as f64 / bw;
+    let pages = |s: f64| r * s / 4096.0;
+    assert!(near(at_start as f64, pages(t), 1e-3), "{at_start}");
+    assert!(
+        near(in_order as f64, pages(t - w as f64 / (2.0 * bw)), 1e-3),
+        "{in_order}"
+    );
+}
