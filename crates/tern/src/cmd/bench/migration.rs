@@ -515,7 +515,7 @@ impl Bench<'_> {
                 .filter(|w| w["name"] == "memdirty")
                 .find_map(|w| w["work"].as_u64())
         };
-        let status = || self.guest(self.at, json!({"cmd": "status"}), Duration::from_secs(10));
+        let status = || self.guest(self.at, GuestCommand::Status, Duration::from_secs(10));
         let (s0, t0) = (status().await?, Instant::now());
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (s1, t1) = (status().await?, Instant::now());
