@@ -28,6 +28,7 @@ pub const MAX_VCPUS: u32 = 64;
 /// A VM as the caller describes it. Host-side paths (memory file, sockets) are the
 /// driver's choice and are reported back in [`VmInfo`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// Number of virtual CPUs.
@@ -39,9 +40,11 @@ pub struct VmSpec {
     /// Kernel to boot directly. Absent: the guest runs only its firmware (useful to test
     /// device-state migration without an image).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub kernel: Option<PathBuf>,
     /// Initramfs for the kernel.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub initramfs: Option<PathBuf>,
     /// Kernel command line.
     #[serde(default)]
@@ -57,6 +60,7 @@ fn one() -> u32 {
 
 /// One virtio NIC. The MAC travels with the VM so the guest keeps its address when it moves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Nic {
     /// `52:54:00:xx:xx:xx`; absent: derived from the VM id, so it is stable across moves.
@@ -126,6 +130,7 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 
 /// A VM as a driver reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmInfo {
     pub id: String,
     pub state: VmState,
@@ -133,10 +138,13 @@ pub struct VmInfo {
     /// The MAC of each NIC, in order (derived ones filled in).
     pub macs: Vec<String>,
     /// The guest's RAM: a file on tmpfs the agent can map (`None` for the sim driver).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub memory_file: Option<PathBuf>,
     /// The socket of the guest agent's channel (JSON lines).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub control_socket: Option<PathBuf>,
     /// Where the guest's serial console is written.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub console_log: Option<PathBuf>,
     /// The hypervisor process, while there is one.
     pub pid: Option<u32>,
@@ -144,6 +152,7 @@ pub struct VmInfo {
 
 /// CPU time of one vCPU thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VcpuSample {
     pub index: u32,
     pub thread_id: u32,
@@ -152,6 +161,7 @@ pub struct VcpuSample {
 
 /// Per-VM measurements at one instant. CPU times are cumulative; a rate needs two samples.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmMetrics {
     pub vcpus: Vec<VcpuSample>,
     /// Sum over the vCPU threads.
@@ -164,6 +174,7 @@ pub struct VmMetrics {
 
 /// Where a VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// Defined and its process exists, but the guest has not run yet.
@@ -191,6 +202,7 @@ impl std::fmt::Display for VmState {
 
 /// What a caller asks of a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     Start,
@@ -215,6 +227,7 @@ impl Action {
 
 /// What the host offers to guests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Capacity {
     pub cpus: u32,
     pub memory_mib: u64,
@@ -222,6 +235,7 @@ pub struct Capacity {
 
 /// What guests use now.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Load {
     /// CPU the vCPU threads of all VMs used over the last sampling interval, in cores.
     pub vm_cpu_cores: f64,
@@ -232,6 +246,7 @@ pub struct Load {
 
 /// `GET /v1/host`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HostReport {
     pub name: String,
     /// `qemu` or `sim`.
@@ -243,6 +258,7 @@ pub struct HostReport {
 
 /// `POST /v1/vms`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     pub id: String,
@@ -258,6 +274,7 @@ fn yes() -> bool {
 
 /// A VM as the API shows it: the driver's view plus its measured CPU use.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmView {
     #[serde(flatten)]
     pub info: VmInfo,
@@ -267,6 +284,7 @@ pub struct VmView {
 
 /// The JSON body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: String,
     pub kind: String,

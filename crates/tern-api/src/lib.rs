@@ -11,9 +11,13 @@
 //! - [`manager`]: the manager's API: hosts, VMs, migrations, settings, plan, events.
 //! - `client` (feature `client`): one HTTP client for both servers, typed per route.
 //! - [`guest`]: the JSON-lines protocol between the host and `tern-guest` in a VM.
+//! - `openapi` (feature `openapi`): what both servers' OpenAPI documents share; every
+//!   type here derives `utoipa::ToSchema` under that feature.
 pub mod agent;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod guest;
 pub mod manager;
 pub mod migration;
+#[cfg(feature = "openapi")]
+pub mod openapi;

@@ -18,6 +18,7 @@ use crate::agent::VmSpec;
 
 /// Where a source migration is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     #[default]
@@ -39,6 +40,7 @@ impl Phase {
 
 /// `POST /v1/migrations`: move `vm` from this host to the agent at `destination`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SendRequest {
     pub vm: String,
@@ -60,6 +62,7 @@ fn adaptive() -> String {
 
 /// Tuning of one migration; every field has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct SendOptions {
     /// Parallel memory streams.
@@ -120,6 +123,7 @@ impl SendOptions {
 
 /// `POST /v1/migrations/incoming`: the destination prepares to receive `vm`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PrepareRequest {
     pub vm: String,
@@ -131,6 +135,7 @@ pub struct PrepareRequest {
 
 /// The destination's answer to a prepare: where to send memory and device state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Ticket {
     pub migration: String,
     /// Secret the memory streams must present.
@@ -142,6 +147,7 @@ pub struct Ticket {
 
 /// The result of a finished migration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MigrationResult {
     pub total_ms: u64,
     /// From pausing the source to the destination running.
@@ -168,6 +174,7 @@ pub struct MigrationResult {
 
 /// What `GET /v1/migrations/{id}` shows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MigrationView {
     pub id: String,
     pub vm: String,
@@ -204,6 +211,7 @@ impl MigrationView {
 
 /// Where an incoming migration is, as the destination sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum IncomingPhase {
     Receiving,
@@ -214,6 +222,7 @@ pub enum IncomingPhase {
 
 /// `GET /v1/migrations/incoming/{id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IncomingView {
     pub migration: String,
     pub vm: String,
@@ -228,6 +237,7 @@ pub struct IncomingView {
 /// Times are seconds and rates bytes per second, as `f64`, because the simulator adds
 /// thousands of them and the engine measures them with sub-millisecond resolution.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RoundTelemetry {
     /// 1-based round number; round 1 is the first full pass over memory.
     pub round: u32,
@@ -264,6 +274,7 @@ pub struct RoundTelemetry {
 /// A round part way through: how far the engine got sending it (or a point inside a
 /// model round), so a round that carries gigabytes is seen moving before it ends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RoundProgress {
     /// 1-based, as in [`RoundTelemetry::round`]; the stop-and-copy pass is the round
     /// after the last live one.
@@ -282,6 +293,7 @@ pub struct RoundProgress {
 
 /// Why iteration ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
     /// The policy never iterates (plain stop-and-copy).

@@ -66,9 +66,11 @@ impl IntoResponse for ApiError {
 }
 
 /// The JSON of every error answer.
-#[derive(serde::Serialize)]
-struct ErrorBody {
-    error: String,
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    /// What was wrong and how to fix it.
+    pub error: String,
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
