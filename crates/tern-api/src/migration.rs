@@ -18,7 +18,7 @@ use crate::agent::VmSpec;
 
 /// Where a source migration is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = MigrationPhase))]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     #[default]

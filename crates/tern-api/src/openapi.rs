@@ -5,6 +5,15 @@ use utoipa::openapi::path::{Operation, PathItem};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, OpenApi, Ref, ResponseBuilder};
 
+/// A document as the checked-in files hold it: pretty JSON ending in a newline.
+pub fn text(doc: &OpenApi) -> String {
+    let mut text = doc
+        .to_pretty_json()
+        .expect("an OpenAPI document serialises");
+    text.push('\n');
+    text
+}
+
 /// Declares the `bearer` scheme and requires it of every operation.
 pub fn require_bearer(doc: &mut OpenApi) {
     doc.components

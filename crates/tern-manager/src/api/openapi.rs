@@ -63,9 +63,5 @@ impl Modify for Bearer {
 
 /// The document as `docs/openapi.json` holds it.
 pub fn json() -> String {
-    let mut text = Doc::openapi()
-        .to_pretty_json()
-        .expect("the OpenAPI document serialises");
-    text.push('\n');
-    text
+    tern_api::openapi::text(&Doc::openapi())
 }
