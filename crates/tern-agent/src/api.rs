@@ -233,9 +233,11 @@ async fn run(State(state): State<AppState>, cmd: Command) -> Response {
     }
 }
 
-/// Parses a JSON body, reporting what is wrong as a 400.
+/// Parses a JSON body, refusing fields the type does not know at any depth, and
+/// reporting what is wrong as a 400.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AgentError> {
-    serde_json::from_slice(body).map_err(|e| AgentError::BadRequest(format!("request body: {e}")))
+    tern_api::request::from_slice(body)
+        .map_err(|e| AgentError::BadRequest(format!("request body: {e}")))
 }
 
 /// Compares in time independent of where the strings differ.

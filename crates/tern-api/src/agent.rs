@@ -29,7 +29,6 @@ pub const MAX_VCPUS: u32 = 64;
 /// driver's choice and are reported back in [`VmInfo`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
 pub struct VmSpec {
     /// Number of virtual CPUs.
     #[serde(default = "one")]
@@ -61,7 +60,6 @@ fn one() -> u32 {
 /// One virtio NIC. The MAC travels with the VM so the guest keeps its address when it moves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
 pub struct Nic {
     /// `52:54:00:xx:xx:xx`; absent: derived from the VM id, so it is stable across moves.
     #[serde(default)]

@@ -41,7 +41,6 @@ impl HostState {
 /// What a host offers to VMs.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
 pub struct Capacity {
     /// Physical cores available to guests.
     #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0))]
@@ -72,7 +71,6 @@ pub struct Host {
 /// What an operator asks for when creating a VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
 pub struct VmSpec {
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 64))]
     pub vcpus: u32,
@@ -196,7 +194,6 @@ pub struct Migration {
 /// How aggressively the balancer acts, and its safety limits.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
-#[serde(deny_unknown_fields)]
 pub struct BalancerSettings {
     pub enabled: bool,
     /// Record plans as events without migrating anything.

@@ -75,8 +75,8 @@ pub struct ErrorBody {
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
-/// A JSON request body; a body that is not valid JSON of the expected shape is a 400
-/// naming what is wrong.
+/// A JSON request body; a body that is not valid JSON of the expected shape, or that has
+/// a field the type does not know at any depth, is a 400 naming what is wrong.
 pub struct Body<T>(pub T);
 
 #[axum::async_trait]
@@ -84,13 +84,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(rej) => Err(ApiError::BadRequest(format!(
-                "request body: {}; send JSON as described in /openapi.json",
-                rej.body_text()
-            ))),
-        }
+        let bad = |why: String| {
+            ApiError::BadRequest(format!(
+                "request body: {why}; send JSON as described in /openapi.json"
+            ))
+        };
+        let Json(value) = Json::<serde_json::Value>::from_request(req, state)
+            .await
+            .map_err(|rej| bad(rej.body_text()))?;
+        tern_api::request::from_value(value).map(Body).map_err(bad)
     }
 }
 
