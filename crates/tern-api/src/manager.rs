@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::migration::{Phase, RoundProgress, RoundTelemetry};
+use crate::migration::{Phase, PolicyKind, RoundProgress, RoundTelemetry};
 
 /// Milliseconds since the Unix epoch; decisions take the time as a value, never read a clock.
 pub type Millis = u64;
@@ -182,7 +182,7 @@ pub struct Migration {
     pub from: String,
     pub to: String,
     /// The termination policy of the pre-copy rounds.
-    pub policy: String,
+    pub policy: PolicyKind,
     pub reason: MigrationReason,
     #[cfg_attr(feature = "openapi", schema(value_type = u64))]
     pub started: Millis,
@@ -219,7 +219,7 @@ pub struct BalancerSettings {
     #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub smoothing_window: u32,
     /// Termination policy used when a migration names none.
-    pub default_policy: String,
+    pub default_policy: PolicyKind,
 }
 
 impl Default for BalancerSettings {
@@ -234,7 +234,7 @@ impl Default for BalancerSettings {
             max_per_cluster: 8,
             dead_after_s: 30,
             smoothing_window: 5,
-            default_policy: "adaptive".into(),
+            default_policy: PolicyKind::Adaptive,
         }
     }
 }
@@ -289,7 +289,7 @@ pub enum EventKind {
         vm: String,
         from: String,
         to: String,
-        policy: String,
+        policy: PolicyKind,
     },
     MigrationFinished {
         id: u64,
@@ -349,7 +349,7 @@ pub struct MigrateVm {
     pub to: Option<String>,
     /// Absent: the balancer's default policy.
     #[serde(default)]
-    pub policy: Option<String>,
+    pub policy: Option<PolicyKind>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

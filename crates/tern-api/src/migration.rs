@@ -38,6 +38,89 @@ impl Phase {
     }
 }
 
+/// A built-in pre-copy termination policy of tern's engine, by name (`tern-migrate`
+/// holds what each decides). Names are read as `FromStr` does: case-insensitive, with
+/// the aliases `qemu-rule` and `none`/`stop-and-copy`; written as [`PolicyKind::as_str`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// Stop when the remainder fits the downtime budget (QEMU's rule).
+    Qemu,
+    /// Xen's caps: 30 rounds, 3× memory, fewer than 50 dirty pages.
+    Xen,
+    /// Fragment-aware: hold back hot fragments, stop when rounds stop paying, throttle.
+    #[default]
+    Adaptive,
+    /// No live rounds: pause and copy everything.
+    StopCopy,
+}
+
+impl PolicyKind {
+    /// Every built-in policy, in a stable order.
+    pub const ALL: [PolicyKind; 4] = [
+        PolicyKind::Qemu,
+        PolicyKind::Xen,
+        PolicyKind::Adaptive,
+        PolicyKind::StopCopy,
+    ];
+
+    /// The canonical name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Qemu => "qemu",
+            PolicyKind::Xen => "xen",
+            PolicyKind::Adaptive => "adaptive",
+            PolicyKind::StopCopy => "stop-copy",
+        }
+    }
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A policy name that no policy answers to; the message lists those that do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownPolicy(pub String);
+
+impl std::fmt::Display for UnknownPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "unknown migration policy `{}`: use one of qemu (alias qemu-rule), xen, adaptive, stop-copy (alias none)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for UnknownPolicy {}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = UnknownPolicy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "qemu" | "qemu-rule" => Ok(PolicyKind::Qemu),
+            "xen" => Ok(PolicyKind::Xen),
+            "adaptive" => Ok(PolicyKind::Adaptive),
+            "stop-copy" | "stop-and-copy" | "none" => Ok(PolicyKind::StopCopy),
+            _ => Err(UnknownPolicy(s.to_owned())),
+        }
+    }
+}
+
+/// Read as [`FromStr`](std::str::FromStr) reads it, so the wire takes the aliases the
+/// command line does and a wrong name is refused with the list of right ones.
+impl<'de> Deserialize<'de> for PolicyKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// `POST /v1/migrations`: move `vm` from this host to the agent at `destination`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

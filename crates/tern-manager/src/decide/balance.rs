@@ -112,7 +112,7 @@ pub fn round(snap: &Snapshot, now: Millis) -> (Vec<Change>, BalancePlan) {
             now,
             v,
             &mv.to,
-            &snap.settings.default_policy,
+            snap.settings.default_policy,
             MigrationReason::Balance,
         ) {
             next = m.id + 1;

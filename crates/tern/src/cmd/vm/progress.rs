@@ -90,7 +90,7 @@ pub fn migrate(
     c: &Conn,
     name: &str,
     to: Option<String>,
-    policy: Option<String>,
+    policy: Option<tern_api::migration::PolicyKind>,
     no_wait: bool,
 ) -> anyhow::Result<()> {
     let client = c.client()?;
@@ -103,7 +103,7 @@ async fn follow(
     json_out: bool,
     name: &str,
     to: Option<String>,
-    policy: Option<String>,
+    policy: Option<tern_api::migration::PolicyKind>,
     no_wait: bool,
 ) -> anyhow::Result<()> {
     let http = client.http();
