@@ -121,6 +121,127 @@ impl<'de> Deserialize<'de> for PolicyKind {
     }
 }
 
+/// What moves a migration's memory, by the name `SendRequest.policy` takes and views
+/// and results carry: tern's engine under a termination policy, or QEMU's own migration
+/// of the whole VM (`qemu-native`; `qemu-native-auto-converge` with QEMU's
+/// auto-converge on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MigrationEngine {
+    Tern(PolicyKind),
+    QemuNative { auto_converge: bool },
+}
+
+impl Default for MigrationEngine {
+    fn default() -> Self {
+        MigrationEngine::Tern(PolicyKind::Adaptive)
+    }
+}
+
+impl MigrationEngine {
+    /// The phases a source migration walks with this engine, in order.
+    pub fn phases(self) -> &'static [Phase] {
+        match self {
+            MigrationEngine::Tern(_) => &[
+                Phase::Preparing,
+                Phase::Connecting,
+                Phase::PreCopy,
+                Phase::StopAndCopy,
+                Phase::DeviceState,
+                Phase::Resuming,
+            ],
+            // QEMU's migration covers the live rounds, the stop and the device state.
+            MigrationEngine::QemuNative { .. } => {
+                &[Phase::Preparing, Phase::PreCopy, Phase::Resuming]
+            }
+        }
+    }
+
+    /// The name the wire carries.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationEngine::Tern(p) => p.as_str(),
+            MigrationEngine::QemuNative {
+                auto_converge: false,
+            } => "qemu-native",
+            MigrationEngine::QemuNative {
+                auto_converge: true,
+            } => "qemu-native-auto-converge",
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An engine name that is neither a policy nor QEMU's migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownEngine(pub String);
+
+impl std::fmt::Display for UnknownEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}, or qemu-native", UnknownPolicy(self.0.clone()))
+    }
+}
+
+impl std::error::Error for UnknownEngine {}
+
+impl std::str::FromStr for MigrationEngine {
+    type Err = UnknownEngine;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "qemu-native" => Ok(MigrationEngine::QemuNative {
+                auto_converge: false,
+            }),
+            "qemu-native-auto-converge" => Ok(MigrationEngine::QemuNative {
+                auto_converge: true,
+            }),
+            _ => s
+                .parse()
+                .map(MigrationEngine::Tern)
+                .map_err(|_| UnknownEngine(s.to_owned())),
+        }
+    }
+}
+
+impl Serialize for MigrationEngine {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for MigrationEngine {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for MigrationEngine {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        let names = PolicyKind::ALL
+            .iter()
+            .map(|p| p.as_str())
+            .chain(["qemu-native", "qemu-native-auto-converge"]);
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(names))
+            .description(Some(
+                "tern's engine under a termination policy (aliases: qemu-rule, none), or \
+                 QEMU's own migration of the whole VM",
+            ))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for MigrationEngine {}
+
 /// `POST /v1/migrations`: move `vm` from this host to the agent at `destination`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -131,16 +252,12 @@ pub struct SendRequest {
     pub destination: String,
     /// The destination agent's bearer token.
     pub token: String,
-    /// `xen`, `qemu-rule` (alias `qemu`), `adaptive` or `stop-copy` for tern's engine;
+    /// `xen`, `qemu` (alias `qemu-rule`), `adaptive` or `stop-copy` for tern's engine;
     /// `qemu-native` for QEMU's own migration of the whole VM (the benchmark's peer).
-    #[serde(default = "adaptive")]
-    pub policy: String,
+    #[serde(default)]
+    pub policy: MigrationEngine,
     #[serde(default)]
     pub options: SendOptions,
-}
-
-fn adaptive() -> String {
-    "adaptive".into()
 }
 
 /// Tuning of one migration; every field has a default.
@@ -244,7 +361,7 @@ pub struct MigrationResult {
     /// lower bound M/B); unknown for `qemu-native`.
     pub nonzero_bytes: Option<u64>,
     pub converged: bool,
-    pub policy: String,
+    pub policy: MigrationEngine,
     pub stop_reason: StopReason,
     pub max_throttle_percent: u8,
     /// Where the downtime went: final scan and send, QEMU's device state, resume on the
@@ -262,7 +379,7 @@ pub struct MigrationView {
     pub id: String,
     pub vm: String,
     pub destination: String,
-    pub policy: String,
+    pub policy: MigrationEngine,
     pub phase: Phase,
     /// Why the migration was rolled back.
     pub error: Option<String>,
@@ -277,12 +394,12 @@ pub struct MigrationView {
 
 impl MigrationView {
     /// A migration about to start: nothing sent, nothing decided.
-    pub fn new(id: &str, vm: &str, destination: &str, policy: &str) -> Self {
+    pub fn new(id: &str, vm: &str, destination: &str, policy: MigrationEngine) -> Self {
         MigrationView {
             id: id.to_string(),
             vm: vm.to_string(),
             destination: destination.to_string(),
-            policy: policy.to_string(),
+            policy,
             phase: Phase::Preparing,
             error: None,
             rounds: Vec::new(),

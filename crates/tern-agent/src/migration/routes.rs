@@ -26,7 +26,8 @@ use serde_json::Value;
 use tern_hv::{HvError, VmState};
 
 use super::session::{
-    Engine, IncomingView, MigrationView, Outbound, PrepareRequest, Registry, SendRequest, Ticket,
+    engine, Engine, IncomingView, MigrationView, Outbound, PrepareRequest, Registry, SendRequest,
+    Ticket,
 };
 use super::{dest, source};
 use crate::api::{parse, Id};
@@ -49,7 +50,7 @@ pub enum MigrationCommand {
 /// Checks a send request without touching anything (pure).
 pub fn parse_send(body: &[u8]) -> Result<MigrationCommand, AgentError> {
     let req: SendRequest = parse(body)?;
-    let engine = Engine::parse(&req.policy, &req.options).map_err(AgentError::BadRequest)?;
+    let engine = engine(req.policy, &req.options).map_err(AgentError::BadRequest)?;
     req.options.validate().map_err(AgentError::BadRequest)?;
     let url = reqwest::Url::parse(&req.destination)
         .map_err(|e| AgentError::BadRequest(format!("destination {:?} is not a URL ({e}): give the destination agent's address, e.g. http://198.18.0.2:7070", req.destination)))?;
@@ -97,7 +98,7 @@ pub async fn execute(
                 &id,
                 &req.vm,
                 &req.destination,
-                engine.name(),
+                engine,
             )));
             reg.outbound
                 .lock()
