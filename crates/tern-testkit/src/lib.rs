@@ -76,20 +76,6 @@ fn is_root() -> bool {
         == Some("0")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cache_dir_follows_tern_cache() {
-        // Only this test in this binary touches TERN_CACHE.
-        std::env::set_var("TERN_CACHE", "/tmp/tern-testkit-cache");
-        assert_eq!(test_cache_dir(), PathBuf::from("/tmp/tern-testkit-cache"));
-        std::env::set_var("TERN_CACHE", "");
-        assert!(test_cache_dir().ends_with("../../target/tern-cache"));
-    }
-}
-
 /// Checks that the checked-in file `path` (relative to the repository root) holds
 /// `generated`; under `TERN_BLESS=1` writes it instead. The failure says `regenerate`,
 /// the command that rewrites it.
@@ -113,5 +99,19 @@ pub fn assert_generated(path: &str, generated: &str, regenerate: &str) {
              with `{regenerate}` and commit it",
             line + 1
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_dir_follows_tern_cache() {
+        // Only this test in this binary touches TERN_CACHE.
+        std::env::set_var("TERN_CACHE", "/tmp/tern-testkit-cache");
+        assert_eq!(test_cache_dir(), PathBuf::from("/tmp/tern-testkit-cache"));
+        std::env::set_var("TERN_CACHE", "");
+        assert!(test_cache_dir().ends_with("../../target/tern-cache"));
     }
 }
