@@ -279,6 +279,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn request_bodies_refuse_unknown_fields_at_any_depth() {
+        let e = parse::<CreateVm>(br#"{"id": "v", "spec": {"memory_mib": 64, "colour": 1}}"#)
+            .unwrap_err();
+        assert_eq!(e.status().as_u16(), 400);
+        assert!(e.to_string().contains("`spec.colour`"), "{e}");
+        assert!(parse::<CreateVm>(br#"{"id": "v", "spec": {"memory_mib": 64}}"#).is_ok());
+    }
+
+    #[test]
     fn auth_header() {
         assert!(check_auth(Some("Bearer s3cret"), "s3cret").is_ok());
         for bad in [
