@@ -27,6 +27,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::time::Duration;
+use tern_api::agent::{VmMetrics, VmView};
 use tern_hv::Action;
 
 /// How long a guest request may take by default.
@@ -115,24 +116,14 @@ fn json<T: serde::Serialize>(v: T) -> Value {
 /// [`crate::server::app`].
 pub fn router(state: AppState) -> Router<AppState> {
     Router::new()
-        .route("/v1/host", get(|s: State<AppState>| run(s, Command::Host)))
-        .route(
-            "/v1/vms",
-            get(|s: State<AppState>| run(s, Command::ListVms)).post(create),
-        )
-        .route(
-            "/v1/vms/:id",
-            get(|s: State<AppState>, Path(id): Path<String>| run(s, Command::ShowVm(id)))
-                .delete(|s: State<AppState>, Path(id): Path<String>| run(s, Command::DeleteVm(id))),
-        )
-        .route("/v1/vms/:id/start", act_route(Action::Start))
-        .route("/v1/vms/:id/pause", act_route(Action::Pause))
-        .route("/v1/vms/:id/resume", act_route(Action::Resume))
-        .route("/v1/vms/:id/stop", act_route(Action::Stop))
-        .route(
-            "/v1/vms/:id/metrics",
-            get(|s: State<AppState>, Path(id): Path<String>| run(s, Command::Metrics(id))),
-        )
+        .route("/v1/host", get(host))
+        .route("/v1/vms", get(list_vms).post(create))
+        .route("/v1/vms/:id", get(show_vm).delete(delete_vm))
+        .route("/v1/vms/:id/start", post(start))
+        .route("/v1/vms/:id/pause", post(pause))
+        .route("/v1/vms/:id/resume", post(resume))
+        .route("/v1/vms/:id/stop", post(stop))
+        .route("/v1/vms/:id/metrics", get(metrics))
         .route("/v1/vms/:id/guest", post(guest))
         .fallback(|| async {
             (
@@ -146,10 +137,21 @@ pub fn router(state: AppState) -> Router<AppState> {
         .layer(middleware::from_fn_with_state(state, auth))
 }
 
-fn act_route(action: Action) -> axum::routing::MethodRouter<AppState> {
-    post(move |s: State<AppState>, Path(id): Path<String>| run(s, Command::Act(id, action)))
+#[utoipa::path(get, path = "/v1/host", summary = "capacity and load",
+    responses((status = 200, description = "ok", body = HostReport)))]
+async fn host(s: State<AppState>) -> Response {
+    run(s, Command::Host).await
 }
 
+#[utoipa::path(get, path = "/v1/vms", summary = "list VMs",
+    responses((status = 200, description = "ok", body = Vec<VmView>)))]
+async fn list_vms(s: State<AppState>) -> Response {
+    run(s, Command::ListVms).await
+}
+
+#[utoipa::path(post, path = "/v1/vms", summary = "create a VM (and start it unless start is false)",
+    request_body = CreateVm,
+    responses((status = 201, description = "created", body = VmView)))]
 async fn create(s: State<AppState>, body: Bytes) -> Response {
     match parse::<CreateVm>(&body) {
         Ok(c) => run(s, Command::CreateVm(c)).await,
@@ -157,11 +159,73 @@ async fn create(s: State<AppState>, body: Bytes) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/v1/vms/{id}", summary = "one VM", params(Id),
+    responses((status = 200, description = "ok", body = VmView)))]
+async fn show_vm(s: State<AppState>, Path(id): Path<String>) -> Response {
+    run(s, Command::ShowVm(id)).await
+}
+
+/// `DELETE /v1/vms/{id}`'s answer.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Deleted {
+    /// The VM's id.
+    pub deleted: String,
+}
+
+#[utoipa::path(delete, path = "/v1/vms/{id}", summary = "destroy a VM and remove its files",
+    params(Id), responses((status = 200, description = "ok", body = Deleted)))]
+async fn delete_vm(s: State<AppState>, Path(id): Path<String>) -> Response {
+    run(s, Command::DeleteVm(id)).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/start", summary = "start a created or stopped VM",
+    params(Id), responses((status = 200, description = "ok", body = VmView)))]
+async fn start(s: State<AppState>, Path(id): Path<String>) -> Response {
+    run(s, Command::Act(id, Action::Start)).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/pause", summary = "pause a running VM",
+    params(Id), responses((status = 200, description = "ok", body = VmView)))]
+async fn pause(s: State<AppState>, Path(id): Path<String>) -> Response {
+    run(s, Command::Act(id, Action::Pause)).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/resume", summary = "resume a paused VM",
+    params(Id), responses((status = 200, description = "ok", body = VmView)))]
+async fn resume(s: State<AppState>, Path(id): Path<String>) -> Response {
+    run(s, Command::Act(id, Action::Resume)).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/stop", summary = "power a VM off, keeping its definition",
+    params(Id), responses((status = 200, description = "ok", body = VmView)))]
+async fn stop(s: State<AppState>, Path(id): Path<String>) -> Response {
+    run(s, Command::Act(id, Action::Stop)).await
+}
+
+#[utoipa::path(get, path = "/v1/vms/{id}/metrics", summary = "vCPU threads' CPU time, memory",
+    params(Id), responses((status = 200, description = "ok", body = VmMetrics)))]
+async fn metrics(s: State<AppState>, Path(id): Path<String>) -> Response {
+    run(s, Command::Metrics(id)).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/guest",
+    summary = "one request to the guest agent, its answer back", params(Id),
+    request_body = tern_api::guest::Command,
+    responses((status = 200, description = "the guest agent's answer", body = Object)))]
 async fn guest(s: State<AppState>, Path(id): Path<String>, body: Bytes) -> Response {
     match parse::<Value>(&body) {
         Ok(v) => run(s, Command::Guest(id, v)).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// The `{id}` of a VM or migration route.
+#[derive(utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct Id {
+    /// The VM's or the migration's id.
+    #[allow(dead_code)]
+    id: String,
 }
 
 async fn run(State(state): State<AppState>, cmd: Command) -> Response {
@@ -171,9 +235,11 @@ async fn run(State(state): State<AppState>, cmd: Command) -> Response {
     }
 }
 
-/// Parses a JSON body, reporting what is wrong as a 400.
+/// Parses a JSON body, refusing fields the type does not know at any depth, and
+/// reporting what is wrong as a 400.
 pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, AgentError> {
-    serde_json::from_slice(body).map_err(|e| AgentError::BadRequest(format!("request body: {e}")))
+    tern_api::request::from_slice(body)
+        .map_err(|e| AgentError::BadRequest(format!("request body: {e}")))
 }
 
 /// Compares in time independent of where the strings differ.
@@ -213,6 +279,15 @@ pub async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_bodies_refuse_unknown_fields_at_any_depth() {
+        let e = parse::<CreateVm>(br#"{"id": "v", "spec": {"memory_mib": 64, "colour": 1}}"#)
+            .unwrap_err();
+        assert_eq!(e.status().as_u16(), 400);
+        assert!(e.to_string().contains("`spec.colour`"), "{e}");
+        assert!(parse::<CreateVm>(br#"{"id": "v", "spec": {"memory_mib": 64}}"#).is_ok());
+    }
 
     #[test]
     fn auth_header() {

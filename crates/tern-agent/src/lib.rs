@@ -8,6 +8,7 @@
 //!   [`guest`]: the guest agent channel.
 //! - [`client`]: a typed HTTP client for the API (CLI, lab, manager, migration source).
 //! - [`migration`]: tern's live-migration engine.
+//! - [`openapi`]: the API's OpenAPI document, generated from the handlers and types.
 
 pub mod api;
 pub mod client;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod guest;
 pub mod host;
 pub mod migration;
+pub mod openapi;
 pub mod server;
 pub mod state;
 pub mod vms;

@@ -42,7 +42,7 @@ struct Run {
 
 /// A migration's status record, as the source agent keeps it.
 fn job() -> Outbound {
-    let mut view = MigrationView::new("m", "v", "http://127.0.0.1:1", "adaptive");
+    let mut view = MigrationView::new("m", "v", "http://127.0.0.1:1", Default::default());
     view.phase = Phase::PreCopy;
     Outbound::new(view)
 }

@@ -29,7 +29,7 @@ pub const MAX_VCPUS: u32 = 64;
 /// A VM as the caller describes it. Host-side paths (memory file, sockets) are the
 /// driver's choice and are reported back in [`VmInfo`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmSpec {
     /// Number of virtual CPUs.
     #[serde(default = "one")]
@@ -40,9 +40,11 @@ pub struct VmSpec {
     /// Kernel to boot directly. Absent: the guest runs only its firmware (useful to test
     /// device-state migration without an image).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub kernel: Option<PathBuf>,
     /// Initramfs for the kernel.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub initramfs: Option<PathBuf>,
     /// Kernel command line.
     #[serde(default)]
@@ -58,7 +60,7 @@ fn one() -> u32 {
 
 /// One virtio NIC. The MAC travels with the VM so the guest keeps its address when it moves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Nic {
     /// `52:54:00:xx:xx:xx`; absent: derived from the VM id, so it is stable across moves.
     #[serde(default)]
@@ -127,6 +129,7 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 
 /// A VM as a driver reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmInfo {
     pub id: String,
     pub state: VmState,
@@ -134,10 +137,13 @@ pub struct VmInfo {
     /// The MAC of each NIC, in order (derived ones filled in).
     pub macs: Vec<String>,
     /// The guest's RAM: a file on tmpfs the agent can map (`None` for the sim driver).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub memory_file: Option<PathBuf>,
     /// The socket of the guest agent's channel (JSON lines).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub control_socket: Option<PathBuf>,
     /// Where the guest's serial console is written.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub console_log: Option<PathBuf>,
     /// The hypervisor process, while there is one.
     pub pid: Option<u32>,
@@ -145,6 +151,7 @@ pub struct VmInfo {
 
 /// CPU time of one vCPU thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VcpuSample {
     pub index: u32,
     pub thread_id: u32,
@@ -153,6 +160,7 @@ pub struct VcpuSample {
 
 /// Per-VM measurements at one instant. CPU times are cumulative; a rate needs two samples.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmMetrics {
     pub vcpus: Vec<VcpuSample>,
     /// Sum over the vCPU threads.
@@ -165,6 +173,7 @@ pub struct VmMetrics {
 
 /// Where a VM is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// Defined and its process exists, but the guest has not run yet.
@@ -192,6 +201,7 @@ impl std::fmt::Display for VmState {
 
 /// What a caller asks of a VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     Start,
@@ -216,6 +226,7 @@ impl Action {
 
 /// What the host offers to guests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Capacity {
     pub cpus: u32,
     pub memory_mib: u64,
@@ -223,6 +234,7 @@ pub struct Capacity {
 
 /// What guests use now.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Load {
     /// CPU the vCPU threads of all VMs used over the last sampling interval, in cores.
     pub vm_cpu_cores: f64,
@@ -233,6 +245,7 @@ pub struct Load {
 
 /// `GET /v1/host`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HostReport {
     pub name: String,
     /// `qemu` or `sim`.
@@ -244,8 +257,10 @@ pub struct HostReport {
 
 /// `POST /v1/vms`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[a-z0-9][a-z0-9-]{0,47}$"))]
     pub id: VmName,
     pub spec: VmSpec,
     /// Run the guest right away (default) or leave it created.
@@ -259,6 +274,7 @@ fn yes() -> bool {
 
 /// A VM as the API shows it: the driver's view plus its measured CPU use.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmView {
     #[serde(flatten)]
     pub info: VmInfo,
@@ -268,6 +284,7 @@ pub struct VmView {
 
 /// The JSON body of every error response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = Error))]
 pub struct ErrorBody {
     pub error: String,
     pub kind: String,

@@ -46,6 +46,7 @@ pub struct Request {
 
 /// What the host asks the guest to do.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = GuestRequest))]
 #[serde(tag = "cmd", rename_all = "kebab-case")]
 pub enum Command {
     /// Liveness check; answers with the agent version and uptime.
@@ -54,7 +55,9 @@ pub enum Command {
     Status,
     /// Starts a workload; a running workload of the same kind is replaced.
     Start {
+        /// A command line like `memdirty --mib 128 --mbps 50`, or the workload as an object.
         #[serde(with = "spec_text_or_object")]
+        #[cfg_attr(feature = "openapi", schema(value_type = Object))]
         workload: WorkloadSpec,
     },
     /// Stops the workload of the given kind (`memdirty`, `cpu`, `echo-server`, `verifier`).

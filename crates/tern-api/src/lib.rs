@@ -2,7 +2,9 @@
 //! as plain serde types with no behaviour beyond checking and naming themselves.
 //!
 //! Responses accept fields they do not know, so an older reader can talk to a newer
-//! writer; request bodies refuse them, so a typo is an error rather than ignored.
+//! writer; request bodies refuse them, so a typo is an error rather than ignored: the
+//! servers read them through `request`, which refuses unknown fields at every depth,
+//! since the same types (a VM spec, a capacity) travel inside responses too.
 //!
 //! # Layout
 //! - [`agent`]: the agent's API: host report, VM spec and views, actions, error body.
@@ -11,9 +13,16 @@
 //! - [`manager`]: the manager's API: hosts, VMs, migrations, settings, plan, events.
 //! - `client` (feature `client`): one HTTP client for both servers, typed per route.
 //! - [`guest`]: the JSON-lines protocol between the host and `tern-guest` in a VM.
+//! - `request` (feature `server`): request bodies parsed strictly, at every depth.
+//! - `openapi` (feature `openapi`): what both servers' OpenAPI documents share; every
+//!   type here derives `utoipa::ToSchema` under that feature.
 pub mod agent;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod guest;
 pub mod manager;
 pub mod migration;
+#[cfg(feature = "openapi")]
+pub mod openapi;
+#[cfg(feature = "server")]
+pub mod request;

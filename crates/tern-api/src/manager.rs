@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::migration::{Phase, RoundProgress, RoundTelemetry};
+use crate::migration::{Phase, PolicyKind, RoundProgress, RoundTelemetry};
 use tern_model::{HostName, VmName};
 
 /// Milliseconds since the Unix epoch; decisions take the time as a value, never read a clock.
@@ -13,6 +13,7 @@ pub type Millis = u64;
 
 /// Whether a host takes VMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum HostState {
     Active,
@@ -40,22 +41,27 @@ impl HostState {
 
 /// What a host offers to VMs.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Capacity {
     /// Physical cores available to guests.
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0))]
     pub cpus: f64,
     /// Memory available to guests, MiB; VMs never overcommit it.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub memory_mib: u64,
 }
 
 /// A host as the manager knows it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Host {
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z0-9][a-z0-9-]{0,47}$"))]
     pub name: String,
     /// Where its agent answers (`http://ADDR:PORT`, or `sim:` for an in-process host).
     pub address: String,
     pub capacity: Capacity,
     pub state: HostState,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
     pub last_heartbeat: Option<Millis>,
     /// Cores in use at the last heartbeat.
     pub cpu_used: Option<f64>,
@@ -65,9 +71,11 @@ pub struct Host {
 
 /// What an operator asks for when creating a VM.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmSpec {
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 64))]
     pub vcpus: u32,
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1048576))]
     pub memory_mib: u64,
     /// Pinned VMs stay where they are placed: the balancer never moves them.
     #[serde(default)]
@@ -87,6 +95,7 @@ pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 
 /// Where a VM is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// Recorded with a desired host; not yet seen running there.
@@ -126,7 +135,9 @@ impl VmState {
 
 /// A VM: what was asked (spec, desired host) beside what agents report (observed host, load).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Vm {
+    #[cfg_attr(feature = "openapi", schema(pattern = "^[a-z0-9][a-z0-9-]{0,47}$"))]
     pub name: String,
     pub spec: VmSpec,
     pub desired_host: Option<String>,
@@ -139,11 +150,13 @@ pub struct Vm {
     #[serde(default)]
     pub cpu_measured: bool,
     /// When it last moved; the balancer leaves it alone for the cooldown after that.
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
     pub last_moved: Option<Millis>,
 }
 
 /// Why a migration was started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum MigrationReason {
     Manual,
@@ -153,6 +166,7 @@ pub enum MigrationReason {
 
 /// How a migration ended, or that it has not yet.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum MigrationResult {
     Running,
@@ -162,42 +176,51 @@ pub enum MigrationResult {
 
 /// One live migration, kept after it ends as a record.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Migration {
     pub id: u64,
     pub vm: String,
     pub from: String,
     pub to: String,
     /// The termination policy of the pre-copy rounds.
-    pub policy: String,
+    pub policy: PolicyKind,
     pub reason: MigrationReason,
+    #[cfg_attr(feature = "openapi", schema(value_type = u64))]
     pub started: Millis,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
     pub finished: Option<Millis>,
     pub result: MigrationResult,
 }
 
 /// How aggressively the balancer acts, and its safety limits.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BalancerSettings {
     pub enabled: bool,
     /// Record plans as events without migrating anything.
     pub dry_run: bool,
     /// 1 (only fix severe imbalance) to 5 (act on small gains), as in VMware DRS.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 5))]
     pub aggressiveness: u8,
     /// Seconds between balancing rounds.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub interval_s: u64,
     /// A VM that moved is not moved again for this many seconds.
     pub cooldown_s: u64,
     /// Migrations at once touching one host (as source or destination).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub max_per_host: u32,
     /// Migrations at once in the whole cluster.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub max_per_cluster: u32,
     /// A host silent this long is declared dead and its VMs restarted elsewhere.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub dead_after_s: u64,
     /// Load reports the EWMA smooths over (its alpha is 2 / (window + 1)).
+    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
     pub smoothing_window: u32,
     /// Termination policy used when a migration names none.
-    pub default_policy: String,
+    pub default_policy: PolicyKind,
 }
 
 impl Default for BalancerSettings {
@@ -212,7 +235,7 @@ impl Default for BalancerSettings {
             max_per_cluster: 8,
             dead_after_s: 30,
             smoothing_window: 5,
-            default_policy: "adaptive".into(),
+            default_policy: PolicyKind::Adaptive,
         }
     }
 }
@@ -226,6 +249,7 @@ impl BalancerSettings {
 
 /// What happened, in the order it happened; the event log is append-only.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum EventKind {
     HostRegistered {
@@ -266,7 +290,7 @@ pub enum EventKind {
         vm: String,
         from: String,
         to: String,
-        policy: String,
+        policy: PolicyKind,
     },
     MigrationFinished {
         id: u64,
@@ -283,46 +307,56 @@ pub enum EventKind {
 
 /// A numbered event.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Event {
     pub seq: u64,
+    #[cfg_attr(feature = "openapi", schema(value_type = u64))]
     pub time: Millis,
     #[serde(flatten)]
     pub kind: EventKind,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 /// `POST /v1/hosts`.
 pub struct RegisterHost {
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[a-z0-9][a-z0-9-]{0,47}$"))]
     pub name: HostName,
     pub address: String,
     pub capacity: Capacity,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 /// `POST /v1/vms`.
 pub struct CreateVm {
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[a-z0-9][a-z0-9-]{0,47}$"))]
     pub name: VmName,
     pub spec: VmSpec,
     /// Absent: the manager places it.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, pattern = "^[a-z0-9][a-z0-9-]{0,47}$"))]
     pub host: Option<HostName>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 /// `POST /v1/vms/{name}/migrate`.
 pub struct MigrateVm {
     /// Absent: the manager picks the best other host.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, pattern = "^[a-z0-9][a-z0-9-]{0,47}$"))]
     pub to: Option<HostName>,
     /// Absent: the balancer's default policy.
     #[serde(default)]
-    pub policy: Option<String>,
+    pub policy: Option<PolicyKind>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 /// The query of `GET /v1/events` and `/v1/events/stream`.
 pub struct Page {
@@ -341,6 +375,7 @@ fn default_limit() -> usize {
 
 /// A migration record and, while it runs, its telemetry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MigrationView {
     #[serde(flatten)]
     pub record: Migration,
@@ -350,6 +385,7 @@ pub struct MigrationView {
 
 /// The query of `GET /v1/migrations`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     #[serde(default = "default_limit")]
@@ -361,9 +397,11 @@ pub struct ListQuery {
 
 /// A host's load report, sent with each heartbeat.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct LoadReport {
     /// Cores in use on the host.
+    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
     pub cpu_used: f64,
     /// The VMs running there and the cores each uses.
     #[serde(default)]
@@ -371,6 +409,7 @@ pub struct LoadReport {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VmLoad {
     pub name: String,
@@ -379,6 +418,7 @@ pub struct VmLoad {
 
 /// What the manager answers a heartbeat with.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HeartbeatReply {
     /// VMs the host reported that belong elsewhere (it came back after being declared
     /// dead and they were restarted): the agent destroys these before taking new work.
@@ -387,6 +427,7 @@ pub struct HeartbeatReply {
 
 /// A move the round keeps.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PlannedMove {
     pub vm: String,
     pub from: String,
@@ -400,6 +441,7 @@ pub struct PlannedMove {
 
 /// A round's plan and what was left out.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BalancePlan {
     pub score_before: f64,
     pub score_after: f64,
@@ -415,6 +457,7 @@ pub struct BalancePlan {
 /// `tern-balance` names them) and the manager's own reasons for dropping a proposal.
 /// Declared in the order of their names, so maps keyed by them list them as before.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum NotMoved {
     /// The instance's `auto_balance` flag is off.
@@ -509,6 +552,7 @@ const PAGE_BYTES: u64 = 4096;
 /// A running migration's latest telemetry, as its source reports it: the same shape
 /// whether it comes from a real agent's engine or from the pre-copy model.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Progress {
     /// The source's phase: `preparing`, `connecting`, `pre_copy`, `stop_and_copy`,
     /// `device_state` or `resuming`.

@@ -18,6 +18,7 @@ use crate::agent::VmSpec;
 
 /// Where a source migration is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema), schema(as = MigrationPhase))]
 #[serde(rename_all = "snake_case")]
 pub enum Phase {
     #[default]
@@ -37,8 +38,213 @@ impl Phase {
     }
 }
 
+/// A built-in pre-copy termination policy of tern's engine, by name (`tern-migrate`
+/// holds what each decides). Names are read as `FromStr` does: case-insensitive, with
+/// the aliases `qemu-rule` and `none`/`stop-and-copy`; written as [`PolicyKind::as_str`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum PolicyKind {
+    /// Stop when the remainder fits the downtime budget (QEMU's rule).
+    Qemu,
+    /// Xen's caps: 30 rounds, 3× memory, fewer than 50 dirty pages.
+    Xen,
+    /// Fragment-aware: hold back hot fragments, stop when rounds stop paying, throttle.
+    #[default]
+    Adaptive,
+    /// No live rounds: pause and copy everything.
+    StopCopy,
+}
+
+impl PolicyKind {
+    /// Every built-in policy, in a stable order.
+    pub const ALL: [PolicyKind; 4] = [
+        PolicyKind::Qemu,
+        PolicyKind::Xen,
+        PolicyKind::Adaptive,
+        PolicyKind::StopCopy,
+    ];
+
+    /// The canonical name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PolicyKind::Qemu => "qemu",
+            PolicyKind::Xen => "xen",
+            PolicyKind::Adaptive => "adaptive",
+            PolicyKind::StopCopy => "stop-copy",
+        }
+    }
+}
+
+impl std::fmt::Display for PolicyKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A policy name that no policy answers to; the message lists those that do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownPolicy(pub String);
+
+impl std::fmt::Display for UnknownPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "unknown migration policy `{}`: use one of qemu (alias qemu-rule), xen, adaptive, stop-copy (alias none)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for UnknownPolicy {}
+
+impl std::str::FromStr for PolicyKind {
+    type Err = UnknownPolicy;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "qemu" | "qemu-rule" => Ok(PolicyKind::Qemu),
+            "xen" => Ok(PolicyKind::Xen),
+            "adaptive" => Ok(PolicyKind::Adaptive),
+            "stop-copy" | "stop-and-copy" | "none" => Ok(PolicyKind::StopCopy),
+            _ => Err(UnknownPolicy(s.to_owned())),
+        }
+    }
+}
+
+/// Read as [`FromStr`](std::str::FromStr) reads it, so the wire takes the aliases the
+/// command line does and a wrong name is refused with the list of right ones.
+impl<'de> Deserialize<'de> for PolicyKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What moves a migration's memory, by the name `SendRequest.policy` takes and views
+/// and results carry: tern's engine under a termination policy, or QEMU's own migration
+/// of the whole VM (`qemu-native`; `qemu-native-auto-converge` with QEMU's
+/// auto-converge on).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MigrationEngine {
+    Tern(PolicyKind),
+    QemuNative { auto_converge: bool },
+}
+
+impl Default for MigrationEngine {
+    fn default() -> Self {
+        MigrationEngine::Tern(PolicyKind::Adaptive)
+    }
+}
+
+impl MigrationEngine {
+    /// The phases a source migration walks with this engine, in order.
+    pub fn phases(self) -> &'static [Phase] {
+        match self {
+            MigrationEngine::Tern(_) => &[
+                Phase::Preparing,
+                Phase::Connecting,
+                Phase::PreCopy,
+                Phase::StopAndCopy,
+                Phase::DeviceState,
+                Phase::Resuming,
+            ],
+            // QEMU's migration covers the live rounds, the stop and the device state.
+            MigrationEngine::QemuNative { .. } => {
+                &[Phase::Preparing, Phase::PreCopy, Phase::Resuming]
+            }
+        }
+    }
+
+    /// The name the wire carries.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationEngine::Tern(p) => p.as_str(),
+            MigrationEngine::QemuNative {
+                auto_converge: false,
+            } => "qemu-native",
+            MigrationEngine::QemuNative {
+                auto_converge: true,
+            } => "qemu-native-auto-converge",
+        }
+    }
+}
+
+impl std::fmt::Display for MigrationEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An engine name that is neither a policy nor QEMU's migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownEngine(pub String);
+
+impl std::fmt::Display for UnknownEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}, or qemu-native", UnknownPolicy(self.0.clone()))
+    }
+}
+
+impl std::error::Error for UnknownEngine {}
+
+impl std::str::FromStr for MigrationEngine {
+    type Err = UnknownEngine;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "qemu-native" => Ok(MigrationEngine::QemuNative {
+                auto_converge: false,
+            }),
+            "qemu-native-auto-converge" => Ok(MigrationEngine::QemuNative {
+                auto_converge: true,
+            }),
+            _ => s
+                .parse()
+                .map(MigrationEngine::Tern)
+                .map_err(|_| UnknownEngine(s.to_owned())),
+        }
+    }
+}
+
+impl Serialize for MigrationEngine {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for MigrationEngine {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for MigrationEngine {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        let names = PolicyKind::ALL
+            .iter()
+            .map(|p| p.as_str())
+            .chain(["qemu-native", "qemu-native-auto-converge"]);
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .enum_values(Some(names))
+            .description(Some(
+                "tern's engine under a termination policy (aliases: qemu-rule, none), or \
+                 QEMU's own migration of the whole VM",
+            ))
+            .into()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for MigrationEngine {}
+
 /// `POST /v1/migrations`: move `vm` from this host to the agent at `destination`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SendRequest {
     pub vm: String,
@@ -46,20 +252,17 @@ pub struct SendRequest {
     pub destination: String,
     /// The destination agent's bearer token.
     pub token: String,
-    /// `xen`, `qemu-rule` (alias `qemu`), `adaptive` or `stop-copy` for tern's engine;
+    /// `xen`, `qemu` (alias `qemu-rule`), `adaptive` or `stop-copy` for tern's engine;
     /// `qemu-native` for QEMU's own migration of the whole VM (the benchmark's peer).
-    #[serde(default = "adaptive")]
-    pub policy: String,
+    #[serde(default)]
+    pub policy: MigrationEngine,
     #[serde(default)]
     pub options: SendOptions,
 }
 
-fn adaptive() -> String {
-    "adaptive".into()
-}
-
 /// Tuning of one migration; every field has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields, default)]
 pub struct SendOptions {
     /// Parallel memory streams.
@@ -120,6 +323,7 @@ impl SendOptions {
 
 /// `POST /v1/migrations/incoming`: the destination prepares to receive `vm`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PrepareRequest {
     pub vm: String,
@@ -131,6 +335,7 @@ pub struct PrepareRequest {
 
 /// The destination's answer to a prepare: where to send memory and device state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Ticket {
     pub migration: String,
     /// Secret the memory streams must present.
@@ -142,6 +347,7 @@ pub struct Ticket {
 
 /// The result of a finished migration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MigrationResult {
     pub total_ms: u64,
     /// From pausing the source to the destination running.
@@ -155,7 +361,7 @@ pub struct MigrationResult {
     /// lower bound M/B); unknown for `qemu-native`.
     pub nonzero_bytes: Option<u64>,
     pub converged: bool,
-    pub policy: String,
+    pub policy: MigrationEngine,
     pub stop_reason: StopReason,
     pub max_throttle_percent: u8,
     /// Where the downtime went: final scan and send, QEMU's device state, resume on the
@@ -168,11 +374,12 @@ pub struct MigrationResult {
 
 /// What `GET /v1/migrations/{id}` shows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MigrationView {
     pub id: String,
     pub vm: String,
     pub destination: String,
-    pub policy: String,
+    pub policy: MigrationEngine,
     pub phase: Phase,
     /// Why the migration was rolled back.
     pub error: Option<String>,
@@ -187,12 +394,12 @@ pub struct MigrationView {
 
 impl MigrationView {
     /// A migration about to start: nothing sent, nothing decided.
-    pub fn new(id: &str, vm: &str, destination: &str, policy: &str) -> Self {
+    pub fn new(id: &str, vm: &str, destination: &str, policy: MigrationEngine) -> Self {
         MigrationView {
             id: id.to_string(),
             vm: vm.to_string(),
             destination: destination.to_string(),
-            policy: policy.to_string(),
+            policy,
             phase: Phase::Preparing,
             error: None,
             rounds: Vec::new(),
@@ -204,6 +411,7 @@ impl MigrationView {
 
 /// Where an incoming migration is, as the destination sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum IncomingPhase {
     Receiving,
@@ -214,6 +422,7 @@ pub enum IncomingPhase {
 
 /// `GET /v1/migrations/incoming/{id}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct IncomingView {
     pub migration: String,
     pub vm: String,
@@ -228,6 +437,7 @@ pub struct IncomingView {
 /// Times are seconds and rates bytes per second, as `f64`, because the simulator adds
 /// thousands of them and the engine measures them with sub-millisecond resolution.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RoundTelemetry {
     /// 1-based round number; round 1 is the first full pass over memory.
     pub round: u32,
@@ -264,6 +474,7 @@ pub struct RoundTelemetry {
 /// A round part way through: how far the engine got sending it (or a point inside a
 /// model round), so a round that carries gigabytes is seen moving before it ends.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RoundProgress {
     /// 1-based, as in [`RoundTelemetry::round`]; the stop-and-copy pass is the round
     /// after the last live one.
@@ -282,6 +493,7 @@ pub struct RoundProgress {
 
 /// Why iteration ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
     /// The policy never iterates (plain stop-and-copy).

@@ -64,10 +64,11 @@ mod tests {
     }
 
     #[test]
-    fn unknown_fields_are_refused() {
-        let r: std::result::Result<VmSpec, _> =
-            serde_json::from_str(r#"{"memory_mib": 1, "memroy": 2}"#);
-        assert!(r.is_err());
+    fn a_spec_read_alone_ignores_fields_it_does_not_know() {
+        // A spec inside a newer agent's answer may carry fields this one lacks; the
+        // servers refuse them in requests (`tern_api::request`).
+        let s: VmSpec = serde_json::from_str(r#"{"memory_mib": 1, "balloon": 2}"#).unwrap();
+        assert_eq!(s.memory_mib, 1);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub use tern_api::manager::{
     BalancerSettings, Capacity, Event, EventKind, Host, HostState, Migration, MigrationReason,
     MigrationResult, Millis, Vm, VmSpec, VmState, MAX_MEMORY_MIB, MAX_VCPUS,
 };
+pub use tern_api::migration::PolicyKind;
 
 /// The manager's checks of a value that arrived through the API, before it is used.
 pub trait Validate {

@@ -148,7 +148,7 @@ impl Server {
 }
 
 fn doc() -> Value {
-    serde_json::from_str(tern_manager::api::OPENAPI).expect("docs/openapi.json is JSON")
+    serde_json::from_str(&tern_manager::api::OPENAPI).expect("the OpenAPI document is JSON")
 }
 
 /// `(method, path with examples filled in, example body, documented statuses, secured)`.

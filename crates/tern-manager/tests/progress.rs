@@ -84,7 +84,7 @@ async fn a_running_migration_reports_its_rounds_through_the_api() {
         .execute(Command::MigrateVm {
             name: "busy".into(),
             to: Some("b".into()),
-            policy: Some("adaptive".into()),
+            policy: Some(tern_api::migration::PolicyKind::Adaptive),
         })
         .unwrap();
     control.dispatch().unwrap();

@@ -76,7 +76,7 @@ fn both(hosts: usize, vms: &[VmCase], now: f64) -> (State, Snapshot) {
                     vm: name.clone(),
                     from: from.clone(),
                     to: desired.clone(),
-                    policy: "adaptive".into(),
+                    policy: tern_api::migration::PolicyKind::Adaptive,
                     reason: MigrationReason::Balance,
                     started: (now as u64 - 10) * 1000,
                     finished: None,

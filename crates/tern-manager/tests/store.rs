@@ -46,7 +46,7 @@ fn everything_committed_is_loaded_back_after_reopening() {
         vm: "a".into(),
         from: "h1".into(),
         to: "h2".into(),
-        policy: "default".into(),
+        policy: tern_api::migration::PolicyKind::Adaptive,
         reason: MigrationReason::Balance,
         started: 10,
         finished: None,

@@ -2,12 +2,10 @@
 
 use thiserror::Error;
 
-/// What is wrong with a request to the migration model or a policy name.
+/// What is wrong with a request to the migration model (an unknown policy name is
+/// `tern_api`'s `UnknownPolicy`, where the names live).
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum MigrateError {
-    /// A policy name that no policy answers to.
-    #[error("unknown migration policy `{name}`: use one of qemu (alias qemu-rule), xen, adaptive, stop-copy (alias none)")]
-    UnknownPolicy { name: String },
     /// A parameter outside the range the model can work with.
     #[error("invalid migration parameter `{field}`: {reason}")]
     InvalidParam { field: &'static str, reason: String },

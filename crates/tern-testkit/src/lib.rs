@@ -8,6 +8,7 @@
 //! # Layout
 //! - [`test_cache_dir`]: the image and kernel cache all tests share.
 //! - [`require_qemu`], [`require_lab`]: skip, or fail under `CI`.
+//! - [`assert_generated`]: a checked-in file equals what the code generates.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -73,6 +74,32 @@ fn is_root() -> bool {
         .find_map(|l| l.strip_prefix("Uid:"))
         .and_then(|ids| ids.split_whitespace().nth(1))
         == Some("0")
+}
+
+/// Checks that the checked-in file `path` (relative to the repository root) holds
+/// `generated`; under `TERN_BLESS=1` writes it instead. The failure says `regenerate`,
+/// the command that rewrites it.
+pub fn assert_generated(path: &str, generated: &str, regenerate: &str) {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .join(path);
+    if std::env::var_os("TERN_BLESS").is_some_and(|v| v == "1") {
+        std::fs::write(&file, generated).unwrap_or_else(|e| panic!("writing {path}: {e}"));
+        return;
+    }
+    let committed = std::fs::read_to_string(&file).unwrap_or_default();
+    if committed != generated {
+        let line = committed
+            .lines()
+            .zip(generated.lines())
+            .position(|(a, b)| a != b)
+            .unwrap_or(committed.lines().count().min(generated.lines().count()));
+        panic!(
+            "{path} differs from what the code generates (first at line {}); regenerate it \
+             with `{regenerate}` and commit it",
+            line + 1
+        );
+    }
 }
 
 #[cfg(test)]

@@ -25,9 +25,12 @@ use axum::{Extension, Json, Router};
 use serde_json::Value;
 use tern_hv::{HvError, VmState};
 
-use super::session::{Engine, MigrationView, Outbound, PrepareRequest, Registry, SendRequest};
+use super::session::{
+    engine, Engine, IncomingView, MigrationView, Outbound, PrepareRequest, Registry, SendRequest,
+    Ticket,
+};
 use super::{dest, source};
-use crate::api::parse;
+use crate::api::{parse, Id};
 use crate::error::AgentError;
 use crate::state::AppState;
 
@@ -47,7 +50,7 @@ pub enum MigrationCommand {
 /// Checks a send request without touching anything (pure).
 pub fn parse_send(body: &[u8]) -> Result<MigrationCommand, AgentError> {
     let req: SendRequest = parse(body)?;
-    let engine = Engine::parse(&req.policy, &req.options).map_err(AgentError::BadRequest)?;
+    let engine = engine(req.policy, &req.options).map_err(AgentError::BadRequest)?;
     req.options.validate().map_err(AgentError::BadRequest)?;
     let url = reqwest::Url::parse(&req.destination)
         .map_err(|e| AgentError::BadRequest(format!("destination {:?} is not a URL ({e}): give the destination agent's address, e.g. http://198.18.0.2:7070", req.destination)))?;
@@ -95,7 +98,7 @@ pub async fn execute(
                 &id,
                 &req.vm,
                 &req.destination,
-                engine.name(),
+                engine,
             )));
             reg.outbound
                 .lock()
@@ -143,36 +146,49 @@ fn json<T: serde::Serialize>(v: &T) -> Value {
 pub fn routes(state: AppState) -> Router<AppState> {
     let reg = Arc::new(Registry::default());
     Router::new()
-        .route(
-            "/v1/migrations",
-            get(|s, r| run(s, r, MigrationCommand::List)).post(send),
-        )
-        .route(
-            "/v1/migrations/:id",
-            get(|s, r, Path(id): Path<String>| run(s, r, MigrationCommand::Show(id))),
-        )
-        .route(
-            "/v1/migrations/:id/cancel",
-            post(|s, r, Path(id): Path<String>| run(s, r, MigrationCommand::Cancel(id))),
-        )
+        .route("/v1/migrations", get(list).post(send))
+        .route("/v1/migrations/:id", get(show))
+        .route("/v1/migrations/:id/cancel", post(cancel))
         .route("/v1/incoming", post(prepare))
-        .route(
-            "/v1/incoming/:id",
-            get(|s, r, Path(id): Path<String>| run(s, r, MigrationCommand::ShowIncoming(id)))
-                .delete(|s, r, Path(id): Path<String>| run(s, r, MigrationCommand::Abort(id))),
-        )
-        .route(
-            "/v1/incoming/:id/resume",
-            post(|s, r, Path(id): Path<String>| run(s, r, MigrationCommand::Resume(id))),
-        )
+        .route("/v1/incoming/:id", get(show_incoming).delete(abort))
+        .route("/v1/incoming/:id/resume", post(resume))
         .layer(Extension(reg))
         .layer(middleware::from_fn_with_state(state, crate::api::auth))
 }
 
+#[utoipa::path(get, path = "/v1/migrations", summary = "source: every migration, with telemetry",
+    responses((status = 200, description = "ok", body = Vec<MigrationView>)))]
+async fn list(s: State<AppState>, r: Extension<Arc<Registry>>) -> Response {
+    run(s, r, MigrationCommand::List).await
+}
+
+#[utoipa::path(post, path = "/v1/migrations", summary = "source: start sending a VM",
+    request_body = SendRequest,
+    responses((status = 202, description = "started", body = MigrationView)))]
 async fn send(s: State<AppState>, r: Extension<Arc<Registry>>, body: Bytes) -> Response {
     parsed(s, r, parse_send(&body)).await
 }
 
+#[utoipa::path(get, path = "/v1/migrations/{id}",
+    summary = "source: phase, rounds, the round under way, result", params(Id),
+    responses((status = 200, description = "ok", body = MigrationView)))]
+async fn show(s: State<AppState>, r: Extension<Arc<Registry>>, Path(id): Path<String>) -> Response {
+    run(s, r, MigrationCommand::Show(id)).await
+}
+
+#[utoipa::path(post, path = "/v1/migrations/{id}/cancel", summary = "source: stop; the VM stays here",
+    params(Id), responses((status = 202, description = "cancelling", body = MigrationView)))]
+async fn cancel(
+    s: State<AppState>,
+    r: Extension<Arc<Registry>>,
+    Path(id): Path<String>,
+) -> Response {
+    run(s, r, MigrationCommand::Cancel(id)).await
+}
+
+#[utoipa::path(post, path = "/v1/incoming", summary = "destination: prepare to receive a VM",
+    request_body = PrepareRequest,
+    responses((status = 201, description = "where to send memory and device state", body = Ticket)))]
 async fn prepare(s: State<AppState>, r: Extension<Arc<Registry>>, body: Bytes) -> Response {
     parsed(
         s,
@@ -180,6 +196,37 @@ async fn prepare(s: State<AppState>, r: Extension<Arc<Registry>>, body: Bytes) -
         parse::<PrepareRequest>(&body).map(MigrationCommand::Prepare),
     )
     .await
+}
+
+#[utoipa::path(get, path = "/v1/incoming/{id}", summary = "destination: progress", params(Id),
+    responses((status = 200, description = "ok", body = IncomingView)))]
+async fn show_incoming(
+    s: State<AppState>,
+    r: Extension<Arc<Registry>>,
+    Path(id): Path<String>,
+) -> Response {
+    run(s, r, MigrationCommand::ShowIncoming(id)).await
+}
+
+#[utoipa::path(delete, path = "/v1/incoming/{id}",
+    summary = "destination: abandon, destroy the waiting VM", params(Id),
+    responses((status = 200, description = "ok", body = IncomingView)))]
+async fn abort(
+    s: State<AppState>,
+    r: Extension<Arc<Registry>>,
+    Path(id): Path<String>,
+) -> Response {
+    run(s, r, MigrationCommand::Abort(id)).await
+}
+
+#[utoipa::path(post, path = "/v1/incoming/{id}/resume", summary = "destination: run the VM here",
+    params(Id), responses((status = 200, description = "ok", body = IncomingView)))]
+async fn resume(
+    s: State<AppState>,
+    r: Extension<Arc<Registry>>,
+    Path(id): Path<String>,
+) -> Response {
+    run(s, r, MigrationCommand::Resume(id)).await
 }
 
 async fn parsed(

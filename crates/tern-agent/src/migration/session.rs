@@ -16,42 +16,19 @@ use super::incoming::Progress;
 use super::outgoing::RoundMeter;
 
 /// What moves the memory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Engine {
-    /// tern's engine under a `tern-migrate` policy.
-    Tern(tern_migrate::PolicyKind),
-    /// QEMU's own migration of the whole VM, RAM included.
-    QemuNative { auto_converge: bool },
-}
+pub use tern_api::migration::MigrationEngine as Engine;
 
-impl Engine {
-    /// Parses the `policy` field (pure); the error names the accepted values.
-    pub fn parse(policy: &str, options: &SendOptions) -> Result<Engine, String> {
-        if policy.trim().eq_ignore_ascii_case("qemu-native") {
-            return Ok(Engine::QemuNative {
-                auto_converge: options.auto_converge,
-            });
+/// The engine a send request asks for (pure): its `policy` with its options; the error
+/// says what to change.
+pub fn engine(policy: Engine, options: &SendOptions) -> Result<Engine, String> {
+    match policy {
+        Engine::QemuNative { auto_converge } => Ok(Engine::QemuNative {
+            auto_converge: auto_converge || options.auto_converge,
+        }),
+        Engine::Tern(_) if options.auto_converge => {
+            Err("options.auto_converge applies to policy qemu-native only".into())
         }
-        let kind = policy
-            .parse::<tern_migrate::PolicyKind>()
-            .map_err(|e| format!("{e}, or qemu-native"))?;
-        if options.auto_converge {
-            return Err("options.auto_converge applies to policy qemu-native only".into());
-        }
-        Ok(Engine::Tern(kind))
-    }
-
-    /// The name results carry.
-    pub fn name(self) -> &'static str {
-        match self {
-            Engine::Tern(p) => p.as_str(),
-            Engine::QemuNative {
-                auto_converge: false,
-            } => "qemu-native",
-            Engine::QemuNative {
-                auto_converge: true,
-            } => "qemu-native-auto-converge",
-        }
+        tern => Ok(tern),
     }
 }
 
@@ -209,7 +186,7 @@ mod tests {
     fn send_request_defaults_to_adaptive_and_refuses_unknown_fields() {
         let r: SendRequest =
             serde_json::from_str(r#"{"vm":"v","destination":"http://h:1","token":"t"}"#).unwrap();
-        assert_eq!(r.policy, "adaptive");
+        assert_eq!(r.policy, Engine::Tern(tern_migrate::PolicyKind::Adaptive));
         assert_eq!(r.options, SendOptions::default());
         assert!(serde_json::from_str::<SendRequest>(
             r#"{"vm":"v","destination":"d","token":"t","polcy":"xen"}"#
@@ -220,8 +197,9 @@ mod tests {
     #[test]
     fn engines_parse_from_the_policy_field() {
         let o = SendOptions::default();
+        let name = |s: &str| s.parse::<Engine>();
         assert_eq!(
-            Engine::parse("xen", &o),
+            engine(name("xen").unwrap(), &o),
             Ok(Engine::Tern(tern_migrate::PolicyKind::Xen))
         );
         let ac = SendOptions {
@@ -229,14 +207,15 @@ mod tests {
             ..o.clone()
         };
         assert_eq!(
-            Engine::parse("qemu-native", &ac).map(Engine::name),
+            engine(name("qemu-native").unwrap(), &ac).map(Engine::name),
             Ok("qemu-native-auto-converge")
         );
-        assert!(Engine::parse("adaptive", &ac)
+        assert!(engine(name("adaptive").unwrap(), &ac)
             .unwrap_err()
             .contains("qemu-native only"));
-        assert!(Engine::parse("fast", &o)
+        assert!(name("fast")
             .unwrap_err()
+            .to_string()
             .contains("qemu-native"));
     }
 
@@ -250,7 +229,7 @@ mod tests {
             duration_s: 0.5,
             elapsed_s: 1.5,
         };
-        let mut view = MigrationView::new("m", "v", "http://h:1", "adaptive");
+        let mut view = MigrationView::new("m", "v", "http://h:1", Engine::default());
         view.phase = Phase::PreCopy;
         assert_eq!(running_round(&view, Some(round(1))), Some(round(1)));
         assert_eq!(running_round(&view, None), None);

@@ -49,24 +49,6 @@ pub enum RollbackError {
     ResumeSource(#[source] HvError),
 }
 
-impl Engine {
-    /// The phases a source migration walks with this engine, in order.
-    pub fn phases(self) -> &'static [Phase] {
-        match self {
-            Engine::Tern(_) => &[
-                Phase::Preparing,
-                Phase::Connecting,
-                Phase::PreCopy,
-                Phase::StopAndCopy,
-                Phase::DeviceState,
-                Phase::Resuming,
-            ],
-            // QEMU's migration covers the live rounds, the stop and the device state.
-            Engine::QemuNative { .. } => &[Phase::Preparing, Phase::PreCopy, Phase::Resuming],
-        }
-    }
-}
-
 /// Runs one migration to its end and records the outcome in `job`.
 pub async fn run(state: AppState, job: Arc<Outbound>, req: SendRequest, engine: Engine) {
     let dest = match AgentClient::new(&req.destination, &req.token, Duration::from_secs(30)) {
@@ -539,7 +521,7 @@ impl<'a> SourceMigration<'a> {
                     rounds: o.history.len() as u32,
                     nonzero_bytes: Some(o.nonzero_pages * PAGE_SIZE as u64),
                     converged: o.stop_reason.converged(),
-                    policy: policy.as_str().to_string(),
+                    policy: Engine::Tern(policy),
                     stop_reason: o.stop_reason,
                     max_throttle_percent: o.max_throttle_percent,
                     downtime_parts_ms: Some([m.final_pass_ms, device_ms, resume_ms]),
@@ -557,7 +539,7 @@ impl<'a> SourceMigration<'a> {
                     rounds: 0,
                     nonzero_bytes: None,
                     converged: true,
-                    policy: engine.name().to_string(),
+                    policy: engine,
                     stop_reason: StopReason::FitsDowntime,
                     max_throttle_percent: 0,
                     downtime_parts_ms: None,

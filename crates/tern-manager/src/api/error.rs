@@ -66,15 +66,17 @@ impl IntoResponse for ApiError {
 }
 
 /// The JSON of every error answer.
-#[derive(serde::Serialize)]
-struct ErrorBody {
-    error: String,
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[schema(as = Error)]
+pub struct ErrorBody {
+    /// What was wrong and how to fix it.
+    pub error: String,
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
 
-/// A JSON request body; a body that is not valid JSON of the expected shape is a 400
-/// naming what is wrong.
+/// A JSON request body; a body that is not valid JSON of the expected shape, or that has
+/// a field the type does not know at any depth, is a 400 naming what is wrong.
 pub struct Body<T>(pub T);
 
 #[axum::async_trait]
@@ -82,13 +84,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
-            Err(rej) => Err(ApiError::BadRequest(format!(
-                "request body: {}; send JSON as described in /openapi.json",
-                rej.body_text()
-            ))),
-        }
+        let bad = |why: String| {
+            ApiError::BadRequest(format!(
+                "request body: {why}; send JSON as described in /openapi.json"
+            ))
+        };
+        let Json(value) = Json::<serde_json::Value>::from_request(req, state)
+            .await
+            .map_err(|rej| bad(rej.body_text()))?;
+        tern_api::request::from_value(value).map(Body).map_err(bad)
     }
 }
 

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use tern_api::manager::{ListQuery, MigrationView};
 
-use super::error::{ApiError, ApiResult};
+use super::error::{ApiError, ApiResult, ErrorBody as Error};
 use super::{call, limit, AppState, MAX_PAGE};
 use crate::manager::Manager;
 use crate::state::Migration;
@@ -30,6 +30,11 @@ pub fn running(m: &Manager) -> Vec<MigrationView> {
     records.into_iter().map(|r| view_of(m, r)).collect()
 }
 
+#[utoipa::path(get, path = "/v1/migrations", operation_id = "listMigrations",
+    summary = "Migration records, newest first; running ones carry their telemetry.",
+    params(("limit" = Option<usize>, Query, description = "at most this many (1-10000)", example = 100),
+        ("running" = Option<bool>, Query, description = "only the migrations under way, oldest first", example = false)),
+    responses((status = 200, description = "migrations", body = Vec<MigrationView>), (status = 400, description = "error", body = Error)))]
 pub(super) async fn list(
     State(app): AppState,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -57,6 +62,10 @@ pub(super) async fn list(
     Ok(Json(views).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/migrations/{id}", operation_id = "showMigration",
+    summary = "One migration; while it runs, its latest telemetry (round, bytes transferred and remaining, dirty rate, phase, predicted downtime).",
+    params(("id" = u64, Path, description = "the migration's id", minimum = 1, example = 1)),
+    responses((status = 200, description = "the migration", body = MigrationView), (status = 400, description = "error", body = Error), (status = 404, description = "error", body = Error)))]
 pub(super) async fn show(State(app): AppState, Path(id): Path<String>) -> ApiResult<Response> {
     let id: u64 = id.parse().map_err(|_| {
         ApiError::BadRequest(format!(

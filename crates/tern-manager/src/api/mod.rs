@@ -8,14 +8,16 @@
 //! - [`error`]: errors as HTTP answers, the JSON body extractor.
 //! - [`metrics`]: the Prometheus text.
 //! - [`migrations`]: migration records with a running one's live telemetry.
+//! - [`openapi`]: the OpenAPI document, generated from the handlers and the types.
 
 pub mod error;
 pub mod metrics;
 pub mod migrations;
+pub mod openapi;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -25,17 +27,21 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
-use tern_api::manager::{CreateVm, MigrateVm, Page, RegisterHost};
+use tern_api::manager::{
+    BalancePlan, CreateVm, HeartbeatReply, MigrateVm, MigrationView, Page, RegisterHost,
+};
+
+use crate::state::{Host, Vm};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 
 use crate::decide::{Command, LoadReport, Reply};
 use crate::manager::Manager;
 use crate::state::{BalancerSettings, Event};
-use error::{ApiError, ApiResult, Body};
+use error::{ApiError, ApiResult, Body, ErrorBody as Error};
 
-/// The OpenAPI document, checked in beside the docs.
-pub const OPENAPI: &str = include_str!("../../../../docs/openapi.json");
+/// The OpenAPI document (`docs/openapi.json`), generated once.
+pub static OPENAPI: LazyLock<String> = LazyLock::new(openapi::json);
 
 /// Most events or migrations one list answer carries.
 const MAX_PAGE: usize = 10_000;
@@ -169,15 +175,27 @@ fn reply(status: StatusCode, r: Reply) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/openapi.json", operation_id = "openapi", summary = "This document.",
+    responses((status = 200, description = "the OpenAPI document", body = Object)))]
 async fn openapi() -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        OPENAPI.as_str(),
+    )
 }
 
+#[utoipa::path(get, path = "/metrics", operation_id = "metrics",
+    summary = "Gauges in Prometheus' text format.",
+    responses((status = 200, description = "exposition text", body = String, content_type = "text/plain")))]
 async fn metrics(State(app): AppState) -> impl IntoResponse {
     let text = app.manager.read(metrics::render);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text)
 }
 
+#[utoipa::path(post, path = "/v1/hosts", operation_id = "registerHost",
+    summary = "Register a host (idempotent for the same address and capacity).",
+    request_body(content = RegisterHost, example = json!({"name": "h3", "address": "http://198.18.0.4:7070", "capacity": {"cpus": 8, "memory_mib": 16384}})),
+    responses((status = 201, description = "the host", body = Host), (status = 400, description = "error", body = Error), (status = 409, description = "error", body = Error)))]
 async fn register_host(State(app): AppState, Body(b): Body<RegisterHost>) -> ApiResult<Response> {
     let cmd = Command::RegisterHost {
         name: b.name.into_string(),
@@ -187,6 +205,8 @@ async fn register_host(State(app): AppState, Body(b): Body<RegisterHost>) -> Api
     Ok(reply(StatusCode::CREATED, execute(&app, cmd).await?))
 }
 
+#[utoipa::path(get, path = "/v1/hosts", operation_id = "listHosts", summary = "All hosts.",
+    responses((status = 200, description = "hosts", body = Vec<Host>)))]
 async fn list_hosts(State(app): AppState) -> Response {
     Json(
         app.manager
@@ -195,6 +215,9 @@ async fn list_hosts(State(app): AppState) -> Response {
     .into_response()
 }
 
+#[utoipa::path(get, path = "/v1/hosts/{name}", operation_id = "showHost", summary = "One host.",
+    params(("name" = String, Path, description = "the host's name", example = "h1")),
+    responses((status = 200, description = "the host", body = Host), (status = 404, description = "error", body = Error)))]
 async fn show_host(State(app): AppState, Path(name): Path<String>) -> ApiResult<Response> {
     app.manager
         .read(|s| s.hosts.get(&name).cloned())
@@ -202,6 +225,11 @@ async fn show_host(State(app): AppState, Path(name): Path<String>) -> ApiResult<
         .ok_or_else(|| crate::Error::UnknownHost(name).into())
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{name}/heartbeat", operation_id = "heartbeat",
+    summary = "The agent's periodic load report.",
+    params(("name" = String, Path, description = "the host's name", example = "h1")),
+    request_body(content = LoadReport, example = json!({"cpu_used": 1.5, "vms": [{"name": "v1", "cpu_used": 1.0}]})),
+    responses((status = 200, description = "VMs to destroy", body = HeartbeatReply), (status = 400, description = "error", body = Error), (status = 404, description = "error", body = Error)))]
 async fn heartbeat(
     State(app): AppState,
     Path(host): Path<String>,
@@ -213,16 +241,29 @@ async fn heartbeat(
     ))
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{name}/drain", operation_id = "drainHost",
+    summary = "Put a host into maintenance; the manager evacuates its VMs.",
+    params(("name" = String, Path, description = "the host's name", example = "h1")),
+    responses((status = 200, description = "the host", body = Host), (status = 404, description = "error", body = Error)))]
 async fn drain(State(app): AppState, Path(host): Path<String>) -> ApiResult<Response> {
     let cmd = Command::SetMaintenance { host, on: true };
     Ok(reply(StatusCode::OK, execute(&app, cmd).await?))
 }
 
+#[utoipa::path(post, path = "/v1/hosts/{name}/activate", operation_id = "activateHost",
+    summary = "Bring a host back from maintenance.",
+    params(("name" = String, Path, description = "the host's name", example = "h1")),
+    responses((status = 200, description = "the host", body = Host), (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error)))]
 async fn activate(State(app): AppState, Path(host): Path<String>) -> ApiResult<Response> {
     let cmd = Command::SetMaintenance { host, on: false };
     Ok(reply(StatusCode::OK, execute(&app, cmd).await?))
 }
 
+#[utoipa::path(post, path = "/v1/vms", operation_id = "createVm",
+    summary = "Create a VM, on a named host or placed automatically.",
+    request_body(content = CreateVm, example = json!({"name": "v2", "spec": {"vcpus": 2, "memory_mib": 1024, "anti_affinity": "db"}})),
+    responses((status = 201, description = "the VM, pending until its host runs it", body = Vm),
+        (status = 400, description = "error", body = Error), (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error)))]
 async fn create_vm(State(app): AppState, Body(b): Body<CreateVm>) -> ApiResult<Response> {
     let cmd = Command::CreateVm {
         name: b.name.into_string(),
@@ -232,6 +273,8 @@ async fn create_vm(State(app): AppState, Body(b): Body<CreateVm>) -> ApiResult<R
     Ok(reply(StatusCode::CREATED, execute(&app, cmd).await?))
 }
 
+#[utoipa::path(get, path = "/v1/vms", operation_id = "listVms", summary = "All VMs.",
+    responses((status = 200, description = "VMs", body = Vec<Vm>)))]
 async fn list_vms(State(app): AppState) -> Response {
     Json(
         app.manager
@@ -240,6 +283,9 @@ async fn list_vms(State(app): AppState) -> Response {
     .into_response()
 }
 
+#[utoipa::path(get, path = "/v1/vms/{name}", operation_id = "showVm", summary = "One VM.",
+    params(("name" = String, Path, description = "the VM's name", example = "v1")),
+    responses((status = 200, description = "the VM", body = Vm), (status = 404, description = "error", body = Error)))]
 async fn show_vm(State(app): AppState, Path(name): Path<String>) -> ApiResult<Response> {
     app.manager
         .read(|s| s.vms.get(&name).cloned())
@@ -247,6 +293,10 @@ async fn show_vm(State(app): AppState, Path(name): Path<String>) -> ApiResult<Re
         .ok_or_else(|| crate::Error::UnknownVm(name).into())
 }
 
+#[utoipa::path(delete, path = "/v1/vms/{name}", operation_id = "deleteVm",
+    summary = "Delete a VM; it is removed once its host confirms.",
+    params(("name" = String, Path, description = "the VM's name", example = "v2")),
+    responses((status = 202, description = "the VM, deleting", body = Vm), (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error)))]
 async fn delete_vm(State(app): AppState, Path(name): Path<String>) -> ApiResult<Response> {
     Ok(reply(
         StatusCode::ACCEPTED,
@@ -254,6 +304,12 @@ async fn delete_vm(State(app): AppState, Path(name): Path<String>) -> ApiResult<
     ))
 }
 
+#[utoipa::path(post, path = "/v1/vms/{name}/migrate", operation_id = "migrateVm",
+    summary = "Live-migrate a running VM by hand.",
+    params(("name" = String, Path, description = "the VM's name", example = "v1")),
+    request_body(content = MigrateVm, example = json!({"to": "h2", "policy": "adaptive"})),
+    responses((status = 202, description = "the migration, running", body = MigrationView),
+        (status = 400, description = "error", body = Error), (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error)))]
 async fn migrate_vm(
     State(app): AppState,
     Path(name): Path<String>,
@@ -288,6 +344,9 @@ fn page(q: Result<Query<Page>, axum::extract::rejection::QueryRejection>) -> Api
 }
 
 /// What the balancer would do now; nothing is recorded.
+#[utoipa::path(get, path = "/v1/plan", operation_id = "plan",
+    summary = "A dry-run balancing plan: what the balancer would do now.",
+    responses((status = 200, description = "the plan", body = BalancePlan)))]
 async fn plan(State(app): AppState) -> ApiResult<Response> {
     let p = call(&app, |m| {
         let now = m.now();
@@ -300,10 +359,18 @@ async fn plan(State(app): AppState) -> ApiResult<Response> {
     Ok(Json(p).into_response())
 }
 
+#[utoipa::path(get, path = "/v1/balancer", operation_id = "getBalancer",
+    summary = "The balancer's settings.",
+    responses((status = 200, description = "settings", body = BalancerSettings)))]
 async fn get_settings(State(app): AppState) -> Response {
     Json(app.manager.read(|s| s.settings.clone())).into_response()
 }
 
+#[utoipa::path(put, path = "/v1/balancer", operation_id = "putBalancer",
+    summary = "Replace the balancer's settings.",
+    request_body(content = BalancerSettings, example = json!({"enabled": true, "dry_run": false, "aggressiveness": 4, "interval_s": 30,
+        "cooldown_s": 300, "max_per_host": 1, "max_per_cluster": 8, "dead_after_s": 30, "smoothing_window": 5, "default_policy": "adaptive"})),
+    responses((status = 200, description = "settings", body = BalancerSettings), (status = 400, description = "error", body = Error)))]
 async fn put_settings(
     State(app): AppState,
     Body(s): Body<BalancerSettings>,
@@ -314,6 +381,11 @@ async fn put_settings(
     ))
 }
 
+#[utoipa::path(get, path = "/v1/events", operation_id = "listEvents",
+    summary = "Events after a sequence number, oldest first.",
+    params(("since" = Option<u64>, Query, description = "only events numbered above this", example = 0),
+        ("limit" = Option<usize>, Query, description = "at most this many (1-10000)", example = 100)),
+    responses((status = 200, description = "events", body = Vec<Event>), (status = 400, description = "error", body = Error)))]
 async fn list_events(
     State(app): AppState,
     q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,
@@ -324,6 +396,11 @@ async fn list_events(
 }
 
 /// Server-sent events: the stored events after `since`, then each new one as it commits.
+#[utoipa::path(get, path = "/v1/events/stream", operation_id = "streamEvents",
+    summary = "Server-sent events: those after since, then each new one.",
+    params(("since" = Option<u64>, Query, description = "start after this sequence number", example = 0)),
+    responses((status = 200, description = "an event stream; each message's data is an Event", body = String, content_type = "text/event-stream"),
+        (status = 400, description = "error", body = Error)))]
 async fn stream_events(
     State(app): AppState,
     q: Result<Query<Page>, axum::extract::rejection::QueryRejection>,

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tern_api::agent::{CreateVm, VmSpec as AgentVmSpec};
 use tern_api::client::{AgentClient, ClientError};
-use tern_api::migration::{MigrationView, Phase, SendOptions, SendRequest};
+use tern_api::migration::{MigrationEngine, MigrationView, Phase, SendOptions, SendRequest};
 
 use super::{Connector, HostClient, Progress, ProgressFn};
 use crate::decide::{LoadReport, VmLoad};
@@ -101,7 +101,7 @@ impl HostClient for HttpHost {
             vm: vm.to_owned(),
             destination: to.address.clone(),
             token: self.token.clone(),
-            policy: policy.to_owned(),
+            policy: MigrationEngine::Tern(crate::state::check_policy(policy)?),
             options: SendOptions::default(),
         };
         let id = match self.agent.send_migration(&req).await {

@@ -164,7 +164,7 @@ pub fn commit(snap: &Snapshot, now: Millis, mut p: BalancePlan) -> (Vec<Change>,
             now,
             v,
             &mv.to,
-            &snap.settings.default_policy,
+            snap.settings.default_policy,
             MigrationReason::Balance,
         ) {
             next = m.id + 1;
@@ -305,7 +305,7 @@ mod tests {
             0,
             &now.vms[&p.moves[2].vm].clone(),
             "h3",
-            "adaptive",
+            crate::state::PolicyKind::Adaptive,
             MigrationReason::Manual,
         )
         .unwrap();

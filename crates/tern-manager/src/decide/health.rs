@@ -182,7 +182,7 @@ pub fn evacuate(snap: &Snapshot, now: Millis) -> Vec<Change> {
                 now,
                 v,
                 &to,
-                &s.default_policy,
+                s.default_policy,
                 MigrationReason::Evacuate,
             ) else {
                 continue;

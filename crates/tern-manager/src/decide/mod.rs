@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::state::Validate;
 use crate::state::{
     BalancerSettings, Capacity, Change, EventKind, Host, HostState, Migration, MigrationReason,
-    MigrationResult, Millis, Snapshot, Vm, VmSpec, VmState,
+    MigrationResult, Millis, PolicyKind, Snapshot, Vm, VmSpec, VmState,
 };
 use placement::Placer;
 pub use tern_api::manager::{HeartbeatReply, LoadReport, VmLoad};
@@ -49,7 +49,7 @@ pub enum Command {
     MigrateVm {
         name: String,
         to: Option<String>,
-        policy: Option<String>,
+        policy: Option<PolicyKind>,
     },
     PutSettings(BalancerSettings),
     /// An agent confirmed the VM runs on `host`.
@@ -160,8 +160,7 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
             Ok((changes, Reply::Vm(deleting)))
         }
         Command::MigrateVm { name, to, policy } => {
-            let policy = policy.unwrap_or_else(|| snap.settings.default_policy.clone());
-            crate::state::check_policy(&policy)?;
+            let policy = policy.unwrap_or(snap.settings.default_policy);
             let v = vm(snap, &name)?;
             if v.spec.pinned {
                 return Err(Error::Conflict(format!(
@@ -180,8 +179,7 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
                 }
                 None => placer.choose(&name, &v.spec, v.desired_host.as_deref())?,
             };
-            let (changes, m) =
-                start_migration(snap, now, v, &to, &policy, MigrationReason::Manual)?;
+            let (changes, m) = start_migration(snap, now, v, &to, policy, MigrationReason::Manual)?;
             Ok((changes, Reply::Migration(m)))
         }
         Command::PutSettings(s) => {
@@ -454,7 +452,7 @@ pub fn start_migration(
     now: Millis,
     v: &Vm,
     to: &str,
-    policy: &str,
+    policy: PolicyKind,
     reason: MigrationReason,
 ) -> Result<(Vec<Change>, Migration)> {
     let from = match (v.state, &v.observed_host) {
@@ -472,7 +470,7 @@ pub fn start_migration(
         vm: v.name.clone(),
         from: from.clone(),
         to: to.to_owned(),
-        policy: policy.to_owned(),
+        policy,
         reason,
         started: now,
         finished: None,
@@ -490,7 +488,7 @@ pub fn start_migration(
             vm: v.name.clone(),
             from,
             to: to.to_owned(),
-            policy: policy.to_owned(),
+            policy,
         }),
     ];
     Ok((changes, m))
@@ -671,7 +669,7 @@ mod tests {
             Command::MigrateVm {
                 name: "a".into(),
                 to: None,
-                policy: Some("xen".into()),
+                policy: Some(PolicyKind::Xen),
             },
         )
         .unwrap() else {

@@ -2,7 +2,7 @@
 //! The manager's shell carries these out through [`crate::client::HostClient`]s and feeds
 //! the answers back as commands.
 
-use crate::state::{HostState, Snapshot, VmState};
+use crate::state::{HostState, PolicyKind, Snapshot, VmState};
 
 /// One request to an agent.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -20,7 +20,7 @@ pub enum Action {
         vm: String,
         from: String,
         to: String,
-        policy: String,
+        policy: PolicyKind,
     },
 }
 
@@ -60,7 +60,7 @@ pub fn actions(snap: &Snapshot) -> Vec<Action> {
             vm: m.vm.clone(),
             from: m.from.clone(),
             to: m.to.clone(),
-            policy: m.policy.clone(),
+            policy: m.policy,
         });
     }
     out
@@ -116,7 +116,7 @@ mod tests {
                     vm: "r".into(),
                     from: "h0".into(),
                     to: "h1".into(),
-                    policy: "adaptive".into()
+                    policy: PolicyKind::Adaptive
                 },
             ]
         );

@@ -124,7 +124,13 @@ fn migration_from(r: &Row) -> rusqlite::Result<MigrationRow> {
             vm: r.get(1)?,
             from: r.get(2)?,
             to: r.get(3)?,
-            policy: r.get(4)?,
+            policy: r.get::<_, String>(4)?.parse().map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    4,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?,
             reason: MigrationReason::Manual,
             started: r.get(6)?,
             finished: r.get(7)?,
@@ -256,7 +262,7 @@ impl Store for SqliteStore {
                         m.vm,
                         m.from,
                         m.to,
-                        m.policy,
+                        m.policy.as_str(),
                         enum_name(&m.reason),
                         m.started,
                         m.finished,

@@ -15,8 +15,10 @@ use crate::state::{BalancerSettings, Host, Millis, Snapshot, Vm, VmSpec, VmState
 pub const CAPACITY: usize = 900;
 
 /// One point of the curve.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Sample {
+    /// Milliseconds since the Unix epoch.
+    #[schema(value_type = u64)]
     pub time: Millis,
     /// The planner's `spread` score (lower is more even).
     pub score: f64,

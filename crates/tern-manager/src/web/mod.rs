@@ -141,7 +141,8 @@ fn default_events() -> u64 {
     50
 }
 
-#[derive(Serialize)]
+/// Score samples, oldest first, and the latest events, oldest first.
+#[derive(Serialize, utoipa::ToSchema)]
 struct HistoryAnswer {
     sample_every_ms: u64,
     scores: Vec<Sample>,
@@ -151,6 +152,12 @@ struct HistoryAnswer {
     events: Vec<Event>,
 }
 
+#[utoipa::path(get, path = "/v1/history", operation_id = "history",
+    summary = "The balance score over time and the latest events, for the web page at /.",
+    description = "The manager samples the spread score of its state every sample_every_ms and keeps the last 900 samples in memory (a restarted manager starts a new curve).",
+    params(("events" = Option<u64>, Query, description = "how many of the latest events to include (0-500, default 50)", maximum = 500, example = 20)),
+    responses((status = 200, description = "score samples, oldest first, and the latest events, oldest first", body = HistoryAnswer),
+        (status = 400, description = "error", body = crate::api::error::ErrorBody)))]
 async fn history(
     State(web): State<Arc<Web>>,
     q: Result<Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,

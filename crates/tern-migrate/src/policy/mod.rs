@@ -21,8 +21,6 @@ mod stop_copy;
 mod throttle;
 mod xen;
 
-use std::str::FromStr;
-
 use serde::{Deserialize, Serialize};
 
 pub use adaptive::Adaptive;
@@ -33,8 +31,7 @@ pub use xen::Xen;
 
 use crate::fragment::{FragmentId, FragmentTracker};
 use crate::telemetry::{FirstRoundProbe, RoundTelemetry};
-use crate::MigrateError;
-pub use tern_api::migration::StopReason;
+pub use tern_api::migration::{PolicyKind, StopReason, UnknownPolicy};
 
 /// Downtime budget QEMU uses by default (`downtime-limit`, 300 ms).
 pub const DEFAULT_DOWNTIME_LIMIT_S: f64 = 0.3;
@@ -148,60 +145,6 @@ pub fn decide(policy: &dyn Policy, input: &PolicyInput<'_>) -> Decision {
         }
     }
     policy.decide(input)
-}
-
-/// The built-in policies with their default settings, selectable by name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum PolicyKind {
-    /// Stop when the remainder fits the downtime budget (QEMU's rule).
-    Qemu,
-    /// Xen's caps: 30 rounds, 3× memory, fewer than 50 dirty pages.
-    Xen,
-    /// Fragment-aware: hold back hot fragments, stop when rounds stop paying, throttle.
-    Adaptive,
-    /// No live rounds: pause and copy everything.
-    StopCopy,
-}
-
-impl PolicyKind {
-    /// Every built-in policy, in a stable order.
-    pub const ALL: [PolicyKind; 4] = [
-        PolicyKind::Qemu,
-        PolicyKind::Xen,
-        PolicyKind::Adaptive,
-        PolicyKind::StopCopy,
-    ];
-
-    /// The canonical name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PolicyKind::Qemu => "qemu",
-            PolicyKind::Xen => "xen",
-            PolicyKind::Adaptive => "adaptive",
-            PolicyKind::StopCopy => "stop-copy",
-        }
-    }
-}
-
-impl std::fmt::Display for PolicyKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for PolicyKind {
-    type Err = MigrateError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "qemu" | "qemu-rule" => Ok(PolicyKind::Qemu),
-            "xen" => Ok(PolicyKind::Xen),
-            "adaptive" => Ok(PolicyKind::Adaptive),
-            "stop-copy" | "stop-and-copy" | "none" => Ok(PolicyKind::StopCopy),
-            _ => Err(MigrateError::UnknownPolicy { name: s.to_owned() }),
-        }
-    }
 }
 
 impl Policy for PolicyKind {

@@ -41,7 +41,7 @@ enum Command {
         /// The pre-copy termination policy: adaptive, xen, qemu, stop-copy (default: the
         /// balancer's).
         #[arg(long)]
-        policy: Option<String>,
+        policy: Option<tern_api::migration::PolicyKind>,
         /// Print the migration as started and return without waiting.
         #[arg(long)]
         no_wait: bool,

@@ -372,7 +372,7 @@ mod tests {
             let mut changes: Vec<Change> = (0..n).map(|i| Change::Event(EventKind::VmDeleted { vm: format!("v{i}") })).collect();
             for id in &ids {
                 changes.push(Change::PutMigration(Migration {
-                    id: *id, vm: "v".into(), from: "a".into(), to: "b".into(), policy: "adaptive".into(),
+                    id: *id, vm: "v".into(), from: "a".into(), to: "b".into(), policy: crate::state::PolicyKind::Adaptive,
                     reason: crate::state::MigrationReason::Manual, started: 0, finished: None,
                     result: crate::state::MigrationResult::Running,
                 }));

@@ -564,7 +564,7 @@ impl Bench<'_> {
             vm: self.vm.clone(),
             destination: self.lab.hosts[to].url.clone(),
             token: self.token.clone(),
-            policy: policy.to_string(),
+            policy: policy.parse()?,
             options: SendOptions {
                 auto_converge: ac,
                 max_precopy_s: args.max_precopy_s,

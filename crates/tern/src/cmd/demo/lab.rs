@@ -448,7 +448,7 @@ async fn demo(
         max_per_cluster: 2,
         cooldown_s: 600,
         smoothing_window: 3,
-        default_policy: "adaptive".into(),
+        default_policy: tern_api::migration::PolicyKind::Adaptive,
         ..Default::default()
     }));
     for r in manager.execute_many(cmds)? {
@@ -562,7 +562,7 @@ async fn check(m: &Migration, lab: &LabState, agents: &[AgentClient]) -> Migrati
         vm: m.vm.clone(),
         from: m.from.clone(),
         to: m.to.clone(),
-        policy: m.policy.clone(),
+        policy: m.policy.to_string(),
         total_ms: None,
         downtime_ms: None,
         error: None,

@@ -91,7 +91,7 @@ pub fn migrate(
     c: &Conn,
     name: &str,
     to: Option<HostName>,
-    policy: Option<String>,
+    policy: Option<tern_api::migration::PolicyKind>,
     no_wait: bool,
 ) -> anyhow::Result<()> {
     let client = c.client()?;
@@ -104,7 +104,7 @@ async fn follow(
     json_out: bool,
     name: &str,
     to: Option<HostName>,
-    policy: Option<String>,
+    policy: Option<tern_api::migration::PolicyKind>,
     no_wait: bool,
 ) -> anyhow::Result<()> {
     let http = client.http();

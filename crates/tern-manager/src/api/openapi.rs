@@ -1,0 +1,67 @@
+//! The API's OpenAPI document, generated from the handlers' `#[utoipa::path]` and the
+//! types of `tern-api`. `docs/openapi.json` is this document as [`json`] writes it; a
+//! test fails when they differ (`TERN_BLESS=1 cargo test -p tern-manager openapi`
+//! rewrites the file).
+
+use utoipa::{Modify, OpenApi};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "tern manager API",
+        version = "1",
+        description = "The control plane of a tern cluster: hosts, VMs, live migrations, the balancer. Every route but /openapi.json needs 'Authorization: Bearer TOKEN'. Errors answer with a 4xx or 5xx status and {\"error\": message}."
+    ),
+    paths(
+        super::openapi,
+        super::metrics,
+        super::list_hosts,
+        super::register_host,
+        super::show_host,
+        super::heartbeat,
+        super::drain,
+        super::activate,
+        super::list_vms,
+        super::create_vm,
+        super::show_vm,
+        super::delete_vm,
+        super::migrate_vm,
+        super::migrations::list,
+        super::migrations::show,
+        super::plan,
+        super::get_settings,
+        super::put_settings,
+        super::list_events,
+        super::stream_events,
+        crate::web::history,
+    ),
+    modifiers(&Bearer)
+)]
+struct Doc;
+
+/// Every route but the document itself takes the bearer token and may answer 401.
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        tern_api::openapi::untag(doc);
+        tern_api::openapi::require_bearer(doc);
+        tern_api::openapi::add_error_response(
+            doc,
+            "401",
+            "missing or wrong bearer token",
+            "Error",
+            |path| path != "/openapi.json",
+        );
+        if let Some(item) = doc.paths.paths.get_mut("/openapi.json") {
+            for op in tern_api::openapi::operations(item) {
+                op.security = Some(Vec::new());
+            }
+        }
+    }
+}
+
+/// The document as `docs/openapi.json` holds it.
+pub fn json() -> String {
+    tern_api::openapi::text(&Doc::openapi())
+}
