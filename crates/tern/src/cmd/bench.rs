@@ -19,6 +19,42 @@ pub enum Command {
     Migration(migration::Args),
 }
 
+/// A manager's API served on a loopback port for one benchmark, stopped by [`Served::stop`].
+struct Served {
+    /// `http://127.0.0.1:PORT`.
+    base: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Served {
+    /// Serves `manager` on a free loopback port, accepting `token`.
+    async fn start(
+        manager: std::sync::Arc<tern_manager::Manager>,
+        token: &str,
+    ) -> anyhow::Result<Served> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let base = format!("http://{}", listener.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(tern_manager::api::serve(
+            listener,
+            manager,
+            vec![token.into()],
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Ok(Served { base, stop, server })
+    }
+
+    /// Stops the server and waits for it, passing on its error.
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.server.await??;
+        Ok(())
+    }
+}
+
 pub fn run(c: Command) -> anyhow::Result<()> {
     match c {
         Command::Hbal(args) => hbal::run(args),

@@ -202,17 +202,8 @@ async fn load(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
         }
         m
     }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(tern_manager::api::serve(
-        listener,
-        manager.clone(),
-        vec![TOKEN.into()],
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let served = super::Served::start(manager.clone(), TOKEN).await?;
+    let base = served.base.clone();
     eprintln!(
         "bench api: {} clients for {} s against {base}",
         a.clients, a.seconds
@@ -271,8 +262,7 @@ async fn load(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
         }
     }
     let wall = started.elapsed().as_secs_f64();
-    let _ = stop_tx.send(());
-    server.await??;
+    served.stop().await?;
     let total = Latency::of(
         all.values().flat_map(|(l, _)| l.iter().copied()).collect(),
         all.values().map(|(_, e)| e).sum(),

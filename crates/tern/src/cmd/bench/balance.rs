@@ -233,17 +233,8 @@ async fn live_round(a: &Args, db: &std::path::Path) -> anyhow::Result<Live> {
             .map(|(h, r)| (h.to_owned(), r))
             .collect()
     }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let base = format!("http://{}", listener.local_addr()?);
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(tern_manager::api::serve(
-        listener,
-        manager.clone(),
-        vec![TOKEN.into()],
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let served = super::Served::start(manager.clone(), TOKEN).await?;
+    let base = served.base.clone();
     let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -291,8 +282,7 @@ async fn live_round(a: &Args, db: &std::path::Path) -> anyhow::Result<Live> {
         latencies.extend(l);
         errors += e;
     }
-    let _ = stop_tx.send(());
-    server.await??;
+    served.stop().await?;
     Ok(Live {
         planning_ms: plan.planning_ms.unwrap_or(0.0),
         round_ms,
