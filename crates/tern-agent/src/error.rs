@@ -30,16 +30,10 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
-    /// Another agent (client side) answered with an error.
-    #[error("agent at {url} answered {status}: {body}")]
-    Remote {
-        url: String,
-        status: u16,
-        body: String,
-    },
-    /// Another agent (client side) could not be reached.
-    #[error("cannot reach the agent at {url}: {reason}")]
-    Unreachable { url: String, reason: String },
+    /// Calling another agent (client side) failed: it answered with an error, could not
+    /// be reached, timed out, or sent an answer too large or unreadable.
+    #[error(transparent)]
+    Client(#[from] tern_api::client::ClientError),
     /// A driver error; its kind decides the status.
     #[error(transparent)]
     Hv(#[from] HvError),
@@ -67,10 +61,9 @@ impl AgentError {
             AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AgentError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AgentError::NoRoom(_) => StatusCode::INSUFFICIENT_STORAGE,
-            AgentError::Guest { .. }
-            | AgentError::GuestChannel { .. }
-            | AgentError::Remote { .. }
-            | AgentError::Unreachable { .. } => StatusCode::BAD_GATEWAY,
+            AgentError::Guest { .. } | AgentError::GuestChannel { .. } | AgentError::Client(_) => {
+                StatusCode::BAD_GATEWAY
+            }
             AgentError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             // A prepare whose VM spec gives a memory file the destination cannot use.
             AgentError::Memory(_) => StatusCode::BAD_REQUEST,
@@ -100,7 +93,7 @@ impl AgentError {
             AgentError::Unauthorized(_) => "unauthorized",
             AgentError::NoRoom(_) => "no_room",
             AgentError::Guest { .. } | AgentError::GuestChannel { .. } => "guest",
-            AgentError::Remote { .. } | AgentError::Unreachable { .. } => "remote",
+            AgentError::Client(_) => "remote",
             AgentError::Io { .. } => "internal",
             AgentError::Memory(_) => "bad_request",
             AgentError::Hv(e) => match e {

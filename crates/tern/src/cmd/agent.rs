@@ -172,6 +172,7 @@ async fn shutdown_signal() {
 mod tests {
     use super::*;
     use tern_agent::AgentError;
+    use tern_api::client::ClientError;
 
     fn code(e: AgentError) -> i32 {
         crate::cmd::exit_code(&agent_error(e))
@@ -179,10 +180,13 @@ mod tests {
 
     #[test]
     fn user_faults_exit_2() {
-        let remote = |status| AgentError::Remote {
-            url: "http://x".into(),
-            status,
-            body: "b".into(),
+        let remote = |status| {
+            AgentError::Client(ClientError::Remote {
+                method: reqwest::Method::GET,
+                url: "http://x".into(),
+                status,
+                message: "b".into(),
+            })
         };
         assert_eq!(code(AgentError::BadRequest("x".into())), 2);
         assert_eq!(code(remote(404)), 2, "unknown VM");
@@ -190,10 +194,13 @@ mod tests {
         assert_eq!(code(remote(507)), 2, "no room");
         assert_eq!(code(remote(500)), 1);
         assert_eq!(code(AgentError::io("x")(std::io::Error::other("e"))), 1);
-        let unreachable = AgentError::Unreachable {
+        let timeout = AgentError::Client(ClientError::Timeout {
+            method: reqwest::Method::GET,
             url: "http://x".into(),
-            reason: "refused".into(),
-        };
-        assert_eq!(code(unreachable), 1);
+            after: std::time::Duration::from_secs(2),
+        });
+        assert_eq!(code(timeout), 1);
+        let bad_url = AgentError::Client(ClientError::BadUrl { url: "nope".into() });
+        assert_eq!(code(bad_url), 2);
     }
 }

@@ -41,7 +41,14 @@ pub fn agent_error(e: impl Into<AgentError>) -> anyhow::Error {
     let e = e.into();
     let user_fault = match &e {
         AgentError::BadRequest(_) => true,
-        AgentError::Remote { status, .. } => (400..500).contains(status) || *status == 507,
+        AgentError::Client(c) => match c.status() {
+            Some(status) => (400..500).contains(&status) || status == 507,
+            None => matches!(
+                c,
+                tern_api::client::ClientError::BadUrl { .. }
+                    | tern_api::client::ClientError::NoRoute { .. }
+            ),
+        },
         other => other.status().is_client_error(),
     };
     if user_fault {
