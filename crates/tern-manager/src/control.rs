@@ -257,7 +257,7 @@ impl Control {
                 let progress = |p: Progress| live.set(*id, p);
                 let result = match (client(from), hosts.get(to)) {
                     (Ok(c), Some(dest)) => c
-                        .migrate_vm(vm, spec, dest, policy.as_str(), &progress)
+                        .migrate_vm(vm, spec, dest, *policy, &progress)
                         .await
                         .unwrap_or_else(|e| MigrationResult::Failed {
                             error: e.to_string(),

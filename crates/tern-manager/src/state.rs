@@ -40,20 +40,6 @@ impl Validate for VmSpec {
     }
 }
 
-/// The migration termination policy named `name`, or a message listing the known ones.
-pub fn check_policy(name: &str) -> Result<tern_migrate::policy::PolicyKind, Error> {
-    name.parse().map_err(|_| {
-        let known: Vec<&str> = tern_migrate::policy::PolicyKind::ALL
-            .iter()
-            .map(|p| p.as_str())
-            .collect();
-        Error::BadInput(format!(
-            "unknown migration policy {name:?}; use one of: {}",
-            known.join(", ")
-        ))
-    })
-}
-
 impl Validate for BalancerSettings {
     fn validate(&self) -> Result<(), Error> {
         tern_balance::round::validate(self).map_err(|e| Error::BadInput(e.to_string()))

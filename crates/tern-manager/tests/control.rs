@@ -241,7 +241,13 @@ async fn a_restarted_manager_settles_migrations_left_open_without_losing_or_doub
         .sim
         .host("h0")
         .unwrap()
-        .migrate_vm("done-while-down", &spec(1), &h1, "adaptive", &|_| ())
+        .migrate_vm(
+            "done-while-down",
+            &spec(1),
+            &h1,
+            tern_manager::state::PolicyKind::Adaptive,
+            &|_| (),
+        )
         .await
         .unwrap();
     assert!(matches!(

@@ -91,9 +91,13 @@ async fn the_http_client_drives_a_real_agent() {
 
     let seen = std::sync::Mutex::new(Vec::new());
     let result = ca
-        .migrate_vm("web-1", &spec(), &b.host, "adaptive", &|p| {
-            seen.lock().unwrap().push(p)
-        })
+        .migrate_vm(
+            "web-1",
+            &spec(),
+            &b.host,
+            tern_manager::state::PolicyKind::Adaptive,
+            &|p| seen.lock().unwrap().push(p),
+        )
         .await
         .unwrap();
     // Whatever the polls caught is a phase under way, its rounds never going back.

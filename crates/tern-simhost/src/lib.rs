@@ -34,7 +34,7 @@ use tern_manager::client::{Connector, HostClient, Progress, ProgressFn};
 use tern_manager::decide::balance::{DIRTY_BYTES_PER_CORE_S, LINK_BYTES_PER_S};
 use tern_manager::decide::{LoadReport, VmLoad};
 use tern_manager::error::{Error, Result};
-use tern_manager::state::{check_policy, Host, MigrationResult, VmSpec};
+use tern_manager::state::{Host, MigrationResult, PolicyKind, VmSpec};
 
 /// One simulated host.
 pub struct SimHost {
@@ -144,11 +144,10 @@ impl HostClient for SimHost {
         vm: &str,
         spec: &VmSpec,
         to: &Host,
-        policy: &str,
+        policy: PolicyKind,
         progress: ProgressFn<'_>,
     ) -> Result<MigrationResult> {
         self.reachable()?;
-        let policy = check_policy(policy)?;
         let cluster = self
             .cluster
             .upgrade()

@@ -16,7 +16,7 @@ use tern_api::migration::{MigrationEngine, MigrationView, Phase, SendOptions, Se
 use super::{Connector, HostClient, Progress, ProgressFn};
 use crate::decide::{LoadReport, VmLoad};
 use crate::error::{Error, Result};
-use crate::state::{Host, MigrationResult, VmSpec};
+use crate::state::{Host, MigrationResult, PolicyKind, VmSpec};
 
 /// How often a running migration is polled.
 const MIGRATION_POLL: Duration = Duration::from_millis(200);
@@ -94,14 +94,14 @@ impl HostClient for HttpHost {
         vm: &str,
         spec: &VmSpec,
         to: &Host,
-        policy: &str,
+        policy: PolicyKind,
         progress: ProgressFn<'_>,
     ) -> Result<MigrationResult> {
         let req = SendRequest {
             vm: vm.to_owned(),
             destination: to.address.clone(),
             token: self.token.clone(),
-            policy: MigrationEngine::Tern(crate::state::check_policy(policy)?),
+            policy: MigrationEngine::Tern(policy),
             options: SendOptions::default(),
         };
         let id = match self.agent.send_migration(&req).await {

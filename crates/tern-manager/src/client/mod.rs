@@ -14,7 +14,7 @@ pub use tern_api::manager::Progress;
 
 use crate::decide::LoadReport;
 use crate::error::Result;
-use crate::state::{Host, MigrationResult, VmSpec};
+use crate::state::{Host, MigrationResult, PolicyKind, VmSpec};
 
 /// What the manager asks of a host's agent.
 #[async_trait]
@@ -31,7 +31,7 @@ pub trait HostClient: Send + Sync {
         vm: &str,
         spec: &VmSpec,
         to: &Host,
-        policy: &str,
+        policy: PolicyKind,
         progress: ProgressFn<'_>,
     ) -> Result<MigrationResult>;
     /// The host's current load and the VMs it runs.

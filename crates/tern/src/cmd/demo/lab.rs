@@ -350,7 +350,7 @@ impl HostClient for ImageHost {
         vm: &str,
         spec: &VmSpec,
         to: &Host,
-        policy: &str,
+        policy: tern_api::migration::PolicyKind,
         progress: ProgressFn<'_>,
     ) -> tern_manager::error::Result<MigrationResult> {
         eprintln!(
