@@ -88,6 +88,21 @@ pub struct VmSpec {
     pub anti_affinity: Option<String>,
 }
 
+impl VmSpec {
+    /// What a host is asked to run for this VM: its size, with no kernel of its own
+    /// (the host's default guest) and no NICs. Placement fields stay with the manager.
+    pub fn host_spec(&self) -> crate::agent::VmSpec {
+        crate::agent::VmSpec {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            kernel: None,
+            initramfs: None,
+            cmdline: String::new(),
+            nics: Vec::new(),
+        }
+    }
+}
+
 /// Largest VM the manager accepts; catches typos such as an extra zero.
 pub const MAX_VCPUS: u32 = 64;
 

@@ -111,14 +111,7 @@ impl SimHost {
 impl HostClient for SimHost {
     async fn create_vm(&self, vm: &str, spec: &VmSpec) -> Result<()> {
         self.reachable()?;
-        let hv_spec = tern_hv::VmSpec {
-            vcpus: spec.vcpus,
-            memory_mib: spec.memory_mib,
-            kernel: None,
-            initramfs: None,
-            cmdline: String::new(),
-            nics: Vec::new(),
-        };
+        let hv_spec = spec.host_spec();
         self.driver
             .create(vm, hv_spec, false)
             .await

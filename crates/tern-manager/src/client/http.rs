@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tern_api::agent::{CreateVm, VmSpec as AgentVmSpec};
+use tern_api::agent::CreateVm;
 use tern_api::client::{AgentClient, ClientError};
 use tern_api::migration::{MigrationEngine, MigrationView, Phase, SendOptions, SendRequest};
 
@@ -60,14 +60,7 @@ impl HostClient for HttpHost {
     async fn create_vm(&self, vm: &str, spec: &VmSpec) -> Result<()> {
         let req = CreateVm {
             id: vm.parse()?,
-            spec: AgentVmSpec {
-                vcpus: spec.vcpus,
-                memory_mib: spec.memory_mib,
-                kernel: None,
-                initramfs: None,
-                cmdline: String::new(),
-                nics: Vec::new(),
-            },
+            spec: spec.host_spec(),
             start: true,
         };
         self.agent
