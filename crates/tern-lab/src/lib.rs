@@ -121,12 +121,9 @@ pub fn effective_uid(status: &str) -> Option<u32> {
 pub fn load(dir: &Path) -> Result<Option<LabState>, LabError> {
     let path = state_file(dir);
     match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
-            LabError::Lab(format!(
-                "lab state file {} is unreadable: {e}",
-                path.display()
-            ))
-        }),
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| LabError::BadState { path, source }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(LabError::io(format!("reading {}", path.display()))(e)),
     }
@@ -228,8 +225,7 @@ async fn claim_index(shape: LabShape) -> Result<LabShape, LabError> {
         let mut ns = plan::parse_netns_list(&output("ip", &["netns", "list"]).await?);
         ns.extend(taken.iter().cloned());
         let addrs = plan::parse_addrs(&output("ip", &["-4", "-o", "addr", "show"]).await?);
-        let index = plan::pick_index(&ns, &addrs)
-            .ok_or_else(|| LabError::Lab("every lab index 0-255 is in use".into()))?;
+        let index = plan::pick_index(&ns, &addrs).ok_or(LabError::NoFreeIndex)?;
         let s = LabShape { index, ..shape };
         let c = s.claim_command();
         let args: Vec<&str> = c[1..].iter().map(String::as_str).collect();
@@ -335,11 +331,11 @@ async fn wait_healthy(h: &LabHost, token: &str) -> Result<(), LabError> {
         if !h.pid.is_some_and(alive) || tokio::time::Instant::now() > deadline {
             let log = std::fs::read_to_string(h.state_dir.join("agent.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
-            return Err(LabError::Lab(format!(
-                "agent {} did not come up ({err}); its log ends: {}",
-                h.name,
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            )));
+            return Err(LabError::AgentDown {
+                host: h.name.clone(),
+                cause: Box::new(err),
+                log_tail: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+            });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
