@@ -8,13 +8,13 @@
 //!                     abort, no resume in time
 //! ```
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern_hv::{HvError, VmState};
 
-use super::incoming::{self, Expect, Progress};
+use super::incoming::{self, Expect};
 use super::memory::DestMemory;
 use super::session::{
     stream_token, Inbound, IncomingPhase, IncomingView, PrepareRequest, Registry, Ticket,
@@ -98,18 +98,8 @@ async fn listen(
         memory_port,
         device_port,
     };
-    let inbound = Arc::new(Inbound {
-        vm: req.vm.clone(),
-        phase: Mutex::new((IncomingPhase::Receiving, None)),
-        progress: Progress::default(),
-        cancel: AtomicBool::new(false),
-        resumed: AtomicBool::new(false),
-        gate: tokio::sync::Mutex::new(()),
-    });
-    reg.inbound
-        .lock()
-        .expect("registry lock")
-        .insert(id.clone(), inbound.clone());
+    let inbound = Arc::new(Inbound::new(&req.vm));
+    reg.begin_inbound(&id, inbound.clone());
     let expect = Expect {
         migration: id.clone(),
         token: ticket.stream_token.clone(),
