@@ -79,10 +79,10 @@ pub async fn execute(
         MigrationCommand::Send(req, engine) => {
             // Held until the migration is registered: a lifecycle action waits, then sees it.
             let _gate = state.lifecycle.lock().await;
-            let info = state.hv.info(&req.vm).await?;
+            let info = state.hv.info(req.vm.as_str()).await?;
             if info.state != VmState::Running {
                 return Err(AgentError::Hv(HvError::Conflict {
-                    id: req.vm.clone(),
+                    id: req.vm.to_string(),
                     action: "migrate",
                     state: info.state,
                 }));
@@ -90,13 +90,13 @@ pub async fn execute(
             let id = reg.new_id("mig");
             let job = Arc::new(Outbound::new(MigrationView::new(
                 &id,
-                &req.vm,
+                req.vm.as_str(),
                 &req.destination,
                 engine,
             )));
             reg.begin_outbound(&id, job.clone()).map_err(|_| {
                 AgentError::Hv(HvError::Conflict {
-                    id: req.vm.clone(),
+                    id: req.vm.to_string(),
                     action: "start a second migration of",
                     state: info.state,
                 })

@@ -562,7 +562,7 @@ impl Bench<'_> {
             e => (e, false),
         };
         let body = SendRequest {
-            vm: self.vm.clone(),
+            vm: self.vm.parse()?,
             destination: self.lab.hosts[to].url.clone(),
             token: self.token.clone(),
             policy: policy.parse()?,
