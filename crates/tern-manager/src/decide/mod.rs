@@ -286,9 +286,8 @@ fn register(
             "address is empty: give the agent's URL, e.g. http://198.18.0.2:7070".into(),
         ));
     }
-    if !(capacity.cpus > 0.0 && capacity.cpus <= MAX_HOST_CPUS)
-        || !(1..=MAX_HOST_MEMORY_MIB).contains(&capacity.memory_mib)
-    {
+    let cpus_ok = capacity.cpus > 0.0 && capacity.cpus <= MAX_HOST_CPUS;
+    if !cpus_ok || !(1..=MAX_HOST_MEMORY_MIB).contains(&capacity.memory_mib) {
         return Err(Error::BadInput(format!(
             "capacity needs cpus in (0, {MAX_HOST_CPUS}] and memory_mib in 1..={MAX_HOST_MEMORY_MIB}, \
              got {} cpus and {} MiB",
