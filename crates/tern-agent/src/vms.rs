@@ -62,8 +62,8 @@ impl AppState {
     }
 
     /// The spec with its kernel and initramfs replaced by their canonical paths, each
-    /// checked to lie under the host's image directory; QEMU then opens exactly the
-    /// file that was checked, not whatever a symlink points to later.
+    /// checked to lie under the host's image directory; QEMU is given the resolved path,
+    /// so a symlink or `..` in the caller's path cannot be re-pointed after the check.
     fn confine_paths(&self, mut spec: VmSpec) -> Result<VmSpec, AgentError> {
         let image_dir = &self.host.image_dir;
         for (field, path) in [

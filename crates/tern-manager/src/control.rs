@@ -382,7 +382,9 @@ impl Control {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {
                     if let Err(e) = self.collect().and_then(|_| self.dispatch()) {
-                        tracing::error!("reconcile: {e}");
+                        if self.warnings.allow("reconcile").is_some() {
+                            tracing::error!("reconcile: {e}");
+                        }
                     }
                     continue;
                 }
