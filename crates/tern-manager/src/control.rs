@@ -336,6 +336,8 @@ impl Control {
                 self.manager.live().end(*id);
             }
         }
+        self.manager
+            .read(|s| self.manager.live().retain_running(&s.running));
         let mut inflight = self.inflight();
         for (vm, _) in done {
             inflight.remove(&vm);
