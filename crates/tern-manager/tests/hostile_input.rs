@@ -212,7 +212,11 @@ async fn an_ha_follower_checks_the_token_before_reading_a_body() {
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
 
-    let http = reqwest::Client::new();
+    // A follower that passes the request on would wait for the silent leader for ever.
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(10))
+        .build()
+        .unwrap();
     let big = vec![b' '; 8 << 20];
     for token in [None, Some("wrong")] {
         let mut req = http.post(format!("{base}/v1/vms")).body(big.clone());
