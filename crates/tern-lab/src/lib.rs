@@ -37,6 +37,9 @@ pub struct LabOptions {
     pub host_memory_mib: Option<u64>,
     /// CPUs each host reports; default: the machine's.
     pub host_cpus: Option<u32>,
+    /// Where the kernels and initramfs images the hosts' VMs boot lie (the agents'
+    /// `--image-dir`): usually the image cache.
+    pub image_dir: PathBuf,
 }
 
 /// One host of a running lab.
@@ -282,6 +285,8 @@ async fn build(
             .arg(&state.token_file)
             .arg("--mem-dir")
             .arg(&h.mem_dir)
+            .arg("--image-dir")
+            .arg(&opts.image_dir)
             .args(["--bridge", HOST_BRIDGE, "--name", &h.name])
             .args([
                 "--cpus",

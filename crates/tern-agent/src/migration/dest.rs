@@ -8,13 +8,13 @@
 //!                     abort, no resume in time
 //! ```
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern_hv::{HvError, VmState};
 
-use super::incoming::{self, Expect, Progress};
+use super::incoming::{self, Expect};
 use super::memory::DestMemory;
 use super::session::{
     stream_token, Inbound, IncomingPhase, IncomingView, PrepareRequest, Registry, Ticket,
@@ -52,12 +52,12 @@ pub async fn prepare(
     req: PrepareRequest,
 ) -> Result<Ticket, AgentError> {
     let info = state
-        .create_vm(&req.vm, req.spec.clone(), true, false)
+        .create_vm(req.vm.as_str(), req.spec.clone(), true, false)
         .await?;
     match listen(state, reg, &req, info).await {
         Ok(t) => Ok(t),
         Err(e) => {
-            let _ = state.destroy_vm(&req.vm).await;
+            let _ = state.destroy_vm(req.vm.as_str()).await;
             Err(e)
         }
     }
@@ -85,11 +85,11 @@ async fn listen(
     let device_port = free_port()?;
     state
         .hv
-        .set_migration_capabilities(&req.vm, &[("x-ignore-shared", !req.native)])
+        .set_migration_capabilities(req.vm.as_str(), &[("x-ignore-shared", !req.native)])
         .await?;
     state
         .hv
-        .migrate_incoming(&req.vm, &format!("tcp:0.0.0.0:{device_port}"))
+        .migrate_incoming(req.vm.as_str(), &format!("tcp:0.0.0.0:{device_port}"))
         .await?;
     let id = reg.new_id("in");
     let ticket = Ticket {
@@ -98,18 +98,8 @@ async fn listen(
         memory_port,
         device_port,
     };
-    let inbound = Arc::new(Inbound {
-        vm: req.vm.clone(),
-        phase: Mutex::new((IncomingPhase::Receiving, None)),
-        progress: Progress::default(),
-        cancel: AtomicBool::new(false),
-        resumed: AtomicBool::new(false),
-        gate: tokio::sync::Mutex::new(()),
-    });
-    reg.inbound
-        .lock()
-        .expect("registry lock")
-        .insert(id.clone(), inbound.clone());
+    let inbound = Arc::new(Inbound::new(req.vm.as_str()));
+    reg.begin_inbound(&id, inbound.clone());
     let expect = Expect {
         migration: id.clone(),
         token: ticket.stream_token.clone(),
