@@ -149,3 +149,21 @@ fn quick_factor(percent: u8) -> f64 {
         })
         .throttle_factor(percent)
 }
+
+#[test]
+fn round_one_ends_no_sooner_than_its_probe_scan() {
+    // Round 1 of 48 MiB of data: 24 MiB, then the probe's scan beside the other 24 MiB.
+    // With a scan slower than that stretch, the engine's round waits for the scan and
+    // then scans once more to end the round.
+    let mut p = MigrationParams::engine(256 * MIB, 48 * MIB, mbit_per_s(1000.0));
+    p.scan_s_per_gib = 10.0;
+    let o = simulate(&p, &PolicyKind::Adaptive).unwrap();
+    let stretch_s = (24 * MIB) as f64 / p.effective_bandwidth();
+    let scan_s = p.scan_s();
+    assert!(scan_s > stretch_s, "{scan_s} vs {stretch_s}");
+    let round = &o.telemetry[0];
+    assert!(
+        near(round.duration_s, stretch_s + scan_s + scan_s, 1e-9),
+        "{round:?}"
+    );
+}
