@@ -10,6 +10,9 @@
 //! - [`StopReason`] (why iteration ended), [`RoundTelemetry`] and [`RoundProgress`] are
 //!   the agent's wire types, defined in `tern-api` and re-exported here.
 //! - [`fragment`]: [`FragmentTracker`], per-fragment re-dirtying history.
+//! - [`precopy`]: the engine's own rules outside any policy (its defaults, when a round
+//!   measures the link, when round 1 is split for the probe, the downtime the policy is
+//!   told), called by both the engine and the model.
 //! - [`telemetry`]: [`RoundTelemetry`], [`RoundProgress`], [`FirstRoundProbe`] and
 //!   [`MigrationOutcome`].
 //! - [`model`]: [`simulate`] (analytic), [`simulate_pages`] (page-level, seeded), and
@@ -45,6 +48,7 @@ pub mod error;
 pub mod fragment;
 pub mod model;
 pub mod policy;
+pub mod precopy;
 pub mod telemetry;
 
 pub use error::MigrateError;

@@ -69,3 +69,101 @@ fn sending_in_memory_order_counts_only_writes_after_the_working_set_went_out() {
         "{in_order}"
     );
 }
+
+#[test]
+fn the_policy_is_told_the_stop_cost_the_engine_assumes_not_the_one_it_pays() {
+    // The engine predicts a stop's downtime for its policy with a 30 ms budget for
+    // device state and resume, while the stop really costs 13 ms: the model tells its
+    // policy the same 30 ms and pays the 13 ms.
+    let link = mbit_per_s(1000.0);
+    let mut p =
+        MigrationParams::engine(512 * MIB, 224 * MIB, link).with_dirty(DirtyModel::Sequential {
+            rate_bytes_per_s: 30e6,
+            working_set_bytes: 128 * MIB,
+        });
+    p.max_elapsed_s = Some(40.0);
+    let told = simulate(&p, &PolicyKind::Adaptive).unwrap();
+    let last = told.telemetry.last().unwrap();
+    let remainder_s = last.remaining_pages as f64 * 4096.0 / last.bandwidth_bytes_per_s;
+    assert!(near(
+        last.predicted_downtime_s,
+        remainder_s + p.scan_s() + tern_migrate::precopy::STOP_COST_S,
+        1e-3
+    ));
+    assert!(near(
+        told.downtime_s,
+        remainder_s + p.scan_s() + p.stop_overhead_s,
+        1e-3
+    ));
+    // Every round before the last was judged against the told cost: none fitted it.
+    for t in &told.telemetry[..told.telemetry.len() - 1] {
+        assert!(t.predicted_downtime_s > p.downtime_limit_s, "{t:?}");
+    }
+    // Told the real cost instead, the policy stops no later.
+    p.policy_stop_cost_s = None;
+    let real = simulate(&p, &PolicyKind::Adaptive).unwrap();
+    assert!(real.rounds <= told.rounds);
+}
+
+#[test]
+fn round_one_throttle_starts_only_after_the_probe_scan() {
+    // The engine's probe scans memory beside the rest of round 1 and throttles only
+    // once the scan is done: a slower scan lets a fast guest dirty more unthrottled,
+    // and round 1 leaves more behind.
+    let rate = 188e6;
+    let run = |scan_s_per_gib: f64| {
+        let mut p = MigrationParams::engine(512 * MIB, 216 * MIB, mbit_per_s(1000.0)).with_dirty(
+            DirtyModel::Sequential {
+                rate_bytes_per_s: rate,
+                working_set_bytes: 128 * MIB,
+            },
+        );
+        p.scan_s_per_gib = scan_s_per_gib;
+        p.max_elapsed_s = Some(40.0);
+        simulate(&p, &PolicyKind::Adaptive).unwrap()
+    };
+    let (quick, slow) = (run(0.0), run(1.0));
+    assert_eq!(quick.telemetry[0].throttle_percent, 95);
+    assert_eq!(slow.telemetry[0].throttle_percent, 95);
+    let left = |o: &tern_migrate::MigrationOutcome| o.telemetry[0].remaining_pages;
+    assert!(
+        left(&slow) > left(&quick),
+        "{} vs {}",
+        left(&slow),
+        left(&quick)
+    );
+    // Round 1's rate is the throttled guest's, measured after the probe's scan.
+    let throttled = rate * quick_factor(95);
+    assert!(near(
+        quick.telemetry[0].dirty_rate_bytes_per_s,
+        throttled,
+        0.05
+    ));
+}
+
+fn quick_factor(percent: u8) -> f64 {
+    MigrationParams::engine(512 * MIB, 216 * MIB, 1.0)
+        .with_dirty(DirtyModel::Sequential {
+            rate_bytes_per_s: 188e6,
+            working_set_bytes: 128 * MIB,
+        })
+        .throttle_factor(percent)
+}
+
+#[test]
+fn round_one_ends_no_sooner_than_its_probe_scan() {
+    // Round 1 of 48 MiB of data: 24 MiB, then the probe's scan beside the other 24 MiB.
+    // With a scan slower than that stretch, the engine's round waits for the scan and
+    // then scans once more to end the round.
+    let mut p = MigrationParams::engine(256 * MIB, 48 * MIB, mbit_per_s(1000.0));
+    p.scan_s_per_gib = 10.0;
+    let o = simulate(&p, &PolicyKind::Adaptive).unwrap();
+    let stretch_s = (24 * MIB) as f64 / p.effective_bandwidth();
+    let scan_s = p.scan_s();
+    assert!(scan_s > stretch_s, "{scan_s} vs {stretch_s}");
+    let round = &o.telemetry[0];
+    assert!(
+        near(round.duration_s, stretch_s + scan_s + scan_s, 1e-9),
+        "{round:?}"
+    );
+}

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use tern_migrate::fragment::{FragmentTracker, DEFAULT_FRAGMENT_BYTES};
 use tern_migrate::policy::{decide, Decision, Limits, Policy, PolicyInput, StopReason};
+use tern_migrate::precopy::{self as rules, measured_bandwidth, predicted_downtime_s};
 use tern_migrate::telemetry::{FirstRoundProbe, RoundTelemetry};
 
 use super::memory::{scan, SeenDigests, SentDigests, SourceMemory};
@@ -47,14 +48,12 @@ impl Default for PrecopyConfig {
     fn default() -> Self {
         PrecopyConfig {
             limits_downtime_s: tern_migrate::policy::DEFAULT_DOWNTIME_LIMIT_S,
-            max_rounds: 60,
+            max_rounds: rules::MAX_ROUNDS,
             max_elapsed_s: 60.0,
             scan_threads: 2,
-            stop_cost_s: 0.03,
+            stop_cost_s: rules::STOP_COST_S,
             initial_bandwidth_bytes_per_s: 125e6,
-            // 0.2 s on a 1 Gbit/s link: long enough to see a fast guest's rate, early
-            // enough that most of round 1 still runs under the throttle it leads to.
-            probe_bytes: 24 << 20,
+            probe_bytes: rules::PROBE_BYTES,
         }
     }
 }
@@ -221,9 +220,8 @@ impl Rounds {
         if round == 1 {
             self.nonzero_pages = t.data_pages;
         }
-        // Small rounds are dominated by round trips; they say nothing about the link.
-        if t.bytes >= 4 << 20 && send_s > 0.0 {
-            self.bandwidth = t.bytes as f64 / send_s;
+        if let Some(b) = measured_bandwidth(t.bytes, send_s) {
+            self.bandwidth = b;
         }
         self.last = (t, send_s);
         Ok(probed)
@@ -260,9 +258,12 @@ impl Rounds {
             bandwidth_bytes_per_s: self.bandwidth,
             remaining_pages: remaining,
             held_back_pages,
-            predicted_downtime_s: (remaining * PAGE_SIZE as u64) as f64 / self.bandwidth
-                + scan_s
-                + ctx.cfg.stop_cost_s,
+            predicted_downtime_s: predicted_downtime_s(
+                (remaining * PAGE_SIZE as u64) as f64,
+                self.bandwidth,
+                scan_s,
+                ctx.cfg.stop_cost_s,
+            ),
             duration_s,
             elapsed_s: self.started.elapsed().as_secs_f64(),
             throttle_percent: self.throttle_percent,
@@ -360,8 +361,7 @@ impl Live<'_> {
         let start = Instant::now();
         let first = out.send_round(1, mem, sent, &pages[..split], cancel)?;
         let first_s = start.elapsed().as_secs_f64();
-        let bandwidth =
-            (first.bytes >= 4 << 20 && first_s > 0.0).then(|| first.bytes as f64 / first_s);
+        let bandwidth = measured_bandwidth(first.bytes, first_s);
         let rest = &pages[split..];
         let bytes_left =
             rest.iter().filter(|&&p| mem.has_data(p)).count() as u64 * PAGE_SIZE as u64;
@@ -405,26 +405,20 @@ impl Live<'_> {
     }
 }
 
-/// Where round 1's first stretch ends: after `probe_bytes` of pages with data, if at
-/// least as much again follows; `None` when the round is too small to be worth a probe.
+/// Where round 1's first stretch ends: after the pages with data that
+/// [`rules::probe_split_pages`] says, the rule the model follows too; `None` when the
+/// round runs whole.
 fn probe_split(mem: &SourceMemory, pages: &[u64], probe_bytes: u64) -> Option<usize> {
-    let want = probe_bytes / PAGE_SIZE as u64;
-    if want == 0 {
-        return None;
-    }
+    let data = pages.iter().filter(|&&p| mem.has_data(p)).count() as u64;
+    let want = rules::probe_split_pages(data, probe_bytes, PAGE_SIZE as u64)?;
     let mut seen = 0u64;
-    let mut split = None;
-    for (i, &p) in pages.iter().enumerate() {
-        if mem.has_data(p) {
-            seen += 1;
-            if seen == want {
-                split = Some(i + 1);
-            } else if seen == 2 * want {
-                return split;
-            }
-        }
-    }
-    None
+    pages
+        .iter()
+        .position(|&p| {
+            seen += u64::from(mem.has_data(p));
+            seen == want
+        })
+        .map(|i| i + 1)
 }
 
 /// The union of two ascending page lists, ascending, each page once.

@@ -3,11 +3,16 @@
 //! stop-and-copy. Only the guest's memory differs between the two models. With
 //! `probe_bytes` set, both models run round 1 in two stretches with the policy's
 //! first-round throttle between them (the analytic one cuts its classes of memory at
-//! the probe's page for that).
+//! the probe's page for that). What the engine measures and tells the policy is
+//! measured and told here by the engine's own rules ([`crate::precopy`]): the predicted
+//! downtime with the stop cost the engine assumes, the probe's window up to the end of
+//! its scan, the throttle only once that scan is done, and round 1's rate over the time
+//! after it.
 
 use super::MigrationParams;
 use crate::fragment::{FragmentId, FragmentTracker};
 use crate::policy::{decide, Decision, Policy, PolicyInput};
+use crate::precopy::{predicted_downtime_s, probe_split_pages};
 use crate::telemetry::{FirstRoundProbe, MigrationOutcome, RoundTelemetry};
 
 /// Guest memory as a model sees it, in pages (fractional for the analytic model).
@@ -55,6 +60,8 @@ pub(super) fn drive(
     // The engine's pass over memory after every round and in the stop-and-copy.
     let scan_s = params.scan_s();
     let stop_cost_s = scan_s + params.stop_overhead_s;
+    // What the policy is told the stop costs besides the transfer.
+    let told_stop_s = params.policy_stop_cost_s.unwrap_or(params.stop_overhead_s);
     let mut history: Vec<RoundTelemetry> = Vec::new();
     let mut throttle = 0u8;
     let mut max_throttle = 0u8;
@@ -91,46 +98,49 @@ pub(super) fn drive(
             }
         };
         let factor = |t: u8| params.throttle_factor(t);
-        let probe_pages = params.probe_bytes / params.page_size.max(1);
-        // As in the engine, a round 1 too small to leave as much again after the probe
-        // runs whole.
-        let split = if history.is_empty()
-            && probe_pages > 0
-            && guest.remaining() >= 2.0 * probe_pages as f64
-        {
-            guest.send_prefix(probe_pages)
+        let split = if history.is_empty() {
+            let data = guest.remaining().round() as u64;
+            probe_split_pages(data, params.probe_bytes, params.page_size)
+                .and_then(|p| guest.send_prefix(p))
         } else {
             None
         };
         let (sent, duration, changed, rate) = match split {
-            // Round 1 as the engine runs it: a first stretch, a probe of the guest's
-            // rate, a throttle if the policy asks, then the rest under it.
+            // Round 1 as the engine runs it: a first stretch; then the rest is sent while
+            // a scan beside it measures the guest's rate so far; once that scan is done,
+            // the throttle the policy asks for holds for the rest of the round.
             Some((first, next)) => {
                 let first_s = first * ps / bw;
-                let probed = guest.run_part(first_s, factor(throttle));
+                let bytes_left = (guest.remaining_from(next) * ps).round() as u64;
+                let mut probed = guest.run_part(first_s, factor(throttle));
+                let rest = guest.send_from(next);
+                let rest_send_s = rest * ps / bw;
+                // The probe's scan runs on the guest's time, unthrottled.
+                probed += guest.run_part(scan_s, factor(throttle));
                 let probe = FirstRoundProbe {
                     pages_changed: probed.round() as u64,
-                    window_s: first_s,
+                    window_s: first_s + scan_s,
                     bandwidth_bytes_per_s: bw,
-                    bytes_left: (guest.remaining_from(next) * ps).round() as u64,
-                    stop_cost_s,
+                    bytes_left,
+                    stop_cost_s: scan_s + told_stop_s,
                 };
                 let wanted = policy.first_round_throttle(&probe, &limits);
                 if wanted > 0 {
                     throttle = wanted.min(99);
                     max_throttle = max_throttle.max(throttle);
                 }
-                let rest = guest.send_from(next);
-                // The scan that ends the round runs on the guest's time too.
-                let rest_s = rest * ps / bw + scan_s;
-                let later = guest.run_part(rest_s, factor(throttle));
+                // The round ends when both the sending and the probe are done, then the
+                // scan that ends every round; the round's rate is over the time since
+                // the probe's scan, the rate the policy must size against.
+                let after_s = (rest_send_s - scan_s).max(0.0) + scan_s;
+                let later = guest.run_part(after_s, factor(throttle));
                 let changed = guest.end_round();
-                let rate = if rest_s > 0.0 {
-                    later * ps / rest_s
+                let rate = if after_s > 0.0 {
+                    later * ps / after_s
                 } else {
                     0.0
                 };
-                (first + rest, first_s + rest_s, changed, rate)
+                (first + rest, first_s + scan_s + after_s, changed, rate)
             }
             None => {
                 let sent = guest.send(&hold_back);
@@ -156,7 +166,7 @@ pub(super) fn drive(
             bandwidth_bytes_per_s: bw,
             remaining_pages: remaining.round() as u64,
             held_back_pages: guest.remaining_in(&hold_back).round() as u64,
-            predicted_downtime_s: remaining * ps / bw + stop_cost_s,
+            predicted_downtime_s: predicted_downtime_s(remaining * ps, bw, scan_s, told_stop_s),
             duration_s: duration,
             elapsed_s: elapsed,
             throttle_percent: throttle,

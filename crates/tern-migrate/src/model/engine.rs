@@ -5,6 +5,7 @@
 
 use super::MigrationParams;
 use crate::policy::DEFAULT_DOWNTIME_LIMIT_S;
+use crate::precopy;
 
 /// Share of the link's nominal rate the engine's TCP streams achieve: round 1 of an idle
 /// guest moves 104.8 MB in 884-888 ms (512 MiB) and 112.2 MB in 948-954 ms (1 GiB) over
@@ -25,10 +26,6 @@ pub const ENGINE_SETUP_S: f64 = 0.12;
 /// `downtime_parts_ms`, second and third part, 8-26 ms, median 13 ms.
 pub const ENGINE_STOP_OVERHEAD_S: f64 = 0.013;
 
-/// Non-zero bytes round 1 sends before it probes the guest's dirty rate (the engine's
-/// `PrecopyConfig::probe_bytes`).
-pub const ENGINE_PROBE_BYTES: u64 = 24 << 20;
-
 /// Share of its vCPU a TCG guest running `memdirty` needs for its writes: under the
 /// benchmark's throttles it kept writing at about 14 MB/s plus
 /// `rate × (1 − p/100) / 0.31` (95 %: 40-46 MB/s at 188 MB/s, 26-37 MB/s at 94 MB/s;
@@ -38,13 +35,11 @@ pub const ENGINE_GUEST_WRITE_CPU_SHARE: f64 = 0.31;
 /// What a throttled `memdirty` keeps writing on top of what its CPU share allows.
 pub const ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S: f64 = 14e6;
 
-/// The engine's cap on live rounds (`PrecopyConfig::max_rounds`).
-pub const ENGINE_MAX_ROUNDS: u32 = 60;
-
 impl MigrationParams {
     /// A migration as tern's engine runs it: a guest of `memory_bytes`, of which
     /// `nonzero_bytes` hold data, over a link of `link_bytes_per_s` nominal, with the
-    /// engine's measured costs, round-1 probe and caps, and QEMU's 300 ms budget.
+    /// engine's measured costs, its own rules and defaults ([`precopy`]: round-1 probe,
+    /// round cap, the stop cost its policy is told) and QEMU's 300 ms budget.
     pub fn engine(memory_bytes: u64, nonzero_bytes: u64, link_bytes_per_s: f64) -> Self {
         MigrationParams {
             nonzero_bytes: Some(nonzero_bytes),
@@ -52,8 +47,9 @@ impl MigrationParams {
             scan_s_per_gib: ENGINE_SCAN_S_PER_GIB,
             setup_s: ENGINE_SETUP_S,
             stop_overhead_s: ENGINE_STOP_OVERHEAD_S,
-            probe_bytes: ENGINE_PROBE_BYTES,
-            max_rounds: ENGINE_MAX_ROUNDS,
+            policy_stop_cost_s: Some(precopy::STOP_COST_S),
+            probe_bytes: precopy::PROBE_BYTES,
+            max_rounds: precopy::MAX_ROUNDS,
             write_cpu_share: Some(ENGINE_GUEST_WRITE_CPU_SHARE),
             throttle_floor_bytes_per_s: ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S,
             sent_in_order: true,

@@ -30,8 +30,7 @@ use serde::{Deserialize, Serialize};
 pub use analytic::simulate;
 pub use engine::{
     ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S, ENGINE_GUEST_WRITE_CPU_SHARE, ENGINE_LINK_EFFICIENCY,
-    ENGINE_MAX_ROUNDS, ENGINE_PROBE_BYTES, ENGINE_SCAN_S_PER_GIB, ENGINE_SETUP_S,
-    ENGINE_STOP_OVERHEAD_S,
+    ENGINE_SCAN_S_PER_GIB, ENGINE_SETUP_S, ENGINE_STOP_OVERHEAD_S,
 };
 pub use pages::simulate_pages;
 
@@ -138,6 +137,11 @@ pub struct MigrationParams {
     /// scan: the device state and resuming on the destination. 0 gives the textbook
     /// closed forms.
     pub stop_overhead_s: f64,
+    /// What the policy is told that fixed cost is when it is given a stop's predicted
+    /// downtime (the engine's [`crate::precopy::STOP_COST_S`], a budget rather than a
+    /// measurement). `None`: `stop_overhead_s`.
+    #[serde(default)]
+    pub policy_stop_cost_s: Option<f64>,
     /// Safety cap on live rounds for every policy.
     pub max_rounds: u32,
     /// Safety cap on iterating time for every policy, if any.
@@ -207,6 +211,7 @@ impl MigrationParams {
             dirty: DirtyModel::None,
             downtime_limit_s: DEFAULT_DOWNTIME_LIMIT_S,
             stop_overhead_s: 0.0,
+            policy_stop_cost_s: None,
             max_rounds: DEFAULT_MAX_ROUNDS,
             max_elapsed_s: None,
             fragment_bytes: DEFAULT_FRAGMENT_BYTES,
@@ -298,6 +303,9 @@ impl MigrationParams {
         }
         non_negative("downtime_limit_s", self.downtime_limit_s)?;
         non_negative("stop_overhead_s", self.stop_overhead_s)?;
+        if let Some(c) = self.policy_stop_cost_s {
+            non_negative("policy_stop_cost_s", c)?;
+        }
         non_negative("scan_s_per_gib", self.scan_s_per_gib)?;
         non_negative("setup_s", self.setup_s)?;
         if let Some(f) = self.write_cpu_share {
