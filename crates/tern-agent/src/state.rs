@@ -91,6 +91,10 @@ pub struct AppState {
     pub admission: Arc<tokio::sync::Mutex<()>>,
     /// The zero of the sampler's clock.
     pub epoch: Instant,
+    /// The address migration streams are received on: the agent's own, the one it
+    /// serves its API on. Loopback until [`AppState::with_stream_ip`] says otherwise,
+    /// so nothing listens beyond the host unless asked to.
+    pub stream_ip: std::net::IpAddr,
 }
 
 impl AppState {
@@ -102,7 +106,14 @@ impl AppState {
             guests: Arc::default(),
             admission: Arc::default(),
             epoch: Instant::now(),
+            stream_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         }
+    }
+
+    /// Receives migration streams on `ip`, the address the agent serves on.
+    pub fn with_stream_ip(mut self, ip: std::net::IpAddr) -> AppState {
+        self.stream_ip = ip;
+        self
     }
 
     /// Where the record of VM `id` is kept.
