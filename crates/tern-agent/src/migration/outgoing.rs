@@ -254,6 +254,12 @@ pub fn open_stream(
         .and_then(|()| s.set_read_timeout(Some(io_timeout)))
         .and_then(|()| s.set_write_timeout(Some(io_timeout)))
         .map_err(wire::WireError::from)?;
+    // A write timeout alone restarts with every write that moved a byte, so a cut link
+    // took two or three of them to show. With this, data the peer has not acknowledged
+    // for `io_timeout` ends the connection, and the blocked write fails at once.
+    let ms = u32::try_from(io_timeout.as_millis()).unwrap_or(u32::MAX);
+    rustix::net::sockopt::set_tcp_user_timeout(&s, ms)
+        .map_err(|e| wire::WireError::from(std::io::Error::from(e)))?;
     handshake(&mut s, hello)?;
     Ok(s)
 }
