@@ -75,7 +75,8 @@ fn to_tokio(s: std::net::TcpStream) -> std::io::Result<tokio::net::TcpStream> {
 /// device-state stream. Dropping it stops the relay and removes the socket.
 pub struct SourceRelay {
     path: PathBuf,
-    task: tokio::task::JoinHandle<Result<u64, MigrationError>>,
+    /// Until its outcome was taken by [`SourceRelay::failure`].
+    task: Option<tokio::task::JoinHandle<Result<u64, MigrationError>>>,
 }
 
 impl SourceRelay {
@@ -102,18 +103,37 @@ impl SourceRelay {
                 .await
                 .map_err(io("relaying QEMU's stream to the destination"))
         });
-        Ok(SourceRelay { path, task })
+        Ok(SourceRelay {
+            path,
+            task: Some(task),
+        })
     }
 
     /// What QEMU's `migrate` is given.
     pub fn uri(&self) -> String {
         format!("unix:{}", self.path.display())
     }
+
+    /// The relay's failure, once it failed: QEMU keeps writing into a socket nobody
+    /// drains, so its own status would only show the migration stalled.
+    pub async fn failure(&mut self) -> Option<MigrationError> {
+        let task = self.task.take_if(|t| t.is_finished())?;
+        match task.await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(e),
+            Err(source) => Some(MigrationError::Task {
+                step: "device-state relay",
+                source,
+            }),
+        }
+    }
 }
 
 impl Drop for SourceRelay {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(t) = &self.task {
+            t.abort();
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -171,6 +191,31 @@ mod tests {
             socket_path(d.path(), &long),
             Err(MigrationError::SocketPath { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_relay_nobody_connects_to_reports_its_failure_once() {
+        let d = tempfile::tempdir().unwrap();
+        let link = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let end = std::net::TcpStream::connect(link.local_addr().unwrap()).unwrap();
+        let path = socket_path(d.path(), "out").unwrap();
+        let mut relay = SourceRelay::start(path.clone(), end, Duration::from_millis(50)).unwrap();
+        assert!(path.exists());
+        let t0 = std::time::Instant::now();
+        let failure = loop {
+            if let Some(e) = relay.failure().await {
+                break e;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(5));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert!(
+            matches!(failure, MigrationError::DeviceStateTimeout(_)),
+            "{failure}"
+        );
+        assert!(relay.failure().await.is_none());
+        drop(relay);
+        assert!(!path.exists(), "the socket outlived its relay");
     }
 
     #[tokio::test]

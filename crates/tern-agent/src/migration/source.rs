@@ -513,6 +513,11 @@ impl<'a> SourceMigration<'a> {
                 break st;
             }
             check_cancel(self.job)?;
+            if let Some(relay) = self.device.relay.as_mut() {
+                if let Some(e) = relay.failure().await {
+                    return Err(e);
+                }
+            }
             if self.started.elapsed() > limit {
                 return Err(MigrationError::NotConverged {
                     limit,
