@@ -1,5 +1,6 @@
 //! The migration's streams between two real agents on loopback, each with the QEMU
-//! driver: nobody but the source can feed the destination's QEMU, and a real guest
+//! driver: nobody but the source can feed the destination's QEMU, silent strangers do
+//! not keep the source out, and a real guest
 //! moves with tern's engine and with `qemu-native`, QEMU's stream relayed over tern's
 //! authenticated device-state stream both times.
 
@@ -105,7 +106,7 @@ fn guest_spec(img: &tern_hv::image::GuestImage, id: &str) -> CreateVm {
 const QEMU_STREAM_START: &[u8] = b"QEVM\0\0\0\x03";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stranger_on_the_device_state_port_cannot_feed_the_incoming_vm() {
+async fn strangers_on_the_migration_port_neither_feed_the_vm_nor_keep_the_source_out() {
     let Some(img) = image().await else { return };
     let dest = Agent::start("h2").await;
     let spec = guest_spec(&img, "s1").spec;
@@ -142,6 +143,31 @@ async fn a_stranger_on_the_device_state_port_cannot_feed_the_incoming_vm() {
     assert_eq!(v.phase, IncomingPhase::Receiving, "{v:?}");
     let vm = dest.client.show_vm("s1").await.unwrap();
     assert!(vm.info.pid.is_some(), "{vm:?}");
+
+    // Silent strangers on the memory port do not keep the real source out.
+    let port = ticket.memory_port;
+    let (migration, token) = (ticket.migration.clone(), ticket.stream_token.clone());
+    let admitted = tokio::task::spawn_blocking(move || {
+        let _silent: Vec<_> = (0..3)
+            .map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap())
+            .collect();
+        let t0 = Instant::now();
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let pages = (128u64 << 20) / wire::PAGE_SIZE as u64;
+        let opts = tern_agent::migration::outgoing::StreamOptions::default();
+        let out = tern_agent::migration::outgoing::Outgoing::connect(
+            addr, &migration, &token, pages, opts,
+        );
+        (out.map(drop), t0.elapsed())
+    })
+    .await
+    .unwrap();
+    let (connected, waited) = admitted;
+    connected.expect("the real source's memory streams are admitted");
+    assert!(
+        waited < Duration::from_secs(1),
+        "the source waited {waited:?} behind silent connections"
+    );
     dest.client.abort_incoming(&ticket.migration).await.unwrap();
     dest.stop().await;
 }
