@@ -23,9 +23,10 @@ use super::MigrationError;
 
 /// How long a new connection has to say `Hello`: a real source says it at once.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
-/// Connections still owing their `Hello` at one time; more are closed at once, so a
-/// flood costs a bounded number of threads while the real streams, arriving among the
-/// first, still get in.
+/// Connections at a time still owing their `Hello`. While that many are pending, the
+/// gate accepts no more: later ones wait in the kernel's backlog (a source waits for
+/// its `Welcome` far longer than [`HELLO_TIMEOUT`]), so a flood costs a bounded number
+/// of threads and delays the real streams by about one hello timeout.
 const MAX_PENDING: usize = 64;
 
 /// What the destination expects of the streams that will connect.
@@ -143,15 +144,13 @@ impl Door {
         let mut roll = Roll::new(self.wanted);
         while !roll.complete() && !self.stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             let mut idle = true;
-            match self.listener.accept() {
-                Ok((s, peer)) => {
+            let room = pending.load(Ordering::Relaxed) < MAX_PENDING;
+            match room.then(|| self.listener.accept()) {
+                None => {}
+                Some(Ok((s, peer))) => {
                     idle = false;
-                    if pending.load(Ordering::Relaxed) >= MAX_PENDING {
-                        tracing::warn!(%peer, "too many connections owe their hello; dropped one");
-                        continue;
-                    }
                     pending.fetch_add(1, Ordering::Relaxed);
-                    let (tx, pending, expect) =
+                    let (tx, owing, expect) =
                         (checked_tx.clone(), pending.clone(), self.expect.clone());
                     let pages = self.wanted.pages;
                     let spawned = std::thread::Builder::new()
@@ -164,15 +163,20 @@ impl Door {
                                 }
                                 Err(reason) => refuse(&mut s, &reason),
                             }
-                            pending.fetch_sub(1, Ordering::Relaxed);
+                            owing.fetch_sub(1, Ordering::Relaxed);
                         });
                     if spawned.is_err() {
+                        pending.fetch_sub(1, Ordering::Relaxed);
                         tracing::warn!(%peer, "no thread for a new stream; dropped it");
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                // Out of descriptors and the like: the listener stays; try again shortly.
-                Err(e) => tracing::warn!(error = %e, "accepting a migration stream"),
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Out of descriptors and the like: the listener stays; try again a little
+                // later, so the log gets a line per 100 ms rather than per poll.
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "accepting a migration stream");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
             }
             while let Ok((s, hello)) = checked.try_recv() {
                 idle = false;
