@@ -26,7 +26,10 @@ const MIGRATION_POLL: Duration = Duration::from_millis(200);
 const FOLLOW_SLACK: Duration = Duration::from_secs(90);
 /// Once past its deadline a migration is cancelled; this long is left for the source
 /// to roll back, or to report that it finished (it was past the point of no return).
-const CANCEL_GRACE: Duration = Duration::from_secs(30);
+/// The source's own rollback is bounded by about 2.5 min (five tries of 30 s to reach a
+/// destination that may have resumed): a migration still not over after this is
+/// reported stuck, not failed, as its VM may run on either host.
+const CANCEL_GRACE: Duration = Duration::from_secs(180);
 
 /// How long a migration with `options` is followed before it is cancelled (pure).
 pub fn follow_deadline(options: &SendOptions) -> Duration {
