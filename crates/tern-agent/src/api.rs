@@ -18,7 +18,8 @@ use crate::host::{HostReport, Load};
 use crate::state::AppState;
 use crate::vms::CreateVm;
 use axum::body::Bytes;
-use axum::extract::{Path, Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -28,7 +29,12 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::time::Duration;
 use tern_api::agent::{VmMetrics, VmView};
-use tern_hv::Action;
+use tern_hv::{Action, HvError};
+use tern_model::VmName;
+
+/// Largest request body the agent reads (a layer on the router, see
+/// [`crate::server::app`]); the largest real one, a VM spec, is a few KiB.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// How long a guest request may take by default.
 pub const GUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -38,12 +44,12 @@ pub const GUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub enum Command {
     Host,
     ListVms,
-    ShowVm(String),
+    ShowVm(VmName),
     CreateVm(CreateVm),
-    DeleteVm(String),
-    Act(String, Action),
-    Metrics(String),
-    Guest(String, Value),
+    DeleteVm(VmName),
+    Act(VmName, Action),
+    Metrics(VmName),
+    Guest(VmName, Value),
 }
 
 /// Runs a command and returns the status and JSON body of its answer.
@@ -80,7 +86,7 @@ pub async fn execute(state: &AppState, cmd: Command) -> Result<(StatusCode, Valu
                 .collect();
             ok(json(vms))
         }
-        Command::ShowVm(id) => ok(json(state.view(state.hv.refresh(&id).await?))),
+        Command::ShowVm(id) => ok(json(state.view(state.hv.refresh(id.as_str()).await?))),
         Command::CreateVm(c) => {
             let info = state
                 .create_vm(c.id.as_str(), c.spec, false, c.start)
@@ -88,13 +94,20 @@ pub async fn execute(state: &AppState, cmd: Command) -> Result<(StatusCode, Valu
             Ok((StatusCode::CREATED, json(state.view(info))))
         }
         Command::DeleteVm(id) => {
-            state.destroy_vm(&id).await?;
+            let _gate = state.lifecycle.lock().await;
+            state.refuse_if_migrating(id.as_str(), "destroy")?;
+            state.destroy_vm(id.as_str()).await?;
             Ok((StatusCode::OK, serde_json::json!({ "deleted": id })))
         }
-        Command::Act(id, action) => ok(json(state.view(state.act(&id, action).await?))),
-        Command::Metrics(id) => ok(json(state.hv.metrics(&id).await?)),
+        Command::Act(id, action) => {
+            let _gate = state.lifecycle.lock().await;
+            state.refuse_if_migrating(id.as_str(), action.verb())?;
+            ok(json(state.view(state.act(id.as_str(), action).await?)))
+        }
+        Command::Metrics(id) => ok(json(state.hv.metrics(id.as_str()).await?)),
         Command::Guest(id, req) => {
             crate::guest::with_id(req.clone(), 0).map_err(AgentError::BadRequest)?;
+            let id = id.into_string();
             let info = state.hv.info(&id).await?;
             let socket = info.control_socket.ok_or_else(|| AgentError::Guest {
                 id: id.clone(),
@@ -152,7 +165,7 @@ async fn list_vms(s: State<AppState>) -> Response {
 #[utoipa::path(post, path = "/v1/vms", summary = "create a VM (and start it unless start is false)",
     request_body = CreateVm,
     responses((status = 201, description = "created", body = VmView)))]
-async fn create(s: State<AppState>, body: Bytes) -> Response {
+async fn create(s: State<AppState>, Body(body): Body) -> Response {
     match parse::<CreateVm>(&body) {
         Ok(c) => run(s, Command::CreateVm(c)).await,
         Err(e) => e.into_response(),
@@ -161,7 +174,7 @@ async fn create(s: State<AppState>, body: Bytes) -> Response {
 
 #[utoipa::path(get, path = "/v1/vms/{id}", summary = "one VM", params(Id),
     responses((status = 200, description = "ok", body = VmView)))]
-async fn show_vm(s: State<AppState>, Path(id): Path<String>) -> Response {
+async fn show_vm(s: State<AppState>, VmId(id): VmId) -> Response {
     run(s, Command::ShowVm(id)).await
 }
 
@@ -174,37 +187,37 @@ pub struct Deleted {
 
 #[utoipa::path(delete, path = "/v1/vms/{id}", summary = "destroy a VM and remove its files",
     params(Id), responses((status = 200, description = "ok", body = Deleted)))]
-async fn delete_vm(s: State<AppState>, Path(id): Path<String>) -> Response {
+async fn delete_vm(s: State<AppState>, VmId(id): VmId) -> Response {
     run(s, Command::DeleteVm(id)).await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{id}/start", summary = "start a created or stopped VM",
     params(Id), responses((status = 200, description = "ok", body = VmView)))]
-async fn start(s: State<AppState>, Path(id): Path<String>) -> Response {
+async fn start(s: State<AppState>, VmId(id): VmId) -> Response {
     run(s, Command::Act(id, Action::Start)).await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{id}/pause", summary = "pause a running VM",
     params(Id), responses((status = 200, description = "ok", body = VmView)))]
-async fn pause(s: State<AppState>, Path(id): Path<String>) -> Response {
+async fn pause(s: State<AppState>, VmId(id): VmId) -> Response {
     run(s, Command::Act(id, Action::Pause)).await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{id}/resume", summary = "resume a paused VM",
     params(Id), responses((status = 200, description = "ok", body = VmView)))]
-async fn resume(s: State<AppState>, Path(id): Path<String>) -> Response {
+async fn resume(s: State<AppState>, VmId(id): VmId) -> Response {
     run(s, Command::Act(id, Action::Resume)).await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{id}/stop", summary = "power a VM off, keeping its definition",
     params(Id), responses((status = 200, description = "ok", body = VmView)))]
-async fn stop(s: State<AppState>, Path(id): Path<String>) -> Response {
+async fn stop(s: State<AppState>, VmId(id): VmId) -> Response {
     run(s, Command::Act(id, Action::Stop)).await
 }
 
 #[utoipa::path(get, path = "/v1/vms/{id}/metrics", summary = "vCPU threads' CPU time, memory",
     params(Id), responses((status = 200, description = "ok", body = VmMetrics)))]
-async fn metrics(s: State<AppState>, Path(id): Path<String>) -> Response {
+async fn metrics(s: State<AppState>, VmId(id): VmId) -> Response {
     run(s, Command::Metrics(id)).await
 }
 
@@ -212,7 +225,7 @@ async fn metrics(s: State<AppState>, Path(id): Path<String>) -> Response {
     summary = "one request to the guest agent, its answer back", params(Id),
     request_body = tern_api::guest::Command,
     responses((status = 200, description = "the guest agent's answer", body = Object)))]
-async fn guest(s: State<AppState>, Path(id): Path<String>, body: Bytes) -> Response {
+async fn guest(s: State<AppState>, VmId(id): VmId, Body(body): Body) -> Response {
     match parse::<Value>(&body) {
         Ok(v) => run(s, Command::Guest(id, v)).await,
         Err(e) => e.into_response(),
@@ -226,6 +239,47 @@ pub struct Id {
     /// The VM's or the migration's id.
     #[allow(dead_code)]
     id: String,
+}
+
+/// A request body, read up to the router's limit; a longer one is a 413 naming it.
+pub struct Body(pub Bytes);
+
+#[axum::async_trait]
+impl<S: Send + Sync> FromRequest<S> for Body {
+    type Rejection = AgentError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, AgentError> {
+        Bytes::from_request(req, state)
+            .await
+            .map(Body)
+            .map_err(|e| {
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    AgentError::TooLarge {
+                        limit: MAX_BODY_BYTES,
+                    }
+                } else {
+                    AgentError::BadRequest(format!("request body: {}", e.body_text()))
+                }
+            })
+    }
+}
+
+/// The `{id}` of a VM route, checked against the naming rule before anything looks it
+/// up: the id names the VM's record file, so `..%2F..%2Fx` must never reach a path.
+pub struct VmId(pub VmName);
+
+#[axum::async_trait]
+impl<S: Send + Sync> FromRequestParts<S> for VmId {
+    type Rejection = AgentError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, AgentError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| AgentError::BadRequest(format!("VM id in the path: {}", e.body_text())))?;
+        id.parse()
+            .map(VmId)
+            .map_err(|e| AgentError::Hv(HvError::BadName(e)))
+    }
 }
 
 async fn run(State(state): State<AppState>, cmd: Command) -> Response {

@@ -16,6 +16,19 @@ pub enum AgentError {
     /// No or wrong bearer token.
     #[error("{0}")]
     Unauthorized(String),
+    /// A request body over the agent's limit.
+    #[error("the request body is larger than {limit} bytes; no agent request needs that much")]
+    TooLarge { limit: usize },
+    /// A lifecycle action on a VM that is being migrated to or from this host.
+    #[error("cannot {action} VM {vm:?}: it is being migrated; wait until the migration ends (GET /v1/migrations) or cancel it (POST /v1/migrations/{{id}}/cancel)")]
+    Migrating { vm: String, action: &'static str },
+    /// A kernel or initramfs path outside the host's image directory.
+    #[error("invalid VM spec: {field} {} is not under this host's image directory {}: put the file there (tern image build) or start the agent with --image-dir naming where it is", path.display(), image_dir.display())]
+    OutsideImageDir {
+        field: &'static str,
+        path: std::path::PathBuf,
+        image_dir: std::path::PathBuf,
+    },
     /// The host has not enough memory left for the VM.
     #[error("no room on this host: {0}")]
     NoRoom(String),
@@ -64,6 +77,9 @@ impl AgentError {
             AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AgentError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AgentError::NoRoom(_) => StatusCode::INSUFFICIENT_STORAGE,
+            AgentError::Migrating { .. } => StatusCode::CONFLICT,
+            AgentError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            AgentError::OutsideImageDir { .. } => StatusCode::BAD_REQUEST,
             AgentError::Guest { .. } | AgentError::GuestChannel { .. } | AgentError::Client(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -95,6 +111,9 @@ impl AgentError {
             AgentError::BadRequest(_) => "bad_request",
             AgentError::Unauthorized(_) => "unauthorized",
             AgentError::NoRoom(_) => "no_room",
+            AgentError::Migrating { .. } => "conflict",
+            AgentError::TooLarge { .. } => "too_large",
+            AgentError::OutsideImageDir { .. } => "bad_spec",
             AgentError::Guest { .. } | AgentError::GuestChannel { .. } => "guest",
             AgentError::Client(_) => "remote",
             AgentError::Io { .. } | AgentError::Streams(_) => "internal",

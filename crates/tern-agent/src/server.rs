@@ -2,6 +2,7 @@
 
 use crate::error::AgentError;
 use crate::state::AppState;
+use axum::extract::DefaultBodyLimit;
 use axum::Router;
 use std::future::Future;
 use std::time::Duration;
@@ -9,10 +10,12 @@ use std::time::Duration;
 /// How often the load sampler measures the VMs.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
-/// The whole application: the VM API and the migration endpoints, behind the token check.
+/// The whole application: the VM API and the migration endpoints, behind the token
+/// check, reading request bodies up to [`crate::api::MAX_BODY_BYTES`].
 pub fn app(state: AppState) -> Router {
     crate::api::router(state.clone())
         .merge(crate::migration::routes(state.clone()))
+        .layer(DefaultBodyLimit::max(crate::api::MAX_BODY_BYTES))
         .with_state(state)
 }
 

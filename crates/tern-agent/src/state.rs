@@ -4,6 +4,7 @@
 use crate::error::AgentError;
 use crate::guest::GuestChannels;
 use crate::host::{cpu_cores, Capacity};
+use crate::migration::session::Registry;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,9 @@ pub struct HostConfig {
     pub token: String,
     /// VM records live under `state_dir/vms/`.
     pub state_dir: PathBuf,
+    /// Kernels and initramfs images must lie under this directory (after symlinks are
+    /// resolved): a caller of the API names files QEMU opens as root.
+    pub image_dir: PathBuf,
 }
 
 /// Reads a token file: the first line, trimmed; empty is refused.
@@ -89,6 +93,11 @@ pub struct AppState {
     pub guests: Arc<GuestChannels>,
     /// Serialises VM admission so two concurrent creates cannot both take the last room.
     pub admission: Arc<tokio::sync::Mutex<()>>,
+    /// Every migration this agent takes part in.
+    pub migrations: Arc<Registry>,
+    /// Held from the check that a VM is not migrating to the end of a lifecycle action,
+    /// and from a send's checks to its registration, so neither slips past the other.
+    pub lifecycle: Arc<tokio::sync::Mutex<()>>,
     /// The zero of the sampler's clock.
     pub epoch: Instant,
     /// The address migration streams are received on: the agent's own, the one it
@@ -105,6 +114,8 @@ impl AppState {
             load: Arc::default(),
             guests: Arc::default(),
             admission: Arc::default(),
+            migrations: Arc::default(),
+            lifecycle: Arc::default(),
             epoch: Instant::now(),
             stream_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         }
@@ -114,6 +125,18 @@ impl AppState {
     pub fn with_stream_ip(mut self, ip: std::net::IpAddr) -> AppState {
         self.stream_ip = ip;
         self
+    }
+
+    /// Refuses `action` on a VM that takes part in a migration here: pausing, stopping or
+    /// destroying it under the engine would leave the two copies disagreeing.
+    pub fn refuse_if_migrating(&self, id: &str, action: &'static str) -> Result<(), AgentError> {
+        if self.migrations.busy(id) {
+            return Err(AgentError::Migrating {
+                vm: id.to_owned(),
+                action,
+            });
+        }
+        Ok(())
     }
 
     /// Where the record of VM `id` is kept.

@@ -37,6 +37,7 @@ impl AppState {
     ) -> Result<VmInfo, AgentError> {
         VmName::check(id).map_err(HvError::from)?;
         tern_hv::spec::check_paths(&spec)?;
+        let spec = self.confine_paths(spec)?;
         let _admission = self.admission.lock().await;
         admit(
             self.host.capacity,
@@ -58,6 +59,34 @@ impl AppState {
             }
         }
         Ok(info)
+    }
+
+    /// The spec with its kernel and initramfs replaced by their canonical paths, each
+    /// checked to lie under the host's image directory; QEMU is given the resolved path,
+    /// so a symlink or `..` in the caller's path cannot be re-pointed after the check.
+    fn confine_paths(&self, mut spec: VmSpec) -> Result<VmSpec, AgentError> {
+        let image_dir = &self.host.image_dir;
+        for (field, path) in [
+            ("kernel", &mut spec.kernel),
+            ("initramfs", &mut spec.initramfs),
+        ] {
+            let Some(p) = path.as_mut() else { continue };
+            let outside = |p: &std::path::Path| AgentError::OutsideImageDir {
+                field,
+                path: p.to_path_buf(),
+                image_dir: image_dir.clone(),
+            };
+            let dir = image_dir.canonicalize().map_err(|_| outside(p))?;
+            let real = p.canonicalize().map_err(|_| HvError::MissingPath {
+                field,
+                path: p.clone(),
+            })?;
+            if !real.starts_with(&dir) || !real.is_file() {
+                return Err(outside(p));
+            }
+            *p = real;
+        }
+        Ok(spec)
     }
 
     /// Ends the VM and removes its record and its guest channel.

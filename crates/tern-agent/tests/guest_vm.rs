@@ -42,6 +42,7 @@ async fn guest_boots_and_answers_through_the_agent() {
             },
             token: "t".into(),
             state_dir: dir.path().to_path_buf(),
+            image_dir: tern_testkit::test_cache_dir(),
         },
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

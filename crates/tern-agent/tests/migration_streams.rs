@@ -44,6 +44,7 @@ impl Agent {
             },
             token: TOKEN.into(),
             state_dir: dir.path().to_path_buf(),
+            image_dir: tern_testkit::test_cache_dir(),
         };
         let state = AppState::new(Arc::new(hv), host);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -113,7 +114,7 @@ async fn strangers_on_the_migration_port_neither_feed_the_vm_nor_keep_the_source
     let ticket = dest
         .client
         .prepare_incoming(&PrepareRequest {
-            vm: "s1".into(),
+            vm: "s1".parse().unwrap(),
             spec,
             native: false,
         })
@@ -190,7 +191,7 @@ async fn a_guest_moves_through_the_authenticated_streams_with_either_engine() {
     let mut counter = verified(&a.client, 0).await;
     for (from, to, policy) in [(&a, &b, "adaptive"), (&b, &a, "qemu-native")] {
         let req = SendRequest {
-            vm: "g1".into(),
+            vm: "g1".parse().unwrap(),
             destination: to.url.clone(),
             token: TOKEN.into(),
             policy: policy.parse().unwrap(),

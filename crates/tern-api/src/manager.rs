@@ -39,15 +39,22 @@ impl HostState {
     }
 }
 
+/// The most cores a host may offer, or report in use: far above any machine, low enough
+/// that sums over a cluster stay exact.
+pub const MAX_HOST_CPUS: f64 = 4096.0;
+
+/// The most memory a host may offer, MiB (64 TiB).
+pub const MAX_HOST_MEMORY_MIB: u64 = 1 << 26;
+
 /// What a host offers to VMs.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Capacity {
     /// Physical cores available to guests.
-    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0))]
+    #[cfg_attr(feature = "openapi", schema(exclusive_minimum = 0, maximum = 4096))]
     pub cpus: f64,
     /// Memory available to guests, MiB; VMs never overcommit it.
-    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 67108864))]
     pub memory_mib: u64,
 }
 
@@ -218,21 +225,22 @@ pub struct BalancerSettings {
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 5))]
     pub aggressiveness: u8,
     /// Seconds between balancing rounds.
-    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
     pub interval_s: u64,
     /// A VM that moved is not moved again for this many seconds.
+    #[cfg_attr(feature = "openapi", schema(maximum = 604800))]
     pub cooldown_s: u64,
     /// Migrations at once touching one host (as source or destination).
-    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1024))]
     pub max_per_host: u32,
     /// Migrations at once in the whole cluster.
-    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65536))]
     pub max_per_cluster: u32,
     /// A host silent this long is declared dead and its VMs restarted elsewhere.
-    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
     pub dead_after_s: u64,
     /// Load reports the EWMA smooths over (its alpha is 2 / (window + 1)).
-    #[cfg_attr(feature = "openapi", schema(minimum = 1))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1000))]
     pub smoothing_window: u32,
     /// Termination policy used when a migration names none.
     pub default_policy: PolicyKind,
@@ -416,7 +424,7 @@ pub struct ListQuery {
 #[serde(deny_unknown_fields)]
 pub struct LoadReport {
     /// Cores in use on the host.
-    #[cfg_attr(feature = "openapi", schema(minimum = 0))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 4096))]
     pub cpu_used: f64,
     /// The VMs running there and the cores each uses.
     #[serde(default)]
@@ -427,7 +435,10 @@ pub struct LoadReport {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VmLoad {
-    pub name: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[a-z0-9][a-z0-9-]{0,47}$"))]
+    pub name: VmName,
+    /// Cores it uses.
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 4096))]
     pub cpu_used: f64,
 }
 

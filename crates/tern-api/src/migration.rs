@@ -15,6 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::agent::VmSpec;
+use tern_model::VmName;
 
 /// Where a source migration is.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,7 +248,8 @@ impl utoipa::ToSchema for MigrationEngine {}
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SendRequest {
-    pub vm: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[a-z0-9][a-z0-9-]{0,47}$"))]
+    pub vm: VmName,
     /// The destination agent's base URL, e.g. `http://198.18.0.2:7070`.
     pub destination: String,
     /// The destination agent's bearer token.
@@ -260,6 +262,10 @@ pub struct SendRequest {
     pub options: SendOptions,
 }
 
+/// The largest bandwidth cap a migration takes, in Mbit/s (10 Tbit/s): far above any
+/// link, and small enough that the cap in bytes per second cannot overflow.
+pub const MAX_MBIT: u64 = 10_000_000;
+
 /// Tuning of one migration; every field has a default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -270,6 +276,7 @@ pub struct SendOptions {
     /// LZ4-compress page batches where that shrinks them.
     pub compress: bool,
     /// Bandwidth cap in Mbit/s; absent: as fast as the link allows.
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 10000000))]
     pub max_mbit: Option<u64>,
     /// The downtime the policy aims for.
     pub downtime_limit_ms: u64,
@@ -302,8 +309,10 @@ impl SendOptions {
                 self.streams
             ));
         }
-        if self.max_mbit == Some(0) {
-            return Err("options.max_mbit must be positive (omit it for no cap)".into());
+        if let Some(m) = self.max_mbit.filter(|m| !(1..=MAX_MBIT).contains(m)) {
+            return Err(format!(
+                "options.max_mbit must be 1..={MAX_MBIT} (omit it for no cap), got {m}"
+            ));
         }
         if !(1..=60_000).contains(&self.downtime_limit_ms) {
             return Err(format!(
@@ -326,7 +335,8 @@ impl SendOptions {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PrepareRequest {
-    pub vm: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[a-z0-9][a-z0-9-]{0,47}$"))]
+    pub vm: VmName,
     pub spec: VmSpec,
     /// QEMU carries the memory itself (no tern memory streams, no `x-ignore-shared`).
     #[serde(default)]

@@ -133,3 +133,64 @@ async fn unreachable_and_malformed_addresses() {
     assert!(matches!(e, ClientError::Transport { .. }), "{e}");
     assert_eq!(e.status(), None);
 }
+
+/// The process's peak resident memory since the last [`reset_peak`], in bytes (Linux).
+fn peak_rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib << 10
+}
+
+/// Starts a new peak at the current resident memory.
+fn reset_peak() -> u64 {
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    peak_rss_bytes()
+}
+
+/// A hostile agent answering 150 MB, streamed, to the routes the manager polls.
+async fn serve_150_mb() -> String {
+    let huge = || async {
+        let chunks = (0..150 * 16).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 * 1024]));
+        Body::from_stream(futures_util::stream::iter(chunks))
+    };
+    let app = Router::new()
+        .route("/v1/host", get(huge))
+        .route("/v1/vms", get(huge));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn a_150_mb_answer_costs_the_caller_at_most_its_route_cap() {
+    let base = serve_150_mb().await;
+    use tern_api::client::agent::AGENT_LIST_MAX_BYTES;
+    let agent = tern_api::client::AgentClient::new(&base, "t", Duration::from_secs(30)).unwrap();
+    let defaults = ClientOptions::default();
+    let before = reset_peak();
+    let e = agent.host().await.err().unwrap();
+    assert!(
+        matches!(e, ClientError::TooLarge { limit, .. } if limit == defaults.max_body_bytes),
+        "{e}"
+    );
+    let host_growth = peak_rss_bytes().saturating_sub(before);
+    let before = reset_peak();
+    let e = agent.list_vms().await.err().unwrap();
+    assert!(
+        matches!(e, ClientError::TooLarge { limit, .. } if limit == AGENT_LIST_MAX_BYTES),
+        "{e}"
+    );
+    let list_growth = peak_rss_bytes().saturating_sub(before);
+    eprintln!(
+        "150 MB answers: peak resident memory grew {} KiB for the host route, {} KiB for a list",
+        host_growth >> 10,
+        list_growth >> 10
+    );
+    assert!(host_growth < 16 << 20, "{host_growth}");
+    assert!(list_growth < 32 << 20, "{list_growth}");
+}

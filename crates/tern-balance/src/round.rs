@@ -73,7 +73,26 @@ pub enum SettingsError {
     ZeroLimit,
     #[error("smoothing_window must be at least 1 report")]
     ZeroWindow,
+    /// A number past its bound: kept, it would overflow the time arithmetic of the
+    /// control loop or stall it for ever.
+    #[error("{field} must be at most {max}, got {got}")]
+    TooLarge {
+        field: &'static str,
+        max: u64,
+        got: u64,
+    },
 }
+
+/// Upper bounds of the settings: a day between rounds or before a silent host is dead,
+/// a week of cooldown, and limits no cluster tern runs comes near.
+pub const SETTINGS_MAX: [(&str, u64); 6] = [
+    ("interval_s", 86_400),
+    ("cooldown_s", 604_800),
+    ("max_per_host", 1_024),
+    ("max_per_cluster", 65_536),
+    ("dead_after_s", 86_400),
+    ("smoothing_window", 1_000),
+];
 
 /// Checks settings before they steer a round: the manager's `PUT /v1/balancer` and the
 /// simulator's `--settings` refuse what this refuses.
@@ -89,6 +108,19 @@ pub fn validate(s: &BalancerSettings) -> Result<(), SettingsError> {
     }
     if s.smoothing_window == 0 {
         return Err(SettingsError::ZeroWindow);
+    }
+    let values = [
+        s.interval_s,
+        s.cooldown_s,
+        u64::from(s.max_per_host),
+        u64::from(s.max_per_cluster),
+        s.dead_after_s,
+        u64::from(s.smoothing_window),
+    ];
+    for ((field, max), got) in SETTINGS_MAX.into_iter().zip(values) {
+        if got > max {
+            return Err(SettingsError::TooLarge { field, max, got });
+        }
     }
     // `default_policy` is a `PolicyKind`: an unknown name is refused when it is read.
     Ok(())
@@ -492,6 +524,26 @@ mod tests {
             ..s.clone()
         };
         assert_eq!(validate(&bad), Err(SettingsError::Aggressiveness(6)));
+        let huge = BalancerSettings {
+            interval_s: u64::MAX,
+            ..s.clone()
+        };
+        let e = validate(&huge).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("interval_s must be at most 86400"),
+            "{e}"
+        );
+        let at_bounds = BalancerSettings {
+            interval_s: 86_400,
+            cooldown_s: 604_800,
+            max_per_host: 1_024,
+            max_per_cluster: 65_536,
+            dead_after_s: 86_400,
+            smoothing_window: 1_000,
+            ..s.clone()
+        };
+        assert_eq!(validate(&at_bounds), Ok(()));
         let mut json = serde_json::to_value(&s).unwrap();
         json["default_policy"] = "fast".into();
         let msg = serde_json::from_value::<BalancerSettings>(json)

@@ -10,10 +10,26 @@ pub enum LabError {
     /// or none up, an empty token file): the caller can fix it.
     #[error("{0}")]
     BadRequest(String),
-    /// The lab itself failed: an agent that does not come up, an unreadable state file,
-    /// no free lab index.
-    #[error("lab: {0}")]
-    Lab(String),
+    /// The lab's state file exists but is not a lab state this version can read.
+    #[error(
+        "lab state file {path} is unreadable: {source}; remove it with `tern lab down` or by hand"
+    )]
+    BadState {
+        path: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Every lab index (0-255) already names a namespace or an address on this machine.
+    #[error("every lab index 0-255 is in use; take a lab down with `tern lab down` first")]
+    NoFreeIndex,
+    /// An agent did not answer its health check in time, or its process died.
+    #[error("agent {host} did not come up ({cause}); its log ends: {log_tail}")]
+    AgentDown {
+        host: String,
+        #[source]
+        cause: Box<tern_agent::client::ClientError>,
+        log_tail: String,
+    },
     /// An `ip`, `tc` or `kill` command failed.
     #[error(transparent)]
     Command(#[from] HvError),

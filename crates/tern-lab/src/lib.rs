@@ -37,6 +37,9 @@ pub struct LabOptions {
     pub host_memory_mib: Option<u64>,
     /// CPUs each host reports; default: the machine's.
     pub host_cpus: Option<u32>,
+    /// Where the kernels and initramfs images the hosts' VMs boot lie (the agents'
+    /// `--image-dir`): usually the image cache.
+    pub image_dir: PathBuf,
 }
 
 /// One host of a running lab.
@@ -121,12 +124,9 @@ pub fn effective_uid(status: &str) -> Option<u32> {
 pub fn load(dir: &Path) -> Result<Option<LabState>, LabError> {
     let path = state_file(dir);
     match std::fs::read_to_string(&path) {
-        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
-            LabError::Lab(format!(
-                "lab state file {} is unreadable: {e}",
-                path.display()
-            ))
-        }),
+        Ok(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| LabError::BadState { path, source }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(LabError::io(format!("reading {}", path.display()))(e)),
     }
@@ -228,8 +228,7 @@ async fn claim_index(shape: LabShape) -> Result<LabShape, LabError> {
         let mut ns = plan::parse_netns_list(&output("ip", &["netns", "list"]).await?);
         ns.extend(taken.iter().cloned());
         let addrs = plan::parse_addrs(&output("ip", &["-4", "-o", "addr", "show"]).await?);
-        let index = plan::pick_index(&ns, &addrs)
-            .ok_or_else(|| LabError::Lab("every lab index 0-255 is in use".into()))?;
+        let index = plan::pick_index(&ns, &addrs).ok_or(LabError::NoFreeIndex)?;
         let s = LabShape { index, ..shape };
         let c = s.claim_command();
         let args: Vec<&str> = c[1..].iter().map(String::as_str).collect();
@@ -286,6 +285,8 @@ async fn build(
             .arg(&state.token_file)
             .arg("--mem-dir")
             .arg(&h.mem_dir)
+            .arg("--image-dir")
+            .arg(&opts.image_dir)
             .args(["--bridge", HOST_BRIDGE, "--name", &h.name])
             .args([
                 "--cpus",
@@ -335,11 +336,11 @@ async fn wait_healthy(h: &LabHost, token: &str) -> Result<(), LabError> {
         if !h.pid.is_some_and(alive) || tokio::time::Instant::now() > deadline {
             let log = std::fs::read_to_string(h.state_dir.join("agent.log")).unwrap_or_default();
             let tail: Vec<&str> = log.lines().rev().take(5).collect();
-            return Err(LabError::Lab(format!(
-                "agent {} did not come up ({err}); its log ends: {}",
-                h.name,
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            )));
+            return Err(LabError::AgentDown {
+                host: h.name.clone(),
+                cause: Box::new(err),
+                log_tail: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+            });
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

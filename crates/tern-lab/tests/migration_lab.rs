@@ -258,6 +258,7 @@ async fn bring_up(dir: &tempfile::TempDir) -> Lab {
         tern_binary: tern_binary(),
         host_memory_mib: Some(2048),
         host_cpus: None,
+        image_dir: tern_testkit::test_cache_dir(),
     };
     let state = lab::up(&opts, &|s| eprintln!("{s}")).await.expect("lab up");
     let token = state.token().unwrap();

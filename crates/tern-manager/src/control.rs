@@ -29,7 +29,11 @@ use crate::decide::{health, Command, Reply};
 use crate::error::Result;
 pub use crate::live::LiveMigrations;
 use crate::manager::Manager;
+use crate::ratelimit::{Warnings, WARN_EVERY};
 use crate::state::{Host, MigrationResult};
+
+/// The longest wait between rounds, whatever the settings say (their bound too).
+const MAX_INTERVAL_S: u64 = tern_balance::round::SETTINGS_MAX[0].1;
 
 /// Agent calls in flight at once.
 const CONCURRENCY: usize = 64;
@@ -42,6 +46,8 @@ pub struct Control {
     done_tx: mpsc::UnboundedSender<(String, Option<Command>)>,
     done_rx: Mutex<mpsc::UnboundedReceiver<(String, Option<Command>)>>,
     slots: Arc<tokio::sync::Semaphore>,
+    /// Failing calls are retried every 200 ms; their warnings are rate-limited.
+    warnings: Warnings,
 }
 
 /// What one round did.
@@ -64,7 +70,21 @@ impl Control {
             done_tx,
             done_rx: Mutex::new(done_rx),
             slots: Arc::new(tokio::sync::Semaphore::new(CONCURRENCY)),
+            warnings: Warnings::default(),
         })
+    }
+
+    /// Logs `msg` as a warning about `key` (a VM or host and what failed), at most once
+    /// per [`WARN_EVERY`], saying how many like it were held back.
+    fn warn(&self, key: &str, msg: impl std::fmt::Display) {
+        match self.warnings.allow(key) {
+            Some(0) => tracing::warn!("{msg}"),
+            Some(held) => tracing::warn!(
+                "{msg} (and {held} more like it in the last {}s)",
+                WARN_EVERY.as_secs()
+            ),
+            None => {}
+        }
     }
 
     fn inflight(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
@@ -103,7 +123,10 @@ impl Control {
                     hosts.push(h);
                 }
                 Err(e) => {
-                    tracing::warn!(host = %h.name, "no load report: {e}");
+                    self.warn(
+                        &format!("{}/report", h.name),
+                        format_args!("host {}: no load report: {e}", h.name),
+                    );
                     unreachable += 1;
                 }
             }
@@ -117,9 +140,10 @@ impl Control {
                 for vm in hb.stale {
                     match client.delete_vm(&vm).await {
                         Ok(()) => destroyed += 1,
-                        Err(e) => {
-                            tracing::warn!(host = %h.name, vm, "stale copy not destroyed: {e}")
-                        }
+                        Err(e) => self.warn(
+                            &format!("{}/{vm}/stale", h.name),
+                            format_args!("host {}: stale copy of {vm} not destroyed: {e}", h.name),
+                        ),
                     }
                 }
             }
@@ -137,7 +161,10 @@ impl Control {
             match self.agents.client(&h) {
                 Ok(c) => match c.load_report().await {
                     Ok(r) => {
-                        running.insert(h.name.clone(), r.vms.into_iter().map(|v| v.name).collect());
+                        running.insert(
+                            h.name.clone(),
+                            r.vms.into_iter().map(|v| v.name.into_string()).collect(),
+                        );
                     }
                     Err(e) => tracing::warn!(host = %h.name, "not heard at recovery: {e}"),
                 },
@@ -224,12 +251,18 @@ impl Control {
                         host: host.clone(),
                     }),
                     Err(e) => {
-                        tracing::warn!(vm, host, "create failed: {e}");
+                        self.warn(
+                            &format!("{vm}/create"),
+                            format_args!("VM {vm} on {host}: create failed: {e}"),
+                        );
                         None
                     }
                 },
                 Err(e) => {
-                    tracing::warn!(vm, host, "{e}");
+                    self.warn(
+                        &format!("{vm}/create"),
+                        format_args!("VM {vm} on {host}: {e}"),
+                    );
                     None
                 }
             },
@@ -237,12 +270,18 @@ impl Control {
                 Ok(c) => match c.delete_vm(vm).await {
                     Ok(()) => Some(Command::VmRemoved { vm: vm.clone() }),
                     Err(e) => {
-                        tracing::warn!(vm, host, "delete failed: {e}");
+                        self.warn(
+                            &format!("{vm}/delete"),
+                            format_args!("VM {vm} on {host}: delete failed: {e}"),
+                        );
                         None
                     }
                 },
                 Err(e) => {
-                    tracing::warn!(vm, host, "{e}");
+                    self.warn(
+                        &format!("{vm}/delete"),
+                        format_args!("VM {vm} on {host}: {e}"),
+                    );
                     None
                 }
             },
@@ -297,6 +336,8 @@ impl Control {
                 self.manager.live().end(*id);
             }
         }
+        self.manager
+            .read(|s| self.manager.live().retain_running(&s.running));
         let mut inflight = self.inflight();
         for (vm, _) in done {
             inflight.remove(&vm);
@@ -343,13 +384,17 @@ impl Control {
                 _ = tokio::time::sleep_until(next) => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {
                     if let Err(e) = self.collect().and_then(|_| self.dispatch()) {
-                        tracing::error!("reconcile: {e}");
+                        if self.warnings.allow("reconcile").is_some() {
+                            tracing::error!("reconcile: {e}");
+                        }
                     }
                     continue;
                 }
             }
+            // Settings stored before `interval_s` had an upper bound may exceed it;
+            // clamped, they cannot overflow the deadline.
             let interval = self.manager.read(|s| s.settings.interval_s);
-            next = tokio::time::Instant::now() + Duration::from_secs(interval);
+            next = tokio::time::Instant::now() + Duration::from_secs(interval.min(MAX_INTERVAL_S));
             let step = async {
                 self.collect_reports().await?;
                 self.health()?;

@@ -6,7 +6,8 @@
 //! - [`api`]: the REST API and `/metrics`.
 //! - [`client`]: agents behind [`client::HostClient`] (HTTP; `tern-simhost` runs them in
 //!   process over the `sim` driver).
-//! - [`control`]: the loop that pulls load reports and drives agents toward the plan.
+//! - [`control`]: the loop that pulls load reports and drives agents toward the plan;
+//!   [`ratelimit`]: its repeated warnings, at most one per VM and failure per 30 s.
 //! - [`live`]: the running migrations' latest telemetry (memory only).
 //! - [`decide`]: the pure decisions: commands, placement, health, reconciliation.
 //! - [`manager`]: the shell that commits decisions to the store and publishes events.
@@ -25,6 +26,7 @@ pub mod error;
 pub mod ha;
 pub mod live;
 pub mod manager;
+pub mod ratelimit;
 pub mod state;
 pub mod store;
 pub mod web;

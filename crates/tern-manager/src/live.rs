@@ -33,4 +33,27 @@ impl LiveMigrations {
     pub(crate) fn end(&self, id: u64) {
         self.map().remove(&id);
     }
+
+    /// Forgets the telemetry of every migration `running` does not hold: one whose end
+    /// this manager never committed (another manager led when it ended) would stay for
+    /// ever otherwise.
+    pub(crate) fn retain_running(&self, running: &BTreeMap<u64, impl Sized>) {
+        self.map().retain(|id, _| running.contains_key(id));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn telemetry_of_migrations_no_longer_running_is_forgotten() {
+        let live = LiveMigrations::default();
+        for id in 1..=3 {
+            live.set(id, Progress::default());
+        }
+        let running: BTreeMap<u64, ()> = [(2, ())].into();
+        live.retain_running(&running);
+        assert_eq!(live.all().into_keys().collect::<Vec<_>>(), vec![2]);
+    }
 }

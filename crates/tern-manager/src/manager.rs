@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 
 use tokio::sync::broadcast;
 
-use crate::decide::{self, Command, Reply};
+use crate::decide::{self, Command, HostAddresses, Reply};
 use crate::error::Result;
 use crate::state::{Change, Event, Migration, Millis, Snapshot};
 use crate::store::{Store, StoreRead};
@@ -53,6 +53,8 @@ pub struct Manager {
     clock: Clock,
     /// Telemetry of the migrations under way; never stored.
     live: crate::live::LiveMigrations,
+    /// The host addresses registration accepts.
+    addresses: HostAddresses,
 }
 
 impl Manager {
@@ -70,7 +72,15 @@ impl Manager {
             events,
             clock,
             live: Default::default(),
+            addresses: HostAddresses::default(),
         })
+    }
+
+    /// Accepts hosts at `addresses` instead of agent URLs: the clients the control
+    /// loop is given must be able to reach every registered host.
+    pub fn serving(mut self, addresses: HostAddresses) -> Self {
+        self.addresses = addresses;
+        self
     }
 
     // A panic while holding a lock cannot leave the snapshot half-applied (apply does not
@@ -97,11 +107,20 @@ impl Manager {
         if matches!(cmd, Command::Heartbeat { .. }) {
             return self.execute_grouped(cmd);
         }
+        self.check_address(&cmd)?;
         let now = self.now();
         let mut store = self.store();
         let (changes, reply) = decide::decide(&self.snap(), now, cmd)?;
         self.commit(&mut store, now, &changes)?;
         Ok(reply)
+    }
+
+    /// Refuses to register a host at an address this manager's clients cannot reach.
+    fn check_address(&self, cmd: &Command) -> Result<()> {
+        match cmd {
+            Command::RegisterHost { address, .. } => self.addresses.check(address),
+            _ => Ok(()),
+        }
     }
 
     /// Queues `cmd` and waits until it is committed, by this thread or by the one that
@@ -189,7 +208,10 @@ impl Manager {
         let mut all = Vec::new();
         let mut out = Vec::with_capacity(cmds.len());
         for cmd in cmds {
-            match decide::decide(&work, now, cmd) {
+            match self
+                .check_address(&cmd)
+                .and_then(|()| decide::decide(&work, now, cmd))
+            {
                 Ok((changes, reply)) => {
                     work.apply(&changes, &[]);
                     all.extend(changes);
@@ -300,7 +322,7 @@ fn reads(snap: &Snapshot, cmd: &Command) -> Vec<Key> {
         unreachable!("only heartbeats are grouped")
     };
     let mut keys = vec![Key::Host(host.clone())];
-    keys.extend(report.vms.iter().map(|l| Key::Vm(l.name.clone())));
+    keys.extend(report.vms.iter().map(|l| Key::Vm(l.name.to_string())));
     keys.extend(snap.vms_observed_on(host).map(|v| Key::Vm(v.name.clone())));
     keys
 }

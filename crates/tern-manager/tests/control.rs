@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tern_manager::decide::HostAddresses;
 
 use tern_manager::control::Control;
 use tern_manager::decide::{self, Command, NewVm};
@@ -38,7 +39,9 @@ impl Lab {
         let clock = Arc::new(AtomicU64::new(1_000_000));
         let c = clock.clone();
         let manager = Arc::new(
-            Manager::open(Box::new(store), Arc::new(move || c.load(Ordering::SeqCst))).unwrap(),
+            Manager::open(Box::new(store), Arc::new(move || c.load(Ordering::SeqCst)))
+                .unwrap()
+                .serving(HostAddresses::Sim),
         );
         let sim = SimCluster::new();
         for i in 0..hosts {

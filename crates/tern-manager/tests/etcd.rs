@@ -11,6 +11,7 @@ use std::net::TcpListener as StdListener;
 use std::process::{Child, Command as Process, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tern_manager::decide::HostAddresses;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -173,7 +174,11 @@ impl Replica {
         let url = format!("http://{}", std_listener.local_addr().unwrap());
         let leadership = Arc::new(Leadership::new(url.clone()));
         let store = EtcdStore::open(endpoints, PREFIX, leadership.clone()).unwrap();
-        let manager = Arc::new(Manager::open(Box::new(store), system_clock()).unwrap());
+        let manager = Arc::new(
+            Manager::open(Box::new(store), system_clock())
+                .unwrap()
+                .serving(HostAddresses::Sim),
+        );
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -31,6 +31,7 @@ async fn agent(name: &str) -> Agent {
             },
             token: TOKEN.into(),
             state_dir: dir.path().to_path_buf(),
+            image_dir: dir.path().join("images"),
         },
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -2,6 +2,7 @@
 //! once are committed in groups, yet each counts exactly as if they ran one by one.
 
 use std::sync::Arc;
+use tern_manager::decide::HostAddresses;
 
 use tern_manager::decide::{Command, LoadReport, VmLoad};
 use tern_manager::manager::system_clock;
@@ -22,7 +23,7 @@ fn report(host: usize, cpu: f64) -> Command {
             cpu_used: cpu,
             vms: (0..VMS_PER_HOST)
                 .map(|i| VmLoad {
-                    name: format!("v{host}-{i}"),
+                    name: format!("v{host}-{i}").parse().unwrap(),
                     cpu_used: cpu,
                 })
                 .collect(),
@@ -35,7 +36,9 @@ fn concurrent_heartbeats_each_count_once_and_are_all_committed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tern.db");
     let manager = Arc::new(
-        Manager::open(Box::new(SqliteStore::open(&path).unwrap()), system_clock()).unwrap(),
+        Manager::open(Box::new(SqliteStore::open(&path).unwrap()), system_clock())
+            .unwrap()
+            .serving(HostAddresses::Sim),
     );
     for h in 0..HOSTS {
         manager

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tern_manager::decide::HostAddresses;
 
 use serde_json::Value;
 use tern_manager::control::Control;
@@ -31,7 +32,11 @@ async fn get(base: &str, path: &str) -> (u16, Value) {
 async fn a_running_migration_reports_its_rounds_through_the_api() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("tern.db")).unwrap();
-    let manager = Arc::new(Manager::open(Box::new(store), system_clock()).unwrap());
+    let manager = Arc::new(
+        Manager::open(Box::new(store), system_clock())
+            .unwrap()
+            .serving(HostAddresses::Sim),
+    );
     let sim = SimCluster::new();
     // Real time at a tenth of the model's: a 2 GiB busy guest takes a few seconds.
     sim.set_migration_pace(0.1);

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command as Process;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tern_manager::decide::HostAddresses;
 
 use tern_manager::control::Control;
 use tern_manager::decide::Command;
@@ -134,7 +135,11 @@ impl Served {
 /// A manager over a fresh SQLite store with [`HOSTS`] registered as sim hosts.
 fn manager(dir: &Path, capacity: Capacity) -> Arc<Manager> {
     let store = SqliteStore::open(&dir.join("tern.db")).unwrap();
-    let manager = Arc::new(Manager::open(Box::new(store), system_clock()).unwrap());
+    let manager = Arc::new(
+        Manager::open(Box::new(store), system_clock())
+            .unwrap()
+            .serving(HostAddresses::Sim),
+    );
     for h in HOSTS {
         manager
             .execute(Command::RegisterHost {

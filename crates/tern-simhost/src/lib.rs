@@ -257,7 +257,7 @@ impl HostClient for SimHost {
             samples.insert(v.id.clone(), (m.vcpu_cpu_ns, now));
             report.cpu_used += cores;
             report.vms.push(VmLoad {
-                name: v.id,
+                name: v.id.parse()?,
                 cpu_used: cores,
             });
         }

@@ -10,6 +10,8 @@ fn tern(state: &std::path::Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(args)
         .env("TERN_STATE", state)
+        // The agents boot only images under the cache the test builds its image in.
+        .env("TERN_CACHE", tern_testkit::test_cache_dir())
         .output()
         .expect("tern runs")
 }

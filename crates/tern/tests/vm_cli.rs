@@ -7,6 +7,7 @@
 use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
+use tern_manager::decide::HostAddresses;
 
 use serde_json::Value;
 use tern_manager::control::Control;
@@ -30,7 +31,11 @@ struct Served {
 async fn serve() -> Served {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteStore::open(&dir.path().join("tern.db")).unwrap();
-    let manager = Arc::new(Manager::open(Box::new(store), system_clock()).unwrap());
+    let manager = Arc::new(
+        Manager::open(Box::new(store), system_clock())
+            .unwrap()
+            .serving(HostAddresses::Sim),
+    );
     let sim = SimCluster::new();
     let mut cmds = vec![Command::PutSettings(BalancerSettings {
         enabled: false,

@@ -8,13 +8,13 @@
 //!                     abort, no resume in time
 //! ```
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tern_hv::{HvError, VmState};
 
-use super::incoming::{self, Expect, Gate, Progress, Wanted};
+use super::incoming::{self, Expect, Gate, Wanted};
 use super::memory::DestMemory;
 use super::relay;
 use super::session::{
@@ -45,12 +45,12 @@ pub async fn prepare(
     req: PrepareRequest,
 ) -> Result<Ticket, AgentError> {
     let info = state
-        .create_vm(&req.vm, req.spec.clone(), true, false)
+        .create_vm(req.vm.as_str(), req.spec.clone(), true, false)
         .await?;
     match listen(state, reg, &req, info).await {
         Ok(t) => Ok(t),
         Err(e) => {
-            let _ = state.destroy_vm(&req.vm).await;
+            let _ = state.destroy_vm(req.vm.as_str()).await;
             Err(e)
         }
     }
@@ -91,11 +91,14 @@ async fn listen(
         relay::socket_path(&state.host.state_dir, &id).map_err(AgentError::Streams)?;
     state
         .hv
-        .set_migration_capabilities(&req.vm, &[("x-ignore-shared", !req.native)])
+        .set_migration_capabilities(req.vm.as_str(), &[("x-ignore-shared", !req.native)])
         .await?;
     state
         .hv
-        .migrate_incoming(&req.vm, &format!("unix:{}", device_socket.display()))
+        .migrate_incoming(
+            req.vm.as_str(),
+            &format!("unix:{}", device_socket.display()),
+        )
         .await?;
     let token = stream_token()
         .map_err(|e| AgentError::io("drawing a random stream token")(std::io::Error::other(e)))?;
@@ -105,14 +108,7 @@ async fn listen(
         memory_port: if req.native { 0 } else { port },
         device_port: port,
     };
-    let inbound = Arc::new(Inbound {
-        vm: req.vm.clone(),
-        phase: Mutex::new((IncomingPhase::Receiving, None)),
-        progress: Progress::default(),
-        cancel: AtomicBool::new(false),
-        resumed: AtomicBool::new(false),
-        gate: tokio::sync::Mutex::new(()),
-    });
+    let inbound = Arc::new(Inbound::new(req.vm.as_str()));
     let expect = Expect {
         migration: id.clone(),
         token: ticket.stream_token.clone(),
@@ -125,10 +121,7 @@ async fn listen(
     };
     let (gate, admitted) =
         Gate::open(listener, expect.clone(), wanted).map_err(AgentError::Streams)?;
-    reg.inbound
-        .lock()
-        .expect("registry lock")
-        .insert(id.clone(), inbound.clone());
+    reg.begin_inbound(&id, inbound.clone());
     let receiver = start_receiver(memory, admitted.memory, expect, &inbound);
     let device = admitted
         .device

@@ -15,7 +15,6 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::middleware;
@@ -30,7 +29,7 @@ use super::session::{
     Ticket,
 };
 use super::{dest, source};
-use crate::api::{parse, Id};
+use crate::api::{parse, Body, Id};
 use crate::error::AgentError;
 use crate::state::AppState;
 
@@ -78,32 +77,30 @@ pub async fn execute(
 ) -> Result<(StatusCode, Value), AgentError> {
     match cmd {
         MigrationCommand::Send(req, engine) => {
-            let info = state.hv.info(&req.vm).await?;
+            // Held until the migration is registered: a lifecycle action waits, then sees it.
+            let _gate = state.lifecycle.lock().await;
+            let info = state.hv.info(req.vm.as_str()).await?;
             if info.state != VmState::Running {
                 return Err(AgentError::Hv(HvError::Conflict {
-                    id: req.vm.clone(),
+                    id: req.vm.to_string(),
                     action: "migrate",
-                    state: info.state,
-                }));
-            }
-            if reg.busy(&req.vm) {
-                return Err(AgentError::Hv(HvError::Conflict {
-                    id: req.vm.clone(),
-                    action: "start a second migration of",
                     state: info.state,
                 }));
             }
             let id = reg.new_id("mig");
             let job = Arc::new(Outbound::new(MigrationView::new(
                 &id,
-                &req.vm,
+                req.vm.as_str(),
                 &req.destination,
                 engine,
             )));
-            reg.outbound
-                .lock()
-                .expect("registry lock")
-                .insert(id, job.clone());
+            reg.begin_outbound(&id, job.clone()).map_err(|_| {
+                AgentError::Hv(HvError::Conflict {
+                    id: req.vm.to_string(),
+                    action: "start a second migration of",
+                    state: info.state,
+                })
+            })?;
             tokio::spawn(source::run(state.clone(), job.clone(), req, engine));
             Ok((StatusCode::ACCEPTED, json(&job.snapshot())))
         }
@@ -144,7 +141,7 @@ fn json<T: serde::Serialize>(v: &T) -> Value {
 /// The migration routes, behind the same bearer token as the rest of the agent. The
 /// agent's router merges them.
 pub fn routes(state: AppState) -> Router<AppState> {
-    let reg = Arc::new(Registry::default());
+    let reg = state.migrations.clone();
     Router::new()
         .route("/v1/migrations", get(list).post(send))
         .route("/v1/migrations/:id", get(show))
@@ -165,7 +162,7 @@ async fn list(s: State<AppState>, r: Extension<Arc<Registry>>) -> Response {
 #[utoipa::path(post, path = "/v1/migrations", summary = "source: start sending a VM",
     request_body = SendRequest,
     responses((status = 202, description = "started", body = MigrationView)))]
-async fn send(s: State<AppState>, r: Extension<Arc<Registry>>, body: Bytes) -> Response {
+async fn send(s: State<AppState>, r: Extension<Arc<Registry>>, Body(body): Body) -> Response {
     parsed(s, r, parse_send(&body)).await
 }
 
@@ -189,7 +186,7 @@ async fn cancel(
 #[utoipa::path(post, path = "/v1/incoming", summary = "destination: prepare to receive a VM",
     request_body = PrepareRequest,
     responses((status = 201, description = "where to send memory and device state", body = Ticket)))]
-async fn prepare(s: State<AppState>, r: Extension<Arc<Registry>>, body: Bytes) -> Response {
+async fn prepare(s: State<AppState>, r: Extension<Arc<Registry>>, Body(body): Body) -> Response {
     parsed(
         s,
         r,

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tern_migrate::RoundProgress;
 
@@ -38,6 +39,8 @@ pub struct Outbound {
     pub cancel: AtomicBool,
     /// The memory streams count the round under way here.
     pub meter: Arc<RoundMeter>,
+    /// When it was registered; the oldest finished ones are forgotten first.
+    pub born: Instant,
 }
 
 impl Outbound {
@@ -46,6 +49,7 @@ impl Outbound {
             view: Mutex::new(view),
             cancel: AtomicBool::new(false),
             meter: Arc::default(),
+            born: Instant::now(),
         }
     }
 
@@ -79,6 +83,31 @@ pub struct Inbound {
     /// Serialises resume, abort and the supervisor's clean-up, so a VM is never resumed
     /// and destroyed at once.
     pub gate: tokio::sync::Mutex<()>,
+    /// When it was registered; the oldest finished ones are forgotten first.
+    pub born: Instant,
+}
+
+impl Inbound {
+    /// A migration of `vm` that starts receiving now.
+    pub fn new(vm: &str) -> Self {
+        Inbound {
+            vm: vm.to_owned(),
+            phase: Mutex::new((IncomingPhase::Receiving, None)),
+            progress: Progress::default(),
+            cancel: AtomicBool::new(false),
+            resumed: AtomicBool::new(false),
+            gate: tokio::sync::Mutex::new(()),
+            born: Instant::now(),
+        }
+    }
+
+    /// Whether it still holds the VM (receiving, or complete and waiting for resume).
+    fn is_open(&self) -> bool {
+        !matches!(
+            self.phase.lock().expect("incoming phase lock").0,
+            IncomingPhase::Failed | IncomingPhase::Running
+        )
+    }
 }
 
 impl Inbound {
@@ -105,6 +134,14 @@ impl Inbound {
     }
 }
 
+/// Finished migrations a registry keeps (per direction) so their views can still be
+/// read; older ones are forgotten, so a long-lived agent's registry stays small.
+pub const KEEP_FINISHED: usize = 64;
+
+/// Why a VM cannot start a migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Busy;
+
 /// Every migration this agent takes part in, as source or destination.
 #[derive(Default)]
 pub struct Registry {
@@ -127,16 +164,66 @@ impl Registry {
     pub fn busy(&self, vm: &str) -> bool {
         let out = self.outbound.lock().expect("registry lock");
         let inb = self.inbound.lock().expect("registry lock");
-        out.values().any(|o| {
-            let v = o.view.lock().expect("migration view lock");
-            v.vm == vm && !v.phase.is_final()
-        }) || inb.values().any(|i| {
-            i.vm == vm
-                && !matches!(
-                    i.phase.lock().expect("incoming phase lock").0,
-                    IncomingPhase::Failed | IncomingPhase::Running
-                )
-        })
+        busy(&out, &inb, vm)
+    }
+
+    /// Registers an outgoing migration unless its VM takes part in one already: the
+    /// check and the insert happen under the registry's locks, so two sends of one VM
+    /// cannot both pass. Forgets the oldest finished migrations beyond [`KEEP_FINISHED`].
+    pub fn begin_outbound(&self, id: &str, job: Arc<Outbound>) -> Result<(), Busy> {
+        let mut out = self.outbound.lock().expect("registry lock");
+        let inb = self.inbound.lock().expect("registry lock");
+        let vm = job.view.lock().expect("migration view lock").vm.clone();
+        if busy(&out, &inb, &vm) {
+            return Err(Busy);
+        }
+        out.insert(id.to_owned(), job);
+        prune(
+            &mut out,
+            |o| !o.view.lock().expect("migration view lock").phase.is_final(),
+            |o| o.born,
+        );
+        Ok(())
+    }
+
+    /// Registers an incoming migration, forgetting the oldest finished ones beyond
+    /// [`KEEP_FINISHED`].
+    pub fn begin_inbound(&self, id: &str, job: Arc<Inbound>) {
+        let mut inb = self.inbound.lock().expect("registry lock");
+        inb.insert(id.to_owned(), job);
+        prune(&mut inb, |i| i.is_open(), |i| i.born);
+    }
+}
+
+fn busy(
+    out: &BTreeMap<String, Arc<Outbound>>,
+    inb: &BTreeMap<String, Arc<Inbound>>,
+    vm: &str,
+) -> bool {
+    out.values().any(|o| {
+        let v = o.view.lock().expect("migration view lock");
+        v.vm == vm && !v.phase.is_final()
+    }) || inb.values().any(|i| i.vm == vm && i.is_open())
+}
+
+/// Removes the oldest entries that are no longer `open`, keeping [`KEEP_FINISHED`] of them.
+fn prune<T>(
+    map: &mut BTreeMap<String, Arc<T>>,
+    open: impl Fn(&T) -> bool,
+    born: impl Fn(&T) -> Instant,
+) {
+    let mut finished: Vec<(Instant, String)> = map
+        .iter()
+        .filter(|(_, v)| !open(v))
+        .map(|(k, v)| (born(v), k.clone()))
+        .collect();
+    if finished.len() <= KEEP_FINISHED {
+        return;
+    }
+    finished.sort();
+    let excess = finished.len() - KEEP_FINISHED;
+    for (_, k) in finished.into_iter().take(excess) {
+        map.remove(&k);
     }
 }
 
@@ -266,6 +353,44 @@ mod tests {
         assert!(!token_matches(std::str::from_utf8(&last).unwrap(), &a));
         assert!(!token_matches(&a[..10], &a));
         assert!(!token_matches("", &a));
+    }
+
+    #[test]
+    fn registries_keep_running_migrations_and_only_the_newest_finished_ones() {
+        let r = Registry::default();
+        let job = |vm: &str, phase: Phase| {
+            let mut v = MigrationView::new("m", vm, "http://h:1", Engine::default());
+            v.phase = phase;
+            Arc::new(Outbound::new(v))
+        };
+        r.begin_outbound("running", job("live", Phase::PreCopy))
+            .unwrap();
+        for n in 0..3 * KEEP_FINISHED {
+            r.begin_outbound(
+                &format!("done-{n}"),
+                job(&format!("v{n}"), Phase::Completed),
+            )
+            .unwrap();
+        }
+        let out = r.outbound.lock().unwrap();
+        assert_eq!(out.len(), KEEP_FINISHED + 1);
+        assert!(out.contains_key("running"));
+        assert!(out.contains_key(&format!("done-{}", 3 * KEEP_FINISHED - 1)));
+        assert!(
+            !out.contains_key("done-0"),
+            "the oldest finished one is forgotten"
+        );
+        drop(out);
+        assert_eq!(
+            r.begin_outbound("again", job("live", Phase::Preparing)),
+            Err(Busy)
+        );
+        for n in 0..3 * KEEP_FINISHED {
+            let i = Arc::new(Inbound::new(&format!("v{n}")));
+            i.set(IncomingPhase::Failed, None);
+            r.begin_inbound(&format!("in-{n}"), i);
+        }
+        assert_eq!(r.inbound.lock().unwrap().len(), KEEP_FINISHED);
     }
 
     #[test]

@@ -233,7 +233,7 @@ impl<'a> SourceMigration<'a> {
             self.memory = Some(SourceMemory::open(file)?);
         }
         let prepare = PrepareRequest {
-            vm: vm.to_string(),
+            vm: self.req.vm.clone(),
             spec: info.spec.clone(),
             native,
         };

@@ -21,6 +21,10 @@ impl From<Client> for AgentClient {
     }
 }
 
+/// Largest list an agent answers with: one host's VMs, or its running and 64 finished
+/// migrations (each at most 60 rounds of telemetry), are far below this.
+pub const AGENT_LIST_MAX_BYTES: usize = 16 << 20;
+
 /// The answer of `DELETE /v1/vms/{id}`.
 #[derive(serde::Deserialize)]
 struct Deleted {}
@@ -28,7 +32,11 @@ struct Deleted {}
 impl AgentClient {
     /// Every call waits at most `timeout`; `From<Client>` takes other options.
     pub fn new(base: &str, token: &str, timeout: Duration) -> Result<Self, ClientError> {
-        Client::new(base, token, ClientOptions::with_timeout(timeout)).map(Self::from)
+        let options = ClientOptions {
+            max_list_bytes: AGENT_LIST_MAX_BYTES,
+            ..ClientOptions::with_timeout(timeout)
+        };
+        Client::new(base, token, options).map(Self::from)
     }
 
     pub fn base(&self) -> &str {
@@ -45,7 +53,7 @@ impl AgentClient {
     }
 
     pub async fn list_vms(&self) -> Result<Vec<VmView>, ClientError> {
-        self.http.get("/v1/vms").await
+        self.http.get_list("/v1/vms").await
     }
 
     pub async fn create_vm(&self, req: &CreateVm) -> Result<VmView, ClientError> {
@@ -99,7 +107,7 @@ impl AgentClient {
     }
 
     pub async fn list_migrations(&self) -> Result<Vec<MigrationView>, ClientError> {
-        self.http.get("/v1/migrations").await
+        self.http.get_list("/v1/migrations").await
     }
 
     pub async fn show_migration(&self, id: &str) -> Result<MigrationView, ClientError> {

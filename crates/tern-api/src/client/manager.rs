@@ -32,7 +32,7 @@ impl ManagerClient {
     }
 
     pub async fn hosts(&self) -> Result<Vec<Host>, ClientError> {
-        self.http.get("/v1/hosts").await
+        self.http.get_list("/v1/hosts").await
     }
 
     pub async fn host(&self, name: &str) -> Result<Host, ClientError> {
@@ -67,7 +67,7 @@ impl ManagerClient {
     }
 
     pub async fn vms(&self) -> Result<Vec<Vm>, ClientError> {
-        self.http.get("/v1/vms").await
+        self.http.get_list("/v1/vms").await
     }
 
     pub async fn vm(&self, name: &str) -> Result<Vm, ClientError> {
@@ -91,7 +91,7 @@ impl ManagerClient {
 
     pub async fn migrations(&self, q: &ListQuery) -> Result<Vec<MigrationView>, ClientError> {
         let path = format!("/v1/migrations?limit={}&running={}", q.limit, q.running);
-        self.http.get(&path).await
+        self.http.get_list(&path).await
     }
 
     pub async fn migration(&self, id: u64) -> Result<MigrationView, ClientError> {
@@ -100,7 +100,7 @@ impl ManagerClient {
 
     /// What the balancer would do now; nothing is recorded.
     pub async fn plan(&self) -> Result<BalancePlan, ClientError> {
-        self.http.get("/v1/plan").await
+        self.http.get_list("/v1/plan").await
     }
 
     pub async fn settings(&self) -> Result<BalancerSettings, ClientError> {
@@ -116,7 +116,7 @@ impl ManagerClient {
 
     pub async fn events(&self, since: u64, limit: usize) -> Result<Vec<Event>, ClientError> {
         self.http
-            .get(&format!("/v1/events?since={since}&limit={limit}"))
+            .get_list(&format!("/v1/events?since={since}&limit={limit}"))
             .await
     }
 

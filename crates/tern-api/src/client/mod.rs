@@ -6,7 +6,7 @@
 //! [`AgentClient`] and [`ManagerClient`] are the typed routes of the two servers on top
 //! of the one [`Client`].
 
-mod agent;
+pub mod agent;
 mod manager;
 
 pub use agent::AgentClient;
@@ -25,8 +25,12 @@ pub struct ClientOptions {
     pub connect_timeout: Duration,
     /// For the whole request, answer included.
     pub timeout: Duration,
-    /// Largest answer body read; a longer one is an error rather than memory spent.
+    /// Largest answer body read, lists excepted; a longer one is an error rather than
+    /// memory spent.
     pub max_body_bytes: usize,
+    /// Largest answer to a list route (VMs, migrations, events, a plan), which grows
+    /// with the cluster.
+    pub max_list_bytes: usize,
 }
 
 impl ClientOptions {
@@ -44,8 +48,12 @@ impl Default for ClientOptions {
         ClientOptions {
             connect_timeout: Duration::from_secs(5),
             timeout: Duration::from_secs(30),
-            // The largest answers are lists of 10,000 migrations or events.
-            max_body_bytes: 64 << 20,
+            // One VM, host, migration (at most 60 rounds of telemetry) or guest answer
+            // is a few KiB: a server that sends more is broken or hostile.
+            max_body_bytes: 4 << 20,
+            // The largest lists are 10,000 migrations or events, or every VM of a
+            // large cluster.
+            max_list_bytes: 64 << 20,
         }
     }
 }
@@ -165,17 +173,26 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ClientError> {
-        let (url, bytes) = self.exchange(method.clone(), path, body).await?;
-        let bytes: &[u8] = if bytes.is_empty() { b"null" } else { &bytes };
-        serde_json::from_slice(bytes).map_err(|source| ClientError::Decode {
-            method,
-            url,
-            source,
-        })
+        let url = format!("{}{path}", self.base);
+        let resp = self.request(method.clone(), &url, body).await?;
+        let bytes = self
+            .read_capped(&method, &url, resp, self.options.max_body_bytes)
+            .await?;
+        decode(method, url, &bytes)
     }
 
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send::<(), T>(Method::GET, path, None).await
+    }
+
+    /// A GET of a list route, whose answer may be up to `max_list_bytes`.
+    pub async fn get_list<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self.request::<()>(Method::GET, &url, None).await?;
+        let bytes = self
+            .read_capped(&Method::GET, &url, resp, self.options.max_list_bytes)
+            .await?;
+        decode(Method::GET, url, &bytes)
     }
 
     pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
@@ -224,16 +241,16 @@ impl Client {
         })
     }
 
-    async fn exchange<B: Serialize + ?Sized>(
+    /// Sends the request; an answer with an error status is [`ClientError::Remote`].
+    async fn request<B: Serialize + ?Sized>(
         &self,
         method: Method,
-        path: &str,
+        url: &str,
         body: Option<&B>,
-    ) -> Result<(String, Vec<u8>), ClientError> {
-        let url = format!("{}{path}", self.base);
+    ) -> Result<reqwest::Response, ClientError> {
         let mut req = self
             .http
-            .request(method.clone(), &url)
+            .request(method.clone(), url)
             .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(b);
@@ -241,10 +258,8 @@ impl Client {
         let resp = req
             .send()
             .await
-            .map_err(|e| self.failed(method.clone(), &url, e))?;
-        let resp = self.check(method.clone(), &url, resp).await?;
-        let bytes = self.read_capped(&method, &url, resp).await?;
-        Ok((url, bytes))
+            .map_err(|e| self.failed(method.clone(), url, e))?;
+        self.check(method, url, resp).await
     }
 
     /// An error status becomes [`ClientError::Remote`] with the server's message.
@@ -258,7 +273,9 @@ impl Client {
         if status.is_success() {
             return Ok(resp);
         }
-        let bytes = self.read_capped(&method, url, resp).await?;
+        let bytes = self
+            .read_capped(&method, url, resp, self.options.max_body_bytes)
+            .await?;
         let message = serde_json::from_slice::<ErrorAnswer>(&bytes)
             .map(|b| b.error)
             .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
@@ -270,14 +287,14 @@ impl Client {
         })
     }
 
-    /// Reads the body chunk by chunk, stopping as soon as it passes the cap.
+    /// Reads the body chunk by chunk, stopping as soon as it passes `limit`.
     async fn read_capped(
         &self,
         method: &Method,
         url: &str,
         mut resp: reqwest::Response,
+        limit: usize,
     ) -> Result<Vec<u8>, ClientError> {
-        let limit = self.options.max_body_bytes;
         let too_large = || ClientError::TooLarge {
             method: method.clone(),
             url: url.to_string(),
@@ -315,6 +332,20 @@ impl Client {
             }
         }
     }
+}
+
+/// The JSON of an answer; an empty one decodes as `null` (so as `()` or `Option`).
+fn decode<T: DeserializeOwned>(
+    method: Method,
+    url: String,
+    bytes: &[u8],
+) -> Result<T, ClientError> {
+    let bytes: &[u8] = if bytes.is_empty() { b"null" } else { bytes };
+    serde_json::from_slice(bytes).map_err(|source| ClientError::Decode {
+        method,
+        url,
+        source,
+    })
 }
 
 /// A long-lived answer being read.

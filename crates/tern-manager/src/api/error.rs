@@ -22,6 +22,9 @@ pub enum ApiError {
     /// No or a wrong bearer token.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// A request body over [`super::MAX_BODY_BYTES`].
+    #[error("the request body is larger than {0} bytes; no manager request needs that much")]
+    TooLarge(usize),
     /// No such route, or no such record where the manager has no error of its own.
     #[error("{0}")]
     NotFound(String),
@@ -50,6 +53,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -91,7 +95,10 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
         };
         let Json(value) = Json::<serde_json::Value>::from_request(req, state)
             .await
-            .map_err(|rej| bad(rej.body_text()))?;
+            .map_err(|rej| match rej.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(super::MAX_BODY_BYTES),
+                _ => bad(rej.body_text()),
+            })?;
         tern_api::request::from_value(value).map(Body).map_err(bad)
     }
 }
@@ -119,5 +126,6 @@ mod tests {
         assert_eq!(s(ApiError::NotFound("x".into())), 404);
         assert_eq!(s(ApiError::Unavailable("x".into())), 503);
         assert_eq!(s(ApiError::Internal("x".into())), 500);
+        assert_eq!(s(ApiError::TooLarge(1)), 413);
     }
 }

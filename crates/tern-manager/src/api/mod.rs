@@ -19,7 +19,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::sync::{Arc, LazyLock};
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::sse::{self, Sse};
@@ -32,6 +32,7 @@ use tern_api::manager::{
 };
 
 use crate::state::{Host, Vm};
+use tern_model::{HostName, VmName};
 use tokio::net::TcpListener;
 use tokio::sync::{broadcast, watch};
 
@@ -42,6 +43,10 @@ use error::{ApiError, ApiResult, Body, ErrorBody as Error};
 
 /// The OpenAPI document (`docs/openapi.json`), generated once.
 pub static OPENAPI: LazyLock<String> = LazyLock::new(openapi::json);
+
+/// Largest request body read (a layer on the router); the largest real one, a VM
+/// spec or the balancer's settings, is well under a KiB.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
 
 /// Most events or migrations one list answer carries.
 const MAX_PAGE: usize = 10_000;
@@ -113,38 +118,71 @@ pub fn router(
         .fallback(|| async {
             ApiError::NotFound("no such route; /openapi.json lists the API".into())
         })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
 }
 
 async fn auth(State(app): AppState, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
+    match check_token(&app.tokens, req.headers()) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Checks `Authorization: Bearer TOKEN` against the tokens the manager was started with
+/// (pure): the API's own check, and a follower's before it reads a body to pass on.
+pub(crate) fn check_token(tokens: &[String], headers: &header::HeaderMap) -> ApiResult<()> {
+    let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    let token = match given.and_then(|v| v.strip_prefix("Bearer ")) {
-        Some(t) => t,
-        None => {
-            return ApiError::Unauthorized(
-                "missing bearer token: send the header 'Authorization: Bearer TOKEN' with a \
-                 token the manager was started with",
-            )
-            .into_response()
-        }
+    let Some(token) = given.and_then(|v| v.strip_prefix("Bearer ")) else {
+        return Err(ApiError::Unauthorized(
+            "missing bearer token: send the header 'Authorization: Bearer TOKEN' with a \
+             token the manager was started with",
+        ));
     };
-    if !app
-        .tokens
+    if !tokens
         .iter()
         .any(|t| constant_time_eq(t.as_bytes(), token.as_bytes()))
     {
-        return ApiError::Unauthorized("wrong bearer token").into_response();
+        return Err(ApiError::Unauthorized("wrong bearer token"));
     }
-    next.run(req).await
+    Ok(())
 }
 
 /// Compares without stopping at the first differing byte, so timing does not reveal how
 /// much of a guessed token was right.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A `{name}` path parameter checked against the naming rule of `N` before the
+/// handler sees it: a 400 naming what is wrong, not a lookup of a name that cannot exist.
+pub struct NamePath<N>(pub String, std::marker::PhantomData<N>);
+
+/// The `{name}` of a host route.
+pub type HostPath = NamePath<HostName>;
+/// The `{name}` of a VM route.
+pub type VmPath = NamePath<VmName>;
+
+#[axum::async_trait]
+impl<S, N> axum::extract::FromRequestParts<S> for NamePath<N>
+where
+    S: Send + Sync,
+    N: std::str::FromStr<Err = tern_model::NameError>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> ApiResult<Self> {
+        let Path(name) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("name in the path: {}", e.body_text())))?;
+        name.parse::<N>().map_err(crate::Error::BadName)?;
+        Ok(NamePath(name, std::marker::PhantomData))
+    }
 }
 
 /// Runs a manager call off the async threads: it takes a lock and writes SQLite.
@@ -218,7 +256,7 @@ async fn list_hosts(State(app): AppState) -> Response {
 #[utoipa::path(get, path = "/v1/hosts/{name}", operation_id = "showHost", summary = "One host.",
     params(("name" = String, Path, description = "the host's name", example = "h1")),
     responses((status = 200, description = "the host", body = Host), (status = 404, description = "error", body = Error)))]
-async fn show_host(State(app): AppState, Path(name): Path<String>) -> ApiResult<Response> {
+async fn show_host(State(app): AppState, NamePath(name, _): HostPath) -> ApiResult<Response> {
     app.manager
         .read(|s| s.hosts.get(&name).cloned())
         .map(|h| Json(h).into_response())
@@ -232,7 +270,7 @@ async fn show_host(State(app): AppState, Path(name): Path<String>) -> ApiResult<
     responses((status = 200, description = "VMs to destroy", body = HeartbeatReply), (status = 400, description = "error", body = Error), (status = 404, description = "error", body = Error)))]
 async fn heartbeat(
     State(app): AppState,
-    Path(host): Path<String>,
+    NamePath(host, _): HostPath,
     Body(report): Body<LoadReport>,
 ) -> ApiResult<Response> {
     Ok(reply(
@@ -245,7 +283,7 @@ async fn heartbeat(
     summary = "Put a host into maintenance; the manager evacuates its VMs.",
     params(("name" = String, Path, description = "the host's name", example = "h1")),
     responses((status = 200, description = "the host", body = Host), (status = 404, description = "error", body = Error)))]
-async fn drain(State(app): AppState, Path(host): Path<String>) -> ApiResult<Response> {
+async fn drain(State(app): AppState, NamePath(host, _): HostPath) -> ApiResult<Response> {
     let cmd = Command::SetMaintenance { host, on: true };
     Ok(reply(StatusCode::OK, execute(&app, cmd).await?))
 }
@@ -254,7 +292,7 @@ async fn drain(State(app): AppState, Path(host): Path<String>) -> ApiResult<Resp
     summary = "Bring a host back from maintenance.",
     params(("name" = String, Path, description = "the host's name", example = "h1")),
     responses((status = 200, description = "the host", body = Host), (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error)))]
-async fn activate(State(app): AppState, Path(host): Path<String>) -> ApiResult<Response> {
+async fn activate(State(app): AppState, NamePath(host, _): HostPath) -> ApiResult<Response> {
     let cmd = Command::SetMaintenance { host, on: false };
     Ok(reply(StatusCode::OK, execute(&app, cmd).await?))
 }
@@ -286,7 +324,7 @@ async fn list_vms(State(app): AppState) -> Response {
 #[utoipa::path(get, path = "/v1/vms/{name}", operation_id = "showVm", summary = "One VM.",
     params(("name" = String, Path, description = "the VM's name", example = "v1")),
     responses((status = 200, description = "the VM", body = Vm), (status = 404, description = "error", body = Error)))]
-async fn show_vm(State(app): AppState, Path(name): Path<String>) -> ApiResult<Response> {
+async fn show_vm(State(app): AppState, NamePath(name, _): VmPath) -> ApiResult<Response> {
     app.manager
         .read(|s| s.vms.get(&name).cloned())
         .map(|v| Json(v).into_response())
@@ -297,7 +335,7 @@ async fn show_vm(State(app): AppState, Path(name): Path<String>) -> ApiResult<Re
     summary = "Delete a VM; it is removed once its host confirms.",
     params(("name" = String, Path, description = "the VM's name", example = "v2")),
     responses((status = 202, description = "the VM, deleting", body = Vm), (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error)))]
-async fn delete_vm(State(app): AppState, Path(name): Path<String>) -> ApiResult<Response> {
+async fn delete_vm(State(app): AppState, NamePath(name, _): VmPath) -> ApiResult<Response> {
     Ok(reply(
         StatusCode::ACCEPTED,
         execute(&app, Command::DeleteVm { name }).await?,
@@ -312,7 +350,7 @@ async fn delete_vm(State(app): AppState, Path(name): Path<String>) -> ApiResult<
         (status = 400, description = "error", body = Error), (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error)))]
 async fn migrate_vm(
     State(app): AppState,
-    Path(name): Path<String>,
+    NamePath(name, _): VmPath,
     Body(b): Body<MigrateVm>,
 ) -> ApiResult<Response> {
     let cmd = Command::MigrateVm {

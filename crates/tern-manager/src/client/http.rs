@@ -129,7 +129,7 @@ impl HostClient for HttpHost {
         progress: ProgressFn<'_>,
     ) -> Result<MigrationResult> {
         let req = SendRequest {
-            vm: vm.to_owned(),
+            vm: vm.parse()?,
             destination: to.address.clone(),
             token: self.token.clone(),
             policy: MigrationEngine::Tern(policy),
@@ -214,11 +214,15 @@ impl HostClient for HttpHost {
         let vms = self.agent.list_vms().await.map_err(|e| self.fail(e))?;
         Ok(LoadReport {
             cpu_used: host.load.vm_cpu_cores,
+            // A VM whose id breaks the naming rule cannot be one the manager created:
+            // it is neither its load nor a stale copy it could name to destroy.
             vms: vms
                 .into_iter()
-                .map(|v| VmLoad {
-                    name: v.info.id,
-                    cpu_used: v.cpu_cores.unwrap_or(0.0),
+                .filter_map(|v| {
+                    Some(VmLoad {
+                        name: v.info.id.parse().ok()?,
+                        cpu_used: v.cpu_cores.unwrap_or(0.0),
+                    })
                 })
                 .collect(),
         })

@@ -236,7 +236,7 @@ mod tests {
         let report = LoadReport {
             cpu_used: 1.0,
             vms: vec![VmLoad {
-                name: "a".into(),
+                name: "a".parse().unwrap(),
                 cpu_used: 1.0,
             }],
         };

@@ -19,6 +19,7 @@ use crate::state::{
 };
 use placement::Placer;
 pub use tern_api::manager::{HeartbeatReply, LoadReport, VmLoad};
+use tern_api::manager::{MAX_HOST_CPUS, MAX_HOST_MEMORY_MIB};
 use tern_model::{HostName, VmName};
 
 /// Everything that changes cluster state, from the API or from the agents' answers.
@@ -223,6 +224,55 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
     }
 }
 
+/// Which host addresses a manager can serve: its agents' clients decide. A host at
+/// any other address would be registered, placed on, and never reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum HostAddresses {
+    /// `http://ADDR:PORT` or `https://ADDR:PORT`: `tern agent`s.
+    #[default]
+    Agents,
+    /// `sim:`: in-process hosts over the `sim` driver (`tern-simhost`).
+    Sim,
+}
+
+impl HostAddresses {
+    /// Whether `address` is one this manager can serve (pure); the error says what is.
+    pub fn check(self, address: &str) -> Result<()> {
+        match self {
+            HostAddresses::Sim if address == "sim:" => Ok(()),
+            HostAddresses::Sim => Err(Error::BadInput(format!(
+                "address {address:?}: this manager runs in-process hosts only; give \"sim:\""
+            ))),
+            HostAddresses::Agents => check_agent_url(address),
+        }
+    }
+}
+
+/// An agent's base URL: http(s), a host, nothing after the port (pure).
+fn check_agent_url(address: &str) -> Result<()> {
+    let bad = |why: &str| {
+        Err(Error::BadInput(format!(
+            "address {address:?} {why}: give the agent's URL, e.g. http://198.18.0.2:7070"
+        )))
+    };
+    let Ok(url) = reqwest::Url::parse(address) else {
+        return bad("is not a URL");
+    };
+    if !matches!(url.scheme(), "http" | "https") {
+        return bad("is not an http:// or https:// URL, the only agents this manager calls");
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return bad("names no host");
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return bad("carries credentials, which would be sent in the clear");
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return bad("has a path, query or fragment");
+    }
+    Ok(())
+}
+
 fn register(
     snap: &Snapshot,
     now: Millis,
@@ -236,10 +286,13 @@ fn register(
             "address is empty: give the agent's URL, e.g. http://198.18.0.2:7070".into(),
         ));
     }
-    if !(capacity.cpus > 0.0 && capacity.cpus.is_finite()) || capacity.memory_mib == 0 {
-        return Err(Error::BadInput(
-            "capacity needs cpus > 0 and memory_mib > 0".into(),
-        ));
+    let cpus_ok = capacity.cpus > 0.0 && capacity.cpus <= MAX_HOST_CPUS;
+    if !cpus_ok || !(1..=MAX_HOST_MEMORY_MIB).contains(&capacity.memory_mib) {
+        return Err(Error::BadInput(format!(
+            "capacity needs cpus in (0, {MAX_HOST_CPUS}] and memory_mib in 1..={MAX_HOST_MEMORY_MIB}, \
+             got {} cpus and {} MiB",
+            capacity.cpus, capacity.memory_mib
+        )));
     }
     if let Some(old) = snap.hosts.get(&name) {
         if old.address != address || old.capacity != capacity {
@@ -267,11 +320,28 @@ fn register(
     ))
 }
 
+/// Cores in use, on the host or one VM: a number from 0 to [`MAX_HOST_CPUS`] (pure).
+fn check_cores(what: &str, cores: f64) -> Result<()> {
+    if (0.0..=MAX_HOST_CPUS).contains(&cores) {
+        return Ok(());
+    }
+    Err(Error::BadInput(format!(
+        "{what} must be a number from 0 to {MAX_HOST_CPUS} cores, got {cores}"
+    )))
+}
+
+/// A load report's numbers are in range before any of it is smoothed into the state.
+fn check_load(report: &LoadReport) -> Result<()> {
+    check_cores("cpu_used", report.cpu_used)?;
+    for l in &report.vms {
+        check_cores(&format!("cpu_used of VM {:?}", l.name.as_str()), l.cpu_used)?;
+    }
+    Ok(())
+}
+
 fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> Result<Decision> {
     let h = host(snap, name)?;
-    if !(report.cpu_used >= 0.0 && report.cpu_used.is_finite()) {
-        return Err(Error::BadInput("cpu_used must be a number >= 0".into()));
-    }
+    check_load(report)?;
     let alpha = snap.settings.ewma_alpha();
     let smoothed = match h.cpu_smoothed {
         Some(s) => alpha * report.cpu_used + (1.0 - alpha) * s,
@@ -281,11 +351,11 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
         .vms
         .iter()
         .filter(|l| {
-            snap.vms.get(&l.name).is_none_or(|v| {
+            snap.vms.get(l.name.as_str()).is_none_or(|v| {
                 v.desired_host.as_deref() != Some(name) && v.observed_host.as_deref() != Some(name)
             })
         })
-        .map(|l| l.name.clone())
+        .map(|l| l.name.to_string())
         .collect();
     let mut state = h.state;
     let mut changes = Vec::new();
@@ -306,10 +376,10 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
         ..h.clone()
     }));
     for l in &report.vms {
-        let Some(v) = snap.vms.get(&l.name) else {
+        let Some(v) = snap.vms.get(l.name.as_str()) else {
             continue;
         };
-        if stale.contains(&l.name) || !(l.cpu_used >= 0.0 && l.cpu_used.is_finite()) {
+        if stale.iter().any(|s| l.name == s.as_str()) {
             continue;
         }
         let mut next = v.clone();
@@ -755,7 +825,7 @@ mod tests {
         let report = |cpu| LoadReport {
             cpu_used: cpu,
             vms: vec![VmLoad {
-                name: "a".into(),
+                name: "a".parse().unwrap(),
                 cpu_used: 0.5,
             }],
         };
@@ -803,7 +873,7 @@ mod tests {
         let report = LoadReport {
             cpu_used: 0.5,
             vms: vec![VmLoad {
-                name: "found".into(),
+                name: "found".parse().unwrap(),
                 cpu_used: 0.5,
             }],
         };

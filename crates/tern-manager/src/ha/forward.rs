@@ -26,12 +26,12 @@ use crate::manager::Manager;
 /// Marks a request one manager passed to another, so it is not passed on again.
 pub const FORWARDED: &str = "x-tern-forwarded-by";
 
-/// Largest request body passed on to the leader.
-const MAX_BODY: usize = 64 << 20;
-
 struct Forwarder {
     leadership: Arc<Leadership>,
     http: reqwest::Client,
+    /// Checked before a body is read to be passed on, so an unauthenticated caller
+    /// costs a follower no memory and the leader nothing at all.
+    tokens: Vec<String>,
 }
 
 /// Serves the API on `listener`, campaigns for leadership with `election` and runs
@@ -74,21 +74,33 @@ pub async fn run(
         leadership.clone(),
         stopped(stopping.clone()),
     ));
-    let forwarder = Arc::new(Forwarder {
-        leadership,
-        http: reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .map_err(std::io::Error::other)?,
-    });
-    let app = crate::api::router(manager, tokens, stopping.clone())
-        .layer(middleware::from_fn_with_state(forwarder, forward));
+    let app = router(manager, tokens, leadership, stopping.clone())?;
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(stopped(stopping))
         .await;
     let _ = looping.await;
     let _ = campaign.await;
     served
+}
+
+/// The API of one manager of several: [`crate::api::router`] behind the layer that
+/// serves a request here while this manager leads and passes it to the leader otherwise.
+pub fn router(
+    manager: Arc<Manager>,
+    tokens: Vec<String>,
+    leadership: Arc<Leadership>,
+    stopping: watch::Receiver<bool>,
+) -> std::io::Result<axum::Router> {
+    let forwarder = Arc::new(Forwarder {
+        leadership,
+        http: reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(std::io::Error::other)?,
+        tokens: tokens.clone(),
+    });
+    Ok(crate::api::router(manager, tokens, stopping)
+        .layer(middleware::from_fn_with_state(forwarder, forward)))
 }
 
 /// Runs the control loop during each term this manager leads, stopping it the moment
@@ -124,24 +136,50 @@ async fn forward(State(f): State<Arc<Forwarder>>, req: Request, next: Next) -> R
     match f.leadership.route(forwarded) {
         Route::Local => next.run(req).await,
         Route::Refuse(msg) => ApiError::Unavailable(msg).into_response(),
-        Route::Forward(leader) => match pass_on(&f, &leader, req).await {
-            Ok(r) => r,
-            Err(e) => ApiError::Unavailable(format!(
-                "not the leader; the leader is at {leader}, which did not answer: {e}"
-            ))
-            .into_response(),
-        },
+        Route::Forward(leader) => {
+            if let Err(e) = crate::api::check_token(&f.tokens, req.headers()) {
+                return e.into_response();
+            }
+            match pass_on(&f, &leader, req).await {
+                Ok(r) => r,
+                Err(e) => e.into_response(),
+            }
+        }
     }
 }
 
-/// Sends `req` to the leader at `leader` and relays its answer as it streams in.
-async fn pass_on(f: &Forwarder, leader: &str, req: Request) -> Result<Response, String> {
+/// Sends `req` to the leader at `leader` and relays its answer as it streams in. The
+/// body is read first, up to the API's own limit.
+async fn pass_on(f: &Forwarder, leader: &str, req: Request) -> Result<Response, ApiError> {
+    let limit = crate::api::MAX_BODY_BYTES;
     let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge(limit));
+    }
+    let body = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        ApiError::BadRequest(format!(
+            "reading the request body (at most {limit} bytes): {e}"
+        ))
+    })?;
+    relay(f, leader, parts, body).await.map_err(|e| {
+        ApiError::Unavailable(format!(
+            "not the leader; the leader is at {leader}, which did not answer: {e}"
+        ))
+    })
+}
+
+async fn relay(
+    f: &Forwarder,
+    leader: &str,
+    parts: axum::http::request::Parts,
+    body: axum::body::Bytes,
+) -> Result<Response, String> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let url = format!("{}{path}", leader.trim_end_matches('/'));
-    let body = axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|e| format!("reading the request body: {e}"))?;
     let method =
         reqwest::Method::from_bytes(parts.method.as_str().as_bytes()).map_err(|e| e.to_string())?;
     let mut out = f

@@ -129,8 +129,18 @@ impl Fields<'_, '_> {
     }
 
     fn double(&self, field: &str, value: &str) -> Result<f64, Error> {
-        read_double(value)
-            .ok_or_else(|| self.err(field, format!("expected a number, got {value:?}")))
+        let v = read_double(value)
+            .ok_or_else(|| self.err(field, format!("expected a number, got {value:?}")))?;
+        // A ratio or utilisation too large for a double would read as infinity, which
+        // no score can use and which cannot be written back in this format.
+        if v.is_finite() {
+            Ok(v)
+        } else {
+            Err(self.err(
+                field,
+                format!("{value:?} is too large for a double; give a finite number"),
+            ))
+        }
     }
 
     fn yes_no(&self, field: &str, value: &str) -> Result<bool, Error> {

@@ -49,6 +49,10 @@ pub struct Daemon {
     /// Directory for guest RAM files, on tmpfs [default: /dev/shm/tern/<hash of state dir>].
     #[arg(long, value_name = "DIR")]
     pub mem_dir: Option<PathBuf>,
+    /// Kernels and initramfs images VMs may boot must lie under this directory
+    /// [default: the image cache, $TERN_CACHE or ~/.cache/tern].
+    #[arg(long, value_name = "DIR")]
+    pub image_dir: Option<PathBuf>,
     /// Bridge that guests' tap devices join (needed for VMs with NICs).
     #[arg(long)]
     pub bridge: Option<String>,
@@ -111,6 +115,10 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
         capacity,
         token,
         state_dir,
+        image_dir: args
+            .image_dir
+            .clone()
+            .unwrap_or_else(tern_hv::image::default_cache_dir),
     };
     let state = match args.hypervisor {
         Driver::Qemu => {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tern_manager::decide::HostAddresses;
 
 use serde::Serialize;
 use tern_manager::control::Control;
@@ -240,7 +241,8 @@ pub(super) async fn start(
     db: &std::path::Path,
 ) -> anyhow::Result<(Arc<Manager>, Arc<Control>, usize)> {
     let store = SqliteStore::open(db)?;
-    let manager = Arc::new(Manager::open(Box::new(store), system_clock())?);
+    let manager =
+        Arc::new(Manager::open(Box::new(store), system_clock())?.serving(HostAddresses::Sim));
     let sim = SimCluster::new();
     let mut rng = Rng(seed);
     let names = host_names(hosts);

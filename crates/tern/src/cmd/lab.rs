@@ -28,6 +28,10 @@ pub struct UpArgs {
     /// CPUs each host reports [default: this machine's].
     #[arg(long)]
     pub host_cpus: Option<u32>,
+    /// The agents boot only kernels and initramfs images under this directory
+    /// [default: the image cache, $TERN_CACHE or ~/.cache/tern].
+    #[arg(long, value_name = "DIR")]
+    pub image_dir: Option<std::path::PathBuf>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -73,6 +77,9 @@ pub fn run(c: Command) -> anyhow::Result<()> {
                 tern_binary: std::env::current_exe()?,
                 host_memory_mib: a.host_memory_mib,
                 host_cpus: a.host_cpus,
+                image_dir: a
+                    .image_dir
+                    .unwrap_or_else(tern_hv::image::default_cache_dir),
             };
             let state = rt.block_on(lab::up(&opts, &progress)).map_err(lab_error)?;
             if a.json {

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tern_manager::decide::HostAddresses;
 
 use serde::Serialize;
 use tern_manager::control::Control;
@@ -159,10 +160,10 @@ type Tally = BTreeMap<Kind, (Vec<f64>, usize)>;
 
 async fn load(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
     const TOKEN: &str = "bench";
-    let manager = Arc::new(Manager::open(
-        Box::new(SqliteStore::open(db)?),
-        system_clock(),
-    )?);
+    let manager = Arc::new(
+        Manager::open(Box::new(SqliteStore::open(db)?), system_clock())?
+            .serving(HostAddresses::Sim),
+    );
     let sim = SimCluster::new();
     let names = host_names(a.hosts);
     let mut cmds = Vec::new();

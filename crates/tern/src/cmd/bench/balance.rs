@@ -223,7 +223,7 @@ async fn live_round(a: &Args, db: &std::path::Path) -> anyhow::Result<Live> {
             if let Some(r) = v.observed_host.as_deref().and_then(|h| by_host.get_mut(h)) {
                 r.cpu_used += v.cpu_used;
                 r.vms.push(VmLoad {
-                    name: v.name.clone(),
+                    name: v.name.parse().expect("stored VM names follow the rule"),
                     cpu_used: v.cpu_used,
                 });
             }

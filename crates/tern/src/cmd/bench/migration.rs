@@ -147,6 +147,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tern_binary: std::env::current_exe()?,
         host_memory_mib: Some(args.memory_mib * 3),
         host_cpus: None,
+        image_dir: tern_hv::image::default_cache_dir(),
     };
     let progress = |s: &str| eprintln!("{s}");
     let lab = rt.block_on(lab::up(&opts, &progress))?;
@@ -561,7 +562,7 @@ impl Bench<'_> {
             e => (e, false),
         };
         let body = SendRequest {
-            vm: self.vm.clone(),
+            vm: self.vm.parse()?,
             destination: self.lab.hosts[to].url.clone(),
             token: self.token.clone(),
             policy: policy.parse()?,
