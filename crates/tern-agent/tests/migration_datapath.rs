@@ -184,8 +184,8 @@ fn a_page_that_became_zero_is_zeroed_on_the_destination() {
 #[test]
 fn a_wrong_stream_token_of_the_right_length_is_refused_and_the_real_source_still_gets_through() {
     let pair = Pair::new(3);
-    let right = tern_agent::migration::session::stream_token().unwrap();
-    let wrong = tern_agent::migration::session::stream_token().unwrap();
+    let right = tern_agent::migration::token::stream_token().unwrap();
+    let wrong = tern_agent::migration::token::stream_token().unwrap();
     assert_eq!(right.len(), 64, "32 random bytes, hex");
     assert_eq!(wrong.len(), right.len());
     let ((), received) = pair.run(&right, |p| {
@@ -277,7 +277,7 @@ fn patient(token: &str) -> Expect {
 /// first; returns how long the source waited for its streams to be admitted.
 fn migrate_past_silent_connections(seed: u64, silent: usize) -> Duration {
     let pair = Pair::new(seed);
-    let token = tern_agent::migration::session::stream_token().unwrap();
+    let token = tern_agent::migration::token::stream_token().unwrap();
     let listener = pair.listener.try_clone().unwrap();
     let wanted = incoming::Wanted {
         pages: Some(pair.mem.pages()),

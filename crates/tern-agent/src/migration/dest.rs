@@ -17,9 +17,8 @@ use tern_hv::{HvError, VmState};
 use super::incoming::{self, Expect, Gate, Wanted};
 use super::memory::DestMemory;
 use super::relay;
-use super::session::{
-    stream_token, Inbound, IncomingPhase, IncomingView, PrepareRequest, Registry, Ticket,
-};
+use super::session::{Inbound, IncomingPhase, IncomingView, PrepareRequest, Registry, Ticket};
+use super::token::stream_token;
 use crate::error::AgentError;
 use crate::state::AppState;
 

@@ -17,7 +17,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::memory::DestMemory;
-use super::session::token_matches;
+use super::token::token_matches;
 use super::wire::{self, Channel, Hello, Kind};
 use super::MigrationError;
 

@@ -12,6 +12,7 @@
 //! - [`precopy`]: the live rounds, decided by `tern-migrate`'s policies;
 //! - [`throttle`]: the cgroup that slows the vCPUs when the policy asks;
 //! - [`session`]: API values, phases and the registry of migrations;
+//! - [`token`]: the stream token, drawn and compared;
 //! - [`source`]: the source's phase machine (`run` walks the engine's phases, one method
 //!   per phase) with the one rollback path;
 //! - [`dest`]: the destination's driver, which cleans up its copy on any failure;
@@ -34,6 +35,7 @@ pub mod routes;
 pub mod session;
 pub mod source;
 pub mod throttle;
+pub mod token;
 pub mod wire;
 
 /// Why a migration (or one of its steps) failed. Every variant leaves the VM on the
