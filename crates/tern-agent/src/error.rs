@@ -53,6 +53,9 @@ pub enum AgentError {
     /// A destination could not set up the memory file a migration writes into.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// A destination could not set up a migration's streams (listener, relay socket).
+    #[error("migration streams: {0}")]
+    Streams(#[source] crate::migration::MigrationError),
     /// The agent's own files (state directory, token file).
     #[error("{context}: {source}")]
     Io {
@@ -80,7 +83,7 @@ impl AgentError {
             AgentError::Guest { .. } | AgentError::GuestChannel { .. } | AgentError::Client(_) => {
                 StatusCode::BAD_GATEWAY
             }
-            AgentError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+            AgentError::Io { .. } | AgentError::Streams(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // A prepare whose VM spec gives a memory file the destination cannot use.
             AgentError::Memory(_) => StatusCode::BAD_REQUEST,
             AgentError::Hv(e) => match e {
@@ -113,7 +116,7 @@ impl AgentError {
             AgentError::OutsideImageDir { .. } => "bad_spec",
             AgentError::Guest { .. } | AgentError::GuestChannel { .. } => "guest",
             AgentError::Client(_) => "remote",
-            AgentError::Io { .. } => "internal",
+            AgentError::Io { .. } | AgentError::Streams(_) => "internal",
             AgentError::Memory(_) => "bad_request",
             AgentError::Hv(e) => match e {
                 HvError::InvalidSpec(_)

@@ -100,6 +100,10 @@ pub struct AppState {
     pub lifecycle: Arc<tokio::sync::Mutex<()>>,
     /// The zero of the sampler's clock.
     pub epoch: Instant,
+    /// The address migration streams are received on: the agent's own, the one it
+    /// serves its API on. Loopback until [`AppState::with_stream_ip`] says otherwise,
+    /// so nothing listens beyond the host unless asked to.
+    pub stream_ip: std::net::IpAddr,
 }
 
 impl AppState {
@@ -113,7 +117,14 @@ impl AppState {
             migrations: Arc::default(),
             lifecycle: Arc::default(),
             epoch: Instant::now(),
+            stream_ip: std::net::Ipv4Addr::LOCALHOST.into(),
         }
+    }
+
+    /// Receives migration streams on `ip`, the address the agent serves on.
+    pub fn with_stream_ip(mut self, ip: std::net::IpAddr) -> AppState {
+        self.stream_ip = ip;
+        self
     }
 
     /// Refuses `action` on a VM that takes part in a migration here: pausing, stopping or

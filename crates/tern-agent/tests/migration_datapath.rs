@@ -182,16 +182,20 @@ fn a_page_that_became_zero_is_zeroed_on_the_destination() {
 }
 
 #[test]
-fn a_stream_with_a_bad_token_is_refused_and_the_real_source_still_gets_through() {
+fn a_wrong_stream_token_of_the_right_length_is_refused_and_the_real_source_still_gets_through() {
     let pair = Pair::new(3);
-    let ((), received) = pair.run("right", |p| {
-        match p.connect("wrong", StreamOptions::default()) {
+    let right = tern_agent::migration::token::stream_token().unwrap();
+    let wrong = tern_agent::migration::token::stream_token().unwrap();
+    assert_eq!(right.len(), 64, "32 random bytes, hex");
+    assert_eq!(wrong.len(), right.len());
+    let ((), received) = pair.run(&right, |p| {
+        match p.connect(&wrong, StreamOptions::default()) {
             Err(MigrationError::Wire(e)) => assert!(e.to_string().contains("bad token"), "{e}"),
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("a wrong token was accepted"),
         }
         let sent = SentDigests::new(p.mem.pages());
-        let mut out = p.connect("right", StreamOptions::default()).unwrap();
+        let mut out = p.connect(&right, StreamOptions::default()).unwrap();
         p.round(&mut out, 1, &sent);
         out.finish().unwrap();
     });
@@ -259,4 +263,95 @@ fn the_bandwidth_cap_holds_over_a_round() {
         out.finish().unwrap();
     });
     received.unwrap();
+}
+
+/// The destination's real timeouts: a stream may be silent for 30 s between rounds.
+fn patient(token: &str) -> Expect {
+    Expect {
+        io_timeout: Duration::from_secs(30),
+        ..expect(token)
+    }
+}
+
+/// Moves the memory while `silent` strangers hold connections to the port they opened
+/// first; returns how long the source waited for its streams to be admitted.
+fn migrate_past_silent_connections(seed: u64, silent: usize) -> Duration {
+    let pair = Pair::new(seed);
+    let token = tern_agent::migration::token::stream_token().unwrap();
+    let listener = pair.listener.try_clone().unwrap();
+    let wanted = incoming::Wanted {
+        pages: Some(pair.mem.pages()),
+        device: false,
+    };
+    let (_gate, admitted) = incoming::Gate::open(listener, patient(&token), wanted).unwrap();
+    let silent: Vec<_> = (0..silent)
+        .map(|_| std::net::TcpStream::connect(pair.addr).unwrap())
+        .collect();
+    let started = std::time::Instant::now();
+    let (waited, received) = std::thread::scope(|s| {
+        let memory = admitted.memory;
+        let (pair, expect) = (&pair, patient(&token));
+        let rx = s.spawn(move || {
+            incoming::receive_streams(&memory, &pair.dest, &expect, &pair.progress, &pair.cancel)
+        });
+        let sent = SentDigests::new(pair.mem.pages());
+        let mut out = pair.connect(&token, StreamOptions::default()).unwrap();
+        let waited = started.elapsed();
+        pair.round(&mut out, 1, &sent);
+        out.finish().unwrap();
+        (waited, rx.join().unwrap())
+    });
+    received.unwrap();
+    pair.assert_identical();
+    // The strangers were cut off after the hello timeout, with a reason.
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        match wire::read_frame(&mut s) {
+            Err(wire::WireError::Aborted(reason)) => {
+                assert!(reason.contains("no hello"), "{reason}")
+            }
+            other => panic!("a silent connection was not refused: {other:?}"),
+        }
+    }
+    waited
+}
+
+#[test]
+fn a_silent_connection_to_the_memory_port_does_not_fail_the_migration() {
+    // Admitted beside the silent ones, not after them.
+    let waited = migrate_past_silent_connections(6, 5);
+    assert!(waited < Duration::from_secs(1), "waited {waited:?}");
+}
+
+#[test]
+fn a_flood_of_silent_connections_delays_the_source_by_one_hello_timeout_at_most() {
+    // More than the gate reads at once: the rest wait in the backlog, the source too.
+    let waited = migrate_past_silent_connections(9, 100);
+    assert!(waited < Duration::from_secs(4), "waited {waited:?}");
+}
+
+#[test]
+fn a_hello_above_4_kib_is_refused_without_waiting_for_it() {
+    use std::io::Write;
+    let pair = Pair::new(8);
+    let ((), received) = pair.run("t", |p| {
+        let mut s = std::net::TcpStream::connect(p.addr).unwrap();
+        // A header announcing a 60 MiB hello, and nothing after it.
+        let mut header = vec![wire::Kind::Hello as u8, 0, 0, 0];
+        header.extend_from_slice(&(60u32 << 20).to_le_bytes());
+        s.write_all(&header).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let t0 = std::time::Instant::now();
+        match wire::read_frame(&mut s) {
+            Err(wire::WireError::Aborted(reason)) => assert!(reason.contains("length"), "{reason}"),
+            other => panic!("an oversized hello was not refused: {other:?}"),
+        }
+        assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+        let sent = SentDigests::new(p.mem.pages());
+        let mut out = p.connect("t", StreamOptions::default()).unwrap();
+        p.round(&mut out, 1, &sent);
+        out.finish().unwrap();
+    });
+    received.unwrap();
+    pair.assert_identical();
 }

@@ -348,10 +348,13 @@ pub struct PrepareRequest {
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Ticket {
     pub migration: String,
-    /// Secret the memory streams must present.
+    /// Secret every stream of this migration must present in its `Hello`: 32 random
+    /// bytes, hex encoded.
     pub stream_token: String,
+    /// The port tern's memory streams connect to (0 for `qemu-native`, which has none).
     pub memory_port: u16,
-    /// QEMU's `migrate-incoming` port on the destination.
+    /// The port of the device-state stream that carries QEMU's migration stream; the
+    /// same listener as `memory_port`. No QEMU listens on the network.
     pub device_port: u16,
 }
 

@@ -21,6 +21,20 @@ pub enum Error {
     NoRoom { vm: String, reason: String },
     #[error("agent of host {host:?}: {message}")]
     Agent { host: String, message: String },
+    /// A migration ran past its deadline and did not end within the grace after it was
+    /// cancelled; where the VM runs is known only once the source agent reports it.
+    #[error(
+        "migration {migration} of VM {vm:?} on host {host:?} is still {phase:?} after \
+         {waited:?}, although cancelled: check `GET /v1/migrations/{migration}` on the \
+         source agent and the VM on both hosts before acting on it"
+    )]
+    MigrationStuck {
+        host: String,
+        vm: String,
+        migration: String,
+        waited: std::time::Duration,
+        phase: tern_api::migration::Phase,
+    },
     #[error("state database: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error(

@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 
 use tern_hv::{HvError, VmState};
 
-use super::incoming::{self, Expect};
+use super::incoming::{self, Expect, Gate, Wanted};
 use super::memory::DestMemory;
-use super::session::{
-    stream_token, Inbound, IncomingPhase, IncomingView, PrepareRequest, Registry, Ticket,
-};
+use super::relay;
+use super::session::{Inbound, IncomingPhase, IncomingView, PrepareRequest, Registry, Ticket};
+use super::token::stream_token;
 use crate::error::AgentError;
 use crate::state::AppState;
 
@@ -35,14 +35,6 @@ const DEVICE_STATE_WAIT: Duration = Duration::from_secs(15);
 
 fn not_found(id: &str) -> AgentError {
     AgentError::Hv(HvError::UnknownVm(format!("incoming migration {id}")))
-}
-
-fn free_port() -> Result<u16, AgentError> {
-    let l = std::net::TcpListener::bind("0.0.0.0:0")
-        .map_err(AgentError::io("choosing a port for device state"))?;
-    Ok(l.local_addr()
-        .map_err(AgentError::io("choosing a port for device state"))?
-        .port())
 }
 
 /// Creates the waiting VM and starts receiving. Nothing is left behind on error.
@@ -63,6 +55,18 @@ pub async fn prepare(
     }
 }
 
+/// The migration's one port, on the agent's own address: bound once, port 0, and kept,
+/// so nobody can take it between choosing and using it.
+fn bind_streams(state: &AppState) -> Result<(std::net::TcpListener, u16), AgentError> {
+    let listener = std::net::TcpListener::bind((state.stream_ip, 0))
+        .map_err(AgentError::io("binding the migration stream listener"))?;
+    let port = listener
+        .local_addr()
+        .map_err(AgentError::io("binding the migration stream listener"))?
+        .port();
+    Ok((listener, port))
+}
+
 async fn listen(
     state: &AppState,
     reg: &Arc<Registry>,
@@ -75,75 +79,100 @@ async fn listen(
             state.hv.kind()
         ))
     })?;
-    // Native: QEMU brings the memory itself; no tern streams.
-    let (memory, memory_port) = if req.native {
-        (None, 0)
-    } else {
-        let (mem, listener, port) = open_memory(&file, req.spec.memory_mib << 20)?;
-        (Some((mem, listener)), port)
+    // Native: QEMU brings the memory itself; no tern memory streams.
+    let memory = match req.native {
+        true => None,
+        false => Some(DestMemory::open(&file, req.spec.memory_mib << 20)?),
     };
-    let device_port = free_port()?;
+    let (listener, port) = bind_streams(state)?;
+    let id = reg.new_id("in");
+    let device_socket =
+        relay::socket_path(&state.host.state_dir, &id).map_err(AgentError::Streams)?;
     state
         .hv
         .set_migration_capabilities(req.vm.as_str(), &[("x-ignore-shared", !req.native)])
         .await?;
     state
         .hv
-        .migrate_incoming(req.vm.as_str(), &format!("tcp:0.0.0.0:{device_port}"))
+        .migrate_incoming(
+            req.vm.as_str(),
+            &format!("unix:{}", device_socket.display()),
+        )
         .await?;
-    let id = reg.new_id("in");
+    let token = stream_token()
+        .map_err(|e| AgentError::io("drawing a random stream token")(std::io::Error::other(e)))?;
     let ticket = Ticket {
         migration: id.clone(),
-        stream_token: stream_token(),
-        memory_port,
-        device_port,
+        stream_token: token,
+        memory_port: if req.native { 0 } else { port },
+        device_port: port,
     };
     let inbound = Arc::new(Inbound::new(req.vm.as_str()));
-    reg.begin_inbound(&id, inbound.clone());
     let expect = Expect {
         migration: id.clone(),
         token: ticket.stream_token.clone(),
         accept_timeout: ACCEPT_TIMEOUT,
         io_timeout: STREAM_TIMEOUT,
     };
-    let receiver = start_receiver(memory, expect, &inbound);
-    tokio::spawn(supervise(state.clone(), inbound, receiver));
-    tracing::info!(migration = %id, vm = %req.vm, memory_port, device_port, "prepared incoming migration");
+    let wanted = Wanted {
+        pages: memory.as_ref().map(DestMemory::pages),
+        device: true,
+    };
+    let (gate, admitted) =
+        Gate::open(listener, expect.clone(), wanted).map_err(AgentError::Streams)?;
+    reg.begin_inbound(&id, inbound.clone());
+    let receiver = start_receiver(memory, admitted.memory, expect, &inbound);
+    let device = admitted
+        .device
+        .map(|rx| tokio::spawn(relay::deliver(device_socket.clone(), rx, ACCEPT_TIMEOUT)));
+    let streams = Streams {
+        _gate: gate,
+        receiver,
+        device,
+        device_socket,
+    };
+    tokio::spawn(supervise(state.clone(), inbound, streams));
+    tracing::info!(migration = %id, vm = %req.vm, port, "prepared incoming migration");
     Ok(ticket)
 }
 
-/// The destination's memory file, and a listener for the source's memory streams on the
-/// port it returns.
-fn open_memory(
-    file: &std::path::Path,
-    bytes: u64,
-) -> Result<(DestMemory, std::net::TcpListener, u16), AgentError> {
-    let mem = DestMemory::open(file, bytes)?;
-    let listener = std::net::TcpListener::bind("0.0.0.0:0")
-        .map_err(AgentError::io("binding the memory listener"))?;
-    let port = listener
-        .local_addr()
-        .map_err(AgentError::io("binding the memory listener"))?
-        .port();
-    Ok((mem, listener, port))
+type Receiver = tokio::task::JoinHandle<Result<incoming::Received, super::MigrationError>>;
+type Delivery = tokio::task::JoinHandle<Result<u64, super::MigrationError>>;
+
+/// What one incoming migration runs besides its VM; the supervisor ends it.
+struct Streams {
+    /// Open while streams may still be admitted; dropped with the migration.
+    _gate: Gate,
+    receiver: Option<Receiver>,
+    device: Option<Delivery>,
+    device_socket: std::path::PathBuf,
 }
 
-type Receiver = tokio::task::JoinHandle<Result<incoming::Received, super::MigrationError>>;
+impl Drop for Streams {
+    fn drop(&mut self) {
+        if let Some(d) = &self.device {
+            d.abort();
+        }
+        let _ = std::fs::remove_file(&self.device_socket);
+    }
+}
 
 /// Receives the memory streams into `memory` on a blocking thread; without tern's
 /// streams (`qemu-native`) the memory counts as complete at once.
 fn start_receiver(
-    memory: Option<(DestMemory, std::net::TcpListener)>,
+    memory: Option<DestMemory>,
+    admitted: std::sync::mpsc::Receiver<incoming::MemoryStream>,
     expect: Expect,
     inbound: &Arc<Inbound>,
 ) -> Option<Receiver> {
-    let Some((mem, listener)) = memory else {
+    let Some(mem) = memory else {
         inbound.set(IncomingPhase::MemoryComplete, None);
         return None;
     };
     let inbound = inbound.clone();
     Some(tokio::task::spawn_blocking(move || {
-        let got = incoming::receive(&listener, &mem, &expect, &inbound.progress, &inbound.cancel);
+        let got =
+            incoming::receive_streams(&admitted, &mem, &expect, &inbound.progress, &inbound.cancel);
         // Marked here, not by the supervisor's next poll: resume waits on it and every
         // millisecond of that wait is downtime.
         if got.is_ok() {
@@ -154,23 +183,31 @@ fn start_receiver(
 }
 
 /// Watches one incoming migration until it runs or fails; on failure the VM is destroyed.
-async fn supervise(state: AppState, inbound: Arc<Inbound>, mut receiver: Option<Receiver>) {
+async fn supervise(state: AppState, inbound: Arc<Inbound>, mut streams: Streams) {
     let mut complete_at: Option<Instant> = None;
     let failure = loop {
         if inbound.resumed.load(Ordering::SeqCst) {
             return;
         }
-        if let Some(r) = receiver.as_mut().filter(|r| r.is_finished()) {
+        if let Some(r) = streams.receiver.as_mut().filter(|r| r.is_finished()) {
             match r.await {
                 Ok(Ok(got)) => {
                     tracing::info!(vm = %inbound.vm, bytes = got.bytes, rounds = got.rounds, "guest memory received");
                     inbound.set(IncomingPhase::MemoryComplete, None);
                     complete_at = Some(Instant::now());
-                    receiver = None;
+                    streams.receiver = None;
                 }
                 Ok(Err(e)) => break e.to_string(),
                 Err(e) => break format!("receiver task: {e}"),
             }
+        }
+        if let Some(d) = streams.device.as_mut().filter(|d| d.is_finished()) {
+            match d.await {
+                Ok(Ok(bytes)) => tracing::debug!(vm = %inbound.vm, bytes, "device state relayed"),
+                Ok(Err(e)) => break e.to_string(),
+                Err(e) => break format!("device-state relay task: {e}"),
+            }
+            streams.device = None;
         }
         if inbound.cancel.load(Ordering::SeqCst) {
             break "aborted".into();

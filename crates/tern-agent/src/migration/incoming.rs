@@ -1,17 +1,33 @@
-//! The destination's memory streams: accept, check, write pages into its own file.
+//! The destination's streams: admit, check, write pages into its own file.
 //!
-//! A connection that does not open with a valid `Hello` for this migration (wrong
-//! token, wrong id, wrong memory size, other protocol version) is answered with `Abort`
-//! and dropped; the listener keeps waiting for the real source until its deadline.
+//! A [`Gate`] owns the migration's one port. Every connection gets a thread of its own
+//! and [`HELLO_TIMEOUT`] to open with a valid `Hello` for this migration (right token,
+//! id, memory size, protocol version, stream numbering); one that does not (silent,
+//! wrong token, oversized hello) is answered with `Abort` and dropped without holding
+//! up the others, and the gate keeps waiting for the real source until its deadline.
+//! Once every stream it waits for is in, the gate closes the port.
+//!
+//! Admitted memory streams go to [`receive_streams`]; the device-state stream goes to
+//! whoever relays it into QEMU ([`super::relay`]).
 
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use super::memory::DestMemory;
-use super::wire::{self, Hello, Kind};
+use super::token::token_matches;
+use super::wire::{self, Channel, Hello, Kind};
 use super::MigrationError;
+
+/// How long a new connection has to say `Hello`: a real source says it at once.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(2);
+/// Connections at a time still owing their `Hello`. While that many are pending, the
+/// gate accepts no more: later ones wait in the kernel's backlog (a source waits for
+/// its `Welcome` far longer than [`HELLO_TIMEOUT`]), so a flood costs a bounded number
+/// of threads and delays the real streams by about one hello timeout.
+const MAX_PENDING: usize = 64;
 
 /// What the destination expects of the streams that will connect.
 #[derive(Debug, Clone)]
@@ -42,8 +58,267 @@ pub struct Progress {
     pub rounds: AtomicU64,
 }
 
-/// Accepts the source's streams on `listener` and writes every page into `mem` until
-/// each stream says `Done`. Fails on any stream error, timeout or `cancel`.
+/// The streams a gate waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wanted {
+    /// Pages of the destination's memory file; `None`: no memory streams, QEMU brings
+    /// the memory itself (`qemu-native`).
+    pub pages: Option<u64>,
+    /// One device-state stream.
+    pub device: bool,
+}
+
+/// An admitted memory stream and the number of streams its `Hello` announced.
+pub type MemoryStream = (TcpStream, u16);
+
+/// Where the gate hands the streams it admitted.
+pub struct Admissions {
+    pub memory: mpsc::Receiver<MemoryStream>,
+    /// The device-state stream, once admitted (`None` when not wanted).
+    pub device: Option<tokio::sync::oneshot::Receiver<TcpStream>>,
+}
+
+/// The port of one incoming migration, admitting streams on its own thread until all
+/// wanted are in, its deadline passes, or it is dropped (which closes the port).
+pub struct Gate {
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Gate {
+    /// Starts admitting on `listener`.
+    pub fn open(
+        listener: TcpListener,
+        expect: Expect,
+        wanted: Wanted,
+    ) -> Result<(Gate, Admissions), MigrationError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(wire::WireError::from)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (memory_tx, memory) = mpsc::channel();
+        let (device_tx, device) = match wanted.device {
+            true => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let door = Door {
+            listener,
+            expect: Arc::new(expect),
+            wanted,
+            stop: stop.clone(),
+            memory: memory_tx,
+            device: device_tx,
+        };
+        std::thread::Builder::new()
+            .name("migration-gate".into())
+            .spawn(move || door.run())
+            .map_err(wire::WireError::from)?;
+        Ok((Gate { stop }, Admissions { memory, device }))
+    }
+}
+
+/// The gate's thread: accepts, has each connection checked on a thread of its own,
+/// and decides in one place (so the count and numbering of streams stay consistent).
+struct Door {
+    listener: TcpListener,
+    expect: Arc<Expect>,
+    wanted: Wanted,
+    stop: Arc<AtomicBool>,
+    memory: mpsc::Sender<MemoryStream>,
+    device: Option<tokio::sync::oneshot::Sender<TcpStream>>,
+}
+
+impl Door {
+    fn run(mut self) {
+        let deadline = Instant::now() + self.expect.accept_timeout;
+        let pending = Arc::new(AtomicUsize::new(0));
+        let (checked_tx, checked) = mpsc::channel::<(TcpStream, Hello)>();
+        let mut roll = Roll::new(self.wanted);
+        while !roll.complete() && !self.stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+            let mut idle = true;
+            let room = pending.load(Ordering::Relaxed) < MAX_PENDING;
+            match room.then(|| self.listener.accept()) {
+                None => {}
+                Some(Ok((s, peer))) => {
+                    idle = false;
+                    pending.fetch_add(1, Ordering::Relaxed);
+                    let (tx, owing, expect) =
+                        (checked_tx.clone(), pending.clone(), self.expect.clone());
+                    let pages = self.wanted.pages;
+                    let spawned = std::thread::Builder::new()
+                        .name("migration-hello".into())
+                        .spawn(move || {
+                            let mut s = s;
+                            match read_checked_hello(&mut s, &expect, pages) {
+                                Ok(hello) => {
+                                    let _ = tx.send((s, hello));
+                                }
+                                Err(reason) => refuse(&mut s, &reason),
+                            }
+                            owing.fetch_sub(1, Ordering::Relaxed);
+                        });
+                    if spawned.is_err() {
+                        pending.fetch_sub(1, Ordering::Relaxed);
+                        tracing::warn!(%peer, "no thread for a new stream; dropped it");
+                    }
+                }
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Out of descriptors and the like: the listener stays; try again a little
+                // later, so the log gets a line per 100 ms rather than per poll.
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "accepting a migration stream");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            while let Ok((s, hello)) = checked.try_recv() {
+                idle = false;
+                self.decide(&mut roll, s, hello);
+            }
+            if idle {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+
+    /// Welcomes and hands on a checked stream, or refuses it with the reason.
+    fn decide(&mut self, roll: &mut Roll, mut s: TcpStream, hello: Hello) {
+        if let Err(reason) = roll.admit(&hello) {
+            return refuse(&mut s, &reason);
+        }
+        let welcome = wire::u32_payload(u32::from(wire::VERSION));
+        if let Err(e) = wire::write_frame(&mut s, Kind::Welcome, 0, &welcome) {
+            tracing::warn!(error = %e, "an admitted migration stream went away");
+            return;
+        }
+        match hello.channel {
+            Channel::Memory => {
+                let _ = self.memory.send((s, hello.streams));
+            }
+            Channel::DeviceState => {
+                if let Some(tx) = self.device.take() {
+                    let _ = tx.send(s);
+                }
+            }
+        }
+    }
+}
+
+/// Answers a connection that is not let in with `Abort` and the reason.
+fn refuse(s: &mut TcpStream, reason: &str) {
+    tracing::warn!(%reason, "refused a migration stream");
+    let _ = wire::write_frame(s, Kind::Abort, 0, reason.as_bytes());
+}
+
+/// Reads and checks a new connection's `Hello` within [`HELLO_TIMEOUT`]; the error is
+/// the reason sent back.
+fn read_checked_hello(
+    s: &mut TcpStream,
+    expect: &Expect,
+    pages: Option<u64>,
+) -> Result<Hello, String> {
+    let timeouts = s
+        .set_nonblocking(false)
+        .and_then(|()| s.set_read_timeout(Some(HELLO_TIMEOUT)))
+        .and_then(|()| s.set_write_timeout(Some(HELLO_TIMEOUT)));
+    timeouts.map_err(|e| e.to_string())?;
+    let hello = wire::read_hello(s).map_err(|e| match e {
+        wire::WireError::Stalled => format!("no hello within {HELLO_TIMEOUT:?}"),
+        e => e.to_string(),
+    })?;
+    check_hello(&hello, expect, pages)?;
+    Ok(hello)
+}
+
+/// Checks a `Hello` against what this migration expects (pure); the error is the
+/// reason sent back to the caller.
+pub fn check_hello(hello: &Hello, expect: &Expect, pages: Option<u64>) -> Result<(), String> {
+    if hello.migration != expect.migration {
+        return Err(format!("unknown migration {:?}", hello.migration));
+    }
+    if !token_matches(&hello.token, &expect.token) {
+        return Err("bad token".into());
+    }
+    if hello.channel == Channel::Memory {
+        let Some(pages) = pages else {
+            return Err("this migration takes no memory streams (qemu-native)".into());
+        };
+        if hello.pages != pages {
+            return Err(format!(
+                "source has {} pages, destination memory has {pages}",
+                hello.pages
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Which streams are in so far (pure): the memory streams' count is the first
+/// admitted stream's word, and each index is taken once.
+#[derive(Debug)]
+struct Roll {
+    wanted: Wanted,
+    streams: Option<u16>,
+    memory: Vec<u16>,
+    device: bool,
+}
+
+impl Roll {
+    fn new(wanted: Wanted) -> Roll {
+        Roll {
+            wanted,
+            streams: None,
+            memory: Vec::new(),
+            device: false,
+        }
+    }
+
+    fn complete(&self) -> bool {
+        let memory = self.wanted.pages.is_none()
+            || self
+                .streams
+                .is_some_and(|n| self.memory.len() == usize::from(n));
+        memory && self.device == self.wanted.device
+    }
+
+    fn admit(&mut self, hello: &Hello) -> Result<(), String> {
+        match hello.channel {
+            Channel::DeviceState if !self.wanted.device || self.device => {
+                Err("no device-state stream expected".into())
+            }
+            Channel::DeviceState => {
+                self.device = true;
+                Ok(())
+            }
+            Channel::Memory => {
+                if hello.streams == 0
+                    || self.streams.is_some_and(|w| w != hello.streams)
+                    || hello.stream >= hello.streams
+                    || self.memory.contains(&hello.stream)
+                {
+                    return Err(format!(
+                        "inconsistent stream numbering {}/{}",
+                        hello.stream, hello.streams
+                    ));
+                }
+                self.streams = Some(hello.streams);
+                self.memory.push(hello.stream);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Accepts the source's memory streams on `listener` and writes every page into `mem`
+/// until each stream says `Done`: a [`Gate`] for memory streams only, then
+/// [`receive_streams`].
 pub fn receive(
     listener: &TcpListener,
     mem: &DestMemory,
@@ -51,52 +326,51 @@ pub fn receive(
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Received, MigrationError> {
-    listener
-        .set_nonblocking(true)
-        .map_err(wire::WireError::from)?;
+    let listener = listener.try_clone().map_err(wire::WireError::from)?;
+    let wanted = Wanted {
+        pages: Some(mem.pages()),
+        device: false,
+    };
+    let (_gate, admitted) = Gate::open(listener, expect.clone(), wanted)?;
+    receive_streams(&admitted.memory, mem, expect, progress, cancel)
+}
+
+/// Takes the memory streams a gate admits and writes every page into `mem` until each
+/// stream says `Done`. Fails on any stream error, timeout or `cancel`.
+pub fn receive_streams(
+    admitted: &mpsc::Receiver<MemoryStream>,
+    mem: &DestMemory,
+    expect: &Expect,
+    progress: &Progress,
+    cancel: &AtomicBool,
+) -> Result<Received, MigrationError> {
     let deadline = Instant::now() + expect.accept_timeout;
     let mut streams: Vec<TcpStream> = Vec::new();
     let mut want: Option<u16> = None;
-    while want.is_none_or(|w| streams.len() < w as usize) {
+    while want.is_none_or(|w| streams.len() < usize::from(w)) {
         if cancel.load(Ordering::Relaxed) {
             return Err(MigrationError::Cancelled);
         }
-        if Instant::now() > deadline {
-            return Err(MigrationError::StreamsMissing {
-                connected: streams.len(),
-                wanted: want.unwrap_or(1),
-                waited: expect.accept_timeout,
-            });
-        }
-        let mut s = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(Duration::from_millis(5));
-                continue;
-            }
-            Err(e) => return Err(wire::WireError::from(e).into()),
+        let missing = || MigrationError::StreamsMissing {
+            connected: streams.len(),
+            wanted: want.unwrap_or(1),
+            waited: expect.accept_timeout,
         };
-        s.set_nonblocking(false).map_err(wire::WireError::from)?;
-        s.set_read_timeout(Some(expect.io_timeout))
-            .map_err(wire::WireError::from)?;
-        s.set_write_timeout(Some(expect.io_timeout))
-            .map_err(wire::WireError::from)?;
-        s.set_nodelay(true).map_err(wire::WireError::from)?;
-        match admit(&mut s, mem, expect, want) {
-            Ok(hello) => {
-                want = Some(hello.streams);
-                wire::write_frame(
-                    &mut s,
-                    Kind::Welcome,
-                    0,
-                    &u32::from(wire::VERSION).to_le_bytes(),
-                )?;
+        if Instant::now() > deadline {
+            return Err(missing());
+        }
+        match admitted.recv_timeout(Duration::from_millis(20)) {
+            Ok((s, n)) => {
+                s.set_read_timeout(Some(expect.io_timeout))
+                    .and_then(|()| s.set_write_timeout(Some(expect.io_timeout)))
+                    .and_then(|()| s.set_nodelay(true))
+                    .map_err(wire::WireError::from)?;
+                want = Some(n);
                 streams.push(s);
             }
-            Err(reason) => {
-                tracing::warn!(%reason, "refused a memory stream");
-                let _ = wire::write_frame(&mut s, Kind::Abort, 0, reason.as_bytes());
-            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            // The gate gave up (its deadline): no more streams will come.
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(missing()),
         }
     }
     let results: Vec<Result<Received, MigrationError>> = std::thread::scope(|sc| {
@@ -120,52 +394,25 @@ pub fn receive(
     Ok(total)
 }
 
-/// Checks a stream's `Hello`; the error is the reason sent back to the caller.
-fn admit(
-    s: &mut TcpStream,
-    mem: &DestMemory,
-    expect: &Expect,
-    want: Option<u16>,
-) -> Result<Hello, String> {
-    let frame = wire::expect(s, Kind::Hello).map_err(|e| e.to_string())?;
-    let hello = Hello::decode(&frame.payload).map_err(|e| e.to_string())?;
-    if hello.migration != expect.migration {
-        return Err(format!("unknown migration {:?}", hello.migration));
-    }
-    if hello.token != expect.token {
-        return Err("bad token".into());
-    }
-    if hello.pages != mem.pages() {
-        return Err(format!(
-            "source has {} pages, destination memory has {}",
-            hello.pages,
-            mem.pages()
-        ));
-    }
-    if hello.streams == 0
-        || want.is_some_and(|w| w != hello.streams)
-        || hello.stream >= hello.streams
-    {
-        return Err(format!(
-            "inconsistent stream numbering {}/{}",
-            hello.stream, hello.streams
-        ));
-    }
-    Ok(hello)
-}
-
-fn stream_loop(
-    mut s: TcpStream,
+/// One memory stream until `Done`; generic over the transport, so a TLS session can
+/// carry it as well as a socket.
+fn stream_loop<S: Read + Write>(
+    s: S,
     mem: &DestMemory,
     progress: &Progress,
     cancel: &AtomicBool,
 ) -> Result<Received, MigrationError> {
     let mut got = Received::default();
-    let mut reader =
-        BufReader::with_capacity(1 << 20, s.try_clone().map_err(wire::WireError::from)?);
+    // Reads go through the buffer, the few answers straight to the stream.
+    let mut reader = BufReader::with_capacity(1 << 20, s);
     loop {
         if cancel.load(Ordering::Relaxed) {
-            let _ = wire::write_frame(&mut s, Kind::Abort, 0, b"cancelled on the destination");
+            let _ = wire::write_frame(
+                reader.get_mut(),
+                Kind::Abort,
+                0,
+                b"cancelled on the destination",
+            );
             return Err(MigrationError::Cancelled);
         }
         let frame = wire::read_frame(&mut reader)?;
@@ -194,11 +441,14 @@ fn stream_loop(
                 progress
                     .rounds
                     .fetch_max(u64::from(round), Ordering::Relaxed);
-                wire::write_frame(&mut s, Kind::Ack, 0, &wire::u32_payload(round))?;
+                let s = reader.get_mut();
+                wire::write_frame(s, Kind::Ack, 0, &wire::u32_payload(round))?;
                 s.flush().map_err(wire::WireError::from)?;
             }
             Kind::Done => {
-                wire::write_frame(&mut s, Kind::Ack, 0, &wire::u32_payload(0))?;
+                let s = reader.get_mut();
+                wire::write_frame(s, Kind::Ack, 0, &wire::u32_payload(0))?;
+                s.flush().map_err(wire::WireError::from)?;
                 return Ok(got);
             }
             _ => return Err(wire::WireError::Malformed("frame kind in a page stream").into()),

@@ -5,11 +5,14 @@
 //! Layout:
 //! - [`wire`]: the framed, versioned memory protocol (sequence diagram there);
 //! - [`memory`]: guest RAM files mapped, per-page digests, the changed-page scan;
-//! - [`outgoing`] / [`incoming`]: the source's and the destination's memory streams;
+//! - [`outgoing`] / [`incoming`]: the source's and the destination's memory streams,
+//!   the destination's gate that admits every stream on the migration's one port;
+//! - [`relay`]: QEMU's device state carried over tern's authenticated stream;
 //! - [`pace`]: the bandwidth cap;
 //! - [`precopy`]: the live rounds, decided by `tern-migrate`'s policies;
 //! - [`throttle`]: the cgroup that slows the vCPUs when the policy asks;
 //! - [`session`]: API values, phases and the registry of migrations;
+//! - [`token`]: the stream token, drawn and compared;
 //! - [`source`]: the source's phase machine (`run` walks the engine's phases, one method
 //!   per phase) with the one rollback path;
 //! - [`dest`]: the destination's driver, which cleans up its copy on any failure;
@@ -27,10 +30,12 @@ pub mod memory;
 pub mod outgoing;
 pub mod pace;
 pub mod precopy;
+pub mod relay;
 pub mod routes;
 pub mod session;
 pub mod source;
 pub mod throttle;
+pub mod token;
 pub mod wire;
 
 /// Why a migration (or one of its steps) failed. Every variant leaves the VM on the
@@ -69,6 +74,16 @@ pub enum MigrationError {
     /// QEMU's own migration (`qemu-native`) did not finish in the time allowed.
     #[error("timed out: QEMU's migration did not converge within {limit:?} ({bytes} bytes sent)")]
     NotConverged { limit: Duration, bytes: u64 },
+    /// Relaying QEMU's stream between its unix socket and the device-state stream.
+    #[error("device-state relay: {step}: {source}")]
+    Relay {
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The unix socket for QEMU's stream would have a path the kernel refuses.
+    #[error("device-state relay: socket path {path} is {len} bytes, above the 107-byte limit: use a shorter state directory")]
+    SocketPath { path: String, len: usize },
     /// QEMU did not carry the device state in time.
     #[error("timed out: device state not through after {0:?}")]
     DeviceStateTimeout(Duration),

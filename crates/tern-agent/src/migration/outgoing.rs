@@ -11,7 +11,7 @@
 //! to shared counters, and the status endpoint reads them, so a round that carries
 //! gigabytes is seen moving rather than only once it ends.
 
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::memory::{is_zero, zero_digest, SentDigests, SourceMemory};
 use super::pace::Pacer;
-use super::wire::{self, Batch, Hello, Kind, PAGE_SIZE};
+use super::wire::{self, Batch, Channel, Hello, Kind, PAGE_SIZE};
 use super::MigrationError;
 
 /// How the memory is put on the wire.
@@ -48,8 +48,9 @@ impl Default for StreamOptions {
             lz4: false,
             rate_bytes_per_s: None,
             // Generous: on a loaded host the peer's stream thread can go seconds without
-            // the CPU, and a false "link down" costs a whole migration.
-            io_timeout: Duration::from_secs(15),
+            // the CPU, and a false "link down" costs a whole migration. Short enough that
+            // a cut link is rolled back well within 15 s (docs/migration.md).
+            io_timeout: Duration::from_secs(10),
             batch_pages: 64,
         }
     }
@@ -132,24 +133,16 @@ impl Outgoing {
         let count = opts.streams.clamp(1, 16);
         let mut streams = Vec::with_capacity(count);
         for stream in 0..count {
-            let mut s = TcpStream::connect_timeout(&addr, opts.io_timeout)
-                .map_err(|source| MigrationError::Connect { addr, source })?;
-            s.set_nodelay(true).map_err(wire::WireError::from)?;
-            s.set_read_timeout(Some(opts.io_timeout))
-                .map_err(wire::WireError::from)?;
-            s.set_write_timeout(Some(opts.io_timeout))
-                .map_err(wire::WireError::from)?;
             let hello = Hello {
                 version: wire::VERSION,
+                channel: Channel::Memory,
                 stream: stream as u16,
                 streams: count as u16,
                 pages,
                 migration: migration.to_string(),
                 token: token.to_string(),
             };
-            wire::write_frame(&mut s, Kind::Hello, 0, &hello.encode())?;
-            wire::expect(&mut s, Kind::Welcome)?;
-            streams.push(s);
+            streams.push(open_stream(addr, &hello, opts.io_timeout)?);
         }
         let pacer = opts.rate_bytes_per_s.map(Pacer::new);
         Ok(Outgoing {
@@ -236,12 +229,47 @@ impl Outgoing {
         Ok(())
     }
 
-    /// Tells the destination this migration is abandoned; best effort, the link may be gone.
+    /// Tells the destination this migration is abandoned; best effort, the link may be
+    /// gone. Never waits: on a cut link a blocking write would hold the rollback for
+    /// the stream timeout, once per stream.
     pub fn abort(mut self, reason: &str) {
         for s in &mut self.streams {
-            let _ = wire::write_frame(s, Kind::Abort, 0, reason.as_bytes());
+            if s.set_nonblocking(true).is_ok() {
+                let _ = wire::write_frame(s, Kind::Abort, 0, reason.as_bytes());
+            }
         }
     }
+}
+
+/// Connects one stream to the destination's migration port and shakes hands: `Hello`
+/// out, `Welcome` back.
+pub fn open_stream(
+    addr: SocketAddr,
+    hello: &Hello,
+    io_timeout: Duration,
+) -> Result<TcpStream, MigrationError> {
+    let mut s = TcpStream::connect_timeout(&addr, io_timeout)
+        .map_err(|source| MigrationError::Connect { addr, source })?;
+    s.set_nodelay(true)
+        .and_then(|()| s.set_read_timeout(Some(io_timeout)))
+        .and_then(|()| s.set_write_timeout(Some(io_timeout)))
+        .map_err(wire::WireError::from)?;
+    // A write timeout alone restarts with every write that moved a byte, so a cut link
+    // took two or three of them to show. With this, data the peer has not acknowledged
+    // for `io_timeout` ends the connection, and the blocked write fails at once.
+    let ms = u32::try_from(io_timeout.as_millis()).unwrap_or(u32::MAX);
+    rustix::net::sockopt::set_tcp_user_timeout(&s, ms)
+        .map_err(|e| wire::WireError::from(std::io::Error::from(e)))?;
+    handshake(&mut s, hello)?;
+    Ok(s)
+}
+
+/// Says `hello` and waits for the `Welcome`; any transport will do.
+pub fn handshake<S: Read + Write>(s: &mut S, hello: &Hello) -> Result<(), MigrationError> {
+    wire::write_frame(s, Kind::Hello, 0, &hello.encode())?;
+    s.flush().map_err(wire::WireError::from)?;
+    wire::expect(s, Kind::Welcome)?;
+    Ok(())
 }
 
 /// Boundaries (`n + 1` indices into `pages`, first 0, last `pages.len()`) cutting it
@@ -281,8 +309,9 @@ struct Link<'a> {
     cancel: &'a AtomicBool,
 }
 
-fn send_slice(
-    stream: &mut TcpStream,
+/// Sends one stream's slice of a round and waits for its `Ack`.
+fn send_slice<S: Read + Write>(
+    stream: &mut S,
     round: u32,
     mem: &SourceMemory,
     sent: &SentDigests,
@@ -295,6 +324,36 @@ fn send_slice(
         total: RoundTransfer::default(),
         link,
     };
+    let written =
+        write_slice(&mut batches, mem, sent, pages).and_then(|()| batches.end_round(round));
+    let total = match written {
+        Ok(total) => {
+            // Flushed by `end_round`: dropping it writes nothing.
+            drop(batches);
+            total
+        }
+        Err(e) => {
+            // Dropping a buffered writer flushes it: on a dead link that is one more
+            // stream timeout before the error is even seen. What is buffered is lost.
+            let _ = batches.out.into_parts();
+            return Err(e);
+        }
+    };
+    let ack = wire::expect(stream, Kind::Ack)?;
+    if wire::parse_u32(&ack.payload)? != round {
+        return Err(wire::WireError::Malformed("ack for another round").into());
+    }
+    Ok(total)
+}
+
+/// Puts a slice's pages into batches: data pages, zero pages as runs.
+fn write_slice<W: Write>(
+    batches: &mut Batches<'_, W>,
+    mem: &SourceMemory,
+    sent: &SentDigests,
+    pages: &[u64],
+) -> Result<(), MigrationError> {
+    let link = batches.link;
     let mut buf = [0u8; PAGE_SIZE];
     // An open zero run: (first page, count).
     let mut run: Option<(u64, u32)> = None;
@@ -331,24 +390,18 @@ fn send_slice(
     if let Some((first, count)) = run.take() {
         batches.batch.push_zero_run(first as u32, count);
     }
-    batches.flush()?;
-    let total = batches.end_round(round)?;
-    let ack = wire::expect(stream, Kind::Ack)?;
-    if wire::parse_u32(&ack.payload)? != round {
-        return Err(wire::WireError::Malformed("ack for another round").into());
-    }
-    Ok(total)
+    batches.flush()
 }
 
 /// One stream's batches of a round on their way to the socket.
-struct Batches<'s, 'l> {
-    out: BufWriter<&'s mut TcpStream>,
+struct Batches<'l, W: Write> {
+    out: BufWriter<W>,
     batch: Batch,
     total: RoundTransfer,
     link: &'l Link<'l>,
 }
 
-impl Batches<'_, '_> {
+impl<W: Write> Batches<'_, W> {
     /// Seals the open batch and writes it as one `Pages` frame, paced and counted.
     fn flush(&mut self) -> Result<(), MigrationError> {
         let Link {
@@ -377,7 +430,7 @@ impl Batches<'_, '_> {
     }
 
     /// Ends the round on this stream and pushes everything out; returns what it carried.
-    fn end_round(mut self, round: u32) -> Result<RoundTransfer, MigrationError> {
+    fn end_round(&mut self, round: u32) -> Result<RoundTransfer, MigrationError> {
         let end = wire::u32_payload(round);
         let end = wire::write_frame(&mut self.out, Kind::RoundEnd, 0, &end)? as u64;
         self.total.bytes += end;

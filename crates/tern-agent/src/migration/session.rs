@@ -227,23 +227,6 @@ fn prune<T>(
     }
 }
 
-/// A random secret for the memory streams (not cryptographic strength beyond what the
-/// lab needs: it keeps stray connections out, the API token guards the agent).
-pub fn stream_token() -> String {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    let a = h.finish();
-    let b = std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish();
-    format!("{a:016x}{b:016x}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

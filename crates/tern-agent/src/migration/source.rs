@@ -18,13 +18,14 @@ use tern_hv::{HvError, MigrationState, MigrationStatus, VmInfo, VmState};
 use tern_migrate::{Policy, PolicyKind, StopReason};
 
 use super::memory::{changed_pages, SentDigests, SourceMemory};
-use super::outgoing::{Outgoing, StreamOptions};
+use super::outgoing::{open_stream, Outgoing, StreamOptions};
 use super::precopy::{self, PrecopyConfig, PrecopyOutcome};
+use super::relay::SourceRelay;
 use super::session::{
     Engine, MigrationResult, Outbound, Phase, PrepareRequest, SendRequest, Ticket,
 };
 use super::throttle::CgroupThrottle;
-use super::wire::PAGE_SIZE;
+use super::wire::{self, Channel, Hello, PAGE_SIZE};
 use super::MigrationError;
 use crate::client::AgentClient;
 use crate::client::ClientError;
@@ -32,6 +33,10 @@ use crate::state::AppState;
 
 /// How long QEMU may take to carry the device state.
 const DEVICE_STATE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a rollback waits for a destination that never got the resume request to
+/// confirm its abort. It cleans up on its own when the streams die, so on a cut link
+/// the source does not wait for it; the request carries on in the background.
+const ABORT_WAIT: Duration = Duration::from_secs(2);
 
 /// Why the rollback could not leave the VM running on the source.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +101,14 @@ struct Target {
     host: String,
 }
 
+/// QEMU's stream on its way to the destination: the authenticated device-state stream,
+/// opened with the memory streams, and once QEMU migrates, the relay into it.
+#[derive(Default)]
+struct Device {
+    stream: Option<std::net::TcpStream>,
+    relay: Option<SourceRelay>,
+}
+
 /// tern's memory streams and what they read, between the phases that use them.
 struct Live {
     out: Outgoing,
@@ -136,6 +149,7 @@ struct SourceMigration<'a> {
     memory: Option<SourceMemory>,
     target: Option<Target>,
     live: Option<Live>,
+    device: Device,
     measured: Measured,
 }
 
@@ -159,6 +173,7 @@ impl<'a> SourceMigration<'a> {
             memory: None,
             target: None,
             live: None,
+            device: Device::default(),
             measured: Measured::default(),
         }
     }
@@ -246,39 +261,67 @@ impl<'a> SourceMigration<'a> {
         Ok(())
     }
 
-    /// Opens tern's memory streams to the destination.
-    async fn connect(&mut self) -> Result<(), MigrationError> {
-        let Target { ticket, host } = self.target();
-        let (migration, token) = (ticket.migration.clone(), ticket.stream_token.clone());
-        let addr = tokio::net::lookup_host((host.as_str(), ticket.memory_port))
+    /// Where the destination receives streams: its host and the port of `port`.
+    async fn stream_addr(&self, port: u16) -> Result<std::net::SocketAddr, MigrationError> {
+        let host = &self.target().host;
+        tokio::net::lookup_host((host.as_str(), port))
             .await
             .map_err(|source| MigrationError::Resolve {
                 host: host.clone(),
                 source,
             })?
             .next()
-            .ok_or_else(|| MigrationError::NoAddress { host: host.clone() })?;
+            .ok_or_else(|| MigrationError::NoAddress { host: host.clone() })
+    }
+
+    /// The `Hello` of the device-state stream.
+    fn device_hello(&self) -> Hello {
+        let ticket = &self.target().ticket;
+        Hello {
+            version: wire::VERSION,
+            channel: Channel::DeviceState,
+            stream: 0,
+            streams: 1,
+            pages: 0,
+            migration: ticket.migration.clone(),
+            token: ticket.stream_token.clone(),
+        }
+    }
+
+    /// Opens tern's memory streams to the destination, and the device-state stream
+    /// beside them, so the downtime does not wait for its handshake.
+    async fn connect(&mut self) -> Result<(), MigrationError> {
+        let ticket = &self.target().ticket;
+        let (migration, token) = (ticket.migration.clone(), ticket.stream_token.clone());
+        let memory_addr = self.stream_addr(ticket.memory_port).await?;
+        let device_addr = self.stream_addr(self.target().ticket.device_port).await?;
+        let device_hello = self.device_hello();
         let opts = self.stream_options();
         let mem = self.memory.take().expect("memory was mapped in prepare");
         let meter = self.job.meter.clone();
-        let live = tokio::task::spawn_blocking(move || -> Result<Live, MigrationError> {
+        let connected = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let out =
-                Outgoing::connect(addr, &migration, &token, mem.pages(), opts)?.with_meter(meter);
+            let io_timeout = opts.io_timeout;
+            let out = Outgoing::connect(memory_addr, &migration, &token, mem.pages(), opts)?
+                .with_meter(meter);
+            let device = open_stream(device_addr, &device_hello, io_timeout)?;
             let sent = SentDigests::new(mem.pages());
-            Ok(Live {
+            let live = Live {
                 out,
                 mem,
                 sent,
                 started,
-            })
+            };
+            Ok::<_, MigrationError>((live, device))
         })
         .await
         .map_err(|source| MigrationError::Task {
             step: "connecting the memory streams",
             source,
-        })??;
+        })?;
+        let (live, device) = connected?;
         self.live = Some(live);
+        self.device.stream = Some(device);
         Ok(())
     }
 
@@ -415,12 +458,35 @@ impl<'a> SourceMigration<'a> {
         self.start_qemu_migration("sending the device state").await
     }
 
-    /// Starts QEMU's `migrate` to the destination's device-state port; from here a
-    /// rollback must cancel it.
+    /// Starts QEMU's `migrate` into a relay over the device-state stream (opened now if
+    /// `connect` did not); from here a rollback must cancel it.
     async fn start_qemu_migration(&mut self, step: &'static str) -> Result<(), MigrationError> {
         self.reached.device_state_started = true;
-        let Target { ticket, host } = self.target();
-        let uri = format!("tcp:{host}:{}", ticket.device_port);
+        let stream = match self.device.stream.take() {
+            Some(s) => s,
+            None => {
+                let addr = self.stream_addr(self.target().ticket.device_port).await?;
+                let hello = self.device_hello();
+                let io_timeout = self.stream_options().io_timeout;
+                tokio::task::spawn_blocking(move || open_stream(addr, &hello, io_timeout))
+                    .await
+                    .map_err(|source| MigrationError::Task {
+                        step: "connecting the device-state stream",
+                        source,
+                    })??
+            }
+        };
+        let id = self
+            .job
+            .view
+            .lock()
+            .expect("migration view lock")
+            .id
+            .clone();
+        let path = super::relay::socket_path(&self.state.host.state_dir, &id)?;
+        let relay = SourceRelay::start(path, stream, DEVICE_STATE_TIMEOUT)?;
+        let uri = relay.uri();
+        self.device.relay = Some(relay);
         self.state
             .hv
             .migrate(self.vm(), &uri)
@@ -447,6 +513,11 @@ impl<'a> SourceMigration<'a> {
                 break st;
             }
             check_cancel(self.job)?;
+            if let Some(relay) = self.device.relay.as_mut() {
+                if let Some(e) = relay.failure().await {
+                    return Err(e);
+                }
+            }
             if self.started.elapsed() > limit {
                 return Err(MigrationError::NotConverged {
                     limit,
@@ -498,6 +569,8 @@ impl<'a> SourceMigration<'a> {
         // The downtime ends when the destination runs; tearing down the stale source copy
         // (QEMU exit, freeing its memory file) happens while the guest already runs there.
         self.measured.downtime = paused_at.elapsed();
+        // The destination runs: it loaded all QEMU sent, the relay has nothing left.
+        self.device = Device::default();
         if let Err(e) = self.state.destroy_vm(vm).await {
             tracing::warn!(vm, error = %e, "migrated, but the source VM could not be destroyed");
         }
@@ -557,6 +630,7 @@ impl<'a> SourceMigration<'a> {
         if reached.device_state_started {
             let _ = state.hv.migrate_cancel(vm).await;
         }
+        self.device = Device::default();
         if let Some(ticket) = &reached.ticket {
             abort_destination(&self.dest, ticket, reached.resume_sent).await?;
         }
@@ -578,12 +652,26 @@ impl<'a> SourceMigration<'a> {
 
 /// Tells the destination to drop the migration. A destination that may have resumed
 /// must confirm it is gone before the source runs again; a few tries cover a short
-/// link outage.
+/// link outage. One that was never asked to resume is given [`ABORT_WAIT`]: on a cut
+/// link the request finishes in the background, and the destination, whose streams
+/// died, destroys its copy on its own anyway.
 async fn abort_destination(
     dest: &AgentClient,
     ticket: &Ticket,
     resume_sent: bool,
 ) -> Result<(), RollbackError> {
+    if !resume_sent {
+        let (dest, id) = (dest.clone(), ticket.migration.clone());
+        let abort = tokio::spawn(async move {
+            if let Err(e) = dest.abort_incoming(&id).await {
+                if !e.is_not_found() {
+                    tracing::warn!(migration = %id, error = %e, "could not reach the destination to abort");
+                }
+            }
+        });
+        let _ = tokio::time::timeout(ABORT_WAIT, abort).await;
+        return Ok(());
+    }
     let mut last = None;
     for attempt in 0..5 {
         match dest.abort_incoming(&ticket.migration).await {
@@ -592,9 +680,6 @@ async fn abort_destination(
             Err(e) => {
                 tracing::warn!(attempt, error = %e, "could not reach the destination to abort");
                 last = Some(e);
-                if !resume_sent {
-                    return Ok(());
-                }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }

@@ -1,12 +1,12 @@
-//! tern's memory wire protocol, version 1.
+//! tern's migration wire protocol, version 2.
 //!
 //! ```text
 //!  source agent                                   destination agent
 //!  ────────────                                   ─────────────────
 //!   (HTTP) POST /migrations/incoming  ──────────►  prepare: memory file, listener, token
 //!                                     ◄──────────  { memory_port, device_port, ... }
-//!   for each of S streams (TCP):
-//!     Hello{magic, version, id, token, stream i/S, pages, flags} ──►
+//!   for each of S memory streams and the one device-state stream (TCP, one port):
+//!     Hello{magic, version, channel, stream i/S, pages, id, token} ──►  (within 2 s)
 //!                                     ◄── Welcome{version}  |  Abort{reason}
 //!   round r = 1, 2, ...:
 //!     Pages{entries: data page | zero run} ... ──►  written into the destination file
@@ -15,7 +15,9 @@
 //!   source VM paused; final pass as one more round
 //!     Done                                 ──►
 //!                                     ◄── Ack{0}
-//!   QEMU migrate (x-ignore-shared): CPU + device state only, on its own socket
+//!   QEMU migrate (x-ignore-shared): CPU + device state only, to a unix socket of the
+//!   source agent, relayed as raw bytes over the device-state stream into a unix
+//!   socket the destination QEMU listens on
 //!   (HTTP) POST /migrations/incoming/{id}/resume ──►  `cont` on the destination
 //!   source VM destroyed
 //! ```
@@ -25,7 +27,11 @@
 //! sequence of entries, `index u32, kind u8` followed by 4096 bytes for a data page or a
 //! `count u32` for a run of zero pages; with [`FLAG_LZ4`] the payload is one LZ4 block.
 //! A stream always finishes one round (the `RoundEnd`/`Ack` barrier) before the next
-//! starts, so a page never overtakes an older copy of itself on another stream.
+//! starts, so a page never overtakes an older copy of itself on another stream. After
+//! its `Welcome`, the device-state stream carries QEMU's own migration stream, unframed.
+//!
+//! The reader of a frame bounds it before allocating: a `Hello` by [`MAX_HELLO`], any
+//! frame by [`MAX_FRAME`], an LZ4 block's declared size by [`MAX_FRAME`] too.
 
 use std::io::{Read, Write};
 
@@ -34,11 +40,13 @@ pub const PAGE_SIZE: usize = 4096;
 /// Identifies a tern memory stream so a stray connection is rejected at once.
 pub const MAGIC: [u8; 8] = *b"TERNMIG\0";
 /// The protocol version this build speaks; a peer with another version is refused.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// `Pages` payload is an LZ4 block (size-prefixed).
 pub const FLAG_LZ4: u8 = 1;
 /// Bounds a frame so a corrupt length cannot make the receiver allocate gigabytes.
 pub const MAX_FRAME: usize = 64 << 20;
+/// Bounds the first frame a stranger can send: a `Hello` is a few dozen bytes.
+pub const MAX_HELLO: usize = 4096;
 
 const HEADER_LEN: usize = 8;
 const ENTRY_DATA: u8 = 0;
@@ -132,11 +140,16 @@ pub fn write_frame(
 
 /// Reads one frame; an `Abort` from the peer becomes [`WireError::Aborted`].
 pub fn read_frame(r: &mut impl Read) -> Result<Frame, WireError> {
+    read_frame_within(r, MAX_FRAME)
+}
+
+/// Reads one frame whose payload may be at most `max` bytes, checked before allocating.
+pub fn read_frame_within(r: &mut impl Read, max: usize) -> Result<Frame, WireError> {
     let mut header = [0u8; HEADER_LEN];
     r.read_exact(&mut header)?;
     let kind = Kind::from_u8(header[0]).ok_or(WireError::Malformed("frame kind"))?;
     let len = u32::from_le_bytes(header[4..8].try_into().expect("4 bytes")) as usize;
-    if len > MAX_FRAME {
+    if len > max {
         return Err(WireError::Malformed("frame length"));
     }
     let mut payload = vec![0u8; len];
@@ -162,10 +175,31 @@ pub fn expect(r: &mut impl Read, kind: Kind) -> Result<Frame, WireError> {
     Ok(frame)
 }
 
+/// Reads the first frame of a stream, a `Hello` of at most [`MAX_HELLO`] bytes.
+pub fn read_hello(r: &mut impl Read) -> Result<Hello, WireError> {
+    let frame = read_frame_within(r, MAX_HELLO)?;
+    if frame.kind != Kind::Hello {
+        return Err(WireError::Malformed("first frame is not a hello"));
+    }
+    Hello::decode(&frame.payload)
+}
+
+/// What a stream carries; the numbers are the wire encoding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Channel {
+    /// Guest pages in `Pages` frames.
+    Memory = 0,
+    /// QEMU's migration stream (CPU and devices; all of the VM for `qemu-native`),
+    /// relayed unframed after the `Welcome`.
+    DeviceState = 1,
+}
+
 /// The first frame on every stream: who is calling and what it will send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
     pub version: u16,
+    pub channel: Channel,
     /// Which of `streams` this connection is (0-based).
     pub stream: u16,
     pub streams: u16,
@@ -182,6 +216,7 @@ impl Hello {
         let mut out = Vec::with_capacity(32 + self.migration.len() + self.token.len());
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(&(self.channel as u16).to_le_bytes());
         out.extend_from_slice(&self.stream.to_le_bytes());
         out.extend_from_slice(&self.streams.to_le_bytes());
         out.extend_from_slice(&self.pages.to_le_bytes());
@@ -199,8 +234,14 @@ impl Hello {
         if version != VERSION {
             return Err(WireError::Version(version));
         }
+        let channel = match cur.u16()? {
+            0 => Channel::Memory,
+            1 => Channel::DeviceState,
+            _ => return Err(WireError::Malformed("hello: unknown channel")),
+        };
         Ok(Hello {
             version,
+            channel,
             stream: cur.u16()?,
             streams: cur.u16()?,
             pages: cur.u64()?,
@@ -339,10 +380,22 @@ pub enum Entry<'a> {
 /// Undoes [`Batch::seal`]: the raw entries of a `Pages` frame.
 pub fn unseal(frame: &Frame) -> Result<std::borrow::Cow<'_, [u8]>, WireError> {
     if frame.flags & FLAG_LZ4 != 0 {
-        let raw = lz4_flex::block::decompress_size_prepended(&frame.payload)
+        // The size prefix is the peer's word: checked before it sizes an allocation.
+        let (size, block) = frame
+            .payload
+            .split_first_chunk::<4>()
+            .ok_or(WireError::Malformed("lz4 block without its size"))?;
+        let size = u32::from_le_bytes(*size) as usize;
+        if size > MAX_FRAME {
+            return Err(WireError::Malformed(
+                "lz4 block declares more than the frame limit",
+            ));
+        }
+        let mut raw = vec![0u8; size];
+        let n = lz4_flex::block::decompress_into(block, &mut raw)
             .map_err(|_| WireError::Malformed("lz4 block"))?;
-        if raw.len() > MAX_FRAME {
-            return Err(WireError::Malformed("decompressed batch too long"));
+        if n != size {
+            return Err(WireError::Malformed("lz4 block shorter than its size"));
         }
         Ok(raw.into())
     } else {
@@ -380,6 +433,7 @@ mod tests {
     fn hello_round_trips_and_rejects_other_versions() {
         let hello = Hello {
             version: VERSION,
+            channel: Channel::Memory,
             stream: 1,
             streams: 4,
             pages: 131_072,
@@ -412,6 +466,44 @@ mod tests {
             read_frame(&mut header.as_slice()),
             Err(WireError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_hello_longer_than_4_kib_is_refused_before_its_payload_is_read() {
+        // Only the header: a reader that believed the length would wait for the rest.
+        let mut header = vec![Kind::Hello as u8, 0, 0, 0];
+        header.extend_from_slice(&(MAX_HELLO as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            read_hello(&mut header.as_slice()),
+            Err(WireError::Malformed("frame length"))
+        ));
+    }
+
+    #[test]
+    fn an_lz4_size_prefix_above_the_frame_limit_is_refused_before_allocating() {
+        let mut payload = (u32::MAX / 2).to_le_bytes().to_vec();
+        payload.extend_from_slice(&[0x1f, 0, 1, 0]);
+        let frame = Frame {
+            kind: Kind::Pages,
+            flags: FLAG_LZ4,
+            payload,
+        };
+        match unseal(&frame) {
+            Err(WireError::Malformed(m)) => assert!(m.contains("frame limit"), "{m}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // A block shorter than the size it declares is refused too.
+        let mut batch = Batch::default();
+        batch.push_data(1, &[7u8; PAGE_SIZE]);
+        let (_, packed) = batch.seal(true);
+        let mut lying = packed.into_owned();
+        lying[0..4].copy_from_slice(&(PAGE_SIZE as u32 * 2).to_le_bytes());
+        let frame = Frame {
+            kind: Kind::Pages,
+            flags: FLAG_LZ4,
+            payload: lying,
+        };
+        assert!(unseal(&frame).is_err());
     }
 
     #[test]

@@ -44,7 +44,7 @@ impl ApiError {
                 Error::BadInput(_) | Error::BadName(_) => StatusCode::BAD_REQUEST,
                 Error::UnknownHost(_) | Error::UnknownVm(_) => StatusCode::NOT_FOUND,
                 Error::Conflict(_) | Error::NoRoom { .. } => StatusCode::CONFLICT,
-                Error::Agent { .. } => StatusCode::BAD_GATEWAY,
+                Error::Agent { .. } | Error::MigrationStuck { .. } => StatusCode::BAD_GATEWAY,
                 Error::NotLeader(_) | Error::Etcd(_) => StatusCode::SERVICE_UNAVAILABLE,
                 Error::Sqlite(_) | Error::Corrupt(_) | Error::SchemaTooNew { .. } => {
                     StatusCode::INTERNAL_SERVER_ERROR

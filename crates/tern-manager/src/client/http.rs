@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tern_api::agent::CreateVm;
@@ -20,6 +20,44 @@ use crate::state::{Host, MigrationResult, PolicyKind, VmSpec};
 
 /// How often a running migration is polled.
 const MIGRATION_POLL: Duration = Duration::from_millis(200);
+/// How much longer than its pre-copy limit a migration may take as a whole: prepare
+/// and connect (20 s at most), the final pass, the device state (15 s) and resume
+/// (15 s), with room for a loaded host.
+const FOLLOW_SLACK: Duration = Duration::from_secs(90);
+/// Once past its deadline a migration is cancelled; this long is left for the source
+/// to roll back, or to report that it finished (it was past the point of no return).
+/// The source's own rollback is bounded by about 2.5 min (five tries of 30 s to reach a
+/// destination that may have resumed): a migration still not over after this is
+/// reported stuck, not failed, as its VM may run on either host.
+const CANCEL_GRACE: Duration = Duration::from_secs(180);
+
+/// How long a migration with `options` is followed before it is cancelled (pure).
+pub fn follow_deadline(options: &SendOptions) -> Duration {
+    let precopy = Duration::try_from_secs_f64(options.max_precopy_s)
+        .unwrap_or(Duration::from_secs(3600))
+        .min(Duration::from_secs(3600));
+    precopy + FOLLOW_SLACK
+}
+
+/// What following a migration that is still under way does after a poll (pure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Follow {
+    Wait,
+    /// Past the deadline: ask the source to cancel.
+    Cancel,
+    /// Cancelled and still not over after the grace: stop following.
+    GiveUp,
+}
+
+/// `elapsed`: since the migration started; `cancelled`: since it was cancelled, if so.
+fn follow(elapsed: Duration, deadline: Duration, cancelled: Option<Duration>) -> Follow {
+    match cancelled {
+        Some(since) if since > CANCEL_GRACE => Follow::GiveUp,
+        Some(_) => Follow::Wait,
+        None if elapsed > deadline => Follow::Cancel,
+        None => Follow::Wait,
+    }
+}
 
 /// One agent.
 pub struct HttpHost {
@@ -117,6 +155,9 @@ impl HostClient for HttpHost {
                 }
             }
         };
+        let started = Instant::now();
+        let deadline = follow_deadline(&req.options);
+        let mut cancelled: Option<Instant> = None;
         loop {
             let v = self
                 .agent
@@ -132,15 +173,39 @@ impl HostClient for HttpHost {
                     });
                 }
                 Phase::RolledBack => {
-                    return Ok(MigrationResult::Failed {
-                        error: v.error.unwrap_or_else(|| "rolled back".to_owned()),
+                    let error = v.error.unwrap_or_else(|| "rolled back".to_owned());
+                    let error = match cancelled {
+                        Some(_) => format!(
+                            "cancelled after {deadline:?}, the deadline for a migration \
+                             with max_precopy_s {}: {error}",
+                            req.options.max_precopy_s
+                        ),
+                        None => error,
+                    };
+                    return Ok(MigrationResult::Failed { error });
+                }
+                _ => progress(progress_of(&v, spec.memory_mib << 20)),
+            }
+            match follow(started.elapsed(), deadline, cancelled.map(|c| c.elapsed())) {
+                Follow::Wait => {}
+                Follow::Cancel => {
+                    tracing::warn!(vm, host = %self.host, migration = %id, ?deadline, "migration past its deadline; cancelling it");
+                    if let Err(e) = self.agent.cancel_migration(&id).await {
+                        tracing::warn!(vm, migration = %id, error = %e, "could not cancel the migration");
+                    }
+                    cancelled = Some(Instant::now());
+                }
+                Follow::GiveUp => {
+                    return Err(Error::MigrationStuck {
+                        host: self.host.clone(),
+                        vm: vm.to_owned(),
+                        migration: id,
+                        waited: started.elapsed(),
+                        phase: v.phase,
                     })
                 }
-                _ => {
-                    progress(progress_of(&v, spec.memory_mib << 20));
-                    tokio::time::sleep(MIGRATION_POLL).await
-                }
             }
+            tokio::time::sleep(MIGRATION_POLL).await
         }
     }
 
@@ -227,6 +292,26 @@ mod tests {
             json!({"id": id, "vm": vm, "destination": destination, "policy": "adaptive",
                     "phase": phase, "error": null, "rounds": [], "result": null}),
         )
+    }
+
+    #[test]
+    fn a_followed_migration_is_cancelled_at_its_deadline_and_given_up_after_the_grace() {
+        let d = follow_deadline(&SendOptions::default());
+        assert_eq!(d, Duration::from_secs(60) + FOLLOW_SLACK);
+        let s = Duration::from_secs;
+        assert_eq!(follow(s(10), d, None), Follow::Wait);
+        assert_eq!(follow(d + s(1), d, None), Follow::Cancel);
+        assert_eq!(follow(d + s(5), d, Some(s(4))), Follow::Wait);
+        assert_eq!(
+            follow(d + s(40), d, Some(CANCEL_GRACE + s(1))),
+            Follow::GiveUp
+        );
+        // A limit the agent would refuse still gives a bounded deadline.
+        let odd = SendOptions {
+            max_precopy_s: f64::INFINITY,
+            ..SendOptions::default()
+        };
+        assert_eq!(follow_deadline(&odd), s(3600) + FOLLOW_SLACK);
     }
 
     #[test]

@@ -127,11 +127,11 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
                 mem_dir,
                 args.bridge.clone(),
             )));
-            let state = AppState::new(qemu.clone(), host);
+            let state = AppState::new(qemu.clone(), host).with_stream_ip(addr.ip());
             rt.block_on(reclaim(&state, &qemu));
             state
         }
-        Driver::Sim => AppState::new(Arc::new(SimDriver::new()), host),
+        Driver::Sim => AppState::new(Arc::new(SimDriver::new()), host).with_stream_ip(addr.ip()),
     };
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr)
