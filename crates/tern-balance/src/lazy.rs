@@ -197,6 +197,7 @@ impl Rises {
     }
 
     /// What `inst` adds to `node`'s values.
+    #[inline]
     fn of(&self, inst: InstId, node: NodeId) -> &[f64] {
         let at = (inst.index() * self.classes + self.class[node.index()] as usize) * self.k;
         &self.rise[at..at + self.k]

@@ -272,15 +272,18 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
         &self.loads[node.index()]
     }
 
+    #[inline]
     pub fn primary_of(&self, inst: InstId) -> NodeId {
         self.primary[inst.index()]
     }
 
+    #[inline]
     fn node_vals(&self, node: usize) -> &[f64] {
         &self.values[node * self.k..(node + 1) * self.k]
     }
 
     /// Where `inst` may go by disk template, given where it runs now.
+    #[inline]
     pub fn mobility(&self, inst: InstId) -> Mobility {
         let i = self.cluster.instance(inst);
         if i.disk_template.is_shared() {
@@ -479,6 +482,7 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
 
     /// The running sums once `node`'s values become `vals`, for
     /// [`State::score_shifted`] (see [`Stats::shifted`]).
+    #[inline]
     pub(crate) fn shifted(&self, node: NodeId, vals: &[f64], out: &mut [Running]) {
         self.stats.shifted(
             self.online[node.index()],
@@ -491,6 +495,7 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
     /// The score from the sums `base` ([`State::shifted`]) once `node`'s values
     /// become `vals` too (the pair-counted component as it is now): many moves
     /// from one source scored cheaply, to rank them.
+    #[inline]
     pub(crate) fn score_shifted(&self, base: &[Running], node: NodeId, vals: &[f64]) -> f64 {
         self.stats.score_shifted(
             base,
@@ -501,6 +506,7 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
     }
 
     /// Node `node`'s component values as the score counts them now.
+    #[inline]
     pub(crate) fn values_of(&self, node: NodeId) -> &[f64] {
         self.node_vals(node.index())
     }
