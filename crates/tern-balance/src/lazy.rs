@@ -868,3 +868,34 @@ fn best_move<M: Metric + ?Sized>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use tern_model::NodeId;
+
+    use super::*;
+    use crate::metric::spread::Spread;
+
+    proptest! {
+        /// The two-component fronts found from the box their ends span are the
+        /// fronts `bound` finds by sorting every node, nodes of several sizes and
+        /// ties included.
+        #[test]
+        fn fronts_from_the_box_are_bounds_fronts(
+            seed in 0u64..1000, nodes in 2usize..60, per_node in 0usize..6, sizes in 1usize..4,
+        ) {
+            let mut c = crate::synth::unbalanced(nodes, nodes * per_node, seed);
+            for (i, n) in c.nodes.iter_mut().enumerate() {
+                n.pcpus = 8.0 * (1 + i % sizes) as f64;
+                n.total_mem = 65536.0 * (1 + i % sizes) as f64;
+            }
+            let state = State::new(&c, &Spread);
+            let movable: Vec<InstId> = c.instance_ids().collect();
+            let targets: Vec<NodeId> = c.node_ids().filter(|&n| !c.node(n).offline).collect();
+            let rises = Rises::new(&state, &movable).unwrap();
+            let want = Frontier::new(&state, &targets).unwrap().nodes();
+            prop_assert_eq!(fronts(&state, &rises, &targets).unwrap(), want);
+        }
+    }
+}
