@@ -2,35 +2,45 @@
 //! metrics with a [`Frontier`] (`spread`): the planner's fast path on hard rounds.
 //!
 //! Scoring every (instance, target) pair at every step is what makes a round of
-//! thousands of moves slow. Two facts make most of that work redundant:
+//! thousands of moves slow. Three facts make most of that work redundant:
 //!
 //! - an instance's best target lies on the fronts of the target classes (see
 //!   [`crate::bound`]), a handful of nodes;
 //! - a move changes only its two nodes, so what a node offers as a source (its
 //!   *key*: the score drop of its best move) stays what it was until a move
-//!   touches it or its best target; the rest of the cluster shifts keys slowly.
+//!   touches it or its best target; the rest of the cluster shifts keys slowly;
+//! - node values grow linearly with what runs on a node, so a candidate's values
+//!   are its nodes' values plus or minus what the instance adds to a node of
+//!   that class ([`Rises`]), and many moves from one source share the cluster's
+//!   sums after the source's half ([`crate::metric::Stats::shifted`]): a
+//!   candidate is estimated in a few operations, and only the best one by
+//!   estimate has its constraints checked and is scored exactly.
 //!
 //! So every node with movable instances goes into a max-heap by key once. A
 //! popped node's best move is computed afresh: its [`INSTANCES_PER_SOURCE`]
-//! best instances by removal ([`State::removal_score`]; ranked again only when
-//! a move touches the node), each scored exactly
-//! (constraints checked) against every front node; it is taken when it still
-//! gains at least the next node's recorded key (the usual lazy-greedy test),
-//! and otherwise the node goes back with its new key. A node a move touched gets
-//! a new entry (older ones are dropped when popped).
+//! best instances by removal (ranked again only when a move touches the node),
+//! each against every front node; it is taken when it still gains at least the
+//! next node's recorded key (the usual lazy-greedy test), and otherwise the node
+//! goes back with its new key. A node a move touched gets a new entry (older
+//! ones are dropped when popped). A popped node whose recorded best target has
+//! taken load since first goes back with a bound (its best instances' moves to
+//! that target now, or its best move elsewhere then): the coldest nodes are
+//! everyone's best targets, and each move into one would otherwise send every
+//! source through a full search.
 //!
-//! A *step* takes several moves against fronts computed at its start, each from
+//! A *step* takes several moves against fronts found at its start, each from
 //! a different source: a source an earlier move of the step touched waits for
 //! the next step. A target may take several moves in a step, each scored
-//! exactly against the state it meets (keeping targets apart too cost about 2 %
-//! more moves for the same score: the coldest node is the best target for
+//! exactly against the state it meets (the coldest node is the best target for
 //! several moves in a row). A step ends when no source has an acceptable move
 //! left or the best gains less than [`STEP_GAIN_RATIO`] of the step's first.
-//! Between steps every key is made current again: the gain of a recorded move
-//! whose nodes have not changed is rescored (the gain of one move grows as the
-//! score falls, so an old key would sink), and the [`REFRESHED_PER_STEP`] best
-//! sources are computed afresh (a source that gave up load may have joined the
-//! fronts, as a better target for others).
+//! Between steps the fronts are found afresh (with two components, from the
+//! few nodes in the box the first front's ends span) and every key is made
+//! current from its source's record ([`rekeyed`]): the gain of one move grows
+//! as the score falls, so an old key would sink. Sources looked at after a move
+//! of the step had loaded the fronts (nodes those hid may be better targets
+//! now), and sources for which a node that gave up load and joined the fronts
+//! is a better target, are looked at afresh, in parallel.
 //!
 //! Every move is checked and scored against the state as it is when applied, and
 //! taken only when the planner's acceptance rule says so: the score never rises.
@@ -45,18 +55,15 @@ use tern_model::{InstId, Mobility, Move, NodeId};
 
 use crate::bound::Frontier;
 use crate::constraints::Refusals;
-use crate::metric::Metric;
+use crate::metric::{Metric, Running};
 use crate::state::State;
 
 /// A step ends once the best move left gains less than this share of the step's
 /// first move: such a move is one the single-move search would not make next.
 pub const STEP_GAIN_RATIO: f64 = 0.95;
 
-/// Entries at the top of the heap computed afresh at the start of each step.
-pub const REFRESHED_PER_STEP: usize = 32;
-
 /// Instances of a source, best by removal first, scored against every front node.
-pub const INSTANCES_PER_SOURCE: usize = 8;
+pub const INSTANCES_PER_SOURCE: usize = 2;
 
 /// When [`descend`] stops and which moves it may take.
 pub struct Rule<'r> {
@@ -87,8 +94,9 @@ struct Source {
     /// The node's version then; an entry with an older one is dropped, a newer
     /// entry stands in for it.
     version: u32,
-    /// The move the key is the gain of, with its target's version then.
-    best: Option<(Move, u32)>,
+    /// Whether the key is a bound from the source's record, taken when its
+    /// recorded target had changed: popped again, it is looked at afresh.
+    bounded: bool,
 }
 
 impl PartialEq for Source {
@@ -121,6 +129,192 @@ struct Scored {
     score: f64,
 }
 
+/// How much each movable instance raises the values of a node of each class
+/// (nodes with equal [`Metric::scales`]): the metric's values grow linearly with
+/// what runs on a node, so a move's values are the nodes' values plus or minus
+/// these, without building the nodes' loads.
+struct Rises {
+    k: usize,
+    classes: usize,
+    /// Per node: its class.
+    class: Vec<u32>,
+    /// Per instance, per class: the rise of each component.
+    rise: Vec<f64>,
+}
+
+impl Rises {
+    /// None when a node has no scales.
+    fn new<M: Metric + ?Sized>(state: &State<'_, M>, movable: &[InstId]) -> Option<Rises> {
+        let k = state.components_len();
+        let mut scales = vec![0.0; k];
+        let mut keys: Vec<Vec<u64>> = Vec::new();
+        let mut probes = Vec::new();
+        let mut class = Vec::with_capacity(state.node_count());
+        for n in 0..state.node_count() {
+            let node = NodeId::from_index(n);
+            if !state.metric.scales(state.cluster, node, &mut scales) {
+                return None;
+            }
+            let key: Vec<u64> = scales.iter().map(|x| x.to_bits()).collect();
+            let c = match keys.iter().position(|x| *x == key) {
+                Some(c) => c,
+                None => {
+                    keys.push(key);
+                    probes.push(node);
+                    keys.len() - 1
+                }
+            };
+            class.push(c as u32);
+        }
+        let classes = probes.len();
+        let mut rise = vec![0.0; state.cluster.instances.len() * classes * k];
+        let mut vals = vec![0.0; k];
+        for &i in movable {
+            if state.mobility(i) != Mobility::AnyNode {
+                continue;
+            }
+            for (c, &probe) in probes.iter().enumerate() {
+                let load = state.load_after_in(i, probe);
+                state
+                    .metric
+                    .node_values(state.cluster, probe, &load, &mut vals);
+                let at = (i.index() * classes + c) * k;
+                for ((r, new), old) in rise[at..at + k]
+                    .iter_mut()
+                    .zip(&vals)
+                    .zip(state.values_of(probe))
+                {
+                    *r = new - old;
+                }
+            }
+        }
+        Some(Rises {
+            k,
+            classes,
+            class,
+            rise,
+        })
+    }
+
+    /// What `inst` adds to `node`'s values.
+    #[inline]
+    fn of(&self, inst: InstId, node: NodeId) -> &[f64] {
+        let at = (inst.index() * self.classes + self.class[node.index()] as usize) * self.k;
+        &self.rise[at..at + self.k]
+    }
+}
+
+/// The nodes of [`Frontier::nodes`] for `targets`, in order. With two
+/// components the fronts come from the few nodes in the box that the first
+/// front's ends span (any node outside it is undercut by one of them) instead of
+/// sorting them all, as the fronts are found afresh at every step.
+fn fronts<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    rises: &Rises,
+    targets: &[NodeId],
+) -> Option<Vec<NodeId>> {
+    if state.components_len() != 2 {
+        return Frontier::new(state, targets).map(|f| f.nodes());
+    }
+    let mut out = Vec::new();
+    let mut class: Vec<NodeId> = Vec::new();
+    for c in 0..rises.classes {
+        class.clear();
+        class.extend(
+            targets
+                .iter()
+                .filter(|n| rises.class[n.index()] as usize == c),
+        );
+        let first = front2(state, &class);
+        class.retain(|n| !first.contains(n));
+        let second = front2(state, &class);
+        out.extend(first);
+        out.extend(second);
+    }
+    out.sort_unstable();
+    Some(out)
+}
+
+/// The nodes of `nodes` that no other one weakly undercuts in both components
+/// (duplicates aside), as `bound`'s front finds them.
+fn front2<M: Metric + ?Sized>(state: &State<'_, M>, nodes: &[NodeId]) -> Vec<NodeId> {
+    let v = |n: NodeId| {
+        let x = state.values_of(n);
+        (x[0], x[1])
+    };
+    let lex = |a: &NodeId, b: &NodeId| {
+        let (x, y) = (v(*a), v(*b));
+        x.0.total_cmp(&y.0).then(x.1.total_cmp(&y.1)).then(a.cmp(b))
+    };
+    let (Some(&m0), Some(&m1)) = (
+        nodes.iter().min_by(|a, b| lex(a, b)),
+        nodes.iter().min_by(|a, b| {
+            let (x, y) = (v(**a), v(**b));
+            x.1.total_cmp(&y.1).then(x.0.total_cmp(&y.0)).then(a.cmp(b))
+        }),
+    ) else {
+        return Vec::new();
+    };
+    let (hi0, hi1) = (v(m1).0, v(m0).1);
+    let mut inside: Vec<NodeId> = nodes
+        .iter()
+        .copied()
+        .filter(|&n| v(n).0.total_cmp(&hi0).is_le() && v(n).1.total_cmp(&hi1).is_le())
+        .collect();
+    inside.sort_unstable_by(lex);
+    let mut low = f64::INFINITY;
+    let mut first = true;
+    inside.retain(|&n| {
+        let y = v(n).1;
+        let keep = first || y.total_cmp(&low).is_lt();
+        if keep {
+            low = y;
+        }
+        first = false;
+        keep
+    });
+    inside
+}
+
+/// A source's best move when last looked at, kept to key its entry again later.
+#[derive(Clone, Copy, Debug)]
+struct Record {
+    mv: Move,
+    /// The target's version then.
+    target: u32,
+    /// The move's gain then.
+    gain: f64,
+    /// The estimated gain then of the best move to another target.
+    other: f64,
+}
+
+/// Buffers a search reuses instead of allocating.
+struct Work {
+    /// Exact values of the source and the target after the last move found.
+    exact: Vec<f64>,
+    /// Estimated values of a source and a target.
+    estimate: Vec<f64>,
+    /// Moves by estimated score.
+    cands: Vec<(f64, InstId, NodeId)>,
+    /// The cluster's sums once a source has given up an instance.
+    base: Vec<Running>,
+    /// The estimated score of the best move found to a target other than the
+    /// chosen one's (+∞ when there is none).
+    other: f64,
+}
+
+impl Work {
+    fn new(k: usize) -> Work {
+        Work {
+            exact: vec![0.0; 2 * k],
+            estimate: vec![0.0; 2 * k],
+            cands: Vec::new(),
+            base: vec![Running::default(); k],
+            other: f64::INFINITY,
+        }
+    }
+}
+
 /// Applies moves to `state` (appending them to `moves`) until the rule stops it
 /// or a step finds no acceptable move; None when the metric has no frontier.
 pub fn descend<M: Metric + ?Sized>(
@@ -132,19 +326,36 @@ pub fn descend<M: Metric + ?Sized>(
 ) -> Option<Tally> {
     let mut tally = Tally::default();
     let n = state.node_count();
+    let k = state.components_len();
     let mut front = Frontier::new(state, targets)?.nodes();
+    let rises = Rises::new(state, movable)?;
     let mut on_node: Vec<Vec<InstId>> = vec![Vec::new(); n];
     for &i in movable {
         on_node[state.primary_of(i).index()].push(i);
     }
     // The step in which a move last touched each node.
     let mut touched = vec![u64::MAX; n];
-    let k = state.components_len();
-    let (mut heap, mut tops) = fill(state, &on_node, &front, rule, &mut tally);
+    // Each source's best move when last looked at, and its nodes' values
+    // before and after it.
+    let mut recorded: Vec<Option<Record>> = vec![None; n];
+    let mut rec_vals = vec![0.0; 4 * k * n];
+    let (mut heap, mut tops) = fill(
+        state,
+        &rises,
+        &on_node,
+        &front,
+        rule,
+        &mut recorded,
+        &mut rec_vals,
+        &mut tally,
+    );
     // Bumped by every move that touches the node.
     let mut version = vec![0u32; n];
-    let mut scratch = vec![0.0; 2 * k];
+    let mut work = Work::new(k);
     let mut deferred: Vec<Source> = Vec::new();
+    let mut shed: Vec<NodeId> = Vec::new();
+    // Sources looked at after a move of the step loaded its fronts.
+    let mut mid = vec![false; n];
     let mut step = 0u64;
     let mut step_moves = 0usize;
     let mut first_gain = f64::NAN;
@@ -157,36 +368,49 @@ pub fn descend<M: Metric + ?Sized>(
             tally.steps += 1;
             step += 1;
             step_moves = 0;
-            front = Frontier::new(state, targets)?.nodes();
+            front = fronts(state, &rises, targets)?;
             deferred.extend(heap.drain());
-            heap = rekey(
+            // A source that gave up load and joined the fronts may be a better
+            // target than any an entry recorded.
+            let joined: Vec<NodeId> = front.iter().copied().filter(|f| shed.contains(f)).collect();
+            shed.clear();
+            let entries: Vec<Source> = deferred
+                .drain(..)
+                .filter(|e| e.version == version[e.node.index()])
+                .collect();
+            let view = View {
                 state,
-                deferred.drain(..),
-                &version,
+                rises: &rises,
+                tops: &tops,
+                on_node: &on_node,
+                records: &recorded,
+                rec_vals: &rec_vals,
+                version: &version,
+                mid: &mid,
+                front: &front,
+                joined: &joined,
                 rule,
-                &mut scratch,
-                &mut tally,
-            );
-            // Sources give up load too and may join the fronts, so the best few
-            // entries are computed afresh against the new ones.
-            let ini = state.score();
-            let mut fresh = Vec::new();
-            while fresh.len() < REFRESHED_PER_STEP {
-                let Some(e) = heap.pop() else { break };
-                if e.version != version[e.node.index()] {
-                    continue;
+            };
+            let fresh: Vec<(Source, Option<Looked>, Tally)> = entries
+                .par_iter()
+                .with_min_len(64)
+                .map_init(|| Work::new(k), |work, e| view.renew(*e, work))
+                .collect();
+            heap = BinaryHeap::with_capacity(fresh.len());
+            for (e, looked, t) in fresh {
+                tally.refusals.merge(&t.refusals);
+                tally.evaluations += t.evaluations;
+                let a = e.node.index();
+                mid[a] = false;
+                if let Some(l) = looked {
+                    tops[a] = Some(l.top);
+                    recorded[a] = None;
+                    if let Some(b) = l.best {
+                        record(state, b, &l.work, &version, &mut recorded, &mut rec_vals);
+                    }
                 }
-                let top = tops[e.node.index()].get_or_insert_with(|| {
-                    ranked(state, &on_node[e.node.index()], &mut scratch, &mut tally)
-                });
-                let b = best_move(state, top, &front, rule, &mut scratch, &mut tally);
-                fresh.push(Source {
-                    key: b.map_or(f64::NEG_INFINITY, |b| ini - b.score),
-                    best: b.map(|b| (b.mv, version[b.mv.to.index()])),
-                    ..e
-                });
+                heap.push(e);
             }
-            heap.extend(fresh);
             continue;
         };
         let a = src.node.index();
@@ -198,21 +422,49 @@ pub fn descend<M: Metric + ?Sized>(
             continue;
         }
         let ini = state.score();
-        let top =
-            tops[a].get_or_insert_with(|| ranked(state, &on_node[a], &mut scratch, &mut tally));
-        let Some(best) = best_move(state, top, &front, rule, &mut scratch, &mut tally) else {
+        // A source whose recorded target took load this step offers less than
+        // its key; a cheap bound says whether it still leads.
+        let stale = recorded[a].filter(|r| !src.bounded && r.target != version[r.mv.to.index()]);
+        if let Some(rec) = stale {
+            let bound = rekeyed(
+                state,
+                &rises,
+                tops[a].as_deref(),
+                Some(rec),
+                &rec_vals,
+                &version,
+                &mut work,
+                &mut tally,
+            );
+            if let Some(bound) = bound.filter(|b| *b < src.key) {
+                heap.push(Source {
+                    key: bound,
+                    bounded: true,
+                    ..src
+                });
+                continue;
+            }
+        }
+        let top = tops[a].get_or_insert_with(|| ranked(state, &rises, &on_node[a], &mut tally));
+        let found = best_move(state, &rises, top, &front, rule, &mut work, &mut tally);
+        recorded[a] = None;
+        // Fronts loaded earlier in the step may hide nodes that are better targets
+        // now: the next step looks at this source again.
+        mid[a] = step_moves > 0;
+        let Some(best) = found else {
             // No allowed move from here against this step's fronts.
             deferred.push(Source {
                 key: f64::NEG_INFINITY,
-                best: None,
+                bounded: false,
                 ..src
             });
             continue;
         };
+        record(state, best, &work, &version, &mut recorded, &mut rec_vals);
         let gain = ini - best.score;
         let src = Source {
             key: gain,
-            best: Some((best.mv, version[best.mv.to.index()])),
+            bounded: false,
             ..src
         };
         // Keys only record what a source offered when last looked at: take this
@@ -236,6 +488,7 @@ pub fn descend<M: Metric + ?Sized>(
         let mv = best.mv;
         state.apply(mv);
         moves.push(mv);
+        shed.push(mv.from);
         let from = &mut on_node[a];
         if let Some(p) = from.iter().position(|&i| i == mv.inst) {
             from.swap_remove(p);
@@ -245,21 +498,25 @@ pub fn descend<M: Metric + ?Sized>(
             touched[node.index()] = step;
             version[node.index()] += 1;
             tops[node.index()] = None;
+            recorded[node.index()] = None;
         }
         // The source offers less now, the target more (it may have had nothing
         // to offer): both are looked at again when popped.
-        deferred.push(Source {
-            key: gain,
-            node: mv.from,
-            version: version[a],
-            best: None,
-        });
-        deferred.push(Source {
-            key: f64::INFINITY,
-            node: mv.to,
-            version: version[mv.to.index()],
-            best: None,
-        });
+        let again = [
+            Source {
+                key: gain,
+                node: mv.from,
+                version: version[a],
+                bounded: false,
+            },
+            Source {
+                key: f64::INFINITY,
+                node: mv.to,
+                version: version[mv.to.index()],
+                bounded: false,
+            },
+        ];
+        deferred.extend(again);
         if moves.len().is_multiple_of(64) {
             state.refresh();
         }
@@ -269,91 +526,207 @@ pub fn descend<M: Metric + ?Sized>(
     Some(tally)
 }
 
-/// The entries still current, each keyed again by the gain its recorded move
-/// gives now when neither of its nodes has changed: the gain of one move grows
-/// as the score falls, so a key recorded early would otherwise sink.
-fn rekey<M: Metric + ?Sized>(
-    state: &State<'_, M>,
-    entries: impl Iterator<Item = Source>,
-    version: &[u32],
-    rule: &Rule<'_>,
-    scratch: &mut [f64],
-    tally: &mut Tally,
-) -> BinaryHeap<Source> {
-    let ini = state.score();
-    entries
-        .filter(|e| e.version == version[e.node.index()])
-        .filter_map(|e| match e.best {
-            Some((mv, v)) if v == version[mv.to.index()] && state.primary_of(mv.inst) == e.node => {
-                let score = rescore(state, mv, rule, scratch, tally)?;
-                Some(Source {
-                    key: ini - score,
-                    ..e
-                })
-            }
-            _ => Some(e),
-        })
-        .collect()
+/// What the start of a step reads to key an entry again ([`View::renew`]).
+struct View<'v, 's, M: Metric + ?Sized> {
+    state: &'v State<'s, M>,
+    rises: &'v Rises,
+    tops: &'v [Option<Vec<InstId>>],
+    on_node: &'v [Vec<InstId>],
+    records: &'v [Option<Record>],
+    rec_vals: &'v [f64],
+    version: &'v [u32],
+    /// Sources looked at after a move of the last step loaded its fronts.
+    mid: &'v [bool],
+    front: &'v [NodeId],
+    /// Sources of the last step's moves that are on the fronts now.
+    joined: &'v [NodeId],
+    rule: &'v Rule<'v>,
 }
 
-/// The score after `mv`, checked against the current state; None when a
-/// constraint now refuses it.
-fn rescore<M: Metric + ?Sized>(
+/// A source looked at afresh: its best instances and best move, with the
+/// buffers that hold the move's values.
+struct Looked {
+    top: Vec<InstId>,
+    best: Option<Scored>,
+    work: Work,
+}
+
+impl<M: Metric + ?Sized> View<'_, '_, M> {
+    /// Entry `e` keyed again from its record ([`rekeyed`]), or looked at afresh
+    /// when its record may miss a better target: it was made against fronts that
+    /// moves had loaded (nodes they hid may be better targets now), or a source
+    /// that gave up load is a better target for it.
+    fn renew(&self, e: Source, work: &mut Work) -> (Source, Option<Looked>, Tally) {
+        let (state, a) = (self.state, e.node.index());
+        let mut tally = Tally::default();
+        let ini = state.score();
+        let key = rekeyed(
+            state,
+            self.rises,
+            self.tops[a].as_deref(),
+            self.records[a],
+            self.rec_vals,
+            self.version,
+            work,
+            &mut tally,
+        )
+        .unwrap_or(e.key);
+        let better = !self.joined.is_empty()
+            && self.tops[a].as_ref().is_some_and(|top| {
+                estimate(state, self.rises, top, self.joined, work, &mut tally)
+                    .is_some_and(|(score, _, _)| ini - score > key)
+            });
+        if !self.mid[a] && !better {
+            return (
+                Source {
+                    key,
+                    bounded: false,
+                    ..e
+                },
+                None,
+                tally,
+            );
+        }
+        let top = match &self.tops[a] {
+            Some(t) => t.clone(),
+            None => ranked(state, self.rises, &self.on_node[a], &mut tally),
+        };
+        let best = best_move(
+            state, self.rises, &top, self.front, self.rule, work, &mut tally,
+        );
+        let mut kept = Work::new(state.components_len());
+        kept.exact.copy_from_slice(&work.exact);
+        kept.other = work.other;
+        let e = Source {
+            key: best.map_or(f64::NEG_INFINITY, |b| ini - b.score),
+            bounded: false,
+            ..e
+        };
+        (
+            e,
+            Some(Looked {
+                top,
+                best,
+                work: kept,
+            }),
+            tally,
+        )
+    }
+}
+
+/// Keeps `best` (from [`best_move`], whose buffers `work` still holds) as its
+/// source's record, with the values of its nodes before and after it, for
+/// [`rekey`].
+fn record<M: Metric + ?Sized>(
     state: &State<'_, M>,
-    mv: Move,
-    rule: &Rule<'_>,
-    scratch: &mut [f64],
+    best: Scored,
+    work: &Work,
+    version: &[u32],
+    records: &mut [Option<Record>],
+    rec_vals: &mut [f64],
+) {
+    let (mv, k, ini) = (best.mv, state.components_len(), state.score());
+    let a = mv.from.index();
+    let r = &mut rec_vals[a * 4 * k..(a + 1) * 4 * k];
+    r[..k].copy_from_slice(state.values_of(mv.from));
+    r[k..2 * k].copy_from_slice(state.values_of(mv.to));
+    r[2 * k..].copy_from_slice(&work.exact[..2 * k]);
+    records[a] = Some(Record {
+        mv,
+        target: version[mv.to.index()],
+        gain: ini - best.score,
+        other: ini - work.other,
+    });
+}
+
+/// What a source whose node has not changed offers now, from its record (None
+/// without one). A recorded move whose target has not changed either is scored
+/// exactly under the cluster's sums now. When the target has changed, the best
+/// the source can offer is at most the better of its best instances' moves to
+/// that target as it is now and its best move elsewhere then (other targets
+/// only took load or stayed as they were), grown as the recorded move's gain
+/// grew since.
+#[allow(clippy::too_many_arguments)]
+fn rekeyed<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    rises: &Rises,
+    top: Option<&[InstId]>,
+    rec: Option<Record>,
+    rec_vals: &[f64],
+    version: &[u32],
+    work: &mut Work,
     tally: &mut Tally,
 ) -> Option<f64> {
+    let rec = rec?;
+    let ini = state.score();
     let k = state.components_len();
-    let (src, dst) = scratch.split_at_mut(k);
-    let from_load = state.source_after(mv.inst, mv.to, src);
+    let mv = rec.mv;
+    let a = mv.from.index();
     tally.evaluations += 1;
-    match state.try_move(mv.inst, mv.to, rule.n_plus_one, &from_load, src, dst) {
-        Ok(score) => Some(score),
-        Err(r) => {
-            tally.refusals.add(r);
-            None
-        }
+    let r = &rec_vals[a * 4 * k..(a + 1) * 4 * k];
+    let gain = ini - state.score_recorded(mv.from, mv.to, &r[..2 * k], &r[2 * k..]);
+    if rec.target == version[mv.to.index()] {
+        return Some(gain);
     }
+    let top = top?;
+    if top.iter().any(|&i| state.mobility(i) != Mobility::AnyNode) {
+        return None;
+    }
+    let grown = if rec.gain > 0.0 {
+        (gain / rec.gain).max(1.0)
+    } else {
+        1.0
+    };
+    let to = estimate(state, rises, top, &[mv.to], work, tally)
+        .map_or(f64::NEG_INFINITY, |(score, _, _)| ini - score);
+    Some(to.max(rec.other * grown))
 }
 
 /// Every node's entry, keyed by its best move now, and its best instances by
 /// removal (in parallel).
+#[allow(clippy::too_many_arguments)]
 fn fill<M: Metric + ?Sized>(
     state: &State<'_, M>,
+    rises: &Rises,
     on_node: &[Vec<InstId>],
     front: &[NodeId],
     rule: &Rule<'_>,
+    recorded: &mut [Option<Record>],
+    rec_vals: &mut [f64],
     tally: &mut Tally,
 ) -> (BinaryHeap<Source>, Vec<Option<Vec<InstId>>>) {
     let k = state.components_len();
     let ini = state.score();
-    let found: Vec<(Option<Scored>, Vec<InstId>, Tally)> = on_node
+    let found: Vec<(Option<Scored>, Work, Vec<InstId>, Tally)> = on_node
         .par_iter()
         .with_min_len(16)
         .map_init(
-            || vec![0.0; 2 * k],
-            |scratch, insts| {
+            || Work::new(k),
+            |work, insts| {
                 let mut t = Tally::default();
-                let top = ranked(state, insts, scratch, &mut t);
-                let best = best_move(state, &top, front, rule, scratch, &mut t);
-                (best, top, t)
+                let top = ranked(state, rises, insts, &mut t);
+                let best = best_move(state, rises, &top, front, rule, work, &mut t);
+                let mut w = Work::new(k);
+                w.exact.copy_from_slice(&work.exact);
+                w.other = work.other;
+                (best, w, top, t)
             },
         )
         .collect();
     let mut tops = Vec::with_capacity(found.len());
     let mut heap = BinaryHeap::new();
-    for (a, (best, top, t)) in found.into_iter().enumerate() {
+    let version = vec![0; on_node.len()];
+    for (a, (best, work, top, t)) in found.into_iter().enumerate() {
         tally.refusals.merge(&t.refusals);
         tally.evaluations += t.evaluations;
         tops.push(Some(top));
         if let Some(b) = best {
+            record(state, b, &work, &version, recorded, rec_vals);
             heap.push(Source {
                 key: ini - b.score,
                 node: NodeId::from_index(a),
                 version: 0,
-                best: Some((b.mv, 0)),
+                bounded: false,
             });
         }
     }
@@ -364,14 +737,26 @@ fn fill<M: Metric + ?Sized>(
 /// the score most, best first.
 fn ranked<M: Metric + ?Sized>(
     state: &State<'_, M>,
+    rises: &Rises,
     insts: &[InstId],
-    scratch: &mut [f64],
     tally: &mut Tally,
 ) -> Vec<InstId> {
     let k = state.components_len();
+    let mut vals = vec![0.0; k];
     let mut ranked: Vec<(f64, InstId)> = insts
         .iter()
-        .map(|&i| (state.removal_score(i, &mut scratch[..k]), i))
+        .map(|&i| {
+            let score = if state.mobility(i) == Mobility::AnyNode {
+                let a = state.primary_of(i);
+                for ((v, now), r) in vals.iter_mut().zip(state.values_of(a)).zip(rises.of(i, a)) {
+                    *v = now - r;
+                }
+                state.score_node_values(a, &vals)
+            } else {
+                state.removal_score(i, &mut vals)
+            };
+            (score, i)
+        })
         .collect();
     tally.evaluations += ranked.len() as u64;
     let cmp = |x: &(f64, InstId), y: &(f64, InstId)| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1));
@@ -384,57 +769,133 @@ fn ranked<M: Metric + ?Sized>(
     ranked[..w].iter().map(|x| x.1).collect()
 }
 
-/// The best allowed move of one of `top` (instances of one node, from [`ranked`])
-/// to a front node (or, for DRBD, to its secondary).
-fn best_move<M: Metric + ?Sized>(
+/// Fills `work.cands` with every move of one of `top` to one of `targets` (or,
+/// for DRBD, to its secondary) and its estimated score, constraints unchecked;
+/// returns the best.
+fn estimate<M: Metric + ?Sized>(
     state: &State<'_, M>,
+    rises: &Rises,
     top: &[InstId],
-    front: &[NodeId],
-    rule: &Rule<'_>,
-    scratch: &mut [f64],
+    targets: &[NodeId],
+    work: &mut Work,
     tally: &mut Tally,
-) -> Option<Scored> {
+) -> Option<(f64, InstId, NodeId)> {
     let k = state.components_len();
-    let (src, dst) = scratch.split_at_mut(k);
-    let mut best: Option<Scored> = None;
+    work.cands.clear();
+    let (src, dst) = work.estimate.split_at_mut(k);
     for &inst in top {
         let from = state.primary_of(inst);
-        let only;
-        let targets: &[NodeId] = match state.mobility(inst) {
-            Mobility::Immovable => continue,
+        match state.mobility(inst) {
+            Mobility::Immovable => {}
             Mobility::SecondaryOnly(s) => {
-                only = [s];
-                &only
+                let e = state.evaluate(inst, s);
+                tally.evaluations += 1;
+                work.cands.push((e.score, inst, s));
             }
-            Mobility::AnyNode => front,
-        };
-        let mut from_load = None;
-        for &to in targets {
-            if to == from {
-                continue;
-            }
-            // The source's side depends on the target only for a DRBD swap.
-            let fl = match from_load {
-                Some(l) if state.mobility(inst) == Mobility::AnyNode => l,
-                _ => {
-                    let l = state.source_after(inst, to, src);
-                    from_load = Some(l);
-                    l
+            Mobility::AnyNode => {
+                for ((s, v), r) in src
+                    .iter_mut()
+                    .zip(state.values_of(from))
+                    .zip(rises.of(inst, from))
+                {
+                    *s = v - r;
                 }
-            };
-            tally.evaluations += 1;
-            match state.try_move(inst, to, rule.n_plus_one, &fl, src, dst) {
-                Err(r) => tally.refusals.add(r),
-                Ok(score) => {
-                    if best.is_none_or(|b| score < b.score) {
-                        best = Some(Scored {
-                            mv: Move { inst, from, to },
-                            score,
-                        });
+                state.shifted(from, src, &mut work.base);
+                for &to in targets {
+                    if to == from {
+                        continue;
                     }
+                    for ((d, v), r) in dst
+                        .iter_mut()
+                        .zip(state.values_of(to))
+                        .zip(rises.of(inst, to))
+                    {
+                        *d = v + r;
+                    }
+                    tally.evaluations += 1;
+                    work.cands
+                        .push((state.score_shifted(&work.base, to, dst), inst, to));
                 }
             }
         }
     }
-    best
+    work.cands
+        .iter()
+        .copied()
+        .min_by(|x, y| x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)))
+}
+
+/// The best allowed move of one of `top` (instances of one node, from [`ranked`])
+/// to a front node (or, for DRBD, to its secondary): candidates in order of their
+/// estimated score, the first whose constraints hold scored exactly, with the
+/// values it leaves in `work.exact`.
+fn best_move<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    rises: &Rises,
+    top: &[InstId],
+    front: &[NodeId],
+    rule: &Rule<'_>,
+    work: &mut Work,
+    tally: &mut Tally,
+) -> Option<Scored> {
+    let k = state.components_len();
+    estimate(state, rises, top, front, work, tally)?;
+    loop {
+        let (at, &(_, inst, to)) =
+            work.cands.iter().enumerate().min_by(|(_, x), (_, y)| {
+                x.0.total_cmp(&y.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2))
+            })?;
+        work.cands.swap_remove(at);
+        let (src, dst) = work.exact.split_at_mut(k);
+        let from_load = state.source_after(inst, to, src);
+        match state.try_move(inst, to, rule.n_plus_one, &from_load, src, dst) {
+            Err(r) => tally.refusals.add(r),
+            Ok(score) => {
+                work.other = work
+                    .cands
+                    .iter()
+                    .filter(|c| c.2 != to)
+                    .fold(f64::INFINITY, |m, c| m.min(c.0));
+                return Some(Scored {
+                    mv: Move {
+                        inst,
+                        from: state.primary_of(inst),
+                        to,
+                    },
+                    score,
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use tern_model::NodeId;
+
+    use super::*;
+    use crate::metric::spread::Spread;
+
+    proptest! {
+        /// The two-component fronts found from the box their ends span are the
+        /// fronts `bound` finds by sorting every node, nodes of several sizes and
+        /// ties included.
+        #[test]
+        fn fronts_from_the_box_are_bounds_fronts(
+            seed in 0u64..1000, nodes in 2usize..60, per_node in 0usize..6, sizes in 1usize..4,
+        ) {
+            let mut c = crate::synth::unbalanced(nodes, nodes * per_node, seed);
+            for (i, n) in c.nodes.iter_mut().enumerate() {
+                n.pcpus = 8.0 * (1 + i % sizes) as f64;
+                n.total_mem = 65536.0 * (1 + i % sizes) as f64;
+            }
+            let state = State::new(&c, &Spread);
+            let movable: Vec<InstId> = c.instance_ids().collect();
+            let targets: Vec<NodeId> = c.node_ids().filter(|&n| !c.node(n).offline).collect();
+            let rises = Rises::new(&state, &movable).unwrap();
+            let want = Frontier::new(&state, &targets).unwrap().nodes();
+            prop_assert_eq!(fronts(&state, &rises, &targets).unwrap(), want);
+        }
+    }
 }

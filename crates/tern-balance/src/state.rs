@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use tern_model::{Cluster, DiskTemplate, InstId, Mobility, Move, NodeId};
 
 use crate::metric::ganeti::{not_offline, uses_memory};
-use crate::metric::{Metric, NodeLoad, PairComponent, Stats};
+use crate::metric::{Metric, NodeLoad, PairComponent, Running, Stats};
 
 /// Scores a cluster from scratch with `metric` (no incremental state kept).
 pub fn score<M: Metric + ?Sized>(cluster: &Cluster, metric: &M) -> f64 {
@@ -272,15 +272,18 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
         &self.loads[node.index()]
     }
 
+    #[inline]
     pub fn primary_of(&self, inst: InstId) -> NodeId {
         self.primary[inst.index()]
     }
 
+    #[inline]
     fn node_vals(&self, node: usize) -> &[f64] {
         &self.values[node * self.k..(node + 1) * self.k]
     }
 
     /// Where `inst` may go by disk template, given where it runs now.
+    #[inline]
     pub fn mobility(&self, inst: InstId) -> Mobility {
         let i = self.cluster.instance(inst);
         if i.disk_template.is_shared() {
@@ -455,7 +458,55 @@ impl<'a, M: Metric + ?Sized> State<'a, M> {
         ]) + self.pair_score(inst, Some(to))
     }
 
+    /// The score if only `node`'s values became `vals` (the pair-counted component
+    /// as it is now).
+    pub(crate) fn score_node_values(&self, node: NodeId, vals: &[f64]) -> f64 {
+        self.stats.score_with(&[(
+            self.online[node.index()],
+            self.node_vals(node.index()),
+            vals,
+        )]) + self.pairs.as_ref().map_or(0.0, Pairs::value)
+    }
+
+    /// The score if nodes `a` and `b` changed from the values `old` holds (`a`'s,
+    /// then `b`'s) to those `new` holds, whatever they hold now (the pair-counted
+    /// component as it is now): scores a move recorded earlier as it would count
+    /// under the cluster's current sums.
+    pub(crate) fn score_recorded(&self, a: NodeId, b: NodeId, old: &[f64], new: &[f64]) -> f64 {
+        let k = self.k;
+        self.stats.score_with(&[
+            (self.online[a.index()], &old[..k], &new[..k]),
+            (self.online[b.index()], &old[k..2 * k], &new[k..2 * k]),
+        ]) + self.pairs.as_ref().map_or(0.0, Pairs::value)
+    }
+
+    /// The running sums once `node`'s values become `vals`, for
+    /// [`State::score_shifted`] (see [`Stats::shifted`]).
+    #[inline]
+    pub(crate) fn shifted(&self, node: NodeId, vals: &[f64], out: &mut [Running]) {
+        self.stats.shifted(
+            self.online[node.index()],
+            self.node_vals(node.index()),
+            vals,
+            out,
+        );
+    }
+
+    /// The score from the sums `base` ([`State::shifted`]) once `node`'s values
+    /// become `vals` too (the pair-counted component as it is now): many moves
+    /// from one source scored cheaply, to rank them.
+    #[inline]
+    pub(crate) fn score_shifted(&self, base: &[Running], node: NodeId, vals: &[f64]) -> f64 {
+        self.stats.score_shifted(
+            base,
+            self.online[node.index()],
+            self.node_vals(node.index()),
+            vals,
+        ) + self.pairs.as_ref().map_or(0.0, Pairs::value)
+    }
+
     /// Node `node`'s component values as the score counts them now.
+    #[inline]
     pub(crate) fn values_of(&self, node: NodeId) -> &[f64] {
         self.node_vals(node.index())
     }

@@ -413,13 +413,16 @@ fn demo_shaped(seed: u64, hosts: usize, vms: usize) -> Cluster {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(8))]
+    #![proptest_config(ProptestConfig::with_cases(64))]
 
     /// On clusters shaped like the demo's, with the manager's thresholds, the lazy
-    /// search ends within 5 % of the single-move search's score with at most 5 %
-    /// more moves. (Where the score reaches the aggressiveness floor, as on the
-    /// demo's 1000 hosts, both end at it; on clusters this small the plan often
-    /// stops short of it, at local optima up to about 3 % apart.)
+    /// search ends within 1 % of the single-move search's score, with at most one
+    /// move more. Both searches are greedy but pick from different candidates, so
+    /// they reach the aggressiveness floor a move apart either way now and then
+    /// (over 200 such clusters: the same count in 80 %, one more in 16 %, one
+    /// fewer in 5 %); on the demo's 1000 hosts they end within 0.05 % of each
+    /// other's moves. A plan that reaches the floor stops there, so how far below
+    /// it the last move lands says nothing of the search and is not compared.
     #[test]
     fn lazy_search_plans_as_well_as_the_single_move_search_on_demo_clusters(
         seed in 0u64..1000, hosts in 20usize..40,
@@ -434,12 +437,13 @@ proptest! {
         };
         let old = plan(&c, &Spread, &opts).plan;
         let new = plan(&c, &Spread, &PlanOptions { search: Search::Lazy { width: 24 }, ..opts }).plan;
+        let floor = |s: f64| s.max(opts.min_score);
         prop_assert!(
-            new.final_score <= old.final_score * 1.05 + 1e-9,
+            floor(new.final_score) <= floor(old.final_score) * 1.01 + 1e-9,
             "lazy {} vs single {}", new.final_score, old.final_score
         );
         prop_assert!(
-            new.moves.len() as f64 <= old.moves.len() as f64 * 1.05 + 1.0,
+            new.moves.len() <= old.moves.len() + 1,
             "lazy {} moves vs single {}", new.moves.len(), old.moves.len()
         );
     }

@@ -186,8 +186,9 @@ impl Control {
 
     /// A balancing round (see [`balance::round`]), timed. It plans on a copy of the
     /// snapshot without holding the store, so writes go on while it plans (thousands
-    /// of moves on a large uneven cluster), then commits under the store only the
-    /// moves that still hold ([`balance::commit`]).
+    /// of moves on a large uneven cluster), then commits only the moves that still
+    /// hold ([`balance::commit`]), [`balance::COMMIT_CHUNK`] at a time, letting the
+    /// writes waiting for the store in between.
     pub fn balance(&self) -> Result<BalancePlan> {
         let now = self.manager.now();
         let snap = self.manager.read(|s| s.settings.enabled.then(|| s.clone()));
@@ -196,9 +197,14 @@ impl Control {
         };
         let started = Instant::now();
         let mut plan = balance::plan(&snap, now);
+        let dry_run = snap.settings.dry_run;
         drop(snap);
         plan.planning_ms = Some(started.elapsed().as_secs_f64() * 1e3);
-        self.manager.step(|s, now| balance::commit(s, now, plan))
+        let mut done = Vec::new();
+        for part in balance::parts(plan, dry_run, balance::COMMIT_CHUNK) {
+            done.push(self.manager.step(|s, now| balance::commit(s, now, part))?);
+        }
+        Ok(balance::join(done))
     }
 
     /// Starts agent calls for the actions not already under way; returns how many.

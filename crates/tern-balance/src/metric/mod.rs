@@ -135,6 +135,7 @@ pub struct Running {
 }
 
 impl Running {
+    #[inline]
     fn value(&self, aggregate: Aggregate) -> f64 {
         match aggregate {
             Aggregate::Sum => self.sum,
@@ -223,6 +224,37 @@ impl Stats {
             if moved {
                 total += c.weight * r.value(c.aggregate) - self.weighted[k];
             }
+        }
+        total
+    }
+
+    /// The running sums once one node's values change from `old` to `new`, into
+    /// `out` (one per component): the part that many candidate moves from one
+    /// source share, each then scored by [`Stats::score_shifted`].
+    #[inline]
+    pub fn shifted(&self, online: bool, old: &[f64], new: &[f64], out: &mut [Running]) {
+        for (k, (c, o)) in self.comps.iter().zip(out.iter_mut()).enumerate() {
+            *o = self.running[k];
+            if counts(c.over, online) {
+                o.sum += new[k] - old[k];
+                o.sum_sq += new[k] * new[k] - old[k] * old[k];
+            }
+        }
+    }
+
+    /// The score from the sums `base` ([`Stats::shifted`]) once another node's
+    /// values change from `old` to `new`. Summed afresh rather than from the
+    /// cached total, so it may differ from [`Stats::score_with`] in the last bits.
+    #[inline]
+    pub fn score_shifted(&self, base: &[Running], online: bool, old: &[f64], new: &[f64]) -> f64 {
+        let mut total = 0.0;
+        for (k, (c, b)) in self.comps.iter().zip(base).enumerate() {
+            let mut r = *b;
+            if counts(c.over, online) {
+                r.sum += new[k] - old[k];
+                r.sum_sq += new[k] * new[k] - old[k] * old[k];
+            }
+            total += c.weight * r.value(c.aggregate);
         }
         total
     }

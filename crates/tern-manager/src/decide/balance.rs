@@ -174,6 +174,47 @@ pub fn commit(snap: &Snapshot, now: Millis, mut p: BalancePlan) -> (Vec<Change>,
     (changes, p)
 }
 
+/// Moves committed per hold of the store. A hard round plans thousands of migrations;
+/// committed at once they would hold the store, and every API write behind it, for as
+/// long as writing them all takes (about 150 ms for 3000 on SQLite).
+pub const COMMIT_CHUNK: usize = 256;
+
+/// `p` in parts of at most `chunk` moves, to [`commit`] one after another, each against
+/// the state as it is then. The first part carries the scores, the planner's counts
+/// and the planning time. A dry run stays whole: it records one event for the plan.
+pub fn parts(mut p: BalancePlan, dry_run: bool, chunk: usize) -> Vec<BalancePlan> {
+    if dry_run || p.moves.len() <= chunk.max(1) {
+        return vec![p];
+    }
+    let moves = std::mem::take(&mut p.moves);
+    let mut out = vec![p];
+    for (n, c) in moves.chunks(chunk.max(1)).enumerate() {
+        if n == 0 {
+            out[0].moves = c.to_vec();
+        } else {
+            out.push(BalancePlan {
+                moves: c.to_vec(),
+                ..BalancePlan::default()
+            });
+        }
+    }
+    out
+}
+
+/// The committed parts of one plan (from [`parts`]) as one plan: the first part's
+/// scores and planning time, every part's moves and counts.
+pub fn join(parts: Vec<BalancePlan>) -> BalancePlan {
+    let mut parts = parts.into_iter();
+    let mut out = parts.next().unwrap_or_default();
+    for p in parts {
+        out.moves.extend(p.moves);
+        for (r, n) in p.skipped {
+            *out.skipped.entry(r).or_default() += n;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,6 +377,35 @@ mod tests {
         }
         let (changes, _) = commit(&down, 0, p);
         assert!(changes.is_empty(), "{changes:?}");
+    }
+
+    #[test]
+    fn a_plan_committed_in_parts_starts_what_it_would_at_once() {
+        let mut snap = uneven(&[8, 0, 0, 0]);
+        snap.settings.max_per_host = 8;
+        let p = plan(&snap, 0);
+        assert!(p.moves.len() >= 3, "{p:?}");
+        let (whole, at_once) = commit(&snap, 0, p.clone());
+        let split = parts(p.clone(), false, 2);
+        assert_eq!(split.len(), p.moves.len().div_ceil(2));
+        assert!(split.iter().all(|s| s.moves.len() <= 2));
+        // Each part against the state the parts before it left.
+        let mut now = snap.clone();
+        let mut changes = Vec::new();
+        let mut done = Vec::new();
+        for part in split {
+            let (c, kept) = commit(&now, 0, part);
+            apply(&mut now, 0, &c);
+            changes.extend(c);
+            done.push(kept);
+        }
+        assert_eq!(changes, whole);
+        let joined = join(done);
+        assert_eq!(joined.moves, at_once.moves);
+        assert_eq!(joined.skipped, at_once.skipped);
+        assert_eq!(joined.score_after, p.score_after);
+        // A dry run records one event for the whole plan.
+        assert_eq!(parts(p, true, 2).len(), 1);
     }
 
     #[test]
