@@ -33,3 +33,10 @@ fn an_overflowing_ratio_is_refused_by_name() {
     let err = ganeti::parse(text).expect_err("infinity is no ratio");
     assert!(err.to_string().contains("too large"), "{err}");
 }
+
+#[test]
+fn a_group_name_given_twice_is_refused() {
+    let text = "g1|uuid-1|preferred||\ng1|uuid-2|preferred||\n\n\n\n";
+    let err = ganeti::parse(text).expect_err("two groups named g1");
+    assert!(err.to_string().contains("same name"), "{err}");
+}

@@ -36,7 +36,7 @@ pub mod session;
 pub mod source;
 pub mod throttle;
 pub mod token;
-pub mod wire;
+pub use tern_wire as wire;
 
 /// Why a migration (or one of its steps) failed. Every variant leaves the VM on the
 /// source; each keeps the error that caused it as its source.

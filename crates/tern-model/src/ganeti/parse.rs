@@ -427,6 +427,16 @@ pub fn parse(text: &str) -> Result<Cluster, Error> {
         .iter()
         .map(parse_group)
         .collect::<Result<Vec<_>, _>>()?;
+    // Group policies name their group, so a second group of one name could never be
+    // given its own policy, nor be written back and read again.
+    for (i, line) in sections[0].iter().enumerate() {
+        if groups[..i].iter().any(|g| g.name == groups[i].name) {
+            return Err(line.error(
+                format!("group {:?}", groups[i].name),
+                "an earlier group has the same name; give each group its own name",
+            ));
+        }
+    }
     // Later entries win on duplicate keys, as in Ganeti's `M.fromList`.
     let group_ids: HashMap<&str, GroupId> = groups
         .iter()

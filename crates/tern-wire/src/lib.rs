@@ -32,6 +32,14 @@
 //!
 //! The reader of a frame bounds it before allocating: a `Hello` by [`MAX_HELLO`], any
 //! frame by [`MAX_FRAME`], an LZ4 block's declared size by [`MAX_FRAME`] too.
+//!
+//! It is a crate of its own, with no dependency on the agent, so that what decodes a
+//! stranger's bytes can be fuzzed and reviewed alone.
+//!
+//! # Layout
+//! - [`read_frame`], [`write_frame`], [`expect`]: frames and their bounds.
+//! - [`Hello`]: the first frame of every stream, and who may send it.
+//! - [`Batch`], [`unseal`], [`entries`]: the pages of a `Pages` frame, plain or LZ4.
 
 use std::io::{Read, Write};
 
