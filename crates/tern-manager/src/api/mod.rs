@@ -55,11 +55,30 @@ struct App {
 
 type AppState = State<Arc<App>>;
 
-/// Serves the API on `listener` until `shutdown` completes.
+/// How the API is served: over TLS with a certificate from the cluster CA, or plain
+/// HTTP (loopback only, which the command line enforces); the limits either way.
+#[derive(Clone, Default)]
+pub struct Serving {
+    pub tls: Option<tern_pki::TlsAcceptor>,
+    pub limits: tern_pki::Limits,
+}
+
+/// Serves the API on `listener` (plain HTTP, default limits) until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     manager: Arc<Manager>,
     tokens: Vec<String>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with(listener, manager, tokens, Serving::default(), shutdown).await
+}
+
+/// Serves the API on `listener` as `serving` says until `shutdown` completes.
+pub async fn serve_with(
+    listener: TcpListener,
+    manager: Arc<Manager>,
+    tokens: Vec<String>,
+    serving: Serving,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_tx, stopping) = watch::channel(false);
@@ -69,11 +88,10 @@ pub async fn serve(
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        })
-        .await
+    tern_pki::serve::serve(listener, app, serving.tls, serving.limits, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    })
+    .await
 }
 
 /// The API's routes; `stopping` ends open event streams. [`serve`] serves it alone,

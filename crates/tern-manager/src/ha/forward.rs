@@ -83,9 +83,14 @@ pub async fn run(
     });
     let app = crate::api::router(manager, tokens, stopping.clone())
         .layer(middleware::from_fn_with_state(forwarder, forward));
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(stopped(stopping))
-        .await;
+    let served = tern_pki::serve::serve(
+        listener,
+        app,
+        None,
+        tern_pki::Limits::default(),
+        stopped(stopping),
+    )
+    .await;
     let _ = looping.await;
     let _ = campaign.await;
     served
