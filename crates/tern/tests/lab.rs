@@ -137,10 +137,23 @@ fn lab_up_status_vm_down() {
         Some(2),
         "spec without memory"
     );
+    let wrong_file = st.join("wrong-token");
+    std::fs::write(&wrong_file, "wrong\n").unwrap();
+    std::fs::set_permissions(
+        &wrong_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let wrong = tern(
         st,
         &[
-            "agent", "vm", "--agent", &h1_url, "--token", "wrong", "list",
+            "agent",
+            "vm",
+            "--agent",
+            &h1_url,
+            "--token-file",
+            wrong_file.to_str().unwrap(),
+            "list",
         ],
     );
     assert_eq!(wrong.status.code(), Some(2), "bad token");

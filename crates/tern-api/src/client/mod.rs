@@ -208,6 +208,12 @@ impl Client {
         self.send::<(), T>(Method::GET, path, None).await
     }
 
+    /// A GET whose answer is text, not JSON (the CA's revocation list).
+    pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let (_, bytes) = self.exchange::<()>(Method::GET, path, None).await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         path: &str,
