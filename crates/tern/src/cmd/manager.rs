@@ -138,16 +138,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             a.listen
         ))
     })?;
-    if a.ca.is_none() && !addr.ip().is_loopback() {
-        return Err(super::bad_input(format!(
-            "--listen {addr}: without --ca the API is plain HTTP, which is served on a \
-             loopback address only; give --ca DIR for HTTPS with the cluster CA"
-        )));
-    }
     if !a.etcd.is_empty() {
+        // HA managers forward requests to each other over plain HTTP; TLS between them is
+        // not built yet, so they keep serving plain HTTP wherever they are told to.
         if a.ca.is_some() {
             return Err(super::bad_input(
-                "--ca with --etcd is not supported yet: HA managers serve plain HTTP on loopback",
+                "--ca with --etcd is not supported yet: HA managers serve plain HTTP",
             ));
         }
         return super::manager_etcd::run(super::manager_etcd::Options {
@@ -158,6 +154,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             etcd: a.etcd,
             advertise: a.advertise,
         });
+    }
+    if a.ca.is_none() && !addr.ip().is_loopback() {
+        return Err(super::bad_input(format!(
+            "--listen {addr}: without --ca the API is plain HTTP, which is served on a \
+             loopback address only; give --ca DIR for HTTPS with the cluster CA"
+        )));
     }
     let store = open_db(&a.db)?;
     let manager = Arc::new(Manager::open(Box::new(store), system_clock())?);
