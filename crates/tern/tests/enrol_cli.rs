@@ -164,6 +164,8 @@ fn a_host_joins_with_a_token_and_is_driven_over_mutual_tls() {
             "4".into(),
             "--memory-mib".into(),
             "4096".into(),
+            "--crl-refresh-s".into(),
+            "1".into(),
         ]
     };
     let a1 = agent("h1", aport);
@@ -226,6 +228,22 @@ fn a_host_joins_with_a_token_and_is_driven_over_mutual_tls() {
         "list",
     ]);
     assert!(!anon.status.success(), "{anon:?}");
+
+    // Revoked, the operator is refused once the agent has fetched the new list.
+    let revoked = tern(&["ca", "revoke", "--dir", &s(&ca), "alice"]);
+    assert!(revoked.status.success(), "{revoked:?}");
+    wait_for("alice refused", || {
+        let o = tern(&[
+            "agent",
+            "vm",
+            "--agent",
+            &agent_url,
+            "--tls-dir",
+            &s(&op),
+            "list",
+        ]);
+        (!o.status.success()).then_some(Value::Null)
+    });
 
     // Removing a host that still runs a VM is refused; emptied, it goes and is revoked.
     assert_eq!(cli(&["host", "remove", "h1"]).status.code(), Some(2));

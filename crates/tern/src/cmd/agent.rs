@@ -2,7 +2,8 @@
 //!
 //! With a host identity (`--tls-dir`, or enrolled with `--join`) the agent serves mutual
 //! TLS only: every client presents a certificate of the cluster CA, and the revocation
-//! list is refreshed every 30 s (from the manager it joined, else from the directory).
+//! list is refreshed every 30 s (from the manager it joined, else from the directory;
+//! `--crl-refresh-s` changes the period).
 
 use super::{agent_error, bad_input};
 use std::net::SocketAddr;
@@ -69,6 +70,9 @@ pub struct Daemon {
     /// The one-time join token from `tern ca join-token` (mode 0600).
     #[arg(long, value_name = "FILE")]
     pub join_token_file: Option<PathBuf>,
+    /// Seconds between refreshes of the revocation list.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub crl_refresh_s: u64,
     /// Directory for guest RAM files, on tmpfs [default: /dev/shm/tern/<hash of state dir>].
     #[arg(long, value_name = "DIR")]
     pub mem_dir: Option<PathBuf>,
@@ -180,7 +184,8 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
             let server = server_config(&id, crl.as_deref(), ClientAuth::Required)?;
             let client = client_config(&id.ca_pem, Some(&id), crl.as_deref())?;
             let acceptor = TlsAcceptor::new(server);
-            rt.spawn(refresh_crl(dir.clone(), id, crl, acceptor.clone()));
+            let every = Duration::from_secs(args.crl_refresh_s);
+            rt.spawn(refresh_crl(dir.clone(), id, crl, acceptor.clone(), every));
             let serving = Serving {
                 tls: Some(acceptor),
                 limits: Default::default(),
@@ -210,8 +215,6 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
 
 /// Where an enrolled agent remembers the manager it joined, to fetch revocations from.
 const MANAGER_FILE: &str = "manager.url";
-/// How often the revocation list is refreshed.
-const CRL_EVERY: Duration = Duration::from_secs(30);
 
 /// Enrols this host: a new key and a signing request made here, sent with the join token
 /// to the manager, which is checked against the CA certificate the token carries before
@@ -266,10 +269,16 @@ async fn join(
     Ok(())
 }
 
-/// Every 30 s: fetches the revocation list from the manager this host joined (or
-/// re-reads `crl.pem` when there is none, as in the lab) and, when it changed, makes
-/// new connections check against it.
-async fn refresh_crl(dir: PathBuf, id: Identity, mut last: Option<String>, acceptor: TlsAcceptor) {
+/// Every `every` (30 s by default): fetches the revocation list from the manager this
+/// host joined (or re-reads `crl.pem` when there is none) and, when it changed, makes new
+/// connections check against it.
+async fn refresh_crl(
+    dir: PathBuf,
+    id: Identity,
+    mut last: Option<String>,
+    acceptor: TlsAcceptor,
+    every: Duration,
+) {
     let manager = std::fs::read_to_string(dir.join(MANAGER_FILE)).ok();
     let fetcher = manager.as_deref().and_then(|url| {
         let tls = client_config(&id.ca_pem, None, None).ok()?;
@@ -282,7 +291,7 @@ async fn refresh_crl(dir: PathBuf, id: Identity, mut last: Option<String>, accep
         .ok()
     });
     let crl_file = tern_pki::identity::IdentityFiles::in_dir(&dir).crl;
-    let mut tick = tokio::time::interval(CRL_EVERY);
+    let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
         let fresh = match &fetcher {
