@@ -23,6 +23,9 @@ pub enum LabError {
     /// An agent's API could not be asked (bad URL, refused, timed out).
     #[error(transparent)]
     Client(#[from] tern_agent::client::ClientError),
+    /// The lab's CA or a certificate it issues.
+    #[error(transparent)]
+    Pki(#[from] tern_pki::PkiError),
     /// The lab's own files (state file, token, logs, directories).
     #[error("{context}: {source}")]
     Io {

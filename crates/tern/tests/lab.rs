@@ -1,10 +1,13 @@
 //! `tern lab` end to end (needs root): up 2 hosts with shaped links, the hosts reach each
 //! other, status reports healthy agents, a VM with a NIC runs on a host through
 //! `tern agent vm`, bad input exits with status 2, and down leaves nothing of the lab
-//! behind.
+//! behind. With `--tls`: a lab CA, agents serving mutual TLS only, and the manager
+//! adopting the lab's CA.
 
 use serde_json::Value;
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn tern(state: &std::path::Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tern"))
@@ -219,4 +222,156 @@ fn lab_up_status_vm_down() {
         Some(2),
         "nothing left to remove"
     );
+}
+
+/// Takes the lab and the manager down however the test ends.
+struct TlsTeardown<'a> {
+    state: &'a Path,
+    manager: Option<Child>,
+}
+
+impl Drop for TlsTeardown<'_> {
+    fn drop(&mut self) {
+        if let Some(m) = &mut self.manager {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+        let _ = tern(self.state, &["lab", "down"]);
+    }
+}
+
+#[test]
+fn a_tls_lab_serves_only_mutual_tls_and_the_manager_adopts_its_ca() {
+    if !tern_testkit::require_lab("the TLS lab test", &[]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let st = tmp.path();
+    let up = json(&tern(st, &["lab", "up", "--hosts", "2", "--tls", "--json"]));
+    let mut down = TlsTeardown {
+        state: st,
+        manager: None,
+    };
+    let h1 = &up["hosts"][0];
+    let url = h1["url"].as_str().unwrap();
+    assert!(url.starts_with("https://"), "{url}");
+    let tls_dir = h1["tls_dir"].as_str().unwrap();
+    assert!(Path::new(h1["ca_file"].as_str().unwrap()).exists());
+    let token_file = up["token_file"].as_str().unwrap();
+
+    // The operator's certificate is what calling an agent takes; the token is not.
+    let listed = json(&tern(
+        st,
+        &[
+            "agent",
+            "vm",
+            "--agent",
+            url,
+            "--tls-dir",
+            tls_dir,
+            "list",
+            "--json",
+        ],
+    ));
+    assert_eq!(listed, serde_json::json!([]));
+    let refused = tern(
+        st,
+        &[
+            "agent",
+            "vm",
+            "--agent",
+            url,
+            "--token-file",
+            token_file,
+            "list",
+        ],
+    );
+    assert!(
+        !refused.status.success(),
+        "a plain token reached a TLS agent"
+    );
+
+    // The manager adopts the lab CA and registers the enrolled hosts by hand.
+    let ca = up["ca_dir"].as_str().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let db = st.join("manager.db");
+    down.manager = Some(
+        Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args([
+                "manager",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--ca",
+                ca,
+            ])
+            .args(["--db", db.to_str().unwrap(), "--token-file", token_file])
+            .env("TERN_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(st.join("manager.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let manager = format!("https://127.0.0.1:{port}");
+    let ca_cert = format!("{ca}/ca.pem");
+    let cli = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend([
+            "--manager",
+            &manager,
+            "--ca-cert",
+            &ca_cert,
+            "--token-file",
+            token_file,
+        ]);
+        tern(st, &a)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cli(&["host", "list"]).status.success() {
+        assert!(Instant::now() < deadline, "the manager did not come up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for h in up["hosts"].as_array().unwrap() {
+        let r = cli(&[
+            "host",
+            "register",
+            h["name"].as_str().unwrap(),
+            "--address",
+            h["url"].as_str().unwrap(),
+            "--cpus",
+            "2",
+            "--memory-mib",
+            "1024",
+        ]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    }
+    // The manager reaches both agents over mutual TLS: their load reports, pulled every
+    // balancing round (30 s), move each host's last heartbeat past its registration.
+    let beats = |hosts: &Value| -> Vec<u64> {
+        let hs = hosts.as_array().unwrap();
+        hs.iter()
+            .map(|h| h["last_heartbeat"].as_u64().unwrap())
+            .collect()
+    };
+    let registered = beats(&json(&cli(&["host", "list", "--json"])));
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let hosts = json(&cli(&["host", "list", "--json"]));
+        if beats(&hosts)
+            .iter()
+            .zip(&registered)
+            .all(|(now, then)| now > then)
+        {
+            break;
+        }
+        let log = std::fs::read_to_string(st.join("manager.log")).unwrap_or_default();
+        assert!(
+            Instant::now() < deadline,
+            "no load from the agents: {hosts}\n{log}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }

@@ -78,6 +78,8 @@ pub async fn run(
         leadership,
         http: reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
+            // The leader closes connections idle for 10 s; reuse only fresher ones.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(std::io::Error::other)?,
     });
