@@ -245,20 +245,39 @@ fn a_host_joins_with_a_token_and_is_driven_over_mutual_tls() {
         (!o.status.success()).then_some(Value::Null)
     });
 
+    // A second host joins with a fresh token.
+    let made = tern(&[
+        "ca",
+        "join-token",
+        "--dir",
+        &s(&ca),
+        "--out",
+        &s(&join_token),
+    ]);
+    assert!(made.status.success(), "{made:?}");
+    let a2 = agent("h2", free_port());
+    let a2: Vec<&str> = a2.iter().map(String::as_str).collect();
+    procs.0.push(spawn(&a2, &d.join("h2.log")));
+    wait_for("h2 enrolled", || {
+        json_of(&cli(&["host", "list"])).filter(|v| v.as_array().is_some_and(|a| a.len() == 2))
+    });
+
     // Removing a host that still runs a VM is refused; emptied, it goes and is revoked.
     assert_eq!(cli(&["host", "remove", "h1"]).status.code(), Some(2));
     assert!(cli(&["vm", "delete", "v1"]).status.success());
     wait_for("v1 gone", || {
         (cli(&["vm", "show", "v1"]).status.code() == Some(2)).then_some(Value::Null)
     });
-    let removed = cli(&["host", "remove", "h1"]);
-    assert!(removed.status.success(), "{removed:?}");
+    for h in ["h1", "h2"] {
+        let removed = cli(&["host", "remove", h]);
+        assert!(removed.status.success(), "{removed:?}");
+    }
     let ledger: Value =
         serde_json::from_str(&std::fs::read_to_string(ca.join("issued.json")).unwrap()).unwrap();
     assert!(ledger
         .as_array()
         .unwrap()
         .iter()
-        .filter(|i| i["name"] == "h1")
+        .filter(|i| i["name"] == "h1" || i["name"] == "h2")
         .all(|i| !i["revoked_at"].is_null()));
 }
