@@ -2,7 +2,7 @@
 //! other, status reports healthy agents, a VM with a NIC runs on a host through
 //! `tern agent vm`, bad input exits with status 2, and down leaves nothing of the lab
 //! behind. With `--tls`: a lab CA, agents serving mutual TLS only, and the manager
-//! adopting the lab's CA.
+//! adopting the lab's CA and moving a VM between them.
 
 use serde_json::Value;
 use std::path::Path;
@@ -348,30 +348,36 @@ fn a_tls_lab_serves_only_mutual_tls_and_the_manager_adopts_its_ca() {
         ]);
         assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     }
-    // The manager reaches both agents over mutual TLS: their load reports, pulled every
-    // balancing round (30 s), move each host's last heartbeat past its registration.
-    let beats = |hosts: &Value| -> Vec<u64> {
-        let hs = hosts.as_array().unwrap();
-        hs.iter()
-            .map(|h| h["last_heartbeat"].as_u64().unwrap())
-            .collect()
-    };
-    let registered = beats(&json(&cli(&["host", "list", "--json"])));
-    let deadline = Instant::now() + Duration::from_secs(45);
-    loop {
-        let hosts = json(&cli(&["host", "list", "--json"]));
-        if beats(&hosts)
-            .iter()
-            .zip(&registered)
-            .all(|(now, then)| now > then)
-        {
-            break;
+    // The manager places a VM over mutual TLS, and moves it: the source agent calls the
+    // destination with its own host certificate.
+    let created = cli(&["vm", "create", "g", "--memory-mib", "256", "--host", "h1"]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let on = |host: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = json(&cli(&["vm", "show", "g", "--json"]));
+            if v["state"] == "running" && v["observed_host"] == host {
+                return;
+            }
+            let log = std::fs::read_to_string(st.join("manager.log")).unwrap_or_default();
+            assert!(
+                Instant::now() < deadline,
+                "g not running on {host}: {v}\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
         }
-        let log = std::fs::read_to_string(st.join("manager.log")).unwrap_or_default();
-        assert!(
-            Instant::now() < deadline,
-            "no load from the agents: {hosts}\n{log}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    };
+    on("h1");
+    let moved = cli(&["vm", "migrate", "g", "--to", "h2"]);
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    on("h2");
+    assert!(cli(&["vm", "delete", "g"]).status.success());
 }
