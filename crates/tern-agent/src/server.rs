@@ -1,4 +1,6 @@
 //! Serving the API: a bound listener and a shutdown future in, so tests bind port 0.
+//! Connections go through `tern_pki::serve`: TLS when the agent has an identity, and
+//! header-read and idle timeouts and a connection cap either way.
 
 use crate::error::AgentError;
 use crate::state::AppState;
@@ -6,6 +8,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::Router;
 use std::future::Future;
 use std::time::Duration;
+use tern_pki::serve::{Limits, TlsAcceptor};
 
 /// How often the load sampler measures the VMs.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
@@ -19,12 +22,30 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves until `shutdown` resolves, sampling VM load meanwhile. On the way out the
-/// host's VMs are destroyed: their QEMUs are this agent's children and a host without
-/// its agent cannot be managed.
+/// How connections are served.
+#[derive(Clone, Default)]
+pub struct Serving {
+    /// TLS (mutual, with the cluster CA) when set; plain HTTP otherwise.
+    pub tls: Option<TlsAcceptor>,
+    pub limits: Limits,
+}
+
+/// Serves plain HTTP with the default limits; see [`serve_with`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    serve_with(listener, state, Serving::default(), shutdown).await
+}
+
+/// Serves until `shutdown` resolves, sampling VM load meanwhile. On the way out the
+/// host's VMs are destroyed: their QEMUs are this agent's children and a host without
+/// its agent cannot be managed.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    serving: Serving,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
     let sampler = {
@@ -39,10 +60,15 @@ pub async fn serve(
             }
         })
     };
-    let served = axum::serve(listener, app(state.clone()))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .map_err(AgentError::io("serving HTTP"));
+    let served = tern_pki::serve::serve(
+        listener,
+        app(state.clone()),
+        serving.tls,
+        serving.limits,
+        shutdown,
+    )
+    .await
+    .map_err(AgentError::io("serving HTTP"));
     sampler.abort();
     for vm in state.hv.list().await.unwrap_or_default() {
         if let Err(e) = state.destroy_vm(&vm.id).await {

@@ -26,19 +26,10 @@ pub struct HostConfig {
     pub image_dir: PathBuf,
 }
 
-/// Reads a token file: the first line, trimmed; empty is refused.
+/// Reads a token file: the first line, trimmed; empty is refused, and so is a file
+/// that group or others can read.
 pub fn read_token(path: &Path) -> Result<String, AgentError> {
-    let t = std::fs::read_to_string(path).map_err(|e| {
-        AgentError::BadRequest(format!("cannot read token file {}: {e}", path.display()))
-    })?;
-    let t = t.lines().next().unwrap_or("").trim().to_string();
-    if t.is_empty() {
-        return Err(AgentError::BadRequest(format!(
-            "token file {} is empty: put a secret on its first line",
-            path.display()
-        )));
-    }
-    Ok(t)
+    tern_pki::files::read_token(path).map_err(|e| AgentError::BadRequest(e.to_string()))
 }
 
 /// The last CPU sample of one VM.
@@ -104,6 +95,9 @@ pub struct AppState {
     /// serves its API on. Loopback until [`AppState::with_stream_ip`] says otherwise,
     /// so nothing listens beyond the host unless asked to.
     pub stream_ip: std::net::IpAddr,
+    /// With a host identity: how this agent calls other agents (mutual TLS). Requests
+    /// to it are then authenticated by their client certificate, not a bearer token.
+    pub tls: Option<rustls::ClientConfig>,
 }
 
 impl AppState {
@@ -118,6 +112,7 @@ impl AppState {
             lifecycle: Arc::default(),
             epoch: Instant::now(),
             stream_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+            tls: None,
         }
     }
 
@@ -139,6 +134,13 @@ impl AppState {
         Ok(())
     }
 
+    /// The agent with a host identity: it serves mutual TLS (see
+    /// `server::Serving`) and calls other agents with `client`.
+    pub fn with_tls(mut self, client: rustls::ClientConfig) -> Self {
+        self.tls = Some(client);
+        self
+    }
+
     /// Where the record of VM `id` is kept.
     pub fn vm_record(&self, id: &str) -> PathBuf {
         self.host.state_dir.join("vms").join(format!("{id}.json"))
@@ -153,9 +155,9 @@ mod tests {
     fn token_files() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("t");
-        std::fs::write(&p, "  abc \nignored\n").unwrap();
+        tern_pki::files::write_private(&p, b"  abc \nignored\n").unwrap();
         assert_eq!(read_token(&p).unwrap(), "abc");
-        std::fs::write(&p, "\n").unwrap();
+        tern_pki::files::write_private(&p, b"\n").unwrap();
         assert_eq!(read_token(&p).unwrap_err().status().as_u16(), 400);
         assert!(read_token(&d.path().join("none")).is_err());
     }

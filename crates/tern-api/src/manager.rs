@@ -278,6 +278,10 @@ pub enum EventKind {
     HostRegistered {
         host: String,
     },
+    /// Removed from the cluster (`DELETE /v1/hosts/{name}`); its certificate revoked.
+    HostRemoved {
+        host: String,
+    },
     HostStateChanged {
         host: String,
         from: HostState,
@@ -348,6 +352,34 @@ pub struct RegisterHost {
     pub name: HostName,
     pub address: String,
     pub capacity: Capacity,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+/// `POST /v1/join`: a host enrols with a one-time join token. The manager signs the
+/// host's certificate signing request (its key never leaves the host) for the host's
+/// name and the address in `address`, and registers the host.
+pub struct JoinRequest {
+    /// The join token (`ID.SECRET`) from `tern ca join-token`.
+    pub token: String,
+    #[cfg_attr(feature = "openapi", schema(value_type = String, pattern = "^[a-z0-9][a-z0-9-]{0,47}$"))]
+    pub name: HostName,
+    /// The agent's URL, `https://IP:PORT`.
+    pub address: String,
+    pub capacity: Capacity,
+    /// A PEM certificate signing request for the host's key.
+    pub csr_pem: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+/// The answer of `POST /v1/join`: the host's certificate and what it checks peers with.
+pub struct JoinReply {
+    pub cert_pem: String,
+    pub ca_pem: String,
+    /// The revocation list as of now; `GET /v1/ca/crl` has the latest.
+    pub crl_pem: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -19,6 +19,13 @@ pub enum LabError {
         #[source]
         source: serde_json::Error,
     },
+    /// A lab host's address in the state file is not an IP address.
+    #[error("lab host address {addr:?} is not an IP address: {source}")]
+    BadAddress {
+        addr: String,
+        #[source]
+        source: std::net::AddrParseError,
+    },
     /// Every lab index (0-255) already names a namespace or an address on this machine.
     #[error("every lab index 0-255 is in use; take a lab down with `tern lab down` first")]
     NoFreeIndex,
@@ -39,6 +46,9 @@ pub enum LabError {
     /// An agent's API could not be asked (bad URL, refused, timed out).
     #[error(transparent)]
     Client(#[from] tern_agent::client::ClientError),
+    /// The lab's CA or a certificate it issues.
+    #[error(transparent)]
+    Pki(#[from] tern_pki::PkiError),
     /// The lab's own files (state file, token, logs, directories).
     #[error("{context}: {source}")]
     Io {

@@ -6,6 +6,10 @@
 //! `tern lab up|status|down`, `tern demo`, `tern bench migration` and the tests that move
 //! real guests between hosts build their hosts with it.
 //!
+//! [`up_tls`] makes a lab CA (`DIR/ca`), enrols every agent with a host certificate for its
+//! name and address, and issues an operator certificate (`DIR/operator`): the agents then
+//! serve mutual TLS only, and `tern manager --ca DIR/ca` adopts the CA.
+//!
 //! # Layout
 //! - [`plan`]: the plan (names, addresses, the `ip`/`tc` commands), pure.
 //! - this file: runs the plan: [`up`], [`status`], [`down`], the state file ([`load`]).
@@ -53,6 +57,13 @@ pub struct LabHost {
     pub pid: Option<u32>,
     pub state_dir: PathBuf,
     pub mem_dir: PathBuf,
+    /// With a lab CA: the CA certificate to check the agent by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// With a lab CA: the operator's client certificate and key (ca.pem, cert.pem,
+    /// key.pem), for `tern agent vm --tls-dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_dir: Option<PathBuf>,
 }
 
 /// The lab state file: everything `down` needs to undo `up`.
@@ -68,6 +79,9 @@ pub struct LabState {
     pub root_link: String,
     pub root_addr: String,
     pub hosts: Vec<LabHost>,
+    /// The lab CA's directory, when the lab was made with one ([`up_tls`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_dir: Option<PathBuf>,
 }
 
 impl LabState {
@@ -81,6 +95,28 @@ impl LabState {
 
     pub fn token(&self) -> Result<String, LabError> {
         Ok(tern_agent::state::read_token(&self.token_file)?)
+    }
+
+    /// The operator's TLS configuration, when the lab has a CA.
+    pub fn tls(&self) -> Result<Option<rustls::ClientConfig>, LabError> {
+        let Some(dir) = self.ca_dir.as_ref().map(|d| operator_dir(d)) else {
+            return Ok(None);
+        };
+        let id = tern_pki::Identity::load(&dir)?;
+        Ok(Some(tern_pki::tls::client_config(
+            &id.ca_pem,
+            Some(&id),
+            None,
+        )?))
+    }
+
+    /// A client for the agent at `url`: mutual TLS with the operator's certificate in a
+    /// lab with a CA, else the lab's bearer token.
+    pub fn client(&self, url: &str, timeout: Duration) -> Result<AgentClient, LabError> {
+        match self.tls()? {
+            Some(tls) => Ok(AgentClient::new_tls(url, "", timeout, Some(tls))?),
+            None => Ok(AgentClient::new(url, &self.token()?, timeout)?),
+        }
     }
 }
 
@@ -160,9 +196,28 @@ fn random_token() -> Result<String, LabError> {
     Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
+/// The operator's identity inside a lab CA's directory.
+fn operator_dir(ca_dir: &Path) -> PathBuf {
+    ca_dir.join("operator")
+}
+
 /// Builds the lab, starts its agents and waits until each answers. On any failure what
 /// was made is removed again. `progress` receives one line per step.
 pub async fn up(opts: &LabOptions, progress: &dyn Fn(&str)) -> Result<LabState, LabError> {
+    up_with(opts, false, progress).await
+}
+
+/// [`up`] with a lab CA: each agent gets a host certificate for its name and address and
+/// serves mutual TLS only; an operator certificate is issued for the caller.
+pub async fn up_tls(opts: &LabOptions, progress: &dyn Fn(&str)) -> Result<LabState, LabError> {
+    up_with(opts, true, progress).await
+}
+
+async fn up_with(
+    opts: &LabOptions,
+    tls: bool,
+    progress: &dyn Fn(&str),
+) -> Result<LabState, LabError> {
     let shape0 = LabShape {
         index: 0,
         hosts: opts.hosts,
@@ -184,6 +239,15 @@ pub async fn up(opts: &LabOptions, progress: &dyn Fn(&str)) -> Result<LabState, 
     let shape = claim_index(shape0).await?;
     let index = shape.index;
     let mem_root = PathBuf::from(format!("/dev/shm/tern-lab-{index}"));
+    let ca_dir = tls.then(|| opts.dir.join("ca"));
+    let url = |i: u32| {
+        let u = shape.agent_url(i);
+        if tls {
+            u.replacen("http://", "https://", 1)
+        } else {
+            u
+        }
+    };
     let mut state = LabState {
         index,
         link_mbit: opts.link_mbit,
@@ -198,12 +262,15 @@ pub async fn up(opts: &LabOptions, progress: &dyn Fn(&str)) -> Result<LabState, 
                 name: shape.host_name(i),
                 netns: shape.host_ns(i),
                 addr: shape.host_addr(i).to_string(),
-                url: shape.agent_url(i),
+                url: url(i),
                 pid: None,
                 state_dir: opts.dir.join("hosts").join(shape.host_name(i)),
                 mem_dir: mem_root.join(shape.host_name(i)),
+                ca_file: ca_dir.as_ref().map(|d| tern_pki::Ca::cert_path(d)),
+                tls_dir: ca_dir.as_ref().map(|d| operator_dir(d)),
             })
             .collect(),
+        ca_dir,
     };
     // Recorded before anything else is made, so `down` can undo a half-built lab.
     if let Err(e) = save(&state) {
@@ -265,6 +332,20 @@ async fn build(
         .host_memory_mib
         .unwrap_or(capacity.memory_mib / u64::from(shape.hosts));
     let cpus = opts.host_cpus.unwrap_or(capacity.cpus);
+    if let Some(dir) = &state.ca_dir {
+        progress(&format!("lab: making a lab CA in {}", dir.display()));
+        let ca = tern_pki::Ca::init(dir)?;
+        for h in &state.hosts {
+            let addr: std::net::IpAddr = h.addr.parse().map_err(|source| LabError::BadAddress {
+                addr: h.addr.clone(),
+                source,
+            })?;
+            ca.issue(tern_pki::Role::Host, &h.name, &[addr])?
+                .save(&h.state_dir.join("tls"))?;
+        }
+        ca.issue(tern_pki::Role::Operator, "operator", &[])?
+            .save(&operator_dir(dir))?;
+    }
     for i in 0..state.hosts.len() {
         let h = state.hosts[i].clone();
         progress(&format!("lab: starting agent {} at {}", h.name, h.url));
@@ -281,8 +362,10 @@ async fn build(
             .args(["agent", "--listen", &format!("{}:{AGENT_PORT}", h.addr)])
             .arg("--state-dir")
             .arg(&h.state_dir)
-            .arg("--token-file")
-            .arg(&state.token_file)
+            .args(match &state.ca_dir {
+                Some(_) => ["--tls-dir".into(), h.state_dir.join("tls")],
+                None => ["--token-file".into(), state.token_file.clone()],
+            })
             .arg("--mem-dir")
             .arg(&h.mem_dir)
             .arg("--image-dir")
@@ -304,9 +387,8 @@ async fn build(
         state.hosts[i].pid = Some(child.id());
         save(state)?;
     }
-    let token = state.token()?;
     for h in &state.hosts {
-        wait_healthy(h, &token).await?;
+        wait_healthy(h, state.client(&h.url, Duration::from_secs(2))?).await?;
         progress(&format!("lab: {} is up", h.name));
     }
     Ok(())
@@ -325,8 +407,7 @@ fn write_private(path: &Path, text: &str) -> Result<(), LabError> {
         .map_err(LabError::io(format!("writing {}", path.display())))
 }
 
-async fn wait_healthy(h: &LabHost, token: &str) -> Result<(), LabError> {
-    let client = AgentClient::new(&h.url, token, Duration::from_secs(2))?;
+async fn wait_healthy(h: &LabHost, client: AgentClient) -> Result<(), LabError> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let err = match client.host().await {
@@ -365,11 +446,10 @@ fn cmdline_has(pid: u32, word: &str) -> bool {
 
 /// Asks every agent how it is.
 pub async fn status(state: &LabState) -> Result<Vec<HostStatus>, LabError> {
-    let token = state.token()?;
     let mut out = Vec::new();
     for h in &state.hosts {
         let running = h.pid.is_some_and(alive);
-        let client = AgentClient::new(&h.url, &token, Duration::from_secs(2))?;
+        let client = state.client(&h.url, Duration::from_secs(2))?;
         let (report, error) = match client.host().await {
             Ok(r) => (Some(r), None),
             Err(e) => (None, Some(e.to_string())),

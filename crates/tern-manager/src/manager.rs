@@ -308,6 +308,7 @@ impl Key {
     fn written(c: &Change) -> Option<Key> {
         match c {
             Change::PutHost(h) => Some(Key::Host(h.name.clone())),
+            Change::RemoveHost(name) => Some(Key::Host(name.clone())),
             Change::PutVm(v) => Some(Key::Vm(v.name.clone())),
             Change::RemoveVm(name) => Some(Key::Vm(name.clone())),
             Change::PutMigration(_) | Change::PutSettings(_) | Change::Event(_) => None,

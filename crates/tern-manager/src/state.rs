@@ -50,6 +50,7 @@ impl Validate for BalancerSettings {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
     PutHost(Host),
+    RemoveHost(String),
     PutVm(Vm),
     RemoveVm(String),
     PutMigration(Migration),
@@ -116,6 +117,9 @@ impl Snapshot {
             match c {
                 Change::PutHost(h) => {
                     self.hosts.insert(h.name.clone(), h.clone());
+                }
+                Change::RemoveHost(name) => {
+                    self.hosts.remove(name);
                 }
                 Change::PutVm(v) => {
                     let old = self.vms.insert(v.name.clone(), v.clone());

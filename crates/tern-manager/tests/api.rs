@@ -95,10 +95,10 @@ impl Server {
             .unwrap();
     }
 
-    /// Hosts h1, h2 and VM v1 running on h1 after two migrations: what the document's
-    /// examples refer to.
+    /// Hosts h1, h2, h3 (empty, for the removal) and VM v1 running on h1 after two
+    /// migrations: what the document's examples refer to.
     async fn fixture(&self) {
-        for (h, ip) in [("h1", 2), ("h2", 3)] {
+        for (h, ip) in [("h1", 2), ("h2", 3), ("h3", 4)] {
             let (s, _) = self
                 .json(
                     Method::POST,
@@ -210,6 +210,10 @@ async fn every_documented_operation_answers_as_documented() {
     let ops = operations(&doc);
     assert!(ops.len() >= 18, "{} operations documented", ops.len());
     for (method, url, body, codes, secured) in ops {
+        // Enrolment needs a cluster CA, which this server has not: tests/enrol.rs.
+        if url == "/v1/join" || url == "/v1/ca/crl" {
+            continue;
+        }
         let (s, text) = srv.call(method.clone(), &url, None, body.as_deref()).await;
         if secured {
             assert_eq!(

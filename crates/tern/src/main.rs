@@ -39,11 +39,14 @@ enum Command {
     /// The cluster's VMs through the manager: list, show, create, delete, and migrate with
     /// a live progress bar (`tern agent vm` talks to one agent).
     Vm(cmd::vm::Args),
+    /// The cluster certificate authority: init, join tokens, certificates, revocation.
+    #[command(subcommand)]
+    Ca(cmd::ca::Command),
     /// Run the control plane: REST API, state in SQLite, balancing loop over the agents.
     Manager(cmd::manager::Args),
     /// Show the whole system: VMs created unevenly, balanced by live migration.
     Demo(cmd::demo::Args),
-    /// The manager's hosts: list, show, register, drain, activate.
+    /// The manager's hosts: list, show, register, remove, drain, activate.
     Host(cmd::host::Args),
     /// The balancer's settings on the manager, and its dry-run plan.
     Policy(cmd::policy::Args),
@@ -68,6 +71,7 @@ fn main() {
         Command::Agent(a) => cmd::agent::run(a),
         Command::Lab(c) => cmd::lab::run(c),
         Command::Vm(a) => cmd::vm::run(a),
+        Command::Ca(c) => cmd::ca::run(c),
         Command::Manager(a) => cmd::manager::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Host(a) => cmd::host::run(a),

@@ -153,7 +153,13 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_agent_s_vms_restart_once_elsewhere_and_it_returns_empty() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("token"), format!("{TOKEN}\n")).unwrap();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let http = Http {
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
@@ -180,8 +186,8 @@ async fn a_killed_agent_s_vms_restart_once_elsewhere_and_it_returns_empty() {
                 &format!("127.0.0.1:{mport}"),
                 "--db",
                 db.to_str().unwrap(),
-                "--token",
-                TOKEN,
+                "--token-file",
+                token_file.to_str().unwrap(),
                 "--agent-timeout-s",
                 "2",
             ],

@@ -1,10 +1,13 @@
 //! `tern lab` end to end (needs root): up 2 hosts with shaped links, the hosts reach each
 //! other, status reports healthy agents, a VM with a NIC runs on a host through
 //! `tern agent vm`, bad input exits with status 2, and down leaves nothing of the lab
-//! behind.
+//! behind. With `--tls`: a lab CA, agents serving mutual TLS only, and the manager
+//! adopting the lab's CA and moving a VM between them.
 
 use serde_json::Value;
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 fn tern(state: &std::path::Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tern"))
@@ -139,10 +142,23 @@ fn lab_up_status_vm_down() {
         Some(2),
         "spec without memory"
     );
+    let wrong_file = st.join("wrong-token");
+    std::fs::write(&wrong_file, "wrong\n").unwrap();
+    std::fs::set_permissions(
+        &wrong_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
     let wrong = tern(
         st,
         &[
-            "agent", "vm", "--agent", &h1_url, "--token", "wrong", "list",
+            "agent",
+            "vm",
+            "--agent",
+            &h1_url,
+            "--token-file",
+            wrong_file.to_str().unwrap(),
+            "list",
         ],
     );
     assert_eq!(wrong.status.code(), Some(2), "bad token");
@@ -208,4 +224,162 @@ fn lab_up_status_vm_down() {
         Some(2),
         "nothing left to remove"
     );
+}
+
+/// Takes the lab and the manager down however the test ends.
+struct TlsTeardown<'a> {
+    state: &'a Path,
+    manager: Option<Child>,
+}
+
+impl Drop for TlsTeardown<'_> {
+    fn drop(&mut self) {
+        if let Some(m) = &mut self.manager {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+        let _ = tern(self.state, &["lab", "down"]);
+    }
+}
+
+#[test]
+fn a_tls_lab_serves_only_mutual_tls_and_the_manager_adopts_its_ca() {
+    if !tern_testkit::require_lab("the TLS lab test", &[]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let st = tmp.path();
+    let up = json(&tern(st, &["lab", "up", "--hosts", "2", "--tls", "--json"]));
+    let mut down = TlsTeardown {
+        state: st,
+        manager: None,
+    };
+    let h1 = &up["hosts"][0];
+    let url = h1["url"].as_str().unwrap();
+    assert!(url.starts_with("https://"), "{url}");
+    let tls_dir = h1["tls_dir"].as_str().unwrap();
+    assert!(Path::new(h1["ca_file"].as_str().unwrap()).exists());
+    let token_file = up["token_file"].as_str().unwrap();
+
+    // The operator's certificate is what calling an agent takes; the token is not.
+    let listed = json(&tern(
+        st,
+        &[
+            "agent",
+            "vm",
+            "--agent",
+            url,
+            "--tls-dir",
+            tls_dir,
+            "list",
+            "--json",
+        ],
+    ));
+    assert_eq!(listed, serde_json::json!([]));
+    let refused = tern(
+        st,
+        &[
+            "agent",
+            "vm",
+            "--agent",
+            url,
+            "--token-file",
+            token_file,
+            "list",
+        ],
+    );
+    assert!(
+        !refused.status.success(),
+        "a plain token reached a TLS agent"
+    );
+
+    // The manager adopts the lab CA and registers the enrolled hosts by hand.
+    let ca = up["ca_dir"].as_str().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let db = st.join("manager.db");
+    down.manager = Some(
+        Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args([
+                "manager",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--ca",
+                ca,
+            ])
+            .args(["--db", db.to_str().unwrap(), "--token-file", token_file])
+            .env("TERN_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(st.join("manager.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let manager = format!("https://127.0.0.1:{port}");
+    let ca_cert = format!("{ca}/ca.pem");
+    let cli = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend([
+            "--manager",
+            &manager,
+            "--ca-cert",
+            &ca_cert,
+            "--token-file",
+            token_file,
+        ]);
+        tern(st, &a)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !cli(&["host", "list"]).status.success() {
+        assert!(Instant::now() < deadline, "the manager did not come up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for h in up["hosts"].as_array().unwrap() {
+        let r = cli(&[
+            "host",
+            "register",
+            h["name"].as_str().unwrap(),
+            "--address",
+            h["url"].as_str().unwrap(),
+            "--cpus",
+            "2",
+            "--memory-mib",
+            "1024",
+        ]);
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    }
+    // The manager places a VM over mutual TLS, and moves it: the source agent calls the
+    // destination with its own host certificate.
+    let created = cli(&["vm", "create", "g", "--memory-mib", "256", "--host", "h1"]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let on = |host: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let v = json(&cli(&["vm", "show", "g", "--json"]));
+            if v["state"] == "running" && v["observed_host"] == host {
+                return;
+            }
+            let log = std::fs::read_to_string(st.join("manager.log")).unwrap_or_default();
+            assert!(
+                Instant::now() < deadline,
+                "g not running on {host}: {v}\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    };
+    on("h1");
+    let moved = cli(&["vm", "migrate", "g", "--to", "h2"]);
+    assert!(
+        moved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&moved.stderr)
+    );
+    on("h2");
+    assert!(cli(&["vm", "delete", "g"]).status.success());
 }

@@ -87,8 +87,8 @@ impl Served {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tern"));
         cmd.arg("vm")
             .args(args)
-            .args(["--manager", &self.base, "--token", TOKEN])
-            .env_remove("TERN_TOKEN")
+            .args(["--manager", &self.base])
+            .env("TERN_TOKEN", TOKEN)
             .env_remove("TERN_MANAGER");
         tokio::task::spawn_blocking(move || cmd.output().unwrap())
             .await

@@ -93,7 +93,6 @@ struct Lab {
     down: Teardown,
     tmp: tempfile::TempDir,
     up: Value,
-    token: String,
     port: u16,
 }
 
@@ -106,10 +105,14 @@ impl Lab {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    fn token_file(&self) -> &str {
+        self.up["token_file"].as_str().unwrap()
+    }
+
     fn cli(&self, args: &[&str]) -> Output {
         let url = self.url();
         let mut a = args.to_vec();
-        a.extend(["--manager", &url, "--token", &self.token]);
+        a.extend(["--manager", &url, "--token-file", self.token_file()]);
         tern(self.st(), &a)
     }
 
@@ -119,7 +122,12 @@ impl Lab {
         self.down.manager = Some(
             Command::new(env!("CARGO_BIN_EXE_tern"))
                 .args(["manager", "--listen", &format!("127.0.0.1:{}", self.port)])
-                .args(["--db", db.to_str().unwrap(), "--token", &self.token])
+                .args([
+                    "--db",
+                    db.to_str().unwrap(),
+                    "--token-file",
+                    self.token_file(),
+                ])
                 .env_remove("TERN_TOKEN")
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -185,8 +193,6 @@ impl Lab {
             state: st.clone(),
             manager: None,
         };
-        let token = std::fs::read_to_string(up["token_file"].as_str().unwrap()).unwrap();
-        let token = token.lines().next().unwrap().to_owned();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -196,7 +202,6 @@ impl Lab {
             down,
             tmp,
             up,
-            token,
             port,
         };
         lab.start_manager();
@@ -233,13 +238,13 @@ fn a_vm_migrates_through_the_manager_with_relayed_progress() {
     let Some(lab) = Lab::new() else {
         return;
     };
-    let (st, token, url) = (lab.st(), &lab.token, lab.url());
+    let (st, token_file, url) = (lab.st(), lab.token_file(), lab.url());
     let cli = |args: &[&str]| lab.cli(args);
     for (from, to) in [("h1", "h2"), ("h2", "h1")] {
         // The CLI follows the migration; beside it, the VM's record is read as an
         // operator's `tern vm show` would, to see the progress while round 1 runs.
         let mut a = vec!["vm", "migrate", "g", "--to", to, "--json"];
-        a.extend(["--manager", &url, "--token", token]);
+        a.extend(["--manager", &url, "--token-file", token_file]);
         let mut migrate = Command::new(env!("CARGO_BIN_EXE_tern"))
             .args(&a)
             .env("TERN_STATE", st)

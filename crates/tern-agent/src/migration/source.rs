@@ -56,7 +56,12 @@ pub enum RollbackError {
 
 /// Runs one migration to its end and records the outcome in `job`.
 pub async fn run(state: AppState, job: Arc<Outbound>, req: SendRequest, engine: Engine) {
-    let dest = match AgentClient::new(&req.destination, &req.token, Duration::from_secs(30)) {
+    let dest = match AgentClient::new_tls(
+        &req.destination,
+        &req.token,
+        Duration::from_secs(30),
+        state.tls.clone(),
+    ) {
         Ok(d) => d,
         Err(e) => return fail(&job, &e.to_string()),
     };

@@ -39,6 +39,16 @@ impl AgentClient {
         Client::new(base, token, options).map(Self::from)
     }
 
+    /// Over mutual TLS with `tls` (see [`Client::with_tls`]).
+    pub fn new_tls(
+        base: &str,
+        token: &str,
+        timeout: Duration,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Result<Self, ClientError> {
+        Client::with_tls(base, token, ClientOptions::with_timeout(timeout), tls).map(Self::from)
+    }
+
     pub fn base(&self) -> &str {
         self.http.base()
     }

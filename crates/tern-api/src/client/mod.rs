@@ -1,5 +1,6 @@
-//! One HTTP client for every tern API: bearer auth, a connect and a request timeout, a
-//! cap on the size of answers, and errors that say which of those failed. An error
+//! One HTTP client for every tern API: bearer auth or a client certificate (mutual TLS
+//! with the cluster CA), a connect and a request timeout, a cap on the size of answers,
+//! and errors that say which of those failed. An error
 //! answer becomes [`ClientError::Remote`] with the server's own message, so callers
 //! decide on its status, never on its text.
 //!
@@ -64,6 +65,13 @@ pub enum ClientError {
     /// The base URL is not one this client can call.
     #[error("{url:?} is not an http:// or https:// URL (e.g. http://198.18.0.1:7070)")]
     BadUrl { url: String },
+    /// A client with a TLS identity asked to call a plain-HTTP URL: it would send its
+    /// request to a server it cannot authenticate.
+    #[error(
+        "{url:?} is plain HTTP; with a cluster CA every call is https:// to a server whose \
+         certificate the CA issued (enrol the host with `tern agent --join`)"
+    )]
+    NotHttps { url: String },
     /// The request has no route on the server.
     #[error("{what}")]
     NoRoute { what: String },
@@ -139,20 +147,42 @@ pub struct Client {
 impl Client {
     /// `base` like `http://198.18.0.1:7070`; `token` is sent as `Authorization: Bearer`.
     pub fn new(base: &str, token: &str, options: ClientOptions) -> Result<Client, ClientError> {
+        Self::with_tls(base, token, options, None)
+    }
+
+    /// With `tls` (a configuration trusting only the cluster CA, usually presenting a
+    /// client certificate), `base` must be `https://`; an empty `token` sends no
+    /// `Authorization` header, the certificate being the credential.
+    pub fn with_tls(
+        base: &str,
+        token: &str,
+        options: ClientOptions,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Result<Client, ClientError> {
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(ClientError::BadUrl {
                 url: base.to_string(),
             });
         }
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(options.connect_timeout)
             .timeout(options.timeout)
-            .build()
-            .map_err(|source| ClientError::Transport {
-                method: Method::GET,
-                url: base.to_string(),
-                source,
-            })?;
+            // Servers close idle connections after 10 s; dropping ours first keeps a
+            // request from being sent on a connection the server is closing.
+            .pool_idle_timeout(Duration::from_secs(5));
+        if let Some(tls) = tls {
+            if !base.starts_with("https://") {
+                return Err(ClientError::NotHttps {
+                    url: base.to_string(),
+                });
+            }
+            builder = builder.use_preconfigured_tls(tls);
+        }
+        let http = builder.build().map_err(|source| ClientError::Transport {
+            method: Method::GET,
+            url: base.to_string(),
+            source,
+        })?;
         Ok(Client {
             base: base.trim_end_matches('/').to_string(),
             token: token.to_string(),
@@ -195,6 +225,16 @@ impl Client {
         decode(Method::GET, url, &bytes)
     }
 
+    /// A GET whose answer is text, not JSON (the CA's revocation list).
+    pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self.request::<()>(Method::GET, &url, None).await?;
+        let bytes = self
+            .read_capped(&Method::GET, &url, resp, self.options.max_body_bytes)
+            .await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
     pub async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         path: &str,
@@ -225,9 +265,7 @@ impl Client {
     pub async fn open_stream(&self, path: &str) -> Result<Stream, ClientError> {
         let url = format!("{}{path}", self.base);
         let resp = self
-            .http
-            .get(&url)
-            .bearer_auth(&self.token)
+            .authorized(self.http.get(&url))
             // A stream lasts as long as the server keeps it open.
             .timeout(Duration::from_secs(u64::from(u32::MAX)))
             .send()
@@ -248,10 +286,7 @@ impl Client {
         url: &str,
         body: Option<&B>,
     ) -> Result<reqwest::Response, ClientError> {
-        let mut req = self
-            .http
-            .request(method.clone(), url)
-            .bearer_auth(&self.token);
+        let mut req = self.authorized(self.http.request(method.clone(), url));
         if let Some(b) = body {
             req = req.json(b);
         }
@@ -260,6 +295,14 @@ impl Client {
             .await
             .map_err(|e| self.failed(method.clone(), url, e))?;
         self.check(method, url, resp).await
+    }
+
+    fn authorized(&self, req: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        if self.token.is_empty() {
+            req
+        } else {
+            req.bearer_auth(&self.token)
+        }
     }
 
     /// An error status becomes [`ClientError::Remote`] with the server's message.

@@ -3,7 +3,11 @@
 //!
 //! Handlers only parse a request into a [`Command`] (or a read) and hand it to the
 //! [`Manager`]; [`error`] maps every failure to a status and a JSON message. Every route
-//! but `/openapi.json` needs `Authorization: Bearer TOKEN`.
+//! but `/openapi.json`, `POST /v1/join` (which takes a one-time join token) and
+//! `GET /v1/ca/crl` (public) needs `Authorization: Bearer TOKEN`.
+//!
+//! With a cluster CA ([`Serving::ca`]) hosts enrol through `POST /v1/join`, and a host
+//! registered by hand must be enrolled and at an `https://` address.
 //!
 //! - [`error`]: errors as HTTP answers, the JSON body extractor.
 //! - [`metrics`]: the Prometheus text.
@@ -28,8 +32,10 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use tern_api::manager::{
-    BalancePlan, CreateVm, HeartbeatReply, MigrateVm, MigrationView, Page, RegisterHost,
+    BalancePlan, CreateVm, HeartbeatReply, JoinReply, JoinRequest, MigrateVm, MigrationView, Page,
+    RegisterHost,
 };
+use tern_pki::{Ca, Role};
 
 use crate::state::{Host, Vm};
 use tern_model::{HostName, VmName};
@@ -54,31 +60,53 @@ const MAX_PAGE: usize = 10_000;
 struct App {
     manager: Arc<Manager>,
     tokens: Vec<String>,
+    /// The cluster CA, when hosts enrol and the manager talks to them over mutual TLS.
+    ca: Option<Arc<Ca>>,
     /// Flips to true at shutdown so open event streams end and the server can stop.
     stopping: watch::Receiver<bool>,
 }
 
 type AppState = State<Arc<App>>;
 
-/// Serves the API on `listener` until `shutdown` completes.
+/// How the API is served: over TLS with a certificate from the cluster CA, or plain
+/// HTTP (loopback only, which the command line enforces); the limits either way.
+#[derive(Clone, Default)]
+pub struct Serving {
+    pub tls: Option<tern_pki::TlsAcceptor>,
+    pub limits: tern_pki::Limits,
+    /// The cluster CA: hosts join with tokens it issued, and must be enrolled.
+    pub ca: Option<Arc<Ca>>,
+}
+
+/// Serves the API on `listener` (plain HTTP, default limits) until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     manager: Arc<Manager>,
     tokens: Vec<String>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    serve_with(listener, manager, tokens, Serving::default(), shutdown).await
+}
+
+/// Serves the API on `listener` as `serving` says until `shutdown` completes.
+pub async fn serve_with(
+    listener: TcpListener,
+    manager: Arc<Manager>,
+    tokens: Vec<String>,
+    serving: Serving,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let (stop_tx, stopping) = watch::channel(false);
-    let app = router(manager, tokens, stopping.clone());
+    let app = router_with_ca(manager, tokens, stopping.clone(), serving.ca);
     let mut stopped = stopping;
     tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            let _ = stopped.wait_for(|s| *s).await;
-        })
-        .await
+    tern_pki::serve::serve(listener, app, serving.tls, serving.limits, async move {
+        let _ = stopped.wait_for(|s| *s).await;
+    })
+    .await
 }
 
 /// The API's routes; `stopping` ends open event streams. [`serve`] serves it alone,
@@ -88,14 +116,25 @@ pub fn router(
     tokens: Vec<String>,
     stopping: watch::Receiver<bool>,
 ) -> Router {
+    router_with_ca(manager, tokens, stopping, None)
+}
+
+/// [`router`] with the cluster CA that hosts enrol with.
+pub fn router_with_ca(
+    manager: Arc<Manager>,
+    tokens: Vec<String>,
+    stopping: watch::Receiver<bool>,
+    ca: Option<Arc<Ca>>,
+) -> Router {
     let app = Arc::new(App {
         manager,
         tokens,
+        ca,
         stopping,
     });
     let secured = Router::new()
         .route("/v1/hosts", get(list_hosts).post(register_host))
-        .route("/v1/hosts/:name", get(show_host))
+        .route("/v1/hosts/:name", get(show_host).delete(remove_host))
         .route("/v1/hosts/:name/heartbeat", post(heartbeat))
         .route("/v1/hosts/:name/drain", post(drain))
         .route("/v1/hosts/:name/activate", post(activate))
@@ -113,6 +152,8 @@ pub fn router(
         .route_layer(middleware::from_fn_with_state(app.clone(), auth));
     Router::new()
         .route("/openapi.json", get(openapi))
+        .route("/v1/join", post(join))
+        .route("/v1/ca/crl", get(crl))
         .merge(secured)
         .merge(crate::web::page_routes())
         .fallback(|| async {
@@ -235,12 +276,138 @@ async fn metrics(State(app): AppState) -> impl IntoResponse {
     request_body(content = RegisterHost, example = json!({"name": "h3", "address": "http://198.18.0.4:7070", "capacity": {"cpus": 8, "memory_mib": 16384}})),
     responses((status = 201, description = "the host", body = Host), (status = 400, description = "error", body = Error), (status = 409, description = "error", body = Error)))]
 async fn register_host(State(app): AppState, Body(b): Body<RegisterHost>) -> ApiResult<Response> {
+    if let Some(ca) = &app.ca {
+        enrolled(ca, b.name.as_str(), &b.address)?;
+    }
     let cmd = Command::RegisterHost {
         name: b.name.into_string(),
         address: b.address,
         capacity: b.capacity,
     };
     Ok(reply(StatusCode::CREATED, execute(&app, cmd).await?))
+}
+
+#[utoipa::path(delete, path = "/v1/hosts/{name}", operation_id = "removeHost",
+    summary = "Remove an empty host and revoke its certificates.",
+    params(("name" = String, Path, description = "the host's name", example = "h3")),
+    responses((status = 200, description = "the host as it was", body = Host), (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error)))]
+async fn remove_host(State(app): AppState, Path(name): Path<String>) -> ApiResult<Response> {
+    let cmd = Command::RemoveHost { host: name.clone() };
+    let r = execute(&app, cmd).await?;
+    if let Some(ca) = app.ca.clone() {
+        // Revoked after the removal is committed: a host still listed keeps working.
+        tokio::task::spawn_blocking(move || ca.revoke(&name))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| ApiError::Internal(format!("the host is removed but revoking its certificate failed: {e}; run `tern ca revoke`")))?;
+    }
+    Ok(reply(StatusCode::OK, r))
+}
+
+/// With a cluster CA the manager talks only to enrolled hosts over mutual TLS, so a host
+/// registered by hand must hold an unrevoked certificate for its name and be at an
+/// `https://` address: registering any address would otherwise make the manager call it.
+fn enrolled(ca: &Ca, name: &str, address: &str) -> ApiResult<()> {
+    if !address.starts_with("https://") {
+        return Err(ApiError::BadRequest(format!(
+            "address {address:?}: this manager talks to agents only over https:// (mutual \
+             TLS with the cluster CA); enrol the host with `tern agent --join`"
+        )));
+    }
+    let ledger = ca.ledger().map_err(|e| ApiError::Internal(e.to_string()))?;
+    if !ledger
+        .iter()
+        .any(|i| i.name == name && i.role == Role::Host && i.revoked_at.is_none())
+    {
+        return Err(ApiError::BadRequest(format!(
+            "host {name:?} is not enrolled with the cluster CA: start its agent with \
+             `tern agent --join MANAGER_URL --join-token-file FILE` (a token from \
+             `tern ca join-token`)"
+        )));
+    }
+    Ok(())
+}
+
+/// The IP address in an agent URL `https://IP:PORT`, which goes into its certificate.
+fn https_ip(address: &str) -> ApiResult<std::net::IpAddr> {
+    let bad = || {
+        ApiError::BadRequest(format!(
+            "address {address:?}: give the agent's URL as https://IP:PORT, e.g. \
+             https://198.18.0.2:7070"
+        ))
+    };
+    let rest = address.strip_prefix("https://").ok_or_else(bad)?;
+    let hostport = rest.trim_end_matches('/');
+    hostport
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.ip())
+        .map_err(|_| bad())
+}
+
+#[utoipa::path(post, path = "/v1/join", operation_id = "join",
+    summary = "Enrol a host with a one-time join token: sign its key's certificate request and register it.",
+    request_body(content = JoinRequest),
+    responses((status = 201, description = "the host's certificate", body = JoinReply), (status = 400, description = "error", body = Error), (status = 401, description = "error", body = Error), (status = 409, description = "error", body = Error)))]
+async fn join(State(app): AppState, Body(b): Body<JoinRequest>) -> ApiResult<Response> {
+    let Some(ca) = app.ca.clone() else {
+        return Err(ApiError::Manager(crate::Error::Conflict(
+            "this manager has no cluster CA; start it with --ca DIR to let hosts join".into(),
+        )));
+    };
+    let ip = https_ip(&b.address)?;
+    if app.manager.read(|s| s.hosts.contains_key(b.name.as_str())) {
+        return Err(ApiError::Manager(crate::Error::Conflict(format!(
+            "host {:?} is already registered; remove it first (`tern host remove`)",
+            b.name.as_str()
+        ))));
+    }
+    let (name, csr) = (b.name.as_str().to_owned(), b.csr_pem.clone());
+    let ca2 = ca.clone();
+    let signed = tokio::task::spawn_blocking(move || -> Result<(String, String), ApiError> {
+        ca2.redeem_join_token(&b.token).map_err(|_| {
+            ApiError::Unauthorized("join token refused: unknown, used, expired or wrong")
+        })?;
+        let cert = ca2
+            .sign_csr(&csr, Role::Host, &name, &[ip])
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let crl = ca2
+            .crl_pem()
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok((cert, crl))
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let cmd = Command::RegisterHost {
+        name: b.name.into_string(),
+        address: b.address,
+        capacity: b.capacity,
+    };
+    execute(&app, cmd).await?;
+    let (cert_pem, crl_pem) = signed;
+    Ok((
+        StatusCode::CREATED,
+        Json(JoinReply {
+            cert_pem,
+            ca_pem: ca.cert_pem().to_owned(),
+            crl_pem,
+        }),
+    )
+        .into_response())
+}
+
+#[utoipa::path(get, path = "/v1/ca/crl", operation_id = "crl",
+    summary = "The cluster CA's certificate revocation list (PEM); agents fetch it to refuse revoked peers.",
+    responses((status = 200, description = "the PEM revocation list", body = String, content_type = "application/x-pem-file"), (status = 404, description = "error", body = Error)))]
+async fn crl(State(app): AppState) -> ApiResult<Response> {
+    let Some(ca) = app.ca.clone() else {
+        return Err(ApiError::NotFound(
+            "this manager has no cluster CA (start it with --ca DIR)".into(),
+        ));
+    };
+    let pem = ca
+        .crl_pem()
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(([(header::CONTENT_TYPE, "application/x-pem-file")], pem).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/hosts", operation_id = "listHosts", summary = "All hosts.",

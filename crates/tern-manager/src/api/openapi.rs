@@ -10,14 +10,17 @@ use utoipa::{Modify, OpenApi};
     info(
         title = "tern manager API",
         version = "1",
-        description = "The control plane of a tern cluster: hosts, VMs, live migrations, the balancer. Every route but /openapi.json needs 'Authorization: Bearer TOKEN'. Errors answer with a 4xx or 5xx status and {\"error\": message}."
+        description = "The control plane of a tern cluster: hosts, VMs, live migrations, the balancer. Every route but /openapi.json, /v1/join (a one-time join token in the body) and /v1/ca/crl needs 'Authorization: Bearer TOKEN'. Errors answer with a 4xx or 5xx status and {\"error\": message}."
     ),
     paths(
         super::openapi,
         super::metrics,
         super::list_hosts,
         super::register_host,
+        super::join,
+        super::crl,
         super::show_host,
+        super::remove_host,
         super::heartbeat,
         super::drain,
         super::activate,
@@ -39,7 +42,11 @@ use utoipa::{Modify, OpenApi};
 )]
 struct Doc;
 
-/// Every route but the document itself takes the bearer token and may answer 401.
+/// Routes without the bearer token: the document, enrolment (a join token in the body)
+/// and the revocation list (public by nature).
+const PUBLIC: [&str; 3] = ["/openapi.json", "/v1/join", "/v1/ca/crl"];
+
+/// Every other route takes the bearer token and may answer 401.
 struct Bearer;
 
 impl Modify for Bearer {
@@ -51,11 +58,13 @@ impl Modify for Bearer {
             "401",
             "missing or wrong bearer token",
             "Error",
-            |path| path != "/openapi.json",
+            |path| !PUBLIC.contains(&path),
         );
-        if let Some(item) = doc.paths.paths.get_mut("/openapi.json") {
-            for op in tern_api::openapi::operations(item) {
-                op.security = Some(Vec::new());
+        for path in PUBLIC {
+            if let Some(item) = doc.paths.paths.get_mut(path) {
+                for op in tern_api::openapi::operations(item) {
+                    op.security = Some(Vec::new());
+                }
             }
         }
     }

@@ -68,16 +68,31 @@ pub struct HttpHost {
 
 impl HttpHost {
     pub fn new(host: &Host, token: &str, timeout: Duration) -> Result<Self> {
-        let agent = AgentClient::new(&host.address, token, timeout).map_err(|e| match e {
-            ClientError::BadUrl { url } => Error::BadInput(format!(
-                "host {:?} has address {url:?}; an agent's address starts with http://",
-                host.name
-            )),
-            e => Error::Agent {
-                host: host.name.clone(),
-                message: e.to_string(),
-            },
-        })?;
+        Self::with_tls(host, token, timeout, None)
+    }
+
+    /// Over mutual TLS with `tls` (the manager's identity): only to `https://` addresses
+    /// whose certificate the cluster CA issued, and with no bearer token.
+    pub fn with_tls(
+        host: &Host,
+        token: &str,
+        timeout: Duration,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Result<Self> {
+        let agent =
+            AgentClient::new_tls(&host.address, token, timeout, tls).map_err(|e| match e {
+                ClientError::BadUrl { url } => Error::BadInput(format!(
+                    "host {:?} has address {url:?}; an agent's address starts with http://",
+                    host.name
+                )),
+                e @ ClientError::NotHttps { .. } => {
+                    Error::BadInput(format!("host {:?}: {e}", host.name))
+                }
+                e => Error::Agent {
+                    host: host.name.clone(),
+                    message: e.to_string(),
+                },
+            })?;
         Ok(Self {
             host: host.name.clone(),
             token: token.to_owned(),
@@ -248,10 +263,12 @@ fn progress_of(view: &MigrationView, memory_bytes: u64) -> Progress {
     )
 }
 
-/// Clients for agents reached over HTTP, one per address, all with the same token.
+/// Clients for agents reached over HTTP, one per address: all with the same token, or
+/// all over mutual TLS with the manager's certificate and no token.
 pub struct HttpConnector {
     token: String,
     timeout: Duration,
+    tls: Option<rustls::ClientConfig>,
     cache: Mutex<BTreeMap<String, Arc<HttpHost>>>,
 }
 
@@ -260,7 +277,17 @@ impl HttpConnector {
         Self {
             token: token.to_owned(),
             timeout,
+            tls: None,
             cache: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Agents are called over mutual TLS with `tls`, never with a bearer token, and
+    /// never at a plain-HTTP address.
+    pub fn with_tls(timeout: Duration, tls: rustls::ClientConfig) -> Self {
+        Self {
+            tls: Some(tls),
+            ..Self::new("", timeout)
         }
     }
 }
@@ -272,7 +299,12 @@ impl Connector for HttpConnector {
         if let Some(c) = cache.get(&key) {
             return Ok(c.clone());
         }
-        let c = Arc::new(HttpHost::new(host, &self.token, self.timeout)?);
+        let c = Arc::new(HttpHost::with_tls(
+            host,
+            &self.token,
+            self.timeout,
+            self.tls.clone(),
+        )?);
         cache.insert(key, c.clone());
         Ok(c)
     }

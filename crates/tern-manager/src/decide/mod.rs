@@ -34,6 +34,10 @@ pub enum Command {
         host: String,
         report: LoadReport,
     },
+    /// Removes a host that runs no VM and takes part in no migration.
+    RemoveHost {
+        host: String,
+    },
     /// Drain into maintenance (`true`) or bring back (`false`).
     SetMaintenance {
         host: String,
@@ -103,6 +107,7 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
             capacity,
         } => register(snap, now, name, address, capacity),
         Command::Heartbeat { host, report } => heartbeat(snap, now, &host, &report),
+        Command::RemoveHost { host: name } => remove_host(snap, name),
         Command::SetMaintenance { host: h, on } => {
             let h = host(snap, &h)?;
             let to = if on {
@@ -271,6 +276,36 @@ fn check_agent_url(address: &str) -> Result<()> {
         return bad("has a path, query or fragment");
     }
     Ok(())
+}
+
+/// A host goes only once nothing is on it: its VMs would be lost with it.
+fn remove_host(snap: &Snapshot, name: String) -> Result<Decision> {
+    let h = host(snap, &name)?;
+    let on_it = snap
+        .vms
+        .values()
+        .filter(|v| {
+            v.observed_host.as_deref() == Some(name.as_str())
+                || v.desired_host.as_deref() == Some(name.as_str())
+        })
+        .count();
+    let moving = snap
+        .running
+        .values()
+        .any(|m| m.from == name || m.to == name);
+    if on_it > 0 || moving {
+        return Err(Error::Conflict(format!(
+            "host {name:?} still has {on_it} VM(s) or a migration; drain it first \
+             (`tern host drain {name}`) and remove it once it is empty"
+        )));
+    }
+    Ok((
+        vec![
+            Change::RemoveHost(name.clone()),
+            Change::Event(EventKind::HostRemoved { host: name }),
+        ],
+        Reply::Host(h.clone()),
+    ))
 }
 
 fn register(

@@ -75,9 +75,14 @@ pub async fn run(
         stopped(stopping.clone()),
     ));
     let app = router(manager, tokens, leadership, stopping.clone())?;
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(stopped(stopping))
-        .await;
+    let served = tern_pki::serve::serve(
+        listener,
+        app,
+        None,
+        tern_pki::Limits::default(),
+        stopped(stopping),
+    )
+    .await;
     let _ = looping.await;
     let _ = campaign.await;
     served
@@ -95,6 +100,8 @@ pub fn router(
         leadership,
         http: reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
+            // The leader closes connections idle for 10 s; reuse only fresher ones.
+            .pool_idle_timeout(Duration::from_secs(5))
             .build()
             .map_err(std::io::Error::other)?,
         tokens: tokens.clone(),

@@ -252,6 +252,10 @@ impl Store for SqliteStore {
                     tx.prepare_cached("DELETE FROM vms WHERE name = ?1")?
                         .execute([name])?;
                 }
+                Change::RemoveHost(name) => {
+                    tx.prepare_cached("DELETE FROM hosts WHERE name = ?1")?
+                        .execute([name])?;
+                }
                 Change::PutMigration(m) => {
                     tx.prepare_cached(&format!(
                         "INSERT OR REPLACE INTO migrations ({MIGRATION_COLUMNS}) \

@@ -1,13 +1,25 @@
 //! `tern agent`: the host daemon, serving the agent API until SIGINT or SIGTERM.
+//!
+//! With a host identity (`--tls-dir`, or enrolled with `--join`) the agent serves mutual
+//! TLS only: every client presents a certificate of the cluster CA, and the revocation
+//! list is refreshed every 30 s (from the manager it joined, else from the directory;
+//! `--crl-refresh-s` changes the period).
 
 use super::{agent_error, bad_input};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tern_agent::host::{detect_capacity, Capacity};
+use tern_agent::server::Serving;
 use tern_agent::{AppState, HostConfig};
+use tern_api::client::{Client, ClientOptions};
+use tern_api::manager::{JoinReply, JoinRequest};
 use tern_hv::qemu::{QemuConfig, QemuDriver};
 use tern_hv::sim::SimDriver;
+use tern_pki::ca::JoinToken;
+use tern_pki::tls::{client_config, server_config, ClientAuth};
+use tern_pki::{Identity, TlsAcceptor};
 
 /// Which driver runs the VMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -43,9 +55,24 @@ pub struct Daemon {
     /// This host's state: VM records, QEMU sockets and logs.
     #[arg(long, value_name = "DIR")]
     pub state_dir: PathBuf,
-    /// File whose first line is the bearer token clients must send.
+    /// File whose first line is the bearer token clients must send (mode 0600); for an
+    /// agent without a host identity.
     #[arg(long, value_name = "FILE")]
-    pub token_file: PathBuf,
+    pub token_file: Option<PathBuf>,
+    /// The host identity: ca.pem, cert.pem, key.pem (and crl.pem) [default with --join:
+    /// STATE_DIR/tls]. With it the agent serves mutual TLS only.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Enrol with the manager at this URL (https://...) before serving, if the identity
+    /// directory holds no certificate yet; the key is made here and never leaves it.
+    #[arg(long, value_name = "URL", requires = "join_token_file")]
+    pub join: Option<String>,
+    /// The one-time join token from `tern ca join-token` (mode 0600).
+    #[arg(long, value_name = "FILE")]
+    pub join_token_file: Option<PathBuf>,
+    /// Seconds between refreshes of the revocation list.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub crl_refresh_s: u64,
     /// Directory for guest RAM files, on tmpfs [default: /dev/shm/tern/<hash of state dir>].
     #[arg(long, value_name = "DIR")]
     pub mem_dir: Option<PathBuf>,
@@ -74,14 +101,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (Some(AgentCommand::Vm(a)), _) => super::vm::agent::run(*a),
         (None, Some(d)) => serve(d),
         (None, None) => Err(bad_input(
-            "give the daemon's --listen, --state-dir and --token-file, or a subcommand \
-             (`tern agent vm --help`)",
+            "give the daemon's --listen, --state-dir and --tls-dir, --join or --token-file, \
+             or a subcommand (`tern agent vm --help`)",
         )),
     }
 }
 
 fn serve(args: Daemon) -> anyhow::Result<()> {
-    let token = tern_agent::state::read_token(&args.token_file).map_err(agent_error)?;
     let addr: SocketAddr = args.listen.parse().map_err(|e| {
         bad_input(format!(
             "--listen {:?}: {e} (give ADDR:PORT, e.g. 127.0.0.1:7070)",
@@ -110,6 +136,32 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
             .unwrap_or_else(|_| "host".into())
     });
     let rt = tokio::runtime::Runtime::new()?;
+    let tls_dir = match (&args.tls_dir, &args.join) {
+        (Some(d), _) => Some(d.clone()),
+        (None, Some(_)) => Some(state_dir.join("tls")),
+        (None, None) => None,
+    };
+    if let (Some(dir), Some(url), Some(token_file)) = (&tls_dir, &args.join, &args.join_token_file)
+    {
+        if !Identity::exists(dir) {
+            rt.block_on(join(url, token_file, dir, &name, addr, capacity))?;
+            eprintln!(
+                "tern agent {name}: enrolled with {url}; identity in {}",
+                dir.display()
+            );
+        }
+    }
+    let token = match (&args.token_file, &tls_dir) {
+        (Some(f), _) => tern_agent::state::read_token(f).map_err(agent_error)?,
+        // The certificate is the credential; no request is checked against a token.
+        (None, Some(_)) => String::new(),
+        (None, None) => {
+            return Err(bad_input(
+                "give --tls-dir DIR (a host identity), --join URL with --join-token-file, or \
+                 --token-file FILE",
+            ))
+        }
+    };
     let host = HostConfig {
         name: name.clone(),
         capacity,
@@ -133,18 +185,150 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
         }
         Driver::Sim => AppState::new(Arc::new(SimDriver::new()), host).with_stream_ip(addr.ip()),
     };
+    let (state, serving) = match &tls_dir {
+        Some(dir) => {
+            let id = Identity::load(dir).map_err(bad_input)?;
+            let crl = tern_pki::identity::load_crl(dir)?;
+            let server = server_config(&id, crl.as_deref(), ClientAuth::Required)?;
+            let client = client_config(&id.ca_pem, Some(&id), crl.as_deref())?;
+            let acceptor = TlsAcceptor::new(server);
+            let every = Duration::from_secs(args.crl_refresh_s);
+            rt.spawn(refresh_crl(dir.clone(), id, crl, acceptor.clone(), every));
+            let serving = Serving {
+                tls: Some(acceptor),
+                limits: Default::default(),
+            };
+            (state.with_tls(client), serving)
+        }
+        None => (state, Serving::default()),
+    };
+    let scheme = if serving.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         eprintln!(
-            "tern agent {name}: serving on http://{addr} ({} CPUs, {} MiB for guests)",
+            "tern agent {name}: serving on {scheme}://{addr} ({} CPUs, {} MiB for guests)",
             capacity.cpus, capacity.memory_mib
         );
-        tern_agent::server::serve(listener, state, shutdown_signal())
+        tern_agent::server::serve_with(listener, state, serving, shutdown_signal())
             .await
             .map_err(agent_error)
     })
+}
+
+/// Where an enrolled agent remembers the manager it joined, to fetch revocations from.
+const MANAGER_FILE: &str = "manager.url";
+
+/// Enrols this host: a new key and a signing request made here, sent with the join token
+/// to the manager, which is checked against the CA certificate the token carries before
+/// anything is sent; the certificate that comes back is saved beside the key in `dir`.
+async fn join(
+    url: &str,
+    token_file: &std::path::Path,
+    dir: &std::path::Path,
+    name: &str,
+    addr: SocketAddr,
+    capacity: Capacity,
+) -> anyhow::Result<()> {
+    if addr.ip().is_unspecified() {
+        return Err(bad_input(format!(
+            "--listen {addr}: to join, listen on the address the manager and other hosts \
+             reach this host by (it goes into the host's certificate)"
+        )));
+    }
+    let text = tern_pki::files::read_private(token_file).map_err(bad_input)?;
+    let token: JoinToken = serde_json::from_str(&text).map_err(|e| {
+        bad_input(format!(
+            "{}: not a join token from `tern ca join-token`: {e}",
+            token_file.display()
+        ))
+    })?;
+    let (key_pem, csr_pem) = tern_pki::identity::new_key_and_csr(name)?;
+    let tls = client_config(&token.ca_pem, None, None)?;
+    let client =
+        Client::with_tls(url, "", ClientOptions::default(), Some(tls)).map_err(bad_input)?;
+    let req = JoinRequest {
+        token: token.token,
+        name: name.parse().map_err(bad_input)?,
+        address: format!("https://{addr}"),
+        capacity: tern_api::manager::Capacity {
+            cpus: f64::from(capacity.cpus),
+            memory_mib: capacity.memory_mib,
+        },
+        csr_pem,
+    };
+    let reply: JoinReply = client
+        .post("/v1/join", &req)
+        .await
+        .map_err(|e| super::host::refused(e).context(format!("joining {url}")))?;
+    let id = Identity {
+        ca_pem: reply.ca_pem,
+        cert_pem: reply.cert_pem,
+        key_pem,
+    };
+    let files = id.save(dir)?;
+    tern_pki::files::write_public(&files.crl, reply.crl_pem.as_bytes())?;
+    tern_pki::files::write_public(&dir.join(MANAGER_FILE), url.as_bytes())?;
+    Ok(())
+}
+
+/// Every `every` (30 s by default): fetches the revocation list from the manager this
+/// host joined (or re-reads `crl.pem` when there is none) and, when it changed, makes new
+/// connections check against it.
+async fn refresh_crl(
+    dir: PathBuf,
+    id: Identity,
+    mut last: Option<String>,
+    acceptor: TlsAcceptor,
+    every: Duration,
+) {
+    let manager = std::fs::read_to_string(dir.join(MANAGER_FILE)).ok();
+    let fetcher = manager.as_deref().and_then(|url| {
+        let tls = client_config(&id.ca_pem, None, None).ok()?;
+        Client::with_tls(
+            url.trim(),
+            "",
+            ClientOptions::with_timeout(Duration::from_secs(10)),
+            Some(tls),
+        )
+        .ok()
+    });
+    let crl_file = tern_pki::identity::IdentityFiles::in_dir(&dir).crl;
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let fresh = match &fetcher {
+            Some(c) => match c.get_text("/v1/ca/crl").await {
+                Ok(pem) => {
+                    if let Err(e) = tern_pki::files::write_public(&crl_file, pem.as_bytes()) {
+                        tracing::warn!(error = %e, "could not save the revocation list");
+                    }
+                    Some(pem)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "could not fetch the revocation list; keeping the last");
+                    None
+                }
+            },
+            None => std::fs::read_to_string(&crl_file).ok(),
+        };
+        let Some(fresh) = fresh.filter(|f| last.as_ref() != Some(f)) else {
+            continue;
+        };
+        match server_config(&id, Some(&fresh), ClientAuth::Required) {
+            Ok(config) => {
+                acceptor.set(config);
+                last = Some(fresh);
+                eprintln!("tern agent: revocation list updated");
+            }
+            Err(e) => tracing::warn!(error = %e, "the new revocation list does not load"),
+        }
+    }
 }
 
 /// VMs recorded by an agent that did not end cleanly are gone with it (a host's VMs end

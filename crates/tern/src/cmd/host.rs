@@ -1,4 +1,4 @@
-//! `tern host`: the manager's hosts (list, show, register, drain, activate). Also the
+//! `tern host`: the manager's hosts (list, show, register, remove, drain, activate). Also the
 //! connection flags and the call function that `tern policy` and `tern events` share.
 
 use std::time::Duration;
@@ -21,28 +21,45 @@ pub struct Conn {
         global = true
     )]
     pub manager: String,
-    /// API bearer token.
-    #[arg(
-        long,
-        env = "TERN_TOKEN",
-        default_value = "",
-        global = true,
-        hide_env_values = true
-    )]
-    pub token: String,
+    /// File whose first line is the API bearer token (mode 0600); or set TERN_TOKEN.
+    #[arg(long, env = "TERN_TOKEN_FILE", value_name = "FILE", global = true)]
+    pub token_file: Option<std::path::PathBuf>,
+    /// The cluster CA's certificate, to check an https:// manager by (the CA
+    /// directory's ca.pem).
+    #[arg(long, env = "TERN_CA_CERT", value_name = "FILE", global = true)]
+    pub ca_cert: Option<std::path::PathBuf>,
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
 }
 
 impl Conn {
-    pub fn client(&self) -> anyhow::Result<ManagerClient> {
-        if self.token.is_empty() {
+    /// The bearer token: from --token-file, else TERN_TOKEN; never the command line,
+    /// where every user of the machine can read it.
+    pub fn token(&self) -> anyhow::Result<String> {
+        let token = match &self.token_file {
+            Some(f) => tern_pki::files::read_token(f).map_err(super::bad_input)?,
+            None => std::env::var("TERN_TOKEN").unwrap_or_default(),
+        };
+        if token.is_empty() {
             return Err(super::bad_input(
-                "no token: give --token TOKEN or set TERN_TOKEN",
+                "no token: give --token-file FILE or set TERN_TOKEN",
             ));
         }
-        ManagerClient::new(&self.manager, &self.token, Duration::from_secs(30))
+        Ok(token)
+    }
+
+    pub fn client(&self) -> anyhow::Result<ManagerClient> {
+        let tls = match &self.ca_cert {
+            Some(f) => {
+                let ca = tern_pki::files::read_public(f).map_err(super::bad_input)?;
+                Some(tern_pki::tls::client_config(&ca, None, None).map_err(super::bad_input)?)
+            }
+            None => None,
+        };
+        let options = tern_api::client::ClientOptions::with_timeout(Duration::from_secs(30));
+        tern_api::client::Client::with_tls(&self.manager, &self.token()?, options, tls)
+            .map(ManagerClient::from)
             .map_err(super::bad_input)
     }
 }
@@ -117,6 +134,8 @@ enum Command {
         #[arg(long)]
         memory_mib: u64,
     },
+    /// Remove an empty host from the cluster and revoke its certificate.
+    Remove { name: HostName },
     /// Put a host into maintenance; the manager moves its VMs away.
     Drain { name: HostName },
     /// Bring a host back from maintenance.
@@ -161,6 +180,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 capacity: Capacity { cpus, memory_mib },
             };
             call(c, Method::POST, "/v1/hosts", Some(&body))?
+        }
+        Command::Remove { name } => {
+            call::<()>(c, Method::DELETE, &format!("/v1/hosts/{name}"), None)?
         }
         Command::Drain { name } => {
             call::<()>(c, Method::POST, &format!("/v1/hosts/{name}/drain"), None)?

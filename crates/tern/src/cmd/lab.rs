@@ -35,6 +35,11 @@ pub struct UpArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Make a lab CA (LAB/ca): agents get host certificates and serve mutual TLS only,
+    /// LAB/ca/operator holds a client certificate, and `tern manager --ca LAB/ca` adopts
+    /// the CA.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -81,15 +86,29 @@ pub fn run(c: Command) -> anyhow::Result<()> {
                     .image_dir
                     .unwrap_or_else(tern_hv::image::default_cache_dir),
             };
-            let state = rt.block_on(lab::up(&opts, &progress)).map_err(lab_error)?;
+            let up = if a.tls {
+                rt.block_on(lab::up_tls(&opts, &progress))
+            } else {
+                rt.block_on(lab::up(&opts, &progress))
+            };
+            let state = up.map_err(lab_error)?;
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&state)?);
             } else {
-                println!(
-                    "lab up: {} hosts, token in {}",
-                    state.hosts.len(),
-                    state.token_file.display()
-                );
+                match &state.ca_dir {
+                    Some(ca) => println!(
+                        "lab up: {} hosts, mutual TLS; CA in {} (tern manager --ca {0}), \
+                         client certificate in {}",
+                        state.hosts.len(),
+                        ca.display(),
+                        ca.join("operator").display()
+                    ),
+                    None => println!(
+                        "lab up: {} hosts, token in {}",
+                        state.hosts.len(),
+                        state.token_file.display()
+                    ),
+                }
                 for h in &state.hosts {
                     println!("  {:<4} {:<15} {}", h.name, h.addr, h.url);
                 }

@@ -1,30 +1,45 @@
 //! `tern manager`: the control plane, serving its REST API and driving the agents.
+//!
+//! With `--ca DIR` the manager holds the cluster CA (created on first start): its API
+//! is HTTPS with a certificate from that CA, hosts enrol with one-time join tokens, and
+//! agents are called over mutual TLS only. Without it the API is plain HTTP and only on
+//! a loopback address.
 
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tern_manager::api::Serving;
 use tern_manager::client::http::HttpConnector;
 use tern_manager::control::Control;
 use tern_manager::manager::system_clock;
 use tern_manager::store::SqliteStore;
 use tern_manager::Manager;
+use tern_pki::tls::{client_config, server_config, ClientAuth};
+use tern_pki::{Ca, Role, TlsAcceptor};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// Address the API listens on, e.g. 127.0.0.1:7080 (port 0 picks a free one).
     #[arg(long, default_value = "127.0.0.1:7080")]
     listen: String,
-    /// SQLite file holding the cluster's state (created if missing).
+    /// SQLite file holding the cluster's state (created if missing, mode 0600).
     #[arg(long, default_value = "tern.db")]
     db: PathBuf,
-    /// Bearer token API clients must send; several may be given.
-    #[arg(long = "token", env = "TERN_TOKEN", value_delimiter = ',')]
-    tokens: Vec<String>,
-    /// Bearer token of the agents (default: the first API token).
-    #[arg(long, env = "TERN_AGENT_TOKEN")]
-    agent_token: Option<String>,
+    /// The cluster CA's directory (created if missing, or one `tern lab up` made): the
+    /// API becomes HTTPS, hosts join with tokens, agents are called over mutual TLS.
+    #[arg(long, value_name = "DIR")]
+    ca: Option<PathBuf>,
+    /// Files whose first line is a bearer token API clients may send (mode 0600); the
+    /// TERN_TOKEN environment variable adds comma-separated ones.
+    #[arg(long = "token-file", value_name = "FILE")]
+    token_files: Vec<PathBuf>,
+    /// File holding the agents' bearer token, for agents without TLS (default: the
+    /// first API token); or TERN_AGENT_TOKEN.
+    #[arg(long, value_name = "FILE")]
+    agent_token_file: Option<PathBuf>,
     /// Seconds an agent call may take before it counts as failed.
     #[arg(long, default_value_t = 30)]
     agent_timeout_s: u64,
@@ -37,48 +52,142 @@ pub struct Args {
     advertise: Option<String>,
 }
 
-pub fn run(a: Args) -> anyhow::Result<()> {
-    let tokens: Vec<String> = a.tokens.into_iter().filter(|t| !t.is_empty()).collect();
+/// The API tokens: from files, then from TERN_TOKEN; never from the command line, where
+/// every user of the machine can read them.
+fn api_tokens(files: &[PathBuf]) -> anyhow::Result<Vec<String>> {
+    let mut tokens = Vec::new();
+    for f in files {
+        tokens.push(tern_pki::files::read_token(f).map_err(super::bad_input)?);
+    }
+    if let Ok(env) = std::env::var("TERN_TOKEN") {
+        tokens.extend(env.split(',').map(str::trim).map(String::from));
+    }
+    tokens.retain(|t| !t.is_empty());
     if tokens.is_empty() {
         return Err(super::bad_input(
-            "no API token: give --token TOKEN or set TERN_TOKEN (clients send it as \
-             'Authorization: Bearer TOKEN')",
+            "no API token: give --token-file FILE (first line: the token, mode 0600) or set \
+             TERN_TOKEN (clients send it as 'Authorization: Bearer TOKEN')",
         ));
     }
-    let addr: std::net::SocketAddr = a.listen.parse().map_err(|e| {
+    Ok(tokens)
+}
+
+fn agent_token(a: &Args, tokens: &[String]) -> anyhow::Result<String> {
+    if let Some(f) = &a.agent_token_file {
+        return tern_pki::files::read_token(f).map_err(super::bad_input);
+    }
+    Ok(std::env::var("TERN_AGENT_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+        .unwrap_or_else(|| tokens[0].clone()))
+}
+
+/// Opens the database, created 0600 (SQLite gives its journal files the same mode).
+fn open_db(db: &Path) -> anyhow::Result<SqliteStore> {
+    if !db.exists() {
+        tern_pki::files::write_private(db, b"")?;
+    }
+    tern_pki::files::make_private(db)?;
+    for side in ["-wal", "-shm", "-journal"] {
+        let mut p = db.as_os_str().to_owned();
+        p.push(side);
+        let p = PathBuf::from(p);
+        if p.exists() {
+            tern_pki::files::make_private(&p)?;
+        }
+    }
+    SqliteStore::open(db).map_err(|e| match e {
+        tern_manager::Error::SchemaTooNew { .. } => super::bad_input(e),
+        e => anyhow::Error::new(e).context(format!("opening {}", db.display())),
+    })
+}
+
+/// The cluster CA, and what the manager serves and calls agents with.
+struct Pki {
+    ca: Arc<Ca>,
+    server: Arc<rustls::ServerConfig>,
+    client: rustls::ClientConfig,
+}
+
+/// Loads or creates the CA and issues the manager a certificate for `addr` (every
+/// loopback and the listen address; an unspecified address adds the loopbacks only).
+fn pki(dir: &Path, addr: SocketAddr) -> anyhow::Result<Pki> {
+    let (ca, created) = Ca::open_or_init(dir).map_err(super::bad_input)?;
+    if created {
+        eprintln!("tern manager: created the cluster CA in {}", dir.display());
+    }
+    let mut ips: Vec<IpAddr> = vec!["127.0.0.1".parse()?, "::1".parse()?];
+    if !addr.ip().is_unspecified() && !ips.contains(&addr.ip()) {
+        ips.push(addr.ip());
+    }
+    let id = ca.issue(Role::Manager, "manager", &ips)?;
+    id.save(&dir.join("manager"))?;
+    let crl = ca.crl_pem()?;
+    Ok(Pki {
+        server: server_config(&id, None, ClientAuth::None)?,
+        client: client_config(ca.cert_pem(), Some(&id), Some(&crl))?,
+        ca: Arc::new(ca),
+    })
+}
+
+pub fn run(a: Args) -> anyhow::Result<()> {
+    let tokens = api_tokens(&a.token_files)?;
+    let addr: SocketAddr = a.listen.parse().map_err(|e| {
         super::bad_input(format!(
             "--listen {:?}: {e}; give HOST:PORT, e.g. 127.0.0.1:7080",
             a.listen
         ))
     })?;
     if !a.etcd.is_empty() {
+        // HA managers forward requests to each other over plain HTTP; TLS between them is
+        // not built yet, so they keep serving plain HTTP wherever they are told to.
+        if a.ca.is_some() {
+            return Err(super::bad_input(
+                "--ca with --etcd is not supported yet: HA managers serve plain HTTP",
+            ));
+        }
         return super::manager_etcd::run(super::manager_etcd::Options {
             listen: addr,
-            agent_token: a.agent_token.unwrap_or_else(|| tokens[0].clone()),
+            agent_token: agent_token(&a, &tokens)?,
             tokens,
             agent_timeout: Duration::from_secs(a.agent_timeout_s),
             etcd: a.etcd,
             advertise: a.advertise,
         });
     }
-    let store = SqliteStore::open(&a.db).map_err(|e| match e {
-        tern_manager::Error::SchemaTooNew { .. } => super::bad_input(e),
-        e => anyhow::Error::new(e).context(format!("opening {}", a.db.display())),
-    })?;
+    if a.ca.is_none() && !addr.ip().is_loopback() {
+        return Err(super::bad_input(format!(
+            "--listen {addr}: without --ca the API is plain HTTP, which is served on a \
+             loopback address only; give --ca DIR for HTTPS with the cluster CA"
+        )));
+    }
+    let store = open_db(&a.db)?;
     let manager = Arc::new(Manager::open(Box::new(store), system_clock())?);
-    let agent_token = a.agent_token.unwrap_or_else(|| tokens[0].clone());
-    let agents = Arc::new(HttpConnector::new(
-        &agent_token,
-        Duration::from_secs(a.agent_timeout_s),
-    ));
-    let control = Control::new(manager.clone(), agents);
+    let timeout = Duration::from_secs(a.agent_timeout_s);
+    let pki = a.ca.as_deref().map(|d| pki(d, addr)).transpose()?;
+    let (agents, serving) = match &pki {
+        Some(p) => (
+            HttpConnector::with_tls(timeout, p.client.clone()),
+            Serving {
+                tls: Some(TlsAcceptor::new(p.server.clone())),
+                limits: Default::default(),
+                ca: Some(p.ca.clone()),
+            },
+        ),
+        None => (
+            HttpConnector::new(&agent_token(&a, &tokens)?, timeout),
+            Serving::default(),
+        ),
+    };
+    let control = Control::new(manager.clone(), Arc::new(agents));
+    let scheme = if pki.is_some() { "https" } else { "http" };
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr}"))?;
         eprintln!(
-            "tern manager: API on http://{} (OpenAPI at /openapi.json), state in {}",
+            "tern manager: API on {scheme}://{} (OpenAPI at /openapi.json), state in {}",
             listener.local_addr()?,
             a.db.display()
         );
@@ -92,7 +201,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         };
         let looping = tokio::spawn(control.run(wait(stop_rx.clone())));
-        tern_manager::api::serve(listener, manager, tokens, wait(stop_rx)).await?;
+        tern_manager::api::serve_with(listener, manager, tokens, serving, wait(stop_rx)).await?;
         looping.await?;
         eprintln!("tern manager: stopped");
         anyhow::Ok(())

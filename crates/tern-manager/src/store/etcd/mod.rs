@@ -130,6 +130,7 @@ fn writes(keys: &Keys, meta: Meta, time: Millis, changes: &[Change]) -> Writes {
     for c in changes {
         let (k, v) = match c {
             Change::PutHost(h) => (keys.host(&h.name), Some(to_json(h))),
+            Change::RemoveHost(name) => (keys.host(name), None),
             Change::PutVm(v) => (keys.vm(&v.name), Some(to_json(v))),
             Change::RemoveVm(name) => (keys.vm(name), None),
             Change::PutMigration(m) => {

@@ -150,7 +150,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         image_dir: tern_hv::image::default_cache_dir(),
     };
     let progress = |s: &str| eprintln!("{s}");
-    let lab = rt.block_on(lab::up(&opts, &progress))?;
+    let lab = rt.block_on(lab::up_tls(&opts, &progress))?;
     let result = rt.block_on(bench(&lab, &img, &args, &rates, &engines));
     rt.block_on(lab::down(&opts.dir, &progress))?;
     let runs = result?;
@@ -339,7 +339,6 @@ fn median(sorted: &[f64]) -> f64 {
 struct Bench<'a> {
     lab: &'a LabState,
     hosts: Vec<AgentClient>,
-    token: String,
     vm: String,
     at: usize,
     counter: u64,
@@ -353,16 +352,14 @@ async fn bench(
     rates: &[u32],
     engines: &[String],
 ) -> anyhow::Result<Vec<Run>> {
-    let token = lab.token()?;
     let hosts = lab
         .hosts
         .iter()
-        .map(|h| AgentClient::new(&h.url, &token, Duration::from_secs(60)))
+        .map(|h| lab.client(&h.url, Duration::from_secs(60)))
         .collect::<Result<_, _>>()?;
     let mut b = Bench {
         lab,
         hosts,
-        token,
         vm: String::new(),
         at: 0,
         counter: 0,
@@ -564,7 +561,9 @@ impl Bench<'_> {
         let body = SendRequest {
             vm: self.vm.parse()?,
             destination: self.lab.hosts[to].url.clone(),
-            token: self.token.clone(),
+            // The lab's agents answer mutual TLS: the source calls the destination with its
+            // own host certificate, no token.
+            token: String::new(),
             policy: policy.parse()?,
             options: SendOptions {
                 auto_converge: ac,

@@ -167,7 +167,7 @@ pub fn run(a: &super::Args) -> anyhow::Result<()> {
     let result = rt.block_on(async {
         tokio::select! {
             r = async {
-                let lab = lab::up(&opts, &progress).await?;
+                let lab = lab::up_tls(&opts, &progress).await?;
                 demo(&lab, &img, aggressiveness, &tmp.path().join("demo.db")).await
             } => r,
             s = interrupted() => Err(anyhow::anyhow!("interrupted by {s}; tearing down")),
@@ -296,7 +296,8 @@ fn left_behind(made: &LabState, seen: &Observed) -> Vec<String> {
 /// carries only sizes, so this fills in the kernel, initramfs and command line.
 struct ImageConnector {
     http: HttpConnector,
-    token: String,
+    /// The lab CA's client certificate: agents answer mutual TLS only.
+    tls: rustls::ClientConfig,
     img: GuestImage,
 }
 
@@ -309,7 +310,8 @@ struct ImageHost {
 
 impl Connector for ImageConnector {
     fn client(&self, host: &Host) -> tern_manager::error::Result<Arc<dyn HostClient>> {
-        let agent = AgentClient::new(&host.address, &self.token, Duration::from_secs(60))
+        let tls = Some(self.tls.clone());
+        let agent = AgentClient::new_tls(&host.address, "", Duration::from_secs(60), tls)
             .map_err(|e| agent_err(&host.name, e))?;
         Ok(Arc::new(ImageHost {
             inner: self.http.client(host)?,
@@ -420,11 +422,13 @@ async fn demo(
     aggressiveness: u8,
     db: &Path,
 ) -> anyhow::Result<Report> {
-    let token = lab.token()?;
+    let tls = lab
+        .tls()?
+        .ok_or_else(|| anyhow::anyhow!("the demo's lab has no CA"))?;
     let agents: Vec<AgentClient> = lab
         .hosts
         .iter()
-        .map(|h| AgentClient::new(&h.url, &token, Duration::from_secs(60)))
+        .map(|h| lab.client(&h.url, Duration::from_secs(60)))
         .collect::<Result<_, _>>()?;
     let manager = Arc::new(Manager::open(
         Box::new(SqliteStore::open(db)?),
@@ -456,8 +460,8 @@ async fn demo(
         r?;
     }
     let connector = Arc::new(ImageConnector {
-        http: HttpConnector::new(&token, Duration::from_secs(120)),
-        token: token.clone(),
+        http: HttpConnector::with_tls(Duration::from_secs(120), tls.clone()),
+        tls,
         img: img.clone(),
     });
     let control = Control::new(manager.clone(), connector);

@@ -1,4 +1,5 @@
-//! `tern agent vm`: VMs on one host, straight against its agent (`--agent URL --token T`),
+//! `tern agent vm`: VMs on one host, straight against its agent (`--agent URL` with a
+//! client certificate, `--tls-dir`, or a token file for an agent without TLS),
 //! with the host-level actions the manager does not offer (start, pause, resume, stop,
 //! metrics, guest requests).
 
@@ -16,12 +17,14 @@ pub struct Args {
     /// The agent's URL, e.g. http://198.18.0.1:7070.
     #[arg(long, env = "TERN_AGENT", global = true)]
     pub agent: Option<String>,
-    /// The agent's bearer token.
-    #[arg(long, env = "TERN_TOKEN", global = true, hide_env_values = true)]
-    pub token: Option<String>,
-    /// A file whose first line is the token (e.g. the lab's token file).
+    /// A file whose first line is the token, mode 0600 (an agent without TLS); or set
+    /// TERN_TOKEN.
     #[arg(long, global = true)]
     pub token_file: Option<PathBuf>,
+    /// A directory with ca.pem, cert.pem and key.pem: the client certificate the cluster
+    /// CA issued (`tern ca issue`, or the lab's `operator` directory).
+    #[arg(long, env = "TERN_TLS_DIR", global = true, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -166,16 +169,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .agent
         .clone()
         .ok_or_else(|| bad_input("give the agent with --agent URL (or TERN_AGENT)"))?;
-    let token = match (&args.token, &args.token_file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(f)) => tern_agent::state::read_token(f).map_err(agent_error)?,
+    let env_token = std::env::var("TERN_TOKEN").ok().filter(|t| !t.is_empty());
+    let token = match (&args.token_file, env_token) {
+        (Some(f), _) => tern_agent::state::read_token(f).map_err(agent_error)?,
+        (None, Some(t)) => t,
+        (None, None) if args.tls_dir.is_some() => String::new(),
         (None, None) => {
             return Err(bad_input(
-                "give the agent's token with --token, --token-file or TERN_TOKEN",
+                "give a client certificate with --tls-dir DIR, or the agent's token with \
+                 --token-file FILE or TERN_TOKEN",
             ))
         }
     };
-    let client = AgentClient::new(&agent, &token, Duration::from_secs(60)).map_err(agent_error)?;
+    let tls = match &args.tls_dir {
+        Some(d) => {
+            let id = tern_pki::Identity::load(d).map_err(bad_input)?;
+            Some(tern_pki::tls::client_config(&id.ca_pem, Some(&id), None).map_err(bad_input)?)
+        }
+        None => None,
+    };
+    let client =
+        AgentClient::new_tls(&agent, &token, Duration::from_secs(60), tls).map_err(agent_error)?;
     let rt = tokio::runtime::Runtime::new()?;
     let out = |v: &dyn erased::Json| -> anyhow::Result<()> {
         println!("{}", v.pretty()?);
