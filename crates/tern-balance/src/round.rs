@@ -73,6 +73,11 @@ pub enum SettingsError {
     ZeroLimit,
     #[error("smoothing_window must be at least 1 report")]
     ZeroWindow,
+    #[error(
+        "renew_s must be at least 1 and lease_s at least twice renew_s (got lease_s {lease_s}, \
+         renew_s {renew_s}), so one lost renewal does not cost a host its lease"
+    )]
+    Lease { lease_s: u64, renew_s: u64 },
 }
 
 /// Checks settings before they steer a round: the manager's `PUT /v1/balancer` and the
@@ -89,6 +94,12 @@ pub fn validate(s: &BalancerSettings) -> Result<(), SettingsError> {
     }
     if s.smoothing_window == 0 {
         return Err(SettingsError::ZeroWindow);
+    }
+    if s.renew_s == 0 || s.lease_s < s.renew_s.saturating_mul(2) {
+        return Err(SettingsError::Lease {
+            lease_s: s.lease_s,
+            renew_s: s.renew_s,
+        });
     }
     // `default_policy` is a `PolicyKind`: an unknown name is refused when it is read.
     Ok(())
@@ -492,6 +503,22 @@ mod tests {
             ..s.clone()
         };
         assert_eq!(validate(&bad), Err(SettingsError::Aggressiveness(6)));
+        let short_lease = BalancerSettings {
+            lease_s: 5,
+            renew_s: 3,
+            ..s.clone()
+        };
+        assert!(matches!(
+            validate(&short_lease),
+            Err(SettingsError::Lease { .. })
+        ));
+        let mut old = serde_json::to_value(&s).unwrap();
+        old.as_object_mut().unwrap().remove("lease_s");
+        let old: BalancerSettings = serde_json::from_value(old).unwrap();
+        assert_eq!(
+            old.lease_s, 15,
+            "settings stored before leases read as the default"
+        );
         let mut json = serde_json::to_value(&s).unwrap();
         json["default_policy"] = "fast".into();
         let msg = serde_json::from_value::<BalancerSettings>(json)

@@ -154,7 +154,20 @@ impl Control {
 
     /// The health step (see [`health::tick`]).
     pub fn health(&self) -> Result<()> {
-        self.manager.step(|s, now| (health::tick(s, now), ()))
+        let leases = self.manager.leases();
+        self.manager
+            .step(|s, now| (health::tick(s, now, &leases), ()))
+    }
+
+    /// The health step, only when a host's lease ran out: checked between rounds, so a
+    /// fenced host's VMs restart a lease after it went silent, not a round later.
+    fn health_if_lease_expired(&self) -> Result<()> {
+        let leases = self.manager.leases();
+        let now = self.manager.now();
+        if self.manager.read(|s| leases.expired(s, now).is_empty()) {
+            return Ok(());
+        }
+        self.health()
     }
 
     /// A balancing round (see [`balance::round`]), timed. It plans on a copy of the
@@ -333,6 +346,7 @@ impl Control {
     /// answers are committed as they arrive, between rounds too.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        self.manager.reset_leases();
         if let Err(e) = self.recover().await {
             tracing::error!("recovery: {e}");
         }
@@ -342,7 +356,11 @@ impl Control {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep_until(next) => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                    if let Err(e) = self.collect().and_then(|_| self.dispatch()) {
+                    let step = self
+                        .health_if_lease_expired()
+                        .and_then(|_| self.collect())
+                        .and_then(|_| self.dispatch());
+                    if let Err(e) = step {
                         tracing::error!("reconcile: {e}");
                     }
                     continue;

@@ -28,7 +28,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use tern_api::manager::{
-    BalancePlan, CreateVm, HeartbeatReply, MigrateVm, MigrationView, Page, RegisterHost,
+    BalancePlan, CreateVm, HeartbeatReply, LeaseGrant, MigrateVm, MigrationView, Page, RegisterHost,
 };
 
 use crate::state::{Host, Vm};
@@ -92,6 +92,7 @@ pub fn router(
         .route("/v1/hosts", get(list_hosts).post(register_host))
         .route("/v1/hosts/:name", get(show_host))
         .route("/v1/hosts/:name/heartbeat", post(heartbeat))
+        .route("/v1/hosts/:name/lease", post(renew_lease))
         .route("/v1/hosts/:name/drain", post(drain))
         .route("/v1/hosts/:name/activate", post(activate))
         .route("/v1/vms", get(list_vms).post(create_vm))
@@ -239,6 +240,15 @@ async fn heartbeat(
         StatusCode::OK,
         execute(&app, Command::Heartbeat { host, report }).await?,
     ))
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{name}/lease", operation_id = "renewLease",
+    summary = "The agent renews its host's lease; a host that cannot stops its own guests before the lease runs out.",
+    params(("name" = String, Path, description = "the host's name", example = "h1")),
+    responses((status = 200, description = "the lease the host now holds", body = LeaseGrant), (status = 404, description = "error", body = Error)))]
+async fn renew_lease(State(app): AppState, Path(host): Path<String>) -> ApiResult<Response> {
+    let grant = call(&app, move |m| m.renew_lease(&host)).await?;
+    Ok(Json(grant).into_response())
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{name}/drain", operation_id = "drainHost",

@@ -19,6 +19,7 @@ use utoipa::{Modify, OpenApi};
         super::register_host,
         super::show_host,
         super::heartbeat,
+        super::renew_lease,
         super::drain,
         super::activate,
         super::list_vms,
