@@ -37,6 +37,9 @@ pub struct LabOptions {
     pub host_memory_mib: Option<u64>,
     /// CPUs each host reports; default: the machine's.
     pub host_cpus: Option<u32>,
+    /// A manager will listen on this port of the lab's root address: the agents renew
+    /// their hosts' leases with it (and fence when they cannot), using the lab token.
+    pub manager_port: Option<u16>,
 }
 
 /// One host of a running lab.
@@ -56,6 +59,9 @@ pub struct LabHost {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabState {
     pub index: u8,
+    /// The manager URL the agents renew their leases with, when the lab was made for one.
+    #[serde(default)]
+    pub manager_url: Option<String>,
     pub link_mbit: Option<u32>,
     pub dir: PathBuf,
     pub token_file: PathBuf,
@@ -186,6 +192,9 @@ pub async fn up(opts: &LabOptions, progress: &dyn Fn(&str)) -> Result<LabState, 
     let mem_root = PathBuf::from(format!("/dev/shm/tern-lab-{index}"));
     let mut state = LabState {
         index,
+        manager_url: opts
+            .manager_port
+            .map(|p| format!("http://{}:{p}", shape.root_addr())),
         link_mbit: opts.link_mbit,
         dir: opts.dir.clone(),
         token_file,
@@ -276,10 +285,18 @@ async fn build(
         let log = std::fs::File::create(h.state_dir.join("agent.log"))
             .map_err(LabError::io("creating the agent log"))?;
         let log2 = log.try_clone().map_err(LabError::io("agent log"))?;
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &h.netns])
-            .arg(&opts.tern_binary)
-            .args(["agent", "--listen", &format!("{}:{AGENT_PORT}", h.addr)])
+        let mut cmd = std::process::Command::new("ip");
+        if let Some(url) = &state.manager_url {
+            cmd.args(["netns", "exec", &h.netns])
+                .arg(&opts.tern_binary)
+                .args(["agent", "--manager", url]);
+        } else {
+            cmd.args(["netns", "exec", &h.netns])
+                .arg(&opts.tern_binary)
+                .arg("agent");
+        }
+        let child = cmd
+            .args(["--listen", &format!("{}:{AGENT_PORT}", h.addr)])
             .arg("--state-dir")
             .arg(&h.state_dir)
             .arg("--token-file")

@@ -148,6 +148,7 @@ async fn bring_up(dir: &tempfile::TempDir) -> Lab {
         tern_binary: tern_binary(),
         host_memory_mib: Some(2048),
         host_cpus: None,
+        manager_port: None,
     };
     let state = lab::up(&opts, &|s| eprintln!("{s}")).await.expect("lab up");
     let token = state.token().unwrap();

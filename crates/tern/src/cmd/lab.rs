@@ -28,6 +28,10 @@ pub struct UpArgs {
     /// CPUs each host reports [default: this machine's].
     #[arg(long)]
     pub host_cpus: Option<u32>,
+    /// Port a manager will listen on at the lab's root address (198.18.K.254): the
+    /// agents renew their leases with it, and stop their guests when they cannot.
+    #[arg(long, value_name = "PORT")]
+    pub manager_port: Option<u16>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -73,6 +77,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
                 tern_binary: std::env::current_exe()?,
                 host_memory_mib: a.host_memory_mib,
                 host_cpus: a.host_cpus,
+                manager_port: a.manager_port,
             };
             let state = rt.block_on(lab::up(&opts, &progress)).map_err(lab_error)?;
             if a.json {

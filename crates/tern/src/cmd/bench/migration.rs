@@ -147,6 +147,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         tern_binary: std::env::current_exe()?,
         host_memory_mib: Some(args.memory_mib * 3),
         host_cpus: None,
+        manager_port: None,
     };
     let progress = |s: &str| eprintln!("{s}");
     let lab = rt.block_on(lab::up(&opts, &progress))?;

@@ -157,6 +157,7 @@ pub fn run(a: &super::Args) -> anyhow::Result<()> {
         tern_binary: std::env::current_exe()?,
         host_memory_mib: Some(VM_MEMORY_MIB * (VMS as u64 + 2)),
         host_cpus: None,
+        manager_port: None,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let mut guard = Teardown {
