@@ -159,15 +159,33 @@ impl Control {
             .step(|s, now| (health::tick(s, now, &leases), ()))
     }
 
-    /// The health step, only when a host's lease ran out: checked between rounds, so a
-    /// fenced host's VMs restart a lease after it went silent, not a round later.
-    fn health_if_lease_expired(&self) -> Result<()> {
+    /// The health step, only when a host's lease ran out; whether it ran.
+    fn health_if_lease_expired(&self) -> Result<bool> {
         let leases = self.manager.leases();
         let now = self.manager.now();
         if self.manager.read(|s| leases.expired(s, now).is_empty()) {
-            return Ok(());
+            return Ok(false);
         }
-        self.health()
+        self.health().map(|()| true)
+    }
+
+    /// Every 200 ms, declares dead the hosts whose lease ran out and dispatches their
+    /// VMs' restarts. A task of its own: a round can wait long on an unreachable host's
+    /// load report, and a fenced host's VMs should restart a lease after it went
+    /// silent, not a round later.
+    async fn watch_leases(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            match self.health_if_lease_expired() {
+                Ok(true) => {
+                    if let Err(e) = self.dispatch() {
+                        tracing::error!("dispatching restarts: {e}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!("lease check: {e}"),
+            }
+        }
     }
 
     /// A balancing round (see [`balance::round`]), timed. It plans on a copy of the
@@ -347,6 +365,15 @@ impl Control {
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         self.manager.reset_leases();
+        let leases = tokio::spawn(self.clone().watch_leases());
+        // Ends with this loop, whichever way it ends.
+        struct Abort(tokio::task::JoinHandle<()>);
+        impl Drop for Abort {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _leases = Abort(leases);
         if let Err(e) = self.recover().await {
             tracing::error!("recovery: {e}");
         }
@@ -356,11 +383,7 @@ impl Control {
                 _ = &mut shutdown => return,
                 _ = tokio::time::sleep_until(next) => {}
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {
-                    let step = self
-                        .health_if_lease_expired()
-                        .and_then(|_| self.collect())
-                        .and_then(|_| self.dispatch());
-                    if let Err(e) = step {
+                    if let Err(e) = self.collect().and_then(|_| self.dispatch()) {
                         tracing::error!("reconcile: {e}");
                     }
                     continue;
