@@ -166,3 +166,38 @@ async fn reclaim_removes_what_a_killed_driver_left() {
     second.create("left", spec(32, 1), false).await.unwrap();
     second.destroy("left").await.unwrap();
 }
+
+#[tokio::test]
+async fn adopt_takes_over_a_qemu_a_killed_driver_left_running() {
+    if !tern_testkit::require_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let first = driver(dir.path());
+    let info = first.create("kept", spec(32, 1), false).await.unwrap();
+    first.start("kept").await.unwrap();
+    let pid = info.pid.unwrap();
+    // An agent killed with SIGKILL never drops its driver: its QEMU keeps running.
+    std::mem::forget(first);
+
+    let second = driver(dir.path());
+    assert_eq!(
+        second.left_behind("kept").await.unwrap(),
+        (Some(pid), Some("running".to_string()))
+    );
+    assert_eq!(second.left_behind("none").await.unwrap(), (None, None));
+    let adopted = second.adopt("kept", spec(32, 1)).await.unwrap();
+    assert_eq!(adopted.pid, Some(pid), "the same QEMU, not a new one");
+    assert_eq!(adopted.state, VmState::Running);
+    assert!(
+        second.adopt("kept", spec(32, 1)).await.is_err(),
+        "adopted once"
+    );
+    assert_eq!(second.pause("kept").await.unwrap().state, VmState::Paused);
+    assert_eq!(second.resume("kept").await.unwrap().state, VmState::Running);
+    assert_eq!(second.metrics("kept").await.unwrap().vcpus.len(), 1);
+    second.destroy("kept").await.unwrap();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    assert!(cmdline.is_empty(), "the adopted QEMU {pid} was ended");
+    assert!(second.adopt("kept", spec(32, 1)).await.is_err(), "nothing left");
+}

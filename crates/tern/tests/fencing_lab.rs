@@ -162,6 +162,26 @@ impl Fixture {
             .unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
+    /// Waits until the manager records each of `vms` running where its QEMU runs: a cut
+    /// made while its create call is unanswered would hold the VM until that call
+    /// times out.
+    async fn wait_recorded(&self, vms: &[&str]) {
+        let t0 = Instant::now();
+        for vm in vms {
+            loop {
+                let v = self
+                    .manager_json(Method::GET, &format!("/v1/vms/{vm}"), None)
+                    .await;
+                let on = self.hosts_of(vm);
+                if v["state"] == "running" && on.len() == 1 && v["observed_host"] == on[0] {
+                    break;
+                }
+                assert!(t0.elapsed() < Duration::from_secs(30), "{vm} not recorded: {v}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
     /// Waits until `cond` holds, polling every 50 ms; panics after `limit`.
     async fn wait(&self, what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> Duration {
         let t0 = Instant::now();
@@ -224,6 +244,8 @@ async fn fencing_and_readoption_on_a_lab() {
         std::thread::spawn(move || sampler(lab, twice, stop))
     };
     let lab_dir = state.dir.clone();
+    let manager_url = state.manager_url.clone().unwrap();
+    let manager_token = token.clone();
     let outcome = tokio::spawn(async move {
         let f = fixture(state, token).await;
         scenario(&f, &img).await;
@@ -231,9 +253,38 @@ async fn fencing_and_readoption_on_a_lab() {
     .await;
     stop.store(true, Ordering::SeqCst);
     sampling.join().unwrap();
+    if outcome.is_err() {
+        let c = ManagerClient::new(&manager_url, &manager_token, Duration::from_secs(5)).unwrap();
+        for path in ["/v1/events?limit=200", "/v1/hosts", "/v1/vms"] {
+            let v: Result<Value, _> = c.http().get(path).await;
+            eprintln!("== {path}: {v:?}");
+        }
+    }
     let mut manager = manager;
     let _ = manager.kill();
     let _ = manager.wait();
+    if outcome.is_err() {
+        // What the processes said, before the lab and its logs go.
+        let mut logs = vec![dir.path().join("manager.log")];
+        for h in ["h1", "h2", "h3"] {
+            let d = lab_dir.join("hosts").join(h);
+            logs.extend([d.join("agent.log"), d.join("watchdog.log")]);
+        }
+        for l in logs {
+            let text = std::fs::read_to_string(&l).unwrap_or_default();
+            // The repeated complaints about unreachable hosts say little.
+            let tail: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("no load report") && !l.contains("lease not renewed"))
+                .rev()
+                .take(40)
+                .collect();
+            eprintln!("== {}", l.display());
+            for line in tail.into_iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+    }
     lab::down(&lab_dir, &|s| eprintln!("{s}"))
         .await
         .expect("lab down");
@@ -354,6 +405,7 @@ async fn agent_restarted_within_its_lease_keeps_its_vms(
         f.hosts_of("fa") == ["h1"] && f.hosts_of("fb") == ["h1"]
     })
     .await;
+    f.wait_recorded(&["fa", "fb"]).await;
     let pid_of = |list: &[tern_agent::vms::VmView], id: &str| {
         list.iter().find(|v| v.info.id == id).and_then(|v| v.info.pid)
     };
@@ -406,6 +458,7 @@ async fn agent_killed_for_good_is_fenced_and_its_vms_restart_once(f: &Fixture) {
     let restarted = t0.elapsed();
     eprintln!("agent killed: guests stopped after {stopped:?}, restarted elsewhere after {restarted:?}");
     assert!(restarted > stopped, "restarted before h1 stopped its copies");
+    f.wait_recorded(&["fa", "fb"]).await;
     assert!(tern_agent::fence::fenced_file(&f.lab.hosts[0].state_dir).exists());
 }
 
@@ -428,17 +481,16 @@ async fn host_cut_off_stops_its_own_vms_first(f: &Fixture) -> usize {
             !f.hosts_of("fa").contains(&on)
         })
         .await;
-    let moved = f
-        .wait("fa restarted on the last host", limit, || {
-            let h = f.hosts_of("fa");
-            h.len() == 1 && h[0] != on && h[0] != "h1"
-        })
-        .await;
+    f.wait("fa restarted on the last host", limit, || {
+        let h = f.hosts_of("fa");
+        h.len() == 1 && h[0] != on && h[0] != "h1"
+    })
+    .await;
+    let moved = t0.elapsed();
     eprintln!("{on} cut off: its guests stopped after {stopped:?}, restarted after {moved:?}");
     assert!(stopped < Duration::from_secs(LEASE_S), "stopped after {stopped:?}");
     assert!(moved > stopped);
     link("up");
-    let _ = t0;
     // Back on the network it renews again, destroys its stale copies, and is active.
     let path = format!("/v1/hosts/{on}");
     let t0 = Instant::now();
