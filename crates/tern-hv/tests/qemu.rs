@@ -199,5 +199,8 @@ async fn adopt_takes_over_a_qemu_a_killed_driver_left_running() {
     second.destroy("kept").await.unwrap();
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     assert!(cmdline.is_empty(), "the adopted QEMU {pid} was ended");
-    assert!(second.adopt("kept", spec(32, 1)).await.is_err(), "nothing left");
+    assert!(
+        second.adopt("kept", spec(32, 1)).await.is_err(),
+        "nothing left"
+    );
 }
