@@ -8,11 +8,14 @@
 //!   [`guest`]: the guest agent channel.
 //! - [`client`]: a typed HTTP client for the API (CLI, lab, manager, migration source).
 //! - [`migration`]: tern's live-migration engine.
+//! - [`fence`]: the host's lease with the manager, the watchdog that stops the guests
+//!   when it runs out, and what a restarted agent does with the QEMUs it finds.
 //! - [`openapi`]: the API's OpenAPI document, generated from the handlers and types.
 
 pub mod api;
 pub mod client;
 pub mod error;
+pub mod fence;
 pub mod guest;
 pub mod host;
 pub mod migration;

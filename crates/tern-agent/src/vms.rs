@@ -45,7 +45,7 @@ impl AppState {
             spec.memory_mib,
         )?;
         let mut info = self.hv.create(id, spec.clone(), incoming).await?;
-        let recorded = self.write_record(id, &spec);
+        let recorded = self.write_record(id, &spec, incoming);
         let started = match (recorded, start && !incoming) {
             (Err(e), _) => Err(e),
             (Ok(()), true) => self.hv.start(id).await.map_err(AgentError::from),
@@ -93,7 +93,7 @@ impl AppState {
     pub async fn destroy_vm(&self, id: &str) -> Result<(), AgentError> {
         self.guests.forget(id);
         let r = self.hv.destroy(id).await;
-        let _ = std::fs::remove_file(self.vm_record(id));
+        self.remove_record(id);
         self.load
             .lock()
             .expect("load table lock")
@@ -132,14 +132,46 @@ impl AppState {
     /// Forgets the record of a VM that no longer exists.
     pub fn remove_record(&self, id: &str) {
         let _ = std::fs::remove_file(self.vm_record(id));
+        let _ = std::fs::remove_file(self.incoming_marker(id));
     }
 
-    fn write_record(&self, id: &str, spec: &VmSpec) -> Result<(), AgentError> {
+    /// The spec an earlier agent recorded for VM `id`, and whether it was a migration
+    /// destination not yet resumed.
+    pub fn read_record(&self, id: &str) -> Result<(VmSpec, bool), AgentError> {
+        let path = self.vm_record(id);
+        let text = std::fs::read_to_string(&path)
+            .map_err(AgentError::io(format!("reading {}", path.display())))?;
+        let spec = serde_json::from_str(&text).map_err(|e| {
+            AgentError::BadRequest(format!("VM record {} is unreadable: {e}", path.display()))
+        })?;
+        Ok((spec, self.incoming_marker(id).exists()))
+    }
+
+    /// Records that the destination VM `id` was resumed here: from now on it is the
+    /// guest, which a restarted agent adopts instead of destroying as a leftover copy.
+    pub fn incoming_resumed(&self, id: &str) {
+        let _ = std::fs::remove_file(self.incoming_marker(id));
+    }
+
+    /// Present while VM `id` is a migration destination that has not run here.
+    fn incoming_marker(&self, id: &str) -> std::path::PathBuf {
+        self.host
+            .state_dir
+            .join("vms")
+            .join(format!("{id}.incoming"))
+    }
+
+    fn write_record(&self, id: &str, spec: &VmSpec, incoming: bool) -> Result<(), AgentError> {
         let path = self.vm_record(id);
         let dir = path.parent().expect("record path has a parent");
         std::fs::create_dir_all(dir)
             .map_err(AgentError::io(format!("creating {}", dir.display())))?;
         let text = serde_json::to_string_pretty(spec).expect("a spec serialises");
+        if incoming {
+            let marker = self.incoming_marker(id);
+            std::fs::write(&marker, "")
+                .map_err(AgentError::io(format!("writing {}", marker.display())))?;
+        }
         std::fs::write(&path, text).map_err(AgentError::io(format!("writing {}", path.display())))
     }
 

@@ -236,9 +236,20 @@ pub struct BalancerSettings {
     /// Migrations at once in the whole cluster.
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 65536))]
     pub max_per_cluster: u32,
-    /// A host silent this long is declared dead and its VMs restarted elsewhere.
+    /// A host silent this long is declared dead and its VMs restarted elsewhere. A host
+    /// that holds a lease is declared dead only when its lease has run out instead.
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 86400))]
     pub dead_after_s: u64,
+    /// Length of the lease a host's agent renews: a host that cannot renew stops its own
+    /// guests before it runs out, and the manager restarts them elsewhere only after.
+    #[serde(default = "default_lease_s")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 2, maximum = 3600, example = 15))]
+    pub lease_s: u64,
+    /// How often an agent renews its lease; at most half of `lease_s`, so one lost
+    /// renewal does not cost the lease.
+    #[serde(default = "default_renew_s")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1800, example = 3))]
+    pub renew_s: u64,
     /// Load reports the EWMA smooths over (its alpha is 2 / (window + 1)).
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1000))]
     pub smoothing_window: u32,
@@ -257,10 +268,21 @@ impl Default for BalancerSettings {
             max_per_host: 1,
             max_per_cluster: 8,
             dead_after_s: 30,
+            lease_s: default_lease_s(),
+            renew_s: default_renew_s(),
             smoothing_window: 5,
             default_policy: PolicyKind::Adaptive,
         }
     }
+}
+
+// Settings stored before leases existed read as the defaults.
+fn default_lease_s() -> u64 {
+    15
+}
+
+fn default_renew_s() -> u64 {
+    3
 }
 
 impl BalancerSettings {
@@ -481,6 +503,19 @@ pub struct HeartbeatReply {
     /// VMs the host reported that belong elsewhere (it came back after being declared
     /// dead and they were restarted): the agent destroys these before taking new work.
     pub stale: Vec<String>,
+}
+
+/// What the manager answers a lease renewal with: the lease the host now holds,
+/// counted by the host from just before it sent the renewal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct LeaseGrant {
+    /// The lease's length in milliseconds.
+    #[cfg_attr(feature = "openapi", schema(example = 15000))]
+    pub lease_ms: u64,
+    /// When to renew next, in milliseconds.
+    #[cfg_attr(feature = "openapi", schema(example = 3000))]
+    pub renew_ms: u64,
 }
 
 /// A move the round keeps.

@@ -81,17 +81,24 @@ pub enum SettingsError {
         max: u64,
         got: u64,
     },
+    #[error(
+        "renew_s must be at least 1 and lease_s at least twice renew_s (got lease_s {lease_s}, \
+         renew_s {renew_s}), so one lost renewal does not cost a host its lease"
+    )]
+    Lease { lease_s: u64, renew_s: u64 },
 }
 
 /// Upper bounds of the settings: a day between rounds or before a silent host is dead,
 /// a week of cooldown, and limits no cluster tern runs comes near.
-pub const SETTINGS_MAX: [(&str, u64); 6] = [
+pub const SETTINGS_MAX: [(&str, u64); 8] = [
     ("interval_s", 86_400),
     ("cooldown_s", 604_800),
     ("max_per_host", 1_024),
     ("max_per_cluster", 65_536),
     ("dead_after_s", 86_400),
     ("smoothing_window", 1_000),
+    ("lease_s", 3_600),
+    ("renew_s", 1_800),
 ];
 
 /// Checks settings before they steer a round: the manager's `PUT /v1/balancer` and the
@@ -116,11 +123,19 @@ pub fn validate(s: &BalancerSettings) -> Result<(), SettingsError> {
         u64::from(s.max_per_cluster),
         s.dead_after_s,
         u64::from(s.smoothing_window),
+        s.lease_s,
+        s.renew_s,
     ];
     for ((field, max), got) in SETTINGS_MAX.into_iter().zip(values) {
         if got > max {
             return Err(SettingsError::TooLarge { field, max, got });
         }
+    }
+    if s.renew_s == 0 || s.lease_s < s.renew_s.saturating_mul(2) {
+        return Err(SettingsError::Lease {
+            lease_s: s.lease_s,
+            renew_s: s.renew_s,
+        });
     }
     // `default_policy` is a `PolicyKind`: an unknown name is refused when it is read.
     Ok(())
@@ -544,6 +559,22 @@ mod tests {
             ..s.clone()
         };
         assert_eq!(validate(&at_bounds), Ok(()));
+        let short_lease = BalancerSettings {
+            lease_s: 5,
+            renew_s: 3,
+            ..s.clone()
+        };
+        assert!(matches!(
+            validate(&short_lease),
+            Err(SettingsError::Lease { .. })
+        ));
+        let mut old = serde_json::to_value(&s).unwrap();
+        old.as_object_mut().unwrap().remove("lease_s");
+        let old: BalancerSettings = serde_json::from_value(old).unwrap();
+        assert_eq!(
+            old.lease_s, 15,
+            "settings stored before leases read as the default"
+        );
         let mut json = serde_json::to_value(&s).unwrap();
         json["default_policy"] = "fast".into();
         let msg = serde_json::from_value::<BalancerSettings>(json)

@@ -44,6 +44,9 @@ pub struct LabOptions {
     /// Where the kernels and initramfs images the hosts' VMs boot lie (the agents'
     /// `--image-dir`): usually the image cache.
     pub image_dir: PathBuf,
+    /// A manager will listen on this port of the lab's root address: the agents renew
+    /// their hosts' leases with it (and fence when they cannot), using the lab token.
+    pub manager_port: Option<u16>,
 }
 
 /// One host of a running lab.
@@ -70,6 +73,9 @@ pub struct LabHost {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabState {
     pub index: u8,
+    /// The manager URL the agents renew their leases with, when the lab was made for one.
+    #[serde(default)]
+    pub manager_url: Option<String>,
     pub link_mbit: Option<u32>,
     pub dir: PathBuf,
     pub token_file: PathBuf,
@@ -250,6 +256,11 @@ async fn up_with(
     };
     let mut state = LabState {
         index,
+        manager_url: opts.manager_port.map(|p| {
+            // A manager on the lab CA serves HTTPS; only loopback may be plain HTTP.
+            let scheme = if tls { "https" } else { "http" };
+            format!("{scheme}://{}:{p}", shape.root_addr())
+        }),
         link_mbit: opts.link_mbit,
         dir: opts.dir.clone(),
         token_file,
@@ -356,10 +367,20 @@ async fn build(
         let log = std::fs::File::create(h.state_dir.join("agent.log"))
             .map_err(LabError::io("creating the agent log"))?;
         let log2 = log.try_clone().map_err(LabError::io("agent log"))?;
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &h.netns])
-            .arg(&opts.tern_binary)
-            .args(["agent", "--listen", &format!("{}:{AGENT_PORT}", h.addr)])
+        let mut cmd = std::process::Command::new("ip");
+        if let Some(url) = &state.manager_url {
+            cmd.args(["netns", "exec", &h.netns])
+                .arg(&opts.tern_binary)
+                .args(["agent", "--manager", url])
+                .arg("--manager-token-file")
+                .arg(&state.token_file);
+        } else {
+            cmd.args(["netns", "exec", &h.netns])
+                .arg(&opts.tern_binary)
+                .arg("agent");
+        }
+        let child = cmd
+            .args(["--listen", &format!("{}:{AGENT_PORT}", h.addr)])
             .arg("--state-dir")
             .arg(&h.state_dir)
             .args(match &state.ca_dir {

@@ -259,6 +259,7 @@ async fn bring_up(dir: &tempfile::TempDir) -> Lab {
         host_memory_mib: Some(2048),
         host_cpus: None,
         image_dir: tern_testkit::test_cache_dir(),
+        manager_port: None,
     };
     let state = lab::up(&opts, &|s| eprintln!("{s}")).await.expect("lab up");
     let token = state.token().unwrap();

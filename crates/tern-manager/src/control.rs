@@ -181,7 +181,38 @@ impl Control {
 
     /// The health step (see [`health::tick`]).
     pub fn health(&self) -> Result<()> {
-        self.manager.step(|s, now| (health::tick(s, now), ()))
+        let leases = self.manager.leases();
+        self.manager
+            .step(|s, now| (health::tick(s, now, &leases), ()))
+    }
+
+    /// The health step, only when a host's lease ran out; whether it ran.
+    fn health_if_lease_expired(&self) -> Result<bool> {
+        let leases = self.manager.leases();
+        let now = self.manager.now();
+        if self.manager.read(|s| leases.expired(s, now).is_empty()) {
+            return Ok(false);
+        }
+        self.health().map(|()| true)
+    }
+
+    /// Every 200 ms, declares dead the hosts whose lease ran out and dispatches their
+    /// VMs' restarts. A task of its own: a round can wait long on an unreachable host's
+    /// load report, and a fenced host's VMs should restart a lease after it went
+    /// silent, not a round later.
+    async fn watch_leases(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            match self.health_if_lease_expired() {
+                Ok(true) => {
+                    if let Err(e) = self.dispatch() {
+                        tracing::error!("dispatching restarts: {e}");
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => tracing::error!("lease check: {e}"),
+            }
+        }
     }
 
     /// A balancing round (see [`balance::round`]), timed. It plans on a copy of the
@@ -380,6 +411,16 @@ impl Control {
     /// answers are committed as they arrive, between rounds too.
     pub async fn run(self: Arc<Self>, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
+        self.manager.reset_leases();
+        let leases = tokio::spawn(self.clone().watch_leases());
+        // Ends with this loop, whichever way it ends.
+        struct Abort(tokio::task::JoinHandle<()>);
+        impl Drop for Abort {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _leases = Abort(leases);
         if let Err(e) = self.recover().await {
             tracing::error!("recovery: {e}");
         }

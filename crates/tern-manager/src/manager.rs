@@ -55,6 +55,8 @@ pub struct Manager {
     live: crate::live::LiveMigrations,
     /// The host addresses registration accepts.
     addresses: HostAddresses,
+    /// The host leases granted; never stored (see [`decide::lease`]).
+    leases: Mutex<decide::lease::Leases>,
 }
 
 impl Manager {
@@ -70,6 +72,7 @@ impl Manager {
             store: Mutex::new(store),
             snap: RwLock::new(snap),
             events,
+            leases: Mutex::new(decide::lease::Leases::new(clock())),
             clock,
             live: Default::default(),
             addresses: HostAddresses::default(),
@@ -96,6 +99,29 @@ impl Manager {
     /// The running migrations' latest telemetry, which the control loop keeps.
     pub fn live(&self) -> &crate::live::LiveMigrations {
         &self.live
+    }
+
+    /// Records a lease renewal by `host` and answers the lease it now holds.
+    pub fn renew_lease(&self, host: &str) -> Result<decide::lease::LeaseGrant> {
+        let now = self.now();
+        let settings = self.read(|s| {
+            s.hosts
+                .contains_key(host)
+                .then(|| s.settings.clone())
+                .ok_or_else(|| crate::Error::UnknownHost(host.to_owned()))
+        })?;
+        Ok(lock(&self.leases).renew(host, now, &settings))
+    }
+
+    /// The leases granted so far.
+    pub fn leases(&self) -> decide::lease::Leases {
+        lock(&self.leases).clone()
+    }
+
+    /// Forgets the leases granted and counts as if every host had renewed now: a
+    /// manager that takes the lead cannot know what the previous leader granted.
+    pub fn reset_leases(&self) {
+        *lock(&self.leases) = decide::lease::Leases::new(self.now());
     }
 
     pub fn now(&self) -> Millis {

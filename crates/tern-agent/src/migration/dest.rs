@@ -286,6 +286,7 @@ pub async fn resume(
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     state.hv.resume(&inbound.vm).await?;
+    state.incoming_resumed(&inbound.vm);
     inbound.resumed.store(true, Ordering::SeqCst);
     inbound.set(IncomingPhase::Running, None);
     Ok(inbound.view(id))

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use super::{Client, ClientError, ClientOptions};
 use crate::manager::{
-    BalancePlan, BalancerSettings, CreateVm, Event, HeartbeatReply, Host, ListQuery, LoadReport,
-    MigrateVm, Migration, MigrationView, RegisterHost, Vm,
+    BalancePlan, BalancerSettings, CreateVm, Event, HeartbeatReply, Host, LeaseGrant, ListQuery,
+    LoadReport, MigrateVm, Migration, MigrationView, RegisterHost, Vm,
 };
 
 /// A connection to one manager: the CLI's, and an agent's heartbeats.
@@ -63,6 +63,13 @@ impl ManagerClient {
     ) -> Result<HeartbeatReply, ClientError> {
         self.http
             .post(&format!("/v1/hosts/{name}/heartbeat"), report)
+            .await
+    }
+
+    /// Renews host `name`'s lease (see docs/ha.md, "Fencing").
+    pub async fn renew_lease(&self, name: &str) -> Result<LeaseGrant, ClientError> {
+        self.http
+            .post_empty(&format!("/v1/hosts/{name}/lease"))
             .await
     }
 

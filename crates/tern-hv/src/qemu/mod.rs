@@ -65,6 +65,9 @@ struct Vm {
     state: VmState,
     paths: VmPaths,
     child: Option<Child>,
+    /// The pid of a QEMU an earlier driver started and this one adopted: not a child,
+    /// so it is watched through `/proc` instead of waited for.
+    adopted: Option<u32>,
     qmp: Option<Qmp>,
 }
 
@@ -78,8 +81,12 @@ impl Vm {
             memory_file: Some(self.paths.memory_file.clone()),
             control_socket: Some(self.paths.control_socket.clone()),
             console_log: Some(self.paths.console_log.clone()),
-            pid: self.child.as_ref().and_then(Child::id),
+            pid: self.pid(),
         }
+    }
+
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id).or(self.adopted)
     }
 
     fn check(&self, action: Action) -> Result<VmState> {
@@ -122,6 +129,60 @@ impl QemuDriver {
         &self.cfg
     }
 
+    /// What an earlier driver left running for VM `id`: the pid of its QEMU (checked
+    /// against the command line) and QEMU's run state over QMP, when it answers.
+    pub async fn left_behind(&self, id: &str) -> Result<(Option<u32>, Option<String>)> {
+        VmName::check(id)?;
+        let paths = VmPaths::new(&self.cfg.run_dir, &self.cfg.mem_dir, id);
+        let Some(pid) = qemu_pid(&paths) else {
+            return Ok((None, None));
+        };
+        let runstate = match Qmp::connect(&paths.qmp_socket, self.cfg.qmp_timeout).await {
+            Ok(mut q) => runstate(&mut q).await.ok(),
+            Err(_) => None,
+        };
+        Ok((Some(pid), runstate))
+    }
+
+    /// Manages again the QEMU an earlier driver (an agent that crashed or was
+    /// restarted) left running for VM `id` defined by `spec`, without touching the
+    /// guest: it connects to the QMP socket named on that QEMU's command line.
+    pub async fn adopt(&self, id: &str, spec: VmSpec) -> Result<VmInfo> {
+        VmName::check(id)?;
+        let paths = VmPaths::new(&self.cfg.run_dir, &self.cfg.mem_dir, id);
+        let pid = qemu_pid(&paths).ok_or_else(|| {
+            HvError::Qemu(format!(
+                "no QEMU of VM {id:?} runs (pid file {})",
+                paths.pid_file.display()
+            ))
+        })?;
+        let mut qmp = Qmp::connect(&paths.qmp_socket, self.cfg.qmp_timeout).await?;
+        let run = runstate(&mut qmp).await?;
+        let macs = spec
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| n.mac.clone().unwrap_or_else(|| derived_mac(id, i)))
+            .collect();
+        let vm = Vm {
+            id: id.to_string(),
+            paths,
+            spec,
+            macs,
+            state: state_from_runstate(VmState::Created, &run),
+            child: None,
+            adopted: Some(pid),
+            qmp: Some(qmp),
+        };
+        let info = vm.info();
+        let mut vms = self.vms.lock().expect("VM table lock");
+        if vms.contains_key(id) {
+            return Err(HvError::AlreadyExists(id.to_string()));
+        }
+        vms.insert(id.to_string(), Arc::new(Mutex::new(vm)));
+        Ok(info)
+    }
+
     /// Removes what a previous driver left for VM `id` when it did not end cleanly (its
     /// process was killed): the QEMU named by the pid file, the taps, the RAM file and the
     /// run directory. Returns whether a QEMU was still running. A VM this driver knows is
@@ -132,10 +193,7 @@ impl QemuDriver {
             return Err(HvError::AlreadyExists(id.to_string()));
         }
         let paths = VmPaths::new(&self.cfg.run_dir, &self.cfg.mem_dir, id);
-        let pid = std::fs::read_to_string(&paths.pid_file)
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .filter(|&p| is_our_qemu(p, &paths.qmp_socket));
+        let pid = qemu_pid(&paths);
         if let Some(p) = pid {
             let _ = net::run("kill", &["-KILL", &p.to_string()]).await;
         }
@@ -272,6 +330,15 @@ impl QemuDriver {
                 let _ = child.kill().await;
             }
         }
+        if let Some(pid) = vm.adopted.take() {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while is_our_qemu(pid, &vm.paths.qmp_socket) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if is_our_qemu(pid, &vm.paths.qmp_socket) {
+                let _ = net::run("kill", &["-KILL", &pid.to_string()]).await;
+            }
+        }
         remove_taps(&vm.taps()).await;
     }
 
@@ -294,17 +361,37 @@ impl QemuDriver {
 
     /// Applies the process's fate: a QEMU that exited means the VM is stopped.
     async fn reap(vm: &mut Vm) {
-        let exited = match vm.child.as_mut() {
-            Some(c) => matches!(c.try_wait(), Ok(Some(_))),
-            None => false,
+        let exited = match (vm.child.as_mut(), vm.adopted) {
+            (Some(c), _) => matches!(c.try_wait(), Ok(Some(_))),
+            (None, Some(pid)) => !is_our_qemu(pid, &vm.paths.qmp_socket),
+            (None, None) => false,
         };
         if exited {
             vm.child = None;
+            vm.adopted = None;
             vm.qmp = None;
             vm.state = VmState::Stopped;
             remove_taps(&vm.taps()).await;
         }
     }
+}
+
+/// The pid of the QEMU running VM `paths` according to its pid file, when that process
+/// is alive and really is this VM's QEMU.
+pub fn qemu_pid(paths: &VmPaths) -> Option<u32> {
+    std::fs::read_to_string(&paths.pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .filter(|&p| is_our_qemu(p, &paths.qmp_socket))
+}
+
+async fn runstate(qmp: &mut Qmp) -> Result<String> {
+    let st = qmp.execute("query-status", None).await?;
+    Ok(st
+        .get("status")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string())
 }
 
 /// True when `pid` is a QEMU serving `qmp_socket`: a pid file can outlive its process and
@@ -366,6 +453,7 @@ impl Hypervisor for QemuDriver {
                 VmState::Created
             },
             child: None,
+            adopted: None,
             qmp: None,
         }));
         // Claim the id before the slow launch so a concurrent create of the same id fails.
@@ -391,7 +479,7 @@ impl Hypervisor for QemuDriver {
         let mut vm = vm.lock().await;
         Self::reap(&mut vm).await;
         let next = vm.check(Action::Start)?;
-        if vm.child.is_none() {
+        if vm.pid().is_none() {
             self.launch(&mut vm, false).await?;
         }
         vm.qmp()?.execute("cont", None).await?;
@@ -457,7 +545,7 @@ impl Hypervisor for QemuDriver {
         let mut vm = vm.lock().await;
         Self::reap(&mut vm).await;
         let memory_bytes = vm.spec.memory_mib * 1024 * 1024;
-        let Some(pid) = vm.child.as_ref().and_then(Child::id) else {
+        let Some(pid) = vm.pid() else {
             return Ok(VmMetrics {
                 vcpus: vec![],
                 vcpu_cpu_ns: 0,
@@ -493,9 +581,8 @@ impl Hypervisor for QemuDriver {
         let mut vm = vm.lock().await;
         Self::reap(&mut vm).await;
         if vm.qmp.is_some() {
-            let st = vm.qmp()?.execute("query-status", None).await?;
-            let run = st.get("status").and_then(Value::as_str).unwrap_or("");
-            vm.state = state_from_runstate(vm.state, run);
+            let run = runstate(vm.qmp()?).await?;
+            vm.state = state_from_runstate(vm.state, &run);
         }
         Ok(vm.info())
     }

@@ -32,8 +32,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use tern_api::manager::{
-    BalancePlan, CreateVm, HeartbeatReply, JoinReply, JoinRequest, MigrateVm, MigrationView, Page,
-    RegisterHost,
+    BalancePlan, CreateVm, HeartbeatReply, JoinReply, JoinRequest, LeaseGrant, MigrateVm,
+    MigrationView, Page, RegisterHost,
 };
 use tern_pki::{Ca, Role};
 
@@ -136,6 +136,7 @@ pub fn router_with_ca(
         .route("/v1/hosts", get(list_hosts).post(register_host))
         .route("/v1/hosts/:name", get(show_host).delete(remove_host))
         .route("/v1/hosts/:name/heartbeat", post(heartbeat))
+        .route("/v1/hosts/:name/lease", post(renew_lease))
         .route("/v1/hosts/:name/drain", post(drain))
         .route("/v1/hosts/:name/activate", post(activate))
         .route("/v1/vms", get(list_vms).post(create_vm))
@@ -444,6 +445,15 @@ async fn heartbeat(
         StatusCode::OK,
         execute(&app, Command::Heartbeat { host, report }).await?,
     ))
+}
+
+#[utoipa::path(post, path = "/v1/hosts/{name}/lease", operation_id = "renewLease",
+    summary = "The agent renews its host's lease; a host that cannot stops its own guests before the lease runs out.",
+    params(("name" = String, Path, description = "the host's name", example = "h1")),
+    responses((status = 200, description = "the lease the host now holds", body = LeaseGrant), (status = 404, description = "error", body = Error)))]
+async fn renew_lease(State(app): AppState, Path(host): Path<String>) -> ApiResult<Response> {
+    let grant = call(&app, move |m| m.renew_lease(&host)).await?;
+    Ok(Json(grant).into_response())
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{name}/drain", operation_id = "drainHost",

@@ -22,6 +22,7 @@ use utoipa::{Modify, OpenApi};
         super::show_host,
         super::remove_host,
         super::heartbeat,
+        super::renew_lease,
         super::drain,
         super::activate,
         super::list_vms,

@@ -7,11 +7,14 @@
 //!    └──silent > limit───┴──► dead ──heartbeat without stale VMs──► active
 //! ```
 //!
-//! A host is declared dead by the step that first sees it silent; the same step moves its
+//! A host holding a lease (see [`super::lease`]) is declared dead only once its lease ran out,
+//! when its own watchdog has stopped its guests; other hosts once silent for
+//! `dead_after_s`. A host is declared dead by the step that first sees it so; the same step moves its
 //! VMs away, so later steps find a dead host with no VMs and each VM restarts exactly once.
 
 use std::collections::BTreeMap;
 
+use super::lease::Leases;
 use super::placement::Placer;
 use super::start_migration;
 use crate::state::{
@@ -29,20 +32,20 @@ pub fn in_flight(snap: &Snapshot) -> (BTreeMap<&str, u32>, u32) {
     (per_host, snap.running.len() as u32)
 }
 
-/// Hosts silent for longer than the settings allow, not yet dead.
-pub fn silent_hosts(snap: &Snapshot, now: Millis) -> Vec<&Host> {
-    let limit = snap.settings.dead_after_s.saturating_mul(1000);
+/// Hosts not yet dead that may now be declared dead: leased ones whose lease ran out,
+/// the others silent for longer than the settings allow (see [`Leases::may_declare_dead`]).
+pub fn silent_hosts<'a>(snap: &'a Snapshot, now: Millis, leases: &Leases) -> Vec<&'a Host> {
     snap.hosts
         .values()
         .filter(|h| h.state != HostState::Dead)
-        .filter(|h| now.saturating_sub(h.last_heartbeat.unwrap_or(0)) > limit)
+        .filter(|h| leases.may_declare_dead(h, now, &snap.settings))
         .collect()
 }
 
-/// One health step.
-pub fn tick(snap: &Snapshot, now: Millis) -> Vec<Change> {
+/// One health step, given the leases the manager granted.
+pub fn tick(snap: &Snapshot, now: Millis, leases: &Leases) -> Vec<Change> {
     let mut changes = Vec::new();
-    let dead: Vec<&Host> = silent_hosts(snap, now);
+    let dead: Vec<&Host> = silent_hosts(snap, now, leases);
     let is_dead = |h: &str| {
         dead.iter().any(|d| d.name == h)
             || snap.hosts.get(h).is_none_or(|x| x.state == HostState::Dead)
@@ -205,6 +208,29 @@ mod tests {
     use crate::decide::testing::*;
     use crate::decide::{Command, LoadReport, VmLoad};
 
+    /// A health step for hosts that hold no lease, in a cluster that never had any.
+    fn tick_unleased(snap: &Snapshot, now: Millis) -> Vec<Change> {
+        tick(snap, now, &Leases::default())
+    }
+
+    #[test]
+    fn a_leased_host_is_not_declared_dead_while_its_lease_holds() {
+        let mut snap = cluster(&[4.0, 4.0, 4.0], 4096);
+        running(&mut snap, "a", "h0", spec(1, 1024));
+        snap.settings.dead_after_s = 5;
+        let mut leases = Leases::new(0);
+        leases.renew("h0", 1_000, &snap.settings);
+        for h in ["h1", "h2"] {
+            snap.hosts.get_mut(h).unwrap().last_heartbeat = Some(20_000);
+        }
+        let end = 1_000 + snap.settings.lease_s * 1000 + crate::decide::lease::MARGIN_MS;
+        assert!(tick(&snap, end, &leases).is_empty(), "silent, but leased");
+        let changes = tick(&snap, end + 1, &leases);
+        apply(&mut snap, end + 1, &changes);
+        assert_eq!(snap.hosts["h0"].state, HostState::Dead);
+        assert_ne!(snap.vms["a"].desired_host.as_deref(), Some("h0"));
+    }
+
     #[test]
     fn a_silent_host_dies_once_and_its_vms_restart_once() {
         let mut snap = cluster(&[4.0, 4.0, 4.0], 4096);
@@ -215,8 +241,8 @@ mod tests {
         for h in ["h1", "h2"] {
             snap.hosts.get_mut(h).unwrap().last_heartbeat = Some(15_000);
         }
-        assert!(tick(&snap, 10_000).is_empty());
-        let changes = tick(&snap, 20_000);
+        assert!(tick_unleased(&snap, 10_000).is_empty());
+        let changes = tick_unleased(&snap, 20_000);
         apply(&mut snap, 20_000, &changes);
         assert_eq!(snap.hosts["h0"].state, HostState::Dead);
         let restarts = changes
@@ -230,7 +256,7 @@ mod tests {
             assert_ne!(vm.desired_host.as_deref(), Some("h0"));
         }
         // The next step restarts nothing again.
-        assert!(tick(&snap, 21_000).is_empty());
+        assert!(tick_unleased(&snap, 21_000).is_empty());
         // h0 comes back still running its old copy of "a": it is told to destroy it and
         // stays dead until it has.
         let report = LoadReport {
@@ -275,14 +301,17 @@ mod tests {
         running(&mut snap, "b", "h1", spec(1, 1024));
         snap.settings.dead_after_s = 1;
         snap.hosts.get_mut("h1").unwrap().last_heartbeat = Some(5_000);
-        let c = tick(&snap, 5_000);
+        let c = tick_unleased(&snap, 5_000);
         apply(&mut snap, 5_000, &c);
         assert_eq!(snap.vms["a"].state, VmState::Unplaced);
-        assert!(tick(&snap, 5_500).is_empty(), "no repeated unplaced events");
+        assert!(
+            tick_unleased(&snap, 5_500).is_empty(),
+            "no repeated unplaced events"
+        );
         run(&mut snap, 6_000, Command::DeleteVm { name: "b".into() }).unwrap();
         run(&mut snap, 6_000, Command::VmRemoved { vm: "b".into() }).unwrap();
         snap.hosts.get_mut("h1").unwrap().last_heartbeat = Some(6_000);
-        let c = tick(&snap, 6_000);
+        let c = tick_unleased(&snap, 6_000);
         apply(&mut snap, 6_000, &c);
         assert_eq!(snap.vms["a"].desired_host.as_deref(), Some("h1"));
         assert_eq!(snap.vms["a"].state, VmState::Pending);
@@ -304,7 +333,7 @@ mod tests {
             },
         )
         .unwrap();
-        let c = tick(&snap, 0);
+        let c = tick_unleased(&snap, 0);
         apply(&mut snap, 0, &c);
         assert_eq!(snap.running.len(), 2);
         assert!(snap
@@ -327,7 +356,7 @@ mod tests {
             )
             .unwrap();
         }
-        let c = tick(&snap, 2);
+        let c = tick_unleased(&snap, 2);
         apply(&mut snap, 2, &c);
         assert_eq!(snap.running.len(), 2);
         assert_eq!(

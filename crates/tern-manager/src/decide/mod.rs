@@ -4,10 +4,12 @@
 //! - [`placement`]: which host takes a VM.
 //! - [`balance`]: one balancing round: planner, cost/benefit, limits.
 //! - [`health`]: dead hosts, restarting their VMs once, evacuating drained hosts.
+//! - [`lease`]: host leases, and when a host's guests are surely stopped.
 //! - [`reconcile`]: what to ask the agents to do so observed state meets desired state.
 
 pub mod balance;
 pub mod health;
+pub mod lease;
 pub mod placement;
 pub mod reconcile;
 

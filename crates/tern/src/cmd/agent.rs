@@ -7,12 +7,15 @@
 
 use super::{agent_error, bad_input};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
+use tern_agent::fence::{self, Fate};
 use tern_agent::host::{detect_capacity, Capacity};
 use tern_agent::server::Serving;
 use tern_agent::{AppState, HostConfig};
+use tern_api::client::ManagerClient;
 use tern_api::client::{Client, ClientOptions};
 use tern_api::manager::{JoinReply, JoinRequest};
 use tern_hv::qemu::{QemuConfig, QemuDriver};
@@ -44,6 +47,13 @@ pub struct Args {
 pub enum AgentCommand {
     /// VMs on one host, straight against its agent (the cluster's VMs: `tern vm`).
     Vm(Box<super::vm::agent::Args>),
+    /// The fencing watchdog the agent starts: stops the host's guests when the lease in
+    /// STATE_DIR/lease runs out. Runs on its own so it outlives a crashed agent.
+    Watchdog {
+        /// The agent's state directory.
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+    },
 }
 
 /// The daemon's flags.
@@ -94,11 +104,22 @@ pub struct Daemon {
     pub memory_mib: Option<u64>,
     #[arg(long, value_enum, default_value = "qemu")]
     pub hypervisor: Driver,
+    /// Manager URLs (comma-separated) to renew this host's lease with. With them, a
+    /// watchdog stops this host's guests when the lease cannot be renewed, and the
+    /// manager restarts them elsewhere only after that (docs/ha.md, "Fencing").
+    #[arg(long = "manager", value_delimiter = ',', value_name = "URL")]
+    pub managers: Vec<String>,
+    /// File whose first line is the bearer token for the manager [default: --token-file].
+    #[arg(long, value_name = "FILE")]
+    pub manager_token_file: Option<PathBuf>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     match (args.command, args.daemon) {
         (Some(AgentCommand::Vm(a)), _) => super::vm::agent::run(*a),
+        (Some(AgentCommand::Watchdog { state_dir }), _) => {
+            tern_agent::fence::watchdog(&state_dir).map_err(agent_error)
+        }
         (None, Some(d)) => serve(d),
         (None, None) => Err(bad_input(
             "give the daemon's --listen, --state-dir and --tls-dir, --join or --token-file, \
@@ -151,6 +172,13 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
             );
         }
     }
+    let managers = manager_clients(&args, tls_dir.as_deref())?;
+    if managers.is_empty() {
+        // No lease is held: a lease file left by an earlier run must not fence anything.
+        let _ = std::fs::remove_file(fence::lease_file(&state_dir));
+    } else {
+        ensure_watchdog(&state_dir)?;
+    }
     let token = match (&args.token_file, &tls_dir) {
         (Some(f), _) => tern_agent::state::read_token(f).map_err(agent_error)?,
         // The certificate is the credential; no request is checked against a token.
@@ -180,7 +208,7 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
                 args.bridge.clone(),
             )));
             let state = AppState::new(qemu.clone(), host).with_stream_ip(addr.ip());
-            rt.block_on(reclaim(&state, &qemu));
+            rt.block_on(adopt_or_reclaim(&state, &qemu));
             state
         }
         Driver::Sim => AppState::new(Arc::new(SimDriver::new()), host).with_stream_ip(addr.ip()),
@@ -207,7 +235,12 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
     } else {
         "http"
     };
-    rt.block_on(async move {
+    let state_dir = state.host.state_dir.clone();
+    let fenced = !managers.is_empty();
+    let served = rt.block_on(async move {
+        if fenced {
+            tokio::spawn(fence::renew_loop(managers, name.clone(), state_dir.clone()));
+        }
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
@@ -218,7 +251,18 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
         tern_agent::server::serve_with(listener, state, serving, shutdown_signal())
             .await
             .map_err(agent_error)
-    })
+    });
+    if fenced {
+        // A clean stop destroyed the guests: there is nothing left to fence.
+        let dir = args.state_dir.canonicalize()?;
+        let _ = std::fs::remove_file(fence::lease_file(&dir));
+        if let Some(pid) = running_watchdog(&dir) {
+            let _ = std::process::Command::new("kill")
+                .arg(pid.to_string())
+                .status();
+        }
+    }
+    served
 }
 
 /// Where an enrolled agent remembers the manager it joined, to fetch revocations from.
@@ -331,10 +375,134 @@ async fn refresh_crl(
     }
 }
 
-/// VMs recorded by an agent that did not end cleanly are gone with it (a host's VMs end
-/// with its agent): remove their leftover QEMUs, taps and files, and their records.
-async fn reclaim(state: &AppState, qemu: &QemuDriver) {
+/// One client per `--manager` URL, with the manager token; an enrolled host checks the
+/// manager against its cluster CA (and shows its own certificate).
+fn manager_clients(args: &Daemon, tls_dir: Option<&Path>) -> anyhow::Result<Vec<ManagerClient>> {
+    if args.managers.is_empty() {
+        return Ok(Vec::new());
+    }
+    let file = args
+        .manager_token_file
+        .as_ref()
+        .or(args.token_file.as_ref())
+        .ok_or_else(|| {
+            bad_input(
+                "--manager needs --manager-token-file FILE: the token the manager's API takes",
+            )
+        })?;
+    let token = tern_agent::state::read_token(file).map_err(agent_error)?;
+    let tls = match tls_dir {
+        Some(dir) => {
+            let id = Identity::load(dir).map_err(bad_input)?;
+            Some(client_config(&id.ca_pem, Some(&id), None)?)
+        }
+        None => None,
+    };
+    args.managers
+        .iter()
+        .map(|url| {
+            Client::with_tls(
+                url,
+                &token,
+                ClientOptions::with_timeout(RENEW_TIMEOUT),
+                tls.clone(),
+            )
+            .map(ManagerClient::from)
+            .map_err(|e| bad_input(format!("--manager {url:?}: {e}")))
+        })
+        .collect()
+}
+
+/// How long one lease renewal may take; well under a renewal period.
+const RENEW_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The watchdog already watching `state_dir`, if one runs (a restarted agent keeps it).
+fn running_watchdog(state_dir: &Path) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(fence::watchdog_pid_file(state_dir))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmd = String::from_utf8_lossy(&cmd);
+    (cmd.contains("watchdog") && cmd.contains(&*state_dir.to_string_lossy())).then_some(pid)
+}
+
+/// Starts the fencing watchdog unless one already watches `state_dir`. It gets its own
+/// process group, so neither a signal to the agent's group nor the agent's death ends it.
+fn ensure_watchdog(state_dir: &Path) -> anyhow::Result<()> {
+    if running_watchdog(state_dir).is_some() {
+        return Ok(());
+    }
+    let log_path = state_dir.join("watchdog.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| anyhow::anyhow!("opening {}: {e}", log_path.display()))?;
+    let child = std::process::Command::new(std::env::current_exe()?)
+        .args(["agent", "watchdog", "--state-dir"])
+        .arg(state_dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("starting the fencing watchdog: {e}"))?;
+    // It writes its pid file first thing; wait for it so a second agent start does not
+    // start a second watchdog.
+    for _ in 0..100 {
+        if running_watchdog(state_dir) == Some(child.id()) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(anyhow::anyhow!(
+        "the fencing watchdog (pid {}) did not start; see {}",
+        child.id(),
+        state_dir.join("watchdog.log").display()
+    ))
+}
+
+/// VMs recorded by an earlier agent (one that crashed, or was restarted to upgrade it):
+/// a QEMU still running is adopted, guest untouched; what [`fence::fate`] says is a
+/// leftover (a destination copy that never ran here, a QEMU gone or mute) is removed
+/// with its taps, files and record. A host whose lease ran out stops its guests first,
+/// in case its watchdog did not.
+async fn adopt_or_reclaim(state: &AppState, qemu: &QemuDriver) {
+    let dir = &state.host.state_dir;
+    if fence::due(fence::boot_ms().unwrap_or(u64::MAX), fence::read_lease(dir)) {
+        let killed = fence::stop_guests(&dir.join("run"));
+        let _ = std::fs::rename(fence::lease_file(dir), fence::fenced_file(dir));
+        eprintln!("tern agent: the lease ran out, stopped the QEMUs {killed:?}");
+    }
     for id in state.recorded_vms() {
+        let fate = match state.read_record(&id) {
+            Ok((spec, incoming)) => {
+                let (pid, runstate) = qemu.left_behind(&id).await.unwrap_or((None, None));
+                let found = fence::Found {
+                    qemu_alive: pid.is_some(),
+                    incoming,
+                    runstate,
+                };
+                match fence::fate(&found) {
+                    Fate::Adopt => match qemu.adopt(&id, spec).await {
+                        Ok(info) => {
+                            state.incoming_resumed(&id);
+                            eprintln!(
+                                "tern agent: VM {id} adopted (QEMU pid {}, {:?})",
+                                info.pid.unwrap_or(0),
+                                info.state
+                            );
+                            continue;
+                        }
+                        Err(_) => "its QEMU could not be adopted",
+                    },
+                    Fate::Destroy(why) => why,
+                }
+            }
+            Err(_) => "its record is unreadable",
+        };
         match qemu.reclaim(&id).await {
             Ok(was_running) => {
                 let what = if was_running {
@@ -342,9 +510,9 @@ async fn reclaim(state: &AppState, qemu: &QemuDriver) {
                 } else {
                     "files removed"
                 };
-                eprintln!("tern agent: VM {id} left by a previous agent reclaimed ({what})");
+                eprintln!("tern agent: VM {id} left by a previous agent removed: {fate} ({what})");
             }
-            Err(e) => eprintln!("tern agent: could not reclaim VM {id}: {e}"),
+            Err(e) => eprintln!("tern agent: could not remove VM {id} ({fate}): {e}"),
         }
         state.remove_record(&id);
     }

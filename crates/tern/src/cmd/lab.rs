@@ -32,6 +32,10 @@ pub struct UpArgs {
     /// [default: the image cache, $TERN_CACHE or ~/.cache/tern].
     #[arg(long, value_name = "DIR")]
     pub image_dir: Option<std::path::PathBuf>,
+    /// Port a manager will listen on at the lab's root address (198.18.K.254): the
+    /// agents renew their leases with it, and stop their guests when they cannot.
+    #[arg(long, value_name = "PORT")]
+    pub manager_port: Option<u16>,
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
@@ -85,6 +89,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
                 image_dir: a
                     .image_dir
                     .unwrap_or_else(tern_hv::image::default_cache_dir),
+                manager_port: a.manager_port,
             };
             let up = if a.tls {
                 rt.block_on(lab::up_tls(&opts, &progress))

@@ -148,6 +148,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         host_memory_mib: Some(args.memory_mib * 3),
         host_cpus: None,
         image_dir: tern_hv::image::default_cache_dir(),
+        manager_port: None,
     };
     let progress = |s: &str| eprintln!("{s}");
     let lab = rt.block_on(lab::up_tls(&opts, &progress))?;

@@ -158,6 +158,7 @@ pub fn run(a: &super::Args) -> anyhow::Result<()> {
         host_memory_mib: Some(VM_MEMORY_MIB * (VMS as u64 + 2)),
         host_cpus: None,
         image_dir: tern_hv::image::default_cache_dir(),
+        manager_port: None,
     };
     let rt = tokio::runtime::Runtime::new()?;
     let mut guard = Teardown {
