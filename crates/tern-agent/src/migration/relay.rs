@@ -8,8 +8,12 @@
 //!
 //! Both unix sockets sit in a directory only the agent's user can enter
 //! ([`socket_path`]); no QEMU listens on the network. The relays copy bytes one way
-//! (QEMU's precopy stream has no return path) and are generic over the transport, so a
-//! TLS session can stand in for the socket.
+//! (QEMU's precopy stream has no return path) and are generic over the transport.
+//!
+//! A device-state stream over TLS arrives as a blocking rustls session (its handshake
+//! and `Hello` ran on the gate's thread, and tokio-rustls cannot adopt a session
+//! already under way): a blocking thread ([`bridge`]) moves its bytes to one end of a
+//! socket pair, and the async relay pumps the other end like the plain socket.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -17,6 +21,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use super::secure::Stream;
 use super::MigrationError;
 
 /// Unix socket paths are limited to 107 bytes (`sun_path`).
@@ -71,6 +76,60 @@ fn to_tokio(s: std::net::TcpStream) -> std::io::Result<tokio::net::TcpStream> {
     tokio::net::TcpStream::from_std(s)
 }
 
+/// Which way a [`bridge`] copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// From the pair into the stream (the source).
+    Out,
+    /// From the stream into the pair (the destination).
+    In,
+}
+
+/// The async end of a stream: the socket itself, or for a TLS session one end of a
+/// socket pair whose other end a blocking thread copies to or from the session. The
+/// thread's outcome is the handle's; it ends when either side closes.
+type Bridged = (
+    std::pin::Pin<Box<dyn AsyncReadWrite>>,
+    Option<tokio::task::JoinHandle<std::io::Result<u64>>>,
+);
+
+trait AsyncReadWrite: AsyncRead + AsyncWrite + Send {}
+impl<T: AsyncRead + AsyncWrite + Send> AsyncReadWrite for T {}
+
+fn bridge(stream: Stream, direction: Direction) -> std::io::Result<Bridged> {
+    let mut tls = match stream {
+        Stream::Plain(s) => return Ok((Box::pin(to_tokio(s)?), None)),
+        tls => tls,
+    };
+    // As the plain relay: no socket timeouts once the device state flows (QEMU may be
+    // silent for a long time); TCP_USER_TIMEOUT on the source still ends a dead link.
+    tls.tcp().set_read_timeout(None)?;
+    tls.tcp().set_write_timeout(None)?;
+    tls.tcp().set_nonblocking(false)?;
+    let (near, mut far) = std::os::unix::net::UnixStream::pair()?;
+    near.set_nonblocking(true)?;
+    let near = tokio::net::UnixStream::from_std(near)?;
+    let copy = tokio::task::spawn_blocking(move || match direction {
+        Direction::Out => {
+            let n = std::io::copy(&mut far, &mut tls)?;
+            tls.shutdown_write()?;
+            Ok(n)
+        }
+        Direction::In => std::io::copy(&mut tls, &mut far),
+    });
+    Ok((Box::pin(near), Some(copy)))
+}
+
+/// The bridge thread's outcome, once the async side is done.
+async fn bridged(
+    copy: Option<tokio::task::JoinHandle<std::io::Result<u64>>>,
+) -> std::io::Result<()> {
+    match copy {
+        None => Ok(()),
+        Some(copy) => copy.await.map_err(std::io::Error::other)?.map(|_| ()),
+    }
+}
+
 /// The source's relay: a unix socket the source QEMU migrates to, pumped into the
 /// device-state stream. Dropping it stops the relay and removes the socket.
 pub struct SourceRelay {
@@ -84,14 +143,15 @@ impl SourceRelay {
     /// connection within `accept_within` is pumped into `stream`.
     pub fn start(
         path: PathBuf,
-        stream: std::net::TcpStream,
+        stream: Stream,
         accept_within: Duration,
     ) -> Result<SourceRelay, MigrationError> {
         let io = |step| move |source| MigrationError::Relay { step, source };
         let _ = std::fs::remove_file(&path);
         let listener =
             tokio::net::UnixListener::bind(&path).map_err(io("listening for QEMU's stream"))?;
-        let stream = to_tokio(stream).map_err(io("the device-state stream"))?;
+        let (stream, copy) =
+            bridge(stream, Direction::Out).map_err(io("the device-state stream"))?;
         let task = tokio::spawn(async move {
             let accepted = tokio::time::timeout(accept_within, listener.accept()).await;
             let (qemu, _) = accepted
@@ -99,9 +159,13 @@ impl SourceRelay {
                 .map_err(io("accepting QEMU's stream"))?;
             // One connection: nobody else gets to speak on this migration's behalf.
             drop(listener);
-            pump(qemu, stream)
+            let n = pump(qemu, stream)
                 .await
-                .map_err(io("relaying QEMU's stream to the destination"))
+                .map_err(io("relaying QEMU's stream to the destination"))?;
+            bridged(copy)
+                .await
+                .map_err(io("relaying QEMU's stream over TLS"))?;
+            Ok(n)
         });
         Ok(SourceRelay {
             path,
@@ -144,7 +208,7 @@ impl Drop for SourceRelay {
 /// admitted within `admit_within`.
 pub async fn deliver(
     path: PathBuf,
-    admitted: tokio::sync::oneshot::Receiver<std::net::TcpStream>,
+    admitted: tokio::sync::oneshot::Receiver<Stream>,
     admit_within: Duration,
 ) -> Result<u64, MigrationError> {
     let io = |step| move |source| MigrationError::Relay { step, source };
@@ -157,18 +221,26 @@ pub async fn deliver(
             wanted: 1,
             waited: admit_within,
         })?;
-    let stream = to_tokio(stream).map_err(io("the device-state stream"))?;
+    let (mut stream, copy) =
+        bridge(stream, Direction::In).map_err(io("the device-state stream"))?;
     // QEMU sees a connection only when there is something to load.
-    stream
-        .readable()
+    let mut first = [0u8; 1];
+    let got = tokio::io::AsyncReadExt::read(&mut stream, &mut first)
         .await
         .map_err(io("waiting for the device state"))?;
-    let qemu = tokio::net::UnixStream::connect(&path)
+    let mut qemu = tokio::net::UnixStream::connect(&path)
         .await
         .map_err(io("connecting to QEMU's incoming socket"))?;
-    pump(stream, qemu)
+    qemu.write_all(&first[..got])
         .await
-        .map_err(io("relaying the device state into QEMU"))
+        .map_err(io("relaying the device state into QEMU"))?;
+    let n = pump(stream, qemu)
+        .await
+        .map_err(io("relaying the device state into QEMU"))?;
+    bridged(copy)
+        .await
+        .map_err(io("relaying the device state over TLS"))?;
+    Ok(n + got as u64)
 }
 
 #[cfg(test)]
@@ -199,7 +271,9 @@ mod tests {
         let link = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let end = std::net::TcpStream::connect(link.local_addr().unwrap()).unwrap();
         let path = socket_path(d.path(), "out").unwrap();
-        let mut relay = SourceRelay::start(path.clone(), end, Duration::from_millis(50)).unwrap();
+        let mut relay =
+            SourceRelay::start(path.clone(), Stream::Plain(end), Duration::from_millis(50))
+                .unwrap();
         assert!(path.exists());
         let t0 = std::time::Instant::now();
         let failure = loop {
@@ -229,10 +303,15 @@ mod tests {
         let link = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let src_end = std::net::TcpStream::connect(link.local_addr().unwrap()).unwrap();
         let (dst_end, _) = link.accept().unwrap();
-        let relay = SourceRelay::start(src_path.clone(), src_end, Duration::from_secs(5)).unwrap();
+        let relay = SourceRelay::start(
+            src_path.clone(),
+            Stream::Plain(src_end),
+            Duration::from_secs(5),
+        )
+        .unwrap();
         assert_eq!(relay.uri(), format!("unix:{}", src_path.display()));
         let (tx, rx) = tokio::sync::oneshot::channel();
-        tx.send(dst_end).unwrap();
+        tx.send(Stream::Plain(dst_end)).unwrap();
         let delivered = tokio::spawn(deliver(dst_path, rx, Duration::from_secs(5)));
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let sent = payload.clone();
