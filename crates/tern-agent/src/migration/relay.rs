@@ -26,6 +26,9 @@ use super::MigrationError;
 
 /// Unix socket paths are limited to 107 bytes (`sun_path`).
 const MAX_SOCKET_PATH: usize = 107;
+/// How long the source waits for the destination to close a TLS device-state stream
+/// it has ended.
+const CLOSE_WITHIN: Duration = Duration::from_secs(10);
 /// Copy buffer: device state is a few hundred KiB, `qemu-native` the whole RAM.
 const PUMP_BUFFER: usize = 256 << 10;
 
@@ -113,6 +116,12 @@ fn bridge(stream: Stream, direction: Direction) -> std::io::Result<Bridged> {
         Direction::Out => {
             let n = std::io::copy(&mut far, &mut tls)?;
             tls.shutdown_write()?;
+            // Closing a socket with unread bytes (the server's session tickets) sends a
+            // reset, and a reset makes the peer drop what it has not read yet: wait
+            // for the destination to close first, having read everything.
+            let mut tcp = tls.tcp();
+            tcp.set_read_timeout(Some(CLOSE_WITHIN))?;
+            let _ = std::io::copy(&mut tcp, &mut std::io::sink());
             Ok(n)
         }
         Direction::In => std::io::copy(&mut tls, &mut far),
@@ -294,24 +303,53 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_cross_both_relays_unchanged() {
+        let link = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let src_end = std::net::TcpStream::connect(link.local_addr().unwrap()).unwrap();
+        let (dst_end, _) = link.accept().unwrap();
+        relay_both_ways(Stream::Plain(src_end), Stream::Plain(dst_end)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bytes_cross_both_relays_unchanged_over_mutual_tls() {
+        use tern_pki::ca::{Ca, Role};
+        use tern_pki::tls::{client_config, server_config, ClientAuth};
+        let ca_dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(ca_dir.path()).unwrap();
+        let ip = std::net::Ipv4Addr::LOCALHOST.into();
+        let (h1, h2) = (
+            ca.issue(Role::Host, "h1", &[ip]).unwrap(),
+            ca.issue(Role::Host, "h2", &[ip]).unwrap(),
+        );
+        let server = server_config(&h2, None, ClientAuth::Required).unwrap();
+        let client = client_config(&h1.ca_pem, Some(&h1), None).unwrap();
+        let tls =
+            crate::migration::secure::ClientTls::new(std::sync::Arc::new(client), "127.0.0.1")
+                .unwrap();
+        let link = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = link.local_addr().unwrap();
+        let accepted = std::thread::spawn(move || {
+            let (s, _) = link.accept().unwrap();
+            crate::migration::secure::accept(s, Some(&server)).unwrap()
+        });
+        let src_end = std::net::TcpStream::connect(addr).unwrap();
+        let src_end = crate::migration::secure::connect(src_end, addr, Some(&tls)).unwrap();
+        let dst_end = accepted.join().unwrap();
+        assert!(matches!(dst_end, Stream::Server(_)), "{dst_end:?}");
+        relay_both_ways(src_end, dst_end).await;
+    }
+
+    /// QEMU's bytes from the source relay over `src_end`..`dst_end` into the
+    /// destination relay arrive unchanged, and both relays end.
+    async fn relay_both_ways(src_end: Stream, dst_end: Stream) {
         let d = tempfile::tempdir().unwrap();
         let src_path = socket_path(d.path(), "out").unwrap();
         let dst_path = socket_path(d.path(), "in").unwrap();
         // The destination QEMU's incoming socket.
         let qemu_in = std::os::unix::net::UnixListener::bind(&dst_path).unwrap();
-        // The device-state stream between the agents.
-        let link = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let src_end = std::net::TcpStream::connect(link.local_addr().unwrap()).unwrap();
-        let (dst_end, _) = link.accept().unwrap();
-        let relay = SourceRelay::start(
-            src_path.clone(),
-            Stream::Plain(src_end),
-            Duration::from_secs(5),
-        )
-        .unwrap();
+        let relay = SourceRelay::start(src_path.clone(), src_end, Duration::from_secs(5)).unwrap();
         assert_eq!(relay.uri(), format!("unix:{}", src_path.display()));
         let (tx, rx) = tokio::sync::oneshot::channel();
-        tx.send(Stream::Plain(dst_end)).unwrap();
+        tx.send(dst_end).unwrap();
         let delivered = tokio::spawn(deliver(dst_path, rx, Duration::from_secs(5)));
         let payload: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let sent = payload.clone();
@@ -330,7 +368,8 @@ mod tests {
         let got = tokio::task::spawn_blocking(move || reader.join().unwrap())
             .await
             .unwrap();
-        assert_eq!(got, payload);
+        assert_eq!(got.len(), payload.len(), "bytes delivered");
+        assert!(got == payload, "the bytes changed on the way");
         assert_eq!(delivered.await.unwrap().unwrap(), payload.len() as u64);
     }
 }
