@@ -98,6 +98,9 @@ pub struct AppState {
     /// With a host identity: how this agent calls other agents (mutual TLS). Requests
     /// to it are then authenticated by their client certificate, not a bearer token.
     pub tls: Option<rustls::ClientConfig>,
+    /// With a host identity: how this agent receives migration streams (mutual TLS,
+    /// clients with a certificate from the cluster CA only). `None`: plain TCP.
+    pub stream_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl AppState {
@@ -113,6 +116,7 @@ impl AppState {
             epoch: Instant::now(),
             stream_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             tls: None,
+            stream_tls: None,
         }
     }
 
@@ -138,6 +142,13 @@ impl AppState {
     /// `server::Serving`) and calls other agents with `client`.
     pub fn with_tls(mut self, client: rustls::ClientConfig) -> Self {
         self.tls = Some(client);
+        self
+    }
+
+    /// Receives migration streams over mutual TLS with `server` (see
+    /// `migration::secure`); the source side uses [`AppState::with_tls`]'s client.
+    pub fn with_stream_tls(mut self, server: Arc<rustls::ServerConfig>) -> Self {
+        self.stream_tls = Some(server);
         self
     }
 

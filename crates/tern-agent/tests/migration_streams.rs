@@ -30,6 +30,13 @@ struct Agent {
 
 impl Agent {
     async fn start(name: &str) -> Agent {
+        Agent::start_with(name, None).await
+    }
+
+    /// With `ca`: the agent has a host identity from it, serves mutual TLS and moves
+    /// memory and device state over mutual TLS; it is called with an operator's
+    /// certificate.
+    async fn start_with(name: &str, ca: Option<&tern_pki::ca::Ca>) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let hv = QemuDriver::new(QemuConfig::new(
             dir.path().join("run"),
@@ -46,14 +53,41 @@ impl Agent {
             state_dir: dir.path().to_path_buf(),
             image_dir: tern_testkit::test_cache_dir(),
         };
-        let state = AppState::new(Arc::new(hv), host);
+        let mut state = AppState::new(Arc::new(hv), host);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(tern_agent::server::serve(listener, state, async {
-            let _ = rx.await;
-        }));
-        let client = AgentClient::new(&url, TOKEN, Duration::from_secs(30)).unwrap();
+        let mut serving = tern_agent::server::Serving::default();
+        let (url, client) = match ca {
+            None => {
+                let url = format!("http://{addr}");
+                let client = AgentClient::new(&url, TOKEN, Duration::from_secs(30)).unwrap();
+                (url, client)
+            }
+            Some(ca) => {
+                use tern_pki::ca::Role;
+                use tern_pki::tls::{client_config, server_config, ClientAuth};
+                let id = ca.issue(Role::Host, name, &[addr.ip()]).unwrap();
+                let server = server_config(&id, None, ClientAuth::Required).unwrap();
+                let own = client_config(&id.ca_pem, Some(&id), None).unwrap();
+                state = state.with_tls(own).with_stream_tls(server.clone());
+                serving.tls = Some(tern_pki::TlsAcceptor::new(server));
+                let op = ca.issue(Role::Operator, "op", &[]).unwrap();
+                let op = client_config(&id.ca_pem, Some(&op), None).unwrap();
+                let url = format!("https://{addr}");
+                let client =
+                    AgentClient::new_tls(&url, "", Duration::from_secs(30), Some(op)).unwrap();
+                (url, client)
+            }
+        };
+        let server = tokio::spawn(tern_agent::server::serve_with(
+            listener,
+            state,
+            serving,
+            async {
+                let _ = rx.await;
+            },
+        ));
         Agent {
             url,
             client,
@@ -175,11 +209,29 @@ async fn strangers_on_the_migration_port_neither_feed_the_vm_nor_keep_the_source
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_moves_through_the_authenticated_streams_with_either_engine() {
-    let Some(img) = image().await else { return };
     let (a, b) = (Agent::start("h1").await, Agent::start("h2").await);
-    a.client.create_vm(&guest_spec(&img, "g1")).await.unwrap();
+    moves_both_ways(a, b, "g1").await;
+}
+
+/// The same between agents with host identities: memory and device state cross over
+/// mutual TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_moves_over_mutual_tls_between_agents_with_host_identities() {
+    let ca_dir = tempfile::tempdir().unwrap();
+    let ca = tern_pki::ca::Ca::init(ca_dir.path()).unwrap();
+    let a = Agent::start_with("h1", Some(&ca)).await;
+    let b = Agent::start_with("h2", Some(&ca)).await;
+    // Another VM name: the two tests may run at once on this host.
+    moves_both_ways(a, b, "g2").await;
+}
+
+/// A guest moves `a` to `b` with `adaptive` and back with `qemu-native`, its counter
+/// advancing and checksum matching after each.
+async fn moves_both_ways(a: Agent, b: Agent, vm: &str) {
+    let Some(img) = image().await else { return };
+    a.client.create_vm(&guest_spec(&img, vm)).await.unwrap();
     let t0 = Instant::now();
-    while a.client.guest("g1", &json!({"cmd": "ping"})).await.is_err() {
+    while a.client.guest(vm, &json!({"cmd": "ping"})).await.is_err() {
         assert!(
             t0.elapsed() < Duration::from_secs(90),
             "guest never answered"
@@ -187,11 +239,11 @@ async fn a_guest_moves_through_the_authenticated_streams_with_either_engine() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let start = json!({"cmd": "start", "workload": "memdirty --mib 16 --mbps 20"});
-    a.client.guest("g1", &start).await.unwrap();
-    let mut counter = verified(&a.client, 0).await;
+    a.client.guest(vm, &start).await.unwrap();
+    let mut counter = verified(&a.client, vm, 0).await;
     for (from, to, policy) in [(&a, &b, "adaptive"), (&b, &a, "qemu-native")] {
         let req = SendRequest {
-            vm: "g1".parse().unwrap(),
+            vm: vm.parse().unwrap(),
             destination: to.url.clone(),
             token: TOKEN.into(),
             policy: policy.parse().unwrap(),
@@ -209,7 +261,7 @@ async fn a_guest_moves_through_the_authenticated_streams_with_either_engine() {
         };
         assert_eq!(v.phase, Phase::Completed, "{policy}: {v:?}");
         eprintln!("{policy}: {:?}", v.result);
-        counter = verified(&to.client, counter).await;
+        counter = verified(&to.client, vm, counter).await;
     }
     a.stop().await;
     b.stop().await;
@@ -217,10 +269,10 @@ async fn a_guest_moves_through_the_authenticated_streams_with_either_engine() {
 
 /// The guest's verifier counter once it advanced past `after` with a good checksum.
 /// Retried: the first request on a guest channel that just moved can go unanswered.
-async fn verified(c: &AgentClient, after: u64) -> u64 {
+async fn verified(c: &AgentClient, vm: &str, after: u64) -> u64 {
     let t0 = Instant::now();
     loop {
-        if let Ok(v) = c.guest("g1", &json!({"cmd": "verify"})).await {
+        if let Ok(v) = c.guest(vm, &json!({"cmd": "verify"})).await {
             assert_eq!(v["result"]["ok"], true, "checksum mismatch: {v}");
             let n = v["result"]["counter"].as_u64().unwrap_or(0);
             if n > after {

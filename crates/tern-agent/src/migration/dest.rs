@@ -119,7 +119,8 @@ async fn listen(
         device: true,
     };
     let (gate, admitted) =
-        Gate::open(listener, expect.clone(), wanted).map_err(AgentError::Streams)?;
+        Gate::open_tls(listener, expect.clone(), wanted, state.stream_tls.clone())
+            .map_err(AgentError::Streams)?;
     reg.begin_inbound(&id, inbound.clone());
     let receiver = start_receiver(memory, admitted.memory, expect, &inbound);
     let device = admitted

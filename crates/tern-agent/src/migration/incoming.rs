@@ -7,6 +7,10 @@
 //! up the others, and the gate keeps waiting for the real source until its deadline.
 //! Once every stream it waits for is in, the gate closes the port.
 //!
+//! With a server TLS configuration (the agent's host identity) the connection's thread
+//! runs the TLS handshake first, inside the same [`HELLO_TIMEOUT`]: a client without a
+//! certificate from the cluster CA never gets to say `Hello`.
+//!
 //! Admitted memory streams go to [`receive_streams`]; the device-state stream goes to
 //! whoever relays it into QEMU ([`super::relay`]).
 
@@ -16,7 +20,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use rustls::ServerConfig;
+
 use super::memory::DestMemory;
+use super::secure::{self, Stream};
 use super::token::token_matches;
 use super::wire::{self, Channel, Hello, Kind};
 use super::MigrationError;
@@ -69,13 +76,13 @@ pub struct Wanted {
 }
 
 /// An admitted memory stream and the number of streams its `Hello` announced.
-pub type MemoryStream = (TcpStream, u16);
+pub type MemoryStream = (Stream, u16);
 
 /// Where the gate hands the streams it admitted.
 pub struct Admissions {
     pub memory: mpsc::Receiver<MemoryStream>,
     /// The device-state stream, once admitted (`None` when not wanted).
-    pub device: Option<tokio::sync::oneshot::Receiver<TcpStream>>,
+    pub device: Option<tokio::sync::oneshot::Receiver<Stream>>,
 }
 
 /// The port of one incoming migration, admitting streams on its own thread until all
@@ -91,11 +98,22 @@ impl Drop for Gate {
 }
 
 impl Gate {
-    /// Starts admitting on `listener`.
+    /// Starts admitting plain TCP streams on `listener`.
     pub fn open(
         listener: TcpListener,
         expect: Expect,
         wanted: Wanted,
+    ) -> Result<(Gate, Admissions), MigrationError> {
+        Gate::open_tls(listener, expect, wanted, None)
+    }
+
+    /// Starts admitting on `listener`; with `tls`, only TLS sessions whose client
+    /// certificate `tls` accepts.
+    pub fn open_tls(
+        listener: TcpListener,
+        expect: Expect,
+        wanted: Wanted,
+        tls: Option<Arc<ServerConfig>>,
     ) -> Result<(Gate, Admissions), MigrationError> {
         listener
             .set_nonblocking(true)
@@ -112,6 +130,7 @@ impl Gate {
         let door = Door {
             listener,
             expect: Arc::new(expect),
+            tls,
             wanted,
             stop: stop.clone(),
             memory: memory_tx,
@@ -130,17 +149,18 @@ impl Gate {
 struct Door {
     listener: TcpListener,
     expect: Arc<Expect>,
+    tls: Option<Arc<ServerConfig>>,
     wanted: Wanted,
     stop: Arc<AtomicBool>,
     memory: mpsc::Sender<MemoryStream>,
-    device: Option<tokio::sync::oneshot::Sender<TcpStream>>,
+    device: Option<tokio::sync::oneshot::Sender<Stream>>,
 }
 
 impl Door {
     fn run(mut self) {
         let deadline = Instant::now() + self.expect.accept_timeout;
         let pending = Arc::new(AtomicUsize::new(0));
-        let (checked_tx, checked) = mpsc::channel::<(TcpStream, Hello)>();
+        let (checked_tx, checked) = mpsc::channel::<(Stream, Hello)>();
         let mut roll = Roll::new(self.wanted);
         while !roll.complete() && !self.stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             let mut idle = true;
@@ -150,18 +170,22 @@ impl Door {
                 Some(Ok((s, peer))) => {
                     idle = false;
                     pending.fetch_add(1, Ordering::Relaxed);
-                    let (tx, owing, expect) =
-                        (checked_tx.clone(), pending.clone(), self.expect.clone());
+                    let (tx, owing, expect, tls) = (
+                        checked_tx.clone(),
+                        pending.clone(),
+                        self.expect.clone(),
+                        self.tls.clone(),
+                    );
                     let pages = self.wanted.pages;
                     let spawned = std::thread::Builder::new()
                         .name("migration-hello".into())
                         .spawn(move || {
-                            let mut s = s;
-                            match read_checked_hello(&mut s, &expect, pages) {
-                                Ok(hello) => {
-                                    let _ = tx.send((s, hello));
+                            match admit_one(s, tls.as_ref(), &expect, pages) {
+                                Ok(checked) => {
+                                    let _ = tx.send(checked);
                                 }
-                                Err(reason) => refuse(&mut s, &reason),
+                                Err(None) => {}
+                                Err(Some((mut s, reason))) => refuse(&mut s, &reason),
                             }
                             owing.fetch_sub(1, Ordering::Relaxed);
                         });
@@ -189,12 +213,14 @@ impl Door {
     }
 
     /// Welcomes and hands on a checked stream, or refuses it with the reason.
-    fn decide(&mut self, roll: &mut Roll, mut s: TcpStream, hello: Hello) {
+    fn decide(&mut self, roll: &mut Roll, mut s: Stream, hello: Hello) {
         if let Err(reason) = roll.admit(&hello) {
             return refuse(&mut s, &reason);
         }
         let welcome = wire::u32_payload(u32::from(wire::VERSION));
-        if let Err(e) = wire::write_frame(&mut s, Kind::Welcome, 0, &welcome) {
+        let welcomed = wire::write_frame(&mut s, Kind::Welcome, 0, &welcome)
+            .and_then(|_| s.flush().map_err(wire::WireError::from));
+        if let Err(e) = welcomed {
             tracing::warn!(error = %e, "an admitted migration stream went away");
             return;
         }
@@ -212,23 +238,51 @@ impl Door {
 }
 
 /// Answers a connection that is not let in with `Abort` and the reason.
-fn refuse(s: &mut TcpStream, reason: &str) {
+fn refuse(s: &mut Stream, reason: &str) {
     tracing::warn!(%reason, "refused a migration stream");
     let _ = wire::write_frame(s, Kind::Abort, 0, reason.as_bytes());
+    let _ = s.flush();
 }
 
-/// Reads and checks a new connection's `Hello` within [`HELLO_TIMEOUT`]; the error is
-/// the reason sent back.
-fn read_checked_hello(
-    s: &mut TcpStream,
+/// One new connection, on its own thread: the TLS handshake (when the gate has a
+/// server configuration) and the checked `Hello`, both within [`HELLO_TIMEOUT`] of
+/// socket silence. The error is the stream and the reason to send back, or `None`
+/// when there is no stream to send it on (a failed handshake; rustls has already
+/// sent its alert).
+fn admit_one(
+    s: TcpStream,
+    tls: Option<&Arc<ServerConfig>>,
     expect: &Expect,
     pages: Option<u64>,
-) -> Result<Hello, String> {
+) -> Result<(Stream, Hello), Option<(Stream, String)>> {
+    let peer = s.peer_addr().ok();
     let timeouts = s
         .set_nonblocking(false)
         .and_then(|()| s.set_read_timeout(Some(HELLO_TIMEOUT)))
         .and_then(|()| s.set_write_timeout(Some(HELLO_TIMEOUT)));
-    timeouts.map_err(|e| e.to_string())?;
+    if let Err(e) = timeouts {
+        tracing::warn!(error = %e, "a new migration stream");
+        return Err(None);
+    }
+    let mut s = match secure::accept(s, tls) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(?peer, error = %e, "refused a migration stream: TLS handshake");
+            return Err(None);
+        }
+    };
+    match read_checked_hello(&mut s, expect, pages) {
+        Ok(hello) => Ok((s, hello)),
+        Err(reason) => Err(Some((s, reason))),
+    }
+}
+
+/// Reads and checks a new connection's `Hello`; the error is the reason sent back.
+fn read_checked_hello(
+    s: &mut Stream,
+    expect: &Expect,
+    pages: Option<u64>,
+) -> Result<Hello, String> {
     let hello = wire::read_hello(s).map_err(|e| match e {
         wire::WireError::Stalled => format!("no hello within {HELLO_TIMEOUT:?}"),
         e => e.to_string(),
@@ -345,7 +399,7 @@ pub fn receive_streams(
     cancel: &AtomicBool,
 ) -> Result<Received, MigrationError> {
     let deadline = Instant::now() + expect.accept_timeout;
-    let mut streams: Vec<TcpStream> = Vec::new();
+    let mut streams: Vec<Stream> = Vec::new();
     let mut want: Option<u16> = None;
     while want.is_none_or(|w| streams.len() < usize::from(w)) {
         if cancel.load(Ordering::Relaxed) {
@@ -361,9 +415,10 @@ pub fn receive_streams(
         }
         match admitted.recv_timeout(Duration::from_millis(20)) {
             Ok((s, n)) => {
-                s.set_read_timeout(Some(expect.io_timeout))
-                    .and_then(|()| s.set_write_timeout(Some(expect.io_timeout)))
-                    .and_then(|()| s.set_nodelay(true))
+                let tcp = s.tcp();
+                tcp.set_read_timeout(Some(expect.io_timeout))
+                    .and_then(|()| tcp.set_write_timeout(Some(expect.io_timeout)))
+                    .and_then(|()| tcp.set_nodelay(true))
                     .map_err(wire::WireError::from)?;
                 want = Some(n);
                 streams.push(s);

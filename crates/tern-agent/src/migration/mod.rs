@@ -8,6 +8,7 @@
 //! - [`outgoing`] / [`incoming`]: the source's and the destination's memory streams,
 //!   the destination's gate that admits every stream on the migration's one port;
 //! - [`relay`]: QEMU's device state carried over tern's authenticated stream;
+//! - [`secure`]: the streams over mutual TLS when the agents have host identities;
 //! - [`pace`]: the bandwidth cap;
 //! - [`precopy`]: the live rounds, decided by `tern-migrate`'s policies;
 //! - [`throttle`]: the cgroup that slows the vCPUs when the policy asks;
@@ -32,6 +33,7 @@ pub mod pace;
 pub mod precopy;
 pub mod relay;
 pub mod routes;
+pub mod secure;
 pub mod session;
 pub mod source;
 pub mod throttle;
@@ -57,6 +59,16 @@ pub enum MigrationError {
     },
     #[error("link to the destination: {host} has no address")]
     NoAddress { host: String },
+    /// The TLS handshake with the destination failed: its certificate is not from
+    /// this host's CA, does not name the host, or it refused this host's certificate.
+    #[error("link to the destination: TLS with {addr}: {source} (both agents need a certificate from the same cluster CA, naming their address)")]
+    Tls {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("link to the destination: {host:?} is neither an address nor a DNS name a certificate can carry")]
+    TlsName { host: String },
     /// A memory stream could not connect.
     #[error("link to the destination: connect {addr}: {source}")]
     Connect {

@@ -23,6 +23,7 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use super::memory::{is_zero, zero_digest, SentDigests, SourceMemory};
 use super::pace::Pacer;
+use super::secure::{self, ClientTls, Stream};
 use super::wire::{self, Batch, Channel, Hello, Kind, PAGE_SIZE};
 use super::MigrationError;
 
@@ -39,6 +40,9 @@ pub struct StreamOptions {
     pub io_timeout: Duration,
     /// Pages per `Pages` frame.
     pub batch_pages: usize,
+    /// Mutual TLS to the destination (both agents have host identities); `None`: plain
+    /// TCP, the token in the `Hello` the only check.
+    pub tls: Option<ClientTls>,
 }
 
 impl Default for StreamOptions {
@@ -52,6 +56,7 @@ impl Default for StreamOptions {
             // a cut link is rolled back well within 15 s (docs/migration.md).
             io_timeout: Duration::from_secs(10),
             batch_pages: 64,
+            tls: None,
         }
     }
 }
@@ -115,7 +120,7 @@ impl RoundMeter {
 
 /// The connected memory streams of one outgoing migration.
 pub struct Outgoing {
-    streams: Vec<TcpStream>,
+    streams: Vec<Stream>,
     opts: StreamOptions,
     pacer: Option<Pacer>,
     meter: Arc<RoundMeter>,
@@ -142,7 +147,7 @@ impl Outgoing {
                 migration: migration.to_string(),
                 token: token.to_string(),
             };
-            streams.push(open_stream(addr, &hello, opts.io_timeout)?);
+            streams.push(open_stream(addr, &hello, &opts)?);
         }
         let pacer = opts.rate_bytes_per_s.map(Pacer::new);
         Ok(Outgoing {
@@ -222,6 +227,7 @@ impl Outgoing {
     pub fn finish(mut self) -> Result<(), MigrationError> {
         for s in &mut self.streams {
             wire::write_frame(s, Kind::Done, 0, &[])?;
+            s.flush().map_err(wire::WireError::from)?;
         }
         for s in &mut self.streams {
             wire::expect(s, Kind::Ack)?;
@@ -234,21 +240,23 @@ impl Outgoing {
     /// the stream timeout, once per stream.
     pub fn abort(mut self, reason: &str) {
         for s in &mut self.streams {
-            if s.set_nonblocking(true).is_ok() {
+            if s.tcp().set_nonblocking(true).is_ok() {
                 let _ = wire::write_frame(s, Kind::Abort, 0, reason.as_bytes());
+                let _ = s.flush();
             }
         }
     }
 }
 
-/// Connects one stream to the destination's migration port and shakes hands: `Hello`
-/// out, `Welcome` back.
+/// Connects one stream to the destination's migration port (over TLS when `opts`
+/// say so) and shakes hands: `Hello` out, `Welcome` back.
 pub fn open_stream(
     addr: SocketAddr,
     hello: &Hello,
-    io_timeout: Duration,
-) -> Result<TcpStream, MigrationError> {
-    let mut s = TcpStream::connect_timeout(&addr, io_timeout)
+    opts: &StreamOptions,
+) -> Result<Stream, MigrationError> {
+    let io_timeout = opts.io_timeout;
+    let s = TcpStream::connect_timeout(&addr, io_timeout)
         .map_err(|source| MigrationError::Connect { addr, source })?;
     s.set_nodelay(true)
         .and_then(|()| s.set_read_timeout(Some(io_timeout)))
@@ -260,6 +268,7 @@ pub fn open_stream(
     let ms = u32::try_from(io_timeout.as_millis()).unwrap_or(u32::MAX);
     rustix::net::sockopt::set_tcp_user_timeout(&s, ms)
         .map_err(|e| wire::WireError::from(std::io::Error::from(e)))?;
+    let mut s = secure::connect(s, addr, opts.tls.as_ref())?;
     handshake(&mut s, hello)?;
     Ok(s)
 }

@@ -8,8 +8,12 @@
 //!
 //! Both unix sockets sit in a directory only the agent's user can enter
 //! ([`socket_path`]); no QEMU listens on the network. The relays copy bytes one way
-//! (QEMU's precopy stream has no return path) and are generic over the transport, so a
-//! TLS session can stand in for the socket.
+//! (QEMU's precopy stream has no return path) and are generic over the transport.
+//!
+//! A device-state stream over TLS arrives as a blocking rustls session (its handshake
+//! and `Hello` ran on the gate's thread, and tokio-rustls cannot adopt a session
+//! already under way): a blocking thread ([`bridge`]) moves its bytes to one end of a
+//! socket pair, and the async relay pumps the other end like the plain socket.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -17,10 +21,14 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use super::secure::Stream;
 use super::MigrationError;
 
 /// Unix socket paths are limited to 107 bytes (`sun_path`).
 const MAX_SOCKET_PATH: usize = 107;
+/// How long the source waits for the destination to close a TLS device-state stream
+/// it has ended.
+const CLOSE_WITHIN: Duration = Duration::from_secs(10);
 /// Copy buffer: device state is a few hundred KiB, `qemu-native` the whole RAM.
 const PUMP_BUFFER: usize = 256 << 10;
 
@@ -71,6 +79,66 @@ fn to_tokio(s: std::net::TcpStream) -> std::io::Result<tokio::net::TcpStream> {
     tokio::net::TcpStream::from_std(s)
 }
 
+/// Which way a [`bridge`] copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    /// From the pair into the stream (the source).
+    Out,
+    /// From the stream into the pair (the destination).
+    In,
+}
+
+/// The async end of a stream: the socket itself, or for a TLS session one end of a
+/// socket pair whose other end a blocking thread copies to or from the session. The
+/// thread's outcome is the handle's; it ends when either side closes.
+type Bridged = (
+    std::pin::Pin<Box<dyn AsyncReadWrite>>,
+    Option<tokio::task::JoinHandle<std::io::Result<u64>>>,
+);
+
+trait AsyncReadWrite: AsyncRead + AsyncWrite + Send {}
+impl<T: AsyncRead + AsyncWrite + Send> AsyncReadWrite for T {}
+
+fn bridge(stream: Stream, direction: Direction) -> std::io::Result<Bridged> {
+    let mut tls = match stream {
+        Stream::Plain(s) => return Ok((Box::pin(to_tokio(s)?), None)),
+        tls => tls,
+    };
+    // As the plain relay: no socket timeouts once the device state flows (QEMU may be
+    // silent for a long time); TCP_USER_TIMEOUT on the source still ends a dead link.
+    tls.tcp().set_read_timeout(None)?;
+    tls.tcp().set_write_timeout(None)?;
+    tls.tcp().set_nonblocking(false)?;
+    let (near, mut far) = std::os::unix::net::UnixStream::pair()?;
+    near.set_nonblocking(true)?;
+    let near = tokio::net::UnixStream::from_std(near)?;
+    let copy = tokio::task::spawn_blocking(move || match direction {
+        Direction::Out => {
+            let n = std::io::copy(&mut far, &mut tls)?;
+            tls.shutdown_write()?;
+            // Closing a socket with unread bytes (the server's session tickets) sends a
+            // reset, and a reset makes the peer drop what it has not read yet: wait
+            // for the destination to close first, having read everything.
+            let mut tcp = tls.tcp();
+            tcp.set_read_timeout(Some(CLOSE_WITHIN))?;
+            let _ = std::io::copy(&mut tcp, &mut std::io::sink());
+            Ok(n)
+        }
+        Direction::In => std::io::copy(&mut tls, &mut far),
+    });
+    Ok((Box::pin(near), Some(copy)))
+}
+
+/// The bridge thread's outcome, once the async side is done.
+async fn bridged(
+    copy: Option<tokio::task::JoinHandle<std::io::Result<u64>>>,
+) -> std::io::Result<()> {
+    match copy {
+        None => Ok(()),
+        Some(copy) => copy.await.map_err(std::io::Error::other)?.map(|_| ()),
+    }
+}
+
 /// The source's relay: a unix socket the source QEMU migrates to, pumped into the
 /// device-state stream. Dropping it stops the relay and removes the socket.
 pub struct SourceRelay {
@@ -84,14 +152,15 @@ impl SourceRelay {
     /// connection within `accept_within` is pumped into `stream`.
     pub fn start(
         path: PathBuf,
-        stream: std::net::TcpStream,
+        stream: Stream,
         accept_within: Duration,
     ) -> Result<SourceRelay, MigrationError> {
         let io = |step| move |source| MigrationError::Relay { step, source };
         let _ = std::fs::remove_file(&path);
         let listener =
             tokio::net::UnixListener::bind(&path).map_err(io("listening for QEMU's stream"))?;
-        let stream = to_tokio(stream).map_err(io("the device-state stream"))?;
+        let (stream, copy) =
+            bridge(stream, Direction::Out).map_err(io("the device-state stream"))?;
         let task = tokio::spawn(async move {
             let accepted = tokio::time::timeout(accept_within, listener.accept()).await;
             let (qemu, _) = accepted
@@ -99,9 +168,13 @@ impl SourceRelay {
                 .map_err(io("accepting QEMU's stream"))?;
             // One connection: nobody else gets to speak on this migration's behalf.
             drop(listener);
-            pump(qemu, stream)
+            let n = pump(qemu, stream)
                 .await
-                .map_err(io("relaying QEMU's stream to the destination"))
+                .map_err(io("relaying QEMU's stream to the destination"))?;
+            bridged(copy)
+                .await
+                .map_err(io("relaying QEMU's stream over TLS"))?;
+            Ok(n)
         });
         Ok(SourceRelay {
             path,
@@ -144,7 +217,7 @@ impl Drop for SourceRelay {
 /// admitted within `admit_within`.
 pub async fn deliver(
     path: PathBuf,
-    admitted: tokio::sync::oneshot::Receiver<std::net::TcpStream>,
+    admitted: tokio::sync::oneshot::Receiver<Stream>,
     admit_within: Duration,
 ) -> Result<u64, MigrationError> {
     let io = |step| move |source| MigrationError::Relay { step, source };
@@ -157,18 +230,26 @@ pub async fn deliver(
             wanted: 1,
             waited: admit_within,
         })?;
-    let stream = to_tokio(stream).map_err(io("the device-state stream"))?;
+    let (mut stream, copy) =
+        bridge(stream, Direction::In).map_err(io("the device-state stream"))?;
     // QEMU sees a connection only when there is something to load.
-    stream
-        .readable()
+    let mut first = [0u8; 1];
+    let got = tokio::io::AsyncReadExt::read(&mut stream, &mut first)
         .await
         .map_err(io("waiting for the device state"))?;
-    let qemu = tokio::net::UnixStream::connect(&path)
+    let mut qemu = tokio::net::UnixStream::connect(&path)
         .await
         .map_err(io("connecting to QEMU's incoming socket"))?;
-    pump(stream, qemu)
+    qemu.write_all(&first[..got])
         .await
-        .map_err(io("relaying the device state into QEMU"))
+        .map_err(io("relaying the device state into QEMU"))?;
+    let n = pump(stream, qemu)
+        .await
+        .map_err(io("relaying the device state into QEMU"))?;
+    bridged(copy)
+        .await
+        .map_err(io("relaying the device state over TLS"))?;
+    Ok(n + got as u64)
 }
 
 #[cfg(test)]
@@ -199,7 +280,9 @@ mod tests {
         let link = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let end = std::net::TcpStream::connect(link.local_addr().unwrap()).unwrap();
         let path = socket_path(d.path(), "out").unwrap();
-        let mut relay = SourceRelay::start(path.clone(), end, Duration::from_millis(50)).unwrap();
+        let mut relay =
+            SourceRelay::start(path.clone(), Stream::Plain(end), Duration::from_millis(50))
+                .unwrap();
         assert!(path.exists());
         let t0 = std::time::Instant::now();
         let failure = loop {
@@ -220,15 +303,49 @@ mod tests {
 
     #[tokio::test]
     async fn bytes_cross_both_relays_unchanged() {
+        let link = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let src_end = std::net::TcpStream::connect(link.local_addr().unwrap()).unwrap();
+        let (dst_end, _) = link.accept().unwrap();
+        relay_both_ways(Stream::Plain(src_end), Stream::Plain(dst_end)).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bytes_cross_both_relays_unchanged_over_mutual_tls() {
+        use tern_pki::ca::{Ca, Role};
+        use tern_pki::tls::{client_config, server_config, ClientAuth};
+        let ca_dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(ca_dir.path()).unwrap();
+        let ip = std::net::Ipv4Addr::LOCALHOST.into();
+        let (h1, h2) = (
+            ca.issue(Role::Host, "h1", &[ip]).unwrap(),
+            ca.issue(Role::Host, "h2", &[ip]).unwrap(),
+        );
+        let server = server_config(&h2, None, ClientAuth::Required).unwrap();
+        let client = client_config(&h1.ca_pem, Some(&h1), None).unwrap();
+        let tls =
+            crate::migration::secure::ClientTls::new(std::sync::Arc::new(client), "127.0.0.1")
+                .unwrap();
+        let link = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = link.local_addr().unwrap();
+        let accepted = std::thread::spawn(move || {
+            let (s, _) = link.accept().unwrap();
+            crate::migration::secure::accept(s, Some(&server)).unwrap()
+        });
+        let src_end = std::net::TcpStream::connect(addr).unwrap();
+        let src_end = crate::migration::secure::connect(src_end, addr, Some(&tls)).unwrap();
+        let dst_end = accepted.join().unwrap();
+        assert!(matches!(dst_end, Stream::Server(_)), "{dst_end:?}");
+        relay_both_ways(src_end, dst_end).await;
+    }
+
+    /// QEMU's bytes from the source relay over `src_end`..`dst_end` into the
+    /// destination relay arrive unchanged, and both relays end.
+    async fn relay_both_ways(src_end: Stream, dst_end: Stream) {
         let d = tempfile::tempdir().unwrap();
         let src_path = socket_path(d.path(), "out").unwrap();
         let dst_path = socket_path(d.path(), "in").unwrap();
         // The destination QEMU's incoming socket.
         let qemu_in = std::os::unix::net::UnixListener::bind(&dst_path).unwrap();
-        // The device-state stream between the agents.
-        let link = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let src_end = std::net::TcpStream::connect(link.local_addr().unwrap()).unwrap();
-        let (dst_end, _) = link.accept().unwrap();
         let relay = SourceRelay::start(src_path.clone(), src_end, Duration::from_secs(5)).unwrap();
         assert_eq!(relay.uri(), format!("unix:{}", src_path.display()));
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -251,7 +368,8 @@ mod tests {
         let got = tokio::task::spawn_blocking(move || reader.join().unwrap())
             .await
             .unwrap();
-        assert_eq!(got, payload);
+        assert_eq!(got.len(), payload.len(), "bytes delivered");
+        assert!(got == payload, "the bytes changed on the way");
         assert_eq!(delivered.await.unwrap().unwrap(), payload.len() as u64);
     }
 }

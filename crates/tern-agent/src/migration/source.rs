@@ -21,6 +21,7 @@ use super::memory::{changed_pages, SentDigests, SourceMemory};
 use super::outgoing::{open_stream, Outgoing, StreamOptions};
 use super::precopy::{self, PrecopyConfig, PrecopyOutcome};
 use super::relay::SourceRelay;
+use super::secure::{ClientTls, Stream};
 use super::session::{
     Engine, MigrationResult, Outbound, Phase, PrepareRequest, SendRequest, Ticket,
 };
@@ -110,7 +111,7 @@ struct Target {
 /// opened with the memory streams, and once QEMU migrates, the relay into it.
 #[derive(Default)]
 struct Device {
-    stream: Option<std::net::TcpStream>,
+    stream: Option<Stream>,
     relay: Option<SourceRelay>,
 }
 
@@ -301,15 +302,18 @@ impl<'a> SourceMigration<'a> {
         let memory_addr = self.stream_addr(ticket.memory_port).await?;
         let device_addr = self.stream_addr(self.target().ticket.device_port).await?;
         let device_hello = self.device_hello();
-        let opts = self.stream_options();
+        let opts = StreamOptions {
+            tls: self.stream_tls()?,
+            ..self.stream_options()
+        };
         let mem = self.memory.take().expect("memory was mapped in prepare");
         let meter = self.job.meter.clone();
         let connected = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let io_timeout = opts.io_timeout;
+            let device_opts = opts.clone();
             let out = Outgoing::connect(memory_addr, &migration, &token, mem.pages(), opts)?
                 .with_meter(meter);
-            let device = open_stream(device_addr, &device_hello, io_timeout)?;
+            let device = open_stream(device_addr, &device_hello, &device_opts)?;
             let sent = SentDigests::new(mem.pages());
             let live = Live {
                 out,
@@ -328,6 +332,16 @@ impl<'a> SourceMigration<'a> {
         self.live = Some(live);
         self.device.stream = Some(device);
         Ok(())
+    }
+
+    /// Mutual TLS to the destination host when this agent has a host identity: the
+    /// destination's certificate must name the host the streams connect to.
+    fn stream_tls(&self) -> Result<Option<ClientTls>, MigrationError> {
+        self.state
+            .tls
+            .as_ref()
+            .map(|c| ClientTls::new(Arc::new(c.clone()), &self.target().host))
+            .transpose()
     }
 
     fn stream_options(&self) -> StreamOptions {
@@ -472,8 +486,11 @@ impl<'a> SourceMigration<'a> {
             None => {
                 let addr = self.stream_addr(self.target().ticket.device_port).await?;
                 let hello = self.device_hello();
-                let io_timeout = self.stream_options().io_timeout;
-                tokio::task::spawn_blocking(move || open_stream(addr, &hello, io_timeout))
+                let opts = StreamOptions {
+                    tls: self.stream_tls()?,
+                    ..self.stream_options()
+                };
+                tokio::task::spawn_blocking(move || open_stream(addr, &hello, &opts))
                     .await
                     .map_err(|source| MigrationError::Task {
                         step: "connecting the device-state stream",

@@ -218,6 +218,8 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
             let id = Identity::load(dir).map_err(bad_input)?;
             let crl = tern_pki::identity::load_crl(dir)?;
             let server = server_config(&id, crl.as_deref(), ClientAuth::Required)?;
+            // The migration streams' gate: the same mutual TLS as the API.
+            let streams = server.clone();
             let client = client_config(&id.ca_pem, Some(&id), crl.as_deref())?;
             let acceptor = TlsAcceptor::new(server);
             let every = Duration::from_secs(args.crl_refresh_s);
@@ -226,7 +228,7 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
                 tls: Some(acceptor),
                 limits: Default::default(),
             };
-            (state.with_tls(client), serving)
+            (state.with_tls(client).with_stream_tls(streams), serving)
         }
         None => (state, Serving::default()),
     };

@@ -1,0 +1,157 @@
+//! Migration streams between agents with host identities: mutual TLS with the cluster
+//! CA, checked by the destination's gate before any `Hello` is read.
+
+use std::net::TcpListener;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::{Rng, SeedableRng};
+use tern_agent::migration::incoming::{self, Expect, Gate, Progress, Wanted};
+use tern_agent::migration::memory::{changed_pages, DestMemory, SentDigests, SourceMemory};
+use tern_agent::migration::outgoing::{Outgoing, StreamOptions};
+use tern_agent::migration::secure::ClientTls;
+use tern_agent::migration::wire::PAGE_SIZE;
+use tern_agent::migration::MigrationError;
+use tern_pki::ca::{Ca, Role};
+use tern_pki::identity::Identity;
+use tern_pki::tls::{client_config, server_config, ClientAuth};
+
+const PAGES: u64 = 1024; // 4 MiB
+const TOKEN: &str = "0123456789abcdef0123456789abcdef";
+
+fn loopback() -> std::net::IpAddr {
+    std::net::Ipv4Addr::LOCALHOST.into()
+}
+
+fn host(ca: &Ca, name: &str) -> Identity {
+    ca.issue(Role::Host, name, &[loopback()]).unwrap()
+}
+
+/// Streams opened as `id`, trusting the CA in `trust`, to the host named `name`.
+fn tls_options(trust: &str, id: &Identity, name: &str) -> StreamOptions {
+    let config = client_config(trust, Some(id), None).unwrap();
+    StreamOptions {
+        tls: Some(ClientTls::new(Arc::new(config), name).unwrap()),
+        io_timeout: Duration::from_secs(5),
+        ..StreamOptions::default()
+    }
+}
+
+/// A destination gate with host identity `dest`, receiving into a fresh file while
+/// `source` runs; returns what `source` returned and whether the memory arrived whole.
+fn with_destination<T: Send>(
+    dest_id: &Identity,
+    source: impl FnOnce(std::net::SocketAddr, &SourceMemory) -> T + Send,
+) -> (T, Result<(), MigrationError>) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    let mut content = vec![0u8; PAGES as usize * PAGE_SIZE];
+    for page in content.chunks_mut(PAGE_SIZE) {
+        if rng.gen_ratio(1, 3) {
+            rng.fill(page);
+        }
+    }
+    let src_path = dir.path().join("source.mem");
+    std::fs::write(&src_path, &content).unwrap();
+    let mem = SourceMemory::open(&src_path).unwrap();
+    let dest = DestMemory::open(&dir.path().join("dest.mem"), PAGES * PAGE_SIZE as u64).unwrap();
+    let listener = TcpListener::bind((loopback(), 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let expect = Expect {
+        migration: "m1".into(),
+        token: TOKEN.into(),
+        accept_timeout: Duration::from_secs(20),
+        io_timeout: Duration::from_secs(5),
+    };
+    let wanted = Wanted {
+        pages: Some(PAGES),
+        device: false,
+    };
+    let server = server_config(dest_id, None, ClientAuth::Required).unwrap();
+    let (gate, admitted) = Gate::open_tls(listener, expect.clone(), wanted, Some(server)).unwrap();
+    let (progress, cancel) = (Progress::default(), AtomicBool::new(false));
+    std::thread::scope(|s| {
+        let memory = admitted.memory;
+        let (dest, expect, progress, cancel) = (&dest, &expect, &progress, &cancel);
+        let rx =
+            s.spawn(move || incoming::receive_streams(&memory, dest, expect, progress, cancel));
+        let t = source(addr, &mem);
+        // A source that never got in: stop waiting for it.
+        drop(gate);
+        let received = rx.join().unwrap().map(|_| {
+            let src = xxhash_rust::xxh3::xxh3_64(&content);
+            assert_eq!(
+                dest.digest(),
+                src,
+                "destination memory differs from the source"
+            );
+        });
+        (t, received)
+    })
+}
+
+fn migrate(mut out: Outgoing, mem: &SourceMemory) {
+    let sent = SentDigests::new(mem.pages());
+    let pages = changed_pages(mem, &sent, 2);
+    out.send_round(1, mem, &sent, &pages, &AtomicBool::new(false))
+        .unwrap();
+    out.finish().unwrap();
+}
+
+#[test]
+fn a_tls_destination_refuses_plain_tcp_and_certificates_of_another_ca() {
+    let (cluster_dir, other_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cluster = Ca::init(cluster_dir.path()).unwrap();
+    let other = Ca::init(other_dir.path()).unwrap();
+    let (dest, src, stranger) = (
+        host(&cluster, "h1"),
+        host(&cluster, "h2"),
+        host(&other, "h2"),
+    );
+    let ((), received) = with_destination(&dest, |addr, mem| {
+        // The right token over plain TCP: no `Welcome`.
+        let plain = Outgoing::connect(addr, "m1", TOKEN, PAGES, StreamOptions::default());
+        assert!(plain.is_err(), "a plain TCP stream was admitted");
+        // The right token over TLS, with a certificate the cluster CA did not sign (the
+        // stranger trusts the cluster CA, so only the destination can refuse it).
+        let opts = tls_options(&dest.ca_pem, &stranger, "127.0.0.1");
+        let foreign = Outgoing::connect(addr, "m1", TOKEN, PAGES, opts);
+        assert!(foreign.is_err(), "a certificate of another CA was admitted");
+        // The real source still gets in, and the memory crosses whole.
+        let opts = tls_options(&src.ca_pem, &src, "127.0.0.1");
+        migrate(
+            Outgoing::connect(addr, "m1", TOKEN, PAGES, opts).unwrap(),
+            mem,
+        );
+    });
+    received.unwrap();
+}
+
+#[test]
+fn a_source_refuses_a_destination_of_another_ca_or_another_name() {
+    let (cluster_dir, other_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cluster = Ca::init(cluster_dir.path()).unwrap();
+    let other = Ca::init(other_dir.path()).unwrap();
+    let (impostor, src) = (host(&other, "h1"), host(&cluster, "h2"));
+    let (refused, received) = with_destination(&impostor, |addr, _| {
+        let opts = tls_options(&src.ca_pem, &src, "127.0.0.1");
+        Outgoing::connect(addr, "m1", TOKEN, PAGES, opts).err()
+    });
+    assert_tls_refused(&refused);
+    assert!(received.is_err());
+    // A certificate from the right CA for another address is no better.
+    let dest = host(&cluster, "h1");
+    let (refused, _) = with_destination(&dest, |addr, _| {
+        let opts = tls_options(&src.ca_pem, &src, "127.0.0.2");
+        Outgoing::connect(addr, "m1", TOKEN, PAGES, opts).err()
+    });
+    assert_tls_refused(&refused);
+}
+
+fn assert_tls_refused(refused: &Option<MigrationError>) {
+    assert!(
+        matches!(refused, Some(MigrationError::Tls { .. })),
+        "{refused:?}"
+    );
+}
