@@ -225,8 +225,8 @@ async fn a_guest_moves_over_mutual_tls_between_agents_with_host_identities() {
     moves_both_ways(a, b, "g2").await;
 }
 
-/// A guest moves `a` to `b` with `adaptive` and back with `qemu-native`, its counter
-/// advancing and checksum matching after each.
+/// A guest moves `a` to `b` with `adaptive` (dirtying memory) and back with `qemu-native`
+/// (memory writer stopped), its counter advancing and checksum matching after each.
 async fn moves_both_ways(a: Agent, b: Agent, vm: &str) {
     let Some(img) = image().await else { return };
     a.client.create_vm(&guest_spec(&img, vm)).await.unwrap();
@@ -242,6 +242,13 @@ async fn moves_both_ways(a: Agent, b: Agent, vm: &str) {
     a.client.guest(vm, &start).await.unwrap();
     let mut counter = verified(&a.client, vm, 0).await;
     for (from, to, policy) in [(&a, &b, "adaptive"), (&b, &a, "qemu-native")] {
+        if policy == "qemu-native" {
+            // QEMU's own pre-copy loses guests that dirty memory fast during the move on
+            // emulated CPUs (docs/migration.md); this leg tests the relay of its stream,
+            // so the guest keeps only its verifier running.
+            let stop = json!({"cmd": "stop", "workload": "memdirty"});
+            from.client.guest(vm, &stop).await.unwrap();
+        }
         let req = SendRequest {
             vm: vm.parse().unwrap(),
             destination: to.url.clone(),
