@@ -17,13 +17,10 @@ async fn guest_boots_and_answers_through_the_agent() {
     if !tern_testkit::require_qemu() {
         return;
     }
-    let img = tokio::task::spawn_blocking(|| {
-        tern_hv::image::ensure_image(&tern_testkit::test_cache_dir(), &mut |s| {
-            eprintln!("image: {s}")
-        })
+    let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
+        eprintln!("image: {s}")
     })
     .await
-    .unwrap()
     .expect("guest image builds");
 
     let dir = tempfile::tempdir().unwrap();

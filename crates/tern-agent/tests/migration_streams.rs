@@ -112,13 +112,10 @@ async fn image() -> Option<tern_hv::image::GuestImage> {
     if !tern_testkit::require_qemu() {
         return None;
     }
-    let img = tokio::task::spawn_blocking(|| {
-        tern_hv::image::ensure_image(&tern_testkit::test_cache_dir(), &mut |s| {
-            eprintln!("image: {s}")
-        })
+    let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
+        eprintln!("image: {s}")
     })
     .await
-    .unwrap()
     .expect("guest image builds");
     Some(img)
 }

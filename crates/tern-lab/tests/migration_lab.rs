@@ -163,13 +163,10 @@ where
     F: FnOnce(Lab, tern_hv::image::GuestImage) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let img = tokio::task::spawn_blocking(|| {
-        tern_hv::image::ensure_image(&tern_testkit::test_cache_dir(), &mut |s| {
-            eprintln!("image: {s}")
-        })
+    let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
+        eprintln!("image: {s}")
     })
     .await
-    .unwrap()
     .expect("guest image builds");
     let dir = tempfile::tempdir().unwrap();
     let lab = bring_up(&dir).await;

@@ -231,13 +231,10 @@ async fn fencing_and_readoption_on_a_lab() {
     if !tern_testkit::require_lab("fencing lab test", &[]) {
         return;
     }
-    let img = tokio::task::spawn_blocking(|| {
-        tern_hv::image::ensure_image(&tern_testkit::test_cache_dir(), &mut |s| {
-            eprintln!("image: {s}")
-        })
+    let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
+        eprintln!("image: {s}")
     })
     .await
-    .unwrap()
     .expect("guest image builds");
     let dir = tempfile::tempdir().unwrap();
     let opts = LabOptions {

@@ -196,6 +196,17 @@ fn writable_dir(dir: &Path) -> Result<(), ImageError> {
         .map_err(not_writable)
 }
 
+/// [`ensure_image`] from async code: the build (apt, cpio, compression) runs on a
+/// blocking thread so it does not stall the runtime.
+pub async fn ensure_image_async(
+    cache_dir: std::path::PathBuf,
+    mut progress: impl FnMut(&str) + Send + 'static,
+) -> Result<GuestImage, ImageError> {
+    tokio::task::spawn_blocking(move || ensure_image(&cache_dir, &mut progress))
+        .await
+        .expect("the image build thread does not panic")
+}
+
 /// Returns the guest image for the current inputs, building it under `cache_dir` if
 /// it is not there yet. `progress` gets one line per step.
 pub fn ensure_image(
