@@ -1,5 +1,6 @@
-//! Enrolment with the cluster CA: hosts join with one-time tokens, a host registered by
-//! hand must be enrolled and at an https:// address, and removing a host revokes it.
+//! Enrolment with the cluster CA: hosts join with one-time tokens, and removing a host
+//! revokes it. (That a host registered by hand must be enrolled and at an https://
+//! address is probed against the lab in the fault suite, `tern bench faults`.)
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,34 +103,6 @@ async fn a_host_joins_once_with_its_token_and_gets_a_certificate_for_its_address
     assert_eq!(s, 401, "{e}");
     let (s, _) = srv.join("0123456789ab.nope", "h2", 7072).await;
     assert_eq!(s, 401);
-}
-
-/// Today's hole: registering a host at any address made the manager call it with the
-/// agents' bearer token. With a CA the address must be https:// and the host enrolled.
-#[tokio::test]
-async fn registering_an_unenrolled_or_plain_http_host_is_refused() {
-    let srv = start().await;
-    let body = |name: &str, address: &str| json!({"name": name, "address": address, "capacity": {"cpus": 4, "memory_mib": 4096}});
-    let (s, e) = srv
-        .call(
-            reqwest::Method::POST,
-            "/v1/hosts",
-            Some(body("evil", "http://127.0.0.1:9")),
-        )
-        .await;
-    assert_eq!(s, 400, "{e}");
-    assert!(e["error"].as_str().unwrap().contains("https://"), "{e}");
-    let (s, e) = srv
-        .call(
-            reqwest::Method::POST,
-            "/v1/hosts",
-            Some(body("evil", "https://127.0.0.1:9")),
-        )
-        .await;
-    assert_eq!(s, 400, "{e}");
-    assert!(e["error"].as_str().unwrap().contains("not enrolled"), "{e}");
-    let (_, hosts) = srv.call(reqwest::Method::GET, "/v1/hosts", None).await;
-    assert_eq!(hosts, json!([]));
 }
 
 #[tokio::test]

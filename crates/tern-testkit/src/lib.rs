@@ -9,7 +9,6 @@
 //! - [`test_cache_dir`]: the image and kernel cache all tests share.
 //! - [`require_qemu`], [`require_lab`]: skip, or fail under `CI`.
 //! - [`assert_generated`]: a checked-in file equals what the code generates.
-//! - [`slow_clients`]: the slow and idle sockets an attacker opens against a server.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -100,72 +99,6 @@ pub fn assert_generated(path: &str, generated: &str, regenerate: &str) {
              with `{regenerate}` and commit it",
             line + 1
         );
-    }
-}
-
-/// The slow-client probe (blocking): opens 50 connections that send half a request's
-/// headers and 200 that send nothing, then checks that a real request to `addr` is
-/// answered within a second and that the server closes every slow connection within
-/// `header_timeout` plus 3 s. Err says what failed.
-pub fn slow_clients_dropped(
-    addr: std::net::SocketAddr,
-    header_timeout: std::time::Duration,
-) -> Result<(), String> {
-    use std::io::{Read, Write};
-    use std::time::{Duration, Instant};
-    let started = Instant::now();
-    let mut slow = Vec::new();
-    for i in 0..250 {
-        let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-        if i < 50 {
-            s.write_all(b"GET /v1/host HTTP/1.1\r\nHost: x\r\nAuthorization: Bea")
-                .map_err(|e| format!("write: {e}"))?;
-        }
-        slow.push(s);
-    }
-    let t = Instant::now();
-    let mut real = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
-    let _ = real.set_read_timeout(Some(Duration::from_secs(1)));
-    real.write_all(b"GET /v1/hosts HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("write: {e}"))?;
-    let mut head = [0u8; 12];
-    real.read_exact(&mut head)
-        .map_err(|e| format!("a real request got no answer beside the slow clients: {e}"))?;
-    if !head.starts_with(b"HTTP/1.1 ") || t.elapsed() > Duration::from_secs(1) {
-        return Err(format!("a real request took {:?}", t.elapsed()));
-    }
-    let deadline = started + header_timeout + Duration::from_secs(3);
-    let mut open = 0;
-    for s in &mut slow {
-        let mut buf = [0u8; 256];
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || s.set_read_timeout(Some(left)).is_err() {
-                open += 1;
-                break;
-            }
-            match s.read(&mut buf) {
-                Ok(0) => break,
-                Ok(_) => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    open += 1;
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-    }
-    match open {
-        0 => Ok(()),
-        n => Err(format!(
-            "{n} slow connections still open {:?} after they connected",
-            started.elapsed()
-        )),
     }
 }
 

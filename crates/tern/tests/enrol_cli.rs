@@ -1,7 +1,8 @@
 //! Host identity end to end with real processes: `tern manager --ca` creates the cluster
 //! CA and serves HTTPS, a `tern agent --join` enrols with a one-time token and is then
 //! driven over mutual TLS, an operator calls the agent with a certificate from
-//! `tern ca issue`, and secrets on the command line or readable by others are refused.
+//! `tern ca issue` until it is revoked. (Secrets on the command line or readable by
+//! others are probed against the lab in the fault suite, `tern bench faults`.)
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -51,10 +52,6 @@ fn spawn(args: &[&str], log: &Path) -> Child {
         .unwrap()
 }
 
-fn mode(p: &Path) -> u32 {
-    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
-}
-
 /// Polls `f` every 200 ms for up to 30 s.
 fn wait_for(what: &str, mut f: impl FnMut() -> Option<Value>) -> Value {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -81,7 +78,7 @@ fn a_host_joins_with_a_token_and_is_driven_over_mutual_tls() {
     let s = |p: &Path| p.to_str().unwrap().to_owned();
     let token_file = d.join("api-token");
     std::fs::write(&token_file, "api-s3cret\n").unwrap();
-    std::fs::set_permissions(&token_file, PermissionsExt::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(&token_file, PermissionsExt::from_mode(0o600)).unwrap();
     let (ca, db) = (d.join("ca"), d.join("tern.db"));
     let mport = free_port();
     let listen = format!("127.0.0.1:{mport}");
@@ -96,20 +93,6 @@ fn a_host_joins_with_a_token_and_is_driven_over_mutual_tls() {
         "--token-file",
         &s(&token_file),
     ];
-    // A token file others can read is refused, and so is plain HTTP off loopback.
-    let refused = tern(&manager_args);
-    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("chmod 600"));
-    std::fs::set_permissions(&token_file, PermissionsExt::from_mode(0o600)).unwrap();
-    let plain = tern(&[
-        "manager",
-        "--listen",
-        "0.0.0.0:0",
-        "--token-file",
-        &s(&token_file),
-    ]);
-    assert_eq!(plain.status.code(), Some(2), "{plain:?}");
-
     let mut procs = Procs(vec![spawn(&manager_args, &d.join("manager.log"))]);
     let url = format!("https://127.0.0.1:{mport}");
     let ca_cert = s(&ca.join("ca.pem"));
@@ -128,8 +111,6 @@ fn a_host_joins_with_a_token_and_is_driven_over_mutual_tls() {
         tern(&a)
     };
     wait_for("the manager", || json_of(&cli(&["host", "list"])));
-    assert_eq!(mode(&db), 0o600, "the database");
-    assert_eq!(mode(&ca.join("ca.key")), 0o600, "the CA key");
 
     // Enrol h1 with a one-time token.
     let join_token = d.join("join-token");
@@ -142,7 +123,6 @@ fn a_host_joins_with_a_token_and_is_driven_over_mutual_tls() {
         &s(&join_token),
     ]);
     assert!(made.status.success(), "{made:?}");
-    assert_eq!(mode(&join_token), 0o600);
     let aport = free_port();
     let agent = |name: &str, port: u16| {
         let state = d.join(name);
@@ -175,7 +155,6 @@ fn a_host_joins_with_a_token_and_is_driven_over_mutual_tls() {
         json_of(&cli(&["host", "list"])).filter(|v| v.as_array().is_some_and(|a| !a.is_empty()))
     });
     assert_eq!(hosts[0]["address"], format!("https://127.0.0.1:{aport}"));
-    assert_eq!(mode(&d.join("h1/tls/key.pem")), 0o600, "the host key");
 
     // The token is spent: a second host cannot join with it.
     let a2 = agent("h2", free_port());
