@@ -32,6 +32,8 @@ pub const MANAGER_PORT: u16 = 7080;
 /// The lab's hosts, each offering 2 CPUs and 1 GiB to guests.
 pub const HOSTS: usize = 3;
 const HOST_MEMORY_MIB: u64 = 1024;
+/// Every host's link is shaped to this.
+pub const LINK_MBIT: u32 = 1000;
 const HOST_CPUS: u32 = 2;
 /// The manager's database directory is a tmpfs of this size, which the disk-full case
 /// fills.
@@ -85,6 +87,8 @@ pub struct Fixture {
     manager_proc: Mutex<Option<Child>>,
     /// VMs the suite started on agents itself, which should be running at a case's end.
     booted: Mutex<BTreeSet<String>>,
+    /// Whether the shared guest is up (see [`Fixture::shared_guest`]).
+    shared: Mutex<bool>,
     twice: Arc<Mutex<Vec<Twice>>>,
     stop_sampler: Arc<AtomicBool>,
     sampler: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -226,7 +230,8 @@ impl Fixture {
         .await?;
         let lab_opts = LabOptions {
             hosts: HOSTS as u32,
-            link_mbit: None,
+            // The pace the migration cases' promises were measured at.
+            link_mbit: Some(LINK_MBIT),
             dir: opts.dir.join("lab"),
             tern_binary: opts.tern_binary.clone(),
             host_memory_mib: Some(HOST_MEMORY_MIB),
@@ -310,6 +315,7 @@ impl Fixture {
             argv,
             manager_proc: Mutex::new(None),
             booted: Mutex::new(BTreeSet::new()),
+            shared: Mutex::new(false),
             twice,
             stop_sampler: stop,
             sampler: Mutex::new(Some(handle)),
@@ -342,7 +348,8 @@ impl Fixture {
         Ok(())
     }
 
-    async fn wait_leases(&self) -> Result<(), FaultError> {
+    /// Waits until every agent holds a lease.
+    pub async fn wait_leases(&self) -> Result<(), FaultError> {
         for h in &self.lab.hosts {
             let lease = tern_agent::fence::lease_file(&h.state_dir);
             self.wait(
@@ -624,6 +631,49 @@ impl Fixture {
         Ok(())
     }
 
+    /// The guest cases share, booted on first use and kept across cases while it runs
+    /// healthy on its host: [`SharedGuest::MEMORY_MIB`] of memory, dirtying
+    /// [`SharedGuest::WORKLOAD`] throughout. A case may move it away and back or break
+    /// moves of it; [`Fixture::reset`] destroys it when it is anywhere but its host.
+    pub async fn shared_guest(&self) -> Result<SharedGuest, FaultError> {
+        let g = SharedGuest::default();
+        if !*lock(&self.shared) {
+            self.boot_guest(
+                g.host,
+                g.id,
+                SharedGuest::MEMORY_MIB,
+                Some(SharedGuest::WORKLOAD),
+            )
+            .await?;
+            *lock(&self.shared) = true;
+        }
+        Ok(g)
+    }
+
+    /// Whether the shared guest is up and where it belongs, with no move under way.
+    async fn shared_guest_intact(&self) -> bool {
+        let g = SharedGuest::default();
+        if !*lock(&self.shared) || self.hosts_of(g.id) != [self.lab.hosts[g.host].name.as_str()] {
+            return false;
+        }
+        let moving = match self.agents[g.host].list_migrations().await {
+            Ok(list) => list.iter().any(|m| {
+                m.vm == g.id
+                    && !matches!(
+                        m.phase,
+                        tern_api::migration::Phase::Completed
+                            | tern_api::migration::Phase::RolledBack
+                    )
+            }),
+            Err(_) => true,
+        };
+        let running = match self.agents[g.host].show_vm(g.id).await {
+            Ok(v) => v.info.state == tern_hv::VmState::Running,
+            Err(_) => false,
+        };
+        running && !moving
+    }
+
     /// Destroys VM `id`, which the suite booted on host `i`, and stops expecting it.
     pub async fn destroy_guest(&self, i: usize, id: &str) -> Result<(), FaultError> {
         lock(&self.booted).remove(id);
@@ -730,9 +780,21 @@ impl Fixture {
             }
         }
         self.wait_manager_empty().await?;
-        lock(&self.booted).clear();
+        let keep = self.shared_guest_intact().await;
+        *lock(&self.shared) = keep;
+        let shared = SharedGuest::default();
+        {
+            let mut booted = lock(&self.booted);
+            booted.clear();
+            if keep {
+                booted.insert(shared.id.to_string());
+            }
+        }
         for (i, a) in self.agents.iter().enumerate() {
             for v in a.list_vms().await? {
+                if keep && i == shared.host && v.info.id == shared.id {
+                    continue;
+                }
                 match a.delete_vm(&v.info.id).await {
                     Ok(()) => {}
                     Err(e) if e.is_not_found() => {}
@@ -745,9 +807,9 @@ impl Fixture {
                 }
             }
         }
+        let left = usize::from(keep);
         self.wait("no QEMU left in the lab", Duration::from_secs(30), || {
-            qemus(&self.lab).is_empty()
-                && self.lab.hosts.iter().all(|h| no_qemu_under(&h.state_dir))
+            qemus(&self.lab).len() == left && qemus_under(&self.lab) == left
         })
         .await?;
         self.wait_leases().await
@@ -807,17 +869,45 @@ impl Fixture {
     }
 }
 
-/// Whether no QEMU pid file under `state_dir/run` names a live process.
-fn no_qemu_under(state_dir: &Path) -> bool {
-    let Ok(rd) = std::fs::read_dir(state_dir.join("run")) else {
-        return true;
-    };
-    rd.flatten().all(|e| {
-        std::fs::read_to_string(e.path().join("qemu.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .is_none_or(|p| !alive(p))
-    })
+/// How many QEMU pid files under the hosts' `run` directories name a live process
+/// (migration destinations included).
+fn qemus_under(lab: &LabState) -> usize {
+    lab.hosts
+        .iter()
+        .filter_map(|h| std::fs::read_dir(h.state_dir.join("run")).ok())
+        .flat_map(|rd| rd.flatten())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("qemu.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .is_some_and(alive)
+        })
+        .count()
+}
+
+/// The guest the migration cases share.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedGuest {
+    /// Its home: host index.
+    pub host: usize,
+    pub id: &'static str,
+}
+
+impl SharedGuest {
+    pub const MEMORY_MIB: u64 = 512;
+    /// Faster than the 40 Mbit/s the moves that must stay in pre-copy are capped at,
+    /// and than the 1 Gbit/s link the rollback promise was measured on.
+    pub const WORKLOAD: &'static str = "memdirty --mib 128 --mbps 60";
+}
+
+impl Default for SharedGuest {
+    fn default() -> Self {
+        // h2: the fencing cases kill h1's agent and cut h3 off.
+        SharedGuest {
+            host: 1,
+            id: "shared",
+        }
+    }
 }
 
 async fn umount(dir: &Path) -> Result<(), FaultError> {
