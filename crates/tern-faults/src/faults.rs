@@ -18,7 +18,8 @@ use tern_api::manager::EventKind;
 use crate::fixture::{alive, Fixture, LEASE_S};
 use crate::{Case, FaultError, Outcome};
 
-/// Every fault case, in the order they run.
+/// Every fault case, in the order they run: those that need the manager's control
+/// rounds first, then those that share a guest (see [`Fixture::shared_guest`]).
 pub fn cases() -> Vec<Case> {
     vec![
         Case {
@@ -40,12 +41,6 @@ pub fn cases() -> Vec<Case> {
             run: |f| Box::pin(host_cut_off_stops_its_own_vms_first(f)),
         },
         Case {
-            name: "destination_agent_killed_mid_move_leaves_no_copy",
-            group: "fencing",
-            about: "the destination agent is SIGKILLed while memory flows: restarted, it destroys the incoming copy; not restarted, its watchdog stops it within the lease; the guest stays healthy on its source",
-            run: |f| Box::pin(destination_agent_killed_mid_move_leaves_no_copy(f)),
-        },
-        Case {
             name: "manager_killed_mid_migration_settles_it_when_restarted",
             group: "faults",
             about: "the manager is SIGKILLed while it follows a move: restarted, it follows the same copy to its end, and the VM runs on one host",
@@ -56,6 +51,12 @@ pub fn cases() -> Vec<Case> {
             group: "faults",
             about: "the manager's database disk is filled: writes fail with an error naming the full disk, no VM stops or is lost, and once space is freed writes work and a restarted manager holds every record",
             run: |f| Box::pin(manager_disk_full_fails_requests_and_loses_nothing(f)),
+        },
+        Case {
+            name: "destination_agent_killed_mid_move_leaves_no_copy",
+            group: "fencing",
+            about: "the destination agent is SIGKILLed while memory flows: restarted, it destroys the incoming copy; not restarted, its watchdog stops it within the lease; the guest stays healthy on its source",
+            run: |f| Box::pin(destination_agent_killed_mid_move_leaves_no_copy(f)),
         },
         Case {
             name: "link_cut_mid_round_is_rolled_back_within_20_s",
@@ -150,6 +151,7 @@ async fn wait_host_state(f: &Fixture, host: &str, state: &str) -> Result<Duratio
 async fn agent_restarted_within_its_lease_keeps_its_vms(
     f: &Fixture,
 ) -> Result<Outcome, FaultError> {
+    f.manager_rounds().await?;
     f.boot_guest(0, "g1", 256, Some("memdirty --mib 8 --mbps 5"))
         .await?;
     for vm in ["fa", "fb"] {
@@ -212,6 +214,7 @@ async fn agent_restarted_within_its_lease_keeps_its_vms(
 async fn agent_killed_for_good_is_fenced_and_its_vms_restart_once(
     f: &Fixture,
 ) -> Result<Outcome, FaultError> {
+    f.manager_rounds().await?;
     for (vm, host) in [("fa", "h1"), ("fb", "h1"), ("fc", "h2")] {
         manager_vm(f, vm, 128, host).await?;
     }
@@ -273,6 +276,7 @@ async fn agent_killed_for_good_is_fenced_and_its_vms_restart_once(
 }
 
 async fn host_cut_off_stops_its_own_vms_first(f: &Fixture) -> Result<Outcome, FaultError> {
+    f.manager_rounds().await?;
     // h3: the shared guest lives on h2 and is not to be disturbed.
     manager_vm(f, "fa", 128, "h3").await?;
     let x = 2;
@@ -529,6 +533,7 @@ fn fill_memory(path: &std::path::Path, bytes: u64) -> Result<(), FaultError> {
 async fn manager_killed_mid_migration_settles_it_when_restarted(
     f: &Fixture,
 ) -> Result<Outcome, FaultError> {
+    f.manager_rounds().await?;
     manager_vm(f, "mg", 512, "h1").await?;
     let view = f.agents[0].show_vm("mg").await?;
     let file = view
@@ -546,13 +551,13 @@ async fn manager_killed_mid_migration_settles_it_when_restarted(
     // Killed once the agent is sending round 1, so the copy is under way.
     let t0 = Instant::now();
     loop {
-        let v = f.manager_json(Method::GET, "/v1/vms/mg", None).await?;
-        if v["migration"]["progress"]["running_round"].as_u64() == Some(1) {
+        let m = running_migration(f, "mg").await?;
+        if m["progress"]["running_round"].as_u64() == Some(1) {
             break;
         }
         check!(
             t0.elapsed() < Duration::from_secs(30),
-            "round 1 of the move never seen running: {v}"
+            "round 1 of the move never seen running: {m}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -565,11 +570,7 @@ async fn manager_killed_mid_migration_settles_it_when_restarted(
     let host = loop {
         let v = f.manager_json(Method::GET, "/v1/vms/mg", None).await?;
         let on = f.hosts_of("mg");
-        let open = v["migration"].is_object()
-            && !matches!(
-                v["migration"]["status"].as_str(),
-                Some("succeeded" | "failed")
-            );
+        let open = running_migration(f, "mg").await?.is_object();
         if v["state"] == "running" && on.len() == 1 && v["observed_host"] == on[0] && !open {
             break on[0].clone();
         }
@@ -612,6 +613,18 @@ async fn manager_killed_mid_migration_settles_it_when_restarted(
     )))
 }
 
+/// The manager's view of the migration of `vm` under way, or null.
+async fn running_migration(f: &Fixture, vm: &str) -> Result<Value, FaultError> {
+    let running = f
+        .manager_json(Method::GET, "/v1/migrations?running=true", None)
+        .await?;
+    Ok(running
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["vm"] == vm))
+        .cloned()
+        .unwrap_or(Value::Null))
+}
+
 /// Fills the tmpfs holding the manager's database; returns the bytes written.
 fn fill_disk(path: &std::path::Path) -> Result<u64, FaultError> {
     use std::io::Write;
@@ -637,10 +650,12 @@ fn fill_disk(path: &std::path::Path) -> Result<u64, FaultError> {
 async fn manager_disk_full_fails_requests_and_loses_nothing(
     f: &Fixture,
 ) -> Result<Outcome, FaultError> {
+    f.manager_rounds().await?;
     for (vm, host) in [("da", "h1"), ("db", "h3")] {
         manager_vm(f, vm, 128, host).await?;
     }
     let before = f.manager_json(Method::GET, "/v1/vms", None).await?;
+    let since = last_seq(f).await?;
     let filler = f.db_dir.join("filler");
     let filled = fill_disk(&filler)?;
     let full_at = Instant::now();
@@ -679,6 +694,18 @@ async fn manager_disk_full_fails_requests_and_loses_nothing(
         f.hosts_of("dc") == ["h1"]
     })
     .await?;
+    if let Err(e) = f.wait_recorded(&["dc"], Duration::from_secs(30)).await {
+        let events = f.manager.events(since, 1000).await?;
+        return Ok(Outcome::fail(format!(
+            "after space was freed: {e}; events since the disk filled: {events:?}"
+        )));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let on = f.hosts_of("dc");
+    check!(
+        on == ["h1"],
+        "dc, created once space was freed, runs on {on:?} 3 s later"
+    );
     f.kill_manager().await?;
     f.start_manager().await?;
     let after = f.manager_json(Method::GET, "/v1/vms", None).await?;
@@ -697,8 +724,15 @@ async fn manager_disk_full_fails_requests_and_loses_nothing(
         n1 == ["da", "db", "dc"],
         "after the restart the manager holds {n1:?} (before the disk filled: {n0:?})"
     );
-    f.wait_recorded(&["da", "db", "dc"], Duration::from_secs(30))
-        .await?;
+    if let Err(e) = f
+        .wait_recorded(&["da", "db", "dc"], Duration::from_secs(30))
+        .await
+    {
+        let events = f.manager.events(since, 1000).await?;
+        return Ok(Outcome::fail(format!(
+            "{e}; events since the disk filled: {events:?}"
+        )));
+    }
     Ok(Outcome::pass(format!(
         "{} MiB filled; a create refused with \"{}\"; the VMs ran on for {:.0} s; after freeing, writes work and a restarted manager holds all 3 VMs",
         filled >> 20,

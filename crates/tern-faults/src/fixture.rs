@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use tern_agent::client::AgentClient;
 use tern_api::client::{Client, ClientOptions, ManagerClient};
 use tern_hv::image::GuestImage;
+pub use tern_lab::alive;
 use tern_lab::{LabOptions, LabState};
 
 use crate::FaultError;
@@ -98,17 +99,6 @@ pub struct Fixture {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A case that panicked while holding a lock leaves plain data behind: still usable.
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Whether process `pid` exists and has not exited (a zombie has).
-pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rfind(')')
-                .and_then(|i| s[i + 1..].split_whitespace().next())
-                .is_some_and(|st| st != "Z")
-        })
-        .unwrap_or(false)
 }
 
 fn cmdline(pid: &str) -> Option<Vec<String>> {
@@ -336,11 +326,15 @@ impl Fixture {
         self.wait_leases().await
     }
 
-    /// Balancer off, control rounds every second, the suite's lease.
+    /// Balancer off, the suite's lease, control rounds every second, or none while the
+    /// shared guest is up: a round destroys every VM the manager does not know, as a
+    /// stale copy, and the shared guest and the incoming copies of its moves are such
+    /// VMs. Leases are watched apart from the rounds.
     async fn configure_manager(&self) -> Result<(), FaultError> {
+        let interval = if *lock(&self.shared) { 3600 } else { 1 };
         let mut settings = self.manager_json(Method::GET, "/v1/balancer", None).await?;
         settings["enabled"] = json!(false);
-        settings["interval_s"] = json!(1);
+        settings["interval_s"] = json!(interval);
         settings["lease_s"] = json!(LEASE_S);
         settings["renew_s"] = json!(RENEW_S);
         self.manager_json(Method::PUT, "/v1/balancer", Some(settings))
@@ -410,14 +404,7 @@ impl Fixture {
     pub async fn start_agent(&self, i: usize) -> Result<Duration, FaultError> {
         let h = &self.lab.hosts[i];
         let path = h.state_dir.join("agent.log");
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(FaultError::io(format!("opening {}", path.display())))?;
-        let log2 = log
-            .try_clone()
-            .map_err(FaultError::io(format!("opening {}", path.display())))?;
+        let (log, log2) = open_log(&path)?;
         let child = Command::new("ip")
             .args(["netns", "exec", self.ns(i)])
             .args(&self.argv[i])
@@ -461,14 +448,7 @@ impl Fixture {
             .as_ref()
             .ok_or_else(|| FaultError::Setup("the lab was made without a CA".into()))?;
         let path = self.manager_log();
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(FaultError::io(format!("opening {}", path.display())))?;
-        let log2 = log
-            .try_clone()
-            .map_err(FaultError::io(format!("opening {}", path.display())))?;
+        let (log, log2) = open_log(&path)?;
         let child = Command::new(&self.tern_binary)
             .args(["manager", "--listen"])
             .arg(format!("{}:{MANAGER_PORT}", self.lab.root_addr))
@@ -635,19 +615,67 @@ impl Fixture {
     /// healthy on its host: [`SharedGuest::MEMORY_MIB`] of memory, dirtying
     /// [`SharedGuest::WORKLOAD`] throughout. A case may move it away and back or break
     /// moves of it; [`Fixture::reset`] destroys it when it is anywhere but its host.
+    ///
+    /// While it is up the manager runs no control rounds (see
+    /// [`Fixture::configure_manager`]); a case that needs them calls
+    /// [`Fixture::manager_rounds`], which destroys it.
     pub async fn shared_guest(&self) -> Result<SharedGuest, FaultError> {
         let g = SharedGuest::default();
         if !*lock(&self.shared) {
-            self.boot_guest(
-                g.host,
-                g.id,
-                SharedGuest::MEMORY_MIB,
-                Some(SharedGuest::WORKLOAD),
-            )
-            .await?;
             *lock(&self.shared) = true;
+            self.configure_manager().await?;
+            // A round already under way ends before the guest exists.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let booted = self
+                .boot_guest(
+                    g.host,
+                    g.id,
+                    SharedGuest::MEMORY_MIB,
+                    Some(SharedGuest::WORKLOAD),
+                )
+                .await;
+            if let Err(e) = booted {
+                *lock(&self.shared) = false;
+                return Err(e);
+            }
         }
         Ok(g)
+    }
+
+    /// The manager's control rounds, every second, with every host active: destroys the
+    /// shared guest first if it is up. Cases that need the manager to restart, create
+    /// or record VMs call it.
+    pub async fn manager_rounds(&self) -> Result<(), FaultError> {
+        if *lock(&self.shared) {
+            let g = SharedGuest::default();
+            self.destroy_guest(g.host, g.id).await?;
+            *lock(&self.shared) = false;
+        }
+        self.configure_manager().await?;
+        // Hosts declared dead while there were no rounds come back with the first
+        // heartbeats.
+        let t0 = Instant::now();
+        let limit = Duration::from_secs(20);
+        loop {
+            let hosts = self.manager.hosts().await?;
+            if hosts
+                .iter()
+                .all(|h| h.state == tern_api::manager::HostState::Active)
+            {
+                return Ok(());
+            }
+            if t0.elapsed() > limit {
+                let states: Vec<String> = hosts
+                    .iter()
+                    .map(|h| format!("{} {:?}", h.name, h.state))
+                    .collect();
+                return Err(FaultError::Timeout {
+                    what: format!("every host active ({})", states.join(", ")),
+                    limit,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Whether the shared guest is up and where it belongs, with no move under way.
@@ -763,7 +791,6 @@ impl Fixture {
             self.kill_manager().await?;
             self.start_manager().await?;
         }
-        self.configure_manager().await?;
         for i in 0..self.lab.hosts.len() {
             if !alive(self.agent_pid(i)) {
                 self.start_agent(i).await?;
@@ -782,6 +809,7 @@ impl Fixture {
         self.wait_manager_empty().await?;
         let keep = self.shared_guest_intact().await;
         *lock(&self.shared) = keep;
+        self.configure_manager().await?;
         let shared = SharedGuest::default();
         {
             let mut booted = lock(&self.booted);
@@ -908,6 +936,18 @@ impl Default for SharedGuest {
             id: "shared",
         }
     }
+}
+
+/// A process's log, appended to: its stdout and its stderr.
+fn open_log(path: &Path) -> Result<(std::fs::File, std::fs::File), FaultError> {
+    let err = || FaultError::io(format!("opening {}", path.display()));
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(err())?;
+    let log2 = log.try_clone().map_err(err())?;
+    Ok((log, log2))
 }
 
 async fn umount(dir: &Path) -> Result<(), FaultError> {
