@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use tern_agent::client::AgentClient;
 use tern_api::client::{Client, ClientOptions, ManagerClient};
 use tern_hv::image::GuestImage;
+pub use tern_lab::alive;
 use tern_lab::{LabOptions, LabState};
 
 use crate::FaultError;
@@ -32,6 +33,8 @@ pub const MANAGER_PORT: u16 = 7080;
 /// The lab's hosts, each offering 2 CPUs and 1 GiB to guests.
 pub const HOSTS: usize = 3;
 const HOST_MEMORY_MIB: u64 = 1024;
+/// Every host's link is shaped to this.
+pub const LINK_MBIT: u32 = 1000;
 const HOST_CPUS: u32 = 2;
 /// The manager's database directory is a tmpfs of this size, which the disk-full case
 /// fills.
@@ -85,6 +88,8 @@ pub struct Fixture {
     manager_proc: Mutex<Option<Child>>,
     /// VMs the suite started on agents itself, which should be running at a case's end.
     booted: Mutex<BTreeSet<String>>,
+    /// Whether the shared guest is up (see [`Fixture::shared_guest`]).
+    shared: Mutex<bool>,
     twice: Arc<Mutex<Vec<Twice>>>,
     stop_sampler: Arc<AtomicBool>,
     sampler: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -94,17 +99,6 @@ pub struct Fixture {
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A case that panicked while holding a lock leaves plain data behind: still usable.
     m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Whether process `pid` exists and has not exited (a zombie has).
-pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rfind(')')
-                .and_then(|i| s[i + 1..].split_whitespace().next())
-                .is_some_and(|st| st != "Z")
-        })
-        .unwrap_or(false)
 }
 
 fn cmdline(pid: &str) -> Option<Vec<String>> {
@@ -226,7 +220,8 @@ impl Fixture {
         .await?;
         let lab_opts = LabOptions {
             hosts: HOSTS as u32,
-            link_mbit: None,
+            // The pace the migration cases' promises were measured at.
+            link_mbit: Some(LINK_MBIT),
             dir: opts.dir.join("lab"),
             tern_binary: opts.tern_binary.clone(),
             host_memory_mib: Some(HOST_MEMORY_MIB),
@@ -310,6 +305,7 @@ impl Fixture {
             argv,
             manager_proc: Mutex::new(None),
             booted: Mutex::new(BTreeSet::new()),
+            shared: Mutex::new(false),
             twice,
             stop_sampler: stop,
             sampler: Mutex::new(Some(handle)),
@@ -330,11 +326,15 @@ impl Fixture {
         self.wait_leases().await
     }
 
-    /// Balancer off, control rounds every second, the suite's lease.
+    /// Balancer off, the suite's lease, control rounds every second, or none while the
+    /// shared guest is up: a round destroys every VM the manager does not know, as a
+    /// stale copy, and the shared guest and the incoming copies of its moves are such
+    /// VMs. Leases are watched apart from the rounds.
     async fn configure_manager(&self) -> Result<(), FaultError> {
+        let interval = if *lock(&self.shared) { 3600 } else { 1 };
         let mut settings = self.manager_json(Method::GET, "/v1/balancer", None).await?;
         settings["enabled"] = json!(false);
-        settings["interval_s"] = json!(1);
+        settings["interval_s"] = json!(interval);
         settings["lease_s"] = json!(LEASE_S);
         settings["renew_s"] = json!(RENEW_S);
         self.manager_json(Method::PUT, "/v1/balancer", Some(settings))
@@ -342,7 +342,8 @@ impl Fixture {
         Ok(())
     }
 
-    async fn wait_leases(&self) -> Result<(), FaultError> {
+    /// Waits until every agent holds a lease.
+    pub async fn wait_leases(&self) -> Result<(), FaultError> {
         for h in &self.lab.hosts {
             let lease = tern_agent::fence::lease_file(&h.state_dir);
             self.wait(
@@ -403,14 +404,7 @@ impl Fixture {
     pub async fn start_agent(&self, i: usize) -> Result<Duration, FaultError> {
         let h = &self.lab.hosts[i];
         let path = h.state_dir.join("agent.log");
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(FaultError::io(format!("opening {}", path.display())))?;
-        let log2 = log
-            .try_clone()
-            .map_err(FaultError::io(format!("opening {}", path.display())))?;
+        let (log, log2) = open_log(&path)?;
         let child = Command::new("ip")
             .args(["netns", "exec", self.ns(i)])
             .args(&self.argv[i])
@@ -454,14 +448,7 @@ impl Fixture {
             .as_ref()
             .ok_or_else(|| FaultError::Setup("the lab was made without a CA".into()))?;
         let path = self.manager_log();
-        let log = std::fs::OpenOptions::new()
-            .append(true)
-            .create(true)
-            .open(&path)
-            .map_err(FaultError::io(format!("opening {}", path.display())))?;
-        let log2 = log
-            .try_clone()
-            .map_err(FaultError::io(format!("opening {}", path.display())))?;
+        let (log, log2) = open_log(&path)?;
         let child = Command::new(&self.tern_binary)
             .args(["manager", "--listen"])
             .arg(format!("{}:{MANAGER_PORT}", self.lab.root_addr))
@@ -624,6 +611,97 @@ impl Fixture {
         Ok(())
     }
 
+    /// The guest cases share, booted on first use and kept across cases while it runs
+    /// healthy on its host: [`SharedGuest::MEMORY_MIB`] of memory, dirtying
+    /// [`SharedGuest::WORKLOAD`] throughout. A case may move it away and back or break
+    /// moves of it; [`Fixture::reset`] destroys it when it is anywhere but its host.
+    ///
+    /// While it is up the manager runs no control rounds (see
+    /// [`Fixture::configure_manager`]); a case that needs them calls
+    /// [`Fixture::manager_rounds`], which destroys it.
+    pub async fn shared_guest(&self) -> Result<SharedGuest, FaultError> {
+        let g = SharedGuest::default();
+        if !*lock(&self.shared) {
+            *lock(&self.shared) = true;
+            self.configure_manager().await?;
+            // A round already under way ends before the guest exists.
+            tokio::time::sleep(Duration::from_millis(2500)).await;
+            let booted = self
+                .boot_guest(
+                    g.host,
+                    g.id,
+                    SharedGuest::MEMORY_MIB,
+                    Some(SharedGuest::WORKLOAD),
+                )
+                .await;
+            if let Err(e) = booted {
+                *lock(&self.shared) = false;
+                return Err(e);
+            }
+        }
+        Ok(g)
+    }
+
+    /// The manager's control rounds, every second, with every host active: destroys the
+    /// shared guest first if it is up. Cases that need the manager to restart, create
+    /// or record VMs call it.
+    pub async fn manager_rounds(&self) -> Result<(), FaultError> {
+        if *lock(&self.shared) {
+            let g = SharedGuest::default();
+            self.destroy_guest(g.host, g.id).await?;
+            *lock(&self.shared) = false;
+        }
+        self.configure_manager().await?;
+        // Hosts declared dead while there were no rounds come back with the first
+        // heartbeats.
+        let t0 = Instant::now();
+        let limit = Duration::from_secs(20);
+        loop {
+            let hosts = self.manager.hosts().await?;
+            if hosts
+                .iter()
+                .all(|h| h.state == tern_api::manager::HostState::Active)
+            {
+                return Ok(());
+            }
+            if t0.elapsed() > limit {
+                let states: Vec<String> = hosts
+                    .iter()
+                    .map(|h| format!("{} {:?}", h.name, h.state))
+                    .collect();
+                return Err(FaultError::Timeout {
+                    what: format!("every host active ({})", states.join(", ")),
+                    limit,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Whether the shared guest is up and where it belongs, with no move under way.
+    async fn shared_guest_intact(&self) -> bool {
+        let g = SharedGuest::default();
+        if !*lock(&self.shared) || self.hosts_of(g.id) != [self.lab.hosts[g.host].name.as_str()] {
+            return false;
+        }
+        let moving = match self.agents[g.host].list_migrations().await {
+            Ok(list) => list.iter().any(|m| {
+                m.vm == g.id
+                    && !matches!(
+                        m.phase,
+                        tern_api::migration::Phase::Completed
+                            | tern_api::migration::Phase::RolledBack
+                    )
+            }),
+            Err(_) => true,
+        };
+        let running = match self.agents[g.host].show_vm(g.id).await {
+            Ok(v) => v.info.state == tern_hv::VmState::Running,
+            Err(_) => false,
+        };
+        running && !moving
+    }
+
     /// Destroys VM `id`, which the suite booted on host `i`, and stops expecting it.
     pub async fn destroy_guest(&self, i: usize, id: &str) -> Result<(), FaultError> {
         lock(&self.booted).remove(id);
@@ -713,7 +791,6 @@ impl Fixture {
             self.kill_manager().await?;
             self.start_manager().await?;
         }
-        self.configure_manager().await?;
         for i in 0..self.lab.hosts.len() {
             if !alive(self.agent_pid(i)) {
                 self.start_agent(i).await?;
@@ -730,9 +807,22 @@ impl Fixture {
             }
         }
         self.wait_manager_empty().await?;
-        lock(&self.booted).clear();
+        let keep = self.shared_guest_intact().await;
+        *lock(&self.shared) = keep;
+        self.configure_manager().await?;
+        let shared = SharedGuest::default();
+        {
+            let mut booted = lock(&self.booted);
+            booted.clear();
+            if keep {
+                booted.insert(shared.id.to_string());
+            }
+        }
         for (i, a) in self.agents.iter().enumerate() {
             for v in a.list_vms().await? {
+                if keep && i == shared.host && v.info.id == shared.id {
+                    continue;
+                }
                 match a.delete_vm(&v.info.id).await {
                     Ok(()) => {}
                     Err(e) if e.is_not_found() => {}
@@ -745,9 +835,9 @@ impl Fixture {
                 }
             }
         }
+        let left = usize::from(keep);
         self.wait("no QEMU left in the lab", Duration::from_secs(30), || {
-            qemus(&self.lab).is_empty()
-                && self.lab.hosts.iter().all(|h| no_qemu_under(&h.state_dir))
+            qemus(&self.lab).len() == left && qemus_under(&self.lab) == left
         })
         .await?;
         self.wait_leases().await
@@ -807,17 +897,57 @@ impl Fixture {
     }
 }
 
-/// Whether no QEMU pid file under `state_dir/run` names a live process.
-fn no_qemu_under(state_dir: &Path) -> bool {
-    let Ok(rd) = std::fs::read_dir(state_dir.join("run")) else {
-        return true;
-    };
-    rd.flatten().all(|e| {
-        std::fs::read_to_string(e.path().join("qemu.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse::<u32>().ok())
-            .is_none_or(|p| !alive(p))
-    })
+/// How many QEMU pid files under the hosts' `run` directories name a live process
+/// (migration destinations included).
+fn qemus_under(lab: &LabState) -> usize {
+    lab.hosts
+        .iter()
+        .filter_map(|h| std::fs::read_dir(h.state_dir.join("run")).ok())
+        .flat_map(|rd| rd.flatten())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("qemu.pid"))
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .is_some_and(alive)
+        })
+        .count()
+}
+
+/// The guest the migration cases share.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedGuest {
+    /// Its home: host index.
+    pub host: usize,
+    pub id: &'static str,
+}
+
+impl SharedGuest {
+    pub const MEMORY_MIB: u64 = 512;
+    /// Faster than the 40 Mbit/s the moves that must stay in pre-copy are capped at,
+    /// and than the 1 Gbit/s link the rollback promise was measured on.
+    pub const WORKLOAD: &'static str = "memdirty --mib 128 --mbps 60";
+}
+
+impl Default for SharedGuest {
+    fn default() -> Self {
+        // h2: the fencing cases kill h1's agent and cut h3 off.
+        SharedGuest {
+            host: 1,
+            id: "shared",
+        }
+    }
+}
+
+/// A process's log, appended to: its stdout and its stderr.
+fn open_log(path: &Path) -> Result<(std::fs::File, std::fs::File), FaultError> {
+    let err = || FaultError::io(format!("opening {}", path.display()));
+    let log = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(err())?;
+    let log2 = log.try_clone().map_err(err())?;
+    Ok((log, log2))
 }
 
 async fn umount(dir: &Path) -> Result<(), FaultError> {

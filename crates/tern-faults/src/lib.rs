@@ -22,7 +22,7 @@ pub mod probes;
 
 pub use case::{Case, CaseFuture, Outcome};
 pub use error::FaultError;
-pub use fixture::{Fixture, FixtureOptions};
+pub use fixture::{Fixture, FixtureOptions, SharedGuest};
 
 use std::time::{Duration, Instant};
 
@@ -107,6 +107,8 @@ async fn run_one(fixture: &Fixture, case: &Case) -> CaseResult {
     let mark = fixture.twice_mark();
     let mut outcome = match (case.run)(fixture).await {
         Ok(o) => o,
+        // What the case waited for did not happen: the fault's effect is missing.
+        Err(e @ FaultError::Timeout { .. }) => Outcome::fail(e.to_string()),
         Err(e) => Outcome::fail(format!("could not run: {e}")),
     };
     match fixture.vms_lost(SETTLE).await {
