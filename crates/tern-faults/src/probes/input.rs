@@ -293,6 +293,7 @@ fn header(kind: Kind, flags: u8, len: u32) -> [u8; 8] {
 async fn oversized_hellos_and_lz4_prefixes_are_refused_before_allocating(
     f: &Fixture,
 ) -> Result<Outcome, FaultError> {
+    kit::quiet_rounds(f).await?;
     let t = streams::prepare(f, 1, "probe-frames", false).await?;
     let r = frames(f, &t).await;
     streams::abort(f, 1, &t).await;

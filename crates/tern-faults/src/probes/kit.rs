@@ -500,6 +500,37 @@ pub(crate) async fn plain_vm(f: &Fixture, i: usize, id: &str) -> Result<(), Faul
     managed_vm(f, i, id, 256).await
 }
 
+/// How long [`quiet_rounds`] keeps the manager's rounds away.
+pub(crate) const QUIET: Duration = Duration::from_secs(6);
+
+/// Makes the manager's control rounds [`QUIET`] apart and returns just after one, so
+/// that the next is [`QUIET`] away. A round destroys every VM a host lists that the
+/// manager did not place there, and the incoming copies a probe prepares on an agent
+/// itself are such VMs. `Fixture::reset` sets the suite's interval again, which takes
+/// effect after the next round.
+pub(crate) async fn quiet_rounds(f: &Fixture) -> Result<(), FaultError> {
+    let mut settings = f
+        .manager_json(reqwest::Method::GET, "/v1/balancer", None)
+        .await?;
+    settings["interval_s"] = serde_json::json!(QUIET.as_secs());
+    f.manager_json(reqwest::Method::PUT, "/v1/balancer", Some(settings))
+        .await?;
+    let h = &f.lab.hosts[0].name;
+    let beat = f.manager.host(h).await?.last_heartbeat;
+    let t0 = Instant::now();
+    // A round (which records each host's report) comes within the old interval.
+    while f.manager.host(h).await?.last_heartbeat == beat {
+        if t0.elapsed() > Duration::from_secs(5) {
+            return Err(FaultError::Timeout {
+                what: "a control round of the manager".into(),
+                limit: Duration::from_secs(5),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
 /// Deletes VM `id` through the manager and waits until no host runs it.
 pub(crate) async fn drop_vm(f: &Fixture, id: &str) -> Result<(), FaultError> {
     match f.manager.delete_vm(id).await {

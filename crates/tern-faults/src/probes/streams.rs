@@ -63,7 +63,8 @@ fn spec(f: &Fixture) -> Value {
 }
 
 /// Prepares host `i` to receive VM `vm` (tern's engine unless `native`): its migration
-/// port is open until the ticket is aborted or 20 s pass.
+/// port is open until the ticket is aborted or 20 s pass. The manager knows nothing of
+/// the VM: call [`kit::quiet_rounds`] first, or a round destroys it.
 pub(super) async fn prepare(
     f: &Fixture,
     i: usize,
@@ -159,6 +160,7 @@ async fn wildcard_listeners(f: &Fixture) -> Result<(Vec<String>, usize), FaultEr
 }
 
 async fn nothing_listens_on_every_address(f: &Fixture) -> Result<Outcome, FaultError> {
+    kit::quiet_rounds(f).await?;
     let tern = prepare(f, 1, "probe-listen-a", false).await?;
     let native = match prepare(f, 2, "probe-listen-b", true).await {
         Ok(t) => t,
@@ -225,6 +227,7 @@ fn closed_after(addr: SocketAddr, bytes: &[u8], limit: Duration) -> Option<Durat
 async fn strangers_on_the_migration_port_neither_feed_the_vm_nor_keep_the_source_out(
     f: &Fixture,
 ) -> Result<Outcome, FaultError> {
+    kit::quiet_rounds(f).await?;
     let vm = "probe-stranger";
     let t = prepare(f, 1, vm, false).await?;
     let r = strangers(f, vm, &t).await;
@@ -295,6 +298,7 @@ async fn strangers(f: &Fixture, vm: &str, t: &Ticket) -> Result<Outcome, FaultEr
 }
 
 async fn a_silent_connection_is_dropped_within_2_s(f: &Fixture) -> Result<Outcome, FaultError> {
+    kit::quiet_rounds(f).await?;
     let t = prepare(f, 1, "probe-silent", false).await?;
     let addr = port_of(f, 1, t.memory_port)?;
     let silent =
@@ -343,6 +347,7 @@ async fn a_silent_connection_is_dropped_within_2_s(f: &Fixture) -> Result<Outcom
 async fn plain_tcp_and_foreign_certificates_are_refused_on_the_stream(
     f: &Fixture,
 ) -> Result<Outcome, FaultError> {
+    kit::quiet_rounds(f).await?;
     let t = prepare(f, 1, "probe-foreign-stream", false).await?;
     let addr = port_of(f, 1, t.memory_port)?;
     let (_, alien) = kit::stranger(f, addr.ip())?;
