@@ -49,7 +49,7 @@ pub fn cases() -> Vec<Case> {
         Case {
             name: "manager_disk_full_fails_requests_and_loses_nothing",
             group: "faults",
-            about: "the manager's database disk is filled: writes fail with an error naming the full disk, no VM stops or is lost, and once space is freed writes work and a restarted manager holds every record",
+            about: "the manager's database disk is filled: writes fail with a 507 naming the full disk and what to do, no VM stops or is lost, and once space is freed writes work and a restarted manager holds every record",
             run: |f| Box::pin(manager_disk_full_fails_requests_and_loses_nothing(f)),
         },
         Case {
@@ -673,7 +673,8 @@ async fn manager_disk_full_fails_requests_and_loses_nothing(
         }
         Err(e) => e.to_string(),
     };
-    let clear = why.contains("full") || why.contains("space");
+    // 507 and what to do: the caller can tell a full disk from a fault of the manager.
+    let clear = why.contains("507") && why.contains("full") && why.contains("free space");
     // The guests keep running while the disk is full, for longer than a lease: the
     // manager still grants them.
     tokio::time::sleep(Duration::from_secs(LEASE_S + 2)).await;
