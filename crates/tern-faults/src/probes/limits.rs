@@ -302,15 +302,21 @@ async fn an_ha_follower_checks_the_token_before_reading_a_body(
             format!("token {t:?}: {status:?} after {:?}", t0.elapsed()),
         );
     }
+    let t0 = Instant::now();
     let r = kit::call(
         http.post(format!("{base}/v1/vms"))
             .bearer_auth(token)
             .body(big),
     )
     .await;
+    // 413 once 2 MiB are in, or the socket closed then, as above.
     x.check(
-        matches!(r, Ok((413, _))),
-        format!("an authorised body of 8 MiB: {r:?}"),
+        r.as_ref()
+            .map_or(t0.elapsed() < Duration::from_secs(5), |(s, _)| *s == 413),
+        format!(
+            "an authorised body of 8 MiB: {r:?} after {:?}",
+            t0.elapsed()
+        ),
     );
     let passed = hits.load(Ordering::SeqCst);
     x.check(
@@ -319,7 +325,7 @@ async fn an_ha_follower_checks_the_token_before_reading_a_body(
     );
     let _ = stop.send(true);
     server.abort();
-    x.note("8 MiB bodies: 401 without or with a wrong token, 413 with the right one; nothing reached the leader");
+    x.note("8 MiB bodies: 401 without or with a wrong token, 413 (or the socket closed at the cap) with the right one; nothing reached the leader");
     Ok(x.outcome())
 }
 
