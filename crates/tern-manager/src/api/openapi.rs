@@ -10,7 +10,7 @@ use utoipa::{Modify, OpenApi};
     info(
         title = "tern manager API",
         version = "1",
-        description = "The control plane of a tern cluster: hosts, VMs, live migrations, the balancer. Every route but /openapi.json, /v1/join (a one-time join token in the body) and /v1/ca/crl needs 'Authorization: Bearer TOKEN'. Errors answer with a 4xx or 5xx status and {\"error\": message}."
+        description = "The control plane of a tern cluster: hosts, VMs, live migrations, the balancer. Every route but /openapi.json, /v1/join (a one-time join token in the body) and /v1/ca/crl needs 'Authorization: Bearer TOKEN'. Over TLS, POST /v1/hosts/{name}/lease takes that host's own client certificate instead of the token, and every other route refuses a caller showing a host's certificate (403). Errors answer with a 4xx or 5xx status and {\"error\": message}."
     ),
     paths(
         super::openapi,
