@@ -121,14 +121,25 @@ pub(crate) struct Pki {
     pub client: rustls::ClientConfig,
 }
 
-/// Loads or creates the CA in `dir` and issues this manager a certificate named `name`
-/// for the loopbacks and `ips`, saved in `dir/SUBDIR` (each manager sharing the
-/// directory has its own).
-pub(crate) fn pki(dir: &Path, subdir: &str, name: &str, ips: &[IpAddr]) -> anyhow::Result<Pki> {
-    let (ca, created) = Ca::open_or_init(dir).map_err(super::bad_input)?;
-    if created {
-        eprintln!("tern manager: created the cluster CA in {}", dir.display());
-    }
+/// Loads the CA in `dir` (creating it first when `create`) and issues this manager a
+/// certificate named `name` for the loopbacks and `ips`, saved in `dir/SUBDIR` (each
+/// manager sharing the directory has its own).
+pub(crate) fn pki(
+    dir: &Path,
+    create: bool,
+    subdir: &str,
+    name: &str,
+    ips: &[IpAddr],
+) -> anyhow::Result<Pki> {
+    let ca = if create {
+        let (ca, created) = Ca::open_or_init(dir).map_err(super::bad_input)?;
+        if created {
+            eprintln!("tern manager: created the cluster CA in {}", dir.display());
+        }
+        ca
+    } else {
+        Ca::load(dir).map_err(super::bad_input)?
+    };
     let mut all: Vec<IpAddr> = vec!["127.0.0.1".parse()?, "::1".parse()?];
     for ip in ips {
         if !ip.is_unspecified() && !all.contains(ip) {
@@ -177,7 +188,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(a.agent_timeout_s);
     let pki =
         a.ca.as_deref()
-            .map(|d| pki(d, "manager", "manager", &[addr.ip()]))
+            .map(|d| pki(d, true, "manager", "manager", &[addr.ip()]))
             .transpose()?;
     let (agents, serving) = match &pki {
         Some(p) => (

@@ -98,7 +98,9 @@ fn manager_pki(
         Err(_) => host,
     };
     let subdir = format!("managers/{}-{port}", host.replace(':', "_"));
-    super::manager::pki(dir, &subdir, name, &ips)
+    // Managers starting together must not each make a CA of their own: the directory
+    // must hold one already (`tern ca init`).
+    super::manager::pki(dir, false, &subdir, name, &ips)
 }
 
 pub fn run(o: Options) -> anyhow::Result<()> {
