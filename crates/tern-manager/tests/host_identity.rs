@@ -160,9 +160,17 @@ async fn a_host_certificate_is_not_an_api_user() {
         let r = c.get(url("/v1/hosts")).bearer_auth(TOKEN).send().await;
         assert_eq!(r.unwrap().status(), 200);
     }
-    // What a host needs stays open to it.
+    // What a host needs stays open to it; the revocation list to no one without a
+    // certificate or the token.
     let crl = host.get(url("/v1/ca/crl")).send().await.unwrap();
     assert_eq!(crl.status(), 200);
+    let anonymous = srv
+        .client(None)
+        .get(url("/v1/ca/crl"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), 401);
 }
 
 /// Today's hole: the manager checked certificates against the revocation list as of

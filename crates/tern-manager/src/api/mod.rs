@@ -4,9 +4,9 @@
 //! Handlers only parse a request into a [`Command`] (or a read) and hand it to the
 //! [`Manager`]; [`error`] maps every failure to a status and a JSON message. Every route
 //! but `/openapi.json`, `POST /v1/join` (which takes a one-time join token),
-//! `GET /v1/ca/crl` (public) and `POST /v1/hosts/{name}/lease` needs
-//! `Authorization: Bearer TOKEN`, and over TLS refuses a caller showing a host's
-//! certificate: a host is not an API user.
+//! `GET /v1/ca/crl` (any client certificate of the CA, or the token) and
+//! `POST /v1/hosts/{name}/lease` needs `Authorization: Bearer TOKEN`, and over TLS
+//! refuses a caller showing a host's certificate: a host is not an API user.
 //!
 //! With a cluster CA ([`Serving::ca`]) hosts enrol through `POST /v1/join`, and a host
 //! registered by hand must be enrolled and at an `https://` address. Over TLS a lease
@@ -248,6 +248,19 @@ pub(crate) fn not_a_host(secure: Option<&Secure>) -> ApiResult<()> {
             p.name
         ))),
         _ => Ok(()),
+    }
+}
+
+/// Who may read the revocation list (pure): any caller whose client certificate the CA
+/// issued (hosts fetch it to refuse revoked peers), or one with the bearer token.
+pub fn crl_caller(
+    tokens: &[String],
+    secure: Option<&Secure>,
+    headers: &header::HeaderMap,
+) -> ApiResult<()> {
+    match secure.and_then(|s| s.peer.as_ref()) {
+        Some(_) => Ok(()),
+        None => check_token(tokens, headers),
     }
 }
 
@@ -513,9 +526,10 @@ async fn join(State(app): AppState, Body(b): Body<JoinRequest>) -> ApiResult<Res
 }
 
 #[utoipa::path(get, path = "/v1/ca/crl", operation_id = "crl",
-    summary = "The cluster CA's certificate revocation list (PEM); agents fetch it to refuse revoked peers.",
+    summary = "The cluster CA's certificate revocation list (PEM, signed by the CA); agents fetch it with their certificate to refuse revoked peers. Takes a client certificate of the CA or the bearer token.",
     responses((status = 200, description = "the PEM revocation list", body = String, content_type = "application/x-pem-file"), (status = 404, description = "error", body = Error)))]
-async fn crl(State(app): AppState) -> ApiResult<Response> {
+async fn crl(State(app): AppState, req: Request) -> ApiResult<Response> {
+    crl_caller(&app.tokens, req.extensions().get(), req.headers())?;
     let Some(ca) = app.ca.clone() else {
         return Err(ApiError::NotFound(
             "this manager has no cluster CA (start it with --ca DIR)".into(),
