@@ -1,8 +1,8 @@
 //! HA managers with the cluster CA, as real processes: two `tern manager --etcd --ca`
 //! sharing one CA directory over a one-member etcd on loopback. Each serves HTTPS with
 //! a certificate of its own, a follower passes requests to the leader over TLS, a host
-//! joins through either and renews its lease with its certificate, and the leader
-//! drives it over mutual TLS.
+//! joins through the follower and renews its lease there with its certificate, and the
+//! leader drives it over mutual TLS.
 //!
 //! Needs Debian's `etcd-server` (`etcd`); without it the test skips with a reason
 //! unless `CI` is set, where it fails.
@@ -207,7 +207,16 @@ async fn ha_managers_serve_https_with_their_own_certificates_and_drive_agents_ov
         .collect();
     assert_ne!(certs[0], certs[1]);
 
-    // A host joins through the second manager and renews with both, certificate only.
+    // A host joins through the follower and renews its lease there, certificate only:
+    // the follower checks the certificate and passes both on to the leader.
+    let leader = wait_for("a leader", Duration::from_secs(30), || async {
+        (0..2).find(|i| {
+            std::fs::read_to_string(d.join(format!("m{i}.log")))
+                .is_ok_and(|l| l.contains("tern manager: leading"))
+        })
+    })
+    .await;
+    let follower = &urls[1 - leader];
     let join_token = d.join("join");
     let made = Command::new(tern)
         .args([
@@ -222,7 +231,6 @@ async fn ha_managers_serve_https_with_their_own_certificates_and_drive_agents_ov
         .unwrap();
     assert!(made.status.success(), "{made:?}");
     let agent_listen = format!("127.0.0.1:{}", free_port());
-    let managers = urls.join(",");
     let agent = [
         "agent",
         "--hypervisor",
@@ -232,7 +240,7 @@ async fn ha_managers_serve_https_with_their_own_certificates_and_drive_agents_ov
         "--state-dir",
         &s(&d.join("h1")),
         "--join",
-        &urls[1],
+        follower,
         "--join-token-file",
         &s(&join_token),
         "--name",
@@ -242,7 +250,7 @@ async fn ha_managers_serve_https_with_their_own_certificates_and_drive_agents_ov
         "--memory-mib",
         "4096",
         "--manager",
-        &managers,
+        follower,
     ];
     procs.0.push(spawn(tern, &agent, &d.join("h1.log")));
     wait_for("h1 holds a lease", Duration::from_secs(30), || async {
