@@ -30,8 +30,9 @@ pub struct Args {
     /// SQLite file holding the cluster's state (created if missing, mode 0600).
     #[arg(long, default_value = "tern.db")]
     db: PathBuf,
-    /// The cluster CA's directory (created if missing, or one `tern lab up` made): the
-    /// API becomes HTTPS, hosts join with tokens, agents are called over mutual TLS.
+    /// The cluster CA's directory (created if missing, or one `tern lab up` made; with
+    /// --etcd it must exist, from `tern ca init`): the API becomes HTTPS, hosts join with
+    /// tokens, agents are called over mutual TLS.
     #[arg(long, value_name = "DIR")]
     ca: Option<PathBuf>,
     /// Files whose first line is a bearer token API clients may send (mode 0600); the
