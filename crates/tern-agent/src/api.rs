@@ -31,6 +31,7 @@ use std::time::Duration;
 use tern_api::agent::{VmMetrics, VmView};
 use tern_hv::{Action, HvError};
 use tern_model::VmName;
+use tern_pki::Role;
 
 /// Largest request body the agent reads (a layer on the router, see
 /// [`crate::server::app`]); the largest real one, a VM spec, is a few KiB.
@@ -283,9 +284,14 @@ impl<S: Send + Sync> FromRequestParts<S> for VmId {
 }
 
 async fn run(State(state): State<AppState>, cmd: Command) -> Response {
-    match execute(&state, cmd).await {
-        Ok((status, body)) => (status, Json(body)).into_response(),
-        Err(e) => e.into_response(),
+    // On its own task, so a caller that goes away (a manager killed mid-request) does
+    // not cancel a change half-way: a create dropped between starting QEMU and keeping
+    // its handle would kill that QEMU and leave the VM defined without it, lost.
+    let done = tokio::spawn(async move { execute(&state, cmd).await }).await;
+    match done {
+        Ok(Ok((status, body))) => (status, Json(body)).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 
@@ -318,21 +324,91 @@ pub fn check_auth(header: Option<&str>, token: &str) -> Result<(), AgentError> {
     }
 }
 
-/// The bearer-token check as a middleware, for every route group of the agent. An agent
-/// with a host identity serves only mutual TLS: every connection already presented a
-/// certificate of the cluster CA, which is the credential.
-pub async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    if state.tls.is_some() {
-        return next.run(req).await;
+/// The caller of a request to an agent with a host identity: the holder of the client
+/// certificate its connection showed. `None` over plain HTTP.
+#[derive(Debug, Clone, Default)]
+pub struct Caller(pub Option<tern_pki::Peer>);
+
+impl Caller {
+    /// The host calling, when the caller is one (a source agent's migration calls).
+    pub fn host(&self) -> Option<&str> {
+        self.0
+            .as_ref()
+            .filter(|p| p.role == Role::Host)
+            .map(|p| p.name.as_str())
     }
+}
+
+#[axum::async_trait]
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let peer = parts
+            .extensions
+            .get::<tern_pki::Secure>()
+            .and_then(|s| s.peer.clone());
+        Ok(Caller(peer))
+    }
+}
+
+/// The roles that may drive VMs and send migrations: another host's certificate cannot.
+const DRIVERS: &[Role] = &[Role::Manager, Role::Operator];
+/// The roles that may call a destination's incoming-migration routes: the source host
+/// too (its own migrations only, see `migration::routes`).
+const PEERS: &[Role] = &[Role::Manager, Role::Operator, Role::Host];
+
+/// Checks who may call (pure): with a host identity the client certificate's role must
+/// be one of `allowed`; without one, the bearer token.
+pub fn check_caller(
+    state: &AppState,
+    secure: Option<&tern_pki::Secure>,
+    authorization: Option<&str>,
+    allowed: &[Role],
+) -> Result<(), AgentError> {
+    if state.tls.is_none() {
+        return check_auth(authorization, &state.host.token);
+    }
+    let Some(peer) = secure.and_then(|s| s.peer.as_ref()) else {
+        return Err(AgentError::Unauthorized(
+            "this agent serves mutual TLS: present a certificate of the cluster CA".into(),
+        ));
+    };
+    if !allowed.contains(&peer.role) {
+        let allowed: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+        return Err(AgentError::Forbidden(format!(
+            "{} certificate {:?} may not call this route (it takes {}): hosts call each \
+             other only to migrate; use the manager or an operator certificate from \
+             `tern ca issue`",
+            peer.role.as_str(),
+            peer.name,
+            allowed.join(" or ")
+        )));
+    }
+    Ok(())
+}
+
+async fn checked(state: &AppState, req: Request, next: Next, allowed: &[Role]) -> Response {
     let h = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match check_auth(h, &state.host.token) {
+    match check_caller(state, req.extensions().get(), h, allowed) {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
     }
+}
+
+/// The check of the VM routes and the source's migration routes: with a host identity,
+/// the manager's or an operator's certificate; without, the bearer token.
+pub async fn auth(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    checked(&state, req, next, DRIVERS).await
+}
+
+/// The check of the destination's incoming-migration routes: as [`auth`], and a host's
+/// certificate too.
+pub async fn auth_peers(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    checked(&state, req, next, PEERS).await
 }
 
 #[cfg(test)]

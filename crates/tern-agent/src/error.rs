@@ -16,6 +16,9 @@ pub enum AgentError {
     /// No or wrong bearer token.
     #[error("{0}")]
     Unauthorized(String),
+    /// An authenticated caller whose certificate's role may not do this.
+    #[error("{0}")]
+    Forbidden(String),
     /// A request body over the agent's limit.
     #[error("the request body is larger than {limit} bytes; no agent request needs that much")]
     TooLarge { limit: usize },
@@ -76,6 +79,7 @@ impl AgentError {
         match self {
             AgentError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AgentError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
             AgentError::NoRoom(_) => StatusCode::INSUFFICIENT_STORAGE,
             AgentError::Migrating { .. } => StatusCode::CONFLICT,
             AgentError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -110,6 +114,7 @@ impl AgentError {
         match self {
             AgentError::BadRequest(_) => "bad_request",
             AgentError::Unauthorized(_) => "unauthorized",
+            AgentError::Forbidden(_) => "forbidden",
             AgentError::NoRoom(_) => "no_room",
             AgentError::Migrating { .. } => "conflict",
             AgentError::TooLarge { .. } => "too_large",
@@ -165,6 +170,7 @@ mod tests {
         assert_eq!(s(HvError::AlreadyExists("x".into()).into()), 409);
         assert_eq!(s(AgentError::NoRoom("x".into())), 507);
         assert_eq!(s(AgentError::Unauthorized("x".into())), 401);
+        assert_eq!(s(AgentError::Forbidden("x".into())), 403);
         assert_eq!(s(HvError::Qemu("x".into()).into()), 500);
         let bad_size = MemoryError::BadSize {
             path: "m".into(),

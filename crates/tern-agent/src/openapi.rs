@@ -13,7 +13,7 @@ use crate::migration::routes;
     info(
         title = "tern host agent API",
         version = "1",
-        description = "The API of `tern agent`, one per host (docs/agent-api.md). Every route needs 'Authorization: Bearer TOKEN'; errors answer {\"error\", \"kind\"}."
+        description = "The API of `tern agent`, one per host (docs/agent-api.md). Every route needs 'Authorization: Bearer TOKEN'; an agent with a host identity serves mutual TLS instead and the client certificate's role decides: the VM and /v1/migrations routes take the manager's or an operator's certificate, /v1/incoming also a host's (its own migrations only), others answer 403 with kind 'forbidden'. Errors answer {\"error\", \"kind\"}."
     ),
     paths(
         api::host,

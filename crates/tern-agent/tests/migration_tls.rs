@@ -17,7 +17,8 @@ use tern_agent::migration::wire::PAGE_SIZE;
 use tern_agent::migration::MigrationError;
 use tern_pki::ca::{Ca, Role};
 use tern_pki::identity::Identity;
-use tern_pki::tls::{client_config, server_config, ClientAuth};
+use tern_pki::tls::{client_config, server_config, server_config_with, ClientAuth};
+use tern_pki::Trust;
 
 const PAGES: u64 = 1024; // 4 MiB
 const TOKEN: &str = "0123456789abcdef0123456789abcdef";
@@ -46,6 +47,16 @@ fn with_destination<T: Send>(
     dest_id: &Identity,
     source: impl FnOnce(std::net::SocketAddr, &SourceMemory) -> T + Send,
 ) -> (T, Result<(), MigrationError>) {
+    let server = server_config(dest_id, None, ClientAuth::Required).unwrap();
+    with_gate(server, None, source)
+}
+
+/// [`with_destination`] with the gate's TLS configuration and the host that prepared.
+fn with_gate<T: Send>(
+    server: Arc<rustls::ServerConfig>,
+    prepared_by: Option<&str>,
+    source: impl FnOnce(std::net::SocketAddr, &SourceMemory) -> T + Send,
+) -> (T, Result<(), MigrationError>) {
     let dir = tempfile::tempdir().unwrap();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
     let mut content = vec![0u8; PAGES as usize * PAGE_SIZE];
@@ -70,8 +81,9 @@ fn with_destination<T: Send>(
         pages: Some(PAGES),
         device: false,
     };
-    let server = server_config(dest_id, None, ClientAuth::Required).unwrap();
-    let (gate, admitted) = Gate::open_tls(listener, expect.clone(), wanted, Some(server)).unwrap();
+    let prepared_by = prepared_by.map(str::to_owned);
+    let (gate, admitted) =
+        Gate::open_secure(listener, expect.clone(), wanted, Some(server), prepared_by).unwrap();
     let (progress, cancel) = (Progress::default(), AtomicBool::new(false));
     std::thread::scope(|s| {
         let memory = admitted.memory;
@@ -119,4 +131,52 @@ fn assert_tls_refused(refused: &Option<MigrationError>) {
         matches!(refused, Some(MigrationError::Tls { .. })),
         "{refused:?}"
     );
+}
+
+/// Today's hole: any certificate of the cluster CA got past the gate's handshake, so a
+/// host other than the source (or an operator) holding the token could feed the guest.
+/// Now only the certificate of the host that prepared the migration is let in.
+#[test]
+fn a_stream_from_any_host_but_the_one_that_prepared_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Ca::init(dir.path()).unwrap();
+    let (dest, src, third) = (
+        host(&cluster, "h1"),
+        host(&cluster, "h2"),
+        host(&cluster, "h3"),
+    );
+    let operator = cluster.issue(Role::Operator, "alice", &[]).unwrap();
+    let server = server_config(&dest, None, ClientAuth::Required).unwrap();
+    let ((), received) = with_gate(server, Some("h2"), |addr, mem| {
+        for (who, id) in [("host h3", &third), ("an operator", &operator)] {
+            let opts = tls_options(&dest.ca_pem, id, "127.0.0.1");
+            let e = Outgoing::connect(addr, "m1", TOKEN, PAGES, opts);
+            assert!(e.is_err(), "{who} with the right token was admitted");
+        }
+        let opts = tls_options(&src.ca_pem, &src, "127.0.0.1");
+        migrate(
+            Outgoing::connect(addr, "m1", TOKEN, PAGES, opts).unwrap(),
+            mem,
+        );
+    });
+    received.unwrap();
+}
+
+/// Today's hole: the gate checked certificates against the revocation list as of the
+/// agent's start. Now a list the agent takes while running reaches gates already open.
+#[test]
+fn a_running_gate_refuses_a_host_revoked_after_it_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Ca::init(dir.path()).unwrap();
+    let (dest, src) = (host(&cluster, "h1"), host(&cluster, "h2"));
+    let trust = Trust::new(cluster.cert_pem(), Some(&cluster.crl_pem().unwrap())).unwrap();
+    let server = server_config_with(&dest, &trust, ClientAuth::Required).unwrap();
+    let (refused, received) = with_gate(server, Some("h2"), |addr, _| {
+        cluster.revoke("h2").unwrap();
+        trust.set_crl(&cluster.crl_pem().unwrap()).unwrap();
+        let opts = tls_options(&src.ca_pem, &src, "127.0.0.1");
+        Outgoing::connect(addr, "m1", TOKEN, PAGES, opts).err()
+    });
+    assert!(refused.is_some(), "a revoked host was admitted");
+    assert!(received.is_err());
 }

@@ -47,6 +47,12 @@ pub fn cases() -> Vec<Case> {
             run: |f| Box::pin(manager_killed_mid_migration_settles_it_when_restarted(f)),
         },
         Case {
+            name: "manager_killed_while_it_creates_a_vm_loses_nothing",
+            group: "faults",
+            about: "the manager is SIGKILLed while its call creating a VM is under way: the agent finishes the create, and the restarted manager records the VM running where it runs",
+            run: |f| Box::pin(manager_killed_while_it_creates_a_vm_loses_nothing(f)),
+        },
+        Case {
             name: "manager_disk_full_fails_requests_and_loses_nothing",
             group: "faults",
             about: "the manager's database disk is filled: writes fail with a 507 naming the full disk and what to do, no VM stops or is lost, and once space is freed writes work and a restarted manager holds every record",
@@ -623,6 +629,35 @@ async fn running_migration(f: &Fixture, vm: &str) -> Result<Value, FaultError> {
         .and_then(|ms| ms.iter().find(|m| m["vm"] == vm))
         .cloned()
         .unwrap_or(Value::Null))
+}
+
+async fn manager_killed_while_it_creates_a_vm_loses_nothing(
+    f: &Fixture,
+) -> Result<Outcome, FaultError> {
+    f.manager_rounds().await?;
+    let body = json!({"name": "mc", "spec": {"vcpus": 1, "memory_mib": 128}, "host": "h1"});
+    f.manager_json(Method::POST, "/v1/vms", Some(body)).await?;
+    // The QEMU exists before the agent answers the create (it still connects to it and
+    // starts the guest): the manager dies with its call under way.
+    f.wait("mc's QEMU on h1", Duration::from_secs(30), || {
+        f.hosts_of("mc") == ["h1"]
+    })
+    .await?;
+    f.kill_manager().await?;
+    let killed = Instant::now();
+    f.start_manager().await?;
+    if let Err(e) = f.wait_recorded(&["mc"], Duration::from_secs(30)).await {
+        let on = f.hosts_of("mc");
+        return Ok(Outcome::fail(format!("{e}; mc runs on {on:?}")));
+    }
+    let settled = killed.elapsed();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let on = f.hosts_of("mc");
+    check!(on == ["h1"], "mc runs on {on:?} 3 s after it was recorded");
+    Ok(Outcome::pass(format!(
+        "mc recorded running on h1 {:.1} s after the manager was killed mid-create",
+        settled.as_secs_f64()
+    )))
 }
 
 /// Fills the tmpfs holding the manager's database; returns the bytes written.

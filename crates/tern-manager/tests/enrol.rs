@@ -110,13 +110,15 @@ async fn removing_a_host_revokes_its_certificate() {
     let srv = start().await;
     let (s, _) = srv.join(&srv.token(), "h1", 7071).await;
     assert_eq!(s, 201);
-    let before = srv
-        .http
-        .get(format!("{}/v1/ca/crl", srv.base))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(before.status(), 200, "the CRL is public");
+    let crl = || srv.http.get(format!("{}/v1/ca/crl", srv.base));
+    let anonymous = crl().send().await.unwrap();
+    assert_eq!(
+        anonymous.status(),
+        401,
+        "the CRL takes a certificate or the token"
+    );
+    let before = crl().bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(before.status(), 200);
     let before = before.text().await.unwrap();
     let (s, _) = srv
         .call(reqwest::Method::DELETE, "/v1/hosts/h1", None)
@@ -130,12 +132,7 @@ async fn removing_a_host_revokes_its_certificate() {
         .unwrap()
         .iter()
         .all(|i| i.name != "h1" || i.revoked_at.is_some()));
-    let after = srv
-        .http
-        .get(format!("{}/v1/ca/crl", srv.base))
-        .send()
-        .await
-        .unwrap();
+    let after = crl().bearer_auth(TOKEN).send().await.unwrap();
     assert_ne!(after.text().await.unwrap(), before);
     // Removed, the host may enrol again with a new token.
     let (s, _) = srv.join(&srv.token(), "h1", 7071).await;

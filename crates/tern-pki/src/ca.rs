@@ -19,6 +19,7 @@ use rcgen::{
     CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams, SanType, SerialNumber,
 };
+use rustls_pki_types::pem::PemObject;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -49,7 +50,14 @@ pub enum Role {
 }
 
 impl Role {
-    fn as_str(self) -> &'static str {
+    /// The role an OU names.
+    pub fn parse(ou: &str) -> Option<Role> {
+        [Role::Host, Role::Manager, Role::Operator]
+            .into_iter()
+            .find(|r| r.as_str() == ou)
+    }
+
+    pub fn as_str(self) -> &'static str {
         match self {
             Role::Host => "host",
             Role::Manager => "manager",
@@ -94,7 +102,8 @@ pub struct Ca {
     issuer: rcgen::Certificate,
     key: KeyPair,
     cert_pem: String,
-    /// Serialises edits of the ledger and the CRL.
+    /// Serialises this process's edits of the ledger and the CRL; [`Ca::locked`] adds
+    /// a lock on the directory for other processes (HA managers, `tern ca revoke`).
     ledger: Mutex<()>,
 }
 
@@ -302,7 +311,7 @@ impl Ca {
         let cert = params
             .signed_by(key, &self.issuer, &self.key)
             .map_err(PkiError::cert(format!("signing a certificate for {name}")))?;
-        let _g = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self.locked()?;
         let mut ledger = self.ledger()?;
         ledger.push(Issued {
             serial,
@@ -313,6 +322,23 @@ impl Ca {
         });
         self.write_ledger(&ledger)?;
         Ok(cert.pem())
+    }
+
+    /// Holds the ledger for an edit: this process's lock, then an exclusive `flock` on
+    /// `CA_DIR/.lock`, so managers sharing the directory do not lose each other's lines.
+    fn locked(&self) -> Result<(std::sync::MutexGuard<'_, ()>, std::fs::File)> {
+        let g = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        let path = self.dir.join(".lock");
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(PkiError::io("opening", &path))?;
+        rustix::fs::flock(&f, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| PkiError::io("locking", &path)(e.into()))?;
+        // Released when the file is closed, with the guard.
+        Ok((g, f))
     }
 
     /// Every certificate issued so far.
@@ -339,7 +365,7 @@ impl Ca {
     /// Revokes every certificate issued to `name` and rewrites the CRL; the number of
     /// certificates newly revoked.
     pub fn revoke(&self, name: &str) -> Result<usize> {
-        let _g = self.ledger.lock().unwrap_or_else(|p| p.into_inner());
+        let _g = self.locked()?;
         let mut ledger = self.ledger()?;
         let now = now_secs();
         let mut n = 0;
@@ -360,6 +386,21 @@ impl Ca {
         files::read_public(&self.dir.join("crl.pem"))
     }
 
+    /// The CRL number of `crl.pem`, 0 when there is none.
+    fn crl_number(&self) -> u64 {
+        let Ok(pem) = self.crl_pem() else { return 0 };
+        let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(pem.as_bytes());
+        let number = der.ok().and_then(|der| {
+            let (_, crl) = x509_parser::parse_x509_crl(&der).ok()?;
+            let n = crl.crl_number()?.to_bytes_be();
+            let tail = n.get(n.len().saturating_sub(8)..)?;
+            let mut b = [0u8; 8];
+            b[8 - tail.len()..].copy_from_slice(tail);
+            Some(u64::from_be_bytes(b))
+        });
+        number.unwrap_or(0)
+    }
+
     fn write_crl(&self, ledger: &[Issued]) -> Result<()> {
         let revoked = ledger
             .iter()
@@ -373,10 +414,10 @@ impl Ca {
                 })
             })
             .collect();
-        let mut number = [0u8; 8];
-        number
-            .copy_from_slice(&(now_secs() << 16 | u64::from(rand::random::<u16>())).to_be_bytes());
-        number[0] &= 0x7f;
+        // Each list's number is above the last one's, so holders can refuse an older
+        // list offered as new.
+        let number = (now_secs() << 16).max(self.crl_number().saturating_add(1));
+        let number = (number & (u64::MAX >> 1)).to_be_bytes();
         let crl = CertificateRevocationListParams {
             this_update: offset(CLOCK_SKEW, false),
             // Servers do not require a fresh CRL (they reload it); a far next update

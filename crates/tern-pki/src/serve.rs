@@ -5,6 +5,9 @@
 //! `max_connections` are open at once and one more is closed as soon as accepted, so a
 //! burst of slow clients costs a bounded number of descriptors and ends by itself while
 //! real requests keep getting in.
+//!
+//! Every request that came over TLS carries a [`Secure`] extension naming the client's
+//! certificate, if it showed one, so handlers can decide by the caller's role.
 
 use std::future::Future;
 use std::io;
@@ -42,6 +45,13 @@ impl Default for Limits {
             max_connections: 1024,
         }
     }
+}
+
+/// Put in the extensions of every request that came over TLS: the client certificate's
+/// holder, when the client showed one (checked against the CA and revocation list).
+#[derive(Debug, Clone)]
+pub struct Secure {
+    pub peer: Option<crate::Peer>,
 }
 
 /// How long connections may take to finish once the server is asked to stop.
@@ -126,11 +136,14 @@ async fn connection(
     stop: watch::Receiver<bool>,
 ) {
     match tls {
-        None => http(stream, app, limits, stop).await,
+        None => http(stream, app, None, limits, stop).await,
         Some(tls) => {
             let handshake = tls.current().accept(stream);
             match tokio::time::timeout(limits.header_timeout, handshake).await {
-                Ok(Ok(s)) => http(s, app, limits, stop).await,
+                Ok(Ok(s)) => {
+                    let peer = crate::Peer::of(s.get_ref().1.peer_certificates());
+                    http(s, app, Some(Secure { peer }), limits, stop).await
+                }
                 Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!("TLS handshake not finished in time"),
             }
@@ -157,8 +170,13 @@ impl Activity {
     }
 }
 
-async fn http<I>(io: I, app: Router, limits: Limits, mut stop: watch::Receiver<bool>)
-where
+async fn http<I>(
+    io: I,
+    app: Router,
+    secure: Option<Secure>,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Arc::new(Activity {
@@ -172,10 +190,13 @@ where
     };
     let service = {
         let activity = activity.clone();
-        hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        hyper::service::service_fn(move |mut req: hyper::Request<Incoming>| {
             let mut app = app.clone();
             let activity = activity.clone();
             activity.busy.fetch_add(1, Ordering::Relaxed);
+            if let Some(s) = &secure {
+                req.extensions_mut().insert(s.clone());
+            }
             async move {
                 let answer = app.call(req.map(axum::body::Body::new)).await;
                 activity.busy.fetch_sub(1, Ordering::Relaxed);

@@ -8,8 +8,10 @@ use axum::routing::get;
 use axum::Router;
 use tern_pki::ca::{Ca, Role};
 use tern_pki::serve::{serve, Limits, TlsAcceptor};
-use tern_pki::tls::{client_config, server_config, ClientAuth};
-use tern_pki::Identity;
+use tern_pki::tls::{
+    client_config, client_config_with, server_config, server_config_with, ClientAuth,
+};
+use tern_pki::{Identity, Trust};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -100,6 +102,125 @@ async fn mutual_tls_admits_only_unrevoked_certificates_of_the_cluster_ca() {
         .send()
         .await;
     assert!(e.is_err());
+}
+
+/// An app answering the caller's certificate name and role, as the server loop saw it.
+fn whoami() -> Router {
+    Router::new().route(
+        "/",
+        get(|req: axum::extract::Request| async move {
+            match req.extensions().get::<tern_pki::Secure>() {
+                Some(tern_pki::Secure { peer: Some(p) }) => {
+                    format!("{}/{}", p.name, p.role.as_str())
+                }
+                Some(tern_pki::Secure { peer: None }) => "tls".to_string(),
+                None => "plain".to_string(),
+            }
+        }),
+    )
+}
+
+#[tokio::test]
+async fn handlers_see_the_name_and_role_of_the_client_certificate() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = Ca::init(d.path()).unwrap();
+    let server_id = ca
+        .issue(Role::Manager, "manager", &["127.0.0.1".parse().unwrap()])
+        .unwrap();
+    let trust = Trust::new(ca.cert_pem(), None).unwrap();
+    let config = server_config_with(&server_id, &trust, ClientAuth::Optional).unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let acceptor = TlsAcceptor::new(config);
+    tokio::spawn(serve(
+        l,
+        whoami(),
+        Some(acceptor),
+        Limits::default(),
+        std::future::pending(),
+    ));
+    let url = format!("https://{addr}/");
+    let host = ca.issue(Role::Host, "h7", &[]).unwrap();
+    let said = |c: reqwest::Client| {
+        let url = url.clone();
+        async move { c.get(&url).send().await.unwrap().text().await.unwrap() }
+    };
+    assert_eq!(
+        said(https(ca.cert_pem(), Some(&host), None)).await,
+        "h7/host"
+    );
+    assert_eq!(
+        said(https(ca.cert_pem(), None, None)).await,
+        "tls",
+        "optional"
+    );
+}
+
+#[tokio::test]
+async fn a_new_revocation_list_reaches_running_servers_and_clients_at_once() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = Ca::init(d.path()).unwrap();
+    let server_id = ca
+        .issue(Role::Host, "h1", &["127.0.0.1".parse().unwrap()])
+        .unwrap();
+    let alice = ca.issue(Role::Operator, "alice", &[]).unwrap();
+    let server_trust = Trust::new(ca.cert_pem(), Some(&ca.crl_pem().unwrap())).unwrap();
+    // Built once and never replaced: only the trust changes.
+    let config = server_config_with(&server_id, &server_trust, ClientAuth::Required).unwrap();
+    let addr = start(Some(TlsAcceptor::new(config)), Limits::default()).await;
+    let url = format!("https://{addr}/");
+    let client_trust = Trust::new(ca.cert_pem(), None).unwrap();
+    let client = |id: &Identity| {
+        reqwest::Client::builder()
+            .use_preconfigured_tls(client_config_with(&client_trust, Some(id)).unwrap())
+            .pool_max_idle_per_host(0)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+    };
+    let alice_http = client(&alice);
+    assert!(alice_http.get(&url).send().await.is_ok());
+
+    ca.revoke("alice").unwrap();
+    assert!(server_trust.set_crl(&ca.crl_pem().unwrap()).unwrap());
+    assert!(
+        !server_trust.set_crl(&ca.crl_pem().unwrap()).unwrap(),
+        "the same list"
+    );
+    assert!(
+        alice_http.get(&url).send().await.is_err(),
+        "a revoked client got in"
+    );
+
+    let bob = client(&ca.issue(Role::Operator, "bob", &[]).unwrap());
+    assert!(bob.get(&url).send().await.is_ok());
+    ca.revoke("h1").unwrap();
+    client_trust.set_crl(&ca.crl_pem().unwrap()).unwrap();
+    assert!(
+        bob.get(&url).send().await.is_err(),
+        "a revoked server was trusted"
+    );
+}
+
+#[test]
+fn a_revocation_list_must_be_the_cas_and_no_older_than_the_one_held() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = Ca::init(d.path()).unwrap();
+    let first = ca.crl_pem().unwrap();
+    ca.issue(Role::Host, "h1", &[]).unwrap();
+    ca.revoke("h1").unwrap();
+    let second = ca.crl_pem().unwrap();
+    let trust = Trust::new(ca.cert_pem(), Some(&first)).unwrap();
+    assert!(trust.set_crl(&second).unwrap());
+    let e = trust.set_crl(&first).unwrap_err();
+    assert!(e.to_string().contains("older"), "{e}");
+    assert_eq!(trust.crl_pem().as_deref(), Some(second.as_str()));
+
+    let other_dir = tempfile::tempdir().unwrap();
+    let other = Ca::init(other_dir.path()).unwrap();
+    let e = trust.set_crl(&other.crl_pem().unwrap()).unwrap_err();
+    assert!(e.to_string().contains("cluster CA"), "{e}");
+    assert!(trust.set_crl("not a list").is_err());
 }
 
 #[tokio::test]

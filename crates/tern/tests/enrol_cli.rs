@@ -260,3 +260,139 @@ fn a_host_joins_with_a_token_and_is_driven_over_mutual_tls() {
         .filter(|i| i["name"] == "h1" || i["name"] == "h2")
         .all(|i| !i["revoked_at"].is_null()));
 }
+
+/// `GET url` over HTTPS showing the identity in `dir` (`ca.pem`, `cert.pem`,
+/// `key.pem`) on a new connection: the status, or the error of a refused handshake.
+fn get_as(dir: &Path, url: &str) -> Result<u16, reqwest::Error> {
+    let id = tern_pki::Identity::load(dir).unwrap();
+    let tls = tern_pki::tls::client_config(&id.ca_pem, Some(&id), None).unwrap();
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async { http.get(url).send().await.map(|r| r.status().as_u16()) })
+}
+
+/// Today's holes, with real processes: hosts renewed their leases with the manager's
+/// API token, and running agents and the manager checked host certificates against the
+/// revocation list as of their start. Now enrolled hosts renew with their own
+/// certificates (no token given to them at all), and once `tern host remove` revokes a
+/// host, the manager refuses its certificate at once and a running agent within its
+/// refresh period.
+#[test]
+fn a_removed_host_is_refused_by_the_running_agents_and_manager() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    let token_file = d.join("api-token");
+    std::fs::write(&token_file, "api-s3cret\n").unwrap();
+    std::fs::set_permissions(&token_file, PermissionsExt::from_mode(0o600)).unwrap();
+    let (ca, db) = (d.join("ca"), d.join("tern.db"));
+    let listen = format!("127.0.0.1:{}", free_port());
+    let manager_args = [
+        "manager",
+        "--listen",
+        &listen,
+        "--db",
+        &s(&db),
+        "--ca",
+        &s(&ca),
+        "--token-file",
+        &s(&token_file),
+        "--crl-refresh-s",
+        "1",
+    ];
+    let mut procs = Procs(vec![spawn(&manager_args, &d.join("manager.log"))]);
+    let url = format!("https://{listen}");
+    let ca_cert = s(&ca.join("ca.pem"));
+    let cli = |args: &[&str]| {
+        let mut a = args.to_vec();
+        let conn = ["--manager", &url, "--ca-cert", &ca_cert];
+        a.extend(conn);
+        a.extend(["--token-file", token_file.to_str().unwrap(), "--json"]);
+        tern(&a)
+    };
+    wait_for("the manager", || json_of(&cli(&["host", "list"])));
+    let mut ports = Vec::new();
+    for name in ["h1", "h2"] {
+        let join_token = d.join(format!("{name}.join"));
+        let made = tern(&[
+            "ca",
+            "join-token",
+            "--dir",
+            &s(&ca),
+            "--out",
+            &s(&join_token),
+        ]);
+        assert!(made.status.success(), "{made:?}");
+        let port = free_port();
+        ports.push(port);
+        let listen = format!("127.0.0.1:{port}");
+        let state = s(&d.join(name));
+        let args = [
+            "agent",
+            "--hypervisor",
+            "sim",
+            "--listen",
+            &listen,
+            "--state-dir",
+            &state,
+            "--join",
+            &url,
+            "--join-token-file",
+            &s(&join_token),
+            "--name",
+            name,
+            "--cpus",
+            "4",
+            "--memory-mib",
+            "4096",
+            "--manager",
+            &url,
+            "--crl-refresh-s",
+            "1",
+        ];
+        procs.0.push(spawn(&args, &d.join(format!("{name}.log"))));
+    }
+    // Each host renews its lease with its certificate alone.
+    for name in ["h1", "h2"] {
+        wait_for(&format!("{name} holds a lease"), || {
+            d.join(name).join("lease").exists().then_some(Value::Null)
+        });
+    }
+
+    let h2 = d.join("h2/tls");
+    let h1_agent = format!("https://127.0.0.1:{}", ports[0]);
+    // h2 may reach h1's incoming-migration routes (an unknown migration here), and the
+    // manager's revocation list.
+    let probe_agent = || get_as(&h2, &format!("{h1_agent}/v1/incoming/in-1"));
+    assert_eq!(probe_agent().unwrap(), 404);
+    let probe_manager = || get_as(&h2, &format!("{url}/v1/ca/crl"));
+    assert_eq!(probe_manager().unwrap(), 200);
+
+    let removed = cli(&["host", "remove", "h2"]);
+    assert!(removed.status.success(), "{removed:?}");
+    let t = Instant::now();
+    assert!(
+        probe_manager().is_err(),
+        "the manager took h2 after removing it"
+    );
+    wait_for("h1's agent refuses h2", || {
+        probe_agent().is_err().then_some(Value::Null)
+    });
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "h1 refused h2 after {took:?}"
+    );
+    // h1 keeps its lease and its place.
+    std::fs::remove_file(d.join("h1/lease")).unwrap();
+    wait_for("h1 renews again", || {
+        d.join("h1").join("lease").exists().then_some(Value::Null)
+    });
+}

@@ -38,15 +38,18 @@ fn not_found(id: &str) -> AgentError {
 }
 
 /// Creates the waiting VM and starts receiving. Nothing is left behind on error.
+/// `source`: the host whose certificate asked; with host identities only its
+/// certificate may then open the streams.
 pub async fn prepare(
     state: &AppState,
     reg: &Arc<Registry>,
     req: PrepareRequest,
+    source: Option<String>,
 ) -> Result<Ticket, AgentError> {
     let info = state
         .create_vm(req.vm.as_str(), req.spec.clone(), true, false)
         .await?;
-    match listen(state, reg, &req, info).await {
+    match listen(state, reg, &req, info, source).await {
         Ok(t) => Ok(t),
         Err(e) => {
             let _ = state.destroy_vm(req.vm.as_str()).await;
@@ -72,6 +75,7 @@ async fn listen(
     reg: &Arc<Registry>,
     req: &PrepareRequest,
     info: tern_hv::VmInfo,
+    source: Option<String>,
 ) -> Result<Ticket, AgentError> {
     let file = info.memory_file.ok_or_else(|| {
         AgentError::BadRequest(format!(
@@ -107,7 +111,9 @@ async fn listen(
         memory_port: if req.native { 0 } else { port },
         device_port: port,
     };
-    let inbound = Arc::new(Inbound::new(req.vm.as_str()));
+    let mut inbound = Inbound::new(req.vm.as_str());
+    inbound.source = source.clone();
+    let inbound = Arc::new(inbound);
     let expect = Expect {
         migration: id.clone(),
         token: ticket.stream_token.clone(),
@@ -118,9 +124,14 @@ async fn listen(
         pages: memory.as_ref().map(DestMemory::pages),
         device: true,
     };
-    let (gate, admitted) =
-        Gate::open_tls(listener, expect.clone(), wanted, state.stream_tls.clone())
-            .map_err(AgentError::Streams)?;
+    let (gate, admitted) = Gate::open_secure(
+        listener,
+        expect.clone(),
+        wanted,
+        state.stream_tls.clone(),
+        source,
+    )
+    .map_err(AgentError::Streams)?;
     reg.begin_inbound(&id, inbound.clone());
     let receiver = start_receiver(memory, admitted.memory, expect, &inbound);
     let device = admitted
@@ -244,6 +255,11 @@ fn get(reg: &Registry, id: &str) -> Result<Arc<Inbound>, AgentError> {
         .get(id)
         .cloned()
         .ok_or_else(|| not_found(id))
+}
+
+/// The host that prepared incoming migration `id`, when a host's certificate did.
+pub fn source_of(reg: &Registry, id: &str) -> Result<Option<String>, AgentError> {
+    Ok(get(reg, id)?.source.clone())
 }
 
 pub fn show(reg: &Registry, id: &str) -> Result<IncomingView, AgentError> {

@@ -9,7 +9,9 @@
 //!
 //! With a server TLS configuration (the agent's host identity) the connection's thread
 //! runs the TLS handshake first, inside the same [`HELLO_TIMEOUT`]: a client without a
-//! certificate from the cluster CA never gets to say `Hello`.
+//! certificate from the cluster CA never gets to say `Hello`, and one whose certificate
+//! is not a host's (or not the source host's, when the gate knows it) is refused
+//! before its `Hello` is read.
 //!
 //! Admitted memory streams go to [`receive_streams`]; the device-state stream goes to
 //! whoever relays it into QEMU ([`super::relay`]).
@@ -108,12 +110,24 @@ impl Gate {
     }
 
     /// Starts admitting on `listener`; with `tls`, only TLS sessions whose client
-    /// certificate `tls` accepts.
+    /// certificate `tls` accepts and that is a host's.
     pub fn open_tls(
         listener: TcpListener,
         expect: Expect,
         wanted: Wanted,
         tls: Option<Arc<ServerConfig>>,
+    ) -> Result<(Gate, Admissions), MigrationError> {
+        Gate::open_secure(listener, expect, wanted, tls, None)
+    }
+
+    /// [`Gate::open_tls`], admitting over TLS only the certificate of host `source`
+    /// when it is given.
+    pub fn open_secure(
+        listener: TcpListener,
+        expect: Expect,
+        wanted: Wanted,
+        tls: Option<Arc<ServerConfig>>,
+        source: Option<String>,
     ) -> Result<(Gate, Admissions), MigrationError> {
         listener
             .set_nonblocking(true)
@@ -131,6 +145,7 @@ impl Gate {
             listener,
             expect: Arc::new(expect),
             tls,
+            source: source.map(Arc::from),
             wanted,
             stop: stop.clone(),
             memory: memory_tx,
@@ -150,6 +165,8 @@ struct Door {
     listener: TcpListener,
     expect: Arc<Expect>,
     tls: Option<Arc<ServerConfig>>,
+    /// Over TLS, the only host whose certificate may connect (any host's when `None`).
+    source: Option<Arc<str>>,
     wanted: Wanted,
     stop: Arc<AtomicBool>,
     memory: mpsc::Sender<MemoryStream>,
@@ -170,17 +187,19 @@ impl Door {
                 Some(Ok((s, peer))) => {
                     idle = false;
                     pending.fetch_add(1, Ordering::Relaxed);
-                    let (tx, owing, expect, tls) = (
+                    let (tx, owing, expect, tls, source) = (
                         checked_tx.clone(),
                         pending.clone(),
                         self.expect.clone(),
                         self.tls.clone(),
+                        self.source.clone(),
                     );
                     let pages = self.wanted.pages;
                     let spawned = std::thread::Builder::new()
                         .name("migration-hello".into())
                         .spawn(move || {
-                            match admit_one(s, tls.as_ref(), &expect, pages) {
+                            let tls = tls.as_ref().map(|t| (t, source.as_deref()));
+                            match admit_one(s, tls, &expect, pages) {
                                 Ok(checked) => {
                                     let _ = tx.send(checked);
                                 }
@@ -251,7 +270,7 @@ fn refuse(s: &mut Stream, reason: &str) {
 /// sent its alert).
 fn admit_one(
     s: TcpStream,
-    tls: Option<&Arc<ServerConfig>>,
+    tls: Option<(&Arc<ServerConfig>, Option<&str>)>,
     expect: &Expect,
     pages: Option<u64>,
 ) -> Result<(Stream, Hello), Option<(Stream, String)>> {
@@ -264,16 +283,39 @@ fn admit_one(
         tracing::warn!(error = %e, "a new migration stream");
         return Err(None);
     }
-    let mut s = match secure::accept(s, tls) {
+    let mut s = match secure::accept(s, tls.map(|(config, _)| config)) {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(?peer, error = %e, "refused a migration stream: TLS handshake");
             return Err(None);
         }
     };
+    if let Some((_, source)) = tls {
+        if let Err(reason) = check_source(s.peer().as_ref(), source) {
+            return Err(Some((s, reason)));
+        }
+    }
     match read_checked_hello(&mut s, expect, pages) {
         Ok(hello) => Ok((s, hello)),
         Err(reason) => Err(Some((s, reason))),
+    }
+}
+
+/// Whether a stream's client certificate may bring a migration (pure): a host's, and
+/// the source host's when the gate knows which it is.
+fn check_source(peer: Option<&tern_pki::Peer>, source: Option<&str>) -> Result<(), String> {
+    match (peer, source) {
+        (Some(p), _) if p.role != tern_pki::Role::Host => Err(format!(
+            "{} certificate {:?}: only hosts send migration streams",
+            p.role.as_str(),
+            p.name
+        )),
+        (Some(p), Some(source)) if p.name != source => Err(format!(
+            "host {:?} is not the source of this migration ({source:?} prepared it)",
+            p.name
+        )),
+        (Some(_), _) => Ok(()),
+        (None, _) => Err("no client certificate naming a host".into()),
     }
 }
 
@@ -508,5 +550,25 @@ fn stream_loop<S: Read + Write>(
             }
             _ => return Err(wire::WireError::Malformed("frame kind in a page stream").into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tern_pki::{Peer, Role};
+
+    #[test]
+    fn only_the_source_hosts_certificate_brings_streams() {
+        let peer = |name: &str, role| Peer {
+            name: name.into(),
+            role,
+        };
+        assert!(check_source(Some(&peer("h1", Role::Host)), Some("h1")).is_ok());
+        assert!(check_source(Some(&peer("h1", Role::Host)), None).is_ok());
+        assert!(check_source(Some(&peer("h3", Role::Host)), Some("h1")).is_err());
+        assert!(check_source(Some(&peer("manager", Role::Manager)), None).is_err());
+        assert!(check_source(Some(&peer("alice", Role::Operator)), None).is_err());
+        assert!(check_source(None, None).is_err());
     }
 }

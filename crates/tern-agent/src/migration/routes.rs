@@ -29,7 +29,7 @@ use super::session::{
     Ticket,
 };
 use super::{dest, source};
-use crate::api::{parse, Body, Id};
+use crate::api::{parse, Body, Caller, Id};
 use crate::error::AgentError;
 use crate::state::AppState;
 
@@ -40,7 +40,9 @@ pub enum MigrationCommand {
     List,
     Show(String),
     Cancel(String),
-    Prepare(PrepareRequest),
+    /// Prepare, for the source host whose certificate called (`None`: the manager, an
+    /// operator, or an agent without host identity).
+    Prepare(PrepareRequest, Option<String>),
     ShowIncoming(String),
     Resume(String),
     Abort(String),
@@ -120,9 +122,9 @@ pub async fn execute(
             job.cancel.store(true, Ordering::SeqCst);
             Ok((StatusCode::ACCEPTED, json(&job.snapshot())))
         }
-        MigrationCommand::Prepare(req) => Ok((
+        MigrationCommand::Prepare(req, source) => Ok((
             StatusCode::CREATED,
-            json(&dest::prepare(state, reg, req).await?),
+            json(&dest::prepare(state, reg, req, source).await?),
         )),
         MigrationCommand::ShowIncoming(id) => Ok((StatusCode::OK, json(&dest::show(reg, &id)?))),
         MigrationCommand::Resume(id) => {
@@ -138,19 +140,44 @@ fn json<T: serde::Serialize>(v: &T) -> Value {
     serde_json::to_value(v).expect("API values serialise")
 }
 
-/// The migration routes, behind the same bearer token as the rest of the agent. The
-/// agent's router merges them.
+/// The migration routes, behind the same credentials as the rest of the agent; with
+/// host identities a source host may also call the destination's routes, for the
+/// migrations it prepared. The agent's router merges them.
 pub fn routes(state: AppState) -> Router<AppState> {
     let reg = state.migrations.clone();
-    Router::new()
+    let source = Router::new()
         .route("/v1/migrations", get(list).post(send))
         .route("/v1/migrations/:id", get(show))
         .route("/v1/migrations/:id/cancel", post(cancel))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::api::auth,
+        ));
+    let destination = Router::new()
         .route("/v1/incoming", post(prepare))
         .route("/v1/incoming/:id", get(show_incoming).delete(abort))
         .route("/v1/incoming/:id/resume", post(resume))
-        .layer(Extension(reg))
-        .layer(middleware::from_fn_with_state(state, crate::api::auth))
+        .layer(middleware::from_fn_with_state(
+            state,
+            crate::api::auth_peers,
+        ));
+    source.merge(destination).layer(Extension(reg))
+}
+
+/// A host may act only on the incoming migrations it prepared itself (pure but for the
+/// registry read): another host's certificate cannot resume or abort them.
+fn owned_by_caller(reg: &Registry, id: &str, caller: &Caller) -> Result<(), AgentError> {
+    let Some(host) = caller.host() else {
+        return Ok(());
+    };
+    let owner = dest::source_of(reg, id)?;
+    if owner.as_deref() != Some(host) {
+        return Err(AgentError::Forbidden(format!(
+            "host {host:?} did not prepare incoming migration {id}: only its source host, \
+             the manager or an operator may act on it"
+        )));
+    }
+    Ok(())
 }
 
 #[utoipa::path(get, path = "/v1/migrations", summary = "source: every migration, with telemetry",
@@ -186,13 +213,15 @@ async fn cancel(
 #[utoipa::path(post, path = "/v1/incoming", summary = "destination: prepare to receive a VM",
     request_body = PrepareRequest,
     responses((status = 201, description = "where to send memory and device state", body = Ticket)))]
-async fn prepare(s: State<AppState>, r: Extension<Arc<Registry>>, Body(body): Body) -> Response {
-    parsed(
-        s,
-        r,
-        parse::<PrepareRequest>(&body).map(MigrationCommand::Prepare),
-    )
-    .await
+async fn prepare(
+    s: State<AppState>,
+    r: Extension<Arc<Registry>>,
+    caller: Caller,
+    Body(body): Body,
+) -> Response {
+    let source = caller.host().map(str::to_owned);
+    let cmd = parse::<PrepareRequest>(&body).map(|req| MigrationCommand::Prepare(req, source));
+    parsed(s, r, cmd).await
 }
 
 #[utoipa::path(get, path = "/v1/incoming/{id}", summary = "destination: progress", params(Id),
@@ -200,9 +229,11 @@ async fn prepare(s: State<AppState>, r: Extension<Arc<Registry>>, Body(body): Bo
 async fn show_incoming(
     s: State<AppState>,
     r: Extension<Arc<Registry>>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Response {
-    run(s, r, MigrationCommand::ShowIncoming(id)).await
+    let cmd = owned_by_caller(&r, &id, &caller).map(|()| MigrationCommand::ShowIncoming(id));
+    parsed(s, r, cmd).await
 }
 
 #[utoipa::path(delete, path = "/v1/incoming/{id}",
@@ -211,9 +242,11 @@ async fn show_incoming(
 async fn abort(
     s: State<AppState>,
     r: Extension<Arc<Registry>>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Response {
-    run(s, r, MigrationCommand::Abort(id)).await
+    let cmd = owned_by_caller(&r, &id, &caller).map(|()| MigrationCommand::Abort(id));
+    parsed(s, r, cmd).await
 }
 
 #[utoipa::path(post, path = "/v1/incoming/{id}/resume", summary = "destination: run the VM here",
@@ -221,9 +254,11 @@ async fn abort(
 async fn resume(
     s: State<AppState>,
     r: Extension<Arc<Registry>>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Response {
-    run(s, r, MigrationCommand::Resume(id)).await
+    let cmd = owned_by_caller(&r, &id, &caller).map(|()| MigrationCommand::Resume(id));
+    parsed(s, r, cmd).await
 }
 
 async fn parsed(

@@ -36,6 +36,14 @@ impl Stream {
         }
     }
 
+    /// The holder of the client certificate of a stream this side accepted.
+    pub fn peer(&self) -> Option<tern_pki::Peer> {
+        match self {
+            Stream::Server(s) => tern_pki::Peer::of(s.conn.peer_certificates()),
+            Stream::Plain(_) | Stream::Client(_) => None,
+        }
+    }
+
     /// Ends what this side sends: a TLS session says `close_notify` first, so the
     /// peer can tell the end of the data from a cut link.
     pub fn shutdown_write(&mut self) -> std::io::Result<()> {

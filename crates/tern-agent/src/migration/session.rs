@@ -85,6 +85,9 @@ pub struct Inbound {
     pub gate: tokio::sync::Mutex<()>,
     /// When it was registered; the oldest finished ones are forgotten first.
     pub born: Instant,
+    /// The host whose certificate prepared it: with host identities only that host may
+    /// open its streams and act on it.
+    pub source: Option<String>,
 }
 
 impl Inbound {
@@ -98,6 +101,7 @@ impl Inbound {
             resumed: AtomicBool::new(false),
             gate: tokio::sync::Mutex::new(()),
             born: Instant::now(),
+            source: None,
         }
     }
 

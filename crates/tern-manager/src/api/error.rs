@@ -22,6 +22,10 @@ pub enum ApiError {
     /// No or a wrong bearer token.
     #[error("{0}")]
     Unauthorized(&'static str),
+    /// An authenticated caller whose certificate may not do this (a host's certificate
+    /// on a user route, or on another host's lease).
+    #[error("{0}")]
+    Forbidden(String),
     /// A request body over [`super::MAX_BODY_BYTES`].
     #[error("the request body is larger than {0} bytes; no manager request needs that much")]
     TooLarge(usize),
@@ -53,6 +57,7 @@ impl ApiError {
             },
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -124,6 +129,7 @@ mod tests {
         assert_eq!(s(Error::NotLeader(None).into()), 503);
         assert_eq!(s(ApiError::BadRequest("x".into())), 400);
         assert_eq!(s(ApiError::Unauthorized("x")), 401);
+        assert_eq!(s(ApiError::Forbidden("x".into())), 403);
         assert_eq!(s(ApiError::NotFound("x".into())), 404);
         assert_eq!(s(ApiError::Unavailable("x".into())), 503);
         assert_eq!(s(ApiError::Internal("x".into())), 500);

@@ -3,11 +3,15 @@
 //!
 //! Handlers only parse a request into a [`Command`] (or a read) and hand it to the
 //! [`Manager`]; [`error`] maps every failure to a status and a JSON message. Every route
-//! but `/openapi.json`, `POST /v1/join` (which takes a one-time join token) and
-//! `GET /v1/ca/crl` (public) needs `Authorization: Bearer TOKEN`.
+//! but `/openapi.json`, `POST /v1/join` (which takes a one-time join token),
+//! `GET /v1/ca/crl` (any client certificate of the CA, or the token) and
+//! `POST /v1/hosts/{name}/lease` needs `Authorization: Bearer TOKEN`, and over TLS
+//! refuses a caller showing a host's certificate: a host is not an API user.
 //!
 //! With a cluster CA ([`Serving::ca`]) hosts enrol through `POST /v1/join`, and a host
-//! registered by hand must be enrolled and at an `https://` address.
+//! registered by hand must be enrolled and at an `https://` address. Over TLS a lease
+//! is renewed only with the certificate of the host it belongs to ([`lease_caller`]);
+//! over plain HTTP (a loopback lab) with the bearer token.
 //!
 //! - [`error`]: errors as HTTP answers, the JSON body extractor.
 //! - [`metrics`]: the Prometheus text.
@@ -35,7 +39,7 @@ use tern_api::manager::{
     BalancePlan, CreateVm, HeartbeatReply, JoinReply, JoinRequest, LeaseGrant, MigrateVm,
     MigrationView, Page, RegisterHost,
 };
-use tern_pki::{Ca, Role};
+use tern_pki::{Ca, Role, Secure, Trust};
 
 use crate::state::{Host, Vm};
 use tern_model::{HostName, VmName};
@@ -62,6 +66,9 @@ struct App {
     tokens: Vec<String>,
     /// The cluster CA, when hosts enrol and the manager talks to them over mutual TLS.
     ca: Option<Arc<Ca>>,
+    /// The CA and revocation list every TLS link of this manager checks peers against;
+    /// given the new list as soon as this manager revokes.
+    trust: Option<Arc<Trust>>,
     /// Flips to true at shutdown so open event streams end and the server can stop.
     stopping: watch::Receiver<bool>,
 }
@@ -76,6 +83,54 @@ pub struct Serving {
     pub limits: tern_pki::Limits,
     /// The cluster CA: hosts join with tokens it issued, and must be enrolled.
     pub ca: Option<Arc<Ca>>,
+    /// What this manager's TLS configurations check peers against; with `ca`, its
+    /// revocation list is replaced when this manager revokes and re-read from the CA
+    /// directory every `crl_refresh` (revocations by other processes).
+    pub trust: Option<Arc<Trust>>,
+    /// How often to re-read the CA directory's revocation list [default:
+    /// [`CRL_REFRESH`]].
+    pub crl_refresh: Option<std::time::Duration>,
+}
+
+/// How often a manager re-reads its CA directory's revocation list by default.
+pub const CRL_REFRESH: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Marks a lease renewal a follower passes to the leader: the host whose certificate
+/// the follower checked. Believed only from a caller showing a manager's certificate.
+pub const LEASE_HOST: &str = "x-tern-lease-host";
+
+/// Every `every` until `stop`: the CA directory's revocation list into `trust`, so
+/// revocations made by another process (`tern ca revoke`, another manager) reach this
+/// one's TLS links.
+pub async fn keep_crl_fresh(
+    ca: Arc<Ca>,
+    trust: Arc<Trust>,
+    every: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        reload_crl(&ca, &trust).await;
+    }
+}
+
+/// Gives `trust` the CA directory's revocation list; a failure is logged and the list
+/// held is kept.
+async fn reload_crl(ca: &Arc<Ca>, trust: &Arc<Trust>) {
+    let (ca, trust) = (ca.clone(), trust.clone());
+    let done = tokio::task::spawn_blocking(move || trust.set_crl(&ca.crl_pem()?)).await;
+    match done {
+        Ok(Ok(true)) => tracing::info!("revocation list reloaded"),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the CA directory's revocation list was not taken")
+        }
+        Err(e) => tracing::warn!(error = %e, "reloading the revocation list"),
+    }
 }
 
 /// Serves the API on `listener` (plain HTTP, default limits) until `shutdown` completes.
@@ -97,7 +152,12 @@ pub async fn serve_with(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_tx, stopping) = watch::channel(false);
-    let app = router_with_ca(manager, tokens, stopping.clone(), serving.ca);
+    if let (Some(ca), Some(trust)) = (&serving.ca, &serving.trust) {
+        let every = serving.crl_refresh.unwrap_or(CRL_REFRESH);
+        let fresh = keep_crl_fresh(ca.clone(), trust.clone(), every, stopping.clone());
+        tokio::spawn(fresh);
+    }
+    let app = router_with_ca(manager, tokens, stopping.clone(), serving.ca, serving.trust);
     let mut stopped = stopping;
     tokio::spawn(async move {
         shutdown.await;
@@ -116,27 +176,29 @@ pub fn router(
     tokens: Vec<String>,
     stopping: watch::Receiver<bool>,
 ) -> Router {
-    router_with_ca(manager, tokens, stopping, None)
+    router_with_ca(manager, tokens, stopping, None, None)
 }
 
-/// [`router`] with the cluster CA that hosts enrol with.
+/// [`router`] with the cluster CA that hosts enrol with and the trust to give a new
+/// revocation list when this manager revokes.
 pub fn router_with_ca(
     manager: Arc<Manager>,
     tokens: Vec<String>,
     stopping: watch::Receiver<bool>,
     ca: Option<Arc<Ca>>,
+    trust: Option<Arc<Trust>>,
 ) -> Router {
     let app = Arc::new(App {
         manager,
         tokens,
         ca,
+        trust,
         stopping,
     });
     let secured = Router::new()
         .route("/v1/hosts", get(list_hosts).post(register_host))
         .route("/v1/hosts/:name", get(show_host).delete(remove_host))
         .route("/v1/hosts/:name/heartbeat", post(heartbeat))
-        .route("/v1/hosts/:name/lease", post(renew_lease))
         .route("/v1/hosts/:name/drain", post(drain))
         .route("/v1/hosts/:name/activate", post(activate))
         .route("/v1/vms", get(list_vms).post(create_vm))
@@ -155,6 +217,7 @@ pub fn router_with_ca(
         .route("/openapi.json", get(openapi))
         .route("/v1/join", post(join))
         .route("/v1/ca/crl", get(crl))
+        .route("/v1/hosts/:name/lease", post(renew_lease))
         .merge(secured)
         .merge(crate::web::page_routes())
         .fallback(|| async {
@@ -165,9 +228,70 @@ pub fn router_with_ca(
 }
 
 async fn auth(State(app): AppState, req: Request, next: Next) -> Response {
-    match check_token(&app.tokens, req.headers()) {
+    let checked = check_token(&app.tokens, req.headers())
+        .and_then(|()| not_a_host(req.extensions().get::<Secure>()));
+    match checked {
         Ok(()) => next.run(req).await,
         Err(e) => e.into_response(),
+    }
+}
+
+/// Refuses a user request from a caller showing a host's certificate (pure): a host
+/// renews its lease and fetches revocations, nothing else; a host that holds a token
+/// as well must not act as a user with it.
+pub(crate) fn not_a_host(secure: Option<&Secure>) -> ApiResult<()> {
+    match secure.and_then(|s| s.peer.as_ref()) {
+        Some(p) if p.role == Role::Host => Err(ApiError::Forbidden(format!(
+            "host certificate {:?} is not an API user's credential: call the API with a \
+             bearer token and no host certificate (an operator's certificate from `tern ca \
+             issue` is fine)",
+            p.name
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Who may read the revocation list (pure): any caller whose client certificate the CA
+/// issued (hosts fetch it to refuse revoked peers), or one with the bearer token.
+pub fn crl_caller(
+    tokens: &[String],
+    secure: Option<&Secure>,
+    headers: &header::HeaderMap,
+) -> ApiResult<()> {
+    match secure.and_then(|s| s.peer.as_ref()) {
+        Some(_) => Ok(()),
+        None => check_token(tokens, headers),
+    }
+}
+
+/// Who may renew host `name`'s lease (pure). Over TLS: the host itself, by its
+/// certificate, or a manager passing on a renewal it checked so ([`LEASE_HOST`]); the
+/// bearer token counts for nothing. Over plain HTTP (loopback labs without a CA): the
+/// bearer token.
+pub fn lease_caller(
+    tokens: &[String],
+    secure: Option<&Secure>,
+    headers: &header::HeaderMap,
+    name: &str,
+) -> ApiResult<()> {
+    let Some(secure) = secure else {
+        return check_token(tokens, headers);
+    };
+    let passed_on = headers.get(LEASE_HOST).and_then(|v| v.to_str().ok());
+    match &secure.peer {
+        Some(p) if p.is_host(name) => Ok(()),
+        Some(p) if p.role == Role::Manager && passed_on == Some(name) => Ok(()),
+        Some(p) => Err(ApiError::Forbidden(format!(
+            "{} certificate {:?} may not renew the lease of host {name:?}: only that \
+             host's own certificate may",
+            p.role.as_str(),
+            p.name
+        ))),
+        None => Err(ApiError::Unauthorized(
+            "a lease is renewed over TLS with the host's own certificate (the agent's \
+             --tls-dir or the identity `tern agent --join` made); a bearer token is not \
+             enough",
+        )),
     }
 }
 
@@ -297,10 +421,15 @@ async fn remove_host(State(app): AppState, Path(name): Path<String>) -> ApiResul
     let r = execute(&app, cmd).await?;
     if let Some(ca) = app.ca.clone() {
         // Revoked after the removal is committed: a host still listed keeps working.
-        tokio::task::spawn_blocking(move || ca.revoke(&name))
+        let ca2 = ca.clone();
+        tokio::task::spawn_blocking(move || ca2.revoke(&name))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .map_err(|e| ApiError::Internal(format!("the host is removed but revoking its certificate failed: {e}; run `tern ca revoke`")))?;
+        // This manager's own links refuse the host from the next handshake on.
+        if let Some(trust) = &app.trust {
+            reload_crl(&ca, trust).await;
+        }
     }
     Ok(reply(StatusCode::OK, r))
 }
@@ -397,9 +526,10 @@ async fn join(State(app): AppState, Body(b): Body<JoinRequest>) -> ApiResult<Res
 }
 
 #[utoipa::path(get, path = "/v1/ca/crl", operation_id = "crl",
-    summary = "The cluster CA's certificate revocation list (PEM); agents fetch it to refuse revoked peers.",
+    summary = "The cluster CA's certificate revocation list (PEM, signed by the CA); agents fetch it with their certificate to refuse revoked peers. Takes a client certificate of the CA or the bearer token.",
     responses((status = 200, description = "the PEM revocation list", body = String, content_type = "application/x-pem-file"), (status = 404, description = "error", body = Error)))]
-async fn crl(State(app): AppState) -> ApiResult<Response> {
+async fn crl(State(app): AppState, req: Request) -> ApiResult<Response> {
+    crl_caller(&app.tokens, req.extensions().get(), req.headers())?;
     let Some(ca) = app.ca.clone() else {
         return Err(ApiError::NotFound(
             "this manager has no cluster CA (start it with --ca DIR)".into(),
@@ -448,10 +578,15 @@ async fn heartbeat(
 }
 
 #[utoipa::path(post, path = "/v1/hosts/{name}/lease", operation_id = "renewLease",
-    summary = "The agent renews its host's lease; a host that cannot stops its own guests before the lease runs out.",
+    summary = "The agent renews its host's lease; a host that cannot stops its own guests before the lease runs out. Over TLS only with that host's own certificate; over plain HTTP with the bearer token.",
     params(("name" = String, Path, description = "the host's name", example = "h1")),
-    responses((status = 200, description = "the lease the host now holds", body = LeaseGrant), (status = 404, description = "error", body = Error)))]
-async fn renew_lease(State(app): AppState, Path(host): Path<String>) -> ApiResult<Response> {
+    responses((status = 200, description = "the lease the host now holds", body = LeaseGrant), (status = 401, description = "error", body = Error), (status = 403, description = "error", body = Error), (status = 404, description = "error", body = Error)))]
+async fn renew_lease(
+    State(app): AppState,
+    NamePath(host, _): HostPath,
+    req: Request,
+) -> ApiResult<Response> {
+    lease_caller(&app.tokens, req.extensions().get(), req.headers(), &host)?;
     let grant = call(&app, move |m| m.renew_lease(&host)).await?;
     Ok(Json(grant).into_response())
 }

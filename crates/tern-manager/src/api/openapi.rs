@@ -10,7 +10,7 @@ use utoipa::{Modify, OpenApi};
     info(
         title = "tern manager API",
         version = "1",
-        description = "The control plane of a tern cluster: hosts, VMs, live migrations, the balancer. Every route but /openapi.json, /v1/join (a one-time join token in the body) and /v1/ca/crl needs 'Authorization: Bearer TOKEN'. Errors answer with a 4xx or 5xx status and {\"error\": message}."
+        description = "The control plane of a tern cluster: hosts, VMs, live migrations, the balancer. Every route but /openapi.json and /v1/join (a one-time join token in the body) needs 'Authorization: Bearer TOKEN'; /v1/ca/crl also takes any client certificate of the cluster CA instead. Over TLS, POST /v1/hosts/{name}/lease takes that host's own client certificate instead of the token, and every other route refuses a caller showing a host's certificate (403). Errors answer with a 4xx or 5xx status and {\"error\": message}."
     ),
     paths(
         super::openapi,
@@ -43,9 +43,9 @@ use utoipa::{Modify, OpenApi};
 )]
 struct Doc;
 
-/// Routes without the bearer token: the document, enrolment (a join token in the body)
-/// and the revocation list (public by nature).
-const PUBLIC: [&str; 3] = ["/openapi.json", "/v1/join", "/v1/ca/crl"];
+/// Routes without the bearer token: the document and enrolment (a join token in the
+/// body).
+const PUBLIC: [&str; 2] = ["/openapi.json", "/v1/join"];
 
 /// Every other route takes the bearer token and may answer 401.
 struct Bearer;

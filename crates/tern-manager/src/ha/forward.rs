@@ -4,6 +4,12 @@
 //! manager leads, else passed to the leader (reads too, since only the leader's view is
 //! current) and its answer relayed, streams included. A request that cannot reach a
 //! leader gets 503 and `{"error": "not the leader; ..."}` naming the leader if known.
+//!
+//! With the cluster CA ([`Pki`]) every manager serves HTTPS with a certificate of its
+//! own and passes requests to the leader over TLS, showing that certificate. A follower
+//! checks a request's credentials before passing it on as the leader would: the bearer
+//! token (and no host certificate) for the API, the host's own certificate for its
+//! lease, which it names to the leader in [`crate::api::LEASE_HOST`].
 
 use std::future::Future;
 use std::sync::Arc;
@@ -20,11 +26,21 @@ use tokio::sync::watch;
 use super::election::Election;
 use super::{Leadership, Route};
 use crate::api::error::ApiError;
+use crate::api::Serving;
 use crate::control::Control;
 use crate::manager::Manager;
 
 /// Marks a request one manager passed to another, so it is not passed on again.
 pub const FORWARDED: &str = "x-tern-forwarded-by";
+
+/// How one manager of several serves and reaches the leader: with the cluster CA, its
+/// own certificate for both (`client` shows it to the leader and checks the leader's
+/// against the CA); without, plain HTTP.
+#[derive(Clone, Default)]
+pub struct Pki {
+    pub serving: Serving,
+    pub client: Option<rustls::ClientConfig>,
+}
 
 struct Forwarder {
     leadership: Arc<Leadership>,
@@ -43,6 +59,25 @@ pub async fn run(
     tokens: Vec<String>,
     leadership: Arc<Leadership>,
     election: Election,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let pki = Pki::default();
+    run_with(
+        listener, manager, control, tokens, leadership, election, pki, shutdown,
+    )
+    .await
+}
+
+/// [`run`], serving and reaching the leader as `pki` says.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_with(
+    listener: TcpListener,
+    manager: Arc<Manager>,
+    control: Arc<Control>,
+    tokens: Vec<String>,
+    leadership: Arc<Leadership>,
+    election: Election,
+    pki: Pki,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let (stop_tx, stopping) = watch::channel(false);
@@ -74,15 +109,14 @@ pub async fn run(
         leadership.clone(),
         stopped(stopping.clone()),
     ));
-    let app = router(manager, tokens, leadership, stopping.clone())?;
-    let served = tern_pki::serve::serve(
-        listener,
-        app,
-        None,
-        tern_pki::Limits::default(),
-        stopped(stopping),
-    )
-    .await;
+    if let (Some(ca), Some(trust)) = (&pki.serving.ca, &pki.serving.trust) {
+        let every = pki.serving.crl_refresh.unwrap_or(crate::api::CRL_REFRESH);
+        let fresh = crate::api::keep_crl_fresh(ca.clone(), trust.clone(), every, stopping.clone());
+        tokio::spawn(fresh);
+    }
+    let (tls, limits) = (pki.serving.tls.clone(), pki.serving.limits);
+    let app = router_with(manager, tokens, leadership, stopping.clone(), pki)?;
+    let served = tern_pki::serve::serve(listener, app, tls, limits, stopped(stopping)).await;
     let _ = looping.await;
     let _ = campaign.await;
     served
@@ -96,18 +130,34 @@ pub fn router(
     leadership: Arc<Leadership>,
     stopping: watch::Receiver<bool>,
 ) -> std::io::Result<axum::Router> {
+    router_with(manager, tokens, leadership, stopping, Pki::default())
+}
+
+/// [`router`] with the cluster CA of `pki`, reaching the leader with its client.
+pub fn router_with(
+    manager: Arc<Manager>,
+    tokens: Vec<String>,
+    leadership: Arc<Leadership>,
+    stopping: watch::Receiver<bool>,
+    pki: Pki,
+) -> std::io::Result<axum::Router> {
+    let mut http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(2))
+        // The leader closes connections idle for 10 s; reuse only fresher ones.
+        .pool_idle_timeout(Duration::from_secs(5));
+    if let Some(tls) = pki.client {
+        http = http.use_preconfigured_tls(tls);
+    }
     let forwarder = Arc::new(Forwarder {
         leadership,
-        http: reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(2))
-            // The leader closes connections idle for 10 s; reuse only fresher ones.
-            .pool_idle_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(std::io::Error::other)?,
+        http: http.build().map_err(std::io::Error::other)?,
         tokens: tokens.clone(),
     });
-    Ok(crate::api::router(manager, tokens, stopping)
-        .layer(middleware::from_fn_with_state(forwarder, forward)))
+    let (ca, trust) = (pki.serving.ca, pki.serving.trust);
+    Ok(
+        crate::api::router_with_ca(manager, tokens, stopping, ca, trust)
+            .layer(middleware::from_fn_with_state(forwarder, forward)),
+    )
 }
 
 /// Runs the control loop during each term this manager leads, stopping it the moment
@@ -144,10 +194,11 @@ async fn forward(State(f): State<Arc<Forwarder>>, req: Request, next: Next) -> R
         Route::Local => next.run(req).await,
         Route::Refuse(msg) => ApiError::Unavailable(msg).into_response(),
         Route::Forward(leader) => {
-            if let Err(e) = crate::api::check_token(&f.tokens, req.headers()) {
-                return e.into_response();
-            }
-            match pass_on(&f, &leader, req).await {
+            let lease_of = match check_before_passing_on(&f.tokens, &req) {
+                Ok(l) => l,
+                Err(e) => return e.into_response(),
+            };
+            match pass_on(&f, &leader, req, lease_of).await {
                 Ok(r) => r,
                 Err(e) => e.into_response(),
             }
@@ -155,9 +206,46 @@ async fn forward(State(f): State<Arc<Forwarder>>, req: Request, next: Next) -> R
     }
 }
 
+/// The route that takes no credential here: enrolment (a join token in the body, which
+/// only the leader can check).
+const PUBLIC: &str = "/v1/join";
+
+/// The host of a lease route `/v1/hosts/{name}/lease` (pure).
+fn lease_path(path: &str) -> Option<&str> {
+    let name = path.strip_prefix("/v1/hosts/")?.strip_suffix("/lease")?;
+    (!name.is_empty() && !name.contains('/')).then_some(name)
+}
+
+/// Checks a request's credentials as the leader would, before anything is read or
+/// passed on (pure); for a lease renewal, the host whose renewal it is.
+fn check_before_passing_on(tokens: &[String], req: &Request) -> Result<Option<String>, ApiError> {
+    let path = req.uri().path();
+    let secure = req.extensions().get::<tern_pki::Secure>();
+    if path == PUBLIC {
+        return Ok(None);
+    }
+    if path == "/v1/ca/crl" {
+        crate::api::crl_caller(tokens, secure, req.headers())?;
+        return Ok(None);
+    }
+    if let Some(host) = lease_path(path) {
+        crate::api::lease_caller(tokens, secure, req.headers(), host)?;
+        return Ok(Some(host.to_owned()));
+    }
+    crate::api::check_token(tokens, req.headers())?;
+    crate::api::not_a_host(secure)?;
+    Ok(None)
+}
+
 /// Sends `req` to the leader at `leader` and relays its answer as it streams in. The
-/// body is read first, up to the API's own limit.
-async fn pass_on(f: &Forwarder, leader: &str, req: Request) -> Result<Response, ApiError> {
+/// body is read first, up to the API's own limit. `lease_of`: the host whose lease
+/// renewal this is, as checked here, named to the leader.
+async fn pass_on(
+    f: &Forwarder,
+    leader: &str,
+    req: Request,
+    lease_of: Option<String>,
+) -> Result<Response, ApiError> {
     let limit = crate::api::MAX_BODY_BYTES;
     let (parts, body) = req.into_parts();
     let declared = parts
@@ -172,7 +260,7 @@ async fn pass_on(f: &Forwarder, leader: &str, req: Request) -> Result<Response, 
             "reading the request body (at most {limit} bytes): {e}"
         ))
     })?;
-    relay(f, leader, parts, body).await.map_err(|e| {
+    relay(f, leader, parts, body, lease_of).await.map_err(|e| {
         ApiError::Unavailable(format!(
             "not the leader; the leader is at {leader}, which did not answer: {e}"
         ))
@@ -184,6 +272,7 @@ async fn relay(
     leader: &str,
     parts: axum::http::request::Parts,
     body: axum::body::Bytes,
+    lease_of: Option<String>,
 ) -> Result<Response, String> {
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let url = format!("{}{path}", leader.trim_end_matches('/'));
@@ -198,6 +287,9 @@ async fn relay(
         if let Some(v) = parts.headers.get(&name).and_then(|v| v.to_str().ok()) {
             out = out.header(name.as_str(), v);
         }
+    }
+    if let Some(host) = lease_of {
+        out = out.header(crate::api::LEASE_HOST, host);
     }
     let resp = out.send().await.map_err(|e| e.to_string())?;
     let status = StatusCode::from_u16(resp.status().as_u16()).map_err(|e| e.to_string())?;
@@ -214,4 +306,17 @@ async fn relay(
     relayed
         .body(Body::from_stream(resp.bytes_stream()))
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_routes_name_their_host() {
+        assert_eq!(lease_path("/v1/hosts/h1/lease"), Some("h1"));
+        assert_eq!(lease_path("/v1/hosts/h1/drain"), None);
+        assert_eq!(lease_path("/v1/hosts//lease"), None);
+        assert_eq!(lease_path("/v1/hosts/a/b/lease"), None);
+    }
 }

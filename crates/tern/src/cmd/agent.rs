@@ -2,8 +2,11 @@
 //!
 //! With a host identity (`--tls-dir`, or enrolled with `--join`) the agent serves mutual
 //! TLS only: every client presents a certificate of the cluster CA, and the revocation
-//! list is refreshed every 30 s (from the manager it joined, else from the directory;
-//! `--crl-refresh-s` changes the period).
+//! list is refreshed every 10 s (from the manager it joined or renews its lease with,
+//! else from the directory; `--crl-refresh-s` changes the period). The new list, once
+//! checked against the CA, reaches the API, the migration streams' gate and this
+//! agent's calls to other agents at their next handshake. Its lease it renews with its
+//! host certificate, no manager token needed.
 
 use super::{agent_error, bad_input};
 use std::net::SocketAddr;
@@ -21,8 +24,8 @@ use tern_api::manager::{JoinReply, JoinRequest};
 use tern_hv::qemu::{QemuConfig, QemuDriver};
 use tern_hv::sim::SimDriver;
 use tern_pki::ca::JoinToken;
-use tern_pki::tls::{client_config, server_config, ClientAuth};
-use tern_pki::{Identity, TlsAcceptor};
+use tern_pki::tls::{client_config, client_config_with, server_config_with, ClientAuth};
+use tern_pki::{Identity, TlsAcceptor, Trust};
 
 /// Which driver runs the VMs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -81,7 +84,7 @@ pub struct Daemon {
     #[arg(long, value_name = "FILE")]
     pub join_token_file: Option<PathBuf>,
     /// Seconds between refreshes of the revocation list.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub crl_refresh_s: u64,
     /// Directory for guest RAM files, on tmpfs [default: /dev/shm/tern/<hash of state dir>].
     #[arg(long, value_name = "DIR")]
@@ -109,7 +112,8 @@ pub struct Daemon {
     /// manager restarts them elsewhere only after that (docs/ha.md, "Fencing").
     #[arg(long = "manager", value_delimiter = ',', value_name = "URL")]
     pub managers: Vec<String>,
-    /// File whose first line is the bearer token for the manager [default: --token-file].
+    /// File whose first line is the bearer token for the manager [default: --token-file],
+    /// for an agent without a host identity (one with renews with its certificate).
     #[arg(long, value_name = "FILE")]
     pub manager_token_file: Option<PathBuf>,
 }
@@ -172,7 +176,17 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
             );
         }
     }
-    let managers = manager_clients(&args, tls_dir.as_deref())?;
+    // One trust for every link: a new revocation list reaches them all at once.
+    let identity = match &tls_dir {
+        Some(dir) => {
+            let id = Identity::load(dir).map_err(bad_input)?;
+            let crl = tern_pki::identity::load_crl(dir)?;
+            let trust = Trust::new(&id.ca_pem, crl.as_deref()).map_err(bad_input)?;
+            Some((dir.clone(), id, trust))
+        }
+        None => None,
+    };
+    let managers = manager_clients(&args, identity.as_ref().map(|(_, id, t)| (id, t)))?;
     if managers.is_empty() {
         // No lease is held: a lease file left by an earlier run must not fence anything.
         let _ = std::fs::remove_file(fence::lease_file(&state_dir));
@@ -213,17 +227,16 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
         }
         Driver::Sim => AppState::new(Arc::new(SimDriver::new()), host).with_stream_ip(addr.ip()),
     };
-    let (state, serving) = match &tls_dir {
-        Some(dir) => {
-            let id = Identity::load(dir).map_err(bad_input)?;
-            let crl = tern_pki::identity::load_crl(dir)?;
-            let server = server_config(&id, crl.as_deref(), ClientAuth::Required)?;
+    let (state, serving) = match identity {
+        Some((dir, id, trust)) => {
+            let server = server_config_with(&id, &trust, ClientAuth::Required)?;
             // The migration streams' gate: the same mutual TLS as the API.
             let streams = server.clone();
-            let client = client_config(&id.ca_pem, Some(&id), crl.as_deref())?;
+            let client = client_config_with(&trust, Some(&id))?;
             let acceptor = TlsAcceptor::new(server);
             let every = Duration::from_secs(args.crl_refresh_s);
-            rt.spawn(refresh_crl(dir.clone(), id, crl, acceptor.clone(), every));
+            let from = crl_source(&dir, &args.managers);
+            rt.spawn(refresh_crl(dir, id, trust, from, every));
             let serving = Serving {
                 tls: Some(acceptor),
                 limits: Default::default(),
@@ -323,23 +336,32 @@ async fn join(
     Ok(())
 }
 
-/// Every `every` (30 s by default): fetches the revocation list from the manager this
-/// host joined (or re-reads `crl.pem` when there is none) and, when it changed, makes new
-/// connections check against it.
+/// The manager to fetch revocation lists from: the one this host joined, else the first
+/// it renews its lease with; `None`: re-read the identity directory's `crl.pem`.
+fn crl_source(dir: &Path, managers: &[String]) -> Option<String> {
+    std::fs::read_to_string(dir.join(MANAGER_FILE))
+        .ok()
+        .map(|u| u.trim().to_owned())
+        .or_else(|| managers.first().cloned())
+}
+
+/// Every `every` (10 s by default): fetches the revocation list from `manager` over TLS
+/// checked against the CA (or re-reads `crl.pem` when there is none) and gives it to
+/// `trust`, which checks that the CA signed it and that it is not older than the one
+/// held; every TLS link of the agent then checks against it from its next handshake.
 async fn refresh_crl(
     dir: PathBuf,
     id: Identity,
-    mut last: Option<String>,
-    acceptor: TlsAcceptor,
+    trust: Arc<Trust>,
+    manager: Option<String>,
     every: Duration,
 ) {
-    let manager = std::fs::read_to_string(dir.join(MANAGER_FILE)).ok();
     let fetcher = manager.as_deref().and_then(|url| {
-        let tls = client_config(&id.ca_pem, None, None).ok()?;
+        let tls = client_config_with(&trust, Some(&id)).ok()?;
         Client::with_tls(
-            url.trim(),
+            url,
             "",
-            ClientOptions::with_timeout(Duration::from_secs(10)),
+            ClientOptions::with_timeout(Duration::from_secs(5)),
             Some(tls),
         )
         .ok()
@@ -350,12 +372,7 @@ async fn refresh_crl(
         tick.tick().await;
         let fresh = match &fetcher {
             Some(c) => match c.get_text("/v1/ca/crl").await {
-                Ok(pem) => {
-                    if let Err(e) = tern_pki::files::write_public(&crl_file, pem.as_bytes()) {
-                        tracing::warn!(error = %e, "could not save the revocation list");
-                    }
-                    Some(pem)
-                }
+                Ok(pem) => Some(pem),
                 Err(e) => {
                     tracing::warn!(error = %e, "could not fetch the revocation list; keeping the last");
                     None
@@ -363,42 +380,50 @@ async fn refresh_crl(
             },
             None => std::fs::read_to_string(&crl_file).ok(),
         };
-        let Some(fresh) = fresh.filter(|f| last.as_ref() != Some(f)) else {
-            continue;
-        };
-        match server_config(&id, Some(&fresh), ClientAuth::Required) {
-            Ok(config) => {
-                acceptor.set(config);
-                last = Some(fresh);
+        let Some(fresh) = fresh else { continue };
+        match trust.set_crl(&fresh) {
+            Ok(false) => {}
+            Ok(true) => {
+                if fetcher.is_some() {
+                    if let Err(e) = tern_pki::files::write_public(&crl_file, fresh.as_bytes()) {
+                        tracing::warn!(error = %e, "could not save the revocation list");
+                    }
+                }
                 eprintln!("tern agent: revocation list updated");
             }
-            Err(e) => tracing::warn!(error = %e, "the new revocation list does not load"),
+            Err(e) => tracing::warn!(error = %e, "the new revocation list was not taken"),
         }
     }
 }
 
-/// One client per `--manager` URL, with the manager token; an enrolled host checks the
-/// manager against its cluster CA (and shows its own certificate).
-fn manager_clients(args: &Daemon, tls_dir: Option<&Path>) -> anyhow::Result<Vec<ManagerClient>> {
+/// One client per `--manager` URL. An enrolled host checks the manager against its
+/// cluster CA and renews with its own certificate, which is what the manager takes
+/// over TLS; a host without an identity sends the manager token (plain-HTTP labs).
+fn manager_clients(
+    args: &Daemon,
+    identity: Option<(&Identity, &Arc<Trust>)>,
+) -> anyhow::Result<Vec<ManagerClient>> {
     if args.managers.is_empty() {
         return Ok(Vec::new());
     }
-    let file = args
-        .manager_token_file
-        .as_ref()
-        .or(args.token_file.as_ref())
-        .ok_or_else(|| {
-            bad_input(
-                "--manager needs --manager-token-file FILE: the token the manager's API takes",
+    let (token, tls) = match identity {
+        Some((id, trust)) => (String::new(), Some(client_config_with(trust, Some(id))?)),
+        None => {
+            let file = args
+                .manager_token_file
+                .as_ref()
+                .or(args.token_file.as_ref())
+                .ok_or_else(|| {
+                    bad_input(
+                        "--manager without a host identity needs --manager-token-file FILE: \
+                         the token the manager's API takes (or give --tls-dir or --join)",
+                    )
+                })?;
+            (
+                tern_agent::state::read_token(file).map_err(agent_error)?,
+                None,
             )
-        })?;
-    let token = tern_agent::state::read_token(file).map_err(agent_error)?;
-    let tls = match tls_dir {
-        Some(dir) => {
-            let id = Identity::load(dir).map_err(bad_input)?;
-            Some(client_config(&id.ca_pem, Some(&id), None)?)
         }
-        None => None,
     };
     args.managers
         .iter()

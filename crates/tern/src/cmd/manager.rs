@@ -1,9 +1,11 @@
 //! `tern manager`: the control plane, serving its REST API and driving the agents.
 //!
 //! With `--ca DIR` the manager holds the cluster CA (created on first start): its API
-//! is HTTPS with a certificate from that CA, hosts enrol with one-time join tokens, and
-//! agents are called over mutual TLS only. Without it the API is plain HTTP and only on
-//! a loopback address.
+//! is HTTPS with a certificate from that CA, hosts enrol with one-time join tokens,
+//! renew their leases with their own certificates, and are called over mutual TLS
+//! only; the revocation list is re-read from DIR every `--crl-refresh-s`. Without it
+//! the API is plain HTTP and only on a loopback address. HA managers (`--etcd`) take
+//! the same `--ca DIR`, each with a certificate of its own.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -17,8 +19,8 @@ use tern_manager::control::Control;
 use tern_manager::manager::system_clock;
 use tern_manager::store::SqliteStore;
 use tern_manager::Manager;
-use tern_pki::tls::{client_config, server_config, ClientAuth};
-use tern_pki::{Ca, Role, TlsAcceptor};
+use tern_pki::tls::{client_config_with, server_config_with, ClientAuth};
+use tern_pki::{Ca, Role, TlsAcceptor, Trust};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -28,8 +30,9 @@ pub struct Args {
     /// SQLite file holding the cluster's state (created if missing, mode 0600).
     #[arg(long, default_value = "tern.db")]
     db: PathBuf,
-    /// The cluster CA's directory (created if missing, or one `tern lab up` made): the
-    /// API becomes HTTPS, hosts join with tokens, agents are called over mutual TLS.
+    /// The cluster CA's directory (created if missing, or one `tern lab up` made; with
+    /// --etcd it must exist, from `tern ca init`): the API becomes HTTPS, hosts join with
+    /// tokens, agents are called over mutual TLS.
     #[arg(long, value_name = "DIR")]
     ca: Option<PathBuf>,
     /// Files whose first line is a bearer token API clients may send (mode 0600); the
@@ -47,9 +50,15 @@ pub struct Args {
     /// of --db, shared with other managers; one leads, the others pass requests to it.
     #[arg(long, value_delimiter = ',')]
     etcd: Vec<String>,
-    /// With --etcd: the URL other managers reach this one by (default: http://LISTEN).
+    /// With --etcd: the URL other managers reach this one by (default: http://LISTEN,
+    /// or https://LISTEN with --ca); with --ca its host goes into this manager's
+    /// certificate.
     #[arg(long)]
     advertise: Option<String>,
+    /// With --ca: seconds between re-reads of the CA directory's revocation list (for
+    /// revocations made by `tern ca revoke` or another manager).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    crl_refresh_s: u64,
 }
 
 /// The API tokens: from files, then from TERN_TOKEN; never from the command line, where
@@ -103,29 +112,48 @@ fn open_db(db: &Path) -> anyhow::Result<SqliteStore> {
 }
 
 /// The cluster CA, and what the manager serves and calls agents with.
-struct Pki {
-    ca: Arc<Ca>,
-    server: Arc<rustls::ServerConfig>,
-    client: rustls::ClientConfig,
+pub(crate) struct Pki {
+    pub ca: Arc<Ca>,
+    /// The CA and revocation list every TLS link of this manager checks peers against.
+    pub trust: Arc<Trust>,
+    /// Optional client certificates: hosts show theirs to renew leases, users need none.
+    pub server: Arc<rustls::ServerConfig>,
+    /// With this manager's certificate: to agents, and to the leader when following.
+    pub client: rustls::ClientConfig,
 }
 
-/// Loads or creates the CA and issues the manager a certificate for `addr` (every
-/// loopback and the listen address; an unspecified address adds the loopbacks only).
-fn pki(dir: &Path, addr: SocketAddr) -> anyhow::Result<Pki> {
-    let (ca, created) = Ca::open_or_init(dir).map_err(super::bad_input)?;
-    if created {
-        eprintln!("tern manager: created the cluster CA in {}", dir.display());
+/// Loads the CA in `dir` (creating it first when `create`) and issues this manager a
+/// certificate named `name` for the loopbacks and `ips`, saved in `dir/SUBDIR` (each
+/// manager sharing the directory has its own).
+pub(crate) fn pki(
+    dir: &Path,
+    create: bool,
+    subdir: &str,
+    name: &str,
+    ips: &[IpAddr],
+) -> anyhow::Result<Pki> {
+    let ca = if create {
+        let (ca, created) = Ca::open_or_init(dir).map_err(super::bad_input)?;
+        if created {
+            eprintln!("tern manager: created the cluster CA in {}", dir.display());
+        }
+        ca
+    } else {
+        Ca::load(dir).map_err(super::bad_input)?
+    };
+    let mut all: Vec<IpAddr> = vec!["127.0.0.1".parse()?, "::1".parse()?];
+    for ip in ips {
+        if !ip.is_unspecified() && !all.contains(ip) {
+            all.push(*ip);
+        }
     }
-    let mut ips: Vec<IpAddr> = vec!["127.0.0.1".parse()?, "::1".parse()?];
-    if !addr.ip().is_unspecified() && !ips.contains(&addr.ip()) {
-        ips.push(addr.ip());
-    }
-    let id = ca.issue(Role::Manager, "manager", &ips)?;
-    id.save(&dir.join("manager"))?;
-    let crl = ca.crl_pem()?;
+    let id = ca.issue(Role::Manager, name, &all)?;
+    id.save(&dir.join(subdir))?;
+    let trust = Trust::new(ca.cert_pem(), Some(&ca.crl_pem()?))?;
     Ok(Pki {
-        server: server_config(&id, None, ClientAuth::None)?,
-        client: client_config(ca.cert_pem(), Some(&id), Some(&crl))?,
+        server: server_config_with(&id, &trust, ClientAuth::Optional)?,
+        client: client_config_with(&trust, Some(&id))?,
+        trust,
         ca: Arc::new(ca),
     })
 }
@@ -139,13 +167,6 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         ))
     })?;
     if !a.etcd.is_empty() {
-        // HA managers forward requests to each other over plain HTTP; TLS between them is
-        // not built yet, so they keep serving plain HTTP wherever they are told to.
-        if a.ca.is_some() {
-            return Err(super::bad_input(
-                "--ca with --etcd is not supported yet: HA managers serve plain HTTP",
-            ));
-        }
         return super::manager_etcd::run(super::manager_etcd::Options {
             listen: addr,
             agent_token: agent_token(&a, &tokens)?,
@@ -153,6 +174,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             agent_timeout: Duration::from_secs(a.agent_timeout_s),
             etcd: a.etcd,
             advertise: a.advertise,
+            ca: a.ca,
+            crl_refresh: Duration::from_secs(a.crl_refresh_s),
         });
     }
     if a.ca.is_none() && !addr.ip().is_loopback() {
@@ -164,7 +187,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     let store = open_db(&a.db)?;
     let manager = Arc::new(Manager::open(Box::new(store), system_clock())?);
     let timeout = Duration::from_secs(a.agent_timeout_s);
-    let pki = a.ca.as_deref().map(|d| pki(d, addr)).transpose()?;
+    let pki =
+        a.ca.as_deref()
+            .map(|d| pki(d, true, "manager", "manager", &[addr.ip()]))
+            .transpose()?;
     let (agents, serving) = match &pki {
         Some(p) => (
             HttpConnector::with_tls(timeout, p.client.clone()),
@@ -172,6 +198,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 tls: Some(TlsAcceptor::new(p.server.clone())),
                 limits: Default::default(),
                 ca: Some(p.ca.clone()),
+                trust: Some(p.trust.clone()),
+                crl_refresh: Some(Duration::from_secs(a.crl_refresh_s)),
             },
         ),
         None => (
