@@ -15,8 +15,10 @@
 //! it was running on that CPU since the window opened; switched in: runnable; woken:
 //! sleeping); a thread with no event at all is `Unknown` for the whole window. So each
 //! thread's spans tile the window exactly (time is conserved), and no CPU runs two traced
-//! threads at once. Events that contradict the state (what lost records leave behind)
-//! are counted in [`Timeline::anomalies`] and the state is repaired from the event.
+//! threads at once. Events that contradict the state (what missing records leave behind)
+//! are counted in [`Timeline::anomalies`] and the state is repaired from the event: a
+//! thread switched out of a CPU it was not known to run on ran there at most since that
+//! CPU's last recorded switch, and the time between is `Unknown`, never guessed.
 //! `sched_migrate_task` does not change the state; each one between two different CPUs
 //! is a [`Migration`].
 
@@ -179,6 +181,28 @@ impl Builder {
         }
     }
 
+    /// A switch of `tid` on `cpu` was not recorded before `t` (the kernel lost it, or
+    /// never emits records in the context of some tasks): its known state ends at the
+    /// CPU's last recorded switch, and what it did from there to `t` is unknown.
+    fn unseen(&mut self, tid: u32, cpu: u32, t: u64) {
+        self.out.anomalies += 1;
+        let since = self
+            .threads
+            .get(&tid)
+            .copied()
+            .flatten()
+            .map_or(t, |(_, s)| s);
+        let at = self
+            .cpu_mark
+            .get(&cpu)
+            .copied()
+            .unwrap_or(self.start)
+            .max(since);
+        if at < t {
+            self.set(tid, at, State::Unknown, State::Unknown);
+        }
+    }
+
     fn state(&self, tid: u32) -> Option<State> {
         self.threads.get(&tid).copied().flatten().map(|(s, _)| s)
     }
@@ -196,9 +220,12 @@ impl Builder {
             } => {
                 let cpu = e.cpu;
                 if self.traced(prev_tid) {
-                    let was = self.state(prev_tid);
-                    if was.is_some() && was != Some(State::Running { cpu }) {
-                        self.out.anomalies += 1;
+                    match self.state(prev_tid) {
+                        None => {}
+                        Some(State::Running { cpu: c }) if c == cpu => {}
+                        // Its switch onto this CPU was not recorded: it ran here at most
+                        // since the CPU's last recorded switch.
+                        Some(_) => self.unseen(prev_tid, cpu, t),
                     }
                     let next = if is_preempted(prev_state) {
                         State::Runnable
@@ -210,6 +237,11 @@ impl Builder {
                 if self.traced(next_tid) {
                     match self.state(next_tid) {
                         None | Some(State::Runnable) => {}
+                        // Its switch off that CPU was not recorded: it ran there at most
+                        // until that CPU's last recorded switch.
+                        Some(State::Running { cpu: c }) => self.unseen(next_tid, c, t),
+                        // Its wakeup was not recorded: when it became runnable is not
+                        // known, so the sleep is kept (steal time is under-counted).
                         Some(_) => self.out.anomalies += 1,
                     }
                     self.set(next_tid, t, State::Runnable, State::Running { cpu });
@@ -364,6 +396,28 @@ pub(crate) mod tests {
         assert_eq!(s2.len(), 1);
         assert_eq!((s2[0].state, s2[0].len_ns()), (State::Unknown, 100));
         assert!(tl.spans.iter().all(|s| s.tid != 99));
+    }
+
+    #[test]
+    fn a_missed_switch_in_leaves_unknown_time_back_to_the_cpus_last_switch() {
+        // 1 is preempted on CPU 0 at 10; another traced thread runs there 20..30; the
+        // record of 1 coming back was lost; 1 is switched out at 50.
+        let events = [sw(10, 0, 1, 0, 2), sw(30, 0, 2, 1, 0), sw(50, 0, 1, 1, 0)];
+        let tl = timeline(0, 60, &[1, 2], &events);
+        let spans: Vec<(u64, u64, State)> = tl
+            .spans_of(1)
+            .map(|s| (s.start_ns, s.end_ns, s.state))
+            .collect();
+        assert_eq!(
+            spans,
+            vec![
+                (0, 10, State::Running { cpu: 0 }),
+                (10, 30, State::Runnable),
+                (30, 50, State::Unknown),
+                (50, 60, State::Sleeping),
+            ]
+        );
+        assert_eq!(tl.anomalies, 1);
     }
 
     #[test]

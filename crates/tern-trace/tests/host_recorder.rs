@@ -166,18 +166,21 @@ fn a_moved_thread_shows_its_migration_within_20_ms() {
             t.run_ns + t.runnable_ns + t.sleep_ns + t.unknown_ns,
             summary.window_ns
         );
-        // The trace's run time agrees with the kernel's own accounting (the two windows
-        // differ by the microseconds enabling and disabling take).
-        let off_ms = (t.run_ns as f64 - ran as f64) / 1e6;
+        // The trace's run time agrees with the kernel's own accounting: at least what
+        // it saw run, at most that plus the time it could not tell (records this kernel
+        // never emitted), give or take the microseconds enabling and disabling take.
         eprintln!(
-            "thread {}: traced run {} ms, schedstat {} ms",
+            "thread {}: traced run {} ms (+{} ms unknown), schedstat {} ms",
             t.tid,
             t.run_ns / 1_000_000,
+            t.unknown_ns / 1_000_000,
             ran / 1_000_000
         );
+        let slack = 2_000_000 + ran / 50;
+        assert!(t.run_ns <= ran + slack, "{t:?} ran more than {ran} ns");
         assert!(
-            off_ms.abs() < 5.0 + ran as f64 / 1e6 * 0.05,
-            "{t:?} against {ran} ns"
+            ran <= t.run_ns + t.unknown_ns + slack,
+            "{t:?} ran less than {ran} ns"
         );
         assert!(t.runnable_ns > 0, "{t:?} waited for CPU 1");
     }
