@@ -13,6 +13,9 @@ pub enum TraceError {
     /// More threads than one kernel filter can name.
     #[error("{0} threads are more than one recording can filter (at most {max}); trace fewer vCPUs", max = crate::recorder::MAX_THREADS)]
     TooManyThreads(usize),
+    /// As many recordings as the host allows at once are running.
+    #[error("{0} traces are already recording on this host; wait for one to end")]
+    Busy(usize),
     /// tracefs is not mounted and could not be mounted.
     #[error("tracefs is not available at {path} and mounting it failed: {reason} (run as root, or mount it: mount -t tracefs nodev {path})")]
     NoTracefs { path: PathBuf, reason: String },

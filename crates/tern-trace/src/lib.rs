@@ -13,7 +13,8 @@
 //! ```
 //!
 //! # Layout
-//! - [`model`]: events, the host recording ([`HostTrace`]), the vCPU-thread map.
+//! - [`model`]: events and the host recording ([`HostTrace`]; wire types from
+//!   `tern_api::trace`), the vCPU-thread map.
 //! - [`format`]: tracepoint record layouts parsed from tracefs, and the record decoder.
 //! - [`timeline`]: events → per-thread spans (running on a CPU, runnable, sleeping) and
 //!   migrations; time conserved, CPUs never double-booked.
@@ -33,8 +34,8 @@ pub mod timeline;
 pub mod tracefs;
 
 pub use error::{Result, TraceError};
-pub use model::{EventKind, HostTrace, SchedEvent, VcpuMap};
-pub use recorder::{record, Recorder, RecorderConfig};
+pub use model::{EventKind, HostTrace, SchedEvent, VcpuMap, VmTrace};
+pub use recorder::{record, record_until, Recorder, RecorderConfig};
 pub use summary::{summarize, Counts, Summary};
 pub use timeline::{timeline, Migration, Span, State, Timeline};
 

@@ -1,42 +1,9 @@
-//! The values a trace is made of: typed scheduler events, the recording they came from,
-//! and which host thread is which vCPU.
+//! The values a trace is made of: typed scheduler events and the recording they came
+//! from (wire types of `tern-api`, re-exported), and which host thread is which vCPU.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-
-/// One scheduler event. `time_ns` is on the recording's clock (`CLOCK_MONOTONIC` of the
-/// host for host recordings), `cpu` the physical CPU whose ring buffer held it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SchedEvent {
-    pub time_ns: u64,
-    pub cpu: u32,
-    pub kind: EventKind,
-}
-
-/// What happened. Thread ids are the kernel's `pid` of a thread (a `tid` in userspace).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
-pub enum EventKind {
-    /// `sched_switch`: `prev_tid` stops running on the event's CPU, `next_tid` starts.
-    /// `prev_state` is the kernel's task state of `prev_tid`; see [`is_preempted`].
-    Switch {
-        prev_tid: u32,
-        prev_state: i64,
-        next_tid: u32,
-    },
-    /// `sched_wakeup`: `tid` became runnable, queued on `target_cpu`.
-    Wakeup { tid: u32, target_cpu: u32 },
-    /// `sched_migrate_task`: `tid` moved from one CPU's run queue to another's.
-    Migrate {
-        tid: u32,
-        orig_cpu: u32,
-        dest_cpu: u32,
-    },
-    /// `kvm:kvm_entry`: a vCPU thread entered the guest (hardware virtualisation only).
-    KvmEntry { tid: u32, vcpu_id: u32 },
-    /// `kvm:kvm_exit`: a vCPU thread left the guest.
-    KvmExit { tid: u32 },
-}
+pub use tern_api::trace::{EventKind, HostTrace, SchedEvent, VmTrace};
 
 /// The task-state bits `sched_switch` reports for a task that stopped running because it
 /// sleeps or stopped (S, D, T, t, X, Z, P, I). With none of them set the task was still
@@ -47,42 +14,6 @@ const SLEEP_BITS: i64 = 0xff;
 /// Whether a `sched_switch`'s `prev_state` says the task still wanted the CPU.
 pub fn is_preempted(prev_state: i64) -> bool {
     prev_state & SLEEP_BITS == 0
-}
-
-impl EventKind {
-    /// Every thread this event is about (for filtering a recording to a set of threads).
-    pub fn tids(&self) -> [Option<u32>; 2] {
-        match *self {
-            EventKind::Switch {
-                prev_tid, next_tid, ..
-            } => [Some(prev_tid), Some(next_tid)],
-            EventKind::Wakeup { tid, .. }
-            | EventKind::Migrate { tid, .. }
-            | EventKind::KvmEntry { tid, .. }
-            | EventKind::KvmExit { tid } => [Some(tid), None],
-        }
-    }
-}
-
-/// A host recording: events of the traced threads, in time order, over a window.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HostTrace {
-    /// When recording was enabled and disabled, on the events' clock.
-    pub start_ns: u64,
-    pub end_ns: u64,
-    /// Online CPUs recorded (one ring buffer each).
-    pub cpus: Vec<u32>,
-    /// The threads recorded.
-    pub tids: Vec<u32>,
-    pub events: Vec<SchedEvent>,
-    /// Records the kernel could not write because a ring buffer was full
-    /// (`PERF_RECORD_LOST`): the trace has gaps when this is not zero.
-    pub lost: u64,
-    /// Records read but not kept because the recording reached its event cap.
-    pub dropped: u64,
-    /// Whether `kvm_entry`/`kvm_exit` were recorded (they fire only under hardware
-    /// virtualisation; under TCG a VM's trace comes from scheduler events alone).
-    pub kvm_events: bool,
 }
 
 /// Which host thread runs which vCPU of a VM (from QMP `query-cpus-fast`).
