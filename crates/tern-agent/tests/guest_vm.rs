@@ -151,18 +151,9 @@ fn status(e: ClientError) -> u16 {
     }
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        == Some("0")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_vms_vcpu_threads_are_traced_and_bad_requests_refused() {
-    if !tern_testkit::require_qemu() || !is_root() {
+    if !tern_testkit::require_qemu() || !tern_testkit::is_root() {
         assert!(
             std::env::var_os("CI").is_none(),
             "CI runs as root with QEMU"

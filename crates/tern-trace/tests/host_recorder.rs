@@ -11,8 +11,7 @@ use tern_trace::{analyse, EventKind, RecorderConfig, State, VcpuMap};
 /// Whether this test can record scheduler events here (root, two CPUs). Under `CI` a
 /// missing piece is a failure.
 fn can_trace() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = tern_testkit::is_root();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     if root && cpus >= 2 {
         return true;

@@ -10,8 +10,7 @@ use tern_trace::{analyse, RecorderConfig, State, VcpuMap};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guests_vcpu_threads_are_traced_for_two_seconds() {
-    // SAFETY: geteuid has no preconditions.
-    if !tern_testkit::require_qemu() || unsafe { libc::geteuid() } != 0 {
+    if !tern_testkit::require_qemu() || !tern_testkit::is_root() {
         assert!(
             std::env::var_os("CI").is_none(),
             "CI runs as root with QEMU"
