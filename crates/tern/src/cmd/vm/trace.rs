@@ -7,6 +7,7 @@
 
 use super::super::{agent_error, bad_input};
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tern_agent::client::AgentClient;
@@ -90,6 +91,8 @@ pub fn run(
     )?;
     w.flush()?;
     drop(w);
+    // The staging file is private (0600); the trace is an ordinary file.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))?;
     tmp.persist(&a.out)
         .map_err(|e| anyhow::anyhow!("writing {}: {}", a.out.display(), e.error))?;
     Ok(summary)
