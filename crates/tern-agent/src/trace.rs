@@ -113,3 +113,45 @@ pub async fn execute(
         trace,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::Capacity;
+    use crate::state::HostConfig;
+
+    #[tokio::test]
+    async fn only_running_qemu_vms_are_traced_for_a_bounded_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = AppState::new(
+            Arc::new(tern_hv::sim::SimDriver::new()),
+            HostConfig {
+                name: "h1".into(),
+                capacity: Capacity {
+                    cpus: 2,
+                    memory_mib: 1024,
+                },
+                token: "t".into(),
+                state_dir: dir.path().to_path_buf(),
+                image_dir: dir.path().join("images"),
+            },
+        );
+        let id: VmName = "v1".parse().unwrap();
+        let status = |e: AgentError| e.status().as_u16();
+        let req = |duration_ms| TraceRequest { duration_ms };
+        for bad in [0, tern_api::trace::MAX_TRACE_MS + 1] {
+            let e = execute(&state, id.clone(), req(bad)).await.unwrap_err();
+            assert_eq!(status(e), 400, "{bad} ms");
+        }
+        let e = execute(&state, id.clone(), req(10)).await.unwrap_err();
+        assert_eq!(status(e), 404);
+        let spec = serde_json::from_value(serde_json::json!({"vcpus": 2, "memory_mib": 64}));
+        state
+            .create_vm("v1", spec.unwrap(), false, true)
+            .await
+            .unwrap();
+        let e = execute(&state, id, req(10)).await.unwrap_err();
+        assert!(e.to_string().contains("sim driver"), "{e}");
+        assert_eq!(status(e), 400);
+    }
+}
