@@ -91,7 +91,9 @@ impl AgentError {
             // A prepare whose VM spec gives a memory file the destination cannot use.
             AgentError::Memory(_) => StatusCode::BAD_REQUEST,
             AgentError::Trace(e) => match e {
-                TraceError::NoThreads | TraceError::TooManyThreads(_) => StatusCode::BAD_REQUEST,
+                TraceError::NoThreads | TraceError::TooManyThreads { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
                 TraceError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
                 _ => StatusCode::INTERNAL_SERVER_ERROR,
             },
@@ -128,7 +130,7 @@ impl AgentError {
             AgentError::Io { .. } | AgentError::Streams(_) => "internal",
             AgentError::Memory(_) => "bad_request",
             AgentError::Trace(e) => match e {
-                TraceError::NoThreads | TraceError::TooManyThreads(_) => "bad_request",
+                TraceError::NoThreads | TraceError::TooManyThreads { .. } => "bad_request",
                 TraceError::Busy(_) => "busy",
                 _ => "trace",
             },

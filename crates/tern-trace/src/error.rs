@@ -11,8 +11,10 @@ pub enum TraceError {
     #[error("nothing to trace: give at least one thread id (a VM's vCPU threads)")]
     NoThreads,
     /// More threads than one kernel filter can name.
-    #[error("{0} threads are more than one recording can filter (at most {max}); trace fewer vCPUs", max = crate::recorder::MAX_THREADS)]
-    TooManyThreads(usize),
+    #[error(
+        "{given} threads are more than one recording can filter (at most {max}); trace fewer vCPUs"
+    )]
+    TooManyThreads { given: usize, max: usize },
     /// As many recordings as the host allows at once are running.
     #[error("{0} traces are already recording on this host; wait for one to end")]
     Busy(usize),

@@ -138,7 +138,10 @@ impl Recorder {
             return Err(TraceError::NoThreads);
         }
         if cfg.tids.len() > MAX_THREADS {
-            return Err(TraceError::TooManyThreads(cfg.tids.len()));
+            return Err(TraceError::TooManyThreads {
+                given: cfg.tids.len(),
+                max: MAX_THREADS,
+            });
         }
         let root = tracefs::ensure_mounted(&cfg.tracefs)?;
         let layouts = tracefs::layouts(&root, cfg.kvm)?;
@@ -356,7 +359,7 @@ mod tests {
         ));
         assert!(matches!(
             Recorder::open(&RecorderConfig::new((0..65).collect())),
-            Err(TraceError::TooManyThreads(65))
+            Err(TraceError::TooManyThreads { given: 65, .. })
         ));
     }
 }
