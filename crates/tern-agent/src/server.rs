@@ -13,11 +13,12 @@ use tern_pki::serve::{Limits, TlsAcceptor};
 /// How often the load sampler measures the VMs.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
-/// The whole application: the VM API and the migration endpoints, behind the token
+/// The whole application: the VM API, the migration and trace endpoints, behind the token
 /// check, reading request bodies up to [`crate::api::MAX_BODY_BYTES`].
 pub fn app(state: AppState) -> Router {
     crate::api::router(state.clone())
         .merge(crate::migration::routes(state.clone()))
+        .merge(crate::trace::routes(state.clone()))
         .layer(DefaultBodyLimit::max(crate::api::MAX_BODY_BYTES))
         .with_state(state)
 }

@@ -7,7 +7,7 @@
 //!
 //! # Layout
 //! - [`test_cache_dir`]: the image and kernel cache all tests share.
-//! - [`require_qemu`], [`require_lab`]: skip, or fail under `CI`.
+//! - [`require_qemu`], [`require_lab`]: skip, or fail under `CI`; [`is_root`].
 //! - [`assert_generated`]: a checked-in file equals what the code generates.
 //! - [`slow_clients`]: the slow and idle sockets an attacker opens against a server.
 
@@ -68,7 +68,8 @@ pub fn require_lab(test: &str, extra: &[(&str, bool)]) -> bool {
 }
 
 /// Whether the effective uid (the third field of `Uid:` in `/proc/self/status`) is 0.
-fn is_root() -> bool {
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
