@@ -254,7 +254,7 @@ async fn fencing_and_readoption_on_a_lab() {
     // Hosts enrolled with a lab CA, which the manager adopts: leases are renewed over HTTPS.
     let state = lab::up(&opts, &|s| eprintln!("{s}")).await.expect("lab up");
     let token = state.token().unwrap();
-    let manager = start_manager(&state, &token, dir.path());
+    let manager: Arc<Mutex<Option<Child>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let twice = Arc::new(Mutex::new(Twice::new()));
     let sampling = {
@@ -269,7 +269,13 @@ async fn fencing_and_readoption_on_a_lab() {
     // knows only those it started) would not do.
     let pids: Arc<Mutex<Vec<u32>>> = Arc::default();
     let agents = pids.clone();
+    let (started, manager_dir) = (manager.clone(), dir.path().to_path_buf());
     let outcome = tokio::spawn(async move {
+        // The guest g1 is not the manager's: its first round of load reports, 30 s
+        // after it starts, destroys it as a stale copy. Booted before the manager,
+        // the guest is ready when the first step starts, which then ends in time.
+        boot_g1(&state, &img).await;
+        *started.lock().unwrap() = Some(start_manager(&state, &token, &manager_dir));
         let f = fixture(state, token, agents).await;
         scenario(&f, &img).await;
     })
@@ -283,9 +289,10 @@ async fn fencing_and_readoption_on_a_lab() {
             eprintln!("== {path}: {v:?}");
         }
     }
-    let mut manager = manager;
-    let _ = manager.kill();
-    let _ = manager.wait();
+    if let Some(mut m) = manager.lock().unwrap().take() {
+        let _ = m.kill();
+        let _ = m.wait();
+    }
     if outcome.is_err() {
         // What the processes said, before the lab and its logs go.
         let mut logs = vec![dir.path().join("manager.log")];
@@ -409,8 +416,39 @@ async fn fixture(lab: LabState, token: String, pids: Arc<Mutex<Vec<u32>>>) -> Fi
     f
 }
 
+/// Boots guest g1 on h1 straight through its agent and starts its memory writer.
+async fn boot_g1(lab: &LabState, img: &tern_hv::image::GuestImage) {
+    let agent = lab
+        .client(&lab.hosts[0].url, Duration::from_secs(30))
+        .unwrap();
+    let req: CreateVm = serde_json::from_value(json!({
+        "id": "g1",
+        "spec": {"vcpus": 1, "memory_mib": 256, "kernel": img.kernel,
+                 "initramfs": img.initramfs,
+                 "cmdline": format!("{} tern.hostname=g1", img.cmdline)}
+    }))
+    .unwrap();
+    agent.create_vm(&req).await.unwrap();
+    let t0 = Instant::now();
+    while agent.guest("g1", &json!({"cmd": "ping"})).await.is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "guest never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let started = agent
+        .guest(
+            "g1",
+            &json!({"cmd": "start", "workload": "memdirty --mib 8 --mbps 5"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(started["ok"], true, "{started}");
+}
+
 async fn scenario(f: &Fixture, img: &tern_hv::image::GuestImage) {
-    agent_restarted_within_its_lease_keeps_its_vms(f, img).await;
+    agent_restarted_within_its_lease_keeps_its_vms(f).await;
     agent_killed_for_good_is_fenced_and_its_vms_restart_once(f).await;
     let cut = host_cut_off_stops_its_own_vms_first(f).await;
     destination_agent_killed_mid_move_leaves_no_copy(f, img, cut).await;
@@ -420,38 +458,8 @@ fn host_index(f: &Fixture, name: &str) -> usize {
     f.lab.hosts.iter().position(|h| h.name == name).unwrap()
 }
 
-async fn agent_restarted_within_its_lease_keeps_its_vms(
-    f: &Fixture,
-    img: &tern_hv::image::GuestImage,
-) {
-    let req: CreateVm = serde_json::from_value(json!({
-        "id": "g1",
-        "spec": {"vcpus": 1, "memory_mib": 256, "kernel": img.kernel,
-                 "initramfs": img.initramfs,
-                 "cmdline": format!("{} tern.hostname=g1", img.cmdline)}
-    }))
-    .unwrap();
-    f.agents[0].create_vm(&req).await.unwrap();
-    let t0 = Instant::now();
-    while f.agents[0]
-        .guest("g1", &json!({"cmd": "ping"}))
-        .await
-        .is_err()
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "guest never answered"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let started = f.agents[0]
-        .guest(
-            "g1",
-            &json!({"cmd": "start", "workload": "memdirty --mib 8 --mbps 5"}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(started["ok"], true, "{started}");
+/// g1 runs on h1 already ([`boot_g1`]).
+async fn agent_restarted_within_its_lease_keeps_its_vms(f: &Fixture) {
     // Two VMs the manager places on h1 (kernel-less: firmware only).
     for vm in ["fa", "fb"] {
         let body = json!({"name": vm, "spec": {"vcpus": 1, "memory_mib": 128}, "host": "h1"});
@@ -488,9 +496,8 @@ async fn agent_restarted_within_its_lease_keeps_its_vms(
         c1 > c0,
         "the guest's counter advanced across the restart: {c0} -> {c1}"
     );
-    // Done here rather than as a step of its own: g1 is not the manager's, and the
-    // manager destroys it as a stale copy at its first round of load reports after
-    // the default 30 s; the whole step must end before that.
+    // Here rather than as a step of its own: the whole of it must end before the
+    // manager's first round of load reports destroys g1 (see `boot_g1`).
     let c1 = agent_stopped_with_sigterm_keeps_its_vms(f, c1).await;
     // Well past the lease: the manager restarted nothing, the host fenced nothing.
     tokio::time::sleep(Duration::from_secs(LEASE_S + 3)).await;
