@@ -170,20 +170,6 @@ pub fn slow_clients_dropped(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cache_dir_follows_tern_cache() {
-        // Only this test in this binary touches TERN_CACHE.
-        std::env::set_var("TERN_CACHE", "/tmp/tern-testkit-cache");
-        assert_eq!(test_cache_dir(), PathBuf::from("/tmp/tern-testkit-cache"));
-        std::env::set_var("TERN_CACHE", "");
-        assert!(test_cache_dir().ends_with("../../target/tern-cache"));
-    }
-}
-
 /// Every QEMU process whose command line names `dir` (a test's state directory: QEMU's
 /// sockets and pid file lie under it), from `/proc`; zombies have no command line.
 pub fn qemus_under(dir: &Path) -> Vec<u32> {
@@ -210,4 +196,18 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free loopback port")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_dir_follows_tern_cache() {
+        // Only this test in this binary touches TERN_CACHE.
+        std::env::set_var("TERN_CACHE", "/tmp/tern-testkit-cache");
+        assert_eq!(test_cache_dir(), PathBuf::from("/tmp/tern-testkit-cache"));
+        std::env::set_var("TERN_CACHE", "");
+        assert!(test_cache_dir().ends_with("../../target/tern-cache"));
+    }
 }
