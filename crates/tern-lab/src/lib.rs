@@ -99,7 +99,8 @@ pub struct LabState {
     pub root_link: String,
     pub root_addr: String,
     pub hosts: Vec<LabHost>,
-    /// The lab CA's directory, when the lab was made with one ([`up_tls`]).
+    /// The lab CA's directory, when the lab was made with one ([`up`]; none with
+    /// [`up_insecure_plain_http`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_dir: Option<PathBuf>,
 }
