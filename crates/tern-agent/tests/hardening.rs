@@ -63,7 +63,7 @@ async fn an_agent_with_a_host_identity_serves_only_mutual_tls() {
         tls: Some(TlsAcceptor::new(
             server_config(&host, Some(&crl), ClientAuth::Required).unwrap(),
         )),
-        limits: Default::default(),
+        ..Default::default()
     };
     let st =
         state(dir.path()).with_tls(client_config(&host.ca_pem, Some(&host), Some(&crl)).unwrap());

@@ -5,7 +5,10 @@
 //!
 //! 1. `agent_restarted_within_its_lease_keeps_its_vms`: h1's agent is killed with
 //!    SIGKILL and started again at once: the guest's QEMU keeps its pid, its counter
-//!    advances, and the manager restarts nothing.
+//!    advances, and the manager restarts nothing. Then
+//!    `agent_stopped_with_sigterm_keeps_its_vms`: h1's agent gets SIGTERM (an
+//!    upgrade's clean stop): the guests keep running, the lease and the watchdog stay,
+//!    and the agent started again adopts the same QEMUs.
 //! 2. `agent_killed_for_good_is_fenced_and_its_vms_restart_once`: h1's agent is killed
 //!    for good: its watchdog stops its guests, and the manager restarts its two VMs
 //!    elsewhere within the lease plus detection time.
@@ -32,6 +35,8 @@ use tern_agent::client::AgentClient;
 use tern_agent::vms::CreateVm;
 use tern_api::client::{Client, ClientOptions, ManagerClient};
 use tern_lab::{self as lab, LabOptions, LabState};
+
+mod support;
 
 const LEASE_S: u64 = 8;
 const RENEW_S: u64 = 2;
@@ -121,9 +126,15 @@ impl Fixture {
     }
 
     fn kill_agent(&self, i: usize) {
+        self.signal_agent(i, "KILL");
+    }
+
+    /// Sends `signal` to host `i`'s agent and waits until it has exited (30 s at most).
+    fn signal_agent(&self, i: usize, signal: &str) -> Duration {
         let pid = self.pids.lock().unwrap()[i];
+        let t0 = Instant::now();
         assert!(Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
+            .args([&format!("-{signal}"), &pid.to_string()])
             .status()
             .unwrap()
             .success());
@@ -132,8 +143,14 @@ impl Fixture {
                 .unwrap_or_default()
                 .is_empty()
         {
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "agent h{} did not exit on SIG{signal}",
+                i + 1
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
+        t0.elapsed()
     }
 
     /// Starts host `i`'s agent again, as the lab did, and waits until it answers.
@@ -209,20 +226,7 @@ impl Fixture {
 
     /// The guest's verifier counter, checked.
     async fn counter(&self, host: usize, vm: &str) -> u64 {
-        let t0 = Instant::now();
-        loop {
-            match self.agents[host].guest(vm, &json!({"cmd": "verify"})).await {
-                Ok(v) if v["ok"] == true => {
-                    assert_eq!(v["result"]["ok"], true, "checksum: {v}");
-                    return v["result"]["counter"].as_u64().unwrap();
-                }
-                r if t0.elapsed() < Duration::from_secs(30) => {
-                    eprintln!("guest {vm}: {r:?}; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                r => panic!("guest {vm} does not answer: {r:?}"),
-            }
-        }
+        support::guest_counter(&self.agents[host], vm).await
     }
 }
 
@@ -248,11 +252,9 @@ async fn fencing_and_readoption_on_a_lab() {
         image_dir: tern_testkit::test_cache_dir(),
     };
     // Hosts enrolled with a lab CA, which the manager adopts: leases are renewed over HTTPS.
-    let state = lab::up_tls(&opts, &|s| eprintln!("{s}"))
-        .await
-        .expect("lab up");
+    let state = lab::up(&opts, &|s| eprintln!("{s}")).await.expect("lab up");
     let token = state.token().unwrap();
-    let manager = start_manager(&state, &token, dir.path());
+    let manager: Arc<Mutex<Option<Child>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let twice = Arc::new(Mutex::new(Twice::new()));
     let sampling = {
@@ -267,7 +269,13 @@ async fn fencing_and_readoption_on_a_lab() {
     // knows only those it started) would not do.
     let pids: Arc<Mutex<Vec<u32>>> = Arc::default();
     let agents = pids.clone();
+    let (started, manager_dir) = (manager.clone(), dir.path().to_path_buf());
     let outcome = tokio::spawn(async move {
+        // The guest g1 is not the manager's: its first round of load reports, 30 s
+        // after it starts, destroys it as a stale copy. Booted before the manager,
+        // the guest is ready when the first step starts, which then ends in time.
+        boot_g1(&state, &img).await;
+        *started.lock().unwrap() = Some(start_manager(&state, &token, &manager_dir));
         let f = fixture(state, token, agents).await;
         scenario(&f, &img).await;
     })
@@ -281,12 +289,10 @@ async fn fencing_and_readoption_on_a_lab() {
             eprintln!("== {path}: {v:?}");
         }
     }
-    for pid in pids.lock().unwrap().iter() {
-        let _ = Command::new("kill").arg(pid.to_string()).status();
+    if let Some(mut m) = manager.lock().unwrap().take() {
+        let _ = m.kill();
+        let _ = m.wait();
     }
-    let mut manager = manager;
-    let _ = manager.kill();
-    let _ = manager.wait();
     if outcome.is_err() {
         // What the processes said, before the lab and its logs go.
         let mut logs = vec![dir.path().join("manager.log")];
@@ -309,9 +315,16 @@ async fn fencing_and_readoption_on_a_lab() {
             }
         }
     }
+    // Down destroys the VMs through the agents (the ones the test restarted too, which
+    // the lab does not know and which are stopped after it).
     lab::down(&lab_dir, &|s| eprintln!("{s}"))
         .await
         .expect("lab down");
+    for pid in pids.lock().unwrap().iter() {
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+    }
+    let left = tern_testkit::qemus_under(&lab_dir);
+    assert!(left.is_empty(), "QEMUs left after lab down: {left:?}");
     if let Err(e) = outcome {
         std::panic::resume_unwind(e.into_panic());
     }
@@ -403,8 +416,39 @@ async fn fixture(lab: LabState, token: String, pids: Arc<Mutex<Vec<u32>>>) -> Fi
     f
 }
 
+/// Boots guest g1 on h1 straight through its agent and starts its memory writer.
+async fn boot_g1(lab: &LabState, img: &tern_hv::image::GuestImage) {
+    let agent = lab
+        .client(&lab.hosts[0].url, Duration::from_secs(30))
+        .unwrap();
+    let req: CreateVm = serde_json::from_value(json!({
+        "id": "g1",
+        "spec": {"vcpus": 1, "memory_mib": 256, "kernel": img.kernel,
+                 "initramfs": img.initramfs,
+                 "cmdline": format!("{} tern.hostname=g1", img.cmdline)}
+    }))
+    .unwrap();
+    agent.create_vm(&req).await.unwrap();
+    let t0 = Instant::now();
+    while agent.guest("g1", &json!({"cmd": "ping"})).await.is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "guest never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let started = agent
+        .guest(
+            "g1",
+            &json!({"cmd": "start", "workload": "memdirty --mib 8 --mbps 5"}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(started["ok"], true, "{started}");
+}
+
 async fn scenario(f: &Fixture, img: &tern_hv::image::GuestImage) {
-    agent_restarted_within_its_lease_keeps_its_vms(f, img).await;
+    agent_restarted_within_its_lease_keeps_its_vms(f).await;
     agent_killed_for_good_is_fenced_and_its_vms_restart_once(f).await;
     let cut = host_cut_off_stops_its_own_vms_first(f).await;
     destination_agent_killed_mid_move_leaves_no_copy(f, img, cut).await;
@@ -414,38 +458,8 @@ fn host_index(f: &Fixture, name: &str) -> usize {
     f.lab.hosts.iter().position(|h| h.name == name).unwrap()
 }
 
-async fn agent_restarted_within_its_lease_keeps_its_vms(
-    f: &Fixture,
-    img: &tern_hv::image::GuestImage,
-) {
-    let req: CreateVm = serde_json::from_value(json!({
-        "id": "g1",
-        "spec": {"vcpus": 1, "memory_mib": 256, "kernel": img.kernel,
-                 "initramfs": img.initramfs,
-                 "cmdline": format!("{} tern.hostname=g1", img.cmdline)}
-    }))
-    .unwrap();
-    f.agents[0].create_vm(&req).await.unwrap();
-    let t0 = Instant::now();
-    while f.agents[0]
-        .guest("g1", &json!({"cmd": "ping"}))
-        .await
-        .is_err()
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "guest never answered"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let started = f.agents[0]
-        .guest(
-            "g1",
-            &json!({"cmd": "start", "workload": "memdirty --mib 8 --mbps 5"}),
-        )
-        .await
-        .unwrap();
-    assert_eq!(started["ok"], true, "{started}");
+/// g1 runs on h1 already ([`boot_g1`]).
+async fn agent_restarted_within_its_lease_keeps_its_vms(f: &Fixture) {
     // Two VMs the manager places on h1 (kernel-less: firmware only).
     for vm in ["fa", "fb"] {
         let body = json!({"name": vm, "spec": {"vcpus": 1, "memory_mib": 128}, "host": "h1"});
@@ -482,6 +496,9 @@ async fn agent_restarted_within_its_lease_keeps_its_vms(
         c1 > c0,
         "the guest's counter advanced across the restart: {c0} -> {c1}"
     );
+    // Here rather than as a step of its own: the whole of it must end before the
+    // manager's first round of load reports destroys g1 (see `boot_g1`).
+    let c1 = agent_stopped_with_sigterm_keeps_its_vms(f, c1).await;
     // Well past the lease: the manager restarted nothing, the host fenced nothing.
     tokio::time::sleep(Duration::from_secs(LEASE_S + 3)).await;
     let c2 = f.counter(0, "g1").await;
@@ -491,6 +508,49 @@ async fn agent_restarted_within_its_lease_keeps_its_vms(
     }
     assert!(!tern_agent::fence::fenced_file(&f.lab.hosts[0].state_dir).exists());
     eprintln!("restart within the lease: 3 VMs adopted, counter {c0} -> {c2}");
+}
+
+/// A clean stop (SIGTERM, as a service manager sends for an upgrade) ends the agent
+/// only: its QEMUs keep running with their pids, its lease file stays and its watchdog
+/// keeps watching it, and the agent started again adopts them. Returns the guest's
+/// counter, which went on from `c0`.
+async fn agent_stopped_with_sigterm_keeps_its_vms(f: &Fixture, c0: u64) -> u64 {
+    let dir = &f.lab.hosts[0].state_dir;
+    let before = f.agents[0].list_vms().await.unwrap();
+    let watchdog = std::fs::read_to_string(tern_agent::fence::watchdog_pid_file(dir)).unwrap();
+    let took = f.signal_agent(0, "TERM");
+    for vm in ["g1", "fa", "fb"] {
+        assert_eq!(f.hosts_of(vm), ["h1"], "{vm} stopped with its agent");
+    }
+    assert!(
+        tern_agent::fence::lease_file(dir).exists(),
+        "the lease was dropped: nothing would fence the guests"
+    );
+    let watching = std::fs::read(format!("/proc/{}/cmdline", watchdog.trim())).unwrap_or_default();
+    assert!(
+        String::from_utf8_lossy(&watching).contains("watchdog"),
+        "the watchdog stopped with the agent"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.start_agent(0).await;
+    let after = f.agents[0].list_vms().await.unwrap();
+    let pid_of = |list: &[tern_agent::vms::VmView], id: &str| {
+        list.iter()
+            .find(|v| v.info.id == id)
+            .and_then(|v| v.info.pid)
+    };
+    for vm in ["g1", "fa", "fb"] {
+        let (p0, p1) = (pid_of(&before, vm), pid_of(&after, vm));
+        assert!(
+            p0.is_some() && p0 == p1,
+            "{vm}: QEMU {p0:?} before, {p1:?} after"
+        );
+    }
+    let c1 = f.counter(0, "g1").await;
+    assert!(c1 > c0, "counter {c0} -> {c1}");
+    assert!(!tern_agent::fence::fenced_file(dir).exists());
+    eprintln!("SIGTERM: agent stopped in {took:?}, 3 VMs adopted, counter {c0} -> {c1}");
+    c1
 }
 
 async fn agent_killed_for_good_is_fenced_and_its_vms_restart_once(f: &Fixture) {
