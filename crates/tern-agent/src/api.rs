@@ -284,9 +284,14 @@ impl<S: Send + Sync> FromRequestParts<S> for VmId {
 }
 
 async fn run(State(state): State<AppState>, cmd: Command) -> Response {
-    match execute(&state, cmd).await {
-        Ok((status, body)) => (status, Json(body)).into_response(),
-        Err(e) => e.into_response(),
+    // On its own task, so a caller that goes away (a manager killed mid-request) does
+    // not cancel a change half-way: a create dropped between starting QEMU and keeping
+    // its handle would kill that QEMU and leave the VM defined without it, lost.
+    let done = tokio::spawn(async move { execute(&state, cmd).await }).await;
+    match done {
+        Ok(Ok((status, body))) => (status, Json(body)).into_response(),
+        Ok(Err(e)) => e.into_response(),
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
     }
 }
 

@@ -474,7 +474,8 @@ async fn wait_healthy(h: &LabHost, client: AgentClient) -> Result<(), LabError> 
     }
 }
 
-fn alive(pid: u32) -> bool {
+/// Whether process `pid` exists and has not exited.
+pub fn alive(pid: u32) -> bool {
     // A zombie has exited; only its parent has not collected it yet.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| {

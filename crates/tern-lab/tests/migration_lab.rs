@@ -3,13 +3,8 @@
 //!
 //! One guest, booted once, runs `memdirty` and the verifier throughout and is moved
 //! h1 → h2 (xen), h2 → h1 (qemu-rule), h1 → h2 (adaptive); after each move its counter
-//! has advanced and its checksum matches. Then three failures, each while memory is in
-//! flight from h2 to h1: the destination QEMU is killed, the link is cut, the
-//! destination agent is killed. Each time the guest keeps running on h2.
-//!
-//! A second lab checks the promise of docs/migration.md that a cut link is noticed and
-//! rolled back quickly: a 512 MiB guest dirtying 60 MB/s, the destination's link set
-//! down 1.5 s into the move, the source back in charge within 20 s.
+//! has advanced and its checksum matches. Moves broken on purpose (the destination's
+//! QEMU or agent killed, its link cut) are cases of the fault suite (`tern-faults`).
 //!
 //! The lab is made as `tern lab up` makes it: a lab CA, agents serving mutual TLS only
 //! and calling each other with their host certificates.
@@ -18,7 +13,6 @@
 //! says why and passes, except under `CI`, where it must run.
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
@@ -129,31 +123,6 @@ impl Lab {
             .iter()
             .any(|v| v.info.id == VM)
     }
-
-    /// Polls until host `host`'s copy of the VM is gone (a failed destination cleans up).
-    async fn wait_gone(&self, host: usize) {
-        let t0 = Instant::now();
-        while self.has_vm(host).await {
-            assert!(
-                t0.elapsed() < Duration::from_secs(40),
-                "h{} kept the failed copy",
-                host + 1
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
-}
-
-/// Sets the lab switch's port to host `host` (0-based) up or down: its link is cut.
-fn set_link(lab: &Lab, host: usize, updown: &str) {
-    let sw = format!("tern-{}-sw", lab.state.index);
-    let port = format!("p{}", host + 1);
-    let ok = Command::new("ip")
-        .args(["-n", &sw, "link", "set", &port, updown])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "ip link set {port} {updown} in {sw}");
 }
 
 /// The guest image, and a lab with two hosts running `scenario`, taken down whatever
@@ -211,42 +180,6 @@ async fn boot(lab: &Lab, img: &tern_hv::image::GuestImage, memory_mib: u64, work
         .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_link_cut_during_pre_copy_is_rolled_back_within_20_s() {
-    if !can_run() {
-        return;
-    }
-    in_a_lab(|lab, img| async move {
-        boot(&lab, &img, 512, "memdirty --mib 128 --mbps 60").await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let counter = lab.guest_ok(0, 0).await;
-        let id = lab.send(0, 1, "adaptive", json!({})).await;
-        let sent = Instant::now();
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        set_link(&lab, 1, "down");
-        let cut = Instant::now();
-        let at_cut = lab.status(0, &id).await;
-        let s = lab.wait_phase(0, &id, "rolled_back").await;
-        let noticed = cut.elapsed();
-        set_link(&lab, 1, "up");
-        eprintln!(
-            "link cut {:?} into the move (phase then: {}); rolled back {noticed:?} later: {}",
-            cut - sent,
-            at_cut["phase"],
-            s["error"]
-        );
-        assert_eq!(at_cut["phase"], "pre_copy", "{at_cut}");
-        assert_eq!(s["phase"], "rolled_back", "{s}");
-        assert!(
-            noticed < Duration::from_secs(20),
-            "the source noticed the cut link only after {noticed:?}"
-        );
-        lab.guest_ok(0, counter).await;
-        lab.wait_gone(1).await;
-    })
-    .await;
-}
-
 async fn bring_up(dir: &tempfile::TempDir) -> Lab {
     let opts = LabOptions {
         hosts: 2,
@@ -268,7 +201,7 @@ async fn bring_up(dir: &tempfile::TempDir) -> Lab {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn guest_moves_under_each_policy_and_survives_failures() {
+async fn guest_moves_under_each_policy() {
     if !can_run() {
         return;
     }
@@ -299,68 +232,4 @@ async fn scenario(lab: &Lab, img: &tern_hv::image::GuestImage) {
         at = to;
     }
     assert_eq!(at, 1);
-
-    // Failures while memory flows h2 -> h1, slowed to 40 Mbit/s so there is time to act.
-    let slow = json!({"max_mbit": 40});
-
-    // 1. The destination QEMU dies.
-    let id = lab.send(1, 0, "adaptive", slow.clone()).await;
-    lab.wait_phase(1, &id, "pre_copy").await;
-    let pid = wait_dest_pid(lab, 0).await;
-    Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
-    let s = lab.wait_phase(1, &id, "rolled_back").await;
-    assert_eq!(s["phase"], "rolled_back", "{s}");
-    eprintln!("destination QEMU killed: {}", s["error"]);
-    counter = lab.guest_ok(1, counter).await;
-    lab.wait_gone(0).await;
-
-    // 2. The link to the destination is cut.
-    let id = lab.send(1, 0, "adaptive", slow.clone()).await;
-    lab.wait_phase(1, &id, "pre_copy").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    set_link(lab, 0, "down");
-    let s = lab.wait_phase(1, &id, "rolled_back").await;
-    set_link(lab, 0, "up");
-    assert_eq!(s["phase"], "rolled_back", "{s}");
-    eprintln!("link cut: {}", s["error"]);
-    counter = lab.guest_ok(1, counter).await;
-    lab.wait_gone(0).await;
-
-    // 3. The destination agent dies (its waiting QEMU is orphaned, never resumed).
-    let id = lab.send(1, 0, "adaptive", slow).await;
-    lab.wait_phase(1, &id, "pre_copy").await;
-    let orphan = wait_dest_pid(lab, 0).await;
-    let agent = lab.state.hosts[0].pid.expect("lab agent pid");
-    Command::new("kill")
-        .args(["-9", &agent.to_string()])
-        .status()
-        .unwrap();
-    let s = lab.wait_phase(1, &id, "rolled_back").await;
-    assert_eq!(s["phase"], "rolled_back", "{s}");
-    eprintln!("destination agent killed: {}", s["error"]);
-    let _ = Command::new("kill")
-        .args(["-9", &orphan.to_string()])
-        .status();
-    lab.guest_ok(1, counter).await;
-}
-
-/// The QEMU process id of the incoming copy on host `host`, once it exists.
-async fn wait_dest_pid(lab: &Lab, host: usize) -> u32 {
-    let t0 = Instant::now();
-    loop {
-        if let Ok(v) = lab.hosts[host].show_vm(VM).await {
-            if let Some(pid) = v.info.pid {
-                return pid;
-            }
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "no incoming VM on h{}",
-            host + 1
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }

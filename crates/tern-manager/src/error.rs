@@ -36,7 +36,13 @@ pub enum Error {
         phase: tern_api::migration::Phase,
     },
     #[error("state database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Sqlite(rusqlite::Error),
+    /// The disk holding the state database has no room: the write was not made.
+    #[error(
+        "the disk holding the state database (--db) is full ({0}): nothing was changed; \
+         free space on it and retry"
+    )]
+    DiskFull(rusqlite::Error),
     #[error(
         "state database holds a value it cannot read ({0}); was it written by another program?"
     )]
@@ -54,3 +60,33 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::DiskFull) => Error::DiskFull(e),
+            _ => Error::Sqlite(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_disk_is_told_apart_from_other_database_errors() {
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        );
+        let e = Error::from(full);
+        assert!(matches!(e, Error::DiskFull(_)), "{e:?}");
+        assert!(e.to_string().contains("free space"), "{e}");
+        let busy = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+            None,
+        );
+        assert!(matches!(Error::from(busy), Error::Sqlite(_)));
+    }
+}

@@ -53,6 +53,7 @@ impl ApiError {
                 Error::Sqlite(_) | Error::Corrupt(_) | Error::SchemaTooNew { .. } => {
                     StatusCode::INTERNAL_SERVER_ERROR
                 }
+                Error::DiskFull(_) => StatusCode::INSUFFICIENT_STORAGE,
             },
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,

@@ -3,6 +3,7 @@
 
 mod api;
 mod balance;
+mod faults;
 mod hbal;
 mod migration;
 
@@ -17,6 +18,9 @@ pub enum Command {
     Api(api::Args),
     /// Live migration on a 2-host lab: tern's engine under each policy beside QEMU's own.
     Migration(migration::Args),
+    /// The fault and attack suite on a 3-host lab: probes of every closed hole and real
+    /// faults (agents and the manager killed, a full disk, links cut, moves broken).
+    Faults(faults::Args),
 }
 
 /// A manager's API served on a loopback port for one benchmark, stopped by [`Served::stop`].
@@ -99,5 +103,6 @@ pub fn run(c: Command) -> anyhow::Result<()> {
         Command::Balance(args) => balance::run(args),
         Command::Api(args) => api::run(args),
         Command::Migration(args) => migration::run(args),
+        Command::Faults(args) => faults::run(args),
     }
 }
