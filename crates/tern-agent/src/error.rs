@@ -4,6 +4,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 pub use tern_api::agent::ErrorBody;
 use tern_hv::HvError;
+use tern_trace::TraceError;
 
 use crate::migration::memory::MemoryError;
 
@@ -59,6 +60,9 @@ pub enum AgentError {
     /// A destination could not set up a migration's streams (listener, relay socket).
     #[error("migration streams: {0}")]
     Streams(#[source] crate::migration::MigrationError),
+    /// Recording a trace failed or was refused.
+    #[error(transparent)]
+    Trace(#[from] tern_trace::TraceError),
     /// The agent's own files (state directory, token file).
     #[error("{context}: {source}")]
     Io {
@@ -90,6 +94,13 @@ impl AgentError {
             AgentError::Io { .. } | AgentError::Streams(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // A prepare whose VM spec gives a memory file the destination cannot use.
             AgentError::Memory(_) => StatusCode::BAD_REQUEST,
+            AgentError::Trace(e) => match e {
+                TraceError::NoThreads | TraceError::TooManyThreads { .. } => {
+                    StatusCode::BAD_REQUEST
+                }
+                TraceError::Busy(_) => StatusCode::TOO_MANY_REQUESTS,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
             AgentError::Hv(e) => match e {
                 HvError::InvalidSpec(_)
                 | HvError::BadName(_)
@@ -123,6 +134,11 @@ impl AgentError {
             AgentError::Client(_) => "remote",
             AgentError::Io { .. } | AgentError::Streams(_) => "internal",
             AgentError::Memory(_) => "bad_request",
+            AgentError::Trace(e) => match e {
+                TraceError::NoThreads | TraceError::TooManyThreads { .. } => "bad_request",
+                TraceError::Busy(_) => "busy",
+                _ => "trace",
+            },
             AgentError::Hv(e) => match e {
                 HvError::InvalidSpec(_)
                 | HvError::BadName(_)

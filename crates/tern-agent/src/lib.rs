@@ -11,6 +11,7 @@
 //! - [`fence`]: the host's lease with the manager, the watchdog that stops the guests
 //!   when it runs out, and what a restarted agent does with the QEMUs it finds.
 //! - [`openapi`]: the API's OpenAPI document, generated from the handlers and types.
+//! - [`trace`]: the trace route, recording a VM's vCPU threads with `tern-trace`.
 
 pub mod api;
 pub mod client;
@@ -22,6 +23,7 @@ pub mod migration;
 pub mod openapi;
 pub mod server;
 pub mod state;
+pub mod trace;
 pub mod vms;
 
 pub use error::AgentError;

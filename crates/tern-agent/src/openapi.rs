@@ -35,6 +35,7 @@ use crate::migration::routes;
         routes::show_incoming,
         routes::abort,
         routes::resume,
+        crate::trace::trace_vm,
     ),
     components(schemas(tern_api::agent::ErrorBody)),
     modifiers(&Errors)

@@ -13,11 +13,12 @@ use tern_pki::serve::{Limits, TlsAcceptor};
 /// How often the load sampler measures the VMs.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
-/// The whole application: the VM API and the migration endpoints, behind the token
+/// The whole application: the VM API, the migration and trace endpoints, behind the token
 /// check, reading request bodies up to [`crate::api::MAX_BODY_BYTES`].
 pub fn app(state: AppState) -> Router {
     crate::api::router(state.clone())
         .merge(crate::migration::routes(state.clone()))
+        .merge(crate::trace::routes(state.clone()))
         .layer(DefaultBodyLimit::max(crate::api::MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -28,7 +29,24 @@ pub struct Serving {
     /// TLS (mutual, with the cluster CA) when set; plain HTTP otherwise.
     pub tls: Option<TlsAcceptor>,
     pub limits: Limits,
+    pub on_exit: OnExit,
 }
+
+/// What becomes of the host's VMs when the agent stops serving.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OnExit {
+    /// Destroy them: an agent in a test process, whose QEMUs would die with its driver
+    /// anyway, or one told so (`tern agent --stop-vms-on-exit`).
+    #[default]
+    StopVms,
+    /// Leave the guests running for the next agent to adopt, so restarting or upgrading
+    /// the agent does not stop them. Migrations under way end first: outgoing ones are
+    /// cancelled (the guest stays here), incoming copies that never ran are destroyed.
+    KeepVms,
+}
+
+/// How long a stopping agent waits for its outgoing migrations to roll back.
+pub const WIND_DOWN: Duration = Duration::from_secs(20);
 
 /// Serves plain HTTP with the default limits; see [`serve_with`].
 pub async fn serve(
@@ -40,8 +58,7 @@ pub async fn serve(
 }
 
 /// Serves until `shutdown` resolves, sampling VM load meanwhile. On the way out the
-/// host's VMs are destroyed: their QEMUs are this agent's children and a host without
-/// its agent cannot be managed.
+/// host's VMs are destroyed or left running, as `serving.on_exit` says.
 pub async fn serve_with(
     listener: tokio::net::TcpListener,
     state: AppState,
@@ -70,10 +87,63 @@ pub async fn serve_with(
     .await
     .map_err(AgentError::io("serving HTTP"));
     sampler.abort();
-    for vm in state.hv.list().await.unwrap_or_default() {
-        if let Err(e) = state.destroy_vm(&vm.id).await {
-            tracing::warn!(vm = %vm.id, error = %e, "could not destroy VM at shutdown");
+    match serving.on_exit {
+        OnExit::StopVms => {
+            for vm in state.hv.list().await.unwrap_or_default() {
+                if let Err(e) = state.destroy_vm(&vm.id).await {
+                    tracing::warn!(vm = %vm.id, error = %e, "could not destroy VM at shutdown");
+                }
+            }
+        }
+        OnExit::KeepVms => {
+            end_migrations(&state, WIND_DOWN).await;
+            let kept = state.hv.release().await;
+            if !kept.is_empty() {
+                eprintln!(
+                    "tern agent: left {} VMs running for the next agent to adopt: {}",
+                    kept.len(),
+                    kept.join(" ")
+                );
+            }
         }
     }
     served
+}
+
+/// Cancels the outgoing migrations under way and waits up to `within` for them to roll
+/// back, so no guest is left paused between two hosts; destroys the incoming copies that
+/// never ran here (no agent would resume them, and the source keeps its guest).
+async fn end_migrations(state: &AppState, within: Duration) {
+    use std::sync::atomic::Ordering;
+    let reg = &state.migrations;
+    let outbound: Vec<_> = reg
+        .outbound
+        .lock()
+        .expect("registry lock")
+        .values()
+        .filter(|o| !o.snapshot().phase.is_final())
+        .cloned()
+        .collect();
+    for o in &outbound {
+        o.cancel.store(true, Ordering::SeqCst);
+    }
+    let deadline = tokio::time::Instant::now() + within;
+    while outbound.iter().any(|o| !o.snapshot().phase.is_final())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let inbound: Vec<String> = reg
+        .inbound
+        .lock()
+        .expect("registry lock")
+        .iter()
+        .filter(|(_, i)| !i.resumed.load(Ordering::SeqCst))
+        .map(|(id, _)| id.clone())
+        .collect();
+    for id in inbound {
+        if let Err(e) = crate::migration::dest::abort(state, reg, &id).await {
+            tracing::warn!(migration = %id, error = %e, "could not end an incoming migration");
+        }
+    }
 }

@@ -1,6 +1,7 @@
 //! A real guest through the agent: the QEMU driver boots tern's guest image, the API
 //! proxies requests to the guest agent, a workload runs, the verifier's checksum holds,
-//! and the vCPU threads' CPU time shows in the metrics and the host's load.
+//! and the vCPU threads' CPU time shows in the metrics and the host's load; the trace
+//! route records the vCPU threads' scheduler events and refuses bad requests.
 
 use serde_json::json;
 use std::sync::Arc;
@@ -9,58 +10,91 @@ use tern_agent::client::AgentClient;
 use tern_agent::host::Capacity;
 use tern_agent::vms::CreateVm;
 use tern_agent::{AppState, HostConfig};
+use tern_api::client::ClientError;
+use tern_api::trace::{TraceRequest, MAX_TRACE_MS};
 use tern_hv::qemu::{QemuConfig, QemuDriver};
-use tern_hv::VmState;
+use tern_hv::{Action, VmState};
+
+/// An agent on a bound port with the QEMU driver, and the guest image to boot.
+struct Agent {
+    c: AgentClient,
+    img: tern_hv::image::GuestImage,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), tern_agent::AgentError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    async fn start() -> Agent {
+        let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
+            eprintln!("image: {s}")
+        })
+        .await
+        .expect("guest image builds");
+        let dir = tempfile::tempdir().unwrap();
+        let hv = QemuDriver::new(QemuConfig::new(
+            dir.path().join("run"),
+            dir.path().join("mem"),
+            None,
+        ));
+        let state = AppState::new(
+            Arc::new(hv),
+            HostConfig {
+                name: "h1".into(),
+                capacity: Capacity {
+                    cpus: 2,
+                    memory_mib: 1024,
+                },
+                token: "t".into(),
+                state_dir: dir.path().to_path_buf(),
+                image_dir: tern_testkit::test_cache_dir(),
+            },
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(tern_agent::server::serve(listener, state, async {
+            let _ = rx.await;
+        }));
+        let c = AgentClient::new(&url, "t", Duration::from_secs(30)).unwrap();
+        Agent {
+            c,
+            img,
+            stop,
+            server,
+            _dir: dir,
+        }
+    }
+
+    /// A VM `id` booting tern's guest image.
+    fn vm(&self, id: &str, vcpus: u32) -> CreateVm {
+        serde_json::from_value(json!({
+            "id": id,
+            "spec": {
+                "vcpus": vcpus,
+                "memory_mib": 256,
+                "kernel": self.img.kernel,
+                "initramfs": self.img.initramfs,
+                "cmdline": format!("{} tern.hostname={id}", self.img.cmdline),
+            }
+        }))
+        .unwrap()
+    }
+
+    async fn shut(self) {
+        self.stop.send(()).unwrap();
+        self.server.await.unwrap().unwrap();
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_boots_and_answers_through_the_agent() {
     if !tern_testkit::require_qemu() {
         return;
     }
-    let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
-        eprintln!("image: {s}")
-    })
-    .await
-    .expect("guest image builds");
-
-    let dir = tempfile::tempdir().unwrap();
-    let hv = QemuDriver::new(QemuConfig::new(
-        dir.path().join("run"),
-        dir.path().join("mem"),
-        None,
-    ));
-    let state = AppState::new(
-        Arc::new(hv),
-        HostConfig {
-            name: "h1".into(),
-            capacity: Capacity {
-                cpus: 2,
-                memory_mib: 1024,
-            },
-            token: "t".into(),
-            state_dir: dir.path().to_path_buf(),
-            image_dir: tern_testkit::test_cache_dir(),
-        },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(tern_agent::server::serve(listener, state, async {
-        let _ = rx.await;
-    }));
-    let c = AgentClient::new(&url, "t", Duration::from_secs(30)).unwrap();
-
-    let req: CreateVm = serde_json::from_value(json!({
-        "id": "g1",
-        "spec": {
-            "vcpus": 1,
-            "memory_mib": 256,
-            "kernel": img.kernel,
-            "initramfs": img.initramfs,
-            "cmdline": format!("{} tern.hostname=g1", img.cmdline),
-        }
-    }))
-    .unwrap();
+    let a = Agent::start().await;
+    let c = &a.c;
+    let req = a.vm("g1", 1);
     let v = c.create_vm(&req).await.unwrap();
     assert_eq!(v.info.state, VmState::Running);
 
@@ -107,6 +141,65 @@ async fn guest_boots_and_answers_through_the_agent() {
     c.delete_vm("g1").await.unwrap();
     assert!(!ram.exists());
 
-    tx.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    a.shut().await;
+}
+
+fn status(e: ClientError) -> u16 {
+    match e {
+        ClientError::Remote { status, .. } => status,
+        other => panic!("expected an API error, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_vms_vcpu_threads_are_traced_and_bad_requests_refused() {
+    if !tern_testkit::require_qemu() || !tern_testkit::is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with QEMU"
+        );
+        eprintln!("SKIP: tracing needs root and QEMU");
+        return;
+    }
+    let a = Agent::start().await;
+    let c = &a.c;
+    c.create_vm(&a.vm("g1", 2)).await.unwrap();
+
+    // Refused before anything is recorded.
+    let trace = |id: &'static str, duration_ms: u64| async move {
+        c.trace(id, &TraceRequest { duration_ms }).await
+    };
+    for bad in [0, MAX_TRACE_MS + 1] {
+        assert_eq!(status(trace("g1", bad).await.unwrap_err()), 400, "{bad} ms");
+    }
+    assert_eq!(status(trace("nope", 100).await.unwrap_err()), 404);
+
+    let v = trace("g1", 1000).await.unwrap();
+    assert_eq!((v.vm.as_str(), v.host.as_str()), ("g1", "h1"));
+    assert_eq!(v.vcpu_threads.len(), 2);
+    let t = &v.trace;
+    let secs = (t.end_ns - t.start_ns) as f64 / 1e9;
+    eprintln!(
+        "{} events in {secs:.2} s, lost {}, dropped {}",
+        t.events.len(),
+        t.lost,
+        t.dropped
+    );
+    assert!((0.95..2.0).contains(&secs), "{secs} s");
+    assert!(!t.events.is_empty(), "a booting guest's vCPUs switch");
+    for e in &t.events {
+        let tids = e.kind.tids();
+        assert!(
+            tids.iter()
+                .flatten()
+                .any(|tid| v.vcpu_threads.contains(tid)),
+            "{e:?} is not about a vCPU thread"
+        );
+    }
+
+    c.act("g1", Action::Stop).await.unwrap();
+    let e = trace("g1", 100).await.unwrap_err();
+    assert_eq!(status(e), 409, "a stopped VM is not traced");
+    c.delete_vm("g1").await.unwrap();
+    a.shut().await;
 }

@@ -47,7 +47,7 @@ async fn another_hosts_certificate_cannot_drive_an_agent() {
         tls: Some(TlsAcceptor::new(
             server_config(&host, None, ClientAuth::Required).unwrap(),
         )),
-        limits: Default::default(),
+        ..Default::default()
     };
     let st = state(dir.path()).with_tls(client_config(&host.ca_pem, Some(&host), None).unwrap());
     tokio::spawn(tern_agent::server::serve_with(

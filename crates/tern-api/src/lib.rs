@@ -13,6 +13,7 @@
 //! - [`manager`]: the manager's API: hosts, VMs, migrations, settings, plan, events.
 //! - `client` (feature `client`): one HTTP client for both servers, typed per route.
 //! - [`guest`]: the JSON-lines protocol between the host and `tern-guest` in a VM.
+//! - [`trace`]: the agent's trace API: a host recording of a VM's vCPU threads.
 //! - `request` (feature `server`): request bodies parsed strictly, at every depth.
 //! - `openapi` (feature `openapi`): what both servers' OpenAPI documents share; every
 //!   type here derives `utoipa::ToSchema` under that feature.
@@ -26,3 +27,4 @@ pub mod migration;
 pub mod openapi;
 #[cfg(feature = "server")]
 pub mod request;
+pub mod trace;

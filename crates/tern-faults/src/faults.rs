@@ -25,7 +25,7 @@ pub fn cases() -> Vec<Case> {
         Case {
             name: "agent_restarted_within_its_lease_keeps_its_vms",
             group: "fencing",
-            about: "h1's agent is SIGKILLed and started again at once: its QEMUs keep their pids, the guest's counter advances, nothing restarts or fences",
+            about: "h1's agent is SIGKILLed and started again at once, then stopped cleanly with SIGTERM (an upgrade) and started again: each time its QEMUs keep their pids, the guest's counter advances, the lease and watchdog stay, nothing restarts or fences",
             run: |f| Box::pin(agent_restarted_within_its_lease_keeps_its_vms(f)),
         },
         Case {
@@ -194,6 +194,41 @@ async fn agent_restarted_within_its_lease_keeps_its_vms(
         c1.is_some_and(|c| c > c0),
         "g1's counter across the restart: {c0} -> {c1:?} (None: checksum failed)"
     );
+
+    // A clean stop, as a service manager sends for an upgrade: the agent goes, its
+    // guests, lease and watchdog stay, and the next agent adopts the same QEMUs.
+    let dir = &f.lab.hosts[0].state_dir;
+    let watchdog = std::fs::read_to_string(tern_agent::fence::watchdog_pid_file(dir))
+        .map_err(FaultError::io("reading h1's watchdog pid file"))?;
+    let stopped = f.signal_agent(0, "TERM").await?;
+    for vm in ["g1", "fa", "fb"] {
+        let on = f.hosts_of(vm);
+        check!(on == ["h1"], "{vm} runs on {on:?} after SIGTERM, not on h1");
+    }
+    check!(
+        tern_agent::fence::lease_file(dir).exists(),
+        "SIGTERM dropped h1's lease: nothing would fence its guests"
+    );
+    let watching = std::fs::read(format!("/proc/{}/cmdline", watchdog.trim())).unwrap_or_default();
+    check!(
+        String::from_utf8_lossy(&watching).contains("watchdog"),
+        "h1's watchdog stopped with its agent"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.start_agent(0).await?;
+    let adopted = f.agents[0].list_vms().await?;
+    for vm in ["g1", "fa", "fb"] {
+        let (p0, p1) = (pid_of(&before, vm), pid_of(&adopted, vm));
+        check!(
+            p0.is_some() && p0 == p1,
+            "{vm}: QEMU {p0:?} before SIGTERM, {p1:?} after"
+        );
+    }
+    let c1 = f.counter(0, "g1").await?;
+    check!(
+        c1.is_some_and(|c| c > c0),
+        "g1's counter across the SIGTERM restart: {c0} -> {c1:?}"
+    );
     // Well past the lease: the manager restarted nothing, the host fenced nothing.
     tokio::time::sleep(Duration::from_secs(LEASE_S + 3)).await;
     let c2 = f.counter(0, "g1").await?;
@@ -210,8 +245,9 @@ async fn agent_restarted_within_its_lease_keeps_its_vms(
     let restarts = restarts_since(f, since).await?;
     check!(restarts.is_empty(), "the manager restarted {restarts:?}");
     Ok(Outcome::pass(format!(
-        "agent up again in {:.1} s; 3 QEMUs adopted with their pids; g1's counter {c0} -> {} over {} s",
+        "agent up again in {:.1} s; SIGTERM ended it in {} ms; 3 QEMUs adopted with their pids both times; g1's counter {c0} -> {} over {} s",
         up.as_secs_f64(),
+        stopped.as_millis(),
         c2.unwrap_or_default(),
         LEASE_S + 3
     )))

@@ -229,7 +229,7 @@ impl Fixture {
             manager_port: Some(MANAGER_PORT),
             image_dir: opts.image_dir.clone(),
         };
-        let lab = match tern_lab::up_tls(&lab_opts, &|s| progress(s)).await {
+        let lab = match tern_lab::up(&lab_opts, &|s| progress(s)).await {
             Ok(l) => l,
             Err(e) => {
                 let _ = umount(&db_dir).await;
@@ -385,18 +385,25 @@ impl Fixture {
     /// Kills host `i`'s agent with SIGKILL (its QEMUs and watchdog live on) and waits
     /// until it is gone.
     pub async fn kill_agent(&self, i: usize) -> Result<(), FaultError> {
+        self.signal_agent(i, "KILL").await.map(|_| ())
+    }
+
+    /// Sends `signal` (`KILL`, `TERM`, ...) to host `i`'s agent and waits until it has
+    /// exited; returns how long that took.
+    pub async fn signal_agent(&self, i: usize, signal: &str) -> Result<Duration, FaultError> {
         let pid = self.agent_pid(i);
         if !alive(pid) {
-            return Ok(());
+            return Ok(Duration::ZERO);
         }
-        tern_hv::qemu::net::run("kill", &["-KILL", &pid.to_string()]).await?;
+        let t0 = Instant::now();
+        tern_hv::qemu::net::run("kill", &[&format!("-{signal}"), &pid.to_string()]).await?;
         self.wait(
-            &format!("agent {} exits", self.lab.hosts[i].name),
-            Duration::from_secs(10),
+            &format!("agent {} exits on SIG{signal}", self.lab.hosts[i].name),
+            Duration::from_secs(30),
             || !alive(pid),
         )
         .await?;
-        Ok(())
+        Ok(t0.elapsed())
     }
 
     /// Starts host `i`'s agent again with the lab's command line and waits until it

@@ -142,4 +142,10 @@ pub trait Hypervisor: Send + Sync {
     async fn migrate(&self, id: &str, uri: &str) -> Result<()>;
     async fn query_migrate(&self, id: &str) -> Result<MigrationStatus>;
     async fn migrate_cancel(&self, id: &str) -> Result<()>;
+    /// Lets go of every VM without stopping it, for an agent that exits while its
+    /// guests run on; a later driver adopts them. Returns the ids let go. A driver whose
+    /// guests cannot outlive its process (the simulator) has nothing to let go.
+    async fn release(&self) -> Vec<String> {
+        Vec::new()
+    }
 }

@@ -166,3 +166,41 @@ async fn reclaim_removes_what_a_killed_driver_left() {
     second.create("left", spec(32, 1), false).await.unwrap();
     second.destroy("left").await.unwrap();
 }
+
+/// The process group of `pid`, from `/proc/PID/stat`.
+fn process_group(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    // Fields after the command: state, ppid, pgrp.
+    after.split_whitespace().nth(2)?.parse().ok()
+}
+
+#[tokio::test]
+async fn a_released_qemu_outlives_its_driver_and_a_new_driver_adopts_it() {
+    if !tern_testkit::require_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = driver(dir.path());
+    let s = spec(64, 1);
+    d.create("vm1", s.clone(), false).await.unwrap();
+    let pid = d.start("vm1").await.unwrap().pid.unwrap();
+    // QEMU has a process group of its own: a Ctrl-C to the agent's group misses it.
+    assert_eq!(process_group(pid), Some(pid));
+    assert_eq!(d.release().await, ["vm1"]);
+    assert!(d.list().await.unwrap().is_empty(), "the driver let go");
+    drop(d);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let again = driver(dir.path());
+    let (found, runstate) = again.left_behind("vm1").await.unwrap();
+    assert_eq!(
+        found,
+        Some(pid),
+        "QEMU outlived the driver that released it"
+    );
+    assert_eq!(runstate.as_deref(), Some("running"));
+    let adopted = again.adopt("vm1", s).await.unwrap();
+    assert_eq!((adopted.pid, adopted.state), (Some(pid), VmState::Running));
+    again.destroy("vm1").await.unwrap();
+    assert_eq!(again.left_behind("vm1").await.unwrap().0, None);
+}

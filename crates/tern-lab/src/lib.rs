@@ -6,9 +6,14 @@
 //! `tern lab up|status|down`, `tern demo`, `tern bench migration` and the tests that move
 //! real guests between hosts build their hosts with it.
 //!
-//! [`up_tls`] makes a lab CA (`DIR/ca`), enrols every agent with a host certificate for its
-//! name and address, and issues an operator certificate (`DIR/operator`): the agents then
-//! serve mutual TLS only, and `tern manager --ca DIR/ca` adopts the CA.
+//! [`up`] makes a lab CA (`DIR/ca`), enrols every agent with a host certificate for its
+//! name and address, and issues an operator certificate (`DIR/ca/operator`): the agents
+//! then serve mutual TLS only, and `tern manager --ca DIR/ca` adopts the CA.
+//! [`up_insecure_plain_http`] leaves TLS out (agents share a bearer token over plain
+//! HTTP): the lab's addresses are reachable from this machine only.
+//!
+//! Agents leave their guests running when they stop, so [`down`] destroys every VM
+//! through its agent first, and kills whatever QEMU is left after the agents exit.
 //!
 //! # Layout
 //! - [`plan`]: the plan (names, addresses, the `ip`/`tc` commands), pure.
@@ -67,6 +72,15 @@ pub struct LabHost {
     /// key.pem), for `tern agent vm --tls-dir`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_dir: Option<PathBuf>,
+    /// With a lab CA: the operator's client certificate, inside `tls_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// With a lab CA: the operator's client key (mode 0600), inside `tls_dir`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// Without a lab CA: the bearer token the agent takes (mode 0600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_file: Option<PathBuf>,
 }
 
 /// The lab state file: everything `down` needs to undo `up`.
@@ -85,7 +99,8 @@ pub struct LabState {
     pub root_link: String,
     pub root_addr: String,
     pub hosts: Vec<LabHost>,
-    /// The lab CA's directory, when the lab was made with one ([`up_tls`]).
+    /// The lab CA's directory, when the lab was made with one ([`up`]; none with
+    /// [`up_insecure_plain_http`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_dir: Option<PathBuf>,
 }
@@ -207,16 +222,21 @@ fn operator_dir(ca_dir: &Path) -> PathBuf {
     ca_dir.join("operator")
 }
 
-/// Builds the lab, starts its agents and waits until each answers. On any failure what
-/// was made is removed again. `progress` receives one line per step.
+/// Builds the lab with a lab CA, starts its agents and waits until each answers: each
+/// agent gets a host certificate for its name and address and serves mutual TLS only; an
+/// operator certificate is issued for the caller. On any failure what was made is
+/// removed again. `progress` receives one line per step.
 pub async fn up(opts: &LabOptions, progress: &dyn Fn(&str)) -> Result<LabState, LabError> {
-    up_with(opts, false, progress).await
+    up_with(opts, true, progress).await
 }
 
-/// [`up`] with a lab CA: each agent gets a host certificate for its name and address and
-/// serves mutual TLS only; an operator certificate is issued for the caller.
-pub async fn up_tls(opts: &LabOptions, progress: &dyn Fn(&str)) -> Result<LabState, LabError> {
-    up_with(opts, true, progress).await
+/// [`up`] without TLS: the agents serve plain HTTP and take the lab's bearer token. Only
+/// for a lab, whose addresses this machine alone reaches.
+pub async fn up_insecure_plain_http(
+    opts: &LabOptions,
+    progress: &dyn Fn(&str),
+) -> Result<LabState, LabError> {
+    up_with(opts, false, progress).await
 }
 
 async fn up_with(
@@ -246,6 +266,9 @@ async fn up_with(
     let index = shape.index;
     let mem_root = PathBuf::from(format!("/dev/shm/tern-lab-{index}"));
     let ca_dir = tls.then(|| opts.dir.join("ca"));
+    let operator = ca_dir
+        .as_ref()
+        .map(|d| tern_pki::identity::IdentityFiles::in_dir(&operator_dir(d)));
     let url = |i: u32| {
         let u = shape.agent_url(i);
         if tls {
@@ -263,7 +286,7 @@ async fn up_with(
         }),
         link_mbit: opts.link_mbit,
         dir: opts.dir.clone(),
-        token_file,
+        token_file: token_file.clone(),
         mem_root: mem_root.clone(),
         switch_netns: shape.switch_ns(),
         root_link: shape.root_link(),
@@ -279,6 +302,9 @@ async fn up_with(
                 mem_dir: mem_root.join(shape.host_name(i)),
                 ca_file: ca_dir.as_ref().map(|d| tern_pki::Ca::cert_path(d)),
                 tls_dir: ca_dir.as_ref().map(|d| operator_dir(d)),
+                cert_file: operator.as_ref().map(|f| f.cert.clone()),
+                key_file: operator.as_ref().map(|f| f.key.clone()),
+                token_file: (!tls).then(|| token_file.clone()),
             })
             .collect(),
         ca_dir,
@@ -488,7 +514,7 @@ pub async fn status(state: &LabState) -> Result<Vec<HostStatus>, LabError> {
     Ok(out)
 }
 
-/// Stops the agents (and any QEMU they left), removes the namespaces, links, memory
+/// Destroys the VMs, stops the agents (and kills any QEMU left), removes the namespaces, links, memory
 /// directories and the lab directory. Returns what it removed.
 pub async fn down(dir: &Path, progress: &dyn Fn(&str)) -> Result<Vec<String>, LabError> {
     let state = load(dir)?.ok_or_else(|| {
@@ -497,7 +523,7 @@ pub async fn down(dir: &Path, progress: &dyn Fn(&str)) -> Result<Vec<String>, La
             state_file(dir).display()
         ))
     })?;
-    let mut removed = Vec::new();
+    let mut removed = stop_vms(&state, progress).await;
     let agents: Vec<u32> = state
         .hosts
         .iter()
@@ -506,7 +532,7 @@ pub async fn down(dir: &Path, progress: &dyn Fn(&str)) -> Result<Vec<String>, La
         .collect();
     progress(&format!("lab: stopping {} agents", agents.len()));
     signal(&agents, "TERM").await;
-    // Agents destroy their VMs on the way out; give them time, then insist.
+    // An agent ends its migrations on the way out; give it time, then insist.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     while agents.iter().any(|&p| alive(p)) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -535,6 +561,32 @@ pub async fn down(dir: &Path, progress: &dyn Fn(&str)) -> Result<Vec<String>, La
         }
     }
     Ok(removed)
+}
+
+/// Destroys every VM of every host through its agent, as an operator would with `tern
+/// agent vm delete`: a stopping agent leaves its guests running. An agent that does not
+/// answer is skipped (its QEMUs are killed by pid file once the agents are gone).
+async fn stop_vms(state: &LabState, progress: &dyn Fn(&str)) -> Vec<String> {
+    let mut stopped = Vec::new();
+    for h in &state.hosts {
+        let Ok(client) = state.client(&h.url, Duration::from_secs(10)) else {
+            continue;
+        };
+        let Ok(vms) = client.list_vms().await else {
+            continue;
+        };
+        for vm in vms {
+            match client.delete_vm(&vm.info.id).await {
+                Ok(()) => stopped.push(format!("VM {} on {}", vm.info.id, h.name)),
+                Err(e) => progress(&format!(
+                    "lab: could not delete VM {} on {}: {e}",
+                    vm.info.id, h.name
+                )),
+            }
+        }
+    }
+    progress(&format!("lab: stopped {} VMs", stopped.len()));
+    stopped
 }
 
 /// QEMU processes whose pid files sit under the lab's host directories.

@@ -7,8 +7,9 @@
 //!
 //! # Layout
 //! - [`test_cache_dir`]: the image and kernel cache all tests share.
-//! - [`require_qemu`], [`require_lab`]: skip, or fail under `CI`.
+//! - [`require_qemu`], [`require_lab`]: skip, or fail under `CI`; [`is_root`].
 //! - [`assert_generated`]: a checked-in file equals what the code generates.
+//! - [`qemus_under`]: the QEMU processes a test left, [`free_port`]: a loopback port.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -67,7 +68,8 @@ pub fn require_lab(test: &str, extra: &[(&str, bool)]) -> bool {
 }
 
 /// Whether the effective uid (the third field of `Uid:` in `/proc/self/status`) is 0.
-fn is_root() -> bool {
+/// Whether this process runs as root.
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
@@ -100,6 +102,34 @@ pub fn assert_generated(path: &str, generated: &str, regenerate: &str) {
             line + 1
         );
     }
+}
+
+/// Every QEMU process whose command line names `dir` (a test's state directory: QEMU's
+/// sockets and pid file lie under it), from `/proc`; zombies have no command line.
+pub fn qemus_under(dir: &Path) -> Vec<u32> {
+    let dir = dir.to_string_lossy().into_owned();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd);
+            cmd.contains("qemu-system") && cmd.contains(&dir)
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
+/// A loopback port free at the time of the call.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
 }
 
 #[cfg(test)]

@@ -1,8 +1,9 @@
-//! `tern lab` end to end (needs root): up 2 hosts with shaped links, the hosts reach each
-//! other, status reports healthy agents, a VM with a NIC runs on a host through
-//! `tern agent vm`, bad input exits with status 2, and down leaves nothing of the lab
-//! behind. With `--tls`: a lab CA, agents serving mutual TLS only, and the manager
-//! adopting the lab's CA and moving a VM between them.
+//! `tern lab` end to end (needs root): up 2 hosts with shaped links (a lab CA, agents
+//! serving mutual TLS only, as by default), the hosts reach each other, status reports
+//! healthy agents, a VM with a NIC runs on a host through `tern agent vm` with the
+//! operator's certificate, bad input exits with status 2, and down stops the VMs and
+//! leaves nothing of the lab behind, no QEMU either. The manager adopts the lab's CA and
+//! moves a VM between its agents. Plain HTTP only when asked (`--insecure-plain-http`).
 
 use serde_json::Value;
 use std::path::Path;
@@ -26,6 +27,14 @@ fn json(o: &Output) -> Value {
         String::from_utf8_lossy(&o.stderr)
     );
     serde_json::from_slice(&o.stdout).expect("JSON on stdout")
+}
+
+/// `tern agent vm --agent URL CREDENTIAL ARGS...`; the credential is `--tls-dir DIR` or
+/// `--token-file FILE`.
+fn agent_vm(st: &Path, url: &str, credential: (&str, &str), args: &[&str]) -> Output {
+    let mut a = vec!["agent", "vm", "--agent", url, credential.0, credential.1];
+    a.extend_from_slice(args);
+    tern(st, &a)
 }
 
 fn lab_leftovers(index: u64) -> Vec<String> {
@@ -83,7 +92,16 @@ fn lab_up_status_vm_down() {
     assert_eq!(hosts.len(), 2);
     let h2_addr = hosts[1]["addr"].as_str().unwrap();
     let h1_url = hosts[0]["url"].as_str().unwrap().to_string();
-    let token_file = up["token_file"].as_str().unwrap().to_string();
+    // TLS unless asked otherwise; per host, what an operator needs to call its agent.
+    assert!(h1_url.starts_with("https://"), "{h1_url}");
+    for k in ["ca_file", "cert_file", "key_file"] {
+        let f = hosts[0][k]
+            .as_str()
+            .unwrap_or_else(|| panic!("no {k}: {up}"));
+        assert!(Path::new(f).is_file(), "{k} {f}");
+    }
+    assert!(hosts[0]["token_file"].is_null(), "{up}");
+    let tls_dir = hosts[0]["tls_dir"].as_str().unwrap().to_string();
 
     // A second lab in the same state directory is refused.
     assert_eq!(
@@ -116,8 +134,8 @@ fn lab_up_status_vm_down() {
             "vm",
             "--agent",
             &h1_url,
-            "--token-file",
-            &token_file,
+            "--tls-dir",
+            &tls_dir,
             "--json",
         ];
         a.extend_from_slice(args);
@@ -142,27 +160,6 @@ fn lab_up_status_vm_down() {
         Some(2),
         "spec without memory"
     );
-    let wrong_file = st.join("wrong-token");
-    std::fs::write(&wrong_file, "wrong\n").unwrap();
-    std::fs::set_permissions(
-        &wrong_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    let wrong = tern(
-        st,
-        &[
-            "agent",
-            "vm",
-            "--agent",
-            &h1_url,
-            "--token-file",
-            wrong_file.to_str().unwrap(),
-            "list",
-        ],
-    );
-    assert_eq!(wrong.status.code(), Some(2), "bad token");
-
     // A real guest on host 1 with an address on the lab's segment answers a ping from
     // host 2: guests share one L2 network across hosts, so an address survives a move.
     let img = tern_hv::image::ensure_image(&tern_testkit::test_cache_dir(), &mut |s| {
@@ -206,11 +203,31 @@ fn lab_up_status_vm_down() {
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
 
-    let down = tern(st, &["lab", "down"]);
+    // Agents leave their guests running when they stop: down stops the VMs first.
+    assert_eq!(
+        tern_testkit::qemus_under(st).len(),
+        2,
+        "{:?}",
+        tern_testkit::qemus_under(st)
+    );
+    let down = tern(st, &["lab", "down", "--json"]);
+    let removed = json(&down);
+    let removed: Vec<&str> = removed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    assert!(removed.contains(&"VM box on h1"), "{removed:?}");
+    assert!(removed.contains(&"VM g1 on h1"), "{removed:?}");
     assert!(
-        down.status.success(),
-        "{}",
-        String::from_utf8_lossy(&down.stderr)
+        !removed.iter().any(|r| r.starts_with("QEMU process")),
+        "a QEMU had to be killed: {removed:?}"
+    );
+    assert!(
+        tern_testkit::qemus_under(st).is_empty(),
+        "{:?}",
+        tern_testkit::qemus_under(st)
     );
     assert!(
         lab_leftovers(index).is_empty(),
@@ -249,7 +266,7 @@ fn a_tls_lab_serves_only_mutual_tls_and_the_manager_adopts_its_ca() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let st = tmp.path();
-    let up = json(&tern(st, &["lab", "up", "--hosts", "2", "--tls", "--json"]));
+    let up = json(&tern(st, &["lab", "up", "--hosts", "2", "--json"]));
     let mut down = TlsTeardown {
         state: st,
         manager: None,
@@ -262,32 +279,14 @@ fn a_tls_lab_serves_only_mutual_tls_and_the_manager_adopts_its_ca() {
     let token_file = up["token_file"].as_str().unwrap();
 
     // The operator's certificate is what calling an agent takes; the token is not.
-    let listed = json(&tern(
+    let listed = json(&agent_vm(
         st,
-        &[
-            "agent",
-            "vm",
-            "--agent",
-            url,
-            "--tls-dir",
-            tls_dir,
-            "list",
-            "--json",
-        ],
+        url,
+        ("--tls-dir", tls_dir),
+        &["list", "--json"],
     ));
     assert_eq!(listed, serde_json::json!([]));
-    let refused = tern(
-        st,
-        &[
-            "agent",
-            "vm",
-            "--agent",
-            url,
-            "--token-file",
-            token_file,
-            "list",
-        ],
-    );
+    let refused = agent_vm(st, url, ("--token-file", token_file), &["list"]);
     assert!(
         !refused.status.success(),
         "a plain token reached a TLS agent"
@@ -382,4 +381,43 @@ fn a_tls_lab_serves_only_mutual_tls_and_the_manager_adopts_its_ca() {
     );
     on("h2");
     assert!(cli(&["vm", "delete", "g"]).status.success());
+}
+
+#[test]
+fn plain_http_only_with_insecure_plain_http() {
+    if !tern_testkit::require_lab("the plain-HTTP lab test", &[]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let st = tmp.path();
+    let up = json(&tern(
+        st,
+        &[
+            "lab",
+            "up",
+            "--hosts",
+            "1",
+            "--insecure-plain-http",
+            "--json",
+        ],
+    ));
+    let down = TlsTeardown {
+        state: st,
+        manager: None,
+    };
+    let h1 = &up["hosts"][0];
+    let url = h1["url"].as_str().unwrap();
+    assert!(url.starts_with("http://"), "{url}");
+    assert!(up["ca_dir"].is_null() && h1["tls_dir"].is_null(), "{up}");
+    // Per host: the token its agent takes.
+    let token_file = h1["token_file"].as_str().unwrap();
+    let listed = json(&agent_vm(
+        st,
+        url,
+        ("--token-file", token_file),
+        &["list", "--json"],
+    ));
+    assert_eq!(listed, serde_json::json!([]));
+    drop(down);
+    assert!(!st.join("lab").exists(), "lab directory removed");
 }

@@ -4,7 +4,8 @@
 //! following it. The guest has no kernel, so the test is about the control path, not the
 //! guest: it writes 384 MiB of data into the guest's RAM file, above what the firmware
 //! uses, so that round 1 takes seconds on the 1 Gbit/s link and its progress is seen
-//! while it runs.
+//! while it runs. The lab is made as `tern lab up` makes it (a lab CA, agents serving
+//! mutual TLS only); the manager adopts the lab's CA and serves HTTPS.
 
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -68,8 +69,8 @@ fn fill_guest_memory(st: &std::path::Path, up: &Value, host: &str, vm: &str) {
             vm,
             "--agent",
             h["url"].as_str().unwrap(),
-            "--token-file",
-            up["token_file"].as_str().unwrap(),
+            "--tls-dir",
+            h["tls_dir"].as_str().unwrap(),
             "--json",
         ],
     ));
@@ -102,7 +103,12 @@ impl Lab {
     }
 
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// The lab CA's certificate, which the manager's HTTPS certificate comes from.
+    fn ca_cert(&self) -> String {
+        format!("{}/ca.pem", self.up["ca_dir"].as_str().unwrap())
     }
 
     fn token_file(&self) -> &str {
@@ -112,7 +118,9 @@ impl Lab {
     fn cli(&self, args: &[&str]) -> Output {
         let url = self.url();
         let mut a = args.to_vec();
+        let ca = self.ca_cert();
         a.extend(["--manager", &url, "--token-file", self.token_file()]);
+        a.extend(["--ca-cert", &ca]);
         tern(self.st(), &a)
     }
 
@@ -122,6 +130,7 @@ impl Lab {
         self.down.manager = Some(
             Command::new(env!("CARGO_BIN_EXE_tern"))
                 .args(["manager", "--listen", &format!("127.0.0.1:{}", self.port)])
+                .args(["--ca", self.up["ca_dir"].as_str().unwrap()])
                 .args([
                     "--db",
                     db.to_str().unwrap(),
@@ -206,7 +215,15 @@ fn a_vm_migrates_through_the_manager_with_relayed_progress() {
         // The CLI follows the migration; beside it, the VM's record is read as an
         // operator's `tern vm show` would, to see the progress while round 1 runs.
         let mut a = vec!["vm", "migrate", "g", "--to", to, "--json"];
-        a.extend(["--manager", &url, "--token-file", token_file]);
+        let ca = lab.ca_cert();
+        a.extend([
+            "--manager",
+            &url,
+            "--token-file",
+            token_file,
+            "--ca-cert",
+            &ca,
+        ]);
         let mut migrate = Command::new(env!("CARGO_BIN_EXE_tern"))
             .args(&a)
             .env("TERN_STATE", st)

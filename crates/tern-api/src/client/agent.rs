@@ -111,6 +111,16 @@ impl AgentClient {
         self.http.post(&format!("/v1/vms/{id}/guest"), req).await
     }
 
+    /// Records the scheduler events of the VM's vCPU threads for `req.duration_ms`; the
+    /// client's timeout must be longer than that.
+    pub async fn trace(
+        &self,
+        id: &str,
+        req: &crate::trace::TraceRequest,
+    ) -> Result<crate::trace::VmTrace, ClientError> {
+        self.http.post(&format!("/v1/vms/{id}/trace"), req).await
+    }
+
     /// Source: starts sending a VM.
     pub async fn send_migration(&self, req: &SendRequest) -> Result<MigrationView, ClientError> {
         self.http.post("/v1/migrations", req).await

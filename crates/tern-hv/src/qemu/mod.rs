@@ -262,9 +262,13 @@ impl QemuDriver {
             .stdin(std::process::Stdio::null())
             .stdout(log)
             .stderr(log2)
-            // A driver that goes away (agent shutdown, a test that panics) takes its guests
-            // with it rather than leaving orphans that hold tmpfs memory.
+            // A driver dropped without `release` (a test that panics, an agent told to
+            // stop its VMs) takes its guests with it rather than leaving orphans that
+            // hold tmpfs memory.
             .kill_on_drop(true)
+            // Its own process group: a Ctrl-C or a signal meant for the agent's group
+            // stops the agent, not its guests.
+            .process_group(0)
             .spawn();
         let mut child = match spawned {
             Ok(c) => c,
@@ -630,6 +634,23 @@ impl Hypervisor for QemuDriver {
 
     async fn migrate_cancel(&self, id: &str) -> Result<()> {
         self.qmp_cmd(id, "migrate_cancel", None).await.map(drop)
+    }
+
+    async fn release(&self) -> Vec<String> {
+        let all: Vec<_> = self.vms.lock().expect("VM table lock").drain().collect();
+        let mut ids = Vec::with_capacity(all.len());
+        for (id, vm) in all {
+            let mut vm = vm.lock().await;
+            if let Some(child) = vm.child.take() {
+                // Dropping the handle would kill QEMU (`kill_on_drop`); forgetting it
+                // leaves the process to the next agent, which finds it by its pid file.
+                std::mem::forget(child);
+            }
+            vm.qmp = None;
+            ids.push(id);
+        }
+        ids.sort();
+        ids
     }
 }
 

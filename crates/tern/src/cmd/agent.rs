@@ -1,4 +1,6 @@
-//! `tern agent`: the host daemon, serving the agent API until SIGINT or SIGTERM.
+//! `tern agent`: the host daemon, serving the agent API until SIGINT or SIGTERM. A stop
+//! leaves the guests running for the next agent to adopt (so the agent can be restarted
+//! or upgraded under them), unless `--stop-vms-on-exit` asks to destroy them.
 //!
 //! With a host identity (`--tls-dir`, or enrolled with `--join`) the agent serves mutual
 //! TLS only: every client presents a certificate of the cluster CA, and the revocation
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tern_agent::fence::{self, Fate};
 use tern_agent::host::{detect_capacity, Capacity};
-use tern_agent::server::Serving;
+use tern_agent::server::{OnExit, Serving};
 use tern_agent::{AppState, HostConfig};
 use tern_api::client::ManagerClient;
 use tern_api::client::{Client, ClientOptions};
@@ -116,6 +118,11 @@ pub struct Daemon {
     /// for an agent without a host identity (one with renews with its certificate).
     #[arg(long, value_name = "FILE")]
     pub manager_token_file: Option<PathBuf>,
+    /// On SIGTERM or SIGINT, destroy this host's VMs before exiting. Without it they keep
+    /// running and the next agent on this state directory adopts them (with --manager,
+    /// the watchdog stops them if no agent renews the lease in time).
+    #[arg(long)]
+    pub stop_vms_on_exit: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -239,12 +246,18 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
             rt.spawn(refresh_crl(dir, id, trust, from, every));
             let serving = Serving {
                 tls: Some(acceptor),
-                limits: Default::default(),
+                ..Default::default()
             };
             (state.with_tls(client).with_stream_tls(streams), serving)
         }
         None => (state, Serving::default()),
     };
+    let on_exit = if args.stop_vms_on_exit {
+        OnExit::StopVms
+    } else {
+        OnExit::KeepVms
+    };
+    let serving = Serving { on_exit, ..serving };
     let scheme = if serving.tls.is_some() {
         "https"
     } else {
@@ -263,12 +276,13 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
             "tern agent {name}: serving on {scheme}://{addr} ({} CPUs, {} MiB for guests)",
             capacity.cpus, capacity.memory_mib
         );
-        tern_agent::server::serve_with(listener, state, serving, shutdown_signal())
+        tern_agent::server::serve_with(listener, state, serving, shutdown_signal(on_exit))
             .await
             .map_err(agent_error)
     });
-    if fenced {
-        // A clean stop destroyed the guests: there is nothing left to fence.
+    // Guests left running stay fenced: the watchdog stops them unless another agent
+    // renews the lease in time. Destroyed ones leave nothing to fence.
+    if fenced && on_exit == OnExit::StopVms {
         let dir = args.state_dir.canonicalize()?;
         let _ = std::fs::remove_file(fence::lease_file(&dir));
         if let Some(pid) = running_watchdog(&dir) {
@@ -545,14 +559,17 @@ async fn adopt_or_reclaim(state: &AppState, qemu: &QemuDriver) {
     }
 }
 
-async fn shutdown_signal() {
+async fn shutdown_signal(on_exit: OnExit) {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    eprintln!("tern agent: shutting down, destroying this host's VMs");
+    match on_exit {
+        OnExit::StopVms => eprintln!("tern agent: shutting down, destroying this host's VMs"),
+        OnExit::KeepVms => eprintln!("tern agent: shutting down, leaving this host's VMs running"),
+    }
 }
 
 #[cfg(test)]

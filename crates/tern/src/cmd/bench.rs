@@ -25,30 +25,68 @@ pub enum Command {
 
 /// A manager's API served on a loopback port for one benchmark, stopped by [`Served::stop`].
 struct Served {
-    /// `http://127.0.0.1:PORT`.
+    /// `https://127.0.0.1:PORT`, or `http://` without TLS.
     base: String,
+    /// A client that trusts the server's certificate.
+    client: reqwest::Client,
     stop: tokio::sync::oneshot::Sender<()>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    /// The benchmark's CA, removed when the benchmark ends.
+    _ca: Option<tempfile::TempDir>,
 }
 
 impl Served {
-    /// Serves `manager` on a free loopback port, accepting `token`.
+    /// Serves `manager` on a free loopback port, accepting `token`: plain HTTP.
     async fn start(
         manager: std::sync::Arc<tern_manager::Manager>,
         token: &str,
     ) -> anyhow::Result<Served> {
+        Self::start_with(manager, token, false).await
+    }
+
+    /// [`Served::start`], over HTTPS with a certificate from a CA made for the benchmark
+    /// when `tls`, as `tern manager --ca` serves its API.
+    async fn start_with(
+        manager: std::sync::Arc<tern_manager::Manager>,
+        token: &str,
+        tls: bool,
+    ) -> anyhow::Result<Served> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let base = format!("http://{}", listener.local_addr()?);
+        let addr = listener.local_addr()?;
+        let builder = reqwest::Client::builder().timeout(std::time::Duration::from_secs(30));
+        let (base, serving, client, ca) = if tls {
+            let dir = tempfile::tempdir()?;
+            let ca = tern_pki::Ca::init(&dir.path().join("ca"))?;
+            let id = ca.issue(tern_pki::Role::Manager, "manager", &[addr.ip()])?;
+            let server = tern_pki::tls::server_config(&id, None, tern_pki::tls::ClientAuth::None)?;
+            let serving = tern_manager::api::Serving {
+                tls: Some(tern_pki::TlsAcceptor::new(server)),
+                ..Default::default()
+            };
+            let trust = tern_pki::tls::client_config(ca.cert_pem(), None, None)?;
+            let client = builder.use_preconfigured_tls(trust).build()?;
+            (format!("https://{addr}"), serving, client, Some(dir))
+        } else {
+            let serving = tern_manager::api::Serving::default();
+            (format!("http://{addr}"), serving, builder.build()?, None)
+        };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(tern_manager::api::serve(
+        let server = tokio::spawn(tern_manager::api::serve_with(
             listener,
             manager,
             vec![token.into()],
+            serving,
             async {
                 let _ = stopped.await;
             },
         ));
-        Ok(Served { base, stop, server })
+        Ok(Served {
+            base,
+            client,
+            stop,
+            server,
+            _ca: ca,
+        })
     }
 
     /// Stops the server and waits for it, passing on its error.

@@ -10,7 +10,8 @@ pub enum Command {
     Up(UpArgs),
     /// Show the hosts, their addresses and whether their agents answer.
     Status(OutArgs),
-    /// Stop the agents and remove everything the lab made.
+    /// Delete every VM through its agent, stop the agents and remove everything the lab
+    /// made.
     Down(OutArgs),
 }
 
@@ -39,11 +40,13 @@ pub struct UpArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Make a lab CA (LAB/ca): agents get host certificates and serve mutual TLS only,
-    /// LAB/ca/operator holds a client certificate, and `tern manager --ca LAB/ca` adopts
-    /// the CA.
+    /// Leave TLS out: the agents serve plain HTTP and take the lab's bearer token
+    /// (LAB/token). By default the lab makes a CA (LAB/ca), the agents get host
+    /// certificates and serve mutual TLS only, LAB/ca/operator holds a client
+    /// certificate, and `tern manager --ca LAB/ca` adopts the CA. The lab's addresses
+    /// are reachable from this machine only.
     #[arg(long)]
-    pub tls: bool,
+    pub insecure_plain_http: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -91,8 +94,8 @@ pub fn run(c: Command) -> anyhow::Result<()> {
                     .unwrap_or_else(tern_hv::image::default_cache_dir),
                 manager_port: a.manager_port,
             };
-            let up = if a.tls {
-                rt.block_on(lab::up_tls(&opts, &progress))
+            let up = if a.insecure_plain_http {
+                rt.block_on(lab::up_insecure_plain_http(&opts, &progress))
             } else {
                 rt.block_on(lab::up(&opts, &progress))
             };
@@ -109,7 +112,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
                         ca.join("operator").display()
                     ),
                     None => println!(
-                        "lab up: {} hosts, token in {}",
+                        "lab up: {} hosts, plain HTTP (--insecure-plain-http), token in {}",
                         state.hosts.len(),
                         state.token_file.display()
                     ),

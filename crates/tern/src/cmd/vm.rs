@@ -6,6 +6,7 @@
 
 pub mod agent;
 mod progress;
+pub mod trace;
 
 use reqwest::Method;
 use serde_json::Value;

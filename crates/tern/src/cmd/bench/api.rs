@@ -1,6 +1,8 @@
 //! `tern bench api`: a manager over sim hosts on loopback, hammered by concurrent clients
 //! with a fixed mix of reads and heartbeats (writes); reports latency percentiles and
-//! errors, in all and per kind of request, so a tail can be traced to its route.
+//! errors, in all and per kind of request, so a tail can be traced to its route. The API
+//! is served over HTTPS with a certificate from a CA made for the run, as a manager with
+//! a cluster CA serves it; `--insecure-plain-http` measures plain HTTP beside it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -31,6 +33,9 @@ pub struct Args {
     /// How long the clients run.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// Serve the API over plain HTTP instead of HTTPS (to see what TLS costs).
+    #[arg(long)]
+    insecure_plain_http: bool,
     #[arg(long)]
     json: bool,
 }
@@ -103,6 +108,8 @@ impl Latency {
 
 #[derive(Serialize)]
 struct Report {
+    /// The API was served over HTTPS.
+    tls: bool,
     hosts: usize,
     vms: usize,
     clients: usize,
@@ -134,11 +141,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{} hosts, {} VMs, {} clients: {} requests ({:.0}/s), {} errors; \
+        "{} hosts, {} VMs, {} clients over {}: {} requests ({:.0}/s), {} errors; \
          latency p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
         r.hosts,
         r.vms,
         r.clients,
+        if r.tls { "HTTPS" } else { "plain HTTP" },
         r.requests,
         r.requests_per_s,
         r.errors,
@@ -203,14 +211,14 @@ async fn load(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
         }
         m
     }));
-    let served = super::Served::start(manager.clone(), TOKEN).await?;
+    let served = super::Served::start_with(manager.clone(), TOKEN, !a.insecure_plain_http).await?;
     let base = served.base.clone();
     eprintln!(
         "bench api: {} clients for {} s against {base}",
         a.clients, a.seconds
     );
     let until = Instant::now() + Duration::from_secs(a.seconds);
-    let http = reqwest::Client::new();
+    let http = served.client.clone();
     let tasks: Vec<_> = (0..a.clients)
         .map(|c| {
             let (http, base, on_host, names) =
@@ -273,6 +281,7 @@ async fn load(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
         .map(|(k, (lat, errors))| (k.route(), Latency::of(lat, errors)))
         .collect();
     Ok(Report {
+        tls: !a.insecure_plain_http,
         hosts: a.hosts,
         vms: a.hosts * a.vms_per_host,
         clients: a.clients,

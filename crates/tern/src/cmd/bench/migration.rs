@@ -151,7 +151,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         manager_port: None,
     };
     let progress = |s: &str| eprintln!("{s}");
-    let lab = rt.block_on(lab::up_tls(&opts, &progress))?;
+    let lab = rt.block_on(lab::up(&opts, &progress))?;
     let result = rt.block_on(bench(&lab, &img, &args, &rates, &engines));
     rt.block_on(lab::down(&opts.dir, &progress))?;
     let runs = result?;

@@ -168,7 +168,7 @@ pub fn run(a: &super::Args) -> anyhow::Result<()> {
     let result = rt.block_on(async {
         tokio::select! {
             r = async {
-                let lab = lab::up_tls(&opts, &progress).await?;
+                let lab = lab::up(&opts, &progress).await?;
                 demo(&lab, &img, aggressiveness, &tmp.path().join("demo.db")).await
             } => r,
             s = interrupted() => Err(anyhow::anyhow!("interrupted by {s}; tearing down")),

@@ -1,7 +1,7 @@
 //! `tern agent vm`: VMs on one host, straight against its agent (`--agent URL` with a
 //! client certificate, `--tls-dir`, or a token file for an agent without TLS),
 //! with the host-level actions the manager does not offer (start, pause, resume, stop,
-//! metrics, guest requests).
+//! metrics, guest requests, traces).
 
 use super::super::{agent_error, bad_input};
 use serde_json::{json, Value};
@@ -70,6 +70,9 @@ pub enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         request: Vec<String>,
     },
+    /// Record which cores ran the VM's vCPUs: a Chrome/Perfetto trace and a summary of
+    /// run, steal and idle time and migrations per vCPU (docs/trace.md).
+    Trace(super::trace::TraceArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -188,8 +191,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let client =
-        AgentClient::new_tls(&agent, &token, Duration::from_secs(60), tls).map_err(agent_error)?;
+    // A trace answers when its recording ends.
+    let timeout = match &args.command {
+        Command::Trace(t) => t.duration + Duration::from_secs(60),
+        _ => Duration::from_secs(60),
+    };
+    let client = AgentClient::new_tls(&agent, &token, timeout, tls).map_err(agent_error)?;
     let rt = tokio::runtime::Runtime::new()?;
     let out = |v: &dyn erased::Json| -> anyhow::Result<()> {
         println!("{}", v.pretty()?);
@@ -273,6 +280,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let req = guest_request(request).map_err(bad_input)?;
             let v = rt.block_on(client.guest(id, &req)).map_err(agent_error)?;
             out(&v)?
+        }
+        Command::Trace(t) => {
+            let s = super::trace::run(&rt, &client, t)?;
+            if args.json {
+                out(&s)?
+            } else {
+                super::trace::print(&s, &t.out)
+            }
         }
     }
     Ok(())

@@ -1,0 +1,148 @@
+//! The agent's trace API (`POST /v1/vms/{id}/trace`): what a host recording of a VM's
+//! vCPU threads is on the wire. `tern-trace` records and analyses these values.
+
+use serde::{Deserialize, Serialize};
+
+/// Longest trace one request may ask for.
+pub const MAX_TRACE_MS: u64 = 3_600_000;
+
+/// `POST /v1/vms/{id}/trace`'s body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TraceRequest {
+    /// How long to record, milliseconds: more than 0, at most an hour.
+    pub duration_ms: u64,
+}
+
+impl TraceRequest {
+    /// Refuses a duration of 0 or above [`MAX_TRACE_MS`], saying what is allowed.
+    pub fn check(&self) -> Result<(), String> {
+        if self.duration_ms == 0 || self.duration_ms > MAX_TRACE_MS {
+            return Err(format!(
+                "duration_ms {} is out of range: give 1 to {MAX_TRACE_MS} (one hour)",
+                self.duration_ms
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One scheduler event. `time_ns` is on the recording's clock (`CLOCK_MONOTONIC` of the
+/// host for host recordings), `cpu` the physical CPU whose ring buffer held it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SchedEvent {
+    pub time_ns: u64,
+    pub cpu: u32,
+    pub kind: EventKind,
+}
+
+/// What happened. Thread ids are the kernel's `pid` of a thread (a `tid` in userspace).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventKind {
+    /// `sched_switch`: `prev_tid` stops running on the event's CPU, `next_tid` starts.
+    /// `prev_state` is the kernel's task state of `prev_tid` (0: still runnable).
+    Switch {
+        prev_tid: u32,
+        prev_state: i64,
+        next_tid: u32,
+    },
+    /// `sched_wakeup`: `tid` became runnable, queued on `target_cpu`.
+    Wakeup { tid: u32, target_cpu: u32 },
+    /// `sched_migrate_task`: `tid` moved from one CPU's run queue to another's.
+    Migrate {
+        tid: u32,
+        orig_cpu: u32,
+        dest_cpu: u32,
+    },
+    /// `kvm:kvm_entry`: a vCPU thread entered the guest (hardware virtualisation only).
+    KvmEntry { tid: u32, vcpu_id: u32 },
+    /// `kvm:kvm_exit`: a vCPU thread left the guest.
+    KvmExit { tid: u32 },
+}
+
+impl EventKind {
+    /// Every thread this event is about.
+    pub fn tids(&self) -> [Option<u32>; 2] {
+        match *self {
+            EventKind::Switch {
+                prev_tid, next_tid, ..
+            } => [Some(prev_tid), Some(next_tid)],
+            EventKind::Wakeup { tid, .. }
+            | EventKind::Migrate { tid, .. }
+            | EventKind::KvmEntry { tid, .. }
+            | EventKind::KvmExit { tid } => [Some(tid), None],
+        }
+    }
+}
+
+/// A host recording: events of the traced threads, in time order, over a window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct HostTrace {
+    /// When recording was enabled and disabled, on the events' clock.
+    pub start_ns: u64,
+    pub end_ns: u64,
+    /// Online CPUs recorded (one ring buffer each).
+    pub cpus: Vec<u32>,
+    /// The threads recorded.
+    pub tids: Vec<u32>,
+    pub events: Vec<SchedEvent>,
+    /// Records the kernel could not write because a ring buffer was full
+    /// (`PERF_RECORD_LOST`): the trace has gaps when this is not zero.
+    pub lost: u64,
+    /// Records read but not kept because the recording reached its event cap.
+    pub dropped: u64,
+    /// Whether `kvm_entry`/`kvm_exit` were enabled (the kernel has them). They fire only
+    /// under hardware virtualisation; under TCG a VM's trace is scheduler events alone.
+    pub kvm_events: bool,
+}
+
+/// `POST /v1/vms/{id}/trace`'s answer: one VM's vCPU threads recorded on one host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct VmTrace {
+    pub vm: String,
+    pub host: String,
+    /// Host thread ids of the vCPUs, in vCPU order (QMP `query-cpus-fast`).
+    pub vcpu_threads: Vec<u32>,
+    pub trace: HostTrace,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_bounded() {
+        assert!(TraceRequest { duration_ms: 1 }.check().is_ok());
+        assert!(TraceRequest {
+            duration_ms: MAX_TRACE_MS
+        }
+        .check()
+        .is_ok());
+        for bad in [0, MAX_TRACE_MS + 1] {
+            let e = TraceRequest { duration_ms: bad }.check().unwrap_err();
+            assert!(e.contains("1 to 3600000"), "{e}");
+        }
+    }
+
+    #[test]
+    fn events_are_tagged_by_kind() {
+        let e = SchedEvent {
+            time_ns: 5,
+            cpu: 1,
+            kind: EventKind::Migrate {
+                tid: 7,
+                orig_cpu: 0,
+                dest_cpu: 1,
+            },
+        };
+        let v = serde_json::to_value(e).unwrap();
+        assert_eq!(v["kind"]["kind"], "migrate");
+        assert_eq!(serde_json::from_value::<SchedEvent>(v).unwrap(), e);
+        assert_eq!(e.kind.tids(), [Some(7), None]);
+    }
+}

@@ -1,0 +1,161 @@
+//! `tern agent vm trace ID`: records the scheduler events of a VM's vCPU threads through
+//! its agent, writes a Chrome/Perfetto trace and prints the summary (docs/trace.md).
+//!
+//! Bad input (a duration of 0 or over an hour, an output path that cannot be written)
+//! exits 2 before anything is recorded; the trace file is written beside its target
+//! and renamed, so a failed run leaves nothing half-written.
+
+use super::super::{agent_error, bad_input};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tern_agent::client::AgentClient;
+use tern_api::trace::{TraceRequest, MAX_TRACE_MS};
+use tern_trace::chrome::{self, Export};
+use tern_trace::{Summary, VcpuMap};
+
+#[derive(clap::Args, Debug)]
+pub struct TraceArgs {
+    pub id: String,
+    /// How long to record: e.g. 500ms, 10s, 2m (at most 1h).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Where to write the Chrome/Perfetto trace (opens in ui.perfetto.dev).
+    #[arg(long, default_value = "trace.json", value_name = "FILE")]
+    pub out: PathBuf,
+}
+
+/// `500ms`, `10s`, `2m`, `1h` (pure). 0 and more than an hour are refused.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration: give e.g. 500ms, 10s, 2m"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" | "" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    }
+    .ok_or_else(|| format!("{text:?}: the unit is one of ms, s, m, h"))?;
+    if ms == 0 || ms > MAX_TRACE_MS {
+        return Err(format!(
+            "{text:?} is out of range: give more than 0 and at most 1h"
+        ));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+/// A temporary file beside `out`, created now so an unwritable path fails before the
+/// recording starts.
+fn staging(out: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    tempfile::Builder::new()
+        .prefix(".tern-trace-")
+        .tempfile_in(dir)
+        .map_err(|e| bad_input(format!("--out {}: cannot write there: {e}", out.display())))
+}
+
+/// Records, writes the trace to `a.out`, and returns the summary.
+pub fn run(
+    rt: &tokio::runtime::Runtime,
+    client: &AgentClient,
+    a: &TraceArgs,
+) -> anyhow::Result<Summary> {
+    let tmp = staging(&a.out)?;
+    let req = TraceRequest {
+        duration_ms: a.duration.as_millis() as u64,
+    };
+    let v = rt
+        .block_on(client.trace(&a.id, &req))
+        .map_err(agent_error)?;
+    let vcpus = VcpuMap::from_threads(&v.vcpu_threads);
+    let (tl, summary) = tern_trace::analyse(&v.trace, &vcpus);
+    let mut w = std::io::BufWriter::new(tmp.as_file());
+    chrome::write(
+        &mut w,
+        &Export {
+            host: &v.host,
+            vm: &v.vm,
+            timeline: &tl,
+            vcpus: &vcpus,
+            summary: &summary,
+        },
+    )?;
+    w.flush()?;
+    drop(w);
+    // The staging file is private (0600); the trace is an ordinary file.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))?;
+    tmp.persist(&a.out)
+        .map_err(|e| anyhow::anyhow!("writing {}: {}", a.out.display(), e.error))?;
+    Ok(summary)
+}
+
+/// The summary as text: one line per vCPU, then the trace's gaps.
+pub fn print(s: &Summary, out: &Path) {
+    let ms = |ns: u64| ns as f64 / 1e6;
+    println!(
+        "{} events over {:.0} ms, written to {}",
+        s.events,
+        ms(s.window_ns),
+        out.display()
+    );
+    for t in &s.threads {
+        let who = t
+            .vcpu
+            .map_or(format!("thread {}", t.tid), |i| format!("vCPU {i}"));
+        println!(
+            "  {who:<8} run {:>9.1} ms  steal {:>9.1} ms  idle {:>9.1} ms  unknown {:>7.1} ms  \
+             {} core migrations, cores {:?}",
+            ms(t.run_ns),
+            ms(t.runnable_ns),
+            ms(t.sleep_ns),
+            ms(t.unknown_ns),
+            t.migrations,
+            t.cpus
+        );
+    }
+    if let Some(c) = s.corun_share {
+        println!(
+            "  all vCPUs ran together {:.1} % of the time any ran",
+            c * 100.0
+        );
+    }
+    println!(
+        "  lost {} records (ring buffer full), dropped {} (event cap), {} inconsistencies",
+        s.lost, s.dropped, s.anomalies
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("10"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["0s", "61m", "2h", "x", "5d", "", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_unwritable_output_fails_before_recording() {
+        let err = staging(Path::new("/nonexistent-dir/trace.json")).unwrap_err();
+        assert_eq!(super::super::super::exit_code(&err), 2);
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = staging(&dir.path().join("t.json")).unwrap();
+        assert_eq!(tmp.path().parent(), Some(dir.path()));
+    }
+}
