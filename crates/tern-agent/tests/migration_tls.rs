@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use tern_agent::migration::incoming::{self, Expect, Gate, Progress, Wanted};
-use tern_agent::migration::memory::{DestMemory, SourceMemory};
+use tern_agent::migration::memory::{changed_pages, DestMemory, SentDigests, SourceMemory};
 use tern_agent::migration::outgoing::{Outgoing, StreamOptions};
 use tern_agent::migration::secure::ClientTls;
 use tern_agent::migration::wire::PAGE_SIZE;
@@ -103,6 +103,14 @@ fn with_gate<T: Send>(
         });
         (t, received)
     })
+}
+
+fn migrate(mut out: Outgoing, mem: &SourceMemory) {
+    let sent = SentDigests::new(mem.pages());
+    let pages = changed_pages(mem, &sent, 2);
+    out.send_round(1, mem, &sent, &pages, &AtomicBool::new(false))
+        .unwrap();
+    out.finish().unwrap();
 }
 
 #[test]

@@ -290,8 +290,10 @@ async fn no_credential_goes_to_an_address_that_cannot_be_authenticated(
             Err(e) => return Err(e.into()),
         }
     }
-    // The manager calls its hosts every control round (1 s here): give it a few.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // The manager calls its hosts every control round (1 s here, but up to 30 s apart
+    // right after it started): wait for one, then give it a few more.
+    kit::next_round(f).await?;
+    tokio::time::sleep(Duration::from_secs(4)).await;
 
     let by_manager = (foreign.seen(), misnamed.seen());
     x.check(

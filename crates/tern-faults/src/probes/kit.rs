@@ -515,6 +515,12 @@ pub(crate) async fn quiet_rounds(f: &Fixture) -> Result<(), FaultError> {
     settings["interval_s"] = serde_json::json!(QUIET.as_secs());
     f.manager_json(reqwest::Method::PUT, "/v1/balancer", Some(settings))
         .await?;
+    next_round(f).await
+}
+
+/// Returns just after the manager's next control round (which records each host's
+/// report).
+pub(crate) async fn next_round(f: &Fixture) -> Result<(), FaultError> {
     let h = &f.lab.hosts[0].name;
     let beat = f.manager.host(h).await?.last_heartbeat;
     let t0 = Instant::now();
