@@ -37,7 +37,9 @@
 //! Between steps the fronts are found afresh (with two components, from the
 //! few nodes in the box the first front's ends span) and every key is made
 //! current from its source's record ([`rekeyed`]): the gain of one move grows
-//! as the score falls, so an old key would sink. Sources looked at after a move
+//! as the score falls, so an old key would sink. A source whose recorded target
+//! took load is keyed by its record's bound alone ([`recorded_gain`]) and looked
+//! at afresh only if popped. Sources looked at after a move
 //! of the step had loaded the fronts (nodes those hid may be better targets
 //! now), and sources for which a node that gave up load and joined the fronts
 //! is a better target, are looked at afresh, in parallel.
@@ -560,32 +562,44 @@ impl<M: Metric + ?Sized> View<'_, '_, M> {
         let (state, a) = (self.state, e.node.index());
         let mut tally = Tally::default();
         let ini = state.score();
-        let key = rekeyed(
-            state,
-            self.rises,
-            self.tops[a].as_deref(),
-            self.records[a],
-            self.rec_vals,
-            self.version,
-            work,
-            &mut tally,
-        )
-        .unwrap_or(e.key);
+        // A source whose recorded target took load is keyed by its record's bound
+        // alone and looked at afresh only if popped: most never are before the
+        // next step, and scoring their instances against the target now, for
+        // every source at every step, was most of a hard round's work.
+        let bound = self.records[a]
+            .filter(|r| !self.mid[a] && r.target != self.version[r.mv.to.index()])
+            .filter(|_| {
+                self.tops[a]
+                    .as_ref()
+                    .is_some_and(|t| t.iter().all(|&i| state.mobility(i) == Mobility::AnyNode))
+            })
+            .map(|r| {
+                tally.evaluations += 1;
+                let (gain, grown) = recorded_gain(state, r, self.rec_vals);
+                gain.max(r.other * grown)
+            });
+        let bounded = bound.is_some();
+        let key = bound
+            .or_else(|| {
+                rekeyed(
+                    state,
+                    self.rises,
+                    self.tops[a].as_deref(),
+                    self.records[a],
+                    self.rec_vals,
+                    self.version,
+                    work,
+                    &mut tally,
+                )
+            })
+            .unwrap_or(e.key);
         let better = !self.joined.is_empty()
             && self.tops[a].as_ref().is_some_and(|top| {
                 estimate(state, self.rises, top, self.joined, work, &mut tally)
                     .is_some_and(|(score, _, _)| ini - score > key)
             });
         if !self.mid[a] && !better {
-            return (
-                Source {
-                    key,
-                    bounded: false,
-                    ..e
-                },
-                None,
-                tally,
-            );
+            return (Source { key, bounded, ..e }, None, tally);
         }
         let top = match &self.tops[a] {
             Some(t) => t.clone(),
@@ -659,12 +673,9 @@ fn rekeyed<M: Metric + ?Sized>(
 ) -> Option<f64> {
     let rec = rec?;
     let ini = state.score();
-    let k = state.components_len();
     let mv = rec.mv;
-    let a = mv.from.index();
     tally.evaluations += 1;
-    let r = &rec_vals[a * 4 * k..(a + 1) * 4 * k];
-    let gain = ini - state.score_recorded(mv.from, mv.to, &r[..2 * k], &r[2 * k..]);
+    let (gain, grown) = recorded_gain(state, rec, rec_vals);
     if rec.target == version[mv.to.index()] {
         return Some(gain);
     }
@@ -672,14 +683,30 @@ fn rekeyed<M: Metric + ?Sized>(
     if top.iter().any(|&i| state.mobility(i) != Mobility::AnyNode) {
         return None;
     }
+    let to = estimate(state, rises, top, &[mv.to], work, tally)
+        .map_or(f64::NEG_INFINITY, |(score, _, _)| ini - score);
+    Some(to.max(rec.other * grown))
+}
+
+/// The gain now of a record's move with its nodes' recorded values (exact while
+/// its target has not changed, at least the move's gain once the target took
+/// load), and how much that gain grew since it was recorded (at least 1).
+fn recorded_gain<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    rec: Record,
+    rec_vals: &[f64],
+) -> (f64, f64) {
+    let k = state.components_len();
+    let mv = rec.mv;
+    let a = mv.from.index();
+    let r = &rec_vals[a * 4 * k..(a + 1) * 4 * k];
+    let gain = state.score() - state.score_recorded(mv.from, mv.to, &r[..2 * k], &r[2 * k..]);
     let grown = if rec.gain > 0.0 {
         (gain / rec.gain).max(1.0)
     } else {
         1.0
     };
-    let to = estimate(state, rises, top, &[mv.to], work, tally)
-        .map_or(f64::NEG_INFINITY, |(score, _, _)| ini - score);
-    Some(to.max(rec.other * grown))
+    (gain, grown)
 }
 
 /// Every node's entry, keyed by its best move now, and its best instances by
