@@ -142,6 +142,10 @@ struct Rises {
     class: Vec<u32>,
     /// Per instance, per class: the rise of each component.
     rise: Vec<f64>,
+    /// Per instance: whether it may go to any node ([`Mobility::AnyNode`], fixed by
+    /// its disk template), kept here as the instances themselves are far apart
+    /// in memory.
+    any: Vec<bool>,
 }
 
 impl Rises {
@@ -171,10 +175,12 @@ impl Rises {
         let classes = probes.len();
         let mut rise = vec![0.0; state.cluster.instances.len() * classes * k];
         let mut vals = vec![0.0; k];
+        let mut any = vec![false; state.cluster.instances.len()];
         for &i in movable {
             if state.mobility(i) != Mobility::AnyNode {
                 continue;
             }
+            any[i.index()] = true;
             for (c, &probe) in probes.iter().enumerate() {
                 let load = state.load_after_in(i, probe);
                 state
@@ -195,7 +201,14 @@ impl Rises {
             classes,
             class,
             rise,
+            any,
         })
+    }
+
+    /// Whether `inst` may go to any node.
+    #[inline]
+    fn any(&self, inst: InstId) -> bool {
+        self.any[inst.index()]
     }
 
     /// What `inst` adds to `node`'s values.
@@ -571,7 +584,7 @@ impl<M: Metric + ?Sized> View<'_, '_, M> {
             .filter(|_| {
                 self.tops[a]
                     .as_ref()
-                    .is_some_and(|t| t.iter().all(|&i| state.mobility(i) == Mobility::AnyNode))
+                    .is_some_and(|t| t.iter().all(|&i| self.rises.any(i)))
             })
             .map(|r| {
                 tally.evaluations += 1;
@@ -680,7 +693,7 @@ fn rekeyed<M: Metric + ?Sized>(
         return Some(gain);
     }
     let top = top?;
-    if top.iter().any(|&i| state.mobility(i) != Mobility::AnyNode) {
+    if !top.iter().all(|&i| rises.any(i)) {
         return None;
     }
     let to = estimate(state, rises, top, &[mv.to], work, tally)
@@ -773,7 +786,7 @@ fn ranked<M: Metric + ?Sized>(
     let mut ranked: Vec<(f64, InstId)> = insts
         .iter()
         .map(|&i| {
-            let score = if state.mobility(i) == Mobility::AnyNode {
+            let score = if rises.any(i) {
                 let a = state.primary_of(i);
                 for ((v, now), r) in vals.iter_mut().zip(state.values_of(a)).zip(rises.of(i, a)) {
                     *v = now - r;
@@ -812,7 +825,12 @@ fn estimate<M: Metric + ?Sized>(
     let (src, dst) = work.estimate.split_at_mut(k);
     for &inst in top {
         let from = state.primary_of(inst);
-        match state.mobility(inst) {
+        let mobility = if rises.any(inst) {
+            Mobility::AnyNode
+        } else {
+            state.mobility(inst)
+        };
+        match mobility {
             Mobility::Immovable => {}
             Mobility::SecondaryOnly(s) => {
                 let e = state.evaluate(inst, s);
