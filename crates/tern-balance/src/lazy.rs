@@ -232,17 +232,22 @@ fn fronts<M: Metric + ?Sized>(
         return Frontier::new(state, targets).map(|f| f.nodes());
     }
     let mut out = Vec::new();
-    let mut class: Vec<NodeId> = Vec::new();
+    // Each node's values read once: the fronts are found from them several times.
+    let mut class: Vec<(f64, f64, NodeId)> = Vec::new();
     for c in 0..rises.classes {
         class.clear();
         class.extend(
             targets
                 .iter()
-                .filter(|n| rises.class[n.index()] as usize == c),
+                .filter(|n| rises.class[n.index()] as usize == c)
+                .map(|&n| {
+                    let x = state.values_of(n);
+                    (x[0], x[1], n)
+                }),
         );
-        let first = front2(state, &class);
-        class.retain(|n| !first.contains(n));
-        let second = front2(state, &class);
+        let first = front2(&class);
+        class.retain(|p| !first.contains(&p.2));
+        let second = front2(&class);
         out.extend(first);
         out.extend(second);
     }
@@ -250,45 +255,43 @@ fn fronts<M: Metric + ?Sized>(
     Some(out)
 }
 
-/// The nodes of `nodes` that no other one weakly undercuts in both components
-/// (duplicates aside), as `bound`'s front finds them.
-fn front2<M: Metric + ?Sized>(state: &State<'_, M>, nodes: &[NodeId]) -> Vec<NodeId> {
-    let v = |n: NodeId| {
-        let x = state.values_of(n);
-        (x[0], x[1])
+/// The nodes of `nodes` (each with its two values) that no other one weakly
+/// undercuts in both components (duplicates aside), as `bound`'s front finds them.
+fn front2(nodes: &[(f64, f64, NodeId)]) -> Vec<NodeId> {
+    type Point = (f64, f64, NodeId);
+    let lex = |x: &Point, y: &Point| {
+        x.0.total_cmp(&y.0)
+            .then(x.1.total_cmp(&y.1))
+            .then(x.2.cmp(&y.2))
     };
-    let lex = |a: &NodeId, b: &NodeId| {
-        let (x, y) = (v(*a), v(*b));
-        x.0.total_cmp(&y.0).then(x.1.total_cmp(&y.1)).then(a.cmp(b))
-    };
-    let (Some(&m0), Some(&m1)) = (
+    let (Some(m0), Some(m1)) = (
         nodes.iter().min_by(|a, b| lex(a, b)),
-        nodes.iter().min_by(|a, b| {
-            let (x, y) = (v(**a), v(**b));
-            x.1.total_cmp(&y.1).then(x.0.total_cmp(&y.0)).then(a.cmp(b))
+        nodes.iter().min_by(|x, y| {
+            x.1.total_cmp(&y.1)
+                .then(x.0.total_cmp(&y.0))
+                .then(x.2.cmp(&y.2))
         }),
     ) else {
         return Vec::new();
     };
-    let (hi0, hi1) = (v(m1).0, v(m0).1);
-    let mut inside: Vec<NodeId> = nodes
+    let (hi0, hi1) = (m1.0, m0.1);
+    let mut inside: Vec<Point> = nodes
         .iter()
         .copied()
-        .filter(|&n| v(n).0.total_cmp(&hi0).is_le() && v(n).1.total_cmp(&hi1).is_le())
+        .filter(|p| p.0.total_cmp(&hi0).is_le() && p.1.total_cmp(&hi1).is_le())
         .collect();
     inside.sort_unstable_by(lex);
     let mut low = f64::INFINITY;
     let mut first = true;
-    inside.retain(|&n| {
-        let y = v(n).1;
-        let keep = first || y.total_cmp(&low).is_lt();
+    inside.retain(|p| {
+        let keep = first || p.1.total_cmp(&low).is_lt();
         if keep {
-            low = y;
+            low = p.1;
         }
         first = false;
         keep
     });
-    inside
+    inside.into_iter().map(|p| p.2).collect()
 }
 
 /// A source's best move when last looked at, kept to key its entry again later.
