@@ -37,7 +37,9 @@
 //! Between steps the fronts are found afresh (with two components, from the
 //! few nodes in the box the first front's ends span) and every key is made
 //! current from its source's record ([`rekeyed`]): the gain of one move grows
-//! as the score falls, so an old key would sink. Sources looked at after a move
+//! as the score falls, so an old key would sink. A source whose recorded target
+//! took load is keyed by its record's bound alone ([`recorded_gain`]) and looked
+//! at afresh only if popped. Sources looked at after a move
 //! of the step had loaded the fronts (nodes those hid may be better targets
 //! now), and sources for which a node that gave up load and joined the fronts
 //! is a better target, are looked at afresh, in parallel.
@@ -140,6 +142,10 @@ struct Rises {
     class: Vec<u32>,
     /// Per instance, per class: the rise of each component.
     rise: Vec<f64>,
+    /// Per instance: whether it may go to any node ([`Mobility::AnyNode`], fixed by
+    /// its disk template), kept here as the instances themselves are far apart
+    /// in memory.
+    any: Vec<bool>,
 }
 
 impl Rises {
@@ -169,10 +175,12 @@ impl Rises {
         let classes = probes.len();
         let mut rise = vec![0.0; state.cluster.instances.len() * classes * k];
         let mut vals = vec![0.0; k];
+        let mut any = vec![false; state.cluster.instances.len()];
         for &i in movable {
             if state.mobility(i) != Mobility::AnyNode {
                 continue;
             }
+            any[i.index()] = true;
             for (c, &probe) in probes.iter().enumerate() {
                 let load = state.load_after_in(i, probe);
                 state
@@ -193,7 +201,14 @@ impl Rises {
             classes,
             class,
             rise,
+            any,
         })
+    }
+
+    /// Whether `inst` may go to any node.
+    #[inline]
+    fn any(&self, inst: InstId) -> bool {
+        self.any[inst.index()]
     }
 
     /// What `inst` adds to `node`'s values.
@@ -217,17 +232,22 @@ fn fronts<M: Metric + ?Sized>(
         return Frontier::new(state, targets).map(|f| f.nodes());
     }
     let mut out = Vec::new();
-    let mut class: Vec<NodeId> = Vec::new();
+    // Each node's values read once: the fronts are found from them several times.
+    let mut class: Vec<(f64, f64, NodeId)> = Vec::new();
     for c in 0..rises.classes {
         class.clear();
         class.extend(
             targets
                 .iter()
-                .filter(|n| rises.class[n.index()] as usize == c),
+                .filter(|n| rises.class[n.index()] as usize == c)
+                .map(|&n| {
+                    let x = state.values_of(n);
+                    (x[0], x[1], n)
+                }),
         );
-        let first = front2(state, &class);
-        class.retain(|n| !first.contains(n));
-        let second = front2(state, &class);
+        let first = front2(&class);
+        class.retain(|p| !first.contains(&p.2));
+        let second = front2(&class);
         out.extend(first);
         out.extend(second);
     }
@@ -235,45 +255,43 @@ fn fronts<M: Metric + ?Sized>(
     Some(out)
 }
 
-/// The nodes of `nodes` that no other one weakly undercuts in both components
-/// (duplicates aside), as `bound`'s front finds them.
-fn front2<M: Metric + ?Sized>(state: &State<'_, M>, nodes: &[NodeId]) -> Vec<NodeId> {
-    let v = |n: NodeId| {
-        let x = state.values_of(n);
-        (x[0], x[1])
+/// The nodes of `nodes` (each with its two values) that no other one weakly
+/// undercuts in both components (duplicates aside), as `bound`'s front finds them.
+fn front2(nodes: &[(f64, f64, NodeId)]) -> Vec<NodeId> {
+    type Point = (f64, f64, NodeId);
+    let lex = |x: &Point, y: &Point| {
+        x.0.total_cmp(&y.0)
+            .then(x.1.total_cmp(&y.1))
+            .then(x.2.cmp(&y.2))
     };
-    let lex = |a: &NodeId, b: &NodeId| {
-        let (x, y) = (v(*a), v(*b));
-        x.0.total_cmp(&y.0).then(x.1.total_cmp(&y.1)).then(a.cmp(b))
-    };
-    let (Some(&m0), Some(&m1)) = (
+    let (Some(m0), Some(m1)) = (
         nodes.iter().min_by(|a, b| lex(a, b)),
-        nodes.iter().min_by(|a, b| {
-            let (x, y) = (v(**a), v(**b));
-            x.1.total_cmp(&y.1).then(x.0.total_cmp(&y.0)).then(a.cmp(b))
+        nodes.iter().min_by(|x, y| {
+            x.1.total_cmp(&y.1)
+                .then(x.0.total_cmp(&y.0))
+                .then(x.2.cmp(&y.2))
         }),
     ) else {
         return Vec::new();
     };
-    let (hi0, hi1) = (v(m1).0, v(m0).1);
-    let mut inside: Vec<NodeId> = nodes
+    let (hi0, hi1) = (m1.0, m0.1);
+    let mut inside: Vec<Point> = nodes
         .iter()
         .copied()
-        .filter(|&n| v(n).0.total_cmp(&hi0).is_le() && v(n).1.total_cmp(&hi1).is_le())
+        .filter(|p| p.0.total_cmp(&hi0).is_le() && p.1.total_cmp(&hi1).is_le())
         .collect();
     inside.sort_unstable_by(lex);
     let mut low = f64::INFINITY;
     let mut first = true;
-    inside.retain(|&n| {
-        let y = v(n).1;
-        let keep = first || y.total_cmp(&low).is_lt();
+    inside.retain(|p| {
+        let keep = first || p.1.total_cmp(&low).is_lt();
         if keep {
-            low = y;
+            low = p.1;
         }
         first = false;
         keep
     });
-    inside
+    inside.into_iter().map(|p| p.2).collect()
 }
 
 /// A source's best move when last looked at, kept to key its entry again later.
@@ -560,32 +578,44 @@ impl<M: Metric + ?Sized> View<'_, '_, M> {
         let (state, a) = (self.state, e.node.index());
         let mut tally = Tally::default();
         let ini = state.score();
-        let key = rekeyed(
-            state,
-            self.rises,
-            self.tops[a].as_deref(),
-            self.records[a],
-            self.rec_vals,
-            self.version,
-            work,
-            &mut tally,
-        )
-        .unwrap_or(e.key);
+        // A source whose recorded target took load is keyed by its record's bound
+        // alone and looked at afresh only if popped: most never are before the
+        // next step, and scoring their instances against the target now, for
+        // every source at every step, was most of a hard round's work.
+        let bound = self.records[a]
+            .filter(|r| !self.mid[a] && r.target != self.version[r.mv.to.index()])
+            .filter(|_| {
+                self.tops[a]
+                    .as_ref()
+                    .is_some_and(|t| t.iter().all(|&i| self.rises.any(i)))
+            })
+            .map(|r| {
+                tally.evaluations += 1;
+                let (gain, grown) = recorded_gain(state, r, self.rec_vals);
+                gain.max(r.other * grown)
+            });
+        let bounded = bound.is_some();
+        let key = bound
+            .or_else(|| {
+                rekeyed(
+                    state,
+                    self.rises,
+                    self.tops[a].as_deref(),
+                    self.records[a],
+                    self.rec_vals,
+                    self.version,
+                    work,
+                    &mut tally,
+                )
+            })
+            .unwrap_or(e.key);
         let better = !self.joined.is_empty()
             && self.tops[a].as_ref().is_some_and(|top| {
                 estimate(state, self.rises, top, self.joined, work, &mut tally)
                     .is_some_and(|(score, _, _)| ini - score > key)
             });
         if !self.mid[a] && !better {
-            return (
-                Source {
-                    key,
-                    bounded: false,
-                    ..e
-                },
-                None,
-                tally,
-            );
+            return (Source { key, bounded, ..e }, None, tally);
         }
         let top = match &self.tops[a] {
             Some(t) => t.clone(),
@@ -659,27 +689,40 @@ fn rekeyed<M: Metric + ?Sized>(
 ) -> Option<f64> {
     let rec = rec?;
     let ini = state.score();
-    let k = state.components_len();
     let mv = rec.mv;
-    let a = mv.from.index();
     tally.evaluations += 1;
-    let r = &rec_vals[a * 4 * k..(a + 1) * 4 * k];
-    let gain = ini - state.score_recorded(mv.from, mv.to, &r[..2 * k], &r[2 * k..]);
+    let (gain, grown) = recorded_gain(state, rec, rec_vals);
     if rec.target == version[mv.to.index()] {
         return Some(gain);
     }
     let top = top?;
-    if top.iter().any(|&i| state.mobility(i) != Mobility::AnyNode) {
+    if !top.iter().all(|&i| rises.any(i)) {
         return None;
     }
+    let to = estimate(state, rises, top, &[mv.to], work, tally)
+        .map_or(f64::NEG_INFINITY, |(score, _, _)| ini - score);
+    Some(to.max(rec.other * grown))
+}
+
+/// The gain now of a record's move with its nodes' recorded values (exact while
+/// its target has not changed, at least the move's gain once the target took
+/// load), and how much that gain grew since it was recorded (at least 1).
+fn recorded_gain<M: Metric + ?Sized>(
+    state: &State<'_, M>,
+    rec: Record,
+    rec_vals: &[f64],
+) -> (f64, f64) {
+    let k = state.components_len();
+    let mv = rec.mv;
+    let a = mv.from.index();
+    let r = &rec_vals[a * 4 * k..(a + 1) * 4 * k];
+    let gain = state.score() - state.score_recorded(mv.from, mv.to, &r[..2 * k], &r[2 * k..]);
     let grown = if rec.gain > 0.0 {
         (gain / rec.gain).max(1.0)
     } else {
         1.0
     };
-    let to = estimate(state, rises, top, &[mv.to], work, tally)
-        .map_or(f64::NEG_INFINITY, |(score, _, _)| ini - score);
-    Some(to.max(rec.other * grown))
+    (gain, grown)
 }
 
 /// Every node's entry, keyed by its best move now, and its best instances by
@@ -746,7 +789,7 @@ fn ranked<M: Metric + ?Sized>(
     let mut ranked: Vec<(f64, InstId)> = insts
         .iter()
         .map(|&i| {
-            let score = if state.mobility(i) == Mobility::AnyNode {
+            let score = if rises.any(i) {
                 let a = state.primary_of(i);
                 for ((v, now), r) in vals.iter_mut().zip(state.values_of(a)).zip(rises.of(i, a)) {
                     *v = now - r;
@@ -785,7 +828,12 @@ fn estimate<M: Metric + ?Sized>(
     let (src, dst) = work.estimate.split_at_mut(k);
     for &inst in top {
         let from = state.primary_of(inst);
-        match state.mobility(inst) {
+        let mobility = if rises.any(inst) {
+            Mobility::AnyNode
+        } else {
+            state.mobility(inst)
+        };
+        match mobility {
             Mobility::Immovable => {}
             Mobility::SecondaryOnly(s) => {
                 let e = state.evaluate(inst, s);
