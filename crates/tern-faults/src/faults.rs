@@ -158,11 +158,13 @@ async fn agent_restarted_within_its_lease_keeps_its_vms(
     f: &Fixture,
 ) -> Result<Outcome, FaultError> {
     f.manager_rounds().await?;
-    f.boot_guest(0, "g1", 256, Some("memdirty --mib 8 --mbps 5"))
-        .await?;
     for vm in ["fa", "fb"] {
         manager_vm(f, vm, 128, "h1").await?;
     }
+    // g1 is not the manager's: a round would destroy it as a stale copy.
+    f.hold_rounds().await?;
+    f.boot_guest(0, "g1", 256, Some("memdirty --mib 8 --mbps 5"))
+        .await?;
     let since = last_seq(f).await?;
     let pid_of = |list: &[tern_agent::vms::VmView], id: &str| {
         list.iter()

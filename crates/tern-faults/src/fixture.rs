@@ -342,6 +342,20 @@ impl Fixture {
         Ok(())
     }
 
+    /// Holds the manager's control rounds off (an hour apart, which applies at once) so
+    /// that a guest booted straight on an agent is not destroyed as a stale copy; leases
+    /// are still watched and commands still dispatched. [`Fixture::reset`] sets the
+    /// suite's interval again.
+    pub async fn hold_rounds(&self) -> Result<(), FaultError> {
+        let mut settings = self.manager_json(Method::GET, "/v1/balancer", None).await?;
+        settings["interval_s"] = json!(3600);
+        self.manager_json(Method::PUT, "/v1/balancer", Some(settings))
+            .await?;
+        // The control loop picks a new interval up within its 200 ms tick.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(())
+    }
+
     /// Waits until every agent holds a lease.
     pub async fn wait_leases(&self) -> Result<(), FaultError> {
         for h in &self.lab.hosts {

@@ -424,7 +424,14 @@ impl Control {
         if let Err(e) = self.recover().await {
             tracing::error!("recovery: {e}");
         }
-        let mut next = tokio::time::Instant::now();
+        // Settings stored before `interval_s` had an upper bound may exceed it;
+        // clamped, they cannot overflow the deadline.
+        let interval = || {
+            let s = self.manager.read(|s| s.settings.interval_s);
+            Duration::from_secs(s.min(MAX_INTERVAL_S))
+        };
+        let mut last = tokio::time::Instant::now();
+        let mut next = last;
         loop {
             tokio::select! {
                 _ = &mut shutdown => return,
@@ -435,13 +442,16 @@ impl Control {
                             tracing::error!("reconcile: {e}");
                         }
                     }
+                    // A new interval counts from the last round at once: an operator who
+                    // shortens an hour's interval must not wait out the hour.
+                    if next > last {
+                        next = last + interval();
+                    }
                     continue;
                 }
             }
-            // Settings stored before `interval_s` had an upper bound may exceed it;
-            // clamped, they cannot overflow the deadline.
-            let interval = self.manager.read(|s| s.settings.interval_s);
-            next = tokio::time::Instant::now() + Duration::from_secs(interval.min(MAX_INTERVAL_S));
+            last = tokio::time::Instant::now();
+            next = last + interval();
             let step = async {
                 self.collect_reports().await?;
                 self.health()?;

@@ -296,3 +296,47 @@ async fn a_restarted_manager_settles_migrations_left_open_without_losing_or_doub
     }
     assert!(manager.read(|s| s.running.is_empty()));
 }
+
+/// An interval shortened while the loop waits out a long one applies from the last round
+/// at once: rounds every hour, changed to every second, must not wait out the hour.
+#[tokio::test]
+async fn a_shortened_interval_applies_without_waiting_out_the_old_one() {
+    let lab = Lab::new(
+        1,
+        BalancerSettings {
+            interval_s: 3600,
+            ..BalancerSettings::default()
+        },
+    )
+    .await;
+    let beat = |lab: &Lab| lab.manager.read(|s| s.hosts["h0"].last_heartbeat);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(lab.control.clone().run(async {
+        let _ = stopped.await;
+    }));
+    // The first round comes at once and records the host's report.
+    let t0 = std::time::Instant::now();
+    while beat(&lab).is_none() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "no first round");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Whatever the first round still commits has landed; the clock moves on, so a
+    // new round's report carries a new time.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    lab.advance(5_000);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let first = beat(&lab);
+    let mut settings = lab.manager.read(|s| s.settings.clone());
+    settings.interval_s = 1;
+    lab.manager.execute(Command::PutSettings(settings)).unwrap();
+    let t0 = std::time::Instant::now();
+    while beat(&lab) == first {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "no round within 5 s of shortening the interval from an hour to a second"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop.send(());
+    run.await.unwrap();
+}
