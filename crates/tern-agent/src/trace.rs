@@ -111,5 +111,6 @@ pub async fn execute(
         host: state.host.name.clone(),
         vcpu_threads: threads,
         trace,
+        guest: None,
     })
 }

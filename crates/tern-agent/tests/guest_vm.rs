@@ -167,7 +167,14 @@ async fn a_running_vms_vcpu_threads_are_traced_and_bad_requests_refused() {
 
     // Refused before anything is recorded.
     let trace = |id: &'static str, duration_ms: u64| async move {
-        c.trace(id, &TraceRequest { duration_ms }).await
+        c.trace(
+            id,
+            &TraceRequest {
+                duration_ms,
+                host_only: true,
+            },
+        )
+        .await
     };
     for bad in [0, MAX_TRACE_MS + 1] {
         assert_eq!(status(trace("g1", bad).await.unwrap_err()), 400, "{bad} ms");

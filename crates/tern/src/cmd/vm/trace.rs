@@ -72,6 +72,7 @@ pub fn run(
     let tmp = staging(&a.out)?;
     let req = TraceRequest {
         duration_ms: a.duration.as_millis() as u64,
+        host_only: true,
     };
     let v = rt
         .block_on(client.trace(&a.id, &req))
@@ -87,6 +88,7 @@ pub fn run(
             timeline: &tl,
             vcpus: &vcpus,
             summary: &summary,
+            guest: None,
         },
     )?;
     w.flush()?;
