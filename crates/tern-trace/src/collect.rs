@@ -49,10 +49,10 @@ impl GuestChunks {
     /// The recording up to `end_ns` (guest clock), on the host's clock.
     pub fn finish(mut self, end_ns: u64, alignment: Alignment) -> GuestTrace {
         self.events.sort_by_key(|e| e.time_ns);
+        let end_ns = end_ns.max(self.events.last().map_or(0, |e| e.time_ns + 1));
         for e in &mut self.events {
             e.time_ns = alignment.to_host(e.time_ns);
         }
-        let end_ns = end_ns.max(self.events.last().map_or(0, |e| e.time_ns + 1));
         GuestTrace {
             start_ns: alignment.to_host(self.start_ns),
             end_ns: alignment
@@ -110,8 +110,16 @@ mod tests {
             round_trip_ns: 100,
             exchanges: 4,
         };
-        let g = c.finish(20_000, a);
+        let g = c.clone().finish(20_000, a);
         assert_eq!((g.start_ns, g.end_ns), (1_000, 11_000));
+        // A guest clock behind the host's (it booted later), and a last read that came
+        // before the last event's time: the window still holds every event.
+        let behind = Alignment {
+            offset_ns: -1_000_000,
+            ..a
+        };
+        let g2 = c.clone().finish(12_500, behind);
+        assert_eq!((g2.start_ns, g2.end_ns), (1_010_000, 1_013_001));
         let times: Vec<u64> = g.events.iter().map(|e| e.time_ns).collect();
         assert_eq!(times, vec![2_000, 3_000, 4_000]);
         assert_eq!((g.lost, g.dropped), (1, 5));
