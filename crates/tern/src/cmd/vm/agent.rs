@@ -282,7 +282,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             out(&v)?
         }
         Command::Trace(t) => {
-            let s = super::trace::run(&rt, &client, t)?;
+            let s = super::trace::run(t, |req| {
+                rt.block_on(client.trace(&t.id, req)).map_err(agent_error)
+            })?;
             if args.json {
                 out(&s)?
             } else {
