@@ -31,6 +31,9 @@ pub struct TraceArgs {
     pub host_only: bool,
 }
 
+/// Largest trace answer read (an hour of a busy VM's events is below).
+pub const MAX_TRACE_BYTES: usize = 1 << 30;
+
 /// What a trace run reports: the host level, and the guest level when recorded.
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
