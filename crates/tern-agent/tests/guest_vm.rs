@@ -167,7 +167,14 @@ async fn a_running_vms_vcpu_threads_are_traced_and_bad_requests_refused() {
 
     // Refused before anything is recorded.
     let trace = |id: &'static str, duration_ms: u64| async move {
-        c.trace(id, &TraceRequest { duration_ms }).await
+        c.trace(
+            id,
+            &TraceRequest {
+                duration_ms,
+                host_only: true,
+            },
+        )
+        .await
     };
     for bad in [0, MAX_TRACE_MS + 1] {
         assert_eq!(status(trace("g1", bad).await.unwrap_err()), 400, "{bad} ms");
@@ -201,5 +208,141 @@ async fn a_running_vms_vcpu_threads_are_traced_and_bad_requests_refused() {
     let e = trace("g1", 100).await.unwrap_err();
     assert_eq!(status(e), 409, "a stopped VM is not traced");
     c.delete_vm("g1").await.unwrap();
+    a.shut().await;
+}
+
+/// The guest's answer to `req`, which must succeed.
+async fn guest_ok(c: &AgentClient, id: &str, req: serde_json::Value) -> serde_json::Value {
+    let v = c.guest(id, &req).await.unwrap();
+    assert_eq!(v["ok"], true, "{req} → {v}");
+    v["result"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_thread_moved_to_vcpu_1_shows_there_in_the_merged_trace_within_20_ms() {
+    use tern_trace::merge::{guest_timeline, summarize_guest};
+    use tern_trace::{State, VcpuMap};
+    if !tern_testkit::require_qemu() || !tern_testkit::is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with QEMU"
+        );
+        eprintln!("SKIP: tracing needs root and QEMU");
+        return;
+    }
+    let a = Agent::start().await;
+    let c = &a.c;
+    c.create_vm(&a.vm("g2", 2)).await.unwrap();
+    let t0 = Instant::now();
+    while c.guest("g2", &json!({"cmd": "ping"})).await.is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "guest never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // The second vCPU comes up shortly after userspace starts.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    guest_ok(
+        c,
+        "g2",
+        json!({"cmd": "start", "workload": "cpu --percent 100"}),
+    )
+    .await;
+    guest_ok(
+        c,
+        "g2",
+        json!({"cmd": "affinity", "threads": "cpu-", "cpu": 0}),
+    )
+    .await;
+
+    let req = TraceRequest {
+        duration_ms: 3000,
+        host_only: false,
+    };
+    let (trace, moved) = tokio::join!(c.trace("g2", &req), async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        guest_ok(
+            c,
+            "g2",
+            json!({"cmd": "affinity", "threads": "cpu-", "cpu": 1}),
+        )
+        .await
+    });
+    let v = trace.unwrap();
+    let g = v.guest.clone().expect("the guest level was asked for");
+    let al = g.alignment.expect("clocks aligned");
+    let secs = (g.end_ns - g.start_ns) as f64 / 1e9;
+    eprintln!(
+        "guest: {} events in {secs:.2} s ({:.0}/s), lost {}, dropped {}; clock offset {} ns, \
+         error ≤ {} ns (best round trip {} ns of {} exchanges); host: {} events",
+        g.events.len(),
+        g.events.len() as f64 / secs,
+        g.lost,
+        g.dropped,
+        al.offset_ns,
+        al.error_ns,
+        al.round_trip_ns,
+        al.exchanges,
+        v.trace.events.len()
+    );
+    assert_eq!(al.exchanges, 16);
+    assert!(
+        al.error_ns < 5_000_000,
+        "alignment error {} ns",
+        al.error_ns
+    );
+    assert!((2.5..5.0).contains(&secs), "{secs} s");
+    assert_eq!(g.dropped, 0, "a 1M-record buffer read every 50 ms");
+
+    let tid = moved["threads"][0].as_u64().unwrap() as u32;
+    let moment = al.to_host(moved["time_ns"].as_u64().unwrap());
+    let slack = 20_000_000 + al.error_ns;
+    let gtl = guest_timeline(&g);
+    let runs: Vec<_> = gtl
+        .spans_of(tid)
+        .filter_map(|s| match s.state {
+            State::Running { cpu } => Some((s.start_ns, s.end_ns, cpu)),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        runs.iter()
+            .any(|&(_, end, cpu)| cpu == 0 && end <= moment + slack),
+        "ran on vCPU 0 before the move: {runs:?}"
+    );
+    let on1 = runs
+        .iter()
+        .find(|&&(_, end, cpu)| cpu == 1 && end > moment)
+        .expect("ran on vCPU 1 after the move");
+    let latency = on1.0.saturating_sub(moment);
+    eprintln!(
+        "moved at {moment}; on vCPU 1 from {} ({:.3} ms after)",
+        on1.0,
+        latency as f64 / 1e6
+    );
+    assert!(latency <= slack, "{latency} ns after the move");
+    assert!(
+        runs.iter()
+            .all(|&(start, _, cpu)| cpu == 1 || start < moment + slack),
+        "back on vCPU 0 after the move: {runs:?}"
+    );
+
+    // The merged summary: the thread's vCPU migration and its run time.
+    let vcpus = VcpuMap::from_threads(&v.vcpu_threads);
+    let (host_tl, _) = tern_trace::analyse(&v.trace, &vcpus);
+    let s = summarize_guest(&gtl, &g, &host_tl, &vcpus);
+    let p = s.processes.iter().find(|p| p.tid == tid).unwrap();
+    eprintln!("{p:?}; guest delay total {} ns", s.double_sched_delay_ns);
+    assert_eq!(p.comm, "cpu-0");
+    assert_eq!(p.vcpus, vec![0, 1]);
+    assert!(p.vcpu_migrations >= 1);
+    assert!(
+        p.run_ns > 1_000_000_000,
+        "a spinning thread ran most of 3 s"
+    );
+    assert_eq!(s.dropped, g.dropped);
+
+    c.delete_vm("g2").await.unwrap();
     a.shut().await;
 }

@@ -68,6 +68,46 @@ pub enum Command {
     Health,
     /// Powers the guest off (QEMU exits when the guest does).
     Poweroff,
+    /// Starts recording the guest kernel's scheduler events of every process. The
+    /// recording stops by itself when no `trace_read` came for `idle_stop_ms` (the host
+    /// went away) and keeps at most `max_records` unread records (the rest are counted
+    /// as dropped).
+    TraceStart {
+        #[serde(default = "default_trace_buffer")]
+        max_records: u64,
+        #[serde(default = "default_trace_idle_stop_ms")]
+        idle_stop_ms: u64,
+    },
+    /// Takes at most `max_records` of the records recorded so far.
+    TraceRead {
+        #[serde(default = "default_trace_read")]
+        max_records: u64,
+    },
+    /// Stops the recording; unread records are discarded.
+    TraceStop,
+    /// The guest's `CLOCK_MONOTONIC` on receipt and on answering (clock alignment).
+    Clock,
+    /// Moves the agent's threads whose names start with `threads` to one vCPU
+    /// (`sched_setaffinity`, as `taskset` does; a workload's threads are named after it:
+    /// `cpu-0`, `cpu-1`); answers the guest time it happened.
+    Affinity { threads: String, cpu: u32 },
+}
+
+/// Most unread guest trace records kept by default (24 bytes each: 48 MiB).
+pub const DEFAULT_TRACE_BUFFER: u64 = 2_000_000;
+/// The most a `trace_start` may ask to keep.
+pub const MAX_TRACE_BUFFER: u64 = 8_000_000;
+/// Records per `trace_read` by default (about 1 MiB of base64 per line).
+pub const DEFAULT_TRACE_READ: u64 = 32_768;
+
+fn default_trace_buffer() -> u64 {
+    DEFAULT_TRACE_BUFFER
+}
+fn default_trace_idle_stop_ms() -> u64 {
+    10_000
+}
+fn default_trace_read() -> u64 {
+    DEFAULT_TRACE_READ
 }
 
 /// A workload the agent can run.
@@ -333,13 +373,56 @@ impl Response {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Reply {
-    Pong { version: String, uptime_s: f64 },
+    Pong {
+        version: String,
+        uptime_s: f64,
+    },
     Status(Status),
-    Started { workload: String },
-    Stopped { workload: String },
+    Started {
+        workload: String,
+    },
+    Stopped {
+        workload: String,
+    },
     Verify(VerifyReport),
     Health(HealthReport),
     PoweringOff,
+    TraceStarted {
+        /// Guest vCPUs recorded (guest CPU n is vCPU n).
+        cpus: Vec<u32>,
+        start_ns: u64,
+    },
+    TraceChunk(TraceChunk),
+    TraceStopped,
+    /// Threads moved by `affinity`, and the guest time just before the first move.
+    Moved {
+        time_ns: u64,
+        threads: Vec<u32>,
+    },
+    /// `recv_ns`/`send_ns`: the guest's `CLOCK_MONOTONIC` on taking the request and on
+    /// answering it.
+    Clock {
+        recv_ns: u64,
+        send_ns: u64,
+    },
+}
+
+/// Guest scheduler records taken from the guest agent's buffer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TraceChunk {
+    /// Base64 of packed 24-byte records (`tern_trace::packed`), guest clock.
+    pub data: String,
+    pub records: u64,
+    /// Records left in the buffer (read again soon).
+    pub pending: u64,
+    /// Since the recording started: records the guest kernel could not write, and
+    /// records the agent's full buffer did not keep.
+    pub lost: u64,
+    pub dropped: u64,
+    /// Names of threads first seen in this chunk.
+    pub comms: Vec<(u32, String)>,
+    /// The guest's clock when the chunk was taken.
+    pub now_ns: u64,
 }
 
 /// A snapshot of the guest for `status`.

@@ -12,6 +12,9 @@ pub const MAX_TRACE_MS: u64 = 3_600_000;
 pub struct TraceRequest {
     /// How long to record, milliseconds: more than 0, at most an hour.
     pub duration_ms: u64,
+    /// Record the host's vCPU threads only, not the guest's processes.
+    #[serde(default)]
+    pub host_only: bool,
 }
 
 impl TraceRequest {
@@ -109,6 +112,50 @@ pub struct VmTrace {
     /// Host thread ids of the vCPUs, in vCPU order (QMP `query-cpus-fast`).
     pub vcpu_threads: Vec<u32>,
     pub trace: HostTrace,
+    /// The guest's own scheduler events, when the guest level was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestTrace>,
+}
+
+/// How the guest's clock maps to the host's, from timestamp exchanges over the control
+/// channel, and how far to trust it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ClockAlignment {
+    /// Guest `CLOCK_MONOTONIC` minus the host's.
+    pub offset_ns: i64,
+    /// Most a guest time mapped to the host's clock can be off: half the best round trip.
+    pub error_ns: u64,
+    /// The best exchange's round trip (outside the guest).
+    pub round_trip_ns: u64,
+    /// Exchanges made.
+    pub exchanges: u32,
+}
+
+impl ClockAlignment {
+    /// A guest timestamp on the host's clock.
+    pub fn to_host(&self, guest_ns: u64) -> u64 {
+        (guest_ns as i128 - self.offset_ns as i128).clamp(0, u64::MAX as i128) as u64
+    }
+}
+
+/// A guest recording: the guest kernel's scheduler events of every process, with `cpu`
+/// a vCPU index and times already on the host's clock (through `alignment`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct GuestTrace {
+    /// The guest's recording window, host clock.
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub events: Vec<SchedEvent>,
+    /// Records the guest kernel could not write (full ring buffer).
+    pub lost: u64,
+    /// Records the guest agent did not keep (its buffer was full when the host read).
+    pub dropped: u64,
+    /// Process (thread) names by thread id, as the guest's `/proc` had them.
+    pub comms: std::collections::BTreeMap<u32, String>,
+    /// `None` only when no exchange could be made (then the trace has no guest level).
+    pub alignment: Option<ClockAlignment>,
 }
 
 #[cfg(test)]
@@ -117,14 +164,25 @@ mod tests {
 
     #[test]
     fn durations_are_bounded() {
-        assert!(TraceRequest { duration_ms: 1 }.check().is_ok());
         assert!(TraceRequest {
-            duration_ms: MAX_TRACE_MS
+            duration_ms: 1,
+            host_only: false
+        }
+        .check()
+        .is_ok());
+        assert!(TraceRequest {
+            duration_ms: MAX_TRACE_MS,
+            host_only: true,
         }
         .check()
         .is_ok());
         for bad in [0, MAX_TRACE_MS + 1] {
-            let e = TraceRequest { duration_ms: bad }.check().unwrap_err();
+            let e = TraceRequest {
+                duration_ms: bad,
+                host_only: false,
+            }
+            .check()
+            .unwrap_err();
             assert!(e.contains("1 to 3600000"), "{e}");
         }
     }

@@ -8,6 +8,7 @@
 //! - [`health`]: kernel-log scanning (also for the host's copy of the console log).
 //! - [`channel`]: finding the virtio-serial port (or the UART) inside the guest.
 //! - [`client`]: the host side, over QEMU's chardev Unix socket.
+//! - [`trace`]: the guest kernel's scheduler events, buffered (bounded) for the host.
 //!
 //! The `tern-guest` binary is linked statically so it runs from the guest's initramfs
 //! with no libraries; it needs no async runtime: one thread reads the channel and
@@ -19,6 +20,7 @@ pub mod health;
 pub mod pacing;
 pub mod server;
 pub mod sysinfo;
+pub mod trace;
 pub mod workload;
 
 use std::time::Duration;
@@ -41,6 +43,9 @@ pub enum GuestError {
     /// The agent answered with an error.
     #[error("the guest agent refused: {0}")]
     Agent(String),
+    /// The guest's scheduler trace cannot be recorded or has ended.
+    #[error("guest trace: {0}")]
+    Trace(String),
     #[error("no answer from the guest agent within {0:?}")]
     Timeout(Duration),
     #[error("the guest agent was not reachable within {waited:?}: {last}")]

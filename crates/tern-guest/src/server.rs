@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use crate::health;
 use crate::sysinfo;
+use crate::trace::{self, Tracer};
 use crate::workload::Workloads;
 use crate::GuestError;
 use tern_api::guest::{Command, HealthReport, Reply, Request, Response, Status};
@@ -19,6 +20,8 @@ pub struct Agent {
     started: Instant,
     /// Set once the host asked for power-off; the caller acts on it after answering.
     pub poweroff_requested: bool,
+    /// The scheduler trace under way, if any.
+    tracer: Option<Tracer>,
 }
 
 impl Default for Agent {
@@ -27,6 +30,7 @@ impl Default for Agent {
             workloads: Workloads::default(),
             started: Instant::now(),
             poweroff_requested: false,
+            tracer: None,
         }
     }
 }
@@ -56,6 +60,7 @@ impl Agent {
     }
 
     fn run(&mut self, cmd: Command) -> Result<Reply, GuestError> {
+        let recv_ns = trace::now_ns();
         Ok(match cmd {
             Command::Ping => Reply::Pong {
                 version: env!("CARGO_PKG_VERSION").to_string(),
@@ -87,7 +92,49 @@ impl Agent {
                     findings,
                 })
             }
+            Command::TraceStart {
+                max_records,
+                idle_stop_ms,
+            } => {
+                // A new recording replaces one whose host went away without stopping it.
+                self.tracer = None;
+                let t = Tracer::start(max_records, idle_stop_ms)?;
+                let reply = Reply::TraceStarted {
+                    cpus: t.cpus.clone(),
+                    start_ns: t.start_ns,
+                };
+                self.tracer = Some(t);
+                reply
+            }
+            Command::TraceRead { max_records } => {
+                let t = self.tracer.as_mut().ok_or_else(|| {
+                    GuestError::Trace("no recording: send trace-start first".into())
+                })?;
+                match t.read(max_records) {
+                    Ok(chunk) => Reply::TraceChunk(chunk),
+                    Err(e) => {
+                        self.tracer = None;
+                        return Err(e);
+                    }
+                }
+            }
+            Command::TraceStop => {
+                self.tracer = None;
+                Reply::TraceStopped
+            }
+            Command::Clock => Reply::Clock {
+                recv_ns,
+                send_ns: trace::now_ns(),
+            },
+            Command::Affinity { threads, cpu } => {
+                let time_ns = trace::now_ns();
+                Reply::Moved {
+                    threads: trace::move_threads(&threads, cpu)?,
+                    time_ns,
+                }
+            }
             Command::Poweroff => {
+                self.tracer = None;
                 self.workloads.stop_all();
                 self.poweroff_requested = true;
                 Reply::PoweringOff

@@ -63,6 +63,7 @@ pub struct RoundReport {
 impl Control {
     pub fn new(manager: Arc<Manager>, agents: Arc<dyn Connector>) -> Arc<Self> {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        manager.set_agents(agents.clone());
         Arc::new(Self {
             manager,
             agents,

@@ -57,6 +57,9 @@ pub struct Manager {
     addresses: HostAddresses,
     /// The host leases granted; never stored (see [`decide::lease`]).
     leases: Mutex<decide::lease::Leases>,
+    /// How to reach agents, set by the control loop; routes that ask an agent directly
+    /// (a trace) use it.
+    agents: std::sync::OnceLock<Arc<dyn crate::client::Connector>>,
 }
 
 impl Manager {
@@ -73,6 +76,7 @@ impl Manager {
             snap: RwLock::new(snap),
             events,
             leases: Mutex::new(decide::lease::Leases::new(clock())),
+            agents: std::sync::OnceLock::new(),
             clock,
             live: Default::default(),
             addresses: HostAddresses::default(),
@@ -289,6 +293,16 @@ impl Manager {
 
     /// Reads the snapshot; waits only while a commit is being applied, never for the
     /// store.
+    /// Gives the manager its way to reach agents (the control loop's; the first wins).
+    pub fn set_agents(&self, agents: Arc<dyn crate::client::Connector>) {
+        let _ = self.agents.set(agents);
+    }
+
+    /// How to reach agents, once a control loop runs.
+    pub fn agents(&self) -> Option<Arc<dyn crate::client::Connector>> {
+        self.agents.get().cloned()
+    }
+
     pub fn read<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
         f(&self.snap())
     }

@@ -214,6 +214,10 @@ async fn every_documented_operation_answers_as_documented() {
         if url == "/v1/join" || url == "/v1/ca/crl" {
             continue;
         }
+        // A trace records on a real agent's host (the refusals are tested below).
+        if url.ends_with("/trace") {
+            continue;
+        }
         let (s, text) = srv.call(method.clone(), &url, None, body.as_deref()).await;
         if secured {
             assert_eq!(
@@ -248,6 +252,45 @@ async fn every_documented_operation_answers_as_documented() {
     // The server's own copy of the document is the checked-in one.
     let (_, text) = srv.call(Method::GET, "/openapi.json", None, None).await;
     assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), doc);
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_trace_is_refused_for_bad_durations_unknown_and_not_running_vms() {
+    let srv = Server::start().await;
+    srv.fixture().await;
+    let trace = |vm: &'static str, body: Value| {
+        let srv = &srv;
+        async move {
+            srv.json(Method::POST, &format!("/v1/vms/{vm}/trace"), Some(body))
+                .await
+        }
+    };
+    for bad in [
+        json!({"duration_ms": 0}),
+        json!({"duration_ms": 3_600_001}),
+        json!({}),
+    ] {
+        let (s, v) = trace("v1", bad.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
+    }
+    let (s, v) = trace("nope", json!({"duration_ms": 100})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    // A VM that is placed but was never seen running is not traced.
+    let (s, _) = srv
+        .json(
+            Method::POST,
+            "/v1/vms",
+            Some(json!({"name": "v9", "spec": {"vcpus": 1, "memory_mib": 512}, "host": "h2"})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED);
+    let (s, v) = trace("v9", json!({"duration_ms": 100})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert!(v.to_string().contains("not running"), "{v}");
+    // A running VM, but no control loop to reach its agent with.
+    let (s, v) = trace("v1", json!({"duration_ms": 100})).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
     srv.stop().await;
 }
 

@@ -7,12 +7,15 @@
 //! | 1   | `host HOST cores` | physical CPU  | the vCPU running on it               |
 //! | 2   | `VM vcpus`        | vCPU          | `cpu N` while running, `runnable` (steal) while waiting; instant events at each migration |
 //!
-//! (Guest processes will be pid 3, one track per guest process.) Times are microseconds
-//! from the window's start, with nanosecond precision in the fraction. The summary and
+//! | 3   | `VM processes`    | guest thread  | `vcpu N` while the guest ran it, `runnable` while it waited; instant events at each vCPU migration |
+//!
+//! Times are microseconds from the host window's start (guest events are on the host's
+//! clock already), with nanosecond precision in the fraction. The summary and
 //! the lost-record counts travel in `otherData`, so a trace file tells its own gaps.
 
 use crate::error::{Result, TraceError};
-use crate::model::VcpuMap;
+use crate::merge::GuestSummary;
+use crate::model::{GuestTrace, VcpuMap};
 use crate::summary::Summary;
 use crate::timeline::{State, Timeline};
 use serde::Serialize;
@@ -21,6 +24,7 @@ use std::io::Write;
 
 const HOST_PID: u32 = 1;
 const VCPU_PID: u32 = 2;
+const GUEST_PID: u32 = 3;
 
 /// What to export: one VM's vCPUs on one host.
 pub struct Export<'a> {
@@ -29,6 +33,16 @@ pub struct Export<'a> {
     pub timeline: &'a Timeline,
     pub vcpus: &'a VcpuMap,
     pub summary: &'a Summary,
+    /// The guest level, when the trace has one.
+    pub guest: Option<GuestLevel<'a>>,
+}
+
+/// The guest's processes: their timeline on the host's clock, names and summary.
+#[derive(Clone, Copy)]
+pub struct GuestLevel<'a> {
+    pub timeline: &'a Timeline,
+    pub trace: &'a GuestTrace,
+    pub summary: &'a GuestSummary,
 }
 
 /// One trace event (`ph`: `X` complete slice, `i` instant, `M` metadata).
@@ -67,7 +81,8 @@ impl Event {
 /// The events of `e`, track names first.
 fn events(e: &Export<'_>) -> Vec<Event> {
     let tl = e.timeline;
-    let us = |t: u64| (t - tl.start_ns) as f64 / 1000.0;
+    // Guest events may start before the host window: times are signed.
+    let us = |t: u64| (t as i128 - tl.start_ns as i128) as f64 / 1000.0;
     // A vCPU's track id is its index; a traced thread that is not a vCPU gets one past
     // the vCPUs, ordered by thread id.
     let track = |tid: u32| {
@@ -154,7 +169,60 @@ fn events(e: &Export<'_>) -> Vec<Event> {
             args: json!({ "tid": m.tid, "from_cpu": m.from_cpu, "to_cpu": m.to_cpu }),
         });
     }
+    if let Some(g) = e.guest {
+        guest_events(&mut out, g, us);
+    }
     out
+}
+
+/// Pid 3: a track per guest thread, named after its `comm`.
+fn guest_events(out: &mut Vec<Event>, g: GuestLevel<'_>, us: impl Fn(u64) -> f64) {
+    out.push(Event::meta(
+        "process_name",
+        GUEST_PID,
+        0,
+        "guest processes".to_string(),
+        "name",
+    ));
+    for &tid in &g.timeline.tids {
+        let comm = g.trace.comms.get(&tid).map(String::as_str).unwrap_or("?");
+        out.push(Event::meta(
+            "thread_name",
+            GUEST_PID,
+            tid,
+            format!("{comm} (tid {tid})"),
+            "name",
+        ));
+    }
+    for s in &g.timeline.spans {
+        let name = match s.state {
+            State::Running { cpu } => format!("vcpu {cpu}"),
+            State::Runnable => "runnable".to_string(),
+            State::Sleeping | State::Unknown => continue,
+        };
+        out.push(Event {
+            name,
+            ph: "X",
+            pid: GUEST_PID,
+            tid: s.tid,
+            ts: Some(us(s.start_ns)),
+            dur: Some(s.len_ns() as f64 / 1000.0),
+            s: None,
+            args: Value::Null,
+        });
+    }
+    for m in &g.timeline.migrations {
+        out.push(Event {
+            name: format!("migrate vcpu {} → {}", m.from_cpu, m.to_cpu),
+            ph: "i",
+            pid: GUEST_PID,
+            tid: m.tid,
+            ts: Some(us(m.time_ns)),
+            dur: None,
+            s: Some("t"),
+            args: Value::Null,
+        });
+    }
 }
 
 /// The whole trace as one JSON value.
@@ -167,6 +235,8 @@ pub fn to_value(e: &Export<'_>) -> Value {
             "vm": e.vm,
             "start_ns": e.timeline.start_ns,
             "summary": e.summary,
+            "guest": e.guest.map(|g| g.summary),
+            "clock_alignment": e.guest.and_then(|g| g.trace.alignment),
         },
     })
 }
@@ -209,6 +279,7 @@ mod tests {
             timeline: &tl,
             vcpus: &vcpus,
             summary: &summary,
+            guest: None,
         });
         let evs = v["traceEvents"].as_array().unwrap();
         let named = |pid: u64, tid: u64| {
@@ -258,10 +329,60 @@ mod tests {
                 timeline: &tl,
                 vcpus: &vcpus,
                 summary: &summary,
+                guest: None,
             },
         )
         .unwrap();
         let back: Value = serde_json::from_slice(&buf).unwrap();
         assert_eq!(back, v);
+    }
+
+    #[test]
+    fn guest_processes_get_a_track_each_with_the_alignment() {
+        use crate::merge::{guest_timeline, summarize_guest};
+        use crate::model::{ClockAlignment, GuestTrace};
+        let vcpus = VcpuMap::from_threads(&[10]);
+        let tl = timeline(0, 1_000, &[10], &[sw(0, 0, 0, 0, 10)]);
+        let summary = summarize(&tl, &vcpus, Counts::default());
+        let g = GuestTrace {
+            start_ns: 0,
+            end_ns: 1_000,
+            events: vec![sw(100, 0, 0, 0, 50), sw(400, 0, 50, 1, 0)],
+            comms: [(50, "spin".to_string())].into(),
+            alignment: Some(ClockAlignment {
+                offset_ns: 7,
+                error_ns: 30,
+                round_trip_ns: 60,
+                exchanges: 8,
+            }),
+            dropped: 3,
+            ..GuestTrace::default()
+        };
+        let gtl = guest_timeline(&g);
+        let gs = summarize_guest(&gtl, &g, &tl, &vcpus);
+        let v = to_value(&Export {
+            host: "h1",
+            vm: "vm1",
+            timeline: &tl,
+            vcpus: &vcpus,
+            summary: &summary,
+            guest: Some(GuestLevel {
+                timeline: &gtl,
+                trace: &g,
+                summary: &gs,
+            }),
+        });
+        let evs = v["traceEvents"].as_array().unwrap();
+        assert!(evs
+            .iter()
+            .any(|e| e["pid"] == 3 && e["tid"] == 50 && e["args"]["name"] == "spin (tid 50)"));
+        let slice = evs
+            .iter()
+            .find(|e| e["pid"] == 3 && e["name"] == "vcpu 0")
+            .unwrap();
+        assert_eq!(slice["ts"].as_f64(), Some(0.1));
+        assert_eq!(slice["dur"].as_f64(), Some(0.3));
+        assert_eq!(v["otherData"]["clock_alignment"]["error_ns"], 30);
+        assert_eq!(v["otherData"]["guest"]["dropped"], 3);
     }
 }

@@ -20,21 +20,30 @@
 //!   migrations; time conserved, CPUs never double-booked.
 //! - [`summary`]: per-thread, per-CPU and per-VM totals from a timeline.
 //! - [`chrome`]: the Chrome trace event format writer (one track per CPU and per vCPU).
+//! - [`packed`]: the guest's events as 24-byte binary records on the control channel.
+//! - [`collect`]: a guest recording assembled from its chunks, on the host's clock.
+//! - [`clock`]: guest↔host clock alignment from timestamp exchanges.
+//! - [`merge`]: guest processes on vCPUs over vCPUs on cores: per-process run time,
+//!   vCPU migrations and double-scheduling delay.
 //! - [`tracefs`]: finding (mounting) tracefs, reading formats, the online CPUs.
 //! - [`recorder`]: the `perf_event_open` recorder with kernel-side thread filters.
 //! - [`error`]: the crate's error type, [`TraceError`].
 
 pub mod chrome;
+pub mod clock;
+pub mod collect;
 pub mod error;
 pub mod format;
+pub mod merge;
 pub mod model;
+pub mod packed;
 pub mod recorder;
 pub mod summary;
 pub mod timeline;
 pub mod tracefs;
 
 pub use error::{Result, TraceError};
-pub use model::{EventKind, HostTrace, SchedEvent, VcpuMap, VmTrace};
+pub use model::{ClockAlignment, EventKind, GuestTrace, HostTrace, SchedEvent, VcpuMap, VmTrace};
 pub use recorder::{record, record_until, Recorder, RecorderConfig};
 pub use summary::{summarize, Counts, Summary};
 pub use timeline::{timeline, Migration, Span, State, Timeline};

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-pub use tern_api::trace::{EventKind, HostTrace, SchedEvent, VmTrace};
+pub use tern_api::trace::{ClockAlignment, EventKind, GuestTrace, HostTrace, SchedEvent, VmTrace};
 
 /// The task-state bits `sched_switch` reports for a task that stopped running because it
 /// sleeps or stopped (S, D, T, t, X, Z, P, I). With none of them set the task was still

@@ -43,6 +43,9 @@ pub struct RecorderConfig {
     pub kvm: bool,
     /// Where tracefs is (mounted there if it is not).
     pub tracefs: PathBuf,
+    /// Record every thread, with no kernel filter (`tids` is then ignored): inside a
+    /// guest, where every process is of interest.
+    pub all_threads: bool,
 }
 
 impl RecorderConfig {
@@ -53,6 +56,15 @@ impl RecorderConfig {
             max_events: 4_000_000,
             kvm: false,
             tracefs: PathBuf::from(tracefs::TRACEFS),
+            all_threads: false,
+        }
+    }
+
+    /// Every thread of the machine (the guest's recorder).
+    pub fn all_threads() -> RecorderConfig {
+        RecorderConfig {
+            all_threads: true,
+            ..RecorderConfig::new(Vec::new())
         }
     }
 }
@@ -70,6 +82,7 @@ pub struct Recorder {
     rings: Vec<CpuRing>,
     layouts: Layouts,
     tids: Vec<u32>,
+    all_threads: bool,
     events: Vec<SchedEvent>,
     max_events: usize,
     lost: u64,
@@ -134,10 +147,10 @@ fn ioctl(counter: &Counter, what: String, call: impl FnOnce(i32) -> i32) -> Resu
 impl Recorder {
     /// Opens and enables the recording of `cfg.tids` on every online CPU.
     pub fn open(cfg: &RecorderConfig) -> Result<Recorder> {
-        if cfg.tids.is_empty() {
+        if cfg.tids.is_empty() && !cfg.all_threads {
             return Err(TraceError::NoThreads);
         }
-        if cfg.tids.len() > MAX_THREADS {
+        if cfg.tids.len() > MAX_THREADS && !cfg.all_threads {
             return Err(TraceError::TooManyThreads {
                 given: cfg.tids.len(),
                 max: MAX_THREADS,
@@ -150,12 +163,16 @@ impl Recorder {
             let mut counters = Vec::new();
             for f in layouts.all() {
                 let c = open_event(f, cpu)?;
-                let text = std::ffi::CString::new(filter(f, &layouts, &cfg.tids))
-                    .expect("a filter of numbers has no NUL");
-                ioctl(&c, format!("the filter of {}", f.name), |fd| {
-                    // SAFETY: `fd` is an open perf event; the string outlives the call.
-                    unsafe { perf_event_open_sys::ioctls::SET_FILTER(fd, text.as_ptr() as *mut _) }
-                })?;
+                if !cfg.all_threads {
+                    let text = std::ffi::CString::new(filter(f, &layouts, &cfg.tids))
+                        .expect("a filter of numbers has no NUL");
+                    ioctl(&c, format!("the filter of {}", f.name), |fd| {
+                        // SAFETY: `fd` is an open perf event; the string outlives the call.
+                        unsafe {
+                            perf_event_open_sys::ioctls::SET_FILTER(fd, text.as_ptr() as *mut _)
+                        }
+                    })?;
+                }
                 counters.push(c);
             }
             let mut counters = counters.into_iter();
@@ -180,6 +197,7 @@ impl Recorder {
             rings,
             layouts,
             tids: cfg.tids.clone(),
+            all_threads: cfg.all_threads,
             events: Vec::new(),
             max_events: cfg.max_events,
             lost: 0,
@@ -250,7 +268,9 @@ impl Recorder {
                                 continue;
                             }
                         };
-                        if !kind.tids().iter().flatten().any(|t| self.tids.contains(t)) {
+                        if !self.all_threads
+                            && !kind.tids().iter().flatten().any(|t| self.tids.contains(t))
+                        {
                             continue;
                         }
                         if self.events.len() >= self.max_events {
@@ -271,6 +291,35 @@ impl Recorder {
             }
         }
         self.events.len() - before
+    }
+
+    /// Takes the events kept so far, in time order, making room for more: a streaming
+    /// reader's bounded buffer is the recorder's `max_events`.
+    pub fn take(&mut self) -> Vec<SchedEvent> {
+        let mut v = std::mem::take(&mut self.events);
+        v.sort_by_key(|e| e.time_ns);
+        v
+    }
+
+    /// Records the kernel could not write (full ring) and records not kept (full
+    /// buffer), so far.
+    pub fn losses(&self) -> (u64, u64) {
+        (self.lost, self.dropped)
+    }
+
+    /// The online CPUs recorded.
+    pub fn cpus(&self) -> Vec<u32> {
+        self.rings.iter().map(|r| r.cpu).collect()
+    }
+
+    /// When recording was enabled, `CLOCK_MONOTONIC`.
+    pub fn start_ns(&self) -> u64 {
+        self.start_ns
+    }
+
+    /// Stops recording (what is still in the rings is not read).
+    pub fn stop(mut self) -> Result<()> {
+        self.switch(false)
     }
 
     /// Events kept so far.

@@ -102,6 +102,7 @@ async fn a_guests_vcpu_threads_are_traced_for_two_seconds() {
             timeline: &tl,
             vcpus: &vcpus,
             summary: &summary,
+            guest: None,
         },
     )
     .unwrap();

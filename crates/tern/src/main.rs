@@ -52,6 +52,9 @@ enum Command {
     Policy(cmd::policy::Args),
     /// The manager's event log (`--follow` for the live stream).
     Events(cmd::events::Args),
+    /// Record a VM's scheduler trace through the manager: its vCPUs on the host's cores
+    /// and its guest's processes on the vCPUs; a Perfetto file and a summary.
+    Trace(cmd::trace::Args),
 }
 
 fn main() {
@@ -77,6 +80,7 @@ fn main() {
         Command::Host(a) => cmd::host::run(a),
         Command::Policy(a) => cmd::policy::run(a),
         Command::Events(a) => cmd::events::run(a),
+        Command::Trace(a) => cmd::trace::run(a),
     };
     if let Err(err) = result {
         eprintln!("error: {err:#}");

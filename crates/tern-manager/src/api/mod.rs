@@ -204,6 +204,7 @@ pub fn router_with_ca(
         .route("/v1/vms", get(list_vms).post(create_vm))
         .route("/v1/vms/:name", get(show_vm).delete(delete_vm))
         .route("/v1/vms/:name/migrate", post(migrate_vm))
+        .route("/v1/vms/:name/trace", post(trace_vm))
         .route("/v1/migrations", get(migrations::list))
         .route("/v1/migrations/:id", get(migrations::show))
         .route("/v1/plan", get(plan))
@@ -671,6 +672,39 @@ async fn migrate_vm(
         policy: b.policy,
     };
     Ok(reply(StatusCode::ACCEPTED, execute(&app, cmd).await?))
+}
+
+#[utoipa::path(post, path = "/v1/vms/{name}/trace", operation_id = "traceVm",
+    summary = "Record a running VM's scheduler events through its host's agent: its vCPU threads on the host and, unless host_only, its guest's processes.",
+    params(("name" = String, Path, description = "the VM's name", example = "v1")),
+    request_body(content = tern_api::trace::TraceRequest, example = json!({"duration_ms": 10000})),
+    responses((status = 200, description = "the recording", body = tern_api::trace::VmTrace),
+        (status = 400, description = "error", body = Error), (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error), (status = 502, description = "error", body = Error)))]
+async fn trace_vm(
+    State(app): AppState,
+    NamePath(name, _): VmPath,
+    Body(req): Body<tern_api::trace::TraceRequest>,
+) -> ApiResult<Response> {
+    req.check().map_err(ApiError::BadRequest)?;
+    let (vm, hosts) = app
+        .manager
+        .read(|s| (s.vms.get(&name).cloned(), s.hosts.clone()));
+    let vm = vm.ok_or_else(|| crate::Error::UnknownVm(name.clone()))?;
+    let host = match (vm.state, &vm.observed_host) {
+        (tern_api::manager::VmState::Running, Some(h)) => hosts.get(h).cloned(),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        crate::Error::Conflict(format!(
+            "VM {name:?} is {:?}, not running on a host: only a running VM is traced",
+            vm.state
+        ))
+    })?;
+    let agents = app.manager.agents().ok_or_else(|| {
+        ApiError::Unavailable("this manager runs no control loop to reach agents".into())
+    })?;
+    let trace = agents.client(&host)?.trace_vm(&name, &req).await?;
+    Ok(Json(trace).into_response())
 }
 
 /// A list's `limit`, checked against [`MAX_PAGE`].

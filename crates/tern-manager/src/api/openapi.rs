@@ -30,6 +30,7 @@ use utoipa::{Modify, OpenApi};
         super::show_vm,
         super::delete_vm,
         super::migrate_vm,
+        super::trace_vm,
         super::migrations::list,
         super::migrations::show,
         super::plan,

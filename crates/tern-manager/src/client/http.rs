@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use tern_api::trace::{TraceRequest, VmTrace};
 
 use async_trait::async_trait;
 use tern_api::agent::CreateVm;
@@ -64,7 +65,13 @@ pub struct HttpHost {
     host: String,
     token: String,
     agent: AgentClient,
+    /// For a client of its own per trace (a trace outlasts the usual timeout).
+    address: String,
+    tls: Option<rustls::ClientConfig>,
 }
+
+/// Largest trace answer read from an agent (an hour of a busy VM's events is below).
+pub const MAX_TRACE_BYTES: usize = 1 << 30;
 
 impl HttpHost {
     pub fn new(host: &Host, token: &str, timeout: Duration) -> Result<Self> {
@@ -79,8 +86,8 @@ impl HttpHost {
         timeout: Duration,
         tls: Option<rustls::ClientConfig>,
     ) -> Result<Self> {
-        let agent =
-            AgentClient::new_tls(&host.address, token, timeout, tls).map_err(|e| match e {
+        let agent = AgentClient::new_tls(&host.address, token, timeout, tls.clone()).map_err(
+            |e| match e {
                 ClientError::BadUrl { url } => Error::BadInput(format!(
                     "host {:?} has address {url:?}; an agent's address starts with http://",
                     host.name
@@ -92,11 +99,14 @@ impl HttpHost {
                     host: host.name.clone(),
                     message: e.to_string(),
                 },
-            })?;
+            },
+        )?;
         Ok(Self {
             host: host.name.clone(),
             token: token.to_owned(),
             agent,
+            address: host.address.clone(),
+            tls,
         })
     }
 
@@ -222,6 +232,34 @@ impl HostClient for HttpHost {
             }
             tokio::time::sleep(MIGRATION_POLL).await
         }
+    }
+
+    /// `POST /v1/vms/{id}/trace` on the agent, waiting the recording's duration and a
+    /// minute more.
+    async fn trace_vm(&self, vm: &str, req: &TraceRequest) -> Result<VmTrace> {
+        let options = tern_api::client::ClientOptions {
+            max_body_bytes: MAX_TRACE_BYTES,
+            ..tern_api::client::ClientOptions::with_timeout(
+                Duration::from_millis(req.duration_ms) + Duration::from_secs(60),
+            )
+        };
+        let client = tern_api::client::Client::with_tls(
+            &self.address,
+            &self.token,
+            options,
+            self.tls.clone(),
+        )
+        .map_err(|e| self.fail(e))?;
+        AgentClient::from(client)
+            .trace(vm, req)
+            .await
+            .map_err(|e| match e.status() {
+                // The agent's refusals stay the caller's to fix: a VM that stopped, or
+                // one on a driver with no threads.
+                Some(409) => Error::Conflict(format!("host {:?}: {e}", self.host)),
+                Some(400) => Error::BadInput(format!("host {:?}: {e}", self.host)),
+                _ => self.fail(e),
+            })
     }
 
     async fn load_report(&self) -> Result<LoadReport> {

@@ -15,6 +15,7 @@ pub use tern_api::manager::Progress;
 use crate::decide::LoadReport;
 use crate::error::Result;
 use crate::state::{Host, MigrationResult, PolicyKind, VmSpec};
+use tern_api::trace::{TraceRequest, VmTrace};
 
 /// What the manager asks of a host's agent.
 #[async_trait]
@@ -36,6 +37,14 @@ pub trait HostClient: Send + Sync {
     ) -> Result<MigrationResult>;
     /// The host's current load and the VMs it runs.
     async fn load_report(&self) -> Result<LoadReport>;
+    /// Records `vm`'s scheduler events (its vCPU threads, and its guest's processes
+    /// unless `req.host_only`) for `req.duration_ms`.
+    async fn trace_vm(&self, vm: &str, req: &TraceRequest) -> Result<VmTrace> {
+        let _ = req;
+        Err(crate::error::Error::BadInput(format!(
+            "VM {vm:?} runs on a host with no scheduler to trace (a simulated host)"
+        )))
+    }
 }
 
 /// Finds the client for a host.

@@ -50,6 +50,16 @@ impl Conn {
     }
 
     pub fn client(&self) -> anyhow::Result<ManagerClient> {
+        self.client_with(tern_api::client::ClientOptions::with_timeout(
+            Duration::from_secs(30),
+        ))
+    }
+
+    /// A client with `options` (a long call's timeout, a large answer's limit).
+    pub fn client_with(
+        &self,
+        options: tern_api::client::ClientOptions,
+    ) -> anyhow::Result<ManagerClient> {
         let tls = match &self.ca_cert {
             Some(f) => {
                 let ca = tern_pki::files::read_public(f).map_err(super::bad_input)?;
@@ -57,7 +67,6 @@ impl Conn {
             }
             None => None,
         };
-        let options = tern_api::client::ClientOptions::with_timeout(Duration::from_secs(30));
         tern_api::client::Client::with_tls(&self.manager, &self.token()?, options, tls)
             .map(ManagerClient::from)
             .map_err(super::bad_input)

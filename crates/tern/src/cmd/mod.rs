@@ -15,6 +15,7 @@ pub mod manager_etcd;
 pub mod plan;
 pub mod policy;
 pub mod sim;
+pub mod trace;
 pub mod vm;
 
 /// An error caused by what the user gave us (a flag, a file, a spec). Exits with status 2.

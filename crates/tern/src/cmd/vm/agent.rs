@@ -196,7 +196,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Command::Trace(t) => t.duration + Duration::from_secs(60),
         _ => Duration::from_secs(60),
     };
-    let client = AgentClient::new_tls(&agent, &token, timeout, tls).map_err(agent_error)?;
+    let options = tern_api::client::ClientOptions {
+        // A trace's answer is every recorded event.
+        max_body_bytes: super::trace::MAX_TRACE_BYTES,
+        ..tern_api::client::ClientOptions::with_timeout(timeout)
+    };
+    let client = tern_api::client::Client::with_tls(&agent, &token, options, tls)
+        .map(AgentClient::from)
+        .map_err(agent_error)?;
     let rt = tokio::runtime::Runtime::new()?;
     let out = |v: &dyn erased::Json| -> anyhow::Result<()> {
         println!("{}", v.pretty()?);
@@ -282,7 +289,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             out(&v)?
         }
         Command::Trace(t) => {
-            let s = super::trace::run(&rt, &client, t)?;
+            let s = super::trace::run(t, |req| {
+                rt.block_on(client.trace(&t.id, req)).map_err(agent_error)
+            })?;
             if args.json {
                 out(&s)?
             } else {

@@ -1,18 +1,20 @@
-//! `tern agent vm trace ID`: records the scheduler events of a VM's vCPU threads through
-//! its agent, writes a Chrome/Perfetto trace and prints the summary (docs/trace.md).
+//! `tern agent vm trace ID` and `tern trace VM`: record the scheduler events of a VM's
+//! vCPU threads on its host and of its guest's processes (unless `--host-only`) through
+//! its agent (directly, or through the manager), write a Chrome/Perfetto trace and
+//! print the summary (docs/trace.md).
 //!
 //! Bad input (a duration of 0 or over an hour, an output path that cannot be written)
 //! exits 2 before anything is recorded; the trace file is written beside its target
 //! and renamed, so a failed run leaves nothing half-written.
 
-use super::super::{agent_error, bad_input};
+use super::super::bad_input;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tern_agent::client::AgentClient;
-use tern_api::trace::{TraceRequest, MAX_TRACE_MS};
-use tern_trace::chrome::{self, Export};
+use tern_api::trace::{TraceRequest, VmTrace, MAX_TRACE_MS};
+use tern_trace::chrome::{self, Export, GuestLevel};
+use tern_trace::merge::{guest_timeline, summarize_guest, GuestSummary};
 use tern_trace::{Summary, VcpuMap};
 
 #[derive(clap::Args, Debug)]
@@ -24,6 +26,21 @@ pub struct TraceArgs {
     /// Where to write the Chrome/Perfetto trace (opens in ui.perfetto.dev).
     #[arg(long, default_value = "trace.json", value_name = "FILE")]
     pub out: PathBuf,
+    /// Record the host's vCPU threads only, not the guest's processes.
+    #[arg(long)]
+    pub host_only: bool,
+}
+
+/// Largest trace answer read (an hour of a busy VM's events is below).
+pub const MAX_TRACE_BYTES: usize = 1 << 30;
+
+/// What a trace run reports: the host level, and the guest level when recorded.
+#[derive(Debug, serde::Serialize)]
+pub struct Report {
+    #[serde(flatten)]
+    pub host: Summary,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestSummary>,
 }
 
 /// `500ms`, `10s`, `2m`, `1h` (pure). 0 and more than an hour are refused.
@@ -63,21 +80,25 @@ fn staging(out: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
         .map_err(|e| bad_input(format!("--out {}: cannot write there: {e}", out.display())))
 }
 
-/// Records, writes the trace to `a.out`, and returns the summary.
+/// Records through `fetch` (the agent's or the manager's trace route), writes the trace
+/// to `a.out`, and returns the summary.
 pub fn run(
-    rt: &tokio::runtime::Runtime,
-    client: &AgentClient,
     a: &TraceArgs,
-) -> anyhow::Result<Summary> {
+    fetch: impl FnOnce(&TraceRequest) -> anyhow::Result<VmTrace>,
+) -> anyhow::Result<Report> {
     let tmp = staging(&a.out)?;
     let req = TraceRequest {
         duration_ms: a.duration.as_millis() as u64,
+        host_only: a.host_only,
     };
-    let v = rt
-        .block_on(client.trace(&a.id, &req))
-        .map_err(agent_error)?;
+    let v = fetch(&req)?;
     let vcpus = VcpuMap::from_threads(&v.vcpu_threads);
     let (tl, summary) = tern_trace::analyse(&v.trace, &vcpus);
+    let guest = v.guest.as_ref().map(|g| {
+        let gtl = guest_timeline(g);
+        let gs = summarize_guest(&gtl, g, &tl, &vcpus);
+        (g, gtl, gs)
+    });
     let mut w = std::io::BufWriter::new(tmp.as_file());
     chrome::write(
         &mut w,
@@ -87,6 +108,11 @@ pub fn run(
             timeline: &tl,
             vcpus: &vcpus,
             summary: &summary,
+            guest: guest.as_ref().map(|(g, gtl, gs)| GuestLevel {
+                timeline: gtl,
+                trace: g,
+                summary: gs,
+            }),
         },
     )?;
     w.flush()?;
@@ -95,11 +121,57 @@ pub fn run(
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))?;
     tmp.persist(&a.out)
         .map_err(|e| anyhow::anyhow!("writing {}: {}", a.out.display(), e.error))?;
-    Ok(summary)
+    Ok(Report {
+        host: summary,
+        guest: guest.map(|(_, _, gs)| gs),
+    })
 }
 
-/// The summary as text: one line per vCPU, then the trace's gaps.
-pub fn print(s: &Summary, out: &Path) {
+/// Guest processes listed in the text summary (the JSON has them all).
+const PROCESSES_SHOWN: usize = 15;
+
+/// The report as text: the vCPUs, then the guest's busiest processes.
+pub fn print(r: &Report, out: &Path) {
+    print_host(&r.host, out);
+    let Some(g) = &r.guest else { return };
+    let ms = |ns: u64| ns as f64 / 1e6;
+    println!(
+        "guest: {} events; clock alignment error ≤ {}; lost {} records (ring buffer full), \
+         dropped {} (guest buffer full), {} inconsistencies",
+        g.events,
+        g.alignment_error_ns
+            .map_or("unknown".to_string(), |e| format!("{:.3} ms", ms(e))),
+        g.lost,
+        g.dropped,
+        g.anomalies
+    );
+    for p in g.processes.iter().take(PROCESSES_SHOWN) {
+        println!(
+            "  {:<16} tid {:<7} run {:>9.1} ms  runnable {:>8.1} ms  vCPU-not-running {:>8.1} ms  \
+             {} vCPU migrations, vCPUs {:?}",
+            p.comm,
+            p.tid,
+            ms(p.run_ns),
+            ms(p.runnable_ns),
+            ms(p.double_sched_delay_ns),
+            p.vcpu_migrations,
+            p.vcpus
+        );
+    }
+    if g.processes.len() > PROCESSES_SHOWN {
+        println!(
+            "  ... {} more processes (--json lists them all)",
+            g.processes.len() - PROCESSES_SHOWN
+        );
+    }
+    println!(
+        "  double-scheduling delay (guest thread running, its vCPU not): {:.1} ms in all",
+        ms(g.double_sched_delay_ns)
+    );
+}
+
+/// The host level as text: one line per vCPU, then the trace's gaps.
+fn print_host(s: &Summary, out: &Path) {
     let ms = |ns: u64| ns as f64 / 1e6;
     println!(
         "{} events over {:.0} ms, written to {}",
