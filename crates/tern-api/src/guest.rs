@@ -236,9 +236,11 @@ impl WorkloadSpec {
                         .unwrap_or(DEFAULT_VERIFIER_PAGES_PER_SEC),
                 }
             }
-            other => return Err(SpecError(format!(
+            other => {
+                return Err(SpecError(format!(
                 "unknown workload {other:?}; known: memdirty, cpu, barrier, echo-server, verifier"
-            ))),
+            )))
+            }
         };
         spec.validate()?;
         Ok(spec)
@@ -387,10 +389,12 @@ pub struct WorkloadStatus {
     pub spec: String,
     pub running: bool,
     pub seconds: f64,
-    /// Pages written (memdirty, verifier), busy milliseconds (cpu), bytes echoed (echo-server).
+    /// Pages written (memdirty, verifier), busy milliseconds (cpu), barriers passed
+    /// (barrier), bytes echoed (echo-server).
     pub work: u64,
     /// Work per second since the paced phase began (memdirty: after its initial fill):
-    /// MB/s for memdirty, percent busy for cpu, pages/s for the verifier, bytes/s echoed.
+    /// MB/s for memdirty, percent busy for cpu, pages/s for the verifier, barriers/s,
+    /// bytes/s echoed.
     pub rate: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,

@@ -5,6 +5,7 @@ mod api;
 mod balance;
 mod hbal;
 mod migration;
+mod vcpu;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -17,6 +18,9 @@ pub enum Command {
     Api(api::Args),
     /// Live migration on a 2-host lab: tern's engine under each policy beside QEMU's own.
     Migration(migration::Args),
+    /// Two 2-vCPU guests running `barrier` on one 2-core lab host under each vCPU
+    /// scheduling policy (none, pin, gang): barrier rates and co-run shares.
+    Vcpu(vcpu::Args),
 }
 
 /// A manager's API served on a loopback port for one benchmark, stopped by [`Served::stop`].
@@ -61,5 +65,6 @@ pub fn run(c: Command) -> anyhow::Result<()> {
         Command::Balance(args) => balance::run(args),
         Command::Api(args) => api::run(args),
         Command::Migration(args) => migration::run(args),
+        Command::Vcpu(args) => vcpu::run(args),
     }
 }
