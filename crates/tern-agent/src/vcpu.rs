@@ -90,6 +90,34 @@ pub fn cgroup2_path(proc_cgroup: &str) -> Option<&str> {
     proc_cgroup.lines().find_map(|l| l.strip_prefix("0::"))
 }
 
+/// Where this process sees the cgroup v2 hierarchy. An agent in a mount namespace whose
+/// `/sys` was mounted afresh (as `ip netns exec` does) sees none, and mounts the
+/// hierarchy under its state directory: it is one hierarchy, wherever it is mounted.
+fn cgroup2_root(state_dir: &Path) -> Result<PathBuf, AgentError> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(io("reading /proc/self/mountinfo".into()))?;
+    if let Some(root) = cgroup2_mount(&mountinfo) {
+        return Ok(root);
+    }
+    let dir = state_dir.join("cgroup2");
+    std::fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+    rustix::mount::mount(
+        "cgroup2",
+        &dir,
+        "cgroup2",
+        rustix::mount::MountFlags::empty(),
+        None,
+    )
+    .map_err(|e| {
+        AgentError::BadRequest(format!(
+            "gang scheduling needs the cgroup v2 hierarchy; mounting it at {} failed: {e} \
+                 (run the agent as root on a kernel with cgroup v2)",
+            dir.display()
+        ))
+    })?;
+    Ok(dir)
+}
+
 /// The gang cgroups of one VM: the QEMU process in `domain`, its vCPU threads in the
 /// threaded child `vcpus`, the process's own cgroup in `home` to go back to.
 #[derive(Debug, Clone)]
@@ -150,16 +178,14 @@ fn set_affinity(tid: u32, cpus: &[usize]) -> Result<(), AgentError> {
 impl GangCgroup {
     /// Moves QEMU `pid` into a cgroup of its own and its vCPU threads into a threaded
     /// child of it, thawed.
-    fn create(host: &str, vm: &str, pid: u32, tids: &[u32]) -> Result<GangCgroup, AgentError> {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(io("reading /proc/self/mountinfo".into()))?;
-        let root = cgroup2_mount(&mountinfo).ok_or_else(|| {
-            AgentError::BadRequest(
-                "gang scheduling needs the cgroup v2 hierarchy mounted (mount -t cgroup2 none \
-                 /sys/fs/cgroup/unified, or a host with cgroup v2)"
-                    .into(),
-            )
-        })?;
+    fn create(
+        state_dir: &Path,
+        host: &str,
+        vm: &str,
+        pid: u32,
+        tids: &[u32],
+    ) -> Result<GangCgroup, AgentError> {
+        let root = cgroup2_root(state_dir)?;
         let cg = format!("/proc/{pid}/cgroup");
         let text = std::fs::read_to_string(&cg).map_err(io(format!("reading {cg}")))?;
         let home = cgroup2_path(&text)
@@ -257,6 +283,7 @@ impl Policies {
     /// Applies `policy` to the VM whose QEMU is `pid` and whose vCPU threads are `tids`.
     fn apply(
         &self,
+        state_dir: &Path,
         host: &str,
         vm: &str,
         policy: VcpuPolicy,
@@ -273,7 +300,7 @@ impl Policies {
             set_affinity(tid, &cpus)?;
         }
         let gang = match policy {
-            VcpuPolicy::Gang => Some(GangCgroup::create(host, vm, pid, tids)?),
+            VcpuPolicy::Gang => Some(GangCgroup::create(state_dir, host, vm, pid, tids)?),
             _ => None,
         };
         let start = gang.is_some();
@@ -319,7 +346,14 @@ impl AppState {
         })?;
         let tids = self.hv.vcpu_threads(id).await?;
         self.vcpu
-            .apply(&self.host.name, id, policy, pid, &tids)
+            .apply(
+                &self.host.state_dir,
+                &self.host.name,
+                id,
+                policy,
+                pid,
+                &tids,
+            )
             .inspect_err(|_| self.vcpu.release(id))?;
         let path = self.vcpu_record(id);
         if policy == VcpuPolicy::None {
