@@ -29,9 +29,26 @@ use std::time::{Duration, Instant};
 use tern_api::vcpu::{VcpuPolicy, VcpuPolicySetting};
 use tern_hv::{HvError, VmState};
 
-/// One gang VM's turn. Long enough that freezing and thawing (a few tens of µs each)
-/// cost little, short enough that a guest's timers and I/O barely notice.
-pub const SLICE: Duration = Duration::from_millis(20);
+/// One gang VM's turn. Freezing takes from 0.2 ms to over 20 ms on a loaded host (every
+/// thread must reach the freezer), and the next gang is thawed only once the last one is
+/// frozen, so a turn must be long beside that; short enough that a guest's timers and
+/// I/O barely notice.
+pub const SLICE: Duration = Duration::from_millis(50);
+
+/// How often the scheduler looks whether a gang it froze is frozen yet.
+const FROZEN_POLL: Duration = Duration::from_micros(200);
+
+/// The nice value of a vCPU thread under `policy`. A gang VM's turn is only worth
+/// something if its vCPUs get the cores during it: at -20 a thread weighs about 87
+/// times a nice-0 one, so the host's other threads barely delay it, and the freezer
+/// still bounds what it takes (nothing else of the host's starves, as it could under a
+/// real-time class).
+pub fn vcpu_nice(policy: VcpuPolicy) -> i32 {
+    match policy {
+        VcpuPolicy::None | VcpuPolicy::Pin => 0,
+        VcpuPolicy::Gang => -20,
+    }
+}
 
 /// The online CPU vCPU `vcpu` is pinned to: the `vcpu mod n`-th of the `n` online CPUs.
 pub fn pin_cpu(vcpu: usize, online: &[usize]) -> Option<usize> {
@@ -126,6 +143,76 @@ struct GangCgroup {
     vcpus: PathBuf,
     home: PathBuf,
     pid: u32,
+    /// The vCPU threads' cgroup of the v1 `cpu` controller, weighted up (see [`CpuBoost`]).
+    boost: Option<CpuBoost>,
+}
+
+/// A gang VM's vCPU threads in a v1 `cpu` cgroup of their own with the largest weight
+/// (`cpu.shares`). With autogroups (`kernel.sched_autogroup_enabled`) a nice value only
+/// ranks a thread within its session, so the host's other sessions (a compiler, a
+/// backup) still take half a core from a vCPU in its turn; a cgroup's weight ranks it
+/// against them. The freezer still bounds what a gang VM takes: half the time or less.
+#[derive(Debug, Clone)]
+struct CpuBoost {
+    root: PathBuf,
+    dir: PathBuf,
+    tids: Vec<u32>,
+}
+
+/// The largest `cpu.shares` the kernel accepts.
+const MAX_SHARES: u32 = 262_144;
+
+/// Where the v1 `cpu` controller is mounted, from `/proc/self/mountinfo`.
+pub fn cgroup1_cpu_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (pre, post) = line.split_once(" - ")?;
+        let mut f = post.split_whitespace();
+        let is_cpu = f.next()? == "cgroup" && f.nth(1)?.split(',').any(|o| o == "cpu");
+        is_cpu.then(|| pre.split_whitespace().nth(4).map(PathBuf::from))?
+    })
+}
+
+impl CpuBoost {
+    /// Moves `tids` into a weighted-up `cpu` cgroup; `None` where there is no v1 `cpu`
+    /// controller to use (a pure cgroup v2 host, a kernel without it).
+    fn create(state_dir: &Path, name: &str, tids: &[u32]) -> Option<CpuBoost> {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let root = match cgroup1_cpu_mount(&mountinfo) {
+            Some(r) => r,
+            None => {
+                let dir = state_dir.join("cgroup-cpu");
+                std::fs::create_dir_all(&dir).ok()?;
+                let flags = rustix::mount::MountFlags::empty();
+                rustix::mount::mount("cgroup", &dir, "cgroup", flags, c"cpu").ok()?;
+                dir
+            }
+        };
+        let b = CpuBoost {
+            dir: root.join(format!("tern.{name}")),
+            root,
+            tids: tids.to_vec(),
+        };
+        let set_up = (|| {
+            std::fs::create_dir_all(&b.dir).ok()?;
+            write(&b.dir.join("cpu.shares"), &MAX_SHARES.to_string()).ok()?;
+            for t in tids {
+                write(&b.dir.join("tasks"), &t.to_string()).ok()?;
+            }
+            Some(())
+        })();
+        if set_up.is_none() {
+            b.release();
+            return None;
+        }
+        Some(b)
+    }
+
+    fn release(&self) {
+        for t in &self.tids {
+            let _ = write(&self.root.join("tasks"), &t.to_string());
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 #[derive(Debug)]
@@ -175,6 +262,15 @@ fn set_affinity(tid: u32, cpus: &[usize]) -> Result<(), AgentError> {
         .map_err(|e| io(format!("sched_setaffinity of vCPU thread {tid}"))(e.into()))
 }
 
+/// Sets thread `tid`'s nice value (`setpriority` on a thread id acts on that thread).
+fn set_nice(tid: u32, nice: i32) -> Result<(), AgentError> {
+    let pid = i32::try_from(tid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw);
+    rustix::process::setpriority_process(pid, nice)
+        .map_err(|e| io(format!("setpriority {nice} of vCPU thread {tid}"))(e.into()))
+}
+
 impl GangCgroup {
     /// Moves QEMU `pid` into a cgroup of its own and its vCPU threads into a threaded
     /// child of it, thawed.
@@ -199,6 +295,7 @@ impl GangCgroup {
             vcpus,
             home,
             pid,
+            boost: CpuBoost::create(state_dir, &format!("{host}.{vm}"), tids),
         };
         let set_up = (|| {
             write(&g.domain.join("cgroup.procs"), &pid.to_string())?;
@@ -215,6 +312,12 @@ impl GangCgroup {
         Ok(g)
     }
 
+    /// Whether every thread in `vcpus` has stopped (`frozen 1` in `cgroup.events`).
+    fn is_frozen(&self) -> bool {
+        std::fs::read_to_string(self.vcpus.join("cgroup.events"))
+            .is_ok_and(|t| t.lines().any(|l| l == "frozen 1"))
+    }
+
     fn freeze(&self, frozen: bool) -> Result<(), AgentError> {
         write(
             &self.vcpus.join("cgroup.freeze"),
@@ -225,6 +328,9 @@ impl GangCgroup {
     /// Thaws the threads and puts the whole process back where it was. A QEMU that is
     /// gone has left the cgroups empty, and they are removed all the same.
     fn release(&self) {
+        if let Some(b) = &self.boost {
+            b.release();
+        }
         let _ = self.freeze(false);
         let _ = write(&self.home.join("cgroup.procs"), &self.pid.to_string());
         let _ = std::fs::remove_dir(&self.vcpus);
@@ -234,6 +340,9 @@ impl GangCgroup {
 
 /// Toggles the gang VMs' freezers in turns until none is left.
 fn gang_scheduler(table: Arc<Mutex<Table>>) {
+    // A late switch is time both gangs lose, so the switching thread must not wait
+    // behind the host's other threads.
+    let _ = set_nice(rustix::thread::gettid().as_raw_nonzero().get() as u32, -20);
     let start = Instant::now();
     let mut frozen: BTreeMap<String, bool> = BTreeMap::new();
     loop {
@@ -253,12 +362,30 @@ fn gang_scheduler(table: Arc<Mutex<Table>>) {
         frozen.retain(|vm, _| gangs.iter().any(|(g, _)| g == vm));
         let elapsed = start.elapsed();
         let turn = gang_turn(elapsed, SLICE, gangs.len());
-        // Freeze before thawing, so two gangs never share the cores.
-        let order = gangs.iter().enumerate().map(|(i, g)| (Some(i) != turn, g));
-        let (to_freeze, to_thaw): (Vec<_>, Vec<_>) = order.partition(|(f, _)| *f);
-        for (f, (vm, g)) in to_freeze.into_iter().chain(to_thaw) {
-            if frozen.get(vm) != Some(&f) && g.freeze(f).is_ok() {
-                frozen.insert(vm.clone(), f);
+        // Freeze, wait until frozen, then thaw: two gangs never share the cores. The
+        // wait is bounded by half a slice, so a gang that does not freeze (a thread
+        // stuck in the kernel) costs the next one time, never its whole turn.
+        let mut froze = Vec::new();
+        let mut thaw = None;
+        for (i, (vm, g)) in gangs.iter().enumerate() {
+            let f = Some(i) != turn;
+            if frozen.get(vm) == Some(&f) {
+                continue;
+            }
+            if !f {
+                thaw = Some((vm, g));
+            } else if g.freeze(true).is_ok() {
+                frozen.insert(vm.clone(), true);
+                froze.push(g);
+            }
+        }
+        if let Some((vm, g)) = thaw {
+            let until = Instant::now() + SLICE / 2;
+            while !froze.iter().all(|g| g.is_frozen()) && Instant::now() < until {
+                std::thread::sleep(FROZEN_POLL);
+            }
+            if g.freeze(false).is_ok() {
+                frozen.insert(vm.clone(), false);
             }
         }
         std::thread::sleep(until_next_slice(start.elapsed(), SLICE));
@@ -298,6 +425,7 @@ impl Policies {
                 VcpuPolicy::Pin | VcpuPolicy::Gang => pin_cpu(i, &online).into_iter().collect(),
             };
             set_affinity(tid, &cpus)?;
+            set_nice(tid, vcpu_nice(policy))?;
         }
         let gang = match policy {
             VcpuPolicy::Gang => Some(GangCgroup::create(state_dir, host, vm, pid, tids)?),
@@ -444,6 +572,14 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         assert_eq!(cgroup2_mount("30 25 0:26 / /x rw - cgroup c rw\n"), None);
+        assert_eq!(
+            cgroup1_cpu_mount(mi),
+            Some(PathBuf::from("/sys/fs/cgroup/cpu"))
+        );
+        let both = "31 25 0:27 / /c rw - cgroup cgroup rw,cpu,cpuacct\n";
+        assert_eq!(cgroup1_cpu_mount(both), Some(PathBuf::from("/c")));
+        let acct = "32 25 0:28 / /a rw - cgroup cgroup rw,cpuacct\n";
+        assert_eq!(cgroup1_cpu_mount(acct), None);
         assert_eq!(cgroup2_path("4:memory:/a\n0::/b/c\n"), Some("/b/c"));
     }
 
@@ -473,6 +609,13 @@ mod tests {
             }
             prop_assert!(count.iter().all(|&c| c == rounds));
         }
+    }
+
+    #[test]
+    fn only_gang_vcpus_are_favoured() {
+        assert_eq!(vcpu_nice(VcpuPolicy::None), 0);
+        assert_eq!(vcpu_nice(VcpuPolicy::Pin), 0);
+        assert_eq!(vcpu_nice(VcpuPolicy::Gang), -20);
     }
 
     #[test]
