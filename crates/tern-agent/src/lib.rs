@@ -12,6 +12,7 @@
 //!   when it runs out, and what a restarted agent does with the QEMUs it finds.
 //! - [`openapi`]: the API's OpenAPI document, generated from the handlers and types.
 //! - [`trace`]: the trace route, recording a VM's vCPU threads with `tern-trace`.
+//! - [`vcpu`]: vCPU scheduling policies (`none`, `pin`, `gang`) and their route.
 
 pub mod api;
 pub mod client;
@@ -24,6 +25,7 @@ pub mod openapi;
 pub mod server;
 pub mod state;
 pub mod trace;
+pub mod vcpu;
 pub mod vms;
 
 pub use error::AgentError;

@@ -36,6 +36,8 @@ use crate::migration::routes;
         routes::abort,
         routes::resume,
         crate::trace::trace_vm,
+        crate::vcpu::set_policy,
+        crate::vcpu::show_policy,
     ),
     components(schemas(tern_api::agent::ErrorBody)),
     modifiers(&Errors)

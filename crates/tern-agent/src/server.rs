@@ -19,6 +19,7 @@ pub fn app(state: AppState) -> Router {
     crate::api::router(state.clone())
         .merge(crate::migration::routes(state.clone()))
         .merge(crate::trace::routes(state.clone()))
+        .merge(crate::vcpu::routes(state.clone()))
         .layer(DefaultBodyLimit::max(crate::api::MAX_BODY_BYTES))
         .with_state(state)
 }

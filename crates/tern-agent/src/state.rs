@@ -101,6 +101,8 @@ pub struct AppState {
     /// With a host identity: how this agent receives migration streams (mutual TLS,
     /// clients with a certificate from the cluster CA only). `None`: plain TCP.
     pub stream_tls: Option<Arc<rustls::ServerConfig>>,
+    /// The vCPU scheduling policies of this host's VMs.
+    pub vcpu: Arc<crate::vcpu::Policies>,
 }
 
 impl AppState {
@@ -117,6 +119,7 @@ impl AppState {
             stream_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             tls: None,
             stream_tls: None,
+            vcpu: Arc::default(),
         }
     }
 

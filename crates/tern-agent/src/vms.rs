@@ -92,6 +92,7 @@ impl AppState {
     /// Ends the VM and removes its record and its guest channel.
     pub async fn destroy_vm(&self, id: &str) -> Result<(), AgentError> {
         self.guests.forget(id);
+        self.forget_vcpu_policy(id);
         let r = self.hv.destroy(id).await;
         self.remove_record(id);
         self.load

@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 /// nothing under TCG, fast enough that the counter visibly moves within a second.
 pub const DEFAULT_VERIFIER_PAGES_PER_SEC: f64 = 200.0;
 
+/// Most threads a `barrier` workload may meet with (a guest has at most 64 vCPUs).
+pub const MAX_BARRIER_THREADS: u32 = 64;
+
 /// A workload the guest cannot run as given; the message says what to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecError(pub String);
@@ -60,7 +63,8 @@ pub enum Command {
         #[cfg_attr(feature = "openapi", schema(value_type = Object))]
         workload: WorkloadSpec,
     },
-    /// Stops the workload of the given kind (`memdirty`, `cpu`, `echo-server`, `verifier`).
+    /// Stops the workload of the given kind (`memdirty`, `cpu`, `barrier`, `echo-server`,
+    /// `verifier`).
     Stop { workload: String },
     /// The verifier's counter and its checksum against the expected content.
     Verify,
@@ -124,6 +128,11 @@ pub enum WorkloadSpec {
     },
     /// A TCP echo server on `port` (all addresses).
     EchoServer { port: u16 },
+    /// `threads` threads meeting at a spin barrier in a loop; the rate is barriers/s.
+    Barrier {
+        #[serde(default = "two")]
+        threads: u32,
+    },
     /// Writes counter-derived content into `mib` MiB at `pages_per_sec` pages/s.
     Verifier {
         mib: u64,
@@ -134,6 +143,10 @@ pub enum WorkloadSpec {
 
 fn one() -> u32 {
     1
+}
+
+fn two() -> u32 {
+    2
 }
 
 fn default_verifier_rate() -> f64 {
@@ -148,6 +161,7 @@ impl WorkloadSpec {
             WorkloadSpec::Cpu { .. } => "cpu",
             WorkloadSpec::EchoServer { .. } => "echo-server",
             WorkloadSpec::Verifier { .. } => "verifier",
+            WorkloadSpec::Barrier { .. } => "barrier",
         }
     }
 
@@ -171,6 +185,13 @@ impl WorkloadSpec {
                 }
                 if threads == 0 {
                     return bad("cpu: --threads must be at least 1".into());
+                }
+            }
+            WorkloadSpec::Barrier { threads } => {
+                if !(2..=MAX_BARRIER_THREADS).contains(&threads) {
+                    return bad(format!(
+                        "barrier: --threads must be within 2..={MAX_BARRIER_THREADS}, got {threads}"
+                    ));
                 }
             }
             WorkloadSpec::EchoServer { port } => {
@@ -234,6 +255,12 @@ impl WorkloadSpec {
                     threads: f.optional("threads")?.unwrap_or(1),
                 }
             }
+            "barrier" => {
+                let mut f = Flags::new(kind, flags, &["threads"])?;
+                WorkloadSpec::Barrier {
+                    threads: f.optional("threads")?.unwrap_or(2),
+                }
+            }
             "echo-server" => {
                 let mut f = Flags::new(kind, flags, &["port"])?;
                 WorkloadSpec::EchoServer {
@@ -251,8 +278,8 @@ impl WorkloadSpec {
             }
             other => {
                 return Err(SpecError(format!(
-                    "unknown workload {other:?}; known: memdirty, cpu, echo-server, verifier"
-                )))
+                "unknown workload {other:?}; known: memdirty, cpu, barrier, echo-server, verifier"
+            )))
             }
         };
         spec.validate()?;
@@ -267,6 +294,7 @@ impl WorkloadSpec {
                 format!("cpu --percent {percent} --threads {threads}")
             }
             WorkloadSpec::EchoServer { port } => format!("echo-server --port {port}"),
+            WorkloadSpec::Barrier { threads } => format!("barrier --threads {threads}"),
             WorkloadSpec::Verifier { mib, pages_per_sec } => {
                 format!("verifier --mib {mib} --pages-per-sec {pages_per_sec}")
             }
@@ -444,10 +472,12 @@ pub struct WorkloadStatus {
     pub spec: String,
     pub running: bool,
     pub seconds: f64,
-    /// Pages written (memdirty, verifier), busy milliseconds (cpu), bytes echoed (echo-server).
+    /// Pages written (memdirty, verifier), busy milliseconds (cpu), barriers passed
+    /// (barrier), bytes echoed (echo-server).
     pub work: u64,
     /// Work per second since the paced phase began (memdirty: after its initial fill):
-    /// MB/s for memdirty, percent busy for cpu, pages/s for the verifier, bytes/s echoed.
+    /// MB/s for memdirty, percent busy for cpu, pages/s for the verifier, barriers/s,
+    /// bytes/s echoed.
     pub rate: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -524,12 +554,18 @@ mod tests {
         assert!(err("cpu --percent 10 --speed 3").contains("unknown flag --speed"));
         assert!(err("fork-bomb").contains("unknown workload"));
         assert!(err("echo-server --port").contains("needs a value"));
+        assert!(err("barrier --threads 1").contains("2..=64"));
+        assert!(err("barrier --threads 65").contains("2..=64"));
         let line = r#"{"id":1,"cmd":"start","workload":{"kind":"memdirty","mib":0,"mbps":1}}"#;
         assert!(serde_json::from_str::<Request>(line).is_err());
     }
 
     #[test]
     fn equals_form_and_defaults() {
+        assert_eq!(
+            WorkloadSpec::parse_args("barrier").unwrap(),
+            WorkloadSpec::Barrier { threads: 2 }
+        );
         assert_eq!(
             WorkloadSpec::parse_args("cpu --percent=40").unwrap(),
             WorkloadSpec::Cpu {
@@ -571,6 +607,7 @@ mod tests {
                 threads
             }),
             (1u16..=u16::MAX).prop_map(|port| WorkloadSpec::EchoServer { port }),
+            (2u32..=MAX_BARRIER_THREADS).prop_map(|threads| WorkloadSpec::Barrier { threads }),
             (1u64..64, 1u32..10_000).prop_map(|(mib, r)| WorkloadSpec::Verifier {
                 mib,
                 pages_per_sec: f64::from(r)

@@ -14,6 +14,7 @@
 //! - `client` (feature `client`): one HTTP client for both servers, typed per route.
 //! - [`guest`]: the JSON-lines protocol between the host and `tern-guest` in a VM.
 //! - [`trace`]: the agent's trace API: a host recording of a VM's vCPU threads.
+//! - [`vcpu`]: vCPU scheduling policies (`none`, `pin`, `gang`).
 //! - `request` (feature `server`): request bodies parsed strictly, at every depth.
 //! - `openapi` (feature `openapi`): what both servers' OpenAPI documents share; every
 //!   type here derives `utoipa::ToSchema` under that feature.
@@ -28,3 +29,4 @@ pub mod openapi;
 #[cfg(feature = "server")]
 pub mod request;
 pub mod trace;
+pub mod vcpu;

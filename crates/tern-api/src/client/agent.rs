@@ -121,6 +121,18 @@ impl AgentClient {
         self.http.post(&format!("/v1/vms/{id}/trace"), req).await
     }
 
+    /// Sets how the host schedules the VM's vCPU threads (`none`, `pin`, `gang`).
+    pub async fn set_vcpu_policy(
+        &self,
+        id: &str,
+        policy: crate::vcpu::VcpuPolicy,
+    ) -> Result<crate::vcpu::VcpuPolicySetting, ClientError> {
+        let body = crate::vcpu::VcpuPolicySetting { policy };
+        self.http
+            .put(&format!("/v1/vms/{id}/vcpu-policy"), &body)
+            .await
+    }
+
     /// Source: starts sending a VM.
     pub async fn send_migration(&self, req: &SendRequest) -> Result<MigrationView, ClientError> {
         self.http.post("/v1/migrations", req).await

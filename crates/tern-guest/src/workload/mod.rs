@@ -1,6 +1,7 @@
 //! The test workloads and the table of running ones. Each workload runs on its own
 //! threads, counts its work in [`Stats`], and stops when its flag is set.
 
+pub mod barrier;
 pub mod cpu;
 pub mod echo;
 pub mod memdirty;
@@ -112,6 +113,7 @@ impl Workloads {
         let threads = match spec {
             WorkloadSpec::Memdirty { mib, mbps } => vec![memdirty::spawn(mib, mbps, ctl.clone())?],
             WorkloadSpec::Cpu { percent, threads } => cpu::spawn(percent, threads, ctl.clone())?,
+            WorkloadSpec::Barrier { threads } => barrier::spawn(threads, ctl.clone())?,
             WorkloadSpec::EchoServer { port } => vec![echo::spawn(port, ctl.clone())?],
             WorkloadSpec::Verifier { mib, pages_per_sec } => {
                 let shared = Arc::new(verifier::Shared::new(mib)?);
@@ -216,6 +218,7 @@ fn rate(spec: &WorkloadSpec, work: u64, seconds: f64) -> f64 {
         }
         WorkloadSpec::EchoServer { .. } => work as f64 / seconds,
         WorkloadSpec::Verifier { .. } => work as f64 / seconds,
+        WorkloadSpec::Barrier { .. } => work as f64 / seconds,
     }
 }
 

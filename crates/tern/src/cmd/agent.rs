@@ -535,6 +535,11 @@ async fn adopt_or_reclaim(state: &AppState, qemu: &QemuDriver) {
                                 info.pid.unwrap_or(0),
                                 info.state
                             );
+                            match state.reapply_vcpu_policy(&id).await {
+                                Ok(tern_api::vcpu::VcpuPolicy::None) => {}
+                                Ok(p) => eprintln!("tern agent: VM {id}: vCPU policy {p} applied"),
+                                Err(e) => eprintln!("tern agent: VM {id}: vCPU policy: {e}"),
+                            }
                             continue;
                         }
                         Err(_) => "its QEMU could not be adopted",

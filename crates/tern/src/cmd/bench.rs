@@ -6,6 +6,7 @@ mod balance;
 mod faults;
 mod hbal;
 mod migration;
+mod vcpu;
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -21,6 +22,9 @@ pub enum Command {
     /// The fault and attack suite on a 3-host lab: probes of every closed hole and real
     /// faults (agents and the manager killed, a full disk, links cut, moves broken).
     Faults(faults::Args),
+    /// Two 2-vCPU guests running `barrier` on one 2-core lab host under each vCPU
+    /// scheduling policy (none, pin, gang): barrier rates and co-run shares.
+    Vcpu(vcpu::Args),
 }
 
 /// A manager's API served on a loopback port for one benchmark, stopped by [`Served::stop`].
@@ -104,5 +108,6 @@ pub fn run(c: Command) -> anyhow::Result<()> {
         Command::Api(args) => api::run(args),
         Command::Migration(args) => migration::run(args),
         Command::Faults(args) => faults::run(args),
+        Command::Vcpu(args) => vcpu::run(args),
     }
 }

@@ -1,0 +1,187 @@
+//! vCPU scheduling policies on real QEMU (TCG) guests, judged by the host trace: a
+//! pinned vCPU thread never leaves its core; the two vCPUs of a gang-scheduled VM run
+//! together for at least 90 % of their run time while another gang VM shares the host.
+
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tern_agent::client::AgentClient;
+use tern_agent::host::Capacity;
+use tern_agent::vms::CreateVm;
+use tern_agent::{AppState, HostConfig};
+use tern_api::trace::{EventKind, TraceRequest, VmTrace};
+use tern_api::vcpu::VcpuPolicy;
+use tern_hv::qemu::{QemuConfig, QemuDriver};
+use tern_trace::timeline::State;
+use tern_trace::VcpuMap;
+
+/// Boots `vms` 2-vCPU guests running `barrier` on an agent of its own; hands the client
+/// to `check`, then removes everything.
+async fn with_barrier_guests<F, Fut>(vms: &[&str], check: F)
+where
+    F: FnOnce(AgentClient) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
+        eprintln!("image: {s}")
+    })
+    .await
+    .expect("guest image builds");
+    let dir = tempfile::tempdir().unwrap();
+    let hv = QemuDriver::new(QemuConfig::new(
+        dir.path().join("run"),
+        dir.path().join("mem"),
+        None,
+    ));
+    let state = AppState::new(
+        Arc::new(hv),
+        HostConfig {
+            name: "vp".into(),
+            capacity: Capacity {
+                cpus: 2,
+                memory_mib: 1024,
+            },
+            token: "t".into(),
+            state_dir: dir.path().to_path_buf(),
+            image_dir: tern_testkit::test_cache_dir(),
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(tern_agent::server::serve(listener, state, async {
+        let _ = rx.await;
+    }));
+    let c = AgentClient::new(&url, "t", Duration::from_secs(60)).unwrap();
+    for id in vms {
+        let req: CreateVm = serde_json::from_value(json!({
+            "id": id,
+            "spec": {
+                "vcpus": 2, "memory_mib": 256,
+                "kernel": img.kernel, "initramfs": img.initramfs,
+                "cmdline": format!("{} tern.hostname={id}", img.cmdline),
+            }
+        }))
+        .unwrap();
+        c.create_vm(&req).await.unwrap();
+    }
+    for id in vms {
+        let start = json!({"cmd": "start", "workload": "barrier --threads 2"});
+        let mut answered = false;
+        for _ in 0..600 {
+            if let Ok(a) = c.guest(id, &start).await {
+                assert_eq!(a["ok"], true, "{a}");
+                answered = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert!(answered, "guest {id} never answered");
+    }
+    check(c.clone()).await;
+    for id in vms {
+        c.delete_vm(id).await.unwrap();
+    }
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+fn runnable() -> bool {
+    if !tern_testkit::require_qemu() || !tern_testkit::is_root() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI runs as root with QEMU"
+        );
+        eprintln!("SKIP: vCPU policies need root and QEMU");
+        return false;
+    }
+    true
+}
+
+async fn trace(c: &AgentClient, id: &str, ms: u64) -> VmTrace {
+    c.trace(id, &TraceRequest { duration_ms: ms })
+        .await
+        .unwrap()
+}
+
+fn online() -> Vec<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    tern_agent::vcpu::parse_cpu_list(&text).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_vcpu_thread_never_leaves_its_core() {
+    if !runnable() {
+        return;
+    }
+    with_barrier_guests(&["pin1"], |c| async move {
+        let set = c.set_vcpu_policy("pin1", VcpuPolicy::Pin).await.unwrap();
+        assert_eq!(set.policy, VcpuPolicy::Pin);
+        let v = trace(&c, "pin1", 2000).await;
+        let vcpus = VcpuMap::from_threads(&v.vcpu_threads);
+        let (tl, summary) = tern_trace::analyse(&v.trace, &vcpus);
+        let online = online();
+        for (i, &tid) in v.vcpu_threads.iter().enumerate() {
+            let core = tern_agent::vcpu::pin_cpu(i, &online).unwrap() as u32;
+            let mut ran_ns = 0;
+            for s in tl.spans_of(tid) {
+                if let State::Running { cpu } = s.state {
+                    assert_eq!(cpu, core, "vCPU {i} (thread {tid}) ran on CPU {cpu}: {s:?}");
+                    ran_ns += s.end_ns - s.start_ns;
+                }
+            }
+            assert!(ran_ns > 100_000_000, "vCPU {i} ran only {ran_ns} ns of 2 s");
+            for e in &v.trace.events {
+                if let EventKind::Migrate {
+                    tid: t, dest_cpu, ..
+                } = e.kind
+                {
+                    assert!(t != tid || dest_cpu == core, "vCPU {i} moved: {e:?}");
+                }
+            }
+        }
+        eprintln!("pinned: {summary:?}");
+        // Back to the host's scheduler: the threads may use every CPU again.
+        c.set_vcpu_policy("pin1", VcpuPolicy::None).await.unwrap();
+        let v = trace(&c, "pin1", 2000).await;
+        let (tl, _) = tern_trace::analyse(&v.trace, &vcpus);
+        let cpus: std::collections::BTreeSet<u32> = tl
+            .spans
+            .iter()
+            .filter_map(|s| match s.state {
+                State::Running { cpu } => Some(cpu),
+                _ => None,
+            })
+            .collect();
+        eprintln!("unpinned, the vCPUs ran on CPUs {cpus:?}");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gang_scheduled_vms_vcpus_run_together() {
+    if !runnable() {
+        return;
+    }
+    with_barrier_guests(&["gang1", "gang2"], |c| async move {
+        for id in ["gang1", "gang2"] {
+            c.set_vcpu_policy(id, VcpuPolicy::Gang).await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let v = trace(&c, "gang1", 3000).await;
+        let (_, s) = tern_trace::analyse(&v.trace, &VcpuMap::from_threads(&v.vcpu_threads));
+        let share = s.corun_share.expect("the vCPUs ran");
+        let run_ns: Vec<u64> = s.threads.iter().map(|t| t.run_ns).collect();
+        eprintln!(
+            "gang: co-run {:.1} %, run {run_ns:?} ns, {s:?}",
+            share * 100.0
+        );
+        // Each VM has the host for half of the slices.
+        assert!(run_ns.iter().all(|&r| r > 300_000_000), "{run_ns:?}");
+        assert!(share >= 0.9, "co-run share {share}");
+        for id in ["gang1", "gang2"] {
+            c.set_vcpu_policy(id, VcpuPolicy::None).await.unwrap();
+        }
+    })
+    .await;
+}
