@@ -99,9 +99,15 @@ fn runnable() -> bool {
 }
 
 async fn trace(c: &AgentClient, id: &str, ms: u64) -> VmTrace {
-    c.trace(id, &TraceRequest { duration_ms: ms })
-        .await
-        .unwrap()
+    c.trace(
+        id,
+        &TraceRequest {
+            duration_ms: ms,
+            host_only: true,
+        },
+    )
+    .await
+    .unwrap()
 }
 
 fn online() -> Vec<usize> {

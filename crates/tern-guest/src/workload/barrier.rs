@@ -40,7 +40,7 @@ impl SpinBarrier {
         while self.generation.load(Ordering::Acquire) == gen {
             spin_loop();
             spins = spins.wrapping_add(1);
-            if spins % 4096 == 0 && stopped() {
+            if spins.is_multiple_of(4096) && stopped() {
                 return false;
             }
         }
