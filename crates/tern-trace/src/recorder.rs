@@ -19,7 +19,7 @@ use crate::model::{HostTrace, SchedEvent};
 use crate::tracefs;
 use perf_event::data::Record as PerfRecord;
 use perf_event::events::Tracepoint;
-use perf_event::{Builder, Clock, Counter, SampleFlag, Sampler};
+use perf_event::{Builder, Clock, Counter, ReadFormat, SampleFlag, Sampler};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -121,17 +121,28 @@ fn perf_err(what: String) -> impl FnOnce(std::io::Error) -> TraceError {
 }
 
 fn open_event(f: &Format, cpu: u32) -> Result<Counter> {
-    Builder::new(Tracepoint::with_id(f.id))
-        .one_cpu(cpu as usize)
+    let mut b = Builder::new(Tracepoint::with_id(f.id));
+    b.one_cpu(cpu as usize)
         .any_pid()
         // Tracepoints fire in the kernel; perf-event2 excludes kernel samples by default.
         .include_kernel()
         .sample_period(1)
         .sample(SampleFlag::TIME | SampleFlag::CPU | SampleFlag::RAW)
         .clockid(Clock::MONOTONIC)
-        .enabled(false)
-        .build()
-        .map_err(perf_err(format!("{} on cpu {cpu}", f.name)))
+        .enabled(false);
+    // The kernel writes a lost-records note into a full ring only when a later record
+    // fits, so losses just before the recording stops would go unreported; the event's
+    // own count of lost samples (Linux 6.0 and later) has them all.
+    b.read_format(ReadFormat::LOST);
+    match b.build() {
+        Ok(c) => Ok(c),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            b.read_format(ReadFormat::empty());
+            b.build()
+                .map_err(perf_err(format!("{} on cpu {cpu}", f.name)))
+        }
+        Err(e) => Err(perf_err(format!("{} on cpu {cpu}", f.name))(e)),
+    }
 }
 
 fn ioctl(counter: &Counter, what: String, call: impl FnOnce(i32) -> i32) -> Result<()> {
@@ -303,8 +314,20 @@ impl Recorder {
 
     /// Records the kernel could not write (full ring) and records not kept (full
     /// buffer), so far.
-    pub fn losses(&self) -> (u64, u64) {
-        (self.lost, self.dropped)
+    pub fn losses(&mut self) -> (u64, u64) {
+        (self.lost.max(self.kernel_lost()), self.dropped)
+    }
+
+    /// The kernel's own count of samples it could not write, over every event (0 on
+    /// kernels without `PERF_FORMAT_LOST`, where the ring's notes are all there is).
+    fn kernel_lost(&mut self) -> u64 {
+        let mut lost = 0;
+        for r in &mut self.rings {
+            for c in std::iter::once(&mut *r.sampler).chain(r.others.iter_mut()) {
+                lost += c.read_full().ok().and_then(|d| d.lost()).unwrap_or(0);
+            }
+        }
+        lost
     }
 
     /// The online CPUs recorded.
@@ -337,6 +360,7 @@ impl Recorder {
         self.switch(false)?;
         let end_ns = monotonic_ns();
         self.drain();
+        self.lost = self.lost.max(self.kernel_lost());
         // Each ring is in time order; merging them is a stable sort by time.
         self.events.sort_by_key(|e| e.time_ns);
         let mut tids = self.tids.clone();

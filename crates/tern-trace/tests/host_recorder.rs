@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 use tern_trace::recorder::monotonic_ns;
-use tern_trace::{analyse, EventKind, RecorderConfig, State, Timeline, VcpuMap};
+use tern_trace::{analyse, EventKind, HostTrace, RecorderConfig, State, Timeline, VcpuMap};
 
 /// Whether this test can record scheduler events here (root, two CPUs). Under `CI` a
 /// missing piece is a failure.
@@ -210,4 +210,85 @@ fn a_moved_thread_shows_its_migration_within_20_ms() {
     }
     assert_eq!(ta.cpus, vec![0, 1]);
     assert!(ta.migrations >= 1);
+}
+
+/// A thread that sleeps 50 µs in a loop until `stop`: two scheduler events (a switch and
+/// a wakeup) every ~100 µs; returns its tid.
+fn napper(stop: Arc<AtomicBool>) -> (u32, std::thread::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel();
+    let h = std::thread::spawn(move || {
+        tx.send(gettid()).unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    });
+    (rx.recv_timeout(Duration::from_secs(5)).unwrap(), h)
+}
+
+/// Records two nappers for `ms` with `cfg` changed by `tune`, polling every 20 ms when
+/// `poll`, else reading only at the end.
+fn record_nappers(tune: impl Fn(&mut RecorderConfig), ms: u64, poll: bool) -> HostTrace {
+    let stop = Arc::new(AtomicBool::new(false));
+    let (a, ha) = napper(stop.clone());
+    let (b, hb) = napper(stop.clone());
+    let mut cfg = RecorderConfig::new(vec![a, b]);
+    tune(&mut cfg);
+    let mut rec = tern_trace::Recorder::open(&cfg).unwrap();
+    let until = std::time::Instant::now() + Duration::from_millis(ms);
+    while std::time::Instant::now() < until {
+        if poll {
+            rec.poll(Duration::from_millis(20)).unwrap();
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let trace = rec.finish().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    ha.join().unwrap();
+    hb.join().unwrap();
+    trace
+}
+
+#[test]
+fn events_past_the_cap_are_counted_as_dropped_and_reported() {
+    if !can_trace() {
+        return;
+    }
+    let trace = record_nappers(|c| c.max_events = 100, 300, true);
+    eprintln!(
+        "kept {}, dropped {}, lost {}",
+        trace.events.len(),
+        trace.dropped,
+        trace.lost
+    );
+    assert_eq!(trace.events.len(), 100);
+    assert!(
+        trace.dropped > 0,
+        "two nappers make far more than 100 events"
+    );
+    let tids: Vec<u32> = trace.tids.clone();
+    let (_, summary) = analyse(&trace, &VcpuMap::from_threads(&tids));
+    assert_eq!(summary.dropped, trace.dropped, "the summary hides no drop");
+    assert_eq!(summary.lost, trace.lost);
+}
+
+#[test]
+fn a_full_ring_buffer_is_counted_as_lost_and_reported() {
+    if !can_trace() {
+        return;
+    }
+    // One page per CPU, read only at the end: the kernel overwrites nothing and counts
+    // what it could not write.
+    let trace = record_nappers(|c| c.ring_bytes = 4096, 300, false);
+    eprintln!("kept {}, lost {}", trace.events.len(), trace.lost);
+    // Thousands: the ring's own lost-records notes alone, written only when a later
+    // record fits, told of a handful.
+    assert!(
+        trace.lost >= 100,
+        "300 ms of two nappers overflow a page by thousands: lost {}",
+        trace.lost
+    );
+    let tids: Vec<u32> = trace.tids.clone();
+    let (_, summary) = analyse(&trace, &VcpuMap::from_threads(&tids));
+    assert_eq!(summary.lost, trace.lost, "the summary hides no loss");
 }
