@@ -33,10 +33,24 @@ fn line(e: &Value) -> String {
     format!(
         "{:>6}  {}  {:<20} {}",
         e["seq"],
-        e["time"],
+        e["time"]
+            .as_u64()
+            .map_or_else(|| e["time"].to_string(), readable),
         e["type"].as_str().unwrap_or(""),
         rest.join(" ")
     )
+}
+
+/// Epoch milliseconds as an RFC 3339 time in UTC, to the millisecond.
+fn readable(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.replace_millisecond((ms % 1000) as u16).ok());
+    t.and_then(|t| {
+        t.format(&time::format_description::well_known::Rfc3339)
+            .ok()
+    })
+    .unwrap_or_else(|| ms.to_string())
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
@@ -66,4 +80,20 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_read_as_utc_timestamps_to_the_millisecond() {
+        assert_eq!(readable(0), "1970-01-01T00:00:00Z");
+        assert_eq!(readable(1_796_500_705_123), "2026-12-05T19:58:25.123Z");
+        let l = line(&serde_json::json!({
+            "seq": 7, "time": 1_796_500_705_000u64, "type": "vm_created", "vm": "web1"
+        }));
+        assert!(l.contains("2026-12-05T19:58:25Z  vm_created"), "{l}");
+        assert!(l.ends_with("vm=web1"), "{l}");
+    }
 }
