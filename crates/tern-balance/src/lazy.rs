@@ -640,6 +640,9 @@ impl<M: Metric + ?Sized> View<'_, '_, M> {
                     .is_some_and(|(score, _, _)| ini - score > key)
             });
         if !self.mid[a] && !better {
+            // Keys from records and estimates check no constraint: nothing refused
+            // is dropped with the tally.
+            debug_assert_eq!(tally.refusals, Refusals::default());
             return (Source { key, bounded, ..e }, None, tally.evaluations);
         }
         let ranked_now = match &self.tops[a] {
