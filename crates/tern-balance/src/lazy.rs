@@ -409,22 +409,32 @@ pub fn descend<M: Metric + ?Sized>(
                 joined: &joined,
                 rule,
             };
-            let fresh: Vec<(Source, Option<Looked>, Tally)> = entries
+            let fresh: Vec<(Source, Option<Box<Looked>>, u64)> = entries
                 .par_iter()
                 .with_min_len(64)
                 .map_init(|| Work::new(k), |work, e| view.renew(*e, work))
                 .collect();
             heap = BinaryHeap::with_capacity(fresh.len());
-            for (e, looked, t) in fresh {
-                tally.refusals.merge(&t.refusals);
-                tally.evaluations += t.evaluations;
+            for (e, looked, evaluations) in fresh {
+                tally.evaluations += evaluations;
                 let a = e.node.index();
                 mid[a] = false;
                 if let Some(l) = looked {
-                    tops[a] = Some(l.top);
+                    tally.refusals.merge(&l.refusals);
+                    if let Some(top) = l.top {
+                        tops[a] = Some(top);
+                    }
                     recorded[a] = None;
                     if let Some(b) = l.best {
-                        record(state, b, &l.work, &version, &mut recorded, &mut rec_vals);
+                        record(
+                            state,
+                            b,
+                            &l.exact,
+                            l.other,
+                            &version,
+                            &mut recorded,
+                            &mut rec_vals,
+                        );
                     }
                 }
                 heap.push(e);
@@ -478,7 +488,15 @@ pub fn descend<M: Metric + ?Sized>(
             });
             continue;
         };
-        record(state, best, &work, &version, &mut recorded, &mut rec_vals);
+        record(
+            state,
+            best,
+            &work.exact,
+            work.other,
+            &version,
+            &mut recorded,
+            &mut rec_vals,
+        );
         let gain = ini - best.score;
         let src = Source {
             key: gain,
@@ -561,12 +579,18 @@ struct View<'v, 's, M: Metric + ?Sized> {
     rule: &'v Rule<'v>,
 }
 
-/// A source looked at afresh: its best instances and best move, with the
-/// buffers that hold the move's values.
+/// A source looked at afresh: its best instances (when they had to be ranked)
+/// and best move, with what [`record`] keeps of the look and what it refused.
+/// Boxed where it is returned: a step keys every source again and looks at few
+/// of them, and the rest would carry its room through the step's collection.
 struct Looked {
-    top: Vec<InstId>,
+    top: Option<Vec<InstId>>,
     best: Option<Scored>,
-    work: Work,
+    /// [`Work::exact`] after the look.
+    exact: Vec<f64>,
+    /// [`Work::other`] after the look.
+    other: f64,
+    refusals: Refusals,
 }
 
 impl<M: Metric + ?Sized> View<'_, '_, M> {
@@ -574,7 +598,8 @@ impl<M: Metric + ?Sized> View<'_, '_, M> {
     /// when its record may miss a better target: it was made against fronts that
     /// moves had loaded (nodes they hid may be better targets now), or a source
     /// that gave up load is a better target for it.
-    fn renew(&self, e: Source, work: &mut Work) -> (Source, Option<Looked>, Tally) {
+    /// Returns the entry, the look if there was one, and the candidates scored.
+    fn renew(&self, e: Source, work: &mut Work) -> (Source, Option<Box<Looked>>, u64) {
         let (state, a) = (self.state, e.node.index());
         let mut tally = Tally::default();
         let ini = state.score();
@@ -615,42 +640,47 @@ impl<M: Metric + ?Sized> View<'_, '_, M> {
                     .is_some_and(|(score, _, _)| ini - score > key)
             });
         if !self.mid[a] && !better {
-            return (Source { key, bounded, ..e }, None, tally);
+            // Keys from records and estimates check no constraint: nothing refused
+            // is dropped with the tally.
+            debug_assert_eq!(tally.refusals, Refusals::default());
+            return (Source { key, bounded, ..e }, None, tally.evaluations);
         }
-        let top = match &self.tops[a] {
-            Some(t) => t.clone(),
-            None => ranked(state, self.rises, &self.on_node[a], &mut tally),
+        let ranked_now = match &self.tops[a] {
+            Some(_) => None,
+            None => Some(ranked(state, self.rises, &self.on_node[a], &mut tally)),
         };
+        let top = ranked_now
+            .as_deref()
+            .or(self.tops[a].as_deref())
+            .unwrap_or(&[]);
         let best = best_move(
-            state, self.rises, &top, self.front, self.rule, work, &mut tally,
+            state, self.rises, top, self.front, self.rule, work, &mut tally,
         );
-        let mut kept = Work::new(state.components_len());
-        kept.exact.copy_from_slice(&work.exact);
-        kept.other = work.other;
         let e = Source {
             key: best.map_or(f64::NEG_INFINITY, |b| ini - b.score),
             bounded: false,
             ..e
         };
-        (
-            e,
-            Some(Looked {
-                top,
-                best,
-                work: kept,
-            }),
-            tally,
-        )
+        // Only a look's best move refuses candidates.
+        let looked = Looked {
+            top: ranked_now,
+            best,
+            exact: work.exact.clone(),
+            other: work.other,
+            refusals: tally.refusals,
+        };
+        (e, Some(Box::new(looked)), tally.evaluations)
     }
 }
 
-/// Keeps `best` (from [`best_move`], whose buffers `work` still holds) as its
-/// source's record, with the values of its nodes before and after it, for
-/// [`rekey`].
+/// Keeps `best` (from [`best_move`], which left `exact` and `other` in its
+/// [`Work`]) as its source's record, with the values of its nodes before and
+/// after it, for [`rekeyed`].
 fn record<M: Metric + ?Sized>(
     state: &State<'_, M>,
     best: Scored,
-    work: &Work,
+    exact: &[f64],
+    other: f64,
     version: &[u32],
     records: &mut [Option<Record>],
     rec_vals: &mut [f64],
@@ -660,12 +690,12 @@ fn record<M: Metric + ?Sized>(
     let r = &mut rec_vals[a * 4 * k..(a + 1) * 4 * k];
     r[..k].copy_from_slice(state.values_of(mv.from));
     r[k..2 * k].copy_from_slice(state.values_of(mv.to));
-    r[2 * k..].copy_from_slice(&work.exact[..2 * k]);
+    r[2 * k..].copy_from_slice(&exact[..2 * k]);
     records[a] = Some(Record {
         mv,
         target: version[mv.to.index()],
         gain: ini - best.score,
-        other: ini - work.other,
+        other: ini - other,
     });
 }
 
@@ -764,7 +794,15 @@ fn fill<M: Metric + ?Sized>(
         tally.evaluations += t.evaluations;
         tops.push(Some(top));
         if let Some(b) = best {
-            record(state, b, &work, &version, recorded, rec_vals);
+            record(
+                state,
+                b,
+                &work.exact,
+                work.other,
+                &version,
+                recorded,
+                rec_vals,
+            );
             heap.push(Source {
                 key: ini - b.score,
                 node: NodeId::from_index(a),
