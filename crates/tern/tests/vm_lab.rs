@@ -54,26 +54,7 @@ const FILLED: u64 = 384 << 20;
 /// up: SeaBIOS, all a kernel-less guest runs, lives in the first megabyte and the top
 /// of RAM, which this leaves alone.
 fn fill_guest_memory(st: &std::path::Path, up: &Value, host: &str, vm: &str) {
-    let h = up["hosts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h["name"] == host)
-        .unwrap();
-    let view = json(&tern(
-        st,
-        &[
-            "agent",
-            "vm",
-            "show",
-            vm,
-            "--agent",
-            h["url"].as_str().unwrap(),
-            "--tls-dir",
-            h["tls_dir"].as_str().unwrap(),
-            "--json",
-        ],
-    ));
+    let view = agent_view(st, up, host, "show", vm);
     let path = view["memory_file"]
         .as_str()
         .expect("the VM has a memory file");
@@ -85,6 +66,75 @@ fn fill_guest_memory(st: &std::path::Path, up: &Value, host: &str, vm: &str) {
         f.write_all(&chunk).unwrap();
     }
     f.sync_data().unwrap();
+}
+
+/// `tern agent vm WHAT VM --json` (`show`, `metrics`) against the agent of `host`.
+fn agent_view(st: &std::path::Path, up: &Value, host: &str, what: &str, vm: &str) -> Value {
+    let h = up["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["name"] == host)
+        .unwrap();
+    json(&tern(
+        st,
+        &[
+            "agent",
+            "vm",
+            what,
+            vm,
+            "--agent",
+            h["url"].as_str().unwrap(),
+            "--tls-dir",
+            h["tls_dir"].as_str().unwrap(),
+            "--json",
+        ],
+    ))
+}
+
+/// The CPU lists (`Cpus_allowed_list`) of the vCPU threads of `vm`'s QEMU on `host`, in
+/// vCPU order: what the kernel lets them run on, whatever any agent says.
+fn vcpu_affinity(st: &std::path::Path, up: &Value, host: &str, vm: &str) -> Vec<String> {
+    let metrics = agent_view(st, up, host, "metrics", vm);
+    let mut vcpus: Vec<(u64, u64)> = metrics["vcpus"]
+        .as_array()
+        .expect("vCPU samples")
+        .iter()
+        .map(|v| {
+            (
+                v["index"].as_u64().unwrap(),
+                v["thread_id"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    vcpus.sort();
+    vcpus
+        .into_iter()
+        .map(|(_, tid)| {
+            let status = std::fs::read_to_string(format!("/proc/{tid}/status")).unwrap();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .map(|l| l.trim().to_owned())
+                .expect("Cpus_allowed_list")
+        })
+        .collect()
+}
+
+/// Waits up to `secs` for `vm`'s vCPU threads on `host` to have CPU lists `want`.
+fn await_affinity(lab: &Lab, host: &str, vm: &str, want: &[String], secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got = vcpu_affinity(lab.st(), &lab.up, host, vm);
+        if got == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{vm} on {host}: vCPU CPU lists {got:?}, want {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// A 2-host lab, a `tern manager` process over it with both hosts registered, and VM
@@ -151,6 +201,11 @@ impl Lab {
     }
 
     fn new() -> Option<Lab> {
+        Lab::with(&[])
+    }
+
+    /// [`Lab::new`], with `create` added to `tern vm create g`'s arguments.
+    fn with(create: &[&str]) -> Option<Lab> {
         if !tern_testkit::require_lab("the vm lab test", &[]) {
             return None;
         }
@@ -184,16 +239,8 @@ impl Lab {
                 &lab.cli(&[&reg[..], &["--cpus", "2", "--memory-mib", "4096", "--json"]].concat()),
             );
         }
-        json(&lab.cli(&[
-            "vm",
-            "create",
-            "g",
-            "--memory-mib",
-            "512",
-            "--host",
-            "h1",
-            "--json",
-        ]));
+        let args = ["vm", "create", "g", "--memory-mib", "512", "--host", "h1"];
+        json(&lab.cli(&[&args[..], create, &["--json"]].concat()));
         let deadline = Instant::now() + Duration::from_secs(30);
         while json(&lab.cli(&["vm", "show", "g", "--json"]))["state"] != "running" {
             assert!(Instant::now() < deadline, "g never ran on h1");
@@ -294,4 +341,61 @@ fn a_vm_migrates_through_the_manager_with_relayed_progress() {
     let bad = cli(&["vm", "migrate", "g", "--to", "h9"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("h9"));
+}
+
+/// A VM created with `--vcpu-policy pin` runs pinned on its host, arrives pinned on the
+/// destination of a live migration through the manager, and `tern vm vcpu-policy` takes
+/// the policy off again: judged by the kernel's CPU lists of the QEMU vCPU threads.
+#[test]
+fn a_pinned_vm_arrives_pinned_after_a_live_migration() {
+    let Some(lab) = Lab::with(&["--vcpus", "2", "--vcpu-policy", "pin"]) else {
+        return;
+    };
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/online").unwrap();
+    let online = tern_agent::vcpu::parse_cpu_list(&text).unwrap();
+    let pinned: Vec<String> = (0..2)
+        .map(|i| tern_agent::vcpu::pin_cpu(i, &online).unwrap().to_string())
+        .collect();
+    let free = cpu_list(&online);
+    assert!(
+        online.len() < 2 || pinned.iter().all(|p| *p != free),
+        "this host's CPUs cannot tell pinned from free: {online:?}"
+    );
+    let started = Instant::now();
+    let v = json(&lab.cli(&["vm", "show", "g", "--json"]));
+    assert_eq!(v["spec"]["vcpu_policy"], "pin", "{v}");
+    await_affinity(&lab, "h1", "g", &pinned, 20);
+    let r = json(&lab.cli(&["vm", "migrate", "g", "--to", "h2", "--json"]));
+    assert_eq!(r["result"]["status"], "succeeded", "{r}");
+    await_affinity(&lab, "h2", "g", &pinned, 10);
+    eprintln!(
+        "pinned on h1, migrated ({} ms, {} ms down) and pinned on h2 after {:?}",
+        r["result"]["total_ms"],
+        r["result"]["downtime_ms"],
+        started.elapsed()
+    );
+    let o = lab.cli(&["vm", "vcpu-policy", "g", "none", "--json"]);
+    assert_eq!(json(&o)["policy"], "none");
+    await_affinity(&lab, "h2", "g", &[free.clone(), free], 10);
+    let v = json(&lab.cli(&["vm", "show", "g", "--json"]));
+    assert_eq!(v["spec"]["vcpu_policy"], "none", "{v}");
+    let bad = lab.cli(&["vm", "vcpu-policy", "g", "fifo"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("none, pin, gang"));
+}
+
+/// The kernel's CPU list of every online CPU (`0-1`), as a free thread shows it.
+fn cpu_list(online: &[usize]) -> String {
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for &c in online {
+        match runs.last_mut() {
+            Some((_, end)) if *end + 1 == c => *end = c,
+            _ => runs.push((c, c)),
+        }
+    }
+    let run = |&(a, b): &(usize, usize)| match a == b {
+        true => a.to_string(),
+        false => format!("{a}-{b}"),
+    };
+    runs.iter().map(run).collect::<Vec<_>>().join(",")
 }
