@@ -399,3 +399,76 @@ fn cpu_list(online: &[usize]) -> String {
     };
     runs.iter().map(run).collect::<Vec<_>>().join(",")
 }
+
+/// `tern trace` through the manager keeps recording when the VM migrates during the
+/// window: the rest is recorded on the destination, the report has both hosts' parts
+/// and the Perfetto file one core process per host, with tracks named apart.
+#[test]
+fn a_trace_follows_its_vm_across_a_live_migration() {
+    let Some(lab) = Lab::with(&["--vcpus", "2"]) else {
+        return;
+    };
+    let out = lab.st().join("trace.json");
+    let (url, ca) = (lab.url(), lab.ca_cert());
+    let mut args = vec!["trace", "g", "--duration", "8s", "--host-only", "--json"];
+    args.extend(["--out", out.to_str().unwrap(), "--manager", &url]);
+    args.extend(["--token-file", lab.token_file(), "--ca-cert", &ca]);
+    let trace = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args(&args)
+        .env("TERN_STATE", lab.st())
+        .env_remove("TERN_TOKEN")
+        .env_remove("TERN_MANAGER")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let m = json(&lab.cli(&["vm", "migrate", "g", "--to", "h2", "--json"]));
+    assert_eq!(m["result"]["status"], "succeeded", "{m}");
+    let r = json(&trace.wait_with_output().unwrap());
+    let segments = r["segments"].as_array().expect("a trace in segments");
+    let hosts: Vec<&str> = segments
+        .iter()
+        .map(|s| s["host"].as_str().unwrap())
+        .collect();
+    assert_eq!(hosts, ["h1", "h2"], "{r}");
+    for s in segments {
+        assert!(s["summary"]["events"].as_u64().unwrap() > 0, "{s}");
+    }
+    let events = |s: &Value| s["summary"]["events"].as_u64().unwrap();
+    assert_eq!(
+        r["events"].as_u64().unwrap(),
+        segments.iter().map(events).sum::<u64>()
+    );
+    let file: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let evs = file["traceEvents"].as_array().unwrap();
+    // Each host's cores: a process of their own, tracks named after the host, and
+    // vCPU slices on them.
+    for (pid, host) in [(1, "h1"), (11, "h2")] {
+        let tracks: Vec<&str> = evs
+            .iter()
+            .filter(|e| e["name"] == "thread_name" && e["pid"] == pid)
+            .map(|e| e["args"]["name"].as_str().unwrap())
+            .collect();
+        assert!(
+            !tracks.is_empty()
+                && tracks
+                    .iter()
+                    .all(|t| t.starts_with(&format!("{host} cpu "))),
+            "{host}: {tracks:?}"
+        );
+        let slices = evs
+            .iter()
+            .filter(|e| e["ph"] == "X" && e["pid"] == pid)
+            .count();
+        assert!(slices > 0, "no vCPU ran on {host}'s cores in the trace");
+    }
+    let offset = segments[1]["offset_ns"].as_u64().unwrap() as f64 / 1e6;
+    eprintln!(
+        "trace: {} events on h1, {} on h2 from {offset:.0} ms; migration {} ms, {} ms down",
+        events(&segments[0]),
+        events(&segments[1]),
+        m["result"]["total_ms"],
+        m["result"]["downtime_ms"]
+    );
+}

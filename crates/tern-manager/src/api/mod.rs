@@ -680,10 +680,10 @@ async fn migrate_vm(
 }
 
 #[utoipa::path(post, path = "/v1/vms/{name}/trace", operation_id = "traceVm",
-    summary = "Record a running VM's scheduler events through its host's agent: its vCPU threads on the host and, unless host_only, its guest's processes.",
+    summary = "Record a running VM's scheduler events through its host's agent: its vCPU threads on the host and, unless host_only, its guest's processes. When the VM migrates during the window, the rest is recorded on its new host: a segment in `later` per host it moved to.",
     params(("name" = String, Path, description = "the VM's name", example = "v1")),
     request_body(content = tern_api::trace::TraceRequest, example = json!({"duration_ms": 10000})),
-    responses((status = 200, description = "the recording", body = tern_api::trace::VmTrace),
+    responses((status = 200, description = "the recording", body = tern_api::trace::ClusterTrace),
         (status = 400, description = "error", body = Error), (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error), (status = 502, description = "error", body = Error)))]
 async fn trace_vm(
     State(app): AppState,
@@ -691,24 +691,25 @@ async fn trace_vm(
     Body(req): Body<tern_api::trace::TraceRequest>,
 ) -> ApiResult<Response> {
     req.check().map_err(ApiError::BadRequest)?;
-    let (vm, hosts) = app
-        .manager
-        .read(|s| (s.vms.get(&name).cloned(), s.hosts.clone()));
-    let vm = vm.ok_or_else(|| crate::Error::UnknownVm(name.clone()))?;
-    let host = match (vm.state, &vm.observed_host) {
-        (tern_api::manager::VmState::Running, Some(h)) => hosts.get(h).cloned(),
-        _ => None,
+    // Checked before the control loop is needed, so an unknown or stopped VM says so.
+    let running = app.manager.read(|s| {
+        s.vms
+            .get(&name)
+            .map(|v| (v.state, v.observed_host.is_some()))
+    });
+    match running.ok_or_else(|| crate::Error::UnknownVm(name.clone()))? {
+        (tern_api::manager::VmState::Running, true) => {}
+        (state, _) => {
+            return Err(crate::Error::Conflict(format!(
+                "VM {name:?} is {state:?}, not running on a host: only a running VM is traced"
+            ))
+            .into())
+        }
     }
-    .ok_or_else(|| {
-        crate::Error::Conflict(format!(
-            "VM {name:?} is {:?}, not running on a host: only a running VM is traced",
-            vm.state
-        ))
-    })?;
     let agents = app.manager.agents().ok_or_else(|| {
         ApiError::Unavailable("this manager runs no control loop to reach agents".into())
     })?;
-    let trace = agents.client(&host)?.trace_vm(&name, &req).await?;
+    let trace = crate::trace::follow(&app.manager, &agents, &name, req).await?;
     Ok(Json(trace).into_response())
 }
 
