@@ -234,7 +234,7 @@ mod tests {
         assert_eq!(t.run_ns, a.threads[0].run_ns + b.threads[0].run_ns);
         assert_eq!(t.cpus, [0, 1]);
         assert_eq!((c.cpus.len(), c.corun_share), (0, None));
-        assert_eq!(combine(&[a.clone()]), Some(a));
+        assert_eq!(combine(std::slice::from_ref(&a)), Some(a));
         assert_eq!(combine(&[]), None);
     }
 
