@@ -477,6 +477,11 @@ impl AppState {
     }
 
     async fn apply_vcpu_policy(&self, id: &str, policy: VcpuPolicy) -> Result<(), AgentError> {
+        // `none` is every VM's state: nothing to do where there are no threads.
+        if self.hv.kind() != "qemu" && policy.is_none() {
+            self.hv.refresh(id).await?;
+            return Ok(());
+        }
         if self.hv.kind() != "qemu" {
             return Err(AgentError::BadRequest(format!(
                 "VM {id:?} runs on the {} driver, which has no vCPU threads to schedule",

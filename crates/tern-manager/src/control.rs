@@ -289,7 +289,10 @@ impl Control {
                         // The record's, not the dispatched spec's: it may have been set
                         // while the create was under way.
                         let policy = self.recorded_policy(vm).unwrap_or(spec.vcpu_policy);
-                        self.apply_vcpu_policy(c.as_ref(), vm, host, policy).await;
+                        // `none` is what a new QEMU has already.
+                        if !policy.is_none() {
+                            self.apply_vcpu_policy(c.as_ref(), vm, host, policy).await;
+                        }
                         Some(Command::VmStarted {
                             vm: vm.clone(),
                             host: host.clone(),
@@ -353,10 +356,11 @@ impl Control {
                         error: format!("destination {to:?} is not registered"),
                     },
                 };
-                // The source's agent carried the VM's vCPU policy along; one set while
-                // the migration ran is applied on the destination now.
-                let changed = self.recorded_policy(vm).filter(|p| *p != spec.vcpu_policy);
-                if let (MigrationResult::Succeeded { .. }, Some(p)) = (&result, changed) {
+                // The source's agent carried the VM's vCPU policy along, as it had it
+                // when the migration began; the record's is applied on the destination
+                // now, in case it was set meanwhile (the agent applies them in order).
+                let recorded = self.recorded_policy(vm);
+                if let (MigrationResult::Succeeded { .. }, Some(p)) = (&result, recorded) {
                     if let Ok(c) = client(to) {
                         self.apply_vcpu_policy(c.as_ref(), vm, to, p).await;
                     }
@@ -372,9 +376,9 @@ impl Control {
             .read(|s| s.vms.get(vm).map(|v| v.spec.vcpu_policy))
     }
 
-    /// Applies vCPU policy `policy` to `vm` just started or arrived on `host` (`none`
-    /// is what a new QEMU has already). A failure is logged, not retried: the VM runs,
-    /// and setting the policy again through the API applies it.
+    /// Applies vCPU policy `policy` to `vm` just started or arrived on `host`. A failure
+    /// is logged, not retried: the VM runs, and setting the policy again through the API
+    /// applies it.
     async fn apply_vcpu_policy(
         &self,
         client: &dyn crate::client::HostClient,
@@ -382,9 +386,6 @@ impl Control {
         host: &str,
         policy: VcpuPolicy,
     ) {
-        if policy.is_none() {
-            return;
-        }
         if let Err(e) = client.set_vcpu_policy(vm, policy).await {
             self.warn(
                 &format!("{vm}/vcpu-policy"),

@@ -174,6 +174,22 @@ impl Lab {
         tern(self.st(), &a)
     }
 
+    /// [`Lab::cli`] in the background, its output piped.
+    fn spawn(&self, args: &[&str]) -> Child {
+        let (url, ca) = (self.url(), self.ca_cert());
+        Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(args)
+            .args(["--manager", &url, "--token-file", self.token_file()])
+            .args(["--ca-cert", &ca])
+            .env("TERN_STATE", self.st())
+            .env_remove("TERN_TOKEN")
+            .env_remove("TERN_MANAGER")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// Starts the manager on the lab's database and waits for it.
     fn start_manager(&mut self) {
         let db = self.st().join("manager.db");
@@ -345,7 +361,8 @@ fn a_vm_migrates_through_the_manager_with_relayed_progress() {
 
 /// A VM created with `--vcpu-policy pin` runs pinned on its host, arrives pinned on the
 /// destination of a live migration through the manager, and `tern vm vcpu-policy` takes
-/// the policy off again: judged by the kernel's CPU lists of the QEMU vCPU threads.
+/// the policy off again; one set while the VM migrates back is applied on arrival.
+/// Judged by the kernel's CPU lists of the QEMU vCPU threads.
 #[test]
 fn a_pinned_vm_arrives_pinned_after_a_live_migration() {
     let Some(lab) = Lab::with(&["--vcpus", "2", "--vcpu-policy", "pin"]) else {
@@ -379,6 +396,26 @@ fn a_pinned_vm_arrives_pinned_after_a_live_migration() {
     await_affinity(&lab, "h2", "g", &[free.clone(), free], 10);
     let v = json(&lab.cli(&["vm", "show", "g", "--json"]));
     assert_eq!(v["spec"]["vcpu_policy"], "none", "{v}");
+    // Set while it migrates back: recorded, and applied on the destination by the
+    // manager once the migration is done (the source carried `none`).
+    let back = lab.spawn(&["vm", "migrate", "g", "--to", "h1", "--json"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while json(&lab.cli(&["vm", "show", "g", "--json"]))["state"] != "migrating" {
+        assert!(Instant::now() < deadline, "g never migrated back");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        json(&lab.cli(&["vm", "vcpu-policy", "g", "pin", "--json"]))["policy"],
+        "pin"
+    );
+    let still = json(&lab.cli(&["vm", "show", "g", "--json"]));
+    let r = json(&back.wait_with_output().unwrap());
+    assert_eq!(r["result"]["status"], "succeeded", "{r}");
+    await_affinity(&lab, "h1", "g", &pinned, 10);
+    eprintln!(
+        "set to pin while {}, pinned on h1 after the migration",
+        still["state"]
+    );
     let bad = lab.cli(&["vm", "vcpu-policy", "g", "fifo"]);
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("none, pin, gang"));
@@ -409,19 +446,9 @@ fn a_trace_follows_its_vm_across_a_live_migration() {
         return;
     };
     let out = lab.st().join("trace.json");
-    let (url, ca) = (lab.url(), lab.ca_cert());
     let mut args = vec!["trace", "g", "--duration", "8s", "--host-only", "--json"];
-    args.extend(["--out", out.to_str().unwrap(), "--manager", &url]);
-    args.extend(["--token-file", lab.token_file(), "--ca-cert", &ca]);
-    let trace = Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(&args)
-        .env("TERN_STATE", lab.st())
-        .env_remove("TERN_TOKEN")
-        .env_remove("TERN_MANAGER")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    args.extend(["--out", out.to_str().unwrap()]);
+    let trace = lab.spawn(&args);
     std::thread::sleep(Duration::from_millis(1500));
     let m = json(&lab.cli(&["vm", "migrate", "g", "--to", "h2", "--json"]));
     assert_eq!(m["result"]["status"], "succeeded", "{m}");

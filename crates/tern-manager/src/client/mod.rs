@@ -39,9 +39,11 @@ pub trait HostClient: Send + Sync {
     /// The host's current load and the VMs it runs.
     async fn load_report(&self) -> Result<LoadReport>;
     /// Applies vCPU policy `policy` to running `vm` (how the host schedules its
-    /// threads).
+    /// threads). `none`, the state of every VM, is accepted by a host without threads.
     async fn set_vcpu_policy(&self, vm: &str, policy: VcpuPolicy) -> Result<()> {
-        let _ = policy;
+        if policy.is_none() {
+            return Ok(());
+        }
         Err(crate::error::Error::BadInput(format!(
             "VM {vm:?} runs on a host with no vCPU threads to schedule (a simulated host)"
         )))
