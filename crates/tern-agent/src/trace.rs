@@ -204,7 +204,14 @@ fn unexpected(vm: &str, what: &str, r: &Reply) -> AgentError {
     }
 }
 
-/// Records the guest's own scheduler events for `duration`, on the host's clock.
+/// Whether VM `vm` still runs on this host.
+async fn runs_here(state: &AppState, vm: &str) -> bool {
+    matches!(state.hv.refresh(vm).await, Ok(i) if i.state == VmState::Running)
+}
+
+/// Records the guest's own scheduler events for `duration`, on the host's clock. A VM
+/// that stops running here during the window (migrated away) ends the guest recording
+/// early with what was read.
 async fn record_guest(
     state: &AppState,
     vm: &str,
@@ -227,6 +234,7 @@ async fn record_guest(
     };
     let deadline = Instant::now() + duration;
     let mut end_ns = start_ns;
+    let (mut last_ns, mut gone) = (start_ns, false);
     let mut final_reads = 0;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -236,10 +244,19 @@ async fn record_guest(
         let read = GuestCommand::TraceRead {
             max_records: tern_api::guest::DEFAULT_TRACE_READ,
         };
-        let chunk = match call(state, vm, socket, read).await? {
-            Reply::TraceChunk(c) => c,
-            r => return Err(unexpected(vm, "trace-read", &r)),
+        let chunk = match call(state, vm, socket, read).await {
+            Ok(Reply::TraceChunk(c)) => c,
+            Ok(r) => return Err(unexpected(vm, "trace-read", &r)),
+            // Migrated away (or stopped) while recording: what was read is the trace
+            // of its time here; the manager records the rest on its new host.
+            Err(e) if !runs_here(state, vm).await => {
+                tracing::info!(vm, error = %e, "the VM left while its guest was traced; keeping what was read");
+                gone = true;
+                break;
+            }
+            Err(e) => return Err(e),
         };
+        last_ns = chunk.now_ns;
         chunks.add(&chunk).map_err(bad_chunk)?;
         if Instant::now() >= deadline {
             end_ns = end_ns.max(chunk.now_ns);
@@ -249,8 +266,13 @@ async fn record_guest(
             }
         }
     }
-    call(state, vm, socket, GuestCommand::TraceStop).await?;
-    ex.extend(exchanges(state, vm, socket, CLOCK_EXCHANGES).await?);
+    if gone {
+        // No guest to stop or to exchange times with: the first exchanges align it.
+        end_ns = last_ns;
+    } else {
+        call(state, vm, socket, GuestCommand::TraceStop).await?;
+        ex.extend(exchanges(state, vm, socket, CLOCK_EXCHANGES).await?);
+    }
     let alignment = align(&ex).ok_or_else(|| AgentError::Guest {
         id: vm.to_string(),
         reason: "no clock exchange succeeded".into(),

@@ -232,6 +232,9 @@ struct Table {
 #[derive(Debug, Default)]
 pub struct Policies {
     table: Arc<Mutex<Table>>,
+    /// Held while a policy is being applied: changes are applied in the order they
+    /// were asked, so the last one asked is the one that stays.
+    changing: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn io(context: String) -> impl FnOnce(std::io::Error) -> AgentError {
@@ -454,6 +457,31 @@ impl AppState {
     /// Sets VM `id`'s vCPU policy: it must be running under QEMU (the policy acts on
     /// its threads). Recorded, so an agent adopting the VM applies it again.
     pub async fn set_vcpu_policy(&self, id: &str, policy: VcpuPolicy) -> Result<(), AgentError> {
+        let _turn = self.vcpu.changing.lock().await;
+        self.apply_vcpu_policy(id, policy).await
+    }
+
+    /// Applies `policy` to VM `id` in a task of its own, ahead of any change asked after
+    /// this returns (a migration's destination, whose resume must not wait for it). A
+    /// failure is logged.
+    pub async fn set_vcpu_policy_soon(&self, id: &str, policy: VcpuPolicy) {
+        let turn = self.vcpu.changing.clone().lock_owned().await;
+        let (state, id) = (self.clone(), id.to_owned());
+        tokio::spawn(async move {
+            let _turn = turn;
+            match state.apply_vcpu_policy(&id, policy).await {
+                Ok(()) => tracing::info!(vm = id, %policy, "vCPU policy applied"),
+                Err(e) => tracing::warn!(vm = id, %policy, error = %e, "vCPU policy not applied"),
+            }
+        });
+    }
+
+    async fn apply_vcpu_policy(&self, id: &str, policy: VcpuPolicy) -> Result<(), AgentError> {
+        // `none` is every VM's state: nothing to do where there are no threads.
+        if self.hv.kind() != "qemu" && policy.is_none() {
+            self.hv.refresh(id).await?;
+            return Ok(());
+        }
         if self.hv.kind() != "qemu" {
             return Err(AgentError::BadRequest(format!(
                 "VM {id:?} runs on the {} driver, which has no vCPU threads to schedule",

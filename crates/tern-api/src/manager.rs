@@ -93,6 +93,11 @@ pub struct VmSpec {
     /// VMs sharing an anti-affinity group are kept on different hosts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub anti_affinity: Option<String>,
+    /// How its host schedules its vCPU threads (`docs/trace.md`); applied by the
+    /// manager wherever the VM is started and carried along by live migrations.
+    /// Absent in records written before it existed: `none`.
+    #[serde(default)]
+    pub vcpu_policy: crate::vcpu::VcpuPolicy,
 }
 
 impl VmSpec {
@@ -729,6 +734,24 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spec_recorded_before_vcpu_policies_reads_as_none_and_a_set_one_round_trips() {
+        let old: VmSpec = serde_json::from_str(r#"{"vcpus": 1, "memory_mib": 512}"#).unwrap();
+        assert_eq!(old.vcpu_policy, crate::vcpu::VcpuPolicy::None);
+        let gang = VmSpec {
+            vcpu_policy: crate::vcpu::VcpuPolicy::Gang,
+            ..old
+        };
+        let json = serde_json::to_value(&gang).unwrap();
+        assert_eq!(json["vcpu_policy"], "gang");
+        assert_eq!(serde_json::from_value::<VmSpec>(json).unwrap(), gang);
+        let bad = serde_json::from_str::<VmSpec>(
+            r#"{"vcpus": 1, "memory_mib": 512, "vcpu_policy": "fifo"}"#,
+        )
+        .unwrap_err();
+        assert!(bad.to_string().contains("gang"), "{bad}");
+    }
 
     #[test]
     fn a_request_with_a_bad_name_is_refused_when_it_is_read() {

@@ -341,6 +341,10 @@ pub struct PrepareRequest {
     /// QEMU carries the memory itself (no tern memory streams, no `x-ignore-shared`).
     #[serde(default)]
     pub native: bool,
+    /// The VM's vCPU policy on the source: the destination applies it once the VM runs
+    /// there. Left out when `none`, so a destination that predates it takes the request.
+    #[serde(default, skip_serializing_if = "crate::vcpu::VcpuPolicy::is_none")]
+    pub vcpu_policy: crate::vcpu::VcpuPolicy,
 }
 
 /// The destination's answer to a prepare: where to send memory and device state.

@@ -117,6 +117,68 @@ pub struct VmTrace {
     pub guest: Option<GuestTrace>,
 }
 
+impl VmTrace {
+    /// Keeps the first `len_ns` of the window (on this recording's clock): the events
+    /// and guest events after it go. The manager cuts a segment where the next one, on
+    /// the host the VM moved to, begins.
+    pub fn truncate(&mut self, len_ns: u64) {
+        let end = self.trace.start_ns.saturating_add(len_ns);
+        if end >= self.trace.end_ns {
+            return;
+        }
+        self.trace.end_ns = end;
+        self.trace.events.retain(|e| e.time_ns <= end);
+        if let Some(g) = &mut self.guest {
+            g.end_ns = g.end_ns.min(end).max(g.start_ns);
+            g.events.retain(|e| e.time_ns <= end);
+        }
+    }
+}
+
+/// The manager's answer to `POST /v1/vms/{name}/trace`: the recording on the host the
+/// VM ran on when the trace began (its fields, as the agent answers them, so a client
+/// that knows only [`VmTrace`] reads the first host's part), then one segment per host
+/// the VM moved to by live migration while the trace ran.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ClusterTrace {
+    #[serde(flatten)]
+    pub first: VmTrace,
+    /// The recordings on the hosts the VM moved to, in order; empty when it stayed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub later: Vec<TraceSegment>,
+    /// Segments that could not be recorded, each with why (the trace has a gap there).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
+}
+
+/// One host's part of a trace that followed a VM across a migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TraceSegment {
+    /// When the manager asked this host to record, after it asked the first: where the
+    /// segment sits on the trace's time line (each host's events are on its own clock).
+    pub offset_ns: u64,
+    #[serde(flatten)]
+    pub trace: VmTrace,
+}
+
+impl ClusterTrace {
+    /// A trace of one host alone.
+    pub fn one(first: VmTrace) -> Self {
+        ClusterTrace {
+            first,
+            later: Vec::new(),
+            missing: Vec::new(),
+        }
+    }
+
+    /// Every segment with its offset, the first at 0.
+    pub fn segments(&self) -> impl Iterator<Item = (u64, &VmTrace)> {
+        std::iter::once((0, &self.first)).chain(self.later.iter().map(|s| (s.offset_ns, &s.trace)))
+    }
+}
+
 /// How the guest's clock maps to the host's, from timestamp exchanges over the control
 /// channel, and how far to trust it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,6 +247,78 @@ mod tests {
             .unwrap_err();
             assert!(e.contains("1 to 3600000"), "{e}");
         }
+    }
+
+    fn vm_trace(host: &str, times: &[u64]) -> VmTrace {
+        let ev = |t| SchedEvent {
+            time_ns: t,
+            cpu: 0,
+            kind: EventKind::Wakeup {
+                tid: 1,
+                target_cpu: 0,
+            },
+        };
+        VmTrace {
+            vm: "v".into(),
+            host: host.into(),
+            vcpu_threads: vec![1],
+            trace: HostTrace {
+                start_ns: 100,
+                end_ns: 1_100,
+                cpus: vec![0],
+                tids: vec![1],
+                events: times.iter().map(|&t| ev(t)).collect(),
+                lost: 0,
+                dropped: 0,
+                kvm_events: false,
+            },
+            guest: Some(GuestTrace {
+                start_ns: 90,
+                end_ns: 1_100,
+                events: times.iter().map(|&t| ev(t)).collect(),
+                ..GuestTrace::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_segment_is_cut_where_the_next_begins() {
+        let mut t = vm_trace("h1", &[100, 400, 600, 1_000]);
+        t.truncate(5_000);
+        assert_eq!(t, vm_trace("h1", &[100, 400, 600, 1_000]));
+        t.truncate(400);
+        assert_eq!((t.trace.start_ns, t.trace.end_ns), (100, 500));
+        let times = |e: &[SchedEvent]| e.iter().map(|e| e.time_ns).collect::<Vec<_>>();
+        assert_eq!(times(&t.trace.events), [100, 400]);
+        let g = t.guest.as_ref().unwrap();
+        assert_eq!((g.end_ns, times(&g.events)), (500, vec![100, 400]));
+    }
+
+    #[test]
+    fn a_cluster_trace_reads_as_its_first_host_for_an_older_client() {
+        let one = ClusterTrace::one(vm_trace("h1", &[200]));
+        let v = serde_json::to_value(&one).unwrap();
+        assert!(
+            v.get("later").is_none() && v.get("missing").is_none(),
+            "{v}"
+        );
+        assert_eq!(
+            serde_json::from_value::<VmTrace>(v.clone()).unwrap(),
+            one.first
+        );
+        let two = ClusterTrace {
+            later: vec![TraceSegment {
+                offset_ns: 2_000_000,
+                trace: vm_trace("h2", &[300]),
+            }],
+            ..one
+        };
+        let v = serde_json::to_value(&two).unwrap();
+        assert_eq!(v["host"], "h1");
+        assert_eq!(v["later"][0]["host"], "h2");
+        assert_eq!(serde_json::from_value::<ClusterTrace>(v).unwrap(), two);
+        let hosts: Vec<(u64, &str)> = two.segments().map(|(o, t)| (o, t.host.as_str())).collect();
+        assert_eq!(hosts, [(0, "h1"), (2_000_000, "h2")]);
     }
 
     #[test]

@@ -22,6 +22,11 @@ impl VcpuPolicy {
     /// Every policy, in the order the bench runs them.
     pub const ALL: [VcpuPolicy; 3] = [VcpuPolicy::None, VcpuPolicy::Pin, VcpuPolicy::Gang];
 
+    /// Whether this is the default, `none` (for `skip_serializing_if`).
+    pub fn is_none(&self) -> bool {
+        *self == VcpuPolicy::None
+    }
+
     /// The name on the wire and the command line.
     pub fn name(self) -> &'static str {
         match self {
@@ -51,6 +56,7 @@ impl std::str::FromStr for VcpuPolicy {
 /// `PUT /v1/vms/{id}/vcpu-policy`'s body and the route's answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
 pub struct VcpuPolicySetting {
     pub policy: VcpuPolicy,
 }

@@ -31,6 +31,7 @@ pub use crate::live::LiveMigrations;
 use crate::manager::Manager;
 use crate::ratelimit::{Warnings, WARN_EVERY};
 use crate::state::{Host, MigrationResult};
+use tern_api::vcpu::VcpuPolicy;
 
 /// The longest wait between rounds, whatever the settings say (their bound too).
 const MAX_INTERVAL_S: u64 = tern_balance::round::SETTINGS_MAX[0].1;
@@ -284,10 +285,19 @@ impl Control {
         match action {
             Action::Create { vm, host } => match client(host) {
                 Ok(c) => match c.create_vm(vm, spec).await {
-                    Ok(()) => Some(Command::VmStarted {
-                        vm: vm.clone(),
-                        host: host.clone(),
-                    }),
+                    Ok(()) => {
+                        // The record's, not the dispatched spec's: it may have been set
+                        // while the create was under way.
+                        let policy = self.recorded_policy(vm).unwrap_or(spec.vcpu_policy);
+                        // `none` is what a new QEMU has already.
+                        if !policy.is_none() {
+                            self.apply_vcpu_policy(c.as_ref(), vm, host, policy).await;
+                        }
+                        Some(Command::VmStarted {
+                            vm: vm.clone(),
+                            host: host.clone(),
+                        })
+                    }
                     Err(e) => {
                         self.warn(
                             &format!("{vm}/create"),
@@ -346,8 +356,41 @@ impl Control {
                         error: format!("destination {to:?} is not registered"),
                     },
                 };
+                // The source's agent carried the VM's vCPU policy along, as it had it
+                // when the migration began; the record's is applied on the destination
+                // now, in case it was set meanwhile (the agent applies them in order).
+                let recorded = self.recorded_policy(vm);
+                if let (MigrationResult::Succeeded { .. }, Some(p)) = (&result, recorded) {
+                    if let Ok(c) = client(to) {
+                        self.apply_vcpu_policy(c.as_ref(), vm, to, p).await;
+                    }
+                }
                 Some(Command::MigrationDone { id: *id, result })
             }
+        }
+    }
+
+    /// VM `vm`'s vCPU policy as recorded now.
+    fn recorded_policy(&self, vm: &str) -> Option<VcpuPolicy> {
+        self.manager
+            .read(|s| s.vms.get(vm).map(|v| v.spec.vcpu_policy))
+    }
+
+    /// Applies vCPU policy `policy` to `vm` just started or arrived on `host`. A failure
+    /// is logged, not retried: the VM runs, and setting the policy again through the API
+    /// applies it.
+    async fn apply_vcpu_policy(
+        &self,
+        client: &dyn crate::client::HostClient,
+        vm: &str,
+        host: &str,
+        policy: VcpuPolicy,
+    ) {
+        if let Err(e) = client.set_vcpu_policy(vm, policy).await {
+            self.warn(
+                &format!("{vm}/vcpu-policy"),
+                format_args!("VM {vm} on {host}: vCPU policy {policy} not applied: {e}"),
+            );
         }
     }
 

@@ -13,6 +13,7 @@
 //! - [`manager`]: the shell that commits decisions to the store and publishes events.
 //! - [`error`]: the crate's one error type.
 //! - [`ha`]: several managers over etcd, one leader elected through a lease.
+//! - [`trace`]: a VM's trace through its host's agent, followed across migrations.
 //! - [`web`]: the web page at `/` and the score history it draws.
 //!
 //! Decisions are pure functions from a snapshot (and the time, as a value) to changes; the
@@ -29,6 +30,7 @@ pub mod manager;
 pub mod ratelimit;
 pub mod state;
 pub mod store;
+pub mod trace;
 pub mod web;
 
 pub use error::{Error, Result};

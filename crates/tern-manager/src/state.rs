@@ -217,6 +217,7 @@ mod tests {
             pinned: false,
             affinity: None,
             anti_affinity: Some("db".into()),
+            vcpu_policy: Default::default(),
         };
         assert!(spec.validate().is_ok());
         assert!(VmSpec {
@@ -263,6 +264,7 @@ mod tests {
                 pinned: false,
                 affinity: None,
                 anti_affinity: None,
+                vcpu_policy: Default::default(),
             },
             desired_host: host.map(Into::into),
             observed_host: host.map(Into::into),

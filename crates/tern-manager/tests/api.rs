@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
-use tern_manager::decide::Command;
+use tern_manager::decide::{Command, HostAddresses};
 use tern_manager::manager::system_clock;
 use tern_manager::store::SqliteStore;
 use tern_manager::Manager;
@@ -24,9 +24,17 @@ struct Server {
 
 impl Server {
     async fn start() -> Server {
+        Server::serving(HostAddresses::Agents).await
+    }
+
+    async fn serving(addresses: HostAddresses) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("tern.db")).unwrap();
-        let manager = Arc::new(Manager::open(Box::new(store), system_clock()).unwrap());
+        let manager = Arc::new(
+            Manager::open(Box::new(store), system_clock())
+                .unwrap()
+                .serving(addresses),
+        );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -291,6 +299,139 @@ async fn a_trace_is_refused_for_bad_durations_unknown_and_not_running_vms() {
     // A running VM, but no control loop to reach its agent with.
     let (s, v) = trace("v1", json!({"duration_ms": 100})).await;
     assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_vcpu_policy_is_recorded_with_the_vm_and_bad_ones_change_nothing() {
+    let srv = Server::start().await;
+    srv.fixture().await;
+    let policy = |vm: &'static str| {
+        let srv = &srv;
+        async move {
+            let (s, v) = srv
+                .json(Method::GET, &format!("/v1/vms/{vm}/vcpu-policy"), None)
+                .await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            let (_, record) = srv.json(Method::GET, &format!("/v1/vms/{vm}"), None).await;
+            assert_eq!(record["spec"]["vcpu_policy"], v["policy"], "{record}");
+            v["policy"].as_str().unwrap().to_owned()
+        }
+    };
+    let put = |vm: &'static str, body: Value| {
+        let srv = &srv;
+        async move {
+            srv.json(
+                Method::PUT,
+                &format!("/v1/vms/{vm}/vcpu-policy"),
+                Some(body),
+            )
+            .await
+        }
+    };
+    // Created without one: none. Created with one: kept in the record.
+    assert_eq!(policy("v1").await, "none");
+    let (s, v) = srv
+        .json(
+            Method::POST,
+            "/v1/vms",
+            Some(json!({"name": "v2", "host": "h2",
+                        "spec": {"vcpus": 2, "memory_mib": 512, "vcpu_policy": "gang"}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(policy("v2").await, "gang");
+    // Set on a running VM (no control loop here: recorded only).
+    let (s, v) = put("v1", json!({"policy": "pin"})).await;
+    assert_eq!((s, &v), (StatusCode::OK, &json!({"policy": "pin"})));
+    assert_eq!(policy("v1").await, "pin");
+    for (bad, says) in [
+        (json!({"policy": "fifo"}), "unknown variant"),
+        (json!({}), "policy"),
+        (json!({"policy": "pin", "cpus": [0]}), "cpus"),
+    ] {
+        let (s, v) = put("v1", bad.clone()).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{bad}: {v}");
+        assert!(v["error"].as_str().unwrap().contains(says), "{bad}: {v}");
+    }
+    let (s, v) = srv
+        .json(
+            Method::POST,
+            "/v1/vms",
+            Some(json!({"name": "v3", "spec": {"vcpus": 1, "memory_mib": 512, "vcpu_policy": "fifo"}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, _) = put("ghost", json!({"policy": "pin"})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // While it migrates: recorded, for the control loop to apply on the destination.
+    srv.manager
+        .execute(Command::MigrateVm {
+            name: "v1".into(),
+            to: Some("h3".into()),
+            policy: None,
+        })
+        .unwrap();
+    let (s, v) = put("v1", json!({"policy": "gang"})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(policy("v1").await, "gang");
+    // Being deleted (its host has yet to confirm): refused, and nothing recorded.
+    srv.manager
+        .execute(Command::VmStarted {
+            vm: "v2".into(),
+            host: "h2".into(),
+        })
+        .unwrap();
+    let (s, _) = srv.json(Method::DELETE, "/v1/vms/v2", None).await;
+    assert_eq!(s, StatusCode::ACCEPTED);
+    let (s, v) = put("v2", json!({"policy": "none"})).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    assert_eq!(policy("v2").await, "gang");
+    srv.stop().await;
+}
+
+#[tokio::test]
+async fn a_simulated_host_takes_no_vcpu_policy_but_none() {
+    let srv = Server::serving(HostAddresses::Sim).await;
+    let (s, v) = srv
+        .json(
+            Method::POST,
+            "/v1/hosts",
+            Some(json!({"name": "s1", "address": "sim:", "capacity": {"cpus": 4, "memory_mib": 8192}})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let create = |name: &'static str, policy: &'static str| {
+        let srv = &srv;
+        async move {
+            srv.json(
+                Method::POST,
+                "/v1/vms",
+                Some(json!({"name": name, "spec": {"vcpus": 1, "memory_mib": 512, "vcpu_policy": policy}})),
+            )
+            .await
+        }
+    };
+    let (s, v) = create("p1", "pin").await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("simulated host"),
+        "{v}"
+    );
+    let (s, v) = create("n1", "none").await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    for (policy, status) in [("gang", StatusCode::BAD_REQUEST), ("none", StatusCode::OK)] {
+        let (s, v) = srv
+            .json(
+                Method::PUT,
+                "/v1/vms/n1/vcpu-policy",
+                Some(json!({ "policy": policy })),
+            )
+            .await;
+        assert_eq!(s, status, "{policy}: {v}");
+    }
+    let (_, vms) = srv.json(Method::GET, "/v1/vms", None).await;
+    assert_eq!(vms.as_array().unwrap().len(), 1, "{vms}");
     srv.stop().await;
 }
 

@@ -29,6 +29,7 @@ fn spec(vcpus: u32) -> VmSpec {
         pinned: false,
         affinity: None,
         anti_affinity: None,
+        vcpu_policy: Default::default(),
     }
 }
 

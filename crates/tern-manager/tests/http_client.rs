@@ -73,6 +73,7 @@ fn spec() -> VmSpec {
         pinned: false,
         affinity: None,
         anti_affinity: None,
+        vcpu_policy: Default::default(),
     }
 }
 

@@ -61,6 +61,7 @@ fn concurrent_heartbeats_each_count_once_and_are_all_committed() {
                         pinned: false,
                         affinity: None,
                         anti_affinity: None,
+                        vcpu_policy: Default::default(),
                     },
                     host: Some(format!("h{h}")),
                 })

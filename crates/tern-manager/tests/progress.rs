@@ -63,6 +63,7 @@ async fn a_running_migration_reports_its_rounds_through_the_api() {
             pinned: false,
             affinity: None,
             anti_affinity: None,
+            vcpu_policy: Default::default(),
         },
         host: Some("a".into()),
     });

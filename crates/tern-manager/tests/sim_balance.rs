@@ -94,6 +94,7 @@ fn both(hosts: usize, vms: &[VmCase], now: f64) -> (State, Snapshot) {
                     pinned: false,
                     affinity: None,
                     anti_affinity: None,
+                    vcpu_policy: Default::default(),
                 },
                 desired_host: Some(desired),
                 observed_host: Some(from),

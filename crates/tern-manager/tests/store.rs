@@ -27,6 +27,7 @@ fn vm(name: &str, on: &str) -> Vm {
             pinned: true,
             affinity: None,
             anti_affinity: Some("db".into()),
+            vcpu_policy: Default::default(),
         },
         desired_host: Some(on.into()),
         observed_host: None,

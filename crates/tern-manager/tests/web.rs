@@ -186,6 +186,7 @@ async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
                     pinned: false,
                     affinity: None,
                     anti_affinity: None,
+                    vcpu_policy: Default::default(),
                 },
                 host: Some(HOSTS[0].into()),
             })

@@ -148,12 +148,95 @@ pub fn corun_share(tl: &Timeline, tids: &[u32]) -> Option<f64> {
     (any > 0).then(|| all as f64 / any as f64)
 }
 
+/// The summaries of a trace's segments on several hosts (a VM followed across live
+/// migrations) as one (pure): windows and record counts add up; a vCPU's times,
+/// migrations and runs add up over its threads on every host (the first host's thread
+/// id names it; `cpus` lists core numbers of every host, not told apart). Per-core
+/// figures and the co-run share stay with each segment's own summary: `cpus` is empty
+/// and `corun_share` is `None` unless there is one segment.
+pub fn combine(parts: &[Summary]) -> Option<Summary> {
+    let (first, rest) = parts.split_first()?;
+    if rest.is_empty() {
+        return Some(first.clone());
+    }
+    let mut out = Summary {
+        cpus: Vec::new(),
+        corun_share: None,
+        ..first.clone()
+    };
+    for p in rest {
+        out.window_ns += p.window_ns;
+        out.events += p.events;
+        out.lost += p.lost;
+        out.dropped += p.dropped;
+        out.anomalies += p.anomalies;
+        for t in &p.threads {
+            let same = out
+                .threads
+                .iter_mut()
+                .find(|o| o.vcpu.is_some() && o.vcpu == t.vcpu);
+            match same {
+                Some(o) => {
+                    o.run_ns += t.run_ns;
+                    o.runnable_ns += t.runnable_ns;
+                    o.sleep_ns += t.sleep_ns;
+                    o.unknown_ns += t.unknown_ns;
+                    o.migrations += t.migrations;
+                    o.runs += t.runs;
+                    for c in &t.cpus {
+                        if !o.cpus.contains(c) {
+                            o.cpus.push(*c);
+                        }
+                    }
+                    o.cpus.sort_unstable();
+                }
+                None => out.threads.push(t.clone()),
+            }
+        }
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::timeline::tests::{events, sw};
     use crate::timeline::timeline;
     use proptest::prelude::*;
+
+    #[test]
+    fn segments_add_up_per_vcpu() {
+        let vcpus = VcpuMap::from_threads(&[10]);
+        let a = summarize(
+            &timeline(0, 100, &[10], &[sw(20, 0, 0, 0, 10)]),
+            &vcpus,
+            Counts {
+                events: 1,
+                lost: 2,
+                dropped: 0,
+            },
+        );
+        let vcpus2 = VcpuMap::from_threads(&[20]);
+        let b = summarize(
+            &timeline(500, 700, &[20], &[sw(550, 1, 0, 0, 20)]),
+            &vcpus2,
+            Counts {
+                events: 1,
+                lost: 0,
+                dropped: 3,
+            },
+        );
+        let c = combine(&[a.clone(), b.clone()]).unwrap();
+        assert_eq!((c.window_ns, c.events, c.lost, c.dropped), (300, 2, 2, 3));
+        assert_eq!(c.threads.len(), 1);
+        let t = &c.threads[0];
+        assert_eq!((t.tid, t.vcpu), (10, Some(0)));
+        assert_eq!(t.run_ns, a.threads[0].run_ns + b.threads[0].run_ns);
+        assert_eq!(t.cpus, [0, 1]);
+        assert_eq!((c.cpus.len(), c.corun_share), (0, None));
+        assert_eq!(combine(std::slice::from_ref(&a)), Some(a));
+        assert_eq!(combine(&[]), None);
+    }
 
     #[test]
     fn corun_counts_only_time_all_vcpus_ran() {

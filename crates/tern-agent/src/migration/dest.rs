@@ -113,6 +113,7 @@ async fn listen(
     };
     let mut inbound = Inbound::new(req.vm.as_str());
     inbound.source = source.clone();
+    inbound.vcpu_policy = req.vcpu_policy;
     let inbound = Arc::new(inbound);
     let expect = Expect {
         migration: id.clone(),
@@ -306,6 +307,14 @@ pub async fn resume(
     state.incoming_resumed(&inbound.vm);
     inbound.resumed.store(true, Ordering::SeqCst);
     inbound.set(IncomingPhase::Running, None);
+    // The policy the VM had on the source, applied once it runs here; not waited for,
+    // since this answer ends the source's downtime, and a policy this host cannot apply
+    // (logged) does not undo a migration whose VM already runs here.
+    if !inbound.vcpu_policy.is_none() {
+        state
+            .set_vcpu_policy_soon(&inbound.vm, inbound.vcpu_policy)
+            .await;
+    }
     Ok(inbound.view(id))
 }
 

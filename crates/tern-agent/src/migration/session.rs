@@ -88,6 +88,8 @@ pub struct Inbound {
     /// The host whose certificate prepared it: with host identities only that host may
     /// open its streams and act on it.
     pub source: Option<String>,
+    /// The vCPU policy the source applied to the VM: applied here once it runs here.
+    pub vcpu_policy: tern_api::vcpu::VcpuPolicy,
 }
 
 impl Inbound {
@@ -102,6 +104,7 @@ impl Inbound {
             gate: tokio::sync::Mutex::new(()),
             born: Instant::now(),
             source: None,
+            vcpu_policy: tern_api::vcpu::VcpuPolicy::None,
         }
     }
 

@@ -242,6 +242,7 @@ impl<'a> SourceMigration<'a> {
             vm: self.req.vm.clone(),
             spec: info.spec.clone(),
             native,
+            vcpu_policy: self.state.vcpu.get(vm),
         };
         self.info = Some(info);
         let ticket: Ticket = self

@@ -133,6 +133,14 @@ impl AgentClient {
             .await
     }
 
+    /// The vCPU policy applied to the VM on this host.
+    pub async fn vcpu_policy(
+        &self,
+        id: &str,
+    ) -> Result<crate::vcpu::VcpuPolicySetting, ClientError> {
+        self.http.get(&format!("/v1/vms/{id}/vcpu-policy")).await
+    }
+
     /// Source: starts sending a VM.
     pub async fn send_migration(&self, req: &SendRequest) -> Result<MigrationView, ClientError> {
         self.http.post("/v1/migrations", req).await

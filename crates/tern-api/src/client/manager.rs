@@ -90,6 +90,19 @@ impl ManagerClient {
         self.http.delete(&format!("/v1/vms/{name}")).await
     }
 
+    /// Sets how the VM's host schedules its vCPU threads; recorded with the VM and
+    /// applied wherever it runs.
+    pub async fn set_vcpu_policy(
+        &self,
+        name: &str,
+        policy: crate::vcpu::VcpuPolicy,
+    ) -> Result<crate::vcpu::VcpuPolicySetting, ClientError> {
+        let body = crate::vcpu::VcpuPolicySetting { policy };
+        self.http
+            .put(&format!("/v1/vms/{name}/vcpu-policy"), &body)
+            .await
+    }
+
     pub async fn migrate_vm(&self, name: &str, req: &MigrateVm) -> Result<Migration, ClientError> {
         self.http
             .post(&format!("/v1/vms/{name}/migrate"), req)

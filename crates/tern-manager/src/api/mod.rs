@@ -39,6 +39,7 @@ use tern_api::manager::{
     BalancePlan, CreateVm, HeartbeatReply, JoinReply, JoinRequest, LeaseGrant, MigrateVm,
     MigrationView, Page, RegisterHost,
 };
+use tern_api::vcpu::VcpuPolicySetting;
 use tern_pki::{Ca, Role, Secure, Trust};
 
 use crate::state::{Host, Vm};
@@ -205,6 +206,10 @@ pub fn router_with_ca(
         .route("/v1/vms/:name", get(show_vm).delete(delete_vm))
         .route("/v1/vms/:name/migrate", post(migrate_vm))
         .route("/v1/vms/:name/trace", post(trace_vm))
+        .route(
+            "/v1/vms/:name/vcpu-policy",
+            get(show_vcpu_policy).put(set_vcpu_policy),
+        )
         .route("/v1/migrations", get(migrations::list))
         .route("/v1/migrations/:id", get(migrations::show))
         .route("/v1/plan", get(plan))
@@ -675,10 +680,10 @@ async fn migrate_vm(
 }
 
 #[utoipa::path(post, path = "/v1/vms/{name}/trace", operation_id = "traceVm",
-    summary = "Record a running VM's scheduler events through its host's agent: its vCPU threads on the host and, unless host_only, its guest's processes.",
+    summary = "Record a running VM's scheduler events through its host's agent: its vCPU threads on the host and, unless host_only, its guest's processes. When the VM migrates during the window, the rest is recorded on its new host: a segment in `later` per host it moved to.",
     params(("name" = String, Path, description = "the VM's name", example = "v1")),
     request_body(content = tern_api::trace::TraceRequest, example = json!({"duration_ms": 10000})),
-    responses((status = 200, description = "the recording", body = tern_api::trace::VmTrace),
+    responses((status = 200, description = "the recording", body = tern_api::trace::ClusterTrace),
         (status = 400, description = "error", body = Error), (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error), (status = 502, description = "error", body = Error)))]
 async fn trace_vm(
     State(app): AppState,
@@ -686,25 +691,77 @@ async fn trace_vm(
     Body(req): Body<tern_api::trace::TraceRequest>,
 ) -> ApiResult<Response> {
     req.check().map_err(ApiError::BadRequest)?;
-    let (vm, hosts) = app
-        .manager
-        .read(|s| (s.vms.get(&name).cloned(), s.hosts.clone()));
-    let vm = vm.ok_or_else(|| crate::Error::UnknownVm(name.clone()))?;
-    let host = match (vm.state, &vm.observed_host) {
-        (tern_api::manager::VmState::Running, Some(h)) => hosts.get(h).cloned(),
-        _ => None,
+    // Checked before the control loop is needed, so an unknown or stopped VM says so.
+    let running = app.manager.read(|s| {
+        s.vms
+            .get(&name)
+            .map(|v| (v.state, v.observed_host.is_some()))
+    });
+    match running.ok_or_else(|| crate::Error::UnknownVm(name.clone()))? {
+        (tern_api::manager::VmState::Running, true) => {}
+        (state, _) => {
+            return Err(crate::Error::Conflict(format!(
+                "VM {name:?} is {state:?}, not running on a host: only a running VM is traced"
+            ))
+            .into())
+        }
     }
-    .ok_or_else(|| {
-        crate::Error::Conflict(format!(
-            "VM {name:?} is {:?}, not running on a host: only a running VM is traced",
-            vm.state
-        ))
-    })?;
     let agents = app.manager.agents().ok_or_else(|| {
         ApiError::Unavailable("this manager runs no control loop to reach agents".into())
     })?;
-    let trace = agents.client(&host)?.trace_vm(&name, &req).await?;
+    let trace = crate::trace::follow(&app.manager, &agents, &name, req).await?;
     Ok(Json(trace).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/vms/{name}/vcpu-policy", operation_id = "showVcpuPolicy",
+    summary = "How the VM's host schedules its vCPU threads, as recorded (the VM's spec.vcpu_policy).",
+    params(("name" = String, Path, description = "the VM's name", example = "v1")),
+    responses((status = 200, description = "the policy", body = VcpuPolicySetting), (status = 404, description = "error", body = Error)))]
+async fn show_vcpu_policy(State(app): AppState, NamePath(name, _): VmPath) -> ApiResult<Response> {
+    app.manager
+        .read(|s| s.vms.get(&name).map(|v| v.spec.vcpu_policy))
+        .map(|policy| Json(VcpuPolicySetting { policy }).into_response())
+        .ok_or_else(|| crate::Error::UnknownVm(name).into())
+}
+
+#[utoipa::path(put, path = "/v1/vms/{name}/vcpu-policy", operation_id = "setVcpuPolicy",
+    summary = "Set how the VM's host schedules its vCPU threads (none, pin, gang): applied on its host at once when it runs, recorded, applied wherever the manager starts it and carried along by migrations.",
+    params(("name" = String, Path, description = "the VM's name", example = "v1")),
+    request_body(content = VcpuPolicySetting, example = json!({"policy": "pin"})),
+    responses((status = 200, description = "the policy, recorded and applied", body = VcpuPolicySetting),
+        (status = 400, description = "error", body = Error), (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error), (status = 502, description = "error", body = Error)))]
+async fn set_vcpu_policy(
+    State(app): AppState,
+    NamePath(name, _): VmPath,
+    Body(b): Body<VcpuPolicySetting>,
+) -> ApiResult<Response> {
+    let cmd = Command::SetVcpuPolicy {
+        name: name.clone(),
+        policy: b.policy,
+    };
+    // Decided first, so a refused change asks no host; then the host applies it
+    // before it is recorded, so a policy its host refuses is not kept either.
+    let now = app.manager.now();
+    let (checked, running_on) = app.manager.read(|s| {
+        let checked = crate::decide::decide(s, now, cmd.clone()).map(drop);
+        let on = s
+            .vms
+            .get(&name)
+            .filter(|v| v.state == tern_api::manager::VmState::Running)
+            .and_then(|v| v.observed_host.as_ref())
+            .and_then(|h| s.hosts.get(h).cloned());
+        (checked, on)
+    });
+    checked?;
+    // A manager with no control loop reaches no agent: the record is all there is.
+    if let (Some(host), Some(agents)) = (running_on, app.manager.agents()) {
+        agents
+            .client(&host)?
+            .set_vcpu_policy(&name, b.policy)
+            .await?;
+    }
+    execute(&app, cmd).await?;
+    Ok(Json(b).into_response())
 }
 
 /// A list's `limit`, checked against [`MAX_PAGE`].

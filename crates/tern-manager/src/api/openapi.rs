@@ -31,6 +31,8 @@ use utoipa::{Modify, OpenApi};
         super::delete_vm,
         super::migrate_vm,
         super::trace_vm,
+        super::show_vcpu_policy,
+        super::set_vcpu_policy,
         super::migrations::list,
         super::migrations::show,
         super::plan,

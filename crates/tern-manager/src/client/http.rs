@@ -18,6 +18,7 @@ use super::{Connector, HostClient, Progress, ProgressFn};
 use crate::decide::{LoadReport, VmLoad};
 use crate::error::{Error, Result};
 use crate::state::{Host, MigrationResult, PolicyKind, VmSpec};
+use tern_api::vcpu::VcpuPolicy;
 
 /// How often a running migration is polled.
 const MIGRATION_POLL: Duration = Duration::from_millis(200);
@@ -114,6 +115,16 @@ impl HttpHost {
         Error::Agent {
             host: self.host.clone(),
             message: e.to_string(),
+        }
+    }
+
+    /// An agent's answer to a request about one VM: its refusals stay the caller's to
+    /// fix (a VM that stopped, one on a driver with no threads), the rest is the host's.
+    fn refusal(&self, e: tern_api::client::ClientError) -> Error {
+        match e.status() {
+            Some(409) => Error::Conflict(format!("host {:?}: {e}", self.host)),
+            Some(400) => Error::BadInput(format!("host {:?}: {e}", self.host)),
+            _ => self.fail(e),
         }
     }
 }
@@ -253,13 +264,16 @@ impl HostClient for HttpHost {
         AgentClient::from(client)
             .trace(vm, req)
             .await
-            .map_err(|e| match e.status() {
-                // The agent's refusals stay the caller's to fix: a VM that stopped, or
-                // one on a driver with no threads.
-                Some(409) => Error::Conflict(format!("host {:?}: {e}", self.host)),
-                Some(400) => Error::BadInput(format!("host {:?}: {e}", self.host)),
-                _ => self.fail(e),
-            })
+            .map_err(|e| self.refusal(e))
+    }
+
+    /// `PUT /v1/vms/{id}/vcpu-policy` on the agent.
+    async fn set_vcpu_policy(&self, vm: &str, policy: VcpuPolicy) -> Result<()> {
+        self.agent
+            .set_vcpu_policy(vm, policy)
+            .await
+            .map(drop)
+            .map_err(|e| self.refusal(e))
     }
 
     async fn load_report(&self) -> Result<LoadReport> {

@@ -16,6 +16,7 @@ use crate::decide::LoadReport;
 use crate::error::Result;
 use crate::state::{Host, MigrationResult, PolicyKind, VmSpec};
 use tern_api::trace::{TraceRequest, VmTrace};
+use tern_api::vcpu::VcpuPolicy;
 
 /// What the manager asks of a host's agent.
 #[async_trait]
@@ -37,6 +38,16 @@ pub trait HostClient: Send + Sync {
     ) -> Result<MigrationResult>;
     /// The host's current load and the VMs it runs.
     async fn load_report(&self) -> Result<LoadReport>;
+    /// Applies vCPU policy `policy` to running `vm` (how the host schedules its
+    /// threads). `none`, the state of every VM, is accepted by a host without threads.
+    async fn set_vcpu_policy(&self, vm: &str, policy: VcpuPolicy) -> Result<()> {
+        if policy.is_none() {
+            return Ok(());
+        }
+        Err(crate::error::Error::BadInput(format!(
+            "VM {vm:?} runs on a host with no vCPU threads to schedule (a simulated host)"
+        )))
+    }
     /// Records `vm`'s scheduler events (its vCPU threads, and its guest's processes
     /// unless `req.host_only`) for `req.duration_ms`.
     async fn trace_vm(&self, vm: &str, req: &TraceRequest) -> Result<VmTrace> {

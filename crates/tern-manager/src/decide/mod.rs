@@ -22,6 +22,7 @@ use crate::state::{
 use placement::Placer;
 pub use tern_api::manager::{HeartbeatReply, LoadReport, VmLoad};
 use tern_api::manager::{MAX_HOST_CPUS, MAX_HOST_MEMORY_MIB};
+use tern_api::vcpu::VcpuPolicy;
 use tern_model::{HostName, VmName};
 
 /// Everything that changes cluster state, from the API or from the agents' answers.
@@ -57,6 +58,12 @@ pub enum Command {
         name: String,
         to: Option<String>,
         policy: Option<PolicyKind>,
+    },
+    /// Records how the VM's host schedules its vCPU threads (the API applies it on a
+    /// running VM's host first; the control loop wherever it starts the VM next).
+    SetVcpuPolicy {
+        name: String,
+        policy: VcpuPolicy,
     },
     PutSettings(BalancerSettings),
     /// An agent confirmed the VM runs on `host`.
@@ -189,6 +196,29 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
             };
             let (changes, m) = start_migration(snap, now, v, &to, policy, MigrationReason::Manual)?;
             Ok((changes, Reply::Migration(m)))
+        }
+        Command::SetVcpuPolicy { name, policy } => {
+            let v = vm(snap, &name)?;
+            if v.state == VmState::Deleting {
+                return Err(Error::Conflict(format!(
+                    "VM {name:?} is being deleted: it has no vCPU policy to set"
+                )));
+            }
+            if let Some(h) = &v.desired_host {
+                policy_fits(&name, policy, host(snap, h)?)?;
+            }
+            let set = Vm {
+                spec: VmSpec {
+                    vcpu_policy: policy,
+                    ..v.spec.clone()
+                },
+                ..v.clone()
+            };
+            let changes = match v.spec.vcpu_policy == policy {
+                true => Vec::new(),
+                false => vec![Change::PutVm(set.clone())],
+            };
+            Ok((changes, Reply::Vm(set)))
         }
         Command::PutSettings(s) => {
             s.validate().map_err(|e| Error::BadInput(e.to_string()))?;
@@ -531,6 +561,7 @@ fn create_one(
         }
         None => placer.choose(&name, &spec, None)?,
     };
+    policy_fits(&name, spec.vcpu_policy, self::host(snap, &target)?)?;
     placer.take(&spec, &target);
     let v = Vm {
         name: name.clone(),
@@ -550,6 +581,19 @@ fn create_one(
         }),
     ];
     Ok((changes, v))
+}
+
+/// Refuses a vCPU policy other than `none` on an in-process simulated host, whose VMs
+/// have no threads to schedule (pure). An agent over the `sim` driver refuses it itself.
+pub fn policy_fits(vm: &str, policy: VcpuPolicy, on: &Host) -> Result<()> {
+    if policy.is_none() || on.address != "sim:" {
+        return Ok(());
+    }
+    Err(Error::BadInput(format!(
+        "VM {vm:?} is on simulated host {:?}, which has no vCPU threads to schedule: \
+         only vcpu_policy \"none\" fits there",
+        on.name
+    )))
 }
 
 /// Records a migration of running VM `v` to `to`. Shared by the operator's command, the
@@ -648,6 +692,7 @@ pub(crate) mod testing {
             pinned: false,
             affinity: None,
             anti_affinity: None,
+            vcpu_policy: Default::default(),
         }
     }
 

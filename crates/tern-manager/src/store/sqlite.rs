@@ -98,6 +98,7 @@ fn vm_from(r: &Row) -> rusqlite::Result<VmRow> {
                 pinned: false,
                 affinity: None,
                 anti_affinity: None,
+                vcpu_policy: Default::default(),
             },
             desired_host: r.get(2)?,
             observed_host: r.get(3)?,

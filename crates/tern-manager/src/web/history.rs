@@ -110,6 +110,7 @@ impl ScoreInput {
                         pinned: false,
                         affinity: None,
                         anti_affinity: None,
+                        vcpu_policy: Default::default(),
                     },
                     desired_host: Some(self.hosts[h as usize].name.clone()),
                     observed_host: None,

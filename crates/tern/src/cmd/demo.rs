@@ -176,6 +176,7 @@ pub(super) fn uneven(hosts: &[String], vms: usize, rng: &mut Rng) -> (Vec<NewVm>
                     pinned: false,
                     affinity: None,
                     anti_affinity: None,
+                    vcpu_policy: Default::default(),
                 },
                 host: Some(hosts[host].clone()),
             }

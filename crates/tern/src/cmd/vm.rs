@@ -2,7 +2,8 @@
 //! manager or on `--host`, delete, migrate). `migrate` waits for the migration and shows a
 //! live progress bar (round, transferred, remaining, dirty rate) while it runs; when
 //! stdout is not a terminal, or with `--json`, the bar is hidden and the result printed as
-//! JSON. `tern agent vm` talks to one agent instead.
+//! JSON. `vcpu-policy` sets how the VM's host schedules its vCPU threads. `tern agent vm`
+//! talks to one agent instead.
 
 pub mod agent;
 mod progress;
@@ -11,6 +12,7 @@ pub mod trace;
 use reqwest::Method;
 use serde_json::Value;
 use tern_api::manager::{CreateVm, VmSpec};
+use tern_api::vcpu::{VcpuPolicy, VcpuPolicySetting};
 use tern_model::{HostName, VmName};
 
 use super::host::{call, table, Conn};
@@ -47,6 +49,9 @@ enum Command {
         #[arg(long)]
         no_wait: bool,
     },
+    /// Set how the VM's host schedules its vCPU threads (none, pin, gang); kept with the
+    /// VM, applied wherever it runs and carried along when it migrates.
+    VcpuPolicy { name: VmName, policy: VcpuPolicy },
 }
 
 #[derive(clap::Args)]
@@ -68,6 +73,9 @@ struct CreateArgs {
     /// VMs sharing an anti-affinity group are kept on different hosts.
     #[arg(long, value_name = "GROUP")]
     anti_affinity: Option<String>,
+    /// How its host schedules its vCPU threads: none, pin or gang (docs/trace.md).
+    #[arg(long, value_name = "POLICY", default_value = "none")]
+    vcpu_policy: VcpuPolicy,
 }
 
 const HEADER: [&str; 6] = ["NAME", "STATE", "HOST", "VCPUS", "MEMORY MiB", "CPU USED"];
@@ -107,6 +115,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     pinned: x.pinned,
                     affinity: x.affinity,
                     anti_affinity: x.anti_affinity,
+                    vcpu_policy: x.vcpu_policy,
                 },
                 host: x.host,
             };
@@ -121,6 +130,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             policy,
             no_wait,
         } => return progress::migrate(c, name.as_str(), to, policy, no_wait),
+        Command::VcpuPolicy { name, policy } => {
+            let path = format!("/v1/vms/{name}/vcpu-policy");
+            let v = call(c, Method::PUT, &path, Some(&VcpuPolicySetting { policy }))?;
+            match c.json {
+                true => println!("{}", serde_json::to_string_pretty(&v)?),
+                false => println!("VM {name}: vCPU policy {policy}"),
+            }
+            return Ok(());
+        }
     };
     if c.json {
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -154,6 +172,9 @@ fn show(c: &Conn, name: &str) -> anyhow::Result<()> {
         if let Some(g) = spec[key].as_str() {
             println!("  {k}: {g}");
         }
+    }
+    if let Some(p) = spec["vcpu_policy"].as_str().filter(|p| *p != "none") {
+        println!("  vCPU policy: {p}");
     }
     if spec["pinned"] == true {
         println!("  pinned: the balancer never moves it");
@@ -208,12 +229,27 @@ mod tests {
                 vec!["vm", "delete", bad],
                 vec!["vm", "create", bad],
                 vec!["vm", "migrate", "web-1", "--to", bad],
+                vec!["vm", "vcpu-policy", bad, "pin"],
             ] {
                 let e = Cli::try_parse_from(&args)
                     .err()
                     .unwrap_or_else(|| panic!("{args:?}"));
                 assert!(e.to_string().contains("is invalid"), "{args:?}: {e}");
             }
+        }
+    }
+
+    #[test]
+    fn unknown_vcpu_policies_are_refused_saying_the_known_ones() {
+        use clap::Parser;
+        assert!(Cli::try_parse_from(["vm", "vcpu-policy", "web", "gang"]).is_ok());
+        assert!(Cli::try_parse_from(["vm", "create", "web", "--vcpu-policy", "pin"]).is_ok());
+        for args in [
+            vec!["vm", "vcpu-policy", "web", "fifo"],
+            vec!["vm", "create", "web", "--vcpu-policy", "fifo"],
+        ] {
+            let e = Cli::try_parse_from(&args).err().expect("refused");
+            assert!(e.to_string().contains("none, pin, gang"), "{args:?}: {e}");
         }
     }
 }

@@ -334,6 +334,7 @@ mod tests {
                 pinned: false,
                 affinity: None,
                 anti_affinity: None,
+                vcpu_policy: Default::default(),
             },
             desired_host: None,
             observed_host: None,

@@ -193,6 +193,7 @@ async fn load(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
                 pinned: false,
                 affinity: None,
                 anti_affinity: None,
+                vcpu_policy: Default::default(),
             },
             host: Some(names[i % a.hosts].clone()),
         })

@@ -476,6 +476,7 @@ async fn demo(
                 pinned: false,
                 affinity: None,
                 anti_affinity: None,
+                vcpu_policy: Default::default(),
             },
             host: Some(first.clone()),
         })

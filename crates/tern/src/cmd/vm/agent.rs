@@ -290,7 +290,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Trace(t) => {
             let s = super::trace::run(t, |req| {
-                rt.block_on(client.trace(&t.id, req)).map_err(agent_error)
+                rt.block_on(client.trace(&t.id, req))
+                    .map(tern_api::trace::ClusterTrace::one)
+                    .map_err(agent_error)
             })?;
             if args.json {
                 out(&s)?

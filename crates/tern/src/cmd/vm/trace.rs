@@ -12,8 +12,8 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tern_api::trace::{TraceRequest, VmTrace, MAX_TRACE_MS};
-use tern_trace::chrome::{self, Export, GuestLevel};
+use tern_api::trace::{ClusterTrace, TraceRequest, MAX_TRACE_MS};
+use tern_trace::chrome::{self, Export, GuestLevel, Segment};
 use tern_trace::merge::{guest_timeline, summarize_guest, GuestSummary};
 use tern_trace::{Summary, VcpuMap};
 
@@ -34,11 +34,29 @@ pub struct TraceArgs {
 /// Largest trace answer read (an hour of a busy VM's events is below).
 pub const MAX_TRACE_BYTES: usize = 1 << 30;
 
-/// What a trace run reports: the host level, and the guest level when recorded.
+/// What a trace run reports: the host level, and the guest level when recorded. A
+/// trace that followed the VM to other hosts has the host level of all of them added
+/// up (`tern_trace::summary::combine`) and each host's part in `segments`.
 #[derive(Debug, serde::Serialize)]
 pub struct Report {
     #[serde(flatten)]
     pub host: Summary,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest: Option<GuestSummary>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<SegmentReport>,
+    /// Parts of the window no host recorded, with why.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<String>,
+}
+
+/// One host's part of a trace that followed the VM across live migrations.
+#[derive(Debug, serde::Serialize)]
+pub struct SegmentReport {
+    pub host: String,
+    /// Where it begins after the trace's start.
+    pub offset_ns: u64,
+    pub summary: Summary,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest: Option<GuestSummary>,
 }
@@ -84,56 +102,123 @@ fn staging(out: &Path) -> anyhow::Result<tempfile::NamedTempFile> {
 /// to `a.out`, and returns the summary.
 pub fn run(
     a: &TraceArgs,
-    fetch: impl FnOnce(&TraceRequest) -> anyhow::Result<VmTrace>,
+    fetch: impl FnOnce(&TraceRequest) -> anyhow::Result<ClusterTrace>,
 ) -> anyhow::Result<Report> {
     let tmp = staging(&a.out)?;
     let req = TraceRequest {
         duration_ms: a.duration.as_millis() as u64,
         host_only: a.host_only,
     };
-    let v = fetch(&req)?;
-    let vcpus = VcpuMap::from_threads(&v.vcpu_threads);
-    let (tl, summary) = tern_trace::analyse(&v.trace, &vcpus);
-    let guest = v.guest.as_ref().map(|g| {
-        let gtl = guest_timeline(g);
-        let gs = summarize_guest(&gtl, g, &tl, &vcpus);
-        (g, gtl, gs)
-    });
+    let ct = fetch(&req)?;
+    // Each host's part analysed on its own (its threads, its clock).
+    let parts: Vec<_> = ct
+        .segments()
+        .map(|(offset_ns, v)| {
+            let vcpus = VcpuMap::from_threads(&v.vcpu_threads);
+            let (tl, summary) = tern_trace::analyse(&v.trace, &vcpus);
+            let guest = v.guest.as_ref().map(|g| {
+                let gtl = guest_timeline(g);
+                let gs = summarize_guest(&gtl, g, &tl, &vcpus);
+                (g, gtl, gs)
+            });
+            (offset_ns, v, vcpus, tl, summary, guest)
+        })
+        .collect();
+    let segments: Vec<Segment<'_>> = parts
+        .iter()
+        .map(|(offset_ns, v, vcpus, tl, summary, guest)| Segment {
+            export: Export {
+                host: &v.host,
+                vm: &v.vm,
+                timeline: tl,
+                vcpus,
+                summary,
+                guest: guest.as_ref().map(|(g, gtl, gs)| GuestLevel {
+                    timeline: gtl,
+                    trace: g,
+                    summary: gs,
+                }),
+            },
+            offset_ns: *offset_ns,
+        })
+        .collect();
     let mut w = std::io::BufWriter::new(tmp.as_file());
-    chrome::write(
-        &mut w,
-        &Export {
-            host: &v.host,
-            vm: &v.vm,
-            timeline: &tl,
-            vcpus: &vcpus,
-            summary: &summary,
-            guest: guest.as_ref().map(|(g, gtl, gs)| GuestLevel {
-                timeline: gtl,
-                trace: g,
-                summary: gs,
-            }),
-        },
-    )?;
+    chrome::write_segments(&mut w, &segments)?;
     w.flush()?;
     drop(w);
+    drop(segments);
     // The staging file is private (0600); the trace is an ordinary file.
     std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))?;
     tmp.persist(&a.out)
         .map_err(|e| anyhow::anyhow!("writing {}: {}", a.out.display(), e.error))?;
+    let summaries: Vec<Summary> = parts.iter().map(|p| p.4.clone()).collect();
+    let host = tern_trace::summary::combine(&summaries).expect("a trace has its first host");
+    let mut segments: Vec<SegmentReport> = parts
+        .into_iter()
+        .map(|(offset_ns, v, _, _, summary, guest)| SegmentReport {
+            host: v.host.clone(),
+            offset_ns,
+            summary,
+            guest: guest.map(|(_, _, gs)| gs),
+        })
+        .collect();
+    let (guest, segments) = match segments.len() {
+        1 => (segments.remove(0).guest, Vec::new()),
+        _ => (None, segments),
+    };
     Ok(Report {
-        host: summary,
-        guest: guest.map(|(_, _, gs)| gs),
+        host,
+        guest,
+        segments,
+        missing: ct.missing,
     })
 }
 
 /// Guest processes listed in the text summary (the JSON has them all).
 const PROCESSES_SHOWN: usize = 15;
 
-/// The report as text: the vCPUs, then the guest's busiest processes.
+/// The report as text: the vCPUs, then the guest's busiest processes; for a trace
+/// that followed the VM to other hosts, each host's part, then the whole.
 pub fn print(r: &Report, out: &Path) {
-    print_host(&r.host, out);
-    let Some(g) = &r.guest else { return };
+    for m in &r.missing {
+        println!("not recorded: {m}");
+    }
+    if r.segments.is_empty() {
+        print_host(&r.host, out);
+        if let Some(g) = &r.guest {
+            print_guest(g);
+        }
+        return;
+    }
+    let hosts: Vec<String> = r
+        .segments
+        .iter()
+        .map(|s| format!("{} from {:.0} ms", s.host, s.offset_ns as f64 / 1e6))
+        .collect();
+    println!(
+        "the VM moved during the trace: {} hosts, {}",
+        r.segments.len(),
+        hosts.join(", ")
+    );
+    for s in &r.segments {
+        println!("on {}:", s.host);
+        print_host(&s.summary, out);
+        if let Some(g) = &s.guest {
+            print_guest(g);
+        }
+    }
+    println!(
+        "in all: {} events over {:.0} ms; lost {}, dropped {}, {} inconsistencies",
+        r.host.events,
+        r.host.window_ns as f64 / 1e6,
+        r.host.lost,
+        r.host.dropped,
+        r.host.anomalies
+    );
+}
+
+/// The guest level as text: its counts, then its busiest processes.
+fn print_guest(g: &GuestSummary) {
     let ms = |ns: u64| ns as f64 / 1e6;
     println!(
         "guest: {} events; clock alignment error ≤ {}; lost {} records (ring buffer full), \
