@@ -102,6 +102,11 @@ pub struct Sample {
     pub lost: u64,
     /// How long the tracer recorded (0 for `none`).
     pub recorded_s: f64,
+    /// `tern` only: of `events` and `lost`, the guest level's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_events: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_lost: Option<u64>,
 }
 
 /// One tracer over every round: medians, and the range of the rounds.
@@ -492,6 +497,8 @@ async fn one_run(
         events: 0,
         lost: 0,
         recorded_s: 0.0,
+        guest_events: None,
+        guest_lost: None,
     };
     match tracer {
         Tracer::None => sample.ops_per_s = measure(host, window).await?,
@@ -510,6 +517,8 @@ async fn one_run(
             if let Some(g) = &t.guest {
                 sample.events += g.events.len() as u64;
                 sample.lost += g.lost + g.dropped;
+                sample.guest_events = Some(g.events.len() as u64);
+                sample.guest_lost = Some(g.lost + g.dropped);
             }
         }
         Tracer::Perf => {
@@ -553,8 +562,12 @@ async fn bench(
         for round in 1..=args.rounds {
             for tracer in round_order(round - 1) {
                 let s = one_run(host, tracer, round, window, dir).await?;
+                let guest = match (s.guest_events, s.guest_lost) {
+                    (Some(e), Some(l)) => format!(" (guest level: {e} events, {l} lost)"),
+                    _ => String::new(),
+                };
                 eprintln!(
-                    "bench: round {round} {:<9} {:>8.0} ops/s, {} events, {} lost",
+                    "bench: round {round} {:<9} {:>8.0} ops/s, {} events, {} lost{guest}",
                     tracer.name(),
                     s.ops_per_s,
                     s.events,
@@ -584,6 +597,8 @@ mod tests {
             events,
             lost: 0,
             recorded_s: 2.0,
+            guest_events: None,
+            guest_lost: None,
         }
     }
 
