@@ -102,11 +102,15 @@ pub struct Sample {
     pub lost: u64,
     /// How long the tracer recorded (0 for `none`).
     pub recorded_s: f64,
-    /// `tern` only: of `events` and `lost`, the guest level's.
+    /// `tern` only: of `events` and `lost`, the guest level's: records the guest
+    /// kernel could not write (`guest_lost`) and records the guest agent's full buffer
+    /// did not keep (`guest_dropped`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_events: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guest_lost: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guest_dropped: Option<u64>,
 }
 
 /// One tracer over every round: medians, and the range of the rounds.
@@ -499,6 +503,7 @@ async fn one_run(
         recorded_s: 0.0,
         guest_events: None,
         guest_lost: None,
+        guest_dropped: None,
     };
     match tracer {
         Tracer::None => sample.ops_per_s = measure(host, window).await?,
@@ -518,7 +523,8 @@ async fn one_run(
                 sample.events += g.events.len() as u64;
                 sample.lost += g.lost + g.dropped;
                 sample.guest_events = Some(g.events.len() as u64);
-                sample.guest_lost = Some(g.lost + g.dropped);
+                sample.guest_lost = Some(g.lost);
+                sample.guest_dropped = Some(g.dropped);
             }
         }
         Tracer::Perf => {
@@ -562,8 +568,10 @@ async fn bench(
         for round in 1..=args.rounds {
             for tracer in round_order(round - 1) {
                 let s = one_run(host, tracer, round, window, dir).await?;
-                let guest = match (s.guest_events, s.guest_lost) {
-                    (Some(e), Some(l)) => format!(" (guest level: {e} events, {l} lost)"),
+                let guest = match (s.guest_events, s.guest_lost, s.guest_dropped) {
+                    (Some(e), Some(l), Some(d)) => {
+                        format!(" (guest level: {e} events, {l} lost, {d} dropped)")
+                    }
                     _ => String::new(),
                 };
                 eprintln!(
@@ -599,6 +607,7 @@ mod tests {
             recorded_s: 2.0,
             guest_events: None,
             guest_lost: None,
+            guest_dropped: None,
         }
     }
 
