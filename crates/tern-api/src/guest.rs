@@ -25,6 +25,9 @@ pub const DEFAULT_VERIFIER_PAGES_PER_SEC: f64 = 200.0;
 /// Most threads a `barrier` workload may meet with (a guest has at most 64 vCPUs).
 pub const MAX_BARRIER_THREADS: u32 = 64;
 
+/// Most threads a `wakeup` ring may have.
+pub const MAX_WAKEUP_THREADS: u32 = 256;
+
 /// A workload the guest cannot run as given; the message says what to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecError(pub String);
@@ -63,8 +66,8 @@ pub enum Command {
         #[cfg_attr(feature = "openapi", schema(value_type = Object))]
         workload: WorkloadSpec,
     },
-    /// Stops the workload of the given kind (`memdirty`, `cpu`, `barrier`, `echo-server`,
-    /// `verifier`).
+    /// Stops the workload of the given kind (`memdirty`, `cpu`, `barrier`, `wakeup`,
+    /// `echo-server`, `verifier`).
     Stop { workload: String },
     /// The verifier's counter and its checksum against the expected content.
     Verify,
@@ -133,6 +136,12 @@ pub enum WorkloadSpec {
         #[serde(default = "two")]
         threads: u32,
     },
+    /// `threads` threads in a ring passing one token: each sleeps until the token reaches
+    /// it and then wakes the next; the rate is handoffs/s.
+    Wakeup {
+        #[serde(default = "four")]
+        threads: u32,
+    },
     /// Writes counter-derived content into `mib` MiB at `pages_per_sec` pages/s.
     Verifier {
         mib: u64,
@@ -149,6 +158,10 @@ fn two() -> u32 {
     2
 }
 
+fn four() -> u32 {
+    4
+}
+
 fn default_verifier_rate() -> f64 {
     DEFAULT_VERIFIER_PAGES_PER_SEC
 }
@@ -162,6 +175,7 @@ impl WorkloadSpec {
             WorkloadSpec::EchoServer { .. } => "echo-server",
             WorkloadSpec::Verifier { .. } => "verifier",
             WorkloadSpec::Barrier { .. } => "barrier",
+            WorkloadSpec::Wakeup { .. } => "wakeup",
         }
     }
 
@@ -191,6 +205,13 @@ impl WorkloadSpec {
                 if !(2..=MAX_BARRIER_THREADS).contains(&threads) {
                     return bad(format!(
                         "barrier: --threads must be within 2..={MAX_BARRIER_THREADS}, got {threads}"
+                    ));
+                }
+            }
+            WorkloadSpec::Wakeup { threads } => {
+                if !(2..=MAX_WAKEUP_THREADS).contains(&threads) {
+                    return bad(format!(
+                        "wakeup: --threads must be within 2..={MAX_WAKEUP_THREADS}, got {threads}"
                     ));
                 }
             }
@@ -261,6 +282,12 @@ impl WorkloadSpec {
                     threads: f.optional("threads")?.unwrap_or(2),
                 }
             }
+            "wakeup" => {
+                let mut f = Flags::new(kind, flags, &["threads"])?;
+                WorkloadSpec::Wakeup {
+                    threads: f.optional("threads")?.unwrap_or(4),
+                }
+            }
             "echo-server" => {
                 let mut f = Flags::new(kind, flags, &["port"])?;
                 WorkloadSpec::EchoServer {
@@ -278,7 +305,7 @@ impl WorkloadSpec {
             }
             other => {
                 return Err(SpecError(format!(
-                "unknown workload {other:?}; known: memdirty, cpu, barrier, echo-server, verifier"
+                "unknown workload {other:?}; known: memdirty, cpu, barrier, wakeup, echo-server, verifier"
             )))
             }
         };
@@ -295,6 +322,7 @@ impl WorkloadSpec {
             }
             WorkloadSpec::EchoServer { port } => format!("echo-server --port {port}"),
             WorkloadSpec::Barrier { threads } => format!("barrier --threads {threads}"),
+            WorkloadSpec::Wakeup { threads } => format!("wakeup --threads {threads}"),
             WorkloadSpec::Verifier { mib, pages_per_sec } => {
                 format!("verifier --mib {mib} --pages-per-sec {pages_per_sec}")
             }
@@ -473,11 +501,11 @@ pub struct WorkloadStatus {
     pub running: bool,
     pub seconds: f64,
     /// Pages written (memdirty, verifier), busy milliseconds (cpu), barriers passed
-    /// (barrier), bytes echoed (echo-server).
+    /// (barrier), handoffs (wakeup), bytes echoed (echo-server).
     pub work: u64,
     /// Work per second since the paced phase began (memdirty: after its initial fill):
     /// MB/s for memdirty, percent busy for cpu, pages/s for the verifier, barriers/s,
-    /// bytes/s echoed.
+    /// handoffs/s, bytes/s echoed.
     pub rate: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
@@ -556,6 +584,9 @@ mod tests {
         assert!(err("echo-server --port").contains("needs a value"));
         assert!(err("barrier --threads 1").contains("2..=64"));
         assert!(err("barrier --threads 65").contains("2..=64"));
+        assert!(err("wakeup --threads 1").contains("2..=256"));
+        assert!(err("wakeup --threads 257").contains("2..=256"));
+        assert!(err("wakeup --tokens 2").contains("unknown flag --tokens"));
         let line = r#"{"id":1,"cmd":"start","workload":{"kind":"memdirty","mib":0,"mbps":1}}"#;
         assert!(serde_json::from_str::<Request>(line).is_err());
     }
@@ -565,6 +596,10 @@ mod tests {
         assert_eq!(
             WorkloadSpec::parse_args("barrier").unwrap(),
             WorkloadSpec::Barrier { threads: 2 }
+        );
+        assert_eq!(
+            WorkloadSpec::parse_args("wakeup").unwrap(),
+            WorkloadSpec::Wakeup { threads: 4 }
         );
         assert_eq!(
             WorkloadSpec::parse_args("cpu --percent=40").unwrap(),
@@ -608,6 +643,7 @@ mod tests {
             }),
             (1u16..=u16::MAX).prop_map(|port| WorkloadSpec::EchoServer { port }),
             (2u32..=MAX_BARRIER_THREADS).prop_map(|threads| WorkloadSpec::Barrier { threads }),
+            (2u32..=MAX_WAKEUP_THREADS).prop_map(|threads| WorkloadSpec::Wakeup { threads }),
             (1u64..64, 1u32..10_000).prop_map(|(mib, r)| WorkloadSpec::Verifier {
                 mib,
                 pages_per_sec: f64::from(r)

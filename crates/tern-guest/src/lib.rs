@@ -3,7 +3,8 @@
 //!
 //! # Layout
 //! - [`server`]: the agent's command loop over any reader/writer.
-//! - [`workload`]: `memdirty`, `cpu`, `echo-server` and the memory `verifier`.
+//! - [`workload`]: `memdirty`, `cpu`, `barrier`, `wakeup`, `echo-server` and the memory
+//!   `verifier`.
 //! - [`pacing`]: pure rate control the workloads share.
 //! - [`health`]: kernel-log scanning (also for the host's copy of the console log).
 //! - [`channel`]: finding the virtio-serial port (or the UART) inside the guest.

@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod echo;
 pub mod memdirty;
 pub mod verifier;
+pub mod wakeup;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -19,7 +20,8 @@ use tern_api::guest::{VerifyReport, WorkloadSpec, WorkloadStatus};
 /// Progress of one workload, shared between its threads and the agent.
 #[derive(Debug, Default)]
 pub struct Stats {
-    /// Units of work done: pages, busy milliseconds or bytes, by workload.
+    /// Units of work done: pages, busy milliseconds, barriers, handoffs or bytes, by
+    /// workload.
     pub work: AtomicU64,
     /// Set when a workload thread ended with an error.
     pub error: Mutex<Option<String>>,
@@ -114,6 +116,7 @@ impl Workloads {
             WorkloadSpec::Memdirty { mib, mbps } => vec![memdirty::spawn(mib, mbps, ctl.clone())?],
             WorkloadSpec::Cpu { percent, threads } => cpu::spawn(percent, threads, ctl.clone())?,
             WorkloadSpec::Barrier { threads } => barrier::spawn(threads, ctl.clone())?,
+            WorkloadSpec::Wakeup { threads } => wakeup::spawn(threads, ctl.clone())?,
             WorkloadSpec::EchoServer { port } => vec![echo::spawn(port, ctl.clone())?],
             WorkloadSpec::Verifier { mib, pages_per_sec } => {
                 let shared = Arc::new(verifier::Shared::new(mib)?);
@@ -219,6 +222,7 @@ fn rate(spec: &WorkloadSpec, work: u64, seconds: f64) -> f64 {
         WorkloadSpec::EchoServer { .. } => work as f64 / seconds,
         WorkloadSpec::Verifier { .. } => work as f64 / seconds,
         WorkloadSpec::Barrier { .. } => work as f64 / seconds,
+        WorkloadSpec::Wakeup { .. } => work as f64 / seconds,
     }
 }
 

@@ -6,6 +6,7 @@ mod balance;
 mod faults;
 mod hbal;
 mod migration;
+mod trace;
 mod vcpu;
 
 #[derive(clap::Subcommand)]
@@ -25,6 +26,10 @@ pub enum Command {
     /// Two 2-vCPU guests running `barrier` on one 2-core lab host under each vCPU
     /// scheduling policy (none, pin, gang): barrier rates and co-run shares.
     Vcpu(vcpu::Args),
+    /// What recording scheduler events costs: a 2-vCPU guest whose threads wake each
+    /// other, untraced, under tern's recorder (host level, both levels) and under
+    /// `perf sched record`: throughput lost, events recorded and lost.
+    Trace(trace::Args),
 }
 
 /// A manager's API served on a loopback port for one benchmark, stopped by [`Served::stop`].
@@ -109,5 +114,6 @@ pub fn run(c: Command) -> anyhow::Result<()> {
         Command::Migration(args) => migration::run(args),
         Command::Faults(args) => faults::run(args),
         Command::Vcpu(args) => vcpu::run(args),
+        Command::Trace(args) => trace::run(args),
     }
 }

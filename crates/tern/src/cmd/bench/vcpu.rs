@@ -215,7 +215,13 @@ fn print_table(r: &Report) {
     println!("{}", r.double_sched_delay_note);
 }
 
-async fn guest(host: &AgentClient, vm: &str, req: GuestCommand) -> anyhow::Result<Value> {
+/// One request to `vm`'s guest agent, retried for three minutes while it does not
+/// answer (booting); its `result`.
+pub(super) async fn guest(
+    host: &AgentClient,
+    vm: &str,
+    req: GuestCommand,
+) -> anyhow::Result<Value> {
     let t0 = Instant::now();
     loop {
         match host.guest(vm, &req).await {
