@@ -12,6 +12,7 @@
 //! - [`sim`]: the in-process driver for the simulator demo and tests.
 
 pub mod accel;
+pub mod disk;
 pub mod driver;
 pub mod error;
 pub mod image;
