@@ -138,16 +138,39 @@ async fn bad_disk_specs_are_refused_and_nothing_is_made() {
     let cases = [
         (json!([{"name": "..", "size_mib": 8}]), 400, ".."),
         (json!([{"name": "a/b", "size_mib": 8}]), 400, "'/'"),
-        (json!([{"name": "d", "image": "../../etc/passwd"}]), 400, "image"),
-        (json!([{"name": "d", "image": "link.qcow2"}]), 400, "outside"),
-        (json!([{"name": "d", "image": "missing.qcow2"}]), 400, "not in this host's image store"),
+        (
+            json!([{"name": "d", "image": "../../etc/passwd"}]),
+            400,
+            "image",
+        ),
+        (
+            json!([{"name": "d", "image": "link.qcow2"}]),
+            400,
+            "outside",
+        ),
+        (
+            json!([{"name": "d", "image": "missing.qcow2"}]),
+            400,
+            "not in this host's image store",
+        ),
         (json!([{"name": "d"}]), 400, "size_mib"),
         (json!([{"name": "d", "size_mib": 1u64 << 30}]), 400, "limit"),
-        (json!([{"name": "d", "size_mib": free_mib + 1024}]), 400, "MiB are free"),
-        (json!([{"name": "d", "size_mib": 8}, {"name": "d", "size_mib": 8}]), 400, "twice"),
+        (
+            json!([{"name": "d", "size_mib": free_mib + 1024}]),
+            400,
+            "MiB are free",
+        ),
+        (
+            json!([{"name": "d", "size_mib": 8}, {"name": "d", "size_mib": 8}]),
+            400,
+            "twice",
+        ),
     ];
     for (disks, want, says) in cases {
-        let e = a.c.create_vm(&a.vm("bad", disks.clone())).await.unwrap_err();
+        let e =
+            a.c.create_vm(&a.vm("bad", disks.clone()))
+                .await
+                .unwrap_err();
         let (code, text) = status(e);
         assert_eq!(code, want, "{disks}: {text}");
         assert!(text.contains(says), "{disks}: {text}");
@@ -155,13 +178,15 @@ async fn bad_disk_specs_are_refused_and_nothing_is_made() {
         assert!(a.c.list_vms().await.unwrap().is_empty());
     }
     // The oversize refusal names both numbers.
-    let e = a
-        .c
-        .create_vm(&a.vm("bad", json!([{"name": "d", "size_mib": free_mib + 1024}])))
-        .await
-        .unwrap_err();
+    let e =
+        a.c.create_vm(&a.vm("bad", json!([{"name": "d", "size_mib": free_mib + 1024}])))
+            .await
+            .unwrap_err();
     let text = e.to_string();
-    assert!(text.contains(&format!("need {} MiB", free_mib + 1024)), "{text}");
+    assert!(
+        text.contains(&format!("need {} MiB", free_mib + 1024)),
+        "{text}"
+    );
     // A file of the same VM in the store (another host's VM of that name) is not overwritten.
     std::fs::create_dir_all(a.store.vm_dir("taken")).unwrap();
     std::fs::write(a.store.disk_path("taken", "d"), b"theirs").unwrap();
@@ -207,15 +232,24 @@ async fn disk_data_survives_stop_and_start_and_goes_with_the_vm() {
         .output()
         .unwrap();
     let info: Value = serde_json::from_slice(&info.stdout).unwrap();
-    assert_eq!(info["backing-filename"], "../../images/base.qcow2", "{info}");
+    assert_eq!(
+        info["backing-filename"], "../../images/base.qcow2",
+        "{info}"
+    );
     assert_eq!(info["backing-filename-format"], "qcow2");
     assert_eq!(info["virtual-size"], 32u64 << 20);
 
-    a.guest("d1", json!({"cmd": "start", "workload": "diskverify --mib 4 --blocks-per-sec 200"}))
-        .await;
+    a.guest(
+        "d1",
+        json!({"cmd": "start", "workload": "diskverify --mib 4 --blocks-per-sec 200"}),
+    )
+    .await;
     // The second disk is there too.
     let e = a
-        .guest("d1", json!({"cmd": "disk-check", "device": "/dev/vdb", "mib": 8}))
+        .guest(
+            "d1",
+            json!({"cmd": "disk-check", "device": "/dev/vdb", "mib": 8}),
+        )
         .await;
     assert_eq!(e["ok"], true, "{e}");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -234,7 +268,10 @@ async fn disk_data_survives_stop_and_start_and_goes_with_the_vm() {
     let v = a.c.act("d1", Action::Start).await.unwrap();
     assert_eq!(v.info.state, VmState::Running);
     let back = a
-        .guest("d1", json!({"cmd": "disk-check", "device": "/dev/vda", "mib": 4}))
+        .guest(
+            "d1",
+            json!({"cmd": "disk-check", "device": "/dev/vda", "mib": 4}),
+        )
         .await;
     assert_eq!(back["ok"], true, "{back}");
     assert_eq!(back["counter"].as_u64(), Some(written), "{back}");
