@@ -8,38 +8,27 @@
 //! Needs root, iproute2, QEMU, qemu-img and the `tern` binary of this build tree;
 //! without them it says why and passes, except under `CI`, where it must run.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{json, Value};
 use tern_agent::client::AgentClient;
 use tern_agent::vms::CreateVm;
-use tern_lab::{self as lab, LabOptions, LabState};
+use tern_lab::{self as lab, LabState};
 
 const VM: &str = "disk1";
 
-fn tern_binary() -> PathBuf {
-    // Integration tests live in target/<profile>/deps; the binary one level up.
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(|d| d.parent()).unwrap().join("tern")
-}
-
 fn can_run() -> bool {
-    let tern = format!(
-        "the tern binary at {} (cargo build -p tern)",
-        tern_binary().display()
-    );
+    let (tern, built) = common::tern_binary_need();
     let qemu_img = std::process::Command::new("qemu-img")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
     tern_testkit::require_lab(
         "disk migration lab test",
-        &[
-            (&tern, tern_binary().exists()),
-            ("qemu-img (qemu-utils)", qemu_img),
-        ],
+        &[(&tern, built), ("qemu-img (qemu-utils)", qemu_img)],
     )
 }
 
@@ -131,22 +120,7 @@ async fn disk_stays_on_the_shared_store_while_the_vm_moves() {
     .await
     .expect("guest image builds");
     let dir = tempfile::tempdir().unwrap();
-    let opts = LabOptions {
-        hosts: 2,
-        link_mbit: Some(1000),
-        dir: dir.path().join("lab"),
-        tern_binary: tern_binary(),
-        host_memory_mib: Some(1024),
-        host_cpus: None,
-        image_dir: tern_testkit::test_cache_dir(),
-        manager_port: None,
-    };
-    let state = lab::up(&opts, &|s| eprintln!("{s}")).await.expect("lab up");
-    let hosts = state
-        .hosts
-        .iter()
-        .map(|h| state.client(&h.url, Duration::from_secs(60)).unwrap())
-        .collect();
+    let (state, hosts) = common::two_hosts(&dir, 1024).await;
     let lab_dir = state.dir.clone();
     let lab = Lab { state, hosts };
     let outcome = tokio::spawn(async move { scenario(&lab, &img).await }).await;
