@@ -106,6 +106,9 @@ impl AgentError {
                 | HvError::BadName(_)
                 | HvError::MissingPath { .. }
                 | HvError::NoBridge(_) => StatusCode::BAD_REQUEST,
+                HvError::Disk(d) if d.is_bad_input() => StatusCode::BAD_REQUEST,
+                HvError::Disk(d) if d.is_conflict() => StatusCode::CONFLICT,
+                HvError::Disk(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 HvError::UnknownVm(_) => StatusCode::NOT_FOUND,
                 HvError::AlreadyExists(_) | HvError::Conflict { .. } => StatusCode::CONFLICT,
                 HvError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -144,6 +147,8 @@ impl AgentError {
                 | HvError::BadName(_)
                 | HvError::MissingPath { .. }
                 | HvError::NoBridge(_) => "bad_spec",
+                HvError::Disk(d) if d.is_bad_input() => "bad_spec",
+                HvError::Disk(d) if d.is_conflict() => "conflict",
                 HvError::UnknownVm(_) => "not_found",
                 HvError::AlreadyExists(_) | HvError::Conflict { .. } => "conflict",
                 HvError::Timeout { .. } => "timeout",
@@ -200,5 +205,22 @@ mod tests {
             source: io,
         };
         assert_eq!(s(channel), 502);
+        use tern_hv::disk::DiskError;
+        let full = DiskError::NoSpace {
+            store: "/s".into(),
+            need_mib: 2,
+            free_mib: 1,
+        };
+        assert_eq!(s(HvError::from(full).into()), 400);
+        let exists = DiskError::Exists {
+            vm: "v".into(),
+            path: "/s/vms/v/d.qcow2".into(),
+        };
+        assert_eq!(s(HvError::from(exists).into()), 409);
+        let failed = DiskError::QemuImg {
+            command: "qemu-img create".into(),
+            detail: "x".into(),
+        };
+        assert_eq!(s(HvError::from(failed).into()), 500);
     }
 }

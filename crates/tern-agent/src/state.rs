@@ -103,6 +103,9 @@ pub struct AppState {
     pub stream_tls: Option<Arc<rustls::ServerConfig>>,
     /// The vCPU scheduling policies of this host's VMs.
     pub vcpu: Arc<crate::vcpu::Policies>,
+    /// Where VM disks are made (see `docs/storage.md`); `None`: VMs with disks are
+    /// refused.
+    pub store: Option<tern_hv::disk::Store>,
 }
 
 impl AppState {
@@ -120,7 +123,14 @@ impl AppState {
             tls: None,
             stream_tls: None,
             vcpu: Arc::default(),
+            store: None,
         }
+    }
+
+    /// Makes VM disks in `store` (the driver must open them from the same store).
+    pub fn with_store(mut self, store: tern_hv::disk::Store) -> AppState {
+        self.store = Some(store);
+        self
     }
 
     /// Receives migration streams on `ip`, the address the agent serves on.

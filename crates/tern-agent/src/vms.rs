@@ -5,7 +5,16 @@ use crate::error::AgentError;
 use crate::host::admit;
 use crate::state::AppState;
 pub use tern_api::agent::{CreateVm, VmView};
+use tern_hv::disk::DiskError;
 use tern_hv::{Action, HvError, VmInfo, VmSpec};
+
+/// What ending a VM does with its disk files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disks {
+    Delete,
+    /// The files belong to the VM's other copy (a migration's other end).
+    Keep,
+}
 use tern_model::VmName;
 
 impl AppState {
@@ -26,8 +35,10 @@ impl AppState {
             .sum())
     }
 
-    /// Checks the spec and the room, defines the VM (as a migration destination when
-    /// `incoming`), records it, and runs it when `start`. Nothing is left behind on error.
+    /// Checks the spec and the room, makes its disks (a migration destination finds
+    /// the source's in the shared store instead), defines the VM (as a migration
+    /// destination when `incoming`), records it, and runs it when `start`. Nothing is
+    /// left behind on error, and a destination never deletes the disks it found.
     pub async fn create_vm(
         &self,
         id: &str,
@@ -44,7 +55,21 @@ impl AppState {
             self.used_memory_mib().await?,
             spec.memory_mib,
         )?;
-        let mut info = self.hv.create(id, spec.clone(), incoming).await?;
+        let made_disks = self.prepare_disks(id, &spec, incoming).await?;
+        let keep = if made_disks {
+            Disks::Delete
+        } else {
+            Disks::Keep
+        };
+        let mut info = match self.hv.create(id, spec.clone(), incoming).await {
+            Ok(info) => info,
+            Err(e) => {
+                if keep == Disks::Delete {
+                    self.remove_disks(id, &spec);
+                }
+                return Err(e.into());
+            }
+        };
         let recorded = self.write_record(id, &spec, incoming);
         let started = match (recorded, start && !incoming) {
             (Err(e), _) => Err(e),
@@ -54,11 +79,45 @@ impl AppState {
         match started {
             Ok(i) => info = i,
             Err(e) => {
-                let _ = self.destroy_vm(id).await;
+                let _ = self.destroy_vm_with(id, keep).await;
                 return Err(e);
             }
         }
         Ok(info)
+    }
+
+    /// Makes the disks of a new VM, or checks that a migration destination sees the
+    /// source's. True when files were made here.
+    async fn prepare_disks(
+        &self,
+        id: &str,
+        spec: &VmSpec,
+        incoming: bool,
+    ) -> Result<bool, AgentError> {
+        if spec.disks.is_empty() {
+            return Ok(false);
+        }
+        let store = self
+            .store
+            .as_ref()
+            .ok_or_else(|| HvError::from(DiskError::NoStore(id.to_string())))?;
+        if incoming {
+            store
+                .check_disks_exist(id, &spec.disks)
+                .map_err(HvError::from)?;
+            return Ok(false);
+        }
+        store
+            .create_disks(id, &spec.disks)
+            .await
+            .map_err(HvError::from)?;
+        Ok(true)
+    }
+
+    fn remove_disks(&self, id: &str, spec: &VmSpec) {
+        if let Some(store) = &self.store {
+            store.remove_disks(id, &spec.disks);
+        }
     }
 
     /// The spec with its kernel and initramfs replaced by their canonical paths, each
@@ -89,11 +148,29 @@ impl AppState {
         Ok(spec)
     }
 
-    /// Ends the VM and removes its record and its guest channel.
+    /// Ends the VM and removes its record, its guest channel and its disks.
     pub async fn destroy_vm(&self, id: &str) -> Result<(), AgentError> {
+        self.destroy_vm_with(id, Disks::Delete).await
+    }
+
+    /// Ends this host's copy of a VM whose disks the other end of a migration holds:
+    /// like [`AppState::destroy_vm`], but the disk files stay in the shared store.
+    pub async fn destroy_copy(&self, id: &str) -> Result<(), AgentError> {
+        self.destroy_vm_with(id, Disks::Keep).await
+    }
+
+    async fn destroy_vm_with(&self, id: &str, disks: Disks) -> Result<(), AgentError> {
         self.guests.forget(id);
         self.forget_vcpu_policy(id);
+        let spec = match self.hv.info(id).await {
+            Ok(info) => Some(info.spec),
+            Err(_) => self.read_record(id).ok().map(|(spec, _)| spec),
+        };
         let r = self.hv.destroy(id).await;
+        // After the driver let go of the files: QEMU holds them open until it ends.
+        if let (Disks::Delete, Some(spec)) = (disks, &spec) {
+            self.remove_disks(id, spec);
+        }
         self.remove_record(id);
         self.load
             .lock()

@@ -52,6 +52,105 @@ pub struct VmSpec {
     /// Network interfaces, each a tap on the host's bridge.
     #[serde(default)]
     pub nics: Vec<Nic>,
+    /// Virtual disks, each a qcow2 file the agent makes in its store (see
+    /// `docs/storage.md`); the guest sees them in order as `/dev/vda`, `/dev/vdb`, ...
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+}
+
+/// Most disks one VM may have.
+pub const MAX_DISKS: usize = 16;
+
+/// Largest disk accepted, in MiB (16 TiB): a typo like `size_mib: 10240000000` is refused
+/// with a message, not tried.
+pub const MAX_DISK_MIB: u64 = 1 << 24;
+
+/// Longest disk or image name.
+pub const MAX_DISK_NAME: usize = 64;
+
+/// One virtual disk: a qcow2 file in the host's store, either blank or a copy-on-write
+/// overlay on a read-only image of the store's `images/` directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Names the disk's file (`vms/VM/NAME.qcow2` in the store): letters, digits, `-`
+    /// and `_`, unique within the VM.
+    pub name: String,
+    /// Size the guest sees, in MiB. Required for a blank disk; with an image, absent
+    /// means the image's own size, and a size below it is refused.
+    #[serde(default)]
+    pub size_mib: Option<u64>,
+    /// A file name in the store's `images/` directory (qcow2 or raw) the disk starts as;
+    /// the image is only read, every write lands in the disk's own file.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// The controller the guest sees the disk on.
+    #[serde(default)]
+    pub bus: DiskBus,
+}
+
+/// How a disk is attached to the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum DiskBus {
+    /// A `virtio-blk-pci` device per disk (`/dev/vdX` in a Linux guest).
+    #[default]
+    VirtioBlk,
+}
+
+/// Checks a disk or image name: it becomes a file name in the store, so it must not be
+/// able to name anything else (no `/`, no `..`, no hidden files).
+pub fn check_store_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_DISK_NAME {
+        return Err(format!(
+            "{what} {name:?} must be 1 to {MAX_DISK_NAME} characters"
+        ));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(format!("{what} {name:?} must not start with '.' or '-'"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "{what} {name:?} contains {c:?}: use letters, digits, '-', '_' and '.' (a plain file name)"
+        ));
+    }
+    if name.contains("..") {
+        return Err(format!("{what} {name:?} must not contain \"..\""));
+    }
+    Ok(())
+}
+
+impl DiskSpec {
+    /// Checks that do not touch the filesystem.
+    pub fn validate(&self) -> Result<(), String> {
+        check_store_name("disk name", &self.name)?;
+        if self.name.contains('.') {
+            return Err(format!(
+                "disk name {:?} contains '.': use letters, digits, '-' and '_'",
+                self.name
+            ));
+        }
+        if let Some(image) = &self.image {
+            check_store_name("image", image)?;
+        }
+        match self.size_mib {
+            None if self.image.is_none() => Err(format!(
+                "disk {:?} has neither size_mib nor image: give its size, e.g. \"size_mib\": 1024",
+                self.name
+            )),
+            Some(0) => Err(format!("disk {:?}: size_mib must be at least 1", self.name)),
+            Some(mib) if mib > MAX_DISK_MIB => Err(format!(
+                "disk {:?}: size_mib {mib} is above the limit of {MAX_DISK_MIB} MiB",
+                self.name
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 fn one() -> u32 {
@@ -102,6 +201,22 @@ impl VmSpec {
             if let Some(mac) = &nic.mac {
                 parse_mac(mac)
                     .map_err(|why| InvalidSpec(format!("nics[{i}].mac {mac:?}: {why}")))?;
+            }
+        }
+        if self.disks.len() > MAX_DISKS {
+            return Err(InvalidSpec(format!(
+                "{} disks given; a VM may have at most {MAX_DISKS}",
+                self.disks.len()
+            )));
+        }
+        for (i, disk) in self.disks.iter().enumerate() {
+            disk.validate()
+                .map_err(|why| InvalidSpec(format!("disks[{i}]: {why}")))?;
+            if self.disks[..i].iter().any(|d| d.name == disk.name) {
+                return Err(InvalidSpec(format!(
+                    "disks[{i}]: the name {:?} is used twice",
+                    disk.name
+                )));
             }
         }
         Ok(())

@@ -22,6 +22,13 @@ use serde::{Deserialize, Serialize};
 /// nothing under TCG, fast enough that the counter visibly moves within a second.
 pub const DEFAULT_VERIFIER_PAGES_PER_SEC: f64 = 200.0;
 
+/// `diskverify`'s block writes per second when the host does not say.
+pub const DEFAULT_DISKVERIFY_BLOCKS_PER_SEC: f64 = 50.0;
+
+/// The disk `diskverify` and `disk-check` use when the host does not say: the VM's
+/// first virtio disk.
+pub const DEFAULT_DISK_DEVICE: &str = "/dev/vda";
+
 /// Most threads a `barrier` workload may meet with (a guest has at most 64 vCPUs).
 pub const MAX_BARRIER_THREADS: u32 = 64;
 
@@ -67,10 +74,20 @@ pub enum Command {
         workload: WorkloadSpec,
     },
     /// Stops the workload of the given kind (`memdirty`, `cpu`, `barrier`, `wakeup`,
-    /// `echo-server`, `verifier`).
+    /// `echo-server`, `verifier`, `diskverify`).
     Stop { workload: String },
     /// The verifier's counter and its checksum against the expected content.
     Verify,
+    /// Reads back the `diskverify` pattern from the disk itself (bypassing the guest's
+    /// page cache) and counts the blocks that differ from what its counter implies.
+    /// `device` and `mib` default to those of the `diskverify` started in this boot;
+    /// after a reboot they must be given.
+    DiskCheck {
+        #[serde(default)]
+        device: Option<String>,
+        #[serde(default)]
+        mib: Option<u64>,
+    },
     /// Scans the kernel log for oopses, panics, BUGs and corruption reports.
     Health,
     /// Powers the guest off (QEMU exits when the guest does).
@@ -148,6 +165,38 @@ pub enum WorkloadSpec {
         #[serde(default = "default_verifier_rate")]
         pages_per_sec: f64,
     },
+    /// Writes counter-derived 4 KiB blocks into the first `mib` MiB of the block device
+    /// `device`, `blocks_per_sec` blocks/s, each write direct and synchronous (durable
+    /// when counted); `disk-check` reads them back.
+    Diskverify {
+        #[serde(default = "default_disk_device")]
+        device: String,
+        mib: u64,
+        #[serde(default = "default_diskverify_rate")]
+        blocks_per_sec: f64,
+    },
+}
+
+fn default_disk_device() -> String {
+    DEFAULT_DISK_DEVICE.to_string()
+}
+
+fn default_diskverify_rate() -> f64 {
+    DEFAULT_DISKVERIFY_BLOCKS_PER_SEC
+}
+
+/// Checks a block device path given to the guest: under `/dev/`, one word.
+pub fn check_device(device: &str) -> Result<(), SpecError> {
+    let ok = device.starts_with("/dev/")
+        && device.len() > 5
+        && !device.contains("..")
+        && !device.chars().any(char::is_whitespace);
+    if !ok {
+        return Err(SpecError(format!(
+            "diskverify: --device {device:?} must be a block device under /dev/, e.g. {DEFAULT_DISK_DEVICE}"
+        )));
+    }
+    Ok(())
 }
 
 fn one() -> u32 {
@@ -176,6 +225,7 @@ impl WorkloadSpec {
             WorkloadSpec::Verifier { .. } => "verifier",
             WorkloadSpec::Barrier { .. } => "barrier",
             WorkloadSpec::Wakeup { .. } => "wakeup",
+            WorkloadSpec::Diskverify { .. } => "diskverify",
         }
     }
 
@@ -183,6 +233,21 @@ impl WorkloadSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         let bad = |m: String| Err(SpecError(m));
         match *self {
+            WorkloadSpec::Diskverify {
+                ref device,
+                mib,
+                blocks_per_sec,
+            } => {
+                check_device(device)?;
+                if mib == 0 {
+                    return bad("diskverify: --mib must be at least 1".into());
+                }
+                if !(blocks_per_sec.is_finite() && blocks_per_sec > 0.0) {
+                    return bad(format!(
+                        "diskverify: --blocks-per-sec must be > 0, got {blocks_per_sec}"
+                    ));
+                }
+            }
             WorkloadSpec::Memdirty { mib, mbps } => {
                 if mib == 0 {
                     return bad("memdirty: --mib must be at least 1".into());
@@ -303,9 +368,19 @@ impl WorkloadSpec {
                         .unwrap_or(DEFAULT_VERIFIER_PAGES_PER_SEC),
                 }
             }
+            "diskverify" => {
+                let mut f = Flags::new(kind, flags, &["device", "mib", "blocks-per-sec"])?;
+                WorkloadSpec::Diskverify {
+                    device: f.optional("device")?.unwrap_or_else(default_disk_device),
+                    mib: f.required("mib")?,
+                    blocks_per_sec: f
+                        .optional("blocks-per-sec")?
+                        .unwrap_or(DEFAULT_DISKVERIFY_BLOCKS_PER_SEC),
+                }
+            }
             other => {
                 return Err(SpecError(format!(
-                "unknown workload {other:?}; known: memdirty, cpu, barrier, wakeup, echo-server, verifier"
+                "unknown workload {other:?}; known: memdirty, cpu, barrier, wakeup, echo-server, verifier, diskverify"
             )))
             }
         };
@@ -326,6 +401,13 @@ impl WorkloadSpec {
             WorkloadSpec::Verifier { mib, pages_per_sec } => {
                 format!("verifier --mib {mib} --pages-per-sec {pages_per_sec}")
             }
+            WorkloadSpec::Diskverify {
+                device,
+                mib,
+                blocks_per_sec,
+            } => format!(
+                "diskverify --device {device} --mib {mib} --blocks-per-sec {blocks_per_sec}"
+            ),
         }
     }
 }
@@ -441,6 +523,7 @@ pub enum Reply {
         workload: String,
     },
     Verify(VerifyReport),
+    DiskCheck(DiskReport),
     Health(HealthReport),
     PoweringOff,
     TraceStarted {
@@ -526,6 +609,25 @@ pub struct VerifyReport {
     pub bad_pages: u64,
 }
 
+/// What `disk-check` read back from a disk `diskverify` writes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskReport {
+    pub device: String,
+    pub mib: u64,
+    /// The newest write found on the disk (0: none).
+    pub counter: u64,
+    /// The writes `diskverify` counted as durable in this boot, when it ran; the disk
+    /// must hold at least these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written: Option<u64>,
+    /// Blocks checked, and those whose content is not what `counter` implies (garbled,
+    /// or older than they should be: a lost write).
+    pub blocks: u64,
+    pub bad_blocks: u64,
+    /// No bad block and no durable write missing.
+    pub ok: bool,
+}
+
 /// What the kernel log says about the guest's health.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HealthReport {
@@ -589,6 +691,29 @@ mod tests {
         assert!(err("wakeup --tokens 2").contains("unknown flag --tokens"));
         let line = r#"{"id":1,"cmd":"start","workload":{"kind":"memdirty","mib":0,"mbps":1}}"#;
         assert!(serde_json::from_str::<Request>(line).is_err());
+        assert!(err("diskverify --mib 4 --device /etc/passwd").contains("/dev/"));
+        assert!(err("diskverify --mib 4 --device /dev/../etc/x").contains("/dev/"));
+        assert!(err("diskverify --mib 0").contains("--mib"));
+        assert!(err("diskverify --mib 4 --blocks-per-sec 0").contains("> 0"));
+    }
+
+    #[test]
+    fn diskverify_defaults_to_the_first_virtio_disk() {
+        assert_eq!(
+            WorkloadSpec::parse_args("diskverify --mib 4").unwrap(),
+            WorkloadSpec::Diskverify {
+                device: "/dev/vda".into(),
+                mib: 4,
+                blocks_per_sec: DEFAULT_DISKVERIFY_BLOCKS_PER_SEC,
+            }
+        );
+        assert_eq!(
+            parse(r#"{"cmd":"disk-check","mib":4}"#).command,
+            Command::DiskCheck {
+                device: None,
+                mib: Some(4)
+            }
+        );
     }
 
     #[test]
@@ -647,6 +772,13 @@ mod tests {
             (1u64..64, 1u32..10_000).prop_map(|(mib, r)| WorkloadSpec::Verifier {
                 mib,
                 pages_per_sec: f64::from(r)
+            }),
+            ("[a-z]{1,4}", 1u64..64, 1u32..10_000).prop_map(|(dev, mib, r)| {
+                WorkloadSpec::Diskverify {
+                    device: format!("/dev/{dev}"),
+                    mib,
+                    blocks_per_sec: f64::from(r),
+                }
             }),
         ]
     }

@@ -111,6 +111,7 @@ impl VmSpec {
             initramfs: None,
             cmdline: String::new(),
             nics: Vec::new(),
+            disks: Vec::new(),
         }
     }
 }

@@ -83,6 +83,9 @@ impl Agent {
                 workload: self.workloads.stop(&workload)?.to_string(),
             },
             Command::Verify => Reply::Verify(self.workloads.verify()?),
+            Command::DiskCheck { device, mib } => {
+                Reply::DiskCheck(self.workloads.disk_check(device, mib)?)
+            }
             Command::Health => {
                 let log = health::read_kernel_log().map_err(GuestError::Io)?;
                 let findings = health::scan(&log);

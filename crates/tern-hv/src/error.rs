@@ -67,6 +67,9 @@ pub enum HvError {
     /// A host command (ip, tc) failed.
     #[error("host command `{command}` failed: {stderr}")]
     Command { command: String, stderr: String },
+    /// A disk could not be made, found or checked.
+    #[error(transparent)]
+    Disk(#[from] crate::disk::DiskError),
     /// Filesystem or socket error.
     #[error("{context}: {source}")]
     Io {
@@ -91,7 +94,7 @@ impl HvError {
                 | HvError::BadName(_)
                 | HvError::MissingPath { .. }
                 | HvError::NoBridge(_)
-        )
+        ) || matches!(self, HvError::Disk(d) if d.is_bad_input())
     }
 }
 

@@ -5,6 +5,8 @@
 //!   the VM lifecycle, per-VM metrics and the QMP steps the migration engine needs.
 //! - [`spec`]: what a VM is made of ([`VmSpec`]) and its validation (pure).
 //! - [`state`]: the VM state machine shared by both drivers (pure).
+//! - [`disk`]: VM disks in the host's store: qcow2 files made with `qemu-img`, blank or
+//!   as overlays on read-only images, and the checks before any is made.
 //! - [`accel`]: KVM or TCG, decided from a probed fact (pure decision, tiny probe).
 //! - [`procfs`]: parsers for `/proc` files (vCPU thread CPU time, memory).
 //! - [`qmp`]: a small async QMP client with timeouts.
@@ -12,6 +14,7 @@
 //! - [`sim`]: the in-process driver for the simulator demo and tests.
 
 pub mod accel;
+pub mod disk;
 pub mod driver;
 pub mod error;
 pub mod image;

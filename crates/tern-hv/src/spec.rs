@@ -52,6 +52,7 @@ mod tests {
             initramfs: None,
             cmdline: String::new(),
             nics: vec![],
+            disks: vec![],
         }
     }
 

@@ -114,6 +114,12 @@ impl LabState {
         }
     }
 
+    /// The disk store every host of the lab is given: one folder all namespaces see,
+    /// standing in for an NFS or CephFS mount, so VMs with disks migrate between hosts.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.join("store")
+    }
+
     pub fn token(&self) -> Result<String, LabError> {
         Ok(tern_agent::state::read_token(&self.token_file)?)
     }
@@ -417,6 +423,8 @@ async fn build(
             .arg(&h.mem_dir)
             .arg("--image-dir")
             .arg(&opts.image_dir)
+            .arg("--store")
+            .arg(state.store_dir())
             .args(["--bridge", HOST_BRIDGE, "--name", &h.name])
             .args([
                 "--cpus",

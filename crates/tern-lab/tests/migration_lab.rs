@@ -12,29 +12,21 @@
 //! Needs root, iproute2, QEMU and the `tern` binary of this build tree; without them it
 //! says why and passes, except under `CI`, where it must run.
 
-use std::path::PathBuf;
+mod common;
+
 use std::time::{Duration, Instant};
 
 use reqwest::Method;
 use serde_json::{json, Value};
 use tern_agent::client::AgentClient;
 use tern_agent::vms::CreateVm;
-use tern_lab::{self as lab, LabOptions, LabState};
+use tern_lab::{self as lab, LabState};
 
 const VM: &str = "mig1";
 
-fn tern_binary() -> PathBuf {
-    // Integration tests live in target/<profile>/deps; the binary one level up.
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(|d| d.parent()).unwrap().join("tern")
-}
-
 fn can_run() -> bool {
-    let tern = format!(
-        "the tern binary at {} (cargo build -p tern)",
-        tern_binary().display()
-    );
-    tern_testkit::require_lab("migration lab test", &[(&tern, tern_binary().exists())])
+    let (tern, built) = common::tern_binary_need();
+    tern_testkit::require_lab("migration lab test", &[(&tern, built)])
 }
 
 struct Lab {
@@ -181,22 +173,7 @@ async fn boot(lab: &Lab, img: &tern_hv::image::GuestImage, memory_mib: u64, work
 }
 
 async fn bring_up(dir: &tempfile::TempDir) -> Lab {
-    let opts = LabOptions {
-        hosts: 2,
-        link_mbit: Some(1000),
-        dir: dir.path().join("lab"),
-        tern_binary: tern_binary(),
-        host_memory_mib: Some(2048),
-        host_cpus: None,
-        image_dir: tern_testkit::test_cache_dir(),
-        manager_port: None,
-    };
-    let state = lab::up(&opts, &|s| eprintln!("{s}")).await.expect("lab up");
-    let hosts = state
-        .hosts
-        .iter()
-        .map(|h| state.client(&h.url, Duration::from_secs(60)).unwrap())
-        .collect();
+    let (state, hosts) = common::two_hosts(dir, 2048).await;
     Lab { state, hosts }
 }
 

@@ -52,7 +52,7 @@ pub async fn prepare(
     match listen(state, reg, &req, info, source).await {
         Ok(t) => Ok(t),
         Err(e) => {
-            let _ = state.destroy_vm(req.vm.as_str()).await;
+            let _ = state.destroy_copy(req.vm.as_str()).await;
             Err(e)
         }
     }
@@ -92,9 +92,16 @@ async fn listen(
     let id = reg.new_id("in");
     let device_socket =
         relay::socket_path(&state.host.state_dir, &id).map_err(AgentError::Streams)?;
+    // `late-block-activate`: the destination takes the disks of the shared store
+    // (their write lock, fresh metadata) only when it is resumed, not when QEMU's
+    // stream ends, so a move that fails after that still leaves them to the source.
+    let caps = [
+        ("x-ignore-shared", !req.native),
+        ("late-block-activate", true),
+    ];
     state
         .hv
-        .set_migration_capabilities(req.vm.as_str(), &[("x-ignore-shared", !req.native)])
+        .set_migration_capabilities(req.vm.as_str(), &caps)
         .await?;
     state
         .hv
@@ -244,7 +251,7 @@ async fn supervise(state: AppState, inbound: Arc<Inbound>, mut streams: Streams)
     inbound.cancel.store(true, Ordering::SeqCst);
     tracing::warn!(vm = %inbound.vm, reason = %failure, "incoming migration failed; destroying the destination VM");
     inbound.set(IncomingPhase::Failed, Some(failure));
-    if let Err(e) = state.destroy_vm(&inbound.vm).await {
+    if let Err(e) = state.destroy_copy(&inbound.vm).await {
         tracing::warn!(vm = %inbound.vm, error = %e, "could not destroy the destination VM");
     }
 }
@@ -333,7 +340,7 @@ pub async fn abort(state: &AppState, reg: &Registry, id: &str) -> Result<Incomin
     inbound.cancel.store(true, Ordering::SeqCst);
     if inbound.phase.lock().expect("incoming phase lock").0 != IncomingPhase::Failed {
         inbound.set(IncomingPhase::Failed, Some("aborted by the source".into()));
-        match state.destroy_vm(&inbound.vm).await {
+        match state.destroy_copy(&inbound.vm).await {
             Ok(()) | Err(AgentError::Hv(HvError::UnknownVm(_))) => {}
             Err(e) => return Err(e),
         }

@@ -594,7 +594,7 @@ impl<'a> SourceMigration<'a> {
         self.measured.downtime = paused_at.elapsed();
         // The destination runs: it loaded all QEMU sent, the relay has nothing left.
         self.device = Device::default();
-        if let Err(e) = self.state.destroy_vm(vm).await {
+        if let Err(e) = self.state.destroy_copy(vm).await {
             tracing::warn!(vm, error = %e, "migrated, but the source VM could not be destroyed");
         }
         Ok(())

@@ -3,6 +3,7 @@
 
 pub mod barrier;
 pub mod cpu;
+pub mod diskverify;
 pub mod echo;
 pub mod memdirty;
 pub mod verifier;
@@ -15,7 +16,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::GuestError;
-use tern_api::guest::{VerifyReport, WorkloadSpec, WorkloadStatus};
+use tern_api::guest::{DiskReport, VerifyReport, WorkloadSpec, WorkloadStatus};
 
 /// Progress of one workload, shared between its threads and the agent.
 #[derive(Debug, Default)]
@@ -84,6 +85,8 @@ struct Running {
     stopped_after: Option<Duration>,
     /// Only the verifier has state the host can query after the fact.
     verifier: Option<Arc<verifier::Shared>>,
+    /// ... and `diskverify`, whose disk the check reads with the writer held.
+    disk: Option<Arc<diskverify::Shared>>,
 }
 
 impl Running {
@@ -112,6 +115,7 @@ impl Workloads {
         }
         let ctl = Ctl::default();
         let mut verifier_state = None;
+        let mut disk_state = None;
         let threads = match spec {
             WorkloadSpec::Memdirty { mib, mbps } => vec![memdirty::spawn(mib, mbps, ctl.clone())?],
             WorkloadSpec::Cpu { percent, threads } => cpu::spawn(percent, threads, ctl.clone())?,
@@ -123,6 +127,15 @@ impl Workloads {
                 verifier_state = Some(shared.clone());
                 vec![verifier::spawn(shared, pages_per_sec, ctl.clone())?]
             }
+            WorkloadSpec::Diskverify {
+                ref device,
+                mib,
+                blocks_per_sec,
+            } => {
+                let shared = Arc::new(diskverify::Shared::new(device, mib)?);
+                disk_state = Some(shared.clone());
+                vec![diskverify::spawn(shared, blocks_per_sec, ctl.clone())?]
+            }
         };
         self.table.insert(
             name,
@@ -133,6 +146,7 @@ impl Workloads {
                 started: Instant::now(),
                 stopped_after: None,
                 verifier: verifier_state,
+                disk: disk_state,
             },
         );
         Ok(name)
@@ -170,6 +184,29 @@ impl Workloads {
                 )
             })?;
         Ok(v.report())
+    }
+
+    /// Reads back the disk `diskverify` writes: by default the one started in this boot
+    /// (its writer held meanwhile), else `device` (default `/dev/vda`) with `mib`.
+    pub fn disk_check(
+        &self,
+        device: Option<String>,
+        mib: Option<u64>,
+    ) -> Result<DiskReport, GuestError> {
+        let running = self.table.get("diskverify").and_then(|r| r.disk.as_ref());
+        if let Some(d) = running {
+            if device.as_ref().is_none_or(|want| *want == d.device()) && mib.is_none() {
+                return d.report();
+            }
+        }
+        let device = device.unwrap_or_else(|| tern_api::guest::DEFAULT_DISK_DEVICE.into());
+        tern_api::guest::check_device(&device)?;
+        let mib = mib.ok_or_else(|| {
+            GuestError::BadRequest(
+                "disk-check: no diskverify runs in this boot; give \"mib\" (and \"device\")".into(),
+            )
+        })?;
+        diskverify::check(&device, mib)
     }
 
     /// The status of every workload, in name order.
@@ -223,6 +260,7 @@ fn rate(spec: &WorkloadSpec, work: u64, seconds: f64) -> f64 {
         WorkloadSpec::Verifier { .. } => work as f64 / seconds,
         WorkloadSpec::Barrier { .. } => work as f64 / seconds,
         WorkloadSpec::Wakeup { .. } => work as f64 / seconds,
+        WorkloadSpec::Diskverify { .. } => work as f64 / seconds,
     }
 }
 

@@ -131,6 +131,7 @@ impl GuestImage {
             initramfs: Some(self.initramfs.clone()),
             cmdline: format!("{} tern.hostname={hostname}", self.cmdline),
             nics: Vec::new(),
+            disks: Vec::new(),
         }
     }
 }

@@ -3,6 +3,7 @@
 use crate::accel::Accel;
 use crate::spec::VmSpec;
 use std::path::{Path, PathBuf};
+use tern_api::agent::DiskBus;
 
 /// The name of the virtio-serial port the guest agent (`tern-guest`) listens on (see
 /// docs/guest-image.md); the guest finds it through `/sys/class/virtio-ports/*/name`.
@@ -57,6 +58,13 @@ pub struct NicArg {
     pub mac: String,
 }
 
+/// One disk as QEMU sees it: its file in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskArg {
+    pub path: PathBuf,
+    pub bus: DiskBus,
+}
+
 /// Everything the command line depends on.
 #[derive(Debug, Clone)]
 pub struct LaunchPlan<'a> {
@@ -64,6 +72,7 @@ pub struct LaunchPlan<'a> {
     pub spec: &'a VmSpec,
     pub paths: &'a VmPaths,
     pub nics: &'a [NicArg],
+    pub disks: &'a [DiskArg],
     pub accel: Accel,
     pub incoming: bool,
 }
@@ -132,6 +141,10 @@ pub fn qemu_args(p: &LaunchPlan) -> Vec<String> {
             &format!("virtio-net-pci,netdev=net{i},mac={}", nic.mac),
         ]);
     }
+    for (i, disk) in p.disks.iter().enumerate() {
+        let d = disk_args(i, disk);
+        push(&d.iter().map(String::as_str).collect::<Vec<_>>());
+    }
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", p.paths.qmp_socket.display()),
@@ -142,6 +155,33 @@ pub fn qemu_args(p: &LaunchPlan) -> Vec<String> {
         push(&["-incoming", "defer"]);
     }
     a
+}
+
+/// The block nodes and the device of disk `index`: a `file` node, a `qcow2` node on it
+/// (an overlay opens its image as a read-only backing node by itself) and the guest's
+/// device. Caching bypasses the host's page cache (`cache.direct=on`, flushes kept), so
+/// a destination that opens the same file on shared storage reads what the source
+/// wrote, not a stale page of its own host's cache; QEMU itself flushes and releases the
+/// image when the source stops and takes it on the destination only when it resumes.
+pub fn disk_args(index: usize, disk: &DiskArg) -> Vec<String> {
+    let cache = "cache.direct=on,cache.no-flush=off";
+    let path = qemu_opt_escape(&disk.path.display().to_string());
+    let device = match disk.bus {
+        DiskBus::VirtioBlk => "virtio-blk-pci",
+    };
+    vec![
+        "-blockdev".into(),
+        format!("driver=file,node-name=file{index},filename={path},{cache}"),
+        "-blockdev".into(),
+        format!("driver=qcow2,node-name=disk{index},file=file{index},{cache}"),
+        "-device".into(),
+        format!("{device},drive=disk{index},id=vd{index}"),
+    ]
+}
+
+/// A value inside QEMU's `key=value,...` options: a comma is written twice.
+fn qemu_opt_escape(s: &str) -> String {
+    s.replace(',', ",,")
 }
 
 /// The tap device name for NIC `index` of VM `id`: at most 15 bytes (IFNAMSIZ), stable.
@@ -162,6 +202,7 @@ mod tests {
             initramfs: Some("/i".into()),
             cmdline: "console=ttyS0 quiet".into(),
             nics: vec![],
+            disks: vec![],
         }
     }
 
@@ -173,6 +214,7 @@ mod tests {
             spec: &s,
             paths: &paths,
             nics,
+            disks: &[],
             accel: Accel::Tcg,
             incoming,
         })
@@ -207,6 +249,45 @@ mod tests {
         let a = joined(false, &nics);
         assert!(a.contains(&format!("tap,id=net0,ifname={},script=no", nics[0].tap)));
         assert!(a.contains("virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01"));
+    }
+
+    #[test]
+    fn disks_are_qcow2_nodes_on_files_with_direct_io() {
+        let s = spec();
+        let paths = VmPaths::new(Path::new("/run/t"), Path::new("/dev/shm/t"), "vm1");
+        let disks = [
+            DiskArg {
+                path: "/store/vms/vm1/root.qcow2".into(),
+                bus: DiskBus::VirtioBlk,
+            },
+            DiskArg {
+                path: "/odd,dir/data.qcow2".into(),
+                bus: DiskBus::VirtioBlk,
+            },
+        ];
+        let a = qemu_args(&LaunchPlan {
+            id: "vm1",
+            spec: &s,
+            paths: &paths,
+            nics: &[],
+            disks: &disks,
+            accel: Accel::Tcg,
+            incoming: true,
+        });
+        let j = a.join(" ");
+        assert!(j.contains(
+            "-blockdev driver=file,node-name=file0,filename=/store/vms/vm1/root.qcow2,cache.direct=on,cache.no-flush=off"
+        ));
+        assert!(j.contains(
+            "-blockdev driver=qcow2,node-name=disk0,file=file0,cache.direct=on,cache.no-flush=off"
+        ));
+        assert!(j.contains("-device virtio-blk-pci,drive=disk0,id=vd0"));
+        assert!(j.contains("filename=/odd,,dir/data.qcow2"), "{j}");
+        assert!(j.contains("-device virtio-blk-pci,drive=disk1,id=vd1"));
+        // The destination opens the same files, inactive until the migration ends.
+        assert!(j.ends_with("-incoming defer"));
+        // Each option is one argument: a path with spaces stays whole.
+        assert_eq!(a.iter().filter(|x| *x == "-blockdev").count(), 4);
     }
 
     #[test]

@@ -3,19 +3,21 @@
 //! Guest RAM lives in a shared memory-backend file under the host's tmpfs directory
 //! (`mem_dir/ID.ram`); sockets, logs and the pid file under `run_dir/ID/`. A VM's process
 //! starts with `-S` (guest stopped) and `cont` runs it; `stop` quits QEMU and keeps the
-//! definition; `destroy` also removes its files and taps.
+//! definition; `destroy` also removes its files and taps. Disks are files in the store
+//! the caller made; the driver only opens them.
 
 pub mod args;
 pub mod net;
 
 use crate::accel::Accel;
+use crate::disk::DiskError;
 use crate::driver::{Hypervisor, MigrationState, MigrationStatus, VcpuSample, VmInfo, VmMetrics};
 use crate::error::{HvError, Result};
 use crate::procfs;
 use crate::qmp::Qmp;
 use crate::spec::{derived_mac, VmSpec};
 use crate::state::{transition, Action, VmState};
-use args::{qemu_args, tap_name, LaunchPlan, NicArg, VmPaths};
+use args::{qemu_args, tap_name, DiskArg, LaunchPlan, NicArg, VmPaths};
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -35,6 +37,10 @@ pub struct QemuConfig {
     pub mem_dir: PathBuf,
     /// The bridge guest NICs attach to; `None`: VMs with NICs are refused.
     pub bridge: Option<String>,
+    /// Where VM disks live (`crate::disk`); `None`: VMs with disks are refused. The
+    /// driver opens the files; making and deleting them is its caller's decision (a
+    /// migration's two ends share one file).
+    pub store: Option<crate::disk::Store>,
     pub binary: PathBuf,
     pub accel: Accel,
     /// Time QEMU gets to answer one QMP command.
@@ -50,6 +56,7 @@ impl QemuConfig {
             run_dir,
             mem_dir,
             bridge,
+            store: None,
             binary: "qemu-system-x86_64".into(),
             accel: crate::accel::detect(),
             qmp_timeout: crate::qmp::DEFAULT_TIMEOUT,
@@ -241,11 +248,19 @@ impl QemuDriver {
                 mac: mac.clone(),
             });
         }
+        let disks = match self.disk_args(vm) {
+            Ok(d) => d,
+            Err(e) => {
+                remove_taps(&vm.taps()).await;
+                return Err(e);
+            }
+        };
         let argv = qemu_args(&LaunchPlan {
             id: &vm.id,
             spec: &vm.spec,
             paths: &vm.paths,
             nics: &nics,
+            disks: &disks,
             accel: self.cfg.accel,
             incoming,
         });
@@ -292,6 +307,27 @@ impl QemuDriver {
                 Err(e)
             }
         }
+    }
+
+    /// The files of `vm`'s disks in the store.
+    fn disk_args(&self, vm: &Vm) -> Result<Vec<DiskArg>> {
+        if vm.spec.disks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let store = self
+            .cfg
+            .store
+            .as_ref()
+            .ok_or_else(|| DiskError::NoStore(vm.id.clone()))?;
+        Ok(vm
+            .spec
+            .disks
+            .iter()
+            .map(|d| DiskArg {
+                path: store.disk_path(&vm.id, &d.name),
+                bus: d.bus,
+            })
+            .collect())
     }
 
     async fn connect_qmp(&self, child: &mut Child, paths: &VmPaths) -> Result<Qmp> {
@@ -439,6 +475,9 @@ impl Hypervisor for QemuDriver {
         crate::spec::check_paths(&spec)?;
         if !spec.nics.is_empty() && self.cfg.bridge.is_none() {
             return Err(HvError::NoBridge(id.to_string()));
+        }
+        if !spec.disks.is_empty() && self.cfg.store.is_none() {
+            return Err(DiskError::NoStore(id.to_string()).into());
         }
         let macs = spec
             .nics

@@ -23,6 +23,7 @@ use tern_agent::{AppState, HostConfig};
 use tern_api::client::ManagerClient;
 use tern_api::client::{Client, ClientOptions};
 use tern_api::manager::{JoinReply, JoinRequest};
+use tern_hv::disk::Store;
 use tern_hv::qemu::{QemuConfig, QemuDriver};
 use tern_hv::sim::SimDriver;
 use tern_pki::ca::JoinToken;
@@ -95,6 +96,11 @@ pub struct Daemon {
     /// [default: the image cache, $TERN_CACHE or ~/.cache/tern].
     #[arg(long, value_name = "DIR")]
     pub image_dir: Option<PathBuf>,
+    /// The disk store: VM disks are made under DIR/vms, from images in DIR/images. Hosts
+    /// that move VMs between them must share it (one NFS or CephFS mount, see
+    /// docs/storage.md) [default: STATE_DIR/store].
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
     /// Bridge that guests' tap devices join (needed for VMs with NICs).
     #[arg(long)]
     pub bridge: Option<String>,
@@ -223,12 +229,18 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
     };
     let state = match args.hypervisor {
         Driver::Qemu => {
-            let qemu = Arc::new(QemuDriver::new(QemuConfig::new(
-                host.state_dir.join("run"),
-                mem_dir,
-                args.bridge.clone(),
-            )));
-            let state = AppState::new(qemu.clone(), host).with_stream_ip(addr.ip());
+            let store_dir = args
+                .store
+                .clone()
+                .unwrap_or_else(|| host.state_dir.join("store"));
+            let store = Store::open(&store_dir)
+                .map_err(|e| bad_input(format!("--store {}: {e}", store_dir.display())))?;
+            let mut cfg = QemuConfig::new(host.state_dir.join("run"), mem_dir, args.bridge.clone());
+            cfg.store = Some(store.clone());
+            let qemu = Arc::new(QemuDriver::new(cfg));
+            let state = AppState::new(qemu.clone(), host)
+                .with_stream_ip(addr.ip())
+                .with_store(store);
             rt.block_on(adopt_or_reclaim(&state, &qemu));
             state
         }

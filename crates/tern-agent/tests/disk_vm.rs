@@ -1,0 +1,284 @@
+//! VM disks through the agent on real QEMU: bad disk specs are refused and leave nothing
+//! in the store; a guest with an overlay disk and a blank one writes the `diskverify`
+//! pattern, keeps it across stop and start, and deleting the VM deletes its disk files
+//! but not the image they started from.
+
+use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tern_agent::client::AgentClient;
+use tern_agent::host::Capacity;
+use tern_agent::vms::CreateVm;
+use tern_agent::{AppState, HostConfig};
+use tern_hv::disk::Store;
+use tern_hv::qemu::{QemuConfig, QemuDriver};
+use tern_hv::{Action, VmState};
+
+struct Agent {
+    c: AgentClient,
+    img: tern_hv::image::GuestImage,
+    store: Store,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), tern_agent::AgentError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Agent {
+    async fn start() -> Agent {
+        let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
+            eprintln!("image: {s}")
+        })
+        .await
+        .expect("guest image builds");
+        // Not /tmp: the store needs O_DIRECT, which tmpfs may lack.
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let mut cfg = QemuConfig::new(dir.path().join("run"), dir.path().join("mem"), None);
+        cfg.store = Some(store.clone());
+        let state = AppState::new(
+            Arc::new(QemuDriver::new(cfg)),
+            HostConfig {
+                name: "h1".into(),
+                capacity: Capacity {
+                    cpus: 2,
+                    memory_mib: 1024,
+                },
+                token: "t".into(),
+                state_dir: dir.path().to_path_buf(),
+                image_dir: tern_testkit::test_cache_dir(),
+            },
+        )
+        .with_store(store.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(tern_agent::server::serve(listener, state, async {
+            let _ = rx.await;
+        }));
+        let c = AgentClient::new(&url, "t", Duration::from_secs(60)).unwrap();
+        Agent {
+            c,
+            img,
+            store,
+            stop,
+            server,
+            _dir: dir,
+        }
+    }
+
+    fn vm(&self, id: &str, disks: Value) -> CreateVm {
+        serde_json::from_value(json!({
+            "id": id,
+            "spec": {
+                "memory_mib": 256,
+                "kernel": self.img.kernel,
+                "initramfs": self.img.initramfs,
+                "cmdline": format!("{} tern.hostname={id}", self.img.cmdline),
+                "disks": disks,
+            }
+        }))
+        .unwrap()
+    }
+
+    /// One guest request, retried while the guest boots.
+    async fn guest(&self, vm: &str, req: Value) -> Value {
+        let t0 = Instant::now();
+        loop {
+            match self.c.guest(vm, &req).await {
+                Ok(a) => {
+                    assert_eq!(a["ok"], true, "{a}");
+                    return a["result"].clone();
+                }
+                Err(e) if t0.elapsed() < Duration::from_secs(90) => {
+                    eprintln!("waiting for the guest: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("guest never answered: {e}"),
+            }
+        }
+    }
+
+    fn files(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        walk(self.store.root(), self.store.root(), &mut out);
+        out.sort();
+        out
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() && !p.is_symlink() {
+            walk(root, &p, out);
+        } else {
+            out.push(p.strip_prefix(root).unwrap().display().to_string());
+        }
+    }
+}
+
+fn status(e: tern_api::client::ClientError) -> (u16, String) {
+    let text = e.to_string();
+    (e.status().expect("an HTTP error"), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_disk_specs_are_refused_and_nothing_is_made() {
+    if !tern_testkit::require_qemu() {
+        return;
+    }
+    let a = Agent::start().await;
+    let outside = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let secret = outside.path().join("secret.qcow2");
+    std::fs::write(&secret, b"not yours").unwrap();
+    std::os::unix::fs::symlink(&secret, a.store.images_dir().join("link.qcow2")).unwrap();
+    let before = a.files();
+    let free_mib = a.store.free_bytes().unwrap() >> 20;
+    let cases = [
+        (json!([{"name": "..", "size_mib": 8}]), 400, ".."),
+        (json!([{"name": "a/b", "size_mib": 8}]), 400, "'/'"),
+        (
+            json!([{"name": "d", "image": "../../etc/passwd"}]),
+            400,
+            "image",
+        ),
+        (
+            json!([{"name": "d", "image": "link.qcow2"}]),
+            400,
+            "outside",
+        ),
+        (
+            json!([{"name": "d", "image": "missing.qcow2"}]),
+            400,
+            "not in this host's image store",
+        ),
+        (json!([{"name": "d"}]), 400, "size_mib"),
+        (json!([{"name": "d", "size_mib": 1u64 << 30}]), 400, "limit"),
+        (
+            json!([{"name": "d", "size_mib": free_mib + 1024}]),
+            400,
+            "MiB are free",
+        ),
+        (
+            json!([{"name": "d", "size_mib": 8}, {"name": "d", "size_mib": 8}]),
+            400,
+            "twice",
+        ),
+    ];
+    for (disks, want, says) in cases {
+        let e =
+            a.c.create_vm(&a.vm("bad", disks.clone()))
+                .await
+                .unwrap_err();
+        let (code, text) = status(e);
+        assert_eq!(code, want, "{disks}: {text}");
+        assert!(text.contains(says), "{disks}: {text}");
+        assert_eq!(a.files(), before, "{disks} left files behind");
+        assert!(a.c.list_vms().await.unwrap().is_empty());
+    }
+    // The oversize refusal names both numbers.
+    let e =
+        a.c.create_vm(&a.vm("bad", json!([{"name": "d", "size_mib": free_mib + 1024}])))
+            .await
+            .unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!("need {} MiB", free_mib + 1024)),
+        "{text}"
+    );
+    // A file of the same VM in the store (another host's VM of that name) is not overwritten.
+    std::fs::create_dir_all(a.store.vm_dir("taken")).unwrap();
+    std::fs::write(a.store.disk_path("taken", "d"), b"theirs").unwrap();
+    let (code, text) = status(
+        a.c.create_vm(&a.vm("taken", json!([{"name": "d", "size_mib": 8}])))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(code, 409, "{text}");
+    assert_eq!(
+        std::fs::read(a.store.disk_path("taken", "d")).unwrap(),
+        b"theirs"
+    );
+    a.stop.send(()).unwrap();
+    a.server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_data_survives_stop_and_start_and_goes_with_the_vm() {
+    if !tern_testkit::require_qemu() {
+        return;
+    }
+    let a = Agent::start().await;
+    // An image with content of its own: the overlay must show it until overwritten.
+    let base = a.store.images_dir().join("base.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&base)
+        .arg("16M")
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let disks = json!([
+        {"name": "root", "image": "base.qcow2", "size_mib": 32},
+        {"name": "data", "size_mib": 8},
+    ]);
+    let v = a.c.create_vm(&a.vm("d1", disks)).await.unwrap();
+    assert_eq!(v.info.state, VmState::Running);
+    let root = a.store.disk_path("d1", "root");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json"])
+        .arg(&root)
+        .output()
+        .unwrap();
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(
+        info["backing-filename"], "../../images/base.qcow2",
+        "{info}"
+    );
+    assert_eq!(info["backing-filename-format"], "qcow2");
+    assert_eq!(info["virtual-size"], 32u64 << 20);
+
+    a.guest(
+        "d1",
+        json!({"cmd": "start", "workload": "diskverify --mib 4 --blocks-per-sec 200"}),
+    )
+    .await;
+    // The second disk is there too.
+    let e = a
+        .guest(
+            "d1",
+            json!({"cmd": "disk-check", "device": "/dev/vdb", "mib": 8}),
+        )
+        .await;
+    assert_eq!(e["ok"], true, "{e}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = a.guest("d1", json!({"cmd": "disk-check"})).await;
+    assert_eq!(r["ok"], true, "{r}");
+    assert!(r["counter"].as_u64().unwrap() > 0, "{r}");
+    a.guest("d1", json!({"cmd": "stop", "workload": "diskverify"}))
+        .await;
+    let done = a.guest("d1", json!({"cmd": "disk-check"})).await;
+    let written = done["written"].as_u64().unwrap();
+    assert!(done["ok"] == true && written > 0, "{done}");
+
+    let v = a.c.act("d1", Action::Stop).await.unwrap();
+    assert_eq!(v.info.state, VmState::Stopped);
+    assert!(root.exists(), "stop kept the disk");
+    let v = a.c.act("d1", Action::Start).await.unwrap();
+    assert_eq!(v.info.state, VmState::Running);
+    let back = a
+        .guest(
+            "d1",
+            json!({"cmd": "disk-check", "device": "/dev/vda", "mib": 4}),
+        )
+        .await;
+    assert_eq!(back["ok"], true, "{back}");
+    assert_eq!(back["counter"].as_u64(), Some(written), "{back}");
+
+    a.c.delete_vm("d1").await.unwrap();
+    assert!(!a.store.vm_dir("d1").exists(), "delete removes the disks");
+    assert!(base.exists(), "the image stays");
+    a.stop.send(()).unwrap();
+    a.server.await.unwrap().unwrap();
+}
