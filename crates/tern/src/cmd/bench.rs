@@ -32,6 +32,42 @@ pub enum Command {
     Trace(trace::Args),
 }
 
+/// Builds (or finds) the guest image, brings up a lab of `hosts` hosts in a scratch
+/// directory, runs `f` on it and takes the lab down whatever `f` answered. `f` gets the
+/// lab, the image and the scratch directory (removed afterwards).
+fn with_lab<T>(
+    hosts: u32,
+    link_mbit: Option<u32>,
+    host_memory_mib: u64,
+    f: impl AsyncFnOnce(
+        &tern_lab::LabState,
+        &tern_hv::image::GuestImage,
+        &std::path::Path,
+    ) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    use anyhow::Context as _;
+    let rt = tokio::runtime::Runtime::new()?;
+    let cache = tern_hv::image::default_cache_dir();
+    let img = tern_hv::image::ensure_image(&cache, &mut |s| eprintln!("image: {s}"))
+        .context("building the guest image")?;
+    let dir = tempfile::tempdir()?;
+    let opts = tern_lab::LabOptions {
+        hosts,
+        link_mbit,
+        dir: dir.path().join("lab"),
+        tern_binary: std::env::current_exe()?,
+        host_memory_mib: Some(host_memory_mib),
+        host_cpus: None,
+        image_dir: cache,
+        manager_port: None,
+    };
+    let progress = |s: &str| eprintln!("{s}");
+    let lab = rt.block_on(tern_lab::up(&opts, &progress))?;
+    let result = rt.block_on(f(&lab, &img, dir.path()));
+    rt.block_on(tern_lab::down(&opts.dir, &progress))?;
+    result
+}
+
 /// A manager's API served on a loopback port for one benchmark, stopped by [`Served::stop`].
 struct Served {
     /// `https://127.0.0.1:PORT`, or `http://` without TLS.

@@ -15,7 +15,7 @@ use tern_agent::client::AgentClient;
 use tern_agent::vms::CreateVm;
 use tern_api::guest::{Command as GuestCommand, WorkloadSpec};
 use tern_api::migration::{SendOptions, SendRequest};
-use tern_lab::{self as lab, LabOptions, LabState};
+use tern_lab::LabState;
 use tern_migrate::{mbit_per_s, simulate, DirtyModel, MigrationParams, PolicyKind, MIB};
 
 use crate::cmd::bad_input;
@@ -134,27 +134,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.repeat == 0 {
         return Err(bad_input("--repeat must be at least 1"));
     }
-    let rt = tokio::runtime::Runtime::new()?;
-    let img = tern_hv::image::ensure_image(&tern_hv::image::default_cache_dir(), &mut |s| {
-        eprintln!("image: {s}")
-    })
-    .context("building the guest image")?;
-    let dir = tempfile::tempdir()?;
-    let opts = LabOptions {
-        hosts: 2,
-        link_mbit: Some(args.link_mbit),
-        dir: dir.path().join("lab"),
-        tern_binary: std::env::current_exe()?,
-        host_memory_mib: Some(args.memory_mib * 3),
-        host_cpus: None,
-        image_dir: tern_hv::image::default_cache_dir(),
-        manager_port: None,
-    };
-    let progress = |s: &str| eprintln!("{s}");
-    let lab = rt.block_on(lab::up(&opts, &progress))?;
-    let result = rt.block_on(bench(&lab, &img, &args, &rates, &engines));
-    rt.block_on(lab::down(&opts.dir, &progress))?;
-    let runs = result?;
+    let runs = super::with_lab(
+        2,
+        Some(args.link_mbit),
+        args.memory_mib * 3,
+        async |lab, img, _| bench(lab, img, &args, &rates, &engines).await,
+    )?;
     let report = Report {
         link_mbit: args.link_mbit,
         memory_mib: args.memory_mib,

@@ -16,7 +16,7 @@ use tern_agent::client::AgentClient;
 use tern_agent::vms::CreateVm;
 use tern_api::guest::{Command as GuestCommand, WorkloadSpec, MAX_WAKEUP_THREADS};
 use tern_api::trace::TraceRequest;
-use tern_lab::{self as lab, LabOptions};
+use tern_lab as lab;
 
 use super::migration::median;
 use super::vcpu::{guest as ask, rate};
@@ -327,30 +327,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     check_perf()?;
     fifo_to_rr()?;
-    let rt = tokio::runtime::Runtime::new()?;
-    let img = tern_hv::image::ensure_image(&tern_hv::image::default_cache_dir(), &mut |s| {
-        eprintln!("image: {s}")
-    })
-    .context("building the guest image")?;
-    let dir = tempfile::tempdir()?;
-    let opts = LabOptions {
-        hosts: 1,
-        link_mbit: None,
-        dir: dir.path().join("lab"),
-        tern_binary: std::env::current_exe()?,
-        host_memory_mib: Some(args.memory_mib * 2),
-        host_cpus: None,
-        image_dir: tern_hv::image::default_cache_dir(),
-        manager_port: None,
-    };
-    let progress = |s: &str| eprintln!("{s}");
-    let lab = rt.block_on(lab::up(&opts, &progress))?;
-    let result = rt.block_on(async {
-        let host = client(&lab, &lab.hosts[0].url, &args)?;
-        bench(&host, &img, &args, dir.path()).await
-    });
-    rt.block_on(lab::down(&opts.dir, &progress))?;
-    let mut rounds = result?;
+    let mut rounds = super::with_lab(1, None, args.memory_mib * 2, async |lab, img, dir| {
+        let host = client(lab, &lab.hosts[0].url, &args)?;
+        bench(&host, img, &args, dir).await
+    })?;
     with_overheads(&mut rounds);
     let runs = summarize(&rounds);
     let report = Report {

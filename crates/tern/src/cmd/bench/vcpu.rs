@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::bail;
 use serde::Serialize;
 use serde_json::Value;
 use tern_agent::client::AgentClient;
@@ -15,7 +15,6 @@ use tern_agent::vms::CreateVm;
 use tern_api::guest::{Command as GuestCommand, WorkloadSpec};
 use tern_api::trace::TraceRequest;
 use tern_api::vcpu::VcpuPolicy;
-use tern_lab::{self as lab, LabOptions};
 use tern_trace::merge::{guest_timeline, summarize_guest};
 use tern_trace::VcpuMap;
 
@@ -141,33 +140,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.memory_mib < 64 {
         return Err(bad_input("--memory-mib must be at least 64"));
     }
-    let rt = tokio::runtime::Runtime::new()?;
-    let img = tern_hv::image::ensure_image(&tern_hv::image::default_cache_dir(), &mut |s| {
-        eprintln!("image: {s}")
-    })
-    .context("building the guest image")?;
-    let dir = tempfile::tempdir()?;
-    let opts = LabOptions {
-        hosts: 1,
-        link_mbit: None,
-        dir: dir.path().join("lab"),
-        tern_binary: std::env::current_exe()?,
-        host_memory_mib: Some(args.memory_mib * 3),
-        host_cpus: None,
-        image_dir: tern_hv::image::default_cache_dir(),
-        manager_port: None,
-    };
-    let progress = |s: &str| eprintln!("{s}");
-    let lab = rt.block_on(lab::up(&opts, &progress))?;
-    let result = rt.block_on(async {
+    let runs = super::with_lab(1, None, args.memory_mib * 3, async |lab, img, _| {
         let host = lab.client(
             &lab.hosts[0].url,
             Duration::from_secs(args.seconds as u64 + 60),
         )?;
-        bench(&host, &img, &args).await
-    });
-    rt.block_on(lab::down(&opts.dir, &progress))?;
-    let runs = result?;
+        bench(&host, img, &args).await
+    })?;
     let medians = medians(&runs);
     let report = Report {
         gang_over_none: gang_over_none(&medians),
