@@ -5,80 +5,38 @@
 
 use serde_json::{json, Value};
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tern_agent::client::AgentClient;
-use tern_agent::host::Capacity;
 use tern_agent::vms::CreateVm;
-use tern_agent::{AppState, HostConfig};
 use tern_hv::disk::Store;
-use tern_hv::qemu::{QemuConfig, QemuDriver};
 use tern_hv::{Action, VmState};
 
+mod qemu_agent;
+use qemu_agent::QemuAgent;
+
+/// An agent whose VMs' disks go to a store of its own.
 struct Agent {
-    c: AgentClient,
-    img: tern_hv::image::GuestImage,
+    a: QemuAgent,
     store: Store,
-    stop: tokio::sync::oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<Result<(), tern_agent::AgentError>>,
-    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Agent {
+    type Target = QemuAgent;
+    fn deref(&self) -> &QemuAgent {
+        &self.a
+    }
 }
 
 impl Agent {
     async fn start() -> Agent {
-        let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
-            eprintln!("image: {s}")
-        })
-        .await
-        .expect("guest image builds");
         // Not /tmp: the store needs O_DIRECT, which tmpfs may lack.
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let store = Store::open(&dir.path().join("store")).unwrap();
-        let mut cfg = QemuConfig::new(dir.path().join("run"), dir.path().join("mem"), None);
-        cfg.store = Some(store.clone());
-        let state = AppState::new(
-            Arc::new(QemuDriver::new(cfg)),
-            HostConfig {
-                name: "h1".into(),
-                capacity: Capacity {
-                    cpus: 2,
-                    memory_mib: 1024,
-                },
-                token: "t".into(),
-                state_dir: dir.path().to_path_buf(),
-                image_dir: tern_testkit::test_cache_dir(),
-            },
-        )
-        .with_store(store.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(tern_agent::server::serve(listener, state, async {
-            let _ = rx.await;
-        }));
-        let c = AgentClient::new(&url, "t", Duration::from_secs(60)).unwrap();
-        Agent {
-            c,
-            img,
-            store,
-            stop,
-            server,
-            _dir: dir,
-        }
+        let a = QemuAgent::start("h1", dir, Some(store.clone()), Duration::from_secs(60)).await;
+        Agent { a, store }
     }
 
     fn vm(&self, id: &str, disks: Value) -> CreateVm {
-        serde_json::from_value(json!({
-            "id": id,
-            "spec": {
-                "memory_mib": 256,
-                "kernel": self.img.kernel,
-                "initramfs": self.img.initramfs,
-                "cmdline": format!("{} tern.hostname={id}", self.img.cmdline),
-                "disks": disks,
-            }
-        }))
-        .unwrap()
+        self.a.vm(id, json!({ "disks": disks }))
     }
 
     /// One guest request, retried while the guest boots.
@@ -200,8 +158,7 @@ async fn bad_disk_specs_are_refused_and_nothing_is_made() {
         std::fs::read(a.store.disk_path("taken", "d")).unwrap(),
         b"theirs"
     );
-    a.stop.send(()).unwrap();
-    a.server.await.unwrap().unwrap();
+    a.a.shut().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -279,6 +236,5 @@ async fn disk_data_survives_stop_and_start_and_goes_with_the_vm() {
     a.c.delete_vm("d1").await.unwrap();
     assert!(!a.store.vm_dir("d1").exists(), "delete removes the disks");
     assert!(base.exists(), "the image stays");
-    a.stop.send(()).unwrap();
-    a.server.await.unwrap().unwrap();
+    a.a.shut().await;
 }

@@ -4,87 +4,24 @@
 //! route records the vCPU threads' scheduler events and refuses bad requests.
 
 use serde_json::json;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tern_agent::client::AgentClient;
-use tern_agent::host::Capacity;
-use tern_agent::vms::CreateVm;
-use tern_agent::{AppState, HostConfig};
 use tern_api::client::ClientError;
 use tern_api::trace::{TraceRequest, MAX_TRACE_MS};
-use tern_hv::qemu::{QemuConfig, QemuDriver};
 use tern_hv::{Action, VmState};
 
-/// An agent on a bound port with the QEMU driver, and the guest image to boot.
-struct Agent {
-    c: AgentClient,
-    img: tern_hv::image::GuestImage,
-    stop: tokio::sync::oneshot::Sender<()>,
-    server: tokio::task::JoinHandle<Result<(), tern_agent::AgentError>>,
-    _dir: tempfile::TempDir,
-}
+mod qemu_agent;
+use qemu_agent::QemuAgent as Agent;
 
-impl Agent {
-    async fn start() -> Agent {
-        let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
-            eprintln!("image: {s}")
-        })
-        .await
-        .expect("guest image builds");
-        let dir = tempfile::tempdir().unwrap();
-        let hv = QemuDriver::new(QemuConfig::new(
-            dir.path().join("run"),
-            dir.path().join("mem"),
-            None,
-        ));
-        let state = AppState::new(
-            Arc::new(hv),
-            HostConfig {
-                name: "h1".into(),
-                capacity: Capacity {
-                    cpus: 2,
-                    memory_mib: 1024,
-                },
-                token: "t".into(),
-                state_dir: dir.path().to_path_buf(),
-                image_dir: tern_testkit::test_cache_dir(),
-            },
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(tern_agent::server::serve(listener, state, async {
-            let _ = rx.await;
-        }));
-        let c = AgentClient::new(&url, "t", Duration::from_secs(30)).unwrap();
-        Agent {
-            c,
-            img,
-            stop,
-            server,
-            _dir: dir,
-        }
-    }
-
-    /// A VM `id` booting tern's guest image.
-    fn vm(&self, id: &str, vcpus: u32) -> CreateVm {
-        serde_json::from_value(json!({
-            "id": id,
-            "spec": {
-                "vcpus": vcpus,
-                "memory_mib": 256,
-                "kernel": self.img.kernel,
-                "initramfs": self.img.initramfs,
-                "cmdline": format!("{} tern.hostname={id}", self.img.cmdline),
-            }
-        }))
-        .unwrap()
-    }
-
-    async fn shut(self) {
-        self.stop.send(()).unwrap();
-        self.server.await.unwrap().unwrap();
-    }
+/// An agent with the QEMU driver on a loopback port.
+async fn agent() -> Agent {
+    Agent::start(
+        "h1",
+        tempfile::tempdir().unwrap(),
+        None,
+        Duration::from_secs(30),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -92,9 +29,9 @@ async fn guest_boots_and_answers_through_the_agent() {
     if !tern_testkit::require_qemu() {
         return;
     }
-    let a = Agent::start().await;
+    let a = agent().await;
     let c = &a.c;
-    let req = a.vm("g1", 1);
+    let req = a.vm("g1", json!({"vcpus": 1}));
     let v = c.create_vm(&req).await.unwrap();
     assert_eq!(v.info.state, VmState::Running);
 
@@ -161,9 +98,9 @@ async fn a_running_vms_vcpu_threads_are_traced_and_bad_requests_refused() {
         eprintln!("SKIP: tracing needs root and QEMU");
         return;
     }
-    let a = Agent::start().await;
+    let a = agent().await;
     let c = &a.c;
-    c.create_vm(&a.vm("g1", 2)).await.unwrap();
+    c.create_vm(&a.vm("g1", json!({"vcpus": 2}))).await.unwrap();
 
     // Refused before anything is recorded.
     let trace = |id: &'static str, duration_ms: u64| async move {
@@ -230,9 +167,9 @@ async fn a_guest_thread_moved_to_vcpu_1_shows_there_in_the_merged_trace_within_2
         eprintln!("SKIP: tracing needs root and QEMU");
         return;
     }
-    let a = Agent::start().await;
+    let a = agent().await;
     let c = &a.c;
-    c.create_vm(&a.vm("g2", 2)).await.unwrap();
+    c.create_vm(&a.vm("g2", json!({"vcpus": 2}))).await.unwrap();
     let t0 = Instant::now();
     while c.guest("g2", &json!({"cmd": "ping"})).await.is_err() {
         assert!(

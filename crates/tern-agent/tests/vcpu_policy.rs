@@ -3,15 +3,13 @@
 //! together for at least 90 % of their run time while another gang VM shares the host.
 
 use serde_json::json;
-use std::sync::Arc;
 use std::time::Duration;
 use tern_agent::client::AgentClient;
-use tern_agent::host::Capacity;
-use tern_agent::vms::CreateVm;
-use tern_agent::{AppState, HostConfig};
 use tern_api::trace::{EventKind, TraceRequest, VmTrace};
 use tern_api::vcpu::VcpuPolicy;
-use tern_hv::qemu::{QemuConfig, QemuDriver};
+
+mod qemu_agent;
+use qemu_agent::QemuAgent;
 use tern_trace::timeline::State;
 use tern_trace::VcpuMap;
 
@@ -22,48 +20,16 @@ where
     F: FnOnce(AgentClient) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
-        eprintln!("image: {s}")
-    })
-    .await
-    .expect("guest image builds");
-    let dir = tempfile::tempdir().unwrap();
-    let hv = QemuDriver::new(QemuConfig::new(
-        dir.path().join("run"),
-        dir.path().join("mem"),
+    let a = QemuAgent::start(
+        "vp",
+        tempfile::tempdir().unwrap(),
         None,
-    ));
-    let state = AppState::new(
-        Arc::new(hv),
-        HostConfig {
-            name: "vp".into(),
-            capacity: Capacity {
-                cpus: 2,
-                memory_mib: 1024,
-            },
-            token: "t".into(),
-            state_dir: dir.path().to_path_buf(),
-            image_dir: tern_testkit::test_cache_dir(),
-        },
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(tern_agent::server::serve(listener, state, async {
-        let _ = rx.await;
-    }));
-    let c = AgentClient::new(&url, "t", Duration::from_secs(60)).unwrap();
+        Duration::from_secs(60),
+    )
+    .await;
+    let c = a.c.clone();
     for id in vms {
-        let req: CreateVm = serde_json::from_value(json!({
-            "id": id,
-            "spec": {
-                "vcpus": 2, "memory_mib": 256,
-                "kernel": img.kernel, "initramfs": img.initramfs,
-                "cmdline": format!("{} tern.hostname={id}", img.cmdline),
-            }
-        }))
-        .unwrap();
-        c.create_vm(&req).await.unwrap();
+        c.create_vm(&a.vm(id, json!({"vcpus": 2}))).await.unwrap();
     }
     for id in vms {
         let start = json!({"cmd": "start", "workload": "barrier --threads 2"});
@@ -82,8 +48,7 @@ where
     for id in vms {
         c.delete_vm(id).await.unwrap();
     }
-    stop.send(()).unwrap();
-    server.await.unwrap().unwrap();
+    a.shut().await;
 }
 
 fn runnable() -> bool {

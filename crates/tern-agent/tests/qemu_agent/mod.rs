@@ -1,0 +1,90 @@
+//! An agent with the QEMU driver served on a loopback port, for the tests that boot
+//! tern's guest image through the API.
+
+#![allow(dead_code)] // each test binary uses its own part
+
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+use tern_agent::client::AgentClient;
+use tern_agent::host::Capacity;
+use tern_agent::vms::CreateVm;
+use tern_agent::{AppState, HostConfig};
+use tern_hv::disk::Store;
+use tern_hv::qemu::{QemuConfig, QemuDriver};
+
+pub struct QemuAgent {
+    pub c: AgentClient,
+    pub img: tern_hv::image::GuestImage,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), tern_agent::AgentError>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl QemuAgent {
+    /// Host `name` with its state in `dir`, answering within `timeout`; its VMs' disks
+    /// go to `store` when there is one.
+    pub async fn start(
+        name: &str,
+        dir: tempfile::TempDir,
+        store: Option<Store>,
+        timeout: Duration,
+    ) -> QemuAgent {
+        let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
+            eprintln!("image: {s}")
+        })
+        .await
+        .expect("guest image builds");
+        let mut cfg = QemuConfig::new(dir.path().join("run"), dir.path().join("mem"), None);
+        cfg.store = store.clone();
+        let mut state = AppState::new(
+            Arc::new(QemuDriver::new(cfg)),
+            HostConfig {
+                name: name.into(),
+                capacity: Capacity {
+                    cpus: 2,
+                    memory_mib: 1024,
+                },
+                token: "t".into(),
+                state_dir: dir.path().to_path_buf(),
+                image_dir: tern_testkit::test_cache_dir(),
+            },
+        );
+        if let Some(store) = store {
+            state = state.with_store(store);
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(tern_agent::server::serve(listener, state, async {
+            let _ = rx.await;
+        }));
+        let c = AgentClient::new(&url, "t", timeout).unwrap();
+        QemuAgent {
+            c,
+            img,
+            stop,
+            server,
+            dir,
+        }
+    }
+
+    /// A VM `id` of 256 MiB booting tern's guest image, `extra` merged into its spec.
+    pub fn vm(&self, id: &str, extra: Value) -> CreateVm {
+        let mut spec = json!({
+            "memory_mib": 256,
+            "kernel": self.img.kernel,
+            "initramfs": self.img.initramfs,
+            "cmdline": format!("{} tern.hostname={id}", self.img.cmdline),
+        });
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            spec[k] = v.clone();
+        }
+        serde_json::from_value(json!({ "id": id, "spec": spec })).unwrap()
+    }
+
+    pub async fn shut(self) {
+        self.stop.send(()).unwrap();
+        self.server.await.unwrap().unwrap();
+    }
+}
