@@ -56,6 +56,12 @@ pub struct VmSpec {
     /// `docs/storage.md`); the guest sees them in order as `/dev/vda`, `/dev/vdb`, ...
     #[serde(default)]
     pub disks: Vec<DiskSpec>,
+    /// The manager's catalogue image this VM boots (`docs/images.md`): the agent
+    /// copies its files from the manager into the store's `images/` when they are
+    /// missing, boots its kernel and initramfs (`kernel` and `initramfs` stay absent),
+    /// and a disk whose `image` is the image's disk file is an overlay on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<crate::catalog::ImageRef>,
 }
 
 /// Most disks one VM may have.

@@ -10,6 +10,7 @@
 //! - [`agent`]: the agent's API: host report, VM spec and views, actions, error body.
 //! - [`migration`]: the agent's migration API: requests, ticket, phases, views, round
 //!   telemetry and why pre-copy stopped.
+//! - [`catalog`]: the manager's images and templates, and how hosts name image files.
 //! - [`manager`]: the manager's API: hosts, VMs, migrations, settings, plan, events.
 //! - `client` (feature `client`): one HTTP client for both servers, typed per route.
 //! - [`guest`]: the JSON-lines protocol between the host and `tern-guest` in a VM.
@@ -19,6 +20,7 @@
 //! - `openapi` (feature `openapi`): what both servers' OpenAPI documents share; every
 //!   type here derives `utoipa::ToSchema` under that feature.
 pub mod agent;
+pub mod catalog;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod guest;

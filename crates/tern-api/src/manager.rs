@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::migration::{Phase, PolicyKind, RoundProgress, RoundTelemetry};
-use tern_model::{HostName, VmName};
+use tern_model::{HostName, TemplateName, VmName};
 
 /// Milliseconds since the Unix epoch; decisions take the time as a value, never read a clock.
 pub type Millis = u64;
@@ -80,9 +80,13 @@ pub struct Host {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct VmSpec {
-    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 64))]
+    /// 0 or absent in a create request: the template's.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 64))]
     pub vcpus: u32,
-    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 1048576))]
+    /// 0 or absent in a create request: the template's.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1048576))]
     pub memory_mib: u64,
     /// Pinned VMs stay where they are placed: the balancer never moves them.
     #[serde(default)]
@@ -98,20 +102,93 @@ pub struct VmSpec {
     /// Absent in records written before it existed: `none`.
     #[serde(default)]
     pub vcpu_policy: crate::vcpu::VcpuPolicy,
+    /// The catalogue image it boots (`docs/images.md`). Absent in a create request: the
+    /// template's; absent on a VM: the host's default guest, if it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Its disks; empty in a create request: the template's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<crate::catalog::VmDisk>,
+    /// Kernel command line added after the image's (and the template's).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cmdline: String,
+    /// The template it was made from, for people; the VM keeps its own copy of the
+    /// values, so a template changed later does not change it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 impl VmSpec {
-    /// What a host is asked to run for this VM: its size, with no kernel of its own
-    /// (the host's default guest) and no NICs. Placement fields stay with the manager.
-    pub fn host_spec(&self) -> crate::agent::VmSpec {
+    /// A spec of only a size, as a VM that boots the host's default guest has.
+    pub fn sized(vcpus: u32, memory_mib: u64) -> VmSpec {
+        VmSpec {
+            vcpus,
+            memory_mib,
+            pinned: false,
+            affinity: None,
+            anti_affinity: None,
+            vcpu_policy: Default::default(),
+            image: None,
+            disks: Vec::new(),
+            cmdline: String::new(),
+            template: None,
+        }
+    }
+
+    /// What host is asked to run for VM `name`: its size, its disks and the files of
+    /// `image` (its catalogue image, which the caller looked up), which the host
+    /// fetches into its store when they are missing. Without an image: no kernel of
+    /// its own (the host's default guest) and no disks from an image. Placement fields
+    /// stay with the manager.
+    pub fn host_spec(
+        &self,
+        name: &str,
+        image: Option<&crate::catalog::Image>,
+    ) -> crate::agent::VmSpec {
+        use crate::catalog::FileRole;
+        let disk_file = image.and_then(|i| i.file(FileRole::Disk).map(|f| f.stored_name(&i.name)));
+        let disks = self
+            .disks
+            .iter()
+            .map(|d| crate::agent::DiskSpec {
+                name: d.name.clone(),
+                size_mib: d.size_mib,
+                image: if d.from_image {
+                    disk_file.clone()
+                } else {
+                    None
+                },
+                bus: Default::default(),
+            })
+            .collect();
+        let image_ref = image.and_then(|i| {
+            Some(crate::catalog::ImageRef {
+                name: i.name.parse().ok()?,
+                files: i.files.clone(),
+            })
+        });
+        let cmdline = match image {
+            Some(i) => [
+                i.cmdline.as_str(),
+                self.cmdline.as_str(),
+                &format!("tern.hostname={name}"),
+            ]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join(" "),
+            None => self.cmdline.clone(),
+        };
         crate::agent::VmSpec {
             vcpus: self.vcpus,
             memory_mib: self.memory_mib,
             kernel: None,
             initramfs: None,
-            cmdline: String::new(),
+            cmdline,
             nics: Vec::new(),
-            disks: Vec::new(),
+            disks,
+            image: image_ref,
         }
     }
 }
@@ -358,6 +435,23 @@ pub enum EventKind {
         score_after: f64,
     },
     SettingsChanged,
+    /// Recorded in the catalogue; its files are being uploaded.
+    ImageAdded {
+        image: String,
+    },
+    /// Every file of it arrived: VMs can boot it.
+    ImageReady {
+        image: String,
+    },
+    ImageDeleted {
+        image: String,
+    },
+    TemplateCreated {
+        template: String,
+    },
+    TemplateDeleted {
+        template: String,
+    },
 }
 
 /// A numbered event.
@@ -422,6 +516,11 @@ pub struct CreateVm {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, pattern = "^[a-z0-9][a-z0-9-]{0,47}$"))]
     pub host: Option<HostName>,
+    /// The template whose values fill what the spec leaves out (0 sizes, no image, no
+    /// disks). Absent: the template named `default`, if the catalogue has one.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub template: Option<TemplateName>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

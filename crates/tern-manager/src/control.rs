@@ -252,14 +252,18 @@ impl Control {
             }
             let me = self.clone();
             let hosts = hosts.clone();
-            let spec = self
-                .manager
-                .read(|s| s.vms.get(action.vm()).map(|v| v.spec.clone()));
+            // The image is read with the spec: a create needs its files' hashes.
+            let spec = self.manager.read(|s| {
+                s.vms.get(action.vm()).map(|v| {
+                    let image = v.spec.image.as_ref().and_then(|i| s.images.get(i).cloned());
+                    (v.spec.clone(), image)
+                })
+            });
             tokio::spawn(async move {
                 let _slot = me.slots.clone().acquire_owned().await;
                 let vm = action.vm().to_owned();
                 let cmd = match spec {
-                    Some(spec) => me.perform(&action, &spec, &hosts).await,
+                    Some((spec, image)) => me.perform(&action, &spec, image.as_ref(), &hosts).await,
                     None => None,
                 };
                 let _ = me.done_tx.send((vm, cmd));
@@ -274,6 +278,7 @@ impl Control {
         &self,
         action: &Action,
         spec: &crate::state::VmSpec,
+        image: Option<&crate::state::Image>,
         hosts: &std::collections::BTreeMap<String, Host>,
     ) -> Option<Command> {
         let client = |name: &str| {
@@ -284,7 +289,7 @@ impl Control {
         };
         match action {
             Action::Create { vm, host } => match client(host) {
-                Ok(c) => match c.create_vm(vm, spec).await {
+                Ok(c) => match c.create_vm(vm, spec, image).await {
                     Ok(()) => {
                         // The record's, not the dispatched spec's: it may have been set
                         // while the create was under way.

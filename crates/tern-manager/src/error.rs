@@ -14,6 +14,12 @@ pub enum Error {
     UnknownHost(String),
     #[error("no VM named {0:?}; `GET /v1/vms` lists the VMs")]
     UnknownVm(String),
+    #[error(
+        "no image named {0:?} in the catalogue; `tern image list` (GET /v1/images) lists them"
+    )]
+    UnknownImage(String),
+    #[error("no template named {0:?}; `tern template list` (GET /v1/templates) lists them")]
+    UnknownTemplate(String),
     /// The request clashes with the current state (a name taken, a VM mid-migration).
     #[error("{0}")]
     Conflict(String),

@@ -60,6 +60,9 @@ pub struct Manager {
     /// How to reach agents, set by the control loop; routes that ask an agent directly
     /// (a trace) use it.
     agents: std::sync::OnceLock<Arc<dyn crate::client::Connector>>,
+    /// The catalogue's image files (`docs/images.md`); none on a manager of simulated
+    /// hosts.
+    catalog_dir: Option<std::path::PathBuf>,
 }
 
 impl Manager {
@@ -80,7 +83,19 @@ impl Manager {
             clock,
             live: Default::default(),
             addresses: HostAddresses::default(),
+            catalog_dir: None,
         })
+    }
+
+    /// Keeps the catalogue's image files in `dir` (created when the first arrives).
+    pub fn with_catalog(mut self, dir: std::path::PathBuf) -> Self {
+        self.catalog_dir = Some(dir);
+        self
+    }
+
+    /// Where the catalogue's image files are, if this manager keeps any.
+    pub fn catalog_dir(&self) -> Option<&std::path::Path> {
+        self.catalog_dir.as_deref()
     }
 
     /// Accepts hosts at `addresses` instead of agent URLs: the clients the control
@@ -351,7 +366,13 @@ impl Key {
             Change::RemoveHost(name) => Some(Key::Host(name.clone())),
             Change::PutVm(v) => Some(Key::Vm(v.name.clone())),
             Change::RemoveVm(name) => Some(Key::Vm(name.clone())),
-            Change::PutMigration(_) | Change::PutSettings(_) | Change::Event(_) => None,
+            Change::PutMigration(_)
+            | Change::PutSettings(_)
+            | Change::PutImage(_)
+            | Change::RemoveImage(_)
+            | Change::PutTemplate(_)
+            | Change::RemoveTemplate(_)
+            | Change::Event(_) => None,
         }
     }
 }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::error::Error;
 use tern_model::NameKind;
 
+pub use tern_api::catalog::{Image, Template};
 pub use tern_api::manager::{
     BalancerSettings, Capacity, Event, EventKind, Host, HostState, Migration, MigrationReason,
     MigrationResult, Millis, Vm, VmSpec, VmState, MAX_MEMORY_MIB, MAX_VCPUS,
@@ -55,6 +56,10 @@ pub enum Change {
     RemoveVm(String),
     PutMigration(Migration),
     PutSettings(BalancerSettings),
+    PutImage(Image),
+    RemoveImage(String),
+    PutTemplate(Template),
+    RemoveTemplate(String),
     Event(EventKind),
 }
 
@@ -66,6 +71,10 @@ pub struct Snapshot {
     /// Migrations not yet finished.
     pub running: BTreeMap<u64, Migration>,
     pub settings: BalancerSettings,
+    /// The catalogue's images, by name.
+    pub images: BTreeMap<String, Image>,
+    /// The catalogue's templates, by name.
+    pub templates: BTreeMap<String, Template>,
     /// Id the next migration gets.
     pub next_migration: u64,
     /// Sequence number of the last event (0: none yet).
@@ -138,6 +147,18 @@ impl Snapshot {
                     }
                 }
                 Change::PutSettings(s) => self.settings = s.clone(),
+                Change::PutImage(i) => {
+                    self.images.insert(i.name.clone(), i.clone());
+                }
+                Change::RemoveImage(name) => {
+                    self.images.remove(name);
+                }
+                Change::PutTemplate(t) => {
+                    self.templates.insert(t.name.to_string(), t.clone());
+                }
+                Change::RemoveTemplate(name) => {
+                    self.templates.remove(name);
+                }
                 Change::Event(_) => {}
             }
         }
@@ -218,6 +239,10 @@ mod tests {
             affinity: None,
             anti_affinity: Some("db".into()),
             vcpu_policy: Default::default(),
+            image: None,
+            disks: Vec::new(),
+            cmdline: String::new(),
+            template: None,
         };
         assert!(spec.validate().is_ok());
         assert!(VmSpec {
@@ -258,14 +283,7 @@ mod tests {
     fn the_observed_host_index_follows_applied_changes() {
         let vm = |name: &str, host: Option<&str>| Vm {
             name: name.into(),
-            spec: VmSpec {
-                vcpus: 1,
-                memory_mib: 1,
-                pinned: false,
-                affinity: None,
-                anti_affinity: None,
-                vcpu_policy: Default::default(),
-            },
+            spec: VmSpec::sized(1, 1),
             desired_host: host.map(Into::into),
             observed_host: host.map(Into::into),
             state: VmState::Running,

@@ -30,6 +30,10 @@ fn spec(vcpus: u32) -> VmSpec {
         affinity: None,
         anti_affinity: None,
         vcpu_policy: Default::default(),
+        image: None,
+        disks: Vec::new(),
+        cmdline: String::new(),
+        template: None,
     }
 }
 

@@ -67,14 +67,7 @@ impl Drop for Agent {
 }
 
 fn spec() -> VmSpec {
-    VmSpec {
-        vcpus: 1,
-        memory_mib: 64,
-        pinned: false,
-        affinity: None,
-        anti_affinity: None,
-        vcpu_policy: Default::default(),
-    }
+    VmSpec::sized(1, 64)
 }
 
 fn names(r: &tern_manager::decide::LoadReport) -> Vec<&str> {
@@ -86,7 +79,7 @@ async fn the_http_client_drives_a_real_agent() {
     let (a, b) = (agent("a").await, agent("b").await);
     let ca = HttpHost::new(&a.host, TOKEN, Duration::from_secs(10)).unwrap();
     let cb = HttpHost::new(&b.host, TOKEN, Duration::from_secs(10)).unwrap();
-    ca.create_vm("web-1", &spec()).await.unwrap();
+    ca.create_vm("web-1", &spec(), None).await.unwrap();
     let report = ca.load_report().await.unwrap();
     assert_eq!(names(&report), ["web-1"]);
     assert!(report.cpu_used >= 0.0);

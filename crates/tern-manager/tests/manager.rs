@@ -55,15 +55,9 @@ fn concurrent_heartbeats_each_count_once_and_are_all_committed() {
             manager
                 .execute(Command::CreateVm {
                     name: format!("v{h}-{i}"),
-                    spec: VmSpec {
-                        vcpus: 1,
-                        memory_mib: 512,
-                        pinned: false,
-                        affinity: None,
-                        anti_affinity: None,
-                        vcpu_policy: Default::default(),
-                    },
+                    spec: VmSpec::sized(1, 512),
                     host: Some(format!("h{h}")),
+                    template: None,
                 })
                 .unwrap();
         }

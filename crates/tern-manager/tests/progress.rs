@@ -57,15 +57,9 @@ async fn a_running_migration_reports_its_rounds_through_the_api() {
     }
     cmds.push(Command::CreateVm {
         name: "busy".into(),
-        spec: VmSpec {
-            vcpus: 2,
-            memory_mib: 2048,
-            pinned: false,
-            affinity: None,
-            anti_affinity: None,
-            vcpu_policy: Default::default(),
-        },
+        spec: VmSpec::sized(2, 2048),
         host: Some("a".into()),
+        template: None,
     });
     for r in manager.execute_many(cmds).unwrap() {
         r.unwrap();

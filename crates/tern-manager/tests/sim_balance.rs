@@ -88,14 +88,7 @@ fn both(hosts: usize, vms: &[VmCase], now: f64) -> (State, Snapshot) {
             name.clone(),
             Vm {
                 name,
-                spec: VmSpec {
-                    vcpus: 1,
-                    memory_mib: state.spec.vm(v).ram_mb as u64,
-                    pinned: false,
-                    affinity: None,
-                    anti_affinity: None,
-                    vcpu_policy: Default::default(),
-                },
+                spec: VmSpec::sized(1, state.spec.vm(v).ram_mb as u64),
                 desired_host: Some(desired),
                 observed_host: Some(from),
                 state: if migrating {

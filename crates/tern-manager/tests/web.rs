@@ -180,15 +180,9 @@ async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
         manager
             .execute(Command::CreateVm {
                 name: format!("web-vm-{i}"),
-                spec: VmSpec {
-                    vcpus: 1,
-                    memory_mib: 1024,
-                    pinned: false,
-                    affinity: None,
-                    anti_affinity: None,
-                    vcpu_policy: Default::default(),
-                },
+                spec: VmSpec::sized(1, 1024),
                 host: Some(HOSTS[0].into()),
+                template: None,
             })
             .unwrap();
     }

@@ -6,7 +6,8 @@
 //! # Layout
 //! - [`cluster`]: the snapshot type [`Cluster`] and its parts.
 //! - [`ids`]: index newtypes ([`NodeId`], [`InstId`], [`GroupId`]).
-//! - [`names`]: [`VmName`] and [`HostName`], and the one rule a name must follow.
+//! - [`names`]: [`VmName`], [`HostName`], [`ImageName`] and [`TemplateName`], and the
+//!   one rule a name must follow.
 //! - [`policy`]: instance policies, kept so Ganeti files round-trip.
 //! - [`plan`]: [`Move`] and [`Plan`], and applying a move to a cluster.
 //! - [`ganeti`]: the Ganeti htools text format, and the htools tag conventions.
@@ -27,6 +28,6 @@ pub use cluster::{
 };
 pub use error::Error;
 pub use ids::{GroupId, InstId, NodeId};
-pub use names::{HostName, NameError, NameKind, VmName};
+pub use names::{HostName, ImageName, NameError, NameKind, TemplateName, VmName};
 pub use plan::{Move, Plan};
 pub use policy::{IPolicy, ISpec, MinMaxISpecs};

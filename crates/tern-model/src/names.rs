@@ -28,6 +28,10 @@ pub enum NameKind {
     Host,
     /// An affinity or anti-affinity group of VMs.
     Group,
+    /// An image of the manager's catalogue.
+    Image,
+    /// A template of the manager's catalogue.
+    Template,
 }
 
 impl fmt::Display for NameKind {
@@ -36,6 +40,8 @@ impl fmt::Display for NameKind {
             NameKind::Vm => "VM",
             NameKind::Host => "host",
             NameKind::Group => "group",
+            NameKind::Image => "image",
+            NameKind::Template => "template",
         })
     }
 }
@@ -208,6 +214,17 @@ name_type!(
     /// The name of a VM, unique in a cluster; it names the VM's files on its host.
     VmName,
     NameKind::Vm
+);
+name_type!(
+    /// The name of an image in the manager's catalogue; it names the image's files in
+    /// every host's store.
+    ImageName,
+    NameKind::Image
+);
+name_type!(
+    /// The name of a template in the manager's catalogue.
+    TemplateName,
+    NameKind::Template
 );
 name_type!(
     /// The name of a host (the name its agent registers with).

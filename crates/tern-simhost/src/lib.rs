@@ -34,7 +34,7 @@ use tern_manager::client::{Connector, HostClient, Progress, ProgressFn};
 use tern_manager::decide::balance::{DIRTY_BYTES_PER_CORE_S, LINK_BYTES_PER_S};
 use tern_manager::decide::{LoadReport, VmLoad};
 use tern_manager::error::{Error, Result};
-use tern_manager::state::{Host, MigrationResult, PolicyKind, VmSpec};
+use tern_manager::state::{Host, Image, MigrationResult, PolicyKind, VmSpec};
 
 /// One simulated host.
 pub struct SimHost {
@@ -109,9 +109,9 @@ impl SimHost {
 
 #[async_trait]
 impl HostClient for SimHost {
-    async fn create_vm(&self, vm: &str, spec: &VmSpec) -> Result<()> {
+    async fn create_vm(&self, vm: &str, spec: &VmSpec, image: Option<&Image>) -> Result<()> {
         self.reachable()?;
-        let hv_spec = spec.host_spec();
+        let hv_spec = spec.host_spec(vm, image);
         self.driver
             .create(vm, hv_spec, false)
             .await

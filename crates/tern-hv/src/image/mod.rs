@@ -132,6 +132,7 @@ impl GuestImage {
             cmdline: format!("{} tern.hostname={hostname}", self.cmdline),
             nics: Vec::new(),
             disks: Vec::new(),
+            image: None,
         }
     }
 }

@@ -203,6 +203,7 @@ mod tests {
             cmdline: "console=ttyS0 quiet".into(),
             nics: vec![],
             disks: vec![],
+            image: None,
         }
     }
 

@@ -46,7 +46,10 @@ impl ApiError {
         match self {
             ApiError::Manager(e) => match e {
                 Error::BadInput(_) | Error::BadName(_) => StatusCode::BAD_REQUEST,
-                Error::UnknownHost(_) | Error::UnknownVm(_) => StatusCode::NOT_FOUND,
+                Error::UnknownHost(_)
+                | Error::UnknownVm(_)
+                | Error::UnknownImage(_)
+                | Error::UnknownTemplate(_) => StatusCode::NOT_FOUND,
                 Error::Conflict(_) | Error::NoRoom { .. } => StatusCode::CONFLICT,
                 Error::Agent { .. } | Error::MigrationStuck { .. } => StatusCode::BAD_GATEWAY,
                 Error::NotLeader(_) | Error::Etcd(_) => StatusCode::SERVICE_UNAVAILABLE,

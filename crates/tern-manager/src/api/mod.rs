@@ -18,6 +18,7 @@
 //! - [`migrations`]: migration records with a running one's live telemetry.
 //! - [`openapi`]: the OpenAPI document, generated from the handlers and the types.
 
+mod catalog;
 pub mod error;
 pub mod metrics;
 pub mod migrations;
@@ -218,12 +219,14 @@ pub fn router_with_ca(
         .route("/v1/events/stream", get(stream_events))
         .route("/metrics", get(metrics))
         .merge(crate::web::api_routes(&app.manager, app.stopping.clone()))
+        .merge(catalog::secured_routes())
         .route_layer(middleware::from_fn_with_state(app.clone(), auth));
     Router::new()
         .route("/openapi.json", get(openapi))
         .route("/v1/join", post(join))
         .route("/v1/ca/crl", get(crl))
         .route("/v1/hosts/:name/lease", post(renew_lease))
+        .merge(catalog::file_routes())
         .merge(secured)
         .merge(crate::web::page_routes())
         .fallback(|| async {
@@ -381,6 +384,8 @@ fn reply(status: StatusCode, r: Reply) -> Response {
         Reply::Vm(v) => (status, Json(v)).into_response(),
         Reply::Migration(m) => (status, Json(m)).into_response(),
         Reply::Settings(s) => (status, Json(s)).into_response(),
+        Reply::Image(i) => (status, Json(i)).into_response(),
+        Reply::Template(t) => (status, Json(t)).into_response(),
         Reply::Done => status.into_response(),
     }
 }
@@ -625,6 +630,7 @@ async fn create_vm(State(app): AppState, Body(b): Body<CreateVm>) -> ApiResult<R
         name: b.name.into_string(),
         spec: b.spec,
         host: b.host.map(String::from),
+        template: b.template.map(String::from),
     };
     Ok(reply(StatusCode::CREATED, execute(&app, cmd).await?))
 }

@@ -41,6 +41,16 @@ use utoipa::{Modify, OpenApi};
         super::list_events,
         super::stream_events,
         crate::web::history,
+        super::catalog::list_images,
+        super::catalog::add_image,
+        super::catalog::show_image,
+        super::catalog::delete_image,
+        super::catalog::upload_file,
+        super::catalog::download_file,
+        super::catalog::list_templates,
+        super::catalog::create_template,
+        super::catalog::show_template,
+        super::catalog::delete_template,
     ),
     modifiers(&Bearer)
 )]

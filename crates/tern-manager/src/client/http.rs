@@ -17,7 +17,7 @@ use tern_api::migration::{MigrationEngine, MigrationView, Phase, SendOptions, Se
 use super::{Connector, HostClient, Progress, ProgressFn};
 use crate::decide::{LoadReport, VmLoad};
 use crate::error::{Error, Result};
-use crate::state::{Host, MigrationResult, PolicyKind, VmSpec};
+use crate::state::{Host, Image, MigrationResult, PolicyKind, VmSpec};
 use tern_api::vcpu::VcpuPolicy;
 
 /// How often a running migration is polled.
@@ -131,10 +131,10 @@ impl HttpHost {
 
 #[async_trait]
 impl HostClient for HttpHost {
-    async fn create_vm(&self, vm: &str, spec: &VmSpec) -> Result<()> {
+    async fn create_vm(&self, vm: &str, spec: &VmSpec, image: Option<&Image>) -> Result<()> {
         let req = CreateVm {
             id: vm.parse()?,
-            spec: spec.host_spec(),
+            spec: spec.host_spec(vm, image),
             start: true,
         };
         self.agent

@@ -14,15 +14,16 @@ pub use tern_api::manager::Progress;
 
 use crate::decide::LoadReport;
 use crate::error::Result;
-use crate::state::{Host, MigrationResult, PolicyKind, VmSpec};
+use crate::state::{Host, Image, MigrationResult, PolicyKind, VmSpec};
 use tern_api::trace::{TraceRequest, VmTrace};
 use tern_api::vcpu::VcpuPolicy;
 
 /// What the manager asks of a host's agent.
 #[async_trait]
 pub trait HostClient: Send + Sync {
-    /// Creates and starts `vm`.
-    async fn create_vm(&self, vm: &str, spec: &VmSpec) -> Result<()>;
+    /// Creates and starts `vm`; `image` is its catalogue image (`spec.image`), looked up
+    /// by the caller.
+    async fn create_vm(&self, vm: &str, spec: &VmSpec, image: Option<&Image>) -> Result<()>;
     /// Destroys `vm`; a VM the host does not have counts as destroyed.
     async fn delete_vm(&self, vm: &str) -> Result<()>;
     /// Live-migrates `vm` from this host to `to` with the termination policy `policy`;

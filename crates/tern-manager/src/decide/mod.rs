@@ -3,11 +3,13 @@
 //!
 //! - [`placement`]: which host takes a VM.
 //! - [`balance`]: one balancing round: planner, cost/benefit, limits.
+//! - [`catalog`]: images and templates, and a new VM's spec filled from its template.
 //! - [`health`]: dead hosts, restarting their VMs once, evacuating drained hosts.
 //! - [`lease`]: host leases, and when a host's guests are surely stopped.
 //! - [`reconcile`]: what to ask the agents to do so observed state meets desired state.
 
 pub mod balance;
+pub mod catalog;
 pub mod health;
 pub mod lease;
 pub mod placement;
@@ -50,6 +52,8 @@ pub enum Command {
         name: String,
         spec: VmSpec,
         host: Option<String>,
+        /// Fills what `spec` leaves out; absent: the `default` template, if any.
+        template: Option<String>,
     },
     DeleteVm {
         name: String,
@@ -66,6 +70,20 @@ pub enum Command {
         policy: VcpuPolicy,
     },
     PutSettings(BalancerSettings),
+    /// Records an image whose files are uploaded next.
+    AddImage(tern_api::catalog::NewImage),
+    /// One file of an image arrived whole and matched its hash.
+    ImageFileReceived {
+        image: String,
+        role: tern_api::catalog::FileRole,
+    },
+    DeleteImage {
+        name: String,
+    },
+    CreateTemplate(tern_api::catalog::Template),
+    DeleteTemplate {
+        name: String,
+    },
     /// An agent confirmed the VM runs on `host`.
     VmStarted {
         vm: String,
@@ -89,6 +107,8 @@ pub enum Reply {
     Vm(Vm),
     Migration(Migration),
     Settings(BalancerSettings),
+    Image(tern_api::catalog::Image),
+    Template(tern_api::catalog::Template),
     Done,
 }
 
@@ -151,7 +171,17 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
                 }),
             ))
         }
-        Command::CreateVm { name, spec, host } => create_vm(snap, name, spec, host),
+        Command::CreateVm {
+            name,
+            spec,
+            host,
+            template,
+        } => create_vm(snap, name, spec, host, template),
+        Command::AddImage(new) => catalog::add_image(snap, now, new),
+        Command::ImageFileReceived { image, role } => catalog::file_received(snap, &image, role),
+        Command::DeleteImage { name } => catalog::delete_image(snap, &name),
+        Command::CreateTemplate(t) => catalog::create_template(snap, t),
+        Command::DeleteTemplate { name } => catalog::delete_template(snap, &name),
         Command::DeleteVm { name } => {
             let v = vm(snap, &name)?;
             if v.state == VmState::Migrating {
@@ -498,8 +528,10 @@ fn create_vm(
     name: String,
     spec: VmSpec,
     host: Option<String>,
+    template: Option<String>,
 ) -> Result<Decision> {
     let mut placer = Placer::new(snap);
+    let spec = catalog::resolve_spec(snap, spec, template.as_deref())?;
     let (changes, v) = create_one(snap, &mut placer, name, spec, host)?;
     Ok((changes, Reply::Vm(v)))
 }
@@ -693,6 +725,10 @@ pub(crate) mod testing {
             affinity: None,
             anti_affinity: None,
             vcpu_policy: Default::default(),
+            image: None,
+            disks: Vec::new(),
+            cmdline: String::new(),
+            template: None,
         }
     }
 
@@ -782,6 +818,7 @@ mod tests {
                 name: "a".into(),
                 spec: spec(1, 512),
                 host: Some("h0".into()),
+                template: None,
             },
         )
         .unwrap() else {
@@ -858,26 +895,31 @@ mod tests {
                 name: "Bad Name".into(),
                 spec: spec(1, 1),
                 host: None,
+                template: None,
             },
             Command::CreateVm {
                 name: "b".into(),
                 spec: spec(0, 1),
                 host: None,
+                template: None,
             },
             Command::CreateVm {
                 name: "b".into(),
                 spec: spec(1, 1),
                 host: Some("nope".into()),
+                template: None,
             },
             Command::CreateVm {
                 name: "b".into(),
                 spec: spec(1, 4096),
                 host: None,
+                template: None,
             },
             Command::CreateVm {
                 name: "a".into(),
                 spec: spec(1, 1),
                 host: None,
+                template: None,
             },
             Command::MigrateVm {
                 name: "a".into(),
@@ -949,6 +991,7 @@ mod tests {
                 name: "found".into(),
                 spec: spec(1, 512),
                 host: None,
+                template: None,
             },
         )
         .unwrap();

@@ -84,6 +84,7 @@ mod tests {
                 name: "p".into(),
                 spec: spec(1, 512),
                 host: Some("h1".into()),
+                template: None,
             },
         )
         .unwrap();
@@ -199,6 +200,7 @@ mod recovery {
                 name: "new".into(),
                 spec: spec(1, 512),
                 host: Some("h1".into()),
+                template: None,
             },
         )
         .unwrap();
@@ -209,6 +211,7 @@ mod recovery {
                 name: "unborn".into(),
                 spec: spec(1, 512),
                 host: Some("h1".into()),
+                template: None,
             },
         )
         .unwrap();

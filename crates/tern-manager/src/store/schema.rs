@@ -55,6 +55,15 @@ pub const MIGRATIONS: &[(u32, &str)] = &[
         2,
         "ALTER TABLE vms ADD COLUMN cpu_measured INTEGER NOT NULL DEFAULT 0;",
     ),
+    (
+        3,
+        "CREATE TABLE catalog (
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        body TEXT NOT NULL,
+        PRIMARY KEY (kind, name)
+    );",
+    ),
 ];
 
 /// The version this build writes.

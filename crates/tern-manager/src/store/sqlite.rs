@@ -10,8 +10,8 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 use super::{schema, Store, StoreRead};
 use crate::error::{Error, Result};
 use crate::state::{
-    BalancerSettings, Capacity, Change, Event, EventKind, Host, HostState, Migration,
-    MigrationReason, MigrationResult, Millis, Snapshot, Vm, VmState,
+    BalancerSettings, Capacity, Change, Event, EventKind, Host, HostState, Image, Migration,
+    MigrationReason, MigrationResult, Millis, Snapshot, Template, Vm, VmState,
 };
 
 pub struct SqliteStore {
@@ -92,14 +92,7 @@ fn vm_from(r: &Row) -> rusqlite::Result<VmRow> {
     Ok(VmRow {
         vm: Vm {
             name: r.get(0)?,
-            spec: crate::state::VmSpec {
-                vcpus: 0,
-                memory_mib: 0,
-                pinned: false,
-                affinity: None,
-                anti_affinity: None,
-                vcpu_policy: Default::default(),
-            },
+            spec: crate::state::VmSpec::sized(0, 0),
             desired_host: r.get(2)?,
             observed_host: r.get(3)?,
             state: VmState::Pending,
@@ -203,6 +196,21 @@ impl Store for SqliteStore {
         if let Some(body) = settings {
             snap.settings = from_json::<BalancerSettings>("balancer settings", &body)?;
         }
+        let mut st = self.conn.prepare("SELECT kind, body FROM catalog")?;
+        for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))? {
+            let (kind, body) = row?;
+            match kind.as_str() {
+                "image" => {
+                    let i: Image = from_json("catalogue image", &body)?;
+                    snap.images.insert(i.name.clone(), i);
+                }
+                "template" => {
+                    let t: Template = from_json("catalogue template", &body)?;
+                    snap.templates.insert(t.name.to_string(), t);
+                }
+                other => return Err(Error::Corrupt(format!("catalogue entry kind {other:?}"))),
+            }
+        }
         Ok(snap)
     }
 
@@ -273,6 +281,26 @@ impl Store for SqliteStore {
                         m.finished,
                         to_json(&m.result)
                     ])?;
+                }
+                Change::PutImage(i) => {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO catalog (kind, name, body) VALUES ('image', ?1, ?2)",
+                    )?
+                    .execute(params![i.name, to_json(i)])?;
+                }
+                Change::RemoveImage(name) => {
+                    tx.prepare_cached("DELETE FROM catalog WHERE kind = 'image' AND name = ?1")?
+                        .execute([name])?;
+                }
+                Change::PutTemplate(t) => {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO catalog (kind, name, body) VALUES ('template', ?1, ?2)",
+                    )?
+                    .execute(params![t.name.as_str(), to_json(t)])?;
+                }
+                Change::RemoveTemplate(name) => {
+                    tx.prepare_cached("DELETE FROM catalog WHERE kind = 'template' AND name = ?1")?
+                        .execute([name])?;
                 }
                 Change::PutSettings(s) => {
                     tx.prepare_cached("INSERT OR REPLACE INTO settings (id, body) VALUES (1, ?1)")?

@@ -104,14 +104,7 @@ impl ScoreInput {
                 name.clone(),
                 Vm {
                     name,
-                    spec: VmSpec {
-                        vcpus,
-                        memory_mib,
-                        pinned: false,
-                        affinity: None,
-                        anti_affinity: None,
-                        vcpu_policy: Default::default(),
-                    },
+                    spec: VmSpec::sized(vcpus, memory_mib),
                     desired_host: Some(self.hosts[h as usize].name.clone()),
                     observed_host: None,
                     state: VmState::Running,

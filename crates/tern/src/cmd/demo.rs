@@ -170,14 +170,7 @@ pub(super) fn uneven(hosts: &[String], vms: usize, rng: &mut Rng) -> (Vec<NewVm>
             loads.push(0.2 + 0.7 * rng.unit());
             NewVm {
                 name: format!("vm-{i:05}"),
-                spec: VmSpec {
-                    vcpus: rng.pick(&[1, 2, 2, 4]),
-                    memory_mib: rng.pick(&[1024, 2048, 4096]),
-                    pinned: false,
-                    affinity: None,
-                    anti_affinity: None,
-                    vcpu_policy: Default::default(),
-                },
+                spec: VmSpec::sized(rng.pick(&[1, 2, 2, 4]), rng.pick(&[1024, 2048, 4096])),
                 host: Some(hosts[host].clone()),
             }
         })

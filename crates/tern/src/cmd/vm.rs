@@ -57,10 +57,27 @@ enum Command {
 #[derive(clap::Args)]
 struct CreateArgs {
     name: VmName,
-    #[arg(long, default_value_t = 1)]
-    vcpus: u32,
-    #[arg(long, default_value_t = 1024)]
-    memory_mib: u64,
+    /// The template whose image, sizes, disks and command line it gets [default: the
+    /// template named `default`, if there is one].
+    #[arg(long)]
+    template: Option<tern_model::TemplateName>,
+    /// Virtual CPUs [default: the template's].
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Memory in MiB [default: the template's].
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Boot this catalogue image instead of the template's (`tern image list`).
+    #[arg(long, value_name = "NAME")]
+    image: Option<tern_model::ImageName>,
+    /// A disk: `SIZE` adds a blank disk (data0, data1, ...), `NAME=SIZE` sizes the
+    /// template's disk NAME (e.g. `root=8G`) or adds a blank one; SIZE in MiB or with
+    /// M, G or T. Repeat for more.
+    #[arg(long = "disk", value_name = "[NAME=]SIZE")]
+    disks: Vec<String>,
+    /// Kernel command line added after the image's and the template's.
+    #[arg(long, value_name = "ARGS", default_value = "")]
+    cmdline: String,
     /// Put it on this host instead of letting the manager choose.
     #[arg(long)]
     host: Option<HostName>,
@@ -76,6 +93,44 @@ struct CreateArgs {
     /// How its host schedules its vCPU threads: none, pin or gang (docs/trace.md).
     #[arg(long, value_name = "POLICY", default_value = "none")]
     vcpu_policy: VcpuPolicy,
+}
+
+/// `--disk` arguments as disks (pure): `SIZE` is a blank disk `dataN`, `NAME=SIZE` a
+/// disk of that name.
+fn disk_args(args: &[String]) -> Result<Vec<tern_api::catalog::VmDisk>, String> {
+    let mut n = 0;
+    args.iter()
+        .map(|a| {
+            let (name, size) = match a.split_once('=') {
+                Some((name, size)) => (name.to_owned(), size),
+                None => {
+                    n += 1;
+                    (format!("data{}", n - 1), a.as_str())
+                }
+            };
+            Ok(tern_api::catalog::VmDisk {
+                name,
+                size_mib: Some(parse_mib(size).map_err(|e| format!("--disk {a}: {e}"))?),
+                from_image: false,
+            })
+        })
+        .collect()
+}
+
+/// A size in MiB: a number of MiB, or one with a unit M, G or T (pure).
+pub fn parse_mib(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().last() {
+        Some((i, 'M' | 'm')) => (&s[..i], 1),
+        Some((i, 'G' | 'g')) => (&s[..i], 1024),
+        Some((i, 'T' | 't')) => (&s[..i], 1024 * 1024),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| format!("size {s:?}: give MiB (1024) or a number with M, G or T (8G)"))
 }
 
 const HEADER: [&str; 6] = ["NAME", "STATE", "HOST", "VCPUS", "MEMORY MiB", "CPU USED"];
@@ -110,14 +165,19 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             let body = CreateVm {
                 name: x.name,
                 spec: VmSpec {
-                    vcpus: x.vcpus,
-                    memory_mib: x.memory_mib,
+                    vcpus: x.vcpus.unwrap_or(0),
+                    memory_mib: x.memory_mib.unwrap_or(0),
                     pinned: x.pinned,
                     affinity: x.affinity,
                     anti_affinity: x.anti_affinity,
                     vcpu_policy: x.vcpu_policy,
+                    image: x.image.map(String::from),
+                    disks: disk_args(&x.disks).map_err(super::bad_input)?,
+                    cmdline: x.cmdline,
+                    template: None,
                 },
                 host: x.host,
+                template: x.template,
             };
             call(c, Method::POST, "/v1/vms", Some(&body))?
         }

@@ -73,6 +73,18 @@ impl Keys {
     fn settings(&self) -> Vec<u8> {
         self.key("settings")
     }
+    fn images(&self) -> Vec<u8> {
+        self.key("images/")
+    }
+    fn image(&self, name: &str) -> Vec<u8> {
+        self.key(&format!("images/{name}"))
+    }
+    fn templates(&self) -> Vec<u8> {
+        self.key("templates/")
+    }
+    fn template(&self, name: &str) -> Vec<u8> {
+        self.key(&format!("templates/{name}"))
+    }
     fn hosts(&self) -> Vec<u8> {
         self.key("hosts/")
     }
@@ -138,6 +150,10 @@ fn writes(keys: &Keys, meta: Meta, time: Millis, changes: &[Change]) -> Writes {
                 (keys.migration(m.id), Some(to_json(m)))
             }
             Change::PutSettings(s) => (keys.settings(), Some(to_json(s))),
+            Change::PutImage(i) => (keys.image(&i.name), Some(to_json(i))),
+            Change::RemoveImage(name) => (keys.image(name), None),
+            Change::PutTemplate(t) => (keys.template(t.name.as_str()), Some(to_json(t))),
+            Change::RemoveTemplate(name) => (keys.template(name), None),
             Change::Event(kind) => {
                 w.meta.last_event += 1;
                 let e = Event {
@@ -234,6 +250,8 @@ impl Store for EtcdStore {
             op::get_prefix(&k.vms()),
             op::get_prefix(&k.migrations()),
             op::get(&k.settings()),
+            op::get_prefix(&k.images()),
+            op::get_prefix(&k.templates()),
         ];
         let r = self.block(|g| Box::pin(async move { g.txn(vec![], reads, vec![]).await }))?;
         let mut snap = Snapshot::default();
@@ -260,6 +278,14 @@ impl Store for EtcdStore {
         }
         if let Some(kv) = r.range(4).first() {
             snap.settings = from_json::<BalancerSettings>("balancer settings", kv)?;
+        }
+        for kv in r.range(5) {
+            let i: crate::state::Image = from_json("catalogue image", kv)?;
+            snap.images.insert(i.name.clone(), i);
+        }
+        for kv in r.range(6) {
+            let t: crate::state::Template = from_json("catalogue template", kv)?;
+            snap.templates.insert(t.name.to_string(), t);
         }
         snap.next_migration = seen.meta.next_migration.max(1);
         snap.last_event = seen.meta.last_event;
@@ -328,14 +354,7 @@ mod tests {
     fn vm(name: &str, cpu: f64) -> Vm {
         Vm {
             name: name.into(),
-            spec: VmSpec {
-                vcpus: 1,
-                memory_mib: 64,
-                pinned: false,
-                affinity: None,
-                anti_affinity: None,
-                vcpu_policy: Default::default(),
-            },
+            spec: VmSpec::sized(1, 64),
             desired_host: None,
             observed_host: None,
             state: VmState::Pending,

@@ -187,14 +187,7 @@ async fn load(a: &Args, db: &std::path::Path) -> anyhow::Result<Report> {
     let reqs: Vec<NewVm> = (0..a.hosts * a.vms_per_host)
         .map(|i| NewVm {
             name: format!("vm-{i:06}"),
-            spec: VmSpec {
-                vcpus: 1,
-                memory_mib: 1024,
-                pinned: false,
-                affinity: None,
-                anti_affinity: None,
-                vcpu_policy: Default::default(),
-            },
+            spec: VmSpec::sized(1, 1024),
             host: Some(names[i % a.hosts].clone()),
         })
         .collect();

@@ -332,7 +332,12 @@ fn agent_err(host: &str, e: impl std::fmt::Display) -> tern_manager::error::Erro
 
 #[async_trait]
 impl HostClient for ImageHost {
-    async fn create_vm(&self, vm: &str, spec: &VmSpec) -> tern_manager::error::Result<()> {
+    async fn create_vm(
+        &self,
+        vm: &str,
+        spec: &VmSpec,
+        _image: Option<&tern_manager::state::Image>,
+    ) -> tern_manager::error::Result<()> {
         let req = CreateVm {
             id: vm.parse()?,
             spec: self.img.vm_spec(spec.vcpus, spec.memory_mib, vm),
@@ -470,14 +475,7 @@ async fn demo(
     let reqs: Vec<NewVm> = (1..=VMS)
         .map(|i| NewVm {
             name: format!("demo-{i}"),
-            spec: VmSpec {
-                vcpus: 1,
-                memory_mib: VM_MEMORY_MIB,
-                pinned: false,
-                affinity: None,
-                anti_affinity: None,
-                vcpu_policy: Default::default(),
-            },
+            spec: VmSpec::sized(1, VM_MEMORY_MIB),
             host: Some(first.clone()),
         })
         .collect();
