@@ -63,6 +63,9 @@ pub enum AgentError {
     /// Recording a trace failed or was refused.
     #[error(transparent)]
     Trace(#[from] tern_trace::TraceError),
+    /// A catalogue image's files could not be made present in the store.
+    #[error(transparent)]
+    Image(#[from] crate::images::ImageError),
     /// The agent's own files (state directory, token file).
     #[error("{context}: {source}")]
     Io {
@@ -88,6 +91,12 @@ impl AgentError {
             AgentError::Migrating { .. } => StatusCode::CONFLICT,
             AgentError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AgentError::OutsideImageDir { .. } => StatusCode::BAD_REQUEST,
+            AgentError::Image(e) => match e {
+                e if e.is_bad_input() => StatusCode::BAD_REQUEST,
+                crate::images::ImageError::NoSource { .. } => StatusCode::CONFLICT,
+                crate::images::ImageError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_GATEWAY,
+            },
             AgentError::Guest { .. } | AgentError::GuestChannel { .. } | AgentError::Client(_) => {
                 StatusCode::BAD_GATEWAY
             }
@@ -133,6 +142,8 @@ impl AgentError {
             AgentError::Migrating { .. } => "conflict",
             AgentError::TooLarge { .. } => "too_large",
             AgentError::OutsideImageDir { .. } => "bad_spec",
+            AgentError::Image(e) if e.is_bad_input() => "bad_spec",
+            AgentError::Image(_) => "image",
             AgentError::Guest { .. } | AgentError::GuestChannel { .. } => "guest",
             AgentError::Client(_) => "remote",
             AgentError::Io { .. } | AgentError::Streams(_) => "internal",

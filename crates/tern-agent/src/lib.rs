@@ -5,6 +5,7 @@
 //!   [`error`]: the agent's error type and its HTTP status mapping.
 //! - [`state`]: what handlers share, and the token file; [`vms`]: VM operations
 //!   (admission, records, driver); [`host`]: capacity, load and the admission rule;
+//!   [`images`]: catalogue image files copied from the manager into the store;
 //!   [`guest`]: the guest agent channel.
 //! - [`client`]: a typed HTTP client for the API (CLI, lab, manager, migration source).
 //! - [`migration`]: tern's live-migration engine.
@@ -20,6 +21,7 @@ pub mod error;
 pub mod fence;
 pub mod guest;
 pub mod host;
+pub mod images;
 pub mod migration;
 pub mod openapi;
 pub mod server;

@@ -106,6 +106,8 @@ pub struct AppState {
     /// Where VM disks are made (see `docs/storage.md`); `None`: VMs with disks are
     /// refused.
     pub store: Option<tern_hv::disk::Store>,
+    /// Where catalogue image files missing from the store are copied from.
+    pub images: crate::images::ImageSource,
 }
 
 impl AppState {
@@ -124,12 +126,19 @@ impl AppState {
             stream_tls: None,
             vcpu: Arc::default(),
             store: None,
+            images: Default::default(),
         }
     }
 
     /// Makes VM disks in `store` (the driver must open them from the same store).
     pub fn with_store(mut self, store: tern_hv::disk::Store) -> AppState {
         self.store = Some(store);
+        self
+    }
+
+    /// Copies catalogue image files missing from the store from these managers.
+    pub fn with_image_source(mut self, managers: Vec<tern_api::client::ManagerClient>) -> AppState {
+        self.images = crate::images::ImageSource { managers };
         self
     }
 

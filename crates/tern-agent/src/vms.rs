@@ -47,6 +47,7 @@ impl AppState {
         start: bool,
     ) -> Result<VmInfo, AgentError> {
         VmName::check(id).map_err(HvError::from)?;
+        let spec = self.with_image_files(spec).await?;
         tern_hv::spec::check_paths(&spec)?;
         let spec = self.confine_paths(spec)?;
         let _admission = self.admission.lock().await;
@@ -120,11 +121,34 @@ impl AppState {
         }
     }
 
+    /// A spec that boots a catalogue image, with the image's files present in the
+    /// store (copied from the manager when missing) and its kernel and initramfs set to
+    /// them; whatever paths the spec carried (a migration's source's) are replaced.
+    async fn with_image_files(&self, mut spec: VmSpec) -> Result<VmSpec, AgentError> {
+        let Some(image) = &spec.image else {
+            return Ok(spec);
+        };
+        let store = self.store.as_ref().ok_or_else(|| {
+            AgentError::BadRequest(format!(
+                "the VM boots catalogue image {:?}, and this agent has no disk store to                  keep its files in: start it with --store DIR",
+                image.name.as_str()
+            ))
+        })?;
+        let present = crate::images::ensure(&store.images_dir(), &self.images, image).await?;
+        spec.kernel = present.kernel;
+        spec.initramfs = present.initramfs;
+        Ok(spec)
+    }
+
     /// The spec with its kernel and initramfs replaced by their canonical paths, each
-    /// checked to lie under the host's image directory; QEMU is given the resolved path,
+    /// checked to lie under the host's image directory or the store's `images/`; QEMU is given the resolved path,
     /// so a symlink or `..` in the caller's path cannot be re-pointed after the check.
     fn confine_paths(&self, mut spec: VmSpec) -> Result<VmSpec, AgentError> {
         let image_dir = &self.host.image_dir;
+        let store_images = self
+            .store
+            .as_ref()
+            .and_then(|s| s.images_dir().canonicalize().ok());
         for (field, path) in [
             ("kernel", &mut spec.kernel),
             ("initramfs", &mut spec.initramfs),
@@ -140,7 +164,9 @@ impl AppState {
                 field,
                 path: p.clone(),
             })?;
-            if !real.starts_with(&dir) || !real.is_file() {
+            let allowed = real.starts_with(&dir)
+                || store_images.as_ref().is_some_and(|s| real.starts_with(s));
+            if !allowed || !real.is_file() {
                 return Err(outside(p));
             }
             *p = real;

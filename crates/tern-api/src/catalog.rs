@@ -142,6 +142,11 @@ impl ImageFile {
     }
 }
 
+/// A digest as the catalogue writes hashes: lower-case hex.
+pub fn hex(digest: &[u8]) -> String {
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// An image to add to the catalogue: its files are uploaded after it, one by one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -402,6 +407,11 @@ mod tests {
             files,
             description: String::new(),
         }
+    }
+
+    #[test]
+    fn hashes_are_lower_case_hex() {
+        assert_eq!(hex(&[0x00, 0xab, 0x7f]), "00ab7f");
     }
 
     #[test]

@@ -28,9 +28,13 @@ enum Command {
     /// Benchmarks that run tern beside a peer tool and report ratios.
     #[command(subcommand)]
     Bench(cmd::bench::Command),
-    /// Build the guest image (kernel, initramfs, tern-guest) into the cache.
+    /// Build the guest image into the cache; list, import and delete the manager's
+    /// catalogue of images.
     #[command(subcommand)]
     Image(cmd::image::Command),
+    /// The manager's templates: an image with a VM's default sizes, disks and command
+    /// line (`tern vm create --template`).
+    Template(cmd::catalog::TemplateArgs),
     /// Run the host agent (HTTP API over this host's VMs); `tern agent vm` talks to one.
     Agent(cmd::agent::Args),
     /// A lab of hosts on this machine: network namespaces, shaped links, one agent each.
@@ -71,6 +75,7 @@ fn main() {
         Command::Sim(c) => cmd::sim::run(c),
         Command::Bench(c) => cmd::bench::run(c),
         Command::Image(c) => cmd::image::run(c),
+        Command::Template(a) => cmd::catalog::templates(a),
         Command::Agent(a) => cmd::agent::run(a),
         Command::Lab(c) => cmd::lab::run(c),
         Command::Vm(a) => cmd::vm::run(a),

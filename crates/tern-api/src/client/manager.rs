@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::{Client, ClientError, ClientOptions};
+use crate::catalog::{FileRole, Image, NewImage, Template};
 use crate::manager::{
     BalancePlan, BalancerSettings, CreateVm, Event, HeartbeatReply, Host, LeaseGrant, ListQuery,
     LoadReport, MigrateVm, Migration, MigrationView, RegisterHost, Vm,
@@ -29,6 +30,61 @@ impl ManagerClient {
     /// The one client underneath, for a route not typed here.
     pub fn http(&self) -> &Client {
         &self.http
+    }
+
+    pub async fn images(&self) -> Result<Vec<Image>, ClientError> {
+        self.http.get_list("/v1/images").await
+    }
+
+    pub async fn image(&self, name: &str) -> Result<Image, ClientError> {
+        self.http.get(&format!("/v1/images/{name}")).await
+    }
+
+    pub async fn add_image(&self, req: &NewImage) -> Result<Image, ClientError> {
+        self.http.post("/v1/images", req).await
+    }
+
+    pub async fn delete_image(&self, name: &str) -> Result<Image, ClientError> {
+        self.http.delete(&format!("/v1/images/{name}")).await
+    }
+
+    /// Uploads one file of an image (`body`: its bytes), within `timeout`.
+    pub async fn upload_image_file(
+        &self,
+        name: &str,
+        role: FileRole,
+        body: reqwest::Body,
+        timeout: Duration,
+    ) -> Result<Image, ClientError> {
+        let path = format!("/v1/images/{name}/files/{}", role.as_str());
+        self.http.upload(&path, body, timeout).await
+    }
+
+    /// Opens one file of an image for reading, within `timeout` for the whole file.
+    pub async fn image_file(
+        &self,
+        name: &str,
+        role: FileRole,
+        timeout: Duration,
+    ) -> Result<super::Stream, ClientError> {
+        let path = format!("/v1/images/{name}/files/{}", role.as_str());
+        self.http.download(&path, timeout).await
+    }
+
+    pub async fn templates(&self) -> Result<Vec<Template>, ClientError> {
+        self.http.get_list("/v1/templates").await
+    }
+
+    pub async fn template(&self, name: &str) -> Result<Template, ClientError> {
+        self.http.get(&format!("/v1/templates/{name}")).await
+    }
+
+    pub async fn create_template(&self, t: &Template) -> Result<Template, ClientError> {
+        self.http.post("/v1/templates", t).await
+    }
+
+    pub async fn delete_template(&self, name: &str) -> Result<Template, ClientError> {
+        self.http.delete(&format!("/v1/templates/{name}")).await
     }
 
     pub async fn hosts(&self) -> Result<Vec<Host>, ClientError> {

@@ -263,11 +263,19 @@ impl Client {
     /// Opens a long-lived answer (server-sent events): no request timeout, the status
     /// checked, the body left to read with [`Self::read_chunk`].
     pub async fn open_stream(&self, path: &str) -> Result<Stream, ClientError> {
+        // A stream lasts as long as the server keeps it open.
+        self.download(path, Duration::from_secs(u64::from(u32::MAX)))
+            .await
+    }
+
+    /// Opens a large answer to read with [`Stream::read_chunk`] (an image file): the
+    /// whole transfer may take `timeout`, and no size cap applies; the caller bounds
+    /// what it reads.
+    pub async fn download(&self, path: &str, timeout: Duration) -> Result<Stream, ClientError> {
         let url = format!("{}{path}", self.base);
         let resp = self
             .authorized(self.http.get(&url))
-            // A stream lasts as long as the server keeps it open.
-            .timeout(Duration::from_secs(u64::from(u32::MAX)))
+            .timeout(timeout)
             .send()
             .await
             .map_err(|e| self.failed(Method::GET, &url, e))?;
@@ -277,6 +285,30 @@ impl Client {
             url,
             resp,
         })
+    }
+
+    /// PUTs `body` as `application/octet-stream` (an image file) and decodes the JSON
+    /// answer; the whole transfer may take `timeout`.
+    pub async fn upload<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: reqwest::Body,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let resp = self
+            .authorized(self.http.put(&url))
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .timeout(timeout)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| self.failed(Method::PUT, &url, e))?;
+        let resp = self.check(Method::PUT, &url, resp).await?;
+        let bytes = self
+            .read_capped(&Method::PUT, &url, resp, self.options.max_body_bytes)
+            .await?;
+        decode(Method::PUT, url, &bytes)
     }
 
     /// Sends the request; an answer with an error status is [`ClientError::Remote`].

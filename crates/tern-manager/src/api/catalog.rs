@@ -16,7 +16,6 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures_util::StreamExt;
-use serde_json::json;
 use sha2::{Digest, Sha256};
 use tern_api::catalog::{FileRole, Image, ImageFile, NewImage, Template};
 use tern_model::{ImageName, TemplateName};
@@ -207,7 +206,7 @@ async fn write_checked(body: RawBody, tmp: &Path, want: &ImageFile) -> ApiResult
             want.size
         )));
     }
-    let sha = hex(&hash.finalize());
+    let sha = tern_api::catalog::hex(&hash.finalize());
     if sha != want.sha256 {
         return Err(ApiError::BadRequest(format!(
             "{} file has SHA-256 {sha}, the image declared {}",
@@ -216,10 +215,6 @@ async fn write_checked(body: RawBody, tmp: &Path, want: &ImageFile) -> ApiResult
         )));
     }
     Ok(())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn rand_suffix() -> u64 {
@@ -362,17 +357,4 @@ pub(super) fn file_routes() -> axum::Router<Arc<App>> {
         "/v1/images/:name/files/:role",
         axum::routing::get(download_file).put(upload_file),
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn hashes_are_written_as_lower_case_hex() {
-        assert_eq!(
-            hex(&Sha256::digest(b"abc")),
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
-    }
 }

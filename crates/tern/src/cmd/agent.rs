@@ -246,6 +246,9 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
         }
         Driver::Sim => AppState::new(Arc::new(SimDriver::new()), host).with_stream_ip(addr.ip()),
     };
+    // Catalogue images missing from the store are copied from the managers it reports
+    // to, with the same credentials.
+    let state = state.with_image_source(managers.clone());
     let (state, serving) = match identity {
         Some((dir, id, trust)) => {
             let server = server_config_with(&id, &trust, ClientAuth::Required)?;

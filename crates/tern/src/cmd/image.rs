@@ -1,5 +1,6 @@
 //! `tern image build`: builds (or finds in the cache) the guest image and prints its
-//! manifest. Progress goes to stderr, the result to stdout.
+//! manifest. Progress goes to stderr, the result to stdout. `list`, `import` and
+//! `delete` work on the manager's catalogue (`super::catalog`).
 
 use std::path::PathBuf;
 
@@ -10,6 +11,20 @@ pub enum Command {
     /// Build the guest image (cloud kernel + initramfs with busybox and tern-guest),
     /// or reuse the cached one when no input changed.
     Build(BuildArgs),
+    /// The manager's catalogue of images.
+    List {
+        #[command(flatten)]
+        conn: super::host::Conn,
+    },
+    /// Add an image to the manager's catalogue: a built one (--from minimal) or the
+    /// files given; each file is hashed here and checked by the manager.
+    Import(super::catalog::ImportArgs),
+    /// Delete an image no template or VM uses from the catalogue.
+    Delete {
+        name: tern_model::ImageName,
+        #[command(flatten)]
+        conn: super::host::Conn,
+    },
 }
 
 #[derive(clap::Args)]
@@ -25,6 +40,9 @@ pub struct BuildArgs {
 pub fn run(cmd: Command) -> anyhow::Result<()> {
     match cmd {
         Command::Build(args) => build(args),
+        Command::List { conn } => super::catalog::list_images(&conn),
+        Command::Import(a) => super::catalog::import(a),
+        Command::Delete { name, conn } => super::catalog::delete_image(&conn, &name),
     }
 }
 

@@ -30,6 +30,11 @@ pub struct Args {
     /// SQLite file holding the cluster's state (created if missing, mode 0600).
     #[arg(long, default_value = "tern.db")]
     db: PathBuf,
+    /// Directory holding the image catalogue's files (`tern image import`; created if
+    /// missing, mode 0700) [default: `catalog` beside --db]. Managers sharing one etcd
+    /// must see one directory (an NFS mount), as they share --ca.
+    #[arg(long, value_name = "DIR")]
+    catalog: Option<PathBuf>,
     /// The cluster CA's directory (created if missing, or one `tern lab up` made; with
     /// --etcd it must exist, from `tern ca init`): the API becomes HTTPS, hosts join with
     /// tokens, agents are called over mutual TLS.
@@ -89,6 +94,25 @@ fn agent_token(a: &Args, tokens: &[String]) -> anyhow::Result<String> {
         .ok()
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| tokens[0].clone()))
+}
+
+/// The catalogue directory: `dir`, or `catalog` beside `db`; made 0700 if missing, as
+/// it holds what every VM boots.
+pub fn catalog_dir(dir: Option<&Path>, db: &Path) -> anyhow::Result<PathBuf> {
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => db
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .join("catalog"),
+    };
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| super::bad_input(format!("--catalog {}: {e}", dir.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("--catalog {}", dir.display()))?;
+    Ok(dir)
 }
 
 /// Opens the database, created 0600 (SQLite gives its journal files the same mode).
@@ -176,6 +200,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             advertise: a.advertise,
             ca: a.ca,
             crl_refresh: Duration::from_secs(a.crl_refresh_s),
+            catalog: catalog_dir(a.catalog.as_deref(), Path::new("tern.db"))?,
         });
     }
     if a.ca.is_none() && !addr.ip().is_loopback() {
@@ -185,7 +210,8 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         )));
     }
     let store = open_db(&a.db)?;
-    let manager = Arc::new(Manager::open(Box::new(store), system_clock())?);
+    let catalog = catalog_dir(a.catalog.as_deref(), &a.db)?;
+    let manager = Arc::new(Manager::open(Box::new(store), system_clock())?.with_catalog(catalog));
     let timeout = Duration::from_secs(a.agent_timeout_s);
     let pki =
         a.ca.as_deref()

@@ -40,6 +40,8 @@ pub struct Options {
     /// The cluster CA's directory, shared by every manager.
     pub ca: Option<PathBuf>,
     pub crl_refresh: Duration,
+    /// The image catalogue's files, shared by every manager.
+    pub catalog: PathBuf,
 }
 
 /// The URL other managers reach this one by: `--advertise`, else the listen address
@@ -116,7 +118,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let store = EtcdStore::open(&o.etcd, PREFIX, leadership.clone())?;
     let manager = Arc::new(
         Manager::open(Box::new(store), system_clock())
-            .with_context(|| format!("reading the state from etcd at {}", o.etcd.join(",")))?,
+            .with_context(|| format!("reading the state from etcd at {}", o.etcd.join(",")))?
+            .with_catalog(o.catalog.clone()),
     );
     let agents = Arc::new(match &pki {
         Some(p) => HttpConnector::with_tls(o.agent_timeout, p.client.clone()),

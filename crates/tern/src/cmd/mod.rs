@@ -5,6 +5,7 @@ use tern_agent::AgentError;
 pub mod agent;
 pub mod bench;
 pub mod ca;
+pub mod catalog;
 pub mod demo;
 pub mod events;
 pub mod host;

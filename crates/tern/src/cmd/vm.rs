@@ -97,7 +97,7 @@ struct CreateArgs {
 
 /// `--disk` arguments as disks (pure): `SIZE` is a blank disk `dataN`, `NAME=SIZE` a
 /// disk of that name.
-fn disk_args(args: &[String]) -> Result<Vec<tern_api::catalog::VmDisk>, String> {
+pub fn disk_args(args: &[String]) -> Result<Vec<tern_api::catalog::VmDisk>, String> {
     let mut n = 0;
     args.iter()
         .map(|a| {
