@@ -75,6 +75,11 @@ pub async fn execute(state: &AppState, cmd: Command) -> Result<(StatusCode, Valu
                     vms: vms.len(),
                 },
                 version: env!("CARGO_PKG_VERSION").to_string(),
+                store_free_mib: state
+                    .store
+                    .as_ref()
+                    .and_then(|s| s.free_bytes().ok())
+                    .map(|b| b >> 20),
             }))
         }
         Command::ListVms => {

@@ -374,6 +374,10 @@ pub struct HostReport {
     pub capacity: Capacity,
     pub load: Load,
     pub version: String,
+    /// Free space in the host's disk store (`docs/storage.md`), in MiB; absent without
+    /// a store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_free_mib: Option<u64>,
 }
 
 /// `POST /v1/vms`.

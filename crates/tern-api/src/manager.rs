@@ -74,6 +74,9 @@ pub struct Host {
     pub cpu_used: Option<f64>,
     /// Cores in use, smoothed (EWMA) so one noisy report does not trigger migrations.
     pub cpu_smoothed: Option<f64>,
+    /// Free space in its disk store, in MiB, as last reported; new VMs' disks must fit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_free_mib: Option<u64>,
 }
 
 /// What an operator asks for when creating a VM.
@@ -588,6 +591,9 @@ pub struct LoadReport {
     /// The VMs running there and the cores each uses.
     #[serde(default)]
     pub vms: Vec<VmLoad>,
+    /// Free space in the host's disk store, in MiB; absent: no store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_free_mib: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

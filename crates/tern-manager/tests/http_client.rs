@@ -52,6 +52,7 @@ async fn agent(name: &str) -> Agent {
             last_heartbeat: None,
             cpu_used: None,
             cpu_smoothed: None,
+            store_free_mib: None,
         },
         stop: Some(tx),
         _dir: dir,

@@ -27,6 +27,7 @@ fn report(host: usize, cpu: f64) -> Command {
                     cpu_used: cpu,
                 })
                 .collect(),
+            store_free_mib: None,
         },
     }
 }

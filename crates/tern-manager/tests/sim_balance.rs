@@ -55,6 +55,7 @@ fn both(hosts: usize, vms: &[VmCase], now: f64) -> (State, Snapshot) {
                 last_heartbeat: Some(now as u64 * 1000),
                 cpu_used: None,
                 cpu_smoothed: None,
+                store_free_mib: None,
             },
         );
     }

@@ -15,6 +15,7 @@ fn host(name: &str) -> Host {
         last_heartbeat: Some(1234),
         cpu_used: Some(1.5),
         cpu_smoothed: None,
+        store_free_mib: None,
     }
 }
 

@@ -281,6 +281,7 @@ impl HostClient for HttpHost {
         let vms = self.agent.list_vms().await.map_err(|e| self.fail(e))?;
         Ok(LoadReport {
             cpu_used: host.load.vm_cpu_cores,
+            store_free_mib: host.store_free_mib,
             // A VM whose id breaks the naming rule cannot be one the manager created:
             // it is neither its load nor a stale copy it could name to destroy.
             vms: vms

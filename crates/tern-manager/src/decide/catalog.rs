@@ -285,18 +285,25 @@ pub fn resolve_spec(snap: &Snapshot, spec: VmSpec, template: Option<&str>) -> Re
 /// The store space a VM's disks take at most, in MiB (pure): each disk's size, a disk
 /// from the image without a size its image's size (every disk may be filled).
 pub fn disk_mib(spec: &VmSpec, snap: &Snapshot) -> u64 {
-    let image_mib = spec
-        .image
-        .as_deref()
-        .and_then(|i| snap.images.get(i))
+    disk_mib_with(spec, |i| image_disk_mib(snap, i))
+}
+
+/// The size of image `name`'s disk in MiB, if it has one.
+pub fn image_disk_mib(snap: &Snapshot, name: &str) -> Option<u64> {
+    snap.images
+        .get(name)
         .and_then(|i| i.file(FileRole::Disk))
         .and_then(|f| f.virtual_mib)
-        .unwrap_or(0);
+}
+
+/// [`disk_mib`] with the image sizes from `image_mib` (pure).
+pub fn disk_mib_with(spec: &VmSpec, image_mib: impl Fn(&str) -> Option<u64>) -> u64 {
+    let from_image = spec.image.as_deref().and_then(image_mib).unwrap_or(0);
     spec.disks
         .iter()
         .map(|d| match (d.size_mib, d.from_image) {
             (Some(s), _) => s,
-            (None, true) => image_mib,
+            (None, true) => from_image,
             (None, false) => 0,
         })
         .sum()

@@ -265,6 +265,7 @@ mod tests {
                 name: "a".parse().unwrap(),
                 cpu_used: 1.0,
             }],
+            store_free_mib: None,
         };
         let reply = run(
             &mut snap,

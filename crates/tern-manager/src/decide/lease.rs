@@ -122,6 +122,7 @@ mod tests {
             last_heartbeat,
             cpu_used: None,
             cpu_smoothed: None,
+            store_free_mib: None,
         }
     }
 

@@ -407,6 +407,7 @@ fn register(
         last_heartbeat: Some(now),
         cpu_used: None,
         cpu_smoothed: None,
+        store_free_mib: None,
     };
     Ok((
         vec![
@@ -470,6 +471,7 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
         last_heartbeat: Some(now),
         cpu_used: Some(report.cpu_used),
         cpu_smoothed: Some(smoothed),
+        store_free_mib: report.store_free_mib,
         ..h.clone()
     }));
     for l in &report.vms {
@@ -530,7 +532,7 @@ fn create_vm(
     host: Option<String>,
     template: Option<String>,
 ) -> Result<Decision> {
-    let mut placer = Placer::new(snap);
+    let mut placer = Placer::for_new_vms(snap);
     let spec = catalog::resolve_spec(snap, spec, template.as_deref())?;
     let (changes, v) = create_one(snap, &mut placer, name, spec, host)?;
     Ok((changes, Reply::Vm(v)))
@@ -548,7 +550,7 @@ pub struct NewVm {
 /// Creates many VMs with one placement pass (each sees the ones before it), so creating
 /// thousands stays linear. Requests that fail are answered with their error and left out.
 pub fn create_vms(snap: &Snapshot, reqs: Vec<NewVm>) -> (Vec<Change>, Vec<Result<Vm>>) {
-    let mut placer = Placer::new(snap);
+    let mut placer = Placer::for_new_vms(snap);
     let mut seen = std::collections::BTreeSet::new();
     let mut changes = Vec::new();
     let mut out = Vec::with_capacity(reqs.len());
@@ -753,6 +755,7 @@ pub(crate) mod testing {
                     last_heartbeat: Some(0),
                     cpu_used: None,
                     cpu_smoothed: None,
+                    store_free_mib: None,
                 },
             );
         }
@@ -952,6 +955,7 @@ mod tests {
                 name: "a".parse().unwrap(),
                 cpu_used: 0.5,
             }],
+            store_free_mib: None,
         };
         let Reply::Heartbeat(r) = run(
             &mut snap,
@@ -1001,6 +1005,7 @@ mod tests {
                 name: "found".parse().unwrap(),
                 cpu_used: 0.5,
             }],
+            store_free_mib: None,
         };
         run(
             &mut snap,

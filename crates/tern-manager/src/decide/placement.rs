@@ -13,6 +13,8 @@ pub enum Refusal {
     NotActive,
     Excluded,
     Memory,
+    /// Its disk store has too little free space for the VM's disks.
+    Disk,
     AntiAffinity,
     Affinity,
 }
@@ -23,6 +25,7 @@ impl Refusal {
             Self::NotActive => "not active (maintenance or dead)",
             Self::Excluded => "the VM's current host",
             Self::Memory => "too little free memory",
+            Self::Disk => "too little free space in its disk store for the VM's disks",
             Self::AntiAffinity => "already holding a VM of its anti-affinity group",
             Self::Affinity => "not the host of its affinity group",
         }
@@ -37,6 +40,9 @@ struct Slot {
     /// Cores in use, smoothed where a report exists; new VMs add their vCPUs until
     /// reports show what they really use.
     cpu_load: f64,
+    /// Free MiB in its disk store as last reported, less the disks of VMs placed there
+    /// and not yet made; `None` before a report.
+    disk_free: Option<u64>,
 }
 
 /// Placement state over one snapshot.
@@ -46,6 +52,11 @@ pub struct Placer {
     anti: BTreeMap<String, BTreeSet<String>>,
     /// The host of each affinity group.
     affinity: BTreeMap<String, String>,
+    /// The disk size of each catalogue image that has a disk, in MiB.
+    image_mib: BTreeMap<String, u64>,
+    /// Whether the VMs placed get new disks, which need store space; a migration's
+    /// disks are already made.
+    new_disks: bool,
 }
 
 impl Placer {
@@ -60,6 +71,7 @@ impl Placer {
                     memory_mib: h.capacity.memory_mib,
                     memory_used: 0,
                     cpu_load: h.cpu_smoothed.or(h.cpu_used).unwrap_or(0.0),
+                    disk_free: h.store_free_mib,
                 };
                 (h.name.clone(), slot)
             })
@@ -68,17 +80,42 @@ impl Placer {
             hosts: BTreeMap::new(),
             anti: BTreeMap::new(),
             affinity: BTreeMap::new(),
+            image_mib: snap
+                .images
+                .keys()
+                .filter_map(|n| Some((n.clone(), super::catalog::image_disk_mib(snap, n)?)))
+                .collect(),
+            new_disks: false,
         };
         for vm in snap.vms.values() {
             if let Some(h) = &vm.desired_host {
+                let pending = vm.state == crate::state::VmState::Pending;
+                let disks = placer.disk_mib(&vm.spec);
                 if let Some(slot) = hosts.get_mut(h) {
                     slot.memory_used += vm.spec.memory_mib;
+                    // A report already counts the disks of VMs that run.
+                    if pending {
+                        slot.disk_free = slot.disk_free.map(|f| f.saturating_sub(disks));
+                    }
                 }
                 placer.note_groups(&vm.spec, h);
             }
         }
         placer.hosts = std::mem::take(&mut hosts);
         placer
+    }
+
+    /// A placer for new VMs: their disks must fit in the host's store as well.
+    pub fn for_new_vms(snap: &Snapshot) -> Self {
+        Self {
+            new_disks: true,
+            ..Self::new(snap)
+        }
+    }
+
+    /// The most store space `spec`'s disks take, in MiB.
+    fn disk_mib(&self, spec: &VmSpec) -> u64 {
+        super::catalog::disk_mib_with(spec, |i| self.image_mib.get(i).copied())
     }
 
     fn note_groups(&mut self, spec: &VmSpec, host: &str) {
@@ -111,6 +148,13 @@ impl Placer {
         }
         if slot.memory_used + spec.memory_mib > slot.memory_mib {
             return Some(Refusal::Memory);
+        }
+        if self.new_disks
+            && slot
+                .disk_free
+                .is_some_and(|free| self.disk_mib(spec) > free)
+        {
+            return Some(Refusal::Disk);
         }
         if let Some(g) = &spec.anti_affinity {
             if self.anti.get(g).is_some_and(|hs| hs.contains(host)) {
@@ -173,9 +217,15 @@ impl Placer {
 
     /// Records that the VM now holds room on `host`.
     pub fn take(&mut self, spec: &VmSpec, host: &str) {
+        let disks = if self.new_disks {
+            self.disk_mib(spec)
+        } else {
+            0
+        };
         if let Some(slot) = self.hosts.get_mut(host) {
             slot.memory_used += spec.memory_mib;
             slot.cpu_load += f64::from(spec.vcpus);
+            slot.disk_free = slot.disk_free.map(|f| f.saturating_sub(disks));
         }
         self.note_groups(spec, host);
     }
@@ -220,6 +270,40 @@ mod tests {
             .to_string();
         assert!(err.contains("1 host(s) not active"), "{err}");
         assert!(err.contains("2 host(s) too little free memory"), "{err}");
+    }
+
+    #[test]
+    fn new_disks_must_fit_the_store_and_count_until_made() {
+        let mut snap = cluster(&[8.0, 8.0], 8192);
+        snap.hosts.get_mut("h0").unwrap().store_free_mib = Some(1000);
+        snap.hosts.get_mut("h1").unwrap().store_free_mib = Some(5000);
+        let mut disk = spec(1, 64);
+        disk.disks = vec![tern_api::catalog::VmDisk {
+            name: "data".into(),
+            size_mib: Some(3000),
+            from_image: false,
+        }];
+        let p = Placer::for_new_vms(&snap);
+        let err = p.check("v", &disk, "h0").unwrap_err().to_string();
+        assert!(err.contains("disk store"), "{err}");
+        assert_eq!(p.choose("v", &disk, None).unwrap(), "h1");
+        // A migration moves no disk: the store's space does not matter.
+        Placer::new(&snap).check("v", &disk, "h0").unwrap();
+        // A VM placed on h1 and not yet made holds its space there.
+        let mut p = Placer::for_new_vms(&snap);
+        p.take(&disk, "h1");
+        assert!(p.choose("w", &disk, None).is_err());
+        let mut pending = snap.clone();
+        crate::decide::testing::running(&mut pending, "p", "h1", disk.clone());
+        pending.vms.get_mut("p").unwrap().state = crate::state::VmState::Pending;
+        assert!(Placer::for_new_vms(&pending)
+            .check("w", &disk, "h1")
+            .is_err());
+        // Running, it is in the report already.
+        pending.vms.get_mut("p").unwrap().state = crate::state::VmState::Running;
+        Placer::for_new_vms(&pending)
+            .check("w", &disk, "h1")
+            .unwrap();
     }
 
     #[test]

@@ -77,6 +77,7 @@ fn host_from(r: &Row) -> rusqlite::Result<(Host, String)> {
             last_heartbeat: r.get(5)?,
             cpu_used: r.get(6)?,
             cpu_smoothed: r.get(7)?,
+            store_free_mib: None,
         },
         state,
     ))

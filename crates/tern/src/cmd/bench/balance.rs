@@ -171,6 +171,7 @@ fn uneven_snapshot(hosts: usize, vms: usize, seed: u64) -> Snapshot {
             last_heartbeat: Some(0),
             cpu_used: None,
             cpu_smoothed: None,
+            store_free_mib: None,
         };
         snap.hosts.insert(name.clone(), h);
     }
