@@ -26,6 +26,22 @@ pub enum AgentError {
     /// A lifecycle action on a VM that is being migrated to or from this host.
     #[error("cannot {action} VM {vm:?}: it is being migrated; wait until the migration ends (GET /v1/migrations) or cancel it (POST /v1/migrations/{{id}}/cancel)")]
     Migrating { vm: String, action: &'static str },
+    /// A lifecycle action on a VM another long one (a stop waiting for the guest, a
+    /// suspend, a restore) is under way on.
+    #[error("cannot {action} VM {vm:?}: a {doing} of it is under way; wait until it ends")]
+    Busy {
+        vm: String,
+        action: &'static str,
+        doing: &'static str,
+    },
+    /// Saving a VM's state to the store or loading it back failed at `step`.
+    #[error("VM {vm:?}: {step}: {source}")]
+    SavedState {
+        vm: String,
+        step: &'static str,
+        #[source]
+        source: crate::migration::MigrationError,
+    },
     /// A kernel or initramfs path outside the host's image directory.
     #[error("invalid VM spec: {field} {} is not under this host's image directory {}: put the file there (tern image build) or start the agent with --image-dir naming where it is", path.display(), image_dir.display())]
     OutsideImageDir {
@@ -85,7 +101,8 @@ impl AgentError {
             AgentError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
             AgentError::NoRoom(_) => StatusCode::INSUFFICIENT_STORAGE,
-            AgentError::Migrating { .. } => StatusCode::CONFLICT,
+            AgentError::Migrating { .. } | AgentError::Busy { .. } => StatusCode::CONFLICT,
+            AgentError::SavedState { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             AgentError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AgentError::OutsideImageDir { .. } => StatusCode::BAD_REQUEST,
             AgentError::Guest { .. } | AgentError::GuestChannel { .. } | AgentError::Client(_) => {
@@ -132,7 +149,8 @@ impl AgentError {
             AgentError::Unauthorized(_) => "unauthorized",
             AgentError::Forbidden(_) => "forbidden",
             AgentError::NoRoom(_) => "no_room",
-            AgentError::Migrating { .. } => "conflict",
+            AgentError::Migrating { .. } | AgentError::Busy { .. } => "conflict",
+            AgentError::SavedState { .. } => "hypervisor",
             AgentError::TooLarge { .. } => "too_large",
             AgentError::OutsideImageDir { .. } => "bad_spec",
             AgentError::Guest { .. } | AgentError::GuestChannel { .. } => "guest",

@@ -20,6 +20,7 @@ pub mod error;
 pub mod fence;
 pub mod guest;
 pub mod host;
+pub mod lifecycle;
 pub mod migration;
 pub mod openapi;
 pub mod server;

@@ -114,6 +114,27 @@ impl AppState {
         Ok(true)
     }
 
+    /// Removes the saved state of a suspended VM being deleted, and says what becomes of
+    /// its disks: deleted with it, unless the saved state is gone from the store. Then
+    /// another host restored the VM (or is restoring it) and runs it from these disks;
+    /// this host's entry was only a leftover.
+    fn remove_saved_state(&self, id: &str) -> Disks {
+        let Some(store) = &self.store else {
+            return Disks::Delete;
+        };
+        let who = format!("{}-delete", self.host.name);
+        match tern_hv::saved::claim(store, id, &who) {
+            Ok(claimed) => {
+                claimed.remove();
+                Disks::Delete
+            }
+            Err(e) => {
+                tracing::info!(vm = id, reason = %e, "the disks stay with the VM's other copy");
+                Disks::Keep
+            }
+        }
+    }
+
     fn remove_disks(&self, id: &str, spec: &VmSpec) {
         if let Some(store) = &self.store {
             store.remove_disks(id, &spec.disks);
@@ -162,9 +183,15 @@ impl AppState {
     async fn destroy_vm_with(&self, id: &str, disks: Disks) -> Result<(), AgentError> {
         self.guests.forget(id);
         self.forget_vcpu_policy(id);
-        let spec = match self.hv.info(id).await {
-            Ok(info) => Some(info.spec),
-            Err(_) => self.read_record(id).ok().map(|(spec, _)| spec),
+        let (spec, state) = match self.hv.info(id).await {
+            Ok(info) => (Some(info.spec), Some(info.state)),
+            Err(_) => (self.read_record(id).ok().map(|(spec, _)| spec), None),
+        };
+        let disks = match state {
+            Some(tern_hv::VmState::Suspended) if disks == Disks::Delete => {
+                self.remove_saved_state(id)
+            }
+            _ => disks,
         };
         let r = self.hv.destroy(id).await;
         // After the driver let go of the files: QEMU holds them open until it ends.
@@ -188,6 +215,19 @@ impl AppState {
             Action::Resume => hv.resume(id).await?,
             Action::Stop => hv.stop(id).await?,
             Action::IncomingDone => hv.refresh(id).await?,
+            Action::Reboot => {
+                let info = hv.reboot(id).await?;
+                // The guest agent starts again with the guest; a request half-way on the
+                // old connection would wait for an answer that never comes.
+                self.guests.forget(id);
+                info
+            }
+            Action::Suspend | Action::Restore | Action::AbandonRestore => {
+                return Err(AgentError::BadRequest(format!(
+                    "{} has its own route (POST /v1/vms/{{id}}/suspend or /restore)",
+                    action.verb()
+                )))
+            }
         })
     }
 

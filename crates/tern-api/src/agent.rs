@@ -332,7 +332,7 @@ pub enum Action {
     Resume,
     Stop,
     IncomingDone,
-    /// A hard reset of the running guest; it stays running.
+    /// A hard reset of the running guest (a power cycle); it stays running.
     Reboot,
     /// Save memory and device state to the store and end the process.
     Suspend,

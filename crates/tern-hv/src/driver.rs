@@ -129,7 +129,8 @@ pub trait Hypervisor: Send + Sync {
     /// Waits at most `timeout` for the VM's process to end on its own (a guest that
     /// powered itself off); the VM's info then, `Stopped` when it did.
     async fn wait_stopped(&self, id: &str, timeout: std::time::Duration) -> Result<VmInfo>;
-    /// A hard reset of the running guest (QMP `system_reset`); it stays running.
+    /// A hard reset of the running guest, which boots again from its disks; it stays
+    /// running (the QEMU driver power-cycles it in a new process).
     async fn reboot(&self, id: &str) -> Result<VmInfo>;
     /// The VM's memory and device state were saved (it is paused and QEMU's migration
     /// of its device state completed): ends its process and frees its RAM file. The

@@ -54,7 +54,10 @@ pub enum SavedError {
 impl SavedError {
     /// True when the request clashes with what the store holds (answered 409).
     pub fn is_conflict(&self) -> bool {
-        matches!(self, SavedError::NotSaved { .. } | SavedError::Exists { .. })
+        matches!(
+            self,
+            SavedError::NotSaved { .. } | SavedError::Exists { .. }
+        )
     }
 }
 
@@ -329,7 +332,10 @@ mod tests {
         let w = begin(&s, "v").unwrap();
         std::fs::write(w.memory_path(), b"mem").unwrap();
         assert!(!s.has_saved_state("v"), "half written");
-        assert!(matches!(claim(&s, "v", "h1"), Err(SavedError::NotSaved { .. })));
+        assert!(matches!(
+            claim(&s, "v", "h1"),
+            Err(SavedError::NotSaved { .. })
+        ));
         // A commit without every file fails and publishes nothing.
         assert!(w.commit().is_err());
         assert!(!s.saved_dir("v").exists());
@@ -362,7 +368,10 @@ mod tests {
         assert!(e.is_conflict(), "{e}");
         assert_eq!(c.spec().unwrap(), spec());
         c.release().unwrap();
-        assert!(s.has_saved_state("v"), "a failed restore gives the state back");
+        assert!(
+            s.has_saved_state("v"),
+            "a failed restore gives the state back"
+        );
         let c = claim(&s, "v", "h2").unwrap();
         drop(c); // a crash: the claim stays on disk
         assert!(claim(&s, "v", "h1").is_err(), "h2's claim is not h1's");

@@ -109,7 +109,10 @@ mod tests {
         let r = transition(s, Action::Restore).unwrap();
         assert_eq!(r, VmState::Restoring);
         assert_eq!(transition(r, Action::Stop), None);
-        assert_eq!(transition(r, Action::AbandonRestore), Some(VmState::Suspended));
+        assert_eq!(
+            transition(r, Action::AbandonRestore),
+            Some(VmState::Suspended)
+        );
         let p = transition(r, Action::IncomingDone).unwrap();
         assert_eq!(transition(p, Action::Resume), Some(VmState::Running));
         assert_eq!(
