@@ -237,7 +237,7 @@ async fn stop(s: State<AppState>, VmId(id): VmId, Body(body): Body) -> Response 
     }
 }
 
-#[utoipa::path(post, path = "/v1/vms/{id}/reboot", summary = "reset a running VM (a hard reset; it stays running)",
+#[utoipa::path(post, path = "/v1/vms/{id}/reboot", summary = "reset a running VM: a power cycle, it boots again from its disks and stays running",
     params(Id), responses((status = 200, description = "ok", body = VmView)))]
 async fn reboot(s: State<AppState>, VmId(id): VmId) -> Response {
     run(s, Command::Act(id, Action::Reboot)).await

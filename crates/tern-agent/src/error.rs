@@ -40,7 +40,7 @@ pub enum AgentError {
         vm: String,
         step: &'static str,
         #[source]
-        source: crate::migration::MigrationError,
+        source: Box<crate::migration::MigrationError>,
     },
     /// A kernel or initramfs path outside the host's image directory.
     #[error("invalid VM spec: {field} {} is not under this host's image directory {}: put the file there (tern image build) or start the agent with --image-dir naming where it is", path.display(), image_dir.display())]

@@ -55,7 +55,11 @@ fn conflict(id: &str, action: Action, state: VmState) -> AgentError {
 
 fn saving(vm: &str, step: &'static str) -> impl FnOnce(MigrationError) -> AgentError {
     let vm = vm.to_string();
-    move |source| AgentError::SavedState { vm, step, source }
+    move |source| AgentError::SavedState {
+        vm,
+        step,
+        source: Box::new(source),
+    }
 }
 
 fn relay_err(vm: &str, step: &'static str) -> impl FnOnce(std::io::Error) -> AgentError {
@@ -339,14 +343,16 @@ impl AppState {
                         ms: LOAD_TIMEOUT.as_millis() as u64,
                     }))
                 }
-                state => return Err(AgentError::Hv(HvError::Qemu(format!(
+                state => {
+                    return Err(AgentError::Hv(HvError::Qemu(format!(
                     "QEMU of VM {id:?} ended while loading the saved state (now {state}); see {}",
                     now.console_log
                         .as_deref()
                         .and_then(Path::parent)
                         .map(|d| d.join("qemu.log").display().to_string())
                         .unwrap_or_default()
-                )))),
+                ))))
+                }
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
