@@ -199,7 +199,9 @@ impl AppState {
         if info.state == VmState::Running {
             self.hv.pause(id).await?;
         }
-        writing.write_spec(&info.spec).map_err(HvError::from)?;
+        writing
+            .write_spec(&info.spec, &self.host.name)
+            .map_err(HvError::from)?;
         self.hv
             .set_migration_capabilities(id, &[("x-ignore-shared", true)])
             .await?;

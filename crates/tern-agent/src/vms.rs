@@ -115,24 +115,31 @@ impl AppState {
     }
 
     /// Removes the saved state of a suspended VM being deleted, and says what becomes of
-    /// its disks: deleted with it, unless the saved state is gone from the store. Then
-    /// another host restored the VM (or is restoring it) and runs it from these disks;
-    /// this host's entry was only a leftover.
+    /// its disks: deleted with it when this host suspended it and the state is still in
+    /// the store. Otherwise another host restored the VM (and may have suspended it
+    /// again since), so it runs or is saved from these disks elsewhere and this host's
+    /// entry was only a leftover: the disks and any saved state stay.
     fn remove_saved_state(&self, id: &str) -> Disks {
         let Some(store) = &self.store else {
             return Disks::Delete;
         };
         let who = format!("{}-delete", self.host.name);
-        match tern_hv::saved::claim(store, id, &who) {
-            Ok(claimed) => {
-                claimed.remove();
-                Disks::Delete
-            }
+        let claimed = match tern_hv::saved::claim(store, id, &who) {
+            Ok(claimed) => claimed,
             Err(e) => {
                 tracing::info!(vm = id, reason = %e, "the disks stay with the VM's other copy");
-                Disks::Keep
+                return Disks::Keep;
             }
+        };
+        if claimed.suspended_by().as_deref() == Some(self.host.name.as_str()) {
+            claimed.remove();
+            return Disks::Delete;
         }
+        tracing::info!(vm = id, by = ?claimed.suspended_by(), "the saved state is another host's; it stays, with the disks");
+        if let Err(e) = claimed.release() {
+            tracing::error!(vm = id, error = %e, "could not give another host's saved state back");
+        }
+        Disks::Keep
     }
 
     fn remove_disks(&self, id: &str, spec: &VmSpec) {

@@ -268,21 +268,24 @@ async fn a_guest_suspended_on_one_host_resumes_on_another_with_memory_and_disk_i
         "only the disk is left"
     );
 
-    // h1's entry is a leftover: nothing to restore there, and deleting it keeps the
-    // disk h2 runs from.
+    // h1's entry is a leftover: nothing to restore there.
     let (code, text) = status(a.c.restore_vm(vm).await.unwrap_err());
     assert_eq!(code, 409, "{text}");
     assert_eq!(
         a.c.show_vm(vm).await.unwrap().info.state,
         VmState::Suspended
     );
-    a.c.delete_vm(vm).await.unwrap();
-    assert!(store.disk_path(vm, "data").exists());
 
-    // Suspended again on h2, a damaged device state fails the restore and leaves the
-    // VM suspended with its saved state; the whole one then restores it on h2 itself.
+    // Suspended again, by h2: deleting h1's leftover entry keeps h2's saved state and
+    // the disk.
     let s = b.c.suspend_vm(vm).await.unwrap();
     eprintln!("suspend: {} ms", s.took_ms);
+    a.c.delete_vm(vm).await.unwrap();
+    assert!(store.disk_path(vm, "data").exists());
+    assert!(store.has_saved_state(vm));
+
+    // A damaged device state fails the restore and leaves the VM suspended with its
+    // saved state; the whole one then restores it on h2 itself.
     let device = store.saved_dir(vm).join(tern_hv::saved::DEVICE_STATE_FILE);
     let whole = std::fs::read(&device).unwrap();
     std::fs::write(&device, &whole[..whole.len() / 2]).unwrap();

@@ -4,6 +4,7 @@
 //! STORE/vms/VM/suspend/memory          guest RAM (sparse: untouched memory is a hole)
 //! STORE/vms/VM/suspend/device-state    QEMU's CPU and device state (its migration stream)
 //! STORE/vms/VM/suspend/spec.json       the VM spec the state belongs to
+//! STORE/vms/VM/suspend/host            the host that suspended it
 //! ```
 //!
 //! The directory only ever appears whole: a suspend writes `suspend.partial/` and
@@ -27,6 +28,7 @@ const PARTIAL_DIR: &str = "suspend.partial";
 pub const MEMORY_FILE: &str = "memory";
 pub const DEVICE_STATE_FILE: &str = "device-state";
 pub const SPEC_FILE: &str = "spec.json";
+pub const HOST_FILE: &str = "host";
 
 /// Copy buffer for memory files.
 const COPY_BUFFER: usize = 1 << 20;
@@ -111,16 +113,18 @@ impl Writing {
         self.dir.join(DEVICE_STATE_FILE)
     }
 
-    pub fn write_spec(&self, spec: &VmSpec) -> Result<(), SavedError> {
+    /// Records the spec the state belongs to and the host that saved it.
+    pub fn write_spec(&self, spec: &VmSpec, host: &str) -> Result<(), SavedError> {
         let path = self.dir.join(SPEC_FILE);
         let text = serde_json::to_vec_pretty(spec).expect("a spec serialises");
-        write_synced(&path, &text)
+        write_synced(&path, &text)?;
+        write_synced(&self.dir.join(HOST_FILE), host.as_bytes())
     }
 
     /// Syncs every file and renames the directory to the saved state: from here a
     /// restore finds it whole.
     pub fn commit(self) -> Result<PathBuf, SavedError> {
-        for name in [MEMORY_FILE, DEVICE_STATE_FILE, SPEC_FILE] {
+        for name in [MEMORY_FILE, DEVICE_STATE_FILE, SPEC_FILE, HOST_FILE] {
             sync_file(&self.dir.join(name))?;
         }
         sync_file(&self.dir)?;
@@ -215,6 +219,11 @@ impl Claimed {
         })
     }
 
+    /// The host that saved the state, when it says.
+    pub fn suspended_by(&self) -> Option<String> {
+        std::fs::read_to_string(self.dir.join(HOST_FILE)).ok()
+    }
+
     /// Gives the state back: it is the VM's saved state again.
     pub fn release(self) -> Result<(), SavedError> {
         let saved = self.vm_dir.join(SAVED_DIR);
@@ -226,11 +235,13 @@ impl Claimed {
         )))
     }
 
-    /// Removes the state: the guest runs from it, or the VM is deleted.
+    /// Removes the state: the guest runs from it, or the VM is deleted. The VM's
+    /// directory goes too when nothing else is in it (a VM without disks).
     pub fn remove(self) {
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             tracing::warn!(dir = %self.dir.display(), error = %e, "could not remove a saved state");
         }
+        let _ = std::fs::remove_dir(&self.vm_dir);
     }
 }
 
@@ -322,7 +333,7 @@ mod tests {
         let w = begin(s, vm).unwrap();
         std::fs::write(w.memory_path(), b"mem").unwrap();
         std::fs::write(w.device_state_path(), b"dev").unwrap();
-        w.write_spec(&spec()).unwrap();
+        w.write_spec(&spec(), "h0").unwrap();
         w.commit().unwrap()
     }
 
@@ -367,6 +378,7 @@ mod tests {
         let e = claim(&s, "v", "h2").unwrap_err();
         assert!(e.is_conflict(), "{e}");
         assert_eq!(c.spec().unwrap(), spec());
+        assert_eq!(c.suspended_by().as_deref(), Some("h0"));
         c.release().unwrap();
         assert!(
             s.has_saved_state("v"),
@@ -379,6 +391,10 @@ mod tests {
         assert_eq!(std::fs::read(c.memory_path()).unwrap(), b"mem");
         c.remove();
         assert!(claim(&s, "v", "h2").is_err(), "removed after the guest ran");
+        assert!(
+            !s.vm_dir("v").exists(),
+            "nothing else was in the VM's directory"
+        );
     }
 
     #[test]
