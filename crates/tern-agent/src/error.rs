@@ -243,5 +243,22 @@ mod tests {
             detail: "x".into(),
         };
         assert_eq!(s(HvError::from(failed).into()), 500);
+        let busy = AgentError::Busy {
+            vm: "v".into(),
+            action: "pause",
+            doing: "suspend",
+        };
+        assert_eq!(s(busy), 409);
+        let none = tern_hv::saved::SavedError::NotSaved {
+            vm: "v".into(),
+            dir: "/s/vms/v/suspend".into(),
+        };
+        assert_eq!(s(HvError::from(none).into()), 409);
+        let relay = AgentError::SavedState {
+            vm: "v".into(),
+            step: "saving the device state",
+            source: Box::new(crate::migration::MigrationError::Cancelled),
+        };
+        assert_eq!(s(relay), 500);
     }
 }

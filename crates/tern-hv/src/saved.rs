@@ -174,6 +174,13 @@ pub fn claim(store: &Store, vm: &str, who: &str) -> Result<Claimed, SavedError> 
     let vm_dir = store.vm_dir(vm);
     let dir = vm_dir.join(claim_name(who));
     let saved = store.saved_dir(vm);
+    if saved.exists() && dir.exists() {
+        // A claim of ours that outlived its restore (the agent stopped between the guest
+        // running and the claim's removal): the VM was suspended again since, so the
+        // state in `suspend/` is the newer one.
+        tracing::warn!(vm, dir = %dir.display(), "removing a stale claim of this host");
+        std::fs::remove_dir_all(&dir).map_err(io(format!("removing {}", dir.display())))?;
+    }
     match std::fs::rename(&saved, &dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.join(SPEC_FILE).is_file() => {
@@ -389,6 +396,16 @@ mod tests {
         assert!(claim(&s, "v", "h1").is_err(), "h2's claim is not h1's");
         let c = claim(&s, "v", "h2").unwrap();
         assert_eq!(std::fs::read(c.memory_path()).unwrap(), b"mem");
+        // A claim left behind while the VM was suspended again: the newer state wins.
+        let stale = c;
+        let w = begin(&s, "v").unwrap();
+        std::fs::write(w.memory_path(), b"newer").unwrap();
+        std::fs::write(w.device_state_path(), b"dev").unwrap();
+        w.write_spec(&spec(), "h2").unwrap();
+        w.commit().unwrap();
+        drop(stale);
+        let c = claim(&s, "v", "h2").unwrap();
+        assert_eq!(std::fs::read(c.memory_path()).unwrap(), b"newer");
         c.remove();
         assert!(claim(&s, "v", "h2").is_err(), "removed after the guest ran");
         assert!(
