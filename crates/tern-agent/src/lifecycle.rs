@@ -359,8 +359,9 @@ impl AppState {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let info = self.hv.resume(id).await?;
-        if !known {
-            self.incoming_resumed(id);
+        match known {
+            true => self.vcpu_policy_on_new_threads(id).await,
+            false => self.incoming_resumed(id),
         }
         self.guests.forget(id);
         Ok((info, memory_bytes, device))

@@ -227,6 +227,7 @@ impl AppState {
                 // The guest agent starts again with the guest; a request half-way on the
                 // old connection would wait for an answer that never comes.
                 self.guests.forget(id);
+                self.vcpu_policy_on_new_threads(id).await;
                 info
             }
             Action::Suspend | Action::Restore | Action::AbandonRestore => {
@@ -236,6 +237,15 @@ impl AppState {
                 )))
             }
         })
+    }
+
+    /// Applies the vCPU policy recorded for VM `id` to the threads of its new QEMU
+    /// (after a reboot or a restore here). A policy this host cannot apply now is
+    /// logged: the VM runs either way.
+    pub async fn vcpu_policy_on_new_threads(&self, id: &str) {
+        if let Err(e) = self.reapply_vcpu_policy(id).await {
+            tracing::warn!(vm = id, error = %e, "the vCPU policy could not be applied again");
+        }
     }
 
     /// Ids of the VMs recorded under the state directory (by this or an earlier agent).

@@ -1,6 +1,6 @@
 //! The lifecycle beyond start and pause on real QEMU: a stop asks tern's guest to power
 //! off and it does (graceful), a guest that ignores the request (firmware only) is
-//! powered off after the timeout (forced), disk data survives a graceful stop and a
+//! powered off after the timeout (forced), and other actions wait meanwhile, disk data survives a graceful stop and a
 //! start, a reboot boots the guest again and keeps it running, and a guest suspended to disk
 //! on one agent is restored on another that shares the store with its memory (the
 //! verifier's checksum) and its disk (the `diskverify` pattern) intact; a restore from
@@ -172,19 +172,23 @@ async fn stop_is_graceful_when_the_guest_powers_off_and_forced_when_it_ignores_i
         .await
         .unwrap();
     let t0 = Instant::now();
-    let ignored = c
-        .stop_vm(
-            "fw",
-            &StopRequest {
-                timeout_s: Some(2),
-                force: false,
-            },
-        )
-        .await
-        .unwrap();
+    let stopping = {
+        let c = c.clone();
+        let req = StopRequest {
+            timeout_s: Some(3),
+            force: false,
+        };
+        tokio::spawn(async move { c.stop_vm("fw", &req).await })
+    };
+    // While the stop waits for the guest, other actions on the VM are refused.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (code, text) = status(c.act("fw", Action::Pause).await.unwrap_err());
+    assert_eq!(code, 409, "{text}");
+    assert!(text.contains("stop of it is under way"), "{text}");
+    let ignored = stopping.await.unwrap().unwrap();
     assert_eq!(ignored.stopped, StopOutcome::Forced, "{ignored:?}");
     assert_eq!(ignored.vm.info.state, VmState::Stopped);
-    assert!(ignored.took_ms >= 2_000, "{ignored:?}");
+    assert!(ignored.took_ms >= 3_000, "{ignored:?}");
     assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
 
     c.delete_vm("g1").await.unwrap();
