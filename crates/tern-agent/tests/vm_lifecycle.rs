@@ -1,10 +1,11 @@
 //! The lifecycle beyond start and pause on real QEMU: a stop asks tern's guest to power
-//! off and it does (graceful), a guest that ignores the request (firmware only) is
-//! powered off after the timeout (forced), and other actions wait meanwhile, disk data survives a graceful stop and a
-//! start, a reboot boots the guest again and keeps it running, and a guest suspended to disk
-//! on one agent is restored on another that shares the store with its memory (the
-//! verifier's checksum) and its disk (the `diskverify` pattern) intact; a restore from
-//! a damaged saved state fails and leaves the VM suspended with its state.
+//! off and it does (graceful); a guest that ignores the request (firmware only) is
+//! powered off after the timeout (forced), and other actions on it are refused (409)
+//! meanwhile; disk data survives a graceful stop and a start; a reboot boots the guest
+//! again and keeps it running; a guest suspended to disk on one agent is restored on
+//! another that shares the store with its memory (the verifier's checksum) and its disk
+//! (the `diskverify` pattern) intact; a restore from a damaged saved state fails and
+//! leaves the VM suspended with its state.
 
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
