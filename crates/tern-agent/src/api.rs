@@ -8,7 +8,10 @@
 //! POST   /v1/vms                       create (and start)      body: CreateVm
 //! GET    /v1/vms/{id}                  show
 //! DELETE /v1/vms/{id}                  destroy
-//! POST   /v1/vms/{id}/start|pause|resume|stop
+//! POST   /v1/vms/{id}/start|pause|resume|reboot
+//! POST   /v1/vms/{id}/stop             graceful, then forced      body: StopRequest (optional)
+//! POST   /v1/vms/{id}/suspend          memory and device state to the store
+//! POST   /v1/vms/{id}/restore          from the store, on any host that sees it
 //! GET    /v1/vms/{id}/metrics          vCPU threads' CPU time, memory
 //! POST   /v1/vms/{id}/guest            one request to the guest agent, its answer back
 //! ```
@@ -28,7 +31,7 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::time::Duration;
-use tern_api::agent::{VmMetrics, VmView};
+use tern_api::agent::{SavedStateAnswer, StopAnswer, StopRequest, VmMetrics, VmView};
 use tern_hv::{Action, HvError};
 use tern_model::VmName;
 use tern_pki::Role;
@@ -49,6 +52,9 @@ pub enum Command {
     CreateVm(CreateVm),
     DeleteVm(VmName),
     Act(VmName, Action),
+    Stop(VmName, StopRequest),
+    Suspend(VmName),
+    Restore(VmName),
     Metrics(VmName),
     Guest(VmName, Value),
 }
@@ -110,6 +116,9 @@ pub async fn execute(state: &AppState, cmd: Command) -> Result<(StatusCode, Valu
             state.refuse_if_migrating(id.as_str(), action.verb())?;
             ok(json(state.view(state.act(id.as_str(), action).await?)))
         }
+        Command::Stop(id, req) => ok(json(state.stop_vm(id.as_str(), req).await?)),
+        Command::Suspend(id) => ok(json(state.suspend_vm(id.as_str()).await?)),
+        Command::Restore(id) => ok(json(state.restore_vm(id.as_str()).await?)),
         Command::Metrics(id) => ok(json(state.hv.metrics(id.as_str()).await?)),
         Command::Guest(id, req) => {
             crate::guest::with_id(req.clone(), 0).map_err(AgentError::BadRequest)?;
@@ -142,6 +151,9 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/v1/vms/:id/pause", post(pause))
         .route("/v1/vms/:id/resume", post(resume))
         .route("/v1/vms/:id/stop", post(stop))
+        .route("/v1/vms/:id/reboot", post(reboot))
+        .route("/v1/vms/:id/suspend", post(suspend))
+        .route("/v1/vms/:id/restore", post(restore))
         .route("/v1/vms/:id/metrics", get(metrics))
         .route("/v1/vms/:id/guest", post(guest))
         .fallback(|| async {
@@ -215,10 +227,39 @@ async fn resume(s: State<AppState>, VmId(id): VmId) -> Response {
     run(s, Command::Act(id, Action::Resume)).await
 }
 
-#[utoipa::path(post, path = "/v1/vms/{id}/stop", summary = "power a VM off, keeping its definition",
+#[utoipa::path(post, path = "/v1/vms/{id}/stop",
+    summary = "power a VM off, keeping its definition and disks: the guest is asked first (ACPI power button, guest agent poweroff) and powered off after timeout_s, or at once with force",
+    params(Id), request_body(content = Option<StopRequest>, description = "optional; empty means a graceful stop within 30 s"),
+    responses((status = 200, description = "stopped; how", body = StopAnswer)))]
+async fn stop(s: State<AppState>, VmId(id): VmId, Body(body): Body) -> Response {
+    let req = match body.iter().all(u8::is_ascii_whitespace) {
+        true => Ok(StopRequest::default()),
+        false => parse::<StopRequest>(&body),
+    };
+    match req {
+        Ok(req) => run(s, Command::Stop(id, req)).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/reboot", summary = "reset a running VM: a power cycle, it boots again from its disks and stays running",
     params(Id), responses((status = 200, description = "ok", body = VmView)))]
-async fn stop(s: State<AppState>, VmId(id): VmId) -> Response {
-    run(s, Command::Act(id, Action::Stop)).await
+async fn reboot(s: State<AppState>, VmId(id): VmId) -> Response {
+    run(s, Command::Act(id, Action::Reboot)).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/suspend",
+    summary = "suspend a running or paused VM to disk: its memory and device state go to the store, its process ends",
+    params(Id), responses((status = 200, description = "suspended", body = SavedStateAnswer)))]
+async fn suspend(s: State<AppState>, VmId(id): VmId) -> Response {
+    run(s, Command::Suspend(id)).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/restore",
+    summary = "run a suspended VM again from its saved state: on the host it is suspended on, or on any host sharing the store (defined there from the saved spec)",
+    params(Id), responses((status = 200, description = "running", body = SavedStateAnswer)))]
+async fn restore(s: State<AppState>, VmId(id): VmId) -> Response {
+    run(s, Command::Restore(id)).await
 }
 
 #[utoipa::path(get, path = "/v1/vms/{id}/metrics", summary = "vCPU threads' CPU time, memory",

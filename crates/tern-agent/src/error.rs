@@ -26,6 +26,22 @@ pub enum AgentError {
     /// A lifecycle action on a VM that is being migrated to or from this host.
     #[error("cannot {action} VM {vm:?}: it is being migrated; wait until the migration ends (GET /v1/migrations) or cancel it (POST /v1/migrations/{{id}}/cancel)")]
     Migrating { vm: String, action: &'static str },
+    /// A lifecycle action on a VM another long one (a stop waiting for the guest, a
+    /// suspend, a restore) is under way on.
+    #[error("cannot {action} VM {vm:?}: a {doing} of it is under way; wait until it ends")]
+    Busy {
+        vm: String,
+        action: &'static str,
+        doing: &'static str,
+    },
+    /// Saving a VM's state to the store or loading it back failed at `step`.
+    #[error("VM {vm:?}: {step}: {source}")]
+    SavedState {
+        vm: String,
+        step: &'static str,
+        #[source]
+        source: Box<crate::migration::MigrationError>,
+    },
     /// A kernel or initramfs path outside the host's image directory.
     #[error("invalid VM spec: {field} {} is not under this host's image directory {}: put the file there (tern image build) or start the agent with --image-dir naming where it is", path.display(), image_dir.display())]
     OutsideImageDir {
@@ -88,7 +104,8 @@ impl AgentError {
             AgentError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
             AgentError::NoRoom(_) => StatusCode::INSUFFICIENT_STORAGE,
-            AgentError::Migrating { .. } => StatusCode::CONFLICT,
+            AgentError::Migrating { .. } | AgentError::Busy { .. } => StatusCode::CONFLICT,
+            AgentError::SavedState { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             AgentError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AgentError::OutsideImageDir { .. } => StatusCode::BAD_REQUEST,
             AgentError::Image(e) => match e {
@@ -118,6 +135,8 @@ impl AgentError {
                 HvError::Disk(d) if d.is_bad_input() => StatusCode::BAD_REQUEST,
                 HvError::Disk(d) if d.is_conflict() => StatusCode::CONFLICT,
                 HvError::Disk(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                HvError::Saved(s) if s.is_conflict() => StatusCode::CONFLICT,
+                HvError::Saved(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 HvError::UnknownVm(_) => StatusCode::NOT_FOUND,
                 HvError::AlreadyExists(_) | HvError::Conflict { .. } => StatusCode::CONFLICT,
                 HvError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -139,7 +158,8 @@ impl AgentError {
             AgentError::Unauthorized(_) => "unauthorized",
             AgentError::Forbidden(_) => "forbidden",
             AgentError::NoRoom(_) => "no_room",
-            AgentError::Migrating { .. } => "conflict",
+            AgentError::Migrating { .. } | AgentError::Busy { .. } => "conflict",
+            AgentError::SavedState { .. } => "hypervisor",
             AgentError::TooLarge { .. } => "too_large",
             AgentError::OutsideImageDir { .. } => "bad_spec",
             AgentError::Image(e) if e.is_bad_input() => "bad_spec",
@@ -160,6 +180,7 @@ impl AgentError {
                 | HvError::NoBridge(_) => "bad_spec",
                 HvError::Disk(d) if d.is_bad_input() => "bad_spec",
                 HvError::Disk(d) if d.is_conflict() => "conflict",
+                HvError::Saved(s) if s.is_conflict() => "conflict",
                 HvError::UnknownVm(_) => "not_found",
                 HvError::AlreadyExists(_) | HvError::Conflict { .. } => "conflict",
                 HvError::Timeout { .. } => "timeout",
@@ -233,5 +254,22 @@ mod tests {
             detail: "x".into(),
         };
         assert_eq!(s(HvError::from(failed).into()), 500);
+        let busy = AgentError::Busy {
+            vm: "v".into(),
+            action: "pause",
+            doing: "suspend",
+        };
+        assert_eq!(s(busy), 409);
+        let none = tern_hv::saved::SavedError::NotSaved {
+            vm: "v".into(),
+            dir: "/s/vms/v/suspend".into(),
+        };
+        assert_eq!(s(HvError::from(none).into()), 409);
+        let relay = AgentError::SavedState {
+            vm: "v".into(),
+            step: "saving the device state",
+            source: Box::new(crate::migration::MigrationError::Cancelled),
+        };
+        assert_eq!(s(relay), 500);
     }
 }

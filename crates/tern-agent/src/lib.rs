@@ -22,6 +22,7 @@ pub mod fence;
 pub mod guest;
 pub mod host;
 pub mod images;
+pub mod lifecycle;
 pub mod migration;
 pub mod openapi;
 pub mod server;

@@ -89,6 +89,10 @@ pub struct AppState {
     /// Held from the check that a VM is not migrating to the end of a lifecycle action,
     /// and from a send's checks to its registration, so neither slips past the other.
     pub lifecycle: Arc<tokio::sync::Mutex<()>>,
+    /// The VMs a long lifecycle action (a graceful stop, a suspend, a restore) is under
+    /// way on, and which: other actions on them are refused meanwhile, without holding
+    /// [`AppState::lifecycle`] (and with it every other VM's actions) for that long.
+    pub busy: Arc<Mutex<HashMap<String, &'static str>>>,
     /// The zero of the sampler's clock.
     pub epoch: Instant,
     /// The address migration streams are received on: the agent's own, the one it
@@ -120,6 +124,7 @@ impl AppState {
             admission: Arc::default(),
             migrations: Arc::default(),
             lifecycle: Arc::default(),
+            busy: Arc::default(),
             epoch: Instant::now(),
             stream_ip: std::net::Ipv4Addr::LOCALHOST.into(),
             tls: None,
@@ -150,6 +155,7 @@ impl AppState {
 
     /// Refuses `action` on a VM that takes part in a migration here: pausing, stopping or
     /// destroying it under the engine would leave the two copies disagreeing.
+    /// A long lifecycle action under way on it is refused the same way.
     pub fn refuse_if_migrating(&self, id: &str, action: &'static str) -> Result<(), AgentError> {
         if self.migrations.busy(id) {
             return Err(AgentError::Migrating {
@@ -157,7 +163,38 @@ impl AppState {
                 action,
             });
         }
-        Ok(())
+        self.refuse_if_busy(id, action)
+    }
+
+    /// Refuses `action` on a VM a long lifecycle action is under way on.
+    pub fn refuse_if_busy(&self, id: &str, action: &'static str) -> Result<(), AgentError> {
+        match self.busy.lock().expect("busy table lock").get(id) {
+            Some(doing) => Err(AgentError::Busy {
+                vm: id.to_owned(),
+                action,
+                doing,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks VM `id` busy with the long action `action` until the guard is dropped,
+    /// after the checks every lifecycle action passes.
+    pub async fn begin_long(
+        &self,
+        id: &str,
+        action: &'static str,
+    ) -> Result<BusyGuard, AgentError> {
+        let _gate = self.lifecycle.lock().await;
+        self.refuse_if_migrating(id, action)?;
+        self.busy
+            .lock()
+            .expect("busy table lock")
+            .insert(id.to_owned(), action);
+        Ok(BusyGuard {
+            busy: self.busy.clone(),
+            id: id.to_owned(),
+        })
     }
 
     /// The agent with a host identity: it serves mutual TLS (see
@@ -177,6 +214,18 @@ impl AppState {
     /// Where the record of VM `id` is kept.
     pub fn vm_record(&self, id: &str) -> PathBuf {
         self.host.state_dir.join("vms").join(format!("{id}.json"))
+    }
+}
+
+/// A VM marked busy by [`AppState::begin_long`]; dropping it ends the mark.
+pub struct BusyGuard {
+    busy: Arc<Mutex<HashMap<String, &'static str>>>,
+    id: String,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.busy.lock().expect("busy table lock").remove(&self.id);
     }
 }
 

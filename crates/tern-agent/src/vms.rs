@@ -115,6 +115,34 @@ impl AppState {
         Ok(true)
     }
 
+    /// Removes the saved state of a suspended VM being deleted, and says what becomes of
+    /// its disks: deleted with it when this host suspended it and the state is still in
+    /// the store. Otherwise another host restored the VM (and may have suspended it
+    /// again since), so it runs or is saved from these disks elsewhere and this host's
+    /// entry was only a leftover: the disks and any saved state stay.
+    fn remove_saved_state(&self, id: &str) -> Disks {
+        let Some(store) = &self.store else {
+            return Disks::Delete;
+        };
+        let who = format!("{}-delete", self.host.name);
+        let claimed = match tern_hv::saved::claim(store, id, &who) {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                tracing::info!(vm = id, reason = %e, "the disks stay with the VM's other copy");
+                return Disks::Keep;
+            }
+        };
+        if claimed.suspended_by().as_deref() == Some(self.host.name.as_str()) {
+            claimed.remove();
+            return Disks::Delete;
+        }
+        tracing::info!(vm = id, by = ?claimed.suspended_by(), "the saved state is another host's; it stays, with the disks");
+        if let Err(e) = claimed.release() {
+            tracing::error!(vm = id, error = %e, "could not give another host's saved state back");
+        }
+        Disks::Keep
+    }
+
     fn remove_disks(&self, id: &str, spec: &VmSpec) {
         if let Some(store) = &self.store {
             store.remove_disks(id, &spec.disks);
@@ -188,9 +216,15 @@ impl AppState {
     async fn destroy_vm_with(&self, id: &str, disks: Disks) -> Result<(), AgentError> {
         self.guests.forget(id);
         self.forget_vcpu_policy(id);
-        let spec = match self.hv.info(id).await {
-            Ok(info) => Some(info.spec),
-            Err(_) => self.read_record(id).ok().map(|(spec, _)| spec),
+        let (spec, state) = match self.hv.info(id).await {
+            Ok(info) => (Some(info.spec), Some(info.state)),
+            Err(_) => (self.read_record(id).ok().map(|(spec, _)| spec), None),
+        };
+        let disks = match state {
+            Some(tern_hv::VmState::Suspended) if disks == Disks::Delete => {
+                self.remove_saved_state(id)
+            }
+            _ => disks,
         };
         let r = self.hv.destroy(id).await;
         // After the driver let go of the files: QEMU holds them open until it ends.
@@ -214,7 +248,30 @@ impl AppState {
             Action::Resume => hv.resume(id).await?,
             Action::Stop => hv.stop(id).await?,
             Action::IncomingDone => hv.refresh(id).await?,
+            Action::Reboot => {
+                let info = hv.reboot(id).await?;
+                // The guest agent starts again with the guest; a request half-way on the
+                // old connection would wait for an answer that never comes.
+                self.guests.forget(id);
+                self.vcpu_policy_on_new_threads(id).await;
+                info
+            }
+            Action::Suspend | Action::Restore | Action::AbandonRestore => {
+                return Err(AgentError::BadRequest(format!(
+                    "{} has its own route (POST /v1/vms/{{id}}/suspend or /restore)",
+                    action.verb()
+                )))
+            }
         })
+    }
+
+    /// Applies the vCPU policy recorded for VM `id` to the threads of its new QEMU
+    /// (after a reboot or a restore here). A policy this host cannot apply now is
+    /// logged: the VM runs either way.
+    pub async fn vcpu_policy_on_new_threads(&self, id: &str) {
+        if let Err(e) = self.reapply_vcpu_policy(id).await {
+            tracing::warn!(vm = id, error = %e, "the vCPU policy could not be applied again");
+        }
     }
 
     /// Ids of the VMs recorded under the state directory (by this or an earlier agent).

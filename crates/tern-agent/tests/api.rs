@@ -97,6 +97,63 @@ async fn lifecycle_and_host_report() {
     a.task.await.unwrap().unwrap();
 }
 
+/// Stop's body, reboot, and what a host without memory files or a store refuses.
+#[tokio::test]
+async fn stop_reboot_suspend_and_restore_requests() {
+    let mut a = start_agent(1024).await;
+    let c = client(&a, "s3cret");
+    c.create_vm(&create("web", 256)).await.unwrap();
+    assert_eq!(
+        c.act("web", Action::Reboot).await.unwrap().info.state,
+        VmState::Running
+    );
+    let raw = |body: serde_json::Value| {
+        let c = c.clone();
+        async move {
+            c.http()
+                .post::<_, serde_json::Value>("/v1/vms/web/stop", &body)
+                .await
+        }
+    };
+    for (body, says) in [
+        (json!({"timeout_s": 0}), "between 1 and 600"),
+        (json!({"timeout_s": 601}), "between 1 and 600"),
+        (json!({"wait": 5}), "wait"),
+    ] {
+        let e = raw(body.clone()).await.unwrap_err();
+        let text = e.to_string();
+        assert_eq!(remote_status(e), 400, "{body}: {text}");
+        assert!(text.contains(says), "{body}: {text}");
+    }
+    assert_eq!(c.show_vm("web").await.unwrap().info.state, VmState::Running);
+    // The simulated guest obeys the power button.
+    let stopped = c
+        .stop_vm("web", &tern_api::agent::StopRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(stopped.stopped, tern_api::agent::StopOutcome::Graceful);
+    assert_eq!(stopped.vm.info.state, VmState::Stopped);
+    let e = c.act("web", Action::Reboot).await.unwrap_err();
+    let text = e.to_string();
+    assert_eq!(remote_status(e), 409, "{text}");
+    assert!(text.contains("it is stopped"), "{text}");
+
+    // No store on this host: nothing to suspend to or restore from.
+    c.act("web", Action::Start).await.unwrap();
+    for e in [
+        c.suspend_vm("web").await.unwrap_err(),
+        c.restore_vm("other").await.unwrap_err(),
+    ] {
+        let text = e.to_string();
+        assert_eq!(remote_status(e), 400, "{text}");
+        assert!(text.contains("no disk store"), "{text}");
+    }
+    assert_eq!(c.show_vm("web").await.unwrap().info.state, VmState::Running);
+
+    a.stop.take().unwrap().send(()).unwrap();
+    a.task.await.unwrap().unwrap();
+}
+
 #[tokio::test]
 async fn refusals_change_nothing() {
     let a = start_agent(512).await;

@@ -305,6 +305,12 @@ pub enum VmState {
     Stopped,
     /// Waiting for an incoming migration.
     Incoming,
+    /// Suspended to disk: no process; its memory and device state are saved in the
+    /// store (`vms/ID/suspend/`), and `restore` runs it again on any host that sees the
+    /// store.
+    Suspended,
+    /// A suspended VM's process waits for its saved state to be loaded.
+    Restoring,
 }
 
 impl std::fmt::Display for VmState {
@@ -315,6 +321,8 @@ impl std::fmt::Display for VmState {
             VmState::Paused => "paused",
             VmState::Stopped => "stopped",
             VmState::Incoming => "waiting for an incoming migration",
+            VmState::Suspended => "suspended to disk",
+            VmState::Restoring => "being restored from disk",
         };
         f.write_str(s)
     }
@@ -330,6 +338,14 @@ pub enum Action {
     Resume,
     Stop,
     IncomingDone,
+    /// A hard reset of the running guest (a power cycle); it stays running.
+    Reboot,
+    /// Save memory and device state to the store and end the process.
+    Suspend,
+    /// Start the process of a suspended VM, waiting for its saved state.
+    Restore,
+    /// Give up loading the saved state: the VM is suspended again.
+    AbandonRestore,
 }
 
 impl Action {
@@ -341,6 +357,10 @@ impl Action {
             Action::Resume => "resume",
             Action::Stop => "stop",
             Action::IncomingDone => "finish the incoming migration of",
+            Action::Reboot => "reboot",
+            Action::Suspend => "suspend",
+            Action::Restore => "restore",
+            Action::AbandonRestore => "abandon the restore of",
         }
     }
 }
@@ -395,6 +415,75 @@ pub struct CreateVm {
 
 fn yes() -> bool {
     true
+}
+
+/// How long a graceful stop waits for the guest by default.
+pub const DEFAULT_STOP_TIMEOUT_S: u64 = 30;
+/// The longest a graceful stop may wait for the guest.
+pub const MAX_STOP_TIMEOUT_S: u64 = 600;
+
+/// `POST /v1/vms/{id}/stop` (the body is optional: an empty one means the defaults).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct StopRequest {
+    /// Seconds the guest gets to power itself off before it is powered off (1 to
+    /// 600; default 30).
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// Power off at once, without asking the guest.
+    #[serde(default)]
+    pub force: bool,
+}
+
+impl StopRequest {
+    /// The wait for the guest, checked against the bounds.
+    pub fn timeout(&self) -> Result<std::time::Duration, String> {
+        match self.timeout_s.unwrap_or(DEFAULT_STOP_TIMEOUT_S) {
+            s @ 1..=MAX_STOP_TIMEOUT_S => Ok(std::time::Duration::from_secs(s)),
+            s => Err(format!(
+                "timeout_s must be between 1 and {MAX_STOP_TIMEOUT_S}, got {s}"
+            )),
+        }
+    }
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum StopOutcome {
+    /// The guest powered itself off when asked.
+    Graceful,
+    /// The VM was powered off: `force` was given, the guest was not running (paused,
+    /// never started), or it did not power off within the timeout.
+    Forced,
+}
+
+/// The answer of `POST /v1/vms/{id}/stop`: the VM, and how it stopped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct StopAnswer {
+    #[serde(flatten)]
+    pub vm: VmView,
+    pub stopped: StopOutcome,
+    /// Time from the request to the VM being off, in ms.
+    pub took_ms: u64,
+}
+
+/// The answer of `POST /v1/vms/{id}/suspend` and `/restore`: the VM and what moved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SavedStateAnswer {
+    #[serde(flatten)]
+    pub vm: VmView,
+    /// Bytes of guest memory written to (suspend) or read from (restore) the store;
+    /// memory the guest never touched is not counted, it is a hole in the file.
+    pub memory_bytes: u64,
+    /// Bytes of QEMU's CPU and device state.
+    pub device_state_bytes: u64,
+    /// Time the whole operation took, in ms (for a restore, until the guest runs).
+    pub took_ms: u64,
 }
 
 /// A VM as the API shows it: the driver's view plus its measured CPU use.

@@ -123,6 +123,24 @@ pub trait Hypervisor: Send + Sync {
     async fn resume(&self, id: &str) -> Result<VmInfo>;
     /// Powers the VM off; the definition stays and `start` boots it again.
     async fn stop(&self, id: &str) -> Result<VmInfo>;
+    /// Presses the guest's ACPI power button (QMP `system_powerdown`). The VM keeps its
+    /// state until the guest powers off, which [`Hypervisor::wait_stopped`] waits for.
+    async fn powerdown(&self, id: &str) -> Result<()>;
+    /// Waits at most `timeout` for the VM's process to end on its own (a guest that
+    /// powered itself off); the VM's info then, `Stopped` when it did.
+    async fn wait_stopped(&self, id: &str, timeout: std::time::Duration) -> Result<VmInfo>;
+    /// A hard reset of the running guest, which boots again from its disks; it stays
+    /// running (the QEMU driver power-cycles it in a new process).
+    async fn reboot(&self, id: &str) -> Result<VmInfo>;
+    /// The VM's memory and device state were saved (it is paused and QEMU's migration
+    /// of its device state completed): ends its process and frees its RAM file. The
+    /// VM is `Suspended`.
+    async fn suspended(&self, id: &str) -> Result<VmInfo>;
+    /// Starts the process of a suspended VM waiting for its saved state (`Restoring`),
+    /// fed like an incoming migration ([`Hypervisor::migrate_incoming`]).
+    async fn restore(&self, id: &str) -> Result<VmInfo>;
+    /// Gives up a restore: ends the process; the VM is `Suspended` again.
+    async fn abandon_restore(&self, id: &str) -> Result<VmInfo>;
     /// Ends the VM and removes everything the driver made for it.
     async fn destroy(&self, id: &str) -> Result<()>;
     async fn list(&self) -> Result<Vec<VmInfo>>;

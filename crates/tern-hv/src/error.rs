@@ -70,6 +70,9 @@ pub enum HvError {
     /// A disk could not be made, found or checked.
     #[error(transparent)]
     Disk(#[from] crate::disk::DiskError),
+    /// A suspended VM's saved state could not be written, found or read.
+    #[error(transparent)]
+    Saved(#[from] crate::saved::SavedError),
     /// Filesystem or socket error.
     #[error("{context}: {source}")]
     Io {

@@ -7,6 +7,8 @@
 //! - [`state`]: the VM state machine shared by both drivers (pure).
 //! - [`disk`]: VM disks in the host's store: qcow2 files made with `qemu-img`, blank or
 //!   as overlays on read-only images, and the checks before any is made.
+//! - [`saved`]: a suspended VM's memory and device state in the store, written whole
+//!   or not at all and claimed by one restoring host.
 //! - [`accel`]: KVM or TCG, decided from a probed fact (pure decision, tiny probe).
 //! - [`procfs`]: parsers for `/proc` files (vCPU thread CPU time, memory).
 //! - [`qmp`]: a small async QMP client with timeouts.
@@ -21,6 +23,7 @@ pub mod image;
 pub mod procfs;
 pub mod qemu;
 pub mod qmp;
+pub mod saved;
 pub mod sim;
 pub mod spec;
 pub mod state;

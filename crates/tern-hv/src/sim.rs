@@ -163,6 +163,26 @@ impl Hypervisor for SimDriver {
         self.act(id, Action::Stop)
     }
 
+    /// A simulated guest obeys the power button at once.
+    async fn powerdown(&self, id: &str) -> Result<()> {
+        self.act(id, Action::Stop).map(drop)
+    }
+    async fn wait_stopped(&self, id: &str, _timeout: std::time::Duration) -> Result<VmInfo> {
+        self.info(id).await
+    }
+    async fn reboot(&self, id: &str) -> Result<VmInfo> {
+        self.act(id, Action::Reboot)
+    }
+    async fn suspended(&self, id: &str) -> Result<VmInfo> {
+        self.act(id, Action::Suspend)
+    }
+    async fn restore(&self, id: &str) -> Result<VmInfo> {
+        self.act(id, Action::Restore)
+    }
+    async fn abandon_restore(&self, id: &str) -> Result<VmInfo> {
+        self.act(id, Action::AbandonRestore)
+    }
+
     async fn destroy(&self, id: &str) -> Result<()> {
         self.vms
             .lock()
@@ -197,7 +217,7 @@ impl Hypervisor for SimDriver {
                 vcpu_cpu_ns: vcpus.iter().map(|v| v.cpu_ns).sum(),
                 vcpus,
                 memory_bytes,
-                rss_bytes: if vm.state == VmState::Stopped {
+                rss_bytes: if matches!(vm.state, VmState::Stopped | VmState::Suspended) {
                     0
                 } else {
                     memory_bytes
@@ -283,6 +303,16 @@ mod tests {
         assert_eq!(d.pause("a").await.unwrap().state, VmState::Paused);
         assert_eq!(d.resume("a").await.unwrap().state, VmState::Running);
         assert_eq!(d.stop("a").await.unwrap().state, VmState::Stopped);
+        assert!(matches!(d.reboot("a").await, Err(HvError::Conflict { .. })));
+        d.start("a").await.unwrap();
+        assert_eq!(d.reboot("a").await.unwrap().state, VmState::Running);
+        assert_eq!(d.suspended("a").await.unwrap().state, VmState::Suspended);
+        assert!(matches!(d.start("a").await, Err(HvError::Conflict { .. })));
+        assert_eq!(d.restore("a").await.unwrap().state, VmState::Restoring);
+        assert_eq!(
+            d.abandon_restore("a").await.unwrap().state,
+            VmState::Suspended
+        );
         d.destroy("a").await.unwrap();
         assert!(matches!(d.info("a").await, Err(HvError::UnknownVm(_))));
         assert!(matches!(d.destroy("a").await, Err(HvError::UnknownVm(_))));

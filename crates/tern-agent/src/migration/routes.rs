@@ -81,6 +81,7 @@ pub async fn execute(
         MigrationCommand::Send(req, engine) => {
             // Held until the migration is registered: a lifecycle action waits, then sees it.
             let _gate = state.lifecycle.lock().await;
+            state.refuse_if_busy(req.vm.as_str(), "migrate")?;
             let info = state.hv.info(req.vm.as_str()).await?;
             if info.state != VmState::Running {
                 return Err(AgentError::Hv(HvError::Conflict {

@@ -754,7 +754,7 @@ async fn query_migrate(state: &AppState, vm: &str) -> Result<MigrationStatus, Mi
 }
 
 /// Polls QEMU until the device state is through; returns the bytes QEMU sent.
-async fn wait_device_state(state: &AppState, vm: &str) -> Result<u64, MigrationError> {
+pub(crate) async fn wait_device_state(state: &AppState, vm: &str) -> Result<u64, MigrationError> {
     let deadline = Instant::now() + DEVICE_STATE_TIMEOUT;
     loop {
         let st = query_migrate(state, vm).await?;

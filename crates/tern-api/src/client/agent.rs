@@ -5,7 +5,9 @@ use serde::Serialize;
 use std::time::Duration;
 
 use super::{Client, ClientError, ClientOptions};
-use crate::agent::{Action, CreateVm, HostReport, VmMetrics, VmView};
+use crate::agent::{
+    Action, CreateVm, HostReport, SavedStateAnswer, StopAnswer, StopRequest, VmMetrics, VmView,
+};
 use crate::migration::{IncomingView, MigrationView, PrepareRequest, SendRequest, Ticket};
 
 /// A connection to one agent: the CLI's, the lab's, the manager's, and a migration
@@ -88,13 +90,31 @@ impl AgentClient {
             Action::Pause => "pause",
             Action::Resume => "resume",
             Action::Stop => "stop",
-            Action::IncomingDone => {
+            Action::Reboot => "reboot",
+            Action::Suspend => "suspend",
+            Action::Restore => "restore",
+            Action::IncomingDone | Action::AbandonRestore => {
                 return Err(ClientError::NoRoute {
-                    what: "incoming_done is not an API action".into(),
+                    what: format!("{action:?} is not an API action"),
                 })
             }
         };
         self.http.post_empty(&format!("/v1/vms/{id}/{verb}")).await
+    }
+
+    /// Stops VM `id` as `req` says (graceful within a timeout, or forced).
+    pub async fn stop_vm(&self, id: &str, req: &StopRequest) -> Result<StopAnswer, ClientError> {
+        self.http.post(&format!("/v1/vms/{id}/stop"), req).await
+    }
+
+    /// Suspends VM `id` to the store.
+    pub async fn suspend_vm(&self, id: &str) -> Result<SavedStateAnswer, ClientError> {
+        self.http.post_empty(&format!("/v1/vms/{id}/suspend")).await
+    }
+
+    /// Runs suspended VM `id` again here from its saved state.
+    pub async fn restore_vm(&self, id: &str) -> Result<SavedStateAnswer, ClientError> {
+        self.http.post_empty(&format!("/v1/vms/{id}/restore")).await
     }
 
     pub async fn metrics(&self, id: &str) -> Result<VmMetrics, ClientError> {

@@ -16,7 +16,7 @@ use crate::error::{HvError, Result};
 use crate::procfs;
 use crate::qmp::Qmp;
 use crate::spec::{derived_mac, VmSpec};
-use crate::state::{transition, Action, VmState};
+use crate::state::{state_after_exit, transition, Action, VmState};
 use args::{qemu_args, tap_name, DiskArg, LaunchPlan, NicArg, VmPaths};
 use async_trait::async_trait;
 use serde_json::{json, Value};
@@ -410,7 +410,7 @@ impl QemuDriver {
             vm.child = None;
             vm.adopted = None;
             vm.qmp = None;
-            vm.state = VmState::Stopped;
+            vm.state = state_after_exit(vm.state);
             remove_taps(&vm.taps()).await;
         }
     }
@@ -457,6 +457,7 @@ async fn remove_taps(taps: &[String]) {
 pub fn state_from_runstate(current: VmState, runstate: &str) -> VmState {
     match runstate {
         "running" => VmState::Running,
+        "inmigrate" if current == VmState::Restoring => VmState::Restoring,
         "inmigrate" => VmState::Incoming,
         "prelaunch" => current,
         // A destination with `-S` lands in `paused` when its migration completed.
@@ -548,6 +549,86 @@ impl Hypervisor for QemuDriver {
         Ok(vm.info())
     }
 
+    async fn powerdown(&self, id: &str) -> Result<()> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        Self::reap(&mut vm).await;
+        vm.check(Action::Stop)?;
+        vm.qmp()?.execute("system_powerdown", None).await.map(drop)
+    }
+
+    async fn wait_stopped(&self, id: &str, timeout: Duration) -> Result<VmInfo> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let info = {
+                let vm = self.get(id)?;
+                let mut vm = vm.lock().await;
+                Self::reap(&mut vm).await;
+                vm.info()
+            };
+            if info.state == VmState::Stopped || tokio::time::Instant::now() >= deadline {
+                return Ok(info);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A power cycle: QEMU ends and a new one boots the guest from its disks. Not QMP
+    /// `system_reset`: QEMU runs with `-no-reboot` (a guest that panics must end its
+    /// QEMU, not reboot unnoticed), and after a `system_reset` the firmware resets the
+    /// machine again itself, which `-no-reboot` turns into QEMU's exit; allowing resets
+    /// until the firmware is done would need to know when it is.
+    async fn reboot(&self, id: &str) -> Result<VmInfo> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        Self::reap(&mut vm).await;
+        let next = vm.check(Action::Reboot)?;
+        self.shutdown_process(&mut vm).await;
+        vm.state = VmState::Stopped;
+        self.launch(&mut vm, false).await?;
+        vm.qmp()?.execute("cont", None).await?;
+        vm.state = next;
+        Ok(vm.info())
+    }
+
+    async fn suspended(&self, id: &str) -> Result<VmInfo> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        Self::reap(&mut vm).await;
+        let next = vm.check(Action::Suspend)?;
+        self.shutdown_process(&mut vm).await;
+        // The memory is in the store now; the tmpfs copy would only hold host RAM.
+        let _ = tokio::fs::remove_file(&vm.paths.memory_file).await;
+        vm.state = next;
+        Ok(vm.info())
+    }
+
+    async fn restore(&self, id: &str) -> Result<VmInfo> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        Self::reap(&mut vm).await;
+        let next = vm.check(Action::Restore)?;
+        // A fresh file: the saved memory is written into it and must land on zeros.
+        let _ = tokio::fs::remove_file(&vm.paths.memory_file).await;
+        self.launch(&mut vm, true).await?;
+        vm.state = next;
+        Ok(vm.info())
+    }
+
+    async fn abandon_restore(&self, id: &str) -> Result<VmInfo> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        Self::reap(&mut vm).await;
+        // A process that ended by itself already left the VM suspended.
+        if vm.state != VmState::Suspended {
+            let next = vm.check(Action::AbandonRestore)?;
+            self.shutdown_process(&mut vm).await;
+            vm.state = next;
+        }
+        let _ = tokio::fs::remove_file(&vm.paths.memory_file).await;
+        Ok(vm.info())
+    }
+
     async fn destroy(&self, id: &str) -> Result<()> {
         let vm = self.get(id)?;
         let mut vm = vm.lock().await;
@@ -633,7 +714,7 @@ impl Hypervisor for QemuDriver {
     async fn migrate_incoming(&self, id: &str, uri: &str) -> Result<()> {
         let vm = self.get(id)?;
         let mut vm = vm.lock().await;
-        if vm.state != VmState::Incoming {
+        if !matches!(vm.state, VmState::Incoming | VmState::Restoring) {
             return Err(HvError::Conflict {
                 id: id.to_string(),
                 action: "receive a migration into",
@@ -765,6 +846,15 @@ mod tests {
         assert_eq!(
             state_from_runstate(VmState::Paused, "running"),
             VmState::Running
+        );
+        assert_eq!(
+            state_from_runstate(VmState::Restoring, "inmigrate"),
+            VmState::Restoring
+        );
+        assert_eq!(
+            state_from_runstate(VmState::Restoring, "paused"),
+            VmState::Paused,
+            "a restore whose saved state loaded"
         );
     }
 
