@@ -50,7 +50,9 @@ pub enum Command {
     ListVms,
     ShowVm(VmName),
     CreateVm(CreateVm),
-    DeleteVm(VmName),
+    /// With `true`, the VM's disk files stay in the store: they belong to a copy of the
+    /// VM running elsewhere.
+    DeleteVm(VmName, bool),
     Act(VmName, Action),
     Stop(VmName, StopRequest),
     Suspend(VmName),
@@ -101,14 +103,17 @@ pub async fn execute(state: &AppState, cmd: Command) -> Result<(StatusCode, Valu
         Command::ShowVm(id) => ok(json(state.view(state.hv.refresh(id.as_str()).await?))),
         Command::CreateVm(c) => {
             let info = state
-                .create_vm(c.id.as_str(), c.spec, false, c.start)
+                .create_vm_with(c.id.as_str(), c.spec, false, c.start, c.reuse_disks)
                 .await?;
             Ok((StatusCode::CREATED, json(state.view(info))))
         }
-        Command::DeleteVm(id) => {
+        Command::DeleteVm(id, keep_disks) => {
             let _gate = state.lifecycle.lock().await;
             state.refuse_if_migrating(id.as_str(), "destroy")?;
-            state.destroy_vm(id.as_str()).await?;
+            match keep_disks {
+                true => state.destroy_copy(id.as_str()).await?,
+                false => state.destroy_vm(id.as_str()).await?,
+            }
             Ok((StatusCode::OK, serde_json::json!({ "deleted": id })))
         }
         Command::Act(id, action) => {
@@ -203,10 +208,36 @@ pub struct Deleted {
     pub deleted: String,
 }
 
-#[utoipa::path(delete, path = "/v1/vms/{id}", summary = "destroy a VM and remove its files",
-    params(Id), responses((status = 200, description = "ok", body = Deleted)))]
-async fn delete_vm(s: State<AppState>, VmId(id): VmId) -> Response {
-    run(s, Command::DeleteVm(id)).await
+/// `DELETE /v1/vms/{id}` options.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteQuery {
+    /// `keep`: leave the VM's disk files in the store (a stale copy whose VM runs on
+    /// another host from the same disks); `delete` (default): remove them.
+    #[serde(default)]
+    pub disks: Option<DiskDisposal>,
+}
+
+/// What deleting a VM does with its disk files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskDisposal {
+    Delete,
+    Keep,
+}
+
+#[utoipa::path(delete, path = "/v1/vms/{id}", summary = "destroy a VM and remove its files (its disks too, unless disks=keep)",
+    params(Id, DeleteQuery), responses((status = 200, description = "ok", body = Deleted)))]
+async fn delete_vm(
+    s: State<AppState>,
+    VmId(id): VmId,
+    q: Result<axum::extract::Query<DeleteQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let keep = match q {
+        Ok(q) => q.0.disks == Some(DiskDisposal::Keep),
+        Err(e) => return AgentError::BadRequest(format!("query: {}", e.body_text())).into_response(),
+    };
+    run(s, Command::DeleteVm(id, keep)).await
 }
 
 #[utoipa::path(post, path = "/v1/vms/{id}/start", summary = "start a created or stopped VM",

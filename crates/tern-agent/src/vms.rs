@@ -46,6 +46,20 @@ impl AppState {
         incoming: bool,
         start: bool,
     ) -> Result<VmInfo, AgentError> {
+        self.create_vm_with(id, spec, incoming, start, false).await
+    }
+
+    /// [`AppState::create_vm`]; with `reuse_disks`, disk files of the VM already in the
+    /// store are used as they are (a VM restarted on another host keeps its data) and
+    /// only missing ones are made.
+    pub async fn create_vm_with(
+        &self,
+        id: &str,
+        spec: VmSpec,
+        incoming: bool,
+        start: bool,
+        reuse_disks: bool,
+    ) -> Result<VmInfo, AgentError> {
         VmName::check(id).map_err(HvError::from)?;
         let spec = self.with_image_files(spec).await?;
         tern_hv::spec::check_paths(&spec)?;
@@ -56,7 +70,7 @@ impl AppState {
             self.used_memory_mib().await?,
             spec.memory_mib,
         )?;
-        let made_disks = self.prepare_disks(id, &spec, incoming).await?;
+        let made_disks = self.prepare_disks(id, &spec, incoming, reuse_disks).await?;
         let keep = if made_disks {
             Disks::Delete
         } else {
@@ -94,6 +108,7 @@ impl AppState {
         id: &str,
         spec: &VmSpec,
         incoming: bool,
+        reuse: bool,
     ) -> Result<bool, AgentError> {
         if spec.disks.is_empty() {
             return Ok(false);
@@ -106,6 +121,20 @@ impl AppState {
             store
                 .check_disks_exist(id, &spec.disks)
                 .map_err(HvError::from)?;
+            return Ok(false);
+        }
+        if reuse {
+            let missing: Vec<_> = spec
+                .disks
+                .iter()
+                .filter(|d| !store.disk_path(id, &d.name).is_file())
+                .cloned()
+                .collect();
+            store
+                .create_disks(id, &missing)
+                .await
+                .map_err(HvError::from)?;
+            // Kept on a failure: the disks that were there hold the VM's data.
             return Ok(false);
         }
         store

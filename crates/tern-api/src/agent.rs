@@ -411,6 +411,11 @@ pub struct CreateVm {
     /// Run the guest right away (default) or leave it created.
     #[serde(default = "yes")]
     pub start: bool,
+    /// Use disk files of this VM already in the store as they are, making only missing
+    /// ones: the manager restarting a VM on another host after its host died, so it
+    /// keeps its data. Without it, an existing file is refused (409).
+    #[serde(default)]
+    pub reuse_disks: bool,
 }
 
 fn yes() -> bool {

@@ -260,6 +260,11 @@ pub struct Vm {
     /// When it last moved; the balancer leaves it alone for the cooldown after that.
     #[cfg_attr(feature = "openapi", schema(value_type = Option<u64>))]
     pub last_moved: Option<Millis>,
+    /// Whether its disks were made: once it ran somewhere, a create on another host (a
+    /// restart after its host died, or after it was lost) uses the disk files already
+    /// in the shared store, so its data survives.
+    #[serde(default)]
+    pub disks_made: bool,
 }
 
 /// Why a migration was started.

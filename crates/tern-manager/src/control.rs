@@ -140,7 +140,8 @@ impl Control {
             if let Ok(Reply::Heartbeat(hb)) = r {
                 let client = self.agents.client(h)?;
                 for vm in hb.stale {
-                    match client.delete_vm(&vm).await {
+                    // The VM runs elsewhere now, maybe from these very disk files.
+                    match client.delete_copy(&vm).await {
                         Ok(()) => destroyed += 1,
                         Err(e) => self.warn(
                             &format!("{}/{vm}/stale", h.name),
@@ -256,14 +257,17 @@ impl Control {
             let spec = self.manager.read(|s| {
                 s.vms.get(action.vm()).map(|v| {
                     let image = v.spec.image.as_ref().and_then(|i| s.images.get(i).cloned());
-                    (v.spec.clone(), image)
+                    (v.spec.clone(), image, v.disks_made)
                 })
             });
             tokio::spawn(async move {
                 let _slot = me.slots.clone().acquire_owned().await;
                 let vm = action.vm().to_owned();
                 let cmd = match spec {
-                    Some((spec, image)) => me.perform(&action, &spec, image.as_ref(), &hosts).await,
+                    Some((spec, image, reuse)) => {
+                        me.perform(&action, &spec, image.as_ref(), reuse, &hosts)
+                            .await
+                    }
                     None => None,
                 };
                 let _ = me.done_tx.send((vm, cmd));
@@ -279,6 +283,7 @@ impl Control {
         action: &Action,
         spec: &crate::state::VmSpec,
         image: Option<&crate::state::Image>,
+        reuse_disks: bool,
         hosts: &std::collections::BTreeMap<String, Host>,
     ) -> Option<Command> {
         let client = |name: &str| {
@@ -289,7 +294,7 @@ impl Control {
         };
         match action {
             Action::Create { vm, host } => match client(host) {
-                Ok(c) => match c.create_vm(vm, spec, image).await {
+                Ok(c) => match c.create_vm(vm, spec, image, reuse_disks).await {
                     Ok(()) => {
                         // The record's, not the dispatched spec's: it may have been set
                         // while the create was under way.

@@ -290,6 +290,7 @@ mod tests {
             cpu_used: 0.0,
             cpu_measured: false,
             last_moved: None,
+            disks_made: false,
         };
         let mut snap = Snapshot::default();
         snap.vms.insert("a".into(), vm("a", Some("h1")));

@@ -80,7 +80,7 @@ async fn the_http_client_drives_a_real_agent() {
     let (a, b) = (agent("a").await, agent("b").await);
     let ca = HttpHost::new(&a.host, TOKEN, Duration::from_secs(10)).unwrap();
     let cb = HttpHost::new(&b.host, TOKEN, Duration::from_secs(10)).unwrap();
-    ca.create_vm("web-1", &spec(), None).await.unwrap();
+    ca.create_vm("web-1", &spec(), None, false).await.unwrap();
     let report = ca.load_report().await.unwrap();
     assert_eq!(names(&report), ["web-1"]);
     assert!(report.cpu_used >= 0.0);

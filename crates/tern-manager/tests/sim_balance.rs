@@ -100,6 +100,7 @@ fn both(hosts: usize, vms: &[VmCase], now: f64) -> (State, Snapshot) {
                 cpu_used: (state.vm_requested[v] / 1000.0).max(1e-6),
                 cpu_measured: true,
                 last_moved: state.vm_last_moved[v].map(|t| (t * 1000.0).round() as u64),
+                disks_made: false,
             },
         );
     }

@@ -40,6 +40,7 @@ fn vm(name: &str, on: &str) -> Vm {
         cpu_used: 0.25,
         cpu_measured: true,
         last_moved: None,
+        disks_made: false,
     }
 }
 

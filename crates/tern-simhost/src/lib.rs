@@ -109,7 +109,13 @@ impl SimHost {
 
 #[async_trait]
 impl HostClient for SimHost {
-    async fn create_vm(&self, vm: &str, spec: &VmSpec, image: Option<&Image>) -> Result<()> {
+    async fn create_vm(
+        &self,
+        vm: &str,
+        spec: &VmSpec,
+        image: Option<&Image>,
+        _reuse_disks: bool,
+    ) -> Result<()> {
         self.reachable()?;
         let hv_spec = spec.host_spec(vm, image);
         self.driver

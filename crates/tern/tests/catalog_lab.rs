@@ -88,10 +88,11 @@ impl Lab {
             .clone();
         let deadline = Instant::now() + Duration::from_secs(90);
         loop {
-            let mut a = vec!["agent", "vm", "guest", "g1"];
-            a.extend(req);
-            a.extend(["--agent", h["url"].as_str().unwrap()]);
+            // Options first: the request takes the rest of the line.
+            let mut a = vec!["agent", "vm", "--agent", h["url"].as_str().unwrap()];
             a.extend(["--tls-dir", h["tls_dir"].as_str().unwrap(), "--json"]);
+            a.extend(["guest", "g1"]);
+            a.extend(req);
             let o = tern(self.st(), &a);
             if o.status.success() {
                 let v: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -291,9 +292,8 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
         ],
     );
     std::thread::sleep(Duration::from_secs(2));
-    let before = lab.guest("h1", &["disk-check"])["counter"]
-        .as_u64()
-        .unwrap();
+    let check = lab.guest("h1", &["disk-check"]);
+    let before = check["result"]["counter"].as_u64().unwrap_or_else(|| panic!("{check}"));
     assert!(before > 0, "the guest wrote its disk");
 
     let moved = json(&lab.cli(&["vm", "migrate", "g1", "--to", "h2", "--json"]));
@@ -302,9 +302,8 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
         json(&lab.cli(&["vm", "show", "g1", "--json"]))["observed_host"] == "h2"
     });
     std::thread::sleep(Duration::from_secs(1));
-    let after = lab.guest("h2", &["disk-check"])["counter"]
-        .as_u64()
-        .unwrap();
+    let check = lab.guest("h2", &["disk-check"]);
+    let after = check["result"]["counter"].as_u64().unwrap_or_else(|| panic!("{check}"));
     assert!(
         after > before,
         "every write is there and new ones land: {after} <= {before}"

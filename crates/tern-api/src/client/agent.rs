@@ -83,6 +83,14 @@ impl AgentClient {
             .map(drop)
     }
 
+    /// Destroys this host's copy of a VM and leaves its disk files in the store.
+    pub async fn delete_copy(&self, id: &str) -> Result<(), ClientError> {
+        self.http
+            .delete::<Deleted>(&format!("/v1/vms/{id}?disks=keep"))
+            .await
+            .map(drop)
+    }
+
     /// A lifecycle action; [`Action::IncomingDone`] is the driver's own and has no route.
     pub async fn act(&self, id: &str, action: Action) -> Result<VmView, ClientError> {
         let verb = match action {

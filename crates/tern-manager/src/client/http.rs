@@ -131,10 +131,17 @@ impl HttpHost {
 
 #[async_trait]
 impl HostClient for HttpHost {
-    async fn create_vm(&self, vm: &str, spec: &VmSpec, image: Option<&Image>) -> Result<()> {
+    async fn create_vm(
+        &self,
+        vm: &str,
+        spec: &VmSpec,
+        image: Option<&Image>,
+        reuse_disks: bool,
+    ) -> Result<()> {
         let req = CreateVm {
             id: vm.parse()?,
             spec: spec.host_spec(vm, image),
+            reuse_disks,
             start: true,
         };
         self.agent
@@ -148,6 +155,14 @@ impl HostClient for HttpHost {
         match self.agent.delete_vm(vm).await {
             Ok(()) => Ok(()),
             // Already gone is what we wanted.
+            Err(e) if e.is_not_found() => Ok(()),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    async fn delete_copy(&self, vm: &str) -> Result<()> {
+        match self.agent.delete_copy(vm).await {
+            Ok(()) => Ok(()),
             Err(e) if e.is_not_found() => Ok(()),
             Err(e) => Err(self.fail(e)),
         }

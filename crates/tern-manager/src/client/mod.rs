@@ -22,10 +22,22 @@ use tern_api::vcpu::VcpuPolicy;
 #[async_trait]
 pub trait HostClient: Send + Sync {
     /// Creates and starts `vm`; `image` is its catalogue image (`spec.image`), looked up
-    /// by the caller.
-    async fn create_vm(&self, vm: &str, spec: &VmSpec, image: Option<&Image>) -> Result<()>;
+    /// by the caller. With `reuse_disks`, its disk files already in the store are used
+    /// as they are (it ran elsewhere before).
+    async fn create_vm(
+        &self,
+        vm: &str,
+        spec: &VmSpec,
+        image: Option<&Image>,
+        reuse_disks: bool,
+    ) -> Result<()>;
     /// Destroys `vm`; a VM the host does not have counts as destroyed.
     async fn delete_vm(&self, vm: &str) -> Result<()>;
+    /// Destroys a stale copy of `vm` (the VM runs elsewhere now) and leaves its disk
+    /// files, which the running copy uses.
+    async fn delete_copy(&self, vm: &str) -> Result<()> {
+        self.delete_vm(vm).await
+    }
     /// Live-migrates `vm` from this host to `to` with the termination policy `policy`;
     /// on failure the VM keeps running here. `progress` is told the telemetry each time
     /// it changes while the migration runs.

@@ -269,6 +269,7 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
                 changes.push(Change::PutVm(Vm {
                     observed_host: Some(host.clone()),
                     state: VmState::Running,
+                    disks_made: true,
                     ..v.clone()
                 }));
                 changes.push(Change::Event(EventKind::VmRunning { vm: name, host }));
@@ -492,6 +493,7 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
         // was lost, or the manager restarted): it is running.
         if v.state == VmState::Pending && v.desired_host.as_deref() == Some(name) {
             next.state = VmState::Running;
+            next.disks_made = true;
             next.observed_host = Some(name.to_owned());
             changes.push(Change::Event(EventKind::VmRunning {
                 vm: v.name.clone(),
@@ -606,6 +608,7 @@ fn create_one(
         cpu_used: 0.0,
         cpu_measured: false,
         last_moved: None,
+        disks_made: false,
     };
     let changes = vec![
         Change::PutVm(v.clone()),
@@ -775,6 +778,7 @@ pub(crate) mod testing {
                 cpu_used: 0.0,
                 cpu_measured: true,
                 last_moved: None,
+                disks_made: false,
             },
         );
     }

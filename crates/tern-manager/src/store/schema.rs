@@ -64,6 +64,10 @@ pub const MIGRATIONS: &[(u32, &str)] = &[
         PRIMARY KEY (kind, name)
     );",
     ),
+    (
+        4,
+        "ALTER TABLE vms ADD COLUMN disks_made INTEGER NOT NULL DEFAULT 0;",
+    ),
 ];
 
 /// The version this build writes.

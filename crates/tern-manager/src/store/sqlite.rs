@@ -100,6 +100,7 @@ fn vm_from(r: &Row) -> rusqlite::Result<VmRow> {
             cpu_used: r.get(5)?,
             last_moved: r.get(6)?,
             cpu_measured: r.get(7)?,
+            disks_made: r.get(8)?,
         },
         spec: r.get(1)?,
         state: r.get(4)?,
@@ -162,7 +163,7 @@ impl Store for SqliteStore {
         }
         let mut st = self.conn.prepare(
             "SELECT name, spec, desired_host, observed_host, state, cpu_used, last_moved, \
-             cpu_measured FROM vms",
+             cpu_measured, disks_made FROM vms",
         )?;
         for row in st.query_map([], vm_from)? {
             let VmRow {
@@ -242,10 +243,11 @@ impl Store for SqliteStore {
                 Change::PutVm(v) => {
                     tx.prepare_cached(
                         "INSERT INTO vms (name, spec, desired_host, observed_host, state, \
-                         cpu_used, last_moved, cpu_measured) VALUES (?1,?2,?3,?4,?5,?6,?7,?8) \
+                         cpu_used, last_moved, cpu_measured, disks_made) \
+                         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9) \
                          ON CONFLICT (name) DO UPDATE SET spec = ?2, desired_host = ?3, \
                          observed_host = ?4, state = ?5, cpu_used = ?6, last_moved = ?7, \
-                         cpu_measured = ?8",
+                         cpu_measured = ?8, disks_made = ?9",
                     )?
                     .execute(params![
                         v.name,
@@ -255,7 +257,8 @@ impl Store for SqliteStore {
                         v.state.as_str(),
                         v.cpu_used,
                         v.last_moved,
-                        v.cpu_measured
+                        v.cpu_measured,
+                        v.disks_made
                     ])?;
                 }
                 Change::RemoveVm(name) => {

@@ -111,6 +111,7 @@ impl ScoreInput {
                     cpu_used,
                     cpu_measured,
                     last_moved: None,
+                    disks_made: false,
                 },
             );
         }

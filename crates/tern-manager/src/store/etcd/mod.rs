@@ -361,6 +361,7 @@ mod tests {
             cpu_used: cpu,
             cpu_measured: false,
             last_moved: None,
+            disks_made: false,
         }
     }
 

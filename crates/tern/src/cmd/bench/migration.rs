@@ -441,6 +441,7 @@ impl Bench<'_> {
             id: self.vm.parse()?,
             spec: img.vm_spec(1, args.memory_mib, &self.vm),
             start: true,
+            reuse_disks: false,
         };
         eprintln!("bench: booting {} on h1", self.vm);
         self.hosts[0].create_vm(&req).await?;

@@ -533,6 +533,7 @@ async fn bench(
         id: VM.parse()?,
         spec: img.vm_spec(2, args.memory_mib, VM),
         start: true,
+        reuse_disks: false,
     })
     .await?;
     ask(host, VM, GuestCommand::Ping).await?;

@@ -236,6 +236,7 @@ async fn bench(
             id: vm.parse()?,
             spec: img.vm_spec(2, args.memory_mib, vm),
             start: true,
+            reuse_disks: false,
         })
         .await?;
     }

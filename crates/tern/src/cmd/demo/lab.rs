@@ -337,11 +337,13 @@ impl HostClient for ImageHost {
         vm: &str,
         spec: &VmSpec,
         _image: Option<&tern_manager::state::Image>,
+        _reuse_disks: bool,
     ) -> tern_manager::error::Result<()> {
         let req = CreateVm {
             id: vm.parse()?,
             spec: self.img.vm_spec(spec.vcpus, spec.memory_mib, vm),
             start: true,
+            reuse_disks: false,
         };
         self.agent
             .create_vm(&req)

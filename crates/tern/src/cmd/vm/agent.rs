@@ -224,6 +224,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 id: a.id.clone(),
                 spec: spec_from(a)?,
                 start: !a.no_start,
+                reuse_disks: false,
             };
             let v = rt.block_on(client.create_vm(&req)).map_err(agent_error)?;
             if args.json {
