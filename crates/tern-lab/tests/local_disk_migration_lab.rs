@@ -1,0 +1,160 @@
+//! A VM with a 1 GiB disk in h1's local store (`--local-store`, a folder only h1's
+//! agent uses), live-migrated to h2: the source mirrors the disk over TLS-guarded NBD
+//! into an overlay h2 makes in its own local store, and ends the mirror inside the
+//! pause. The guest writes the `diskverify` pattern before and during the move; on h2
+//! the disk holds every write counted and takes new ones, and h1's file is gone.
+//!
+//! Two moves that fail leave the guest running on h1 with its disk and nothing on h2:
+//! one the destination refuses (its local store lacks the image), and one cancelled
+//! while the mirror runs.
+//!
+//! Needs root, iproute2, QEMU, qemu-img and the `tern` binary of this build tree;
+//! without them it says why and passes, except under `CI`, where it must run.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use common::disk::{can_run, make_image, DiskLab};
+use serde_json::json;
+use tern_agent::vms::CreateVm;
+use tern_lab as lab;
+
+const VM: &str = "ldisk1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_disk_moves_with_the_vm() {
+    if !can_run("local disk migration lab test") {
+        return;
+    }
+    let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
+        eprintln!("image: {s}")
+    })
+    .await
+    .expect("guest image builds");
+    let dir = tempfile::tempdir().unwrap();
+    let (state, hosts) = common::two_hosts(&dir, 1024).await;
+    let lab_dir = state.dir.clone();
+    let lab = DiskLab {
+        state,
+        hosts,
+        vm: VM,
+    };
+    let outcome = tokio::spawn(async move { scenario(&lab, &img).await }).await;
+    lab::down(&lab_dir, &|s| eprintln!("{s}"))
+        .await
+        .expect("lab down");
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}
+
+/// Host `i`'s local store.
+fn local(lab: &DiskLab, i: usize) -> PathBuf {
+    lab.state.hosts[i].local_store_dir()
+}
+
+/// Whether host `i`'s local store holds anything of the VM.
+fn has_files(lab: &DiskLab, i: usize) -> bool {
+    local(lab, i).join("vms").join(VM).exists()
+}
+
+async fn scenario(lab: &DiskLab, img: &tern_hv::image::GuestImage) {
+    // The same image in both local stores: only what the guest writes travels.
+    make_image(&local(lab, 0).join("images/base.qcow2"), "8M");
+    let h2_image = local(lab, 1).join("images/base.qcow2");
+    let req: CreateVm = serde_json::from_value(json!({
+        "id": VM,
+        "spec": {
+            "memory_mib": 256,
+            "kernel": img.kernel,
+            "initramfs": img.initramfs,
+            "cmdline": format!("{} tern.hostname={VM}", img.cmdline),
+            "disks": [{"name": "root", "image": "base.qcow2", "size_mib": 1024, "store": "local"}],
+        }
+    }))
+    .unwrap();
+    lab.hosts[0].create_vm(&req).await.unwrap();
+    let h1_disk = local(lab, 0).join("vms").join(VM).join("root.qcow2");
+    assert!(h1_disk.is_file(), "the disk is made in h1's local store");
+    assert!(
+        !lab.state.store_dir().join("vms").join(VM).exists(),
+        "nothing in the shared store"
+    );
+    lab.guest(
+        0,
+        json!({"cmd": "start", "workload": "diskverify --mib 64 --blocks-per-sec 2000"}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before = lab.disk_ok(0, 0).await;
+
+    // The destination lacks the image: it refuses, the guest runs on at the source.
+    let refused = match lab.send(0, 1).await {
+        Err(e) => e,
+        Ok(id) => {
+            let s = lab.finish(0, &id).await;
+            assert_eq!(s["phase"], "rolled_back", "{s}");
+            s.to_string()
+        }
+    };
+    eprintln!("refused move: {refused}");
+    assert!(
+        refused.contains("not in this host's image store"),
+        "{refused}"
+    );
+    assert!(lab.has_vm(0).await && !lab.has_vm(1).await);
+    assert!(!has_files(lab, 1), "the refusing destination made no files");
+    let still = lab.disk_ok(0, before).await;
+
+    // Cancelled once the mirror runs: the source keeps its disk, h2 drops its copy.
+    make_image(&h2_image, "8M");
+    let id = lab.send(0, 1).await.unwrap();
+    let t0 = Instant::now();
+    loop {
+        let s = lab.status(0, &id).await;
+        if !s["disks"].is_null() || s["phase"] != "preparing" {
+            eprintln!("cancelling at: {} disks {}", s["phase"], s["disks"]);
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "no mirror: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    lab.hosts[0].cancel_migration(&id).await.unwrap();
+    let s = lab.finish(0, &id).await;
+    assert_eq!(s["phase"], "rolled_back", "{s}");
+    eprintln!("cancelled move: {}", s["error"]);
+    assert!(lab.has_vm(0).await && !lab.has_vm(1).await);
+    let t0 = Instant::now();
+    while has_files(lab, 1) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "h2 kept its partial copy"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let still = lab.disk_ok(0, still).await;
+
+    // The real move, while the guest writes.
+    let id = lab.send(0, 1).await.unwrap();
+    let s = lab.finish(0, &id).await;
+    assert_eq!(s["phase"], "completed", "{s}");
+    eprintln!("moved: {} disks {}", s["result"], s["disks"]);
+    assert_eq!(s["disks"]["ready"], true, "{s}");
+    assert!(s["disks"]["copied_bytes"].as_u64().unwrap() > 0, "{s}");
+    assert!(!lab.has_vm(0).await, "the source kept its copy");
+    assert!(
+        !h1_disk.exists(),
+        "the source's local file outlived the move"
+    );
+    let h2_disk = local(lab, 1).join("vms").join(VM).join("root.qcow2");
+    assert!(h2_disk.is_file(), "the disk is in h2's local store");
+    let after = lab.disk_ok(1, still).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    lab.disk_ok(1, after).await;
+
+    lab.hosts[1].delete_vm(VM).await.unwrap();
+    assert!(!h2_disk.exists(), "deleting the VM deletes its disk");
+    assert!(h2_image.is_file(), "the image stays");
+}
