@@ -90,8 +90,9 @@ pub struct DiskSpec {
     pub bus: DiskBus,
     /// Which of the host's stores holds the file: `shared` (`--store`, seen by every
     /// host, the disk stays put when the VM moves) or `local` (`--local-store`, the
-    /// disk is copied to the destination during a live migration).
-    #[serde(default)]
+    /// disk is copied to the destination during a live migration). Left out when
+    /// `shared`, so an agent that predates local disks takes the spec.
+    #[serde(default, skip_serializing_if = "DiskStore::is_shared")]
     pub store: DiskStore,
 }
 
@@ -109,6 +110,10 @@ pub enum DiskStore {
 }
 
 impl DiskStore {
+    pub fn is_shared(&self) -> bool {
+        *self == DiskStore::Shared
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DiskStore::Shared => "shared",

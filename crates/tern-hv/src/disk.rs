@@ -708,6 +708,79 @@ mod tests {
     }
 
     #[test]
+    fn a_disk_picks_its_store_and_a_missing_one_is_named() {
+        let (shared, local) = (Store::new("/s".into()), Store::new("/l".into()));
+        let both = Stores {
+            shared: Some(&shared),
+            local: Some(&local),
+        };
+        let mut d = disk("root", Some(1), None);
+        assert_eq!(
+            both.disk_path("v", &d).unwrap(),
+            Path::new("/s/vms/v/root.qcow2")
+        );
+        d.store = DiskStore::Local;
+        assert_eq!(
+            both.disk_path("v", &d).unwrap(),
+            Path::new("/l/vms/v/root.qcow2")
+        );
+        let shared_only = Stores {
+            shared: Some(&shared),
+            local: None,
+        };
+        let e = shared_only.of("v", &d).unwrap_err();
+        assert!(
+            e.is_bad_input() && e.to_string().contains("--local-store"),
+            "{e}"
+        );
+        assert!(matches!(
+            Stores::default().of("v", &disk("root", Some(1), None)),
+            Err(DiskError::NoStore(_))
+        ));
+    }
+
+    #[test]
+    fn a_copy_that_ends_deletes_only_its_local_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Store::open(&dir.path().join("shared")).unwrap();
+        let local = Store::open(&dir.path().join("local")).unwrap();
+        let stores = Stores {
+            shared: Some(&shared),
+            local: Some(&local),
+        };
+        let mut data = disk("data", Some(1), None);
+        data.store = DiskStore::Local;
+        let disks = [disk("root", Some(1), None), data];
+        for d in &disks {
+            let p = stores.disk_path("v", d).unwrap();
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, b"x").unwrap();
+        }
+        stores.remove_disks("v", &disks, Remove::LocalOnly);
+        assert!(
+            shared.disk_path("v", "root").is_file(),
+            "the shared disk went"
+        );
+        assert!(!local.vm_dir("v").exists(), "the local disk stayed");
+        stores.remove_disks("v", &disks, Remove::All);
+        assert!(!shared.vm_dir("v").exists());
+    }
+
+    #[test]
+    fn old_specs_mean_the_shared_store_and_new_shared_ones_read_as_before() {
+        let old: DiskSpec = serde_json::from_value(json!({"name": "root", "size_mib": 1})).unwrap();
+        assert_eq!(old.store, DiskStore::Shared);
+        assert!(serde_json::to_value(&old).unwrap().get("store").is_none());
+        let local: DiskSpec =
+            serde_json::from_value(json!({"name": "d", "size_mib": 1, "store": "local"})).unwrap();
+        assert_eq!(serde_json::to_value(&local).unwrap()["store"], "local");
+        assert!(serde_json::from_value::<DiskSpec>(
+            json!({"name": "d", "size_mib": 1, "store": "nfs"})
+        )
+        .is_err());
+    }
+
+    #[test]
     fn layout() {
         let s = Store::new("/s".into());
         assert_eq!(
