@@ -29,6 +29,9 @@ use crate::state::AppState;
 const POLL_READY: Duration = Duration::from_millis(100);
 /// How often inside the pause: every millisecond there is downtime.
 const POLL_FINISH: Duration = Duration::from_millis(2);
+/// How long a rollback waits for cancelled mirrors to end before it goes on: the
+/// source's guest may be paused until the rollback is through.
+const ABANDON_WAIT: Duration = Duration::from_secs(5);
 /// Tries at a free port for the NBD server (QEMU binds it itself).
 const PORT_TRIES: usize = 5;
 
@@ -364,8 +367,17 @@ impl Mirror {
         }
         // A forced cancel ends the job at once or after its requests in flight; the job
         // can be dismissed only once it concluded.
-        let deadline = Instant::now() + mirror::FINISH_TIMEOUT;
-        while self.jobs > 0 && Instant::now() < deadline {
+        let deadline = Instant::now() + ABANDON_WAIT;
+        while self.jobs > 0 {
+            if Instant::now() > deadline {
+                // A target that stopped answering (a cut link) holds the job until QEMU's
+                // NBD client gives up; the guest runs on regardless.
+                tracing::warn!(
+                    vm,
+                    "a cancelled block mirror has not ended; its NBD node stays until it does"
+                );
+                break;
+            }
             let v = state.hv.disk_qmp(vm, "query-jobs", None).await;
             let jobs = v.map(|v| mirror::parse_jobs(&v)).unwrap_or_default();
             let ids = self.job_ids();
