@@ -356,6 +356,15 @@ impl Mirror {
         }
     }
 
+    /// Whether none of jobs `ids` is still running (QEMU unreachable counts as ended).
+    async fn ended(&self, state: &AppState, vm: &str, ids: &[String]) -> bool {
+        let v = state.hv.disk_qmp(vm, "query-jobs", None).await;
+        let jobs = v.map(|v| mirror::parse_jobs(&v)).unwrap_or_default();
+        !jobs
+            .iter()
+            .any(|j| ids.contains(&j.id) && j.status != "concluded")
+    }
+
     /// Rollback: stops the mirrors without waiting for them and lets go of the
     /// destination. The source never stopped using its own disks.
     pub async fn abandon(&mut self, state: &AppState, vm: &str) {
@@ -368,7 +377,8 @@ impl Mirror {
         // A forced cancel ends the job at once or after its requests in flight; the job
         // can be dismissed only once it concluded.
         let deadline = Instant::now() + ABANDON_WAIT;
-        while self.jobs > 0 {
+        let ids = self.job_ids();
+        while self.jobs > 0 && !self.ended(state, vm, &ids).await {
             if Instant::now() > deadline {
                 // A target that stopped answering (a cut link) holds the job until QEMU's
                 // NBD client gives up; the guest runs on regardless.
@@ -376,15 +386,6 @@ impl Mirror {
                     vm,
                     "a cancelled block mirror has not ended; its NBD node stays until it does"
                 );
-                break;
-            }
-            let v = state.hv.disk_qmp(vm, "query-jobs", None).await;
-            let jobs = v.map(|v| mirror::parse_jobs(&v)).unwrap_or_default();
-            let ids = self.job_ids();
-            if !jobs
-                .iter()
-                .any(|j| ids.contains(&j.id) && j.status != "concluded")
-            {
                 break;
             }
             tokio::time::sleep(POLL_READY).await;
