@@ -6,7 +6,9 @@
 //!
 //! Two moves that fail leave the guest running on h1 with its disk and nothing on h2:
 //! one the destination refuses (its local store lacks the image), and one cancelled
-//! while the mirror runs.
+//! while the mirror runs. During the latter, h2's NBD export is probed from outside:
+//! h1's host certificate opens it, the operator's certificate, none, or plain NBD do
+//! not.
 //!
 //! Needs root, iproute2, QEMU, qemu-img and the `tern` binary of this build tree;
 //! without them it says why and passes, except under `CI`, where it must run.
@@ -108,19 +110,24 @@ async fn scenario(lab: &DiskLab, img: &tern_hv::image::GuestImage) {
     assert!(!has_files(lab, 1), "the refusing destination made no files");
     let still = lab.disk_ok(0, before).await;
 
-    // Cancelled once the mirror runs: the source keeps its disk, h2 drops its copy.
+    // Cancelled while the mirror follows the guest's writes (the memory held back by
+    // a 8 Mbit/s cap): the source keeps its disk, h2 drops its copy. Meanwhile h2's
+    // export lets in h1's host certificate only.
     make_image(&h2_image, "8M");
-    let id = lab.send(0, 1).await.unwrap();
+    let id = lab.send_with(0, 1, json!({"max_mbit": 8})).await.unwrap();
     let t0 = Instant::now();
     loop {
         let s = lab.status(0, &id).await;
-        if !s["disks"].is_null() || s["phase"] != "preparing" {
+        if s["phase"] == "pre_copy" {
             eprintln!("cancelling at: {} disks {}", s["phase"], s["disks"]);
+            assert_eq!(s["disks"]["ready"], true, "{s}");
             break;
         }
+        assert_ne!(s["phase"], "rolled_back", "{s}");
         assert!(t0.elapsed() < Duration::from_secs(60), "no mirror: {s}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    export_admits_only_the_source(lab).await;
     lab.hosts[0].cancel_migration(&id).await.unwrap();
     let s = lab.finish(0, &id).await;
     assert_eq!(s["phase"], "rolled_back", "{s}");
@@ -157,6 +164,76 @@ async fn scenario(lab: &DiskLab, img: &tern_hv::image::GuestImage) {
     lab.hosts[1].delete_vm(VM).await.unwrap();
     assert!(!h2_disk.exists(), "deleting the VM deletes its disk");
     assert!(h2_image.is_file(), "the image stays");
+}
+
+/// Probes h2's NBD export from outside (the lab's root namespace) with `qemu-img`:
+/// h1's host certificate opens it; the operator's certificate, no certificate and no
+/// TLS are refused.
+async fn export_admits_only_the_source(lab: &DiskLab) {
+    let h2 = &lab.state.hosts[1];
+    let listening = std::process::Command::new("ip")
+        .args(["netns", "exec", &h2.netns, "ss", "-ltnpH"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&listening.stdout);
+    let local = text
+        .lines()
+        .find(|l| l.contains("qemu"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .unwrap_or_else(|| panic!("no QEMU listens on h2: {text}"));
+    let (ip, port) = local.rsplit_once(':').unwrap();
+    assert_eq!(
+        ip, h2.addr,
+        "the export listens beyond the agent's address: {text}"
+    );
+    let addr = format!("driver=nbd,host={},port={port},export=root", h2.addr);
+    let dir = tempfile::tempdir().unwrap();
+    // QEMU's names for a client's files, from an identity directory.
+    let creds = |name: &str, identity: Option<&std::path::Path>| {
+        let d = dir.path().join(name);
+        std::fs::create_dir(&d).unwrap();
+        let ca = lab.state.ca_dir.as_ref().unwrap().join("ca.pem");
+        std::fs::copy(ca, d.join("ca-cert.pem")).unwrap();
+        if let Some(id) = identity {
+            std::fs::copy(id.join("cert.pem"), d.join("client-cert.pem")).unwrap();
+            std::fs::copy(id.join("key.pem"), d.join("client-key.pem")).unwrap();
+        }
+        d
+    };
+    let info = |creds: Option<&std::path::Path>| {
+        let mut c = std::process::Command::new("timeout");
+        c.args(["10", "qemu-img", "info"]);
+        let opts = match creds {
+            Some(d) => {
+                c.arg("--object").arg(format!(
+                    "tls-creds-x509,id=t,dir={},endpoint=client",
+                    d.display()
+                ));
+                format!("{addr},tls-creds=t")
+            }
+            None => addr.clone(),
+        };
+        let out = c.args(["--image-opts", &opts]).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), said)
+    };
+    let source = creds("h1", Some(&lab.state.hosts[0].state_dir.join("tls")));
+    let (ok, said) = info(Some(&source));
+    assert!(
+        ok && said.contains("1 GiB"),
+        "h1 cannot open the export: {said}"
+    );
+    let operator = creds("operator", lab.state.hosts[0].tls_dir.as_deref());
+    for (who, creds) in [
+        ("the operator", Some(operator.as_path())),
+        ("no certificate", Some(creds("nobody", None).as_path())),
+        ("no TLS", None),
+    ] {
+        let (ok, said) = info(creds);
+        eprintln!("export probed with {who}: {}", said.trim());
+        assert!(!ok, "{who} opened h2's export: {said}");
+    }
 }
 
 /// The figures for `docs/storage.md`: a VM with one 1 GiB disk (an overlay on an 8 MiB

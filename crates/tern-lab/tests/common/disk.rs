@@ -31,7 +31,17 @@ impl DiskLab {
     /// Asks host `from` to move the VM to host `to`: the migration's id, or the
     /// refusal when the source gave up before it began.
     pub async fn send(&self, from: usize, to: usize) -> Result<String, String> {
-        let body = json!({ "vm": self.vm, "destination": self.state.hosts[to].url, "token": "", "policy": "adaptive" });
+        self.send_with(from, to, json!({})).await
+    }
+
+    /// [`DiskLab::send`] with migration `options`.
+    pub async fn send_with(
+        &self,
+        from: usize,
+        to: usize,
+        options: Value,
+    ) -> Result<String, String> {
+        let body = json!({ "vm": self.vm, "destination": self.state.hosts[to].url, "token": "", "policy": "adaptive", "options": options });
         let sent: Result<Value, _> = self.hosts[from]
             .http()
             .send(Method::POST, "/v1/migrations", Some(&body))
