@@ -235,7 +235,9 @@ async fn delete_vm(
 ) -> Response {
     let keep = match q {
         Ok(q) => q.0.disks == Some(DiskDisposal::Keep),
-        Err(e) => return AgentError::BadRequest(format!("query: {}", e.body_text())).into_response(),
+        Err(e) => {
+            return AgentError::BadRequest(format!("query: {}", e.body_text())).into_response()
+        }
     };
     run(s, Command::DeleteVm(id, keep)).await
 }

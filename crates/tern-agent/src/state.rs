@@ -112,6 +112,12 @@ pub struct AppState {
     pub store: Option<tern_hv::disk::Store>,
     /// Where catalogue image files missing from the store are copied from.
     pub images: crate::images::ImageSource,
+    /// Where VM local disks are made (`--local-store`); `None`: local disks are refused.
+    pub local_store: Option<tern_hv::disk::Store>,
+    /// The host identity's directory (`ca.pem`, `cert.pem`, `key.pem`): QEMU is given
+    /// copies to guard the NBD link that moves local disks. `None`: local disks do not
+    /// move.
+    pub identity_dir: Option<std::path::PathBuf>,
 }
 
 impl AppState {
@@ -132,6 +138,28 @@ impl AppState {
             vcpu: Arc::default(),
             store: None,
             images: Default::default(),
+            local_store: None,
+            identity_dir: None,
+        }
+    }
+
+    /// Makes local disks in `store` (the driver must open them from the same store).
+    pub fn with_local_store(mut self, store: tern_hv::disk::Store) -> AppState {
+        self.local_store = Some(store);
+        self
+    }
+
+    /// The host identity in `dir` may be handed to QEMU for moving local disks.
+    pub fn with_identity_dir(mut self, dir: std::path::PathBuf) -> AppState {
+        self.identity_dir = Some(dir);
+        self
+    }
+
+    /// The host's disk stores.
+    pub fn stores(&self) -> tern_hv::disk::Stores<'_> {
+        tern_hv::disk::Stores {
+            shared: self.store.as_ref(),
+            local: self.local_store.as_ref(),
         }
     }
 

@@ -5,14 +5,15 @@ use crate::error::AgentError;
 use crate::host::admit;
 use crate::state::AppState;
 pub use tern_api::agent::{CreateVm, VmView};
-use tern_hv::disk::DiskError;
+use tern_hv::disk::Remove;
 use tern_hv::{Action, HvError, VmInfo, VmSpec};
 
 /// What ending a VM does with its disk files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Disks {
     Delete,
-    /// The files belong to the VM's other copy (a migration's other end).
+    /// The shared store's files belong to the VM's other copy (a migration's other
+    /// end); the local store's are this copy's own and go with it.
     Keep,
 }
 use tern_model::VmName;
@@ -36,9 +37,10 @@ impl AppState {
     }
 
     /// Checks the spec and the room, makes its disks (a migration destination finds
-    /// the source's in the shared store instead), defines the VM (as a migration
-    /// destination when `incoming`), records it, and runs it when `start`. Nothing is
-    /// left behind on error, and a destination never deletes the disks it found.
+    /// the source's in the shared store instead, and makes empty copies of its local
+    /// ones), defines the VM (as a migration destination when `incoming`), records it,
+    /// and runs it when `start`. Nothing is left behind on error, and a destination
+    /// never deletes the shared disks it found.
     pub async fn create_vm(
         &self,
         id: &str,
@@ -71,16 +73,18 @@ impl AppState {
             spec.memory_mib,
         )?;
         let made_disks = self.prepare_disks(id, &spec, incoming, reuse_disks).await?;
-        let keep = if made_disks {
-            Disks::Delete
-        } else {
+        // A destination, and a VM restarted from the disks already in the store, never
+        // delete the disks they found.
+        let keep = if incoming || reuse_disks {
             Disks::Keep
+        } else {
+            Disks::Delete
         };
         let mut info = match self.hv.create(id, spec.clone(), incoming).await {
             Ok(info) => info,
             Err(e) => {
-                if keep == Disks::Delete {
-                    self.remove_disks(id, &spec);
+                if made_disks {
+                    self.remove_disks(id, &spec, keep);
                 }
                 return Err(e.into());
             }
@@ -101,8 +105,9 @@ impl AppState {
         Ok(info)
     }
 
-    /// Makes the disks of a new VM, or checks that a migration destination sees the
-    /// source's. True when files were made here.
+    /// Makes the disks of a new VM; a migration destination checks that it sees the
+    /// source's shared ones and makes empty copies of the local ones. True when files
+    /// were made here.
     async fn prepare_disks(
         &self,
         id: &str,
@@ -113,31 +118,28 @@ impl AppState {
         if spec.disks.is_empty() {
             return Ok(false);
         }
-        let store = self
-            .store
-            .as_ref()
-            .ok_or_else(|| HvError::from(DiskError::NoStore(id.to_string())))?;
+        let stores = self.stores();
         if incoming {
-            store
-                .check_disks_exist(id, &spec.disks)
-                .map_err(HvError::from)?;
-            return Ok(false);
+            return Ok(stores
+                .prepare_incoming(id, &spec.disks)
+                .await
+                .map_err(HvError::from)?);
         }
         if reuse {
-            let missing: Vec<_> = spec
-                .disks
-                .iter()
-                .filter(|d| !store.disk_path(id, &d.name).is_file())
-                .cloned()
-                .collect();
-            store
+            let mut missing = Vec::new();
+            for d in &spec.disks {
+                if !stores.disk_path(id, d).map_err(HvError::from)?.is_file() {
+                    missing.push(d.clone());
+                }
+            }
+            stores
                 .create_disks(id, &missing)
                 .await
                 .map_err(HvError::from)?;
-            // Kept on a failure: the disks that were there hold the VM's data.
+            // Not counted as made: the disks that were there hold the VM's data.
             return Ok(false);
         }
-        store
+        stores
             .create_disks(id, &spec.disks)
             .await
             .map_err(HvError::from)?;
@@ -172,9 +174,13 @@ impl AppState {
         Disks::Keep
     }
 
-    fn remove_disks(&self, id: &str, spec: &VmSpec) {
-        if let Some(store) = &self.store {
-            store.remove_disks(id, &spec.disks);
+    fn remove_disks(&self, id: &str, spec: &VmSpec, disks: Disks) {
+        let remove = match disks {
+            Disks::Delete => Remove::All,
+            Disks::Keep => Remove::LocalOnly,
+        };
+        if !spec.disks.is_empty() {
+            self.stores().remove_disks(id, &spec.disks, remove);
         }
     }
 
@@ -238,6 +244,8 @@ impl AppState {
 
     /// Ends this host's copy of a VM whose disks the other end of a migration holds:
     /// like [`AppState::destroy_vm`], but the disk files stay in the shared store.
+    /// Local disks are this copy's own and go: a destination that failed drops its
+    /// partial copies, a source that handed over its old ones.
     pub async fn destroy_copy(&self, id: &str) -> Result<(), AgentError> {
         self.destroy_vm_with(id, Disks::Keep).await
     }
@@ -257,8 +265,8 @@ impl AppState {
         };
         let r = self.hv.destroy(id).await;
         // After the driver let go of the files: QEMU holds them open until it ends.
-        if let (Disks::Delete, Some(spec)) = (disks, &spec) {
-            self.remove_disks(id, spec);
+        if let Some(spec) = &spec {
+            self.remove_disks(id, spec, disks);
         }
         self.remove_record(id);
         self.load

@@ -94,6 +94,38 @@ pub struct DiskSpec {
     /// The controller the guest sees the disk on.
     #[serde(default)]
     pub bus: DiskBus,
+    /// Which of the host's stores holds the file: `shared` (`--store`, seen by every
+    /// host, the disk stays put when the VM moves) or `local` (`--local-store`, the
+    /// disk is copied to the destination during a live migration). Left out when
+    /// `shared`, so an agent that predates local disks takes the spec.
+    #[serde(default, skip_serializing_if = "DiskStore::is_shared")]
+    pub store: DiskStore,
+}
+
+/// Where a disk's file lives, and so what a live migration does with it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum DiskStore {
+    /// The store every host mounts (`tern agent --store`): migration leaves the file.
+    #[default]
+    Shared,
+    /// The host's own store (`tern agent --local-store`): migration mirrors the disk to
+    /// an overlay the destination makes in its local store.
+    Local,
+}
+
+impl DiskStore {
+    pub fn is_shared(&self) -> bool {
+        *self == DiskStore::Shared
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskStore::Shared => "shared",
+            DiskStore::Local => "local",
+        }
+    }
 }
 
 /// How a disk is attached to the guest.

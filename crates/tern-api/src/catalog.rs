@@ -264,6 +264,10 @@ pub struct VmDisk {
     /// blank. At most one disk of a VM does.
     #[serde(default)]
     pub from_image: bool,
+    /// `shared` (default: the store every host mounts; the disk stays put when the VM
+    /// moves) or `local` (the host's own store; a live migration copies it).
+    #[serde(default, skip_serializing_if = "crate::agent::DiskStore::is_shared")]
+    pub store: crate::agent::DiskStore,
 }
 
 impl VmDisk {
@@ -274,6 +278,7 @@ impl VmDisk {
             size_mib: self.size_mib,
             image: self.from_image.then(|| "image".to_owned()),
             bus: Default::default(),
+            store: self.store,
         }
         .validate()
     }
@@ -363,6 +368,7 @@ impl Template {
                 name: "root".into(),
                 size_mib: None,
                 from_image: true,
+                store: Default::default(),
             }],
             None => Vec::new(),
         }
@@ -467,6 +473,7 @@ mod tests {
             name: name.into(),
             size_mib: size,
             from_image,
+            store: Default::default(),
         };
         check_disks(&[d("root", None, true), d("data", Some(1024), false)]).unwrap();
         assert!(check_disks(&[d("root", None, true), d("root", Some(1), false)]).is_err());

@@ -162,6 +162,7 @@ impl VmSpec {
                     None
                 },
                 bus: Default::default(),
+                store: d.store,
             })
             .collect();
         let image_ref = image.and_then(|i| {

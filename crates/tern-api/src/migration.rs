@@ -360,6 +360,11 @@ pub struct Ticket {
     /// The port of the device-state stream that carries QEMU's migration stream; the
     /// same listener as `memory_port`. No QEMU listens on the network.
     pub device_port: u16,
+    /// For a VM with local disks: the port of the destination QEMU's NBD server, which
+    /// exports the new overlays to the source's block mirror over TLS with the cluster
+    /// CA (both ends present host certificates; only the source's is let in).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_port: Option<u16>,
 }
 
 /// The result of a finished migration.
@@ -406,7 +411,23 @@ pub struct MigrationView {
     /// got. Absent between rounds, before the first and after the last.
     #[serde(default)]
     pub current: Option<RoundProgress>,
+    /// For a VM with local disks: how far the block mirror to the destination got.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disks: Option<DiskCopyProgress>,
     pub result: Option<MigrationResult>,
+}
+
+/// The block mirror of a migration's local disks, summed over its disks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DiskCopyProgress {
+    /// Bytes QEMU's mirror jobs copied so far.
+    pub copied_bytes: u64,
+    /// Bytes they have to copy in all; grows while the guest writes.
+    pub total_bytes: u64,
+    /// Every job has caught up and now mirrors each write as it happens; once the
+    /// migration completed, the destination's copy is whole.
+    pub ready: bool,
 }
 
 impl MigrationView {
@@ -421,6 +442,7 @@ impl MigrationView {
             error: None,
             rounds: Vec::new(),
             current: None,
+            disks: None,
             result: None,
         }
     }

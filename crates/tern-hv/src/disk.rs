@@ -6,13 +6,22 @@
 //! STORE/vms/VM/DISK.qcow2   one file per disk; an overlay names its image relatively
 //! ```
 //!
+//! A host has up to two stores: the shared one (`--store`), which every host that may
+//! run the VM mounts, and a local one (`--local-store`), whose disks a live migration
+//! copies to the destination's local store ([`Stores`] picks a disk's by its
+//! [`DiskStore`]).
+//!
 //! The decisions (names, sizes, room, the `qemu-img` command) are pure functions; the
 //! [`Store`] methods stat files and run `qemu-img`.
+
+pub mod mirror;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-pub use tern_api::agent::{check_store_name, DiskBus, DiskSpec, MAX_DISKS, MAX_DISK_MIB};
+pub use tern_api::agent::{
+    check_store_name, DiskBus, DiskSpec, DiskStore, MAX_DISKS, MAX_DISK_MIB,
+};
 
 const MIB: u64 = 1 << 20;
 
@@ -73,6 +82,15 @@ pub enum DiskError {
     /// The host was started without a store and a VM asks for disks.
     #[error("VM {0:?} asks for disks but this host has no disk store")]
     NoStore(String),
+    /// A VM asks for a local disk on a host started without `--local-store`.
+    #[error("VM {0:?} asks for a local disk but this host has no local store (tern agent --local-store DIR)")]
+    NoLocalStore(String),
+    /// A local disk whose size is not a whole number of MiB cannot be described to a
+    /// migration destination, which makes its copy from the spec.
+    #[error(
+        "local disk {disk:?} is {bytes} bytes, not a whole number of MiB: it cannot be migrated"
+    )]
+    OddSize { disk: String, bytes: u64 },
     /// `qemu-img` failed or could not run.
     #[error("`{command}` failed: {detail}")]
     QemuImg { command: String, detail: String },
@@ -99,6 +117,8 @@ impl DiskError {
                 | DiskError::NoSpace { .. }
                 | DiskError::NotShared { .. }
                 | DiskError::NoStore(_)
+                | DiskError::NoLocalStore(_)
+                | DiskError::OddSize { .. }
         )
     }
 
@@ -317,9 +337,12 @@ impl Store {
     /// made (names, images, sizes, the store's room, no file already there); on a
     /// failure half-way the files made are removed again.
     pub async fn create_disks(&self, vm: &str, disks: &[DiskSpec]) -> Result<(), DiskError> {
-        if disks.is_empty() {
-            return Ok(());
-        }
+        let planned = self.plan(vm, disks).await?;
+        self.make(vm, &planned).await
+    }
+
+    /// Checks disks `disks` of VM `vm` could be made here, without making anything.
+    pub async fn plan(&self, vm: &str, disks: &[DiskSpec]) -> Result<Vec<Planned>, DiskError> {
         let mut planned = Vec::with_capacity(disks.len());
         for d in disks {
             d.validate().map_err(DiskError::Invalid)?;
@@ -335,25 +358,50 @@ impl Store {
                     path,
                 });
             }
-            planned.push((path, bytes, image));
+            planned.push(Planned { path, bytes, image });
         }
-        let need: u64 = planned.iter().map(|(_, b, _)| *b).sum();
-        check_room(&self.root, need, self.free_bytes()?)?;
+        if !planned.is_empty() {
+            let need: u64 = planned.iter().map(|p| p.bytes).sum();
+            check_room(&self.root, need, self.free_bytes()?)?;
+        }
+        Ok(planned)
+    }
+
+    /// Makes the files [`Store::plan`] checked; on a failure half-way the files made are
+    /// removed again.
+    pub async fn make(&self, vm: &str, planned: &[Planned]) -> Result<(), DiskError> {
+        if planned.is_empty() {
+            return Ok(());
+        }
         let dir = self.vm_dir(vm);
         std::fs::create_dir_all(&dir)
             .map_err(DiskError::io(format!("creating {}", dir.display())))?;
         let mut made = Vec::new();
-        for (path, bytes, image) in &planned {
-            let args = create_args(path, *bytes, image.as_ref());
+        for p in planned {
+            let args = create_args(&p.path, p.bytes, p.image.as_ref());
             let argv: Vec<&str> = args.iter().map(String::as_str).collect();
             if let Err(e) = qemu_img_in(&dir, &argv).await {
                 self.remove_files(vm, &made);
-                let _ = std::fs::remove_file(path);
+                let _ = std::fs::remove_file(&p.path);
                 return Err(e);
             }
-            made.push(path.clone());
+            made.push(p.path.clone());
         }
         Ok(())
+    }
+
+    /// The size the guest sees of disk `disk` of VM `vm` (`qemu-img info -U`: the
+    /// running QEMU holds the file).
+    pub async fn virtual_bytes(&self, vm: &str, disk: &str) -> Result<u64, DiskError> {
+        let path = self.disk_path(vm, disk).display().to_string();
+        let out = qemu_img(&["info", "-U", "--output=json", &path]).await?;
+        serde_json::from_str::<Value>(&out)
+            .ok()
+            .and_then(|v| v.get("virtual-size").and_then(Value::as_u64))
+            .ok_or_else(|| DiskError::QemuImg {
+                command: format!("qemu-img info {path}"),
+                detail: "no virtual size in its answer".into(),
+            })
     }
 
     /// Checks that the disk files of VM `vm` are here (a migration destination opens
@@ -384,6 +432,131 @@ impl Store {
         }
         // Only when empty: a file someone else put there stays.
         let _ = std::fs::remove_dir(self.vm_dir(vm));
+    }
+}
+
+/// A disk file [`Store::plan`] found room and an image for.
+#[derive(Debug, Clone)]
+pub struct Planned {
+    path: PathBuf,
+    bytes: u64,
+    image: Option<ImageInfo>,
+}
+
+/// Which files a VM's teardown deletes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remove {
+    /// Every disk: the VM is deleted.
+    All,
+    /// The local store's only: this host's copy of a migrating VM ends, and the shared
+    /// store's files belong to the copy on the other host (a destination that failed
+    /// drops its partial local copies; a source that handed over drops its old ones).
+    LocalOnly,
+}
+
+/// The host's stores, as a VM's disks pick them by their `store`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stores<'a> {
+    pub shared: Option<&'a Store>,
+    pub local: Option<&'a Store>,
+}
+
+impl<'a> Stores<'a> {
+    fn get(&self, kind: DiskStore) -> Option<&'a Store> {
+        match kind {
+            DiskStore::Shared => self.shared,
+            DiskStore::Local => self.local,
+        }
+    }
+
+    /// The store of disk `d` of VM `vm`.
+    pub fn of(&self, vm: &str, d: &DiskSpec) -> Result<&'a Store, DiskError> {
+        self.get(d.store).ok_or_else(|| match d.store {
+            DiskStore::Shared => DiskError::NoStore(vm.into()),
+            DiskStore::Local => DiskError::NoLocalStore(vm.into()),
+        })
+    }
+
+    /// The file of disk `d` of VM `vm`.
+    pub fn disk_path(&self, vm: &str, d: &DiskSpec) -> Result<PathBuf, DiskError> {
+        Ok(self.of(vm, d)?.disk_path(vm, &d.name))
+    }
+
+    /// The disks of `disks` in `store`.
+    fn split(disks: &[DiskSpec], store: DiskStore) -> Vec<DiskSpec> {
+        disks.iter().filter(|d| d.store == store).cloned().collect()
+    }
+
+    /// Makes the disk files of VM `vm` in their stores. Both stores' disks are checked
+    /// before the first file is made; nothing is left behind on error.
+    pub async fn create_disks(&self, vm: &str, disks: &[DiskSpec]) -> Result<(), DiskError> {
+        self.create(vm, disks, &[DiskStore::Shared, DiskStore::Local])
+            .await
+    }
+
+    /// A migration destination's disks: the shared store's must be here already (the
+    /// source's files, opened in place); the local store's are made as new overlays of
+    /// the spec's size on the spec's image, which the source's block mirror fills. True
+    /// when files were made.
+    pub async fn prepare_incoming(&self, vm: &str, disks: &[DiskSpec]) -> Result<bool, DiskError> {
+        let shared = Self::split(disks, DiskStore::Shared);
+        if !shared.is_empty() {
+            self.of(vm, &shared[0])?.check_disks_exist(vm, &shared)?;
+        }
+        let local = Self::split(disks, DiskStore::Local);
+        if local.is_empty() {
+            return Ok(false);
+        }
+        if let Some(d) = local.iter().find(|d| d.size_mib.is_none()) {
+            // The source states every local disk's size: an image of another size here
+            // would make a copy the mirror cannot fill.
+            return Err(DiskError::Invalid(format!(
+                "local disk {:?} of an incoming VM has no size_mib",
+                d.name
+            )));
+        }
+        self.create(vm, disks, &[DiskStore::Local]).await?;
+        Ok(true)
+    }
+
+    async fn create(
+        &self,
+        vm: &str,
+        disks: &[DiskSpec],
+        which: &[DiskStore],
+    ) -> Result<(), DiskError> {
+        let mut plans = Vec::new();
+        for &kind in which {
+            let these = Self::split(disks, kind);
+            if these.is_empty() {
+                continue;
+            }
+            let store = self.of(vm, &these[0])?;
+            plans.push((store, these.clone(), store.plan(vm, &these).await?));
+        }
+        for (i, (store, _, planned)) in plans.iter().enumerate() {
+            if let Err(e) = store.make(vm, planned).await {
+                for (made, specs, _) in &plans[..i] {
+                    made.remove_disks(vm, specs);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the disk files of VM `vm` that `remove` names; a store this host lacks
+    /// has nothing to delete.
+    pub fn remove_disks(&self, vm: &str, disks: &[DiskSpec], remove: Remove) {
+        for kind in [DiskStore::Shared, DiskStore::Local] {
+            if kind == DiskStore::Shared && remove == Remove::LocalOnly {
+                continue;
+            }
+            let these = Self::split(disks, kind);
+            if let (false, Some(store)) = (these.is_empty(), self.get(kind)) {
+                store.remove_disks(vm, &these);
+            }
+        }
     }
 }
 
@@ -438,6 +611,7 @@ mod tests {
             size_mib,
             image: image.map(str::to_string),
             bus: DiskBus::VirtioBlk,
+            store: DiskStore::Shared,
         }
     }
 
@@ -531,6 +705,79 @@ mod tests {
             .unwrap_err()
             .contains("stand alone"));
         assert!(parse_image_info(&json!({})).is_err());
+    }
+
+    #[test]
+    fn a_disk_picks_its_store_and_a_missing_one_is_named() {
+        let (shared, local) = (Store::new("/s".into()), Store::new("/l".into()));
+        let both = Stores {
+            shared: Some(&shared),
+            local: Some(&local),
+        };
+        let mut d = disk("root", Some(1), None);
+        assert_eq!(
+            both.disk_path("v", &d).unwrap(),
+            Path::new("/s/vms/v/root.qcow2")
+        );
+        d.store = DiskStore::Local;
+        assert_eq!(
+            both.disk_path("v", &d).unwrap(),
+            Path::new("/l/vms/v/root.qcow2")
+        );
+        let shared_only = Stores {
+            shared: Some(&shared),
+            local: None,
+        };
+        let e = shared_only.of("v", &d).unwrap_err();
+        assert!(
+            e.is_bad_input() && e.to_string().contains("--local-store"),
+            "{e}"
+        );
+        assert!(matches!(
+            Stores::default().of("v", &disk("root", Some(1), None)),
+            Err(DiskError::NoStore(_))
+        ));
+    }
+
+    #[test]
+    fn a_copy_that_ends_deletes_only_its_local_disks() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Store::open(&dir.path().join("shared")).unwrap();
+        let local = Store::open(&dir.path().join("local")).unwrap();
+        let stores = Stores {
+            shared: Some(&shared),
+            local: Some(&local),
+        };
+        let mut data = disk("data", Some(1), None);
+        data.store = DiskStore::Local;
+        let disks = [disk("root", Some(1), None), data];
+        for d in &disks {
+            let p = stores.disk_path("v", d).unwrap();
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, b"x").unwrap();
+        }
+        stores.remove_disks("v", &disks, Remove::LocalOnly);
+        assert!(
+            shared.disk_path("v", "root").is_file(),
+            "the shared disk went"
+        );
+        assert!(!local.vm_dir("v").exists(), "the local disk stayed");
+        stores.remove_disks("v", &disks, Remove::All);
+        assert!(!shared.vm_dir("v").exists());
+    }
+
+    #[test]
+    fn old_specs_mean_the_shared_store_and_new_shared_ones_read_as_before() {
+        let old: DiskSpec = serde_json::from_value(json!({"name": "root", "size_mib": 1})).unwrap();
+        assert_eq!(old.store, DiskStore::Shared);
+        assert!(serde_json::to_value(&old).unwrap().get("store").is_none());
+        let local: DiskSpec =
+            serde_json::from_value(json!({"name": "d", "size_mib": 1, "store": "local"})).unwrap();
+        assert_eq!(serde_json::to_value(&local).unwrap()["store"], "local");
+        assert!(serde_json::from_value::<DiskSpec>(
+            json!({"name": "d", "size_mib": 1, "store": "nfs"})
+        )
+        .is_err());
     }
 
     #[test]

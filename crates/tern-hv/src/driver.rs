@@ -160,6 +160,21 @@ pub trait Hypervisor: Send + Sync {
     async fn migrate(&self, id: &str, uri: &str) -> Result<()>;
     async fn query_migrate(&self, id: &str) -> Result<MigrationStatus>;
     async fn migrate_cancel(&self, id: &str) -> Result<()>;
+    /// Runs one of the QMP commands that move local disks with a migration
+    /// ([`crate::disk::mirror::COMMANDS`]; any other is refused). A driver without
+    /// QEMU cannot move disks.
+    async fn disk_qmp(
+        &self,
+        id: &str,
+        command: &str,
+        args: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let _ = args;
+        Err(crate::HvError::Qemu(format!(
+            "VM {id:?}: the {} driver cannot run {command:?}: it moves no local disks",
+            self.kind()
+        )))
+    }
     /// Lets go of every VM without stopping it, for an agent that exits while its
     /// guests run on; a later driver adopts them. Returns the ids let go. A driver whose
     /// guests cannot outlive its process (the simulator) has nothing to let go.

@@ -83,6 +83,14 @@ pub struct LabHost {
     pub token_file: Option<PathBuf>,
 }
 
+impl LabHost {
+    /// The host's own disk store (`--local-store`): only this host's namespace uses
+    /// it, as a host's local disk would be.
+    pub fn local_store_dir(&self) -> PathBuf {
+        self.state_dir.join("local-store")
+    }
+}
+
 /// The lab state file: everything `down` needs to undo `up`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LabState {
@@ -425,6 +433,8 @@ async fn build(
             .arg(&opts.image_dir)
             .arg("--store")
             .arg(state.store_dir())
+            .arg("--local-store")
+            .arg(h.local_store_dir())
             .args(["--bridge", HOST_BRIDGE, "--name", &h.name])
             .args([
                 "--cpus",

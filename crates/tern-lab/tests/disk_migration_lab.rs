@@ -10,108 +10,18 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use reqwest::Method;
-use serde_json::{json, Value};
-use tern_agent::client::AgentClient;
+use common::disk::{can_run, make_image, DiskLab as Lab};
+use serde_json::json;
 use tern_agent::vms::CreateVm;
-use tern_lab::{self as lab, LabState};
+use tern_lab as lab;
 
 const VM: &str = "disk1";
 
-fn can_run() -> bool {
-    let (tern, built) = common::tern_binary_need();
-    let qemu_img = std::process::Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    tern_testkit::require_lab(
-        "disk migration lab test",
-        &[(&tern, built), ("qemu-img (qemu-utils)", qemu_img)],
-    )
-}
-
-struct Lab {
-    state: LabState,
-    hosts: Vec<AgentClient>,
-}
-
-impl Lab {
-    /// Asks host `from` to move the VM to host `to`: the migration's id, or the
-    /// refusal when the source gave up before it began.
-    async fn send(&self, from: usize, to: usize) -> Result<String, String> {
-        let body = json!({ "vm": VM, "destination": self.state.hosts[to].url, "token": "", "policy": "adaptive" });
-        let sent: Result<Value, _> = self.hosts[from]
-            .http()
-            .send(Method::POST, "/v1/migrations", Some(&body))
-            .await;
-        sent.map(|v| v["id"].as_str().unwrap().to_string())
-            .map_err(|e| e.to_string())
-    }
-
-    /// Waits until the migration completed or was rolled back; its last status.
-    async fn finish(&self, host: usize, id: &str) -> Value {
-        let t0 = Instant::now();
-        loop {
-            let s: Value = self.hosts[host]
-                .http()
-                .get(&format!("/v1/migrations/{id}"))
-                .await
-                .unwrap();
-            if matches!(s["phase"].as_str(), Some("completed" | "rolled_back")) {
-                return s;
-            }
-            assert!(
-                t0.elapsed() < Duration::from_secs(90),
-                "migration stuck: {s}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// One guest request, retried while the guest boots or its channel reconnects
-    /// after a move.
-    async fn guest(&self, host: usize, req: Value) -> Value {
-        let t0 = Instant::now();
-        loop {
-            match self.hosts[host].guest(VM, &req).await {
-                Ok(a) => {
-                    assert_eq!(a["ok"], true, "{a}");
-                    return a["result"].clone();
-                }
-                Err(e) if t0.elapsed() < Duration::from_secs(90) => {
-                    eprintln!("guest on h{}: {e}; retrying", host + 1);
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => panic!("guest on h{} does not answer: {e}", host + 1),
-            }
-        }
-    }
-
-    /// Reads the disk back on `host`: every write counted so far must be there.
-    async fn disk_ok(&self, host: usize, after: u64) -> u64 {
-        let r = self.guest(host, json!({"cmd": "disk-check"})).await;
-        eprintln!("disk on h{}: {r}", host + 1);
-        assert_eq!(r["ok"], true, "disk check on h{}: {r}", host + 1);
-        let counter = r["counter"].as_u64().unwrap();
-        assert!(counter > after, "no new writes: {counter} <= {after}");
-        counter
-    }
-
-    async fn has_vm(&self, host: usize) -> bool {
-        self.hosts[host]
-            .list_vms()
-            .await
-            .unwrap()
-            .iter()
-            .any(|v| v.info.id == VM)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_stays_on_the_shared_store_while_the_vm_moves() {
-    if !can_run() {
+    if !can_run("disk migration lab test") {
         return;
     }
     let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
@@ -122,7 +32,11 @@ async fn disk_stays_on_the_shared_store_while_the_vm_moves() {
     let dir = tempfile::tempdir().unwrap();
     let (state, hosts) = common::two_hosts(&dir, 1024).await;
     let lab_dir = state.dir.clone();
-    let lab = Lab { state, hosts };
+    let lab = Lab {
+        state,
+        hosts,
+        vm: VM,
+    };
     let outcome = tokio::spawn(async move { scenario(&lab, &img).await }).await;
     lab::down(&lab_dir, &|s| eprintln!("{s}"))
         .await
@@ -134,13 +48,7 @@ async fn disk_stays_on_the_shared_store_while_the_vm_moves() {
 
 async fn scenario(lab: &Lab, img: &tern_hv::image::GuestImage) {
     let store = lab.state.store_dir();
-    let made = std::process::Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(store.join("images/base.qcow2"))
-        .arg("8M")
-        .status()
-        .unwrap();
-    assert!(made.success());
+    make_image(&store.join("images/base.qcow2"), "8M");
     let req: CreateVm = serde_json::from_value(json!({
         "id": VM,
         "spec": {

@@ -36,7 +36,7 @@ enum Command {
     /// line (`tern vm create --template`).
     Template(cmd::catalog::TemplateArgs),
     /// Run the host agent (HTTP API over this host's VMs); `tern agent vm` talks to one.
-    Agent(cmd::agent::Args),
+    Agent(Box<cmd::agent::Args>),
     /// A lab of hosts on this machine: network namespaces, shaped links, one agent each.
     #[command(subcommand)]
     Lab(cmd::lab::Command),
@@ -76,7 +76,7 @@ fn main() {
         Command::Bench(c) => cmd::bench::run(c),
         Command::Image(c) => cmd::image::run(c),
         Command::Template(a) => cmd::catalog::templates(a),
-        Command::Agent(a) => cmd::agent::run(a),
+        Command::Agent(a) => cmd::agent::run(*a),
         Command::Lab(c) => cmd::lab::run(c),
         Command::Vm(a) => cmd::vm::run(a),
         Command::Ca(c) => cmd::ca::run(c),

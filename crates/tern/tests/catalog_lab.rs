@@ -293,7 +293,9 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
     );
     std::thread::sleep(Duration::from_secs(2));
     let check = lab.guest("h1", &["disk-check"]);
-    let before = check["result"]["counter"].as_u64().unwrap_or_else(|| panic!("{check}"));
+    let before = check["result"]["counter"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{check}"));
     assert!(before > 0, "the guest wrote its disk");
 
     let moved = json(&lab.cli(&["vm", "migrate", "g1", "--to", "h2", "--json"]));
@@ -303,7 +305,9 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
     });
     std::thread::sleep(Duration::from_secs(1));
     let check = lab.guest("h2", &["disk-check"]);
-    let after = check["result"]["counter"].as_u64().unwrap_or_else(|| panic!("{check}"));
+    let after = check["result"]["counter"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{check}"));
     assert!(
         after > before,
         "every write is there and new ones land: {after} <= {before}"

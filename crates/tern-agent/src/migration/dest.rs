@@ -14,6 +14,9 @@ use std::time::{Duration, Instant};
 
 use tern_hv::{HvError, VmState};
 
+use tern_hv::disk::mirror;
+
+use super::disks;
 use super::incoming::{self, Expect, Gate, Wanted};
 use super::memory::DestMemory;
 use super::relay;
@@ -110,6 +113,25 @@ async fn listen(
             &format!("unix:{}", device_socket.display()),
         )
         .await?;
+    let local = mirror::local_disks(&req.spec.disks);
+    let nbd_port = match (local.is_empty(), req.native) {
+        (true, _) => None,
+        (false, true) => {
+            return Err(AgentError::BadRequest(
+                "qemu-native moves no local disks: use tern's engine".into(),
+            ))
+        }
+        (false, false) => Some(
+            disks::export(state, req.vm.as_str(), &id, &local, source.as_deref())
+                .await
+                .map_err(AgentError::Streams)?,
+        ),
+    };
+    // The source copies the local disks before it opens its streams.
+    let accept_timeout = match nbd_port {
+        Some(_) => ACCEPT_TIMEOUT + mirror::READY_TIMEOUT,
+        None => ACCEPT_TIMEOUT,
+    };
     let token = stream_token()
         .map_err(|e| AgentError::io("drawing a random stream token")(std::io::Error::other(e)))?;
     let ticket = Ticket {
@@ -117,15 +139,17 @@ async fn listen(
         stream_token: token,
         memory_port: if req.native { 0 } else { port },
         device_port: port,
+        nbd_port,
     };
     let mut inbound = Inbound::new(req.vm.as_str());
     inbound.source = source.clone();
     inbound.vcpu_policy = req.vcpu_policy;
+    inbound.exports_disks = nbd_port.is_some();
     let inbound = Arc::new(inbound);
     let expect = Expect {
         migration: id.clone(),
         token: ticket.stream_token.clone(),
-        accept_timeout: ACCEPT_TIMEOUT,
+        accept_timeout,
         io_timeout: STREAM_TIMEOUT,
     };
     let wanted = Wanted {
@@ -144,7 +168,7 @@ async fn listen(
     let receiver = start_receiver(memory, admitted.memory, expect, &inbound);
     let device = admitted
         .device
-        .map(|rx| tokio::spawn(relay::deliver(device_socket.clone(), rx, ACCEPT_TIMEOUT)));
+        .map(|rx| tokio::spawn(relay::deliver(device_socket.clone(), rx, accept_timeout)));
     let streams = Streams {
         _gate: gate,
         receiver,
@@ -309,6 +333,13 @@ pub async fn resume(
         }
         // The source sends resume together with the device state: this wait is downtime.
         tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    if inbound.exports_disks {
+        // The source's mirror ended inside its pause; nobody may write to the disks
+        // once the guest runs on them.
+        disks::unexport(state, &inbound.vm, id)
+            .await
+            .map_err(AgentError::Streams)?;
     }
     state.hv.resume(&inbound.vm).await?;
     state.incoming_resumed(&inbound.vm);

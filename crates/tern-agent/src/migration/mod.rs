@@ -26,6 +26,7 @@ use tern_hv::{HvError, MigrationState};
 pub use routes::routes;
 
 pub mod dest;
+pub mod disks;
 pub mod incoming;
 pub mod memory;
 pub mod outgoing;
@@ -101,6 +102,9 @@ pub enum MigrationError {
     DeviceStateTimeout(Duration),
     #[error("migration cancelled")]
     Cancelled,
+    /// Moving the local disks failed (the NBD export, the block mirror).
+    #[error("local disks: {0}")]
+    Disks(String),
     /// The destination agent refused or failed a step (`prepare`, `resume`).
     #[error("destination agent: {step}: {source}")]
     Peer {

@@ -90,6 +90,8 @@ pub struct Inbound {
     pub source: Option<String>,
     /// The vCPU policy the source applied to the VM: applied here once it runs here.
     pub vcpu_policy: tern_api::vcpu::VcpuPolicy,
+    /// Its local disks are exported over NBD for the source's mirror until resume.
+    pub exports_disks: bool,
 }
 
 impl Inbound {
@@ -105,6 +107,7 @@ impl Inbound {
             born: Instant::now(),
             source: None,
             vcpu_policy: tern_api::vcpu::VcpuPolicy::None,
+            exports_disks: false,
         }
     }
 

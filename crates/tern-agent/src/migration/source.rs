@@ -17,6 +17,9 @@ use std::time::{Duration, Instant};
 use tern_hv::{HvError, MigrationState, MigrationStatus, VmInfo, VmState};
 use tern_migrate::{Policy, PolicyKind, StopReason};
 
+use tern_hv::disk::mirror::{self, LocalDisk};
+
+use super::disks::Mirror;
 use super::memory::{changed_pages, SentDigests, SourceMemory};
 use super::outgoing::{open_stream, Outgoing, StreamOptions};
 use super::precopy::{self, PrecopyConfig, PrecopyOutcome};
@@ -156,6 +159,8 @@ struct SourceMigration<'a> {
     target: Option<Target>,
     live: Option<Live>,
     device: Device,
+    /// The block mirror of the VM's local disks, once one was started.
+    mirror: Option<Mirror>,
     measured: Measured,
 }
 
@@ -180,6 +185,7 @@ impl<'a> SourceMigration<'a> {
             target: None,
             live: None,
             device: Device::default(),
+            mirror: None,
             measured: Measured::default(),
         }
     }
@@ -238,9 +244,15 @@ impl<'a> SourceMigration<'a> {
                 .ok_or_else(|| MigrationError::NoMemoryFile { vm: vm.to_string() })?;
             self.memory = Some(SourceMemory::open(file)?);
         }
+        let local = mirror::local_disks(&info.spec.disks);
+        if native && !local.is_empty() {
+            return Err(MigrationError::Disks(
+                "qemu-native moves no local disks: use tern's engine".into(),
+            ));
+        }
         let prepare = PrepareRequest {
             vm: self.req.vm.clone(),
-            spec: info.spec.clone(),
+            spec: self.spec_for_destination(&info.spec).await?,
             native,
             vcpu_policy: self.state.vcpu.get(vm),
         };
@@ -265,6 +277,72 @@ impl<'a> SourceMigration<'a> {
             ticket,
             host: host.to_string(),
         });
+        if !local.is_empty() {
+            self.copy_disks(local).await?;
+        }
+        Ok(())
+    }
+
+    /// The spec the destination makes its copy from: every local disk with its size,
+    /// so the destination's new overlay is exactly as large as the disk mirrored into
+    /// it, whatever size its own copy of the image has.
+    async fn spec_for_destination(
+        &self,
+        spec: &tern_hv::VmSpec,
+    ) -> Result<tern_hv::VmSpec, MigrationError> {
+        let mut spec = spec.clone();
+        for d in spec.disks.iter_mut() {
+            if d.store != tern_hv::disk::DiskStore::Local || d.size_mib.is_some() {
+                continue;
+            }
+            let store = self
+                .state
+                .stores()
+                .of(self.vm(), d)
+                .map_err(|e| MigrationError::Disks(e.to_string()))?;
+            let bytes = store
+                .virtual_bytes(self.vm(), &d.name)
+                .await
+                .map_err(|e| MigrationError::Disks(e.to_string()))?;
+            if bytes % (1 << 20) != 0 {
+                return Err(MigrationError::Disks(
+                    tern_hv::disk::DiskError::OddSize {
+                        disk: d.name.clone(),
+                        bytes,
+                    }
+                    .to_string(),
+                ));
+            }
+            d.size_mib = Some(bytes >> 20);
+        }
+        Ok(spec)
+    }
+
+    /// Mirrors the local disks into the destination's exports until every mirror has
+    /// caught up; from then on each guest write goes to both ends until the pause.
+    async fn copy_disks(&mut self, local: Vec<LocalDisk>) -> Result<(), MigrationError> {
+        let (state, vm, job) = (self.state, self.vm(), self.job.clone());
+        let target = self.target();
+        let port = target.ticket.nbd_port.ok_or_else(|| {
+            MigrationError::Disks(
+                "the destination exports no disks: its agent predates local disks".into(),
+            )
+        })?;
+        let host = target.host.clone();
+        let migration = target.ticket.migration.clone();
+        let mirror = self.mirror.insert(Mirror::new(&migration, local));
+        mirror.start(state, vm, &host, port).await?;
+        let started = Instant::now();
+        let progress = |p| job.view.lock().expect("migration view lock").disks = Some(p);
+        let cancelled = || job.cancel.load(Ordering::SeqCst);
+        mirror
+            .wait_ready(state, vm, mirror::READY_TIMEOUT, &progress, &cancelled)
+            .await?;
+        tracing::info!(
+            vm,
+            ms = started.elapsed().as_millis() as u64,
+            "local disks mirrored; the mirror follows every write"
+        );
         Ok(())
     }
 
@@ -447,7 +525,7 @@ impl<'a> SourceMigration<'a> {
             started,
         } = self.live.take().expect("memory streams were connected");
         let job = self.job.clone();
-        let final_bytes = tokio::task::spawn_blocking(move || -> Result<u64, MigrationError> {
+        let final_pass = tokio::task::spawn_blocking(move || -> Result<u64, MigrationError> {
             let pages = changed_pages(&mem, &sent, 2);
             // Nothing changed (an idle guest): the last round's acknowledgement already
             // proved the destination has everything; only `Done` is left to say.
@@ -462,12 +540,30 @@ impl<'a> SourceMigration<'a> {
             };
             out.finish()?;
             Ok(bytes)
-        })
-        .await
-        .map_err(|source| MigrationError::Task {
+        });
+        // The disks' last writes travel beside the last pages.
+        let (state, vm) = (self.state, self.vm());
+        let disks = async {
+            match self.mirror.as_mut() {
+                Some(m) => Some(m.finish(state, vm, mirror::FINISH_TIMEOUT).await),
+                None => None,
+            }
+        };
+        let (final_bytes, disks) = tokio::join!(final_pass, disks);
+        let final_bytes = final_bytes.map_err(|source| MigrationError::Task {
             step: "final pass",
             source,
         })??;
+        if let Some(done) = disks {
+            let done = done?;
+            tracing::info!(
+                vm,
+                ms = paused_at.elapsed().as_millis() as u64,
+                bytes = done.copied_bytes,
+                "local disks complete on the destination"
+            );
+            self.job.view.lock().expect("migration view lock").disks = Some(done);
+        }
         self.measured.final_bytes = final_bytes;
         self.measured.final_pass_ms = paused_at.elapsed().as_millis() as u64;
         Ok(())
@@ -654,6 +750,11 @@ impl<'a> SourceMigration<'a> {
             let _ = state.hv.migrate_cancel(vm).await;
         }
         self.device = Device::default();
+        // The source never left its own disks; the mirror into the destination stops
+        // before the destination, and with it the export, goes.
+        if let Some(m) = self.mirror.as_mut() {
+            m.abandon(state, vm).await;
+        }
         if let Some(ticket) = &reached.ticket {
             abort_destination(&self.dest, ticket, reached.resume_sent).await?;
         }

@@ -10,7 +10,6 @@ pub mod args;
 pub mod net;
 
 use crate::accel::Accel;
-use crate::disk::DiskError;
 use crate::driver::{Hypervisor, MigrationState, MigrationStatus, VcpuSample, VmInfo, VmMetrics};
 use crate::error::{HvError, Result};
 use crate::procfs;
@@ -41,6 +40,8 @@ pub struct QemuConfig {
     /// driver opens the files; making and deleting them is its caller's decision (a
     /// migration's two ends share one file).
     pub store: Option<crate::disk::Store>,
+    /// Where the VM's local disks live (`--local-store`); `None`: local disks are refused.
+    pub local_store: Option<crate::disk::Store>,
     pub binary: PathBuf,
     pub accel: Accel,
     /// Time QEMU gets to answer one QMP command.
@@ -57,6 +58,7 @@ impl QemuConfig {
             mem_dir,
             bridge,
             store: None,
+            local_store: None,
             binary: "qemu-system-x86_64".into(),
             accel: crate::accel::detect(),
             qmp_timeout: crate::qmp::DEFAULT_TIMEOUT,
@@ -309,25 +311,26 @@ impl QemuDriver {
         }
     }
 
-    /// The files of `vm`'s disks in the store.
-    fn disk_args(&self, vm: &Vm) -> Result<Vec<DiskArg>> {
-        if vm.spec.disks.is_empty() {
-            return Ok(Vec::new());
+    fn stores(&self) -> crate::disk::Stores<'_> {
+        crate::disk::Stores {
+            shared: self.cfg.store.as_ref(),
+            local: self.cfg.local_store.as_ref(),
         }
-        let store = self
-            .cfg
-            .store
-            .as_ref()
-            .ok_or_else(|| DiskError::NoStore(vm.id.clone()))?;
-        Ok(vm
-            .spec
+    }
+
+    /// The files of `vm`'s disks in their stores.
+    fn disk_args(&self, vm: &Vm) -> Result<Vec<DiskArg>> {
+        let stores = self.stores();
+        vm.spec
             .disks
             .iter()
-            .map(|d| DiskArg {
-                path: store.disk_path(&vm.id, &d.name),
-                bus: d.bus,
+            .map(|d| {
+                Ok(DiskArg {
+                    path: stores.disk_path(&vm.id, d)?,
+                    bus: d.bus,
+                })
             })
-            .collect())
+            .collect()
     }
 
     async fn connect_qmp(&self, child: &mut Child, paths: &VmPaths) -> Result<Qmp> {
@@ -477,8 +480,9 @@ impl Hypervisor for QemuDriver {
         if !spec.nics.is_empty() && self.cfg.bridge.is_none() {
             return Err(HvError::NoBridge(id.to_string()));
         }
-        if !spec.disks.is_empty() && self.cfg.store.is_none() {
-            return Err(DiskError::NoStore(id.to_string()).into());
+        let stores = self.stores();
+        for d in &spec.disks {
+            stores.of(id, d)?;
         }
         let macs = spec
             .nics
@@ -754,6 +758,15 @@ impl Hypervisor for QemuDriver {
 
     async fn migrate_cancel(&self, id: &str) -> Result<()> {
         self.qmp_cmd(id, "migrate_cancel", None).await.map(drop)
+    }
+
+    async fn disk_qmp(&self, id: &str, command: &str, args: Option<Value>) -> Result<Value> {
+        if !crate::disk::mirror::COMMANDS.contains(&command) {
+            return Err(HvError::Qemu(format!(
+                "{command:?} is not a disk-moving QMP command"
+            )));
+        }
+        self.qmp_cmd(id, command, args).await
     }
 
     async fn release(&self) -> Vec<String> {

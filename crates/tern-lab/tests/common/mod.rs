@@ -1,6 +1,8 @@
 //! What the lab tests share: the `tern` binary the agents run, and a two-host lab made
 //! as `tern lab up` makes it (a lab CA, agents serving mutual TLS only).
 
+pub mod disk;
+
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -414,11 +414,13 @@ mod tests {
                 name: "root".into(),
                 size_mib: Some(4096),
                 from_image: false,
+                store: Default::default(),
             },
             VmDisk {
                 name: "data".into(),
                 size_mib: Some(100),
                 from_image: false,
+                store: Default::default(),
             },
         ];
         own.cmdline = "debug".into();
@@ -443,6 +445,7 @@ mod tests {
             name: "root".into(),
             size_mib: Some(100),
             from_image: true,
+            store: Default::default(),
         }];
         let e = resolve_spec(&snap, small, None).unwrap_err();
         assert!(e.to_string().contains("smaller than image"), "{e}");
@@ -471,6 +474,7 @@ mod tests {
                 name: "root".into(),
                 size_mib: None,
                 from_image: true,
+                store: Default::default(),
             }]),
             cmdline: String::new(),
             description: String::new(),

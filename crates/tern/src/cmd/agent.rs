@@ -101,6 +101,11 @@ pub struct Daemon {
     /// docs/storage.md) [default: STATE_DIR/store].
     #[arg(long, value_name = "DIR")]
     pub store: Option<PathBuf>,
+    /// The local disk store: disks with `"store": "local"` are made under DIR/vms, from
+    /// images in DIR/images, on this host only; live migration copies them to the
+    /// destination's local store (needs a host identity, see docs/storage.md).
+    #[arg(long, value_name = "DIR")]
+    pub local_store: Option<PathBuf>,
     /// Bridge that guests' tap devices join (needed for VMs with NICs).
     #[arg(long)]
     pub bridge: Option<String>,
@@ -129,6 +134,20 @@ pub struct Daemon {
     /// the watchdog stops them if no agent renews the lease in time).
     #[arg(long)]
     pub stop_vms_on_exit: bool,
+}
+
+/// Opens `--local-store DIR`; it must not be the shared store, whose files every host
+/// sees (a local disk there would be deleted by the source after a move).
+fn local_store(dir: &std::path::Path, shared: &Store) -> anyhow::Result<Store> {
+    let local =
+        Store::open(dir).map_err(|e| bad_input(format!("--local-store {}: {e}", dir.display())))?;
+    if local.root() == shared.root() {
+        return Err(bad_input(format!(
+            "--local-store {} is the shared --store: give a directory of this host's own",
+            dir.display()
+        )));
+    }
+    Ok(local)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -235,12 +254,20 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
                 .unwrap_or_else(|| host.state_dir.join("store"));
             let store = Store::open(&store_dir)
                 .map_err(|e| bad_input(format!("--store {}: {e}", store_dir.display())))?;
+            let local = match &args.local_store {
+                Some(dir) => Some(local_store(dir, &store)?),
+                None => None,
+            };
             let mut cfg = QemuConfig::new(host.state_dir.join("run"), mem_dir, args.bridge.clone());
             cfg.store = Some(store.clone());
+            cfg.local_store = local.clone();
             let qemu = Arc::new(QemuDriver::new(cfg));
-            let state = AppState::new(qemu.clone(), host)
+            let mut state = AppState::new(qemu.clone(), host)
                 .with_stream_ip(addr.ip())
                 .with_store(store);
+            if let Some(local) = local {
+                state = state.with_local_store(local);
+            }
             rt.block_on(adopt_or_reclaim(&state, &qemu));
             state
         }
@@ -258,12 +285,16 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
             let acceptor = TlsAcceptor::new(server);
             let every = Duration::from_secs(args.crl_refresh_s);
             let from = crl_source(&dir, &args.managers);
-            rt.spawn(refresh_crl(dir, id, trust, from, every));
+            rt.spawn(refresh_crl(dir.clone(), id, trust, from, every));
             let serving = Serving {
                 tls: Some(acceptor),
                 ..Default::default()
             };
-            (state.with_tls(client).with_stream_tls(streams), serving)
+            let state = state
+                .with_tls(client)
+                .with_stream_tls(streams)
+                .with_identity_dir(dir.clone());
+            (state, serving)
         }
         None => (state, Serving::default()),
     };

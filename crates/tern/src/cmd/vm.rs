@@ -112,6 +112,7 @@ pub fn disk_args(args: &[String]) -> Result<Vec<tern_api::catalog::VmDisk>, Stri
                 name,
                 size_mib: Some(parse_mib(size).map_err(|e| format!("--disk {a}: {e}"))?),
                 from_image: false,
+                store: Default::default(),
             })
         })
         .collect()
