@@ -202,7 +202,7 @@ pub const MAX_VCPUS: u32 = 64;
 
 pub const MAX_MEMORY_MIB: u64 = 1 << 20;
 
-/// Where a VM is in its life.
+/// Where a VM is in its life (the state machine: `docs/manager.md`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
@@ -216,15 +216,25 @@ pub enum VmState {
     Deleting,
     /// No host could take it (e.g. after its host died); waits for room.
     Unplaced,
+    /// Powered off on its host; its disks kept. HA leaves it off.
+    Stopped,
+    /// Its vCPUs stopped on its host; its memory kept. Not migrated.
+    Paused,
+    /// Its memory and device state saved to the shared store and its QEMU ended;
+    /// restorable on any host that sees the store. Not migrated, not restarted by HA.
+    Suspended,
 }
 
 impl VmState {
-    pub const ALL: [VmState; 5] = [
+    pub const ALL: [VmState; 8] = [
         Self::Pending,
         Self::Running,
         Self::Migrating,
         Self::Deleting,
         Self::Unplaced,
+        Self::Stopped,
+        Self::Paused,
+        Self::Suspended,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -234,12 +244,77 @@ impl VmState {
             Self::Migrating => "migrating",
             Self::Deleting => "deleting",
             Self::Unplaced => "unplaced",
+            Self::Stopped => "stopped",
+            Self::Paused => "paused",
+            Self::Suspended => "suspended",
         }
     }
 
     pub fn parse(s: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|x| x.as_str() == s)
     }
+}
+
+/// What an operator asks of a VM's life (`POST /v1/vms/{name}/ACTION`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum VmAction {
+    /// Boot a stopped VM again from its disks.
+    Start,
+    /// Ask the guest to power off (ACPI and tern-guest), power it off after a timeout.
+    Stop,
+    /// Reset the guest: it boots again from its disks.
+    Reboot,
+    Pause,
+    Resume,
+    /// Save memory and device state to the store and end its QEMU.
+    Suspend,
+    /// Run a suspended VM again, on its host or another that sees the store.
+    Restore,
+}
+
+impl VmAction {
+    pub const ALL: [VmAction; 7] = [
+        Self::Start,
+        Self::Stop,
+        Self::Reboot,
+        Self::Pause,
+        Self::Resume,
+        Self::Suspend,
+        Self::Restore,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Start => "start",
+            Self::Stop => "stop",
+            Self::Reboot => "reboot",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Suspend => "suspend",
+            Self::Restore => "restore",
+        }
+    }
+}
+
+/// The optional body of `POST /v1/vms/{name}/ACTION`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct VmActionRequest {
+    /// `stop`: seconds the guest gets to power off before it is powered off (1 to 600;
+    /// default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<u64>,
+    /// `stop`: power off at once.
+    #[serde(default)]
+    pub force: bool,
+    /// `restore`: the host to run it on (default: the host it was suspended on, or the
+    /// manager's choice when that one is not active).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    pub host: Option<HostName>,
 }
 
 /// A VM: what was asked (spec, desired host) beside what agents report (observed host, load).
@@ -444,6 +519,14 @@ pub enum EventKind {
         score_after: f64,
     },
     SettingsChanged,
+    /// An operator's lifecycle action took effect.
+    VmStateChanged {
+        vm: String,
+        action: VmAction,
+        from: VmState,
+        to: VmState,
+        host: String,
+    },
     /// Recorded in the catalogue; its files are being uploaded.
     ImageAdded {
         image: String,

@@ -130,6 +130,38 @@ impl HostClient for SimHost {
         Ok(())
     }
 
+    /// What the `sim` driver can do: start, stop, reboot, pause, resume. It keeps no
+    /// guest memory to save, so suspend and restore are refused.
+    async fn act(
+        &self,
+        vm: &str,
+        action: tern_api::manager::VmAction,
+        _req: &tern_api::manager::VmActionRequest,
+    ) -> Result<()> {
+        use tern_api::manager::VmAction as A;
+        self.reachable()?;
+        let d = &self.driver;
+        let r = match action {
+            A::Start => d.start(vm).await.map(drop),
+            A::Stop => d.stop(vm).await.map(drop),
+            A::Reboot => match d.stop(vm).await {
+                Ok(_) => d.start(vm).await.map(drop),
+                Err(e) => Err(e),
+            },
+            A::Pause => d.pause(vm).await.map(drop),
+            A::Resume => d.resume(vm).await.map(drop),
+            A::Suspend | A::Restore => {
+                return Err(tern_manager::Error::BadInput(format!(
+                    "VM {vm:?} is on simulated host {:?}, which keeps no guest memory to \
+                     {}",
+                    self.name,
+                    action.as_str()
+                )))
+            }
+        };
+        r.map_err(|e| hv_err(&self.name, e))
+    }
+
     async fn delete_vm(&self, vm: &str) -> Result<()> {
         self.reachable()?;
         // A VM the driver does not have is already what we want.

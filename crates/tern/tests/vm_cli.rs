@@ -149,7 +149,17 @@ async fn vms_are_created_listed_migrated_with_progress_and_deleted() {
         .await;
     assert!(placed["desired_host"].is_string(), "placed: {placed}");
     let named = srv
-        .json(&["create", "db", "--host", "gamma", "--json"])
+        .json(&[
+            "create",
+            "db",
+            "--host",
+            "gamma",
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            "1024",
+            "--json",
+        ])
         .await;
     assert_eq!(named["desired_host"], "gamma");
     let web = srv.running("web").await;
@@ -232,7 +242,23 @@ async fn vms_are_created_listed_migrated_with_progress_and_deleted() {
         (vec!["migrate", "nosuch", "--to", "beta"], "nosuch"),
         (vec!["migrate", "web", "--to", "nowhere"], "nowhere"),
         (vec!["show", "nosuch"], "nosuch"),
-        (vec!["create", "x", "--host", "nowhere"], "nowhere"),
+        (
+            vec![
+                "create",
+                "x",
+                "--host",
+                "nowhere",
+                "--vcpus",
+                "1",
+                "--memory-mib",
+                "64",
+            ],
+            "nowhere",
+        ),
+        (
+            vec!["create", "x", "--template", "nope"],
+            "no template named",
+        ),
         (vec!["delete", "nosuch"], "nosuch"),
         (vec!["create", "Web_1"], "VM name \"Web_1\" is invalid"),
         (
@@ -260,5 +286,78 @@ async fn vms_are_created_listed_migrated_with_progress_and_deleted() {
 
     let deleted = srv.json(&["delete", "db", "--json"]).await;
     assert_eq!(deleted["state"], "deleting");
+    srv.stop().await;
+}
+
+/// The lifecycle through the CLI on simulated hosts: every action in the state it needs,
+/// a 409 naming the state otherwise (exit 2, the VM unchanged), and an action its host
+/// cannot do (suspend: a simulated host keeps no memory) refused with the VM as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_lifecycle_follows_its_state_machine() {
+    let srv = serve().await;
+    let made = srv
+        .json(&[
+            "create",
+            "box",
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            "512",
+            "--json",
+        ])
+        .await;
+    assert_eq!(made["spec"]["vcpus"], 1);
+    srv.running("box").await;
+    let state = |v: &Value| v["state"].as_str().unwrap().to_owned();
+    for (action, want) in [
+        ("pause", "paused"),
+        ("resume", "running"),
+        ("reboot", "running"),
+        ("stop", "stopped"),
+    ] {
+        let v = srv.json(&[action, "box", "--json"]).await;
+        assert_eq!(state(&v), want, "{action}: {v}");
+    }
+    // Stopped: what needs it running is refused, naming the state.
+    for action in ["pause", "resume", "reboot", "suspend", "stop", "restore"] {
+        let out = srv.tern(&[action, "box"]).await;
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{action}: {}",
+            text(&out.stderr)
+        );
+        let err = text(&out.stderr);
+        assert!(
+            err.contains("is stopped") && err.contains("409"),
+            "{action}: {err}"
+        );
+    }
+    assert_eq!(
+        state(&srv.json(&["show", "box", "--json"]).await),
+        "stopped"
+    );
+    // It stays stopped (the control loop does not start it again), then starts.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        state(&srv.json(&["show", "box", "--json"]).await),
+        "stopped"
+    );
+    let v = srv.json(&["start", "box", "--json"]).await;
+    assert_eq!(state(&v), "running");
+    // A host that cannot do it: refused, the VM as it was.
+    let out = srv.tern(&["suspend", "box"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("keeps no guest memory"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(
+        state(&srv.json(&["show", "box", "--json"]).await),
+        "running"
+    );
+    let out = srv.tern(&["stop", "box", "--timeout", "0"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     srv.stop().await;
 }

@@ -112,7 +112,16 @@ impl AgentClient {
 
     /// Stops VM `id` as `req` says (graceful within a timeout, or forced).
     pub async fn stop_vm(&self, id: &str, req: &StopRequest) -> Result<StopAnswer, ClientError> {
-        self.http.post(&format!("/v1/vms/{id}/stop"), req).await
+        // The agent may wait for the guest as long as the request allows.
+        let wait = req.timeout().unwrap_or_default() + std::time::Duration::from_secs(30);
+        self.http
+            .send_within(
+                reqwest::Method::POST,
+                &format!("/v1/vms/{id}/stop"),
+                Some(req),
+                Some(wait),
+            )
+            .await
     }
 
     /// Suspends VM `id` to the store.

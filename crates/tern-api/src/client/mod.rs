@@ -203,8 +203,20 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> Result<T, ClientError> {
+        self.send_within(method, path, body, None).await
+    }
+
+    /// [`Self::send`] allowing `timeout` instead of the client's own (a call that
+    /// waits on purpose, such as a graceful stop).
+    pub async fn send_within<B: Serialize + ?Sized, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Option<Duration>,
+    ) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
-        let resp = self.request(method.clone(), &url, body).await?;
+        let resp = self.request(method.clone(), &url, body, timeout).await?;
         let bytes = self
             .read_capped(&method, &url, resp, self.options.max_body_bytes)
             .await?;
@@ -218,7 +230,7 @@ impl Client {
     /// A GET of a list route, whose answer may be up to `max_list_bytes`.
     pub async fn get_list<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let url = format!("{}{path}", self.base);
-        let resp = self.request::<()>(Method::GET, &url, None).await?;
+        let resp = self.request::<()>(Method::GET, &url, None, None).await?;
         let bytes = self
             .read_capped(&Method::GET, &url, resp, self.options.max_list_bytes)
             .await?;
@@ -228,7 +240,7 @@ impl Client {
     /// A GET whose answer is text, not JSON (the CA's revocation list).
     pub async fn get_text(&self, path: &str) -> Result<String, ClientError> {
         let url = format!("{}{path}", self.base);
-        let resp = self.request::<()>(Method::GET, &url, None).await?;
+        let resp = self.request::<()>(Method::GET, &url, None, None).await?;
         let bytes = self
             .read_capped(&Method::GET, &url, resp, self.options.max_body_bytes)
             .await?;
@@ -317,10 +329,14 @@ impl Client {
         method: Method,
         url: &str,
         body: Option<&B>,
+        timeout: Option<Duration>,
     ) -> Result<reqwest::Response, ClientError> {
         let mut req = self.authorized(self.http.request(method.clone(), url));
         if let Some(b) = body {
             req = req.json(b);
+        }
+        if let Some(t) = timeout {
+            req = req.timeout(t);
         }
         let resp = req
             .send()

@@ -20,6 +20,7 @@
 
 mod catalog;
 pub mod error;
+mod lifecycle;
 pub mod metrics;
 pub mod migrations;
 pub mod openapi;
@@ -220,6 +221,7 @@ pub fn router_with_ca(
         .route("/metrics", get(metrics))
         .merge(crate::web::api_routes(&app.manager, app.stopping.clone()))
         .merge(catalog::secured_routes())
+        .merge(lifecycle::routes())
         .route_layer(middleware::from_fn_with_state(app.clone(), auth));
     Router::new()
         .route("/openapi.json", get(openapi))

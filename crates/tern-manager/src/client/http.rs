@@ -160,6 +160,33 @@ impl HostClient for HttpHost {
         }
     }
 
+    async fn act(
+        &self,
+        vm: &str,
+        action: tern_api::manager::VmAction,
+        req: &tern_api::manager::VmActionRequest,
+    ) -> Result<()> {
+        use tern_api::agent::Action;
+        use tern_api::manager::VmAction as A;
+        let a = &self.agent;
+        let r = match action {
+            A::Stop => {
+                let stop = tern_api::agent::StopRequest {
+                    timeout_s: req.timeout_s,
+                    force: req.force,
+                };
+                a.stop_vm(vm, &stop).await.map(drop)
+            }
+            A::Suspend => a.suspend_vm(vm).await.map(drop),
+            A::Restore => a.restore_vm(vm).await.map(drop),
+            A::Start => a.act(vm, Action::Start).await.map(drop),
+            A::Reboot => a.act(vm, Action::Reboot).await.map(drop),
+            A::Pause => a.act(vm, Action::Pause).await.map(drop),
+            A::Resume => a.act(vm, Action::Resume).await.map(drop),
+        };
+        r.map_err(|e| self.refusal(e))
+    }
+
     async fn delete_copy(&self, vm: &str) -> Result<()> {
         match self.agent.delete_copy(vm).await {
             Ok(()) => Ok(()),

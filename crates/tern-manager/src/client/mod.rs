@@ -15,6 +15,7 @@ pub use tern_api::manager::Progress;
 use crate::decide::LoadReport;
 use crate::error::Result;
 use crate::state::{Host, Image, MigrationResult, PolicyKind, VmSpec};
+use tern_api::manager::{VmAction, VmActionRequest};
 use tern_api::trace::{TraceRequest, VmTrace};
 use tern_api::vcpu::VcpuPolicy;
 
@@ -59,6 +60,15 @@ pub trait HostClient: Send + Sync {
         }
         Err(crate::error::Error::BadInput(format!(
             "VM {vm:?} runs on a host with no vCPU threads to schedule (a simulated host)"
+        )))
+    }
+    /// Carries out lifecycle `action` on `vm` (`req`: a stop's timeout); a refusal of
+    /// the host's (the VM's state there) is the caller's to fix.
+    async fn act(&self, vm: &str, action: VmAction, req: &VmActionRequest) -> Result<()> {
+        let _ = req;
+        Err(crate::error::Error::BadInput(format!(
+            "VM {vm:?} runs on a host that cannot {} it",
+            action.as_str()
         )))
     }
     /// Records `vm`'s scheduler events (its vCPU threads, and its guest's processes

@@ -91,7 +91,9 @@ pub fn tick(snap: &Snapshot, now: Millis, leases: &Leases) -> Vec<Change> {
         .values()
         .filter(|v| match v.state {
             VmState::Unplaced => true,
-            VmState::Deleting => false,
+            // Off by the operator's wish: HA leaves them off. A suspended VM's state is
+            // in the shared store; `restore` runs it on any host.
+            VmState::Deleting | VmState::Stopped | VmState::Suspended => false,
             _ => v.desired_host.as_deref().is_some_and(is_dead),
         })
         .cloned()
@@ -229,6 +231,38 @@ mod tests {
         apply(&mut snap, end + 1, &changes);
         assert_eq!(snap.hosts["h0"].state, HostState::Dead);
         assert_ne!(snap.vms["a"].desired_host.as_deref(), Some("h0"));
+    }
+
+    #[test]
+    fn ha_restarts_what_ran_from_its_disks_and_leaves_what_was_switched_off() {
+        let mut snap = cluster(&[4.0, 4.0], 4096);
+        for (v, state) in [
+            ("up", VmState::Running),
+            ("held", VmState::Paused),
+            ("off", VmState::Stopped),
+            ("saved", VmState::Suspended),
+        ] {
+            running(&mut snap, v, "h0", spec(1, 256));
+            let vm = snap.vms.get_mut(v).unwrap();
+            vm.state = state;
+            vm.disks_made = true;
+        }
+        snap.settings.dead_after_s = 10;
+        snap.hosts.get_mut("h1").unwrap().last_heartbeat = Some(15_000);
+        let changes = tick_unleased(&snap, 20_000);
+        apply(&mut snap, 20_000, &changes);
+        assert_eq!(snap.hosts["h0"].state, HostState::Dead);
+        for v in ["up", "held"] {
+            let vm = &snap.vms[v];
+            assert_eq!(
+                (vm.state, vm.desired_host.as_deref()),
+                (VmState::Pending, Some("h1"))
+            );
+            assert!(vm.disks_made, "{v} is created again from the disks it has");
+        }
+        assert_eq!(snap.vms["off"].state, VmState::Stopped);
+        assert_eq!(snap.vms["saved"].state, VmState::Suspended);
+        assert_eq!(snap.vms["off"].desired_host.as_deref(), Some("h0"));
     }
 
     #[test]

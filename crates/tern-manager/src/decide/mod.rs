@@ -6,12 +6,14 @@
 //! - [`catalog`]: images and templates, and a new VM's spec filled from its template.
 //! - [`health`]: dead hosts, restarting their VMs once, evacuating drained hosts.
 //! - [`lease`]: host leases, and when a host's guests are surely stopped.
+//! - [`lifecycle`]: start, stop, reboot, pause, resume, suspend and restore.
 //! - [`reconcile`]: what to ask the agents to do so observed state meets desired state.
 
 pub mod balance;
 pub mod catalog;
 pub mod health;
 pub mod lease;
+pub mod lifecycle;
 pub mod placement;
 pub mod reconcile;
 
@@ -83,6 +85,12 @@ pub enum Command {
     CreateTemplate(tern_api::catalog::Template),
     DeleteTemplate {
         name: String,
+    },
+    /// `host` carried out an operator's lifecycle `action` on the VM.
+    VmActed {
+        name: String,
+        action: tern_api::manager::VmAction,
+        host: String,
     },
     /// An agent confirmed the VM runs on `host`.
     VmStarted {
@@ -178,6 +186,7 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
             template,
         } => create_vm(snap, name, spec, host, template),
         Command::AddImage(new) => catalog::add_image(snap, now, new),
+        Command::VmActed { name, action, host } => lifecycle::acted(snap, &name, action, &host),
         Command::ImageFileReceived { image, role } => catalog::file_received(snap, &image, role),
         Command::DeleteImage { name } => catalog::delete_image(snap, &name),
         Command::CreateTemplate(t) => catalog::create_template(snap, t),

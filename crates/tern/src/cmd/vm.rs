@@ -11,7 +11,7 @@ pub mod trace;
 
 use reqwest::Method;
 use serde_json::Value;
-use tern_api::manager::{CreateVm, VmSpec};
+use tern_api::manager::{CreateVm, VmAction, VmActionRequest, VmSpec};
 use tern_api::vcpu::{VcpuPolicy, VcpuPolicySetting};
 use tern_model::{HostName, VmName};
 
@@ -52,6 +52,35 @@ enum Command {
     /// Set how the VM's host schedules its vCPU threads (none, pin, gang); kept with the
     /// VM, applied wherever it runs and carried along when it migrates.
     VcpuPolicy { name: VmName, policy: VcpuPolicy },
+    /// Boot a stopped VM from its disks.
+    Start { name: VmName },
+    /// Ask the guest to power off; power it off after --timeout seconds (or at once with
+    /// --force). Its disks stay; `start` boots it again.
+    Stop {
+        name: VmName,
+        /// Seconds the guest gets (1 to 600) [default: 30].
+        #[arg(long, value_name = "SECONDS")]
+        timeout: Option<u64>,
+        /// Power it off at once, without asking the guest.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Reset a running VM: it boots again from its disks.
+    Reboot { name: VmName },
+    /// Stop a running VM's vCPUs; its memory is kept.
+    Pause { name: VmName },
+    /// Run a paused VM again.
+    Resume { name: VmName },
+    /// Save the VM's memory and device state to the shared store and end its QEMU.
+    Suspend { name: VmName },
+    /// Run a suspended VM again from its saved state.
+    Restore {
+        name: VmName,
+        /// The host to run it on (any host that sees the store) [default: its own while
+        /// active, else the manager's choice].
+        #[arg(long)]
+        host: Option<HostName>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -61,10 +90,10 @@ struct CreateArgs {
     /// template named `default`, if there is one].
     #[arg(long)]
     template: Option<tern_model::TemplateName>,
-    /// Virtual CPUs [default: the template's].
+    /// Virtual CPUs [default: the template's; without one, 1].
     #[arg(long)]
     vcpus: Option<u32>,
-    /// Memory in MiB [default: the template's].
+    /// Memory in MiB [default: the template's; without one, 1024].
     #[arg(long)]
     memory_mib: Option<u64>,
     /// Boot this catalogue image instead of the template's (`tern image list`).
@@ -93,6 +122,37 @@ struct CreateArgs {
     /// How its host schedules its vCPU threads: none, pin or gang (docs/trace.md).
     #[arg(long, value_name = "POLICY", default_value = "none")]
     vcpu_policy: VcpuPolicy,
+}
+
+/// The sizes to ask for (pure but for one lookup): what was given; what was not is
+/// left to the template (0) when one is named or the manager has a `default` one, and
+/// is 1 vCPU and 1024 MiB for a VM without a template.
+fn sizes(c: &Conn, x: &CreateArgs) -> anyhow::Result<(u32, u64)> {
+    let given = (x.vcpus.unwrap_or(0), x.memory_mib.unwrap_or(0));
+    if x.template.is_some() || (x.vcpus.is_some() && x.memory_mib.is_some()) {
+        return Ok(given);
+    }
+    let client = c.client()?;
+    let rt = tokio::runtime::Runtime::new()?;
+    match rt.block_on(client.template("default")) {
+        Ok(_) => Ok(given),
+        Err(e) if e.is_not_found() => Ok((x.vcpus.unwrap_or(1), x.memory_mib.unwrap_or(1024))),
+        Err(e) => Err(super::host::refused(e)),
+    }
+}
+
+/// `POST /v1/vms/NAME/ACTION`; the VM in its new state.
+fn act(c: &Conn, name: &VmName, action: VmAction, req: VmActionRequest) -> anyhow::Result<Value> {
+    let path = format!("/v1/vms/{name}/{}", action.as_str());
+    let v = call(c, Method::POST, &path, Some(&req))?;
+    if !c.json {
+        eprintln!(
+            "VM {name}: {} on {}",
+            v["state"].as_str().unwrap_or("?"),
+            v["observed_host"].as_str().unwrap_or("-")
+        );
+    }
+    Ok(v)
 }
 
 /// `--disk` arguments as disks (pure): `SIZE` is a blank disk `dataN`, `NAME=SIZE` a
@@ -163,11 +223,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         Command::List => call::<()>(c, Method::GET, "/v1/vms", None)?,
         Command::Show { name } => return show(c, name.as_str()),
         Command::Create(x) => {
+            let (vcpus, memory_mib) = sizes(c, &x)?;
             let body = CreateVm {
                 name: x.name,
                 spec: VmSpec {
-                    vcpus: x.vcpus.unwrap_or(0),
-                    memory_mib: x.memory_mib.unwrap_or(0),
+                    vcpus,
+                    memory_mib,
                     pinned: x.pinned,
                     affinity: x.affinity,
                     anti_affinity: x.anti_affinity,
@@ -191,6 +252,30 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             policy,
             no_wait,
         } => return progress::migrate(c, name.as_str(), to, policy, no_wait),
+        Command::Start { name } => act(c, &name, VmAction::Start, Default::default())?,
+        Command::Stop {
+            name,
+            timeout,
+            force,
+        } => {
+            let req = VmActionRequest {
+                timeout_s: timeout,
+                force,
+                host: None,
+            };
+            act(c, &name, VmAction::Stop, req)?
+        }
+        Command::Reboot { name } => act(c, &name, VmAction::Reboot, Default::default())?,
+        Command::Pause { name } => act(c, &name, VmAction::Pause, Default::default())?,
+        Command::Resume { name } => act(c, &name, VmAction::Resume, Default::default())?,
+        Command::Suspend { name } => act(c, &name, VmAction::Suspend, Default::default())?,
+        Command::Restore { name, host } => {
+            let req = VmActionRequest {
+                host,
+                ..Default::default()
+            };
+            act(c, &name, VmAction::Restore, req)?
+        }
         Command::VcpuPolicy { name, policy } => {
             let path = format!("/v1/vms/{name}/vcpu-policy");
             let v = call(c, Method::PUT, &path, Some(&VcpuPolicySetting { policy }))?;

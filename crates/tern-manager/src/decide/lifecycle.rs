@@ -1,0 +1,221 @@
+//! A VM's life as an operator drives it (`docs/manager.md`, "VM lifecycle"): which
+//! action each state allows and where it leads, where a suspended VM is restored, and
+//! recording an action once its host carried it out. The API asks the host first and
+//! records after, so a failed action leaves the VM in the state it was in.
+//!
+//! ```text
+//!            start                   pause
+//!  stopped ─────────► running ◄──────────────► paused
+//!     ▲    ◄───────── │  ▲  │ ↻ reboot resume    │
+//!     │       stop    │  │  │                    │ stop
+//!     └───────────────┼──┼──┼────────────────────┘
+//!                     │  │  suspend (running or paused)
+//!              restore│  │  ▼
+//!                     └─ suspended
+//! ```
+
+use tern_api::manager::VmAction;
+
+use super::placement::Placer;
+use super::{Decision, Reply};
+use crate::error::{Error, Result};
+use crate::state::{Change, EventKind, HostState, Snapshot, Vm, VmState};
+
+/// The state `action` takes a VM in `state` to, if `state` allows it (pure).
+pub fn next(state: VmState, action: VmAction) -> Option<VmState> {
+    use VmAction as A;
+    use VmState as S;
+    match (state, action) {
+        (S::Stopped, A::Start) => Some(S::Running),
+        (S::Running | S::Paused, A::Stop) => Some(S::Stopped),
+        (S::Running, A::Reboot) => Some(S::Running),
+        (S::Running, A::Pause) => Some(S::Paused),
+        (S::Paused, A::Resume) => Some(S::Running),
+        (S::Running | S::Paused, A::Suspend) => Some(S::Suspended),
+        (S::Suspended, A::Restore) => Some(S::Running),
+        _ => None,
+    }
+}
+
+/// The states that allow `action` (pure), for messages.
+fn allowed_in(action: VmAction) -> Vec<&'static str> {
+    VmState::ALL
+        .into_iter()
+        .filter(|s| next(*s, action).is_some())
+        .map(VmState::as_str)
+        .collect()
+}
+
+/// Checks that `v` may take `action`; the state it will be in (pure). A refusal is a
+/// 409 naming the VM's state and the states that allow the action.
+pub fn check(v: &Vm, action: VmAction) -> Result<VmState> {
+    next(v.state, action).ok_or_else(|| {
+        Error::Conflict(format!(
+            "VM {:?} is {}: {} needs it {}",
+            v.name,
+            v.state.as_str(),
+            action.as_str(),
+            allowed_in(action).join(" or ")
+        ))
+    })
+}
+
+/// The host `action` on `v` is carried out on (pure): where it is, or for a restore
+/// the host asked for, else its own host while active, else the least loaded active
+/// host with room.
+pub fn target(snap: &Snapshot, v: &Vm, action: VmAction, asked: Option<&str>) -> Result<String> {
+    let host = v.observed_host.clone().or_else(|| v.desired_host.clone());
+    if action != VmAction::Restore {
+        let h = host.ok_or_else(|| {
+            Error::Conflict(format!(
+                "VM {:?} is on no host to {} it on",
+                v.name,
+                action.as_str()
+            ))
+        })?;
+        if snap
+            .hosts
+            .get(&h)
+            .is_some_and(|x| x.state == HostState::Dead)
+        {
+            return Err(Error::Conflict(format!(
+                "VM {:?} is on host {h:?}, which is dead; wait until it is back",
+                v.name
+            )));
+        }
+        return Ok(h);
+    }
+    let placer = Placer::new(snap);
+    match asked {
+        Some(h) => {
+            placer.check(&v.name, &v.spec, h)?;
+            Ok(h.to_owned())
+        }
+        None => match host {
+            Some(h)
+                if snap
+                    .hosts
+                    .get(&h)
+                    .is_some_and(|x| x.state == HostState::Active) =>
+            {
+                Ok(h)
+            }
+            _ => placer.choose(&v.name, &v.spec, None),
+        },
+    }
+}
+
+/// Records that `host` carried out `action` on VM `name`: its new state (and for a
+/// restore, its new host). The state is checked again: it may have changed while the
+/// host worked.
+pub fn acted(snap: &Snapshot, name: &str, action: VmAction, host: &str) -> Result<Decision> {
+    let v = snap
+        .vms
+        .get(name)
+        .ok_or_else(|| Error::UnknownVm(name.to_owned()))?;
+    let to = check(v, action)?;
+    let mut next = Vm {
+        state: to,
+        ..v.clone()
+    };
+    if action == VmAction::Restore {
+        next.desired_host = Some(host.to_owned());
+        next.observed_host = Some(host.to_owned());
+    }
+    let mut changes = Vec::new();
+    if next != *v {
+        changes.push(Change::PutVm(next.clone()));
+    }
+    changes.push(Change::Event(EventKind::VmStateChanged {
+        vm: name.to_owned(),
+        action,
+        from: v.state,
+        to,
+        host: host.to_owned(),
+    }));
+    Ok((changes, Reply::Vm(next)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decide::testing::{cluster, running, spec};
+
+    #[test]
+    fn every_action_has_its_states_and_the_rest_are_refused_naming_the_state() {
+        let mut snap = cluster(&[4.0], 4096);
+        running(&mut snap, "v", "h0", spec(1, 512));
+        let v = snap.vms["v"].clone();
+        for state in VmState::ALL {
+            for action in VmAction::ALL {
+                let v = Vm { state, ..v.clone() };
+                match (next(state, action), check(&v, action)) {
+                    (Some(to), Ok(got)) => assert_eq!(to, got),
+                    (None, Err(Error::Conflict(m))) => {
+                        assert!(m.contains(state.as_str()), "{m}");
+                        assert!(m.contains(action.as_str()), "{m}");
+                    }
+                    other => panic!("{state:?} {action:?}: {other:?}"),
+                }
+            }
+        }
+        // The transitional states allow nothing.
+        for s in [
+            VmState::Pending,
+            VmState::Migrating,
+            VmState::Deleting,
+            VmState::Unplaced,
+        ] {
+            assert!(VmAction::ALL.iter().all(|a| next(s, *a).is_none()), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn a_round_trip_through_every_state() {
+        let mut snap = cluster(&[4.0, 4.0], 4096);
+        running(&mut snap, "v", "h0", spec(1, 512));
+        let steps = [
+            (VmAction::Pause, VmState::Paused),
+            (VmAction::Resume, VmState::Running),
+            (VmAction::Reboot, VmState::Running),
+            (VmAction::Stop, VmState::Stopped),
+            (VmAction::Start, VmState::Running),
+            (VmAction::Suspend, VmState::Suspended),
+        ];
+        for (a, want) in steps {
+            let host = target(&snap, &snap.vms["v"], a, None).unwrap();
+            assert_eq!(host, "h0");
+            let (changes, _) = acted(&snap, "v", a, &host).unwrap();
+            snap.apply(&changes, &[]);
+            assert_eq!(snap.vms["v"].state, want, "{a:?}");
+        }
+        // Restored on another host, asked for by name.
+        let host = target(&snap, &snap.vms["v"], VmAction::Restore, Some("h1")).unwrap();
+        let (changes, _) = acted(&snap, "v", VmAction::Restore, &host).unwrap();
+        snap.apply(&changes, &[]);
+        let v = &snap.vms["v"];
+        assert_eq!(
+            (v.state, v.observed_host.as_deref()),
+            (VmState::Running, Some("h1"))
+        );
+        // A second restore: refused, the VM is running.
+        assert!(matches!(
+            acted(&snap, "v", VmAction::Restore, "h0"),
+            Err(Error::Conflict(_))
+        ));
+    }
+
+    #[test]
+    fn a_suspended_vm_whose_host_died_is_restored_elsewhere() {
+        let mut snap = cluster(&[4.0, 4.0], 4096);
+        running(&mut snap, "v", "h0", spec(1, 512));
+        snap.vms.get_mut("v").unwrap().state = VmState::Suspended;
+        snap.hosts.get_mut("h0").unwrap().state = HostState::Dead;
+        let v = snap.vms["v"].clone();
+        assert_eq!(target(&snap, &v, VmAction::Restore, None).unwrap(), "h1");
+        // Anything else waits for the host.
+        snap.vms.get_mut("v").unwrap().state = VmState::Stopped;
+        let v = snap.vms["v"].clone();
+        assert!(target(&snap, &v, VmAction::Start, None).is_err());
+    }
+}
