@@ -112,6 +112,7 @@ impl VmSpec {
             cmdline: String::new(),
             nics: Vec::new(),
             disks: Vec::new(),
+            guest_config: None,
         }
     }
 }

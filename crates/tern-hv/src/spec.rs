@@ -53,6 +53,7 @@ mod tests {
             cmdline: String::new(),
             nics: vec![],
             disks: vec![],
+            guest_config: None,
         }
     }
 
