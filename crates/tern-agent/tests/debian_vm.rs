@@ -250,16 +250,13 @@ async fn debian_boots_from_its_disk_and_takes_its_config_over_fw_cfg() {
     assert_eq!(lines.next(), Some("deb-one"), "{out}");
     assert_eq!(lines.next(), Some(public.as_str()), "{out}");
     assert!(out.contains(&format!("{GUEST_ADDR}/24")), "{out}");
-    // The host's first key is not accepted for another one.
-    let (other, _) = keypair(&keys.path().join("..").join(format!(
-        "{}-other",
-        keys.path().file_name().unwrap().to_string_lossy()
-    )));
+    // Only the configured key logs in.
+    let other_dir = tempfile::tempdir().unwrap();
+    let (other, _) = keypair(other_dir.path());
     assert!(
         ssh(&other, "true").is_err(),
         "a key not configured logged in"
     );
-    let _ = std::fs::remove_dir_all(other.parent().unwrap());
 
     // The guest's own health check sees no kernel trouble in a systemd boot.
     let health = a.c.guest("deb1", &json!({"cmd": "health"})).await.unwrap();
@@ -273,14 +270,16 @@ async fn debian_boots_from_its_disk_and_takes_its_config_over_fw_cfg() {
     assert_eq!(off["result"]["kind"], "powering-off", "{off}");
     let t1 = Instant::now();
     loop {
-        let v = a.c.show_vm("deb1").await.unwrap();
-        if v.info.state == VmState::Stopped {
-            break;
-        }
+        // Between QEMU closing its QMP socket and the process being reaped the agent
+        // may answer 500 (QMP broken pipe); the state settles once the process is gone.
+        let state = match a.c.show_vm("deb1").await {
+            Ok(v) if v.info.state == VmState::Stopped => break,
+            Ok(v) => format!("{:?}", v.info.state),
+            Err(e) => e.to_string(),
+        };
         assert!(
             t1.elapsed() < Duration::from_secs(120),
-            "still {:?} after poweroff",
-            v.info.state
+            "not stopped 120 s after poweroff: {state}"
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
