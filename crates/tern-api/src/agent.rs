@@ -61,8 +61,9 @@ pub struct VmSpec {
     /// Host name, ssh keys and a static address handed to the guest through QEMU's
     /// fw_cfg (`opt/tern/config`); images that know it apply it at boot
     /// (`docs/guest-image.md`). Absent: the guest is told nothing.
+    // Boxed: most specs have none, and the spec travels inside many values.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest_config: Option<GuestConfig>,
+    pub guest_config: Option<Box<GuestConfig>>,
 }
 
 /// Most disks one VM may have.

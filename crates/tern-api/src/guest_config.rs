@@ -223,6 +223,9 @@ mod tests {
         }
     }
 
+    /// A change to a valid config and a word the refusal must contain.
+    type Case = (Box<dyn FnOnce(&mut GuestConfig)>, &'static str);
+
     fn err(f: impl FnOnce(&mut GuestConfig)) -> String {
         let mut c = full();
         f(&mut c);
@@ -243,7 +246,7 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_with_the_field_named() {
-        let cases: Vec<(Box<dyn FnOnce(&mut GuestConfig)>, &str)> = vec![
+        let cases: Vec<Case> = vec![
             (Box::new(|c| c.hostname = Some(String::new())), "hostname"),
             (Box::new(|c| c.hostname = Some("a_b".into())), "'_'"),
             (Box::new(|c| c.hostname = Some("a\nb".into())), "hostname"),
@@ -340,6 +343,29 @@ mod tests {
         assert_eq!(c, GuestConfig::default());
         // An empty config serializes to `{}`: the guest's file says only what was given.
         assert_eq!(serde_json::to_string(&c).unwrap(), "{}");
+    }
+
+    #[test]
+    fn a_vm_spec_checks_its_guest_config() {
+        use crate::agent::VmSpec;
+        // A spec from before the field parses, with no config.
+        let old: VmSpec = serde_json::from_str(r#"{"memory_mib": 64}"#).unwrap();
+        assert_eq!(old.guest_config, None);
+        old.validate().unwrap();
+        let mut spec: VmSpec = serde_json::from_value(serde_json::json!({
+            "memory_mib": 64,
+            "nics": [{}],
+            "guest_config": {"hostname": "a_b"},
+        }))
+        .unwrap();
+        let e = spec.validate().unwrap_err().to_string();
+        assert!(e.starts_with("guest_config: hostname"), "{e}");
+        spec.guest_config = Some(Box::new(full()));
+        spec.validate().unwrap();
+        // An address needs a NIC to go to.
+        spec.nics.clear();
+        let e = spec.validate().unwrap_err().to_string();
+        assert!(e.contains("no NIC"), "{e}");
     }
 
     #[test]

@@ -254,10 +254,10 @@ mod tests {
     fn guest_config_is_a_fw_cfg_file_only_when_given() {
         assert!(!joined(false, &[]).contains("-fw_cfg"));
         let mut s = spec();
-        s.guest_config = Some(tern_api::agent::GuestConfig {
+        s.guest_config = Some(Box::new(tern_api::agent::GuestConfig {
             hostname: Some("h".into()),
             ..Default::default()
-        });
+        }));
         let paths = VmPaths::new(Path::new("/run/t,x"), Path::new("/dev/shm/t"), "vm1");
         let a = qemu_args(&LaunchPlan {
             id: "vm1",
