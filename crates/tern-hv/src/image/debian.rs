@@ -399,6 +399,8 @@ pub fn ensure_debian_image(
         .tempdir_in(&images)
         .map_err(|e| ImageError::io(&images, e))?;
     let rootfs = scratch.path().join("rootfs");
+    // Declared after `scratch`, so it runs first when the build ends either way.
+    let _unmount = UnmountGuard(rootfs.clone());
     let out = scratch.path().join("out");
     std::fs::create_dir(&out).map_err(|e| ImageError::io(&out, e))?;
 
@@ -541,6 +543,40 @@ pub async fn ensure_debian_image_async(
         .expect("the image build thread does not panic")
 }
 
+/// Unmounts whatever is still mounted under the tree (debootstrap mounts `/proc` and
+/// `/sys` in it and could leave them after a failure) before the scratch directory is
+/// deleted, so the deletion never reaches into the host's filesystems.
+struct UnmountGuard(PathBuf);
+
+impl Drop for UnmountGuard {
+    fn drop(&mut self) {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        for point in mounts_under(&mounts, &self.0) {
+            let _ = Command::new("umount")
+                .args(["--recursive", "--lazy"])
+                .arg(&point)
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// The mount points in `/proc/self/mounts` text that lie under `root`, deepest first
+/// (pure). Spaces and such in the file are octal escapes (`\040`); a root with them
+/// simply matches nothing, which the scratch directory's name never has.
+pub fn mounts_under(mounts: &str, root: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(root))
+        .collect();
+    found.sort_by(|a, b| (b.components().count(), a).cmp(&(a.components().count(), b)));
+    found.dedup();
+    found
+}
+
 fn install_guest_files(rootfs: &Path, guest: &[u8]) -> Result<(), ImageError> {
     use std::os::unix::fs::PermissionsExt;
     let put = |rel: &str, data: &[u8], mode: u32| {
@@ -642,6 +678,19 @@ mod tests {
         }
         assert!(TERN_CONFIG_UNIT.contains("modprobe qemu_fw_cfg"));
         assert!(CMDLINE.contains("root=/dev/vda") && CMDLINE.contains("console=ttyS0"));
+    }
+
+    #[test]
+    fn only_mounts_under_the_tree_are_unmounted_deepest_first() {
+        let mounts = "proc /proc proc rw 0 0\n\
+            proc /b/rootfs/proc proc rw 0 0\n\
+            sysfs /b/rootfs/sys sysfs rw 0 0\n\
+            binfmt /b/rootfs/proc/sys/fs/binfmt_misc binfmt_misc rw 0 0\n\
+            tmpfs /b/rootfs2 tmpfs rw 0 0\n";
+        let got = mounts_under(mounts, Path::new("/b/rootfs"));
+        assert_eq!(got[0], Path::new("/b/rootfs/proc/sys/fs/binfmt_misc"));
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(!got.contains(&PathBuf::from("/b/rootfs2")));
     }
 
     #[test]
