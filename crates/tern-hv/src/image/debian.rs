@@ -231,14 +231,25 @@ pub fn guest_files() -> Vec<GuestFile> {
     ]
 }
 
-/// Units enabled in the image. `systemd-firstboot` is masked: on a first boot it
-/// would ask for a locale and a root password on the console and wait.
+/// Units enabled in the image.
 const ENABLE: &[&str] = &[
     "tern-guest.service",
     "tern-config.service",
     "systemd-networkd.service",
 ];
-const MASK: &[&str] = &["systemd-firstboot.service"];
+
+/// Units masked in the image. `systemd-firstboot` would ask for a locale and a root
+/// password on the console on the first boot and wait; the timers would run apt and
+/// filesystem scrubs at random times inside guests whose CPU and memory tern measures;
+/// `getty-static` starts gettys on virtual terminals the VM has no display for.
+const MASK: &[&str] = &[
+    "systemd-firstboot.service",
+    "apt-daily.timer",
+    "apt-daily-upgrade.timer",
+    "e2scrub_all.timer",
+    "e2scrub_reap.service",
+    "getty-static.service",
+];
 
 /// The content key of a Debian image (pure).
 pub fn debian_key(tern_guest_sha256: &str) -> String {
