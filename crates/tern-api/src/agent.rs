@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use tern_model::VmName;
 
+pub use crate::guest_config::GuestConfig;
+
 /// A VM spec the drivers refuse; the message says what to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InvalidSpec(pub String);
@@ -62,6 +64,12 @@ pub struct VmSpec {
     /// and a disk whose `image` is the image's disk file is an overlay on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<crate::catalog::ImageRef>,
+    /// Host name, ssh keys and a static address handed to the guest through QEMU's
+    /// fw_cfg (`opt/tern/config`); images that know it apply it at boot
+    /// (`docs/guest-image.md`). Absent: the guest is told nothing.
+    // Boxed: most specs have none, and the spec travels inside many values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_config: Option<Box<GuestConfig>>,
 }
 
 /// Most disks one VM may have.
@@ -255,6 +263,15 @@ impl VmSpec {
                     "disks[{i}]: the name {:?} is used twice",
                     disk.name
                 )));
+            }
+        }
+        if let Some(g) = &self.guest_config {
+            g.validate()
+                .map_err(|why| InvalidSpec(format!("guest_config: {why}")))?;
+            if g.address.is_some() && self.nics.is_empty() {
+                return Err(InvalidSpec(
+                    "guest_config.address given but the VM has no NIC: add one to \"nics\"".into(),
+                ));
             }
         }
         Ok(())

@@ -14,6 +14,7 @@
 //! - [`manager`]: the manager's API: hosts, VMs, migrations, settings, plan, events.
 //! - `client` (feature `client`): one HTTP client for both servers, typed per route.
 //! - [`guest`]: the JSON-lines protocol between the host and `tern-guest` in a VM.
+//! - [`guest_config`]: what a guest is told at creation (host name, ssh keys, address).
 //! - [`trace`]: the agent's trace API: a host recording of a VM's vCPU threads.
 //! - [`vcpu`]: vCPU scheduling policies (`none`, `pin`, `gang`).
 //! - `request` (feature `server`): request bodies parsed strictly, at every depth.
@@ -24,6 +25,7 @@ pub mod catalog;
 #[cfg(feature = "client")]
 pub mod client;
 pub mod guest;
+pub mod guest_config;
 pub mod manager;
 pub mod migration;
 #[cfg(feature = "openapi")]

@@ -193,6 +193,7 @@ impl VmSpec {
             nics: Vec::new(),
             disks,
             image: image_ref,
+            guest_config: None,
         }
     }
 }

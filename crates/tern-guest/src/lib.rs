@@ -8,6 +8,7 @@
 //! - [`pacing`]: pure rate control the workloads share.
 //! - [`health`]: kernel-log scanning (also for the host's copy of the console log).
 //! - [`channel`]: finding the virtio-serial port (or the UART) inside the guest.
+//! - [`config`]: applying the host's fw_cfg configuration (host name, ssh keys, address).
 //! - [`client`]: the host side, over QEMU's chardev Unix socket.
 //! - [`trace`]: the guest kernel's scheduler events, buffered (bounded) for the host.
 //!
@@ -17,6 +18,7 @@
 
 pub mod channel;
 pub mod client;
+pub mod config;
 pub mod health;
 pub mod pacing;
 pub mod server;

@@ -3,6 +3,8 @@
 //!
 //! `tern-guest --stdio` serves on stdin/stdout instead (for tests and for trying it
 //! on a host). `--verifier-mib N` starts the memory verifier at once (0: not at all).
+//! `tern-guest apply-config [--from FILE] [--root DIR]` applies the host's fw_cfg
+//! configuration once and exits (the Debian image runs it at boot).
 
 use std::fs::OpenOptions;
 use std::io::BufReader;
@@ -15,7 +17,7 @@ use tern_api::guest::DEFAULT_VERIFIER_PAGES_PER_SEC;
 use tern_guest::channel::{find_virtio_port, FALLBACK_UART, PORT_NAME};
 use tern_guest::server::{serve, Agent, Ended};
 
-const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]";
+const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]\n       tern-guest apply-config [--from FILE] [--root DIR]";
 
 struct Options {
     stdio: bool,
@@ -47,7 +49,49 @@ fn parse_args() -> Result<Options, String> {
     Ok(opts)
 }
 
+/// `apply-config`: exit status 0 when applied or when the host gave nothing, 2 for a
+/// configuration the guest refuses, 1 when writing failed.
+fn apply_config(mut args: impl Iterator<Item = String>) -> ExitCode {
+    let mut from = PathBuf::from(tern_guest::config::FW_CFG_RAW);
+    let mut root = PathBuf::from("/");
+    while let Some(a) = args.next() {
+        let value = args.next();
+        match (a.as_str(), value) {
+            ("--from", Some(v)) => from = v.into(),
+            ("--root", Some(v)) => root = v.into(),
+            _ => {
+                eprintln!("tern-guest: apply-config: bad argument {a:?}\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match tern_guest::config::apply(&from, &root) {
+        Ok(None) => {
+            eprintln!("tern-guest: no configuration at {}", from.display());
+            ExitCode::SUCCESS
+        }
+        Ok(Some(cfg)) => {
+            eprintln!(
+                "tern-guest: applied hostname={} keys={} address={}",
+                cfg.hostname.as_deref().unwrap_or("-"),
+                cfg.ssh_authorized_keys.len(),
+                cfg.address.as_deref().unwrap_or("-")
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tern-guest: apply-config: {e}");
+            ExitCode::from(if e.starts_with("writing") { 1 } else { 2 })
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1).peekable();
+    if args.peek().map(String::as_str) == Some("apply-config") {
+        args.next();
+        return apply_config(args);
+    }
     let opts = match parse_args() {
         Ok(o) => o,
         Err(msg) => {
@@ -118,10 +162,7 @@ fn serve_device(agent: &mut Agent, device: &Path) -> ExitCode {
         loop {
             match serve(agent, &mut input, &mut output) {
                 Ok(Ended::Poweroff) => {
-                    // busybox's poweroff -f asks the kernel directly; QEMU exits with the guest.
-                    let _ = std::process::Command::new("/bin/busybox")
-                        .args(["poweroff", "-f"])
-                        .status();
+                    poweroff();
                     return ExitCode::SUCCESS;
                 }
                 // With no host connected the port reads as end-of-file: wait, read again.
@@ -133,5 +174,19 @@ fn serve_device(agent: &mut Agent, device: &Path) -> ExitCode {
                 }
             }
         }
+    }
+}
+
+/// Powers the guest off; QEMU exits with it. Under systemd (the Debian image) an orderly
+/// shutdown, so the root filesystem is unmounted clean; in the initramfs image busybox's
+/// `poweroff -f`, which asks the kernel directly (there is nothing to unmount).
+fn poweroff() {
+    let (program, args): (&str, &[&str]) = if Path::new("/run/systemd/system").is_dir() {
+        ("systemctl", &["poweroff", "--no-block"])
+    } else {
+        ("/bin/busybox", &["poweroff", "-f"])
+    };
+    if let Err(e) = std::process::Command::new(program).args(args).status() {
+        eprintln!("tern-guest: {program}: {e}");
     }
 }

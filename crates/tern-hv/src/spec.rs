@@ -54,6 +54,7 @@ mod tests {
             nics: vec![],
             disks: vec![],
             image: None,
+            guest_config: None,
         }
     }
 

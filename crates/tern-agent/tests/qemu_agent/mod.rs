@@ -30,12 +30,23 @@ impl QemuAgent {
         store: Option<Store>,
         timeout: Duration,
     ) -> QemuAgent {
+        QemuAgent::start_bridged(name, dir, store, None, timeout).await
+    }
+
+    /// [`QemuAgent::start`] whose VMs' NICs are taps on `bridge`.
+    pub async fn start_bridged(
+        name: &str,
+        dir: tempfile::TempDir,
+        store: Option<Store>,
+        bridge: Option<String>,
+        timeout: Duration,
+    ) -> QemuAgent {
         let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
             eprintln!("image: {s}")
         })
         .await
         .expect("guest image builds");
-        let mut cfg = QemuConfig::new(dir.path().join("run"), dir.path().join("mem"), None);
+        let mut cfg = QemuConfig::new(dir.path().join("run"), dir.path().join("mem"), bridge);
         cfg.store = store.clone();
         let mut state = AppState::new(
             Arc::new(QemuDriver::new(cfg)),

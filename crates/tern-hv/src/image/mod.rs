@@ -13,6 +13,7 @@
 //! changed input (kernel version, busybox, the agent binary, the init script) gives a
 //! new key and a new build. How to boot the image is in `docs/guest-image.md`.
 
+pub mod debian;
 mod elf;
 pub mod guest_bin;
 pub mod initramfs;
@@ -58,6 +59,8 @@ pub enum ImageError {
     },
     #[error("{0}")]
     GuestBinary(String),
+    #[error("{0}: run it as root")]
+    NeedsRoot(String),
     #[error("{what} failed: {detail}")]
     CommandFailed { what: String, detail: String },
     #[error("kernel package: {0}")]
@@ -93,6 +96,7 @@ impl ImageError {
                 | ImageError::MissingPackage { .. }
                 | ImageError::CacheNotWritable { .. }
                 | ImageError::GuestBinary(_)
+                | ImageError::NeedsRoot(_)
         )
     }
 }
@@ -133,6 +137,7 @@ impl GuestImage {
             nics: Vec::new(),
             disks: Vec::new(),
             image: None,
+            guest_config: None,
         }
     }
 }

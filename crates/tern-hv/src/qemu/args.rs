@@ -19,6 +19,8 @@ pub struct VmPaths {
     pub console_log: PathBuf,
     pub qemu_log: PathBuf,
     pub pid_file: PathBuf,
+    /// The spec's `guest_config` as JSON, handed to QEMU as fw_cfg `opt/tern/config`.
+    pub guest_config: PathBuf,
 }
 
 impl VmPaths {
@@ -32,6 +34,7 @@ impl VmPaths {
             console_log: d.join("console.log"),
             qemu_log: d.join("qemu.log"),
             pid_file: d.join("qemu.pid"),
+            guest_config: d.join("guest-config.json"),
             run_dir: d,
         }
     }
@@ -133,6 +136,17 @@ pub fn qemu_args(p: &LaunchPlan) -> Vec<String> {
         "-device",
         &format!("virtserialport,chardev=guest,name={GUEST_PORT_NAME}"),
     ]);
+    if p.spec.guest_config.is_some() {
+        // The guest reads it from /sys/firmware/qemu_fw_cfg/by_name/opt/tern/config/raw.
+        push(&[
+            "-fw_cfg",
+            &format!(
+                "name={},file={}",
+                tern_api::guest_config::FW_CFG_NAME,
+                qemu_opt_escape(&p.paths.guest_config.display().to_string())
+            ),
+        ]);
+    }
     for (i, nic) in p.nics.iter().enumerate() {
         push(&[
             "-netdev",
@@ -204,6 +218,7 @@ mod tests {
             nics: vec![],
             disks: vec![],
             image: None,
+            guest_config: None,
         }
     }
 
@@ -234,6 +249,31 @@ mod tests {
         assert!(a.contains("-append console=ttyS0 quiet"));
         assert!(a.contains(" -S "));
         assert!(!a.contains("-incoming"));
+    }
+
+    #[test]
+    fn guest_config_is_a_fw_cfg_file_only_when_given() {
+        assert!(!joined(false, &[]).contains("-fw_cfg"));
+        let mut s = spec();
+        s.guest_config = Some(Box::new(tern_api::agent::GuestConfig {
+            hostname: Some("h".into()),
+            ..Default::default()
+        }));
+        let paths = VmPaths::new(Path::new("/run/t,x"), Path::new("/dev/shm/t"), "vm1");
+        let a = qemu_args(&LaunchPlan {
+            id: "vm1",
+            spec: &s,
+            paths: &paths,
+            nics: &[],
+            disks: &[],
+            accel: Accel::Tcg,
+            incoming: false,
+        })
+        .join(" ");
+        assert!(
+            a.contains("-fw_cfg name=opt/tern/config,file=/run/t,,x/vm1/guest-config.json"),
+            "{a}"
+        );
     }
 
     #[test]

@@ -236,6 +236,17 @@ impl QemuDriver {
         for p in [&vm.paths.qmp_socket, &vm.paths.control_socket] {
             let _ = tokio::fs::remove_file(p).await;
         }
+        if let Some(cfg) = &vm.spec.guest_config {
+            // Written on every launch (a migration's destination too): QEMU reads the
+            // file once at start and the guest sees the same item wherever it runs.
+            let json = serde_json::to_vec(cfg).map_err(|e| HvError::Qemu(e.to_string()))?;
+            tokio::fs::write(&vm.paths.guest_config, json)
+                .await
+                .map_err(HvError::io(format!(
+                    "writing {}",
+                    vm.paths.guest_config.display()
+                )))?;
+        }
         let mut nics = Vec::new();
         for (i, mac) in vm.macs.iter().enumerate() {
             let bridge = self
