@@ -18,8 +18,10 @@ use super::host::{refused, table, Conn};
 pub struct ImportArgs {
     /// The image's name in the catalogue.
     pub name: ImageName,
-    /// A built image to take the files from: `minimal` (tern's guest, built into the
-    /// cache if missing, as `tern image build` does).
+    /// A built image to take the files from: `minimal` (tern's guest) or `debian`
+    /// (Debian 12 root disk, kernel and initrd), built into the cache if missing, as
+    /// `tern image build` does (the Debian one needs root and a few minutes the first
+    /// time).
     #[arg(long, value_name = "BUILT", conflicts_with_all = ["kernel", "initramfs", "disk"])]
     pub from: Option<Built>,
     /// Kernel to boot (bzImage), when not --from.
@@ -47,6 +49,7 @@ pub struct ImportArgs {
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum Built {
     Minimal,
+    Debian,
 }
 
 /// One local file to upload and what the catalogue is told about it.
@@ -143,6 +146,25 @@ fn gather(a: &ImportArgs) -> anyhow::Result<(Vec<Local>, String)> {
             let files = vec![
                 local(FileRole::Kernel, &img.kernel)?,
                 local(FileRole::Initramfs, &img.initramfs)?,
+            ];
+            Ok((files, a.cmdline.clone().unwrap_or(img.cmdline)))
+        }
+        Some(Built::Debian) => {
+            let cache = a
+                .cache
+                .clone()
+                .unwrap_or_else(tern_hv::image::default_cache_dir);
+            let img = tern_hv::image::debian::ensure_debian_image(&cache, &mut |s| {
+                eprintln!("image: {s}")
+            })
+            .map_err(|e| match e.is_bad_input() {
+                true => super::bad_input(e),
+                false => anyhow::Error::new(e).context("building the Debian image"),
+            })?;
+            let files = vec![
+                local(FileRole::Kernel, &img.kernel)?,
+                local(FileRole::Initramfs, &img.initrd)?,
+                local(FileRole::Disk, &img.root_disk)?,
             ];
             Ok((files, a.cmdline.clone().unwrap_or(img.cmdline)))
         }
