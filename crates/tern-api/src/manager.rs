@@ -119,6 +119,20 @@ pub struct VmSpec {
     /// values, so a template changed later does not change it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template: Option<String>,
+    /// Public keys (`authorized_keys` lines) root of the guest accepts; the image
+    /// applies them at boot (the Debian image does; `docs/guest-image.md`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ssh_keys: Vec<String>,
+    /// A NIC on the hosts' network with a static address the manager hands out from
+    /// its `--guest-network` (recorded in `address`), kept across moves.
+    #[serde(default)]
+    pub nic: bool,
+    /// The NIC's address (CIDR), handed out by the manager at create.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// The default gateway the guest is given with its address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<String>,
 }
 
 impl VmSpec {
@@ -135,6 +149,10 @@ impl VmSpec {
             disks: Vec::new(),
             cmdline: String::new(),
             template: None,
+            ssh_keys: Vec::new(),
+            nic: false,
+            address: None,
+            gateway: None,
         }
     }
 
@@ -190,11 +208,31 @@ impl VmSpec {
             kernel: None,
             initramfs: None,
             cmdline,
-            nics: Vec::new(),
             disks,
             image: image_ref,
-            guest_config: None,
+            guest_config: self.guest_config(name),
+            nics: match self.nic {
+                true => vec![crate::agent::Nic { mac: None }],
+                false => Vec::new(),
+            },
         }
+    }
+}
+
+impl VmSpec {
+    /// What the guest is told at create: its name, keys and address; none when there
+    /// is nothing to tell beyond the name (an image that ignores it loses nothing).
+    fn guest_config(&self, name: &str) -> Option<Box<crate::guest_config::GuestConfig>> {
+        if self.ssh_keys.is_empty() && self.address.is_none() {
+            return None;
+        }
+        Some(Box::new(crate::guest_config::GuestConfig {
+            hostname: Some(name.to_owned()),
+            ssh_authorized_keys: self.ssh_keys.clone(),
+            address: self.address.clone(),
+            gateway: self.gateway.clone(),
+            dns: Vec::new(),
+        }))
     }
 }
 

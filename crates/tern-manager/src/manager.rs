@@ -87,6 +87,15 @@ impl Manager {
         })
     }
 
+    /// Hands VMs with a NIC addresses from `net`.
+    pub fn with_guest_network(mut self, net: decide::network::GuestNetwork) -> Self {
+        self.snap
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .guest_network = Some(net);
+        self
+    }
+
     /// Keeps the catalogue's image files in `dir` (created when the first arrives).
     pub fn with_catalog(mut self, dir: std::path::PathBuf) -> Self {
         self.catalog_dir = Some(dir);
@@ -302,7 +311,10 @@ impl Manager {
         let store = self.store();
         let mut loaded = store.load()?;
         loaded.index();
-        *self.snap.write().unwrap_or_else(|e| e.into_inner()) = loaded;
+        let mut snap = self.snap.write().unwrap_or_else(|e| e.into_inner());
+        // Configuration, not state: it stays as the manager was started.
+        loaded.guest_network = snap.guest_network;
+        *snap = loaded;
         Ok(())
     }
 

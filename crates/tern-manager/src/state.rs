@@ -75,6 +75,9 @@ pub struct Snapshot {
     pub images: BTreeMap<String, Image>,
     /// The catalogue's templates, by name.
     pub templates: BTreeMap<String, Template>,
+    /// Where VMs with a NIC get their addresses (`tern manager --guest-network`);
+    /// configuration, never stored.
+    pub guest_network: Option<crate::decide::network::GuestNetwork>,
     /// Id the next migration gets.
     pub next_migration: u64,
     /// Sequence number of the last event (0: none yet).
@@ -243,6 +246,10 @@ mod tests {
             disks: Vec::new(),
             cmdline: String::new(),
             template: None,
+            ssh_keys: Vec::new(),
+            nic: false,
+            address: None,
+            gateway: None,
         };
         assert!(spec.validate().is_ok());
         assert!(VmSpec {

@@ -34,6 +34,10 @@ fn spec(vcpus: u32) -> VmSpec {
         disks: Vec::new(),
         cmdline: String::new(),
         template: None,
+        ssh_keys: Vec::new(),
+        nic: false,
+        address: None,
+        gateway: None,
     }
 }
 

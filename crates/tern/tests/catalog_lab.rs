@@ -76,6 +76,25 @@ impl Lab {
         tern(self.st(), &a)
     }
 
+    /// `tern vm ssh ARGS...`: the connection options before `ssh`, whose command takes
+    /// the rest of the line.
+    fn ssh(&self, args: &[&str]) -> Output {
+        let (url, ca) = (self.url().to_owned(), self.ca_cert());
+        let token = self.up["token_file"].as_str().unwrap();
+        let mut a = vec![
+            "vm",
+            "--manager",
+            &url,
+            "--token-file",
+            token,
+            "--ca-cert",
+            &ca,
+            "ssh",
+        ];
+        a.extend(args);
+        tern(self.st(), &a)
+    }
+
     /// `tern agent vm guest g1 REQUEST...` on `host`, retried while the guest boots or
     /// its channel reconnects after a move.
     fn guest(&self, host: &str, req: &[&str]) -> Value {
@@ -117,14 +136,16 @@ fn wait_for(what: &str, secs: u64, mut ok: impl FnMut() -> bool) {
     }
 }
 
-#[test]
-fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
+/// A 2-host lab whose agents report to a `tern manager` (with `manager_args`) on the
+/// lab's CA at the lab's root address, both hosts registered; `None` when the machine
+/// cannot run a lab (outside CI).
+fn lab_with_manager(what: &str, manager_args: &[&str]) -> Option<Lab> {
     let qemu_img = Command::new("qemu-img")
         .arg("--version")
         .output()
         .is_ok_and(|o| o.status.success());
-    if !tern_testkit::require_lab("the catalogue lab test", &[("qemu-img", qemu_img)]) {
-        return;
+    if !tern_testkit::require_lab(what, &[("qemu-img", qemu_img)]) {
+        return None;
     }
     let tmp = tempfile::tempdir().unwrap();
     let st = tmp.path().to_path_buf();
@@ -160,6 +181,7 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
             .arg("--db")
             .arg(st.join("manager.db"))
             .args(["--token-file", up["token_file"].as_str().unwrap()])
+            .args(manager_args)
             .env_remove("TERN_TOKEN")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -188,6 +210,15 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
             ),
         );
     }
+    Some(lab)
+}
+
+#[test]
+fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
+    let Some(lab) = lab_with_manager("the catalogue lab test", &[]) else {
+        return;
+    };
+    let st = lab.st().to_path_buf();
 
     // The image, as an operator imports it: built into the cache if missing.
     let cache = tern_testkit::test_cache_dir();
@@ -322,4 +353,99 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
     });
     json(&lab.cli(&["template", "delete", "default", "--json"]));
     assert!(lab.cli(&["image", "delete", "minimal"]).status.success());
+}
+
+/// The Debian template with ssh: `tern vm create --ssh-key` hands the guest the
+/// operator's key and an address from the manager's `--guest-network` through fw_cfg,
+/// and `tern vm ssh` logs in with the matching private key.
+#[test]
+fn a_debian_vm_takes_the_operators_key_and_address_and_ssh_logs_in() {
+    // The lab's hosts are 198.18.K.1, .2; the root namespace (where ssh runs) .254.
+    let Some(probe) = lab_with_manager("the Debian ssh lab test", &[]) else {
+        return;
+    };
+    let root = probe.up["root_addr"].as_str().unwrap().to_owned();
+    drop(probe);
+    let net = format!("{}.0/24", root.rsplit_once('.').unwrap().0);
+    let lab = lab_with_manager("the Debian ssh lab test", &["--guest-network", &net]).unwrap();
+    let st = lab.st().to_path_buf();
+    let cache = tern_testkit::test_cache_dir();
+    json(&lab.cli(&[
+        "image",
+        "import",
+        "debian-12",
+        "--from",
+        "debian",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--json",
+    ]));
+    json(&lab.cli(&[
+        "template",
+        "create",
+        "debian",
+        "--image",
+        "debian-12",
+        "--memory-mib",
+        "512",
+        "--json",
+    ]));
+    let key = st.join("id_ed25519");
+    let made = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let pubkey = format!("{}.pub", key.display());
+    let vm = json(&lab.cli(&[
+        "vm",
+        "create",
+        "deb1",
+        "--template",
+        "debian",
+        "--ssh-key",
+        &pubkey,
+        "--host",
+        "h1",
+        "--json",
+    ]));
+    let addr = vm["spec"]["address"].as_str().unwrap().to_owned();
+    assert!(addr.starts_with(&net[..net.len() - 4]), "{addr} in {net}");
+    let ssh = |cmd: &str| lab.ssh(&["deb1", "-i", key.to_str().unwrap(), "--", cmd]);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let out = loop {
+        let o = ssh("hostname; ip -4 -o addr show eth0");
+        if o.status.success() {
+            break String::from_utf8_lossy(&o.stdout).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ssh into deb1 never worked: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        std::thread::sleep(Duration::from_secs(3));
+    };
+    assert!(out.starts_with("deb1\n"), "{out}");
+    assert!(out.contains(&addr), "{out} has {addr}");
+    // Another key is refused.
+    let other = st.join("other");
+    Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other)
+        .status()
+        .unwrap();
+    let o = lab.ssh(&["deb1", "-i", other.to_str().unwrap(), "--", "true"]);
+    assert!(!o.status.success(), "a key never given logs in");
+    // A NIC needs a network; a bad key is refused; nothing is created.
+    let o = lab.cli(&[
+        "vm",
+        "create",
+        "x",
+        "--template",
+        "debian",
+        "--ssh-key",
+        "/etc/hostname",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
 }

@@ -7,6 +7,7 @@
 //! - [`health`]: dead hosts, restarting their VMs once, evacuating drained hosts.
 //! - [`lease`]: host leases, and when a host's guests are surely stopped.
 //! - [`lifecycle`]: start, stop, reboot, pause, resume, suspend and restore.
+//! - [`network`]: guest addresses handed out on the hosts' network.
 //! - [`reconcile`]: what to ask the agents to do so observed state meets desired state.
 
 pub mod balance;
@@ -14,6 +15,7 @@ pub mod catalog;
 pub mod health;
 pub mod lease;
 pub mod lifecycle;
+pub mod network;
 pub mod placement;
 pub mod reconcile;
 
@@ -544,9 +546,41 @@ fn create_vm(
     template: Option<String>,
 ) -> Result<Decision> {
     let mut placer = Placer::for_new_vms(snap);
-    let spec = catalog::resolve_spec(snap, spec, template.as_deref())?;
+    let mut spec = catalog::resolve_spec(snap, spec, template.as_deref())?;
+    guest_access(snap, &mut spec)?;
     let (changes, v) = create_one(snap, &mut placer, name, spec, host)?;
     Ok((changes, Reply::Vm(v)))
+}
+
+/// Checks a new VM's ssh keys and hands its NIC an address (pure).
+fn guest_access(snap: &Snapshot, spec: &mut VmSpec) -> Result<()> {
+    use tern_api::guest_config::{check_ssh_key, MAX_SSH_KEYS};
+    if spec.ssh_keys.len() > MAX_SSH_KEYS {
+        return Err(Error::BadInput(format!(
+            "{} ssh keys; at most {MAX_SSH_KEYS}",
+            spec.ssh_keys.len()
+        )));
+    }
+    for (i, k) in spec.ssh_keys.iter().enumerate() {
+        check_ssh_key(k).map_err(|e| Error::BadInput(format!("ssh_keys[{i}]: {e}")))?;
+    }
+    if spec.address.is_some() || spec.gateway.is_some() {
+        return Err(Error::BadInput(
+            "address and gateway are handed out by the manager: ask for \"nic\": true".into(),
+        ));
+    }
+    if spec.nic {
+        let net = snap.guest_network.ok_or_else(|| {
+            Error::BadInput(
+                "this manager hands out no guest addresses: start it with --guest-network \
+                 CIDR (the hosts' network), or create the VM without a NIC"
+                    .into(),
+            )
+        })?;
+        spec.address = Some(net.allocate(snap)?);
+        spec.gateway = net.gateway.map(|g| g.to_string());
+    }
+    Ok(())
 }
 
 /// A VM creation request.
@@ -743,6 +777,10 @@ pub(crate) mod testing {
             disks: Vec::new(),
             cmdline: String::new(),
             template: None,
+            ssh_keys: Vec::new(),
+            nic: false,
+            address: None,
+            gateway: None,
         }
     }
 

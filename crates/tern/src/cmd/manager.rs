@@ -35,6 +35,13 @@ pub struct Args {
     /// must see one directory (an NFS mount), as they share --ca.
     #[arg(long, value_name = "DIR")]
     catalog: Option<PathBuf>,
+    /// The hosts' network guests get static addresses on (IPv4 CIDR, e.g.
+    /// 198.18.0.0/24): `tern vm create --nic` hands each VM the first free one.
+    #[arg(long, value_name = "CIDR")]
+    guest_network: Option<String>,
+    /// The gateway guests on --guest-network are told.
+    #[arg(long, value_name = "IP", requires = "guest_network")]
+    guest_gateway: Option<String>,
     /// The cluster CA's directory (created if missing, or one `tern lab up` made; with
     /// --etcd it must exist, from `tern ca init`): the API becomes HTTPS, hosts join with
     /// tokens, agents are called over mutual TLS.
@@ -94,6 +101,17 @@ fn agent_token(a: &Args, tokens: &[String]) -> anyhow::Result<String> {
         .ok()
         .filter(|t| !t.is_empty())
         .unwrap_or_else(|| tokens[0].clone()))
+}
+
+/// `--guest-network` and `--guest-gateway`, checked.
+fn guest_network(a: &Args) -> anyhow::Result<Option<tern_manager::decide::network::GuestNetwork>> {
+    a.guest_network
+        .as_deref()
+        .map(|n| {
+            tern_manager::decide::network::GuestNetwork::parse(n, a.guest_gateway.as_deref())
+                .map_err(|e| super::bad_input(format!("--guest-network: {e}")))
+        })
+        .transpose()
 }
 
 /// The catalogue directory: `dir`, or `catalog` beside `db`; made 0700 if missing, as
@@ -211,7 +229,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let store = open_db(&a.db)?;
     let catalog = catalog_dir(a.catalog.as_deref(), &a.db)?;
-    let manager = Arc::new(Manager::open(Box::new(store), system_clock())?.with_catalog(catalog));
+    let mut manager = Manager::open(Box::new(store), system_clock())?.with_catalog(catalog);
+    if let Some(net) = guest_network(&a)? {
+        manager = manager.with_guest_network(net);
+    }
+    let manager = Arc::new(manager);
     let timeout = Duration::from_secs(a.agent_timeout_s);
     let pki =
         a.ca.as_deref()

@@ -52,6 +52,17 @@ enum Command {
     /// Set how the VM's host schedules its vCPU threads (none, pin, gang); kept with the
     /// VM, applied wherever it runs and carried along when it migrates.
     VcpuPolicy { name: VmName, policy: VcpuPolicy },
+    /// Log in to the VM as root with ssh at the address the manager handed it
+    /// (`--nic`/`--ssh-key` at create); the rest of the line goes to ssh.
+    Ssh {
+        name: VmName,
+        /// The private key to log in with [default: ssh's own].
+        #[arg(short = 'i', long, value_name = "FILE")]
+        identity: Option<std::path::PathBuf>,
+        /// A command to run instead of a shell.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Boot a stopped VM from its disks.
     Start { name: VmName },
     /// Ask the guest to power off; power it off after --timeout seconds (or at once with
@@ -107,6 +118,14 @@ struct CreateArgs {
     /// Kernel command line added after the image's and the template's.
     #[arg(long, value_name = "ARGS", default_value = "")]
     cmdline: String,
+    /// A public key file (`~/.ssh/id_ed25519.pub`) whose keys root of the guest accepts
+    /// (images that apply the guest configuration: Debian). Repeat for more.
+    #[arg(long = "ssh-key", value_name = "FILE")]
+    ssh_keys: Vec<std::path::PathBuf>,
+    /// A NIC on the hosts' network with an address the manager hands out (it needs
+    /// `tern manager --guest-network`); implied by --ssh-key.
+    #[arg(long)]
+    nic: bool,
     /// Put it on this host instead of letting the manager choose.
     #[arg(long)]
     host: Option<HostName>,
@@ -139,6 +158,62 @@ fn sizes(c: &Conn, x: &CreateArgs) -> anyhow::Result<(u32, u64)> {
         Err(e) if e.is_not_found() => Ok((x.vcpus.unwrap_or(1), x.memory_mib.unwrap_or(1024))),
         Err(e) => Err(super::host::refused(e)),
     }
+}
+
+/// The lines of public key files, as `authorized_keys` takes them.
+fn read_keys(files: &[std::path::PathBuf]) -> anyhow::Result<Vec<String>> {
+    let mut keys = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(f)
+            .map_err(|e| super::bad_input(format!("--ssh-key {}: {e}", f.display())))?;
+        for line in text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        {
+            tern_api::guest_config::check_ssh_key(line)
+                .map_err(|e| super::bad_input(format!("--ssh-key {}: {e}", f.display())))?;
+            keys.push(line.to_owned());
+        }
+    }
+    Ok(keys)
+}
+
+/// Runs ssh to the VM's address; its exit status becomes ours.
+fn ssh(
+    c: &Conn,
+    name: &VmName,
+    identity: Option<&std::path::Path>,
+    command: &[String],
+) -> anyhow::Result<()> {
+    let v = call::<()>(c, Method::GET, &format!("/v1/vms/{name}"), None)?;
+    let Some(addr) = v["spec"]["address"]
+        .as_str()
+        .and_then(|a| a.split('/').next())
+    else {
+        return Err(super::bad_input(format!(
+            "VM {name} has no address: create it with --nic or --ssh-key on a manager \
+             started with --guest-network"
+        )));
+    };
+    let mut cmd = std::process::Command::new("ssh");
+    // Each VM makes its own host key at first boot, and an address is handed to the
+    // next VM once this one is deleted: the key is learnt, never pinned across VMs.
+    cmd.args([
+        "-o",
+        "StrictHostKeyChecking=no",
+        "-o",
+        "UserKnownHostsFile=/dev/null",
+    ])
+    .args(["-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]);
+    if let Some(i) = identity {
+        cmd.arg("-i").arg(i);
+    }
+    cmd.arg(format!("root@{addr}")).args(command);
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("running ssh (apt-get install openssh-client): {e}"))?;
+    std::process::exit(status.code().unwrap_or(255));
 }
 
 /// `POST /v1/vms/NAME/ACTION`; the VM in its new state.
@@ -237,6 +312,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     disks: disk_args(&x.disks).map_err(super::bad_input)?,
                     cmdline: x.cmdline,
                     template: None,
+                    ssh_keys: read_keys(&x.ssh_keys)?,
+                    nic: x.nic || !x.ssh_keys.is_empty(),
+                    address: None,
+                    gateway: None,
                 },
                 host: x.host,
                 template: x.template,
@@ -252,6 +331,11 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             policy,
             no_wait,
         } => return progress::migrate(c, name.as_str(), to, policy, no_wait),
+        Command::Ssh {
+            name,
+            identity,
+            command,
+        } => return ssh(c, &name, identity.as_deref(), &command),
         Command::Start { name } => act(c, &name, VmAction::Start, Default::default())?,
         Command::Stop {
             name,
