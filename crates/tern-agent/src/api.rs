@@ -57,6 +57,7 @@ pub enum Command {
     Stop(VmName, StopRequest),
     Suspend(VmName),
     Restore(VmName),
+    ResizeDisk(VmName, String, tern_api::agent::ResizeDisk),
     Metrics(VmName),
     Guest(VmName, Value),
 }
@@ -124,6 +125,10 @@ pub async fn execute(state: &AppState, cmd: Command) -> Result<(StatusCode, Valu
         Command::Stop(id, req) => ok(json(state.stop_vm(id.as_str(), req).await?)),
         Command::Suspend(id) => ok(json(state.suspend_vm(id.as_str()).await?)),
         Command::Restore(id) => ok(json(state.restore_vm(id.as_str()).await?)),
+        Command::ResizeDisk(id, disk, r) => {
+            let info = state.resize_disk(id.as_str(), &disk, r.size_mib).await?;
+            ok(json(state.view(info)))
+        }
         Command::Metrics(id) => ok(json(state.hv.metrics(id.as_str()).await?)),
         Command::Guest(id, req) => {
             crate::guest::with_id(req.clone(), 0).map_err(AgentError::BadRequest)?;
@@ -159,6 +164,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/v1/vms/:id/reboot", post(reboot))
         .route("/v1/vms/:id/suspend", post(suspend))
         .route("/v1/vms/:id/restore", post(restore))
+        .route("/v1/vms/:id/disks/:disk/resize", post(resize_disk))
         .route("/v1/vms/:id/metrics", get(metrics))
         .route("/v1/vms/:id/guest", post(guest))
         .fallback(|| async {
@@ -293,6 +299,26 @@ async fn suspend(s: State<AppState>, VmId(id): VmId) -> Response {
     params(Id), responses((status = 200, description = "running", body = SavedStateAnswer)))]
 async fn restore(s: State<AppState>, VmId(id): VmId) -> Response {
     run(s, Command::Restore(id)).await
+}
+
+#[utoipa::path(post, path = "/v1/vms/{id}/disks/{disk}/resize",
+    summary = "grow a disk of a stopped VM (the guest sees it at its next boot)",
+    params(Id, ("disk" = String, Path, description = "the disk's name")),
+    request_body = tern_api::agent::ResizeDisk,
+    responses((status = 200, description = "the VM", body = VmView)))]
+async fn resize_disk(
+    s: State<AppState>,
+    axum::extract::Path((id, disk)): axum::extract::Path<(String, String)>,
+    body: Result<Json<tern_api::agent::ResizeDisk>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let id: VmName = match id.parse() {
+        Ok(id) => id,
+        Err(e) => return AgentError::Hv(HvError::BadName(e)).into_response(),
+    };
+    match body {
+        Ok(Json(r)) => run(s, Command::ResizeDisk(id, disk, r)).await,
+        Err(e) => AgentError::BadRequest(format!("body: {}", e.body_text())).into_response(),
+    }
 }
 
 #[utoipa::path(get, path = "/v1/vms/{id}/metrics", summary = "vCPU threads' CPU time, memory",

@@ -28,6 +28,7 @@ use crate::migration::routes;
         api::reboot,
         api::suspend,
         api::restore,
+        api::resize_disk,
         api::metrics,
         api::guest,
         routes::list,

@@ -237,6 +237,40 @@ impl AppState {
         Ok(spec)
     }
 
+    /// Grows disk `disk` of stopped VM `id` to `mib` MiB, and records the size.
+    pub async fn resize_disk(&self, id: &str, disk: &str, mib: u64) -> Result<VmInfo, AgentError> {
+        let _gate = self.lifecycle.lock().await;
+        self.refuse_if_migrating(id, "resize a disk of")?;
+        let info = self.hv.refresh(id).await?;
+        if info.state != tern_hv::VmState::Stopped {
+            return Err(HvError::Conflict {
+                id: id.into(),
+                action: "resize a disk of",
+                state: info.state,
+            }
+            .into());
+        }
+        let Some(d) = info.spec.disks.iter().find(|d| d.name == disk) else {
+            return Err(AgentError::BadRequest(format!(
+                "VM {id:?} has no disk named {disk:?}"
+            )));
+        };
+        self.stores()
+            .of(id, d)
+            .map_err(HvError::from)?
+            .resize_disk(id, disk, mib)
+            .await
+            .map_err(HvError::from)?;
+        // The record is what a restarted agent and a migration read the spec from.
+        if let Ok((mut spec, incoming)) = self.read_record(id) {
+            for d in spec.disks.iter_mut().filter(|d| d.name == disk) {
+                d.size_mib = Some(mib);
+            }
+            self.write_record(id, &spec, incoming)?;
+        }
+        Ok(self.hv.refresh(id).await?)
+    }
+
     /// Ends the VM and removes its record, its guest channel and its disks.
     pub async fn destroy_vm(&self, id: &str) -> Result<(), AgentError> {
         self.destroy_vm_with(id, Disks::Delete).await

@@ -471,6 +471,17 @@ fn yes() -> bool {
     true
 }
 
+/// `POST /v1/vms/{id}/disks/{disk}/resize` (agent) and
+/// `POST /v1/vms/{name}/disks/{disk}/resize` (manager): the disk's new size. A stopped
+/// VM's disks only grow; the guest sees the size at its next boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ResizeDisk {
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 16777216))]
+    pub size_mib: u64,
+}
+
 /// How long a graceful stop waits for the guest by default.
 pub const DEFAULT_STOP_TIMEOUT_S: u64 = 30;
 /// The longest a graceful stop may wait for the guest.

@@ -404,6 +404,31 @@ impl Store {
             })
     }
 
+    /// Grows disk `disk` of VM `vm` to `mib` MiB (`qemu-img resize`): the guest sees the
+    /// larger disk at its next boot. A size below the current one is refused (the
+    /// guest's file systems would be cut), as is growth the store has no room for.
+    pub async fn resize_disk(&self, vm: &str, disk: &str, mib: u64) -> Result<(), DiskError> {
+        if mib == 0 || mib > tern_api::agent::MAX_DISK_MIB {
+            return Err(DiskError::Invalid(format!(
+                "disk {disk:?}: size_mib {mib} is outside 1..={}",
+                tern_api::agent::MAX_DISK_MIB
+            )));
+        }
+        let now = self.virtual_bytes(vm, disk).await?;
+        let want = mib * MIB;
+        if want < now {
+            return Err(DiskError::Invalid(format!(
+                "disk {disk:?} is {} MiB; it only grows (shrinking would cut the guest's file \
+                 systems)",
+                now / MIB
+            )));
+        }
+        check_room(&self.root, want - now, self.free_bytes()?)?;
+        let path = self.disk_path(vm, disk).display().to_string();
+        qemu_img(&["resize", &path, &want.to_string()]).await?;
+        Ok(())
+    }
+
     /// Checks that the disk files of VM `vm` are here (a migration destination opens
     /// the source's files, it makes none).
     pub fn check_disks_exist(&self, vm: &str, disks: &[DiskSpec]) -> Result<(), DiskError> {

@@ -344,6 +344,56 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
         "every write is there and new ones land: {after} <= {before}"
     );
 
+    // Suspended on h2, restored on h1: memory and disk come back, the writes go on.
+    let v = json(&lab.cli(&["vm", "suspend", "g1", "--json"]));
+    assert_eq!(v["state"], "suspended", "{v}");
+    let o = lab.cli(&["vm", "migrate", "g1", "--to", "h1"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "a suspended VM does not migrate: {o:?}"
+    );
+    let v = json(&lab.cli(&["vm", "restore", "g1", "--host", "h1", "--json"]));
+    assert_eq!(
+        (&v["state"], &v["observed_host"]),
+        (&"running".into(), &"h1".into()),
+        "{v}"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let check = lab.guest("h1", &["disk-check"]);
+    let restored = check["result"]["counter"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{check}"));
+    assert!(
+        restored > after,
+        "the workload runs on from memory: {restored} <= {after}"
+    );
+    // Stopped (the guest powers itself off), its disk grown, started again: the data
+    // written before is all there.
+    let v = json(&lab.cli(&["vm", "stop", "g1", "--json"]));
+    assert_eq!(v["state"], "stopped", "{v}");
+    let o = lab.cli(&["vm", "pause", "g1"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is stopped"),
+        "{o:?}"
+    );
+    let v = json(&lab.cli(&["vm", "resize-disk", "g1", "data", "128", "--json"]));
+    assert_eq!(v["spec"]["disks"][0]["size_mib"], 128, "{v}");
+    let o = lab.cli(&["vm", "resize-disk", "g1", "data", "64"]);
+    assert_eq!(o.status.code(), Some(2), "disks only grow: {o:?}");
+    let v = json(&lab.cli(&["vm", "start", "g1", "--json"]));
+    assert_eq!(v["state"], "running", "{v}");
+    let check = lab.guest(
+        "h1",
+        &[r#"{"cmd": "disk-check", "device": "/dev/vda", "mib": 4}"#],
+    );
+    assert_eq!(check["result"]["ok"], true, "{check}");
+    assert!(
+        check["result"]["counter"].as_u64().unwrap() >= restored,
+        "{check}"
+    );
+
     // An image in use stays; once nothing uses it, it goes.
     let o = lab.cli(&["image", "delete", "minimal"]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");

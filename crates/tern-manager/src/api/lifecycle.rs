@@ -115,6 +115,43 @@ action_route!(
 action_route!(restore, VmAction::Restore, "/v1/vms/{name}/restore", "restoreVm",
     "Run a suspended VM again from its saved state, on its host or the one given (any host that sees the store).");
 
+#[utoipa::path(post, path = "/v1/vms/{name}/disks/{disk}/resize", operation_id = "resizeDisk",
+    summary = "Grow a disk of a stopped VM; the guest sees the size at its next boot.",
+    params(("name" = String, Path, description = "the VM's name", example = "v1"),
+        ("disk" = String, Path, description = "the disk's name", example = "data")),
+    request_body = tern_api::agent::ResizeDisk,
+    responses((status = 200, description = "the VM", body = Vm),
+        (status = 400, description = "error", body = Error),
+        (status = 404, description = "error", body = Error),
+        (status = 409, description = "the VM is not stopped", body = Error)))]
+pub(super) async fn resize_disk(
+    State(app): AppState,
+    axum::extract::Path((name, disk)): axum::extract::Path<(String, String)>,
+    super::error::Body(r): super::error::Body<tern_api::agent::ResizeDisk>,
+) -> ApiResult<Response> {
+    name.parse::<tern_model::VmName>()
+        .map_err(crate::Error::BadName)?;
+    let host = app.manager.read(|s| {
+        lifecycle::check_resize(s, &name, &disk, r.size_mib)?;
+        let v = &s.vms[&name];
+        let h = lifecycle::target(s, v, VmAction::Start, None)?;
+        s.hosts.get(&h).cloned().ok_or(crate::Error::UnknownHost(h))
+    })?;
+    let agents = app.manager.agents().ok_or_else(|| {
+        ApiError::Unavailable("this manager runs no control loop to reach hosts".into())
+    })?;
+    agents
+        .client(&host)?
+        .resize_disk(&name, &disk, r.size_mib)
+        .await?;
+    let cmd = Command::DiskResized {
+        name,
+        disk,
+        size_mib: r.size_mib,
+    };
+    Ok(reply(StatusCode::OK, execute(&app, cmd).await?))
+}
+
 /// The action routes, behind the API's token check.
 pub(super) fn routes() -> axum::Router<std::sync::Arc<App>> {
     use axum::routing::post;
@@ -126,6 +163,7 @@ pub(super) fn routes() -> axum::Router<std::sync::Arc<App>> {
         .route("/v1/vms/:name/resume", post(resume))
         .route("/v1/vms/:name/suspend", post(suspend))
         .route("/v1/vms/:name/restore", post(restore))
+        .route("/v1/vms/:name/disks/:disk/resize", post(resize_disk))
 }
 
 #[cfg(test)]

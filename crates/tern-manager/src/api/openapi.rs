@@ -48,6 +48,7 @@ use utoipa::{Modify, OpenApi};
         super::lifecycle::resume,
         super::lifecycle::suspend,
         super::lifecycle::restore,
+        super::lifecycle::resize_disk,
         super::catalog::list_images,
         super::catalog::add_image,
         super::catalog::show_image,

@@ -187,6 +187,17 @@ impl HostClient for HttpHost {
         r.map_err(|e| self.refusal(e))
     }
 
+    async fn resize_disk(&self, vm: &str, disk: &str, size_mib: u64) -> Result<()> {
+        let path = format!("/v1/vms/{vm}/disks/{disk}/resize");
+        let body = tern_api::agent::ResizeDisk { size_mib };
+        self.agent
+            .http()
+            .post::<_, serde_json::Value>(&path, &body)
+            .await
+            .map(drop)
+            .map_err(|e| self.refusal(e))
+    }
+
     async fn delete_copy(&self, vm: &str) -> Result<()> {
         match self.agent.delete_copy(vm).await {
             Ok(()) => Ok(()),

@@ -71,6 +71,13 @@ pub trait HostClient: Send + Sync {
             action.as_str()
         )))
     }
+    /// Grows disk `disk` of stopped `vm` to `size_mib`.
+    async fn resize_disk(&self, vm: &str, disk: &str, size_mib: u64) -> Result<()> {
+        let _ = (disk, size_mib);
+        Err(crate::error::Error::BadInput(format!(
+            "VM {vm:?} runs on a host with no disks (a simulated host)"
+        )))
+    }
     /// Records `vm`'s scheduler events (its vCPU threads, and its guest's processes
     /// unless `req.host_only`) for `req.duration_ms`.
     async fn trace_vm(&self, vm: &str, req: &TraceRequest) -> Result<VmTrace> {

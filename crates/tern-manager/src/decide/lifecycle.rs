@@ -136,6 +136,50 @@ pub fn acted(snap: &Snapshot, name: &str, action: VmAction, host: &str) -> Resul
     Ok((changes, Reply::Vm(next)))
 }
 
+/// Checks that disk `disk` of VM `name` may grow to `size_mib` (pure): the VM is
+/// stopped, has that disk, and the size is a growth within bounds.
+pub fn check_resize(snap: &Snapshot, name: &str, disk: &str, size_mib: u64) -> Result<()> {
+    let v = snap
+        .vms
+        .get(name)
+        .ok_or_else(|| Error::UnknownVm(name.to_owned()))?;
+    if v.state != VmState::Stopped {
+        return Err(Error::Conflict(format!(
+            "VM {name:?} is {}: a disk is resized while the VM is stopped (`tern vm stop`)",
+            v.state.as_str()
+        )));
+    }
+    let d = v
+        .spec
+        .disks
+        .iter()
+        .find(|d| d.name == disk)
+        .ok_or_else(|| Error::BadInput(format!("VM {name:?} has no disk named {disk:?}")))?;
+    if size_mib == 0 || size_mib > tern_api::agent::MAX_DISK_MIB {
+        return Err(Error::BadInput(format!(
+            "size_mib {size_mib} is outside 1..={}",
+            tern_api::agent::MAX_DISK_MIB
+        )));
+    }
+    if d.size_mib.is_some_and(|now| size_mib < now) {
+        return Err(Error::BadInput(format!(
+            "disk {disk:?} of VM {name:?} is {} MiB; disks only grow",
+            d.size_mib.unwrap_or_default()
+        )));
+    }
+    Ok(())
+}
+
+/// Records the new size of a disk its host grew.
+pub fn disk_resized(snap: &Snapshot, name: &str, disk: &str, size_mib: u64) -> Result<Decision> {
+    check_resize(snap, name, disk, size_mib)?;
+    let mut v = snap.vms[name].clone();
+    for d in v.spec.disks.iter_mut().filter(|d| d.name == disk) {
+        d.size_mib = Some(size_mib);
+    }
+    Ok((vec![Change::PutVm(v.clone())], Reply::Vm(v)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +247,29 @@ mod tests {
             acted(&snap, "v", VmAction::Restore, "h0"),
             Err(Error::Conflict(_))
         ));
+    }
+
+    #[test]
+    fn a_disk_grows_only_while_its_vm_is_stopped() {
+        let mut snap = cluster(&[4.0], 4096);
+        let mut s = spec(1, 512);
+        s.disks = vec![tern_api::catalog::VmDisk {
+            name: "data".into(),
+            size_mib: Some(100),
+            from_image: false,
+            store: Default::default(),
+        }];
+        running(&mut snap, "v", "h0", s);
+        assert!(matches!(
+            check_resize(&snap, "v", "data", 200),
+            Err(Error::Conflict(_))
+        ));
+        snap.vms.get_mut("v").unwrap().state = VmState::Stopped;
+        assert!(check_resize(&snap, "v", "data", 50).is_err(), "shrinks");
+        assert!(check_resize(&snap, "v", "nope", 200).is_err());
+        let (changes, _) = disk_resized(&snap, "v", "data", 200).unwrap();
+        snap.apply(&changes, &[]);
+        assert_eq!(snap.vms["v"].spec.disks[0].size_mib, Some(200));
     }
 
     #[test]

@@ -94,6 +94,12 @@ pub enum Command {
         action: tern_api::manager::VmAction,
         host: String,
     },
+    /// The host of stopped VM `name` grew its disk `disk` to `size_mib`.
+    DiskResized {
+        name: String,
+        disk: String,
+        size_mib: u64,
+    },
     /// An agent confirmed the VM runs on `host`.
     VmStarted {
         vm: String,
@@ -189,6 +195,11 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
         } => create_vm(snap, name, spec, host, template),
         Command::AddImage(new) => catalog::add_image(snap, now, new),
         Command::VmActed { name, action, host } => lifecycle::acted(snap, &name, action, &host),
+        Command::DiskResized {
+            name,
+            disk,
+            size_mib,
+        } => lifecycle::disk_resized(snap, &name, &disk, size_mib),
         Command::ImageFileReceived { image, role } => catalog::file_received(snap, &image, role),
         Command::DeleteImage { name } => catalog::delete_image(snap, &name),
         Command::CreateTemplate(t) => catalog::create_template(snap, t),

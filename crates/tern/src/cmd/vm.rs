@@ -63,6 +63,13 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// Grow a disk of a stopped VM (SIZE in MiB or with M, G, T); the guest sees the new
+    /// size at its next boot.
+    ResizeDisk {
+        name: VmName,
+        disk: String,
+        size: String,
+    },
     /// Boot a stopped VM from its disks.
     Start { name: VmName },
     /// Ask the guest to power off; power it off after --timeout seconds (or at once with
@@ -336,6 +343,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             identity,
             command,
         } => return ssh(c, &name, identity.as_deref(), &command),
+        Command::ResizeDisk { name, disk, size } => {
+            let size_mib = parse_mib(&size).map_err(super::bad_input)?;
+            let path = format!("/v1/vms/{name}/disks/{disk}/resize");
+            let body = tern_api::agent::ResizeDisk { size_mib };
+            call(c, Method::POST, &path, Some(&body))?
+        }
         Command::Start { name } => act(c, &name, VmAction::Start, Default::default())?,
         Command::Stop {
             name,
