@@ -109,23 +109,13 @@ pub async fn ensure(
     image: &ImageRef,
 ) -> Result<Present, ImageError> {
     check(image)?;
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ImageError::Io { path, source }
-    };
-    tokio::fs::create_dir_all(images_dir)
-        .await
-        .map_err(io(images_dir))?;
+    ensure_files(images_dir, source, image.name.as_str(), &image.files).await?;
     let mut present = Present {
         kernel: None,
         initramfs: None,
     };
     for f in &image.files {
         let path = images_dir.join(f.stored_name(image.name.as_str()));
-        let have = tokio::fs::metadata(&path).await.ok().map(|m| m.len());
-        if have != Some(f.size) {
-            fetch(images_dir, source, image.name.as_str(), f, &path).await?;
-        }
         match f.role {
             FileRole::Kernel => present.kernel = Some(path),
             FileRole::Initramfs => present.initramfs = Some(path),
@@ -133,6 +123,30 @@ pub async fn ensure(
         }
     }
     Ok(present)
+}
+
+/// Makes `files` of image `image` present in `images_dir` (checked by [`check`]
+/// first), copying missing ones from `source`.
+pub async fn ensure_files(
+    images_dir: &Path,
+    source: &ImageSource,
+    image: &str,
+    files: &[ImageFile],
+) -> Result<(), ImageError> {
+    tokio::fs::create_dir_all(images_dir)
+        .await
+        .map_err(|source| ImageError::Io {
+            path: images_dir.to_path_buf(),
+            source,
+        })?;
+    for f in files {
+        let path = images_dir.join(f.stored_name(image));
+        let have = tokio::fs::metadata(&path).await.ok().map(|m| m.len());
+        if have != Some(f.size) {
+            fetch(images_dir, source, image, f, &path).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn fetch(

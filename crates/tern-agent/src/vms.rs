@@ -193,19 +193,35 @@ impl AppState {
         };
         let store = self.store.as_ref().ok_or_else(|| {
             AgentError::BadRequest(format!(
-                "the VM boots catalogue image {:?}, and this agent has no disk store to                  keep its files in: start it with --store DIR",
+                "the VM boots catalogue image {:?}, and this agent has no disk store to \
+                 keep its files in: start it with --store DIR",
                 image.name.as_str()
             ))
         })?;
         let present = crate::images::ensure(&store.images_dir(), &self.images, image).await?;
+        // A local disk is an overlay on the local store's copy of the image's disk.
+        let local_overlay = spec
+            .disks
+            .iter()
+            .any(|d| d.image.is_some() && d.store == tern_api::agent::DiskStore::Local);
+        if let (true, Some(local), Some(disk)) = (
+            local_overlay,
+            &self.local_store,
+            image.file(tern_api::catalog::FileRole::Disk),
+        ) {
+            let dir = local.images_dir();
+            crate::images::ensure_files(&dir, &self.images, image.name.as_str(), &[disk.clone()])
+                .await?;
+        }
         spec.kernel = present.kernel;
         spec.initramfs = present.initramfs;
         Ok(spec)
     }
 
     /// The spec with its kernel and initramfs replaced by their canonical paths, each
-    /// checked to lie under the host's image directory or the store's `images/`; QEMU is given the resolved path,
-    /// so a symlink or `..` in the caller's path cannot be re-pointed after the check.
+    /// checked to lie under the host's image directory or the store's `images/`; QEMU
+    /// is given the resolved path, so a symlink or `..` in the caller's path cannot be
+    /// re-pointed after the check.
     fn confine_paths(&self, mut spec: VmSpec) -> Result<VmSpec, AgentError> {
         let image_dir = &self.host.image_dir;
         let store_images = self
