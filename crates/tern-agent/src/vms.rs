@@ -210,8 +210,13 @@ impl AppState {
             image.file(tern_api::catalog::FileRole::Disk),
         ) {
             let dir = local.images_dir();
-            crate::images::ensure_files(&dir, &self.images, image.name.as_str(), &[disk.clone()])
-                .await?;
+            crate::images::ensure_files(
+                &dir,
+                &self.images,
+                image.name.as_str(),
+                std::slice::from_ref(disk),
+            )
+            .await?;
         }
         spec.kernel = present.kernel;
         spec.initramfs = present.initramfs;

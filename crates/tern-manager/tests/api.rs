@@ -251,7 +251,7 @@ async fn every_documented_operation_answers_as_documented() {
         // are carried out by the VM's host, which this server has none of
         // (crates/tern/tests/vm_cli.rs drives them on simulated hosts).
         let actions = [
-            "start", "stop", "reboot", "pause", "resume", "suspend", "restore",
+            "start", "stop", "reboot", "pause", "resume", "suspend", "restore", "resize",
         ];
         if url.contains("/files/") || actions.iter().any(|a| url.ends_with(&format!("/{a}"))) {
             continue;
