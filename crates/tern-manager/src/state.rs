@@ -236,20 +236,8 @@ mod tests {
     #[test]
     fn specs_and_settings_are_checked() {
         let spec = VmSpec {
-            vcpus: 2,
-            memory_mib: 512,
-            pinned: false,
-            affinity: None,
             anti_affinity: Some("db".into()),
-            vcpu_policy: Default::default(),
-            image: None,
-            disks: Vec::new(),
-            cmdline: String::new(),
-            template: None,
-            ssh_keys: Vec::new(),
-            nic: false,
-            address: None,
-            gateway: None,
+            ..VmSpec::sized(2, 512)
         };
         assert!(spec.validate().is_ok());
         assert!(VmSpec {

@@ -23,22 +23,7 @@ struct Lab {
 }
 
 fn spec(vcpus: u32) -> VmSpec {
-    VmSpec {
-        vcpus,
-        memory_mib: 1024,
-        pinned: false,
-        affinity: None,
-        anti_affinity: None,
-        vcpu_policy: Default::default(),
-        image: None,
-        disks: Vec::new(),
-        cmdline: String::new(),
-        template: None,
-        ssh_keys: Vec::new(),
-        nic: false,
-        address: None,
-        gateway: None,
-    }
+    VmSpec::sized(vcpus, 1024)
 }
 
 impl Lab {

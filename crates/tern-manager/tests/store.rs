@@ -23,20 +23,9 @@ fn vm(name: &str, on: &str) -> Vm {
     Vm {
         name: name.into(),
         spec: VmSpec {
-            vcpus: 2,
-            memory_mib: 1024,
             pinned: true,
-            affinity: None,
             anti_affinity: Some("db".into()),
-            vcpu_policy: Default::default(),
-            image: None,
-            disks: Vec::new(),
-            cmdline: String::new(),
-            template: None,
-            ssh_keys: Vec::new(),
-            nic: false,
-            address: None,
-            gateway: None,
+            ..VmSpec::sized(2, 1024)
         },
         desired_host: Some(on.into()),
         observed_host: None,

@@ -8,45 +8,14 @@
 //! not qcow2 or raw, an unknown template, disks larger than the store) exits 2 and
 //! creates nothing; an image in use is not deleted.
 
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-fn tern(state: &std::path::Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tern"))
-        .args(args)
-        .env("TERN_STATE", state)
-        .env_remove("TERN_TOKEN")
-        .env_remove("TERN_MANAGER")
-        .output()
-        .expect("tern runs")
-}
+mod cli_lab;
 
-fn json(o: &Output) -> Value {
-    assert!(
-        o.status.success(),
-        "tern failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).expect("JSON on stdout")
-}
-
-/// Tears down what the test started, however it ends.
-struct Teardown {
-    state: std::path::PathBuf,
-    manager: Option<Child>,
-}
-
-impl Drop for Teardown {
-    fn drop(&mut self) {
-        if let Some(mut m) = self.manager.take() {
-            let _ = m.kill();
-            let _ = m.wait();
-        }
-        let _ = tern(&self.state, &["lab", "down"]);
-    }
-}
+use cli_lab::{json, tern, Teardown};
 
 struct Lab {
     // Dropped first: the lab is torn down while its state directory still exists.

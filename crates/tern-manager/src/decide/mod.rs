@@ -777,22 +777,7 @@ pub(crate) mod testing {
     use super::*;
 
     pub fn spec(vcpus: u32, memory_mib: u64) -> VmSpec {
-        VmSpec {
-            vcpus,
-            memory_mib,
-            pinned: false,
-            affinity: None,
-            anti_affinity: None,
-            vcpu_policy: Default::default(),
-            image: None,
-            disks: Vec::new(),
-            cmdline: String::new(),
-            template: None,
-            ssh_keys: Vec::new(),
-            nic: false,
-            address: None,
-            gateway: None,
-        }
+        VmSpec::sized(vcpus, memory_mib)
     }
 
     /// Hosts `h0..` with the given cores and the same memory, active, heard from at 0.
