@@ -79,10 +79,7 @@ impl Report {
 /// Checks the flags before anything is built (pure).
 fn check_args(a: &Args) -> Result<(), String> {
     if !(64..=65536).contains(&a.disk_mib) {
-        return Err(format!(
-            "--disk-mib {}: give 64 to 65536 MiB",
-            a.disk_mib
-        ));
+        return Err(format!("--disk-mib {}: give 64 to 65536 MiB", a.disk_mib));
     }
     if a.link_mbit == 0 {
         return Err("--link-mbit must be at least 1".into());
@@ -183,7 +180,10 @@ impl Drop for Manager {
 
 async fn start_manager(lab: &LabState, port: u16, dir: &Path) -> anyhow::Result<Manager> {
     let ca = lab.ca_dir.as_ref().context("the lab has no CA")?;
-    let url = lab.manager_url.clone().context("the lab has no manager URL")?;
+    let url = lab
+        .manager_url
+        .clone()
+        .context("the lab has no manager URL")?;
     let log = dir.join("manager.log");
     let out = std::fs::File::create(&log)?;
     let child = Command::new(std::env::current_exe()?)
@@ -305,23 +305,31 @@ impl Run<'_> {
 
     /// Pings `vm` on `host` until it answers; how long that took.
     async fn wait_guest(&self, host: &str, vm: &str, limit: Duration) -> anyhow::Result<Duration> {
-        wait_until(&format!("the guest of {vm} answers on {host}"), limit, async || {
-            self.guest(host, vm, json!({"cmd": "ping"})).await.is_ok()
-        })
+        wait_until(
+            &format!("the guest of {vm} answers on {host}"),
+            limit,
+            async || self.guest(host, vm, json!({"cmd": "ping"})).await.is_ok(),
+        )
         .await
     }
 
     /// `disk-check` of `vm`: (counter on disk, writes counted durable, bad blocks).
     async fn disk_check(&self, host: &str, vm: &str, after_reboot: bool) -> anyhow::Result<Disk> {
         let req = match after_reboot {
-            true => json!({"cmd": "disk-check", "device": tern_api::guest::DEFAULT_DISK_DEVICE, "mib": VERIFY_MIB}),
+            true => {
+                json!({"cmd": "disk-check", "device": tern_api::guest::DEFAULT_DISK_DEVICE, "mib": VERIFY_MIB})
+            }
             false => json!({"cmd": "disk-check"}),
         };
         let r = self.guest(host, vm, req).await?;
         Ok(Disk {
-            counter: r["counter"].as_u64().context("disk-check without a counter")?,
+            counter: r["counter"]
+                .as_u64()
+                .context("disk-check without a counter")?,
             written: r["written"].as_u64(),
-            bad_blocks: r["bad_blocks"].as_u64().context("disk-check without bad_blocks")?,
+            bad_blocks: r["bad_blocks"]
+                .as_u64()
+                .context("disk-check without bad_blocks")?,
         })
     }
 
@@ -340,7 +348,10 @@ impl Run<'_> {
     }
 
     async fn act(&self, vm: &str, action: &str, body: Value) -> anyhow::Result<()> {
-        let _: Value = self.m.post(&format!("/v1/vms/{vm}/{action}"), &body).await?;
+        let _: Value = self
+            .m
+            .post(&format!("/v1/vms/{vm}/{action}"), &body)
+            .await?;
         Ok(())
     }
 }
@@ -392,7 +403,9 @@ async fn lifecycle(lab: &LabState, m: &Client, args: &Args) -> anyhow::Result<Re
     let ok = run.record(
         "create-minimal",
         t0,
-        r.map(|s| format!("{SHARED_VM} on {h1}, 64 MiB shared disk: guest answered {s:.1} s after create")),
+        r.map(|s| {
+            format!("{SHARED_VM} on {h1}, 64 MiB shared disk: guest answered {s:.1} s after create")
+        }),
     );
     if !ok {
         return Ok(run.report);
@@ -488,10 +501,21 @@ async fn setup(run: &Run<'_>, args: &Args) -> anyhow::Result<()> {
         .await?;
     }
     eprintln!("image: importing minimal");
-    cli(run.lab, &["image", "import", "minimal", "--from", "minimal"])?;
     cli(
         run.lab,
-        &["template", "create", "minimal", "--image", "minimal", "--memory-mib", "256"],
+        &["image", "import", "minimal", "--from", "minimal"],
+    )?;
+    cli(
+        run.lab,
+        &[
+            "template",
+            "create",
+            "minimal",
+            "--image",
+            "minimal",
+            "--memory-mib",
+            "256",
+        ],
     )?;
     if args.debian {
         let cache = tern_hv::image::default_cache_dir();
@@ -519,7 +543,15 @@ async fn setup(run: &Run<'_>, args: &Args) -> anyhow::Result<()> {
         )?;
         cli(
             run.lab,
-            &["template", "create", "debian", "--image", "debian", "--memory-mib", "512"],
+            &[
+                "template",
+                "create",
+                "debian",
+                "--image",
+                "debian",
+                "--memory-mib",
+                "512",
+            ],
         )?;
     }
     Ok(())
@@ -569,12 +601,15 @@ async fn boot_debian(run: &Run<'_>, host: &str) -> anyhow::Result<f64> {
     let t0 = Instant::now();
     run.create(json!({"name": DEBIAN_VM, "host": host, "template": "debian", "spec": {}}))
         .await?;
-    run.wait_guest(host, DEBIAN_VM, Duration::from_secs(600)).await?;
+    run.wait_guest(host, DEBIAN_VM, Duration::from_secs(600))
+        .await?;
     let s = t0.elapsed().as_secs_f64();
     let _: Value = run.m.delete(&format!("/v1/vms/{DEBIAN_VM}")).await?;
-    wait_until(&format!("{DEBIAN_VM} deleted"), Duration::from_secs(60), async || {
-        run.vm(DEBIAN_VM).await.is_err()
-    })
+    wait_until(
+        &format!("{DEBIAN_VM} deleted"),
+        Duration::from_secs(60),
+        async || run.vm(DEBIAN_VM).await.is_err(),
+    )
     .await?;
     Ok(s)
 }
@@ -616,7 +651,9 @@ async fn migrate(
         .m
         .post(&format!("/v1/vms/{vm}/migrate"), &json!({"to": to}))
         .await?;
-    let id = started["id"].as_u64().context("a migration without an id")?;
+    let id = started["id"]
+        .as_u64()
+        .context("a migration without an id")?;
     let mut result = Value::Null;
     wait_until(
         &format!("the migration of {vm} ends"),
