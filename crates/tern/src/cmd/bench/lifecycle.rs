@@ -519,9 +519,10 @@ async fn setup(run: &Run<'_>, args: &Args) -> anyhow::Result<()> {
     )?;
     if args.debian {
         let cache = tern_hv::image::default_cache_dir();
-        let img = tern_hv::image::debian::ensure_debian_image(&cache, &mut |s| {
+        let img = tern_hv::image::debian::ensure_debian_image_async(cache, |s| {
             eprintln!("debian image: {s}")
         })
+        .await
         .context("building the Debian image")?;
         eprintln!("image: importing debian");
         let p = |p: &PathBuf| p.to_string_lossy().into_owned();
