@@ -5,6 +5,7 @@ mod api;
 mod balance;
 mod faults;
 mod hbal;
+mod lifecycle;
 mod migration;
 mod trace;
 mod vcpu;
@@ -30,6 +31,10 @@ pub enum Command {
     /// other, untraced, under tern's recorder (host level, both levels) and under
     /// `perf sched record`: throughput lost, events recorded and lost.
     Trace(trace::Args),
+    /// A VM's life through the manager on a 2-host lab: boot per template, live
+    /// migration with a shared and a local disk, suspend and restore on another host, a
+    /// host's agent killed and its VM restarted elsewhere from its disk.
+    Lifecycle(lifecycle::Args),
 }
 
 /// Builds (or finds) the guest image, brings up a lab of `hosts` hosts in a scratch
@@ -39,6 +44,22 @@ fn with_lab<T>(
     hosts: u32,
     link_mbit: Option<u32>,
     host_memory_mib: u64,
+    f: impl AsyncFnOnce(
+        &tern_lab::LabState,
+        &tern_hv::image::GuestImage,
+        &std::path::Path,
+    ) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    with_lab_on(hosts, link_mbit, host_memory_mib, None, f)
+}
+
+/// [`with_lab`], the agents renewing their leases with a manager on `manager_port` of
+/// the lab's root address when given (the caller starts that manager).
+fn with_lab_on<T>(
+    hosts: u32,
+    link_mbit: Option<u32>,
+    host_memory_mib: u64,
+    manager_port: Option<u16>,
     f: impl AsyncFnOnce(
         &tern_lab::LabState,
         &tern_hv::image::GuestImage,
@@ -59,7 +80,7 @@ fn with_lab<T>(
         host_memory_mib: Some(host_memory_mib),
         host_cpus: None,
         image_dir: cache,
-        manager_port: None,
+        manager_port,
     };
     let progress = |s: &str| eprintln!("{s}");
     let lab = rt.block_on(tern_lab::up(&opts, &progress))?;
@@ -151,5 +172,6 @@ pub fn run(c: Command) -> anyhow::Result<()> {
         Command::Faults(args) => faults::run(args),
         Command::Vcpu(args) => vcpu::run(args),
         Command::Trace(args) => trace::run(args),
+        Command::Lifecycle(args) => lifecycle::run(args),
     }
 }
