@@ -24,7 +24,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{guest_bin, sha256_hex, writable_dir, ImageError, CONTROL_PORT};
+use super::{guest_bin, read_manifest, sha256_hex, writable_dir, ImageError, CONTROL_PORT};
 
 /// Bumped when the builder changes what it puts into the image in a way the key does
 /// not already see.
@@ -385,7 +385,9 @@ pub fn ensure_debian_image(
     let key = debian_key(&guest_sha256);
     let dir = images.join(format!("debian-{}", &key[..16]));
     let manifest_path = dir.join("manifest.json");
-    if let Some(image) = read_manifest(&manifest_path)?.filter(|m| m.is_complete(&key)) {
+    if let Some(image) =
+        read_manifest::<DebianImage>(&manifest_path)?.filter(|m| m.is_complete(&key))
+    {
         progress(&format!("image debian-{} is up to date", &key[..16]));
         return Ok(image);
     }
@@ -521,13 +523,15 @@ pub fn ensure_debian_image(
 
     // Renamed into place whole, as the minimal image: of two builders one wins.
     if dir.exists() {
-        if let Some(done) = read_manifest(&manifest_path)?.filter(|m| m.is_complete(&key)) {
+        if let Some(done) =
+            read_manifest::<DebianImage>(&manifest_path)?.filter(|m| m.is_complete(&key))
+        {
             return Ok(done);
         }
         std::fs::remove_dir_all(&dir).map_err(|e| ImageError::io(&dir, e))?;
     }
     if let Err(e) = std::fs::rename(&out, &dir) {
-        return read_manifest(&manifest_path)?
+        return read_manifest::<DebianImage>(&manifest_path)?
             .filter(|m| m.is_complete(&key))
             .ok_or_else(|| ImageError::io(&dir, e));
     }
@@ -649,14 +653,6 @@ fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
-}
-
-fn read_manifest(path: &Path) -> Result<Option<DebianImage>, ImageError> {
-    match std::fs::read(path) {
-        Ok(b) => Ok(serde_json::from_slice(&b).ok()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ImageError::io(path, e)),
-    }
 }
 
 #[cfg(test)]

@@ -264,7 +264,7 @@ pub fn ensure_image(
     let key = image_key(&pkg.name, &pkg.version, &inputs, &init_template);
     let dir = images.join(&key[..16]);
     let manifest_path = dir.join("manifest.json");
-    if let Some(image) = read_manifest(&manifest_path)?
+    if let Some(image) = read_manifest::<GuestImage>(&manifest_path)?
         .filter(|m| m.key == key && m.kernel.is_file() && m.initramfs.is_file())
     {
         progress(&format!("image {} is up to date", &key[..16]));
@@ -330,7 +330,7 @@ pub fn ensure_image(
     let usable = |m: &GuestImage| m.key == key && m.kernel.is_file() && m.initramfs.is_file();
     if dir.exists() {
         // A stale or concurrent build: keep a good one, replace a stale one.
-        if let Some(done) = read_manifest(&manifest_path)?.filter(usable) {
+        if let Some(done) = read_manifest::<GuestImage>(&manifest_path)?.filter(usable) {
             let _ = std::fs::remove_dir_all(&built);
             return Ok(done);
         }
@@ -339,7 +339,7 @@ pub fn ensure_image(
     if let Err(e) = std::fs::rename(&built, &dir) {
         let _ = std::fs::remove_dir_all(&built);
         // Another builder renamed its copy in first: identical content, use it.
-        return read_manifest(&manifest_path)?
+        return read_manifest::<GuestImage>(&manifest_path)?
             .filter(usable)
             .ok_or_else(|| ImageError::io(&dir, e));
     }
@@ -359,9 +359,11 @@ fn image_size_mb(p: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// The manifest at `path`, or `None` if there is none (or it is unreadable junk,
-/// which a rebuild will replace).
-fn read_manifest(path: &Path) -> Result<Option<GuestImage>, ImageError> {
+/// The manifest at `path` (either image's), or `None` if there is none (or it is
+/// unreadable junk, which a rebuild will replace).
+pub(crate) fn read_manifest<T: serde::de::DeserializeOwned>(
+    path: &Path,
+) -> Result<Option<T>, ImageError> {
     match std::fs::read(path) {
         Ok(b) => Ok(serde_json::from_slice(&b).ok()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
