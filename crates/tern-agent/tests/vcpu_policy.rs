@@ -257,7 +257,11 @@ fn corun_without_outsiders(
         }
     }
     (
-        (any > 0).then(|| all as f64 / any as f64).unwrap_or(0.0),
+        if any > 0 {
+            all as f64 / any as f64
+        } else {
+            0.0
+        },
         outside,
     )
 }
