@@ -81,6 +81,10 @@ pub struct LabHost {
     /// Without a lab CA: the bearer token the agent takes (mode 0600).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_file: Option<PathBuf>,
+    /// The command that starts its agent (`ip netns exec NETNS tern agent ...`), run
+    /// again by [`restart_agent`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agent_argv: Vec<String>,
 }
 
 impl LabHost {
@@ -319,6 +323,7 @@ async fn up_with(
                 cert_file: operator.as_ref().map(|f| f.cert.clone()),
                 key_file: operator.as_ref().map(|f| f.key.clone()),
                 token_file: (!tls).then(|| token_file.clone()),
+                agent_argv: Vec::new(),
             })
             .collect(),
         ca_dir,
@@ -404,9 +409,6 @@ async fn build(
             std::fs::create_dir_all(d)
                 .map_err(LabError::io(format!("creating {}", d.display())))?;
         }
-        let log = std::fs::File::create(h.state_dir.join("agent.log"))
-            .map_err(LabError::io("creating the agent log"))?;
-        let log2 = log.try_clone().map_err(LabError::io("agent log"))?;
         let mut cmd = std::process::Command::new("ip");
         if let Some(url) = &state.manager_url {
             cmd.args(["netns", "exec", &h.netns])
@@ -419,8 +421,7 @@ async fn build(
                 .arg(&opts.tern_binary)
                 .arg("agent");
         }
-        let child = cmd
-            .args(["--listen", &format!("{}:{AGENT_PORT}", h.addr)])
+        cmd.args(["--listen", &format!("{}:{AGENT_PORT}", h.addr)])
             .arg("--state-dir")
             .arg(&h.state_dir)
             .args(match &state.ca_dir {
@@ -441,15 +442,14 @@ async fn build(
                 &cpus.to_string(),
                 "--memory-mib",
                 &memory.to_string(),
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            // Its own process group: a Ctrl-C meant for the CLI does not reach the agents.
-            .process_group(0)
-            .spawn()
-            .map_err(LabError::io("starting `ip netns exec ... tern agent`"))?;
-        state.hosts[i].pid = Some(child.id());
+            ]);
+        let argv: Vec<String> = std::iter::once(cmd.get_program())
+            .chain(cmd.get_args())
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        state.hosts[i].agent_argv = argv;
+        let child = spawn_agent(&state.hosts[i], false)?;
+        state.hosts[i].pid = Some(child);
         save(state)?;
     }
     for h in &state.hosts {
@@ -470,6 +470,77 @@ fn write_private(path: &Path, text: &str) -> Result<(), LabError> {
         .open(path)
         .and_then(|mut f| writeln!(f, "{text}"))
         .map_err(LabError::io(format!("writing {}", path.display())))
+}
+
+/// Starts `h`'s agent from its recorded command, its output to `STATE/agent.log`
+/// (appended to on a restart); its pid.
+fn spawn_agent(h: &LabHost, append: bool) -> Result<u32, LabError> {
+    let (program, args) = h.agent_argv.split_first().ok_or_else(|| {
+        LabError::BadRequest(format!(
+            "the lab's state records no agent command for {}: bring the lab down and up again",
+            h.name
+        ))
+    })?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(append)
+        .write(true)
+        .truncate(!append)
+        .open(h.state_dir.join("agent.log"))
+        .map_err(LabError::io("opening the agent log"))?;
+    let log2 = log.try_clone().map_err(LabError::io("agent log"))?;
+    let child = std::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        // Its own process group: a Ctrl-C meant for the CLI does not reach the agents.
+        .process_group(0)
+        .spawn()
+        .map_err(LabError::io("starting `ip netns exec ... tern agent`"))?;
+    Ok(child.id())
+}
+
+/// Stops host `name`'s agent the way a service manager restarts it (SIGTERM, which
+/// leaves its guests running; SIGKILL after 15 s) and starts it again with the same
+/// command: the new agent adopts the guests. Saves the new pid; returns (old, new).
+pub async fn restart_agent(
+    state: &mut LabState,
+    name: &str,
+    progress: &dyn Fn(&str),
+) -> Result<(Option<u32>, u32), LabError> {
+    let i = state
+        .hosts
+        .iter()
+        .position(|h| h.name == name)
+        .ok_or_else(|| {
+            let names: Vec<&str> = state.hosts.iter().map(|h| h.name.as_str()).collect();
+            LabError::BadRequest(format!(
+                "the lab has no host {name:?}; its hosts: {}",
+                names.join(", ")
+            ))
+        })?;
+    let old = state.hosts[i]
+        .pid
+        .filter(|&p| alive(p) && cmdline_has(p, "agent"));
+    if let Some(pid) = old {
+        progress(&format!("lab: stopping {name}'s agent (pid {pid})"));
+        signal(&[pid], "TERM").await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while alive(pid) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if alive(pid) {
+            signal(&[pid], "KILL").await;
+        }
+    }
+    let pid = spawn_agent(&state.hosts[i], true)?;
+    state.hosts[i].pid = Some(pid);
+    save(state)?;
+    progress(&format!("lab: {name}'s agent started again (pid {pid})"));
+    let h = state.hosts[i].clone();
+    wait_healthy(&h, state.client(&h.url, Duration::from_secs(2))?).await?;
+    Ok((old, pid))
 }
 
 async fn wait_healthy(h: &LabHost, client: AgentClient) -> Result<(), LabError> {

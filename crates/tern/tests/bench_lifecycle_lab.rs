@@ -37,6 +37,7 @@ fn every_case_of_a_vms_life_passes() {
         "create-minimal",
         "migrate-shared-disk",
         "migrate-local-disk",
+        "agent-restart",
         "suspend-restore",
         "host-killed",
     ] {

@@ -10,9 +10,21 @@ pub enum Command {
     Up(UpArgs),
     /// Show the hosts, their addresses and whether their agents answer.
     Status(OutArgs),
+    /// Restart one host's agent as a service manager would (SIGTERM, then the same
+    /// command again): its guests keep running and the new agent adopts them.
+    RestartAgent(RestartArgs),
     /// Delete every VM through its agent, stop the agents and remove everything the lab
     /// made.
     Down(OutArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RestartArgs {
+    /// The host whose agent restarts (h1, h2, ...).
+    pub host: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -159,6 +171,21 @@ pub fn run(c: Command) -> anyhow::Result<()> {
             let down = hosts.iter().filter(|h| h.report.is_none()).count();
             if down > 0 {
                 anyhow::bail!("{down} of {} lab hosts do not answer", hosts.len());
+            }
+            Ok(())
+        }
+        Command::RestartAgent(a) => {
+            let mut state = lab::load(&dir).map_err(lab_error)?.ok_or_else(|| {
+                bad_input(format!("no lab is up (no state in {})", dir.display()))
+            })?;
+            let (old, new) = rt
+                .block_on(lab::restart_agent(&mut state, &a.host, &progress))
+                .map_err(lab_error)?;
+            if a.json {
+                let v = serde_json::json!({"host": a.host, "old_pid": old, "pid": new});
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}: agent restarted (pid {new}) and answering", a.host);
             }
             Ok(())
         }

@@ -1,7 +1,8 @@
 //! `tern bench lifecycle`: a VM's life through the manager on a fresh 2-host lab, each
 //! step a case that passes or fails: boot from each template (time to the guest agent's
 //! first answer), disk writes, live migration with a shared and with a local disk, suspend
-//! on one host and restore on the other, and a host whose agent dies, its VM restarted
+//! on one host and restore on the other, an agent restarted under its VMs, and a host
+//! whose agent dies, its VM restarted
 //! elsewhere from its disk. Progress on stderr; a table, or JSON with `--json`; exit 1
 //! when a case fails.
 
@@ -455,6 +456,15 @@ async fn lifecycle(lab: &LabState, m: &Client, args: &Args) -> anyhow::Result<Re
         run.record(&format!("migrate-{disk}-disk"), t0, r);
     }
 
+    // Both VMs now run on h2: its agent restarts under them.
+    let t0 = Instant::now();
+    let mut on_h2 = vec![SHARED_VM];
+    if local_ok {
+        on_h2.push(LOCAL_VM);
+    }
+    let r = agent_restart(&run, &on_h2, h2).await;
+    run.record("agent-restart", t0, r);
+
     let t0 = Instant::now();
     let r = suspend_restore(&run, SHARED_VM, h1).await;
     if !run.record("suspend-restore", t0, r) {
@@ -703,6 +713,55 @@ async fn migrate(
     ))
 }
 
+/// The QEMU pid `host`'s agent reports for `vm`.
+async fn qemu_pid(run: &Run<'_>, host: &str, vm: &str) -> anyhow::Result<u32> {
+    let agent = run.agents.get(host).context("no such host")?;
+    let vms = agent.list_vms().await?;
+    vms.iter()
+        .find(|v| v.info.id == vm)
+        .and_then(|v| v.info.pid)
+        .with_context(|| format!("{host}'s agent reports no QEMU for {vm}"))
+}
+
+/// Restarts `host`'s agent while `vms` run there with their writers: the new agent
+/// adopts the same QEMUs (same pids), the manager keeps them running there, and every
+/// disk write and memory page is intact.
+async fn agent_restart(run: &Run<'_>, vms: &[&str], host: &str) -> anyhow::Result<String> {
+    let mut before = Vec::new();
+    for vm in vms {
+        let d = run.disk_check(host, vm, false).await?;
+        let (m, _) = run.verify(host, vm).await?;
+        before.push((qemu_pid(run, host, vm).await?, d.counter, m));
+    }
+    let mut lab = tern_lab::load(&run.lab.dir)?.context("the lab's state is gone")?;
+    let t0 = Instant::now();
+    tern_lab::restart_agent(&mut lab, host, &|s| eprintln!("{s}")).await?;
+    let back = t0.elapsed();
+    let mut out = Vec::new();
+    for (vm, (pid, disk, mem)) in vms.iter().zip(before) {
+        run.wait_state(vm, "running", host, Duration::from_secs(30))
+            .await?;
+        let now = qemu_pid(run, host, vm).await?;
+        if now != pid {
+            anyhow::bail!("{vm} runs in QEMU {now}, not the adopted {pid}");
+        }
+        let d = disk_verdict(&run.disk_check(host, vm, false).await?, disk)
+            .map_err(|e| anyhow::anyhow!("{vm}: disk: {e}"))?;
+        let (m, bad) = run.verify(host, vm).await?;
+        if bad > 0 || m <= mem {
+            anyhow::bail!("{vm}: memory verifier: {bad} pages lost, counter {mem} -> {m}");
+        }
+        out.push(format!(
+            "{vm} (QEMU {pid}): {d}, memory verifier {mem} -> {m}"
+        ));
+    }
+    Ok(format!(
+        "{host}'s agent restarted and answering in {:.1} s; {}",
+        back.as_secs_f64(),
+        out.join("; ")
+    ))
+}
+
 /// Suspends `vm` where it runs and restores it on `on`; its disk and memory intact.
 async fn suspend_restore(run: &Run<'_>, vm: &str, on: &str) -> anyhow::Result<String> {
     let from = run.vm(vm).await?["observed_host"]
@@ -739,8 +798,9 @@ async fn suspend_restore(run: &Run<'_>, vm: &str, on: &str) -> anyhow::Result<St
 /// manager boots `vm` on `other` from its disk, which holds every write made durable.
 async fn host_killed(run: &Run<'_>, vm: &str, dead: &str, other: &str) -> anyhow::Result<String> {
     let before = run.disk_check(dead, vm, false).await?;
-    let h = run
-        .lab
+    // The lab's state on disk: an agent restarted earlier in the run has a new pid.
+    let lab = tern_lab::load(&run.lab.dir)?.context("the lab's state is gone")?;
+    let h = lab
         .hosts
         .iter()
         .find(|h| h.name == dead)
