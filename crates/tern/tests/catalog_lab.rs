@@ -376,7 +376,8 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
 
 /// The Debian template with ssh: `tern vm create --ssh-key` hands the guest the
 /// operator's key and an address from the manager's `--guest-network` through fw_cfg,
-/// and `tern vm ssh` logs in with the matching private key.
+/// and `tern vm ssh` logs in with the matching private key, before and after the VM
+/// moves to the other host.
 #[test]
 fn a_debian_vm_takes_the_operators_key_and_address_and_ssh_logs_in() {
     // The lab's hosts are 198.18.K.1, .2; the root namespace (where ssh runs) .254.
@@ -456,6 +457,31 @@ fn a_debian_vm_takes_the_operators_key_and_address_and_ssh_logs_in() {
         .unwrap();
     let o = lab.ssh(&["deb1", "-i", other.to_str().unwrap(), "--", "true"]);
     assert!(!o.status.success(), "a key never given logs in");
+
+    // Live-migrated to h2 with a file just written and a process running: the same
+    // boot (no restart), the file there, the address kept, ssh still works.
+    let o = ssh(
+        "echo moved-$(cat /proc/sys/kernel/random/boot_id) > /root/marker && sync \
+                 && { setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $! > /root/sleeper; }",
+    );
+    assert!(o.status.success(), "{o:?}");
+    let moved = json(&lab.cli(&["vm", "migrate", "deb1", "--to", "h2", "--json"]));
+    assert_eq!(moved["result"]["status"], "succeeded", "{moved}");
+    wait_for("deb1 recorded on h2", 30, || {
+        json(&lab.cli(&["vm", "show", "deb1", "--json"]))["observed_host"] == "h2"
+    });
+    let o = ssh(
+        "cat /root/marker; echo moved-$(cat /proc/sys/kernel/random/boot_id); \
+                 kill -0 $(cat /root/sleeper) && echo alive; ip -4 -o addr show eth0",
+    );
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{o:?}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines.len() >= 3 && lines[0] == lines[1] && lines[2] == "alive",
+        "the file and the process outlived the move in the same boot: {out}"
+    );
+    assert!(out.contains(&addr), "{out} has {addr}");
     // A NIC needs a network; a bad key is refused; nothing is created.
     let o = lab.cli(&[
         "vm",
