@@ -16,47 +16,11 @@ use tern_hv::image::debian::{ensure_debian_image_async, DebianImage};
 use tern_hv::VmState;
 
 mod qemu_agent;
-use qemu_agent::QemuAgent;
-
-/// A bridge of its own with the host's end of the guest's subnet; deleted on drop.
-struct Bridge(String);
+use qemu_agent::{Bridge, QemuAgent};
 
 /// A subnet the other tests and the lab do not use (they use 198.18.0.0/15's lower half).
 const HOST_ADDR: &str = "198.19.254.1";
 const GUEST_ADDR: &str = "198.19.254.10";
-
-impl Bridge {
-    fn new() -> Bridge {
-        let name = format!("tdeb{}", std::process::id() % 100_000);
-        let _ = ip(&["link", "del", &name]);
-        ip(&["link", "add", "name", &name, "type", "bridge"]).unwrap();
-        let b = Bridge(name);
-        ip(&["addr", "add", &format!("{HOST_ADDR}/24"), "dev", &b.0]).unwrap();
-        ip(&["link", "set", &b.0, "up"]).unwrap();
-        b
-    }
-}
-
-impl Drop for Bridge {
-    fn drop(&mut self) {
-        let _ = ip(&["link", "del", &self.0]);
-    }
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| e.to_string())?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
 
 fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -155,7 +119,7 @@ async fn debian_boots_from_its_disk_and_takes_its_config_over_fw_cfg() {
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let store = Store::open(&dir.path().join("store")).unwrap();
     let disk = install(&img, &store);
-    let bridge = Bridge::new();
+    let bridge = Bridge::new("tdeb", HOST_ADDR);
     let a = QemuAgent::start_bridged(
         "h1",
         dir,

@@ -1,7 +1,8 @@
 //! A real guest through the agent: the QEMU driver boots tern's guest image, the API
 //! proxies requests to the guest agent, a workload runs, the verifier's checksum holds,
 //! and the vCPU threads' CPU time shows in the metrics and the host's load; the trace
-//! route records the vCPU threads' scheduler events and refuses bad requests.
+//! route records the vCPU threads' scheduler events and refuses bad requests. The
+//! host's fw_cfg configuration names the guest and addresses its NIC.
 
 use serde_json::json;
 use std::time::{Duration, Instant};
@@ -11,7 +12,7 @@ use tern_api::trace::{TraceRequest, MAX_TRACE_MS};
 use tern_hv::{Action, VmState};
 
 mod qemu_agent;
-use qemu_agent::QemuAgent as Agent;
+use qemu_agent::{Bridge, QemuAgent as Agent};
 
 /// An agent with the QEMU driver on a loopback port.
 async fn agent() -> Agent {
@@ -281,5 +282,59 @@ async fn a_guest_thread_moved_to_vcpu_1_shows_there_in_the_merged_trace_within_2
     assert_eq!(s.dropped, g.dropped);
 
     c.delete_vm("g2").await.unwrap();
+    a.shut().await;
+}
+
+/// The minimal image applies the spec's `guest_config` as the Debian image does: its
+/// host name and address take the place of the command line's, and the host reaches
+/// the guest at that address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_minimal_image_takes_its_name_and_address_over_fw_cfg() {
+    if !tern_testkit::require_qemu() {
+        return;
+    }
+    if !tern_testkit::is_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        eprintln!("SKIP: a bridge for the guest's NIC needs root");
+        return;
+    }
+    // Apart from the lab's subnets and the Debian test's.
+    let (host, guest) = ("198.19.253.1", "198.19.253.10");
+    let bridge = Bridge::new("tmin", host);
+    let a = Agent::start_bridged(
+        "h1",
+        tempfile::tempdir().unwrap(),
+        None,
+        Some(bridge.0.clone()),
+        Duration::from_secs(30),
+    )
+    .await;
+    let cfg = json!({"hostname": "mini-cfg", "address": format!("{guest}/24"), "gateway": host});
+    let v =
+        a.c.create_vm(&a.vm("cfg1", json!({"nics": [{}], "guest_config": cfg})))
+            .await
+            .unwrap();
+    let log = v.info.console_log.clone().expect("a console log");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while a.c.guest("cfg1", &json!({"cmd": "ping"})).await.is_err() {
+        assert!(Instant::now() < deadline, "the guest never answered");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("tern-init: host name mini-cfg"), "{text}");
+    assert!(
+        text.contains(&format!("tern-init: eth0 {guest}/24")),
+        "{text}"
+    );
+    let pinged = std::process::Command::new("ping")
+        .args(["-c", "3", "-W", "2", guest])
+        .output()
+        .unwrap();
+    assert!(
+        pinged.status.success(),
+        "the host reaches the guest at its configured address: {}",
+        String::from_utf8_lossy(&pinged.stdout)
+    );
+    a.c.delete_vm("cfg1").await.unwrap();
     a.shut().await;
 }

@@ -127,6 +127,19 @@ pub fn set_hostname(name: &str) -> std::io::Result<()> {
     }
 }
 
+/// The parts of `cfg` an init script without systemd applies itself, as shell
+/// assignments (`tern_hostname`, `tern_address`, `tern_gateway`; empty when absent),
+/// each value single-quoted so that `eval` only assigns (pure).
+pub fn shell_vars(cfg: &GuestConfig) -> String {
+    let q = |v: &Option<String>| format!("'{}'", v.as_deref().unwrap_or("").replace('\'', r"'\''"));
+    format!(
+        "tern_hostname={}\ntern_address={}\ntern_gateway={}\n",
+        q(&cfg.hostname),
+        q(&cfg.address),
+        q(&cfg.gateway)
+    )
+}
+
 /// Reads the fw_cfg item at `source` and applies it under `root`. `Ok(None)` when the
 /// host gave no configuration (the item does not exist).
 pub fn apply(source: &Path, root: &Path) -> Result<Option<GuestConfig>, String> {
@@ -189,6 +202,29 @@ mod tests {
             content(&files, "etc/resolv.conf").unwrap().content,
             "nameserver 198.18.0.1\n"
         );
+    }
+
+    #[test]
+    fn shell_vars_only_assign() {
+        assert_eq!(
+            shell_vars(&full()),
+            "tern_hostname='web-1.example'\ntern_address='198.18.1.10/15'\ntern_gateway='198.18.0.1'\n"
+        );
+        assert_eq!(
+            shell_vars(&GuestConfig::default()),
+            "tern_hostname=''\ntern_address=''\ntern_gateway=''\n"
+        );
+        // Validation refuses such a name; the quoting holds even so.
+        let odd = GuestConfig {
+            hostname: Some("a'; reboot; '".into()),
+            ..GuestConfig::default()
+        };
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{}printf %s \"$tern_hostname\"", shell_vars(&odd)))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "a'; reboot; '");
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //!
 //! `tern-guest --stdio` serves on stdin/stdout instead (for tests and for trying it
 //! on a host). `--verifier-mib N` starts the memory verifier at once (0: not at all).
-//! `tern-guest apply-config [--from FILE] [--root DIR]` applies the host's fw_cfg
-//! configuration once and exits (the Debian image runs it at boot).
+//! `tern-guest apply-config [--from FILE] [--root DIR] [--shell]` applies the host's
+//! fw_cfg configuration once and exits (both images run it at boot; with `--shell` it
+//! also prints the host name, address and gateway as shell assignments for the minimal
+//! image's init, which has no systemd-networkd to read the files).
 
 use std::fs::OpenOptions;
 use std::io::BufReader;
@@ -17,7 +19,7 @@ use tern_api::guest::DEFAULT_VERIFIER_PAGES_PER_SEC;
 use tern_guest::channel::{find_virtio_port, FALLBACK_UART, PORT_NAME};
 use tern_guest::server::{serve, Agent, Ended};
 
-const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]\n       tern-guest apply-config [--from FILE] [--root DIR]";
+const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]\n       tern-guest apply-config [--from FILE] [--root DIR] [--shell]";
 
 struct Options {
     stdio: bool,
@@ -54,7 +56,12 @@ fn parse_args() -> Result<Options, String> {
 fn apply_config(mut args: impl Iterator<Item = String>) -> ExitCode {
     let mut from = PathBuf::from(tern_guest::config::FW_CFG_RAW);
     let mut root = PathBuf::from("/");
+    let mut shell = false;
     while let Some(a) = args.next() {
+        if a == "--shell" {
+            shell = true;
+            continue;
+        }
         let value = args.next();
         match (a.as_str(), value) {
             ("--from", Some(v)) => from = v.into(),
@@ -77,6 +84,9 @@ fn apply_config(mut args: impl Iterator<Item = String>) -> ExitCode {
                 cfg.ssh_authorized_keys.len(),
                 cfg.address.as_deref().unwrap_or("-")
             );
+            if shell {
+                print!("{}", tern_guest::config::shell_vars(&cfg));
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {

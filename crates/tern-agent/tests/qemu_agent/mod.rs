@@ -99,3 +99,40 @@ impl QemuAgent {
         self.server.await.unwrap().unwrap();
     }
 }
+
+/// A bridge of its own (`PREFIX` and this process's id) holding `host_addr`/24, the
+/// host's end of a guest subnet; deleted on drop.
+pub struct Bridge(pub String);
+
+impl Bridge {
+    pub fn new(prefix: &str, host_addr: &str) -> Bridge {
+        let name = format!("{prefix}{}", std::process::id() % 100_000);
+        let _ = ip(&["link", "del", &name]);
+        ip(&["link", "add", "name", &name, "type", "bridge"]).unwrap();
+        let b = Bridge(name);
+        ip(&["addr", "add", &format!("{host_addr}/24"), "dev", &b.0]).unwrap();
+        ip(&["link", "set", &b.0, "up"]).unwrap();
+        b
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let _ = ip(&["link", "del", &self.0]);
+    }
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|e| e.to_string())?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}

@@ -146,6 +146,9 @@ pub fn archive(c: &Contents<'_>) -> Vec<u8> {
 /// - `tern.gw=ADDR` default route,
 /// - `tern.hostname=NAME`,
 /// - `tern.verifier_mib=N` sizes the verifier the agent starts at boot (0: none).
+///
+/// The host name, address and gateway of the host's fw_cfg item (`guest_config`), when
+/// there is one, take the place of `tern.hostname`, `tern.ip` and `tern.gw`.
 pub fn init_script(kernel_release: &str, modules: &[&str]) -> String {
     format!(
         r#"#!/bin/sh
@@ -173,7 +176,16 @@ for arg in $(cat /proc/cmdline); do
     tern.verifier_mib=*) verifier_mib="${{arg#tern.verifier_mib=}}" ;;
   esac
 done
-hostname "$name"
+# The host's fw_cfg configuration (the manager's address for the VM, its name) wins
+# over the command line.
+if [ -e /sys/firmware/qemu_fw_cfg/by_name/opt/tern/config/raw ]; then
+  if vars=$(/bin/tern-guest apply-config --shell); then
+    eval "$vars"
+    [ -n "$tern_hostname" ] && name="$tern_hostname"
+    [ -n "$tern_address" ] && ip_addr="$tern_address" && gw="$tern_gateway"
+  fi
+fi
+hostname "$name" && echo "tern-init: host name $name"
 ip link set lo up
 if [ -n "$ip_addr" ]; then
   i=0
