@@ -10,7 +10,8 @@
 //!
 //! - `an_adopted_vms_console_works_on_a_terminal`: after an agent restart the adopted
 //!   guest's serial console is reached with `tern agent vm console` on a pseudo-terminal:
-//!   it answers what is typed, Ctrl-] detaches, and the terminal's settings are back.
+//!   it answers what is typed, Ctrl-] detaches, and the terminal's settings are back;
+//!   without a terminal `--timeout` ends an attach.
 //!
 //! Needs QEMU; without it the tests say why and pass (under `CI` they must run).
 
@@ -349,26 +350,51 @@ async fn an_adopted_vms_console_works_on_a_terminal() {
         (before.local_modes, before.input_modes, before.output_modes),
         "the terminal's settings are restored"
     );
-    // The console is free again: the next attach is not refused as taken.
-    let url = format!("http://127.0.0.1:{}", a.port);
-    let attach = || {
-        tern_api::client::console::connect(
-            &url,
-            "/v1/vms/g1/console",
-            TOKEN,
-            None,
-            Duration::from_secs(10),
-        )
-    };
+    // The console is free again (once the agent has seen the detach): without a
+    // terminal, with stdin open and silent, `--timeout` ends the attach, after the log's
+    // tail was printed.
     let t1 = Instant::now();
     loop {
-        match attach().await {
-            Ok(_) => break,
-            Err(e) if e.status() == Some(409) && t1.elapsed() < Duration::from_secs(10) => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => panic!("attach after detach: {e}"),
+        let started = Instant::now();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args([
+                "agent",
+                "vm",
+                "--agent",
+                &format!("http://127.0.0.1:{}", a.port),
+            ])
+            .arg("--token-file")
+            .arg(a.dir.path().join("token"))
+            .args(["console", "g1", "--timeout", "2", "--log", "300"])
+            .env_remove("TERN_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Held open (and silent) until it has exited: only the timeout can end it.
+        let stdin = child.stdin.take();
+        let o = child.wait_with_output().unwrap();
+        drop(stdin);
+        let err = String::from_utf8_lossy(&o.stderr);
+        if o.status.code() == Some(2)
+            && err.contains("attached")
+            && t1.elapsed() < Duration::from_secs(10)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
         }
+        assert!(o.status.success(), "{o:?}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(15),
+            "{took:?}"
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("pty-9"),
+            "{o:?}"
+        );
+        break;
     }
     a.client.delete_vm("g1").await.unwrap();
     a.stop("TERM");
