@@ -14,6 +14,7 @@
 //! POST   /v1/vms/{id}/restore          from the store, on any host that sees it
 //! GET    /v1/vms/{id}/metrics          vCPU threads' CPU time, memory
 //! POST   /v1/vms/{id}/guest            one request to the guest agent, its answer back
+//! GET    /v1/vms/{id}/console          the serial console, a WebSocket (crate::console)
 //! ```
 
 use crate::error::AgentError;
@@ -167,6 +168,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/v1/vms/:id/disks/:disk/resize", post(resize_disk))
         .route("/v1/vms/:id/metrics", get(metrics))
         .route("/v1/vms/:id/guest", post(guest))
+        .route("/v1/vms/:id/console", get(crate::console::console))
         .fallback(|| async {
             (
                 StatusCode::NOT_FOUND,

@@ -63,6 +63,18 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    /// A console attach refused: the VM is not running or paused, has no console, or a
+    /// client is attached already.
+    #[error("console of VM {vm:?}: {reason}")]
+    Console { vm: String, reason: String },
+    /// The VM's console socket failed at `step`.
+    #[error("console of VM {vm:?}: {step}: {source}")]
+    ConsoleChannel {
+        vm: String,
+        step: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     /// Calling another agent (client side) failed: it answered with an error, could not
     /// be reached, timed out, or sent an answer too large or unreadable.
     #[error(transparent)]
@@ -104,7 +116,10 @@ impl AgentError {
             AgentError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             AgentError::Forbidden(_) => StatusCode::FORBIDDEN,
             AgentError::NoRoom(_) => StatusCode::INSUFFICIENT_STORAGE,
-            AgentError::Migrating { .. } | AgentError::Busy { .. } => StatusCode::CONFLICT,
+            AgentError::Migrating { .. } | AgentError::Busy { .. } | AgentError::Console { .. } => {
+                StatusCode::CONFLICT
+            }
+            AgentError::ConsoleChannel { .. } => StatusCode::BAD_GATEWAY,
             AgentError::SavedState { .. } => StatusCode::INTERNAL_SERVER_ERROR,
             AgentError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             AgentError::OutsideImageDir { .. } => StatusCode::BAD_REQUEST,
@@ -158,7 +173,10 @@ impl AgentError {
             AgentError::Unauthorized(_) => "unauthorized",
             AgentError::Forbidden(_) => "forbidden",
             AgentError::NoRoom(_) => "no_room",
-            AgentError::Migrating { .. } | AgentError::Busy { .. } => "conflict",
+            AgentError::Migrating { .. } | AgentError::Busy { .. } | AgentError::Console { .. } => {
+                "conflict"
+            }
+            AgentError::ConsoleChannel { .. } => "console",
             AgentError::SavedState { .. } => "hypervisor",
             AgentError::TooLarge { .. } => "too_large",
             AgentError::OutsideImageDir { .. } => "bad_spec",

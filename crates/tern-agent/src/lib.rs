@@ -17,6 +17,7 @@
 
 pub mod api;
 pub mod client;
+pub mod console;
 pub mod error;
 pub mod fence;
 pub mod guest;

@@ -31,6 +31,7 @@ use crate::migration::routes;
         api::resize_disk,
         api::metrics,
         api::guest,
+        crate::console::console,
         routes::list,
         routes::send,
         routes::show,

@@ -341,3 +341,57 @@ async fn openapi_document_matches_the_server() {
         .unwrap();
     has_required("Error", &err.json().await.unwrap());
 }
+
+/// The console route checks the token before it looks at the request, so no caller
+/// without one gets the WebSocket (or learns which VMs exist); then it refuses a VM
+/// without a console and a request that is not a WebSocket.
+#[tokio::test]
+async fn console_refusals_come_before_the_upgrade() {
+    use tern_api::client::console::connect;
+    let mut a = start_agent(1024).await;
+    let c = client(&a, "s3cret");
+    c.create_vm(&create("web", 256)).await.unwrap();
+    let t = Duration::from_secs(10);
+    for token in ["", "wrong"] {
+        for vm in ["web", "nope"] {
+            let e = connect(&a.url, &format!("/v1/vms/{vm}/console"), token, None, t)
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{token:?} {vm}: the upgrade was granted"));
+            let text = e.to_string();
+            assert_eq!(remote_status(e), 401, "{token:?} {vm}: {text}");
+        }
+    }
+    let e = connect(&a.url, "/v1/vms/nope/console", "s3cret", None, t)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(remote_status(e), 404);
+    // The in-process driver has no serial console.
+    let e = connect(&a.url, "/v1/vms/web/console", "s3cret", None, t)
+        .await
+        .err()
+        .unwrap();
+    let text = e.to_string();
+    assert_eq!(remote_status(e), 409, "{text}");
+    assert!(text.contains("no serial console"), "{text}");
+    c.act("web", Action::Stop).await.unwrap();
+    let e = connect(&a.url, "/v1/vms/web/console", "s3cret", None, t)
+        .await
+        .err()
+        .unwrap();
+    let text = e.to_string();
+    assert_eq!(remote_status(e), 409, "{text}");
+    assert!(text.contains("it is stopped"), "{text}");
+    let e = c
+        .http()
+        .get::<serde_json::Value>("/v1/vms/web/console")
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert_eq!(remote_status(e), 400, "{text}");
+    assert!(text.contains("WebSocket"), "{text}");
+
+    a.stop.take().unwrap().send(()).unwrap();
+    a.task.await.unwrap().unwrap();
+}

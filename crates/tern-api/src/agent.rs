@@ -315,6 +315,10 @@ pub struct VmInfo {
     /// Where the guest's serial console is written.
     #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub console_log: Option<PathBuf>,
+    /// The serial console's socket (`GET /v1/vms/{id}/console` attaches to it).
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
+    #[serde(default)]
+    pub console_socket: Option<PathBuf>,
     /// The hypervisor process, while there is one.
     pub pid: Option<u32>,
 }

@@ -101,6 +101,7 @@ fn info(id: &str, vm: &SimVm) -> VmInfo {
         memory_file: None,
         control_socket: None,
         console_log: None,
+        console_socket: None,
         pid: None,
     }
 }

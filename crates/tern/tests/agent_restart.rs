@@ -8,6 +8,11 @@
 //! - `stop_vms_on_exit_destroys_the_vms_with_the_agent`: an agent started with
 //!   `--stop-vms-on-exit` takes its guests down with it on SIGTERM; nothing is left.
 //!
+//! - `an_adopted_vms_console_works_on_a_terminal`: after an agent restart the adopted
+//!   guest's serial console is reached with `tern agent vm console` on a pseudo-terminal:
+//!   it answers what is typed, Ctrl-] detaches, and the terminal's settings are back;
+//!   without a terminal `--timeout` ends an attach.
+//!
 //! Needs QEMU; without it the tests say why and pass (under `CI` they must run).
 
 use std::path::PathBuf;
@@ -238,5 +243,159 @@ async fn stop_vms_on_exit_destroys_the_vms_with_the_agent() {
     // The next agent finds nothing to adopt.
     a.start(&[]).await;
     assert!(a.client.list_vms().await.unwrap().is_empty());
+    a.stop("TERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_vms_console_works_on_a_terminal() {
+    use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    let Some(img) = image().await else {
+        return;
+    };
+    let mut a = Agent::new();
+    a.start(&[]).await;
+    guest(&a, &img, "g1").await;
+    a.stop("TERM");
+    a.start(&[]).await;
+
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let name = ptsname(&master, Vec::new()).unwrap();
+    let tty = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(name.to_str().unwrap())
+            .unwrap()
+    };
+    let slave = tty();
+    let before = rustix::termios::tcgetattr(&slave).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+        .args([
+            "agent",
+            "vm",
+            "--agent",
+            &format!("http://127.0.0.1:{}", a.port),
+        ])
+        .arg("--token-file")
+        .arg(a.dir.path().join("token"))
+        .args(["console", "g1"])
+        .env_remove("TERN_TOKEN")
+        .stdin(tty())
+        .stdout(tty())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut master = std::fs::File::from(master);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    {
+        // Left blocked in a read when the test ends: the pty stays open until then.
+        let seen = seen.clone();
+        let mut m = master.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = m.read(&mut buf) {
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+    }
+    let text = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    let t0 = Instant::now();
+    'typing: loop {
+        // Raw mode: Enter is a carriage return, as a terminal sends it.
+        master.write_all(b"echo pty-$((3*3))\r").unwrap();
+        for _ in 0..30 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if text().contains("pty-9") {
+                break 'typing;
+            }
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60) && child.try_wait().unwrap().is_none(),
+            "no answer on the console: {}",
+            text()
+        );
+    }
+    // While attached the terminal is raw: no echo, no line editing.
+    let raw = rustix::termios::tcgetattr(&slave).unwrap();
+    assert!(!raw
+        .local_modes
+        .intersects(rustix::termios::LocalModes::ECHO | rustix::termios::LocalModes::ICANON));
+    master.write_all(&[0x1d]).unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(90),
+            "Ctrl-] did not detach"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(status.success(), "{status}: {err}");
+    assert!(err.contains("detach with Ctrl-]"), "{err}");
+    let after = rustix::termios::tcgetattr(&slave).unwrap();
+    assert_eq!(
+        (after.local_modes, after.input_modes, after.output_modes),
+        (before.local_modes, before.input_modes, before.output_modes),
+        "the terminal's settings are restored"
+    );
+    // The console is free again (once the agent has seen the detach): without a
+    // terminal, with stdin open and silent, `--timeout` ends the attach, after the log's
+    // tail was printed.
+    let t1 = Instant::now();
+    loop {
+        let started = Instant::now();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args([
+                "agent",
+                "vm",
+                "--agent",
+                &format!("http://127.0.0.1:{}", a.port),
+            ])
+            .arg("--token-file")
+            .arg(a.dir.path().join("token"))
+            .args(["console", "g1", "--timeout", "2", "--log", "300"])
+            .env_remove("TERN_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Held open (and silent) until it has exited: only the timeout can end it.
+        let stdin = child.stdin.take();
+        let o = child.wait_with_output().unwrap();
+        drop(stdin);
+        let err = String::from_utf8_lossy(&o.stderr);
+        if o.status.code() == Some(2)
+            && err.contains("attached")
+            && t1.elapsed() < Duration::from_secs(10)
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        assert!(o.status.success(), "{o:?}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_secs(15),
+            "{took:?}"
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stdout).contains("pty-9"),
+            "{o:?}"
+        );
+        break;
+    }
+    a.client.delete_vm("g1").await.unwrap();
     a.stop("TERM");
 }

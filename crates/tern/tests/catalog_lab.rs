@@ -6,7 +6,9 @@
 //! authenticated link into the shared store. The guest writes its disk, moves to h2
 //! through the manager, and its disk holds every write. Bad input (an image file that is
 //! not qcow2 or raw, an unknown template, disks larger than the store) exits 2 and
-//! creates nothing; an image in use is not deleted.
+//! creates nothing; an image in use is not deleted. `tern vm console` reaches the
+//! guest's shell through the manager on either host, and is refused without the token
+//! or while the VM is stopped.
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -62,6 +64,79 @@ impl Lab {
         ];
         a.extend(args);
         tern(self.st(), &a)
+    }
+
+    /// `tern vm console VM ARGS...` with stdin from a pipe: types `line` (again every few
+    /// seconds, as the shell may not be up yet) until `want` shows on stdout, then ends
+    /// stdin, and returns what it printed once it has exited by itself.
+    fn console(&self, vm: &str, args: &[&str], line: &str, want: &str) -> String {
+        use std::io::{Read, Write};
+        use std::sync::{Arc, Mutex};
+        let (url, ca) = (self.url().to_owned(), self.ca_cert());
+        let token = self.up["token_file"].as_str().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tern"))
+            .args(["vm", "console", vm])
+            .args(args)
+            .args(["--manager", &url, "--token-file", token, "--ca-cert", &ca])
+            .env("TERN_STATE", self.st())
+            .env_remove("TERN_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let reader = {
+            let seen = seen.clone();
+            let mut out = child.stdout.take().unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = out.read(&mut buf) {
+                    seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            })
+        };
+        let text = || String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+        let mut stdin = child.stdin.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(90);
+        'typing: while !text().contains(want) {
+            assert!(
+                Instant::now() < deadline && child.try_wait().unwrap().is_none(),
+                "no {want:?} on {vm}'s console: {}\n{:?}",
+                text(),
+                child.wait_with_output()
+            );
+            stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
+            for _ in 0..30 {
+                std::thread::sleep(Duration::from_millis(100));
+                if text().contains(want) {
+                    break 'typing;
+                }
+            }
+        }
+        // The end of stdin ends the attach once the console has been quiet a moment.
+        drop(stdin);
+        let ended = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                Instant::now() < ended,
+                "tern vm console did not end with its input"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        reader.join().unwrap();
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        assert!(status.success(), "{status}: {err}");
+        text()
     }
 
     /// `tern agent vm guest g1 REQUEST...` on `host`, retried while the guest boots or
@@ -280,6 +355,43 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
         "the agent copied the kernel from the manager: {fetched:?}"
     );
     lab.guest("h1", &["ping"]);
+    // Its serial console through the manager, which relays it to h1's agent: the boot
+    // replayed from the log, then the guest image's shell answers.
+    let out = lab.console("g1", &["--log", "65536"], "echo tern-$((6*7))", "tern-42");
+    assert!(out.contains("tern-init: starting tern-guest"), "{out}");
+    // Refused before the upgrade without the token; an unknown VM is named.
+    let url = lab.url().to_owned();
+    let ca = lab.ca_cert();
+    let bad_token = st.join("bad-token");
+    std::fs::write(&bad_token, "nope\n").unwrap();
+    std::fs::set_permissions(
+        &bad_token,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let bad_token = bad_token.to_str().unwrap().to_owned();
+    let o = tern(
+        &st,
+        &[
+            "vm",
+            "console",
+            "g1",
+            "--manager",
+            &url,
+            "--ca-cert",
+            &ca,
+            "--token-file",
+            &bad_token,
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("401"), "{o:?}");
+    let o = lab.cli(&["vm", "console", "nope"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no VM named"),
+        "{o:?}"
+    );
     lab.guest(
         "h1",
         &[
@@ -303,6 +415,8 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
     wait_for("g1 recorded on h2", 30, || {
         json(&lab.cli(&["vm", "show", "g1", "--json"]))["observed_host"] == "h2"
     });
+    // The console follows the VM to h2's QEMU.
+    lab.console("g1", &[], "echo moved-$((40+2))", "moved-42");
     std::thread::sleep(Duration::from_secs(1));
     let check = lab.guest("h2", &["disk-check"]);
     let after = check["result"]["counter"]
@@ -342,6 +456,12 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
     let v = json(&lab.cli(&["vm", "stop", "g1", "--json"]));
     assert_eq!(v["state"], "stopped", "{v}");
     let o = lab.cli(&["vm", "pause", "g1"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("is stopped"),
+        "{o:?}"
+    );
+    let o = lab.cli(&["vm", "console", "g1"]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("is stopped"),

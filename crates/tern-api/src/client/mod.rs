@@ -8,6 +8,7 @@
 //! of the one [`Client`].
 
 pub mod agent;
+pub mod console;
 mod manager;
 
 pub use agent::AgentClient;
@@ -104,6 +105,9 @@ pub enum ClientError {
         url: String,
         limit: usize,
     },
+    /// A console WebSocket could not be opened (connection, TLS, the upgrade).
+    #[error("GET {url} (WebSocket): {message}")]
+    WebSocket { url: String, message: String },
     /// A 2xx answer that is not the JSON the route returns.
     #[error("{method} {url}: unreadable answer: {source}")]
     Decode {

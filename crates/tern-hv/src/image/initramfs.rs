@@ -139,7 +139,7 @@ pub fn archive(c: &Contents<'_>) -> Vec<u8> {
 }
 
 /// The guest's `/init` (PID 1): mounts, modules, network from the kernel command line,
-/// then `tern-guest`, restarted if it ever exits.
+/// a root shell on the serial console, then `tern-guest`, restarted if it ever exits.
 ///
 /// Kernel command-line parameters it reads:
 /// - `tern.ip=ADDR/PREFIX` for eth0 (no address: eth0 stays down),
@@ -194,6 +194,9 @@ if [ -n "$ip_addr" ]; then
   [ -n "$gw" ] && ip route add default via "$gw"
 fi
 [ -e /dev/ttyS1 ] && stty -F /dev/ttyS1 raw -echo 115200 2>/dev/null
+# A root shell on the serial console (`tern vm console`), as a test image offers: its
+# own session with ttyS0 as controlling terminal, so Ctrl-C reaches what it runs.
+(while true; do setsid -c sh -l </dev/ttyS0 >/dev/ttyS0 2>&1; sleep 1; done) &
 echo "tern-init: starting tern-guest"
 while true; do
   /bin/tern-guest --verifier-mib "$verifier_mib"

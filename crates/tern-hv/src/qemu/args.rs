@@ -17,6 +17,9 @@ pub struct VmPaths {
     pub qmp_socket: PathBuf,
     pub control_socket: PathBuf,
     pub console_log: PathBuf,
+    /// The serial console's socket: one client at a time reads and types on it, while
+    /// QEMU keeps writing everything to `console_log`.
+    pub console_socket: PathBuf,
     pub qemu_log: PathBuf,
     pub pid_file: PathBuf,
     /// The spec's `guest_config` as JSON, handed to QEMU as fw_cfg `opt/tern/config`.
@@ -32,6 +35,7 @@ impl VmPaths {
             qmp_socket: d.join("qmp.sock"),
             control_socket: d.join("guest.sock"),
             console_log: d.join("console.log"),
+            console_socket: d.join("console.sock"),
             qemu_log: d.join("qemu.log"),
             pid_file: d.join("qemu.pid"),
             guest_config: d.join("guest-config.json"),
@@ -41,7 +45,7 @@ impl VmPaths {
 
     /// Unix socket paths are limited to 107 bytes; say so before QEMU fails obscurely.
     pub fn check_socket_lengths(&self) -> Result<(), String> {
-        for p in [&self.qmp_socket, &self.control_socket] {
+        for p in [&self.qmp_socket, &self.control_socket, &self.console_socket] {
             let n = p.as_os_str().len();
             if n > 107 {
                 return Err(format!(
@@ -121,9 +125,18 @@ pub fn qemu_args(p: &LaunchPlan) -> Vec<String> {
             push(&["-append", &p.spec.cmdline]);
         }
     }
+    // The serial console is a socket nobody need be connected to (`wait=off`); QEMU
+    // logs what the guest writes to the file whether or not a client is attached, so
+    // the history survives an attach and a restart (`logappend=on`).
     push(&[
+        "-chardev",
+        &format!(
+            "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
+            qemu_opt_escape(&p.paths.console_socket.display().to_string()),
+            qemu_opt_escape(&p.paths.console_log.display().to_string()),
+        ),
         "-serial",
-        &format!("file:{}", p.paths.console_log.display()),
+        "chardev:serial0",
     ]);
     push(&[
         "-chardev",
@@ -274,6 +287,23 @@ mod tests {
             a.contains("-fw_cfg name=opt/tern/config,file=/run/t,,x/vm1/guest-config.json"),
             "{a}"
         );
+    }
+
+    #[test]
+    fn serial_is_a_socket_logged_to_the_console_file() {
+        let a = joined(false, &[]);
+        assert!(
+            a.contains("-chardev socket,id=serial0,path=/run/t/vm1/console.sock,server=on,wait=off,logfile=/run/t/vm1/console.log,logappend=on -serial chardev:serial0"),
+            "{a}"
+        );
+        // An incoming QEMU has its own socket in its own run directory, the same way.
+        assert!(joined(true, &[]).contains("path=/run/t/vm1/console.sock"));
+        // The console's is the longest socket name: its length is checked too.
+        let run_dir = format!("/{}", "r".repeat(90));
+        let long = VmPaths::new(Path::new(&run_dir), Path::new("/m"), "vm1");
+        assert!(long.control_socket.as_os_str().len() <= 107);
+        let e = long.check_socket_lengths().unwrap_err();
+        assert!(e.contains("console.sock"), "{e}");
     }
 
     #[test]

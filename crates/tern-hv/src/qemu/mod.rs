@@ -90,6 +90,7 @@ impl Vm {
             memory_file: Some(self.paths.memory_file.clone()),
             control_socket: Some(self.paths.control_socket.clone()),
             console_log: Some(self.paths.console_log.clone()),
+            console_socket: Some(self.paths.console_socket.clone()),
             pid: self.pid(),
         }
     }
@@ -233,7 +234,11 @@ impl QemuDriver {
                 .await
                 .map_err(HvError::io(format!("creating {}", d.display())))?;
         }
-        for p in [&vm.paths.qmp_socket, &vm.paths.control_socket] {
+        for p in [
+            &vm.paths.qmp_socket,
+            &vm.paths.control_socket,
+            &vm.paths.console_socket,
+        ] {
             let _ = tokio::fs::remove_file(p).await;
         }
         if let Some(cfg) = &vm.spec.guest_config {

@@ -19,6 +19,7 @@
 //! - [`openapi`]: the OpenAPI document, generated from the handlers and the types.
 
 mod catalog;
+mod console;
 pub mod error;
 mod lifecycle;
 pub mod metrics;
@@ -222,6 +223,7 @@ pub fn router_with_ca(
         .merge(crate::web::api_routes(&app.manager, app.stopping.clone()))
         .merge(catalog::secured_routes())
         .merge(lifecycle::routes())
+        .merge(console::routes())
         .route_layer(middleware::from_fn_with_state(app.clone(), auth));
     Router::new()
         .route("/openapi.json", get(openapi))

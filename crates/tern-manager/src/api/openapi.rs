@@ -42,6 +42,7 @@ use utoipa::{Modify, OpenApi};
         super::stream_events,
         crate::web::history,
         super::lifecycle::start,
+        super::console::console,
         super::lifecycle::stop,
         super::lifecycle::reboot,
         super::lifecycle::pause,

@@ -71,6 +71,9 @@ pub struct HttpHost {
     tls: Option<rustls::ClientConfig>,
 }
 
+/// To reach an agent's console and have the WebSocket upgrade answered.
+const CONSOLE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Largest trace answer read from an agent (an hour of a busy VM's events is below).
 pub const MAX_TRACE_BYTES: usize = 1 << 30;
 
@@ -318,6 +321,27 @@ impl HostClient for HttpHost {
             .trace(vm, req)
             .await
             .map_err(|e| self.refusal(e))
+    }
+
+    /// `GET /v1/vms/{id}/console` on the agent, upgraded to a WebSocket.
+    async fn console(
+        &self,
+        vm: &str,
+        log: Option<u64>,
+    ) -> Result<tern_api::client::console::ConsoleStream> {
+        let path = match log {
+            Some(n) => format!("/v1/vms/{vm}/console?log={n}"),
+            None => format!("/v1/vms/{vm}/console"),
+        };
+        tern_api::client::console::connect(
+            &self.address,
+            &path,
+            &self.token,
+            self.tls.clone(),
+            CONSOLE_CONNECT_TIMEOUT,
+        )
+        .await
+        .map_err(|e| self.refusal(e))
     }
 
     /// `PUT /v1/vms/{id}/vcpu-policy` on the agent.

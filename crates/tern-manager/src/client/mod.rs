@@ -86,6 +86,18 @@ pub trait HostClient: Send + Sync {
             "VM {vm:?} runs on a host with no scheduler to trace (a simulated host)"
         )))
     }
+    /// Attaches to running `vm`'s serial console (a WebSocket from the host's agent),
+    /// first replaying up to `log` bytes of its console log.
+    async fn console(
+        &self,
+        vm: &str,
+        log: Option<u64>,
+    ) -> Result<tern_api::client::console::ConsoleStream> {
+        let _ = log;
+        Err(crate::error::Error::Conflict(format!(
+            "VM {vm:?} runs on a host with no serial console (a simulated host)"
+        )))
+    }
 }
 
 /// Finds the client for a host.

@@ -198,12 +198,26 @@ async fn forward(State(f): State<Arc<Forwarder>>, req: Request, next: Next) -> R
                 Ok(l) => l,
                 Err(e) => return e.into_response(),
             };
+            // A WebSocket (the serial console) is not relayed between managers: the
+            // client is sent to the leader, which serves it.
+            if is_upgrade(req.headers()) {
+                return ApiError::Unavailable(format!(
+                    "not the leader; a console (WebSocket) is served by the leader: attach \
+                     at {leader}"
+                ))
+                .into_response();
+            }
             match pass_on(&f, &leader, req, lease_of).await {
                 Ok(r) => r,
                 Err(e) => e.into_response(),
             }
         }
     }
+}
+
+/// Whether a request asks to switch protocols (a WebSocket) (pure).
+fn is_upgrade(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
 }
 
 /// The route that takes no credential here: enrolment (a join token in the body, which
@@ -318,5 +332,15 @@ mod tests {
         assert_eq!(lease_path("/v1/hosts/h1/drain"), None);
         assert_eq!(lease_path("/v1/hosts//lease"), None);
         assert_eq!(lease_path("/v1/hosts/a/b/lease"), None);
+    }
+
+    #[test]
+    fn websocket_requests_are_told_apart() {
+        let mut h = axum::http::HeaderMap::new();
+        assert!(!is_upgrade(&h));
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        assert!(!is_upgrade(&h));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(is_upgrade(&h));
     }
 }

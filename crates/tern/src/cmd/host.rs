@@ -55,19 +55,25 @@ impl Conn {
         ))
     }
 
+    /// How an `https://` manager is checked: against the cluster CA of --ca-cert.
+    pub fn tls(&self) -> anyhow::Result<Option<rustls::ClientConfig>> {
+        match &self.ca_cert {
+            Some(f) => {
+                let ca = tern_pki::files::read_public(f).map_err(super::bad_input)?;
+                Ok(Some(
+                    tern_pki::tls::client_config(&ca, None, None).map_err(super::bad_input)?,
+                ))
+            }
+            None => Ok(None),
+        }
+    }
+
     /// A client with `options` (a long call's timeout, a large answer's limit).
     pub fn client_with(
         &self,
         options: tern_api::client::ClientOptions,
     ) -> anyhow::Result<ManagerClient> {
-        let tls = match &self.ca_cert {
-            Some(f) => {
-                let ca = tern_pki::files::read_public(f).map_err(super::bad_input)?;
-                Some(tern_pki::tls::client_config(&ca, None, None).map_err(super::bad_input)?)
-            }
-            None => None,
-        };
-        tern_api::client::Client::with_tls(&self.manager, &self.token()?, options, tls)
+        tern_api::client::Client::with_tls(&self.manager, &self.token()?, options, self.tls()?)
             .map(ManagerClient::from)
             .map_err(super::bad_input)
     }

@@ -2,10 +2,12 @@
 //! manager or on `--host`, delete, migrate). `migrate` waits for the migration and shows a
 //! live progress bar (round, transferred, remaining, dirty rate) while it runs; when
 //! stdout is not a terminal, or with `--json`, the bar is hidden and the result printed as
-//! JSON. `vcpu-policy` sets how the VM's host schedules its vCPU threads. `tern agent vm`
+//! JSON. `vcpu-policy` sets how the VM's host schedules its vCPU threads. `console`
+//! attaches to its serial console ([`console`]). `tern agent vm`
 //! talks to one agent instead.
 
 pub mod agent;
+pub mod console;
 mod progress;
 pub mod trace;
 
@@ -85,6 +87,14 @@ enum Command {
     },
     /// Reset a running VM: it boots again from its disks.
     Reboot { name: VmName },
+    /// Attach to a running or paused VM's serial console; on a terminal, Ctrl-]
+    /// detaches. Without a terminal stdin goes to the console and the console to stdout
+    /// until stdin ends (or --timeout).
+    Console {
+        name: VmName,
+        #[command(flatten)]
+        args: console::ConsoleArgs,
+    },
     /// Stop a running VM's vCPUs; its memory is kept.
     Pause { name: VmName },
     /// Run a paused VM again.
@@ -363,6 +373,17 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             act(c, &name, VmAction::Stop, req)?
         }
         Command::Reboot { name } => act(c, &name, VmAction::Reboot, Default::default())?,
+        Command::Console { name, args } => {
+            return console::attach(
+                &c.manager,
+                &args.path(name.as_str()),
+                &c.token()?,
+                c.tls()?,
+                &args,
+                &format!("VM {name}"),
+                super::host::refused,
+            )
+        }
         Command::Pause { name } => act(c, &name, VmAction::Pause, Default::default())?,
         Command::Resume { name } => act(c, &name, VmAction::Resume, Default::default())?,
         Command::Suspend { name } => act(c, &name, VmAction::Suspend, Default::default())?,

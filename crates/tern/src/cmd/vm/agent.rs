@@ -1,7 +1,7 @@
 //! `tern agent vm`: VMs on one host, straight against its agent (`--agent URL` with a
 //! client certificate, `--tls-dir`, or a token file for an agent without TLS),
 //! with the host-level actions the manager does not offer (start, pause, resume, stop,
-//! metrics, guest requests, traces).
+//! metrics, guest requests, traces, the serial console).
 
 use super::super::{agent_error, bad_input};
 use serde_json::{json, Value};
@@ -62,6 +62,14 @@ pub enum Command {
     /// CPU time of the vCPU threads and memory.
     Metrics {
         id: String,
+    },
+    /// Attach to a running or paused VM's serial console; on a terminal, Ctrl-]
+    /// detaches. Without a terminal stdin goes to the console and the console to stdout
+    /// until stdin ends (or --timeout).
+    Console {
+        id: String,
+        #[command(flatten)]
+        args: super::console::ConsoleArgs,
     },
     /// Send one request to the guest agent: a JSON object, or a command word followed by
     /// a workload, e.g. `ping`, `verify`, `start memdirty --mib 128 --mbps 50`.
@@ -201,7 +209,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         max_body_bytes: super::trace::MAX_TRACE_BYTES,
         ..tern_api::client::ClientOptions::with_timeout(timeout)
     };
-    let client = tern_api::client::Client::with_tls(&agent, &token, options, tls)
+    let client = tern_api::client::Client::with_tls(&agent, &token, options, tls.clone())
         .map(AgentClient::from)
         .map_err(agent_error)?;
     let rt = tokio::runtime::Runtime::new()?;
@@ -283,6 +291,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     m.memory_bytes >> 20
                 );
             }
+        }
+        Command::Console { id, args: a } => {
+            return super::console::attach(
+                &agent,
+                &a.path(id),
+                &token,
+                tls,
+                a,
+                &format!("VM {id} on {agent}"),
+                agent_error,
+            )
         }
         Command::Guest { id, request } => {
             let req = guest_request(request).map_err(bad_input)?;
