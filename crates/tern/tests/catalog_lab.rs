@@ -497,7 +497,7 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
 /// The Debian template with ssh: `tern vm create --ssh-key` hands the guest the
 /// operator's key and an address from the manager's `--guest-network` through fw_cfg,
 /// and `tern vm ssh` logs in with the matching private key, before and after the VM
-/// moves to the other host.
+/// moves to the other host; its serial console shows Debian's login prompt.
 #[test]
 fn a_debian_vm_takes_the_operators_key_and_address_and_ssh_logs_in() {
     // The lab's hosts are 198.18.K.1, .2; the root namespace (where ssh runs) .254.
@@ -568,6 +568,9 @@ fn a_debian_vm_takes_the_operators_key_and_address_and_ssh_logs_in() {
     };
     assert!(out.starts_with("deb1\n"), "{out}");
     assert!(out.contains(&addr), "{out} has {addr}");
+    // Its serial console through the manager: Debian's getty on ttyS0 asks for a login.
+    let out = lab.console("deb1", &[], "", "deb1 login:");
+    assert!(out.contains("deb1 login:"), "{out}");
     // Another key is refused.
     let other = st.join("other");
     Command::new("ssh-keygen")
