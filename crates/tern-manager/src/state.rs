@@ -286,6 +286,8 @@ mod tests {
             cpu_measured: false,
             last_moved: None,
             disks_made: false,
+            guest: None,
+            restarts: Default::default(),
         };
         let mut snap = Snapshot::default();
         snap.vms.insert("a".into(), vm("a", Some("h1")));

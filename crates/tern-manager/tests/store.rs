@@ -34,6 +34,8 @@ fn vm(name: &str, on: &str) -> Vm {
         cpu_measured: true,
         last_moved: None,
         disks_made: false,
+        guest: None,
+        restarts: Default::default(),
     }
 }
 

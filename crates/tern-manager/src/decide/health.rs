@@ -298,6 +298,7 @@ mod tests {
             vms: vec![VmLoad {
                 name: "a".parse().unwrap(),
                 cpu_used: 1.0,
+                guest: None,
             }],
             store_free_mib: None,
         };

@@ -5,6 +5,7 @@
 //! - [`balance`]: one balancing round: planner, cost/benefit, limits.
 //! - [`catalog`]: images and templates, and a new VM's spec filled from its template.
 //! - [`health`]: dead hosts, restarting their VMs once, evacuating drained hosts.
+//! - [`guest`]: guest health as hosts report it, and each VM's HA policy applied to it.
 //! - [`lease`]: host leases, and when a host's guests are surely stopped.
 //! - [`lifecycle`]: start, stop, reboot, pause, resume, suspend and restore.
 //! - [`network`]: guest addresses handed out on the hosts' network.
@@ -12,6 +13,7 @@
 
 pub mod balance;
 pub mod catalog;
+pub mod guest;
 pub mod health;
 pub mod lease;
 pub mod lifecycle;
@@ -72,6 +74,16 @@ pub enum Command {
     SetVcpuPolicy {
         name: String,
         policy: VcpuPolicy,
+    },
+    /// Records what the manager does when the VM's guest panics or stops answering;
+    /// clears a given-up restart record, so HA tries again.
+    SetHaPolicy {
+        name: String,
+        policy: tern_api::health::HaPolicy,
+    },
+    /// The VM's host power-cycled it for HA (see [`guest`]).
+    GuestRestarted {
+        vm: String,
     },
     PutSettings(BalancerSettings),
     /// Records an image whose files are uploaded next.
@@ -271,6 +283,30 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
                 false => vec![Change::PutVm(set.clone())],
             };
             Ok((changes, Reply::Vm(set)))
+        }
+        Command::SetHaPolicy { name, policy } => {
+            let v = vm(snap, &name)?;
+            if v.state == VmState::Deleting {
+                return Err(Error::Conflict(format!(
+                    "VM {name:?} is being deleted: it has no HA policy to set"
+                )));
+            }
+            let mut set = v.clone();
+            set.spec.ha_policy = policy;
+            set.restarts.failed = None;
+            let changes = match set == *v {
+                true => Vec::new(),
+                false => vec![Change::PutVm(set.clone())],
+            };
+            Ok((changes, Reply::Vm(set)))
+        }
+        Command::GuestRestarted { vm: name } => {
+            let v = vm(snap, &name)?;
+            let changes = match v.restarts.pending {
+                true => vec![Change::PutVm(guest::restarted(v, now))],
+                false => Vec::new(),
+            };
+            Ok((changes, Reply::Done))
         }
         Command::PutSettings(s) => {
             s.validate().map_err(|e| Error::BadInput(e.to_string()))?;
@@ -511,6 +547,10 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
             l.cpu_used
         };
         next.cpu_measured = true;
+        next.guest = guest::merge(v.guest.as_ref(), l.guest.as_ref(), now);
+        changes.extend(
+            guest::health_event(&v.name, v.guest.as_ref(), next.guest.as_ref()).map(Change::Event),
+        );
         // Running where it should be, though its create was never answered (the answer
         // was lost, or the manager restarted): it is running.
         if v.state == VmState::Pending && v.desired_host.as_deref() == Some(name) {
@@ -663,6 +703,8 @@ fn create_one(
         cpu_measured: false,
         last_moved: None,
         disks_made: false,
+        guest: None,
+        restarts: Default::default(),
     };
     let changes = vec![
         Change::PutVm(v.clone()),
@@ -822,6 +864,8 @@ pub(crate) mod testing {
                 cpu_measured: true,
                 last_moved: None,
                 disks_made: false,
+                guest: None,
+                restarts: Default::default(),
             },
         );
     }
@@ -1001,6 +1045,7 @@ mod tests {
             vms: vec![VmLoad {
                 name: "a".parse().unwrap(),
                 cpu_used: 0.5,
+                guest: None,
             }],
             store_free_mib: None,
         };
@@ -1051,6 +1096,7 @@ mod tests {
             vms: vec![VmLoad {
                 name: "found".parse().unwrap(),
                 cpu_used: 0.5,
+                guest: None,
             }],
             store_free_mib: None,
         };
