@@ -202,7 +202,10 @@ pub fn read_console(log: &Path, offset: u64) -> std::io::Result<(u64, Option<Str
     f.seek(SeekFrom::Start(from))?;
     let mut buf = Vec::new();
     f.take(len - from).read_to_end(&mut buf)?;
-    Ok((from + buf.len() as u64, panic_line(&String::from_utf8_lossy(&buf))))
+    Ok((
+        from + buf.len() as u64,
+        panic_line(&String::from_utf8_lossy(&buf)),
+    ))
 }
 
 /// The first kernel panic line in console text (pure).
@@ -281,13 +284,11 @@ impl crate::state::AppState {
         let ping = async {
             let socket = v.control_socket.as_ref()?;
             let req = serde_json::json!({"cmd": "ping"});
-            let answer = tokio::time::timeout(
-                bound,
-                self.guests.request(&v.id, socket, req, bound),
-            )
-            .await
-            .ok()?
-            .ok()?;
+            let answer =
+                tokio::time::timeout(bound, self.guests.request(&v.id, socket, req, bound))
+                    .await
+                    .ok()?
+                    .ok()?;
             answer.get("ok").and_then(serde_json::Value::as_bool)
         };
         let held = async {
@@ -392,7 +393,10 @@ mod tests {
         assert_eq!(p.health.since_ms, 3000);
         // Still panicked even if something answered on the old channel.
         let again = judge(Some(&p), &look(1, 4, true), 4000, &cfg());
-        assert_eq!((again.health.state, again.health.since_ms), (Panicked, 3000));
+        assert_eq!(
+            (again.health.state, again.health.since_ms),
+            (Panicked, 3000)
+        );
         // A new QEMU (the VM was restarted) boots afresh.
         let reborn = judge(Some(&again), &look(2, 5, false), 5000, &cfg());
         assert_eq!(reborn.health.state, Booting);

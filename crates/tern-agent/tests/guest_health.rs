@@ -97,7 +97,10 @@ async fn a_panic_and_a_hang_are_seen_and_a_power_cycle_clears_them() {
         wait_state(c, "p1", GuestState::Unresponsive, Duration::from_secs(60)).await;
     eprintln!("hang detected after {took:?} (bound {SILENT:?}): {reason}");
     assert!(hung.elapsed() > SILENT, "unresponsive only after the bound");
-    assert!(took < SILENT + Duration::from_secs(10), "hang seen after {took:?}");
+    assert!(
+        took < SILENT + Duration::from_secs(10),
+        "hang seen after {took:?}"
+    );
     assert!(c.show_vm("p1").await.unwrap().info.pid.is_some());
 
     c.act("p1", Action::Reboot).await.unwrap();

@@ -390,7 +390,10 @@ pub struct Vm {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<crate::health::GuestHealth>,
     /// What HA did to its guest lately (`spec.ha_policy`).
-    #[serde(default, skip_serializing_if = "crate::health::GuestRestarts::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "crate::health::GuestRestarts::is_empty"
+    )]
     pub restarts: crate::health::GuestRestarts,
 }
 

@@ -534,7 +534,9 @@ fn a_panicked_guest_is_restarted_or_left_as_its_ha_policy_says() {
     ]));
     assert_eq!(l["spec"]["ha_policy"], "leave", "{l}");
     for vm in ["r1", "l1"] {
-        wait_for(&format!("{vm}'s guest ok"), 240, || guest_state(&lab, vm) == "ok");
+        wait_for(&format!("{vm}'s guest ok"), 240, || {
+            guest_state(&lab, vm) == "ok"
+        });
     }
     let listed = lab.cli(&["vm", "list"]);
     let table = String::from_utf8_lossy(&listed.stdout);
@@ -545,21 +547,34 @@ fn a_panicked_guest_is_restarted_or_left_as_its_ha_policy_says() {
         let v = lab.guest_of(host, vm, &["panic"]);
         assert_eq!(v["result"]["kind"], "panicking", "{v}");
     }
-    wait_for("l1 shown panicked", 60, || guest_state(&lab, "l1") == "panicked");
+    wait_for("l1 shown panicked", 60, || {
+        guest_state(&lab, "l1") == "panicked"
+    });
     eprintln!("the manager shows the panic after {:?}", t0.elapsed());
     wait_for("r1 restarted", 120, || {
         let v = json(&lab.cli(&["vm", "show", "r1", "--json"]));
-        v["restarts"]["at_ms"].as_array().is_some_and(|a| a.len() == 1)
+        v["restarts"]["at_ms"]
+            .as_array()
+            .is_some_and(|a| a.len() == 1)
     });
     eprintln!("r1 restarted {:?} after its panic", t0.elapsed());
-    wait_for("r1's guest ok again", 240, || guest_state(&lab, "r1") == "ok");
-    eprintln!("r1's guest answers again {:?} after its panic", t0.elapsed());
+    wait_for("r1's guest ok again", 240, || {
+        guest_state(&lab, "r1") == "ok"
+    });
+    eprintln!(
+        "r1's guest answers again {:?} after its panic",
+        t0.elapsed()
+    );
     // A new boot: the guest agent's uptime started over.
     let pong = lab.guest_of("h1", "r1", &["ping"]);
     let uptime = pong["result"]["uptime_s"].as_f64().unwrap();
     assert!(uptime < t0.elapsed().as_secs_f64(), "{pong}");
     let r = json(&lab.cli(&["vm", "show", "r1", "--json"]));
-    assert_eq!((&r["state"], &r["observed_host"]), (&"running".into(), &"h1".into()), "{r}");
+    assert_eq!(
+        (&r["state"], &r["observed_host"]),
+        (&"running".into(), &"h1".into()),
+        "{r}"
+    );
 
     // `leave`: still panicked, never restarted.
     let l = json(&lab.cli(&["vm", "show", "l1", "--json"]));
@@ -567,7 +582,10 @@ fn a_panicked_guest_is_restarted_or_left_as_its_ha_policy_says() {
     assert!(l["restarts"]["at_ms"].is_null(), "{l}");
     let shown = lab.cli(&["vm", "show", "l1"]);
     let text = String::from_utf8_lossy(&shown.stdout);
-    assert!(text.contains("guest: panicked") && text.contains("HA policy: leave"), "{text}");
+    assert!(
+        text.contains("guest: panicked") && text.contains("HA policy: leave"),
+        "{text}"
+    );
     let events = json(&lab.cli(&["events", "--limit", "1000", "--json"]));
     let kinds: Vec<(&str, &str)> = events
         .as_array()

@@ -37,11 +37,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
+use tern_api::health::HaPolicySetting;
 use tern_api::manager::{
     BalancePlan, CreateVm, HeartbeatReply, JoinReply, JoinRequest, LeaseGrant, MigrateVm,
     MigrationView, Page, RegisterHost,
 };
-use tern_api::health::HaPolicySetting;
 use tern_api::vcpu::VcpuPolicySetting;
 use tern_pki::{Ca, Role, Secure, Trust};
 

@@ -67,7 +67,11 @@ pub fn merge(
 }
 
 /// The event for a VM whose guest health went from `prev` to `next`, if it changed.
-pub fn health_event(vm: &str, prev: Option<&GuestHealth>, next: Option<&GuestHealth>) -> Option<EventKind> {
+pub fn health_event(
+    vm: &str,
+    prev: Option<&GuestHealth>,
+    next: Option<&GuestHealth>,
+) -> Option<EventKind> {
     let to = next?;
     if prev.map(|p| p.state) == Some(to.state) {
         return None;
@@ -250,8 +254,13 @@ mod tests {
             }
         );
         let c = tick(&snap, 1_000, &limits());
-        assert!(matches!(&c[0], Change::PutVm(n) if n.restarts.pending && n.restarts.at_ms == [1_000]));
-        assert!(matches!(&c[1], Change::Event(EventKind::VmGuestRestart { attempt: 1, .. })));
+        assert!(
+            matches!(&c[0], Change::PutVm(n) if n.restarts.pending && n.restarts.at_ms == [1_000])
+        );
+        assert!(matches!(
+            &c[1],
+            Change::Event(EventKind::VmGuestRestart { attempt: 1, .. })
+        ));
         let left = snap_with(down(GuestState::Panicked, 0), HaPolicy::Leave);
         assert!(tick(&left, 100_000, &limits()).is_empty());
         let ok = snap_with(down(GuestState::Ok, 0), HaPolicy::Restart);
@@ -273,7 +282,10 @@ mod tests {
         }
         let mut snap = snap_with(down(GuestState::Panicked, 0), HaPolicy::Restart);
         snap.hosts.get_mut("h0").unwrap().state = HostState::Dead;
-        assert!(tick(&snap, 100_000, &limits()).is_empty(), "a dead host's VMs are the host HA's");
+        assert!(
+            tick(&snap, 100_000, &limits()).is_empty(),
+            "a dead host's VMs are the host HA's"
+        );
     }
 
     #[test]
@@ -315,7 +327,10 @@ mod tests {
         snap.vms.get_mut("v").unwrap().restarts.at_ms = vec![10_000];
         // The backoff is over, but the guest was seen down since before the restart:
         // the report predates it.
-        assert_eq!(verdict(&snap, &snap.vms["v"], 100_000, &limits()), Verdict::Wait);
+        assert_eq!(
+            verdict(&snap, &snap.vms["v"], 100_000, &limits()),
+            Verdict::Wait
+        );
     }
 
     #[test]

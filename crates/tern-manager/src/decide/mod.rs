@@ -128,6 +128,9 @@ pub enum Command {
 }
 
 /// What a command answers.
+// A reply lives from a decision to its answer, one at a time: boxing the VM record to
+// make the other variants smaller would cost an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Reply {
     Host(Host),

@@ -11,8 +11,8 @@ pub mod trace;
 
 use reqwest::Method;
 use serde_json::Value;
-use tern_api::manager::{CreateVm, VmAction, VmActionRequest, VmSpec};
 use tern_api::health::{HaPolicy, HaPolicySetting};
+use tern_api::manager::{CreateVm, VmAction, VmActionRequest, VmSpec};
 use tern_api::vcpu::{VcpuPolicy, VcpuPolicySetting};
 use tern_model::{HostName, VmName};
 
