@@ -303,7 +303,13 @@ impl crate::state::AppState {
                 .ok()
                 .flatten()
         };
-        let (answered, held_panicked, console) = tokio::join!(ping, held, console);
+        // A guest QEMU holds cannot answer: no need to wait out the ping's timeout.
+        let held_panicked = held.await;
+        let (answered, console) = if held_panicked {
+            (None, console.await)
+        } else {
+            tokio::join!(ping, console)
+        };
         let at = self.epoch.elapsed();
         let (offset, console_panic) = match console {
             Some((o, line)) => (Some(o), line),

@@ -196,6 +196,14 @@ pub fn tick(snap: &Snapshot, now: Millis, limits: &HaLimits) -> Vec<Change> {
     changes
 }
 
+/// `v` with no guest any more (it is placed anew, or its host lost it): its health is
+/// gone with its QEMU, and a pending restart is moot; the restarts so far still count.
+pub fn gone(mut v: Vm) -> Vm {
+    v.guest = None;
+    v.restarts.pending = false;
+    v
+}
+
 /// Records that the host power-cycled VM `v` for HA (pure): no longer pending, its new
 /// guest booting.
 pub fn restarted(v: &Vm, now: Millis) -> Vm {
@@ -331,6 +339,41 @@ mod tests {
             verdict(&snap, &snap.vms["v"], 100_000, &limits()),
             Verdict::Wait
         );
+    }
+
+    #[test]
+    fn a_vm_lost_and_created_again_does_not_inherit_its_old_guests_panic() {
+        let mut snap = snap_with(down(GuestState::Panicked, 0), HaPolicy::Restart);
+        snap.vms.get_mut("v").unwrap().restarts.pending = true;
+        snap.index();
+        // Its host reports it gone: it is created again, with no guest and nothing pending.
+        let report = crate::decide::LoadReport {
+            cpu_used: 0.0,
+            vms: vec![],
+            store_free_mib: None,
+        };
+        run(
+            &mut snap,
+            50_000,
+            crate::decide::Command::Heartbeat {
+                host: "h0".into(),
+                report,
+            },
+        )
+        .unwrap();
+        let v = &snap.vms["v"];
+        assert_eq!(v.state, VmState::Pending);
+        assert!(v.guest.is_none() && !v.restarts.pending, "{v:?}");
+        run(
+            &mut snap,
+            51_000,
+            crate::decide::Command::VmStarted {
+                vm: "v".into(),
+                host: "h0".into(),
+            },
+        )
+        .unwrap();
+        assert!(tick(&snap, 100_000, &limits()).is_empty());
     }
 
     #[test]

@@ -327,12 +327,12 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
             let v = vm(snap, &name)?;
             let mut changes = Vec::new();
             if v.desired_host.as_deref() == Some(host.as_str()) && v.state == VmState::Pending {
-                changes.push(Change::PutVm(Vm {
+                changes.push(Change::PutVm(guest::gone(Vm {
                     observed_host: Some(host.clone()),
                     state: VmState::Running,
                     disks_made: true,
                     ..v.clone()
-                }));
+                })));
                 changes.push(Change::Event(EventKind::VmRunning { vm: name, host }));
             }
             Ok((changes, Reply::Done))
@@ -578,11 +578,11 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
             && v.observed_host.as_deref() == Some(name)
             && !reported.contains(v.name.as_str())
         {
-            changes.push(Change::PutVm(Vm {
+            changes.push(Change::PutVm(guest::gone(Vm {
                 state: VmState::Pending,
                 observed_host: None,
                 ..v.clone()
-            }));
+            })));
             changes.push(Change::Event(EventKind::VmLost {
                 vm: v.name.clone(),
                 host: name.to_owned(),
