@@ -484,11 +484,14 @@ fn guest_state(lab: &Lab, vm: &str) -> String {
 
 /// Guest health through the manager: two VMs boot the catalogue image, one with the
 /// default HA policy (`restart`), one with `leave`; both guests panic. The first is
-/// power-cycled on its host and answers again; the second stays shown as panicked until
-/// its policy becomes `restart`.
+/// power-cycled on its host and answers again, and when it panics once more (past the
+/// one restart the manager allows here) is shown failed; the second stays shown as
+/// panicked until its policy becomes `restart`.
 #[test]
 fn a_panicked_guest_is_restarted_or_left_as_its_ha_policy_says() {
-    let Some(lab) = lab_with_manager("the guest health lab test", &[]) else {
+    // A short grace, and one restart allowed: the second panic is left failed.
+    let ha = ["--guest-grace-s", "3", "--guest-max-restarts", "1"];
+    let Some(lab) = lab_with_manager("the guest health lab test", &ha) else {
         return;
     };
     let cache = tern_testkit::test_cache_dir();
@@ -575,6 +578,24 @@ fn a_panicked_guest_is_restarted_or_left_as_its_ha_policy_says() {
         (&"running".into(), &"h1".into()),
         "{r}"
     );
+    // It panics again: the one restart allowed is spent, so HA gives up and says why.
+    lab.guest_of("h1", "r1", &["panic"]);
+    wait_for("r1 given up", 60, || {
+        let v = json(&lab.cli(&["vm", "show", "r1", "--json"]));
+        v["restarts"]["failed"].is_string()
+    });
+    let r = json(&lab.cli(&["vm", "show", "r1", "--json"]));
+    let why = r["restarts"]["failed"].as_str().unwrap();
+    assert!(why.contains("panicked after 1 restarts"), "{r}");
+    assert_eq!(r["guest"]["state"], "panicked", "{r}");
+    let listed = lab.cli(&["vm", "list"]);
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("r1") && l.contains("failed")),
+        "{table}"
+    );
 
     // `leave`: still panicked, never restarted.
     let l = json(&lab.cli(&["vm", "show", "l1", "--json"]));
@@ -594,6 +615,7 @@ fn a_panicked_guest_is_restarted_or_left_as_its_ha_policy_says() {
         .map(|e| (e["type"].as_str().unwrap(), e["vm"].as_str().unwrap_or("")))
         .collect();
     assert!(kinds.contains(&("vm_guest_restart", "r1")), "{kinds:?}");
+    assert!(kinds.contains(&("vm_guest_failed", "r1")), "{kinds:?}");
     assert!(kinds.contains(&("vm_guest_health", "l1")), "{kinds:?}");
     assert!(!kinds.contains(&("vm_guest_restart", "l1")), "{kinds:?}");
 
