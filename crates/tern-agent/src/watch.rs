@@ -10,6 +10,7 @@
 //!                     │                 │             │
 //!                     │ no answer       │ no answer   │
 //!                     │ > boot_within   │ > unresponsive_after
+//!                     │ (when set)      │
 //!                     └──────────► unresponsive ──────┘
 //!  pvpanic, or "Kernel panic" on the console ──► panicked (until a new QEMU)
 //! ```
@@ -30,9 +31,11 @@ pub struct WatchConfig {
     pub ping_timeout: Duration,
     /// A guest that answered before and has not since for this long is unresponsive.
     pub unresponsive_after: Duration,
-    /// A guest that has not answered once this long after its QEMU started is
-    /// unresponsive (booting under TCG on a busy host takes a while).
-    pub boot_within: Duration,
+    /// When set, a guest that has not answered once this long after its QEMU started
+    /// is unresponsive (booting under TCG on a busy host takes a while). Unset, such a
+    /// guest stays `booting`: an image without the guest agent never answers, and is
+    /// not for that a guest that stopped.
+    pub boot_within: Option<Duration>,
 }
 
 impl Default for WatchConfig {
@@ -41,7 +44,7 @@ impl Default for WatchConfig {
             every: Duration::from_secs(2),
             ping_timeout: Duration::from_secs(3),
             unresponsive_after: Duration::from_secs(20),
-            boot_within: Duration::from_secs(300),
+            boot_within: None,
         }
     }
 }
@@ -148,7 +151,7 @@ pub fn judge(prev: Option<&Watch>, look: &Look, wall_ms: u64, cfg: &WatchConfig)
         }
     } else {
         let up = look.at.saturating_sub(started);
-        if up > cfg.boot_within {
+        if cfg.boot_within.is_some_and(|b| up > b) {
             (
                 GuestState::Unresponsive,
                 format!(
@@ -338,7 +341,7 @@ mod tests {
             every: Duration::from_secs(1),
             ping_timeout: Duration::from_secs(1),
             unresponsive_after: Duration::from_secs(10),
-            boot_within: Duration::from_secs(60),
+            boot_within: Some(Duration::from_secs(60)),
         }
     }
 
@@ -385,6 +388,17 @@ mod tests {
         use GuestState::*;
         let s = states(&[look(1, 0, false), look(1, 60, false), look(1, 61, false)]);
         assert_eq!(s, [Booting, Booting, Unresponsive]);
+    }
+
+    #[test]
+    fn without_a_boot_bound_a_guest_that_never_answered_stays_booting() {
+        let c = WatchConfig {
+            boot_within: None,
+            ..cfg()
+        };
+        let first = judge(None, &look(1, 0, false), 0, &c);
+        let later = judge(Some(&first), &look(1, 100_000, false), 1, &c);
+        assert_eq!(later.health.state, GuestState::Booting);
     }
 
     #[test]

@@ -21,7 +21,7 @@ async fn agent() -> Agent {
         every: Duration::from_secs(1),
         ping_timeout: Duration::from_secs(2),
         unresponsive_after: SILENT,
-        boot_within: Duration::from_secs(240),
+        boot_within: Some(Duration::from_secs(240)),
     };
     watch.check().unwrap();
     Agent::start_watching(

@@ -140,9 +140,10 @@ pub struct Daemon {
     #[arg(long, value_name = "SECS", default_value_t = 20)]
     pub guest_unresponsive_after: u64,
     /// Seconds a new guest gets to answer its first ping before it is reported
-    /// unresponsive (booting under TCG on a busy host is slow).
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
-    pub guest_boot_within: u64,
+    /// unresponsive (booting under TCG on a busy host is slow) [default: never: a guest
+    /// whose image has no guest agent stays `booting`].
+    #[arg(long, value_name = "SECS")]
+    pub guest_boot_within: Option<u64>,
 }
 
 /// Opens `--local-store DIR`; it must not be the shared store, whose files every host
@@ -286,7 +287,7 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
     // to, with the same credentials.
     let watch = tern_agent::watch::WatchConfig {
         unresponsive_after: Duration::from_secs(args.guest_unresponsive_after),
-        boot_within: Duration::from_secs(args.guest_boot_within),
+        boot_within: args.guest_boot_within.map(Duration::from_secs),
         ..Default::default()
     };
     watch
