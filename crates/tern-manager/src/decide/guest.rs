@@ -377,6 +377,30 @@ mod tests {
     }
 
     #[test]
+    fn a_new_policy_is_recorded_and_clears_a_given_up_record() {
+        let mut snap = snap_with(down(GuestState::Panicked, 0), HaPolicy::Restart);
+        snap.vms.get_mut("v").unwrap().restarts.failed = Some("gave up".into());
+        let set = |p| crate::decide::Command::SetHaPolicy {
+            name: "v".into(),
+            policy: p,
+        };
+        run(&mut snap, 1, set(HaPolicy::Leave)).unwrap();
+        let v = &snap.vms["v"];
+        assert_eq!(v.spec.ha_policy, HaPolicy::Leave);
+        assert!(v.restarts.failed.is_none());
+        // Unchanged: nothing to record.
+        let (changes, _) = crate::decide::decide(&snap, 2, set(HaPolicy::Leave)).unwrap();
+        assert!(changes.is_empty());
+        snap.vms.get_mut("v").unwrap().state = VmState::Deleting;
+        assert!(crate::decide::decide(&snap, 3, set(HaPolicy::Restart)).is_err());
+        let unknown = crate::decide::Command::SetHaPolicy {
+            name: "nope".into(),
+            policy: HaPolicy::Leave,
+        };
+        assert!(crate::decide::decide(&snap, 3, unknown).is_err());
+    }
+
+    #[test]
     fn merged_health_keeps_the_managers_since_while_the_state_holds() {
         let rep = |s| GuestHealth {
             state: s,
