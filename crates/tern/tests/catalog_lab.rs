@@ -486,7 +486,8 @@ fn guest_state(lab: &Lab, vm: &str) -> String {
 /// default HA policy (`restart`), one with `leave`; both guests panic. The first is
 /// power-cycled on its host and answers again, and when it panics once more (past the
 /// one restart the manager allows here) is shown failed; the second stays shown as
-/// panicked until its policy becomes `restart`.
+/// panicked until its policy becomes `restart`, and after an operator's reboot is
+/// restarted again when it hangs.
 #[test]
 fn a_panicked_guest_is_restarted_or_left_as_its_ha_policy_says() {
     // A short grace, and one restart allowed: the second panic is left failed.
@@ -625,6 +626,30 @@ fn a_panicked_guest_is_restarted_or_left_as_its_ha_policy_says() {
     wait_for("l1's guest ok after its policy changed", 240, || {
         guest_state(&lab, "l1") == "ok"
     });
+
+    // An operator's reboot clears the HA record. A hang (the guest agent starved while
+    // QEMU runs) is then seen as unresponsive after the agent's silence bound (20 s by
+    // default), and restarted like the panic.
+    let v = json(&lab.cli(&["vm", "reboot", "l1", "--json"]));
+    assert!(v["restarts"].is_null(), "{v}");
+    wait_for("l1's guest ok after its reboot", 240, || {
+        guest_state(&lab, "l1") == "ok"
+    });
+    let t1 = Instant::now();
+    let v = lab.guest_of("h2", "l1", &["hang"]);
+    assert_eq!(v["result"]["kind"], "hanging", "{v}");
+    wait_for("l1 shown unresponsive", 90, || {
+        guest_state(&lab, "l1") == "unresponsive"
+    });
+    eprintln!("the manager shows the hang after {:?}", t1.elapsed());
+    wait_for("l1 restarted after its hang and ok", 240, || {
+        let v = json(&lab.cli(&["vm", "show", "l1", "--json"]));
+        v["restarts"]["at_ms"]
+            .as_array()
+            .is_some_and(|a| a.len() == 1)
+            && v["guest"]["state"] == "ok"
+    });
+    eprintln!("l1's guest answers again {:?} after its hang", t1.elapsed());
     for vm in ["r1", "l1"] {
         json(&lab.cli(&["vm", "delete", vm, "--json"]));
     }
