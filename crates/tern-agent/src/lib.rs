@@ -14,6 +14,7 @@
 //! - [`openapi`]: the API's OpenAPI document, generated from the handlers and types.
 //! - [`trace`]: the trace route, recording a VM's vCPU threads with `tern-trace`.
 //! - [`vcpu`]: vCPU scheduling policies (`none`, `pin`, `gang`) and their route.
+//! - [`watch`]: guest health: pings, pvpanic and the console, judged per running VM.
 
 pub mod api;
 pub mod client;
@@ -31,6 +32,7 @@ pub mod state;
 pub mod trace;
 pub mod vcpu;
 pub mod vms;
+pub mod watch;
 
 pub use error::AgentError;
 pub use state::{AppState, HostConfig};

@@ -78,6 +78,17 @@ pub async fn serve_with(
             }
         })
     };
+    let watcher = {
+        let state = state.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(state.watch.every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                state.watch_guests().await;
+            }
+        })
+    };
     let served = tern_pki::serve::serve(
         listener,
         app(state.clone()),
@@ -88,6 +99,7 @@ pub async fn serve_with(
     .await
     .map_err(AgentError::io("serving HTTP"));
     sampler.abort();
+    watcher.abort();
     match serving.on_exit {
         OnExit::StopVms => {
             for vm in state.hv.list().await.unwrap_or_default() {

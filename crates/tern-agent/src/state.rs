@@ -114,6 +114,9 @@ pub struct AppState {
     pub images: crate::images::ImageSource,
     /// Where VM local disks are made (`--local-store`); `None`: local disks are refused.
     pub local_store: Option<tern_hv::disk::Store>,
+    /// How running guests are watched, and what was last seen of each.
+    pub watch: crate::watch::WatchConfig,
+    pub watches: Arc<Mutex<crate::watch::Watches>>,
     /// The host identity's directory (`ca.pem`, `cert.pem`, `key.pem`): QEMU is given
     /// copies to guard the NBD link that moves local disks. `None`: local disks do not
     /// move.
@@ -139,8 +142,16 @@ impl AppState {
             store: None,
             images: Default::default(),
             local_store: None,
+            watch: Default::default(),
+            watches: Arc::default(),
             identity_dir: None,
         }
+    }
+
+    /// Watches guests with `cfg` instead of the defaults.
+    pub fn with_guest_watch(mut self, cfg: crate::watch::WatchConfig) -> AppState {
+        self.watch = cfg;
+        self
     }
 
     /// Makes local disks in `store` (the driver must open them from the same store).

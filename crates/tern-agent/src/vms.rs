@@ -22,7 +22,21 @@ impl AppState {
     /// The API view of a driver's VM.
     pub fn view(&self, info: VmInfo) -> VmView {
         let cpu_cores = self.load.lock().expect("load table lock").cores(&info.id);
-        VmView { info, cpu_cores }
+        // Only a running VM has a guest to judge; a watch outlives a stop by one look.
+        let guest = (info.state == tern_hv::VmState::Running)
+            .then(|| {
+                let watches = self.watches.lock().expect("guest watch lock");
+                watches
+                    .get(&info.id)
+                    .filter(|w| Some(w.pid) == info.pid)
+                    .map(|w| w.health.clone())
+            })
+            .flatten();
+        VmView {
+            info,
+            cpu_cores,
+            guest,
+        }
     }
 
     /// Memory reserved by all defined VMs, in MiB.

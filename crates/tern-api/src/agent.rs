@@ -563,6 +563,10 @@ pub struct VmView {
     pub info: VmInfo,
     /// vCPU threads' CPU use over the last sampling interval, in cores.
     pub cpu_cores: Option<f64>,
+    /// Whether its guest answers, while its QEMU runs (absent: not running, or not
+    /// watched yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<crate::health::GuestHealth>,
 }
 
 /// The JSON body of every error response.

@@ -92,6 +92,13 @@ pub enum Command {
     Health,
     /// Powers the guest off (QEMU exits when the guest does).
     Poweroff,
+    /// Fault injection for tests of guest health: after answering, the guest kernel
+    /// panics (`c` written to `/proc/sysrq-trigger`).
+    Panic,
+    /// Fault injection for tests of guest health: after answering, the guest hangs: a
+    /// real-time busy loop on every CPU (with the kernel's real-time throttling off)
+    /// starves every other process, this agent included, until the guest is reset.
+    Hang,
     /// Starts recording the guest kernel's scheduler events of every process. The
     /// recording stops by itself when no `trace_read` came for `idle_stop_ms` (the host
     /// went away) and keeps at most `max_records` unread records (the rest are counted
@@ -526,6 +533,11 @@ pub enum Reply {
     DiskCheck(DiskReport),
     Health(HealthReport),
     PoweringOff,
+    Panicking,
+    /// The guest hangs on its `cpus` CPUs once this answer is out.
+    Hanging {
+        cpus: u32,
+    },
     TraceStarted {
         /// Guest vCPUs recorded (guest CPU n is vCPU n).
         cpus: Vec<u32>,

@@ -15,6 +15,7 @@
 //! - `client` (feature `client`): one HTTP client for both servers, typed per route.
 //! - [`guest`]: the JSON-lines protocol between the host and `tern-guest` in a VM.
 //! - [`guest_config`]: what a guest is told at creation (host name, ssh keys, address).
+//! - [`health`]: guest health as hosts report it, and the HA policy applied to it.
 //! - [`trace`]: the agent's trace API: a host recording of a VM's vCPU threads.
 //! - [`vcpu`]: vCPU scheduling policies (`none`, `pin`, `gang`).
 //! - `request` (feature `server`): request bodies parsed strictly, at every depth.
@@ -26,6 +27,7 @@ pub mod catalog;
 pub mod client;
 pub mod guest;
 pub mod guest_config;
+pub mod health;
 pub mod manager;
 pub mod migration;
 #[cfg(feature = "openapi")]

@@ -105,6 +105,10 @@ pub struct VmSpec {
     /// Absent in records written before it existed: `none`.
     #[serde(default)]
     pub vcpu_policy: crate::vcpu::VcpuPolicy,
+    /// What the manager does when its guest panics or stops answering (`docs/manager.md`,
+    /// "Guest health"). Absent: `restart`.
+    #[serde(default)]
+    pub ha_policy: crate::health::HaPolicy,
     /// The catalogue image it boots (`docs/images.md`). Absent in a create request: the
     /// template's; absent on a VM: the host's default guest, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,6 +149,7 @@ impl VmSpec {
             affinity: None,
             anti_affinity: None,
             vcpu_policy: Default::default(),
+            ha_policy: Default::default(),
             image: None,
             disks: Vec::new(),
             cmdline: String::new(),
@@ -380,6 +385,16 @@ pub struct Vm {
     /// in the shared store, so its data survives.
     #[serde(default)]
     pub disks_made: bool,
+    /// Its guest's health as its host last reported it, since when the manager saw it
+    /// so. Absent: not running, or its host reports no guest health.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<crate::health::GuestHealth>,
+    /// What HA did to its guest lately (`spec.ha_policy`).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::health::GuestRestarts::is_empty"
+    )]
+    pub restarts: crate::health::GuestRestarts,
 }
 
 /// Why a migration was started.
@@ -539,6 +554,27 @@ pub enum EventKind {
     VmLost {
         vm: String,
         host: String,
+    },
+    /// Its guest's health changed (`from` absent: the first report).
+    VmGuestHealth {
+        vm: String,
+        from: Option<crate::health::GuestState>,
+        to: crate::health::GuestState,
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reason: String,
+    },
+    /// HA powers its stopped guest off and starts it again on `host` (`attempt` of the
+    /// restart window), because of `reason`.
+    VmGuestRestart {
+        vm: String,
+        host: String,
+        attempt: u32,
+        reason: String,
+    },
+    /// HA gave up restarting its guest: it failed again after every allowed restart.
+    VmGuestFailed {
+        vm: String,
+        reason: String,
     },
     MigrationStarted {
         id: u64,
@@ -733,6 +769,9 @@ pub struct VmLoad {
     /// Cores it uses.
     #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 4096))]
     pub cpu_used: f64,
+    /// Its guest's health; absent from agents that do not watch it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest: Option<crate::health::GuestHealth>,
 }
 
 /// What the manager answers a heartbeat with.

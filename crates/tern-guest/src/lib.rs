@@ -8,6 +8,7 @@
 //! - [`pacing`]: pure rate control the workloads share.
 //! - [`health`]: kernel-log scanning (also for the host's copy of the console log).
 //! - [`channel`]: finding the virtio-serial port (or the UART) inside the guest.
+//! - [`fault`]: a kernel panic and a hang, injected on request for health tests.
 //! - [`config`]: applying the host's fw_cfg configuration (host name, ssh keys, address).
 //! - [`client`]: the host side, over QEMU's chardev Unix socket.
 //! - [`trace`]: the guest kernel's scheduler events, buffered (bounded) for the host.
@@ -19,6 +20,7 @@
 pub mod channel;
 pub mod client;
 pub mod config;
+pub mod fault;
 pub mod health;
 pub mod pacing;
 pub mod server;

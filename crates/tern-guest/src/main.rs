@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use tern_api::guest::WorkloadSpec;
 use tern_api::guest::DEFAULT_VERIFIER_PAGES_PER_SEC;
 use tern_guest::channel::{find_virtio_port, FALLBACK_UART, PORT_NAME};
+use tern_guest::fault::{self, Fault};
 use tern_guest::server::{serve, Agent, Ended};
 
 const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]\n       tern-guest apply-config [--from FILE] [--root DIR] [--shell]";
@@ -174,6 +175,15 @@ fn serve_device(agent: &mut Agent, device: &Path) -> ExitCode {
                 Ok(Ended::Poweroff) => {
                     poweroff();
                     return ExitCode::SUCCESS;
+                }
+                Ok(Ended::Fault(Fault::Panic)) => {
+                    let e = fault::panic_kernel();
+                    eprintln!("tern-guest: could not panic the kernel: {e}");
+                }
+                Ok(Ended::Fault(Fault::Hang)) => {
+                    if let Err(e) = fault::hang(fault::cpus()) {
+                        eprintln!("tern-guest: could not hang the guest: {e}");
+                    }
                 }
                 // With no host connected the port reads as end-of-file: wait, read again.
                 Ok(Ended::Eof) => std::thread::sleep(Duration::from_millis(50)),

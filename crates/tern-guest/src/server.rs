@@ -7,6 +7,7 @@
 use std::io::{BufRead, Write};
 use std::time::Instant;
 
+use crate::fault::{self, Fault};
 use crate::health;
 use crate::sysinfo;
 use crate::trace::{self, Tracer};
@@ -20,6 +21,8 @@ pub struct Agent {
     started: Instant,
     /// Set once the host asked for power-off; the caller acts on it after answering.
     pub poweroff_requested: bool,
+    /// Set once the host asked for a fault; the caller injects it after answering.
+    pub fault_requested: Option<Fault>,
     /// The scheduler trace under way, if any.
     tracer: Option<Tracer>,
 }
@@ -30,6 +33,7 @@ impl Default for Agent {
             workloads: Workloads::default(),
             started: Instant::now(),
             poweroff_requested: false,
+            fault_requested: None,
             tracer: None,
         }
     }
@@ -142,6 +146,16 @@ impl Agent {
                 self.poweroff_requested = true;
                 Reply::PoweringOff
             }
+            Command::Panic => {
+                self.fault_requested = Some(Fault::Panic);
+                Reply::Panicking
+            }
+            Command::Hang => {
+                self.fault_requested = Some(Fault::Hang);
+                Reply::Hanging {
+                    cpus: fault::cpus(),
+                }
+            }
         })
     }
 
@@ -161,6 +175,8 @@ pub enum Ended {
     Eof,
     /// The host asked for power-off and has been answered.
     Poweroff,
+    /// The host asked for a fault and has been answered.
+    Fault(Fault),
 }
 
 /// Answers requests from `input` on `output` until end of input or power-off.
@@ -186,6 +202,9 @@ pub fn serve(
         output.flush().map_err(GuestError::Io)?;
         if agent.poweroff_requested {
             return Ok(Ended::Poweroff);
+        }
+        if let Some(f) = agent.fault_requested.take() {
+            return Ok(Ended::Fault(f));
         }
     }
 }
@@ -233,5 +252,16 @@ mod tests {
         assert_eq!(ended, Ended::Poweroff);
         assert_eq!(r.len(), 1);
         assert_eq!(r[0].result, Some(Reply::PoweringOff));
+    }
+
+    #[test]
+    fn faults_end_the_loop_after_answering_and_are_left_to_the_caller() {
+        let (r, ended) = run("{\"id\":1,\"cmd\":\"panic\"}\n{\"id\":2,\"cmd\":\"ping\"}\n");
+        assert_eq!(ended, Ended::Fault(Fault::Panic));
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].result, Some(Reply::Panicking));
+        let (r, ended) = run("{\"id\":3,\"cmd\":\"hang\"}\n");
+        assert_eq!(ended, Ended::Fault(Fault::Hang));
+        assert!(matches!(r[0].result, Some(Reply::Hanging { cpus }) if cpus >= 1));
     }
 }

@@ -175,6 +175,13 @@ pub trait Hypervisor: Send + Sync {
             self.kind()
         )))
     }
+    /// Whether the guest of running VM `id` panicked, as its hypervisor saw it (QEMU's
+    /// pvpanic device: the guest is then held, not rebooted). A driver without a panic
+    /// device knows nothing of panics.
+    async fn guest_panicked(&self, id: &str) -> Result<bool> {
+        let _ = id;
+        Ok(false)
+    }
     /// Lets go of every VM without stopping it, for an agent that exits while its
     /// guests run on; a later driver adopts them. Returns the ids let go. A driver whose
     /// guests cannot outlive its process (the simulator) has nothing to let go.

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  load reports ──► heartbeats (stale copies on returning hosts destroyed)
-//!       └─► health step (dead hosts, restarts, evacuation)
+//!       └─► health step (dead hosts, restarts, evacuation), guest HA step
 //!             └─► balance round: planned on a copy, outside the store's lock;
 //!                 the moves that still hold committed (dry run: a recorded plan)
 //!                   └─► dispatch: agent calls for pending creates, deletes, migrations
@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use crate::client::{Connector, Progress};
 use crate::decide::balance::{self, BalancePlan};
 use crate::decide::reconcile::{self, Action};
-use crate::decide::{health, Command, Reply};
+use crate::decide::{guest, health, Command, Reply};
 use crate::error::Result;
 pub use crate::live::LiveMigrations;
 use crate::manager::Manager;
@@ -180,6 +180,13 @@ impl Control {
         let n = cmds.len();
         self.manager.execute_many(cmds)?;
         Ok(n)
+    }
+
+    /// The guest HA step (see [`guest::tick`]).
+    pub fn guest_ha(&self) -> Result<()> {
+        let limits = self.manager.ha_limits();
+        self.manager
+            .step(|s, now| (guest::tick(s, now, &limits), ()))
     }
 
     /// The health step (see [`health::tick`]).
@@ -377,6 +384,24 @@ impl Control {
                 }
                 Some(Command::MigrationDone { id: *id, result })
             }
+            Action::Restart { vm, host } => {
+                let req = tern_api::manager::VmActionRequest::default();
+                let done = match client(host) {
+                    Ok(c) => c.act(vm, tern_api::manager::VmAction::Reboot, &req).await,
+                    Err(e) => Err(e),
+                };
+                match done {
+                    Ok(()) => Some(Command::GuestRestarted { vm: vm.clone() }),
+                    // Still pending: asked again at the next dispatch.
+                    Err(e) => {
+                        self.warn(
+                            &format!("{vm}/restart"),
+                            format_args!("VM {vm} on {host}: HA restart failed: {e}"),
+                        );
+                        None
+                    }
+                }
+            }
         }
     }
 
@@ -450,6 +475,7 @@ impl Control {
     pub async fn round(self: &Arc<Self>) -> Result<RoundReport> {
         let (reports, unreachable, stale_destroyed) = self.collect_reports().await?;
         self.health()?;
+        self.guest_ha()?;
         let plan = self.balance()?;
         let dispatched = self.settle().await?;
         Ok(RoundReport {
@@ -509,6 +535,7 @@ impl Control {
             let step = async {
                 self.collect_reports().await?;
                 self.health()?;
+                self.guest_ha()?;
                 self.balance()?;
                 self.collect()?;
                 self.dispatch()

@@ -63,6 +63,8 @@ pub struct Manager {
     /// The catalogue's image files (`docs/images.md`); none on a manager of simulated
     /// hosts.
     catalog_dir: Option<std::path::PathBuf>,
+    /// How HA treats guests that stopped (see [`decide::guest`]).
+    ha_limits: decide::guest::HaLimits,
 }
 
 impl Manager {
@@ -84,6 +86,7 @@ impl Manager {
             live: Default::default(),
             addresses: HostAddresses::default(),
             catalog_dir: None,
+            ha_limits: Default::default(),
         })
     }
 
@@ -100,6 +103,17 @@ impl Manager {
     pub fn with_catalog(mut self, dir: std::path::PathBuf) -> Self {
         self.catalog_dir = Some(dir);
         self
+    }
+
+    /// Treats guests that stopped with `limits` instead of the defaults.
+    pub fn with_ha_limits(mut self, limits: decide::guest::HaLimits) -> Self {
+        self.ha_limits = limits;
+        self
+    }
+
+    /// How HA treats guests that stopped.
+    pub fn ha_limits(&self) -> decide::guest::HaLimits {
+        self.ha_limits
     }
 
     /// Where the catalogue's image files are, if this manager keeps any.

@@ -48,6 +48,9 @@ impl Validate for BalancerSettings {
 }
 
 /// One step of a decision's outcome. A decision's changes are committed atomically.
+// Changes live from a decision to its commit and most of them are VM records, so
+// boxing those to shrink the rarer variants would only add allocations.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
     PutHost(Host),
@@ -286,6 +289,8 @@ mod tests {
             cpu_measured: false,
             last_moved: None,
             disks_made: false,
+            guest: None,
+            restarts: Default::default(),
         };
         let mut snap = Snapshot::default();
         snap.vms.insert("a".into(), vm("a", Some("h1")));

@@ -25,6 +25,7 @@ fn report(host: usize, cpu: f64) -> Command {
                 .map(|i| VmLoad {
                     name: format!("v{host}-{i}").parse().unwrap(),
                     cpu_used: cpu,
+                    guest: None,
                 })
                 .collect(),
             store_free_mib: None,

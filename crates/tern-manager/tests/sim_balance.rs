@@ -101,6 +101,8 @@ fn both(hosts: usize, vms: &[VmCase], now: f64) -> (State, Snapshot) {
                 cpu_measured: true,
                 last_moved: state.vm_last_moved[v].map(|t| (t * 1000.0).round() as u64),
                 disks_made: false,
+                guest: None,
+                restarts: Default::default(),
             },
         );
     }

@@ -34,6 +34,8 @@ fn vm(name: &str, on: &str) -> Vm {
         cpu_measured: true,
         last_moved: None,
         disks_made: false,
+        guest: None,
+        restarts: Default::default(),
     }
 }
 
@@ -65,6 +67,20 @@ fn everything_committed_is_loaded_back_after_reopening() {
         Change::PutVm(vm("a", "h1")),
         Change::PutVm(vm("b", "h2")),
         Change::RemoveVm("b".into()),
+        // Guest health and HA restarts are kept too (schema version 5).
+        Change::PutVm(Vm {
+            guest: Some(tern_api::health::GuestHealth {
+                state: tern_api::health::GuestState::Panicked,
+                reason: "pvpanic".into(),
+                since_ms: 5,
+            }),
+            restarts: tern_api::health::GuestRestarts {
+                at_ms: vec![3, 4],
+                pending: true,
+                failed: Some("again".into()),
+            },
+            ..vm("c", "h1")
+        }),
         Change::PutMigration(mig.clone()),
         Change::PutSettings(settings.clone()),
         Change::Event(EventKind::HostRegistered { host: "h1".into() }),
@@ -83,7 +99,7 @@ fn everything_committed_is_loaded_back_after_reopening() {
     assert_eq!(loaded, expected);
     assert_eq!(loaded.next_migration, 2);
     assert_eq!(loaded.settings, settings);
-    assert_eq!(loaded.vms.keys().collect::<Vec<_>>(), ["a"]);
+    assert_eq!(loaded.vms.keys().collect::<Vec<_>>(), ["a", "c"]);
 
     // A finished migration leaves the running set but stays on record.
     let mut store = store;

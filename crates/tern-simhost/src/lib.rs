@@ -297,6 +297,7 @@ impl HostClient for SimHost {
             report.vms.push(VmLoad {
                 name: v.id.parse()?,
                 cpu_used: cores,
+                guest: None,
             });
         }
         Ok(report)

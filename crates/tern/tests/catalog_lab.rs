@@ -8,7 +8,9 @@
 //! not qcow2 or raw, an unknown template, disks larger than the store) exits 2 and
 //! creates nothing; an image in use is not deleted. `tern vm console` reaches the
 //! guest's shell through the manager on either host, and is refused without the token
-//! or while the VM is stopped.
+//! or while the VM is stopped. A guest that panics is restarted
+//! by the manager under the `restart` HA policy and left shown as panicked under
+//! `leave`.
 
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -142,6 +144,11 @@ impl Lab {
     /// `tern agent vm guest g1 REQUEST...` on `host`, retried while the guest boots or
     /// its channel reconnects after a move.
     fn guest(&self, host: &str, req: &[&str]) -> Value {
+        self.guest_of(host, "g1", req)
+    }
+
+    /// `tern agent vm guest VM REQUEST...` on `host`, retried likewise.
+    fn guest_of(&self, host: &str, vm: &str, req: &[&str]) -> Value {
         let h = self.up["hosts"]
             .as_array()
             .unwrap()
@@ -154,7 +161,7 @@ impl Lab {
             // Options first: the request takes the rest of the line.
             let mut a = vec!["agent", "vm", "--agent", h["url"].as_str().unwrap()];
             a.extend(["--tls-dir", h["tls_dir"].as_str().unwrap(), "--json"]);
-            a.extend(["guest", "g1"]);
+            a.extend(["guest", vm]);
             a.extend(req);
             let o = tern(self.st(), &a);
             if o.status.success() {
@@ -616,4 +623,186 @@ fn a_debian_vm_takes_the_operators_key_and_address_and_ssh_logs_in() {
         "/etc/hostname",
     ]);
     assert_eq!(o.status.code(), Some(2), "{o:?}");
+}
+
+/// The VM record's guest health state, `-` when there is none.
+fn guest_state(lab: &Lab, vm: &str) -> String {
+    let v = json(&lab.cli(&["vm", "show", vm, "--json"]));
+    v["guest"]["state"].as_str().unwrap_or("-").to_owned()
+}
+
+/// Guest health through the manager: two VMs boot the catalogue image, one with the
+/// default HA policy (`restart`), one with `leave`; both guests panic. The first is
+/// power-cycled on its host and answers again, and when it panics once more (past the
+/// one restart the manager allows here) is shown failed; the second stays shown as
+/// panicked until its policy becomes `restart`, and after an operator's reboot is
+/// restarted again when it hangs.
+#[test]
+fn a_panicked_guest_is_restarted_or_left_as_its_ha_policy_says() {
+    // A short grace, and one restart allowed: the second panic is left failed.
+    let ha = ["--guest-grace-s", "3", "--guest-max-restarts", "1"];
+    let Some(lab) = lab_with_manager("the guest health lab test", &ha) else {
+        return;
+    };
+    let cache = tern_testkit::test_cache_dir();
+    let imported = json(&lab.cli(&[
+        "image",
+        "import",
+        "minimal",
+        "--from",
+        "minimal",
+        "--cache",
+        cache.to_str().unwrap(),
+        "--json",
+    ]));
+    assert_eq!(imported[0]["state"], "ready", "{imported}");
+    json(&lab.cli(&[
+        "template",
+        "create",
+        "default",
+        "--image",
+        "minimal",
+        "--memory-mib",
+        "256",
+        "--json",
+    ]));
+    // Reports every 2 s instead of 30; no balancing to move the VMs meanwhile.
+    assert!(lab
+        .cli(&["policy", "set", "--interval-s", "2", "--enabled", "false"])
+        .status
+        .success());
+    let bad = lab.cli(&["vm", "create", "x", "--ha-policy", "reboot"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
+    let r = json(&lab.cli(&["vm", "create", "r1", "--host", "h1", "--json"]));
+    assert_eq!(r["spec"]["ha_policy"], "restart", "{r}");
+    let l = json(&lab.cli(&[
+        "vm",
+        "create",
+        "l1",
+        "--host",
+        "h2",
+        "--ha-policy",
+        "leave",
+        "--json",
+    ]));
+    assert_eq!(l["spec"]["ha_policy"], "leave", "{l}");
+    for vm in ["r1", "l1"] {
+        wait_for(&format!("{vm}'s guest ok"), 240, || {
+            guest_state(&lab, vm) == "ok"
+        });
+    }
+    let listed = lab.cli(&["vm", "list"]);
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(table.contains("GUEST") && table.contains(" ok "), "{table}");
+
+    let t0 = Instant::now();
+    for (host, vm) in [("h1", "r1"), ("h2", "l1")] {
+        let v = lab.guest_of(host, vm, &["panic"]);
+        assert_eq!(v["result"]["kind"], "panicking", "{v}");
+    }
+    wait_for("l1 shown panicked", 60, || {
+        guest_state(&lab, "l1") == "panicked"
+    });
+    eprintln!("the manager shows the panic after {:?}", t0.elapsed());
+    wait_for("r1 restarted", 120, || {
+        let v = json(&lab.cli(&["vm", "show", "r1", "--json"]));
+        v["restarts"]["at_ms"]
+            .as_array()
+            .is_some_and(|a| a.len() == 1)
+    });
+    eprintln!("r1 restarted {:?} after its panic", t0.elapsed());
+    wait_for("r1's guest ok again", 240, || {
+        guest_state(&lab, "r1") == "ok"
+    });
+    eprintln!(
+        "r1's guest answers again {:?} after its panic",
+        t0.elapsed()
+    );
+    // A new boot: the guest agent's uptime started over.
+    let pong = lab.guest_of("h1", "r1", &["ping"]);
+    let uptime = pong["result"]["uptime_s"].as_f64().unwrap();
+    assert!(uptime < t0.elapsed().as_secs_f64(), "{pong}");
+    let r = json(&lab.cli(&["vm", "show", "r1", "--json"]));
+    assert_eq!(
+        (&r["state"], &r["observed_host"]),
+        (&"running".into(), &"h1".into()),
+        "{r}"
+    );
+    // It panics again: the one restart allowed is spent, so HA gives up and says why.
+    lab.guest_of("h1", "r1", &["panic"]);
+    wait_for("r1 given up", 60, || {
+        let v = json(&lab.cli(&["vm", "show", "r1", "--json"]));
+        v["restarts"]["failed"].is_string()
+    });
+    let r = json(&lab.cli(&["vm", "show", "r1", "--json"]));
+    let why = r["restarts"]["failed"].as_str().unwrap();
+    assert!(why.contains("panicked after 1 restarts"), "{r}");
+    assert_eq!(r["guest"]["state"], "panicked", "{r}");
+    let listed = lab.cli(&["vm", "list"]);
+    let table = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("r1") && l.contains("failed")),
+        "{table}"
+    );
+
+    // `leave`: still panicked, never restarted.
+    let l = json(&lab.cli(&["vm", "show", "l1", "--json"]));
+    assert_eq!(l["guest"]["state"], "panicked", "{l}");
+    assert!(l["restarts"]["at_ms"].is_null(), "{l}");
+    let shown = lab.cli(&["vm", "show", "l1"]);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(
+        text.contains("guest: panicked") && text.contains("HA policy: leave"),
+        "{text}"
+    );
+    let events = json(&lab.cli(&["events", "--limit", "1000", "--json"]));
+    let kinds: Vec<(&str, &str)> = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["type"].as_str().unwrap(), e["vm"].as_str().unwrap_or("")))
+        .collect();
+    assert!(kinds.contains(&("vm_guest_restart", "r1")), "{kinds:?}");
+    assert!(kinds.contains(&("vm_guest_failed", "r1")), "{kinds:?}");
+    assert!(kinds.contains(&("vm_guest_health", "l1")), "{kinds:?}");
+    assert!(!kinds.contains(&("vm_guest_restart", "l1")), "{kinds:?}");
+
+    // Its policy changed to `restart`: HA acts on it now.
+    let v = json(&lab.cli(&["vm", "ha-policy", "l1", "restart", "--json"]));
+    assert_eq!(v["spec"]["ha_policy"], "restart", "{v}");
+    wait_for("l1's guest ok after its policy changed", 240, || {
+        guest_state(&lab, "l1") == "ok"
+    });
+
+    // An operator's reboot clears the HA record. A hang (the guest agent starved while
+    // QEMU runs) is then seen as unresponsive after the agent's silence bound (20 s by
+    // default), and restarted like the panic.
+    let v = json(&lab.cli(&["vm", "reboot", "l1", "--json"]));
+    assert!(v["restarts"].is_null(), "{v}");
+    wait_for("l1's guest ok after its reboot", 240, || {
+        guest_state(&lab, "l1") == "ok"
+    });
+    let t1 = Instant::now();
+    let v = lab.guest_of("h2", "l1", &["hang"]);
+    assert_eq!(v["result"]["kind"], "hanging", "{v}");
+    wait_for("l1 shown unresponsive", 90, || {
+        guest_state(&lab, "l1") == "unresponsive"
+    });
+    eprintln!("the manager shows the hang after {:?}", t1.elapsed());
+    wait_for("l1 restarted after its hang and ok", 240, || {
+        let v = json(&lab.cli(&["vm", "show", "l1", "--json"]));
+        v["restarts"]["at_ms"]
+            .as_array()
+            .is_some_and(|a| a.len() == 1)
+            && v["guest"]["state"] == "ok"
+    });
+    eprintln!("l1's guest answers again {:?} after its hang", t1.elapsed());
+    for vm in ["r1", "l1"] {
+        json(&lab.cli(&["vm", "delete", vm, "--json"]));
+    }
+    wait_for("the VMs are deleted", 60, || {
+        json(&lab.cli(&["vm", "list", "--json"])) == Value::Array(vec![])
+    });
 }

@@ -41,6 +41,18 @@ impl QemuAgent {
         bridge: Option<String>,
         timeout: Duration,
     ) -> QemuAgent {
+        QemuAgent::start_watching(name, dir, store, bridge, Default::default(), timeout).await
+    }
+
+    /// [`QemuAgent::start_bridged`] that watches its guests' health with `watch`.
+    pub async fn start_watching(
+        name: &str,
+        dir: tempfile::TempDir,
+        store: Option<Store>,
+        bridge: Option<String>,
+        watch: tern_agent::watch::WatchConfig,
+        timeout: Duration,
+    ) -> QemuAgent {
         let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
             eprintln!("image: {s}")
         })
@@ -64,6 +76,7 @@ impl QemuAgent {
         if let Some(store) = store {
             state = state.with_store(store);
         }
+        let state = state.with_guest_watch(watch);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();

@@ -53,8 +53,9 @@ pub const DISK_MIB: u64 = 2048;
 
 /// Kernel command line. The root is the whole first virtio disk (no partition table);
 /// `net.ifnames=0` keeps the first NIC `eth0`, which the fw_cfg address goes to;
-/// `panic=-1` with QEMU's `-no-reboot` ends a panicking guest's QEMU, as for the
-/// minimal image.
+/// a panic is held by QEMU's pvpanic device (udev loads `pvpanic_pci`), and `panic=-1`
+/// with QEMU's `-no-reboot` ends the QEMU of a guest that panics before it is loaded,
+/// as for the minimal image.
 pub const CMDLINE: &str = "root=/dev/vda rw console=ttyS0 net.ifnames=0 panic=-1 mitigations=off";
 
 /// Where `tern-guest` is installed in the image.

@@ -17,12 +17,14 @@ pub const META_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// Modules the guest loads; their dependencies are added. Block is optional for the
 /// guest (it runs from its initramfs) but cheap, and lets a host attach a disk.
+/// `pvpanic_pci` tells QEMU when the kernel panics, so the host sees the panic.
 pub const WANTED_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_net",
     "virtio_console",
     "virtio_blk",
     "qemu_fw_cfg",
+    "pvpanic_pci",
 ];
 
 /// The concrete kernel package behind the meta-package.

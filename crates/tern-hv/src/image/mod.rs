@@ -35,8 +35,9 @@ pub const CONTROL_PORT: &str = "org.tern.guest";
 
 /// Kernel command line the image is meant to boot with; add `tern.ip=ADDR/PREFIX`
 /// (and `tern.gw=`, `tern.hostname=`) per VM. `loglevel=5` keeps the console short
-/// but still shows warnings such as list corruption; `panic=-1` with QEMU's
-/// `-no-reboot` makes a panicking guest end its QEMU.
+/// but still shows warnings such as list corruption. A panicking guest tells QEMU
+/// through its pvpanic device, which holds it for the host to see; `panic=-1` with
+/// QEMU's `-no-reboot` ends the QEMU of one whose kernel could not tell.
 pub const BASE_CMDLINE: &str = "console=ttyS0 loglevel=5 panic=-1 mitigations=off";
 
 /// Errors of the image builder.

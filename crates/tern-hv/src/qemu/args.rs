@@ -96,14 +96,19 @@ pub fn qemu_args(p: &LaunchPlan) -> Vec<String> {
     let mut a: Vec<String> = Vec::new();
     let mut push = |xs: &[&str]| a.extend(xs.iter().map(|s| s.to_string()));
     push(&["-name", &format!("tern-{}", p.id)]);
-    // `-no-reboot`: a guest that panics (the image boots with `panic=-1`) ends its QEMU,
-    // which the driver sees as the VM stopping, instead of rebooting unnoticed.
+    // `-no-reboot`: a guest that reboots itself (the image boots with `panic=-1`) ends
+    // its QEMU instead of rebooting unnoticed. A guest whose kernel has the pvpanic
+    // driver tells QEMU it panicked first, and `-action panic=pause` holds it there
+    // (run state `guest-panicked`) so the agent sees the panic and the manager's HA
+    // policy decides what follows (`docs/manager.md`, "Guest health").
     push(&[
         "-nodefaults",
         "-no-user-config",
         "-display",
         "none",
         "-no-reboot",
+        "-action",
+        "panic=pause",
         "-S",
     ]);
     push(&["-accel", p.accel.qemu_arg(), "-cpu", p.accel.cpu_model()]);
@@ -172,6 +177,8 @@ pub fn qemu_args(p: &LaunchPlan) -> Vec<String> {
         let d = disk_args(i, disk);
         push(&d.iter().map(String::as_str).collect::<Vec<_>>());
     }
+    // Last of the devices, so the others keep the PCI slots they had without it.
+    push(&["-device", "pvpanic-pci"]);
     push(&[
         "-qmp",
         &format!("unix:{},server=on,wait=off", p.paths.qmp_socket.display()),
@@ -262,6 +269,7 @@ mod tests {
         assert!(a.contains("-append console=ttyS0 quiet"));
         assert!(a.contains(" -S "));
         assert!(!a.contains("-incoming"));
+        assert!(a.contains("-action panic=pause") && a.contains("-device pvpanic-pci"));
     }
 
     #[test]

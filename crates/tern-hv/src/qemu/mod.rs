@@ -479,6 +479,9 @@ pub fn state_from_runstate(current: VmState, runstate: &str) -> VmState {
         "inmigrate" if current == VmState::Restoring => VmState::Restoring,
         "inmigrate" => VmState::Incoming,
         "prelaunch" => current,
+        // Held by `-action panic=pause` after a guest panic: the VM is still on as far as
+        // its lifecycle goes; the guest's health says what happened to it.
+        "guest-panicked" => current,
         // A destination with `-S` lands in `paused` when its migration completed.
         _ => VmState::Paused,
     }
@@ -714,6 +717,16 @@ impl Hypervisor for QemuDriver {
         })
     }
 
+    async fn guest_panicked(&self, id: &str) -> Result<bool> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        Self::reap(&mut vm).await;
+        if vm.state != VmState::Running || vm.qmp.is_none() {
+            return Ok(false);
+        }
+        Ok(runstate(vm.qmp()?).await? == "guest-panicked")
+    }
+
     async fn vcpu_threads(&self, id: &str) -> Result<Vec<u32>> {
         let vm = self.get(id)?;
         let mut vm = vm.lock().await;
@@ -875,6 +888,11 @@ mod tests {
         assert_eq!(
             state_from_runstate(VmState::Paused, "running"),
             VmState::Running
+        );
+        assert_eq!(
+            state_from_runstate(VmState::Running, "guest-panicked"),
+            VmState::Running,
+            "a panicked guest's VM is still on"
         );
         assert_eq!(
             state_from_runstate(VmState::Restoring, "inmigrate"),

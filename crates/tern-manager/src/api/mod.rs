@@ -38,6 +38,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
+use tern_api::health::HaPolicySetting;
 use tern_api::manager::{
     BalancePlan, CreateVm, HeartbeatReply, JoinReply, JoinRequest, LeaseGrant, MigrateVm,
     MigrationView, Page, RegisterHost,
@@ -212,6 +213,10 @@ pub fn router_with_ca(
         .route(
             "/v1/vms/:name/vcpu-policy",
             get(show_vcpu_policy).put(set_vcpu_policy),
+        )
+        .route(
+            "/v1/vms/:name/ha-policy",
+            get(show_ha_policy).put(set_ha_policy),
         )
         .route("/v1/migrations", get(migrations::list))
         .route("/v1/migrations/:id", get(migrations::show))
@@ -772,6 +777,39 @@ async fn set_vcpu_policy(
     }
     execute(&app, cmd).await?;
     Ok(Json(b).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/vms/{name}/ha-policy", operation_id = "showHaPolicy",
+    summary = "What the manager does when the VM's guest panics or stops answering (the VM's spec.ha_policy).",
+    params(("name" = String, Path, description = "the VM's name", example = "v1")),
+    responses((status = 200, description = "the policy", body = HaPolicySetting), (status = 404, description = "error", body = Error)))]
+async fn show_ha_policy(State(app): AppState, NamePath(name, _): VmPath) -> ApiResult<Response> {
+    app.manager
+        .read(|s| s.vms.get(&name).map(|v| v.spec.ha_policy))
+        .map(|policy| Json(HaPolicySetting { policy }).into_response())
+        .ok_or_else(|| crate::Error::UnknownVm(name).into())
+}
+
+#[utoipa::path(put, path = "/v1/vms/{name}/ha-policy", operation_id = "setHaPolicy",
+    summary = "Set what the manager does when the VM's guest panics or stops answering: restart (power it off and start it again on its host, within the restart limit) or leave (only show it). Clears a restart record that gave up.",
+    params(("name" = String, Path, description = "the VM's name", example = "v1")),
+    request_body(content = HaPolicySetting, example = json!({"policy": "leave"})),
+    responses((status = 200, description = "the VM, with its policy recorded", body = Vm),
+        (status = 400, description = "error", body = Error), (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error)))]
+async fn set_ha_policy(
+    State(app): AppState,
+    NamePath(name, _): VmPath,
+    Body(b): Body<HaPolicySetting>,
+) -> ApiResult<Response> {
+    let r = execute(
+        &app,
+        Command::SetHaPolicy {
+            name,
+            policy: b.policy,
+        },
+    )
+    .await?;
+    Ok(reply(StatusCode::OK, r))
 }
 
 /// A list's `limit`, checked against [`MAX_PAGE`].

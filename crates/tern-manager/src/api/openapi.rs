@@ -33,6 +33,8 @@ use utoipa::{Modify, OpenApi};
         super::trace_vm,
         super::show_vcpu_policy,
         super::set_vcpu_policy,
+        super::show_ha_policy,
+        super::set_ha_policy,
         super::migrations::list,
         super::migrations::show,
         super::plan,

@@ -367,6 +367,7 @@ impl HostClient for HttpHost {
                     Some(VmLoad {
                         name: v.info.id.parse().ok()?,
                         cpu_used: v.cpu_cores.unwrap_or(0.0),
+                        guest: v.guest,
                     })
                 })
                 .collect(),

@@ -120,24 +120,24 @@ pub fn tick(snap: &Snapshot, now: Millis, leases: &Leases) -> Vec<Change> {
                         host: to.clone(),
                     }));
                 }
-                changes.push(Change::PutVm(Vm {
+                changes.push(Change::PutVm(super::guest::gone(Vm {
                     desired_host: Some(to),
                     observed_host: None,
                     state: VmState::Pending,
                     ..v
-                }));
+                })));
             }
             Err(e) if v.state != VmState::Unplaced => {
                 changes.push(Change::Event(EventKind::VmUnplaced {
                     vm: v.name.clone(),
                     reason: e.to_string(),
                 }));
-                changes.push(Change::PutVm(Vm {
+                changes.push(Change::PutVm(super::guest::gone(Vm {
                     desired_host: None,
                     observed_host: None,
                     state: VmState::Unplaced,
                     ..v
-                }));
+                })));
             }
             Err(_) => {}
         }
@@ -298,6 +298,7 @@ mod tests {
             vms: vec![VmLoad {
                 name: "a".parse().unwrap(),
                 cpu_used: 1.0,
+                guest: None,
             }],
             store_free_mib: None,
         };

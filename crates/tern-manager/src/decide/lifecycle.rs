@@ -122,6 +122,18 @@ pub fn acted(snap: &Snapshot, name: &str, action: VmAction, host: &str) -> Resul
         next.desired_host = Some(host.to_owned());
         next.observed_host = Some(host.to_owned());
     }
+    // An operator who starts, stops or power-cycles the VM has seen to its guest: HA
+    // counts anew. A guest that is not running any more has no health to show.
+    if matches!(
+        action,
+        VmAction::Start | VmAction::Stop | VmAction::Reboot | VmAction::Restore
+    ) {
+        next.restarts = Default::default();
+        next.guest = None;
+    }
+    if to != VmState::Running {
+        next.guest = None;
+    }
     let mut changes = Vec::new();
     if next != *v {
         changes.push(Change::PutVm(next.clone()));

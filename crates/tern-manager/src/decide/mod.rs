@@ -5,6 +5,7 @@
 //! - [`balance`]: one balancing round: planner, cost/benefit, limits.
 //! - [`catalog`]: images and templates, and a new VM's spec filled from its template.
 //! - [`health`]: dead hosts, restarting their VMs once, evacuating drained hosts.
+//! - [`guest`]: guest health as hosts report it, and each VM's HA policy applied to it.
 //! - [`lease`]: host leases, and when a host's guests are surely stopped.
 //! - [`lifecycle`]: start, stop, reboot, pause, resume, suspend and restore.
 //! - [`network`]: guest addresses handed out on the hosts' network.
@@ -12,6 +13,7 @@
 
 pub mod balance;
 pub mod catalog;
+pub mod guest;
 pub mod health;
 pub mod lease;
 pub mod lifecycle;
@@ -73,6 +75,16 @@ pub enum Command {
         name: String,
         policy: VcpuPolicy,
     },
+    /// Records what the manager does when the VM's guest panics or stops answering;
+    /// clears a given-up restart record, so HA tries again.
+    SetHaPolicy {
+        name: String,
+        policy: tern_api::health::HaPolicy,
+    },
+    /// The VM's host power-cycled it for HA (see [`guest`]).
+    GuestRestarted {
+        vm: String,
+    },
     PutSettings(BalancerSettings),
     /// Records an image whose files are uploaded next.
     AddImage(tern_api::catalog::NewImage),
@@ -116,6 +128,9 @@ pub enum Command {
 }
 
 /// What a command answers.
+// A reply lives from a decision to its answer, one at a time: boxing the VM record to
+// make the other variants smaller would cost an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum Reply {
     Host(Host),
@@ -272,6 +287,30 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
             };
             Ok((changes, Reply::Vm(set)))
         }
+        Command::SetHaPolicy { name, policy } => {
+            let v = vm(snap, &name)?;
+            if v.state == VmState::Deleting {
+                return Err(Error::Conflict(format!(
+                    "VM {name:?} is being deleted: it has no HA policy to set"
+                )));
+            }
+            let mut set = v.clone();
+            set.spec.ha_policy = policy;
+            set.restarts.failed = None;
+            let changes = match set == *v {
+                true => Vec::new(),
+                false => vec![Change::PutVm(set.clone())],
+            };
+            Ok((changes, Reply::Vm(set)))
+        }
+        Command::GuestRestarted { vm: name } => {
+            let v = vm(snap, &name)?;
+            let changes = match v.restarts.pending {
+                true => vec![Change::PutVm(guest::restarted(v, now))],
+                false => Vec::new(),
+            };
+            Ok((changes, Reply::Done))
+        }
         Command::PutSettings(s) => {
             s.validate().map_err(|e| Error::BadInput(e.to_string()))?;
             let changes = if s == snap.settings {
@@ -288,12 +327,12 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
             let v = vm(snap, &name)?;
             let mut changes = Vec::new();
             if v.desired_host.as_deref() == Some(host.as_str()) && v.state == VmState::Pending {
-                changes.push(Change::PutVm(Vm {
+                changes.push(Change::PutVm(guest::gone(Vm {
                     observed_host: Some(host.clone()),
                     state: VmState::Running,
                     disks_made: true,
                     ..v.clone()
-                }));
+                })));
                 changes.push(Change::Event(EventKind::VmRunning { vm: name, host }));
             }
             Ok((changes, Reply::Done))
@@ -511,6 +550,10 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
             l.cpu_used
         };
         next.cpu_measured = true;
+        next.guest = guest::merge(v.guest.as_ref(), l.guest.as_ref(), now);
+        changes.extend(
+            guest::health_event(&v.name, v.guest.as_ref(), next.guest.as_ref()).map(Change::Event),
+        );
         // Running where it should be, though its create was never answered (the answer
         // was lost, or the manager restarted): it is running.
         if v.state == VmState::Pending && v.desired_host.as_deref() == Some(name) {
@@ -535,11 +578,11 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
             && v.observed_host.as_deref() == Some(name)
             && !reported.contains(v.name.as_str())
         {
-            changes.push(Change::PutVm(Vm {
+            changes.push(Change::PutVm(guest::gone(Vm {
                 state: VmState::Pending,
                 observed_host: None,
                 ..v.clone()
-            }));
+            })));
             changes.push(Change::Event(EventKind::VmLost {
                 vm: v.name.clone(),
                 host: name.to_owned(),
@@ -663,6 +706,8 @@ fn create_one(
         cpu_measured: false,
         last_moved: None,
         disks_made: false,
+        guest: None,
+        restarts: Default::default(),
     };
     let changes = vec![
         Change::PutVm(v.clone()),
@@ -822,6 +867,8 @@ pub(crate) mod testing {
                 cpu_measured: true,
                 last_moved: None,
                 disks_made: false,
+                guest: None,
+                restarts: Default::default(),
             },
         );
     }
@@ -1001,6 +1048,7 @@ mod tests {
             vms: vec![VmLoad {
                 name: "a".parse().unwrap(),
                 cpu_used: 0.5,
+                guest: None,
             }],
             store_free_mib: None,
         };
@@ -1051,6 +1099,7 @@ mod tests {
             vms: vec![VmLoad {
                 name: "found".parse().unwrap(),
                 cpu_used: 0.5,
+                guest: None,
             }],
             store_free_mib: None,
         };

@@ -22,13 +22,21 @@ pub enum Action {
         to: String,
         policy: PolicyKind,
     },
+    /// HA power-cycles the VM on its host (see [`super::guest`]).
+    Restart {
+        vm: String,
+        host: String,
+    },
 }
 
 impl Action {
     /// The VM the action is about; the shell runs one action per VM at a time.
     pub fn vm(&self) -> &str {
         match self {
-            Self::Create { vm, .. } | Self::Delete { vm, .. } | Self::Migrate { vm, .. } => vm,
+            Self::Create { vm, .. }
+            | Self::Delete { vm, .. }
+            | Self::Migrate { vm, .. }
+            | Self::Restart { vm, .. } => vm,
         }
     }
 }
@@ -51,6 +59,12 @@ pub fn actions(snap: &Snapshot) -> Vec<Action> {
                 vm: v.name.clone(),
                 host: o.clone(),
             }),
+            (VmState::Running, _, Some(o)) if v.restarts.pending && usable(o) => {
+                out.push(Action::Restart {
+                    vm: v.name.clone(),
+                    host: o.clone(),
+                })
+            }
             _ => {}
         }
     }

@@ -68,6 +68,11 @@ pub const MIGRATIONS: &[(u32, &str)] = &[
         4,
         "ALTER TABLE vms ADD COLUMN disks_made INTEGER NOT NULL DEFAULT 0;",
     ),
+    (
+        5,
+        "ALTER TABLE vms ADD COLUMN guest TEXT;
+         ALTER TABLE vms ADD COLUMN restarts TEXT;",
+    ),
 ];
 
 /// The version this build writes.

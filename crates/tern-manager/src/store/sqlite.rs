@@ -87,6 +87,9 @@ struct VmRow {
     vm: Vm,
     spec: String,
     state: String,
+    /// JSON; NULL: none.
+    guest: Option<String>,
+    restarts: Option<String>,
 }
 
 fn vm_from(r: &Row) -> rusqlite::Result<VmRow> {
@@ -101,9 +104,13 @@ fn vm_from(r: &Row) -> rusqlite::Result<VmRow> {
             last_moved: r.get(6)?,
             cpu_measured: r.get(7)?,
             disks_made: r.get(8)?,
+            guest: None,
+            restarts: Default::default(),
         },
         spec: r.get(1)?,
         state: r.get(4)?,
+        guest: r.get(9)?,
+        restarts: r.get(10)?,
     })
 }
 
@@ -163,15 +170,23 @@ impl Store for SqliteStore {
         }
         let mut st = self.conn.prepare(
             "SELECT name, spec, desired_host, observed_host, state, cpu_used, last_moved, \
-             cpu_measured, disks_made FROM vms",
+             cpu_measured, disks_made, guest, restarts FROM vms",
         )?;
         for row in st.query_map([], vm_from)? {
             let VmRow {
                 mut vm,
                 spec,
                 state,
+                guest,
+                restarts,
             } = row?;
             vm.spec = from_json("VM spec", &spec)?;
+            if let Some(g) = guest {
+                vm.guest = Some(from_json("VM guest health", &g)?);
+            }
+            if let Some(r) = restarts {
+                vm.restarts = from_json("VM guest restarts", &r)?;
+            }
             vm.state = VmState::parse(&state)
                 .ok_or_else(|| Error::Corrupt(format!("VM state {state:?}")))?;
             snap.vms.insert(vm.name.clone(), vm);
@@ -243,11 +258,11 @@ impl Store for SqliteStore {
                 Change::PutVm(v) => {
                     tx.prepare_cached(
                         "INSERT INTO vms (name, spec, desired_host, observed_host, state, \
-                         cpu_used, last_moved, cpu_measured, disks_made) \
-                         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9) \
+                         cpu_used, last_moved, cpu_measured, disks_made, guest, restarts) \
+                         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11) \
                          ON CONFLICT (name) DO UPDATE SET spec = ?2, desired_host = ?3, \
                          observed_host = ?4, state = ?5, cpu_used = ?6, last_moved = ?7, \
-                         cpu_measured = ?8, disks_made = ?9",
+                         cpu_measured = ?8, disks_made = ?9, guest = ?10, restarts = ?11",
                     )?
                     .execute(params![
                         v.name,
@@ -258,7 +273,9 @@ impl Store for SqliteStore {
                         v.cpu_used,
                         v.last_moved,
                         v.cpu_measured,
-                        v.disks_made
+                        v.disks_made,
+                        v.guest.as_ref().map(to_json),
+                        (!v.restarts.is_empty()).then(|| to_json(&v.restarts))
                     ])?;
                 }
                 Change::RemoveVm(name) => {

@@ -112,6 +112,8 @@ impl ScoreInput {
                     cpu_measured,
                     last_moved: None,
                     disks_made: false,
+                    guest: None,
+                    restarts: Default::default(),
                 },
             );
         }

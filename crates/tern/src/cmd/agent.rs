@@ -134,6 +134,16 @@ pub struct Daemon {
     /// the watchdog stops them if no agent renews the lease in time).
     #[arg(long)]
     pub stop_vms_on_exit: bool,
+    /// Seconds a guest that answered before may stay silent (its guest agent answering
+    /// no ping while its QEMU runs) before it is reported unresponsive (docs/manager.md,
+    /// "Guest health").
+    #[arg(long, value_name = "SECS", default_value_t = 20)]
+    pub guest_unresponsive_after: u64,
+    /// Seconds a new guest gets to answer its first ping before it is reported
+    /// unresponsive (booting under TCG on a busy host is slow) [default: never: a guest
+    /// whose image has no guest agent stays `booting`].
+    #[arg(long, value_name = "SECS")]
+    pub guest_boot_within: Option<u64>,
 }
 
 /// Opens `--local-store DIR`; it must not be the shared store, whose files every host
@@ -275,7 +285,17 @@ fn serve(args: Daemon) -> anyhow::Result<()> {
     };
     // Catalogue images missing from the store are copied from the managers it reports
     // to, with the same credentials.
-    let state = state.with_image_source(managers.clone());
+    let watch = tern_agent::watch::WatchConfig {
+        unresponsive_after: Duration::from_secs(args.guest_unresponsive_after),
+        boot_within: args.guest_boot_within.map(Duration::from_secs),
+        ..Default::default()
+    };
+    watch
+        .check()
+        .map_err(|e| bad_input(format!("--guest-unresponsive-after: {e}")))?;
+    let state = state
+        .with_image_source(managers.clone())
+        .with_guest_watch(watch);
     let (state, serving) = match identity {
         Some((dir, id, trust)) => {
             let server = server_config_with(&id, &trust, ClientAuth::Required)?;

@@ -42,7 +42,7 @@ fn line(e: &Value) -> String {
 }
 
 /// Epoch milliseconds as an RFC 3339 time in UTC, to the millisecond.
-fn readable(ms: u64) -> String {
+pub fn readable(ms: u64) -> String {
     let t = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()
         .and_then(|t| t.replace_millisecond((ms % 1000) as u16).ok());

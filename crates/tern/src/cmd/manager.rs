@@ -71,6 +71,33 @@ pub struct Args {
     /// revocations made by `tern ca revoke` or another manager).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     crl_refresh_s: u64,
+    /// Seconds a guest must be reported panicked or unresponsive before its VM's HA
+    /// policy acts (docs/manager.md, "Guest health").
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=86400))]
+    guest_grace_s: u64,
+    /// Seconds HA waits after restarting a guest before it may restart it again;
+    /// doubled for each further restart in the window.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    guest_backoff_s: u64,
+    /// Guest restarts allowed within --guest-window-s; a guest down again after that
+    /// many is left `failed`.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    guest_max_restarts: u32,
+    /// The window, in seconds, within which --guest-max-restarts counts restarts.
+    #[arg(long, default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..=604800))]
+    guest_window_s: u64,
+}
+
+impl Args {
+    /// How HA treats guests that stopped, from the flags.
+    fn ha_limits(&self) -> tern_manager::decide::guest::HaLimits {
+        tern_manager::decide::guest::HaLimits {
+            grace_ms: self.guest_grace_s * 1000,
+            backoff_ms: self.guest_backoff_s * 1000,
+            max_restarts: self.guest_max_restarts,
+            window_ms: self.guest_window_s * 1000,
+        }
+    }
 }
 
 /// The API tokens: from files, then from TERN_TOKEN; never from the command line, where
@@ -208,6 +235,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             a.listen
         ))
     })?;
+    let ha_limits = a.ha_limits();
     if !a.etcd.is_empty() {
         return super::manager_etcd::run(super::manager_etcd::Options {
             listen: addr,
@@ -219,6 +247,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             ca: a.ca,
             crl_refresh: Duration::from_secs(a.crl_refresh_s),
             catalog: catalog_dir(a.catalog.as_deref(), Path::new("tern.db"))?,
+            ha_limits,
         });
     }
     if a.ca.is_none() && !addr.ip().is_loopback() {
@@ -229,7 +258,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     }
     let store = open_db(&a.db)?;
     let catalog = catalog_dir(a.catalog.as_deref(), &a.db)?;
-    let mut manager = Manager::open(Box::new(store), system_clock())?.with_catalog(catalog);
+    let mut manager = Manager::open(Box::new(store), system_clock())?
+        .with_catalog(catalog)
+        .with_ha_limits(ha_limits);
     if let Some(net) = guest_network(&a)? {
         manager = manager.with_guest_network(net);
     }

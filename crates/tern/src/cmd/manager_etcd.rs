@@ -42,6 +42,8 @@ pub struct Options {
     pub crl_refresh: Duration,
     /// The image catalogue's files, shared by every manager.
     pub catalog: PathBuf,
+    /// How HA treats guests that stopped.
+    pub ha_limits: tern_manager::decide::guest::HaLimits,
 }
 
 /// The URL other managers reach this one by: `--advertise`, else the listen address
@@ -119,7 +121,8 @@ pub fn run(o: Options) -> anyhow::Result<()> {
     let manager = Arc::new(
         Manager::open(Box::new(store), system_clock())
             .with_context(|| format!("reading the state from etcd at {}", o.etcd.join(",")))?
-            .with_catalog(o.catalog.clone()),
+            .with_catalog(o.catalog.clone())
+            .with_ha_limits(o.ha_limits),
     );
     let agents = Arc::new(match &pki {
         Some(p) => HttpConnector::with_tls(o.agent_timeout, p.client.clone()),

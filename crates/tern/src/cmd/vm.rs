@@ -13,6 +13,7 @@ pub mod trace;
 
 use reqwest::Method;
 use serde_json::Value;
+use tern_api::health::{HaPolicy, HaPolicySetting};
 use tern_api::manager::{CreateVm, VmAction, VmActionRequest, VmSpec};
 use tern_api::vcpu::{VcpuPolicy, VcpuPolicySetting};
 use tern_model::{HostName, VmName};
@@ -54,6 +55,10 @@ enum Command {
     /// Set how the VM's host schedules its vCPU threads (none, pin, gang); kept with the
     /// VM, applied wherever it runs and carried along when it migrates.
     VcpuPolicy { name: VmName, policy: VcpuPolicy },
+    /// Set what the manager does when the VM's guest panics or stops answering: restart
+    /// (power it off and start it again on its host, within the restart limit) or leave
+    /// (only show it). Clears a restart record that gave up.
+    HaPolicy { name: VmName, policy: HaPolicy },
     /// Log in to the VM as root with ssh at the address the manager handed it
     /// (`--nic`/`--ssh-key` at create); the rest of the line goes to ssh.
     Ssh {
@@ -158,6 +163,10 @@ struct CreateArgs {
     /// How its host schedules its vCPU threads: none, pin or gang (docs/trace.md).
     #[arg(long, value_name = "POLICY", default_value = "none")]
     vcpu_policy: VcpuPolicy,
+    /// When its guest panics or stops answering: restart or leave (docs/manager.md,
+    /// "Guest health").
+    #[arg(long, value_name = "POLICY", default_value = "restart")]
+    ha_policy: HaPolicy,
 }
 
 /// The sizes to ask for (pure but for one lookup): what was given; what was not is
@@ -286,7 +295,24 @@ pub fn parse_mib(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("size {s:?}: give MiB (1024) or a number with M, G or T (8G)"))
 }
 
-const HEADER: [&str; 6] = ["NAME", "STATE", "HOST", "VCPUS", "MEMORY MiB", "CPU USED"];
+const HEADER: [&str; 7] = [
+    "NAME",
+    "STATE",
+    "GUEST",
+    "HOST",
+    "VCPUS",
+    "MEMORY MiB",
+    "CPU USED",
+];
+
+/// A VM record's guest column (pure): `failed` once HA gave up, else what its host
+/// reports of its guest, `-` when nothing (not running).
+fn guest_cell(v: &Value) -> String {
+    if v["restarts"]["failed"].is_string() {
+        return "failed".to_owned();
+    }
+    v["guest"]["state"].as_str().unwrap_or("-").to_owned()
+}
 
 /// One table row of a VM record (pure). A migrating VM's host reads `from -> to`.
 fn vm_row(v: &Value) -> Vec<String> {
@@ -300,6 +326,7 @@ fn vm_row(v: &Value) -> Vec<String> {
     vec![
         s(&v["name"]),
         s(&v["state"]),
+        guest_cell(v),
         host,
         v["spec"]["vcpus"].to_string(),
         v["spec"]["memory_mib"].to_string(),
@@ -325,6 +352,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     affinity: x.affinity,
                     anti_affinity: x.anti_affinity,
                     vcpu_policy: x.vcpu_policy,
+                    ha_policy: x.ha_policy,
                     image: x.image.map(String::from),
                     disks: disk_args(&x.disks).map_err(super::bad_input)?,
                     cmdline: x.cmdline,
@@ -394,6 +422,15 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             };
             act(c, &name, VmAction::Restore, req)?
         }
+        Command::HaPolicy { name, policy } => {
+            let path = format!("/v1/vms/{name}/ha-policy");
+            let v = call(c, Method::PUT, &path, Some(&HaPolicySetting { policy }))?;
+            match c.json {
+                true => println!("{}", serde_json::to_string_pretty(&v)?),
+                false => println!("VM {name}: HA policy {policy}"),
+            }
+            return Ok(());
+        }
         Command::VcpuPolicy { name, policy } => {
             let path = format!("/v1/vms/{name}/vcpu-policy");
             let v = call(c, Method::PUT, &path, Some(&VcpuPolicySetting { policy }))?;
@@ -443,6 +480,9 @@ fn show(c: &Conn, name: &str) -> anyhow::Result<()> {
     if spec["pinned"] == true {
         println!("  pinned: the balancer never moves it");
     }
+    for line in health_lines(&v) {
+        println!("  {line}");
+    }
     if let Some(m) = migration {
         let memory = spec["memory_mib"].as_u64().unwrap_or(0) << 20;
         println!(
@@ -457,10 +497,61 @@ fn show(c: &Conn, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `show` says of a VM's guest health and HA (pure).
+fn health_lines(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let g = &v["guest"];
+    if let Some(state) = g["state"].as_str() {
+        let mut line = format!("guest: {state}");
+        if let Some(since) = g["since_ms"].as_u64() {
+            line.push_str(&format!(" since {}", super::events::readable(since)));
+        }
+        if let Some(r) = g["reason"].as_str() {
+            line.push_str(&format!(" ({r})"));
+        }
+        out.push(line);
+    }
+    let policy = v["spec"]["ha_policy"].as_str().unwrap_or("restart");
+    let restarts = v["restarts"]["at_ms"].as_array().map_or(0, Vec::len);
+    let mut line = format!("HA policy: {policy}");
+    if restarts > 0 {
+        line.push_str(&format!(", {restarts} recent restarts"));
+    }
+    if v["restarts"]["pending"] == true {
+        line.push_str(", a restart under way");
+    }
+    out.push(line);
+    if let Some(f) = v["restarts"]["failed"].as_str() {
+        out.push(format!("HA gave up: {f}"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn guest_health_and_ha_show_in_rows_and_details() {
+        let v = json!({"name": "web", "state": "running", "observed_host": "a",
+                       "desired_host": "a", "spec": {"vcpus": 1, "memory_mib": 512,
+                       "ha_policy": "leave"}, "cpu_used": 0.0,
+                       "guest": {"state": "panicked", "reason": "pvpanic", "since_ms": 0}});
+        assert_eq!(vm_row(&v)[2], "panicked");
+        let lines = health_lines(&v);
+        assert!(lines[0].starts_with("guest: panicked since "), "{lines:?}");
+        assert!(lines[0].ends_with("(pvpanic)"), "{lines:?}");
+        assert_eq!(lines[1], "HA policy: leave");
+        let failed = json!({"name": "w", "state": "running", "spec": {},
+                            "restarts": {"at_ms": [1, 2, 3], "failed": "guest panicked"}});
+        assert_eq!(vm_row(&failed)[2], "failed");
+        let lines = health_lines(&failed);
+        assert_eq!(lines[0], "HA policy: restart, 3 recent restarts");
+        assert_eq!(lines[1], "HA gave up: guest panicked");
+        let off = json!({"name": "o", "state": "stopped", "spec": {}});
+        assert_eq!(vm_row(&off)[2], "-");
+    }
 
     #[test]
     fn rows_show_a_moving_vm_as_from_to() {
@@ -469,12 +560,12 @@ mod tests {
                        "cpu_used": 0.5});
         assert_eq!(
             vm_row(&v),
-            ["web", "migrating", "a -> b", "2", "512", "0.50"]
+            ["web", "migrating", "-", "a -> b", "2", "512", "0.50"]
         );
         let pending = json!({"name": "new", "state": "pending", "observed_host": null,
                              "desired_host": "c", "spec": {"vcpus": 1, "memory_mib": 64},
                              "cpu_used": 0.0});
-        assert_eq!(vm_row(&pending)[2], "c");
+        assert_eq!(vm_row(&pending)[3], "c");
     }
 
     #[derive(clap::Parser)]

@@ -362,6 +362,8 @@ mod tests {
             cpu_measured: false,
             last_moved: None,
             disks_made: false,
+            guest: None,
+            restarts: Default::default(),
         }
     }
 

@@ -226,6 +226,7 @@ async fn live_round(a: &Args, db: &std::path::Path) -> anyhow::Result<Live> {
                 r.vms.push(VmLoad {
                     name: v.name.parse().expect("stored VM names follow the rule"),
                     cpu_used: v.cpu_used,
+                    guest: None,
                 });
             }
         }

@@ -164,10 +164,12 @@ fn spec_from(a: &CreateArgs) -> anyhow::Result<VmSpec> {
 
 fn print_vm(v: &VmView) {
     let cores = v.cpu_cores.map_or("-".into(), |c| format!("{c:.2}"));
+    let guest = v.guest.as_ref().map_or("-", |g| g.state.as_str());
     println!(
-        "{:<20} {:<10} {:>3} vCPU {:>7} MiB  cpu {:>5}  {}",
+        "{:<20} {:<10} guest {:<12} {:>3} vCPU {:>7} MiB  cpu {:>5}  {}",
         v.info.id,
         v.info.state.to_string(),
+        guest,
         v.info.spec.vcpus,
         v.info.spec.memory_mib,
         cores,
