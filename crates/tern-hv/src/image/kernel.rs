@@ -16,8 +16,16 @@ use super::ImageError;
 pub const META_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// Modules the guest loads; their dependencies are added. Block is optional for the
-/// guest (it runs from its initramfs) but cheap, and lets a host attach a disk.
-pub const WANTED_MODULES: &[&str] = &["virtio_pci", "virtio_net", "virtio_console", "virtio_blk"];
+/// guest (it runs from its initramfs) but cheap, and lets a host attach a disk on
+/// either bus (`virtio_scsi` finds the controller, `sd_mod` makes its disks `sdX`).
+pub const WANTED_MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_net",
+    "virtio_console",
+    "virtio_blk",
+    "virtio_scsi",
+    "sd_mod",
+];
 
 /// The concrete kernel package behind the meta-package.
 #[derive(Debug, Clone, PartialEq, Eq)]
