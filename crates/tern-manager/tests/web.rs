@@ -1,7 +1,9 @@
 //! The web page in Debian's headless Chromium against a manager on a port-0 listener with
 //! in-process sim hosts: the rendered DOM shows every host, the VM count, a migration in
-//! progress with its telemetry, and the migration once it has run. Without chromium the test is skipped (with the reason
-//! printed) unless `CI` is set, in which case it fails.
+//! progress with its telemetry, the migration once it has run, and each VM's buttons for
+//! the actions its state allows; every route the page calls is one the API has. Without
+//! chromium the test is skipped (with the reason printed) unless `CI` is set, in which
+//! case it fails.
 
 use std::path::Path;
 use std::process::Command as Process;
@@ -132,6 +134,15 @@ impl Served {
     }
 }
 
+/// The sim hosts of [`HOSTS`].
+fn sim_hosts() -> Arc<SimCluster> {
+    let sim = SimCluster::new();
+    for h in HOSTS {
+        sim.add_host(h);
+    }
+    sim
+}
+
 /// A manager over a fresh SQLite store with [`HOSTS`] registered as sim hosts.
 fn manager(dir: &Path, capacity: Capacity) -> Arc<Manager> {
     let store = SqliteStore::open(&dir.join("tern.db")).unwrap();
@@ -163,10 +174,7 @@ async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
             memory_mib: 32768,
         },
     );
-    let sim = SimCluster::new();
-    for h in HOSTS {
-        sim.add_host(h);
-    }
+    let sim = sim_hosts();
     // The balancer stays off so the only migration is the one this test asks for.
     manager
         .execute(Command::PutSettings(BalancerSettings {
@@ -228,6 +236,17 @@ async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
     assert_eq!(text_of(&dom, "host-count"), HOSTS.len().to_string());
     assert_eq!(text_of(&dom, "vm-count"), VMS.to_string());
     assert!(text_of(&dom, "vms").contains("web-vm-6"), "{dom}");
+    // Each running VM has the buttons of what a running VM allows, and only those.
+    assert_eq!(
+        dom.matches("data-action=\"pause\"").count(),
+        VMS,
+        "a pause button per running VM: {dom}"
+    );
+    assert!(
+        text_of(&dom, "vms").contains("0.00 stop reboot pause suspend delete"),
+        "{dom}"
+    );
+    assert!(!dom.contains("data-action=\"start\""), "{dom}");
     assert!(
         !text_of(&dom, "recent").contains("web-vm-"),
         "no migration yet"
@@ -379,6 +398,152 @@ async fn history_answers_scores_and_the_latest_events_behind_the_token() {
         assert_eq!(r.status(), reqwest::StatusCode::OK, "{path}");
         let t = r.headers()["content-type"].to_str().unwrap().to_owned();
         assert!(t.starts_with(ctype), "{path}: {t}");
+    }
+    served.stop().await;
+}
+
+/// The `ROUTES` table of app.js: key, method and path of every call the page makes.
+fn page_routes() -> Vec<(String, String, String)> {
+    let js = include_str!("../src/web/assets/app.js");
+    let start = js
+        .find("const ROUTES = {")
+        .expect("app.js has a ROUTES table");
+    let block = &js[start..start + js[start..].find("};").unwrap()];
+    // Every other place of the script names a route by its key, never by a path.
+    let rest = js.replacen(block, "", 1);
+    assert!(
+        !rest.contains("\"/v1/") && !rest.contains("`/v1/"),
+        "app.js calls a path outside its ROUTES table"
+    );
+    block
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let (key, value) = l.trim().split_once(": ")?;
+            let value = value.trim_end_matches(',').trim_matches('"');
+            let (method, path) = value.split_once(' ').unwrap();
+            Some((key.to_owned(), method.to_owned(), path.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn every_route_the_page_calls_is_in_the_openapi_document() {
+    let doc: serde_json::Value = serde_json::from_str(&tern_manager::api::openapi::json()).unwrap();
+    let routes = page_routes();
+    assert!(routes.len() >= 13, "{routes:?}");
+    for (key, method, path) in &routes {
+        assert!(
+            doc["paths"][path][method.to_lowercase()].is_object(),
+            "app.js route {key}: {method} {path} is not in the API"
+        );
+    }
+    // Each action the table can offer has a route of that name.
+    let table = tern_manager::web::vm_action_table();
+    for a in table.actions.values().flatten() {
+        assert!(
+            routes.iter().any(|(k, _, _)| k == a),
+            "action {a} has no route in app.js"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_allowed_actions_per_state_are_what_the_lifecycle_routes_take() {
+    let dir = tempfile::tempdir().unwrap();
+    let manager = manager(
+        dir.path(),
+        Capacity {
+            cpus: 4.0,
+            memory_mib: 8192,
+        },
+    );
+    let sim = sim_hosts();
+    let control = Control::new(manager.clone(), sim.clone());
+    manager
+        .execute(Command::CreateVm {
+            name: "act".into(),
+            spec: VmSpec::sized(1, 256),
+            host: Some(HOSTS[0].into()),
+            template: None,
+        })
+        .unwrap();
+    control.settle().await.unwrap();
+    let served = Served::start(&manager).await;
+    let base = served.base.clone();
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{base}/v1/vm-actions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let table: serde_json::Value = http
+        .get(format!("{base}/v1/vm-actions"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let allowed = |state: &str| -> Vec<String> {
+        table["actions"][state]
+            .as_array()
+            .unwrap_or_else(|| panic!("no state {state}: {table}"))
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        allowed("running"),
+        ["stop", "reboot", "pause", "suspend", "delete"]
+    );
+    assert_eq!(allowed("stopped"), ["start", "delete"]);
+    assert_eq!(allowed("paused"), ["stop", "resume", "suspend", "delete"]);
+    assert_eq!(allowed("suspended"), ["restore", "delete"]);
+    assert!(allowed("migrating").is_empty());
+    assert_eq!(
+        table["actions"].as_object().unwrap().len(),
+        tern_api::manager::VmState::ALL.len()
+    );
+    // Walk a VM through the machine by the page's routes: in each state, an action the
+    // table offers is taken and one it does not is refused with the API's 409.
+    let post = |action: &str| {
+        http.post(format!("{base}/v1/vms/act/{action}"))
+            .bearer_auth(TOKEN)
+            .send()
+    };
+    for (state, take, then) in [
+        ("running", "pause", "paused"),
+        ("paused", "resume", "running"),
+    ] {
+        for a in [
+            "start", "stop", "reboot", "pause", "resume", "suspend", "restore",
+        ] {
+            if allowed(state).iter().any(|x| x == a) {
+                continue;
+            }
+            let r = post(a).await.unwrap();
+            assert_eq!(
+                r.status(),
+                reqwest::StatusCode::CONFLICT,
+                "{a} when {state}"
+            );
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert!(
+                body["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("is {state}")),
+                "{a}: {body}"
+            );
+        }
+        assert!(allowed(state).iter().any(|x| x == take));
+        let r = post(take).await.unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::OK, "{take} when {state}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["state"], then);
     }
     served.stop().await;
 }

@@ -41,6 +41,7 @@ use utoipa::{Modify, OpenApi};
         super::list_events,
         super::stream_events,
         crate::web::history,
+        crate::web::vm_actions,
         super::lifecycle::start,
         super::lifecycle::stop,
         super::lifecycle::reboot,
