@@ -149,8 +149,7 @@ async fn scenario(lab: &DiskLab, img: &tern_hv::image::GuestImage) {
 }
 
 /// A VM with two `virtio_scsi` disks, a 64 MiB one in the local store (an overlay on
-/// an image, `/dev/sda`: SCSI target 0) and a 16 MiB blank one in the shared store
-/// (`/dev/sdb`), moved h1 → h2 while the guest writes to the local one, then back while
+/// an image) and a 16 MiB blank one in the shared store, moved h1 → h2 while the guest writes to the local one, then back while
 /// it writes to the shared one: each disk keeps every write counted, under the same
 /// name in the guest, after each move.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,10 +193,12 @@ async fn scsi_scenario(lab: &DiskLab, img: &tern_hv::image::GuestImage) {
         shared_disk.is_file(),
         "the data disk is in the shared store"
     );
-    // 32 MiB: more than the shared disk has, so a swapped order fails here.
+    // The kernel names SCSI disks in the order its probes finish, not by target: find
+    // which of sda and sdb is the 64 MiB local disk by asking for more than the other has.
+    let (root_dev, data_dev) = scsi_devices(lab).await;
     lab.guest(
         0,
-        json!({"cmd": "start", "workload": "diskverify --device /dev/sda --mib 32 --blocks-per-sec 500"}),
+        json!({"cmd": "start", "workload": format!("diskverify --device {root_dev} --mib 32 --blocks-per-sec 500")}),
     )
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -225,7 +226,7 @@ async fn scsi_scenario(lab: &DiskLab, img: &tern_hv::image::GuestImage) {
     // Now the shared disk takes the writes, and the VM goes back (the local disk too).
     lab.guest(
         1,
-        json!({"cmd": "start", "workload": "diskverify --device /dev/sdb --mib 8 --blocks-per-sec 500"}),
+        json!({"cmd": "start", "workload": format!("diskverify --device {data_dev} --mib 8 --blocks-per-sec 500")}),
     )
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -239,7 +240,7 @@ async fn scsi_scenario(lab: &DiskLab, img: &tern_hv::image::GuestImage) {
     let root = lab
         .guest(
             0,
-            json!({"cmd": "disk-check", "device": "/dev/sda", "mib": 32}),
+            json!({"cmd": "disk-check", "device": root_dev, "mib": 32}),
         )
         .await;
     assert_eq!(root["ok"], true, "{root}");
@@ -247,6 +248,33 @@ async fn scsi_scenario(lab: &DiskLab, img: &tern_hv::image::GuestImage) {
 
     lab.hosts[0].delete_vm(SCSI_VM).await.unwrap();
     assert!(!shared_disk.exists() && !local_disk(0).exists());
+}
+
+/// The guest's names of the VM's two SCSI disks on h1, (64 MiB local, 16 MiB shared):
+/// both hold 8 MiB, only the local one 32.
+async fn scsi_devices(lab: &DiskLab) -> (&'static str, &'static str) {
+    let names = ["/dev/sda", "/dev/sdb"];
+    for d in names {
+        let r = lab
+            .guest(0, json!({"cmd": "disk-check", "device": d, "mib": 8}))
+            .await;
+        assert_eq!(r["ok"], true, "{d}: {r}");
+    }
+    let r = lab.hosts[0]
+        .guest(
+            SCSI_VM,
+            &json!({"cmd": "disk-check", "device": names[0], "mib": 32}),
+        )
+        .await
+        .unwrap();
+    eprintln!("{} asked for 32 MiB: {r}", names[0]);
+    match r["ok"].as_bool() {
+        Some(true) => (names[0], names[1]),
+        _ => {
+            assert!(r.to_string().contains("fewer than"), "{r}");
+            (names[1], names[0])
+        }
+    }
 }
 
 /// Probes h2's NBD export from outside (the lab's root namespace) with `qemu-img`:
