@@ -2,7 +2,9 @@
 //! on the image, with its kernel and initrd, a NIC on a bridge and a guest config
 //! (host name, ssh key, static address) handed over fw_cfg; `tern-guest` answers on the
 //! usual channel, and ssh with the configured key logs in as root at the configured
-//! address and finds the configured host name. A bad guest config is refused with 400.
+//! address and finds the configured host name, and a `virtio_scsi` disk under its
+//! stable name `/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_NAME`. A bad guest config is
+//! refused with 400.
 //!
 //! Needs root (debootstrap for the first build, taps and a bridge); the image is built
 //! once into the shared test cache, later runs reuse it.
@@ -125,7 +127,8 @@ fn spec(img: &DebianImage, disk: &str, guest_config: Value) -> Value {
         "kernel": img.kernel,
         "initramfs": img.initrd,
         "cmdline": img.cmdline,
-        "disks": [{"name": "root", "image": disk}],
+        "disks": [{"name": "root", "image": disk},
+                  {"name": "scratch", "size_mib": 8, "bus": "virtio_scsi"}],
         "nics": [{}],
         "guest_config": guest_config,
     })
@@ -229,7 +232,8 @@ async fn debian_boots_from_its_disk_and_takes_its_config_over_fw_cfg() {
     let out = loop {
         match ssh(
             &key,
-            "hostname; cat /root/.ssh/authorized_keys; ip -4 -o addr show eth0",
+            "hostname; cat /root/.ssh/authorized_keys; ip -4 -o addr show eth0; \
+             readlink -f /dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_scratch",
         ) {
             Ok(out) => break out,
             Err(e) if started.elapsed() < Duration::from_secs(360) => {
@@ -250,6 +254,8 @@ async fn debian_boots_from_its_disk_and_takes_its_config_over_fw_cfg() {
     assert_eq!(lines.next(), Some("deb-one"), "{out}");
     assert_eq!(lines.next(), Some(public.as_str()), "{out}");
     assert!(out.contains(&format!("{GUEST_ADDR}/24")), "{out}");
+    // The SCSI disk has udev's stable name from its serial, the disk's name.
+    assert_eq!(out.lines().last(), Some("/dev/sda"), "{out}");
     // Only the configured key logs in.
     let other_dir = tempfile::tempdir().unwrap();
     let (other, _) = keypair(other_dir.path());
