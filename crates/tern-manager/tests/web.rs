@@ -1,7 +1,8 @@
 //! The web page in Debian's headless Chromium against a manager on a port-0 listener with
 //! in-process sim hosts: the rendered DOM shows every host, the VM count, a migration in
 //! progress with its telemetry, the migration once it has run, and each VM's buttons for
-//! the actions its state allows; every route the page calls is one the API has. Without
+//! the actions its state allows, which call the API when pressed (asking first for a
+//! delete) and show its refusal; every route the page calls is one the API has. Without
 //! chromium the test is skipped (with the reason printed) unless `CI` is set, in which
 //! case it fails.
 
@@ -163,19 +164,16 @@ fn manager(dir: &Path, capacity: Capacity) -> Arc<Manager> {
     manager
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
-    let Some(browser) = chromium() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let manager = manager(
-        dir.path(),
-        Capacity {
-            cpus: 8.0,
-            memory_mib: 32768,
-        },
-    );
+/// A manager with [`HOSTS`] of `capacity` as sim hosts, the balancer off (the only
+/// migrations are those a test asks for), and `vms` of 1 vCPU and 1 GiB running on the
+/// first host.
+async fn cluster(
+    dir: &Path,
+    capacity: Capacity,
+    vms: impl IntoIterator<Item = String>,
+) -> (Arc<Manager>, Arc<SimCluster>, Arc<Control>) {
+    let manager = manager(dir, capacity);
     let sim = sim_hosts();
-    // The balancer stays off so the only migration is the one this test asks for.
     manager
         .execute(Command::PutSettings(BalancerSettings {
             enabled: false,
@@ -184,10 +182,10 @@ async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
         }))
         .unwrap();
     let control = Control::new(manager.clone(), sim.clone());
-    for i in 0..VMS {
+    for name in vms {
         manager
             .execute(Command::CreateVm {
-                name: format!("web-vm-{i}"),
+                name,
                 spec: VmSpec::sized(1, 1024),
                 host: Some(HOSTS[0].into()),
                 template: None,
@@ -195,6 +193,22 @@ async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
             .unwrap();
     }
     control.settle().await.unwrap();
+    (manager, sim, control)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
+    let Some(browser) = chromium() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, sim, control) = cluster(
+        dir.path(),
+        Capacity {
+            cpus: 8.0,
+            memory_mib: 32768,
+        },
+        (0..VMS).map(|i| format!("web-vm-{i}")),
+    )
+    .await;
     // Two busy VMs, measured over a short interval, give the first host a CPU load.
     for vm in ["web-vm-0", "web-vm-1"] {
         sim.set_utilisation(vm, 1.0).await.unwrap();
@@ -451,24 +465,15 @@ fn every_route_the_page_calls_is_in_the_openapi_document() {
 #[tokio::test]
 async fn the_allowed_actions_per_state_are_what_the_lifecycle_routes_take() {
     let dir = tempfile::tempdir().unwrap();
-    let manager = manager(
+    let (manager, _sim, _control) = cluster(
         dir.path(),
         Capacity {
             cpus: 4.0,
             memory_mib: 8192,
         },
-    );
-    let sim = sim_hosts();
-    let control = Control::new(manager.clone(), sim.clone());
-    manager
-        .execute(Command::CreateVm {
-            name: "act".into(),
-            spec: VmSpec::sized(1, 256),
-            host: Some(HOSTS[0].into()),
-            template: None,
-        })
-        .unwrap();
-    control.settle().await.unwrap();
+        ["act".to_owned()],
+    )
+    .await;
     let served = Served::start(&manager).await;
     let base = served.base.clone();
     let http = reqwest::Client::new();
@@ -546,4 +551,96 @@ async fn the_allowed_actions_per_state_are_what_the_lifecycle_routes_take() {
         assert_eq!(v["state"], then);
     }
     served.stop().await;
+}
+
+/// The page with a script after `app.js` that presses its buttons as a person would
+/// (answering `confirm` itself: no for `web-vm-4`, yes otherwise) and writes what the
+/// page's status line said after each press into `#harness`.
+const CLICKS: &str = r#"<pre id="harness"></pre>
+<script>
+"use strict";
+window.confirm = (q) => { document.title += "|asked"; return !q.includes("web-vm-4"); };
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const said = () => document.getElementById("vm-action").textContent;
+async function press(vm, action, answered = true) {
+  let b = null;
+  for (let i = 0; i < 100 && !b; i++) {
+    b = document.querySelector(`button[data-vm="${vm}"][data-action="${action}"]`);
+    if (!b) await sleep(100);
+  }
+  if (!b) return `no ${action} button for ${vm}`;
+  const before = said();
+  b.click();
+  if (!answered) return said() === before ? "nothing sent" : said();
+  for (let i = 0; i < 100 && (said() === before || said().endsWith("...")); i++) await sleep(50);
+  return said();
+}
+(async () => {
+  const out = [];
+  out.push(await press("web-vm-5", "pause"));
+  out.push(await press("web-vm-6", "delete"));
+  const asked = document.title;
+  out.push(await press("web-vm-4", "delete", false));
+  out.push(document.title === asked + "|asked" ? "declined" : "not asked");
+  // The state the page was drawn with no longer allows it: the manager's 409 shows.
+  await act("web-vm-3", "resume");
+  out.push(said(), document.getElementById("vm-action").className);
+  document.getElementById("harness").textContent = out.join("\n");
+})();
+</script>
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_buttons_call_the_api_ask_first_and_show_a_refusal_in_chromium() {
+    let Some(browser) = chromium() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, _sim, _control) = cluster(
+        dir.path(),
+        Capacity {
+            cpus: 8.0,
+            memory_mib: 32768,
+        },
+        (3..VMS).map(|i| format!("web-vm-{i}")),
+    )
+    .await;
+    // The API as `serve` has it, and the page with the clicking script at another path.
+    let (stop_tx, stopping) = tokio::sync::watch::channel(false);
+    let page = include_str!("../src/web/assets/index.html")
+        .replace("</body>", &format!("{CLICKS}</body>"));
+    let app = tern_manager::api::router(manager.clone(), vec![TOKEN.into()], stopping).route(
+        "/clicks",
+        axum::routing::get(move || async move { axum::response::Html(page) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let mut stopped = stop_tx.subscribe();
+    let server = tokio::spawn(tern_pki::serve::serve(
+        listener,
+        app,
+        None,
+        tern_pki::serve::Limits::default(),
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+    ));
+
+    let url = format!("{base}/clicks?token={TOKEN}");
+    let dom = tokio::task::spawn_blocking(move || dump_dom(browser, &url))
+        .await
+        .unwrap();
+    let harness = text_of(&dom, "harness");
+    for want in [
+        "pause web-vm-5: paused",
+        "delete web-vm-6: deleting",
+        "nothing sent declined",
+        r#"resume web-vm-3 refused: VM "web-vm-3" is running: resume needs it paused error"#,
+    ] {
+        assert!(harness.contains(want), "{want:?} not in {harness:?}");
+    }
+    let state = |vm: &str| manager.read(|s| s.vms.get(vm).map(|v| v.state));
+    assert_eq!(state("web-vm-5"), Some(tern_api::manager::VmState::Paused));
+    assert_eq!(state("web-vm-4"), Some(tern_api::manager::VmState::Running));
+    assert_ne!(state("web-vm-6"), Some(tern_api::manager::VmState::Running));
+    stop_tx.send(true).unwrap();
+    server.await.unwrap().unwrap();
 }
