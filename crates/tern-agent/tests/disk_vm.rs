@@ -58,6 +58,28 @@ impl Agent {
         }
     }
 
+    /// Stops `vm`'s `diskverify`, stops and starts the VM, and reads `device` back:
+    /// every write counted durable before the stop is there, and none after it.
+    async fn writes_survive_stop_and_start(&self, vm: &str, device: &str, mib: u64) {
+        self.guest(vm, json!({"cmd": "stop", "workload": "diskverify"}))
+            .await;
+        let done = self.guest(vm, json!({"cmd": "disk-check"})).await;
+        let written = done["written"].as_u64().unwrap();
+        assert!(done["ok"] == true && written > 0, "{done}");
+        let v = self.c.act(vm, Action::Stop).await.unwrap();
+        assert_eq!(v.info.state, VmState::Stopped);
+        let v = self.c.act(vm, Action::Start).await.unwrap();
+        assert_eq!(v.info.state, VmState::Running);
+        let back = self
+            .guest(
+                vm,
+                json!({"cmd": "disk-check", "device": device, "mib": mib}),
+            )
+            .await;
+        assert_eq!(back["ok"], true, "{back}");
+        assert_eq!(back["counter"].as_u64(), Some(written), "{back}");
+    }
+
     fn files(&self) -> Vec<String> {
         let mut out = Vec::new();
         walk(self.store.root(), self.store.root(), &mut out);
@@ -214,25 +236,8 @@ async fn disk_data_survives_stop_and_start_and_goes_with_the_vm() {
     let r = a.guest("d1", json!({"cmd": "disk-check"})).await;
     assert_eq!(r["ok"], true, "{r}");
     assert!(r["counter"].as_u64().unwrap() > 0, "{r}");
-    a.guest("d1", json!({"cmd": "stop", "workload": "diskverify"}))
-        .await;
-    let done = a.guest("d1", json!({"cmd": "disk-check"})).await;
-    let written = done["written"].as_u64().unwrap();
-    assert!(done["ok"] == true && written > 0, "{done}");
-
-    let v = a.c.act("d1", Action::Stop).await.unwrap();
-    assert_eq!(v.info.state, VmState::Stopped);
-    assert!(root.exists(), "stop kept the disk");
-    let v = a.c.act("d1", Action::Start).await.unwrap();
-    assert_eq!(v.info.state, VmState::Running);
-    let back = a
-        .guest(
-            "d1",
-            json!({"cmd": "disk-check", "device": "/dev/vda", "mib": 4}),
-        )
-        .await;
-    assert_eq!(back["ok"], true, "{back}");
-    assert_eq!(back["counter"].as_u64(), Some(written), "{back}");
+    a.writes_survive_stop_and_start("d1", "/dev/vda", 4).await;
+    assert!(root.exists(), "the disk is kept");
 
     a.c.delete_vm("d1").await.unwrap();
     assert!(!a.store.vm_dir("d1").exists(), "delete removes the disks");
@@ -288,24 +293,7 @@ async fn a_virtio_scsi_disk_is_a_scsi_disk_in_the_guest_and_keeps_its_data() {
     assert_eq!(r["ok"], true, "{r}");
     assert_eq!(r["device"], "/dev/sda", "{r}");
     assert!(r["counter"].as_u64().unwrap() > 0, "{r}");
-    a.guest("s1", json!({"cmd": "stop", "workload": "diskverify"}))
-        .await;
-    let done = a.guest("s1", json!({"cmd": "disk-check"})).await;
-    let written = done["written"].as_u64().unwrap();
-    assert!(done["ok"] == true && written > 0, "{done}");
-
-    let v = a.c.act("s1", Action::Stop).await.unwrap();
-    assert_eq!(v.info.state, VmState::Stopped);
-    let v = a.c.act("s1", Action::Start).await.unwrap();
-    assert_eq!(v.info.state, VmState::Running);
-    let back = a
-        .guest(
-            "s1",
-            json!({"cmd": "disk-check", "device": "/dev/sda", "mib": 8}),
-        )
-        .await;
-    assert_eq!(back["ok"], true, "{back}");
-    assert_eq!(back["counter"].as_u64(), Some(written), "{back}");
+    a.writes_survive_stop_and_start("s1", "/dev/sda", 8).await;
     a.c.delete_vm("s1").await.unwrap();
     a.a.shut().await;
 }
