@@ -2,7 +2,9 @@
 //! on the image, with its kernel and initrd, a NIC on a bridge and a guest config
 //! (host name, ssh key, static address) handed over fw_cfg; `tern-guest` answers on the
 //! usual channel, and ssh with the configured key logs in as root at the configured
-//! address and finds the configured host name. A bad guest config is refused with 400.
+//! address and finds the configured host name, and a `virtio_scsi` disk under its
+//! stable name `/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_NAME`; a second VM boots
+//! from a root disk on virtio-scsi. A bad guest config is refused with 400.
 //!
 //! Needs root (debootstrap for the first build, taps and a bridge); the image is built
 //! once into the shared test cache, later runs reuse it.
@@ -89,10 +91,30 @@ fn spec(img: &DebianImage, disk: &str, guest_config: Value) -> Value {
         "kernel": img.kernel,
         "initramfs": img.initrd,
         "cmdline": img.cmdline,
-        "disks": [{"name": "root", "image": disk}],
+        "disks": [{"name": "root", "image": disk},
+                  {"name": "scratch", "size_mib": 8, "bus": "virtio_scsi"}],
         "nics": [{}],
         "guest_config": guest_config,
     })
+}
+
+/// Waits until `vm`'s `tern-guest` answers a ping: systemd boots in tens of seconds
+/// under TCG, and tern-guest is a service in it.
+async fn pong(a: &QemuAgent, vm: &str, started: Instant, console: &Path) {
+    let pong = loop {
+        match a.c.guest(vm, &json!({"cmd": "ping"})).await {
+            Ok(p) => break p,
+            Err(e) if started.elapsed() < Duration::from_secs(240) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!(
+                "tern-guest never answered: {e}\nconsole:\n{}",
+                std::fs::read_to_string(console).unwrap_or_default()
+            ),
+        }
+    };
+    assert_eq!(pong["result"]["kind"], "pong", "{pong}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -171,29 +193,16 @@ async fn debian_boots_from_its_disk_and_takes_its_config_over_fw_cfg() {
     assert_eq!(v.info.state, VmState::Running);
     let console = v.info.console_log.clone().unwrap();
 
-    // systemd boots in tens of seconds under TCG; tern-guest is a service in it.
-    let pong = loop {
-        match a.c.guest("deb1", &json!({"cmd": "ping"})).await {
-            Ok(p) => break p,
-            Err(e) if started.elapsed() < Duration::from_secs(240) => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-            Err(e) => panic!(
-                "tern-guest never answered: {e}\nconsole:\n{}",
-                std::fs::read_to_string(&console).unwrap_or_default()
-            ),
-        }
-    };
+    pong(&a, "deb1", started, &console).await;
     let to_agent = started.elapsed();
-    assert_eq!(pong["result"]["kind"], "pong", "{pong}");
     eprintln!("boot-to-agent: {:.1} s", to_agent.as_secs_f64());
 
     // sshd starts after the config is applied and its host key is made.
     let out = loop {
         match ssh(
             &key,
-            "hostname; cat /root/.ssh/authorized_keys; ip -4 -o addr show eth0",
+            "hostname; cat /root/.ssh/authorized_keys; ip -4 -o addr show eth0; \
+             readlink -f /dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_scratch",
         ) {
             Ok(out) => break out,
             Err(e) if started.elapsed() < Duration::from_secs(360) => {
@@ -214,6 +223,8 @@ async fn debian_boots_from_its_disk_and_takes_its_config_over_fw_cfg() {
     assert_eq!(lines.next(), Some("deb-one"), "{out}");
     assert_eq!(lines.next(), Some(public.as_str()), "{out}");
     assert!(out.contains(&format!("{GUEST_ADDR}/24")), "{out}");
+    // The SCSI disk has udev's stable name from its serial, the disk's name.
+    assert_eq!(out.lines().last(), Some("/dev/sda"), "{out}");
     // Only the configured key logs in.
     let other_dir = tempfile::tempdir().unwrap();
     let (other, _) = keypair(other_dir.path());
@@ -251,6 +262,21 @@ async fn debian_boots_from_its_disk_and_takes_its_config_over_fw_cfg() {
     let log = std::fs::read_to_string(&console).unwrap_or_default();
     assert!(log.contains("reboot: Power down"), "{log}");
     a.c.delete_vm("deb1").await.unwrap();
+
+    // The root disk on virtio-scsi: the initrd has the driver, and a `root=` after the
+    // image's wins.
+    let mut scsi_root = spec(&img, &disk, json!({"hostname": "deb-scsi"}));
+    scsi_root["disks"] = json!([{"name": "root", "image": disk, "bus": "virtio_scsi"}]);
+    scsi_root["cmdline"] = json!(format!("{} root=/dev/sda", img.cmdline));
+    let started = Instant::now();
+    let v = a.c.create_vm(&create("deb2", scsi_root)).await.unwrap();
+    let console = v.info.console_log.clone().unwrap();
+    pong(&a, "deb2", started, &console).await;
+    eprintln!(
+        "boot-to-agent from a SCSI root: {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    a.c.delete_vm("deb2").await.unwrap();
     a.shut().await;
     drop(bridge);
 }

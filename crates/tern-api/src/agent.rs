@@ -55,7 +55,8 @@ pub struct VmSpec {
     #[serde(default)]
     pub nics: Vec<Nic>,
     /// Virtual disks, each a qcow2 file the agent makes in its store (see
-    /// `docs/storage.md`); the guest sees them in order as `/dev/vda`, `/dev/vdb`, ...
+    /// `docs/storage.md`); the guest sees the `virtio_blk` ones in order as `/dev/vda`,
+    /// `/dev/vdb`, ... and the `virtio_scsi` ones as SCSI disks (`/dev/sdX`).
     #[serde(default)]
     pub disks: Vec<DiskSpec>,
     /// The manager's catalogue image this VM boots (`docs/images.md`): the agent
@@ -144,6 +145,55 @@ pub enum DiskBus {
     /// A `virtio-blk-pci` device per disk (`/dev/vdX` in a Linux guest).
     #[default]
     VirtioBlk,
+    /// A `scsi-hd` device on the VM's one `virtio-scsi-pci` controller (`/dev/sdX` in a
+    /// Linux guest, and `/dev/disk/by-id/scsi-0QEMU_QEMU_HARDDISK_SERIAL` with the
+    /// serial of [`scsi_serial`]).
+    VirtioScsi,
+}
+
+impl DiskBus {
+    /// The name in the API (`virtio_blk`, `virtio_scsi`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskBus::VirtioBlk => "virtio_blk",
+            DiskBus::VirtioScsi => "virtio_scsi",
+        }
+    }
+}
+
+impl std::str::FromStr for DiskBus {
+    type Err = String;
+
+    /// The API's names, and the same with `-` (`virtio-scsi`) as the command line
+    /// writes them.
+    fn from_str(s: &str) -> Result<DiskBus, String> {
+        match s.replace('-', "_").as_str() {
+            "virtio_blk" => Ok(DiskBus::VirtioBlk),
+            "virtio_scsi" => Ok(DiskBus::VirtioScsi),
+            _ => Err(format!(
+                "disk bus {s:?}: give virtio-blk (the default) or virtio-scsi"
+            )),
+        }
+    }
+}
+
+/// Longest serial number QEMU's `scsi-hd` takes.
+pub const MAX_SCSI_SERIAL: usize = 36;
+
+/// The serial number a `virtio_scsi` disk shows the guest: its name, which is unique
+/// within the VM and stays the same across reboots and migrations. A name longer than
+/// QEMU allows keeps its first characters and gets a hash of the whole name, so two
+/// long names with a common start still differ.
+pub fn scsi_serial(disk_name: &str) -> String {
+    if disk_name.len() <= MAX_SCSI_SERIAL {
+        return disk_name.to_owned();
+    }
+    // FNV-1a: stable across builds and hosts, unlike std's hasher.
+    let h = disk_name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let head: String = disk_name.chars().take(MAX_SCSI_SERIAL - 9).collect();
+    format!("{head}-{:08x}", h as u32)
 }
 
 /// Checks a disk or image name: it becomes a file name in the store, so it must not be
@@ -575,4 +625,40 @@ pub struct VmView {
 pub struct ErrorBody {
     pub error: String,
     pub kind: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_bus_names_round_trip_and_bad_ones_say_what_to_give() {
+        for b in [DiskBus::VirtioBlk, DiskBus::VirtioScsi] {
+            assert_eq!(b.as_str().parse::<DiskBus>(), Ok(b));
+            assert_eq!(b.as_str().replace('_', "-").parse::<DiskBus>(), Ok(b));
+            assert_eq!(
+                serde_json::to_value(b).unwrap(),
+                serde_json::json!(b.as_str())
+            );
+        }
+        let e = "scsi".parse::<DiskBus>().unwrap_err();
+        assert!(e.contains("virtio-scsi"), "{e}");
+        assert!(serde_json::from_value::<DiskBus>(serde_json::json!("ide")).is_err());
+    }
+
+    #[test]
+    fn scsi_serials_fit_qemu_and_stay_unique() {
+        assert_eq!(scsi_serial("data"), "data");
+        let a = "a".repeat(MAX_DISK_NAME);
+        let b = format!("{}b", "a".repeat(MAX_DISK_NAME - 1));
+        for n in [&a, &b] {
+            assert_eq!(scsi_serial(n).len(), MAX_SCSI_SERIAL);
+            assert_eq!(scsi_serial(n), scsi_serial(n));
+        }
+        assert_ne!(scsi_serial(&a), scsi_serial(&b));
+        assert_eq!(
+            scsi_serial(&"x".repeat(MAX_SCSI_SERIAL)).len(),
+            MAX_SCSI_SERIAL
+        );
+    }
 }

@@ -268,6 +268,10 @@ pub struct VmDisk {
     /// moves) or `local` (the host's own store; a live migration copies it).
     #[serde(default, skip_serializing_if = "crate::agent::DiskStore::is_shared")]
     pub store: crate::agent::DiskStore,
+    /// The controller the guest sees it on: `virtio_blk` or `virtio_scsi`. Absent: the
+    /// template's choice for a disk of that name, else `virtio_blk`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bus: Option<crate::agent::DiskBus>,
 }
 
 impl VmDisk {
@@ -277,7 +281,7 @@ impl VmDisk {
             name: self.name.clone(),
             size_mib: self.size_mib,
             image: self.from_image.then(|| "image".to_owned()),
-            bus: Default::default(),
+            bus: self.bus.unwrap_or_default(),
             store: self.store,
         }
         .validate()
@@ -369,6 +373,7 @@ impl Template {
                 size_mib: None,
                 from_image: true,
                 store: Default::default(),
+                bus: None,
             }],
             None => Vec::new(),
         }
@@ -474,6 +479,7 @@ mod tests {
             size_mib: size,
             from_image,
             store: Default::default(),
+            bus: None,
         };
         check_disks(&[d("root", None, true), d("data", Some(1024), false)]).unwrap();
         assert!(check_disks(&[d("root", None, true), d("root", Some(1), false)]).is_err());

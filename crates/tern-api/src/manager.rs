@@ -184,7 +184,7 @@ impl VmSpec {
                 } else {
                     None
                 },
-                bus: Default::default(),
+                bus: d.bus.unwrap_or_default(),
                 store: d.store,
             })
             .collect();

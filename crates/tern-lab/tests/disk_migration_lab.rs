@@ -12,38 +12,18 @@ mod common;
 
 use std::time::Duration;
 
-use common::disk::{can_run, make_image, DiskLab as Lab};
+use common::disk::{in_two_host_lab, make_image, DiskLab as Lab};
 use serde_json::json;
 use tern_agent::vms::CreateVm;
-use tern_lab as lab;
 
 const VM: &str = "disk1";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disk_stays_on_the_shared_store_while_the_vm_moves() {
-    if !can_run("disk migration lab test") {
-        return;
-    }
-    let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
-        eprintln!("image: {s}")
+    in_two_host_lab("disk migration lab test", VM, |lab, img| async move {
+        scenario(&lab, &img).await
     })
-    .await
-    .expect("guest image builds");
-    let dir = tempfile::tempdir().unwrap();
-    let (state, hosts) = common::two_hosts(&dir, 1024).await;
-    let lab_dir = state.dir.clone();
-    let lab = Lab {
-        state,
-        hosts,
-        vm: VM,
-    };
-    let outcome = tokio::spawn(async move { scenario(&lab, &img).await }).await;
-    lab::down(&lab_dir, &|s| eprintln!("{s}"))
-        .await
-        .expect("lab down");
-    if let Err(e) = outcome {
-        std::panic::resume_unwind(e.into_panic());
-    }
+    .await;
 }
 
 async fn scenario(lab: &Lab, img: &tern_hv::image::GuestImage) {

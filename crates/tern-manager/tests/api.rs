@@ -543,6 +543,13 @@ async fn bad_input_is_refused_with_a_message_and_changes_nothing() {
         (
             Method::POST,
             "/v1/vms",
+            r#"{"name": "x", "spec": {"vcpus": 1, "memory_mib": 512, "disks": [{"name": "d", "size_mib": 8, "bus": "ide"}]}}"#,
+            StatusCode::BAD_REQUEST,
+            "expected `virtio_blk` or `virtio_scsi`",
+        ),
+        (
+            Method::POST,
+            "/v1/vms",
             r#"{"name": "x", "spec": "#,
             StatusCode::BAD_REQUEST,
             "request body",

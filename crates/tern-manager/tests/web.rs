@@ -1,7 +1,10 @@
 //! The web page in Debian's headless Chromium against a manager on a port-0 listener with
 //! in-process sim hosts: the rendered DOM shows every host, the VM count, a migration in
-//! progress with its telemetry, and the migration once it has run. Without chromium the test is skipped (with the reason
-//! printed) unless `CI` is set, in which case it fails.
+//! progress with its telemetry, the migration once it has run, and each VM's buttons for
+//! the actions its state allows, which call the API when pressed (asking first for a
+//! delete) and show its refusal; every route the page calls is one the API has. Without
+//! chromium the test is skipped (with the reason printed) unless `CI` is set, in which
+//! case it fails.
 
 use std::path::Path;
 use std::process::Command as Process;
@@ -132,6 +135,15 @@ impl Served {
     }
 }
 
+/// The sim hosts of [`HOSTS`].
+fn sim_hosts() -> Arc<SimCluster> {
+    let sim = SimCluster::new();
+    for h in HOSTS {
+        sim.add_host(h);
+    }
+    sim
+}
+
 /// A manager over a fresh SQLite store with [`HOSTS`] registered as sim hosts.
 fn manager(dir: &Path, capacity: Capacity) -> Arc<Manager> {
     let store = SqliteStore::open(&dir.join("tern.db")).unwrap();
@@ -152,22 +164,16 @@ fn manager(dir: &Path, capacity: Capacity) -> Arc<Manager> {
     manager
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
-    let Some(browser) = chromium() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let manager = manager(
-        dir.path(),
-        Capacity {
-            cpus: 8.0,
-            memory_mib: 32768,
-        },
-    );
-    let sim = SimCluster::new();
-    for h in HOSTS {
-        sim.add_host(h);
-    }
-    // The balancer stays off so the only migration is the one this test asks for.
+/// A manager with [`HOSTS`] of `capacity` as sim hosts, the balancer off (the only
+/// migrations are those a test asks for), and `vms` of 1 vCPU and 1 GiB running on the
+/// first host.
+async fn cluster(
+    dir: &Path,
+    capacity: Capacity,
+    vms: impl IntoIterator<Item = String>,
+) -> (Arc<Manager>, Arc<SimCluster>, Arc<Control>) {
+    let manager = manager(dir, capacity);
+    let sim = sim_hosts();
     manager
         .execute(Command::PutSettings(BalancerSettings {
             enabled: false,
@@ -176,10 +182,10 @@ async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
         }))
         .unwrap();
     let control = Control::new(manager.clone(), sim.clone());
-    for i in 0..VMS {
+    for name in vms {
         manager
             .execute(Command::CreateVm {
-                name: format!("web-vm-{i}"),
+                name,
                 spec: VmSpec::sized(1, 1024),
                 host: Some(HOSTS[0].into()),
                 template: None,
@@ -187,6 +193,22 @@ async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
             .unwrap();
     }
     control.settle().await.unwrap();
+    (manager, sim, control)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
+    let Some(browser) = chromium() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, sim, control) = cluster(
+        dir.path(),
+        Capacity {
+            cpus: 8.0,
+            memory_mib: 32768,
+        },
+        (0..VMS).map(|i| format!("web-vm-{i}")),
+    )
+    .await;
     // Two busy VMs, measured over a short interval, give the first host a CPU load.
     for vm in ["web-vm-0", "web-vm-1"] {
         sim.set_utilisation(vm, 1.0).await.unwrap();
@@ -228,6 +250,17 @@ async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
     assert_eq!(text_of(&dom, "host-count"), HOSTS.len().to_string());
     assert_eq!(text_of(&dom, "vm-count"), VMS.to_string());
     assert!(text_of(&dom, "vms").contains("web-vm-6"), "{dom}");
+    // Each running VM has the buttons of what a running VM allows, and only those.
+    assert_eq!(
+        dom.matches("data-action=\"pause\"").count(),
+        VMS,
+        "a pause button per running VM: {dom}"
+    );
+    assert!(
+        text_of(&dom, "vms").contains("0.00 stop reboot pause suspend delete"),
+        "{dom}"
+    );
+    assert!(!dom.contains("data-action=\"start\""), "{dom}");
     assert!(
         !text_of(&dom, "recent").contains("web-vm-"),
         "no migration yet"
@@ -381,4 +414,233 @@ async fn history_answers_scores_and_the_latest_events_behind_the_token() {
         assert!(t.starts_with(ctype), "{path}: {t}");
     }
     served.stop().await;
+}
+
+/// The `ROUTES` table of app.js: key, method and path of every call the page makes.
+fn page_routes() -> Vec<(String, String, String)> {
+    let js = include_str!("../src/web/assets/app.js");
+    let start = js
+        .find("const ROUTES = {")
+        .expect("app.js has a ROUTES table");
+    let block = &js[start..start + js[start..].find("};").unwrap()];
+    // Every other place of the script names a route by its key, never by a path.
+    let rest = js.replacen(block, "", 1);
+    assert!(
+        !rest.contains("\"/v1/") && !rest.contains("`/v1/"),
+        "app.js calls a path outside its ROUTES table"
+    );
+    block
+        .lines()
+        .skip(1)
+        .filter_map(|l| {
+            let (key, value) = l.trim().split_once(": ")?;
+            let value = value.trim_end_matches(',').trim_matches('"');
+            let (method, path) = value.split_once(' ').unwrap();
+            Some((key.to_owned(), method.to_owned(), path.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+fn every_route_the_page_calls_is_in_the_openapi_document() {
+    let doc: serde_json::Value = serde_json::from_str(&tern_manager::api::openapi::json()).unwrap();
+    let routes = page_routes();
+    assert!(routes.len() >= 13, "{routes:?}");
+    for (key, method, path) in &routes {
+        assert!(
+            doc["paths"][path][method.to_lowercase()].is_object(),
+            "app.js route {key}: {method} {path} is not in the API"
+        );
+    }
+    // Each action the table can offer has a route of that name.
+    let table = tern_manager::web::vm_action_table();
+    for a in table.actions.values().flatten() {
+        assert!(
+            routes.iter().any(|(k, _, _)| k == a),
+            "action {a} has no route in app.js"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_allowed_actions_per_state_are_what_the_lifecycle_routes_take() {
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, _sim, _control) = cluster(
+        dir.path(),
+        Capacity {
+            cpus: 4.0,
+            memory_mib: 8192,
+        },
+        ["act".to_owned()],
+    )
+    .await;
+    let served = Served::start(&manager).await;
+    let base = served.base.clone();
+    let http = reqwest::Client::new();
+    let r = http
+        .get(format!("{base}/v1/vm-actions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::UNAUTHORIZED);
+    let table: serde_json::Value = http
+        .get(format!("{base}/v1/vm-actions"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let allowed = |state: &str| -> Vec<String> {
+        table["actions"][state]
+            .as_array()
+            .unwrap_or_else(|| panic!("no state {state}: {table}"))
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        allowed("running"),
+        ["stop", "reboot", "pause", "suspend", "delete"]
+    );
+    assert_eq!(allowed("stopped"), ["start", "delete"]);
+    assert_eq!(allowed("paused"), ["stop", "resume", "suspend", "delete"]);
+    assert_eq!(allowed("suspended"), ["restore", "delete"]);
+    assert!(allowed("migrating").is_empty());
+    assert_eq!(
+        table["actions"].as_object().unwrap().len(),
+        tern_api::manager::VmState::ALL.len()
+    );
+    // Walk a VM through the machine by the page's routes: in each state, an action the
+    // table offers is taken and one it does not is refused with the API's 409.
+    let post = |action: &str| {
+        http.post(format!("{base}/v1/vms/act/{action}"))
+            .bearer_auth(TOKEN)
+            .send()
+    };
+    for (state, take, then) in [
+        ("running", "pause", "paused"),
+        ("paused", "resume", "running"),
+    ] {
+        for a in [
+            "start", "stop", "reboot", "pause", "resume", "suspend", "restore",
+        ] {
+            if allowed(state).iter().any(|x| x == a) {
+                continue;
+            }
+            let r = post(a).await.unwrap();
+            assert_eq!(
+                r.status(),
+                reqwest::StatusCode::CONFLICT,
+                "{a} when {state}"
+            );
+            let body: serde_json::Value = r.json().await.unwrap();
+            assert!(
+                body["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("is {state}")),
+                "{a}: {body}"
+            );
+        }
+        assert!(allowed(state).iter().any(|x| x == take));
+        let r = post(take).await.unwrap();
+        assert_eq!(r.status(), reqwest::StatusCode::OK, "{take} when {state}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["state"], then);
+    }
+    served.stop().await;
+}
+
+/// The page with a script after `app.js` that presses its buttons as a person would
+/// (answering `confirm` itself: no for `web-vm-4`, yes otherwise) and writes what the
+/// page's status line said after each press into `#harness`.
+const CLICKS: &str = r#"<pre id="harness"></pre>
+<script>
+"use strict";
+window.confirm = (q) => { document.title += "|asked"; return !q.includes("web-vm-4"); };
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const said = () => document.getElementById("vm-action").textContent;
+async function press(vm, action, answered = true) {
+  let b = null;
+  for (let i = 0; i < 100 && !b; i++) {
+    b = document.querySelector(`button[data-vm="${vm}"][data-action="${action}"]`);
+    if (!b) await sleep(100);
+  }
+  if (!b) return `no ${action} button for ${vm}`;
+  const before = said();
+  b.click();
+  if (!answered) return said() === before ? "nothing sent" : said();
+  for (let i = 0; i < 100 && (said() === before || said().endsWith("...")); i++) await sleep(50);
+  return said();
+}
+(async () => {
+  const out = [];
+  out.push(await press("web-vm-5", "pause"));
+  out.push(await press("web-vm-6", "delete"));
+  const asked = document.title;
+  out.push(await press("web-vm-4", "delete", false));
+  out.push(document.title === asked + "|asked" ? "declined" : "not asked");
+  // The state the page was drawn with no longer allows it: the manager's 409 shows.
+  await act("web-vm-3", "resume");
+  out.push(said(), document.getElementById("vm-action").className);
+  document.getElementById("harness").textContent = out.join("\n");
+})();
+</script>
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_buttons_call_the_api_ask_first_and_show_a_refusal_in_chromium() {
+    let Some(browser) = chromium() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (manager, _sim, _control) = cluster(
+        dir.path(),
+        Capacity {
+            cpus: 8.0,
+            memory_mib: 32768,
+        },
+        (3..VMS).map(|i| format!("web-vm-{i}")),
+    )
+    .await;
+    // The API as `serve` has it, and the page with the clicking script at another path.
+    let (stop_tx, stopping) = tokio::sync::watch::channel(false);
+    let page = include_str!("../src/web/assets/index.html")
+        .replace("</body>", &format!("{CLICKS}</body>"));
+    let app = tern_manager::api::router(manager.clone(), vec![TOKEN.into()], stopping).route(
+        "/clicks",
+        axum::routing::get(move || async move { axum::response::Html(page) }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let mut stopped = stop_tx.subscribe();
+    let server = tokio::spawn(tern_pki::serve::serve(
+        listener,
+        app,
+        None,
+        tern_pki::serve::Limits::default(),
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        },
+    ));
+
+    let url = format!("{base}/clicks?token={TOKEN}");
+    let dom = tokio::task::spawn_blocking(move || dump_dom(browser, &url))
+        .await
+        .unwrap();
+    let harness = text_of(&dom, "harness");
+    for want in [
+        "pause web-vm-5: paused",
+        "delete web-vm-6: deleting",
+        "nothing sent declined",
+        r#"resume web-vm-3 refused: VM "web-vm-3" is running: resume needs it paused error"#,
+    ] {
+        assert!(harness.contains(want), "{want:?} not in {harness:?}");
+    }
+    let state = |vm: &str| manager.read(|s| s.vms.get(vm).map(|v| v.state));
+    assert_eq!(state("web-vm-5"), Some(tern_api::manager::VmState::Paused));
+    assert_eq!(state("web-vm-4"), Some(tern_api::manager::VmState::Running));
+    assert_ne!(state("web-vm-6"), Some(tern_api::manager::VmState::Running));
+    stop_tx.send(true).unwrap();
+    server.await.unwrap().unwrap();
 }

@@ -1,7 +1,7 @@
 //! The catalogue end to end, as an operator drives it (needs root, QEMU, qemu-img): a
 //! 2-host lab whose agents report to a `tern manager` on the lab's CA; `tern image
 //! import minimal` uploads tern's guest image, `tern template create default` puts a
-//! blank data disk beside it, and `tern vm create g1` with nothing but a name boots that
+//! blank data disk on virtio-scsi beside it (`/dev/sda` in the guest), and `tern vm create g1` with nothing but a name boots that
 //! image on h1: the agent copies the image's files from the manager over its
 //! authenticated link into the shared store. The guest writes its disk, moves to h2
 //! through the manager, and its disk holds every write. Bad input (an image file that is
@@ -315,7 +315,7 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
         "--memory-mib",
         "256",
         "--disk",
-        "data=64",
+        "data=64:virtio-scsi",
         "--json",
     ]));
     // The hosts' stores are known once the manager has polled them.
@@ -329,6 +329,10 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
             "no template named",
         ),
         (vec!["vm", "create", "x", "--disk", "15T"], "disk store"),
+        (
+            vec!["vm", "create", "x", "--disk", "1G:ide"],
+            "give virtio-blk (the default) or virtio-scsi",
+        ),
     ] {
         let o = lab.cli(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {o:?}");
@@ -347,6 +351,7 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
     assert_eq!(vm["spec"]["image"], "minimal", "{vm}");
     assert_eq!(vm["spec"]["memory_mib"], 256, "{vm}");
     assert_eq!(vm["spec"]["template"], "default", "{vm}");
+    assert_eq!(vm["spec"]["disks"][0]["bus"], "virtio_scsi", "{vm}");
     wait_for("g1 runs on h1", 60, || {
         json(&lab.cli(&["vm", "show", "g1", "--json"]))["state"] == "running"
     });
@@ -404,6 +409,8 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
         &[
             "start",
             "diskverify",
+            "--device",
+            "/dev/sda",
             "--mib",
             "4",
             "--blocks-per-sec",
@@ -482,7 +489,7 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
     assert_eq!(v["state"], "running", "{v}");
     let check = lab.guest(
         "h1",
-        &[r#"{"cmd": "disk-check", "device": "/dev/vda", "mib": 4}"#],
+        &[r#"{"cmd": "disk-check", "device": "/dev/sda", "mib": 4}"#],
     );
     assert_eq!(check["result"]["ok"], true, "{check}");
     assert!(

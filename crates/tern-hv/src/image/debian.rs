@@ -210,7 +210,7 @@ pub fn guest_files() -> Vec<GuestFile> {
         ),
         f(
             "etc/initramfs-tools/modules",
-            "virtio_pci\nvirtio_blk\n",
+            "virtio_pci\nvirtio_blk\nvirtio_scsi\nsd_mod\n",
             0o644,
         ),
         f(

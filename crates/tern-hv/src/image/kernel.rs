@@ -16,7 +16,8 @@ use super::ImageError;
 pub const META_PACKAGE: &str = "linux-image-cloud-amd64";
 
 /// Modules the guest loads; their dependencies are added. Block is optional for the
-/// guest (it runs from its initramfs) but cheap, and lets a host attach a disk.
+/// guest (it runs from its initramfs) but cheap, and lets a host attach a disk on
+/// either bus (`virtio_scsi` finds the controller, `sd_mod` makes its disks `sdX`).
 /// `pvpanic_pci` tells QEMU when the kernel panics, so the host sees the panic.
 pub const WANTED_MODULES: &[&str] = &[
     "virtio_pci",
@@ -25,6 +26,8 @@ pub const WANTED_MODULES: &[&str] = &[
     "virtio_blk",
     "qemu_fw_cfg",
     "pvpanic_pci",
+    "virtio_scsi",
+    "sd_mod",
 ];
 
 /// The concrete kernel package behind the meta-package.

@@ -65,12 +65,17 @@ pub struct NicArg {
     pub mac: String,
 }
 
-/// One disk as QEMU sees it: its file in the store.
+/// One disk as QEMU sees it: its file in the store, and what the guest sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskArg {
     pub path: PathBuf,
     pub bus: DiskBus,
+    /// The disk's name in the spec; a `virtio_scsi` disk shows it as its serial.
+    pub name: String,
 }
+
+/// The id of the VM's `virtio-scsi-pci` controller, there when a disk uses it.
+pub const SCSI_CONTROLLER: &str = "scsi0";
 
 /// Everything the command line depends on.
 #[derive(Debug, Clone)]
@@ -173,6 +178,9 @@ pub fn qemu_args(p: &LaunchPlan) -> Vec<String> {
             &format!("virtio-net-pci,netdev=net{i},mac={}", nic.mac),
         ]);
     }
+    if p.disks.iter().any(|d| d.bus == DiskBus::VirtioScsi) {
+        push(&["-device", &format!("virtio-scsi-pci,id={SCSI_CONTROLLER}")]);
+    }
     for (i, disk) in p.disks.iter().enumerate() {
         let d = disk_args(i, disk);
         push(&d.iter().map(String::as_str).collect::<Vec<_>>());
@@ -193,7 +201,11 @@ pub fn qemu_args(p: &LaunchPlan) -> Vec<String> {
 
 /// The block nodes and the device of disk `index`: a `file` node, a `qcow2` node on it
 /// (an overlay opens its image as a read-only backing node by itself) and the guest's
-/// device. Caching bypasses the host's page cache (`cache.direct=on`, flushes kept), so
+/// device. The node names depend on the index alone, whatever the bus, so a local-disk
+/// mirror finds them under the same names on both hosts (`disk::mirror`). A SCSI disk
+/// is target `index` of the one controller, with the disk's name as its serial: the
+/// guest's `/dev/disk/by-id` names stay the same across boots and migrations even if
+/// the kernel's `sdX` letters do not. Caching bypasses the host's page cache (`cache.direct=on`, flushes kept), so
 /// a destination that opens the same file on shared storage reads what the source
 /// wrote, not a stale page of its own host's cache; QEMU itself flushes and releases the
 /// image when the source stops and takes it on the destination only when it resumes.
@@ -201,7 +213,11 @@ pub fn disk_args(index: usize, disk: &DiskArg) -> Vec<String> {
     let cache = "cache.direct=on,cache.no-flush=off";
     let path = qemu_opt_escape(&disk.path.display().to_string());
     let device = match disk.bus {
-        DiskBus::VirtioBlk => "virtio-blk-pci",
+        DiskBus::VirtioBlk => format!("virtio-blk-pci,drive=disk{index},id=vd{index}"),
+        DiskBus::VirtioScsi => format!(
+            "scsi-hd,bus={SCSI_CONTROLLER}.0,channel=0,scsi-id={index},lun=0,drive=disk{index},id=sd{index},serial={}",
+            qemu_opt_escape(&tern_api::agent::scsi_serial(&disk.name))
+        ),
     };
     vec![
         "-blockdev".into(),
@@ -209,7 +225,7 @@ pub fn disk_args(index: usize, disk: &DiskArg) -> Vec<String> {
         "-blockdev".into(),
         format!("driver=qcow2,node-name=disk{index},file=file{index},{cache}"),
         "-device".into(),
-        format!("{device},drive=disk{index},id=vd{index}"),
+        device,
     ]
 }
 
@@ -330,29 +346,36 @@ mod tests {
         assert!(a.contains("virtio-net-pci,netdev=net0,mac=52:54:00:00:00:01"));
     }
 
-    #[test]
-    fn disks_are_qcow2_nodes_on_files_with_direct_io() {
+    /// The arguments of VM `vm1` with `disks` and no NIC.
+    fn with_disks(disks: &[DiskArg], incoming: bool) -> Vec<String> {
         let s = spec();
         let paths = VmPaths::new(Path::new("/run/t"), Path::new("/dev/shm/t"), "vm1");
-        let disks = [
-            DiskArg {
-                path: "/store/vms/vm1/root.qcow2".into(),
-                bus: DiskBus::VirtioBlk,
-            },
-            DiskArg {
-                path: "/odd,dir/data.qcow2".into(),
-                bus: DiskBus::VirtioBlk,
-            },
-        ];
-        let a = qemu_args(&LaunchPlan {
+        qemu_args(&LaunchPlan {
             id: "vm1",
             spec: &s,
             paths: &paths,
             nics: &[],
-            disks: &disks,
+            disks,
             accel: Accel::Tcg,
-            incoming: true,
-        });
+            incoming,
+        })
+    }
+
+    #[test]
+    fn disks_are_qcow2_nodes_on_files_with_direct_io() {
+        let disks = [
+            DiskArg {
+                path: "/store/vms/vm1/root.qcow2".into(),
+                bus: DiskBus::VirtioBlk,
+                name: "root".into(),
+            },
+            DiskArg {
+                path: "/odd,dir/data.qcow2".into(),
+                bus: DiskBus::VirtioBlk,
+                name: "data".into(),
+            },
+        ];
+        let a = with_disks(&disks, true);
         let j = a.join(" ");
         assert!(j.contains(
             "-blockdev driver=file,node-name=file0,filename=/store/vms/vm1/root.qcow2,cache.direct=on,cache.no-flush=off"
@@ -367,6 +390,49 @@ mod tests {
         assert!(j.ends_with("-incoming defer"));
         // Each option is one argument: a path with spaces stays whole.
         assert_eq!(a.iter().filter(|x| *x == "-blockdev").count(), 4);
+        assert!(
+            !j.contains("scsi"),
+            "no controller without a SCSI disk: {j}"
+        );
+    }
+
+    #[test]
+    fn scsi_disks_share_one_controller_with_stable_ids_and_serials() {
+        let disk = |name: &str, bus| DiskArg {
+            path: format!("/store/vms/vm1/{name}.qcow2").into(),
+            bus,
+            name: name.into(),
+        };
+        let disks = [
+            disk("root", DiskBus::VirtioBlk),
+            disk("data", DiskBus::VirtioScsi),
+            disk("logs", DiskBus::VirtioScsi),
+        ];
+        let a = with_disks(&disks, false);
+        let j = a.join(" ");
+        assert_eq!(
+            a.iter()
+                .filter(|x| x.starts_with("virtio-scsi-pci"))
+                .count(),
+            1,
+            "{j}"
+        );
+        let controller = j.find("virtio-scsi-pci,id=scsi0").unwrap();
+        assert!(j.contains("-device virtio-blk-pci,drive=disk0,id=vd0"));
+        for (i, name) in [(1, "data"), (2, "logs")] {
+            let dev = format!(
+                "-device scsi-hd,bus=scsi0.0,channel=0,scsi-id={i},lun=0,drive=disk{i},id=sd{i},serial={name}"
+            );
+            let at = j.find(&dev).unwrap_or_else(|| panic!("{dev} in {j}"));
+            assert!(controller < at, "the controller comes before its disks");
+            // The nodes a local-disk mirror uses are named as for virtio-blk.
+            assert!(j.contains(&format!("driver=qcow2,node-name=disk{i},file=file{i},")));
+        }
+        // The destination of a migration gets the same devices.
+        let mut dest = with_disks(&disks, true);
+        assert_eq!(dest.pop().as_deref(), Some("defer"));
+        assert_eq!(dest.pop().as_deref(), Some("-incoming"));
+        assert_eq!(dest, a);
     }
 
     #[test]

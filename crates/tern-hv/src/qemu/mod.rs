@@ -344,6 +344,7 @@ impl QemuDriver {
                 Ok(DiskArg {
                     path: stores.disk_path(&vm.id, d)?,
                     bus: d.bus,
+                    name: d.name.clone(),
                 })
             })
             .collect()

@@ -124,3 +124,32 @@ pub fn make_image(path: &std::path::Path, size: &str) {
         .unwrap();
     assert!(made.success());
 }
+
+/// Runs `scenario` on a fresh two-host lab with VM `vm` and the test guest image, then
+/// takes the lab down whatever the scenario did; its panic is the test's. Returns at
+/// once (the test passes) when `can_run(what)` says the lab cannot run here.
+pub async fn in_two_host_lab<F, Fut>(what: &str, vm: &'static str, scenario: F)
+where
+    F: FnOnce(DiskLab, tern_hv::image::GuestImage) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    if !can_run(what) {
+        return;
+    }
+    let img = tern_hv::image::ensure_image_async(tern_testkit::test_cache_dir(), |s| {
+        eprintln!("image: {s}")
+    })
+    .await
+    .expect("guest image builds");
+    let dir = tempfile::tempdir().unwrap();
+    let (state, hosts) = super::two_hosts(&dir, 1024).await;
+    let lab_dir = state.dir.clone();
+    let lab = DiskLab { state, hosts, vm };
+    let outcome = tokio::spawn(scenario(lab, img)).await;
+    tern_lab::down(&lab_dir, &|s| eprintln!("{s}"))
+        .await
+        .expect("lab down");
+    if let Err(e) = outcome {
+        std::panic::resume_unwind(e.into_panic());
+    }
+}

@@ -43,6 +43,7 @@ use utoipa::{Modify, OpenApi};
         super::list_events,
         super::stream_events,
         crate::web::history,
+        crate::web::vm_actions,
         super::lifecycle::start,
         super::console::console,
         super::lifecycle::stop,

@@ -157,8 +157,8 @@ pub fn delete_template(snap: &Snapshot, name: &str) -> Result<Decision> {
     ))
 }
 
-/// `base` with each disk of `asked` resizing the one of its name (a size given wins),
-/// or added after them (pure).
+/// `base` with each disk of `asked` resizing the one of its name (a size or bus given
+/// wins), or added after them (pure).
 fn merge_disks(
     mut base: Vec<tern_api::catalog::VmDisk>,
     asked: Vec<tern_api::catalog::VmDisk>,
@@ -168,6 +168,7 @@ fn merge_disks(
             Some(b) => {
                 b.size_mib = d.size_mib.or(b.size_mib);
                 b.from_image |= d.from_image;
+                b.bus = d.bus.or(b.bus);
             }
             None => base.push(d),
         }
@@ -415,12 +416,14 @@ mod tests {
                 size_mib: Some(4096),
                 from_image: false,
                 store: Default::default(),
+                bus: None,
             },
             VmDisk {
                 name: "data".into(),
                 size_mib: Some(100),
                 from_image: false,
                 store: Default::default(),
+                bus: None,
             },
         ];
         own.cmdline = "debug".into();
@@ -446,6 +449,7 @@ mod tests {
             size_mib: Some(100),
             from_image: true,
             store: Default::default(),
+            bus: None,
         }];
         let e = resolve_spec(&snap, small, None).unwrap_err();
         assert!(e.to_string().contains("smaller than image"), "{e}");
@@ -475,12 +479,50 @@ mod tests {
                 size_mib: None,
                 from_image: true,
                 store: Default::default(),
+                bus: None,
             }]),
             cmdline: String::new(),
             description: String::new(),
         };
         let e = create_template(&snap, t).unwrap_err();
         assert!(e.to_string().contains("has no disk"), "{e}");
+    }
+
+    #[test]
+    fn a_disk_keeps_its_templates_bus_unless_one_is_asked() {
+        use tern_api::agent::DiskBus;
+        let d = |name: &str, size: Option<u64>, bus| VmDisk {
+            name: name.into(),
+            size_mib: size,
+            from_image: false,
+            store: Default::default(),
+            bus,
+        };
+        let base = vec![d("root", Some(1024), Some(DiskBus::VirtioScsi))];
+        let m = merge_disks(base.clone(), vec![d("root", Some(8192), None)]);
+        assert_eq!(
+            (m[0].size_mib, m[0].bus),
+            (Some(8192), Some(DiskBus::VirtioScsi))
+        );
+        let m = merge_disks(
+            base.clone(),
+            vec![d("root", None, Some(DiskBus::VirtioBlk))],
+        );
+        assert_eq!(
+            (m[0].size_mib, m[0].bus),
+            (Some(1024), Some(DiskBus::VirtioBlk))
+        );
+        let m = merge_disks(base, vec![d("data", Some(1), Some(DiskBus::VirtioScsi))]);
+        assert_eq!(m[1].bus, Some(DiskBus::VirtioScsi));
+        // What the host is told: no bus is virtio_blk.
+        let mut spec = VmSpec::sized(1, 64);
+        spec.disks = vec![
+            d("a", Some(1), None),
+            d("b", Some(1), Some(DiskBus::VirtioScsi)),
+        ];
+        let h = spec.host_spec("v", None);
+        assert_eq!(h.disks[0].bus, DiskBus::VirtioBlk);
+        assert_eq!(h.disks[1].bus, DiskBus::VirtioScsi);
     }
 
     #[test]

@@ -37,6 +37,21 @@ pub fn next(state: VmState, action: VmAction) -> Option<VmState> {
     }
 }
 
+/// Whether a VM in `state` may be deleted (pure): any but one whose migration is under
+/// way, which the migration would bring back.
+pub fn may_delete(state: VmState) -> bool {
+    state != VmState::Migrating
+}
+
+/// The actions a VM in `state` allows, in [`VmAction::ALL`] order (pure): what the web
+/// page offers as buttons.
+pub fn allowed(state: VmState) -> Vec<VmAction> {
+    VmAction::ALL
+        .into_iter()
+        .filter(|a| next(state, *a).is_some())
+        .collect()
+}
+
 /// The states that allow `action` (pure), for messages.
 fn allowed_in(action: VmAction) -> Vec<&'static str> {
     VmState::ALL
@@ -198,6 +213,38 @@ mod tests {
     use crate::decide::testing::{cluster, running, spec};
 
     #[test]
+    fn the_allowed_actions_are_those_the_state_machine_takes() {
+        use VmAction as A;
+        assert_eq!(allowed(VmState::Stopped), [A::Start]);
+        assert_eq!(
+            allowed(VmState::Running),
+            [A::Stop, A::Reboot, A::Pause, A::Suspend]
+        );
+        assert_eq!(allowed(VmState::Paused), [A::Stop, A::Resume, A::Suspend]);
+        assert_eq!(allowed(VmState::Suspended), [A::Restore]);
+        for s in [VmState::Pending, VmState::Migrating, VmState::Deleting] {
+            assert!(allowed(s).is_empty(), "{s:?}");
+        }
+        for s in VmState::ALL {
+            for a in VmAction::ALL {
+                assert_eq!(allowed(s).contains(&a), check_state(s, a), "{s:?} {a:?}");
+            }
+            assert_eq!(may_delete(s), s != VmState::Migrating);
+        }
+    }
+
+    /// Whether [`check`] lets a VM in `state` take `action`.
+    fn check_state(state: VmState, action: VmAction) -> bool {
+        let mut snap = cluster(&[4.0], 4096);
+        running(&mut snap, "v", "h0", spec(1, 512));
+        let v = Vm {
+            state,
+            ..snap.vms["v"].clone()
+        };
+        check(&v, action).is_ok()
+    }
+
+    #[test]
     fn every_action_has_its_states_and_the_rest_are_refused_naming_the_state() {
         let mut snap = cluster(&[4.0], 4096);
         running(&mut snap, "v", "h0", spec(1, 512));
@@ -270,6 +317,7 @@ mod tests {
             size_mib: Some(100),
             from_image: false,
             store: Default::default(),
+            bus: None,
         }];
         running(&mut snap, "v", "h0", s);
         assert!(matches!(

@@ -221,7 +221,7 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
         Command::DeleteTemplate { name } => catalog::delete_template(snap, &name),
         Command::DeleteVm { name } => {
             let v = vm(snap, &name)?;
-            if v.state == VmState::Migrating {
+            if !lifecycle::may_delete(v.state) {
                 return Err(Error::Conflict(format!(
                     "VM {name:?} is migrating; delete it once the migration ends"
                 )));

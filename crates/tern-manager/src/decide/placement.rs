@@ -283,6 +283,7 @@ mod tests {
             size_mib: Some(3000),
             from_image: false,
             store: Default::default(),
+            bus: None,
         }];
         let p = Placer::for_new_vms(&snap);
         let err = p.check("v", &disk, "h0").unwrap_err().to_string();

@@ -1,16 +1,20 @@
 //! The manager's web page: one HTML page at `/` with its script and style (embedded,
-//! served without a token because they hold no data), and `GET /v1/history`, the balance
-//! score over time and the recent events, behind the API's bearer token like the rest of
-//! `/v1`.
+//! served without a token because they hold no data), `GET /v1/history`, the balance
+//! score over time and the recent events, and `GET /v1/vm-actions`, what each VM state
+//! allows (the page's buttons), behind the API's bearer token like the rest of `/v1`.
 //!
 //! The page takes the token from `?token=` (then drops it from the address bar) or from
 //! its login field, keeps it in the tab's `sessionStorage`, and sends it as
 //! `Authorization: Bearer` on every call to the JSON API, which it polls every 1.5 s.
+//! A VM's row has a button for each action its state allows; the rules are those of
+//! [`crate::decide::lifecycle`], which `GET /v1/vm-actions` hands the page, and the API
+//! checks them again on the call (a 409 the page shows when the state moved meanwhile).
 //!
 //! - [`history`]: the sampled score curve.
 
 pub mod history;
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -23,8 +27,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::api::error::{ApiError, ApiResult};
+use crate::decide::lifecycle;
 use crate::manager::Manager;
 use crate::state::Event;
+use crate::state::VmState;
 use history::{History, Sample};
 
 const INDEX_HTML: &str = include_str!("assets/index.html");
@@ -84,6 +90,7 @@ pub fn api_routes<S: Clone + Send + Sync + 'static>(
     }
     Router::new()
         .route("/v1/history", get(history))
+        .route("/v1/vm-actions", get(vm_actions))
         .with_state(web)
 }
 
@@ -209,4 +216,40 @@ async fn history(
         events,
     })
     .into_response())
+}
+
+/// What the page may offer on a VM, by its state.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct VmActions {
+    /// For each VM state, the actions it allows, in the order the page shows them: the
+    /// lifecycle actions (`POST /v1/vms/{name}/ACTION`), then `delete`
+    /// (`DELETE /v1/vms/{name}`).
+    #[schema(example = json!({"running": ["stop", "reboot", "pause", "suspend", "delete"], "migrating": []}))]
+    pub actions: BTreeMap<&'static str, Vec<&'static str>>,
+}
+
+/// The action table of the lifecycle's state machine (pure).
+pub fn vm_action_table() -> VmActions {
+    let actions = VmState::ALL
+        .into_iter()
+        .map(|s| {
+            let mut a: Vec<&'static str> = lifecycle::allowed(s)
+                .into_iter()
+                .map(|a| a.as_str())
+                .collect();
+            if lifecycle::may_delete(s) {
+                a.push("delete");
+            }
+            (s.as_str(), a)
+        })
+        .collect();
+    VmActions { actions }
+}
+
+#[utoipa::path(get, path = "/v1/vm-actions", operation_id = "vmActions",
+    summary = "The actions each VM state allows, for the web page's buttons.",
+    description = "The same rules the lifecycle routes apply: a call the table allows may still answer 409 when the VM's state changed meanwhile.",
+    responses((status = 200, description = "for each state, the actions it allows", body = VmActions)))]
+async fn vm_actions() -> Json<VmActions> {
+    Json(vm_action_table())
 }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sha2::{Digest, Sha256};
+use tern_api::agent::DiskBus;
 use tern_api::catalog::{DiskFormat, FileRole, Image, ImageFile, NewImage, Template, VmDisk};
 use tern_model::{ImageName, TemplateName};
 use tokio::io::AsyncReadExt;
@@ -323,9 +324,9 @@ enum TemplateCommand {
         vcpus: u32,
         #[arg(long, default_value_t = 512)]
         memory_mib: u64,
-        /// A disk, `[NAME=]SIZE` as `tern vm create --disk`; `root` starts from the
-        /// image's disk. Without any: one `root` disk from the image, if it has one.
-        #[arg(long = "disk", value_name = "[NAME=]SIZE")]
+        /// A disk, `[NAME=]SIZE[:BUS]` as `tern vm create --disk`; `root` starts from
+        /// the image's disk. Without any: one `root` disk from the image, if it has one.
+        #[arg(long = "disk", value_name = "[NAME=]SIZE[:BUS]")]
         disks: Vec<String>,
         /// Kernel command line added after the image's.
         #[arg(long, default_value = "")]
@@ -391,9 +392,15 @@ pub fn templates(a: TemplateArgs) -> anyhow::Result<()> {
                 None => "root from image".to_owned(),
                 Some(d) => d
                     .iter()
-                    .map(|d| match (d.size_mib, d.from_image) {
-                        (Some(s), _) => format!("{}={s}M", d.name),
-                        (None, _) => d.name.clone(),
+                    .map(|d| {
+                        let bus = match d.bus {
+                            Some(DiskBus::VirtioScsi) => ":virtio-scsi",
+                            _ => "",
+                        };
+                        match d.size_mib {
+                            Some(s) => format!("{}={s}M{bus}", d.name),
+                            None => format!("{}{bus}", d.name),
+                        }
                     })
                     .collect::<Vec<_>>()
                     .join(","),
@@ -431,11 +438,13 @@ mod tests {
 
     #[test]
     fn a_templates_root_disk_starts_from_the_image() {
-        let d = template_disks(&["root=8G".into(), "2G".into()]).unwrap();
+        let d = template_disks(&["root=8G:virtio-scsi".into(), "2G".into()]).unwrap();
         assert_eq!(d[0].name, "root");
         assert!(d[0].from_image);
         assert_eq!(d[0].size_mib, Some(8192));
+        assert_eq!(d[0].bus, Some(DiskBus::VirtioScsi));
         assert_eq!(d[1].name, "data0");
         assert!(!d[1].from_image);
+        assert_eq!(d[1].bus, None);
     }
 }

@@ -134,8 +134,10 @@ struct CreateArgs {
     image: Option<tern_model::ImageName>,
     /// A disk: `SIZE` adds a blank disk (data0, data1, ...), `NAME=SIZE` sizes the
     /// template's disk NAME (e.g. `root=8G`) or adds a blank one; SIZE in MiB or with
-    /// M, G or T. Repeat for more.
-    #[arg(long = "disk", value_name = "[NAME=]SIZE")]
+    /// M, G or T. `:virtio-scsi` after it puts the disk on a SCSI controller
+    /// (`/dev/sdX` in the guest), `:virtio-blk` on virtio-blk (`/dev/vdX`) [default:
+    /// the template's, else virtio-blk]. Repeat for more.
+    #[arg(long = "disk", value_name = "[NAME=]SIZE[:BUS]")]
     disks: Vec<String>,
     /// Kernel command line added after the image's and the template's.
     #[arg(long, value_name = "ARGS", default_value = "")]
@@ -257,16 +259,23 @@ fn act(c: &Conn, name: &VmName, action: VmAction, req: VmActionRequest) -> anyho
 }
 
 /// `--disk` arguments as disks (pure): `SIZE` is a blank disk `dataN`, `NAME=SIZE` a
-/// disk of that name.
+/// disk of that name, and either may end in `:BUS` (`virtio-blk`, `virtio-scsi`).
 pub fn disk_args(args: &[String]) -> Result<Vec<tern_api::catalog::VmDisk>, String> {
     let mut n = 0;
     args.iter()
         .map(|a| {
-            let (name, size) = match a.split_once('=') {
+            let (rest, bus) = match a.rsplit_once(':') {
+                Some((rest, bus)) => (
+                    rest,
+                    Some(bus.parse().map_err(|e| format!("--disk {a}: {e}"))?),
+                ),
+                None => (a.as_str(), None),
+            };
+            let (name, size) = match rest.split_once('=') {
                 Some((name, size)) => (name.to_owned(), size),
                 None => {
                     n += 1;
-                    (format!("data{}", n - 1), a.as_str())
+                    (format!("data{}", n - 1), rest)
                 }
             };
             Ok(tern_api::catalog::VmDisk {
@@ -274,6 +283,7 @@ pub fn disk_args(args: &[String]) -> Result<Vec<tern_api::catalog::VmDisk>, Stri
                 size_mib: Some(parse_mib(size).map_err(|e| format!("--disk {a}: {e}"))?),
                 from_image: false,
                 store: Default::default(),
+                bus,
             })
         })
         .collect()
@@ -566,6 +576,41 @@ mod tests {
                              "desired_host": "c", "spec": {"vcpus": 1, "memory_mib": 64},
                              "cpu_used": 0.0});
         assert_eq!(vm_row(&pending)[3], "c");
+    }
+
+    #[test]
+    fn disks_take_a_name_a_size_and_a_bus() {
+        use tern_api::agent::DiskBus;
+        let d = disk_args(&[
+            "1G".into(),
+            "logs=512:virtio-scsi".into(),
+            "2G:virtio_scsi".into(),
+            "root=8G:virtio-blk".into(),
+        ])
+        .unwrap();
+        let got: Vec<_> = d
+            .iter()
+            .map(|d| (d.name.as_str(), d.size_mib, d.bus))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("data0", Some(1024), None),
+                ("logs", Some(512), Some(DiskBus::VirtioScsi)),
+                ("data1", Some(2048), Some(DiskBus::VirtioScsi)),
+                ("root", Some(8192), Some(DiskBus::VirtioBlk)),
+            ]
+        );
+        for (bad, says) in [
+            ("1G:ide", "give virtio-blk (the default) or virtio-scsi"),
+            ("1G:", "disk bus \"\""),
+            ("a=1G:scsi:virtio-scsi", "size \"1G:scsi\""),
+            ("x=:virtio-scsi", "size \"\""),
+        ] {
+            let e = disk_args(&[bad.into()]).unwrap_err();
+            assert!(e.starts_with(&format!("--disk {bad}: ")), "{e}");
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[derive(clap::Parser)]

@@ -6,6 +6,30 @@ const MAX_VM_ROWS = 200;
 
 const $ = (id) => document.getElementById(id);
 
+// Every call the page makes, as "METHOD /path" with {name} for a VM's name; the
+// manager's tests check each against its OpenAPI document.
+const ROUTES = {
+  hosts: "GET /v1/hosts",
+  vms: "GET /v1/vms",
+  migrations: "GET /v1/migrations",
+  history: "GET /v1/history",
+  vmActions: "GET /v1/vm-actions",
+  start: "POST /v1/vms/{name}/start",
+  stop: "POST /v1/vms/{name}/stop",
+  reboot: "POST /v1/vms/{name}/reboot",
+  pause: "POST /v1/vms/{name}/pause",
+  resume: "POST /v1/vms/{name}/resume",
+  suspend: "POST /v1/vms/{name}/suspend",
+  restore: "POST /v1/vms/{name}/restore",
+  delete: "DELETE /v1/vms/{name}",
+};
+
+// Actions that ask before they are sent: they end what the guest is doing.
+const CONFIRM = {
+  stop: (vm) => `Stop VM ${vm}? The guest is asked to power off, then powered off after 30 s.`,
+  delete: (vm) => `Delete VM ${vm} and its disks? This cannot be undone.`,
+};
+
 // The token comes from ?token= (then leaves the address bar) or the login field, and
 // lives in this tab's sessionStorage only.
 function takeToken() {
@@ -43,8 +67,12 @@ function fill(tbodyParent, rows) {
     el("tr", {}, ...cells.map((c) => c instanceof Node ? el("td", {}, c) : el("td", {}, c ?? "—")))));
 }
 
-async function api(path, token) {
-  const r = await fetch(path, { headers: { Authorization: "Bearer " + token } });
+// Calls route `key` of ROUTES with `{name}` filled in and `query` appended; the parsed
+// JSON answer, or an Error with the server's message and status.
+async function api(key, token, { name, query } = {}) {
+  const [method, path] = ROUTES[key].split(" ");
+  const url = path.replace("{name}", encodeURIComponent(name ?? "")) + (query ? "?" + query : "");
+  const r = await fetch(url, { method, headers: { Authorization: "Bearer " + token } });
   if (!r.ok) {
     let msg = r.status + " " + r.statusText;
     try { msg = (await r.json()).error || msg; } catch (_) { /* not JSON */ }
@@ -53,6 +81,37 @@ async function api(path, token) {
     throw e;
   }
   return r.json();
+}
+
+// What each VM state allows (GET /v1/vm-actions), fetched once per page load.
+let vmActions = null;
+
+// Runs `action` on `vm` after a confirmation where CONFIRM asks for one; the answer,
+// or the server's refusal (a 409 when the state does not allow it), shows in the
+// VM table's status line.
+async function act(vm, action) {
+  const ask = CONFIRM[action];
+  if (ask && !confirm(ask(vm))) return;
+  const token = sessionStorage.getItem("tern-token");
+  const line = $("vm-action");
+  line.className = "";
+  line.textContent = `${action} ${vm}...`;
+  try {
+    const v = await api(action, token, { name: vm });
+    line.textContent = `${action} ${vm}: ${v.state}`;
+  } catch (e) {
+    line.className = "error";
+    line.textContent = `${action} ${vm} refused: ${e.message}`;
+  }
+}
+
+function actionButtons(v) {
+  const allowed = (vmActions && vmActions[v.state]) || [];
+  return el("span", { class: "actions" }, ...allowed.map((a) => {
+    const b = el("button", { type: "button", "data-action": a, "data-vm": v.name }, a);
+    b.addEventListener("click", () => act(v.name, a));
+    return b;
+  }));
 }
 
 function drawHosts(hosts, vms) {
@@ -86,6 +145,7 @@ function drawVms(vms) {
     v.spec.vcpus,
     v.spec.memory_mib + " MiB",
     v.cpu_used.toFixed(2),
+    actionButtons(v),
   ]));
   $("vm-more").textContent = vms.length > MAX_VM_ROWS
     ? `showing ${MAX_VM_ROWS} of ${vms.length}` : "";
@@ -158,10 +218,12 @@ function drawEvents(events) {
 }
 
 async function refresh(token) {
+  if (!vmActions) vmActions = (await api("vmActions", token)).actions;
   const [hosts, vms, running, migrations, hist] = await Promise.all([
-    api("/v1/hosts", token), api("/v1/vms", token),
-    api("/v1/migrations?running=true&limit=200", token),
-    api("/v1/migrations?limit=200", token), api("/v1/history?events=40", token),
+    api("hosts", token), api("vms", token),
+    api("migrations", token, { query: "running=true&limit=200" }),
+    api("migrations", token, { query: "limit=200" }),
+    api("history", token, { query: "events=40" }),
   ]);
   drawHosts(hosts, vms);
   drawVms(vms);
