@@ -137,6 +137,20 @@ impl DiskStore {
     }
 }
 
+impl std::str::FromStr for DiskStore {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<DiskStore, String> {
+        match s {
+            "shared" => Ok(DiskStore::Shared),
+            "local" => Ok(DiskStore::Local),
+            _ => Err(format!(
+                "disk store {s:?}: give shared (the default) or local"
+            )),
+        }
+    }
+}
+
 /// How a disk is attached to the guest.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -264,10 +264,11 @@ pub struct VmDisk {
     /// blank. At most one disk of a VM does.
     #[serde(default)]
     pub from_image: bool,
-    /// `shared` (default: the store every host mounts; the disk stays put when the VM
-    /// moves) or `local` (the host's own store; a live migration copies it).
-    #[serde(default, skip_serializing_if = "crate::agent::DiskStore::is_shared")]
-    pub store: crate::agent::DiskStore,
+    /// `shared` (the store every host mounts; the disk stays put when the VM moves) or
+    /// `local` (the host's own store; a live migration copies it). Absent: the
+    /// template's choice for a disk of that name, else `shared`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<crate::agent::DiskStore>,
     /// The controller the guest sees it on: `virtio_blk` or `virtio_scsi`. Absent: the
     /// template's choice for a disk of that name, else `virtio_blk`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -282,7 +283,7 @@ impl VmDisk {
             size_mib: self.size_mib,
             image: self.from_image.then(|| "image".to_owned()),
             bus: self.bus.unwrap_or_default(),
-            store: self.store,
+            store: self.store.unwrap_or_default(),
         }
         .validate()
     }

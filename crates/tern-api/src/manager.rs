@@ -185,7 +185,7 @@ impl VmSpec {
                     None
                 },
                 bus: d.bus.unwrap_or_default(),
-                store: d.store,
+                store: d.store.unwrap_or_default(),
             })
             .collect();
         let image_ref = image.and_then(|i| {

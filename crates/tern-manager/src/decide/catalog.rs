@@ -157,8 +157,8 @@ pub fn delete_template(snap: &Snapshot, name: &str) -> Result<Decision> {
     ))
 }
 
-/// `base` with each disk of `asked` resizing the one of its name (a size or bus given
-/// wins), or added after them (pure).
+/// `base` with each disk of `asked` resizing the one of its name (a size, bus or store
+/// given wins), or added after them (pure).
 fn merge_disks(
     mut base: Vec<tern_api::catalog::VmDisk>,
     asked: Vec<tern_api::catalog::VmDisk>,
@@ -169,6 +169,7 @@ fn merge_disks(
                 b.size_mib = d.size_mib.or(b.size_mib);
                 b.from_image |= d.from_image;
                 b.bus = d.bus.or(b.bus);
+                b.store = d.store.or(b.store);
             }
             None => base.push(d),
         }
@@ -523,6 +524,32 @@ mod tests {
         let h = spec.host_spec("v", None);
         assert_eq!(h.disks[0].bus, DiskBus::VirtioBlk);
         assert_eq!(h.disks[1].bus, DiskBus::VirtioScsi);
+    }
+
+    #[test]
+    fn a_disk_keeps_its_templates_store_unless_one_is_asked() {
+        use tern_api::agent::DiskStore;
+        let d = |store| VmDisk {
+            name: "root".into(),
+            size_mib: None,
+            from_image: true,
+            store,
+            bus: None,
+        };
+        let local = vec![d(Some(DiskStore::Local))];
+        let m = merge_disks(local.clone(), vec![d(None)]);
+        assert_eq!(m[0].store, Some(DiskStore::Local));
+        let m = merge_disks(local, vec![d(Some(DiskStore::Shared))]);
+        assert_eq!(m[0].store, Some(DiskStore::Shared));
+        let m = merge_disks(vec![d(None)], vec![d(Some(DiskStore::Local))]);
+        assert_eq!(m[0].store, Some(DiskStore::Local));
+        // What the host is told: no store is the shared one.
+        let mut spec = VmSpec::sized(1, 64);
+        spec.disks = vec![d(None), d(Some(DiskStore::Local))];
+        spec.disks[1].name = "b".into();
+        let h = spec.host_spec("v", None);
+        assert_eq!(h.disks[0].store, DiskStore::Shared);
+        assert_eq!(h.disks[1].store, DiskStore::Local);
     }
 
     #[test]

@@ -324,9 +324,10 @@ enum TemplateCommand {
         vcpus: u32,
         #[arg(long, default_value_t = 512)]
         memory_mib: u64,
-        /// A disk, `[NAME=]SIZE[:BUS]` as `tern vm create --disk`; `root` starts from
-        /// the image's disk. Without any: one `root` disk from the image, if it has one.
-        #[arg(long = "disk", value_name = "[NAME=]SIZE[:BUS]")]
+        /// A disk, `[NAME=]SIZE[:BUS,STORE]` as `tern vm create --disk`; `root` starts
+        /// from the image's disk. Without any: one `root` disk from the image, if it has
+        /// one.
+        #[arg(long = "disk", value_name = "[NAME=]SIZE[:BUS,STORE]")]
         disks: Vec<String>,
         /// Kernel command line added after the image's.
         #[arg(long, default_value = "")]

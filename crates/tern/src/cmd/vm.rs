@@ -134,10 +134,11 @@ struct CreateArgs {
     image: Option<tern_model::ImageName>,
     /// A disk: `SIZE` adds a blank disk (data0, data1, ...), `NAME=SIZE` sizes the
     /// template's disk NAME (e.g. `root=8G`) or adds a blank one; SIZE in MiB or with
-    /// M, G or T. `:virtio-scsi` after it puts the disk on a SCSI controller
-    /// (`/dev/sdX` in the guest), `:virtio-blk` on virtio-blk (`/dev/vdX`) [default:
-    /// the template's, else virtio-blk]. Repeat for more.
-    #[arg(long = "disk", value_name = "[NAME=]SIZE[:BUS]")]
+    /// M, G or T. Options after a `:`, comma-separated: the bus, `virtio-scsi` (a SCSI
+    /// controller, `/dev/sdX` in the guest) or `virtio-blk` (`/dev/vdX`), and the store,
+    /// `local` (the host's own; a migration copies the disk) or `shared` [defaults: the
+    /// template's, else virtio-blk and shared]. E.g. `root=8G:local`. Repeat for more.
+    #[arg(long = "disk", value_name = "[NAME=]SIZE[:BUS,STORE]")]
     disks: Vec<String>,
     /// Kernel command line added after the image's and the template's.
     #[arg(long, value_name = "ARGS", default_value = "")]
@@ -259,18 +260,34 @@ fn act(c: &Conn, name: &VmName, action: VmAction, req: VmActionRequest) -> anyho
 }
 
 /// `--disk` arguments as disks (pure): `SIZE` is a blank disk `dataN`, `NAME=SIZE` a
-/// disk of that name, and either may end in `:BUS` (`virtio-blk`, `virtio-scsi`).
+/// disk of that name, and either may end in `:OPTIONS`, comma-separated: a bus
+/// (`virtio-blk`, `virtio-scsi`) and a store (`shared`, `local`), e.g. `8G:local`,
+/// `data=2G:virtio-scsi,local`.
 pub fn disk_args(args: &[String]) -> Result<Vec<tern_api::catalog::VmDisk>, String> {
+    use tern_api::agent::{DiskBus, DiskStore};
     let mut n = 0;
     args.iter()
         .map(|a| {
-            let (rest, bus) = match a.rsplit_once(':') {
-                Some((rest, bus)) => (
-                    rest,
-                    Some(bus.parse().map_err(|e| format!("--disk {a}: {e}"))?),
-                ),
-                None => (a.as_str(), None),
+            let (rest, opts) = match a.rsplit_once(':') {
+                Some((rest, opts)) => (rest, opts.split(',').collect()),
+                None => (a.as_str(), Vec::new()),
             };
+            let (mut bus, mut store) = (None, None);
+            for o in opts {
+                match (o.parse::<DiskStore>(), o.parse::<DiskBus>()) {
+                    (Ok(s), _) if store.is_none() => store = Some(s),
+                    (_, Ok(b)) if bus.is_none() => bus = Some(b),
+                    (Ok(_), _) | (_, Ok(_)) => {
+                        return Err(format!("--disk {a}: {o:?} repeats what an option gave"))
+                    }
+                    _ => {
+                        return Err(format!(
+                            "--disk {a}: option {o:?}: give a bus (virtio-blk, virtio-scsi) \
+                             or a store (shared, local)"
+                        ))
+                    }
+                }
+            }
             let (name, size) = match rest.split_once('=') {
                 Some((name, size)) => (name.to_owned(), size),
                 None => {
@@ -282,7 +299,7 @@ pub fn disk_args(args: &[String]) -> Result<Vec<tern_api::catalog::VmDisk>, Stri
                 name,
                 size_mib: Some(parse_mib(size).map_err(|e| format!("--disk {a}: {e}"))?),
                 from_image: false,
-                store: Default::default(),
+                store,
                 bus,
             })
         })
@@ -579,6 +596,36 @@ mod tests {
     }
 
     #[test]
+    fn disks_take_a_store_beside_the_bus() {
+        use tern_api::agent::{DiskBus, DiskStore};
+        let d = disk_args(&[
+            "root=8G:local".into(),
+            "1G:virtio-scsi,shared".into(),
+            "2G:local,virtio-blk".into(),
+        ])
+        .unwrap();
+        let got: Vec<_> = d.iter().map(|d| (d.store, d.bus)).collect();
+        assert_eq!(
+            got,
+            [
+                (Some(DiskStore::Local), None),
+                (Some(DiskStore::Shared), Some(DiskBus::VirtioScsi)),
+                (Some(DiskStore::Local), Some(DiskBus::VirtioBlk)),
+            ]
+        );
+        for (bad, says) in [
+            ("1G:local,shared", "repeats"),
+            ("1G:virtio-scsi,virtio-blk", "repeats"),
+            ("1G:nfs", "or a store (shared, local)"),
+            ("1G:local,", "option \"\""),
+        ] {
+            let e = disk_args(&[bad.into()]).unwrap_err();
+            assert!(e.starts_with(&format!("--disk {bad}: ")), "{e}");
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn disks_take_a_name_a_size_and_a_bus() {
         use tern_api::agent::DiskBus;
         let d = disk_args(&[
@@ -602,8 +649,8 @@ mod tests {
             ]
         );
         for (bad, says) in [
-            ("1G:ide", "give virtio-blk (the default) or virtio-scsi"),
-            ("1G:", "disk bus \"\""),
+            ("1G:ide", "give a bus (virtio-blk, virtio-scsi) or a store"),
+            ("1G:", "option \"\""),
             ("a=1G:scsi:virtio-scsi", "size \"1G:scsi\""),
             ("x=:virtio-scsi", "size \"\""),
         ] {
