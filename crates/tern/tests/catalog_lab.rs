@@ -511,7 +511,7 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
 /// The Debian template with ssh: `tern vm create --ssh-key` hands the guest the
 /// operator's key and an address from the manager's `--guest-network` through fw_cfg,
 /// and `tern vm ssh` logs in with the matching private key, before and after the VM
-/// moves to the other host; its serial console shows Debian's login prompt.
+/// moves to the other host with its root disk in the hosts' local stores; its serial console shows Debian's login prompt.
 #[test]
 fn a_debian_vm_takes_the_operators_key_and_address_and_ssh_logs_in() {
     // The lab's hosts are 198.18.K.1, .2; the root namespace (where ssh runs) .254.
@@ -542,6 +542,10 @@ fn a_debian_vm_takes_the_operators_key_and_address_and_ssh_logs_in() {
         "debian-12",
         "--memory-mib",
         "512",
+        // The root disk in each host's own store, an overlay on the catalogue image
+        // the host copied from the manager: the migration below copies it.
+        "--disk",
+        "root=2G:local",
         "--json",
     ]));
     let key = st.join("id_ed25519");
@@ -564,6 +568,7 @@ fn a_debian_vm_takes_the_operators_key_and_address_and_ssh_logs_in() {
         "h1",
         "--json",
     ]));
+    assert_eq!(vm["spec"]["disks"][0]["store"], "local", "{vm}");
     let addr = vm["spec"]["address"].as_str().unwrap().to_owned();
     assert!(addr.starts_with(&net[..net.len() - 4]), "{addr} in {net}");
     let ssh = |cmd: &str| lab.ssh(&["deb1", "-i", key.to_str().unwrap(), "--", cmd]);
@@ -595,8 +600,9 @@ fn a_debian_vm_takes_the_operators_key_and_address_and_ssh_logs_in() {
     let o = lab.ssh(&["deb1", "-i", other.to_str().unwrap(), "--", "true"]);
     assert!(!o.status.success(), "a key never given logs in");
 
-    // Live-migrated to h2 with a file just written and a process running: the same
-    // boot (no restart), the file there, the address kept, ssh still works.
+    // Live-migrated to h2, its local root disk copied beside its memory, with a file
+    // just written and a process running: the same boot (no restart), the file there,
+    // the address kept, ssh still works.
     let o = ssh(
         "echo moved-$(cat /proc/sys/kernel/random/boot_id) > /root/marker && sync \
                  && { setsid sleep 100000 </dev/null >/dev/null 2>&1 & echo $! > /root/sleeper; }",
