@@ -511,7 +511,8 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
 /// The Debian template with ssh: `tern vm create --ssh-key` hands the guest the
 /// operator's key and an address from the manager's `--guest-network` through fw_cfg,
 /// and `tern vm ssh` logs in with the matching private key, before and after the VM
-/// moves to the other host with its root disk in the hosts' local stores; its serial console shows Debian's login prompt.
+/// moves to the other host with its root disk in the hosts' local stores; its serial
+/// console shows Debian's login prompt.
 #[test]
 fn a_debian_vm_takes_the_operators_key_and_address_and_ssh_logs_in() {
     // The lab's hosts are 198.18.K.1, .2; the root namespace (where ssh runs) .254.
