@@ -555,6 +555,12 @@ pub enum EventKind {
         vm: String,
         host: String,
     },
+    /// Its host reports it powered off though it was running (the guest shut itself
+    /// down, or its QEMU ended): it is recorded stopped, its disks kept, and HA leaves it.
+    VmPoweredOff {
+        vm: String,
+        host: String,
+    },
     /// Its guest's health changed (`from` absent: the first report).
     VmGuestHealth {
         vm: String,
@@ -772,6 +778,10 @@ pub struct VmLoad {
     /// Its guest's health; absent from agents that do not watch it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest: Option<crate::health::GuestHealth>,
+    /// The host keeps its definition but nothing runs it: its QEMU ended (the guest
+    /// powered itself off) or was stopped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub powered_off: bool,
 }
 
 /// What the manager answers a heartbeat with.

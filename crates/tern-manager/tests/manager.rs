@@ -26,6 +26,7 @@ fn report(host: usize, cpu: f64) -> Command {
                     name: format!("v{host}-{i}").parse().unwrap(),
                     cpu_used: cpu,
                     guest: None,
+                    powered_off: false,
                 })
                 .collect(),
             store_free_mib: None,

@@ -298,6 +298,7 @@ impl HostClient for SimHost {
                 name: v.id.parse()?,
                 cpu_used: cores,
                 guest: None,
+                powered_off: v.state == tern_hv::VmState::Stopped,
             });
         }
         Ok(report)

@@ -492,8 +492,37 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
         &[r#"{"cmd": "disk-check", "device": "/dev/sda", "mib": 4}"#],
     );
     assert_eq!(check["result"]["ok"], true, "{check}");
+    let started = check["result"]["counter"].as_u64().unwrap();
+    assert!(started >= restored, "{check}");
+
+    // Powered off from inside: the manager records it stopped (HA does not start it
+    // again), and a start boots it from its disk with every write.
+    lab.guest("h1", &[r#"{"cmd": "poweroff"}"#]);
+    wait_for(
+        "g1 recorded stopped after its guest powered off",
+        60,
+        || json(&lab.cli(&["vm", "show", "g1", "--json"]))["state"] == "stopped",
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let v = json(&lab.cli(&["vm", "show", "g1", "--json"]));
+    assert_eq!(
+        v["state"], "stopped",
+        "HA leaves a VM its guest stopped: {v}"
+    );
+    let o = lab.cli(&["vm", "stop", "g1"]);
     assert!(
-        check["result"]["counter"].as_u64().unwrap() >= restored,
+        String::from_utf8_lossy(&o.stderr).contains("is stopped"),
+        "{o:?}"
+    );
+    let v = json(&lab.cli(&["vm", "start", "g1", "--json"]));
+    assert_eq!(v["state"], "running", "{v}");
+    let check = lab.guest(
+        "h1",
+        &[r#"{"cmd": "disk-check", "device": "/dev/sda", "mib": 4}"#],
+    );
+    assert_eq!(check["result"]["ok"], true, "{check}");
+    assert!(
+        check["result"]["counter"].as_u64().unwrap() >= started,
         "{check}"
     );
 

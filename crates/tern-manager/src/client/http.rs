@@ -368,6 +368,7 @@ impl HostClient for HttpHost {
                         name: v.info.id.parse().ok()?,
                         cpu_used: v.cpu_cores.unwrap_or(0.0),
                         guest: v.guest,
+                        powered_off: v.info.state == tern_api::agent::VmState::Stopped,
                     })
                 })
                 .collect(),

@@ -299,6 +299,7 @@ mod tests {
                 name: "a".parse().unwrap(),
                 cpu_used: 1.0,
                 guest: None,
+                powered_off: false,
             }],
             store_free_mib: None,
         };

@@ -128,6 +128,11 @@ pub fn acted(snap: &Snapshot, name: &str, action: VmAction, host: &str) -> Resul
         .vms
         .get(name)
         .ok_or_else(|| Error::UnknownVm(name.to_owned()))?;
+    // The host's report may have recorded the stop already (a guest that powered off
+    // is reported stopped): the stop is done, not refused.
+    if action == VmAction::Stop && v.state == VmState::Stopped {
+        return Ok((Vec::new(), Reply::Vm(v.clone())));
+    }
     let to = check(v, action)?;
     let mut next = Vm {
         state: to,

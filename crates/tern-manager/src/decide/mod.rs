@@ -556,11 +556,27 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
         );
         // Running where it should be, though its create was never answered (the answer
         // was lost, or the manager restarted): it is running.
-        if v.state == VmState::Pending && v.desired_host.as_deref() == Some(name) {
+        if v.state == VmState::Pending && v.desired_host.as_deref() == Some(name) && !l.powered_off
+        {
             next.state = VmState::Running;
             next.disks_made = true;
             next.observed_host = Some(name.to_owned());
             changes.push(Change::Event(EventKind::VmRunning {
+                vm: v.name.clone(),
+                host: name.to_owned(),
+            }));
+        }
+        // Running or paused here by our record, yet nothing runs it: the guest shut
+        // itself down (or its QEMU ended). Recorded stopped with its disks, as an
+        // operator's stop would leave it; HA does not restart a stopped VM.
+        if l.powered_off
+            && matches!(v.state, VmState::Running | VmState::Paused)
+            && v.observed_host.as_deref() == Some(name)
+            && v.desired_host.as_deref() == Some(name)
+        {
+            next = guest::gone(next);
+            next.state = VmState::Stopped;
+            changes.push(Change::Event(EventKind::VmPoweredOff {
                 vm: v.name.clone(),
                 host: name.to_owned(),
             }));
@@ -1049,6 +1065,7 @@ mod tests {
                 name: "a".parse().unwrap(),
                 cpu_used: 0.5,
                 guest: None,
+                powered_off: false,
             }],
             store_free_mib: None,
         };
@@ -1080,6 +1097,68 @@ mod tests {
     }
 
     #[test]
+    fn a_vm_its_host_reports_powered_off_is_recorded_stopped_once() {
+        let mut snap = cluster(&[4.0, 4.0], 4096);
+        running(&mut snap, "off", "h0", spec(1, 512));
+        running(&mut snap, "on", "h0", spec(1, 512));
+        // Reported by a host it does not run on: that host's copy, not this VM.
+        running(&mut snap, "elsewhere", "h1", spec(1, 512));
+        let load = |name: &str, powered_off| VmLoad {
+            name: name.parse().unwrap(),
+            cpu_used: 0.0,
+            guest: None,
+            powered_off,
+        };
+        let report = LoadReport {
+            cpu_used: 0.0,
+            vms: vec![
+                load("off", true),
+                load("on", false),
+                load("elsewhere", true),
+            ],
+            store_free_mib: None,
+        };
+        let beat = |snap: &Snapshot, t| {
+            let cmd = Command::Heartbeat {
+                host: "h0".into(),
+                report: report.clone(),
+            };
+            let (changes, _) = decide(snap, t, cmd).unwrap();
+            changes
+        };
+        let offs = |changes: &[Change]| {
+            changes
+                .iter()
+                .filter(|c| {
+                    matches!(c, Change::Event(EventKind::VmPoweredOff { vm, host })
+                        if vm == "off" && host == "h0")
+                })
+                .count()
+        };
+        assert_eq!(offs(&beat(&snap, 1)), 1);
+        run(
+            &mut snap,
+            1,
+            Command::Heartbeat {
+                host: "h0".into(),
+                report: report.clone(),
+            },
+        )
+        .unwrap();
+        assert_eq!(snap.vms["off"].state, VmState::Stopped);
+        assert_eq!(snap.vms["off"].observed_host.as_deref(), Some("h0"));
+        assert_eq!(snap.vms["on"].state, VmState::Running);
+        assert_eq!(snap.vms["elsewhere"].state, VmState::Running);
+        // Reported so again: nothing new; an operator's stop that raced the report is
+        // done, not refused.
+        assert_eq!(offs(&beat(&snap, 2)), 0);
+        let (changes, _) =
+            lifecycle::acted(&snap, "off", tern_api::manager::VmAction::Stop, "h0").unwrap();
+        assert!(changes.is_empty(), "{changes:?}");
+        assert!(lifecycle::acted(&snap, "off", tern_api::manager::VmAction::Pause, "h0").is_err());
+    }
+
+    #[test]
     fn a_vm_missing_from_its_hosts_report_is_created_again_and_a_found_one_runs() {
         let mut snap = cluster(&[4.0], 4096);
         running(&mut snap, "gone", "h0", spec(1, 512));
@@ -1100,6 +1179,7 @@ mod tests {
                 name: "found".parse().unwrap(),
                 cpu_used: 0.5,
                 guest: None,
+                powered_off: false,
             }],
             store_free_mib: None,
         };

@@ -227,6 +227,7 @@ async fn live_round(a: &Args, db: &std::path::Path) -> anyhow::Result<Live> {
                     name: v.name.parse().expect("stored VM names follow the rule"),
                     cpu_used: v.cpu_used,
                     guest: None,
+                    powered_off: false,
                 });
             }
         }
