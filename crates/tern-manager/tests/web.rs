@@ -216,6 +216,33 @@ async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     control.collect_reports().await.unwrap();
 
+    // web-vm-0's host reports its guest panicked (what an agent's health watch says).
+    let (host, report) = manager.read(|s| {
+        let host = s.vms["web-vm-0"].observed_host.clone().unwrap();
+        let vms = s
+            .vms_observed_on(&host)
+            .map(|v| tern_api::manager::VmLoad {
+                name: v.name.parse().unwrap(),
+                cpu_used: v.cpu_used,
+                guest: (v.name == "web-vm-0").then(|| tern_api::health::GuestHealth {
+                    state: tern_api::health::GuestState::Panicked,
+                    reason: "Kernel panic - not syncing: sysrq triggered crash".into(),
+                    since_ms: 1,
+                }),
+                powered_off: false,
+            })
+            .collect();
+        let report = tern_api::manager::LoadReport {
+            cpu_used: s.hosts[&host].cpu_used.unwrap_or(0.0),
+            vms,
+            store_free_mib: None,
+        };
+        (host, report)
+    });
+    manager
+        .execute(Command::Heartbeat { host, report })
+        .unwrap();
+
     let served = Served::start(&manager).await;
     let base = served.base.clone();
     let url = format!("{base}/?token={TOKEN}");
@@ -250,6 +277,12 @@ async fn the_page_shows_hosts_vms_and_a_migration_in_chromium() {
     assert_eq!(text_of(&dom, "host-count"), HOSTS.len().to_string());
     assert_eq!(text_of(&dom, "vm-count"), VMS.to_string());
     assert!(text_of(&dom, "vms").contains("web-vm-6"), "{dom}");
+    // The guest column: what the host reports, the reason as a tooltip; a dash for the
+    // guests the simulated hosts do not watch.
+    assert!(
+        dom.contains(r#"<span class="guest-panicked" title="Kernel panic - not syncing: sysrq triggered crash">panicked</span>"#),
+        "{dom}"
+    );
     // Each running VM has the buttons of what a running VM allows, and only those.
     assert_eq!(
         dom.matches("data-action=\"pause\"").count(),

@@ -136,12 +136,24 @@ function drawHosts(hosts, vms) {
   }));
 }
 
+// The guest as its host reports it (`guest.state`, with the reason as a tooltip), or
+// `failed` once HA gave up restarting it; a dash when nothing runs it.
+function guestCell(v) {
+  if (v.restarts && v.restarts.failed) {
+    return el("span", { class: "guest-failed", title: v.restarts.failed }, "failed");
+  }
+  if (!v.guest) return "-";
+  return el("span", { class: "guest-" + v.guest.state, title: v.guest.reason || "" },
+    v.guest.state);
+}
+
 function drawVms(vms) {
   $("vm-count").textContent = vms.length;
   fill("vms", vms.slice(0, MAX_VM_ROWS).map((v) => [
     v.name,
     v.observed_host || v.desired_host,
     el("span", { class: "state-" + v.state }, v.state),
+    guestCell(v),
     v.spec.vcpus,
     v.spec.memory_mib + " MiB",
     v.cpu_used.toFixed(2),
