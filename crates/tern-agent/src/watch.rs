@@ -21,6 +21,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tern_api::health::{GuestHealth, GuestState};
+use tern_hv::qemu::CONSOLE_BOOT_MARKER;
 
 /// How the agent watches its guests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,20 +196,33 @@ const CONSOLE_READ_MAX: u64 = 64 * 1024;
 /// What the kernel prints first when it panics.
 const PANIC_LINE: &str = "Kernel panic";
 
-/// Reads `log` past `offset` (from the start when the file is shorter, as a new QEMU
-/// starts it anew) for a kernel panic line; the new offset and the line, if any.
-pub fn read_console(log: &Path, offset: u64) -> std::io::Result<(u64, Option<String>)> {
+/// Reads `log` past `offset` for a kernel panic line; the new offset and the line, if
+/// any. A QEMU not read before (`offset` `None`: a new one, or an agent that just
+/// started) is read from the last [`CONSOLE_BOOT_MARKER`]: the log holds the VM's
+/// earlier boots too. A file shorter than `offset` was started anew.
+pub fn read_console(log: &Path, offset: Option<u64>) -> std::io::Result<(u64, Option<String>)> {
     let mut f = std::fs::File::open(log)?;
     let len = f.metadata()?.len();
-    let from = if len < offset { 0 } else { offset };
+    let from = match offset {
+        Some(o) if o <= len => o,
+        _ => 0,
+    };
     let from = from.max(len.saturating_sub(CONSOLE_READ_MAX));
     f.seek(SeekFrom::Start(from))?;
     let mut buf = Vec::new();
     f.take(len - from).read_to_end(&mut buf)?;
-    Ok((
-        from + buf.len() as u64,
-        panic_line(&String::from_utf8_lossy(&buf)),
-    ))
+    let text = String::from_utf8_lossy(&buf);
+    let text = match offset {
+        None => this_boot(&text),
+        Some(_) => &text,
+    };
+    Ok((from + buf.len() as u64, panic_line(text)))
+}
+
+/// The part of console text after its last boot marker (all of it without one) (pure).
+pub fn this_boot(text: &str) -> &str {
+    text.rfind(CONSOLE_BOOT_MARKER)
+        .map_or(text, |i| &text[i + CONSOLE_BOOT_MARKER.len()..])
 }
 
 /// The first kernel panic line in console text (pure).
@@ -282,7 +296,7 @@ impl crate::state::AppState {
             watches
                 .get(&v.id)
                 .filter(|w| w.pid == pid)
-                .map_or(0, |w| w.console_offset)
+                .map(|w| w.console_offset)
         };
         let ping = async {
             let socket = v.control_socket.as_ref()?;
@@ -442,15 +456,37 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("console.log");
         std::fs::write(&p, "hello\n").unwrap();
-        let (off, none) = read_console(&p, 0).unwrap();
+        let (off, none) = read_console(&p, Some(0)).unwrap();
         assert_eq!((off, none), (6, None));
         std::fs::write(&p, "hello\nKernel panic - x\n").unwrap();
-        let (off, line) = read_console(&p, off).unwrap();
+        let (off, line) = read_console(&p, Some(off)).unwrap();
         assert_eq!(line.as_deref(), Some("Kernel panic - x"));
-        assert_eq!(read_console(&p, off).unwrap(), (off, None));
-        // A new QEMU starts the file anew: read from its start.
+        assert_eq!(read_console(&p, Some(off)).unwrap(), (off, None));
+        // A file started anew: read from its start.
         std::fs::write(&p, "x\n").unwrap();
-        assert_eq!(read_console(&p, off).unwrap(), (2, None));
+        assert_eq!(read_console(&p, Some(off)).unwrap(), (2, None));
+    }
+
+    #[test]
+    fn a_new_qemu_is_read_from_its_boot_marker_not_the_boot_before() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("console.log");
+        let before = format!("\r\n{CONSOLE_BOOT_MARKER}\r\nboot 1\nKernel panic - one\n");
+        std::fs::write(&p, format!("{before}\r\n{CONSOLE_BOOT_MARKER}\r\nboot 2\n")).unwrap();
+        let (off, line) = read_console(&p, None).unwrap();
+        assert_eq!(line, None, "the panic of boot 1 is not boot 2's");
+        std::fs::write(
+            &p,
+            format!("{before}\r\n{CONSOLE_BOOT_MARKER}\r\nboot 2\nKernel panic - two\n"),
+        )
+        .unwrap();
+        let (_, line) = read_console(&p, Some(off)).unwrap();
+        assert_eq!(line.as_deref(), Some("Kernel panic - two"));
+        // An agent that starts while boot 2 is held after its panic still sees it.
+        let (_, line) = read_console(&p, None).unwrap();
+        assert_eq!(line.as_deref(), Some("Kernel panic - two"));
+        // A log without a marker (written before markers) is read whole.
+        assert_eq!(this_boot("a\nb"), "a\nb");
     }
 
     #[test]

@@ -252,6 +252,22 @@ impl QemuDriver {
                     vm.paths.guest_config.display()
                 )))?;
         }
+        // The console log is appended to across this VM's QEMUs: a line marks where
+        // this one's output begins, so a reader (the guest-health watch, an operator)
+        // does not take the boot before's panic for this one's.
+        {
+            use tokio::io::AsyncWriteExt;
+            let log = &vm.paths.console_log;
+            let mut f = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .await
+                .map_err(HvError::io(format!("opening {}", log.display())))?;
+            f.write_all(format!("\r\n{CONSOLE_BOOT_MARKER}\r\n").as_bytes())
+                .await
+                .map_err(HvError::io(format!("writing {}", log.display())))?;
+        }
         let mut nics = Vec::new();
         for (i, mac) in vm.macs.iter().enumerate() {
             let bridge = self
@@ -435,6 +451,9 @@ impl QemuDriver {
         }
     }
 }
+
+/// The line written to a VM's console log before each of its QEMUs starts.
+pub const CONSOLE_BOOT_MARKER: &str = "-- tern: QEMU started --";
 
 /// The pid of the QEMU running VM `paths` according to its pid file, when that process
 /// is alive and really is this VM's QEMU.
