@@ -331,7 +331,7 @@ fn a_vm_boots_a_catalogue_image_keeps_its_disk_and_moves() {
         (vec!["vm", "create", "x", "--disk", "15T"], "disk store"),
         (
             vec!["vm", "create", "x", "--disk", "1G:ide"],
-            "give virtio-blk (the default) or virtio-scsi",
+            "give a bus (virtio-blk, virtio-scsi) or a store (shared, local)",
         ),
     ] {
         let o = lab.cli(&args);
