@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 use tern_api::agent::VmState;
-use tern_api::client::console::MAX_FRAME_BYTES;
+use tern_api::client::console::{IDLE_TIMEOUT, MAX_FRAME_BYTES, PING_EVERY};
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -33,10 +33,6 @@ use tokio::net::UnixStream;
 pub const MAX_REPLAY_BYTES: u64 = 1 << 20;
 /// To connect to the console socket.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the client is pinged.
-pub const PING_EVERY: Duration = Duration::from_secs(20);
-/// Silence from the client after which the attach ends.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long typed input may wait for QEMU to take it (a guest that does not read its
 /// serial port, with the socket's buffer full).
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -525,14 +525,7 @@ pub async fn restart_agent(
         .filter(|&p| alive(p) && cmdline_has(p, "agent"));
     if let Some(pid) = old {
         progress(&format!("lab: stopping {name}'s agent (pid {pid})"));
-        signal(&[pid], "TERM").await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        while alive(pid) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if alive(pid) {
-            signal(&[pid], "KILL").await;
-        }
+        stop_agents(&[pid]).await;
     }
     let pid = spawn_agent(&state.hosts[i], true)?;
     state.hosts[i].pid = Some(pid);
@@ -620,14 +613,7 @@ pub async fn down(dir: &Path, progress: &dyn Fn(&str)) -> Result<Vec<String>, La
         .filter(|&p| alive(p) && cmdline_has(p, "agent"))
         .collect();
     progress(&format!("lab: stopping {} agents", agents.len()));
-    signal(&agents, "TERM").await;
-    // An agent ends its migrations on the way out; give it time, then insist.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while agents.iter().any(|&p| alive(p)) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let stubborn: Vec<u32> = agents.iter().copied().filter(|&p| alive(p)).collect();
-    signal(&stubborn, "KILL").await;
+    stop_agents(&agents).await;
     removed.extend(agents.iter().map(|p| format!("agent process {p}")));
     let qemus = leftover_qemus(&state);
     signal(&qemus, "KILL").await;
@@ -695,6 +681,18 @@ fn leftover_qemus(state: &LabState) -> Vec<u32> {
         }
     }
     out
+}
+
+/// SIGTERM to agents `pids`, which leaves their guests running; an agent ends its
+/// migrations on the way out, so it gets 15 s before SIGKILL.
+async fn stop_agents(pids: &[u32]) {
+    signal(pids, "TERM").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while pids.iter().any(|&p| alive(p)) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stubborn: Vec<u32> = pids.iter().copied().filter(|&p| alive(p)).collect();
+    signal(&stubborn, "KILL").await;
 }
 
 async fn signal(pids: &[u32], sig: &str) {

@@ -19,6 +19,12 @@ use super::{ClientError, ErrorAnswer};
 /// traffic is typed keys and lines of text, and a replayed log is sent in pieces.
 pub const MAX_FRAME_BYTES: usize = 64 << 10;
 
+/// How often a console server (the agent, the manager's relay) pings its client.
+pub const PING_EVERY: Duration = Duration::from_secs(20);
+/// Silence from a console's client after which its server ends the attach: a client
+/// that vanished without closing frees the console.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A byte stream: plain TCP or TLS over it.
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}

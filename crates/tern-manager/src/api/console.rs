@@ -9,7 +9,6 @@
 //! manager, so a vanished client frees the console within a minute or two.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
@@ -17,18 +16,13 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use futures_util::{SinkExt, StreamExt};
-use tern_api::client::console::{ConsoleStream, MAX_FRAME_BYTES};
+use tern_api::client::console::{ConsoleStream, IDLE_TIMEOUT, MAX_FRAME_BYTES, PING_EVERY};
 use tern_api::manager::VmState;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame as AgentClose;
 use tokio_tungstenite::tungstenite::Message as AgentMessage;
 
 use super::error::{ApiError, ApiResult};
 use super::{App, AppState, NamePath, VmPath};
-
-/// How often the client is pinged.
-pub const PING_EVERY: Duration = Duration::from_secs(20);
-/// Silence from the client after which the relay ends.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub(super) fn routes() -> Router<Arc<App>> {
     Router::new().route("/v1/vms/:name/console", get(console))
