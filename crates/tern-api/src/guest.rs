@@ -122,6 +122,29 @@ pub enum Command {
     /// (`sched_setaffinity`, as `taskset` does; a workload's threads are named after it:
     /// `cpu-0`, `cpu-1`); answers the guest time it happened.
     Affinity { threads: String, cpu: u32 },
+    /// Every process's taint class and why (which fd, which peer): external, dependent
+    /// on an external one, untainted, or exempt (the kernel's threads, init, this agent).
+    Taint,
+    /// Freezes every untainted process in the guest's cgroup freezer and tracks taint
+    /// from kernel events until `thaw`: a process that becomes tainted while frozen (a
+    /// tainted process comes to depend on it) is thawed at once. A `freeze` while frozen
+    /// renews the deadline. When `deadline_ms` pass with neither, the guest thaws
+    /// everything by itself (the host that froze it is gone).
+    Freeze {
+        #[serde(default = "default_freeze_deadline_ms")]
+        deadline_ms: u64,
+    },
+    /// Thaws every process `freeze` froze; answers what was frozen and for how long.
+    Thaw,
+}
+
+/// How long a guest stays frozen without hearing from its host, by default.
+pub const DEFAULT_FREEZE_DEADLINE_MS: u64 = 30_000;
+/// The longest freeze deadline a host may ask for.
+pub const MAX_FREEZE_DEADLINE_MS: u64 = 600_000;
+
+fn default_freeze_deadline_ms() -> u64 {
+    DEFAULT_FREEZE_DEADLINE_MS
 }
 
 /// Most unread guest trace records kept by default (24 bytes each: 48 MiB).
@@ -556,6 +579,155 @@ pub enum Reply {
         recv_ns: u64,
         send_ns: u64,
     },
+    Taint(TaintReport),
+    Frozen(FreezeReport),
+    Thawed(ThawReport),
+}
+
+/// A process's standing for dependency-aware migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum TaintClass {
+    /// Talks to the world outside the VM: a socket with a non-loopback peer, or a
+    /// listener that accepted one.
+    External,
+    /// Shares a pipe, unix socket, shared memory or a file open for writing with an
+    /// external process (transitively), or descends from a tainted one.
+    Dependent,
+    /// Nothing outside the VM can observe it: frozen during a dependency-aware move.
+    Untainted,
+    /// Never frozen: kernel threads, init, the guest agent itself.
+    Exempt,
+}
+
+/// Through what a process got its taint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum DependencyKind {
+    /// A connected network socket whose peer is not loopback.
+    NetworkPeer,
+    /// A listening socket that accepted a non-loopback peer.
+    Listener,
+    Pipe,
+    UnixSocket,
+    SharedMemory,
+    /// A file open for writing that a tainted process also has open.
+    File,
+    /// Inherited from the parent at fork.
+    Parent,
+    /// A tainted process waited on it while it was frozen (a pipe or socket to it filled).
+    WaitedOn,
+}
+
+/// One reason a process is tainted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TaintReason {
+    pub kind: DependencyKind,
+    /// The process's own fd that carries the dependency, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<i32>,
+    /// The other end: a network address (`10.0.0.9:41234`), a path, or `pipe:[INODE]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// The tainted process this one depends on (absent for external processes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via_pid: Option<u32>,
+    /// From the kernel event that created the dependency to the tracker marking it,
+    /// when an event (not the start-up scan) found it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<f64>,
+}
+
+/// One process as the taint tracker sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ProcessTaint {
+    pub pid: u32,
+    pub ppid: u32,
+    pub comm: String,
+    pub class: TaintClass,
+    /// In the freezer now.
+    #[serde(default)]
+    pub frozen: bool,
+    /// Empty for untainted and exempt processes.
+    #[serde(default)]
+    pub reasons: Vec<TaintReason>,
+}
+
+/// The guest's answer to `taint`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TaintReport {
+    /// Kernel events keep the classification current (a freeze is under way); otherwise
+    /// the report is a scan taken for this answer.
+    pub event_driven: bool,
+    /// Processes are frozen now.
+    pub frozen: bool,
+    /// Until the guest thaws by itself, when frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_left_ms: Option<u64>,
+    /// Kernel events handled, and those the kernel could not deliver (then the tracker
+    /// rescanned, so nothing was missed for long).
+    #[serde(default)]
+    pub events: u64,
+    #[serde(default)]
+    pub lost_events: u64,
+    pub processes: Vec<ProcessTaint>,
+    /// How the last freeze ended, once one has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_thaw: Option<ThawReport>,
+}
+
+/// The guest's answer to `freeze`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FreezeReport {
+    /// Pids frozen now.
+    pub frozen: Vec<u32>,
+    /// Processes left running because they are tainted, and exempt ones.
+    pub tainted: u32,
+    pub exempt: u32,
+    pub deadline_ms: u64,
+    /// This `freeze` renewed a freeze already under way.
+    pub renewed: bool,
+}
+
+/// Why a freeze ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ThawCause {
+    /// The host asked (`thaw`).
+    Host,
+    /// The host went silent past the deadline.
+    Deadline,
+}
+
+/// One process a freeze held.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FrozenProcess {
+    pub pid: u32,
+    pub comm: String,
+    /// How long it stayed frozen.
+    pub frozen_ms: f64,
+    /// Thawed before the end because it became tainted during the freeze.
+    #[serde(default)]
+    pub thawed_early: bool,
+}
+
+/// How a freeze ended: answered to `thaw`, and kept for `taint` as `last_thaw`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ThawReport {
+    pub cause: ThawCause,
+    /// Every process the freeze held, those thawed early included.
+    pub processes: Vec<FrozenProcess>,
+    /// From the freeze to its end.
+    pub freeze_ms: f64,
 }
 
 /// Guest scheduler records taken from the guest agent's buffer.

@@ -55,15 +55,20 @@ pub enum PolicyKind {
     Adaptive,
     /// No live rounds: pause and copy everything.
     StopCopy,
+    /// The guest freezes its untainted processes (those nothing outside the VM depends
+    /// on) for the pre-copy, so their memory is sent once; the rest is pre-copied under
+    /// the adaptive rules. Falls back to `adaptive` when the guest agent does not answer.
+    DependencyAware,
 }
 
 impl PolicyKind {
     /// Every built-in policy, in a stable order.
-    pub const ALL: [PolicyKind; 4] = [
+    pub const ALL: [PolicyKind; 5] = [
         PolicyKind::Qemu,
         PolicyKind::Xen,
         PolicyKind::Adaptive,
         PolicyKind::StopCopy,
+        PolicyKind::DependencyAware,
     ];
 
     /// The canonical name.
@@ -73,6 +78,7 @@ impl PolicyKind {
             PolicyKind::Xen => "xen",
             PolicyKind::Adaptive => "adaptive",
             PolicyKind::StopCopy => "stop-copy",
+            PolicyKind::DependencyAware => "dependency-aware",
         }
     }
 }
@@ -91,7 +97,7 @@ impl std::fmt::Display for UnknownPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "unknown migration policy `{}`: use one of qemu (alias qemu-rule), xen, adaptive, stop-copy (alias none)",
+            "unknown migration policy `{}`: use one of qemu (alias qemu-rule), xen, adaptive, stop-copy (alias none), dependency-aware",
             self.0
         )
     }
@@ -108,6 +114,7 @@ impl std::str::FromStr for PolicyKind {
             "xen" => Ok(PolicyKind::Xen),
             "adaptive" => Ok(PolicyKind::Adaptive),
             "stop-copy" | "stop-and-copy" | "none" => Ok(PolicyKind::StopCopy),
+            "dependency-aware" => Ok(PolicyKind::DependencyAware),
             _ => Err(UnknownPolicy(s.to_owned())),
         }
     }

@@ -140,6 +140,12 @@ impl Agent {
                     time_ns,
                 }
             }
+            // The taint tracker and freezer land next; until then the host hears why.
+            Command::Taint | Command::Freeze { .. } | Command::Thaw => {
+                return Err(GuestError::BadRequest(
+                    "this guest agent does not track taint yet".into(),
+                ))
+            }
             Command::Poweroff => {
                 self.tracer = None;
                 self.workloads.stop_all();

@@ -156,14 +156,18 @@ impl Policy for PolicyKind {
         match self {
             PolicyKind::Qemu => QemuRule.decide(input),
             PolicyKind::Xen => Xen::default().decide(input),
-            PolicyKind::Adaptive => Adaptive::default().decide(input),
+            // Its difference is in the guest (untainted processes frozen); the rounds
+            // over what still changes follow the adaptive rules.
+            PolicyKind::Adaptive | PolicyKind::DependencyAware => Adaptive::default().decide(input),
             PolicyKind::StopCopy => StopCopy.decide(input),
         }
     }
 
     fn first_round_throttle(&self, probe: &FirstRoundProbe, limits: &Limits) -> u8 {
         match self {
-            PolicyKind::Adaptive => Adaptive::default().first_round_throttle(probe, limits),
+            PolicyKind::Adaptive | PolicyKind::DependencyAware => {
+                Adaptive::default().first_round_throttle(probe, limits)
+            }
             PolicyKind::Qemu | PolicyKind::Xen | PolicyKind::StopCopy => 0,
         }
     }
