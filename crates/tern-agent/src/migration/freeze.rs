@@ -37,8 +37,9 @@ pub const FREEZE_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 pub const FREEZE_DEADLINE: Duration = Duration::from_secs(15);
 /// How often the freeze is renewed during pre-copy: several renewals fit in a deadline.
 pub const RENEW_EVERY: Duration = Duration::from_secs(3);
-/// How long a `thaw` may take to be answered.
-pub const THAW_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one `thaw` may take to be answered, and how many are sent.
+pub const THAW_TIMEOUT: Duration = Duration::from_secs(3);
+pub const THAW_TRIES: u32 = 3;
 
 fn freeze_command() -> Command {
     Command::Freeze {
@@ -56,14 +57,26 @@ pub async fn freeze(state: &AppState, vm: &str) -> Result<FreezeReport, String> 
 }
 
 /// Thaws VM `vm`'s guest through this host's channel: the source after a rollback, the
-/// destination once the migrated VM runs there.
+/// destination once the migrated VM runs there. Tried [`THAW_TRIES`] times: the first
+/// request on a guest channel that just moved can go unanswered, and a `thaw` repeated
+/// after one that was carried out but whose answer was lost answers the same report.
 pub async fn thaw(state: &AppState, vm: &str) -> Result<ThawReport, AgentError> {
-    match state.call_guest(vm, &Command::Thaw, THAW_TIMEOUT).await? {
-        Reply::Thawed(r) => Ok(r),
-        other => Err(AgentError::Guest {
-            id: vm.to_string(),
-            reason: format!("the guest answered thaw with {other:?}"),
-        }),
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match state.call_guest(vm, &Command::Thaw, THAW_TIMEOUT).await {
+            Ok(Reply::Thawed(r)) => return Ok(r),
+            Ok(other) => {
+                return Err(AgentError::Guest {
+                    id: vm.to_string(),
+                    reason: format!("the guest answered thaw with {other:?}"),
+                })
+            }
+            Err(e) if tries >= THAW_TRIES || matches!(e, AgentError::GuestRefused { .. }) => {
+                return Err(e)
+            }
+            Err(e) => tracing::info!(vm, error = %e, tries, "dependency-aware: thaw unanswered; asking again"),
+        }
     }
 }
 
