@@ -27,9 +27,8 @@ use reqwest::Method;
 use serde_json::{json, Value};
 use tern_agent::client::AgentClient;
 use tern_agent::migration::freeze::FREEZE_DEADLINE;
-use tern_agent::vms::CreateVm;
 use tern_api::client::console::{connect, ConsoleStream};
-use tern_api::guest::{TaintReport, ThawCause};
+use tern_api::guest::{TaintClass, TaintReport, ThawCause};
 use tern_api::migration::{DependencyOutcome, ThawSite};
 use tern_lab::{self as lab, LabState};
 use tokio_tungstenite::tungstenite::Message;
@@ -92,7 +91,10 @@ impl Lab {
         let t0 = Instant::now();
         loop {
             let s = self.status(host, id).await;
-            assert_ne!(s["phase"], "completed", "ended before it could be broken: {s}");
+            assert_ne!(
+                s["phase"], "completed",
+                "ended before it could be broken: {s}"
+            );
             assert_ne!(s["phase"], "rolled_back", "{s}");
             if s["phase"] == "pre_copy" && !s["dependency"].is_null() {
                 let d: DependencyOutcome = serde_json::from_value(s["dependency"].clone()).unwrap();
@@ -111,7 +113,11 @@ impl Lab {
         loop {
             match self.hosts[host].taint(VM).await {
                 Ok(r) => return r,
-                Err(e) if t0.elapsed() < Duration::from_secs(40) => {
+                // A refusal is an answer: only silence is retried.
+                Err(e)
+                    if t0.elapsed() < Duration::from_secs(40)
+                        && !e.to_string().contains("refused") =>
+                {
                     eprintln!("taint on h{}: {e}; retrying", host + 1)
                 }
                 Err(e) => panic!("taint on h{}: {e}", host + 1),
@@ -125,7 +131,15 @@ impl Lab {
         let url = &self.state.hosts[host].url;
         let t0 = Instant::now();
         loop {
-            match connect(url, &format!("/v1/vms/{VM}/console"), "", tls.clone(), Duration::from_secs(10)).await {
+            match connect(
+                url,
+                &format!("/v1/vms/{VM}/console"),
+                "",
+                tls.clone(),
+                Duration::from_secs(10),
+            )
+            .await
+            {
                 Ok(ws) => return ws,
                 // The last attach may not have been let go yet.
                 Err(e) if t0.elapsed() < Duration::from_secs(30) => {
@@ -157,7 +171,11 @@ impl Lab {
         let a = self.count(host).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let b = self.count(host).await;
-        assert!(b > a, "the batch loop does not count on h{}: {a} then {b}", host + 1);
+        assert!(
+            b > a,
+            "the batch loop does not count on h{}: {a} then {b}",
+            host + 1
+        );
     }
 
     /// Waits until host `host` holds no copy of the VM.
@@ -170,7 +188,11 @@ impl Lab {
             .iter()
             .any(|v| v.info.id == VM)
         {
-            assert!(t0.elapsed() < Duration::from_secs(90), "h{} kept its copy", host + 1);
+            assert!(
+                t0.elapsed() < Duration::from_secs(90),
+                "h{} kept its copy",
+                host + 1
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
@@ -214,23 +236,7 @@ async fn ask(ws: &mut ConsoleStream, line: &str, answer: &str) -> String {
 }
 
 async fn boot(lab: &Lab, img: &tern_hv::image::GuestImage) {
-    let req: CreateVm = serde_json::from_value(json!({
-        "id": VM,
-        "spec": {
-            "vcpus": 1,
-            "memory_mib": 256,
-            "kernel": img.kernel,
-            "initramfs": img.initramfs,
-            "cmdline": format!("{} tern.hostname={VM}", img.cmdline),
-        }
-    }))
-    .unwrap();
-    lab.hosts[0].create_vm(&req).await.unwrap();
-    let t0 = Instant::now();
-    while lab.hosts[0].guest(VM, &json!({"cmd": "ping"})).await.is_err() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "guest never answered");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    common::boot_guest(&lab.hosts[0], img, VM, 256).await;
     // A working set for the pre-copy to carry (the writer is a thread of the guest
     // agent, which is never frozen).
     let start = json!({"cmd": "start", "workload": "memdirty --mib 64 --mbps 1"});
@@ -239,7 +245,12 @@ async fn boot(lab: &Lab, img: &tern_hv::image::GuestImage) {
     // The batch loop: its own process, talking to nothing outside the VM.
     let batch = "sh -c 'echo $$ > /tmp/batch.pid; n=0; while :; do n=$((n+1)); echo $n > /tmp/batch; sleep 0.2; done' </dev/null >/dev/null 2>&1 &";
     let mut ws = lab.console(0).await;
-    ask(&mut ws, &format!("{batch} {}", marked("started")), "started>>").await;
+    ask(
+        &mut ws,
+        &format!("{batch} {}", marked("started")),
+        "started>>",
+    )
+    .await;
     let _ = ws.close(None).await;
 }
 
@@ -290,10 +301,15 @@ async fn scenario(mut lab: Lab, img: tern_hv::image::GuestImage) {
     lab.counts(0).await;
     let before = lab.taint(0).await;
     let p = before.processes.iter().find(|p| p.pid == batch);
-    eprintln!("batch loop pid {batch}: {p:?}");
+    assert_eq!(
+        p.map(|p| p.class),
+        Some(TaintClass::Untainted),
+        "{before:?}"
+    );
 
     // 1. The guest agent does not answer: the move goes on as adaptive, and says why.
-    lab.shell(0, "kill -STOP $(pidof tern-guest); echo stopped").await;
+    lab.shell(0, "kill -STOP $(pidof tern-guest); echo stopped")
+        .await;
     let id = lab.send(0, 1, None).await;
     let v = lab.finished(0, &id).await;
     assert_eq!(v["phase"], "completed", "{v}");
@@ -302,7 +318,8 @@ async fn scenario(mut lab: Lab, img: tern_hv::image::GuestImage) {
     assert!(reason.contains("no answer"), "{v}");
     assert_eq!((d.frozen, d.thawed_on), (0, None), "{v}");
     eprintln!("1. fallback: {reason}");
-    lab.shell(1, "kill -CONT $(pidof tern-guest); echo continued").await;
+    lab.shell(1, "kill -CONT $(pidof tern-guest); echo continued")
+        .await;
     // A freeze that was waiting in the stopped agent's channel may have been carried
     // out late; the guest's own deadline undoes it, a thaw sooner.
     let a = lab.hosts[1].guest(VM, &json!({"cmd": "thaw"})).await;
@@ -322,9 +339,15 @@ async fn scenario(mut lab: Lab, img: tern_hv::image::GuestImage) {
     let thaw = d.thaw.clone().expect("a thaw report");
     assert_eq!(thaw.cause, ThawCause::Host);
     let held = thaw.processes.iter().find(|p| p.pid == batch);
-    assert!(held.is_some_and(|p| p.frozen_ms > 0.0), "the batch loop was not frozen: {thaw:?}");
+    assert!(
+        held.is_some_and(|p| p.frozen_ms > 0.0),
+        "the batch loop was not frozen: {thaw:?}"
+    );
     let paused = d.batch_paused_ms().unwrap();
-    eprintln!("2. batch_paused_ms {paused:.0}, freeze_ms {:.0}", thaw.freeze_ms);
+    eprintln!(
+        "2. batch_paused_ms {paused:.0}, freeze_ms {:.0}",
+        thaw.freeze_ms
+    );
     let t = lab.taint(0).await;
     assert!(!t.frozen && t.processes.iter().all(|p| !p.frozen), "{t:?}");
     assert_eq!(t.last_thaw.map(|l| l.cause), Some(ThawCause::Host));
@@ -336,7 +359,10 @@ async fn scenario(mut lab: Lab, img: tern_hv::image::GuestImage) {
     lab.frozen_in_precopy(0, &id).await;
     let t = lab.taint(0).await;
     assert!(t.frozen, "{t:?}");
-    assert!(t.processes.iter().any(|p| p.pid == batch && p.frozen), "{t:?}");
+    assert!(
+        t.processes.iter().any(|p| p.pid == batch && p.frozen),
+        "{t:?}"
+    );
     lab.hosts[0].cancel_migration(&id).await.unwrap();
     let v = lab.finished(0, &id).await;
     assert_eq!(v["phase"], "rolled_back", "{v}");
@@ -374,7 +400,11 @@ async fn scenario(mut lab: Lab, img: tern_hv::image::GuestImage) {
     };
     let after = killed.elapsed();
     eprintln!("4. thawed by the deadline {after:?} after the source agent was killed");
-    assert_eq!(t.last_thaw.map(|l| l.cause), Some(ThawCause::Deadline), "{after:?}");
+    assert_eq!(
+        t.last_thaw.map(|l| l.cause),
+        Some(ThawCause::Deadline),
+        "{after:?}"
+    );
     lab.counts(0).await;
     // The destination gives up its copy once the streams stay silent.
     lab.gone(1).await;
@@ -386,7 +416,10 @@ async fn scenario(mut lab: Lab, img: tern_hv::image::GuestImage) {
     let v = lab.finished(0, &id).await;
     assert_eq!(v["phase"], "rolled_back", "{v}");
     let d = dependency(&v);
-    eprintln!("5. destination killed: {} ({})", v["dependency"], v["error"]);
+    eprintln!(
+        "5. destination killed: {} ({})",
+        v["dependency"], v["error"]
+    );
     assert_eq!(d.thawed_on, Some(ThawSite::Source), "{v}");
     assert_eq!(d.thaw.map(|t| t.cause), Some(ThawCause::Host), "{v}");
     let t = lab.taint(0).await;

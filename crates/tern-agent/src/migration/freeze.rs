@@ -49,7 +49,10 @@ fn freeze_command() -> Command {
 
 /// Asks the guest to freeze (or renew the freeze); the reason when it did not.
 pub async fn freeze(state: &AppState, vm: &str) -> Result<FreezeReport, String> {
-    match state.call_guest(vm, &freeze_command(), FREEZE_ASK_TIMEOUT).await {
+    match state
+        .call_guest(vm, &freeze_command(), FREEZE_ASK_TIMEOUT)
+        .await
+    {
         Ok(Reply::Frozen(r)) => Ok(r),
         Ok(other) => Err(format!("the guest answered freeze with {other:?}")),
         Err(e) => Err(e.to_string()),
@@ -75,7 +78,9 @@ pub async fn thaw(state: &AppState, vm: &str) -> Result<ThawReport, AgentError> 
             Err(e) if tries >= THAW_TRIES || matches!(e, AgentError::GuestRefused { .. }) => {
                 return Err(e)
             }
-            Err(e) => tracing::info!(vm, error = %e, tries, "dependency-aware: thaw unanswered; asking again"),
+            Err(e) => {
+                tracing::info!(vm, error = %e, tries, "dependency-aware: thaw unanswered; asking again")
+            }
         }
     }
 }
@@ -154,9 +159,7 @@ mod tests {
     fn deadline_outlasts_several_renewals_and_the_ask_is_shorter_than_a_renewal() {
         assert!(FREEZE_DEADLINE >= 4 * RENEW_EVERY);
         assert!(FREEZE_ASK_TIMEOUT < RENEW_EVERY);
-        assert!(
-            FREEZE_DEADLINE.as_millis() as u64 <= tern_api::guest::MAX_FREEZE_DEADLINE_MS
-        );
+        assert!(FREEZE_DEADLINE.as_millis() as u64 <= tern_api::guest::MAX_FREEZE_DEADLINE_MS);
     }
 
     #[test]
@@ -182,7 +185,11 @@ mod tests {
     #[test]
     fn a_thaw_records_its_site_and_report_and_a_failed_one_its_reason() {
         let mut o = DependencyOutcome::default();
-        record_thaw(&mut o, ThawSite::Source, Err("no answer within 5000 ms".into()));
+        record_thaw(
+            &mut o,
+            ThawSite::Source,
+            Err("no answer within 5000 ms".into()),
+        );
         assert_eq!(o.thawed_on, Some(ThawSite::Source));
         assert_eq!(o.batch_paused_ms(), None);
         assert!(o.thaw_error.is_some());
