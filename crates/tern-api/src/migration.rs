@@ -440,6 +440,9 @@ pub struct DependencyOutcome {
     pub tainted: u32,
     /// Processes never frozen (kernel threads, init, the guest agent).
     pub exempt: u32,
+    /// How long the guest took to answer the first `freeze` (the pre-copy waits for it).
+    #[serde(default)]
+    pub freeze_answer_ms: u64,
     /// Set when the guest froze nothing: why, and the migration went on as `adaptive`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback_reason: Option<String>,

@@ -26,7 +26,7 @@ use futures_util::{FutureExt, SinkExt, StreamExt};
 use reqwest::Method;
 use serde_json::{json, Value};
 use tern_agent::client::AgentClient;
-use tern_agent::migration::freeze::FREEZE_DEADLINE;
+use tern_agent::migration::freeze::{FREEZE_DEADLINE, RENEW_EVERY};
 use tern_api::client::console::{connect, ConsoleStream};
 use tern_api::guest::{TaintClass, TaintReport, ThawCause};
 use tern_api::migration::{DependencyOutcome, ThawSite};
@@ -103,6 +103,25 @@ impl Lab {
             }
             assert!(t0.elapsed() < Duration::from_secs(60), "never frozen: {s}");
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until the source renewed the freeze at least once.
+    async fn renewed(&self, host: usize, id: &str) -> DependencyOutcome {
+        let t0 = Instant::now();
+        loop {
+            let s = self.status(host, id).await;
+            assert_eq!(
+                s["phase"], "pre_copy",
+                "left pre-copy before a renewal: {s}"
+            );
+            let d = dependency(&s);
+            if d.renewals >= 1 {
+                assert_eq!(d.renewals_failed, 0, "{s}");
+                return d;
+            }
+            assert!(t0.elapsed() < 3 * RENEW_EVERY, "never renewed: {s}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
@@ -363,6 +382,8 @@ async fn scenario(mut lab: Lab, img: tern_hv::image::GuestImage) {
         t.processes.iter().any(|p| p.pid == batch && p.frozen),
         "{t:?}"
     );
+    // Cancelled once the freeze was renewed: the renewals went to the right guest.
+    lab.renewed(0, &id).await;
     lab.hosts[0].cancel_migration(&id).await.unwrap();
     let v = lab.finished(0, &id).await;
     assert_eq!(v["phase"], "rolled_back", "{v}");
@@ -370,7 +391,7 @@ async fn scenario(mut lab: Lab, img: tern_hv::image::GuestImage) {
     eprintln!("3. cancelled: {}", v["dependency"]);
     assert_eq!(d.thawed_on, Some(ThawSite::Source), "{v}");
     assert_eq!(d.thaw.map(|t| t.cause), Some(ThawCause::Host), "{v}");
-    assert!(d.renewals >= 1, "{v}");
+    assert!(d.renewals >= 1 && d.renewals_failed == 0, "{v}");
     let t = lab.taint(0).await;
     assert!(!t.frozen && t.processes.iter().all(|p| !p.frozen), "{t:?}");
     assert!(lab.count(0).await > count);
@@ -380,6 +401,7 @@ async fn scenario(mut lab: Lab, img: tern_hv::image::GuestImage) {
     //    thaws by itself at the deadline. A new agent adopts the guest.
     let id = lab.send(0, 1, Some(SLOW_MBIT)).await;
     lab.frozen_in_precopy(0, &id).await;
+    lab.renewed(0, &id).await;
     kill(lab.state.hosts[0].pid);
     let killed = Instant::now();
     let name = lab.state.hosts[0].name.clone();

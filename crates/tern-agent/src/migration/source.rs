@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tern_api::migration::DependencyOutcome;
 use tern_hv::{HvError, MigrationState, MigrationStatus, VmInfo, VmState};
 use tern_migrate::{Policy, PolicyKind, StopReason};
 
@@ -461,8 +462,12 @@ impl<'a> SourceMigration<'a> {
     /// the migration goes on under the adaptive rules and its view says why.
     async fn freeze_guest(&mut self) {
         let vm = self.vm();
+        let asked = Instant::now();
         let answer = freeze::freeze(self.state, vm).await;
-        let outcome = freeze::outcome_of(&answer);
+        let outcome = DependencyOutcome {
+            freeze_answer_ms: asked.elapsed().as_millis() as u64,
+            ..freeze::outcome_of(&answer)
+        };
         match answer {
             Ok(r) => {
                 tracing::info!(
