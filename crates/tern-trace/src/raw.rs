@@ -1,7 +1,8 @@
 //! Any tracepoints, every thread, records handed over undecoded: for callers with
 //! tracepoints of their own (the guest agent's process and syscall events). Same rings
 //! as the scheduler [`Recorder`](crate::Recorder): per CPU, one ring shared by every
-//! tracepoint, `CLOCK_MONOTONIC` timestamps, losses counted.
+//! tracepoint, `CLOCK_MONOTONIC` timestamps, losses counted; unlike it, every record
+//! wakes a waiting [`RawRecorder::poll`] (these callers react to single events).
 
 use crate::error::Result;
 use crate::format::Format;
@@ -44,7 +45,8 @@ impl RawRecorder {
             .collect();
         let mut rings = Vec::new();
         for cpu in tracefs::online_cpus()? {
-            rings.push(open_ring(cpu, &list, ring_bytes)?);
+            // Every record wakes the reader: these callers react to single events.
+            rings.push(open_ring(cpu, &list, ring_bytes, true)?);
         }
         for r in &mut rings {
             for c in std::iter::once(&mut *r.sampler).chain(r.others.iter_mut()) {

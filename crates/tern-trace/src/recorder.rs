@@ -120,8 +120,13 @@ pub(crate) fn perf_err(what: String) -> impl FnOnce(std::io::Error) -> TraceErro
     move |source| TraceError::Perf { what, source }
 }
 
-pub(crate) fn open_event(f: &Format, cpu: u32) -> Result<Counter> {
+/// `wake_each`: a `poll` on the ring returns at the first record (else when the ring
+/// is half full, or at the caller's timeout).
+pub(crate) fn open_event(f: &Format, cpu: u32, wake_each: bool) -> Result<Counter> {
     let mut b = Builder::new(Tracepoint::with_id(f.id));
+    if wake_each {
+        b.wakeup_events(1);
+    }
     b.one_cpu(cpu as usize)
         .any_pid()
         // Tracepoints fire in the kernel; perf-event2 excludes kernel samples by default.
@@ -156,15 +161,17 @@ pub(crate) fn ioctl(counter: &Counter, what: String, call: impl FnOnce(i32) -> i
 }
 
 /// Opens tracepoints `points` (each with its kernel filter, if any) on `cpu`, all
-/// writing into one ring buffer of `ring_bytes`. Not enabled yet.
+/// writing into one ring buffer of `ring_bytes`. Not enabled yet. `wake_each` as for
+/// [`open_event`].
 pub(crate) fn open_ring(
     cpu: u32,
     points: &[(&Format, Option<String>)],
     ring_bytes: usize,
+    wake_each: bool,
 ) -> Result<CpuRing> {
     let mut counters = Vec::new();
     for (f, text) in points {
-        let c = open_event(f, cpu)?;
+        let c = open_event(f, cpu, wake_each)?;
         if let Some(text) = text {
             let text = std::ffi::CString::new(text.as_str()).map_err(|_| TraceError::Format {
                 tracepoint: f.name.clone(),
@@ -222,7 +229,7 @@ impl Recorder {
                     (f, text)
                 })
                 .collect();
-            rings.push(open_ring(cpu, &points, cfg.ring_bytes)?);
+            rings.push(open_ring(cpu, &points, cfg.ring_bytes, false)?);
         }
         let mut rec = Recorder {
             rings,
