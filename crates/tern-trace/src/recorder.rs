@@ -160,6 +160,31 @@ pub(crate) fn ioctl(counter: &Counter, what: String, call: impl FnOnce(i32) -> i
     Ok(())
 }
 
+/// Waits at most `timeout` for a record in any of `rings`.
+pub(crate) fn wait_readable(rings: &[CpuRing], timeout: Duration) -> Result<()> {
+    let mut fds: Vec<libc::pollfd> = rings
+        .iter()
+        .map(|r| libc::pollfd {
+            fd: r.sampler.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the call.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(TraceError::Perf {
+                what: "waiting for records".into(),
+                source: e,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Opens tracepoints `points` (each with its kernel filter, if any) on `cpu`, all
 /// writing into one ring buffer of `ring_bytes`. Not enabled yet. `wake_each` as for
 /// [`open_event`].
@@ -264,27 +289,7 @@ impl Recorder {
     /// Waits at most `timeout` for records, then reads every ring buffer. Returns how
     /// many events it kept.
     pub fn poll(&mut self, timeout: Duration) -> Result<usize> {
-        let mut fds: Vec<libc::pollfd> = self
-            .rings
-            .iter()
-            .map(|r| libc::pollfd {
-                fd: r.sampler.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(TraceError::Perf {
-                    what: "waiting for records".into(),
-                    source: e,
-                });
-            }
-        }
+        wait_readable(&self.rings, timeout)?;
         Ok(self.drain())
     }
 
