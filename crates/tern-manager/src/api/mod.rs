@@ -821,7 +821,7 @@ async fn set_migration_policy(
     summary = "The running VM's guest processes as its guest agent classifies them for dependency-aware migration: external, dependent, untainted or exempt, why, and frozen or not (relayed to its host's agent).",
     params(("name" = String, Path, description = "the VM's name", example = "v1")),
     responses((status = 200, description = "the guest's taint report", body = tern_api::guest::TaintReport),
-        (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error), (status = 502, description = "error", body = Error)))]
+        (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error), (status = 502, description = "error", body = Error), (status = 503, description = "error", body = Error)))]
 async fn taint_vm(State(app): AppState, NamePath(name, _): VmPath) -> ApiResult<Response> {
     let on = app.manager.read(|s| {
         s.vms.get(&name).map(|v| {
