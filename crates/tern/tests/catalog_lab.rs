@@ -737,6 +737,37 @@ fn a_panicked_guest_is_restarted_or_left_as_its_ha_policy_says() {
     let listed = lab.cli(&["vm", "list"]);
     let table = String::from_utf8_lossy(&listed.stdout);
     assert!(table.contains("GUEST") && table.contains(" ok "), "{table}");
+    // The guest's processes through the manager and its host's agent: the guest agent
+    // itself is exempt from freezing, and nothing is frozen outside a migration.
+    let taint = lab.cli(&["vm", "taint", "r1"]);
+    let text = String::from_utf8_lossy(&taint.stdout);
+    assert!(taint.status.success(), "{taint:?}");
+    assert!(
+        text.contains("REASONS") && text.contains("not frozen"),
+        "{text}"
+    );
+    let report = json(&lab.cli(&["vm", "taint", "r1", "--json"]));
+    let agent = report["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["comm"] == "tern-guest")
+        .cloned();
+    assert_eq!(
+        agent.map(|p| p["class"].clone()),
+        Some(Value::from("exempt")),
+        "{report}"
+    );
+    let gone = lab.cli(&["vm", "taint", "nope"]);
+    assert_eq!(gone.status.code(), Some(2), "{gone:?}");
+    let s = json(&lab.cli(&[
+        "policy",
+        "set",
+        "--evacuation-policy",
+        "dependency-aware",
+        "--json",
+    ]));
+    assert_eq!(s["evacuation_policy"], "dependency-aware", "{s}");
 
     let t0 = Instant::now();
     for (host, vm) in [("h1", "r1"), ("h2", "l1")] {
