@@ -37,6 +37,9 @@ const VM: &str = "dep1";
 /// Over this link cap the pre-copy of the guest's 64 MiB working set lasts half a minute:
 /// time to look at the frozen guest and break the migration on purpose.
 const SLOW_MBIT: u64 = 16;
+/// The link cap of the moves compared with and without the freeze: a batch process
+/// rewriting its memory from /dev/urandom under TCG dirties about as much.
+const MEASURE_MBIT: u64 = 100;
 
 fn can_run() -> bool {
     let (tern, built) = common::tern_binary_need();
@@ -51,12 +54,22 @@ struct Lab {
 impl Lab {
     /// Starts a `dependency-aware` migration of the test VM; returns its id.
     async fn send(&self, from: usize, to: usize, max_mbit: Option<u64>) -> String {
+        self.send_with(from, to, max_mbit, "dependency-aware").await
+    }
+
+    async fn send_with(
+        &self,
+        from: usize,
+        to: usize,
+        max_mbit: Option<u64>,
+        policy: &str,
+    ) -> String {
         let options = match max_mbit {
             Some(m) => json!({ "max_mbit": m }),
             None => json!({}),
         };
         let body = json!({ "vm": VM, "destination": self.state.hosts[to].url, "token": "",
-                           "policy": "dependency-aware", "options": options });
+                           "policy": policy, "options": options });
         let v: Value = self.hosts[from]
             .http()
             .send(Method::POST, "/v1/migrations", Some(&body))
@@ -371,6 +384,45 @@ async fn scenario(mut lab: Lab, img: tern_hv::image::GuestImage) {
     assert!(!t.frozen && t.processes.iter().all(|p| !p.frozen), "{t:?}");
     assert_eq!(t.last_thaw.map(|l| l.cause), Some(ThawCause::Host));
     lab.counts(0).await;
+
+    // 2b. What the freeze saves: a second batch process rewrites 32 MiB of its own
+    //     (a tmpfs file, guest RAM) from /dev/urandom; moved with `adaptive` it is
+    //     pre-copied while it writes, with `dependency-aware` it is frozen and sent once.
+    let dirty = "sh -c 'echo $$ > /tmp/dirty.pid; while :; do dd if=/dev/urandom of=/tmp/dirty bs=1M count=32 conv=notrunc 2>/dev/null; done' </dev/null >/dev/null 2>&1 &";
+    let mut ws = lab.console(0).await;
+    ask(
+        &mut ws,
+        &format!("{dirty} {}", marked("dirtying")),
+        "dirtying>>",
+    )
+    .await;
+    let _ = ws.close(None).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut moved = Vec::new();
+    for (from, to, policy) in [(0, 1, "adaptive"), (1, 0, "dependency-aware")] {
+        let id = lab.send_with(from, to, Some(MEASURE_MBIT), policy).await;
+        let v = lab.finished(from, &id).await;
+        assert_eq!(v["phase"], "completed", "{v}");
+        let r = &v["result"];
+        eprintln!(
+            "2b. {policy}: {} bytes, {} rounds, total {} ms, downtime {} ms, throttle {}%, stop {}, {}",
+            r["bytes"], r["rounds"], r["total_ms"], r["downtime_ms"], r["max_throttle_percent"],
+            r["stop_reason"], v["dependency"]
+        );
+        moved.push(v);
+    }
+    // With the writer frozen only the guest agent's slow writer is left: no round has
+    // to slow the vCPUs (and with them the processes that serve) to converge.
+    let d = dependency(&moved[1]);
+    let thaw = d.thaw.expect("thawed");
+    assert!(thaw.processes.iter().any(|p| p.comm == "dd"), "{thaw:?}");
+    assert_eq!(
+        moved[1]["result"]["max_throttle_percent"], 0,
+        "{}",
+        moved[1]
+    );
+    lab.shell(0, "kill $(cat /tmp/dirty.pid); echo stopped")
+        .await;
 
     // 3. Cancelled during pre-copy: thawed on the source once it runs there again.
     let count = lab.count(0).await;
