@@ -8,7 +8,9 @@
 //! 1. its guest agent stopped (SIGSTOP): the freeze is not answered, the migration goes
 //!    on as `adaptive` and says why;
 //! 2. a move that succeeds: the destination thaws the guest (cause `host`), the loop was
-//!    frozen and counts again;
+//!    frozen and counts again; then, with a second batch process rewriting its memory,
+//!    a move with `adaptive` and one back with `dependency-aware`, which freezes the
+//!    writer and converges without throttling the vCPUs (both measured);
 //! 3. a cancel during pre-copy: the source thaws the guest after the rollback;
 //! 4. the source agent killed during pre-copy: nobody renews the freeze, the guest thaws
 //!    by itself at the deadline (cause `deadline`);
