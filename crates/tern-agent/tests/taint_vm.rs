@@ -3,8 +3,10 @@
 //! console builds each kind of dependency; a shell the guest runs over a TCP connection
 //! to this host (`nc -e /bin/sh`: external, so never frozen) makes new ones during a
 //! freeze. Checks the classes and reasons of `taint`, that a new dependency on a frozen
-//! process thaws it within 50 ms of the kernel event, `thaw`, and that a freeze whose
-//! host goes silent ends by itself at its deadline with every process running again.
+//! process (FIFO, unix socket, loopback TCP, shared memory, written file, an outside
+//! connection to its listener) thaws it within 50 ms of the kernel event, `thaw`, and
+//! that a freeze whose host goes silent ends by itself at its deadline with every
+//! process running again.
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -216,6 +218,9 @@ async fn dependencies_taint_and_the_freezer_holds_the_rest() {
         "sleep 1007 &".into(),
         "sleep 1008 <> /tmp/fifo &".into(),
         "tern-guest ipc unix-serve /tmp/u2 &".into(),
+        "httpd -f -p 127.0.0.1:8081 -h /tmp/www &".into(),
+        "tern-guest ipc shm /dev/shm/seg2 &".into(),
+        "sleep 1009 >> /tmp/f2.log &".into(),
         "sh -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.2; done' &".into(),
     ] {
         console(&mut ws, &mut n, &line).await;
@@ -263,6 +268,9 @@ async fn dependencies_taint_and_the_freezer_holds_the_rest() {
     let httpd = pid("httpd -f -p 8080 -h /tmp/www");
     let (s1007, s1008) = (pid("sleep 1007"), pid("sleep 1008"));
     let u2 = pid("tern-guest ipc unix-serve /tmp/u2");
+    let httpd_lo = pid("httpd -f -p 127.0.0.1:8081 -h /tmp/www");
+    let seg2 = pid("tern-guest ipc shm /dev/shm/seg2");
+    let s1009 = pid("sleep 1009");
     let counter_pid = *ps
         .iter()
         .find(|(_, a)| a.contains("/tmp/counter"))
@@ -285,7 +293,8 @@ async fn dependencies_taint_and_the_freezer_holds_the_rest() {
     check(&r, shm1, C::Dependent, K::Pipe, Some(nc4));
     check(&r, shm2, C::Dependent, K::SharedMemory, Some(shm1));
     check(&r, pid("sleep 1006"), C::Dependent, K::Parent, Some(shell));
-    for p in [httpd, s1007, s1008, u2, counter_pid] {
+    let untainted = [httpd, s1007, s1008, u2, counter_pid, httpd_lo, seg2, s1009];
+    for p in untainted {
         assert_eq!(proc_(&r, p).class, C::Untainted, "{:?}", proc_(&r, p));
     }
     assert_eq!(proc_(&r, 1).class, C::Exempt);
@@ -300,7 +309,7 @@ async fn dependencies_taint_and_the_freezer_holds_the_rest() {
             .unwrap();
     eprintln!("frozen {:?}", f.frozen);
     assert!(!f.renewed);
-    for p in [httpd, s1007, s1008, u2, counter_pid] {
+    for p in untainted {
         assert!(f.frozen.contains(&p), "{p} frozen");
     }
     for p in [shell, nc1, u1, shm2] {
@@ -319,13 +328,26 @@ async fn dependencies_taint_and_the_freezer_holds_the_rest() {
     assert!(f.renewed);
 
     // New dependencies on frozen processes, made by tainted ones: a FIFO opened, a unix
-    // connection into a frozen server's queue, a TCP connection from outside into a
-    // frozen listener's queue.
+    // connection into a frozen server's queue, a loopback TCP connection into another's,
+    // a segment mapped, a file opened for writing, and a TCP connection from outside
+    // into a frozen listener's queue.
     sh.run("exec 7>/tmp/fifo").await;
     sh.run("tern-guest ipc unix-connect /tmp/u2 </dev/null >/dev/null 2>&1 &")
         .await;
+    sh.run("sleep 1010 | nc 127.0.0.1 8081 >/dev/null 2>&1 &")
+        .await;
+    sh.run("tern-guest ipc shm /dev/shm/seg2 </dev/null >/dev/null 2>&1 &")
+        .await;
+    sh.run("exec 8>>/tmp/f2.log").await;
     let _outsider = TcpStream::connect((GUEST, 8080)).await.unwrap();
-    let want = [(s1008, K::Pipe), (u2, K::UnixSocket), (httpd, K::Listener)];
+    let want = [
+        (s1008, K::Pipe),
+        (u2, K::UnixSocket),
+        (httpd_lo, K::LoopbackSocket),
+        (seg2, K::SharedMemory),
+        (s1009, K::File),
+        (httpd, K::Listener),
+    ];
     let t2 = Instant::now();
     let r = loop {
         let r = taint(&a).await;
@@ -363,7 +385,9 @@ async fn dependencies_taint_and_the_freezer_holds_the_rest() {
     let t: ThawReport = serde_json::from_value(guest(&a, json!({"cmd": "thaw"})).await).unwrap();
     assert_eq!(t.cause, ThawCause::Host);
     let held = |pid| t.processes.iter().find(|p| p.pid == pid).unwrap();
-    assert!(held(s1008).thawed_early && held(u2).thawed_early && held(httpd).thawed_early);
+    for (p, _) in want {
+        assert!(held(p).thawed_early, "{:?}", held(p));
+    }
     assert!(!held(s1007).thawed_early);
     let c1 = sh.counter().await;
     tokio::time::sleep(Duration::from_secs(1)).await;

@@ -7,7 +7,7 @@
 //! | `sched:sched_process_exec` | a process's fds and name change (it is read again) |
 //! | `syscalls:sys_exit_{accept,accept4,open,openat,dup,dup2,dup3}` (`ret >= 0`) | a new fd, `ret` |
 //! | `syscalls:sys_enter_connect` + `sys_exit_connect` | fd `fd` is connected |
-//! | `syscalls:sys_exit_{pipe,pipe2,socketpair}` | new fds (the process's fd table is re-read) |
+//! | `syscalls:sys_exit_{pipe,pipe2,socketpair,recvmsg}` | new fds (the process's fd table is re-read; `recvmsg` for fds passed over unix sockets) |
 //! | `syscalls:sys_exit_shmat`, `sys_enter_mmap` (`MAP_SHARED`) | a new shared mapping |
 //! | `sock:inet_sock_set_state` (to `ESTABLISHED`) | a TCP connection, perhaps into a frozen listener's queue |
 //!
@@ -160,6 +160,14 @@ const POINTS: &[(&str, &str, Role, Option<&str>, bool)] = &[
         Some("ret == 0"),
         true,
     ),
+    // An fd passed over a unix socket (SCM_RIGHTS) arrives in a recvmsg.
+    (
+        "syscalls",
+        "sys_exit_recvmsg",
+        Role::FdTable,
+        Some("ret >= 0"),
+        false,
+    ),
     (
         "syscalls",
         "sys_exit_socketpair",
@@ -270,7 +278,7 @@ impl Decoder {
                 Event::NewFd { tid, fd: fd as i32 }
             }
             Role::FdTable => {
-                if ret().is_some_and(|r| r != 0) {
+                if ret().is_some_and(|r| r < 0) {
                     return None;
                 }
                 Event::FdTable { tid }

@@ -104,16 +104,16 @@ enum Link {
     Pipe(u64, u64),
     Unix(u64),
     Inet(u64),
-    File(u64, u64),
-    Shm(u64, u64),
+    /// A file's data, whether open or mapped: a process writing a file another maps
+    /// shared depends on it as much as two mappers do.
+    Data(u64, u64),
 }
 
 impl World {
     fn link(&self, key: ResKey, loopback: &BTreeMap<u64, u64>) -> Link {
         match key {
             ResKey::Pipe(d, i) => Link::Pipe(d, i),
-            ResKey::File(d, i) => Link::File(d, i),
-            ResKey::Shm(d, i) => Link::Shm(d, i),
+            ResKey::File(d, i) | ResKey::Shm(d, i) => Link::Data(d, i),
             ResKey::Unix(i) => Link::Unix(match self.unix_pending.get(&i) {
                 Some(listener) => *listener,
                 None => self.unix_peer.get(&i).map_or(i, |p| i.min(*p)),
@@ -248,22 +248,22 @@ pub fn classify(w: &World) -> BTreeMap<u32, Verdict> {
         let mut found: BTreeMap<u32, Vec<TaintReason>> = BTreeMap::new();
         for h in &tp.handles {
             let link = w.link(h.key, &loopback);
-            let writers_only = matches!(link, Link::File(..) | Link::Shm(..));
+            let writers_only = matches!(link, Link::Data(..));
             for &(q, q_write) in holders.get(&link).into_iter().flatten() {
                 if q == t || out.contains_key(&q) || (writers_only && !h.write && !q_write) {
                     continue;
                 }
-                // The reason names q's own fd on the shared channel.
-                let (fd, label) = w.procs[&q]
+                // The reason names q's own fd (or mapping) on the shared channel.
+                let (fd, label, key) = w.procs[&q]
                     .handles
                     .iter()
                     .find(|qh| w.link(qh.key, &loopback) == link)
-                    .map(|qh| (qh.fd, qh.label.clone()))
-                    .unwrap_or((None, h.label.clone()));
+                    .map(|qh| (qh.fd, qh.label.clone(), qh.key))
+                    .unwrap_or((None, h.label.clone(), h.key));
                 found
                     .entry(q)
                     .or_default()
-                    .push(reason(kind_of(h.key), fd, label, Some(t)));
+                    .push(reason(kind_of(key), fd, label, Some(t)));
             }
         }
         for &c in children.get(&t).into_iter().flatten() {
@@ -499,6 +499,15 @@ pub(crate) mod tests {
         assert_eq!(class(&v, 42), TaintClass::Dependent);
         assert_eq!(v[&42].reasons[0].kind, DependencyKind::SharedMemory);
         assert_eq!(v[&42].reasons[0].fd, None);
+        // A process that opens the mapped file for writing meets its mappers.
+        let mut w = with_external(vec![proc_(43, 1, vec![h(3, ResKey::File(1, 5), true)])]);
+        w.procs.get_mut(&10).unwrap().handles.push(Handle {
+            fd: None,
+            ..h(0, m, false)
+        });
+        let v = classify(&w);
+        assert_eq!(class(&v, 43), TaintClass::Dependent);
+        assert_eq!(v[&43].reasons[0].via_pid, Some(10));
     }
 
     #[test]

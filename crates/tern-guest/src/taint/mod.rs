@@ -42,6 +42,8 @@ use tern_trace::recorder::monotonic_ns;
 /// How long the event thread waits for records before looking again: well inside the
 /// 50 ms a new dependency has to be classified in, even under TCG.
 pub const POLL_EVERY: Duration = Duration::from_millis(5);
+/// How many 1 ms rounds after an `mmap` entry its process's maps are read again.
+const MAPS_TRIES: u32 = 5;
 /// Ring buffer per guest CPU for the tracker's events.
 const RING_BYTES: usize = 512 << 10;
 
@@ -305,14 +307,24 @@ impl State {
     /// Refreshes the socket tables, keeping listeners known to have served outsiders.
     fn refresh_sockets(&mut self) {
         let s = scan::sockets();
+        self.world.unix_peer = s.unix_peer.clone();
+        self.world.unix_pending = s.unix_pending.clone();
+        self.sockets = s;
+        self.adopt_inet();
+    }
+
+    /// Refreshes the TCP and UDP tables alone (a connection came or went).
+    fn refresh_inet(&mut self) {
+        (self.sockets.inet, self.sockets.accepted_external) = scan::inet_sockets();
+        self.adopt_inet();
+    }
+
+    fn adopt_inet(&mut self) {
         let w = &mut self.world;
-        w.unix_peer = s.unix_peer.clone();
-        w.unix_pending = s.unix_pending.clone();
-        w.inet = s.inet.clone();
-        for (l, peer) in &s.accepted_external {
+        w.inet = self.sockets.inet.clone();
+        for (l, peer) in &self.sockets.accepted_external {
             w.accepted_external.insert(*l, peer.clone());
         }
-        self.sockets = s;
     }
 
     /// Whether `pid`'s fd `fd` is a socket the tables do not list.
@@ -341,10 +353,12 @@ impl State {
         // A new connection changes the TCP tables; a new fd only matters to them when
         // it is a socket they do not list yet (checked below, once per batch).
         if batch.iter().any(|e| matches!(e, Event::Established)) {
-            self.refresh_sockets();
+            self.refresh_inet();
         }
         let mut refreshed = false;
         let before = tainted(&self.verdicts);
+        // Maps read again unchanged are all a batch may hold: then nothing to classify.
+        let mut changed = batch.iter().any(|e| !matches!(e, Event::Maps { .. }));
         for e in batch {
             match *e {
                 Event::Fork { parent, child } => self.forked(parent, child, &before),
@@ -376,25 +390,30 @@ impl State {
                     }
                     self.new_fd(tid, fd);
                 }
-                Event::FdTable { tid } => {
-                    if !refreshed {
-                        self.refresh_sockets();
-                        refreshed = true;
-                    }
-                    self.reread(tid, false);
-                }
+                // A new socket in the table gets the socket tables read again.
+                Event::FdTable { tid } => self.reread(tid, false),
                 Event::Exec { tid } => self.reread(tid, true),
                 Event::Maps { tid } => {
                     let Some(pid) = self.pid_of(tid) else {
                         continue;
                     };
                     if let Some(p) = self.world.procs.get_mut(&pid).filter(|p| !p.exempt) {
+                        let maps = scan::mappings(pid);
+                        let old: Vec<&graph::Handle> =
+                            p.handles.iter().filter(|h| h.fd.is_none()).collect();
+                        if old.len() == maps.len() && maps.iter().all(|m| old.contains(&m)) {
+                            continue;
+                        }
                         p.handles.retain(|h| h.fd.is_some());
-                        p.handles.extend(scan::mappings(pid));
+                        p.handles.extend(maps);
+                        changed = true;
                     }
                 }
                 Event::Established => {}
             }
+        }
+        if !changed {
+            return;
         }
         self.verdicts = classify(&self.world);
         let now = monotonic_ns();
@@ -495,7 +514,21 @@ impl State {
         if p.exempt {
             return;
         }
-        let Some(mut fds) = scan::refresh_fds(pid, &p.handles, &self.sockets) else {
+        let Some((mut fds, unknown)) = scan::refresh_fds(pid, &p.handles, &self.sockets) else {
+            return;
+        };
+        if unknown {
+            // A socket new to the tables (received, or made by socketpair).
+            self.refresh_sockets();
+            let Some(p) = self.world.procs.get_mut(&pid) else {
+                return;
+            };
+            match scan::refresh_fds(pid, &p.handles, &self.sockets) {
+                Some((again, _)) => fds = again,
+                None => return,
+            }
+        }
+        let Some(p) = self.world.procs.get_mut(&pid) else {
             return;
         };
         if !exec {
@@ -533,10 +566,17 @@ fn track(mut rec: RawRecorder, decoder: Decoder, shared: &Shared) {
     unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
     let mut seen_lost = 0;
     // Shared mappings show in /proc/PID/maps only once mmap returns; the entry event
-    // names the process, which is read again on the next round too.
-    let mut maps_again: Vec<Event> = Vec::new();
+    // names the process, which is read again on the next few rounds too.
+    // (event, rounds left, its kernel time: what latencies are measured from).
+    let mut maps_again: Vec<(Event, u32, u64)> = Vec::new();
     while !shared.stop.load(Ordering::Relaxed) {
-        let raw = match rec.poll(POLL_EVERY) {
+        // A mapping announced by an mmap entry is looked for again soon.
+        let wait = if maps_again.is_empty() {
+            POLL_EVERY
+        } else {
+            Duration::from_millis(1)
+        };
+        let raw = match rec.poll(wait) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("tern-guest: taint events: {e}; rescanning instead");
@@ -560,13 +600,23 @@ fn track(mut rec: RawRecorder, decoder: Decoder, shared: &Shared) {
             st.apply(&[], first);
             continue;
         }
-        let mut batch: Vec<Event> = std::mem::take(&mut maps_again);
+        // Maps read again apart from the new events, so each taint is timed from the
+        // event that caused it.
+        if let Some(t) = maps_again.iter().map(|(_, _, t)| *t).min() {
+            let again: Vec<Event> = maps_again.iter().map(|(e, _, _)| *e).collect();
+            st.apply(&again, t);
+            maps_again.retain_mut(|(_, tries, _)| {
+                *tries -= 1;
+                *tries > 0
+            });
+        }
+        let mut batch = Vec::new();
         let first_ns = raw.first().map(|e| e.time_ns);
         for r in &raw {
             if let Some(e) = decoder.decode(&r.raw).filter(|e| !own(e)) {
                 st.events += 1;
                 if matches!(e, Event::Maps { .. }) {
-                    maps_again.push(e);
+                    maps_again.push((e, MAPS_TRIES, r.time_ns));
                 }
                 batch.push(e);
             }

@@ -181,6 +181,20 @@ pub fn sockets() -> Sockets {
             .unwrap_or_default(),
         ..Sockets::default()
     };
+    (s.inet, s.accepted_external) = inet_sockets();
+    match unix_diag::dump() {
+        Ok(d) => {
+            s.unix_peer = d.peers;
+            s.unix_pending = d.pending;
+        }
+        Err(e) => s.unix_diag_error = Some(e.to_string()),
+    }
+    s
+}
+
+/// The TCP and UDP tables alone, and the listeners with a non-loopback connection.
+pub fn inet_sockets() -> (BTreeMap<u64, InetSocket>, BTreeMap<u64, String>) {
+    let mut inet = BTreeMap::new();
     let mut queued = Vec::new();
     for (file, tcp) in [
         ("tcp", true),
@@ -190,21 +204,14 @@ pub fn sockets() -> Sockets {
     ] {
         if let Some(t) = read(&format!("/proc/net/{file}")) {
             let (held, q) = parse_inet(&t, tcp);
-            s.inet.extend(held);
+            inet.extend(held);
             if tcp {
                 queued.extend(q);
             }
         }
     }
-    s.accepted_external = accepted_external(&s.inet, &queued);
-    match unix_diag::dump() {
-        Ok(d) => {
-            s.unix_peer = d.peers;
-            s.unix_pending = d.pending;
-        }
-        Err(e) => s.unix_diag_error = Some(e.to_string()),
-    }
-    s
+    let acc = accepted_external(&inet, &queued);
+    (inet, acc)
 }
 
 /// Listeners with a connection from a non-loopback peer on their port (accepted or
@@ -283,10 +290,13 @@ pub fn process(pid: u32, sockets: &Sockets) -> Option<Process> {
 }
 
 /// A process's fd handles now, reusing `known` ones whose link is unchanged (one
-/// `readlink` per fd; only new or changed fds are read further). `None` once gone.
-pub fn refresh_fds(pid: u32, known: &[Handle], sockets: &Sockets) -> Option<Vec<Handle>> {
+/// `readlink` per fd; only new or changed fds are read further), and whether one of
+/// them is a socket `sockets` does not list (read the tables again, then this).
+/// `None` once gone.
+pub fn refresh_fds(pid: u32, known: &[Handle], sockets: &Sockets) -> Option<(Vec<Handle>, bool)> {
     let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
     let mut out = Vec::new();
+    let mut unknown = false;
     for e in dir.flatten() {
         let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
             continue;
@@ -297,11 +307,14 @@ pub fn refresh_fds(pid: u32, known: &[Handle], sockets: &Sockets) -> Option<Vec<
         let link = link.to_string_lossy();
         match known.iter().find(|h| h.fd == Some(fd) && h.label == link) {
             Some(h) => out.push(h.clone()),
-            None => out.extend(handle(pid, fd, sockets)),
+            None => {
+                unknown |= link.starts_with("socket:[") && parse_link(&link, sockets).is_none();
+                out.extend(handle(pid, fd, sockets));
+            }
         }
     }
     out.sort_by_key(|h| h.fd);
-    Some(out)
+    Some((out, unknown))
 }
 
 /// A process's name now.
