@@ -14,6 +14,7 @@
 //! POST   /v1/vms/{id}/restore          from the store, on any host that sees it
 //! GET    /v1/vms/{id}/metrics          vCPU threads' CPU time, memory
 //! POST   /v1/vms/{id}/guest            one request to the guest agent, its answer back
+//! GET    /v1/vms/{id}/taint            the guest's processes, their taint class and why
 //! GET    /v1/vms/{id}/console          the serial console, a WebSocket (crate::console)
 //! ```
 
@@ -61,6 +62,7 @@ pub enum Command {
     ResizeDisk(VmName, String, tern_api::agent::ResizeDisk),
     Metrics(VmName),
     Guest(VmName, Value),
+    Taint(VmName),
 }
 
 /// Runs a command and returns the status and JSON body of its answer.
@@ -134,15 +136,22 @@ pub async fn execute(state: &AppState, cmd: Command) -> Result<(StatusCode, Valu
         Command::Guest(id, req) => {
             crate::guest::with_id(req.clone(), 0).map_err(AgentError::BadRequest)?;
             let id = id.into_string();
-            let info = state.hv.info(&id).await?;
-            let socket = info.control_socket.ok_or_else(|| AgentError::Guest {
-                id: id.clone(),
-                reason: format!("the {} driver has no guest channel", state.hv.kind()),
-            })?;
+            let socket = state.guest_socket(&id).await?;
             ok(state
                 .guests
                 .request(&id, &socket, req, GUEST_TIMEOUT)
                 .await?)
+        }
+        Command::Taint(id) => {
+            let id = id.into_string();
+            let cmd = tern_api::guest::Command::Taint;
+            match state.call_guest(&id, &cmd, GUEST_TIMEOUT).await? {
+                tern_api::guest::Reply::Taint(r) => ok(json(r)),
+                other => Err(AgentError::Guest {
+                    id,
+                    reason: format!("the guest answered taint with {other:?}"),
+                }),
+            }
         }
     }
 }
@@ -168,6 +177,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/v1/vms/:id/disks/:disk/resize", post(resize_disk))
         .route("/v1/vms/:id/metrics", get(metrics))
         .route("/v1/vms/:id/guest", post(guest))
+        .route("/v1/vms/:id/taint", get(taint))
         .route("/v1/vms/:id/console", get(crate::console::console))
         .fallback(|| async {
             (
@@ -338,6 +348,14 @@ async fn guest(s: State<AppState>, VmId(id): VmId, Body(body): Body) -> Response
         Ok(v) => run(s, Command::Guest(id, v)).await,
         Err(e) => e.into_response(),
     }
+}
+
+#[utoipa::path(get, path = "/v1/vms/{id}/taint",
+    summary = "the guest's processes: taint class (external, dependent, untainted, exempt), why, frozen or not",
+    params(Id),
+    responses((status = 200, description = "the guest agent's taint report", body = tern_api::guest::TaintReport)))]
+async fn taint(s: State<AppState>, VmId(id): VmId) -> Response {
+    run(s, Command::Taint(id)).await
 }
 
 /// The `{id}` of a VM or migration route.

@@ -13,6 +13,8 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 
+use tern_api::guest::{Command, Reply, Response};
+
 struct Conn {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
@@ -112,12 +114,57 @@ impl GuestChannels {
         }
     }
 
+    /// Sends one typed command and returns the guest's reply; a guest that refuses it
+    /// (`ok: false`) is an error carrying the guest's reason.
+    pub async fn call(
+        &self,
+        vm: &str,
+        socket: &Path,
+        cmd: &Command,
+        timeout: Duration,
+    ) -> Result<Reply, AgentError> {
+        let req = serde_json::to_value(cmd).expect("guest commands serialise");
+        let v = self.request(vm, socket, req, timeout).await?;
+        let refused = |reason: String| AgentError::Guest {
+            id: vm.to_string(),
+            reason,
+        };
+        let resp: Response =
+            serde_json::from_value(v).map_err(|e| refused(format!("unreadable answer: {e}")))?;
+        match (resp.ok, resp.result) {
+            (true, Some(r)) => Ok(r),
+            _ => Err(refused(resp.error.unwrap_or_else(|| "no answer".into()))),
+        }
+    }
+
     /// Drops the connection of a VM that is gone or moved.
     pub fn forget(&self, vm: &str) {
         self.conns
             .lock()
             .expect("guest channel table lock")
             .remove(vm);
+    }
+}
+
+impl crate::state::AppState {
+    /// The socket of VM `vm`'s guest channel on this host.
+    pub async fn guest_socket(&self, vm: &str) -> Result<std::path::PathBuf, AgentError> {
+        let info = self.hv.info(vm).await?;
+        info.control_socket.ok_or_else(|| AgentError::Guest {
+            id: vm.to_string(),
+            reason: format!("the {} driver has no guest channel", self.hv.kind()),
+        })
+    }
+
+    /// One typed command to VM `vm`'s guest agent; its reply or its refusal.
+    pub async fn call_guest(
+        &self,
+        vm: &str,
+        cmd: &Command,
+        timeout: Duration,
+    ) -> Result<Reply, AgentError> {
+        let socket = self.guest_socket(vm).await?;
+        self.guests.call(vm, &socket, cmd, timeout).await
     }
 }
 

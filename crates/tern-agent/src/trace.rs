@@ -25,7 +25,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tern_api::guest::{Command as GuestCommand, Reply, Response as GuestResponse};
+use tern_api::guest::{Command as GuestCommand, Reply};
 use tern_api::trace::{GuestTrace, TraceRequest, VmTrace};
 use tern_hv::{HvError, VmState};
 use tern_model::VmName;
@@ -156,21 +156,10 @@ async fn call(
     socket: &Path,
     cmd: GuestCommand,
 ) -> Result<Reply, AgentError> {
-    let req = serde_json::to_value(&cmd).expect("guest commands serialise");
-    let v = state
+    state
         .guests
-        .request(vm, socket, req, GUEST_CALL_TIMEOUT)
-        .await?;
-    let refused = |reason: String| AgentError::Guest {
-        id: vm.to_string(),
-        reason,
-    };
-    let resp: GuestResponse =
-        serde_json::from_value(v).map_err(|e| refused(format!("unreadable answer: {e}")))?;
-    match (resp.ok, resp.result) {
-        (true, Some(r)) => Ok(r),
-        _ => Err(refused(resp.error.unwrap_or_else(|| "no answer".into()))),
-    }
+        .call(vm, socket, &cmd, GUEST_CALL_TIMEOUT)
+        .await
 }
 
 /// `n` clock exchanges with the guest.

@@ -640,6 +640,9 @@ pub enum DependencyKind {
     Listener,
     Pipe,
     UnixSocket,
+    /// A TCP or UDP socket connected over loopback to another process's socket (or
+    /// waiting in its listener's queue).
+    LoopbackSocket,
     SharedMemory,
     /// A file open for writing that a tainted process also has open.
     File,

@@ -109,6 +109,11 @@ pub struct VmSpec {
     /// "Guest health"). Absent: `restart`.
     #[serde(default)]
     pub ha_policy: crate::health::HaPolicy,
+    /// The live-migration policy its moves use when a migration names none
+    /// (`docs/manager.md`, "Migration policy"). Absent: the cluster's
+    /// (`evacuation_policy` for drains, `default_policy` otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_policy: Option<PolicyKind>,
     /// The catalogue image it boots (`docs/images.md`). Absent in a create request: the
     /// template's; absent on a VM: the host's default guest, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -150,6 +155,7 @@ impl VmSpec {
             anti_affinity: None,
             vcpu_policy: Default::default(),
             ha_policy: Default::default(),
+            migration_policy: None,
             image: None,
             disks: Vec::new(),
             cmdline: String::new(),
@@ -476,6 +482,10 @@ pub struct BalancerSettings {
     pub smoothing_window: u32,
     /// Termination policy used when a migration names none.
     pub default_policy: PolicyKind,
+    /// The policy of the moves that empty a host being drained (maintenance), when
+    /// neither the migration nor the VM names one. Absent or null: `default_policy`.
+    #[serde(default)]
+    pub evacuation_policy: Option<PolicyKind>,
 }
 
 impl Default for BalancerSettings {
@@ -493,6 +503,7 @@ impl Default for BalancerSettings {
             renew_s: default_renew_s(),
             smoothing_window: 5,
             default_policy: PolicyKind::Adaptive,
+            evacuation_policy: None,
         }
     }
 }
@@ -506,7 +517,32 @@ fn default_renew_s() -> u64 {
     3
 }
 
+/// The body of `PUT /v1/vms/{name}/migration-policy`: a policy, or null for the
+/// cluster's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct MigrationPolicySetting {
+    pub policy: Option<PolicyKind>,
+}
+
 impl BalancerSettings {
+    /// The policy of a migration started for `reason` of a VM whose spec names
+    /// `vm_policy`, when the request names `requested` (pure): the request's, else the
+    /// VM's, else `evacuation_policy` for a drain's moves, else `default_policy`.
+    pub fn migration_policy(
+        &self,
+        requested: Option<PolicyKind>,
+        vm_policy: Option<PolicyKind>,
+        reason: MigrationReason,
+    ) -> PolicyKind {
+        let cluster = match reason {
+            MigrationReason::Evacuate => self.evacuation_policy.unwrap_or(self.default_policy),
+            MigrationReason::Manual | MigrationReason::Balance => self.default_policy,
+        };
+        requested.or(vm_policy).unwrap_or(cluster)
+    }
+
     /// Weight of a new report in the EWMA.
     pub fn ewma_alpha(&self) -> f64 {
         2.0 / (f64::from(self.smoothing_window) + 1.0)
@@ -1017,6 +1053,46 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_request_beats_the_vm_which_beats_the_cluster_and_only_drains_use_the_evacuation_policy(
+    ) {
+        use MigrationReason::*;
+        use PolicyKind::*;
+        let plain = BalancerSettings::default();
+        let evac = BalancerSettings {
+            default_policy: Xen,
+            evacuation_policy: Some(DependencyAware),
+            ..BalancerSettings::default()
+        };
+        for reason in [Manual, Balance, Evacuate] {
+            for s in [&plain, &evac] {
+                assert_eq!(s.migration_policy(Some(StopCopy), Some(Qemu), reason), StopCopy);
+                assert_eq!(s.migration_policy(None, Some(Qemu), reason), Qemu);
+            }
+            assert_eq!(plain.migration_policy(None, None, reason), Adaptive);
+        }
+        assert_eq!(evac.migration_policy(None, None, Evacuate), DependencyAware);
+        assert_eq!(evac.migration_policy(None, None, Balance), Xen);
+        assert_eq!(evac.migration_policy(None, None, Manual), Xen);
+    }
+
+    #[test]
+    fn settings_and_specs_stored_before_migration_policies_read_as_none() {
+        let mut v = serde_json::to_value(BalancerSettings::default()).unwrap();
+        assert!(v["evacuation_policy"].is_null());
+        v.as_object_mut().unwrap().remove("evacuation_policy");
+        let s: BalancerSettings = serde_json::from_value(v.clone()).unwrap();
+        assert_eq!(s.evacuation_policy, None);
+        v["evacuation_policy"] = "dependency-aware".into();
+        let s: BalancerSettings = serde_json::from_value(v).unwrap();
+        assert_eq!(s.evacuation_policy, Some(PolicyKind::DependencyAware));
+        let spec: VmSpec = serde_json::from_str(r#"{"vcpus":1,"memory_mib":64}"#).unwrap();
+        assert_eq!(spec.migration_policy, None);
+        let body: MigrationPolicySetting = serde_json::from_str(r#"{"policy":null}"#).unwrap();
+        assert_eq!(body.policy, None);
+        assert!(serde_json::from_str::<MigrationPolicySetting>(r#"{"policy":"fast"}"#).is_err());
+    }
 
     #[test]
     fn a_spec_recorded_before_vcpu_policies_reads_as_none_and_a_set_one_round_trips() {

@@ -421,7 +421,71 @@ pub struct MigrationView {
     /// For a VM with local disks: how far the block mirror to the destination got.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disks: Option<DiskCopyProgress>,
+    /// `dependency-aware` only: what the guest froze, how the freeze ended, or why the
+    /// migration went on as `adaptive`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dependency: Option<DependencyOutcome>,
     pub result: Option<MigrationResult>,
+}
+
+/// A `dependency-aware` migration's dealings with the guest agent: the freeze before
+/// pre-copy and the thaw once the VM runs again, on the destination or, after a
+/// rollback, on the source.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct DependencyOutcome {
+    /// Untainted processes the guest froze for the pre-copy.
+    pub frozen: u32,
+    /// Processes left running because something outside the VM depends on them.
+    pub tainted: u32,
+    /// Processes never frozen (kernel threads, init, the guest agent).
+    pub exempt: u32,
+    /// Set when the guest froze nothing: why, and the migration went on as `adaptive`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_reason: Option<String>,
+    /// Renewals of the freeze's deadline during pre-copy, and how many went unanswered.
+    #[serde(default)]
+    pub renewals: u32,
+    #[serde(default)]
+    pub renewals_failed: u32,
+    /// Where the guest was thawed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thawed_on: Option<ThawSite>,
+    /// The guest's answer to `thaw`: every frozen process and how long it was frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thaw: Option<crate::guest::ThawReport>,
+    /// Why the thaw was not confirmed, when it was not; the guest then thaws by itself
+    /// when the freeze's deadline passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thaw_error: Option<String>,
+}
+
+impl DependencyOutcome {
+    /// The freeze did not happen: the migration goes on as `adaptive`.
+    pub fn fallback(reason: impl Into<String>) -> Self {
+        DependencyOutcome {
+            fallback_reason: Some(reason.into()),
+            ..DependencyOutcome::default()
+        }
+    }
+
+    /// The longest any process stayed frozen (what batch work paused for), once the
+    /// thaw was confirmed.
+    pub fn batch_paused_ms(&self) -> Option<f64> {
+        let thaw = self.thaw.as_ref()?;
+        Some(thaw.processes.iter().map(|p| p.frozen_ms).fold(0.0, f64::max))
+    }
+}
+
+/// The host whose agent thawed a `dependency-aware` migration's guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ThawSite {
+    /// The migration completed: the destination thawed it once it ran there.
+    Destination,
+    /// The migration was rolled back: the source thawed it once it ran here again.
+    Source,
 }
 
 /// The block mirror of a migration's local disks, summed over its disks.
@@ -450,6 +514,7 @@ impl MigrationView {
             rounds: Vec::new(),
             current: None,
             disks: None,
+            dependency: None,
             result: None,
         }
     }

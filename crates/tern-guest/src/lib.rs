@@ -12,6 +12,8 @@
 //! - [`config`]: applying the host's fw_cfg configuration (host name, ssh keys, address).
 //! - [`client`]: the host side, over QEMU's chardev Unix socket.
 //! - [`trace`]: the guest kernel's scheduler events, buffered (bounded) for the host.
+//! - [`taint`]: which processes the outside depends on, and the freezer for the rest
+//!   during a dependency-aware migration (`taint`, `freeze`, `thaw`).
 //!
 //! The `tern-guest` binary is linked statically so it runs from the guest's initramfs
 //! with no libraries; it needs no async runtime: one thread reads the channel and
@@ -25,6 +27,7 @@ pub mod health;
 pub mod pacing;
 pub mod server;
 pub mod sysinfo;
+pub mod taint;
 pub mod trace;
 pub mod workload;
 
@@ -48,6 +51,9 @@ pub enum GuestError {
     /// The agent answered with an error.
     #[error("the guest agent refused: {0}")]
     Agent(String),
+    /// Taint tracking or the freezer cannot work in this guest.
+    #[error("taint tracking: {0}")]
+    Taint(String),
     /// The guest's scheduler trace cannot be recorded or has ended.
     #[error("guest trace: {0}")]
     Trace(String),

@@ -1,7 +1,7 @@
 //! The agent's command loop: reads request lines, answers response lines.
 //!
 //! [`Agent::handle`] turns one request into one response and touches nothing but the
-//! workload table and `/proc`; [`serve`] moves lines over any reader and writer, so
+//! workload table, `/proc` and (for `freeze`/`thaw`) the guest's cgroup freezer; [`serve`] moves lines over any reader and writer, so
 //! the same loop runs on the virtio-serial port, a UART, or stdin/stdout in tests.
 
 use std::io::{BufRead, Write};
@@ -10,6 +10,7 @@ use std::time::Instant;
 use crate::fault::{self, Fault};
 use crate::health;
 use crate::sysinfo;
+use crate::taint::Tracker;
 use crate::trace::{self, Tracer};
 use crate::workload::Workloads;
 use crate::GuestError;
@@ -25,6 +26,8 @@ pub struct Agent {
     pub fault_requested: Option<Fault>,
     /// The scheduler trace under way, if any.
     tracer: Option<Tracer>,
+    /// Taint tracking and the freezer of a dependency-aware migration.
+    taint: Tracker,
 }
 
 impl Default for Agent {
@@ -35,6 +38,7 @@ impl Default for Agent {
             poweroff_requested: false,
             fault_requested: None,
             tracer: None,
+            taint: Tracker::default(),
         }
     }
 }
@@ -140,13 +144,12 @@ impl Agent {
                     time_ns,
                 }
             }
-            // The taint tracker and freezer land next; until then the host hears why.
-            Command::Taint | Command::Freeze { .. } | Command::Thaw => {
-                return Err(GuestError::BadRequest(
-                    "this guest agent does not track taint yet".into(),
-                ))
-            }
+            Command::Taint => Reply::Taint(self.taint.report()),
+            Command::Freeze { deadline_ms } => Reply::Frozen(self.taint.freeze(deadline_ms)?),
+            Command::Thaw => Reply::Thawed(self.taint.thaw()),
             Command::Poweroff => {
+                // Nothing stays frozen past the agent.
+                self.taint.thaw();
                 self.tracer = None;
                 self.workloads.stop_all();
                 self.poweroff_requested = true;

@@ -27,6 +27,7 @@
 //!   vCPU migrations and double-scheduling delay.
 //! - [`tracefs`]: finding (mounting) tracefs, reading formats, the online CPUs.
 //! - [`recorder`]: the `perf_event_open` recorder with kernel-side thread filters.
+//! - [`raw`]: any tracepoints of every thread, records left undecoded for the caller.
 //! - [`error`]: the crate's error type, [`TraceError`].
 
 pub mod chrome;
@@ -37,6 +38,7 @@ pub mod format;
 pub mod merge;
 pub mod model;
 pub mod packed;
+pub mod raw;
 pub mod recorder;
 pub mod summary;
 pub mod timeline;

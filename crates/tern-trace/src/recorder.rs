@@ -70,11 +70,11 @@ impl RecorderConfig {
 }
 
 /// One CPU's ring buffer and the events writing into it.
-struct CpuRing {
-    cpu: u32,
-    sampler: Sampler,
+pub(crate) struct CpuRing {
+    pub(crate) cpu: u32,
+    pub(crate) sampler: Sampler,
     /// Events whose output goes to `sampler`'s buffer; kept open for as long as it is.
-    others: Vec<Counter>,
+    pub(crate) others: Vec<Counter>,
 }
 
 /// A recording under way.
@@ -116,11 +116,11 @@ pub fn filter(f: &Format, layouts: &Layouts, tids: &[u32]) -> String {
         .join(" || ")
 }
 
-fn perf_err(what: String) -> impl FnOnce(std::io::Error) -> TraceError {
+pub(crate) fn perf_err(what: String) -> impl FnOnce(std::io::Error) -> TraceError {
     move |source| TraceError::Perf { what, source }
 }
 
-fn open_event(f: &Format, cpu: u32) -> Result<Counter> {
+pub(crate) fn open_event(f: &Format, cpu: u32) -> Result<Counter> {
     let mut b = Builder::new(Tracepoint::with_id(f.id));
     b.one_cpu(cpu as usize)
         .any_pid()
@@ -145,7 +145,7 @@ fn open_event(f: &Format, cpu: u32) -> Result<Counter> {
     }
 }
 
-fn ioctl(counter: &Counter, what: String, call: impl FnOnce(i32) -> i32) -> Result<()> {
+pub(crate) fn ioctl(counter: &Counter, what: String, call: impl FnOnce(i32) -> i32) -> Result<()> {
     if call(counter.as_raw_fd()) < 0 {
         return Err(TraceError::Perf {
             what,
@@ -153,6 +153,49 @@ fn ioctl(counter: &Counter, what: String, call: impl FnOnce(i32) -> i32) -> Resu
         });
     }
     Ok(())
+}
+
+/// Opens tracepoints `points` (each with its kernel filter, if any) on `cpu`, all
+/// writing into one ring buffer of `ring_bytes`. Not enabled yet.
+pub(crate) fn open_ring(
+    cpu: u32,
+    points: &[(&Format, Option<String>)],
+    ring_bytes: usize,
+) -> Result<CpuRing> {
+    let mut counters = Vec::new();
+    for (f, text) in points {
+        let c = open_event(f, cpu)?;
+        if let Some(text) = text {
+            let text = std::ffi::CString::new(text.as_str()).map_err(|_| TraceError::Format {
+                tracepoint: f.name.clone(),
+                reason: "a filter with a NUL byte".into(),
+            })?;
+            ioctl(&c, format!("the filter of {}", f.name), |fd| {
+                // SAFETY: `fd` is an open perf event; the string outlives the call.
+                unsafe { perf_event_open_sys::ioctls::SET_FILTER(fd, text.as_ptr() as *mut _) }
+            })?;
+        }
+        counters.push(c);
+    }
+    let mut counters = counters.into_iter();
+    let first = counters
+        .next()
+        .ok_or_else(|| TraceError::MissingTracepoint("any".into()))?;
+    let sampler = first
+        .sampled(ring_bytes)
+        .map_err(perf_err(format!("the ring buffer of cpu {cpu}")))?;
+    let others: Vec<Counter> = counters.collect();
+    for c in &others {
+        ioctl(c, format!("sharing cpu {cpu}'s ring buffer"), |fd| {
+            // SAFETY: both are open perf events on the same CPU and clock.
+            unsafe { perf_event_open_sys::ioctls::SET_OUTPUT(fd, sampler.as_raw_fd()) }
+        })?;
+    }
+    Ok(CpuRing {
+        cpu,
+        sampler,
+        others,
+    })
 }
 
 impl Recorder {
@@ -171,38 +214,15 @@ impl Recorder {
         let layouts = tracefs::layouts(&root, cfg.kvm)?;
         let mut rings = Vec::new();
         for cpu in tracefs::online_cpus()? {
-            let mut counters = Vec::new();
-            for f in layouts.all() {
-                let c = open_event(f, cpu)?;
-                if !cfg.all_threads {
-                    let text = std::ffi::CString::new(filter(f, &layouts, &cfg.tids))
-                        .expect("a filter of numbers has no NUL");
-                    ioctl(&c, format!("the filter of {}", f.name), |fd| {
-                        // SAFETY: `fd` is an open perf event; the string outlives the call.
-                        unsafe {
-                            perf_event_open_sys::ioctls::SET_FILTER(fd, text.as_ptr() as *mut _)
-                        }
-                    })?;
-                }
-                counters.push(c);
-            }
-            let mut counters = counters.into_iter();
-            let first = counters.next().expect("three scheduler tracepoints");
-            let sampler = first
-                .sampled(cfg.ring_bytes)
-                .map_err(perf_err(format!("the ring buffer of cpu {cpu}")))?;
-            let others: Vec<Counter> = counters.collect();
-            for c in &others {
-                ioctl(c, format!("sharing cpu {cpu}'s ring buffer"), |fd| {
-                    // SAFETY: both are open perf events on the same CPU and clock.
-                    unsafe { perf_event_open_sys::ioctls::SET_OUTPUT(fd, sampler.as_raw_fd()) }
-                })?;
-            }
-            rings.push(CpuRing {
-                cpu,
-                sampler,
-                others,
-            });
+            let points: Vec<(&Format, Option<String>)> = layouts
+                .all()
+                .into_iter()
+                .map(|f| {
+                    let text = (!cfg.all_threads).then(|| filter(f, &layouts, &cfg.tids));
+                    (f, text)
+                })
+                .collect();
+            rings.push(open_ring(cpu, &points, cfg.ring_bytes)?);
         }
         let mut rec = Recorder {
             rings,

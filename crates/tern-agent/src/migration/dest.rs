@@ -356,6 +356,22 @@ pub async fn resume(
     Ok(inbound.view(id))
 }
 
+/// Thaws the guest of a migration whose VM runs here (the source froze it for a
+/// `dependency-aware` pre-copy).
+pub async fn thaw(
+    state: &AppState,
+    reg: &Registry,
+    id: &str,
+) -> Result<tern_api::guest::ThawReport, AgentError> {
+    let inbound = get(reg, id)?;
+    if !inbound.resumed.load(Ordering::SeqCst) {
+        return Err(AgentError::BadRequest(format!(
+            "migration {id} has not resumed its VM here: its guest is thawed by the source"
+        )));
+    }
+    super::freeze::thaw(state, &inbound.vm).await
+}
+
 /// Abandons an incoming migration: the waiting VM is destroyed. Refused once the VM runs
 /// here, because then it is the only copy.
 pub async fn abort(state: &AppState, reg: &Registry, id: &str) -> Result<IncomingView, AgentError> {

@@ -12,6 +12,8 @@
 //! - [`pace`]: the bandwidth cap;
 //! - [`precopy`]: the live rounds, decided by `tern-migrate`'s policies;
 //! - [`throttle`]: the cgroup that slows the vCPUs when the policy asks;
+//! - [`freeze`]: `dependency-aware`'s freeze of the guest's untainted processes, its
+//!   renewals and the thaw on whichever host runs the VM afterwards;
 //! - [`session`]: API values, phases and the registry of migrations;
 //! - [`token`]: the stream token, drawn and compared;
 //! - [`source`]: the source's phase machine (`run` walks the engine's phases, one method
@@ -27,6 +29,7 @@ pub use routes::routes;
 
 pub mod dest;
 pub mod disks;
+pub mod freeze;
 pub mod incoming;
 pub mod memory;
 pub mod outgoing;

@@ -9,6 +9,7 @@
 //! POST   /v1/incoming                   destination: prepare           body: PrepareRequest
 //! GET    /v1/incoming/{id}              destination: progress
 //! POST   /v1/incoming/{id}/resume       destination: run the VM here
+//! POST   /v1/incoming/{id}/thaw         destination: thaw the guest the migration froze
 //! DELETE /v1/incoming/{id}              destination: abandon, destroy the waiting VM
 //! ```
 
@@ -45,6 +46,7 @@ pub enum MigrationCommand {
     Prepare(PrepareRequest, Option<String>),
     ShowIncoming(String),
     Resume(String),
+    Thaw(String),
     Abort(String),
 }
 
@@ -131,6 +133,7 @@ pub async fn execute(
         MigrationCommand::Resume(id) => {
             Ok((StatusCode::OK, json(&dest::resume(state, reg, &id).await?)))
         }
+        MigrationCommand::Thaw(id) => Ok((StatusCode::OK, json(&dest::thaw(state, reg, &id).await?))),
         MigrationCommand::Abort(id) => {
             Ok((StatusCode::OK, json(&dest::abort(state, reg, &id).await?)))
         }
@@ -158,6 +161,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .route("/v1/incoming", post(prepare))
         .route("/v1/incoming/:id", get(show_incoming).delete(abort))
         .route("/v1/incoming/:id/resume", post(resume))
+        .route("/v1/incoming/:id/thaw", post(thaw))
         .layer(middleware::from_fn_with_state(
             state,
             crate::api::auth_peers,
@@ -259,6 +263,20 @@ async fn resume(
     Path(id): Path<String>,
 ) -> Response {
     let cmd = owned_by_caller(&r, &id, &caller).map(|()| MigrationCommand::Resume(id));
+    parsed(s, r, cmd).await
+}
+
+#[utoipa::path(post, path = "/v1/incoming/{id}/thaw",
+    summary = "destination: thaw the guest a dependency-aware migration froze, once the VM runs here",
+    params(Id),
+    responses((status = 200, description = "the guest's account of the freeze", body = tern_api::guest::ThawReport)))]
+async fn thaw(
+    s: State<AppState>,
+    r: Extension<Arc<Registry>>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Response {
+    let cmd = owned_by_caller(&r, &id, &caller).map(|()| MigrationCommand::Thaw(id));
     parsed(s, r, cmd).await
 }
 

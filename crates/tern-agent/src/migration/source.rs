@@ -9,6 +9,10 @@
 //! ```
 //!
 //! Both engines share [`SourceMigration::prepare`] and [`SourceMigration::resume`].
+//!
+//! With `dependency-aware`, pre-copy first has the guest freeze its untainted processes
+//! and renews the freeze until the pause; the destination thaws the guest once it runs
+//! there, the rollback once it runs here again (see [`super::freeze`]).
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -20,6 +24,7 @@ use tern_migrate::{Policy, PolicyKind, StopReason};
 use tern_hv::disk::mirror::{self, LocalDisk};
 
 use super::disks::Mirror;
+use super::freeze::{self, Renewals};
 use super::memory::{changed_pages, SentDigests, SourceMemory};
 use super::outgoing::{open_stream, Outgoing, StreamOptions};
 use super::precopy::{self, PrecopyConfig, PrecopyOutcome};
@@ -161,6 +166,9 @@ struct SourceMigration<'a> {
     device: Device,
     /// The block mirror of the VM's local disks, once one was started.
     mirror: Option<Mirror>,
+    /// `dependency-aware`: the guest froze its untainted processes and must be thawed
+    /// wherever the VM runs in the end; these renew the freeze until the pause.
+    frozen: Option<Renewals>,
     measured: Measured,
 }
 
@@ -186,6 +194,7 @@ impl<'a> SourceMigration<'a> {
             live: None,
             device: Device::default(),
             mirror: None,
+            frozen: None,
             measured: Measured::default(),
         }
     }
@@ -447,8 +456,88 @@ impl<'a> SourceMigration<'a> {
         }
     }
 
+    /// `dependency-aware`: has the guest freeze its untainted processes before the
+    /// first round. A guest that does not answer in time or refuses freezes nothing;
+    /// the migration goes on under the adaptive rules and its view says why.
+    async fn freeze_guest(&mut self) {
+        let vm = self.vm();
+        let answer = freeze::freeze(self.state, vm).await;
+        let outcome = freeze::outcome_of(&answer);
+        match answer {
+            Ok(r) => {
+                tracing::info!(
+                    vm,
+                    frozen = r.frozen.len(),
+                    tainted = r.tainted,
+                    "dependency-aware: untainted processes frozen"
+                );
+                self.frozen = Some(Renewals::start(
+                    self.state.clone(),
+                    self.job.clone(),
+                    vm.to_string(),
+                ));
+            }
+            Err(reason) => {
+                tracing::warn!(vm, reason, "dependency-aware: the guest froze nothing; going on as adaptive");
+                // An answer later than the wait may still have frozen the guest; a
+                // thaw, not waited for, undoes it sooner than the deadline would.
+                let (state, vm) = (self.state.clone(), vm.to_string());
+                tokio::spawn(async move {
+                    let _ = freeze::thaw(&state, &vm).await;
+                });
+            }
+        }
+        self.job.view.lock().expect("migration view lock").dependency = Some(outcome);
+    }
+
+    /// Thaws the guest here once the VM runs here again (rollback), recording how.
+    async fn thaw_on_source(&mut self) {
+        let Some(renewals) = self.frozen.take() else {
+            return;
+        };
+        renewals.stop();
+        let vm = self.vm();
+        let thaw = freeze::thaw(self.state, vm).await.map_err(|e| {
+            tracing::warn!(vm, error = %e, "dependency-aware: the guest was not thawed after the rollback; its deadline will");
+            e.to_string()
+        });
+        self.record_thaw(tern_api::migration::ThawSite::Source, thaw);
+    }
+
+    /// Has the destination thaw the guest that runs there now, recording how.
+    async fn thaw_on_destination(&mut self) {
+        let Some(renewals) = self.frozen.take() else {
+            return;
+        };
+        renewals.stop();
+        let vm = self.vm();
+        let thaw = self
+            .dest
+            .thaw_incoming(&self.target().ticket.migration)
+            .await
+            .map_err(|e| {
+                tracing::warn!(vm, error = %e, "dependency-aware: migrated, but the destination did not thaw the guest; its deadline will");
+                e.to_string()
+            });
+        self.record_thaw(tern_api::migration::ThawSite::Destination, thaw);
+    }
+
+    fn record_thaw(
+        &self,
+        site: tern_api::migration::ThawSite,
+        thaw: Result<tern_api::guest::ThawReport, String>,
+    ) {
+        let mut v = self.job.view.lock().expect("migration view lock");
+        if let Some(d) = v.dependency.as_mut() {
+            freeze::record_thaw(d, site, thaw);
+        }
+    }
+
     /// Live rounds while the guest runs, until the policy says stop.
     async fn precopy(&mut self, policy: PolicyKind) -> Result<(), MigrationError> {
+        if policy == PolicyKind::DependencyAware {
+            self.freeze_guest().await;
+        }
         let vm = self.vm();
         let tids = self.state.hv.vcpu_threads(vm).await.unwrap_or_default();
         let pid = self.info.as_ref().and_then(|i| i.pid);
@@ -502,6 +591,11 @@ impl<'a> SourceMigration<'a> {
 
     /// Pauses the guest and sends the pages the live rounds left different.
     async fn stop_and_copy(&mut self) -> Result<(), MigrationError> {
+        // A renewal sent to a paused guest would only wait out its timeout; the freeze's
+        // deadline covers the downtime.
+        if let Some(r) = &self.frozen {
+            r.stop();
+        }
         self.state
             .hv
             .pause(self.vm())
@@ -693,6 +787,7 @@ impl<'a> SourceMigration<'a> {
         if let Err(e) = self.state.destroy_copy(vm).await {
             tracing::warn!(vm, error = %e, "migrated, but the source VM could not be destroyed");
         }
+        self.thaw_on_destination().await;
         Ok(())
     }
 
@@ -770,6 +865,8 @@ impl<'a> SourceMigration<'a> {
                 }
             }
         }
+        // The VM runs here again: what the freeze held may run too.
+        self.thaw_on_source().await;
         Ok(())
     }
 }

@@ -213,6 +213,22 @@ impl AgentClient {
             .await
     }
 
+    /// Destination: thaws the guest of a migration that runs there (`dependency-aware`);
+    /// the guest's account of the freeze.
+    pub async fn thaw_incoming(
+        &self,
+        id: &str,
+    ) -> Result<crate::guest::ThawReport, ClientError> {
+        self.http
+            .post_empty(&format!("/v1/incoming/{id}/thaw"))
+            .await
+    }
+
+    /// Every process of the VM's guest with its taint class and why.
+    pub async fn taint(&self, id: &str) -> Result<crate::guest::TaintReport, ClientError> {
+        self.http.get(&format!("/v1/vms/{id}/taint")).await
+    }
+
     /// Destination: abandons the migration and destroys the waiting VM.
     pub async fn abort_incoming(&self, id: &str) -> Result<IncomingView, ClientError> {
         self.http.delete(&format!("/v1/incoming/{id}")).await

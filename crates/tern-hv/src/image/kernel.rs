@@ -19,6 +19,8 @@ pub const META_PACKAGE: &str = "linux-image-cloud-amd64";
 /// guest (it runs from its initramfs) but cheap, and lets a host attach a disk on
 /// either bus (`virtio_scsi` finds the controller, `sd_mod` makes its disks `sdX`).
 /// `pvpanic_pci` tells QEMU when the kernel panics, so the host sees the panic.
+/// `unix_diag` lets the agent see which unix socket is connected to which (taint
+/// tracking).
 pub const WANTED_MODULES: &[&str] = &[
     "virtio_pci",
     "virtio_net",
@@ -28,6 +30,7 @@ pub const WANTED_MODULES: &[&str] = &[
     "pvpanic_pci",
     "virtio_scsi",
     "sd_mod",
+    "unix_diag",
 ];
 
 /// The concrete kernel package behind the meta-package.

@@ -39,6 +39,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
 use tern_api::health::HaPolicySetting;
+use tern_api::manager::MigrationPolicySetting;
 use tern_api::manager::{
     BalancePlan, CreateVm, HeartbeatReply, JoinReply, JoinRequest, LeaseGrant, MigrateVm,
     MigrationView, Page, RegisterHost,
@@ -218,6 +219,11 @@ pub fn router_with_ca(
             "/v1/vms/:name/ha-policy",
             get(show_ha_policy).put(set_ha_policy),
         )
+        .route(
+            "/v1/vms/:name/migration-policy",
+            get(show_migration_policy).put(set_migration_policy),
+        )
+        .route("/v1/vms/:name/taint", get(taint_vm))
         .route("/v1/migrations", get(migrations::list))
         .route("/v1/migrations/:id", get(migrations::show))
         .route("/v1/plan", get(plan))
@@ -777,6 +783,66 @@ async fn set_vcpu_policy(
     }
     execute(&app, cmd).await?;
     Ok(Json(b).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/vms/{name}/migration-policy", operation_id = "showMigrationPolicy",
+    summary = "The live-migration policy the VM's moves use when a migration names none (the VM's spec.migration_policy); null: the cluster's (evacuation_policy for drains, default_policy otherwise).",
+    params(("name" = String, Path, description = "the VM's name", example = "v1")),
+    responses((status = 200, description = "the policy", body = MigrationPolicySetting), (status = 404, description = "error", body = Error)))]
+async fn show_migration_policy(
+    State(app): AppState,
+    NamePath(name, _): VmPath,
+) -> ApiResult<Response> {
+    app.manager
+        .read(|s| s.vms.get(&name).map(|v| v.spec.migration_policy))
+        .map(|policy| Json(MigrationPolicySetting { policy }).into_response())
+        .ok_or_else(|| crate::Error::UnknownVm(name).into())
+}
+
+#[utoipa::path(put, path = "/v1/vms/{name}/migration-policy", operation_id = "setMigrationPolicy",
+    summary = "Set the live-migration policy the VM's moves use when a migration names none (qemu, xen, adaptive, stop-copy, dependency-aware), or null for the cluster's.",
+    params(("name" = String, Path, description = "the VM's name", example = "v1")),
+    request_body(content = MigrationPolicySetting, example = json!({"policy": "dependency-aware"})),
+    responses((status = 200, description = "the VM, with its policy recorded", body = Vm),
+        (status = 400, description = "error", body = Error), (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error)))]
+async fn set_migration_policy(
+    State(app): AppState,
+    NamePath(name, _): VmPath,
+    Body(b): Body<MigrationPolicySetting>,
+) -> ApiResult<Response> {
+    let cmd = Command::SetMigrationPolicy {
+        name,
+        policy: b.policy,
+    };
+    Ok(reply(StatusCode::OK, execute(&app, cmd).await?))
+}
+
+#[utoipa::path(get, path = "/v1/vms/{name}/taint", operation_id = "taintVm",
+    summary = "The running VM's guest processes as its guest agent classifies them for dependency-aware migration: external, dependent, untainted or exempt, why, and frozen or not (relayed to its host's agent).",
+    params(("name" = String, Path, description = "the VM's name", example = "v1")),
+    responses((status = 200, description = "the guest's taint report", body = tern_api::guest::TaintReport),
+        (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error), (status = 502, description = "error", body = Error)))]
+async fn taint_vm(State(app): AppState, NamePath(name, _): VmPath) -> ApiResult<Response> {
+    let on = app.manager.read(|s| {
+        s.vms.get(&name).map(|v| {
+            let host = v.observed_host.as_ref().and_then(|h| s.hosts.get(h).cloned());
+            (v.state, host)
+        })
+    });
+    let host = match on.ok_or_else(|| crate::Error::UnknownVm(name.clone()))? {
+        (tern_api::manager::VmState::Running, Some(host)) => host,
+        (state, _) => {
+            return Err(crate::Error::Conflict(format!(
+                "VM {name:?} is {state:?}, not running on a host: only a running guest has processes to show"
+            ))
+            .into())
+        }
+    };
+    let agents = app.manager.agents().ok_or_else(|| {
+        ApiError::Unavailable("this manager runs no control loop to reach agents".into())
+    })?;
+    let report = agents.client(&host)?.taint(&name).await?;
+    Ok(Json(report).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/vms/{name}/ha-policy", operation_id = "showHaPolicy",

@@ -344,6 +344,11 @@ impl HostClient for HttpHost {
         .map_err(|e| self.refusal(e))
     }
 
+    /// `GET /v1/vms/{id}/taint` on the agent.
+    async fn taint(&self, vm: &str) -> Result<tern_api::guest::TaintReport> {
+        self.agent.taint(vm).await.map_err(|e| self.refusal(e))
+    }
+
     /// `PUT /v1/vms/{id}/vcpu-policy` on the agent.
     async fn set_vcpu_policy(&self, vm: &str, policy: VcpuPolicy) -> Result<()> {
         self.agent

@@ -86,6 +86,13 @@ pub trait HostClient: Send + Sync {
             "VM {vm:?} runs on a host with no scheduler to trace (a simulated host)"
         )))
     }
+    /// Running `vm`'s guest processes as its guest agent classifies them for
+    /// dependency-aware migration.
+    async fn taint(&self, vm: &str) -> Result<tern_api::guest::TaintReport> {
+        Err(crate::error::Error::Conflict(format!(
+            "VM {vm:?} runs on a host with no guest agent to ask (a simulated host)"
+        )))
+    }
     /// Attaches to running `vm`'s serial console (a WebSocket from the host's agent),
     /// first replaying up to `log` bytes of its console log.
     async fn console(

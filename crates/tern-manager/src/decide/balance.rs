@@ -164,7 +164,8 @@ pub fn commit(snap: &Snapshot, now: Millis, mut p: BalancePlan) -> (Vec<Change>,
             now,
             v,
             &mv.to,
-            snap.settings.default_policy,
+            snap.settings
+                .migration_policy(None, v.spec.migration_policy, MigrationReason::Balance),
             MigrationReason::Balance,
         ) {
             next = m.id + 1;

@@ -187,7 +187,7 @@ pub fn evacuate(snap: &Snapshot, now: Millis) -> Vec<Change> {
                 now,
                 v,
                 &to,
-                s.default_policy,
+                s.migration_policy(None, v.spec.migration_policy, MigrationReason::Evacuate),
                 MigrationReason::Evacuate,
             ) else {
                 continue;
@@ -352,6 +352,31 @@ mod tests {
         apply(&mut snap, 6_000, &c);
         assert_eq!(snap.vms["a"].desired_host.as_deref(), Some("h1"));
         assert_eq!(snap.vms["a"].state, VmState::Pending);
+    }
+
+    #[test]
+    fn a_drain_moves_vms_with_their_own_policy_else_the_evacuation_policy() {
+        use tern_api::migration::PolicyKind;
+        let mut snap = cluster(&[8.0, 8.0], 8192);
+        running(&mut snap, "own", "h0", spec(1, 512));
+        running(&mut snap, "plain", "h0", spec(1, 512));
+        snap.settings.max_per_host = 2;
+        snap.settings.evacuation_policy = Some(PolicyKind::DependencyAware);
+        let set = Command::SetMigrationPolicy {
+            name: "own".into(),
+            policy: Some(PolicyKind::Xen),
+        };
+        run(&mut snap, 0, set).unwrap();
+        let drain = Command::SetMaintenance {
+            host: "h0".into(),
+            on: true,
+        };
+        run(&mut snap, 0, drain).unwrap();
+        let c = tick_unleased(&snap, 0);
+        apply(&mut snap, 0, &c);
+        let policy = |vm: &str| snap.running.values().find(|m| m.vm == vm).map(|m| m.policy);
+        assert_eq!(policy("own"), Some(PolicyKind::Xen));
+        assert_eq!(policy("plain"), Some(PolicyKind::DependencyAware));
     }
 
     #[test]

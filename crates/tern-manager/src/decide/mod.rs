@@ -81,6 +81,12 @@ pub enum Command {
         name: String,
         policy: tern_api::health::HaPolicy,
     },
+    /// Records the live-migration policy the VM's moves use when a migration names
+    /// none; `None`: the cluster's.
+    SetMigrationPolicy {
+        name: String,
+        policy: Option<PolicyKind>,
+    },
     /// The VM's host power-cycled it for HA (see [`guest`]).
     GuestRestarted {
         vm: String,
@@ -242,8 +248,12 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
             Ok((changes, Reply::Vm(deleting)))
         }
         Command::MigrateVm { name, to, policy } => {
-            let policy = policy.unwrap_or(snap.settings.default_policy);
             let v = vm(snap, &name)?;
+            let policy = snap.settings.migration_policy(
+                policy,
+                v.spec.migration_policy,
+                MigrationReason::Manual,
+            );
             if v.spec.pinned {
                 return Err(Error::Conflict(format!(
                     "VM {name:?} is pinned to its host; it does not migrate"
@@ -297,6 +307,21 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
             let mut set = v.clone();
             set.spec.ha_policy = policy;
             set.restarts.failed = None;
+            let changes = match set == *v {
+                true => Vec::new(),
+                false => vec![Change::PutVm(set.clone())],
+            };
+            Ok((changes, Reply::Vm(set)))
+        }
+        Command::SetMigrationPolicy { name, policy } => {
+            let v = vm(snap, &name)?;
+            if v.state == VmState::Deleting {
+                return Err(Error::Conflict(format!(
+                    "VM {name:?} is being deleted: it has no migration policy to set"
+                )));
+            }
+            let mut set = v.clone();
+            set.spec.migration_policy = policy;
             let changes = match set == *v {
                 true => Vec::new(),
                 false => vec![Change::PutVm(set.clone())],

@@ -38,9 +38,13 @@ enum Command {
         dead_after_s: Option<u64>,
         #[arg(long)]
         smoothing_window: Option<u32>,
-        /// qemu, xen, adaptive or stop-copy.
+        /// qemu, xen, adaptive, stop-copy or dependency-aware.
         #[arg(long)]
         default_policy: Option<String>,
+        /// The policy of a drain's moves when neither the VM nor the migration names
+        /// one (`default`: the default policy).
+        #[arg(long, value_name = "POLICY", value_parser = super::vm::policy_or_default)]
+        evacuation_policy: Option<Option<tern_api::migration::PolicyKind>>,
     },
     /// What the balancer would do now (nothing is changed).
     Plan,
@@ -51,7 +55,11 @@ fn settings_table(v: &Value) {
         .as_object()
         .into_iter()
         .flatten()
-        .map(|(k, x)| vec![k.clone(), x.to_string().trim_matches('"').to_owned()])
+        .map(|(k, x)| match x {
+            // An unset policy falls back to another setting: say which.
+            Value::Null if k == "evacuation_policy" => vec![k.clone(), "(default_policy)".into()],
+            _ => vec![k.clone(), x.to_string().trim_matches('"').to_owned()],
+        })
         .collect();
     table(&["SETTING", "VALUE"], &rows);
 }
@@ -72,6 +80,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             dead_after_s,
             smoothing_window,
             default_policy,
+            evacuation_policy,
         } => {
             // The settings as the manager wrote them, so fields a newer manager has and
             // this CLI does not know go back unchanged.
@@ -91,6 +100,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             put("dead_after_s", dead_after_s.map(Value::from));
             put("smoothing_window", smoothing_window.map(Value::from));
             put("default_policy", default_policy.map(Value::from));
+            put(
+                "evacuation_policy",
+                evacuation_policy.map(|p| p.map_or(Value::Null, |p| p.as_str().into())),
+            );
             call(c, Method::PUT, "/v1/balancer", Some(&s))?
         }
     };

@@ -14,7 +14,7 @@ pub mod trace;
 use reqwest::Method;
 use serde_json::Value;
 use tern_api::health::{HaPolicy, HaPolicySetting};
-use tern_api::manager::{CreateVm, VmAction, VmActionRequest, VmSpec};
+use tern_api::manager::{CreateVm, MigrationPolicySetting, VmAction, VmActionRequest, VmSpec};
 use tern_api::vcpu::{VcpuPolicy, VcpuPolicySetting};
 use tern_model::{HostName, VmName};
 
@@ -44,8 +44,8 @@ enum Command {
         /// The destination host (default: the manager picks the best other host).
         #[arg(long)]
         to: Option<HostName>,
-        /// The pre-copy termination policy: adaptive, xen, qemu, stop-copy (default: the
-        /// balancer's).
+        /// The migration policy: adaptive, xen, qemu, stop-copy, dependency-aware
+        /// (default: the VM's migration policy, else the balancer's default).
         #[arg(long)]
         policy: Option<tern_api::migration::PolicyKind>,
         /// Print the migration as started and return without waiting.
@@ -59,6 +59,17 @@ enum Command {
     /// (power it off and start it again on its host, within the restart limit) or leave
     /// (only show it). Clears a restart record that gave up.
     HaPolicy { name: VmName, policy: HaPolicy },
+    /// Set the live-migration policy the VM's moves use when a migration names none:
+    /// qemu, xen, adaptive, stop-copy, dependency-aware, or `default` for the
+    /// cluster's (docs/dependency-aware.md, "Choosing the policy").
+    MigrationPolicy {
+        name: VmName,
+        #[arg(value_parser = policy_or_default)]
+        policy: Option<tern_api::migration::PolicyKind>,
+    },
+    /// The guest's processes as its guest agent classifies them for dependency-aware
+    /// migration: external, dependent, untainted or exempt, why, and frozen or not.
+    Taint { name: VmName },
     /// Log in to the VM as root with ssh at the address the manager handed it
     /// (`--nic`/`--ssh-key` at create); the rest of the line goes to ssh.
     Ssh {
@@ -170,6 +181,21 @@ struct CreateArgs {
     /// "Guest health").
     #[arg(long, value_name = "POLICY", default_value = "restart")]
     ha_policy: HaPolicy,
+    /// The live-migration policy its moves use when a migration names none [default:
+    /// the cluster's].
+    #[arg(long, value_name = "POLICY")]
+    migration_policy: Option<tern_api::migration::PolicyKind>,
+}
+
+/// A migration policy's name, or `default` for none of the VM's own (pure).
+pub fn policy_or_default(s: &str) -> Result<Option<tern_api::migration::PolicyKind>, String> {
+    match s {
+        "default" => Ok(None),
+        _ => s
+            .parse()
+            .map(Some)
+            .map_err(|e: tern_api::migration::UnknownPolicy| format!("{e}, or default")),
+    }
 }
 
 /// The sizes to ask for (pure but for one lookup): what was given; what was not is
@@ -380,6 +406,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                     anti_affinity: x.anti_affinity,
                     vcpu_policy: x.vcpu_policy,
                     ha_policy: x.ha_policy,
+                    migration_policy: x.migration_policy,
                     image: x.image.map(String::from),
                     disks: disk_args(&x.disks).map_err(super::bad_input)?,
                     cmdline: x.cmdline,
@@ -458,6 +485,29 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             }
             return Ok(());
         }
+        Command::MigrationPolicy { name, policy } => {
+            let path = format!("/v1/vms/{name}/migration-policy");
+            let v = call(c, Method::PUT, &path, Some(&MigrationPolicySetting { policy }))?;
+            match c.json {
+                true => println!("{}", serde_json::to_string_pretty(&v)?),
+                false => println!(
+                    "VM {name}: migration policy {}",
+                    policy.map_or("default (the cluster's)", |p| p.as_str())
+                ),
+            }
+            return Ok(());
+        }
+        Command::Taint { name } => {
+            let v = call::<()>(c, Method::GET, &format!("/v1/vms/{name}/taint"), None)?;
+            if c.json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                let report: tern_api::guest::TaintReport = serde_json::from_value(v)?;
+                table(&TAINT_HEADER, &taint_rows(&report));
+                println!("{}", taint_summary(&report));
+            }
+            return Ok(());
+        }
         Command::VcpuPolicy { name, policy } => {
             let path = format!("/v1/vms/{name}/vcpu-policy");
             let v = call(c, Method::PUT, &path, Some(&VcpuPolicySetting { policy }))?;
@@ -507,6 +557,9 @@ fn show(c: &Conn, name: &str) -> anyhow::Result<()> {
     if spec["pinned"] == true {
         println!("  pinned: the balancer never moves it");
     }
+    if let Some(p) = spec["migration_policy"].as_str() {
+        println!("  migration policy: {p}");
+    }
     for line in health_lines(&v) {
         println!("  {line}");
     }
@@ -522,6 +575,86 @@ fn show(c: &Conn, name: &str) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+const TAINT_HEADER: [&str; 5] = ["PID", "COMM", "CLASS", "FROZEN", "REASONS"];
+
+/// One row per guest process (pure): its reasons read like `fd 3 → 10.0.0.9:41234` or
+/// `pipe:[1234] with pid 80 (nginx)`.
+fn taint_rows(r: &tern_api::guest::TaintReport) -> Vec<Vec<String>> {
+    let comm = |pid: u32| {
+        r.processes
+            .iter()
+            .find(|p| p.pid == pid)
+            .map(|p| p.comm.as_str())
+    };
+    r.processes
+        .iter()
+        .map(|p| {
+            let reasons: Vec<String> = p.reasons.iter().map(|x| reason_text(x, comm)).collect();
+            vec![
+                p.pid.to_string(),
+                p.comm.clone(),
+                name_of(&p.class),
+                if p.frozen { "yes" } else { "no" }.to_owned(),
+                reasons.join("; "),
+            ]
+        })
+        .collect()
+}
+
+/// A serde enum's wire name (`network_peer`, `untainted`).
+fn name_of<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn reason_text<'a>(
+    r: &tern_api::guest::TaintReason,
+    comm: impl Fn(u32) -> Option<&'a str>,
+) -> String {
+    use tern_api::guest::DependencyKind as K;
+    let mut words = Vec::new();
+    if let Some(fd) = r.fd {
+        words.push(format!("fd {fd}"));
+    }
+    match (&r.peer, r.kind) {
+        (Some(peer), K::NetworkPeer | K::Listener) => words.push(format!("→ {peer}")),
+        (Some(peer), _) => words.push(peer.clone()),
+        (None, _) if words.is_empty() && r.via_pid.is_none() => words.push(name_of(&r.kind)),
+        (None, _) => {}
+    }
+    if let Some(pid) = r.via_pid {
+        let with = match r.kind {
+            K::Parent => "child of",
+            K::WaitedOn => "waited on by",
+            _ => "with",
+        };
+        let name = comm(pid).map(|c| format!(" ({c})")).unwrap_or_default();
+        words.push(format!("{with} pid {pid}{name}"));
+    }
+    words.join(" ")
+}
+
+/// The line under the taint table (pure): frozen now or not, and how the last freeze
+/// ended.
+fn taint_summary(r: &tern_api::guest::TaintReport) -> String {
+    let mut line = match (r.frozen, r.deadline_left_ms) {
+        (true, Some(ms)) => format!("frozen: the guest thaws by itself in {ms} ms unless renewed"),
+        (true, None) => "frozen".to_owned(),
+        (false, _) => "not frozen".to_owned(),
+    };
+    if let Some(t) = &r.last_thaw {
+        line.push_str(&format!(
+            "; last freeze: {:.0} ms, {} processes, ended by {}",
+            t.freeze_ms,
+            t.processes.len(),
+            name_of(&t.cause)
+        ));
+    }
+    line
 }
 
 /// What `show` says of a VM's guest health and HA (pure).
@@ -558,6 +691,46 @@ fn health_lines(v: &Value) -> Vec<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn migration_policies_parse_by_name_and_default_clears() {
+        use tern_api::migration::PolicyKind;
+        assert_eq!(
+            policy_or_default("dependency-aware"),
+            Ok(Some(PolicyKind::DependencyAware))
+        );
+        assert_eq!(policy_or_default("default"), Ok(None));
+        let e = policy_or_default("fast").unwrap_err();
+        assert!(e.contains("dependency-aware") && e.ends_with("or default"), "{e}");
+    }
+
+    #[test]
+    fn taint_rows_say_which_fd_and_which_process_a_taint_comes_through() {
+        let r: tern_api::guest::TaintReport = serde_json::from_value(json!({
+            "event_driven": true, "frozen": true, "deadline_left_ms": 9000,
+            "processes": [
+                {"pid": 80, "ppid": 1, "comm": "nginx", "class": "external", "frozen": false,
+                 "reasons": [{"kind": "network_peer", "fd": 3, "peer": "10.0.0.9:41234"}]},
+                {"pid": 95, "ppid": 80, "comm": "worker", "class": "dependent", "frozen": false,
+                 "reasons": [{"kind": "pipe", "peer": "pipe:[1234]", "via_pid": 80},
+                             {"kind": "parent", "via_pid": 80}]},
+                {"pid": 120, "ppid": 1, "comm": "batch", "class": "untainted", "frozen": true}
+            ],
+            "last_thaw": {"cause": "deadline", "processes": [], "freeze_ms": 15012.4}
+        }))
+        .unwrap();
+        let rows = taint_rows(&r);
+        assert_eq!(rows[0], ["80", "nginx", "external", "no", "fd 3 → 10.0.0.9:41234"]);
+        assert_eq!(
+            rows[1][4],
+            "pipe:[1234] with pid 80 (nginx); child of pid 80 (nginx)"
+        );
+        assert_eq!(rows[2][2..4], ["untainted", "yes"]);
+        assert_eq!(rows[2][4], "");
+        let line = taint_summary(&r);
+        assert!(line.starts_with("frozen: the guest thaws by itself in 9000 ms"), "{line}");
+        assert!(line.ends_with("ended by deadline"), "{line}");
+    }
 
     #[test]
     fn guest_health_and_ha_show_in_rows_and_details() {
