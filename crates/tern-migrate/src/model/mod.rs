@@ -34,8 +34,8 @@ use serde::{Deserialize, Serialize};
 
 pub use analytic::simulate;
 pub use engine::{
-    ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S, ENGINE_GUEST_WRITE_CPU_SHARE, ENGINE_LINK_EFFICIENCY,
-    ENGINE_SCAN_S_PER_GIB, ENGINE_SETUP_S, ENGINE_STOP_OVERHEAD_S,
+    ENGINE_FREEZE_S, ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S, ENGINE_GUEST_WRITE_CPU_SHARE,
+    ENGINE_LINK_EFFICIENCY, ENGINE_SCAN_S_PER_GIB, ENGINE_SETUP_S, ENGINE_STOP_OVERHEAD_S,
 };
 pub use pages::simulate_pages;
 
@@ -231,6 +231,11 @@ pub struct MigrationParams {
     /// default): every writer keeps running.
     #[serde(default)]
     pub untainted_write_share: f64,
+    /// What a policy that freezes spends before round 1 having the guest freeze (the
+    /// guest agent classifies its processes first), seconds; adds to the total only.
+    /// Other policies ignore it. 0 gives the textbook closed forms.
+    #[serde(default)]
+    pub freeze_s: f64,
 }
 
 fn one() -> f64 {
@@ -261,18 +266,20 @@ impl MigrationParams {
             throttle_floor_bytes_per_s: 0.0,
             sent_in_order: false,
             untainted_write_share: 0.0,
+            freeze_s: 0.0,
         }
     }
 
     /// The migration as `policy` runs it: with the untainted writers frozen (their
-    /// share of every dirty rate gone) when the policy freezes them, else unchanged.
+    /// share of every dirty rate gone) and the freeze's cost before round 1 when the
+    /// policy freezes them, else unchanged.
     pub fn as_run_by(&self, policy: &dyn Policy) -> std::borrow::Cow<'_, MigrationParams> {
-        let share = self.untainted_write_share;
-        if !policy.freezes_untainted() || share == 0.0 {
+        if !policy.freezes_untainted() {
             return std::borrow::Cow::Borrowed(self);
         }
         let mut p = self.clone();
-        p.dirty = self.dirty.scaled(1.0 - share);
+        p.dirty = self.dirty.scaled(1.0 - self.untainted_write_share);
+        p.setup_s += self.freeze_s;
         std::borrow::Cow::Owned(p)
     }
 
@@ -370,6 +377,7 @@ impl MigrationParams {
             "throttle_floor_bytes_per_s",
             self.throttle_floor_bytes_per_s,
         )?;
+        non_negative("freeze_s", self.freeze_s)?;
         if !(0.0..=1.0).contains(&self.untainted_write_share) {
             return Err(MigrateError::invalid(
                 "untainted_write_share",
@@ -546,6 +554,8 @@ mod tests {
         };
         p.max_elapsed_s = Some(40.0);
         p.untainted_write_share = share;
+        // The freeze's own cost is looked at on its own.
+        p.freeze_s = 0.0;
         p
     }
 
@@ -564,6 +574,12 @@ mod tests {
             dep.bytes_sent as f64 <= 1.05 * (200u64 << 20) as f64,
             "{dep:?}"
         );
+        // The freeze's cost adds to the total alone.
+        let mut slow = busy_engine_guest(1.0);
+        slow.freeze_s = 0.5;
+        let slow = simulate(&slow, &PolicyKind::DependencyAware).unwrap();
+        assert!((slow.total_time_s - dep.total_time_s - 0.5).abs() < 1e-9);
+        assert_eq!(slow.downtime_s, dep.downtime_s);
     }
 
     #[test]
@@ -573,6 +589,13 @@ mod tests {
         let dep =
             |share| simulate(&busy_engine_guest(share), &PolicyKind::DependencyAware).unwrap();
         assert_eq!(adaptive(0.9), adaptive(0.0), "adaptive freezes nothing");
+        let mut costly = busy_engine_guest(0.9);
+        costly.freeze_s = 1.0;
+        assert_eq!(
+            simulate(&costly, &PolicyKind::Adaptive).unwrap(),
+            adaptive(0.0),
+            "nor pays for a freeze"
+        );
         let figures = |o: &crate::MigrationOutcome| (o.total_time_s, o.downtime_s, o.bytes_sent);
         assert_eq!(
             figures(&dep(0.0)),

@@ -92,6 +92,17 @@ fn with_lab_on<T>(
     let progress = |s: &str| eprintln!("{s}");
     let lab = rt.block_on(tern_lab::up(&opts, &progress))?;
     let result = rt.block_on(f(&lab, &img, dir.path()));
+    if result.is_err() {
+        // The lab and its logs go with it: what the agents said last goes to stderr.
+        for h in &lab.hosts {
+            let log = std::fs::read_to_string(h.state_dir.join("agent.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("agent {} log, last lines:", h.name);
+            for l in tail.iter().rev() {
+                eprintln!("  {l}");
+            }
+        }
+    }
     rt.block_on(tern_lab::down(&opts.dir, &progress))?;
     result
 }

@@ -487,7 +487,12 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
         Command::MigrationPolicy { name, policy } => {
             let path = format!("/v1/vms/{name}/migration-policy");
-            let v = call(c, Method::PUT, &path, Some(&MigrationPolicySetting { policy }))?;
+            let v = call(
+                c,
+                Method::PUT,
+                &path,
+                Some(&MigrationPolicySetting { policy }),
+            )?;
             match c.json {
                 true => println!("{}", serde_json::to_string_pretty(&v)?),
                 false => println!(
@@ -701,7 +706,10 @@ mod tests {
         );
         assert_eq!(policy_or_default("default"), Ok(None));
         let e = policy_or_default("fast").unwrap_err();
-        assert!(e.contains("dependency-aware") && e.ends_with("or default"), "{e}");
+        assert!(
+            e.contains("dependency-aware") && e.ends_with("or default"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -720,7 +728,10 @@ mod tests {
         }))
         .unwrap();
         let rows = taint_rows(&r);
-        assert_eq!(rows[0], ["80", "nginx", "external", "no", "fd 3 → 10.0.0.9:41234"]);
+        assert_eq!(
+            rows[0],
+            ["80", "nginx", "external", "no", "fd 3 → 10.0.0.9:41234"]
+        );
         assert_eq!(
             rows[1][4],
             "pipe:[1234] with pid 80 (nginx); child of pid 80 (nginx)"
@@ -728,7 +739,10 @@ mod tests {
         assert_eq!(rows[2][2..4], ["untainted", "yes"]);
         assert_eq!(rows[2][4], "");
         let line = taint_summary(&r);
-        assert!(line.starts_with("frozen: the guest thaws by itself in 9000 ms"), "{line}");
+        assert!(
+            line.starts_with("frozen: the guest thaws by itself in 9000 ms"),
+            "{line}"
+        );
         assert!(line.ends_with("ended by deadline"), "{line}");
     }
 

@@ -65,6 +65,9 @@ pub struct Args {
     /// One repetition at the highest rate and no drain case (for CI).
     #[arg(long)]
     pub quick: bool,
+    /// Only the drain case.
+    #[arg(long, conflicts_with = "quick")]
+    pub drain_only: bool,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -114,6 +117,11 @@ pub struct Run {
     pub downtime_error_percent: Option<f64>,
     pub stop_reason: Option<String>,
     pub max_throttle_percent: Option<u8>,
+    /// `dependency-aware` only: processes frozen, the longest freeze (the guest's
+    /// count), and why the move fell back to `adaptive` if it did.
+    pub frozen: Option<u64>,
+    pub frozen_ms: Option<f64>,
+    pub fallback: Option<String>,
     pub note: Option<String>,
 }
 
@@ -166,19 +174,29 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         let top = rates.iter().copied().max().unwrap_or(150);
         rates = vec![top];
     }
-    let runs = super::with_lab(
-        3,
-        Some(args.link_mbit),
-        args.memory_mib * 3,
-        async |lab, img, _| bench(lab, img, &args, &rates, &policies).await,
-    )?;
+    let runs = if args.drain_only {
+        Vec::new()
+    } else {
+        super::with_lab(
+            3,
+            Some(args.link_mbit),
+            args.memory_mib * 3,
+            async |lab, img, _| bench(lab, img, &args, &rates, &policies).await,
+        )?
+    };
     // A lab of its own for the drain: its manager would take the guests the first
-    // part created behind its back for strays.
+    // part created behind its back for strays. A drain that fails leaves the moves'
+    // figures standing: they are printed, then the error.
+    let mut drain_error = None;
     let drain = if args.drain_vms > 0 {
         let host_mib = u64::from(args.drain_vms) * 384 + 512;
         super::drain::with_manager_lab(args.link_mbit, host_mib, async |lab, _dir, m| {
             super::drain::drain(lab, m, &args, &policies, args.drain_rate, host_mib).await
-        })?
+        })
+        .unwrap_or_else(|e| {
+            drain_error = Some(e);
+            Vec::new()
+        })
     } else {
         Vec::new()
     };
@@ -195,7 +213,10 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     } else {
         print_table(&report);
     }
-    Ok(())
+    match drain_error {
+        Some(e) => Err(e.context("the drain case")),
+        None => Ok(()),
+    }
 }
 
 /// The address of the lab's guest number `n` (from 1): `.100` up on the lab's segment,
@@ -359,7 +380,14 @@ async fn one_move(
     let before = batch_state(b).await?;
     let started = client.elapsed();
     let moved = b.migrate(policy, args.max_precopy_s, args.link_mbit).await;
-    let ended = client.elapsed();
+    // The move's own length when it completed: the call above also checks the guest
+    // afterwards, which is no part of the move.
+    let ended = match &moved {
+        Ok(m) => m
+            .total_ms
+            .map_or_else(|| client.elapsed(), |t| started + Duration::from_millis(t)),
+        Err(_) => client.elapsed(),
+    };
     tokio::time::sleep(Duration::from_secs(1)).await;
     let lat = client.stop().await?;
     let mut m = moved?;
@@ -429,6 +457,9 @@ async fn one_move(
         downtime_error_percent: m.downtime_error_percent,
         stop_reason: m.stop_reason,
         max_throttle_percent: m.max_throttle_percent,
+        frozen: m.frozen,
+        frozen_ms: m.frozen_ms,
+        fallback: m.fallback,
         note,
     })
 }

@@ -151,7 +151,9 @@ async fn drain_once(
     rate_percent: u32,
 ) -> anyhow::Result<DrainRun> {
     let mut settings: Value = m.client.get("/v1/balancer").await?;
+    // A drain's moves take `evacuation_policy` when it is set, else `default_policy`.
     settings["default_policy"] = json!(policy);
+    settings["evacuation_policy"] = json!(policy);
     let _: Value = m.client.put("/v1/balancer", &settings).await?;
     let agent = |host: &str| -> anyhow::Result<tern_api::client::AgentClient> {
         let h = lab

@@ -89,6 +89,15 @@ pub struct Run {
     pub downtime_parts_ms: Option<Vec<u64>>,
     /// Why the migration did not complete, or what was wrong with the guest.
     pub note: Option<String>,
+    /// `dependency-aware` only: processes the guest froze for the pre-copy, the longest
+    /// any stayed frozen (from the guest's thaw answer), and why the move went on as
+    /// `adaptive` when it froze nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frozen_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -631,8 +640,22 @@ impl<'a> Bench<'a> {
         let started: Value = agent.post("/v1/migrations", &body).await?;
         let id = started["id"].as_str().context("migration id")?.to_string();
         let t0 = Instant::now();
+        let mut answered = Instant::now();
         let s = loop {
-            let s: Value = agent.get(&format!("/v1/migrations/{id}")).await?;
+            let s: Value = match agent.get(&format!("/v1/migrations/{id}")).await {
+                Ok(s) => {
+                    answered = Instant::now();
+                    s
+                }
+                // One dropped connection is no verdict on the migration; an agent silent
+                // for 30 s is.
+                Err(e) if answered.elapsed() < Duration::from_secs(30) => {
+                    eprintln!("bench:   the source agent did not answer: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if matches!(s["phase"].as_str(), Some("completed" | "rolled_back")) {
                 break s;
             }
@@ -663,7 +686,20 @@ impl<'a> Bench<'a> {
             max_throttle_percent: None,
             downtime_parts_ms: None,
             note: None,
+            frozen: None,
+            frozen_ms: None,
+            fallback: None,
         };
+        let dep = &s["dependency"];
+        if dep.is_object() {
+            run.frozen = dep["frozen"].as_u64();
+            run.fallback = dep["fallback_reason"].as_str().map(str::to_string);
+            run.frozen_ms = dep["thaw"]["processes"].as_array().and_then(|p| {
+                p.iter()
+                    .filter_map(|p| p["frozen_ms"].as_f64())
+                    .reduce(f64::max)
+            });
+        }
         // Per-round figures on stderr: where the time of a slow run went.
         for t in s["rounds"].as_array().into_iter().flatten() {
             eprintln!(
