@@ -11,6 +11,7 @@
 //! - [`fault`]: a kernel panic and a hang, injected on request for health tests.
 //! - [`config`]: applying the host's fw_cfg configuration (host name, ssh keys, address).
 //! - [`client`]: the host side, over QEMU's chardev Unix socket.
+//! - [`ipc`]: unix socket and shared memory endpoints for building dependencies by hand.
 //! - [`trace`]: the guest kernel's scheduler events, buffered (bounded) for the host.
 //! - [`taint`]: which processes the outside depends on, and the freezer for the rest
 //!   during a dependency-aware migration (`taint`, `freeze`, `thaw`).
@@ -24,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod fault;
 pub mod health;
+pub mod ipc;
 pub mod pacing;
 pub mod server;
 pub mod sysinfo;

@@ -9,6 +9,8 @@
 //! image's init, which has no systemd-networkd to read the files).
 //! `tern-guest child SPEC` runs one `batch` or `service` workload as a process of its
 //! own; the agent starts it so (see `workload::process`), not a person.
+//! `tern-guest ipc ...` makes a unix socket server or client or a shared memory segment
+//! (see `tern_guest::ipc`), for building the dependencies taint tracking follows.
 
 use std::fs::OpenOptions;
 use std::io::BufReader;
@@ -23,7 +25,7 @@ use tern_guest::fault::{self, Fault};
 use tern_guest::server::{serve, Agent, Ended};
 use tern_guest::workload::process;
 
-const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]\n       tern-guest apply-config [--from FILE] [--root DIR] [--shell]\n       tern-guest child 'batch --mib N --mbps R' | 'service --port P'";
+const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]\n       tern-guest apply-config [--from FILE] [--root DIR] [--shell]\n       tern-guest child 'batch --mib N --mbps R' | 'service --port P'\n       tern-guest ipc unix-serve PATH | unix-connect PATH | shm PATH";
 
 struct Options {
     stdio: bool,
@@ -111,6 +113,15 @@ fn main() -> ExitCode {
         let spec: Vec<String> = args.collect();
         return process::child_main(&spec.join(" "));
     }
+    if args.peek().map(String::as_str) == Some("ipc") {
+        args.next();
+        let rest: Vec<String> = args.collect();
+        if let Err(e) = tern_guest::ipc::run(&rest) {
+            eprintln!("tern-guest: ipc: {e}");
+            return ExitCode::from(2);
+        }
+        return ExitCode::SUCCESS;
+    }
     let opts = match parse_args() {
         Ok(o) => o,
         Err(msg) => {
@@ -118,6 +129,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // A freeze left behind by an agent that died is ended before anything else.
+    match tern_guest::taint::freeze::recover() {
+        Ok(0) => {}
+        Ok(n) => eprintln!("tern-guest: thawed {n} processes a previous agent left frozen"),
+        Err(e) => eprintln!("tern-guest: checking for a leftover freeze: {e}"),
+    }
     let mut agent = Agent::default();
     if opts.verifier_mib > 0 {
         let spec = WorkloadSpec::Verifier {

@@ -256,6 +256,32 @@ mod tests {
     }
 
     #[test]
+    fn taint_scans_and_bad_freezes_are_refused_before_freezing() {
+        let (r, _) = run("{\"id\":1,\"cmd\":\"taint\"}\n{\"id\":2,\"cmd\":\"freeze\",\"deadline_ms\":0}\n{\"id\":3,\"cmd\":\"thaw\"}\n");
+        let Some(Reply::Taint(t)) = &r[0].result else {
+            panic!("{:?}", r[0]);
+        };
+        assert!(!t.event_driven && !t.frozen);
+        let me = t
+            .processes
+            .iter()
+            .find(|p| p.pid == std::process::id())
+            .expect("this process is in the scan");
+        assert_eq!(me.class, tern_api::guest::TaintClass::Exempt);
+        assert!(!r[1].ok);
+        assert!(
+            r[1].error.as_deref().unwrap().contains("deadline_ms 0"),
+            "{:?}",
+            r[1]
+        );
+        // Nothing was frozen: a thaw says so.
+        let Some(Reply::Thawed(th)) = &r[2].result else {
+            panic!("{:?}", r[2]);
+        };
+        assert!(th.processes.is_empty());
+    }
+
+    #[test]
     fn poweroff_ends_the_loop_after_answering() {
         let (r, ended) = run("{\"id\":1,\"cmd\":\"poweroff\"}\n{\"id\":2,\"cmd\":\"ping\"}\n");
         assert_eq!(ended, Ended::Poweroff);

@@ -1,14 +1,14 @@
 //! Any tracepoints, every thread, records handed over undecoded: for callers with
 //! tracepoints of their own (the guest agent's process and syscall events). Same rings
 //! as the scheduler [`Recorder`](crate::Recorder): per CPU, one ring shared by every
-//! tracepoint, `CLOCK_MONOTONIC` timestamps, losses counted.
+//! tracepoint, `CLOCK_MONOTONIC` timestamps, losses counted; unlike it, every record
+//! wakes a waiting [`RawRecorder::poll`] (these callers react to single events).
 
 use crate::error::Result;
 use crate::format::Format;
-use crate::recorder::{open_ring, perf_err, CpuRing};
+use crate::recorder::{open_ring, perf_err, wait_readable, CpuRing};
 use crate::tracefs;
 use perf_event::data::Record as PerfRecord;
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 /// One tracepoint record: its time, CPU and raw bytes (decode with its [`Format`]).
@@ -44,7 +44,8 @@ impl RawRecorder {
             .collect();
         let mut rings = Vec::new();
         for cpu in tracefs::online_cpus()? {
-            rings.push(open_ring(cpu, &list, ring_bytes)?);
+            // Every record wakes the reader: these callers react to single events.
+            rings.push(open_ring(cpu, &list, ring_bytes, true)?);
         }
         for r in &mut rings {
             for c in std::iter::once(&mut *r.sampler).chain(r.others.iter_mut()) {
@@ -62,24 +63,7 @@ impl RawRecorder {
     /// Waits at most `timeout` for records, then takes every record in the rings, in
     /// time order.
     pub fn poll(&mut self, timeout: Duration) -> Result<Vec<RawEvent>> {
-        let mut fds: Vec<libc::pollfd> = self
-            .rings
-            .iter()
-            .map(|r| libc::pollfd {
-                fd: r.sampler.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(perf_err("waiting for records".into())(e));
-            }
-        }
+        wait_readable(&self.rings, timeout)?;
         let mut out = Vec::new();
         for r in &mut self.rings {
             while let Some(rec) = r.sampler.next_record() {

@@ -120,8 +120,13 @@ pub(crate) fn perf_err(what: String) -> impl FnOnce(std::io::Error) -> TraceErro
     move |source| TraceError::Perf { what, source }
 }
 
-pub(crate) fn open_event(f: &Format, cpu: u32) -> Result<Counter> {
+/// `wake_each`: a `poll` on the ring returns at the first record (else when the ring
+/// is half full, or at the caller's timeout).
+pub(crate) fn open_event(f: &Format, cpu: u32, wake_each: bool) -> Result<Counter> {
     let mut b = Builder::new(Tracepoint::with_id(f.id));
+    if wake_each {
+        b.wakeup_events(1);
+    }
     b.one_cpu(cpu as usize)
         .any_pid()
         // Tracepoints fire in the kernel; perf-event2 excludes kernel samples by default.
@@ -155,16 +160,43 @@ pub(crate) fn ioctl(counter: &Counter, what: String, call: impl FnOnce(i32) -> i
     Ok(())
 }
 
+/// Waits at most `timeout` for a record in any of `rings`.
+pub(crate) fn wait_readable(rings: &[CpuRing], timeout: Duration) -> Result<()> {
+    let mut fds: Vec<libc::pollfd> = rings
+        .iter()
+        .map(|r| libc::pollfd {
+            fd: r.sampler.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the call.
+    let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(TraceError::Perf {
+                what: "waiting for records".into(),
+                source: e,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Opens tracepoints `points` (each with its kernel filter, if any) on `cpu`, all
-/// writing into one ring buffer of `ring_bytes`. Not enabled yet.
+/// writing into one ring buffer of `ring_bytes`. Not enabled yet. `wake_each` as for
+/// [`open_event`].
 pub(crate) fn open_ring(
     cpu: u32,
     points: &[(&Format, Option<String>)],
     ring_bytes: usize,
+    wake_each: bool,
 ) -> Result<CpuRing> {
     let mut counters = Vec::new();
     for (f, text) in points {
-        let c = open_event(f, cpu)?;
+        let c = open_event(f, cpu, wake_each)?;
         if let Some(text) = text {
             let text = std::ffi::CString::new(text.as_str()).map_err(|_| TraceError::Format {
                 tracepoint: f.name.clone(),
@@ -222,7 +254,7 @@ impl Recorder {
                     (f, text)
                 })
                 .collect();
-            rings.push(open_ring(cpu, &points, cfg.ring_bytes)?);
+            rings.push(open_ring(cpu, &points, cfg.ring_bytes, false)?);
         }
         let mut rec = Recorder {
             rings,
@@ -257,27 +289,7 @@ impl Recorder {
     /// Waits at most `timeout` for records, then reads every ring buffer. Returns how
     /// many events it kept.
     pub fn poll(&mut self, timeout: Duration) -> Result<usize> {
-        let mut fds: Vec<libc::pollfd> = self
-            .rings
-            .iter()
-            .map(|r| libc::pollfd {
-                fd: r.sampler.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if rc < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(TraceError::Perf {
-                    what: "waiting for records".into(),
-                    source: e,
-                });
-            }
-        }
+        wait_readable(&self.rings, timeout)?;
         Ok(self.drain())
     }
 

@@ -44,6 +44,26 @@ impl QemuAgent {
         QemuAgent::start_watching(name, dir, store, bridge, Default::default(), timeout).await
     }
 
+    /// A bridge of its own holding `host_addr` (see [`Bridge::new`]) and an agent whose
+    /// VMs' NICs are on it; `None` (after saying why) without root, which a bridge needs.
+    pub async fn on_new_bridge(prefix: &str, host_addr: &str) -> Option<(Bridge, QemuAgent)> {
+        if !tern_testkit::is_root() {
+            assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+            eprintln!("SKIP: a bridge for the guest's NIC needs root");
+            return None;
+        }
+        let bridge = Bridge::new(prefix, host_addr);
+        let a = QemuAgent::start_bridged(
+            "h1",
+            tempfile::tempdir().unwrap(),
+            None,
+            Some(bridge.0.clone()),
+            Duration::from_secs(30),
+        )
+        .await;
+        Some((bridge, a))
+    }
+
     /// [`QemuAgent::start_bridged`] that watches its guests' health with `watch`.
     pub async fn start_watching(
         name: &str,

@@ -4,8 +4,10 @@
 //! | tracepoint | event |
 //! |---|---|
 //! | `sched:sched_process_fork` / `sched_process_exit` | a process appears / goes |
+//! | `sched:sched_process_exec` | a process's fds and name change (it is read again) |
 //! | `syscalls:sys_exit_{accept,accept4,open,openat,dup,dup2,dup3}` (`ret >= 0`) | a new fd, `ret` |
-//! | `syscalls:sys_exit_{connect,pipe,pipe2,socketpair}` | new fds (the process's table is re-read) |
+//! | `syscalls:sys_enter_connect` + `sys_exit_connect` | fd `fd` is connected |
+//! | `syscalls:sys_exit_{pipe,pipe2,socketpair}` | new fds (the process's fd table is re-read) |
 //! | `syscalls:sys_exit_shmat`, `sys_enter_mmap` (`MAP_SHARED`) | a new shared mapping |
 //! | `sock:inet_sock_set_state` (to `ESTABLISHED`) | a TCP connection, perhaps into a frozen listener's queue |
 //!
@@ -39,6 +41,20 @@ pub enum Event {
     FdTable {
         tid: u32,
     },
+    /// Thread `tid` calls `connect` on fd `fd` (the exit says whether it worked).
+    Connecting {
+        tid: u32,
+        fd: i32,
+    },
+    /// Thread `tid`'s `connect` worked (or is under way, non-blocking).
+    Connected {
+        tid: u32,
+    },
+    /// Thread `tid`'s process ran a new program: close-on-exec fds are gone, shared
+    /// mappings too, the name changed.
+    Exec {
+        tid: u32,
+    },
     /// Thread `tid` mapped shared memory.
     Maps {
         tid: u32,
@@ -53,6 +69,9 @@ enum Role {
     Exit,
     NewFd,
     FdTable,
+    ConnectEnter,
+    ConnectExit,
+    Exec,
     Maps,
     Established,
 }
@@ -61,6 +80,8 @@ enum Role {
 const POINTS: &[(&str, &str, Role, Option<&str>, bool)] = &[
     ("sched", "sched_process_fork", Role::Fork, None, true),
     ("sched", "sched_process_exit", Role::Exit, None, true),
+    // exec closes close-on-exec fds and renames the process.
+    ("sched", "sched_process_exec", Role::Exec, None, false),
     (
         "syscalls",
         "sys_exit_accept4",
@@ -110,11 +131,18 @@ const POINTS: &[(&str, &str, Role, Option<&str>, bool)] = &[
         Some("ret >= 0"),
         false,
     ),
+    (
+        "syscalls",
+        "sys_enter_connect",
+        Role::ConnectEnter,
+        None,
+        true,
+    ),
     // A non-blocking connect answers EINPROGRESS (-115) with the peer already set.
     (
         "syscalls",
         "sys_exit_connect",
-        Role::FdTable,
+        Role::ConnectExit,
         Some("ret == 0 || ret == -115"),
         true,
     ),
@@ -207,10 +235,13 @@ impl Decoder {
                 Role::Exit => {
                     f.field("pid")?;
                 }
-                Role::NewFd => {
+                Role::NewFd | Role::ConnectExit => {
                     f.field("ret")?;
                 }
-                Role::FdTable | Role::Maps | Role::Established => {}
+                Role::ConnectEnter => {
+                    f.field("fd")?;
+                }
+                Role::FdTable | Role::Exec | Role::Maps | Role::Established => {}
             }
         }
         Ok(())
@@ -239,11 +270,22 @@ impl Decoder {
                 Event::NewFd { tid, fd: fd as i32 }
             }
             Role::FdTable => {
-                if ret().is_some_and(|r| r != 0 && r != -115) {
+                if ret().is_some_and(|r| r != 0) {
                     return None;
                 }
                 Event::FdTable { tid }
             }
+            Role::ConnectEnter => Event::Connecting {
+                tid,
+                fd: f.int(raw, "fd").ok()? as i32,
+            },
+            Role::ConnectExit => {
+                if ret().is_some_and(|r| r != 0 && r != -115) {
+                    return None;
+                }
+                Event::Connected { tid }
+            }
+            Role::Exec => Event::Exec { tid },
             Role::Maps => {
                 if f.field("flags").is_ok() && f.int(raw, "flags").ok()? & 1 == 0 {
                     return None;

@@ -75,6 +75,36 @@ pub fn root() -> io::Result<PathBuf> {
     Ok(PathBuf::from(DEFAULT_ROOT))
 }
 
+/// Ends a freeze an agent that died left behind: unfreezes its group and moves every
+/// process in it to the root cgroup (where each came from died with that agent).
+/// Returns how many it thawed. With no cgroup v2 mounted nothing can be frozen.
+pub fn recover() -> io::Result<usize> {
+    let Some(root) = std::fs::read_to_string("/proc/self/mounts")
+        .ok()
+        .and_then(|t| parse_mounts(&t))
+    else {
+        return Ok(0);
+    };
+    recover_group(&root, GROUP)
+}
+
+fn recover_group(root: &Path, name: &str) -> io::Result<usize> {
+    let group = root.join(name);
+    if !group.is_dir() {
+        return Ok(0);
+    }
+    write(&group.join("cgroup.freeze"), "0")?;
+    let pids = std::fs::read_to_string(group.join("cgroup.procs"))?;
+    let mut n = 0;
+    for pid in pids.lines().filter(|l| !l.trim().is_empty()) {
+        if write(&root.join("cgroup.procs"), pid.trim()).is_ok() {
+            n += 1;
+        }
+    }
+    let _ = std::fs::remove_dir(&group);
+    Ok(n)
+}
+
 struct Member {
     comm: String,
     /// The cgroup it came from, relative to the root.

@@ -277,7 +277,7 @@ pub fn classify(w: &World) -> BTreeMap<u32, Verdict> {
             }
         }
         for (q, mut reasons) in found {
-            reasons.sort_by(|a, b| (a.kind, a.fd).cmp(&(b.kind, b.fd)));
+            reasons.sort_by_key(|r| (r.kind, r.fd));
             reasons.dedup();
             reasons.truncate(MAX_REASONS);
             out.insert(

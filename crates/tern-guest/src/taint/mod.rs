@@ -69,6 +69,8 @@ struct State {
     lost_events: u64,
     /// Processes tainted by an event: milliseconds from the event to the verdict.
     latency: BTreeMap<u32, f64>,
+    /// Threads inside `connect`, and the fd.
+    connecting: BTreeMap<u32, i32>,
     last_thaw: Option<ThawReport>,
 }
 
@@ -182,12 +184,17 @@ impl Tracker {
         };
         self.shared.stop.store(false, Ordering::Relaxed);
         let shared = self.shared.clone();
-        self.thread = Some(
-            std::thread::Builder::new()
-                .name("taint".into())
-                .spawn(move || track(rec, decoder, &shared))
-                .map_err(GuestError::Io)?,
-        );
+        match std::thread::Builder::new()
+            .name("taint".into())
+            .spawn(move || track(rec, decoder, &shared))
+        {
+            Ok(t) => self.thread = Some(t),
+            Err(e) => {
+                // Without the thread nothing would keep the deadline: no freeze.
+                self.lock().end(ThawCause::Host);
+                return Err(GuestError::Io(e));
+            }
+        }
         Ok(report)
     }
 
@@ -308,6 +315,15 @@ impl State {
         self.sockets = s;
     }
 
+    /// Whether `pid`'s fd `fd` is a socket the tables do not list.
+    fn unknown_socket(&self, pid: u32, fd: i32) -> bool {
+        let Ok(link) = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")) else {
+            return false;
+        };
+        let link = link.to_string_lossy();
+        link.starts_with("socket:[") && scan::parse_link(&link, &self.sockets).is_none()
+    }
+
     /// A fresh scan after lost events; what only events could tell is kept.
     fn rescan(&mut self) {
         let (mut w, s) = scan::world();
@@ -322,71 +338,64 @@ impl State {
     /// Applies one batch of events (the oldest at `first_ns`): re-reads only the
     /// processes and fds they name, classifies again and thaws whoever became tainted.
     fn apply(&mut self, batch: &[Event], first_ns: u64) {
-        // New fds may be sockets the tables do not list yet; an exit changes nothing.
-        if batch.iter().any(|e| !matches!(e, Event::Exit { .. })) {
+        // A new connection changes the TCP tables; a new fd only matters to them when
+        // it is a socket they do not list yet (checked below, once per batch).
+        if batch.iter().any(|e| matches!(e, Event::Established)) {
             self.refresh_sockets();
         }
-        let sockets = std::mem::take(&mut self.sockets);
+        let mut refreshed = false;
         let before = tainted(&self.verdicts);
         for e in batch {
             match *e {
-                Event::Fork { parent, child } => {
-                    let Some(tgid) = scan::tgid(child).filter(|t| *t == child) else {
-                        continue; // a thread, or gone already
-                    };
-                    let Some(p) = scan::process(tgid, &sockets) else {
-                        continue;
-                    };
-                    let parent = scan::tgid(parent).unwrap_or(parent);
-                    if before.contains(&parent) && !p.exempt {
-                        self.world
-                            .sticky
-                            .entry(tgid)
-                            .or_default()
-                            .push(TaintReason {
-                                kind: DependencyKind::Parent,
-                                fd: None,
-                                peer: Some(format!("pid {parent}")),
-                                via_pid: Some(parent),
-                                latency_ms: None,
-                            });
-                    }
-                    self.world.procs.insert(tgid, p);
-                }
+                Event::Fork { parent, child } => self.forked(parent, child, &before),
                 Event::Exit { tid } => {
                     // A thread's exit has its own id; only a process's leader is listed.
                     if self.world.procs.remove(&tid).is_some() {
                         self.world.sticky.remove(&tid);
                     }
                 }
-                Event::NewFd { tid, fd } => {
-                    let Some(pid) = scan::tgid(tid) else { continue };
-                    let view = &sockets;
-                    match self.world.procs.get_mut(&pid) {
-                        Some(p) if !p.exempt => {
-                            p.handles.retain(|h| h.fd != Some(fd));
-                            if let Some(h) = scan::handle(pid, fd, view) {
-                                p.handles.push(h);
-                            }
-                        }
-                        Some(_) => {}
-                        None => {
-                            if let Some(p) = scan::process(pid, view) {
-                                self.world.procs.insert(pid, p);
-                            }
-                        }
+                Event::Connecting { tid, fd } => {
+                    self.connecting.insert(tid, fd);
+                }
+                Event::Connected { tid } => {
+                    // The peer is new in the tables, whatever the socket.
+                    if !refreshed {
+                        self.refresh_sockets();
+                        refreshed = true;
+                    }
+                    match self.connecting.remove(&tid) {
+                        Some(fd) => self.new_fd(tid, fd),
+                        None => self.reread(tid, false),
                     }
                 }
-                Event::FdTable { tid } | Event::Maps { tid } => {
-                    let Some(pid) = scan::tgid(tid) else { continue };
-                    if let Some(p) = scan::process(pid, &sockets) {
-                        self.world.procs.insert(pid, p);
+                Event::NewFd { tid, fd } => {
+                    let pid = self.pid_of(tid);
+                    if !refreshed && pid.is_some_and(|p| self.unknown_socket(p, fd)) {
+                        self.refresh_sockets();
+                        refreshed = true;
+                    }
+                    self.new_fd(tid, fd);
+                }
+                Event::FdTable { tid } => {
+                    if !refreshed {
+                        self.refresh_sockets();
+                        refreshed = true;
+                    }
+                    self.reread(tid, false);
+                }
+                Event::Exec { tid } => self.reread(tid, true),
+                Event::Maps { tid } => {
+                    let Some(pid) = self.pid_of(tid) else {
+                        continue;
+                    };
+                    if let Some(p) = self.world.procs.get_mut(&pid).filter(|p| !p.exempt) {
+                        p.handles.retain(|h| h.fd.is_some());
+                        p.handles.extend(scan::mappings(pid));
                     }
                 }
                 Event::Established => {}
             }
         }
-        self.sockets = sockets;
         self.verdicts = classify(&self.world);
         let now = monotonic_ns();
         let latency_ms = now.saturating_sub(first_ns) as f64 / 1e6;
@@ -401,11 +410,127 @@ impl State {
             }
         }
     }
+
+    /// The process of thread `tid`: itself when it leads one the world knows (no read).
+    fn pid_of(&self, tid: u32) -> Option<u32> {
+        if self.world.procs.contains_key(&tid) {
+            return Some(tid);
+        }
+        scan::tgid(tid)
+    }
+
+    /// A fork: the child starts with its parent's fds and mappings (nothing to read).
+    fn forked(&mut self, parent: u32, child: u32, tainted_before: &BTreeSet<u32>) {
+        let Some(ppid) = self.pid_of(parent) else {
+            return;
+        };
+        // A new thread shows in its process's task list (a `stat`, no read).
+        if Path::new(&format!("/proc/{ppid}/task/{child}")).exists() {
+            return;
+        }
+        let Some(mut p) = self.world.procs.get(&ppid).cloned() else {
+            if let Some(p) = scan::process(child, &self.sockets) {
+                self.world.procs.insert(child, p);
+            }
+            return;
+        };
+        p.pid = child;
+        p.ppid = ppid;
+        p.exempt = false;
+        if self.world.procs[&ppid].exempt {
+            // Exempt parents hold nothing in the world: read the child itself.
+            match scan::process(child, &self.sockets) {
+                Some(c) => p = c,
+                None => return,
+            }
+        }
+        if tainted_before.contains(&ppid) {
+            self.world
+                .sticky
+                .entry(child)
+                .or_default()
+                .push(TaintReason {
+                    kind: DependencyKind::Parent,
+                    fd: None,
+                    peer: Some(format!("pid {ppid}")),
+                    via_pid: Some(ppid),
+                    latency_ms: None,
+                });
+        }
+        self.world.procs.insert(child, p);
+    }
+
+    /// One new fd of thread `tid`'s process.
+    fn new_fd(&mut self, tid: u32, fd: i32) {
+        let Some(pid) = self.pid_of(tid) else { return };
+        match self.world.procs.get_mut(&pid) {
+            Some(p) if !p.exempt => {
+                p.handles.retain(|h| h.fd != Some(fd));
+                p.handles.extend(scan::handle(pid, fd, &self.sockets));
+            }
+            Some(_) => {}
+            None => {
+                if let Some(p) = scan::process(pid, &self.sockets) {
+                    self.world.procs.insert(pid, p);
+                }
+            }
+        }
+    }
+
+    /// Reads thread `tid`'s process's fd table again (only changed fds in full); after
+    /// an exec also its name, and its shared mappings are gone.
+    fn reread(&mut self, tid: u32, exec: bool) {
+        let Some(pid) = self.pid_of(tid) else { return };
+        let Some(p) = self.world.procs.get_mut(&pid) else {
+            if let Some(p) = scan::process(pid, &self.sockets) {
+                self.world.procs.insert(pid, p);
+            }
+            return;
+        };
+        if exec {
+            if let Some(c) = scan::comm(pid) {
+                p.comm = c;
+            }
+        }
+        if p.exempt {
+            return;
+        }
+        let Some(mut fds) = scan::refresh_fds(pid, &p.handles, &self.sockets) else {
+            return;
+        };
+        if !exec {
+            fds.extend(p.handles.iter().filter(|h| h.fd.is_none()).cloned());
+        }
+        p.handles = fds;
+    }
+}
+
+/// Whether the agent itself caused the event: its own reads of `/proc` open files, and
+/// following them would feed the tracker its own work forever. `stat` (not `open`) of
+/// `/proc/self/task/TID` keeps the check itself out of the events.
+fn own(e: &Event) -> bool {
+    let tid = match *e {
+        Event::Fork { parent, .. } => parent,
+        Event::NewFd { tid, .. }
+        | Event::FdTable { tid }
+        | Event::Maps { tid }
+        | Event::Connecting { tid, .. }
+        | Event::Connected { tid }
+        | Event::Exec { tid } => tid,
+        Event::Exit { .. } | Event::Established => return false,
+    };
+    Path::new(&format!("/proc/self/task/{tid}")).exists()
 }
 
 /// The event thread: reads the kernel's events until stopped, or until the deadline
 /// passes (then it thaws everything).
 fn track(mut rec: RawRecorder, decoder: Decoder, shared: &Shared) {
+    // A new dependency must be seen within 50 ms however busy the guest's CPUs are: the
+    // thread runs at a real-time priority (briefly: it sleeps in `poll` between
+    // batches). Without the privilege it runs as it is.
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: sets this thread's own policy; `param` is valid for the call.
+    unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
     let mut seen_lost = 0;
     // Shared mappings show in /proc/PID/maps only once mmap returns; the entry event
     // names the process, which is read again on the next round too.
@@ -438,7 +563,7 @@ fn track(mut rec: RawRecorder, decoder: Decoder, shared: &Shared) {
         let mut batch: Vec<Event> = std::mem::take(&mut maps_again);
         let first_ns = raw.first().map(|e| e.time_ns);
         for r in &raw {
-            if let Some(e) = decoder.decode(&r.raw) {
+            if let Some(e) = decoder.decode(&r.raw).filter(|e| !own(e)) {
                 st.events += 1;
                 if matches!(e, Event::Maps { .. }) {
                     maps_again.push(e);

@@ -282,6 +282,33 @@ pub fn process(pid: u32, sockets: &Sockets) -> Option<Process> {
     })
 }
 
+/// A process's fd handles now, reusing `known` ones whose link is unchanged (one
+/// `readlink` per fd; only new or changed fds are read further). `None` once gone.
+pub fn refresh_fds(pid: u32, known: &[Handle], sockets: &Sockets) -> Option<Vec<Handle>> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    let mut out = Vec::new();
+    for e in dir.flatten() {
+        let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(link) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        let link = link.to_string_lossy();
+        match known.iter().find(|h| h.fd == Some(fd) && h.label == link) {
+            Some(h) => out.push(h.clone()),
+            None => out.extend(handle(pid, fd, sockets)),
+        }
+    }
+    out.sort_by_key(|h| h.fd);
+    Some(out)
+}
+
+/// A process's name now.
+pub fn comm(pid: u32) -> Option<String> {
+    read(&format!("/proc/{pid}/comm")).map(|c| c.trim_end().to_string())
+}
+
 /// The fd numbers a process has open now.
 pub fn fds(pid: u32) -> Vec<i32> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {

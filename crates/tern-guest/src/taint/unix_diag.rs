@@ -216,7 +216,7 @@ mod tests {
     fn garbage_is_an_error_not_a_panic() {
         let mut d = Dump::default();
         assert!(parse(&[0xff; 40], &mut d).is_err());
-        assert_eq!(parse(&[], &mut d).unwrap(), false);
+        assert!(!parse(&[], &mut d).unwrap());
         let mut done = vec![0u8; 16];
         done[0] = 16;
         done[4] = NLMSG_DONE as u8;
