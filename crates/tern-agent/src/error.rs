@@ -55,6 +55,10 @@ pub enum AgentError {
     /// The guest agent did not answer or its channel is closed.
     #[error("guest agent of VM {id:?}: {reason}")]
     Guest { id: String, reason: String },
+    /// The guest agent answered, refusing the request (an agent too old for it, a
+    /// request it cannot carry out).
+    #[error("guest agent of VM {id:?} refused: {reason}")]
+    GuestRefused { id: String, reason: String },
     /// The channel to the guest agent failed at `step`.
     #[error("guest agent of VM {id:?}: {step}: {source}")]
     GuestChannel {
@@ -129,9 +133,10 @@ impl AgentError {
                 crate::images::ImageError::Io { .. } => StatusCode::INTERNAL_SERVER_ERROR,
                 _ => StatusCode::BAD_GATEWAY,
             },
-            AgentError::Guest { .. } | AgentError::GuestChannel { .. } | AgentError::Client(_) => {
-                StatusCode::BAD_GATEWAY
-            }
+            AgentError::Guest { .. }
+            | AgentError::GuestRefused { .. }
+            | AgentError::GuestChannel { .. }
+            | AgentError::Client(_) => StatusCode::BAD_GATEWAY,
             AgentError::Io { .. } | AgentError::Streams(_) => StatusCode::INTERNAL_SERVER_ERROR,
             // A prepare whose VM spec gives a memory file the destination cannot use.
             AgentError::Memory(_) => StatusCode::BAD_REQUEST,
@@ -182,7 +187,9 @@ impl AgentError {
             AgentError::OutsideImageDir { .. } => "bad_spec",
             AgentError::Image(e) if e.is_bad_input() => "bad_spec",
             AgentError::Image(_) => "image",
-            AgentError::Guest { .. } | AgentError::GuestChannel { .. } => "guest",
+            AgentError::Guest { .. }
+            | AgentError::GuestRefused { .. }
+            | AgentError::GuestChannel { .. } => "guest",
             AgentError::Client(_) => "remote",
             AgentError::Io { .. } | AgentError::Streams(_) => "internal",
             AgentError::Memory(_) => "bad_request",

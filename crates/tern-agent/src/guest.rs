@@ -133,7 +133,11 @@ impl GuestChannels {
             serde_json::from_value(v).map_err(|e| refused(format!("unreadable answer: {e}")))?;
         match (resp.ok, resp.result) {
             (true, Some(r)) => Ok(r),
-            _ => Err(refused(resp.error.unwrap_or_else(|| "no answer".into()))),
+            (true, None) => Err(refused("an answer without a result".into())),
+            (false, _) => Err(AgentError::GuestRefused {
+                id: vm.to_string(),
+                reason: resp.error.unwrap_or_default(),
+            }),
         }
     }
 

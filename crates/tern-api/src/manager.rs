@@ -1055,8 +1055,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_request_beats_the_vm_which_beats_the_cluster_and_only_drains_use_the_evacuation_policy(
-    ) {
+    fn the_request_beats_the_vm_which_beats_the_cluster_and_only_drains_use_the_evacuation_policy()
+    {
         use MigrationReason::*;
         use PolicyKind::*;
         let plain = BalancerSettings::default();
@@ -1067,7 +1067,10 @@ mod tests {
         };
         for reason in [Manual, Balance, Evacuate] {
             for s in [&plain, &evac] {
-                assert_eq!(s.migration_policy(Some(StopCopy), Some(Qemu), reason), StopCopy);
+                assert_eq!(
+                    s.migration_policy(Some(StopCopy), Some(Qemu), reason),
+                    StopCopy
+                );
                 assert_eq!(s.migration_policy(None, Some(Qemu), reason), Qemu);
             }
             assert_eq!(plain.migration_policy(None, None, reason), Adaptive);

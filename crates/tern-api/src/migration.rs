@@ -473,7 +473,12 @@ impl DependencyOutcome {
     /// thaw was confirmed.
     pub fn batch_paused_ms(&self) -> Option<f64> {
         let thaw = self.thaw.as_ref()?;
-        Some(thaw.processes.iter().map(|p| p.frozen_ms).fold(0.0, f64::max))
+        Some(
+            thaw.processes
+                .iter()
+                .map(|p| p.frozen_ms)
+                .fold(0.0, f64::max),
+        )
     }
 }
 

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use reqwest::Method;
 use serde_json::{json, Value};
 use tern_agent::client::AgentClient;
-use tern_agent::vms::CreateVm;
 use tern_lab::{self as lab, LabState};
 
 const VM: &str = "mig1";
@@ -144,30 +143,7 @@ where
 /// Creates the test VM on host 0 with `memory_mib`, waits until its guest agent
 /// answers, and starts `workload` in it.
 async fn boot(lab: &Lab, img: &tern_hv::image::GuestImage, memory_mib: u64, workload: &str) {
-    let req: CreateVm = serde_json::from_value(json!({
-        "id": VM,
-        "spec": {
-            "vcpus": 1,
-            "memory_mib": memory_mib,
-            "kernel": img.kernel,
-            "initramfs": img.initramfs,
-            "cmdline": format!("{} tern.hostname={VM}", img.cmdline),
-        }
-    }))
-    .unwrap();
-    lab.hosts[0].create_vm(&req).await.unwrap();
-    let t0 = Instant::now();
-    while lab.hosts[0]
-        .guest(VM, &json!({"cmd": "ping"}))
-        .await
-        .is_err()
-    {
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "guest never answered"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    common::boot_guest(&lab.hosts[0], img, VM, memory_mib).await;
     lab.guest(0, json!({"cmd": "start", "workload": workload}))
         .await;
 }

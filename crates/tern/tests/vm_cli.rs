@@ -361,3 +361,73 @@ async fn the_lifecycle_follows_its_state_machine() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vms_migration_policy_is_set_shown_and_used_and_taint_needs_a_guest_agent() {
+    let srv = serve().await;
+    let made = srv
+        .json(&[
+            "create",
+            "dep",
+            "--vcpus",
+            "1",
+            "--memory-mib",
+            "256",
+            "--migration-policy",
+            "dependency-aware",
+            "--json",
+        ])
+        .await;
+    assert_eq!(made["spec"]["migration_policy"], "dependency-aware");
+    srv.running("dep").await;
+    // A migration that names no policy takes the VM's.
+    let m = srv.json(&["migrate", "dep", "--json"]).await;
+    assert_eq!(m["policy"], "dependency-aware", "{m}");
+    let set = srv
+        .json(&["migration-policy", "dep", "xen", "--json"])
+        .await;
+    assert_eq!(set["spec"]["migration_policy"], "xen");
+    let shown = srv.tern(&["show", "dep"]).await;
+    assert!(
+        text(&shown.stdout).contains("migration policy: xen"),
+        "{}",
+        text(&shown.stdout)
+    );
+    let m = srv.json(&["migrate", "dep", "--json"]).await;
+    assert_eq!(m["policy"], "xen", "{m}");
+    // The request's own policy comes first.
+    let m = srv
+        .json(&["migrate", "dep", "--policy", "stop-copy", "--json"])
+        .await;
+    assert_eq!(m["policy"], "stop-copy", "{m}");
+    let cleared = srv
+        .json(&["migration-policy", "dep", "default", "--json"])
+        .await;
+    assert!(
+        cleared["spec"].get("migration_policy").is_none(),
+        "{cleared}"
+    );
+    let bad = srv.tern(&["migration-policy", "dep", "fast"]).await;
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        text(&bad.stderr).contains("dependency-aware"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let unknown = srv.tern(&["migration-policy", "nope", "xen"]).await;
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(
+        text(&unknown.stderr).contains("nope"),
+        "{}",
+        text(&unknown.stderr)
+    );
+    // A simulated host has no guest agent to ask.
+    let taint = srv.tern(&["taint", "dep"]).await;
+    assert_eq!(taint.status.code(), Some(2), "{}", text(&taint.stderr));
+    assert!(
+        text(&taint.stderr).contains("guest agent"),
+        "{}",
+        text(&taint.stderr)
+    );
+    srv.stop().await;
+}

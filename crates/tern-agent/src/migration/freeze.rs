@@ -37,8 +37,9 @@ pub const FREEZE_ASK_TIMEOUT: Duration = Duration::from_secs(2);
 pub const FREEZE_DEADLINE: Duration = Duration::from_secs(15);
 /// How often the freeze is renewed during pre-copy: several renewals fit in a deadline.
 pub const RENEW_EVERY: Duration = Duration::from_secs(3);
-/// How long a `thaw` may take to be answered.
-pub const THAW_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long one `thaw` may take to be answered, and how many are sent.
+pub const THAW_TIMEOUT: Duration = Duration::from_secs(3);
+pub const THAW_TRIES: u32 = 3;
 
 fn freeze_command() -> Command {
     Command::Freeze {
@@ -48,7 +49,10 @@ fn freeze_command() -> Command {
 
 /// Asks the guest to freeze (or renew the freeze); the reason when it did not.
 pub async fn freeze(state: &AppState, vm: &str) -> Result<FreezeReport, String> {
-    match state.call_guest(vm, &freeze_command(), FREEZE_ASK_TIMEOUT).await {
+    match state
+        .call_guest(vm, &freeze_command(), FREEZE_ASK_TIMEOUT)
+        .await
+    {
         Ok(Reply::Frozen(r)) => Ok(r),
         Ok(other) => Err(format!("the guest answered freeze with {other:?}")),
         Err(e) => Err(e.to_string()),
@@ -56,14 +60,28 @@ pub async fn freeze(state: &AppState, vm: &str) -> Result<FreezeReport, String> 
 }
 
 /// Thaws VM `vm`'s guest through this host's channel: the source after a rollback, the
-/// destination once the migrated VM runs there.
+/// destination once the migrated VM runs there. Tried [`THAW_TRIES`] times: the first
+/// request on a guest channel that just moved can go unanswered, and a `thaw` repeated
+/// after one that was carried out but whose answer was lost answers the same report.
 pub async fn thaw(state: &AppState, vm: &str) -> Result<ThawReport, AgentError> {
-    match state.call_guest(vm, &Command::Thaw, THAW_TIMEOUT).await? {
-        Reply::Thawed(r) => Ok(r),
-        other => Err(AgentError::Guest {
-            id: vm.to_string(),
-            reason: format!("the guest answered thaw with {other:?}"),
-        }),
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match state.call_guest(vm, &Command::Thaw, THAW_TIMEOUT).await {
+            Ok(Reply::Thawed(r)) => return Ok(r),
+            Ok(other) => {
+                return Err(AgentError::Guest {
+                    id: vm.to_string(),
+                    reason: format!("the guest answered thaw with {other:?}"),
+                })
+            }
+            Err(e) if tries >= THAW_TRIES || matches!(e, AgentError::GuestRefused { .. }) => {
+                return Err(e)
+            }
+            Err(e) => {
+                tracing::info!(vm, error = %e, tries, "dependency-aware: thaw unanswered; asking again")
+            }
+        }
     }
 }
 
@@ -141,9 +159,7 @@ mod tests {
     fn deadline_outlasts_several_renewals_and_the_ask_is_shorter_than_a_renewal() {
         assert!(FREEZE_DEADLINE >= 4 * RENEW_EVERY);
         assert!(FREEZE_ASK_TIMEOUT < RENEW_EVERY);
-        assert!(
-            FREEZE_DEADLINE.as_millis() as u64 <= tern_api::guest::MAX_FREEZE_DEADLINE_MS
-        );
+        assert!(FREEZE_DEADLINE.as_millis() as u64 <= tern_api::guest::MAX_FREEZE_DEADLINE_MS);
     }
 
     #[test]
@@ -169,7 +185,11 @@ mod tests {
     #[test]
     fn a_thaw_records_its_site_and_report_and_a_failed_one_its_reason() {
         let mut o = DependencyOutcome::default();
-        record_thaw(&mut o, ThawSite::Source, Err("no answer within 5000 ms".into()));
+        record_thaw(
+            &mut o,
+            ThawSite::Source,
+            Err("no answer within 5000 ms".into()),
+        );
         assert_eq!(o.thawed_on, Some(ThawSite::Source));
         assert_eq!(o.batch_paused_ms(), None);
         assert!(o.thaw_error.is_some());

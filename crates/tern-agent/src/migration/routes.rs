@@ -133,7 +133,9 @@ pub async fn execute(
         MigrationCommand::Resume(id) => {
             Ok((StatusCode::OK, json(&dest::resume(state, reg, &id).await?)))
         }
-        MigrationCommand::Thaw(id) => Ok((StatusCode::OK, json(&dest::thaw(state, reg, &id).await?))),
+        MigrationCommand::Thaw(id) => {
+            Ok((StatusCode::OK, json(&dest::thaw(state, reg, &id).await?)))
+        }
         MigrationCommand::Abort(id) => {
             Ok((StatusCode::OK, json(&dest::abort(state, reg, &id).await?)))
         }

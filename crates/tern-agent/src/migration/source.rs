@@ -478,7 +478,11 @@ impl<'a> SourceMigration<'a> {
                 ));
             }
             Err(reason) => {
-                tracing::warn!(vm, reason, "dependency-aware: the guest froze nothing; going on as adaptive");
+                tracing::warn!(
+                    vm,
+                    reason,
+                    "dependency-aware: the guest froze nothing; going on as adaptive"
+                );
                 // An answer later than the wait may still have frozen the guest; a
                 // thaw, not waited for, undoes it sooner than the deadline would.
                 let (state, vm) = (self.state.clone(), vm.to_string());
@@ -487,7 +491,11 @@ impl<'a> SourceMigration<'a> {
                 });
             }
         }
-        self.job.view.lock().expect("migration view lock").dependency = Some(outcome);
+        self.job
+            .view
+            .lock()
+            .expect("migration view lock")
+            .dependency = Some(outcome);
     }
 
     /// Thaws the guest here once the VM runs here again (rollback), recording how.

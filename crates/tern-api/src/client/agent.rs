@@ -215,10 +215,7 @@ impl AgentClient {
 
     /// Destination: thaws the guest of a migration that runs there (`dependency-aware`);
     /// the guest's account of the freeze.
-    pub async fn thaw_incoming(
-        &self,
-        id: &str,
-    ) -> Result<crate::guest::ThawReport, ClientError> {
+    pub async fn thaw_incoming(&self, id: &str) -> Result<crate::guest::ThawReport, ClientError> {
         self.http
             .post_empty(&format!("/v1/incoming/{id}/thaw"))
             .await

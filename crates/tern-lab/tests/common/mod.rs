@@ -49,3 +49,38 @@ pub async fn two_hosts(
         .collect();
     (state, hosts)
 }
+
+/// Creates VM `vm` with `memory_mib` booting tern's guest image `img` on `host`, and
+/// waits until its guest agent answers.
+#[allow(dead_code)] // the disk lab tests boot their own guests
+pub async fn boot_guest(
+    host: &AgentClient,
+    img: &tern_hv::image::GuestImage,
+    vm: &str,
+    memory_mib: u64,
+) {
+    let req: tern_agent::vms::CreateVm = serde_json::from_value(serde_json::json!({
+        "id": vm,
+        "spec": {
+            "vcpus": 1,
+            "memory_mib": memory_mib,
+            "kernel": img.kernel,
+            "initramfs": img.initramfs,
+            "cmdline": format!("{} tern.hostname={vm}", img.cmdline),
+        }
+    }))
+    .unwrap();
+    host.create_vm(&req).await.unwrap();
+    let t0 = std::time::Instant::now();
+    while host
+        .guest(vm, &serde_json::json!({"cmd": "ping"}))
+        .await
+        .is_err()
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "guest never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -825,7 +825,10 @@ async fn set_migration_policy(
 async fn taint_vm(State(app): AppState, NamePath(name, _): VmPath) -> ApiResult<Response> {
     let on = app.manager.read(|s| {
         s.vms.get(&name).map(|v| {
-            let host = v.observed_host.as_ref().and_then(|h| s.hosts.get(h).cloned());
+            let host = v
+                .observed_host
+                .as_ref()
+                .and_then(|h| s.hosts.get(h).cloned());
             (v.state, host)
         })
     });

@@ -43,8 +43,8 @@ enum Command {
         default_policy: Option<String>,
         /// The policy of a drain's moves when neither the VM nor the migration names
         /// one (`default`: the default policy).
-        #[arg(long, value_name = "POLICY", value_parser = super::vm::policy_or_default)]
-        evacuation_policy: Option<Option<tern_api::migration::PolicyKind>>,
+        #[arg(long, value_name = "POLICY")]
+        evacuation_policy: Option<String>,
     },
     /// What the balancer would do now (nothing is changed).
     Plan,
@@ -100,6 +100,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             put("dead_after_s", dead_after_s.map(Value::from));
             put("smoothing_window", smoothing_window.map(Value::from));
             put("default_policy", default_policy.map(Value::from));
+            let evacuation_policy = evacuation_policy
+                .map(|p| super::vm::policy_or_default(&p).map_err(super::bad_input))
+                .transpose()?;
             put(
                 "evacuation_policy",
                 evacuation_policy.map(|p| p.map_or(Value::Null, |p| p.as_str().into())),

@@ -62,11 +62,7 @@ enum Command {
     /// Set the live-migration policy the VM's moves use when a migration names none:
     /// qemu, xen, adaptive, stop-copy, dependency-aware, or `default` for the
     /// cluster's (docs/dependency-aware.md, "Choosing the policy").
-    MigrationPolicy {
-        name: VmName,
-        #[arg(value_parser = policy_or_default)]
-        policy: Option<tern_api::migration::PolicyKind>,
-    },
+    MigrationPolicy { name: VmName, policy: String },
     /// The guest's processes as its guest agent classifies them for dependency-aware
     /// migration: external, dependent, untainted or exempt, why, and frozen or not.
     Taint { name: VmName },
@@ -486,6 +482,7 @@ pub fn run(a: Args) -> anyhow::Result<()> {
             return Ok(());
         }
         Command::MigrationPolicy { name, policy } => {
+            let policy = policy_or_default(&policy).map_err(super::bad_input)?;
             let path = format!("/v1/vms/{name}/migration-policy");
             let v = call(
                 c,
