@@ -37,6 +37,8 @@ pub struct DrainRun {
     /// Each guest's move as the manager recorded it: total and downtime, ms.
     pub moves_total_ms: Vec<u64>,
     pub moves_downtime_ms: Vec<u64>,
+    /// `dependency-aware`: processes each move froze (the source agent's record).
+    pub moves_frozen: Vec<u64>,
     /// Every service's requests due while the host drained, together.
     pub client_requests: u64,
     pub client_p50_ms: Option<f64>,
@@ -221,6 +223,14 @@ async fn drain_once(
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let client_ns = &lab.hosts[2].netns;
+    // The manager hands the addresses of the last round's guests to this round's, with
+    // other MACs: the client's host would send to the old ones until its neighbour
+    // entries went stale, seconds of lost requests that are no part of the drain.
+    let flushed = std::process::Command::new("ip")
+        .args(["-n", client_ns, "neigh", "flush", "all"])
+        .status()
+        .context("running ip neigh flush")?;
+    anyhow::ensure!(flushed.success(), "ip -n {client_ns} neigh flush all: {flushed}");
     let cap =
         Duration::from_secs_f64((args.max_precopy_s + 120.0) * f64::from(args.drain_vms) + 60.0);
     let clients = addrs
@@ -239,6 +249,13 @@ async fn drain_once(
     for vm in &names {
         let s = h1.guest(vm, &json!({"cmd": "status"})).await?;
         before.push(workload(&s["result"], "batch").map(|w| w["checked"].as_u64().unwrap_or(0)));
+    }
+    // What the guests' agents take as tainted, for the record on stderr.
+    for vm in &names {
+        match h1.http().get::<Value>(&format!("/v1/vms/{vm}/taint")).await {
+            Ok(t) => eprintln!("bench:   {vm} taint: {t}"),
+            Err(e) => eprintln!("bench:   {vm} taint: {e}"),
+        }
     }
     let starts: Vec<Duration> = clients.iter().map(client::Client::elapsed).collect();
     let t0 = Instant::now();
@@ -267,6 +284,7 @@ async fn drain_once(
     for c in clients {
         all.push(c.stop().await?);
     }
+    let empty_ms = emptied.is_ok().then_some(empty.as_millis() as u64);
     let mut note = emptied.err().map(|e| format!("{e:#}"));
     // Every service's requests due while the host drained, in one window each.
     let windows: Vec<Vec<f64>> = all
@@ -306,6 +324,18 @@ async fn drain_once(
             }
         }
     }
+    // The source's own record of each move: what the guest froze and for how long.
+    let mut moves_frozen = Vec::new();
+    if let Ok(views) = h1.http().get::<Value>("/v1/migrations").await {
+        for v in views.as_array().into_iter().flatten() {
+            if names.iter().any(|n| v["vm"] == n.as_str()) {
+                eprintln!("bench:   {} dependency: {}", v["vm"], v["dependency"]);
+                if let Some(f) = v["dependency"]["frozen"].as_u64() {
+                    moves_frozen.push(f);
+                }
+            }
+        }
+    }
     let records: Vec<Value> = m.client.get("/v1/migrations?limit=100").await?;
     let moves: Vec<&Value> = records
         .iter()
@@ -317,7 +347,7 @@ async fn drain_once(
         policy: policy.to_string(),
         vms: args.drain_vms,
         rate_percent,
-        empty_ms: note.is_none().then(|| empty.as_millis() as u64),
+        empty_ms,
         moves_total_ms: moves
             .iter()
             .filter_map(|r| r["result"]["total_ms"].as_u64())
@@ -326,6 +356,7 @@ async fn drain_once(
             .iter()
             .filter_map(|r| r["result"]["downtime_ms"].as_u64())
             .collect(),
+        moves_frozen,
         client_requests: together.count() as u64,
         client_p50_ms: together.quantile(0.5),
         client_p99_ms: together.quantile(0.99),
