@@ -317,7 +317,10 @@ async fn bench(
             .iter()
             .find_map(|r| r.nonzero_bytes.zip(r.lower_bound_ms));
         if let Some((nonzero, bound)) = known {
-            for r in runs[first..].iter_mut().filter(|r| r.lower_bound_ms.is_none()) {
+            for r in runs[first..]
+                .iter_mut()
+                .filter(|r| r.lower_bound_ms.is_none())
+            {
                 r.lower_bound_ms = Some(bound);
                 r.nonzero_bytes = Some(nonzero);
             }

@@ -230,7 +230,10 @@ async fn drain_once(
         .args(["-n", client_ns, "neigh", "flush", "all"])
         .status()
         .context("running ip neigh flush")?;
-    anyhow::ensure!(flushed.success(), "ip -n {client_ns} neigh flush all: {flushed}");
+    anyhow::ensure!(
+        flushed.success(),
+        "ip -n {client_ns} neigh flush all: {flushed}"
+    );
     let cap =
         Duration::from_secs_f64((args.max_precopy_s + 120.0) * f64::from(args.drain_vms) + 60.0);
     let clients = addrs
