@@ -74,7 +74,7 @@ pub enum Command {
         workload: WorkloadSpec,
     },
     /// Stops the workload of the given kind (`memdirty`, `cpu`, `barrier`, `wakeup`,
-    /// `echo-server`, `verifier`, `diskverify`).
+    /// `echo-server`, `verifier`, `diskverify`, `batch`, `service`).
     Stop { workload: String },
     /// The verifier's counter and its checksum against the expected content.
     Verify,
@@ -205,6 +205,16 @@ pub enum WorkloadSpec {
         #[serde(default = "default_diskverify_rate")]
         blocks_per_sec: f64,
     },
+    /// A batch job in a process of its own: rewrites `mib` MiB in order at `mbps` MB/s
+    /// with content derived from its pass counter, and checks every page before it
+    /// rewrites it (the page must hold what the previous pass wrote), so memory that a
+    /// migration or a freeze got wrong shows up as an error. Being a separate process
+    /// that talks to nothing outside the guest, a dependency-aware migration may freeze
+    /// it.
+    Batch { mib: u64, mbps: f64 },
+    /// A TCP echo service on `port` (all addresses) in a process of its own: a process
+    /// with peers outside the guest, which a dependency-aware migration keeps running.
+    Service { port: u16 },
 }
 
 fn default_disk_device() -> String {
@@ -256,6 +266,8 @@ impl WorkloadSpec {
             WorkloadSpec::Barrier { .. } => "barrier",
             WorkloadSpec::Wakeup { .. } => "wakeup",
             WorkloadSpec::Diskverify { .. } => "diskverify",
+            WorkloadSpec::Batch { .. } => "batch",
+            WorkloadSpec::Service { .. } => "service",
         }
     }
 
@@ -278,12 +290,13 @@ impl WorkloadSpec {
                     ));
                 }
             }
-            WorkloadSpec::Memdirty { mib, mbps } => {
+            WorkloadSpec::Memdirty { mib, mbps } | WorkloadSpec::Batch { mib, mbps } => {
+                let kind = self.name();
                 if mib == 0 {
-                    return bad("memdirty: --mib must be at least 1".into());
+                    return bad(format!("{kind}: --mib must be at least 1"));
                 }
                 if !(mbps.is_finite() && mbps >= 0.0) {
-                    return bad(format!("memdirty: --mbps must be a rate >= 0, got {mbps}"));
+                    return bad(format!("{kind}: --mbps must be a rate >= 0, got {mbps}"));
                 }
             }
             WorkloadSpec::Cpu { percent, threads } => {
@@ -310,9 +323,9 @@ impl WorkloadSpec {
                     ));
                 }
             }
-            WorkloadSpec::EchoServer { port } => {
+            WorkloadSpec::EchoServer { port } | WorkloadSpec::Service { port } => {
                 if port == 0 {
-                    return bad("echo-server: --port must be 1..=65535".into());
+                    return bad(format!("{}: --port must be 1..=65535", self.name()));
                 }
             }
             WorkloadSpec::Verifier { mib, pages_per_sec } => {
@@ -364,6 +377,19 @@ impl WorkloadSpec {
                     mbps: f.required("mbps")?,
                 }
             }
+            "batch" => {
+                let mut f = Flags::new(kind, flags, &["mib", "mbps"])?;
+                WorkloadSpec::Batch {
+                    mib: f.required("mib")?,
+                    mbps: f.required("mbps")?,
+                }
+            }
+            "service" => {
+                let mut f = Flags::new(kind, flags, &["port"])?;
+                WorkloadSpec::Service {
+                    port: f.required("port")?,
+                }
+            }
             "cpu" => {
                 let mut f = Flags::new(kind, flags, &["percent", "threads"])?;
                 WorkloadSpec::Cpu {
@@ -410,7 +436,7 @@ impl WorkloadSpec {
             }
             other => {
                 return Err(SpecError(format!(
-                "unknown workload {other:?}; known: memdirty, cpu, barrier, wakeup, echo-server, verifier, diskverify"
+                "unknown workload {other:?}; known: memdirty, cpu, barrier, wakeup, echo-server, verifier, diskverify, batch, service"
             )))
             }
         };
@@ -426,6 +452,8 @@ impl WorkloadSpec {
                 format!("cpu --percent {percent} --threads {threads}")
             }
             WorkloadSpec::EchoServer { port } => format!("echo-server --port {port}"),
+            WorkloadSpec::Batch { mib, mbps } => format!("batch --mib {mib} --mbps {mbps}"),
+            WorkloadSpec::Service { port } => format!("service --port {port}"),
             WorkloadSpec::Barrier { threads } => format!("barrier --threads {threads}"),
             WorkloadSpec::Wakeup { threads } => format!("wakeup --threads {threads}"),
             WorkloadSpec::Verifier { mib, pages_per_sec } => {
@@ -770,13 +798,17 @@ pub struct WorkloadStatus {
     pub spec: String,
     pub running: bool,
     pub seconds: f64,
-    /// Pages written (memdirty, verifier), busy milliseconds (cpu), barriers passed
-    /// (barrier), handoffs (wakeup), bytes echoed (echo-server).
+    /// Pages written (memdirty, verifier, batch), busy milliseconds (cpu), barriers
+    /// passed (barrier), handoffs (wakeup), bytes echoed (echo-server, service).
     pub work: u64,
-    /// Work per second since the paced phase began (memdirty: after its initial fill):
-    /// MB/s for memdirty, percent busy for cpu, pages/s for the verifier, barriers/s,
-    /// handoffs/s, bytes/s echoed.
+    /// Work per second since the paced phase began (memdirty, batch: after the initial
+    /// fill): MB/s for memdirty and batch, percent busy for cpu, pages/s for the
+    /// verifier, barriers/s, handoffs/s, bytes/s echoed.
     pub rate: f64,
+    /// `batch` only: pages found holding what the previous pass wrote when the job came
+    /// to rewrite them. A page that held anything else is reported in `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }
@@ -882,6 +914,30 @@ mod tests {
         assert!(err("diskverify --mib 4 --device /dev/../etc/x").contains("/dev/"));
         assert!(err("diskverify --mib 0").contains("--mib"));
         assert!(err("diskverify --mib 4 --blocks-per-sec 0").contains("> 0"));
+        assert!(err("batch --mib 0 --mbps 5").contains("batch: --mib"));
+        assert!(err("batch --mib 4 --mbps -1").contains("batch: --mbps"));
+        assert!(err("batch --mib 4").contains("--mbps is required"));
+        assert!(err("service --port 0").contains("service: --port"));
+        assert!(err("service --port 80 --host x").contains("unknown flag --host"));
+    }
+
+    #[test]
+    fn batch_and_service_parse() {
+        assert_eq!(
+            WorkloadSpec::parse_args("batch --mib 64 --mbps 90").unwrap(),
+            WorkloadSpec::Batch {
+                mib: 64,
+                mbps: 90.0
+            }
+        );
+        let line = r#"{"cmd":"start","workload":{"kind":"service","port":7000}}"#;
+        assert_eq!(
+            parse(line).command,
+            Command::Start {
+                workload: WorkloadSpec::Service { port: 7000 }
+            }
+        );
+        assert_eq!(WorkloadSpec::Service { port: 7000 }.name(), "service");
     }
 
     #[test]
@@ -954,6 +1010,11 @@ mod tests {
                 threads
             }),
             (1u16..=u16::MAX).prop_map(|port| WorkloadSpec::EchoServer { port }),
+            (1u16..=u16::MAX).prop_map(|port| WorkloadSpec::Service { port }),
+            (1u64..4096, 0u32..100_000).prop_map(|(mib, r)| WorkloadSpec::Batch {
+                mib,
+                mbps: f64::from(r) / 100.0
+            }),
             (2u32..=MAX_BARRIER_THREADS).prop_map(|threads| WorkloadSpec::Barrier { threads }),
             (2u32..=MAX_WAKEUP_THREADS).prop_map(|threads| WorkloadSpec::Wakeup { threads }),
             (1u64..64, 1u32..10_000).prop_map(|(mib, r)| WorkloadSpec::Verifier {

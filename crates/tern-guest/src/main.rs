@@ -7,6 +7,8 @@
 //! fw_cfg configuration once and exits (both images run it at boot; with `--shell` it
 //! also prints the host name, address and gateway as shell assignments for the minimal
 //! image's init, which has no systemd-networkd to read the files).
+//! `tern-guest child SPEC` runs one `batch` or `service` workload as a process of its
+//! own; the agent starts it so (see `workload::process`), not a person.
 //! `tern-guest ipc ...` makes a unix socket server or client or a shared memory segment
 //! (see `tern_guest::ipc`), for building the dependencies taint tracking follows.
 
@@ -21,8 +23,9 @@ use tern_api::guest::DEFAULT_VERIFIER_PAGES_PER_SEC;
 use tern_guest::channel::{find_virtio_port, FALLBACK_UART, PORT_NAME};
 use tern_guest::fault::{self, Fault};
 use tern_guest::server::{serve, Agent, Ended};
+use tern_guest::workload::process;
 
-const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]\n       tern-guest apply-config [--from FILE] [--root DIR] [--shell]\n       tern-guest ipc unix-serve PATH | unix-connect PATH | shm PATH";
+const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]\n       tern-guest apply-config [--from FILE] [--root DIR] [--shell]\n       tern-guest child 'batch --mib N --mbps R' | 'service --port P'\n       tern-guest ipc unix-serve PATH | unix-connect PATH | shm PATH";
 
 struct Options {
     stdio: bool,
@@ -104,6 +107,11 @@ fn main() -> ExitCode {
     if args.peek().map(String::as_str) == Some("apply-config") {
         args.next();
         return apply_config(args);
+    }
+    if args.peek().map(String::as_str) == Some(process::CHILD_COMMAND) {
+        args.next();
+        let spec: Vec<String> = args.collect();
+        return process::child_main(&spec.join(" "));
     }
     if args.peek().map(String::as_str) == Some("ipc") {
         args.next();

@@ -233,7 +233,7 @@ proptest! {
         prop_assert_eq!(&d, &decide(&policy, &input), "not deterministic");
         match &d {
             Decision::Continue { hold_back } | Decision::Throttle { hold_back, .. }
-                if policy != PolicyKind::Adaptive =>
+                if !matches!(policy, PolicyKind::Adaptive | PolicyKind::DependencyAware) =>
             {
                 prop_assert!(hold_back.is_empty());
             }
@@ -245,7 +245,7 @@ proptest! {
                 prop_assert!(hold_back.iter().all(|&f| (f as usize) < tracker.len()));
             }
             Decision::Throttle { percent, hold_back } => {
-                prop_assert_eq!(policy, PolicyKind::Adaptive);
+                prop_assert!(matches!(policy, PolicyKind::Adaptive | PolicyKind::DependencyAware));
                 prop_assert!((1..=99).contains(percent));
                 prop_assert!(*percent > input.current_throttle());
                 prop_assert!(hold_back.is_empty());

@@ -25,6 +25,15 @@ pub fn spawn(mib: u64, mbps: f64, ctl: Ctl) -> Result<JoinHandle<()>, GuestError
 }
 
 fn run(mib: u64, mbps: f64, ctl: &Ctl) -> Result<(), GuestError> {
+    rewrite(mib, mbps, false, ctl)
+}
+
+/// The writer: fills `mib` MiB, then rewrites it in order at `mbps`. With `check`
+/// (the `batch` job), every page is first checked to hold what the previous pass wrote
+/// (three words: enough to tell one pass's key from another's, cheap enough not to
+/// set the pace); checked pages are counted in `stats.checked`, and the first page
+/// holding anything else ends the job with an error naming it.
+pub fn rewrite(mib: u64, mbps: f64, check: bool, ctl: &Ctl) -> Result<(), GuestError> {
     let pages = usize::try_from(mib * (1 << 20) / PAGE_SIZE as u64)
         .map_err(|_| GuestError::BadRequest(format!("memdirty: {mib} MiB is too large")))?;
     let mut mem: Vec<u64> = Vec::new();
@@ -52,6 +61,13 @@ fn run(mib: u64, mbps: f64, ctl: &Ctl) -> Result<(), GuestError> {
             continue;
         }
         for _ in 0..due {
+            let page = &mem[next * PAGE_WORDS..(next + 1) * PAGE_WORDS];
+            if check && !holds(page, generation - 1, next as u64, &noise) {
+                return Err(GuestError::BadRequest(format!(
+                    "batch: page {next} does not hold what pass {} wrote",
+                    generation - 1
+                )));
+            }
             fill_page(
                 &mut mem[next * PAGE_WORDS..(next + 1) * PAGE_WORDS],
                 generation,
@@ -66,6 +82,11 @@ fn run(mib: u64, mbps: f64, ctl: &Ctl) -> Result<(), GuestError> {
         }
         pacer.done(due);
         ctl.stats.add(due);
+        if check {
+            ctl.stats
+                .checked
+                .fetch_add(due, std::sync::atomic::Ordering::Relaxed);
+        }
     }
     Ok(())
 }
@@ -91,10 +112,23 @@ pub fn noise() -> Vec<u64> {
 /// load, xor and store per word, so the writer, not the arithmetic, sets the pace
 /// even under TCG.
 pub fn fill_page(words: &mut [u64], generation: u64, page: u64, noise: &[u64]) {
-    let key = ((generation << 32) ^ page).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 1;
+    let key = page_key(generation, page);
     for (w, n) in words.iter_mut().zip(noise) {
         *w = n ^ key;
     }
+}
+
+/// Whether `words` still hold page `page` of `generation`, judged by its first, middle
+/// and last word.
+pub fn holds(words: &[u64], generation: u64, page: u64, noise: &[u64]) -> bool {
+    let key = page_key(generation, page);
+    [0, PAGE_WORDS / 2, PAGE_WORDS - 1]
+        .iter()
+        .all(|&i| words[i] == noise[i] ^ key)
+}
+
+fn page_key(generation: u64, page: u64) -> u64 {
+    ((generation << 32) ^ page).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 1
 }
 
 #[cfg(test)]
@@ -112,6 +146,34 @@ mod tests {
         assert!(a.iter().all(|&w| w != 0));
         fill_page(&mut b, 1, 8, &n);
         assert_ne!(a, b, "neighbouring pages differ too");
+    }
+
+    #[test]
+    fn a_page_holds_its_own_pass_only() {
+        let n = noise();
+        let mut a = vec![0u64; PAGE_WORDS];
+        fill_page(&mut a, 4, 9, &n);
+        assert!(holds(&a, 4, 9, &n));
+        assert!(!holds(&a, 3, 9, &n), "an older pass");
+        assert!(!holds(&a, 4, 10, &n), "another page");
+        a[PAGE_WORDS - 1] ^= 1;
+        assert!(!holds(&a, 4, 9, &n), "one flipped bit in the last word");
+    }
+
+    #[test]
+    fn checked_rewrite_counts_its_checks() {
+        let ctl = Ctl::default();
+        let c = ctl.clone();
+        let h = std::thread::spawn(move || rewrite(1, 8.192, true, &c));
+        std::thread::sleep(std::time::Duration::from_millis(700));
+        ctl.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        h.join().unwrap().unwrap();
+        let checked = ctl.stats.checked.load(std::sync::atomic::Ordering::Relaxed);
+        let work = ctl.stats.work.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            checked > 0 && checked == work,
+            "{checked} checked, {work} written"
+        );
     }
 
     #[test]

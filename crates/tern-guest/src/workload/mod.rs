@@ -6,6 +6,7 @@ pub mod cpu;
 pub mod diskverify;
 pub mod echo;
 pub mod memdirty;
+pub mod process;
 pub mod verifier;
 pub mod wakeup;
 
@@ -24,6 +25,8 @@ pub struct Stats {
     /// Units of work done: pages, busy milliseconds, barriers, handoffs or bytes, by
     /// workload.
     pub work: AtomicU64,
+    /// `batch`: pages checked before being rewritten.
+    pub checked: AtomicU64,
     /// Set when a workload thread ended with an error.
     pub error: Mutex<Option<String>>,
     /// When the paced phase began (after memdirty's initial fill), so the reported
@@ -42,7 +45,7 @@ impl Stats {
         }
     }
 
-    fn fail(&self, msg: String) {
+    pub fn fail(&self, msg: String) {
         if let Ok(mut e) = self.error.lock() {
             *e = Some(msg);
         }
@@ -122,6 +125,9 @@ impl Workloads {
             WorkloadSpec::Barrier { threads } => barrier::spawn(threads, ctl.clone())?,
             WorkloadSpec::Wakeup { threads } => wakeup::spawn(threads, ctl.clone())?,
             WorkloadSpec::EchoServer { port } => vec![echo::spawn(port, ctl.clone())?],
+            WorkloadSpec::Batch { .. } | WorkloadSpec::Service { .. } => {
+                vec![process::spawn(&spec, ctl.clone())?]
+            }
             WorkloadSpec::Verifier { mib, pages_per_sec } => {
                 let shared = Arc::new(verifier::Shared::new(mib)?);
                 verifier_state = Some(shared.clone());
@@ -232,6 +238,8 @@ impl Workloads {
                     seconds,
                     work,
                     rate: rate(&r.spec, work, paced_s),
+                    checked: matches!(r.spec, WorkloadSpec::Batch { .. })
+                        .then(|| r.ctl.stats.checked.load(Ordering::Relaxed)),
                     error: r.ctl.stats.error.lock().ok().and_then(|e| e.clone()),
                 }
             })
@@ -252,11 +260,13 @@ fn rate(spec: &WorkloadSpec, work: u64, seconds: f64) -> f64 {
         return 0.0;
     }
     match spec {
-        WorkloadSpec::Memdirty { .. } => work as f64 * crate::PAGE_SIZE as f64 / 1e6 / seconds,
+        WorkloadSpec::Memdirty { .. } | WorkloadSpec::Batch { .. } => {
+            work as f64 * crate::PAGE_SIZE as f64 / 1e6 / seconds
+        }
         WorkloadSpec::Cpu { threads, .. } => {
             work as f64 / 10.0 / seconds / f64::from((*threads).max(1))
         }
-        WorkloadSpec::EchoServer { .. } => work as f64 / seconds,
+        WorkloadSpec::EchoServer { .. } | WorkloadSpec::Service { .. } => work as f64 / seconds,
         WorkloadSpec::Verifier { .. } => work as f64 / seconds,
         WorkloadSpec::Barrier { .. } => work as f64 / seconds,
         WorkloadSpec::Wakeup { .. } => work as f64 / seconds,

@@ -15,6 +15,7 @@ pub fn simulate(
     policy: &dyn Policy,
 ) -> Result<MigrationOutcome, MigrateError> {
     params.validate()?;
+    let params = &*params.as_run_by(policy);
     let classes = split_at(
         params.classes(),
         params.probe_bytes / params.page_size.max(1),

@@ -26,6 +26,7 @@ pub fn simulate_pages(
     seed: u64,
 ) -> Result<MigrationOutcome, MigrateError> {
     params.validate()?;
+    let params = &*params.as_run_by(policy);
     let pages = params.nonzero_pages();
     let per_fragment = (params.fragment_bytes / params.page_size).max(1);
     let mut start = 0;

@@ -124,6 +124,14 @@ pub trait Policy: Send + Sync {
     fn first_round_throttle(&self, _probe: &FirstRoundProbe, _limits: &Limits) -> u8 {
         0
     }
+
+    /// Whether the guest's untainted processes are frozen for the move (the
+    /// dependency-aware policy): their writes stop, so the models leave out the share
+    /// of the dirty rate [`MigrationParams::untainted_write_share`](crate::MigrationParams::untainted_write_share)
+    /// says is theirs.
+    fn freezes_untainted(&self) -> bool {
+        false
+    }
 }
 
 /// Next step for a migration: the safety caps of `input.limits`, then `policy`.
@@ -148,6 +156,10 @@ pub fn decide(policy: &dyn Policy, input: &PolicyInput<'_>) -> Decision {
 }
 
 impl Policy for PolicyKind {
+    fn freezes_untainted(&self) -> bool {
+        matches!(self, PolicyKind::DependencyAware)
+    }
+
     fn name(&self) -> &'static str {
         self.as_str()
     }

@@ -3,6 +3,9 @@
 
 mod api;
 mod balance;
+mod client;
+mod dependency;
+mod drain;
 mod faults;
 mod hbal;
 mod lifecycle;
@@ -21,6 +24,10 @@ pub enum Command {
     Api(api::Args),
     /// Live migration on a 2-host lab: tern's engine under each policy beside QEMU's own.
     Migration(migration::Args),
+    /// Why dependency-aware migration pays: a guest with a service (hit by a client on
+    /// another lab host) and a batch job, moved by QEMU, `adaptive` and
+    /// `dependency-aware`; then a host of such guests drained through the manager.
+    Dependency(dependency::Args),
     /// The fault and attack suite on a 3-host lab: probes of every closed hole and real
     /// faults (agents and the manager killed, a full disk, links cut, moves broken).
     Faults(faults::Args),
@@ -85,6 +92,17 @@ fn with_lab_on<T>(
     let progress = |s: &str| eprintln!("{s}");
     let lab = rt.block_on(tern_lab::up(&opts, &progress))?;
     let result = rt.block_on(f(&lab, &img, dir.path()));
+    if result.is_err() {
+        // The lab and its logs go with it: what the agents said last goes to stderr.
+        for h in &lab.hosts {
+            let log = std::fs::read_to_string(h.state_dir.join("agent.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("agent {} log, last lines:", h.name);
+            for l in tail.iter().rev() {
+                eprintln!("  {l}");
+            }
+        }
+    }
     rt.block_on(tern_lab::down(&opts.dir, &progress))?;
     result
 }
@@ -169,6 +187,7 @@ pub fn run(c: Command) -> anyhow::Result<()> {
         Command::Balance(args) => balance::run(args),
         Command::Api(args) => api::run(args),
         Command::Migration(args) => migration::run(args),
+        Command::Dependency(args) => dependency::run(args),
         Command::Faults(args) => faults::run(args),
         Command::Vcpu(args) => vcpu::run(args),
         Command::Trace(args) => trace::run(args),

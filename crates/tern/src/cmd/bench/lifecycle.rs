@@ -111,7 +111,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         HOST_MEMORY_MIB,
         Some(port),
         async |lab, _img, dir| {
-            let mut manager = start_manager(lab, port, dir).await?;
+            let mut manager = start_manager(lab, port, dir, &[]).await?;
             let r = lifecycle(lab, &manager.client, &args).await;
             manager.stop();
             r
@@ -159,13 +159,13 @@ fn print_table(r: &Report) {
 }
 
 /// `tern manager` on the lab's root address and CA, killed when dropped.
-struct Manager {
+pub(super) struct Manager {
     child: Option<Child>,
-    client: Client,
+    pub client: Client,
 }
 
 impl Manager {
-    fn stop(&mut self) {
+    pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -179,7 +179,14 @@ impl Drop for Manager {
     }
 }
 
-async fn start_manager(lab: &LabState, port: u16, dir: &Path) -> anyhow::Result<Manager> {
+/// Starts `tern manager` for `lab` on `port` with `extra` arguments; waits until it
+/// answers.
+pub(super) async fn start_manager(
+    lab: &LabState,
+    port: u16,
+    dir: &Path,
+    extra: &[&str],
+) -> anyhow::Result<Manager> {
     let ca = lab.ca_dir.as_ref().context("the lab has no CA")?;
     let url = lab
         .manager_url
@@ -195,6 +202,7 @@ async fn start_manager(lab: &LabState, port: u16, dir: &Path) -> anyhow::Result<
         .arg(dir.join("manager.db"))
         .arg("--token-file")
         .arg(&lab.token_file)
+        .args(extra)
         .env_remove("TERN_TOKEN")
         .stdin(Stdio::null())
         .stdout(out.try_clone()?)
@@ -227,7 +235,7 @@ async fn start_manager(lab: &LabState, port: u16, dir: &Path) -> anyhow::Result<
 }
 
 /// Polls `ok` every 250 ms until it holds; an error naming `what` after `limit`.
-async fn wait_until(
+pub(super) async fn wait_until(
     what: &str,
     limit: Duration,
     mut ok: impl AsyncFnMut() -> bool,
@@ -569,7 +577,7 @@ async fn setup(run: &Run<'_>, args: &Args) -> anyhow::Result<()> {
 }
 
 /// `tern ARGS --json` against the lab's manager; fails with its stderr.
-fn cli(lab: &LabState, args: &[&str]) -> anyhow::Result<Value> {
+pub(super) fn cli(lab: &LabState, args: &[&str]) -> anyhow::Result<Value> {
     let url = lab.manager_url.as_deref().context("no manager URL")?;
     let ca = lab.ca_dir.as_ref().context("no CA")?.join("ca.pem");
     let o = Command::new(std::env::current_exe()?)

@@ -89,6 +89,15 @@ pub struct Run {
     pub downtime_parts_ms: Option<Vec<u64>>,
     /// Why the migration did not complete, or what was wrong with the guest.
     pub note: Option<String>,
+    /// `dependency-aware` only: processes the guest froze for the pre-copy, the longest
+    /// any stayed frozen (from the guest's thaw answer), and why the move went on as
+    /// `adaptive` when it froze nothing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frozen: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frozen_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -99,7 +108,7 @@ struct Report {
     runs: Vec<Run>,
 }
 
-fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> anyhow::Result<Vec<T>> {
+pub(super) fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> anyhow::Result<Vec<T>> {
     s.split(',')
         .map(|x| {
             x.trim()
@@ -154,9 +163,32 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What a benchmark's moves share: the guest, its dirtied working set and the link.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Shape {
+    pub link_mbit: u32,
+    pub memory_mib: u64,
+    pub wss_mib: u64,
+    pub max_precopy_s: f64,
+    /// Share of the dirty rate written by processes a dependency-aware move freezes.
+    pub untainted_write_share: f64,
+}
+
+impl Args {
+    fn shape(&self) -> Shape {
+        Shape {
+            link_mbit: self.link_mbit,
+            memory_mib: self.memory_mib,
+            wss_mib: self.wss_mib,
+            max_precopy_s: self.max_precopy_s,
+            untainted_write_share: 0.0,
+        }
+    }
+}
+
 /// Fills in what `tern-migrate`'s analytic model, with the engine's costs, predicts
 /// for a completed tern run, fed with what the run measured.
-fn predict(run: &mut Run, args: &Args) {
+pub(super) fn predict(run: &mut Run, args: &Shape) {
     let (Some(total), Some(downtime), Some(nonzero)) =
         (run.total_ms, run.downtime_ms, run.nonzero_bytes)
     else {
@@ -181,6 +213,7 @@ fn predict(run: &mut Run, args: &Args) {
         };
     }
     params.max_elapsed_s = Some(args.max_precopy_s);
+    params.untainted_write_share = args.untainted_write_share;
     let o = match simulate(&params, &policy) {
         Ok(o) => o,
         Err(e) => {
@@ -322,11 +355,12 @@ pub(super) fn median(sorted: &[f64]) -> f64 {
 }
 
 /// The lab and the guest currently under test.
-struct Bench<'a> {
+pub(super) struct Bench<'a> {
     lab: &'a LabState,
     hosts: Vec<AgentClient>,
-    vm: String,
-    at: usize,
+    pub vm: String,
+    /// The host the guest is on.
+    pub at: usize,
     counter: u64,
     boots: u32,
 }
@@ -338,19 +372,7 @@ async fn bench(
     rates: &[u32],
     engines: &[String],
 ) -> anyhow::Result<Vec<Run>> {
-    let hosts = lab
-        .hosts
-        .iter()
-        .map(|h| lab.client(&h.url, Duration::from_secs(60)))
-        .collect::<Result<_, _>>()?;
-    let mut b = Bench {
-        lab,
-        hosts,
-        vm: String::new(),
-        at: 0,
-        counter: 0,
-        boots: 0,
-    };
+    let mut b = Bench::new(lab)?;
     let link_bytes_s = f64::from(args.link_mbit) * 1e6 / 8.0;
     let mut runs = Vec::new();
     for &rate in rates {
@@ -373,16 +395,18 @@ async fn bench(
                 2 - b.at
             );
             let measured = if dirty_mb_s > 0 {
-                b.dirty_rate_mb_s().await?
+                b.dirty_rate_mb_s("memdirty").await?
             } else {
                 0.0
             };
-            let mut run = b.migrate(engine, args).await?;
+            let mut run = b
+                .migrate(engine, args.max_precopy_s, args.link_mbit)
+                .await?;
             run.rate_percent = rate;
             run.dirty_mb_s = dirty_mb_s;
             run.repetition = repetition;
             run.measured_dirty_mb_s = Some(measured);
-            predict(&mut run, args);
+            predict(&mut run, &args.shape());
             if let Some(m) = run.lower_bound_ms {
                 nonzero.get_or_insert(m);
             }
@@ -405,8 +429,26 @@ async fn bench(
     Ok(runs)
 }
 
-impl Bench<'_> {
-    async fn guest(
+impl<'a> Bench<'a> {
+    pub fn new(lab: &'a LabState) -> anyhow::Result<Bench<'a>> {
+        let hosts = lab
+            .hosts
+            .iter()
+            .map(|h| lab.client(&h.url, Duration::from_secs(60)))
+            .collect::<Result<_, _>>()?;
+        Ok(Bench {
+            lab,
+            hosts,
+            vm: String::new(),
+            at: 0,
+            counter: 0,
+            boots: 0,
+        })
+    }
+
+    /// Asks the guest agent of the guest on `host`, retrying for `patience` while it
+    /// does not answer; the command's result.
+    pub async fn guest(
         &self,
         host: usize,
         req: GuestCommand,
@@ -434,12 +476,31 @@ impl Bench<'_> {
         args: &Args,
         dirty_mb_s: u64,
     ) -> anyhow::Result<()> {
+        let spec = img.vm_spec(1, args.memory_mib, &format!("bench{}", self.boots + 1));
+        let workloads = if dirty_mb_s > 0 {
+            vec![WorkloadSpec::Memdirty {
+                mib: args.wss_mib,
+                mbps: dirty_mb_s as f64,
+            }]
+        } else {
+            vec![]
+        };
+        self.boot_with(spec, &workloads).await
+    }
+
+    /// Boots a fresh guest of `spec` on host 1 and starts `workloads` in order; waits
+    /// until every one that fills memory first (memdirty, batch) writes at its pace.
+    pub async fn boot_with(
+        &mut self,
+        spec: tern_hv::VmSpec,
+        workloads: &[WorkloadSpec],
+    ) -> anyhow::Result<()> {
         self.boots += 1;
         self.vm = format!("bench{}", self.boots);
         self.at = 0;
         let req = CreateVm {
             id: self.vm.parse()?,
-            spec: img.vm_spec(1, args.memory_mib, &self.vm),
+            spec,
             start: true,
             reuse_disks: false,
         };
@@ -447,14 +508,22 @@ impl Bench<'_> {
         self.hosts[0].create_vm(&req).await?;
         self.guest(0, GuestCommand::Ping, Duration::from_secs(180))
             .await?;
-        if dirty_mb_s > 0 {
-            let workload = WorkloadSpec::Memdirty {
-                mib: args.wss_mib,
-                mbps: dirty_mb_s as f64,
-            };
-            self.guest(0, GuestCommand::Start { workload }, Duration::from_secs(10))
-                .await?;
-            self.wait_paced().await?;
+        for workload in workloads {
+            let name = workload.name();
+            self.guest(
+                0,
+                GuestCommand::Start {
+                    workload: workload.clone(),
+                },
+                Duration::from_secs(10),
+            )
+            .await?;
+            if matches!(
+                workload,
+                WorkloadSpec::Memdirty { .. } | WorkloadSpec::Batch { .. }
+            ) {
+                self.wait_paced(name).await?;
+            }
         }
         // Let the rate settle.
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -465,10 +534,10 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// Waits until `memdirty` has filled its working set and writes at its pace: on a
-    /// busy host the fill can outlast any fixed wait, and a migration that starts
-    /// during it measures the fill, not the workload.
-    async fn wait_paced(&self) -> anyhow::Result<()> {
+    /// Waits until the workload `name` (memdirty, batch) has filled its working set and
+    /// writes at its pace: on a busy host the fill can outlast any fixed wait, and a
+    /// migration that starts during it measures the fill, not the workload.
+    async fn wait_paced(&self, name: &str) -> anyhow::Result<()> {
         let t0 = Instant::now();
         loop {
             let st = self
@@ -478,26 +547,27 @@ impl Bench<'_> {
                 .as_array()
                 .into_iter()
                 .flatten()
-                .any(|w| w["name"] == "memdirty" && w["work"].as_u64().unwrap_or(0) > 0);
+                .any(|w| w["name"] == name && w["work"].as_u64().unwrap_or(0) > 0);
             if paced {
                 return Ok(());
             }
             if t0.elapsed() > Duration::from_secs(120) {
-                bail!("memdirty did not start its paced phase within 120 s: {st}");
+                bail!("{name} did not start its paced phase within 120 s: {st}");
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    /// The guest's page-write rate over one second, MB/s, from `memdirty`'s count of
-    /// pages written: what the guest really dirties on this host, not what it was asked.
-    async fn dirty_rate_mb_s(&self) -> anyhow::Result<f64> {
+    /// The guest's page-write rate over one second, MB/s, from the count of pages
+    /// written of workload `name` (memdirty, batch): what the guest really dirties on
+    /// this host, not what it was asked.
+    pub async fn dirty_rate_mb_s(&self, name: &str) -> anyhow::Result<f64> {
         let pages = |st: &Value| {
             st["workloads"]
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter(|w| w["name"] == "memdirty")
+                .filter(|w| w["name"] == name)
                 .find_map(|w| w["work"].as_u64())
         };
         let status = || self.guest(self.at, GuestCommand::Status, Duration::from_secs(10));
@@ -508,11 +578,11 @@ impl Bench<'_> {
             (Some(a), Some(b)) => {
                 Ok(b.saturating_sub(a) as f64 * 4096.0 / (t1 - t0).as_secs_f64() / 1e6)
             }
-            _ => bail!("memdirty reports no page count: {s1}"),
+            _ => bail!("{name} reports no page count: {s1}"),
         }
     }
 
-    async fn destroy(&mut self) {
+    pub async fn destroy(&mut self) {
         for h in &self.hosts {
             let _ = h.delete_vm(&self.vm).await;
         }
@@ -539,7 +609,14 @@ impl Bench<'_> {
             .ok_or_else(|| format!("no counter in {v}"))
     }
 
-    async fn migrate(&mut self, engine: &str, args: &Args) -> anyhow::Result<Run> {
+    /// Moves the guest to the other host with `engine`; the run's figures and whether
+    /// the guest is healthy after it.
+    pub async fn migrate(
+        &mut self,
+        engine: &str,
+        max_precopy_s: f64,
+        link_mbit: u32,
+    ) -> anyhow::Result<Run> {
         let to = 1 - self.at;
         let (policy, ac) = match engine {
             "qemu-native-ac" => ("qemu-native", true),
@@ -554,7 +631,7 @@ impl Bench<'_> {
             policy: policy.parse()?,
             options: SendOptions {
                 auto_converge: ac,
-                max_precopy_s: args.max_precopy_s,
+                max_precopy_s,
                 downtime_limit_ms: 300,
                 ..SendOptions::default()
             },
@@ -563,12 +640,26 @@ impl Bench<'_> {
         let started: Value = agent.post("/v1/migrations", &body).await?;
         let id = started["id"].as_str().context("migration id")?.to_string();
         let t0 = Instant::now();
+        let mut answered = Instant::now();
         let s = loop {
-            let s: Value = agent.get(&format!("/v1/migrations/{id}")).await?;
+            let s: Value = match agent.get(&format!("/v1/migrations/{id}")).await {
+                Ok(s) => {
+                    answered = Instant::now();
+                    s
+                }
+                // One dropped connection is no verdict on the migration; an agent silent
+                // for 30 s is.
+                Err(e) if answered.elapsed() < Duration::from_secs(30) => {
+                    eprintln!("bench:   the source agent did not answer: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             if matches!(s["phase"].as_str(), Some("completed" | "rolled_back")) {
                 break s;
             }
-            if t0.elapsed() > Duration::from_secs_f64(args.max_precopy_s + 120.0) {
+            if t0.elapsed() > Duration::from_secs_f64(max_precopy_s + 120.0) {
                 bail!("migration {id} did not finish: {s}");
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -595,7 +686,20 @@ impl Bench<'_> {
             max_throttle_percent: None,
             downtime_parts_ms: None,
             note: None,
+            frozen: None,
+            frozen_ms: None,
+            fallback: None,
         };
+        let dep = &s["dependency"];
+        if dep.is_object() {
+            run.frozen = dep["frozen"].as_u64();
+            run.fallback = dep["fallback_reason"].as_str().map(str::to_string);
+            run.frozen_ms = dep["thaw"]["processes"].as_array().and_then(|p| {
+                p.iter()
+                    .filter_map(|p| p["frozen_ms"].as_f64())
+                    .reduce(f64::max)
+            });
+        }
         // Per-round figures on stderr: where the time of a slow run went.
         for t in s["rounds"].as_array().into_iter().flatten() {
             eprintln!(
@@ -623,7 +727,7 @@ impl Bench<'_> {
                 run.max_throttle_percent = r["max_throttle_percent"].as_u64().map(|p| p as u8);
                 run.downtime_parts_ms = serde_json::from_value(r["downtime_parts_ms"].clone()).ok();
             }
-            let link_bytes_s = f64::from(args.link_mbit) * 1e6 / 8.0;
+            let link_bytes_s = f64::from(link_mbit) * 1e6 / 8.0;
             run.nonzero_bytes = r["nonzero_bytes"].as_u64();
             run.lower_bound_ms = run
                 .nonzero_bytes
