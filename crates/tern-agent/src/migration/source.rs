@@ -18,6 +18,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tern_api::guest::FreezeReport;
 use tern_api::migration::DependencyOutcome;
 use tern_hv::{HvError, MigrationState, MigrationStatus, VmInfo, VmState};
 use tern_migrate::{Policy, PolicyKind, StopReason};
@@ -170,6 +171,9 @@ struct SourceMigration<'a> {
     /// `dependency-aware`: the guest froze its untainted processes and must be thawed
     /// wherever the VM runs in the end; these renew the freeze until the pause.
     frozen: Option<Renewals>,
+    /// `dependency-aware`: the `freeze` asked at the start, answered while the
+    /// destination prepares and the streams connect, so pre-copy need not wait for it.
+    freeze_asked: Option<(Instant, tokio::task::JoinHandle<Result<FreezeReport, String>>)>,
     measured: Measured,
 }
 
@@ -196,6 +200,7 @@ impl<'a> SourceMigration<'a> {
             device: Device::default(),
             mirror: None,
             frozen: None,
+            freeze_asked: None,
             measured: Measured::default(),
         }
     }
@@ -240,6 +245,9 @@ impl<'a> SourceMigration<'a> {
     /// engine first maps the guest memory it will send.
     async fn prepare(&mut self) -> Result<(), MigrationError> {
         let vm = self.vm();
+        if self.engine == Engine::Tern(PolicyKind::DependencyAware) {
+            self.ask_freeze();
+        }
         let info = self
             .state
             .hv
@@ -460,10 +468,23 @@ impl<'a> SourceMigration<'a> {
     /// `dependency-aware`: has the guest freeze its untainted processes before the
     /// first round. A guest that does not answer in time or refuses freezes nothing;
     /// the migration goes on under the adaptive rules and its view says why.
+    fn ask_freeze(&mut self) {
+        let (state, vm) = (self.state.clone(), self.vm().to_string());
+        let task = tokio::spawn(async move { freeze::freeze(&state, &vm).await });
+        self.freeze_asked = Some((Instant::now(), task));
+    }
+
+    /// Takes the guest's answer to the `freeze` asked at the start (asking now if it
+    /// was not), then renews the freeze until the pause.
     async fn freeze_guest(&mut self) {
         let vm = self.vm();
-        let asked = Instant::now();
-        let answer = freeze::freeze(self.state, vm).await;
+        if self.freeze_asked.is_none() {
+            self.ask_freeze();
+        }
+        let (asked, task) = self.freeze_asked.take().expect("a freeze was asked");
+        let answer = task
+            .await
+            .unwrap_or_else(|e| Err(format!("the freeze request ended: {e}")));
         let outcome = DependencyOutcome {
             freeze_answer_ms: asked.elapsed().as_millis() as u64,
             ..freeze::outcome_of(&answer)
@@ -878,7 +899,12 @@ impl<'a> SourceMigration<'a> {
                 }
             }
         }
-        // The VM runs here again: what the freeze held may run too.
+        // The VM runs here again: what the freeze held may run too. A freeze still being
+        // answered is waited for first (bounded by its own timeout), or its answer
+        // could freeze the guest after the thaw.
+        if self.freeze_asked.is_some() {
+            self.freeze_guest().await;
+        }
         self.thaw_on_source().await;
         Ok(())
     }
