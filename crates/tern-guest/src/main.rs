@@ -7,6 +7,8 @@
 //! fw_cfg configuration once and exits (both images run it at boot; with `--shell` it
 //! also prints the host name, address and gateway as shell assignments for the minimal
 //! image's init, which has no systemd-networkd to read the files).
+//! `tern-guest thaw` thaws whatever a freeze of an agent that is gone left frozen (the
+//! Debian image's unit runs it when the agent stops; the agent itself does at start).
 //! `tern-guest ipc ...` makes a unix socket server or client or a shared memory segment
 //! (see `tern_guest::ipc`), for building the dependencies taint tracking follows.
 
@@ -22,7 +24,7 @@ use tern_guest::channel::{find_virtio_port, FALLBACK_UART, PORT_NAME};
 use tern_guest::fault::{self, Fault};
 use tern_guest::server::{serve, Agent, Ended};
 
-const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]\n       tern-guest apply-config [--from FILE] [--root DIR] [--shell]\n       tern-guest ipc unix-serve PATH | unix-connect PATH | shm PATH";
+const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]\n       tern-guest apply-config [--from FILE] [--root DIR] [--shell]\n       tern-guest ipc unix-serve PATH | unix-connect PATH | shm PATH\n       tern-guest thaw";
 
 struct Options {
     stdio: bool,
@@ -104,6 +106,18 @@ fn main() -> ExitCode {
     if args.peek().map(String::as_str) == Some("apply-config") {
         args.next();
         return apply_config(args);
+    }
+    if args.peek().map(String::as_str) == Some("thaw") {
+        return match tern_guest::taint::freeze::recover() {
+            Ok(n) => {
+                eprintln!("tern-guest: thawed {n} processes");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tern-guest: thaw: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if args.peek().map(String::as_str) == Some("ipc") {
         args.next();
