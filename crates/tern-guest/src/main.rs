@@ -9,6 +9,8 @@
 //! image's init, which has no systemd-networkd to read the files).
 //! `tern-guest child SPEC` runs one `batch` or `service` workload as a process of its
 //! own; the agent starts it so (see `workload::process`), not a person.
+//! `tern-guest thaw` thaws whatever a freeze of an agent that is gone left frozen (the
+//! Debian image's unit runs it when the agent stops; the agent itself does at start).
 //! `tern-guest ipc ...` makes a unix socket server or client or a shared memory segment
 //! (see `tern_guest::ipc`), for building the dependencies taint tracking follows.
 
@@ -25,7 +27,7 @@ use tern_guest::fault::{self, Fault};
 use tern_guest::server::{serve, Agent, Ended};
 use tern_guest::workload::process;
 
-const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]\n       tern-guest apply-config [--from FILE] [--root DIR] [--shell]\n       tern-guest child 'batch --mib N --mbps R' | 'service --port P'\n       tern-guest ipc unix-serve PATH | unix-connect PATH | shm PATH";
+const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]\n       tern-guest apply-config [--from FILE] [--root DIR] [--shell]\n       tern-guest child 'batch --mib N --mbps R' | 'service --port P'\n       tern-guest ipc unix-serve PATH | unix-connect PATH | shm PATH\n       tern-guest thaw";
 
 struct Options {
     stdio: bool,
@@ -112,6 +114,18 @@ fn main() -> ExitCode {
         args.next();
         let spec: Vec<String> = args.collect();
         return process::child_main(&spec.join(" "));
+    }
+    if args.peek().map(String::as_str) == Some("thaw") {
+        return match tern_guest::taint::freeze::recover() {
+            Ok(n) => {
+                eprintln!("tern-guest: thawed {n} processes");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tern-guest: thaw: {e}");
+                ExitCode::FAILURE
+            }
+        };
     }
     if args.peek().map(String::as_str) == Some("ipc") {
         args.next();

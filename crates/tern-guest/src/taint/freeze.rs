@@ -93,16 +93,36 @@ fn recover_group(root: &Path, name: &str) -> io::Result<usize> {
     if !group.is_dir() {
         return Ok(0);
     }
+    let n = empty_into_root(root, &group);
     write(&group.join("cgroup.freeze"), "0")?;
-    let pids = std::fs::read_to_string(group.join("cgroup.procs"))?;
-    let mut n = 0;
-    for pid in pids.lines().filter(|l| !l.trim().is_empty()) {
-        if write(&root.join("cgroup.procs"), pid.trim()).is_ok() {
-            n += 1;
-        }
-    }
     let _ = std::fs::remove_dir(&group);
     Ok(n)
+}
+
+/// Moves every process left in `group` to the root cgroup (each thaws as it leaves),
+/// until none is left: one that was not frozen yet may fork meanwhile, its child
+/// landing in the group. Returns how many it moved.
+fn empty_into_root(root: &Path, group: &Path) -> usize {
+    let mut n = 0;
+    // Each round takes the processes there now; a handful of rounds outlasts any
+    // fork in flight.
+    for _ in 0..20 {
+        let pids = std::fs::read_to_string(group.join("cgroup.procs")).unwrap_or_default();
+        let pids: Vec<&str> = pids
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        if pids.is_empty() {
+            break;
+        }
+        for pid in pids {
+            if write(&root.join("cgroup.procs"), pid).is_ok() {
+                n += 1;
+            }
+        }
+    }
+    n
 }
 
 struct Member {
@@ -220,7 +240,8 @@ impl Freezer {
     /// Unfreezes the group, moves every process back and removes the group; returns
     /// what the freeze held.
     pub fn thaw_all(&mut self) -> Vec<FrozenProcess> {
-        let _ = write(&self.group.join("cgroup.freeze"), "0");
+        // Out of the group while it is still frozen: each thaws as it leaves, and one
+        // thawed early cannot fork into the group meanwhile.
         let now = Instant::now();
         let mut out = Vec::new();
         for (pid, m) in &self.members {
@@ -238,8 +259,10 @@ impl Freezer {
         for m in self.members.values_mut() {
             m.thawed.get_or_insert(now);
         }
-        // Empty now, unless a frozen process forked (it could not); failing leaves an
-        // empty, unfrozen group behind, harmless.
+        // Children forked between a process's move and the freeze are in the group
+        // too, frozen: to the root cgroup with them.
+        empty_into_root(&self.root, &self.group);
+        let _ = write(&self.group.join("cgroup.freeze"), "0");
         let _ = std::fs::remove_dir(&self.group);
         out
     }
@@ -283,8 +306,22 @@ mod tests {
             .unwrap_or(0)
     }
 
+    /// Whether `path` grows past `n` lines within 5 s (a loaded host may not run the
+    /// writer for a while).
+    fn grows(path: &Path, n: usize) -> bool {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(5) {
+            if lines(path) > n {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// A real freeze of a child of this test: it stops writing while frozen and
-    /// writes again once thawed. Needs root and cgroup v2 (skipped otherwise).
+    /// writes again once thawed, and again after a freeze left behind is recovered.
+    /// Needs root and cgroup v2 (skipped otherwise).
     #[test]
     fn a_frozen_process_stops_and_runs_again_after_thaw() {
         let Some(root) = std::fs::read_to_string("/proc/self/mounts")
@@ -315,17 +352,29 @@ mod tests {
         assert_eq!(lines(&file), n, "no writes while frozen");
         assert!(f.thaw_one(child.id()));
         assert!(!f.thaw_one(child.id()), "thawed once");
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(lines(&file) > n, "writes again once thawed");
+        assert!(grows(&file, n), "writes again once thawed");
         let held = f.thaw_all();
-        child.kill().unwrap();
-        child.wait().unwrap();
         assert_eq!(held.len(), 1);
         assert!(
             held[0].thawed_early && held[0].frozen_ms >= 250.0,
             "{held:?}"
         );
         assert!(!root.join(&name).exists(), "the group is removed");
+
+        // A freeze whose agent died (the Freezer is forgotten, nothing thawed): the
+        // next agent's recovery thaws it.
+        let f = Freezer::freeze(&root, &name, &[(child.id(), "sh".into())]).unwrap();
+        std::mem::forget(f);
+        let n = lines(&file);
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(lines(&file), n, "frozen and left behind");
+        assert_eq!(recover_group(&root, &name).unwrap(), 1);
+        let ran = grows(&file, n);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert!(ran, "runs again after the recovery");
+        assert!(!root.join(&name).exists(), "the group is removed");
+        assert_eq!(recover_group(&root, &name).unwrap(), 0, "nothing left");
     }
 
     fn tern_is_root() -> bool {

@@ -124,6 +124,8 @@ After=systemd-modules-load.service
 
 [Service]
 ExecStart=/usr/local/bin/tern-guest
+# An agent stopped in the middle of a dependency-aware migration leaves nothing frozen.
+ExecStopPost=-/usr/local/bin/tern-guest thaw
 Restart=always
 RestartSec=1
 
@@ -680,6 +682,7 @@ mod tests {
     fn the_units_start_what_the_host_expects() {
         // The agent talks to the port the minimal image uses.
         assert!(TERN_GUEST_UNIT.contains(CONTROL_PORT));
+        assert!(TERN_GUEST_UNIT.contains("ExecStopPost=-/usr/local/bin/tern-guest thaw"));
         // The config is applied before the services that read it.
         for after in ["ssh.service", "systemd-networkd.service"] {
             assert!(TERN_CONFIG_UNIT.contains(after));
