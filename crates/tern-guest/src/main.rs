@@ -2,7 +2,8 @@
 //! over the virtio-serial port `org.tern.guest`, else `/dev/ttyS1`.
 //!
 //! `tern-guest --stdio` serves on stdin/stdout instead (for tests and for trying it
-//! on a host). `--verifier-mib N` starts the memory verifier at once (0: not at all).
+//! on a host; it then refuses `freeze` unless given `--allow-freeze`, so it cannot
+//! freeze a host's processes). `--verifier-mib N` starts the memory verifier at once (0: not at all).
 //! `tern-guest apply-config [--from FILE] [--root DIR] [--shell]` applies the host's
 //! fw_cfg configuration once and exits (both images run it at boot; with `--shell` it
 //! also prints the host name, address and gateway as shell assignments for the minimal
@@ -27,10 +28,11 @@ use tern_guest::fault::{self, Fault};
 use tern_guest::server::{serve, Agent, Ended};
 use tern_guest::workload::process;
 
-const USAGE: &str = "usage: tern-guest [--stdio] [--device PATH] [--verifier-mib N]\n       tern-guest apply-config [--from FILE] [--root DIR] [--shell]\n       tern-guest child 'batch --mib N --mbps R' | 'service --port P'\n       tern-guest ipc unix-serve PATH | unix-connect PATH | shm PATH\n       tern-guest thaw";
+const USAGE: &str = "usage: tern-guest [--stdio [--allow-freeze]] [--device PATH] [--verifier-mib N]\n       tern-guest apply-config [--from FILE] [--root DIR] [--shell]\n       tern-guest child 'batch --mib N --mbps R' | 'service --port P'\n       tern-guest ipc unix-serve PATH | unix-connect PATH | shm PATH\n       tern-guest thaw";
 
 struct Options {
     stdio: bool,
+    allow_freeze: bool,
     device: Option<PathBuf>,
     verifier_mib: u64,
 }
@@ -38,6 +40,7 @@ struct Options {
 fn parse_args() -> Result<Options, String> {
     let mut opts = Options {
         stdio: false,
+        allow_freeze: false,
         device: None,
         verifier_mib: 4,
     };
@@ -45,6 +48,7 @@ fn parse_args() -> Result<Options, String> {
     while let Some(a) = args.next() {
         match a.as_str() {
             "--stdio" => opts.stdio = true,
+            "--allow-freeze" => opts.allow_freeze = true,
             "--device" => opts.device = Some(args.next().ok_or("--device needs a path")?.into()),
             "--verifier-mib" => {
                 let v = args.next().ok_or("--verifier-mib needs a number")?;
@@ -149,7 +153,11 @@ fn main() -> ExitCode {
         Ok(n) => eprintln!("tern-guest: thawed {n} processes a previous agent left frozen"),
         Err(e) => eprintln!("tern-guest: checking for a leftover freeze: {e}"),
     }
-    let mut agent = Agent::default();
+    let mut agent = Agent {
+        // On its port the agent is in a guest; on stdin/stdout it may be on a host.
+        may_freeze: !opts.stdio || opts.allow_freeze,
+        ..Agent::default()
+    };
     if opts.verifier_mib > 0 {
         let spec = WorkloadSpec::Verifier {
             mib: opts.verifier_mib,

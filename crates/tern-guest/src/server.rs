@@ -28,6 +28,9 @@ pub struct Agent {
     tracer: Option<Tracer>,
     /// Taint tracking and the freezer of a dependency-aware migration.
     taint: Tracker,
+    /// Whether `freeze` is carried out: only by an agent known to run in a guest (on
+    /// its port), never by default, so one started on a host cannot freeze the host.
+    pub may_freeze: bool,
 }
 
 impl Default for Agent {
@@ -39,6 +42,7 @@ impl Default for Agent {
             fault_requested: None,
             tracer: None,
             taint: Tracker::default(),
+            may_freeze: false,
         }
     }
 }
@@ -145,6 +149,12 @@ impl Agent {
                 }
             }
             Command::Taint => Reply::Taint(self.taint.report()),
+            Command::Freeze { deadline_ms } if !self.may_freeze => {
+                crate::taint::check_deadline(deadline_ms)?;
+                return Err(GuestError::BadRequest(
+                    "freeze is refused here: this agent serves stdin/stdout, so it may run on a host, whose own processes it would freeze; start it with --allow-freeze inside a guest".into(),
+                ));
+            }
             Command::Freeze { deadline_ms } => Reply::Frozen(self.taint.freeze(deadline_ms)?),
             Command::Thaw => Reply::Thawed(self.taint.thaw()),
             Command::Poweroff => {
@@ -253,6 +263,23 @@ mod tests {
         assert_eq!(r[0].id, 9);
         assert!(r[0].error.as_deref().unwrap().contains("unknown variant"));
         assert!(r[2].error.as_deref().unwrap().contains("no workload"));
+    }
+
+    #[test]
+    fn an_agent_not_known_to_run_in_a_guest_refuses_to_freeze() {
+        let (r, _) = run(
+            "{\"id\":1,\"cmd\":\"freeze\",\"deadline_ms\":1000}\n{\"id\":2,\"cmd\":\"taint\"}\n",
+        );
+        assert!(!r[0].ok);
+        assert!(
+            r[0].error.as_deref().unwrap().contains("--allow-freeze"),
+            "{:?}",
+            r[0]
+        );
+        let Some(Reply::Taint(t)) = &r[1].result else {
+            panic!("{:?}", r[1]);
+        };
+        assert!(!t.frozen && t.processes.iter().all(|p| !p.frozen));
     }
 
     #[test]

@@ -173,7 +173,10 @@ struct SourceMigration<'a> {
     frozen: Option<Renewals>,
     /// `dependency-aware`: the `freeze` asked at the start, answered while the
     /// destination prepares and the streams connect, so pre-copy need not wait for it.
-    freeze_asked: Option<(Instant, tokio::task::JoinHandle<Result<FreezeReport, String>>)>,
+    freeze_asked: Option<(
+        Instant,
+        tokio::task::JoinHandle<Result<FreezeReport, String>>,
+    )>,
     measured: Measured,
 }
 

@@ -141,6 +141,9 @@ impl Tracker {
         }
         // A thread left from a freeze that ended by its deadline.
         self.stop_thread();
+        // The migration waits for this answer, and under TCG a guest busy with the very
+        // work to be frozen would get half its vCPU to the scan: the scan runs ahead of it.
+        let _rt = RealTime::raise();
         // Events first, then the scan: what happens in between is applied twice, which
         // is harmless, rather than missed.
         let root = tern_trace::tracefs::ensure_mounted(Path::new(tern_trace::tracefs::TRACEFS))
@@ -555,15 +558,45 @@ fn own(e: &Event) -> bool {
     Path::new(&format!("/proc/self/task/{tid}")).exists()
 }
 
+/// The calling thread at a real-time priority until dropped, then back to its old
+/// policy. Without the privilege it runs as it was.
+struct RealTime {
+    old: Option<(libc::c_int, libc::sched_param)>,
+}
+
+impl RealTime {
+    fn raise() -> RealTime {
+        let mut policy: libc::c_int = 0;
+        let mut old = libc::sched_param { sched_priority: 0 };
+        let new = libc::sched_param { sched_priority: 10 };
+        // SAFETY: reads and sets this thread's own policy; the pointers are to locals
+        // valid for the calls.
+        let raised = unsafe {
+            libc::pthread_getschedparam(libc::pthread_self(), &mut policy, &mut old) == 0
+                && libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &new) == 0
+        };
+        RealTime {
+            old: raised.then_some((policy, old)),
+        }
+    }
+}
+
+impl Drop for RealTime {
+    fn drop(&mut self) {
+        if let Some((policy, param)) = self.old {
+            // SAFETY: restores this thread's own policy; `param` is a valid local.
+            unsafe { libc::pthread_setschedparam(libc::pthread_self(), policy, &param) };
+        }
+    }
+}
+
 /// The event thread: reads the kernel's events until stopped, or until the deadline
 /// passes (then it thaws everything).
 fn track(mut rec: RawRecorder, decoder: Decoder, shared: &Shared) {
     // A new dependency must be seen within 50 ms however busy the guest's CPUs are: the
     // thread runs at a real-time priority (briefly: it sleeps in `poll` between
     // batches). Without the privilege it runs as it is.
-    let param = libc::sched_param { sched_priority: 10 };
-    // SAFETY: sets this thread's own policy; `param` is valid for the call.
-    unsafe { libc::pthread_setschedparam(libc::pthread_self(), libc::SCHED_FIFO, &param) };
+    let _rt = RealTime::raise();
     let mut seen_lost = 0;
     // Shared mappings show in /proc/PID/maps only once mmap returns; the entry event
     // names the process, which is read again on the next few rounds too.
