@@ -153,11 +153,9 @@ fn main() -> ExitCode {
         Ok(n) => eprintln!("tern-guest: thawed {n} processes a previous agent left frozen"),
         Err(e) => eprintln!("tern-guest: checking for a leftover freeze: {e}"),
     }
-    let mut agent = Agent {
-        // On its port the agent is in a guest; on stdin/stdout it may be on a host.
-        may_freeze: !opts.stdio || opts.allow_freeze,
-        ..Agent::default()
-    };
+    let mut agent = Agent::default();
+    // On its port the agent is in a guest; on stdin/stdout it may be on a host.
+    agent.may_freeze = !opts.stdio || opts.allow_freeze;
     if opts.verifier_mib > 0 {
         let spec = WorkloadSpec::Verifier {
             mib: opts.verifier_mib,
