@@ -217,6 +217,12 @@ impl<'a> SourceMigration<'a> {
         for &phase in self.engine.phases() {
             self.job.set_phase(phase);
             self.run_phase(phase).await?;
+            tracing::debug!(
+                vm = self.vm(),
+                ?phase,
+                ms = self.started.elapsed().as_millis() as u64,
+                "migration phase done"
+            );
         }
         Ok(self.result())
     }
@@ -821,10 +827,14 @@ impl<'a> SourceMigration<'a> {
         self.measured.downtime = paused_at.elapsed();
         // The destination runs: it loaded all QEMU sent, the relay has nothing left.
         self.device = Device::default();
-        if let Err(e) = self.state.destroy_copy(vm).await {
-            tracing::warn!(vm, error = %e, "migrated, but the source VM could not be destroyed");
-        }
-        self.thaw_on_destination().await;
+        // The stale copy goes while the guest thaws there: neither waits for the other.
+        let state = self.state;
+        let destroy = async move {
+            if let Err(e) = state.destroy_copy(vm).await {
+                tracing::warn!(vm, error = %e, "migrated, but the source VM could not be destroyed");
+            }
+        };
+        tokio::join!(destroy, self.thaw_on_destination());
         Ok(())
     }
 

@@ -132,6 +132,8 @@ struct Member {
     since: Instant,
     /// When it left the freezer early.
     thawed: Option<Instant>,
+    /// Already back in its own cgroup.
+    moved: bool,
 }
 
 /// A freeze under way.
@@ -192,12 +194,14 @@ impl Freezer {
                         origin,
                         since: Instant::now(),
                         thawed: None,
+                        moved: false,
                     },
                 );
             }
         }
         if let Err(e) = write(&f.group.join("cgroup.freeze"), "1") {
             f.thaw_all();
+            f.tidy();
             return Err(e);
         }
         let deadline = Instant::now() + FROZEN_WAIT;
@@ -233,21 +237,22 @@ impl Freezer {
             return false;
         };
         m.thawed = Some(Instant::now());
+        m.moved = true;
         move_back(&self.root, pid, &m.origin);
         true
     }
 
-    /// Unfreezes the group, moves every process back and removes the group; returns
-    /// what the freeze held.
+    /// Unfreezes the group and returns what the freeze held; [`Freezer::tidy`] then
+    /// moves every process back and removes the group.
     pub fn thaw_all(&mut self) -> Vec<FrozenProcess> {
-        // Out of the group while it is still frozen: each thaws as it leaves, and one
-        // thawed early cannot fork into the group meanwhile.
+        // The whole group thaws with one write, before any move back: each move out of
+        // a cgroup waits for the kernel's RCU grace periods, which on a slow vCPU would
+        // hold the last process frozen for tens of ms per process before it, and the
+        // host waits for this answer.
+        let _ = write(&self.group.join("cgroup.freeze"), "0");
         let now = Instant::now();
         let mut out = Vec::new();
         for (pid, m) in &self.members {
-            if m.thawed.is_none() {
-                move_back(&self.root, *pid, &m.origin);
-            }
             let end = m.thawed.unwrap_or(now);
             out.push(FrozenProcess {
                 pid: *pid,
@@ -259,12 +264,20 @@ impl Freezer {
         for m in self.members.values_mut() {
             m.thawed.get_or_insert(now);
         }
-        // Children forked between a process's move and the freeze are in the group
-        // too, frozen: to the root cgroup with them.
-        empty_into_root(&self.root, &self.group);
-        let _ = write(&self.group.join("cgroup.freeze"), "0");
-        let _ = std::fs::remove_dir(&self.group);
         out
+    }
+
+    /// After [`Freezer::thaw_all`]: every process back in its own cgroup and the group
+    /// removed. Children forked in the group (between a process's move and the freeze,
+    /// or since the thaw) go to the root cgroup.
+    pub fn tidy(self) {
+        for (pid, m) in &self.members {
+            if !m.moved {
+                move_back(&self.root, *pid, &m.origin);
+            }
+        }
+        empty_into_root(&self.root, &self.group);
+        let _ = std::fs::remove_dir(&self.group);
     }
 
     pub fn started(&self) -> Instant {
@@ -354,6 +367,7 @@ mod tests {
         assert!(!f.thaw_one(child.id()), "thawed once");
         assert!(grows(&file, n), "writes again once thawed");
         let held = f.thaw_all();
+        f.tidy();
         assert_eq!(held.len(), 1);
         assert!(
             held[0].thawed_early && held[0].frozen_ms >= 250.0,

@@ -74,6 +74,8 @@ struct State {
     /// Threads inside `connect`, and the fd.
     connecting: BTreeMap<u32, i32>,
     last_thaw: Option<ThawReport>,
+    /// Moving the thawed processes back to their cgroups, after the thaw's answer.
+    tidying: Option<JoinHandle<()>>,
 }
 
 struct Shared {
@@ -139,8 +141,9 @@ impl Tracker {
                 return Ok(st.freeze_report(true));
             }
         }
-        // A thread left from a freeze that ended by its deadline.
+        // A thread left from a freeze that ended by its deadline, or from a thaw.
         self.stop_thread();
+        self.join_tidying();
         // The migration waits for this answer, and under TCG a guest busy with the very
         // work to be frozen would get half its vCPU to the scan: the scan runs ahead of it.
         let _rt = RealTime::raise();
@@ -205,7 +208,11 @@ impl Tracker {
 
     /// `thaw`: ends the freeze under way; without one, says how the last one ended.
     pub fn thaw(&mut self) -> ThawReport {
-        self.stop_thread();
+        // The thaw first, the event thread after: closing its tracepoints waits for
+        // the kernel's RCU grace periods (hundreds of ms on a slow vCPU), and the
+        // migration waits for this answer. The thread is told to stop and joined at
+        // the next freeze or when the agent ends.
+        self.shared.stop.store(true, Ordering::Relaxed);
         let mut st = self.lock();
         match st.end(ThawCause::Host) {
             Some(r) => r,
@@ -222,6 +229,14 @@ impl Tracker {
         self.lock().freezer.is_some()
     }
 
+    /// Waits for the last thaw's moves back, so a new freeze's group is not emptied by them.
+    fn join_tidying(&self) {
+        let t = self.lock().tidying.take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+
     fn stop_thread(&mut self) {
         self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
@@ -233,6 +248,8 @@ impl Tracker {
 impl Drop for Tracker {
     fn drop(&mut self) {
         self.thaw();
+        self.stop_thread();
+        self.join_tidying();
     }
 }
 
@@ -246,6 +263,8 @@ impl State {
             processes,
             freeze_ms: f.started().elapsed().as_secs_f64() * 1e3,
         };
+        // Thawed already; the moves back wait for RCU grace periods, off the answer's path.
+        self.tidying = Some(std::thread::spawn(move || f.tidy()));
         self.deadline = None;
         self.last_thaw = Some(r.clone());
         Some(r)

@@ -122,6 +122,8 @@ pub struct Run {
     pub frozen: Option<u64>,
     pub frozen_ms: Option<f64>,
     pub fallback: Option<String>,
+    /// From asking the guest to freeze to its answer (overlaps the preparation).
+    pub freeze_answer_ms: Option<u64>,
     pub note: Option<String>,
 }
 
@@ -475,6 +477,7 @@ async fn one_move(
         frozen: m.frozen,
         frozen_ms: m.frozen_ms,
         fallback: m.fallback,
+        freeze_answer_ms: m.freeze_answer_ms,
         note,
     })
 }

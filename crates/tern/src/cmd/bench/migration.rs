@@ -98,6 +98,10 @@ pub struct Run {
     pub frozen_ms: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fallback: Option<String>,
+    /// `dependency-aware` only: from asking the guest to freeze to its answer (asked
+    /// as the migration starts, so most of it overlaps the destination's preparation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freeze_answer_ms: Option<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -689,11 +693,13 @@ impl<'a> Bench<'a> {
             frozen: None,
             frozen_ms: None,
             fallback: None,
+            freeze_answer_ms: None,
         };
         let dep = &s["dependency"];
         if dep.is_object() {
             run.frozen = dep["frozen"].as_u64();
             run.fallback = dep["fallback_reason"].as_str().map(str::to_string);
+            run.freeze_answer_ms = dep["freeze_answer_ms"].as_u64();
             run.frozen_ms = dep["thaw"]["processes"].as_array().and_then(|p| {
                 p.iter()
                     .filter_map(|p| p["frozen_ms"].as_f64())
@@ -703,10 +709,11 @@ impl<'a> Bench<'a> {
         // Per-round figures on stderr: where the time of a slow run went.
         for t in s["rounds"].as_array().into_iter().flatten() {
             eprintln!(
-                "bench:   round {}: {} pages in {:.0} ms, {:.0} MB/s dirtied, {} left, throttle {} %",
+                "bench:   round {}: {} pages in {:.0} ms (ending {:.0} ms into the live phase), {:.0} MB/s dirtied, {} left, throttle {} %",
                 t["round"],
                 t["pages_sent"],
                 t["duration_s"].as_f64().unwrap_or(0.0) * 1000.0,
+                t["elapsed_s"].as_f64().unwrap_or(0.0) * 1000.0,
                 t["dirty_rate_bytes_per_s"].as_f64().unwrap_or(0.0) / 1e6,
                 t["remaining_pages"],
                 t["throttle_percent"],
