@@ -32,12 +32,14 @@ pub const ENGINE_STOP_OVERHEAD_S: f64 = 0.013;
 /// 82-85 %: 68-77 MB/s at 94 MB/s).
 pub const ENGINE_GUEST_WRITE_CPU_SHARE: f64 = 0.31;
 
-/// What the engine's `dependency-aware` source spends before round 1 on the guest's
-/// `freeze` (the guest agent scans its processes and classifies them, on a vCPU the
-/// busy guest shares): ten of `tern bench dependency`'s dependency-aware runs at 75 %
-/// and 150 %, total less round 1, the scan after it, the downtime and the setup the
-/// other policies have: 0.64-1.2 s with the machine's load, median 0.76 s.
-pub const ENGINE_FREEZE_S: f64 = 0.76;
+/// What the engine's `dependency-aware` source waits for beyond what the other
+/// policies do: the part of the guest's `freeze` that the destination's preparation
+/// does not hide (the freeze is asked as the migration starts and answered in
+/// 0.13-0.18 s at a real-time priority) and the guest's `thaw` after the resume (beside
+/// the destruction of the source's copy). Three of `tern bench dependency`'s runs at
+/// 150 %, predicted with 0.76 s (the freeze's wait before it overlapped the
+/// preparation) less measured: 0.15 s.
+pub const ENGINE_FREEZE_S: f64 = 0.15;
 
 /// What a throttled `memdirty` keeps writing on top of what its CPU share allows.
 pub const ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S: f64 = 14e6;
