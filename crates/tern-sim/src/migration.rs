@@ -100,6 +100,7 @@ impl MigrationTiming for PreCopyTiming {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tern_migrate::Policy;
 
     #[test]
     fn precopy_of_an_idle_guest_is_memory_over_what_the_engine_gets_of_the_link() {
@@ -115,8 +116,17 @@ mod tests {
             } else {
                 2.0
             };
-            let expected =
-                10.0 / p.link_efficiency + p.setup_s + scans * p.scan_s() + p.stop_overhead_s;
+            // A policy that freezes the guest's untainted processes waits for that too.
+            let freeze = if policy.freezes_untainted() {
+                p.freeze_s
+            } else {
+                0.0
+            };
+            let expected = 10.0 / p.link_efficiency
+                + p.setup_s
+                + freeze
+                + scans * p.scan_s()
+                + p.stop_overhead_s;
             assert!((e.total_s - expected).abs() < 0.05, "{policy}: {e:?}");
         }
     }
