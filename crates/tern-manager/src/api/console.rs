@@ -64,15 +64,7 @@ async fn console(
             e.body_text()
         ))
     })?;
-    let found = app.manager.read(|s| {
-        s.vms.get(&name).map(|v| {
-            let host = v
-                .observed_host
-                .as_ref()
-                .and_then(|h| s.hosts.get(h).cloned());
-            (v.state, host)
-        })
-    });
+    let found = super::vm_state_and_host(&app, &name);
     let (state, host) = found.ok_or_else(|| crate::Error::UnknownVm(name.to_string()))?;
     let host = match (attachable(state), host) {
         (true, Some(h)) => h,

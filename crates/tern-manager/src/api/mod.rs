@@ -817,22 +817,32 @@ async fn set_migration_policy(
     Ok(reply(StatusCode::OK, execute(&app, cmd).await?))
 }
 
-#[utoipa::path(get, path = "/v1/vms/{name}/taint", operation_id = "taintVm",
-    summary = "The running VM's guest processes as its guest agent classifies them for dependency-aware migration: external, dependent, untainted or exempt, why, and frozen or not (relayed to its host's agent).",
-    params(("name" = String, Path, description = "the VM's name", example = "v1")),
-    responses((status = 200, description = "the guest's taint report", body = tern_api::guest::TaintReport),
-        (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error), (status = 502, description = "error", body = Error), (status = 503, description = "error", body = Error)))]
-async fn taint_vm(State(app): AppState, NamePath(name, _): VmPath) -> ApiResult<Response> {
-    let on = app.manager.read(|s| {
-        s.vms.get(&name).map(|v| {
+/// A VM's state and the host it was last seen on, for the routes relayed to that host's
+/// agent; `None` for an unknown VM.
+fn vm_state_and_host(
+    app: &App,
+    name: &str,
+) -> Option<(tern_api::manager::VmState, Option<tern_api::manager::Host>)> {
+    app.manager.read(|s| {
+        s.vms.get(name).map(|v| {
             let host = v
                 .observed_host
                 .as_ref()
                 .and_then(|h| s.hosts.get(h).cloned());
             (v.state, host)
         })
-    });
-    let host = match on.ok_or_else(|| crate::Error::UnknownVm(name.clone()))? {
+    })
+}
+
+#[utoipa::path(get, path = "/v1/vms/{name}/taint", operation_id = "taintVm",
+    summary = "The running VM's guest processes as its guest agent classifies them for dependency-aware migration: external, dependent, untainted or exempt, why, and frozen or not (relayed to its host's agent).",
+    params(("name" = String, Path, description = "the VM's name", example = "v1")),
+    responses((status = 200, description = "the guest's taint report", body = tern_api::guest::TaintReport),
+        (status = 404, description = "error", body = Error), (status = 409, description = "error", body = Error), (status = 502, description = "error", body = Error), (status = 503, description = "error", body = Error)))]
+async fn taint_vm(State(app): AppState, NamePath(name, _): VmPath) -> ApiResult<Response> {
+    let host = match vm_state_and_host(&app, &name)
+        .ok_or_else(|| crate::Error::UnknownVm(name.clone()))?
+    {
         (tern_api::manager::VmState::Running, Some(host)) => host,
         (state, _) => {
             return Err(crate::Error::Conflict(format!(
