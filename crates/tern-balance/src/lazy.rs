@@ -34,15 +34,18 @@
 //! exactly against the state it meets (the coldest node is the best target for
 //! several moves in a row). A step ends when no source has an acceptable move
 //! left or the best gains less than [`STEP_GAIN_RATIO`] of the step's first.
-//! Between steps the fronts are found afresh (with two components, from the
-//! few nodes in the box the first front's ends span) and every key is made
-//! current from its source's record ([`rekeyed`]): the gain of one move grows
-//! as the score falls, so an old key would sink. A source whose recorded target
-//! took load is keyed by its record's bound alone ([`recorded_gain`]) and looked
-//! at afresh only if popped. Sources looked at after a move
-//! of the step had loaded the fronts (nodes those hid may be better targets
-//! now), and sources for which a node that gave up load and joined the fronts
-//! is a better target, are looked at afresh, in parallel.
+//! Between steps the fronts are found afresh (with two components, by one pass
+//! over the nodes in the order of their values, kept across steps: see
+//! [`Sorted`]) and every key is made current from its source's record
+//! ([`rekeyed`]): the gain of one move grows as the score falls, so an old key
+//! would sink. A source whose recorded target took load is keyed by its
+//! record's bound alone ([`recorded_gain`]) and looked at afresh only if
+//! popped. A source looked at after a move of the step had loaded the fronts
+//! is estimated against the nodes the step uncovered (those on the fronts now
+//! that were not at its start: the loaded ones hid them), and the best of
+//! those, when it beats the record, becomes its record. Sources for which a
+//! node that gave up load and joined the fronts is a better target are looked
+//! at afresh.
 //!
 //! Every move is checked and scored against the state as it is when applied, and
 //! taken only when the planner's acceptance rule says so: the score never rises.
@@ -219,79 +222,119 @@ impl Rises {
     }
 }
 
-/// The nodes of [`Frontier::nodes`] for `targets`, in order. With two
-/// components the fronts come from the few nodes in the box that the first
-/// front's ends span (any node outside it is undercut by one of them) instead of
-/// sorting them all, as the fronts are found afresh at every step.
-fn fronts<M: Metric + ?Sized>(
-    state: &State<'_, M>,
-    rises: &Rises,
-    targets: &[NodeId],
-) -> Option<Vec<NodeId>> {
-    if state.components_len() != 2 {
-        return Frontier::new(state, targets).map(|f| f.nodes());
-    }
-    let mut out = Vec::new();
-    // Each node's values read once: the fronts are found from them several times.
-    let mut class: Vec<(f64, f64, NodeId)> = Vec::new();
-    for c in 0..rises.classes {
-        class.clear();
-        class.extend(
-            targets
-                .iter()
-                .filter(|n| rises.class[n.index()] as usize == c)
-                .map(|&n| {
-                    let x = state.values_of(n);
-                    (x[0], x[1], n)
-                }),
-        );
-        let first = front2(&class);
-        class.retain(|p| !first.contains(&p.2));
-        let second = front2(&class);
-        out.extend(first);
-        out.extend(second);
-    }
-    out.sort_unstable();
-    Some(out)
+/// A node's two values and the node, ordered lexicographically.
+type Point = (f64, f64, NodeId);
+
+fn lex(x: &Point, y: &Point) -> Ordering {
+    x.0.total_cmp(&y.0)
+        .then(x.1.total_cmp(&y.1))
+        .then(x.2.cmp(&y.2))
 }
 
-/// The nodes of `nodes` (each with its two values) that no other one weakly
-/// undercuts in both components (duplicates aside), as `bound`'s front finds them.
-fn front2(nodes: &[(f64, f64, NodeId)]) -> Vec<NodeId> {
-    type Point = (f64, f64, NodeId);
-    let lex = |x: &Point, y: &Point| {
-        x.0.total_cmp(&y.0)
-            .then(x.1.total_cmp(&y.1))
-            .then(x.2.cmp(&y.2))
-    };
-    let (Some(m0), Some(m1)) = (
-        nodes.iter().min_by(|a, b| lex(a, b)),
-        nodes.iter().min_by(|x, y| {
-            x.1.total_cmp(&y.1)
-                .then(x.0.total_cmp(&y.0))
-                .then(x.2.cmp(&y.2))
-        }),
-    ) else {
-        return Vec::new();
-    };
-    let (hi0, hi1) = (m1.0, m0.1);
-    let mut inside: Vec<Point> = nodes
-        .iter()
-        .copied()
-        .filter(|p| p.0.total_cmp(&hi0).is_le() && p.1.total_cmp(&hi1).is_le())
-        .collect();
-    inside.sort_unstable_by(lex);
-    let mut low = f64::INFINITY;
-    let mut first = true;
-    inside.retain(|p| {
-        let keep = first || p.1.total_cmp(&low).is_lt();
-        if keep {
-            low = p.1;
+/// The target nodes of each class in lexicographic order of their two values,
+/// kept across steps for metrics with two components: a step's moves change a
+/// few nodes, which leave the order and are merged back, and each front is then
+/// one pass over it, instead of sorting half the cluster twice at every step.
+struct Sorted {
+    /// Per class, its target nodes.
+    classes: Vec<Vec<Point>>,
+    /// Per node: whether it is a target.
+    target: Vec<bool>,
+    /// Per node: whether a move changed it since the order was last brought up to date.
+    changed: Vec<bool>,
+    pending: Vec<NodeId>,
+}
+
+impl Sorted {
+    /// None unless the metric has two components.
+    fn new<M: Metric + ?Sized>(
+        state: &State<'_, M>,
+        rises: &Rises,
+        targets: &[NodeId],
+    ) -> Option<Sorted> {
+        if state.components_len() != 2 {
+            return None;
         }
-        first = false;
-        keep
-    });
-    inside.into_iter().map(|p| p.2).collect()
+        let n = state.node_count();
+        let mut classes = vec![Vec::new(); rises.classes];
+        let mut target = vec![false; n];
+        for &t in targets {
+            target[t.index()] = true;
+            classes[rises.class[t.index()] as usize].push(point(state, t));
+        }
+        for c in &mut classes {
+            c.sort_unstable_by(lex);
+        }
+        Some(Sorted {
+            classes,
+            target,
+            changed: vec![false; n],
+            pending: Vec::new(),
+        })
+    }
+
+    /// Notes that a move changed `node`'s values.
+    fn moved(&mut self, node: NodeId) {
+        if !std::mem::replace(&mut self.changed[node.index()], true) {
+            self.pending.push(node);
+        }
+    }
+
+    /// The nodes of [`Frontier::nodes`] for the targets, in order: per class,
+    /// the nodes no other one weakly undercuts in both values (duplicates aside),
+    /// and the same among the rest.
+    fn fronts<M: Metric + ?Sized>(&mut self, state: &State<'_, M>, rises: &Rises) -> Vec<NodeId> {
+        if !self.pending.is_empty() {
+            let mut fresh = vec![Vec::new(); self.classes.len()];
+            for &node in &self.pending {
+                if self.target[node.index()] {
+                    fresh[rises.class[node.index()] as usize].push(point(state, node));
+                }
+            }
+            for (points, mut fresh) in self.classes.iter_mut().zip(fresh) {
+                if fresh.is_empty() {
+                    continue;
+                }
+                points.retain(|p| !self.changed[p.2.index()]);
+                fresh.sort_unstable_by(lex);
+                // Two sorted runs: the stable sort merges them in one pass.
+                points.extend(fresh);
+                points.sort_by(lex);
+            }
+            for node in self.pending.drain(..) {
+                self.changed[node.index()] = false;
+            }
+        }
+        let mut out = Vec::new();
+        for points in &self.classes {
+            let first = staircase(points, &[]);
+            let second = staircase(points, &first);
+            out.extend(first);
+            out.extend(second);
+        }
+        out.sort_unstable();
+        out
+    }
+}
+
+fn point<M: Metric + ?Sized>(state: &State<'_, M>, node: NodeId) -> Point {
+    let x = state.values_of(node);
+    (x[0], x[1], node)
+}
+
+/// The nodes of `points` (in lexicographic order), `skip`'s aside, that no
+/// other one weakly undercuts in both values (duplicates aside): in that
+/// order, each one lower in the second value than every one before it.
+fn staircase(points: &[Point], skip: &[NodeId]) -> Vec<NodeId> {
+    let mut out = Vec::new();
+    let mut low = f64::INFINITY;
+    for p in points.iter().filter(|p| !skip.contains(&p.2)) {
+        if out.is_empty() || p.1.total_cmp(&low).is_lt() {
+            low = p.1;
+            out.push(p.2);
+        }
+    }
+    out
 }
 
 /// A source's best move when last looked at, kept to key its entry again later.
@@ -347,6 +390,7 @@ pub fn descend<M: Metric + ?Sized>(
     let k = state.components_len();
     let mut front = Frontier::new(state, targets)?.nodes();
     let rises = Rises::new(state, movable)?;
+    let mut sorted = Sorted::new(state, &rises, targets);
     let mut on_node: Vec<Vec<InstId>> = vec![Vec::new(); n];
     for &i in movable {
         on_node[state.primary_of(i).index()].push(i);
@@ -386,12 +430,23 @@ pub fn descend<M: Metric + ?Sized>(
             tally.steps += 1;
             step += 1;
             step_moves = 0;
-            front = fronts(state, &rises, targets)?;
+            let now = match sorted.as_mut() {
+                Some(s) => s.fronts(state, &rises),
+                None => Frontier::new(state, targets)?.nodes(),
+            };
+            let before = std::mem::replace(&mut front, now);
             deferred.extend(heap.drain());
             // A source that gave up load and joined the fronts may be a better
             // target than any an entry recorded.
             let joined: Vec<NodeId> = front.iter().copied().filter(|f| shed.contains(f)).collect();
             shed.clear();
+            // Nodes the last step's moves had hidden behind the fronts they loaded:
+            // the sources looked at after such a move may prefer them.
+            let uncovered: Vec<NodeId> = front
+                .iter()
+                .copied()
+                .filter(|f| joined.contains(f) || before.binary_search(f).is_err())
+                .collect();
             let entries: Vec<Source> = deferred
                 .drain(..)
                 .filter(|e| e.version == version[e.node.index()])
@@ -407,14 +462,15 @@ pub fn descend<M: Metric + ?Sized>(
                 mid: &mid,
                 front: &front,
                 joined: &joined,
+                uncovered: &uncovered,
                 rule,
             };
-            let fresh: Vec<(Source, Option<Box<Looked>>, u64)> = entries
-                .par_iter()
-                .with_min_len(64)
-                .map_init(|| Work::new(k), |work, e| view.renew(*e, work))
-                .collect();
-            heap = BinaryHeap::with_capacity(fresh.len());
+            // On one thread: a step keys about a thousand sources in well under a
+            // millisecond, less than waking a second thread for every step costs on a
+            // loaded machine, and the core stays free for the manager's API.
+            let fresh: Vec<(Source, Option<Box<Looked>>, u64)> =
+                entries.iter().map(|e| view.renew(*e, &mut work)).collect();
+            let mut keyed = Vec::with_capacity(fresh.len());
             for (e, looked, evaluations) in fresh {
                 tally.evaluations += evaluations;
                 let a = e.node.index();
@@ -437,8 +493,9 @@ pub fn descend<M: Metric + ?Sized>(
                         );
                     }
                 }
-                heap.push(e);
+                keyed.push(e);
             }
+            heap = BinaryHeap::from(keyed);
             continue;
         };
         let a = src.node.index();
@@ -525,6 +582,10 @@ pub fn descend<M: Metric + ?Sized>(
         state.apply(mv);
         moves.push(mv);
         shed.push(mv.from);
+        if let Some(s) = sorted.as_mut() {
+            s.moved(mv.from);
+            s.moved(mv.to);
+        }
         let from = &mut on_node[a];
         if let Some(p) = from.iter().position(|&i| i == mv.inst) {
             from.swap_remove(p);
@@ -576,6 +637,8 @@ struct View<'v, 's, M: Metric + ?Sized> {
     front: &'v [NodeId],
     /// Sources of the last step's moves that are on the fronts now.
     joined: &'v [NodeId],
+    /// Nodes on the fronts now that were not on the last step's, and `joined`.
+    uncovered: &'v [NodeId],
     rule: &'v Rule<'v>,
 }
 
@@ -594,6 +657,73 @@ struct Looked {
 }
 
 impl<M: Metric + ?Sized> View<'_, '_, M> {
+    /// For a source looked at after a move of the last step had loaded the fronts,
+    /// keyed `key` from its record: its best estimated move to the nodes the step
+    /// uncovered, kept as its record when it beats `key` (a source's values grow
+    /// linearly with what runs on it, so the estimate gives the nodes' values after
+    /// the move). None when the source needs a look instead: it has no ranked
+    /// instances, or one whose moves depend on its disk template.
+    fn uncovered_record(
+        &self,
+        e: Source,
+        key: f64,
+        bounded: bool,
+        work: &mut Work,
+        tally: &mut Tally,
+    ) -> Option<(Source, Option<Box<Looked>>)> {
+        let (state, rises) = (self.state, self.rises);
+        let top = self.tops[e.node.index()]
+            .as_ref()
+            .filter(|t| self.mid[e.node.index()] && t.iter().all(|&i| rises.any(i)))?;
+        let ini = state.score();
+        let found = estimate(state, rises, top, self.uncovered, work, tally)
+            .filter(|(score, _, _)| ini - score > key);
+        let Some((score, inst, to)) = found else {
+            return Some((Source { key, bounded, ..e }, None));
+        };
+        let k = state.components_len();
+        let from = state.primary_of(inst);
+        let mut exact = vec![0.0; 2 * k];
+        let (src, dst) = exact.split_at_mut(k);
+        for ((s, v), r) in src
+            .iter_mut()
+            .zip(state.values_of(from))
+            .zip(rises.of(inst, from))
+        {
+            *s = v - r;
+        }
+        for ((d, v), r) in dst
+            .iter_mut()
+            .zip(state.values_of(to))
+            .zip(rises.of(inst, to))
+        {
+            *d = v + r;
+        }
+        // The record's move is the best elsewhere, unless a node the step uncovered
+        // beats it too.
+        let other = work
+            .cands
+            .iter()
+            .filter(|c| c.2 != to)
+            .fold(ini - key, |m, c| m.min(c.0));
+        let looked = Looked {
+            top: None,
+            best: Some(Scored {
+                mv: Move { inst, from, to },
+                score,
+            }),
+            exact,
+            other,
+            refusals: Refusals::default(),
+        };
+        let e = Source {
+            key: ini - score,
+            bounded: false,
+            ..e
+        };
+        Some((e, Some(Box::new(looked))))
+    }
+
     /// Entry `e` keyed again from its record ([`rekeyed`]), or looked at afresh
     /// when its record may miss a better target: it was made against fronts that
     /// moves had loaded (nodes they hid may be better targets now), or a source
@@ -634,6 +764,9 @@ impl<M: Metric + ?Sized> View<'_, '_, M> {
                 )
             })
             .unwrap_or(e.key);
+        if let Some(found) = self.uncovered_record(e, key, bounded, work, &mut tally) {
+            return (found.0, found.1, tally.evaluations);
+        }
         let better = !self.joined.is_empty()
             && self.tops[a].as_ref().is_some_and(|top| {
                 estimate(state, self.rises, top, self.joined, work, &mut tally)
@@ -981,7 +1114,40 @@ mod tests {
             let targets: Vec<NodeId> = c.node_ids().filter(|&n| !c.node(n).offline).collect();
             let rises = Rises::new(&state, &movable).unwrap();
             let want = Frontier::new(&state, &targets).unwrap().nodes();
-            prop_assert_eq!(fronts(&state, &rises, &targets).unwrap(), want);
+            let mut sorted = Sorted::new(&state, &rises, &targets).unwrap();
+            prop_assert_eq!(sorted.fronts(&state, &rises), want);
+        }
+
+        /// The order kept across moves gives the fronts `bound` finds afresh.
+        #[test]
+        fn fronts_kept_across_moves_are_bounds_fronts(
+            seed in 0u64..1000, nodes in 2usize..40, per_node in 1usize..6,
+            moves in proptest::collection::vec((0usize..1000, 0usize..1000), 1..40),
+            every in 1usize..5,
+        ) {
+            let c = crate::synth::unbalanced(nodes, nodes * per_node, seed);
+            let mut state = State::new(&c, &Spread);
+            let movable: Vec<InstId> = c.instance_ids().collect();
+            let targets: Vec<NodeId> = c.node_ids().filter(|&n| !c.node(n).offline).collect();
+            let rises = Rises::new(&state, &movable).unwrap();
+            let mut sorted = Sorted::new(&state, &rises, &targets).unwrap();
+            for (i, (inst, to)) in moves.into_iter().enumerate() {
+                let inst = movable[inst % movable.len()];
+                let to = targets[to % targets.len()];
+                let from = state.primary_of(inst);
+                if from == to || state.mobility(inst) != Mobility::AnyNode {
+                    continue;
+                }
+                state.apply(Move { inst, from, to });
+                sorted.moved(from);
+                sorted.moved(to);
+                if i % every == 0 {
+                    let want = Frontier::new(&state, &targets).unwrap().nodes();
+                    prop_assert_eq!(sorted.fronts(&state, &rises), want);
+                }
+            }
+            let want = Frontier::new(&state, &targets).unwrap().nodes();
+            prop_assert_eq!(sorted.fronts(&state, &rises), want);
         }
     }
 }
