@@ -225,21 +225,23 @@ impl Control {
         }
     }
 
-    /// A balancing round (see [`balance::round`]), timed. It plans on a copy of the
-    /// snapshot without holding the store, so writes go on while it plans (thousands
-    /// of moves on a large uneven cluster), then commits only the moves that still
-    /// hold ([`balance::commit`]), [`balance::COMMIT_CHUNK`] at a time, letting the
-    /// writes waiting for the store in between.
+    /// A balancing round (see [`balance::round`]), timed. It plans on what it read
+    /// of the snapshot ([`balance::Input`]) without holding the store, so writes go
+    /// on while it plans (thousands of moves on a large uneven cluster), then commits
+    /// only the moves that still hold ([`balance::commit`]), [`balance::COMMIT_CHUNK`]
+    /// at a time, letting the writes waiting for the store in between.
     pub fn balance(&self) -> Result<BalancePlan> {
         let now = self.manager.now();
-        let snap = self.manager.read(|s| s.settings.enabled.then(|| s.clone()));
-        let Some(snap) = snap else {
+        let input = self
+            .manager
+            .read(|s| s.settings.enabled.then(|| balance::Input::of(s)));
+        let Some(input) = input else {
             return Ok(BalancePlan::default());
         };
         let started = Instant::now();
-        let mut plan = balance::plan(&snap, now);
-        let dry_run = snap.settings.dry_run;
-        drop(snap);
+        let mut plan = input.plan(now);
+        let dry_run = input.settings.dry_run;
+        drop(input);
         plan.planning_ms = Some(started.elapsed().as_secs_f64() * 1e3);
         let mut done = Vec::new();
         for part in balance::parts(plan, dry_run, balance::COMMIT_CHUNK) {

@@ -12,7 +12,9 @@ pub use tern_balance::round::{
 };
 
 use super::start_migration;
-use crate::state::{Change, EventKind, HostState, MigrationReason, Millis, Snapshot, VmState};
+use crate::state::{
+    BalancerSettings, Change, EventKind, HostState, MigrationReason, Millis, Snapshot, VmState,
+};
 
 /// The balancer's view of `snap`: hosts and VMs in name order, the migrations under way,
 /// and, as the history, when each VM last moved.
@@ -78,8 +80,32 @@ pub fn model(snap: &Snapshot, now: Millis) -> round::Model {
 
 /// Plans one round over `snap` at `now` (see [`tern_balance::round::plan`]).
 pub fn plan(snap: &Snapshot, now: Millis) -> BalancePlan {
-    let (input, history) = view(snap);
-    round::plan(&input, &snap.settings, &history, now)
+    Input::of(snap).plan(now)
+}
+
+/// What a round plans over, read from a snapshot: the balancer's view, its history and
+/// the settings. Far less than a copy of the snapshot, so a round that plans outside
+/// the snapshot's lock holds it only while it reads this.
+pub struct Input {
+    view: round::Snapshot,
+    history: Vec<RecentMove>,
+    pub settings: BalancerSettings,
+}
+
+impl Input {
+    pub fn of(snap: &Snapshot) -> Input {
+        let (view, history) = view(snap);
+        Input {
+            view,
+            history,
+            settings: snap.settings.clone(),
+        }
+    }
+
+    /// Plans one round at `now`, as [`plan`] does over the snapshot it was read from.
+    pub fn plan(&self, now: Millis) -> BalancePlan {
+        round::plan(&self.view, &self.settings, &self.history, now)
+    }
 }
 
 /// One round as changes: in dry-run mode only an event recording the plan; otherwise a
