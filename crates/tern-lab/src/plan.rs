@@ -73,6 +73,12 @@ impl LabShape {
         format!("tern-{}-r", self.index)
     }
 
+    /// Host `i`'s bridge MAC: fixed, locally administered, unique in the lab (guests use
+    /// QEMU's `52:54:00` range).
+    pub fn host_bridge_mac(&self, i: u32) -> String {
+        format!("02:74:65:{:02x}:00:{:02x}", self.index, i as u8)
+    }
+
     pub fn host_addr(&self, i: u32) -> Ipv4Addr {
         Ipv4Addr::new(198, 18, self.index, i as u8)
     }
@@ -120,6 +126,19 @@ impl LabShape {
                 ]),
                 cmd(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"]),
                 cmd(&["ip", "-n", &h, "link", "add", HOST_BRIDGE, "type", "bridge"]),
+                // A bridge with no address of its own takes the lowest of its ports', so
+                // a guest's tap joining or leaving could change the host's MAC under its
+                // peers' ARP caches: traffic to the host then stalls for seconds.
+                cmd(&[
+                    "ip",
+                    "-n",
+                    &h,
+                    "link",
+                    "set",
+                    HOST_BRIDGE,
+                    "address",
+                    &self.host_bridge_mac(i),
+                ]),
                 cmd(&[
                     "ip",
                     "-n",
@@ -244,6 +263,30 @@ mod tests {
             LabShape { index: 255, ..s }.root_link().len() <= 15,
             "IFNAMSIZ"
         );
+    }
+
+    #[test]
+    fn every_host_bridge_has_its_own_fixed_address_before_ports_join() {
+        let s = shape(3);
+        let up = s.up_commands();
+        let macs: Vec<String> = (1..=3).map(|i| s.host_bridge_mac(i)).collect();
+        assert_eq!(
+            macs.iter().collect::<std::collections::HashSet<_>>().len(),
+            3
+        );
+        for (i, mac) in (1..=3).zip(&macs) {
+            let ns = s.host_ns(i);
+            let set = up
+                .iter()
+                .position(|c| c.contains(&ns) && c.contains(&"address".to_string()))
+                .expect("the bridge's address is set");
+            assert!(up[set].contains(mac), "{:?}", up[set]);
+            let joins = up
+                .iter()
+                .position(|c| c.contains(&ns) && c.contains(&"master".to_string()))
+                .unwrap();
+            assert!(set < joins, "address after the first port joined");
+        }
     }
 
     #[test]

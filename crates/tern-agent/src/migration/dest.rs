@@ -369,7 +369,10 @@ pub async fn thaw(
             "migration {id} has not resumed its VM here: its guest is thawed by the source"
         )));
     }
-    super::freeze::thaw(state, &inbound.vm).await
+    let asked = std::time::Instant::now();
+    let thawed = super::freeze::thaw(state, &inbound.vm).await;
+    tracing::debug!(vm = %inbound.vm, ms = asked.elapsed().as_millis() as u64, ok = thawed.is_ok(), "guest asked to thaw");
+    thawed
 }
 
 /// Abandons an incoming migration: the waiting VM is destroyed. Refused once the VM runs

@@ -238,6 +238,7 @@ impl Rounds {
         let scan_start = Instant::now();
         let s = scan(ctx.mem, ctx.sent, &self.seen, ctx.cfg.scan_threads);
         let scan_s = scan_start.elapsed().as_secs_f64();
+        tracing::debug!(round, scan_ms = scan_s * 1000.0, "scan after the round");
         // Rated over the time since the previous scan: after a round-1 probe that is the
         // time under the throttle it led to, the rate the policy must size against.
         let rate_window_s = self.last_scan.elapsed().as_secs_f64();

@@ -141,6 +141,9 @@ struct Measured {
     /// Throttles the vCPUs during pre-copy; dropped once the guest is paused.
     throttle: Option<CgroupThrottle>,
     paused_at: Option<Instant>,
+    /// The source's mapping of guest memory after the final pass, unmapped once the
+    /// destination runs the guest rather than while it is paused.
+    unmap: Option<SourceMemory>,
     final_bytes: u64,
     final_pass_ms: u64,
     /// QEMU's device-state bytes and when it was through (ms after the pause).
@@ -662,22 +665,36 @@ impl<'a> SourceMigration<'a> {
             started,
         } = self.live.take().expect("memory streams were connected");
         let job = self.job.clone();
-        let final_pass = tokio::task::spawn_blocking(move || -> Result<u64, MigrationError> {
-            let pages = changed_pages(&mem, &sent, 2);
-            // Nothing changed (an idle guest): the last round's acknowledgement already
-            // proved the destination has everything; only `Done` is left to say.
-            let bytes = if pages.is_empty() {
-                0
-            } else {
-                let at = started.elapsed().as_secs_f64();
-                out.meter().begin(final_round, pages.len() as u64, at);
-                let t = out.send_round(final_round, &mem, &sent, &pages, &job.cancel);
-                out.meter().end();
-                t?.bytes
-            };
-            out.finish()?;
-            Ok(bytes)
-        });
+        let vm = self.vm().to_string();
+        // The mapping of guest memory comes back instead of being dropped here: unmapping
+        // hundreds of MB of it takes tens of milliseconds, which the guest would spend
+        // paused. It goes once the destination runs the guest.
+        let final_pass =
+            tokio::task::spawn_blocking(move || -> Result<(u64, SourceMemory), MigrationError> {
+                let scan_started = Instant::now();
+                let pages = changed_pages(&mem, &sent, 2);
+                let scan_ms = scan_started.elapsed().as_secs_f64() * 1000.0;
+                // Nothing changed (an idle guest): the last round's acknowledgement
+                // already proved the destination has everything; only `Done` is left.
+                let bytes = if pages.is_empty() {
+                    0
+                } else {
+                    let at = started.elapsed().as_secs_f64();
+                    out.meter().begin(final_round, pages.len() as u64, at);
+                    let t = out.send_round(final_round, &mem, &sent, &pages, &job.cancel);
+                    out.meter().end();
+                    t?.bytes
+                };
+                out.finish()?;
+                tracing::debug!(
+                    vm,
+                    pages = pages.len(),
+                    scan_ms,
+                    pass_ms = scan_started.elapsed().as_secs_f64() * 1000.0,
+                    "final pass: scan, send and done"
+                );
+                Ok((bytes, mem))
+            });
         // The disks' last writes travel beside the last pages.
         let (state, vm) = (self.state, self.vm());
         let disks = async {
@@ -687,10 +704,11 @@ impl<'a> SourceMigration<'a> {
             }
         };
         let (final_bytes, disks) = tokio::join!(final_pass, disks);
-        let final_bytes = final_bytes.map_err(|source| MigrationError::Task {
+        let (final_bytes, mem) = final_bytes.map_err(|source| MigrationError::Task {
             step: "final pass",
             source,
         })??;
+        self.measured.unmap = Some(mem);
         if let Some(done) = disks {
             let done = done?;
             tracing::info!(
@@ -827,14 +845,30 @@ impl<'a> SourceMigration<'a> {
         self.measured.downtime = paused_at.elapsed();
         // The destination runs: it loaded all QEMU sent, the relay has nothing left.
         self.device = Device::default();
-        // The stale copy goes while the guest thaws there: neither waits for the other.
+        // The stale copy and this agent's mapping of its memory go while the guest thaws
+        // there: none waits for the others.
         let state = self.state;
+        let tail_started = Instant::now();
+        let unmap = self.measured.unmap.take();
         let destroy = async move {
+            let unmapped = tokio::task::spawn_blocking(move || drop(unmap));
             if let Err(e) = state.destroy_copy(vm).await {
                 tracing::warn!(vm, error = %e, "migrated, but the source VM could not be destroyed");
             }
+            let _ = unmapped.await;
+            tail_started.elapsed()
         };
-        tokio::join!(destroy, self.thaw_on_destination());
+        let thaw = async {
+            self.thaw_on_destination().await;
+            tail_started.elapsed()
+        };
+        let (destroyed, thawed) = tokio::join!(destroy, thaw);
+        tracing::debug!(
+            vm,
+            destroy_ms = destroyed.as_millis() as u64,
+            thaw_ms = thawed.as_millis() as u64,
+            "the stale copy destroyed and the guest thawed on the destination"
+        );
         Ok(())
     }
 

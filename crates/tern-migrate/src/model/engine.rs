@@ -13,9 +13,11 @@ use crate::precopy;
 pub const ENGINE_LINK_EFFICIENCY: f64 = 0.944;
 
 /// One hashing pass over guest memory (two threads), per GiB of non-zero memory (holes
-/// cost next to nothing): the final pass of an idle guest, where nothing is left to
-/// send, takes 17-23 ms for 105-112 MB of data in a 512 MiB or a 1 GiB guest.
-pub const ENGINE_SCAN_S_PER_GIB: f64 = 0.2;
+/// cost next to nothing): 28 passes over the 220-228 MB of `tern bench dependency`'s
+/// guest, live after round 1 (12.8-72.7 ms, median 17.2) and paused in the final pass
+/// (14.0-36.4 ms, median 19.4). It was 0.2 while the source unmapped guest memory
+/// inside the final pass (15-32 ms for that guest), which it now does after the resume.
+pub const ENGINE_SCAN_S_PER_GIB: f64 = 0.09;
 
 /// From the migration request to round 1's first page: preparing the destination,
 /// connecting the streams, the first scan. An idle guest's total less round 1, the scan
@@ -38,7 +40,9 @@ pub const ENGINE_GUEST_WRITE_CPU_SHARE: f64 = 0.31;
 /// 0.13-0.18 s at a real-time priority) and the guest's `thaw` after the resume (beside
 /// the destruction of the source's copy). Three of `tern bench dependency`'s runs at
 /// 150 %, predicted with 0.76 s (the freeze's wait before it overlapped the
-/// preparation) less measured: 0.15 s.
+/// preparation) less measured: 0.15 s. The source's phases in 6 runs since: the
+/// answer came 0-38 ms after the streams connected, and the thaw ended 0-305 ms after
+/// the stale copy was destroyed (median 88 ms, mean 125 ms).
 pub const ENGINE_FREEZE_S: f64 = 0.15;
 
 /// What a throttled `memdirty` keeps writing on top of what its CPU share allows.

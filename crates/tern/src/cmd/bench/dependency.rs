@@ -88,6 +88,9 @@ pub struct Run {
     pub untainted_write_share: f64,
     pub total_ms: Option<u64>,
     pub downtime_ms: Option<u64>,
+    /// The downtime's parts as the source measured them: the final pass (scan and last
+    /// pages), the device state, the resume.
+    pub downtime_parts_ms: Option<Vec<u64>>,
     pub bytes: Option<u64>,
     pub nonzero_bytes: Option<u64>,
     /// Non-zero guest memory over the link bandwidth.
@@ -456,6 +459,7 @@ async fn one_move(
         untainted_write_share: (share * 1000.0).round() / 1000.0,
         total_ms: m.total_ms,
         downtime_ms: m.downtime_ms,
+        downtime_parts_ms: m.downtime_parts_ms.clone(),
         bytes: m.bytes,
         nonzero_bytes: m.nonzero_bytes,
         lower_bound_ms: m.lower_bound_ms,
