@@ -34,15 +34,12 @@ fn report(host: usize, cpu: f64) -> Command {
     }
 }
 
-#[test]
-fn concurrent_heartbeats_each_count_once_and_are_all_committed() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tern.db");
-    let manager = Arc::new(
-        Manager::open(Box::new(SqliteStore::open(&path).unwrap()), system_clock())
-            .unwrap()
-            .serving(HostAddresses::Sim),
-    );
+/// A manager over SQLite at `path` with [`HOSTS`] hosts of [`VMS_PER_HOST`] VMs each,
+/// every host reported once.
+fn cluster(path: &std::path::Path) -> Manager {
+    let manager = Manager::open(Box::new(SqliteStore::open(path).unwrap()), system_clock())
+        .unwrap()
+        .serving(HostAddresses::Sim);
     for h in 0..HOSTS {
         manager
             .execute(Command::RegisterHost {
@@ -67,6 +64,14 @@ fn concurrent_heartbeats_each_count_once_and_are_all_committed() {
         // The first report is taken as it is: everything starts at 0 cores.
         manager.execute(report(h, 0.0)).unwrap();
     }
+    manager
+}
+
+#[test]
+fn concurrent_heartbeats_each_count_once_and_are_all_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.db");
+    let manager = Arc::new(cluster(&path));
     std::thread::scope(|s| {
         for _ in 0..THREADS {
             let m = manager.clone();
@@ -108,35 +113,7 @@ fn heartbeats_wait_for_one_step_not_for_a_run_of_them() {
     use std::time::Duration;
     const STEPS: usize = 30;
     let dir = tempfile::tempdir().unwrap();
-    let manager = Manager::open(
-        Box::new(SqliteStore::open(&dir.path().join("tern.db")).unwrap()),
-        system_clock(),
-    )
-    .unwrap()
-    .serving(HostAddresses::Sim);
-    for h in 0..HOSTS {
-        manager
-            .execute(Command::RegisterHost {
-                name: format!("h{h}"),
-                address: "sim:".into(),
-                capacity: Capacity {
-                    cpus: 8.0,
-                    memory_mib: 16384,
-                },
-            })
-            .unwrap();
-        for i in 0..VMS_PER_HOST {
-            manager
-                .execute(Command::CreateVm {
-                    name: format!("v{h}-{i}"),
-                    spec: VmSpec::sized(1, 512),
-                    host: Some(format!("h{h}")),
-                    template: None,
-                })
-                .unwrap();
-        }
-        manager.execute(report(h, 0.0)).unwrap();
-    }
+    let manager = cluster(&dir.path().join("tern.db"));
     let steps = AtomicUsize::new(0);
     let stepping = AtomicBool::new(true);
     let waited = std::thread::scope(|s| {
