@@ -42,7 +42,8 @@ pub fn system_clock() -> Clock {
 pub struct Manager {
     /// Held by every writer from decision to commit, so decisions see every earlier
     /// commit; readers never wait for it.
-    store: Mutex<Box<dyn Store>>,
+    /// Fair when a step lets go of it (see [`Manager::step`]).
+    store: parking_lot::Mutex<Box<dyn Store>>,
     /// Reads the log and the records without waiting for `store`, when the store can.
     reader: Option<Arc<dyn StoreRead>>,
     /// Heartbeats waiting for whoever takes `store` next.
@@ -77,7 +78,7 @@ impl Manager {
         Ok(Self {
             reader,
             queued: Mutex::new(Vec::new()),
-            store: Mutex::new(store),
+            store: parking_lot::Mutex::new(store),
             snap: RwLock::new(snap),
             events,
             leases: Mutex::new(decide::lease::Leases::new(clock())),
@@ -128,12 +129,12 @@ impl Manager {
         self
     }
 
-    // A panic while holding a lock cannot leave the snapshot half-applied (apply does not
-    // panic), so a poisoned lock is still consistent.
-    fn store(&self) -> MutexGuard<'_, Box<dyn Store>> {
-        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    fn store(&self) -> parking_lot::MutexGuard<'_, Box<dyn Store>> {
+        self.store.lock()
     }
 
+    // A panic while holding the lock cannot leave the snapshot half-applied (apply does
+    // not panic), so a poisoned lock is still consistent.
     fn snap(&self) -> RwLockReadGuard<'_, Snapshot> {
         self.snap.read().unwrap_or_else(|e| e.into_inner())
     }
@@ -198,18 +199,25 @@ impl Manager {
         lock(&self.queued).push(Queued { cmd, done });
         let mut store = self.store();
         // A holder of the store answers everything it took before letting go, so the
-        // answer is here already or the command is still queued.
+        // answer is here already or the command is still queued. Either way the store
+        // goes on to the next thread that waits for it, answered as well or not.
         if let Ok(r) = answer.try_recv() {
+            parking_lot::MutexGuard::unlock_fair(store);
             return r;
         }
-        let mut todo = std::mem::take(&mut *lock(&self.queued));
-        while !todo.is_empty() {
-            todo = self.commit_group(&mut store, todo);
-        }
-        drop(store);
+        self.drain_queue(&mut store);
+        parking_lot::MutexGuard::unlock_fair(store);
         answer
             .recv()
             .expect("a taken command is answered before the store is let go")
+    }
+
+    /// Commits every queued heartbeat; the caller holds the store.
+    fn drain_queue(&self, store: &mut Box<dyn Store>) {
+        let mut todo = std::mem::take(&mut *lock(&self.queued));
+        while !todo.is_empty() {
+            todo = self.commit_group(store, todo);
+        }
     }
 
     /// Decides the queued commands against the snapshot and commits them together. One
@@ -299,6 +307,11 @@ impl Manager {
         let mut store = self.store();
         let (changes, out) = f(&self.snap(), now);
         self.commit(&mut store, now, &changes)?;
+        // Heartbeats that queued meanwhile are answered, and the store goes to a thread
+        // that waits for it: a caller that steps again at once (a balancing round
+        // commits part after part) does not keep the writers waiting for every part.
+        self.drain_queue(&mut store);
+        parking_lot::MutexGuard::unlock_fair(store);
         Ok(out)
     }
 

@@ -34,15 +34,12 @@ fn report(host: usize, cpu: f64) -> Command {
     }
 }
 
-#[test]
-fn concurrent_heartbeats_each_count_once_and_are_all_committed() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tern.db");
-    let manager = Arc::new(
-        Manager::open(Box::new(SqliteStore::open(&path).unwrap()), system_clock())
-            .unwrap()
-            .serving(HostAddresses::Sim),
-    );
+/// A manager over SQLite at `path` with [`HOSTS`] hosts of [`VMS_PER_HOST`] VMs each,
+/// every host reported once.
+fn cluster(path: &std::path::Path) -> Manager {
+    let manager = Manager::open(Box::new(SqliteStore::open(path).unwrap()), system_clock())
+        .unwrap()
+        .serving(HostAddresses::Sim);
     for h in 0..HOSTS {
         manager
             .execute(Command::RegisterHost {
@@ -67,6 +64,14 @@ fn concurrent_heartbeats_each_count_once_and_are_all_committed() {
         // The first report is taken as it is: everything starts at 0 cores.
         manager.execute(report(h, 0.0)).unwrap();
     }
+    manager
+}
+
+#[test]
+fn concurrent_heartbeats_each_count_once_and_are_all_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tern.db");
+    let manager = Arc::new(cluster(&path));
     std::thread::scope(|s| {
         for _ in 0..THREADS {
             let m = manager.clone();
@@ -97,4 +102,56 @@ fn concurrent_heartbeats_each_count_once_and_are_all_committed() {
     // Every answered heartbeat was committed before its answer.
     drop(manager);
     assert_eq!(SqliteStore::open(&path).unwrap().load().unwrap(), snap);
+}
+
+/// Heartbeats that come while another thread commits step after step (a balancing
+/// round commits its migrations in parts) are answered after the step under way, not
+/// after the whole run of them.
+#[test]
+fn heartbeats_wait_for_one_step_not_for_a_run_of_them() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+    const STEPS: usize = 30;
+    let dir = tempfile::tempdir().unwrap();
+    let manager = cluster(&dir.path().join("tern.db"));
+    let steps = AtomicUsize::new(0);
+    let stepping = AtomicBool::new(true);
+    let waited = std::thread::scope(|s| {
+        let (manager, steps, stepping) = (&manager, &steps, &stepping);
+        s.spawn(move || {
+            for _ in 0..STEPS {
+                manager
+                    .step(|_, _| {
+                        // Work under the store, as a part of a round's commit does.
+                        std::thread::sleep(Duration::from_millis(10));
+                        (Vec::new(), ())
+                    })
+                    .unwrap();
+                steps.fetch_add(1, Ordering::SeqCst);
+            }
+            stepping.store(false, Ordering::SeqCst);
+        });
+        let writers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                s.spawn(move || {
+                    let mut most = 0;
+                    while stepping.load(Ordering::SeqCst) {
+                        let before = steps.load(Ordering::SeqCst);
+                        manager.execute(report(t % HOSTS, 1.0)).unwrap();
+                        most = most.max(steps.load(Ordering::SeqCst) - before);
+                    }
+                    most
+                })
+            })
+            .collect();
+        writers
+            .into_iter()
+            .map(|w| w.join().unwrap())
+            .max()
+            .unwrap()
+    });
+    assert!(
+        waited <= 5,
+        "a heartbeat waited for {waited} of {STEPS} steps"
+    );
 }
