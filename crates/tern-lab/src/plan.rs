@@ -125,7 +125,6 @@ impl LabShape {
                     "netns", &h,
                 ]),
                 cmd(&["ip", "-n", &sw, "link", "set", &port, "master", "br0", "up"]),
-                cmd(&["ip", "-n", &h, "link", "add", HOST_BRIDGE, "type", "bridge"]),
                 // A bridge with no address of its own takes the lowest of its ports', so
                 // a guest's tap joining or leaving could change the host's MAC under its
                 // peers' ARP caches: traffic to the host then stalls for seconds.
@@ -134,10 +133,12 @@ impl LabShape {
                     "-n",
                     &h,
                     "link",
-                    "set",
+                    "add",
                     HOST_BRIDGE,
                     "address",
                     &self.host_bridge_mac(i),
+                    "type",
+                    "bridge",
                 ]),
                 cmd(&[
                     "ip",
