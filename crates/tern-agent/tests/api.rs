@@ -395,3 +395,43 @@ async fn console_refusals_come_before_the_upgrade() {
     a.stop.take().unwrap().send(()).unwrap();
     a.task.await.unwrap().unwrap();
 }
+
+/// `resume?thaw=` takes a boolean and nothing else, and neither resume nor thaw of a
+/// migration this host never prepared touches anything.
+#[tokio::test]
+async fn resume_and_thaw_of_an_unknown_migration_are_refused() {
+    let a = start_agent(512).await;
+    let c = client(&a, "s3cret");
+    let post = |path: &str| {
+        let path = path.to_string();
+        let c = c.clone();
+        async move {
+            c.http()
+                .send::<serde_json::Value, serde_json::Value>(reqwest::Method::POST, &path, None)
+                .await
+                .unwrap_err()
+        }
+    };
+    match post("/v1/incoming/in-1/resume?thaw=maybe").await {
+        ClientError::Remote {
+            status, message, ..
+        } => {
+            assert_eq!(status, 400);
+            assert!(message.contains("thaw"), "{message}");
+        }
+        e => panic!("{e}"),
+    }
+    match post("/v1/incoming/in-1/resume?thaw=true&now=1").await {
+        ClientError::Remote { status, .. } => assert_eq!(status, 400),
+        e => panic!("{e}"),
+    }
+    assert_eq!(
+        remote_status(c.resume_incoming("in-1", true).await.unwrap_err()),
+        404
+    );
+    assert_eq!(
+        remote_status(c.thaw_incoming("in-1").await.unwrap_err()),
+        404
+    );
+    assert!(c.list_vms().await.unwrap().is_empty());
+}

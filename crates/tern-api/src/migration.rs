@@ -378,9 +378,17 @@ pub struct Ticket {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct MigrationResult {
+    /// From the request to the guest running whole on the destination: resumed, and
+    /// thawed there when `dependency-aware` froze part of it. Destroying the stale copy
+    /// on the source comes after (`cleanup_ms`), as QEMU's own total ends before its
+    /// source process is ended.
     pub total_ms: u64,
     /// From pausing the source to the destination running.
     pub downtime_ms: u64,
+    /// From the destination running to the source's copy destroyed and its memory
+    /// freed; the migration's answer waits for it, its `total_ms` does not.
+    #[serde(default)]
+    pub cleanup_ms: u64,
     /// Bytes of memory streams, device state included.
     pub bytes: u64,
     /// Live rounds before the stop-and-copy (QEMU's dirty-sync count is not

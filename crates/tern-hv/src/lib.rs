@@ -27,6 +27,7 @@ pub mod saved;
 pub mod sim;
 pub mod spec;
 pub mod state;
+pub mod teardown;
 
 pub use driver::{Hypervisor, MigrationState, MigrationStatus, VcpuSample, VmInfo, VmMetrics};
 pub use error::{HvError, Result};

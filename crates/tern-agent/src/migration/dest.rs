@@ -303,6 +303,7 @@ pub async fn resume(
     state: &AppState,
     reg: &Registry,
     id: &str,
+    thaw: bool,
 ) -> Result<IncomingView, AgentError> {
     let inbound = get(reg, id)?;
     let _gate = inbound.gate.lock().await;
@@ -345,6 +346,14 @@ pub async fn resume(
     state.incoming_resumed(&inbound.vm);
     inbound.resumed.store(true, Ordering::SeqCst);
     inbound.set(IncomingPhase::Running, None);
+    // The thaw starts the moment the guest runs, not a round trip later when the source
+    // asks for its outcome; not waited for, since this answer ends the downtime.
+    if thaw {
+        let (state, held) = (state.clone(), inbound.clone());
+        tokio::spawn(async move {
+            held.thaw.get_or_init(|| thaw_guest(&state, &held.vm)).await;
+        });
+    }
     // The policy the VM had on the source, applied once it runs here; not waited for,
     // since this answer ends the source's downtime, and a policy this host cannot apply
     // (logged) does not undo a migration whose VM already runs here.
@@ -357,7 +366,8 @@ pub async fn resume(
 }
 
 /// Thaws the guest of a migration whose VM runs here (the source froze it for a
-/// `dependency-aware` pre-copy).
+/// `dependency-aware` pre-copy). A thaw the resume started is waited for and its
+/// outcome answered; one that failed is tried again.
 pub async fn thaw(
     state: &AppState,
     reg: &Registry,
@@ -369,10 +379,32 @@ pub async fn thaw(
             "migration {id} has not resumed its VM here: its guest is thawed by the source"
         )));
     }
-    let asked = std::time::Instant::now();
-    let thawed = super::freeze::thaw(state, &inbound.vm).await;
-    tracing::debug!(vm = %inbound.vm, ms = asked.elapsed().as_millis() as u64, ok = thawed.is_ok(), "guest asked to thaw");
+    let asked = Instant::now();
+    let held = inbound
+        .thaw
+        .get_or_init(|| thaw_guest(state, &inbound.vm))
+        .await;
+    let thawed = match held {
+        Ok(r) => Ok(r.clone()),
+        Err(_) => super::freeze::thaw(state, &inbound.vm).await,
+    };
+    tracing::debug!(vm = %inbound.vm, ms = asked.elapsed().as_millis() as u64, ok = thawed.is_ok(), "the guest's thaw answered");
     thawed
+}
+
+/// Thaws the guest of `vm` here, the outcome kept as text (it is answered twice).
+async fn thaw_guest(state: &AppState, vm: &str) -> Result<tern_api::guest::ThawReport, String> {
+    let started = Instant::now();
+    let r = super::freeze::thaw(state, vm)
+        .await
+        .map_err(|e| e.to_string());
+    tracing::debug!(
+        vm,
+        ms = started.elapsed().as_millis() as u64,
+        ok = r.is_ok(),
+        "guest asked to thaw"
+    );
+    r
 }
 
 /// Abandons an incoming migration: the waiting VM is destroyed. Refused once the VM runs

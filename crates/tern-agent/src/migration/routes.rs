@@ -45,7 +45,8 @@ pub enum MigrationCommand {
     /// operator, or an agent without host identity).
     Prepare(PrepareRequest, Option<String>),
     ShowIncoming(String),
-    Resume(String),
+    /// Resume; `true`: thaw the guest as soon as it runs here.
+    Resume(String, bool),
     Thaw(String),
     Abort(String),
 }
@@ -130,9 +131,10 @@ pub async fn execute(
             json(&dest::prepare(state, reg, req, source).await?),
         )),
         MigrationCommand::ShowIncoming(id) => Ok((StatusCode::OK, json(&dest::show(reg, &id)?))),
-        MigrationCommand::Resume(id) => {
-            Ok((StatusCode::OK, json(&dest::resume(state, reg, &id).await?)))
-        }
+        MigrationCommand::Resume(id, thaw) => Ok((
+            StatusCode::OK,
+            json(&dest::resume(state, reg, &id, thaw).await?),
+        )),
         MigrationCommand::Thaw(id) => {
             Ok((StatusCode::OK, json(&dest::thaw(state, reg, &id).await?)))
         }
@@ -256,15 +258,32 @@ async fn abort(
     parsed(s, r, cmd).await
 }
 
+/// `POST /v1/incoming/{id}/resume` options.
+#[derive(Debug, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeQuery {
+    /// `true`: thaw the guest (a `dependency-aware` migration froze it) as soon as it
+    /// runs here; `POST .../thaw` then answers with how that went.
+    #[serde(default)]
+    pub thaw: bool,
+}
+
 #[utoipa::path(post, path = "/v1/incoming/{id}/resume", summary = "destination: run the VM here",
-    params(Id), responses((status = 200, description = "ok", body = IncomingView)))]
+    params(Id, ResumeQuery), responses((status = 200, description = "ok", body = IncomingView)))]
 async fn resume(
     s: State<AppState>,
     r: Extension<Arc<Registry>>,
     caller: Caller,
     Path(id): Path<String>,
+    q: Result<axum::extract::Query<ResumeQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    let cmd = owned_by_caller(&r, &id, &caller).map(|()| MigrationCommand::Resume(id));
+    let cmd = match q {
+        Ok(q) => owned_by_caller(&r, &id, &caller).map(|()| MigrationCommand::Resume(id, q.0.thaw)),
+        Err(e) => Err(AgentError::BadRequest(format!(
+            "query: {}; resume takes only thaw=true or thaw=false",
+            e.body_text()
+        ))),
+    };
     parsed(s, r, cmd).await
 }
 

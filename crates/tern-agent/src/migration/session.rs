@@ -92,6 +92,9 @@ pub struct Inbound {
     pub vcpu_policy: tern_api::vcpu::VcpuPolicy,
     /// Its local disks are exported over NBD for the source's mirror until resume.
     pub exports_disks: bool,
+    /// The thaw a `resume?thaw=true` started as the VM ran here, for the source's
+    /// `thaw` to collect (a failed one is tried again there).
+    pub thaw: tokio::sync::OnceCell<Result<tern_api::guest::ThawReport, String>>,
 }
 
 impl Inbound {
@@ -108,6 +111,7 @@ impl Inbound {
             source: None,
             vcpu_policy: tern_api::vcpu::VcpuPolicy::None,
             exports_disks: false,
+            thaw: tokio::sync::OnceCell::new(),
         }
     }
 

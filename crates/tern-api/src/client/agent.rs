@@ -206,10 +206,12 @@ impl AgentClient {
         self.http.get(&format!("/v1/incoming/{id}")).await
     }
 
-    /// Destination: runs the VM there.
-    pub async fn resume_incoming(&self, id: &str) -> Result<IncomingView, ClientError> {
+    /// Destination: runs the VM there; `thaw`: and thaws its guest as soon as it runs
+    /// (collected with [`AgentClient::thaw_incoming`]).
+    pub async fn resume_incoming(&self, id: &str, thaw: bool) -> Result<IncomingView, ClientError> {
+        let query = if thaw { "?thaw=true" } else { "" };
         self.http
-            .post_empty(&format!("/v1/incoming/{id}/resume"))
+            .post_empty(&format!("/v1/incoming/{id}/resume{query}"))
             .await
     }
 

@@ -23,7 +23,7 @@ pub mod unix_diag;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -74,8 +74,52 @@ struct State {
     /// Threads inside `connect`, and the fd.
     connecting: BTreeMap<u32, i32>,
     last_thaw: Option<ThawReport>,
-    /// Moving the thawed processes back to their cgroups, after the thaw's answer.
-    tidying: Option<JoinHandle<()>>,
+    /// Moves the thawed processes back to their cgroups, after the thaw's answer.
+    tidier: Option<Tidier>,
+}
+
+/// The thread that moves thawed processes back to their cgroups once the thaw is
+/// answered. It starts with the freeze, not at the thaw: right after a migration the
+/// guest runs every path for the first time on its new host (slowly, under an
+/// emulator that translates it anew), and creating a thread there held the answer
+/// the migration waits for by 24-73 ms.
+struct Tidier {
+    tx: Option<mpsc::Sender<Freezer>>,
+    thread: JoinHandle<()>,
+}
+
+impl Tidier {
+    fn start() -> std::io::Result<Tidier> {
+        let (tx, rx) = mpsc::channel::<Freezer>();
+        let thread = std::thread::Builder::new()
+            .name("taint-tidy".into())
+            .spawn(move || {
+                if let Ok(f) = rx.recv() {
+                    f.tidy();
+                }
+            })?;
+        Ok(Tidier {
+            tx: Some(tx),
+            thread,
+        })
+    }
+
+    /// Hands the thawed freezer to the thread; tidies here if the thread is gone.
+    fn hand(&mut self, f: Freezer) {
+        let Some(tx) = self.tx.take() else {
+            // Handed one already (not expected): tidy here rather than leave it.
+            return f.tidy();
+        };
+        if let Err(mpsc::SendError(f)) = tx.send(f) {
+            f.tidy();
+        }
+    }
+
+    /// Waits for the moves back (a tidier never handed a freezer just ends).
+    fn join(mut self) {
+        self.tx = None;
+        let _ = self.thread.join();
+    }
 }
 
 struct Shared {
@@ -167,6 +211,7 @@ impl Tracker {
             }
         };
         let cgroups = freeze::root().map_err(err)?;
+        let tidier = Tidier::start().map_err(GuestError::Io)?;
         let (world, sockets) = scan::world();
         let verdicts = classify(&world);
         let to_freeze: Vec<(u32, String)> = world
@@ -186,6 +231,7 @@ impl Tracker {
                 deadline: Some(Instant::now() + Duration::from_millis(deadline_ms)),
                 deadline_ms,
                 last_thaw: st.last_thaw.take(),
+                tidier: Some(tidier),
                 ..State::default()
             };
             st.freeze_report(false)
@@ -231,9 +277,9 @@ impl Tracker {
 
     /// Waits for the last thaw's moves back, so a new freeze's group is not emptied by them.
     fn join_tidying(&self) {
-        let t = self.lock().tidying.take();
+        let t = self.lock().tidier.take();
         if let Some(t) = t {
-            let _ = t.join();
+            t.join();
         }
     }
 
@@ -264,7 +310,10 @@ impl State {
             freeze_ms: f.started().elapsed().as_secs_f64() * 1e3,
         };
         // Thawed already; the moves back wait for RCU grace periods, off the answer's path.
-        self.tidying = Some(std::thread::spawn(move || f.tidy()));
+        match self.tidier.as_mut() {
+            Some(t) => t.hand(f),
+            None => f.tidy(),
+        }
         self.deadline = None;
         self.last_thaw = Some(r.clone());
         Some(r)

@@ -675,9 +675,14 @@ impl Hypervisor for QemuDriver {
     async fn destroy(&self, id: &str) -> Result<()> {
         let vm = self.get(id)?;
         let mut vm = vm.lock().await;
+        // Nobody waits on a VM being destroyed: its exit and the freeing of its memory
+        // take only CPU time the host's running guests leave.
+        if let Some(pid) = vm.pid() {
+            crate::teardown::lower_process(pid);
+        }
         self.shutdown_process(&mut vm).await;
         self.vms.lock().expect("VM table lock").remove(id);
-        let _ = tokio::fs::remove_file(&vm.paths.memory_file).await;
+        let _ = crate::teardown::remove_file(vm.paths.memory_file.clone()).await;
         let _ = tokio::fs::remove_dir_all(&vm.paths.run_dir).await;
         Ok(())
     }
