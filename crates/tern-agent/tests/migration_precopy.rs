@@ -109,6 +109,7 @@ fn migrate(
             &cfg,
             &mut throttle,
             &cancel,
+            None,
             &mut |t| {
                 seen.push(t.round);
                 job.view.lock().unwrap().rounds.push(t.clone());

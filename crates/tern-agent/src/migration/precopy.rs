@@ -15,7 +15,8 @@
 //! scan runs beside the sending, so the link does not wait for it.
 
 use std::sync::atomic::AtomicBool;
-use std::time::Instant;
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use tern_migrate::fragment::{FragmentTracker, DEFAULT_FRAGMENT_BYTES};
 use tern_migrate::policy::{decide, Decision, Limits, Policy, PolicyInput, StopReason};
@@ -69,6 +70,40 @@ pub struct PrecopyOutcome {
     pub nonzero_pages: u64,
 }
 
+/// A freeze the guest is still answering when round 1 starts (`dependency-aware`):
+/// round 1 does not wait for it, but its probe rates the guest as the rest of the move
+/// will see it, so it waits for the answer.
+#[derive(Default)]
+pub struct FreezeGate {
+    answer: Mutex<Option<bool>>,
+    answered: Condvar,
+}
+
+impl FreezeGate {
+    /// The guest answered: `true` when it froze its untainted processes.
+    pub fn open(&self, frozen: bool) {
+        *self.answer.lock().expect("freeze gate lock") = Some(frozen);
+        self.answered.notify_all();
+    }
+
+    /// The answer, waiting up to `wait` for it; `None` when none came.
+    pub fn wait(&self, wait: Duration) -> Option<bool> {
+        let guard = self.answer.lock().expect("freeze gate lock");
+        let (guard, _) = self
+            .answered
+            .wait_timeout_while(guard, wait, |a| a.is_none())
+            .expect("freeze gate lock");
+        *guard
+    }
+}
+
+/// How long round 1's probe waits for the guest's freeze answer: longer than the
+/// source waits for it before it goes on as `adaptive` (and opens the gate).
+const FREEZE_GATE_WAIT: Duration = Duration::from_secs(5);
+/// Once the guest froze, the probe rates it over this long from a fresh baseline: the
+/// untainted writers' last writes before the freeze are no part of its rate.
+const PROBE_WINDOW_AFTER_FREEZE: Duration = Duration::from_millis(100);
+
 /// Applies a throttle and returns the percent actually in effect (0 when the host
 /// cannot throttle). The policy's next decision sees the applied value. `Send`: the
 /// round-1 probe applies it from its own thread.
@@ -88,6 +123,7 @@ pub fn run(
     cfg: &PrecopyConfig,
     throttle: &mut dyn Throttle,
     cancel: &AtomicBool,
+    freeze: Option<&FreezeGate>,
     on_round: &mut dyn FnMut(&RoundTelemetry),
 ) -> Result<PrecopyOutcome, MigrationError> {
     let ctx = Live {
@@ -96,6 +132,7 @@ pub fn run(
         policy,
         cfg,
         cancel,
+        freeze,
     };
     let mut rounds = Rounds::start(&ctx);
     for round in 1u32.. {
@@ -323,6 +360,7 @@ struct Live<'a> {
     policy: &'a dyn Policy,
     cfg: &'a PrecopyConfig,
     cancel: &'a AtomicBool,
+    freeze: Option<&'a FreezeGate>,
 }
 
 /// Round 1 sent in two stretches with the probe between them.
@@ -358,6 +396,7 @@ impl Live<'_> {
             policy,
             cfg,
             cancel,
+            freeze,
         } = *self;
         let start = Instant::now();
         let first = out.send_round(1, mem, sent, &pages[..split], cancel)?;
@@ -368,6 +407,12 @@ impl Live<'_> {
             rest.iter().filter(|&&p| mem.has_data(p)).count() as u64 * PAGE_SIZE as u64;
         let (second, probe) = std::thread::scope(|s| {
             let probe = s.spawn(|| {
+                let mut since = since;
+                if freeze.and_then(|g| g.wait(FREEZE_GATE_WAIT)) == Some(true) {
+                    scan(mem, sent, seen, cfg.scan_threads);
+                    since = Instant::now();
+                    std::thread::sleep(PROBE_WINDOW_AFTER_FREEZE);
+                }
                 let scan_start = Instant::now();
                 let found = scan(mem, sent, seen, cfg.scan_threads);
                 let scanned_at = Instant::now();
@@ -451,6 +496,21 @@ fn union_sorted(a: &[u64], b: &[u64]) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_freeze_gate_gives_the_answer_or_none_in_time() {
+        let g = std::sync::Arc::new(FreezeGate::default());
+        assert_eq!(g.wait(Duration::from_millis(20)), None);
+        let opener = g.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            opener.open(true);
+        });
+        assert_eq!(g.wait(Duration::from_secs(5)), Some(true));
+        t.join().unwrap();
+        g.open(false);
+        assert_eq!(g.wait(Duration::ZERO), Some(false));
+    }
 
     #[test]
     fn union_keeps_each_page_once_in_order() {

@@ -581,16 +581,22 @@ impl<'a> SourceMigration<'a> {
     }
 
     /// Live rounds while the guest runs, until the policy says stop.
+    ///
+    /// `dependency-aware`: round 1 does not wait for the guest's answer to `freeze`
+    /// (its scan of `/proc` under TCG took 125-311 ms, the longest wait before round
+    /// 1). Pages the untainted writers change after round 1 sent them and before they
+    /// froze are sent again like any other; round 1's probe waits for the answer, so
+    /// the policy rates the guest as the rest of the move sees it.
     async fn precopy(&mut self, policy: PolicyKind) -> Result<(), MigrationError> {
-        if policy == PolicyKind::DependencyAware {
-            self.freeze_guest().await;
-        }
+        let gate = (policy == PolicyKind::DependencyAware)
+            .then(|| Arc::new(precopy::FreezeGate::default()));
         let vm = self.vm();
         let tids = self.state.hv.vcpu_threads(vm).await.unwrap_or_default();
         let pid = self.info.as_ref().and_then(|i| i.pid);
         let cfg = self.precopy_config();
         let mut live = self.live.take().expect("memory streams were connected");
         let (job, name) = (self.job.clone(), vm.to_string());
+        let freeze = gate.clone();
         let done = tokio::task::spawn_blocking(move || {
             let mut throttle = CgroupThrottle::new(&name, pid, tids);
             let on_round = &mut |t: &tern_migrate::RoundTelemetry| {
@@ -609,6 +615,7 @@ impl<'a> SourceMigration<'a> {
                 &cfg,
                 &mut throttle,
                 &job.cancel,
+                freeze.as_deref(),
                 on_round,
             );
             match outcome {
@@ -619,7 +626,17 @@ impl<'a> SourceMigration<'a> {
                 }
             }
         });
-        let (live, outcome, throttle) = done.await.map_err(|source| MigrationError::Task {
+        let done = match gate {
+            Some(gate) => {
+                let answered = async {
+                    self.freeze_guest().await;
+                    gate.open(self.frozen.is_some());
+                };
+                tokio::join!(answered, done).1
+            }
+            None => done.await,
+        };
+        let (live, outcome, throttle) = done.map_err(|source| MigrationError::Task {
             step: "pre-copy",
             source,
         })??;
