@@ -1,7 +1,9 @@
-//! Teardown that yields the CPU: ending a VM's process, freeing its memory file or
-//! unmapping guest memory is work nobody waits on while a guest does, and on a host
-//! with few cores it would otherwise take CPU time from the guests still running
-//! there (a migrated guest's first moments on a host that shares the cores included).
+//! Teardown that yields the CPU: ending a VM's process and freeing its memory file is
+//! work nobody waits on while a guest does, and on a host with few cores it would
+//! otherwise take CPU time from the guests still running there (a migrated guest's
+//! first moments on a host that shares the cores included). Unmapping an agent's own
+//! view of guest memory is not done here: a lowered thread holding the agent's memory
+//! map lock would hold up the agent's other threads.
 
 use std::path::PathBuf;
 
@@ -34,7 +36,7 @@ pub fn lower_process(pid: u32) {
 /// Runs `f` on a thread of its own at [`NICE`] and waits for it without holding up the
 /// async runtime. `None` when the thread could not start or panicked (then `f` may not
 /// have run).
-pub async fn in_background<R: Send + 'static>(
+async fn in_background<R: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> R + Send + 'static,
 ) -> Option<R> {
