@@ -256,6 +256,7 @@ pub fn open_stream(
     opts: &StreamOptions,
 ) -> Result<Stream, MigrationError> {
     let io_timeout = opts.io_timeout;
+    let started = std::time::Instant::now();
     let s = TcpStream::connect_timeout(&addr, io_timeout)
         .map_err(|source| MigrationError::Connect { addr, source })?;
     s.set_nodelay(true)
@@ -268,8 +269,18 @@ pub fn open_stream(
     let ms = u32::try_from(io_timeout.as_millis()).unwrap_or(u32::MAX);
     rustix::net::sockopt::set_tcp_user_timeout(&s, ms)
         .map_err(|e| wire::WireError::from(std::io::Error::from(e)))?;
+    let tcp_ms = started.elapsed().as_secs_f64() * 1e3;
     let mut s = secure::connect(s, addr, opts.tls.as_ref())?;
+    let tls_ms = started.elapsed().as_secs_f64() * 1e3;
     handshake(&mut s, hello)?;
+    tracing::debug!(
+        channel = ?hello.channel,
+        stream = hello.stream,
+        tcp_ms,
+        tls_ms,
+        ms = started.elapsed().as_secs_f64() * 1e3,
+        "stream opened"
+    );
     Ok(s)
 }
 
