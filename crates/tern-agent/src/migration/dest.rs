@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tern_api::guest::{Command, Reply};
 use tern_hv::{HvError, VmState};
 
 use tern_hv::disk::mirror;
@@ -35,6 +36,9 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(30);
 const RESUME_DEADLINE: Duration = Duration::from_secs(60);
 /// How long resume waits for QEMU to have loaded the device state.
 const DEVICE_STATE_WAIT: Duration = Duration::from_secs(15);
+/// How long writing the thaw to the paused guest's channel (a local socket) may take:
+/// it is inside the downtime, and a thaw that could not be written is asked again.
+const THAW_SEND_TIMEOUT: Duration = Duration::from_millis(200);
 
 fn not_found(id: &str) -> AgentError {
     AgentError::Hv(HvError::UnknownVm(format!("incoming migration {id}")))
@@ -49,11 +53,16 @@ pub async fn prepare(
     req: PrepareRequest,
     source: Option<String>,
 ) -> Result<Ticket, AgentError> {
+    let started = Instant::now();
     let info = state
         .create_vm(req.vm.as_str(), req.spec.clone(), true, false)
         .await?;
+    let created_ms = started.elapsed().as_millis() as u64;
     match listen(state, reg, &req, info, source).await {
-        Ok(t) => Ok(t),
+        Ok(t) => {
+            tracing::debug!(vm = %req.vm, created_ms, ms = started.elapsed().as_millis() as u64, "incoming VM prepared");
+            Ok(t)
+        }
         Err(e) => {
             let _ = state.destroy_copy(req.vm.as_str()).await;
             Err(e)
@@ -342,16 +351,29 @@ pub async fn resume(
             .await
             .map_err(AgentError::Streams)?;
     }
+    // The thaw is written to the guest's channel while the VM is still paused: the
+    // guest reads it the moment it runs, and the channel stays open across the move
+    // (opening it after the resume costs the guest a hang-up and a reconnect first).
+    let sent = match thaw {
+        true => Some(
+            state
+                .send_guest(&inbound.vm, &Command::Thaw, THAW_SEND_TIMEOUT)
+                .await,
+        ),
+        false => None,
+    };
     state.hv.resume(&inbound.vm).await?;
     state.incoming_resumed(&inbound.vm);
     inbound.resumed.store(true, Ordering::SeqCst);
     inbound.set(IncomingPhase::Running, None);
-    // The thaw starts the moment the guest runs, not a round trip later when the source
-    // asks for its outcome; not waited for, since this answer ends the downtime.
-    if thaw {
+    // Its answer is collected here, not a round trip later when the source asks for
+    // it; not waited for, since this answer ends the downtime.
+    if let Some(sent) = sent {
         let (state, held) = (state.clone(), inbound.clone());
         tokio::spawn(async move {
-            held.thaw.get_or_init(|| thaw_guest(&state, &held.vm)).await;
+            held.thaw
+                .get_or_init(|| thaw_guest(&state, &held.vm, sent))
+                .await;
         });
     }
     // The policy the VM had on the source, applied once it runs here; not waited for,
@@ -382,7 +404,12 @@ pub async fn thaw(
     let asked = Instant::now();
     let held = inbound
         .thaw
-        .get_or_init(|| thaw_guest(state, &inbound.vm))
+        .get_or_init(|| async {
+            let sent = state
+                .send_guest(&inbound.vm, &Command::Thaw, THAW_SEND_TIMEOUT)
+                .await;
+            thaw_guest(state, &inbound.vm, sent).await
+        })
         .await;
     let thawed = match held {
         Ok(r) => Ok(r.clone()),
@@ -392,12 +419,37 @@ pub async fn thaw(
     thawed
 }
 
-/// Thaws the guest of `vm` here, the outcome kept as text (it is answered twice).
-async fn thaw_guest(state: &AppState, vm: &str) -> Result<tern_api::guest::ThawReport, String> {
+/// The answer to the thaw written before the resume (else, if writing failed, a thaw
+/// asked now), the outcome kept as text (it is answered twice).
+async fn thaw_guest(
+    state: &AppState,
+    vm: &str,
+    sent: Result<crate::guest::Pending, AgentError>,
+) -> Result<tern_api::guest::ThawReport, String> {
     let started = Instant::now();
-    let r = super::freeze::thaw(state, vm)
-        .await
-        .map_err(|e| e.to_string());
+    let answered = match sent {
+        Ok(pending) => match pending.reply(super::freeze::THAW_TIMEOUT).await {
+            Ok(Reply::Thawed(r)) => Ok(r),
+            Ok(other) => Err(AgentError::Guest {
+                id: vm.to_string(),
+                reason: format!("the guest answered thaw with {other:?}"),
+            }),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    let r = match answered {
+        Ok(r) => Ok(r),
+        Err(AgentError::GuestRefused { id, reason }) => {
+            Err(AgentError::GuestRefused { id, reason }.to_string())
+        }
+        Err(e) => {
+            tracing::debug!(vm, error = %e, "the thaw sent before the resume went unanswered; asking again");
+            super::freeze::thaw(state, vm)
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
     tracing::debug!(
         vm,
         ms = started.elapsed().as_millis() as u64,

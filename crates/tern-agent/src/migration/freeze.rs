@@ -7,8 +7,9 @@
 //!   freeze {deadline} ─────────────────────────►  untainted frozen
 //!   pre-copy rounds; every RENEW_EVERY:
 //!   freeze {deadline} (renews) ─────────────────►
-//!   pause, last pages, device state, resume ─────────────────────────────► VM runs there
-//!   POST /v1/incoming/{id}/thaw ─────────────────────────────────────────► thaw ──► guest
+//!   pause, last pages, device state, resume?thaw=true ───────────────────► thaw written,
+//!                                                                           VM runs ──► guest
+//!   POST /v1/incoming/{id}/thaw (collects the answer) ───────────────────►
 //!  on rollback, once the VM runs here again: thaw ─► guest
 //!  source agent gone: no renewal ─► the guest thaws by itself at the deadline
 //! ```
