@@ -173,9 +173,11 @@ struct Rounds {
 impl Rounds {
     /// The state before round 1, which covers every page, zero pages as runs: the
     /// destination file is not assumed to be zero-filled (its QEMU may have written to
-    /// it at start-up).
+    /// it at start-up). The baseline the guest's changes are counted from is taken by
+    /// round 1 (beside its first stretch when it is split, so the link does not wait
+    /// for a pass over all memory).
     fn start(ctx: &Live<'_>) -> Rounds {
-        let Live { mem, sent, cfg, .. } = *ctx;
+        let Live { mem, cfg, .. } = *ctx;
         let pages = mem.pages();
         let started = Instant::now();
         let seen = SeenDigests::new(pages);
@@ -186,7 +188,8 @@ impl Rounds {
             max_elapsed_s: Some(cfg.max_elapsed_s),
             ..Limits::new(pages, PAGE_SIZE as u64)
         };
-        scan(mem, sent, &seen, cfg.scan_threads);
+        // Round 1's split counts the pages with data.
+        mem.refresh_extents();
         Rounds {
             started,
             seen,
@@ -199,7 +202,7 @@ impl Rounds {
             max_throttle: 0,
             bytes: 0,
             nonzero_pages: 0,
-            // The guest's changes are counted from here: the rate is over the time since.
+            // Set when round 1 has taken the baseline.
             last_scan: Instant::now(),
             dirty: (0..pages).collect(),
             last: (RoundTransfer::default(), 0.0),
@@ -236,9 +239,8 @@ impl Rounds {
         let mut probed = Vec::new();
         let t = match split {
             Some(split) => {
-                let (limits, since) = (&self.limits, self.last_scan);
-                let p =
-                    ctx.first_round(out, &self.seen, &to_send, split, limits, since, throttle)?;
+                let limits = &self.limits;
+                let p = ctx.first_round(out, &self.seen, &to_send, split, limits, throttle)?;
                 if p.throttle > 0 {
                     self.throttle_percent = p.throttle;
                     self.max_throttle = self.max_throttle.max(p.throttle);
@@ -250,7 +252,14 @@ impl Rounds {
                 self.last_scan = p.scanned_at;
                 p.transfer
             }
-            None => out.send_round(round, ctx.mem, ctx.sent, &to_send, ctx.cancel)?,
+            None => {
+                if round == 1 {
+                    scan(ctx.mem, ctx.sent, &self.seen, ctx.cfg.scan_threads);
+                    // The guest's changes are counted from here.
+                    self.last_scan = Instant::now();
+                }
+                out.send_round(round, ctx.mem, ctx.sent, &to_send, ctx.cancel)?
+            }
         };
         let send_s = round_start.elapsed().as_secs_f64();
         self.bytes += t.bytes;
@@ -377,9 +386,9 @@ struct FirstRound {
 }
 
 impl Live<'_> {
-    /// Sends `pages[..split]`, then `pages[split..]` while a probe scans memory beside
-    /// it and applies the throttle the policy asks for.
-    #[allow(clippy::too_many_arguments)] // the loop's state the probe reads and sets
+    /// Sends `pages[..split]` while the baseline scan runs beside it, then
+    /// `pages[split..]` while a probe scans memory beside it and applies the throttle
+    /// the policy asks for.
     fn first_round(
         &self,
         out: &mut Outgoing,
@@ -387,7 +396,6 @@ impl Live<'_> {
         pages: &[u64],
         split: usize,
         limits: &Limits,
-        since: Instant,
         throttle: &mut dyn Throttle,
     ) -> Result<FirstRound, MigrationError> {
         let Live {
@@ -399,8 +407,23 @@ impl Live<'_> {
             freeze,
         } = *self;
         let start = Instant::now();
-        let first = out.send_round(1, mem, sent, &pages[..split], cancel)?;
-        let first_s = start.elapsed().as_secs_f64();
+        let (first, first_s, since) = std::thread::scope(|s| {
+            // The guest's changes are counted from the end of this pass (as they were
+            // when it ran before the round): a page it read early may change before
+            // that and be counted, which errs towards a higher rate, never a lower one.
+            let baseline = s.spawn(|| {
+                scan(mem, sent, seen, cfg.scan_threads);
+                Instant::now()
+            });
+            let first = out.send_round(1, mem, sent, &pages[..split], cancel);
+            let first_s = start.elapsed().as_secs_f64();
+            (
+                first,
+                first_s,
+                baseline.join().expect("baseline scan panicked"),
+            )
+        });
+        let first = first?;
         let bandwidth = measured_bandwidth(first.bytes, first_s);
         let rest = &pages[split..];
         let bytes_left =
