@@ -18,6 +18,15 @@ enum Disks {
 }
 use tern_model::VmName;
 
+/// How a new VM's process comes up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Make {
+    /// Started with the definition (waiting for a migration when `incoming`).
+    Now { incoming: bool },
+    /// A migration's destination, started later by the driver's `launch`.
+    Deferred,
+}
+
 impl AppState {
     /// The API view of a driver's VM.
     pub fn view(&self, info: VmInfo) -> VmView {
@@ -76,6 +85,26 @@ impl AppState {
         start: bool,
         reuse_disks: bool,
     ) -> Result<VmInfo, AgentError> {
+        let make = Make::Now { incoming };
+        self.make_vm(id, spec, make, start, reuse_disks).await
+    }
+
+    /// [`AppState::create_vm`] of a migration's destination whose process starts later
+    /// ([`tern_hv::Hypervisor::launch`]): its memory file exists when this returns, so
+    /// the memory can arrive while the process starts.
+    pub async fn define_incoming_vm(&self, id: &str, spec: VmSpec) -> Result<VmInfo, AgentError> {
+        self.make_vm(id, spec, Make::Deferred, false, false).await
+    }
+
+    async fn make_vm(
+        &self,
+        id: &str,
+        spec: VmSpec,
+        make: Make,
+        start: bool,
+        reuse_disks: bool,
+    ) -> Result<VmInfo, AgentError> {
+        let incoming = make != (Make::Now { incoming: false });
         VmName::check(id).map_err(HvError::from)?;
         let spec = self.with_image_files(spec).await?;
         tern_hv::spec::check_paths(&spec)?;
@@ -94,7 +123,11 @@ impl AppState {
         } else {
             Disks::Delete
         };
-        let mut info = match self.hv.create(id, spec.clone(), incoming).await {
+        let made = match make {
+            Make::Now { incoming } => self.hv.create(id, spec.clone(), incoming).await,
+            Make::Deferred => self.hv.define_incoming(id, spec.clone()).await,
+        };
+        let mut info = match made {
             Ok(info) => info,
             Err(e) => {
                 if made_disks {

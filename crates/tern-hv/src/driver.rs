@@ -118,6 +118,19 @@ pub trait Hypervisor: Send + Sync {
     fn kind(&self) -> &'static str;
     /// Defines the VM and prepares its process, without running the guest.
     async fn create(&self, id: &str, spec: VmSpec, incoming: bool) -> Result<VmInfo>;
+    /// [`Hypervisor::create`] of a VM that waits for a migration, in two steps: the VM is
+    /// defined (`Incoming`) and its memory file made at once, so a migration's memory
+    /// can arrive while [`Hypervisor::launch`] starts its process. Until that start ends,
+    /// every other call on the VM waits for it. Drivers without a separate start do
+    /// both here.
+    async fn define_incoming(&self, id: &str, spec: VmSpec) -> Result<VmInfo> {
+        self.create(id, spec, true).await
+    }
+    /// Starts the process of a VM [`Hypervisor::define_incoming`] defined; a VM whose
+    /// process runs is left as it is. A start that fails leaves no VM behind.
+    async fn launch(&self, id: &str) -> Result<VmInfo> {
+        self.info(id).await
+    }
     async fn start(&self, id: &str) -> Result<VmInfo>;
     async fn pause(&self, id: &str) -> Result<VmInfo>;
     async fn resume(&self, id: &str) -> Result<VmInfo>;

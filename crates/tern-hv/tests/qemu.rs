@@ -1,6 +1,7 @@
 //! The QEMU driver against a real QEMU with no kernel (the guest runs its BIOS): lifecycle,
 //! metrics from real vCPU threads, the shared RAM file, and a device-state-only migration
-//! between two QEMUs with `x-ignore-shared` after copying the RAM file by hand.
+//! between two QEMUs with `x-ignore-shared` after copying the RAM file by hand, also into
+//! a destination whose memory came before its QEMU started.
 
 use std::time::Duration;
 use tern_hv::qemu::{QemuConfig, QemuDriver};
@@ -73,16 +74,37 @@ async fn device_state_migration_with_shared_ram() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let src = driver(&dir.path().join("a"));
-    let dst = driver(&dir.path().join("b"));
-    let s = src.create("vm", spec(64, 1), false).await.unwrap();
-    src.start("vm").await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (src, dst, s) = source_running_and_destination(dir.path()).await;
     let t = dst.create("vm", spec(64, 1), true).await.unwrap();
     assert_eq!(t.state, VmState::Incoming);
     assert_ne!(s.memory_file, t.memory_file, "each host its own RAM file");
 
-    for d in [&src, &dst] {
+    // What tern's engine does, in miniature: pause, copy RAM through the files, then let
+    // QEMU carry only CPU and device state.
+    let uri = listen_for_device_state(&src, &dst).await;
+    src.pause("vm").await.unwrap();
+    std::fs::copy(s.memory_file.unwrap(), t.memory_file.unwrap()).unwrap();
+    carry_device_state(&src, &dst, &uri).await;
+    assert_eq!(dst.resume("vm").await.unwrap().state, VmState::Running);
+    src.destroy("vm").await.unwrap();
+    dst.destroy("vm").await.unwrap();
+}
+
+/// Two drivers, `a` and `b`, each its own host; VM `vm` running its BIOS on `a`.
+async fn source_running_and_destination(
+    dir: &std::path::Path,
+) -> (QemuDriver, QemuDriver, tern_hv::VmInfo) {
+    let src = driver(&dir.join("a"));
+    let dst = driver(&dir.join("b"));
+    let s = src.create("vm", spec(64, 1), false).await.unwrap();
+    src.start("vm").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    (src, dst, s)
+}
+
+/// Has `dst`'s VM listen for a device-state-only migration; its URI.
+async fn listen_for_device_state(src: &QemuDriver, dst: &QemuDriver) -> String {
+    for d in [src, dst] {
         d.set_migration_capabilities("vm", &[("x-ignore-shared", true)])
             .await
             .unwrap();
@@ -94,12 +116,12 @@ async fn device_state_migration_with_shared_ram() {
         .port();
     let uri = format!("tcp:127.0.0.1:{port}");
     dst.migrate_incoming("vm", &uri).await.unwrap();
+    uri
+}
 
-    // What tern's engine does, in miniature: pause, copy RAM through the files, then let
-    // QEMU carry only CPU and device state.
-    src.pause("vm").await.unwrap();
-    std::fs::copy(s.memory_file.unwrap(), t.memory_file.unwrap()).unwrap();
-    src.migrate("vm", &uri).await.unwrap();
+/// Migrates the paused `src` VM's device state to `dst` and waits until `dst` holds it.
+async fn carry_device_state(src: &QemuDriver, dst: &QemuDriver, uri: &str) {
+    src.migrate("vm", uri).await.unwrap();
     let mut status = src.query_migrate("vm").await.unwrap();
     for _ in 0..200 {
         if status.state.is_final() {
@@ -123,9 +145,68 @@ async fn device_state_migration_with_shared_ram() {
         state = dst.refresh("vm").await.unwrap().state;
     }
     assert_eq!(state, VmState::Paused);
+}
+
+#[tokio::test]
+async fn memory_written_before_the_destination_qemu_starts_is_what_it_runs() {
+    if !tern_testkit::require_qemu() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (src, dst, s) = source_running_and_destination(dir.path()).await;
+    let t = dst.define_incoming("vm", spec(64, 1)).await.unwrap();
+    assert_eq!(
+        (t.state, t.pid),
+        (VmState::Incoming, None),
+        "no process yet"
+    );
+    let ram = t.memory_file.clone().unwrap();
+    let meta = std::fs::metadata(&ram).unwrap();
+    assert_eq!(meta.len(), 64 << 20);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o600,
+        "guest memory: owner only"
+    );
+
+    // The memory arrives before QEMU starts, written in place as tern's streams do.
+    src.pause("vm").await.unwrap();
+    let memory = std::fs::read(s.memory_file.as_ref().unwrap()).unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).open(&ram).unwrap();
+    std::io::Write::write_all(&mut f, &memory).unwrap();
+    drop(f);
+    let up = dst.launch("vm").await.unwrap();
+    assert!(up.pid.is_some());
+    assert_eq!(up.state, VmState::Incoming);
+    assert!(
+        std::fs::read(&ram).unwrap() == memory,
+        "the starting QEMU left the memory it found as it was"
+    );
+    let uri = listen_for_device_state(&src, &dst).await;
+    carry_device_state(&src, &dst, &uri).await;
     assert_eq!(dst.resume("vm").await.unwrap().state, VmState::Running);
     src.destroy("vm").await.unwrap();
     dst.destroy("vm").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_destination_whose_qemu_cannot_start_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = QemuConfig::new(dir.path().join("run"), dir.path().join("mem"), None);
+    cfg.binary = dir.path().join("no-such-qemu");
+    let d = QemuDriver::new(cfg);
+    let t = d.define_incoming("vm", spec(64, 1)).await.unwrap();
+    let ram = t.memory_file.unwrap();
+    assert!(ram.exists());
+    assert!(matches!(
+        d.define_incoming("vm", spec(64, 1)).await,
+        Err(HvError::AlreadyExists(_))
+    ));
+    let err = d.launch("vm").await.unwrap_err();
+    assert!(err.to_string().contains("no-such-qemu"), "{err}");
+    assert!(matches!(d.info("vm").await, Err(HvError::UnknownVm(_))));
+    assert!(!ram.exists(), "its memory file went with it");
 }
 
 #[tokio::test]

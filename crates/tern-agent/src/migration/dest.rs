@@ -54,13 +54,26 @@ pub async fn prepare(
     source: Option<String>,
 ) -> Result<Ticket, AgentError> {
     let started = Instant::now();
-    let info = state
-        .create_vm(req.vm.as_str(), req.spec.clone(), true, false)
-        .await?;
+    // tern's streams need only the memory file until the device state comes, seconds
+    // later: QEMU starts while they run, not before the ticket. QEMU's own migration
+    // (native) and the disk exports need it listening first.
+    let deferred = !req.native && mirror::local_disks(&req.spec.disks).is_empty();
+    let info = match deferred {
+        true => {
+            state
+                .define_incoming_vm(req.vm.as_str(), req.spec.clone())
+                .await?
+        }
+        false => {
+            state
+                .create_vm(req.vm.as_str(), req.spec.clone(), true, false)
+                .await?
+        }
+    };
     let created_ms = started.elapsed().as_millis() as u64;
-    match listen(state, reg, &req, info, source).await {
+    match listen(state, reg, &req, info, source, deferred).await {
         Ok(t) => {
-            tracing::debug!(vm = %req.vm, created_ms, ms = started.elapsed().as_millis() as u64, "incoming VM prepared");
+            tracing::debug!(vm = %req.vm, created_ms, deferred, ms = started.elapsed().as_millis() as u64, "incoming VM prepared");
             Ok(t)
         }
         Err(e) => {
@@ -82,12 +95,47 @@ fn bind_streams(state: &AppState) -> Result<(std::net::TcpListener, u16), AgentE
     Ok((listener, port))
 }
 
+/// Whether the destination's QEMU listens for the device state: `None` while it starts,
+/// then how its start ended.
+type QemuReady = tokio::sync::watch::Receiver<Option<Result<(), String>>>;
+
+/// Starts the destination's QEMU when `launch` (its VM was only defined), then has it
+/// listen for the device state on `device_socket`.
+async fn start_qemu(
+    state: &AppState,
+    vm: &str,
+    device_socket: &std::path::Path,
+    native: bool,
+    launch: bool,
+) -> Result<(), AgentError> {
+    if launch {
+        let started = Instant::now();
+        state.hv.launch(vm).await?;
+        tracing::debug!(
+            vm,
+            ms = started.elapsed().as_millis() as u64,
+            "destination QEMU started beside the streams"
+        );
+    }
+    // `late-block-activate`: the destination takes the disks of the shared store
+    // (their write lock, fresh metadata) only when it is resumed, not when QEMU's
+    // stream ends, so a move that fails after that still leaves them to the source.
+    let caps = [("x-ignore-shared", !native), ("late-block-activate", true)];
+    state.hv.set_migration_capabilities(vm, &caps).await?;
+    state
+        .hv
+        .migrate_incoming(vm, &format!("unix:{}", device_socket.display()))
+        .await?;
+    Ok(())
+}
+
 async fn listen(
     state: &AppState,
     reg: &Arc<Registry>,
     req: &PrepareRequest,
     info: tern_hv::VmInfo,
     source: Option<String>,
+    deferred: bool,
 ) -> Result<Ticket, AgentError> {
     let file = info.memory_file.ok_or_else(|| {
         AgentError::BadRequest(format!(
@@ -104,24 +152,20 @@ async fn listen(
     let id = reg.new_id("in");
     let device_socket =
         relay::socket_path(&state.host.state_dir, &id).map_err(AgentError::Streams)?;
-    // `late-block-activate`: the destination takes the disks of the shared store
-    // (their write lock, fresh metadata) only when it is resumed, not when QEMU's
-    // stream ends, so a move that fails after that still leaves them to the source.
-    let caps = [
-        ("x-ignore-shared", !req.native),
-        ("late-block-activate", true),
-    ];
-    state
-        .hv
-        .set_migration_capabilities(req.vm.as_str(), &caps)
-        .await?;
-    state
-        .hv
-        .migrate_incoming(
-            req.vm.as_str(),
-            &format!("unix:{}", device_socket.display()),
-        )
-        .await?;
+    let (ready_tx, qemu) = tokio::sync::watch::channel(None);
+    match deferred {
+        true => {
+            let (state, vm, socket) = (state.clone(), req.vm.to_string(), device_socket.clone());
+            tokio::spawn(async move {
+                let r = start_qemu(&state, &vm, &socket, false, true).await;
+                let _ = ready_tx.send(Some(r.map_err(|e| e.to_string())));
+            });
+        }
+        false => {
+            start_qemu(state, req.vm.as_str(), &device_socket, req.native, false).await?;
+            let _ = ready_tx.send(Some(Ok(())));
+        }
+    }
     let local = mirror::local_disks(&req.spec.disks);
     let nbd_port = match (local.is_empty(), req.native) {
         (true, _) => None,
@@ -175,14 +219,31 @@ async fn listen(
     .map_err(AgentError::Streams)?;
     reg.begin_inbound(&id, inbound.clone());
     let receiver = start_receiver(memory, admitted.memory, expect, &inbound);
-    let device = admitted
-        .device
-        .map(|rx| tokio::spawn(relay::deliver(device_socket.clone(), rx, accept_timeout)));
+    let device = admitted.device.map(|rx| {
+        let (socket, mut qemu) = (device_socket.clone(), qemu.clone());
+        tokio::spawn(async move {
+            // The device state goes to QEMU's socket, which a QEMU still starting does
+            // not listen on yet.
+            let listening = qemu
+                .wait_for(Option::is_some)
+                .await
+                .ok()
+                .and_then(|r| r.clone());
+            match listening {
+                Some(Ok(())) => relay::deliver(socket, rx, accept_timeout).await,
+                Some(Err(e)) => Err(super::MigrationError::QemuNotStarted(e)),
+                None => Err(super::MigrationError::QemuNotStarted(
+                    "its start was dropped".into(),
+                )),
+            }
+        })
+    });
     let streams = Streams {
         _gate: gate,
         receiver,
         device,
         device_socket,
+        qemu,
     };
     tokio::spawn(supervise(state.clone(), inbound, streams));
     tracing::info!(migration = %id, vm = %req.vm, port, "prepared incoming migration");
@@ -199,6 +260,8 @@ struct Streams {
     receiver: Option<Receiver>,
     device: Option<Delivery>,
     device_socket: std::path::PathBuf,
+    /// The destination QEMU's start, when it runs beside the streams.
+    qemu: QemuReady,
 }
 
 impl Drop for Streams {
@@ -265,14 +328,20 @@ async fn supervise(state: AppState, inbound: Arc<Inbound>, mut streams: Streams)
         if inbound.cancel.load(Ordering::SeqCst) {
             break "aborted".into();
         }
+        let qemu_up = match streams.qemu.borrow().clone() {
+            Some(Err(e)) => break format!("starting the destination QEMU: {e}"),
+            Some(Ok(())) => true,
+            None => false,
+        };
         if complete_at.is_some_and(|t| t.elapsed() > RESUME_DEADLINE) {
             break format!("not resumed within {RESUME_DEADLINE:?} of the memory arriving");
         }
-        match state.hv.refresh(&inbound.vm).await {
-            Ok(info) if info.state == VmState::Stopped || info.pid.is_none() => {
+        // A QEMU still starting has no process to watch, and its VM waits for it.
+        match qemu_up.then_some(state.hv.refresh(&inbound.vm).await) {
+            Some(Ok(info)) if info.state == VmState::Stopped || info.pid.is_none() => {
                 break "the destination QEMU exited".into()
             }
-            Err(HvError::UnknownVm(_)) => break "the destination VM is gone".into(),
+            Some(Err(HvError::UnknownVm(_))) => break "the destination VM is gone".into(),
             _ => {}
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

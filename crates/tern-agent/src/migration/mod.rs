@@ -105,6 +105,9 @@ pub enum MigrationError {
     DeviceStateTimeout(Duration),
     #[error("migration cancelled")]
     Cancelled,
+    /// The destination's QEMU, started beside the memory streams, did not come up.
+    #[error("hypervisor: the destination QEMU did not start: {0}")]
+    QemuNotStarted(String),
     /// Moving the local disks failed (the NBD export, the block mirror).
     #[error("local disks: {0}")]
     Disks(String),

@@ -20,7 +20,7 @@ use args::{qemu_args, tap_name, DiskArg, LaunchPlan, NicArg, VmPaths};
 use async_trait::async_trait;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 use tern_model::VmName;
@@ -168,12 +168,7 @@ impl QemuDriver {
         })?;
         let mut qmp = Qmp::connect(&paths.qmp_socket, self.cfg.qmp_timeout).await?;
         let run = runstate(&mut qmp).await?;
-        let macs = spec
-            .nics
-            .iter()
-            .enumerate()
-            .map(|(i, n)| n.mac.clone().unwrap_or_else(|| derived_mac(id, i)))
-            .collect();
+        let macs = macs_of(id, &spec);
         let vm = Vm {
             id: id.to_string(),
             paths,
@@ -217,6 +212,65 @@ impl QemuDriver {
         Ok(pid.is_some())
     }
 
+    /// Enters VM `id` in the table, not started, and returns it locked: a concurrent
+    /// create of the same id fails, and every call on it waits until the caller lets go.
+    async fn define(
+        &self,
+        id: &str,
+        spec: VmSpec,
+        incoming: bool,
+    ) -> Result<tokio::sync::OwnedMutexGuard<Vm>> {
+        VmName::check(id)?;
+        crate::spec::check_paths(&spec)?;
+        if !spec.nics.is_empty() && self.cfg.bridge.is_none() {
+            return Err(HvError::NoBridge(id.to_string()));
+        }
+        let stores = self.stores();
+        for d in &spec.disks {
+            stores.of(id, d)?;
+        }
+        let macs = macs_of(id, &spec);
+        let vm = Arc::new(Mutex::new(Vm {
+            id: id.to_string(),
+            paths: VmPaths::new(&self.cfg.run_dir, &self.cfg.mem_dir, id),
+            spec,
+            macs,
+            state: if incoming {
+                VmState::Incoming
+            } else {
+                VmState::Created
+            },
+            child: None,
+            adopted: None,
+            qmp: None,
+        }));
+        let guard = vm.clone().lock_owned().await;
+        let mut vms = self.vms.lock().expect("VM table lock");
+        if vms.contains_key(id) {
+            return Err(HvError::AlreadyExists(id.to_string()));
+        }
+        vms.insert(id.to_string(), vm);
+        Ok(guard)
+    }
+
+    /// Starts a defined VM's process; one that fails to start leaves nothing behind.
+    async fn launch_or_undefine(&self, vm: &mut Vm, incoming: bool) -> Result<VmInfo> {
+        match self.launch_process(vm, incoming).await {
+            Ok(()) => Ok(vm.info()),
+            Err(e) => {
+                self.undefine(vm).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes a VM whose start failed out of the table, with its files.
+    async fn undefine(&self, vm: &Vm) {
+        self.vms.lock().expect("VM table lock").remove(&vm.id);
+        let _ = tokio::fs::remove_file(&vm.paths.memory_file).await;
+        let _ = tokio::fs::remove_dir_all(&vm.paths.run_dir).await;
+    }
+
     fn get(&self, id: &str) -> Result<Arc<Mutex<Vm>>> {
         self.vms
             .lock()
@@ -227,7 +281,7 @@ impl QemuDriver {
     }
 
     /// Starts QEMU for `vm` (guest stopped) and connects QMP.
-    async fn launch(&self, vm: &mut Vm, incoming: bool) -> Result<()> {
+    async fn launch_process(&self, vm: &mut Vm, incoming: bool) -> Result<()> {
         vm.paths.check_socket_lengths().map_err(HvError::Qemu)?;
         for d in [&vm.paths.run_dir, &self.cfg.mem_dir] {
             tokio::fs::create_dir_all(d)
@@ -452,6 +506,42 @@ impl QemuDriver {
     }
 }
 
+/// Each NIC's MAC: the spec's, else one derived from the VM's id and the NIC's place.
+fn macs_of(id: &str, spec: &VmSpec) -> Vec<String> {
+    spec.nics
+        .iter()
+        .enumerate()
+        .map(|(i, n)| n.mac.clone().unwrap_or_else(|| derived_mac(id, i)))
+        .collect()
+}
+
+/// Creates `path` readable by this user only (it holds guest memory), `bytes` long and
+/// sparse. A file already there is left over from a VM of this id that no longer is (the
+/// caller holds the id): it goes first, so nothing of its memory reaches the new VM.
+async fn make_memory_file(path: &Path, bytes: u64) -> Result<()> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |e| HvError::io(format!("making the memory file {}", path.display()))(e);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+            _ => {}
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io)?;
+        f.set_len(bytes).map_err(io)
+    })
+    .await
+    .map_err(|e| HvError::Qemu(format!("making a memory file: {e}")))?
+}
+
 /// The line written to a VM's console log before each of its QEMUs starts.
 pub const CONSOLE_BOOT_MARKER: &str = "-- tern: QEMU started --";
 
@@ -514,51 +604,31 @@ impl Hypervisor for QemuDriver {
     }
 
     async fn create(&self, id: &str, spec: VmSpec, incoming: bool) -> Result<VmInfo> {
-        VmName::check(id)?;
-        crate::spec::check_paths(&spec)?;
-        if !spec.nics.is_empty() && self.cfg.bridge.is_none() {
-            return Err(HvError::NoBridge(id.to_string()));
-        }
-        let stores = self.stores();
-        for d in &spec.disks {
-            stores.of(id, d)?;
-        }
-        let macs = spec
-            .nics
-            .iter()
-            .enumerate()
-            .map(|(i, n)| n.mac.clone().unwrap_or_else(|| derived_mac(id, i)))
-            .collect();
-        let vm = Arc::new(Mutex::new(Vm {
-            id: id.to_string(),
-            paths: VmPaths::new(&self.cfg.run_dir, &self.cfg.mem_dir, id),
-            spec,
-            macs,
-            state: if incoming {
-                VmState::Incoming
-            } else {
-                VmState::Created
-            },
-            child: None,
-            adopted: None,
-            qmp: None,
-        }));
-        // Claim the id before the slow launch so a concurrent create of the same id fails.
-        let mut guard = vm.clone().lock_owned().await;
-        {
-            let mut vms = self.vms.lock().expect("VM table lock");
-            if vms.contains_key(id) {
-                return Err(HvError::AlreadyExists(id.to_string()));
-            }
-            vms.insert(id.to_string(), vm);
-        }
-        if let Err(e) = self.launch(&mut guard, incoming).await {
-            self.vms.lock().expect("VM table lock").remove(id);
-            let _ = tokio::fs::remove_file(&guard.paths.memory_file).await;
-            let _ = tokio::fs::remove_dir_all(&guard.paths.run_dir).await;
+        let mut guard = self.define(id, spec, incoming).await?;
+        self.launch_or_undefine(&mut guard, incoming).await
+    }
+
+    async fn define_incoming(&self, id: &str, spec: VmSpec) -> Result<VmInfo> {
+        let guard = self.define(id, spec, true).await?;
+        // Made here, before QEMU: it maps the file as it finds it (a file of the right
+        // size is neither truncated nor cleared), and an incoming QEMU writes no guest
+        // memory at start-up, so what the streams wrote before it came stays.
+        let made = make_memory_file(&guard.paths.memory_file, guard.spec.memory_mib << 20).await;
+        if let Err(e) = made {
+            self.undefine(&guard).await;
             return Err(e);
         }
         Ok(guard.info())
+    }
+
+    async fn launch(&self, id: &str) -> Result<VmInfo> {
+        let vm = self.get(id)?;
+        let mut vm = vm.lock().await;
+        if vm.pid().is_some() {
+            return Ok(vm.info());
+        }
+        let incoming = vm.state == VmState::Incoming;
+        self.launch_or_undefine(&mut vm, incoming).await
     }
 
     async fn start(&self, id: &str) -> Result<VmInfo> {
@@ -567,7 +637,7 @@ impl Hypervisor for QemuDriver {
         Self::reap(&mut vm).await;
         let next = vm.check(Action::Start)?;
         if vm.pid().is_none() {
-            self.launch(&mut vm, false).await?;
+            self.launch_process(&mut vm, false).await?;
         }
         vm.qmp()?.execute("cont", None).await?;
         vm.state = next;
@@ -628,7 +698,7 @@ impl Hypervisor for QemuDriver {
         let next = vm.check(Action::Reboot)?;
         self.shutdown_process(&mut vm).await;
         vm.state = VmState::Stopped;
-        self.launch(&mut vm, false).await?;
+        self.launch_process(&mut vm, false).await?;
         vm.qmp()?.execute("cont", None).await?;
         vm.state = next;
         Ok(vm.info())
@@ -653,7 +723,7 @@ impl Hypervisor for QemuDriver {
         let next = vm.check(Action::Restore)?;
         // A fresh file: the saved memory is written into it and must land on zeros.
         let _ = tokio::fs::remove_file(&vm.paths.memory_file).await;
-        self.launch(&mut vm, true).await?;
+        self.launch_process(&mut vm, true).await?;
         vm.state = next;
         Ok(vm.info())
     }
