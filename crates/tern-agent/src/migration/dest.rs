@@ -337,12 +337,14 @@ async fn supervise(state: AppState, inbound: Arc<Inbound>, mut streams: Streams)
             break format!("not resumed within {RESUME_DEADLINE:?} of the memory arriving");
         }
         // A QEMU still starting has no process to watch, and its VM waits for it.
-        match qemu_up.then_some(state.hv.refresh(&inbound.vm).await) {
-            Some(Ok(info)) if info.state == VmState::Stopped || info.pid.is_none() => {
-                break "the destination QEMU exited".into()
+        if qemu_up {
+            match state.hv.refresh(&inbound.vm).await {
+                Ok(info) if info.state == VmState::Stopped || info.pid.is_none() => {
+                    break "the destination QEMU exited".into()
+                }
+                Err(HvError::UnknownVm(_)) => break "the destination VM is gone".into(),
+                _ => {}
             }
-            Some(Err(HvError::UnknownVm(_))) => break "the destination VM is gone".into(),
-            _ => {}
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
