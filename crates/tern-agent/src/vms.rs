@@ -27,6 +27,13 @@ enum Make {
     Deferred,
 }
 
+impl Make {
+    /// Whether the VM waits for a migration.
+    fn incoming(self) -> bool {
+        matches!(self, Make::Now { incoming: true } | Make::Deferred)
+    }
+}
+
 impl AppState {
     /// The API view of a driver's VM.
     pub fn view(&self, info: VmInfo) -> VmView {
@@ -104,7 +111,7 @@ impl AppState {
         start: bool,
         reuse_disks: bool,
     ) -> Result<VmInfo, AgentError> {
-        let incoming = make != (Make::Now { incoming: false });
+        let incoming = make.incoming();
         VmName::check(id).map_err(HvError::from)?;
         let spec = self.with_image_files(spec).await?;
         tern_hv::spec::check_paths(&spec)?;

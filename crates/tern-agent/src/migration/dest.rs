@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tern_api::guest::{Command, Reply};
+use tern_api::guest::Command;
 use tern_hv::{HvError, VmState};
 
 use tern_hv::disk::mirror;
@@ -440,6 +440,9 @@ pub async fn resume(
     // Its answer is collected here, not a round trip later when the source asks for
     // it; not waited for, since this answer ends the downtime.
     if let Some(sent) = sent {
+        let sent = sent
+            .inspect_err(|e| tracing::debug!(vm = %inbound.vm, error = %e, "the thaw could not be written before the resume; asking after it"))
+            .ok();
         let (state, held) = (state.clone(), inbound.clone());
         tokio::spawn(async move {
             held.thaw
@@ -475,12 +478,7 @@ pub async fn thaw(
     let asked = Instant::now();
     let held = inbound
         .thaw
-        .get_or_init(|| async {
-            let sent = state
-                .send_guest(&inbound.vm, &Command::Thaw, THAW_SEND_TIMEOUT)
-                .await;
-            thaw_guest(state, &inbound.vm, sent).await
-        })
+        .get_or_init(|| thaw_guest(state, &inbound.vm, None))
         .await;
     let thawed = match held {
         Ok(r) => Ok(r.clone()),
@@ -490,37 +488,17 @@ pub async fn thaw(
     thawed
 }
 
-/// The answer to the thaw written before the resume (else, if writing failed, a thaw
-/// asked now), the outcome kept as text (it is answered twice).
+/// Thaws the guest of `vm` here, `sent` (a thaw written before the resume) being the
+/// first try; the outcome kept as text (it is answered twice).
 async fn thaw_guest(
     state: &AppState,
     vm: &str,
-    sent: Result<crate::guest::Pending, AgentError>,
+    sent: Option<crate::guest::Pending>,
 ) -> Result<tern_api::guest::ThawReport, String> {
     let started = Instant::now();
-    let answered = match sent {
-        Ok(pending) => match pending.reply(super::freeze::THAW_TIMEOUT).await {
-            Ok(Reply::Thawed(r)) => Ok(r),
-            Ok(other) => Err(AgentError::Guest {
-                id: vm.to_string(),
-                reason: format!("the guest answered thaw with {other:?}"),
-            }),
-            Err(e) => Err(e),
-        },
-        Err(e) => Err(e),
-    };
-    let r = match answered {
-        Ok(r) => Ok(r),
-        Err(AgentError::GuestRefused { id, reason }) => {
-            Err(AgentError::GuestRefused { id, reason }.to_string())
-        }
-        Err(e) => {
-            tracing::debug!(vm, error = %e, "the thaw sent before the resume went unanswered; asking again");
-            super::freeze::thaw(state, vm)
-                .await
-                .map_err(|e| e.to_string())
-        }
-    };
+    let r = super::freeze::thaw_after(state, vm, sent)
+        .await
+        .map_err(|e| e.to_string());
     tracing::debug!(
         vm,
         ms = started.elapsed().as_millis() as u64,

@@ -27,6 +27,7 @@ use tern_api::migration::{DependencyOutcome, ThawSite};
 
 use super::session::Outbound;
 use crate::error::AgentError;
+use crate::guest::Pending;
 use crate::state::AppState;
 
 /// How long the source waits for the guest to answer `freeze` before it goes on as
@@ -65,10 +66,24 @@ pub async fn freeze(state: &AppState, vm: &str) -> Result<FreezeReport, String> 
 /// request on a guest channel that just moved can go unanswered, and a `thaw` repeated
 /// after one that was carried out but whose answer was lost answers the same report.
 pub async fn thaw(state: &AppState, vm: &str) -> Result<ThawReport, AgentError> {
+    thaw_after(state, vm, None).await
+}
+
+/// [`thaw`] whose first try is `sent`, a `thaw` already written to the guest (the
+/// destination writes it while the VM is still paused), when there is one.
+pub async fn thaw_after(
+    state: &AppState,
+    vm: &str,
+    mut sent: Option<Pending>,
+) -> Result<ThawReport, AgentError> {
     let mut tries = 0;
     loop {
         tries += 1;
-        match state.call_guest(vm, &Command::Thaw, THAW_TIMEOUT).await {
+        let answer = match sent.take() {
+            Some(pending) => pending.reply(THAW_TIMEOUT).await,
+            None => state.call_guest(vm, &Command::Thaw, THAW_TIMEOUT).await,
+        };
+        match answer {
             Ok(Reply::Thawed(r)) => return Ok(r),
             Ok(other) => {
                 return Err(AgentError::Guest {
