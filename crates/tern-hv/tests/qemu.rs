@@ -26,6 +26,11 @@ async fn lifecycle_metrics_and_ram_file() {
     assert_eq!(info.state, VmState::Created);
     let ram = info.memory_file.clone().unwrap();
     assert_eq!(std::fs::metadata(&ram).unwrap().len(), 64 << 20);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&ram).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "guest memory is for this user only: {mode:o}");
+    }
 
     assert_eq!(d.start("vm1").await.unwrap().state, VmState::Running);
     let threads = d.vcpu_threads("vm1").await.unwrap();

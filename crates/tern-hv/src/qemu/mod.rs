@@ -295,6 +295,7 @@ impl QemuDriver {
         ] {
             let _ = tokio::fs::remove_file(p).await;
         }
+        ensure_private_memory_file(&vm.paths.memory_file, vm.spec.memory_mib << 20).await?;
         if let Some(cfg) = &vm.spec.guest_config {
             // Written on every launch (a migration's destination too): QEMU reads the
             // file once at start and the guest sees the same item wherever it runs.
@@ -513,6 +514,22 @@ fn macs_of(id: &str, spec: &VmSpec) -> Vec<String> {
         .enumerate()
         .map(|(i, n)| n.mac.clone().unwrap_or_else(|| derived_mac(id, i)))
         .collect()
+}
+
+/// Makes sure QEMU maps a memory file only this user can read: QEMU would create a
+/// missing one under the process umask (readable by every local user, with the guest's
+/// memory in it). A missing file is made private and sparse; one already there (an
+/// incoming VM's, written by the streams, or a stopped VM's) keeps its content and
+/// loses any wider permission.
+async fn ensure_private_memory_file(path: &Path, bytes: u64) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    match tokio::fs::metadata(path).await {
+        Ok(_) => tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .await
+            .map_err(HvError::io(format!("making {} private", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => make_memory_file(path, bytes).await,
+        Err(e) => Err(HvError::io(format!("checking {}", path.display()))(e)),
+    }
 }
 
 /// Creates `path` readable by this user only (it holds guest memory), `bytes` long and
