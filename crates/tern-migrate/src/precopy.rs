@@ -9,6 +9,10 @@
 /// round 1 still runs under the throttle it leads to.
 pub const PROBE_BYTES: u64 = 24 << 20;
 
+/// Memory streams the engine sends a round on unless told otherwise: each takes one
+/// contiguous slice of the round's pages, so the copy advances at that many places.
+pub const STREAMS: u32 = 2;
+
 /// Live rounds after which the engine stops iterating (not converged).
 pub const MAX_ROUNDS: u32 = 60;
 

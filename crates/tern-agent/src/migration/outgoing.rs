@@ -48,7 +48,7 @@ pub struct StreamOptions {
 impl Default for StreamOptions {
     fn default() -> Self {
         StreamOptions {
-            streams: 2,
+            streams: tern_migrate::precopy::STREAMS as usize,
             lz4: false,
             rate_bytes_per_s: None,
             // Generous: on a loaded host the peer's stream thread can go seconds without

@@ -112,14 +112,19 @@ pub(super) fn drive(
             Some((first, next)) => {
                 let first_s = first * ps / bw;
                 let bytes_left = (guest.remaining_from(next) * ps).round() as u64;
-                let mut probed = guest.run_part(first_s, factor(throttle));
+                // The baseline scan runs beside the first stretch, and the probe rates
+                // the guest from its end while counting changes from each page's
+                // reading, on average its middle: the rate it sees is that much high.
+                let baseline_s = params.baseline_scan_s.min(first_s);
+                guest.run_part(baseline_s / 2.0, factor(throttle));
+                let mut probed = guest.run_part(first_s - baseline_s / 2.0, factor(throttle));
                 let rest = guest.send_from(next);
                 let rest_send_s = rest * ps / bw;
                 // The probe's scan runs on the guest's time, unthrottled.
                 probed += guest.run_part(scan_s, factor(throttle));
                 let probe = FirstRoundProbe {
                     pages_changed: probed.round() as u64,
-                    window_s: first_s + scan_s,
+                    window_s: first_s - baseline_s + scan_s,
                     bandwidth_bytes_per_s: bw,
                     bytes_left,
                     stop_cost_s: scan_s + told_stop_s,

@@ -48,6 +48,11 @@ pub const ENGINE_GUEST_WRITE_CPU_SHARE: f64 = 0.31;
 /// (75 %) on the total's median with it.
 pub const ENGINE_FREEZE_S: f64 = 0.15;
 
+/// Round 1's baseline scan beside its first stretch (two send threads and the guest on
+/// two cores slow it): the probe's windows were 0.14-0.20 s where the first stretch and
+/// the probe's scan took 0.23-0.27 s, and it rated a 94 MB/s writer at 97-109 MB/s.
+pub const ENGINE_BASELINE_SCAN_S: f64 = 0.04;
+
 /// What a throttled `memdirty` keeps writing on top of what its CPU share allows.
 pub const ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S: f64 = 14e6;
 
@@ -69,6 +74,8 @@ impl MigrationParams {
             write_cpu_share: Some(ENGINE_GUEST_WRITE_CPU_SHARE),
             throttle_floor_bytes_per_s: ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S,
             sent_in_order: true,
+            streams: precopy::STREAMS,
+            baseline_scan_s: ENGINE_BASELINE_SCAN_S,
             downtime_limit_s: DEFAULT_DOWNTIME_LIMIT_S,
             freeze_s: ENGINE_FREEZE_S,
             ..MigrationParams::new(memory_bytes, link_bytes_per_s)

@@ -9,8 +9,12 @@
 //!   distinct dirty pages; a sequential writer leaves `min(W, r·t)`. Microseconds per
 //!   call, for the simulator.
 //! - [`simulate_pages`]: page-level with a seeded RNG; every write hits a random page of
-//!   its working set, and the fragment tracker sees real 2 MiB fragments, as in the
-//!   engine.
+//!   its working set (or, for a sequential writer, the page under its cursor, which
+//!   starts at [`MigrationParams::writer_start`]), and the fragment tracker sees real
+//!   2 MiB fragments, as in the engine. With the engine's parameters it sends each
+//!   round as the engine does, in memory order on [`MigrationParams::streams`] streams
+//!   side by side, so it follows where the copy meets a sequential writer page by
+//!   page: that decides what round 1 leaves behind.
 //!
 //! Both treat sending as happening at the start of a round and the guest's writes as
 //! spread over the round's duration; a throttle of `p` % scales every dirty rate by
@@ -34,8 +38,9 @@ use serde::{Deserialize, Serialize};
 
 pub use analytic::simulate;
 pub use engine::{
-    ENGINE_FREEZE_S, ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S, ENGINE_GUEST_WRITE_CPU_SHARE,
-    ENGINE_LINK_EFFICIENCY, ENGINE_SCAN_S_PER_GIB, ENGINE_SETUP_S, ENGINE_STOP_OVERHEAD_S,
+    ENGINE_BASELINE_SCAN_S, ENGINE_FREEZE_S, ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S,
+    ENGINE_GUEST_WRITE_CPU_SHARE, ENGINE_LINK_EFFICIENCY, ENGINE_SCAN_S_PER_GIB, ENGINE_SETUP_S,
+    ENGINE_STOP_OVERHEAD_S,
 };
 pub use pages::simulate_pages;
 
@@ -216,11 +221,12 @@ pub struct MigrationParams {
     /// `write_cpu_share`.
     #[serde(default)]
     pub throttle_floor_bytes_per_s: f64,
-    /// Analytic model only: a round sends its pages in memory order over its duration,
-    /// as the engine does, so a page written before its turn goes out fresh; each
-    /// class of memory counts as sent at the middle of its stretch. False: every page
-    /// of a round counts as sent at its start (the textbook model, and the page-level
-    /// model's).
+    /// A round sends its pages in memory order over its duration, as the engine does,
+    /// so a page written before its turn goes out fresh. The analytic model counts each
+    /// class of memory as sent at the middle of its stretch (on one stream); the
+    /// page-level model gives every page its own time, on [`MigrationParams::streams`]
+    /// streams. False: every page of a round counts as sent at its start (the textbook
+    /// model).
     #[serde(default)]
     pub sent_in_order: bool,
     /// Share of the dirty rate (in every class of memory) written by untainted
@@ -236,6 +242,35 @@ pub struct MigrationParams {
     /// Other policies ignore it. 0 gives the textbook closed forms.
     #[serde(default)]
     pub freeze_s: f64,
+    /// Non-zero memory that the copy passes before it reaches the working sets, bytes:
+    /// where a program's buffers lie among the rest of the guest's data decides how
+    /// long after their copy its writes go on, and so what round 1 leaves behind
+    /// (a program started after boot gets memory above what the boot left in use).
+    /// 0 (the default): the working sets come first.
+    #[serde(default)]
+    pub data_before_working_sets_bytes: u64,
+    /// Page-level model only: where each sequential writer's cursor stands in its
+    /// working set when round 1 starts, as a share of the set (0 its first page). The
+    /// remainder of round 1 depends on where the copy meets the writer;
+    /// [`expected_over_writer_starts`] averages over this.
+    #[serde(default)]
+    pub writer_start: f64,
+    /// Page-level model with `sent_in_order` only: a round's pages are cut into this
+    /// many contiguous slices of equal size, sent side by side, each at this share of
+    /// the link (the engine's memory streams). The copy then meets a sequential writer
+    /// at that many places, each moving at that share of the link's pace.
+    #[serde(default = "one_stream")]
+    pub streams: u32,
+    /// Seconds the engine's baseline scan takes beside round 1's first stretch. The
+    /// probe rates the guest over the time from its end and counts the changes since
+    /// each page was read, so it sees the rate that much high and asks for a harder
+    /// throttle. 0 (the default): the probe measures the guest's rate exactly.
+    #[serde(default)]
+    pub baseline_scan_s: f64,
+}
+
+fn one_stream() -> u32 {
+    1
 }
 
 fn one() -> f64 {
@@ -267,6 +302,10 @@ impl MigrationParams {
             sent_in_order: false,
             untainted_write_share: 0.0,
             freeze_s: 0.0,
+            data_before_working_sets_bytes: 0,
+            writer_start: 0.0,
+            streams: 1,
+            baseline_scan_s: 0.0,
         }
     }
 
@@ -365,6 +404,7 @@ impl MigrationParams {
         }
         non_negative("scan_s_per_gib", self.scan_s_per_gib)?;
         non_negative("setup_s", self.setup_s)?;
+        non_negative("baseline_scan_s", self.baseline_scan_s)?;
         if let Some(f) = self.write_cpu_share {
             if !(f.is_finite() && f > 0.0 && f <= 1.0) {
                 return Err(MigrateError::invalid(
@@ -396,6 +436,12 @@ impl MigrationParams {
         if let Some(m) = self.max_elapsed_s {
             non_negative("max_elapsed_s", m)?;
         }
+        if !(0.0..1.0).contains(&self.writer_start) {
+            return Err(MigrateError::invalid(
+                "writer_start",
+                format!("must be in [0, 1), got {}", self.writer_start),
+            ));
+        }
         if self.max_rounds == 0 {
             return Err(MigrateError::invalid("max_rounds", "must be at least 1"));
         }
@@ -422,10 +468,11 @@ impl MigrationParams {
         Ok(())
     }
 
-    /// Memory as dirty classes in memory order, the untouched rest last.
+    /// Memory as dirty classes in memory order: the data in front of the working sets,
+    /// the working sets, the untouched rest.
     pub(crate) fn classes(&self) -> Vec<DirtyClass> {
         let ps = self.page_size as f64;
-        let mut classes: Vec<DirtyClass> = self
+        let sets: Vec<DirtyClass> = self
             .dirty
             .regions()
             .into_iter()
@@ -435,13 +482,21 @@ impl MigrationParams {
                 sequential,
             })
             .collect();
-        let used: u64 = classes.iter().map(|c| c.pages).sum();
-        classes.push(DirtyClass {
-            // Zero pages are left out: they cost neither transfer nor scan time.
-            pages: self.nonzero_pages().saturating_sub(used),
+        let used: u64 = sets.iter().map(|c| c.pages).sum();
+        // Zero pages are left out: they cost neither transfer nor scan time.
+        let untouched = self.nonzero_pages().saturating_sub(used);
+        let before = (self.data_before_working_sets_bytes / self.page_size).min(untouched);
+        let still = |pages| DirtyClass {
+            pages,
             rate_pages: 0.0,
             sequential: false,
-        });
+        };
+        let mut classes = Vec::with_capacity(sets.len() + 2);
+        if before > 0 {
+            classes.push(still(before));
+        }
+        classes.extend(sets);
+        classes.push(still(untouched - before));
         classes
     }
 }
@@ -495,6 +550,49 @@ pub fn estimate(
         rounds: o.rounds,
         converged: o.converged,
     })
+}
+
+/// What the page-level model gives on average over the sequential writers' cursor
+/// standing at each of `starts` when round 1 begins ([`MigrationParams::writer_start`],
+/// shares of the set, taken modulo 1): where the copy meets a writer decides what round
+/// 1 leaves behind, and with it whether a second round runs, so a cursor known only
+/// roughly (or not at all: `n` evenly spaced starts) gives a spread of outcomes. Total
+/// time, downtime and bytes are means; rounds the median; converged if most runs did.
+pub fn expected_over_writer_starts(
+    params: &MigrationParams,
+    policy: &dyn Policy,
+    starts: &[f64],
+) -> Result<MigrationEstimate, MigrateError> {
+    if starts.is_empty() {
+        return Err(MigrateError::invalid(
+            "starts",
+            "give at least one writer start",
+        ));
+    }
+    let mut outcomes = Vec::with_capacity(starts.len());
+    for (i, &start) in starts.iter().enumerate() {
+        let mut p = params.clone();
+        p.writer_start = start.rem_euclid(1.0);
+        outcomes.push(simulate_pages(&p, policy, i as u64)?);
+    }
+    let n = outcomes.len() as f64;
+    let mean =
+        |f: &dyn Fn(&crate::MigrationOutcome) -> f64| outcomes.iter().map(f).sum::<f64>() / n;
+    let mut rounds: Vec<u32> = outcomes.iter().map(|o| o.rounds).collect();
+    rounds.sort_unstable();
+    Ok(MigrationEstimate {
+        total_time_s: mean(&|o| o.total_time_s),
+        downtime_s: mean(&|o| o.downtime_s),
+        bytes_sent: mean(&|o| o.bytes_sent as f64).round() as u64,
+        rounds: rounds[rounds.len() / 2],
+        converged: 2 * outcomes.iter().filter(|o| o.converged).count() > outcomes.len(),
+    })
+}
+
+/// `n` starts evenly spaced over a whole working set: for a writer whose cursor nobody
+/// knows.
+pub fn evenly_spaced_starts(n: u32) -> Vec<f64> {
+    (0..n).map(|i| f64::from(i) / f64::from(n)).collect()
 }
 
 /// Total time in seconds of [`estimate`].
@@ -609,11 +707,21 @@ mod tests {
         assert!(most.total_time_s < none.total_time_s, "{most:?} {none:?}");
         assert!(most.bytes_sent < none.bytes_sent);
         assert!(most.downtime_s <= 0.3, "within the budget: {most:?}");
-        let pages =
-            simulate_pages(&busy_engine_guest(0.9), &PolicyKind::DependencyAware, 7).unwrap();
-        let pages_none =
-            simulate_pages(&busy_engine_guest(0.0), &PolicyKind::DependencyAware, 7).unwrap();
-        assert!(pages.total_time_s < pages_none.total_time_s);
+        // Page by page, over where the writer's cursor may stand (at one place a fast
+        // writer can keep just ahead of the copy and leave little).
+        let pages = |share| {
+            expected_over_writer_starts(
+                &busy_engine_guest(share),
+                &PolicyKind::DependencyAware,
+                &evenly_spaced_starts(8),
+            )
+            .unwrap()
+        };
+        let (pages, pages_none) = (pages(0.9), pages(0.0));
+        assert!(
+            pages.total_time_s < pages_none.total_time_s,
+            "{pages:?} {pages_none:?}"
+        );
     }
 
     #[test]
@@ -622,6 +730,117 @@ mod tests {
             let err = busy_engine_guest(bad).validate().unwrap_err();
             assert!(err.to_string().contains("untainted_write_share"), "{err}");
         }
+    }
+
+    /// `tern bench migration`'s 512 MiB guest at 75 % of a 1 Gbit/s link: memdirty's
+    /// 128 MiB after 32 MiB of other data, its cursor at `start`.
+    fn memdirty_at_75(start: f64) -> MigrationParams {
+        let mut p = MigrationParams::engine(512 << 20, 220 << 20, 125e6);
+        p.dirty = DirtyModel::Sequential {
+            rate_bytes_per_s: 94e6,
+            working_set_bytes: 128 << 20,
+        };
+        p.max_elapsed_s = Some(40.0);
+        p.data_before_working_sets_bytes = 32 << 20;
+        p.writer_start = start;
+        p
+    }
+
+    #[test]
+    fn where_the_copy_meets_a_sequential_writer_decides_what_round_one_leaves() {
+        use crate::PolicyKind;
+        let left: Vec<u64> = (0..8)
+            .map(|i| {
+                let o = simulate_pages(
+                    &memdirty_at_75(f64::from(i) / 8.0),
+                    &PolicyKind::Adaptive,
+                    1,
+                )
+                .unwrap();
+                o.telemetry[0].remaining_pages
+            })
+            .collect();
+        let (lo, hi) = (*left.iter().min().unwrap(), *left.iter().max().unwrap());
+        assert!(hi > 2 * lo, "the writer's place matters: {left:?}");
+        // Never more than the working set, and always some of it: the writer runs on
+        // after the copy passed part of its set.
+        assert!(hi <= 32768 && lo > 0, "{left:?}");
+        let totals: Vec<f64> = (0..8u32)
+            .map(|i| {
+                simulate_pages(
+                    &memdirty_at_75(f64::from(i) / 8.0),
+                    &PolicyKind::Adaptive,
+                    u64::from(i),
+                )
+                .unwrap()
+                .total_time_s
+            })
+            .collect();
+        let mean = expected_over_writer_starts(
+            &memdirty_at_75(0.0),
+            &PolicyKind::Adaptive,
+            &evenly_spaced_starts(8),
+        )
+        .unwrap()
+        .total_time_s;
+        assert!(
+            expected_over_writer_starts(&memdirty_at_75(0.0), &PolicyKind::Adaptive, &[]).is_err()
+        );
+        assert!(
+            (mean - totals.iter().sum::<f64>() / 8.0).abs() < 1e-9,
+            "{mean} {totals:?}"
+        );
+    }
+
+    #[test]
+    fn pages_sent_in_order_on_streams_leave_less_than_pages_sent_at_once() {
+        use crate::PolicyKind;
+        let left = |in_order: bool| {
+            let mut p = memdirty_at_75(0.5);
+            p.sent_in_order = in_order;
+            simulate_pages(&p, &PolicyKind::Adaptive, 1)
+                .unwrap()
+                .telemetry[0]
+                .remaining_pages
+        };
+        // Sent at once, every write after round 1's start leaves a page behind; in
+        // order, only writes behind the copy's fronts do.
+        assert!(left(true) < left(false), "{} {}", left(true), left(false));
+    }
+
+    #[test]
+    fn a_probe_that_counts_from_inside_the_baseline_scan_asks_for_more_throttle() {
+        use crate::PolicyKind;
+        let throttle = |baseline_s: f64| {
+            let mut p = memdirty_at_75(0.0);
+            p.baseline_scan_s = baseline_s;
+            simulate(&p, &PolicyKind::Adaptive).unwrap().telemetry[0].throttle_percent
+        };
+        assert!(
+            throttle(0.04) > throttle(0.0),
+            "{} {}",
+            throttle(0.04),
+            throttle(0.0)
+        );
+    }
+
+    #[test]
+    fn writer_start_must_be_a_share() {
+        for bad in [-0.1, 1.0, f64::NAN] {
+            let err = memdirty_at_75(bad).validate().unwrap_err();
+            assert!(err.to_string().contains("writer_start"), "{err}");
+        }
+    }
+
+    #[test]
+    fn data_in_front_of_the_working_sets_comes_first_in_memory_order() {
+        let p = memdirty_at_75(0.0);
+        let c = p.classes();
+        assert_eq!(c.len(), 3);
+        assert_eq!(c[0].pages, 8192);
+        assert_eq!(c[0].rate_pages, 0.0);
+        assert!(c[1].sequential && c[1].pages == 32768);
+        assert_eq!(c.iter().map(|c| c.pages).sum::<u64>(), p.nonzero_pages());
     }
 
     #[test]

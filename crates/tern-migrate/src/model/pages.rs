@@ -1,7 +1,10 @@
 //! The page-level guest: a bitmap of pages that differ from the destination, random
 //! writes from a seeded generator, and a real fragment tracker over fixed-size
 //! fragments, fed exactly as the engine feeds it. Classes are laid out contiguously in
-//! memory order (hot set first), as a program's buffers usually are.
+//! memory order (the data in front of the working sets, then the hot set), as a
+//! program's buffers usually are. With `sent_in_order` a round's pages go out one after
+//! another over its sending time, and a write changes a page only for the destination
+//! once the page has gone out; without, all at the round's start.
 
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -39,8 +42,26 @@ pub fn simulate_pages(
             r
         })
         .collect::<Vec<_>>();
+    let cursors = regions
+        .iter()
+        .map(|(_, c)| {
+            if c.sequential {
+                ((params.writer_start * c.pages as f64) as u64).min(c.pages.saturating_sub(1))
+            } else {
+                0
+            }
+        })
+        .collect();
     let mut guest = PageGuest {
-        cursors: vec![0; regions.len()],
+        cursors,
+        page_s: if params.sent_in_order {
+            params.page_size as f64 / params.effective_bandwidth()
+        } else {
+            0.0
+        },
+        round_elapsed: 0.0,
+        sent_at: vec![0.0; pages as usize],
+        streams: params.streams.max(1) as usize,
         regions,
         pending: vec![true; pages as usize],
         pending_count: pages,
@@ -66,19 +87,81 @@ struct PageGuest {
     changed: Vec<u64>,
     /// Membership of `changed` (scratch, all false between rounds).
     seen: Vec<bool>,
+    /// Seconds to send one page when a round's pages go out in memory order over its
+    /// sending time; 0 when they all count as sent at its start.
+    page_s: f64,
+    /// Seconds of the current round the guest has run.
+    round_elapsed: f64,
+    /// Seconds into the current round at which each page goes out (0 for a page not
+    /// sent in it): a write before that lands on a page still to be sent.
+    sent_at: Vec<f64>,
+    /// Streams a round is sent on, side by side.
+    streams: usize,
 }
 
 impl PageGuest {
-    fn write(&mut self, page: u64) {
+    /// A write to `page` at `at` seconds into the round.
+    fn write(&mut self, page: u64, at: f64) {
         let i = page as usize;
         if !self.seen[i] {
             self.seen[i] = true;
             self.changed.push(page);
         }
-        if !self.pending[i] {
+        if !self.pending[i] && at >= self.sent_at[i] {
             self.pending[i] = true;
             self.pending_count += 1;
         }
+    }
+
+    /// `expected` writes of sequential region `k`, spread evenly over `seconds` from
+    /// `start_s`. Past one lap only the last lap decides what differs (every page is
+    /// written again in it), so earlier laps only move the cursor.
+    fn run_sequential(&mut self, k: usize, expected: f64, start_s: f64, seconds: f64) {
+        let (start, class) = self.regions[k];
+        let whole = expected.floor();
+        let writes = whole as u64 + u64::from(self.rng.gen::<f64>() < expected - whole);
+        if writes == 0 {
+            return;
+        }
+        let skip = writes.saturating_sub(class.pages);
+        let step = seconds / writes as f64;
+        self.cursors[k] = (self.cursors[k] + skip) % class.pages;
+        for j in skip..writes {
+            let c = self.cursors[k];
+            self.cursors[k] = (c + 1) % class.pages;
+            self.write(start + c, start_s + (j as f64 + 0.5) * step);
+        }
+    }
+
+    /// Sends `pages` (ascending) now, as the engine sends a round: cut into as many
+    /// contiguous slices as it has streams, each slice in order on its own stream at
+    /// that share of the link.
+    fn send_pages(&mut self, pages: &[usize]) -> f64 {
+        let per_slice = pages.len().div_ceil(self.streams).max(1);
+        let page_s = self.page_s * self.streams as f64;
+        for (n, &i) in pages.iter().enumerate() {
+            self.pending[i] = false;
+            self.sent_at[i] = self.round_elapsed + (n % per_slice) as f64 * page_s;
+        }
+        self.pending_count -= pages.len() as u64;
+        pages.len() as f64
+    }
+
+    /// The pending pages in `range`, at most `limit`, and the page after the last one
+    /// looked at.
+    fn pending_in(&self, range: std::ops::Range<usize>, limit: usize) -> (Vec<usize>, usize) {
+        let mut out = Vec::new();
+        let mut next = range.start;
+        for i in range {
+            if out.len() == limit {
+                break;
+            }
+            next = i + 1;
+            if self.pending[i] {
+                out.push(i);
+            }
+        }
+        (out, next)
     }
 }
 
@@ -107,38 +190,23 @@ impl ModelGuest for PageGuest {
                 *h = true;
             }
         }
-        let mut sent = 0u64;
+        let mut pages = Vec::new();
         for (f, &is_held) in held.iter().enumerate() {
-            if is_held {
-                continue;
-            }
-            let r = self.tracker.page_range(f as FragmentId);
-            for p in &mut self.pending[r.start as usize..r.end as usize] {
-                if *p {
-                    *p = false;
-                    sent += 1;
-                }
+            if !is_held {
+                let r = self.tracker.page_range(f as FragmentId);
+                pages.extend(
+                    self.pending_in(r.start as usize..r.end as usize, usize::MAX)
+                        .0,
+                );
             }
         }
-        self.pending_count -= sent;
-        sent as f64
+        self.send_pages(&pages)
     }
 
     fn send_prefix(&mut self, pages: u64) -> Option<(f64, u64)> {
-        let mut sent = 0u64;
-        let mut next = 0u64;
-        for (i, p) in self.pending.iter_mut().enumerate() {
-            if sent == pages {
-                break;
-            }
-            next = i as u64 + 1;
-            if *p {
-                *p = false;
-                sent += 1;
-            }
-        }
-        self.pending_count -= sent;
-        Some((sent as f64, next))
+        let limit = usize::try_from(pages).unwrap_or(usize::MAX);
+        let (pages, next) = self.pending_in(0..self.pending.len(), limit);
+        Some((self.send_pages(&pages), next as u64))
     }
 
     fn remaining_from(&self, first: u64) -> f64 {
@@ -149,47 +217,48 @@ impl ModelGuest for PageGuest {
     }
 
     fn send_from(&mut self, first: u64) -> f64 {
-        let mut sent = 0u64;
-        for p in &mut self.pending[first as usize..] {
-            if *p {
-                *p = false;
-                sent += 1;
-            }
-        }
-        self.pending_count -= sent;
-        sent as f64
+        let (pages, _) = self.pending_in(first as usize..self.pending.len(), usize::MAX);
+        self.send_pages(&pages)
     }
 
     fn run_part(&mut self, seconds: f64, rate_factor: f64) -> f64 {
         let before = self.changed.len();
+        let start_s = self.round_elapsed;
         for k in 0..self.regions.len() {
             let (start, class) = self.regions[k];
             if class.pages == 0 || class.rate_pages <= 0.0 {
                 continue;
             }
             let expected = class.rate_pages * rate_factor * seconds;
-            let saturated = if class.sequential {
-                expected >= class.pages as f64
-            } else {
-                expected >= SATURATION_WRITES_PER_PAGE * class.pages as f64
-            };
-            if saturated {
-                if class.sequential {
-                    self.cursors[k] = (self.cursors[k] + expected as u64) % class.pages;
-                }
-                for page in start..start + class.pages {
-                    self.write(page);
-                }
+            if class.sequential {
+                self.run_sequential(k, expected, start_s, seconds);
                 continue;
             }
-            if !class.sequential && expected > class.pages as f64 {
-                // More writes than pages: drawing each page's fate once (hit with
-                // probability 1 - e^(-writes/pages)) costs a draw per page instead of
-                // one per write, and has the same expected coverage.
-                let hit = 1.0 - (-expected / class.pages as f64).exp();
+            if expected > class.pages as f64 {
+                // More writes than pages: drawing each page's fate once costs a draw per
+                // page instead of one per write, with the same expected coverage. A page
+                // is changed if any write hits it, and differs from the destination if
+                // one hits it after it went out.
+                let pages = class.pages as f64;
+                let saturated = expected >= SATURATION_WRITES_PER_PAGE * pages;
+                let hit = 1.0 - (-expected / pages).exp();
                 for page in start..start + class.pages {
-                    if self.rng.gen::<f64>() < hit {
-                        self.write(page);
+                    let after = (start_s + seconds - self.sent_at[page as usize].max(start_s))
+                        .clamp(0.0, seconds);
+                    let hit_after = if self.page_s == 0.0 {
+                        hit
+                    } else {
+                        1.0 - (-expected * after / seconds / pages).exp()
+                    };
+                    let u = if saturated {
+                        0.0
+                    } else {
+                        self.rng.gen::<f64>()
+                    };
+                    if u < hit_after {
+                        self.write(page, start_s + seconds);
+                    } else if u < hit {
+                        self.write(page, start_s);
                     }
                 }
                 continue;
@@ -199,20 +268,22 @@ impl ModelGuest for PageGuest {
             let whole = expected.floor();
             let writes = whole as u64 + u64::from(self.rng.gen::<f64>() < expected - whole);
             for _ in 0..writes {
-                let offset = if class.sequential {
-                    let c = self.cursors[k];
-                    self.cursors[k] = (c + 1) % class.pages;
-                    c
+                let offset = self.rng.gen_range(0..class.pages);
+                let at = if self.page_s == 0.0 {
+                    start_s
                 } else {
-                    self.rng.gen_range(0..class.pages)
+                    start_s + self.rng.gen::<f64>() * seconds
                 };
-                self.write(start + offset);
+                self.write(start + offset, at);
             }
         }
+        self.round_elapsed += seconds;
         (self.changed.len() - before) as f64
     }
 
     fn end_round(&mut self) -> f64 {
+        self.round_elapsed = 0.0;
+        self.sent_at.iter_mut().for_each(|t| *t = 0.0);
         let changed = std::mem::take(&mut self.changed);
         for &p in &changed {
             self.seen[p as usize] = false;
