@@ -452,7 +452,13 @@ impl Live<'_> {
                 } else {
                     0
                 };
-                tracing::debug!(?probe, wanted, applied, "round 1 probe");
+                tracing::debug!(
+                    ?probe,
+                    wanted,
+                    applied,
+                    densest = ?densest_run(&found.changed),
+                    "round 1 probe"
+                );
                 (found.changed, scanned_at, applied)
             });
             let second = out.send_round(1, mem, sent, rest, cancel);
@@ -472,6 +478,24 @@ impl Live<'_> {
             bandwidth,
         })
     }
+}
+
+/// The longest stretch of `pages` (ascending) with no gap over 64 pages, as (first,
+/// last): where a guest that rewrites a buffer in order was writing.
+fn densest_run(pages: &[u64]) -> Option<(u64, u64)> {
+    let mut best: Option<(u64, u64)> = None;
+    let mut start = *pages.first()?;
+    let mut prev = start;
+    for &p in &pages[1..] {
+        if p - prev > 64 {
+            start = p;
+        }
+        prev = p;
+        if best.is_none_or(|(a, b)| b - a < p - start) {
+            best = Some((start, p));
+        }
+    }
+    best.or(Some((start, start)))
 }
 
 /// Where round 1's first stretch ends: after the pages with data that
@@ -543,6 +567,17 @@ mod tests {
         );
         assert_eq!(union_sorted(&[], &[3]), vec![3]);
         assert_eq!(union_sorted(&[3], &[]), vec![3]);
+    }
+
+    #[test]
+    fn the_densest_run_is_the_longest_stretch_without_a_wide_gap() {
+        assert_eq!(densest_run(&[]), None);
+        assert_eq!(densest_run(&[7]), Some((7, 7)));
+        // A writer's stretch (with small holes) beside the kernel's scattered pages.
+        let mut pages = vec![3, 500];
+        pages.extend((1000..1400).step_by(3));
+        pages.extend([5000, 5001, 90_000]);
+        assert_eq!(densest_run(&pages), Some((1000, 1399)));
     }
 
     #[test]
