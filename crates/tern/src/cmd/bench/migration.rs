@@ -16,7 +16,9 @@ use tern_agent::vms::CreateVm;
 use tern_api::guest::{Command as GuestCommand, WorkloadSpec};
 use tern_api::migration::{SendOptions, SendRequest};
 use tern_lab::LabState;
-use tern_migrate::{mbit_per_s, simulate, DirtyModel, MigrationParams, PolicyKind, MIB};
+use tern_migrate::{
+    expected_over_writer_starts, mbit_per_s, simulate, DirtyModel, MigrationParams, PolicyKind, MIB,
+};
 
 use crate::cmd::bad_input;
 
@@ -52,6 +54,26 @@ pub struct Args {
     pub json: bool,
 }
 
+/// A guest writer as measured just before a migration.
+pub struct Writer {
+    pub mb_s: f64,
+    /// Pages written since its paced phase began: `memdirty` rewrites its working set
+    /// in order from the first page, so this modulo the set's pages is its cursor.
+    pub pages: u64,
+    pub at: Instant,
+}
+
+impl Writer {
+    /// Where the cursor of a writer over `working_set_bytes` stands when a migration
+    /// asked for now reaches round 1 (the engine's setup later), as a share of the set.
+    pub fn start_share(&self, working_set_bytes: u64) -> f64 {
+        let set = (working_set_bytes / 4096).max(1) as f64;
+        let ahead_s = self.at.elapsed().as_secs_f64() + tern_migrate::model::ENGINE_SETUP_S;
+        let cursor = self.pages as f64 + self.mb_s * 1e6 / 4096.0 * ahead_s;
+        (cursor % set) / set
+    }
+}
+
 /// One migration of the benchmark.
 #[derive(Clone, Debug, Serialize)]
 pub struct Run {
@@ -63,6 +85,10 @@ pub struct Run {
     pub repetition: u32,
     /// The guest's page-write rate just before the migration, MB/s.
     pub measured_dirty_mb_s: Option<f64>,
+    /// Where `memdirty`'s cursor stood in its working set as round 1 began, as a share
+    /// of the set: its page count just before the migration, carried forward at the
+    /// measured rate to the start of round 1.
+    pub writer_start: Option<f64>,
     pub total_ms: Option<u64>,
     pub downtime_ms: Option<u64>,
     pub bytes: Option<u64>,
@@ -75,9 +101,10 @@ pub struct Run {
     pub lower_bound_ms: Option<u64>,
     /// Guest memory holding data, as this run's round 1 found it (tern only).
     pub nonzero_bytes: Option<u64>,
-    /// What `tern-migrate`'s analytic model with the engine's costs predicts for this
-    /// run, fed with its non-zero memory, measured dirty rate, working set and link
-    /// (tern only), and the error (predicted over measured, minus 1), percent.
+    /// What `tern-migrate`'s model with the engine's costs predicts for this run, fed
+    /// with its non-zero memory, measured dirty rate, working set (its place in memory
+    /// and the writer's cursor) and link (tern only), and the error (predicted over
+    /// measured, minus 1), percent.
     pub predicted_total_ms: Option<u64>,
     pub predicted_downtime_ms: Option<u64>,
     pub total_error_percent: Option<f64>,
@@ -190,8 +217,24 @@ impl Args {
     }
 }
 
-/// Fills in what `tern-migrate`'s analytic model, with the engine's costs, predicts
-/// for a completed tern run, fed with what the run measured.
+/// Non-zero memory in front of `memdirty`'s working set in the order the engine copies
+/// guest memory: what the guest's boot left in use below it. Found by `memdirty`'s page
+/// signature in the source's memory file: 30.2 MB of data below its buffer in a
+/// 512 MiB guest and 35.0 MB in a 1 GiB guest, the buffer itself in ascending order
+/// (all but its first 8 MiB, which lay at the top of memory).
+pub(super) const MEMDIRTY_DATA_BEFORE_BYTES: u64 = 32 << 20;
+
+/// How well [`Writer::start_share`] knows `memdirty`'s cursor, as a share of its set:
+/// the stretch the engine's round-1 probe saw the writer rewrite (its debug line) ended
+/// 200-2,100 pages of 32,768 from where the estimate put it, at 25, 75 and 150 % alike.
+/// The prediction is the model's mean over cursors this far either side.
+pub(super) const WRITER_START_UNCERTAINTY: f64 = 0.05;
+
+/// Fills in what `tern-migrate`'s model, with the engine's costs, predicts for a
+/// completed tern run, fed with what the run measured. With the writer's cursor known
+/// (`memdirty` alone) the page-level model follows it page by page: what round 1
+/// leaves depends on where the copy's streams meet the writer. Without, the analytic
+/// model (the simulator's).
 pub(super) fn predict(run: &mut Run, args: &Shape) {
     let (Some(total), Some(downtime), Some(nonzero)) =
         (run.total_ms, run.downtime_ms, run.nonzero_bytes)
@@ -218,7 +261,23 @@ pub(super) fn predict(run: &mut Run, args: &Shape) {
     }
     params.max_elapsed_s = Some(args.max_precopy_s);
     params.untainted_write_share = args.untainted_write_share;
-    let o = match simulate(&params, &policy) {
+    let outcome = match run.writer_start.filter(|_| rate > 0.0) {
+        Some(start) => {
+            params.data_before_working_sets_bytes = MEMDIRTY_DATA_BEFORE_BYTES;
+            let u = WRITER_START_UNCERTAINTY;
+            let starts = [
+                start - u,
+                start - u / 2.0,
+                start,
+                start + u / 2.0,
+                start + u,
+            ];
+            expected_over_writer_starts(&params, &policy, &starts)
+                .map(|e| (e.total_time_s, e.downtime_s))
+        }
+        None => simulate(&params, &policy).map(|o| (o.total_time_s, o.downtime_s)),
+    };
+    let (total_s, downtime_s) = match outcome {
         Ok(o) => o,
         Err(e) => {
             tracing::warn!(error = %e, "no prediction for this run");
@@ -229,10 +288,10 @@ pub(super) fn predict(run: &mut Run, args: &Shape) {
     let error = |predicted: u64, measured: u64| {
         (measured > 0).then(|| ((predicted as f64 / measured as f64 - 1.0) * 1000.0).round() / 10.0)
     };
-    run.predicted_total_ms = Some(ms(o.total_time_s));
-    run.predicted_downtime_ms = Some(ms(o.downtime_s));
-    run.total_error_percent = error(ms(o.total_time_s), total);
-    run.downtime_error_percent = error(ms(o.downtime_s), downtime);
+    run.predicted_total_ms = Some(ms(total_s));
+    run.predicted_downtime_ms = Some(ms(downtime_s));
+    run.total_error_percent = error(ms(total_s), total);
+    run.downtime_error_percent = error(ms(downtime_s), downtime);
 }
 
 fn print_table(r: &Report) {
@@ -398,14 +457,17 @@ async fn bench(
                 b.at + 1,
                 2 - b.at
             );
-            let measured = if dirty_mb_s > 0 {
-                b.dirty_rate_mb_s("memdirty").await?
+            let writer = if dirty_mb_s > 0 {
+                Some(b.writer("memdirty").await?)
             } else {
-                0.0
+                None
             };
+            let measured = writer.as_ref().map_or(0.0, |w| w.mb_s);
+            let writer_start = writer.map(|w| w.start_share(args.wss_mib * MIB));
             let mut run = b
                 .migrate(engine, args.max_precopy_s, args.link_mbit)
                 .await?;
+            run.writer_start = writer_start;
             run.rate_percent = rate;
             run.dirty_mb_s = dirty_mb_s;
             run.repetition = repetition;
@@ -565,7 +627,9 @@ impl<'a> Bench<'a> {
     /// The guest's page-write rate over one second, MB/s, from the count of pages
     /// written of workload `name` (memdirty, batch): what the guest really dirties on
     /// this host, not what it was asked.
-    pub async fn dirty_rate_mb_s(&self, name: &str) -> anyhow::Result<f64> {
+    /// The page-write rate of workload `name` over a second, and its page count at the
+    /// end of it.
+    pub async fn writer(&self, name: &str) -> anyhow::Result<Writer> {
         let pages = |st: &Value| {
             st["workloads"]
                 .as_array()
@@ -579,9 +643,11 @@ impl<'a> Bench<'a> {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let (s1, t1) = (status().await?, Instant::now());
         match (pages(&s0), pages(&s1)) {
-            (Some(a), Some(b)) => {
-                Ok(b.saturating_sub(a) as f64 * 4096.0 / (t1 - t0).as_secs_f64() / 1e6)
-            }
+            (Some(a), Some(b)) => Ok(Writer {
+                mb_s: b.saturating_sub(a) as f64 * 4096.0 / (t1 - t0).as_secs_f64() / 1e6,
+                pages: b,
+                at: t1,
+            }),
             _ => bail!("{name} reports no page count: {s1}"),
         }
     }
@@ -674,6 +740,7 @@ impl<'a> Bench<'a> {
             engine: engine.to_string(),
             repetition: 1,
             measured_dirty_mb_s: None,
+            writer_start: None,
             total_ms: None,
             downtime_ms: None,
             bytes: None,
@@ -755,5 +822,32 @@ impl<'a> Bench<'a> {
             Err(e) => run.note = Some(e),
         }
         Ok(run)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_writer_cursor_is_its_page_count_around_the_set_carried_to_round_one() {
+        let still = |pages| Writer {
+            mb_s: 0.0,
+            pages,
+            at: Instant::now(),
+        };
+        // 1 MiB is 256 pages: three laps and a quarter.
+        assert_eq!(still(3 * 256 + 64).start_share(MIB), 0.25);
+        assert_eq!(still(0).start_share(MIB), 0.0);
+        // 1000 pages a second, sampled 100 ms ago: 100 pages since, and the engine's
+        // setup's worth more before round 1.
+        let moving = Writer {
+            mb_s: 4.096,
+            pages: 64,
+            at: Instant::now() - Duration::from_millis(100),
+        };
+        let at_least = (64.0 + 100.0 + 1000.0 * tern_migrate::model::ENGINE_SETUP_S) / 256.0;
+        let s = moving.start_share(MIB);
+        assert!(s >= at_least && s < at_least + 0.1, "{s} {at_least}");
     }
 }
