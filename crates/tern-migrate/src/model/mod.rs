@@ -22,7 +22,8 @@
 //! what tern's engine really does: zero pages cost nothing, the link gives a share of
 //! its rate, a scan of memory ends every round and starts the stop-and-copy, a setup
 //! precedes round 1, the guest needs only part of its CPU for its writes (so a throttle
-//! slows it less), and the analytic model sends a round's pages in memory order.
+//! slows it less), and a round's pages go out in memory order over its duration (the
+//! page-level model on the engine's streams side by side).
 //!
 //! A dependency-aware move freezes the guest's untainted processes for its duration:
 //! [`MigrationParams::untainted_write_share`] says which share of the dirty rate is

@@ -222,13 +222,13 @@ impl Args {
 /// signature in the source's memory file: 30.2 MB of data below its buffer in a
 /// 512 MiB guest and 35.0 MB in a 1 GiB guest, the buffer itself in ascending order
 /// (all but its first 8 MiB, which lay at the top of memory).
-pub(super) const MEMDIRTY_DATA_BEFORE_BYTES: u64 = 32 << 20;
+const MEMDIRTY_DATA_BEFORE_BYTES: u64 = 32 << 20;
 
 /// How well [`Writer::start_share`] knows `memdirty`'s cursor, as a share of its set:
 /// the stretch the engine's round-1 probe saw the writer rewrite (its debug line) ended
 /// 200-2,100 pages of 32,768 from where the estimate put it, at 25, 75 and 150 % alike.
 /// The prediction is the model's mean over cursors this far either side.
-pub(super) const WRITER_START_UNCERTAINTY: f64 = 0.05;
+const WRITER_START_UNCERTAINTY: f64 = 0.05;
 
 /// Fills in what `tern-migrate`'s model, with the engine's costs, predicts for a
 /// completed tern run, fed with what the run measured. With the writer's cursor known
@@ -624,11 +624,9 @@ impl<'a> Bench<'a> {
         }
     }
 
-    /// The guest's page-write rate over one second, MB/s, from the count of pages
-    /// written of workload `name` (memdirty, batch): what the guest really dirties on
-    /// this host, not what it was asked.
-    /// The page-write rate of workload `name` over a second, and its page count at the
-    /// end of it.
+    /// Workload `name`'s page-write rate over one second, from its count of pages
+    /// written (what the guest really dirties on this host, not what it was asked), and
+    /// that count at the end of the second.
     pub async fn writer(&self, name: &str) -> anyhow::Result<Writer> {
         let pages = |st: &Value| {
             st["workloads"]
