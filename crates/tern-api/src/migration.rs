@@ -404,6 +404,12 @@ pub struct MigrationResult {
     /// Where the downtime went: final scan and send, QEMU's device state, resume on the
     /// destination (tern's engine only).
     pub downtime_parts_ms: Option<[u64; 3]>,
+    /// What round 1's probe measured (tern's engine, when round 1 was split for it):
+    /// the reading the round-1 throttle was sized from (the view's first round shows
+    /// the throttle), for an operator asking why a move was throttled and for checking
+    /// the migration model against the engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<FirstRoundProbe>,
     /// Filled in by whoever checks the guest afterwards (the benchmark, the tests): the
     /// engine itself cannot see inside the guest.
     pub guest_ok: Option<bool>,
@@ -596,6 +602,37 @@ pub struct RoundTelemetry {
     pub elapsed_s: f64,
     /// Share of vCPU time taken away from the guest while this round ran (0 = none).
     pub throttle_percent: u8,
+}
+
+/// What the engine measured part way into round 1, after sending its first stretch of
+/// memory: enough to see how fast the guest dirties pages while most of round 1 is
+/// still to go, so a throttle can start before the guest has re-dirtied its whole
+/// working set behind the copy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct FirstRoundProbe {
+    /// Distinct pages whose content changed during the probe window.
+    pub pages_changed: u64,
+    /// Length of the probe window (from the scan before round 1 to the probe's scan).
+    pub window_s: f64,
+    /// Throughput the link gave the probe's stretch.
+    pub bandwidth_bytes_per_s: f64,
+    /// Bytes of non-zero memory round 1 still has to send.
+    pub bytes_left: u64,
+    /// Fixed cost of stopping (final scan, device state), as for
+    /// [`RoundTelemetry::predicted_downtime_s`].
+    pub stop_cost_s: f64,
+}
+
+impl FirstRoundProbe {
+    /// The guest's distinct-page dirty rate over the window, bytes per second.
+    pub fn dirty_rate_bytes_per_s(&self, page_size: u64) -> f64 {
+        if self.window_s > 0.0 {
+            (self.pages_changed * page_size) as f64 / self.window_s
+        } else {
+            0.0
+        }
+    }
 }
 
 /// A round part way through: how far the engine got sending it (or a point inside a

@@ -4,37 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use tern_api::migration::StopReason;
-pub use tern_api::migration::{RoundProgress, RoundTelemetry};
-
-/// What the engine measured part way into round 1, after sending its first stretch of
-/// memory: enough to see how fast the guest dirties pages while most of round 1 is
-/// still to go, so a throttle can start before the guest has re-dirtied its whole
-/// working set behind the copy.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FirstRoundProbe {
-    /// Distinct pages whose content changed during the probe window.
-    pub pages_changed: u64,
-    /// Length of the probe window (from the scan before round 1 to the probe's scan).
-    pub window_s: f64,
-    /// Throughput the link gave the probe's stretch.
-    pub bandwidth_bytes_per_s: f64,
-    /// Bytes of non-zero memory round 1 still has to send.
-    pub bytes_left: u64,
-    /// Fixed cost of stopping (final scan, device state), as for
-    /// [`RoundTelemetry::predicted_downtime_s`].
-    pub stop_cost_s: f64,
-}
-
-impl FirstRoundProbe {
-    /// The guest's distinct-page dirty rate over the window, bytes per second.
-    pub fn dirty_rate_bytes_per_s(&self, page_size: u64) -> f64 {
-        if self.window_s > 0.0 {
-            (self.pages_changed * page_size) as f64 / self.window_s
-        } else {
-            0.0
-        }
-    }
-}
+pub use tern_api::migration::{FirstRoundProbe, RoundProgress, RoundTelemetry};
 
 /// Result of one migration, simulated or real.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

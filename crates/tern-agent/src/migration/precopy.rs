@@ -68,6 +68,8 @@ pub struct PrecopyOutcome {
     pub max_throttle_percent: u8,
     /// Pages that were not zero when round 1 read them.
     pub nonzero_pages: u64,
+    /// What round 1's probe measured, when round 1 was split for it.
+    pub probe: Option<FirstRoundProbe>,
 }
 
 /// A freeze the guest is still answering when round 1 starts (`dependency-aware`):
@@ -162,6 +164,7 @@ struct Rounds {
     max_throttle: u8,
     bytes: u64,
     nonzero_pages: u64,
+    probe: Option<FirstRoundProbe>,
     /// When memory was last scanned: the guest's changes are rated over the time since.
     last_scan: Instant,
     /// Pages that differ from what was sent: the next round's candidates.
@@ -202,6 +205,7 @@ impl Rounds {
             max_throttle: 0,
             bytes: 0,
             nonzero_pages: 0,
+            probe: None,
             // Set when round 1 has taken the baseline.
             last_scan: Instant::now(),
             dirty: (0..pages).collect(),
@@ -249,6 +253,7 @@ impl Rounds {
                     self.bandwidth = b;
                 }
                 probed = p.changed;
+                self.probe = Some(p.probe);
                 self.last_scan = p.scanned_at;
                 p.transfer
             }
@@ -358,6 +363,7 @@ impl Rounds {
             bytes: self.bytes,
             max_throttle_percent: self.max_throttle,
             nonzero_pages: self.nonzero_pages,
+            probe: self.probe,
         }
     }
 }
@@ -383,6 +389,7 @@ struct FirstRound {
     throttle: u8,
     /// Link rate measured over the first stretch, when it was big enough.
     bandwidth: Option<f64>,
+    probe: FirstRoundProbe,
 }
 
 impl Live<'_> {
@@ -459,13 +466,13 @@ impl Live<'_> {
                     densest = ?densest_run(&found.changed),
                     "round 1 probe"
                 );
-                (found.changed, scanned_at, applied)
+                (found.changed, scanned_at, applied, probe)
             });
             let second = out.send_round(1, mem, sent, rest, cancel);
             (second, probe.join().expect("round 1 probe panicked"))
         });
         let second = second?;
-        let (changed, scanned_at, throttle) = probe;
+        let (changed, scanned_at, throttle, probe) = probe;
         Ok(FirstRound {
             transfer: RoundTransfer {
                 data_pages: first.data_pages + second.data_pages,
@@ -476,6 +483,7 @@ impl Live<'_> {
             scanned_at,
             throttle,
             bandwidth,
+            probe,
         })
     }
 }

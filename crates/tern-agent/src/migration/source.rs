@@ -919,6 +919,7 @@ impl<'a> SourceMigration<'a> {
                     stop_reason: o.stop_reason,
                     max_throttle_percent: o.max_throttle_percent,
                     downtime_parts_ms: Some([m.final_pass_ms, device_ms, resume_ms]),
+                    probe: o.probe.clone(),
                     guest_ok: None,
                 }
             }
@@ -938,6 +939,7 @@ impl<'a> SourceMigration<'a> {
                     stop_reason: StopReason::FitsDowntime,
                     max_throttle_percent: 0,
                     downtime_parts_ms: None,
+                    probe: None,
                     guest_ok: None,
                 }
             }

@@ -268,6 +268,28 @@ pub struct MigrationParams {
     /// throttle. 0 (the default): the probe measures the guest's rate exactly.
     #[serde(default)]
     pub baseline_scan_s: f64,
+    /// The dirty rate round 1's probe reads, bytes per second, when it was measured
+    /// (the engine reports it with each migration): the throttle for the rest of round
+    /// 1 is then sized from it, as the engine sized it, instead of from the rate the
+    /// model's own probe would read. `None` (the default, and the simulator's): the
+    /// model probes its guest.
+    #[serde(default)]
+    pub probe_rate_bytes_per_s: Option<f64>,
+    /// The guest's dirty rate measured under given throttles (the engine reports each
+    /// round's rate and throttle): under those throttles the guest writes at these
+    /// rates instead of what `write_cpu_share` and the floor make of its rate. A TCG
+    /// guest's answer to a throttle varies from run to run (48-81 MB/s for a 94 MB/s
+    /// writer at 81-89 %); empty (the default, and the simulator's): the fitted answer.
+    #[serde(default)]
+    pub throttled_rates: Vec<ThrottledRate>,
+}
+
+/// A guest's dirty rate measured while a throttle held.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ThrottledRate {
+    /// Share of vCPU time taken away, percent.
+    pub percent: u8,
+    pub rate_bytes_per_s: f64,
 }
 
 fn one_stream() -> u32 {
@@ -307,6 +329,8 @@ impl MigrationParams {
             writer_start: 0.0,
             streams: 1,
             baseline_scan_s: 0.0,
+            probe_rate_bytes_per_s: None,
+            throttled_rates: Vec::new(),
         }
     }
 
@@ -351,6 +375,13 @@ impl MigrationParams {
     pub fn throttle_factor(&self, percent: u8) -> f64 {
         let kept = 1.0 - f64::from(percent) / 100.0;
         let total = self.dirty.total_rate();
+        let measured = self
+            .throttled_rates
+            .iter()
+            .find(|m| m.percent == percent && percent > 0);
+        if let Some(m) = measured.filter(|_| total > 0.0) {
+            return (m.rate_bytes_per_s / total).clamp(0.0, 1.0);
+        }
         match self.write_cpu_share {
             Some(share) if percent > 0 && total > 0.0 && share > 0.0 => {
                 ((kept / share).min(1.0) + self.throttle_floor_bytes_per_s / total).clamp(kept, 1.0)
@@ -406,6 +437,18 @@ impl MigrationParams {
         non_negative("scan_s_per_gib", self.scan_s_per_gib)?;
         non_negative("setup_s", self.setup_s)?;
         non_negative("baseline_scan_s", self.baseline_scan_s)?;
+        if let Some(r) = self.probe_rate_bytes_per_s {
+            non_negative("probe_rate_bytes_per_s", r)?;
+        }
+        for m in &self.throttled_rates {
+            non_negative("throttled_rates", m.rate_bytes_per_s)?;
+            if m.percent > 99 {
+                return Err(MigrateError::invalid(
+                    "throttled_rates",
+                    format!("a throttle is a percentage below 100, got {}", m.percent),
+                ));
+            }
+        }
         if let Some(f) = self.write_cpu_share {
             if !(f.is_finite() && f > 0.0 && f <= 1.0) {
                 return Err(MigrateError::invalid(
@@ -823,6 +866,49 @@ mod tests {
             throttle(0.04),
             throttle(0.0)
         );
+    }
+
+    #[test]
+    fn a_measured_probe_reading_sizes_round_ones_throttle() {
+        use crate::PolicyKind;
+        let throttle = |reading: Option<f64>| {
+            let mut p = memdirty_at_75(0.0);
+            p.probe_rate_bytes_per_s = reading;
+            simulate(&p, &PolicyKind::Adaptive).unwrap().telemetry[0].throttle_percent
+        };
+        // The guest itself writes 94 MB/s either way: only the reading differs.
+        let (low, high) = (throttle(Some(80e6)), throttle(Some(114e6)));
+        assert!(low < high, "{low} {high}");
+        assert_eq!(
+            throttle(Some(0.0)),
+            0,
+            "a quiet reading asks for no throttle"
+        );
+        let bad = MigrationParams {
+            probe_rate_bytes_per_s: Some(-1.0),
+            ..memdirty_at_75(0.0)
+        };
+        assert!(bad.validate().is_err());
+    }
+
+    #[test]
+    fn a_rate_measured_under_a_throttle_replaces_the_fitted_answer_to_it() {
+        let mut p = memdirty_at_75(0.0);
+        let fitted = p.throttle_factor(85);
+        p.throttled_rates = vec![ThrottledRate {
+            percent: 85,
+            rate_bytes_per_s: 47e6,
+        }];
+        assert!((p.throttle_factor(85) - 0.5).abs() < 1e-9, "47 of 94 MB/s");
+        assert_ne!(p.throttle_factor(85), fitted);
+        // Other throttles keep the fitted answer; no throttle keeps the whole rate.
+        assert_eq!(
+            p.throttle_factor(95),
+            memdirty_at_75(0.0).throttle_factor(95)
+        );
+        assert_eq!(p.throttle_factor(0), 1.0);
+        p.throttled_rates[0].percent = 100;
+        assert!(p.validate().is_err());
     }
 
     #[test]

@@ -9,15 +9,16 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tern_agent::client::AgentClient;
 use tern_agent::vms::CreateVm;
 use tern_api::guest::{Command as GuestCommand, WorkloadSpec};
-use tern_api::migration::{SendOptions, SendRequest};
+use tern_api::migration::{FirstRoundProbe, SendOptions, SendRequest};
 use tern_lab::LabState;
 use tern_migrate::{
-    expected_over_writer_starts, mbit_per_s, simulate, DirtyModel, MigrationParams, PolicyKind, MIB,
+    expected_over_writer_starts, mbit_per_s, simulate, DirtyModel, MigrationParams, PolicyKind,
+    ThrottledRate, MIB,
 };
 
 use crate::cmd::bad_input;
@@ -52,6 +53,11 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Run nothing: predict the runs of a report this benchmark saved with `--json`
+    /// again, with the model as it is now (to try a change to the model on runs
+    /// already made; the report's guest, working set and link are used).
+    #[arg(long, value_name = "REPORT.json")]
+    pub repredict: Option<std::path::PathBuf>,
 }
 
 /// A guest writer as measured just before a migration.
@@ -74,8 +80,16 @@ impl Writer {
     }
 }
 
+/// One live round's dirty rate, as the engine measured it, under its throttle.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub struct RoundRate {
+    pub round: u32,
+    pub throttle_percent: u8,
+    pub dirty_mb_s: f64,
+}
+
 /// One migration of the benchmark.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Run {
     pub rate_percent: u32,
     /// What the guest was asked to dirty, MB/s.
@@ -89,6 +103,14 @@ pub struct Run {
     /// of the set: its page count just before the migration, carried forward at the
     /// measured rate to the start of round 1.
     pub writer_start: Option<f64>,
+    /// The rate round 1's probe read, MB/s (tern only, when round 1 probed), and the
+    /// throttle the engine sized from it for the rest of round 1.
+    pub probe_dirty_mb_s: Option<f64>,
+    pub first_round_throttle_percent: Option<u8>,
+    /// The guest's dirty rate in each live round as the engine measured it, and the
+    /// throttle that held (tern only).
+    #[serde(default)]
+    pub round_rates: Vec<RoundRate>,
     pub total_ms: Option<u64>,
     pub downtime_ms: Option<u64>,
     pub bytes: Option<u64>,
@@ -131,7 +153,7 @@ pub struct Run {
     pub freeze_answer_ms: Option<u64>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Report {
     link_mbit: u32,
     memory_mib: u64,
@@ -150,6 +172,19 @@ pub(super) fn parse_list<T: std::str::FromStr>(s: &str, what: &str) -> anyhow::R
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(path) = &args.repredict {
+        let mut report = read_report(path)?;
+        let shape = Shape {
+            link_mbit: report.link_mbit,
+            memory_mib: report.memory_mib,
+            wss_mib: report.wss_mib,
+            ..args.shape()
+        };
+        for run in &mut report.runs {
+            predict(run, &shape);
+        }
+        return print_report(&report, args.json);
+    }
     let rates: Vec<u32> = parse_list(&args.rates, "rates")?;
     let engines: Vec<String> = args
         .engines
@@ -186,12 +221,39 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         wss_mib: args.wss_mib,
         runs,
     };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    print_report(&report, args.json)
+}
+
+fn print_report(report: &Report, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
     } else {
-        print_table(&report);
+        print_table(report);
     }
     Ok(())
+}
+
+/// A report saved by `--json`, checked enough that predicting its runs makes sense.
+fn read_report(path: &std::path::Path) -> anyhow::Result<Report> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad_input(format!("--repredict {}: {e}", path.display())))?;
+    let report: Report = serde_json::from_str(&text).map_err(|e| {
+        bad_input(format!(
+            "--repredict {}: not a report of `tern bench migration --json`: {e}",
+            path.display()
+        ))
+    })?;
+    if report.link_mbit == 0 || report.wss_mib == 0 || report.wss_mib >= report.memory_mib {
+        return Err(bad_input(format!(
+            "--repredict {}: the report's link, guest and working set are not a benchmark's \
+             (link {} Mbit/s, guest {} MiB, working set {} MiB)",
+            path.display(),
+            report.link_mbit,
+            report.memory_mib,
+            report.wss_mib
+        )));
+    }
+    Ok(report)
 }
 
 /// What a benchmark's moves share: the guest, its dirtied working set and the link.
@@ -230,6 +292,31 @@ const MEMDIRTY_DATA_BEFORE_BYTES: u64 = 32 << 20;
 /// The prediction is the model's mean over cursors this far either side.
 const WRITER_START_UNCERTAINTY: f64 = 0.05;
 
+/// The guest's measured dirty rate under each throttle the engine applied: the mean
+/// over the rounds it held in.
+fn throttled_rates(rounds: &[RoundRate]) -> Vec<ThrottledRate> {
+    let mut by_throttle: Vec<(u8, f64, u32)> = Vec::new();
+    for r in rounds.iter().filter(|r| r.throttle_percent > 0) {
+        match by_throttle
+            .iter_mut()
+            .find(|(p, ..)| *p == r.throttle_percent)
+        {
+            Some((_, sum, n)) => {
+                *sum += r.dirty_mb_s;
+                *n += 1;
+            }
+            None => by_throttle.push((r.throttle_percent, r.dirty_mb_s, 1)),
+        }
+    }
+    by_throttle
+        .into_iter()
+        .map(|(percent, sum, n)| ThrottledRate {
+            percent,
+            rate_bytes_per_s: sum / f64::from(n) * 1e6,
+        })
+        .collect()
+}
+
 /// Fills in what `tern-migrate`'s model, with the engine's costs, predicts for a
 /// completed tern run, fed with what the run measured. With the writer's cursor known
 /// (`memdirty` alone) the page-level model follows it page by page: what round 1
@@ -258,8 +345,20 @@ pub(super) fn predict(run: &mut Run, args: &Shape) {
             rate_bytes_per_s: rate,
             working_set_bytes: wss,
         };
+    } else if let Some(own) = run.probe_dirty_mb_s.filter(|r| *r > 0.0) {
+        // No writer, but the guest's own kernel still writes: the engine's probe reads
+        // 1-2 MB/s, and what it rewrote behind round 1's copy (50-350 pages) goes out
+        // in the final pass, with the guest paused.
+        params.dirty = DirtyModel::Uniform {
+            rate_bytes_per_s: own * 1e6,
+            working_set_bytes: nonzero,
+        };
     }
     params.max_elapsed_s = Some(args.max_precopy_s);
+    // The engine's own reading sizes round 1's throttle: the model then answers the
+    // throttle the engine chose, not one from a reading of its own.
+    params.probe_rate_bytes_per_s = run.probe_dirty_mb_s.map(|r| r * 1e6);
+    params.throttled_rates = throttled_rates(&run.round_rates);
     params.untainted_write_share = args.untainted_write_share;
     let outcome = match run.writer_start.filter(|_| rate > 0.0) {
         Some(start) => {
@@ -739,6 +838,9 @@ impl<'a> Bench<'a> {
             repetition: 1,
             measured_dirty_mb_s: None,
             writer_start: None,
+            probe_dirty_mb_s: None,
+            first_round_throttle_percent: None,
+            round_rates: Vec::new(),
             total_ms: None,
             downtime_ms: None,
             bytes: None,
@@ -773,6 +875,17 @@ impl<'a> Bench<'a> {
         }
         // Per-round figures on stderr: where the time of a slow run went.
         for t in s["rounds"].as_array().into_iter().flatten() {
+            if let (Some(round), Some(throttle), Some(rate)) = (
+                t["round"].as_u64(),
+                t["throttle_percent"].as_u64(),
+                t["dirty_rate_bytes_per_s"].as_f64(),
+            ) {
+                run.round_rates.push(RoundRate {
+                    round: round as u32,
+                    throttle_percent: throttle.min(99) as u8,
+                    dirty_mb_s: rate / 1e6,
+                });
+            }
             eprintln!(
                 "bench:   round {}: {} pages in {:.0} ms (ending {:.0} ms into the live phase), {:.0} MB/s dirtied, {} left, throttle {} %",
                 t["round"],
@@ -798,6 +911,11 @@ impl<'a> Bench<'a> {
                 run.stop_reason = r["stop_reason"].as_str().map(str::to_string);
                 run.max_throttle_percent = r["max_throttle_percent"].as_u64().map(|p| p as u8);
                 run.downtime_parts_ms = serde_json::from_value(r["downtime_parts_ms"].clone()).ok();
+                let probe: Option<FirstRoundProbe> =
+                    serde_json::from_value(r["probe"].clone()).ok();
+                run.probe_dirty_mb_s = probe.map(|p| p.dirty_rate_bytes_per_s(4096) / 1e6);
+                run.first_round_throttle_percent =
+                    s["rounds"][0]["throttle_percent"].as_u64().map(|p| p as u8);
             }
             let link_bytes_s = f64::from(link_mbit) * 1e6 / 8.0;
             run.nonzero_bytes = r["nonzero_bytes"].as_u64();
@@ -847,5 +965,81 @@ mod tests {
         let at_least = (64.0 + 100.0 + 1000.0 * tern_migrate::model::ENGINE_SETUP_S) / 256.0;
         let s = moving.start_share(MIB);
         assert!(s >= at_least && s < at_least + 0.1, "{s} {at_least}");
+    }
+
+    /// A run as the benchmark saves it: a 512 MiB guest at 75 %, round 1 probed.
+    fn saved_run(probe_mb_s: Option<f64>) -> Run {
+        let json = serde_json::json!({
+            "rate_percent": 75, "dirty_mb_s": 94, "engine": "adaptive", "repetition": 1,
+            "measured_dirty_mb_s": 94.0, "writer_start": 0.5, "probe_dirty_mb_s": probe_mb_s,
+            "total_ms": 2500, "downtime_ms": 150, "bytes": 300_000_000u64, "rounds": 2,
+            "converged": true, "guest_ok": true, "nonzero_bytes": 230_000_000u64,
+        });
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_saved_report_is_predicted_again_and_the_engine_s_probe_reading_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("report.json");
+        let report = Report {
+            link_mbit: 1000,
+            memory_mib: 512,
+            wss_mib: 128,
+            runs: vec![saved_run(Some(80.0)), saved_run(Some(114.0))],
+        };
+        std::fs::write(&path, serde_json::to_string(&report).unwrap()).unwrap();
+        let mut back = read_report(&path).unwrap();
+        let shape = Shape {
+            link_mbit: back.link_mbit,
+            memory_mib: back.memory_mib,
+            wss_mib: back.wss_mib,
+            max_precopy_s: 40.0,
+            untainted_write_share: 0.0,
+        };
+        for run in &mut back.runs {
+            predict(run, &shape);
+            assert!(run.predicted_total_ms.is_some() && run.total_error_percent.is_some());
+        }
+        // A higher reading throttles the guest harder for the rest of round 1: the
+        // model's prediction moves with the engine's reading.
+        assert_ne!(
+            back.runs[0].predicted_total_ms,
+            back.runs[1].predicted_total_ms
+        );
+    }
+
+    #[test]
+    fn rates_under_each_throttle_are_averaged_over_the_rounds_it_held() {
+        let r = |round, throttle_percent, dirty_mb_s| RoundRate {
+            round,
+            throttle_percent,
+            dirty_mb_s,
+        };
+        let rates =
+            throttled_rates(&[r(1, 86, 49.0), r(2, 95, 22.0), r(3, 95, 26.0), r(4, 0, 9.0)]);
+        assert_eq!(
+            rates.len(),
+            2,
+            "unthrottled rounds say nothing of a throttle"
+        );
+        assert_eq!((rates[0].percent, rates[0].rate_bytes_per_s), (86, 49e6));
+        assert_eq!((rates[1].percent, rates[1].rate_bytes_per_s), (95, 24e6));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_saved_report_is_refused_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("other.json");
+        std::fs::write(&path, r#"{"runs": 3}"#).unwrap();
+        let err = read_report(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("other.json") && err.contains("not a report"),
+            "{err}"
+        );
+        let err = read_report(&dir.path().join("missing.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.json"), "{err}");
     }
 }
