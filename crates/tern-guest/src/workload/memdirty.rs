@@ -127,8 +127,32 @@ pub fn holds(words: &[u64], generation: u64, page: u64, noise: &[u64]) -> bool {
         .all(|&i| words[i] == noise[i] ^ key)
 }
 
+const KEY_FACTOR: u64 = 0x9E37_79B9_7F4A_7C15;
+
 fn page_key(generation: u64, page: u64) -> u64 {
-    ((generation << 32) ^ page).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 1
+    ((generation << 32) ^ page).wrapping_mul(KEY_FACTOR) >> 1
+}
+
+/// Which page of which pass `words` (a page's first two words at least) hold, if they
+/// are a `memdirty` page with a page index below `pages`: how the host finds where the
+/// guest put the working set in its memory.
+pub fn identify(words: &[u64], noise: &[u64], pages: u64) -> Option<(u64, u64)> {
+    let key = words.first()? ^ noise.first()?;
+    if key >> 63 != 0 || key != words.get(1)? ^ noise.get(1)? {
+        return None;
+    }
+    // The key is an odd multiple shifted right once: undo the shift both ways the lost
+    // bit could have been, then the multiplication (an odd factor is invertible
+    // modulo 2^64; Newton's iteration doubles the correct bits each step).
+    let mut inverse = KEY_FACTOR;
+    for _ in 0..6 {
+        inverse = inverse.wrapping_mul(2u64.wrapping_sub(KEY_FACTOR.wrapping_mul(inverse)));
+    }
+    (0..2u64).find_map(|low| {
+        let x = ((key << 1) | low).wrapping_mul(inverse);
+        let (generation, page) = (x >> 32, x & 0xFFFF_FFFF);
+        (page < pages && generation < 1 << 24).then_some((generation, page))
+    })
 }
 
 #[cfg(test)]
@@ -174,6 +198,22 @@ mod tests {
             checked > 0 && checked == work,
             "{checked} checked, {work} written"
         );
+    }
+
+    #[test]
+    fn a_page_tells_which_page_and_pass_it_is() {
+        let n = noise();
+        let mut w = vec![0u64; PAGE_WORDS];
+        for (generation, page) in [(0, 0), (1, 7), (3, 32_767), (900, 12_345)] {
+            fill_page(&mut w, generation, page, &n);
+            assert_eq!(identify(&w, &n, 32_768), Some((generation, page)));
+        }
+        assert_eq!(identify(&w, &n, 12_345), None, "an index past the set");
+        assert_eq!(identify(&[0; 2], &n, 32_768), None, "a zero page");
+        let other: Vec<u64> = (0..PAGE_WORDS as u64)
+            .map(|i| i * 0x1234_5678_9ABC)
+            .collect();
+        assert_eq!(identify(&other, &n, 32_768), None, "other data");
     }
 
     #[test]

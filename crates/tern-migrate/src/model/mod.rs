@@ -282,6 +282,23 @@ pub struct MigrationParams {
     /// writer at 81-89 %); empty (the default, and the simulator's): the fitted answer.
     #[serde(default)]
     pub throttled_rates: Vec<ThrottledRate>,
+    /// Page-level model only: where a sequential working set's pages lie among the
+    /// pages with data, in runs, when that was measured. A guest's allocator does not
+    /// always place a buffer in one piece after the data in front of it (`memdirty`'s
+    /// first 8 MiB sometimes lay at the top of memory), and a run the copy reaches last
+    /// fills up while it waits. Set offsets no run covers stay where
+    /// `data_before_working_sets_bytes` puts them. Empty (the default): all of them.
+    #[serde(default)]
+    pub working_set_extents: Vec<SetExtent>,
+}
+
+/// A run of a working set's pages in memory: set page `offset + i` is the
+/// `position + i`-th page holding data, for `i` below `pages`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetExtent {
+    pub offset: u64,
+    pub position: u64,
+    pub pages: u64,
 }
 
 /// A guest's dirty rate measured while a throttle held.
@@ -331,6 +348,7 @@ impl MigrationParams {
             baseline_scan_s: 0.0,
             probe_rate_bytes_per_s: None,
             throttled_rates: Vec::new(),
+            working_set_extents: Vec::new(),
         }
     }
 
@@ -439,6 +457,19 @@ impl MigrationParams {
         non_negative("baseline_scan_s", self.baseline_scan_s)?;
         if let Some(r) = self.probe_rate_bytes_per_s {
             non_negative("probe_rate_bytes_per_s", r)?;
+        }
+        let data_pages = self.nonzero_pages();
+        for e in &self.working_set_extents {
+            if e.position.saturating_add(e.pages) > data_pages {
+                return Err(MigrateError::invalid(
+                    "working_set_extents",
+                    format!(
+                        "a run of {} pages at data page {} ends past the {data_pages} pages \
+                         holding data",
+                        e.pages, e.position
+                    ),
+                ));
+            }
         }
         for m in &self.throttled_rates {
             non_negative("throttled_rates", m.rate_bytes_per_s)?;
@@ -909,6 +940,57 @@ mod tests {
         assert_eq!(p.throttle_factor(0), 1.0);
         p.throttled_rates[0].percent = 100;
         assert!(p.validate().is_err());
+    }
+
+    #[test]
+    fn a_working_set_whose_head_lies_at_the_top_of_memory_is_written_there() {
+        use crate::PolicyKind;
+        // The writer starts in the set's first 8 MiB. In one piece those pages follow
+        // the data in front and are copied early, so what it writes there is written
+        // behind the copy; at the top of memory the copy reaches them last.
+        let left = |extents: Vec<SetExtent>| {
+            let mut p = memdirty_at_75(0.01);
+            p.working_set_extents = extents;
+            simulate_pages(&p, &PolicyKind::Adaptive, 0)
+                .unwrap()
+                .telemetry[0]
+                .remaining_pages
+        };
+        let p = memdirty_at_75(0.0);
+        let (before, set, head) = (8192, 32768, 2048);
+        let top = p.nonzero_pages() - head;
+        let split = vec![
+            SetExtent {
+                offset: 0,
+                position: top,
+                pages: head,
+            },
+            SetExtent {
+                offset: head,
+                position: before,
+                pages: set - head,
+            },
+        ];
+        let in_one_piece = vec![SetExtent {
+            offset: 0,
+            position: before,
+            pages: set,
+        }];
+        assert_eq!(
+            left(in_one_piece),
+            left(Vec::new()),
+            "the fixed rule's own layout"
+        );
+        assert_ne!(left(split.clone()), left(Vec::new()));
+        let bad = MigrationParams {
+            working_set_extents: vec![SetExtent {
+                offset: 0,
+                position: top,
+                pages: head + 1,
+            }],
+            ..p
+        };
+        assert!(bad.validate().is_err(), "a run past the pages with data");
     }
 
     #[test]

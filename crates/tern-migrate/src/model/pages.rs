@@ -52,7 +52,27 @@ pub fn simulate_pages(
             }
         })
         .collect();
+    // The measured layout of the sequential set, page by page (one set: the runs give
+    // one writer's pages).
+    let placed = regions
+        .iter()
+        .map(|&(start, c)| {
+            if !c.sequential || params.working_set_extents.is_empty() {
+                return None;
+            }
+            let mut map: Vec<u64> = (start..start + c.pages).collect();
+            for e in &params.working_set_extents {
+                for i in 0..e.pages {
+                    if let Some(slot) = map.get_mut((e.offset + i) as usize) {
+                        *slot = e.position + i;
+                    }
+                }
+            }
+            Some(map)
+        })
+        .collect();
     let mut guest = PageGuest {
+        placed,
         cursors,
         page_s: if params.sent_in_order {
             params.page_size as f64 / params.effective_bandwidth()
@@ -78,6 +98,9 @@ struct PageGuest {
     regions: Vec<(u64, DirtyClass)>,
     /// Next page a sequential writer rewrites, per region (offset in the region).
     cursors: Vec<u64>,
+    /// Per region: where each of its pages lies in memory when measured, else it lies
+    /// at the region's start plus its offset.
+    placed: Vec<Option<Vec<u64>>>,
     /// Whether each page differs from the destination's copy.
     pending: Vec<bool>,
     pending_count: u64,
@@ -129,7 +152,11 @@ impl PageGuest {
         for j in skip..writes {
             let c = self.cursors[k];
             self.cursors[k] = (c + 1) % class.pages;
-            self.write(start + c, start_s + (j as f64 + 0.5) * step);
+            let page = match &self.placed[k] {
+                Some(map) => map[c as usize],
+                None => start + c,
+            };
+            self.write(page, start_s + (j as f64 + 0.5) * step);
         }
     }
 

@@ -8,6 +8,7 @@ mod dependency;
 mod drain;
 mod faults;
 mod hbal;
+mod layout;
 mod lifecycle;
 mod migration;
 mod trace;

@@ -18,7 +18,7 @@ use tern_api::migration::{FirstRoundProbe, SendOptions, SendRequest};
 use tern_lab::LabState;
 use tern_migrate::{
     expected_over_writer_starts, mbit_per_s, simulate, DirtyModel, MigrationParams, PolicyKind,
-    ThrottledRate, MIB,
+    SetExtent, ThrottledRate, MIB,
 };
 
 use crate::cmd::bad_input;
@@ -111,6 +111,11 @@ pub struct Run {
     /// throttle that held (tern only).
     #[serde(default)]
     pub round_rates: Vec<RoundRate>,
+    /// Where `memdirty`'s set lay among the guest's pages holding data, read from the
+    /// source's memory file before the move (runs: set page `offset + i` is data page
+    /// `position + i`); empty when it could not be read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub working_set_extents: Vec<SetExtent>,
     pub total_ms: Option<u64>,
     pub downtime_ms: Option<u64>,
     pub bytes: Option<u64>,
@@ -359,6 +364,18 @@ pub(super) fn predict(run: &mut Run, args: &Shape) {
     // throttle the engine chose, not one from a reading of its own.
     params.probe_rate_bytes_per_s = run.probe_dirty_mb_s.map(|r| r * 1e6);
     params.throttled_rates = throttled_rates(&run.round_rates);
+    // The layout was read a moment before round 1 counted the pages with data: a run
+    // past that count is cut to it.
+    let data_pages = params.nonzero_pages();
+    params.working_set_extents = run
+        .working_set_extents
+        .iter()
+        .filter(|e| e.position < data_pages)
+        .map(|e| SetExtent {
+            pages: e.pages.min(data_pages - e.position),
+            ..*e
+        })
+        .collect();
     params.untainted_write_share = args.untainted_write_share;
     let outcome = match run.writer_start.filter(|_| rate > 0.0) {
         Some(start) => {
@@ -556,6 +573,12 @@ async fn bench(
                 b.at + 1,
                 2 - b.at
             );
+            // Read before the writer is timed: the scan takes a few hundred ms of CPU.
+            let extents = if dirty_mb_s > 0 {
+                b.working_set_extents(args.wss_mib * MIB / 4096).await
+            } else {
+                Vec::new()
+            };
             let writer = if dirty_mb_s > 0 {
                 Some(b.writer("memdirty").await?)
             } else {
@@ -567,6 +590,7 @@ async fn bench(
                 .migrate(engine, args.max_precopy_s, args.link_mbit)
                 .await?;
             run.writer_start = writer_start;
+            run.working_set_extents = extents;
             run.rate_percent = rate;
             run.dirty_mb_s = dirty_mb_s;
             run.repetition = repetition;
@@ -749,6 +773,35 @@ impl<'a> Bench<'a> {
         }
     }
 
+    /// Where the guest's `memdirty` set of `set_pages` lies in its memory, as runs;
+    /// empty (the model's fixed placement is used) when the file cannot be read or
+    /// does not hold the set.
+    async fn working_set_extents(&self, set_pages: u64) -> Vec<SetExtent> {
+        let path = self.lab.hosts[self.at]
+            .mem_dir
+            .join(format!("{}.ram", self.vm));
+        let scanned = tokio::task::spawn_blocking(move || {
+            super::layout::working_set_extents(&path, set_pages)
+                .map_err(|e| format!("{}: {e}", path.display()))
+        })
+        .await;
+        match scanned {
+            Ok(Ok(Some(runs))) => runs,
+            Ok(Ok(None)) => {
+                tracing::warn!("memdirty's working set not found in guest memory");
+                Vec::new()
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "guest memory not readable");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "scan of guest memory failed");
+                Vec::new()
+            }
+        }
+    }
+
     pub async fn destroy(&mut self) {
         for h in &self.hosts {
             let _ = h.delete_vm(&self.vm).await;
@@ -841,6 +894,7 @@ impl<'a> Bench<'a> {
             probe_dirty_mb_s: None,
             first_round_throttle_percent: None,
             round_rates: Vec::new(),
+            working_set_extents: Vec::new(),
             total_ms: None,
             downtime_ms: None,
             bytes: None,
