@@ -122,19 +122,17 @@ pub(super) fn drive(
                 let rest_send_s = rest * ps / bw;
                 // The probe's scan runs on the guest's time, unthrottled.
                 probed += guest.run_part(scan_s, factor(throttle));
-                let window_s = first_s - baseline_s + scan_s;
-                // A probe reading measured on the engine stands for the model's own.
-                let probed = match params.probe_rate_bytes_per_s {
-                    Some(rate) => rate * window_s / ps,
-                    None => probed,
-                };
-                let probe = FirstRoundProbe {
-                    pages_changed: probed.round() as u64,
-                    window_s,
-                    bandwidth_bytes_per_s: bw,
-                    bytes_left,
-                    stop_cost_s: scan_s + told_stop_s,
-                };
+                // A probe measured on the engine stands for the model's own.
+                let probe = params
+                    .measured_probe
+                    .clone()
+                    .unwrap_or_else(|| FirstRoundProbe {
+                        pages_changed: probed.round() as u64,
+                        window_s: first_s - baseline_s + scan_s,
+                        bandwidth_bytes_per_s: bw,
+                        bytes_left,
+                        stop_cost_s: scan_s + told_stop_s,
+                    });
                 let wanted = policy.first_round_throttle(&probe, &limits);
                 if wanted > 0 {
                     throttle = wanted.min(99);

@@ -47,6 +47,7 @@ pub use pages::simulate_pages;
 
 use crate::fragment::DEFAULT_FRAGMENT_BYTES;
 use crate::policy::{Limits, Policy, DEFAULT_DOWNTIME_LIMIT_S, DEFAULT_MAX_ROUNDS};
+use crate::telemetry::FirstRoundProbe;
 use crate::MigrateError;
 
 /// How the guest dirties its memory. Rates are bytes of page writes per second. In a
@@ -268,13 +269,13 @@ pub struct MigrationParams {
     /// throttle. 0 (the default): the probe measures the guest's rate exactly.
     #[serde(default)]
     pub baseline_scan_s: f64,
-    /// The dirty rate round 1's probe reads, bytes per second, when it was measured
-    /// (the engine reports it with each migration): the throttle for the rest of round
-    /// 1 is then sized from it, as the engine sized it, instead of from the rate the
-    /// model's own probe would read. `None` (the default, and the simulator's): the
-    /// model probes its guest.
+    /// What round 1's probe measured, when it was measured (the engine reports it with
+    /// each migration): the throttle for the rest of round 1 is then sized from it by
+    /// the policy, as the engine's was, instead of from what the model's own probe
+    /// would read. `None` (the default, and the simulator's): the model probes its
+    /// guest.
     #[serde(default)]
-    pub probe_rate_bytes_per_s: Option<f64>,
+    pub measured_probe: Option<FirstRoundProbe>,
     /// The guest's dirty rate measured under given throttles (the engine reports each
     /// round's rate and throttle): under those throttles the guest writes at these
     /// rates instead of what `write_cpu_share` and the floor make of its rate. A TCG
@@ -346,7 +347,7 @@ impl MigrationParams {
             writer_start: 0.0,
             streams: 1,
             baseline_scan_s: 0.0,
-            probe_rate_bytes_per_s: None,
+            measured_probe: None,
             throttled_rates: Vec::new(),
             working_set_extents: Vec::new(),
         }
@@ -455,8 +456,13 @@ impl MigrationParams {
         non_negative("scan_s_per_gib", self.scan_s_per_gib)?;
         non_negative("setup_s", self.setup_s)?;
         non_negative("baseline_scan_s", self.baseline_scan_s)?;
-        if let Some(r) = self.probe_rate_bytes_per_s {
-            non_negative("probe_rate_bytes_per_s", r)?;
+        if let Some(p) = &self.measured_probe {
+            non_negative("measured_probe.window_s", p.window_s)?;
+            non_negative(
+                "measured_probe.bandwidth_bytes_per_s",
+                p.bandwidth_bytes_per_s,
+            )?;
+            non_negative("measured_probe.stop_cost_s", p.stop_cost_s)?;
         }
         let data_pages = self.nonzero_pages();
         for e in &self.working_set_extents {
@@ -632,7 +638,8 @@ pub fn estimate(
 /// shares of the set, taken modulo 1): where the copy meets a writer decides what round
 /// 1 leaves behind, and with it whether a second round runs, so a cursor known only
 /// roughly (or not at all: `n` evenly spaced starts) gives a spread of outcomes. Total
-/// time, downtime and bytes are means; rounds the median; converged if most runs did.
+/// time and downtime are geometric means, bytes the mean, rounds the median; converged
+/// if most runs did.
 pub fn expected_over_writer_starts(
     params: &MigrationParams,
     policy: &dyn Policy,
@@ -653,11 +660,18 @@ pub fn expected_over_writer_starts(
     let n = outcomes.len() as f64;
     let mean =
         |f: &dyn Fn(&crate::MigrationOutcome) -> f64| outcomes.iter().map(f).sum::<f64>() / n;
+    // Times spread by factors between cursors (one round or two can halve the pause),
+    // and a prediction is judged by its ratio to what happens: their centre in ratio
+    // terms is the geometric mean, which the arithmetic mean overshoots when a few
+    // cursors give a long pause.
+    let geometric = |f: &dyn Fn(&crate::MigrationOutcome) -> f64| {
+        (outcomes.iter().map(|o| f(o).max(1e-9).ln()).sum::<f64>() / n).exp()
+    };
     let mut rounds: Vec<u32> = outcomes.iter().map(|o| o.rounds).collect();
     rounds.sort_unstable();
     Ok(MigrationEstimate {
-        total_time_s: mean(&|o| o.total_time_s),
-        downtime_s: mean(&|o| o.downtime_s),
+        total_time_s: geometric(&|o| o.total_time_s),
+        downtime_s: geometric(&|o| o.downtime_s),
         bytes_sent: mean(&|o| o.bytes_sent as f64).round() as u64,
         rounds: rounds[rounds.len() / 2],
         converged: 2 * outcomes.iter().filter(|o| o.converged).count() > outcomes.len(),
@@ -861,10 +875,9 @@ mod tests {
         assert!(
             expected_over_writer_starts(&memdirty_at_75(0.0), &PolicyKind::Adaptive, &[]).is_err()
         );
-        assert!(
-            (mean - totals.iter().sum::<f64>() / 8.0).abs() < 1e-9,
-            "{mean} {totals:?}"
-        );
+        // The centre in ratio terms: the geometric mean of the cursors' totals.
+        let geometric = (totals.iter().map(|t| t.ln()).sum::<f64>() / 8.0).exp();
+        assert!((mean - geometric).abs() < 1e-9, "{mean} {totals:?}");
     }
 
     #[test]
@@ -900,23 +913,38 @@ mod tests {
     }
 
     #[test]
-    fn a_measured_probe_reading_sizes_round_ones_throttle() {
+    fn a_measured_probe_sizes_round_ones_throttle() {
         use crate::PolicyKind;
-        let throttle = |reading: Option<f64>| {
+        let probe = |pages_changed| FirstRoundProbe {
+            pages_changed,
+            window_s: 0.15,
+            bandwidth_bytes_per_s: 118e6,
+            bytes_left: 200 << 20,
+            stop_cost_s: 0.05,
+        };
+        let throttle = |measured: Option<FirstRoundProbe>| {
             let mut p = memdirty_at_75(0.0);
-            p.probe_rate_bytes_per_s = reading;
+            p.measured_probe = measured;
             simulate(&p, &PolicyKind::Adaptive).unwrap().telemetry[0].throttle_percent
         };
-        // The guest itself writes 94 MB/s either way: only the reading differs.
-        let (low, high) = (throttle(Some(80e6)), throttle(Some(114e6)));
-        assert!(low < high, "{low} {high}");
+        // The guest itself writes 94 MB/s either way: only the reading differs, and the
+        // policy answers it as it answered the engine.
+        for pages in [2_900, 4_200] {
+            let limits = memdirty_at_75(0.0).limits();
+            let wanted = PolicyKind::Adaptive.first_round_throttle(&probe(pages), &limits);
+            assert_eq!(throttle(Some(probe(pages))), wanted);
+        }
+        assert!(throttle(Some(probe(2_900))) < throttle(Some(probe(4_200))));
         assert_eq!(
-            throttle(Some(0.0)),
+            throttle(Some(probe(0))),
             0,
             "a quiet reading asks for no throttle"
         );
         let bad = MigrationParams {
-            probe_rate_bytes_per_s: Some(-1.0),
+            measured_probe: Some(FirstRoundProbe {
+                window_s: -1.0,
+                ..probe(10)
+            }),
             ..memdirty_at_75(0.0)
         };
         assert!(bad.validate().is_err());

@@ -107,6 +107,9 @@ pub struct Run {
     /// throttle the engine sized from it for the rest of round 1.
     pub probe_dirty_mb_s: Option<f64>,
     pub first_round_throttle_percent: Option<u8>,
+    /// All that round 1's probe measured (the result's `probe`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe: Option<FirstRoundProbe>,
     /// The guest's dirty rate in each live round as the engine measured it, and the
     /// throttle that held (tern only).
     #[serde(default)]
@@ -294,7 +297,7 @@ const MEMDIRTY_DATA_BEFORE_BYTES: u64 = 32 << 20;
 /// How well [`Writer::start_share`] knows `memdirty`'s cursor, as a share of its set:
 /// the stretch the engine's round-1 probe saw the writer rewrite (its debug line) ended
 /// 200-2,100 pages of 32,768 from where the estimate put it, at 25, 75 and 150 % alike.
-/// The prediction is the model's mean over cursors this far either side.
+/// The prediction is the model's geometric mean over cursors this far either side.
 const WRITER_START_UNCERTAINTY: f64 = 0.05;
 
 /// The guest's measured dirty rate under each throttle the engine applied: the mean
@@ -360,9 +363,9 @@ pub(super) fn predict(run: &mut Run, args: &Shape) {
         };
     }
     params.max_elapsed_s = Some(args.max_precopy_s);
-    // The engine's own reading sizes round 1's throttle: the model then answers the
-    // throttle the engine chose, not one from a reading of its own.
-    params.probe_rate_bytes_per_s = run.probe_dirty_mb_s.map(|r| r * 1e6);
+    // The engine's own probe sizes round 1's throttle: the model's policy then answers
+    // what the engine's answered, not a reading of the model's own.
+    params.measured_probe = run.probe.clone();
     params.throttled_rates = throttled_rates(&run.round_rates);
     // The layout was read a moment before round 1 counted the pages with data: a run
     // past that count is cut to it.
@@ -893,6 +896,7 @@ impl<'a> Bench<'a> {
             writer_start: None,
             probe_dirty_mb_s: None,
             first_round_throttle_percent: None,
+            probe: None,
             round_rates: Vec::new(),
             working_set_extents: Vec::new(),
             total_ms: None,
@@ -967,7 +971,8 @@ impl<'a> Bench<'a> {
                 run.downtime_parts_ms = serde_json::from_value(r["downtime_parts_ms"].clone()).ok();
                 let probe: Option<FirstRoundProbe> =
                     serde_json::from_value(r["probe"].clone()).ok();
-                run.probe_dirty_mb_s = probe.map(|p| p.dirty_rate_bytes_per_s(4096) / 1e6);
+                run.probe_dirty_mb_s = probe.as_ref().map(|p| p.dirty_rate_bytes_per_s(4096) / 1e6);
+                run.probe = probe;
                 run.first_round_throttle_percent =
                     s["rounds"][0]["throttle_percent"].as_u64().map(|p| p as u8);
             }
@@ -1022,10 +1027,12 @@ mod tests {
     }
 
     /// A run as the benchmark saves it: a 512 MiB guest at 75 %, round 1 probed.
-    fn saved_run(probe_mb_s: Option<f64>) -> Run {
+    fn saved_run(probe_pages: u64) -> Run {
         let json = serde_json::json!({
             "rate_percent": 75, "dirty_mb_s": 94, "engine": "adaptive", "repetition": 1,
-            "measured_dirty_mb_s": 94.0, "writer_start": 0.5, "probe_dirty_mb_s": probe_mb_s,
+            "measured_dirty_mb_s": 94.0, "writer_start": 0.5,
+            "probe": {"pages_changed": probe_pages, "window_s": 0.15,
+                "bandwidth_bytes_per_s": 118e6, "bytes_left": 200u64 << 20, "stop_cost_s": 0.05},
             "total_ms": 2500, "downtime_ms": 150, "bytes": 300_000_000u64, "rounds": 2,
             "converged": true, "guest_ok": true, "nonzero_bytes": 230_000_000u64,
         });
@@ -1040,7 +1047,7 @@ mod tests {
             link_mbit: 1000,
             memory_mib: 512,
             wss_mib: 128,
-            runs: vec![saved_run(Some(80.0)), saved_run(Some(114.0))],
+            runs: vec![saved_run(2_900), saved_run(4_200)],
         };
         std::fs::write(&path, serde_json::to_string(&report).unwrap()).unwrap();
         let mut back = read_report(&path).unwrap();
