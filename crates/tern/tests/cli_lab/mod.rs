@@ -11,6 +11,9 @@ pub fn tern(state: &std::path::Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tern"))
         .args(args)
         .env("TERN_STATE", state)
+        // The tests' image cache: a lab's agents take their image directory from it,
+        // and the default one may not exist on a fresh machine.
+        .env("TERN_CACHE", tern_testkit::test_cache_dir())
         .env_remove("TERN_TOKEN")
         .env_remove("TERN_MANAGER")
         .output()
