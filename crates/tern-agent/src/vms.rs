@@ -280,9 +280,12 @@ impl AppState {
     /// The spec with its kernel and initramfs replaced by their canonical paths, each
     /// checked to lie under the host's image directory or the store's `images/`; QEMU
     /// is given the resolved path, so a symlink or `..` in the caller's path cannot be
-    /// re-pointed after the check.
+    /// re-pointed after the check. A directory that does not exist holds nothing: a
+    /// host without its own image directory still starts catalogue images from the
+    /// store.
     fn confine_paths(&self, mut spec: VmSpec) -> Result<VmSpec, AgentError> {
         let image_dir = &self.host.image_dir;
+        let dir = image_dir.canonicalize().ok();
         let store_images = self
             .store
             .as_ref()
@@ -297,12 +300,11 @@ impl AppState {
                 path: p.to_path_buf(),
                 image_dir: image_dir.clone(),
             };
-            let dir = image_dir.canonicalize().map_err(|_| outside(p))?;
             let real = p.canonicalize().map_err(|_| HvError::MissingPath {
                 field,
                 path: p.clone(),
             })?;
-            let allowed = real.starts_with(&dir)
+            let allowed = dir.as_ref().is_some_and(|d| real.starts_with(d))
                 || store_images.as_ref().is_some_and(|s| real.starts_with(s));
             if !allowed || !real.is_file() {
                 return Err(outside(p));

@@ -19,9 +19,10 @@ struct Agent {
     _dir: tempfile::TempDir,
 }
 
-async fn start_agent(memory_mib: u64) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let state = AppState::new(
+/// Host h1 of 4 CPUs and `memory_mib` with its state in `dir` and its images in
+/// `dir/images`, on the in-process driver.
+fn state(dir: &std::path::Path, memory_mib: u64) -> AppState {
+    AppState::new(
         Arc::new(SimDriver::new()),
         HostConfig {
             name: "h1".into(),
@@ -30,10 +31,15 @@ async fn start_agent(memory_mib: u64) -> Agent {
                 memory_mib,
             },
             token: "s3cret".into(),
-            state_dir: dir.path().to_path_buf(),
-            image_dir: dir.path().join("images"),
+            state_dir: dir.to_path_buf(),
+            image_dir: dir.join("images"),
         },
-    );
+    )
+}
+
+async fn start_agent(memory_mib: u64) -> Agent {
+    let dir = tempfile::tempdir().unwrap();
+    let state = state(dir.path(), memory_mib);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -434,4 +440,46 @@ async fn resume_and_thaw_of_an_unknown_migration_are_refused() {
         404
     );
     assert!(c.list_vms().await.unwrap().is_empty());
+}
+
+/// A host whose own image directory does not exist (a fresh machine before anything
+/// filled it) still starts a kernel from the store's `images/`, and still refuses one
+/// from anywhere else; a kernel that is not there at all is named as missing.
+#[tokio::test]
+async fn a_store_image_starts_on_a_host_without_an_image_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tern_hv::disk::Store::open(&dir.path().join("store")).unwrap();
+    let kernel = store.images_dir().join("vmlinuz");
+    std::fs::write(&kernel, b"kernel").unwrap();
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
+    std::fs::write(elsewhere.join("vmlinuz"), b"kernel").unwrap();
+    // `dir/images` is never made.
+    let state = state(dir.path(), 1024).with_store(store);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(tern_agent::server::serve(
+        listener,
+        state,
+        std::future::pending(),
+    ));
+    let c = AgentClient::new(&url, "s3cret", Duration::from_secs(10)).unwrap();
+    let with_kernel = |id: &str, path: &std::path::Path| -> CreateVm {
+        serde_json::from_value(
+            json!({"id": id, "spec": {"memory_mib": 64, "kernel": path.display().to_string()}}),
+        )
+        .unwrap()
+    };
+    c.create_vm(&with_kernel("from-store", &kernel))
+        .await
+        .unwrap();
+    for (id, path, word) in [
+        ("outside", elsewhere.join("vmlinuz"), "image"),
+        ("missing", elsewhere.join("gone"), "gone"),
+    ] {
+        let e = c.create_vm(&with_kernel(id, &path)).await.unwrap_err();
+        let text = e.to_string();
+        assert_eq!(remote_status(e), 400, "{text}");
+        assert!(text.contains(word), "{id}: {text}");
+    }
 }
