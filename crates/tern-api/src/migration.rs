@@ -622,6 +622,24 @@ pub struct FirstRoundProbe {
     /// Fixed cost of stopping (final scan, device state), as for
     /// [`RoundTelemetry::predicted_downtime_s`].
     pub stop_cost_s: f64,
+    /// Where the probe saw the guest writing, for a guest that rewrites a buffer in
+    /// order: absent when nothing changed. Not used by the policy; it places such a
+    /// writer for the migration model, which otherwise knows it only from before the
+    /// move.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer_seen: Option<WriterSeen>,
+}
+
+/// The last page of the longest stretch the probe saw changed (no gap over 64 pages),
+/// and when the probe's scan read it: a guest rewriting memory in order had written
+/// that page and not the next one then.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct WriterSeen {
+    /// Guest page number.
+    pub page: u64,
+    /// Seconds from the start of round 1 to the scan reading `page`.
+    pub at_s: f64,
 }
 
 impl FirstRoundProbe {

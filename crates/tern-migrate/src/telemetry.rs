@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use tern_api::migration::StopReason;
-pub use tern_api::migration::{FirstRoundProbe, RoundProgress, RoundTelemetry};
+pub use tern_api::migration::{FirstRoundProbe, RoundProgress, RoundTelemetry, WriterSeen};
 
 /// Result of one migration, simulated or real.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

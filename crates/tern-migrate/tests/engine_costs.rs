@@ -73,8 +73,8 @@ fn sending_in_memory_order_counts_only_writes_after_the_working_set_went_out() {
 #[test]
 fn the_policy_is_told_the_stop_cost_the_engine_assumes_not_the_one_it_pays() {
     // The engine predicts a stop's downtime for its policy with a 30 ms budget for
-    // device state and resume, while the stop really costs 13 ms: the model tells its
-    // policy the same 30 ms and pays the 13 ms.
+    // device state and resume, while the stop really costs 12 ms: the model tells its
+    // policy the same 30 ms and pays the 12 ms.
     let link = mbit_per_s(1000.0);
     let mut p =
         MigrationParams::engine(512 * MIB, 224 * MIB, link).with_dirty(DirtyModel::Sequential {

@@ -14,6 +14,7 @@
 use std::fs::OpenOptions;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use memmap2::{MmapOptions, MmapRaw};
 use rustix::fs::SeekFrom;
@@ -229,6 +230,9 @@ pub struct Scan {
     /// Pages whose content changed since the previous scan, ascending: the guest's
     /// dirtying during the last round, whether or not the page was sent.
     pub changed: Vec<u64>,
+    /// When each of `changed` was read: where a guest writing in order stood when the
+    /// scan passed it (round 1's probe reports it).
+    pub changed_read_at: Vec<Instant>,
 }
 
 /// Digests of every page as the previous scan saw them, to tell what the guest changed
@@ -278,6 +282,7 @@ pub fn scan(mem: &SourceMemory, sent: &SentDigests, seen: &SeenDigests, threads:
             }
             if seen.0[index as usize].swap(d, Ordering::Relaxed) != d {
                 out.changed.push(index);
+                out.changed_read_at.push(Instant::now());
             }
         }
         out
@@ -286,6 +291,7 @@ pub fn scan(mem: &SourceMemory, sent: &SentDigests, seen: &SeenDigests, threads:
     for part in parts {
         all.dirty.extend(part.dirty);
         all.changed.extend(part.changed);
+        all.changed_read_at.extend(part.changed_read_at);
     }
     all
 }

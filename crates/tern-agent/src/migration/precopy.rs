@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 use tern_migrate::fragment::{FragmentTracker, DEFAULT_FRAGMENT_BYTES};
 use tern_migrate::policy::{decide, Decision, Limits, Policy, PolicyInput, StopReason};
 use tern_migrate::precopy::{self as rules, measured_bandwidth, predicted_downtime_s};
-use tern_migrate::telemetry::{FirstRoundProbe, RoundTelemetry};
+use tern_migrate::telemetry::{FirstRoundProbe, RoundTelemetry, WriterSeen};
 
-use super::memory::{scan, SeenDigests, SentDigests, SourceMemory};
+use super::memory::{scan, Scan, SeenDigests, SentDigests, SourceMemory};
 use super::outgoing::{Outgoing, RoundTransfer};
 use super::wire::PAGE_SIZE;
 use super::MigrationError;
@@ -452,6 +452,7 @@ impl Live<'_> {
                     bandwidth_bytes_per_s: bandwidth.unwrap_or(cfg.initial_bandwidth_bytes_per_s),
                     bytes_left,
                     stop_cost_s: (scanned_at - scan_start).as_secs_f64() + cfg.stop_cost_s,
+                    writer_seen: writer_seen(&found, start),
                 };
                 let wanted = policy.first_round_throttle(&probe, limits);
                 let applied = if wanted > 0 {
@@ -459,13 +460,7 @@ impl Live<'_> {
                 } else {
                     0
                 };
-                tracing::debug!(
-                    ?probe,
-                    wanted,
-                    applied,
-                    densest = ?densest_run(&found.changed),
-                    "round 1 probe"
-                );
+                tracing::debug!(?probe, wanted, applied, "round 1 probe");
                 (found.changed, scanned_at, applied, probe)
             });
             let second = out.send_round(1, mem, sent, rest, cancel);
@@ -486,6 +481,18 @@ impl Live<'_> {
             probe,
         })
     }
+}
+
+/// The end of the longest stretch a scan saw changed, and when it read that page,
+/// counted from `round_start`.
+fn writer_seen(found: &Scan, round_start: Instant) -> Option<WriterSeen> {
+    let (_, last) = densest_run(&found.changed)?;
+    let i = found.changed.binary_search(&last).ok()?;
+    let read = *found.changed_read_at.get(i)?;
+    Some(WriterSeen {
+        page: last,
+        at_s: read.saturating_duration_since(round_start).as_secs_f64(),
+    })
 }
 
 /// The longest stretch of `pages` (ascending) with no gap over 64 pages, as (first,

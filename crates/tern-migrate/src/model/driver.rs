@@ -132,6 +132,7 @@ pub(super) fn drive(
                         bandwidth_bytes_per_s: bw,
                         bytes_left,
                         stop_cost_s: scan_s + told_stop_s,
+                        writer_seen: None,
                     });
                 let wanted = policy.first_round_throttle(&probe, &limits);
                 if wanted > 0 {

@@ -47,7 +47,7 @@ pub use pages::simulate_pages;
 
 use crate::fragment::DEFAULT_FRAGMENT_BYTES;
 use crate::policy::{Limits, Policy, DEFAULT_DOWNTIME_LIMIT_S, DEFAULT_MAX_ROUNDS};
-use crate::telemetry::FirstRoundProbe;
+use crate::telemetry::{FirstRoundProbe, MigrationOutcome};
 use crate::MigrateError;
 
 /// How the guest dirties its memory. Rates are bytes of page writes per second. In a
@@ -409,6 +409,23 @@ impl MigrationParams {
         }
     }
 
+    /// The [`MigrationParams::writer_start`] that puts the sequential writer at `share`
+    /// of its set `at_s` seconds into round 1, where the engine's probe saw it
+    /// ([`crate::WriterSeen`]): until the probe's throttle it writes at its full rate,
+    /// so it started that much writing earlier. A reading taken during the move places
+    /// it better than one taken before it (the writer covers a 128 MiB set in under a
+    /// second at 150 % of the link). `None` without a sequential working set.
+    pub fn writer_start_seen(&self, share: f64, at_s: f64) -> Option<f64> {
+        let set = self
+            .classes()
+            .into_iter()
+            .find(|c| c.sequential && c.pages > 0)?;
+        let behind = set.rate_pages * self.throttle_factor(0) * at_s / set.pages as f64;
+        let start = (share - behind).rem_euclid(1.0);
+        // rem_euclid of a tiny negative number rounds up to 1.
+        Some(if start < 1.0 { start } else { 0.0 })
+    }
+
     /// Seconds of one pass over guest memory.
     pub fn scan_s(&self) -> f64 {
         self.scan_s_per_gib * (self.nonzero_pages() * self.page_size) as f64 / (1u64 << 30) as f64
@@ -633,45 +650,79 @@ pub fn estimate(
     })
 }
 
-/// What the page-level model gives on average over the sequential writers' cursor
-/// standing at each of `starts` when round 1 begins ([`MigrationParams::writer_start`],
-/// shares of the set, taken modulo 1): where the copy meets a writer decides what round
-/// 1 leaves behind, and with it whether a second round runs, so a cursor known only
-/// roughly (or not at all: `n` evenly spaced starts) gives a spread of outcomes. Total
-/// time and downtime are geometric means, bytes the mean, rounds the median; converged
-/// if most runs did.
+/// What the page-level model gives over the sequential writers' cursor standing at
+/// each of `starts` when round 1 begins ([`MigrationParams::writer_start`], shares of
+/// the set, taken modulo 1): where the copy meets a writer decides what round 1 leaves
+/// behind, and with it whether a second round runs, so a cursor known only roughly (or
+/// not at all: `n` evenly spaced starts) gives a spread of outcomes, taken together by
+/// [`least_worst`].
 pub fn expected_over_writer_starts(
     params: &MigrationParams,
     policy: &dyn Policy,
     starts: &[f64],
 ) -> Result<MigrationEstimate, MigrateError> {
+    least_worst(&outcomes_over_writer_starts(params, policy, starts)?)
+}
+
+/// The page-level model's outcome at each of `starts` (see
+/// [`expected_over_writer_starts`]).
+pub fn outcomes_over_writer_starts(
+    params: &MigrationParams,
+    policy: &dyn Policy,
+    starts: &[f64],
+) -> Result<Vec<MigrationOutcome>, MigrateError> {
     if starts.is_empty() {
         return Err(MigrateError::invalid(
             "starts",
             "give at least one writer start",
         ));
     }
-    let mut outcomes = Vec::with_capacity(starts.len());
-    for (i, &start) in starts.iter().enumerate() {
-        let mut p = params.clone();
-        p.writer_start = start.rem_euclid(1.0);
-        outcomes.push(simulate_pages(&p, policy, i as u64)?);
+    starts
+        .iter()
+        .enumerate()
+        .map(|(i, &start)| {
+            let mut p = params.clone();
+            p.writer_start = start.rem_euclid(1.0);
+            simulate_pages(&p, policy, i as u64)
+        })
+        .collect()
+}
+
+/// One prediction from the outcomes of runs the model cannot tell apart (a writer's
+/// possible cursors, the engine's costs at either end of their range). Times spread by
+/// factors between them (one round or two can halve the pause), and a prediction is
+/// judged by its ratio to what happens (predicted / measured - 1), so total time and
+/// downtime are each the value whose worst such error over the outcomes is least: it
+/// lies between the shortest and the longest where the error against each is the same,
+/// 2·lo·hi / (lo + hi), off by at most (hi - lo) / (hi + lo) whichever happens. Bytes
+/// are the mean, rounds the median; converged if most runs did.
+pub fn least_worst(outcomes: &[MigrationOutcome]) -> Result<MigrationEstimate, MigrateError> {
+    if outcomes.is_empty() {
+        return Err(MigrateError::invalid(
+            "outcomes",
+            "give at least one outcome",
+        ));
     }
     let n = outcomes.len() as f64;
-    let mean =
-        |f: &dyn Fn(&crate::MigrationOutcome) -> f64| outcomes.iter().map(f).sum::<f64>() / n;
-    // Times spread by factors between cursors (one round or two can halve the pause),
-    // and a prediction is judged by its ratio to what happens: their centre in ratio
-    // terms is the geometric mean, which the arithmetic mean overshoots when a few
-    // cursors give a long pause.
-    let geometric = |f: &dyn Fn(&crate::MigrationOutcome) -> f64| {
-        (outcomes.iter().map(|o| f(o).max(1e-9).ln()).sum::<f64>() / n).exp()
+    let mean = |f: &dyn Fn(&MigrationOutcome) -> f64| outcomes.iter().map(f).sum::<f64>() / n;
+    let least_worst = |f: &dyn Fn(&MigrationOutcome) -> f64| {
+        let (lo, hi) = outcomes
+            .iter()
+            .map(f)
+            .fold((f64::INFINITY, 0.0f64), |(lo, hi), t| {
+                (lo.min(t), hi.max(t))
+            });
+        if lo + hi > 0.0 {
+            2.0 * lo * hi / (lo + hi)
+        } else {
+            0.0
+        }
     };
     let mut rounds: Vec<u32> = outcomes.iter().map(|o| o.rounds).collect();
     rounds.sort_unstable();
     Ok(MigrationEstimate {
-        total_time_s: geometric(&|o| o.total_time_s),
-        downtime_s: geometric(&|o| o.downtime_s),
+        total_time_s: least_worst(&|o| o.total_time_s),
+        downtime_s: least_worst(&|o| o.downtime_s),
         bytes_sent: mean(&|o| o.bytes_sent as f64).round() as u64,
         rounds: rounds[rounds.len() / 2],
         converged: 2 * outcomes.iter().filter(|o| o.converged).count() > outcomes.len(),
@@ -836,6 +887,21 @@ mod tests {
     }
 
     #[test]
+    fn a_writer_seen_during_round_one_started_its_unthrottled_writing_earlier() {
+        // 94 MB/s over a 128 MiB set: 0.7 of the set per second.
+        let p = memdirty_at_75(0.0);
+        let lap_s = (128u64 << 20) as f64 / 94e6;
+        let start = p.writer_start_seen(0.5, 0.25 * lap_s).unwrap();
+        assert!((start - 0.25).abs() < 1e-3, "{start}");
+        // Further back than the set's start: it wrapped.
+        let start = p.writer_start_seen(0.1, 0.25 * lap_s).unwrap();
+        assert!((start - 0.85).abs() < 1e-3, "{start}");
+        assert!((0.0..1.0).contains(&p.writer_start_seen(0.0, lap_s).unwrap()));
+        let idle = MigrationParams::engine(512 << 20, 220 << 20, 125e6);
+        assert_eq!(idle.writer_start_seen(0.5, 0.1), None, "no writer to place");
+    }
+
+    #[test]
     fn where_the_copy_meets_a_sequential_writer_decides_what_round_one_leaves() {
         use crate::PolicyKind;
         let left: Vec<u64> = (0..8)
@@ -865,7 +931,7 @@ mod tests {
                 .total_time_s
             })
             .collect();
-        let mean = expected_over_writer_starts(
+        let answer = expected_over_writer_starts(
             &memdirty_at_75(0.0),
             &PolicyKind::Adaptive,
             &evenly_spaced_starts(8),
@@ -875,9 +941,21 @@ mod tests {
         assert!(
             expected_over_writer_starts(&memdirty_at_75(0.0), &PolicyKind::Adaptive, &[]).is_err()
         );
-        // The centre in ratio terms: the geometric mean of the cursors' totals.
-        let geometric = (totals.iter().map(|t| t.ln()).sum::<f64>() / 8.0).exp();
-        assert!((mean - geometric).abs() < 1e-9, "{mean} {totals:?}");
+        // The answer is off by the same ratio against the shortest and the longest
+        // cursor's total, and by less against every other.
+        let (lo, hi) = totals.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), &t| {
+            (lo.min(t), hi.max(t))
+        });
+        let error = |t: f64| (answer / t - 1.0).abs();
+        assert!(lo < hi, "{totals:?}");
+        assert!((error(lo) - error(hi)).abs() < 1e-9, "{answer} {totals:?}");
+        for &t in &totals {
+            assert!(error(t) <= error(lo) + 1e-9, "{answer} {totals:?}");
+        }
+        // Any other answer is off by more against one of the two.
+        for other in [answer * 0.97, answer * 1.03] {
+            assert!((other / lo - 1.0).abs().max((other / hi - 1.0).abs()) > error(lo));
+        }
     }
 
     #[test]
@@ -921,6 +999,7 @@ mod tests {
             bandwidth_bytes_per_s: 118e6,
             bytes_left: 200 << 20,
             stop_cost_s: 0.05,
+            writer_seen: None,
         };
         let throttle = |measured: Option<FirstRoundProbe>| {
             let mut p = memdirty_at_75(0.0);

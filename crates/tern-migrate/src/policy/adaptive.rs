@@ -269,6 +269,7 @@ mod tests {
             bandwidth_bytes_per_s: 1.25e8,
             bytes_left,
             stop_cost_s: 0.05,
+            writer_seen: None,
         }
     }
 

@@ -17,27 +17,59 @@ const MIN_FOUND: f64 = 0.9;
 /// large allocation 16 bytes after the start of its mapping; 0 in case it does not.
 const STARTS: [usize; 2] = [16, 0];
 
-/// The runs in which the `set_pages` pages of `memdirty`'s set lie among the pages
-/// holding data in the memory file at `path`, or `None` when fewer than 90 % of them
-/// were found (the set not filled yet, or another writer).
-pub fn working_set_extents(path: &Path, set_pages: u64) -> std::io::Result<Option<Vec<SetExtent>>> {
-    let file = std::fs::File::open(path)?;
-    extents_in(std::io::BufReader::with_capacity(4 << 20, file), set_pages)
+/// Where `memdirty`'s set lies in a guest's memory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SetLayout {
+    /// The runs of the set among the pages holding data, in set order.
+    pub extents: Vec<SetExtent>,
+    /// (guest page, set page) of every set page found, by guest page.
+    by_page: Vec<(u64, u64)>,
+    set_pages: u64,
 }
 
-fn extents_in(mut r: impl Read, set_pages: u64) -> std::io::Result<Option<Vec<SetExtent>>> {
+impl SetLayout {
+    /// Where a writer that has just written guest page `page` and not the page after
+    /// it stands in its set, as a share of the set (the next set page it writes):
+    /// `None` when `page` is not a set page, or when the set's next page does not
+    /// follow it in memory, so that the reading says nothing about whether the writer
+    /// went on there.
+    pub fn writer_after(&self, page: u64) -> Option<f64> {
+        let i = self.by_page.binary_search_by_key(&page, |&(p, _)| p).ok()?;
+        let (_, k) = self.by_page[i];
+        let next = (k + 1) % self.set_pages;
+        match self.by_page.get(i + 1) {
+            Some(&(p, n)) if p == page + 1 && n == next => {
+                Some(next as f64 / self.set_pages as f64)
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Where the `set_pages` pages of `memdirty`'s set lie in the memory file at `path`,
+/// or `None` when fewer than 90 % of them were found (the set not filled yet, or
+/// another writer).
+pub fn working_set_layout(path: &Path, set_pages: u64) -> std::io::Result<Option<SetLayout>> {
+    let file = std::fs::File::open(path)?;
+    layout_in(std::io::BufReader::with_capacity(4 << 20, file), set_pages)
+}
+
+fn layout_in(mut r: impl Read, set_pages: u64) -> std::io::Result<Option<SetLayout>> {
     let noise = memdirty::noise();
     let mut page = vec![0u8; PAGE];
     let mut words = [0u64; 2];
     // (set page, position among the pages holding data), each set page once.
     let mut found: Vec<Option<u64>> = vec![None; set_pages as usize];
+    let mut by_page = Vec::with_capacity(set_pages as usize);
     let mut position = 0u64;
+    let mut index = 0u64;
     loop {
         match r.read_exact(&mut page) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
             Err(e) => return Err(e),
         }
+        index += 1;
         if page.iter().all(|&b| b == 0) {
             continue;
         }
@@ -47,7 +79,10 @@ fn extents_in(mut r: impl Read, set_pages: u64) -> std::io::Result<Option<Vec<Se
                 *w = u64::from_ne_bytes(page[at..at + 8].try_into().expect("8 bytes"));
             }
             if let Some((_, k)) = memdirty::identify(&words, &noise, set_pages) {
-                found[k as usize].get_or_insert(position);
+                if found[k as usize].is_none() {
+                    found[k as usize] = Some(position);
+                    by_page.push((index - 1, k));
+                }
                 break;
             }
         }
@@ -71,7 +106,11 @@ fn extents_in(mut r: impl Read, set_pages: u64) -> std::io::Result<Option<Vec<Se
             }),
         }
     }
-    Ok(Some(runs))
+    Ok(Some(SetLayout {
+        extents: runs,
+        by_page,
+        set_pages,
+    }))
 }
 
 #[cfg(test)]
@@ -112,21 +151,29 @@ mod tests {
         mem.extend(vec![0u8; PAGE]);
         layout = vec![Some(2), Some(3), Some(4), Some(5), None, Some(0), Some(1)];
         mem.extend(memory(&layout, 16));
-        let runs = extents_in(&mem[..], 6).unwrap().unwrap();
+        let layout = layout_in(&mem[..], 6).unwrap().unwrap();
         let run = |offset, position, pages| SetExtent {
             offset,
             position,
             pages,
         };
         // Positions count pages holding data only: the hole is not one.
-        assert_eq!(runs, vec![run(0, 7, 2), run(2, 2, 4)]);
+        assert_eq!(layout.extents, vec![run(0, 7, 2), run(2, 2, 4)]);
+        // Guest pages 3-6 hold set pages 2-5, guest pages 8-9 set pages 0-1.
+        assert_eq!(layout.writer_after(3), Some(3.0 / 6.0));
+        assert_eq!(layout.writer_after(8), Some(1.0 / 6.0));
+        assert_eq!(layout.writer_after(0), None, "not a set page");
+        // Set page 5's successor (0, by wrap-around) is elsewhere in memory, and set
+        // page 1's (2) too: the writer may have gone on there unseen.
+        assert_eq!(layout.writer_after(6), None);
+        assert_eq!(layout.writer_after(9), None);
     }
 
     #[test]
     fn page_aligned_pages_are_found_too_and_a_set_mostly_missing_is_not_a_layout() {
         let mem = memory(&[Some(0), Some(1), Some(2), Some(3)], 0);
-        assert_eq!(extents_in(&mem[..], 4).unwrap().unwrap().len(), 1);
-        assert_eq!(extents_in(&mem[..], 8).unwrap(), None, "half the set found");
-        assert_eq!(extents_in(&[0u8; 3 * PAGE][..], 4).unwrap(), None);
+        assert_eq!(layout_in(&mem[..], 4).unwrap().unwrap().extents.len(), 1);
+        assert_eq!(layout_in(&mem[..], 8).unwrap(), None, "half the set found");
+        assert_eq!(layout_in(&[0u8; 3 * PAGE][..], 4).unwrap(), None);
     }
 }

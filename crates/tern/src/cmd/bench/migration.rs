@@ -15,13 +15,18 @@ use tern_agent::client::AgentClient;
 use tern_agent::vms::CreateVm;
 use tern_api::guest::{Command as GuestCommand, WorkloadSpec};
 use tern_api::migration::{FirstRoundProbe, SendOptions, SendRequest};
+use tern_guest::PAGE_SIZE;
 use tern_lab::LabState;
 use tern_migrate::{
     expected_over_writer_starts, mbit_per_s, simulate, DirtyModel, MigrationParams, PolicyKind,
     SetExtent, ThrottledRate, MIB,
 };
 
+use super::layout::SetLayout;
 use crate::cmd::bad_input;
+
+/// Bytes per guest page.
+const PAGE: u64 = PAGE_SIZE as u64;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -73,9 +78,9 @@ impl Writer {
     /// Where the cursor of a writer over `working_set_bytes` stands when a migration
     /// asked for now reaches round 1 (the engine's setup later), as a share of the set.
     pub fn start_share(&self, working_set_bytes: u64) -> f64 {
-        let set = (working_set_bytes / 4096).max(1) as f64;
+        let set = (working_set_bytes / PAGE).max(1) as f64;
         let ahead_s = self.at.elapsed().as_secs_f64() + tern_migrate::model::ENGINE_SETUP_S;
-        let cursor = self.pages as f64 + self.mb_s * 1e6 / 4096.0 * ahead_s;
+        let cursor = self.pages as f64 + self.mb_s * 1e6 / PAGE as f64 * ahead_s;
         (cursor % set) / set
     }
 }
@@ -103,6 +108,12 @@ pub struct Run {
     /// of the set: its page count just before the migration, carried forward at the
     /// measured rate to the start of round 1.
     pub writer_start: Option<f64>,
+    /// Where round 1's probe saw `memdirty`'s cursor (the next page it writes), as a
+    /// share of the set, `probe.writer_seen.at_s` into round 1: the probe's page mapped
+    /// through the set's layout. Absent when that page is not followed in memory by the
+    /// set's next page (the writer may then have gone on elsewhere unseen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub writer_seen: Option<f64>,
     /// The rate round 1's probe read, MB/s (tern only, when round 1 probed), and the
     /// throttle the engine sized from it for the rest of round 1.
     pub probe_dirty_mb_s: Option<f64>,
@@ -294,11 +305,17 @@ impl Args {
 /// (all but its first 8 MiB, which lay at the top of memory).
 const MEMDIRTY_DATA_BEFORE_BYTES: u64 = 32 << 20;
 
-/// How well [`Writer::start_share`] knows `memdirty`'s cursor, as a share of its set:
-/// the stretch the engine's round-1 probe saw the writer rewrite (its debug line) ended
-/// 200-2,100 pages of 32,768 from where the estimate put it, at 25, 75 and 150 % alike.
-/// The prediction is the model's geometric mean over cursors this far either side.
-const WRITER_START_UNCERTAINTY: f64 = 0.05;
+/// How far either side of the writer's cursor the model is run, as a share of its set.
+/// Not the reading's error: the probe's reading ([`Run::writer_seen`]) and the estimate
+/// from before the move ([`Writer::start_share`]) agree within 0.006 of the set at 25,
+/// 75 and 150 %. It stands for how far the engine's own run may stray from the model's:
+/// round 1's remainder moves about a page per page of cursor, the two streams' fronts
+/// drift against a throttled writer moving nearly at their pace, and the engine's stop
+/// rule weighs the remainder against a scan time it measures anew each round (the same
+/// remainder gave one round in one run and two in another). The prediction is the
+/// time off by the least in the worst case over these cursors; narrower spreads
+/// (0.01-0.03) met the goal in fewer cells of the same runs.
+const CURSOR_SPREAD: f64 = 0.05;
 
 /// The guest's measured dirty rate under each throttle the engine applied: the mean
 /// over the rounds it held in.
@@ -380,10 +397,16 @@ pub(super) fn predict(run: &mut Run, args: &Shape) {
         })
         .collect();
     params.untainted_write_share = args.untainted_write_share;
-    let outcome = match run.writer_start.filter(|_| rate > 0.0) {
+    // The probe's reading of the cursor, taken during the move, before the estimate
+    // carried forward from before it.
+    let seen = run
+        .writer_seen
+        .zip(run.probe.as_ref().and_then(|p| p.writer_seen))
+        .and_then(|(share, w)| params.writer_start_seen(share, w.at_s));
+    let outcome = match seen.or(run.writer_start).filter(|_| rate > 0.0) {
         Some(start) => {
             params.data_before_working_sets_bytes = MEMDIRTY_DATA_BEFORE_BYTES;
-            let u = WRITER_START_UNCERTAINTY;
+            let u = CURSOR_SPREAD;
             let starts = [
                 start - u,
                 start - u / 2.0,
@@ -577,10 +600,10 @@ async fn bench(
                 2 - b.at
             );
             // Read before the writer is timed: the scan takes a few hundred ms of CPU.
-            let extents = if dirty_mb_s > 0 {
-                b.working_set_extents(args.wss_mib * MIB / 4096).await
+            let layout = if dirty_mb_s > 0 {
+                b.working_set_layout(args.wss_mib * MIB / PAGE).await
             } else {
-                Vec::new()
+                None
             };
             let writer = if dirty_mb_s > 0 {
                 Some(b.writer("memdirty").await?)
@@ -593,7 +616,12 @@ async fn bench(
                 .migrate(engine, args.max_precopy_s, args.link_mbit)
                 .await?;
             run.writer_start = writer_start;
-            run.working_set_extents = extents;
+            let seen = run.probe.as_ref().and_then(|p| p.writer_seen);
+            run.writer_seen = layout
+                .as_ref()
+                .zip(seen)
+                .and_then(|(l, w)| l.writer_after(w.page));
+            run.working_set_extents = layout.map(|l| l.extents).unwrap_or_default();
             run.rate_percent = rate;
             run.dirty_mb_s = dirty_mb_s;
             run.repetition = repetition;
@@ -768,7 +796,7 @@ impl<'a> Bench<'a> {
         let (s1, t1) = (status().await?, Instant::now());
         match (pages(&s0), pages(&s1)) {
             (Some(a), Some(b)) => Ok(Writer {
-                mb_s: b.saturating_sub(a) as f64 * 4096.0 / (t1 - t0).as_secs_f64() / 1e6,
+                mb_s: b.saturating_sub(a) as f64 * PAGE as f64 / (t1 - t0).as_secs_f64() / 1e6,
                 pages: b,
                 at: t1,
             }),
@@ -776,31 +804,31 @@ impl<'a> Bench<'a> {
         }
     }
 
-    /// Where the guest's `memdirty` set of `set_pages` lies in its memory, as runs;
-    /// empty (the model's fixed placement is used) when the file cannot be read or
-    /// does not hold the set.
-    async fn working_set_extents(&self, set_pages: u64) -> Vec<SetExtent> {
+    /// Where the guest's `memdirty` set of `set_pages` lies in its memory; `None` (the
+    /// model's fixed placement is used) when the file cannot be read or does not hold
+    /// the set.
+    async fn working_set_layout(&self, set_pages: u64) -> Option<SetLayout> {
         let path = self.lab.hosts[self.at]
             .mem_dir
             .join(format!("{}.ram", self.vm));
         let scanned = tokio::task::spawn_blocking(move || {
-            super::layout::working_set_extents(&path, set_pages)
+            super::layout::working_set_layout(&path, set_pages)
                 .map_err(|e| format!("{}: {e}", path.display()))
         })
         .await;
         match scanned {
-            Ok(Ok(Some(runs))) => runs,
+            Ok(Ok(Some(layout))) => Some(layout),
             Ok(Ok(None)) => {
                 tracing::warn!("memdirty's working set not found in guest memory");
-                Vec::new()
+                None
             }
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "guest memory not readable");
-                Vec::new()
+                None
             }
             Err(e) => {
                 tracing::warn!(error = %e, "scan of guest memory failed");
-                Vec::new()
+                None
             }
         }
     }
@@ -894,6 +922,7 @@ impl<'a> Bench<'a> {
             repetition: 1,
             measured_dirty_mb_s: None,
             writer_start: None,
+            writer_seen: None,
             probe_dirty_mb_s: None,
             first_round_throttle_percent: None,
             probe: None,
@@ -971,7 +1000,7 @@ impl<'a> Bench<'a> {
                 run.downtime_parts_ms = serde_json::from_value(r["downtime_parts_ms"].clone()).ok();
                 let probe: Option<FirstRoundProbe> =
                     serde_json::from_value(r["probe"].clone()).ok();
-                run.probe_dirty_mb_s = probe.as_ref().map(|p| p.dirty_rate_bytes_per_s(4096) / 1e6);
+                run.probe_dirty_mb_s = probe.as_ref().map(|p| p.dirty_rate_bytes_per_s(PAGE) / 1e6);
                 run.probe = probe;
                 run.first_round_throttle_percent =
                     s["rounds"][0]["throttle_percent"].as_u64().map(|p| p as u8);
