@@ -40,8 +40,8 @@ use serde::{Deserialize, Serialize};
 pub use analytic::simulate;
 pub use engine::{
     ENGINE_BASELINE_SCAN_S, ENGINE_FREEZE_S, ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S,
-    ENGINE_GUEST_WRITE_CPU_SHARE, ENGINE_LINK_EFFICIENCY, ENGINE_SCAN_S_PER_GIB, ENGINE_SETUP_S,
-    ENGINE_STOP_OVERHEAD_S,
+    ENGINE_GUEST_WRITE_CPU_SHARE, ENGINE_IDLE_STOP_FROM_PROBE, ENGINE_LINK_EFFICIENCY,
+    ENGINE_SCAN_S_PER_GIB, ENGINE_SETUP_S, ENGINE_STOP_OVERHEAD_S,
 };
 pub use pages::simulate_pages;
 
@@ -884,6 +884,32 @@ mod tests {
         p.data_before_working_sets_bytes = 32 << 20;
         p.writer_start = start;
         p
+    }
+
+    #[test]
+    fn an_idle_guest_s_stop_runs_at_the_pace_its_probe_s_scan_showed() {
+        use crate::PolicyKind;
+        let idle = |probe_scan_s: Option<f64>| {
+            let p = MigrationParams::engine(512 << 20, 108 << 20, 125e6);
+            let p = match probe_scan_s {
+                Some(s) => p.with_idle_stop_costs(s),
+                None => p,
+            };
+            simulate(&p, &PolicyKind::Adaptive).unwrap().downtime_s
+        };
+        let (fast, slow) = (idle(Some(0.010)), idle(Some(0.030)));
+        // 0.24 + 0.26 of the 20 ms between the two scans.
+        assert!((slow - fast - 0.5 * 0.020).abs() < 1e-4, "{fast} {slow}");
+        // The fixed parts alone with no scan at all, and never below them.
+        assert!(
+            (idle(Some(0.0)) - 0.0107).abs() < 1e-4,
+            "{}",
+            idle(Some(0.0))
+        );
+        assert_eq!(idle(Some(-1.0)), idle(Some(0.0)));
+        // A probe of 17 ms, these guests' middle, pauses about as long as the fitted
+        // constants say.
+        assert!((idle(Some(0.017)) - idle(None)).abs() < 0.003);
     }
 
     #[test]

@@ -378,6 +378,11 @@ pub(super) fn predict(run: &mut Run, args: &Shape) {
             rate_bytes_per_s: own * 1e6,
             working_set_bytes: nonzero,
         };
+        // The stop then runs at the pace the probe's scan showed the host has.
+        if let Some(p) = &run.probe {
+            let told = params.policy_stop_cost_s.unwrap_or(params.stop_overhead_s);
+            params = params.with_idle_stop_costs(p.stop_cost_s - told);
+        }
     }
     params.max_elapsed_s = Some(args.max_precopy_s);
     // The engine's own probe sizes round 1's throttle: the model's policy then answers
