@@ -85,12 +85,22 @@ impl Writer {
     }
 }
 
-/// One live round's dirty rate, as the engine measured it, under its throttle.
+/// One live round as the engine measured it: the guest's dirty rate under its
+/// throttle, and what its stop rule weighed after it.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
 pub struct RoundRate {
     pub round: u32,
     pub throttle_percent: u8,
     pub dirty_mb_s: f64,
+    /// Pages left after the round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining_pages: Option<u64>,
+    /// The pause the engine predicted for stopping after this round (the remainder over
+    /// its measured link rate, its scan after the round, the stop cost it assumes): the
+    /// stop rule stops when it fits the budget. Its scan time is measured anew each
+    /// round, so the same remainder fits in one run and not in another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub predicted_downtime_ms: Option<f64>,
 }
 
 /// One migration of the benchmark.
@@ -977,16 +987,19 @@ impl<'a> Bench<'a> {
                     round: round as u32,
                     throttle_percent: throttle.min(99) as u8,
                     dirty_mb_s: rate / 1e6,
+                    remaining_pages: t["remaining_pages"].as_u64(),
+                    predicted_downtime_ms: t["predicted_downtime_s"].as_f64().map(|s| s * 1e3),
                 });
             }
             eprintln!(
-                "bench:   round {}: {} pages in {:.0} ms (ending {:.0} ms into the live phase), {:.0} MB/s dirtied, {} left, throttle {} %",
+                "bench:   round {}: {} pages in {:.0} ms (ending {:.0} ms into the live phase), {:.0} MB/s dirtied, {} left (a pause of {:.0} ms predicted), throttle {} %",
                 t["round"],
                 t["pages_sent"],
                 t["duration_s"].as_f64().unwrap_or(0.0) * 1000.0,
                 t["elapsed_s"].as_f64().unwrap_or(0.0) * 1000.0,
                 t["dirty_rate_bytes_per_s"].as_f64().unwrap_or(0.0) / 1e6,
                 t["remaining_pages"],
+                t["predicted_downtime_s"].as_f64().unwrap_or(0.0) * 1000.0,
                 t["throttle_percent"],
             );
         }
@@ -1111,6 +1124,8 @@ mod tests {
             round,
             throttle_percent,
             dirty_mb_s,
+            remaining_pages: None,
+            predicted_downtime_ms: None,
         };
         let rates =
             throttled_rates(&[r(1, 86, 49.0), r(2, 95, 22.0), r(3, 95, 26.0), r(4, 0, 9.0)]);
