@@ -194,6 +194,22 @@ impl Lab {
         out[start..].split(">>").next().unwrap().trim().to_string()
     }
 
+    /// The batch loop's pid, once its shell has written it: it starts in the
+    /// background, so the first read can come before the write.
+    async fn batch_pid(&self, host: usize) -> u32 {
+        for _ in 0..100 {
+            if let Ok(pid) = self
+                .shell(host, "cat /tmp/batch.pid 2>/dev/null")
+                .await
+                .parse()
+            {
+                return pid;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        panic!("the batch loop wrote no pid in 10 s");
+    }
+
     /// The batch loop's count.
     async fn count(&self, host: usize) -> u64 {
         let s = self.shell(host, "cat /tmp/batch").await;
@@ -331,7 +347,7 @@ fn kill(pid: Option<u32>) {
 
 async fn scenario(mut lab: Lab, img: tern_hv::image::GuestImage) {
     boot(&lab, &img).await;
-    let batch: u32 = lab.shell(0, "cat /tmp/batch.pid").await.parse().unwrap();
+    let batch = lab.batch_pid(0).await;
     lab.counts(0).await;
     let before = lab.taint(0).await;
     let p = before.processes.iter().find(|p| p.pid == batch);
