@@ -54,9 +54,8 @@ pub mod telemetry;
 pub use error::MigrateError;
 pub use fragment::{FragmentId, FragmentStat, FragmentTracker, DEFAULT_FRAGMENT_BYTES};
 pub use model::{
-    estimate, estimate_duration, evenly_spaced_starts, expected_over_writer_starts, least_worst,
-    outcomes_over_writer_starts, simulate, simulate_pages, DirtyModel, MigrationEstimate,
-    MigrationParams, SetExtent, ThrottledRate,
+    estimate, estimate_duration, evenly_spaced_starts, expected_over_writer_starts, simulate,
+    simulate_pages, DirtyModel, MigrationEstimate, MigrationParams, SetExtent, ThrottledRate,
 };
 pub use policy::{
     cpu_max, cpu_quota_percent, decide, throttle_for, Adaptive, Decision, Limits, Policy,

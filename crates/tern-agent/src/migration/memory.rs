@@ -230,8 +230,8 @@ pub struct Scan {
     /// Pages whose content changed since the previous scan, ascending: the guest's
     /// dirtying during the last round, whether or not the page was sent.
     pub changed: Vec<u64>,
-    /// When each of `changed` was read: where a guest writing in order stood when the
-    /// scan passed it (round 1's probe reports it).
+    /// When each of `changed` was read ([`scan_timed`] only; empty otherwise): where a
+    /// guest writing in order stood when the scan passed it (round 1's probe reports it).
     pub changed_read_at: Vec<Instant>,
 }
 
@@ -267,8 +267,29 @@ fn in_parallel<T: Send>(
     })
 }
 
-/// One pass over guest memory.
+/// One pass over guest memory (`changed_read_at` left empty).
 pub fn scan(mem: &SourceMemory, sent: &SentDigests, seen: &SeenDigests, threads: usize) -> Scan {
+    scan_pass(mem, sent, seen, threads, false)
+}
+
+/// [`scan`] that also notes when it read each changed page: only round 1's probe asks,
+/// so the other passes do not read the clock per page.
+pub fn scan_timed(
+    mem: &SourceMemory,
+    sent: &SentDigests,
+    seen: &SeenDigests,
+    threads: usize,
+) -> Scan {
+    scan_pass(mem, sent, seen, threads, true)
+}
+
+fn scan_pass(
+    mem: &SourceMemory,
+    sent: &SentDigests,
+    seen: &SeenDigests,
+    threads: usize,
+    timed: bool,
+) -> Scan {
     mem.refresh_extents();
     let parts = in_parallel(mem.pages(), threads, |range| {
         let mut out = Scan::default();
@@ -282,7 +303,9 @@ pub fn scan(mem: &SourceMemory, sent: &SentDigests, seen: &SeenDigests, threads:
             }
             if seen.0[index as usize].swap(d, Ordering::Relaxed) != d {
                 out.changed.push(index);
-                out.changed_read_at.push(Instant::now());
+                if timed {
+                    out.changed_read_at.push(Instant::now());
+                }
             }
         }
         out

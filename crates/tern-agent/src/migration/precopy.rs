@@ -23,7 +23,7 @@ use tern_migrate::policy::{decide, Decision, Limits, Policy, PolicyInput, StopRe
 use tern_migrate::precopy::{self as rules, measured_bandwidth, predicted_downtime_s};
 use tern_migrate::telemetry::{FirstRoundProbe, RoundTelemetry, WriterSeen};
 
-use super::memory::{scan, Scan, SeenDigests, SentDigests, SourceMemory};
+use super::memory::{scan, scan_timed, Scan, SeenDigests, SentDigests, SourceMemory};
 use super::outgoing::{Outgoing, RoundTransfer};
 use super::wire::PAGE_SIZE;
 use super::MigrationError;
@@ -444,7 +444,7 @@ impl Live<'_> {
                     std::thread::sleep(PROBE_WINDOW_AFTER_FREEZE);
                 }
                 let scan_start = Instant::now();
-                let found = scan(mem, sent, seen, cfg.scan_threads);
+                let found = scan_timed(mem, sent, seen, cfg.scan_threads);
                 let scanned_at = Instant::now();
                 let probe = FirstRoundProbe {
                     pages_changed: found.changed.len() as u64,

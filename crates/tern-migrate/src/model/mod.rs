@@ -655,7 +655,7 @@ pub fn estimate(
 /// the set, taken modulo 1): where the copy meets a writer decides what round 1 leaves
 /// behind, and with it whether a second round runs, so a cursor known only roughly (or
 /// not at all: `n` evenly spaced starts) gives a spread of outcomes, taken together by
-/// [`least_worst`].
+/// `least_worst` below.
 pub fn expected_over_writer_starts(
     params: &MigrationParams,
     policy: &dyn Policy,
@@ -666,7 +666,7 @@ pub fn expected_over_writer_starts(
 
 /// The page-level model's outcome at each of `starts` (see
 /// [`expected_over_writer_starts`]).
-pub fn outcomes_over_writer_starts(
+fn outcomes_over_writer_starts(
     params: &MigrationParams,
     policy: &dyn Policy,
     starts: &[f64],
@@ -696,7 +696,7 @@ pub fn outcomes_over_writer_starts(
 /// lies between the shortest and the longest where the error against each is the same,
 /// 2·lo·hi / (lo + hi), off by at most (hi - lo) / (hi + lo) whichever happens. Bytes
 /// are the mean, rounds the median; converged if most runs did.
-pub fn least_worst(outcomes: &[MigrationOutcome]) -> Result<MigrationEstimate, MigrateError> {
+fn least_worst(outcomes: &[MigrationOutcome]) -> Result<MigrationEstimate, MigrateError> {
     if outcomes.is_empty() {
         return Err(MigrateError::invalid(
             "outcomes",
