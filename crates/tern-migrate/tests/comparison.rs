@@ -94,13 +94,15 @@ fn adaptive_without_throttle_still_beats_on_total_time() {
 }
 
 #[test]
-fn when_the_hot_set_fits_the_budget_adaptive_matches_qemu() {
+fn when_the_hot_set_fits_the_budget_adaptive_pauses_less_than_qemu_for_a_little_time() {
+    // QEMU's rule stops as soon as the remainder fits; adaptive sends it once more
+    // while that still shrinks it.
     let params = hot_cold(32, 200e6, 448, 5e6);
     let q = simulate(&params, &PolicyKind::Qemu).unwrap();
     let a = simulate(&params, &PolicyKind::Adaptive).unwrap();
     assert!(q.converged && a.converged);
-    assert!((a.total_time_s - q.total_time_s).abs() < 1e-9);
-    assert!((a.downtime_s - q.downtime_s).abs() < 1e-9);
+    assert!(a.downtime_s <= q.downtime_s, "{a:?}\n{q:?}");
+    assert!(a.total_time_s <= q.total_time_s * 1.1, "{a:?}\n{q:?}");
 }
 
 #[test]

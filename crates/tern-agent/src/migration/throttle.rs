@@ -17,8 +17,8 @@ use std::path::{Path, PathBuf};
 
 use super::precopy::Throttle;
 
-/// The scheduler period the quota is expressed in, microseconds.
-const PERIOD_US: u64 = 100_000;
+/// The scheduler period the quota is expressed in, microseconds (the model's too).
+const PERIOD_US: u64 = tern_migrate::precopy::THROTTLE_PERIOD_US;
 
 /// Where and how a throttle can be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]

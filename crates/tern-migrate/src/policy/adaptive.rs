@@ -1,12 +1,15 @@
 //! tern's adaptive policy. Fragments re-dirtied in each of the last rounds, and densely
 //! in at least one of them, are hot: re-sending them only to see them dirtied again
-//! wastes the link, so they wait for the stop-and-copy. Iteration stops as soon as the remainder fits the budget, or
-//! once a round no longer shrinks it; if it then still does not fit, the guest's vCPUs
-//! are throttled (hot fragments released, since a slowed guest can no longer re-dirty
-//! them at once) until it does, or until the throttle is at its maximum.
+//! wastes the link, so they wait for the stop-and-copy. A remainder that fits the budget
+//! is still sent live while rounds shrink it and its transfer would take more than a
+//! few tens of milliseconds; iteration stops once it is that small, or once a round no
+//! longer shrinks it. If it then still does not fit, the guest's vCPUs are throttled
+//! (hot fragments released, since a slowed guest can no longer re-dirty them at once)
+//! until it does, or until the throttle is at its maximum.
 //!
 //! ```text
-//!  remainder fits budget ───────────────────────────────► StopAndCopy
+//!  fits budget, small or not shrinking ─────────────────► StopAndCopy
+//!  fits budget, still shrinking ────────────────────────► Continue { hold_back: hot }
 //!  still shrinking, guest slower than the link ─────────► Continue { hold_back: hot }
 //!  not shrinking or guest outruns the link, can grow ───► Throttle { percent }
 //!  not shrinking, throttle at maximum ──────────────────► StopAndCopy (not converged)
@@ -41,6 +44,11 @@ pub struct Adaptive {
     /// into round 1 when the engine probes ([`Policy::first_round_throttle`]), else at
     /// its end.
     pub throttle_early_share: f64,
+    /// A remainder that fits the budget is still sent live, a round more, while its
+    /// transfer would take longer than this (seconds) and rounds still shrink it: the
+    /// pause then ends near the guest's steady remainder instead of anywhere below the
+    /// budget.
+    pub settle_transfer_s: f64,
 }
 
 impl Default for Adaptive {
@@ -53,6 +61,7 @@ impl Default for Adaptive {
             throttle_step: 10,
             throttle_margin: 0.8,
             throttle_early_share: 0.5,
+            settle_transfer_s: 0.02,
         }
     }
 }
@@ -92,15 +101,13 @@ impl Policy for Adaptive {
             }
             None => true,
         };
-        if fits {
-            let reason = if shrinking {
-                StopReason::FitsDowntime
-            } else {
-                StopReason::NoLongerShrinking
-            };
-            return Decision::StopAndCopy { reason };
-        }
         let current = input.current_throttle();
+        let ps = input.limits.page_size as f64;
+        let transfer_s = if last.bandwidth_bytes_per_s > 0.0 {
+            last.remaining_pages as f64 * ps / last.bandwidth_bytes_per_s
+        } else {
+            last.predicted_downtime_s
+        };
         // Under a throttle the hot set is re-sent: that is what the throttle buys.
         let hold_back = || {
             if current > 0 {
@@ -109,6 +116,24 @@ impl Policy for Adaptive {
                 self.hot_fragments(input)
             }
         };
+        if fits {
+            // One more round while rounds still shrink the remainder costs the guest
+            // little and takes its pause from up to the whole budget down to a few tens
+            // of milliseconds; stopping as soon as the remainder fits made the pause
+            // jump between the budget (one round) and a fraction of it (two), by where
+            // round 1 met the guest's writes.
+            if shrinking && transfer_s > self.settle_transfer_s {
+                return Decision::Continue {
+                    hold_back: hold_back(),
+                };
+            }
+            let reason = if shrinking {
+                StopReason::FitsDowntime
+            } else {
+                StopReason::NoLongerShrinking
+            };
+            return Decision::StopAndCopy { reason };
+        }
         // A guest that dirties a large share of what the link carries is caught, if at
         // all, only after many rounds each cutting the remainder by little: throttling
         // after the first round saves those rounds. Only the first round decides: it
@@ -134,12 +159,6 @@ impl Policy for Adaptive {
         }
         // Only the transfer part of the predicted downtime shrinks with a throttle; the
         // rest (final scan, device state) is spent whatever the guest does.
-        let ps = input.limits.page_size as f64;
-        let transfer_s = if last.bandwidth_bytes_per_s > 0.0 {
-            last.remaining_pages as f64 * ps / last.bandwidth_bytes_per_s
-        } else {
-            last.predicted_downtime_s
-        };
         let fixed_s = (last.predicted_downtime_s - transfer_s).max(0.0);
         if fixed_s >= limit {
             return Decision::StopAndCopy {
@@ -313,6 +332,30 @@ mod tests {
         );
         assert_eq!(
             decide(&[round(1, 100, 0.29), round(2, 99, 0.28)], &t),
+            Decision::StopAndCopy {
+                reason: StopReason::NoLongerShrinking
+            }
+        );
+    }
+
+    #[test]
+    fn keeps_sending_a_remainder_that_fits_while_rounds_shrink_it() {
+        let t = FragmentTracker::new(32768, 512);
+        // 3000 pages fit the budget (98 ms on the link) but another round shrinks them.
+        let h = [on_link(1, 20_000), on_link(2, 3000)];
+        assert_eq!(decide(&h, &t), Decision::Continue { hold_back: vec![] });
+        // 500 pages (16 ms): small enough to stop.
+        let h = [on_link(1, 20_000), on_link(2, 3000), on_link(3, 500)];
+        assert_eq!(
+            decide(&h, &t),
+            Decision::StopAndCopy {
+                reason: StopReason::FitsDowntime
+            }
+        );
+        // 2900 after 3000: no longer shrinking, so the pause is what it is.
+        let h = [on_link(1, 20_000), on_link(2, 3000), on_link(3, 2900)];
+        assert_eq!(
+            decide(&h, &t),
             Decision::StopAndCopy {
                 reason: StopReason::NoLongerShrinking
             }
