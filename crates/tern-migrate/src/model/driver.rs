@@ -81,12 +81,20 @@ pub(super) fn drive(
                 hold_back
             }
             Decision::StopAndCopy { reason } => {
+                // Under a throttle with periods the pause waits for the vCPU's next
+                // share when it has used this one's: on average half the throttled part
+                // of the period, by the chance that it has.
+                let mut wait_s = 0.0;
+                if throttle > 0 && params.throttle_period_s > 0.0 {
+                    let held = f64::from(throttle) / 100.0;
+                    wait_s = params.throttle_period_s * held * held / 2.0;
+                }
                 let last_pages = guest.remaining();
                 let downtime = last_pages * ps / bw + stop_cost_s;
                 pages_total += last_pages;
                 return MigrationOutcome {
                     policy: policy.name().to_owned(),
-                    total_time_s: elapsed + downtime,
+                    total_time_s: elapsed + wait_s + downtime,
                     downtime_s: downtime,
                     bytes_sent: (pages_total * ps).round() as u64,
                     rounds: history.len() as u32,

@@ -114,6 +114,7 @@ impl MigrationParams {
             baseline_scan_s: ENGINE_BASELINE_SCAN_S,
             downtime_limit_s: DEFAULT_DOWNTIME_LIMIT_S,
             freeze_s: ENGINE_FREEZE_S,
+            throttle_period_s: precopy::THROTTLE_PERIOD_US as f64 / 1e6,
             ..MigrationParams::new(memory_bytes, link_bytes_per_s)
         }
     }
