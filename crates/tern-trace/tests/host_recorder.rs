@@ -145,7 +145,13 @@ fn a_moved_thread_shows_its_migration_within_20_ms() {
         .unwrap_or_else(|| panic!("no migration 0 → 1 of thread {a}: {moves:?}"));
     let off_ms = (t as f64 - moved_at as f64) / 1e6;
     eprintln!("migration {from} → {to} recorded {off_ms:+.3} ms from the move");
-    assert!(off_ms.abs() <= 20.0, "migration {off_ms} ms from the move");
+    // `sched_setaffinity` returns once the kernel has moved the running thread, which
+    // on a loaded host can take a while itself: the move is recorded during that call.
+    let call_ms = move_took as f64 / 1e6;
+    assert!(
+        (-20.0..=call_ms + 20.0).contains(&off_ms),
+        "migration {off_ms} ms from the move (the call took {call_ms} ms)"
+    );
 
     let (tl, summary) = analyse(&trace, &VcpuMap::from_threads(&[a, b]));
     // Run intervals are consistent: a ran on CPU 0 before the move and on CPU 1 after

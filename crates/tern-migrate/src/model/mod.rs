@@ -186,7 +186,7 @@ pub struct MigrationParams {
     pub fragment_bytes: u64,
     /// After sending this many bytes of round 1, measure the guest's dirty rate and let
     /// the policy throttle it for the rest of round 1
-    /// ([`Policy::first_round_throttle`](crate::Policy::first_round_throttle)), as the
+    /// ([`Policy::first_round_throttle`]), as the
     /// engine does (both models). 0 (the default): round 1 runs whole, the textbook
     /// model.
     #[serde(default)]
@@ -298,6 +298,13 @@ pub struct MigrationParams {
     /// guest evenly, as QEMU's own does in 10 ms slices.
     #[serde(default)]
     pub throttle_period_s: f64,
+    /// Where in each throttle period the guest's share falls, as a share of the period
+    /// from the start of the migration: after round 1 (short rounds) the page-level and
+    /// analytic models then write in one burst per period, so a round shorter than the
+    /// period catches a burst or none. Only with `throttle_period_s`; unknown to a
+    /// prediction, so [`expected_over_writer_starts`] runs several.
+    #[serde(default)]
+    pub throttle_phase: f64,
 }
 
 /// A run of a working set's pages in memory: set page `offset + i` is the
@@ -358,6 +365,7 @@ impl MigrationParams {
             throttled_rates: Vec::new(),
             working_set_extents: Vec::new(),
             throttle_period_s: 0.0,
+            throttle_phase: 0.0,
         }
     }
 
@@ -525,6 +533,12 @@ impl MigrationParams {
         )?;
         non_negative("freeze_s", self.freeze_s)?;
         non_negative("throttle_period_s", self.throttle_period_s)?;
+        if !(0.0..1.0).contains(&self.throttle_phase) {
+            return Err(MigrateError::invalid(
+                "throttle_phase",
+                format!("must be in [0, 1), got {}", self.throttle_phase),
+            ));
+        }
         if !(0.0..=1.0).contains(&self.untainted_write_share) {
             return Err(MigrateError::invalid(
                 "untainted_write_share",
@@ -688,16 +702,26 @@ fn outcomes_over_writer_starts(
     }
     // Under a throttle with periods, whether the last period's burst went out live or
     // paused is as unknown as the cursor: both ends, for every cursor.
-    starts
-        .iter()
-        .enumerate()
-        .map(|(i, &start)| {
+    // Under a throttle with periods, where its bursts fall is as unknown as the cursor.
+    let phases: &[f64] = if params.throttle_period_s > 0.0 {
+        &THROTTLE_PHASES
+    } else {
+        &[0.0]
+    };
+    let mut outcomes = Vec::with_capacity(starts.len() * phases.len());
+    for (i, &start) in starts.iter().enumerate() {
+        for &phase in phases {
             let mut p = params.clone();
             p.writer_start = start.rem_euclid(1.0);
-            simulate_pages(&p, policy, i as u64)
-        })
-        .collect()
+            p.throttle_phase = phase;
+            outcomes.push(simulate_pages(&p, policy, i as u64)?);
+        }
+    }
+    Ok(outcomes)
 }
+
+/// The throttle phases a prediction runs ([`MigrationParams::throttle_phase`]).
+const THROTTLE_PHASES: [f64; 4] = [0.0, 0.25, 0.5, 0.75];
 
 /// One prediction from the outcomes of runs the model cannot tell apart (a writer's
 /// possible cursors, the engine's costs at either end of their range). Times spread by
@@ -924,27 +948,38 @@ mod tests {
     }
 
     #[test]
-    fn a_pause_under_a_periodic_throttle_waits_for_the_vcpu_s_next_share() {
+    fn under_a_periodic_throttle_short_rounds_catch_a_burst_or_none_and_a_pause_waits() {
         use crate::PolicyKind;
-        let run = |period_s: f64| {
-            let mut p = memdirty_at_75(0.3);
-            p.throttle_period_s = period_s;
-            simulate_pages(&p, &PolicyKind::Adaptive, 0).unwrap()
-        };
-        let (even, periodic) = (run(0.0), run(0.1));
-        assert!(even.max_throttle_percent > 0, "{even:?}");
-        // The wait adds to the total only: the guest is not yet paused.
-        assert_eq!(periodic.downtime_s, even.downtime_s);
-        let held = f64::from(even.max_throttle_percent) / 100.0;
-        let wait = periodic.total_time_s - even.total_time_s;
-        assert!((wait - 0.1 * held * held / 2.0).abs() < 1e-9, "{wait}");
+        // The engine's throttle has a 100 ms period; an even one has none.
         let mut p = memdirty_at_75(0.3);
-        p.throttle_period_s = -0.1;
-        assert!(p
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("throttle_period_s"));
+        assert_eq!(p.throttle_period_s, 0.1);
+        p.throttle_period_s = 0.0;
+        let even = simulate_pages(&p, &PolicyKind::Adaptive, 0).unwrap();
+        p.throttle_period_s = 0.1;
+        let periodic = outcomes_over_writer_starts(&p, &PolicyKind::Adaptive, &[0.3]).unwrap();
+        assert_eq!(periodic.len(), THROTTLE_PHASES.len());
+        let later = |o: &MigrationOutcome| -> Vec<u64> {
+            o.telemetry[1..]
+                .iter()
+                .filter(|r| r.throttle_percent > 0 && r.duration_s < 0.1)
+                .map(|r| r.pages_changed)
+                .collect()
+        };
+        // Evenly throttled, every short round sees writes; in bursts, some see none.
+        assert!(even.max_throttle_percent > 0, "{even:?}");
+        assert!(later(&even).iter().all(|&c| c > 0), "{even:?}");
+        assert!(periodic.iter().any(|o| later(o).contains(&0)), "{periodic:?}");
+        // The pause waits for the vCPU's next share: the total's last part, not the
+        // downtime.
+        for o in periodic.iter().chain([&even]) {
+            let last = o.telemetry.last().unwrap();
+            let wait = o.total_time_s - last.elapsed_s - o.downtime_s;
+            let held = f64::from(last.throttle_percent) / 100.0;
+            let want = if std::ptr::eq(o, &even) { 0.0 } else { 0.1 * held * held / 2.0 };
+            assert!((wait - want).abs() < 1e-9, "{wait} {want}");
+        }
+        p.throttle_phase = 1.0;
+        assert!(p.validate().unwrap_err().to_string().contains("throttle_phase"));
     }
 
     #[test]
@@ -965,6 +1000,11 @@ mod tests {
     #[test]
     fn where_the_copy_meets_a_sequential_writer_decides_what_round_one_leaves() {
         use crate::PolicyKind;
+        // An even throttle: the cursor alone decides (no bursts to place as well).
+        let memdirty_at_75 = |start: f64| MigrationParams {
+            throttle_period_s: 0.0,
+            ..memdirty_at_75(start)
+        };
         let left: Vec<u64> = (0..8)
             .map(|i| {
                 let o = simulate_pages(

@@ -3,13 +3,14 @@
 //! wastes the link, so they wait for the stop-and-copy. A remainder that fits the budget
 //! is still sent live while rounds shrink it and its transfer would take more than a
 //! few tens of milliseconds; iteration stops once it is that small, or once a round no
-//! longer shrinks it. If it then still does not fit, the guest's vCPUs are throttled
-//! (hot fragments released, since a slowed guest can no longer re-dirty them at once)
-//! until it does, or until the throttle is at its maximum.
+//! longer shrinks it (under a throttle, once three rounds in a row have not: a
+//! throttled guest writes in bursts). If it then still does not fit, the guest's vCPUs
+//! are throttled (hot fragments released, since a slowed guest can no longer re-dirty
+//! them at once) until it does, or until the throttle is at its maximum.
 //!
 //! ```text
 //!  fits budget, small or not shrinking ─────────────────► StopAndCopy
-//!  fits budget, still shrinking ────────────────────────► Continue { hold_back: hot }
+//!  fits budget, still shrinking (or throttled, patient) ► Continue { hold_back: hot }
 //!  still shrinking, guest slower than the link ─────────► Continue { hold_back: hot }
 //!  not shrinking or guest outruns the link, can grow ───► Throttle { percent }
 //!  not shrinking, throttle at maximum ──────────────────► StopAndCopy (not converged)
@@ -49,6 +50,11 @@ pub struct Adaptive {
     /// pause then ends near the guest's steady remainder instead of anywhere below the
     /// budget.
     pub settle_transfer_s: f64,
+    /// Under a throttle, settling rounds in a row that may fail to shrink the remainder
+    /// before the policy stops anyway: a throttled guest gets its CPU share once per
+    /// quota period and writes in one burst then, so a round shorter than the period
+    /// that caught a burst says little about the next, which may catch none.
+    pub settle_patience: u32,
 }
 
 impl Default for Adaptive {
@@ -62,6 +68,7 @@ impl Default for Adaptive {
             throttle_margin: 0.8,
             throttle_early_share: 0.5,
             settle_transfer_s: 0.02,
+            settle_patience: 2,
         }
     }
 }
@@ -122,7 +129,8 @@ impl Policy for Adaptive {
             // of milliseconds; stopping as soon as the remainder fits made the pause
             // jump between the budget (one round) and a fraction of it (two), by where
             // round 1 met the guest's writes.
-            if shrinking && transfer_s > self.settle_transfer_s {
+            let patient = current > 0 && self.unshrunk_rounds(input) <= self.settle_patience;
+            if (shrinking || patient) && transfer_s > self.settle_transfer_s {
                 return Decision::Continue {
                     hold_back: hold_back(),
                 };
@@ -214,6 +222,19 @@ impl Adaptive {
         let budget = (limits.downtime_limit_s - probe.stop_cost_s).max(0.01);
         throttle_for(redirtied_s, budget, bw, rate, 0, self.throttle_margin)
             .min(self.max_throttle_percent)
+    }
+
+    /// Rounds at the end of the history, in a row, that did not cut the remainder of the
+    /// round before by [`Adaptive::min_shrink`].
+    fn unshrunk_rounds(&self, input: &PolicyInput<'_>) -> u32 {
+        input
+            .history
+            .windows(2)
+            .rev()
+            .take_while(|w| {
+                w[1].remaining_pages as f64 >= w[0].remaining_pages as f64 * (1.0 - self.min_shrink)
+            })
+            .count() as u32
     }
 
     /// The guest's dirty rate in the last round, in bytes per second: the larger of the
@@ -358,6 +379,43 @@ mod tests {
             decide(&h, &t),
             Decision::StopAndCopy {
                 reason: StopReason::NoLongerShrinking
+            }
+        );
+    }
+
+    #[test]
+    fn under_a_throttle_settling_outlasts_rounds_that_caught_a_burst() {
+        let t = FragmentTracker::new(32768, 512);
+        let throttled = |rounds: &[u64]| -> Vec<RoundTelemetry> {
+            rounds
+                .iter()
+                .enumerate()
+                .map(|(i, &r)| {
+                    let mut t = on_link(i as u32 + 1, r);
+                    t.throttle_percent = 95;
+                    t
+                })
+                .collect()
+        };
+        // 1000 pages after 900 (33 ms): a burst, maybe; the next round may catch none.
+        let h = throttled(&[20_000, 3000, 900, 1000]);
+        assert_eq!(decide(&h, &t), Decision::Continue { hold_back: vec![] });
+        let h = throttled(&[20_000, 3000, 900, 1000, 950]);
+        assert_eq!(decide(&h, &t), Decision::Continue { hold_back: vec![] });
+        // A third such round in a row: the pause is what it is.
+        let h = throttled(&[20_000, 3000, 900, 1000, 950, 990]);
+        assert_eq!(
+            decide(&h, &t),
+            Decision::StopAndCopy {
+                reason: StopReason::NoLongerShrinking
+            }
+        );
+        // A round that caught none leaves little: stop.
+        let h = throttled(&[20_000, 3000, 900, 1000, 100]);
+        assert_eq!(
+            decide(&h, &t),
+            Decision::StopAndCopy {
+                reason: StopReason::FitsDowntime
             }
         );
     }
