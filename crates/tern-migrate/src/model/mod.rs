@@ -968,18 +968,29 @@ mod tests {
         // Evenly throttled, every short round sees writes; in bursts, some see none.
         assert!(even.max_throttle_percent > 0, "{even:?}");
         assert!(later(&even).iter().all(|&c| c > 0), "{even:?}");
-        assert!(periodic.iter().any(|o| later(o).contains(&0)), "{periodic:?}");
+        assert!(
+            periodic.iter().any(|o| later(o).contains(&0)),
+            "{periodic:?}"
+        );
         // The pause waits for the vCPU's next share: the total's last part, not the
         // downtime.
         for o in periodic.iter().chain([&even]) {
             let last = o.telemetry.last().unwrap();
             let wait = o.total_time_s - last.elapsed_s - o.downtime_s;
             let held = f64::from(last.throttle_percent) / 100.0;
-            let want = if std::ptr::eq(o, &even) { 0.0 } else { 0.1 * held * held / 2.0 };
+            let want = if std::ptr::eq(o, &even) {
+                0.0
+            } else {
+                0.1 * held * held / 2.0
+            };
             assert!((wait - want).abs() < 1e-9, "{wait} {want}");
         }
         p.throttle_phase = 1.0;
-        assert!(p.validate().unwrap_err().to_string().contains("throttle_phase"));
+        assert!(p
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("throttle_phase"));
     }
 
     #[test]
