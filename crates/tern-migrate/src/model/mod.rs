@@ -40,8 +40,9 @@ use serde::{Deserialize, Serialize};
 pub use analytic::simulate;
 pub use engine::{
     ENGINE_BASELINE_SCAN_S, ENGINE_FREEZE_S, ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S,
-    ENGINE_GUEST_WRITE_CPU_SHARE, ENGINE_IDLE_STOP_FROM_PROBE, ENGINE_LINK_EFFICIENCY,
-    ENGINE_SCAN_S_PER_GIB, ENGINE_SETUP_S, ENGINE_STOP_OVERHEAD_S,
+    ENGINE_GUEST_WRITE_CPU_SHARE, ENGINE_IDLE_STOP_FROM_PROBE,
+    ENGINE_IDLE_STOP_FROM_ROUND_ONE_SCAN, ENGINE_LINK_EFFICIENCY, ENGINE_SCAN_S_PER_GIB,
+    ENGINE_SETUP_S, ENGINE_STOP_OVERHEAD_S,
 };
 pub use pages::simulate_pages;
 
@@ -945,6 +946,16 @@ mod tests {
         // A probe of 17 ms, these guests' middle, pauses about as long as the fitted
         // constants say.
         assert!((idle(Some(0.017)) - idle(None)).abs() < 0.003);
+        // Read from the scan after round 1 instead: 0.66 + 0.32 of the difference, and
+        // the middle of those scans (11 ms) within 4 ms of the fitted constants.
+        let after = |scan_s: f64| {
+            let p = MigrationParams::engine(512 << 20, 108 << 20, 125e6)
+                .with_idle_stop_costs_after_round_one(scan_s);
+            simulate(&p, &PolicyKind::Adaptive).unwrap().downtime_s
+        };
+        let (fast, slow) = (after(0.005), after(0.015));
+        assert!((slow - fast - 0.98 * 0.010).abs() < 1e-4, "{fast} {slow}");
+        assert!((after(0.011) - idle(None)).abs() < 0.004);
     }
 
     #[test]

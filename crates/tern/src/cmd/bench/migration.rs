@@ -389,9 +389,18 @@ pub(super) fn predict(run: &mut Run, args: &Shape) {
             rate_bytes_per_s: own * 1e6,
             working_set_bytes: nonzero,
         };
-        // The stop then runs at the pace the probe's scan showed the host has.
-        if let Some(p) = &run.probe {
-            let told = params.policy_stop_cost_s.unwrap_or(params.stop_overhead_s);
+        // The stop then runs at the pace the engine's scan after round 1 showed the host
+        // has (what the stop rule weighed, less the remainder and the cost it assumes),
+        // or, in a report without that reading, its probe's scan.
+        let told = params.policy_stop_cost_s.unwrap_or(params.stop_overhead_s);
+        let bw = params.effective_bandwidth();
+        let after_round_one = run.round_rates.first().and_then(|r| {
+            let pages = r.remaining_pages? as f64;
+            Some(r.predicted_downtime_ms? / 1000.0 - pages * PAGE as f64 / bw - told)
+        });
+        if let Some(scan_s) = after_round_one {
+            params = params.with_idle_stop_costs_after_round_one(scan_s);
+        } else if let Some(p) = &run.probe {
             params = params.with_idle_stop_costs(p.stop_cost_s - told);
         }
     }
