@@ -701,8 +701,6 @@ fn outcomes_over_writer_starts(
             "give at least one writer start",
         ));
     }
-    // Under a throttle with periods, whether the last period's burst went out live or
-    // paused is as unknown as the cursor: both ends, for every cursor.
     // Under a throttle with periods, where its bursts fall is as unknown as the cursor.
     let phases: &[f64] = if params.throttle_period_s > 0.0 {
         &THROTTLE_PHASES

@@ -101,13 +101,9 @@ impl Policy for Adaptive {
         }
         let limit = input.limits.downtime_limit_s;
         let fits = last.predicted_downtime_s <= limit;
-        let shrinking = match input.history.len().checked_sub(2) {
-            Some(i) => {
-                let prev = input.history[i].remaining_pages as f64;
-                (last.remaining_pages as f64) < prev * (1.0 - self.min_shrink)
-            }
-            None => true,
-        };
+        // The last round cut the remainder (round 1 always counts as doing so).
+        let unshrunk = self.unshrunk_rounds(input);
+        let shrinking = unshrunk == 0;
         let current = input.current_throttle();
         let ps = input.limits.page_size as f64;
         let transfer_s = if last.bandwidth_bytes_per_s > 0.0 {
@@ -129,7 +125,7 @@ impl Policy for Adaptive {
             // of milliseconds; stopping as soon as the remainder fits made the pause
             // jump between the budget (one round) and a fraction of it (two), by where
             // round 1 met the guest's writes.
-            let patient = current > 0 && self.unshrunk_rounds(input) <= self.settle_patience;
+            let patient = current > 0 && unshrunk <= self.settle_patience;
             if (shrinking || patient) && transfer_s > self.settle_transfer_s {
                 return Decision::Continue {
                     hold_back: hold_back(),
