@@ -22,40 +22,13 @@ mod migration_support;
 
 const PAGES: u64 = 8192; // 32 MiB
 
-/// Pages at the end of memory, away from the writer's hot set, that a throttled guest
-/// rewrites in the burst the stop waits for.
-const BURST_PAGES: u64 = 64;
-
-/// The writer's speed control: the throttle percent it honours. Asked to wait for the
-/// guest's share to be spent, it plays that share: a burst of writes to the last
-/// [`BURST_PAGES`] pages of `file`.
-struct WriterThrottle {
-    speed: Arc<AtomicU8>,
-    file: std::path::PathBuf,
-    bursts: u32,
-}
+/// The writer's speed control: the throttle percent it honours.
+struct WriterThrottle(Arc<AtomicU8>);
 
 impl Throttle for WriterThrottle {
     fn apply(&mut self, percent: u8) -> u8 {
-        self.speed.store(percent, Ordering::Relaxed);
+        self.0.store(percent, Ordering::Relaxed);
         percent
-    }
-
-    fn wait_until_share_spent(&mut self, _limit: Duration) -> Option<Duration> {
-        use std::os::unix::fs::FileExt;
-        if self.speed.load(Ordering::Relaxed) == 0 {
-            return None;
-        }
-        self.bursts += 1;
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.file)
-            .unwrap();
-        let page = vec![0xA0 + self.bursts as u8; PAGE_SIZE];
-        for p in PAGES - BURST_PAGES..PAGES {
-            f.write_all_at(&page, p * PAGE_SIZE as u64).unwrap();
-        }
-        Some(Duration::ZERO)
     }
 }
 
@@ -65,10 +38,6 @@ struct Run {
     max_throttle: u8,
     /// Throttle in effect at the end of round 1 (set by the round-1 probe, if any).
     first_round_throttle: u8,
-    /// Bursts the stop waited for, and how many of their pages the pause still had
-    /// to send.
-    bursts: u32,
-    burst_pages_paused: usize,
 }
 
 /// A migration's status record, as the source agent keeps it.
@@ -130,11 +99,7 @@ fn migrate(
             },
             ..PrecopyConfig::default()
         };
-        let mut throttle = WriterThrottle {
-            speed: speed.clone(),
-            file: src.clone(),
-            bursts: 0,
-        };
+        let mut throttle = WriterThrottle(speed.clone());
         let mut seen = Vec::new();
         let outcome = precopy::run(
             &mut out,
@@ -155,7 +120,6 @@ fn migrate(
         // Stop-and-copy: the guest is paused, the rest goes.
         stop.store(true, Ordering::Relaxed);
         let pages = changed_pages(&mem, &sent, 2);
-        let burst_pages_paused = pages.iter().filter(|&&p| p >= PAGES - BURST_PAGES).count();
         out.send_round(
             outcome.history.len() as u32 + 1,
             &mem,
@@ -171,8 +135,6 @@ fn migrate(
             rounds: outcome.history.len(),
             max_throttle: outcome.max_throttle_percent,
             first_round_throttle: outcome.history[0].throttle_percent,
-            bursts: throttle.bursts,
-            burst_pages_paused,
         }
     });
     if let Some(w) = w {
@@ -199,8 +161,6 @@ fn every_policy_ends_with_identical_memory_under_a_moderate_writer() {
             run.stop_reason
         );
         assert!(run.rounds >= 1);
-        // Unthrottled, the stop does not wait.
-        assert_eq!(run.bursts, 0);
     }
 }
 
@@ -217,10 +177,6 @@ fn adaptive_throttles_a_writer_faster_than_the_link_and_converges() {
         run.stop_reason,
         run.rounds
     );
-    // The stop waited for the throttled guest's burst and sent it while the guest was
-    // off the CPU: the pause carried none of it.
-    assert_eq!(run.bursts, 1);
-    assert_eq!(run.burst_pages_paused, 0);
     assert!(
         run.stop_reason.converged() || run.stop_reason == StopReason::ThrottleExhausted,
         "{:?}",

@@ -111,20 +111,7 @@ const PROBE_WINDOW_AFTER_FREEZE: Duration = Duration::from_millis(100);
 /// round-1 probe applies it from its own thread.
 pub trait Throttle: Send {
     fn apply(&mut self, percent: u8) -> u8;
-
-    /// Waits, at most `limit`, until the throttled guest has just spent its share of a
-    /// scheduler period, so that it stays off the CPU for the rest of it; returns how
-    /// long that took, or `None` when this throttle cannot tell (nothing throttled, or
-    /// the guest never used its share within `limit`).
-    fn wait_until_share_spent(&mut self, _limit: Duration) -> Option<Duration> {
-        None
-    }
 }
-
-/// How long the stop waits, at most, for a throttled guest to spend its share: one
-/// period and a half (a guest that left its share unused by then writes too little to
-/// matter).
-const SHARE_WAIT: Duration = Duration::from_micros(rules::THROTTLE_PERIOD_US * 3 / 2);
 
 /// Runs live rounds until the policy decides to stop and copy. `on_round` sees every
 /// round's telemetry as soon as it is known (the status endpoint reads it); the round
@@ -157,9 +144,6 @@ pub fn run(
         on_round(&telemetry);
         rounds.history.push(telemetry);
         if let Some(reason) = rounds.decide(policy, throttle) {
-            if rounds.throttle_percent > 0 {
-                rounds.catch_up(&ctx, out, round + 1, throttle)?;
-            }
             return Ok(rounds.outcome(reason));
         }
     }
@@ -370,40 +354,6 @@ impl Rounds {
             }
         }
         None
-    }
-
-    /// The throttled guest's last burst, sent before the pause instead of in it. A
-    /// throttled guest writes in one burst at the start of each scheduler period; the
-    /// last round's scan may have missed the latest, which the pause would then carry,
-    /// or not: a pause twice as long by where the period stood. So the stop waits for
-    /// a burst to end, and while the guest is held off the CPU for the rest of the
-    /// period, scans and sends what it wrote. Not a policy round: nothing is decided
-    /// after it.
-    fn catch_up(
-        &mut self,
-        ctx: &Live<'_>,
-        out: &mut Outgoing,
-        pass: u32,
-        throttle: &mut dyn Throttle,
-    ) -> Result<(), MigrationError> {
-        let Some(waited) = throttle.wait_until_share_spent(SHARE_WAIT) else {
-            return Ok(());
-        };
-        let started = Instant::now();
-        let s = scan(ctx.mem, ctx.sent, &self.seen, ctx.cfg.scan_threads);
-        let scan_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let at = self.started.elapsed().as_secs_f64();
-        out.meter().begin(pass, s.dirty.len() as u64, at);
-        let t = out.send_round(pass, ctx.mem, ctx.sent, &s.dirty, ctx.cancel)?;
-        self.bytes += t.bytes;
-        tracing::debug!(
-            waited_ms = waited.as_secs_f64() * 1000.0,
-            scan_ms,
-            pages = s.dirty.len(),
-            ms = started.elapsed().as_secs_f64() * 1000.0,
-            "caught up with the throttled guest's last burst"
-        );
-        Ok(())
     }
 
     fn outcome(self, stop_reason: StopReason) -> PrecopyOutcome {

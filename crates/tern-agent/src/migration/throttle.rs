@@ -14,19 +14,11 @@
 //! "cannot throttle".
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use super::precopy::Throttle;
 
 /// The scheduler period the quota is expressed in, microseconds (the model's too).
 const PERIOD_US: u64 = tern_migrate::precopy::THROTTLE_PERIOD_US;
-
-/// How far a throttled thread may run past its quota: the scheduler enforces it at its
-/// tick (4 ms at the common 250 Hz).
-const TICK_ALLOWANCE: Duration = Duration::from_millis(5);
-
-/// How often [`CgroupThrottle::wait_until_share_spent`] looks at the cgroup's counters.
-const POLL: Duration = Duration::from_micros(500);
 
 /// Where and how a throttle can be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,8 +95,6 @@ pub struct CgroupThrottle {
     tids: Vec<u32>,
     /// Where the threads go back to, and the cgroup we made, once set up.
     made: Option<PathBuf>,
-    /// The percent in effect (0: none).
-    percent: u8,
     warned: bool,
 }
 
@@ -130,7 +120,6 @@ impl CgroupThrottle {
             pid,
             tids,
             made: None,
-            percent: 0,
             warned: false,
         }
     }
@@ -198,7 +187,6 @@ impl CgroupThrottle {
 
     /// Lifts the throttle and moves the threads back where cgroups started them.
     pub fn remove(&mut self) {
-        self.percent = 0;
         let Some(dir) = self.made.take() else { return };
         match &self.hierarchy {
             Ok(Hierarchy::V1(root)) => {
@@ -222,10 +210,7 @@ impl CgroupThrottle {
 impl Throttle for CgroupThrottle {
     fn apply(&mut self, percent: u8) -> u8 {
         match self.set(percent) {
-            Ok(()) => {
-                self.percent = percent;
-                percent
-            }
+            Ok(()) => percent,
             Err(reason) => {
                 if !self.warned {
                     tracing::warn!(%reason, "cannot throttle the guest's vCPUs; migrating without a throttle");
@@ -234,29 +219,6 @@ impl Throttle for CgroupThrottle {
                 0
             }
         }
-    }
-
-    /// `nr_throttled` moves when a period in which the guest ran out of quota ends, that
-    /// is when its next share begins; the share then lasts the quota's part of the
-    /// period (and a tick by which the scheduler may overrun it).
-    fn wait_until_share_spent(&mut self, limit: Duration) -> Option<Duration> {
-        if self.percent == 0 {
-            return None;
-        }
-        let start = Instant::now();
-        let before = self.throttled_periods()?;
-        loop {
-            if start.elapsed() >= limit {
-                return None;
-            }
-            std::thread::sleep(POLL);
-            if self.throttled_periods()? != before {
-                break;
-            }
-        }
-        let share = Duration::from_micros(PERIOD_US * u64::from(100 - self.percent.min(100)) / 100);
-        std::thread::sleep(share + TICK_ALLOWANCE);
-        Some(start.elapsed())
     }
 }
 
@@ -311,13 +273,8 @@ mod tests {
             pid: None,
             tids: vec![1],
             made: None,
-            percent: 0,
             warned: false,
         };
         assert_eq!(t.apply(50), 0);
-        // Nothing throttled: the stop does not wait for a share.
-        let at = Instant::now();
-        assert_eq!(t.wait_until_share_spent(Duration::from_secs(5)), None);
-        assert!(at.elapsed() < Duration::from_secs(1));
     }
 }

@@ -81,17 +81,20 @@ pub(super) fn drive(
                 hold_back
             }
             Decision::StopAndCopy { reason } => {
+                // Under a throttle with periods the pause waits for the vCPU's next
+                // share when it has used this one's: on average half the throttled part
+                // of the period, by the chance that it has.
+                let mut wait_s = 0.0;
                 if throttle > 0 && params.throttle_period_s > 0.0 {
-                    let (sent, spent_s) = catch_up(guest, params, elapsed, throttle);
-                    pages_total += sent;
-                    elapsed += spent_s;
+                    let held = f64::from(throttle) / 100.0;
+                    wait_s = params.throttle_period_s * held * held / 2.0;
                 }
                 let last_pages = guest.remaining();
                 let downtime = last_pages * ps / bw + stop_cost_s;
                 pages_total += last_pages;
                 return MigrationOutcome {
                     policy: policy.name().to_owned(),
-                    total_time_s: elapsed + downtime,
+                    total_time_s: elapsed + wait_s + downtime,
                     downtime_s: downtime,
                     bytes_sent: (pages_total * ps).round() as u64,
                     rounds: history.len() as u32,
@@ -191,40 +194,6 @@ pub(super) fn drive(
             throttle_percent: throttle,
         });
     }
-}
-
-/// The engine's stop under a throttle with periods, from `at_s` into the migration:
-/// it waits for the guest's next share to begin and be spent, then, while the guest is
-/// held off the CPU, scans and sends what it wrote; the pause then waits for the vCPU's
-/// next share (QEMU stops a vCPU only when it runs). Returns the pages sent and the
-/// time it took, pause included.
-fn catch_up(
-    guest: &mut dyn ModelGuest,
-    params: &MigrationParams,
-    at_s: f64,
-    throttle: u8,
-) -> (f64, f64) {
-    // The scheduler may run a thread past its quota by up to a tick; the engine waits
-    // that much more.
-    const TICK_ALLOWANCE_S: f64 = 0.005;
-    let period = params.throttle_period_s;
-    let share_s = period * f64::from(100 - throttle.min(100)) / 100.0;
-    let next_share =
-        |t: f64| ((t / period - params.throttle_phase).ceil() + params.throttle_phase) * period;
-    let factor = params.throttle_factor(throttle);
-    let spent = next_share(at_s) + share_s + TICK_ALLOWANCE_S;
-    run_in_bursts(guest, params, at_s, spent - at_s, factor);
-    let sent = guest.send(&[]);
-    let pass_s = sent * params.page_size as f64 / params.effective_bandwidth() + params.scan_s();
-    run_in_bursts(guest, params, spent, pass_s, factor);
-    let end = spent + pass_s;
-    // A pass that ran into the guest's next share finds the vCPU running: it stops at once.
-    let paused = if end < next_share(end) - period + share_s {
-        end
-    } else {
-        next_share(end)
-    };
-    (sent, paused - at_s)
 }
 
 /// A round of `seconds` from `at_s` into the migration by a guest under a throttle with
