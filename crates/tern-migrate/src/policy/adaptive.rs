@@ -3,8 +3,8 @@
 //! wastes the link, so they wait for the stop-and-copy. A remainder that fits the budget
 //! is still sent live while rounds shrink it and its transfer would take more than a
 //! few tens of milliseconds; iteration stops once it is that small, or once a round no
-//! longer shrinks it. A throttled guest writes in bursts, so under a throttle "small"
-//! means smaller than one burst and it takes three rounds in a row that did not shrink. If it then still does not fit, the guest's vCPUs
+//! longer shrinks it (under a throttle, once three rounds in a row have not: a
+//! throttled guest writes in bursts). If it then still does not fit, the guest's vCPUs
 //! are throttled (hot fragments released, since a slowed guest can no longer re-dirty
 //! them at once) until it does, or until the throttle is at its maximum.
 //!
@@ -50,12 +50,6 @@ pub struct Adaptive {
     /// pause then ends near the guest's steady remainder instead of anywhere below the
     /// budget.
     pub settle_transfer_s: f64,
-    /// [`Adaptive::settle_transfer_s`] under a throttle: below what the guest writes in
-    /// one of its bursts (a throttled guest gets its CPU share once per quota period and
-    /// spends it writing), so that iteration ends only after a round that caught no
-    /// burst. With the unthrottled target a round that caught a small burst was also
-    /// "small enough", and the pause took one of two lengths, twice apart, by luck.
-    pub settle_throttled_transfer_s: f64,
     /// Under a throttle, settling rounds in a row that may fail to shrink the remainder
     /// before the policy stops anyway: a throttled guest gets its CPU share once per
     /// quota period and writes in one burst then, so a round shorter than the period
@@ -74,7 +68,6 @@ impl Default for Adaptive {
             throttle_margin: 0.8,
             throttle_early_share: 0.5,
             settle_transfer_s: 0.02,
-            settle_throttled_transfer_s: 0.005,
             settle_patience: 2,
         }
     }
@@ -133,12 +126,7 @@ impl Policy for Adaptive {
             // jump between the budget (one round) and a fraction of it (two), by where
             // round 1 met the guest's writes.
             let patient = current > 0 && unshrunk <= self.settle_patience;
-            let settled_s = if current > 0 {
-                self.settle_throttled_transfer_s
-            } else {
-                self.settle_transfer_s
-            };
-            if (shrinking || patient) && transfer_s > settled_s {
+            if (shrinking || patient) && transfer_s > self.settle_transfer_s {
                 return Decision::Continue {
                     hold_back: hold_back(),
                 };
@@ -418,10 +406,6 @@ mod tests {
                 reason: StopReason::NoLongerShrinking
             }
         );
-        // 300 pages (10 ms) would be small enough unthrottled, but under a throttle it is
-        // a burst the next round may well not catch.
-        let h = throttled(&[20_000, 3000, 900, 300]);
-        assert_eq!(decide(&h, &t), Decision::Continue { hold_back: vec![] });
         // A round that caught none leaves little: stop.
         let h = throttled(&[20_000, 3000, 900, 1000, 100]);
         assert_eq!(
