@@ -401,7 +401,14 @@ pub struct Vm {
         skip_serializing_if = "crate::health::GuestRestarts::is_empty"
     )]
     pub restarts: crate::health::GuestRestarts,
+    /// Why the host it was placed on last refused to start it (`vm_start_failed`); it
+    /// stays `pending` and is asked again. Cleared once it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_error: Option<String>,
 }
+
+/// The longest `start_error` kept: an agent's answer, cut at a character boundary.
+pub const MAX_START_ERROR_BYTES: usize = 1000;
 
 /// Why a migration was started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -585,6 +592,13 @@ pub enum EventKind {
     VmUnplaced {
         vm: String,
         reason: String,
+    },
+    /// The host it was placed on refused to start it (recorded once per distinct
+    /// error); it stays pending and is asked again.
+    VmStartFailed {
+        vm: String,
+        host: String,
+        error: String,
     },
     /// Its host stopped reporting it; it is created again.
     VmLost {

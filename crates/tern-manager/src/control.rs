@@ -322,7 +322,11 @@ impl Control {
                             &format!("{vm}/create"),
                             format_args!("VM {vm} on {host}: create failed: {e}"),
                         );
-                        None
+                        Some(Command::VmStartFailed {
+                            vm: vm.clone(),
+                            host: host.clone(),
+                            error: e.to_string(),
+                        })
                     }
                 },
                 Err(e) => {
@@ -330,7 +334,11 @@ impl Control {
                         &format!("{vm}/create"),
                         format_args!("VM {vm} on {host}: {e}"),
                     );
-                    None
+                    Some(Command::VmStartFailed {
+                        vm: vm.clone(),
+                        host: host.clone(),
+                        error: e.to_string(),
+                    })
                 }
             },
             Action::Delete { vm, host } => match client(host) {

@@ -291,6 +291,7 @@ mod tests {
             disks_made: false,
             guest: None,
             restarts: Default::default(),
+            start_error: None,
         };
         let mut snap = Snapshot::default();
         snap.vms.insert("a".into(), vm("a", Some("h1")));

@@ -103,6 +103,7 @@ fn both(hosts: usize, vms: &[VmCase], now: f64) -> (State, Snapshot) {
                 disks_made: false,
                 guest: None,
                 restarts: Default::default(),
+                start_error: None,
             },
         );
     }

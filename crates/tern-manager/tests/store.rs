@@ -36,6 +36,7 @@ fn vm(name: &str, on: &str) -> Vm {
         disks_made: false,
         guest: None,
         restarts: Default::default(),
+        start_error: None,
     }
 }
 
@@ -67,8 +68,10 @@ fn everything_committed_is_loaded_back_after_reopening() {
         Change::PutVm(vm("a", "h1")),
         Change::PutVm(vm("b", "h2")),
         Change::RemoveVm("b".into()),
-        // Guest health and HA restarts are kept too (schema version 5).
+        // Guest health and HA restarts are kept too (schema version 5), and why a
+        // host refused to start it (6).
         Change::PutVm(Vm {
+            start_error: Some("no such kernel".into()),
             guest: Some(tern_api::health::GuestHealth {
                 state: tern_api::health::GuestState::Panicked,
                 reason: "pvpanic".into(),

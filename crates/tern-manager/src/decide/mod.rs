@@ -123,6 +123,12 @@ pub enum Command {
         vm: String,
         host: String,
     },
+    /// `host`'s agent refused to start the VM, saying `error`.
+    VmStartFailed {
+        vm: String,
+        host: String,
+        error: String,
+    },
     /// An agent confirmed the VM is gone.
     VmRemoved {
         vm: String,
@@ -356,10 +362,39 @@ pub fn decide(snap: &Snapshot, now: Millis, cmd: Command) -> Result<Decision> {
                     observed_host: Some(host.clone()),
                     state: VmState::Running,
                     disks_made: true,
+                    start_error: None,
                     ..v.clone()
                 })));
                 changes.push(Change::Event(EventKind::VmRunning { vm: name, host }));
             }
+            Ok((changes, Reply::Done))
+        }
+        Command::VmStartFailed {
+            vm: name,
+            host,
+            error,
+        } => {
+            let v = vm(snap, &name)?;
+            let error = bounded_start_error(error);
+            // An agent asked again says the same again: the log gets each reason once.
+            let changes = if v.desired_host.as_deref() == Some(host.as_str())
+                && v.state == VmState::Pending
+                && v.start_error.as_deref() != Some(error.as_str())
+            {
+                vec![
+                    Change::PutVm(Vm {
+                        start_error: Some(error.clone()),
+                        ..v.clone()
+                    }),
+                    Change::Event(EventKind::VmStartFailed {
+                        vm: name,
+                        host,
+                        error,
+                    }),
+                ]
+            } else {
+                Vec::new()
+            };
             Ok((changes, Reply::Done))
         }
         Command::VmRemoved { vm: name } => {
@@ -585,6 +620,7 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
         {
             next.state = VmState::Running;
             next.disks_made = true;
+            next.start_error = None;
             next.observed_host = Some(name.to_owned());
             changes.push(Change::Event(EventKind::VmRunning {
                 vm: v.name.clone(),
@@ -631,6 +667,20 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
         }
     }
     Ok((changes, Reply::Heartbeat(HeartbeatReply { stale })))
+}
+
+/// `error` cut to [`tern_api::manager::MAX_START_ERROR_BYTES`] at a character boundary:
+/// it is an agent's text, kept in the record and the event log.
+fn bounded_start_error(mut error: String) -> String {
+    let max = tern_api::manager::MAX_START_ERROR_BYTES;
+    if error.len() > max {
+        let mut cut = max;
+        while !error.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        error.truncate(cut);
+    }
+    error
 }
 
 fn create_vm(
@@ -749,6 +799,7 @@ fn create_one(
         disks_made: false,
         guest: None,
         restarts: Default::default(),
+        start_error: None,
     };
     let changes = vec![
         Change::PutVm(v.clone()),
@@ -910,8 +961,27 @@ pub(crate) mod testing {
                 disks_made: false,
                 guest: None,
                 restarts: Default::default(),
+                start_error: None,
             },
         );
+    }
+
+    /// An operator's create of VM `name` (1 vCPU, 512 MiB) on `host`.
+    pub fn create_on(name: &str, host: &str) -> Command {
+        Command::CreateVm {
+            name: name.into(),
+            spec: spec(1, 512),
+            host: Some(host.into()),
+            template: None,
+        }
+    }
+
+    /// An agent's answer that VM `vm` runs on `host`.
+    pub fn started(vm: &str, host: &str) -> Command {
+        Command::VmStarted {
+            vm: vm.into(),
+            host: host.into(),
+        }
     }
 
     /// Decides and applies, as the manager does (events get numbers in order).
@@ -947,19 +1017,60 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_refused_start_is_recorded_once_per_reason_and_cleared_when_it_runs() {
+        let mut snap = cluster(&[4.0, 4.0], 4096);
+        run(&mut snap, 1, create_on("a", "h0")).unwrap();
+        let failed = |error: &str| Command::VmStartFailed {
+            vm: "a".into(),
+            host: "h0".into(),
+            error: error.into(),
+        };
+        let events = |snap: &Snapshot, c: Command| -> Vec<EventKind> {
+            let (changes, _) = decide(snap, 2, c).unwrap();
+            changes
+                .into_iter()
+                .filter_map(|c| match c {
+                    Change::Event(e) => Some(e),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(
+            events(&snap, failed("kernel missing")),
+            [EventKind::VmStartFailed {
+                vm: "a".into(),
+                host: "h0".into(),
+                error: "kernel missing".into(),
+            }]
+        );
+        run(&mut snap, 2, failed("kernel missing")).unwrap();
+        assert_eq!(snap.vms["a"].state, VmState::Pending);
+        assert_eq!(snap.vms["a"].start_error.as_deref(), Some("kernel missing"));
+        // Asked again, the same answer: nothing new in the log.
+        assert!(events(&snap, failed("kernel missing")).is_empty());
+        assert_eq!(events(&snap, failed("out of memory")).len(), 1);
+        // From a host it was not placed on: not its answer.
+        let elsewhere = Command::VmStartFailed {
+            vm: "a".into(),
+            host: "h1".into(),
+            error: "x".into(),
+        };
+        assert!(events(&snap, elsewhere).is_empty());
+        // An agent's text is kept bounded.
+        run(&mut snap, 3, failed(&"é".repeat(2000))).unwrap();
+        let kept = snap.vms["a"].start_error.clone().unwrap();
+        assert!(kept.len() <= tern_api::manager::MAX_START_ERROR_BYTES && kept.len() > 900);
+        run(&mut snap, 4, started("a", "h0")).unwrap();
+        assert_eq!(snap.vms["a"].state, VmState::Running);
+        assert_eq!(snap.vms["a"].start_error, None);
+        // Once it runs, a late refusal changes nothing.
+        assert!(events(&snap, failed("late")).is_empty());
+    }
+
+    #[test]
     fn a_vm_goes_from_pending_to_running_and_migrates_back_on_failure() {
         let mut snap = cluster(&[4.0, 4.0], 4096);
-        let Reply::Vm(v) = run(
-            &mut snap,
-            1,
-            Command::CreateVm {
-                name: "a".into(),
-                spec: spec(1, 512),
-                host: Some("h0".into()),
-                template: None,
-            },
-        )
-        .unwrap() else {
+        let Reply::Vm(v) = run(&mut snap, 1, create_on("a", "h0")).unwrap() else {
             panic!()
         };
         assert_eq!(
@@ -980,15 +1091,7 @@ mod tests {
             err.to_string().contains("only a running VM migrates"),
             "{err}"
         );
-        run(
-            &mut snap,
-            2,
-            Command::VmStarted {
-                vm: "a".into(),
-                host: "h0".into(),
-            },
-        )
-        .unwrap();
+        run(&mut snap, 2, started("a", "h0")).unwrap();
         assert_eq!(snap.vms["a"].state, VmState::Running);
         let Reply::Migration(m) = run(
             &mut snap,

@@ -73,6 +73,7 @@ pub const MIGRATIONS: &[(u32, &str)] = &[
         "ALTER TABLE vms ADD COLUMN guest TEXT;
          ALTER TABLE vms ADD COLUMN restarts TEXT;",
     ),
+    (6, "ALTER TABLE vms ADD COLUMN start_error TEXT;"),
 ];
 
 /// The version this build writes.

@@ -106,6 +106,7 @@ fn vm_from(r: &Row) -> rusqlite::Result<VmRow> {
             disks_made: r.get(8)?,
             guest: None,
             restarts: Default::default(),
+            start_error: r.get(11)?,
         },
         spec: r.get(1)?,
         state: r.get(4)?,
@@ -170,7 +171,7 @@ impl Store for SqliteStore {
         }
         let mut st = self.conn.prepare(
             "SELECT name, spec, desired_host, observed_host, state, cpu_used, last_moved, \
-             cpu_measured, disks_made, guest, restarts FROM vms",
+             cpu_measured, disks_made, guest, restarts, start_error FROM vms",
         )?;
         for row in st.query_map([], vm_from)? {
             let VmRow {
@@ -258,11 +259,13 @@ impl Store for SqliteStore {
                 Change::PutVm(v) => {
                     tx.prepare_cached(
                         "INSERT INTO vms (name, spec, desired_host, observed_host, state, \
-                         cpu_used, last_moved, cpu_measured, disks_made, guest, restarts) \
-                         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11) \
+                         cpu_used, last_moved, cpu_measured, disks_made, guest, restarts, \
+                         start_error) \
+                         VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12) \
                          ON CONFLICT (name) DO UPDATE SET spec = ?2, desired_host = ?3, \
                          observed_host = ?4, state = ?5, cpu_used = ?6, last_moved = ?7, \
-                         cpu_measured = ?8, disks_made = ?9, guest = ?10, restarts = ?11",
+                         cpu_measured = ?8, disks_made = ?9, guest = ?10, restarts = ?11, \
+                         start_error = ?12",
                     )?
                     .execute(params![
                         v.name,
@@ -275,7 +278,8 @@ impl Store for SqliteStore {
                         v.cpu_measured,
                         v.disks_made,
                         v.guest.as_ref().map(to_json),
-                        (!v.restarts.is_empty()).then(|| to_json(&v.restarts))
+                        (!v.restarts.is_empty()).then(|| to_json(&v.restarts)),
+                        v.start_error
                     ])?;
                 }
                 Change::RemoveVm(name) => {

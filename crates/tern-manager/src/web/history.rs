@@ -114,6 +114,7 @@ impl ScoreInput {
                     disks_made: false,
                     guest: None,
                     restarts: Default::default(),
+                    start_error: None,
                 },
             );
         }

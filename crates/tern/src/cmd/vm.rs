@@ -662,6 +662,10 @@ fn taint_summary(r: &tern_api::guest::TaintReport) -> String {
 /// What `show` says of a VM's guest health and HA (pure).
 fn health_lines(v: &Value) -> Vec<String> {
     let mut out = Vec::new();
+    if let Some(e) = v["start_error"].as_str() {
+        let host = v["desired_host"].as_str().unwrap_or("?");
+        out.push(format!("not started: {host} refused it ({e}); asked again"));
+    }
     let g = &v["guest"];
     if let Some(state) = g["state"].as_str() {
         let mut line = format!("guest: {state}");
@@ -762,6 +766,12 @@ mod tests {
         assert_eq!(lines[1], "HA gave up: guest panicked");
         let off = json!({"name": "o", "state": "stopped", "spec": {}});
         assert_eq!(vm_row(&off)[2], "-");
+        let refused = json!({"name": "p", "state": "pending", "desired_host": "h2",
+                             "spec": {}, "start_error": "no such kernel"});
+        assert_eq!(
+            health_lines(&refused)[0],
+            "not started: h2 refused it (no such kernel); asked again"
+        );
     }
 
     #[test]

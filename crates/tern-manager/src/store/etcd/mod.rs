@@ -364,6 +364,7 @@ mod tests {
             disks_made: false,
             guest: None,
             restarts: Default::default(),
+            start_error: None,
         }
     }
 
