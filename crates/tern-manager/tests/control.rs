@@ -334,3 +334,46 @@ async fn a_shortened_interval_applies_without_waiting_out_the_old_one() {
     let _ = stop.send(());
     run.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_host_that_refuses_a_vm_leaves_it_pending_with_its_reason_logged_once() {
+    let lab = Lab::new(2, BalancerSettings::default()).await;
+    lab.sim.host("h0").unwrap().set_down(true);
+    let created = lab
+        .manager
+        .step(|s, _| {
+            decide::create_vms(
+                s,
+                vec![NewVm {
+                    name: "web".into(),
+                    spec: spec(1),
+                    host: Some("h0".into()),
+                }],
+            )
+        })
+        .unwrap();
+    assert!(created[0].is_ok());
+    // Asked three times, refused three times.
+    for _ in 0..3 {
+        lab.control.settle().await.unwrap();
+    }
+    let v = lab.manager.read(|s| s.vms["web"].clone());
+    assert_eq!(v.state, VmState::Pending);
+    let reason = v.start_error.expect("the refusal is recorded");
+    assert!(reason.contains("host is down"), "{reason}");
+    let refusals = |lab: &Lab| {
+        lab.manager
+            .events_since(0, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|e| matches!(&e.kind, EventKind::VmStartFailed { vm, host, .. } if vm == "web" && host == "h0"))
+            .count()
+    };
+    assert_eq!(refusals(&lab), 1);
+    // Back up: it starts, and the reason goes.
+    lab.sim.host("h0").unwrap().set_down(false);
+    lab.control.settle().await.unwrap();
+    let v = lab.manager.read(|s| s.vms["web"].clone());
+    assert_eq!((v.state, v.start_error), (VmState::Running, None));
+    assert_eq!(refusals(&lab), 1);
+}
