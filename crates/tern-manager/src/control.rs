@@ -302,45 +302,39 @@ impl Control {
                 .and_then(|h| self.agents.client(h))
         };
         match action {
-            Action::Create { vm, host } => match client(host) {
-                Ok(c) => match c.create_vm(vm, spec, image, reuse_disks).await {
-                    Ok(()) => {
-                        // The record's, not the dispatched spec's: it may have been set
-                        // while the create was under way.
-                        let policy = self.recorded_policy(vm).unwrap_or(spec.vcpu_policy);
-                        // `none` is what a new QEMU has already.
-                        if !policy.is_none() {
-                            self.apply_vcpu_policy(c.as_ref(), vm, host, policy).await;
-                        }
-                        Some(Command::VmStarted {
-                            vm: vm.clone(),
-                            host: host.clone(),
-                        })
-                    }
-                    Err(e) => {
-                        self.warn(
-                            &format!("{vm}/create"),
-                            format_args!("VM {vm} on {host}: create failed: {e}"),
-                        );
-                        Some(Command::VmStartFailed {
-                            vm: vm.clone(),
-                            host: host.clone(),
-                            error: e.to_string(),
-                        })
-                    }
-                },
-                Err(e) => {
+            Action::Create { vm, host } => {
+                // Kept with the VM and logged once per reason; the VM is asked again.
+                let refused = |step: &str, why: String| {
                     self.warn(
                         &format!("{vm}/create"),
-                        format_args!("VM {vm} on {host}: {e}"),
+                        format_args!("VM {vm} on {host}: {step}{why}"),
                     );
                     Some(Command::VmStartFailed {
                         vm: vm.clone(),
                         host: host.clone(),
-                        error: e.to_string(),
+                        error: why,
                     })
+                };
+                match client(host) {
+                    Ok(c) => match c.create_vm(vm, spec, image, reuse_disks).await {
+                        Ok(()) => {
+                            // The record's, not the dispatched spec's: it may have been set
+                            // while the create was under way.
+                            let policy = self.recorded_policy(vm).unwrap_or(spec.vcpu_policy);
+                            // `none` is what a new QEMU has already.
+                            if !policy.is_none() {
+                                self.apply_vcpu_policy(c.as_ref(), vm, host, policy).await;
+                            }
+                            Some(Command::VmStarted {
+                                vm: vm.clone(),
+                                host: host.clone(),
+                            })
+                        }
+                        Err(e) => refused("create failed: ", e.to_string()),
+                    },
+                    Err(e) => refused("", e.to_string()),
                 }
-            },
+            }
             Action::Delete { vm, host } => match client(host) {
                 Ok(c) => match c.delete_vm(vm).await {
                     Ok(()) => Some(Command::VmRemoved { vm: vm.clone() }),

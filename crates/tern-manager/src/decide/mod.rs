@@ -672,14 +672,7 @@ fn heartbeat(snap: &Snapshot, now: Millis, name: &str, report: &LoadReport) -> R
 /// `error` cut to [`tern_api::manager::MAX_START_ERROR_BYTES`] at a character boundary:
 /// it is an agent's text, kept in the record and the event log.
 fn bounded_start_error(mut error: String) -> String {
-    let max = tern_api::manager::MAX_START_ERROR_BYTES;
-    if error.len() > max {
-        let mut cut = max;
-        while !error.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        error.truncate(cut);
-    }
+    error.truncate(error.floor_char_boundary(tern_api::manager::MAX_START_ERROR_BYTES));
     error
 }
 
