@@ -246,25 +246,44 @@ impl SeenDigests {
     }
 }
 
-/// Runs `part` over `threads` contiguous page ranges at once, results in page order:
-/// a pass over guest memory is the floor of the downtime, so it uses every core.
+/// Pages a scan thread takes at a time: small enough that the threads finish together
+/// however the data lies (holes cost nothing, and a guest's data sits in a few places,
+/// so halves of memory can hold 90 % and 10 % of it) and whatever else holds a core
+/// for a while, large enough that taking one is nothing beside reading it.
+const SCAN_CHUNK_PAGES: u64 = 2048;
+
+/// Runs `part` over consecutive page ranges of [`SCAN_CHUNK_PAGES`] on `threads`
+/// threads, each taking the next range when it is done with one; results in page
+/// order. A pass over guest memory is the floor of the downtime, so it uses every core
+/// until the end.
 fn in_parallel<T: Send>(
     pages: u64,
     threads: usize,
     part: impl Fn(std::ops::Range<u64>) -> T + Sync,
 ) -> Vec<T> {
-    let threads = threads.clamp(1, 16) as u64;
-    let chunk = pages.div_ceil(threads);
-    let part = &part;
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|t| s.spawn(move || part(t * chunk..((t + 1) * chunk).min(pages))))
-            .collect();
+    let chunks = pages.div_ceil(SCAN_CHUNK_PAGES);
+    let threads = (threads.clamp(1, 16) as u64).min(chunks.max(1));
+    let next = AtomicU64::new(0);
+    let take = || {
+        let mut mine = Vec::new();
+        loop {
+            let chunk = next.fetch_add(1, Ordering::Relaxed);
+            if chunk >= chunks {
+                return mine;
+            }
+            let start = chunk * SCAN_CHUNK_PAGES;
+            mine.push((chunk, part(start..(start + SCAN_CHUNK_PAGES).min(pages))));
+        }
+    };
+    let mut done: Vec<(u64, T)> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads).map(|_| s.spawn(take)).collect();
         handles
             .into_iter()
-            .map(|h| h.join().expect("scan thread panicked"))
+            .flat_map(|h| h.join().expect("scan thread panicked"))
             .collect()
-    })
+    });
+    done.sort_unstable_by_key(|(chunk, _)| *chunk);
+    done.into_iter().map(|(_, part)| part).collect()
 }
 
 /// One pass over guest memory (`changed_read_at` left empty).
@@ -486,6 +505,25 @@ impl DestMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parallel_parts_cover_every_page_once_in_order() {
+        for (pages, threads) in [
+            (0, 2),
+            (1, 2),
+            (SCAN_CHUNK_PAGES, 3),
+            (5 * SCAN_CHUNK_PAGES + 7, 2),
+            (100_000, 16),
+        ] {
+            let parts = in_parallel(pages, threads, |r| r.collect::<Vec<u64>>());
+            let all: Vec<u64> = parts.concat();
+            assert_eq!(
+                all,
+                (0..pages).collect::<Vec<_>>(),
+                "{pages} pages on {threads} threads"
+            );
+        }
+    }
 
     #[test]
     fn zero_test_and_digest_agree() {
