@@ -9,7 +9,7 @@
 //! its scan, the throttle only once that scan is done, and round 1's rate over the time
 //! after it.
 
-use super::MigrationParams;
+use super::{DirtyModel, MigrationParams};
 use crate::fragment::{FragmentId, FragmentTracker};
 use crate::policy::{decide, Decision, Policy, PolicyInput};
 use crate::precopy::{predicted_downtime_s, probe_split_pages};
@@ -67,6 +67,8 @@ pub(super) fn drive(
     let mut max_throttle = 0u8;
     let mut elapsed = params.setup_s;
     let mut pages_total = 0.0;
+    // A burst of a throttled guest's writes after the round's scan passed its pages.
+    let mut behind_scan: Option<f64> = None;
     loop {
         let input = PolicyInput {
             history: &history,
@@ -164,7 +166,16 @@ pub(super) fn drive(
                 let sent = guest.send(&hold_back);
                 let duration = sent * ps / bw + scan_s;
                 let changed = if throttle > 0 && params.throttle_period_s > 0.0 {
-                    run_in_bursts(guest, params, elapsed, duration, factor(throttle))
+                    let (changed, behind) = run_in_bursts(
+                        guest,
+                        params,
+                        elapsed,
+                        duration,
+                        factor(throttle),
+                        params.scan_s(),
+                    );
+                    behind_scan = behind;
+                    changed
                 } else {
                     guest.run(duration, factor(throttle))
                 };
@@ -193,34 +204,154 @@ pub(super) fn drive(
             elapsed_s: elapsed,
             throttle_percent: throttle,
         });
+        // Writes the round's scan missed are no part of what it told the policy; they
+        // are there for the next round, or for the pause.
+        if let Some(factor) = behind_scan.take() {
+            guest.run_part(BURST_S, factor);
+        }
     }
 }
+
+/// How long a throttled guest's burst of writes lasts in the model: its writes land
+/// within it.
+const BURST_S: f64 = 0.001;
 
 /// A round of `seconds` from `at_s` into the migration by a guest under a throttle with
 /// periods: it writes nothing but a period's worth at `rate_factor` in one burst at the
 /// start of its share of each period (at [`MigrationParams::throttle_phase`] of the
 /// period), so a round shorter than the period catches one burst or none. Round 1 runs
-/// smooth: it spans many periods.
+/// smooth: it spans many periods. A round that ends with a scan of `scan_s` (the
+/// engine's, after each round) has it read the writer's pages [`writer_scan_share`] of
+/// the way through: a burst after that is behind it, seen by neither the round's count
+/// nor the policy, and returned (as the rate factor to write it at) for the caller to
+/// write once the round is told.
 fn run_in_bursts(
     guest: &mut dyn ModelGuest,
     params: &MigrationParams,
     at_s: f64,
     seconds: f64,
     rate_factor: f64,
-) -> f64 {
-    // A burst takes the quota's share of the period; its writes land within it.
-    const BURST_S: f64 = 0.001;
+    scan_s: f64,
+) -> (f64, Option<f64>) {
     let period = params.throttle_period_s;
     let end = at_s + seconds;
+    let passed_writer = end - scan_s * (1.0 - writer_scan_share(params));
+    let factor = rate_factor * period / BURST_S;
     let mut now = at_s;
+    let mut behind = None;
     let mut burst =
         ((at_s / period - params.throttle_phase).ceil() + params.throttle_phase) * period;
     while burst + BURST_S <= end {
+        if burst >= passed_writer {
+            behind = Some(factor);
+            break;
+        }
         guest.run_part(burst - now, 0.0);
-        guest.run_part(BURST_S, rate_factor * period / BURST_S);
+        guest.run_part(BURST_S, factor);
         now = burst + BURST_S;
         burst += period;
     }
     guest.run_part(end - now, 0.0);
-    guest.end_round()
+    (guest.end_round(), behind)
+}
+
+/// Where in a pass over memory the engine's scan reads the writer's pages, as a share
+/// of the pass: the middle of the working set among the pages with data (the pass skips
+/// holes), after `data_before_working_sets_bytes`. A guest without a working set: the
+/// middle of its data.
+fn writer_scan_share(params: &MigrationParams) -> f64 {
+    let data = (params.nonzero_pages() * params.page_size) as f64;
+    let set = match params.dirty {
+        DirtyModel::Uniform {
+            working_set_bytes, ..
+        }
+        | DirtyModel::Sequential {
+            working_set_bytes, ..
+        } => working_set_bytes as f64,
+        _ => data,
+    };
+    if data <= 0.0 {
+        return 0.5;
+    }
+    ((params.data_before_working_sets_bytes as f64 + set / 2.0) / data).clamp(0.0, 1.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest that only notes when it was let write.
+    struct Writes {
+        now: f64,
+        bursts: Vec<f64>,
+        tracker: FragmentTracker,
+    }
+
+    impl ModelGuest for Writes {
+        fn remaining(&self) -> f64 {
+            0.0
+        }
+        fn remaining_in(&self, _: &[FragmentId]) -> f64 {
+            0.0
+        }
+        fn send(&mut self, _: &[FragmentId]) -> f64 {
+            0.0
+        }
+        fn run_part(&mut self, seconds: f64, rate_factor: f64) -> f64 {
+            if rate_factor > 0.0 {
+                self.bursts.push(self.now);
+            }
+            self.now += seconds;
+            0.0
+        }
+        fn end_round(&mut self) -> f64 {
+            self.bursts.len() as f64
+        }
+        fn tracker(&self) -> &FragmentTracker {
+            &self.tracker
+        }
+    }
+
+    #[test]
+    fn a_burst_after_the_scan_passed_the_writer_is_left_for_the_next_round() {
+        let mut p = MigrationParams::engine(512 << 20, 220 << 20, 125e6);
+        p.dirty = DirtyModel::Sequential {
+            rate_bytes_per_s: 94e6,
+            working_set_bytes: 128 << 20,
+        };
+        p.data_before_working_sets_bytes = 32 << 20;
+        // The scan reaches the middle of the set ((32 + 64) / 220 of its pass).
+        let share = writer_scan_share(&p);
+        assert!((share - 96.0 / 220.0).abs() < 1e-9, "{share}");
+        let scan_s = p.scan_s();
+        let run = |phase: f64| {
+            let mut p = p.clone();
+            p.throttle_phase = phase;
+            let mut g = Writes {
+                now: 0.0,
+                bursts: vec![],
+                tracker: FragmentTracker::new(8, 4),
+            };
+            // A 50 ms round: sending, then the scan over its last `scan_s`.
+            let (seen, behind) = run_in_bursts(&mut g, &p, 0.0, 0.05, 0.3, scan_s);
+            (seen, behind.is_some())
+        };
+        // A burst while the round sends, or early in its scan: counted.
+        assert_eq!(run(0.2), (1.0, false));
+        assert_eq!(run((0.05 - scan_s * 0.9) / 0.1), (1.0, false));
+        // Late in the scan, after it read the writer's pages: left behind it.
+        assert_eq!(run((0.05 - scan_s * 0.3) / 0.1), (0.0, true));
+        // Without a scan at the end every burst counts.
+        let mut g = Writes {
+            now: 0.0,
+            bursts: vec![],
+            tracker: FragmentTracker::new(8, 4),
+        };
+        let mut late = p.clone();
+        late.throttle_phase = 0.48;
+        assert_eq!(
+            run_in_bursts(&mut g, &late, 0.0, 0.05, 0.3, 0.0),
+            (1.0, None)
+        );
+    }
 }

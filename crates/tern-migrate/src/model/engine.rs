@@ -12,12 +12,15 @@ use crate::precopy;
 /// a 125 MB/s `tbf` link, 118 MB/s; busy guests' round 2 runs at 115-118 MB/s.
 pub const ENGINE_LINK_EFFICIENCY: f64 = 0.944;
 
-/// One hashing pass over guest memory (two threads), per GiB of non-zero memory (holes
-/// cost next to nothing): 28 passes over the 220-228 MB of `tern bench dependency`'s
-/// guest, live after round 1 (12.8-72.7 ms, median 17.2) and paused in the final pass
-/// (14.0-36.4 ms, median 19.4). It was 0.2 while the source unmapped guest memory
-/// inside the final pass (15-32 ms for that guest), which it now does after the resume.
-pub const ENGINE_SCAN_S_PER_GIB: f64 = 0.09;
+/// One hashing pass over guest memory (two threads taking 8 MiB at a time), per GiB of
+/// non-zero memory (holes cost next to nothing): over three sets of `tern bench
+/// migration` (512 MiB and 1 GiB, 0-150 %), the passes after round 2 on with a busy
+/// guest running beside them took 9.2-25.4 ms (median 13.2) over its 227-236 MB, the
+/// final passes with it paused 8.5-24.4 ms (median 11). It was 0.09 (28 passes over
+/// 220-228 MB of 12.8-72.7 ms, median 17.2, paused 14.0-36.4 ms) while each thread took
+/// half of memory and the pass ended with the half that held most data, and 0.2 before
+/// that, while the source unmapped guest memory inside the final pass.
+pub const ENGINE_SCAN_S_PER_GIB: f64 = 0.055;
 
 /// From the migration request to round 1's first page: the destination's prepare
 /// (which answers before its QEMU starts) and connecting the streams; round 1's baseline
@@ -28,10 +31,10 @@ pub const ENGINE_SCAN_S_PER_GIB: f64 = 0.09;
 pub const ENGINE_SETUP_S: f64 = 0.045;
 
 /// Device state and resume on the destination, after the final pass: the benchmark's
-/// `downtime_parts_ms`, second and third part, over 152 runs of `tern bench migration`
-/// at 0-150 % (512 MiB and 1 GiB): 5-26 ms, median 12, geometric mean 12.1 (it was
-/// 13, the median of the first 40).
-pub const ENGINE_STOP_OVERHEAD_S: f64 = 0.012;
+/// `downtime_parts_ms`, second and third part, over the 72 runs of three sets of `tern
+/// bench migration` at 0-150 % (512 MiB and 1 GiB): 7-15 ms, 10th-90th percentile 7-13,
+/// median 9 (it was 12 over 152 runs of earlier sets, 5-26 ms, on the same machine).
+pub const ENGINE_STOP_OVERHEAD_S: f64 = 0.009;
 
 /// Share of its vCPU a TCG guest running `memdirty` needs for its writes: under the
 /// benchmark's throttles it kept writing at about 12 MB/s plus
@@ -69,26 +72,26 @@ pub const ENGINE_GUEST_THROTTLE_FLOOR_BYTES_PER_S: f64 = 12e6;
 /// An idle guest's stop costs as they follow the host's pace in that run, as (fixed
 /// seconds, share of round 1's probe scan) for the final pass's scan and for device
 /// state with resume. With the guest idle nothing but the engine runs on the host, so
-/// how long round 1's probe took over guest memory says how fast the stop will run:
-/// over 30 idle runs of five sets (512 MiB and 1 GiB guests, probe scans of 9.5-30 ms)
-/// the final pass less its pages' transfer took 3.0 ms + 0.24 × the probe's scan and
-/// device state with resume 7.7 ms + 0.26 × it. Whole pauses went from 16-23 ms in
-/// sets whose probes scanned in 10-15 ms to 29-38 ms where they took 22-30 ms, more
-/// than the per-run bound of the goal allows one fixed prediction. A busy guest's TCG
-/// vCPU competes with the probe's scan (17-58 ms), so there the reading says more about
-/// the guest than the host and the fitted constants hold.
-pub const ENGINE_IDLE_STOP_FROM_PROBE: [(f64, f64); 2] = [(0.0030, 0.24), (0.0077, 0.26)];
+/// how long round 1's probe took over guest memory could say how fast the stop will
+/// run. While the engine's scan threads each took half of memory it did (30 idle runs:
+/// 3.0 ms + 0.24 × the probe's scan and 7.7 ms + 0.26 × it, pauses of 16-23 ms beside
+/// probes of 10-15 ms and 29-38 ms beside 22-30 ms); since they share it out in 8 MiB
+/// pieces the passes take 5.5-9.6 ms whatever the probe saw, and over 18 idle runs of
+/// three sets (512 MiB and 1 GiB, probes of 7-15 ms) the final pass less its pages'
+/// transfer took 4.0 ms + 0.04 × it and device state with resume 8.5 ms + 0.15 × it
+/// (correlations 0.04 and 0.12: nearly constants now).
+pub const ENGINE_IDLE_STOP_FROM_PROBE: [(f64, f64); 2] = [(0.0040, 0.04), (0.0085, 0.15)];
 
 /// An idle guest's stop costs as they follow the engine's scan after round 1 (the one
 /// its stop rule weighed, read from the predicted downtime it reported less the
 /// remainder's transfer and the stop cost it assumes), in the form of
 /// [`ENGINE_IDLE_STOP_FROM_PROBE`]. The same pass over the same memory a moment before
-/// the pause says more of the final pass than the probe's scan, made beside the copy:
-/// over 30 idle runs of five sets (512 MiB and 1 GiB guests, scans of 5.6-17.8 ms) the
-/// final pass less its pages' transfer took 0.2 ms + 0.66 × that scan (residual 2.5 ms)
-/// and device state with resume 7.4 ms + 0.32 × it (2.1 ms); the whole stop correlates
-/// 0.65 with it and 0.29 with the probe's.
-pub const ENGINE_IDLE_STOP_FROM_ROUND_ONE_SCAN: [(f64, f64); 2] = [(0.0002, 0.66), (0.0074, 0.32)];
+/// the pause: over 18 idle runs of three sets (512 MiB and 1 GiB guests, scans of
+/// 5.5-9.6 ms) the final pass less its pages' transfer took 2.0 ms + 0.32 × that scan
+/// (correlation 0.29) and device state with resume a median 9.5 ms, unrelated to it.
+/// (Before the scan threads shared memory out in pieces, scans of 5.6-17.8 ms gave
+/// 0.2 ms + 0.66 × it and 7.4 ms + 0.32 × it, correlating 0.65 with the whole stop.)
+pub const ENGINE_IDLE_STOP_FROM_ROUND_ONE_SCAN: [(f64, f64); 2] = [(0.0020, 0.32), (0.0095, 0.0)];
 
 impl MigrationParams {
     /// These parameters with an idle guest's stop costs set from how long round 1's

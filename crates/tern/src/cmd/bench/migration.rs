@@ -330,6 +330,17 @@ const CURSOR_SPREAD: f64 = 0.05;
 
 /// The guest's measured dirty rate under each throttle the engine applied: the mean
 /// over the rounds it held in.
+/// The engine's scan after `round`, read from the pause its stop rule weighed: that
+/// less the remainder over the link and the stop cost the rule assumes.
+fn weighed_scan_s(round: &RoundRate, params: &MigrationParams) -> Option<f64> {
+    let told = params.policy_stop_cost_s.unwrap_or(params.stop_overhead_s);
+    let pages = round.remaining_pages? as f64;
+    let scan_s = round.predicted_downtime_ms? / 1000.0
+        - pages * PAGE as f64 / params.effective_bandwidth()
+        - told;
+    (scan_s > 0.0).then_some(scan_s)
+}
+
 fn throttled_rates(rounds: &[RoundRate]) -> Vec<ThrottledRate> {
     let mut by_throttle: Vec<(u8, f64, u32)> = Vec::new();
     for r in rounds.iter().filter(|r| r.throttle_percent > 0) {
@@ -381,6 +392,21 @@ pub(super) fn predict(run: &mut Run, args: &Shape) {
             rate_bytes_per_s: rate,
             working_set_bytes: wss,
         };
+        // A busy guest's vCPU shares the host's cores with the engine's passes over its
+        // memory, which then run at the pace that run's host gave them: the median of
+        // its scans after round 2 on (round 1's runs beside its probe and the throttle's
+        // start).
+        let mut scans: Vec<f64> = run
+            .round_rates
+            .iter()
+            .skip(1)
+            .filter_map(|r| weighed_scan_s(r, &params))
+            .collect();
+        let gib = (params.nonzero_pages() * params.page_size) as f64 / (1u64 << 30) as f64;
+        if !scans.is_empty() && gib > 0.0 {
+            scans.sort_by(f64::total_cmp);
+            params.scan_s_per_gib = scans[scans.len() / 2] / gib;
+        }
     } else if let Some(own) = run.probe_dirty_mb_s.filter(|r| *r > 0.0) {
         // No writer, but the guest's own kernel still writes: the engine's probe reads
         // 1-2 MB/s, and what it rewrote behind round 1's copy (50-350 pages) goes out
@@ -392,15 +418,14 @@ pub(super) fn predict(run: &mut Run, args: &Shape) {
         // The stop then runs at the pace the engine's scan after round 1 showed the host
         // has (what the stop rule weighed, less the remainder and the cost it assumes),
         // or, in a report without that reading, its probe's scan.
-        let told = params.policy_stop_cost_s.unwrap_or(params.stop_overhead_s);
-        let bw = params.effective_bandwidth();
-        let after_round_one = run.round_rates.first().and_then(|r| {
-            let pages = r.remaining_pages? as f64;
-            Some(r.predicted_downtime_ms? / 1000.0 - pages * PAGE as f64 / bw - told)
-        });
+        let after_round_one = run
+            .round_rates
+            .first()
+            .and_then(|r| weighed_scan_s(r, &params));
         if let Some(scan_s) = after_round_one {
             params = params.with_idle_stop_costs_after_round_one(scan_s);
         } else if let Some(p) = &run.probe {
+            let told = params.policy_stop_cost_s.unwrap_or(params.stop_overhead_s);
             params = params.with_idle_stop_costs(p.stop_cost_s - told);
         }
     }
@@ -1125,6 +1150,35 @@ mod tests {
             back.runs[0].predicted_total_ms,
             back.runs[1].predicted_total_ms
         );
+    }
+
+    #[test]
+    fn the_scan_a_round_weighed_is_its_predicted_pause_less_transfer_and_stop_cost() {
+        let params = MigrationParams::engine(512 * MIB, 220 * MIB, 125e6);
+        let bw = params.effective_bandwidth();
+        let round = |pages: u64, scan_ms: f64| RoundRate {
+            round: 2,
+            throttle_percent: 95,
+            dirty_mb_s: 30.0,
+            remaining_pages: Some(pages),
+            predicted_downtime_ms: Some(
+                (pages as f64 * PAGE as f64 / bw + scan_ms / 1000.0 + 0.03) * 1000.0,
+            ),
+        };
+        let got = weighed_scan_s(&round(400, 12.0), &params).unwrap();
+        assert!((got - 0.012).abs() < 1e-9, "{got}");
+        // Nothing to read, or a reading below the costs assumed: no scan.
+        assert_eq!(
+            weighed_scan_s(
+                &RoundRate {
+                    predicted_downtime_ms: None,
+                    ..round(400, 12.0)
+                },
+                &params
+            ),
+            None
+        );
+        assert_eq!(weighed_scan_s(&round(0, -5.0), &params), None);
     }
 
     #[test]
