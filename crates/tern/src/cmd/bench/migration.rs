@@ -328,8 +328,6 @@ const MEMDIRTY_DATA_BEFORE_BYTES: u64 = 32 << 20;
 /// (0.01-0.03) met the goal in fewer cells of the same runs.
 const CURSOR_SPREAD: f64 = 0.05;
 
-/// The guest's measured dirty rate under each throttle the engine applied: the mean
-/// over the rounds it held in.
 /// The engine's scan after `round`, read from the pause its stop rule weighed: that
 /// less the remainder over the link and the stop cost the rule assumes.
 fn weighed_scan_s(round: &RoundRate, params: &MigrationParams) -> Option<f64> {
@@ -341,6 +339,8 @@ fn weighed_scan_s(round: &RoundRate, params: &MigrationParams) -> Option<f64> {
     (scan_s > 0.0).then_some(scan_s)
 }
 
+/// The guest's measured dirty rate under each throttle the engine applied: the mean
+/// over the rounds it held in.
 fn throttled_rates(rounds: &[RoundRate]) -> Vec<ThrottledRate> {
     let mut by_throttle: Vec<(u8, f64, u32)> = Vec::new();
     for r in rounds.iter().filter(|r| r.throttle_percent > 0) {
