@@ -67,8 +67,6 @@ pub(super) fn drive(
     let mut max_throttle = 0u8;
     let mut elapsed = params.setup_s;
     let mut pages_total = 0.0;
-    // A burst of a throttled guest's writes after the round's scan passed its pages.
-    let mut behind_scan: Option<f64> = None;
     loop {
         let input = PolicyInput {
             history: &history,
@@ -108,6 +106,8 @@ pub(super) fn drive(
             }
         };
         let factor = |t: u8| params.throttle_factor(t);
+        // A burst of a throttled guest's writes after the round's scan passed its pages.
+        let mut behind_scan: Option<f64> = None;
         let split = if history.is_empty() {
             let data = guest.remaining().round() as u64;
             probe_split_pages(data, params.probe_bytes, params.page_size)
@@ -166,14 +166,8 @@ pub(super) fn drive(
                 let sent = guest.send(&hold_back);
                 let duration = sent * ps / bw + scan_s;
                 let changed = if throttle > 0 && params.throttle_period_s > 0.0 {
-                    let (changed, behind) = run_in_bursts(
-                        guest,
-                        params,
-                        elapsed,
-                        duration,
-                        factor(throttle),
-                        params.scan_s(),
-                    );
+                    let (changed, behind) =
+                        run_in_bursts(guest, params, elapsed, duration, factor(throttle), scan_s);
                     behind_scan = behind;
                     changed
                 } else {
@@ -206,7 +200,7 @@ pub(super) fn drive(
         });
         // Writes the round's scan missed are no part of what it told the policy; they
         // are there for the next round, or for the pause.
-        if let Some(factor) = behind_scan.take() {
+        if let Some(factor) = behind_scan {
             guest.run_part(BURST_S, factor);
         }
     }
