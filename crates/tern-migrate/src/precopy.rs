@@ -4,6 +4,8 @@
 //! the model (`MigrationParams::engine`) both call these, so the model runs the rules
 //! the engine runs instead of a copy that could drift from them.
 
+use crate::telemetry::RoundTelemetry;
+
 /// Non-zero bytes round 1 sends before it probes the guest's dirty rate: 0.2 s on a
 /// 1 Gbit/s link, long enough to see a fast guest's rate, early enough that most of
 /// round 1 still runs under the throttle it leads to.
@@ -18,6 +20,109 @@ pub const STREAMS: u32 = 2;
 /// at 20 ms a `memdirty` guest under a 95 % throttle still wrote 42-77 MB/s, at 100 ms
 /// 20-41 MB/s.
 pub const THROTTLE_PERIOD_US: u64 = 100_000;
+
+/// The longest the engine's stop waits for a throttled guest to be held off the CPU
+/// with the room it needs: two periods (a share spent too late in one period is
+/// followed by the next).
+pub const CATCH_UP_WAIT_US: u64 = 2 * THROTTLE_PERIOD_US;
+
+/// How long a vCPU's run time must stand still before the engine takes it as held off
+/// the CPU: longer than a scheduler tick (4 ms at 250 Hz), at which the kernel brings a
+/// running thread's clock up to date.
+pub const HELD_AFTER_STILL_US: u64 = 6_000;
+
+/// What a catch-up pass needs beyond its scan and transfer: the round trip that ends
+/// it and asking QEMU to stop.
+const CATCH_UP_MARGIN_S: f64 = 0.005;
+
+/// How the engine's stop catches up with a throttled guest before pausing it, so that
+/// the pause carries nothing the guest wrote: a throttled guest writes only in its
+/// share of each period, just after the period begins, and the last round's scan may
+/// have passed its pages before the latest share or not. The stop waits until the
+/// guest is held off the CPU with `room_s` left before its next share, then scans and
+/// sends what differs while it is; a pass the guest ran during (its hold misjudged, or
+/// the pass too long) is followed by another, needing `again_s`, up to
+/// [`CATCH_UP_PASSES`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CatchUp {
+    /// Send what differs live first: the remainder and a share's writes do not fit
+    /// one held stretch, a share's writes do.
+    pub live_first: bool,
+    /// The room the first held pass needs: a scan, and sending the remainder (unless
+    /// sent live first) and a share's writes.
+    pub room_s: f64,
+    /// The room a later pass needs: a scan and a share's writes.
+    pub again_s: f64,
+}
+
+/// Held passes a catch-up makes at most.
+pub const CATCH_UP_PASSES: u32 = 3;
+
+/// How much longer than its CPU time a throttled guest's share takes on the clock: the
+/// guest shares its host's cores with the engine (a share of 5 ms was spent 10-18 ms
+/// into the period on a 2-core host).
+const SHARE_STRETCH_S: f64 = 0.010;
+
+/// How long into a period a guest throttled at `percent` is seen held off the CPU:
+/// its share on the clock, the scheduler's tick (4 ms at 250 Hz; the kernel enforces
+/// the quota at the next one) and [`HELD_AFTER_STILL_US`].
+pub fn held_after_s(percent: u8) -> f64 {
+    let period_s = THROTTLE_PERIOD_US as f64 / 1e6;
+    let share_s = period_s * f64::from(crate::cpu_quota_percent(percent)) / 100.0;
+    share_s + SHARE_STRETCH_S + 0.004 + HELD_AFTER_STILL_US as f64 / 1e6
+}
+
+/// The catch-up for a guest throttled at `percent`, with `remaining_pages` left at the
+/// stop, writing about `share_pages` in a period's share, or `None` (no throttle, or
+/// not even a share's writes fit the stretch the guest is held; the pause then carries
+/// what is left).
+pub fn catch_up(
+    percent: u8,
+    remaining_pages: f64,
+    share_pages: f64,
+    page_size: u64,
+    bandwidth_bytes_per_s: f64,
+    scan_s: f64,
+) -> Option<CatchUp> {
+    if percent == 0 || bandwidth_bytes_per_s <= 0.0 {
+        return None;
+    }
+    let held_s = THROTTLE_PERIOD_US as f64 / 1e6 - held_after_s(percent);
+    let pass_s = |pages: f64| {
+        scan_s + pages.max(0.0) * page_size as f64 / bandwidth_bytes_per_s + CATCH_UP_MARGIN_S
+    };
+    let whole = pass_s(remaining_pages + share_pages);
+    let again_s = pass_s(share_pages);
+    if again_s > held_s {
+        return None;
+    }
+    let live_first = whole > held_s;
+    let room_s = if live_first { again_s } else { whole };
+    Some(CatchUp {
+        live_first,
+        room_s,
+        again_s,
+    })
+}
+
+/// Pages a guest throttled at `percent` writes in a period's share, from the rounds
+/// under that throttle after round 1: the most of the last two, each the lesser of its
+/// changed pages and its rate over a period (a round shorter than the period caught
+/// one share or none; a longer one, several).
+pub fn share_pages(history: &[RoundTelemetry], percent: u8, page_size: u64) -> f64 {
+    let period_s = THROTTLE_PERIOD_US as f64 / 1e6;
+    history
+        .iter()
+        .skip(1)
+        .filter(|r| r.throttle_percent == percent)
+        .rev()
+        .take(2)
+        .map(|r| {
+            let over_period = r.dirty_rate_bytes_per_s * period_s / page_size.max(1) as f64;
+            (r.pages_changed as f64).min(over_period)
+        })
+        .fold(0.0, f64::max)
+}
 
 /// Live rounds after which the engine stops iterating (not converged).
 pub const MAX_ROUNDS: u32 = 60;
@@ -64,6 +169,59 @@ pub fn probe_split_pages(data_pages: u64, probe_bytes: u64, page_size: u64) -> O
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stop_catches_up_in_one_held_stretch_or_after_a_live_pass() {
+        let (bw, ps) = (120e6, 4096);
+        let pass = |pages: f64, scan_s: f64| scan_s + pages * 4096.0 / bw + 0.005;
+        assert_eq!(catch_up(0, 0.0, 0.0, ps, bw, 0.01), None);
+        // 95 %: held 75 ms a period. 600 + 800 pages and a 13 ms scan: 65.8 ms.
+        let c = catch_up(95, 600.0, 800.0, ps, bw, 0.013).expect("a catch-up");
+        assert!(!c.live_first);
+        assert!((c.room_s - pass(1400.0, 0.013)).abs() < 1e-9, "{c:?}");
+        assert!((c.again_s - pass(800.0, 0.013)).abs() < 1e-9, "{c:?}");
+        // 2,000 more pages do not fit; the share's writes alone do.
+        let c = catch_up(95, 2600.0, 800.0, ps, bw, 0.013).expect("a catch-up");
+        assert!(c.live_first && c.room_s == c.again_s, "{c:?}");
+        // 87 %: held 67 ms; 1,500 pages a share and a 15 ms scan take 71 ms.
+        assert_eq!(catch_up(87, 0.0, 1500.0, ps, bw, 0.015), None);
+        assert!(catch_up(87, 0.0, 1000.0, ps, bw, 0.015).is_some());
+        // A 30 % throttle holds the guest 50 ms a period: less than a scan and a share.
+        assert_eq!(catch_up(30, 0.0, 1000.0, ps, bw, 0.013), None);
+        assert_eq!(catch_up(95, 0.0, 0.0, ps, 0.0, 0.01), None);
+    }
+
+    #[test]
+    fn a_share_is_what_the_last_two_throttled_rounds_wrote_in_a_period() {
+        let round = |n: u32, throttle: u8, changed: u64, rate: f64| RoundTelemetry {
+            round: n,
+            pages_sent: 0,
+            bytes_sent: 0,
+            pages_changed: changed,
+            dirty_rate_bytes_per_s: rate,
+            bandwidth_bytes_per_s: 120e6,
+            remaining_pages: 0,
+            held_back_pages: 0,
+            predicted_downtime_s: 0.0,
+            duration_s: 0.0,
+            elapsed_s: 0.0,
+            throttle_percent: throttle,
+        };
+        assert_eq!(share_pages(&[], 95, 4096), 0.0);
+        let h = [
+            round(1, 95, 50_000, 200e6),
+            // 3 periods at 40.96 MB/s: 1,000 pages a period.
+            round(2, 95, 3000, 40.96e6),
+            // A 50 ms round that caught one share of 800 pages, one that caught none.
+            round(3, 95, 800, 65.5e6),
+            round(4, 95, 0, 0.0),
+        ];
+        assert_eq!(share_pages(&h, 95, 4096), 800.0);
+        assert_eq!(share_pages(&h[..3], 95, 4096), 1000.0);
+        // Round 1, and rounds under another throttle, say nothing.
+        assert_eq!(share_pages(&h[..1], 95, 4096), 0.0);
+        assert_eq!(share_pages(&h, 90, 4096), 0.0);
+    }
 
     #[test]
     fn small_rounds_measure_no_link_rate() {

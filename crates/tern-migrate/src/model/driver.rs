@@ -12,7 +12,9 @@
 use super::{DirtyModel, MigrationParams};
 use crate::fragment::{FragmentId, FragmentTracker};
 use crate::policy::{decide, Decision, Policy, PolicyInput};
-use crate::precopy::{predicted_downtime_s, probe_split_pages};
+use crate::precopy::{
+    self as rules, predicted_downtime_s, probe_split_pages, CatchUp,
+};
 use crate::telemetry::{FirstRoundProbe, MigrationOutcome, RoundTelemetry};
 
 /// Guest memory as a model sees it, in pages (fractional for the analytic model).
@@ -81,13 +83,19 @@ pub(super) fn drive(
                 hold_back
             }
             Decision::StopAndCopy { reason } => {
-                // Under a throttle with periods the pause waits for the vCPU's next
-                // share when it has used this one's: on average half the throttled part
-                // of the period, by the chance that it has.
+                // From the last round to the pause.
                 let mut wait_s = 0.0;
                 if throttle > 0 && params.throttle_period_s > 0.0 {
-                    let held = f64::from(throttle) / 100.0;
-                    wait_s = params.throttle_period_s * held * held / 2.0;
+                    // The engine's own rule, from what its rounds told it.
+                    let share = rules::share_pages(&history, throttle, params.page_size);
+                    let told = history.last().map_or(0.0, |t| t.remaining_pages as f64);
+                    let plan = rules::catch_up(throttle, told, share, params.page_size, bw, scan_s);
+                    if let Some(plan) = plan.filter(|_| reason.converged()) {
+                        let (sent, spent_s) = catch_up(guest, params, elapsed, throttle, plan);
+                        pages_total += sent;
+                        wait_s += spent_s;
+                    }
+                    wait_s += THROTTLED_PAUSE_S;
                 }
                 let last_pages = guest.remaining();
                 let downtime = last_pages * ps / bw + stop_cost_s;
@@ -247,6 +255,54 @@ fn run_in_bursts(
     }
     guest.run_part(end - now, 0.0);
     (guest.end_round(), behind)
+}
+
+/// How long the engine's stop of a throttled guest takes: it lifts the quota 2 ms after
+/// asking, when the stop waits for a vCPU held off the CPU, which then stops within
+/// about 1.5 ms.
+const THROTTLED_PAUSE_S: f64 = 0.0035;
+
+/// The engine's stop under a throttle with periods, from `at_s` into the migration
+/// ([`rules::CatchUp`]): a live pass first when the plan says so, then a wait until the
+/// guest is held off the CPU with the room the plan needs before its next share, and a
+/// pass while it is (the model's guest is held as the plan has it: one pass). The guest
+/// writes in its bursts meanwhile. Returns the pages sent
+/// and the time from `at_s` to the pause.
+fn catch_up(
+    guest: &mut dyn ModelGuest,
+    params: &MigrationParams,
+    at_s: f64,
+    throttle: u8,
+    plan: CatchUp,
+) -> (f64, f64) {
+    let period = params.throttle_period_s;
+    let phase = params.throttle_phase;
+    let factor = params.throttle_factor(throttle);
+    let pass_s = |pages: f64| {
+        params.scan_s() + pages * params.page_size as f64 / params.effective_bandwidth()
+    };
+    let mut now = at_s;
+    let mut sent = 0.0;
+    if plan.live_first {
+        let pages = guest.send(&[]);
+        let took = pass_s(pages);
+        run_in_bursts(guest, params, now, took, factor, 0.0);
+        now += took;
+        sent += pages;
+    }
+    let room = plan.room_s;
+    let held_after = rules::held_after_s(throttle);
+    let last_burst = ((now / period - phase).floor() + phase) * period;
+    let mut from = now.max(last_burst + held_after);
+    if last_burst + period - from < room {
+        from = last_burst + period + held_after;
+    }
+    if from > now {
+        run_in_bursts(guest, params, now, from - now, factor, 0.0);
+    }
+    let pages = guest.send(&[]);
+    sent += pages;
+    (sent, from + pass_s(pages) - at_s)
 }
 
 /// Where in a pass over memory the engine's scan reads the writer's pages, as a share
