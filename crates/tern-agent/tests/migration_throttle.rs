@@ -1,11 +1,12 @@
 //! The vCPU throttle on a real thread: a busy thread put under an 80 % throttle gets at
-//! most about a fifth of a core and the kernel counts throttled periods; once removed,
-//! the thread is back in its original cgroup. Needs root and a cgroup hierarchy with the
+//! most about a fifth of a core, the kernel counts throttled periods, and once told the
+//! thread is held it stays off the CPU as long as promised; once removed, the thread is
+//! back in its original cgroup. Needs root and a cgroup hierarchy with the
 //! cpu controller.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tern_agent::migration::precopy::Throttle;
 use tern_agent::migration::throttle::CgroupThrottle;
@@ -17,6 +18,13 @@ fn thread_cpu_s(tid: u32) -> f64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
     ticks / 100.0
+}
+
+/// The thread's run time in nanoseconds (exact once it is off the CPU: the scheduler
+/// brings it up to date when it switches the thread out).
+fn run_ns(tid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).unwrap();
+    s.split_whitespace().next().unwrap().parse().unwrap()
 }
 
 fn share_over(tid: u32, d: Duration) -> f64 {
@@ -67,6 +75,24 @@ fn an_applied_throttle_caps_the_thread_and_removal_releases_it() {
     }
     assert_eq!(applied, 80);
     let throttled = share_over(tid, Duration::from_millis(1500));
+    // Told the thread is held, it stays off the CPU for the time promised, every time.
+    for _ in 0..3 {
+        let hold = t
+            .hold(Duration::from_millis(500), Duration::from_millis(40))
+            .expect("a busy thread under 80 % is held with 40 ms left within five periods");
+        assert!(
+            hold.held_for >= Duration::from_millis(40) && hold.held_for <= Duration::from_millis(100),
+            "{hold:?}"
+        );
+        let (before, at) = (run_ns(tid), Instant::now());
+        std::thread::sleep(hold.held_for.saturating_sub(Duration::from_millis(3)));
+        let ran = Duration::from_nanos(run_ns(tid) - before);
+        assert!(ran < Duration::from_millis(2), "held for {hold:?}, yet it ran {ran:?}");
+        assert_eq!(t.ran_since(at), Some(false), "the watch saw it run while held");
+        // Its next share comes within the period: the watch sees it run.
+        std::thread::sleep(Duration::from_millis(30));
+        assert_eq!(t.ran_since(at), Some(true), "the watch missed its next share");
+    }
     let periods = t
         .throttled_periods()
         .expect("cpu.stat of the throttle cgroup");

@@ -111,6 +111,28 @@ const PROBE_WINDOW_AFTER_FREEZE: Duration = Duration::from_millis(100);
 /// round-1 probe applies it from its own thread.
 pub trait Throttle: Send {
     fn apply(&mut self, percent: u8) -> u8;
+
+    /// Waits, at most `limit`, until the throttled guest is held off the CPU with at
+    /// least `at_least` left before its next share; `None` when this throttle cannot
+    /// tell (nothing throttled, no watch on the vCPUs) or no such moment came in time.
+    fn hold(&mut self, _limit: Duration, _at_least: Duration) -> Option<ThrottleHold> {
+        None
+    }
+
+    /// Whether the throttled guest ran since `at`; `None` when this throttle cannot
+    /// tell.
+    fn ran_since(&self, _at: Instant) -> Option<bool> {
+        None
+    }
+}
+
+/// A throttled guest held off the CPU until its next share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ThrottleHold {
+    /// How long the wait for it took.
+    pub waited: Duration,
+    /// How long the guest stays off the CPU from now.
+    pub held_for: Duration,
 }
 
 /// Runs live rounds until the policy decides to stop and copy. `on_round` sees every
@@ -144,6 +166,9 @@ pub fn run(
         on_round(&telemetry);
         rounds.history.push(telemetry);
         if let Some(reason) = rounds.decide(policy, throttle) {
+            if reason.converged() {
+                rounds.catch_up(&ctx, out, round + 1, throttle)?;
+            }
             return Ok(rounds.outcome(reason));
         }
     }
@@ -171,6 +196,8 @@ struct Rounds {
     dirty: Vec<u64>,
     /// The last round's transfer, and how long sending it took.
     last: (RoundTransfer, f64),
+    /// How long the last scan took.
+    last_scan_s: f64,
 }
 
 impl Rounds {
@@ -210,6 +237,7 @@ impl Rounds {
             last_scan: Instant::now(),
             dirty: (0..pages).collect(),
             last: (RoundTransfer::default(), 0.0),
+            last_scan_s: 0.0,
         }
     }
 
@@ -289,6 +317,7 @@ impl Rounds {
         let scan_start = Instant::now();
         let s = scan(ctx.mem, ctx.sent, &self.seen, ctx.cfg.scan_threads);
         let scan_s = scan_start.elapsed().as_secs_f64();
+        self.last_scan_s = scan_s;
         tracing::debug!(round, scan_ms = scan_s * 1000.0, "scan after the round");
         // Rated over the time since the previous scan: after a round-1 probe that is the
         // time under the throttle it led to, the rate the policy must size against.
@@ -354,6 +383,88 @@ impl Rounds {
             }
         }
         None
+    }
+
+    /// What a throttled guest left to send, sent before the pause instead of in it
+    /// ([`rules::CatchUp`]): the pause would otherwise carry a share of the guest's
+    /// writes or none, by where the period stood when the last round's scan passed its
+    /// pages, twice as long one way as the other. Not a policy round: nothing is
+    /// decided after it.
+    fn catch_up(
+        &mut self,
+        ctx: &Live<'_>,
+        out: &mut Outgoing,
+        pass: u32,
+        throttle: &mut dyn Throttle,
+    ) -> Result<(), MigrationError> {
+        let share = rules::share_pages(&self.history, self.throttle_percent, PAGE_SIZE as u64);
+        let plan = rules::catch_up(
+            self.throttle_percent,
+            self.dirty.len() as f64,
+            share,
+            PAGE_SIZE as u64,
+            self.bandwidth,
+            self.last_scan_s,
+        );
+        let Some(plan) = plan else {
+            if self.throttle_percent > 0 {
+                tracing::debug!(
+                    throttle = self.throttle_percent,
+                    share_pages = share,
+                    remaining = self.dirty.len(),
+                    "no room to catch up with the throttled guest; pausing as it is"
+                );
+            }
+            return Ok(());
+        };
+        if plan.live_first {
+            let pages = self.pass(ctx, out, pass)?;
+            tracing::debug!(pages, "sent live before catching up");
+        }
+        let wait = Duration::from_micros(rules::CATCH_UP_WAIT_US);
+        let mut room = Duration::from_secs_f64(plan.room_s);
+        for attempt in 1..=rules::CATCH_UP_PASSES {
+            let Some(hold) = throttle.hold(wait, room) else {
+                // The guest wrote on while the stop waited: what it wrote goes live.
+                let pages = self.pass(ctx, out, pass)?;
+                tracing::debug!(
+                    room_ms = room.as_secs_f64() * 1000.0,
+                    pages,
+                    "the throttled guest was not seen held with room; sent live and pausing"
+                );
+                return Ok(());
+            };
+            let started = Instant::now();
+            let pages = self.pass(ctx, out, pass)?;
+            let ran = throttle.ran_since(started);
+            tracing::debug!(
+                attempt,
+                waited_ms = hold.waited.as_secs_f64() * 1000.0,
+                held_ms = hold.held_for.as_secs_f64() * 1000.0,
+                room_ms = room.as_secs_f64() * 1000.0,
+                share_pages = share,
+                pages,
+                ms = started.elapsed().as_secs_f64() * 1000.0,
+                ran,
+                "caught up with the throttled guest"
+            );
+            if ran != Some(true) {
+                break;
+            }
+            // It wrote during the pass: the next needs room for a share's writes.
+            room = Duration::from_secs_f64(plan.again_s);
+        }
+        Ok(())
+    }
+
+    /// Scans memory and sends what differs as part of round `pass`; returns the pages.
+    fn pass(&mut self, ctx: &Live<'_>, out: &mut Outgoing, pass: u32) -> Result<usize, MigrationError> {
+        let s = scan(ctx.mem, ctx.sent, &self.seen, ctx.cfg.scan_threads);
+        let at = self.started.elapsed().as_secs_f64();
+        out.meter().begin(pass, s.dirty.len() as u64, at);
+        let t = out.send_round(pass, ctx.mem, ctx.sent, &s.dirty, ctx.cancel)?;
+        self.bytes += t.bytes;
+        Ok(s.dirty.len())
     }
 
     fn outcome(self, stop_reason: StopReason) -> PrecopyOutcome {

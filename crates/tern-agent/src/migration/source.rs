@@ -29,7 +29,7 @@ use super::disks::Mirror;
 use super::freeze::{self, Renewals};
 use super::memory::{changed_pages, SentDigests, SourceMemory};
 use super::outgoing::{open_stream, Outgoing, StreamOptions};
-use super::precopy::{self, PrecopyConfig, PrecopyOutcome};
+use super::precopy::{self, PrecopyConfig, PrecopyOutcome, Throttle};
 use super::relay::SourceRelay;
 use super::secure::{ClientTls, Stream};
 use super::session::{
@@ -44,6 +44,11 @@ use crate::state::AppState;
 
 /// How long QEMU may take to carry the device state.
 const DEVICE_STATE_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long after asking QEMU to stop the guest a stop still under way lifts the
+/// throttle's quota: QEMU reads the request and flags its vCPUs within about a
+/// millisecond, and a stop of a running guest returns within one.
+const LIFT_AFTER_STOP_ASKED: Duration = Duration::from_millis(2);
 /// How long a rollback waits for a destination that never got the resume request to
 /// confirm its abort. It cleans up on its own when the streams die, so on a cut link
 /// the source does not wait for it; the request carries on in the background.
@@ -592,6 +597,16 @@ impl<'a> SourceMigration<'a> {
         let gate = (policy == PolicyKind::DependencyAware)
             .then(|| Arc::new(precopy::FreezeGate::default()));
         let vm = self.vm();
+        // Set while the guest runs, before any throttle: one QMP round trip less in the
+        // downtime, and none between the stop's catch-up and the pause, where QEMU may
+        // wait for a vCPU the throttle holds off the CPU with QEMU's global lock (up to a
+        // period; the guest then writes again). It only shapes a migration that has not
+        // started; QEMU's own engine sets it back.
+        self.state
+            .hv
+            .set_migration_capabilities(vm, &[("x-ignore-shared", true)])
+            .await
+            .map_err(Self::vm_err("setting migration capabilities"))?;
         let tids = self.state.hv.vcpu_threads(vm).await.unwrap_or_default();
         let pid = self.info.as_ref().and_then(|i| i.pid);
         let cfg = self.precopy_config();
@@ -644,14 +659,7 @@ impl<'a> SourceMigration<'a> {
         self.live = Some(live);
         self.measured.precopy = Some(outcome);
         self.measured.throttle = Some(throttle);
-        check_cancel(self.job)?;
-        // Set while the guest still runs: one QMP round trip less in the downtime. It
-        // only shapes a migration that has not started; QEMU's own engine sets it back.
-        self.state
-            .hv
-            .set_migration_capabilities(vm, &[("x-ignore-shared", true)])
-            .await
-            .map_err(Self::vm_err("setting migration capabilities"))
+        check_cancel(self.job)
     }
 
     /// Pauses the guest and sends the pages the live rounds left different.
@@ -661,15 +669,28 @@ impl<'a> SourceMigration<'a> {
         if let Some(r) = &self.frozen {
             r.stop();
         }
-        // The throttle stays while the guest is paused: lifting it moves the vCPU threads
-        // between cgroups, 8-9 ms that would count as downtime. It is lifted once the
+        // The threads stay in the throttle's cgroup while the guest is paused: moving
+        // them back takes 8-9 ms that would count as downtime. They go once the
         // destination runs the guest, or before the source resumes it in a rollback.
+        // QEMU's stop returns once every vCPU has stopped, and a vCPU the throttle holds
+        // off the CPU (as the catch-up leaves it) stops only when it runs again, up to
+        // a period later: when the stop takes longer than QEMU needs to flag its vCPUs,
+        // the quota is lifted, and a vCPU let run finds the flag and stops at once.
         let asked = Instant::now();
-        self.state
-            .hv
-            .pause(self.vm())
-            .await
-            .map_err(Self::vm_err("pausing the VM"))?;
+        let mut throttle = self.measured.throttle.take();
+        let pause = self.state.hv.pause(self.vm());
+        tokio::pin!(pause);
+        let paused = tokio::select! {
+            r = &mut pause => r,
+            () = tokio::time::sleep(LIFT_AFTER_STOP_ASKED) => {
+                if let Some(t) = throttle.as_mut() {
+                    t.apply(0);
+                }
+                pause.await
+            }
+        };
+        self.measured.throttle = throttle;
+        paused.map_err(Self::vm_err("pausing the VM"))?;
         self.reached.paused = true;
         let paused_at = Instant::now();
         self.measured.paused_at = Some(paused_at);

@@ -14,11 +14,22 @@
 //! "cannot throttle".
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
-use super::precopy::Throttle;
+use super::precopy::{Throttle, ThrottleHold};
 
 /// The scheduler period the quota is expressed in, microseconds (the model's too).
 const PERIOD_US: u64 = tern_migrate::precopy::THROTTLE_PERIOD_US;
+
+/// How often the watch reads the cgroup's period count and the vCPUs' run time.
+const WATCH_EVERY: Duration = Duration::from_millis(1);
+/// The longest a watch runs: a migration's own limit ends it long before.
+const WATCH_LIMIT: Duration = Duration::from_secs(3600);
+/// How often [`CgroupThrottle::hold`] looks at what the watch saw.
+const HOLD_POLL: Duration = Duration::from_micros(250);
 
 /// Where and how a throttle can be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +106,10 @@ pub struct CgroupThrottle {
     tids: Vec<u32>,
     /// Where the threads go back to, and the cgroup we made, once set up.
     made: Option<PathBuf>,
+    /// The percent in effect (0: none).
+    percent: u8,
+    /// Watches the throttled threads while a throttle is set up.
+    watch: Option<PeriodWatch>,
     warned: bool,
 }
 
@@ -120,6 +135,8 @@ impl CgroupThrottle {
             pid,
             tids,
             made: None,
+            percent: 0,
+            watch: None,
             warned: false,
         }
     }
@@ -171,22 +188,26 @@ impl CgroupThrottle {
         }
     }
 
+    /// The throttled threads' `cpu.stat`, once a throttle was set up.
+    fn stat_path(&self) -> Option<PathBuf> {
+        let dir = self.made.as_ref()?;
+        Some(match &self.hierarchy {
+            Ok(Hierarchy::V2(_)) => dir.join("vcpus").join("cpu.stat"),
+            _ => dir.join("cpu.stat"),
+        })
+    }
+
     /// How many scheduler periods the kernel has throttled the threads so far (the
     /// `nr_throttled` of the cgroup's `cpu.stat`); `None` before a throttle was set up.
     pub fn throttled_periods(&self) -> Option<u64> {
-        let dir = self.made.as_ref()?;
-        let stat = match &self.hierarchy {
-            Ok(Hierarchy::V2(_)) => dir.join("vcpus").join("cpu.stat"),
-            _ => dir.join("cpu.stat"),
-        };
-        let text = std::fs::read_to_string(stat).ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("nr_throttled "))
-            .and_then(|n| n.trim().parse().ok())
+        let text = std::fs::read_to_string(self.stat_path()?).ok()?;
+        stat_value(&text, "nr_throttled")
     }
 
     /// Lifts the throttle and moves the threads back where cgroups started them.
     pub fn remove(&mut self) {
+        self.percent = 0;
+        self.watch = None;
         let Some(dir) = self.made.take() else { return };
         match &self.hierarchy {
             Ok(Hierarchy::V1(root)) => {
@@ -210,7 +231,15 @@ impl CgroupThrottle {
 impl Throttle for CgroupThrottle {
     fn apply(&mut self, percent: u8) -> u8 {
         match self.set(percent) {
-            Ok(()) => percent,
+            Ok(()) => {
+                self.percent = percent;
+                if percent > 0 && self.watch.is_none() {
+                    self.watch = self
+                        .stat_path()
+                        .map(|stat| PeriodWatch::start(stat, self.tids.clone()));
+                }
+                percent
+            }
             Err(reason) => {
                 if !self.warned {
                     tracing::warn!(%reason, "cannot throttle the guest's vCPUs; migrating without a throttle");
@@ -218,6 +247,148 @@ impl Throttle for CgroupThrottle {
                 }
                 0
             }
+        }
+    }
+
+    /// A period begins when the cgroup's `nr_periods` moves; the kernel's period timer
+    /// keeps its phase while the threads want CPU, so one seen beginning places the
+    /// next. The threads are held once they ran in this period and their run time has
+    /// since stood still longer than a scheduler tick: whether they spent their quota
+    /// or ran into a debt from overrunning the last one, they do not run again before
+    /// the next period.
+    fn hold(&mut self, limit: Duration, at_least: Duration) -> Option<ThrottleHold> {
+        if self.percent == 0 {
+            return None;
+        }
+        let watch = self.watch.as_ref()?;
+        let period = Duration::from_micros(PERIOD_US);
+        let still = Duration::from_micros(tern_migrate::precopy::HELD_AFTER_STILL_US);
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            let seen = watch.seen();
+            let now = Instant::now();
+            if let (Some(began), Some(ran)) = (seen.period_began, seen.last_ran) {
+                // The watch sees a period begin up to a reading late.
+                let left = until_next_period(began, now, period).saturating_sub(WATCH_EVERY);
+                let this_began = now + left + WATCH_EVERY - period;
+                // Run time standing still since before this period began says nothing:
+                // the threads may be about to get their share.
+                let held = ran > this_began && now.saturating_duration_since(ran) >= still;
+                if held && left >= at_least {
+                    return Some(ThrottleHold {
+                        waited: start.elapsed(),
+                        held_for: left,
+                    });
+                }
+            }
+            std::thread::sleep(HOLD_POLL);
+        }
+        let seen = watch.seen();
+        let ago = |t: Option<Instant>| t.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+        tracing::debug!(
+            period_began_ms_ago = ago(seen.period_began),
+            last_ran_ms_ago = ago(seen.last_ran),
+            "the throttled vCPUs were not seen held with room"
+        );
+        None
+    }
+
+    /// Whether the watch saw the threads' run time move after `at`. A running thread's
+    /// clock is brought up to date at the scheduler's tick, so a run that began in the
+    /// last few milliseconds may not show yet.
+    fn ran_since(&self, at: Instant) -> Option<bool> {
+        let seen = self.watch.as_ref()?.seen();
+        Some(seen.last_ran? > at)
+    }
+}
+
+/// From `now` to the start of the next scheduler period, one of which began at `began`.
+fn until_next_period(began: Instant, now: Instant, period: Duration) -> Duration {
+    let since = now.saturating_duration_since(began).as_nanos();
+    let period_ns = period.as_nanos().max(1);
+    Duration::from_nanos((period_ns - since % period_ns) as u64)
+}
+
+/// A counter of a `cpu.stat` text (`nr_periods`, `nr_throttled`).
+fn stat_value(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' '))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// What the watch saw last.
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen {
+    /// When the cgroup's period count last moved (to within [`WATCH_EVERY`]).
+    period_began: Option<Instant>,
+    /// When the threads' run time last moved.
+    last_ran: Option<Instant>,
+}
+
+/// A light thread that reads, every [`WATCH_EVERY`], the throttle cgroup's period count
+/// and the throttled threads' run time (`/proc/<tid>/schedstat`), so that the stop
+/// knows at once where the period stands and whether the guest is running. Stops when
+/// dropped.
+struct PeriodWatch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PeriodWatch {
+    fn start(stat: PathBuf, tids: Vec<u32>) -> PeriodWatch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let thread = {
+            let (stop, seen) = (stop.clone(), seen.clone());
+            std::thread::Builder::new()
+                .name("throttle-watch".into())
+                .spawn(move || watch(&stat, &tids, &stop, &seen))
+                .map_err(|e| tracing::warn!(error = %e, "cannot watch the throttled vCPUs"))
+                .ok()
+        };
+        PeriodWatch { stop, seen, thread }
+    }
+
+    fn seen(&self) -> Seen {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for PeriodWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn watch(stat: &Path, tids: &[u32], stop: &AtomicBool, seen: &Mutex<Seen>) {
+    let run_ns = || -> Option<u64> {
+        tids.iter().try_fold(0u64, |sum, tid| {
+            let s = std::fs::read_to_string(format!("/proc/{tid}/schedstat")).ok()?;
+            Some(sum + s.split_whitespace().next()?.parse::<u64>().ok()?)
+        })
+    };
+    let periods = || stat_value(&std::fs::read_to_string(stat).ok()?, "nr_periods");
+    let (mut last_periods, mut last_run) = (periods(), run_ns());
+    let started = Instant::now();
+    while !stop.load(Ordering::Relaxed) && started.elapsed() < WATCH_LIMIT {
+        std::thread::sleep(WATCH_EVERY);
+        let (p, r) = (periods(), run_ns());
+        let now = Instant::now();
+        let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+        if p.is_some() && p != last_periods {
+            // The first reading only says a period began some time before.
+            if last_periods.is_some() {
+                s.period_began = Some(now);
+            }
+            last_periods = p;
+        }
+        if r != last_run || s.last_ran.is_none() {
+            s.last_ran = Some(now);
+            last_run = r;
         }
     }
 }
@@ -273,8 +444,32 @@ mod tests {
             pid: None,
             tids: vec![1],
             made: None,
+            percent: 0,
+            watch: None,
             warned: false,
         };
         assert_eq!(t.apply(50), 0);
+        // Nothing throttled: the stop does not wait for a share.
+        let at = Instant::now();
+        assert!(t.hold(Duration::from_secs(5), Duration::ZERO).is_none());
+        assert!(at.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn the_next_period_follows_from_any_seen_beginning() {
+        let began = Instant::now();
+        let period = Duration::from_millis(100);
+        let at = |ms| began + Duration::from_millis(ms);
+        assert_eq!(until_next_period(began, at(30), period), Duration::from_millis(70));
+        assert_eq!(until_next_period(began, at(230), period), Duration::from_millis(70));
+        assert_eq!(until_next_period(began, at(0), period), period);
+    }
+
+    #[test]
+    fn cpu_stat_counters_are_read_by_name() {
+        let text = "nr_periods 12\nnr_throttled 5\nthrottled_time 9\n";
+        assert_eq!(stat_value(text, "nr_periods"), Some(12));
+        assert_eq!(stat_value(text, "nr_throttled"), Some(5));
+        assert_eq!(stat_value(text, "nr_"), None);
     }
 }
