@@ -81,17 +81,29 @@ fn an_applied_throttle_caps_the_thread_and_removal_releases_it() {
             .hold(Duration::from_millis(500), Duration::from_millis(40))
             .expect("a busy thread under 80 % is held with 40 ms left within five periods");
         assert!(
-            hold.held_for >= Duration::from_millis(40) && hold.held_for <= Duration::from_millis(100),
+            hold.held_for >= Duration::from_millis(40)
+                && hold.held_for <= Duration::from_millis(100),
             "{hold:?}"
         );
         let (before, at) = (run_ns(tid), Instant::now());
         std::thread::sleep(hold.held_for.saturating_sub(Duration::from_millis(3)));
         let ran = Duration::from_nanos(run_ns(tid) - before);
-        assert!(ran < Duration::from_millis(2), "held for {hold:?}, yet it ran {ran:?}");
-        assert_eq!(t.ran_since(at), Some(false), "the watch saw it run while held");
+        assert!(
+            ran < Duration::from_millis(2),
+            "held for {hold:?}, yet it ran {ran:?}"
+        );
+        assert_eq!(
+            t.ran_since(at),
+            Some(false),
+            "the watch saw it run while held"
+        );
         // Its next share comes within the period: the watch sees it run.
         std::thread::sleep(Duration::from_millis(30));
-        assert_eq!(t.ran_since(at), Some(true), "the watch missed its next share");
+        assert_eq!(
+            t.ran_since(at),
+            Some(true),
+            "the watch missed its next share"
+        );
     }
     let periods = t
         .throttled_periods()

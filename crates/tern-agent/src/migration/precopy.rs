@@ -106,6 +106,9 @@ const FREEZE_GATE_WAIT: Duration = Duration::from_secs(5);
 /// untainted writers' last writes before the freeze are no part of its rate.
 const PROBE_WINDOW_AFTER_FREEZE: Duration = Duration::from_millis(100);
 
+/// How close to the guest's next share a catch-up pass may end: QEMU's stop follows.
+const HOLD_MARGIN: Duration = Duration::from_millis(2);
+
 /// Applies a throttle and returns the percent actually in effect (0 when the host
 /// cannot throttle). The policy's next decision sees the applied value. `Send`: the
 /// round-1 probe applies it from its own thread.
@@ -417,6 +420,14 @@ impl Rounds {
             }
             return Ok(());
         };
+        if plan.throttle_percent > self.throttle_percent {
+            let applied = throttle.apply(plan.throttle_percent);
+            if applied == 0 {
+                return Ok(());
+            }
+            self.throttle_percent = applied;
+            self.max_throttle = self.max_throttle.max(applied);
+        }
         if plan.live_first {
             let pages = self.pass(ctx, out, pass)?;
             tracing::debug!(pages, "sent live before catching up");
@@ -436,7 +447,11 @@ impl Rounds {
             };
             let started = Instant::now();
             let pages = self.pass(ctx, out, pass)?;
-            let ran = throttle.ran_since(started);
+            // A pass that outlasted the hold met the next share, seen or not (a clock
+            // is read up to a tick late).
+            let ran = throttle
+                .ran_since(started)
+                .map(|ran| ran || started.elapsed() + HOLD_MARGIN >= hold.held_for);
             tracing::debug!(
                 attempt,
                 waited_ms = hold.waited.as_secs_f64() * 1000.0,
@@ -458,7 +473,12 @@ impl Rounds {
     }
 
     /// Scans memory and sends what differs as part of round `pass`; returns the pages.
-    fn pass(&mut self, ctx: &Live<'_>, out: &mut Outgoing, pass: u32) -> Result<usize, MigrationError> {
+    fn pass(
+        &mut self,
+        ctx: &Live<'_>,
+        out: &mut Outgoing,
+        pass: u32,
+    ) -> Result<usize, MigrationError> {
         let s = scan(ctx.mem, ctx.sent, &self.seen, ctx.cfg.scan_threads);
         let at = self.started.elapsed().as_secs_f64();
         out.meter().begin(pass, s.dirty.len() as u64, at);

@@ -678,6 +678,14 @@ impl<'a> SourceMigration<'a> {
         // the quota is lifted, and a vCPU let run finds the flag and stops at once.
         let asked = Instant::now();
         let mut throttle = self.measured.throttle.take();
+        if let Some((period_began, last_ran)) = throttle.as_ref().and_then(|t| t.seen_ms_ago()) {
+            tracing::debug!(
+                vm = self.vm(),
+                period_began_ms_ago = period_began,
+                last_ran_ms_ago = last_ran,
+                "pausing a throttled guest"
+            );
+        }
         let pause = self.state.hv.pause(self.vm());
         tokio::pin!(pause);
         let paused = tokio::select! {

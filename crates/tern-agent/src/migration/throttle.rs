@@ -204,6 +204,14 @@ impl CgroupThrottle {
         stat_value(&text, "nr_throttled")
     }
 
+    /// What the watch saw, for the log: how long ago a period began and the threads
+    /// last ran, in milliseconds.
+    pub fn seen_ms_ago(&self) -> Option<(Option<f64>, Option<f64>)> {
+        let seen = self.watch.as_ref()?.seen();
+        let ago = |t: Option<Instant>| t.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+        Some((ago(seen.period_began), ago(seen.last_ran)))
+    }
+
     /// Lifts the throttle and moves the threads back where cgroups started them.
     pub fn remove(&mut self) {
         self.percent = 0;
@@ -460,8 +468,14 @@ mod tests {
         let began = Instant::now();
         let period = Duration::from_millis(100);
         let at = |ms| began + Duration::from_millis(ms);
-        assert_eq!(until_next_period(began, at(30), period), Duration::from_millis(70));
-        assert_eq!(until_next_period(began, at(230), period), Duration::from_millis(70));
+        assert_eq!(
+            until_next_period(began, at(30), period),
+            Duration::from_millis(70)
+        );
+        assert_eq!(
+            until_next_period(began, at(230), period),
+            Duration::from_millis(70)
+        );
         assert_eq!(until_next_period(began, at(0), period), period);
     }
 

@@ -12,9 +12,7 @@
 use super::{DirtyModel, MigrationParams};
 use crate::fragment::{FragmentId, FragmentTracker};
 use crate::policy::{decide, Decision, Policy, PolicyInput};
-use crate::precopy::{
-    self as rules, predicted_downtime_s, probe_split_pages, CatchUp,
-};
+use crate::precopy::{self as rules, predicted_downtime_s, probe_split_pages, CatchUp};
 use crate::telemetry::{FirstRoundProbe, MigrationOutcome, RoundTelemetry};
 
 /// Guest memory as a model sees it, in pages (fractional for the analytic model).
@@ -91,7 +89,8 @@ pub(super) fn drive(
                     let told = history.last().map_or(0.0, |t| t.remaining_pages as f64);
                     let plan = rules::catch_up(throttle, told, share, params.page_size, bw, scan_s);
                     if let Some(plan) = plan.filter(|_| reason.converged()) {
-                        let (sent, spent_s) = catch_up(guest, params, elapsed, throttle, plan);
+                        max_throttle = max_throttle.max(plan.throttle_percent);
+                        let (sent, spent_s) = catch_up(guest, params, elapsed, plan);
                         pages_total += sent;
                         wait_s += spent_s;
                     }
@@ -263,18 +262,18 @@ fn run_in_bursts(
 const THROTTLED_PAUSE_S: f64 = 0.0035;
 
 /// The engine's stop under a throttle with periods, from `at_s` into the migration
-/// ([`rules::CatchUp`]): a live pass first when the plan says so, then a wait until the
-/// guest is held off the CPU with the room the plan needs before its next share, and a
-/// pass while it is (the model's guest is held as the plan has it: one pass). The guest
-/// writes in its bursts meanwhile. Returns the pages sent
+/// ([`rules::CatchUp`]), at the plan's throttle: a live pass first when the plan says
+/// so, then a wait until the guest is held off the CPU with the room the plan needs
+/// before its next share, and a pass while it is (the model's guest is held as the plan
+/// has it: one pass). The guest writes in its bursts meanwhile. Returns the pages sent
 /// and the time from `at_s` to the pause.
 fn catch_up(
     guest: &mut dyn ModelGuest,
     params: &MigrationParams,
     at_s: f64,
-    throttle: u8,
     plan: CatchUp,
 ) -> (f64, f64) {
+    let throttle = plan.throttle_percent;
     let period = params.throttle_period_s;
     let phase = params.throttle_phase;
     let factor = params.throttle_factor(throttle);
