@@ -291,11 +291,10 @@ impl Throttle for CgroupThrottle {
             }
             std::thread::sleep(HOLD_POLL);
         }
-        let seen = watch.seen();
-        let ago = |t: Option<Instant>| t.map(|t| t.elapsed().as_secs_f64() * 1000.0);
+        let (period_began, last_ran) = self.seen_ms_ago().unwrap_or_default();
         tracing::debug!(
-            period_began_ms_ago = ago(seen.period_began),
-            last_ran_ms_ago = ago(seen.last_ran),
+            period_began_ms_ago = period_began,
+            last_ran_ms_ago = last_ran,
             "the throttled vCPUs were not seen held with room"
         );
         None

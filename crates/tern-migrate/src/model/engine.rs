@@ -33,7 +33,7 @@ pub const ENGINE_SETUP_S: f64 = 0.045;
 /// Device state and resume on the destination, after the final pass: the benchmark's
 /// `downtime_parts_ms`, second and third part, over the 240 runs of ten sets of `tern
 /// bench migration` at 0-150 % (512 MiB and 1 GiB): 7-21 ms, 10th-90th percentile 9-15,
-/// median 12. The same machine gave a median of 9 over 72 runs on another day and 12
+/// median 12. The same machine gave a median of 9 over 72 runs earlier that day and 12
 /// over 152 runs before: it moves with the host's load by a few milliseconds.
 pub const ENGINE_STOP_OVERHEAD_S: f64 = 0.012;
 

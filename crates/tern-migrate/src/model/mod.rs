@@ -942,7 +942,7 @@ mod tests {
         );
         assert_eq!(idle(Some(-1.0)), idle(Some(0.0)));
         // A probe of 10.5 ms, these guests' middle, pauses about as long as the fitted
-        // constants say: within 4 ms, as the fits were taken on a day whose device state
+        // constants say: within 4 ms, as the fits were taken from sets whose device state
         // and resume ran 3 ms faster than the constants' (9 ms against 12 in the median).
         assert!(
             (idle(Some(0.0105)) - idle(None)).abs() < 0.004,
