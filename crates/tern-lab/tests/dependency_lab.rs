@@ -210,10 +210,17 @@ impl Lab {
         panic!("the batch loop wrote no pid in 10 s");
     }
 
-    /// The batch loop's count.
+    /// The batch loop's count (its first is written just after its pid).
     async fn count(&self, host: usize) -> u64 {
-        let s = self.shell(host, "cat /tmp/batch").await;
-        s.parse().unwrap_or_else(|_| panic!("count {s:?}"))
+        let mut s = String::new();
+        for _ in 0..10 {
+            s = self.shell(host, "cat /tmp/batch 2>/dev/null").await;
+            if let Ok(n) = s.parse() {
+                return n;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("count {s:?}")
     }
 
     /// Checks the batch loop counts on host `host`.
@@ -293,7 +300,9 @@ async fn boot(lab: &Lab, img: &tern_hv::image::GuestImage) {
     let a = lab.hosts[0].guest(VM, &start).await.unwrap();
     assert_eq!(a["ok"], true, "{a}");
     // The batch loop: its own process, talking to nothing outside the VM.
-    let batch = "sh -c 'echo $$ > /tmp/batch.pid; n=0; while :; do n=$((n+1)); echo $n > /tmp/batch; sleep 0.2; done' </dev/null >/dev/null 2>&1 &";
+    // The count goes in by rename: a reader between `>`'s truncation and its write
+    // would see an empty file.
+    let batch = "sh -c 'echo $$ > /tmp/batch.pid; n=0; while :; do n=$((n+1)); echo $n > /tmp/batch.new; mv /tmp/batch.new /tmp/batch; sleep 0.2; done' </dev/null >/dev/null 2>&1 &";
     let mut ws = lab.console(0).await;
     ask(
         &mut ws,
